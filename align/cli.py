@@ -1,0 +1,118 @@
+"""The `align` command line.
+
+Each stage lives in its own package and contributes its commands here; this module only
+wires them together. Heavy libraries (torch, transformers, FastAPI) are imported inside
+the commands, never at module level, so `align --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from align.cli_common import ConfigOpt, OverridesArg
+from align.errors import UserError
+
+app = typer.Typer(
+    name="align",
+    help="RLHF pipeline: rank responses in a browser, train a K-wise reward model, "
+    "align an SFT checkpoint with PPO on LoRA adapters, export the result.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+def _register_stages() -> None:
+    # Imported here, not above, so a stage's CLI module stays the only place that knows
+    # its commands; each of these modules imports only typer and the standard library.
+    from annotation.cli import app as annotate_app
+    from ppo.cli import ppo_command
+    from reward.cli import app as reward_app
+
+    app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.")
+    app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.")
+    app.command("ppo", help="Align an SFT checkpoint with PPO on LoRA adapters against a reward model.")(ppo_command)
+
+
+@app.command("init-demo-model")
+def init_demo_model(
+    out: Annotated[
+        Optional[Path], typer.Option(help="Directory to write the checkpoint to (default: the align cache).")
+    ] = None,
+    size: Annotated[str, typer.Option(help="tiny (about 1M parameters) or small (about 5M).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed for data, tokenizer and weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint is already there.")] = False,
+) -> None:
+    """Build the embedded demo SFT model: local BPE tokenizer, small Llama, short SFT."""
+    from align.demo_model import build_demo_model, demo_model_dir
+
+    target = out or demo_model_dir(size, seed)
+    path = build_demo_model(target, size=size, seed=seed, force=force)
+    typer.echo(f"demo model ({size}) ready at {path}")
+
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory from `align ppo` or `align reward train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported model to.")],
+    adapter: Annotated[
+        bool, typer.Option("--adapter/--merge", help="Save only the PEFT adapter, or merge it into the base (default).")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
+) -> None:
+    """Export an aligned policy (or a reward model) as an ordinary Hugging Face checkpoint."""
+    from align.export import export_run
+
+    path = export_run(run, out, merge=not adapter, force=force)
+    typer.echo(f"exported to {path}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the whole pipeline.")] = Path("runs/demo"),
+    config: ConfigOpt = None,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app.")
+    ] = False,
+    continue_: Annotated[
+        bool, typer.Option("--continue", help="Pick up from the rankings people made after --serve.")
+    ] = False,
+    overrides: OverridesArg = None,
+) -> None:
+    """Run the whole pipeline on the embedded demo model, end to end."""
+    from align.demo import run_demo
+
+    run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    _register_stages()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's own usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Typed stage configs: YAML first, then `key=value` overrides from the CLI.
+
+Every stage (reward training, PPO, ...) has one dataclass whose fields are declared with
+`option(...)`, which carries the field's documentation and its valid range, in the manner
+of TRL's config dataclasses. `load_config` builds such a dataclass from a YAML file and a
+list of `key=value` / `nested.key=value` overrides and refuses, with one line naming the
+key, anything it does not understand: an unknown key (with the closest valid key for a
+typo), a value of the wrong type, a value out of range, a file that does not exist.
+Nothing is silently rewritten: the resolved config is exactly what the user asked for,
+and `save_config` writes it into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from align.errors import ConfigError
+
+T = TypeVar("T")
+_NoneType = type(None)
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    default_factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    must_exist: bool = False,
+) -> Any:
+    """A documented config field with an optional range (`ge`/`gt`/`le`/`lt`).
+
+    `must_exist=True` marks a path that has to exist when the config is loaded.
+    """
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "must_exist": must_exist}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from an optional YAML file, then apply `key=value` overrides in order."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml_mapping(path)
+    for override in overrides or []:
+        key, value = parse_override(override)
+        set_dotted(data, key, value, cls)
+    return from_dict(cls, data)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`lr=1e-5` -> ("lr", 1e-05). Values are read as YAML scalars/lists (`true`, `3`, `[1, 2]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal text, the field's type decides
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "", _root: type | None = None) -> T:
+    root = _root or cls
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{_prefix}{key}"
+        if key not in known:
+            raise ConfigError(_unknown_key_message(full, root))
+        f = known[key]
+        value = _coerce(value, hints[key], full, root)
+        _check_range(value, f.metadata, full)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without a default was not given
+        missing = [n for n, f in known.items() if n not in kwargs and _is_required(f)]
+        if missing:
+            raise ConfigError(f"missing required config key {_prefix}{missing[0]!r}") from None
+        raise
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and _NoneType in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not _NoneType):
+            try:
+                return _coerce(value, arg, key, root)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (got null)")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, f"{key}.", root)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", root) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str or tp is Path:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("ge") is not None and not value >= meta["ge"]:
+            raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value}")
+        if meta.get("gt") is not None and not value > meta["gt"]:
+            raise ConfigError(f"{key}: must be > {meta['gt']}, got {value}")
+        if meta.get("le") is not None and not value <= meta["le"]:
+            raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
+        if meta.get("lt") is not None and not value < meta["lt"]:
+            raise ConfigError(f"{key}: must be < {meta['lt']}, got {value}")
+    if meta.get("must_exist") and value is not None and not Path(value).exists():
+        raise ConfigError(f"{key}: file not found: {value}")
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts (sections and leaves)."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        keys.append(prefix + f.name)
+        tp = hints[f.name]
+        for candidate in (tp, *get_args(tp)):
+            if dataclasses.is_dataclass(candidate):
+                keys.extend(all_keys(candidate, f"{prefix}{f.name}."))
+    return keys
+
+
+def _unknown_key_message(key: str, root: type) -> str:
+    keys = all_keys(root)
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not match:  # a typo in the last part of a nested key, or a leaf named without its section
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        match = [by_leaf[near[0]]] if near else []
+    hint = f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(k for k in keys if '.' not in k)}"
+    return f"unknown config key {key!r} for {root.__name__}{hint}"
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf field, for `--help`-style listings."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is _NoneType:
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML; loading it back gives an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def check(condition: bool, message: str) -> None:
+    """Cross-field validation inside a config's `__post_init__`."""
+    if not condition:
+        raise ConfigError(message)
+
+
+__all__ = [
+    "option",
+    "load_config",
+    "from_dict",
+    "save_config",
+    "config_to_dict",
+    "describe",
+    "all_keys",
+    "check",
+    "ConfigError",
+]

@@ -1,0 +1,1 @@
+"""PPO: policy = SFT + LoRA, reference = same base with adapters disabled, value head, KL penalty."""
