@@ -1,0 +1,170 @@
+"""PPOConfig: every knob of `align ppo`, documented, with its valid range.
+
+Defaults follow InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019 ("Fine-Tuning Language
+Models from Human Preferences") and Huang et al. 2024 ("The N+ implementation details of
+RLHF with PPO"): clipped policy and value losses (0.2), value loss weight 0.1, gamma 1,
+GAE lambda 0.95, whitened advantages, a per-token KL penalty whose coefficient is either
+fixed or driven towards a target KL by the adaptive controller of Ziegler et al.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from align.config import check, option
+
+
+@dataclass
+class LoraOptions:
+    """The new LoRA adapter that carries everything PPO learns (the SFT weights stay frozen)."""
+
+    r: int = option(16, help="LoRA rank.", ge=1)
+    alpha: int = option(32, help="LoRA alpha (the update is scaled by alpha / r).", ge=1)
+    dropout: float = option(
+        0.0, help="LoRA dropout. 0 keeps rollout and training log-probs identical (dropout must be off in PPO).",
+        ge=0.0, lt=1.0,
+    )
+    target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="Module names that receive LoRA adapters, or ['all-linear'].",
+    )
+
+
+@dataclass
+class KLOptions:
+    """The KL penalty -beta * KL(pi || pi_ref) added to every token's reward (Ziegler et al. 2019, eq. 2)."""
+
+    coef: float = option(0.05, help="beta: the KL coefficient (the initial value when adaptive).", ge=0.0)
+    estimator: Literal["k1", "k3"] = option(
+        "k1",
+        help="Per-token KL estimator: k1 = log pi - log pi_ref (unbiased), k3 = (r - 1) - log r with "
+        "r = pi_ref / pi (unbiased, never negative; Schulman 2020, 'Approximating KL divergence').",
+    )
+    adaptive: bool = option(
+        True, help="Adapt beta towards `target` (Ziegler et al. 2019, section 2.2); false keeps beta fixed."
+    )
+    target: float = option(
+        6.0, help="Target per-sequence KL (nats) for the adaptive controller; also the KL budget reported.", gt=0.0
+    )
+    horizon: int = option(10000, help="Adaptive controller horizon in episodes (K_beta = batch / horizon).", ge=1)
+
+
+@dataclass
+class PPOConfig:
+    """`align ppo`: align an SFT checkpoint on a new LoRA adapter against a reward model."""
+
+    # --- models ------------------------------------------------------------------------------
+    policy_model: str = option(
+        "demo",
+        help="SFT checkpoint: 'demo', 'demo:tiny', 'demo:small' (the embedded demo model) or a local directory. "
+        "A directory holding a LoRA adapter is merged into its base first.",
+    )
+    reward_model: str = option(
+        "runs/demo-reward",
+        help="Run directory (or its model/ subdirectory) written by `align reward train`.",
+    )
+    ref_model: str | None = option(
+        None,
+        help="Separate reference checkpoint. Default (null): the policy's own base with the adapter disabled "
+        "(no second copy in memory).",
+    )
+    value_model: Literal["policy_trunk", "reward_model"] = option(
+        "policy_trunk",
+        help="policy_trunk: a zero-initialised linear value head on the policy's last hidden state (shares "
+        "the LoRA trunk); reward_model: a separate critic initialised from the reward model (InstructGPT).",
+    )
+    dtype: Literal["float32", "bfloat16"] = option("float32", help="Parameter dtype for policy and value model.")
+
+    # --- prompts -----------------------------------------------------------------------------
+    prompts: str = option(
+        "synthetic",
+        help="Training prompts: 'synthetic' (align.synthetic task) or a .jsonl file with a 'prompt' field "
+        "per line (a kwise export works) or a .txt file with one prompt per line.",
+    )
+    num_prompts: int = option(1024, help="Number of synthetic training prompts (prompts='synthetic').", ge=1)
+    eval_prompts: str = option(
+        "synthetic", help="Held-out prompts for the final evaluation: 'synthetic' (held-out split) or a file."
+    )
+    num_eval_prompts: int = option(128, help="Held-out prompts evaluated at the end (0 skips evaluation).", ge=0)
+
+    # --- rollout -----------------------------------------------------------------------------
+    num_iterations: int = option(40, help="PPO iterations (rollout + optimisation rounds).", ge=1)
+    batch_size: int = option(64, help="Prompts (= episodes) per iteration on each process.", ge=1)
+    response_length: int = option(24, help="Maximum new tokens per response.", ge=1)
+    temperature: float = option(
+        0.7, help="Sampling temperature; training log-probs use the same temperature.", gt=0.0
+    )
+    missing_eos_penalty: float | None = option(
+        1.0, help="Subtracted from the score of a response that never emits eos (null: no penalty).", ge=0.0
+    )
+    max_prompt_length: int = option(128, help="Prompts longer than this (in tokens) are cut from the left.", ge=1)
+
+    # --- PPO optimisation --------------------------------------------------------------------
+    num_ppo_epochs: int = option(4, help="Passes over each rollout batch.", ge=1)
+    num_mini_batches: int = option(4, help="Minibatches per epoch; one optimiser step each.", ge=1)
+    gradient_accumulation_steps: int = option(1, help="Micro-batches per minibatch (memory only).", ge=1)
+    learning_rate: float = option(3e-4, help="AdamW learning rate for adapter and value head.", gt=0.0)
+    lr_scheduler: Literal["linear", "constant", "cosine"] = option(
+        "linear", help="Learning-rate schedule over all optimiser steps."
+    )
+    warmup_steps: int = option(0, help="Linear warm-up optimiser steps.", ge=0)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0.0)
+    adam_eps: float = option(1e-5, help="AdamW epsilon (1e-5 as in cleanrl / OpenAI baselines).", gt=0.0)
+    max_grad_norm: float = option(1.0, help="Global gradient-norm clip.", gt=0.0)
+    clip_coef: float = option(0.2, help="PPO policy ratio clip epsilon.", gt=0.0)
+    cliprange_value: float = option(0.2, help="Value clip around the rollout values.", gt=0.0)
+    vf_coef: float = option(0.1, help="Weight of the value loss.", ge=0.0)
+    ent_coef: float = option(0.0, help="Entropy bonus weight (0 as in InstructGPT).", ge=0.0)
+    gamma: float = option(1.0, help="Discount.", ge=0.0, le=1.0)
+    gae_lambda: float = option(0.95, help="GAE lambda.", ge=0.0, le=1.0)
+    whiten_advantages: bool = option(True, help="Whiten advantages over the batch (masked mean/std).")
+    whiten_rewards: bool = option(False, help="Whiten the per-token rewards before GAE.")
+
+    kl: KLOptions = option(default_factory=KLOptions, help="KL penalty and controller.")
+    lora: LoraOptions = option(default_factory=LoraOptions, help="The policy's LoRA adapter.")
+
+    # --- run ---------------------------------------------------------------------------------
+    output_dir: str = option("runs/ppo", help="Run directory (config, metrics, checkpoints, plots, policy).")
+    overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run).")
+    save_every: int = option(10, help="Checkpoint every N iterations (0: only the final policy).", ge=0)
+    keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
+    seed: int = option(0, help="Seed (process r uses seed + r for sampling).")
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", help="Extra metrics sink besides metrics.jsonl (tensorboard / wandb must be installed)."
+    )
+    wandb_project: str = option("align", help="Weights & Biases project (report_to=wandb).")
+    progress: bool = option(True, help="Show a progress bar with reward and KL.")
+    eval_batch_size: int = option(64, help="Prompts per generation batch during evaluation.", ge=1)
+
+    def __post_init__(self) -> None:
+        check(
+            self.batch_size % self.num_mini_batches == 0,
+            f"batch_size ({self.batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches})",
+        )
+        mini = self.batch_size // self.num_mini_batches
+        check(
+            mini % self.gradient_accumulation_steps == 0,
+            f"the minibatch size batch_size/num_mini_batches ({mini}) must be divisible by "
+            f"gradient_accumulation_steps ({self.gradient_accumulation_steps})",
+        )
+        for key in ("prompts", "eval_prompts"):
+            value = getattr(self, key)
+            check(value == "synthetic" or Path(value).is_file(), f"{key}: file not found: {value}")
+            check(
+                value == "synthetic" or Path(value).suffix in (".jsonl", ".txt"),
+                f"{key}: expected 'synthetic', a .jsonl or a .txt file, got {value}",
+            )
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.batch_size // self.num_mini_batches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.mini_batch_size // self.gradient_accumulation_steps
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return self.num_iterations * self.num_ppo_epochs * self.num_mini_batches

@@ -1,0 +1,197 @@
+"""The math of PPO for language models, as small pure functions on tensors.
+
+Shapes: B = episodes in the batch, T = response tokens (right-padded after the first eos),
+V = vocabulary. `mask` is (B, T) with 1 for real response tokens (up to and including eos).
+Each function is tested on 3-element tensors in tests/ppo/test_core.py.
+
+References: Ziegler et al. 2019 (KL-penalised reward, adaptive KL controller), Schulman et
+al. 2016 (GAE), Schulman et al. 2017 (clipped surrogate), Huang et al. 2024 ("The N+
+implementation details of RLHF with PPO": score at the last token, whitening, value clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) under softmax(logits / temperature): (B, T, V), (B, T) -> (B, T).
+
+    Sampling used the same temperature, so these are the log-probs of the distribution the
+    tokens were actually drawn from (implementation detail: temperature-consistent log-probs).
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (n - 1) variance of the masked entries."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"]) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: (B, T), (B, T) -> (B, T).
+
+    k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (Schulman 2020).
+    Both average to the true KL over samples; k3 is never negative.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row: (B, T) -> (B,). Rows with no token give 0."""
+    return (mask.long().sum(-1) - 1).clamp(min=0)
+
+
+def compute_rewards(
+    kl: torch.Tensor, scores: torch.Tensor, kl_coef: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -beta * KL, plus the reward-model score at the last real token.
+
+    Returns (rewards (B, T), non_score_reward (B, T)), zero at masked-out positions
+    (Ziegler et al. 2019 eq. 2; InstructGPT eq. 2 with the score on the final token).
+    """
+    mask_f = mask.to(kl.dtype)
+    non_score_reward = -kl_coef * kl * mask_f
+    rewards = non_score_reward.clone()
+    rows = torch.arange(kl.shape[0], device=kl.device)
+    rewards[rows, last_token_index(mask)] += scores.to(kl.dtype)
+    return rewards, non_score_reward
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), right to left.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lambda * A_{t+1}.
+    Past the last real token V and A are 0 (the episode has ended). Returns
+    (advantages, returns = advantages + values), both (B, T) and zero where masked.
+    """
+    mask_f = mask.to(values.dtype)
+    values = values * mask_f
+    rewards = rewards * mask_f
+    T = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * gae_lambda * next_advantage) * mask_f[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask_f
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017), as a loss to minimise, masked token mean.
+
+    L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). Also returns the clip
+    fraction and approx KL(old || new) = mean((ratio - 1) - log ratio).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approxkl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (V_clipped - R)^2)), V_clipped within
+    +-cliprange_value of the rollout's values (Huang et al. 2024, detail 'value clipping')."""
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- KL controllers
+
+
+class FixedKLController:
+    """beta stays where it was set."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019, section 2.2: e = clip(KL / target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n_steps / horizon), n_steps = episodes in the batch."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon

@@ -1,0 +1,131 @@
+"""PPO math on 3-element tensors; every expected value is worked out in the comment beside it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ppo import core
+
+
+def close(actual, expected, tol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32),
+                               torch.as_tensor(expected, dtype=torch.float32), atol=tol, rtol=0)
+
+
+def test_logprobs_from_logits_uses_the_sampling_temperature():
+    # logits (0, 0, ln 2) -> probs (1/4, 1/4, 1/2); tokens 0, 1, 2 at three positions
+    logits = torch.tensor([0.0, 0.0, math.log(2)]).expand(1, 3, 3)
+    tokens = torch.tensor([[0, 1, 2]])
+    close(core.logprobs_from_logits(logits, tokens), [[math.log(0.25), math.log(0.25), math.log(0.5)]])
+    # temperature 2: logits / 2 = (0, 0, ln 2 / 2) -> exp = (1, 1, sqrt 2) -> p(2) = sqrt2 / (2 + sqrt2)
+    p2 = math.sqrt(2) / (2 + math.sqrt(2))
+    p0 = 1 / (2 + math.sqrt(2))
+    close(core.logprobs_from_logits(logits, tokens, temperature=2.0), [[math.log(p0), math.log(p0), math.log(p2)]])
+
+
+def test_entropy_from_logits():
+    # uniform over 3 -> ln 3; (1/4, 1/4, 1/2) -> -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 1.5 ln 2
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]]])
+    close(core.entropy_from_logits(logits), [[math.log(3), 1.5 * math.log(2), math.log(3)]])
+
+
+def test_kl_penalty_k1_and_k3():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    # k1 = logp - ref = (0.5, -1, 0)
+    close(core.kl_penalty(logp, ref, "k1"), [[0.5, -1.0, 0.0]])
+    # k3 = (e^{-k1} - 1) + k1: (e^-0.5 - 0.5, e - 2, 0) = (0.106531, 0.718282, 0)
+    close(core.kl_penalty(logp, ref, "k3"), [[math.exp(-0.5) - 0.5, math.e - 2, 0.0]])
+    assert (core.kl_penalty(logp, ref, "k3") >= 0).all()
+
+
+def test_compute_rewards_puts_the_score_on_the_last_real_token():
+    kl = torch.tensor([[0.5, -1.0, 0.7]])
+    mask = torch.tensor([[1, 1, 0]])
+    # -beta * kl with beta 0.1 = (-0.05, 0.1, masked 0); score 2 lands on index 1 (the last real token)
+    rewards, non_score = core.compute_rewards(kl, torch.tensor([2.0]), 0.1, mask)
+    close(non_score, [[-0.05, 0.1, 0.0]])
+    close(rewards, [[-0.05, 2.1, 0.0]])
+    assert core.last_token_index(torch.tensor([[1, 1, 1], [1, 0, 0]])).tolist() == [2, 0]
+
+
+def test_gae_full_and_masked():
+    # gamma 1, lambda 0.5, V = 0.5 everywhere, reward 1 at the end:
+    # t=2: delta = 1 + 0 - 0.5 = 0.5 -> A2 = 0.5
+    # t=1: delta = 0 + 0.5 - 0.5 = 0 -> A1 = 0 + 0.5 * 0.5 = 0.25
+    # t=0: delta = 0 -> A0 = 0.125; returns = A + V = (0.625, 0.75, 1.0)
+    adv, ret = core.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), torch.ones(1, 3), 1.0, 0.5)
+    close(adv, [[0.125, 0.25, 0.5]])
+    close(ret, [[0.625, 0.75, 1.0]])
+    # mask (1, 1, 0): the episode ends at t=1, whatever sits at t=2 is ignored
+    # t=1: delta = 1 + 0 - 0.5 = 0.5 -> A1 = 0.5; t=0: delta = 0 + 0.5 - 0.5 = 0 -> A0 = 0.25
+    adv, ret = core.gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.full((1, 3), 0.5), torch.tensor([[1, 1, 0]]), 1.0, 0.5)
+    close(adv, [[0.25, 0.5, 0.0]])
+    close(ret, [[0.75, 1.0, 0.0]])
+    # gamma 0.5, lambda 1, V = 0: A_t = discounted return: (0.25, 0.5, 1)
+    adv, _ = core.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3), 0.5, 1.0)
+    close(adv, [[0.25, 0.5, 1.0]])
+
+
+def test_masked_whiten():
+    # (1, 2, 3): mean 2, unbiased var 1 -> (-1, 0, 1)
+    close(core.masked_whiten(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3)), [-1.0, 0.0, 1.0], tol=1e-4)
+    # (1, 3, [100]): mean 2, unbiased var ((1 + 1) / 2) * 2 / 1 = 2 -> (-1/sqrt2, 1/sqrt2, 0)
+    close(core.masked_whiten(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0])),
+          [-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], tol=1e-4)
+    # shift_mean=False keeps the mean: (1, 2, 3) -> (-1, 0, 1) + 2
+    close(core.masked_whiten(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3), shift_mean=False), [1.0, 2.0, 3.0], tol=1e-4)
+
+
+def test_policy_loss_clips_the_ratio():
+    # ratio (1.5, 0.5, 1.0), advantages (1, 1, -1), eps 0.2:
+    #   0: max(-1.5, -1.2) = -1.2 (clipped)   1: max(-0.5, -0.8) = -0.5   2: max(1, 1) = 1
+    # loss = (-1.2 - 0.5 + 1) / 3 = -0.233333; clipfrac 1/3
+    # approxkl = mean((r - 1) - ln r) = (0.5 - ln 1.5 + -0.5 - ln 0.5 + 0) / 3 = 0.0958940
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    loss, stats = core.policy_loss(new, old, torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), 0.2)
+    close(loss, -0.7 / 3)
+    close(stats["clipfrac"], 1 / 3)
+    close(stats["approxkl"], (0.5 - math.log(1.5) - 0.5 - math.log(0.5)) / 3)
+    # masking position 0 out: (-0.5 + 1) / 2 = 0.25, nothing clipped
+    loss, stats = core.policy_loss(new, old, torch.tensor([[1.0, 1.0, -1.0]]), torch.tensor([[0, 1, 1]]), 0.2)
+    close(loss, 0.25)
+    close(stats["clipfrac"], 0.0)
+
+
+def test_policy_loss_gradient_is_zero_once_clipped():
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    loss, _ = core.policy_loss(new, torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), 0.2)
+    loss.backward()
+    # d/dlogp of -A r / 3 = -A r / 3: position 0 is clipped (0), 1: -0.5/3, 2: +1/3
+    close(new.grad, [[0.0, -0.5 / 3, 1 / 3]])
+
+
+def test_value_loss_clips_around_rollout_values():
+    # old 0, new (0.5, -0.1, 0.3), returns (1, 0, -1), clip 0.2 -> clipped values (0.2, -0.1, 0.2)
+    #   0: max((0.5-1)^2 = 0.25, (0.2-1)^2 = 0.64) = 0.64 (clipped)  1: 0.01  2: max(1.69, 1.44) = 1.69
+    # loss = 0.5 * (0.64 + 0.01 + 1.69) / 3 = 0.39; clipfrac 1/3
+    loss, stats = core.value_loss(torch.tensor([[0.5, -0.1, 0.3]]), torch.zeros(1, 3),
+                                  torch.tensor([[1.0, 0.0, -1.0]]), torch.ones(1, 3), 0.2)
+    close(loss, 0.39)
+    close(stats["clipfrac"], 1 / 3)
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
+    ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    # KL 9: error 9/6 - 1 = 0.5 clipped to 0.2 -> 0.1 * (1 + 0.2 * 10 / 100) = 0.102
+    ctl.update(9.0, n_steps=10)
+    assert ctl.value == pytest.approx(0.102)
+    # KL 5.4: error -0.1 -> 0.102 * (1 - 0.1 * 0.1) = 0.10098
+    ctl.update(5.4, n_steps=10)
+    assert ctl.value == pytest.approx(0.10098)
+    other = core.AdaptiveKLController(0.5, target=6.0, horizon=100)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value
+    fixed = core.FixedKLController(0.3)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.3
