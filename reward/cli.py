@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 from align.cli_common import ConfigOpt, OverridesArg
@@ -12,5 +16,76 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command("train")
 def train(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
-    """Train a reward model on K-wise rankings (InstructGPT loss)."""
-    raise UserError("align reward train is being built (issue 4)")
+    """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
+    from align.config import load_config
+    from reward.config import RewardConfig
+    from reward.train import train_reward_model
+
+    cfg = load_config(RewardConfig, config, overrides or [])
+    train_reward_model(cfg)
+
+
+@app.command("score")
+def score(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Reward run directory (RUN) or RUN/model.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with `prompt` (text or messages) and `response` per line.")],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
+) -> None:
+    """Score prompt/response pairs in batches with a trained reward model."""
+    rows = read_score_input(input)
+    from reward.model import load_reward_model
+
+    rm = load_reward_model(model)
+    raw = rm.score_raw([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
+    lines = []
+    for row, value in zip(rows, raw.tolist()):
+        lines.append(json.dumps({**row, "reward": rm.gain * value + rm.bias, "reward_raw": value}, ensure_ascii=False))
+    text = "\n".join(lines) + ("\n" if lines else "")
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"scored {len(rows)} responses -> {output}", err=True)
+
+
+def read_score_input(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"input file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("response"), str):
+            raise UserError(f"{path}:{lineno}: each line needs `prompt` and a string `response`")
+        rows.append(row)
+    return rows
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Reward run directory (RUN) or RUN/model.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Rankings to evaluate on.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="kwise, trl, hh or oasst.")] = "kwise",
+    batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
+) -> None:
+    """Pairwise accuracy (overall, by K, cross-annotator) of a trained reward model on a rankings file."""
+    if format not in ("kwise", "trl", "hh", "oasst"):
+        raise UserError(f"--format {format!r} is not one of kwise, trl, hh, oasst")
+    if not data.is_file():
+        raise UserError(f"data file not found: {data}")
+    from reward.data import read_source, with_pairs
+    from reward.evaluate import evaluate_rankings, format_table
+    from reward.model import load_reward_model
+
+    rm = load_reward_model(model)
+    rankings = with_pairs(read_source(format, data))
+    metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
+                                gain=rm.gain, bias=rm.bias)
+    typer.echo(format_table(metrics))

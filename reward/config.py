@@ -1,0 +1,105 @@
+"""`RewardConfig`: every setting of `align reward train`, typed and documented.
+
+Load with `align.config.load_config(RewardConfig, yaml_path, ["train.lr=1e-4", ...])`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.config import check, option
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = option(
+        "demo",
+        help="SFT checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small` or a local directory "
+        "with a causal LM (resolved by align.modeling.resolve_model_path).",
+    )
+    max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation).", ge=8)
+
+
+@dataclass
+class DataSection:
+    format: Literal["synthetic", "kwise", "trl", "hh", "oasst", "annotation"] = option(
+        "synthetic",
+        help="synthetic: simulated annotators on align's synthetic task; kwise: an `align annotate export` file; "
+        "trl: prompt/chosen/rejected JSONL; hh: Anthropic HH-RLHF chosen/rejected transcripts (.jsonl or .jsonl.gz); "
+        "oasst: OpenAssistant message trees; annotation: read an annotation project's database directly.",
+    )
+    path: str | None = option(None, help="Input file for kwise/trl/hh/oasst.", must_exist=True)
+    eval_path: str | None = option(
+        None, help="Optional separate held-out file in the same format (else `eval_fraction` of the prompts).", must_exist=True
+    )
+    eval_fraction: float = option(0.1, help="Fraction of PROMPTS held out for evaluation (split by prompt, never by pair).", gt=0, lt=1)
+    max_rankings: int | None = option(None, help="Use at most this many training rankings (after the split).", ge=1)
+    seed: int = option(0, help="Seed of the prompt-level split and of the synthetic data.")
+    # synthetic task
+    num_rankings: int = option(2000, help="synthetic: training rankings to draw.", ge=1)
+    num_eval_rankings: int = option(300, help="synthetic: held-out rankings (on held-out prompts), scored against the gold judge.", ge=1)
+    k: int = option(4, help="synthetic: responses per ranking (K).", ge=2)
+    agreement: float = option(0.73, help="synthetic: inter-annotator pairwise agreement of the simulated annotators.", gt=0.5, le=1.0)
+    annotators: int = option(1, help="synthetic: annotators ranking each prompt (>1 gives the agreement ceiling).", ge=1)
+    # annotation project
+    db_url: str | None = option(None, help="annotation: database URL of the annotation app (sqlite:///... or postgresql://...).")
+    project: str | None = option(None, help="annotation: project name to read rankings from.")
+
+    def __post_init__(self) -> None:
+        if self.format in ("kwise", "trl", "hh", "oasst"):
+            check(self.path is not None, f"data.path is required for data.format={self.format}")
+        if self.format == "annotation":
+            check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = option(False, help="Train LoRA adapters (+ the score head) on a frozen base; false = full fine-tuning.")
+    r: int = option(16, help="LoRA rank.", ge=1)
+    alpha: float = option(32.0, help="LoRA alpha (scale = alpha / r).", gt=0)
+    dropout: float = option(0.0, help="LoRA dropout (0 keeps scoring deterministic).", ge=0, lt=1)
+    target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="Linear layers that get adapters.",
+    )
+
+
+@dataclass
+class TrainSection:
+    loss: Literal["kwise", "pairwise"] = option(
+        "kwise",
+        help="kwise: one batch element per ranking, each response forwarded once (InstructGPT); "
+        "pairwise: expand rankings into independent shuffled pairs, as TRL/OpenRLHF do (for comparison).",
+    )
+    lr: float = option(1e-3, help="Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0)
+    epochs: int = option(1, help="Passes over the training rankings (InstructGPT: 1; more overfits).", ge=1)
+    max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
+    batch_size: int = option(32, help="Rankings per optimizer step, over all processes.", ge=1)
+    warmup_ratio: float = option(0.05, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
+    margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
+    center_coef: float = option(0.0, help="Reward-centering coefficient (Eisenstein et al. 2023): + coef * mean(r^2).", ge=0)
+    log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+    seed: int = option(0, help="Seed of the shuffle and of the head initialisation.")
+    num_threads: int | None = option(None, help="torch CPU threads per process (default: torch's choice).", ge=1)
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = option(64, help="Responses per forward pass when evaluating and scoring.", ge=1)
+    normalize: bool = option(True, help="Fit gain/bias so rewards of the SFT model's own samples have mean 0, std 1.")
+    normalize_prompts: int = option(128, help="Prompts (from the training split) the SFT model answers for the normalisation.", ge=2)
+    normalize_max_new_tokens: int = option(48, help="Length of the SFT samples used for the normalisation.", ge=1)
+
+
+@dataclass
+class RewardConfig:
+    output_dir: str = option("runs/reward", help="Run directory: config.yaml, metrics.jsonl, summary.json, model/.")
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The SFT checkpoint and tokenization."})
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "Where the rankings come from and the split."})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA or full fine-tuning."})
+    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Optimisation and loss."})
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation and reward normalisation."})
+    overwrite: bool = option(False, help="Replace RUN/model if output_dir already holds a trained model.")

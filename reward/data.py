@@ -1,0 +1,245 @@
+"""Rankings in, batches out: loading every data source, the prompt-level split, the K-wise collate.
+
+- Every source becomes a list of `align.formats.Ranking` (pairwise sources are K = 2 rankings).
+- The split is by prompt, never by pair (nor by ranking): all rankings of a prompt, and for
+  OpenAssistant all groups of one message tree, land on the same side, so no held-out prompt
+  (or conversation prefix) has been seen in training.
+- A batch is a list of rankings; each is one batch element and all responses of the batch are
+  flattened into one forward pass, each forwarded once (InstructGPT). `expand_to_pairs` turns
+  rankings into independent K = 2 rankings for the pairwise comparison mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import UserError
+from align.formats import Ranking
+from reward.losses import ordered_pairs
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RewardData:
+    train: list[Ranking]  # training rankings (each with at least one ordered pair)
+    eval: list[Ranking]  # held-out rankings whose labels define eval/accuracy
+    eval_label: str  # where the held-out labels come from: "gold" (synthetic judge) or "annotators"
+    eval_annotator: list[Ranking] | None = None  # synthetic: the simulated annotators' labels on the same prompts
+    source: dict[str, Any] = field(default_factory=dict)  # what data produced the model (recorded with it)
+
+
+def prompt_key(ranking: Ranking) -> str:
+    """The identity of a prompt for the split. For a conversation it is its FIRST user turn:
+    deeper ranked groups of one OpenAssistant tree (or HH dialogues opening the same way)
+    share that opening, and must not be split across train and eval."""
+    if isinstance(ranking.prompt, str):
+        return f"prompt:{ranking.prompt}"
+    first = next((m["content"] for m in ranking.prompt if m.get("role") == "user"), json.dumps(ranking.prompt))
+    return f"conversation:{first}"
+
+
+def split_by_prompt(rankings: Sequence[Ranking], eval_fraction: float, seed: int) -> tuple[list[Ranking], list[Ranking]]:
+    """Hold out `eval_fraction` of the distinct prompts (at least one), with all their rankings."""
+    keys = sorted({prompt_key(r) for r in rankings})
+    if len(keys) < 2:
+        raise UserError(f"need at least 2 distinct prompts to split train/eval, found {len(keys)}")
+    random.Random(f"split:{seed}").shuffle(keys)
+    n_eval = min(len(keys) - 1, max(1, round(eval_fraction * len(keys))))
+    held_out = set(keys[:n_eval])
+    train = [r for r in rankings if prompt_key(r) not in held_out]
+    eval_ = [r for r in rankings if prompt_key(r) in held_out]
+    return train, eval_
+
+
+def with_pairs(rankings: Sequence[Ranking]) -> list[Ranking]:
+    """Drop rankings that imply no pair (all tied, or K < 2): they carry no training signal."""
+    return [r for r in rankings if ordered_pairs(r.ranks)]
+
+
+def expand_to_pairs(rankings: Sequence[Ranking], seed: int) -> list[Ranking]:
+    """Pairwise expansion (TRL, OpenRLHF, ...): one K = 2 ranking per ordered pair, shuffled apart."""
+    pairs = [
+        Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
+                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta)
+        for r in rankings
+        for w, l in ordered_pairs(r.ranks)
+    ]
+    random.Random(f"pairs:{seed}").shuffle(pairs)
+    return pairs
+
+
+def gold_ranks(prompt: str, responses: Sequence[str]) -> list[int]:
+    """Ranks (0 = best, equal scores tie) by the synthetic task's gold judge."""
+    from align.synthetic import gold_score
+
+    scores = [gold_score(prompt, r) for r in responses]
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(s) for s in scores]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_source(fmt: str, path: str | Path) -> list[Ranking]:
+    """Read one file of the given format into rankings (readers live in align.formats)."""
+    from align import formats
+
+    readers = {"kwise": formats.read_kwise, "trl": formats.read_trl_pairs, "hh": formats.read_hh, "oasst": formats.read_oasst}
+    return list(readers[fmt](path))
+
+
+def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
+    try:
+        from annotation.export import export_rankings
+    except ImportError as exc:
+        raise UserError(f"data.format=annotation needs the annotation app's export (annotation.export): {exc}") from None
+    return list(export_rankings(db_url, project))
+
+
+def load_reward_data(data_cfg: Any) -> RewardData:
+    """All training and held-out rankings for a DataSection, split by prompt."""
+    cfg = data_cfg
+    if cfg.format == "synthetic":
+        return _load_synthetic(cfg)
+    source: dict[str, Any] = {"format": cfg.format}
+    if cfg.format == "annotation":
+        rankings = read_annotation_project(cfg.db_url, cfg.project)
+        source.update(db_url=cfg.db_url, project=cfg.project)
+    else:
+        rankings = read_source(cfg.format, cfg.path)
+        source.update(path=str(Path(cfg.path).resolve()), sha256=file_digest(cfg.path))
+    if not rankings:
+        raise UserError(f"no rankings found in {source.get('path') or cfg.project}")
+    if cfg.eval_path is not None:
+        train, eval_ = rankings, read_source(cfg.format, cfg.eval_path)
+        source.update(eval_path=str(Path(cfg.eval_path).resolve()), eval_sha256=file_digest(cfg.eval_path))
+        overlap = {prompt_key(r) for r in train} & {prompt_key(r) for r in eval_}
+        if overlap:  # the user's own split leaks prompts: refuse rather than report an inflated accuracy
+            raise UserError(f"{len(overlap)} prompts appear in both data.path and data.eval_path; split by prompt")
+    else:
+        train, eval_ = split_by_prompt(rankings, cfg.eval_fraction, cfg.seed)
+        source.update(split="prompt", eval_fraction=cfg.eval_fraction, split_seed=cfg.seed)
+    train, eval_ = with_pairs(train), with_pairs(eval_)
+    if cfg.max_rankings is not None:
+        train = train[: cfg.max_rankings]
+    if not train or not eval_:
+        raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need both > 0")
+    source.update(train_rankings=len(train), eval_rankings=len(eval_))
+    return RewardData(train=train, eval=eval_, eval_label="annotators", source=source)
+
+
+def _load_synthetic(cfg: Any) -> RewardData:
+    """Train on simulated annotators' rankings of train-pool prompts; evaluate on held-out-pool
+    prompts against the gold judge's order (and, for reference, against the annotators)."""
+    from align.synthetic import make_rankings
+
+    train = with_pairs(make_rankings(cfg.num_rankings, k=cfg.k, agreement=cfg.agreement, seed=cfg.seed,
+                                     split="train", annotators=cfg.annotators))
+    held_out = make_rankings(cfg.num_eval_rankings, k=cfg.k, agreement=cfg.agreement, seed=cfg.seed + 1,
+                             split="heldout", annotators=cfg.annotators)
+    gold, seen = [], set()
+    for r in held_out:  # one gold ranking per distinct (prompt, responses), however many annotators
+        key = (r.prompt, tuple(r.responses))
+        if key not in seen:
+            seen.add(key)
+            gold.append(Ranking(prompt=r.prompt, responses=r.responses, ranks=gold_ranks(r.prompt, r.responses),
+                                annotator="gold", prompt_id=r.prompt_id))
+    if cfg.max_rankings is not None:
+        train = train[: cfg.max_rankings]
+    source = {"format": "synthetic", "num_rankings": cfg.num_rankings, "k": cfg.k, "agreement": cfg.agreement,
+              "annotators": cfg.annotators, "seed": cfg.seed, "train_rankings": len(train),
+              "eval_rankings": len(gold), "split": "synthetic train/heldout prompt pools"}
+    return RewardData(train=train, eval=with_pairs(gold), eval_label="gold", eval_annotator=with_pairs(held_out),
+                      source=source)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class RankingBatch:
+    """A batch of G rankings, all their responses flattened into one forward pass."""
+
+    input_ids: torch.Tensor  # (N, T) token ids of every prompt+response in the batch, right-padded
+    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
+    winners: torch.Tensor  # (P,) index into N of each ordered pair's preferred response
+    losers: torch.Tensor  # (P,) index into N of the pair's rejected response
+    pair_group: torch.Tensor  # (P,) index 0..G-1 of the ranking the pair comes from
+    num_groups: int  # G rankings in this batch
+
+    @property
+    def num_responses(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> RankingBatch:
+        return RankingBatch(self.input_ids.to(device), self.attention_mask.to(device), self.winners.to(device),
+                            self.losers.to(device), self.pair_group.to(device), self.num_groups)
+
+
+class RankingDataset(torch.utils.data.Dataset):
+    """Rankings pre-tokenized once: item i = (token ids of each of its K responses, its ordered pairs)."""
+
+    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int):
+        from align.chat import render_example
+
+        self.rankings = list(rankings)
+        texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
+        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+        self.items: list[tuple[list[list[int]], list[tuple[int, int]]]] = []
+        pos = 0
+        for r in self.rankings:
+            k = len(r.responses)
+            self.items.append((ids[pos : pos + k], ordered_pairs(r.ranks)))
+            pos += k
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class RankingCollator:
+    """list of (responses' token ids, pairs) -> RankingBatch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items) -> RankingBatch:
+        seqs, winners, losers, groups = [], [], [], []
+        for g, (response_ids, pairs) in enumerate(items):
+            offset = len(seqs)
+            seqs.extend(response_ids)
+            for w, l in pairs:
+                winners.append(offset + w)
+                losers.append(offset + l)
+                groups.append(g)
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, : len(s)] = 1
+        return RankingBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            winners=torch.tensor(winners, dtype=torch.long),
+            losers=torch.tensor(losers, dtype=torch.long),
+            pair_group=torch.tensor(groups, dtype=torch.long),
+            num_groups=len(items),
+        )

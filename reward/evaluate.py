@@ -1,0 +1,129 @@
+"""Held-out evaluation of a reward model on rankings.
+
+Keys (all under the given prefix, `eval/` by default):
+    accuracy, num_pairs, num_rankings   pairwise accuracy over every ordered pair the held-out rankings
+                                        imply (an exact reward tie counts one half)
+    accuracy_k{K}, num_pairs_k{K}       the same for rankings of K responses
+    mean_margin                         mean r_w - r_l over those pairs (normalised reward units)
+    loss                                InstructGPT K-wise loss on the held-out rankings
+    cross_annotator_accuracy            where several annotators judged the same response pair: the model
+                                        against each of those judgments ...
+    annotator_agreement                 ... and the annotators against each other on the same pairs: the
+                                        ceiling a reward model can reach on these labels (InstructGPT's
+                                        held-out labelers agree with each other 72.6% of the time)
+    cross_annotator_num_pairs           response pairs judged by several annotators
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from align.formats import Ranking
+from reward.losses import kwise_ranking_loss, ordered_pairs, pair_accuracy
+
+
+def _text_key(prompt: Any, response: str) -> tuple[str, str]:
+    return (prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True), response)
+
+
+@torch.no_grad()
+def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
+                 gain: float = 1.0, bias: float = 0.0) -> dict[tuple[str, str], float]:
+    """Reward of every distinct (prompt, response) in the rankings, each forwarded once."""
+    from reward.model import render_texts, score_texts
+
+    unique: dict[tuple[str, str], tuple[Any, str]] = {}
+    for r in rankings:
+        for resp in r.responses:
+            unique.setdefault(_text_key(r.prompt, resp), (r.prompt, resp))
+    keys = list(unique)
+    texts = render_texts(tokenizer, [unique[k][0] for k in keys], [unique[k][1] for k in keys])
+    raw = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    return {k: gain * v + bias for k, v in zip(keys, raw.tolist())}
+
+
+def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float], prefix: str = "eval/") -> dict[str, Any]:
+    """Accuracy, by K, margin, loss and the cross-annotator figures, from precomputed rewards."""
+    correct: list[float] = []
+    margins: list[float] = []
+    by_k: dict[int, list[float]] = defaultdict(list)
+    flat, winners, losers, groups = [], [], [], []
+    for g, r in enumerate(rankings):
+        rs = [rewards[_text_key(r.prompt, resp)] for resp in r.responses]
+        offset = len(flat)
+        flat.extend(rs)
+        for w, l in ordered_pairs(r.ranks):
+            acc = pair_accuracy(torch.tensor(rs[w]), torch.tensor(rs[l])).item()
+            correct.append(acc)
+            by_k[len(r.responses)].append(acc)
+            margins.append(rs[w] - rs[l])
+            winners.append(offset + w)
+            losers.append(offset + l)
+            groups.append(g)
+    out: dict[str, Any] = {
+        f"{prefix}accuracy": sum(correct) / max(1, len(correct)),
+        f"{prefix}num_pairs": len(correct),
+        f"{prefix}num_rankings": len(rankings),
+        f"{prefix}mean_margin": sum(margins) / max(1, len(margins)),
+    }
+    if correct:
+        out[f"{prefix}loss"] = kwise_ranking_loss(
+            torch.tensor(flat), torch.tensor(winners), torch.tensor(losers), torch.tensor(groups), len(rankings)
+        ).item()
+    for k in sorted(by_k):
+        out[f"{prefix}accuracy_k{k}"] = sum(by_k[k]) / len(by_k[k])
+        out[f"{prefix}num_pairs_k{k}"] = len(by_k[k])
+    out.update(cross_annotator_metrics(rankings, rewards, prefix))
+    return out
+
+
+def cross_annotator_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float], prefix: str) -> dict[str, Any]:
+    """Model-vs-annotator and annotator-vs-annotator agreement on pairs several annotators judged."""
+    # (prompt, response a, response b) with a < b -> {annotator: +1 if a preferred, -1 if b preferred}
+    judged: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)
+    for r in rankings:
+        if r.annotator is None:
+            continue
+        for i, j in itertools.combinations(range(len(r.responses)), 2):
+            if r.ranks[i] == r.ranks[j]:
+                continue
+            ki, kj = _text_key(r.prompt, r.responses[i]), _text_key(r.prompt, r.responses[j])
+            a, b, sign = (ki, kj, 1) if ki[1] < kj[1] else (kj, ki, -1)
+            judged[(a[0], a[1], b[1])][r.annotator] = sign if r.ranks[i] < r.ranks[j] else -sign
+    model_hits, annot_hits = [], []
+    for (prompt, a, b), votes in judged.items():
+        if len(votes) < 2:
+            continue
+        ra, rb = rewards[(prompt, a)], rewards[(prompt, b)]
+        model_sign = (ra > rb) - (ra < rb)
+        for v in votes.values():
+            model_hits.append(1.0 if model_sign == v else (0.5 if model_sign == 0 else 0.0))
+        for u, v in itertools.combinations(votes.values(), 2):
+            annot_hits.append(1.0 if u == v else 0.0)
+    if not annot_hits:
+        return {}
+    return {
+        f"{prefix}cross_annotator_accuracy": sum(model_hits) / len(model_hits),
+        f"{prefix}annotator_agreement": sum(annot_hits) / len(annot_hits),
+        f"{prefix}cross_annotator_num_pairs": sum(1 for v in judged.values() if len(v) >= 2),
+    }
+
+
+def evaluate_rankings(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
+                      gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/") -> dict[str, Any]:
+    rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size, gain=gain, bias=bias)
+    return ranking_metrics(rankings, rewards, prefix)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Two aligned columns, one metric a line, for the terminal."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+            if isinstance(v, (int, float, str)) and "/" in k]
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,225 @@
+"""The reward model: a causal LM checkpoint with a one-output linear head, read at the last real token.
+
+Layout of a saved reward model (`RUN/model/`), loadable with plain transformers (+ peft):
+
+    config.json + model.safetensors      full fine-tuning: an AutoModelForSequenceClassification
+    adapter_config.json + adapter_model  LoRA: a PEFT adapter whose modules_to_save include `score`
+    tokenizer files                      pad token distinct from eos
+    reward_normalization.json            {"gain", "bias"}: reward = gain * raw + bias, always applied
+    reward_model_info.json               what data and config produced it (+ eval summary)
+
+`load_reward_model(path)` returns a `RewardModel` whose `.score(prompts, responses)` gives
+normalised rewards (N,).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import UserError
+
+NORMALIZATION_FILE = "reward_normalization.json"
+INFO_FILE = "reward_model_info.json"
+
+
+# --------------------------------------------------------------------------- building
+
+
+def init_score_head(model: nn.Module, seed: int = 0) -> None:
+    """'The N implementation details of RLHF with PPO' (Huang et al. 2022), detail 'reward head init':
+    weight ~ Normal(0, 1/sqrt(d_model + 1)), bias 0 (Llama's score head has no bias)."""
+    head: nn.Linear = model.score
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        std = 1.0 / math.sqrt(head.in_features + 1)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0) -> nn.Module:
+    """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
+
+    `lora`: a LoraSection with `enabled=True` wraps the model in PEFT adapters, the score head
+    in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    base_path = Path(base_path)
+    if (base_path / "adapter_config.json").exists():
+        raise UserError(
+            f"{base_path} is a LoRA adapter; merge it first (`align export {base_path} --out DIR`) and train on DIR"
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    configure_padding(model, tokenizer)
+    disable_dropout(model)
+    init_score_head(model, seed)
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            modules_to_save=["score"],
+        )
+        model = get_peft_model(model, peft_config)
+    return model
+
+
+def configure_padding(model: nn.Module, tokenizer) -> None:
+    """The head reads the rightmost token that is not padding, so pad must differ from eos:
+    with pad == eos the eos that ends every response would be taken for padding."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"  # keep the response's end (and its eos) when a text is too long
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Reward modelling with dropout makes r(x, y) noisy (N implementation details: dropout off)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize rendered prompt+response texts (they already end with eos), right-padded."""
+    return tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=False, return_tensors="pt"
+    )
+
+
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) token ids -> (N,) raw reward at each sequence's last real token."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+
+
+def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str]) -> list[str]:
+    from align.chat import render_example
+
+    if len(prompts) != len(responses):
+        raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [render_example(tokenizer, p, r) for p, r in zip(prompts, responses)]
+
+
+@torch.no_grad()
+def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """(N,) raw rewards of rendered texts, in batches, model in eval mode. Sorting by length
+    first keeps padding (and time) low; the result is in the input order."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts))
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = encode(tokenizer, [texts[i] for i in idx], max_length)
+        out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+    model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def fit_normalization(raw: torch.Tensor) -> tuple[float, float]:
+    """gain, bias with gain * raw + bias of mean 0 and std 1 on `raw` (the SFT model's own samples)."""
+    mean, std = raw.mean().item(), raw.std().item()
+    gain = 1.0 / std if std > 1e-8 else 1.0
+    return gain, -mean * gain
+
+
+# --------------------------------------------------------------------------- saving and loading
+
+
+def save_reward_model(model: nn.Module, tokenizer, out: Path, *, gain: float, bias: float, info: dict[str, Any]) -> Path:
+    """Write the checkpoint (full model or PEFT adapter + head), tokenizer, normalisation and provenance."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / NORMALIZATION_FILE).write_text(json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n", encoding="utf-8")
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    return out
+
+
+@dataclass
+class RewardModel:
+    """A loaded reward model; `.model` is a merged nn.Module in eval mode."""
+
+    model: nn.Module
+    tokenizer: Any
+    gain: float
+    bias: float
+    max_length: int = 512
+    path: Path | None = None
+
+    def score_raw(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(N,) un-normalised rewards r(x, y)."""
+        texts = render_texts(self.tokenizer, prompts, responses)
+        return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size)
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(N,) normalised rewards gain * r(x, y) + bias (mean 0, std 1 on the SFT model's samples)."""
+        return self.gain * self.score_raw(prompts, responses, batch_size) + self.bias
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "model" / NORMALIZATION_FILE).exists():
+        return path / "model"
+    if (path / NORMALIZATION_FILE).exists():
+        return path
+    raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / 'model'})")
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+    """Load RUN or RUN/model: a full checkpoint or a PEFT adapter (merged here), with its normalisation."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = _model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(model_dir).base_model_name_or_path
+        if not Path(base).exists():
+            raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint {base}, which is missing")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    configure_padding(model, tokenizer)
+    model.to(device).eval()
+    norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))
+    info_path = model_dir / INFO_FILE
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))
+    return RewardModel(model=model, tokenizer=tokenizer, gain=float(norm["gain"]), bias=float(norm["bias"]),
+                       max_length=max_length, path=model_dir)

@@ -1,0 +1,263 @@
+"""Reward model training recipe: `train_reward_model(cfg) -> summary`.
+
+The loop follows InstructGPT's reward model training (Ouyang et al. 2022, section 3.5 and
+appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
+
+    1. each batch element is one ranking (an annotator's order of K responses to a prompt);
+    2. all responses of the batch go through the model in ONE forward pass, each once;
+    3. the loss averages -log sigmoid(r_w - r_l) over the C(K,2) ordered pairs of each
+       ranking, then over rankings (+ optional margin and reward-centering term);
+    4. one epoch by default (more overfits, as InstructGPT reports);
+    5. afterwards the reward is normalised on the SFT model's own samples (mean 0, std 1),
+       evaluated on held-out PROMPTS, and saved with the data and config that made it.
+
+Multi-process: run under `accelerate launch --multi_gpu --num_processes 2 -m align.cli reward train ...`
+(two CPU ranks with gloo). `train.batch_size` counts rankings per optimizer step over all
+processes; each rank takes its slice of the same global batch, so the gradient matches
+single-process training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import config_to_dict
+from align.errors import UserError
+from reward.config import RewardConfig
+from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
+from reward.evaluate import evaluate_rankings, format_table
+from reward.losses import kwise_ranking_loss, pair_accuracy, reward_centering_loss
+from reward.model import build_reward_model, fit_normalization, forward_rewards, save_reward_model, score_texts
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RewardTrainer:
+    def __init__(self, cfg: RewardConfig, *, echo: Any = print):
+        self.cfg = cfg
+        self.echo = echo
+
+    # ----------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        from align.modeling import load_tokenizer, resolve_model_path
+        from align.run import MetricsWriter, prepare_run_dir
+
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available() and not _launched_multiprocess())
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.out = Path(cfg.output_dir)
+        if (self.out / "model").exists() and not cfg.overwrite:
+            raise UserError(f"{self.out / 'model'} already exists; choose another output_dir or set overwrite=true")
+        if cfg.train.batch_size < self.world:
+            raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
+
+        self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.data: RewardData = load_reward_data(cfg.data)
+        train_rankings = self.data.train
+        if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
+            train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
+        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length)
+        self.collate = RankingCollator(self.tokenizer.pad_token_id)
+
+        torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
+        model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.global_batches = self.plan_batches()
+        self.total_steps = len(self.global_batches)
+        warmup = int(cfg.train.warmup_ratio * self.total_steps)
+        # stepped by hand, once per optimizer step (accelerate's wrapper would step it once per process)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.params = params
+        if self.is_main:
+            prepare_run_dir(self.out, cfg)
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl")
+        self.forward_passes = 0
+        if self.is_main:
+            self.echo(
+                f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
+                f"{len(self.data.eval)} held-out, {self.total_steps} steps on {self.world} process(es), "
+                f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} on {self.base_path}"
+            )
+
+    def plan_batches(self) -> list[list[int]]:
+        """Global batches of ranking indices: a seeded shuffle per epoch, then `batch_size` at a time."""
+        cfg = self.cfg.train
+        n = len(self.train_set)
+        batches: list[list[int]] = []
+        for epoch in range(cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps * cfg.batch_size / n) + 1):
+            order = list(range(n))
+            random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
+            for start in range(0, n, cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]
+                if len(batch) >= self.world:  # every rank needs at least one ranking
+                    batches.append(batch)
+        if cfg.max_steps is not None:
+            batches = batches[: cfg.max_steps]
+        if not batches:
+            raise UserError("no training steps: too few training rankings for the batch size and processes")
+        return batches
+
+    def local_batch(self, global_batch: list[int]) -> RankingBatch:
+        """This rank's contiguous slice of the global batch (sizes differ by at most one)."""
+        per, extra = divmod(len(global_batch), self.world)
+        start = self.rank * per + min(self.rank, extra)
+        mine = global_batch[start : start + per + (1 if self.rank < extra else 0)]
+        return self.collate([self.train_set[i] for i in mine])
+
+    # ----------------------------------------------------------------------- training
+
+    def step(self, batch: RankingBatch) -> dict[str, float]:
+        cfg = self.cfg.train
+        # 2. one forward pass over every response of every ranking in the batch
+        rewards = forward_rewards(self.model, batch.input_ids, batch.attention_mask)  # (N,) r(x, y)
+        # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over rankings
+        loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
+        if cfg.center_coef > 0:
+            loss = loss + reward_centering_loss(rewards, cfg.center_coef)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_passes += batch.num_responses
+        r = rewards.detach()
+        return {
+            "train/loss": loss.item(),
+            "train/accuracy": pair_accuracy(r[batch.winners], r[batch.losers]).mean().item(),
+            "train/margin": (r[batch.winners] - r[batch.losers]).mean().item(),
+            "train/reward_mean": r.mean().item(),
+            "train/reward_std": r.std().item() if r.numel() > 1 else 0.0,
+            "train/grad_norm": float(grad_norm),
+        }
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        t_start = time.perf_counter()
+        window: list[dict[str, float]] = []
+        # 1./4. one pass (by default) over the rankings, each global batch split across ranks
+        for step, global_batch in enumerate(self.global_batches, 1):
+            t = time.perf_counter()
+            window.append(self.step(self.local_batch(global_batch)))
+            if self.is_main and (step % cfg.log_every == 0 or step == self.total_steps):
+                row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
+                            "train/forward_passes": self.forward_passes * self.world,
+                            "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
+                self.metrics.write(row)
+                self.last_train = row
+                window = []
+        self.train_seconds = time.perf_counter() - t_start
+        self.forward_passes_total = int(self.accelerator.reduce(torch.tensor(self.forward_passes), "sum").item())
+
+    # ----------------------------------------------------------------------- after training
+
+    def normalization(self, model) -> tuple[float, float, int]:
+        """5. gain, bias making the rewards of the SFT model's own samples mean 0, std 1."""
+        ecfg = self.cfg.eval
+        if not ecfg.normalize:
+            return 1.0, 0.0, 0
+        from align.generation import generate_responses
+        from align.modeling import load_causal_lm
+        from reward.model import render_texts
+
+        prompts, seen = [], set()
+        for r in self.data.train:
+            key = str(r.prompt)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(r.prompt)
+        random.Random(f"normalize:{self.cfg.train.seed}").shuffle(prompts)
+        prompts = prompts[: ecfg.normalize_prompts]
+        sft = load_causal_lm(self.base_path)
+        samples = generate_responses(sft, self.tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
+                                     seed=self.cfg.train.seed)
+        del sft
+        responses = [s[0] for s in samples]
+        raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
+                          max_length=self.cfg.model.max_length, batch_size=ecfg.batch_size)
+        gain, bias = fit_normalization(raw)
+        return gain, bias, len(responses)
+
+    def finish(self) -> dict[str, Any]:
+        from align.run import atomic_directory, write_json_atomic
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        summary: dict[str, Any] = {}
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            t = time.perf_counter()
+            gain, bias, n_norm = self.normalization(model)
+            normalize_s = time.perf_counter() - t
+            t = time.perf_counter()
+            ev = dict(max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size, gain=gain, bias=bias)
+            summary.update(evaluate_rankings(model, self.tokenizer, self.data.eval, **ev))
+            summary["eval/label_source"] = self.data.eval_label
+            if self.data.eval_annotator is not None:
+                summary.update(evaluate_rankings(model, self.tokenizer, self.data.eval_annotator, prefix="eval_annotators/", **ev))
+            eval_s = time.perf_counter() - t
+            summary.update({
+                "train/loss_final": self.last_train["train/loss"],
+                "train/steps": self.total_steps,
+                "train/rankings": len(self.data.train),
+                "train/batch_elements": len(self.train_set),
+                "train/forward_passes": self.forward_passes_total,
+                "train/num_processes": self.world,
+                "reward/gain": gain,
+                "reward/bias": bias,
+                "reward/normalization_samples": n_norm,
+                "timing/train_s": self.train_seconds,
+                "timing/normalize_s": normalize_s,
+                "timing/eval_s": eval_s,
+                "memory/peak_rss_mb": peak_memory_mb(),
+            })
+            info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
+                    "summary": summary}
+            with atomic_directory(self.out / "model", overwrite=cfg.overwrite) as tmp:
+                save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info)
+            summary["timing/total_s"] = time.perf_counter() - self.t0
+            summary["model_dir"] = str((self.out / "model").resolve())
+            write_json_atomic(self.out / "summary.json", summary)
+            self.metrics.close()
+            self.echo(format_table(summary))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return summary
+
+
+def _launched_multiprocess() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def train_reward_model(cfg: RewardConfig, *, echo: Any = None) -> dict[str, Any]:
+    """Train, normalise, evaluate and save a reward model; returns the summary (empty on non-main ranks)."""
+    trainer = RewardTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)))
+    trainer.setup()
+    trainer.train()
+    return trainer.finish()
