@@ -195,3 +195,19 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first eos; pad the rest.
+
+    Returns (response_ids with pad after the first eos, mask (B, T) of the kept tokens).
+    A response without eos keeps all T tokens (it was cut at response_length).
+    """
+    T = response_ids.shape[1]
+    is_eos = response_ids == eos_token_id
+    first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    mask = torch.arange(T, device=response_ids.device).unsqueeze(0) <= first_eos.unsqueeze(1)
+    return torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id)), mask.long()

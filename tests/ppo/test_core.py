@@ -129,3 +129,11 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
     fixed = core.FixedKLController(0.3)
     fixed.update(100.0, 10)
     assert fixed.value == 0.3
+
+
+def test_truncate_after_eos_keeps_the_first_eos_and_pads_the_rest():
+    # eos = 2, pad = 0: row 0 ends at index 1; row 1 never ends (all 3 kept); row 2 has eos first
+    ids = torch.tensor([[5, 2, 7], [5, 6, 7], [2, 2, 9]])
+    out, mask = core.truncate_after_eos(ids, eos_token_id=2, pad_token_id=0)
+    assert out.tolist() == [[5, 2, 0], [5, 6, 7], [2, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]

@@ -1,0 +1,88 @@
+"""Prompts for rollouts and evaluation, and a resumable sampler over them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from align.errors import UserError
+
+Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
+
+
+def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
+    """'synthetic' -> align.synthetic prompts of `split`; a .jsonl file -> its 'prompt' fields
+    (duplicates dropped, order kept); a .txt file -> one prompt per non-empty line."""
+    if spec == "synthetic":
+        from align.synthetic import make_prompts
+
+        return make_prompts(n, seed=seed, split=split)
+    path = Path(spec)
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts, seen = [], set()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: expected a JSON object with a 'prompt' field") from None
+            key = json.dumps(prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"{path}: no prompts found")
+    return prompts
+
+
+def is_synthetic(spec: str) -> bool:
+    return spec == "synthetic"
+
+
+class PromptSampler:
+    """Shuffled passes over the prompts; every process sees its own slice of each global batch.
+
+    The order is a function of (seed, epoch) only, so the state to resume from is just
+    (epoch, position): the data position of the issue's resume requirement.
+    """
+
+    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[Prompt]:
+        """This process's `batch_size` prompts of the next global batch (batch_size * world_size)."""
+        global_batch = []
+        while len(global_batch) < self.batch_size * self.world_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size * self.world_size - len(global_batch), len(self._order) - self.position)
+            global_batch.extend(self._order[self.position : self.position + take])
+            self.position += take
+        mine = global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return [self.prompts[i] for i in mine]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,53 @@
+"""The batch one rollout produces, in the manner of OpenRLHF's `Experience`.
+
+B = episodes (prompts) in the batch, Q = prompt tokens (left-padded), T = response tokens
+(right-padded with pad after the first eos). Every later phase of the iteration reads and
+fills these fields; minibatches are row slices of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Experience:
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens, 0 for left padding
+    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
+    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
+    logprobs: torch.Tensor  # (B, T) log pi_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t|s_t), same temperature
+    values: torch.Tensor  # (B, T) V_old(s_t), the value of the state before a_t
+    scores: torch.Tensor  # (B,) reward-model score (normalised) minus the missing-eos penalty
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate (k1 or k3) of pi_old vs pi_ref
+    rewards: torch.Tensor | None = None  # (B, T) -beta * kl, plus the score at the last real token
+    advantages: torch.Tensor | None = None  # (B, T) GAE advantages, whitened
+    returns: torch.Tensor | None = None  # (B, T) value targets = GAE advantages + V_old (not whitened)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, Q + T) prompt and response
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, Q + T)
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    @property
+    def context_length(self) -> int:  # Q
+        return self.query_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | slice) -> Experience:
+        """The episodes `rows` (a minibatch), every tensor field sliced along B."""
+        return Experience(
+            **{
+                f.name: (None if (v := getattr(self, f.name)) is None else v[rows])
+                for f in dataclasses.fields(self)
+            }
+        )

@@ -1,0 +1,141 @@
+"""Policy, reference and value model, sharing one copy of the SFT weights.
+
+* policy    = SFT checkpoint + a new LoRA adapter (peft); the SFT weights are frozen.
+* reference = the same module with the adapter disabled (`disable_adapter()`), so no second
+              copy of the model sits in memory; an explicit reference checkpoint is optional.
+* value     = a zero-initialised linear head on the policy's last hidden state (it starts
+              at V = 0 and learns through the shared LoRA trunk), or a separate critic
+              initialised from the reward model, as in InstructGPT (Ouyang et al. 2022).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import UserError
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    """The transformer without its head (LlamaForCausalLM.model, ...)."""
+    return getattr(model, model.base_model_prefix)
+
+
+class Critic(nn.Module):
+    """A separate value model: a sequence-classification reward model read at every token."""
+
+    def __init__(self, reward_model: nn.Module):
+        super().__init__()
+        self.trunk = _trunk(reward_model)
+        head = getattr(reward_model, "score", None) or getattr(reward_model, "classifier", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise UserError("value_model=reward_model needs a reward model with a single-output linear head")
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        return self.head(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+
+
+class ActorCritic(nn.Module):
+    """One module for DDP: forward gives the policy's response logits and the values."""
+
+    def __init__(self, policy: nn.Module, critic: Critic | None = None):
+        super().__init__()
+        self.policy = policy  # a PeftModel
+        base = policy.get_base_model()
+        self.trunk = _trunk(base)
+        self.lm_head = base.get_output_embeddings()
+        self.critic = critic
+        if critic is None:
+            self.value_head = nn.Linear(base.config.hidden_size, 1, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious advantages
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q + T) -> logits (B, T, V) for the response tokens, values (B, T) of the states before them."""
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        hidden = hidden[:, context_length - 1 : -1]  # the state before each response token
+        logits = self.lm_head(hidden)
+        if self.critic is None:
+            values = self.value_head(hidden.float()).squeeze(-1)
+        else:
+            values = self.critic(input_ids, attention_mask, position_ids, context_length)
+        return logits, values
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The SFT model: the same weights with the LoRA adapter switched off."""
+        with self.policy.disable_adapter():
+            yield
+
+    def value_state_dict(self) -> dict[str, torch.Tensor]:
+        """What RUN/value_head.safetensors holds: the value head, or the critic's weights."""
+        module = self.value_head if self.critic is None else self.critic
+        return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+
+
+class Reference:
+    """log pi_ref: the policy with its adapter disabled, or a separate frozen checkpoint."""
+
+    def __init__(self, actor_critic: ActorCritic, separate_model: nn.Module | None = None):
+        self.actor_critic = actor_critic
+        self.separate_model = separate_model
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        if self.separate_model is None:
+            with self.actor_critic.adapter_disabled():
+                logits, _ = self.actor_critic(input_ids, attention_mask, context_length)
+            return logits
+        position_ids = position_ids_from_mask(attention_mask)
+        out = self.separate_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
+        return out.logits[:, context_length - 1 : -1]
+
+
+def build_policy(base: nn.Module, lora: Any) -> nn.Module:
+    """SFT weights frozen, a fresh LoRA adapter trainable (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    target: Any = lora.target_modules
+    if target == ["all-linear"]:
+        target = "all-linear"
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    if target != "all-linear":
+        unknown = [t for t in target if t not in names]
+        if unknown:
+            raise UserError(f"lora.target_modules: {unknown} not found in the policy model")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(base, config)
+
+
+def build_critic(reward_model: Any, policy_tokenizer: Any) -> Critic:
+    """A trainable copy of the reward model as the value model (InstructGPT)."""
+    if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError("value_model=reward_model needs the reward model to share the policy's tokenizer")
+    model = copy.deepcopy(reward_model.model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return Critic(model)

@@ -1,0 +1,520 @@
+"""The PPO recipe: `run_ppo(cfg) -> summary`.
+
+`PPOTrainer.setup()` builds everything (models in one base, optimiser, data, KL controller)
+or restores it from a checkpoint; `train()` runs the iterations, checkpoints, evaluates and
+writes the run directory; `step()` is one PPO iteration and reads like the algorithm box of
+Ziegler et al. 2019 / InstructGPT:
+
+    1) rollout   2) score   3) KL-penalised rewards   4) GAE + whitening   5) PPO epochs
+
+Run directory (the PPO contract in the brief):
+    RUN/config.yaml  metrics.jsonl  summary.json  samples.jsonl  reward.png  kl.png
+    RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
+    RUN/value_head.safetensors   value head (or critic) weights
+    RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
+                                 RNG states of every process, data position
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from align.chat import render_prompt
+from align.config import config_to_dict
+from align.errors import UserError
+from align.run import MetricsWriter, atomic_directory, prepare_run_dir, read_metrics, write_json_atomic
+from ppo import core
+from ppo.config import PPOConfig
+from ppo.data import PromptSampler, is_synthetic, load_prompts
+from ppo.experience import Experience
+from ppo.model import ActorCritic, Reference, build_critic, build_policy
+
+log = logging.getLogger("align")
+
+CHECKPOINTS = "checkpoints"
+EVAL_SEED_OFFSET = 10_007  # eval samples depend on the final weights only, not on the training RNG
+
+
+class Scorer(Protocol):
+    """What PPO needs from a reward model (reward.model.RewardModel satisfies it)."""
+
+    def score(self, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor: ...
+
+
+def run_ppo(cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False) -> dict[str, Any]:
+    """Align cfg.policy_model against the reward model; returns the summary (also RUN/summary.json).
+
+    `resume=True` continues the run in cfg.output_dir from its latest checkpoint.
+    `reward_model` replaces loading cfg.reward_model (any object with `.score`).
+    """
+    trainer = PPOTrainer(cfg, reward_model=reward_model, resume=resume)
+    trainer.setup()
+    return trainer.train()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS).glob("iter-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    return found[-1] if found else None
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.reward_model = reward_model
+        self.resume = resume
+        self.iteration = 0  # iterations completed
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import GenerationConfig, get_scheduler
+
+        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+        from ppo.tracking import make_tracker
+
+        cfg = self.cfg
+        self._check_run_dir()
+        self.accelerator = Accelerator()
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+        # Identical initialisation on every process (DDP also broadcasts rank 0's weights).
+        set_seed(cfg.seed)
+        self.sft_path = resolve_model_path(cfg.policy_model).resolve()
+        self.tokenizer = load_tokenizer(self.sft_path)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
+        if self.reward_model is None:
+            from reward.model import load_reward_model
+
+            self.reward_model = load_reward_model(cfg.reward_model, device=str(self.device))
+        critic = build_critic(self.reward_model, self.tokenizer) if cfg.value_model == "reward_model" else None
+        self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
+        self.model.eval()  # dropout off throughout: rollout and training log-probs must agree
+        separate_ref = None
+        if cfg.ref_model is not None:
+            separate_ref = load_causal_lm(resolve_model_path(cfg.ref_model), dtype=dtype, tokenizer=self.tokenizer)
+            separate_ref.to(self.device).eval().requires_grad_(False)
+        self.reference = Reference(self.model, separate_ref)
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                      weight_decay=cfg.weight_decay)
+        # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
+        # which would step it once per process.
+        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=cfg.total_optimizer_steps)
+        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.trainable = trainable
+
+        self.generation_config = GenerationConfig(
+            max_new_tokens=cfg.response_length, min_new_tokens=0, do_sample=True, temperature=cfg.temperature,
+            top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+                       else core.FixedKLController(cfg.kl.coef))
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.sampler = PromptSampler(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train"),
+                                     cfg.batch_size, cfg.seed, rank, world)
+        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
+                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
+
+        # Each process samples different responses (per-rank seeds).
+        set_seed(cfg.seed + rank)
+        if self.resume:
+            self.load_checkpoint(latest_checkpoint(self.run_dir))
+        if self.is_main:
+            if not self.resume:
+                prepare_run_dir(self.run_dir, cfg)
+            self._truncate_metrics()
+            self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
+            self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
+
+    def _check_run_dir(self) -> None:
+        cfg = self.cfg
+        if self.resume:
+            if latest_checkpoint(self.run_dir) is None:
+                raise UserError(f"{self.run_dir}: no checkpoint to resume from (checkpoints/iter-* not found)")
+            return
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not cfg.overwrite:
+            raise UserError(f"output_dir {self.run_dir} is not empty: resume it with `align ppo --resume "
+                            f"{self.run_dir}`, choose another output_dir, or set overwrite=true")
+        if cfg.overwrite and self.run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
+            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------ train
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        bar = tqdm(total=cfg.num_iterations, initial=self.iteration, desc="ppo", unit="it",
+                   disable=not (self.is_main and cfg.progress))
+        last: dict[str, float] = {}
+        while self.iteration < cfg.num_iterations:
+            last = self.step()
+            self.iteration += 1
+            if self.is_main:
+                self.metrics_writer.write(last)
+                self.tracker.log(last, self.iteration)
+            bar.set_postfix(reward=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
+            bar.update(1)
+            if cfg.save_every and self.iteration % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        summary = self.finish(last, time.perf_counter() - start)
+        self.accelerator.end_training()
+        return summary
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration on this process's batch of prompts."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = self.sampler.next_batch()
+
+        # 1) Rollout: sample responses from pi_old (left-padded prompts, KV cache) and record
+        #    log pi_old, log pi_ref and V_old for every response token, dropout off.
+        exp, texts = self.rollout(prompts)
+        t1 = time.perf_counter()
+
+        # 2) Score: the reward model's normalised score of (prompt, response); a response
+        #    that never emits eos loses `missing_eos_penalty` (Huang et al. 2024).
+        scores = self.reward_model.score(prompts, texts).to(self.device, torch.float32)
+        has_eos = (exp.response_ids == self.tokenizer.eos_token_id).any(-1)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+        exp.scores = scores
+        t2 = time.perf_counter()
+
+        # 3) Per-token rewards: -beta * KL(pi_old || pi_ref) estimate at every token, plus the
+        #    score at the last real token (Ziegler et al. 2019 eq. 2).
+        beta = self.kl_ctl.value
+        exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator) * exp.response_mask
+        exp.rewards, non_score_reward = core.compute_rewards(exp.kl, exp.scores, beta, exp.response_mask)
+        if cfg.whiten_rewards:
+            exp.rewards = core.masked_whiten(exp.rewards, exp.response_mask, shift_mean=False)
+
+        # 4) Advantages: GAE (gamma, lambda) over the response tokens, then whitened.
+        exp.advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask)
+
+        # 5) Optimise: num_ppo_epochs passes of clipped policy + clipped value loss over
+        #    shuffled minibatches (one optimiser step each, gradients accumulated over micro-batches).
+        train_stats = self.optimize(exp)
+        t3 = time.perf_counter()
+
+        # The KL the controller sees (and the one logged) is the penalised quantity, summed
+        # per sequence and averaged over the global batch.
+        seq_kl = exp.kl.sum(-1)
+        stats = {
+            "objective/kl": seq_kl.mean(),
+            "objective/scores": exp.scores.mean(),
+            "objective/non_score_reward": non_score_reward.sum(-1).mean(),
+            "objective/rlhf_reward": (exp.scores + non_score_reward.sum(-1)).mean(),
+            "objective/entropy": (-exp.logprobs * exp.response_mask).sum(-1).mean(),
+            "response/length": exp.response_mask.sum(-1).float().mean(),
+            "response/eos_rate": has_eos.float().mean(),
+            **train_stats,
+        }
+        names = list(stats)
+        reduced = self.accelerator.reduce(torch.stack([torch.as_tensor(stats[k], dtype=torch.float32,
+                                                                       device=self.device) for k in names]), "mean")
+        metrics = {"iteration": self.iteration + 1,
+                   "episodes": (self.iteration + 1) * cfg.batch_size * self.accelerator.num_processes}
+        metrics.update({k: float(v) for k, v in zip(names, reduced.tolist())})
+        metrics["objective/kl_coef"] = beta
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
+        metrics.update({"timing/rollout_s": t1 - t0, "timing/score_s": t2 - t1, "timing/optimize_s": t3 - t2,
+                        "timing/iteration_s": time.perf_counter() - t0})
+        return metrics
+
+    # ------------------------------------------------------------------------------------ phases
+
+    @torch.no_grad()
+    def generate(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt with the current adapter state.
+
+        Returns query_ids, query_mask (B, Q) left-padded, response_ids, response_mask (B, T).
+        """
+        tok = self.tokenizer
+        enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                  add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
+        query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        out = self.model.policy.generate(input_ids=query_ids, attention_mask=query_mask,
+                                         generation_config=self.generation_config)
+        response = out[:, query_ids.shape[1]:]
+        missing = self.cfg.response_length - response.shape[1]
+        if missing > 0:  # every sequence stopped early
+            response = torch.nn.functional.pad(response, (0, missing), value=tok.pad_token_id)
+        response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        return query_ids, query_mask, response_ids, response_mask
+
+    @torch.no_grad()
+    def forward_logprobs(self, input_ids, attention_mask, context_length, response_ids):
+        """log pi, log pi_ref (at the sampling temperature) and V for the response tokens, in chunks."""
+        logprobs, ref_logprobs, values = [], [], []
+        chunk = self.cfg.mini_batch_size
+        for s in range(0, input_ids.shape[0], chunk):
+            ids, mask, resp = input_ids[s:s + chunk], attention_mask[s:s + chunk], response_ids[s:s + chunk]
+            logits, value = self.model(ids, mask, context_length)
+            logprobs.append(core.logprobs_from_logits(logits, resp, self.cfg.temperature))
+            ref_logits = self.reference.logits(ids, mask, context_length)
+            ref_logprobs.append(core.logprobs_from_logits(ref_logits, resp, self.cfg.temperature))
+            values.append(value.float())
+            del logits, ref_logits
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+    def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
+        query_ids, query_mask, response_ids, response_mask = self.generate(prompts)
+        input_ids = torch.cat([query_ids, response_ids], 1)
+        attention_mask = torch.cat([query_mask, response_mask], 1)
+        logprobs, ref_logprobs, values = self.forward_logprobs(input_ids, attention_mask, query_ids.shape[1],
+                                                               response_ids)
+        mask_f = response_mask.float()
+        exp = Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                         response_mask=response_mask, logprobs=logprobs * mask_f,
+                         ref_logprobs=ref_logprobs * mask_f, values=values * mask_f,
+                         scores=torch.zeros(len(prompts), device=self.device))
+        return exp, self.decode(response_ids, response_mask)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        texts = []
+        for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+            kept = [t for t, m in zip(ids, mask) if m and t != self.tokenizer.eos_token_id]
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
+        return texts
+
+    def optimize(self, exp: Experience) -> dict[str, float]:
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        n_micro, grad_norms = 0, []
+        for _epoch in range(cfg.num_ppo_epochs):
+            order = torch.randperm(len(exp), device="cpu")
+            for mb_start in range(0, len(exp), cfg.mini_batch_size):
+                mb_rows = order[mb_start: mb_start + cfg.mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(mb_rows), cfg.micro_batch_size):
+                    mb = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size].to(self.device))
+                    is_last = micro_start + cfg.micro_batch_size >= len(mb_rows)
+                    # DDP all-reduces gradients only on the last micro-batch of the minibatch.
+                    with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.ddp_model):
+                        for k, v in self.micro_step(mb).items():
+                            sums[k] = sums.get(k, 0.0) + v
+                    n_micro += 1
+                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)))
+                self.optimizer.step()
+                self.scheduler.step()
+        return {**{k: v / n_micro for k, v in sums.items()}, "train/grad_norm": statistics.fmean(grad_norms)}
+
+    def micro_step(self, mb: Experience) -> dict[str, float]:
+        cfg = self.cfg
+        logits, mb_values = self.ddp_model(mb.input_ids, mb.attention_mask, mb.context_length)
+        mb_logprobs = core.logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+        pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef)
+        vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
+        entropy = core.masked_mean(core.entropy_from_logits(logits, cfg.temperature), mb.response_mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        return {
+            "policy/loss": pg_loss.item(), "policy/clipfrac": pg_stats["clipfrac"].item(),
+            "policy/approxkl": pg_stats["approxkl"].item(), "policy/entropy": entropy.item(),
+            "val/loss": vf_loss.item(), "val/clipfrac": vf_stats["clipfrac"].item(),
+            "val/values": core.masked_mean(mb_values.detach(), mb.response_mask).item(),
+            "loss/total": loss.item(),
+        }
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """RM (and gold) scores of SFT vs policy samples on held-out prompts; KL of the policy's."""
+        cfg = self.cfg
+        prompts = self.eval_prompts
+        sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
+        for s in range(0, len(prompts), cfg.eval_batch_size):
+            batch = prompts[s: s + cfg.eval_batch_size]
+            for which in ("sft", "policy"):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
+                    if which == "sft":
+                        with self.model.adapter_disabled():
+                            q, qm, r, rm = self.generate(batch)
+                    else:
+                        q, qm, r, rm = self.generate(batch)
+                texts = self.decode(r, rm)
+                eos[which].extend((r == self.tokenizer.eos_token_id).any(-1).tolist())
+                if which == "sft":
+                    sft_texts.extend(texts)
+                    continue
+                pol_texts.extend(texts)
+                logp, ref_logp, _ = self.forward_logprobs(torch.cat([q, r], 1), torch.cat([qm, rm], 1), q.shape[1], r)
+                seq_kl.extend((core.kl_penalty(logp, ref_logp, cfg.kl.estimator) * rm).sum(-1).tolist())
+        sft_rewards = self.reward_model.score(prompts, sft_texts).float().tolist()
+        pol_rewards = self.reward_model.score(prompts, pol_texts).float().tolist()
+        metrics = {
+            "eval/reward_sft": statistics.fmean(sft_rewards),
+            "eval/reward_policy": statistics.fmean(pol_rewards),
+            "eval/kl": statistics.fmean(seq_kl),
+            "eval/kl_target": cfg.kl.target,
+            "eval/eos_rate_sft": statistics.fmean(eos["sft"]),
+            "eval/eos_rate_policy": statistics.fmean(eos["policy"]),
+            "eval/num_prompts": len(prompts),
+        }
+        gold_sft = gold_pol = [None] * len(prompts)
+        if is_synthetic(cfg.eval_prompts):
+            from align.synthetic import gold_score
+
+            gold_sft = [gold_score(p, r) for p, r in zip(prompts, sft_texts)]
+            gold_pol = [gold_score(p, r) for p, r in zip(prompts, pol_texts)]
+            metrics.update({
+                "eval/gold_sft": statistics.fmean(gold_sft),
+                "eval/gold_policy": statistics.fmean(gold_pol),
+                "eval/gold_sft_std": statistics.stdev(gold_sft) if len(gold_sft) > 1 else 0.0,
+            })
+            metrics["eval/gold_gain_in_sft_std"] = (
+                (metrics["eval/gold_policy"] - metrics["eval/gold_sft"]) / metrics["eval/gold_sft_std"]
+                if metrics["eval/gold_sft_std"] > 0 else 0.0)
+        samples = [
+            {"prompt": p, "sft_response": a, "policy_response": b, "sft_reward": ra, "policy_reward": rb,
+             "sft_gold": ga, "policy_gold": gb, "policy_kl": k}
+            for p, a, b, ra, rb, ga, gb, k in zip(prompts, sft_texts, pol_texts, sft_rewards, pol_rewards,
+                                                  gold_sft, gold_pol, seq_kl)
+        ]
+        return metrics, samples
+
+    # ------------------------------------------------------------------------------------ outputs
+
+    def finish(self, last: dict[str, float], seconds: float) -> dict[str, Any]:
+        """Final policy, value head, evaluation, plots and summary (main process)."""
+        self.accelerator.wait_for_everyone()
+        summary: dict[str, Any] = {}
+        if self.is_main:
+            from ppo.plots import plot_curves
+
+            self.save_policy()
+            rows = read_metrics(self.run_dir / "metrics.jsonl")
+            final = rows[-1] if rows else last
+            summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
+            summary["timing/train_s"] = seconds
+            summary["world_size"] = self.accelerator.num_processes
+            if self.eval_prompts:
+                t = time.perf_counter()
+                eval_metrics, samples = self.evaluate()
+                summary.update(eval_metrics)
+                summary["timing/eval_s"] = time.perf_counter() - t
+                with (self.run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+                    for sample in samples:
+                        f.write(json.dumps(sample) + "\n")
+            plot_curves(rows, self.run_dir, self.cfg.kl.target)
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, self.iteration)
+            self.tracker.close()
+            self.metrics_writer.close()
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    def save_policy(self) -> None:
+        from safetensors.torch import save_file
+
+        policy = self.model.policy
+        policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
+        with atomic_directory(self.run_dir / "policy", overwrite=True) as tmp:
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        tmp_file = self.run_dir / ".value_head.safetensors.tmp"
+        save_file(self.model.value_state_dict(), str(tmp_file))
+        os.replace(tmp_file, self.run_dir / "value_head.safetensors")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        """Everything a resumed run needs to continue exactly, written atomically."""
+        from accelerate.utils import gather_object
+        from safetensors.torch import save_file
+
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng_all = gather_object([rng])  # one per process, in rank order
+        if self.is_main:
+            target = self.run_dir / CHECKPOINTS / f"iter-{self.iteration:06d}"
+            with atomic_directory(target, overwrite=True) as tmp:
+                save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng_all, tmp / "rng_states.pt")
+                write_json_atomic(tmp / "trainer_state.json", {
+                    "iteration": self.iteration, "sampler": self.sampler.state_dict(),
+                    "kl_controller": self.kl_ctl.state_dict(), "world_size": self.accelerator.num_processes,
+                })
+            old = sorted((self.run_dir / CHECKPOINTS).glob("iter-*"))[: -self.cfg.keep_checkpoints]
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != self.accelerator.num_processes:
+            raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
+                            f"number (got {self.accelerator.num_processes})")
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration = state["iteration"]
+        rng = torch.load(path / "rng_states.pt", weights_only=False)[self.accelerator.process_index]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.is_main:
+            log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop metric rows written after the checkpoint (they will be recomputed)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.resume or not path.exists():
+            return
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if row.get("iteration", 0) <= self.iteration:
+                rows.append(row)
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
