@@ -59,3 +59,288 @@ def read_kwise(path: str | Path) -> list[Ranking]:
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Readers and writers for the formats the annotation app imports and exports (issue 3).
+# Every reader returns plain `Ranking`s (or `PromptRecord`s) and raises `UserError` naming
+# the file and line of anything it cannot read.
+# ---------------------------------------------------------------------------------------
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Candidate:
+    """A candidate response to a prompt, with where it came from."""
+
+    text: str
+    model: str | None = None  # which model produced it
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, ... used
+
+
+@dataclass
+class PromptRecord:
+    """A prompt to annotate, optionally with ready-made candidates."""
+
+    prompt: str | Messages
+    prompt_id: str | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open("r", encoding="utf-8")
+
+
+def _jsonl_rows(path: str | Path):
+    """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _check_messages(value: Any, where: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: expected a non-empty list of messages")
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise UserError(f"{where}: every message needs string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """Prompts JSONL: each line a JSON string, or an object {"prompt": str | messages,
+    "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}."""
+    out = []
+    for lineno, row in _jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        if isinstance(row, str):
+            row = {"prompt": row}
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise UserError(f"{where}: expected a JSON string or an object with a 'prompt' field")
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            prompt = _check_messages(prompt, where)
+        elif not prompt.strip():
+            raise UserError(f"{where}: empty prompt")
+        cands = []
+        for c in row.get("candidates") or []:
+            if isinstance(c, str):
+                cands.append(Candidate(c))
+            elif isinstance(c, dict) and isinstance(c.get("text"), str):
+                cands.append(Candidate(c["text"], c.get("model"), dict(c.get("sampling") or {})))
+            else:
+                raise UserError(f"{where}: a candidate must be a string or an object with 'text'")
+        pid = row.get("id", row.get("prompt_id"))
+        out.append(PromptRecord(prompt, None if pid is None else str(pid), cands))
+    return out
+
+
+def content_id(prefix: str, *parts: Any) -> str:
+    """A stable id from content, so re-importing a file finds the rows it already holds."""
+    import hashlib
+
+    blob = json.dumps(parts, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}"
+
+
+def _pair_ranking(prompt: str | Messages, chosen: str, rejected: str, prompt_id: str | None, source: str) -> Ranking:
+    prompt_id = prompt_id or content_id(source, prompt, chosen, rejected)
+    return Ranking(prompt=prompt, responses=[chosen, rejected], ranks=[0, 1], annotator=source, prompt_id=prompt_id)
+
+
+def read_trl_pairs(path: str | Path) -> list[Ranking]:
+    """TRL preference data: {"prompt", "chosen", "rejected"} as plain text, or conversational
+    (prompt = messages, chosen/rejected = [assistant message]); the implicit-prompt form
+    (chosen/rejected are whole conversations sharing a prefix) is accepted too."""
+    out = []
+    for lineno, row in _jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise UserError(f"{where}: a TRL preference row needs 'chosen' and 'rejected'")
+        chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            if not isinstance(prompt, str):
+                raise UserError(f"{where}: plain-text chosen/rejected need a string 'prompt'")
+        else:
+            chosen = _check_messages(chosen, where + " chosen")
+            rejected = _check_messages(rejected, where + " rejected")
+            if prompt is None:  # implicit prompt: the shared prefix of both conversations
+                n = 0
+                while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                    n += 1
+                prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            prompt = _check_messages(prompt, where + " prompt")
+            if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+                raise UserError(f"{where}: chosen/rejected must each be one assistant message after the prompt")
+            chosen, rejected = chosen[0]["content"], rejected[0]["content"]
+        pid = row.get("id", row.get("prompt_id"))
+        out.append(_pair_ranking(prompt, chosen, rejected, None if pid is None else str(pid), "trl"))
+    return out
+
+
+_HH_TURN = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str) -> Messages:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if parts[0].strip():
+        raise ValueError("transcript does not start with 'Human:'")
+    msgs = [{"role": _HH_TURN[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts) - 1, 2)]
+    if not msgs:
+        raise ValueError("no 'Human:'/'Assistant:' turns")
+    return msgs
+
+
+def format_hh_transcript(messages: Messages) -> str:
+    names = {"user": "Human", "assistant": "Assistant", "system": "Human"}
+    return "".join(f"\n\n{names.get(m['role'], 'Human')}: {m['content']}" for m in messages)
+
+
+def read_hh(path: str | Path) -> list[Ranking]:
+    """Anthropic HH-RLHF: {"chosen", "rejected"} whole transcripts differing in the last
+    assistant turn -> a K = 2 ranking whose prompt is the shared conversation."""
+    out = []
+    for lineno, row in _jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        try:
+            chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{where}: not an HH-RLHF row ({exc})") from None
+        # The prompt is the longest shared prefix ending with a Human turn. In a handful of
+        # real rows the transcripts diverge earlier (a turn glued into the assistant text);
+        # then each response is the whole rest of its transcript, as TRL's HH script does.
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        while n > 0 and chosen[n - 1]["role"] != "user":
+            n -= 1
+        if n == 0 or n >= len(chosen) or n >= len(rejected):
+            raise UserError(f"{where}: chosen and rejected share no Human turn to use as the prompt")
+        prompt, rest_c, rest_r = chosen[:n], chosen[n:], rejected[n:]
+        if rest_c[0]["role"] != "assistant" or rest_r[0]["role"] != "assistant":
+            raise UserError(f"{where}: no Assistant turn after the shared prompt")
+        resp_c = format_hh_transcript(rest_c)[len("\n\nAssistant: "):]
+        resp_r = format_hh_transcript(rest_r)[len("\n\nAssistant: "):]
+        out.append(_pair_ranking(prompt, resp_c, resp_r, None, "hh"))
+    return out
+
+
+def read_oasst(path: str | Path) -> list[Ranking]:
+    """OpenAssistant export trees: every set of >= 2 sibling assistant replies carrying a
+    human `rank` becomes one Ranking whose prompt is the conversation up to their parent.
+    Unranked replies (rank null) are left out, as in the oasst pairwise exports."""
+    out: list[Ranking] = []
+
+    def walk(node: dict, history: Messages, where: str) -> None:
+        role = {"prompter": "user", "assistant": "assistant"}.get(node.get("role"), node.get("role"))
+        convo = history + [{"role": role, "content": node["text"]}]
+        replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
+        ranked = [r for r in replies if r.get("rank") is not None]
+        if len(ranked) >= 2 and role == "user":
+            out.append(
+                Ranking(
+                    prompt=convo,
+                    responses=[r["text"] for r in ranked],
+                    ranks=[int(r["rank"]) for r in ranked],
+                    annotator="oasst",
+                    prompt_id=str(node.get("message_id", f"{where}#{len(out)}")),
+                    meta={"candidate_ids": [r.get("message_id") for r in ranked]},
+                )
+            )
+        for r in replies:
+            walk(r, convo, where)
+
+    for lineno, row in _jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        root = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(root, dict) or "text" not in root:
+            raise UserError(f"{where}: not an OpenAssistant message tree (no 'prompt' message)")
+        try:
+            walk(root, [], where)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{where}: malformed message tree ({exc})") from None
+    return out
+
+
+def _pair_rows(rankings: list[Ranking]):
+    for r in rankings:
+        for w, l in r.ordered_pairs():
+            yield r, r.responses[w], r.responses[l]
+
+
+def pairs_from_rankings(rankings: list[Ranking], conversational: bool | None = None) -> list[dict[str, Any]]:
+    """TRL preference rows, one per (winner, loser) pair a ranking implies (ties give none).
+    Chat prompts give the conversational form unless `conversational=False`."""
+    rows = []
+    for r, chosen, rejected in _pair_rows(rankings):
+        conv = isinstance(r.prompt, list) if conversational is None else conversational
+        if conv:
+            prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+            row = {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        else:
+            prompt = r.prompt if isinstance(r.prompt, str) else format_hh_transcript(r.prompt) + "\n\nAssistant:"
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if r.prompt_id is not None:
+            row["prompt_id"] = r.prompt_id
+        if r.annotator is not None:
+            row["annotator"] = r.annotator
+        rows.append(row)
+    return rows
+
+
+def hh_from_rankings(rankings: list[Ranking]) -> list[dict[str, str]]:
+    """HH-RLHF rows: whole transcripts, one per (winner, loser) pair."""
+    rows = []
+    for r, chosen, rejected in _pair_rows(rankings):
+        prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+        rows.append(
+            {
+                "chosen": format_hh_transcript(prompt + [{"role": "assistant", "content": chosen}]),
+                "rejected": format_hh_transcript(prompt + [{"role": "assistant", "content": rejected}]),
+            }
+        )
+    return rows
+
+
+def _write_jsonl(rows, path: str | Path) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_pairs(rankings: list[Ranking], path: str | Path, conversational: bool | None = None) -> int:
+    rows = pairs_from_rankings(rankings, conversational)
+    _write_jsonl(rows, path)
+    return len(rows)
+
+
+def write_hh(rankings: list[Ranking], path: str | Path) -> int:
+    rows = hh_from_rankings(rankings)
+    _write_jsonl(rows, path)
+    return len(rows)
+
+
+def kwise_row(r: Ranking) -> dict[str, Any]:
+    row = asdict(r)
+    row.update(row.pop("meta"))
+    return row

@@ -1,6 +1,12 @@
-"""`align annotate ...` commands. Only typer and the standard library at module level."""
+"""`align annotate ...` commands. Only typer and the standard library at module level:
+FastAPI, SQLAlchemy and torch are imported inside the commands so `align --help` stays fast."""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -8,8 +14,188 @@ from align.errors import UserError
 
 app = typer.Typer(no_args_is_help=True)
 
+DbOpt = Annotated[
+    Optional[str],
+    typer.Option("--db", help="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://user:pw@host/db "
+                 "(default: align-annotation.db in the working directory)."),
+]
+ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name.")]
+
+
+def _sessionmaker(db: Optional[str]):
+    from annotation.db import open_db
+
+    return open_db(db)
+
+
+def _password(env_var: str, prompt: str) -> str:
+    """From the environment (scripts) or a hidden prompt; never a default."""
+    pw = os.environ.get(env_var)
+    if pw:
+        return pw
+    if not sys.stdin.isatty():
+        raise UserError(f"no password: set {env_var} or run in a terminal to be asked")
+    return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
+
 
 @app.command("serve")
-def serve() -> None:
-    """Serve the annotation web app."""
-    raise UserError("align annotate serve is being built (issue 3)")
+def serve(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to serve a team).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: 64 MiB).", min=1)] = 1024,
+    secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the annotation web app (schema created or migrated on start)."""
+    import uvicorn
+
+    from annotation.app import create_app
+    from annotation.db import default_db_url
+    from annotation.settings import Settings
+
+    settings = Settings(db_url=db or default_db_url(), max_body_bytes=max_body_kb * 1024, secure_cookies=secure_cookies)
+    application = create_app(settings)
+    typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/", err=True)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@app.command("create-admin")
+def create_admin(
+    username: Annotated[str, typer.Argument(help="Admin user name.")],
+    db: DbOpt = None,
+) -> None:
+    """Create an admin account. Password from $ALIGN_ADMIN_PASSWORD or asked (hidden)."""
+    from annotation import services
+
+    password = _password("ALIGN_ADMIN_PASSWORD", "Password")
+    with _sessionmaker(db)() as s:
+        services.create_user(s, username, password, "admin")
+    typer.echo(f"admin {username!r} created")
+
+
+@app.command("create-user")
+def create_user(
+    username: Annotated[str, typer.Argument(help="Annotator user name.")],
+    db: DbOpt = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Give the account admin rights.")] = False,
+    token: Annotated[bool, typer.Option("--token", help="Also print an API token for scripts.")] = False,
+) -> None:
+    """Create an annotator account. Password from $ALIGN_USER_PASSWORD or asked (hidden)."""
+    from annotation import services
+
+    password = _password("ALIGN_USER_PASSWORD", "Password")
+    with _sessionmaker(db)() as s:
+        user = services.create_user(s, username, password, "admin" if admin else "annotator")
+        typer.echo(f"user {username!r} created")
+        if token:
+            typer.echo(services.issue_api_token(s, user))
+
+
+@app.command("invite")
+def invite(
+    db: DbOpt = None,
+    base_url: Annotated[str, typer.Option(help="Where the app is served.")] = "http://127.0.0.1:8000",
+    admin: Annotated[bool, typer.Option("--admin", help="The invited account is an admin.")] = False,
+) -> None:
+    """Print a one-use invite link (7 days) with which a person picks their own password."""
+    from annotation import services
+
+    with _sessionmaker(db)() as s:
+        token = services.create_invite(s, "admin" if admin else "annotator")
+    typer.echo(f"{base_url.rstrip('/')}/invite/{token}")
+
+
+@app.command("token")
+def token(username: Annotated[str, typer.Argument(help="Existing user.")], db: DbOpt = None) -> None:
+    """Print a new API token for a user (send as 'Authorization: Bearer TOKEN')."""
+    from annotation import services
+
+    with _sessionmaker(db)() as s:
+        typer.echo(services.issue_api_token(s, services.get_user(s, username)))
+
+
+@app.command("create-project")
+def create_project(
+    name: Annotated[str, typer.Argument(help="Project name.")],
+    db: DbOpt = None,
+    k: Annotated[int, typer.Option(help="Candidates per prompt.", min=2, max=16)] = 4,
+    annotators: Annotated[int, typer.Option(help="Distinct annotators per prompt.", min=1, max=100)] = 1,
+    guidelines: Annotated[Optional[Path], typer.Option(help="Markdown file with the annotation guidelines.")] = None,
+    lease_seconds: Annotated[int, typer.Option(help="How long an opened task is held for its annotator.", min=10)] = 900,
+) -> None:
+    """Create an empty project."""
+    from annotation import services
+
+    text = ""
+    if guidelines is not None:
+        if not guidelines.is_file():
+            raise UserError(f"guidelines file not found: {guidelines}")
+        text = guidelines.read_text(encoding="utf-8")
+    with _sessionmaker(db)() as s:
+        services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text, lease_seconds=lease_seconds)
+    typer.echo(f"project {name!r} created")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="JSONL file (.gz accepted).")],
+    project: ProjectOpt,
+    format: Annotated[str, typer.Option("--format", "-f", help="oasst | hh | trl | prompts (with or without candidates) | kwise")],
+    db: DbOpt = None,
+    annotators: Annotated[Optional[int], typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
+) -> None:
+    """Import prompts or existing preference data into a project (created if missing).
+    Re-importing a file adds nothing twice."""
+    from annotation import services
+
+    if not file.is_file():
+        raise UserError(f"file not found: {file}")
+    extra = {"annotators_per_prompt": annotators} if annotators else {}
+    with _sessionmaker(db)() as s:
+        r = services.import_file(s, project, format, file, **extra)
+    typer.echo(f"{project}: {r.prompts_added} prompts, {r.candidates_added} candidates, "
+               f"{r.rankings_added} rankings imported; {r.duplicates_skipped} already present")
+
+
+@app.command("export")
+def export(
+    project: ProjectOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="kwise | pairs (TRL) | hh")] = "kwise",
+    db: DbOpt = None,
+) -> None:
+    """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
+    import json
+
+    from annotation import services
+
+    with _sessionmaker(db)() as s:
+        rows = services.export_rows(s, services.get_project(s, project), format)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    typer.echo(f"{len(rows)} {format} rows written to {out}")
+
+
+@app.command("generate")
+def generate(
+    project: ProjectOpt,
+    model: Annotated[str, typer.Option(help="SFT checkpoint directory, or demo | demo:tiny | demo:small.")] = "demo",
+    k: Annotated[int, typer.Option(help="Candidates to sample per prompt.", min=2, max=16)] = 4,
+    db: DbOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sample K candidates for every prompt of the project that has none yet."""
+    from annotation.generate import generate_candidates
+
+    with _sessionmaker(db)() as s:
+        n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, batch_size=batch_size, seed=seed, progress=True)
+    typer.echo(f"{project}: {k} candidates generated for {n} prompts")

@@ -1,0 +1,152 @@
+"""The FastAPI application: middleware (size limit, security headers), routers, startup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from annotation import security, services
+from annotation.db import get_meta, make_engine, make_sessionmaker, migrate
+from annotation.models import Meta
+from annotation.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+
+# No inline script or style anywhere: all JS/CSS are files under /static (issue 3).
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+class LimitsAndHeaders:
+    """Pure ASGI middleware: refuse bodies over the limit with 413 (by Content-Length, or by
+    counting a chunked body before the app sees it) and add the security headers."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        limit = self.settings.max_import_bytes if path.endswith("/import") else self.settings.max_body_bytes
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() not in {k for k, _ in SECURITY_HEADERS}]
+                message["headers"] = headers + SECURITY_HEADERS
+            await send(message)
+
+        async def too_large():
+            body = json.dumps({"detail": f"request body too large (limit {limit} bytes)"}).encode()
+            await send_with_headers({"type": "http.response.start", "status": 413,
+                                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send_with_headers({"type": "http.response.body", "body": body})
+
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    return await too_large()
+            except ValueError:
+                return await too_large()
+        elif scope.get("method") in ("POST", "PUT", "PATCH") and headers.get(b"transfer-encoding"):
+            chunks, size = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                size += len(msg.get("body", b""))
+                if size > limit:
+                    return await too_large()
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    break
+            body, done = b"".join(chunks), False
+
+            async def replay():
+                nonlocal done
+                if not done:
+                    done = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send_with_headers)
+        return await self.app(scope, receive, send_with_headers)
+
+
+def load_or_create_secret(sessionmaker) -> str:
+    """The CSRF/signing secret: generated on first start, stored in the database, reused."""
+    with sessionmaker() as db:
+        secret = get_meta(db, "secret")
+        if secret:
+            return secret
+        db.add(Meta(key="secret", value=security.new_token()))
+        try:
+            db.commit()
+        except Exception:  # another worker stored one first
+            db.rollback()
+        return get_meta(db, "secret")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    sm = make_sessionmaker(engine)
+    app = FastAPI(
+        title="align annotation",
+        description="Rank K responses per prompt; raw rankings stored and exported (align issue 3).",
+        openapi_url="/api/openapi.json",
+        docs_url=None,  # Swagger UI would load its assets from a CDN; the schema is at /api/openapi.json
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sm
+    app.state.secret = load_or_create_secret(sm)
+    app.state.throttle = security.LoginThrottle(settings.login_max_failures, settings.login_window_s)
+
+    @app.exception_handler(services.ServiceError)
+    async def _service_error(request: Request, exc: services.ServiceError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg')}")
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
+
+    from annotation.routes_api import router as api_router
+    from annotation.routes_web import router as web_router, html_error_handler
+
+    app.add_exception_handler(StarletteHTTPException, html_error_handler)
+    app.include_router(api_router)
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(LimitsAndHeaders, settings=settings)
+    return app
+
+
+def jsonable(errors):
+    from fastapi.encoders import jsonable_encoder
+
+    try:
+        return jsonable_encoder(errors)
+    except Exception:
+        return []

@@ -1,0 +1,96 @@
+"""Engine, sessions and schema migration for the annotation app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from align.errors import UserError
+from annotation.models import Base, Meta
+
+DEFAULT_DB_FILE = "align-annotation.db"
+SCHEMA_VERSION = 1
+
+
+def default_db_url() -> str:
+    return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
+    crash) and BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
+    failing when a read transaction upgrades to a write."""
+    if url.startswith("postgres://") or url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=20)
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_connect(dbapi_conn, _record):
+                dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (SQLAlchemy pysqlite recipe)
+                cur = dbapi_conn.cursor()
+                if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        else:
+            engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    except Exception as exc:  # bad URL, missing driver
+        raise UserError(f"cannot use database {url!r}: {exc}") from None
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Create the schema, or bring an older one up to SCHEMA_VERSION.
+
+    Migrations are plain functions keyed by the version they produce; version 1 is the
+    initial schema. A database newer than this code is refused rather than touched."""
+    try:
+        Base.metadata.create_all(engine)
+    except Exception as exc:
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc}") from None
+    with Session(engine) as db:
+        row = db.get(Meta, "schema_version")
+        current = int(row.value) if row else 0
+        if current > SCHEMA_VERSION:
+            raise UserError(f"database schema v{current} is newer than this align (v{SCHEMA_VERSION}); upgrade align")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS.get(version, lambda _db: None)(db)
+        if current != SCHEMA_VERSION:
+            if row is None:
+                db.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            else:
+                row.value = str(SCHEMA_VERSION)
+            try:
+                db.commit()
+            except Exception:  # another process migrated at the same moment
+                db.rollback()
+
+
+MIGRATIONS: dict = {}  # {version: fn(session)}; v1 = create_all above
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def open_db(url: str | None) -> sessionmaker[Session]:
+    engine = make_engine(url or default_db_url())
+    migrate(engine)
+    return make_sessionmaker(engine)
+
+
+def get_meta(db: Session, key: str) -> str | None:
+    row = db.execute(select(Meta).where(Meta.key == key)).scalar_one_or_none()
+    return row.value if row else None

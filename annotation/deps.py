@@ -1,0 +1,93 @@
+"""Request dependencies: database session, current user, CSRF check (typed aliases)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Iterator
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from annotation import security, services
+from annotation.models import User
+
+SESSION_COOKIE = "align_session"
+CSRF_COOKIE = "align_csrf"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    db = request.app.state.sessionmaker()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def csrf_binding(request: Request) -> str | None:
+    """What the CSRF token is bound to: the session cookie, or before login the pre-session cookie."""
+    return request.cookies.get(SESSION_COOKIE) or request.cookies.get(CSRF_COOKIE)
+
+
+def csrf_for(request: Request) -> str:
+    binding = getattr(request.state, "csrf_binding", None) or csrf_binding(request)
+    return security.csrf_token(request.app.state.secret, binding) if binding else ""
+
+
+async def check_csrf(request: Request) -> None:
+    """Every state-changing request authenticated by cookie must echo the CSRF token in
+    the X-CSRF-Token header or a `csrf_token` form field."""
+    presented = request.headers.get("x-csrf-token")
+    if presented is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        presented = (await request.form()).get("csrf_token")
+    if not security.csrf_ok(request.app.state.secret, csrf_binding(request), presented):
+        raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
+
+
+def _user_from_request(request: Request, db: Session) -> tuple[User | None, str]:
+    try:
+        return _lookup_user(request, db)
+    finally:
+        db.commit()  # end the read transaction: on SQLite it holds the write lock (BEGIN IMMEDIATE)
+
+
+def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        user = services.user_for_token(db, auth[7:].strip())
+        if user is None:
+            raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+        return user, "token"
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        return services.user_for_session(db, cookie), "cookie"
+    return None, "none"
+
+
+async def optional_user(request: Request, db: SessionDep) -> User | None:
+    user, kind = _user_from_request(request, db)
+    if user is not None and kind == "cookie" and request.method not in SAFE_METHODS:
+        await check_csrf(request)
+    return user
+
+
+async def current_user(request: Request, db: SessionDep) -> User:
+    user = await optional_user(request, db)
+    if user is None:
+        raise HTTPException(401, "sign in first (session cookie or 'Authorization: Bearer <token>')", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+    if user.role != "admin":
+        raise HTTPException(403, "admins only")
+    return user
+
+
+OptionalUser = Annotated[User | None, Depends(optional_user)]
+CurrentUser = Annotated[User, Depends(current_user)]
+AdminUser = Annotated[User, Depends(admin_user)]

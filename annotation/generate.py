@@ -1,0 +1,33 @@
+"""Fill a project's prompts with K sampled candidates from an SFT checkpoint."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from annotation import services
+
+
+def generate_candidates(
+    db: Session, project_name: str, model_spec: str = "demo", *, k: int = 4, max_new_tokens: int = 48,
+    temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = False,
+) -> int:
+    """Sample `k` responses for each prompt without candidates; returns how many prompts were filled."""
+    from align.generation import generate_responses
+    from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+
+    project = services.get_project(db, project_name)
+    todo = services.prompts_without_candidates(db, project)
+    if not todo:
+        return 0
+    path = resolve_model_path(model_spec)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path)
+    model.eval()
+    sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    outs = generate_responses(
+        model, tokenizer, [p.content for p in todo], num_return_sequences=k, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, progress=progress,
+    )
+    for prompt, texts in zip(todo, outs):
+        services.add_candidates(db, prompt, list(texts), model=str(model_spec), sampling=sampling)
+    return len(todo)

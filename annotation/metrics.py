@@ -1,0 +1,128 @@
+"""Inter-annotator agreement on rankings (issue 3 dashboard). Pure functions, no database.
+
+Input everywhere: {item: {annotator: ranks}} where ranks[i] is the rank (0 = best, equal =
+tie) of candidate i of that item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from itertools import combinations
+from typing import Hashable, Mapping, Sequence
+
+RanksByItem = Mapping[Hashable, Mapping[str, Sequence[float]]]
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def pairwise_agreement(data: RanksByItem) -> tuple[float | None, int]:
+    """Share of (annotator pair, candidate pair) comparisons where both annotators state a
+    strict preference and agree on its direction; returns (agreement, n comparisons)."""
+    agree = total = 0
+    for ranks_by in data.values():
+        for a, b in combinations(sorted(ranks_by), 2):
+            ra, rb = ranks_by[a], ranks_by[b]
+            for i, j in combinations(range(len(ra)), 2):
+                sa, sb = _sign(ra[i] - ra[j]), _sign(rb[i] - rb[j])
+                if sa and sb:
+                    total += 1
+                    agree += sa == sb
+    return (agree / total if total else None), total
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall's tau-b (ties in either ranking handled); None when either is all ties."""
+    n = len(x)
+    conc = disc = tie_x = tie_y = 0
+    for i, j in combinations(range(n), 2):
+        sx, sy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
+        if sx == 0 and sy == 0:
+            continue
+        if sx == 0:
+            tie_x += 1
+        elif sy == 0:
+            tie_y += 1
+        elif sx == sy:
+            conc += 1
+        else:
+            disc += 1
+    denom = math.sqrt((conc + disc + tie_x) * (conc + disc + tie_y))
+    return (conc - disc) / denom if denom else None
+
+
+def per_item_tau(data: RanksByItem) -> dict[Hashable, float]:
+    """Mean over annotators of tau-b between their ranks and the leave-one-out consensus
+    (mean rank given by the item's other annotators), for items with >= 2 annotators."""
+    out = {}
+    for item, ranks_by in data.items():
+        names = sorted(ranks_by)
+        if len(names) < 2:
+            continue
+        taus = []
+        for name in names:
+            others = [ranks_by[o] for o in names if o != name]
+            consensus = [sum(r[i] for r in others) / len(others) for i in range(len(ranks_by[name]))]
+            tau = kendall_tau_b(ranks_by[name], consensus)
+            if tau is not None:
+                taus.append(tau)
+        if taus:
+            out[item] = sum(taus) / len(taus)
+    return out
+
+
+def krippendorff_alpha_ordinal(units: Sequence[Sequence[float | None]]) -> float | None:
+    """Krippendorff's alpha with the ordinal difference function (Krippendorff 2011,
+    "Computing Krippendorff's Alpha-Reliability"). `units` holds, per unit, the value each
+    coder gave (None = missing). Units with fewer than two values are not pairable."""
+    coincidence: Counter[tuple[float, float]] = Counter()
+    for unit in units:
+        vals = [v for v in unit if v is not None]
+        m = len(vals)
+        if m < 2:
+            continue
+        for i, j in ((i, j) for i in range(m) for j in range(m) if i != j):
+            coincidence[(vals[i], vals[j])] += 1.0 / (m - 1)
+    if not coincidence:
+        return None
+    values = sorted({c for c, _ in coincidence})
+    n_c = {v: sum(w for (c, _), w in coincidence.items() if c == v) for v in values}
+    n = sum(n_c.values())
+    idx = {v: i for i, v in enumerate(values)}
+
+    def delta2(c: float, k: float) -> float:  # ordinal metric: marginal mass between c and k
+        lo, hi = sorted((idx[c], idx[k]))
+        s = sum(n_c[values[g]] for g in range(lo, hi + 1)) - (n_c[c] + n_c[k]) / 2.0
+        return s * s
+
+    observed = sum(w * delta2(c, k) for (c, k), w in coincidence.items())
+    expected = sum(n_c[c] * n_c[k] * delta2(c, k) for c in values for k in values) / (n - 1)
+    if expected == 0:
+        return None  # every value identical: alpha is undefined
+    return 1.0 - observed / expected
+
+
+def alpha_for_rankings(data: RanksByItem) -> float | None:
+    """Ordinal alpha with one unit per (item, candidate) and the annotators as coders."""
+    coders = sorted({a for ranks_by in data.values() for a in ranks_by})
+    units = []
+    for ranks_by in data.values():
+        k = len(next(iter(ranks_by.values()))) if ranks_by else 0
+        for i in range(k):
+            units.append([ranks_by[c][i] if c in ranks_by else None for c in coders])
+    return krippendorff_alpha_ordinal(units)
+
+
+def agreement_report(data: RanksByItem) -> dict[str, float | int | None]:
+    multi = {item: r for item, r in data.items() if len(r) >= 2}
+    agreement, n_pairs = pairwise_agreement(multi)
+    taus = per_item_tau(multi)
+    return {
+        "items_with_2plus_annotators": len(multi),
+        "pairwise_agreement": agreement,
+        "pairwise_comparisons": n_pairs,
+        "kendall_tau_vs_consensus": (sum(taus.values()) / len(taus)) if taus else None,
+        "krippendorff_alpha_ordinal": alpha_for_rankings(multi),
+    }

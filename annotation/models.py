@@ -1,0 +1,142 @@
+"""Database schema of the annotation app (issue 3).
+
+Timestamps are UNIX seconds (float) so SQLite and PostgreSQL compare them the same way.
+Raw rankings are append-only: a correction is a new `rankings` row with revision + 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value store for the schema version and the session secret generated on first start."""
+
+    __tablename__ = "align_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[Optional[str]] = mapped_column(String(255))  # None: cannot log in
+    role: Mapped[str] = mapped_column(String(16))  # admin | annotator | source (imported data)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256; the token itself is never stored
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class WebSession(Base):
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class Invite(Base):
+    __tablename__ = "invites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")  # Markdown
+    k: Mapped[int] = mapped_column(Integer)  # candidates generated per prompt
+    annotators_per_prompt: Mapped[int] = mapped_column(Integer)
+    lease_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (
+        UniqueConstraint("project_id", "source_id"),
+        Index("ix_prompts_queue", "project_id", "done_count", "slots_taken"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    source_id: Mapped[str] = mapped_column(String(255))  # id in the imported file (or a content hash)
+    content: Mapped[Any] = mapped_column(JSON)  # prompt text, or chat messages
+    n_candidates: Mapped[int] = mapped_column(Integer, default=0)
+    # slots_taken = annotators holding a live lease or done; the conditional
+    # `UPDATE ... SET slots_taken = slots_taken + 1 WHERE slots_taken < N` is what keeps
+    # two annotators from taking the last slot at once, on SQLite and PostgreSQL alike.
+    slots_taken: Mapped[int] = mapped_column(Integer, default=0)
+    done_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    candidates: Mapped[list["Candidate"]] = relationship(order_by="Candidate.position", lazy="selectin")
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("prompt_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # order in the source file / generation
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[Optional[str]] = mapped_column(String(255))
+    sampling: Mapped[Any] = mapped_column(JSON, default=dict)
+    source_id: Mapped[Optional[str]] = mapped_column(String(255))
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "user_id"),  # nobody ranks the same prompt twice
+        Index("ix_assignments_lease", "project_id", "status", "leased_until"),
+        Index("ix_assignments_user", "user_id", "project_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    status: Mapped[str] = mapped_column(String(16))  # leased | done | skipped | expired
+    candidate_order: Mapped[Any] = mapped_column(JSON)  # candidate ids in the order this annotator saw them
+    leased_until: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    completed_at: Mapped[Optional[float]] = mapped_column(Float)
+
+
+class RankingRow(Base):
+    """One annotator's ranking of one prompt, one row per revision, never updated."""
+
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("prompt_id", "user_id", "revision"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    assignment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("assignments.id"))  # None for imported data
+    revision: Mapped[int] = mapped_column(Integer)
+    order: Mapped[Any] = mapped_column(JSON)  # [[best ids...], [next ids...], ...]; ids in one group are tied
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    skip_reason: Mapped[Optional[str]] = mapped_column(Text)
+    rationale: Mapped[Optional[str]] = mapped_column(Text)
+    time_spent_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,142 @@
+"""Server-rendered pages for annotators and admins. Forms carry the CSRF token; the
+ranking page's script (static/app.js) posts JSON to /api with the X-CSRF-Token header."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from annotation import security, services
+from annotation.deps import CSRF_COOKIE, SESSION_COOKIE, AdminUser, CurrentUser, OptionalUser, SessionDep, check_csrf, csrf_for
+from annotation.render import markdown
+from annotation.routes_api import login_or_429
+
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
+templates.env.filters["markdown"] = markdown
+templates.env.globals["csrf_for"] = csrf_for
+
+router = APIRouter(include_in_schema=False)
+CsrfChecked = Annotated[None, Depends(check_csrf)]
+
+
+def page(request: Request, name: str, status_code: int = 200, **ctx) -> HTMLResponse:
+    """Render a template; give a visitor without one the pre-session cookie the CSRF token binds to."""
+    new_cookie = None
+    if not request.cookies.get(SESSION_COOKIE) and not request.cookies.get(CSRF_COOKIE):
+        new_cookie = security.new_token()
+        request.state.csrf_binding = new_cookie
+    resp = templates.TemplateResponse(request, name, {"request": request, **ctx}, status_code=status_code)
+    if new_cookie:
+        resp.set_cookie(CSRF_COOKIE, new_cookie, httponly=True, samesite="strict",
+                        secure=request.app.state.settings.secure_cookies, path="/")
+    return resp
+
+
+async def html_error_handler(request: Request, exc):
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "error")
+    headers = getattr(exc, "headers", None)
+    if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    if status == 401:
+        return RedirectResponse("/", status_code=303)
+    return page(request, "error.html", status_code=status, status=status, detail=detail, user=None)
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, db: SessionDep, user: OptionalUser):
+    if user is None:
+        return page(request, "login.html", user=None, error=None)
+    projects = [
+        {"p": p, "progress": services.project_progress(db, p), "mine": services.user_progress(db, user, p)}
+        for p in services.list_projects(db)
+    ]
+    return page(request, "home.html", user=user, projects=projects)
+
+
+@router.post("/login")
+async def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
+                username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
+    user = login_or_429(request, db, username, password)
+    if user is None:
+        return page(request, "login.html", status_code=401, user=None, error="Wrong username or password.")
+    token = services.open_web_session(db, user, request.app.state.settings.session_ttl_s)
+    resp = RedirectResponse("/", status_code=303)
+    resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=request.app.state.settings.secure_cookies,
+                    max_age=int(request.app.state.settings.session_ttl_s), path="/")
+    return resp
+
+
+@router.post("/logout")
+async def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
+    if request.cookies.get(SESSION_COOKIE):
+        services.close_web_session(db, request.cookies[SESSION_COOKIE])
+    resp = RedirectResponse("/", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+@router.post("/projects/{name}/start")
+async def start(name: str, db: SessionDep, user: CurrentUser):
+    task = services.next_task(db, user, services.get_project(db, name))
+    if task is None:
+        return RedirectResponse(f"/projects/{name}/done", status_code=303)
+    return RedirectResponse(f"/tasks/{task.assignment_id}", status_code=303)
+
+
+@router.get("/projects/{name}/done", response_class=HTMLResponse)
+def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
+    p = services.get_project(db, name)
+    return page(request, "done.html", user=user, project=p, progress=services.project_progress(db, p),
+                mine=services.user_progress(db, user, p))
+
+
+@router.get("/tasks/{task_id}", response_class=HTMLResponse)
+def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
+    try:
+        task = services.get_task(db, user, task_id)
+    except services.ServiceError as exc:
+        raise HTTPException(exc.status_code, str(exc)) from None
+    p = services.get_project(db, task.project)
+    messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
+    return page(request, "task.html", user=user, task=task, project=p, messages=messages,
+                progress=services.project_progress(db, p), mine=services.user_progress(db, user, p),
+                lease_left_s=max(0, int(task.leased_until - time.time())))
+
+
+@router.get("/invite/{token}", response_class=HTMLResponse)
+def invite_page(token: str, request: Request):
+    return page(request, "invite.html", user=None, token=token, error=None)
+
+
+@router.post("/invite/{token}")
+async def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfChecked,
+                        username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
+    try:
+        services.accept_invite(db, token, username, password)
+    except services.ServiceError as exc:
+        return page(request, "invite.html", status_code=exc.status_code, user=None, token=token, error=str(exc))
+    return page(request, "login.html", user=None, error=None, notice="Account created. Sign in.")
+
+
+@router.get("/admin/projects/{name}", response_class=HTMLResponse)
+def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser):
+    p = services.get_project(db, name)
+    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=None)
+
+
+@router.post("/admin/projects/{name}/invite", response_class=HTMLResponse)
+async def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
+    p = services.get_project(db, name)
+    link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator")
+    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=link)
+
+
+@router.get("/favicon.ico")
+def favicon():
+    return Response(status_code=204)

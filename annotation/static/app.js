@@ -1,0 +1,198 @@
+// Ranking widget for the task page (issue 3). No inline script: the CSP forbids it.
+// The list order is the ranking, best first; data-tie="1" on a card ties it with the card above.
+(function () {
+  "use strict";
+  var task = document.getElementById("task");
+  if (!task) return;
+  var list = document.getElementById("ranking");
+  var csrf = document.querySelector('meta[name="csrf-token"]').content;
+  var taskId = task.dataset.taskId;
+  var project = task.dataset.project;
+  var revising = task.dataset.status === "done";
+  var started = Date.now();
+  var changed = false;
+  var busy = false;
+
+  function cards() { return Array.prototype.slice.call(list.querySelectorAll("li.cand")); }
+  function say(text, isError) {
+    var m = document.getElementById("message");
+    m.textContent = text;
+    m.className = isError ? "error" : "";
+  }
+
+  function relabel() {
+    var rank = 0;
+    cards().forEach(function (c, i) {
+      if (i === 0) c.dataset.tie = "0";
+      if (i > 0 && c.dataset.tie !== "1") rank++;
+      var tied = c.dataset.tie === "1";
+      c.querySelector(".rank-label").textContent = "#" + (rank + 1);
+      c.querySelector(".tie-label").hidden = !tied;
+      c.classList.toggle("tied", tied);
+      c.setAttribute("aria-label", "Response at rank " + (rank + 1) + (tied ? ", tied with the one above" : ""));
+    });
+  }
+
+  function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); }
+
+  // Moving a card breaks the ties it took part in, so a tie always means what it shows.
+  function breakTiesAround(card) {
+    var next = card.nextElementSibling;
+    if (next && next.dataset.tie === "1") next.dataset.tie = "0";
+    card.dataset.tie = "0";
+  }
+
+  function moveTo(card, index) {
+    var all = cards();
+    index = Math.max(0, Math.min(all.length - 1, index));
+    if (all.indexOf(card) === index) return;
+    breakTiesAround(card);
+    var others = all.filter(function (c) { return c !== card; });
+    list.insertBefore(card, others[index] || null);
+    breakTiesAround(card);
+    markChanged();
+    card.focus();
+  }
+
+  function toggleTie(card) {
+    if (!card.previousElementSibling) { say("The first response has nothing above it to tie with.", true); return; }
+    card.dataset.tie = card.dataset.tie === "1" ? "0" : "1";
+    markChanged();
+    say(card.dataset.tie === "1" ? "Tied with the response above." : "Tie removed.");
+  }
+
+  function order() {
+    var groups = [];
+    cards().forEach(function (c) {
+      var id = parseInt(c.dataset.id, 10);
+      if (c.dataset.tie === "1" && groups.length) groups[groups.length - 1].push(id);
+      else groups.push([id]);
+    });
+    return groups;
+  }
+
+  // --- buttons
+  list.addEventListener("click", function (ev) {
+    var card = ev.target.closest("li.cand");
+    if (!card) return;
+    var idx = cards().indexOf(card);
+    if (ev.target.closest(".mv-up")) moveTo(card, idx - 1);
+    else if (ev.target.closest(".mv-down")) moveTo(card, idx + 1);
+    else if (ev.target.closest(".tie")) toggleTie(card);
+  });
+
+  // --- keyboard: arrows move, digits place, t ties, Enter submits
+  list.addEventListener("keydown", function (ev) {
+    var card = document.activeElement && document.activeElement.closest && document.activeElement.closest("li.cand");
+    if (!card || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    if (ev.target.tagName === "BUTTON" && (ev.key === "Enter" || ev.key === " ")) return;
+    var idx = cards().indexOf(card);
+    if (ev.key === "ArrowUp") { ev.preventDefault(); moveTo(card, idx - 1); }
+    else if (ev.key === "ArrowDown") { ev.preventDefault(); moveTo(card, idx + 1); }
+    else if (/^[1-9]$/.test(ev.key)) { ev.preventDefault(); moveTo(card, parseInt(ev.key, 10) - 1); }
+    else if (ev.key === "t" || ev.key === "T") { ev.preventDefault(); toggleTie(card); }
+    else if (ev.key === "Enter") { ev.preventDefault(); submit(false); }
+  });
+
+  // --- drag and drop with pointer events (mouse, pen and touch alike)
+  var dragging = null;
+  list.addEventListener("pointerdown", function (ev) {
+    var handle = ev.target.closest(".handle");
+    if (!handle || ev.button !== 0) return;
+    dragging = handle.closest("li.cand");
+    breakTiesAround(dragging);
+    dragging.classList.add("dragging");
+    ev.preventDefault();
+  });
+  document.addEventListener("pointermove", function (ev) {
+    if (!dragging) return;
+    var y = ev.clientY;
+    var before = null;
+    cards().some(function (c) {
+      if (c === dragging) return false;
+      var r = c.getBoundingClientRect();
+      if (y < r.top + r.height / 2) { before = c; return true; }
+      return false;
+    });
+    if (before !== dragging.nextElementSibling || (!before && list.lastElementChild !== dragging)) {
+      list.insertBefore(dragging, before);
+      markChanged();
+    }
+  });
+  function endDrag() {
+    if (!dragging) return;
+    breakTiesAround(dragging);
+    dragging.classList.remove("dragging");
+    dragging.focus();
+    dragging = null;
+    relabel();
+  }
+  document.addEventListener("pointerup", endDrag);
+  document.addEventListener("pointercancel", endDrag);
+
+  // --- submit, skip, next task
+  function api(method, url, body) {
+    return fetch(url, {
+      method: method,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body)
+    });
+  }
+  function detail(resp) {
+    return resp.json().then(function (j) { return j.detail || resp.statusText; }, function () { return resp.statusText; });
+  }
+  function goNext() {
+    return api("POST", "/api/projects/" + encodeURIComponent(project) + "/next").then(function (resp) {
+      if (resp.status === 204) { window.location.assign("/projects/" + encodeURIComponent(project) + "/done"); return; }
+      if (!resp.ok) return detail(resp).then(function (d) { say(d, true); busy = false; });
+      return resp.json().then(function (t) { window.location.assign("/tasks/" + t.id); });
+    });
+  }
+
+  function submit(confirmed) {
+    if (busy) return;
+    if (!changed && !confirmed) {
+      document.getElementById("confirm").hidden = false;
+      document.getElementById("confirm-yes").focus();
+      return;
+    }
+    busy = true;
+    document.getElementById("confirm").hidden = true;
+    say("Saving…");
+    var body = {
+      order: order(),
+      all_bad: document.getElementById("all-bad").checked,
+      rationale: document.getElementById("rationale").value || null,
+      time_spent_ms: Date.now() - started
+    };
+    api(revising ? "PUT" : "POST", "/api/tasks/" + taskId + "/ranking", body).then(function (resp) {
+      if (!resp.ok) return detail(resp).then(function (d) { say("Not saved: " + d, true); busy = false; });
+      say("Saved.");
+      return goNext();
+    }).catch(function () { say("Network error: not saved. Try again.", true); busy = false; });
+  }
+
+  document.getElementById("submit").addEventListener("click", function () { submit(false); });
+  document.getElementById("confirm-yes").addEventListener("click", function () { submit(true); });
+  document.getElementById("confirm-no").addEventListener("click", function () {
+    document.getElementById("confirm").hidden = true;
+    var first = cards()[0];
+    if (first) first.focus();
+  });
+  var skip = document.getElementById("skip");
+  if (skip) skip.addEventListener("click", function () {
+    var reason = document.getElementById("skip-reason").value.trim();
+    if (!reason) { say("Give a reason to skip.", true); return; }
+    if (busy) return;
+    busy = true;
+    api("POST", "/api/tasks/" + taskId + "/skip", { reason: reason }).then(function (resp) {
+      if (!resp.ok) return detail(resp).then(function (d) { say("Not skipped: " + d, true); busy = false; });
+      return goNext();
+    });
+  });
+
+  relabel();
+  var first = cards()[0];
+  if (first) first.focus({ preventScroll: true });
+})();

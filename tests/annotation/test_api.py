@@ -1,0 +1,301 @@
+"""JSON API behaviour on a temporary SQLite database (and PostgreSQL when configured)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.annotation.conftest import PASSWORD
+
+
+def _next(env, token, project="p"):
+    return env.client.post(f"/api/projects/{project}/next", headers=env.headers(token))
+
+
+def test_token_login_and_openapi(env):
+    r = env.client.post("/api/tokens", json={"username": "admin", "password": PASSWORD})
+    assert r.status_code == 201
+    assert env.client.get("/api/me", headers=env.headers(r.json()["token"])).json()["role"] == "admin"
+    assert env.client.post("/api/tokens", json={"username": "admin", "password": "nope-nope"}).status_code == 401
+    assert env.client.get("/api/me").status_code == 401
+    assert env.client.get("/api/me", headers=env.headers("aln_forged")).status_code == 401
+    spec = env.client.get("/api/openapi.json").json()
+    assert "/api/tasks/{task_id}/ranking" in spec["paths"] and "/api/projects" in spec["paths"]
+
+
+def test_passwords_hashed_with_argon2_and_secret_persisted(env, db_url):
+    from sqlalchemy import select
+
+    from annotation.app import create_app
+    from annotation.models import Meta, User
+    from annotation.settings import Settings
+
+    with env.db() as db:
+        stored = db.scalar(select(User.password_hash).where(User.username == "admin"))
+        secret = db.get(Meta, "secret").value
+    assert stored.startswith("$argon2") and PASSWORD not in stored
+    again = create_app(Settings(db_url=db_url))  # a restart reuses the stored secret
+    assert again.state.secret == secret and len(secret) >= 32
+    again.state.engine.dispose()
+
+
+def test_rank_with_tie_stores_exact_order_and_exports(env):
+    env.project(n_prompts=1, k=3)
+    tok = env.annotator("ann")
+    task = _next(env, tok).json()
+    ids = [c["id"] for c in task["candidates"]]
+    order = [[ids[2]], [ids[0], ids[1]]]  # third best, first two tied
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(tok),
+                        json={"order": order, "rationale": "clear", "time_spent_ms": 1234})
+    assert r.status_code == 201, r.text
+    assert r.json()["order"] == order and r.json()["revision"] == 1
+    assert _next(env, tok).status_code == 204  # nothing left
+    lines = env.client.get("/api/projects/p/export?format=kwise", headers=env.headers(env.admin_token)).text.splitlines()
+    row = json.loads(lines[0])
+    # responses come back in source order: "answer 0.0", "0.1", "0.2"; rank by candidate id
+    with env.db() as db:
+        from annotation.models import Candidate
+
+        text_of = {c.id: c.text for c in db.query(Candidate).all()}
+    expected = {text_of[ids[2]]: 0, text_of[ids[0]]: 1, text_of[ids[1]]: 1}
+    assert dict(zip(row["responses"], row["ranks"])) == expected
+    assert row["annotator"] == "ann" and row["prompt_id"] == "q0" and row["rationale"] == "clear"
+    pairs = env.client.get("/api/projects/p/export?format=pairs", headers=env.headers(env.admin_token)).text.splitlines()
+    assert len(pairs) == 2  # the tie implies no pair
+    assert {json.loads(p)["chosen"] for p in pairs} == {text_of[ids[2]]}
+
+
+def test_revision_keeps_raw_rankings(env):
+    env.project(n_prompts=1, k=2)
+    tok = env.annotator("ann")
+    task = _next(env, tok).json()
+    a, b = [c["id"] for c in task["candidates"]]
+    url = f"/api/tasks/{task['id']}/ranking"
+    assert env.client.post(url, headers=env.headers(tok), json={"order": [[a], [b]]}).status_code == 201
+    again = env.client.post(url, headers=env.headers(tok), json={"order": [[b], [a]]})
+    assert again.status_code == 409 and "revision" in again.json()["detail"]
+    fix = env.client.put(url, headers=env.headers(tok), json={"order": [[b], [a]], "all_bad": True})
+    assert fix.status_code == 201 and fix.json()["revision"] == 2
+    from annotation.models import RankingRow
+
+    with env.db() as db:
+        rows = db.query(RankingRow).order_by(RankingRow.revision).all()
+        assert [(r.revision, r.order, r.all_bad) for r in rows] == [(1, [[a], [b]], False), (2, [[b], [a]], True)]
+    row = json.loads(env.client.get("/api/projects/p/export", headers=env.headers(env.admin_token)).text)
+    assert row["revision"] == 2 and row["all_bad"] is True
+
+
+def test_distinct_annotators_per_prompt_and_least_annotated_first(env):
+    env.project(n_prompts=2, k=2, annotators=2)
+    toks = [env.annotator(f"a{i}") for i in range(3)]
+    seen = {}
+    for tok in toks[:2]:
+        got = []
+        while (r := _next(env, tok)).status_code == 200:
+            t = r.json()
+            got.append(t["prompt"])
+            ids = [c["id"] for c in t["candidates"]]
+            assert env.client.post(f"/api/tasks/{t['id']}/ranking", headers=env.headers(tok), json={"order": ids}).status_code == 201
+        seen[tok] = got
+    assert all(sorted(g) == ["prompt 0?", "prompt 1?"] for g in seen.values())  # each ranked both, once
+    assert _next(env, toks[2]).status_code == 204  # both prompts have their 2 annotators
+
+
+def test_open_lease_is_returned_again_and_blocks_the_slot(env):
+    env.project(n_prompts=1, k=2, annotators=1)
+    t1, t2 = env.annotator("a1"), env.annotator("a2")
+    first = _next(env, t1).json()
+    assert _next(env, t1).json()["id"] == first["id"]  # same task back, not a second lease
+    assert _next(env, t2).status_code == 204  # the only slot is leased
+
+
+def test_expired_lease_frees_the_slot(env):
+    from annotation import services
+    from annotation.models import User
+
+    env.project(n_prompts=1, k=2, annotators=1, lease_seconds=10)
+    env.annotator("a1")
+    env.annotator("a2")
+    with env.db() as db:
+        p = services.get_project(db, "p")
+        u1, u2 = db.query(User).filter_by(username="a1").one(), db.query(User).filter_by(username="a2").one()
+        t1 = services.next_task(db, u1, p, now=1000.0)
+        assert services.next_task(db, u2, p, now=1005.0) is None
+        t2 = services.next_task(db, u2, p, now=1011.0)  # a1's lease ran out
+        assert t2 is not None and t2.prompt_id == t1.prompt_id
+        ids = [c.id for c in t1.candidates]
+        services.submit_ranking(db, u2, t2.assignment_id, [ids], now=1012.0)
+        try:
+            services.submit_ranking(db, u1, t1.assignment_id, [ids], now=1013.0)
+            raise AssertionError("late submission on a full prompt was stored")
+        except services.Conflict as exc:
+            assert "expired" in str(exc)
+
+
+def test_skip_with_reason_releases_slot(env):
+    env.project(n_prompts=1, k=2, annotators=1)
+    t1, t2 = env.annotator("a1"), env.annotator("a2")
+    task = _next(env, t1).json()
+    assert env.client.post(f"/api/tasks/{task['id']}/skip", headers=env.headers(t1), json={"reason": ""}).status_code == 422
+    r = env.client.post(f"/api/tasks/{task['id']}/skip", headers=env.headers(t1), json={"reason": "not my language"})
+    assert r.status_code == 201 and r.json()["skipped"] is True
+    assert _next(env, t1).status_code == 204  # never the same prompt again
+    assert _next(env, t2).status_code == 200  # the slot went back
+    dash = env.client.get("/api/projects/p/dashboard", headers=env.headers(env.admin_token)).json()
+    assert any("not my language" in reason for f in dash["flagged"] for reason in f["reasons"])
+
+
+def test_bad_rankings_refused_and_nothing_stored(env):
+    env.project(n_prompts=1, k=3)
+    tok = env.annotator("ann")
+    task = _next(env, tok).json()
+    ids = [c["id"] for c in task["candidates"]]
+    url = f"/api/tasks/{task['id']}/ranking"
+    before = env.counts()
+    cases = {
+        "malformed JSON": dict(content=b'{"order": [[1,', headers={**env.headers(tok), "content-type": "application/json"}),
+        "unknown id": dict(json={"order": [[ids[0]], [ids[1]], [999999]]}, headers=env.headers(tok)),
+        "duplicate id": dict(json={"order": [[ids[0]], [ids[0]], [ids[1]], [ids[2]]]}, headers=env.headers(tok)),
+        "missing id": dict(json={"order": [[ids[0]], [ids[1]]]}, headers=env.headers(tok)),
+        "empty group": dict(json={"order": [[ids[0]], [], [ids[1], ids[2]]]}, headers=env.headers(tok)),
+        "wrong type": dict(json={"order": [["a"], [ids[1]]]}, headers=env.headers(tok)),
+        "unknown field": dict(json={"order": [ids], "score": 3}, headers=env.headers(tok)),
+    }
+    expected_words = {"unknown id": "not in this task", "duplicate id": "more than once", "missing id": "leaves out",
+                      "malformed JSON": "json", "empty group": "non-empty", "wrong type": "candidate id", "unknown field": "score"}
+    for name, kw in cases.items():
+        r = env.client.post(url, **kw)
+        assert 400 <= r.status_code < 500, (name, r.status_code)
+        assert expected_words[name].lower() in r.text.lower(), (name, r.text)
+    assert env.counts() == before
+
+
+def test_oversized_body_refused(env):
+    env.project(n_prompts=1, k=2)
+    tok = env.annotator("ann")
+    task = _next(env, tok).json()
+    before = env.counts()
+    huge = {"order": [c["id"] for c in task["candidates"]], "rationale": "x" * 200_000}
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(tok), json=huge)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    assert env.counts() == before
+
+
+def test_other_users_task_and_admin_routes_forbidden(env):
+    env.project(n_prompts=2, k=2, annotators=2)
+    t1, t2 = env.annotator("a1"), env.annotator("a2")
+    task = _next(env, t1).json()
+    ids = [c["id"] for c in task["candidates"]]
+    before = env.counts()
+    assert env.client.get(f"/api/tasks/{task['id']}", headers=env.headers(t2)).status_code == 403
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(t2), json={"order": ids})
+    assert r.status_code == 403 and "another annotator" in r.json()["detail"]
+    assert env.client.post(f"/api/tasks/{task['id']}/skip", headers=env.headers(t2), json={"reason": "x"}).status_code == 403
+    assert env.client.post("/api/tasks/999999/ranking", headers=env.headers(t2), json={"order": ids}).status_code == 404
+    for method, path in [("get", "/api/projects/p/export"), ("get", "/api/projects/p/dashboard"),
+                         ("post", "/api/projects"), ("post", "/api/users"), ("post", "/api/invites")]:
+        r = getattr(env.client, method)(path, headers=env.headers(t2), **({"json": {}} if method == "post" else {}))
+        assert r.status_code in (403, 422) and (r.status_code == 403 or method == "post"), (path, r.status_code)
+        if method == "post":
+            r = env.client.post(path, headers=env.headers(t2), json={"name": "x", "username": "x", "password": "12345678"})
+            assert r.status_code == 403, path
+    assert env.counts() == before
+
+
+def test_cookie_session_requires_csrf(env):
+    env.project(n_prompts=1, k=2)
+    env.annotator("ann")
+    c = env.client
+    login_page = c.get("/")
+    assert "align_csrf" in login_page.cookies or c.cookies.get("align_csrf")
+    csrf = login_page.text.split('name="csrf-token" content="')[1].split('"')[0]
+    # login without the token: refused
+    assert c.post("/login", data={"username": "ann", "password": PASSWORD}).status_code == 403
+    r = c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    set_cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=lax" in set_cookie
+    home = c.get("/")
+    token = home.text.split('name="csrf-token" content="')[1].split('"')[0]
+    before = env.counts()
+    assert c.post("/api/projects/p/next").status_code == 403  # no CSRF header
+    assert c.post("/api/projects/p/next", headers={"X-CSRF-Token": csrf}).status_code == 403  # pre-login token
+    assert env.counts() == before
+    task = c.post("/api/projects/p/next", headers={"X-CSRF-Token": token})
+    assert task.status_code == 200
+    ids = [x["id"] for x in task.json()["candidates"]]
+    before = env.counts()
+    assert c.post(f"/api/tasks/{task.json()['id']}/ranking", json={"order": ids}).status_code == 403
+    assert env.counts() == before
+    ok = c.post(f"/api/tasks/{task.json()['id']}/ranking", json={"order": ids}, headers={"X-CSRF-Token": token})
+    assert ok.status_code == 201
+
+
+def test_login_throttled(env):
+    for _ in range(5):
+        assert env.client.post("/api/tokens", json={"username": "admin", "password": "wrong-password"}).status_code == 401
+    r = env.client.post("/api/tokens", json={"username": "admin", "password": PASSWORD})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+
+
+def test_security_headers_and_xss_escaped(env):
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    with env.db() as db:
+        p = services.create_project(db, "x", k=2, guidelines="<script>alert(2)</script> **bold**")
+        services.add_prompts(db, p, [PromptRecord("<b>hi</b>", "x1", [Candidate("<img src=x onerror=alert(1)>"), Candidate("<script>alert(1)</script>\n\n```\ncode\n```")])])
+    tok = env.annotator("ann")
+    task = _next(env, tok, "x").json()
+    # the page itself, via a browser session
+    c = env.client
+    csrf = c.get("/").text.split('name="csrf-token" content="')[1].split('"')[0]
+    c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": csrf})
+    page = c.get(f"/tasks/{task['id']}")
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-frame-options"] == "DENY"
+    html = page.text
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<strong>bold</strong>" in html and "<pre><code>code" in html  # Markdown still renders
+    assert "<script>" not in html.replace('<script src="/static/app.js" defer></script>', "")
+    assert c.get("/static/app.js").status_code == 200
+
+
+def test_projects_prompts_and_import_over_api(env):
+    h = env.headers(env.admin_token)
+    r = env.client.post("/api/projects", headers=h, json={"name": "api", "k": 2, "annotators_per_prompt": 1})
+    assert r.status_code == 201
+    assert env.client.post("/api/projects", headers=h, json={"name": "api"}).status_code == 409
+    assert env.client.post("/api/projects", headers=h, json={"name": "bad", "k": 1}).status_code == 422
+    r = env.client.post("/api/projects/api/prompts", headers=h,
+                        json={"prompts": [{"prompt": "hi", "candidates": ["a", {"text": "b", "model": "m"}]}, {"prompt": "later"}]})
+    assert r.status_code == 201 and r.json()["prompts_added"] == 2
+    trl = b'{"prompt": "p?", "chosen": "good", "rejected": "bad"}\n'
+    r = env.client.post("/api/projects/t/import?format=trl", headers=h, content=trl)
+    assert r.status_code == 201 and r.json()["rankings_added"] == 1
+    bad = env.client.post("/api/projects/t/import?format=trl", headers=h, content=b'{"prompt": "p"}\n')
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("body:1:") and "chosen" in bad.json()["detail"]
+    pairs = env.client.get("/api/projects/t/export?format=pairs", headers=h).text
+    assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": json.loads(pairs)["prompt_id"], "annotator": "trl"}
+    projects = env.client.get("/api/projects", headers=env.headers(env.annotator("ann"))).json()
+    assert {p["name"] for p in projects} == {"api", "t"}
+    assert next(p for p in projects if p["name"] == "api")["progress"]["rankable_prompts"] == 1
+
+
+def test_dashboard_agreement(env):
+    env.project(n_prompts=2, k=3, annotators=2)
+    toks = [env.annotator("a1"), env.annotator("a2")]
+    for tok in toks:
+        while (r := _next(env, tok)).status_code == 200:
+            t = r.json()
+            ids = sorted(c["id"] for c in t["candidates"])  # both rank by candidate id: full agreement
+            env.client.post(f"/api/tasks/{t['id']}/ranking", headers=env.headers(tok), json={"order": ids, "time_spent_ms": 2000})
+    d = env.client.get("/api/projects/p/dashboard", headers=env.headers(env.admin_token)).json()
+    a = d["agreement"]
+    assert a["items_with_2plus_annotators"] == 2 and a["pairwise_agreement"] == 1.0
+    assert a["kendall_tau_vs_consensus"] == 1.0 and a["krippendorff_alpha_ordinal"] == 1.0
+    assert [u["rankings"] for u in d["annotators"]] == [2, 2] and d["annotators"][0]["median_time_s"] == 2.0
+    html = env.client.get("/admin/projects/p")  # no cookie: redirected/refused
+    assert html.status_code in (401, 303, 200) and "Krippendorff" not in html.text
