@@ -1,0 +1,54 @@
+"""Fixtures for the PPO tests: a tiny random policy, a real (random-head) reward model on it,
+and the overrides of a PPO run small enough to finish in seconds on a laptop CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ppo_policy_path(request, tmp_path_factory) -> Path:
+    """The suite's `tiny_random_model` (tests/conftest.py), built here if that is not available."""
+    try:
+        return request.getfixturevalue("tiny_random_model")
+    except pytest.FixtureLookupError:
+        from align.demo_model import build_random_model
+
+        return build_random_model(tmp_path_factory.mktemp("policy") / "model")
+
+
+@pytest.fixture(scope="session")
+def random_reward_model(ppo_policy_path, tmp_path_factory) -> Path:
+    """A reward-model directory in the `align reward train` layout (untrained score head):
+    enough to exercise the real loading and scoring path."""
+    from align.modeling import load_tokenizer
+    from reward.model import build_reward_model, save_reward_model
+
+    tokenizer = load_tokenizer(ppo_policy_path)
+    model = build_reward_model(ppo_policy_path, tokenizer, seed=1)
+    out = tmp_path_factory.mktemp("reward") / "model"
+    return save_reward_model(model, tokenizer, out, gain=10.0, bias=0.0, info={"note": "random head, for tests"})
+
+
+@pytest.fixture
+def small_run(ppo_policy_path, random_reward_model, tmp_path) -> list[str]:
+    """key=value overrides for a PPO run of a few seconds."""
+    return [
+        f"policy_model={ppo_policy_path}",
+        f"reward_model={random_reward_model}",
+        f"output_dir={tmp_path / 'run'}",
+        "num_prompts=64",
+        "num_eval_prompts=8",
+        "num_iterations=3",
+        "batch_size=8",
+        "num_mini_batches=2",
+        "gradient_accumulation_steps=2",
+        "num_ppo_epochs=2",
+        "response_length=8",
+        "learning_rate=1e-3",
+        "save_every=0",
+        "progress=false",
+        "seed=3",
+    ]

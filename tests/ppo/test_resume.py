@@ -1,0 +1,73 @@
+"""kill -9 a run after its second checkpoint, `--resume` it: it ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align.run import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def align_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from align.cli import main; main()", *args]
+
+
+def run_env() -> dict[str, str]:
+    # Same thread count in every process, so the float reductions happen in the same order.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
+
+
+def assert_close_rows(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b):
+        assert row_a.keys() == row_b.keys()
+        for key in row_a:
+            assert row_a[key] == pytest.approx(row_b[key], abs=tol), f"iteration {row_a['iteration']}: {key}"
+
+
+@pytest.mark.slow
+def test_sigkill_after_second_checkpoint_then_resume_matches_uninterrupted_run(small_run, tmp_path):
+    overrides = [o for o in small_run if not o.startswith(("output_dir=", "num_iterations=", "save_every="))]
+    overrides += ["num_iterations=10", "save_every=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    done = subprocess.run(align_cmd("ppo", *overrides, f"output_dir={straight}"), env=run_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(align_cmd("ppo", *overrides, f"output_dir={killed}"), env=run_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = killed / "checkpoints" / "iter-000004"
+    deadline = time.monotonic() + 300
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    assert second.exists() and not (killed / "summary.json").exists(), "the run was not interrupted mid-way"
+
+    resumed = subprocess.run(align_cmd("ppo", "--resume", str(killed)), env=run_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert_close_rows(comparable(read_metrics(killed / "metrics.jsonl")),
+                      comparable(read_metrics(straight / "metrics.jsonl")))
+    summary_a = json.loads((killed / "summary.json").read_text())
+    summary_b = json.loads((straight / "summary.json").read_text())
+    keys = [k for k in summary_b if k.startswith(("eval/", "objective/", "policy/", "val/"))]
+    assert "eval/reward_policy" in keys
+    for key in keys:
+        assert summary_a[key] == pytest.approx(summary_b[key], abs=1e-5), key
