@@ -81,6 +81,9 @@ class TrainSection:
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
     center_coef: float = option(0.0, help="Reward-centering coefficient (Eisenstein et al. 2023): + coef * mean(r^2).", ge=0)
+    length_buckets: int = option(
+        4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
+    )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
     seed: int = option(0, help="Seed of the shuffle and of the head initialisation.")
     num_threads: int | None = option(None, help="torch CPU threads per process (default: torch's choice).", ge=1)

@@ -115,6 +115,23 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
 
 
+def forward_rewards_bucketed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             buckets: int) -> torch.Tensor:
+    """Same as `forward_rewards`, but responses are sorted by length and run in `buckets` slices,
+    each cut to its own longest sequence: the same single pass over every response, with far
+    less padding (synthetic responses vary 2x in length). Rewards come back in input order."""
+    lengths = attention_mask.sum(dim=1)  # (N,) real tokens per response (right padding)
+    if buckets <= 1 or input_ids.shape[0] < 2 * buckets:
+        return forward_rewards(model, input_ids, attention_mask)
+    order = torch.argsort(lengths)
+    rewards = []
+    for idx in torch.tensor_split(order, buckets):
+        width = int(lengths[idx].max())
+        rewards.append(forward_rewards(model, input_ids[idx, :width], attention_mask[idx, :width]))
+    sorted_rewards = torch.cat(rewards)  # (N,) in `order`
+    return sorted_rewards[torch.argsort(order)]  # (N,) back in input order
+
+
 def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str]) -> list[str]:
     from align.chat import render_example
 

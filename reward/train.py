@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import os
 import resource
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from reward.config import RewardConfig
 from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
 from reward.evaluate import evaluate_rankings, format_table
 from reward.losses import kwise_ranking_loss, pair_accuracy, reward_centering_loss
-from reward.model import build_reward_model, fit_normalization, forward_rewards, save_reward_model, score_texts
+from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, save_reward_model, score_texts
 
 
 def peak_memory_mb() -> float:
@@ -60,7 +59,8 @@ class RewardTrainer:
         self.t0 = time.perf_counter()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available() and not _launched_multiprocess())
+        # cpu=True is what makes accelerate pick gloo (MULTI_CPU) when launched with several processes
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -134,7 +134,7 @@ class RewardTrainer:
     def step(self, batch: RankingBatch) -> dict[str, float]:
         cfg = self.cfg.train
         # 2. one forward pass over every response of every ranking in the batch
-        rewards = forward_rewards(self.model, batch.input_ids, batch.attention_mask)  # (N,) r(x, y)
+        rewards = forward_rewards_bucketed(self.model, batch.input_ids, batch.attention_mask, cfg.length_buckets)  # (N,)
         # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over rankings
         loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
         if cfg.center_coef > 0:
@@ -163,14 +163,19 @@ class RewardTrainer:
         for step, global_batch in enumerate(self.global_batches, 1):
             t = time.perf_counter()
             window.append(self.step(self.local_batch(global_batch)))
-            if self.is_main and (step % cfg.log_every == 0 or step == self.total_steps):
-                row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                keys = list(window[0])
+                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys])
+                means = self.accelerator.reduce(local, "mean")  # every rank takes part in the collective
+                window = []
+                if not self.is_main:
+                    continue
+                row = dict(zip(keys, means.tolist()))
                 row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
                             "train/forward_passes": self.forward_passes * self.world,
                             "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
                 self.metrics.write(row)
                 self.last_train = row
-                window = []
         self.train_seconds = time.perf_counter() - t_start
         self.forward_passes_total = int(self.accelerator.reduce(torch.tensor(self.forward_passes), "sum").item())
 
@@ -249,10 +254,6 @@ class RewardTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return summary
-
-
-def _launched_multiprocess() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def train_reward_model(cfg: RewardConfig, *, echo: Any = None) -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""User mistakes in `align reward train` give one line naming the problem and exit code 2."""
+
+import subprocess
+from pathlib import Path
+import sys
+
+import pytest
+
+from align.config import load_config
+from align.errors import ConfigError
+from reward.config import RewardConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align.cli", "reward", "train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1e-4", "did you mean 'train.lr'"),
+        ("train.lr=-0.1", "train.lr: must be > 0"),
+        ("data.format=kwise", "data.path is required"),
+        ("data.agreement=0.3", "data.agreement: must be > 0.5"),
+    ],
+)
+def test_bad_config_values_are_refused_with_the_key_named(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_config(RewardConfig, None, [override])
+
+
+def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+    result = run_cli("data.format=kwise", f"data.path={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: data.path: file not found: {tmp_path / 'missing.jsonl'}"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_typo_suggests_the_key(tmp_path):
+    result = run_cli("train.bach_size=8", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: unknown config key 'train.bach_size' for RewardConfig; did you mean 'train.batch_size'?"]
+
+
+def test_cli_negative_lr(tmp_path):
+    result = run_cli("train.lr=-1e-4", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.lr: must be > 0, got -0.0001"
+
+
+def test_config_yaml_files_load():
+    for name in ("demo", "real"):
+        path = REPO / "configs" / name / "reward.yaml"
+        if name == "real" and not path.exists():
+            continue
+        cfg = load_config(RewardConfig, path, ["data.path=" + str(path)] if name == "real" else [])
+        assert cfg.train.loss == "kwise"

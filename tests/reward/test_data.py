@@ -1,0 +1,85 @@
+"""Prompt-level split, the K-wise batch layout and the pairwise expansion."""
+
+import torch
+
+from align.formats import Ranking
+from align.synthetic import make_rankings
+from reward.data import RankingCollator, RankingDataset, expand_to_pairs, prompt_key, split_by_prompt, with_pairs
+
+
+def conversation(first: str, *later: str) -> list[dict]:
+    msgs = [{"role": "user", "content": first}]
+    for i, text in enumerate(later):
+        msgs += [{"role": "assistant", "content": f"a{i}"}, {"role": "user", "content": text}]
+    return msgs
+
+
+def test_split_by_prompt_leaks_no_prompt_across():
+    # 3 annotators per prompt, and each prompt repeated across cycles of the pool
+    rankings = make_rankings(900, k=3, annotators=3, seed=1)
+    train, held = split_by_prompt(rankings, 0.2, seed=0)
+    assert len(train) + len(held) == len(rankings)
+    train_prompts, held_prompts = {r.prompt for r in train}, {r.prompt for r in held}
+    assert held and train
+    assert not train_prompts & held_prompts
+    # every annotator's ranking of a held-out prompt is held out with it
+    for r in rankings:
+        assert (r.prompt in held_prompts) == (r in held)
+
+
+def test_split_keeps_a_conversation_tree_together():
+    # deeper ranked groups of one OpenAssistant tree share its first user turn
+    rankings = [
+        Ranking(conversation(f"q{t}", *[f"follow{d}" for d in range(depth)]), ["x", "y"], [0, 1])
+        for t in range(20)
+        for depth in range(3)
+    ]
+    train, held = split_by_prompt(rankings, 0.3, seed=3)
+    first_turns = lambda rs: {r.prompt[0]["content"] for r in rs}  # noqa: E731
+    assert not first_turns(train) & first_turns(held)
+    assert len({prompt_key(r) for r in held}) == 6  # 30% of 20 trees, each with all 3 groups
+    assert len(held) == 18
+
+
+def test_split_is_deterministic_for_a_seed():
+    rankings = make_rankings(200, seed=2)
+    a, b = split_by_prompt(rankings, 0.1, 5), split_by_prompt(rankings, 0.1, 5)
+    assert [r.prompt for r in a[1]] == [r.prompt for r in b[1]]
+
+
+def test_rankings_without_pairs_are_dropped():
+    rs = [Ranking("p", ["a", "b"], [0, 0]), Ranking("p", ["a", "b"], [1, 0])]
+    assert with_pairs(rs) == [rs[1]]
+
+
+def test_batch_flattens_each_response_once_with_pairs_pointing_at_them(rm_base):
+    from align.modeling import load_tokenizer
+
+    tok = load_tokenizer(rm_base)
+    rankings = [
+        Ranking("first prompt", ["r0", "a much longer response r1", "r2"], [2, 0, 1]),
+        Ranking("second prompt", ["s0", "s1"], [0, 0]),  # a tie: no pair, still one batch element
+        Ranking("third", ["t0", "t1"], [1, 0]),
+    ]
+    ds = RankingDataset(rankings, tok, max_length=64)
+    batch = RankingCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    assert batch.num_responses == 7 and batch.num_groups == 3
+    # pairs (winner, loser): ranking 0 -> (1,0), (1,2), (2,0); ranking 2 -> responses 5,6: (6,5)
+    pairs = sorted(zip(batch.winners.tolist(), batch.losers.tolist(), batch.pair_group.tolist()))
+    assert pairs == [(1, 0, 0), (1, 2, 0), (2, 0, 0), (6, 5, 2)]
+    # right padding with a pad distinct from eos; every row ends its real tokens with eos
+    lengths = batch.attention_mask.sum(1)
+    for row, n in zip(batch.input_ids, lengths.tolist()):
+        assert row[n - 1].item() == tok.eos_token_id
+        assert (row[n:] == tok.pad_token_id).all()
+    assert tok.pad_token_id != tok.eos_token_id
+    assert torch.equal(batch.attention_mask.bool(), batch.input_ids != tok.pad_token_id)
+
+
+def test_pairwise_expansion_makes_one_element_per_pair():
+    rankings = make_rankings(10, k=4, seed=0)
+    pairs = expand_to_pairs(rankings, seed=0)
+    assert len(pairs) == sum(len(r.ordered_pairs()) for r in rankings)
+    assert all(p.ranks == [0, 1] and len(p.responses) == 2 for p in pairs)
+    # forward passes: K-wise forwards 4 per ranking, pairwise 2 per pair (each response K-1 = 3 times)
+    assert sum(len(p.responses) for p in pairs) == 3 * sum(len(r.responses) for r in rankings)
