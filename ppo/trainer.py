@@ -89,7 +89,9 @@ class PPOTrainer:
 
         cfg = self.cfg
         self._check_run_dir()
-        self.accelerator = Accelerator()
+        # Without a GPU, accelerate sets up gloo DDP for several launched processes only when
+        # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -100,11 +102,11 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(self.sft_path)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
-        base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
-        if self.reward_model is None:
+        if self.reward_model is None:  # first: a wrong path fails before any model is loaded
             from reward.model import load_reward_model
 
             self.reward_model = load_reward_model(cfg.reward_model, device=str(self.device))
+        base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
         critic = build_critic(self.reward_model, self.tokenizer) if cfg.value_model == "reward_model" else None
         self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
         self.model.eval()  # dropout off throughout: rollout and training log-probs must agree

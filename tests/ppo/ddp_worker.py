@@ -1,0 +1,32 @@
+"""Launched by test_multiproc.py under `accelerate launch`: a PPO run, then every process
+writes its own copy of the trainable weights (and its last rollout) for the test to compare."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from align.config import load_config
+from ppo.config import PPOConfig
+from ppo.trainer import PPOTrainer
+
+
+def main(overrides: list[str]) -> None:
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides))
+    trainer.setup()
+    rank = trainer.accelerator.process_index
+    prompts = trainer.sampler.next_batch()  # what this rank would see next: ranks must differ
+    trainer.sampler.load_state_dict({"epoch": 0, "position": 0})
+    trainer.train()
+    out = Path(trainer.cfg.output_dir) / "per_rank"
+    out.mkdir(exist_ok=True)
+    save_file({n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad},
+              str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"first_prompts": prompts}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

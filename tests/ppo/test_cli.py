@@ -1,0 +1,66 @@
+"""User mistakes in `align ppo` give one line on stderr and exit code 2, and touch nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from align.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["ppo", *args])
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["clip_coeff=0.1"], "did you mean 'clip_coef'"),
+        (["kl.estimator=k2"], "kl.estimator: 'k2' is not one of 'k1', 'k3'"),
+        (["batch_size=10", "num_mini_batches=4"], "must be divisible by num_mini_batches"),
+        (["batch_size=8", "num_mini_batches=2", "gradient_accumulation_steps=3"], "gradient_accumulation_steps"),
+        (["gae_lambda=1.5"], "gae_lambda: must be <= 1.0"),
+        (["temperature=0"], "temperature: must be > 0.0"),
+        (["prompts=/nonexistent/prompts.jsonl"], "prompts: file not found"),
+        (["report_to=mlflow"], "report_to"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):
+    code, err = run_cli([*args, f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_errors_exit_2(capsys, tmp_path, small_run):
+    code, err = run_cli(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and "no config.yaml" in err and len(err.splitlines()) == 1
+
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    code, err = run_cli(["--resume", str(tmp_path), "learning_rate=1.0"], capsys)
+    assert code == 2 and "'learning_rate' cannot change on --resume" in err
+
+    code, err = run_cli(["--resume", str(tmp_path), "--config", str(tmp_path / "config.yaml")], capsys)
+    assert code == 2 and "drop --config" in err
+
+    code, err = run_cli(["--resume", str(tmp_path), "progress=false", *[o for o in small_run if o.startswith(
+        ("policy_model", "reward_model"))]], capsys)
+    assert code == 2
+
+
+def test_fresh_run_refuses_a_non_empty_output_dir(capsys, tmp_path, small_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    code, err = run_cli(small_run, capsys)
+    assert code == 2 and "is not empty" in err and "--resume" in err
+    assert (run / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+
+
+def test_missing_reward_model_exits_2(capsys, tmp_path, small_run):
+    args = [o for o in small_run if not o.startswith("reward_model=")] + [f"reward_model={tmp_path / 'nope'}"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "nope" in err and len(err.splitlines()) == 1

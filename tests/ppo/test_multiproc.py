@@ -1,0 +1,58 @@
+"""Two CPU processes under `accelerate launch` (DDP, gloo) finish a run with identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_cpu_ranks_finish_with_identical_parameters(small_run, tmp_path):
+    from safetensors.torch import load_file
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    assert accelerate, "accelerate CLI not found"
+    run = tmp_path / "run"
+    overrides = [o for o in small_run if not o.startswith("output_dir=")] + [f"output_dir={run}", "save_every=2"]
+    # --multi_gpu without --cpu: with no GPU this starts two CPU processes on gloo
+    # (`--cpu --num_processes 2` would silently start one).
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(REPO / "tests" / "ppo" / "ddp_worker.py"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    rank0 = load_file(str(run / "per_rank" / "rank0.safetensors"))
+    rank1 = load_file(str(run / "per_rank" / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+    assert any(rank0[n].abs().sum() > 0 for n in rank0 if n.startswith("value_head.")), "nothing was trained"
+
+    # Each rank rolled out its own slice of the global batch.
+    prompts0 = json.loads((run / "per_rank" / "rank0.json").read_text())["first_prompts"]
+    prompts1 = json.loads((run / "per_rank" / "rank1.json").read_text())["first_prompts"]
+    assert prompts0 != prompts1
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["episodes"] == 3 * 8 * 2
+    assert (run / "checkpoints" / "iter-000002" / "rng_states.pt").exists()
+    assert len(torch.load(run / "checkpoints" / "iter-000002" / "rng_states.pt", weights_only=False)) == 2
