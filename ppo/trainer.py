@@ -93,6 +93,7 @@ class PPOTrainer:
         # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
+        self._check_distributed_setup()
         self.is_main = self.accelerator.is_main_process
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
@@ -149,6 +150,17 @@ class PPOTrainer:
             self._truncate_metrics()
             self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
+
+    def _check_distributed_setup(self) -> None:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed steps the optimiser inside backward and shards the optimiser state.
+            if self.cfg.gradient_accumulation_steps != 1:
+                raise UserError("under DeepSpeed set gradient_accumulation_steps=1 (use num_mini_batches for memory)")
+            if self.cfg.save_every or self.resume:
+                raise UserError("checkpoints and --resume are not supported under DeepSpeed ZeRO yet; "
+                                "set save_every=0 (or use DDP)")
 
     def _check_run_dir(self) -> None:
         cfg = self.cfg
@@ -324,7 +336,8 @@ class PPOTrainer:
                         for k, v in self.micro_step(mb).items():
                             sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)))
+                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                grad_norms.append(float("nan") if grad_norm is None else float(grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
         return {**{k: v / n_micro for k, v in sums.items()}, "train/grad_norm": statistics.fmean(grad_norms)}
