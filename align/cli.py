@@ -7,6 +7,7 @@ the commands, never at module level, so `align --help` answers at once.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -91,27 +92,14 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     _register_stages()
     try:
-        app(args=argv, standalone_mode=False)
+        # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
+        app(args=argv, prog_name="align")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's own usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

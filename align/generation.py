@@ -1,0 +1,57 @@
+"""Batched sampling of responses from a causal LM (candidates for annotation, evaluation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from align.chat import render_prompt
+
+
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: list,
+    *,
+    num_return_sequences: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[list[str]]:
+    """`num_return_sequences` sampled responses per prompt (greedy when temperature is 0).
+
+    Pure sampling (no top-k) by default, so that samples follow the model's distribution,
+    as PPO's rollouts and the SFT baseline they are compared with must.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    sampling = temperature > 0
+    out: list[list[str]] = []
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generating", unit="batch"):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            generated = model.generate(
+                **batch,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=0 if sampling else None,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i in range(0, len(decoded), num_return_sequences):
+                out.append([d.strip() for d in decoded[i : i + num_return_sequences]])
+    model.train(was_training)
+    return out

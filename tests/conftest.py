@@ -1,0 +1,46 @@
+"""Shared fixtures: locally built models (no downloads), isolated caches, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the checkout (CI has it), or $ALIGN_SHARED_DATA."""
+    return Path(os.environ.get("ALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real preference data not found at {path} (set ALIGN_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama with the demo tokenizer, built in seconds."""
+    from align.demo_model import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tiny-random") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real tiny demo SFT model, built once (about 2 minutes) and cached in ALIGN_CACHE_DIR."""
+    from align.demo_model import ensure_demo_model
+
+    return ensure_demo_model("tiny")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

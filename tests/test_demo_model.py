@@ -1,0 +1,109 @@
+"""The locally built models load offline as ordinary Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.chat import render_example, render_prompt
+from align.demo_model import build_random_model
+from align.errors import UserError
+from align.generation import generate_responses
+from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from align.synthetic import TOPICS, gold_score, make_prompts
+
+
+def test_checkpoint_loads_with_plain_transformers(tiny_random_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (tiny_random_model / name).exists(), name
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model, local_files_only=True)
+    assert model.config.model_type == "llama"
+    ids = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    assert len(ids) == 3 and None not in ids  # pad, bos and eos are distinct tokens
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_chat_template_round_trip(tiny_random_model):
+    tokenizer = load_tokenizer(tiny_random_model)
+    prompt = render_prompt(tokenizer, "Tell me about tea.")
+    assert prompt == "<s><|user|>\nTell me about tea.\n<|assistant|>\n"
+    full = render_example(tokenizer, "Tell me about tea.", "Boil water.")
+    assert full == prompt + "Boil water.</s>"
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip().endswith("Boil water.")
+
+
+def test_same_seed_same_model(tmp_path):
+    a = build_random_model(tmp_path / "a", seed=3)
+    b = build_random_model(tmp_path / "b", seed=3)
+    c = build_random_model(tmp_path / "c", seed=4)
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+def test_generation_returns_k_samples_per_prompt(tiny_random_model):
+    tokenizer = load_tokenizer(tiny_random_model)
+    model = load_causal_lm(tiny_random_model, tokenizer=tokenizer)
+    out = generate_responses(model, tokenizer, ["Tell me about tea.", "How does chess work?"],
+                             num_return_sequences=3, max_new_tokens=6, seed=1)
+    assert [len(x) for x in out] == [3, 3]
+    again = generate_responses(model, tokenizer, ["Tell me about tea.", "How does chess work?"],
+                               num_return_sequences=3, max_new_tokens=6, seed=1)
+    assert out == again  # seeded
+
+
+def test_unknown_model_paths_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="model not found"):
+        resolve_model_path(tmp_path / "missing")
+    with pytest.raises(UserError, match="not a model checkpoint"):
+        resolve_model_path(tmp_path)
+    with pytest.raises(UserError, match="unknown demo model size"):
+        resolve_model_path("demo:huge")
+
+
+def test_lora_adapter_checkpoint_is_merged(tiny_random_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_tokenizer(tiny_random_model)
+    base = load_causal_lm(tiny_random_model, tokenizer=tokenizer)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        merged = load_causal_lm(tmp_path / "adapter", tokenizer=tokenizer)
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+        assert not hasattr(merged, "peft_config")
+
+
+
+def _vocabulary() -> set[str]:
+    from align.synthetic import FILLER, POLITE_CLOSERS, NEUTRAL_CLOSERS, POLITE_OPENERS, RUDE_INSERTS, RUDE_OPENERS, TRAIL_OFFS
+
+    text = " ".join([f for t in TOPICS for f in t.facts] + list(FILLER + POLITE_CLOSERS + NEUTRAL_CLOSERS
+                    + POLITE_OPENERS + RUDE_INSERTS + RUDE_OPENERS + TRAIL_OFFS))
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+@pytest.mark.slow
+def test_demo_model_samples_are_english_and_span_the_gold_range(demo_model):
+    tokenizer = load_tokenizer(demo_model)
+    model = load_causal_lm(demo_model, tokenizer=tokenizer)
+    prompts = make_prompts(60, seed=5, split="heldout")
+    samples = [s[0] for s in generate_responses(model, tokenizer, prompts, max_new_tokens=64, seed=5)]
+    vocabulary = _vocabulary()
+    words = [w for s in samples for w in re.findall(r"[a-z']+", s.lower())]
+    assert len(words) > 300
+    assert sum(w in vocabulary for w in words) / len(words) > 0.95  # real words from the corpus
+    scores = [gold_score(p, s) for p, s in zip(prompts, samples)]
+    assert statistics.pstdev(scores) > 1.5  # room for the reward model and PPO to improve
