@@ -1,0 +1,89 @@
+"""End-to-end runs on the synthetic task with a tiny random model (seconds each)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from align.formats import write_kwise
+from align.run import read_metrics
+from align.synthetic import make_rankings
+from reward.data import load_reward_data
+from reward.evaluate import evaluate_rankings
+from reward.model import build_reward_model
+from reward.train import train_reward_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_training_raises_heldout_accuracy_above_chance(quick_config):
+    from align.modeling import load_tokenizer
+
+    cfg = quick_config("data.num_rankings=192", "data.num_eval_rankings=60", "train.lr=3e-3")
+    tok = load_tokenizer(cfg.model.name_or_path)
+    untrained = build_reward_model(cfg.model.name_or_path, tok, seed=cfg.train.seed)
+    before = evaluate_rankings(untrained, tok, load_reward_data(cfg.data).eval, max_length=cfg.model.max_length,
+                               batch_size=64)["eval/accuracy"]
+    summary = train_reward_model(cfg, echo=lambda s: None)
+    assert summary["eval/label_source"] == "gold"
+    assert summary["eval/accuracy"] > 0.57
+    assert summary["eval/accuracy"] > before + 0.05
+    # the run directory holds what the contract promises
+    run = Path(cfg.output_dir)
+    assert json.loads((run / "summary.json").read_text())["eval/accuracy"] == summary["eval/accuracy"]
+    assert summary["eval/num_pairs"] > 0 and summary["eval/accuracy_k4"] == summary["eval/accuracy"]
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, summary["train/steps"] + 1))
+    assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] + 0.05
+    assert (run / "config.yaml").exists() and (run / "model" / "reward_normalization.json").exists()
+    # each response forwarded once: K = 4 per ranking
+    assert summary["train/forward_passes"] == 4 * summary["train/rankings"]
+
+
+def test_kwise_file_with_mixed_k_and_several_annotators(tmp_path, quick_config):
+    rankings = []
+    for k, seed in ((2, 1), (3, 2), (4, 3)):
+        rankings += make_rankings(60, k=k, agreement=0.8, seed=seed, annotators=3)
+    path = tmp_path / "rankings.jsonl"
+    write_kwise(rankings, path)
+    summary = train_reward_model(quick_config("data.format=kwise", f"data.path={path}", "data.eval_fraction=0.3"),
+                                 echo=lambda s: None)
+    assert summary["eval/label_source"] == "annotators"
+    assert {"eval/accuracy_k2", "eval/accuracy_k3", "eval/accuracy_k4"} <= set(summary)
+    assert summary["eval/num_pairs"] == sum(summary[f"eval/num_pairs_k{k}"] for k in (2, 3, 4))
+    # three annotators per prompt: their agreement is the ceiling to compare the model with
+    assert 0.5 < summary["eval/annotator_agreement"] < 1.0
+    assert 0.0 <= summary["eval/cross_annotator_accuracy"] <= 1.0
+    assert summary["eval/cross_annotator_num_pairs"] > 0
+
+
+def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
+    summary = train_reward_model(quick_config("train.loss=pairwise", "data.num_rankings=32", "train.batch_size=48"),
+                                 echo=lambda s: None)
+    assert summary["train/batch_elements"] == 6 * 32  # C(4, 2) pairs per ranking
+    assert summary["train/forward_passes"] == 3 * 4 * 32
+
+
+def test_score_cli_writes_rewards(quick_config, tmp_path):
+    cfg = quick_config("data.num_rankings=32")
+    train_reward_model(cfg, echo=lambda s: None)
+    rows = [{"prompt": "How do I water a cactus?", "response": "Water it rarely.", "id": 1},
+            {"prompt": [{"role": "user", "content": "Hi"}], "response": "Hello! How can I help?", "id": 2}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = subprocess.run([sys.executable, "-m", "align.cli", "reward", "score", "--model", cfg.output_dir,
+                             "--input", str(inp), "--output", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["id"] for s in scored] == [1, 2]
+    from reward.model import load_reward_model
+
+    rm = load_reward_model(cfg.output_dir)
+    expected = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()
+    assert all(abs(s["reward"] - e) < 1e-5 for s, e in zip(scored, expected))
+    assert all(abs(s["reward"] - (rm.gain * s["reward_raw"] + rm.bias)) < 1e-6 for s in scored)
+    # a bad input line is one clear error
+    inp.write_text('{"prompt": "x"}\n')
+    bad = subprocess.run([sys.executable, "-m", "align.cli", "reward", "score", "--model", cfg.output_dir,
+                          "--input", str(inp)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {inp}:1: each line needs `prompt` and a string `response`"
