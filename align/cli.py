@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -93,6 +94,9 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Deprecation notices from libraries are for align's developers, not its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register_stages()
     try:
         # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.

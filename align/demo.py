@@ -1,0 +1,389 @@
+"""`align demo`: the whole pipeline on the embedded demo model, end to end.
+
+    1. the SFT model      build (or reuse) the demo SFT checkpoint
+    2. annotation         a project in OUT/annotation.db; K candidates sampled per prompt
+    3. rankings           simulated annotators rank through the web app's own service layer
+                          (`--serve` stops here and serves the app so a person can rank;
+                          `--continue` picks up from the rankings in the database)
+    4. reward model       `align reward train` on the exported K-wise rankings
+    5. PPO                `align ppo` against that reward model
+    6. export             the aligned policy merged into an ordinary checkpoint (OUT/export)
+    7. before / after     SFT vs exported model on held-out prompts, scored by the reward
+                          model and by the synthetic task's gold judge; OUT/report.md
+
+Every stage writes its own run directory under OUT, with its resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import check, load_config, option, save_config
+from align.errors import UserError
+from align.run import read_metrics, write_json_atomic
+
+log = logging.getLogger("align")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+PROJECT = "demo"
+
+
+@dataclass
+class DemoConfig:
+    """`align demo` settings. Keys prefixed `reward.` / `ppo.` override those stages' configs."""
+
+    model: str = option("demo:tiny", help="SFT checkpoint: demo:tiny, demo:small or a local directory.")
+    num_prompts: int = option(400, help="Training prompts put up for annotation.", ge=8)
+    k: int = option(4, help="Candidates sampled per prompt (K).", ge=2, le=9)
+    num_annotators: int = option(3, help="Simulated annotators.", ge=1)
+    annotators_per_prompt: int = option(1, help="Distinct annotators who rank each prompt.", ge=1)
+    agreement: float = option(0.73, help="Pairwise agreement between two simulated annotators "
+                                         "(InstructGPT measured 72.6%).", gt=0.5, le=1.0)
+    max_new_tokens: int = option(48, help="Length limit of sampled candidates, in tokens.", ge=4)
+    num_eval_prompts: int = option(128, help="Held-out prompts for the before/after comparison.", ge=4)
+    reward_config: str = option(str(CONFIGS / "reward.yaml"), help="Reward-model config the demo starts from.",
+                                must_exist=True)
+    ppo_config: str = option(str(CONFIGS / "ppo.yaml"), help="PPO config the demo starts from.", must_exist=True)
+    seed: int = option(0, help="Seed for prompts, sampling and annotators.")
+
+    def __post_init__(self) -> None:
+        check(self.annotators_per_prompt <= self.num_annotators,
+              f"annotators_per_prompt ({self.annotators_per_prompt}) exceeds num_annotators ({self.num_annotators})")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(demo, reward, ppo) overrides: `reward.x=1` goes to the reward config as `x=1`."""
+    demo, reward, ppo = [], [], []
+    for item in overrides:
+        if item.startswith("reward."):
+            reward.append(item.removeprefix("reward."))
+        elif item.startswith("ppo."):
+            ppo.append(item.removeprefix("ppo."))
+        else:
+            demo.append(item)
+    return demo, reward, ppo
+
+
+class Stages:
+    """Prints one numbered line per stage and records how long each took."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+        self._name, self._t = None, 0.0
+
+    def start(self, name: str, what: str) -> None:
+        self.stop()
+        self.index += 1
+        self._name, self._t = name, time.perf_counter()
+        print(f"\n[{self.index}/{self.total}] {what}", flush=True)
+
+    def stop(self) -> None:
+        if self._name:
+            self.seconds[f"timing/{self._name}_s"] = round(time.perf_counter() - self._t, 1)
+            self._name = None
+
+
+def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve: bool = False,
+             resume_from_db: bool = False, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
+    from ppo.config import PPOConfig
+    from reward.config import RewardConfig
+
+    check(not (serve and resume_from_db), "--serve and --continue exclude each other")
+    demo_over, reward_over, ppo_over = split_overrides(overrides)
+    cfg = load_config(DemoConfig, config_path, demo_over)
+    out = Path(out).resolve()
+    db_url = f"sqlite:///{out / 'annotation.db'}"
+    if resume_from_db and not (out / "annotation.db").exists():
+        raise UserError(f"nothing to continue: {out / 'annotation.db'} does not exist (run `align demo --serve` first)")
+    rankings_path = out / "rankings.kwise.jsonl"
+    # The demo owns OUT: its stage runs are redone in place on a second `align demo`.
+    reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
+    reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
+    # Validate every stage's config before spending minutes on the first one (the
+    # rankings file the reward stage reads does not exist yet, so its data keys wait).
+    load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
+    ppo_cfg = load_config(PPOConfig, cfg.ppo_config, [
+        f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}", "overwrite=true", *ppo_over])
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    stages = Stages(3 if serve else 7)
+    t0 = time.perf_counter()
+    if not resume_from_db:
+        stages.start("sft", f"SFT model: {cfg.model}")
+        from align.modeling import resolve_model_path
+
+        model_path = resolve_model_path(cfg.model)
+        print(f"    {model_path}")
+        stages.start("annotation", f"annotation project {PROJECT!r} in {out / 'annotation.db'}: "
+                                   f"{cfg.num_prompts} prompts x {cfg.k} candidates")
+        sessions = fill_project(db_url, cfg)
+        if serve:
+            stages.stop()
+            serve_for_people(db_url, out, host, port)
+            return {}
+        stages.start("rankings", f"{cfg.num_annotators} simulated annotators rank through the web app's service layer "
+                                 f"(agreement {cfg.agreement:.0%})")
+        counts = simulate_annotators(sessions, cfg)
+        print(f"    {counts['rankings']} rankings stored")
+    else:
+        stages.index = 3
+    rankings = export_rankings(db_url, rankings_path)
+    print(f"    {len(rankings)} rankings exported to {rankings_path}")
+
+    from ppo.trainer import run_ppo
+    from reward.train import train_reward_model
+
+    stages.start("reward", f"reward model on {len(rankings)} K-wise rankings -> {out / 'reward'}")
+    reward_cfg = load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_data, *reward_over])
+    reward_summary = train_reward_model(reward_cfg)
+
+    stages.start("ppo", f"PPO on LoRA against the reward model -> {out / 'ppo'}")
+    ppo_summary = run_ppo(ppo_cfg)
+
+    stages.start("export", f"export the aligned policy (merged) -> {out / 'export'}")
+    from align.export import export_run
+
+    export_run(out / "ppo", out / "export", merge=True, force=True)
+
+    stages.start("compare", f"SFT vs exported model on {cfg.num_eval_prompts} held-out prompts")
+    comparison = compare_models(cfg, out)
+    stages.stop()
+
+    summary = {k: v for k, v in ppo_summary.items() if k.startswith("eval/")}
+    summary.update(comparison["metrics"])
+    summary.update({
+        "reward/eval_accuracy": reward_summary.get("eval/accuracy"),
+        "reward/eval_num_pairs": reward_summary.get("eval/num_pairs"),
+        "data/rankings": len(rankings),
+        **stages.seconds,
+        "timing/total_s": round(time.perf_counter() - t0, 1),
+    })
+    write_json_atomic(out / "summary.json", summary)
+    write_report(out, cfg, summary, comparison["samples"])
+    print_table(summary, comparison["samples"])
+    print(f"\nreport: {out / 'report.md'}   exported model: {out / 'export'}")
+    return summary
+
+
+# --------------------------------------------------------------------------- annotation
+
+
+def fill_project(db_url: str, cfg: DemoConfig):
+    from align.formats import PromptRecord
+    from align.synthetic import make_prompts
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.generate import generate_candidates
+
+    sessions = open_db(db_url)
+    with sessions() as db:
+        project = services.get_or_create_project(db, PROJECT, k=cfg.k, annotators_per_prompt=cfg.annotators_per_prompt,
+                                                 guidelines=GUIDELINES)
+        prompts = make_prompts(cfg.num_prompts, seed=cfg.seed, split="train")
+        services.add_prompts(db, project, [PromptRecord(p, f"synthetic-{i}") for i, p in enumerate(prompts)])
+        filled = generate_candidates(db, PROJECT, cfg.model, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                     seed=cfg.seed, progress=True)
+    print(f"    {filled} prompts got {cfg.k} candidates each")
+    return sessions
+
+
+def simulate_annotators(sessions, cfg: DemoConfig) -> dict[str, int]:
+    """Each simulated annotator takes tasks and submits rankings exactly as the web app does."""
+    from align.synthetic import SimulatedAnnotator, noise_for_agreement
+    from annotation import services
+
+    noise = noise_for_agreement(cfg.agreement)
+    stored = 0
+    with sessions() as db:
+        project = services.get_project(db, PROJECT)
+        team = []
+        for i in range(cfg.num_annotators):
+            name = f"simulated-{i}"
+            try:
+                user = services.get_user(db, name)
+            except services.NotFound:
+                user = services.create_user(db, name, None, "annotator")
+            team.append((user, SimulatedAnnotator(noise, seed=cfg.seed * 100 + i, name=name)))
+        active = list(team)
+        while active:
+            for member in list(active):
+                user, annotator = member
+                task = services.next_task(db, user, project)
+                if task is None:
+                    active.remove(member)
+                    continue
+                ranks = annotator.rank(task.prompt, [c.text for c in task.candidates])
+                order = services.ranks_to_order([c.id for c in task.candidates], ranks)
+                services.submit_ranking(db, user, task.assignment_id, order, time_spent_ms=0)
+                stored += 1
+    return {"rankings": stored}
+
+
+def export_rankings(db_url: str, path: Path) -> list:
+    from align.formats import write_kwise
+    from annotation import services
+    from annotation.db import open_db
+
+    with open_db(db_url)() as db:
+        rankings = services.export_rankings(db, services.get_project(db, PROJECT))
+    if not rankings:
+        raise UserError(f"no rankings in {db_url.removeprefix('sqlite:///')} yet: rank some in the browser first")
+    write_kwise(rankings, path)
+    return rankings
+
+
+def serve_for_people(db_url: str, out: Path, host: str, port: int) -> None:
+    """`--serve`: an admin account with a fresh random password, then the web app."""
+    from annotation import services
+    from annotation.cli import serve
+    from annotation.db import open_db
+
+    password = secrets.token_urlsafe(12)
+    with open_db(db_url)() as db:
+        try:
+            services.set_password(db, services.get_user(db, "demo-admin"), password)
+        except services.NotFound:
+            services.create_user(db, "demo-admin", password, "admin")
+    print(f"\nRank the candidates at http://{host}:{port}/ as demo-admin, password {password}\n"
+          f"(invite more annotators from the admin page). Stop the server with Ctrl-C, then run\n"
+          f"    align demo --continue --out {out}\n", flush=True)
+    serve(db=db_url, host=host, port=port, max_body_kb=1024, secure_cookies=False, log_level="warning")
+
+
+GUIDELINES = """\
+Rank the responses from best to worst. A good response **answers the question** about the
+topic asked, is **polite**, is **concise**, and **ends properly**. Put equally good
+responses in a tie; mark "all bad" when none is acceptable.
+"""
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def compare_models(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Sample SFT and exported model (plain transformers) on held-out prompts; score both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.generation import generate_responses
+    from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+    from align.synthetic import gold_score, make_prompts
+    from reward.model import load_reward_model
+
+    prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed + 1, split="heldout")
+    sft_path = resolve_model_path(cfg.model)
+    sft_tok = load_tokenizer(sft_path)
+    sft = load_causal_lm(sft_path, tokenizer=sft_tok)
+    exported = AutoModelForCausalLM.from_pretrained(out / "export", local_files_only=True)
+    exp_tok = AutoTokenizer.from_pretrained(out / "export", local_files_only=True)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, batch_size=64)
+    before = [s[0] for s in generate_responses(sft, sft_tok, prompts, **kwargs)]
+    after = [s[0] for s in generate_responses(exported, exp_tok, prompts, **kwargs)]
+    rm = load_reward_model(out / "reward")
+    reward_before, reward_after = rm.score(prompts, before).tolist(), rm.score(prompts, after).tolist()
+    gold_before = [gold_score(p, r) for p, r in zip(prompts, before)]
+    gold_after = [gold_score(p, r) for p, r in zip(prompts, after)]
+    metrics = {
+        "demo/reward_sft": statistics.fmean(reward_before),
+        "demo/reward_export": statistics.fmean(reward_after),
+        "demo/gold_sft": statistics.fmean(gold_before),
+        "demo/gold_export": statistics.fmean(gold_after),
+        "demo/gold_sft_std": statistics.pstdev(gold_before),
+        "demo/num_eval_prompts": len(prompts),
+    }
+    samples = [dict(prompt=p, sft=a, aligned=b, gold_sft=ga, gold_aligned=gb)
+               for p, a, b, ga, gb in zip(prompts, before, after, gold_before, gold_after)]
+    with (out / "comparison.jsonl").open("w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")
+    return {"metrics": metrics, "samples": samples}
+
+
+def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    def f(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:+.3f}"
+
+    rows = [("reward-model score (normalised)", f("demo/reward_sft"), f("demo/reward_export")),
+            ("gold judge score", f("demo/gold_sft"), f("demo/gold_export")),
+            ("KL to the reference (per sequence)", "+0.000", f("eval/kl"))]
+    print("\n" + f"{'held-out prompts':<36} {'SFT':>10} {'aligned':>10}")
+    for name, a, b in rows:
+        print(f"{name:<36} {a:>10} {b:>10}")
+    print(f"(gold std of SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}; reward-model held-out accuracy: "
+          f"{summary.get('reward/eval_accuracy') or 0:.3f})")
+    for row in samples[:3]:
+        print(f"\nprompt : {row['prompt']}\nSFT    : {row['sft']}  [gold {row['gold_sft']:+.2f}]\n"
+              f"aligned: {row['aligned']}  [gold {row['gold_aligned']:+.2f}]")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    plots = make_plots(out)
+    lines = ["# align demo report", "", f"Run directory: `{out}`", "",
+             "| held-out prompts | SFT | aligned |", "|---|---|---|",
+             f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | {summary.get('demo/reward_export', 0):.3f} |",
+             f"| gold judge score | {summary.get('demo/gold_sft', 0):.3f} | {summary.get('demo/gold_export', 0):.3f} |",
+             f"| KL to the reference | 0 | {summary.get('eval/kl', 0):.3f} |", "",
+             f"Gold score std of the SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}. "
+             f"Reward model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
+             f"on {summary.get('reward/eval_num_pairs')} pairs.", ""]
+    for title, name in plots:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Samples", "", "| prompt | SFT | aligned |", "|---|---|---|"]
+    for row in samples[:8]:
+        cells = [row["prompt"], f"{row['sft']} (gold {row['gold_sft']:+.2f})",
+                 f"{row['aligned']} (gold {row['gold_aligned']:+.2f})"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += ["", "Settings: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                                          if not f.name.endswith("_config")), ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def make_plots(out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in read_metrics(out / "ppo" / "metrics.jsonl") if "objective/scores" in m]
+    made = []
+    if metrics:
+        steps = [m.get("iteration", i + 1) for i, m in enumerate(metrics)]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        axes[0].plot(steps, [m["objective/scores"] for m in metrics], label="reward-model score")
+        if "objective/rlhf_reward" in metrics[0]:
+            axes[0].plot(steps, [m["objective/rlhf_reward"] for m in metrics], label="score - KL penalty")
+        axes[0].set(title="Reward during PPO", xlabel="iteration")
+        axes[0].legend()
+        axes[1].plot(steps, [m["objective/kl"] for m in metrics], color="tab:red")
+        axes[1].set(title="KL to the reference (per sequence)", xlabel="iteration")
+        fig.tight_layout()
+        fig.savefig(out / "reward_kl.png", dpi=110)
+        plt.close(fig)
+        made.append(("Reward and KL during PPO", "reward_kl.png"))
+    rows = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines() if line.strip()] \
+        if (out / "ppo" / "samples.jsonl").exists() else []
+    if rows and "policy_kl" in rows[0] and "policy_gold" in rows[0]:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.scatter([r["policy_kl"] for r in rows], [r["policy_gold"] for r in rows], s=12, alpha=0.6,
+                   label="aligned samples")
+        sft_gold = statistics.fmean(r["sft_gold"] for r in rows)
+        ax.axhline(sft_gold, color="gray", linestyle="--", label=f"SFT mean gold ({sft_gold:.2f})")
+        ax.set(title="Gold score against KL (held-out prompts)", xlabel="KL to the reference", ylabel="gold score")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "gold_vs_kl.png", dpi=110)
+        plt.close(fig)
+        made.append(("Gold score against KL", "gold_vs_kl.png"))
+    return made

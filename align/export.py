@@ -1,0 +1,201 @@
+"""`align export`: a PPO run's policy (or a reward model run) as an ordinary checkpoint.
+
+* `--merge` (default): the LoRA adapter is merged into the base and saved as safetensors
+  with the tokenizer, chat template and generation config, loadable by
+  `AutoModelForCausalLM.from_pretrained` and so by inference servers that read Hugging
+  Face checkpoints.
+* `--adapter`: only the PEFT adapter (+ tokenizer), loadable with
+  `PeftModel.from_pretrained(base, DIR)`; its `base_model_name_or_path` names the base.
+
+Either way DIR/README.md is a model card recording the base checkpoint, the data, the
+reward model's accuracy, the PPO settings and the final KL and reward/gold gains. The
+export is written into a hidden temporary directory beside DIR and renamed into place only
+when complete, so a crash or a kill leaves no half export behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.errors import UserError
+from align.run import atomic_directory
+
+log = logging.getLogger("align")
+
+REWARD_MARKER = "reward_normalization.json"
+
+
+def run_kind(run: Path) -> str:
+    """'ppo' for a PPO run (RUN/policy is an adapter), 'reward' for a reward-model run."""
+    if (run / "policy" / "adapter_config.json").exists():
+        return "ppo"
+    if (run / "model" / REWARD_MARKER).exists():
+        return "reward"
+    if not run.exists():
+        raise UserError(f"run directory not found: {run}")
+    raise UserError(f"{run} is neither a PPO run (no policy/adapter_config.json) nor a reward run "
+                    f"(no model/{REWARD_MARKER}); is the run finished?")
+
+
+def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False) -> Path:
+    run, out = Path(run), Path(out)
+    kind = run_kind(run)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _remove_stale_temporaries(out)
+    with atomic_directory(out, overwrite=force) as tmp:
+        if kind == "ppo":
+            _export_policy(run, tmp, merge)
+        else:
+            _export_reward(run, tmp, merge)
+        (tmp / "README.md").write_text(model_card(run, kind, merge), encoding="utf-8")
+    log.info("exported the %s of %s (%s) to %s", "policy" if kind == "ppo" else "reward model", run,
+             "merged" if merge else "adapter only", out)
+    return out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Hidden temporaries that a killed export left beside `out` (never the real output)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+
+
+def _export_policy(run: Path, out: Path, merge: bool) -> None:
+    from align.modeling import load_causal_lm, load_tokenizer
+
+    policy = run / "policy"
+    if not merge:
+        _copy_files(policy, out)
+        return
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _export_reward(run: Path, out: Path, merge: bool) -> None:
+    model_dir = run / "model"
+    if not merge or not (model_dir / "adapter_config.json").exists():
+        _copy_files(model_dir, out)  # adapter only, or a fully fine-tuned model already whole
+        return
+    from reward.model import load_reward_model
+
+    reward = load_reward_model(model_dir)
+    reward.model.save_pretrained(out, safe_serialization=True)
+    reward.tokenizer.save_pretrained(out)
+    for name in (REWARD_MARKER, "reward_info.json"):
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, out / name)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def _reward_section(reward_run: Path) -> list[str]:
+    summary = _read_json(reward_run / "summary.json")
+    config = _read_yaml(reward_run / "config.yaml")
+    data = config.get("data", {})
+    lines = [f"- reward run: `{reward_run}`"]
+    if data:
+        source = data.get("path") or data.get("format")
+        lines.append(f"- data: {data.get('format', '?')} ({source})")
+    for key, label in [("data/num_train_rankings", "training rankings"), ("data/num_eval_rankings", "held-out rankings"),
+                       ("data/num_annotators", "annotators"), ("eval/agreement", "inter-annotator agreement"),
+                       ("eval/num_pairs", "held-out pairs"), ("eval/accuracy", "held-out pairwise accuracy"),
+                       ("eval/gold_accuracy", "accuracy against the gold judge")]:
+        if key in summary:
+            lines.append(f"- {label}: {_fmt(summary[key])}")
+    return lines
+
+
+def model_card(run: Path, kind: str, merge: bool) -> str:
+    config = _read_yaml(run / "config.yaml")
+    summary = _read_json(run / "summary.json")
+    if kind == "ppo":
+        adapter = _read_json(run / "policy" / "adapter_config.json")
+        base = adapter.get("base_model_name_or_path", config.get("policy_model", "?"))
+    else:
+        info = _read_json(run / "model" / "reward_info.json")
+        base = info.get("base_model") or config.get("model", {}).get("name_or_path", "?")
+    lines = [
+        "---",
+        "library_name: " + ("transformers" if merge else "peft"),
+        "tags: [align, rlhf, " + ("ppo]" if kind == "ppo" else "reward-model]"),
+        "---",
+        "",
+        f"# {'Aligned policy' if kind == 'ppo' else 'Reward model'} exported by align",
+        "",
+        f"- base checkpoint: `{base}`",
+        f"- format: {'merged weights (safetensors)' if merge else 'PEFT adapter on the base above'}",
+        f"- source run: `{run.resolve()}`",
+        "",
+    ]
+    if kind == "ppo":
+        reward_path = Path(str(config.get("reward_model", "")))
+        lines += ["## Reward model", ""]
+        reward_run = reward_path.parent if reward_path.name == "model" else reward_path
+        lines += _reward_section(reward_run) if reward_run.exists() else [f"- `{reward_path}`"]
+        kl = config.get("kl", {})
+        lines += ["", "## PPO settings", ""]
+        for key in ("num_iterations", "batch_size", "response_length", "learning_rate", "num_ppo_epochs",
+                    "num_mini_batches", "clip_coef", "vf_coef", "gamma", "gae_lambda", "seed"):
+            if key in config:
+                lines.append(f"- {key}: {_fmt(config[key])}")
+        if kl:
+            lines.append("- KL penalty: " + ", ".join(f"{k}={_fmt(v)}" for k, v in kl.items()))
+        lora = config.get("lora", {})
+        if lora:
+            lines.append("- LoRA: " + ", ".join(f"{k}={_fmt(v)}" for k, v in lora.items()))
+        lines += ["", "## Results on held-out prompts", "", "| metric | SFT | aligned |", "|---|---|---|"]
+        for name, a, b in [("reward-model score", "eval/reward_sft", "eval/reward_policy"),
+                           ("gold judge score", "eval/gold_sft", "eval/gold_policy")]:
+            if a in summary or b in summary:
+                lines.append(f"| {name} | {_fmt(summary.get(a))} | {_fmt(summary.get(b))} |")
+        if "eval/kl" in summary:
+            lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
+    else:
+        lines += ["## Evaluation", ""] + _reward_section(run)
+    lines += ["", "Loading:", "", "```python"]
+    if kind == "ppo" and merge:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)"]
+    elif kind == "ppo":
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base)!r}), DIR)"]
+    else:
+        lines += ["from reward.model import load_reward_model", "rm = load_reward_model(DIR)  # normalised scores",
+                  "rm.score(prompts, responses)"]
+    lines += ["```", ""]
+    return "\n".join(lines)
