@@ -52,6 +52,14 @@ class WandbTracker(NullTracker):
         self.run.finish()
 
 
+def check_tracker_available(report_to: str) -> None:
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"report_to={report_to} needs {package}: pip install 'align[{package}]'")
+
+
 def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, Any]) -> NullTracker:
     if report_to == "tensorboard":
         return TensorBoardTracker(run_dir / "tensorboard")

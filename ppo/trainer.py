@@ -85,10 +85,11 @@ class PPOTrainer:
         from transformers import GenerationConfig, get_scheduler
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
-        from ppo.tracking import make_tracker
+        from ppo.tracking import check_tracker_available, make_tracker
 
         cfg = self.cfg
         self._check_run_dir()
+        check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         # Without a GPU, accelerate sets up gloo DDP for several launched processes only when
         # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -148,7 +149,7 @@ class PPOTrainer:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
             self._truncate_metrics()
-            self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
+            self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
 
     def _check_distributed_setup(self) -> None:

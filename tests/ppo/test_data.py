@@ -1,0 +1,78 @@
+"""Prompt sampling (resumable, per-rank slices), the Experience container, report_to errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from align.errors import UserError
+from ppo.data import PromptSampler, load_prompts
+from ppo.experience import Experience
+
+
+def test_sampler_state_round_trip_continues_the_same_order():
+    prompts = [f"p{i}" for i in range(10)]
+    a = PromptSampler(prompts, batch_size=4, seed=7)
+    first = [a.next_batch() for _ in range(2)]
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(3)]  # crosses an epoch boundary (10 prompts, 4 per batch)
+    b = PromptSampler(prompts, batch_size=4, seed=7)
+    b.load_state_dict(state)
+    assert [b.next_batch() for _ in range(3)] == rest
+    # one pass sees every prompt once
+    assert sorted(sum(first, []) + rest[0][:2]) == sorted(prompts)
+
+
+def test_ranks_take_disjoint_slices_of_the_global_batch():
+    prompts = [f"p{i}" for i in range(16)]
+    r0 = PromptSampler(prompts, batch_size=4, seed=1, rank=0, world_size=2).next_batch()
+    r1 = PromptSampler(prompts, batch_size=4, seed=1, rank=1, world_size=2).next_batch()
+    assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
+
+
+def test_load_prompts_from_jsonl_and_txt(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a", "responses": []}) + "\n" + json.dumps({"prompt": "a"}) + "\n"
+                     + json.dumps({"prompt": [{"role": "user", "content": "b"}]}) + "\n")
+    assert load_prompts(str(jsonl), 0, 0, "train") == ["a", [{"role": "user", "content": "b"}]]
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert load_prompts(str(txt), 0, 0, "train") == ["one", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        load_prompts(str(bad), 0, 0, "train")
+
+
+def test_experience_select_slices_every_field():
+    B, Q, T = 3, 2, 4
+    exp = Experience(query_ids=torch.arange(B * Q).view(B, Q), query_mask=torch.ones(B, Q),
+                     response_ids=torch.arange(B * T).view(B, T), response_mask=torch.ones(B, T),
+                     logprobs=torch.zeros(B, T), ref_logprobs=torch.zeros(B, T), values=torch.zeros(B, T),
+                     scores=torch.tensor([1.0, 2.0, 3.0]))
+    mb = exp.select(torch.tensor([2, 0]))
+    assert mb.scores.tolist() == [3.0, 1.0] and mb.kl is None
+    assert mb.input_ids.shape == (2, Q + T) and mb.context_length == Q
+    assert mb.input_ids[0].tolist() == [4, 5, 8, 9, 10, 11]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    from ppo.tracking import make_tracker
+
+    with pytest.raises(UserError, match="pip install 'align\\[tensorboard\\]'"):
+        make_tracker("tensorboard", tmp_path, "align", {})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_wandb_without_the_package_fails_before_training(capsys, small_run, tmp_path):
+    from align.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["ppo", *small_run, "report_to=wandb"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1] == "error: report_to=wandb needs wandb: pip install 'align[wandb]'"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
