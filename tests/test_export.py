@@ -1,0 +1,124 @@
+"""`align export`: merged and adapter exports reproduce the trained policy; no half exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from align.errors import UserError
+from align.export import export_run
+
+PROMPTS = ["Tell me about tea.", "How does chess work?", "Give me a quick tip about bread."]
+
+
+def greedy(model, tokenizer, prompts=PROMPTS):
+    from align.chat import render_prompt
+
+    tokenizer.padding_side = "left"
+    batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def trained_policy(run):
+    """The policy exactly as PPO left it: base + adapter through peft, not merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(run / "policy")
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((run / "policy" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return PeftModel.from_pretrained(base, run / "policy").eval(), tokenizer
+
+
+def test_adapter_changed_the_policy(tiny_ppo_run, tiny_random_model):
+    from safetensors.torch import load_file
+
+    weights = load_file(tiny_ppo_run / "policy" / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # PPO moved the adapter off its zero init
+
+
+def test_merged_export_generates_exactly_what_the_policy_did(tiny_ppo_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy, tokenizer = trained_policy(tiny_ppo_run)
+    expected = greedy(policy, tokenizer)
+    out = export_run(tiny_ppo_run, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)  # plain transformers
+    exported_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert exported_tokenizer.chat_template and (out / "generation_config.json").exists()
+    assert greedy(model, exported_tokenizer) == expected
+    card = (out / "README.md").read_text()
+    assert "base checkpoint" in card and "PPO settings" in card and "gold judge score" in card
+
+
+def test_adapter_export_loads_through_peft(tiny_ppo_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy, tokenizer = trained_policy(tiny_ppo_run)
+    expected = greedy(policy, tokenizer)
+    out = export_run(tiny_ppo_run, tmp_path / "adapter", merge=False)
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out).eval()
+    assert greedy(model, AutoTokenizer.from_pretrained(out)) == expected
+
+
+def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        export_run(tiny_ppo_run, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"  # nothing touched
+    with pytest.raises(UserError, match="run directory not found"):
+        export_run(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(UserError, match="neither a PPO run"):
+        export_run(tmp_path / "taken", tmp_path / "out")
+
+
+def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):
+    out = tmp_path / "export"
+    # Pause the export after the weights are written, before the final rename, then kill -9 it.
+    code = (
+        "import sys, time\n"
+        "import align.export as e\n"
+        "original = e._export_policy\n"
+        "def slow(run, out, merge):\n"
+        "    original(run, out, merge)\n"
+        "    print('WRITTEN', flush=True)\n"
+        "    time.sleep(60)\n"
+        "e._export_policy = slow\n"
+        f"e.export_run({str(tiny_ppo_run)!r}, {str(out)!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITTEN"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert list(tmp_path.glob(".export.tmp-*"))  # the hidden temporary is all that remains
+    export_run(tiny_ppo_run, out)  # a new export succeeds and clears the stale temporary
+    assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".export.tmp-*"))
+
+
+def test_cli_export_reports_user_errors(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "align.cli", "export", str(tmp_path / "missing"), "--out",
+                             str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run directory not found" in result.stderr and "Traceback" not in result.stderr
