@@ -1,0 +1,67 @@
+"""`align demo` end to end on the random tiny model (small settings; the real run is in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from align.config import ConfigError
+from align.demo import run_demo, split_overrides
+
+
+def test_overrides_are_routed_to_their_stage():
+    demo, reward, ppo = split_overrides(["k=3", "reward.train.lr=0.1", "ppo.kl.coef=0.2"])
+    assert (demo, reward, ppo) == (["k=3"], ["train.lr=0.1"], ["kl.coef=0.2"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["num_promps=5"], "did you mean 'num_prompts'"),
+        (["reward.train.lrr=0.1"], "did you mean 'train.lr'"),
+        (["ppo.kl_coeff=0.1"], "for PPOConfig"),
+        (["annotators_per_prompt=5", "num_annotators=2"], "exceeds num_annotators"),
+    ],
+)
+def test_bad_overrides_stop_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_demo(tmp_path / "demo", config_path=None, overrides=overrides)
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path):
+    out = tmp_path / "demo"
+    summary = run_demo(out, config_path=None, overrides=[
+        f"model={tiny_random_model}", "num_prompts=24", "k=3", "num_annotators=2", "annotators_per_prompt=2",
+        "num_eval_prompts=6", "max_new_tokens=10",
+        "reward.eval.normalize_prompts=8", "reward.train.batch_size=8",
+        "ppo.num_iterations=2", "ppo.batch_size=8", "ppo.num_mini_batches=2", "ppo.response_length=10",
+        "ppo.num_eval_prompts=6", "ppo.save_every=0",
+    ])
+    # Every prompt was ranked by both simulated annotators, through the web app's services.
+    rankings = [json.loads(line) for line in (out / "rankings.kwise.jsonl").read_text().splitlines()]
+    assert len(rankings) == 48
+    assert {r["annotator"] for r in rankings} == {"simulated-0", "simulated-1"}
+    assert all(len(r["responses"]) == 3 and len(r["ranks"]) == 3 for r in rankings)
+    # Each stage left its run directory; the demo's summary carries the PPO eval keys.
+    assert (out / "reward" / "model" / "reward_normalization.json").exists()
+    assert (out / "ppo" / "policy" / "adapter_config.json").exists()
+    assert (out / "export" / "model.safetensors").exists() and (out / "export" / "README.md").exists()
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("eval/reward_sft", "eval/reward_policy", "eval/gold_sft", "eval/gold_policy", "eval/gold_sft_std",
+                "eval/kl", "demo/gold_export", "demo/gold_sft"):
+        assert key in on_disk and on_disk[key] == pytest.approx(summary[key])
+    report = (out / "report.md").read_text()
+    assert "reward_kl.png" in report and "gold_vs_kl.png" in report
+    for png in ("reward_kl.png", "gold_vs_kl.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_continue_without_a_database_is_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "align.cli", "demo", "--continue", "--out", str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nothing to continue" in result.stderr and "Traceback" not in result.stderr
