@@ -41,3 +41,51 @@ def test_user_mistakes_exit_2_without_traceback(args, expected):
     assert out.returncode == 2
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# Every stage config refuses a typo, a negative learning rate and a missing file the same way.
+STAGE_COMMANDS = {
+    "reward": (["reward", "train"], "reward.config:RewardConfig", "train.lr"),
+    "ppo": (["ppo"], "ppo.config:PPOConfig", "learning_rate"),
+    "demo": (["demo", "--out", "/tmp/align-never-written"], "align.demo:DemoConfig", "reward.train.lr"),
+}
+
+
+def _leaf_keys(target: str) -> list[str]:
+    import importlib
+
+    from align.config import describe
+
+    module, name = target.split(":")
+    return [row[0] for row in describe(getattr(importlib.import_module(module), name))]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_stage_config_typo_suggests_the_key(stage):
+    command, target, _ = STAGE_COMMANDS[stage]
+    key = next(k for k in _leaf_keys(target) if len(k.rsplit(".", 1)[-1]) > 4)
+    out = run_align(*command, f"{key}x=1")
+    assert out.returncode == 2, out.stderr
+    assert f"did you mean '{key}'?" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_stage_config_refuses_a_negative_learning_rate(stage):
+    command, _, lr_key = STAGE_COMMANDS[stage]
+    out = run_align(*command, f"{lr_key}=-0.001")
+    assert out.returncode == 2, out.stderr
+    assert lr_key.removeprefix("reward.") in out.stderr and "must be" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_stage_config_refuses_a_missing_file(stage, tmp_path):
+    command, _, _ = STAGE_COMMANDS[stage]
+    out = run_align(*command, "--config", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "config file not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_data_file_is_refused(tmp_path):
+    out = run_align("reward", "train", "data.format=kwise", f"data.path={tmp_path / 'none.jsonl'}")
+    assert out.returncode == 2 and "data.path: file not found" in out.stderr
