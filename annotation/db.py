@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, select
@@ -27,7 +29,42 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=20)
+            # SQLite has one writer at a time. Threads of this process queue on a FIFO-ish
+            # lock taken at BEGIN and released after COMMIT/ROLLBACK, instead of spinning in
+            # SQLite's busy handler, whose sleeps (up to 100 ms each, unfair) gave multi-second
+            # p99 latencies under load. Other processes (CLI imports) wait via busy_timeout.
+            writer_lock = threading.Lock()
+
+            class LockingConnection(sqlite3.Connection):
+                holds_lock = False
+
+                def _release(self):
+                    if self.holds_lock:
+                        self.holds_lock = False
+                        writer_lock.release()
+
+                def commit(self):
+                    try:
+                        super().commit()
+                    finally:
+                        self._release()
+
+                def rollback(self):
+                    try:
+                        super().rollback()
+                    finally:
+                        self._release()
+
+                def close(self):
+                    try:
+                        super().close()
+                    finally:
+                        self._release()
+
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30, "factory": LockingConnection},
+                pool_size=20, max_overflow=20,
+            )
 
             @event.listens_for(engine, "connect")
             def _sqlite_connect(dbapi_conn, _record):
@@ -42,7 +79,19 @@ def make_engine(url: str) -> Engine:
 
             @event.listens_for(engine, "begin")
             def _sqlite_begin(conn):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                if conn.get_execution_options().get("align_read_only"):
+                    conn.exec_driver_sql("BEGIN")  # WAL readers see a snapshot and block nobody
+                    return
+                raw = conn.connection.dbapi_connection
+                if not raw.holds_lock:
+                    if not writer_lock.acquire(timeout=60):
+                        raise UserError("database busy for 60 s; try again")
+                    raw.holds_lock = True
+                try:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                except BaseException:
+                    raw._release()
+                    raise
 
         else:
             engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
@@ -89,6 +138,14 @@ def open_db(url: str | None) -> sessionmaker[Session]:
     engine = make_engine(url or default_db_url())
     migrate(engine)
     return make_sessionmaker(engine)
+
+
+def begin_read_only(db: Session) -> None:
+    """Start a read-only transaction: on SQLite a deferred BEGIN that takes no writer lock.
+    Only for code that does not write before its next commit."""
+    if db.in_transaction():
+        db.commit()
+    db.connection(execution_options={"align_read_only": True})
 
 
 def get_meta(db: Session, key: str) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
@@ -15,7 +15,9 @@ CSRF_COOKIE = "align_csrf"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    # Async so the teardown runs on the event loop, never waiting for a worker thread
+    # (closing only returns the connection; all queries run in sync code in the threadpool).
     db = request.app.state.sessionmaker()
     try:
         yield db
@@ -68,21 +70,28 @@ def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
     return None, "none"
 
 
-async def optional_user(request: Request, db: SessionDep) -> User | None:
-    user, kind = _user_from_request(request, db)
-    if user is not None and kind == "cookie" and request.method not in SAFE_METHODS:
+async def csrf_guard(request: Request) -> None:
+    """CSRF applies to cookie-authenticated state changes; decided without the database so
+    this async step never blocks the event loop on a database lock."""
+    if request.method in SAFE_METHODS or request.headers.get("authorization", "").lower().startswith("bearer "):
+        return
+    if request.cookies.get(SESSION_COOKIE):
         await check_csrf(request)
+
+
+def optional_user(request: Request, db: SessionDep, _csrf: Annotated[None, Depends(csrf_guard)]) -> User | None:
+    # Sync on purpose: FastAPI runs it in the threadpool, so database waits block no one else.
+    user, _kind = _user_from_request(request, db)
     return user
 
 
-async def current_user(request: Request, db: SessionDep) -> User:
-    user = await optional_user(request, db)
+def current_user(user: Annotated[User | None, Depends(optional_user)]) -> User:
     if user is None:
         raise HTTPException(401, "sign in first (session cookie or 'Authorization: Bearer <token>')", headers={"WWW-Authenticate": "Bearer"})
     return user
 
 
-async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     if user.role != "admin":
         raise HTTPException(403, "admins only")
     return user

@@ -60,7 +60,7 @@ def home(request: Request, db: SessionDep, user: OptionalUser):
 
 
 @router.post("/login")
-async def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
+def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
                 username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
     user = login_or_429(request, db, username, password)
     if user is None:
@@ -73,7 +73,7 @@ async def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
 
 
 @router.post("/logout")
-async def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
+def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
     if request.cookies.get(SESSION_COOKIE):
         services.close_web_session(db, request.cookies[SESSION_COOKIE])
     resp = RedirectResponse("/", status_code=303)
@@ -82,7 +82,7 @@ async def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
 
 
 @router.post("/projects/{name}/start")
-async def start(name: str, db: SessionDep, user: CurrentUser):
+def start(name: str, db: SessionDep, user: CurrentUser):
     task = services.next_task(db, user, services.get_project(db, name))
     if task is None:
         return RedirectResponse(f"/projects/{name}/done", status_code=303)
@@ -115,7 +115,7 @@ def invite_page(token: str, request: Request):
 
 
 @router.post("/invite/{token}")
-async def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfChecked,
+def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfChecked,
                         username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
     try:
         services.accept_invite(db, token, username, password)
@@ -131,7 +131,7 @@ def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser)
 
 
 @router.post("/admin/projects/{name}/invite", response_class=HTMLResponse)
-async def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
+def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
     p = services.get_project(db, name)
     link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator")
     return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=link)

@@ -40,6 +40,43 @@ MAX_TEXT = 100_000  # characters in one prompt or candidate
 MAX_REASON = 2_000
 
 
+def unit_of_work(fn):
+    """Every public service function ends its transaction before returning: commit on
+    success, rollback on error. On SQLite each transaction holds the write lock (BEGIN
+    IMMEDIATE), so a read left open after the last commit would block every other request."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(db, *args, **kwargs):
+        try:
+            result = fn(db, *args, **kwargs)
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+        return result
+
+    return wrapper
+
+
+def read_only(fn):
+    """A service function that only reads: runs in a read-only transaction (no SQLite
+    writer lock), ended before returning."""
+    import functools
+
+    from annotation.db import begin_read_only
+
+    @functools.wraps(fn)
+    def wrapper(db, *args, **kwargs):
+        begin_read_only(db)
+        try:
+            return fn(db, *args, **kwargs)
+        finally:
+            db.rollback()
+
+    return wrapper
+
+
 class ServiceError(UserError):
     status_code = 400
 
@@ -68,6 +105,7 @@ class Invalid(ServiceError):
 # --------------------------------------------------------------------------- users
 
 
+@unit_of_work
 def create_user(db: Session, username: str, password: str | None = None, role: str = "annotator") -> User:
     """Create a user; `password=None` makes an account that cannot log in (imported sources)."""
     username = (username or "").strip()
@@ -95,6 +133,7 @@ def create_user(db: Session, username: str, password: str | None = None, role: s
     return user
 
 
+@unit_of_work
 def set_password(db: Session, user: User, password: str) -> None:
     if len(password) < security.MIN_PASSWORD_LENGTH:
         raise Invalid(f"password must be at least {security.MIN_PASSWORD_LENGTH} characters")
@@ -102,6 +141,7 @@ def set_password(db: Session, user: User, password: str) -> None:
     db.commit()
 
 
+@read_only
 def get_user(db: Session, username: str) -> User:
     user = db.scalar(select(User).where(User.username == username))
     if user is None:
@@ -109,12 +149,14 @@ def get_user(db: Session, username: str) -> User:
     return user
 
 
+@unit_of_work
 def authenticate(db: Session, username: str, password: str) -> User | None:
     user = db.scalar(select(User).where(User.username == username))
     ok = security.verify_password(user.password_hash if user else None, password)
     return user if ok and user is not None and user.active and user.role != "source" else None
 
 
+@unit_of_work
 def issue_api_token(db: Session, user: User) -> str:
     token = "aln_" + security.new_token()
     db.add(ApiToken(user_id=user.id, token_hash=security.hash_token(token), created_at=time.time()))
@@ -122,6 +164,7 @@ def issue_api_token(db: Session, user: User) -> str:
     return token
 
 
+@read_only
 def user_for_token(db: Session, token: str) -> User | None:
     row = db.execute(
         select(User).join(ApiToken, ApiToken.user_id == User.id).where(ApiToken.token_hash == security.hash_token(token))
@@ -129,6 +172,7 @@ def user_for_token(db: Session, token: str) -> User | None:
     return row if row is not None and row.active else None
 
 
+@unit_of_work
 def open_web_session(db: Session, user: User, ttl_s: float = 12 * 3600) -> str:
     token = security.new_token()
     now = time.time()
@@ -138,6 +182,7 @@ def open_web_session(db: Session, user: User, ttl_s: float = 12 * 3600) -> str:
     return token
 
 
+@read_only
 def user_for_session(db: Session, token: str) -> User | None:
     row = db.execute(
         select(User, WebSession.expires_at)
@@ -149,11 +194,13 @@ def user_for_session(db: Session, token: str) -> User | None:
     return row[0]
 
 
+@unit_of_work
 def close_web_session(db: Session, token: str) -> None:
     db.execute(delete(WebSession).where(WebSession.token_hash == security.hash_token(token)))
     db.commit()
 
 
+@unit_of_work
 def create_invite(db: Session, role: str = "annotator", ttl_s: float = 7 * 86400) -> str:
     if role not in ("admin", "annotator"):
         raise Invalid(f"unknown role {role!r} (admin, annotator)")
@@ -164,6 +211,7 @@ def create_invite(db: Session, role: str = "annotator", ttl_s: float = 7 * 86400
     return token
 
 
+@unit_of_work
 def accept_invite(db: Session, token: str, username: str, password: str) -> User:
     inv = db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
     if inv is None or inv.used_by is not None or inv.expires_at < time.time():
@@ -179,6 +227,7 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
 # --------------------------------------------------------------------------- projects
 
 
+@unit_of_work
 def create_project(
     db: Session,
     name: str,
@@ -216,6 +265,7 @@ def create_project(
     return project
 
 
+@read_only
 def get_project(db: Session, name: str) -> Project:
     project = db.scalar(select(Project).where(Project.name == name))
     if project is None:
@@ -223,11 +273,13 @@ def get_project(db: Session, name: str) -> Project:
     return project
 
 
+@unit_of_work
 def get_or_create_project(db: Session, name: str, **kwargs: Any) -> Project:
     project = db.scalar(select(Project).where(Project.name == name))
     return project if project is not None else create_project(db, name, **kwargs)
 
 
+@read_only
 def list_projects(db: Session) -> list[Project]:
     return list(db.scalars(select(Project).order_by(Project.name)))
 
@@ -285,6 +337,7 @@ def _new_prompt(project: Project, source_id: str, content: Any, cands: list[Cand
     return prompt
 
 
+@unit_of_work
 def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> ImportReport:
     """Add prompts (with or without candidates). Prompts whose id is already in the project
     are skipped, so importing the same file twice adds nothing."""
@@ -312,6 +365,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
     return report
 
 
+@unit_of_work
 def add_candidates(db: Session, prompt: Prompt, texts: list[str], model: str | None = None, sampling: dict | None = None) -> None:
     """Attach generated candidates to a prompt that has none yet (`align annotate generate`)."""
     if prompt.n_candidates:
@@ -324,6 +378,7 @@ def add_candidates(db: Session, prompt: Prompt, texts: list[str], model: str | N
     db.commit()
 
 
+@unit_of_work
 def prompts_without_candidates(db: Session, project: Project) -> list[Prompt]:
     return list(db.scalars(select(Prompt).where(Prompt.project_id == project.id, Prompt.n_candidates == 0).order_by(Prompt.id)))
 
@@ -337,6 +392,7 @@ def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
     return cache[name]
 
 
+@unit_of_work
 def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
     """Store existing preference data: each Ranking becomes a prompt with its candidates and
     one ranking row by the (non-login) user named after its annotator or the source."""
@@ -378,6 +434,7 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     return report
 
 
+@unit_of_work
 def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
     """`align annotate import`: read FILE in `fmt` into the project (created if missing)."""
     from align import formats
@@ -473,6 +530,7 @@ def _task(db: Session, a: Assignment, project: Project, prompt: Prompt) -> Task:
     )
 
 
+@unit_of_work
 def release_expired_leases(db: Session, project: Project, now: float | None = None) -> int:
     """Give back the slots of leases that ran out (commits)."""
     now = time.time() if now is None else now
@@ -500,6 +558,7 @@ def _take_slot(db: Session, project: Project, prompt_id: int) -> bool:
     return res.rowcount == 1
 
 
+@unit_of_work
 def next_task(db: Session, user: User, project: Project, now: float | None = None) -> Task | None:
     """Lease the next prompt for `user`: their own live lease if they have one, else the
     least-annotated prompt that still has a free slot and that they never ranked. None when
@@ -573,6 +632,7 @@ def _own_assignment(db: Session, user: User, assignment_id: int) -> Assignment:
     return a
 
 
+@read_only
 def get_task(db: Session, user: User, assignment_id: int) -> Task:
     a = _own_assignment(db, user, assignment_id)
     return _task(db, a, db.get(Project, a.project_id), db.get(Prompt, a.prompt_id))
@@ -596,6 +656,7 @@ def _clean_time(time_spent_ms: Any) -> int | None:
     return time_spent_ms
 
 
+@unit_of_work
 def submit_ranking(
     db: Session,
     user: User,
@@ -653,6 +714,7 @@ def submit_ranking(
     return row
 
 
+@unit_of_work
 def revise_ranking(
     db: Session,
     user: User,
@@ -686,6 +748,7 @@ def revise_ranking(
     raise Conflict(f"task {assignment_id} is being revised concurrently; try again")
 
 
+@unit_of_work
 def skip_task(db: Session, user: User, assignment_id: int, reason: str) -> RankingRow:
     """Skip a leased task with a reason: recorded as a skipped ranking row; the slot goes
     back to the pool for another annotator, and this annotator will not get it again."""
@@ -716,6 +779,7 @@ def skip_task(db: Session, user: User, assignment_id: int, reason: str) -> Ranki
 # --------------------------------------------------------------------------- export / stats
 
 
+@read_only
 def latest_rankings(db: Session, project: Project, *, include_skipped: bool = False, all_revisions: bool = False) -> list[tuple[RankingRow, User, Prompt]]:
     q = (
         select(RankingRow, User, Prompt)
@@ -739,6 +803,7 @@ def latest_rankings(db: Session, project: Project, *, include_skipped: bool = Fa
     return [r for r in rows if include_skipped or not r[0].skipped]
 
 
+@read_only
 def export_rankings(db: Session, project: Project, *, all_revisions: bool = False) -> list[Ranking]:
     """The project's rankings as `Ranking`s (latest revision per annotator and prompt unless
     `all_revisions`); responses in their original order, ranks 0 = best with ties."""
@@ -766,6 +831,7 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
     return out
 
 
+@read_only
 def export_rows(db: Session, project: Project, fmt: str) -> list[dict[str, Any]]:
     from align import formats
 
@@ -779,11 +845,13 @@ def export_rows(db: Session, project: Project, fmt: str) -> list[dict[str, Any]]
     return formats.hh_from_rankings(rankings)
 
 
+@read_only
 def user_progress(db: Session, user: User, project: Project) -> dict[str, int]:
     done = db.scalar(select(func.count()).where(Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "done"))
     return {"done": int(done or 0)}
 
 
+@read_only
 def project_progress(db: Session, project: Project) -> dict[str, int]:
     n_prompts, done, rankable = db.execute(
         select(func.count(Prompt.id), func.coalesce(func.sum(Prompt.done_count), 0), func.count(Prompt.id).filter(Prompt.n_candidates >= 2))
@@ -793,6 +861,7 @@ def project_progress(db: Session, project: Project) -> dict[str, int]:
     return {"prompts": int(n_prompts), "rankable_prompts": int(rankable), "rankings": int(done), "target": target}
 
 
+@read_only
 def dashboard(db: Session, project: Project) -> dict[str, Any]:
     """Progress, per-annotator counts and median time, agreement metrics and flagged items."""
     from statistics import median

@@ -1,0 +1,202 @@
+"""The annotator's browser flow, driven through Playwright on Debian's chromium (headless)
+against a real `align annotate serve` process. Screenshots go to test-artifacts/annotation/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.annotation.conftest import PASSWORD, REPO, ServerProcess, seed_database
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts" / "annotation"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not installed (source .ci/services.sh)")
+    pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
+    tmp = tmp_path_factory.mktemp("browser")
+    db_url = f"sqlite:///{tmp / 'browser.db'}"
+    seed_database(db_url, n_prompts=6, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave"])
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+    from annotation.db import open_db
+
+    sm = open_db(db_url)
+    with sm() as db:
+        p = services.create_project(db, "xss", k=3)
+        services.add_prompts(db, p, [PromptRecord(
+            "Show me <b>bold</b> HTML", "x0",
+            [Candidate("<img src=x onerror=alert(1)>"), Candidate("<script>window.__xss = 1; alert(2)</script>"),
+             Candidate("A safe answer with `code` and\n\n1. a list\n2. items")],
+        )])
+    sm.kw["bind"].dispose()
+    srv = ServerProcess(db_url, tmp / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    pg = ctx.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    yield pg
+    ctx.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def login(page, server, user: str) -> None:
+    page.goto(server.url + "/")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Projects")
+
+
+def start(page, project: str = "load") -> int:
+    page.locator(f"li.card:has(h2:text-is('{project}')) button:has-text('Start ranking')").click()
+    page.wait_for_url("**/tasks/*")
+    page.wait_for_selector("#ranking li.cand")
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def dom_order(page) -> list[list[int]]:
+    """Tie groups of candidate ids as shown on the page."""
+    groups: list[list[int]] = []
+    for card in page.locator("#ranking li.cand").all():
+        cid, tie = int(card.get_attribute("data-id")), card.get_attribute("data-tie") == "1"
+        if tie and groups:
+            groups[-1].append(cid)
+        else:
+            groups.append([cid])
+    return groups
+
+
+def stored(server, task_id: int):
+    from annotation.db import open_db
+    from annotation.models import RankingRow
+
+    sm = open_db(server.db_url)
+    with sm() as db:
+        rows = db.query(RankingRow).filter_by(assignment_id=task_id).order_by(RankingRow.revision).all()
+        out = [(r.order, r.all_bad, r.skipped) for r in rows]
+    sm.kw["bind"].dispose()
+    return out
+
+
+def submit_and_wait_next(page, task_id: int) -> int:
+    page.click("#submit")
+    page.wait_for_url(lambda url: url.rstrip("/").rsplit("/", 1)[-1] not in (str(task_id),), timeout=10_000)
+    return int(page.url.rsplit("/", 1)[1]) if "/tasks/" in page.url else -1
+
+
+def test_login_drag_tie_submit_next(page, server):
+    login(page, server, "alice")
+    shot(page, "01-projects")
+    task_id = start(page)
+    assert page.locator("#ranking li.cand").count() == 4
+    first_ids = [g[0] for g in dom_order(page)]
+    # drag the last response to the top by its handle
+    page.locator("#ranking li.cand").nth(3).locator(".handle").drag_to(page.locator("#ranking li.cand").nth(0), target_position={"x": 20, "y": 5})
+    after_drag = [g[0] for g in dom_order(page)]
+    assert after_drag[0] == first_ids[3] and sorted(after_drag) == sorted(first_ids)
+    # tie the 3rd with the 2nd via its "=" button
+    page.locator("#ranking li.cand").nth(2).locator("button.tie").click()
+    expected = dom_order(page)
+    assert len(expected) == 3 and len(expected[1]) == 2
+    assert page.locator("#ranking li.cand").nth(2).locator(".rank-label").inner_text() == "#2"
+    shot(page, "02-ranking-drag-tie")
+    next_id = submit_and_wait_next(page, task_id)
+    assert next_id != task_id and next_id > 0  # the next task opened
+    assert stored(server, task_id) == [(expected, False, False)]
+    assert page.dialogs == []
+
+
+def test_keyboard_only_ranking(page, server):
+    login(page, server, "bob")
+    task_id = start(page)
+    ids = [g[0] for g in dom_order(page)]
+    # the first card has focus on load; everything below is keys only
+    page.keyboard.press("3")  # first card -> position 3
+    page.keyboard.press("ArrowUp")  # -> position 2
+    for _ in range(20):  # Tab through the card buttons until the last card has focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.dataset.id") == str(ids[3]):
+            break
+    page.keyboard.press("t")  # tie the last with the one above
+    expected = [[ids[1]], [ids[0]], [ids[2], ids[3]]]
+    assert dom_order(page) == expected
+    assert page.locator("#ranking li.cand").nth(3).locator(".tie-label").is_visible()
+    shot(page, "03-keyboard")
+    page.keyboard.press("Enter")  # submit from the focused card
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, False, False)]
+
+
+def test_unchanged_order_asks_for_confirmation(page, server):
+    login(page, server, "carol")
+    task_id = start(page)
+    shown = dom_order(page)
+    page.click("#submit")
+    assert page.locator("#confirm").is_visible()
+    assert stored(server, task_id) == []  # nothing sent yet
+    page.check("#all-bad")
+    page.click("#confirm-yes")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(shown, True, False)]
+
+
+def test_xss_candidates_render_as_text(page, server):
+    login(page, server, "dave")
+    start(page, "xss")
+    bodies = page.locator("#ranking li.cand .cand-body")
+    texts = " ".join(bodies.all_inner_texts())
+    assert "<img src=x onerror=alert(1)>" in texts and "<script>window.__xss = 1; alert(2)</script>" in texts
+    assert page.locator("#ranking img").count() == 0 and page.locator("#ranking script").count() == 0
+    assert page.evaluate("window.__xss === undefined")
+    assert "<b>bold</b>" in page.locator(".prompt").inner_text()
+    assert page.locator(".cand-body ol li").count() == 2  # Markdown list still rendered
+    shot(page, "04-xss-as-text")
+    assert page.dialogs == []
+
+
+def test_narrow_viewport_375px(browser, server):
+    ctx = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    login(page, server, "alice")
+    task_id = start(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
+    for sel in ["#submit", ".prompt", "#ranking li.cand >> nth=0"]:
+        box = page.locator(sel).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, sel
+    shot(page, "05-mobile-375")
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    page.locator("#submit").scroll_into_view_if_needed()
+    page.click("#submit")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, False, False)]
+    ctx.close()

@@ -1,0 +1,88 @@
+"""30 simulated annotators rank at once through the HTTP API of a real server process:
+every acknowledged ranking is stored exactly once and no prompt gets more annotators than
+configured."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+
+import pytest
+
+from tests.annotation.conftest import PG_URL, ServerProcess, _reset_postgres, seed_database
+
+N_ANNOTATORS, N_PROMPTS, K, PER_PROMPT = 30, 40, 3, 3
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server_db(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'conc.db'}"
+    if not PG_URL:
+        pytest.skip("ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+    _reset_postgres(PG_URL)
+    return PG_URL
+
+
+@pytest.mark.slow
+def test_thirty_annotators_at_once(server_db, tmp_path):
+    import httpx
+
+    users = [f"ann{i:02d}" for i in range(N_ANNOTATORS)]
+    tokens = seed_database(server_db, n_prompts=N_PROMPTS, k=K, annotators_per_prompt=PER_PROMPT, users=users)
+    server = ServerProcess(server_db, tmp_path / "server.log").start()
+    acked: list[tuple[int, int, list]] = []  # (ranking id, task id, order)
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(N_ANNOTATORS)
+
+    def annotator(name: str) -> None:
+        rng = random.Random(name)
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {tokens[name]}"}, timeout=60) as c:
+            barrier.wait()
+            while True:
+                r = c.post("/api/projects/load/next")
+                if r.status_code == 204:
+                    return
+                if r.status_code != 200:
+                    errors.append(f"{name} next {r.status_code} {r.text}")
+                    return
+                task = r.json()
+                ids = [x["id"] for x in task["candidates"]]
+                rng.shuffle(ids)
+                order = [[ids[0]], ids[1:]] if rng.random() < 0.3 else [[i] for i in ids]  # some ties
+                s = c.post(f"/api/tasks/{task['id']}/ranking", json={"order": order})
+                if s.status_code == 201:
+                    with lock:
+                        acked.append((s.json()["id"], task["id"], order))
+                else:
+                    errors.append(f"{name} submit {s.status_code} {s.text}")
+
+    threads = [threading.Thread(target=annotator, args=(u,)) for u in users]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server.stop()
+    assert errors == []
+
+    from annotation.db import open_db
+    from annotation.models import Assignment, RankingRow
+
+    sm = open_db(server_db)
+    with sm() as db:
+        rows = {r.id: r for r in db.query(RankingRow).all()}
+        assignments = {a.id: a for a in db.query(Assignment).all()}
+    sm.kw["bind"].dispose()
+    assert len(acked) == N_PROMPTS * PER_PROMPT  # every slot filled, each by one acknowledged ranking
+    assert len(rows) == len(acked)  # nothing stored that was not acknowledged, nothing twice
+    for rid, task_id, order in acked:
+        assert rows[rid].assignment_id == task_id and rows[rid].order == order and rows[rid].revision == 1
+    per_prompt = Counter(r.prompt_id for r in rows.values())
+    assert max(per_prompt.values()) == PER_PROMPT and len(per_prompt) == N_PROMPTS
+    pairs = Counter((r.prompt_id, r.user_id) for r in rows.values())
+    assert max(pairs.values()) == 1  # nobody ranked a prompt twice
+    assert all(a.status == "done" for a in assignments.values())
