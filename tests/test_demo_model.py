@@ -107,3 +107,31 @@ def test_demo_model_samples_are_english_and_span_the_gold_range(demo_model):
     assert sum(w in vocabulary for w in words) / len(words) > 0.95  # real words from the corpus
     scores = [gold_score(p, s) for p, s in zip(prompts, samples)]
     assert statistics.pstdev(scores) > 1.5  # room for the reward model and PPO to improve
+
+
+def test_supervised_finetune_is_deterministic_and_learns(tiny_random_model):
+    from dataclasses import replace
+
+    from align.demo_model import SIZES, init_model, supervised_finetune
+
+    size = replace(SIZES["test"], sft_steps=12, sft_batch_size=8, sft_lr=3e-3)
+    tokenizer = load_tokenizer(tiny_random_model)
+    runs = []
+    for _ in range(2):
+        model = init_model(tokenizer, size, seed=7)
+        losses = supervised_finetune(model, tokenizer, size, seed=7, progress=False)
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == losses_b and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert statistics.fmean(losses_a[-3:]) < statistics.fmean(losses_a[:3])  # it learns
+
+
+def test_demo_model_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    from align.demo_model import ensure_demo_model
+
+    monkeypatch.setenv("ALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    first = ensure_demo_model("test")
+    assert first.parent == tmp_path / "cache"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert ensure_demo_model("test") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
