@@ -595,8 +595,9 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
             return None
         # Spread concurrent annotators over the least-annotated prompts instead of all
         # racing for the first one (they would then retry one by one).
+        # Seeded per user so simulated runs (align demo) repeat exactly.
         lowest = ids[: max(1, min(len(ids), 8))]
-        random.shuffle(lowest)
+        random.Random(user.id * 7919 + _attempt).shuffle(lowest)
         for pid in lowest:
             if not _take_slot(db, project, pid):
                 continue

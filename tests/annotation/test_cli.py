@@ -1,0 +1,108 @@
+"""`align annotate` commands: import, export, accounts, generate; user mistakes exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.cli import main
+from align.formats import read_kwise
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out + out.err
+
+
+def ok(argv, capsys):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr()
+    return capsys.readouterr().out
+
+
+def test_import_export_round_trip_and_reimport(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n"
+                   + json.dumps({"prompt": "capital of France?", "chosen": "Paris", "rejected": "Lyon"}) + "\n")
+    assert "2 rankings imported" in ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    assert "2 already present" in ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    for fmt in ("kwise", "pairs", "hh"):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert "2 " + fmt in ok(["annotate", "export", "--db", db, "-p", "t", "-f", fmt, "-o", str(out)], capsys)
+    k = read_kwise(tmp_path / "kwise.jsonl")
+    assert sorted((r.prompt, r.responses, r.ranks, r.annotator) for r in k) == [
+        ("2+2?", ["4", "5"], [0, 1], "trl"), ("capital of France?", ["Paris", "Lyon"], [0, 1], "trl")]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs} == {("2+2?", "4", "5"), ("capital of France?", "Paris", "Lyon")}
+    hh = json.loads((tmp_path / "hh.jsonl").read_text().splitlines()[0])
+    assert hh["chosen"].startswith("\n\nHuman: ") and "\n\nAssistant: " in hh["chosen"]
+
+
+def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'b.db'}"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "a"}\n')
+    cases = [
+        (["annotate", "import", str(tmp_path / "none.jsonl"), "--db", db, "-p", "t", "-f", "trl"], "file not found"),
+        (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "trl"], "bad.jsonl:1"),
+        (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "csv"], "unknown import format"),
+        (["annotate", "export", "--db", db, "-p", "nope", "-o", str(tmp_path / "o.jsonl")], "no project 'nope'"),
+        (["annotate", "export", "--db", "mysql://x", "-p", "t", "-o", str(tmp_path / "o.jsonl")], "cannot"),
+    ]
+    for argv, msg in cases:
+        code, text = run(argv, capsys)
+        assert code == 2 and msg in text and "Traceback" not in text, (argv, text)
+
+
+def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch):
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    monkeypatch.delenv("ALIGN_ADMIN_PASSWORD", raising=False)
+    code, text = run(["annotate", "create-admin", "root", "--db", db], capsys)
+    assert code == 2 and "ALIGN_ADMIN_PASSWORD" in text  # no default credentials, no tty here
+    monkeypatch.setenv("ALIGN_ADMIN_PASSWORD", "short")
+    code, text = run(["annotate", "create-admin", "root", "--db", db], capsys)
+    assert code == 2 and "at least 8" in text
+    monkeypatch.setenv("ALIGN_ADMIN_PASSWORD", "a long admin password")
+    assert "created" in ok(["annotate", "create-admin", "root", "--db", db], capsys)
+    monkeypatch.setenv("ALIGN_USER_PASSWORD", "annotator password")
+    token = ok(["annotate", "create-user", "ann", "--token", "--db", db], capsys).strip().splitlines()[-1]
+    assert token.startswith("aln_")
+    link = ok(["annotate", "invite", "--db", db], capsys).strip()
+    assert "/invite/" in link
+    from annotation import services
+    from annotation.db import open_db
+
+    with open_db(db)() as s:
+        assert services.user_for_token(s, token).username == "ann"
+        user = services.accept_invite(s, link.rsplit("/", 1)[1], "newbie", "newbie password")
+        assert user.role == "annotator"
+        with pytest.raises(services.NotFound):  # one use only
+            services.accept_invite(s, link.rsplit("/", 1)[1], "again", "another password")
+
+
+def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_model):
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "tell me a joke", "what is tea"]) + "\n")
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts"], capsys)
+    out = ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3",
+              "--max-new-tokens", "8"], capsys)
+    assert "3 candidates generated for 3 prompts" in out
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.models import Prompt
+
+    with open_db(db)() as s:
+        rows = s.query(Prompt).all()
+        assert all(p.n_candidates == 3 and len(p.candidates) == 3 for p in rows)
+        assert all(c.model == str(tiny_random_model) and c.sampling["max_new_tokens"] == 8 for p in rows for c in p.candidates)
+        project = services.get_project(s, "gen")
+        assert services.project_progress(s, project)["rankable_prompts"] == 3
+    # a second run has nothing left to do
+    assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)

@@ -1,0 +1,120 @@
+"""Readers and writers of preference data (align.formats): TRL pairs, HH-RLHF, OpenAssistant
+trees, prompts JSONL, kwise."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from align import formats
+from align.errors import UserError
+from align.formats import Ranking
+
+
+def write_lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) and r.startswith("{") else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_ordered_pairs_ties_imply_none():
+    r = Ranking("p", ["a", "b", "c"], [1, 0, 1])
+    assert sorted(r.ordered_pairs()) == [(1, 0), (1, 2)]
+
+
+def test_trl_plain_conversational_and_implicit(tmp_path):
+    user = [{"role": "user", "content": "hi?"}]
+    f = write_lines(tmp_path / "trl.jsonl", [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go away"}]},
+        {"chosen": user + [{"role": "assistant", "content": "hello"}], "rejected": user + [{"role": "assistant", "content": "no"}]},
+    ])
+    a, b, c = formats.read_trl_pairs(f)
+    assert (a.prompt, a.responses, a.ranks) == ("2+2?", ["4", "5"], [0, 1])
+    assert (b.prompt, b.responses) == (user, ["hello", "go away"])
+    assert (c.prompt, c.responses) == (user, ["hello", "no"])
+    assert a.prompt_id != b.prompt_id  # content ids, stable across re-reads
+    assert formats.read_trl_pairs(f)[0].prompt_id == a.prompt_id
+
+
+def test_trl_errors_name_the_line(tmp_path):
+    f = write_lines(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "a", "rejected": "b"}, {"prompt": "x", "chosen": "a"}])
+    with pytest.raises(UserError, match=r"bad.jsonl:2: .*'chosen' and 'rejected'"):
+        formats.read_trl_pairs(f)
+    g = tmp_path / "broken.jsonl"
+    g.write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"broken.jsonl:2: not valid JSON"):
+        formats.read_trl_pairs(g)
+    with pytest.raises(UserError, match="file not found"):
+        formats.read_trl_pairs(tmp_path / "missing.jsonl")
+
+
+def test_hh_round_trip_and_gzip(tmp_path):
+    rows = [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Why did the chicken...",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No."},
+    ]
+    f = tmp_path / "hh.jsonl.gz"
+    with gzip.open(f, "wt") as g:
+        g.write(json.dumps(rows[0]) + "\n")
+    (r,) = formats.read_hh(f)
+    assert r.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"}]
+    assert r.responses == ["Why did the chicken...", "No."] and r.ranks == [0, 1]
+    assert formats.hh_from_rankings([r]) == rows  # byte-exact transcripts back
+    out = tmp_path / "out.jsonl"
+    assert formats.write_hh([r], out) == 1 and json.loads(out.read_text()) == rows[0]
+
+
+def test_oasst_tree_groups_ranked_siblings(tmp_path):
+    tree = {"message_tree_id": "t", "prompt": {"message_id": "m0", "role": "prompter", "text": "Q?", "replies": [
+        {"message_id": "a1", "role": "assistant", "text": "A1", "rank": 1, "replies": [
+            {"message_id": "u2", "role": "prompter", "text": "more?", "replies": [
+                {"message_id": "b1", "role": "assistant", "text": "B1", "rank": 0, "replies": []},
+                {"message_id": "b2", "role": "assistant", "text": "B2", "rank": 1, "replies": []},
+                {"message_id": "b3", "role": "assistant", "text": "B3", "rank": None, "replies": []}]}]},
+        {"message_id": "a2", "role": "assistant", "text": "A2", "rank": 0, "replies": []},
+        {"message_id": "a3", "role": "assistant", "text": "A3", "rank": None, "replies": []},
+    ]}}
+    f = write_lines(tmp_path / "t.jsonl", [tree])
+    first, second = formats.read_oasst(f)
+    assert (first.prompt, first.responses, first.ranks, first.prompt_id) == ([{"role": "user", "content": "Q?"}], ["A1", "A2"], [1, 0], "m0")
+    assert second.prompt == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "more?"}]
+    assert second.responses == ["B1", "B2"] and second.meta["candidate_ids"] == ["b1", "b2"]  # unranked B3 left out
+    with pytest.raises(UserError, match="not an OpenAssistant message tree"):
+        formats.read_oasst(write_lines(tmp_path / "x.jsonl", [{"text": "no tree"}]))
+
+
+def test_prompts_with_and_without_candidates(tmp_path):
+    f = write_lines(tmp_path / "p.jsonl", [{"prompt": "plain"},
+                                          {"prompt": "q", "id": 7, "candidates": ["a", {"text": "b", "model": "m", "sampling": {"t": 1}}]}])
+    f.write_text('"a JSON string"\n' + f.read_text())
+    a, b, c = formats.read_prompts(f)
+    assert (a.prompt, a.candidates) == ("a JSON string", [])
+    assert b.prompt == "plain" and c.prompt_id == "7"
+    assert [x.text for x in c.candidates] == ["a", "b"] and c.candidates[1].model == "m" and c.candidates[1].sampling == {"t": 1}
+    with pytest.raises(UserError, match=r":1: empty prompt"):
+        formats.read_prompts(write_lines(tmp_path / "e.jsonl", [{"prompt": "  "}]))
+
+
+def test_pairs_writer_plain_and_conversational(tmp_path):
+    chat = [{"role": "user", "content": "hi"}]
+    rankings = [Ranking("p", ["x", "y", "z"], [0, 1, 1], "ann", "id1"), Ranking(chat, ["u", "v"], [1, 0], "ann", "id2")]
+    rows = formats.pairs_from_rankings(rankings)
+    assert [(r["chosen"], r["rejected"]) for r in rows[:2]] == [("x", "y"), ("x", "z")]
+    assert rows[2] == {"prompt": chat, "chosen": [{"role": "assistant", "content": "v"}],
+                       "rejected": [{"role": "assistant", "content": "u"}], "prompt_id": "id2", "annotator": "ann"}
+    plain = formats.pairs_from_rankings(rankings[1:], conversational=False)
+    assert plain[0]["prompt"] == "\n\nHuman: hi\n\nAssistant:" and plain[0]["chosen"] == "v"
+    out = tmp_path / "pairs.jsonl"
+    assert formats.write_pairs(rankings, out) == 3
+    back = formats.read_trl_pairs(out)  # what we write, TRL readers (and we) read back
+    assert [(r.prompt, r.responses) for r in back] == [("p", ["x", "y"]), ("p", ["x", "z"]), (chat, ["v", "u"])]
+
+
+def test_kwise_round_trip_keeps_ties_and_meta(tmp_path):
+    r = Ranking([{"role": "user", "content": "q"}], ["a", "b", "c"], [0, 0, 1], "ann", "p1", {"all_bad": True, "revision": 2})
+    f = tmp_path / "k.jsonl"
+    formats.write_kwise([r], f)
+    (back,) = formats.read_kwise(f)
+    assert back == r
