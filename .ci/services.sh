@@ -56,5 +56,15 @@ _align_services() {
     export ALIGN_TEST_DATABASE_URL="postgresql+psycopg://$role:$pass@127.0.0.1:$port/$db"
     echo "services.sh: PostgreSQL $ver on port $port; ALIGN_TEST_DATABASE_URL=$ALIGN_TEST_DATABASE_URL"
 }
+# Run with errexit/nounset/pipefail off (a failed step must not end the sourcing script),
+# then put the caller's shell options back.
+_align_flags=$-
+_align_pipefail=0
+[[ -o pipefail ]] && _align_pipefail=1
+set +e +u +o pipefail
 _align_services
+[[ $_align_flags == *e* ]] && set -e
+[[ $_align_flags == *u* ]] && set -u
+[[ $_align_pipefail == 1 ]] && set -o pipefail
 unset -f _align_services
+unset _align_flags _align_pipefail

@@ -299,3 +299,44 @@ def test_dashboard_agreement(env):
     assert [u["rankings"] for u in d["annotators"]] == [2, 2] and d["annotators"][0]["median_time_s"] == 2.0
     html = env.client.get("/admin/projects/p")  # no cookie: redirected/refused
     assert html.status_code in (401, 303, 200) and "Krippendorff" not in html.text
+
+
+def _csrf(page_text: str) -> str:
+    return page_text.split('name="csrf-token" content="')[1].split('"')[0]
+
+
+def test_admin_dashboard_page_and_invite_flow(env):
+    env.project(n_prompts=1, k=2)
+    c = env.client
+    c.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
+    page = c.get("/admin/projects/p")
+    assert page.status_code == 200 and "Krippendorff" in page.text and "Pairwise agreement" in page.text
+    token = _csrf(page.text)
+    assert c.post("/admin/projects/p/invite", data={}).status_code == 403  # CSRF needed
+    r = c.post("/admin/projects/p/invite", data={"csrf_token": token})
+    link = r.text.split('<code id="invite-link">')[1].split("</code>")[0]
+    path = "/invite/" + link.rsplit("/invite/", 1)[1]
+    c.post("/logout", data={"csrf_token": token})
+    c.cookies.clear()
+    form = c.get(path)
+    assert form.status_code == 200
+    short = c.post(path, data={"username": "newbie", "password": "short", "csrf_token": _csrf(form.text)})
+    assert short.status_code == 422 and "at least 8" in short.text
+    made = c.post(path, data={"username": "newbie", "password": "newbie password", "csrf_token": _csrf(form.text)})
+    assert made.status_code == 200 and "Account created" in made.text
+    assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 404
+    # the new annotator signs in and cannot open the admin page
+    c.post("/login", data={"username": "newbie", "password": "newbie password", "csrf_token": _csrf(c.get("/").text)})
+    assert "Start ranking" in c.get("/").text
+    assert c.get("/admin/projects/p", headers={"accept": "text/html"}).status_code == 403
+
+
+def test_task_page_of_another_user_is_refused(env):
+    env.project(n_prompts=1, k=2, annotators=2)
+    t1 = env.annotator("a1")
+    env.annotator("a2")
+    task = _next(env, t1).json()
+    c = env.client
+    c.post("/login", data={"username": "a2", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
+    r = c.get(f"/tasks/{task['id']}", headers={"accept": "text/html"})
+    assert r.status_code == 403 and "another annotator" in r.text and "answer 0" not in r.text
