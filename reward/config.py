@@ -18,6 +18,12 @@ class ModelSection:
         help="SFT checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small` or a local directory "
         "with a causal LM (resolved by align.modeling.resolve_model_path).",
     )
+    train_layers: int | None = option(
+        None,
+        help="Train only the top N transformer layers (+ final norm and score head), None = all. Backward then stops "
+        "at layer L-N: about half the compute with N=1 on a 4-layer model. Under LoRA: adapters on those layers only.",
+        ge=1,
+    )
     max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation).", ge=8)
 
 

@@ -45,11 +45,13 @@ def init_score_head(model: nn.Module, seed: int = 0) -> None:
             head.bias.zero_()
 
 
-def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0) -> nn.Module:
+def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0,
+                       train_layers: int | None = None) -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
 
     `lora`: a LoraSection with `enabled=True` wraps the model in PEFT adapters, the score head
     in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
+    `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -68,6 +70,10 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     configure_padding(model, tokenizer)
     disable_dropout(model)
     init_score_head(model, seed)
+    num_layers = model.config.num_hidden_layers
+    if train_layers is not None and train_layers > num_layers:
+        raise UserError(f"model.train_layers={train_layers} but the model has only {num_layers} layers")
+    top = list(range(num_layers - train_layers, num_layers)) if train_layers else None
     if lora is not None and lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -78,9 +84,22 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
             modules_to_save=["score"],
+            layers_to_transform=top,
         )
         model = get_peft_model(model, peft_config)
+    elif top is not None:
+        freeze_below(model, top[0])
     return model
+
+
+def freeze_below(model: nn.Module, first_trained: int) -> None:
+    """Full fine-tuning of the top layers only: embeddings and layers < first_trained frozen, so
+    autograd never goes below them."""
+    for name, param in model.named_parameters():
+        if name.startswith("model.embed_tokens") or any(
+            name.startswith(f"model.layers.{i}.") for i in range(first_trained)
+        ):
+            param.requires_grad_(False)
 
 
 def configure_padding(model: nn.Module, tokenizer) -> None:

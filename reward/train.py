@@ -32,7 +32,7 @@ from align.config import config_to_dict
 from align.errors import UserError
 from reward.config import RewardConfig
 from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
-from reward.evaluate import evaluate_rankings, format_table
+from reward.evaluate import format_table, ranking_metrics, reward_table
 from reward.losses import kwise_ranking_loss, pair_accuracy, reward_centering_loss
 from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, save_reward_model, score_texts
 
@@ -80,7 +80,8 @@ class RewardTrainer:
         self.collate = RankingCollator(self.tokenizer.pad_token_id)
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
-        model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed)
+        model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed,
+                                   train_layers=cfg.model.train_layers)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -221,11 +222,14 @@ class RewardTrainer:
             gain, bias, n_norm = self.normalization(model)
             normalize_s = time.perf_counter() - t
             t = time.perf_counter()
-            ev = dict(max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size, gain=gain, bias=bias)
-            summary.update(evaluate_rankings(model, self.tokenizer, self.data.eval, **ev))
+            annotator_labels = self.data.eval_annotator or []
+            # each held-out response forwarded once, whichever label sets it appears in
+            rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
+                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size, gain=gain, bias=bias)
+            summary.update(ranking_metrics(self.data.eval, rewards, "eval/"))
             summary["eval/label_source"] = self.data.eval_label
-            if self.data.eval_annotator is not None:
-                summary.update(evaluate_rankings(model, self.tokenizer, self.data.eval_annotator, prefix="eval_annotators/", **ev))
+            if annotator_labels:
+                summary.update(ranking_metrics(annotator_labels, rewards, "eval_annotators/"))
             eval_s = time.perf_counter() - t
             summary.update({
                 "train/loss_final": self.last_train["train/loss"],

@@ -1,37 +1,20 @@
-"""Fixtures for the reward tests: a tiny random Llama checkpoint and quick configs."""
+"""Fixtures for the reward tests (the models come from tests/conftest.py)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
 from align.config import load_config
 from reward.config import RewardConfig
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("ALIGN_SHARED_DATA", REPO / "../shared/data")).resolve()
-
-
-@pytest.fixture(scope="session")
-def rm_base(tmp_path_factory) -> Path:
-    """A random-init tiny Llama + demo tokenizer (seconds); the lead's `tiny_random_model` when present."""
-    from align.demo_model import build_random_model
-
-    return build_random_model(tmp_path_factory.mktemp("rm-base") / "model", seed=0)
-
 
 @pytest.fixture
-def quick_config(rm_base, tmp_path):
+def quick_config(tiny_random_model, tmp_path):
     """A RewardConfig for a seconds-long run on the synthetic task; extra overrides as arguments."""
 
     def make(*overrides: str) -> RewardConfig:
         base = [
-            f"model.name_or_path={rm_base}",
+            f"model.name_or_path={tiny_random_model}",
             f"output_dir={tmp_path / 'run'}",
             "model.max_length=160",
             "data.num_rankings=64",

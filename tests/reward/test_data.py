@@ -52,10 +52,10 @@ def test_rankings_without_pairs_are_dropped():
     assert with_pairs(rs) == [rs[1]]
 
 
-def test_batch_flattens_each_response_once_with_pairs_pointing_at_them(rm_base):
+def test_batch_flattens_each_response_once_with_pairs_pointing_at_them(tiny_random_model):
     from align.modeling import load_tokenizer
 
-    tok = load_tokenizer(rm_base)
+    tok = load_tokenizer(tiny_random_model)
     rankings = [
         Ranking("first prompt", ["r0", "a much longer response r1", "r2"], [2, 0, 1]),
         Ranking("second prompt", ["s0", "s1"], [0, 0]),  # a tie: no pair, still one batch element

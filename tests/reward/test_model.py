@@ -42,12 +42,12 @@ def test_full_finetuning_changes_base_weights(quick_config):
     assert any("embed_tokens" in n for n in changed)
 
 
-def test_head_init_and_reward_at_last_real_token(rm_base):
+def test_head_init_and_reward_at_last_real_token(tiny_random_model):
     from align.modeling import load_tokenizer
     from reward.model import build_reward_model, encode, forward_rewards
 
-    tok = load_tokenizer(rm_base)
-    model = build_reward_model(rm_base, tok, seed=0).eval()
+    tok = load_tokenizer(tiny_random_model)
+    model = build_reward_model(tiny_random_model, tok, seed=0).eval()
     d = model.config.hidden_size
     assert model.score.weight.std().item() == pytest.approx(1 / (d + 1) ** 0.5, rel=0.35)
     texts = ["<|user|>\nhi\n<|assistant|>\nhello</s>", "<|user|>\na longer prompt here\n<|assistant|>\na much longer reply</s>"]
@@ -92,3 +92,17 @@ def test_save_load_round_trip_scores_identically_and_normalised(quick_config, lo
     metrics = evaluate_rankings(rm.model, rm.tokenizer, data.eval, max_length=cfg.model.max_length, batch_size=64,
                                 gain=rm.gain, bias=rm.bias)
     assert metrics["eval/accuracy"] == pytest.approx(summary["eval/accuracy"], abs=1e-6)
+
+
+def test_train_layers_freezes_everything_below_the_top_layers(quick_config):
+    trainer, before, after = trained(quick_config("model.train_layers=1"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "score.weight" in changed and "model.norm.weight" in changed
+    assert any(n.startswith("model.layers.1.") for n in changed)  # the tiny model has 2 layers
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in changed)
+
+
+def test_train_layers_with_lora_puts_adapters_on_top_layers_only(quick_config):
+    trainer, before, after = trained(quick_config("model.train_layers=1", "lora.enabled=true", "lora.r=4"))
+    lora_names = [n for n in before if "lora_" in n]
+    assert lora_names and all(".layers.1." in n for n in lora_names)
