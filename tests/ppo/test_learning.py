@@ -1,0 +1,47 @@
+"""One PPO iteration moves probability towards the responses the reward model prefers."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from align.config import load_config
+from ppo.config import PPOConfig
+from ppo.trainer import PPOTrainer
+
+
+class HashScorer:
+    """+1 or -1 per response text, fixed but arbitrary: nothing but PPO can make it go up."""
+
+    def score(self, prompts, responses, batch_size=64):
+        return torch.tensor([1.0 if hashlib.sha256(r.encode()).digest()[0] % 2 else -1.0 for r in responses])
+
+
+def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small_run):
+    overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
+    overrides += ["batch_size=32", "learning_rate=1e-2", "kl.coef=0.0", "missing_eos_penalty=null"]
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
+    trainer.setup()
+    seen = {}
+    optimize = trainer.optimize
+
+    def recording_optimize(exp):
+        seen["exp"] = exp
+        return optimize(exp)
+
+    trainer.optimize = recording_optimize
+    metrics = trainer.step()
+    exp = seen["exp"]
+    assert abs(metrics["objective/kl"]) < 1e-3  # the rollout policy is the SFT model (LoRA B starts at 0)
+
+    new_logprobs, _, new_values = trainer.forward_logprobs(exp.input_ids, exp.attention_mask, exp.context_length,
+                                                           exp.response_ids)
+    mask = exp.response_mask.float()
+    delta = ((new_logprobs - exp.logprobs) * mask).sum(-1)  # change of log pi(response) per episode
+    good, bad = exp.scores > 0, exp.scores < 0
+    assert good.any() and bad.any()
+    assert delta[good].mean() > delta[bad].mean() + 0.3, (delta[good].mean(), delta[bad].mean())
+    # the value head moved towards the returns: values now correlate with the score
+    v_first = new_values[:, 0]
+    assert v_first[good].mean() > v_first[bad].mean()
