@@ -57,3 +57,20 @@ def test_ranks_order_conversions():
         services.validate_order([[1]], [1, 2])
     with pytest.raises(services.Invalid):
         services.validate_order([[True], [2]], [1, 2])
+
+
+def test_schema_version_recorded_and_newer_schema_refused(tmp_path):
+    from sqlalchemy import text
+
+    from align.errors import UserError
+    from annotation.db import SCHEMA_VERSION, make_engine, migrate, open_db
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    sm = open_db(url)
+    with sm() as db:
+        assert db.execute(text("select value from align_meta where key='schema_version'")).scalar() == str(SCHEMA_VERSION)
+        db.execute(text("update align_meta set value='999' where key='schema_version'"))
+        db.commit()
+    sm.kw["bind"].dispose()
+    with pytest.raises(UserError, match="newer than this align"):
+        migrate(make_engine(url))
