@@ -562,23 +562,36 @@ def _take_slot(db: Session, project: Project, prompt_id: int) -> bool:
 def next_task(db: Session, user: User, project: Project, now: float | None = None) -> Task | None:
     """Lease the next prompt for `user`: their own live lease if they have one, else the
     least-annotated prompt that still has a free slot and that they never ranked. None when
-    nothing is left for them."""
+    nothing is left for them.
+
+    The search runs in a read-only transaction; only the claim (conditional slot UPDATE +
+    assignment INSERT) is a write, so on SQLite the single-writer section stays short."""
+    from annotation.db import begin_read_only
+
     now = time.time() if now is None else now
     if user.role == "source":
         raise Forbidden("imported-data accounts do not annotate")
-    release_expired_leases(db, project, now)
+    begin_read_only(db)
+    stale = db.scalar(
+        select(Assignment.id).where(
+            Assignment.project_id == project.id, Assignment.status == "leased", Assignment.leased_until < now
+        ).limit(1)
+    )
+    if stale is not None:
+        release_expired_leases(db, project, now)  # its own short write transaction
+        begin_read_only(db)
     live = db.scalar(
         select(Assignment).where(
             Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "leased"
         ).order_by(Assignment.id).limit(1)
     )
     if live is not None:
-        prompt = db.get(Prompt, live.prompt_id)
-        return _task(db, live, project, prompt)
+        return _task(db, live, project, db.get(Prompt, live.prompt_id))
     mine = exists().where(
         Assignment.prompt_id == Prompt.id, Assignment.user_id == user.id, Assignment.status != "expired"
     )
     for _attempt in range(5):
+        begin_read_only(db)  # a fresh snapshot each attempt
         ids = list(
             db.scalars(
                 select(Prompt.id)
@@ -591,35 +604,47 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
             )
         )
         if not ids:
-            db.rollback()
             return None
         # Spread concurrent annotators over the least-annotated prompts instead of all
         # racing for the first one (they would then retry one by one).
         # Seeded per user so simulated runs (align demo) repeat exactly.
         lowest = ids[: max(1, min(len(ids), 8))]
         random.Random(user.id * 7919 + _attempt).shuffle(lowest)
+        prompts = {p.id: p for p in db.scalars(select(Prompt).where(Prompt.id.in_(lowest)))}
+        expired = {a.prompt_id: a.id for a in db.scalars(
+            select(Assignment).where(Assignment.user_id == user.id, Assignment.prompt_id.in_(lowest)))}
+        db.commit()  # end the snapshot; the claim below is one short write transaction
         for pid in lowest:
             if not _take_slot(db, project, pid):
                 continue
-            prompt = db.get(Prompt, pid)
-            order = [c.id for c in prompt.candidates]
+            order = [c.id for c in prompts[pid].candidates]
             random.Random(f"{user.id}:{pid}").shuffle(order)  # per-annotator order, reproducible
-            old = db.scalar(select(Assignment).where(Assignment.prompt_id == pid, Assignment.user_id == user.id))
-            if old is not None:  # the user's own expired lease: take it up again
-                old.status, old.leased_until, old.candidate_order = "leased", now + project.lease_seconds, order
-                a = old
+            until = now + project.lease_seconds
+            if pid in expired:  # the user's own expired lease: take it up again
+                res = db.execute(
+                    update(Assignment).where(Assignment.id == expired[pid], Assignment.status == "expired")
+                    .values(status="leased", leased_until=until, candidate_order=order)
+                )
+                if res.rowcount != 1:
+                    break
+                aid = expired[pid]
             else:
                 a = Assignment(
                     project_id=project.id, prompt_id=pid, user_id=user.id, status="leased", candidate_order=order,
-                    leased_until=now + project.lease_seconds, created_at=now, completed_at=None,
+                    leased_until=until, created_at=now, completed_at=None,
                 )
                 db.add(a)
-            try:
-                db.commit()
-            except IntegrityError:  # same user, two tabs, same prompt at once
-                db.rollback()
-                break
-            return _task(db, a, project, prompt)
+                try:
+                    db.flush()
+                except IntegrityError:  # same user, two tabs, same prompt at once
+                    break
+                aid = a.id
+            db.commit()
+            return Task(
+                assignment_id=aid, project=project.name, prompt_id=pid, prompt=prompts[pid].content,
+                candidates=[TaskCandidate(c.id, c.text) for c in sorted(prompts[pid].candidates, key=lambda c: order.index(c.id))],
+                status="leased", leased_until=until, guidelines=project.guidelines,
+            )
         db.rollback()
     return None
 
@@ -672,7 +697,10 @@ def submit_ranking(
     """Store the first ranking of a leased task (revision 1). `order` lists groups of
     candidate ids best first; ids in one group are tied. A task already ranked is refused
     (409): corrections go through `revise_ranking`, which appends a revision."""
+    from annotation.db import begin_read_only
+
     now = time.time() if now is None else now
+    begin_read_only(db)
     a = _own_assignment(db, user, assignment_id)
     order = validate_order(order, list(a.candidate_order))
     rationale = _clean_optional_text(rationale, "rationale")
@@ -681,6 +709,7 @@ def submit_ranking(
         raise Conflict(f"task {assignment_id} is already {'ranked' if a.status == 'done' else 'skipped'}; "
                        "send a revision (PUT) to correct a ranking")
     project = db.get(Project, a.project_id)
+    db.commit()  # end the snapshot: the conditional updates below re-check everything they rely on
     if a.status == "expired" or a.leased_until < now:
         # The lease ran out: the ranking still counts if a slot is free (or still ours).
         if a.status == "leased":
@@ -695,7 +724,9 @@ def submit_ranking(
             db.rollback()
             raise Conflict(f"task {assignment_id} changed while submitting; reload it")
     res = db.execute(
-        update(Assignment).where(Assignment.id == a.id, Assignment.status == "leased").values(status="done", completed_at=now)
+        update(Assignment)
+        .where(Assignment.id == a.id, Assignment.user_id == user.id, Assignment.status == "leased")
+        .values(status="done", completed_at=now)
     )
     if res.rowcount != 1:
         db.rollback()
