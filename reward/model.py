@@ -102,14 +102,20 @@ def freeze_below(model: nn.Module, first_trained: int) -> None:
             param.requires_grad_(False)
 
 
+def prepare_tokenizer(tokenizer) -> None:
+    """Right padding, and left truncation so a too-long text keeps the response's end and its eos
+    (the token the reward is read at) rather than the start of the prompt."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
+
+
 def configure_padding(model: nn.Module, tokenizer) -> None:
     """The head reads the rightmost token that is not padding, so pad must differ from eos:
     with pad == eos the eos that ends every response would be taken for padding."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
+    prepare_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"  # keep the response's end (and its eos) when a text is too long
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -34,7 +34,7 @@ from reward.config import RewardConfig
 from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
 from reward.evaluate import format_table, ranking_metrics, reward_table
 from reward.losses import kwise_ranking_loss, pair_accuracy, reward_centering_loss
-from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, save_reward_model, score_texts
+from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, prepare_tokenizer, save_reward_model, score_texts
 
 
 def peak_memory_mb() -> float:
@@ -72,6 +72,7 @@ class RewardTrainer:
 
         self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
         self.tokenizer = load_tokenizer(self.base_path)
+        prepare_tokenizer(self.tokenizer)
         self.data: RewardData = load_reward_data(cfg.data)
         train_rankings = self.data.train
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
@@ -203,6 +204,7 @@ class RewardTrainer:
         samples = generate_responses(sft, self.tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
                                      seed=self.cfg.train.seed)
         del sft
+        prepare_tokenizer(self.tokenizer)  # generation switched it to left padding
         responses = [s[0] for s in samples]
         raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
                           max_length=self.cfg.model.max_length, batch_size=ecfg.batch_size)

@@ -83,3 +83,15 @@ def test_pairwise_expansion_makes_one_element_per_pair():
     assert all(p.ranks == [0, 1] and len(p.responses) == 2 for p in pairs)
     # forward passes: K-wise forwards 4 per ranking, pairwise 2 per pair (each response K-1 = 3 times)
     assert sum(len(p.responses) for p in pairs) == 3 * sum(len(r.responses) for r in rankings)
+
+
+def test_too_long_texts_keep_the_response_end_and_eos(tiny_random_model):
+    from align.modeling import load_tokenizer
+    from reward.model import prepare_tokenizer
+
+    tok = load_tokenizer(tiny_random_model)
+    prepare_tokenizer(tok)
+    ds = RankingDataset([Ranking("a long prompt " * 20, ["a long response " * 20, "short"], [0, 1])], tok, max_length=12)
+    long_ids, short_ids = ds[0][0]
+    assert len(long_ids) == 12 and long_ids[-1] == tok.eos_token_id
+    assert tok.decode(long_ids[:-1]).strip().endswith("response")
