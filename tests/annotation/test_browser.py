@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
     tmp = tmp_path_factory.mktemp("browser")
     db_url = f"sqlite:///{tmp / 'browser.db'}"
-    seed_database(db_url, n_prompts=6, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave"])
+    seed_database(db_url, n_prompts=20, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave", "erin"])
     from align.formats import Candidate, PromptRecord
     from annotation import services
     from annotation.db import open_db
@@ -200,3 +200,16 @@ def test_narrow_viewport_375px(browser, server):
     page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
     assert stored(server, task_id) == [(expected, False, False)]
     ctx.close()
+
+
+def test_skip_with_reason(page, server):
+    login(page, server, "erin")
+    task_id = start(page)
+    page.click("details.skip summary")
+    page.click("#skip")  # no reason yet: refused on the page, nothing sent
+    assert "reason" in page.locator("#message").inner_text()
+    assert stored(server, task_id) == []
+    page.fill("#skip-reason", "not in my language")
+    page.click("#skip")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(None, False, True)]
