@@ -68,10 +68,14 @@ def read_only(fn):
 
     @functools.wraps(fn)
     def wrapper(db, *args, **kwargs):
+        if db.info.get("align_read_only_depth"):  # nested: keep the caller's snapshot
+            return fn(db, *args, **kwargs)
         begin_read_only(db)
+        db.info["align_read_only_depth"] = 1
         try:
             return fn(db, *args, **kwargs)
         finally:
+            db.info["align_read_only_depth"] = 0
             db.rollback()
 
     return wrapper

@@ -213,3 +213,15 @@ def test_skip_with_reason(page, server):
     page.click("#skip")
     page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
     assert stored(server, task_id) == [(None, False, True)]
+
+
+def test_admin_dashboard(page, server):
+    page.goto(server.url + "/")
+    shot(page, "00-login")
+    login(page, server, "admin")
+    page.click("text=Dashboard >> nth=0")
+    page.wait_for_selector("text=Krippendorff")
+    assert page.locator("td", has_text="alice").count() == 1  # alice ranked in earlier tests
+    page.click("text=Create invite link")
+    assert "/invite/" in page.locator("#invite-link").inner_text()
+    shot(page, "06-dashboard")
