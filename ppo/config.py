@@ -137,6 +137,12 @@ class PPOConfig:
     wandb_project: str = option("align", help="Weights & Biases project (report_to=wandb).")
     progress: bool = option(True, help="Show a progress bar with reward and KL.")
     eval_batch_size: int = option(64, help="Prompts per generation batch during evaluation.", ge=1)
+    num_threads: int = option(
+        0,
+        help="torch intra-op threads per process (0: torch's default, one per core). Small models run "
+        "fastest on 1 thread per process; use several processes (accelerate launch) to use more cores.",
+        ge=0,
+    )
 
     def __post_init__(self) -> None:
         check(

@@ -89,6 +89,8 @@ class PPOTrainer:
 
         cfg = self.cfg
         self._check_run_dir()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         # Without a GPU, accelerate sets up gloo DDP for several launched processes only when
         # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
