@@ -41,12 +41,14 @@ def align_config(args, out: Path):
         f"output_dir={out}",
         f"model.name_or_path={args.model}",
         f"model.max_length={args.max_length}",
+        f"model.train_layers={args.train_layers if args.train_layers else 'null'}",
         "data.format=synthetic",
         f"data.num_rankings={args.rankings}",
         f"data.num_eval_rankings={args.eval_rankings}",
         f"data.k={args.k}",
         f"data.agreement={args.agreement}",
         f"train.batch_size={args.batch_size}",
+        f"train.epochs={args.epochs}",
         f"train.lr={args.lr}",
         f"train.warmup_ratio={args.warmup_ratio}",
         f"train.seed={args.seed}",
@@ -98,9 +100,9 @@ def run_trl(args) -> dict:
     dataset = Dataset.from_list([{"chosen_ids": ids(p.prompt, p.responses[0]), "rejected_ids": ids(p.prompt, p.responses[1])}
                                  for p in pairs])
     torch.manual_seed(args.seed)
-    model = build_reward_model(base, tokenizer, seed=args.seed)  # same head init as align
+    model = build_reward_model(base, tokenizer, seed=args.seed, train_layers=args.train_layers)  # same init as align
     pairs_per_ranking = math.comb(args.k, 2)
-    steps = math.ceil(len(data.train) / args.batch_size)
+    steps = args.epochs * math.ceil(len(data.train) / args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         trl_args = TRLRewardConfig(
             output_dir=tmp,
@@ -131,7 +133,7 @@ def run_trl(args) -> dict:
     metrics = evaluate_rankings(trained, tokenizer, data.eval, max_length=args.max_length, batch_size=64)
     return {
         "wall_s": wall,
-        "forward_passes": 2 * min(len(pairs), steps * args.batch_size * pairs_per_ranking),
+        "forward_passes": 2 * min(args.epochs * len(pairs), steps * args.batch_size * pairs_per_ranking),
         "steps": trainer.state.global_step,
         "peak_rss_mb": peak_rss_mb(),
         "accuracy": metrics["eval/accuracy"],
@@ -150,6 +152,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--train-layers", type=int, default=None, help="train only the top N layers (both trainers)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the rankings (both trainers)")
     p.add_argument("--length-buckets", type=int, default=4, help="align only; 1 = one padded forward pass per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["align", "trl"], help="run one trainer and print its JSON (used internally)")

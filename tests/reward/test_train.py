@@ -87,3 +87,16 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "align.cli", "reward", "score", "--model", cfg.output_dir,
                           "--input", str(inp)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {inp}:1: each line needs `prompt` and a string `response`"
+
+
+def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
+    cfg = quick_config("data.num_rankings=32")
+    train_reward_model(cfg, echo=lambda s: None)
+    path = tmp_path / "heldout.jsonl"
+    write_kwise(make_rankings(12, k=3, seed=4, split="heldout"), path)
+    result = subprocess.run([sys.executable, "-m", "align.cli", "reward", "eval", "--model", cfg.output_dir,
+                             "--data", str(path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = dict(line.split() for line in result.stdout.splitlines())
+    assert 0.0 <= float(table["eval/accuracy"]) <= 1.0 and float(table["eval/accuracy_k3"]) == float(table["eval/accuracy"])
+    assert int(table["eval/num_rankings"]) == 12
