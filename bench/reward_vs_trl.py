@@ -33,6 +33,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: a fairer clock than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def align_config(args, out: Path):
     from align.config import load_config
     from reward.config import RewardConfig
@@ -67,6 +73,7 @@ def run_align(args) -> dict:
         summary = train_reward_model(align_config(args, Path(tmp) / "run"), echo=lambda s: None)
     return {
         "wall_s": summary["timing/train_s"],
+        "cpu_s": summary["timing/train_cpu_s"],
         "forward_passes": summary["train/forward_passes"],
         "steps": summary["train/steps"],
         "peak_rss_mb": peak_rss_mb(),
@@ -126,13 +133,15 @@ def run_trl(args) -> dict:
             disable_tqdm=True,
         )
         trainer = RewardTrainer(model=model, args=trl_args, train_dataset=dataset, processing_class=tokenizer)
-        t = time.perf_counter()
+        t, cpu0 = time.perf_counter(), cpu_seconds()
         trainer.train()
         wall = time.perf_counter() - t
+        cpu = cpu_seconds() - cpu0
     trained = trainer.model.eval()
     metrics = evaluate_rankings(trained, tokenizer, data.eval, max_length=args.max_length, batch_size=64)
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "forward_passes": 2 * min(args.epochs * len(pairs), steps * args.batch_size * pairs_per_ranking),
         "steps": trainer.state.global_step,
         "peak_rss_mb": peak_rss_mb(),
@@ -180,6 +189,7 @@ def main(argv=None) -> None:
           f"model={args.model}, {a['steps']} steps of {args.batch_size} rankings")
     rows = [
         ("wall time, training (s)", f"{a['wall_s']:.1f}", f"{t['wall_s']:.1f}", f"{a['wall_s'] / t['wall_s']:.2f}"),
+        ("CPU time, training (s)", f"{a['cpu_s']:.1f}", f"{t['cpu_s']:.1f}", f"{a['cpu_s'] / t['cpu_s']:.2f}"),
         ("forward passes (sequences)", str(a["forward_passes"]), str(t["forward_passes"]), f"{a['forward_passes'] / t['forward_passes']:.2f}"),
         ("optimizer steps", str(a["steps"]), str(t["steps"]), ""),
         ("peak memory, max RSS (MiB)", f"{a['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}", f"{a['peak_rss_mb'] / t['peak_rss_mb']:.2f}"),

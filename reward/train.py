@@ -159,7 +159,7 @@ class RewardTrainer:
 
     def train(self) -> None:
         cfg = self.cfg.train
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         window: list[dict[str, float]] = []
         # 1./4. one pass (by default) over the rankings, each global batch split across ranks
         for step, global_batch in enumerate(self.global_batches, 1):
@@ -179,6 +179,7 @@ class RewardTrainer:
                 self.metrics.write(row)
                 self.last_train = row
         self.train_seconds = time.perf_counter() - t_start
+        self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
         self.forward_passes_total = int(self.accelerator.reduce(torch.tensor(self.forward_passes), "sum").item())
 
     # ----------------------------------------------------------------------- after training
@@ -244,6 +245,7 @@ class RewardTrainer:
                 "reward/bias": bias,
                 "reward/normalization_samples": n_norm,
                 "timing/train_s": self.train_seconds,
+                "timing/train_cpu_s": self.train_cpu_seconds,
                 "timing/normalize_s": normalize_s,
                 "timing/eval_s": eval_s,
                 "memory/peak_rss_mb": peak_memory_mb(),
