@@ -9,14 +9,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ppo_policy_path(request, tmp_path_factory) -> Path:
-    """The suite's `tiny_random_model` (tests/conftest.py), built here if that is not available."""
-    try:
-        return request.getfixturevalue("tiny_random_model")
-    except pytest.FixtureLookupError:
-        from align.demo_model import build_random_model
-
-        return build_random_model(tmp_path_factory.mktemp("policy") / "model")
+def ppo_policy_path(tiny_random_model) -> Path:
+    """The suite's tiny random policy (tests/conftest.py)."""
+    return tiny_random_model
 
 
 @pytest.fixture(scope="session")
