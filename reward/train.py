@@ -103,7 +103,8 @@ class RewardTrainer:
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
                 f"{len(self.data.eval)} held-out, {self.total_steps} steps on {self.world} process(es), "
-                f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} on {self.base_path}"
+                f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}"
+                f"{f' of the top {cfg.model.train_layers} layers' if cfg.model.train_layers else ''} on {self.base_path}"
             )
 
     def plan_batches(self) -> list[list[int]]:
