@@ -164,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--train-layers", type=int, default=None, help="train only the top N layers (both trainers)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the rankings (both trainers)")
     p.add_argument("--length-buckets", type=int, default=4, help="align only; 1 = one padded forward pass per batch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per trainer; 1 makes CPU time a load-independent measure on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["align", "trl"], help="run one trainer and print its JSON (used internally)")
     return p.parse_args(argv)
@@ -172,6 +174,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.only:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_align(args) if args.only == "align" else run_trl(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
