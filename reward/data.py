@@ -104,11 +104,13 @@ def read_source(fmt: str, path: str | Path) -> list[Ranking]:
 
 
 def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
-    try:
-        from annotation.export import export_rankings
-    except ImportError as exc:
-        raise UserError(f"data.format=annotation needs the annotation app's export (annotation.export): {exc}") from None
-    return list(export_rankings(db_url, project))
+    """The project's latest rankings, read through the annotation app's own export code."""
+    from annotation.db import open_db
+    from annotation.services import export_rankings, get_project
+
+    make_session = open_db(db_url)
+    with make_session() as db:
+        return list(export_rankings(db, get_project(db, project)))
 
 
 def load_reward_data(data_cfg: Any) -> RewardData:

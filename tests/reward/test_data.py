@@ -4,7 +4,15 @@ import torch
 
 from align.formats import Ranking
 from align.synthetic import make_rankings
-from reward.data import RankingCollator, RankingDataset, expand_to_pairs, prompt_key, split_by_prompt, with_pairs
+from reward.data import (
+    RankingCollator,
+    RankingDataset,
+    expand_to_pairs,
+    load_reward_data,
+    prompt_key,
+    split_by_prompt,
+    with_pairs,
+)
 
 
 def conversation(first: str, *later: str) -> list[dict]:
@@ -95,3 +103,24 @@ def test_too_long_texts_keep_the_response_end_and_eos(tiny_random_model):
     long_ids, short_ids = ds[0][0]
     assert len(long_ids) == 12 and long_ids[-1] == tok.eos_token_id
     assert tok.decode(long_ids[:-1]).strip().endswith("response")
+
+
+def test_annotation_project_is_read_through_the_app_export(tmp_path):
+    from annotation.db import open_db
+    from annotation.services import create_project, export_rankings, get_project, import_rankings
+    from reward.config import DataSection
+
+    url = f"sqlite:///{tmp_path / 'ann.db'}"
+    make_session = open_db(url)
+    rankings = make_rankings(40, k=3, seed=3, annotators=2)
+    with make_session() as db:
+        import_rankings(db, create_project(db, "rm", k=3), rankings, source="sim")
+    data = load_reward_data(DataSection(format="annotation", db_url=url, project="rm", eval_fraction=0.25))
+    with make_session() as db:
+        exported = export_rankings(db, get_project(db, "rm"))
+    assert exported and len(data.train) + len(data.eval) == len(exported)
+    assert not {prompt_key(r) for r in data.train} & {prompt_key(r) for r in data.eval}
+    as_tuples = lambda rs: sorted((r.prompt, tuple(r.responses), tuple(r.ranks), r.annotator) for r in rs)  # noqa: E731
+    assert as_tuples(data.train + data.eval) == as_tuples(exported)
+    originals = {(r.prompt, tuple(r.responses), tuple(r.ranks)) for r in rankings}
+    assert all((r.prompt, tuple(r.responses), tuple(r.ranks)) in originals for r in exported)
