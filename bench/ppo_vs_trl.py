@@ -7,8 +7,9 @@ transformers / peft / accelerate pinned to the running versions too, so only the
 differs), then runs both trainers in fresh processes on:
 
 * the same tiny policy (SFT checkpoint) with a new LoRA adapter of the same shape,
-* the same reward model (its normalisation folded into the head for TRL), and a value model
-  initialised from it (`value_model=reward_model` on the align side, as TRL requires),
+* the same reward model (its normalisation folded into the head for TRL); TRL needs a separate
+  value model initialised from it, align runs twice: `align` = its default value head on the
+  policy's LoRA trunk, `align-critic` = TRL's arrangement (`value_model=reward_model`),
 * the same prompts (rendered with the same chat template), episodes per iteration, micro-batch
   size, PPO epochs (one optimiser step per epoch: TRL's accumulation semantics), learning
   rate (constant), response length, temperature, fixed KL coefficient, missing-eos penalty,
@@ -79,7 +80,7 @@ def align_worker(job: dict) -> dict:
     g = s["batch_size"] // s["micro_batch_size"]
     cfg = load_config(PPOConfig, None, [
         f"policy_model={job['policy']}", f"reward_model={job['reward']}", f"output_dir={job['out']}",
-        "overwrite=true", "value_model=reward_model", "prompts=synthetic", f"num_prompts={job['num_prompts']}",
+        "overwrite=true", f"value_model={job['value_model']}", "prompts=synthetic", f"num_prompts={job['num_prompts']}",
         "num_eval_prompts=0", f"num_iterations={s['iterations']}", f"batch_size={s['batch_size']}",
         "num_mini_batches=1", f"gradient_accumulation_steps={g}", f"num_ppo_epochs={s['num_ppo_epochs']}",
         f"response_length={s['response_length']}", f"temperature={s['temperature']}",
@@ -197,6 +198,7 @@ def ensure_trl_venv(venv: Path) -> Path:
 
 
 def run_worker(python: str, kind: str, job: dict, workdir: Path) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / f"{kind}-job.json", workdir / f"{kind}-result.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": str(job["settings"]["threads"]), "TOKENIZERS_PARALLELISM": "false",
@@ -286,13 +288,17 @@ def main() -> None:
                 "reward_model_dir": str(reward_dir), "num_prompts": args.num_prompts,
                 "rendered_prompts": [render_prompt(tokenizer, p) for p in prompts]}
 
+    # align twice: its default (a value head on the policy's LoRA trunk: one forward gives logits
+    # and values) and TRL's own arrangement (a separate critic initialised from the reward model).
+    runs = {"align": ("align", "policy_trunk"), "align-critic": ("align", "reward_model"), "trl": ("trl", None)}
     results = {}
-    for kind in ("align", "trl"):
+    for name, (kind, value_model) in runs.items():
         if args.only and kind != args.only:
             continue
         python = sys.executable if kind == "align" else str(ensure_trl_venv(args.venv))
-        print(f"running {kind} ({args.iterations} iterations x {args.batch_size} episodes) ...", flush=True)
-        results[kind] = run_worker(python, kind, {**base_job, "out": str(args.out / kind)}, args.out)
+        print(f"running {name} ({args.iterations} iterations x {args.batch_size} episodes) ...", flush=True)
+        job = {**base_job, "out": str(args.out / name), "value_model": value_model}
+        results[name] = run_worker(python, kind, job, args.out / name)
 
     print("evaluating both policies on the same held-out prompts ...", flush=True)
     evals = evaluate_adapters(policy, args.reward, {k: r["adapter"] for k, r in results.items()},
@@ -320,10 +326,10 @@ def report(results: dict, evals: dict, settings: dict) -> None:
     print(f"{'':34s}" + "".join(f"{n:>14s}" for n in names))
     for label, fn in rows:
         print(f"{label:34s}" + "".join(f"{fn(results[n], evals[n]):>14s}" for n in names))
-    if "align" in results and "trl" in results:
-        a, t = results["align"], results["trl"]
+    for name in (n for n in names if n.startswith("align") and "trl" in results):
+        a, t = results[name], results["trl"]
         speedup = (a["episodes"] / a["train_seconds"]) / (t["episodes"] / t["train_seconds"])
-        print(f"\nalign / TRL episodes per second: {speedup:.2f}x")
+        print(f"\n{name} / TRL episodes per second: {speedup:.2f}x; peak memory {a['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
     print(f"SFT held-out: RM {evals['sft']['reward']:+.3f}, gold {evals['sft']['gold']:+.3f}; settings {settings}")
 
 

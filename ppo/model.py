@@ -65,14 +65,22 @@ class ActorCritic(nn.Module):
         else:
             self.value_head = None
 
+    def _response_hidden(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        return hidden[:, context_length - 1 : -1]  # the state before each response token
+
+    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        """Logits (B, T, V) for the response tokens only (no value computation)."""
+        position_ids = position_ids_from_mask(attention_mask)
+        return self.lm_head(self._response_hidden(input_ids, attention_mask, position_ids, context_length))
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q + T) -> logits (B, T, V) for the response tokens, values (B, T) of the states before them."""
         position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state
-        hidden = hidden[:, context_length - 1 : -1]  # the state before each response token
+        hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
         logits = self.lm_head(hidden)
         if self.critic is None:
             values = self.value_head(hidden.float()).squeeze(-1)
@@ -103,8 +111,7 @@ class Reference:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
         if self.separate_model is None:
             with self.actor_critic.adapter_disabled():
-                logits, _ = self.actor_critic(input_ids, attention_mask, context_length)
-            return logits
+                return self.actor_critic.policy_logits(input_ids, attention_mask, context_length)
         position_ids = position_ids_from_mask(attention_mask)
         out = self.separate_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False)
