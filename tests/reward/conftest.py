@@ -23,6 +23,7 @@ def quick_config(tiny_random_model, tmp_path):
             "eval.normalize_prompts=8",
             "eval.normalize_max_new_tokens=16",
             "train.log_every=1",
+            "train.num_threads=1",
         ]
         return load_config(RewardConfig, None, base + list(overrides))
 
