@@ -128,13 +128,18 @@ def create_user(db: Session, username: str, password: str | None = None, role: s
         active=True,
         created_at=time.time(),
     )
-    db.add(user)
+    return _insert_unique(db, user, f"user {username!r} already exists")
+
+
+def _insert_unique(db: Session, row: Any, conflict: str) -> Any:
+    """Add and commit `row`; a unique-constraint race with another writer becomes a 409."""
+    db.add(row)
     try:
         db.commit()
     except IntegrityError:
         db.rollback()
-        raise Conflict(f"user {username!r} already exists") from None
-    return user
+        raise Conflict(conflict) from None
+    return row
 
 
 @unit_of_work
@@ -260,13 +265,7 @@ def create_project(
         lease_seconds=lease_seconds,
         created_at=time.time(),
     )
-    db.add(project)
-    try:
-        db.commit()
-    except IntegrityError:
-        db.rollback()
-        raise Conflict(f"project {name!r} already exists") from None
-    return project
+    return _insert_unique(db, project, f"project {name!r} already exists")
 
 
 @read_only
