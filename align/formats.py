@@ -45,18 +45,12 @@ def write_kwise(rankings: list[Ranking], path: str | Path) -> None:
 
 
 def read_kwise(path: str | Path) -> list[Ranking]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, row in jsonl_rows(path):
         try:
-            row = json.loads(line)
             known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id") if k in row}
             out.append(Ranking(**known, meta=row))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError) as exc:
             raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
     return out
 
@@ -96,7 +90,7 @@ def _open_text(path: Path):
     return path.open("r", encoding="utf-8")
 
 
-def _jsonl_rows(path: str | Path):
+def jsonl_rows(path: str | Path):
     """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
     path = Path(path)
     if not path.is_file():
@@ -124,7 +118,7 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
     """Prompts JSONL: each line a JSON string, or an object {"prompt": str | messages,
     "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}."""
     out = []
-    for lineno, row in _jsonl_rows(path):
+    for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         if isinstance(row, str):
             row = {"prompt": row}
@@ -166,7 +160,7 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
     (prompt = messages, chosen/rejected = [assistant message]); the implicit-prompt form
     (chosen/rejected are whole conversations sharing a prefix) is accepted too."""
     out = []
-    for lineno, row in _jsonl_rows(path):
+    for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             raise UserError(f"{where}: a TRL preference row needs 'chosen' and 'rejected'")
@@ -216,7 +210,7 @@ def read_hh(path: str | Path) -> list[Ranking]:
     """Anthropic HH-RLHF: {"chosen", "rejected"} whole transcripts differing in the last
     assistant turn -> a K = 2 ranking whose prompt is the shared conversation."""
     out = []
-    for lineno, row in _jsonl_rows(path):
+    for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         try:
             chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
@@ -266,7 +260,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
         for r in replies:
             walk(r, convo, where)
 
-    for lineno, row in _jsonl_rows(path):
+    for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         root = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(root, dict) or "text" not in root:

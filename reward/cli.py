@@ -52,16 +52,10 @@ def score(
 
 
 def read_score_input(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
+    from align.formats import jsonl_rows
+
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+    for lineno, row in jsonl_rows(path):
         if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("response"), str):
             raise UserError(f"{path}:{lineno}: each line needs `prompt` and a string `response`")
         rows.append(row)

@@ -10,19 +10,15 @@ from collections import Counter
 
 import pytest
 
-from tests.annotation.conftest import PG_URL, ServerProcess, _reset_postgres, seed_database
+from tests.annotation.conftest import ServerProcess, seed_database
 
 N_ANNOTATORS, N_PROMPTS, K, PER_PROMPT = 30, 40, 3, 3
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def server_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'conc.db'}"
-    if not PG_URL:
-        pytest.skip("ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
-    _reset_postgres(PG_URL)
-    return PG_URL
+@pytest.fixture
+def server_db(db_url):
+    """The suite's SQLite / PostgreSQL database URL (tests/annotation/conftest.py)."""
+    return db_url
 
 
 @pytest.mark.slow
