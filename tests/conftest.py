@@ -47,20 +47,28 @@ def _quiet_transformers() -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_ppo_run(tiny_random_model, tmp_path_factory) -> Path:
-    """A finished two-iteration PPO run on the random model (seconds): RUN/policy, summary, ..."""
-    from align.config import load_config
+def random_reward_model(tiny_random_model, tmp_path_factory) -> Path:
+    """A reward-model directory in the `align reward train` layout (untrained score head):
+    enough to exercise the real loading and scoring path."""
     from align.modeling import load_tokenizer
-    from ppo.config import PPOConfig
-    from ppo.trainer import run_ppo
     from reward.model import build_reward_model, save_reward_model
 
-    root = tmp_path_factory.mktemp("ppo-run")
     tokenizer = load_tokenizer(tiny_random_model)
-    reward = save_reward_model(build_reward_model(tiny_random_model, tokenizer, seed=1), tokenizer, root / "reward",
-                               gain=10.0, bias=0.0, info={"note": "random head, for tests"})
+    model = build_reward_model(tiny_random_model, tokenizer, seed=1)
+    out = tmp_path_factory.mktemp("reward") / "model"
+    return save_reward_model(model, tokenizer, out, gain=10.0, bias=0.0, info={"note": "random head, for tests"})
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_run(tiny_random_model, random_reward_model, tmp_path_factory) -> Path:
+    """A finished two-iteration PPO run on the random model (seconds): RUN/policy, summary, ..."""
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import run_ppo
+
+    root = tmp_path_factory.mktemp("ppo-run")
     cfg = load_config(PPOConfig, None, [
-        f"policy_model={tiny_random_model}", f"reward_model={reward}", f"output_dir={root / 'run'}",
+        f"policy_model={tiny_random_model}", f"reward_model={random_reward_model}", f"output_dir={root / 'run'}",
         "num_prompts=32", "num_eval_prompts=4", "num_iterations=2", "batch_size=8", "num_mini_batches=2",
         "num_ppo_epochs=1", "response_length=8", "learning_rate=5e-2", "save_every=0", "progress=false", "seed=1",
     ])

@@ -14,19 +14,6 @@ def ppo_policy_path(tiny_random_model) -> Path:
     return tiny_random_model
 
 
-@pytest.fixture(scope="session")
-def random_reward_model(ppo_policy_path, tmp_path_factory) -> Path:
-    """A reward-model directory in the `align reward train` layout (untrained score head):
-    enough to exercise the real loading and scoring path."""
-    from align.modeling import load_tokenizer
-    from reward.model import build_reward_model, save_reward_model
-
-    tokenizer = load_tokenizer(ppo_policy_path)
-    model = build_reward_model(ppo_policy_path, tokenizer, seed=1)
-    out = tmp_path_factory.mktemp("reward") / "model"
-    return save_reward_model(model, tokenizer, out, gain=10.0, bias=0.0, info={"note": "random head, for tests"})
-
-
 @pytest.fixture
 def small_run(ppo_policy_path, random_reward_model, tmp_path) -> list[str]:
     """key=value overrides for a PPO run of a few seconds."""
