@@ -87,6 +87,14 @@ class TrainSection:
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
     center_coef: float = option(0.0, help="Reward-centering coefficient (Eisenstein et al. 2023): + coef * mean(r^2).", ge=0)
+    mismatch_coef: float = option(
+        0.0,
+        help="Weight of the mismatched-prompt pairs: each ranking's top response must score higher under its own "
+        "prompt than under another ranking's prompt (one extra forward per ranking). The text is the same and the "
+        "pairing is mutual (each prompt once on each side), so only the response's fit to the prompt explains the "
+        "pair. 0 = off (pure InstructGPT). Teaches prompt relevance, which rankings alone teach slowly.",
+        ge=0,
+    )
     length_buckets: int = option(
         4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
     )

@@ -173,6 +173,35 @@ def _load_synthetic(cfg: Any) -> RewardData:
 # --------------------------------------------------------------------------- batches
 
 
+def mismatch_partners(rankings: Sequence[Ranking], seed: int) -> list[int | None]:
+    """A seeded pairing of the rankings for the mismatched-prompt pairs: partner[i] = j means
+    ranking i's top response is also shown under j's prompt, as the loser to itself under i's
+    own prompt (and, the pairing being mutual, j's under i's prompt). None where the partner
+    asks the same prompt (no mismatch) or for the odd one out."""
+    order = list(range(len(rankings)))
+    random.Random(f"mismatch:{seed}").shuffle(order)
+    partner: list[int | None] = [None] * len(rankings)
+    for a, b in zip(order[0::2], order[1::2]):
+        if prompt_key(rankings[a]) != prompt_key(rankings[b]):
+            partner[a], partner[b] = b, a
+    return partner
+
+
+def top_response(ranks: Sequence[int]) -> int:
+    """Index of the best-ranked response (the first one on a tie)."""
+    return min(range(len(ranks)), key=lambda i: ranks[i])
+
+
+@dataclass
+class RankingItem:
+    """One ranking, tokenized: the batch element of the K-wise loss."""
+
+    responses: list[list[int]]  # K token id lists, prompt + response + eos each
+    pairs: list[tuple[int, int]]  # ordered (winner, loser) pairs the ranking implies
+    mismatch: list[int] | None = None  # the top response under the partner's prompt (the loser), or None
+    top: int = 0  # index of this ranking's top response (under its own prompt: the mismatch pair's winner)
+
+
 @dataclass
 class RankingBatch:
     """A batch of G rankings, all their responses flattened into one forward pass."""
@@ -183,54 +212,73 @@ class RankingBatch:
     losers: torch.Tensor  # (P,) index into N of the pair's rejected response
     pair_group: torch.Tensor  # (P,) index 0..G-1 of the ranking the pair comes from
     num_groups: int  # G rankings in this batch
+    mismatch_winners: torch.Tensor  # (M,) index into N of a ranking's top response under its own prompt
+    mismatch_losers: torch.Tensor  # (M,) index into N of the same response under another ranking's prompt
 
     @property
     def num_responses(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> RankingBatch:
-        return RankingBatch(self.input_ids.to(device), self.attention_mask.to(device), self.winners.to(device),
-                            self.losers.to(device), self.pair_group.to(device), self.num_groups)
+        return RankingBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
 class RankingDataset(torch.utils.data.Dataset):
-    """Rankings pre-tokenized once: item i = (token ids of each of its K responses, its ordered pairs)."""
+    """Rankings pre-tokenized once: item i = a `RankingItem`.
 
-    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int):
+    `mismatch_seed` (not None) adds to every ranking its top response rendered under a partner
+    ranking's prompt (`mismatch_partners`): one extra forward per ranking.
+    """
+
+    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, mismatch_seed: int | None = None):
         from align.chat import render_example
 
         self.rankings = list(rankings)
         texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
+        tops = [top_response(r.ranks) for r in self.rankings]
+        partners = mismatch_partners(self.rankings, mismatch_seed) if mismatch_seed is not None else []
+        swapped = [i for i, j in enumerate(partners) if j is not None]
+        texts += [render_example(tokenizer, self.rankings[partners[i]].prompt, self.rankings[i].responses[tops[i]])
+                  for i in swapped]
         ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
-        self.items: list[tuple[list[list[int]], list[tuple[int, int]]]] = []
+        self.items: list[RankingItem] = []
         pos = 0
-        for r in self.rankings:
+        for r, top in zip(self.rankings, tops):
             k = len(r.responses)
-            self.items.append((ids[pos : pos + k], ordered_pairs(r.ranks)))
+            self.items.append(RankingItem(ids[pos : pos + k], ordered_pairs(r.ranks), top=top))
             pos += k
+        for i in swapped:
+            self.items[i].mismatch = ids[pos]
+            pos += 1
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> RankingItem:
         return self.items[i]
 
 
 class RankingCollator:
-    """list of (responses' token ids, pairs) -> RankingBatch."""
+    """list of RankingItem -> RankingBatch (each ranking's mismatched response after all the others)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items) -> RankingBatch:
-        seqs, winners, losers, groups = [], [], [], []
-        for g, (response_ids, pairs) in enumerate(items):
-            offset = len(seqs)
-            seqs.extend(response_ids)
-            for w, l in pairs:
-                winners.append(offset + w)
-                losers.append(offset + l)
+    def __call__(self, items: Sequence[RankingItem]) -> RankingBatch:
+        seqs, winners, losers, groups, offsets = [], [], [], [], []
+        for g, item in enumerate(items):
+            offsets.append(len(seqs))
+            seqs.extend(item.responses)
+            for w, l in item.pairs:
+                winners.append(offsets[g] + w)
+                losers.append(offsets[g] + l)
                 groups.append(g)
+        mismatch_winners, mismatch_losers = [], []
+        for g, item in enumerate(items):
+            if item.mismatch is not None:
+                mismatch_winners.append(offsets[g] + item.top)
+                mismatch_losers.append(len(seqs))
+                seqs.append(item.mismatch)
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -244,4 +292,6 @@ class RankingCollator:
             losers=torch.tensor(losers, dtype=torch.long),
             pair_group=torch.tensor(groups, dtype=torch.long),
             num_groups=len(items),
+            mismatch_winners=torch.tensor(mismatch_winners, dtype=torch.long),
+            mismatch_losers=torch.tensor(mismatch_losers, dtype=torch.long),
         )

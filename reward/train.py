@@ -33,7 +33,7 @@ from align.errors import UserError
 from reward.config import RewardConfig
 from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
 from reward.evaluate import format_table, ranking_metrics, reward_table
-from reward.losses import kwise_ranking_loss, pair_accuracy, reward_centering_loss
+from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
 from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, prepare_tokenizer, save_reward_model, score_texts
 
 
@@ -77,7 +77,8 @@ class RewardTrainer:
         train_rankings = self.data.train
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
             train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
-        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length)
+        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length,
+                                        mismatch_seed=cfg.train.seed if cfg.train.mismatch_coef > 0 else None)
         self.collate = RankingCollator(self.tokenizer.pad_token_id)
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
@@ -142,6 +143,10 @@ class RewardTrainer:
         loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
         if cfg.center_coef > 0:
             loss = loss + reward_centering_loss(rewards, cfg.center_coef)
+        # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under another
+        mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).mean() \
+            if batch.mismatch_winners.numel() else rewards.new_zeros(())
+        loss = loss + cfg.mismatch_coef * mismatch
         self.accelerator.backward(loss)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -156,6 +161,7 @@ class RewardTrainer:
             "train/reward_mean": r.mean().item(),
             "train/reward_std": r.std().item() if r.numel() > 1 else 0.0,
             "train/grad_norm": float(grad_norm),
+            "train/mismatch_loss": mismatch.item(),
         }
 
     def train(self) -> None:

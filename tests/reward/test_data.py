@@ -9,6 +9,7 @@ from reward.data import (
     RankingDataset,
     expand_to_pairs,
     load_reward_data,
+    mismatch_partners,
     prompt_key,
     split_by_prompt,
     with_pairs,
@@ -100,7 +101,7 @@ def test_too_long_texts_keep_the_response_end_and_eos(tiny_random_model):
     tok = load_tokenizer(tiny_random_model)
     prepare_tokenizer(tok)
     ds = RankingDataset([Ranking("a long prompt " * 20, ["a long response " * 20, "short"], [0, 1])], tok, max_length=12)
-    long_ids, short_ids = ds[0][0]
+    long_ids, short_ids = ds[0].responses
     assert len(long_ids) == 12 and long_ids[-1] == tok.eos_token_id
     assert tok.decode(long_ids[:-1]).strip().endswith("response")
 
@@ -124,3 +125,43 @@ def test_annotation_project_is_read_through_the_app_export(tmp_path):
     assert as_tuples(data.train + data.eval) == as_tuples(exported)
     originals = {(r.prompt, tuple(r.responses), tuple(r.ranks)) for r in rankings}
     assert all((r.prompt, tuple(r.responses), tuple(r.ranks)) in originals for r in exported)
+
+
+def test_mismatch_pairs_show_each_top_response_under_its_partners_prompt(tiny_random_model):
+    from align.chat import render_example
+    from align.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_random_model)
+    rankings = [Ranking(f"prompt {i}", [f"bad {i}", f"best {i}", f"mid {i}"], [2, 0, 1]) for i in range(6)]
+    partners = mismatch_partners(rankings, seed=0)
+    assert sorted(partners) == list(range(6))  # a perfect pairing...
+    assert all(partners[partners[i]] == i and partners[i] != i for i in range(6))  # ...and mutual
+
+    ds = RankingDataset(rankings, tok, max_length=64, mismatch_seed=0)
+    for i, item in enumerate(ds.items):
+        assert item.top == 1
+        expected = render_example(tok, f"prompt {partners[i]}", f"best {i}")  # same text, the other prompt
+        assert item.mismatch == tok(expected, add_special_tokens=False)["input_ids"]
+
+    batch = RankingCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    assert batch.num_responses == 3 * 3 + 3  # one extra forward per ranking
+    assert batch.mismatch_winners.tolist() == [1, 4, 7]  # each ranking's top response, under its own prompt
+    assert batch.mismatch_losers.tolist() == [9, 10, 11]
+    for w, l in zip(batch.mismatch_winners, batch.mismatch_losers):
+        own, other = (tok.decode(batch.input_ids[j][batch.attention_mask[j].bool()]) for j in (w, l))
+        assert own.split("<|assistant|>")[1] == other.split("<|assistant|>")[1]  # the response is the same
+        assert own.split("<|assistant|>")[0] != other.split("<|assistant|>")[0]  # the prompt is not
+
+
+def test_no_mismatch_pair_between_rankings_of_the_same_prompt(tiny_random_model):
+    from align.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_random_model)
+    same = [Ranking("one prompt", ["a", "b"], [0, 1], annotator=f"ann{i}") for i in range(4)]
+    assert mismatch_partners(same, seed=0) == [None] * 4
+    ds = RankingDataset(same, tok, max_length=64, mismatch_seed=0)
+    batch = RankingCollator(tok.pad_token_id)(ds.items)
+    assert batch.num_responses == 8 and batch.mismatch_winners.numel() == 0
+    # without the option nothing is added
+    plain = RankingDataset(make_rankings(6, seed=0), tok, max_length=64)
+    assert all(item.mismatch is None for item in plain.items)

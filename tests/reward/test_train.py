@@ -57,6 +57,22 @@ def test_kwise_file_with_mixed_k_and_several_annotators(tmp_path, quick_config):
     assert summary["eval/cross_annotator_num_pairs"] > 0
 
 
+def test_mismatch_pairs_add_one_forward_per_ranking_and_their_loss(quick_config, tmp_path):
+    def first_step(coef: float, out: str) -> tuple[dict, dict]:
+        cfg = quick_config(f"output_dir={tmp_path / out}", f"train.mismatch_coef={coef}", "train.log_every=1")
+        summary = train_reward_model(cfg, echo=lambda s: None)
+        return summary, read_metrics(Path(cfg.output_dir) / "metrics.jsonl")[0]
+
+    plain_summary, plain = first_step(0.0, "plain")
+    summary, with_mismatch = first_step(2.0, "mismatch")
+    assert plain_summary["train/forward_passes"] == 4 * plain_summary["train/rankings"]
+    assert summary["train/forward_passes"] == 5 * summary["train/rankings"]  # one extra per ranking
+    # step 1 sees the same weights and rankings: the loss grows by exactly coef * the mismatch term,
+    # which starts near log 2 (a random head cannot tell the prompts apart)
+    assert 0.5 < with_mismatch["train/mismatch_loss"] < 1.0
+    assert abs(with_mismatch["train/loss"] - plain["train/loss"] - 2.0 * with_mismatch["train/mismatch_loss"]) < 1e-4
+
+
 def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
     summary = train_reward_model(quick_config("train.loss=pairwise", "data.num_rankings=32", "train.batch_size=48"),
                                  echo=lambda s: None)
