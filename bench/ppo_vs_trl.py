@@ -57,6 +57,7 @@ def bench_settings(args: argparse.Namespace) -> dict:
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "seed": args.seed,
         "threads": args.threads,
+        "value_lr_scale": args.value_lr_scale,  # align only: TRL trains policy and value with one rate
     }
 
 
@@ -88,6 +89,7 @@ def align_worker(job: dict) -> dict:
         f"kl.coef={s['kl_coef']}", "kl.estimator=k1", f"missing_eos_penalty={s['missing_eos_penalty']}",
         f"lora.r={s['lora_r']}", f"lora.alpha={s['lora_alpha']}", f"lora.target_modules={s['lora_targets']}",
         "save_every=0", f"seed={s['seed']}", "progress=false",
+        *([f"value_lr_scale={s['value_lr_scale']}"] if s["value_lr_scale"] is not None else []),
     ])
     summary = run_ppo(cfg)
     from align.run import read_metrics
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--value-lr-scale", type=float, default=None,
+                        help="align's value_lr_scale (default: align's own default)")
     parser.add_argument("--num-prompts", type=int, default=2048)
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

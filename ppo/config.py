@@ -106,6 +106,13 @@ class PPOConfig:
     num_mini_batches: int = option(4, help="Minibatches per epoch; one optimiser step each.", ge=1)
     gradient_accumulation_steps: int = option(1, help="Micro-batches per minibatch (memory only).", ge=1)
     learning_rate: float = option(3e-4, help="AdamW learning rate for adapter and value head.", gt=0.0)
+    value_lr_scale: float = option(
+        1.0,
+        help="The value head (or critic) learns at value_lr_scale * learning_rate. A zero-initialised head on "
+        "the policy trunk needs about a hundred Adam steps at the policy's rate to reach the scale of the returns; "
+        "until then advantages are little more than whitened returns.",
+        gt=0.0,
+    )
     lr_scheduler: Literal["linear", "constant", "cosine"] = option(
         "linear", help="Learning-rate schedule over all optimiser steps."
     )

@@ -51,3 +51,20 @@ class Experience:
                 for f in dataclasses.fields(self)
             }
         )
+
+    def trim_padding(self) -> Experience:
+        """The same episodes without the columns that are padding in every row: left padding of
+        the prompts and the tail after the longest response. A minibatch of short responses then
+        costs what its tokens cost; causal attention and mask-derived position ids make the
+        result the same (the dropped columns only ever held masked-out padding)."""
+        first = int(self.query_mask.any(0).nonzero()[0]) if self.query_mask.any() else 0
+        kept = self.response_mask.any(0).nonzero()
+        last = int(kept[-1]) + 1 if len(kept) else 1
+        return Experience(
+            **{
+                f.name: (None if (v := getattr(self, f.name)) is None
+                         else v[:, first:] if f.name.startswith("query_")
+                         else v[:, :last] if v.dim() == 2 else v)
+                for f in dataclasses.fields(self)
+            }
+        )

@@ -94,6 +94,10 @@ class ActorCritic(nn.Module):
         with self.policy.disable_adapter():
             yield
 
+    def value_parameters(self) -> Iterator[nn.Parameter]:
+        """The value head's (or the critic's) own parameters, not the policy trunk they may share."""
+        return (self.value_head if self.critic is None else self.critic).parameters()
+
     def value_state_dict(self) -> dict[str, torch.Tensor]:
         """What RUN/value_head.safetensors holds: the value head, or the critic's weights."""
         module = self.value_head if self.critic is None else self.critic

@@ -121,8 +121,10 @@ class PPOTrainer:
         self.reference = Reference(self.model, separate_ref)
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=cfg.adam_eps,
-                                      weight_decay=cfg.weight_decay)
+        value_params = {id(p) for p in self.model.value_parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in value_params], "lr": cfg.learning_rate},
+                  {"params": [p for p in trainable if id(p) in value_params], "lr": cfg.learning_rate * cfg.value_lr_scale}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
         # which would step it once per process.
         self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -332,7 +334,7 @@ class PPOTrainer:
                 mb_rows = order[mb_start: mb_start + cfg.mini_batch_size]
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                    mb = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size].to(self.device))
+                    mb = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size].to(self.device)).trim_padding()
                     is_last = micro_start + cfg.micro_batch_size >= len(mb_rows)
                     # DDP all-reduces gradients only on the last micro-batch of the minibatch.
                     with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.ddp_model):

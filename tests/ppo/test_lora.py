@@ -60,3 +60,42 @@ def test_base_weights_bit_identical_only_adapter_and_value_head_change(small_run
     torch.testing.assert_close(ref_logits, sft_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(reloaded_logits, policy_logits, rtol=0, atol=1e-5)
     assert not torch.allclose(policy_logits, sft_logits), "the policy should differ from the SFT model"
+
+
+def test_value_head_learns_at_value_lr_scale_times_the_policy_rate(small_run):
+    # One Adam step moves every parameter with a gradient by about its learning rate
+    # (m / sqrt(v) = sign(g) on the first step), so the largest moves show the two rates.
+    overrides = [*small_run, "num_iterations=1", "num_ppo_epochs=1", "num_mini_batches=1",
+                 "gradient_accumulation_steps=1", "num_eval_prompts=0", "value_lr_scale=10"]
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides))
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    moved = {n: (after[n] - b).abs().max().item() for n, b in before.items()}
+    value_move = max(v for n, v in moved.items() if n.startswith("value_head."))
+    lora_move = max(v for n, v in moved.items() if "lora_" in n)
+    assert abs(lora_move - 1e-3) < 1e-4
+    assert abs(value_move - 1e-2) < 1e-3
+
+
+def test_trimmed_minibatch_gives_the_same_logprobs_and_values(small_run):
+    from ppo import core
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, "response_length=16"]))
+    trainer.setup()
+    prompts = ["Tell me about tea.", "Hi", "Can you explain the moon to me in simple words, please?", "Why?"]
+    exp, _ = trainer.rollout(prompts)
+    exp.response_mask[:, 10:] = 0  # as if every response had ended by token 10
+    exp.response_mask[1, 3:] = 0
+    trimmed = exp.trim_padding()
+    assert trimmed.response_ids.shape[1] == 10
+    assert trimmed.query_ids.shape[1] == int(exp.query_mask.sum(1).max())  # the longest prompt, no pad column
+    with torch.no_grad():
+        logits, values = trainer.model(exp.input_ids, exp.attention_mask, exp.context_length)
+        t_logits, t_values = trainer.model(trimmed.input_ids, trimmed.attention_mask, trimmed.context_length)
+    full = core.logprobs_from_logits(logits, exp.response_ids, 1.0)[:, :10]
+    short = core.logprobs_from_logits(t_logits, trimmed.response_ids, 1.0)
+    mask = trimmed.response_mask.bool()
+    torch.testing.assert_close(short[mask], full[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(t_values[mask], values[:, :10][mask], rtol=0, atol=1e-5)
