@@ -107,10 +107,11 @@ class PPOConfig:
     gradient_accumulation_steps: int = option(1, help="Micro-batches per minibatch (memory only).", ge=1)
     learning_rate: float = option(3e-4, help="AdamW learning rate for adapter and value head.", gt=0.0)
     value_lr_scale: float = option(
-        1.0,
-        help="The value head (or critic) learns at value_lr_scale * learning_rate. A zero-initialised head on "
-        "the policy trunk needs about a hundred Adam steps at the policy's rate to reach the scale of the returns; "
-        "until then advantages are little more than whitened returns.",
+        10.0,
+        help="The value head (or critic) learns at value_lr_scale * learning_rate. A zero-initialised head needs "
+        "about a hundred Adam steps at the adapter's rate to reach the scale of the returns, and until then the "
+        "advantages are little more than whitened returns. OpenRLHF's PPO scripts likewise train the critic "
+        "~18x faster than the actor (9e-6 vs 5e-7). 1 = one rate for both.",
         gt=0.0,
     )
     lr_scheduler: Literal["linear", "constant", "cosine"] = option(
