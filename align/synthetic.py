@@ -321,6 +321,43 @@ def _has_word(sentence: str, keywords: tuple[str, ...]) -> bool:
     return any(k in words if " " not in k else k in sentence for k in keywords)
 
 
+# The judge is linear in these features; `gold_features` and `GOLD_WEIGHTS` let a diagnosis
+# fit the same form to annotators' labels (bench/reward_diagnosis.py: the learnable ceiling).
+GOLD_WEIGHTS: dict[str, float] = {
+    "on_topic": 3.0,  # +2.0 if it states a fact about the asked topic, -1.0 if not (a 3-point swing)
+    "off_topic_sentences": -1.0,  # each sentence about another topic, at most 3
+    "polite": 1.0,  # any polite marker
+    "rude_phrases": -1.0,  # each rude phrase, at most 3
+    "excess_words": -0.04,  # each word beyond 30, at most 50 of them (-2.0)
+    "repeated_sentences": -0.75,  # each sentence said twice
+    "trails_off": -1.5,  # ends without punctuation
+    "closing": 1.0,  # a closing sentence that ends in punctuation
+}
+GOLD_BIAS = -1.0  # the -1.0 of a response with no on-topic fact
+
+
+def gold_features(prompt: str, response: str) -> dict[str, float]:
+    """The attributes the gold judge scores, as numbers (keys of `GOLD_WEIGHTS`)."""
+    topic = topic_of(prompt)
+    text = response.strip().lower()
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    on = sum(1 for s in sentences if topic and _has_word(s, topic.keywords))
+    off = sum(1 for s in sentences
+              if any(_has_word(s, t.keywords) for t in TOPICS if t is not topic)
+              and not (topic and _has_word(s, topic.keywords)))
+    trails = not text or text[-1] not in ".!?"
+    return {
+        "on_topic": float(on > 0),
+        "off_topic_sentences": float(min(off, 3)),
+        "polite": float(any(_count(m, text) for m in POLITE_MARKERS)),
+        "rude_phrases": float(min(sum(_count(m, text) for m in RUDE_MARKERS), 3)),
+        "excess_words": float(min(max(0, len(_WORD.findall(text)) - 30), 50)),
+        "repeated_sentences": float(len(sentences) - len(set(sentences))),
+        "trails_off": float(trails),
+        "closing": float(not trails and any(sentences[-1].startswith(c) for c in CLOSER_MARKERS)),
+    }
+
+
 def gold_score(prompt: str, response: str) -> float:
     """The ground-truth quality of `response` to `prompt`; higher is better (about -7..+4.5).
 
@@ -330,31 +367,8 @@ def gold_score(prompt: str, response: str) -> float:
     length     -0.04 per word beyond 30 (at most -2.0); -0.75 for each repeated sentence
     ending     +1.0 for a closing sentence ending in punctuation; -1.5 if it trails off
     """
-    topic = topic_of(prompt)
-    text = response.strip().lower()
-    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
-    score = 0.0
-
-    on = sum(1 for s in sentences if topic and _has_word(s, topic.keywords))
-    off = sum(1 for s in sentences
-              if any(_has_word(s, t.keywords) for t in TOPICS if t is not topic)
-              and not (topic and _has_word(s, topic.keywords)))
-    score += 2.0 if on else -1.0
-    score -= min(off, 3) * 1.0
-
-    if any(_count(m, text) for m in POLITE_MARKERS):
-        score += 1.0
-    score -= min(sum(_count(m, text) for m in RUDE_MARKERS), 3) * 1.0
-
-    n_words = len(_WORD.findall(text))
-    score -= min(0.04 * max(0, n_words - 30), 2.0)
-    score -= 0.75 * (len(sentences) - len(set(sentences)))
-
-    if not text or text[-1] not in ".!?":
-        score -= 1.5
-    elif any(sentences[-1].startswith(c) for c in CLOSER_MARKERS):
-        score += 1.0
-    return round(score, 4)
+    features = gold_features(prompt, response)
+    return round(GOLD_BIAS + sum(GOLD_WEIGHTS[k] * v for k, v in features.items()), 4)
 
 
 # --------------------------------------------------------------------------- simulated annotators

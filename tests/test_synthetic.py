@@ -92,3 +92,17 @@ def test_make_rankings_shapes_and_multiple_annotators():
     assert rankings[0].prompt_id == rankings[1].prompt_id and rankings[0].annotator != rankings[1].annotator
     assert rankings[0].responses == rankings[1].responses
     assert all(len(r.ordered_pairs()) <= 6 for r in rankings)
+
+
+def test_gold_features_count_what_the_judge_scores():
+    prompt = "Tell me about tea."
+    rude_rambling = ("Ugh, fine. Loose tea leaves need room to open up in the pot. The sun is a star made mostly of "
+                     "hydrogen and helium. By the way, my cousin has a blue car. Also, I was thinking about lunch "
+                     "earlier. Loose tea leaves need room to open up in the pot. Try to keep up. and then the")
+    f = syn.gold_features(prompt, rude_rambling)
+    # on topic (tea), one sentence about the sun, 2 rude phrases ("ugh", "keep up"), 58 words (28 beyond 30),
+    # the tea sentence said twice, no closing punctuation
+    assert f == {"on_topic": 1.0, "off_topic_sentences": 1.0, "polite": 0.0, "rude_phrases": 2.0,
+                 "excess_words": 28.0, "repeated_sentences": 1.0, "trails_off": 1.0, "closing": 0.0}
+    # -1 + 3 - 1 - 2 - 0.04 * 28 - 0.75 - 1.5
+    assert syn.gold_score(prompt, rude_rambling) == pytest.approx(-4.37)
