@@ -155,7 +155,9 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     export_run(out / "ppo", out / "export", merge=True, force=True)
 
     stages.start("compare", f"SFT vs exported model on {cfg.num_eval_prompts} held-out prompts")
-    comparison = compare_models(cfg, out)
+    # sampled as PPO's own evaluation samples (its temperature and response length), so the
+    # exported model is judged on the distribution PPO optimised
+    comparison = compare_models(cfg, out, temperature=ppo_cfg.temperature, max_new_tokens=ppo_cfg.response_length)
     stages.stop()
 
     summary = {k: v for k, v in ppo_summary.items() if k.startswith("eval/")}
@@ -269,7 +271,7 @@ responses in a tie; mark "all bad" when none is acceptable.
 # --------------------------------------------------------------------------- comparison
 
 
-def compare_models(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_tokens: int) -> dict[str, Any]:
     """Sample SFT and exported model (plain transformers) on held-out prompts; score both."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -284,7 +286,7 @@ def compare_models(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     sft = load_causal_lm(sft_path, tokenizer=sft_tok)
     exported = AutoModelForCausalLM.from_pretrained(out / "export", local_files_only=True)
     exp_tok = AutoTokenizer.from_pretrained(out / "export", local_files_only=True)
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, batch_size=64)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed + 1, batch_size=64)
     before = [s[0] for s in generate_responses(sft, sft_tok, prompts, **kwargs)]
     after = [s[0] for s in generate_responses(exported, exp_tok, prompts, **kwargs)]
     rm = load_reward_model(out / "reward")
@@ -298,6 +300,7 @@ def compare_models(cfg: DemoConfig, out: Path) -> dict[str, Any]:
         "demo/gold_export": statistics.fmean(gold_after),
         "demo/gold_sft_std": statistics.pstdev(gold_before),
         "demo/num_eval_prompts": len(prompts),
+        "demo/temperature": temperature,
     }
     samples = [dict(prompt=p, sft=a, aligned=b, gold_sft=ga, gold_aligned=gb)
                for p, a, b, ga, gb in zip(prompts, before, after, gold_before, gold_after)]
@@ -318,7 +321,7 @@ def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     print("\n" + f"{'held-out prompts':<36} {'SFT':>10} {'aligned':>10}")
     for name, a, b in rows:
         print(f"{name:<36} {a:>10} {b:>10}")
-    print(f"(gold std of SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}; reward-model held-out accuracy: "
+    print(f"(temperature {summary.get('demo/temperature')}; gold std of SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}; reward-model held-out accuracy: "
           f"{summary.get('reward/eval_accuracy') or 0:.3f})")
     for row in samples[:3]:
         print(f"\nprompt : {row['prompt']}\nSFT    : {row['sft']}  [gold {row['gold_sft']:+.2f}]\n"
@@ -335,6 +338,7 @@ def write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], samples: l
              f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | {summary.get('demo/reward_export', 0):.3f} |",
              f"| gold judge score | {summary.get('demo/gold_sft', 0):.3f} | {summary.get('demo/gold_export', 0):.3f} |",
              f"| KL to the reference | 0 | {summary.get('eval/kl', 0):.3f} |", "",
+             f"Both models sampled at temperature {summary.get('demo/temperature')}, as in the PPO run's evaluation. "
              f"Gold score std of the SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}. "
              f"Reward model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
              f"on {summary.get('reward/eval_num_pairs')} pairs.", ""]

@@ -40,7 +40,7 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
         "num_eval_prompts=6", "max_new_tokens=10",
         "reward.eval.normalize_prompts=8", "reward.train.batch_size=8",
         "ppo.num_iterations=2", "ppo.batch_size=8", "ppo.num_mini_batches=2", "ppo.response_length=10",
-        "ppo.num_eval_prompts=6", "ppo.save_every=0",
+        "ppo.num_eval_prompts=6", "ppo.save_every=0", "ppo.temperature=0.9",
     ])
     # Every prompt was ranked by both simulated annotators, through the web app's services.
     rankings = [json.loads(line) for line in (out / "rankings.kwise.jsonl").read_text().splitlines()]
@@ -55,6 +55,8 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
     for key in ("eval/reward_sft", "eval/reward_policy", "eval/gold_sft", "eval/gold_policy", "eval/gold_sft_std",
                 "eval/kl", "demo/gold_export", "demo/gold_sft"):
         assert key in on_disk and on_disk[key] == pytest.approx(summary[key])
+    # SFT and exported model are compared on samples drawn like PPO's own evaluation samples
+    assert on_disk["demo/temperature"] == 0.9
     report = (out / "report.md").read_text()
     assert "reward_kl.png" in report and "gold_vs_kl.png" in report
     for png in ("reward_kl.png", "gold_vs_kl.png"):
