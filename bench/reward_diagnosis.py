@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model:
         return
 
-    from reward.evaluate import _text_key, reward_table
+    from reward.evaluate import text_key, reward_table
     from reward.model import load_reward_model
 
     rm = load_reward_model(args.model)
     table = reward_table(rm.model, rm.tokenizer, data.eval, max_length=rm.max_length, batch_size=64, gain=1.0, bias=0.0)
-    model = lambda p, s: table[_text_key(p, s)]  # noqa: E731
+    model = lambda p, s: table[text_key(p, s)]  # noqa: E731
     print(f"{'reward model ' + args.model:48s} {overall(model):8.4f}\n")
 
     print(f"{'pairs':30s} {'n':>5s} {'model':>6s} {'ceiling':>8s}")

@@ -28,7 +28,8 @@ from align.formats import Ranking
 from reward.losses import kwise_ranking_loss, ordered_pairs, pair_accuracy
 
 
-def _text_key(prompt: Any, response: str) -> tuple[str, str]:
+def text_key(prompt: Any, response: str) -> tuple[str, str]:
+    """The key of a (prompt, response) in `reward_table` (a conversation prompt as sorted JSON)."""
     return (prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True), response)
 
 
@@ -41,7 +42,7 @@ def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: i
     unique: dict[tuple[str, str], tuple[Any, str]] = {}
     for r in rankings:
         for resp in r.responses:
-            unique.setdefault(_text_key(r.prompt, resp), (r.prompt, resp))
+            unique.setdefault(text_key(r.prompt, resp), (r.prompt, resp))
     keys = list(unique)
     texts = render_texts(tokenizer, [unique[k][0] for k in keys], [unique[k][1] for k in keys])
     raw = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
@@ -55,7 +56,7 @@ def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], 
     by_k: dict[int, list[float]] = defaultdict(list)
     flat, winners, losers, groups = [], [], [], []
     for g, r in enumerate(rankings):
-        rs = [rewards[_text_key(r.prompt, resp)] for resp in r.responses]
+        rs = [rewards[text_key(r.prompt, resp)] for resp in r.responses]
         offset = len(flat)
         flat.extend(rs)
         for w, l in ordered_pairs(r.ranks):
@@ -93,7 +94,7 @@ def cross_annotator_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str
         for i, j in itertools.combinations(range(len(r.responses)), 2):
             if r.ranks[i] == r.ranks[j]:
                 continue
-            ki, kj = _text_key(r.prompt, r.responses[i]), _text_key(r.prompt, r.responses[j])
+            ki, kj = text_key(r.prompt, r.responses[i]), text_key(r.prompt, r.responses[j])
             a, b, sign = (ki, kj, 1) if ki[1] < kj[1] else (kj, ki, -1)
             judged[(a[0], a[1], b[1])][r.annotator] = sign if r.ranks[i] < r.ranks[j] else -sign
     model_hits, annot_hits = [], []
