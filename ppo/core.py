@@ -25,13 +25,30 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     Sampling used the same temperature, so these are the log-probs of the distribution the
     tokens were actually drawn from (implementation detail: temperature-consistent log-probs).
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return _gather(_log_softmax(logits, temperature), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return _entropy(_log_softmax(logits, temperature))
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both of the above from one log-softmax over the vocabulary (the training step needs both)."""
+    logp = _log_softmax(logits, temperature)
+    return _gather(logp, tokens), _entropy(logp)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -82,7 +82,7 @@ class PPOTrainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from transformers import GenerationConfig, get_scheduler
+        from transformers import get_scheduler
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from ppo.tracking import check_tracker_available, make_tracker
@@ -124,7 +124,9 @@ class PPOTrainer:
         value_params = {id(p) for p in self.model.value_parameters()}
         groups = [{"params": [p for p in trainable if id(p) not in value_params], "lr": cfg.learning_rate},
                   {"params": [p for p in trainable if id(p) in value_params], "lr": cfg.learning_rate * cfg.value_lr_scale}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        # fused: one kernel per step instead of ~8 per parameter tensor (CPU and CUDA, torch >= 2.4)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=self.device.type in ("cpu", "cuda"))
         # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
         # which would step it once per process.
         self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -132,11 +134,6 @@ class PPOTrainer:
         self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.trainable = trainable
 
-        self.generation_config = GenerationConfig(
-            max_new_tokens=cfg.response_length, min_new_tokens=0, do_sample=True, temperature=cfg.temperature,
-            top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            use_cache=True,
-        )
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else core.FixedKLController(cfg.kl.coef))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -271,21 +268,21 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------ phases
 
     @torch.no_grad()
-    def generate(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample one response per prompt with the current adapter state.
+    def generate(self, prompts: list, adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt from the policy (or, `adapter=False`, the SFT model).
 
         Returns query_ids, query_mask (B, Q) left-padded, response_ids, response_mask (B, T).
         """
+        from align.generation import sample_with_cache
+
         tok = self.tokenizer
         enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        out = self.model.policy.generate(input_ids=query_ids, attention_mask=query_mask,
-                                         generation_config=self.generation_config)
-        response = out[:, query_ids.shape[1]:]
-        missing = self.cfg.response_length - response.shape[1]
-        if missing > 0:  # every sequence stopped early
-            response = torch.nn.functional.pad(response, (0, missing), value=tok.pad_token_id)
+        with self.model.adapter_merged() if adapter else self.model.adapter_disabled():
+            response = sample_with_cache(self.model.policy.get_base_model(), query_ids, query_mask,
+                                         max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
         return query_ids, query_mask, response_ids, response_mask
 
@@ -350,10 +347,10 @@ class PPOTrainer:
     def micro_step(self, mb: Experience) -> dict[str, float]:
         cfg = self.cfg
         logits, mb_values = self.ddp_model(mb.input_ids, mb.attention_mask, mb.context_length)
-        mb_logprobs = core.logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+        mb_logprobs, mb_entropy = core.logprobs_and_entropy(logits, mb.response_ids, cfg.temperature)
         pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef)
         vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
-        entropy = core.masked_mean(core.entropy_from_logits(logits, cfg.temperature), mb.response_mask)
+        entropy = core.masked_mean(mb_entropy, mb.response_mask)
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
         self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
         return {
@@ -377,11 +374,7 @@ class PPOTrainer:
             for which in ("sft", "policy"):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
-                    if which == "sft":
-                        with self.model.adapter_disabled():
-                            q, qm, r, rm = self.generate(batch)
-                    else:
-                        q, qm, r, rm = self.generate(batch)
+                    q, qm, r, rm = self.generate(batch, adapter=which == "policy")
                 texts = self.decode(r, rm)
                 eos[which].extend((r == self.tokenizer.eos_token_id).any(-1).tolist())
                 if which == "sft":

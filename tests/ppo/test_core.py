@@ -32,6 +32,14 @@ def test_entropy_from_logits():
     close(core.entropy_from_logits(logits), [[math.log(3), 1.5 * math.log(2), math.log(3)]])
 
 
+def test_logprobs_and_entropy_match_the_separate_functions():
+    # the same three positions: log-probs of tokens (0, 2, 1) = (ln 1/3, ln 1/2, ln 1/3), entropies as above
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]]])
+    logp, entropy = core.logprobs_and_entropy(logits, torch.tensor([[0, 2, 1]]))
+    close(logp, [[math.log(1 / 3), math.log(0.5), math.log(1 / 3)]])
+    close(entropy, [[math.log(3), 1.5 * math.log(2), math.log(3)]])
+
+
 def test_kl_penalty_k1_and_k3():
     logp = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, -0.5]])

@@ -20,7 +20,7 @@ class HashScorer:
 
 def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small_run):
     overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
-    overrides += ["batch_size=32", "learning_rate=1e-2", "kl.coef=0.0", "missing_eos_penalty=null"]
+    overrides += ["batch_size=32", "learning_rate=1e-2", "value_lr_scale=1", "kl.coef=0.0", "missing_eos_penalty=null"]
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
     seen = {}
@@ -42,6 +42,9 @@ def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small
     good, bad = exp.scores > 0, exp.scores < 0
     assert good.any() and bad.any()
     assert delta[good].mean() > delta[bad].mean() + 0.3, (delta[good].mean(), delta[bad].mean())
-    # the value head moved towards the returns: values now correlate with the score
-    v_first = new_values[:, 0]
-    assert v_first[good].mean() > v_first[bad].mean()
+    # the value head moved towards the returns it was fitted to on this batch (from V = 0); at
+    # the policy's own rate, since 10x of this test's high rate overshoots in one iteration
+    def value_error(values):
+        return (((values - exp.returns) ** 2) * mask).sum() / mask.sum()
+
+    assert value_error(new_values) < value_error(exp.values), (value_error(new_values), value_error(exp.values))
