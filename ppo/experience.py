@@ -14,6 +14,26 @@ import torch
 
 
 @dataclass
+class Samples:
+    """What step 1 samples: prompts, responses, and the sampler's own log-probs and values."""
+
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens
+    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
+    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
+    logprobs: torch.Tensor  # (B, T) log pi(a_t|s_t) at the sampling temperature, 0 after eos
+    values: torch.Tensor | None  # (B, T) V(s_t) from the value head, 0 after eos; None with a critic
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, Q + T)
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, Q + T)
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@dataclass
 class Experience:
     query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
     query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens, 0 for left padding

@@ -19,11 +19,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: the first real token is position 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from align.modeling import position_ids_from_mask
 
 
 def _trunk(model: nn.Module) -> nn.Module:
@@ -89,6 +85,25 @@ class ActorCritic(nn.Module):
         else:
             values = self.critic(input_ids, attention_mask, position_ids, context_length)
         return logits, values
+
+    @property
+    def config(self) -> Any:
+        """The policy's model config (what a KV cache is sized from)."""
+        return self.policy.get_base_model().config
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               cache: Any, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sampling step (ppo.sampling): logits (B, V) and V(s) (B,) at the last position,
+        continuing `cache`; no values here with a separate critic (it reads whole sequences)."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True, cache_position=cache_position).last_hidden_state
+        hidden = hidden[:, -1]  # (B, H)
+        values = self.value_head(hidden.float()).squeeze(-1) if self.critic is None else None
+        return self.lm_head(hidden), values
+
+    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        """(B, T) values of the separate critic for the response tokens' states."""
+        return self.critic(input_ids, attention_mask, position_ids_from_mask(attention_mask), context_length)
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:

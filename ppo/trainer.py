@@ -38,8 +38,9 @@ from align.run import MetricsWriter, atomic_directory, prepare_run_dir, read_met
 from ppo import core
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, is_synthetic, load_prompts
-from ppo.experience import Experience
+from ppo.experience import Experience, Samples
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
+from ppo.sampling import sample_responses
 
 log = logging.getLogger("align")
 
@@ -268,27 +269,35 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------ phases
 
     @torch.no_grad()
-    def generate(self, prompts: list, adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample one response per prompt from the policy (or, `adapter=False`, the SFT model).
-
-        Returns query_ids, query_mask (B, Q) left-padded, response_ids, response_mask (B, T).
-        """
-        from align.generation import sample_with_cache
-
+    def generate(self, prompts: list, adapter: bool = True) -> Samples:
+        """Sample one response per prompt from the policy (or, `adapter=False`, the SFT model),
+        with the sampler's log pi(a_t|s_t) and V(s_t) for every response token."""
         tok = self.tokenizer
         enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         with self.model.adapter_merged() if adapter else self.model.adapter_disabled():
-            response = sample_with_cache(self.model.policy.get_base_model(), query_ids, query_mask,
-                                         max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            response, logprobs, values = sample_responses(
+                self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
+                temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-        return query_ids, query_mask, response_ids, response_mask
+        return Samples(query_ids, query_mask, response_ids, response_mask, logprobs, values)
+
+    @torch.no_grad()
+    def reference_logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, in chunks of a minibatch."""
+        out = []
+        input_ids, attention_mask, chunk = samples.input_ids, samples.attention_mask, self.cfg.mini_batch_size
+        for s in range(0, input_ids.shape[0], chunk):
+            ref_logits = self.reference.logits(input_ids[s:s + chunk], attention_mask[s:s + chunk],
+                                               samples.query_ids.shape[1])
+            out.append(core.logprobs_from_logits(ref_logits, samples.response_ids[s:s + chunk], self.cfg.temperature))
+        return torch.cat(out)
 
     @torch.no_grad()
     def forward_logprobs(self, input_ids, attention_mask, context_length, response_ids):
-        """log pi, log pi_ref (at the sampling temperature) and V for the response tokens, in chunks."""
+        """log pi, log pi_ref and V recomputed by full forwards of the sequences, in chunks (what
+        the sampler's own log-probs and values agree with; the tests read the policy with it)."""
         logprobs, ref_logprobs, values = [], [], []
         chunk = self.cfg.mini_batch_size
         for s in range(0, input_ids.shape[0], chunk):
@@ -302,17 +311,17 @@ class PPOTrainer:
         return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
-        query_ids, query_mask, response_ids, response_mask = self.generate(prompts)
-        input_ids = torch.cat([query_ids, response_ids], 1)
-        attention_mask = torch.cat([query_mask, response_mask], 1)
-        logprobs, ref_logprobs, values = self.forward_logprobs(input_ids, attention_mask, query_ids.shape[1],
-                                                               response_ids)
-        mask_f = response_mask.float()
-        exp = Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                         response_mask=response_mask, logprobs=logprobs * mask_f,
+        samples = self.generate(prompts)
+        ref_logprobs = self.reference_logprobs(samples)
+        values = samples.values
+        if values is None:  # a separate critic reads the whole sequences
+            values = self.model.critic_values(samples.input_ids, samples.attention_mask, samples.query_ids.shape[1])
+        mask_f = samples.response_mask.float()
+        exp = Experience(query_ids=samples.query_ids, query_mask=samples.query_mask, response_ids=samples.response_ids,
+                         response_mask=samples.response_mask, logprobs=samples.logprobs * mask_f,
                          ref_logprobs=ref_logprobs * mask_f, values=values * mask_f,
                          scores=torch.zeros(len(prompts), device=self.device))
-        return exp, self.decode(response_ids, response_mask)
+        return exp, self.decode(samples.response_ids, samples.response_mask)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         texts = []
@@ -374,15 +383,15 @@ class PPOTrainer:
             for which in ("sft", "policy"):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
-                    q, qm, r, rm = self.generate(batch, adapter=which == "policy")
-                texts = self.decode(r, rm)
-                eos[which].extend((r == self.tokenizer.eos_token_id).any(-1).tolist())
+                    samples = self.generate(batch, adapter=which == "policy")
+                texts = self.decode(samples.response_ids, samples.response_mask)
+                eos[which].extend((samples.response_ids == self.tokenizer.eos_token_id).any(-1).tolist())
                 if which == "sft":
                     sft_texts.extend(texts)
                     continue
                 pol_texts.extend(texts)
-                logp, ref_logp, _ = self.forward_logprobs(torch.cat([q, r], 1), torch.cat([qm, rm], 1), q.shape[1], r)
-                seq_kl.extend((core.kl_penalty(logp, ref_logp, cfg.kl.estimator) * rm).sum(-1).tolist())
+                kl = core.kl_penalty(samples.logprobs, self.reference_logprobs(samples), cfg.kl.estimator)
+                seq_kl.extend((kl * samples.response_mask).sum(-1).tolist())
         sft_rewards = self.reward_model.score(prompts, sft_texts).float().tolist()
         pol_rewards = self.reward_model.score(prompts, pol_texts).float().tolist()
         metrics = {

@@ -1,0 +1,71 @@
+"""Rollout sampling: exact categorical draws; the KV-cache loop continues left-padded prompts
+as `generate` does; the sampler's log-probs and values are those of a full forward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from align.config import load_config
+from ppo.config import PPOConfig
+from ppo.sampling import sample_responses, sample_tokens
+from ppo.trainer import PPOTrainer
+
+
+def test_sample_tokens_draws_each_token_with_its_probability():
+    # logits (0, -inf, ln 3) -> probs (1/4, 0, 3/4); at temperature 1 token 1 is never drawn
+    logits = torch.tensor([0.0, float("-inf"), math.log(3)]).expand(20_000, 3)
+    torch.manual_seed(0)
+    tokens, logp = sample_tokens(logits, temperature=1.0)
+    counts = torch.bincount(tokens, minlength=3)
+    assert counts[1] == 0
+    assert abs(counts[0].item() / 20_000 - 0.25) < 0.015  # binomial std 0.003
+    torch.testing.assert_close(logp, torch.where(tokens == 0, math.log(0.25), math.log(0.75)))
+    # temperature 2: logits / 2 -> exp = (1, 0, sqrt 3) -> p0 = 1 / (1 + sqrt 3) = 0.366
+    tokens, _ = sample_tokens(logits, temperature=2.0)
+    assert abs(torch.bincount(tokens, minlength=3)[0].item() / 20_000 - 1 / (1 + math.sqrt(3))) < 0.015
+
+
+def test_sampler_continues_left_padded_prompts_like_generate(demo_model, tmp_path):
+    trainer = PPOTrainer(load_config(PPOConfig, None, [f"policy_model={demo_model}", f"output_dir={tmp_path}",
+                                                         "reward_model=unused", "temperature=1e-4"]),
+                         reward_model=object())
+    trainer.setup()  # a fresh adapter (B = 0): the policy is the SFT model
+    tok = trainer.tokenizer
+    from align.chat import render_prompt
+    from align.synthetic import make_prompts
+
+    enc = tok([render_prompt(tok, p) for p in make_prompts(3, seed=1)], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()  # left padding is exercised
+    # near-zero temperature is greedy decoding: the same tokens as generate(do_sample=False)
+    ours, _, _ = sample_responses(trainer.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+                                  temperature=1e-4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        reference = trainer.model.policy.generate(**enc, do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
+    reference = reference[:, enc["input_ids"].shape[1]:]
+    after_eos = ((reference == tok.eos_token_id).cumsum(-1) > 0) & (reference != tok.eos_token_id)
+    assert torch.equal(ours[~after_eos], reference[~after_eos])
+    assert (ours[after_eos] == tok.pad_token_id).all()
+
+
+def test_sampler_logprobs_and_values_match_a_full_forward(small_run):
+    trainer = PPOTrainer(load_config(PPOConfig, None, small_run + ["batch_size=16", "response_length=12"]))
+    trainer.setup()
+    with torch.no_grad():  # a trained-looking adapter and value head, so both matter
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name or name.startswith("value_head."):
+                p.normal_(std=0.05)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    samples = trainer.generate(trainer.sampler.next_batch())
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad), \
+        "sampling with the merged adapter left the base weights changed"
+    logprobs, ref_logprobs, values = trainer.forward_logprobs(samples.input_ids, samples.attention_mask,
+                                                              samples.query_ids.shape[1], samples.response_ids)
+    mask = samples.response_mask.bool()
+    torch.testing.assert_close(samples.logprobs[mask], logprobs[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(samples.values[mask], values[mask], atol=1e-5, rtol=0)
+    assert not torch.allclose(logprobs[mask], ref_logprobs[mask], atol=1e-3)  # the adapter is in play
+    torch.testing.assert_close(trainer.reference_logprobs(samples)[mask], ref_logprobs[mask], atol=1e-6, rtol=0)
