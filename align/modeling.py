@@ -16,6 +16,11 @@ from align.errors import UserError
 log = logging.getLogger("align")
 
 
+def position_ids_from_mask(attention_mask: Any) -> Any:
+    """Positions that skip left padding: the first real token is position 0. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def quiet_transformers() -> None:
     """No per-file progress bars or advisory warnings from transformers in align's output."""
     from transformers.utils import logging as hf_logging

@@ -200,6 +200,8 @@ class RankingItem:
     pairs: list[tuple[int, int]]  # ordered (winner, loser) pairs the ranking implies
     mismatch: list[int] | None = None  # the top response under the partner's prompt (the loser), or None
     top: int = 0  # index of this ranking's top response (under its own prompt: the mismatch pair's winner)
+    prompt_len: int = 0  # leading tokens of every response that are the rendered prompt (0: none shared)
+    mismatch_prompt_len: int = 0  # the same for the mismatched response and the partner's prompt
 
 
 @dataclass
@@ -208,6 +210,11 @@ class RankingBatch:
 
     input_ids: torch.Tensor  # (N, T) token ids of every prompt+response in the batch, right-padded
     attention_mask: torch.Tensor  # (N, T) 1 on real tokens
+    prompt_ids: torch.Tensor  # (U, Q) the batch's distinct prompts (rendered), left-padded
+    prompt_mask: torch.Tensor  # (U, Q) 1 on real prompt tokens
+    continuation_ids: torch.Tensor  # (N, R) each sequence after its prompt (response + eos), right-padded
+    continuation_mask: torch.Tensor  # (N, R) 1 on real tokens
+    prompt_index: torch.Tensor  # (N,) row of prompt_ids that sequence n continues
     winners: torch.Tensor  # (P,) index into N of each ordered pair's preferred response
     losers: torch.Tensor  # (P,) index into N of the pair's rejected response
     pair_group: torch.Tensor  # (P,) index 0..G-1 of the ranking the pair comes from
@@ -223,6 +230,14 @@ class RankingBatch:
         return RankingBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
+def shared_prompt_len(prompt: list[int], sequences: Sequence[list[int]]) -> int:
+    """len(prompt) if every sequence starts with exactly these prompt tokens and goes on after
+    them, else 0 (a prompt cut by truncation, or a tokenizer that merges across the boundary):
+    such sequences are then run whole, never continued from a prompt they do not contain."""
+    n = len(prompt)
+    return n if all(len(s) > n and s[:n] == prompt for s in sequences) else 0
+
+
 class RankingDataset(torch.utils.data.Dataset):
     """Rankings pre-tokenized once: item i = a `RankingItem`.
 
@@ -231,7 +246,7 @@ class RankingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, mismatch_seed: int | None = None):
-        from align.chat import render_example
+        from align.chat import render_example, render_prompt
 
         self.rankings = list(rankings)
         texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
@@ -241,14 +256,19 @@ class RankingDataset(torch.utils.data.Dataset):
         texts += [render_example(tokenizer, self.rankings[partners[i]].prompt, self.rankings[i].responses[tops[i]])
                   for i in swapped]
         ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer([render_prompt(tokenizer, r.prompt) for r in self.rankings],
+                               add_special_tokens=False)["input_ids"]
         self.items: list[RankingItem] = []
         pos = 0
-        for r, top in zip(self.rankings, tops):
+        for r, top, prompt in zip(self.rankings, tops, prompt_ids):
             k = len(r.responses)
-            self.items.append(RankingItem(ids[pos : pos + k], ordered_pairs(r.ranks), top=top))
+            sequences = ids[pos : pos + k]
+            self.items.append(RankingItem(sequences, ordered_pairs(r.ranks), top=top,
+                                          prompt_len=shared_prompt_len(prompt, sequences)))
             pos += k
         for i in swapped:
             self.items[i].mismatch = ids[pos]
+            self.items[i].mismatch_prompt_len = shared_prompt_len(prompt_ids[partners[i]], [ids[pos]])
             pos += 1
 
     def __len__(self) -> int:
@@ -265,10 +285,11 @@ class RankingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: Sequence[RankingItem]) -> RankingBatch:
-        seqs, winners, losers, groups, offsets = [], [], [], [], []
+        seqs, prompt_lens, winners, losers, groups, offsets = [], [], [], [], [], []
         for g, item in enumerate(items):
             offsets.append(len(seqs))
             seqs.extend(item.responses)
+            prompt_lens.extend([item.prompt_len] * len(item.responses))
             for w, l in item.pairs:
                 winners.append(offsets[g] + w)
                 losers.append(offsets[g] + l)
@@ -279,15 +300,21 @@ class RankingCollator:
                 mismatch_winners.append(offsets[g] + item.top)
                 mismatch_losers.append(len(seqs))
                 seqs.append(item.mismatch)
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[i, : len(s)] = 1
+                prompt_lens.append(item.mismatch_prompt_len)
+        input_ids, attention_mask = self.pad(seqs, left=False)
+        # each distinct prompt once (a sequence without a shared prompt continues the empty one)
+        prompts: dict[tuple[int, ...], int] = {}
+        prompt_index = [prompts.setdefault(tuple(s[:n]), len(prompts)) for s, n in zip(seqs, prompt_lens)]
+        prompt_ids, prompt_mask = self.pad([list(p) for p in prompts], left=True)
+        continuation_ids, continuation_mask = self.pad([s[n:] for s, n in zip(seqs, prompt_lens)], left=False)
         return RankingBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            continuation_ids=continuation_ids,
+            continuation_mask=continuation_mask,
+            prompt_index=torch.tensor(prompt_index, dtype=torch.long),
             winners=torch.tensor(winners, dtype=torch.long),
             losers=torch.tensor(losers, dtype=torch.long),
             pair_group=torch.tensor(groups, dtype=torch.long),
@@ -295,3 +322,15 @@ class RankingCollator:
             mismatch_winners=torch.tensor(mismatch_winners, dtype=torch.long),
             mismatch_losers=torch.tensor(mismatch_losers, dtype=torch.long),
         )
+
+    def pad(self, seqs: Sequence[Sequence[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of shape (len(seqs), longest), padded on the left or the right."""
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                cols = slice(width - len(s), width) if left else slice(0, len(s))
+                ids[i, cols] = torch.tensor(s, dtype=torch.long)
+                mask[i, cols] = 1
+        return ids, mask

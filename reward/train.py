@@ -34,7 +34,7 @@ from reward.config import RewardConfig
 from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
 from reward.evaluate import format_table, ranking_metrics, reward_table
 from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
-from reward.model import build_reward_model, fit_normalization, forward_rewards_bucketed, prepare_tokenizer, save_reward_model, score_texts
+from reward.model import build_reward_model, fit_normalization, forward_rewards_shared_prompts, prepare_tokenizer, save_reward_model, score_texts
 
 
 def peak_memory_mb() -> float:
@@ -137,8 +137,8 @@ class RewardTrainer:
 
     def step(self, batch: RankingBatch) -> dict[str, float]:
         cfg = self.cfg.train
-        # 2. one forward pass over every response of every ranking in the batch
-        rewards = forward_rewards_bucketed(self.model, batch.input_ids, batch.attention_mask, cfg.length_buckets)  # (N,)
+        # 2. one forward pass over every response of every ranking in the batch (each prompt once)
+        rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets)  # (N,)
         # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over rankings
         loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
         if cfg.center_coef > 0:

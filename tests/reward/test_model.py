@@ -106,3 +106,44 @@ def test_train_layers_with_lora_puts_adapters_on_top_layers_only(quick_config):
     trainer, before, after = trained(quick_config("model.train_layers=1", "lora.enabled=true", "lora.r=4"))
     lora_names = [n for n in before if "lora_" in n]
     assert lora_names and all(".layers.1." in n for n in lora_names)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_whole_sequences(tiny_random_model, lora):
+    """Prompts encoded once, responses continued from their cache: the same rewards and gradients
+    as forwarding every prompt + response whole, with mismatched pairs and a truncated prompt."""
+    from align.config import load_config
+    from align.modeling import load_tokenizer
+    from reward.config import RewardConfig
+    from reward.data import RankingCollator, RankingDataset
+    from reward.model import build_reward_model, forward_rewards, forward_rewards_shared_prompts
+    from align.synthetic import make_rankings
+
+    tok = load_tokenizer(tiny_random_model)
+    lora_cfg = load_config(RewardConfig, None, ["lora.enabled=true", "lora.r=4"]).lora if lora else None
+    model = build_reward_model(tiny_random_model, tok, lora=lora_cfg, seed=0)
+    if lora:  # a non-zero adapter, so that it takes part in both forwards
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    rankings = make_rankings(6, k=4, seed=3)
+    dataset = RankingDataset(rankings, tok, max_length=256, mismatch_seed=0)
+    long_len = max(len(s) for s in dataset[0].responses)
+    truncated = RankingDataset(rankings[:1], tok, max_length=long_len - 4)  # left truncation cuts the prompt
+    assert truncated[0].prompt_len == 0 and dataset[0].prompt_len > 0
+    batch = RankingCollator(tok.pad_token_id)([*dataset.items, truncated[0]])
+    assert batch.prompt_ids.shape[0] < batch.num_responses  # prompts are shared
+    assert batch.continuation_ids.shape[1] < batch.input_ids.shape[1]
+
+    def rewards_and_grads(forward):
+        model.zero_grad()
+        rewards = forward()
+        (rewards * torch.linspace(-1, 1, len(rewards))).sum().backward()
+        return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = rewards_and_grads(lambda: forward_rewards(model, batch.input_ids, batch.attention_mask))
+    shared, shared_grads = rewards_and_grads(lambda: forward_rewards_shared_prompts(model, batch, 2))
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-4)
+    assert whole_grads.keys() == shared_grads.keys() and whole_grads
+    for name in whole_grads:
+        torch.testing.assert_close(shared_grads[name], whole_grads[name], atol=1e-5, rtol=1e-3, msg=name)
