@@ -101,8 +101,9 @@ class ActorCritic(nn.Module):
         values = self.value_head(hidden.float()).squeeze(-1) if self.critic is None else None
         return self.lm_head(hidden), values
 
+    @torch.no_grad()
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
-        """(B, T) values of the separate critic for the response tokens' states."""
+        """(B, T) the separate critic's V_old(s_t) for the response tokens' states (rollout, no graph)."""
         return self.critic(input_ids, attention_mask, position_ids_from_mask(attention_mask), context_length)
 
     @contextlib.contextmanager

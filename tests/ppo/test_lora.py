@@ -79,6 +79,22 @@ def test_value_head_learns_at_value_lr_scale_times_the_policy_rate(small_run):
     assert abs(value_move - 1e-2) < 1e-3
 
 
+def test_critic_initialised_from_the_reward_model_learns_beside_the_adapter(small_run):
+    # value_model=reward_model (InstructGPT): the rollout's values come from a separate critic
+    overrides = [*small_run, "num_iterations=2", "num_eval_prompts=0", "value_model=reward_model"]
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides))
+    trainer.setup()
+    assert trainer.model.value_head is None and trainer.model.critic is not None
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    summary = trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, b in before.items() if not torch.equal(after[n], b)}
+    assert any(n.startswith("critic.") for n in changed), "the critic did not learn"
+    assert any("lora_" in n for n in changed), "the adapter did not learn"
+    assert changed <= {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert summary["iteration"] == 2
+
+
 def test_trimmed_minibatch_gives_the_same_logprobs_and_values(small_run):
     from ppo import core
 
