@@ -333,27 +333,36 @@ class PPOTrainer:
     def optimize(self, exp: Experience) -> dict[str, float]:
         cfg = self.cfg
         sums: dict[str, float] = {}
-        n_micro, grad_norms = 0, []
+        n_minibatches, grad_norms = 0, []
         for _epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(len(exp), device="cpu")
             for mb_start in range(0, len(exp), cfg.mini_batch_size):
-                mb_rows = order[mb_start: mb_start + cfg.mini_batch_size]
+                mb_rows = order[mb_start: mb_start + cfg.mini_batch_size].to(self.device)
+                # The loss is a token mean over the whole minibatch (each micro-batch weighted by
+                # its share of the tokens), so grouping rows of similar length into micro-batches
+                # changes no gradient, only how much padding is forwarded.
+                mb_lengths = exp.response_mask[mb_rows].sum(-1)
+                mb_rows = mb_rows[torch.argsort(mb_lengths, stable=True)]
+                mb_tokens = mb_lengths.sum().clamp(min=1)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                    mb = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size].to(self.device)).trim_padding()
+                    micro = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size]).trim_padding()
+                    weight = micro.response_mask.sum() / mb_tokens
                     is_last = micro_start + cfg.micro_batch_size >= len(mb_rows)
                     # DDP all-reduces gradients only on the last micro-batch of the minibatch.
                     with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.ddp_model):
-                        for k, v in self.micro_step(mb).items():
+                        for k, v in self.micro_step(micro, weight).items():
                             sums[k] = sums.get(k, 0.0) + v
-                    n_micro += 1
+                n_minibatches += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 grad_norms.append(float("nan") if grad_norm is None else float(grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
-        return {**{k: v / n_micro for k, v in sums.items()}, "train/grad_norm": statistics.fmean(grad_norms)}
+        return {**{k: v / n_minibatches for k, v in sums.items()}, "train/grad_norm": statistics.fmean(grad_norms)}
 
-    def micro_step(self, mb: Experience) -> dict[str, float]:
+    def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, float]:
+        """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
+        tokens. Returns its statistics, weighted the same way (they sum to the minibatch's)."""
         cfg = self.cfg
         logits, mb_values = self.ddp_model(mb.input_ids, mb.attention_mask, mb.context_length)
         mb_logprobs, mb_entropy = core.logprobs_and_entropy(logits, mb.response_ids, cfg.temperature)
@@ -361,14 +370,13 @@ class PPOTrainer:
         vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
         entropy = core.masked_mean(mb_entropy, mb.response_mask)
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
-        return {
-            "policy/loss": pg_loss.item(), "policy/clipfrac": pg_stats["clipfrac"].item(),
-            "policy/approxkl": pg_stats["approxkl"].item(), "policy/entropy": entropy.item(),
-            "val/loss": vf_loss.item(), "val/clipfrac": vf_stats["clipfrac"].item(),
-            "val/values": core.masked_mean(mb_values.detach(), mb.response_mask).item(),
-            "loss/total": loss.item(),
+        self.accelerator.backward(loss * weight)
+        stats = {
+            "policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
+            "policy/entropy": entropy, "val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
+            "val/values": core.masked_mean(mb_values.detach(), mb.response_mask), "loss/total": loss,
         }
+        return {k: (v.detach() * weight).item() for k, v in stats.items()}
 
     # ------------------------------------------------------------------------------------ evaluation
 

@@ -48,3 +48,37 @@ def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small
         return (((values - exp.returns) ** 2) * mask).sum() / mask.sum()
 
     assert value_error(new_values) < value_error(exp.values), (value_error(new_values), value_error(exp.values))
+
+
+def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run, demo_model):
+    # The loss is a token mean over the minibatch, so accumulating 4 micro-batches (grouped by
+    # length) gives the gradient of one pass over all 8 episodes. The demo model's responses end
+    # at different lengths, so per-micro-batch means would weight their tokens differently.
+    first_step_grads = []
+    for accumulation in (1, 4):
+        overrides = [o for o in small_run if not o.startswith(("policy_model=", "response_length="))]
+        overrides += [f"policy_model={demo_model}", "response_length=24", "batch_size=8", "num_mini_batches=1",
+                      f"gradient_accumulation_steps={accumulation}", "num_ppo_epochs=1", "max_grad_norm=1e9",
+                      "overwrite=true"]
+        trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
+        trainer.setup()
+        grads = {}
+        step = trainer.optimizer.step
+
+        def recording_step(*args, trainer=trainer, grads=grads, step=step, **kwargs):
+            if not grads:
+                grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        seen = {}
+        optimize = trainer.optimize
+        trainer.optimize = lambda exp, seen=seen, optimize=optimize: seen.setdefault("exp", exp) and optimize(exp)
+        trainer.step()
+        lengths = seen["exp"].response_mask.sum(-1)
+        first_step_grads.append(grads)
+    assert lengths.unique().numel() > 2, lengths  # micro-batches of unequal token counts
+    whole, accumulated = first_step_grads
+    assert whole.keys() == accumulated.keys() and any("lora_" in n for n in whole)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)
