@@ -11,8 +11,9 @@ differs), then runs both trainers in fresh processes on:
   value model initialised from it, align runs twice: `align` = its default value head on the
   policy's LoRA trunk, `align-critic` = TRL's arrangement (`value_model=reward_model`),
 * the same prompts (rendered with the same chat template), episodes per iteration, micro-batch
-  size, PPO epochs (one optimiser step per epoch: TRL's accumulation semantics), learning
-  rate (constant), response length, temperature, fixed KL coefficient, missing-eos penalty,
+  size, PPO epochs (one optimiser step per epoch over 4 accumulated micro-batches; align's
+  loss is the token mean over the minibatch, TRL's the mean of the micro-batches' means),
+  learning rate (constant), response length, temperature, fixed KL coefficient, missing-eos penalty,
 * fp32 on the CPU for both (TRL defaults to bf16 autocast and gradient checkpointing: both off).
 
 Then it samples held-out prompts from the SFT model and from each trained adapter with one
