@@ -261,7 +261,8 @@ def main() -> None:
     parser.add_argument("--value-lr-scale", type=float, default=None,
                         help="align's value_lr_scale (default: align's own default)")
     parser.add_argument("--num-prompts", type=int, default=2048)
-    parser.add_argument("--eval-prompts", type=int, default=256)
+    parser.add_argument("--eval-prompts", type=int, default=1024,
+                        help="held-out prompts for the gains (at 256 a mean gain has a standard error near 0.09)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where TRL 1.12 is installed")

@@ -163,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--train-layers", type=int, default=None, help="train only the top N layers (both trainers)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the rankings (both trainers)")
-    p.add_argument("--length-buckets", type=int, default=4, help="align only; 1 = one padded forward pass per batch")
+    p.add_argument("--length-buckets", type=int, default=4, help="align only; 1 = all continuations of a batch in one padded pass (after its prompt pass)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per trainer; 1 makes CPU time a load-independent measure on a shared machine")
     p.add_argument("--seed", type=int, default=0)

@@ -25,26 +25,28 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     Sampling used the same temperature, so these are the log-probs of the distribution the
     tokens were actually drawn from (implementation detail: temperature-consistent log-probs).
     """
-    return _gather(_log_softmax(logits, temperature), tokens)
+    return gather_logprobs(log_softmax(logits, temperature), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
-    return _entropy(_log_softmax(logits, temperature))
+    return _entropy(log_softmax(logits, temperature))
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Both of the above from one log-softmax over the vocabulary (the training step needs both)."""
-    logp = _log_softmax(logits, temperature)
-    return _gather(logp, tokens), _entropy(logp)
+    logp = log_softmax(logits, temperature)
+    return gather_logprobs(logp, tokens), _entropy(logp)
 
 
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the vocabulary, in fp32: (..., V) -> (..., V)."""
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def _gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def gather_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The entries of `logp` (..., V) at `tokens` (...,) -> (...,)."""
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -13,40 +13,13 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
-class Samples:
-    """What step 1 samples: prompts, responses, and the sampler's own log-probs and values."""
+class PromptsAndResponses:
+    """Whole sequences from the query_* and response_* fields of the dataclasses below."""
 
-    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
-    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens
-    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
-    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
-    logprobs: torch.Tensor  # (B, T) log pi(a_t|s_t) at the sampling temperature, 0 after eos
-    values: torch.Tensor | None  # (B, T) V(s_t) from the value head, 0 after eos; None with a critic
-
-    @property
-    def input_ids(self) -> torch.Tensor:  # (B, Q + T)
-        return torch.cat([self.query_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:  # (B, Q + T)
-        return torch.cat([self.query_mask, self.response_mask], dim=1)
-
-
-@dataclass
-class Experience:
-    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
-    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens, 0 for left padding
-    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
-    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
-    logprobs: torch.Tensor  # (B, T) log pi_old(a_t|s_t) at the sampling temperature
-    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t|s_t), same temperature
-    values: torch.Tensor  # (B, T) V_old(s_t), the value of the state before a_t
-    scores: torch.Tensor  # (B,) reward-model score (normalised) minus the missing-eos penalty
-    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate (k1 or k3) of pi_old vs pi_ref
-    rewards: torch.Tensor | None = None  # (B, T) -beta * kl, plus the score at the last real token
-    advantages: torch.Tensor | None = None  # (B, T) GAE advantages, whitened
-    returns: torch.Tensor | None = None  # (B, T) value targets = GAE advantages + V_old (not whitened)
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, Q + T) prompt and response
@@ -59,6 +32,34 @@ class Experience:
     @property
     def context_length(self) -> int:  # Q
         return self.query_ids.shape[1]
+
+
+@dataclass
+class Samples(PromptsAndResponses):
+    """What step 1 samples: prompts, responses, and the sampler's own log-probs and values."""
+
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens
+    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
+    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
+    logprobs: torch.Tensor  # (B, T) log pi(a_t|s_t) at the sampling temperature, 0 after eos
+    values: torch.Tensor | None  # (B, T) V(s_t) from the value head, 0 after eos; None with a critic
+
+
+@dataclass
+class Experience(PromptsAndResponses):
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens, 0 for left padding
+    response_ids: torch.Tensor  # (B, T) sampled tokens a_t, pad after the first eos
+    response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
+    logprobs: torch.Tensor  # (B, T) log pi_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t|s_t), same temperature
+    values: torch.Tensor  # (B, T) V_old(s_t), the value of the state before a_t
+    scores: torch.Tensor  # (B,) reward-model score (normalised) minus the missing-eos penalty
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate (k1 or k3) of pi_old vs pi_ref
+    rewards: torch.Tensor | None = None  # (B, T) -beta * kl, plus the score at the last real token
+    advantages: torch.Tensor | None = None  # (B, T) GAE advantages, whitened
+    returns: torch.Tensor | None = None  # (B, T) value targets = GAE advantages + V_old (not whitened)
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]

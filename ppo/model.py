@@ -91,7 +91,7 @@ class ActorCritic(nn.Module):
         """The policy's model config (what a KV cache is sized from)."""
         return self.policy.get_base_model().config
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                cache: Any, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sampling step (ppo.sampling): logits (B, V) and V(s) (B,) at the last position,
         continuing `cache`; no values here with a separate critic (it reads whole sequences)."""
@@ -115,12 +115,14 @@ class ActorCritic(nn.Module):
     @contextlib.contextmanager
     def adapter_merged(self) -> Iterator[None]:
         """The policy with its LoRA update folded into the base weights, for sampling: one matmul
-        per layer instead of three (with the static cache, rollouts ~1.6x faster on the demo model).
+        per layer instead of three (with the static cache, rollouts ~1.6x faster on the demo model;
+        fp32 only, see PPOTrainer.sampling_weights).
         The base weights are then restored bit for bit from a copy: unmerging by subtraction
         rounds, and the SFT weights must stay exactly the SFT weights."""
         from peft.tuners.lora import LoraLayer
 
-        saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().clone())
+        # the copies wait in host memory: on a GPU they would double the adapted weights' footprint
+        saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().to("cpu", copy=True))
                  for layer in self.policy.modules() if isinstance(layer, LoraLayer)]
         self.policy.merge_adapter()
         try:

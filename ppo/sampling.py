@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from align.modeling import position_ids_from_mask
+from ppo import core
 
 
 class Decoder(Protocol):
@@ -26,7 +27,7 @@ class Decoder(Protocol):
 
     config: object
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                cache: object, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -37,12 +38,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> tuple[torch.Tenso
     sampling like `torch.multinomial`, which instead draws V exponentials per row (at V = 1024
     a fifth of the decoding time on a CPU). A token of probability 0 is never drawn.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = core.log_softmax(logits, temperature)  # (B, V)
     cdf = logp.exp().cumsum(-1)  # (B, V)
+    if not torch.isfinite(cdf[:, -1]).all():  # multinomial would raise too; never sample from NaN
+        raise FloatingPointError("the policy produced non-finite logits while sampling")
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
     # the first index whose cdf exceeds u: token i owns [cdf[i-1], cdf[i]), empty when p_i = 0
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, core.gather_logprobs(logp, tokens)
 
 
 @torch.no_grad()
@@ -75,7 +78,7 @@ def sample_responses(
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
     values = torch.zeros(batch, max_new_tokens, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits, value = decoder.decode(query_ids, mask[:, :prompt_len], positions, cache,
+    logits, value = decoder.decode_step(query_ids, mask[:, :prompt_len], positions, cache,
                                    torch.arange(prompt_len, device=device))
     position = positions[:, -1:]  # (B, 1) left padding: the last column is real in every row
     for step in range(max_new_tokens):
@@ -90,6 +93,6 @@ def sample_responses(
         slot = prompt_len + step
         mask[:, slot] = 1
         position = position + 1
-        logits, value = decoder.decode(response[:, step, None], mask, position, cache,
+        logits, value = decoder.decode_step(response[:, step, None], mask, position, cache,
                                        torch.tensor([slot], device=device))
     return response, logprobs, (values if value is not None else None)

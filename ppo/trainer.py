@@ -276,49 +276,64 @@ class PPOTrainer:
         enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        with self.model.adapter_merged() if adapter else self.model.adapter_disabled():
+        with self.sampling_weights(adapter):
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
                 temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
         return Samples(query_ids, query_mask, response_ids, response_mask, logprobs, values)
 
-    @torch.no_grad()
-    def reference_logprobs(self, samples: Samples) -> torch.Tensor:
-        """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, in chunks of a minibatch."""
-        out = []
-        input_ids, attention_mask, chunk = samples.input_ids, samples.attention_mask, self.cfg.mini_batch_size
-        for s in range(0, input_ids.shape[0], chunk):
-            ref_logits = self.reference.logits(input_ids[s:s + chunk], attention_mask[s:s + chunk],
-                                               samples.query_ids.shape[1])
-            out.append(core.logprobs_from_logits(ref_logits, samples.response_ids[s:s + chunk], self.cfg.temperature))
-        return torch.cat(out)
+    def sampling_weights(self, adapter: bool) -> contextlib.AbstractContextManager:
+        """The SFT model (adapter off) or the policy. In fp32 the policy's LoRA update is merged
+        into the base for sampling (one matmul per layer instead of three); in bf16 a young
+        adapter's small update would round away in the merged weights, so it stays separate."""
+        if not adapter:
+            return self.model.adapter_disabled()
+        return self.model.adapter_merged() if self.sampler_is_exact else contextlib.nullcontext()
+
+    @property
+    def sampler_is_exact(self) -> bool:
+        """Whether the sampler's log-probs and values equal the training forward's to rounding (fp32,
+        tested within 1e-5); in bf16 the cached decoding differs by more than PPO's first ratio allows."""
+        return self.cfg.dtype == "float32"
 
     @torch.no_grad()
-    def forward_logprobs(self, input_ids, attention_mask, context_length, response_ids):
-        """log pi, log pi_ref and V recomputed by full forwards of the sequences, in chunks (what
-        the sampler's own log-probs and values agree with; the tests read the policy with it)."""
-        logprobs, ref_logprobs, values = [], [], []
-        chunk = self.cfg.mini_batch_size
-        for s in range(0, input_ids.shape[0], chunk):
-            ids, mask, resp = input_ids[s:s + chunk], attention_mask[s:s + chunk], response_ids[s:s + chunk]
-            logits, value = self.model(ids, mask, context_length)
-            logprobs.append(core.logprobs_from_logits(logits, resp, self.cfg.temperature))
-            ref_logits = self.reference.logits(ids, mask, context_length)
-            ref_logprobs.append(core.logprobs_from_logits(ref_logits, resp, self.cfg.temperature))
+    def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log pi_old(a_t|s_t) and V_old(s_t): the sampler's own where they are exact, else
+        recomputed by the training forward; a separate critic always reads the whole sequences."""
+        if not self.sampler_is_exact:
+            return self.policy_logprobs_and_values(samples)
+        if samples.values is None:
+            return samples.logprobs, self.model.critic_values(samples.input_ids, samples.attention_mask,
+                                                              samples.context_length)
+        return samples.logprobs, samples.values
+
+    @torch.no_grad()
+    def policy_logprobs_and_values(self, seqs: Samples | Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log pi(a_t|s_t) and V(s_t) of the current policy by full forwards, a minibatch at a time."""
+        logprobs, values = [], []
+        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(self.cfg.mini_batch_size):
+            logits, value = self.model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length)
+            logprobs.append(core.logprobs_from_logits(logits, seqs.response_ids[rows], self.cfg.temperature))
             values.append(value.float())
-            del logits, ref_logits
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        return torch.cat(logprobs), torch.cat(values)
+
+    @torch.no_grad()
+    def reference_logprobs(self, seqs: Samples | Experience) -> torch.Tensor:
+        """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, a minibatch at a time."""
+        out = []
+        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(self.cfg.mini_batch_size):
+            ref_logits = self.reference.logits(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length)
+            out.append(core.logprobs_from_logits(ref_logits, seqs.response_ids[rows], self.cfg.temperature))
+        return torch.cat(out)
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
         samples = self.generate(prompts)
+        logprobs, values = self.behaviour_logprobs_and_values(samples)
         ref_logprobs = self.reference_logprobs(samples)
-        values = samples.values
-        if values is None:  # a separate critic reads the whole sequences
-            values = self.model.critic_values(samples.input_ids, samples.attention_mask, samples.query_ids.shape[1])
         mask_f = samples.response_mask.float()
         exp = Experience(query_ids=samples.query_ids, query_mask=samples.query_mask, response_ids=samples.response_ids,
-                         response_mask=samples.response_mask, logprobs=samples.logprobs * mask_f,
+                         response_mask=samples.response_mask, logprobs=logprobs * mask_f,
                          ref_logprobs=ref_logprobs * mask_f, values=values * mask_f,
                          scores=torch.zeros(len(prompts), device=self.device))
         return exp, self.decode(samples.response_ids, samples.response_mask)
@@ -338,8 +353,8 @@ class PPOTrainer:
             order = torch.randperm(len(exp), device="cpu")
             for mb_start in range(0, len(exp), cfg.mini_batch_size):
                 mb_rows = order[mb_start: mb_start + cfg.mini_batch_size].to(self.device)
-                # The loss is a token mean over the whole minibatch (each micro-batch weighted by
-                # its share of the tokens), so grouping rows of similar length into micro-batches
+                # The loss is a token mean over this process's minibatch (each micro-batch weighted
+                # by its share of the tokens), so grouping rows of similar length into micro-batches
                 # changes no gradient, only how much padding is forwarded.
                 mb_lengths = exp.response_mask[mb_rows].sum(-1)
                 mb_rows = mb_rows[torch.argsort(mb_lengths, stable=True)]

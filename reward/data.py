@@ -5,7 +5,7 @@
   OpenAssistant all groups of one message tree, land on the same side, so no held-out prompt
   (or conversation prefix) has been seen in training.
 - A batch is a list of rankings; each is one batch element and all responses of the batch are
-  flattened into one forward pass, each forwarded once (InstructGPT). `expand_to_pairs` turns
+  forwarded together, each once (InstructGPT), their shared prompts once per batch. `expand_to_pairs` turns
   rankings into independent K = 2 rankings for the pairwise comparison mode.
 """
 
@@ -206,7 +206,7 @@ class RankingItem:
 
 @dataclass
 class RankingBatch:
-    """A batch of G rankings, all their responses flattened into one forward pass."""
+    """A batch of G rankings, all their responses flattened into one pass (each prompt once)."""
 
     input_ids: torch.Tensor  # (N, T) token ids of every prompt+response in the batch, right-padded
     attention_mask: torch.Tensor  # (N, T) 1 on real tokens

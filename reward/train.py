@@ -4,7 +4,7 @@ The loop follows InstructGPT's reward model training (Ouyang et al. 2022, sectio
 appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
 
     1. each batch element is one ranking (an annotator's order of K responses to a prompt);
-    2. all responses of the batch go through the model in ONE forward pass, each once;
+    2. all responses of the batch go through the model once each, their prompts once per batch;
     3. the loss averages -log sigmoid(r_w - r_l) over the C(K,2) ordered pairs of each
        ranking, then over rankings (+ optional margin and reward-centering term);
     4. one epoch by default (more overfits, as InstructGPT reports);

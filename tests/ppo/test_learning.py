@@ -35,8 +35,7 @@ def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small
     exp = seen["exp"]
     assert abs(metrics["objective/kl"]) < 1e-3  # the rollout policy is the SFT model (LoRA B starts at 0)
 
-    new_logprobs, _, new_values = trainer.forward_logprobs(exp.input_ids, exp.attention_mask, exp.context_length,
-                                                           exp.response_ids)
+    new_logprobs, new_values = trainer.policy_logprobs_and_values(exp)
     mask = exp.response_mask.float()
     delta = ((new_logprobs - exp.logprobs) * mask).sum(-1)  # change of log pi(response) per episode
     good, bad = exp.scores > 0, exp.scores < 0
@@ -71,11 +70,16 @@ def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run, demo
             return step(*args, **kwargs)
 
         trainer.optimizer.step = recording_step
-        seen = {}
+        experiences = []
         optimize = trainer.optimize
-        trainer.optimize = lambda exp, seen=seen, optimize=optimize: seen.setdefault("exp", exp) and optimize(exp)
+
+        def recording_optimize(exp, experiences=experiences, optimize=optimize):
+            experiences.append(exp)
+            return optimize(exp)
+
+        trainer.optimize = recording_optimize
         trainer.step()
-        lengths = seen["exp"].response_mask.sum(-1)
+        lengths = experiences[0].response_mask.sum(-1)
         first_step_grads.append(grads)
     assert lengths.unique().numel() > 2, lengths  # micro-batches of unequal token counts
     whole, accumulated = first_step_grads
