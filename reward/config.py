@@ -20,8 +20,9 @@ class ModelSection:
     )
     train_layers: int | None = option(
         None,
-        help="Train only the top N transformer layers (+ final norm and score head), None = all. Backward then stops "
-        "at layer L-N: about half the compute with N=1 on a 4-layer model. Under LoRA: adapters on those layers only.",
+        help="Train only the top N transformer layers (+ final norm and score head), None = all; the embeddings "
+        "stay frozen for any N. Backward then stops at layer L-N: about half the compute with N=1 on a 4-layer "
+        "model. Under LoRA: adapters on those layers only.",
         ge=1,
     )
     max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation).", ge=8)
