@@ -46,12 +46,13 @@ def init_score_head(model: nn.Module, seed: int = 0) -> None:
 
 
 def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0,
-                       train_layers: int | None = None) -> nn.Module:
+                       train_layers: int | None = None, freeze_embeddings: bool = False) -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
 
     `lora`: a LoraSection with `enabled=True` wraps the model in PEFT adapters, the score head
     in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
     `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
+    `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -89,6 +90,8 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
         model = get_peft_model(model, peft_config)
     elif top is not None:
         freeze_below(model, top[0])
+    if freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     return model
 
 

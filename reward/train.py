@@ -83,7 +83,7 @@ class RewardTrainer:
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
         model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed,
-                                   train_layers=cfg.model.train_layers)
+                                   train_layers=cfg.model.train_layers, freeze_embeddings=cfg.model.freeze_embeddings)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -42,6 +42,14 @@ def test_full_finetuning_changes_base_weights(quick_config):
     assert any("embed_tokens" in n for n in changed)
 
 
+def test_freeze_embeddings_trains_every_layer_but_not_the_embeddings(quick_config):
+    trainer, before, after = trained(quick_config("lora.enabled=false", "model.freeze_embeddings=true"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    embeddings = {n for n in before if "embed_tokens" in n}
+    assert embeddings and not embeddings & changed
+    assert "score.weight" in changed and any(n.startswith("model.layers.0.") for n in changed)
+
+
 def test_head_init_and_reward_at_last_real_token(tiny_random_model):
     from align.modeling import load_tokenizer
     from reward.model import build_reward_model, encode, forward_rewards
