@@ -237,6 +237,7 @@ def make_prompts(n: int, seed: int = 0, split: Literal["train", "heldout"] = "tr
     return out
 
 
+@lru_cache(maxsize=4096)
 def topic_of(prompt: str) -> Topic | None:
     """The topic a prompt asks about (the longest topic name it contains as whole words)."""
     text = prompt.lower()
@@ -246,7 +247,12 @@ def topic_of(prompt: str) -> Topic | None:
 
 def _count(phrase: str, text: str) -> int:
     """Occurrences of `phrase` in `text` as whole words ("ugh" is not in "dough")."""
-    return len(re.findall(rf"\b{re.escape(phrase)}\b", text))
+    return len(_whole_words(phrase).findall(text))
+
+
+@lru_cache(maxsize=None)
+def _whole_words(phrase: str) -> re.Pattern[str]:
+    return re.compile(rf"\b{re.escape(phrase)}\b")
 
 
 # --------------------------------------------------------------------------- responses
@@ -316,9 +322,26 @@ _SENTENCE = re.compile(r"[^.!?]+[.!?]?")
 _WORD = re.compile(r"[a-z']+")
 
 
-def _has_word(sentence: str, keywords: tuple[str, ...]) -> bool:
-    words = set(_WORD.findall(sentence))
-    return any(k in words if " " not in k else k in sentence for k in keywords)
+def _topics_named(sentence: str, words: set[str]) -> set[str]:
+    """Names of the topics whose keywords `sentence` (with its set of `words`) contains; a
+    keyword of several words counts as a substring."""
+    by_word, phrases = _keyword_index()
+    names = {name for w in words & by_word.keys() for name in by_word[w]}
+    return names | {name for phrase, name in phrases if phrase in sentence}
+
+
+@lru_cache(maxsize=None)
+def _keyword_index() -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
+    """single-word keyword -> names of the topics it marks; (phrase, topic name) for the others."""
+    by_word: dict[str, set[str]] = {}
+    phrases: list[tuple[str, str]] = []
+    for t in TOPICS:
+        for k in t.keywords:
+            if " " in k:
+                phrases.append((k, t.name))
+            else:
+                by_word.setdefault(k, set()).add(t.name)
+    return by_word, phrases
 
 
 # The judge is linear in these features; `gold_features` and `GOLD_WEIGHTS` let a diagnosis
@@ -341,10 +364,10 @@ def gold_features(prompt: str, response: str) -> dict[str, float]:
     topic = topic_of(prompt)
     text = response.strip().lower()
     sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
-    on = sum(1 for s in sentences if topic and _has_word(s, topic.keywords))
-    off = sum(1 for s in sentences
-              if any(_has_word(s, t.keywords) for t in TOPICS if t is not topic)
-              and not (topic and _has_word(s, topic.keywords)))
+    words = [set(_WORD.findall(s)) for s in sentences]  # once per sentence: the judge runs millions of times
+    about = [_topics_named(s, w) for s, w in zip(sentences, words)]
+    on = sum(1 for names in about if topic and topic.name in names)
+    off = sum(1 for names in about if names and not (topic and topic.name in names))
     trails = not text or text[-1] not in ".!?"
     return {
         "on_topic": float(on > 0),
