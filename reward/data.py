@@ -173,18 +173,15 @@ def _load_synthetic(cfg: Any) -> RewardData:
 # --------------------------------------------------------------------------- batches
 
 
-def mismatch_partners(rankings: Sequence[Ranking], seed: int) -> list[int | None]:
-    """A seeded pairing of the rankings for the mismatched-prompt pairs: partner[i] = j means
-    ranking i's top response is also shown under j's prompt, as the loser to itself under i's
-    own prompt (and, the pairing being mutual, j's under i's prompt). None where the partner
-    asks the same prompt (no mismatch) or for the odd one out."""
-    order = list(range(len(rankings)))
-    random.Random(f"mismatch:{seed}").shuffle(order)
-    partner: list[int | None] = [None] * len(rankings)
-    for a, b in zip(order[0::2], order[1::2]):
-        if prompt_key(rankings[a]) != prompt_key(rankings[b]):
-            partner[a], partner[b] = b, a
-    return partner
+def mismatch_partners(prompts: Sequence[tuple[int, ...] | None]) -> list[tuple[int, int]]:
+    """In-batch pairing for the mismatched-prompt pairs: (g, h) shows ranking g's top response
+    under ranking h's prompt. h is the ranking after g in the batch, cyclically, so every prompt
+    is once the winner's context and once the loser's (the prompt alone cannot explain the
+    pair), and as batches are reshuffled every epoch a response meets a new prompt each epoch.
+    `prompts[g]` is ranking g's rendered prompt, None where its responses do not share one
+    (truncated); no pair with those, nor between two rankings of the same prompt."""
+    usable = [g for g, p in enumerate(prompts) if p is not None]
+    return [(g, h) for g, h in zip(usable, usable[1:] + usable[:1]) if prompts[g] != prompts[h]]
 
 
 def top_response(ranks: Sequence[int]) -> int:
@@ -198,18 +195,20 @@ class RankingItem:
 
     responses: list[list[int]]  # K token id lists, prompt + response + eos each
     pairs: list[tuple[int, int]]  # ordered (winner, loser) pairs the ranking implies
-    mismatch: list[int] | None = None  # the top response under the partner's prompt (the loser), or None
     top: int = 0  # index of this ranking's top response (under its own prompt: the mismatch pair's winner)
     prompt_len: int = 0  # leading tokens of every response that are the rendered prompt (0: none shared)
-    mismatch_prompt_len: int = 0  # the same for the mismatched response and the partner's prompt
+
+    @property
+    def prompt(self) -> tuple[int, ...] | None:
+        """The rendered prompt's tokens, None if the responses do not share them."""
+        return tuple(self.responses[0][: self.prompt_len]) if self.prompt_len else None
 
 
 @dataclass
 class RankingBatch:
-    """A batch of G rankings, all their responses flattened into one pass (each prompt once)."""
+    """A batch of G rankings, all their N responses flattened into one pass (each prompt once):
+    sequence n is prompt_ids[prompt_index[n]] followed by continuation_ids[n]."""
 
-    input_ids: torch.Tensor  # (N, T) token ids of every prompt+response in the batch, right-padded
-    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
     prompt_ids: torch.Tensor  # (U, Q) the batch's distinct prompts (rendered), left-padded
     prompt_mask: torch.Tensor  # (U, Q) 1 on real prompt tokens
     continuation_ids: torch.Tensor  # (N, R) each sequence after its prompt (response + eos), right-padded
@@ -224,7 +223,13 @@ class RankingBatch:
 
     @property
     def num_responses(self) -> int:
-        return self.input_ids.shape[0]
+        return self.continuation_ids.shape[0]
+
+    def full_sequences(self) -> list[list[int]]:
+        """The N sequences whole (prompt + continuation token ids), as the model reads them."""
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(self.prompt_ids, self.prompt_mask)]
+        return [prompts[int(u)] + ids[mask.bool()].tolist()
+                for u, ids, mask in zip(self.prompt_index, self.continuation_ids, self.continuation_mask)]
 
     def to(self, device: torch.device | str) -> RankingBatch:
         return RankingBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
@@ -239,37 +244,24 @@ def shared_prompt_len(prompt: list[int], sequences: Sequence[list[int]]) -> int:
 
 
 class RankingDataset(torch.utils.data.Dataset):
-    """Rankings pre-tokenized once: item i = a `RankingItem`.
+    """Rankings pre-tokenized once: item i = a `RankingItem`."""
 
-    `mismatch_seed` (not None) adds to every ranking its top response rendered under a partner
-    ranking's prompt (`mismatch_partners`): one extra forward per ranking.
-    """
-
-    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, mismatch_seed: int | None = None):
+    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int):
         from align.chat import render_example, render_prompt
 
         self.rankings = list(rankings)
         texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
-        tops = [top_response(r.ranks) for r in self.rankings]
-        partners = mismatch_partners(self.rankings, mismatch_seed) if mismatch_seed is not None else []
-        swapped = [i for i, j in enumerate(partners) if j is not None]
-        texts += [render_example(tokenizer, self.rankings[partners[i]].prompt, self.rankings[i].responses[tops[i]])
-                  for i in swapped]
         ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
         prompt_ids = tokenizer([render_prompt(tokenizer, r.prompt) for r in self.rankings],
                                add_special_tokens=False)["input_ids"]
         self.items: list[RankingItem] = []
         pos = 0
-        for r, top, prompt in zip(self.rankings, tops, prompt_ids):
+        for r, prompt in zip(self.rankings, prompt_ids):
             k = len(r.responses)
             sequences = ids[pos : pos + k]
-            self.items.append(RankingItem(sequences, ordered_pairs(r.ranks), top=top,
+            self.items.append(RankingItem(sequences, ordered_pairs(r.ranks), top=top_response(r.ranks),
                                           prompt_len=shared_prompt_len(prompt, sequences)))
             pos += k
-        for i in swapped:
-            self.items[i].mismatch = ids[pos]
-            self.items[i].mismatch_prompt_len = shared_prompt_len(prompt_ids[partners[i]], [ids[pos]])
-            pos += 1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -279,37 +271,43 @@ class RankingDataset(torch.utils.data.Dataset):
 
 
 class RankingCollator:
-    """list of RankingItem -> RankingBatch (each ranking's mismatched response after all the others)."""
+    """list of RankingItem -> RankingBatch.
 
-    def __init__(self, pad_token_id: int):
+    `mismatch=True` adds, after all the rankings' responses, each ranking's top response under
+    the next ranking's prompt (`mismatch_partners`): one extra forward per ranking whose prompt
+    is already in the batch. Such a sequence longer than `max_length` is left out.
+    """
+
+    def __init__(self, pad_token_id: int, *, mismatch: bool = False, max_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.mismatch = mismatch
+        self.max_length = max_length
 
     def __call__(self, items: Sequence[RankingItem]) -> RankingBatch:
-        seqs, prompt_lens, winners, losers, groups, offsets = [], [], [], [], [], []
+        prompts, continuations, winners, losers, groups, offsets = [], [], [], [], [], []
         for g, item in enumerate(items):
-            offsets.append(len(seqs))
-            seqs.extend(item.responses)
-            prompt_lens.extend([item.prompt_len] * len(item.responses))
+            offsets.append(len(continuations))
+            for response in item.responses:  # a sequence without a shared prompt continues the empty one
+                prompts.append(item.prompt or ())
+                continuations.append(response[item.prompt_len :])
             for w, l in item.pairs:
                 winners.append(offsets[g] + w)
                 losers.append(offsets[g] + l)
                 groups.append(g)
         mismatch_winners, mismatch_losers = [], []
-        for g, item in enumerate(items):
-            if item.mismatch is not None:
-                mismatch_winners.append(offsets[g] + item.top)
-                mismatch_losers.append(len(seqs))
-                seqs.append(item.mismatch)
-                prompt_lens.append(item.mismatch_prompt_len)
-        input_ids, attention_mask = self.pad(seqs, left=False)
-        # each distinct prompt once (a sequence without a shared prompt continues the empty one)
-        prompts: dict[tuple[int, ...], int] = {}
-        prompt_index = [prompts.setdefault(tuple(s[:n]), len(prompts)) for s, n in zip(seqs, prompt_lens)]
-        prompt_ids, prompt_mask = self.pad([list(p) for p in prompts], left=True)
-        continuation_ids, continuation_mask = self.pad([s[n:] for s, n in zip(seqs, prompt_lens)], left=False)
+        for g, h in mismatch_partners([item.prompt for item in items]) if self.mismatch else []:
+            response = items[g].responses[items[g].top][items[g].prompt_len :]
+            if self.max_length is not None and len(items[h].prompt) + len(response) > self.max_length:
+                continue
+            mismatch_winners.append(offsets[g] + items[g].top)
+            mismatch_losers.append(len(continuations))
+            prompts.append(items[h].prompt)
+            continuations.append(response)
+        distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt once
+        prompt_index = [distinct.setdefault(p, len(distinct)) for p in prompts]
+        prompt_ids, prompt_mask = self.pad(list(distinct), left=True)
+        continuation_ids, continuation_mask = self.pad(continuations, left=False)
         return RankingBatch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             continuation_ids=continuation_ids,

@@ -46,13 +46,15 @@ def init_score_head(model: nn.Module, seed: int = 0) -> None:
 
 
 def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0,
-                       train_layers: int | None = None, freeze_embeddings: bool = False) -> nn.Module:
+                       train_layers: int | None = None, freeze_embeddings: bool = False,
+                       attn_implementation: str = "auto") -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
 
     `lora`: a LoraSection with `enabled=True` wraps the model in PEFT adapters, the score head
     in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
     `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
     `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).
+    `attn_implementation`: "auto" (transformers' default), "eager" or "sdpa".
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -65,7 +67,9 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, num_labels=1, dtype=torch.float32,
+            attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
     configure_padding(model, tokenizer)

@@ -77,13 +77,14 @@ class RewardTrainer:
         train_rankings = self.data.train
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
             train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
-        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length,
-                                        mismatch_seed=cfg.train.seed if cfg.train.mismatch_coef > 0 else None)
-        self.collate = RankingCollator(self.tokenizer.pad_token_id)
+        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length)
+        self.collate = RankingCollator(self.tokenizer.pad_token_id, mismatch=cfg.train.mismatch_coef > 0,
+                                       max_length=cfg.model.max_length)
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
         model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed,
-                                   train_layers=cfg.model.train_layers, freeze_embeddings=cfg.model.freeze_embeddings)
+                                   train_layers=cfg.model.train_layers, freeze_embeddings=cfg.model.freeze_embeddings,
+                                   attn_implementation=cfg.model.attn_implementation)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -143,7 +144,7 @@ class RewardTrainer:
         loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
         if cfg.center_coef > 0:
             loss = loss + reward_centering_loss(rewards, cfg.center_coef)
-        # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under another
+        # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under the next ranking's
         mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).mean() \
             if batch.mismatch_winners.numel() else rewards.new_zeros(())
         loss = loss + cfg.mismatch_coef * mismatch

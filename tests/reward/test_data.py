@@ -9,7 +9,6 @@ from reward.data import (
     RankingDataset,
     expand_to_pairs,
     load_reward_data,
-    mismatch_partners,
     prompt_key,
     split_by_prompt,
     with_pairs,
@@ -76,13 +75,16 @@ def test_batch_flattens_each_response_once_with_pairs_pointing_at_them(tiny_rand
     # pairs (winner, loser): ranking 0 -> (1,0), (1,2), (2,0); ranking 2 -> responses 5,6: (6,5)
     pairs = sorted(zip(batch.winners.tolist(), batch.losers.tolist(), batch.pair_group.tolist()))
     assert pairs == [(1, 0, 0), (1, 2, 0), (2, 0, 0), (6, 5, 2)]
-    # right padding with a pad distinct from eos; every row ends its real tokens with eos
-    lengths = batch.attention_mask.sum(1)
-    for row, n in zip(batch.input_ids, lengths.tolist()):
-        assert row[n - 1].item() == tok.eos_token_id
-        assert (row[n:] == tok.pad_token_id).all()
+    # every response once, in order, whole: its prompt (encoded once per ranking) + its continuation
+    assert batch.full_sequences() == [s for i in range(3) for s in ds[i].responses]
+    assert batch.prompt_ids.shape[0] == 3 and batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    # continuations right-padded with a pad distinct from eos, each ending its real tokens with eos;
+    # prompts left-padded, so every continuation starts right after its prompt's last token
     assert tok.pad_token_id != tok.eos_token_id
-    assert torch.equal(batch.attention_mask.bool(), batch.input_ids != tok.pad_token_id)
+    for row, n in zip(batch.continuation_ids, batch.continuation_mask.sum(1).tolist()):
+        assert row[n - 1].item() == tok.eos_token_id and (row[n:] == tok.pad_token_id).all()
+    for row, n in zip(batch.prompt_ids, batch.prompt_mask.sum(1).tolist()):
+        assert (row[: len(row) - n] == tok.pad_token_id).all() and (row[len(row) - n :] != tok.pad_token_id).all()
 
 
 def test_pairwise_expansion_makes_one_element_per_pair():
@@ -127,41 +129,44 @@ def test_annotation_project_is_read_through_the_app_export(tmp_path):
     assert all((r.prompt, tuple(r.responses), tuple(r.ranks)) in originals for r in exported)
 
 
-def test_mismatch_pairs_show_each_top_response_under_its_partners_prompt(tiny_random_model):
+def test_mismatch_pairs_show_each_top_response_under_the_next_rankings_prompt(tiny_random_model):
     from align.chat import render_example
     from align.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_random_model)
     rankings = [Ranking(f"prompt {i}", [f"bad {i}", f"best {i}", f"mid {i}"], [2, 0, 1]) for i in range(6)]
-    partners = mismatch_partners(rankings, seed=0)
-    assert sorted(partners) == list(range(6))  # a perfect pairing...
-    assert all(partners[partners[i]] == i and partners[i] != i for i in range(6))  # ...and mutual
+    ds = RankingDataset(rankings, tok, max_length=64)
+    assert all(item.top == 1 and item.prompt_len > 0 for item in ds.items)
 
-    ds = RankingDataset(rankings, tok, max_length=64, mismatch_seed=0)
-    for i, item in enumerate(ds.items):
-        assert item.top == 1
-        expected = render_example(tok, f"prompt {partners[i]}", f"best {i}")  # same text, the other prompt
-        assert item.mismatch == tok(expected, add_special_tokens=False)["input_ids"]
-
-    batch = RankingCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    batch = RankingCollator(tok.pad_token_id, mismatch=True)([ds[i] for i in (4, 0, 2)])
     assert batch.num_responses == 3 * 3 + 3  # one extra forward per ranking
+    assert batch.prompt_ids.shape[0] == 3  # under prompts the batch encodes anyway
     assert batch.mismatch_winners.tolist() == [1, 4, 7]  # each ranking's top response, under its own prompt
     assert batch.mismatch_losers.tolist() == [9, 10, 11]
-    for w, l in zip(batch.mismatch_winners, batch.mismatch_losers):
-        own, other = (tok.decode(batch.input_ids[j][batch.attention_mask[j].bool()]) for j in (w, l))
-        assert own.split("<|assistant|>")[1] == other.split("<|assistant|>")[1]  # the response is the same
-        assert own.split("<|assistant|>")[0] != other.split("<|assistant|>")[0]  # the prompt is not
+    sequences = batch.full_sequences()
+    # ...and under the next ranking's prompt in the batch, cyclically: each prompt once on each side
+    for loser, (i, j) in zip(batch.mismatch_losers.tolist(), [(4, 0), (0, 2), (2, 4)]):
+        expected = render_example(tok, f"prompt {j}", f"best {i}")
+        assert sequences[loser] == tok(expected, add_special_tokens=False)["input_ids"]
+    # the same rankings in another order (the next epoch's shuffle) pair differently
+    again = RankingCollator(tok.pad_token_id, mismatch=True)([ds[i] for i in (0, 4, 2)]).full_sequences()
+    assert again[9] == tok(render_example(tok, "prompt 4", "best 0"), add_special_tokens=False)["input_ids"]
+    # without the option nothing is added
+    assert RankingCollator(tok.pad_token_id)([ds[i] for i in (4, 0, 2)]).num_responses == 9
 
 
-def test_no_mismatch_pair_between_rankings_of_the_same_prompt(tiny_random_model):
+def test_no_mismatch_pair_between_rankings_of_the_same_prompt_or_too_long(tiny_random_model):
     from align.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_random_model)
     same = [Ranking("one prompt", ["a", "b"], [0, 1], annotator=f"ann{i}") for i in range(4)]
-    assert mismatch_partners(same, seed=0) == [None] * 4
-    ds = RankingDataset(same, tok, max_length=64, mismatch_seed=0)
-    batch = RankingCollator(tok.pad_token_id)(ds.items)
+    batch = RankingCollator(tok.pad_token_id, mismatch=True)(RankingDataset(same, tok, max_length=64).items)
     assert batch.num_responses == 8 and batch.mismatch_winners.numel() == 0
-    # without the option nothing is added
-    plain = RankingDataset(make_rankings(6, seed=0), tok, max_length=64)
-    assert all(item.mismatch is None for item in plain.items)
+    # a longer prompt would push the response past max_length: that pair is left out
+    rankings = [Ranking("short", ["a longer winning answer", "b"], [0, 1]),
+                Ranking("a much longer prompt " * 3, ["c", "d"], [1, 0])]
+    ds = RankingDataset(rankings, tok, max_length=64)
+    fits = max(len(s) for s in ds[1].responses)
+    batch = RankingCollator(tok.pad_token_id, mismatch=True, max_length=fits)(ds.items)
+    assert batch.mismatch_winners.tolist() == [3]  # only ranking 1's top (response d) under the short prompt
+    assert all(len(s) <= fits for s in batch.full_sequences())

@@ -59,7 +59,8 @@ def test_kwise_file_with_mixed_k_and_several_annotators(tmp_path, quick_config):
 
 def test_mismatch_pairs_add_one_forward_per_ranking_and_their_loss(quick_config, tmp_path):
     def first_step(coef: float, out: str) -> tuple[dict, dict]:
-        cfg = quick_config(f"output_dir={tmp_path / out}", f"train.mismatch_coef={coef}", "train.log_every=1")
+        cfg = quick_config(f"output_dir={tmp_path / out}", f"train.mismatch_coef={coef}", "train.log_every=1",
+                           "model.max_length=512")  # nothing truncated: every ranking gets its mismatched pair
         summary = train_reward_model(cfg, echo=lambda s: None)
         return summary, read_metrics(Path(cfg.output_dir) / "metrics.jsonl")[0]
 
