@@ -28,14 +28,10 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return gather_logprobs(log_softmax(logits, temperature), tokens)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
-    return _entropy(log_softmax(logits, temperature))
-
-
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both of the above from one log-softmax over the vocabulary (the training step needs both)."""
+    """log pi(token) and the entropy of softmax(logits / temperature) per position, from one
+    log-softmax over the vocabulary (the training step needs both): (B, T, V), (B, T) -> 2 x (B, T)."""
     logp = log_softmax(logits, temperature)
     return gather_logprobs(logp, tokens), _entropy(logp)
 

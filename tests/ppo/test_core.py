@@ -26,14 +26,9 @@ def test_logprobs_from_logits_uses_the_sampling_temperature():
     close(core.logprobs_from_logits(logits, tokens, temperature=2.0), [[math.log(p0), math.log(p0), math.log(p2)]])
 
 
-def test_entropy_from_logits():
-    # uniform over 3 -> ln 3; (1/4, 1/4, 1/2) -> -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 1.5 ln 2
-    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]]])
-    close(core.entropy_from_logits(logits), [[math.log(3), 1.5 * math.log(2), math.log(3)]])
-
-
-def test_logprobs_and_entropy_match_the_separate_functions():
-    # the same three positions: log-probs of tokens (0, 2, 1) = (ln 1/3, ln 1/2, ln 1/3), entropies as above
+def test_logprobs_and_entropy():
+    # entropies: uniform over 3 -> ln 3; (1/4, 1/4, 1/2) -> -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 1.5 ln 2
+    # log-probs of tokens (0, 2, 1) = (ln 1/3, ln 1/2, ln 1/3)
     logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]]])
     logp, entropy = core.logprobs_and_entropy(logits, torch.tensor([[0, 2, 1]]))
     close(logp, [[math.log(1 / 3), math.log(0.5), math.log(1 / 3)]])
