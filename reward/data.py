@@ -287,9 +287,9 @@ class RankingCollator:
         prompts, continuations, winners, losers, groups, offsets = [], [], [], [], [], []
         for g, item in enumerate(items):
             offsets.append(len(continuations))
-            for response in item.responses:  # a sequence without a shared prompt continues the empty one
-                prompts.append(item.prompt or ())
-                continuations.append(response[item.prompt_len :])
+            prompt = item.prompt or ()  # a sequence without a shared prompt continues the empty one
+            prompts.extend([prompt] * len(item.responses))
+            continuations.extend(response[item.prompt_len :] for response in item.responses)
             for w, l in item.pairs:
                 winners.append(offsets[g] + w)
                 losers.append(offsets[g] + l)
