@@ -13,6 +13,7 @@ and `save_config` writes it into the run directory.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import difflib
 import types
 from collections.abc import Mapping
@@ -271,6 +272,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# --------------------------------------------------------------------------- shared option groups
+
+
+@dataclass
+class LoraOptions:
+    """A LoRA adapter (Hu et al. 2021): the update W + (alpha / r) * B A on the chosen linear layers."""
+
+    r: int = option(16, help="LoRA rank.", ge=1)
+    alpha: float = option(32.0, help="LoRA alpha (the update is scaled by alpha / r).", gt=0)
+    dropout: float = option(
+        0.0,
+        help="LoRA dropout. 0 keeps scoring deterministic and rollout and training log-probs identical "
+        "(dropout must be off in PPO).",
+        ge=0.0,
+        lt=1.0,
+    )
+    target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="Names of the linear layers that get adapters, or ['all-linear'].",
+    )
+
+
 # --------------------------------------------------------------------------- saving
 
 
@@ -312,4 +335,5 @@ __all__ = [
     "all_keys",
     "check",
     "ConfigError",
+    "LoraOptions",
 ]

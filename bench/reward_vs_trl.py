@@ -55,7 +55,7 @@ def align_config(args, out: Path):
         f"data.agreement={args.agreement}",
         f"train.batch_size={args.batch_size}",
         f"train.epochs={args.epochs}",
-        f"train.lr={args.lr}",
+        f"train.learning_rate={args.lr}",
         f"train.warmup_ratio={args.warmup_ratio}",
         f"train.seed={args.seed}",
         f"train.length_buckets={args.length_buckets}",

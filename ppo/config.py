@@ -13,23 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from align.config import check, option
-
-
-@dataclass
-class LoraOptions:
-    """The new LoRA adapter that carries everything PPO learns (the SFT weights stay frozen)."""
-
-    r: int = option(16, help="LoRA rank.", ge=1)
-    alpha: int = option(32, help="LoRA alpha (the update is scaled by alpha / r).", ge=1)
-    dropout: float = option(
-        0.0, help="LoRA dropout. 0 keeps rollout and training log-probs identical (dropout must be off in PPO).",
-        ge=0.0, lt=1.0,
-    )
-    target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="Module names that receive LoRA adapters, or ['all-linear'].",
-    )
+from align.config import LoraOptions, check, option
 
 
 @dataclass
@@ -145,11 +129,11 @@ class PPOConfig:
     wandb_project: str = option("align", help="Weights & Biases project (report_to=wandb).")
     progress: bool = option(True, help="Show a progress bar with reward and KL.")
     eval_batch_size: int = option(64, help="Prompts per generation batch during evaluation.", ge=1)
-    num_threads: int = option(
-        0,
-        help="torch intra-op threads per process (0: torch's default, one per core). Small models run "
+    num_threads: int | None = option(
+        None,
+        help="torch intra-op threads per process (null: torch's default, one per core). Small models run "
         "fastest on 1 thread per process; use several processes (accelerate launch) to use more cores.",
-        ge=0,
+        ge=1,
     )
 
     def __post_init__(self) -> None:

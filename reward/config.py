@@ -1,14 +1,14 @@
 """`RewardConfig`: every setting of `align reward train`, typed and documented.
 
-Load with `align.config.load_config(RewardConfig, yaml_path, ["train.lr=1e-4", ...])`.
+Load with `align.config.load_config(RewardConfig, yaml_path, ["train.learning_rate=1e-4", ...])`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from align.config import check, option
+from align.config import LoraOptions, check, option
 
 
 @dataclass
@@ -71,15 +71,8 @@ class DataSection:
 
 
 @dataclass
-class LoraSection:
+class RewardLoraOptions(LoraOptions):
     enabled: bool = option(False, help="Train LoRA adapters (+ the score head) on a frozen base; false = full fine-tuning.")
-    r: int = option(16, help="LoRA rank.", ge=1)
-    alpha: float = option(32.0, help="LoRA alpha (scale = alpha / r).", gt=0)
-    dropout: float = option(0.0, help="LoRA dropout (0 keeps scoring deterministic).", ge=0, lt=1)
-    target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="Linear layers that get adapters.",
-    )
 
 
 @dataclass
@@ -89,7 +82,7 @@ class TrainSection:
         help="kwise: one batch element per ranking, each response forwarded once (InstructGPT); "
         "pairwise: expand rankings into independent shuffled pairs, as TRL/OpenRLHF do (for comparison).",
     )
-    lr: float = option(1e-3, help="Peak learning rate (AdamW).", gt=0)
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).", gt=0)
     weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0)
     epochs: int = option(1, help="Passes over the training rankings (InstructGPT: 1; more overfits).", ge=1)
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
@@ -127,9 +120,9 @@ class EvalSection:
 @dataclass
 class RewardConfig:
     output_dir: str = option("runs/reward", help="Run directory: config.yaml, metrics.jsonl, summary.json, model/.")
-    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The SFT checkpoint and tokenization."})
-    data: DataSection = field(default_factory=DataSection, metadata={"help": "Where the rankings come from and the split."})
-    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA or full fine-tuning."})
-    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Optimisation and loss."})
-    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation and reward normalisation."})
+    model: ModelSection = option(default_factory=ModelSection, help="The SFT checkpoint and tokenization.")
+    data: DataSection = option(default_factory=DataSection, help="Where the rankings come from and the split.")
+    lora: RewardLoraOptions = option(default_factory=RewardLoraOptions, help="LoRA or full fine-tuning.")
+    train: TrainSection = option(default_factory=TrainSection, help="Optimisation and loss.")
+    eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
     overwrite: bool = option(False, help="Replace RUN/model if output_dir already holds a trained model.")

@@ -50,7 +50,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
                        attn_implementation: str = "auto") -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
 
-    `lora`: a LoraSection with `enabled=True` wraps the model in PEFT adapters, the score head
+    `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters, the score head
     in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
     `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
     `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).

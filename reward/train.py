@@ -87,7 +87,7 @@ class RewardTrainer:
                                    attn_implementation=cfg.model.attn_implementation)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         self.global_batches = self.plan_batches()
         self.total_steps = len(self.global_batches)
         warmup = int(cfg.train.warmup_ratio * self.total_steps)

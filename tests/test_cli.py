@@ -45,9 +45,9 @@ def test_user_mistakes_exit_2_without_traceback(args, expected):
 
 # Every stage config refuses a typo, a negative learning rate and a missing file the same way.
 STAGE_COMMANDS = {
-    "reward": (["reward", "train"], "reward.config:RewardConfig", "train.lr"),
+    "reward": (["reward", "train"], "reward.config:RewardConfig", "train.learning_rate"),
     "ppo": (["ppo"], "ppo.config:PPOConfig", "learning_rate"),
-    "demo": (["demo", "--out", "/tmp/align-never-written"], "align.demo:DemoConfig", "reward.train.lr"),
+    "demo": (["demo", "--out", "/tmp/align-never-written"], "align.demo:DemoConfig", "reward.train.learning_rate"),
 }
 
 

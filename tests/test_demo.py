@@ -13,15 +13,15 @@ from align.demo import run_demo, split_overrides
 
 
 def test_overrides_are_routed_to_their_stage():
-    demo, reward, ppo = split_overrides(["k=3", "reward.train.lr=0.1", "ppo.kl.coef=0.2"])
-    assert (demo, reward, ppo) == (["k=3"], ["train.lr=0.1"], ["kl.coef=0.2"])
+    demo, reward, ppo = split_overrides(["k=3", "reward.train.learning_rate=0.1", "ppo.kl.coef=0.2"])
+    assert (demo, reward, ppo) == (["k=3"], ["train.learning_rate=0.1"], ["kl.coef=0.2"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["num_promps=5"], "did you mean 'num_prompts'"),
-        (["reward.train.lrr=0.1"], "did you mean 'train.lr'"),
+        (["reward.train.learnin_rate=0.1"], "did you mean 'train.learning_rate'"),
         (["ppo.kl_coeff=0.1"], "for PPOConfig"),
         (["annotators_per_prompt=5", "num_annotators=2"], "exceeds num_annotators"),
     ],

@@ -21,8 +21,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("train.lrr=1e-4", "did you mean 'train.lr'"),
-        ("train.lr=-0.1", "train.lr: must be > 0"),
+        ("train.learnin_rate=1e-4", "did you mean 'train.learning_rate'"),
+        ("train.learning_rate=-0.1", "train.learning_rate: must be > 0"),
         ("data.format=kwise", "data.path is required"),
         ("data.agreement=0.3", "data.agreement: must be > 0.5"),
     ],
@@ -47,9 +47,9 @@ def test_cli_typo_suggests_the_key(tmp_path):
 
 
 def test_cli_negative_lr(tmp_path):
-    result = run_cli("train.lr=-1e-4", f"output_dir={tmp_path / 'run'}")
+    result = run_cli("train.learning_rate=-1e-4", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: train.lr: must be > 0, got -0.0001"
+    assert result.stderr.strip() == "error: train.learning_rate: must be > 0, got -0.0001"
 
 
 def test_config_yaml_files_load():

@@ -22,7 +22,7 @@ def trained(cfg):
 
 
 def test_lora_freezes_the_base_and_trains_adapter_and_head(quick_config):
-    trainer, before, after = trained(quick_config("lora.enabled=true", "lora.r=4", "train.lr=1e-2"))
+    trainer, before, after = trained(quick_config("lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"))
     lora_names = [n for n in before if "lora_" in n]
     head_names = [n for n in before if "modules_to_save" in n and "score" in n]
     base_names = [n for n in before if "lora_" not in n and "modules_to_save" not in n]
@@ -74,7 +74,7 @@ def test_save_load_round_trip_scores_identically_and_normalised(quick_config, lo
     from align.synthetic import make_rankings
     from reward.model import load_reward_model
 
-    cfg = quick_config(f"lora.enabled={str(lora).lower()}", "lora.r=4", "train.lr=1e-2")
+    cfg = quick_config(f"lora.enabled={str(lora).lower()}", "lora.r=4", "train.learning_rate=1e-2")
     summary = train_reward_model(cfg, echo=lambda s: None)
     run = cfg.output_dir
     rm = load_reward_model(run)

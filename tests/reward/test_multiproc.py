@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_two_cpu_ranks_match_single_process(tiny_random_model, tmp_path):
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     args = [f"model.name_or_path={tiny_random_model}", "model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30",
-            "train.batch_size=16", "train.lr=3e-3", "eval.normalize_prompts=8", "eval.normalize_max_new_tokens=16",
+            "train.batch_size=16", "train.learning_rate=3e-3", "eval.normalize_prompts=8", "eval.normalize_max_new_tokens=16",
             "train.num_threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run(

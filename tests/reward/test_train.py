@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_training_raises_heldout_accuracy_above_chance(quick_config):
     from align.modeling import load_tokenizer
 
-    cfg = quick_config("data.num_rankings=192", "data.num_eval_rankings=60", "train.lr=3e-3")
+    cfg = quick_config("data.num_rankings=192", "data.num_eval_rankings=60", "train.learning_rate=3e-3")
     tok = load_tokenizer(cfg.model.name_or_path)
     untrained = build_reward_model(cfg.model.name_or_path, tok, seed=cfg.train.seed)
     before = evaluate_rankings(untrained, tok, load_reward_data(cfg.data).eval, max_length=cfg.model.max_length,
