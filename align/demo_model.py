@@ -200,7 +200,7 @@ def supervised_finetune(model: Any, tokenizer: Any, size: Size, seed: int, progr
 def _save(model: Any, tokenizer: Any, out: Path) -> None:
     from transformers import GenerationConfig
 
-    from align.modeling import quiet_transformers
+    from align.hf import quiet_transformers
 
     quiet_transformers()
     model.generation_config = GenerationConfig(

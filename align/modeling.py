@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
+from align.hf import quiet_transformers
 
 log = logging.getLogger("align")
 
@@ -19,14 +20,6 @@ log = logging.getLogger("align")
 def position_ids_from_mask(attention_mask: Any) -> Any:
     """Positions that skip left padding: the first real token is position 0. (B, L) -> (B, L)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def quiet_transformers() -> None:
-    """No per-file progress bars or advisory warnings from transformers in align's output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def resolve_model_path(spec: str | Path) -> Path:
