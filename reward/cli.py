@@ -8,13 +8,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from align.cli_common import ConfigOpt, OverridesArg
+from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
 from align.errors import UserError
 
 app = typer.Typer(no_args_is_help=True)
 
 
-@app.command("train")
+def _train_epilog() -> str:
+    from reward.config import RewardConfig
+
+    return config_keys_help(RewardConfig)
+
+
+@app.command("train", epilog=_train_epilog())
 def train(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
     from align.config import load_config

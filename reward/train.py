@@ -11,7 +11,7 @@ appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
     5. afterwards the reward is normalised on the SFT model's own samples (mean 0, std 1),
        evaluated on held-out PROMPTS, and saved with the data and config that made it.
 
-Multi-process: run under `accelerate launch --multi_gpu --num_processes 2 -m align.cli reward train ...`
+Multi-process: run under `accelerate launch --multi_gpu --num_processes 2 -m align reward train ...`
 (two CPU ranks with gloo). `train.batch_size` counts rankings per optimizer step over all
 processes; each rank takes its slice of the same global batch, so the gradient matches
 single-process training.

@@ -11,13 +11,13 @@ STAGES = ["annotate", "reward", "ppo", "export", "demo", "init-demo-model"]
 
 
 def run_align(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_every_stage_without_importing_torch():
     code = (
         "import sys\n"
-        "from align.cli import main\n"
+        "from align.commands.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'sqlalchemy') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -47,17 +47,35 @@ def test_user_mistakes_exit_2_without_traceback(args, expected):
 STAGE_COMMANDS = {
     "reward": (["reward", "train"], "reward.config:RewardConfig", "train.learning_rate"),
     "ppo": (["ppo"], "ppo.config:PPOConfig", "learning_rate"),
-    "demo": (["demo", "--out", "/tmp/align-never-written"], "align.demo:DemoConfig", "reward.train.learning_rate"),
+    "demo": (["demo", "--out", "/tmp/align-never-written"], "align.commands.demo:DemoConfig", "reward.train.learning_rate"),
 }
 
 
-def _leaf_keys(target: str) -> list[str]:
+def _describe(target: str) -> list[tuple]:
     import importlib
 
     from align.config import describe
 
     module, name = target.split(":")
-    return [row[0] for row in describe(getattr(importlib.import_module(module), name))]
+    return describe(getattr(importlib.import_module(module), name))
+
+
+def _leaf_keys(target: str) -> list[str]:
+    return [row[0] for row in _describe(target)]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_stage_help_lists_every_config_key_with_its_help(stage):
+    import os
+
+    command, target, _ = STAGE_COMMANDS[stage]
+    out = subprocess.run([sys.executable, "-m", "align", *[c for c in command[:2] if not c.startswith("-")], "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # rich wraps long help texts
+    for key, _, _, help_text in _describe(target):
+        assert f" {key} (" in text, f"{key} missing from {' '.join(command[:2])} --help"
+        assert " ".join(help_text.split()) in text, f"the help of {key} is missing"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from align.config import ConfigError
-from align.demo import run_demo, split_overrides
+from align.commands.demo import run_demo, split_overrides
 
 
 def test_overrides_are_routed_to_their_stage():
@@ -64,6 +64,6 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
 
 
 def test_continue_without_a_database_is_a_user_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "align.cli", "demo", "--continue", "--out", str(tmp_path / "d")],
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--continue", "--out", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nothing to continue" in result.stderr and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align.errors import UserError
-from align.export import export_run
+from align.commands.export import export_run
 
 PROMPTS = ["Tell me about tea.", "How does chess work?", "Give me a quick tip about bread."]
 
@@ -95,7 +95,7 @@ def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):
     # Pause the export after the weights are written, before the final rename, then kill -9 it.
     code = (
         "import sys, time\n"
-        "import align.export as e\n"
+        "import align.commands.export as e\n"
         "original = e._export_policy\n"
         "def slow(run, out, merge):\n"
         "    original(run, out, merge)\n"
@@ -119,6 +119,6 @@ def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):
 
 
 def test_cli_export_reports_user_errors(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "align.cli", "export", str(tmp_path / "missing"), "--out",
+    result = subprocess.run([sys.executable, "-m", "align", "export", str(tmp_path / "missing"), "--out",
                              str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "run directory not found" in result.stderr and "Traceback" not in result.stderr

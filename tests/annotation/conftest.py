@@ -123,7 +123,7 @@ class ServerProcess:
         import httpx
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "align.cli", "annotate", "serve", "--db", self.db_url, "--port", str(self.port),
+            [sys.executable, "-m", "align", "annotate", "serve", "--db", self.db_url, "--port", str(self.port),
              "--log-level", "warning"],
             cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from align.cli import main
+from align.commands.cli import main
 from align.formats import read_kwise
 
 

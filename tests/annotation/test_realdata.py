@@ -12,7 +12,7 @@ pytestmark = pytest.mark.realdata
 
 
 def test_oasst_import_export_matches_source(shared_data, tmp_path, capsys):
-    from align.cli import main
+    from align.commands.cli import main
 
     src = shared_data / "oasst" / "en_100_tree.jsonl"
     if not src.is_file():

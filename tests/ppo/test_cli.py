@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from align.cli import main
+from align.commands.cli import main
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

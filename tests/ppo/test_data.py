@@ -69,7 +69,7 @@ def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_report_to_wandb_without_the_package_fails_before_training(capsys, small_run, tmp_path):
-    from align.cli import main
+    from align.commands.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["ppo", *small_run, "report_to=wandb"])

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def align_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from align.cli import main; main()", *args]
+    return [sys.executable, "-c", "from align.commands.cli import main; main()", *args]
 
 
 def run_env() -> dict[str, str]:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align.cli", "reward", "train", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "align", "reward", "train", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

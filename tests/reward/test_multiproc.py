@@ -22,10 +22,10 @@ def test_two_cpu_ranks_match_single_process(tiny_random_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "align.cli", "reward", "train", f"output_dir={tmp_path / 'multi'}", *args],
+         "--dynamo_backend", "no", "-m", "align", "reward", "train", f"output_dir={tmp_path / 'multi'}", *args],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "align.cli", "reward", "train", f"output_dir={tmp_path / 'single'}", *args],
+    single = subprocess.run([sys.executable, "-m", "align", "reward", "train", f"output_dir={tmp_path / 'single'}", *args],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())

@@ -88,7 +88,7 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
             {"prompt": [{"role": "user", "content": "Hi"}], "response": "Hello! How can I help?", "id": 2}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "-m", "align.cli", "reward", "score", "--model", cfg.output_dir,
+    result = subprocess.run([sys.executable, "-m", "align", "reward", "score", "--model", cfg.output_dir,
                              "--input", str(inp), "--output", str(out)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
@@ -101,7 +101,7 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
     assert all(abs(s["reward"] - (rm.gain * s["reward_raw"] + rm.bias)) < 1e-6 for s in scored)
     # a bad input line is one clear error
     inp.write_text('{"prompt": "x"}\n')
-    bad = subprocess.run([sys.executable, "-m", "align.cli", "reward", "score", "--model", cfg.output_dir,
+    bad = subprocess.run([sys.executable, "-m", "align", "reward", "score", "--model", cfg.output_dir,
                           "--input", str(inp)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {inp}:1: each line needs `prompt` and a string `response`"
 
@@ -111,7 +111,7 @@ def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
     train_reward_model(cfg, echo=lambda s: None)
     path = tmp_path / "heldout.jsonl"
     write_kwise(make_rankings(12, k=3, seed=4, split="heldout"), path)
-    result = subprocess.run([sys.executable, "-m", "align.cli", "reward", "eval", "--model", cfg.output_dir,
+    result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
                              "--data", str(path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     table = dict(line.split() for line in result.stdout.splitlines())

@@ -28,11 +28,12 @@ from typing import Any
 
 from align.config import check, load_config, option, save_config
 from align.errors import UserError
+from align.resources import configs_dir
 from align.run import read_metrics, write_json_atomic
 
 log = logging.getLogger("align")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = configs_dir() / "demo"
 PROJECT = "demo"
 
 
@@ -153,7 +154,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     ppo_summary = run_ppo(ppo_cfg)
 
     stages.start("export", f"export the aligned policy (merged) -> {out / 'export'}")
-    from align.export import export_run
+    from align.commands.export import export_run
 
     export_run(out / "ppo", out / "export", merge=True, force=True)
 

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from align.cli_common import ConfigOpt, OverridesArg
+from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
 from align.errors import UserError
 
 app = typer.Typer(
@@ -33,11 +33,13 @@ def _register_stages() -> None:
     # its commands; each of these modules imports only typer and the standard library.
     from annotation.cli import app as annotate_app
     from ppo.cli import ppo_command
+    from ppo.config import PPOConfig
     from reward.cli import app as reward_app
 
     app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.")
     app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.")
-    app.command("ppo", help="Align an SFT checkpoint with PPO on LoRA adapters against a reward model.")(ppo_command)
+    app.command("ppo", help="Align an SFT checkpoint with PPO on LoRA adapters against a reward model.",
+                epilog=config_keys_help(PPOConfig))(ppo_command)
 
 
 @app.command("init-demo-model")
@@ -67,13 +69,20 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
 ) -> None:
     """Export an aligned policy (or a reward model) as an ordinary Hugging Face checkpoint."""
-    from align.export import export_run
+    from align.commands.export import export_run
 
     path = export_run(run, out, merge=not adapter, force=force)
     typer.echo(f"exported to {path}")
 
 
-@app.command("demo")
+def _demo_epilog() -> str:
+    from align.commands.demo import DemoConfig
+
+    return (config_keys_help(DemoConfig) + "\n\nKeys prefixed [bold]reward.[/bold] or [bold]ppo.[/bold] override "
+            "those stages' configs (listed by `align reward train --help` and `align ppo --help`).")
+
+
+@app.command("demo", epilog=_demo_epilog())
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the whole pipeline.")] = Path("runs/demo"),
     config: ConfigOpt = None,
@@ -86,7 +95,7 @@ def demo(
     overrides: OverridesArg = None,
 ) -> None:
     """Run the whole pipeline on the embedded demo model, end to end."""
-    from align.demo import run_demo
+    from align.commands.demo import run_demo
 
     run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_)
 
