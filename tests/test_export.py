@@ -122,3 +122,48 @@ def test_cli_export_reports_user_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "align", "export", str(tmp_path / "missing"), "--out",
                              str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "run directory not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_run(tiny_random_model, tmp_path_factory):
+    """A finished LoRA reward run from `align reward train` (a few steps on the synthetic task)."""
+    from align.config import load_config
+    from reward.config import RewardConfig
+    from reward.train import train_reward_model
+
+    run = tmp_path_factory.mktemp("reward-run") / "run"
+    cfg = load_config(RewardConfig, None, [
+        f"model.name_or_path={tiny_random_model}", f"output_dir={run}", "model.max_length=160",
+        "data.num_rankings=32", "data.num_eval_rankings=12", "train.batch_size=16", "train.max_steps=2",
+        "eval.normalize_prompts=4", "eval.normalize_max_new_tokens=8", "train.num_threads=1",
+        "lora.enabled=true", "lora.r=4",
+    ])
+    train_reward_model(cfg, echo=lambda text: None)
+    return run
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_reward_export_keeps_scores_and_provenance(tiny_reward_run, tiny_random_model, tmp_path, merge):
+    from reward.model import load_reward_model
+    from reward.run_dir import INFO_FILE, RewardRun
+
+    out = export_run(tiny_reward_run, tmp_path / "rm", merge=merge)
+    assert (out / "adapter_config.json").exists() != merge
+    prompts, responses = PROMPTS, ["Tea is a drink.", "Chess is a game.", "Bake it hot."]
+    expected = load_reward_model(tiny_reward_run).score(prompts, responses)
+    assert torch.allclose(load_reward_model(out).score(prompts, responses), expected, atol=1e-5)
+    exported, original = RewardRun.open(out), RewardRun.open(tiny_reward_run)
+    assert json.loads((out / INFO_FILE).read_text()) == original.info()
+    assert exported.base_model() == str(tiny_random_model)
+    assert exported.summary()["eval/accuracy"] == original.summary()["eval/accuracy"]
+    card = (out / "README.md").read_text()
+    assert f"base checkpoint: `{tiny_random_model}`" in card
+    assert f"held-out pairwise accuracy: {original.summary()['eval/accuracy']:.4g}" in card
+    assert f"training rankings: {original.summary()['train/rankings']}" in card
+    assert "data: synthetic" in card
+
+
+def test_ppo_model_card_describes_its_reward_model(tiny_ppo_run, tmp_path):
+    out = export_run(tiny_ppo_run, tmp_path / "policy", merge=False)
+    card = (out / "README.md").read_text()
+    assert "## Reward model" in card and "reward model: `" in card

@@ -15,32 +15,32 @@ when complete, so a crash or a kill leaves no half export behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from align.errors import UserError
 from align.run import atomic_directory
 
+if TYPE_CHECKING:
+    from reward.run_dir import RewardRun
+
 log = logging.getLogger("align")
-
-REWARD_MARKER = "reward_normalization.json"
-
 
 def run_kind(run: Path) -> str:
     """'ppo' for a PPO run (RUN/policy is an adapter), 'reward' for a reward-model run."""
-    if (run / "policy" / "adapter_config.json").exists():
+    from ppo.run_dir import POLICY_DIR, is_ppo_run
+    from reward.run_dir import MODEL_DIR, NORMALIZATION_FILE, is_reward_model
+
+    if is_ppo_run(run):
         return "ppo"
-    if (run / "model" / REWARD_MARKER).exists():
+    if is_reward_model(run):
         return "reward"
     if not run.exists():
         raise UserError(f"run directory not found: {run}")
-    raise UserError(f"{run} is neither a PPO run (no policy/adapter_config.json) nor a reward run "
-                    f"(no model/{REWARD_MARKER}); is the run finished?")
+    raise UserError(f"{run} is neither a PPO run (no {POLICY_DIR}/adapter_config.json) nor a reward run "
+                    f"(no {MODEL_DIR}/{NORMALIZATION_FILE}); is the run finished?")
 
 
 def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False) -> Path:
@@ -74,8 +74,9 @@ def _copy_files(src: Path, dst: Path) -> None:
 
 def _export_policy(run: Path, out: Path, merge: bool) -> None:
     from align.modeling import load_causal_lm, load_tokenizer
+    from ppo.run_dir import PPORun
 
-    policy = run / "policy"
+    policy = PPORun(run).policy_dir
     if not merge:
         _copy_files(policy, out)
         return
@@ -86,35 +87,23 @@ def _export_policy(run: Path, out: Path, merge: bool) -> None:
 
 
 def _export_reward(run: Path, out: Path, merge: bool) -> None:
-    model_dir = run / "model"
-    if not merge or not (model_dir / "adapter_config.json").exists():
-        _copy_files(model_dir, out)  # adapter only, or a fully fine-tuned model already whole
+    from reward.run_dir import INFO_FILE, NORMALIZATION_FILE, model_dir
+
+    source = model_dir(run)
+    if not merge or not (source / "adapter_config.json").exists():
+        _copy_files(source, out)  # adapter only, or a fully fine-tuned model already whole
         return
     from reward.model import load_reward_model
 
-    reward = load_reward_model(model_dir)
+    reward = load_reward_model(source)
     reward.model.save_pretrained(out, safe_serialization=True)
     reward.tokenizer.save_pretrained(out)
-    for name in (REWARD_MARKER, "reward_info.json"):
-        if (model_dir / name).exists():
-            shutil.copy2(model_dir / name, out / name)
+    for name in (NORMALIZATION_FILE, INFO_FILE):  # the normalisation and the provenance travel along
+        if (source / name).exists():
+            shutil.copy2(source / name, out / name)
 
 
 # --------------------------------------------------------------------------- model card
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
 
 
 def _fmt(value: Any) -> str:
@@ -123,32 +112,36 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _reward_section(reward_run: Path) -> list[str]:
-    summary = _read_json(reward_run / "summary.json")
-    config = _read_yaml(reward_run / "config.yaml")
-    data = config.get("data", {})
-    lines = [f"- reward run: `{reward_run}`"]
+def _reward_section(reward: RewardRun) -> list[str]:
+    """What the reward model was trained on and how well it ranks held-out data (from its own run)."""
+    summary, data = reward.summary(), reward.info().get("data") or reward.config().get("data", {})
+    lines = [f"- reward model: `{reward.path.resolve()}`"]
     if data:
-        source = data.get("path") or data.get("format")
+        source = data.get("path") or data.get("project") or data.get("format")
         lines.append(f"- data: {data.get('format', '?')} ({source})")
-    for key, label in [("data/num_train_rankings", "training rankings"), ("data/num_eval_rankings", "held-out rankings"),
-                       ("data/num_annotators", "annotators"), ("eval/agreement", "inter-annotator agreement"),
-                       ("eval/num_pairs", "held-out pairs"), ("eval/accuracy", "held-out pairwise accuracy"),
-                       ("eval/gold_accuracy", "accuracy against the gold judge")]:
+        if data.get("sha256"):
+            lines.append(f"- data sha256: {data['sha256']}")
+    for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
+                       ("eval/label_source", "held-out labels from"), ("eval/num_pairs", "held-out pairs"),
+                       ("eval/accuracy", "held-out pairwise accuracy"),
+                       ("eval_annotators/accuracy", "held-out accuracy against the annotators")]:
         if key in summary:
             lines.append(f"- {label}: {_fmt(summary[key])}")
     return lines
 
 
 def model_card(run: Path, kind: str, merge: bool) -> str:
-    config = _read_yaml(run / "config.yaml")
-    summary = _read_json(run / "summary.json")
+    from ppo.run_dir import PPORun
+    from reward.run_dir import RewardRun, is_reward_model
+
     if kind == "ppo":
-        adapter = _read_json(run / "policy" / "adapter_config.json")
-        base = adapter.get("base_model_name_or_path", config.get("policy_model", "?"))
+        ppo = PPORun(run)
+        config, summary = ppo.config(), ppo.summary()
+        base = ppo.adapter_config().get("base_model_name_or_path", config.get("policy_model", "?"))
     else:
-        info = _read_json(run / "model" / "reward_info.json")
-        base = info.get("base_model") or config.get("model", {}).get("name_or_path", "?")
+        reward = RewardRun.open(run)
+        config, summary = reward.config(), reward.summary()
+        base = reward.base_model() or "?"
     lines = [
         "---",
         "library_name: " + ("transformers" if merge else "peft"),
@@ -165,8 +158,7 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
     if kind == "ppo":
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
-        reward_run = reward_path.parent if reward_path.name == "model" else reward_path
-        lines += _reward_section(reward_run) if reward_run.exists() else [f"- `{reward_path}`"]
+        lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
         kl = config.get("kl", {})
         lines += ["", "## PPO settings", ""]
         for key in ("num_iterations", "batch_size", "response_length", "learning_rate", "num_ppo_epochs",
@@ -186,7 +178,7 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         if "eval/kl" in summary:
             lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
     else:
-        lines += ["## Evaluation", ""] + _reward_section(run)
+        lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]
     if kind == "ppo" and merge:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -1,0 +1,74 @@
+"""The layout of a PPO run directory, as `align ppo` writes it, and its reader.
+
+    RUN/config.yaml              the resolved PPOConfig
+    RUN/metrics.jsonl            one line per iteration (objective/, policy/, val/, timing/ ...)
+    RUN/summary.json             final metrics and the held-out evaluation (eval/...)
+    RUN/samples.jsonl            held-out prompts with SFT and policy responses, rewards, KL
+    RUN/reward.png, RUN/kl.png   reward and KL curves
+    RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
+    RUN/value_head.safetensors   value head (or critic) weights
+    RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
+                                 RNG states of every process, data position
+
+Export and the demo read PPO runs only through this module, so the names live here once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+SAMPLES_FILE = "samples.jsonl"
+REWARD_PLOT = "reward.png"
+KL_PLOT = "kl.png"
+POLICY_DIR = "policy"
+VALUE_HEAD_FILE = "value_head.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def is_ppo_run(path: str | Path) -> bool:
+    return (Path(path) / POLICY_DIR / "adapter_config.json").exists()
+
+
+@dataclass(frozen=True)
+class PPORun:
+    path: Path
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.path / POLICY_DIR
+
+    def config(self) -> dict[str, Any]:
+        import yaml
+
+        try:
+            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def summary(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def adapter_config(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.policy_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        from align.run import read_metrics
+
+        return read_metrics(self.path / METRICS_FILE)
+
+    def plots(self) -> list[Path]:
+        return [self.path / name for name in (REWARD_PLOT, KL_PLOT) if (self.path / name).exists()]

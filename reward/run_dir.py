@@ -1,0 +1,86 @@
+"""The layout of a reward run directory, as `align reward train` writes it, and its reader.
+
+    RUN/config.yaml        the resolved RewardConfig
+    RUN/metrics.jsonl      one line per logged training step
+    RUN/summary.json       final metrics (eval/accuracy, eval/num_pairs, train/rankings, timing/...)
+    RUN/model/             the reward model: checkpoint or PEFT adapter, tokenizer,
+                           reward_normalization.json and reward_model_info.json
+
+Export, the demo and PPO read reward runs only through this module, so the names live here once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+MODEL_DIR = "model"
+NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
+INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
+
+
+def model_dir(path: str | Path) -> Path:
+    """RUN or RUN/model (or an exported reward model) -> the directory that holds the model."""
+    path = Path(path)
+    if (path / MODEL_DIR / NORMALIZATION_FILE).exists():
+        return path / MODEL_DIR
+    if (path / NORMALIZATION_FILE).exists():
+        return path
+    raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / MODEL_DIR})")
+
+
+def is_reward_model(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_DIR / NORMALIZATION_FILE).exists() or (path / NORMALIZATION_FILE).exists()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class RewardRun:
+    """A reward run directory (RUN) or a reward model directory on its own (RUN/model, an export)."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> RewardRun:
+        model = model_dir(path)
+        return cls(model.parent if model.name == MODEL_DIR and (model.parent / SUMMARY_FILE).exists() else model)
+
+    @property
+    def model_dir(self) -> Path:
+        return model_dir(self.path)
+
+    def info(self) -> dict[str, Any]:
+        """Provenance saved with the model: {"config", "data", "base_model", "summary"}."""
+        return _read_json(self.model_dir / INFO_FILE)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's summary.json, or the copy saved with the model when only the model is at hand."""
+        return _read_json(self.path / SUMMARY_FILE) or self.info().get("summary", {})
+
+    def config(self) -> dict[str, Any]:
+        """The resolved config as a mapping (from config.yaml, or the copy saved with the model)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            data = None
+        return data if isinstance(data, dict) else self.info().get("config", {})
+
+    def base_model(self) -> str | None:
+        return self.info().get("base_model") or self.config().get("model", {}).get("name_or_path")
