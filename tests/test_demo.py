@@ -58,9 +58,11 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
     # SFT and exported model are compared on samples drawn like PPO's own evaluation samples
     assert on_disk["demo/temperature"] == 0.9
     report = (out / "report.md").read_text()
-    assert "reward_kl.png" in report and "gold_vs_kl.png" in report
-    for png in ("reward_kl.png", "gold_vs_kl.png"):
+    # the PPO run's own curves are linked, not redrawn; the gold plot shows the table's comparison
+    for png in ("ppo/reward.png", "ppo/kl.png", "gold_scores.png"):
+        assert f"]({png})" in report
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| gold judge score | {on_disk['demo/gold_sft']:.3f} | {on_disk['demo/gold_export']:.3f} |" in report
 
 
 def test_continue_without_a_database_is_a_user_error(tmp_path):

@@ -16,7 +16,6 @@ Every stage writes its own run directory under OUT, with its resolved config.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import secrets
@@ -29,7 +28,7 @@ from typing import Any
 from align.config import check, load_config, option, save_config
 from align.errors import UserError
 from align.resources import configs_dir
-from align.run import read_metrics, write_json_atomic
+from align.run import write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -174,6 +173,8 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         "timing/total_s": round(time.perf_counter() - t0, 1),
     })
     write_json_atomic(out / "summary.json", summary)
+    from align.commands.demo_report import print_table, write_report
+
     write_report(out, cfg, summary, comparison["samples"])
     print_table(summary, comparison["samples"])
     print(f"\nreport: {out / 'report.md'}   exported model: {out / 'export'}")
@@ -312,86 +313,3 @@ def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_to
         for row in samples:
             f.write(json.dumps(row) + "\n")
     return {"metrics": metrics, "samples": samples}
-
-
-def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-    def f(key: str) -> str:
-        value = summary.get(key)
-        return "n/a" if value is None else f"{value:+.3f}"
-
-    rows = [("reward-model score (normalised)", f("demo/reward_sft"), f("demo/reward_export")),
-            ("gold judge score", f("demo/gold_sft"), f("demo/gold_export")),
-            ("KL to the reference (per sequence)", "+0.000", f("eval/kl"))]
-    print("\n" + f"{'held-out prompts':<36} {'SFT':>10} {'aligned':>10}")
-    for name, a, b in rows:
-        print(f"{name:<36} {a:>10} {b:>10}")
-    print(f"(temperature {summary.get('demo/temperature')}; gold std of SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}; reward-model held-out accuracy: "
-          f"{summary.get('reward/eval_accuracy') or 0:.3f})")
-    for row in samples[:3]:
-        print(f"\nprompt : {row['prompt']}\nSFT    : {row['sft']}  [gold {row['gold_sft']:+.2f}]\n"
-              f"aligned: {row['aligned']}  [gold {row['gold_aligned']:+.2f}]")
-
-
-# --------------------------------------------------------------------------- report
-
-
-def write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-    plots = make_plots(out)
-    lines = ["# align demo report", "", f"Run directory: `{out}`", "",
-             "| held-out prompts | SFT | aligned |", "|---|---|---|",
-             f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | {summary.get('demo/reward_export', 0):.3f} |",
-             f"| gold judge score | {summary.get('demo/gold_sft', 0):.3f} | {summary.get('demo/gold_export', 0):.3f} |",
-             f"| KL to the reference | 0 | {summary.get('eval/kl', 0):.3f} |", "",
-             f"Both models sampled at temperature {summary.get('demo/temperature')}, as in the PPO run's evaluation. "
-             f"Gold score std of the SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}. "
-             f"Reward model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
-             f"on {summary.get('reward/eval_num_pairs')} pairs.", ""]
-    for title, name in plots:
-        lines += [f"## {title}", "", f"![{title}]({name})", ""]
-    lines += ["## Samples", "", "| prompt | SFT | aligned |", "|---|---|---|"]
-    for row in samples[:8]:
-        cells = [row["prompt"], f"{row['sft']} (gold {row['gold_sft']:+.2f})",
-                 f"{row['aligned']} (gold {row['gold_aligned']:+.2f})"]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    lines += ["", "Settings: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                                          if not f.name.endswith("_config")), ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def make_plots(out: Path) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in read_metrics(out / "ppo" / "metrics.jsonl") if "objective/scores" in m]
-    made = []
-    if metrics:
-        steps = [m.get("iteration", i + 1) for i, m in enumerate(metrics)]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        axes[0].plot(steps, [m["objective/scores"] for m in metrics], label="reward-model score")
-        if "objective/rlhf_reward" in metrics[0]:
-            axes[0].plot(steps, [m["objective/rlhf_reward"] for m in metrics], label="score - KL penalty")
-        axes[0].set(title="Reward during PPO", xlabel="iteration")
-        axes[0].legend()
-        axes[1].plot(steps, [m["objective/kl"] for m in metrics], color="tab:red")
-        axes[1].set(title="KL to the reference (per sequence)", xlabel="iteration")
-        fig.tight_layout()
-        fig.savefig(out / "reward_kl.png", dpi=110)
-        plt.close(fig)
-        made.append(("Reward and KL during PPO", "reward_kl.png"))
-    rows = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines() if line.strip()] \
-        if (out / "ppo" / "samples.jsonl").exists() else []
-    if rows and "policy_kl" in rows[0] and "policy_gold" in rows[0]:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.scatter([r["policy_kl"] for r in rows], [r["policy_gold"] for r in rows], s=12, alpha=0.6,
-                   label="aligned samples")
-        sft_gold = statistics.fmean(r["sft_gold"] for r in rows)
-        ax.axhline(sft_gold, color="gray", linestyle="--", label=f"SFT mean gold ({sft_gold:.2f})")
-        ax.set(title="Gold score against KL (held-out prompts)", xlabel="KL to the reference", ylabel="gold score")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "gold_vs_kl.png", dpi=110)
-        plt.close(fig)
-        made.append(("Gold score against KL", "gold_vs_kl.png"))
-    return made
