@@ -56,7 +56,7 @@ def read_kwise(path: str | Path) -> list[Ranking]:
 
 
 # ---------------------------------------------------------------------------------------
-# Readers and writers for the formats the annotation app imports and exports (issue 3).
+# Readers and writers for the formats the annotation app imports and exports.
 # Every reader returns plain `Ranking`s (or `PromptRecord`s) and raises `UserError` naming
 # the file and line of anything it cannot read.
 # ---------------------------------------------------------------------------------------
