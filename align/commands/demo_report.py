@@ -76,7 +76,8 @@ def gold_plot(out: Path, samples: list[dict[str, Any]]) -> list[tuple[str, str]]
     sft = [row["gold_sft"] for row in samples]
     aligned = [row["gold_aligned"] for row in samples]
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = 20
+    low, high = min(sft + aligned), max(sft + aligned)
+    bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 1  # the same bins for both
     ax.hist(sft, bins=bins, alpha=0.55, label=f"SFT (mean {sum(sft) / len(sft):+.2f})")
     ax.hist(aligned, bins=bins, alpha=0.55, label=f"aligned (mean {sum(aligned) / len(aligned):+.2f})")
     ax.set(title="Gold score of held-out responses", xlabel="gold score", ylabel="responses")
