@@ -16,9 +16,25 @@ from annotation.db import get_meta, make_engine, make_sessionmaker, migrate
 from annotation.models import Meta
 from annotation.settings import Settings
 
+# Domain errors of the service layer -> HTTP status.
+HTTP_STATUS = {
+    services.NotFound: 404,
+    services.Forbidden: 403,
+    services.Conflict: 409,
+    services.Invalid: 422,
+    services.Throttled: 429,
+}
+
+
+def http_status(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400
+
 HERE = Path(__file__).resolve().parent
 
-# No inline script or style anywhere: all JS/CSS are files under /static (issue 3).
+# No inline script or style anywhere: all JS/CSS are files under /static.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -42,7 +58,12 @@ class LimitsAndHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        limit = self.settings.max_import_bytes if path.endswith("/import") else self.settings.max_body_bytes
+        if path.endswith("/import"):
+            limit = self.settings.max_import_bytes
+        elif path.startswith("/api/tasks/"):  # a ranking is a few hundred bytes; refuse the rest unread
+            limit = min(self.settings.max_body_bytes, self.settings.max_task_body_bytes)
+        else:
+            limit = self.settings.max_body_bytes
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -109,7 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
     sm = make_sessionmaker(engine)
     app = FastAPI(
         title="align annotation",
-        description="Rank K responses per prompt; raw rankings stored and exported (align issue 3).",
+        description="Rank K responses per prompt; raw rankings (ties, revisions) stored and exported.",
         openapi_url="/api/openapi.json",
         docs_url=None,  # Swagger UI would load its assets from a CDN; the schema is at /api/openapi.json
         redoc_url=None,
@@ -118,11 +139,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = sm
     app.state.secret = load_or_create_secret(sm)
-    app.state.throttle = security.LoginThrottle(settings.login_max_failures, settings.login_window_s)
 
     @app.exception_handler(services.ServiceError)
     async def _service_error(request: Request, exc: services.ServiceError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, services.Throttled) else None
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -144,6 +144,7 @@ def import_(
     format: Annotated[str, typer.Option("--format", "-f", help="oasst | hh | trl | prompts (with or without candidates) | kwise")],
     db: DbOpt = None,
     annotators: Annotated[Optional[int], typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
+    k: Annotated[Optional[int], typer.Option(help="Candidates per prompt, if the project is created (default: from the file, else 4).", min=2, max=16)] = None,
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
@@ -152,6 +153,8 @@ def import_(
     if not file.is_file():
         raise UserError(f"file not found: {file}")
     extra = {"annotators_per_prompt": annotators} if annotators else {}
+    if k is not None:
+        extra["k"] = k
     with _sessionmaker(db)() as s:
         r = services.import_file(s, project, format, file, **extra)
     typer.echo(f"{project}: {r.prompts_added} prompts, {r.candidates_added} candidates, "
@@ -184,7 +187,7 @@ def export(
 def generate(
     project: ProjectOpt,
     model: Annotated[str, typer.Option(help="SFT checkpoint directory, or demo | demo:tiny | demo:small.")] = "demo",
-    k: Annotated[int, typer.Option(help="Candidates to sample per prompt.", min=2, max=16)] = 4,
+    k: Annotated[Optional[int], typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
@@ -195,7 +198,10 @@ def generate(
     """Sample K candidates for every prompt of the project that has none yet."""
     from annotation.generate import generate_candidates
 
+    from annotation import services
+
     with _sessionmaker(db)() as s:
+        pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=True)
-    typer.echo(f"{project}: {k} candidates generated for {n} prompts")
+    typer.echo(f"{project}: {pk} candidates generated for {n} prompts")

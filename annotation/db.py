@@ -14,7 +14,7 @@ from align.errors import UserError
 from annotation.models import Base, Meta
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def default_db_url() -> str:
@@ -127,7 +127,23 @@ def migrate(engine: Engine) -> None:
                 db.rollback()
 
 
-MIGRATIONS: dict = {}  # {version: fn(session)}; v1 = create_all above
+def _v2(db: Session) -> None:
+    """API tokens expire (expires_at); an invite may name the project its user joins.
+    New tables (login_failures, project_members) come from create_all above."""
+    from sqlalchemy import inspect, text
+
+    from annotation.settings import DEFAULT_API_TOKEN_TTL_S
+
+    conn = db.connection()
+    columns = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in ("api_tokens", "invites")}
+    if "expires_at" not in columns["api_tokens"]:
+        conn.execute(text("ALTER TABLE api_tokens ADD COLUMN expires_at FLOAT"))
+        conn.execute(text("UPDATE api_tokens SET expires_at = created_at + :ttl"), {"ttl": DEFAULT_API_TOKEN_TTL_S})
+    if "project_id" not in columns["invites"]:
+        conn.execute(text("ALTER TABLE invites ADD COLUMN project_id INTEGER REFERENCES projects(id)"))
+
+
+MIGRATIONS: dict = {2: _v2}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

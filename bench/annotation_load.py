@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.annotation.conftest import ServerProcess, seed_database  # noqa: E402
+from annotation.devserver import ServerProcess, seed_database  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

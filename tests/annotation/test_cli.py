@@ -80,7 +80,7 @@ def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch)
 
     with open_db(db)() as s:
         assert services.user_for_token(s, token).username == "ann"
-        user = services.accept_invite(s, link.rsplit("/", 1)[1], "newbie", "newbie password")
+        user = services.accept_invite(s, link.rsplit("/", 1)[1], "newbie", "a fresh key phrase")
         assert user.role == "annotator"
         with pytest.raises(services.NotFound):  # one use only
             services.accept_invite(s, link.rsplit("/", 1)[1], "again", "another password")
@@ -90,7 +90,7 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     db = f"sqlite:///{tmp_path / 'g.db'}"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "tell me a joke", "what is tea"]) + "\n")
-    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts"], capsys)
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "3"], capsys)
     out = ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3",
               "--max-new-tokens", "8"], capsys)
     assert "3 candidates generated for 3 prompts" in out
