@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
@@ -152,6 +153,12 @@ def create_app(settings: Settings) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError):
+        # Last line of defence: input the schemas let through but the database cannot hold.
+        return JSONResponse({"detail": "a value in the request cannot be stored (NUL character or number out of range)"},
+                            status_code=422)
 
     from annotation.routes_api import router as api_router
     from annotation.routes_web import router as web_router, html_error_handler

@@ -40,8 +40,8 @@ def create_project(
                                 ("lease_seconds", lease_seconds, 10, 7 * 86400)):
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise Invalid(f"{what} must be an integer between {lo} and {hi}, got {value!r}")
-    if not isinstance(guidelines, str) or len(guidelines) > 100_000:
-        raise Invalid("guidelines must be text of at most 100000 characters")
+    if not isinstance(guidelines, str) or len(guidelines) > 100_000 or "\x00" in guidelines:
+        raise Invalid("guidelines must be text of at most 100000 characters, without NUL characters")
     if db.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} already exists")
     project = Project(
