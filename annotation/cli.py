@@ -131,7 +131,12 @@ def create_project(
     if guidelines is not None:
         if not guidelines.is_file():
             raise UserError(f"guidelines file not found: {guidelines}")
-        text = guidelines.read_text(encoding="utf-8")
+        try:
+            text = guidelines.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{guidelines}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise UserError(f"{guidelines}: cannot be read ({exc.strerror or exc})") from None
     with _sessionmaker(db)() as s:
         services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text, lease_seconds=lease_seconds)
     typer.echo(f"project {name!r} created")
@@ -173,13 +178,21 @@ def export(
 
     from annotation import services
 
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name (e.g. {out / (project + '.jsonl')})")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
         rows = services.export_rows(s, services.get_project(s, project), format)
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{len(rows)} {format} rows written to {out}")
 
 
