@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -110,9 +110,20 @@ def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser)
         raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
     messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
-    return page(request, "task.html", user=user, task=task, project=p, messages=messages,
+    return page(request, "task.html", user=user, task=task, project=p, messages=messages, shown=shown_order(task),
                 progress=services.project_progress(db, p), mine=services.user_progress(db, user, p),
                 lease_left_s=max(0, int(task.leased_until - time.time())))
+
+
+def shown_order(task: services.Task) -> list[tuple[services.TaskCandidate, bool]]:
+    """The candidates as the page lists them, each with "tied with the one above": a ranked
+    task shows its stored ranking (ties included), an open one this annotator's shuffle."""
+    by_id = {c.id: c for c in task.candidates}
+    if not task.order:
+        return [(c, False) for c in task.candidates]
+    out = [(by_id[cid], i > 0) for group in task.order for i, cid in enumerate(group) if cid in by_id]
+    listed = {c.id for c, _ in out}
+    return out + [(c, False) for c in task.candidates if c.id not in listed]
 
 
 @router.get("/invite/{token}", response_class=HTMLResponse)
@@ -132,17 +143,47 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
     return page(request, "login.html", user=None, error=None, notice="Account created. Sign in.")
 
 
-@router.get("/admin/projects/{name}", response_class=HTMLResponse)
-def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser):
+FLAGGED_PER_PAGE = 20
+
+
+def _dashboard(request: Request, db, user, name: str, page_no: int, invite: str | None) -> HTMLResponse:
+    from annotation import charts
+
     p = services.get_project(db, name)
-    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=None)
+    d = services.dashboard(db, p)
+    pages = max(1, -(-len(d["flagged"]) // FLAGGED_PER_PAGE))
+    page_no = min(page_no, pages)
+    flagged = d["flagged"][(page_no - 1) * FLAGGED_PER_PAGE: page_no * FLAGGED_PER_PAGE]
+    return page(request, "dashboard.html", user=user, project=p, d=d, invite=invite, flagged=flagged,
+                page_no=page_no, pages=pages, progress_chart=charts.progress_line(d["timeline"], d["progress"]["target"]),
+                agreement_chart=charts.agreement_bars(d["annotators"]), quote=quote)
+
+
+@router.get("/admin/projects/{name}", response_class=HTMLResponse)
+def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser,
+                   page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1):
+    return _dashboard(request, db, user, name, page_no, None)
 
 
 @router.post("/admin/projects/{name}/invite", response_class=HTMLResponse)
 def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
     p = services.get_project(db, name)
     link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator", project=p)
-    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=link)
+    return _dashboard(request, db, user, name, 1, link)
+
+
+@router.get("/admin/projects/{name}/prompts/{source_id:path}", response_class=HTMLResponse)
+def prompt_page(name: str, source_id: str, request: Request, db: SessionDep, user: AdminUser):
+    from annotation.app import http_status
+
+    p = services.get_project(db, name)
+    try:
+        detail = services.prompt_detail(db, p, source_id)
+    except services.ServiceError as exc:
+        raise HTTPException(http_status(exc), str(exc)) from None
+    content = detail["prompt"].content
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    return page(request, "prompt.html", user=user, project=p, messages=messages, **detail)
 
 
 @router.get("/favicon.ico")

@@ -59,6 +59,8 @@ from annotation.services.reports import (
     export_rankings,
     export_rows,
     latest_rankings,
+    prompt_detail,
+    timeline,
     project_progress,
     user_progress,
 )

@@ -107,6 +107,7 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
     from annotation import metrics
 
     rows = latest_rankings(db, project, include_skipped=True)
+    firsts = sorted(row.created_at for row, _u, _p in rows if not row.skipped)
     per_user: dict[str, dict[str, Any]] = {}
     by_prompt: dict[int, dict[str, list[int]]] = {}
     flagged: dict[int, dict[str, Any]] = {}
@@ -129,15 +130,57 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
     for pid, tau in metrics.per_item_tau(by_prompt).items():
         if tau < 0:
             flagged.setdefault(pid, {"prompt_id": prompts[pid].source_id, "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
+    taus = metrics.per_annotator_tau(by_prompt)
     annotators = [
         {"username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
-         "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None}
+         "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None,
+         "tau_vs_consensus": taus[name][0] if name in taus else None, "shared_items": taus[name][1] if name in taus else 0}
         for name, u in sorted(per_user.items())
     ]
     return {
         "project": project.name,
         "progress": project_progress(db, project),
+        "timeline": timeline(firsts),
         "annotators": annotators,
         "agreement": metrics.agreement_report(by_prompt),
-        "flagged": list(flagged.values())[:200],
+        "flagged": sorted(flagged.values(), key=lambda f: (-len(f["reasons"]), f["prompt_id"])),
     }
+
+
+def timeline(times: list[float], points: int = 48) -> list[dict[str, float]]:
+    """Cumulative rankings over time, at most `points` (t, n) steps: progress as a line."""
+    if not times:
+        return []
+    t0, t1 = times[0], times[-1]
+    if t1 <= t0:
+        return [{"t": t0, "n": len(times)}]
+    out, i = [], 0
+    for step in range(1, points + 1):
+        edge = t0 + (t1 - t0) * step / points
+        while i < len(times) and times[i] <= edge:
+            i += 1
+        out.append({"t": edge, "n": i})
+    return [{"t": t0, "n": 0}] + out
+
+
+@read_only
+def prompt_detail(db: Session, project: Project, source_id: str) -> dict[str, Any]:
+    """One prompt with its candidates (source order) and every annotator's latest ranking."""
+    from annotation.services.errors import NotFound
+
+    prompt = db.scalar(select(Prompt).where(Prompt.project_id == project.id, Prompt.source_id == source_id))
+    if prompt is None:
+        raise NotFound(f"no prompt {source_id!r} in project {project.name!r}")
+    ids = [c.id for c in prompt.candidates]
+    latest: dict[int, tuple[RankingRow, User]] = {}
+    for row, user in db.execute(select(RankingRow, User).join(User, User.id == RankingRow.user_id)
+                                .where(RankingRow.prompt_id == prompt.id).order_by(RankingRow.revision)):
+        latest[user.id] = (row, user)  # the highest revision wins
+    rankings = []
+    for row, user in sorted(latest.values(), key=lambda ru: ru[1].username):
+        rankings.append({
+            "username": user.username, "revision": row.revision, "skipped": row.skipped, "skip_reason": row.skip_reason,
+            "all_bad": row.all_bad, "rationale": row.rationale,
+            "ranks": None if row.skipped or not row.order else order_to_ranks(ids, row.order),
+        })
+    return {"prompt": prompt, "candidates": prompt.candidates, "rankings": rankings}
