@@ -63,10 +63,15 @@ def get_project(db: Session, name: str) -> Project:
 def project_for(db: Session, user: User, name: str) -> Project:
     """The project as `user` may see it: admins see every project, others only those they
     are members of (anything else is reported as not found, so names do not leak)."""
-    project = db.scalar(select(Project).where(Project.name == name))
-    if project is None or (user.role != "admin" and not is_member(db, project, user)):
+    if user.role == "admin":
+        row = db.execute(select(Project, True).where(Project.name == name)).first()
+    else:
+        row = db.execute(select(Project, ProjectMember.user_id).outerjoin(
+            ProjectMember, (ProjectMember.project_id == Project.id) & (ProjectMember.user_id == user.id))
+            .where(Project.name == name)).first()
+    if row is None or row[1] is None:
         raise NotFound(f"no project {name!r}")
-    return project
+    return row[0]
 
 
 @unit_of_work

@@ -11,13 +11,15 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.models import Assignment, Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.users import require_annotator
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
+STALE_CHECK_S = 2.0
+_last_stale_check: dict[tuple[str, int], float] = {}
 
 
 def ranks_to_order(candidate_ids: list[int], ranks: list[int]) -> list[list[int]]:
@@ -145,14 +147,19 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
     now = time.time() if now is None else now
     require_annotator(user)
     begin_read_only(db)
-    stale = db.scalar(
-        select(Assignment.id).where(
-            Assignment.project_id == project.id, Assignment.status == "leased", Assignment.leased_until < now
-        ).limit(1)
-    )
-    if stale is not None:
-        release_expired_leases(db, project, now)  # its own short write transaction
-        begin_read_only(db)
+    # Expired leases are looked for at most every STALE_CHECK_S per project and process
+    # (leases last 10 s or more), not on every request.
+    key = (str(db.get_bind().url), project.id)
+    if not now - STALE_CHECK_S < _last_stale_check.get(key, -1e18) <= now:
+        _last_stale_check[key] = now
+        stale = db.scalar(
+            select(Assignment.id).where(
+                Assignment.project_id == project.id, Assignment.status == "leased", Assignment.leased_until < now
+            ).limit(1)
+        )
+        if stale is not None:
+            release_expired_leases(db, project, now)  # its own short write transaction
+            begin_read_only(db)
     live = db.scalar(
         select(Assignment).where(
             Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "leased"
@@ -181,16 +188,21 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
         # Spread concurrent annotators over the least-annotated prompts instead of all
         # racing for the first one (they would then retry one by one).
         # Seeded per user so simulated runs (align demo) repeat exactly.
-        lowest = ids[: max(1, min(len(ids), 8))]
+        lowest = ids[: max(1, min(len(ids), 6))]
         random.Random(user.id * 7919 + _attempt).shuffle(lowest)
-        prompts = {p.id: p for p in db.scalars(select(Prompt).where(Prompt.id.in_(lowest)))}
-        expired = {a.prompt_id: a.id for a in db.scalars(
-            select(Assignment).where(Assignment.user_id == user.id, Assignment.prompt_id.in_(lowest)))}
+        cands: dict[int, list[tuple[int, str]]] = {}
+        for pid, cid, text in db.execute(select(Candidate.prompt_id, Candidate.id, Candidate.text)
+                                         .where(Candidate.prompt_id.in_(lowest)).order_by(Candidate.prompt_id, Candidate.position)):
+            cands.setdefault(pid, []).append((cid, text))
+        contents = dict(db.execute(select(Prompt.id, Prompt.content).where(Prompt.id.in_(lowest))).all())
+        expired = dict(db.execute(select(Assignment.prompt_id, Assignment.id).where(
+            Assignment.user_id == user.id, Assignment.prompt_id.in_(lowest))).all())
         db.commit()  # end the snapshot; the claim below is one short write transaction
         for pid in lowest:
             if not _take_slot(db, project, pid):
                 continue
-            order = [c.id for c in prompts[pid].candidates]
+            text_of = dict(cands[pid])
+            order = list(text_of)
             random.Random(f"{user.id}:{pid}").shuffle(order)  # per-annotator order, reproducible
             until = now + project.lease_seconds
             if pid in expired:  # the user's own expired lease: take it up again
@@ -213,9 +225,9 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
                     break
                 aid = a.id
             db.commit()
-            return Task(
-                assignment_id=aid, project=project.name, prompt_id=pid, prompt=prompts[pid].content,
-                candidates=[TaskCandidate(c.id, c.text) for c in sorted(prompts[pid].candidates, key=lambda c: order.index(c.id))],
+            return Task(  # prompts and candidates never change once leasable: the snapshot's copy is current
+                assignment_id=aid, project=project.name, prompt_id=pid, prompt=contents[pid],
+                candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
                 status="leased", leased_until=until, guidelines=project.guidelines,
             )
         db.rollback()
@@ -293,9 +305,9 @@ def submit_ranking(
     if a.status in ("done", "skipped"):
         raise Conflict(f"task {assignment_id} is already {'ranked' if a.status == 'done' else 'skipped'}; "
                        "send a revision (PUT) to correct a ranking")
-    project = db.get(Project, a.project_id)
     db.commit()  # end the snapshot: the conditional updates below re-check everything they rely on
     if a.status == "expired" or a.leased_until < now:
+        project = db.get(Project, a.project_id)
         # The lease ran out: the ranking still counts if a slot is free (or still ours).
         if a.status == "leased":
             res = db.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == "leased").values(status="expired"))
