@@ -171,6 +171,16 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+SETTINGS_ENV = "ALIGN_ANNOTATION_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """The app for one of several worker processes: settings as JSON in $ALIGN_ANNOTATION_SETTINGS."""
+    import os
+
+    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
+
+
 def jsonable(errors):
     from fastapi.encoders import jsonable_encoder
 

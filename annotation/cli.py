@@ -46,18 +46,30 @@ def serve(
     max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: 64 MiB).", min=1)] = 1024,
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL: about one per core; SQLite: 1).", min=1, max=64)] = 1,
 ) -> None:
     """Serve the annotation web app (schema created or migrated on start)."""
+    import dataclasses
+    import json
+
     import uvicorn
 
-    from annotation.app import create_app
-    from annotation.db import default_db_url
+    from annotation.app import SETTINGS_ENV, create_app
+    from annotation.db import default_db_url, make_engine, migrate
     from annotation.settings import Settings
 
     settings = Settings(db_url=db or default_db_url(), max_body_bytes=max_body_kb * 1024, secure_cookies=secure_cookies)
-    application = create_app(settings)
-    typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/", err=True)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False)
+    typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
+               + (f" with {workers} workers" if workers > 1 else ""), err=True)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    engine = make_engine(settings.db_url)
+    migrate(engine)  # once, before the workers start (they would race to create the schema)
+    engine.dispose()
+    os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+    uvicorn.run("annotation.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, access_log=False)
 
 
 @app.command("create-admin")

@@ -22,8 +22,8 @@ def free_port() -> int:
 class ServerProcess:
     """`align annotate serve` in a child process on 127.0.0.1."""
 
-    def __init__(self, db_url: str, log: Path):
-        self.db_url, self.port, self.log = db_url, free_port(), log
+    def __init__(self, db_url: str, log: Path, workers: int = 1):
+        self.db_url, self.port, self.log, self.workers = db_url, free_port(), log, workers
         self.proc = None
 
     @property
@@ -35,8 +35,9 @@ class ServerProcess:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "align.cli", "annotate", "serve", "--db", self.db_url, "--port", str(self.port),
-             "--log-level", "warning"],
+             "--log-level", "warning", "--workers", str(self.workers)],
             cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the workers go down with it
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -49,13 +50,24 @@ class ServerProcess:
                 time.sleep(0.1)
         raise RuntimeError("server did not come up")
 
+    def kill9(self) -> None:
+        """SIGKILL the server and its worker processes at once (a crash, not a shutdown)."""
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self) -> None:
+        import os
+        import signal
+
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
 

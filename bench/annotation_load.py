@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -130,6 +129,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--annotators-per-prompt", type=int, default=3)
     ap.add_argument("--db", default=None, help="database URL (default: a new SQLite file in a temp dir)")
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--kill-at", type=float, default=None,
                     help="SIGKILL the server this many seconds into the last phase, then restart it")
     args = ap.parse_args()
@@ -145,15 +145,14 @@ def main() -> None:
     print(f"seeded {args.prompts} prompts x {args.k} candidates, {len(users)} annotators in {time.time() - t0:.1f} s "
           f"({db_url.split('@')[-1]}); load average before: {os.getloadavg()[0]:.1f}")
 
-    server = ServerProcess(db_url, tmp / "server.log").start()
+    server = ServerProcess(db_url, tmp / "server.log", workers=args.workers).start()
     url_ref = {"url": server.url}
     results: list[tuple[str, dict, float]] = []
     kill_info: dict = {}
 
     async def killer(stats: dict):
         await asyncio.sleep(args.kill_at)
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
+        server.kill9()
         killed = time.time()
         print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {len(stats['acked'])} acknowledged in this phase so far")
         await asyncio.get_running_loop().run_in_executor(None, server.start)
@@ -199,7 +198,7 @@ def main() -> None:
     over = sum(1 for c in per_prompt.values() if c > args.annotators_per_prompt)
 
     print()
-    print(f"database: {db_url.split('@')[-1].split(':///')[0]}; {os.cpu_count()} CPU cores; "
+    print(f"database: {db_url.split(':')[0].split('+')[0]}; server workers: {args.workers}; {os.cpu_count()} CPU cores; "
           f"load average after: {os.getloadavg()[0]:.1f}; {args.clients} annotators")
     print()
     print("| phase | duration | rankings/s | next p50 / p99 ms | submit p50 / p99 ms | errors |")
