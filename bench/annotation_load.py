@@ -115,6 +115,35 @@ async def open_client(token: str, url_ref: dict, duration: float, rate: float, s
             next_at += rng.expovariate(rate)
 
 
+def oversized_bodies(base: str, token: str) -> list[tuple[str, int, float]]:
+    """Time the refusal of ranking bodies built to burn server CPU: 1 MiB of ids, and just
+    under the 64 KiB task-body limit (about 9,000 ids for a K=4 task). Median of 5 each."""
+    import json
+
+    import httpx
+
+    out = []
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        task = c.post(base + "/api/projects/load/next").json()
+        ids = [x["id"] for x in task["candidates"]]
+        url = f"{base}/api/tasks/{task['id']}/ranking"
+        huge = json.dumps({"order": [list(range(1, 150_000))]}).encode()
+        n = 1
+        while len(json.dumps({"order": [ids * n]})) < 60_000:
+            n *= 2
+        near = json.dumps({"order": [ids * (n // 2)]}).encode()
+        for label, body in ((f"1 MiB ranking body ({len(huge)} bytes)", huge), (f"{len(near)}-byte body, {len(ids) * (n // 2)} ids", near)):
+            times, status = [], 0
+            for _ in range(5):
+                t0 = time.perf_counter()
+                r = c.post(url, content=body, headers={"content-type": "application/json"})
+                times.append((time.perf_counter() - t0) * 1000)
+                status = r.status_code
+            out.append((label, status, sorted(times)[2]))
+        c.post(f"{base}/api/tasks/{task['id']}/skip", json={"reason": "benchmark probe"})
+    return out
+
+
 def new_stats() -> dict:
     return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0}
 
@@ -147,6 +176,7 @@ def main() -> None:
 
     server = ServerProcess(db_url, tmp / "server.log", workers=args.workers).start()
     url_ref = {"url": server.url}
+    probes = oversized_bodies(server.url, tokens["admin"])
     results: list[tuple[str, dict, float]] = []
     kill_info: dict = {}
 
@@ -194,7 +224,7 @@ def main() -> None:
     wrong = [a for a in acked if a[0] in rows and (rows[a[0]].order != a[2] or rows[a[0]].assignment_id != a[1])]
     dup_ack = len(acked) - len({a[0] for a in acked})
     per_pair = Counter((r.prompt_id, r.user_id) for r in rows.values() if r.revision == 1)
-    per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1)
+    per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1 and not r.skipped)
     over = sum(1 for c in per_prompt.values() if c > args.annotators_per_prompt)
 
     print()
@@ -212,9 +242,11 @@ def main() -> None:
     print()
     print("| check | value |")
     print("| --- | --- |")
+    for label, status, ms in probes:
+        print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
     if args.kill_at is not None:
         print(f"| kill -9 at / restart took | {args.kill_at:.0f} s / {kill_info.get('restart_s', float('nan')):.1f} s |")
-        print(f"| stored but never acknowledged (reply lost in the kill) | {len(rows) - len(acked)} |")
+        print(f"| stored but never acknowledged (reply lost in the kill) | {sum(not r.skipped for r in rows.values()) - len(acked)} |")
     print(f"| acknowledged rankings | {len(acked)} |")
     print(f"| acknowledged rankings missing from DB | {len(missing)} |")
     print(f"| acknowledged rankings stored differently | {len(wrong)} |")
