@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
@@ -16,9 +17,25 @@ from annotation.db import get_meta, make_engine, make_sessionmaker, migrate
 from annotation.models import Meta
 from annotation.settings import Settings
 
+# Domain errors of the service layer -> HTTP status.
+HTTP_STATUS = {
+    services.NotFound: 404,
+    services.Forbidden: 403,
+    services.Conflict: 409,
+    services.Invalid: 422,
+    services.Throttled: 429,
+}
+
+
+def http_status(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400
+
 HERE = Path(__file__).resolve().parent
 
-# No inline script or style anywhere: all JS/CSS are files under /static (issue 3).
+# No inline script or style anywhere: all JS/CSS are files under /static.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -42,7 +59,12 @@ class LimitsAndHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        limit = self.settings.max_import_bytes if path.endswith("/import") else self.settings.max_body_bytes
+        if path.endswith("/import"):
+            limit = self.settings.max_import_bytes
+        elif path.startswith("/api/tasks/"):  # a ranking is a few hundred bytes; refuse the rest unread
+            limit = min(self.settings.max_body_bytes, self.settings.max_task_body_bytes)
+        else:
+            limit = self.settings.max_body_bytes
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -109,7 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     sm = make_sessionmaker(engine)
     app = FastAPI(
         title="align annotation",
-        description="Rank K responses per prompt; raw rankings stored and exported (align issue 3).",
+        description="Rank K responses per prompt; raw rankings (ties, revisions) stored and exported.",
         openapi_url="/api/openapi.json",
         docs_url=None,  # Swagger UI would load its assets from a CDN; the schema is at /api/openapi.json
         redoc_url=None,
@@ -118,11 +140,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = sm
     app.state.secret = load_or_create_secret(sm)
-    app.state.throttle = security.LoginThrottle(settings.login_max_failures, settings.login_window_s)
 
     @app.exception_handler(services.ServiceError)
     async def _service_error(request: Request, exc: services.ServiceError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, services.Throttled) else None
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -131,6 +153,12 @@ def create_app(settings: Settings) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError):
+        # Last line of defence: input the schemas let through but the database cannot hold.
+        return JSONResponse({"detail": "a value in the request cannot be stored (NUL character or number out of range)"},
+                            status_code=422)
 
     from annotation.routes_api import router as api_router
     from annotation.routes_web import router as web_router, html_error_handler
@@ -141,6 +169,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(LimitsAndHeaders, settings=settings)
     return app
+
+
+SETTINGS_ENV = "ALIGN_ANNOTATION_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """The app for one of several worker processes: settings as JSON in $ALIGN_ANNOTATION_SETTINGS."""
+    import os
+
+    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
 def jsonable(errors):

@@ -46,18 +46,30 @@ def serve(
     max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: 64 MiB).", min=1)] = 1024,
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL: about one per core; SQLite: 1).", min=1, max=64)] = 1,
 ) -> None:
     """Serve the annotation web app (schema created or migrated on start)."""
+    import dataclasses
+    import json
+
     import uvicorn
 
-    from annotation.app import create_app
-    from annotation.db import default_db_url
+    from annotation.app import SETTINGS_ENV, create_app
+    from annotation.db import default_db_url, make_engine, migrate
     from annotation.settings import Settings
 
     settings = Settings(db_url=db or default_db_url(), max_body_bytes=max_body_kb * 1024, secure_cookies=secure_cookies)
-    application = create_app(settings)
-    typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/", err=True)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False)
+    typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
+               + (f" with {workers} workers" if workers > 1 else ""), err=True)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    engine = make_engine(settings.db_url)
+    migrate(engine)  # once, before the workers start (they would race to create the schema)
+    engine.dispose()
+    os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+    uvicorn.run("annotation.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, access_log=False)
 
 
 @app.command("create-admin")
@@ -131,7 +143,12 @@ def create_project(
     if guidelines is not None:
         if not guidelines.is_file():
             raise UserError(f"guidelines file not found: {guidelines}")
-        text = guidelines.read_text(encoding="utf-8")
+        try:
+            text = guidelines.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{guidelines}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise UserError(f"{guidelines}: cannot be read ({exc.strerror or exc})") from None
     with _sessionmaker(db)() as s:
         services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text, lease_seconds=lease_seconds)
     typer.echo(f"project {name!r} created")
@@ -144,6 +161,7 @@ def import_(
     format: Annotated[str, typer.Option("--format", "-f", help="oasst | hh | trl | prompts (with or without candidates) | kwise")],
     db: DbOpt = None,
     annotators: Annotated[Optional[int], typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
+    k: Annotated[Optional[int], typer.Option(help="Candidates per prompt, if the project is created (default: from the file, else 4).", min=2, max=16)] = None,
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
@@ -152,6 +170,8 @@ def import_(
     if not file.is_file():
         raise UserError(f"file not found: {file}")
     extra = {"annotators_per_prompt": annotators} if annotators else {}
+    if k is not None:
+        extra["k"] = k
     with _sessionmaker(db)() as s:
         r = services.import_file(s, project, format, file, **extra)
     typer.echo(f"{project}: {r.prompts_added} prompts, {r.candidates_added} candidates, "
@@ -170,13 +190,21 @@ def export(
 
     from annotation import services
 
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name (e.g. {out / (project + '.jsonl')})")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
         rows = services.export_rows(s, services.get_project(s, project), format)
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{len(rows)} {format} rows written to {out}")
 
 
@@ -184,7 +212,7 @@ def export(
 def generate(
     project: ProjectOpt,
     model: Annotated[str, typer.Option(help="SFT checkpoint directory, or demo | demo:tiny | demo:small.")] = "demo",
-    k: Annotated[int, typer.Option(help="Candidates to sample per prompt.", min=2, max=16)] = 4,
+    k: Annotated[Optional[int], typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
@@ -195,7 +223,10 @@ def generate(
     """Sample K candidates for every prompt of the project that has none yet."""
     from annotation.generate import generate_candidates
 
+    from annotation import services
+
     with _sessionmaker(db)() as s:
+        pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=True)
-    typer.echo(f"{project}: {k} candidates generated for {n} prompts")
+    typer.echo(f"{project}: {pk} candidates generated for {n} prompts")

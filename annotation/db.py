@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -14,11 +16,17 @@ from align.errors import UserError
 from annotation.models import Base, Meta
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def default_db_url() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a sqlite:/// URL (None for in-memory databases)."""
+    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
+    return None if not path or path == ":memory:" else path
 
 
 def make_engine(url: str) -> Engine:
@@ -32,8 +40,31 @@ def make_engine(url: str) -> Engine:
             # SQLite has one writer at a time. Threads of this process queue on a FIFO-ish
             # lock taken at BEGIN and released after COMMIT/ROLLBACK, instead of spinning in
             # SQLite's busy handler, whose sleeps (up to 100 ms each, unfair) gave multi-second
-            # p99 latencies under load. Other processes (CLI imports) wait via busy_timeout.
-            writer_lock = threading.Lock()
+            # p99 latencies under load. Across processes (server workers, CLI imports) the
+            # holder of that lock also takes an flock on "<db>.writer-lock", which the kernel
+            # queues, so workers of one server do not spin in busy_timeout either.
+            thread_lock = threading.Lock()
+            lock_path = _sqlite_file(url)
+            lock_fd = os.open(lock_path + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
+
+            class WriterLock:
+                def acquire(self, timeout: float) -> bool:
+                    if not thread_lock.acquire(timeout=timeout):
+                        return False
+                    if lock_fd is not None:
+                        try:
+                            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                        except BaseException:
+                            thread_lock.release()
+                            raise
+                    return True
+
+                def release(self) -> None:
+                    if lock_fd is not None:
+                        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                    thread_lock.release()
+
+            writer_lock = WriterLock()
 
             class LockingConnection(sqlite3.Connection):
                 holds_lock = False
@@ -127,7 +158,23 @@ def migrate(engine: Engine) -> None:
                 db.rollback()
 
 
-MIGRATIONS: dict = {}  # {version: fn(session)}; v1 = create_all above
+def _v2(db: Session) -> None:
+    """API tokens expire (expires_at); an invite may name the project its user joins.
+    New tables (login_failures, project_members) come from create_all above."""
+    from sqlalchemy import inspect, text
+
+    from annotation.settings import DEFAULT_API_TOKEN_TTL_S
+
+    conn = db.connection()
+    columns = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in ("api_tokens", "invites")}
+    if "expires_at" not in columns["api_tokens"]:
+        conn.execute(text("ALTER TABLE api_tokens ADD COLUMN expires_at FLOAT"))
+        conn.execute(text("UPDATE api_tokens SET expires_at = created_at + :ttl"), {"ttl": DEFAULT_API_TOKEN_TTL_S})
+    if "project_id" not in columns["invites"]:
+        conn.execute(text("ALTER TABLE invites ADD COLUMN project_id INTEGER REFERENCES projects(id)"))
+
+
+MIGRATIONS: dict = {2: _v2}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

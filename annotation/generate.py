@@ -8,14 +8,18 @@ from annotation import services
 
 
 def generate_candidates(
-    db: Session, project_name: str, model_spec: str = "demo", *, k: int = 4, max_new_tokens: int = 48,
+    db: Session, project_name: str, model_spec: str = "demo", *, k: int | None = None, max_new_tokens: int = 48,
     temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = False,
 ) -> int:
-    """Sample `k` responses for each prompt without candidates; returns how many prompts were filled."""
+    """Sample K responses (the project's K; `k`, if given, must equal it) for each prompt
+    without candidates; returns how many prompts were filled."""
     from align.generation import generate_responses
     from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
 
     project = services.get_project(db, project_name)
+    if k is not None and k != project.k:
+        raise services.Invalid(f"project {project_name!r} ranks K={project.k} candidates per prompt; --k {k} differs")
+    k = project.k
     todo = services.prompts_without_candidates(db, project)
     if not todo:
         return 0

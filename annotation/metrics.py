@@ -1,4 +1,4 @@
-"""Inter-annotator agreement on rankings (issue 3 dashboard). Pure functions, no database.
+"""Inter-annotator agreement on rankings (the admin dashboard). Pure functions, no database.
 
 Input everywhere: {item: {annotator: ranks}} where ranks[i] is the rank (0 = best, equal =
 tie) of candidate i of that item.
@@ -71,6 +71,23 @@ def per_item_tau(data: RanksByItem) -> dict[Hashable, float]:
         if taus:
             out[item] = sum(taus) / len(taus)
     return out
+
+
+def per_annotator_tau(data: RanksByItem) -> dict[str, tuple[float, int]]:
+    """{annotator: (mean tau-b against the leave-one-out consensus, items)} over the items
+    that annotator shares with at least one other; who ranks against the crowd stands out."""
+    sums: dict[str, list[float]] = {}
+    for ranks_by in data.values():
+        names = sorted(ranks_by)
+        if len(names) < 2:
+            continue
+        for name in names:
+            others = [ranks_by[o] for o in names if o != name]
+            consensus = [sum(r[i] for r in others) / len(others) for i in range(len(ranks_by[name]))]
+            tau = kendall_tau_b(ranks_by[name], consensus)
+            if tau is not None:
+                sums.setdefault(name, []).append(tau)
+    return {name: (sum(v) / len(v), len(v)) for name, v in sums.items()}
 
 
 def krippendorff_alpha_ordinal(units: Sequence[Sequence[float | None]]) -> float | None:

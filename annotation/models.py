@@ -1,4 +1,4 @@
-"""Database schema of the annotation app (issue 3).
+"""Database schema of the annotation app.
 
 Timestamps are UNIX seconds (float) so SQLite and PostgreSQL compare them the same way.
 Raw rankings are append-only: a correction is a new `rankings` row with revision + 1.
@@ -40,6 +40,7 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256; the token itself is never stored
     created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[Optional[float]] = mapped_column(Float)  # schema v2; v1 tokens get created_at + the default TTL
 
 
 class WebSession(Base):
@@ -59,6 +60,19 @@ class Invite(Base):
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
     used_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+    project_id: Mapped[Optional[int]] = mapped_column(ForeignKey("projects.id"))  # schema v2: joins this project
+
+
+class LoginFailures(Base):
+    """Failed sign-ins counted per key (user and client, client, user) in a fixed window.
+    In the database, so the limit holds across restarts and worker processes; the
+    conditional UPDATE that reserves an attempt is what keeps concurrent guesses from all
+    passing the check at once (NIST SP 800-63B section 5.2.2, rate limiting)."""
+
+    __tablename__ = "login_failures"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    window_start: Mapped[float] = mapped_column(Float)
+    failures: Mapped[int] = mapped_column(Integer)
 
 
 class Project(Base):
@@ -70,6 +84,15 @@ class Project(Base):
     annotators_per_prompt: Mapped[int] = mapped_column(Integer)
     lease_seconds: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ProjectMember(Base):
+    """Annotators see and rank only the projects they are members of; admins see all."""
+
+    __tablename__ = "project_members"
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    added_at: Mapped[float] = mapped_column(Float)
 
 
 class Prompt(Base):

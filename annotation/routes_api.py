@@ -1,22 +1,25 @@
 """JSON API under /api (token auth for scripts; cookie + CSRF for the browser). Thin routes
-over `annotation.services`."""
+over `annotation.services`, grouped by resource; domain errors become HTTP statuses in
+annotation.app."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from annotation import services
 from annotation.deps import AdminUser, CurrentUser, SessionDep
 from annotation.schemas import (
+    MAX_DB_INT,
     ImportPublic,
     InviteCreate,
     InvitePublic,
+    MemberCreate,
     ProjectCreate,
     ProjectPublic,
     PromptsCreate,
@@ -31,24 +34,21 @@ from annotation.schemas import (
 )
 
 router = APIRouter(prefix="/api", tags=["api"])
+TaskId = Annotated[int, Path(ge=1, le=MAX_DB_INT, description="task id")]
+ProjectName = Annotated[str, Path(max_length=128, description="project name")]
+Username = Annotated[str, Path(max_length=64)]
 
 
 def client_id(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def login_or_429(request: Request, db, username: str, password: str):
-    """Shared by the token endpoint and the login form: throttled password check."""
-    throttle = request.app.state.throttle
-    wait = throttle.retry_after(username, client_id(request))
-    if wait:
-        raise HTTPException(429, f"too many failed sign-ins; try again in {wait} s", headers={"Retry-After": str(wait)})
-    user = services.authenticate(db, username, password)
-    if user is None:
-        throttle.failed(username, client_id(request))
-        return None
-    throttle.succeeded(username, client_id(request))
-    return user
+def sign_in(request: Request, db, username: str, password: str):
+    """Shared by the token endpoint and the login form: throttled password check (the
+    counts live in the database, so they hold across restarts and worker processes)."""
+    settings = request.app.state.settings
+    return services.sign_in(db, username, password, client_id(request),
+                            max_failures=settings.login_max_failures, window_s=settings.login_window_s)
 
 
 def _project_public(db, p) -> ProjectPublic:
@@ -56,6 +56,10 @@ def _project_public(db, p) -> ProjectPublic:
         name=p.name, guidelines=p.guidelines, k=p.k, annotators_per_prompt=p.annotators_per_prompt,
         lease_seconds=p.lease_seconds, progress=services.project_progress(db, p),
     )
+
+
+def _user_public(u) -> UserPublic:
+    return UserPublic(id=u.id, username=u.username, role=u.role, active=u.active)
 
 
 def _task_public(t: services.Task) -> TaskPublic:
@@ -73,34 +77,71 @@ def _ranking_public(r) -> RankingPublic:
     )
 
 
-@router.post("/tokens", response_model=TokenPublic, status_code=201)
+# --------------------------------------------------------------------------- tokens and users
+
+
+@router.post("/tokens", response_model=TokenPublic, status_code=201,
+             responses={401: {"description": "wrong username or password"}, 429: {"description": "too many failures"}})
 def create_token(body: TokenCreate, request: Request, db: SessionDep):
-    """Exchange a username and password for an API token (send it as `Authorization: Bearer`)."""
-    user = login_or_429(request, db, body.username, body.password)
+    """Exchange a username and password for an API token (send it as `Authorization: Bearer`).
+    The token expires after the server's token lifetime (30 days by default)."""
+    user = sign_in(request, db, body.username, body.password)
     if user is None:
         raise HTTPException(401, "wrong username or password")
-    return TokenPublic(token=services.issue_api_token(db, user), username=user.username, role=user.role)
+    token = services.issue_api_token(db, user, request.app.state.settings.api_token_ttl_s)
+    return TokenPublic(token=token, username=user.username, role=user.role)
+
+
+@router.delete("/tokens/current", status_code=204)
+def revoke_token(request: Request, db: SessionDep, _user: CurrentUser):
+    """Sign out a script: revoke the API token this request was sent with."""
+    auth = request.headers.get("authorization", "")
+    if not auth.lower().startswith("bearer "):
+        raise HTTPException(400, "send the token to revoke as 'Authorization: Bearer <token>'")
+    services.revoke_api_token(db, auth[7:].strip())
+    return Response(status_code=204)
 
 
 @router.get("/me", response_model=UserPublic)
 def me(user: CurrentUser):
-    return UserPublic(id=user.id, username=user.username, role=user.role)
+    return _user_public(user)
+
+
+@router.get("/users", response_model=list[UserPublic])
+def list_users(db: SessionDep, _admin: AdminUser):
+    return [_user_public(u) for u in services.list_users(db)]
 
 
 @router.post("/users", response_model=UserPublic, status_code=201)
 def create_user(body: UserCreate, db: SessionDep, _admin: AdminUser):
-    u = services.create_user(db, body.username, body.password, body.role)
-    return UserPublic(id=u.id, username=u.username, role=u.role)
+    return _user_public(services.create_user(db, body.username, body.password, body.role))
+
+
+@router.post("/users/{username}/deactivate", response_model=UserPublic)
+def deactivate_user(username: Username, db: SessionDep, admin: AdminUser):
+    """Deactivate an account: it can no longer sign in, its tokens and sessions are revoked
+    and its open tasks go back to the pool. Its rankings stay."""
+    return _user_public(services.set_active(db, username, False, by=admin))
+
+
+@router.post("/users/{username}/activate", response_model=UserPublic)
+def activate_user(username: Username, db: SessionDep, admin: AdminUser):
+    return _user_public(services.set_active(db, username, True, by=admin))
 
 
 @router.post("/invites", response_model=InvitePublic, status_code=201)
 def create_invite(body: InviteCreate, db: SessionDep, _admin: AdminUser):
-    return InvitePublic(path=f"/invite/{services.create_invite(db, body.role)}")
+    project = services.get_project(db, body.project) if body.project is not None else None
+    return InvitePublic(path=f"/invite/{services.create_invite(db, body.role, project=project)}")
+
+
+# --------------------------------------------------------------------------- projects
 
 
 @router.get("/projects", response_model=list[ProjectPublic])
-def list_projects(db: SessionDep, _user: CurrentUser):
-    return [_project_public(db, p) for p in services.list_projects(db)]
+def list_projects(db: SessionDep, user: CurrentUser):
+    """The projects you may see: all for admins, your memberships for annotators."""
+    return [_project_public(db, p) for p in services.list_projects(db, user)]
 
 
 @router.post("/projects", response_model=ProjectPublic, status_code=201)
@@ -111,17 +152,38 @@ def create_project(body: ProjectCreate, db: SessionDep, _admin: AdminUser):
 
 
 @router.get("/projects/{name}", response_model=ProjectPublic)
-def get_project(name: str, db: SessionDep, _user: CurrentUser):
-    return _project_public(db, services.get_project(db, name))
+def get_project(name: ProjectName, db: SessionDep, user: CurrentUser):
+    return _project_public(db, services.project_for(db, user, name))
+
+
+@router.get("/projects/{name}/members", response_model=list[UserPublic])
+def list_members(name: ProjectName, db: SessionDep, _admin: AdminUser):
+    return [_user_public(u) for u in services.members(db, services.get_project(db, name))]
+
+
+@router.post("/projects/{name}/members", response_model=UserPublic, status_code=201)
+def add_member(name: ProjectName, body: MemberCreate, db: SessionDep, _admin: AdminUser):
+    """Let an annotator see and rank this project."""
+    user = services.get_user(db, body.username)
+    services.add_member(db, services.get_project(db, name), user)
+    return _user_public(user)
+
+
+@router.delete("/projects/{name}/members/{username}", status_code=204)
+def remove_member(name: ProjectName, username: Username, db: SessionDep, _admin: AdminUser):
+    if not services.remove_member(db, services.get_project(db, name), services.get_user(db, username)):
+        raise HTTPException(404, f"{username!r} is not a member of {name!r}")
+    return Response(status_code=204)
 
 
 @router.post("/projects/{name}/prompts", response_model=ImportPublic, status_code=201)
-def add_prompts(name: str, body: PromptsCreate, db: SessionDep, _admin: AdminUser):
+def add_prompts(name: ProjectName, body: PromptsCreate, db: SessionDep, _admin: AdminUser):
+    """Add prompts, each with no candidates (generate them later) or exactly the project's K."""
     from align.formats import Candidate, PromptRecord
 
     records = [
         PromptRecord(
-            p.prompt, p.id,
+            p.prompt if isinstance(p.prompt, str) else [m.model_dump() for m in p.prompt], p.id,
             [Candidate(c) if isinstance(c, str) else Candidate(c.text, c.model, c.sampling) for c in p.candidates],
         )
         for p in body.prompts
@@ -129,65 +191,34 @@ def add_prompts(name: str, body: PromptsCreate, db: SessionDep, _admin: AdminUse
     return ImportPublic(**vars(services.add_prompts(db, services.get_project(db, name), records)))
 
 
-@router.post("/projects/{name}/import", response_model=ImportPublic, status_code=201)
+@router.post("/projects/{name}/import", response_model=ImportPublic, status_code=201,
+             responses={415: {"description": "compressed body"}, 422: {"description": "unreadable or empty file"}})
 async def import_file(
-    name: str, request: Request, db: SessionDep, _admin: AdminUser,
+    name: ProjectName, request: Request, db: SessionDep, _admin: AdminUser,
     format: Literal["oasst", "hh", "trl", "prompts", "kwise"] = Query(description="format of the JSONL request body"),
 ):
-    """Import a JSONL file sent as the raw request body (the project is created if missing)."""
+    """Import a UTF-8 JSONL file sent as the raw request body (the project is created if
+    missing). All or nothing: a bad line and nothing is stored."""
+    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise HTTPException(415, "send the file uncompressed (no Content-Encoding)")
     body = await request.body()
+    if body[:2] == b"\x1f\x8b":
+        raise HTTPException(415, "the body is gzip-compressed; send the JSONL file uncompressed")
     fd, tmp = tempfile.mkstemp(suffix=".jsonl")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
         try:
             report = await run_in_threadpool(services.import_file, db, name, format, tmp)
-        except services.ServiceError:
-            raise
-        except services.UserError as exc:  # the file reader's message names the line
-            raise HTTPException(422, str(exc).replace(tmp, "body")) from None
+        except services.ServiceError as exc:
+            raise type(exc)(str(exc).replace(tmp, "body")) from None
         return ImportPublic(**vars(report))
     finally:
         os.unlink(tmp)
 
 
-@router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
-def next_task(name: str, db: SessionDep, user: CurrentUser):
-    """Lease the next task in the project (or get back your current one). 204 when none is left."""
-    task = services.next_task(db, user, services.get_project(db, name))
-    if task is None:
-        return Response(status_code=204)
-    return _task_public(task)
-
-
-@router.get("/tasks/{task_id}", response_model=TaskPublic)
-def get_task(task_id: int, db: SessionDep, user: CurrentUser):
-    return _task_public(services.get_task(db, user, task_id))
-
-
-@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-def submit_ranking(task_id: int, body: RankingCreate, db: SessionDep, user: CurrentUser):
-    """Submit the ranking of a leased task (409 if it was submitted already)."""
-    row = services.submit_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
-    return _ranking_public(row)
-
-
-@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-def revise_ranking(task_id: int, body: RankingCreate, db: SessionDep, user: CurrentUser):
-    """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
-    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
-    return _ranking_public(row)
-
-
-@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
-def skip_task(task_id: int, body: SkipCreate, db: SessionDep, user: CurrentUser):
-    return _ranking_public(services.skip_task(db, user, task_id, body.reason))
-
-
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)
-def export(name: str, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise"):
+def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise"):
     """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh."""
     import json
 
@@ -197,6 +228,44 @@ def export(name: str, db: SessionDep, _admin: AdminUser, format: Literal["kwise"
 
 
 @router.get("/projects/{name}/dashboard")
-def dashboard(name: str, db: SessionDep, _admin: AdminUser) -> dict:
+def dashboard(name: ProjectName, db: SessionDep, _admin: AdminUser) -> dict:
     """Progress, per-annotator counts and median time, agreement metrics, flagged items."""
     return services.dashboard(db, services.get_project(db, name))
+
+
+# --------------------------------------------------------------------------- tasks and rankings
+
+
+@router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
+def next_task(name: ProjectName, db: SessionDep, user: CurrentUser):
+    """Lease the next task in the project (or get back your current one). 204 when none is left."""
+    task = services.next_task(db, user, services.project_for(db, user, name))
+    if task is None:
+        return Response(status_code=204)
+    return _task_public(task)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskPublic)
+def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
+    return _task_public(services.get_task(db, user, task_id))
+
+
+@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
+    """Submit the ranking of a leased task (409 if it was submitted already)."""
+    row = services.submit_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
+    return _ranking_public(row)
+
+
+@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
+    """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
+    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
+    return _ranking_public(row)
+
+
+@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
+def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
+    return _ranking_public(services.skip_task(db, user, task_id, body.reason))

@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from annotation import security, services
 from annotation.deps import CSRF_COOKIE, SESSION_COOKIE, AdminUser, CurrentUser, OptionalUser, SessionDep, check_csrf, csrf_for
 from annotation.render import markdown
-from annotation.routes_api import login_or_429
+from annotation.routes_api import sign_in
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 templates.env.filters["markdown"] = markdown
@@ -54,7 +55,7 @@ def home(request: Request, db: SessionDep, user: OptionalUser):
         return page(request, "login.html", user=None, error=None)
     projects = [
         {"p": p, "progress": services.project_progress(db, p), "mine": services.user_progress(db, user, p)}
-        for p in services.list_projects(db)
+        for p in services.list_projects(db, user)
     ]
     return page(request, "home.html", user=user, projects=projects)
 
@@ -62,7 +63,10 @@ def home(request: Request, db: SessionDep, user: OptionalUser):
 @router.post("/login")
 def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
                 username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
-    user = login_or_429(request, db, username, password)
+    try:
+        user = sign_in(request, db, username, password)
+    except services.Throttled as exc:
+        return page(request, "login.html", status_code=429, user=None, error=str(exc))
     if user is None:
         return page(request, "login.html", status_code=401, user=None, error="Wrong username or password.")
     token = services.open_web_session(db, user, request.app.state.settings.session_ttl_s)
@@ -83,30 +87,43 @@ def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
 
 @router.post("/projects/{name}/start")
 def start(name: str, db: SessionDep, user: CurrentUser):
-    task = services.next_task(db, user, services.get_project(db, name))
+    task = services.next_task(db, user, services.project_for(db, user, name))
     if task is None:
-        return RedirectResponse(f"/projects/{name}/done", status_code=303)
+        return RedirectResponse(f"/projects/{quote(name, safe='')}/done", status_code=303)
     return RedirectResponse(f"/tasks/{task.assignment_id}", status_code=303)
 
 
 @router.get("/projects/{name}/done", response_class=HTMLResponse)
 def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
-    p = services.get_project(db, name)
+    p = services.project_for(db, user, name)
     return page(request, "done.html", user=user, project=p, progress=services.project_progress(db, p),
                 mine=services.user_progress(db, user, p))
 
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
+    from annotation.app import http_status
+
     try:
         task = services.get_task(db, user, task_id)
     except services.ServiceError as exc:
-        raise HTTPException(exc.status_code, str(exc)) from None
+        raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
     messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
-    return page(request, "task.html", user=user, task=task, project=p, messages=messages,
+    return page(request, "task.html", user=user, task=task, project=p, messages=messages, shown=shown_order(task),
                 progress=services.project_progress(db, p), mine=services.user_progress(db, user, p),
                 lease_left_s=max(0, int(task.leased_until - time.time())))
+
+
+def shown_order(task: services.Task) -> list[tuple[services.TaskCandidate, bool]]:
+    """The candidates as the page lists them, each with "tied with the one above": a ranked
+    task shows its stored ranking (ties included), an open one this annotator's shuffle."""
+    by_id = {c.id: c for c in task.candidates}
+    if not task.order:
+        return [(c, False) for c in task.candidates]
+    out = [(by_id[cid], i > 0) for group in task.order for i, cid in enumerate(group) if cid in by_id]
+    listed = {c.id for c, _ in out}
+    return out + [(c, False) for c in task.candidates if c.id not in listed]
 
 
 @router.get("/invite/{token}", response_class=HTMLResponse)
@@ -120,21 +137,53 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
     try:
         services.accept_invite(db, token, username, password)
     except services.ServiceError as exc:
-        return page(request, "invite.html", status_code=exc.status_code, user=None, token=token, error=str(exc))
+        from annotation.app import http_status
+
+        return page(request, "invite.html", status_code=http_status(exc), user=None, token=token, error=str(exc))
     return page(request, "login.html", user=None, error=None, notice="Account created. Sign in.")
 
 
-@router.get("/admin/projects/{name}", response_class=HTMLResponse)
-def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser):
+FLAGGED_PER_PAGE = 20
+
+
+def _dashboard(request: Request, db, user, name: str, page_no: int, invite: str | None) -> HTMLResponse:
+    from annotation import charts
+
     p = services.get_project(db, name)
-    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=None)
+    d = services.dashboard(db, p)
+    pages = max(1, -(-len(d["flagged"]) // FLAGGED_PER_PAGE))
+    page_no = min(page_no, pages)
+    flagged = d["flagged"][(page_no - 1) * FLAGGED_PER_PAGE: page_no * FLAGGED_PER_PAGE]
+    return page(request, "dashboard.html", user=user, project=p, d=d, invite=invite, flagged=flagged,
+                page_no=page_no, pages=pages, progress_chart=charts.progress_line(d["timeline"], d["progress"]["target"]),
+                agreement_chart=charts.agreement_bars(d["annotators"]), quote=quote)
+
+
+@router.get("/admin/projects/{name}", response_class=HTMLResponse)
+def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser,
+                   page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1):
+    return _dashboard(request, db, user, name, page_no, None)
 
 
 @router.post("/admin/projects/{name}/invite", response_class=HTMLResponse)
 def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
     p = services.get_project(db, name)
-    link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator")
-    return page(request, "dashboard.html", user=user, project=p, d=services.dashboard(db, p), invite=link)
+    link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator", project=p)
+    return _dashboard(request, db, user, name, 1, link)
+
+
+@router.get("/admin/projects/{name}/prompts/{source_id:path}", response_class=HTMLResponse)
+def prompt_page(name: str, source_id: str, request: Request, db: SessionDep, user: AdminUser):
+    from annotation.app import http_status
+
+    p = services.get_project(db, name)
+    try:
+        detail = services.prompt_detail(db, p, source_id)
+    except services.ServiceError as exc:
+        raise HTTPException(http_status(exc), str(exc)) from None
+    content = detail["prompt"].content
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    return page(request, "prompt.html", user=user, project=p, messages=messages, **detail)
 
 
 @router.get("/favicon.ico")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+MAX_DB_INT = 2**31 - 1
+# Ids as the database stores them: a larger number could never name a row.
+DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT, strict=True)]
+Text = Annotated[str, Field(max_length=100_000)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields refused, and no coercion ("yes" is not true, "3" is not 3)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TokenCreate(_Strict):
@@ -32,10 +39,16 @@ class UserPublic(BaseModel):
     id: int
     username: str
     role: str
+    active: bool = True
+
+
+class MemberCreate(_Strict):
+    username: str = Field(max_length=64)
 
 
 class InviteCreate(_Strict):
     role: Literal["admin", "annotator"] = "annotator"
+    project: Optional[str] = Field(default=None, max_length=128, description="the new account joins this project")
 
 
 class InvitePublic(BaseModel):
@@ -60,19 +73,25 @@ class ProjectPublic(BaseModel):
 
 
 class CandidateCreate(_Strict):
-    text: str
-    model: Optional[str] = None
+    text: Text
+    model: Optional[str] = Field(default=None, max_length=255)
     sampling: dict[str, Any] = Field(default_factory=dict)
 
 
+class Message(_Strict):
+    role: str = Field(max_length=64)
+    content: Text
+
+
 class PromptCreate(_Strict):
-    prompt: str | list[dict[str, str]]
-    id: Optional[str] = Field(default=None, max_length=255)
-    candidates: list[str | CandidateCreate] = Field(default_factory=list, max_length=16)
+    prompt: Union[Text, list[Message]] = Field(description="text, or chat messages [{role, content}]")
+    id: Optional[str] = Field(default=None, min_length=1, max_length=255)
+    candidates: list[Union[Text, CandidateCreate]] = Field(
+        default_factory=list, max_length=16, description="none (generate later) or exactly the project's K")
 
 
 class PromptsCreate(_Strict):
-    prompts: list[PromptCreate] = Field(max_length=10_000)
+    prompts: list[PromptCreate] = Field(min_length=1, max_length=10_000)
 
 
 class ImportPublic(BaseModel):
@@ -99,13 +118,18 @@ class TaskPublic(BaseModel):
 
 
 class RankingCreate(_Strict):
-    order: list[Any] = Field(
+    # Checked by services.validate_order, whose messages name the wrong id (a union type
+    # here would answer with pydantic's less readable per-branch errors).
+    order: Annotated[list[Any], WithJsonSchema({
+        "type": "array", "minItems": 1, "maxItems": 16,
+        "items": {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 16}]},
+    })] = Field(
         description="groups of candidate ids, best first; ids in one group are tied, e.g. [[3], [1, 2], [4]]",
         max_length=16,
     )
     all_bad: bool = False
     rationale: Optional[str] = Field(default=None, max_length=2000)
-    time_spent_ms: Optional[int] = Field(default=None, ge=0)
+    time_spent_ms: Optional[int] = Field(default=None, ge=0, le=7 * 86400 * 1000)
 
 
 class SkipCreate(_Strict):

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_API_TOKEN_TTL_S = 30 * 86400.0
+
 
 @dataclass
 class Settings:
     db_url: str  # SQLAlchemy URL: sqlite:///file.db (default) or postgresql+psycopg://...
     max_body_bytes: int = 1 << 20  # request size limit for every route but imports
     max_import_bytes: int = 64 << 20  # request size limit for POST /api/projects/{p}/import
+    max_task_body_bytes: int = 64 << 10  # rankings and skips (K <= 16 ids, 2,000-character texts)
     session_ttl_s: float = 12 * 3600
-    login_max_failures: int = 5  # per username and client within login_window_s
+    api_token_ttl_s: float = DEFAULT_API_TOKEN_TTL_S
+    # Failed sign-ins, counted in the database: per username and client, 4x that per client,
+    # and at most 100 per account from anywhere (NIST SP 800-63B 5.2.2) within login_window_s.
+    login_max_failures: int = 5
     login_window_s: float = 300.0
     secure_cookies: bool = False  # set the Secure flag (serve behind HTTPS)

@@ -1,16 +1,21 @@
-"""Load + durability benchmark for the annotation app (issue 3 acceptance checks).
+"""Load and durability benchmark for the annotation app.
 
-N concurrent annotator clients (asyncio + httpx, one API token each) loop "next task" ->
-"submit" against a real `align annotate serve` process on 127.0.0.1 for D seconds.
-Prints submissions/s, p50/p99 latency of next-task and submit, and checks the database
-afterwards: every acknowledged (2xx) ranking present with its exact order, none twice,
-no prompt over its annotator count.
+Two phases against a real `align annotate serve` process on 127.0.0.1, each D seconds:
 
-With --kill-at T the server is killed with SIGKILL T seconds in, restarted on the same
-database, and the clients carry on; the same checks then prove durability.
+* closed loop: N annotator clients (asyncio + httpx, one API token each) loop "next task" ->
+  "submit" as fast as the server answers; gives the throughput ceiling.
+* open loop: the same N annotators start a ranking at Poisson arrival times, R rankings/s in
+  all, whatever the server does; latency is measured from the scheduled start (so a server
+  that falls behind shows it, no coordinated omission).
 
-    python bench/annotation_load.py --clients 50 --duration 60
-    python bench/annotation_load.py --clients 50 --duration 60 --kill-at 30
+Prints rankings/s and p50/p99 of next-task and submit per phase, then checks the database:
+every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
+its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
+open-loop phase (or the only phase run), restarted on the same database, and the clients
+carry on; the same checks then prove durability.
+
+    python bench/annotation_load.py --clients 50 --duration 30 --rate 200
+    python bench/annotation_load.py --phases open --duration 60 --kill-at 30
     python bench/annotation_load.py --db postgresql+psycopg://... (a fresh database)
 """
 
@@ -20,8 +25,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.annotation.conftest import ServerProcess, seed_database  # noqa: E402
+from annotation.devserver import ServerProcess, seed_database  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -41,91 +44,171 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100.0 * (len(values) - 1))))]
 
 
-async def client(name: str, token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random) -> None:
+def _order(task: dict, rng: random.Random) -> list:
+    ids = [x["id"] for x in task["candidates"]]
+    rng.shuffle(ids)
+    return [[ids[0], ids[1]]] + [[i] for i in ids[2:]] if rng.random() < 0.2 else [[i] for i in ids]
+
+
+async def one_ranking(c, url_ref: dict, stats: dict, rng: random.Random, t_start: float) -> str:
+    """next + submit; latencies from `t_start` (the scheduled start in the open loop).
+    Returns 'ok', 'exhausted' or 'error'."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+    base = url_ref["url"]
+    try:
+        r = await c.post(base + "/api/projects/load/next")
+        stats["next_ms"].append((time.perf_counter() - t_start) * 1000)
+        if r.status_code == 204:
+            return "exhausted"
+        if r.status_code != 200:
+            stats["errors"][f"next {r.status_code}"] += 1
+            return "error"
+        task = r.json()
+        order = _order(task, rng)
+        t0 = time.perf_counter()
+        s = await c.post(f"{base}/api/tasks/{task['id']}/ranking", json={"order": order, "time_spent_ms": 1000})
+        stats["submit_ms"].append((time.perf_counter() - t0) * 1000)
+        if s.status_code == 201:
+            stats["acked"].append((s.json()["id"], task["id"], order, time.time()))
+            return "ok"
+        stats["errors"][f"submit {s.status_code}"] += 1
+        return "error"
+    except (httpx.TransportError, httpx.RemoteProtocolError):
+        stats["errors"]["connection (server down)"] += 1
+        return "error"
+
+
+async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
         while time.time() < stop_at:
-            base = url_ref["url"]
-            try:
-                t0 = time.perf_counter()
-                r = await c.post(base + "/api/projects/load/next")
-                stats["next_ms"].append((time.perf_counter() - t0) * 1000)
-                if r.status_code == 204:
-                    stats["exhausted"] += 1
-                    return
-                if r.status_code != 200:
-                    stats["errors"][f"next {r.status_code}"] += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                task = r.json()
-                ids = [x["id"] for x in task["candidates"]]
-                rng.shuffle(ids)
-                order = [[ids[0], ids[1]]] + [[i] for i in ids[2:]] if rng.random() < 0.2 else [[i] for i in ids]
-                t0 = time.perf_counter()
-                s = await c.post(f"{base}/api/tasks/{task['id']}/ranking", json={"order": order, "time_spent_ms": 1000})
-                stats["submit_ms"].append((time.perf_counter() - t0) * 1000)
-                if s.status_code == 201:
-                    stats["acked"].append((s.json()["id"], task["id"], order, time.time()))
-                else:
-                    stats["errors"][f"submit {s.status_code}"] += 1
-            except (httpx.TransportError, httpx.RemoteProtocolError):
-                stats["errors"]["connection (server down)"] += 1
-                await asyncio.sleep(0.2)
+            res = await one_ranking(c, url_ref, stats, rng, time.perf_counter())
+            if res == "exhausted":
+                return
+            if res == "error":
+                await asyncio.sleep(0.1)
 
 
-async def run_clients(n: int, tokens: dict, url_ref: dict, duration: float, stats: dict) -> None:
-    stop_at = time.time() + duration
-    names = [f"ann{i:03d}" for i in range(n)]
-    await asyncio.gather(*(client(u, tokens[u], url_ref, stop_at, stats, random.Random(u)) for u in names))
+async def open_client(token: str, url_ref: dict, duration: float, rate: float, stats: dict, rng: random.Random) -> None:
+    """Rankings start at Poisson arrivals of `rate` per second; one at a time per annotator
+    (a person holds one task), so a late start waits for the previous one and counts it.
+    Arrivals still waiting when the phase ends are counted as not started."""
+    import httpx
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        t_perf, t_end = time.perf_counter(), time.perf_counter() + duration
+        next_at = t_perf + rng.expovariate(rate)
+        while next_at < t_end:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif time.perf_counter() > t_end + 5:  # the server fell behind: the backlog is not served
+                while next_at < t_end:
+                    stats["not_started"] += 1
+                    next_at += rng.expovariate(rate)
+                return
+            stats["scheduled"] += 1
+            if await one_ranking(c, url_ref, stats, rng, next_at) == "exhausted":
+                return
+            next_at += rng.expovariate(rate)
+
+
+def oversized_bodies(base: str, token: str) -> list[tuple[str, int, float]]:
+    """Time the refusal of ranking bodies built to burn server CPU: 1 MiB of ids, and just
+    under the 64 KiB task-body limit (about 9,000 ids for a K=4 task). Median of 5 each."""
+    import json
+
+    import httpx
+
+    out = []
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        task = c.post(base + "/api/projects/load/next").json()
+        ids = [x["id"] for x in task["candidates"]]
+        url = f"{base}/api/tasks/{task['id']}/ranking"
+        huge = json.dumps({"order": [list(range(1, 150_000))]}).encode()
+        n = 1
+        while len(json.dumps({"order": [ids * n]})) < 60_000:
+            n *= 2
+        near = json.dumps({"order": [ids * (n // 2)]}).encode()
+        for label, body in ((f"1 MiB ranking body ({len(huge)} bytes)", huge), (f"{len(near)}-byte body, {len(ids) * (n // 2)} ids", near)):
+            times, status = [], 0
+            for _ in range(5):
+                t0 = time.perf_counter()
+                r = c.post(url, content=body, headers={"content-type": "application/json"})
+                times.append((time.perf_counter() - t0) * 1000)
+                status = r.status_code
+            out.append((label, status, sorted(times)[2]))
+        c.post(f"{base}/api/tasks/{task['id']}/skip", json={"reason": "benchmark probe"})
+    return out
+
+
+def new_stats() -> dict:
+    return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--prompts", type=int, default=6000)
+    ap.add_argument("--clients", type=int, default=50, help="annotators (closed and open loop)")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds per phase")
+    ap.add_argument("--phases", default="closed,open", help="closed, open or closed,open")
+    ap.add_argument("--rate", type=float, default=200.0, help="open loop: rankings/s started in all")
+    ap.add_argument("--prompts", type=int, default=8000)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--annotators-per-prompt", type=int, default=3)
     ap.add_argument("--db", default=None, help="database URL (default: a new SQLite file in a temp dir)")
-    ap.add_argument("--kill-at", type=float, default=None, help="SIGKILL the server after this many seconds, then restart it")
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes")
+    ap.add_argument("--kill-at", type=float, default=None,
+                    help="SIGKILL the server this many seconds into the last phase, then restart it")
     args = ap.parse_args()
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not phases or any(p not in ("closed", "open") for p in phases):
+        ap.error("--phases takes closed, open or closed,open")
 
     tmp = Path(tempfile.mkdtemp(prefix="align-load-"))
     db_url = args.db or f"sqlite:///{tmp / 'load.db'}"
     users = [f"ann{i:03d}" for i in range(args.clients)]
     t0 = time.time()
     tokens = seed_database(db_url, n_prompts=args.prompts, k=args.k, annotators_per_prompt=args.annotators_per_prompt, users=users)
-    print(f"seeded {args.prompts} prompts x {args.k} candidates, {len(users)} annotators in {time.time() - t0:.1f} s ({db_url.split('@')[-1]})")
+    print(f"seeded {args.prompts} prompts x {args.k} candidates, {len(users)} annotators in {time.time() - t0:.1f} s "
+          f"({db_url.split('@')[-1]}); load average before: {os.getloadavg()[0]:.1f}")
 
-    server = ServerProcess(db_url, tmp / "server.log").start()
+    server = ServerProcess(db_url, tmp / "server.log", workers=args.workers).start()
     url_ref = {"url": server.url}
-    stats = {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "exhausted": 0}
-    killed_at = restarted_after = None
+    probes = oversized_bodies(server.url, tokens["admin"])
+    results: list[tuple[str, dict, float]] = []
+    kill_info: dict = {}
 
-    async def killer():
-        nonlocal killed_at, restarted_after
+    async def killer(stats: dict):
         await asyncio.sleep(args.kill_at)
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
-        killed_at = time.time()
-        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {len(stats['acked'])} rankings acknowledged so far")
+        server.kill9()
+        killed = time.time()
+        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {len(stats['acked'])} acknowledged in this phase so far")
         await asyncio.get_running_loop().run_in_executor(None, server.start)
-        restarted_after = time.time() - killed_at
-        print(f"server restarted in {restarted_after:.1f} s")
+        kill_info["restart_s"] = time.time() - killed
+        print(f"server restarted in {kill_info['restart_s']:.1f} s")
 
-    async def everything():
-        tasks = [run_clients(args.clients, tokens, url_ref, args.duration, stats)]
-        if args.kill_at is not None:
-            tasks.append(killer())
-        await asyncio.gather(*tasks)
+    async def phase(kind: str, stats: dict, kill: bool):
+        rngs = {u: random.Random(f"{kind}:{u}") for u in users}
+        if kind == "closed":
+            stop_at = time.time() + args.duration
+            jobs = [closed_client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in users]
+        else:
+            per_client = args.rate / len(users)
+            jobs = [open_client(tokens[u], url_ref, args.duration, per_client, stats, rngs[u]) for u in users]
+        if kill:
+            jobs.append(killer(stats))
+        await asyncio.gather(*jobs)
 
-    start = time.time()
     try:
-        asyncio.run(everything())
+        for i, kind in enumerate(phases):
+            stats = new_stats()
+            start = time.time()
+            asyncio.run(phase(kind, stats, args.kill_at is not None and i == len(phases) - 1))
+            results.append((kind, stats, time.time() - start))
+            print(f"{kind} loop done: {len(stats['acked'])} rankings in {results[-1][2]:.1f} s")
     finally:
-        elapsed = time.time() - start
         server.stop()
 
     # ---- verify against the database
@@ -136,28 +219,35 @@ def main() -> None:
     with sm() as db:
         rows = {r.id: r for r in db.query(RankingRow).all()}
     sm.kw["bind"].dispose()
-    acked = stats["acked"]
+    acked = [a for _k, st, _e in results for a in st["acked"]]
     missing = [a for a in acked if a[0] not in rows]
     wrong = [a for a in acked if a[0] in rows and (rows[a[0]].order != a[2] or rows[a[0]].assignment_id != a[1])]
     dup_ack = len(acked) - len({a[0] for a in acked})
     per_pair = Counter((r.prompt_id, r.user_id) for r in rows.values() if r.revision == 1)
-    per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1)
+    per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1 and not r.skipped)
     over = sum(1 for c in per_prompt.values() if c > args.annotators_per_prompt)
 
-    n_sub = len(acked)
     print()
-    print("| metric | value |")
+    print(f"database: {db_url.split(':')[0].split('+')[0]}; server workers: {args.workers}; {os.cpu_count()} CPU cores; "
+          f"load average after: {os.getloadavg()[0]:.1f}; {args.clients} annotators")
+    print()
+    print("| phase | duration | rankings/s | next p50 / p99 ms | submit p50 / p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind, st, elapsed in results:
+        label = "closed loop" if kind == "closed" else (
+            f"open loop, {args.rate:g}/s offered ({st['scheduled']} started, {st['not_started']} not started: server behind)")
+        print(f"| {label} | {elapsed:.1f} s | {len(st['acked']) / elapsed:.1f} | "
+              f"{pct(st['next_ms'], 50):.1f} / {pct(st['next_ms'], 99):.1f} | "
+              f"{pct(st['submit_ms'], 50):.1f} / {pct(st['submit_ms'], 99):.1f} | {dict(st['errors']) or 'none'} |")
+    print()
+    print("| check | value |")
     print("| --- | --- |")
-    print(f"| clients / duration | {args.clients} / {elapsed:.1f} s |")
-    print(f"| CPU cores | {os.cpu_count()} |")
-    print(f"| acknowledged submissions | {n_sub} |")
-    print(f"| submissions/s | {n_sub / elapsed:.1f} |")
-    print(f"| next-task latency p50 / p99 | {pct(stats['next_ms'], 50):.1f} / {pct(stats['next_ms'], 99):.1f} ms |")
-    print(f"| submit latency p50 / p99 | {pct(stats['submit_ms'], 50):.1f} / {pct(stats['submit_ms'], 99):.1f} ms |")
-    print(f"| errors | {dict(stats['errors']) or 'none'} |")
+    for label, status, ms in probes:
+        print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
     if args.kill_at is not None:
-        print(f"| kill -9 at / restart took | {args.kill_at:.0f} s / {restarted_after or float('nan'):.1f} s |")
-        print(f"| stored but never acknowledged (reply lost in the kill) | {len(rows) - n_sub} |")
+        print(f"| kill -9 at / restart took | {args.kill_at:.0f} s / {kill_info.get('restart_s', float('nan')):.1f} s |")
+        print(f"| stored but never acknowledged (reply lost in the kill) | {sum(not r.skipped for r in rows.values()) - len(acked)} |")
+    print(f"| acknowledged rankings | {len(acked)} |")
     print(f"| acknowledged rankings missing from DB | {len(missing)} |")
     print(f"| acknowledged rankings stored differently | {len(wrong)} |")
     print(f"| duplicated rankings (same annotator+prompt, or id acked twice) | {sum(c - 1 for c in per_pair.values()) + dup_ack} |")

@@ -1,4 +1,4 @@
-// Ranking widget for the task page (issue 3). No inline script: the CSP forbids it.
+// Ranking widget for the task page. No inline script: the CSP forbids it.
 // The list order is the ranking, best first; data-tie="1" on a card ties it with the card above.
 (function () {
   "use strict";
@@ -26,7 +26,7 @@
       if (i === 0) c.dataset.tie = "0";
       if (i > 0 && c.dataset.tie !== "1") rank++;
       var tied = c.dataset.tie === "1";
-      c.querySelector(".rank-label").textContent = "#" + (rank + 1);
+      c.querySelector(".rank-label").textContent = "#" + (rank + 1) + (rank === 0 ? " best" : "");
       c.querySelector(".tie-label").hidden = !tied;
       c.classList.toggle("tied", tied);
       c.setAttribute("aria-label", "Response at rank " + (rank + 1) + (tied ? ", tied with the one above" : ""));
@@ -191,6 +191,21 @@
       return goNext();
     });
   });
+
+  // --- lease countdown: how long this task stays held for this annotator
+  var lease = document.getElementById("lease");
+  if (lease) {
+    var until = Date.now() + parseInt(lease.dataset.secondsLeft, 10) * 1000;
+    var tick = function () {
+      var left = Math.max(0, Math.round((until - Date.now()) / 1000));
+      var m = Math.floor(left / 60), s = left % 60;
+      lease.textContent = left > 0 ? "held for you: " + m + ":" + (s < 10 ? "0" : "") + s
+                                   : "lease expired: submit soon, another annotator may take this task";
+      lease.classList.toggle("expiring", left < 60);
+      if (left > 0) window.setTimeout(tick, 1000);
+    };
+    tick();
+  }
 
   relabel();
   var first = cards()[0];

@@ -4,18 +4,13 @@ when ALIGN_TEST_DATABASE_URL is set), users with tokens, and a real server proce
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from annotation.devserver import PASSWORD, REPO, ServerProcess, free_port, seed_database  # noqa: F401
+
 PG_URL = os.environ.get("ALIGN_TEST_DATABASE_URL")
-PASSWORD = "correct horse battery"
 
 
 def _reset_postgres(url: str) -> None:
@@ -45,6 +40,7 @@ class Env:
     client: object  # fastapi.testclient.TestClient
     sessionmaker: object
     admin_token: str
+    team: list = field(default_factory=list)  # annotators made members of every project
 
     def db(self):
         return self.sessionmaker()
@@ -52,12 +48,17 @@ class Env:
     def headers(self, token: str) -> dict:
         return {"Authorization": f"Bearer {token}"}
 
-    def annotator(self, name: str) -> str:
-        """Create an annotator and return an API token for it."""
+    def annotator(self, name: str, member_of_all: bool = True) -> str:
+        """Create an annotator (a member of every project so far, and of those `project`
+        creates later) and return an API token for it."""
         from annotation import services
 
         with self.db() as db:
             user = services.create_user(db, name, PASSWORD)
+            if member_of_all:
+                self.team.append(name)
+                for p in services.list_projects(db):
+                    services.add_member(db, p, user)
             return services.issue_api_token(db, user)
 
     def project(self, name="p", n_prompts=3, k=3, annotators=1, **kw) -> None:
@@ -70,6 +71,8 @@ class Env:
                 db, p,
                 [PromptRecord(f"prompt {i}?", f"q{i}", [Candidate(f"answer {i}.{j}", "m") for j in range(k)]) for i in range(n_prompts)],
             )
+            for name in self.team:
+                services.add_member(db, p, services.get_user(db, name))
 
     def counts(self) -> dict:
         """Row counts that must not move when a request is refused."""
@@ -100,79 +103,3 @@ def env(db_url) -> Env:
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield Env(client, app.state.sessionmaker, token)
     app.state.engine.dispose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`align annotate serve` in a child process on 127.0.0.1."""
-
-    def __init__(self, db_url: str, log: Path):
-        self.db_url, self.port, self.log = db_url, free_port(), log
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
-        import httpx
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "align", "annotate", "serve", "--db", self.db_url, "--port", str(self.port),
-             "--log-level", "warning"],
-            cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not come up")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def seed_database(db_url: str, *, n_prompts: int, k: int, annotators_per_prompt: int, users: list[str],
-                  xss: bool = False, lease_seconds: int = 900) -> dict[str, str]:
-    """Create project 'load' with prompts and candidates, an admin and annotators; return {user: token}."""
-    from align.formats import Candidate, PromptRecord
-    from annotation import services
-    from annotation.db import open_db
-
-    sm = open_db(db_url)
-    tokens = {}
-    with sm() as db:
-        p = services.create_project(db, "load", k=k, annotators_per_prompt=annotators_per_prompt,
-                                    guidelines="Rank **helpful** answers first.\n\n- be fair\n- ties are fine",
-                                    lease_seconds=lease_seconds)
-        recs = []
-        for i in range(n_prompts):
-            cands = [Candidate(f"Answer {j} to question {i}.\n\n- point one\n- point two\n\n```python\nprint({j})\n```", "demo")
-                     for j in range(k)]
-            if xss and i == 0:
-                cands[0] = Candidate("<img src=x onerror=alert(1)>", "demo")
-                cands[1] = Candidate("<script>window.__xss = 1</script>", "demo")
-            recs.append(PromptRecord(f"Question {i}: how do I *do* thing {i}?", f"q{i}", cands))
-        services.add_prompts(db, p, recs)
-        admin = services.create_user(db, "admin", PASSWORD, "admin")
-        tokens["admin"] = services.issue_api_token(db, admin)
-        for name in users:
-            tokens[name] = services.issue_api_token(db, services.create_user(db, name, PASSWORD))
-    sm.kw["bind"].dispose()
-    return tokens

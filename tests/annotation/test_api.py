@@ -322,11 +322,11 @@ def test_admin_dashboard_page_and_invite_flow(env):
     assert form.status_code == 200
     short = c.post(path, data={"username": "newbie", "password": "short", "csrf_token": _csrf(form.text)})
     assert short.status_code == 422 and "at least 8" in short.text
-    made = c.post(path, data={"username": "newbie", "password": "newbie password", "csrf_token": _csrf(form.text)})
+    made = c.post(path, data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(form.text)})
     assert made.status_code == 200 and "Account created" in made.text
     assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 404
     # the new annotator signs in and cannot open the admin page
-    c.post("/login", data={"username": "newbie", "password": "newbie password", "csrf_token": _csrf(c.get("/").text)})
+    c.post("/login", data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(c.get("/").text)})
     assert "Start ranking" in c.get("/").text
     assert c.get("/admin/projects/p", headers={"accept": "text/html"}).status_code == 403
 

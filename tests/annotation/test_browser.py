@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
     tmp = tmp_path_factory.mktemp("browser")
     db_url = f"sqlite:///{tmp / 'browser.db'}"
-    seed_database(db_url, n_prompts=20, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave", "erin"])
+    seed_database(db_url, n_prompts=20, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave", "erin", "frank"])
     from align.formats import Candidate, PromptRecord
     from annotation import services
     from annotation.db import open_db
@@ -37,10 +37,47 @@ def server(tmp_path_factory):
             [Candidate("<img src=x onerror=alert(1)>"), Candidate("<script>window.__xss = 1; alert(2)</script>"),
              Candidate("A safe answer with `code` and\n\n1. a list\n2. items")],
         )])
+        services.add_member(db, p, services.get_user(db, "dave"))
+        odd = services.create_project(db, "a#b?c %2F", k=2)
+        services.add_prompts(db, odd, [PromptRecord("Which is better?", "o0", [Candidate("this"), Candidate("that")])])
+        services.add_member(db, odd, services.get_user(db, "frank"))
+        crowd_project(db)
     sm.kw["bind"].dispose()
     srv = ServerProcess(db_url, tmp / "server.log").start()
     yield srv
     srv.stop()
+
+
+def crowd_project(db) -> None:
+    """Project "crowd": 60 prompts ranked by 3 of 8 simulated annotators each, one of whom
+    ranks against the others; some skips and all-bad marks, so prompts are flagged."""
+    import random
+
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    p = services.create_project(db, "crowd", k=4, annotators_per_prompt=3)
+    services.add_prompts(db, p, [PromptRecord(f"Crowd question {i}?", f"c{i:03d}",
+                                              [Candidate(f"answer {j} to {i}") for j in range(4)]) for i in range(60)])
+    rng = random.Random(0)
+    team = [services.create_user(db, f"sim-{n}", None) for n in ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal")]
+    active = list(team)
+    while active:
+        for user in list(active):
+            task = services.next_task(db, user, p)
+            if task is None:
+                active.remove(user)
+                continue
+            by_text = sorted(task.candidates, key=lambda c: c.text, reverse=user.username == "sim-hal")
+            ids = [c.id for c in by_text]
+            if rng.random() < 0.25:
+                i = rng.randrange(3)
+                ids[i], ids[i + 1] = ids[i + 1], ids[i]
+            if rng.random() < 0.05:
+                services.skip_task(db, user, task.assignment_id, "off-topic prompt")
+                continue
+            services.submit_ranking(db, user, task.assignment_id, [[i] for i in ids], all_bad=rng.random() < 0.05,
+                                    time_spent_ms=rng.randrange(5_000, 60_000))
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +256,81 @@ def test_admin_dashboard(page, server):
     page.goto(server.url + "/")
     shot(page, "00-login")
     login(page, server, "admin")
-    page.click("text=Dashboard >> nth=0")
+    page.locator("li.card:has(h2:text-is('load')) a:has-text('Dashboard')").click()
     page.wait_for_selector("text=Krippendorff")
     assert page.locator("td", has_text="alice").count() == 1  # alice ranked in earlier tests
     page.click("text=Create invite link")
     assert "/invite/" in page.locator("#invite-link").inner_text()
     shot(page, "06-dashboard")
+
+
+def test_finished_task_shows_its_stored_ranking_with_ties(page, server):
+    login(page, server, "frank")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(3).locator("button.tie").click()  # tie the last two
+    page.locator("#ranking li.cand").nth(0).locator("button.mv-down").click()  # and swap the first two
+    expected = dom_order(page)
+    assert len(expected) == 3 and len(expected[2]) == 2
+    submit_and_wait_next(page, task_id)
+    assert stored(server, task_id) == [(expected, False, False)]
+    page.goto(f"{server.url}/tasks/{task_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == expected  # the stored ranking, not the original shuffle
+    assert page.locator("#ranking li.cand").nth(3).locator(".tie-label").is_visible()
+    assert [page.locator("#ranking li.cand").nth(i).locator(".rank-label").inner_text() for i in range(4)] == \
+        ["#1 best", "#2", "#3", "#3"]
+    assert "revision 2" in page.locator("#stored-notice").inner_text()
+    assert page.locator("#lease").count() == 0
+    shot(page, "07-finished-task-stored-ranking")
+
+
+def test_rank_legend_and_lease_countdown(page, server):
+    login(page, server, "frank")
+    start(page)
+    assert "#1 is the best" in page.locator("#rank-legend").inner_text()
+    first = page.locator("#lease").inner_text()
+    assert first.startswith("held for you: ")
+    for _ in range(50):  # the countdown ticks every second (polled: the CSP forbids evaluated predicates)
+        page.wait_for_timeout(100)
+        if page.locator("#lease").inner_text() != first:
+            break
+    assert page.locator("#lease").inner_text() != first
+    minutes, seconds = page.locator("#lease").inner_text().split(": ")[1].split(":")
+    assert 0 < int(minutes) * 60 + int(seconds) <= 900
+
+
+def test_project_names_with_hash_and_question_mark(page, server):
+    login(page, server, "frank")
+    task_id = start(page, "a#b?c %2F")
+    assert page.locator("#task").get_attribute("data-project") == "a#b?c %2F"
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    page.click("#submit")
+    page.wait_for_url("**/done", timeout=10_000)  # the only prompt: on to the project's done page
+    assert "a#b?c %2F" in page.locator("main").inner_text()
+    assert len(stored(server, task_id)) == 1
+
+
+def test_dashboard_charts_paged_flagged_and_prompt_page(page, server):
+    login(page, server, "admin")
+    page.goto(server.url + "/admin/projects/crowd")
+    page.wait_for_selector("#progress-chart")
+    assert page.locator("#progress-chart path").count() == 1
+    bars = page.locator("#agreement-chart rect")
+    assert bars.count() == 8
+    assert "sim-hal" in page.locator("#agreement-chart text").nth(0).text_content()  # the outlier sorts first
+    flagged = page.locator("ul.flagged li")
+    assert 1 <= flagged.count() <= 20
+    total = int(page.locator("h2:has-text('Flagged prompts') .muted").inner_text().strip("()"))
+    assert total > 20 and page.locator("nav.pager a[rel=next]").count() == 1
+    shot(page, "08-dashboard-charts")
+    page.click("nav.pager a[rel=next]")
+    page.wait_for_url("**?page=2")
+    assert page.locator("nav.pager").inner_text().startswith("← previous")
+    link = page.locator("ul.flagged li a").first
+    pid = link.inner_text()
+    link.click()
+    page.wait_for_selector("#prompt-rankings")
+    assert pid in page.locator("h1").inner_text()
+    heads = page.locator("#prompt-rankings tr").first.locator("th").all_inner_texts()
+    assert len(heads) == 1 + 3 and all(h.startswith("sim-") for h in heads[1:])
+    shot(page, "09-flagged-prompt")

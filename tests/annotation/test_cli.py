@@ -80,7 +80,7 @@ def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch)
 
     with open_db(db)() as s:
         assert services.user_for_token(s, token).username == "ann"
-        user = services.accept_invite(s, link.rsplit("/", 1)[1], "newbie", "newbie password")
+        user = services.accept_invite(s, link.rsplit("/", 1)[1], "newbie", "a fresh key phrase")
         assert user.role == "annotator"
         with pytest.raises(services.NotFound):  # one use only
             services.accept_invite(s, link.rsplit("/", 1)[1], "again", "another password")
@@ -90,7 +90,7 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     db = f"sqlite:///{tmp_path / 'g.db'}"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "tell me a joke", "what is tea"]) + "\n")
-    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts"], capsys)
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "3"], capsys)
     out = ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3",
               "--max-new-tokens", "8"], capsys)
     assert "3 candidates generated for 3 prompts" in out
@@ -106,3 +106,55 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
         assert services.project_progress(s, project)["rankable_prompts"] == 3
     # a second run has nothing left to do
     assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
+
+
+def _projects(db_file) -> list:
+    import sqlite3
+
+    if not db_file.exists():
+        return []
+    with sqlite3.connect(db_file) as con:
+        try:
+            return [r[0] for r in con.execute("select name from projects")]
+        except sqlite3.OperationalError:
+            return []
+
+
+@pytest.mark.parametrize("name,content,word", [
+    ("latin1.jsonl", '{"prompt": "caf\xe9?"}\n'.encode("latin-1"), "not UTF-8"),
+    ("empty.jsonl", b"", "no records"),
+    ("truncated.jsonl.gz", None, "truncated gzip"),
+    ("bad.jsonl", b'{"prompt": \n', "not valid JSON"),
+])
+def test_unreadable_import_files_exit_2_with_one_line_and_create_nothing(tmp_path, capsys, name, content, word):
+    import gzip
+
+    db_file = tmp_path / "c.db"
+    path = tmp_path / name
+    if content is None:
+        content = gzip.compress(b'{"prompt": "hello there"}\n' * 200)[:-30]
+    path.write_bytes(content)
+    code, text = run(["annotate", "import", str(path), "--db", f"sqlite:///{db_file}", "-p", "x", "-f", "prompts"], capsys)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and word in text and "Traceback" not in text, text
+    assert _projects(db_file) == []
+
+
+def test_guidelines_not_utf8_exit_2(tmp_path, capsys):
+    g = tmp_path / "g.md"
+    g.write_bytes("Rank \xe9".encode("latin-1"))
+    db_file = tmp_path / "c.db"
+    code, text = run(["annotate", "create-project", "x", "--db", f"sqlite:///{db_file}", "--guidelines", str(g)], capsys)
+    assert code == 2 and "not UTF-8" in text and len(text.strip().splitlines()) == 1, text
+    assert _projects(db_file) == []
+
+
+def test_export_into_missing_folder_or_onto_folder_exit_2(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    for out, word in ((tmp_path / "missing" / "x.jsonl", "does not exist"), (tmp_path, "is a folder")):
+        code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out)], capsys)
+        assert code == 2 and word in text and len(text.strip().splitlines()) == 1, text
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "missing").exists()

@@ -1,4 +1,4 @@
-"""Real OpenAssistant and HH-RLHF data through import -> database -> export (issue 3 acceptance)."""
+"""Real OpenAssistant and HH-RLHF data through import -> database -> export."""
 
 from __future__ import annotations
 

@@ -1,0 +1,149 @@
+"""The annotation service layer: plain functions over a SQLAlchemy `Session`, by resource.
+
+Routes are thin wrappers around these, and `align demo` calls them directly so simulated
+annotators rank through the same code path as people in the browser. Every function that
+changes data commits its own unit of work; errors are the domain errors of
+`annotation.services.errors`, which the web layer maps to HTTP statuses and the CLI prints
+as one line.
+
+    users     accounts, API tokens, browser sessions, invites, throttled sign-in
+    projects  projects and their members
+    imports   adding prompts and candidates, importing files
+    rankings  task leasing, submitting, revising and skipping rankings
+    reports   exports, progress and the dashboard
+"""
+
+from align.errors import UserError
+from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled
+from annotation.services.imports import (
+    IMPORT_FORMATS,
+    MAX_TEXT,
+    ImportReport,
+    add_candidates,
+    add_prompts,
+    import_file,
+    import_rankings,
+    prompts_without_candidates,
+    read_records,
+)
+from annotation.services.projects import (
+    MAX_CANDIDATES,
+    add_member,
+    create_project,
+    get_or_create_project,
+    get_project,
+    is_member,
+    list_projects,
+    members,
+    project_for,
+    remove_member,
+)
+from annotation.services.rankings import (
+    MAX_DB_INT,
+    MAX_REASON,
+    Task,
+    TaskCandidate,
+    get_task,
+    next_task,
+    order_to_ranks,
+    ranks_to_order,
+    release_expired_leases,
+    revise_ranking,
+    skip_task,
+    submit_ranking,
+    validate_order,
+)
+from annotation.services.reports import (
+    EXPORT_FORMATS,
+    dashboard,
+    export_rankings,
+    export_rows,
+    latest_rankings,
+    prompt_detail,
+    timeline,
+    project_progress,
+    user_progress,
+)
+from annotation.services.users import (
+    accept_invite,
+    authenticate,
+    close_web_session,
+    create_invite,
+    create_user,
+    get_user,
+    issue_api_token,
+    list_users,
+    open_web_session,
+    revoke_api_token,
+    set_active,
+    set_password,
+    sign_in,
+    user_for_session,
+    user_for_token,
+)
+
+__all__ = [
+    "Conflict",
+    "EXPORT_FORMATS",
+    "Forbidden",
+    "IMPORT_FORMATS",
+    "ImportReport",
+    "Invalid",
+    "MAX_CANDIDATES",
+    "MAX_DB_INT",
+    "MAX_REASON",
+    "MAX_TEXT",
+    "NotFound",
+    "ServiceError",
+    "Task",
+    "TaskCandidate",
+    "Throttled",
+    "UserError",
+    "accept_invite",
+    "add_candidates",
+    "add_member",
+    "add_prompts",
+    "authenticate",
+    "close_web_session",
+    "create_invite",
+    "create_project",
+    "create_user",
+    "dashboard",
+    "export_rankings",
+    "export_rows",
+    "get_or_create_project",
+    "get_project",
+    "get_task",
+    "get_user",
+    "import_file",
+    "import_rankings",
+    "is_member",
+    "issue_api_token",
+    "latest_rankings",
+    "list_projects",
+    "list_users",
+    "members",
+    "next_task",
+    "open_web_session",
+    "order_to_ranks",
+    "project_for",
+    "project_progress",
+    "prompt_detail",
+    "prompts_without_candidates",
+    "ranks_to_order",
+    "read_records",
+    "release_expired_leases",
+    "remove_member",
+    "revise_ranking",
+    "revoke_api_token",
+    "set_active",
+    "set_password",
+    "sign_in",
+    "skip_task",
+    "submit_ranking",
+    "timeline",
+    "user_for_session",
+    "user_for_token",
+    "user_progress",
+    "validate_order",
+]

@@ -1,0 +1,35 @@
+"""Domain errors of the service layer. They say what is wrong in words a user can act on;
+the web layer maps each kind to an HTTP status (annotation.app.HTTP_STATUS) and the CLI
+prints the message as one line (they are `UserError`s)."""
+
+from __future__ import annotations
+
+from align.errors import UserError
+
+
+class ServiceError(UserError):
+    """Base of every error a service function raises on purpose."""
+
+
+class NotFound(ServiceError):
+    """The named thing does not exist (or is not visible to this user)."""
+
+
+class Forbidden(ServiceError):
+    """The user may not do this."""
+
+
+class Conflict(ServiceError):
+    """The request clashes with the current state (already exists, already submitted)."""
+
+
+class Invalid(ServiceError):
+    """The input itself is wrong (type, range, length, content)."""
+
+
+class Throttled(ServiceError):
+    """Too many failed attempts; `retry_after` seconds until the next is allowed."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

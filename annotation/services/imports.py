@@ -1,0 +1,254 @@
+"""Adding prompts and candidates, and importing files of prompts or existing rankings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from align.errors import UserError
+from align.formats import Candidate as CandidateIn
+from align.formats import PromptRecord, Ranking
+from annotation.models import Candidate, Project, Prompt, RankingRow, User
+from annotation.services._tx import unit_of_work
+from annotation.services.errors import Conflict, Invalid
+from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
+from annotation.services.rankings import clean_optional_text, ranks_to_order
+from annotation.services.users import _new_user
+
+IMPORT_FORMATS = ("oasst", "hh", "trl", "prompts", "kwise")
+MAX_TEXT = 100_000  # characters in one prompt or candidate
+
+
+@dataclass
+class ImportReport:
+    prompts_added: int = 0
+    candidates_added: int = 0
+    rankings_added: int = 0
+    duplicates_skipped: int = 0
+
+
+def _check_text(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise Invalid(f"{what} must be a string")
+    if len(text) > MAX_TEXT:
+        raise Invalid(f"{what} is longer than {MAX_TEXT} characters")
+    if "\x00" in text:
+        raise Invalid(f"{what} contains a NUL character")
+    return text
+
+
+def _check_prompt(content: Any, what: str) -> Any:
+    if isinstance(content, str):
+        if not content.strip():
+            raise Invalid(f"{what} is empty")
+        return _check_text(content, what)
+    if isinstance(content, list) and content and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in content
+    ):
+        return [{"role": _check_text(m["role"], what), "content": _check_text(m["content"], what)} for m in content]
+    raise Invalid(f"{what} must be text or a list of {{role, content}} messages")
+
+
+def _check_id(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 255 or "\x00" in value:
+        raise Invalid(f"{what} must be 1-255 characters")
+    return value
+
+
+def _existing_source_ids(db: Session, project: Project, ids: Iterable[str]) -> set[str]:
+    ids = list(ids)
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        found.update(
+            db.scalars(select(Prompt.source_id).where(Prompt.project_id == project.id, Prompt.source_id.in_(ids[i : i + 500])))
+        )
+    return found
+
+
+def _new_prompt(project: Project, source_id: str, content: Any, cands: list[CandidateIn], now: float) -> Prompt:
+    if len(cands) > MAX_CANDIDATES:
+        raise Invalid(f"prompt {source_id!r} has {len(cands)} candidates; at most {MAX_CANDIDATES}")
+    prompt = Prompt(
+        project_id=project.id, source_id=source_id, content=content, n_candidates=len(cands),
+        slots_taken=0, done_count=0, created_at=now,
+    )
+    prompt.candidates = [
+        Candidate(position=i, text=_check_text(c.text, f"candidate {i} of prompt {source_id!r}"),
+                  model=_check_id(c.model, "candidate model"), sampling=_sampling(c.sampling), source_id=None)
+        for i, c in enumerate(cands)
+    ]
+    return prompt
+
+
+def _sampling(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid("candidate sampling must be an object")
+    return dict(value)
+
+
+@unit_of_work
+def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> ImportReport:
+    """Add prompts, each with no candidates (to generate later) or exactly the project's K.
+    Prompts whose id is already in the project are skipped, so importing the same file
+    twice adds nothing. All or nothing: one bad record and none is added."""
+    report = ImportReport()
+    now = time.time()
+    from align.formats import content_id
+
+    keyed = []
+    for i, rec in enumerate(records):
+        content = _check_prompt(rec.prompt, f"prompt {i + 1}")
+        sid = _check_id(rec.prompt_id, f"id of prompt {i + 1}") or content_id("p", content)
+        if rec.candidates and len(rec.candidates) != project.k:
+            raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; project {project.name!r} ranks "
+                          f"K={project.k} (send exactly {project.k}, or none to generate them later)")
+        keyed.append((sid, content, rec))
+    seen = _existing_source_ids(db, project, [s for s, _, _ in keyed])
+    for sid, content, rec in keyed:
+        if sid in seen:
+            report.duplicates_skipped += 1
+            continue
+        seen.add(sid)
+        db.add(_new_prompt(project, sid, content, rec.candidates, now))
+        report.prompts_added += 1
+        report.candidates_added += len(rec.candidates)
+    db.commit()
+    return report
+
+
+@unit_of_work
+def add_candidates(db: Session, prompt: Prompt, texts: list[str], model: str | None = None, sampling: dict | None = None) -> None:
+    """Attach generated candidates to a prompt that has none yet (`align annotate generate`)."""
+    if prompt.n_candidates:
+        raise Conflict(f"prompt {prompt.source_id!r} already has candidates")
+    k = db.scalar(select(Project.k).where(Project.id == prompt.project_id))
+    if len(texts) != k:
+        raise Invalid(f"need exactly K={k} candidates for prompt {prompt.source_id!r}, got {len(texts)}")
+    for i, t in enumerate(texts):
+        db.add(Candidate(prompt_id=prompt.id, position=i, text=_check_text(t, "candidate"), model=model, sampling=dict(sampling or {})))
+    db.execute(Prompt.__table__.update().where(Prompt.id == prompt.id).values(n_candidates=len(texts)))
+    prompt.n_candidates = len(texts)
+    db.commit()
+
+
+@unit_of_work
+def prompts_without_candidates(db: Session, project: Project) -> list[Prompt]:
+    return list(db.scalars(select(Prompt).where(Prompt.project_id == project.id, Prompt.n_candidates == 0).order_by(Prompt.id)))
+
+
+def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
+    if name not in cache:
+        user = db.scalar(select(User).where(User.username == name))
+        if user is None:
+            user = _new_user(db, name, None, role="source")
+        cache[name] = user
+    return cache[name]
+
+
+@unit_of_work
+def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
+    """Store existing preference data: each Ranking becomes a prompt with its candidates and
+    one ranking row by the (non-login) user named after its annotator or the source.
+    All or nothing."""
+    report = ImportReport()
+    now = time.time()
+    from align.formats import content_id
+
+    users: dict[str, User] = {}
+    seen = _existing_source_ids(db, project, [r.prompt_id for r in rankings if isinstance(r.prompt_id, str)])
+    for i, r in enumerate(rankings):
+        content = _check_prompt(r.prompt, f"ranking {i + 1} prompt")
+        sid = _check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
+        if sid in seen:
+            report.duplicates_skipped += 1
+            continue
+        seen.add(sid)
+        if len(r.responses) < 2:
+            raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
+        meta = r.meta or {}
+        all_bad = meta.get("all_bad", False)
+        if not isinstance(all_bad, bool):
+            raise Invalid(f"ranking {sid!r}: all_bad must be true or false")
+        rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
+        prompt = _new_prompt(project, sid, content, [CandidateIn(t) for t in r.responses], now)
+        for c, cid in zip(prompt.candidates, meta.get("candidate_ids") or []):
+            c.source_id = None if cid is None else _check_id(str(cid), "candidate id")
+        prompt.slots_taken = prompt.done_count = 1
+        db.add(prompt)
+        db.flush()
+        annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
+        user = _source_user(db, annotator, users)
+        ids = [c.id for c in prompt.candidates]
+        db.add(
+            RankingRow(
+                project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
+                order=ranks_to_order(ids, r.ranks), all_bad=all_bad, skipped=False,
+                rationale=rationale, time_spent_ms=None, created_at=now,
+            )
+        )
+        report.prompts_added += 1
+        report.candidates_added += len(ids)
+        report.rankings_added += 1
+    db.commit()
+    return report
+
+
+def read_records(fmt: str, path: Any) -> list:
+    """Read FILE in `fmt`; every problem (missing, not UTF-8, damaged gzip, bad line, no
+    records) becomes one Invalid naming it."""
+    import gzip
+    import zlib
+
+    from align import formats
+
+    if fmt not in IMPORT_FORMATS:
+        raise Invalid(f"unknown import format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
+    reader = {"prompts": formats.read_prompts, "oasst": formats.read_oasst, "hh": formats.read_hh,
+              "trl": formats.read_trl_pairs, "kwise": formats.read_kwise}[fmt]
+    try:
+        records = reader(path)
+    except UnicodeDecodeError as exc:
+        raise Invalid(f"{path}: not UTF-8 text (byte {exc.start} of the decoded stream); save it as UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise Invalid(f"{path}: damaged or truncated gzip file ({exc or type(exc).__name__})") from None
+    except UserError as exc:
+        raise Invalid(str(exc)) from None
+    except (OSError, RecursionError) as exc:
+        raise Invalid(f"{path}: cannot be read ({exc})") from None
+    if not records:
+        raise Invalid(f"{path}: no records (the file is empty); nothing imported")
+    return records
+
+
+@unit_of_work
+def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
+    """`align annotate import`: read FILE in `fmt` into the project (created if missing).
+    The file is read and checked before anything is created."""
+    records = read_records(fmt, path)
+    if fmt == "prompts":
+        ks = {len(r.candidates) for r in records if r.candidates}
+        if len(ks) > 1:
+            raise Invalid(f"{path}: prompts have different numbers of candidates {sorted(ks)}; a project ranks one K")
+        project_kwargs.setdefault("k", ks.pop() if ks else 4)
+    else:
+        project_kwargs.setdefault("k", min(MAX_CANDIDATES, max(2, max(len(r.responses) for r in records))))
+    existed = db.scalar(select(Project.id).where(Project.name == project_name)) is not None
+    project = get_or_create_project(db, project_name, **project_kwargs)
+    try:
+        if fmt == "prompts":
+            return add_prompts(db, project, records)
+        return import_rankings(db, project, records, source=fmt)
+    except BaseException:
+        if not existed:  # the import added nothing (all or nothing): leave no empty project behind
+            db.rollback()
+            db.execute(Project.__table__.delete().where(Project.id == project.id))
+            db.commit()
+        raise

@@ -1,0 +1,123 @@
+"""Projects and their members."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import delete, exists, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from annotation.models import Project, ProjectMember, User
+from annotation.services._tx import insert_unique, read_only, unit_of_work
+from annotation.services.errors import Conflict, Invalid, NotFound
+
+MAX_CANDIDATES = 16
+
+
+def check_project_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise Invalid("project name must be text")
+    name = name.strip()
+    if not name or len(name) > 128 or "/" in name or any(not ch.isprintable() for ch in name):
+        raise Invalid("project name must be 1-128 printable characters without '/'")
+    return name
+
+
+@unit_of_work
+def create_project(
+    db: Session,
+    name: str,
+    *,
+    k: int = 4,
+    annotators_per_prompt: int = 1,
+    guidelines: str = "",
+    lease_seconds: int = 900,
+) -> Project:
+    name = check_project_name(name)
+    for what, value, lo, hi in (("k", k, 2, MAX_CANDIDATES), ("annotators_per_prompt", annotators_per_prompt, 1, 100),
+                                ("lease_seconds", lease_seconds, 10, 7 * 86400)):
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise Invalid(f"{what} must be an integer between {lo} and {hi}, got {value!r}")
+    if not isinstance(guidelines, str) or len(guidelines) > 100_000 or "\x00" in guidelines:
+        raise Invalid("guidelines must be text of at most 100000 characters, without NUL characters")
+    if db.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise Conflict(f"project {name!r} already exists")
+    project = Project(
+        name=name, guidelines=guidelines or "", k=k, annotators_per_prompt=annotators_per_prompt,
+        lease_seconds=lease_seconds, created_at=time.time(),
+    )
+    return insert_unique(db, project, f"project {name!r} already exists")
+
+
+@read_only
+def get_project(db: Session, name: str) -> Project:
+    project = db.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        raise NotFound(f"no project {name!r}")
+    return project
+
+
+@read_only
+def project_for(db: Session, user: User, name: str) -> Project:
+    """The project as `user` may see it: admins see every project, others only those they
+    are members of (anything else is reported as not found, so names do not leak)."""
+    if user.role == "admin":
+        row = db.execute(select(Project, True).where(Project.name == name)).first()
+    else:
+        row = db.execute(select(Project, ProjectMember.user_id).outerjoin(
+            ProjectMember, (ProjectMember.project_id == Project.id) & (ProjectMember.user_id == user.id))
+            .where(Project.name == name)).first()
+    if row is None or row[1] is None:
+        raise NotFound(f"no project {name!r}")
+    return row[0]
+
+
+@unit_of_work
+def get_or_create_project(db: Session, name: str, **kwargs: Any) -> Project:
+    project = db.scalar(select(Project).where(Project.name == name))
+    return project if project is not None else create_project(db, name, **kwargs)
+
+
+@read_only
+def list_projects(db: Session, user: User | None = None) -> list[Project]:
+    """All projects, or those `user` may see (admins: all; others: their memberships)."""
+    q = select(Project).order_by(Project.name)
+    if user is not None and user.role != "admin":
+        q = q.where(exists().where(ProjectMember.project_id == Project.id, ProjectMember.user_id == user.id))
+    return list(db.scalars(q))
+
+
+@read_only
+def is_member(db: Session, project: Project, user: User) -> bool:
+    return db.scalar(select(ProjectMember.user_id).where(
+        ProjectMember.project_id == project.id, ProjectMember.user_id == user.id)) is not None
+
+
+@unit_of_work
+def add_member(db: Session, project: Project, user: User) -> bool:
+    """Make `user` a member of `project` (True if they were not one already)."""
+    if db.scalar(select(ProjectMember.user_id).where(
+            ProjectMember.project_id == project.id, ProjectMember.user_id == user.id)) is not None:
+        return False
+    db.add(ProjectMember(project_id=project.id, user_id=user.id, added_at=time.time()))
+    try:
+        db.commit()
+    except IntegrityError:  # added by someone else at the same moment
+        db.rollback()
+        return False
+    return True
+
+
+@unit_of_work
+def remove_member(db: Session, project: Project, user: User) -> bool:
+    res = db.execute(delete(ProjectMember).where(ProjectMember.project_id == project.id, ProjectMember.user_id == user.id))
+    db.commit()
+    return res.rowcount == 1
+
+
+@read_only
+def members(db: Session, project: Project) -> list[User]:
+    return list(db.scalars(select(User).join(ProjectMember, ProjectMember.user_id == User.id)
+                           .where(ProjectMember.project_id == project.id).order_by(User.username)))

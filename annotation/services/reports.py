@@ -1,0 +1,186 @@
+"""What comes out of a project: exports, progress and the admin dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from align.formats import Ranking
+
+from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.services._tx import read_only
+from annotation.services.errors import Invalid
+from annotation.services.rankings import order_to_ranks
+
+EXPORT_FORMATS = ("kwise", "pairs", "hh")
+
+
+@read_only
+def latest_rankings(db: Session, project: Project, *, include_skipped: bool = False, all_revisions: bool = False) -> list[tuple[RankingRow, User, Prompt]]:
+    q = (
+        select(RankingRow, User, Prompt)
+        .join(User, User.id == RankingRow.user_id)
+        .join(Prompt, Prompt.id == RankingRow.prompt_id)
+        .where(RankingRow.project_id == project.id)
+        .order_by(Prompt.id, User.username, RankingRow.revision)
+    )
+    if not all_revisions:
+        latest = (
+            select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
+            .where(RankingRow.project_id == project.id)
+            .group_by(RankingRow.prompt_id, RankingRow.user_id)
+            .subquery()
+        )
+        q = q.join(
+            latest,
+            and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id, latest.c.rev == RankingRow.revision),
+        )
+    rows = [tuple(r) for r in db.execute(q).all()]
+    return [r for r in rows if include_skipped or not r[0].skipped]
+
+
+@read_only
+def export_rankings(db: Session, project: Project, *, all_revisions: bool = False) -> list[Ranking]:
+    """The project's rankings as `Ranking`s (latest revision per annotator and prompt unless
+    `all_revisions`); responses in their original order, ranks 0 = best with ties."""
+    out = []
+    for row, user, prompt in latest_rankings(db, project, all_revisions=all_revisions):
+        cands = prompt.candidates
+        ids = [c.id for c in cands]
+        out.append(
+            Ranking(
+                prompt=prompt.content,
+                responses=[c.text for c in cands],
+                ranks=order_to_ranks(ids, row.order),
+                annotator=user.username,
+                prompt_id=prompt.source_id,
+                meta={
+                    "all_bad": row.all_bad,
+                    "candidate_ids": [c.source_id or str(c.id) for c in cands],
+                    "models": [c.model for c in cands],
+                    "rationale": row.rationale,
+                    "revision": row.revision,
+                    "time_spent_ms": row.time_spent_ms,
+                },
+            )
+        )
+    return out
+
+
+@read_only
+def export_rows(db: Session, project: Project, fmt: str) -> list[dict[str, Any]]:
+    from align import formats
+
+    if fmt not in EXPORT_FORMATS:
+        raise Invalid(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    rankings = export_rankings(db, project)
+    if fmt == "kwise":
+        return [formats.kwise_row(r) for r in rankings]
+    if fmt == "pairs":
+        return formats.pairs_from_rankings(rankings)
+    return formats.hh_from_rankings(rankings)
+
+
+@read_only
+def user_progress(db: Session, user: User, project: Project) -> dict[str, int]:
+    done = db.scalar(select(func.count()).where(Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "done"))
+    return {"done": int(done or 0)}
+
+
+@read_only
+def project_progress(db: Session, project: Project) -> dict[str, int]:
+    n_prompts, done, rankable = db.execute(
+        select(func.count(Prompt.id), func.coalesce(func.sum(Prompt.done_count), 0), func.count(Prompt.id).filter(Prompt.n_candidates >= 2))
+        .where(Prompt.project_id == project.id)
+    ).one()
+    target = int(rankable) * project.annotators_per_prompt
+    return {"prompts": int(n_prompts), "rankable_prompts": int(rankable), "rankings": int(done), "target": target}
+
+
+@read_only
+def dashboard(db: Session, project: Project) -> dict[str, Any]:
+    """Progress, per-annotator counts and median time, agreement metrics and flagged items."""
+    from statistics import median
+
+    from annotation import metrics
+
+    rows = latest_rankings(db, project, include_skipped=True)
+    firsts = sorted(row.created_at for row, _u, _p in rows if not row.skipped)
+    per_user: dict[str, dict[str, Any]] = {}
+    by_prompt: dict[int, dict[str, list[int]]] = {}
+    flagged: dict[int, dict[str, Any]] = {}
+    prompts: dict[int, Prompt] = {}
+    for row, user, prompt in rows:
+        prompts[prompt.id] = prompt
+        u = per_user.setdefault(user.username, {"rankings": 0, "skips": 0, "all_bad": 0, "times": []})
+        if row.skipped:
+            u["skips"] += 1
+            flagged.setdefault(prompt.id, {"prompt_id": prompt.source_id, "reasons": []})["reasons"].append(f"skipped by {user.username}: {row.skip_reason}")
+            continue
+        u["rankings"] += 1
+        if row.time_spent_ms is not None:
+            u["times"].append(row.time_spent_ms)
+        if row.all_bad:
+            u["all_bad"] += 1
+            flagged.setdefault(prompt.id, {"prompt_id": prompt.source_id, "reasons": []})["reasons"].append(f"all bad ({user.username})")
+        ids = [c.id for c in prompt.candidates]
+        by_prompt.setdefault(prompt.id, {})[user.username] = order_to_ranks(ids, row.order)
+    for pid, tau in metrics.per_item_tau(by_prompt).items():
+        if tau < 0:
+            flagged.setdefault(pid, {"prompt_id": prompts[pid].source_id, "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
+    taus = metrics.per_annotator_tau(by_prompt)
+    annotators = [
+        {"username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
+         "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None,
+         "tau_vs_consensus": taus[name][0] if name in taus else None, "shared_items": taus[name][1] if name in taus else 0}
+        for name, u in sorted(per_user.items())
+    ]
+    return {
+        "project": project.name,
+        "progress": project_progress(db, project),
+        "timeline": timeline(firsts),
+        "annotators": annotators,
+        "agreement": metrics.agreement_report(by_prompt),
+        "flagged": sorted(flagged.values(), key=lambda f: (-len(f["reasons"]), f["prompt_id"])),
+    }
+
+
+def timeline(times: list[float], points: int = 48) -> list[dict[str, float]]:
+    """Cumulative rankings over time, at most `points` (t, n) steps: progress as a line."""
+    if not times:
+        return []
+    t0, t1 = times[0], times[-1]
+    if t1 <= t0:
+        return [{"t": t0, "n": len(times)}]
+    out, i = [], 0
+    for step in range(1, points + 1):
+        edge = t0 + (t1 - t0) * step / points
+        while i < len(times) and times[i] <= edge:
+            i += 1
+        out.append({"t": edge, "n": i})
+    return [{"t": t0, "n": 0}] + out
+
+
+@read_only
+def prompt_detail(db: Session, project: Project, source_id: str) -> dict[str, Any]:
+    """One prompt with its candidates (source order) and every annotator's latest ranking."""
+    from annotation.services.errors import NotFound
+
+    prompt = db.scalar(select(Prompt).where(Prompt.project_id == project.id, Prompt.source_id == source_id))
+    if prompt is None:
+        raise NotFound(f"no prompt {source_id!r} in project {project.name!r}")
+    ids = [c.id for c in prompt.candidates]
+    latest: dict[int, tuple[RankingRow, User]] = {}
+    for row, user in db.execute(select(RankingRow, User).join(User, User.id == RankingRow.user_id)
+                                .where(RankingRow.prompt_id == prompt.id).order_by(RankingRow.revision)):
+        latest[user.id] = (row, user)  # the highest revision wins
+    rankings = []
+    for row, user in sorted(latest.values(), key=lambda ru: ru[1].username):
+        rankings.append({
+            "username": user.username, "revision": row.revision, "skipped": row.skipped, "skip_reason": row.skip_reason,
+            "all_bad": row.all_bad, "rationale": row.rationale,
+            "ranks": None if row.skipped or not row.order else order_to_ranks(ids, row.order),
+        })
+    return {"prompt": prompt, "candidates": prompt.candidates, "rankings": rankings}

@@ -1,0 +1,280 @@
+"""Accounts, API tokens, browser sessions, invites and throttled sign-in."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from annotation import passwords, security
+from annotation.models import ApiToken, Assignment, Invite, LoginFailures, Project, ProjectMember, Prompt, User, WebSession
+from annotation.services._tx import insert_unique, read_only, unit_of_work
+from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled
+from annotation.settings import DEFAULT_API_TOKEN_TTL_S
+
+ROLES = ("admin", "annotator", "source")
+
+
+def _new_user(db: Session, username: str, password: str | None, role: str) -> User:
+    """Validate and insert (flush, no commit) a user."""
+    username = (username or "").strip() if isinstance(username, str) else username
+    if role == "source":  # imported data: the name comes from the file and never signs in
+        if not isinstance(username, str) or not username or len(username) > 64:
+            raise Invalid("source name must be 1-64 characters")
+    else:
+        problem = passwords.username_problem(username)
+        if problem:
+            raise Invalid(problem)
+    if role not in ROLES:
+        raise Invalid(f"unknown role {role!r} (admin, annotator)")
+    if password is not None:
+        problem = passwords.password_problem(password, username)
+        if problem:
+            raise Invalid(problem)
+    if db.scalar(select(User.id).where(User.username == username)) is not None:
+        raise Conflict(f"user {username!r} already exists")
+    if role != "source":
+        key = passwords.skeleton(username)
+        for other in db.scalars(select(User.username).where(User.role != "source")):
+            if passwords.skeleton(other) == key:
+                raise Conflict(f"username {username!r} is too easily mistaken for the existing user {other!r}")
+    user = User(
+        username=username,
+        password_hash=security.hash_password(password) if password is not None else None,
+        role=role, active=True, created_at=time.time(),
+    )
+    return insert_unique(db, user, f"user {username!r} already exists", commit=False)
+
+
+@unit_of_work
+def create_user(db: Session, username: str, password: str | None = None, role: str = "annotator") -> User:
+    """Create a user; `password=None` makes an account that cannot sign in (simulated
+    annotators, imported sources). A password must pass `passwords.password_problem`."""
+    user = _new_user(db, username, password, role)
+    db.commit()
+    return user
+
+
+@unit_of_work
+def set_password(db: Session, user: User, password: str) -> None:
+    problem = passwords.password_problem(password, user.username)
+    if problem:
+        raise Invalid(problem)
+    db.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password)))
+    db.commit()
+
+
+@read_only
+def get_user(db: Session, username: str) -> User:
+    user = db.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"no user {username!r}")
+    return user
+
+
+@read_only
+def list_users(db: Session) -> list[User]:
+    return list(db.scalars(select(User).where(User.role != "source").order_by(User.username)))
+
+
+@unit_of_work
+def authenticate(db: Session, username: str, password: str) -> User | None:
+    """Check a password (no throttle: `sign_in` is what the web layer calls)."""
+    user = db.scalar(select(User).where(User.username == username))
+    db.commit()  # no transaction held during the deliberately slow hash
+    ok = security.verify_password(user.password_hash if user else None, password)
+    return user if ok and user is not None and user.active and user.role != "source" else None
+
+
+def _throttle_keys(username: str, client: str, max_failures: int) -> list[tuple[str, int]]:
+    name = (username or "").casefold()[:64]
+    return sorted([(f"u:{name}|c:{client}", max_failures), (f"c:{client}", 4 * max_failures), (f"u:{name}", 100)])
+
+
+@unit_of_work
+def reserve_sign_in(db: Session, username: str, client: str, *, max_failures: int = 5, window_s: float = 300.0,
+                    now: float | None = None) -> None:
+    """Count an attempt against each throttle key before the password is checked, so
+    concurrent guesses cannot all pass the check; raises Throttled when a key is at its limit."""
+    now = time.time() if now is None else now
+    old = now - window_s
+    db.execute(delete(LoginFailures).where(LoginFailures.window_start < old - window_s))
+    for key, limit in _throttle_keys(username, client, max_failures):
+        if db.get(LoginFailures, key) is None:
+            try:
+                with db.begin_nested():
+                    db.add(LoginFailures(key=key, window_start=now, failures=0))
+            except IntegrityError:
+                pass  # another request created it first
+        stale = LoginFailures.window_start < old
+        res = db.execute(
+            update(LoginFailures)
+            .where(LoginFailures.key == key, (LoginFailures.failures < limit) | stale)
+            .values(
+                failures=_case(stale, 1, LoginFailures.failures + 1),
+                window_start=_case(stale, now, LoginFailures.window_start),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            start = db.scalar(select(LoginFailures.window_start).where(LoginFailures.key == key)) or now
+            db.rollback()
+            wait = max(1, int(start + window_s - now) + 1)
+            raise Throttled(f"too many failed sign-ins; try again in {wait} s", wait)
+    db.commit()
+
+
+def _case(cond, a, b):
+    from sqlalchemy import case
+
+    return case((cond, a), else_=b)
+
+
+@unit_of_work
+def sign_in_succeeded(db: Session, username: str, client: str, *, max_failures: int = 5) -> None:
+    """Give back the reserved attempt; the user-and-client count starts over."""
+    keys = [k for k, _ in _throttle_keys(username, client, max_failures)]
+    db.execute(update(LoginFailures).where(LoginFailures.key.in_(keys), LoginFailures.failures > 0)
+               .values(failures=LoginFailures.failures - 1).execution_options(synchronize_session=False))
+    db.execute(update(LoginFailures).where(LoginFailures.key == keys_user_client(username, client))
+               .values(failures=0).execution_options(synchronize_session=False))
+    db.commit()
+
+
+def keys_user_client(username: str, client: str) -> str:
+    return f"u:{(username or '').casefold()[:64]}|c:{client}"
+
+
+def sign_in(db: Session, username: str, password: str, client: str, *, max_failures: int = 5,
+            window_s: float = 300.0) -> User | None:
+    """Throttled password check: None for a wrong password, Throttled past the limits."""
+    reserve_sign_in(db, username, client, max_failures=max_failures, window_s=window_s)
+    user = authenticate(db, username, password)
+    if user is not None:
+        sign_in_succeeded(db, username, client, max_failures=max_failures)
+    return user
+
+
+@unit_of_work
+def issue_api_token(db: Session, user: User, ttl_s: float = DEFAULT_API_TOKEN_TTL_S) -> str:
+    """A new API token for `user`, valid `ttl_s` seconds (revoked earlier by `revoke_api_token`)."""
+    token = "aln_" + security.new_token()
+    now = time.time()
+    db.add(ApiToken(user_id=user.id, token_hash=security.hash_token(token), created_at=now, expires_at=now + ttl_s))
+    db.commit()
+    return token
+
+
+@unit_of_work
+def revoke_api_token(db: Session, token: str) -> bool:
+    res = db.execute(delete(ApiToken).where(ApiToken.token_hash == security.hash_token(token)))
+    db.commit()
+    return res.rowcount == 1
+
+
+@read_only
+def user_for_token(db: Session, token: str) -> User | None:
+    row = db.execute(
+        select(User, ApiToken.expires_at).join(ApiToken, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == security.hash_token(token))
+    ).first()
+    if row is None or not row[0].active or (row[1] is not None and row[1] < time.time()):
+        return None
+    return row[0]
+
+
+@unit_of_work
+def open_web_session(db: Session, user: User, ttl_s: float = 12 * 3600) -> str:
+    token = security.new_token()
+    now = time.time()
+    db.execute(delete(WebSession).where(WebSession.expires_at < now))
+    db.add(WebSession(user_id=user.id, token_hash=security.hash_token(token), created_at=now, expires_at=now + ttl_s))
+    db.commit()
+    return token
+
+
+@read_only
+def user_for_session(db: Session, token: str) -> User | None:
+    row = db.execute(
+        select(User, WebSession.expires_at)
+        .join(WebSession, WebSession.user_id == User.id)
+        .where(WebSession.token_hash == security.hash_token(token))
+    ).first()
+    if row is None or row[1] < time.time() or not row[0].active:
+        return None
+    return row[0]
+
+
+@unit_of_work
+def close_web_session(db: Session, token: str) -> None:
+    db.execute(delete(WebSession).where(WebSession.token_hash == security.hash_token(token)))
+    db.commit()
+
+
+@unit_of_work
+def set_active(db: Session, username: str, active: bool, *, by: User | None = None) -> User:
+    """Deactivate (or reactivate) an account. Deactivating revokes its API tokens and
+    browser sessions and gives its live leases back to the pool; its rankings stay."""
+    user = db.scalar(select(User).where(User.username == username, User.role != "source"))
+    if user is None:
+        raise NotFound(f"no user {username!r}")
+    if by is not None and by.id == user.id and not active:
+        raise Conflict("you cannot deactivate your own account")
+    user.active = active
+    if not active:
+        db.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        leased = db.execute(select(Assignment.id, Assignment.prompt_id).where(
+            Assignment.user_id == user.id, Assignment.status == "leased")).all()
+        for aid, pid in leased:
+            res = db.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "leased").values(status="expired"))
+            if res.rowcount == 1:
+                db.execute(update(Prompt).where(Prompt.id == pid).values(slots_taken=Prompt.slots_taken - 1))
+    db.commit()
+    return user
+
+
+@unit_of_work
+def create_invite(db: Session, role: str = "annotator", ttl_s: float = 7 * 86400, project: Project | None = None) -> str:
+    """A one-use invite token; the account it creates joins `project` if one is given."""
+    if role not in ("admin", "annotator"):
+        raise Invalid(f"unknown role {role!r} (admin, annotator)")
+    token = security.new_token()
+    now = time.time()
+    db.add(Invite(token_hash=security.hash_token(token), role=role, created_at=now, expires_at=now + ttl_s,
+                  project_id=project.id if project is not None else None))
+    db.commit()
+    return token
+
+
+@unit_of_work
+def accept_invite(db: Session, token: str, username: str, password: str) -> User:
+    """Create the invited account. The user row and the claim of the invite are one
+    transaction: of concurrent acceptances exactly one commits an account."""
+    if not isinstance(password, str):
+        raise Invalid("a password is required")
+    inv = db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
+    if inv is None or inv.used_by is not None or inv.expires_at < time.time():
+        raise NotFound("this invite link is unknown, used or expired")
+    user = _new_user(db, username, password, inv.role)
+    claimed = db.execute(update(Invite).where(Invite.id == inv.id, Invite.used_by.is_(None)).values(used_by=user.id))
+    if claimed.rowcount != 1:
+        db.rollback()
+        raise Conflict("this invite link was just used")
+    if inv.project_id is not None:
+        db.add(ProjectMember(project_id=inv.project_id, user_id=user.id, added_at=time.time()))
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        raise Conflict(f"user {username!r} already exists") from None
+    return user
+
+
+def require_annotator(user: User) -> None:
+    if user.role == "source":
+        raise Forbidden("imported-data accounts do not annotate")
+    if not user.active:
+        raise Forbidden("this account is deactivated")

@@ -1,0 +1,110 @@
+"""Bad input gets a clear 4xx naming the problem and changes nothing (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+
+def _task(env):
+    env.project(n_prompts=2, k=3)
+    tok = env.annotator("ann")
+    task = env.client.post("/api/projects/p/next", headers=env.headers(tok)).json()
+    return tok, task, [c["id"] for c in task["candidates"]]
+
+
+def _prompt_count(env) -> int:
+    from sqlalchemy import func, select
+
+    from annotation.models import Project, Prompt
+
+    with env.db() as db:
+        return db.scalar(select(func.count()).select_from(Prompt)) * 1000 + db.scalar(select(func.count()).select_from(Project))
+
+
+def test_ids_too_large_for_the_database(env):
+    tok, task, ids = _task(env)
+    before = env.counts()
+    h = env.headers(tok)
+    for url in ("/api/tasks/9223372036854775808", "/api/tasks/2147483648", "/api/tasks/0", "/api/tasks/-1"):
+        r = env.client.get(url, headers=h)
+        assert r.status_code == 422 and "task_id" in r.text, (url, r.text)
+    r = env.client.post("/api/tasks/99999999999999999999/ranking", headers=h, json={"order": [[i] for i in ids]})
+    assert r.status_code == 422
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=h, json={"order": [[2**63], [ids[0]], [ids[1]]]})
+    assert r.status_code == 422 and "not in this task" in r.text
+    assert env.client.get("/tasks/99999999999999999999", headers=h).status_code in (404, 422)
+    assert env.counts() == before
+
+
+def test_types_are_strict(env):
+    tok, task, ids = _task(env)
+    before = env.counts()
+    url = f"/api/tasks/{task['id']}/ranking"
+    for body, field in (({"order": [[i] for i in ids], "all_bad": "yes"}, "all_bad"),
+                        ({"order": [[i] for i in ids], "all_bad": 1}, "all_bad"),
+                        ({"order": [[i] for i in ids], "time_spent_ms": "10"}, "time_spent_ms"),
+                        ({"order": [[str(i)] for i in ids]}, "integers"),
+                        ({"order": [[True], [ids[1]], [ids[2]]]}, "integers")):
+        r = env.client.post(url, headers=env.headers(tok), json=body)
+        assert r.status_code == 422 and field in r.text, (body, r.text)
+    assert env.counts() == before
+
+
+def test_ranking_body_over_the_task_limit_refused_unread(env):
+    tok, task, ids = _task(env)
+    before = env.counts()
+    body = json.dumps({"order": [list(range(1, 150_000))]}).encode()
+    assert len(body) > 1 << 20
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers={**env.headers(tok), "content-type": "application/json"},
+                        content=body)
+    assert r.status_code == 413 and "too large" in r.text
+    many = {"order": [ids[:1] * 3000, ids[1:2], ids[2:3]]}  # under the limit but far more ids than K
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(tok), json=many)
+    assert r.status_code == 422 and "3 candidates" in r.text
+    assert env.counts() == before
+
+
+def test_prompt_with_wrong_candidate_count_refused(env):
+    env.project(n_prompts=1, k=3)
+    before = _prompt_count(env)
+    h = env.headers(env.admin_token)
+    r = env.client.post("/api/projects/p/prompts", headers=h,
+                        json={"prompts": [{"prompt": "ok?", "candidates": ["a", "b", "c"]}, {"prompt": "two?", "candidates": ["a", "b"]}]})
+    assert r.status_code == 422 and "K=3" in r.text
+    assert _prompt_count(env) == before
+    assert env.client.post("/api/projects/p/prompts", headers=h, json={"prompts": []}).status_code == 422
+    assert env.client.post("/api/projects/p/prompts", headers=h, json={"prompts": [{"prompt": "later?"}]}).status_code == 201
+
+
+def test_import_bodies_that_are_not_utf8_jsonl(env):
+    h = {**env.headers(env.admin_token), "content-type": "application/x-ndjson"}
+    before = _prompt_count(env)
+    cases = {
+        "latin-1": ('{"prompt": "caf\xe9"}\n'.encode("latin-1"), 422, "UTF-8"),
+        "gzip": (gzip.compress(b'{"prompt": "hi"}\n'), 415, "gzip"),
+        "empty": (b"", 422, "no records"),
+        "blank lines": (b"\n\n  \n", 422, "no records"),
+        "nul byte": (b'{"prompt": "a\\u0000b"}\n', 422, "NUL"),
+    }
+    for name, (body, status, word) in cases.items():
+        r = env.client.post("/api/projects/newp/import?format=prompts", headers=h, content=body)
+        assert r.status_code == status and word in r.text, (name, r.status_code, r.text)
+    r = env.client.post("/api/projects/newp/import?format=prompts", headers={**h, "content-encoding": "gzip"},
+                        content=gzip.compress(b'{"prompt": "hi"}\n'))
+    assert r.status_code == 415
+    assert _prompt_count(env) == before  # no project "newp", no prompt
+    assert env.client.get("/api/projects/newp", headers=h).status_code == 404
+
+
+def test_nul_characters_refused(env):
+    env.project(n_prompts=1, k=2)
+    tok = env.annotator("ann")
+    before = env.counts()
+    assert env.client.post("/api/tokens", json={"username": "ad\u0000min", "password": "x\u0000" * 8}).status_code in (401, 422)
+    r = env.client.post("/api/projects", headers=env.headers(env.admin_token), json={"name": "g", "guidelines": "a\u0000"})
+    assert r.status_code == 422 and "NUL" in r.text
+    task = env.client.post("/api/projects/p/next", headers=env.headers(tok)).json()
+    r = env.client.post(f"/api/tasks/{task['id']}/skip", headers=env.headers(tok), json={"reason": "bad\u0000"})
+    assert r.status_code == 422 and "NUL" in r.text
+    assert env.counts()["rankings"] == before["rankings"]
