@@ -29,14 +29,6 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return gather_logprobs(log_softmax(logits, temperature), tokens)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) and the entropy of softmax(logits / temperature) per position, from one
-    log-softmax over the vocabulary (the training step needs both): (B, T, V), (B, T) -> 2 x (B, T)."""
-    logp = log_softmax(logits, temperature)
-    return gather_logprobs(logp, tokens), _entropy(logp)
-
-
 def logprobs_from_hidden(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -77,8 +69,8 @@ def _chunk_logprobs(hidden: torch.Tensor, tokens: torch.Tensor, head: Callable[[
 
 
 def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) over the vocabulary, in fp32: (..., V) -> (..., V)."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """log softmax(logits / temperature) over the vocabulary, in fp32 (or wider): (..., V) -> (..., V)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def gather_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
