@@ -197,14 +197,25 @@ def build_policy(base: nn.Module, lora: Any) -> nn.Module:
     return get_peft_model(base, config)
 
 
-def build_critic(reward_model: Any, policy_tokenizer: Any, compute_dtype: torch.dtype = torch.float32) -> Critic:
+def build_critic(reward_model: Any, policy_tokenizer: Any, policy_vocab_rows: int,
+                 compute_dtype: torch.dtype = torch.float32) -> Critic:
     """A trainable copy of the reward model as the value model (InstructGPT); its weights in fp32
-    (all of it trains), its forward under bf16 autocast when `compute_dtype` is bf16."""
+    (all of it trains), its forward under bf16 autocast when `compute_dtype` is bf16.
+
+    The critic reads the policy's sampled token ids as they are, so it must embed every id the policy
+    can emit: `policy_vocab_rows`, the policy's embedding rows. A tokenizer longer than its checkpoint's
+    embedding (transformers adds `<|endoftext|>` to a fresh byte-level BPE tokenizer, one past a
+    32,000-row model) makes align.modeling.load_causal_lm grow the policy's table, while the reward model
+    keeps its checkpoint's; the policy then samples the extra id now and then (more often the longer the
+    responses) and the critic's embedding lookup read past its table: IndexError on a CPU, a device-side
+    assert on a GPU. The scorer never sees such ids (it re-tokenizes decoded text, specials skipped)."""
     from align.precision import upcast_trainable
 
     if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise UserError("value_model=reward_model needs the reward model to share the policy's tokenizer")
     model = copy.deepcopy(reward_model.model)
+    if model.get_input_embeddings().num_embeddings < policy_vocab_rows:
+        model.resize_token_embeddings(policy_vocab_rows)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -129,8 +129,8 @@ class PPOTrainer:
 
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
-        critic = (build_critic(self.reward_model, self.tokenizer, reward_dtype)
-                  if cfg.value_model == "reward_model" else None)
+        critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
+                               reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
         self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
         self.model.eval()  # dropout off throughout: rollout and training log-probs must agree
