@@ -134,7 +134,11 @@ class PPOTrainer:
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
         self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
         self.model.eval()  # dropout off throughout: rollout and training log-probs must agree
-        self.checkpointed = enable_gradient_checkpointing(self.model) if cfg.gradient_checkpointing else []
+        self.checkpointed = []  # the layers that recompute their activations in the backward
+        if cfg.gradient_checkpointing:
+            self.checkpointed = enable_gradient_checkpointing(base)
+            if critic is not None:
+                self.checkpointed += enable_gradient_checkpointing(critic.trunk)
         separate_ref = None
         if cfg.ref_model is not None:
             separate_ref = load_causal_lm(resolve_model_path(cfg.ref_model), dtype=dtype, tokenizer=self.tokenizer)
