@@ -30,13 +30,37 @@ import torch
 
 from align.config import config_to_dict
 from align.errors import UserError
+from align.precision import (
+    autocast,
+    enable_gradient_checkpointing,
+    torch_dtype,
+    upcast_trainable,
+)
 from reward.config import RewardConfig
-from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
+from reward.data import (
+    RankingBatch,
+    RankingCollator,
+    RankingDataset,
+    RewardData,
+    expand_to_pairs,
+    load_reward_data,
+)
 from reward.evaluate import format_table, ranking_metrics, reward_table
-from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
-from align.precision import autocast, enable_gradient_checkpointing, torch_dtype, upcast_trainable
-from reward.model import (build_reward_model, fit_normalization, forward_rewards, forward_rewards_shared_prompts,
-                          prepare_tokenizer, save_reward_model, score_texts)
+from reward.losses import (
+    kwise_ranking_loss,
+    pair_accuracy,
+    pairwise_loss,
+    reward_centering_loss,
+)
+from reward.model import (
+    build_reward_model,
+    fit_normalization,
+    forward_rewards,
+    forward_rewards_shared_prompts,
+    prepare_tokenizer,
+    save_reward_model,
+    score_texts,
+)
 
 
 def peak_memory_mb() -> float:
