@@ -21,7 +21,6 @@ import torch
 from align.modeling import position_ids_from_mask
 from ppo import core
 
-
 NON_FINITE = "the policy produced non-finite logits while sampling"
 
 
@@ -99,11 +98,10 @@ def sample_responses(
         if value is not None:
             values[:, step] = torch.where(done, 0.0, value.float())
         done |= token == eos_token_id
-        last = step == max_new_tokens - 1
-        if sync_every > 1 and (last or (step + 1) % sync_every == 0):
-            if not torch.isfinite(logprobs[:, : step + 1]).all():
-                raise FloatingPointError(NON_FINITE)
-        if last or ((step + 1) % sync_every == 0 and bool(done.all())):
+        last, check = step == max_new_tokens - 1, (step + 1) % sync_every == 0
+        if sync_every > 1 and (last or check) and not torch.isfinite(logprobs[:, : step + 1]).all():
+            raise FloatingPointError(NON_FINITE)
+        if last or (check and bool(done.all())):
             break
         slot = prompt_len + step
         mask[:, slot] = 1
