@@ -3,6 +3,7 @@
     python bench/gpu_bench.py                  # Qwen2.5-0.5B body (387M with the 32k tokenizer)
     python bench/gpu_bench.py --shape 1.5b     # Qwen2.5-1.5B body: does reward training + PPO fit?
     python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
+    python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
 What it does, each heavy step in a fresh process (clean timings and peak memory):
@@ -179,6 +180,7 @@ def align_worker(job: dict) -> dict:
         "lora.r=16", "lora.alpha=32", f"lora.target_modules={SEVEN}", f"dtype={s['dtype']}",
         f"gradient_checkpointing={s['gradient_checkpointing']}", "save_every=0", "progress=false",
         f"seed={s['seed']}", *([f"num_threads={s['threads']}"] if s["threads"] else []),
+        *(["sample_merged=true"] if job.get("sample_merged") else []),
     ])
     summary = run_ppo(cfg)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
@@ -334,7 +336,7 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
                          for x in results.values() if "response/length" in x["iterations"][0]), settings["response_length"])
         tok_s = (f"{settings['batch_size'] * resp / mean_after_first([i['timing/rollout_s'] for i in its]):.0f}"
                  if "timing/rollout_s" in its[0] else "-")
-        flops = flops_per_iteration(info, settings, prompt_tokens, resp, critic=name != "align (value head)")
+        flops = flops_per_iteration(info, settings, prompt_tokens, resp, critic="critic" in name or "TRL" in name)
         mfu = f"{100 * flops / (sec * peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
         lines.append(f"{name:24s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/score_s'):>6s} "
                      f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu:>6s}")
@@ -368,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward-batch-size", type=int, default=16, help="HH pairs per reward step")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--value-models", default="policy_trunk,reward_model")
+    parser.add_argument("--sample-merged", action="store_true",
+                        help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -436,6 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                              "reward": reward["model_dir"], "value_model": value_model,
                                                              "prompts": str(prompt_file)},
                                    work / value_model, env_extra)
+    if args.sample_merged:
+        name = "align (merged sampling)"
+        print(f"running {name} ...", flush=True)
+        results[name] = run_worker(sys.executable, "align", {**base, "out": str(work / "merged"),
+                                                             "reward": reward["model_dir"], "value_model": "policy_trunk",
+                                                             "prompts": str(prompt_file), "sample_merged": True},
+                                   work / "merged", env_extra)
     if not args.no_trl:
         print(f"running TRL {TRL_VERSION} ...", flush=True)
         python, paths = (args.trl_python, {}) if args.trl_python else (sys.executable, trl_packages(args.work / "trl"))

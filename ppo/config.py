@@ -75,6 +75,15 @@ class PPOConfig:
         help="Recompute each transformer layer's activations in the backward of the PPO epochs instead of keeping "
         "them (about a third more compute, a layer's activations of memory); for long responses or large models.",
     )
+    sample_merged: bool | None = option(
+        None,
+        help="Sample rollouts with the LoRA update merged into the base weights (one matmul per adapted layer "
+        "instead of three plus the adapter's small kernels; decoding on a GPU is bound by kernel launches). "
+        "null: in float32 only, where the merged weights give the policy's log-probs to rounding. In bfloat16 "
+        "the merged weights round W + BA to bf16, so the samples come from the policy up to that rounding (a "
+        "young adapter's update partly rounds away); pi_old is recomputed by the training forward either way, "
+        "so PPO's first ratio stays exactly 1, as with vLLM-sampled rollouts. The base is restored bit for bit.",
+    )
     logprob_chunk_tokens: int = option(
         4096,
         help="Log-probs and entropy are computed from the last hidden states this many response tokens at a time, "

@@ -311,10 +311,12 @@ class PPOTrainer:
     def sampling_weights(self, adapter: bool) -> contextlib.AbstractContextManager:
         """The SFT model (adapter off) or the policy. In fp32 the policy's LoRA update is merged
         into the base for sampling (one matmul per layer instead of three); in bf16 a young
-        adapter's small update would round away in the merged weights, so it stays separate."""
+        adapter's small update would round away in the merged weights, so it stays separate
+        unless `sample_merged` asks for it (see PPOConfig.sample_merged)."""
         if not adapter:
             return self.model.adapter_disabled()
-        return self.model.adapter_merged() if self.sampler_is_exact else contextlib.nullcontext()
+        merge = self.sampler_is_exact if self.cfg.sample_merged is None else self.cfg.sample_merged
+        return self.model.adapter_merged() if merge else contextlib.nullcontext()
 
     @property
     def sampler_is_exact(self) -> bool:

@@ -21,14 +21,14 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
     out = bench.main(["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data),
                       "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
                       "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
-                      "--threads", "1"])
+                      "--threads", "1", "--sample-merged"])
     assert out["model"]["vocab"] > 256 and out["reward"]["steps"] == 2
-    assert set(out["runs"]) == {"align (value head)", "align (critic)"}
+    assert set(out["runs"]) == {"align (value head)", "align (critic)", "align (merged sampling)"}
     for run in out["runs"].values():
         assert len(run["iterations"]) == 2
         assert all(i["timing/iteration_s"] > 0 and i["timing/rollout_s"] > 0 for i in run["iterations"])
     lines = out["table"].splitlines()
-    assert lines[0].split()[:2] == ["run", "s/iter"] and len(lines) == 4
+    assert lines[0].split()[:2] == ["run", "s/iter"] and len(lines) == 5
     assert (tmp_path / "tiny" / "results.json").is_file()
 
 

@@ -130,3 +130,25 @@ def test_non_finite_logits_raise_at_the_next_check(monkeypatch):
     for sync_every in (1, 8):
         with pytest.raises(FloatingPointError):
             _sample(_Decoder(nan_at=3), sync_every, monkeypatch)
+
+
+def test_bf16_rollouts_sampled_with_the_merged_adapter_keep_ratio_one_and_the_base(small_run):
+    # sample_merged in bf16: the samples come from the merged (rounded) weights, pi_old and V_old
+    # still from the training forward, and the base comes back bit for bit.
+    trainer = PPOTrainer(load_config(PPOConfig, None, small_run + ["dtype=bfloat16", "sample_merged=true"]))
+    trainer.setup()
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-2)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    merged = []
+    adapter_merged = trainer.model.adapter_merged
+    trainer.model.adapter_merged = lambda: merged.append(1) or adapter_merged()
+    exp, _ = trainer.rollout(trainer.sampler.next_batch())
+    assert merged == [1]
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
+    logprobs, values = trainer.policy_logprobs_and_values(exp)
+    mask = exp.response_mask.bool()
+    assert torch.equal(exp.logprobs[mask], logprobs[mask])  # the first PPO ratio is exactly 1
+    assert torch.equal(exp.values[mask], values[mask])
