@@ -368,7 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--response-length", type=int, default=128)
     parser.add_argument("--reward-steps", type=int, default=40)
     parser.add_argument("--reward-batch-size", type=int, default=16, help="HH pairs per reward step")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in reward training and PPO (on for 1.5b)")
     parser.add_argument("--value-models", default="policy_trunk,reward_model")
     parser.add_argument("--sample-merged", action="store_true",
                         help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
@@ -402,7 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"shape": args.shape, "iterations": args.iterations, "batch_size": args.batch_size,
                 "micro_batch_size": args.micro_batch_size, "epochs": args.epochs,
                 "response_length": args.response_length, "dtype": dtype, "attn": "sdpa",
-                "gradient_checkpointing": args.gradient_checkpointing, "reward_steps": args.reward_steps,
+                # the 1.5B shape checks that reward training and PPO fit one 80 GB GPU: checkpointed
+                "gradient_checkpointing": args.gradient_checkpointing or args.shape == "1.5b",
+                "reward_steps": args.reward_steps,
                 "reward_batch_size": args.reward_batch_size, "reward_max_length": 512 if args.shape != "tiny" else 128,
                 "normalize_prompts": min(64, args.batch_size), "threads": args.threads, "seed": args.seed}
     timings = {}
