@@ -19,14 +19,20 @@ def generate_responses(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    device: Any = None,
 ) -> list[list[str]]:
     """`num_return_sequences` sampled responses per prompt (greedy when temperature is 0).
 
     Pure sampling (no top-k) by default, so that samples follow the model's distribution,
     as PPO's rollouts and the SFT baseline they are compared with must.
+    `device` None: the GPU when there is one (the model is moved there, in place), else where it is.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from align.precision import default_device
+
+    model.to(default_device() if device is None else device)
 
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     texts = [render_prompt(tokenizer, p) for p in prompts]

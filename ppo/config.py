@@ -59,7 +59,38 @@ class PPOConfig:
         help="policy_trunk: a zero-initialised linear value head on the policy's last hidden state (shares "
         "the LoRA trunk); reward_model: a separate critic initialised from the reward model (InstructGPT).",
     )
-    dtype: Literal["float32", "bfloat16"] = option("float32", help="Parameter dtype for policy and value model.")
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        help="Storage dtype of the policy's (and reference's) weights. In bfloat16 the LoRA adapter and the value "
+        "head stay fp32 (peft's autocast_adapter_dtype; a bf16 weight rounds away updates below 1/256 of it), "
+        "and so does their AdamW state.",
+    )
+    reward_dtype: Literal["float32", "bfloat16"] | None = option(
+        None,
+        help="dtype of the reward model for scoring, and the compute dtype of a value_model=reward_model critic "
+        "(bf16 autocast; its weights and AdamW state stay fp32 since all of it trains). null: same as `dtype`.",
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        help="Recompute each transformer layer's activations in the backward of the PPO epochs instead of keeping "
+        "them (about a third more compute, a layer's activations of memory); for long responses or large models.",
+    )
+    sample_merged: bool | None = option(
+        None,
+        help="Sample rollouts with the LoRA update merged into the base weights (one matmul per adapted layer "
+        "instead of three plus the adapter's small kernels; decoding on a GPU is bound by kernel launches). "
+        "null: in float32 only, where the merged weights give the policy's log-probs to rounding. In bfloat16 "
+        "the merged weights round W + BA to bf16, so the samples come from the policy up to that rounding (a "
+        "young adapter's update partly rounds away); pi_old is recomputed by the training forward either way, "
+        "so PPO's first ratio stays exactly 1, as with vLLM-sampled rollouts. The base is restored bit for bit.",
+    )
+    logprob_chunk_tokens: int = option(
+        4096,
+        help="Log-probs and entropy are computed from the last hidden states this many response tokens at a time, "
+        "so only a (chunk, vocabulary) block of fp32 logits exists at once (recomputed in the backward). At a 152k "
+        "vocabulary and 16 x 1,024 tokens the whole tensor would be 10 GB. 0: all tokens at once.",
+        ge=0,
+    )
 
     # --- prompts -----------------------------------------------------------------------------
     prompts: str = option(

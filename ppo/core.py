@@ -11,6 +11,7 @@ implementation details of RLHF with PPO": score at the last token, whitening, va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,17 +29,48 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return gather_logprobs(log_softmax(logits, temperature), tokens)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) and the entropy of softmax(logits / temperature) per position, from one
-    log-softmax over the vocabulary (the training step needs both): (B, T, V), (B, T) -> 2 x (B, T)."""
-    logp = log_softmax(logits, temperature)
-    return gather_logprobs(logp, tokens), _entropy(logp)
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token) (and the entropy) from the states before the tokens and the output layer,
+    without the whole (B, T, V) fp32 logits tensor: (B, T, H), (B, T) -> (B, T), (B, T) or None.
+
+    `head` maps (N, H) states to (N, V) logits (the lm_head). The B * T positions go through it
+    `chunk_tokens` at a time (0: all at once, the plain computation); under autograd each chunk's
+    logits are recomputed in the backward (activation checkpointing), so a chunk's (chunk, V)
+    logits and log-softmax are the largest tensors alive. At V = 152k, 16 x 1,024 tokens of fp32
+    logits are 10 GB; a 4,096-token chunk is 2.5 GB.
+    """
+    B, T = tokens.shape
+    flat_hidden, flat_tokens = hidden.reshape(B * T, hidden.shape[-1]), tokens.reshape(B * T)
+    if chunk_tokens <= 0 or B * T <= chunk_tokens:
+        logp, entropy = _chunk_logprobs(flat_hidden, flat_tokens, head, temperature, with_entropy)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        recompute = torch.is_grad_enabled()
+        pieces = [checkpoint(_chunk_logprobs, h, t, head, temperature, with_entropy, use_reentrant=False)
+                  if recompute else _chunk_logprobs(h, t, head, temperature, with_entropy)
+                  for h, t in zip(flat_hidden.split(chunk_tokens), flat_tokens.split(chunk_tokens))]
+        logp = torch.cat([p[0] for p in pieces])
+        entropy = torch.cat([p[1] for p in pieces]) if with_entropy else None
+    return logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, tokens: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                    temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logp = log_softmax(head(hidden), temperature)
+    return gather_logprobs(logp, tokens), (_entropy(logp) if with_entropy else None)
 
 
 def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) over the vocabulary, in fp32: (..., V) -> (..., V)."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """log softmax(logits / temperature) over the vocabulary, in fp32 (or wider): (..., V) -> (..., V)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def gather_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

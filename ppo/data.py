@@ -86,3 +86,13 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+def gold_judge(spec: str) -> Any:
+    """The judge the final evaluation reports `eval/gold_*` with: the synthetic task's gold judge
+    for synthetic prompts (`align.synthetic.gold_score`), else None (real prompts have no gold)."""
+    if not is_synthetic(spec):
+        return None
+    from align.synthetic import gold_score
+
+    return gold_score

@@ -20,6 +20,7 @@ from torch import nn
 
 from align.errors import UserError
 from align.modeling import position_ids_from_mask
+from ppo import core
 
 
 def _trunk(model: nn.Module) -> nn.Module:
@@ -28,20 +29,26 @@ def _trunk(model: nn.Module) -> nn.Module:
 
 
 class Critic(nn.Module):
-    """A separate value model: a sequence-classification reward model read at every token."""
+    """A separate value model: a sequence-classification reward model read at every token.
 
-    def __init__(self, reward_model: nn.Module):
+    `compute_dtype` bf16 runs it under bf16 autocast (its trained weights stay fp32)."""
+
+    def __init__(self, reward_model: nn.Module, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.trunk = _trunk(reward_model)
         head = getattr(reward_model, "score", None) or getattr(reward_model, "classifier", None)
         if not isinstance(head, nn.Linear) or head.out_features != 1:
             raise UserError("value_model=reward_model needs a reward model with a single-output linear head")
         self.head = head
+        self.compute_dtype = compute_dtype
 
     def forward(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state
-        return self.head(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+        from align.precision import autocast
+
+        with autocast(input_ids.device, self.compute_dtype):
+            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+            return self.head(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
 
 
 class ActorCritic(nn.Module):
@@ -68,23 +75,29 @@ class ActorCritic(nn.Module):
         # strided slice that requires grad makes torch.matmul fall back to a slower bmm)
         return hidden[:, context_length - 1 : -1].contiguous()
 
-    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
-        """Logits (B, T, V) for the response tokens only (no value computation)."""
-        position_ids = position_ids_from_mask(attention_mask)
-        return self.lm_head(self._response_hidden(input_ids, attention_mask, position_ids, context_length))
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q + T) -> logits (B, T, V) for the response tokens, values (B, T) of the states before them."""
+    def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                        tokens: torch.Tensor, temperature: float, chunk_tokens: int = 0) -> torch.Tensor:
+        """(B, T) log pi(token) of the response tokens only (no value computation)."""
         position_ids = position_ids_from_mask(attention_mask)
         hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
-        logits = self.lm_head(hidden)
+        return core.logprobs_from_hidden(hidden, self.lm_head, tokens, temperature, chunk_tokens)[0]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int, tokens: torch.Tensor,
+        temperature: float, chunk_tokens: int = 0, with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(B, Q + T) sequences whose last T are the response `tokens` -> log pi(token) (B, T), the
+        entropy (B, T) when asked (else None) and the values (B, T) of the states before the tokens.
+        The logits exist a chunk of `chunk_tokens` positions at a time (core.logprobs_from_hidden)."""
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
+        logprobs, entropy = core.logprobs_from_hidden(hidden, self.lm_head, tokens, temperature, chunk_tokens,
+                                                      with_entropy)
         if self.critic is None:
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
             values = self.critic(input_ids, attention_mask, position_ids, context_length)
-        return logits, values
+        return logprobs, entropy, values
 
     @property
     def config(self) -> Any:
@@ -151,14 +164,18 @@ class Reference:
         self.separate_model = separate_model
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                 tokens: torch.Tensor, temperature: float, chunk_tokens: int = 0) -> torch.Tensor:
+        """(B, T) log pi_ref(token) of the response tokens."""
         if self.separate_model is None:
             with self.actor_critic.adapter_disabled():
-                return self.actor_critic.policy_logits(input_ids, attention_mask, context_length)
+                return self.actor_critic.policy_logprobs(input_ids, attention_mask, context_length, tokens,
+                                                         temperature, chunk_tokens)
         position_ids = position_ids_from_mask(attention_mask)
-        out = self.separate_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False)
-        return out.logits[:, context_length - 1 : -1]
+        hidden = _trunk(self.separate_model)(input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=position_ids, use_cache=False).last_hidden_state
+        return core.logprobs_from_hidden(hidden[:, context_length - 1 : -1], self.separate_model.get_output_embeddings(),
+                                         tokens, temperature, chunk_tokens)[0]
 
 
 def build_policy(base: nn.Module, lora: Any) -> nn.Module:
@@ -180,12 +197,27 @@ def build_policy(base: nn.Module, lora: Any) -> nn.Module:
     return get_peft_model(base, config)
 
 
-def build_critic(reward_model: Any, policy_tokenizer: Any) -> Critic:
-    """A trainable copy of the reward model as the value model (InstructGPT)."""
+def build_critic(reward_model: Any, policy_tokenizer: Any, policy_vocab_rows: int,
+                 compute_dtype: torch.dtype = torch.float32) -> Critic:
+    """A trainable copy of the reward model as the value model (InstructGPT); its weights in fp32
+    (all of it trains), its forward under bf16 autocast when `compute_dtype` is bf16.
+
+    The critic reads the policy's sampled token ids as they are, so it must embed every id the policy
+    can emit: `policy_vocab_rows`, the policy's embedding rows. A tokenizer longer than its checkpoint's
+    embedding (transformers adds `<|endoftext|>` to a fresh byte-level BPE tokenizer, one past a
+    32,000-row model) makes align.modeling.load_causal_lm grow the policy's table, while the reward model
+    keeps its checkpoint's; the policy then samples the extra id now and then (more often the longer the
+    responses) and the critic's embedding lookup read past its table: IndexError on a CPU, a device-side
+    assert on a GPU. The scorer never sees such ids (it re-tokenizes decoded text, specials skipped)."""
+    from align.precision import upcast_trainable
+
     if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise UserError("value_model=reward_model needs the reward model to share the policy's tokenizer")
     model = copy.deepcopy(reward_model.model)
+    if model.get_input_embeddings().num_embeddings < policy_vocab_rows:
+        model.resize_token_embeddings(policy_vocab_rows)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return Critic(model)
+    upcast_trainable(model)
+    return Critic(model, compute_dtype)

@@ -12,7 +12,8 @@ Run directory (the PPO contract in the brief):
     RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
     RUN/value_head.safetensors   value head (or critic) weights
     RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
-                                 RNG states of every process, data position
+                                 RNG states of every process, data position (ppo.checkpoint)
+The final held-out evaluation is ppo.evaluation.
 """
 
 from __future__ import annotations
@@ -21,31 +22,45 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from align.chat import render_prompt
 from align.config import config_to_dict
 from align.errors import UserError
-from align.run import MetricsWriter, atomic_directory, prepare_run_dir, read_metrics, write_json_atomic
+from align.precision import (
+    checkpointing_active,
+    enable_gradient_checkpointing,
+    torch_dtype,
+)
+from align.run import (
+    MetricsWriter,
+    atomic_directory,
+    prepare_run_dir,
+    read_metrics,
+    write_json_atomic,
+)
 from ppo import core
+from ppo.checkpoint import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from ppo.config import PPOConfig
-from ppo.data import PromptSampler, is_synthetic, load_prompts
+from ppo.data import PromptSampler, gold_judge, load_prompts
+from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.sampling import sample_responses
 
 log = logging.getLogger("align")
-
-CHECKPOINTS = "checkpoints"
-EVAL_SEED_OFFSET = 10_007  # eval samples depend on the final weights only, not on the training RNG
 
 
 class Scorer(Protocol):
@@ -54,28 +69,29 @@ class Scorer(Protocol):
     def score(self, prompts: list, responses: list[str], batch_size: int = 64) -> torch.Tensor: ...
 
 
-def run_ppo(cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False) -> dict[str, Any]:
+def run_ppo(cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False,
+            judge: Judge | None = None) -> dict[str, Any]:
     """Align cfg.policy_model against the reward model; returns the summary (also RUN/summary.json).
 
     `resume=True` continues the run in cfg.output_dir from its latest checkpoint.
     `reward_model` replaces loading cfg.reward_model (any object with `.score`).
+    `judge` scores the held-out samples for eval/gold_* (default: the synthetic task's gold judge
+    when eval_prompts is synthetic, `ppo.data.gold_judge`).
     """
-    trainer = PPOTrainer(cfg, reward_model=reward_model, resume=resume)
+    trainer = PPOTrainer(cfg, reward_model=reward_model, resume=resume,
+                         judge=judge if judge is not None else gold_judge(cfg.eval_prompts))
     trainer.setup()
     return trainer.train()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINTS).glob("iter-*")) if (run_dir / CHECKPOINTS).is_dir() else []
-    return found[-1] if found else None
-
-
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False):
+    def __init__(self, cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool = False,
+                 judge: Judge | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.reward_model = reward_model
         self.resume = resume
+        self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
 
     # ------------------------------------------------------------------------------------ setup
@@ -99,7 +115,8 @@ class PPOTrainer:
         self.device = self.accelerator.device
         self._check_distributed_setup()
         self.is_main = self.accelerator.is_main_process
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
+        reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
 
         # Identical initialisation on every process (DDP also broadcasts rank 0's weights).
         set_seed(cfg.seed)
@@ -110,11 +127,18 @@ class PPOTrainer:
         if self.reward_model is None:  # first: a wrong path fails before any model is loaded
             from reward.model import load_reward_model
 
-            self.reward_model = load_reward_model(cfg.reward_model, device=str(self.device))
+            self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
-        critic = build_critic(self.reward_model, self.tokenizer) if cfg.value_model == "reward_model" else None
+        critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
+                               reward_dtype) if cfg.value_model == "reward_model" else None)
+        # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
         self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
         self.model.eval()  # dropout off throughout: rollout and training log-probs must agree
+        self.checkpointed = []  # the layers that recompute their activations in the backward
+        if cfg.gradient_checkpointing:
+            self.checkpointed = enable_gradient_checkpointing(base)
+            if critic is not None:
+                self.checkpointed += enable_gradient_checkpointing(critic.trunk)
         separate_ref = None
         if cfg.ref_model is not None:
             separate_ref = load_causal_lm(resolve_model_path(cfg.ref_model), dtype=dtype, tokenizer=self.tokenizer)
@@ -146,11 +170,12 @@ class PPOTrainer:
         # Each process samples different responses (per-rank seeds).
         set_seed(cfg.seed + rank)
         if self.resume:
-            self.load_checkpoint(latest_checkpoint(self.run_dir))
+            load_checkpoint(self, latest_checkpoint(self.run_dir))
         if self.is_main:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
-            self._truncate_metrics()
+            else:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
             self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
 
@@ -196,7 +221,7 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
             bar.update(1)
             if cfg.save_every and self.iteration % cfg.save_every == 0:
-                self.save_checkpoint()
+                save_checkpoint(self)
         bar.close()
         summary = self.finish(last, time.perf_counter() - start)
         self.accelerator.end_training()
@@ -286,10 +311,12 @@ class PPOTrainer:
     def sampling_weights(self, adapter: bool) -> contextlib.AbstractContextManager:
         """The SFT model (adapter off) or the policy. In fp32 the policy's LoRA update is merged
         into the base for sampling (one matmul per layer instead of three); in bf16 a young
-        adapter's small update would round away in the merged weights, so it stays separate."""
+        adapter's small update would round away in the merged weights, so it stays separate
+        unless `sample_merged` asks for it (see PPOConfig.sample_merged)."""
         if not adapter:
             return self.model.adapter_disabled()
-        return self.model.adapter_merged() if self.sampler_is_exact else contextlib.nullcontext()
+        merge = self.sampler_is_exact if self.cfg.sample_merged is None else self.cfg.sample_merged
+        return self.model.adapter_merged() if merge else contextlib.nullcontext()
 
     @property
     def sampler_is_exact(self) -> bool:
@@ -311,20 +338,23 @@ class PPOTrainer:
     @torch.no_grad()
     def policy_logprobs_and_values(self, seqs: Samples | Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) log pi(a_t|s_t) and V(s_t) of the current policy by full forwards, a minibatch at a time."""
+        cfg = self.cfg
         logprobs, values = [], []
-        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(self.cfg.mini_batch_size):
-            logits, value = self.model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length)
-            logprobs.append(core.logprobs_from_logits(logits, seqs.response_ids[rows], self.cfg.temperature))
+        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(cfg.mini_batch_size):
+            logp, _, value = self.model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length,
+                                        seqs.response_ids[rows], cfg.temperature, cfg.logprob_chunk_tokens)
+            logprobs.append(logp)
             values.append(value.float())
         return torch.cat(logprobs), torch.cat(values)
 
     @torch.no_grad()
     def reference_logprobs(self, seqs: Samples | Experience) -> torch.Tensor:
         """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, a minibatch at a time."""
+        cfg = self.cfg
         out = []
-        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(self.cfg.mini_batch_size):
-            ref_logits = self.reference.logits(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length)
-            out.append(core.logprobs_from_logits(ref_logits, seqs.response_ids[rows], self.cfg.temperature))
+        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(cfg.mini_batch_size):
+            out.append(self.reference.logprobs(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length,
+                                               seqs.response_ids[rows], cfg.temperature, cfg.logprob_chunk_tokens))
         return torch.cat(out)
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
@@ -379,13 +409,18 @@ class PPOTrainer:
         """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
         tokens. Returns its statistics, weighted the same way (they sum to the minibatch's)."""
         cfg = self.cfg
-        logits, mb_values = self.ddp_model(mb.input_ids, mb.attention_mask, mb.context_length)
-        mb_logprobs, mb_entropy = core.logprobs_and_entropy(logits, mb.response_ids, cfg.temperature)
-        pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef)
-        vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
-        entropy = core.masked_mean(mb_entropy, mb.response_mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-        self.accelerator.backward(loss * weight)
+        # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward
+        with checkpointing_active(self.checkpointed):
+            mb_logprobs, mb_entropy, mb_values = self.ddp_model(
+                mb.input_ids, mb.attention_mask, mb.context_length, mb.response_ids, cfg.temperature,
+                cfg.logprob_chunk_tokens, with_entropy=True)
+            pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                 cfg.clip_coef)
+            vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask,
+                                                cfg.cliprange_value)
+            entropy = core.masked_mean(mb_entropy, mb.response_mask)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+            self.accelerator.backward(loss * weight)
         stats = {
             "policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
             "policy/entropy": entropy, "val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
@@ -393,60 +428,6 @@ class PPOTrainer:
         }
         return {k: (v.detach() * weight).item() for k, v in stats.items()}
 
-    # ------------------------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """RM (and gold) scores of SFT vs policy samples on held-out prompts; KL of the policy's."""
-        cfg = self.cfg
-        prompts = self.eval_prompts
-        sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
-        for s in range(0, len(prompts), cfg.eval_batch_size):
-            batch = prompts[s: s + cfg.eval_batch_size]
-            for which in ("sft", "policy"):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
-                    samples = self.generate(batch, adapter=which == "policy")
-                texts = self.decode(samples.response_ids, samples.response_mask)
-                eos[which].extend((samples.response_ids == self.tokenizer.eos_token_id).any(-1).tolist())
-                if which == "sft":
-                    sft_texts.extend(texts)
-                    continue
-                pol_texts.extend(texts)
-                kl = core.kl_penalty(samples.logprobs, self.reference_logprobs(samples), cfg.kl.estimator)
-                seq_kl.extend((kl * samples.response_mask).sum(-1).tolist())
-        sft_rewards = self.reward_model.score(prompts, sft_texts).float().tolist()
-        pol_rewards = self.reward_model.score(prompts, pol_texts).float().tolist()
-        metrics = {
-            "eval/reward_sft": statistics.fmean(sft_rewards),
-            "eval/reward_policy": statistics.fmean(pol_rewards),
-            "eval/kl": statistics.fmean(seq_kl),
-            "eval/kl_target": cfg.kl.target,
-            "eval/eos_rate_sft": statistics.fmean(eos["sft"]),
-            "eval/eos_rate_policy": statistics.fmean(eos["policy"]),
-            "eval/num_prompts": len(prompts),
-        }
-        gold_sft = gold_pol = [None] * len(prompts)
-        if is_synthetic(cfg.eval_prompts):
-            from align.synthetic import gold_score
-
-            gold_sft = [gold_score(p, r) for p, r in zip(prompts, sft_texts)]
-            gold_pol = [gold_score(p, r) for p, r in zip(prompts, pol_texts)]
-            metrics.update({
-                "eval/gold_sft": statistics.fmean(gold_sft),
-                "eval/gold_policy": statistics.fmean(gold_pol),
-                "eval/gold_sft_std": statistics.stdev(gold_sft) if len(gold_sft) > 1 else 0.0,
-            })
-            metrics["eval/gold_gain_in_sft_std"] = (
-                (metrics["eval/gold_policy"] - metrics["eval/gold_sft"]) / metrics["eval/gold_sft_std"]
-                if metrics["eval/gold_sft_std"] > 0 else 0.0)
-        samples = [
-            {"prompt": p, "sft_response": a, "policy_response": b, "sft_reward": ra, "policy_reward": rb,
-             "sft_gold": ga, "policy_gold": gb, "policy_kl": k}
-            for p, a, b, ra, rb, ga, gb, k in zip(prompts, sft_texts, pol_texts, sft_rewards, pol_rewards,
-                                                  gold_sft, gold_pol, seq_kl)
-        ]
-        return metrics, samples
 
     # ------------------------------------------------------------------------------------ outputs
 
@@ -465,7 +446,7 @@ class PPOTrainer:
             summary["world_size"] = self.accelerator.num_processes
             if self.eval_prompts:
                 t = time.perf_counter()
-                eval_metrics, samples = self.evaluate()
+                eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge)
                 summary.update(eval_metrics)
                 summary["timing/eval_s"] = time.perf_counter() - t
                 with (self.run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
@@ -490,76 +471,3 @@ class PPOTrainer:
         tmp_file = self.run_dir / ".value_head.safetensors.tmp"
         save_file(self.model.value_state_dict(), str(tmp_file))
         os.replace(tmp_file, self.run_dir / "value_head.safetensors")
-
-    # ------------------------------------------------------------------------------------ checkpoints
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def save_checkpoint(self) -> None:
-        """Everything a resumed run needs to continue exactly, written atomically."""
-        from accelerate.utils import gather_object
-        from safetensors.torch import save_file
-
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        rng_all = gather_object([rng])  # one per process, in rank order
-        if self.is_main:
-            target = self.run_dir / CHECKPOINTS / f"iter-{self.iteration:06d}"
-            with atomic_directory(target, overwrite=True) as tmp:
-                save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save(rng_all, tmp / "rng_states.pt")
-                write_json_atomic(tmp / "trainer_state.json", {
-                    "iteration": self.iteration, "sampler": self.sampler.state_dict(),
-                    "kl_controller": self.kl_ctl.state_dict(), "world_size": self.accelerator.num_processes,
-                })
-            old = sorted((self.run_dir / CHECKPOINTS).glob("iter-*"))[: -self.cfg.keep_checkpoints]
-            for path in old:
-                shutil.rmtree(path, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-
-    def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["world_size"] != self.accelerator.num_processes:
-            raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
-                            f"number (got {self.accelerator.num_processes})")
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.iteration = state["iteration"]
-        rng = torch.load(path / "rng_states.pt", weights_only=False)[self.accelerator.process_index]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.is_main:
-            log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
-
-    def _truncate_metrics(self) -> None:
-        """On resume, drop metric rows written after the checkpoint (they will be recomputed)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.resume or not path.exists():
-            return
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            if row.get("iteration", 0) <= self.iteration:
-                rows.append(row)
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)

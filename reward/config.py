@@ -36,6 +36,13 @@ class ModelSection:
         "on a CPU (demo model: a training step 7% faster), sdpa for real models.",
     )
     max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation).", ge=8)
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        help="Storage dtype of the weights. bfloat16 halves the frozen weights and runs the forward under bf16 "
+        "autocast; whatever is trained (LoRA adapters, score head, full fine-tuning's weights) and the AdamW state "
+        "stay fp32, since a bf16 weight rounds away updates below 1/256 of its size (fp32 master weights, "
+        "Micikevicius et al. 2018).",
+    )
 
 
 @dataclass
@@ -105,6 +112,12 @@ class TrainSection:
         4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
     )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+    gradient_checkpointing: bool = option(
+        False,
+        help="Recompute each layer's activations in the backward instead of keeping them (about a third more "
+        "compute, activation memory of one layer). The prompt-sharing forward needs the prompts' cached keys, "
+        "which checkpointing drops, so each response is then forwarded whole with its prompt.",
+    )
     seed: int = option(0, help="Seed of the shuffle and of the head initialisation.")
     num_threads: int | None = option(None, help="torch CPU threads per process (default: torch's choice).", ge=1)
 

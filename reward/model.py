@@ -47,14 +47,15 @@ def init_score_head(model: nn.Module, seed: int = 0) -> None:
 
 def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = None, seed: int = 0,
                        train_layers: int | None = None, freeze_embeddings: bool = False,
-                       attn_implementation: str = "auto") -> nn.Module:
-    """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
+                       attn_implementation: str = "auto", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """AutoModelForSequenceClassification(num_labels=1) on `base_path`, in `dtype`, dropout off.
 
     `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters, the score head
     in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
     `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
     `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).
     `attn_implementation`: "auto" (transformers' default), "eager" or "sdpa".
+    `dtype`: the weights' storage dtype (bf16 halves them; the trainer keeps what it trains in fp32).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -68,7 +69,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=1, dtype=torch.float32,
+            base_path, num_labels=1, dtype=dtype,
             attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -266,9 +267,15 @@ def _model_dir(path: str | Path) -> Path:
     raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / 'model'})")
 
 
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
-    """Load RUN or RUN/model: a full checkpoint or a PEFT adapter (merged here), with its normalisation."""
+def load_reward_model(path: str | Path, device: str | torch.device | None = None,
+                      dtype: torch.dtype = torch.float32) -> RewardModel:
+    """Load RUN or RUN/model: a full checkpoint or a PEFT adapter (merged here), with its normalisation.
+    `device` None: the GPU when there is one, else the CPU; `dtype`: the weights' dtype (bf16 for scoring)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.precision import default_device
+
+    device = default_device() if device is None else device
 
     model_dir = _model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -278,11 +285,11 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
         base = PeftConfig.from_pretrained(model_dir).base_model_name_or_path
         if not Path(base).exists():
             raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint {base}, which is missing")
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
     configure_padding(model, tokenizer)
     model.to(device).eval()
     norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))

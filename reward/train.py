@@ -30,16 +30,55 @@ import torch
 
 from align.config import config_to_dict
 from align.errors import UserError
+from align.precision import (
+    autocast,
+    enable_gradient_checkpointing,
+    torch_dtype,
+    upcast_trainable,
+)
 from reward.config import RewardConfig
-from reward.data import RankingBatch, RankingCollator, RankingDataset, RewardData, expand_to_pairs, load_reward_data
+from reward.data import (
+    RankingBatch,
+    RankingCollator,
+    RankingDataset,
+    RewardData,
+    expand_to_pairs,
+    load_reward_data,
+)
 from reward.evaluate import format_table, ranking_metrics, reward_table
-from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
-from reward.model import build_reward_model, fit_normalization, forward_rewards_shared_prompts, prepare_tokenizer, save_reward_model, score_texts
+from reward.losses import (
+    kwise_ranking_loss,
+    pair_accuracy,
+    pairwise_loss,
+    reward_centering_loss,
+)
+from reward.model import (
+    build_reward_model,
+    fit_normalization,
+    forward_rewards,
+    forward_rewards_shared_prompts,
+    prepare_tokenizer,
+    save_reward_model,
+    score_texts,
+)
 
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def whole_sequences(batch: RankingBatch, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L) right-padded ids and mask of the batch's sequences, each prompt joined to its continuation."""
+    seqs = batch.full_sequences()
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    device = batch.continuation_ids.device
+    return ids.to(device), mask.to(device)
 
 
 class RewardTrainer:
@@ -82,9 +121,12 @@ class RewardTrainer:
                                        max_length=cfg.model.max_length)
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
+        self.dtype = torch_dtype(cfg.model.dtype)
         model = build_reward_model(self.base_path, self.tokenizer, lora=cfg.lora, seed=cfg.train.seed,
                                    train_layers=cfg.model.train_layers, freeze_embeddings=cfg.model.freeze_embeddings,
-                                   attn_implementation=cfg.model.attn_implementation)
+                                   attn_implementation=cfg.model.attn_implementation, dtype=self.dtype)
+        upcast_trainable(model)  # bf16 storage: what is trained (and its AdamW state) stays fp32
+        self.checkpointed = enable_gradient_checkpointing(model) if cfg.train.gradient_checkpointing else []
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
@@ -96,6 +138,7 @@ class RewardTrainer:
             optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.device = self.accelerator.device
         self.params = params
         if self.is_main:
             prepare_run_dir(self.out, cfg)
@@ -128,18 +171,25 @@ class RewardTrainer:
         return batches
 
     def local_batch(self, global_batch: list[int]) -> RankingBatch:
-        """This rank's contiguous slice of the global batch (sizes differ by at most one)."""
+        """This rank's contiguous slice of the global batch (sizes differ by at most one), collated on
+        the CPU and moved to the model's device here, the one place a training batch changes device."""
         per, extra = divmod(len(global_batch), self.world)
         start = self.rank * per + min(self.rank, extra)
         mine = global_batch[start : start + per + (1 if self.rank < extra else 0)]
-        return self.collate([self.train_set[i] for i in mine])
+        return self.collate([self.train_set[i] for i in mine]).to(self.device)
 
     # ----------------------------------------------------------------------- training
 
     def step(self, batch: RankingBatch) -> dict[str, float]:
         cfg = self.cfg.train
-        # 2. one forward pass over every response of every ranking in the batch (each prompt once)
-        rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets)  # (N,)
+        # 2. one forward pass over every response of every ranking in the batch (each prompt once;
+        #    whole sequences under gradient checkpointing, which drops the prompts' cache)
+        with autocast(self.device, self.dtype):
+            if self.checkpointed:
+                ids, mask = whole_sequences(batch, self.collate.pad_token_id)
+                rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
+            else:
+                rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets).float()  # (N,)
         # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over rankings
         loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
         if cfg.center_coef > 0:
@@ -209,14 +259,15 @@ class RewardTrainer:
                 prompts.append(r.prompt)
         random.Random(f"normalize:{self.cfg.train.seed}").shuffle(prompts)
         prompts = prompts[: ecfg.normalize_prompts]
-        sft = load_causal_lm(self.base_path)
+        sft = load_causal_lm(self.base_path, dtype=self.dtype).to(self.device)
         samples = generate_responses(sft, self.tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
                                      seed=self.cfg.train.seed)
         del sft
         prepare_tokenizer(self.tokenizer)  # generation switched it to left padding
         responses = [s[0] for s in samples]
-        raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
-                          max_length=self.cfg.model.max_length, batch_size=ecfg.batch_size)
+        with autocast(self.device, self.dtype):
+            raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
+                              max_length=self.cfg.model.max_length, batch_size=ecfg.batch_size)
         gain, bias = fit_normalization(raw)
         return gain, bias, len(responses)
 
@@ -235,8 +286,10 @@ class RewardTrainer:
             t = time.perf_counter()
             annotator_labels = self.data.eval_annotator or []
             # each held-out response forwarded once, whichever label sets it appears in
-            rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
-                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size, gain=gain, bias=bias)
+            with autocast(self.device, self.dtype):
+                rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
+                                       max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size,
+                                       gain=gain, bias=bias)
             summary.update(ranking_metrics(self.data.eval, rewards, "eval/"))
             summary["eval/label_source"] = self.data.eval_label
             if annotator_labels:
@@ -257,6 +310,7 @@ class RewardTrainer:
                 "timing/normalize_s": normalize_s,
                 "timing/eval_s": eval_s,
                 "memory/peak_rss_mb": peak_memory_mb(),
+                **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             })
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}

@@ -26,13 +26,44 @@ def test_logprobs_from_logits_uses_the_sampling_temperature():
     close(core.logprobs_from_logits(logits, tokens, temperature=2.0), [[math.log(p0), math.log(p0), math.log(p2)]])
 
 
-def test_logprobs_and_entropy():
+@pytest.mark.parametrize("chunk_tokens", [0, 1, 2])
+def test_logprobs_and_entropy_from_hidden(chunk_tokens):
+    # The head is the identity, so the hidden states are the logits.
     # entropies: uniform over 3 -> ln 3; (1/4, 1/4, 1/2) -> -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 1.5 ln 2
-    # log-probs of tokens (0, 2, 1) = (ln 1/3, ln 1/2, ln 1/3)
+    # log-probs of tokens (0, 2, 1) = (ln 1/3, ln 1/2, ln 1/3); in chunks of 1 or 2 positions alike
     logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, 5.0, 5.0]]])
-    logp, entropy = core.logprobs_and_entropy(logits, torch.tensor([[0, 2, 1]]))
+    logp, entropy = core.logprobs_from_hidden(logits, lambda h: h, torch.tensor([[0, 2, 1]]),
+                                              chunk_tokens=chunk_tokens, with_entropy=True)
     close(logp, [[math.log(1 / 3), math.log(0.5), math.log(1 / 3)]])
     close(entropy, [[math.log(3), 1.5 * math.log(2), math.log(3)]])
+    assert core.logprobs_from_hidden(logits, lambda h: h, torch.tensor([[0, 2, 1]]))[1] is None
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 5])
+def test_chunked_logprobs_match_the_whole_logits_in_value_and_gradient(chunk_tokens):
+    # (B=2, T=3) positions, H=4, V=7 through a linear head, at temperature 0.7; chunks of 1, 4 (a
+    # ragged last chunk) and 5 positions must give the plain computation's values and gradients
+    # for the hidden states and the head's weight.
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(4, 7, bias=False).double()
+    tokens = torch.tensor([[0, 6, 3], [2, 2, 5]])
+
+    def loss_and_grads(fn):
+        head.zero_grad()
+        hidden.grad = None
+        logp, entropy = fn()
+        (logp * torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]], dtype=torch.float64) + 0.3 * entropy).sum().backward()
+        return logp.detach(), entropy.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    def plain():
+        logp = torch.log_softmax(head(hidden) / 0.7, -1)
+        return logp.gather(-1, tokens[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+    expected = loss_and_grads(plain)
+    actual = loss_and_grads(lambda: core.logprobs_from_hidden(hidden, head, tokens, 0.7, chunk_tokens, True))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_kl_penalty_k1_and_k3():

@@ -49,40 +49,39 @@ def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small
     assert value_error(new_values) < value_error(exp.values), (value_error(new_values), value_error(exp.values))
 
 
-def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run, demo_model):
+def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run):
     # The loss is a token mean over the minibatch, so accumulating 4 micro-batches (grouped by
-    # length) gives the gradient of one pass over all 8 episodes. The demo model's responses end
-    # at different lengths, so per-micro-batch means would weight their tokens differently.
-    first_step_grads = []
-    for accumulation in (1, 4):
-        overrides = [o for o in small_run if not o.startswith(("policy_model=", "response_length="))]
-        overrides += [f"policy_model={demo_model}", "response_length=24", "batch_size=8", "num_mini_batches=1",
-                      f"gradient_accumulation_steps={accumulation}", "num_ppo_epochs=1", "max_grad_norm=1e9",
-                      "overwrite=true"]
-        trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
-        trainer.setup()
-        grads = {}
-        step = trainer.optimizer.step
+    # length) gives the gradient of one pass over all 8 episodes. The responses are given lengths
+    # 1..8 here (not left to sampling), so per-micro-batch means would weight their tokens differently.
+    overrides = [o for o in small_run if not o.startswith("response_length=")]
+    overrides += ["response_length=8", "batch_size=8", "num_mini_batches=1", "gradient_accumulation_steps=1",
+                  "num_ppo_epochs=1", "max_grad_norm=1e9"]
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
+    trainer.setup()
+    captured = {}
+    optimize = trainer.optimize
+    trainer.optimize = lambda exp: captured.setdefault("exp", exp) and {}
+    trainer.step()  # rollout, scores, KL rewards and advantages of a real iteration
+    exp = captured["exp"]
+    width = 8
+    for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "kl", "rewards",
+                 "advantages", "returns"):  # a batch that ended early: widen it to 8 columns
+        value = getattr(exp, name)
+        setattr(exp, name, torch.nn.functional.pad(value, (0, width - value.shape[1])))
+    lengths = torch.tensor([3, 8, 1, 6, 2, 7, 5, 4])
+    exp.response_mask = (torch.arange(width) < lengths[:, None]).long()
 
-        def recording_step(*args, trainer=trainer, grads=grads, step=step, **kwargs):
-            if not grads:
-                grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-            return step(*args, **kwargs)
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    for accumulation in (1, 4):
+        trainer.cfg.gradient_accumulation_steps = accumulation
+
+        def recording_step(*args, key=accumulation, **kwargs):  # record the first gradient; weights stay put
+            grads[key] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
         trainer.optimizer.step = recording_step
-        experiences = []
-        optimize = trainer.optimize
-
-        def recording_optimize(exp, experiences=experiences, optimize=optimize):
-            experiences.append(exp)
-            return optimize(exp)
-
-        trainer.optimize = recording_optimize
-        trainer.step()
-        lengths = experiences[0].response_mask.sum(-1)
-        first_step_grads.append(grads)
-    assert lengths.unique().numel() > 2, lengths  # micro-batches of unequal token counts
-    whole, accumulated = first_step_grads
+        torch.manual_seed(0)  # the same minibatch order
+        optimize(exp)
+    whole, accumulated = grads[1], grads[4]
     assert whole.keys() == accumulated.keys() and any("lora_" in n for n in whole)
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -8,13 +8,15 @@ import torch
 
 from align.config import load_config
 from ppo.config import PPOConfig
+from ppo.data import gold_judge
 from ppo.trainer import PPOTrainer
 
 
 def test_base_weights_bit_identical_only_adapter_and_value_head_change(small_run, ppo_policy_path):
     from safetensors.torch import load_file
 
-    trainer = PPOTrainer(load_config(PPOConfig, None, small_run))
+    cfg = load_config(PPOConfig, None, small_run)
+    trainer = PPOTrainer(cfg, judge=gold_judge(cfg.eval_prompts))
     trainer.setup()
     frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -45,21 +47,28 @@ def test_base_weights_bit_identical_only_adapter_and_value_head_change(small_run
     assert (run / "value_head.safetensors").exists()
     assert summary["iteration"] == 3 and "eval/gold_policy" in summary
 
-    from align.modeling import load_causal_lm
     from peft import PeftModel
+
+    from align.modeling import load_causal_lm
+    from ppo import core
 
     ids = torch.tensor([[5, 17, 42, 9, 33, 2]])
     mask = torch.ones_like(ids)
+    tokens = ids[:, 3:]
+
+    def logprobs(logits):
+        return core.logprobs_from_logits(logits, tokens)
+
     sft = load_causal_lm(ppo_policy_path).eval()
     with torch.no_grad():
-        sft_logits = sft(input_ids=ids, attention_mask=mask).logits[:, 2:-1]
-        ref_logits = trainer.reference.logits(ids, mask, context_length=3)
-        policy_logits, _ = trainer.model(ids, mask, context_length=3)
+        sft_logp = logprobs(sft(input_ids=ids, attention_mask=mask).logits[:, 2:-1])
+        ref_logp = trainer.reference.logprobs(ids, mask, 3, tokens, 1.0)
+        policy_logp, _, _ = trainer.model(ids, mask, 3, tokens, 1.0)
         reloaded = PeftModel.from_pretrained(load_causal_lm(ppo_policy_path), run / "policy").eval()
-        reloaded_logits = reloaded(input_ids=ids, attention_mask=mask).logits[:, 2:-1]
-    torch.testing.assert_close(ref_logits, sft_logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(reloaded_logits, policy_logits, rtol=0, atol=1e-5)
-    assert not torch.allclose(policy_logits, sft_logits), "the policy should differ from the SFT model"
+        reloaded_logp = logprobs(reloaded(input_ids=ids, attention_mask=mask).logits[:, 2:-1])
+    torch.testing.assert_close(ref_logp, sft_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reloaded_logp, policy_logp, rtol=0, atol=1e-5)
+    assert not torch.allclose(policy_logp, sft_logp), "the policy should differ from the SFT model"
 
 
 def test_value_head_learns_at_value_lr_scale_times_the_policy_rate(small_run):
@@ -96,7 +105,6 @@ def test_critic_initialised_from_the_reward_model_learns_beside_the_adapter(smal
 
 
 def test_trimmed_minibatch_gives_the_same_logprobs_and_values(small_run):
-    from ppo import core
 
     trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, "response_length=16"]))
     trainer.setup()
@@ -108,10 +116,10 @@ def test_trimmed_minibatch_gives_the_same_logprobs_and_values(small_run):
     assert trimmed.response_ids.shape[1] == 10
     assert trimmed.query_ids.shape[1] == int(exp.query_mask.sum(1).max())  # the longest prompt, no pad column
     with torch.no_grad():
-        logits, values = trainer.model(exp.input_ids, exp.attention_mask, exp.context_length)
-        t_logits, t_values = trainer.model(trimmed.input_ids, trimmed.attention_mask, trimmed.context_length)
-    full = core.logprobs_from_logits(logits, exp.response_ids, 1.0)[:, :10]
-    short = core.logprobs_from_logits(t_logits, trimmed.response_ids, 1.0)
+        full, _, values = trainer.model(exp.input_ids, exp.attention_mask, exp.context_length, exp.response_ids, 1.0)
+        short, _, t_values = trainer.model(trimmed.input_ids, trimmed.attention_mask, trimmed.context_length,
+                                           trimmed.response_ids, 1.0)
+    full = full[:, :10]
     mask = trimmed.response_mask.bool()
     torch.testing.assert_close(short[mask], full[mask], rtol=0, atol=1e-5)
     torch.testing.assert_close(t_values[mask], values[:, :10][mask], rtol=0, atol=1e-5)

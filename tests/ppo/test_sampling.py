@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from align.config import load_config
@@ -81,6 +82,71 @@ def test_bf16_rollouts_keep_the_adapter_apart_and_recompute_old_logprobs(small_r
                 p.normal_(std=1e-3)
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     exp, _ = trainer.rollout(trainer.sampler.next_batch())
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
+    logprobs, values = trainer.policy_logprobs_and_values(exp)
+    mask = exp.response_mask.bool()
+    assert torch.equal(exp.logprobs[mask], logprobs[mask])  # the first PPO ratio is exactly 1
+    assert torch.equal(exp.values[mask], values[mask])
+
+
+class _Decoder:
+    """A decoder whose logits favour eos more at each step; NaN logits from `nan_at` on."""
+
+    config = None
+
+    def __init__(self, vocab: int = 5, eos: int = 4, nan_at: int | None = None):
+        self.vocab, self.eos, self.nan_at, self.steps = vocab, eos, nan_at, 0
+
+    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+        logits = torch.zeros(input_ids.shape[0], self.vocab)
+        logits[:, self.eos] = self.steps * 0.7
+        if self.nan_at is not None and self.steps >= self.nan_at:
+            logits[:, :] = float("nan")
+        self.steps += 1
+        return logits, None
+
+
+def _sample(decoder, sync_every, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "StaticCache", lambda **kwargs: None)
+    ids = torch.tensor([[1, 2, 3], [0, 2, 1], [3, 3, 3]])
+    torch.manual_seed(0)
+    return sample_responses(decoder, ids, torch.ones_like(ids), max_new_tokens=24, temperature=1.0,
+                            eos_token_id=4, pad_token_id=0, sync_every=sync_every)
+
+
+def test_checking_for_the_end_every_8_steps_samples_the_same_responses(monkeypatch):
+    # On a GPU the loop asks the device whether every row has ended only every 8 steps; the rows
+    # that ended in between get pad, so the responses and log-probs are those of checking every step.
+    every_step = _sample(_Decoder(), 1, monkeypatch)
+    every_8 = _sample(_Decoder(), 8, monkeypatch)
+    assert (every_step[0] == 4).any(-1).all()  # every row ended before 24 tokens
+    torch.testing.assert_close(every_8[0], every_step[0], rtol=0, atol=0)
+    torch.testing.assert_close(every_8[1], every_step[1], rtol=0, atol=0)
+
+
+def test_non_finite_logits_raise_at_the_next_check(monkeypatch):
+    for sync_every in (1, 8):
+        with pytest.raises(FloatingPointError):
+            _sample(_Decoder(nan_at=3), sync_every, monkeypatch)
+
+
+def test_bf16_rollouts_sampled_with_the_merged_adapter_keep_ratio_one_and_the_base(small_run):
+    # sample_merged in bf16: the samples come from the merged (rounded) weights, pi_old and V_old
+    # still from the training forward, and the base comes back bit for bit.
+    trainer = PPOTrainer(load_config(PPOConfig, None, small_run + ["dtype=bfloat16", "sample_merged=true"]))
+    trainer.setup()
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-2)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    merged = []
+    adapter_merged = trainer.model.adapter_merged
+    trainer.model.adapter_merged = lambda: merged.append(1) or adapter_merged()
+    exp, _ = trainer.rollout(trainer.sampler.next_batch())
+    assert merged == [1]
     assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
     logprobs, values = trainer.policy_logprobs_and_values(exp)
     mask = exp.response_mask.bool()

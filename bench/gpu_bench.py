@@ -1,0 +1,472 @@
+"""align vs TRL 1.12's PPOTrainer on one GPU, at a real model shape, in one command.
+
+    python bench/gpu_bench.py                  # Qwen2.5-0.5B body (387M with the 32k tokenizer)
+    python bench/gpu_bench.py --shape 1.5b     # Qwen2.5-1.5B body: does reward training + PPO fit?
+    python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
+    python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
+    python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
+
+What it does, each heavy step in a fresh process (clean timings and peak memory):
+
+1. trains a byte-level BPE tokenizer (32,000 tokens; `tiny`: 512) on the HH-RLHF and OpenAssistant
+   text in ../shared/data, with align's demo chat template;
+2. builds a random-init Qwen2 of the chosen shape (tied embeddings) and saves it;
+3. `align reward train` on the HH-RLHF pairs (full fine-tuning, bf16 storage, fp32 trained weights);
+4. `align ppo` twice: value head on the policy's LoRA trunk (align's default) and value_model=reward_model
+   (a separate critic, TRL's arrangement), with the issue's settings: 64 episodes x 128 new tokens,
+   4 PPO epochs, one minibatch of 4 micro-batches of 16, bf16, LoRA r=16 on all seven projections,
+   prompts from OpenAssistant's prompt lottery;
+5. TRL 1.12 `PPOTrainer` with the same settings, in its own packages (TRL 1.12 and `datasets`
+   installed with `pip --target` beside the running torch / transformers / peft / accelerate, or an
+   interpreter given with --trl-python);
+6. prints seconds per iteration (mean over the iterations after the first) with the rollout / score /
+   optimise split (align reports it; TRL does not), rollout tokens/s (generated tokens over the rollout
+   phase, which includes the pi_old / pi_ref forwards), peak GPU memory and an MFU estimate.
+
+MFU = model FLOPs / (seconds x peak bf16 FLOP/s). Model FLOPs per iteration count 2 N per token for each
+forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N per token per PPO epoch
+(PaLM's convention, Chowdhery et al. 2022, appendix B; LoRA skips the frozen weights' gradients, so
+the optimisation's real FLOPs are nearer 4 N), N = parameters without the input embedding, per model
+that runs; attention's own FLOPs are left out (small at these lengths). The same count divides both
+trainers' times, since they do the same work. Peak FLOP/s from the device name (--peak-tflops to set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_VERSION = "1.12.0"
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# hidden, MLP, layers, query heads, key-value heads, tokenizer size (Qwen2.5 config.json bodies)
+SHAPES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab": 512},
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab": 32000},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "vocab": 32000},
+}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense
+
+
+# ============================================================================ 1-2. tokenizer and model
+
+
+def corpus(data: Path) -> list[str]:
+    """The HH-RLHF transcripts and every OpenAssistant message and prompt."""
+    texts = []
+    with gzip.open(data / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+
+    def walk(node: dict) -> None:
+        texts.append(node.get("text", ""))
+        for child in node.get("replies", []):
+            walk(child)
+
+    for line in (data / "oasst" / "en_100_tree.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            walk(json.loads(line)["prompt"])
+    texts += prompts(data)
+    return texts
+
+
+def prompts(data: Path) -> list[str]:
+    lines = (data / "oasst" / "prompt_lottery_en_250_text.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def build_tokenizer(data: Path, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from align.chat import DEMO_CHAT_TEMPLATE
+    from align.demo_model import SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(data), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=32768)
+    fast.chat_template = DEMO_CHAT_TEMPLATE
+    return fast
+
+
+def build_model(out: Path, shape: str, data: Path, device: str, seed: int) -> dict:
+    """Tokenizer + random-init Qwen2 saved at `out` (bf16 on a GPU, fp32 on the CPU); returns its sizes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(SHAPES[shape])
+    tokenizer = build_tokenizer(data, spec.pop("vocab"))
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=32768, rope_theta=1_000_000.0,
+                         tie_word_embeddings=True, use_sliding_window=False, rms_norm_eps=1e-6,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **spec)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    model.to(dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return {"parameters": params, "non_embedding": params - embed, "vocab": len(tokenizer)}
+
+
+# ============================================================================ 3-5. workers (fresh processes)
+
+
+def peak_memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the CPU's max RSS
+
+
+def reward_worker(job: dict) -> dict:
+    from align.config import load_config
+    from reward.config import RewardConfig
+    from reward.train import train_reward_model
+
+    s = job["settings"]
+    cfg = load_config(RewardConfig, None, [
+        f"model.name_or_path={job['model']}", f"output_dir={job['out']}", "overwrite=true",
+        f"model.max_length={s['reward_max_length']}", f"model.dtype={s['dtype']}",
+        f"model.attn_implementation={s['attn']}", "data.format=hh", f"data.path={job['hh']}",
+        f"train.max_steps={s['reward_steps']}", f"train.batch_size={s['reward_batch_size']}",
+        "train.learning_rate=1e-5", f"train.gradient_checkpointing={s['gradient_checkpointing']}",
+        "train.log_every=10", f"eval.normalize_prompts={s['normalize_prompts']}",
+        f"eval.normalize_max_new_tokens={s['response_length']}", f"eval.batch_size={s['batch_size']}",
+        *([f"train.num_threads={s['threads']}"] if s["threads"] else []),
+    ])
+    start = time.perf_counter()
+    summary = train_reward_model(cfg, echo=lambda text: None)
+    return {"seconds": time.perf_counter() - start, "train_s": summary["timing/train_s"],
+            "steps": summary["train/steps"], "eval_accuracy": summary["eval/accuracy"],
+            "peak_gib": peak_memory_gib(), "model_dir": summary["model_dir"]}
+
+
+def align_worker(job: dict) -> dict:
+    from align.config import load_config
+    from align.run import read_metrics
+    from ppo.config import PPOConfig
+    from ppo.trainer import run_ppo
+
+    s = job["settings"]
+    micro = s["batch_size"] // s["micro_batch_size"]
+    cfg = load_config(PPOConfig, None, [
+        f"policy_model={job['model']}", f"reward_model={job['reward']}", f"output_dir={job['out']}", "overwrite=true",
+        f"value_model={job['value_model']}", f"prompts={job['prompts']}", "num_eval_prompts=0",
+        f"num_iterations={s['iterations']}", f"batch_size={s['batch_size']}", "num_mini_batches=1",
+        f"gradient_accumulation_steps={micro}", f"num_ppo_epochs={s['epochs']}",
+        f"response_length={s['response_length']}", "temperature=1.0", "learning_rate=1e-5",
+        "lr_scheduler=constant", "kl.adaptive=false", "kl.coef=0.05", "missing_eos_penalty=1.0",
+        "lora.r=16", "lora.alpha=32", f"lora.target_modules={SEVEN}", f"dtype={s['dtype']}",
+        f"gradient_checkpointing={s['gradient_checkpointing']}", "save_every=0", "progress=false",
+        f"seed={s['seed']}", *([f"num_threads={s['threads']}"] if s["threads"] else []),
+        *(["sample_merged=true"] if job.get("sample_merged") else []),
+    ])
+    summary = run_ppo(cfg)
+    rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
+    return {
+        "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/score_s", "timing/optimize_s",
+                                          "timing/iteration_s", "response/length")} for r in rows],
+        "peak_gib": peak_memory_gib(), "train_s": summary["timing/train_s"],
+    }
+
+
+def trl_worker(job: dict) -> dict:
+    """TRL 1.12's PPOTrainer: only torch / transformers / peft / datasets / trl here."""
+    for path in job.get("trl_path_first", []):
+        sys.path.insert(0, path)  # TRL 1.12 before any other installed TRL
+    for path in job.get("trl_path_last", []):
+        sys.path.append(path)  # datasets and its dependencies only where the environment lacks them
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    s = job["settings"]
+    bf16 = s["dtype"] == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    torch.manual_seed(s["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model"], local_files_only=True)
+    tokenizer.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, local_files_only=True)
+    reward_dir = Path(job["reward_model_dir"])
+
+    def classifier():
+        model = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype,
+                                                                   local_files_only=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"][-128:]
+                                               for t in job["rendered_prompts"]]})
+    micro = s["batch_size"] // s["micro_batch_size"]
+    config = PPOConfig(
+        output_dir=job["out"], per_device_train_batch_size=s["micro_batch_size"], gradient_accumulation_steps=micro,
+        num_mini_batches=1, num_ppo_epochs=s["epochs"], total_episodes=s["iterations"] * s["batch_size"],
+        response_length=s["response_length"], temperature=1.0, learning_rate=1e-5, lr_scheduler_type="constant",
+        kl_coef=0.05, kl_estimator="k1", missing_eos_penalty=1.0, stop_token="eos",
+        local_rollout_forward_batch_size=s["batch_size"], num_sample_generations=0, bf16=bf16, fp16=False,
+        gradient_checkpointing=s["gradient_checkpointing"], use_cpu=not torch.cuda.is_available(), report_to="none",
+        logging_steps=1, save_strategy="no", seed=s["seed"], dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=SEVEN, task_type="CAUSAL_LM")
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
+                         reward_model=classifier(), train_dataset=dataset, value_model=classifier(),
+                         peft_config=lora, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    times = [b - a for a, b in zip([start, *ends], ends)] if ends else [total / s["iterations"]] * s["iterations"]
+    return {"iterations": [{"timing/iteration_s": t} for t in times], "peak_gib": peak_memory_gib(), "train_s": total}
+
+
+WORKERS = {"reward": reward_worker, "align": align_worker, "trl": trl_worker}
+
+
+def run_worker(python: str, kind: str, job: dict, workdir: Path, env_extra: dict) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = workdir / f"{kind}-job.json", workdir / f"{kind}-result.json"
+    job_file.write_text(json.dumps(job))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PYTHONPATH": str(REPO) if kind != "trl" else "", **env_extra}
+    log_file = workdir / f"{kind}.log"
+    with log_file.open("w") as log:
+        done = subprocess.run([python, __file__, "--worker", kind, str(job_file), str(result_file)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {kind} run failed (exit {done.returncode}); end of {log_file}:\n"
+                           f"{log_file.read_text()[-3000:]}")
+    return json.loads(result_file.read_text())
+
+
+def trl_packages(target: Path) -> dict:
+    """TRL 1.12 (and `datasets` if missing) installed with `pip --target` beside the running packages:
+    TRL goes first on the worker's path, anything else after the environment's own packages, so the
+    same torch / transformers / peft / accelerate run both trainers."""
+    first, last = target / "trl", target / "deps"
+    if not (first / "trl").is_dir():
+        print(f"installing TRL {TRL_VERSION} into {first} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(first),
+                        f"trl=={TRL_VERSION}"], check=True)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        if not last.is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(last), "datasets"],
+                           check=True)
+    return {"trl_path_first": [str(first)], "trl_path_last": [str(last)]}
+
+
+# ============================================================================ 6. the table
+
+
+def flops_per_iteration(info: dict, settings: dict, prompt_tokens: float, response_tokens: float,
+                        critic: bool) -> float:
+    """Model FLOPs of one PPO iteration (see the module docstring)."""
+    n = info["non_embedding"] + info["vocab"] * SHAPES_HIDDEN[settings["shape"]]  # trunk + tied lm_head matmul
+    seq = prompt_tokens + response_tokens
+    b = settings["batch_size"]
+    forward_only = b * (response_tokens + prompt_tokens)  # sampling: the prompt once, then each new token
+    forward_only += 2 * b * seq  # pi_old (bf16: recomputed by the training forward) and pi_ref
+    forward_only += b * seq  # reward scoring
+    flops = 2 * n * forward_only
+    trained = settings["epochs"] * b * seq
+    flops += 6 * n * trained
+    if critic:  # the critic's forward in the rollout and its training
+        flops += 2 * info["non_embedding"] * b * seq + 6 * info["non_embedding"] * trained
+    return flops
+
+
+SHAPES_HIDDEN = {k: v["hidden_size"] for k, v in SHAPES.items()}
+
+
+def mean_after_first(values: list[float]) -> float:
+    kept = values[1:] if len(values) > 1 else values
+    return sum(kept) / len(kept)
+
+
+def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_tflops: float | None) -> str:
+    head = (f"{'run':24s} {'s/iter':>7s} {'rollout':>8s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
+            f"{'peak GiB':>9s} {'MFU':>6s}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        its = r["iterations"]
+        sec = mean_after_first([i["timing/iteration_s"] for i in its])
+
+        def split(key: str, its=its) -> str:
+            return f"{mean_after_first([i[key] for i in its]):.2f}" if key in its[0] else "-"
+
+        resp = mean_after_first([i["response/length"] for i in its]) if "response/length" in its[0] else None
+        if resp is None:  # TRL: take align's measured length as the same work
+            resp = next((mean_after_first([i["response/length"] for i in x["iterations"]])
+                         for x in results.values() if "response/length" in x["iterations"][0]), settings["response_length"])
+        tok_s = (f"{settings['batch_size'] * resp / mean_after_first([i['timing/rollout_s'] for i in its]):.0f}"
+                 if "timing/rollout_s" in its[0] else "-")
+        flops = flops_per_iteration(info, settings, prompt_tokens, resp, critic="critic" in name or "TRL" in name)
+        mfu = f"{100 * flops / (sec * peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
+        lines.append(f"{name:24s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/score_s'):>6s} "
+                     f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu:>6s}")
+    return "\n".join(lines)
+
+
+def device_peak_tflops() -> tuple[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name(0)
+    return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+# ============================================================================ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="0.5b")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/align-gpu-bench"))
+    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations (the first is not timed)")
+    parser.add_argument("--batch-size", type=int, default=64, help="episodes per iteration")
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--response-length", type=int, default=128)
+    parser.add_argument("--reward-steps", type=int, default=40)
+    parser.add_argument("--reward-batch-size", type=int, default=16, help="HH pairs per reward step")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in reward training and PPO (on for 1.5b)")
+    parser.add_argument("--value-models", default="policy_trunk,reward_model")
+    parser.add_argument("--sample-merged", action="store_true",
+                        help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
+    parser.add_argument("--no-trl", action="store_true", help="align only")
+    parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=3, metavar=("KIND", "JOB", "RESULT"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        kind, job_file, result_file = args.worker
+        result = WORKERS[kind](json.loads(Path(job_file).read_text()))
+        Path(result_file).write_text(json.dumps(result))
+        return result
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env_extra = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    if not (args.data / "hh-rlhf").is_dir():
+        raise SystemExit(f"{args.data}: the shared data folder (hh-rlhf/, oasst/) is needed")
+    work = args.work / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {"shape": args.shape, "iterations": args.iterations, "batch_size": args.batch_size,
+                "micro_batch_size": args.micro_batch_size, "epochs": args.epochs,
+                "response_length": args.response_length, "dtype": dtype, "attn": "sdpa",
+                # the 1.5B shape checks that reward training and PPO fit one 80 GB GPU: checkpointed
+                "gradient_checkpointing": args.gradient_checkpointing or args.shape == "1.5b",
+                "reward_steps": args.reward_steps,
+                "reward_batch_size": args.reward_batch_size, "reward_max_length": 512 if args.shape != "tiny" else 128,
+                "normalize_prompts": min(64, args.batch_size), "threads": args.threads, "seed": args.seed}
+    timings = {}
+
+    t = time.perf_counter()
+    model_dir = work / "model"
+    info = build_model(model_dir, args.shape, args.data, device, args.seed)
+    timings["build_s"] = time.perf_counter() - t
+    print(f"[{args.shape}] {info['parameters'] / 1e6:.0f}M parameters, {info['vocab']} tokens "
+          f"({timings['build_s']:.0f} s to build)", flush=True)
+
+    from align.chat import render_prompt
+    from align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    prompt_list = prompts(args.data)
+    prompt_file = work / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_list), encoding="utf-8")
+    rendered = [render_prompt(tokenizer, p) for p in prompt_list]
+    prompt_tokens = sum(min(128, len(tokenizer(r, add_special_tokens=False)["input_ids"])) for r in rendered) / len(rendered)
+
+    base = {"settings": settings, "model": str(model_dir)}
+    reward = run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
+                                                   "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
+                        work / "reward", env_extra)
+    print(f"reward model: {reward['steps']} steps in {reward['train_s']:.1f} s "
+          f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB", flush=True)
+
+    results = {}
+    names = {"policy_trunk": "align (value head)", "reward_model": "align (critic)"}
+    for value_model in [v for v in args.value_models.split(",") if v]:
+        name = names[value_model]
+        print(f"running {name} ...", flush=True)
+        results[name] = run_worker(sys.executable, "align", {**base, "out": str(work / value_model),
+                                                             "reward": reward["model_dir"], "value_model": value_model,
+                                                             "prompts": str(prompt_file)},
+                                   work / value_model, env_extra)
+    if args.sample_merged:
+        name = "align (merged sampling)"
+        print(f"running {name} ...", flush=True)
+        results[name] = run_worker(sys.executable, "align", {**base, "out": str(work / "merged"),
+                                                             "reward": reward["model_dir"], "value_model": "policy_trunk",
+                                                             "prompts": str(prompt_file), "sample_merged": True},
+                                   work / "merged", env_extra)
+    if not args.no_trl:
+        print(f"running TRL {TRL_VERSION} ...", flush=True)
+        python, paths = (args.trl_python, {}) if args.trl_python else (sys.executable, trl_packages(args.work / "trl"))
+        results[f"TRL {TRL_VERSION}"] = run_worker(python, "trl", {**base, **paths, "out": str(work / "trl"),
+                                                                   "reward_model_dir": reward["model_dir"],
+                                                                   "rendered_prompts": rendered},
+                                                   work / "trl", env_extra)
+
+    name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
+    peak = args.peak_tflops or peak
+    text = table(results, info, settings, prompt_tokens, peak)
+    print(f"\n{args.shape} shape ({info['parameters'] / 1e6:.0f}M), {name}, {settings['batch_size']} episodes x "
+          f"{settings['response_length']} new tokens, {settings['epochs']} epochs, {dtype}, mean prompt "
+          f"{prompt_tokens:.0f} tokens; peak {peak or '-'} TFLOP/s\n{text}")
+    out = {"settings": settings, "model": info, "reward": reward, "runs": results, "device": name, "table": text}
+    (work / "results.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

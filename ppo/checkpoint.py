@@ -1,0 +1,109 @@
+"""PPO checkpoints: everything a resumed run needs to continue bit for bit, written atomically.
+
+    RUN/checkpoints/iter-NNNNNN/  trainable.safetensors  optimizer.pt  scheduler.pt
+                                  rng_states.pt (every process)  trainer_state.json
+                                  (iteration, data position, KL controller, world size)
+
+The functions read and write the state of a set-up `ppo.trainer.PPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from align.errors import UserError
+from align.run import atomic_directory, write_json_atomic
+
+log = logging.getLogger("align")
+
+CHECKPOINTS = "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS).glob("iter-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    return found[-1] if found else None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(trainer: Any) -> None:
+    """Write RUN/checkpoints/iter-NNNNNN (main process) and keep the newest `keep_checkpoints`."""
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng_all = gather_object([rng])  # one per process, in rank order
+    if trainer.is_main:
+        target = trainer.run_dir / CHECKPOINTS / f"iter-{trainer.iteration:06d}"
+        with atomic_directory(target, overwrite=True) as tmp:
+            save_file(trainable_state(trainer.model), str(tmp / "trainable.safetensors"))
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_all, tmp / "rng_states.pt")
+            write_json_atomic(tmp / "trainer_state.json", {
+                "iteration": trainer.iteration, "sampler": trainer.sampler.state_dict(),
+                "kl_controller": trainer.kl_ctl.state_dict(), "world_size": trainer.accelerator.num_processes,
+            })
+        old = sorted((trainer.run_dir / CHECKPOINTS).glob("iter-*"))[: -trainer.cfg.keep_checkpoints]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_checkpoint(trainer: Any, path: Path) -> None:
+    """Restore weights, optimiser, scheduler, KL controller, data position and this process's RNGs."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    processes = trainer.accelerator.num_processes
+    if state["world_size"] != processes:
+        raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
+                        f"number (got {processes})")
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    trainer.kl_ctl.load_state_dict(state["kl_controller"])
+    trainer.sampler.load_state_dict(state["sampler"])
+    trainer.iteration = state["iteration"]
+    rng = torch.load(path / "rng_states.pt", weights_only=False)[trainer.accelerator.process_index]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if trainer.is_main:
+        log.info("resumed %s at iteration %d", trainer.run_dir, trainer.iteration)
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """On resume, drop metric rows written after the checkpoint's iteration (they will be recomputed)."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if row.get("iteration", 0) <= iteration:
+            rows.append(row)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,81 @@
+"""The final evaluation of a PPO run: SFT vs policy samples on held-out prompts.
+
+    eval/reward_sft, eval/reward_policy    reward-model scores of each model's samples
+    eval/kl                                per-sequence KL(policy || reference) of the policy's samples
+    eval/eos_rate_sft, eval/eos_rate_policy
+    eval/gold_*                            only with a `judge`: an independent score of (prompt, response),
+                                           e.g. the synthetic task's gold judge (`ppo.data.gold_judge`)
+
+The samples depend on the final weights only (a fixed seed per batch), not on the training RNG.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ppo import core
+
+EVAL_SEED_OFFSET = 10_007
+
+Judge = Callable[[Any, str], float]  # (prompt, response) -> score
+
+
+@torch.no_grad()
+def evaluate(trainer: Any, prompts: list, judge: Judge | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics and per-prompt samples of a trained `ppo.trainer.PPOTrainer` on `prompts`."""
+    cfg = trainer.cfg
+    sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
+    for s in range(0, len(prompts), cfg.eval_batch_size):
+        batch = prompts[s: s + cfg.eval_batch_size]
+        for which in ("sft", "policy"):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
+                samples = trainer.generate(batch, adapter=which == "policy")
+            texts = trainer.decode(samples.response_ids, samples.response_mask)
+            eos[which].extend((samples.response_ids == trainer.tokenizer.eos_token_id).any(-1).tolist())
+            if which == "sft":
+                sft_texts.extend(texts)
+                continue
+            pol_texts.extend(texts)
+            kl = core.kl_penalty(samples.logprobs, trainer.reference_logprobs(samples), cfg.kl.estimator)
+            seq_kl.extend((kl * samples.response_mask).sum(-1).tolist())
+    sft_rewards = trainer.reward_model.score(prompts, sft_texts).float().tolist()
+    pol_rewards = trainer.reward_model.score(prompts, pol_texts).float().tolist()
+    metrics = {
+        "eval/reward_sft": statistics.fmean(sft_rewards),
+        "eval/reward_policy": statistics.fmean(pol_rewards),
+        "eval/kl": statistics.fmean(seq_kl),
+        "eval/kl_target": cfg.kl.target,
+        "eval/eos_rate_sft": statistics.fmean(eos["sft"]),
+        "eval/eos_rate_policy": statistics.fmean(eos["policy"]),
+        "eval/num_prompts": len(prompts),
+    }
+    gold_sft = gold_pol = [None] * len(prompts)
+    if judge is not None:
+        gold_sft = [judge(p, r) for p, r in zip(prompts, sft_texts)]
+        gold_pol = [judge(p, r) for p, r in zip(prompts, pol_texts)]
+        metrics.update(gold_metrics(gold_sft, gold_pol))
+    samples = [
+        {"prompt": p, "sft_response": a, "policy_response": b, "sft_reward": ra, "policy_reward": rb,
+         "sft_gold": ga, "policy_gold": gb, "policy_kl": k}
+        for p, a, b, ra, rb, ga, gb, k in zip(prompts, sft_texts, pol_texts, sft_rewards, pol_rewards,
+                                              gold_sft, gold_pol, seq_kl)
+    ]
+    return metrics, samples
+
+
+def gold_metrics(gold_sft: list[float], gold_pol: list[float]) -> dict[str, float]:
+    """Mean judge scores and the policy's gain in units of the SFT samples' standard deviation."""
+    metrics = {
+        "eval/gold_sft": statistics.fmean(gold_sft),
+        "eval/gold_policy": statistics.fmean(gold_pol),
+        "eval/gold_sft_std": statistics.stdev(gold_sft) if len(gold_sft) > 1 else 0.0,
+    }
+    metrics["eval/gold_gain_in_sft_std"] = (
+        (metrics["eval/gold_policy"] - metrics["eval/gold_sft"]) / metrics["eval/gold_sft_std"]
+        if metrics["eval/gold_sft_std"] > 0 else 0.0)
+    return metrics

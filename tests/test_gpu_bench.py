@@ -1,0 +1,44 @@
+"""The GPU benchmark's align side at a tiny shape on the CPU, so the script cannot rot unnoticed
+(tokenizer and Qwen2 build, reward training, both value modes, the table)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_path):
+    bench = load_bench()
+    out = bench.main(["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data),
+                      "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
+                      "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
+                      "--threads", "1", "--sample-merged"])
+    assert out["model"]["vocab"] > 256 and out["reward"]["steps"] == 2
+    assert set(out["runs"]) == {"align (value head)", "align (critic)", "align (merged sampling)"}
+    for run in out["runs"].values():
+        assert len(run["iterations"]) == 2
+        assert all(i["timing/iteration_s"] > 0 and i["timing/rollout_s"] > 0 for i in run["iterations"])
+    lines = out["table"].splitlines()
+    assert lines[0].split()[:2] == ["run", "s/iter"] and len(lines) == 5
+    assert (tmp_path / "tiny" / "results.json").is_file()
+
+
+def test_mfu_flop_count_of_one_iteration():
+    # N = non-embedding + vocab x hidden = 1000 + 10 x 64 = 1640; 2 episodes, prompt 3 + response 5 = 8
+    # forward-only tokens: sampling 2 x 8 + pi_old and pi_ref 2 x 2 x 8 + scoring 2 x 8 = 64 -> 2 N x 64
+    # trained: 1 epoch x 2 x 8 = 16 -> 6 N x 16; total 2 x 1640 x 64 + 6 x 1640 x 16 = 367,360
+    bench = load_bench()
+    settings = {"shape": "tiny", "batch_size": 2, "epochs": 1}
+    info = {"non_embedding": 1000, "vocab": 10}
+    assert bench.flops_per_iteration(info, settings, 3, 5, critic=False) == 367_360
+    # a critic adds its forward (2 x 1000 x 16) and its training (6 x 1000 x 16)
+    assert bench.flops_per_iteration(info, settings, 3, 5, critic=True) == 367_360 + 128_000
