@@ -6,6 +6,7 @@ Load with `align.config.load_config(RewardConfig, yaml_path, ["train.learning_ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from align.config import LoraOptions, check, option
@@ -50,9 +51,9 @@ class DataSection:
         "trl: prompt/chosen/rejected JSONL; hh: Anthropic HH-RLHF chosen/rejected transcripts (.jsonl or .jsonl.gz); "
         "oasst: OpenAssistant message trees; annotation: read an annotation project's database directly.",
     )
-    path: str | None = option(None, help="Input file for kwise/trl/hh/oasst.", must_exist=True)
+    path: str | None = option(None, help="Input file for kwise/trl/hh/oasst (checked only for those formats).")
     eval_path: str | None = option(
-        None, help="Optional separate held-out file in the same format (else `eval_fraction` of the prompts).", must_exist=True
+        None, help="Optional separate held-out file in the same format (else `eval_fraction` of the prompts)."
     )
     eval_fraction: float = option(0.1, help="Fraction of PROMPTS held out for evaluation (split by prompt, never by pair).", gt=0, lt=1)
     max_rankings: int | None = option(None, help="Use at most this many training rankings (after the split).", ge=1)
@@ -68,8 +69,10 @@ class DataSection:
     project: str | None = option(None, help="annotation: project name to read rankings from.")
 
     def __post_init__(self) -> None:
-        if self.format in ("kwise", "trl", "hh", "oasst"):
+        if self.format in ("kwise", "trl", "hh", "oasst"):  # a path the format does not read is not validated
             check(self.path is not None, f"data.path is required for data.format={self.format}")
+            for key, value in (("data.path", self.path), ("data.eval_path", self.eval_path)):
+                check(value is None or Path(value).exists(), f"{key}: file not found: {value}")
         if self.format == "annotation":
             check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
 
