@@ -160,3 +160,14 @@ def test_ppo_one_iteration_with_default_lora_and_export(family, value_model, fam
     ids = AutoTokenizer.from_pretrained(exported)("hello there", return_tensors="pt")["input_ids"]
     assert plain.config.model_type == AutoModelForCausalLM.from_pretrained(policy).config.model_type
     assert torch.isfinite(plain(input_ids=ids).logits).all()
+
+
+def test_own_chat_template_is_used_and_a_checkpoint_without_one_gets_the_hh_dialogue(family_model):
+    from align.chat import render_example
+    from align.modeling import load_tokenizer
+
+    with_template = load_tokenizer(family_model("llama"))
+    assert render_example(with_template, "hi", "hello") == "<s><|user|>\nhi\n<|assistant|>\nhello</s>"
+    without = load_tokenizer(family_model("gpt2"))  # a base checkpoint: no template
+    assert render_example(without, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                          "hello") == "\n\nSystem: be brief\n\nHuman: hi\n\nAssistant:hello</s>"
