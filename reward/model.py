@@ -144,14 +144,17 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
 
 
 def freeze_below(model: nn.Module, first_trained: int) -> None:
-    """Full fine-tuning of the top blocks only: every embedding table (tokens, and the learned
-    positions of GPT-2, OPT, BERT) and the blocks below `first_trained` frozen, so autograd never
-    goes below them. Blocks are found by `find_blocks` (`model.layers`, `transformer.h`,
+    """Full fine-tuning of the top blocks only: the blocks below `first_trained` and the embedding
+    stage frozen, so autograd never goes below the first trained block. The embedding stage is every
+    nn.Embedding (tokens, and the learned positions of GPT-2, OPT, BERT) and every module named
+    `*embed*` (BERT's `embeddings` also holds a LayerNorm, which would pull the gradient through
+    all the blocks). Blocks are found by `find_blocks` (`model.layers`, `transformer.h`,
     `gpt_neox.layers`, `model.decoder.layers`, `bert.encoder.layer`, ...)."""
-    from align.modeling import find_blocks
+    from align.modeling import find_blocks, leaf
 
     _, blocks = find_blocks(model)
-    for module in [*blocks[:first_trained], *(m for m in model.modules() if isinstance(m, nn.Embedding))]:
+    embedding = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) or "embed" in leaf(name)]
+    for module in [*blocks[:first_trained], *embedding]:
         module.requires_grad_(False)
 
 

@@ -84,7 +84,7 @@ def test_padless_tokenizer_gets_a_new_pad_row(family_model):
 
 @pytest.mark.parametrize("targets, message", [
     ("[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "match no linear layer"),  # a Llama list on GPT-2
-    ("[c_attn,nonexistent]", "['nonexistent'] match no linear layer"),
+    ("[c_attn,nonexistent]", r"\['nonexistent'\] match no linear layer"),
 ])
 def test_lora_targets_that_miss_are_an_error_naming_the_linear_layers(family_model, tmp_path, targets, message):
     from align.errors import UserError
