@@ -65,7 +65,7 @@ def build_family_model(family: str, out: str | Path, *, pad: bool = True, chat_t
 def build_tiny_bert(out: str | Path, seed: int = 0) -> Path:
     """A random-init 2-layer BERT encoder with a WordPiece tokenizer ([CLS]/[SEP]/[PAD], no eos, no chat template)."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     from align.demo_model import tokenizer_corpus
@@ -74,6 +74,7 @@ def build_tiny_bert(out: str | Path, seed: int = 0) -> Path:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(tokenizer_corpus(seed, n=1000),
                             trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=special, show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
