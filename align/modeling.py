@@ -226,12 +226,13 @@ def resolve_lora_targets(model: Any, target_modules: list[str], *, layers: list[
     else:
         if "all-linear" in target_modules:
             raise UserError("lora.target_modules: all-linear must be the only entry")
-        every_linear = [n for n, m in model.named_modules() if _is_linear(m)]
+        every_linear = [n for block in per_block for n in block]  # a head (lm_head, score) is never adapted
         unmatched = [t for t in target_modules if not any(matches(n, t) for n in every_linear)]
         if unmatched:
-            raise UserError(f"lora.target_modules: {unmatched} match no linear layer; {hint}")
+            raise UserError(f"lora.target_modules: {unmatched} match no linear layer of the transformer blocks; {hint}")
         targets = [n for n in in_blocks if any(matches(n, t) for t in target_modules)]
-        missing = [i for i in chosen if not any(n in targets for n in per_block[i])]
+        adapted = set(targets)
+        missing = [i for i in chosen if not adapted & set(per_block[i])]
         if missing:
             raise UserError(f"lora.target_modules: {list(target_modules)} leave blocks {missing} without an adapter; {hint}")
     experts = routed_expert_parameters(model)

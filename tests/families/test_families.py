@@ -171,3 +171,14 @@ def test_own_chat_template_is_used_and_a_checkpoint_without_one_gets_the_hh_dial
     without = load_tokenizer(family_model("gpt2"))  # a base checkpoint: no template
     assert render_example(without, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
                           "hello") == "\n\nSystem: be brief\n\nHuman: hi\n\nAssistant:hello</s>"
+
+
+def test_a_head_is_not_a_lora_target(family_model):
+    from transformers import AutoModelForCausalLM
+
+    from align.errors import UserError
+    from align.modeling import resolve_lora_targets
+
+    model = AutoModelForCausalLM.from_pretrained(family_model("llama"))
+    with pytest.raises(UserError, match=r"\['lm_head'\] match no linear layer of the transformer blocks"):
+        resolve_lora_targets(model, ["q_proj", "lm_head"])
