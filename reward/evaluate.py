@@ -116,6 +116,39 @@ def cross_annotator_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str
     }
 
 
+def pair_outcomes(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float]) -> list[list[float]]:
+    """For each ranking, 1 / 0 / 0.5 (a tie) per ordered pair it implies: whether the reward put the
+    preferred response above the other."""
+    out = []
+    for r in rankings:
+        rs = [rewards[text_key(r.prompt, resp)] for resp in r.responses]
+        out.append([1.0 if rs[w] > rs[l] else 0.5 if rs[w] == rs[l] else 0.0 for w, l in ordered_pairs(r.ranks)])
+    return out
+
+
+def bootstrap_interval(groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the pairwise accuracy (all pairs pooled), resampling whole rankings:
+    the C(K,2) pairs of one ranking share its responses and are not independent, so resampling
+    pairs would understate the width for K > 2 (for K = 2 it is the ordinary bootstrap)."""
+    import random
+
+    rng = random.Random(seed)
+    sums = [(sum(g), len(g)) for g in groups if g]
+    stats = []
+    for _ in range(resamples):
+        draw = [sums[rng.randrange(len(sums))] for _ in sums]
+        stats.append(sum(c for c, _ in draw) / sum(n for _, n in draw))
+    stats.sort()
+    tail = (1 - level) / 2
+    return stats[int(tail * resamples)], stats[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def length_rewards(rankings: Sequence[Ranking]) -> dict[tuple[str, str], float]:
+    """The 'longer response wins' baseline as a reward table: a response's length in characters."""
+    return {text_key(r.prompt, resp): float(len(resp)) for r in rankings for resp in r.responses}
+
+
 def evaluate_rankings(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
                       gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/") -> dict[str, Any]:
     rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size, gain=gain, bias=bias)

@@ -1,10 +1,18 @@
-"""The reward model: a causal LM checkpoint with a one-output linear head, read at the last real token.
+"""The reward model: a causal LM checkpoint with a one-output linear head, read at the last real token,
+or a bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT) read through its own
+sequence-classification head (its [CLS] token / pooler).
+
+Causal LMs see `prompt + response + eos`, rendered by the checkpoint's chat template, and their K
+responses continue one encoding of the shared prompt. Encoders see the same text wrapped in their
+own special tokens ([CLS] ... [SEP]), truncated on the left so the end of the conversation, where
+the responses differ, is kept; each sequence is run whole (attention is bidirectional, so a prompt
+encoding cannot be shared).
 
 Layout of a saved reward model (`RUN/model/`), loadable with plain transformers (+ peft):
 
     config.json + model.safetensors      full fine-tuning: an AutoModelForSequenceClassification
-    adapter_config.json + adapter_model  LoRA: a PEFT adapter whose modules_to_save include `score`
-    tokenizer files                      pad token distinct from eos
+    adapter_config.json + adapter_model  LoRA: a PEFT adapter whose modules_to_save hold the head (`score`, ...)
+    tokenizer files                      causal LM: pad token distinct from eos; encoder: its own
     reward_normalization.json            {"gain", "bias"}: reward = gain * raw + bias, always applied
     reward_model_info.json               what data and config produced it (+ eval summary)
 
@@ -15,6 +23,7 @@ normalised rewards (N,).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +35,8 @@ from torch import nn
 
 from align.errors import UserError
 
+log = logging.getLogger("align")
+
 NORMALIZATION_FILE = "reward_normalization.json"
 INFO_FILE = "reward_model_info.json"
 
@@ -33,10 +44,35 @@ INFO_FILE = "reward_model_info.json"
 # --------------------------------------------------------------------------- building
 
 
+def score_head(model: nn.Module) -> nn.Linear:
+    """The one-output linear layer the reward comes out of: `score` (causal LMs), `classifier`
+    (BERT, DeBERTa-v2, ModernBERT) or `classifier.out_proj` (RoBERTa)."""
+    for name in ("score", "classifier", "classifier.out_proj"):
+        module = model.get_submodule(name) if _has_submodule(model, name) else None
+        if isinstance(module, nn.Linear):
+            return module
+    raise UserError(f"{type(model).__name__} has no score/classifier linear head")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The top-level modules outside the pretrained trunk (`score`; `classifier`; DeBERTa's `pooler`,
+    ModernBERT's `head`): new or task-specific, so under LoRA they are trained in full."""
+    return [name for name, child in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in child.parameters())]
+
+
 def init_score_head(model: nn.Module, seed: int = 0) -> None:
     """'The N implementation details of RLHF with PPO' (Huang et al. 2022), detail 'reward head init':
     weight ~ Normal(0, 1/sqrt(d_model + 1)), bias 0 (Llama's score head has no bias)."""
-    head: nn.Linear = model.score
+    head = score_head(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         std = 1.0 / math.sqrt(head.in_features + 1)
@@ -50,15 +86,20 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
                        attn_implementation: str = "auto", dtype: torch.dtype = torch.float32) -> nn.Module:
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, in `dtype`, dropout off.
 
-    `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters, the score head
-    in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
-    `train_layers`: only the top N decoder layers (+ final norm, head) are trained.
+    `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters on the linear
+    layers `align.modeling.resolve_lora_targets` picks (checked to reach every trained block), the
+    head in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
+    `train_layers`: only the top N transformer blocks (+ final norm, head) are trained, whatever the
+    family calls them (`align.modeling.find_blocks`).
+    The embeddings grow to the tokenizer when it has more tokens (an added `<pad>`), as in PPO.
     `freeze_embeddings`: the token embeddings stay as they are (full fine-tuning).
     `attn_implementation`: "auto" (transformers' default), "eager" or "sdpa".
     `dtype`: the weights' storage dtype (bf16 halves them; the trainer keeps what it trains in fp32).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from align.modeling import find_blocks, fit_embeddings, is_encoder, lora_summary, resolve_lora_targets
 
     base_path = Path(base_path)
     if (base_path / "adapter_config.json").exists():
@@ -73,24 +114,27 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
             attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not is_encoder(model.config):
+        fit_embeddings(model, tokenizer)
     configure_padding(model, tokenizer)
     disable_dropout(model)
     init_score_head(model, seed)
-    num_layers = model.config.num_hidden_layers
+    num_layers = len(find_blocks(model)[1])
     if train_layers is not None and train_layers > num_layers:
         raise UserError(f"model.train_layers={train_layers} but the model has only {num_layers} layers")
     top = list(range(num_layers - train_layers, num_layers)) if train_layers else None
     if lora is not None and lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
+        targets = resolve_lora_targets(model, list(lora.target_modules), layers=top)
+        log.info("reward model: LoRA on %s", lora_summary(targets))
         peft_config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=["score"],
-            layers_to_transform=top,
+            target_modules=targets,  # qualified names, so exactly the checked layers
+            modules_to_save=head_modules(model),
         )
         model = get_peft_model(model, peft_config)
     elif top is not None:
@@ -101,18 +145,24 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
 
 
 def freeze_below(model: nn.Module, first_trained: int) -> None:
-    """Full fine-tuning of the top layers only: embeddings and layers < first_trained frozen, so
-    autograd never goes below them."""
-    for name, param in model.named_parameters():
-        if name.startswith("model.embed_tokens") or any(
-            name.startswith(f"model.layers.{i}.") for i in range(first_trained)
-        ):
-            param.requires_grad_(False)
+    """Full fine-tuning of the top blocks only: the blocks below `first_trained` and the embedding
+    stage frozen, so autograd never goes below the first trained block. The embedding stage is every
+    nn.Embedding (tokens, and the learned positions of GPT-2, OPT, BERT) and every module named
+    `*embed*` (BERT's `embeddings` also holds a LayerNorm, which would pull the gradient through
+    all the blocks). Blocks are found by `find_blocks` (`model.layers`, `transformer.h`,
+    `gpt_neox.layers`, `model.decoder.layers`, `bert.encoder.layer`, ...)."""
+    from align.modeling import find_blocks, leaf
+
+    _, blocks = find_blocks(model)
+    embedding = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) or "embed" in leaf(name)]
+    for module in [*blocks[:first_trained], *embedding]:
+        module.requires_grad_(False)
 
 
 def prepare_tokenizer(tokenizer) -> None:
     """Right padding, and left truncation so a too-long text keeps the response's end and its eos
-    (the token the reward is read at) rather than the start of the prompt."""
+    (the token the reward is read at) rather than the start of the prompt. An encoder's own
+    [CLS] and [SEP] are added after truncation, so they stay."""
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
     tokenizer.padding_side = "right"
@@ -136,16 +186,32 @@ def disable_dropout(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenize rendered prompt+response texts (they already end with eos), right-padded."""
+def encode(tokenizer, texts: Sequence[str], max_length: int, *, encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenize rendered prompt+response texts, right-padded. A causal LM's text already holds its
+    special tokens (the chat template's bos, the eos); an encoder's get its own ([CLS] ... [SEP])."""
     return tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=False, return_tensors="pt"
+        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=encoder, return_tensors="pt"
     )
+
+
+def model_is_encoder(model: nn.Module) -> bool:
+    """`align.modeling.is_encoder` for a (possibly DDP- or PEFT-wrapped) model."""
+    from align.modeling import is_encoder
+
+    return is_encoder(getattr(model, "module", model).config)
 
 
 def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(N, T) token ids -> (N,) raw reward at each sequence's last real token."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+
+
+def length_slices(lengths: torch.Tensor, buckets: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(order, slices): the indices sorted by length, cut into `buckets` slices (1 when there are
+    fewer than 2 per slice); each slice is then run cut to its own longest sequence."""
+    order = torch.argsort(lengths)
+    n_slices = buckets if buckets > 1 and len(order) >= 2 * buckets else 1
+    return order, list(torch.tensor_split(order, n_slices))
 
 
 def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -> torch.Tensor:
@@ -159,8 +225,20 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     dropout > 0 a prompt's K responses share one dropout draw over it). The
     continuations run in `buckets` length-sorted slices, each cut to its longest (synthetic
     responses vary 2x in length): less padding, still one pass per response.
+    An encoder (bidirectional: no prompt encoding to share) reads each whole sequence, which the
+    dataset then puts in `continuation_ids` (`RankingDataset(encoder=True)`), in the same slices
+    (HH-RLHF dialogues under MiniLM's tokenizer: median 120 tokens, a tenth over 297).
     """
     from transformers import DynamicCache
+
+    lengths = batch.continuation_mask.sum(dim=1)  # (N,)
+    order, slices = length_slices(lengths, buckets)
+    rewards = []
+    if model_is_encoder(model):
+        for idx in slices:
+            width = int(lengths[idx].max())
+            rewards.append(forward_rewards(model, batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]))
+        return torch.cat(rewards)[torch.argsort(order)]
 
     from align.modeling import position_ids_from_mask
 
@@ -169,11 +247,7 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
                          use_cache=True).past_key_values
     layers = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # each (U, heads, Q, head_dim)
     prompt_lengths = batch.prompt_mask.sum(dim=1)  # (U,) real prompt tokens
-    lengths = batch.continuation_mask.sum(dim=1)  # (N,)
-    order = torch.argsort(lengths)
-    n_slices = buckets if buckets > 1 and len(order) >= 2 * buckets else 1
-    rewards = []
-    for idx in torch.tensor_split(order, n_slices):
+    for idx in slices:
         width = int(lengths[idx].max())
         rows = batch.prompt_index[idx]  # (n,) each continuation's prompt
         cache = DynamicCache([(k[rows], v[rows]) for k, v in layers])
@@ -201,9 +275,10 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts))
     device = next(model.parameters()).device
+    encoder = model_is_encoder(model)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = encode(tokenizer, [texts[i] for i in idx], max_length)
+        enc = encode(tokenizer, [texts[i] for i in idx], max_length, encoder=encoder)
         out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
     model.train(was_training)
     return out
@@ -273,6 +348,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     `device` None: the GPU when there is one, else the CPU; `dtype`: the weights' dtype (bf16 for scoring)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from align.modeling import fit_embeddings, is_encoder
     from align.precision import default_device
 
     device = default_device() if device is None else device
@@ -286,6 +362,8 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
         if not Path(base).exists():
             raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint {base}, which is missing")
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+        if not is_encoder(model.config):
+            fit_embeddings(model, tokenizer)  # the <pad> added in training
         model.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     else:

@@ -91,7 +91,7 @@ class RewardTrainer:
     def setup(self) -> None:
         from accelerate import Accelerator
 
-        from align.modeling import load_tokenizer, resolve_model_path
+        from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
         from align.run import MetricsWriter, prepare_run_dir
 
         cfg = self.cfg
@@ -110,13 +110,17 @@ class RewardTrainer:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
 
         self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
-        self.tokenizer = load_tokenizer(self.base_path)
+        self.encoder = checkpoint_is_encoder(self.base_path)  # BERT-like: its own tokens, no shared prompt
+        if self.encoder and cfg.eval.normalize and cfg.eval.normalize_policy is None:
+            raise UserError("an encoder reward model is normalised on a policy's samples: set eval.normalize_policy "
+                            "(the SFT checkpoint PPO starts from) or eval.normalize=false")
+        self.tokenizer = load_tokenizer(self.base_path, encoder=self.encoder)
         prepare_tokenizer(self.tokenizer)
         self.data: RewardData = load_reward_data(cfg.data)
         train_rankings = self.data.train
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
             train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
-        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length)
+        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length, encoder=self.encoder)
         self.collate = RankingCollator(self.tokenizer.pad_token_id, mismatch=cfg.train.mismatch_coef > 0,
                                        max_length=cfg.model.max_length)
 
@@ -248,7 +252,7 @@ class RewardTrainer:
         if not ecfg.normalize:
             return 1.0, 0.0, 0
         from align.generation import generate_responses
-        from align.modeling import load_causal_lm
+        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from reward.model import render_texts
 
         prompts, seen = [], set()
@@ -259,8 +263,11 @@ class RewardTrainer:
                 prompts.append(r.prompt)
         random.Random(f"normalize:{self.cfg.train.seed}").shuffle(prompts)
         prompts = prompts[: ecfg.normalize_prompts]
-        sft = load_causal_lm(self.base_path, dtype=self.dtype).to(self.device)
-        samples = generate_responses(sft, self.tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
+        policy_path = resolve_model_path(ecfg.normalize_policy) if ecfg.normalize_policy else self.base_path
+        policy_tokenizer = load_tokenizer(policy_path) if ecfg.normalize_policy else self.tokenizer
+        # (a tokenizer's added <pad> needs its row)
+        sft = load_causal_lm(policy_path, dtype=self.dtype, tokenizer=policy_tokenizer).to(self.device)
+        samples = generate_responses(sft, policy_tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
                                      seed=self.cfg.train.seed)
         del sft
         prepare_tokenizer(self.tokenizer)  # generation switched it to left padding

@@ -59,3 +59,16 @@ def test_config_yaml_files_load():
             continue
         cfg = load_config(RewardConfig, path, ["data.path=" + str(path)] if name == "real" else [])
         assert cfg.train.loss == "kwise"
+
+
+def test_real_config_with_synthetic_data_ignores_its_unused_path(tmp_path):
+    from pathlib import Path
+
+    from align.config import ConfigError, load_config
+    from reward.config import RewardConfig
+
+    real = Path(__file__).resolve().parents[2] / "configs" / "real" / "reward.yaml"
+    cfg = load_config(RewardConfig, real, ["data.format=synthetic", f"data.path={tmp_path / 'absent.jsonl'}"])
+    assert cfg.data.format == "synthetic"
+    with pytest.raises(ConfigError, match="data.path: file not found"):
+        load_config(RewardConfig, real, ["data.format=oasst", f"data.path={tmp_path / 'absent.jsonl'}"])

