@@ -24,6 +24,7 @@ import torch
 from align.errors import UserError
 from align.formats import Ranking
 from reward.losses import ordered_pairs
+from reward.sources import read_annotation_project
 
 
 # --------------------------------------------------------------------------- loading
@@ -101,16 +102,6 @@ def read_source(fmt: str, path: str | Path) -> list[Ranking]:
 
     readers = {"kwise": formats.read_kwise, "trl": formats.read_trl_pairs, "hh": formats.read_hh, "oasst": formats.read_oasst}
     return list(readers[fmt](path))
-
-
-def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
-    """The project's latest rankings, read through the annotation app's own export code."""
-    from annotation.db import open_db
-    from annotation.services import export_rankings, get_project
-
-    make_session = open_db(db_url)
-    with make_session() as db:
-        return list(export_rankings(db, get_project(db, project)))
 
 
 def load_reward_data(data_cfg: Any) -> RewardData:

@@ -31,11 +31,13 @@ app = typer.Typer(
 def _register_stages() -> None:
     # Imported here, not above, so a stage's CLI module stays the only place that knows
     # its commands; each of these modules imports only typer and the standard library.
+    from align.commands.sources import register_ranking_sources
     from annotation.cli import app as annotate_app
     from ppo.cli import ppo_command
     from ppo.config import PPOConfig
     from reward.cli import app as reward_app
 
+    register_ranking_sources()  # reward training reads annotation projects (data.format=annotation)
     app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.")
     app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.")
     app.command("ppo", help="Align an SFT checkpoint with PPO on LoRA adapters against a reward model.",

@@ -109,6 +109,7 @@ def test_too_long_texts_keep_the_response_end_and_eos(tiny_random_model):
 
 
 def test_annotation_project_is_read_through_the_app_export(tmp_path):
+    from align.commands.sources import register_ranking_sources
     from annotation.db import open_db
     from annotation.services import create_project, export_rankings, get_project, import_rankings
     from reward.config import DataSection
@@ -118,6 +119,7 @@ def test_annotation_project_is_read_through_the_app_export(tmp_path):
     rankings = make_rankings(40, k=3, seed=3, annotators=2)
     with make_session() as db:
         import_rankings(db, create_project(db, "rm", k=3), rankings, source="sim")
+    register_ranking_sources()
     data = load_reward_data(DataSection(format="annotation", db_url=url, project="rm", eval_fraction=0.25))
     with make_session() as db:
         exported = export_rankings(db, get_project(db, "rm"))
