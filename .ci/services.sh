@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Services the annotation tests need (issue 3): Debian chromium for the Playwright browser
+# Services the annotation tests need: Debian chromium for the Playwright browser
 # tests and a PostgreSQL server for the API suite on a real database.
 #
 # Usage (as root on a fresh Debian machine):   source .ci/services.sh

@@ -12,7 +12,7 @@ class Settings:
     db_url: str  # SQLAlchemy URL: sqlite:///file.db (default) or postgresql+psycopg://...
     max_body_bytes: int = 1 << 20  # request size limit for every route but imports
     max_import_bytes: int = 64 << 20  # request size limit for POST /api/projects/{p}/import
-    max_task_body_bytes: int = 64 << 10  # rankings and skips (K <= 16 ids, 2,000-character texts)
+    max_task_body_bytes: int = 32 << 10  # rankings and skips: K <= 16 ids and 2,000 characters (24 KB even \u-escaped)
     session_ttl_s: float = 12 * 3600
     api_token_ttl_s: float = DEFAULT_API_TOKEN_TTL_S
     # Failed sign-ins, counted in the database: per username and client, 4x that per client,
