@@ -16,22 +16,7 @@ from annotation import security, services
 from annotation.db import get_meta, make_engine, make_sessionmaker, migrate
 from annotation.models import Meta
 from annotation.settings import Settings
-
-# Domain errors of the service layer -> HTTP status.
-HTTP_STATUS = {
-    services.NotFound: 404,
-    services.Forbidden: 403,
-    services.Conflict: 409,
-    services.Invalid: 422,
-    services.Throttled: 429,
-}
-
-
-def http_status(exc: Exception) -> int:
-    for cls in type(exc).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]
-    return 400
+from annotation.status import http_status
 
 HERE = Path(__file__).resolve().parent
 

@@ -16,6 +16,7 @@ from annotation import security, services
 from annotation.deps import CSRF_COOKIE, SESSION_COOKIE, AdminUser, CurrentUser, OptionalUser, SessionDep, check_csrf, csrf_for
 from annotation.render import markdown
 from annotation.routes_api import sign_in
+from annotation.status import http_status
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 templates.env.filters["markdown"] = markdown
@@ -102,8 +103,6 @@ def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
-    from annotation.app import http_status
-
     try:
         task = services.get_task(db, user, task_id)
     except services.ServiceError as exc:
@@ -137,8 +136,6 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
     try:
         services.accept_invite(db, token, username, password)
     except services.ServiceError as exc:
-        from annotation.app import http_status
-
         return page(request, "invite.html", status_code=http_status(exc), user=None, token=token, error=str(exc))
     return page(request, "login.html", user=None, error=None, notice="Account created. Sign in.")
 
@@ -174,8 +171,6 @@ def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUse
 
 @router.get("/admin/projects/{name}/prompts/{source_id:path}", response_class=HTMLResponse)
 def prompt_page(name: str, source_id: str, request: Request, db: SessionDep, user: AdminUser):
-    from annotation.app import http_status
-
     p = services.get_project(db, name)
     try:
         detail = services.prompt_detail(db, p, source_id)

@@ -1,5 +1,5 @@
 """Domain errors of the service layer. They say what is wrong in words a user can act on;
-the web layer maps each kind to an HTTP status (annotation.app.HTTP_STATUS) and the CLI
+the web layer maps each kind to an HTTP status (annotation.status.HTTP_STATUS) and the CLI
 prints the message as one line (they are `UserError`s)."""
 
 from __future__ import annotations
