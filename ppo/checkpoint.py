@@ -22,14 +22,14 @@ import torch
 
 from align.errors import UserError
 from align.run import atomic_directory, write_json_atomic
+from ppo.run_dir import CHECKPOINTS_DIR
 
 log = logging.getLogger("align")
 
-CHECKPOINTS = "checkpoints"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINTS).glob("iter-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    found = sorted((run_dir / CHECKPOINTS_DIR).glob("iter-*")) if (run_dir / CHECKPOINTS_DIR).is_dir() else []
     return found[-1] if found else None
 
 
@@ -47,7 +47,7 @@ def save_checkpoint(trainer: Any) -> None:
         rng["cuda"] = torch.cuda.get_rng_state_all()
     rng_all = gather_object([rng])  # one per process, in rank order
     if trainer.is_main:
-        target = trainer.run_dir / CHECKPOINTS / f"iter-{trainer.iteration:06d}"
+        target = trainer.run_dir / CHECKPOINTS_DIR / f"iter-{trainer.iteration:06d}"
         with atomic_directory(target, overwrite=True) as tmp:
             save_file(trainable_state(trainer.model), str(tmp / "trainable.safetensors"))
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -57,7 +57,7 @@ def save_checkpoint(trainer: Any) -> None:
                 "iteration": trainer.iteration, "sampler": trainer.sampler.state_dict(),
                 "kl_controller": trainer.kl_ctl.state_dict(), "world_size": trainer.accelerator.num_processes,
             })
-        old = sorted((trainer.run_dir / CHECKPOINTS).glob("iter-*"))[: -trainer.cfg.keep_checkpoints]
+        old = sorted((trainer.run_dir / CHECKPOINTS_DIR).glob("iter-*"))[: -trainer.cfg.keep_checkpoints]
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -104,6 +104,6 @@ def truncate_metrics(path: Path, iteration: int) -> None:
             continue
         if row.get("iteration", 0) <= iteration:
             rows.append(row)
-    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ppo.run_dir import KL_PLOT, REWARD_PLOT
+
 
 def plot_curves(rows: list[dict[str, Any]], run_dir: Path, kl_target: float | None = None) -> list[Path]:
     import matplotlib
@@ -25,9 +27,9 @@ def plot_curves(rows: list[dict[str, Any]], run_dir: Path, kl_target: float | No
     ax.set_title("PPO reward")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "reward.png", dpi=100)
+    fig.savefig(run_dir / REWARD_PLOT, dpi=100)
     plt.close(fig)
-    written.append(run_dir / "reward.png")
+    written.append(run_dir / REWARD_PLOT)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, [r.get("objective/kl") for r in rows], label="KL(pi || pi_ref) per sequence")
@@ -41,7 +43,7 @@ def plot_curves(rows: list[dict[str, Any]], run_dir: Path, kl_target: float | No
     ax.set_title("PPO KL to the reference")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(run_dir / "kl.png", dpi=100)
+    fig.savefig(run_dir / KL_PLOT, dpi=100)
     plt.close(fig)
-    written.append(run_dir / "kl.png")
+    written.append(run_dir / KL_PLOT)
     return written

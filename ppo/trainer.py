@@ -7,13 +7,8 @@ Ziegler et al. 2019 / InstructGPT:
 
     1) rollout   2) score   3) KL-penalised rewards   4) GAE + whitening   5) PPO epochs
 
-Run directory (the PPO contract in the brief):
-    RUN/config.yaml  metrics.jsonl  summary.json  samples.jsonl  reward.png  kl.png
-    RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
-    RUN/value_head.safetensors   value head (or critic) weights
-    RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
-                                 RNG states of every process, data position (ppo.checkpoint)
-The final held-out evaluation is ppo.evaluation.
+The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint and the final
+held-out evaluation is ppo.evaluation.
 """
 
 from __future__ import annotations
@@ -47,13 +42,13 @@ from align.run import (
 )
 from ppo import core
 from ppo.checkpoint import (
-    CHECKPOINTS,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
 from ppo.config import PPOConfig
+from ppo.run_dir import CHECKPOINTS_DIR, METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples
@@ -175,8 +170,8 @@ class PPOTrainer:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
             else:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
-            self.metrics_writer = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resume)
+                truncate_metrics(self.run_dir / METRICS_FILE, self.iteration)
+            self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
 
     def _check_distributed_setup(self) -> None:
@@ -200,7 +195,7 @@ class PPOTrainer:
             raise UserError(f"output_dir {self.run_dir} is not empty: resume it with `align ppo --resume "
                             f"{self.run_dir}`, choose another output_dir, or set overwrite=true")
         if cfg.overwrite and self.run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
-            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
+            shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -439,7 +434,7 @@ class PPOTrainer:
             from ppo.plots import plot_curves
 
             self.save_policy()
-            rows = read_metrics(self.run_dir / "metrics.jsonl")
+            rows = read_metrics(self.run_dir / METRICS_FILE)
             final = rows[-1] if rows else last
             summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
             summary["timing/train_s"] = seconds
@@ -449,11 +444,11 @@ class PPOTrainer:
                 eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge)
                 summary.update(eval_metrics)
                 summary["timing/eval_s"] = time.perf_counter() - t
-                with (self.run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+                with (self.run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as f:
                     for sample in samples:
                         f.write(json.dumps(sample) + "\n")
             plot_curves(rows, self.run_dir, self.cfg.kl.target)
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
             self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, self.iteration)
             self.tracker.close()
             self.metrics_writer.close()
@@ -465,9 +460,9 @@ class PPOTrainer:
 
         policy = self.model.policy
         policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
-        with atomic_directory(self.run_dir / "policy", overwrite=True) as tmp:
+        with atomic_directory(self.run_dir / POLICY_DIR, overwrite=True) as tmp:
             policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-        tmp_file = self.run_dir / ".value_head.safetensors.tmp"
+        tmp_file = self.run_dir / f".{VALUE_HEAD_FILE}.tmp"
         save_file(self.model.value_state_dict(), str(tmp_file))
-        os.replace(tmp_file, self.run_dir / "value_head.safetensors")
+        os.replace(tmp_file, self.run_dir / VALUE_HEAD_FILE)

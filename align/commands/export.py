@@ -95,7 +95,7 @@ def _export_reward(run: Path, out: Path, merge: bool) -> None:
         return
     from reward.model import load_reward_model
 
-    reward = load_reward_model(source)
+    reward = load_reward_model(source, device="cpu")  # export needs no GPU memory
     reward.model.save_pretrained(out, safe_serialization=True)
     reward.tokenizer.save_pretrained(out)
     for name in (NORMALIZATION_FILE, INFO_FILE):  # the normalisation and the provenance travel along
