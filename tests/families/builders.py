@@ -62,11 +62,18 @@ def build_family_model(family: str, out: str | Path, *, pad: bool = True, chat_t
     return out
 
 
-def build_tiny_bert(out: str | Path, seed: int = 0) -> Path:
-    """A random-init 2-layer BERT encoder with a WordPiece tokenizer ([CLS]/[SEP]/[PAD], no eos, no chat template)."""
+ENCODERS = {"bert": "BertConfig", "roberta": "RobertaConfig", "deberta-v2": "DebertaV2Config",
+            "modernbert": "ModernBertConfig"}
+
+
+def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert") -> Path:
+    """A random-init 2-layer encoder (`family`: bert, roberta, deberta-v2, modernbert) with a WordPiece
+    tokenizer ([CLS]/[SEP]/[PAD], no eos, no chat template), saved as a bare encoder, as
+    all-MiniLM-L6-v2 ships (the classification head is new)."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import AutoModel, PreTrainedTokenizerFast
 
     from align.demo_model import tokenizer_corpus
 
@@ -82,10 +89,13 @@ def build_tiny_bert(out: str | Path, seed: int = 0) -> Path:
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
-    config = BertConfig(vocab_size=len(fast), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        intermediate_size=FFN, max_position_embeddings=512, pad_token_id=fast.pad_token_id)
+    config = getattr(transformers, ENCODERS[family])(
+        vocab_size=len(fast), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, max_position_embeddings=520, pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.cls_token_id, eos_token_id=fast.sep_token_id, cls_token_id=fast.cls_token_id,
+        sep_token_id=fast.sep_token_id)
     torch.manual_seed(seed)
-    model = BertModel(config)  # a bare encoder, as all-MiniLM-L6-v2 ships: the head is new
+    model = AutoModel.from_config(config)
     out = Path(out)
     model.save_pretrained(out)
     fast.save_pretrained(out)

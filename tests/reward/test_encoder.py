@@ -101,3 +101,25 @@ def test_encoder_trains_normalises_on_the_policy_and_drives_ppo(tiny_bert, tiny_
         "num_ppo_epochs=1", "response_length=6", "save_every=0", "progress=false", "num_threads=1"])
     summary = run_ppo(ppo)
     assert summary["iteration"] == 1
+
+
+@pytest.mark.parametrize("family", ["roberta", "deberta-v2", "modernbert"])
+def test_other_encoder_families_train_and_load_back(family, tmp_path):
+    from reward.model import load_reward_model
+    from reward.train import RewardTrainer
+    from tests.families.builders import build_tiny_bert
+
+    encoder = build_tiny_bert(tmp_path / "model", family=family)
+    cfg = load_config(RewardConfig, None, [
+        f"model.name_or_path={encoder}", f"output_dir={tmp_path / 'rm'}", "model.max_length=64", "data.num_rankings=16",
+        "data.num_eval_rankings=8", "train.batch_size=8", "train.learning_rate=1e-2", "train.num_threads=1",
+        "eval.normalize=false", "lora.enabled=true", "lora.r=2"])
+    trainer = RewardTrainer(cfg, echo=lambda s: None)
+    trainer.setup()
+    head = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "modules_to_save" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any("classifier" in n and n.endswith("weight") and not torch.equal(p, after[n]) for n, p in head.items())
+    trainer.finish()
+    rm = load_reward_model(tmp_path / "rm")
+    assert rm.model.config.model_type == family and torch.isfinite(rm.score(["hi"], ["hello"])).all()
