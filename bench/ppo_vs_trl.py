@@ -282,11 +282,11 @@ def main() -> None:
     from align.chat import render_prompt
     from align.modeling import load_tokenizer, resolve_model_path
     from align.synthetic import make_prompts
-    from reward.model import _model_dir
+    from reward.run_dir import model_dir
 
     settings = bench_settings(args)
     policy = resolve_model_path(args.policy).resolve()
-    reward_dir = _model_dir(args.reward).resolve()
+    reward_dir = model_dir(args.reward).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(policy)
     prompts = make_prompts(args.num_prompts, seed=args.seed, split="train")

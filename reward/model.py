@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from align.errors import UserError
+from reward.run_dir import INFO_FILE, NORMALIZATION_FILE
+from reward.run_dir import model_dir as find_model_dir
 
 log = logging.getLogger("align")
 
-NORMALIZATION_FILE = "reward_normalization.json"
-INFO_FILE = "reward_model_info.json"
 
 
 # --------------------------------------------------------------------------- building
@@ -333,15 +333,6 @@ class RewardModel:
         return next(self.model.parameters()).device
 
 
-def _model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "model" / NORMALIZATION_FILE).exists():
-        return path / "model"
-    if (path / NORMALIZATION_FILE).exists():
-        return path
-    raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / 'model'})")
-
-
 def load_reward_model(path: str | Path, device: str | torch.device | None = None,
                       dtype: torch.dtype = torch.float32) -> RewardModel:
     """Load RUN or RUN/model: a full checkpoint or a PEFT adapter (merged here), with its normalisation.
@@ -353,7 +344,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
 
     device = default_device() if device is None else device
 
-    model_dir = _model_dir(path)
+    model_dir = find_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftConfig, PeftModel

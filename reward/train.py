@@ -37,6 +37,7 @@ from align.precision import (
     upcast_trainable,
 )
 from reward.config import RewardConfig
+from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 from reward.data import (
     RankingBatch,
     RankingCollator,
@@ -104,7 +105,7 @@ class RewardTrainer:
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.out = Path(cfg.output_dir)
-        if (self.out / "model").exists() and not cfg.overwrite:
+        if (self.out / MODEL_DIR).exists() and not cfg.overwrite:
             raise UserError(f"{self.out / 'model'} already exists; choose another output_dir or set overwrite=true")
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
@@ -146,7 +147,7 @@ class RewardTrainer:
         self.params = params
         if self.is_main:
             prepare_run_dir(self.out, cfg)
-            self.metrics = MetricsWriter(self.out / "metrics.jsonl")
+            self.metrics = MetricsWriter(self.out / METRICS_FILE)
         self.forward_passes = 0
         if self.is_main:
             self.echo(
@@ -321,11 +322,11 @@ class RewardTrainer:
             })
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}
-            with atomic_directory(self.out / "model", overwrite=cfg.overwrite) as tmp:
+            with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite) as tmp:
                 save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info)
             summary["timing/total_s"] = time.perf_counter() - self.t0
-            summary["model_dir"] = str((self.out / "model").resolve())
-            write_json_atomic(self.out / "summary.json", summary)
+            summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
+            write_json_atomic(self.out / SUMMARY_FILE, summary)
             self.metrics.close()
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
