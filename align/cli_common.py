@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML config file (defaults apply without one).")
+    Path | None, typer.Option("--config", "-c", help="YAML config file (defaults apply without one).")
 ]
 OverridesArg = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(help="Overrides as key=value or section.key=value, applied after the YAML file.", show_default=False),
 ]
 

@@ -13,10 +13,10 @@ and `save_config` writes it into the run directory.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import difflib
 import types
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -124,7 +124,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "", _root: t
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field without a default was not given
+    except TypeError:  # a required field without a default was not given
         missing = [n for n, f in known.items() if n not in kwargs and _is_required(f)]
         if missing:
             raise ConfigError(f"missing required config key {_prefix}{missing[0]!r}") from None

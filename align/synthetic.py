@@ -25,7 +25,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Literal
 
 from align.formats import Ranking
@@ -216,7 +216,7 @@ def _is_heldout(template_idx: int, topic_idx: int) -> bool:
     return digest[0] % 5 == 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def prompt_pool(split: Literal["train", "heldout", "all"]) -> tuple[str, ...]:
     pool = []
     for ti, template in enumerate(PROMPT_TEMPLATES):
@@ -250,7 +250,7 @@ def _count(phrase: str, text: str) -> int:
     return len(_whole_words(phrase).findall(text))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _whole_words(phrase: str) -> re.Pattern[str]:
     return re.compile(rf"\b{re.escape(phrase)}\b")
 
@@ -330,7 +330,7 @@ def _topics_named(sentence: str, words: set[str]) -> set[str]:
     return names | {name for phrase, name in phrases if phrase in sentence}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _keyword_index() -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
     """single-word keyword -> names of the topics it marks; (phrase, topic name) for the others."""
     by_word: dict[str, set[str]] = {}
@@ -424,7 +424,7 @@ def _pair_agreement(noise: float, diffs: list[float], seed: int = 0) -> float:
     return agree / len(diffs)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gold_diffs(samples: int = 2000, seed: int = 0) -> tuple[float, ...]:
     rng = random.Random(f"diffs:{seed}")
     diffs = []

@@ -146,7 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
                             status_code=422)
 
     from annotation.routes_api import router as api_router
-    from annotation.routes_web import router as web_router, html_error_handler
+    from annotation.routes_web import html_error_handler
+    from annotation.routes_web import router as web_router
 
     app.add_exception_handler(StarletteHTTPException, html_error_handler)
     app.include_router(api_router)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,14 +15,14 @@ from align.errors import UserError
 app = typer.Typer(no_args_is_help=True)
 
 DbOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--db", help="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://user:pw@host/db "
                  "(default: align-annotation.db in the working directory)."),
 ]
 ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name.")]
 
 
-def _sessionmaker(db: Optional[str]):
+def _sessionmaker(db: str | None):
     from annotation.db import open_db
 
     return open_db(db)
@@ -133,7 +133,7 @@ def create_project(
     db: DbOpt = None,
     k: Annotated[int, typer.Option(help="Candidates per prompt.", min=2, max=16)] = 4,
     annotators: Annotated[int, typer.Option(help="Distinct annotators per prompt.", min=1, max=100)] = 1,
-    guidelines: Annotated[Optional[Path], typer.Option(help="Markdown file with the annotation guidelines.")] = None,
+    guidelines: Annotated[Path | None, typer.Option(help="Markdown file with the annotation guidelines.")] = None,
     lease_seconds: Annotated[int, typer.Option(help="How long an opened task is held for its annotator.", min=10)] = 900,
 ) -> None:
     """Create an empty project."""
@@ -160,8 +160,8 @@ def import_(
     project: ProjectOpt,
     format: Annotated[str, typer.Option("--format", "-f", help="oasst | hh | trl | prompts (with or without candidates) | kwise")],
     db: DbOpt = None,
-    annotators: Annotated[Optional[int], typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
-    k: Annotated[Optional[int], typer.Option(help="Candidates per prompt, if the project is created (default: from the file, else 4).", min=2, max=16)] = None,
+    annotators: Annotated[int | None, typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
+    k: Annotated[int | None, typer.Option(help="Candidates per prompt, if the project is created (default: from the file, else 4).", min=2, max=16)] = None,
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
@@ -212,7 +212,7 @@ def export(
 def generate(
     project: ProjectOpt,
     model: Annotated[str, typer.Option(help="SFT checkpoint directory, or demo | demo:tiny | demo:small.")] = "demo",
-    k: Annotated[Optional[int], typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
+    k: Annotated[int | None, typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
@@ -221,9 +221,8 @@ def generate(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sample K candidates for every prompt of the project that has none yet."""
-    from annotation.generate import generate_candidates
-
     from annotation import services
+    from annotation.generate import generate_candidates
 
     with _sessionmaker(db)() as s:
         pk = services.get_project(s, project).k

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 from itertools import combinations
-from typing import Hashable, Mapping, Sequence
 
 RanksByItem = Mapping[Hashable, Mapping[str, Sequence[float]]]
 

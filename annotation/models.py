@@ -6,7 +6,7 @@ Raw rankings are append-only: a correction is a new `rankings` row with revision
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -28,7 +28,7 @@ class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
-    password_hash: Mapped[Optional[str]] = mapped_column(String(255))  # None: cannot log in
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # None: cannot log in
     role: Mapped[str] = mapped_column(String(16))  # admin | annotator | source (imported data)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -40,7 +40,7 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256; the token itself is never stored
     created_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[Optional[float]] = mapped_column(Float)  # schema v2; v1 tokens get created_at + the default TTL
+    expires_at: Mapped[float | None] = mapped_column(Float)  # schema v2; v1 tokens get created_at + the default TTL
 
 
 class WebSession(Base):
@@ -59,8 +59,8 @@ class Invite(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
-    used_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
-    project_id: Mapped[Optional[int]] = mapped_column(ForeignKey("projects.id"))  # schema v2: joins this project
+    used_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id"))  # schema v2: joins this project
 
 
 class LoginFailures(Base):
@@ -112,7 +112,7 @@ class Prompt(Base):
     slots_taken: Mapped[int] = mapped_column(Integer, default=0)
     done_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
-    candidates: Mapped[list["Candidate"]] = relationship(order_by="Candidate.position", lazy="selectin")
+    candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.position", lazy="selectin")
 
 
 class Candidate(Base):
@@ -122,9 +122,9 @@ class Candidate(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     position: Mapped[int] = mapped_column(Integer)  # order in the source file / generation
     text: Mapped[str] = mapped_column(Text)
-    model: Mapped[Optional[str]] = mapped_column(String(255))
+    model: Mapped[str | None] = mapped_column(String(255))
     sampling: Mapped[Any] = mapped_column(JSON, default=dict)
-    source_id: Mapped[Optional[str]] = mapped_column(String(255))
+    source_id: Mapped[str | None] = mapped_column(String(255))
 
 
 class Assignment(Base):
@@ -142,7 +142,7 @@ class Assignment(Base):
     candidate_order: Mapped[Any] = mapped_column(JSON)  # candidate ids in the order this annotator saw them
     leased_until: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
-    completed_at: Mapped[Optional[float]] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
 
 
 class RankingRow(Base):
@@ -154,12 +154,12 @@ class RankingRow(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    assignment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("assignments.id"))  # None for imported data
+    assignment_id: Mapped[int | None] = mapped_column(ForeignKey("assignments.id"))  # None for imported data
     revision: Mapped[int] = mapped_column(Integer)
     order: Mapped[Any] = mapped_column(JSON)  # [[best ids...], [next ids...], ...]; ids in one group are tied
     all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
-    skip_reason: Mapped[Optional[str]] = mapped_column(Text)
-    rationale: Mapped[Optional[str]] = mapped_column(Text)
-    time_spent_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    rationale: Mapped[str | None] = mapped_column(Text)
+    time_spent_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)

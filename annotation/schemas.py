@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -48,7 +48,7 @@ class MemberCreate(_Strict):
 
 class InviteCreate(_Strict):
     role: Literal["admin", "annotator"] = "annotator"
-    project: Optional[str] = Field(default=None, max_length=128, description="the new account joins this project")
+    project: str | None = Field(default=None, max_length=128, description="the new account joins this project")
 
 
 class InvitePublic(BaseModel):
@@ -74,7 +74,7 @@ class ProjectPublic(BaseModel):
 
 class CandidateCreate(_Strict):
     text: Text
-    model: Optional[str] = Field(default=None, max_length=255)
+    model: str | None = Field(default=None, max_length=255)
     sampling: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -84,9 +84,9 @@ class Message(_Strict):
 
 
 class PromptCreate(_Strict):
-    prompt: Union[Text, list[Message]] = Field(description="text, or chat messages [{role, content}]")
-    id: Optional[str] = Field(default=None, min_length=1, max_length=255)
-    candidates: list[Union[Text, CandidateCreate]] = Field(
+    prompt: Text | list[Message] = Field(description="text, or chat messages [{role, content}]")
+    id: str | None = Field(default=None, min_length=1, max_length=255)
+    candidates: list[Text | CandidateCreate] = Field(
         default_factory=list, max_length=16, description="none (generate later) or exactly the project's K")
 
 
@@ -114,7 +114,7 @@ class TaskPublic(BaseModel):
     status: str  # leased | done | skipped | expired
     leased_until: float
     revision: int
-    order: Optional[list[list[int]]] = None
+    order: list[list[int]] | None = None
 
 
 class RankingCreate(_Strict):
@@ -128,8 +128,8 @@ class RankingCreate(_Strict):
         max_length=16,
     )
     all_bad: bool = False
-    rationale: Optional[str] = Field(default=None, max_length=2000)
-    time_spent_ms: Optional[int] = Field(default=None, ge=0, le=7 * 86400 * 1000)
+    rationale: str | None = Field(default=None, max_length=2000)
+    time_spent_ms: int | None = Field(default=None, ge=0, le=7 * 86400 * 1000)
 
 
 class SkipCreate(_Strict):
@@ -138,10 +138,10 @@ class SkipCreate(_Strict):
 
 class RankingPublic(BaseModel):
     id: int
-    task_id: Optional[int]
+    task_id: int | None
     revision: int
-    order: Optional[list[list[int]]]
+    order: list[list[int]] | None
     all_bad: bool
     skipped: bool
-    skip_reason: Optional[str]
+    skip_reason: str | None
     created_at: float

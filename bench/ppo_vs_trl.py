@@ -178,7 +178,7 @@ def trl_worker(job: dict) -> dict:
 def ensure_trl_venv(venv: Path) -> Path:
     """A venv with TRL 1.12 and the running torch/transformers/peft/accelerate versions."""
     python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != %r)" % TRL_VERSION]
+    probe = [str(python), "-c", f"import trl, sys; sys.exit(trl.__version__ != {TRL_VERSION!r})"]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     import accelerate

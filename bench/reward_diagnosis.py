@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model:
         return
 
-    from reward.evaluate import text_key, reward_table
+    from reward.evaluate import reward_table, text_key
     from reward.model import load_reward_model
 
     rm = load_reward_model(args.model)

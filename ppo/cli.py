@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ from align.errors import UserError
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints"}
 
 ResumeOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint "
                  "(its config.yaml is used; only progress/report_to/... may be overridden)."),
 ]

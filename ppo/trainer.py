@@ -48,11 +48,11 @@ from ppo.checkpoint import (
     truncate_metrics,
 )
 from ppo.config import PPOConfig
-from ppo.run_dir import CHECKPOINTS_DIR, METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
+from ppo.run_dir import CHECKPOINTS_DIR, METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.sampling import sample_responses
 
 log = logging.getLogger("align")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,7 +36,7 @@ def score(
     model: Annotated[Path, typer.Option("--model", "-m", help="Reward run directory (RUN) or RUN/model.")],
     input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with `prompt` (text or messages) and `response` per line.")],
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
+        Path | None, typer.Option("--output", "-o", help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
 ) -> None:

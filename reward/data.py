@@ -26,7 +26,6 @@ from align.formats import Ranking
 from reward.losses import ordered_pairs
 from reward.sources import read_annotation_project
 
-
 # --------------------------------------------------------------------------- loading
 
 

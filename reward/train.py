@@ -37,7 +37,6 @@ from align.precision import (
     upcast_trainable,
 )
 from reward.config import RewardConfig
-from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 from reward.data import (
     RankingBatch,
     RankingCollator,
@@ -62,6 +61,7 @@ from reward.model import (
     save_reward_model,
     score_texts,
 )
+from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
 
 def peak_memory_mb() -> float:

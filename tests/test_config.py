@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -22,7 +22,7 @@ class StageConfig:
     kl_coef: float = option(0.05, help="KL penalty coefficient.", ge=0)
     estimator: Literal["k1", "k3"] = option("k1", help="KL estimator.")
     whiten: bool = option(True, help="Whiten advantages.")
-    data_path: Optional[str] = option(None, help="Data file.", must_exist=True)
+    data_path: str | None = option(None, help="Data file.", must_exist=True)
     layers: list[int] = option(default_factory=lambda: [0, 1], help="Layers.")
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer."})
 

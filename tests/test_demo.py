@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from align.config import ConfigError
 from align.commands.demo import run_demo, split_overrides
+from align.config import ConfigError
 
 
 def test_overrides_are_routed_to_their_stage():

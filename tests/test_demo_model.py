@@ -88,7 +88,7 @@ def test_lora_adapter_checkpoint_is_merged(tiny_random_model, tmp_path):
 
 
 def _vocabulary() -> set[str]:
-    from align.synthetic import FILLER, POLITE_CLOSERS, NEUTRAL_CLOSERS, POLITE_OPENERS, RUDE_INSERTS, RUDE_OPENERS, TRAIL_OFFS
+    from align.synthetic import FILLER, NEUTRAL_CLOSERS, POLITE_CLOSERS, POLITE_OPENERS, RUDE_INSERTS, RUDE_OPENERS, TRAIL_OFFS
 
     text = " ".join([f for t in TOPICS for f in t.facts] + list(FILLER + POLITE_CLOSERS + NEUTRAL_CLOSERS
                     + POLITE_OPENERS + RUDE_INSERTS + RUDE_OPENERS + TRAIL_OFFS))

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from align.errors import UserError
 from align.commands.export import export_run
+from align.errors import UserError
 
 PROMPTS = ["Tell me about tea.", "How does chess work?", "Give me a quick tip about bread."]
 

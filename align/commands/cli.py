@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,7 +47,7 @@ def _register_stages() -> None:
 @app.command("init-demo-model")
 def init_demo_model(
     out: Annotated[
-        Optional[Path], typer.Option(help="Directory to write the checkpoint to (default: the align cache).")
+        Path | None, typer.Option(help="Directory to write the checkpoint to (default: the align cache).")
     ] = None,
     size: Annotated[str, typer.Option(help="tiny (about 1M parameters) or small (about 5M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for data, tokenizer and weights.")] = 0,

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+
 def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     def f(key: str) -> str:
         value = summary.get(key)

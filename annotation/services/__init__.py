@@ -59,9 +59,9 @@ from annotation.services.reports import (
     export_rankings,
     export_rows,
     latest_rankings,
+    project_progress,
     prompt_detail,
     timeline,
-    project_progress,
     user_progress,
 )
 from annotation.services.users import (

@@ -8,7 +8,6 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from align.formats import Ranking
-
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid

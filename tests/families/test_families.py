@@ -138,7 +138,7 @@ def test_moe_routed_experts_are_reported(family_model, caplog):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("value_model", ["policy_trunk", "reward_model"])
 def test_ppo_one_iteration_with_default_lora_and_export(family, value_model, family_model, tmp_path):
-    from align.export import export_run
+    from align.commands.export import export_run
     from align.modeling import load_tokenizer
     from ppo.config import PPOConfig
     from ppo.trainer import run_ppo

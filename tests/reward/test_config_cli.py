@@ -1,8 +1,8 @@
 """User mistakes in `align reward train` give one line naming the problem and exit code 2."""
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 

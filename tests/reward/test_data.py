@@ -1,6 +1,5 @@
 """Prompt-level split, the K-wise batch layout and the pairwise expansion."""
 
-import torch
 
 from align.formats import Ranking
 from align.synthetic import make_rankings

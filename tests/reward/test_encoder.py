@@ -70,7 +70,7 @@ def test_encoder_needs_a_policy_for_normalisation(tiny_bert, tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_encoder_trains_normalises_on_the_policy_and_drives_ppo(tiny_bert, tiny_random_model, tmp_path, lora):
-    from align.export import export_run
+    from align.commands.export import export_run
     from ppo.config import PPOConfig
     from ppo.trainer import run_ppo
     from reward.model import load_reward_model

@@ -93,8 +93,8 @@ def test_save_load_round_trip_scores_identically_and_normalised(quick_config, lo
     again = load_reward_model(run + "/model")
     assert torch.equal(again.score(prompts, responses), rm.score(prompts, responses))
     # the trainer's own (unmerged) model gave the same held-out accuracy as the reloaded one
-    from reward.evaluate import evaluate_rankings
     from reward.data import load_reward_data
+    from reward.evaluate import evaluate_rankings
 
     data = load_reward_data(cfg.data)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, data.eval, max_length=cfg.model.max_length, batch_size=64,
@@ -122,10 +122,10 @@ def test_shared_prompt_forward_equals_whole_sequences(tiny_random_model, lora, a
     as forwarding every prompt + response whole, with mismatched pairs and a truncated prompt."""
     from align.config import load_config
     from align.modeling import load_tokenizer
+    from align.synthetic import make_rankings
     from reward.config import RewardConfig
     from reward.data import RankingCollator, RankingDataset
     from reward.model import build_reward_model, forward_rewards, forward_rewards_shared_prompts
-    from align.synthetic import make_rankings
 
     tok = load_tokenizer(tiny_random_model)
     lora_cfg = load_config(RewardConfig, None, ["lora.enabled=true", "lora.r=4"]).lora if lora else None
@@ -160,4 +160,4 @@ def test_shared_prompt_forward_equals_whole_sequences(tiny_random_model, lora, a
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-4)
     assert whole_grads.keys() == shared_grads.keys() and whole_grads
     for name, expected in whole_grads.items():
-        torch.testing.assert_close(shared_grads[name], expected, atol=1e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(shared_grads[name], expected, atol=1e-5, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
