@@ -109,12 +109,16 @@ def invite(
     db: DbOpt = None,
     base_url: Annotated[str, typer.Option(help="Where the app is served.")] = "http://127.0.0.1:8000",
     admin: Annotated[bool, typer.Option("--admin", help="The invited account is an admin.")] = False,
+    project: Annotated[
+        str | None, typer.Option("--project", "-p", help="The new account becomes a member of this project.")
+    ] = None,
 ) -> None:
     """Print a one-use invite link (7 days) with which a person picks their own password."""
     from annotation import services
 
     with _sessionmaker(db)() as s:
-        token = services.create_invite(s, "admin" if admin else "annotator")
+        target = services.get_project(s, project) if project is not None else None
+        token = services.create_invite(s, "admin" if admin else "annotator", project=target)
     typer.echo(f"{base_url.rstrip('/')}/invite/{token}")
 
 

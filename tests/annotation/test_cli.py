@@ -158,3 +158,17 @@ def test_export_into_missing_folder_or_onto_folder_exit_2(tmp_path, capsys):
         code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out)], capsys)
         assert code == 2 and word in text and len(text.strip().splitlines()) == 1, text
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "missing").exists()
+
+
+def test_cli_invite_for_a_project_makes_a_member(tmp_path, capsys):
+    from annotation import services
+    from annotation.db import open_db
+
+    db = f"sqlite:///{tmp_path / 'i.db'}"
+    ok(["annotate", "create-project", "team", "--db", db, "--k", "2"], capsys)
+    link = ok(["annotate", "invite", "--db", db, "--project", "team"], capsys).strip()
+    code, out = run(["annotate", "invite", "--db", db, "--project", "nope"], capsys)
+    assert code == 2 and "nope" in out and "Traceback" not in out
+    with open_db(db)() as s:
+        user = services.accept_invite(s, link.rsplit("/", 1)[1], "new-annotator", "a quiet harbour at dusk")
+        assert services.is_member(s, services.get_project(s, "team"), user)
