@@ -188,7 +188,7 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
         # Spread concurrent annotators over the least-annotated prompts instead of all
         # racing for the first one (they would then retry one by one).
         # Seeded per user so simulated runs (align demo) repeat exactly.
-        lowest = ids[: max(1, min(len(ids), 6))]
+        lowest = ids[: max(1, min(len(ids), 8))]
         random.Random(user.id * 7919 + _attempt).shuffle(lowest)
         cands: dict[int, list[tuple[int, str]]] = {}
         for pid, cid, text in db.execute(select(Candidate.prompt_id, Candidate.id, Candidate.text)
