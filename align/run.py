@@ -67,6 +67,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A run file (.json, or .yaml for a saved config) as a mapping; {} when missing or unreadable."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: json.JSONDecodeError, bad UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to a temporary file beside `path`, fsync it, then rename over `path`."""
     path = Path(path)

@@ -15,10 +15,11 @@ Export and the demo read PPO runs only through this module, so the names live he
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from align.run import read_mapping, read_metrics
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -44,30 +45,15 @@ class PPORun:
         return self.path / POLICY_DIR
 
     def config(self) -> dict[str, Any]:
-        import yaml
-
-        try:
-            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_mapping(self.path / CONFIG_FILE)
 
     def summary(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_mapping(self.path / SUMMARY_FILE)
 
     def adapter_config(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.policy_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return read_mapping(self.policy_dir / "adapter_config.json")
 
     def metrics(self) -> list[dict[str, Any]]:
-        from align.run import read_metrics
-
         return read_metrics(self.path / METRICS_FILE)
 
     def plots(self) -> list[Path]:

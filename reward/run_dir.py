@@ -11,12 +11,12 @@ Export, the demo and PPO read reward runs only through this module, so the names
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
+from align.run import read_mapping
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -41,14 +41,6 @@ def is_reward_model(path: str | Path) -> bool:
     return (path / MODEL_DIR / NORMALIZATION_FILE).exists() or (path / NORMALIZATION_FILE).exists()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 @dataclass(frozen=True)
 class RewardRun:
     """A reward run directory (RUN) or a reward model directory on its own (RUN/model, an export)."""
@@ -66,21 +58,15 @@ class RewardRun:
 
     def info(self) -> dict[str, Any]:
         """Provenance saved with the model: {"config", "data", "base_model", "summary"}."""
-        return _read_json(self.model_dir / INFO_FILE)
+        return read_mapping(self.model_dir / INFO_FILE)
 
     def summary(self) -> dict[str, Any]:
         """The run's summary.json, or the copy saved with the model when only the model is at hand."""
-        return _read_json(self.path / SUMMARY_FILE) or self.info().get("summary", {})
+        return read_mapping(self.path / SUMMARY_FILE) or self.info().get("summary", {})
 
     def config(self) -> dict[str, Any]:
         """The resolved config as a mapping (from config.yaml, or the copy saved with the model)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            data = None
-        return data if isinstance(data, dict) else self.info().get("config", {})
+        return read_mapping(self.path / CONFIG_FILE) or self.info().get("config", {})
 
     def base_model(self) -> str | None:
         return self.info().get("base_model") or self.config().get("model", {}).get("name_or_path")
