@@ -17,7 +17,7 @@ from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Conflict, Invalid
 from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
-from annotation.services.rankings import clean_optional_text, ranks_to_order
+from annotation.services.rankings import check_text, clean_optional_text, ranks_to_order
 from annotation.services.users import _new_user
 
 IMPORT_FORMATS = ("oasst", "hh", "trl", "prompts", "kwise")
@@ -33,13 +33,7 @@ class ImportReport:
 
 
 def _check_text(text: Any, what: str) -> str:
-    if not isinstance(text, str):
-        raise Invalid(f"{what} must be a string")
-    if len(text) > MAX_TEXT:
-        raise Invalid(f"{what} is longer than {MAX_TEXT} characters")
-    if "\x00" in text:
-        raise Invalid(f"{what} contains a NUL character")
-    return text
+    return check_text(text, what, MAX_TEXT)
 
 
 def _check_prompt(content: Any, what: str) -> Any:

@@ -252,9 +252,8 @@ def get_task(db: Session, user: User, assignment_id: int) -> Task:
     return _task(db, a, db.get(Project, a.project_id), db.get(Prompt, a.prompt_id))
 
 
-def clean_optional_text(value: Any, what: str, limit: int = MAX_REASON) -> str | None:
-    if value is None or value == "":
-        return None
+def check_text(value: Any, what: str, limit: int) -> str:
+    """A string the database can store: at most `limit` characters and no NUL."""
     if not isinstance(value, str):
         raise Invalid(f"{what} must be a string")
     if len(value) > limit:
@@ -262,6 +261,10 @@ def clean_optional_text(value: Any, what: str, limit: int = MAX_REASON) -> str |
     if "\x00" in value:
         raise Invalid(f"{what} contains a NUL character")
     return value
+
+
+def clean_optional_text(value: Any, what: str, limit: int = MAX_REASON) -> str | None:
+    return None if value is None or value == "" else check_text(value, what, limit)
 
 
 def _clean_bool(value: Any, what: str) -> bool:
