@@ -69,6 +69,19 @@ def make_engine(url: str) -> Engine:
             class LockingConnection(sqlite3.Connection):
                 holds_lock = False
 
+                def begin(self, write: bool) -> None:
+                    """BEGIN a read snapshot (WAL: blocks nobody), or BEGIN IMMEDIATE
+                    under the writer lock."""
+                    if write and not self.holds_lock:
+                        if not writer_lock.acquire(timeout=60):
+                            raise UserError("database busy for 60 s; try again")
+                        self.holds_lock = True
+                    try:
+                        self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    except BaseException:
+                        self._release()
+                        raise
+
                 def _release(self):
                     if self.holds_lock:
                         self.holds_lock = False
@@ -94,7 +107,7 @@ def make_engine(url: str) -> Engine:
 
             engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30, "factory": LockingConnection},
-                pool_size=20, max_overflow=20,
+                pool_size=48, max_overflow=16,  # >= the threadpool: no connection churn
             )
 
             @event.listens_for(engine, "connect")
@@ -110,19 +123,8 @@ def make_engine(url: str) -> Engine:
 
             @event.listens_for(engine, "begin")
             def _sqlite_begin(conn):
-                if conn.get_execution_options().get("align_read_only"):
-                    conn.exec_driver_sql("BEGIN")  # WAL readers see a snapshot and block nobody
-                    return
-                raw = conn.connection.dbapi_connection
-                if not raw.holds_lock:
-                    if not writer_lock.acquire(timeout=60):
-                        raise UserError("database busy for 60 s; try again")
-                    raw.holds_lock = True
-                try:
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                except BaseException:
-                    raw._release()
-                    raise
+                read_only = conn.get_execution_options().get("align_read_only", False)
+                conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
             engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)

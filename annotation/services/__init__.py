@@ -9,7 +9,8 @@ as one line.
     users     accounts, API tokens, browser sessions, invites, throttled sign-in
     projects  projects and their members
     imports   adding prompts and candidates, importing files
-    rankings  task leasing, submitting, revising and skipping rankings
+    leasing   which prompt an annotator ranks next (tasks, leases, slots)
+    rankings  submitting, revising and skipping rankings
     reports   exports, progress and the dashboard
 """
 
@@ -26,6 +27,7 @@ from annotation.services.imports import (
     prompts_without_candidates,
     read_records,
 )
+from annotation.services.leasing import Task, TaskCandidate, next_task, release_expired_leases
 from annotation.services.projects import (
     MAX_CANDIDATES,
     add_member,
@@ -41,13 +43,9 @@ from annotation.services.projects import (
 from annotation.services.rankings import (
     MAX_DB_INT,
     MAX_REASON,
-    Task,
-    TaskCandidate,
     get_task,
-    next_task,
     order_to_ranks,
     ranks_to_order,
-    release_expired_leases,
     revise_ranking,
     skip_task,
     submit_ranking,

@@ -41,10 +41,17 @@ def read_only(fn):
         begin_read_only(db)
         db.info["align_read_only_depth"] = 1
         try:
-            return fn(db, *args, **kwargs)
-        finally:
+            result = fn(db, *args, **kwargs)
+        except BaseException:
             db.info["align_read_only_depth"] = 0
             db.rollback()
+            raise
+        # Commit, not rollback, ends the snapshot: a rollback would expire every object
+        # read, and the caller's next attribute access would reload it in a new (on
+        # SQLite: writer-locked) transaction.
+        db.info["align_read_only_depth"] = 0
+        db.commit()
+        return result
 
     return wrapper
 

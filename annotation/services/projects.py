@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation.models import Project, ProjectMember, User
+from annotation.raw_sql import Sql, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Invalid, NotFound
 
@@ -59,19 +60,23 @@ def get_project(db: Session, name: str) -> Project:
     return project
 
 
-@read_only
+_PROJECT_FOR = Sql("SELECT p.id, p.name, p.guidelines, p.k, p.annotators_per_prompt, p.lease_seconds, "
+                    "p.created_at, m.user_id AS member FROM projects p LEFT JOIN project_members m "
+                    "ON m.project_id = p.id AND m.user_id = :user WHERE p.name = :name")
+
+
 def project_for(db: Session, user: User, name: str) -> Project:
     """The project as `user` may see it: admins see every project, others only those they
-    are members of (anything else is reported as not found, so names do not leak)."""
-    if user.role == "admin":
-        row = db.execute(select(Project, True).where(Project.name == name)).first()
-    else:
-        row = db.execute(select(Project, ProjectMember.user_id).outerjoin(
-            ProjectMember, (ProjectMember.project_id == Project.id) & (ProjectMember.user_id == user.id))
-            .where(Project.name == name)).first()
-    if row is None or row[1] is None:
+    are members of (anything else is reported as not found, so names do not leak). One
+    indexed read on every task request; the project comes back as a plain (transient)
+    Project to read from."""
+    with transaction(db, write=False) as tx:
+        row = _PROJECT_FOR.first(tx, user=user.id, name=name)
+    if row is None or (row[-1] is None and user.role != "admin"):
         raise NotFound(f"no project {name!r}")
-    return row[0]
+    pid, name, guidelines, k, per_prompt, lease_seconds, created_at, _member = row
+    return Project(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
+                   lease_seconds=lease_seconds, created_at=created_at)
 
 
 @unit_of_work

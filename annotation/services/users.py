@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from annotation import passwords, security
 from annotation.models import ApiToken, Assignment, Invite, LoginFailures, Project, ProjectMember, Prompt, User, WebSession
+from annotation.raw_sql import Sql, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled
 from annotation.settings import DEFAULT_API_TOKEN_TTL_S
@@ -174,15 +175,28 @@ def revoke_api_token(db: Session, token: str) -> bool:
     return res.rowcount == 1
 
 
-@read_only
-def user_for_token(db: Session, token: str) -> User | None:
-    row = db.execute(
-        select(User, ApiToken.expires_at).join(ApiToken, ApiToken.user_id == User.id)
-        .where(ApiToken.token_hash == security.hash_token(token))
-    ).first()
-    if row is None or not row[0].active or (row[1] is not None and row[1] < time.time()):
+# Every request authenticates, so the lookups are one indexed read each, in a snapshot
+# that takes no lock. The user comes back as a plain (transient) User: the caller reads
+# its id, username, role and active flag and never writes through it.
+_USER_FOR_TOKEN = Sql("SELECT u.id, u.username, u.role, u.active, t.expires_at FROM api_tokens t "
+                      "JOIN users u ON u.id = t.user_id WHERE t.token_hash = :hash")
+_USER_FOR_SESSION = Sql("SELECT u.id, u.username, u.role, u.active, s.expires_at FROM web_sessions s "
+                        "JOIN users u ON u.id = s.user_id WHERE s.token_hash = :hash")
+
+
+def _user_for(db: Session, query: Sql, token: str) -> User | None:
+    with transaction(db, write=False) as tx:
+        row = query.first(tx, hash=security.hash_token(token))
+    if row is None:
         return None
-    return row[0]
+    user_id, username, role, active, expires_at = row
+    if not active or (expires_at is not None and expires_at < time.time()):
+        return None
+    return User(id=user_id, username=username, role=role, active=bool(active))
+
+
+def user_for_token(db: Session, token: str) -> User | None:
+    return _user_for(db, _USER_FOR_TOKEN, token)
 
 
 @unit_of_work
@@ -195,16 +209,8 @@ def open_web_session(db: Session, user: User, ttl_s: float = 12 * 3600) -> str:
     return token
 
 
-@read_only
 def user_for_session(db: Session, token: str) -> User | None:
-    row = db.execute(
-        select(User, WebSession.expires_at)
-        .join(WebSession, WebSession.user_id == User.id)
-        .where(WebSession.token_hash == security.hash_token(token))
-    ).first()
-    if row is None or row[1] < time.time() or not row[0].active:
-        return None
-    return row[0]
+    return _user_for(db, _USER_FOR_SESSION, token)
 
 
 @unit_of_work

@@ -1,0 +1,194 @@
+"""Task leasing: which prompt an annotator ranks next, and the slots that keep a prompt
+from getting more annotators than the project asks for.
+
+Every ranking starts with `next_task`, so it is hand-written SQL on the session's
+connection: one read of the queue in a snapshot that takes no lock, then one short write
+transaction that claims a slot and records the lease. On SQLite that write is the only
+time a request holds the database's single writer lock.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.raw_sql import Sql, Transaction, transaction
+from annotation.services._tx import unit_of_work
+from annotation.services.users import require_annotator
+
+STALE_CHECK_S = 2.0
+_last_stale_check: dict[tuple[str, int], float] = {}
+QUEUE_WINDOW = 16  # prompts read from the head of the queue per attempt
+SPREAD = 8  # concurrent annotators are spread over this many of the least-annotated prompts
+
+
+@dataclass
+class TaskCandidate:
+    id: int
+    text: str
+
+
+@dataclass
+class Task:
+    """What one annotator sees for one prompt: candidates in their own shuffled order."""
+
+    assignment_id: int
+    project: str
+    prompt_id: int
+    prompt: Any  # text or messages
+    candidates: list[TaskCandidate]
+    status: str
+    leased_until: float
+    guidelines: str = ""
+    revision: int = 0  # latest stored revision (0 = not ranked yet)
+    order: list[list[int]] | None = None  # latest stored order, if ranked
+
+
+def task_of(db: Session, a: Assignment, project: Project, prompt: Prompt) -> Task:
+    """The Task view of an existing assignment, with its latest stored ranking."""
+    by_id = {c.id: c for c in prompt.candidates}
+    latest = db.scalar(
+        select(RankingRow).where(RankingRow.assignment_id == a.id).order_by(RankingRow.revision.desc()).limit(1)
+    )
+    return Task(
+        assignment_id=a.id, project=project.name, prompt_id=prompt.id, prompt=prompt.content,
+        candidates=[TaskCandidate(cid, by_id[cid].text) for cid in a.candidate_order if cid in by_id],
+        status=a.status, leased_until=a.leased_until, guidelines=project.guidelines,
+        revision=latest.revision if latest else 0, order=latest.order if latest and not latest.skipped else None,
+    )
+
+
+_STALE = Sql("SELECT id FROM assignments WHERE project_id = :project AND status = 'leased' "
+              "AND leased_until < :now LIMIT 1")
+_LIVE_LEASE = Sql("SELECT id FROM assignments WHERE user_id = :user AND project_id = :project "
+                   "AND status = 'leased' ORDER BY id LIMIT 1")
+# The least-annotated prompts with a free slot that this annotator has not ranked, skipped
+# or holds (an expired lease of theirs may be taken up again); ix_prompts_queue serves it.
+_QUEUE = Sql(f"""
+SELECT p.id FROM prompts p
+WHERE p.project_id = :project AND p.n_candidates >= 2 AND p.slots_taken < :per_prompt
+  AND NOT EXISTS (SELECT 1 FROM assignments a
+                  WHERE a.prompt_id = p.id AND a.user_id = :user AND a.status != 'expired')
+ORDER BY p.done_count, p.slots_taken, p.id
+LIMIT {QUEUE_WINDOW}""")
+_TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
+_EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")
+_FREE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken - 1 WHERE id = :prompt")
+_EXPIRED_LEASES = Sql("SELECT id, prompt_id FROM assignments WHERE project_id = :project AND status = 'leased' "
+                      "AND leased_until < :now LIMIT 200")
+_CONTENT = Sql("SELECT p.content, c.id, c.text FROM prompts p JOIN candidates c ON c.prompt_id = p.id "
+               "WHERE p.id = :prompt ORDER BY c.position", json_columns=[0])
+# A new lease, or the annotator's own expired lease of this prompt taken up again. Nothing
+# comes back when they hold it live already (the same annotator in two tabs at once).
+_LEASE = Sql("""
+INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
+VALUES (:project, :prompt, :user, 'leased', :order, :until, :now)
+ON CONFLICT (prompt_id, user_id) DO UPDATE
+  SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
+  WHERE assignments.status = 'expired'
+RETURNING id""", json_params=["order"])
+
+
+def take_slot(tx: Transaction, prompt_id: int, annotators_per_prompt: int) -> bool:
+    """Claim one of the prompt's annotator slots; False when they are all taken. The
+    conditional UPDATE is what keeps two annotators from taking the last slot at once."""
+    return _TAKE_SLOT.rowcount(tx, prompt=prompt_id, per_prompt=annotators_per_prompt) == 1
+
+
+def expire_lease(tx: Transaction, assignment_id: int, prompt_id: int) -> bool:
+    """Mark a live lease expired and give its slot back; False if it was not live."""
+    if _EXPIRE.rowcount(tx, id=assignment_id) != 1:
+        return False
+    _FREE_SLOT.rowcount(tx, prompt=prompt_id)
+    return True
+
+
+def release_expired_leases(db: Session, project: Project, now: float | None = None) -> int:
+    """Give back the slots of leases that ran out (commits); how many there were."""
+    now = time.time() if now is None else now
+    with transaction(db, write=True) as tx:
+        return sum(expire_lease(tx, aid, pid) for aid, pid in _EXPIRED_LEASES.all(tx, project=project.id, now=now))
+
+
+class _LeasedElsewhere(Exception):
+    """The annotator leased this prompt from another tab a moment ago."""
+
+
+def _stale_check_due(db: Session, project: Project, now: float) -> bool:
+    """Expired leases are looked for at most every STALE_CHECK_S per project and process
+    (leases last 10 s or more), not on every request."""
+    key = (str(db.get_bind().url), project.id)
+    if now - STALE_CHECK_S < _last_stale_check.get(key, -1e18) <= now:
+        return False
+    _last_stale_check[key] = now
+    return True
+
+
+def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
+    """Lease the first of `prompt_ids` that still has a free slot; None if none has."""
+    for pid in prompt_ids:
+        if not take_slot(tx, pid, project.annotators_per_prompt):
+            continue
+        rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
+        text_of = {cid: body for _content, cid, body in rows}
+        order = list(text_of)
+        random.Random(f"{user.id}:{pid}").shuffle(order)  # per-annotator order, reproducible
+        until = now + project.lease_seconds
+        aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
+        if aid is None:
+            raise _LeasedElsewhere  # rolls back the slot taken above
+        return Task(
+            assignment_id=aid, project=project.name, prompt_id=pid, prompt=rows[0][0],
+            candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
+            status="leased", leased_until=until, guidelines=project.guidelines,
+        )
+    return None
+
+
+@unit_of_work
+def next_task(db: Session, user: User, project: Project, now: float | None = None) -> Task | None:
+    """Lease the next prompt for `user`: their own live lease if they have one, else the
+    least-annotated prompt that still has a free slot and that they never ranked. None when
+    nothing is left for them.
+
+    The queue is read in a snapshot that takes no lock; only the claim (conditional slot
+    UPDATE + lease INSERT) is a write, so on SQLite the single-writer section stays short."""
+    now = time.time() if now is None else now
+    require_annotator(user)
+    if _stale_check_due(db, project, now):
+        with transaction(db, write=False) as tx:
+            stale = _STALE.first(tx, project=project.id, now=now) is not None
+        if stale:
+            release_expired_leases(db, project, now)  # its own short write transaction
+    queue = {"project": project.id, "per_prompt": project.annotators_per_prompt, "user": user.id}
+    with transaction(db, write=False) as tx:
+        live = _LIVE_LEASE.scalar(tx, user=user.id, project=project.id)
+        ids = [pid for (pid,) in _QUEUE.all(tx, **queue)] if live is None else []
+    if live is not None:
+        a = db.get(Assignment, live)
+        return task_of(db, a, project, db.get(Prompt, a.prompt_id))
+    for attempt in range(5):
+        if attempt:
+            with transaction(db, write=False) as tx:  # a fresh snapshot
+                ids = [pid for (pid,) in _QUEUE.all(tx, **queue)]
+        if not ids:
+            return None
+        # Spread concurrent annotators over the least-annotated prompts instead of all
+        # racing for the first one (they would then retry one by one). Seeded per user so
+        # simulated runs (align demo) repeat exactly.
+        lowest = ids[:SPREAD]
+        random.Random(user.id * 7919 + attempt).shuffle(lowest)
+        try:
+            with transaction(db, write=True) as tx:
+                task = _claim(tx, user, project, lowest, now)
+        except _LeasedElsewhere:
+            continue
+        if task is not None:
+            return task
+    return None
