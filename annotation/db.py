@@ -16,7 +16,7 @@ from align.errors import UserError
 from annotation.models import Base, Meta
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def default_db_url() -> str:
@@ -176,7 +176,16 @@ def _v2(db: Session) -> None:
         conn.execute(text("ALTER TABLE invites ADD COLUMN project_id INTEGER REFERENCES projects(id)"))
 
 
-MIGRATIONS: dict = {2: _v2}  # {version: fn(session)}; v1 = create_all above
+def _v3(db: Session) -> None:
+    """The leasing queue's index ends with the prompt id (ordered scan, no sort)."""
+    from sqlalchemy import text
+
+    conn = db.connection()
+    conn.execute(text("DROP INDEX IF EXISTS ix_prompts_queue"))
+    conn.execute(text("CREATE INDEX ix_prompts_queue ON prompts (project_id, done_count, slots_taken, id)"))
+
+
+MIGRATIONS: dict = {2: _v2, 3: _v3}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -99,7 +99,9 @@ class Prompt(Base):
     __tablename__ = "prompts"
     __table_args__ = (
         UniqueConstraint("project_id", "source_id"),
-        Index("ix_prompts_queue", "project_id", "done_count", "slots_taken"),
+        # The leasing queue's order, id included, so "the least-annotated prompts" is an
+        # ordered index scan that stops after a few rows instead of a sort of the project.
+        Index("ix_prompts_queue", "project_id", "done_count", "slots_taken", "id"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))

@@ -42,15 +42,26 @@ def transaction(db: Session, *, write: bool) -> Iterator[Transaction]:
     engine = db.get_bind()
     pooled = engine.raw_connection()
     connection = pooled.dbapi_connection
+    sqlite = engine.dialect.name == "sqlite"
+    # On PostgreSQL a read runs in autocommit: each statement reads its own snapshot and
+    # no COMMIT round trip follows (what reads do here does not need one snapshot: the
+    # write that acts on it re-checks with conditional updates).
+    autocommit = not sqlite and not write
     try:
-        if engine.dialect.name == "sqlite":
+        if sqlite:
             connection.begin(write=write)
+        elif autocommit:
+            connection.autocommit = True
         yield Transaction(connection, engine.dialect)
-        connection.commit()
+        if not autocommit:
+            connection.commit()
     except BaseException:
-        connection.rollback()
+        if not autocommit:
+            connection.rollback()
         raise
     finally:
+        if autocommit:
+            connection.autocommit = False
         pooled.close()
 
 

@@ -168,6 +168,9 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
         seen.add(sid)
         if len(r.responses) < 2:
             raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
+        if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
+            raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
+                          f"at most K={project.k}")
         meta = r.meta or {}
         all_bad = meta.get("all_bad", False)
         if not isinstance(all_bad, bool):

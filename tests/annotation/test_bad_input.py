@@ -108,3 +108,24 @@ def test_nul_characters_refused(env):
     r = env.client.post(f"/api/tasks/{task['id']}/skip", headers=env.headers(tok), json={"reason": "bad\u0000"})
     assert r.status_code == 422 and "NUL" in r.text
     assert env.counts()["rankings"] == before["rankings"]
+
+
+def test_imported_rankings_are_held_to_the_projects_k(env):
+    """Imported rankings may have fewer responses than the project's K (real data varies)
+    but never more: a file with one such ranking is refused whole and stores nothing."""
+    import json
+
+    h = {**env.headers(env.admin_token), "content-type": "application/x-ndjson"}
+    env.project(n_prompts=1, k=3)
+    before = env.counts()
+
+    def kwise(n: int, pid: str) -> str:
+        return json.dumps({"prompt": f"q {pid}", "prompt_id": pid, "responses": [f"r{i}" for i in range(n)],
+                           "ranks": list(range(n))})
+
+    r = env.client.post("/api/projects/p/import?format=kwise", headers=h,
+                        content=(kwise(2, "a") + "\n" + kwise(4, "b") + "\n").encode())
+    assert r.status_code == 422 and "K=3" in r.text and "'b'" in r.text
+    assert env.counts() == before
+    r = env.client.post("/api/projects/p/import?format=kwise", headers=h, content=(kwise(2, "a") + "\n" + kwise(3, "c") + "\n").encode())
+    assert r.status_code == 201 and r.json()["rankings_added"] == 2

@@ -82,3 +82,37 @@ def test_thirty_annotators_at_once(server_db, tmp_path):
     pairs = Counter((r.prompt_id, r.user_id) for r in rows.values())
     assert max(pairs.values()) == 1  # nobody ranked a prompt twice
     assert all(a.status == "done" for a in assignments.values())
+
+
+def test_more_requests_at_once_than_server_threads(server_db, tmp_path):
+    """60 clients at once (the server's threadpool has 40 threads) each sign in by token,
+    read themselves and lease a task: every request is answered promptly. A request that
+    kept a database transaction open past its service call used to park all 40 threads on
+    the SQLite writer lock for 60 s."""
+    import httpx
+
+    users = [f"many{i:02d}" for i in range(60)]
+    tokens = seed_database(server_db, n_prompts=80, k=2, annotators_per_prompt=1, users=users)
+    server = ServerProcess(server_db, tmp_path / "server.log").start()
+    statuses: list[tuple[str, int]] = []
+    barrier = threading.Barrier(len(users))
+
+    def client(name: str) -> None:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {tokens[name]}"}, timeout=20) as c:
+            barrier.wait()
+            for method, path in (("GET", "/api/me"), ("GET", "/api/projects/load"), ("POST", "/api/projects/load/next")):
+                try:
+                    statuses.append((path, c.request(method, path).status_code))
+                except httpx.TimeoutException:
+                    statuses.append((path, 0))
+
+    threads = [threading.Thread(target=client, args=(u,)) for u in users]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    finally:
+        server.stop()
+    assert len(statuses) == 3 * len(users)
+    assert Counter(s for _p, s in statuses) == Counter({200: 3 * len(users)}), Counter(statuses)
