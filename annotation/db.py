@@ -127,10 +127,42 @@ def make_engine(url: str) -> Engine:
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+            engine = create_engine(url, pool_size=20, max_overflow=20)
+            _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {url!r}: {exc}") from None
     return engine
+
+
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Check a pooled server connection before use only if it sat idle for a while
+    (HikariCP's aliveBypassWindowMs): a connection back from use a moment ago is alive,
+    and pinging it on every checkout, as pool_pre_ping does, would add a round trip to
+    each of the few short transactions a ranking makes. A dead one (the server
+    restarted) is replaced before the request sees it (SQLAlchemy's pessimistic
+    disconnect handling)."""
+    import time
+
+    from sqlalchemy.exc import DisconnectionError
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record):
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn, record, _proxy):
+        if time.monotonic() - record.info.get("returned_at", float("-inf")) < PING_AFTER_IDLE_S:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_conn.rollback()
+        except engine.dialect.dbapi.Error as exc:
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
 def migrate(engine: Engine) -> None:

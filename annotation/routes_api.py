@@ -77,6 +77,48 @@ def _ranking_public(r) -> RankingPublic:
     )
 
 
+# --------------------------------------------------------------------------- tasks and rankings
+# First: the router tries routes in order, and every ranking makes two of these requests.
+
+
+@router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
+async def next_task(name: ProjectName, db: SessionDep, user: CurrentUser):
+    """Lease the next task in the project (or get back your current one). 204 when none is left."""
+    # Every ranking makes this request and the next, so both run on the event loop: their
+    # statements are a few indexed ones on the DBAPI connection (annotation.raw_sql), well
+    # under a millisecond, and a trip through the threadpool would cost more than they do.
+    task = services.next_task(db, user, services.project_for(db, user, name))
+    if task is None:
+        return Response(status_code=204)
+    return _task_public(task)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskPublic)
+def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
+    return _task_public(services.get_task(db, user, task_id))
+
+
+@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
+    """Submit the ranking of a leased task (409 if it was submitted already)."""
+    row = services.submit_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # on the loop: see next_task
+    return _ranking_public(row)
+
+
+@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
+    """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
+    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
+    return _ranking_public(row)
+
+
+@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
+def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
+    return _ranking_public(services.skip_task(db, user, task_id, body.reason))
+
+
 # --------------------------------------------------------------------------- tokens and users
 
 
@@ -231,44 +273,3 @@ def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal
 def dashboard(name: ProjectName, db: SessionDep, _admin: AdminUser) -> dict:
     """Progress, per-annotator counts and median time, agreement metrics, flagged items."""
     return services.dashboard(db, services.get_project(db, name))
-
-
-# --------------------------------------------------------------------------- tasks and rankings
-
-
-@router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
-async def next_task(name: ProjectName, db: SessionDep, user: CurrentUser):
-    """Lease the next task in the project (or get back your current one). 204 when none is left."""
-    # Every ranking makes this request and the next, so both run on the event loop: their
-    # statements are a few indexed ones on the DBAPI connection (annotation.raw_sql), well
-    # under a millisecond, and a trip through the threadpool would cost more than they do.
-    task = services.next_task(db, user, services.project_for(db, user, name))
-    if task is None:
-        return Response(status_code=204)
-    return _task_public(task)
-
-
-@router.get("/tasks/{task_id}", response_model=TaskPublic)
-def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
-    return _task_public(services.get_task(db, user, task_id))
-
-
-@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
-    """Submit the ranking of a leased task (409 if it was submitted already)."""
-    row = services.submit_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # on the loop: see next_task
-    return _ranking_public(row)
-
-
-@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
-    """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
-    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
-    return _ranking_public(row)
-
-
-@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
-def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
-    return _ranking_public(services.skip_task(db, user, task_id, body.reason))

@@ -69,10 +69,13 @@ _STALE = Sql("SELECT id FROM assignments WHERE project_id = :project AND status 
 _LIVE_LEASE = Sql("SELECT id FROM assignments WHERE user_id = :user AND project_id = :project "
                    "AND status = 'leased' ORDER BY id LIMIT 1")
 # The least-annotated prompts with a free slot that this annotator has not ranked, skipped
-# or holds (an expired lease of theirs may be taken up again); ix_prompts_queue serves it.
+# or holds (an expired lease of theirs may be taken up again): an ordered scan of
+# ix_prompts_queue that stops after a few rows. The unary + keeps slots_taken a filter:
+# with statistics (ANALYZE) SQLite would otherwise skip-scan the index on it and sort the
+# whole project, 2.6 ms instead of 0.03 ms at 3,000 prompts.
 _QUEUE = Sql(f"""
 SELECT p.id FROM prompts p
-WHERE p.project_id = :project AND p.n_candidates >= 2 AND p.slots_taken < :per_prompt
+WHERE p.project_id = :project AND p.n_candidates >= 2 AND +p.slots_taken < :per_prompt
   AND NOT EXISTS (SELECT 1 FROM assignments a
                   WHERE a.prompt_id = p.id AND a.user_id = :user AND a.status != 'expired')
 ORDER BY p.done_count, p.slots_taken, p.id
