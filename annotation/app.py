@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
-from annotation.db import get_meta, make_engine, make_sessionmaker, migrate
+from annotation.db import WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
 from annotation.models import Meta
 from annotation.settings import Settings
 from annotation.status import http_status
@@ -111,10 +112,23 @@ def load_or_create_secret(sessionmaker) -> str:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    engine = make_engine(settings.db_url)
+    sqlite = settings.db_url.startswith("sqlite")
+    engine = make_engine(settings.db_url, background_checkpoints=sqlite)
     migrate(engine)
     sm = make_sessionmaker(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        checkpointer = WalCheckpointer(settings.db_url).start() if sqlite else None
+        try:
+            yield
+        finally:
+            if checkpointer is not None:
+                checkpointer.stop()
+            engine.dispose()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="align annotation",
         description="Rank K responses per prompt; raw rankings (ties, revisions) stored and exported.",
         openapi_url="/api/openapi.json",

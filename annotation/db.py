@@ -29,10 +29,11 @@ def _sqlite_file(url: str) -> str | None:
     return None if not path or path == ":memory:" else path
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
     crash) and BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
-    failing when a read transaction upgrades to a write."""
+    failing when a read transaction upgrades to a write. With `background_checkpoints`
+    its connections leave WAL checkpoints to a `WalCheckpointer` (the server's)."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
@@ -117,6 +118,8 @@ def make_engine(url: str) -> Engine:
                 if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
                     cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
+                if background_checkpoints:
+                    cur.execute("PRAGMA wal_autocheckpoint=0")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
@@ -163,6 +166,42 @@ def _ping_after_idle(engine: Engine) -> None:
             dbapi_conn.rollback()
         except engine.dialect.dbapi.Error as exc:
             raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite WAL from a thread of its own, every `interval_s`.
+
+    By default the connection whose commit fills the WAL past 1,000 pages copies them
+    into the database file and fsyncs it, inside that request: at 100 rankings/s this
+    put the open-loop p99 of next-task at 290 ms instead of 58 ms. A PASSIVE checkpoint
+    waits for no reader or writer, and sqlite3 releases the GIL while it runs."""
+
+    def __init__(self, url: str, interval_s: float = 0.5):
+        self.path, self.interval_s = _sqlite_file(url), interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> WalCheckpointer:
+        if self.path is not None:
+            self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:  # busy or gone: the next round tries again, or stop() ends it
+                    pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 def migrate(engine: Engine) -> None:

@@ -31,3 +31,33 @@ def test_dead_pooled_connections_are_replaced(monkeypatch):
         token = services.issue_api_token(db, services.get_user(db, "alive"))
         assert services.user_for_token(db, token).username == "alive"  # the raw hot path too
     sm.kw["bind"].dispose()
+
+
+def test_wal_is_checkpointed_in_the_background(tmp_path):
+    """A server's SQLite connections leave checkpoints to the WalCheckpointer thread:
+    committed pages stay in the WAL until it copies them into the database file."""
+    import time
+
+    from sqlalchemy import text
+
+    from annotation.db import WalCheckpointer, make_engine
+
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    engine = make_engine(url, background_checkpoints=True)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x TEXT)"))
+    for _ in range(20):  # 2,000 pages of commits: past SQLite's own checkpoint threshold of 1,000
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 1000} for _ in range(400)])
+    db_file = tmp_path / "wal.db"
+    before = db_file.stat().st_size
+    assert before < 100_000  # the precondition: the rows are still only in the WAL
+    checkpointer = WalCheckpointer(url, interval_s=0.05).start()
+    try:
+        deadline = time.time() + 10
+        while db_file.stat().st_size < 5_000_000 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        checkpointer.stop()
+    assert db_file.stat().st_size >= 5_000_000  # 8,000 rows of 1 kB copied into the database file
+    engine.dispose()
