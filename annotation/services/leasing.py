@@ -1,10 +1,10 @@
 """Task leasing: which prompt an annotator ranks next, and the slots that keep a prompt
 from getting more annotators than the project asks for.
 
-Every ranking starts with `next_task`, so it is hand-written SQL on the session's
-connection: one read of the queue in a snapshot that takes no lock, then one short write
-transaction that claims a slot and records the lease. On SQLite that write is the only
-time a request holds the database's single writer lock.
+Every ranking starts with `next_task`, so it is hand-written SQL (`annotation.raw_sql`):
+one read of the queue that takes no lock, then one short write transaction that claims a
+slot and records the lease. On SQLite that write is the only time the request holds the
+database's single writer lock.
 """
 
 from __future__ import annotations
