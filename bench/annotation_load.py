@@ -8,13 +8,14 @@ Two phases against a real `align annotate serve` process on 127.0.0.1, each D se
   all, whatever the server does; latency is measured from the scheduled start (so a server
   that falls behind shows it, no coordinated omission).
 
-Prints rankings/s and p50/p99 of next-task and submit per phase, then checks the database:
+A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s and
+p50/p99 of next-task and submit per phase, then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
 its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
 open-loop phase (or the only phase run), restarted on the same database, and the clients
 carry on; the same checks then prove durability.
 
-    python bench/annotation_load.py --clients 50 --duration 30 --rate 200
+    python bench/annotation_load.py --clients 50 --duration 30 --rate 200 --workers 3
     python bench/annotation_load.py --phases open --duration 60 --kill-at 30
     python bench/annotation_load.py --db postgresql+psycopg://... (a fresh database)
 """
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--annotators-per-prompt", type=int, default=3)
     ap.add_argument("--db", default=None, help="database URL (default: a new SQLite file in a temp dir)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of closed loop before the measured phases")
     ap.add_argument("--kill-at", type=float, default=None,
                     help="SIGKILL the server this many seconds into the last phase, then restart it")
     args = ap.parse_args()
@@ -222,10 +224,10 @@ def main() -> None:
         kill_info["restart_s"] = time.time() - killed
         print(f"server restarted in {kill_info['restart_s']:.1f} s")
 
-    async def phase(kind: str, stats: dict, kill: bool):
+    async def phase(kind: str, stats: dict, kill: bool, duration: float | None = None):
         rngs = {u: random.Random(f"{kind}:{u}") for u in users}
         if kind == "closed":
-            stop_at = time.time() + args.duration
+            stop_at = time.time() + (duration or args.duration)
             jobs = [closed_client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in users]
         else:
             per_client = args.rate / len(users)
@@ -234,7 +236,21 @@ def main() -> None:
             jobs.append(killer(stats))
         await asyncio.gather(*jobs)
 
+    warmup = new_stats()
     try:
+        if args.warmup > 0:
+            # A server that has been running: pools and prepared statements warm, and on
+            # PostgreSQL the planner statistics that autovacuum gathers within a minute of
+            # the assignments and rankings tables growing (without them it scans them).
+            asyncio.run(phase("closed", warmup, False, duration=args.warmup))
+            if not db_url.startswith("sqlite"):
+                from sqlalchemy import create_engine
+
+                engine = create_engine(db_url)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("ANALYZE")
+                engine.dispose()
+            print(f"warm-up: {len(warmup['acked'])} rankings in {args.warmup:g} s (not in the table; checked below)")
         for i, kind in enumerate(phases):
             stats = new_stats()
             start = time.time()
@@ -252,7 +268,7 @@ def main() -> None:
     with sm() as db:
         rows = {r.id: r for r in db.query(RankingRow).all()}
     sm.kw["bind"].dispose()
-    acked = [a for _k, st, _e in results for a in st["acked"]]
+    acked = warmup["acked"] + [a for _k, st, _e in results for a in st["acked"]]
     missing = [a for a in acked if a[0] not in rows]
     wrong = [a for a in acked if a[0] in rows and (rows[a[0]].order != a[2] or rows[a[0]].assignment_id != a[1])]
     dup_ack = len(acked) - len({a[0] for a in acked})
