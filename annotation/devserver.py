@@ -100,8 +100,5 @@ def seed_database(db_url: str, *, n_prompts: int, k: int, annotators_per_prompt:
             user = services.create_user(db, name, password)
             services.add_member(db, p, user)
             tokens[name] = services.issue_api_token(db, user)
-    if not db_url.startswith("sqlite"):
-        with sm.kw["bind"].begin() as conn:  # fresh planner statistics, as autovacuum would soon after an import
-            conn.exec_driver_sql("ANALYZE")
     sm.kw["bind"].dispose()
     return tokens

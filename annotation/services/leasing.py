@@ -12,12 +12,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import unit_of_work
 from annotation.services.users import require_annotator
@@ -50,7 +50,26 @@ class Task:
     order: list[list[int]] | None = None  # latest stored order, if ranked
 
 
-def task_of(db: Session, a: Assignment, project: Project, prompt: Prompt) -> Task:
+class AssignmentRow(NamedTuple):
+    id: int
+    user_id: int
+    project_id: int
+    prompt_id: int
+    status: str
+    candidate_order: list[int]
+    leased_until: float
+
+
+_ASSIGNMENT = Sql("SELECT id, user_id, project_id, prompt_id, status, candidate_order, leased_until "
+                  "FROM assignments WHERE id = :id", json_columns=[5])
+
+
+def read_assignment(tx: Transaction, assignment_id: int) -> AssignmentRow | None:
+    row = _ASSIGNMENT.first(tx, id=assignment_id)
+    return None if row is None else AssignmentRow(*row)
+
+
+def task_of(db: Session, a: AssignmentRow, project: Project, prompt: Prompt) -> Task:
     """The Task view of an existing assignment, with its latest stored ranking."""
     by_id = {c.id: c for c in prompt.candidates}
     latest = db.scalar(
@@ -64,8 +83,6 @@ def task_of(db: Session, a: Assignment, project: Project, prompt: Prompt) -> Tas
     )
 
 
-_STALE = Sql("SELECT id FROM assignments WHERE project_id = :project AND status = 'leased' "
-              "AND leased_until < :now LIMIT 1")
 _LIVE_LEASE = Sql("SELECT id FROM assignments WHERE user_id = :user AND project_id = :project "
                    "AND status = 'leased' ORDER BY id LIMIT 1")
 # The least-annotated prompts with a free slot that this annotator has not ranked, skipped
@@ -166,15 +183,15 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
     require_annotator(user)
     if _stale_check_due(db, project, now):
         with transaction(db, write=False) as tx:
-            stale = _STALE.first(tx, project=project.id, now=now) is not None
+            stale = _EXPIRED_LEASES.first(tx, project=project.id, now=now) is not None
         if stale:
             release_expired_leases(db, project, now)  # its own short write transaction
     queue = {"project": project.id, "per_prompt": project.annotators_per_prompt, "user": user.id}
     with transaction(db, write=False) as tx:
         live = _LIVE_LEASE.scalar(tx, user=user.id, project=project.id)
-        ids = [pid for (pid,) in _QUEUE.all(tx, **queue)] if live is None else []
-    if live is not None:
-        a = db.get(Assignment, live)
+        a = read_assignment(tx, live) if live is not None else None
+        ids = [pid for (pid,) in _QUEUE.all(tx, **queue)] if a is None else []
+    if a is not None:
         return task_of(db, a, project, db.get(Prompt, a.prompt_id))
     for attempt in range(5):
         if attempt:

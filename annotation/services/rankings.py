@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -13,7 +13,7 @@ from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
-from annotation.services.leasing import Task, expire_lease, take_slot, task_of
+from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.users import require_annotator
 
 MAX_REASON = 2_000
@@ -69,8 +69,6 @@ def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
     return groups
 
 
-_ASSIGNMENT = Sql("SELECT id, user_id, project_id, prompt_id, status, candidate_order, leased_until "
-                  "FROM assignments WHERE id = :id", json_columns=[5])
 _COMPLETE = Sql("UPDATE assignments SET status = 'done', completed_at = :now "
                  "WHERE id = :id AND user_id = :user AND status = 'leased'")
 _PER_PROMPT = Sql("SELECT annotators_per_prompt FROM projects WHERE id = :project")
@@ -83,26 +81,15 @@ VALUES (:project, :prompt, :user, :assignment, 1, :order, :all_bad, false, NULL,
 RETURNING id""", json_params=["order"])
 
 
-class AssignmentRow(NamedTuple):
-    id: int
-    user_id: int
-    project_id: int
-    prompt_id: int
-    status: str
-    candidate_order: list[int]
-    leased_until: float
-
-
 def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRow:
     """The assignment, if it is `user`'s."""
     if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 1 <= assignment_id <= MAX_DB_INT:
         raise NotFound(f"no task {assignment_id}")
     require_annotator(user)
     with transaction(db, write=False) as tx:
-        row = _ASSIGNMENT.first(tx, id=assignment_id)
-    if row is None:
+        a = read_assignment(tx, assignment_id)
+    if a is None:
         raise NotFound(f"no task {assignment_id}")
-    a = AssignmentRow(*row)
     if a.user_id != user.id:
         raise Forbidden(f"task {assignment_id} belongs to another annotator")
     return a

@@ -15,6 +15,18 @@ from tests.annotation.conftest import ServerProcess, seed_database
 N_ANNOTATORS, N_PROMPTS, K, PER_PROMPT = 30, 40, 3, 3
 
 
+def run_each_then_stop(fn, names: list[str], server: ServerProcess, timeout: float) -> None:
+    """fn(name) in a thread per name, all at once; the server stops when they are done."""
+    threads = [threading.Thread(target=fn, args=(name,)) for name in names]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def server_db(db_url):
     """The suite's SQLite / PostgreSQL database URL (tests/annotation/conftest.py)."""
@@ -55,14 +67,7 @@ def test_thirty_annotators_at_once(server_db, tmp_path):
                 else:
                     errors.append(f"{name} submit {s.status_code} {s.text}")
 
-    threads = [threading.Thread(target=annotator, args=(u,)) for u in users]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        server.stop()
+    run_each_then_stop(annotator, users, server, timeout=120)
     assert errors == []
 
     from annotation.db import open_db
@@ -106,13 +111,6 @@ def test_more_requests_at_once_than_server_threads(server_db, tmp_path):
                 except httpx.TimeoutException:
                     statuses.append((path, 0))
 
-    threads = [threading.Thread(target=client, args=(u,)) for u in users]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
-    finally:
-        server.stop()
+    run_each_then_stop(client, users, server, timeout=90)
     assert len(statuses) == 3 * len(users)
     assert Counter(s for _p, s in statuses) == Counter({200: 3 * len(users)}), Counter(statuses)
