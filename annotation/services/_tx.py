@@ -43,13 +43,13 @@ def read_only(fn):
         try:
             result = fn(db, *args, **kwargs)
         except BaseException:
-            db.info["align_read_only_depth"] = 0
             db.rollback()
             raise
+        finally:
+            db.info["align_read_only_depth"] = 0
         # Commit, not rollback, ends the snapshot: a rollback would expire every object
         # read, and the caller's next attribute access would reload it in a new (on
         # SQLite: writer-locked) transaction.
-        db.info["align_read_only_depth"] = 0
         db.commit()
         return result
 
