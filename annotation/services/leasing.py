@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation.models import Project, Prompt, RankingRow, User
-from annotation.raw_sql import Sql, Transaction, transaction
+from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import unit_of_work
 from annotation.services.users import require_annotator
 
@@ -115,6 +115,24 @@ ON CONFLICT (prompt_id, user_id) DO UPDATE
 RETURNING id""", json_params=["order"])
 
 
+# PostgreSQL: the claim in one statement, run in autocommit (atomic by itself), instead of
+# BEGIN, slot UPDATE, lease INSERT and COMMIT: four round trips fewer per ranking. The
+# prompt row is locked first (FOR UPDATE re-checks the free slot on its newest version),
+# the lease is inserted only if the slot was free, and the slot is taken only if the lease
+# went in; `free` tells "no slot" from "the annotator holds this prompt already".
+_CLAIM_IN_ONE_STATEMENT = Sql("""
+WITH slot AS (SELECT id FROM prompts WHERE id = :prompt AND slots_taken < :per_prompt FOR UPDATE),
+lease AS (
+  INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
+  SELECT :project, id, :user, 'leased', CAST(:order AS json), :until, :now FROM slot
+  ON CONFLICT (prompt_id, user_id) DO UPDATE
+    SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
+    WHERE assignments.status = 'expired'
+  RETURNING id, prompt_id),
+taken AS (UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id IN (SELECT prompt_id FROM lease))
+SELECT (SELECT id FROM lease) AS lease, EXISTS (SELECT 1 FROM slot) AS free""", json_params=["order"])
+
+
 def take_slot(tx: Transaction, prompt_id: int, annotators_per_prompt: int) -> bool:
     """Claim one of the prompt's annotator slots; False when they are all taken. The
     conditional UPDATE is what keeps two annotators from taking the last slot at once."""
@@ -150,24 +168,55 @@ def _stale_check_due(db: Session, project: Project, now: float) -> bool:
     return True
 
 
+def _lease_order(user: User, prompt_id: int, candidate_ids: list[int]) -> list[int]:
+    """The order this annotator sees the candidates in: shuffled, reproducibly per
+    annotator and prompt."""
+    order = list(candidate_ids)
+    random.Random(f"{user.id}:{prompt_id}").shuffle(order)
+    return order
+
+
+def _leased_task(user: User, project: Project, prompt_id: int, content_rows: list[tuple], assignment_id: int,
+                 order: list[int], until: float) -> Task:
+    text_of = {cid: body for _content, cid, body in content_rows}
+    return Task(
+        assignment_id=assignment_id, project=project.name, prompt_id=prompt_id, prompt=content_rows[0][0],
+        candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
+        status="leased", leased_until=until, guidelines=project.guidelines,
+    )
+
+
 def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
     """Lease the first of `prompt_ids` that still has a free slot; None if none has."""
     for pid in prompt_ids:
         if not take_slot(tx, pid, project.annotators_per_prompt):
             continue
         rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
-        text_of = {cid: body for _content, cid, body in rows}
-        order = list(text_of)
-        random.Random(f"{user.id}:{pid}").shuffle(order)  # per-annotator order, reproducible
+        order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
         until = now + project.lease_seconds
         aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
         if aid is None:
             raise _LeasedElsewhere  # rolls back the slot taken above
-        return Task(
-            assignment_id=aid, project=project.name, prompt_id=pid, prompt=rows[0][0],
-            candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
-            status="leased", leased_until=until, guidelines=project.guidelines,
-        )
+        return _leased_task(user, project, pid, rows, aid, order, until)
+    return None
+
+
+def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_ids: list[int],
+                            now: float) -> Task | None:
+    """`_claim` on PostgreSQL: per prompt tried, one read of its candidates and one
+    statement that claims the slot and records the lease together."""
+    with autocommit(db) as tx:
+        for pid in prompt_ids:
+            rows = _CONTENT.all(tx, prompt=pid)
+            order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
+            until = now + project.lease_seconds
+            aid, free = _CLAIM_IN_ONE_STATEMENT.first(tx, project=project.id, prompt=pid, user=user.id,
+                                                       per_prompt=project.annotators_per_prompt, order=order,
+                                                       until=until, now=now)
+            if aid is not None:
+                return _leased_task(user, project, pid, rows, aid, order, until)
+            if free:
+                raise _LeasedElsewhere
     return None
 
 
@@ -205,8 +254,11 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
         lowest = ids[:SPREAD]
         random.Random(user.id * 7919 + attempt).shuffle(lowest)
         try:
-            with transaction(db, write=True) as tx:
-                task = _claim(tx, user, project, lowest, now)
+            if on_postgresql(db):
+                task = _claim_in_one_statement(db, user, project, lowest, now)
+            else:
+                with transaction(db, write=True) as tx:
+                    task = _claim(tx, user, project, lowest, now)
         except _LeasedElsewhere:
             continue
         if task is not None:
