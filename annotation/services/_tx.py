@@ -23,7 +23,8 @@ def unit_of_work(fn):
         except BaseException:
             db.rollback()
             raise
-        db.commit()
+        if db.in_transaction():  # a commit with nothing begun would begin and end one
+            db.commit()
         return result
 
     return wrapper
