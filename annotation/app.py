@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
 from annotation.db import WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
+from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.settings import Settings
 from annotation.status import http_status
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api_router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(SessionPerRequest, sessionmaker=sm)
     app.add_middleware(LimitsAndHeaders, settings=settings)
     return app
 

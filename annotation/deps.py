@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -16,14 +15,27 @@ CSRF_COOKIE = "align_csrf"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
-async def get_db(request: Request) -> AsyncIterator[Session]:
-    # Async so the teardown runs on the event loop, never waiting for a worker thread
-    # (closing only returns the connection; all queries run in sync code in the threadpool).
-    db = request.app.state.sessionmaker()
-    try:
-        yield db
-    finally:
-        db.close()
+class SessionPerRequest:
+    """Pure ASGI middleware: every HTTP request gets its database Session (`SessionDep`),
+    closed once the request is done, response sent. A dependency with `yield` would do the
+    same, but FastAPI enters a cancel scope and two context managers for each one: about
+    0.17 ms of CPU per request, a twentieth of what a task request costs on a small server."""
+
+    def __init__(self, app, sessionmaker):
+        self.app, self.sessionmaker = app, sessionmaker
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope["align.db"] = db = self.sessionmaker()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            db.close()  # only returns a connection, if one is held: no waiting on the loop
+
+
+async def get_db(request: Request) -> Session:
+    return request.scope["align.db"]
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
