@@ -45,6 +45,38 @@ def test_simulated_team_fills_every_slot_reproducibly(db_url):
         assert run_team(other)[0] == log
 
 
+def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_url):
+    """The order a task shows its candidates in is a shuffle seeded by annotator and
+    prompt (the same on SQLite and PostgreSQL, whose claims are written differently), and
+    the stored candidate order is the one shown."""
+    import random
+
+    from sqlalchemy import select
+
+    from annotation.db import open_db
+    from annotation.models import Assignment
+    from annotation.models import Candidate as CandidateRow
+
+    sm = open_db(db_url)
+    with sm() as db:
+        p = services.create_project(db, "order", k=5, annotators_per_prompt=6)
+        services.add_prompts(db, p, [PromptRecord("q", "q", [Candidate(f"r{j}") for j in range(5)])])
+        users = [services.create_user(db, f"ord{i}", None, "annotator") for i in range(6)]
+        shown = {}
+        for u in users:
+            task = services.next_task(db, u, p)
+            by_position = list(db.scalars(select(CandidateRow.id).where(CandidateRow.prompt_id == task.prompt_id)
+                                          .order_by(CandidateRow.position)))
+            expected = list(by_position)
+            random.Random(f"{u.id}:{task.prompt_id}").shuffle(expected)
+            shown[u.username] = [c.id for c in task.candidates]
+            assert shown[u.username] == expected
+            assert [c.text for c in task.candidates] == [f"r{by_position.index(cid)}" for cid in expected]
+            assert db.get(Assignment, task.assignment_id).candidate_order == expected
+            assert services.next_task(db, u, p).candidates == task.candidates  # the live lease, shown again
+    sm.kw["bind"].dispose()
+    assert len({tuple(o) for o in shown.values()}) > 1
+
 def test_ranks_order_conversions():
     assert services.ranks_to_order([10, 11, 12], [1, 0, 1]) == [[11], [10, 12]]
     assert services.order_to_ranks([10, 11, 12], [[11], [10, 12]]) == [1, 0, 1]
