@@ -162,7 +162,7 @@ def release_expired_leases(db: Session, project: Project, now: float | None = No
         return sum(expire_lease(tx, aid, pid) for aid, pid in _EXPIRED_LEASES.all(tx, project=project.id, now=now))
 
 
-class _LeasedElsewhere(Exception):
+class LeasedElsewhere(Exception):
     """The annotator leased this prompt from another tab a moment ago."""
 
 
@@ -204,7 +204,7 @@ def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int],
         until = now + project.lease_seconds
         aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
         if aid is None:
-            raise _LeasedElsewhere  # rolls back the slot taken above
+            raise LeasedElsewhere  # rolls back the slot taken above
         return _leased_task(user, project, pid, rows, aid, order, until)
     return None
 
@@ -224,8 +224,18 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
             if aid is not None:
                 return _leased_task(user, project, pid, rows, aid, order, until)
             if free:
-                raise _LeasedElsewhere
+                raise LeasedElsewhere
     return None
+
+
+def claim_first_free(db: Session, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
+    """Lease the first of `prompt_ids` that still has a free slot (None if none has), in one
+    atomic step. Raises LeasedElsewhere, changing nothing, if the annotator holds the
+    prompt it reaches already (the same annotator in two tabs at once)."""
+    if on_postgresql(db):
+        return _claim_in_one_statement(db, user, project, prompt_ids, now)
+    with transaction(db, write=True) as tx:
+        return _claim(tx, user, project, prompt_ids, now)
 
 
 @unit_of_work
@@ -262,12 +272,8 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
         lowest = ids[:SPREAD]
         random.Random(user.id * 7919 + attempt).shuffle(lowest)
         try:
-            if on_postgresql(db):
-                task = _claim_in_one_statement(db, user, project, lowest, now)
-            else:
-                with transaction(db, write=True) as tx:
-                    task = _claim(tx, user, project, lowest, now)
-        except _LeasedElsewhere:
+            task = claim_first_free(db, user, project, lowest, now)
+        except LeasedElsewhere:
             continue
         if task is not None:
             return task

@@ -77,6 +77,48 @@ def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_ur
     sm.kw["bind"].dispose()
     assert len({tuple(o) for o in shown.values()}) > 1
 
+def test_a_claim_never_leases_twice_or_past_the_slots(db_url):
+    """The claim (one statement on PostgreSQL, a transaction on SQLite) changes nothing
+    when the annotator already holds the prompt (two tabs that read the queue before
+    either leased) and passes over a prompt whose slots are all taken."""
+    import time
+
+    from sqlalchemy import func, select
+
+    from annotation.db import open_db
+    from annotation.models import Assignment
+    from annotation.models import Prompt as PromptRow
+    from annotation.services import leasing
+
+    sm = open_db(db_url)
+    with sm() as db:
+        p = services.create_project(db, "claims", k=3, annotators_per_prompt=2)
+        services.add_prompts(db, p, [PromptRecord(f"q{i}", f"q{i}", [Candidate(f"r{i}{j}") for j in range(3)]) for i in range(2)])
+        a, b, c = (services.create_user(db, f"cl{i}", None, "annotator") for i in range(3))
+        held = services.next_task(db, a, p)
+        pid = held.prompt_id
+        (free_pid,) = db.scalars(select(PromptRow.id).where(PromptRow.project_id == p.id, PromptRow.id != pid))
+        db.commit()
+
+        def state():  # read in a session of its own, as another request would
+            with sm() as other:
+                return (other.scalar(select(PromptRow.slots_taken).where(PromptRow.id == pid)),
+                        other.scalar(select(func.count(Assignment.id)).where(Assignment.prompt_id == pid)),
+                        other.get(Assignment, held.assignment_id).candidate_order)
+
+        before = state()
+        assert before[:2] == (1, 1)
+        with pytest.raises(leasing.LeasedElsewhere):
+            leasing.claim_first_free(db, a, p, [pid], time.time())
+        assert state() == before
+
+        second = leasing.claim_first_free(db, b, p, [pid], time.time())  # the prompt's last slot
+        assert second.prompt_id == pid and state()[:2] == (2, 2)
+        other = leasing.claim_first_free(db, c, p, [pid, free_pid], time.time())  # full: the next one
+        assert other.prompt_id == free_pid and state()[:2] == (2, 2)
+        assert leasing.claim_first_free(db, c, p, [pid], time.time()) is None and state()[:2] == (2, 2)
+    sm.kw["bind"].dispose()
+
 def test_ranks_order_conversions():
     assert services.ranks_to_order([10, 11, 12], [1, 0, 1]) == [[11], [10, 12]]
     assert services.order_to_ranks([10, 11, 12], [[11], [10, 12]]) == [1, 0, 1]
