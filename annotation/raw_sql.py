@@ -7,7 +7,9 @@ that difference is most of what a ranking costs, so the few statements every ran
 makes skip it. They keep the same guarantees: on SQLite a write transaction is BEGIN
 IMMEDIATE under the process's writer lock (`annotation.db`), a read is a WAL snapshot
 that blocks nobody; every transaction commits or rolls back before its connection goes
-back to the pool; driver errors become SQLAlchemy's exceptions (IntegrityError, ...).
+back to the pool; driver errors become SQLAlchemy's exceptions (IntegrityError, ...). On
+PostgreSQL, where every statement is a round trip to the server, reads and the writes
+that are one statement run in autocommit (`autocommit`), with no BEGIN or COMMIT.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 from getting more annotators than the project asks for.
 
 Every ranking starts with `next_task`, so it is hand-written SQL (`annotation.raw_sql`):
-one read of the queue that takes no lock, then one short write transaction that claims a
-slot and records the lease. On SQLite that write is the only time the request holds the
-database's single writer lock.
+one read of the annotator's live lease and the queue that takes no lock, then one short
+write that claims a slot and records the lease (on PostgreSQL a single statement). On
+SQLite that write is the only time the request holds the database's single writer lock.
 """
 
 from __future__ import annotations
