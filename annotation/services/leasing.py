@@ -184,7 +184,7 @@ def _lease_order(user: User, prompt_id: int, candidate_ids: list[int]) -> list[i
     return order
 
 
-def _leased_task(user: User, project: Project, prompt_id: int, content_rows: list[tuple], assignment_id: int,
+def _leased_task(project: Project, prompt_id: int, content_rows: list[tuple], assignment_id: int,
                  order: list[int], until: float) -> Task:
     text_of = {cid: body for _content, cid, body in content_rows}
     return Task(
@@ -196,16 +196,16 @@ def _leased_task(user: User, project: Project, prompt_id: int, content_rows: lis
 
 def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
     """Lease the first of `prompt_ids` that still has a free slot; None if none has."""
+    until = now + project.lease_seconds
     for pid in prompt_ids:
         if not take_slot(tx, pid, project.annotators_per_prompt):
             continue
         rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
         order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
-        until = now + project.lease_seconds
         aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
         if aid is None:
             raise LeasedElsewhere  # rolls back the slot taken above
-        return _leased_task(user, project, pid, rows, aid, order, until)
+        return _leased_task(project, pid, rows, aid, order, until)
     return None
 
 
@@ -213,16 +213,16 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
                             now: float) -> Task | None:
     """`_claim` on PostgreSQL: per prompt tried, one read of its candidates and one
     statement that claims the slot and records the lease together."""
+    until = now + project.lease_seconds
     with autocommit(db) as tx:
         for pid in prompt_ids:
             rows = _CONTENT.all(tx, prompt=pid)
             order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
-            until = now + project.lease_seconds
             aid, free = _CLAIM_IN_ONE_STATEMENT.first(tx, project=project.id, prompt=pid, user=user.id,
                                                        per_prompt=project.annotators_per_prompt, order=order,
                                                        until=until, now=now)
             if aid is not None:
-                return _leased_task(user, project, pid, rows, aid, order, until)
+                return _leased_task(project, pid, rows, aid, order, until)
             if free:
                 raise LeasedElsewhere
     return None
