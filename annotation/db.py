@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -267,6 +267,17 @@ def open_db(url: str | None) -> sessionmaker[Session]:
     engine = make_engine(url or default_db_url())
     migrate(engine)
     return make_sessionmaker(engine)
+
+
+def refresh_planner_statistics(db: Session) -> None:
+    """PostgreSQL: ANALYZE the tables an import just filled, and commit. Until autovacuum
+    gets there, a minute or more later, the planner takes a freshly imported project for a
+    handful of rows and sorts the whole project on every queue read: measured 21 ms instead
+    of 0.1 ms per read at 8,000 prompts, and 32 rankings/s instead of about 190 in the
+    first 20 s of annotation. SQLite: nothing (its queue read does not depend on them)."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("ANALYZE prompts, candidates, assignments"))
+        db.commit()
 
 
 def begin_read_only(db: Session) -> None:

@@ -251,8 +251,10 @@ def main() -> None:
     try:
         if args.warmup > 0:
             # A server that has been running: pools and prepared statements warm, and on
-            # PostgreSQL the planner statistics that autovacuum gathers within a minute of
-            # the assignments and rankings tables growing (without them it scans them).
+            # PostgreSQL the statistics autovacuum gathers within about a minute of the
+            # assignments and rankings tables growing (the import gathered those of the
+            # prompts). Until then its backends spend about twice the CPU per ranking
+            # (measured 4.7 against 2.3 ms), so this ANALYZE stands in for a longer warm-up.
             run_async(phase("closed", warmup, False, duration=args.warmup))
             if not db_url.startswith("sqlite"):
                 from sqlalchemy import create_engine

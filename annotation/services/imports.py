@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
 from align.formats import PromptRecord, Ranking
+from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Conflict, Invalid
@@ -116,6 +117,8 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
         report.prompts_added += 1
         report.candidates_added += len(rec.candidates)
     db.commit()
+    if report.prompts_added:
+        refresh_planner_statistics(db)
     return report
 
 
@@ -196,6 +199,8 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
         report.candidates_added += len(ids)
         report.rankings_added += 1
     db.commit()
+    if report.prompts_added:
+        refresh_planner_statistics(db)
     return report
 
 

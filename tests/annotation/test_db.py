@@ -1,4 +1,5 @@
-"""The database engine: pooled server connections that died are replaced unseen."""
+"""The database engine: pooled server connections that died are replaced unseen; planner
+statistics are fresh after an import."""
 
 from __future__ import annotations
 
@@ -61,3 +62,27 @@ def test_wal_is_checkpointed_in_the_background(tmp_path):
         checkpointer.stop()
     assert db_file.stat().st_size >= 5_000_000  # 8,000 rows of 1 kB copied into the database file
     engine.dispose()
+
+
+@pytest.mark.skipif(not PG_URL, reason="ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+def test_right_after_an_import_the_queue_read_stops_after_a_few_rows():
+    """Next-task reads the head of the queue by walking its index. Without statistics
+    (autovacuum has not looked at the new rows yet) PostgreSQL plans a sort of the whole
+    project instead, on every request; the import refreshes them."""
+    from sqlalchemy import text
+
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.services.leasing import _QUEUE_SQL
+
+    _reset_postgres(PG_URL)
+    sm = open_db(PG_URL)
+    with sm() as db:
+        p = services.create_project(db, "q", k=2, annotators_per_prompt=1)
+        records = [PromptRecord(f"prompt {i}", f"s{i}", [Candidate("a", "m"), Candidate("b", "m")]) for i in range(3000)]
+        services.add_prompts(db, p, records)
+        plan = db.execute(text("EXPLAIN " + _QUEUE_SQL), {"project": p.id, "per_prompt": 1, "user": 1}).scalars().all()
+    sm.kw["bind"].dispose()
+    assert not any("Sort" in line for line in plan), "\n".join(plan)
+    assert any("Index Scan using ix_prompts_queue" in line for line in plan), "\n".join(plan)
