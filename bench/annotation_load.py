@@ -250,19 +250,9 @@ def main() -> None:
     warmup = new_stats()
     try:
         if args.warmup > 0:
-            # A server that has been running: pools and prepared statements warm, and on
-            # PostgreSQL the statistics autovacuum gathers within about a minute of the
-            # assignments and rankings tables growing (the import gathered those of the
-            # prompts). Until then its backends spend about twice the CPU per ranking
-            # (measured 4.7 against 2.3 ms), so this ANALYZE stands in for a longer warm-up.
+            # A server that has been running: pools and prepared statements warm (the
+            # PostgreSQL statistics are those the import gathered, as on a real server).
             run_async(phase("closed", warmup, False, duration=args.warmup))
-            if not db_url.startswith("sqlite"):
-                from sqlalchemy import create_engine
-
-                engine = create_engine(db_url)
-                with engine.begin() as conn:
-                    conn.exec_driver_sql("ANALYZE")
-                engine.dispose()
             print(f"warm-up: {len(warmup['acked'])} rankings in {args.warmup:g} s (not in the table; checked below)")
         for i, kind in enumerate(phases):
             stats = new_stats()
