@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
 from annotation.models import Base, Meta
+from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
 SCHEMA_VERSION = 3
@@ -276,9 +277,9 @@ def refresh_planner_statistics(db: Session) -> None:
     read: measured 21 ms instead of 0.1 ms per read at 8,000 prompts, and 32 rankings/s
     instead of 218 in the first 20 s of annotation. Not `assignments`: statistics
     taken while it is still empty misled the planner as it filled (5.4 against 2.1 ms of
-    PostgreSQL CPU per ranking until autovacuum looked again); never analyzed, it is
-    planned from its actual size. SQLite: nothing (its queue read does not use them)."""
-    if db.get_bind().dialect.name == "postgresql":
+    PostgreSQL CPU per ranking until autovacuum looked again). SQLite: nothing (its queue
+    read does not use them)."""
+    if on_postgresql(db):
         db.execute(text("ANALYZE prompts, candidates"))
         db.commit()
 
