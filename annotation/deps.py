@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from annotation import security, services
+from annotation import raw_sql, security, services
 from annotation.models import User
 
 SESSION_COOKIE = "align_session"
@@ -28,10 +28,12 @@ class SessionPerRequest:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope["align.db"] = db = self.sessionmaker()
+        raw_sql.hold_connection(db)
         try:
             await self.app(scope, receive, send)
         finally:
-            db.close()  # only returns a connection, if one is held: no waiting on the loop
+            raw_sql.release_connection(db)
+            db.close()  # only returns connections, if any are held: no waiting on the loop
 
 
 async def get_db(request: Request) -> Session:

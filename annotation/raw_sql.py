@@ -38,19 +38,51 @@ def on_postgresql(db: Session) -> bool:
     return db.get_bind().dialect.name == "postgresql"
 
 
+_HELD = "align.raw_connection"
+
+
+def hold_connection(db: Session) -> None:
+    """Let the statements run for `db` share one pooled connection, taken at the first and
+    kept until `release_connection`. A ranking's two requests make about eight short
+    transactions, and a checkout and checkin cost the pool about 0.06 ms of Python each
+    time (holding one per request saved 0.4 ms of CPU per ranking, in process). For a web
+    request's Session, which lives as long as the request, one is enough. Transactions
+    stay as short as before; only the connection is kept between them."""
+    db.info[_HELD] = None
+
+
+def release_connection(db: Session) -> None:
+    """Give back the connection `hold_connection` kept, if one was taken."""
+    pooled = db.info.pop(_HELD, None)
+    if pooled is not None:
+        pooled.close()
+
+
 @contextmanager
 def _checkout(db: Session) -> Iterator[tuple[Any, Any]]:
-    """A DBAPI connection from `db`'s pool, back in the pool when the block ends. `db`'s
-    own transaction, if any, is committed first, as every service function does (on
-    SQLite it may hold the writer lock)."""
+    """A DBAPI connection from `db`'s pool, back in the pool when the block ends (or, for
+    a Session that holds one, when it is released). `db`'s own transaction, if any, is
+    committed first, as every service function does (on SQLite it may hold the writer
+    lock)."""
     if db.in_transaction():
         db.commit()
     engine = db.get_bind()
-    pooled = engine.raw_connection()
+    held = _HELD in db.info
+    pooled = db.info.get(_HELD) if held else None
+    if pooled is None:
+        pooled = engine.raw_connection()
+        if held:
+            db.info[_HELD] = pooled
     try:
         yield pooled.dbapi_connection, engine.dialect
-    finally:
+    except BaseException:
+        if held:  # a connection that failed is not reused: the pool checks it on return
+            db.info[_HELD] = None
         pooled.close()
+        raise
+    else:
+        if not held:
+            pooled.close()
 
 
 @contextmanager

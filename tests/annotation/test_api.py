@@ -340,3 +340,25 @@ def test_task_page_of_another_user_is_refused(env):
     c.post("/login", data={"username": "a2", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
     r = c.get(f"/tasks/{task['id']}", headers={"accept": "text/html"})
     assert r.status_code == 403 and "another annotator" in r.text and "answer 0" not in r.text
+
+
+def test_a_task_request_takes_one_pooled_connection_and_gives_it_back(env):
+    """The statements of one request share one connection (each checkout costs the pool
+    Python on every ranking), and it is back in the pool once the response is sent, for a
+    refused request too."""
+    from sqlalchemy import event
+
+    env.project()
+    token = env.annotator("ann")
+    engine = env.client.app.state.engine
+    checkouts = []
+    event.listen(engine, "checkout", lambda *_args: checkouts.append(1))
+
+    task = _next(env, token).json()
+    assert len(checkouts) == 1 and engine.pool.checkedout() == 0
+    checkouts.clear()
+    order = [[c["id"]] for c in task["candidates"]]
+    assert env.client.post(f"/api/tasks/{task['id']}/ranking", json={"order": order}, headers=env.headers(token)).status_code == 201
+    assert len(checkouts) == 1 and engine.pool.checkedout() == 0
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", json={"order": order}, headers=env.headers(token))
+    assert r.status_code == 409 and engine.pool.checkedout() == 0
