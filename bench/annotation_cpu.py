@@ -149,4 +149,10 @@ def run_async(coro):
 
 
 if __name__ == "__main__":
-    main()
+    from align.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a database URL that cannot be used, a database that is busy
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

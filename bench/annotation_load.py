@@ -310,4 +310,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from align.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a database URL that cannot be used, a database that is busy
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
