@@ -1,5 +1,6 @@
-"""A served app in a child process and a seeded database, for the load benchmark
-(bench/annotation_load.py) and the tests that need a real server process."""
+"""A served app in a child process and a seeded database, for the benchmarks
+(bench/annotation_load.py, bench/annotation_cpu.py) and the tests that need a real server
+process."""
 
 from __future__ import annotations
 
@@ -102,3 +103,28 @@ def seed_database(db_url: str, *, n_prompts: int, k: int, annotators_per_prompt:
             tokens[name] = services.issue_api_token(db, user)
     sm.kw["bind"].dispose()
     return tokens
+
+
+def run_async(coro):
+    """asyncio.run, on uvloop where it is installed (the server's extras bring it, and the
+    server runs on it): a load generator sharing the machine with the server it measures
+    should be cheap."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run_script(main) -> None:
+    """Run a benchmark's `main`: a UserError (a database URL that cannot be used, a
+    database that stays busy) is one line on stderr and exit 2, not a traceback."""
+    from align.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotation.devserver import seed_database  # noqa: E402
+from annotation.devserver import run_async, run_script, seed_database  # noqa: E402
 
 
 def postgres_cpu_s() -> float | None:
@@ -140,19 +140,5 @@ def main() -> None:
           f"({min(app_ms):.2f}-{max(app_ms):.2f}) | {server} | {statistics.median(b[2] for b in blocks):.2f} |")
 
 
-def run_async(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 if __name__ == "__main__":
-    from align.errors import UserError
-
-    try:
-        main()
-    except UserError as exc:  # a database URL that cannot be used, a database that is busy
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main)

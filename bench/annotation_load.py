@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from annotation.devserver import ServerProcess, seed_database  # noqa: E402
+from annotation.devserver import ServerProcess, run_async, run_script, seed_database  # noqa: E402
 
 
 class Connection:
@@ -76,16 +76,6 @@ class Connection:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
-
-
-def run_async(coro):
-    """asyncio.run, on uvloop where it is installed (the server's extras bring it): the
-    load generator shares the machine with the server it measures, so it should be cheap."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -310,10 +300,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from align.errors import UserError
-
-    try:
-        main()
-    except UserError as exc:  # a database URL that cannot be used, a database that is busy
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main)
