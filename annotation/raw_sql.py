@@ -68,11 +68,9 @@ def _checkout(db: Session) -> Iterator[tuple[Any, Any]]:
         db.commit()
     engine = db.get_bind()
     held = _HELD in db.info
-    pooled = db.info.get(_HELD) if held else None
-    if pooled is None:
-        pooled = engine.raw_connection()
-        if held:
-            db.info[_HELD] = pooled
+    pooled = db.info.get(_HELD) or engine.raw_connection()
+    if held:
+        db.info[_HELD] = pooled
     try:
         yield pooled.dbapi_connection, engine.dialect
     except BaseException:
