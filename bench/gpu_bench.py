@@ -4,6 +4,7 @@
     python bench/gpu_bench.py --shape 1.5b     # Qwen2.5-1.5B body: does reward training + PPO fit?
     python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
     python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
+    python bench/gpu_bench.py --eager-decode    # + align without the CUDA-graph decoding step
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
 What it does, each heavy step in a fresh process (clean timings and peak memory):
@@ -20,8 +21,9 @@ What it does, each heavy step in a fresh process (clean timings and peak memory)
    installed with `pip --target` beside the running torch / transformers / peft / accelerate, or an
    interpreter given with --trl-python);
 6. prints seconds per iteration (mean over the iterations after the first) with the rollout / score /
-   optimise split (align reports it; TRL does not), rollout tokens/s (generated tokens over the rollout
-   phase, which includes the pi_old / pi_ref forwards), peak GPU memory and an MFU estimate.
+   optimise split and the sampling part of the rollout (align reports it; TRL does not), rollout
+   tokens/s (generated tokens over the rollout phase, which includes the pi_old / pi_ref forwards),
+   peak GPU memory and an MFU estimate.
 
 MFU = model FLOPs / (seconds x peak bf16 FLOP/s). Model FLOPs per iteration count 2 N per token for each
 forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N per token per PPO epoch
@@ -181,11 +183,12 @@ def align_worker(job: dict) -> dict:
         f"gradient_checkpointing={s['gradient_checkpointing']}", "save_every=0", "progress=false",
         f"seed={s['seed']}", *([f"num_threads={s['threads']}"] if s["threads"] else []),
         *(["sample_merged=true"] if job.get("sample_merged") else []),
+        *(["cuda_graphs=false"] if job.get("eager_decode") else []),
     ])
     summary = run_ppo(cfg)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
     return {
-        "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/score_s", "timing/optimize_s",
+        "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/sample_s", "timing/score_s", "timing/optimize_s",
                                           "timing/iteration_s", "response/length")} for r in rows],
         "peak_gib": peak_memory_gib(), "train_s": summary["timing/train_s"],
     }
@@ -261,8 +264,11 @@ def run_worker(python: str, kind: str, job: dict, workdir: Path, env_extra: dict
     workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / f"{kind}-job.json", workdir / f"{kind}-result.json"
     job_file.write_text(json.dumps(job))
+    # align's workers see the checkout before the environment's own path; TRL's sees neither (its
+    # packages come through the job's paths)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "PYTHONPATH": str(REPO) if kind != "trl" else "", **env_extra}
+           "PYTHONPATH": path if kind != "trl" else "", **env_extra}
     log_file = workdir / f"{kind}.log"
     with log_file.open("w") as log:
         done = subprocess.run([python, __file__, "--worker", kind, str(job_file), str(result_file)],
@@ -320,7 +326,7 @@ def mean_after_first(values: list[float]) -> float:
 
 
 def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_tflops: float | None) -> str:
-    head = (f"{'run':24s} {'s/iter':>7s} {'rollout':>8s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
+    head = (f"{'run':24s} {'s/iter':>7s} {'rollout':>8s} {'sample':>7s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
             f"{'peak GiB':>9s} {'MFU':>6s}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
@@ -338,7 +344,8 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
                  if "timing/rollout_s" in its[0] else "-")
         flops = flops_per_iteration(info, settings, prompt_tokens, resp, critic="critic" in name or "TRL" in name)
         mfu = f"{100 * flops / (sec * peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
-        lines.append(f"{name:24s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/score_s'):>6s} "
+        lines.append(f"{name:24s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/sample_s'):>7s} "
+                     f"{split('timing/score_s'):>6s} "
                      f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu:>6s}")
     return "\n".join(lines)
 
@@ -372,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--value-models", default="policy_trunk,reward_model")
     parser.add_argument("--sample-merged", action="store_true",
                         help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
+    parser.add_argument("--eager-decode", action="store_true",
+                        help="also run the value-head side with cuda_graphs=false (the decoding step launched eagerly)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -433,29 +442,30 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"reward model: {reward['steps']} steps in {reward['train_s']:.1f} s "
           f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB", flush=True)
 
-    results = {}
+    # (name, interpreter, worker, job): align's arrangements, then TRL, then the variants
+    align_job = {**base, "reward": reward["model_dir"], "prompts": str(prompt_file)}
     names = {"policy_trunk": "align (value head)", "reward_model": "align (critic)"}
-    for value_model in [v for v in args.value_models.split(",") if v]:
-        name = names[value_model]
-        print(f"running {name} ...", flush=True)
-        results[name] = run_worker(sys.executable, "align", {**base, "out": str(work / value_model),
-                                                             "reward": reward["model_dir"], "value_model": value_model,
-                                                             "prompts": str(prompt_file)},
-                                   work / value_model, env_extra)
-    if args.sample_merged:
-        name = "align (merged sampling)"
-        print(f"running {name} ...", flush=True)
-        results[name] = run_worker(sys.executable, "align", {**base, "out": str(work / "merged"),
-                                                             "reward": reward["model_dir"], "value_model": "policy_trunk",
-                                                             "prompts": str(prompt_file), "sample_merged": True},
-                                   work / "merged", env_extra)
+    runs = [(names[v], sys.executable, "align", {**align_job, "value_model": v, "out": str(work / v)})
+            for v in args.value_models.split(",") if v]
     if not args.no_trl:
-        print(f"running TRL {TRL_VERSION} ...", flush=True)
         python, paths = (args.trl_python, {}) if args.trl_python else (sys.executable, trl_packages(args.work / "trl"))
-        results[f"TRL {TRL_VERSION}"] = run_worker(python, "trl", {**base, **paths, "out": str(work / "trl"),
-                                                                   "reward_model_dir": reward["model_dir"],
-                                                                   "rendered_prompts": rendered},
-                                                   work / "trl", env_extra)
+        runs.append((f"TRL {TRL_VERSION}", python, "trl", {**base, **paths, "out": str(work / "trl"),
+                                                           "reward_model_dir": reward["model_dir"],
+                                                           "rendered_prompts": rendered}))
+    if args.sample_merged:
+        runs.append(("align (merged sampling)", sys.executable, "align",
+                     {**align_job, "value_model": "policy_trunk", "sample_merged": True, "out": str(work / "merged")}))
+    if args.eager_decode:
+        runs.append(("align (eager decode)", sys.executable, "align",
+                     {**align_job, "value_model": "policy_trunk", "eager_decode": True, "out": str(work / "eager")}))
+    results, failed = {}, {}
+    for name, python, kind, job in runs:
+        print(f"running {name} ...", flush=True)
+        try:
+            results[name] = run_worker(python, kind, job, Path(job["out"]), env_extra)
+        except RuntimeError as err:  # one side failing must not hide the others' figures
+            print(err, flush=True)
+            failed[name] = str(err).splitlines()[0]
 
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
@@ -463,8 +473,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{args.shape} shape ({info['parameters'] / 1e6:.0f}M), {name}, {settings['batch_size']} episodes x "
           f"{settings['response_length']} new tokens, {settings['epochs']} epochs, {dtype}, mean prompt "
           f"{prompt_tokens:.0f} tokens; peak {peak or '-'} TFLOP/s\n{text}")
-    out = {"settings": settings, "model": info, "reward": reward, "runs": results, "device": name, "table": text}
+    for run, why in failed.items():
+        print(f"{run}: FAILED, {why}")
+    out = {"settings": settings, "model": info, "reward": reward, "runs": results, "failed": failed, "device": name,
+           "table": text}
     (work / "results.json").write_text(json.dumps(out, indent=2))
+    if failed:
+        raise SystemExit(1)
     return out
 
 

@@ -84,6 +84,12 @@ class PPOConfig:
         "young adapter's update partly rounds away); pi_old is recomputed by the training forward either way, "
         "so PPO's first ratio stays exactly 1, as with vLLM-sampled rollouts. The base is restored bit for bit.",
     )
+    cuda_graphs: bool = option(
+        True,
+        help="On a GPU, capture the rollout's decoding step as a CUDA graph once per rollout and replay it (a "
+        "decoding step is hundreds of small kernels whose launches cost more than their work). Same kernels, same "
+        "samples; false decodes eagerly. No effect on the CPU.",
+    )
     logprob_chunk_tokens: int = option(
         4096,
         help="Log-probs and entropy are computed from the last hidden states this many response tokens at a time, "

@@ -10,10 +10,16 @@ The loop is lean where `model.generate` is general: a static KV cache allocated 
 dynamic cache re-copies every layer's keys and values at each step), position ids that skip
 the left padding, and inverse-CDF sampling (`sample_tokens`). Pure sampling at a temperature,
 as PPO's log-probs require (no top-k, no top-p).
+
+On a GPU one decoding step of a real model is hundreds of small kernels, and launching them
+from Python takes longer than running them. The step's inputs therefore live in fixed buffers
+that the loop updates in place, so that `CUDAGraphStep` can capture the step once per rollout
+as a CUDA graph and replay it (gpt-fast's static cache + captured decode step, without compiling).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -22,6 +28,8 @@ from align.modeling import position_ids_from_mask
 from ppo import core
 
 NON_FINITE = "the policy produced non-finite logits while sampling"
+
+log = logging.getLogger("align")
 
 
 class Decoder(Protocol):
@@ -51,6 +59,55 @@ def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool =
     return tokens, core.gather_logprobs(logp, tokens)
 
 
+class CUDAGraphStep:
+    """A decoder's `decode_step` captured as one CUDA graph at its first call and replayed after.
+
+    Every call must pass the same tensors (the sampling loop's buffers, updated in place) and the
+    same cache: a graph replays fixed addresses. The outputs are the graph's own buffers, valid
+    until the next call. The first call warms up on a side stream (cuBLAS and allocator set-up
+    must not happen during capture); writing the same keys and values into the same cache slot
+    twice is harmless. If the step cannot be captured (an op that reads a device value on the
+    host, say), it runs eagerly from then on, with a warning.
+    """
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
+        self.inputs: tuple = ()
+        self.outputs: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
+
+    def __call__(self, *inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.eager:
+            return self.decoder.decode_step(*inputs)
+        if self.graph is None:
+            return self._capture(inputs)
+        if any(a is not b for a, b in zip(inputs, self.inputs)):
+            raise ValueError("CUDAGraphStep replays fixed buffers: pass the same tensors at every step")
+        self.graph.replay()
+        return self.outputs
+
+    def _capture(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.decoder.decode_step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self.decoder.decode_step(*inputs)
+        except RuntimeError as err:
+            log.warning("the decoding step could not be captured as a CUDA graph, so it runs eagerly "
+                        "(slower on a GPU): %s", str(err).splitlines()[0])
+            self.eager = True
+            return self.decoder.decode_step(*inputs)
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        graph.replay()
+        return outputs
+
+
 @torch.no_grad()
 def sample_responses(
     decoder: Decoder,
@@ -62,6 +119,7 @@ def sample_responses(
     eos_token_id: int,
     pad_token_id: int,
     sync_every: int | None = None,
+    cuda_graph: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Continue (B, Q) left-padded prompts by up to `max_new_tokens` sampled tokens.
 
@@ -69,6 +127,7 @@ def sample_responses(
     sampled tokens at `temperature` (0 after eos), and values (B, N) V(s_t) of the state each
     token was drawn in (None when the decoder has no value head). Decoding stops once every
     row has ended (noticed within `sync_every` steps; None: 1 on the CPU, 8 on a GPU).
+    `cuda_graph`: replay the decoding step as a CUDA graph (`CUDAGraphStep`; a GPU only).
     """
     from transformers import StaticCache
 
@@ -83,8 +142,12 @@ def sample_responses(
     values = torch.zeros(batch, max_new_tokens, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     logits, value = decoder.decode_step(query_ids, mask[:, :prompt_len], positions, cache,
-                                   torch.arange(prompt_len, device=device))
-    position = positions[:, -1:]  # (B, 1) left padding: the last column is real in every row
+                                        torch.arange(prompt_len, device=device))
+    # the decoding step's inputs, updated in place (fixed addresses for a CUDA graph)
+    step_ids = response[:, :1].clone()  # (B, 1) the token fed back
+    position = positions[:, -1:].clone()  # (B, 1) left padding: the last column is real in every row
+    slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache position written
+    decode_step = CUDAGraphStep(decoder) if cuda_graph and device.type == "cuda" else decoder.decode_step
     # Reading a device value on the host waits for every queued kernel, and a decode step on a GPU is
     # launch-bound (small kernels): there the host asks whether all rows have ended (and whether the
     # logits were finite) every `sync_every` steps, so it can queue the next steps meanwhile. The rows
@@ -103,9 +166,9 @@ def sample_responses(
             raise FloatingPointError(NON_FINITE)
         if last or (check and bool(done.all())):
             break
-        slot = prompt_len + step
-        mask[:, slot] = 1
-        position = position + 1
-        logits, value = decoder.decode_step(response[:, step, None], mask, position, cache,
-                                       torch.tensor([slot], device=device))
+        mask[:, prompt_len + step] = 1
+        position += 1
+        step_ids.copy_(response[:, step, None])
+        slot.fill_(prompt_len + step)
+        logits, value = decode_step(step_ids, mask, position, cache, slot)
     return response, logprobs, (values if value is not None else None)

@@ -88,6 +88,7 @@ class PPOTrainer:
         self.resume = resume
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
+        self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -282,8 +283,8 @@ class PPOTrainer:
         metrics["objective/kl_coef"] = beta
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
-        metrics.update({"timing/rollout_s": t1 - t0, "timing/score_s": t2 - t1, "timing/optimize_s": t3 - t2,
-                        "timing/iteration_s": time.perf_counter() - t0})
+        metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
+                        "timing/optimize_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
         return metrics
 
     # ------------------------------------------------------------------------------------ phases
@@ -299,7 +300,8 @@ class PPOTrainer:
         with self.sampling_weights(adapter):
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
-                temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                cuda_graph=self.cfg.cuda_graphs)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
         return Samples(query_ids, query_mask, response_ids, response_mask, logprobs, values)
 
@@ -353,7 +355,11 @@ class PPOTrainer:
         return torch.cat(out)
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
+        start = time.perf_counter()
         samples = self.generate(prompts)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the sampling's queued kernels belong to its time
+        self.sample_seconds = time.perf_counter() - start
         logprobs, values = self.behaviour_logprobs_and_values(samples)
         ref_logprobs = self.reference_logprobs(samples)
         mask_f = samples.response_mask.float()

@@ -16,20 +16,36 @@ def load_bench():
     return module
 
 
-def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_path):
+def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
     bench = load_bench()
-    out = bench.main(["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data),
-                      "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
-                      "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
-                      "--threads", "1", "--sample-merged"])
+    real_run_worker = bench.run_worker
+
+    def critic_breaks(python, kind, job, workdir, env_extra):
+        if job.get("value_model") == "reward_model":
+            raise RuntimeError("the align run failed (exit 1); planted")
+        return real_run_worker(python, kind, job, workdir, env_extra)
+
+    monkeypatch.setattr(bench, "run_worker", critic_breaks)
+    with pytest.raises(SystemExit) as exit_info:  # a failed side: exit 1 after the others' figures
+        bench.main(["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data),
+                    "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
+                    "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
+                    "--threads", "1", "--sample-merged", "--eager-decode"])
+    assert exit_info.value.code == 1
+    out = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert out["model"]["vocab"] > 256 and out["reward"]["steps"] == 2
-    assert set(out["runs"]) == {"align (value head)", "align (critic)", "align (merged sampling)"}
+    assert set(out["runs"]) == {"align (value head)", "align (merged sampling)", "align (eager decode)"}
+    assert set(out["failed"]) == {"align (critic)"}
     for run in out["runs"].values():
         assert len(run["iterations"]) == 2
-        assert all(i["timing/iteration_s"] > 0 and i["timing/rollout_s"] > 0 for i in run["iterations"])
+        for i in run["iterations"]:
+            assert 0 < i["timing/sample_s"] <= i["timing/rollout_s"] < i["timing/iteration_s"]
     lines = out["table"].splitlines()
-    assert lines[0].split()[:2] == ["run", "s/iter"] and len(lines) == 5
-    assert (tmp_path / "tiny" / "results.json").is_file()
+    assert lines[0].split()[:4] == ["run", "s/iter", "rollout", "sample"] and len(lines) == 5
 
 
 def test_mfu_flop_count_of_one_iteration():

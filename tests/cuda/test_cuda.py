@@ -88,3 +88,27 @@ def test_ppo_resumes_on_the_gpu(tiny_random_model, random_reward_model, tmp_path
     run_ppo(cfg(1))
     summary = run_ppo(cfg(2), resume=True)
     assert summary["iteration"] == 2
+
+
+def test_the_cuda_graph_decoding_step_samples_what_eager_decoding_samples(tiny_random_model, tmp_path, caplog):
+    # The graph replays the eager step's kernels: with the same seed, the same tokens and log-probs.
+    from align.chat import render_prompt
+    from ppo.sampling import sample_responses
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(_ppo_cfg(tiny_random_model, "unused", tmp_path / "run"), reward_model=object())
+    trainer.setup()
+    tok = trainer.tokenizer
+    enc = tok([render_prompt(tok, p) for p in ["Hi", "Tell me about tea, please.", "Why?"]], return_tensors="pt",
+              padding=True, add_special_tokens=False).to("cuda")
+    runs = []
+    for graph in (False, True, True):
+        torch.manual_seed(0)
+        runs.append(sample_responses(trainer.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40,
+                                     temperature=1.0, eos_token_id=-1, pad_token_id=tok.pad_token_id,  # -1: no row ends early
+                                     cuda_graph=graph))
+    assert "could not be captured" not in caplog.text
+    eager, graphed, again = runs
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(again[0], eager[0])
+    torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(graphed[2], eager[2], rtol=0, atol=1e-5)

@@ -126,6 +126,35 @@ def test_checking_for_the_end_every_8_steps_samples_the_same_responses(monkeypat
     torch.testing.assert_close(every_8[1], every_step[1], rtol=0, atol=0)
 
 
+class _RecordingDecoder(_Decoder):
+    """Records, at every decoding step after the prompt's, the inputs' addresses and values."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+        if self.steps > 0:
+            self.seen.append(([t.data_ptr() for t in (input_ids, attention_mask, position_ids, cache_position)],
+                              input_ids[:, 0].tolist(), attention_mask.sum(-1).tolist(), position_ids[:, 0].tolist(),
+                              cache_position.tolist()))
+        return super().decode_step(input_ids, attention_mask, position_ids, cache, cache_position)
+
+
+def test_the_decoding_step_reads_the_same_buffers_at_every_step(monkeypatch):
+    # A CUDA graph replays fixed addresses: the loop must update its inputs in place, and they
+    # must still say what each step needs (the token just sampled, the next position and slot).
+    decoder = _RecordingDecoder()
+    response, _, _ = _sample(decoder, 8, monkeypatch)
+    assert len(decoder.seen) >= 3
+    addresses = {tuple(seen[0]) for seen in decoder.seen}
+    assert len(addresses) == 1
+    for step, (_, fed, attended, positions, slot) in enumerate(decoder.seen):
+        assert fed == response[:, step].tolist()  # the token sampled at the step before (pad once ended)
+        assert attended == [3 + step + 1] * 3  # the prompt and every token fed so far
+        assert positions == [3 + step] * 3 and slot == [3 + step]
+
+
 def test_non_finite_logits_raise_at_the_next_check(monkeypatch):
     for sync_every in (1, 8):
         with pytest.raises(FloatingPointError):
