@@ -458,17 +458,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eager_decode:
         runs.append(("align (eager decode)", sys.executable, "align",
                      {**align_job, "value_model": "policy_trunk", "eager_decode": True, "out": str(work / "eager")}))
-    results, failed = {}, {}
-    for name, python, kind, job in runs:
-        print(f"running {name} ...", flush=True)
-        try:
-            results[name] = run_worker(python, kind, job, Path(job["out"]), env_extra)
-        except RuntimeError as err:  # one side failing must not hide the others' figures
-            print(err, flush=True)
-            failed[name] = str(err).splitlines()[0]
-
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
+    results, failed = {}, {}
+    for run_name, python, kind, job in runs:
+        print(f"running {run_name} ...", flush=True)
+        try:
+            results[run_name] = run_worker(python, kind, job, Path(job["out"]), env_extra)
+        except RuntimeError as err:  # one side failing must not hide the others' figures
+            print(err, flush=True)
+            failed[run_name] = str(err).splitlines()[0]
+            continue
+        print(table({run_name: results[run_name]}, info, settings, prompt_tokens, peak), flush=True)
+
     text = table(results, info, settings, prompt_tokens, peak)
     print(f"\n{args.shape} shape ({info['parameters'] / 1e6:.0f}M), {name}, {settings['batch_size']} episodes x "
           f"{settings['response_length']} new tokens, {settings['epochs']} epochs, {dtype}, mean prompt "
