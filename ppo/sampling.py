@@ -60,25 +60,30 @@ def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool =
 
 
 class CUDAGraphStep:
-    """A decoder's `decode_step` captured as one CUDA graph at its first call and replayed after.
+    """A decoder's `decode_step`, run eagerly at its first call, captured as one CUDA graph at its
+    second and replayed after.
 
     Every call must pass the same tensors (the sampling loop's buffers, updated in place) and the
     same cache: a graph replays fixed addresses. The outputs are the graph's own buffers, valid
-    until the next call. The first call warms up on a side stream (cuBLAS and allocator set-up
-    must not happen during capture); writing the same keys and values into the same cache slot
-    twice is harmless. If the step cannot be captured (an op that reads a device value on the
-    host, say), it runs eagerly from then on, with a warning.
+    until the next call. Each step must run exactly once: transformers' StaticCache counts the
+    tokens it has stored in a device tensor, so an extra warm-up step would shift every later write
+    (and run past the cache's end). The eager first step is the warm-up (cuBLAS and allocator set-up
+    stay out of the capture), and a capture runs nothing until it is replayed. If the step cannot be
+    captured (an op that reads a device value on the host, say), it runs eagerly from then on, with
+    a warning.
     """
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
+        self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False
         self.inputs: tuple = ()
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
 
     def __call__(self, *inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.eager:
+        self.calls += 1
+        if self.eager or self.calls == 1:
             return self.decoder.decode_step(*inputs)
         if self.graph is None:
             return self._capture(inputs)
@@ -88,12 +93,6 @@ class CUDAGraphStep:
         return self.outputs
 
     def _capture(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.decoder.decode_step(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
