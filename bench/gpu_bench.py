@@ -4,7 +4,7 @@
     python bench/gpu_bench.py --shape 1.5b     # Qwen2.5-1.5B body: does reward training + PPO fit?
     python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
     python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
-    python bench/gpu_bench.py --eager-decode    # + align without the CUDA-graph decoding step
+    python bench/gpu_bench.py --cuda-graphs     # + align with the decoding step replayed as a CUDA graph
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
 What it does, each heavy step in a fresh process (clean timings and peak memory):
@@ -183,7 +183,7 @@ def align_worker(job: dict) -> dict:
         f"gradient_checkpointing={s['gradient_checkpointing']}", "save_every=0", "progress=false",
         f"seed={s['seed']}", *([f"num_threads={s['threads']}"] if s["threads"] else []),
         *(["sample_merged=true"] if job.get("sample_merged") else []),
-        *(["cuda_graphs=false"] if job.get("eager_decode") else []),
+        *(["cuda_graphs=true"] if job.get("cuda_graphs") else []),
     ])
     summary = run_ppo(cfg)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
@@ -379,8 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--value-models", default="policy_trunk,reward_model")
     parser.add_argument("--sample-merged", action="store_true",
                         help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
-    parser.add_argument("--eager-decode", action="store_true",
-                        help="also run the value-head side with cuda_graphs=false (the decoding step launched eagerly)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also run the value-head side with cuda_graphs=true (the decoding step replayed as a CUDA graph)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -455,9 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sample_merged:
         runs.append(("align (merged sampling)", sys.executable, "align",
                      {**align_job, "value_model": "policy_trunk", "sample_merged": True, "out": str(work / "merged")}))
-    if args.eager_decode:
-        runs.append(("align (eager decode)", sys.executable, "align",
-                     {**align_job, "value_model": "policy_trunk", "eager_decode": True, "out": str(work / "eager")}))
+    if args.cuda_graphs:
+        runs.append(("align (CUDA-graph decode)", sys.executable, "align",
+                     {**align_job, "value_model": "policy_trunk", "cuda_graphs": True, "out": str(work / "graphs")}))
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
     results, failed = {}, {}

@@ -64,14 +64,15 @@ def test_attention_is_sdpa_or_flash_by_default_on_the_gpu(tiny_random_model):
     assert model.config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
-@pytest.mark.parametrize("value_model,response_length", [("policy_trunk", 32), ("reward_model", 128),
-                                                          ("reward_model", 256)])
-def test_ppo_runs_on_the_gpu_in_bf16(tiny_random_model, random_reward_model, tmp_path, value_model, response_length):
+@pytest.mark.parametrize("value_model,response_length,cuda_graphs", [
+    ("policy_trunk", 32, False), ("policy_trunk", 32, True), ("reward_model", 128, True), ("reward_model", 256, False)])
+def test_ppo_runs_on_the_gpu_in_bf16(tiny_random_model, random_reward_model, tmp_path, value_model, response_length,
+                                     cuda_graphs):
     from ppo.trainer import run_ppo
 
     cfg = _ppo_cfg(tiny_random_model, random_reward_model, tmp_path / "run", "dtype=bfloat16",
                    f"value_model={value_model}", f"response_length={response_length}", "gradient_checkpointing=true",
-                   "logprob_chunk_tokens=64")
+                   "logprob_chunk_tokens=64", f"cuda_graphs={str(cuda_graphs).lower()}")
     summary = run_ppo(cfg)
     assert summary["iteration"] == 2 and torch.isfinite(torch.tensor(summary["objective/kl"]))
     assert (tmp_path / "run" / "checkpoints").is_dir() and (tmp_path / "run" / "policy").is_dir()

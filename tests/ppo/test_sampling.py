@@ -181,3 +181,69 @@ def test_bf16_rollouts_sampled_with_the_merged_adapter_keep_ratio_one_and_the_ba
     mask = exp.response_mask.bool()
     assert torch.equal(exp.logprobs[mask], logprobs[mask])  # the first PPO ratio is exactly 1
     assert torch.equal(exp.values[mask], values[mask])
+
+
+def _fake_cuda_graphs(monkeypatch, events, fail_capture=False):
+    """torch.cuda's graph API as a log: a capture runs the step's Python without executing it
+    (marked "captured"), a replay executes the captured step once."""
+    import contextlib
+
+    state = {"capturing": False}
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def graph(_graph):
+        state["capturing"] = True
+        try:
+            yield
+            if fail_capture:  # as capture_end reports an op that synchronised during the capture
+                raise RuntimeError("operation not permitted when stream is capturing")
+        finally:
+            state["capturing"] = False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return state
+
+
+class _LoggingDecoder:
+    def __init__(self, events, state):
+        self.events, self.state = events, state
+
+    def decode_step(self, *inputs):
+        self.events.append("captured" if self.state["capturing"] else "eager")
+        return torch.zeros(2, 5), None
+
+
+def test_the_graphed_decoding_step_runs_each_step_exactly_once(monkeypatch):
+    # transformers' StaticCache counts its writes on the device: a warm-up step beside the real ones
+    # would shift every later write. The first step runs eagerly (the warm-up), the second is
+    # captured (which executes nothing) and replayed, and every later step is one replay.
+    from ppo.sampling import CUDAGraphStep
+
+    events = []
+    step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events)))
+    inputs = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 1), None,
+              torch.zeros(1, dtype=torch.long))
+    for _ in range(4):
+        step(*inputs)
+    assert events == ["eager", "captured", "replay", "replay", "replay"]
+    executed = [e for e in events if e in ("eager", "replay")]
+    assert len(executed) == 4
+    with pytest.raises(ValueError, match="same tensors"):  # a replay reads the captured addresses only
+        step(inputs[0].clone(), *inputs[1:])
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch, caplog):
+    from ppo.sampling import CUDAGraphStep
+
+    events = []
+    step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events, fail_capture=True)))
+    inputs = (torch.zeros(2, 1, dtype=torch.long),)
+    for _ in range(3):
+        step(*inputs)
+    assert events == ["eager", "captured", "eager", "eager"]  # the failed capture's step runs eagerly
+    assert "could not be captured as a CUDA graph" in caplog.text
