@@ -5,6 +5,7 @@
     python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
     python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
     python bench/gpu_bench.py --cuda-graphs     # + align with the decoding step replayed as a CUDA graph
+    python bench/gpu_bench.py --no-trl --profile   # + a profiled run: where an iteration's time goes
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
 What it does, each heavy step in a fresh process (clean timings and peak memory):
@@ -164,6 +165,21 @@ def reward_worker(job: dict) -> dict:
             "peak_gib": peak_memory_gib(), "model_dir": summary["model_dir"]}
 
 
+def profiled(run, out: Path):
+    """`run()` under torch.profiler; the operators' totals, by self device time (CPU time without a
+    GPU), go to `out`. The profiler's overhead makes this run's timings no comparison."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        result = run()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+    return result
+
+
 def align_worker(job: dict) -> dict:
     from align.config import load_config
     from align.run import read_metrics
@@ -185,7 +201,10 @@ def align_worker(job: dict) -> dict:
         *(["sample_merged=true"] if job.get("sample_merged") else []),
         *(["cuda_graphs=true"] if job.get("cuda_graphs") else []),
     ])
-    summary = run_ppo(cfg)
+    if job.get("profile"):
+        summary = profiled(lambda: run_ppo(cfg), Path(job["out"]) / "profile.txt")
+    else:
+        summary = run_ppo(cfg)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
     return {
         "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/sample_s", "timing/score_s", "timing/optimize_s",
@@ -381,6 +400,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also run the value-head side with cuda_graphs=true (the decoding step replayed as a CUDA graph)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the value-head side under torch.profiler: its operator table is written to "
+                        "WORK/SHAPE/profile/profile.txt (that run's timings carry the profiler's overhead)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -458,6 +480,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cuda_graphs:
         runs.append(("align (CUDA-graph decode)", sys.executable, "align",
                      {**align_job, "value_model": "policy_trunk", "cuda_graphs": True, "out": str(work / "graphs")}))
+    if args.profile:
+        runs.append(("align (profiled)", sys.executable, "align",
+                     {**align_job, "value_model": "policy_trunk", "profile": True, "out": str(work / "profile")}))
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
     results, failed = {}, {}
