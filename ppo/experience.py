@@ -73,14 +73,15 @@ class Experience(PromptsAndResponses):
             }
         )
 
-    def trim_padding(self) -> Experience:
+    def trim_padding(self, bounds: tuple[int, int] | None = None) -> Experience:
         """The same episodes without the columns that are padding in every row: left padding of
         the prompts and the tail after the longest response. A minibatch of short responses then
         costs what its tokens cost; causal attention and mask-derived position ids make the
-        result the same (the dropped columns only ever held masked-out padding)."""
-        first = int(self.query_mask.any(0).nonzero()[0]) if self.query_mask.any() else 0
-        kept = self.response_mask.any(0).nonzero()
-        last = int(kept[-1]) + 1 if len(kept) else 1
+        result the same (the dropped columns only ever held masked-out padding).
+
+        `bounds` = (first prompt column kept, response columns kept) when the caller knows them on
+        the host (`padding_bounds`), so that trimming reads nothing back from the device."""
+        first, last = bounds if bounds is not None else padding_bounds(self.query_mask, self.response_mask)
         return Experience(
             **{
                 f.name: (None if (v := getattr(self, f.name)) is None
@@ -89,3 +90,27 @@ class Experience(PromptsAndResponses):
                 for f in dataclasses.fields(self)
             }
         )
+
+
+def padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """(first prompt column that is real in some row, one past the last response column that is
+    real in some row, at least 1) of (B, Q) and (B, T) masks."""
+    first = int(query_mask.any(0).nonzero()[0]) if query_mask.any() else 0
+    kept = response_mask.any(0).nonzero()
+    return first, (int(kept[-1]) + 1 if len(kept) else 1)
+
+
+def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per row, read back to the host once: the first real prompt column (0 for an empty prompt,
+    which keeps every column) and one past the last real response column (0 for none)."""
+    q, t = query_mask.shape[1], response_mask.shape[1]
+    columns = torch.arange(q, device=query_mask.device).expand_as(query_mask)
+    first = torch.where(query_mask.bool(), columns, q).amin(1)
+    first = torch.where(first == q, 0, first)
+    last = (response_mask.bool() * torch.arange(1, t + 1, device=response_mask.device)).amax(1)
+    return first.tolist(), last.tolist()
+
+
+def rows_padding_bounds(first: list[int], last: list[int], rows: list[int]) -> tuple[int, int]:
+    """`trim_padding`'s bounds for `rows`, from `row_padding_bounds`' per-row lists."""
+    return min(first[i] for i in rows), max(1, max(last[i] for i in rows))

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,7 +49,7 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples
+from ppo.experience import Experience, Samples, row_padding_bounds, rows_padding_bounds
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.run_dir import CHECKPOINTS_DIR, METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.sampling import sample_responses
@@ -378,37 +377,46 @@ class PPOTrainer:
 
     def optimize(self, exp: Experience) -> dict[str, float]:
         cfg = self.cfg
-        sums: dict[str, float] = {}
+        # What batching needs (each row's response length and padding bounds) is read back to the
+        # host once here, and the statistics stay on the device until the end: the micro-step loop
+        # never waits for the device, so on a GPU the host queues the next kernels while it computes.
+        lengths = exp.response_mask.sum(-1).tolist()
+        first, last = row_padding_bounds(exp.query_mask, exp.response_mask)
+        sums: dict[str, torch.Tensor] = {}
         n_minibatches, grad_norms = 0, []
         for _epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(len(exp), device="cpu")
             for mb_start in range(0, len(exp), cfg.mini_batch_size):
-                mb_rows = order[mb_start: mb_start + cfg.mini_batch_size].to(self.device)
                 # The loss is a token mean over this process's minibatch (each micro-batch weighted
                 # by its share of the tokens), so grouping rows of similar length into micro-batches
                 # changes no gradient, only how much padding is forwarded.
-                mb_lengths = exp.response_mask[mb_rows].sum(-1)
-                mb_rows = mb_rows[torch.argsort(mb_lengths, stable=True)]
-                mb_tokens = mb_lengths.sum().clamp(min=1)
+                mb_rows = sorted(order[mb_start: mb_start + cfg.mini_batch_size].tolist(), key=lengths.__getitem__)
+                mb_tokens = max(sum(lengths[i] for i in mb_rows), 1)
+                mb_index = torch.tensor(mb_rows).to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                    micro = exp.select(mb_rows[micro_start: micro_start + cfg.micro_batch_size]).trim_padding()
+                    rows = slice(micro_start, micro_start + cfg.micro_batch_size)
+                    micro = exp.select(mb_index[rows]).trim_padding(rows_padding_bounds(first, last, mb_rows[rows]))
                     weight = micro.response_mask.sum() / mb_tokens
                     is_last = micro_start + cfg.micro_batch_size >= len(mb_rows)
                     # DDP all-reduces gradients only on the last micro-batch of the minibatch.
                     with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.ddp_model):
                         for k, v in self.micro_step(micro, weight).items():
-                            sums[k] = sums.get(k, 0.0) + v
+                            sums[k] = sums[k] + v if k in sums else v
                 n_minibatches += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                grad_norms.append(float("nan") if grad_norm is None else float(grad_norm))
+                grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
+                                                  dtype=torch.float32, device=self.device))
                 self.optimizer.step()
                 self.scheduler.step()
-        return {**{k: v / n_minibatches for k, v in sums.items()}, "train/grad_norm": statistics.fmean(grad_norms)}
+        names = list(sums)
+        values = torch.stack([sums[k].float() / n_minibatches for k in names] + [torch.stack(grad_norms).mean()])
+        return dict(zip([*names, "train/grad_norm"], values.tolist()))
 
-    def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, float]:
+    def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
-        tokens. Returns its statistics, weighted the same way (they sum to the minibatch's)."""
+        tokens. Returns its statistics as device scalars, weighted the same way (they sum to the
+        minibatch's)."""
         cfg = self.cfg
         # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward
         with checkpointing_active(self.checkpointed):
@@ -427,7 +435,7 @@ class PPOTrainer:
             "policy/entropy": entropy, "val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
             "val/values": core.masked_mean(mb_values.detach(), mb.response_mask), "loss/total": loss,
         }
-        return {k: (v.detach() * weight).item() for k, v in stats.items()}
+        return {k: v.detach() * weight for k, v in stats.items()}
 
 
     # ------------------------------------------------------------------------------------ outputs

@@ -76,3 +76,21 @@ def test_report_to_wandb_without_the_package_fails_before_training(capsys, small
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1] == "error: report_to=wandb needs wandb: pip install 'align[wandb]'"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_host_padding_bounds_of_any_rows_are_those_read_from_the_masks():
+    # The micro-step loop trims with bounds computed on the host once per optimisation; for every
+    # set of rows they must be the ones trim_padding reads from the rows' own masks.
+    import itertools
+
+    from ppo.experience import padding_bounds, row_padding_bounds, rows_padding_bounds
+
+    query_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])  # prompts start at 2, 1, 3
+    response_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])  # end at 2, 4, none
+    first, last = row_padding_bounds(query_mask, response_mask)
+    assert (first, last) == ([2, 1, 3], [2, 4, 0])
+    for n in (1, 2, 3):
+        for rows in itertools.combinations(range(3), n):
+            index = list(rows)
+            assert rows_padding_bounds(first, last, index) == padding_bounds(query_mask[index], response_mask[index])
+    assert rows_padding_bounds(first, last, [2]) == (3, 1)  # no response token: one column is kept
