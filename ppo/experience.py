@@ -8,6 +8,7 @@ fills these fields; minibatches are row slices of it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +81,11 @@ class Experience(PromptsAndResponses):
         result the same (the dropped columns only ever held masked-out padding).
 
         `bounds` = (first prompt column kept, response columns kept) when the caller knows them on
-        the host (`padding_bounds`), so that trimming reads nothing back from the device."""
-        first, last = bounds if bounds is not None else padding_bounds(self.query_mask, self.response_mask)
+        the host (`rows_padding_bounds`), so that trimming reads nothing back from the device."""
+        if bounds is None:
+            bounds = rows_padding_bounds(*row_padding_bounds(self.query_mask, self.response_mask),
+                                         range(len(self.query_mask)))
+        first, last = bounds
         return Experience(
             **{
                 f.name: (None if (v := getattr(self, f.name)) is None
@@ -90,14 +94,6 @@ class Experience(PromptsAndResponses):
                 for f in dataclasses.fields(self)
             }
         )
-
-
-def padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
-    """(first prompt column that is real in some row, one past the last response column that is
-    real in some row, at least 1) of (B, Q) and (B, T) masks."""
-    first = int(query_mask.any(0).nonzero()[0]) if query_mask.any() else 0
-    kept = response_mask.any(0).nonzero()
-    return first, (int(kept[-1]) + 1 if len(kept) else 1)
 
 
 def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -111,6 +107,9 @@ def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) ->
     return first.tolist(), last.tolist()
 
 
-def rows_padding_bounds(first: list[int], last: list[int], rows: list[int]) -> tuple[int, int]:
-    """`trim_padding`'s bounds for `rows`, from `row_padding_bounds`' per-row lists."""
+def rows_padding_bounds(first: list[int], last: list[int], rows: Iterable[int]) -> tuple[int, int]:
+    """`trim_padding`'s bounds for `rows`, from `row_padding_bounds`' per-row lists: the first
+    prompt column real in some row, and one past the last response column real in some row (at
+    least 1)."""
+    rows = list(rows)
     return min(first[i] for i in rows), max(1, max(last[i] for i in rows))
