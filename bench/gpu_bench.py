@@ -474,15 +474,11 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append((f"TRL {TRL_VERSION}", python, "trl", {**base, **paths, "out": str(work / "trl"),
                                                            "reward_model_dir": reward["model_dir"],
                                                            "rendered_prompts": rendered}))
-    if args.sample_merged:
-        runs.append(("align (merged sampling)", sys.executable, "align",
-                     {**align_job, "value_model": "policy_trunk", "sample_merged": True, "out": str(work / "merged")}))
-    if args.cuda_graphs:
-        runs.append(("align (CUDA-graph decode)", sys.executable, "align",
-                     {**align_job, "value_model": "policy_trunk", "cuda_graphs": True, "out": str(work / "graphs")}))
-    if args.profile:
-        runs.append(("align (profiled)", sys.executable, "align",
-                     {**align_job, "value_model": "policy_trunk", "profile": True, "out": str(work / "profile")}))
+    variants = [(args.sample_merged, "align (merged sampling)", "sample_merged", "merged"),
+                (args.cuda_graphs, "align (CUDA-graph decode)", "cuda_graphs", "graphs"),
+                (args.profile, "align (profiled)", "profile", "profile")]  # each on the value-head side
+    runs += [(name, sys.executable, "align", {**align_job, "value_model": "policy_trunk", key: True, "out": str(work / out)})
+             for wanted, name, key, out in variants if wanted]
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
     results, failed = {}, {}
