@@ -70,10 +70,17 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
 
             class LockingConnection(sqlite3.Connection):
                 holds_lock = False
+                synchronous = "FULL"  # what _sqlite_connect sets
 
-                def begin(self, write: bool) -> None:
+                def begin(self, write: bool, durable: bool = True) -> None:
                     """BEGIN a read snapshot (WAL: blocks nobody), or BEGIN IMMEDIATE
-                    under the writer lock."""
+                    under the writer lock. A write that is not `durable` commits without
+                    waiting for the disk (see `raw_sql.transaction`); every other
+                    transaction sets synchronous=FULL back first."""
+                    synchronous = "FULL" if durable else "NORMAL"
+                    if synchronous != self.synchronous:
+                        self.execute(f"PRAGMA synchronous={synchronous}")
+                        self.synchronous = synchronous
                     if write and not self.holds_lock:
                         if not writer_lock.acquire(timeout=60):
                             raise UserError("database busy for 60 s; try again")

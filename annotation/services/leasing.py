@@ -127,7 +127,9 @@ RETURNING id""", json_params=["order"])
 # BEGIN, slot UPDATE, lease INSERT and COMMIT: four round trips fewer per ranking. The
 # prompt row is locked first (FOR UPDATE re-checks the free slot on its newest version),
 # the lease is inserted only if the slot was free, and the slot is taken only if the lease
-# went in; `free` tells "no slot" from "the annotator holds this prompt already".
+# went in; `free` tells "no slot" from "the annotator holds this prompt already". The
+# set_config makes this one commit not wait for the disk (transaction-local, as SET LOCAL;
+# see `raw_sql.transaction` on why a lease may commit that way).
 _CLAIM_IN_ONE_STATEMENT = Sql("""
 WITH slot AS (SELECT id FROM prompts WHERE id = :prompt AND slots_taken < :per_prompt FOR UPDATE),
 lease AS (
@@ -138,7 +140,8 @@ lease AS (
     WHERE assignments.status = 'expired'
   RETURNING id, prompt_id),
 taken AS (UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id IN (SELECT prompt_id FROM lease))
-SELECT (SELECT id FROM lease) AS lease, EXISTS (SELECT 1 FROM slot) AS free""", json_params=["order"])
+SELECT (SELECT id FROM lease) AS lease, EXISTS (SELECT 1 FROM slot) AS free,
+       set_config('synchronous_commit', 'off', true) AS not_waiting_for_disk""", json_params=["order"])
 
 
 def take_slot(tx: Transaction, prompt_id: int, annotators_per_prompt: int) -> bool:
@@ -218,7 +221,7 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
         for pid in prompt_ids:
             rows = _CONTENT.all(tx, prompt=pid)
             order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
-            aid, free = _CLAIM_IN_ONE_STATEMENT.first(tx, project=project.id, prompt=pid, user=user.id,
+            aid, free, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(tx, project=project.id, prompt=pid, user=user.id,
                                                        per_prompt=project.annotators_per_prompt, order=order,
                                                        until=until, now=now)
             if aid is not None:
@@ -234,7 +237,7 @@ def claim_first_free(db: Session, user: User, project: Project, prompt_ids: list
     prompt it reaches already (the same annotator in two tabs at once)."""
     if on_postgresql(db):
         return _claim_in_one_statement(db, user, project, prompt_ids, now)
-    with transaction(db, write=True) as tx:
+    with transaction(db, write=True, durable=False) as tx:
         return _claim(tx, user, project, prompt_ids, now)
 
 

@@ -1,10 +1,12 @@
 """The database engine: pooled server connections that died are replaced unseen; planner
-statistics are fresh after an import."""
+statistics are fresh after an import; a lease commits without waiting for the disk."""
 
 from __future__ import annotations
 
 import pytest
 
+from align.formats import Candidate, PromptRecord
+from annotation import services
 from tests.annotation.conftest import PASSWORD, PG_URL, _reset_postgres
 
 
@@ -86,3 +88,79 @@ def test_right_after_an_import_the_queue_read_stops_after_a_few_rows():
     sm.kw["bind"].dispose()
     assert not any("Sort" in line for line in plan), "\n".join(plan)
     assert any("Index Scan using ix_prompts_queue" in line for line in plan), "\n".join(plan)
+
+
+def test_a_lease_commits_without_waiting_for_the_disk_and_a_ranking_waits(db_url, monkeypatch):
+    """A lease costs nothing to lose in a power cut (the annotator reloads), so its commit
+    does not wait for the disk: SQLite commits it with synchronous=NORMAL, PostgreSQL with
+    synchronous_commit off. The ranking that follows is committed durably, and its flush
+    of the log covers the lease before it."""
+    from sqlalchemy import event
+
+    from annotation.db import open_db
+
+    sm = open_db(db_url)
+    engine = sm.kw["bind"]
+    engine.dispose()  # every connection from here on is traced
+    executed = []  # (statement, the durability it committed with)
+    tracing = False
+    if db_url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def trace(dbapi_conn, _record):
+            level = {"now": None}
+
+            def seen(sql):
+                sql = sql.strip()
+                if sql.startswith("PRAGMA synchronous="):
+                    level["now"] = sql.split("=")[1]
+                elif sql.startswith("INSERT INTO"):
+                    executed.append((sql, level["now"]))
+            dbapi_conn.set_trace_callback(seen)
+    else:
+        import psycopg
+
+        run = psycopg.Cursor.execute
+
+        def execute(cursor, query, params=None, **kw):
+            result = run(cursor, query, params, **kw)
+            if isinstance(query, str) and ("INTO assignments" in query or "INTO rankings" in query) and tracing:
+                # Replayed in a transaction that is rolled back: what synchronous_commit
+                # the statement leaves in force for its commit.
+                with psycopg.connect(PG_URL.replace("+psycopg", "")) as replay:
+                    run(replay.cursor(), query, params)
+                    executed.append((query, replay.execute("SHOW synchronous_commit").fetchone()[0]))
+                    replay.rollback()
+            return result
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+
+    with sm() as db:
+        p = services.create_project(db, "durability", k=3, annotators_per_prompt=1)
+        services.add_prompts(db, p, [PromptRecord("q", "q", [Candidate(f"r{j}") for j in range(3)])])
+        user = services.create_user(db, "dur", None, "annotator")
+        executed.clear()
+        tracing = True
+        task = services.next_task(db, user, p)
+        services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates])
+    engine.dispose()
+    durability = {("lease" if "INTO assignments" in sql else "ranking" if "INTO rankings" in sql else sql): level
+                  for sql, level in executed}
+    lazy, durable = ("NORMAL", "FULL") if db_url.startswith("sqlite") else ("off", "on")
+    assert durability == {"lease": lazy, "ranking": durable}
+
+
+def test_a_transaction_that_need_not_be_durable_leaves_the_next_one_durable(db_url):
+    from annotation import raw_sql
+    from annotation.db import open_db
+
+    sm = open_db(db_url)
+    sqlite = db_url.startswith("sqlite")
+    level = raw_sql.Sql("PRAGMA synchronous" if sqlite else "SHOW synchronous_commit")
+    with sm() as db:
+        raw_sql.hold_connection(db)  # one pooled connection for all three
+        seen = []
+        for durable in (True, False, True):
+            with raw_sql.transaction(db, write=True, durable=durable) as tx:
+                seen.append(level.scalar(tx))
+        raw_sql.release_connection(db)
+    sm.kw["bind"].dispose()
+    assert seen == ([2, 1, 2] if sqlite else ["on", "off", "on"])  # 2 = FULL, 1 = NORMAL
