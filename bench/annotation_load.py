@@ -70,7 +70,10 @@ class Connection:
         except (OSError, IndexError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             self.close()
             raise ConnectionError(str(exc)) from None
-        return status, (json.loads(payload) if payload else None)
+        try:
+            return status, (json.loads(payload) if payload else None)
+        except ValueError:  # not JSON (a plain-text 500, say): the caller counts the status as an error
+            return status, payload.decode(errors="replace")
 
     def close(self) -> None:
         if self.writer is not None:
