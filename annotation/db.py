@@ -32,7 +32,8 @@ def _sqlite_file(url: str) -> str | None:
 
 def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
-    crash) and BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
+    power cut; only a transaction begun as not durable, a lease's, commits with NORMAL) and
+    BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
     failing when a read transaction upgrades to a write. With `background_checkpoints`
     its connections leave WAL checkpoints to a `WalCheckpointer` (the server's)."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
