@@ -88,11 +88,11 @@ def transaction(db: Session, *, write: bool, durable: bool = True) -> Iterator[T
     """A transaction of its own on a connection from `db`'s pool: committed when the block
     ends, rolled back if it raises. A write that is not `durable` commits without waiting
     for the disk (SQLite: synchronous=NORMAL in WAL mode; PostgreSQL: synchronous_commit
-    off for this transaction): a crash of the server loses
-    nothing, a power cut may lose it, and the next durable commit, whose flush of the log
-    covers all before it, makes it durable too. For what costs nothing to lose: a task's
-    lease (the annotator reloads), never a ranking. Under load that halves the flushes a
-    ranking waits for, and on SQLite the time the writer lock is held."""
+    off for this transaction): a crash of the server loses nothing, a power cut may lose
+    it, and the next durable commit, whose flush of the log covers all before it, makes it
+    durable too. For what costs nothing to lose: a task's lease (the annotator reloads),
+    never a ranking. Under load that halves the flushes a ranking waits for, and on SQLite
+    the time the writer lock is held."""
     if not write and on_postgresql(db):
         # On PostgreSQL a read runs in autocommit: each statement reads its own snapshot
         # and no BEGIN or COMMIT round trip is made (what reads do here does not need one

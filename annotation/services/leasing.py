@@ -221,9 +221,9 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
         for pid in prompt_ids:
             rows = _CONTENT.all(tx, prompt=pid)
             order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
-            aid, free, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(tx, project=project.id, prompt=pid, user=user.id,
-                                                       per_prompt=project.annotators_per_prompt, order=order,
-                                                       until=until, now=now)
+            aid, free, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
+                tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
+                order=order, until=until, now=now)
             if aid is not None:
                 return _leased_task(project, pid, rows, aid, order, until)
             if free:
