@@ -46,7 +46,7 @@ def serve(
     max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: 64 MiB).", min=1)] = 1024,
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    workers: Annotated[int, typer.Option(help="Worker processes: about one per core (SQLite too: writers queue on a lock, readers do not).", min=1, max=64)] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes: about one per core (SQLite too: writers queue on a lock, readers do not); the load figures in annotation/README.md use 3 on 2 cores, the database on the same machine.", min=1, max=64)] = 1,
 ) -> None:
     """Serve the annotation web app (schema created or migrated on start)."""
     import dataclasses
