@@ -9,6 +9,7 @@ SQLite that write is the only time the request holds the database's single write
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -124,24 +125,30 @@ RETURNING id""", json_params=["order"])
 
 
 # PostgreSQL: the claim in one statement, run in autocommit (atomic by itself), instead of
-# BEGIN, slot UPDATE, lease INSERT and COMMIT: four round trips fewer per ranking. The
-# prompt row is locked first (FOR UPDATE re-checks the free slot on its newest version),
-# the lease is inserted only if the slot was free, and the slot is taken only if the lease
-# went in; `free` tells "no slot" from "the annotator holds this prompt already". The
+# BEGIN, a read of the prompt, slot UPDATE, lease INSERT and COMMIT: four round trips
+# fewer per ranking. The prompt row is locked first (FOR UPDATE re-checks the free slot on
+# its newest version), the lease is inserted only if the slot was free, with the
+# candidates in this annotator's order (`lease_order`, written in SQL), and the slot is
+# taken only if the lease went in; `free` tells "no slot" from "the annotator holds this
+# prompt already", and the prompt and its candidates come back only with a lease. The
 # set_config makes this one commit not wait for the disk (transaction-local, as SET LOCAL;
 # see `raw_sql.transaction` on why a lease may commit that way).
 _CLAIM_IN_ONE_STATEMENT = Sql("""
 WITH slot AS (SELECT id FROM prompts WHERE id = :prompt AND slots_taken < :per_prompt FOR UPDATE),
 lease AS (
   INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
-  SELECT :project, id, :user, 'leased', CAST(:order AS json), :until, :now FROM slot
+  SELECT :project, id, :user, 'leased',
+         (SELECT json_agg(c.id ORDER BY md5(CAST(:order_key AS text) || c.id), c.id) FROM candidates c WHERE c.prompt_id = slot.id),
+         :until, :now FROM slot
   ON CONFLICT (prompt_id, user_id) DO UPDATE
     SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
     WHERE assignments.status = 'expired'
-  RETURNING id, prompt_id),
+  RETURNING id, prompt_id, candidate_order),
 taken AS (UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id IN (SELECT prompt_id FROM lease))
-SELECT (SELECT id FROM lease) AS lease, EXISTS (SELECT 1 FROM slot) AS free,
-       set_config('synchronous_commit', 'off', true) AS not_waiting_for_disk""", json_params=["order"])
+SELECT lease.id AS lease, EXISTS (SELECT 1 FROM slot) AS free, lease.candidate_order, p.content,
+       (SELECT json_agg(json_build_array(c.id, c.text)) FROM candidates c WHERE c.prompt_id = p.id) AS candidates,
+       set_config('synchronous_commit', 'off', true) AS not_waiting_for_disk
+FROM (SELECT 1) one LEFT JOIN lease ON true LEFT JOIN prompts p ON p.id = lease.prompt_id""")
 
 
 def take_slot(tx: Transaction, prompt_id: int, annotators_per_prompt: int) -> bool:
@@ -179,19 +186,18 @@ def _stale_check_due(db: Session, project: Project, now: float) -> bool:
     return True
 
 
-def _lease_order(user: User, prompt_id: int, candidate_ids: list[int]) -> list[int]:
-    """The order this annotator sees the candidates in: shuffled, reproducibly per
-    annotator and prompt."""
-    order = list(candidate_ids)
-    random.Random(f"{user.id}:{prompt_id}").shuffle(order)
-    return order
+def lease_order(user_id: int, prompt_id: int, candidate_ids: list[int]) -> list[int]:
+    """The order this annotator sees the candidates in: shuffled, reproducibly per annotator
+    and prompt, so that the position a candidate is shown in does not favour it. Sorted by
+    md5("user:prompt:candidate"), which PostgreSQL's claim computes in SQL too."""
+    key = f"{user_id}:{prompt_id}:"
+    return sorted(candidate_ids, key=lambda cid: (hashlib.md5(f"{key}{cid}".encode()).hexdigest(), cid))
 
 
-def _leased_task(project: Project, prompt_id: int, content_rows: list[tuple], assignment_id: int,
+def _leased_task(project: Project, prompt_id: int, content: Any, text_of: dict[int, str], assignment_id: int,
                  order: list[int], until: float) -> Task:
-    text_of = {cid: body for _content, cid, body in content_rows}
     return Task(
-        assignment_id=assignment_id, project=project.name, prompt_id=prompt_id, prompt=content_rows[0][0],
+        assignment_id=assignment_id, project=project.name, prompt_id=prompt_id, prompt=content,
         candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
         status="leased", leased_until=until, guidelines=project.guidelines,
     )
@@ -204,28 +210,25 @@ def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int],
         if not take_slot(tx, pid, project.annotators_per_prompt):
             continue
         rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
-        order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
+        order = lease_order(user.id, pid, [cid for _content, cid, _text in rows])
         aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
         if aid is None:
             raise LeasedElsewhere  # rolls back the slot taken above
-        return _leased_task(project, pid, rows, aid, order, until)
+        return _leased_task(project, pid, rows[0][0], {cid: text for _content, cid, text in rows}, aid, order, until)
     return None
 
 
 def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_ids: list[int],
                             now: float) -> Task | None:
-    """`_claim` on PostgreSQL: per prompt tried, one read of its candidates and one
-    statement that claims the slot and records the lease together."""
+    """`_claim` on PostgreSQL: one statement per prompt tried."""
     until = now + project.lease_seconds
     with autocommit(db) as tx:
         for pid in prompt_ids:
-            rows = _CONTENT.all(tx, prompt=pid)
-            order = _lease_order(user, pid, [cid for _content, cid, _text in rows])
-            aid, free, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
+            aid, free, order, content, candidates, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
                 tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
-                order=order, until=until, now=now)
+                order_key=f"{user.id}:{pid}:", until=until, now=now)
             if aid is not None:
-                return _leased_task(project, pid, rows, aid, order, until)
+                return _leased_task(project, pid, content, dict(candidates), aid, order, until)
             if free:
                 raise LeasedElsewhere
     return None

@@ -14,6 +14,7 @@ from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, tran
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
+from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.users import require_annotator
 
 MAX_REASON = 2_000
@@ -34,13 +35,12 @@ def order_to_ranks(candidate_ids: list[int], order: list[list[int]]) -> list[int
     return [rank_of[cid] for cid in candidate_ids]
 
 
-def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
-    """The order must be a list of non-empty groups of candidate ids that together hold each
-    of the task's candidates exactly once. Raises Invalid saying what is wrong. Linear in
-    the input, and it stops reading once more ids than the task's K were sent."""
+def _order_groups(order: Any, k: int) -> tuple[list[list[int]], set[int]]:
+    """The order's tie groups (a bare id is a group of one) and the ids they hold. Raises
+    Invalid if its shape is wrong or an id repeats; linear in the input, and it stops
+    reading once more than 2k ids were sent."""
     if not isinstance(order, list) or not order:
         raise Invalid("order must be a non-empty list of groups of candidate ids, best first")
-    k = len(candidate_ids)
     seen: set[int] = set()
     dupes: set[int] = set()
     groups: list[list[int]] = []
@@ -60,6 +60,14 @@ def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
         groups.append(list(group))
     if dupes:
         raise Invalid(f"candidate ids appear more than once: {sorted(dupes)}")
+    return groups, seen
+
+
+def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
+    """The order must be a list of non-empty groups of candidate ids that together hold each
+    of the task's candidates exactly once. Raises Invalid saying what is wrong. Linear in
+    the input, and it stops reading once more ids than the task's K were sent."""
+    groups, seen = _order_groups(order, len(candidate_ids))
     unknown = sorted(seen - set(candidate_ids))
     if unknown:
         raise Invalid(f"candidate ids not in this task: {unknown}")
@@ -82,21 +90,40 @@ RETURNING id""", json_params=["order"])
 
 
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
-# by itself), instead of BEGIN, three statements and COMMIT. The lease is marked done only
-# if it is still live and this annotator's, and the count and the ranking follow only
-# from that row. Parameters that may be NULL carry their type: an untyped one would be
-# taken as text.
+# by itself), instead of a read of the task, BEGIN, three statements and COMMIT. The lease
+# is marked done only if it is this annotator's, still live, and its candidates are the
+# ids ranked (`ids`, sorted), and the count and the ranking follow only from that row.
+# Parameters that may be NULL carry their type: an untyped one would be taken as text.
 _SUBMIT_IN_ONE_STATEMENT = Sql("""
 WITH done AS (
   UPDATE assignments SET status = 'done', completed_at = :now
-  WHERE id = :id AND user_id = :user AND status = 'leased'
+  WHERE id = :id AND user_id = :user AND status = 'leased' AND leased_until >= :now
+    AND (SELECT jsonb_agg(c ORDER BY c) FROM jsonb_array_elements(CAST(candidate_order AS jsonb)) c)
+        = CAST(:ids AS jsonb)
   RETURNING id, project_id, prompt_id),
 counted AS (UPDATE prompts SET done_count = done_count + 1 WHERE id IN (SELECT prompt_id FROM done))
 INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", all_bad, skipped,
                       skip_reason, rationale, time_spent_ms, created_at)
 SELECT project_id, prompt_id, :user, id, 1, CAST(:order AS json), :all_bad, false, NULL,
        CAST(:rationale AS text), CAST(:time_spent_ms AS integer), :now FROM done
-RETURNING id""", json_params=["order"])
+RETURNING id, project_id, prompt_id""", json_params=["order", "ids"])
+
+
+def _store_in_one_statement(db: Session, user: User, assignment_id: int, order: list[list[int]], ids: set[int],
+                            all_bad: bool, rationale: str | None, time_spent_ms: int | None,
+                            now: float) -> RankingRow | None:
+    """PostgreSQL: store the first ranking of `user`'s live lease `assignment_id`, whose
+    candidates must be `ids`, in one statement. None, changing nothing, when it is not so."""
+    with autocommit(db) as tx:
+        row = _SUBMIT_IN_ONE_STATEMENT.first(
+            tx, id=assignment_id, user=user.id, ids=sorted(ids), order=order, all_bad=all_bad,
+            rationale=rationale, time_spent_ms=time_spent_ms, now=now)
+    if row is None:
+        return None
+    ranking_id, project_id, prompt_id = row
+    return RankingRow(id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user.id,
+                      assignment_id=assignment_id, revision=1, order=order, all_bad=all_bad, skipped=False,
+                      skip_reason=None, rationale=rationale, time_spent_ms=time_spent_ms, created_at=now)
 
 
 def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRow:
@@ -164,6 +191,10 @@ def submit_ranking(
     candidate ids best first; ids in one group are tied. A task already ranked is refused
     (409): corrections go through `revise_ranking`, which appends a revision."""
     now = time.time() if now is None else now
+    if on_postgresql(db):
+        stored = _store_at_first_try(db, user, assignment_id, order, all_bad, rationale, time_spent_ms, now)
+        if stored is not None:
+            return stored
     a = _own_assignment(db, user, assignment_id)
     order = validate_order(order, list(a.candidate_order))
     rationale = clean_optional_text(rationale, "rationale")
@@ -177,27 +208,46 @@ def submit_ranking(
     lease_live = a.status == "leased" and a.leased_until >= now
     try:
         if lease_live and on_postgresql(db):
-            with autocommit(db) as tx:
-                ranking_id = _SUBMIT_IN_ONE_STATEMENT.scalar(
-                    tx, id=a.id, user=user.id, order=order, all_bad=all_bad, rationale=rationale,
-                    time_spent_ms=time_spent_ms, now=now)
-            if ranking_id is None:
+            stored = _store_in_one_statement(db, user, a.id, order, set(a.candidate_order), all_bad, rationale,
+                                             time_spent_ms, now)
+            if stored is None:
                 raise submitted_already
-        else:
-            with transaction(db, write=True) as tx:
-                if not lease_live:
-                    _lease_again(tx, a)
-                if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id) != 1:
-                    raise submitted_already
-                _COUNT_DONE.rowcount(tx, prompt=a.prompt_id)
-                ranking_id = _INSERT_RANKING.scalar(
-                    tx, project=a.project_id, prompt=a.prompt_id, user=user.id, assignment=a.id, order=order,
-                    all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
+            return stored
+        with transaction(db, write=True) as tx:
+            if not lease_live:
+                _lease_again(tx, a)
+            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id) != 1:
+                raise submitted_already
+            _COUNT_DONE.rowcount(tx, prompt=a.prompt_id)
+            ranking_id = _INSERT_RANKING.scalar(
+                tx, project=a.project_id, prompt=a.prompt_id, user=user.id, assignment=a.id, order=order,
+                all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
     except IntegrityError:
         raise submitted_already from None
     return RankingRow(id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id,
                       assignment_id=a.id, revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None,
                       rationale=rationale, time_spent_ms=time_spent_ms, created_at=now)
+
+
+def _store_at_first_try(db: Session, user: User, assignment_id: Any, order: Any, all_bad: Any, rationale: Any,
+                        time_spent_ms: Any, now: float) -> RankingRow | None:
+    """PostgreSQL, the usual submission (well-formed, the annotator's live lease): stored
+    with no read of the task before it. None, changing nothing, for anything else; the
+    careful path then reads the task and says what is wrong, in its own order of checks."""
+    try:
+        require_annotator(user)
+        if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 1 <= assignment_id <= MAX_DB_INT:
+            return None
+        groups, ids = _order_groups(order, MAX_CANDIDATES)
+        rationale = clean_optional_text(rationale, "rationale")
+        time_spent_ms = _clean_time(time_spent_ms)
+        all_bad = _clean_bool(all_bad, "all_bad")
+    except (Forbidden, Invalid):
+        return None
+    try:
+        return _store_in_one_statement(db, user, assignment_id, groups, ids, all_bad, rationale, time_spent_ms, now)
+    except IntegrityError:  # a ranking of this task is stored already: the careful path says so
+        return None
 
 
 def _lease_again(tx: Transaction, a: AssignmentRow) -> None:

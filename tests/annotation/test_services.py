@@ -46,10 +46,11 @@ def test_simulated_team_fills_every_slot_reproducibly(db_url):
 
 
 def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_url):
-    """The order a task shows its candidates in is a shuffle seeded by annotator and
-    prompt (the same on SQLite and PostgreSQL, whose claims are written differently), and
-    the stored candidate order is the one shown."""
-    import random
+    """The order a task shows its candidates in is a shuffle keyed by annotator and prompt
+    (sorted by md5 of "user:prompt:candidate": the same on SQLite and PostgreSQL, whose
+    claims compute it in Python and in SQL), and the stored candidate order is the one
+    shown."""
+    import hashlib
 
     from sqlalchemy import select
 
@@ -67,8 +68,7 @@ def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_ur
             task = services.next_task(db, u, p)
             by_position = list(db.scalars(select(CandidateRow.id).where(CandidateRow.prompt_id == task.prompt_id)
                                           .order_by(CandidateRow.position)))
-            expected = list(by_position)
-            random.Random(f"{u.id}:{task.prompt_id}").shuffle(expected)
+            expected = sorted(by_position, key=lambda cid: hashlib.md5(f"{u.id}:{task.prompt_id}:{cid}".encode()).hexdigest())
             shown[u.username] = [c.id for c in task.candidates]
             assert shown[u.username] == expected
             assert [c.text for c in task.candidates] == [f"r{by_position.index(cid)}" for cid in expected]
