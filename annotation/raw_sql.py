@@ -55,7 +55,20 @@ def release_connection(db: Session) -> None:
     """Give back the connection `hold_connection` kept, if one was taken."""
     pooled = db.info.pop(_HELD, None)
     if pooled is not None:
-        pooled.close()
+        _give_back(pooled, db.get_bind().dialect)
+
+
+def _give_back(pooled: Any, dialect: Any) -> None:
+    """Return a connection to the pool as the pool handed it out: on PostgreSQL, not in
+    autocommit (an `autocommit` block leaves it on, for the next block on a held
+    connection: switching costs the driver a lock and a generator each time)."""
+    connection = pooled.dbapi_connection
+    if dialect.name == "postgresql" and connection is not None and connection.autocommit:
+        try:
+            connection.autocommit = False
+        except Exception:  # a broken connection: the pool must not hand it out again
+            pooled.invalidate()
+    pooled.close()
 
 
 @contextmanager
@@ -76,11 +89,11 @@ def _checkout(db: Session) -> Iterator[tuple[Any, Any]]:
     except BaseException:
         if held:  # a connection that failed is not reused: the pool checks it on return
             db.info[_HELD] = None
-        pooled.close()
+        _give_back(pooled, engine.dialect)
         raise
     else:
         if not held:
-            pooled.close()
+            _give_back(pooled, engine.dialect)
 
 
 @contextmanager
@@ -103,8 +116,11 @@ def transaction(db: Session, *, write: bool, durable: bool = True) -> Iterator[T
     with _checkout(db) as (connection, dialect):
         if dialect.name == "sqlite":
             connection.begin(write=write, durable=durable)
-        elif not durable:
-            connection.execute("SET LOCAL synchronous_commit TO off")
+        else:
+            if connection.autocommit:  # left on by an `autocommit` block before this one
+                connection.autocommit = False
+            if not durable:
+                connection.execute("SET LOCAL synchronous_commit TO off")
         try:
             yield Transaction(connection, dialect)
             connection.commit()
@@ -123,11 +139,9 @@ def autocommit(db: Session) -> Iterator[Transaction]:
     with _checkout(db) as (connection, dialect):
         if dialect.name != "postgresql":
             raise RuntimeError("autocommit blocks are for PostgreSQL; use transaction() on SQLite")
-        connection.autocommit = True
-        try:
-            yield Transaction(connection, dialect)
-        finally:
-            connection.autocommit = False
+        if not connection.autocommit:  # left on for the next block; off again when given back
+            connection.autocommit = True
+        yield Transaction(connection, dialect)
 
 
 class Sql:

@@ -165,3 +165,35 @@ def test_a_transaction_that_need_not_be_durable_leaves_the_next_one_durable(db_u
         raw_sql.release_connection(db)
     sm.kw["bind"].dispose()
     assert seen == ([2, 1, 2] if sqlite else ["on", "off", "on"])  # 2 = FULL, 1 = NORMAL
+
+
+@pytest.mark.skipif(not PG_URL, reason="ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+def test_a_held_connection_leaves_autocommit_for_a_transaction_and_goes_back_without_it():
+    """A request's held connection stays in autocommit between `autocommit` blocks; a
+    `transaction` after one still rolls back as a whole, and the pool gets the connection
+    back out of autocommit (the ORM's transactions run on it next)."""
+    from sqlalchemy import select
+
+    from annotation import raw_sql
+    from annotation.db import open_db
+    from annotation.models import User
+    from tests.annotation.conftest import _reset_postgres
+
+    _reset_postgres(PG_URL)
+    sm = open_db(PG_URL)
+    insert = raw_sql.Sql("INSERT INTO users (username, role, active, created_at) VALUES (:name, 'annotator', true, 0)")
+    with sm() as db:
+        raw_sql.hold_connection(db)
+        with raw_sql.autocommit(db) as tx:
+            insert.rowcount(tx, name="kept")  # committed by itself
+        connection = db.info["align.raw_connection"].dbapi_connection
+        with pytest.raises(RuntimeError, match="undo"):
+            with raw_sql.transaction(db, write=True) as tx:
+                insert.rowcount(tx, name="undone")
+                raise RuntimeError("undo")
+        with raw_sql.autocommit(db) as tx:
+            assert connection.autocommit
+        raw_sql.release_connection(db)
+        assert not connection.autocommit
+        assert list(db.scalars(select(User.username))) == ["kept"]
+    sm.kw["bind"].dispose()
