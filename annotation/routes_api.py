@@ -87,7 +87,7 @@ async def next_task(name: ProjectName, db: SessionDep, user: CurrentUser):
     # Every ranking makes this request and the next, so both run on the event loop: their
     # statements are a few indexed ones on the DBAPI connection (annotation.raw_sql), well
     # under a millisecond, and a trip through the threadpool would cost more than they do.
-    task = services.next_task(db, user, services.project_for(db, user, name))
+    task = services.next_task_in(db, user, name)
     if task is None:
         return Response(status_code=204)
     return _task_public(task)

@@ -88,7 +88,7 @@ def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
 
 @router.post("/projects/{name}/start")
 def start(name: str, db: SessionDep, user: CurrentUser):
-    task = services.next_task(db, user, services.project_for(db, user, name))
+    task = services.next_task_in(db, user, name)
     if task is None:
         return RedirectResponse(f"/projects/{quote(name, safe='')}/done", status_code=303)
     return RedirectResponse(f"/tasks/{task.assignment_id}", status_code=303)

@@ -27,7 +27,7 @@ from annotation.services.imports import (
     prompts_without_candidates,
     read_records,
 )
-from annotation.services.leasing import Task, TaskCandidate, next_task, release_expired_leases
+from annotation.services.leasing import Task, TaskCandidate, next_task, next_task_in, release_expired_leases
 from annotation.services.projects import (
     MAX_CANDIDATES,
     add_member,
@@ -122,6 +122,7 @@ __all__ = [
     "list_users",
     "members",
     "next_task",
+    "next_task_in",
     "open_web_session",
     "order_to_ranks",
     "project_for",

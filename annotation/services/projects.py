@@ -60,23 +60,30 @@ def get_project(db: Session, name: str) -> Project:
     return project
 
 
-_PROJECT_FOR = Sql("SELECT p.id, p.name, p.guidelines, p.k, p.annotators_per_prompt, p.lease_seconds, "
-                    "p.created_at, m.user_id AS member FROM projects p LEFT JOIN project_members m "
-                    "ON m.project_id = p.id AND m.user_id = :user WHERE p.name = :name")
+# A project as a user may see it: its columns, then `member` (NULL unless they are one).
+VISIBLE_PROJECT_COLUMNS = ("proj.id, proj.name, proj.guidelines, proj.k, proj.annotators_per_prompt, "
+                           "proj.lease_seconds, proj.created_at, m.user_id AS member")
+VISIBLE_PROJECT_FROM = "projects proj LEFT JOIN project_members m ON m.project_id = proj.id AND m.user_id = :user"
+_PROJECT_FOR = Sql(f"SELECT {VISIBLE_PROJECT_COLUMNS} FROM {VISIBLE_PROJECT_FROM} WHERE proj.name = :name")
+
+
+def visible_project(user: User, name: str, row: tuple | None) -> Project:
+    """The project read with VISIBLE_PROJECT_COLUMNS (`row`, None if there is none by that
+    name), as `user` may see it: admins see every project, others only those they are
+    members of (anything else is reported as not found, so names do not leak). It comes
+    back as a plain (transient) Project to read from."""
+    if row is None or (row[7] is None and user.role != "admin"):
+        raise NotFound(f"no project {name!r}")
+    pid, name, guidelines, k, per_prompt, lease_seconds, created_at = row[:7]
+    return Project(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
+                   lease_seconds=lease_seconds, created_at=created_at)
 
 
 def project_for(db: Session, user: User, name: str) -> Project:
-    """The project as `user` may see it: admins see every project, others only those they
-    are members of (anything else is reported as not found, so names do not leak). One
-    indexed read on every task request; the project comes back as a plain (transient)
-    Project to read from."""
+    """The project `name` as `user` may see it (see `visible_project`); NotFound if they
+    may not. One indexed read."""
     with transaction(db, write=False) as tx:
-        row = _PROJECT_FOR.first(tx, user=user.id, name=name)
-    if row is None or (row[-1] is None and user.role != "admin"):
-        raise NotFound(f"no project {name!r}")
-    pid, name, guidelines, k, per_prompt, lease_seconds, created_at, _member = row
-    return Project(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
-                   lease_seconds=lease_seconds, created_at=created_at)
+        return visible_project(user, name, _PROJECT_FOR.first(tx, user=user.id, name=name))
 
 
 @unit_of_work

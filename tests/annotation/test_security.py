@@ -169,6 +169,8 @@ def test_annotators_see_only_their_projects(env):
     assert r.status_code == 201
     assert [p["name"] for p in env.client.get("/api/projects", headers=h).json()] == ["open"]
     assert env.client.post("/api/projects/open/next", headers=h).status_code == 200
+    env.project("admins only", n_prompts=1, k=2)  # an admin sees every project, member or not
+    assert env.client.post("/api/projects/admins%20only/next", headers=env.headers(env.admin_token)).status_code == 200
 
 
 def test_invite_for_a_project_makes_a_member(env):
