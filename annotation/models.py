@@ -6,14 +6,28 @@ Raw rankings are append-only: a correction is a new `rankings` row with revision
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
+
+_mappers_configured = False
 
 
 class Base(DeclarativeBase):
-    pass
+    @classmethod
+    def transient(cls, **columns: Any) -> Self:
+        """A transient instance holding `columns`, for a row read by hand-written SQL
+        (`annotation.raw_sql`) that the caller only reads. Built without the attribute
+        events the constructor fires for each column: about 4 us instead of 20-35 us, and
+        the hot path builds a few on every ranking."""
+        global _mappers_configured
+        if not _mappers_configured:  # what the constructor would do first: every model is below
+            configure_mappers()
+            _mappers_configured = True
+        instance = cls._sa_class_manager.new_instance()
+        instance.__dict__.update(columns)
+        return instance
 
 
 class Meta(Base):

@@ -75,8 +75,8 @@ def visible_project(user: User, name: str, row: tuple | None) -> Project:
     if row is None or (row[7] is None and user.role != "admin"):
         raise NotFound(f"no project {name!r}")
     pid, name, guidelines, k, per_prompt, lease_seconds, created_at = row[:7]
-    return Project(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
-                   lease_seconds=lease_seconds, created_at=created_at)
+    return Project.transient(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
+                             lease_seconds=lease_seconds, created_at=created_at)
 
 
 def project_for(db: Session, user: User, name: str) -> Project:

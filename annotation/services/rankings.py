@@ -121,9 +121,10 @@ def _store_in_one_statement(db: Session, user: User, assignment_id: int, order: 
     if row is None:
         return None
     ranking_id, project_id, prompt_id = row
-    return RankingRow(id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user.id,
-                      assignment_id=assignment_id, revision=1, order=order, all_bad=all_bad, skipped=False,
-                      skip_reason=None, rationale=rationale, time_spent_ms=time_spent_ms, created_at=now)
+    return RankingRow.transient(
+        id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user.id, assignment_id=assignment_id,
+        revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
+        time_spent_ms=time_spent_ms, created_at=now)
 
 
 def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRow:
@@ -224,9 +225,10 @@ def submit_ranking(
                 all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
     except IntegrityError:
         raise submitted_already from None
-    return RankingRow(id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id,
-                      assignment_id=a.id, revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None,
-                      rationale=rationale, time_spent_ms=time_spent_ms, created_at=now)
+    return RankingRow.transient(
+        id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id,
+        revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
+        time_spent_ms=time_spent_ms, created_at=now)
 
 
 def _store_at_first_try(db: Session, user: User, assignment_id: Any, order: Any, all_bad: Any, rationale: Any,

@@ -192,7 +192,7 @@ def _user_for(db: Session, query: Sql, token: str) -> User | None:
     user_id, username, role, active, expires_at = row
     if not active or (expires_at is not None and expires_at < time.time()):
         return None
-    return User(id=user_id, username=username, role=role, active=bool(active))
+    return User.transient(id=user_id, username=username, role=role, active=bool(active))
 
 
 def user_for_token(db: Session, token: str) -> User | None:

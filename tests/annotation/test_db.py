@@ -197,3 +197,25 @@ def test_a_held_connection_leaves_autocommit_for_a_transaction_and_goes_back_wit
         assert not connection.autocommit
         assert list(db.scalars(select(User.username))) == ["kept"]
     sm.kw["bind"].dispose()
+
+
+def test_a_transient_row_reads_as_a_constructed_one_in_a_fresh_process():
+    """`Base.transient` (rows of hand-written SQL) holds the same values as the constructor,
+    columns not given read None, and it is no session's; in a fresh interpreter too, where
+    the mappers are not configured yet."""
+    import subprocess
+    import sys
+
+    code = """
+from sqlalchemy import inspect
+from annotation.models import RankingRow
+columns = dict(id=7, project_id=1, prompt_id=2, user_id=3, assignment_id=4, revision=1, order=[[5], [6, 8]],
+               all_bad=False, skipped=False, skip_reason=None, rationale="r", time_spent_ms=9, created_at=1.5)
+fast = RankingRow.transient(**columns)  # read before anything else configures the mappers
+assert [getattr(fast, k) for k in columns] == list(columns.values()) and RankingRow.transient(id=1).rationale is None
+slow = RankingRow(**columns)
+assert all(getattr(slow, k) == v for k, v in columns.items()) and inspect(fast).transient
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
