@@ -43,7 +43,7 @@ _HELD = "align.raw_connection"
 
 def hold_connection(db: Session) -> None:
     """Let the statements run for `db` share one pooled connection, taken at the first and
-    kept until `release_connection`. A ranking's two requests make about eight short
+    kept until `release_connection`. A ranking's two requests make five to eight short
     transactions, and a checkout and checkin cost the pool about 0.06 ms of Python each
     time (holding one per request saved 0.4 ms of CPU per ranking, in process). For a web
     request's Session, which lives as long as the request, one is enough. Transactions
