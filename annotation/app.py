@@ -143,7 +143,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(services.ServiceError)
     async def _service_error(request: Request, exc: services.ServiceError):
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, services.Throttled) else None
+        headers = None
+        if isinstance(exc, services.Throttled):
+            headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, services.Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -6,6 +6,7 @@ from annotation import services
 
 # Domain errors of the service layer -> HTTP status.
 HTTP_STATUS = {
+    services.Unauthorized: 401,
     services.NotFound: 404,
     services.Forbidden: 403,
     services.Conflict: 409,

@@ -15,7 +15,7 @@ as one line.
 """
 
 from align.errors import UserError
-from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled
+from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled, Unauthorized
 from annotation.services.imports import (
     IMPORT_FORMATS,
     MAX_TEXT,
@@ -63,6 +63,7 @@ from annotation.services.reports import (
     user_progress,
 )
 from annotation.services.users import (
+    BearerToken,
     accept_invite,
     authenticate,
     close_web_session,
@@ -81,6 +82,7 @@ from annotation.services.users import (
 )
 
 __all__ = [
+    "BearerToken",
     "Conflict",
     "EXPORT_FORMATS",
     "Forbidden",
@@ -93,6 +95,7 @@ __all__ = [
     "MAX_TEXT",
     "NotFound",
     "ServiceError",
+    "Unauthorized",
     "Task",
     "TaskCandidate",
     "Throttled",

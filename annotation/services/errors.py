@@ -15,6 +15,10 @@ class NotFound(ServiceError):
     """The named thing does not exist (or is not visible to this user)."""
 
 
+class Unauthorized(ServiceError):
+    """The request's credentials are missing, unknown, expired or revoked."""
+
+
 class Forbidden(ServiceError):
     """The user may not do this."""
 

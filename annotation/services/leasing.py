@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import unit_of_work
-from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VISIBLE_PROJECT_FROM, project_for, visible_project
-from annotation.services.users import require_annotator
+from annotation.services.errors import Unauthorized
+from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, visible_project
+from annotation.services.users import INVALID_TOKEN, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
 
 STALE_CHECK_S = 2.0
 _last_stale_check: dict[tuple[str, int], float] = {}
@@ -108,14 +109,25 @@ UNION ALL
 SELECT 1, id, done_count, slots_taken FROM ({_QUEUE_SQL}) queue
 ORDER BY kind, done_count, slots_taken, id"""
 _LIVE_LEASE_AND_QUEUE = Sql(_LIVE_LEASE_AND_QUEUE_SQL)
-# PostgreSQL: and with them the project, as the annotator may see it (a round trip fewer on
-# every ranking); the lease and queue are read only in a project they may see.
-_PROJECT_LIVE_LEASE_AND_QUEUE = Sql(f"""
-SELECT {VISIBLE_PROJECT_COLUMNS}, q.kind, q.id, q.done_count, q.slots_taken FROM {VISIBLE_PROJECT_FROM}
-LEFT JOIN LATERAL ({_LIVE_LEASE_AND_QUEUE_SQL.replace(":project", "proj.id")
-                   .replace(":per_prompt", "proj.annotators_per_prompt")}) q ON m.user_id IS NOT NULL OR :admin
-WHERE proj.name = :name
+# PostgreSQL: and with them the caller (a user by id, or a token's holder) and the project,
+# as the caller may see it: a round trip fewer on every ranking, two for a token. The
+# lease and queue are read only in a project the caller may see; no row comes back for a
+# token that does not authenticate.
+def _caller_project_live_lease_and_queue(caller_sql: str) -> Sql:
+    queue = (_LIVE_LEASE_AND_QUEUE_SQL.replace(":project", "proj.id").replace(":per_prompt", "proj.annotators_per_prompt")
+             .replace(":user", "caller.id"))
+    return Sql(f"""
+SELECT caller.id, caller.username, caller.role, {VISIBLE_PROJECT_COLUMNS}, q.kind, q.id, q.done_count, q.slots_taken
+FROM ({caller_sql}) caller
+LEFT JOIN projects proj ON proj.name = :name
+LEFT JOIN project_members m ON m.project_id = proj.id AND m.user_id = caller.id
+LEFT JOIN LATERAL ({queue}) q ON m.user_id IS NOT NULL OR caller.role = 'admin'
 ORDER BY q.kind, q.done_count, q.slots_taken, q.id""")
+
+
+_USER_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(
+    "SELECT id, username, role FROM users WHERE id = :user")
+_TOKEN_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(VALID_TOKEN_HOLDER)
 _TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
 _EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")
 _FREE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken - 1 WHERE id = :prompt")
@@ -266,16 +278,26 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
 
 
 @unit_of_work
-def next_task_in(db: Session, user: User, project_name: str, now: float | None = None) -> Task | None:
-    """`next_task` in the project named `project_name`, as `user` may see it (NotFound if
-    they may not): what a next-task request runs. On PostgreSQL the project, the live
-    lease and the queue are one read."""
+def next_task_in(db: Session, caller: User | BearerToken, project_name: str, now: float | None = None) -> Task | None:
+    """`next_task` in the project named `project_name`, as the caller may see it (NotFound
+    if they may not): what a next-task request runs. The caller is a user, or an API token
+    (Unauthorized if it does not authenticate). On PostgreSQL the token, the project, the
+    live lease and the queue are one read."""
+    now = time.time() if now is None else now
     if not on_postgresql(db):
+        user = as_user(db, caller)
         return _next_task(db, user, project_for(db, user, project_name), now, queue_rows=None)
     with transaction(db, write=False) as tx:
-        rows = _PROJECT_LIVE_LEASE_AND_QUEUE.all(tx, user=user.id, name=project_name, admin=user.role == "admin")
-    project = visible_project(user, project_name, rows[0][:8] if rows else None)
-    return _next_task(db, user, project, now, queue_rows=[row[8:] for row in rows if row[8] is not None])
+        if isinstance(caller, BearerToken):
+            rows = _TOKEN_PROJECT_LIVE_LEASE_AND_QUEUE.all(tx, name=project_name, **caller.params(now))
+        else:
+            rows = _USER_PROJECT_LIVE_LEASE_AND_QUEUE.all(tx, name=project_name, user=caller.id)
+    if not rows:
+        raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
+    user = caller if isinstance(caller, User) else User.transient(id=rows[0][0], username=rows[0][1],
+                                                                   role=rows[0][2], active=True)
+    project = visible_project(user, project_name, rows[0][3:11] if rows[0][3] is not None else None)
+    return _next_task(db, user, project, now, queue_rows=[row[11:] for row in rows if row[11] is not None])
 
 
 def _next_task(db: Session, user: User, project: Project, now: float | None,

@@ -15,7 +15,7 @@ from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
-from annotation.services.users import require_annotator
+from annotation.services.users import VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
@@ -91,38 +91,49 @@ RETURNING id""", json_params=["order"])
 
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
 # by itself), instead of a read of the task, BEGIN, three statements and COMMIT. The lease
-# is marked done only if it is this annotator's, still live, and its candidates are the
-# ids ranked (`ids`, sorted), and the count and the ranking follow only from that row.
+# is marked done only if it is the caller's (a user by id, or a token's holder: see
+# `users.VALID_TOKEN_HOLDER`) and they may annotate, it is still live, and its candidates
+# are the ids ranked (`ids`, sorted); the count and the ranking follow only from that row.
 # Parameters that may be NULL carry their type: an untyped one would be taken as text.
-_SUBMIT_IN_ONE_STATEMENT = Sql("""
+def _submit_in_one_statement(caller_sql: str) -> Sql:
+    return Sql(f"""
 WITH done AS (
   UPDATE assignments SET status = 'done', completed_at = :now
-  WHERE id = :id AND user_id = :user AND status = 'leased' AND leased_until >= :now
+  WHERE id = :id AND user_id = (SELECT id FROM ({caller_sql}) caller WHERE role <> 'source')
+    AND status = 'leased' AND leased_until >= :now
     AND (SELECT jsonb_agg(c ORDER BY c) FROM jsonb_array_elements(CAST(candidate_order AS jsonb)) c)
         = CAST(:ids AS jsonb)
-  RETURNING id, project_id, prompt_id),
+  RETURNING id, project_id, prompt_id, user_id),
 counted AS (UPDATE prompts SET done_count = done_count + 1 WHERE id IN (SELECT prompt_id FROM done))
 INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", all_bad, skipped,
                       skip_reason, rationale, time_spent_ms, created_at)
-SELECT project_id, prompt_id, :user, id, 1, CAST(:order AS json), :all_bad, false, NULL,
+SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), :all_bad, false, NULL,
        CAST(:rationale AS text), CAST(:time_spent_ms AS integer), :now FROM done
-RETURNING id, project_id, prompt_id""", json_params=["order", "ids"])
+RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids"])
 
 
-def _store_in_one_statement(db: Session, user: User, assignment_id: int, order: list[list[int]], ids: set[int],
-                            all_bad: bool, rationale: str | None, time_spent_ms: int | None,
+_USER_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement("SELECT id, role FROM users WHERE id = :user AND active")
+_TOKEN_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement(VALID_TOKEN_HOLDER)
+
+
+def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_id: int, order: list[list[int]],
+                            ids: set[int], all_bad: bool, rationale: str | None, time_spent_ms: int | None,
                             now: float) -> RankingRow | None:
-    """PostgreSQL: store the first ranking of `user`'s live lease `assignment_id`, whose
-    candidates must be `ids`, in one statement. None, changing nothing, when it is not so."""
+    """PostgreSQL: store the first ranking of the caller's live lease `assignment_id`, whose
+    candidates must be `ids`, in one statement. None, changing nothing, when it is not so
+    (or the caller's token does not authenticate)."""
+    if isinstance(caller, BearerToken):
+        statement, params = _TOKEN_SUBMITS_IN_ONE_STATEMENT, caller.params(now)
+    else:
+        statement, params = _USER_SUBMITS_IN_ONE_STATEMENT, {"user": caller.id, "now": now}
     with autocommit(db) as tx:
-        row = _SUBMIT_IN_ONE_STATEMENT.first(
-            tx, id=assignment_id, user=user.id, ids=sorted(ids), order=order, all_bad=all_bad,
-            rationale=rationale, time_spent_ms=time_spent_ms, now=now)
+        row = statement.first(tx, id=assignment_id, ids=sorted(ids), order=order, all_bad=all_bad,
+                              rationale=rationale, time_spent_ms=time_spent_ms, **params)
     if row is None:
         return None
-    ranking_id, project_id, prompt_id = row
+    ranking_id, project_id, prompt_id, user_id = row
     return RankingRow.transient(
-        id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user.id, assignment_id=assignment_id,
+        id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user_id, assignment_id=assignment_id,
         revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
         time_spent_ms=time_spent_ms, created_at=now)
 
@@ -179,7 +190,7 @@ def _clean_time(time_spent_ms: Any) -> int | None:
 @unit_of_work
 def submit_ranking(
     db: Session,
-    user: User,
+    caller: User | BearerToken,
     assignment_id: int,
     order: Any,
     *,
@@ -190,12 +201,14 @@ def submit_ranking(
 ) -> RankingRow:
     """Store the first ranking of a leased task (revision 1). `order` lists groups of
     candidate ids best first; ids in one group are tied. A task already ranked is refused
-    (409): corrections go through `revise_ranking`, which appends a revision."""
+    (409): corrections go through `revise_ranking`, which appends a revision. The caller is
+    a user, or an API token (Unauthorized if it does not authenticate)."""
     now = time.time() if now is None else now
     if on_postgresql(db):
-        stored = _store_at_first_try(db, user, assignment_id, order, all_bad, rationale, time_spent_ms, now)
+        stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now)
         if stored is not None:
             return stored
+    user = as_user(db, caller)
     a = _own_assignment(db, user, assignment_id)
     order = validate_order(order, list(a.candidate_order))
     rationale = clean_optional_text(rationale, "rationale")
@@ -231,13 +244,14 @@ def submit_ranking(
         time_spent_ms=time_spent_ms, created_at=now)
 
 
-def _store_at_first_try(db: Session, user: User, assignment_id: Any, order: Any, all_bad: Any, rationale: Any,
-                        time_spent_ms: Any, now: float) -> RankingRow | None:
+def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: Any, order: Any, all_bad: Any,
+                        rationale: Any, time_spent_ms: Any, now: float) -> RankingRow | None:
     """PostgreSQL, the usual submission (well-formed, the annotator's live lease): stored
     with no read of the task before it. None, changing nothing, for anything else; the
     careful path then reads the task and says what is wrong, in its own order of checks."""
     try:
-        require_annotator(user)
+        if isinstance(caller, User):  # a token's holder is checked in the statement
+            require_annotator(caller)
         if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 1 <= assignment_id <= MAX_DB_INT:
             return None
         groups, ids = _order_groups(order, MAX_CANDIDATES)
@@ -247,7 +261,7 @@ def _store_at_first_try(db: Session, user: User, assignment_id: Any, order: Any,
     except (Forbidden, Invalid):
         return None
     try:
-        return _store_in_one_statement(db, user, assignment_id, groups, ids, all_bad, rationale, time_spent_ms, now)
+        return _store_in_one_statement(db, caller, assignment_id, groups, ids, all_bad, rationale, time_spent_ms, now)
     except IntegrityError:  # a ranking of this task is stored already: the careful path says so
         return None
 

@@ -181,3 +181,51 @@ def test_invite_for_a_project_makes_a_member(env):
     with env.db() as db:
         user = services.accept_invite(db, path.rsplit("/", 1)[1], "newcomer", "tandem bicycle lantern")
         assert services.is_member(db, services.get_project(db, "team"), user)
+
+
+def test_the_ranking_requests_refuse_tokens_that_do_not_authenticate(env):
+    """Next task and submit check an API token in the statement that does their work (on
+    PostgreSQL) instead of a lookup of its own: an unknown, expired, revoked or deactivated
+    token still gets a 401 and changes nothing, an import account's a 403."""
+    from annotation import services
+
+    env.project(n_prompts=3, k=2)
+    tok = env.annotator("hana")
+    task = env.client.post("/api/projects/p/next", headers=env.headers(tok)).json()
+    ranking = {"order": [[c["id"]] for c in task["candidates"]]}
+    submit = f"/api/tasks/{task['id']}/ranking"
+    with env.db() as db:
+        hana = services.get_user(db, "hana")
+        expired = services.issue_api_token(db, hana, ttl_s=-1)
+        source = services.create_user(db, "imported-rater", None, "source")
+        services.add_member(db, services.get_project(db, "p"), source)
+        source_token = services.issue_api_token(db, source)
+    revoked = env.client.post("/api/tokens", json={"username": "hana", "password": PASSWORD}).json()["token"]
+    assert env.client.delete("/api/tokens/current", headers=env.headers(revoked)).status_code == 204
+
+    def refused(token: str, status: int, words: str) -> None:
+        for r in (env.client.post("/api/projects/p/next", headers=env.headers(token)),
+                  env.client.post(submit, headers=env.headers(token), json=ranking)):
+            assert r.status_code == status and words in r.json()["detail"], (r.status_code, r.text)
+            if status == 401:
+                assert r.headers["www-authenticate"] == "Bearer"
+
+    before = env.counts()
+    for token in ("no-such-token", expired, revoked):
+        refused(token, 401, "invalid API token")
+    refused(source_token, 403, "imported-data accounts")
+    with env.db() as db:  # a token whose account is inactive (deactivating deletes them too)
+        from sqlalchemy import update
+
+        from annotation.models import User
+
+        ivo = services.create_user(db, "ivo", PASSWORD)
+        inactive = services.issue_api_token(db, ivo)
+        db.execute(update(User).where(User.id == ivo.id).values(active=False))
+        db.commit()
+    refused(inactive, 401, "invalid API token")
+    assert env.counts() == before
+    assert env.client.post("/api/users/hana/deactivate", headers=env.headers(env.admin_token)).status_code == 200
+    before = env.counts()  # the deactivation gave the lease back
+    refused(tok, 401, "invalid API token")
+    assert env.counts() == before
