@@ -68,10 +68,7 @@ async def check_csrf(request: Request) -> None:
 def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        user = services.user_for_token(db, auth[7:].strip())
-        if user is None:
-            raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
-        return user, "token"
+        return services.as_user(db, services.BearerToken(auth[7:].strip())), "token"  # Unauthorized: 401
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         return services.user_for_session(db, cookie), "cookie"

@@ -65,6 +65,7 @@ from annotation.services.reports import (
 from annotation.services.users import (
     BearerToken,
     accept_invite,
+    as_user,
     authenticate,
     close_web_session,
     create_invite,
@@ -104,6 +105,7 @@ __all__ = [
     "add_candidates",
     "add_member",
     "add_prompts",
+    "as_user",
     "authenticate",
     "close_web_session",
     "create_invite",
