@@ -65,10 +65,16 @@ async def check_csrf(request: Request) -> None:
         raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
 
 
-def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
+def _bearer_token(request: Request) -> services.BearerToken | None:
+    """The API token of an `Authorization: Bearer <token>` header, not checked yet."""
     auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return services.as_user(db, services.BearerToken(auth[7:].strip())), "token"  # Unauthorized: 401
+    return services.BearerToken(auth[7:].strip()) if auth.lower().startswith("bearer ") else None
+
+
+def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
+    token = _bearer_token(request)
+    if token is not None:
+        return services.as_user(db, token), "token"  # Unauthorized: 401
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         return services.user_for_session(db, cookie), "cookie"
@@ -78,7 +84,7 @@ def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
 async def csrf_guard(request: Request) -> None:
     """CSRF applies to cookie-authenticated state changes; decided without the database so
     this async step never blocks the event loop on a database lock."""
-    if request.method in SAFE_METHODS or request.headers.get("authorization", "").lower().startswith("bearer "):
+    if request.method in SAFE_METHODS or _bearer_token(request) is not None:
         return
     if request.cookies.get(SESSION_COOKIE):
         await check_csrf(request)
@@ -116,10 +122,7 @@ async def caller(request: Request) -> User | services.BearerToken:
     """`current_user` for the two requests of every ranking: an API token is passed on
     unchecked, for the service to check in the statement that does the work (on
     PostgreSQL a round trip less each; `services.BearerToken`)."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return services.BearerToken(auth[7:].strip())
-    return await current_user(request)
+    return _bearer_token(request) or await current_user(request)
 
 
 OptionalUser = Annotated[User | None, Depends(optional_user)]

@@ -23,7 +23,7 @@ from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, tran
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, visible_project
-from annotation.services.users import INVALID_TOKEN, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
+from annotation.services.users import INVALID_TOKEN, USER_BY_ID, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
 
 STALE_CHECK_S = 2.0
 _last_stale_check: dict[tuple[str, int], float] = {}
@@ -125,8 +125,7 @@ LEFT JOIN LATERAL ({queue}) q ON m.user_id IS NOT NULL OR caller.role = 'admin'
 ORDER BY q.kind, q.done_count, q.slots_taken, q.id""")
 
 
-_USER_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(
-    "SELECT id, username, role FROM users WHERE id = :user")
+_USER_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(USER_BY_ID)
 _TOKEN_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(VALID_TOKEN_HOLDER)
 _TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
 _EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")

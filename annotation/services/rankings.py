@@ -15,7 +15,7 @@ from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
-from annotation.services.users import VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
+from annotation.services.users import USER_BY_ID, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
@@ -112,7 +112,7 @@ SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), :all_bad, fa
 RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids"])
 
 
-_USER_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement("SELECT id, role FROM users WHERE id = :user AND active")
+_USER_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement(USER_BY_ID)
 _TOKEN_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement(VALID_TOKEN_HOLDER)
 
 

@@ -211,8 +211,10 @@ class BearerToken(NamedTuple):
         return {"token_hash": security.hash_token(self.token), "now": now}
 
 
-# The user a valid API token authenticates (id, username, role), as a subquery: the checks
-# of `_user_for` (known token, active user, not expired), in SQL.
+# The caller of a hot statement (id, username, role), as a subquery: a user by id (whom
+# the service has checked with `require_annotator`), or the user a valid API token
+# authenticates, with the checks of `_user_for` (known token, active user, not expired).
+USER_BY_ID = "SELECT id, username, role FROM users WHERE id = :user"
 VALID_TOKEN_HOLDER = ("SELECT u.id, u.username, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id "
                       "WHERE t.token_hash = :token_hash AND u.active AND (t.expires_at IS NULL OR t.expires_at >= :now)")
 INVALID_TOKEN = "invalid API token"
