@@ -1,16 +1,18 @@
 """Task leasing: which prompt an annotator ranks next, and the slots that keep a prompt
 from getting more annotators than the project asks for.
 
-Every ranking starts with `next_task`, so it is hand-written SQL (`annotation.raw_sql`):
-one read of the annotator's live lease and the queue that takes no lock, then one short
-write that claims a slot and records the lease (on PostgreSQL a single statement). On
-SQLite that write is the only time the request holds the database's single writer lock.
+Every ranking starts with `next_task`, so it is hand-written SQL (`annotation.raw_sql`).
+On PostgreSQL a next-task request is one statement: the caller's token, the project, their
+live lease, the head of the queue and the claim of one of its prompts, locked with SKIP
+LOCKED. On SQLite, and on PostgreSQL when that statement could not lease (every head
+prompt was being written), it is one read of the live lease and the queue that takes no
+lock, then one short write that claims a slot and records the lease; on SQLite that write
+is the only time the request holds the database's single writer lock.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,7 +28,7 @@ from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, v
 from annotation.services.users import INVALID_TOKEN, USER_BY_ID, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
 
 STALE_CHECK_S = 2.0
-_last_stale_check: dict[tuple[str, int], float] = {}
+_last_stale_check: dict[tuple[str, str], float] = {}  # (database, project name) -> when
 QUEUE_WINDOW = 16  # prompts read from the head of the queue per attempt
 SPREAD = 8  # concurrent annotators are spread over this many of the least-annotated prompts
 
@@ -93,40 +95,77 @@ _LIVE_LEASE_SQL = ("SELECT id FROM assignments WHERE user_id = :user AND project
 # ix_prompts_queue that stops after a few rows. The unary + keeps slots_taken a filter:
 # with statistics (ANALYZE) SQLite would otherwise skip-scan the index on it and sort the
 # whole project, 2.6 ms instead of 0.03 ms at 3,000 prompts.
-_QUEUE_SQL = f"""
+def _queue_sql(project: str = ":project", per_prompt: str = ":per_prompt", user: str = ":user",
+               limit: int = QUEUE_WINDOW) -> str:
+    return f"""
 SELECT p.id, p.done_count, p.slots_taken FROM prompts p
-WHERE p.project_id = :project AND p.n_candidates >= 2 AND +p.slots_taken < :per_prompt
+WHERE p.project_id = {project} AND p.n_candidates >= 2 AND +p.slots_taken < {per_prompt}
   AND NOT EXISTS (SELECT 1 FROM assignments a
-                  WHERE a.prompt_id = p.id AND a.user_id = :user AND a.status != 'expired')
+                  WHERE a.prompt_id = p.id AND a.user_id = {user} AND a.status != 'expired')
 ORDER BY p.done_count, p.slots_taken, p.id
-LIMIT {QUEUE_WINDOW}"""
+LIMIT {limit}"""
+
+
+_QUEUE_SQL = _queue_sql()
 _QUEUE = Sql(_QUEUE_SQL)
-# Every next-task request starts with both reads, so they are one statement: the
-# annotator's live lease (kind 0), if any, then the head of the queue (kind 1).
-_LIVE_LEASE_AND_QUEUE_SQL = f"""
+# A next-task request on SQLite (and on PostgreSQL when the statement below could not
+# lease) starts with both reads, so they are one statement: the annotator's live lease
+# (kind 0), if any, then the head of the queue (kind 1).
+_LIVE_LEASE_AND_QUEUE = Sql(f"""
 SELECT 0 AS kind, id, 0 AS done_count, 0 AS slots_taken FROM ({_LIVE_LEASE_SQL}) live
 UNION ALL
 SELECT 1, id, done_count, slots_taken FROM ({_QUEUE_SQL}) queue
-ORDER BY kind, done_count, slots_taken, id"""
-_LIVE_LEASE_AND_QUEUE = Sql(_LIVE_LEASE_AND_QUEUE_SQL)
-# PostgreSQL: and with them the caller (a user by id, or a token's holder) and the project,
-# as the caller may see it: a round trip fewer on every ranking, two for a token. The
-# lease and queue are read only in a project the caller may see; no row comes back for a
-# token that does not authenticate.
-def _caller_project_live_lease_and_queue(caller_sql: str) -> Sql:
-    queue = (_LIVE_LEASE_AND_QUEUE_SQL.replace(":project", "proj.id").replace(":per_prompt", "proj.annotators_per_prompt")
-             .replace(":user", "caller.id"))
+ORDER BY kind, done_count, slots_taken, id""")
+
+
+# PostgreSQL: a whole next-task request in one statement, run in autocommit: a round trip
+# instead of two to five. It reads the caller (a user by id, or a token's holder: no row
+# comes back for a token that does not authenticate), the project as they may see it and
+# their live lease; only where they may annotate and hold no live lease does it claim a
+# prompt. Of the SPREAD least-annotated prompts at the head of their queue it takes the
+# first, in an order of their own (`spread_order`), that nobody is writing at that moment:
+# SKIP LOCKED passes over a prompt another annotator is claiming or submitting instead of
+# waiting for them, and FOR UPDATE re-checks the free slot on the newest version of the
+# row. The lease and the slot follow as in `_CLAIM_IN_ONE_STATEMENT`. What comes back:
+# the caller, the project (VISIBLE_PROJECT_COLUMNS), the live lease's id, how many prompts
+# the head held, and the new lease with its prompt and candidates.
+def _next_task_in_one_statement(caller_sql: str) -> Sql:
+    queue_head = _queue_sql("can.id", "can.annotators_per_prompt", "can.user_id", limit=SPREAD)
     return Sql(f"""
-SELECT caller.id, caller.username, caller.role, {VISIBLE_PROJECT_COLUMNS}, q.kind, q.id, q.done_count, q.slots_taken
-FROM ({caller_sql}) caller
-LEFT JOIN projects proj ON proj.name = :name
-LEFT JOIN project_members m ON m.project_id = proj.id AND m.user_id = caller.id
-LEFT JOIN LATERAL ({queue}) q ON m.user_id IS NOT NULL OR caller.role = 'admin'
-ORDER BY q.kind, q.done_count, q.slots_taken, q.id""")
+WITH caller AS ({caller_sql}),
+proj AS (SELECT {VISIBLE_PROJECT_COLUMNS}
+         FROM caller JOIN projects proj ON proj.name = :name
+         LEFT JOIN project_members m ON m.project_id = proj.id AND m.user_id = caller.id),
+can AS (SELECT proj.id, proj.annotators_per_prompt, proj.lease_seconds, caller.id AS user_id FROM caller, proj
+        WHERE caller.role <> 'source' AND (proj.member IS NOT NULL OR caller.role = 'admin')),
+live AS (SELECT a.id FROM can JOIN assignments a
+         ON a.user_id = can.user_id AND a.project_id = can.id AND a.status = 'leased' ORDER BY a.id LIMIT 1),
+head AS (SELECT q.id FROM can, LATERAL ({queue_head}) q),
+pick AS (SELECT p.id FROM prompts p, can
+         WHERE p.id IN (SELECT id FROM head) AND NOT EXISTS (SELECT 1 FROM live)
+           AND p.slots_taken < can.annotators_per_prompt
+         ORDER BY md5(can.user_id || ':0:' || p.id), p.id
+         LIMIT 1 FOR UPDATE OF p SKIP LOCKED),
+lease AS (
+  INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
+  SELECT can.id, pick.id, can.user_id, 'leased',
+         (SELECT json_agg(c.id ORDER BY md5(can.user_id || ':' || pick.id || ':' || c.id), c.id)
+          FROM candidates c WHERE c.prompt_id = pick.id),
+         :now + can.lease_seconds, :now FROM pick, can
+  ON CONFLICT (prompt_id, user_id) DO UPDATE
+    SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
+    WHERE assignments.status = 'expired'
+  RETURNING id, prompt_id, candidate_order, leased_until),
+taken AS (UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id IN (SELECT prompt_id FROM lease))
+SELECT caller.id, caller.username, caller.role, proj.*, (SELECT id FROM live), (SELECT count(*) FROM head),
+       lease.id, lease.prompt_id, lease.candidate_order, lease.leased_until, p.content,
+       (SELECT json_agg(json_build_array(c.id, c.text)) FROM candidates c WHERE c.prompt_id = p.id),
+       set_config('synchronous_commit', 'off', true) AS not_waiting_for_disk
+FROM caller LEFT JOIN proj ON true LEFT JOIN lease ON true LEFT JOIN prompts p ON p.id = lease.prompt_id""")
 
 
-_USER_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(USER_BY_ID)
-_TOKEN_PROJECT_LIVE_LEASE_AND_QUEUE = _caller_project_live_lease_and_queue(VALID_TOKEN_HOLDER)
+_USER_NEXT_TASK_IN_ONE_STATEMENT = _next_task_in_one_statement(USER_BY_ID)
+_TOKEN_NEXT_TASK_IN_ONE_STATEMENT = _next_task_in_one_statement(VALID_TOKEN_HOLDER)
 _TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
 _EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")
 _FREE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken - 1 WHERE id = :prompt")
@@ -197,14 +236,35 @@ class LeasedElsewhere(Exception):
     """The annotator leased this prompt from another tab a moment ago."""
 
 
-def _stale_check_due(db: Session, project: Project, now: float) -> bool:
-    """Expired leases are looked for at most every STALE_CHECK_S per project and process
-    (leases last 10 s or more), not on every request."""
-    key = (str(db.get_bind().url), project.id)
+_STALE_LEASES = Sql("SELECT proj.id, EXISTS (SELECT 1 FROM assignments a WHERE a.project_id = proj.id "
+                    "AND a.status = 'leased' AND a.leased_until < :now) FROM projects proj WHERE proj.name = :name")
+
+
+def _release_stale_leases(db: Session, project_name: str, now: float) -> None:
+    """Give back the slots of leases that ran out in the project, looked for at most every
+    STALE_CHECK_S per project and process (leases last 10 s or more), not on every
+    request: a read, and a write only if there are some. Only a project that exists is
+    recorded, so requests naming others add nothing."""
+    key = (str(db.get_bind().url), project_name)
     if now - STALE_CHECK_S < _last_stale_check.get(key, -1e18) <= now:
-        return False
+        return
+    with transaction(db, write=False) as tx:
+        row = _STALE_LEASES.first(tx, name=project_name, now=now)
+    if row is None:
+        return
     _last_stale_check[key] = now
-    return True
+    project_id, any_stale = row
+    if any_stale:
+        release_expired_leases(db, Project.transient(id=project_id), now)  # its own short write transaction
+
+
+def spread_order(user_id: int, attempt: int, prompt_ids: list[int]) -> list[int]:
+    """The order an annotator tries the least-annotated prompts in, so that concurrent
+    annotators spread over them instead of all racing for the first one (they would then
+    retry one by one): a sort by md5("user:attempt:prompt"), which PostgreSQL's next-task
+    statement computes in SQL for attempt 0. Reproducible, so simulated runs (align demo)
+    repeat exactly."""
+    return sorted(prompt_ids, key=lambda pid: (hashlib.md5(f"{user_id}:{attempt}:{pid}".encode()).hexdigest(), pid))
 
 
 def lease_order(user_id: int, prompt_id: int, candidate_ids: list[int]) -> list[int]:
@@ -273,63 +333,67 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
 
     The queue is read in a snapshot that takes no lock; only the claim (conditional slot
     UPDATE + lease INSERT) is a write, so on SQLite the single-writer section stays short."""
-    return _next_task(db, user, project, now, queue_rows=None)
+    now = time.time() if now is None else now
+    _release_stale_leases(db, project.name, now)
+    return _next_task(db, user, project, now)
 
 
 @unit_of_work
 def next_task_in(db: Session, caller: User | BearerToken, project_name: str, now: float | None = None) -> Task | None:
     """`next_task` in the project named `project_name`, as the caller may see it (NotFound
     if they may not): what a next-task request runs. The caller is a user, or an API token
-    (Unauthorized if it does not authenticate). On PostgreSQL the token, the project, the
-    live lease and the queue are one read."""
+    (Unauthorized if it does not authenticate). On PostgreSQL it is one statement."""
     now = time.time() if now is None else now
-    if not on_postgresql(db):
-        user = as_user(db, caller)
-        return _next_task(db, user, project_for(db, user, project_name), now, queue_rows=None)
-    with transaction(db, write=False) as tx:
-        if isinstance(caller, BearerToken):
-            rows = _TOKEN_PROJECT_LIVE_LEASE_AND_QUEUE.all(tx, name=project_name, **caller.params(now))
-        else:
-            rows = _USER_PROJECT_LIVE_LEASE_AND_QUEUE.all(tx, name=project_name, user=caller.id)
-    if not rows:
+    _release_stale_leases(db, project_name, now)
+    if on_postgresql(db):
+        return _next_task_in_one_round_trip(db, caller, project_name, now)
+    user = as_user(db, caller)
+    return _next_task(db, user, project_for(db, user, project_name), now)
+
+
+def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, project_name: str, now: float) -> Task | None:
+    """PostgreSQL: `next_task_in` by `_next_task_in_one_statement`, and by `_next_task`
+    when it has to (the live lease to show again, or a head of the queue that was all
+    being written)."""
+    if isinstance(caller, BearerToken):
+        statement, params = _TOKEN_NEXT_TASK_IN_ONE_STATEMENT, caller.params(now)
+    else:
+        require_annotator(caller)  # (a user by id is not checked for being active by the statement)
+        statement, params = _USER_NEXT_TASK_IN_ONE_STATEMENT, {"user": caller.id, "now": now}
+    with autocommit(db) as tx:
+        row = statement.first(tx, name=project_name, **params)
+    if row is None:
         raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
-    user = caller if isinstance(caller, User) else User.transient(id=rows[0][0], username=rows[0][1],
-                                                                   role=rows[0][2], active=True)
-    project = visible_project(user, project_name, rows[0][3:11] if rows[0][3] is not None else None)
-    return _next_task(db, user, project, now, queue_rows=[row[11:] for row in rows if row[11] is not None])
-
-
-def _next_task(db: Session, user: User, project: Project, now: float | None,
-               queue_rows: list[tuple] | None) -> Task | None:
-    """`next_task`, given the rows of _LIVE_LEASE_AND_QUEUE when they were read already."""
-    now = time.time() if now is None else now
+    user = caller if isinstance(caller, User) else User.transient(id=row[0], username=row[1], role=row[2], active=True)
+    project = visible_project(user, project_name, row[3:11] if row[3] is not None else None)
     require_annotator(user)
-    if _stale_check_due(db, project, now):
-        with transaction(db, write=False) as tx:
-            stale = _EXPIRED_LEASES.first(tx, project=project.id, now=now) is not None
-        if stale:
-            release_expired_leases(db, project, now)  # its own short write transaction
-            queue_rows = None  # read again: the annotator's own lease may have been one
+    live, queued, lease, prompt_id, order, until, content, candidates, _synchronous_commit = row[11:]
+    if lease is not None:
+        return _leased_task(project, prompt_id, content, dict(candidates), lease, order, until)
+    if live is None and queued == 0:
+        return None
+    return _next_task(db, user, project, now, first_attempt=0 if live is not None else 1)
+
+
+def _next_task(db: Session, user: User, project: Project, now: float, first_attempt: int = 0) -> Task | None:
+    """`next_task`, once expired leases were looked for. `first_attempt` numbers the first
+    of its tries at a claim (see `spread_order`)."""
+    require_annotator(user)
     queue = {"project": project.id, "per_prompt": project.annotators_per_prompt, "user": user.id}
     with transaction(db, write=False) as tx:
-        rows = _LIVE_LEASE_AND_QUEUE.all(tx, **queue) if queue_rows is None else queue_rows
+        rows = _LIVE_LEASE_AND_QUEUE.all(tx, **queue)
         a = read_assignment(tx, rows[0][1]) if rows and rows[0][0] == 0 else None
         ids = [pid for kind, pid, _done, _taken in rows if kind == 1]
     if a is not None:
         return task_of(db, a, project, db.get(Prompt, a.prompt_id))
-    for attempt in range(5):
-        if attempt:
+    for attempt in range(first_attempt, first_attempt + 5):
+        if attempt > first_attempt:
             with transaction(db, write=False) as tx:  # a fresh snapshot
                 ids = [pid for pid, _done, _taken in _QUEUE.all(tx, **queue)]
         if not ids:
             return None
-        # Spread concurrent annotators over the least-annotated prompts instead of all
-        # racing for the first one (they would then retry one by one). Seeded per user so
-        # simulated runs (align demo) repeat exactly.
-        lowest = ids[:SPREAD]
-        random.Random(user.id * 7919 + attempt).shuffle(lowest)
         try:
-            task = claim_first_free(db, user, project, lowest, now)
+            task = claim_first_free(db, user, project, spread_order(user.id, attempt, ids[:SPREAD]), now)
         except LeasedElsewhere:
             continue
         if task is not None:

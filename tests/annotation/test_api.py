@@ -101,11 +101,12 @@ def test_distinct_annotators_per_prompt_and_least_annotated_first(env):
 
 
 def test_open_lease_is_returned_again_and_blocks_the_slot(env):
-    env.project(n_prompts=1, k=2, annotators=1)
-    t1, t2 = env.annotator("a1"), env.annotator("a2")
+    env.project(n_prompts=2, k=2, annotators=1)
+    t1, t2, t3 = env.annotator("a1"), env.annotator("a2"), env.annotator("a3")
     first = _next(env, t1).json()
-    assert _next(env, t1).json()["id"] == first["id"]  # same task back, not a second lease
-    assert _next(env, t2).status_code == 204  # the only slot is leased
+    assert _next(env, t1).json()["id"] == first["id"]  # same task back, not the other prompt
+    assert _next(env, t2).json()["prompt"] != first["prompt"]
+    assert _next(env, t3).status_code == 204  # both prompts' only slot is leased
 
 
 def test_expired_lease_frees_the_slot(env):

@@ -63,9 +63,11 @@ def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_ur
         p = services.create_project(db, "order", k=5, annotators_per_prompt=6)
         services.add_prompts(db, p, [PromptRecord("q", "q", [Candidate(f"r{j}") for j in range(5)])])
         users = [services.create_user(db, f"ord{i}", None, "annotator") for i in range(6)]
+        for u in users:
+            services.add_member(db, p, u)
         shown = {}
         for u in users:
-            task = services.next_task(db, u, p)
+            task = services.next_task_in(db, u, "order")  # a request's path: one statement on PostgreSQL
             by_position = list(db.scalars(select(CandidateRow.id).where(CandidateRow.prompt_id == task.prompt_id)
                                           .order_by(CandidateRow.position)))
             expected = sorted(by_position, key=lambda cid: hashlib.md5(f"{u.id}:{task.prompt_id}:{cid}".encode()).hexdigest())
@@ -118,6 +120,62 @@ def test_a_claim_never_leases_twice_or_past_the_slots(db_url):
         assert other.prompt_id == free_pid and state()[:2] == (2, 2)
         assert leasing.claim_first_free(db, c, p, [pid], time.time()) is None and state()[:2] == (2, 2)
     sm.kw["bind"].dispose()
+
+def test_next_task_passes_over_prompts_being_written_and_waits_when_all_are(db_url):
+    """PostgreSQL's next-task statement claims the first prompt, in the annotator's spread
+    order, that nobody is writing (SKIP LOCKED) rather than queue behind another
+    annotator's claim or submission; when every prompt at the head of the queue is being
+    written it takes the careful path, which waits for them, rather than report nothing
+    left."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("row locks: the next-task statement is PostgreSQL's")
+    import threading
+
+    from sqlalchemy import select, text
+
+    from annotation.db import open_db
+    from annotation.models import Prompt as PromptRow
+    from annotation.services import leasing
+
+    sm = open_db(db_url)
+    with sm() as db:
+        p = services.create_project(db, "busy", k=2, annotators_per_prompt=1)
+        services.add_prompts(db, p, [PromptRecord(f"q{i}", f"q{i}", [Candidate(f"r{i}{j}") for j in range(2)]) for i in range(3)])
+        user = services.create_user(db, "spread", None, "annotator")
+        services.add_member(db, p, user)
+        ids = list(db.scalars(select(PromptRow.id).where(PromptRow.project_id == p.id)))
+        db.commit()
+    *written, free = leasing.spread_order(user.id, 0, ids)
+
+    def next_task_while_locked(locked: list[int]) -> tuple[bool, object]:
+        """(whether next_task_in returned before the locks on `locked` were let go, its task)"""
+        got: list = []
+
+        def ask() -> None:
+            with sm() as db:
+                got.append(services.next_task_in(db, user, "busy"))
+
+        writer = sm.kw["bind"].connect()
+        try:
+            writer.execute(text("SELECT id FROM prompts WHERE id = ANY(:ids) FOR UPDATE"), {"ids": locked})
+            asking = threading.Thread(target=ask)
+            asking.start()
+            asking.join(2.0)
+            before_release = bool(got)
+        finally:
+            writer.rollback()
+            writer.close()
+        asking.join(30)
+        return before_release, got[0]
+
+    returned_at_once, task = next_task_while_locked(written)
+    assert returned_at_once and task.prompt_id == free
+    with sm() as db:
+        services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates])
+    returned_at_once, task = next_task_while_locked(written)  # the head is now the two being written
+    assert not returned_at_once and task is not None and task.prompt_id in written
+    sm.kw["bind"].dispose()
+
 
 def test_ranks_order_conversions():
     assert services.ranks_to_order([10, 11, 12], [1, 0, 1]) == [[11], [10, 12]]
