@@ -20,7 +20,9 @@ def test_acknowledged_rankings_survive_kill_9(tmp_path):
 
     db_url = f"sqlite:///{tmp_path / 'dur.db'}"
     users = [f"ann{i}" for i in range(8)]
-    tokens = seed_database(db_url, n_prompts=400, k=3, annotators_per_prompt=2, users=users)
+    # More slots than 8 clients fill in 8 s on any machine (about 300 rankings/s here), so
+    # that work is left after the restart.
+    tokens = seed_database(db_url, n_prompts=3000, k=3, annotators_per_prompt=2, users=users)
     server = ServerProcess(db_url, tmp_path / "server.log").start()
     acked: list[tuple[int, list]] = []
     lock = threading.Lock()
