@@ -25,7 +25,7 @@ from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, tran
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, visible_project
-from annotation.services.users import INVALID_TOKEN, USER_BY_ID, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
+from annotation.services.users import INVALID_TOKEN, BearerToken, CallerStatement, as_user, require_annotator
 
 STALE_CHECK_S = 2.0
 _last_stale_check: dict[tuple[str, str], float] = {}  # (database, project name) -> when
@@ -164,8 +164,7 @@ SELECT caller.id, caller.username, caller.role, proj.*, (SELECT id FROM live), (
 FROM caller LEFT JOIN proj ON true LEFT JOIN lease ON true LEFT JOIN prompts p ON p.id = lease.prompt_id""")
 
 
-_USER_NEXT_TASK_IN_ONE_STATEMENT = _next_task_in_one_statement(USER_BY_ID)
-_TOKEN_NEXT_TASK_IN_ONE_STATEMENT = _next_task_in_one_statement(VALID_TOKEN_HOLDER)
+_NEXT_TASK_IN_ONE_STATEMENT = CallerStatement(_next_task_in_one_statement)
 _TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
 _EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")
 _FREE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken - 1 WHERE id = :prompt")
@@ -355,13 +354,10 @@ def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, projec
     """PostgreSQL: `next_task_in` by `_next_task_in_one_statement`, and by `_next_task`
     when it has to (the live lease to show again, or a head of the queue that was all
     being written)."""
-    if isinstance(caller, BearerToken):
-        statement, params = _TOKEN_NEXT_TASK_IN_ONE_STATEMENT, caller.params(now)
-    else:
+    if isinstance(caller, User):
         require_annotator(caller)  # (a user by id is not checked for being active by the statement)
-        statement, params = _USER_NEXT_TASK_IN_ONE_STATEMENT, {"user": caller.id, "now": now}
     with autocommit(db) as tx:
-        row = statement.first(tx, name=project_name, **params)
+        row = _NEXT_TASK_IN_ONE_STATEMENT.first(tx, caller, now, name=project_name)
     if row is None:
         raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
     user = caller if isinstance(caller, User) else User.transient(id=row[0], username=row[1], role=row[2], active=True)

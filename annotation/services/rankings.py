@@ -15,7 +15,7 @@ from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
-from annotation.services.users import USER_BY_ID, VALID_TOKEN_HOLDER, BearerToken, as_user, require_annotator
+from annotation.services.users import BearerToken, CallerStatement, as_user, require_annotator
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
@@ -112,8 +112,7 @@ SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), :all_bad, fa
 RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids"])
 
 
-_USER_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement(USER_BY_ID)
-_TOKEN_SUBMITS_IN_ONE_STATEMENT = _submit_in_one_statement(VALID_TOKEN_HOLDER)
+_SUBMIT_IN_ONE_STATEMENT = CallerStatement(_submit_in_one_statement)
 
 
 def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_id: int, order: list[list[int]],
@@ -122,13 +121,9 @@ def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_
     """PostgreSQL: store the first ranking of the caller's live lease `assignment_id`, whose
     candidates must be `ids`, in one statement. None, changing nothing, when it is not so
     (or the caller's token does not authenticate)."""
-    if isinstance(caller, BearerToken):
-        statement, params = _TOKEN_SUBMITS_IN_ONE_STATEMENT, caller.params(now)
-    else:
-        statement, params = _USER_SUBMITS_IN_ONE_STATEMENT, {"user": caller.id, "now": now}
     with autocommit(db) as tx:
-        row = statement.first(tx, id=assignment_id, ids=sorted(ids), order=order, all_bad=all_bad,
-                              rationale=rationale, time_spent_ms=time_spent_ms, **params)
+        row = _SUBMIT_IN_ONE_STATEMENT.first(tx, caller, now, id=assignment_id, ids=sorted(ids), order=order,
+                                             all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms)
     if row is None:
         return None
     ranking_id, project_id, prompt_id, user_id = row

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from annotation import passwords, security
 from annotation.models import ApiToken, Assignment, Invite, LoginFailures, Project, ProjectMember, Prompt, User, WebSession
-from annotation.raw_sql import Sql, transaction
+from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled, Unauthorized
 from annotation.settings import DEFAULT_API_TOKEN_TTL_S
@@ -218,6 +219,20 @@ USER_BY_ID = "SELECT id, username, role FROM users WHERE id = :user"
 VALID_TOKEN_HOLDER = ("SELECT u.id, u.username, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id "
                       "WHERE t.token_hash = :token_hash AND u.active AND (t.expires_at IS NULL OR t.expires_at >= :now)")
 INVALID_TOKEN = "invalid API token"
+
+
+class CallerStatement:
+    """A hot statement written around its caller, `build(caller_sql)`, in both variants: for
+    a user by id and for an API token (USER_BY_ID, VALID_TOKEN_HOLDER)."""
+
+    def __init__(self, build: Callable[[str], Sql]):
+        self._by_id, self._by_token = build(USER_BY_ID), build(VALID_TOKEN_HOLDER)
+
+    def first(self, tx: Transaction, caller: User | BearerToken, now: float, **params: Any) -> tuple | None:
+        """The first row, run for `caller` (the statement's `:now` is `now`)."""
+        if isinstance(caller, BearerToken):
+            return self._by_token.first(tx, **caller.params(now), **params)
+        return self._by_id.first(tx, user=caller.id, now=now, **params)
 
 
 def as_user(db: Session, caller: User | BearerToken) -> User:
