@@ -13,7 +13,8 @@ p50/p99 of next-task and submit per phase, then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
 its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
 open-loop phase (or the only phase run), restarted on the same database, and the clients
-carry on; the same checks then prove durability.
+carry on; the same checks then prove durability. The last line says PASS, FAIL (a check
+failed; exit 1) or INCOMPLETE (the prompts ran out before a phase ended; exit 2).
 
     python bench/annotation_load.py --clients 50 --duration 30 --rate 200
     python bench/annotation_load.py --phases open --duration 60 --kill-at 30
@@ -101,6 +102,7 @@ async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: f
         status, task = await c.request("POST", "/api/projects/load/next")
         stats["next_ms"].append((time.perf_counter() - t_start) * 1000)
         if status == 204:
+            stats["ran_dry"] += 1
             return "exhausted"
         if status != 200:
             stats["errors"][f"next {status}"] += 1
@@ -183,7 +185,20 @@ def oversized_bodies(base: str, token: str) -> list[tuple[str, int, float]]:
 
 
 def new_stats() -> dict:
-    return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0}
+    return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0,
+            "ran_dry": 0}
+
+
+# Prompts seeded when --prompts is not given: enough for every annotator slot a run can fill
+# at this closed-loop rate (a fast 2-core machine serves about 800/s), so that no phase is
+# cut short by an empty queue.
+CLOSED_LOOP_CEILING = 1500
+
+
+def prompts_needed(phases: list[str], duration: float, warmup: float, rate: float, annotators_per_prompt: int) -> int:
+    rankings = CLOSED_LOOP_CEILING * warmup + sum(CLOSED_LOOP_CEILING * duration if p == "closed" else rate * duration
+                                                  for p in phases)
+    return -(-int(rankings) // annotators_per_prompt)
 
 
 def main() -> None:
@@ -192,7 +207,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per phase")
     ap.add_argument("--phases", default="closed,open", help="closed, open or closed,open")
     ap.add_argument("--rate", type=float, default=200.0, help="open loop: rankings/s started in all")
-    ap.add_argument("--prompts", type=int, default=8000)
+    ap.add_argument("--prompts", type=int, default=None,
+                    help=f"prompts to seed (default: enough for {CLOSED_LOOP_CEILING} rankings/s in closed loop)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--annotators-per-prompt", type=int, default=3)
     ap.add_argument("--db", default=None, help="database URL (default: a new SQLite file in a temp dir)")
@@ -204,6 +220,9 @@ def main() -> None:
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or any(p not in ("closed", "open") for p in phases):
         ap.error("--phases takes closed, open or closed,open")
+
+    if args.prompts is None:
+        args.prompts = prompts_needed(phases, args.duration, args.warmup, args.rate, args.annotators_per_prompt)
 
     tmp = Path(tempfile.mkdtemp(prefix="align-load-"))
     db_url = args.db or f"sqlite:///{tmp / 'load.db'}"
@@ -281,6 +300,8 @@ def main() -> None:
     for kind, st, elapsed in results:
         label = "closed loop" if kind == "closed" else (
             f"open loop, {args.rate:g}/s offered ({st['scheduled']} started, {st['not_started']} not started: server behind)")
+        if st["ran_dry"]:
+            label += ", cut short: no prompt left"
         print(f"| {label} | {elapsed:.1f} s | {len(st['acked']) / elapsed:.1f} | "
               f"{pct(st['next_ms'], 50):.1f} / {pct(st['next_ms'], 99):.1f} | "
               f"{pct(st['submit_ms'], 50):.1f} / {pct(st['submit_ms'], 99):.1f} | {dict(st['errors']) or 'none'} |")
@@ -298,8 +319,13 @@ def main() -> None:
     print(f"| duplicated rankings (same annotator+prompt, or id acked twice) | {sum(c - 1 for c in per_pair.values()) + dup_ack} |")
     print(f"| prompts over their annotator count | {over} |")
     ok = not missing and not wrong and not dup_ack and all(c == 1 for c in per_pair.values()) and not over
-    print(f"\nRESULT: {'PASS' if ok else 'FAIL'} (database at {db_url.split('@')[-1]})")
-    sys.exit(0 if ok else 1)
+    dry = [kind for kind, st in [("warm-up", warmup)] + [(k, st) for k, st, _e in results] if st["ran_dry"]]
+    if dry:
+        print(f"\nThe prompts ran out in the {', '.join(dry)} phase: its figures cover less than the phase "
+              f"it was asked for. Seed more than {args.prompts} with --prompts.")
+    verdict = "FAIL" if not ok else "INCOMPLETE" if dry else "PASS"
+    print(f"\nRESULT: {verdict} (database at {db_url.split('@')[-1]})")
+    sys.exit({"PASS": 0, "FAIL": 1, "INCOMPLETE": 2}[verdict])
 
 
 if __name__ == "__main__":

@@ -1,18 +1,28 @@
-"""bench/annotation_load.py's client: a response that is not JSON (a plain-text 500) comes
-back as an error status the bench counts, instead of ending the run with a traceback."""
+"""bench/annotation_load.py: its client counts a response that is not JSON (a plain-text 500)
+as an error status instead of ending the run with a traceback, and a run whose prompts ran
+out before a phase ended says so instead of passing."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import subprocess
+import sys
 
 from annotation.devserver import REPO
 
+BENCH = REPO / "bench" / "annotation_load.py"
 
-def test_a_plain_text_error_page_is_returned_as_its_status():
-    spec = importlib.util.spec_from_file_location("annotation_load", REPO / "bench" / "annotation_load.py")
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("annotation_load", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_plain_text_error_page_is_returned_as_its_status():
+    bench = load_bench()
 
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
@@ -33,3 +43,23 @@ def test_a_plain_text_error_page_is_returned_as_its_status():
             server.close()
 
     assert asyncio.run(main()) == (500, "Internal Server Error")
+
+
+def test_a_phase_that_runs_out_of_prompts_is_reported_incomplete():
+    """Three prompts last a closed loop a moment: the run must not pass off that moment as a
+    30 s phase. The durability checks still run (and pass) on what was acknowledged."""
+    out = subprocess.run([sys.executable, str(BENCH), "--clients", "2", "--prompts", "3",
+                          "--annotators-per-prompt", "1", "--duration", "5", "--warmup", "0", "--workers", "1",
+                          "--phases", "closed"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cut short: no prompt left" in out.stdout
+    assert "ran out in the closed phase" in out.stdout
+    assert "| acknowledged rankings missing from DB | 0 |" in out.stdout
+    assert out.stdout.rstrip().splitlines()[-1].startswith("RESULT: INCOMPLETE")
+
+
+def test_the_default_seed_covers_a_fast_closed_loop_and_the_open_phase():
+    bench = load_bench()
+    # 10 s warm-up + 30 s closed at the ceiling + 30 s open at 200/s, 3 annotators a prompt
+    assert bench.prompts_needed(["closed", "open"], 30, 10, 200, 3) == (1500 * 40 + 200 * 30) // 3
+    assert bench.prompts_needed(["open"], 60, 0, 100, 4) == 1500
