@@ -319,7 +319,7 @@ def main() -> None:
     print(f"| duplicated rankings (same annotator+prompt, or id acked twice) | {sum(c - 1 for c in per_pair.values()) + dup_ack} |")
     print(f"| prompts over their annotator count | {over} |")
     ok = not missing and not wrong and not dup_ack and all(c == 1 for c in per_pair.values()) and not over
-    dry = [kind for kind, st in [("warm-up", warmup)] + [(k, st) for k, st, _e in results] if st["ran_dry"]]
+    dry = (["warm-up"] if warmup["ran_dry"] else []) + [kind for kind, st, _e in results if st["ran_dry"]]
     if dry:
         print(f"\nThe prompts ran out in the {', '.join(dry)} phase: its figures cover less than the phase "
               f"it was asked for. Seed more than {args.prompts} with --prompts.")

@@ -20,18 +20,20 @@ def test_acknowledged_rankings_survive_kill_9(tmp_path):
 
     db_url = f"sqlite:///{tmp_path / 'dur.db'}"
     users = [f"ann{i}" for i in range(8)]
-    # More slots than 8 clients fill in 8 s on any machine (about 300 rankings/s here), so
-    # that work is left after the restart.
-    tokens = seed_database(db_url, n_prompts=3000, k=3, annotators_per_prompt=2, users=users)
+    # The kill comes after KILL_AFTER acknowledged rankings and the annotators stop at
+    # TOTAL, whatever the machine's speed, so there is work before the kill and after the
+    # restart: 400 prompts x 2 slots outlast TOTAL.
+    KILL_AFTER, TOTAL = 100, 300
+    tokens = seed_database(db_url, n_prompts=400, k=3, annotators_per_prompt=2, users=users)
     server = ServerProcess(db_url, tmp_path / "server.log").start()
     acked: list[tuple[int, list]] = []
     lock = threading.Lock()
-    stop = time.time() + 8.0
+    give_up = time.time() + 60.0
 
     def annotator(name):
         rng = random.Random(name)
         with httpx.Client(headers={"Authorization": f"Bearer {tokens[name]}"}, timeout=10) as c:
-            while time.time() < stop:
+            while len(acked) < TOTAL and time.time() < give_up:
                 try:
                     r = c.post(server.url + "/api/projects/load/next")
                     if r.status_code != 200:
@@ -50,7 +52,8 @@ def test_acknowledged_rankings_survive_kill_9(tmp_path):
     for t in threads:
         t.start()
     try:
-        time.sleep(3.0)
+        while len(acked) < KILL_AFTER and time.time() < give_up:
+            time.sleep(0.01)
         before_kill = len(acked)
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()

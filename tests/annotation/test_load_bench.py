@@ -46,8 +46,9 @@ def test_a_plain_text_error_page_is_returned_as_its_status():
 
 
 def test_a_phase_that_runs_out_of_prompts_is_reported_incomplete():
-    """Three prompts last a closed loop a moment: the run must not pass off that moment as a
-    30 s phase. The durability checks still run (and pass) on what was acknowledged."""
+    """Three prompts last a closed loop a moment: the run must not pass off that moment as
+    the 5 s phase it was asked for. The durability checks still run (and pass) on what was
+    acknowledged."""
     out = subprocess.run([sys.executable, str(BENCH), "--clients", "2", "--prompts", "3",
                           "--annotators-per-prompt", "1", "--duration", "5", "--warmup", "0", "--workers", "1",
                           "--phases", "closed"], capture_output=True, text=True, timeout=120)
