@@ -6,7 +6,9 @@ Each function is tested on 3-element tensors in tests/ppo/test_core.py.
 
 References: Ziegler et al. 2019 (KL-penalised reward, adaptive KL controller), Schulman et
 al. 2016 (GAE), Schulman et al. 2017 (clipped surrogate), Huang et al. 2024 ("The N+
-implementation details of RLHF with PPO": score at the last token, whitening, value clipping).
+implementation details of RLHF with PPO": score at the last token, whitening, value clipping),
+Ahmadian et al. 2024 (RLOO's leave-one-out baseline), Shao et al. 2024 (GRPO's group-normalised
+advantages).
 """
 
 from __future__ import annotations
@@ -171,6 +173,33 @@ def gae(
         next_advantage = (delta + gamma * gae_lambda * next_advantage) * mask_f[:, t]
         advantages[:, t] = next_advantage
     return advantages, (advantages + values) * mask_f
+
+
+def rloo_advantages(rewards: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 5): (B,) -> (B,).
+
+    The B sequence rewards come in groups of k = samples_per_prompt consecutive rows, k samples
+    of one prompt. Each sample's baseline is the mean reward of the OTHER k - 1 samples of its
+    prompt, so it is independent of the sample itself and the estimate stays unbiased:
+    A_i = r_i - 1/(k-1) * sum_{j != i} r_j  (= k/(k-1) * (r_i - mean_j r_j)).
+    """
+    k = samples_per_prompt
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, samples_per_prompt: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group Relative Policy Optimization's outcome advantages (Shao et al. 2024, section 4.1.2):
+    (B,) -> (B,), A_i = (r_i - mean(r)) / (std(r) + eps) within each group of k consecutive rows.
+
+    std is the unbiased (k - 1) standard deviation, as DeepSeekMath's and TRL's implementations
+    compute it; `eps` keeps a group whose samples all scored the same at A = 0.
+    """
+    grouped = rewards.view(-1, samples_per_prompt)
+    mean = grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).view(-1)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -171,3 +171,25 @@ def test_truncate_after_eos_keeps_the_first_eos_and_pads_the_rest():
     out, mask = core.truncate_after_eos(ids, eos_token_id=2, pad_token_id=0)
     assert out.tolist() == [[5, 2, 0], [5, 6, 7], [2, 0, 0]]
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+
+
+def test_rloo_baseline_leaves_exactly_one_out():
+    # two prompts, k = 3 samples each: rewards (1, 2, 6) and (0, 0, 3)
+    # sample 0: baseline = (2 + 6) / 2 = 4 -> A = 1 - 4 = -3; sample 1: (1 + 6) / 2 = 3.5 -> -1.5;
+    # sample 2: (1 + 2) / 2 = 1.5 -> 4.5. Second prompt: 0 - 1.5, 0 - 1.5, 3 - 0 = (-1.5, -1.5, 3)
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    close(core.rloo_advantages(rewards, 3), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    # a sample's own reward never enters its baseline: raising r_0 changes A_1 and A_2, and A_0 by exactly as much
+    raised = core.rloo_advantages(rewards + torch.tensor([1.0, 0, 0, 0, 0, 0]), 3)
+    close(raised[:3] - core.rloo_advantages(rewards, 3)[:3], [1.0, -0.5, -0.5])
+
+
+def test_grpo_normalises_within_each_group():
+    # group (1, 2, 6): mean 3, unbiased std sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) = sqrt(7)
+    # group (5, 5, 5): std 0 -> all advantages 0 (eps keeps the division finite)
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    s7 = math.sqrt(7)
+    close(core.grpo_advantages(rewards, 3, eps=0.0)[:3], [-2 / s7, -1 / s7, 3 / s7])
+    close(core.grpo_advantages(rewards, 3)[3:], [0.0, 0.0, 0.0])
+    # invariant to a shift and a positive scale of one group's rewards
+    close(core.grpo_advantages(rewards * 10 + 7, 3, eps=0.0)[:3], [-2 / s7, -1 / s7, 3 / s7])
