@@ -9,3 +9,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config value that is unknown, of the wrong type or out of range."""
+
+
+class TrainingDiverged(UserError):
+    """A loss or gradient became NaN or infinite: the run stops before applying it, naming the
+    iteration and the quantity (usually a learning rate too high for the dtype, or bad data)."""
+
+    exit_code = 3

@@ -1,5 +1,11 @@
 """PPOConfig: every knob of `align ppo`, documented, with its valid range.
 
+`method` picks the online road: PPO with a value model (the default), or one of the critic-free
+methods that replace the value model by a baseline computed from several samples of each prompt,
+RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024). The three share the rollout engine, the
+reward model, the reference and the clipped surrogate; only the advantages (and GRPO's KL in the
+loss) differ.
+
 Defaults follow InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019 ("Fine-Tuning Language
 Models from Human Preferences") and Huang et al. 2024 ("The N+ implementation details of
 RLHF with PPO"): clipped policy and value losses (0.2), value loss weight 0.1, gamma 1,
@@ -33,11 +39,32 @@ class KLOptions:
         6.0, help="Target per-sequence KL (nats) for the adaptive controller; also the KL budget reported.", gt=0.0
     )
     horizon: int = option(10000, help="Adaptive controller horizon in episodes (K_beta = batch / horizon).", ge=1)
+    in_loss: bool | None = option(
+        None,
+        help="Where the KL term goes. false: into the reward, -beta * KL at every token (PPO, Ziegler et al. "
+        "2019) or summed over the sequence (RLOO, Ahmadian et al. 2024); true: beta * KL(pi || pi_ref) averaged "
+        "over the tokens is added to the loss, estimated with k3 from the current policy (GRPO, Shao et al. 2024, "
+        "eq. 3-4), and the reward is the score alone. null: true for method=grpo, false otherwise.",
+    )
 
 
 @dataclass
 class PPOConfig:
     """`align ppo`: align an SFT checkpoint on a new LoRA adapter against a reward model."""
+
+    method: Literal["ppo", "rloo", "grpo"] = option(
+        "ppo",
+        help="ppo: GAE advantages from a value model (value_model). rloo: REINFORCE Leave-One-Out, each sample's "
+        "baseline the mean sequence reward of the other samples of its prompt (Ahmadian et al. 2024). grpo: the "
+        "group's rewards standardised, (r - mean) / std, and the KL in the loss (Shao et al. 2024). rloo and grpo "
+        "need samples_per_prompt >= 2 and train no value model: less memory and compute per iteration.",
+    )
+    samples_per_prompt: int = option(
+        1,
+        help="Responses sampled for each prompt (the k of RLOO, the group size G of GRPO); batch_size counts "
+        "responses, so each iteration draws batch_size / samples_per_prompt prompts. 1 for PPO as in InstructGPT.",
+        ge=1,
+    )
 
     # --- models ------------------------------------------------------------------------------
     policy_model: str = option(
@@ -57,7 +84,8 @@ class PPOConfig:
     value_model: Literal["policy_trunk", "reward_model"] = option(
         "policy_trunk",
         help="policy_trunk: a zero-initialised linear value head on the policy's last hidden state (shares "
-        "the LoRA trunk); reward_model: a separate critic initialised from the reward model (InstructGPT).",
+        "the LoRA trunk); reward_model: a separate critic initialised from the reward model (InstructGPT). "
+        "method=ppo only: rloo and grpo have no value model.",
     )
     dtype: Literal["float32", "bfloat16"] = option(
         "float32",
@@ -114,7 +142,9 @@ class PPOConfig:
 
     # --- rollout -----------------------------------------------------------------------------
     num_iterations: int = option(40, help="PPO iterations (rollout + optimisation rounds).", ge=1)
-    batch_size: int = option(64, help="Prompts (= episodes) per iteration on each process.", ge=1)
+    batch_size: int = option(
+        64, help="Episodes (sampled responses) per iteration on each process: batch_size / samples_per_prompt "
+        "prompts, each answered samples_per_prompt times.", ge=1)
     response_length: int = option(24, help="Maximum new tokens per response.", ge=1)
     temperature: float = option(
         0.7, help="Sampling temperature; training log-probs use the same temperature.", gt=0.0
@@ -146,12 +176,14 @@ class PPOConfig:
     max_grad_norm: float = option(1.0, help="Global gradient-norm clip.", gt=0.0)
     clip_coef: float = option(0.2, help="PPO policy ratio clip epsilon.", gt=0.0)
     cliprange_value: float = option(0.2, help="Value clip around the rollout values.", gt=0.0)
-    vf_coef: float = option(0.1, help="Weight of the value loss.", ge=0.0)
+    vf_coef: float = option(0.1, help="Weight of the value loss (method=ppo).", ge=0.0)
     ent_coef: float = option(0.0, help="Entropy bonus weight (0 as in InstructGPT).", ge=0.0)
-    gamma: float = option(1.0, help="Discount.", ge=0.0, le=1.0)
-    gae_lambda: float = option(0.95, help="GAE lambda.", ge=0.0, le=1.0)
-    whiten_advantages: bool = option(True, help="Whiten advantages over the batch (masked mean/std).")
-    whiten_rewards: bool = option(False, help="Whiten the per-token rewards before GAE.")
+    gamma: float = option(1.0, help="Discount (method=ppo).", ge=0.0, le=1.0)
+    gae_lambda: float = option(0.95, help="GAE lambda (method=ppo).", ge=0.0, le=1.0)
+    whiten_advantages: bool = option(
+        True, help="Whiten advantages over the batch (masked mean/std); method=ppo (rloo and grpo have their own "
+        "baselines, and GRPO its own normalisation).")
+    whiten_rewards: bool = option(False, help="Whiten the per-token rewards before GAE (method=ppo).")
 
     kl: KLOptions = option(default_factory=KLOptions, help="KL penalty and controller.")
     lora: LoraOptions = option(default_factory=LoraOptions, help="The policy's LoRA adapter.")
@@ -176,6 +208,15 @@ class PPOConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.method != "ppo":
+            check(self.samples_per_prompt >= 2, f"method={self.method} needs samples_per_prompt >= 2 (its baseline "
+                  f"comes from the other samples of the same prompt), got {self.samples_per_prompt}")
+            check(self.value_model == "policy_trunk", f"method={self.method} trains no value model; "
+                  "drop value_model=reward_model (or use method=ppo)")
+        check(
+            self.batch_size % self.samples_per_prompt == 0,
+            f"batch_size ({self.batch_size}) must be divisible by samples_per_prompt ({self.samples_per_prompt})",
+        )
         check(
             self.batch_size % self.num_mini_batches == 0,
             f"batch_size ({self.batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches})",
@@ -193,6 +234,20 @@ class PPOConfig:
                 value == "synthetic" or Path(value).suffix in (".jsonl", ".txt"),
                 f"{key}: expected 'synthetic', a .jsonl or a .txt file, got {value}",
             )
+
+    @property
+    def has_value_model(self) -> bool:
+        """Whether this run trains a value head or critic (PPO) or none (the critic-free methods)."""
+        return self.method == "ppo"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """kl.in_loss resolved: GRPO puts the KL in the loss, PPO and RLOO in the reward."""
+        return self.method == "grpo" if self.kl.in_loss is None else self.kl.in_loss
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.batch_size // self.samples_per_prompt
 
     @property
     def mini_batch_size(self) -> int:

@@ -202,6 +202,12 @@ def grpo_advantages(rewards: torch.Tensor, samples_per_prompt: int, eps: float =
     return ((grouped - mean) / (std + eps)).view(-1)
 
 
+def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) one value per sequence -> (B, T) that value at every real token, 0 where masked: the
+    critic-free methods give every token of a response its sequence's advantage."""
+    return sequence_values.unsqueeze(-1) * mask.to(sequence_values.dtype)
+
+
 # ----------------------------------------------------------------------------- losses
 
 

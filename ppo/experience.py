@@ -55,12 +55,12 @@ class Experience(PromptsAndResponses):
     response_mask: torch.Tensor  # (B, T) 1 for tokens up to and including the first eos
     logprobs: torch.Tensor  # (B, T) log pi_old(a_t|s_t) at the sampling temperature
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t|s_t), same temperature
-    values: torch.Tensor  # (B, T) V_old(s_t), the value of the state before a_t
+    values: torch.Tensor | None  # (B, T) V_old(s_t), the value of the state before a_t; None without a value model
     scores: torch.Tensor  # (B,) reward-model score (normalised) minus the missing-eos penalty
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate (k1 or k3) of pi_old vs pi_ref
-    rewards: torch.Tensor | None = None  # (B, T) -beta * kl, plus the score at the last real token
-    advantages: torch.Tensor | None = None  # (B, T) GAE advantages, whitened
-    returns: torch.Tensor | None = None  # (B, T) value targets = GAE advantages + V_old (not whitened)
+    rewards: torch.Tensor | None = None  # (B, T) PPO: -beta * kl, plus the score at the last real token
+    advantages: torch.Tensor | None = None  # (B, T) PPO: GAE, whitened; RLOO/GRPO: the sequence's, at every token
+    returns: torch.Tensor | None = None  # (B, T) PPO's value targets = GAE advantages + V_old (not whitened)
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]

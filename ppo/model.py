@@ -55,16 +55,19 @@ class Critic(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """One module for DDP: forward gives the policy's response logits and the values."""
+    """One module for DDP: forward gives the policy's response logits and the values.
 
-    def __init__(self, policy: nn.Module, critic: Critic | None = None):
+    Without a value model (`critic=None, value_head=False`: RLOO, GRPO, and DPO's sampling) the
+    values come back as None."""
+
+    def __init__(self, policy: nn.Module, critic: Critic | None = None, value_head: bool = True):
         super().__init__()
         self.policy = policy  # a PeftModel
         base = policy.get_base_model()
         self.trunk = _trunk(base)
         self.lm_head = base.get_output_embeddings()
         self.critic = critic
-        if critic is None:
+        if critic is None and value_head:
             self.value_head = nn.Linear(base.config.hidden_size, 1, dtype=torch.float32)
             nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious advantages
             nn.init.zeros_(self.value_head.bias)
@@ -88,18 +91,19 @@ class ActorCritic(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int, tokens: torch.Tensor,
         temperature: float, chunk_tokens: int = 0, with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(B, Q + T) sequences whose last T are the response `tokens` -> log pi(token) (B, T), the
-        entropy (B, T) when asked (else None) and the values (B, T) of the states before the tokens.
+        entropy (B, T) when asked (else None) and the values (B, T) of the states before the tokens
+        (None without a value model).
         The logits exist a chunk of `chunk_tokens` positions at a time (core.logprobs_from_hidden)."""
         position_ids = position_ids_from_mask(attention_mask)
         hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
         logprobs, entropy = core.logprobs_from_hidden(hidden, self.lm_head, tokens, temperature, chunk_tokens,
                                                       with_entropy)
-        if self.critic is None:
-            values = self.value_head(hidden.float()).squeeze(-1)
-        else:
+        if self.critic is not None:
             values = self.critic(input_ids, attention_mask, position_ids, context_length)
+        else:
+            values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         return logprobs, entropy, values
 
     @property
@@ -114,7 +118,7 @@ class ActorCritic(nn.Module):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True, cache_position=cache_position).last_hidden_state
         hidden = hidden[:, -1]  # (B, H)
-        values = self.value_head(hidden.float()).squeeze(-1) if self.critic is None else None
+        values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         return self.lm_head(hidden), values
 
     @torch.no_grad()
@@ -149,14 +153,18 @@ class ActorCritic(nn.Module):
                 for weight, original in saved:
                     weight.copy_(original)
 
+    @property
+    def value_module(self) -> nn.Module | None:
+        """The value head or the critic; None without a value model."""
+        return self.critic if self.critic is not None else self.value_head
+
     def value_parameters(self) -> Iterator[nn.Parameter]:
         """The value head's (or the critic's) own parameters, not the policy trunk they may share."""
-        return (self.value_head if self.critic is None else self.critic).parameters()
+        return iter(()) if self.value_module is None else self.value_module.parameters()
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
         """What RUN/value_head.safetensors holds: the value head, or the critic's weights."""
-        module = self.value_head if self.critic is None else self.critic
-        return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        return {k: v.detach().contiguous() for k, v in self.value_module.state_dict().items()}
 
 
 class Reference:

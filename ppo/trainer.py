@@ -7,6 +7,10 @@ Ziegler et al. 2019 / InstructGPT:
 
     1) rollout   2) score   3) KL-penalised rewards   4) GAE + whitening   5) PPO epochs
 
+The critic-free methods (`method=rloo|grpo`) run the same iteration with k samples per prompt;
+steps 3-4 become one reward per sequence and a baseline from the prompt's other samples
+(`group_advantages`), and step 5 has no value loss (GRPO adds its KL term there instead).
+
 The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint and the final
 held-out evaluation is ppo.evaluation.
 """
@@ -26,7 +30,7 @@ import torch
 
 from align.chat import render_prompt
 from align.config import config_to_dict
-from align.errors import UserError
+from align.errors import TrainingDiverged, UserError
 from align.precision import (
     checkpointing_active,
     enable_gradient_checkpointing,
@@ -127,7 +131,7 @@ class PPOTrainer:
         critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
                                reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
-        self.model = ActorCritic(build_policy(base, cfg.lora), critic).to(self.device)
+        self.model = ActorCritic(build_policy(base, cfg.lora), critic, value_head=cfg.has_value_model).to(self.device)
         self.model.eval()  # dropout off throughout: rollout and training log-probs must agree
         self.checkpointed = []  # the layers that recompute their activations in the backward
         if cfg.gradient_checkpointing:
@@ -158,7 +162,7 @@ class PPOTrainer:
                        else core.FixedKLController(cfg.kl.coef))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.sampler = PromptSampler(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train"),
-                                     cfg.batch_size, cfg.seed, rank, world)
+                                     cfg.prompts_per_iteration, cfg.seed, rank, world)
         self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
                              [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
 
@@ -223,10 +227,11 @@ class PPOTrainer:
         return summary
 
     def step(self) -> dict[str, float]:
-        """One PPO iteration on this process's batch of prompts."""
+        """One iteration (PPO, RLOO or GRPO) on this process's batch of prompts."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = self.sampler.next_batch()
+        # each prompt samples_per_prompt times, side by side: the critic-free baselines read groups of rows
+        prompts = [p for p in self.sampler.next_batch() for _ in range(cfg.samples_per_prompt)]
 
         # 1) Rollout: sample responses from pi_old (left-padded prompts, KV cache) and record
         #    log pi_old, log pi_ref and V_old for every response token, dropout off.
@@ -246,17 +251,19 @@ class PPOTrainer:
         #    score at the last real token (Ziegler et al. 2019 eq. 2).
         beta = self.kl_ctl.value
         exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator) * exp.response_mask
-        exp.rewards, non_score_reward = core.compute_rewards(exp.kl, exp.scores, beta, exp.response_mask)
-        if cfg.whiten_rewards:
-            exp.rewards = core.masked_whiten(exp.rewards, exp.response_mask, shift_mean=False)
+        kl_in_reward = 0.0 if cfg.kl_in_loss else beta
+        exp.rewards, non_score_reward = core.compute_rewards(exp.kl, exp.scores, kl_in_reward, exp.response_mask)
 
-        # 4) Advantages: GAE (gamma, lambda) over the response tokens, then whitened.
-        exp.advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.gae_lambda)
-        if cfg.whiten_advantages:
-            exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask)
+        # 4) Advantages: GAE (gamma, lambda) over the response tokens, then whitened (PPO); or
+        #    each sequence's total reward against its prompt's other samples (RLOO, GRPO).
+        if cfg.has_value_model:
+            self.gae_advantages(exp)
+        else:
+            exp.advantages = core.broadcast_to_tokens(self.group_advantages(exp.rewards.sum(-1)), exp.response_mask)
 
-        # 5) Optimise: num_ppo_epochs passes of clipped policy + clipped value loss over
-        #    shuffled minibatches (one optimiser step each, gradients accumulated over micro-batches).
+        # 5) Optimise: num_ppo_epochs passes of the clipped surrogate (+ the clipped value loss, or
+        #    GRPO's KL term) over shuffled minibatches (one optimiser step each, gradients
+        #    accumulated over micro-batches).
         train_stats = self.optimize(exp)
         t3 = time.perf_counter()
 
@@ -285,6 +292,23 @@ class PPOTrainer:
         metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
                         "timing/optimize_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
         return metrics
+
+    def gae_advantages(self, exp: Experience) -> None:
+        """PPO's step 4: advantages and value targets by GAE from the per-token rewards and V_old."""
+        cfg = self.cfg
+        if cfg.whiten_rewards:
+            exp.rewards = core.masked_whiten(exp.rewards, exp.response_mask, shift_mean=False)
+        exp.advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask)
+
+    def group_advantages(self, sequence_rewards: torch.Tensor) -> torch.Tensor:
+        """(B,) advantages of the critic-free methods from (B,) sequence rewards, in groups of
+        samples_per_prompt consecutive rows (one prompt each)."""
+        k = self.cfg.samples_per_prompt
+        if self.cfg.method == "rloo":
+            return core.rloo_advantages(sequence_rewards, k)
+        return core.grpo_advantages(sequence_rewards, k)
 
     # ------------------------------------------------------------------------------------ phases
 
@@ -321,27 +345,29 @@ class PPOTrainer:
         return self.cfg.dtype == "float32"
 
     @torch.no_grad()
-    def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log pi_old(a_t|s_t) and V_old(s_t): the sampler's own where they are exact, else
-        recomputed by the training forward; a separate critic always reads the whole sequences."""
+    def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log pi_old(a_t|s_t) and V_old(s_t) (None without a value model): the sampler's own
+        where they are exact, else recomputed by the training forward; a separate critic always
+        reads the whole sequences."""
         if not self.sampler_is_exact:
             return self.policy_logprobs_and_values(samples)
-        if samples.values is None:
+        if self.model.critic is not None:
             return samples.logprobs, self.model.critic_values(samples.input_ids, samples.attention_mask,
                                                               samples.context_length)
         return samples.logprobs, samples.values
 
     @torch.no_grad()
-    def policy_logprobs_and_values(self, seqs: Samples | Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log pi(a_t|s_t) and V(s_t) of the current policy by full forwards, a minibatch at a time."""
+    def policy_logprobs_and_values(self, seqs: Samples | Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log pi(a_t|s_t) and V(s_t) (None without a value model) of the current policy by
+        full forwards, a minibatch at a time."""
         cfg = self.cfg
         logprobs, values = [], []
         for rows in torch.arange(len(seqs.input_ids), device=self.device).split(cfg.mini_batch_size):
             logp, _, value = self.model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length,
                                         seqs.response_ids[rows], cfg.temperature, cfg.logprob_chunk_tokens)
             logprobs.append(logp)
-            values.append(value.float())
-        return torch.cat(logprobs), torch.cat(values)
+            values.append(None if value is None else value.float())
+        return torch.cat(logprobs), (None if values[0] is None else torch.cat(values))
 
     @torch.no_grad()
     def reference_logprobs(self, seqs: Samples | Experience) -> torch.Tensor:
@@ -364,7 +390,7 @@ class PPOTrainer:
         mask_f = samples.response_mask.float()
         exp = Experience(query_ids=samples.query_ids, query_mask=samples.query_mask, response_ids=samples.response_ids,
                          response_mask=samples.response_mask, logprobs=logprobs * mask_f,
-                         ref_logprobs=ref_logprobs * mask_f, values=values * mask_f,
+                         ref_logprobs=ref_logprobs * mask_f, values=None if values is None else values * mask_f,
                          scores=torch.zeros(len(prompts), device=self.device))
         return exp, self.decode(samples.response_ids, samples.response_mask)
 
@@ -384,7 +410,7 @@ class PPOTrainer:
         first, last = row_padding_bounds(exp.query_mask, exp.response_mask)
         sums: dict[str, torch.Tensor] = {}
         n_minibatches, grad_norms = 0, []
-        for _epoch in range(cfg.num_ppo_epochs):
+        for epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(len(exp), device="cpu")
             for mb_start in range(0, len(exp), cfg.mini_batch_size):
                 # The loss is a token mean over this process's minibatch (each micro-batch weighted
@@ -405,6 +431,8 @@ class PPOTrainer:
                             sums[k] = sums[k] + v if k in sums else v
                 n_minibatches += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                if grad_norm is not None:
+                    self.check_finite(grad_norm, f"epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}")
                 grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                                   dtype=torch.float32, device=self.device))
                 self.optimizer.step()
@@ -413,28 +441,47 @@ class PPOTrainer:
         values = torch.stack([sums[k].float() / n_minibatches for k in names] + [torch.stack(grad_norms).mean()])
         return dict(zip([*names, "train/grad_norm"], values.tolist()))
 
+    def check_finite(self, grad_norm: torch.Tensor | float, where: str) -> None:
+        """Stop before a NaN or infinite gradient reaches the weights (a NaN weight would otherwise
+        surface iterations later, as non-finite logits while sampling). One read-back per
+        optimiser step."""
+        if not torch.isfinite(torch.as_tensor(grad_norm)).item():
+            raise TrainingDiverged(f"iteration {self.iteration + 1}, {where}: the gradient norm is {float(grad_norm)} "
+                                   "(a non-finite loss or gradient); the update was not applied. Lower learning_rate "
+                                   "or check the reward model's scores")
+
     def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
         tokens. Returns its statistics as device scalars, weighted the same way (they sum to the
         minibatch's)."""
         cfg = self.cfg
+        with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
         # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward
         with checkpointing_active(self.checkpointed):
             mb_logprobs, mb_entropy, mb_values = self.ddp_model(
                 mb.input_ids, mb.attention_mask, mb.context_length, mb.response_ids, cfg.temperature,
-                cfg.logprob_chunk_tokens, with_entropy=True)
+                cfg.logprob_chunk_tokens, with_entropy=with_entropy)
             pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                  cfg.clip_coef)
-            vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask,
-                                                cfg.cliprange_value)
-            entropy = core.masked_mean(mb_entropy, mb.response_mask)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+            loss = pg_loss
+            stats = {"policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"],
+                     "policy/approxkl": pg_stats["approxkl"]}
+            if mb_values is not None:  # PPO: the clipped value loss
+                vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask,
+                                                    cfg.cliprange_value)
+                loss = loss + cfg.vf_coef * vf_loss
+                stats.update({"val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
+                              "val/values": core.masked_mean(mb_values.detach(), mb.response_mask)})
+            if cfg.kl_in_loss:  # GRPO: beta * KL(pi || pi_ref), k3 from the current policy (Shao et al. 2024, eq. 4)
+                kl_loss = core.masked_mean(core.kl_penalty(mb_logprobs, mb.ref_logprobs, "k3"), mb.response_mask)
+                loss = loss + self.kl_ctl.value * kl_loss
+                stats["policy/kl_loss"] = kl_loss
+            if with_entropy:
+                entropy = core.masked_mean(mb_entropy, mb.response_mask)
+                loss = loss - cfg.ent_coef * entropy
+                stats["policy/entropy"] = entropy
             self.accelerator.backward(loss * weight)
-        stats = {
-            "policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
-            "policy/entropy": entropy, "val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
-            "val/values": core.masked_mean(mb_values.detach(), mb.response_mask), "loss/total": loss,
-        }
+        stats["loss/total"] = loss
         return {k: v.detach() * weight for k, v in stats.items()}
 
 
@@ -477,6 +524,8 @@ class PPOTrainer:
         with atomic_directory(self.run_dir / POLICY_DIR, overwrite=True) as tmp:
             policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+        if self.model.value_module is None:  # RLOO, GRPO: no value model to keep
+            return
         tmp_file = self.run_dir / f".{VALUE_HEAD_FILE}.tmp"
         save_file(self.model.value_state_dict(), str(tmp_file))
         os.replace(tmp_file, self.run_dir / VALUE_HEAD_FILE)

@@ -1,0 +1,96 @@
+"""RLOO and GRPO as methods of the PPO stage: k samples per prompt, no value model, and one
+iteration moves probability towards the responses the reward model prefers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.config import load_config
+from align.errors import ConfigError
+from ppo import core
+from ppo.config import PPOConfig
+from ppo.trainer import PPOTrainer, run_ppo
+from tests.ppo.test_learning import HashScorer
+
+
+def record_optimize(trainer):
+    seen = {}
+    optimize = trainer.optimize
+
+    def recording(exp):
+        seen["exp"] = exp
+        return optimize(exp)
+
+    trainer.optimize = recording
+    return seen
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_one_iteration_raises_the_log_probability_of_responses_better_than_their_siblings(small_run, method):
+    overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
+    overrides += [f"method={method}", "samples_per_prompt=4", "batch_size=32", "learning_rate=1e-2",
+                  "kl.coef=0.0", "missing_eos_penalty=null"]
+    trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
+    trainer.setup()
+    assert trainer.model.value_head is None and trainer.model.critic is None
+    assert not list(trainer.model.value_parameters())
+    seen = record_optimize(trainer)
+    metrics = trainer.step()
+    exp = seen["exp"]
+    assert exp.values is None and exp.returns is None
+    assert "val/loss" not in metrics and metrics["objective/kl"] == pytest.approx(0.0, abs=1e-3)
+
+    # 8 prompts, each 4 times in a row
+    prompts = exp.query_ids.view(8, 4, -1)
+    assert (prompts == prompts[:, :1]).all()
+    # every token of a response carries its sequence's advantage, computed within its group of 4
+    expected = (core.rloo_advantages if method == "rloo" else core.grpo_advantages)(exp.scores, 4)
+    torch.testing.assert_close(exp.advantages, core.broadcast_to_tokens(expected, exp.response_mask))
+
+    new_logprobs, new_values = trainer.policy_logprobs_and_values(exp)
+    assert new_values is None
+    delta = ((new_logprobs - exp.logprobs) * exp.response_mask).sum(-1)
+    above, below = expected > 0, expected < 0
+    assert above.any() and below.any()
+    assert delta[above].mean() > delta[below].mean() + 0.3, (delta[above].mean(), delta[below].mean())
+
+
+def test_grpo_puts_the_kl_in_the_loss_and_rloo_in_the_reward(small_run):
+    def first_iteration(method):
+        cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", "samples_per_prompt=2", "kl.coef=0.5",
+                                            "kl.adaptive=false", "num_iterations=2", "overwrite=true"])
+        trainer = PPOTrainer(cfg, reward_model=HashScorer())
+        trainer.setup()
+        trainer.step()  # the adapter moves: the second rollout's policy differs from the reference
+        seen = record_optimize(trainer)
+        return trainer.step(), seen["exp"]
+
+    metrics, exp = first_iteration("grpo")
+    assert metrics["policy/kl_loss"] > 0  # k3 of a policy that moved is positive
+    torch.testing.assert_close(exp.rewards.sum(-1), exp.scores)  # the score alone
+    metrics, exp = first_iteration("rloo")
+    assert "policy/kl_loss" not in metrics
+    torch.testing.assert_close(exp.rewards.sum(-1), exp.scores - 0.5 * exp.kl.sum(-1))
+    assert exp.kl.abs().sum() > 0
+
+
+def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_path):
+    cfg = load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2", "num_iterations=2",
+                                        "save_every=1"])
+    summary = run_ppo(cfg, reward_model=HashScorer())
+    run = tmp_path / "run"
+    assert (run / "policy" / "adapter_config.json").exists()
+    assert not (run / "value_head.safetensors").exists()
+    assert summary["iteration"] == 2 and "eval/kl" in summary
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=rloo"], "samples_per_prompt >= 2"),
+    (["method=grpo", "samples_per_prompt=2", "value_model=reward_model"], "trains no value model"),
+    (["samples_per_prompt=3"], "divisible by samples_per_prompt"),
+    (["method=reinforce"], "method"),
+])
+def test_bad_method_settings_are_one_clear_line(small_run, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PPOConfig, None, [*small_run, *overrides])
