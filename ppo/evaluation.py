@@ -1,6 +1,6 @@
-"""The final evaluation of a PPO run: SFT vs policy samples on held-out prompts.
+"""The final evaluation of a policy run (PPO, RLOO, GRPO, DPO): SFT vs policy samples on held-out prompts.
 
-    eval/reward_sft, eval/reward_policy    reward-model scores of each model's samples
+    eval/reward_sft, eval/reward_policy    reward-model scores of each model's samples (with a reward model)
     eval/kl                                per-sequence KL(policy || reference) of the policy's samples
     eval/eos_rate_sft, eval/eos_rate_policy
     eval/gold_*                            only with a `judge`: an independent score of (prompt, response),
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,16 +24,28 @@ EVAL_SEED_OFFSET = 10_007
 Judge = Callable[[Any, str], float]  # (prompt, response) -> score
 
 
+class PolicySampler(Protocol):
+    """What the evaluation needs of a trained policy (`PPOTrainer`, `dpo.train.DPOTrainer`)."""
+
+    tokenizer: Any
+
+    def generate(self, prompts: list, adapter: bool = True) -> Any: ...  # ppo.experience.Samples
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]: ...
+
+    def reference_logprobs(self, seqs: Any) -> torch.Tensor: ...
+
+
 @torch.no_grad()
-def evaluate(trainer: Any, prompts: list, judge: Judge | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics and per-prompt samples of a trained `ppo.trainer.PPOTrainer` on `prompts`."""
-    cfg = trainer.cfg
+def evaluate(trainer: PolicySampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
+             kl_estimator: str = "k1", reward_model: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics and per-prompt samples of a trained policy on `prompts`, `batch_size` at a time."""
     sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
-    for s in range(0, len(prompts), cfg.eval_batch_size):
-        batch = prompts[s: s + cfg.eval_batch_size]
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s: s + batch_size]
         for which in ("sft", "policy"):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + s)
+                torch.manual_seed(seed + EVAL_SEED_OFFSET + s)
                 samples = trainer.generate(batch, adapter=which == "policy")
             texts = trainer.decode(samples.response_ids, samples.response_mask)
             eos[which].extend((samples.response_ids == trainer.tokenizer.eos_token_id).any(-1).tolist())
@@ -41,19 +53,21 @@ def evaluate(trainer: Any, prompts: list, judge: Judge | None = None) -> tuple[d
                 sft_texts.extend(texts)
                 continue
             pol_texts.extend(texts)
-            kl = core.kl_penalty(samples.logprobs, trainer.reference_logprobs(samples), cfg.kl.estimator)
+            kl = core.kl_penalty(samples.logprobs, trainer.reference_logprobs(samples), kl_estimator)
             seq_kl.extend((kl * samples.response_mask).sum(-1).tolist())
-    sft_rewards = trainer.reward_model.score(prompts, sft_texts).float().tolist()
-    pol_rewards = trainer.reward_model.score(prompts, pol_texts).float().tolist()
-    metrics = {
-        "eval/reward_sft": statistics.fmean(sft_rewards),
-        "eval/reward_policy": statistics.fmean(pol_rewards),
+    sft_rewards = pol_rewards = [None] * len(prompts)
+    metrics: dict[str, float] = {}
+    if reward_model is not None:
+        sft_rewards = reward_model.score(prompts, sft_texts).float().tolist()
+        pol_rewards = reward_model.score(prompts, pol_texts).float().tolist()
+        metrics.update({"eval/reward_sft": statistics.fmean(sft_rewards),
+                        "eval/reward_policy": statistics.fmean(pol_rewards)})
+    metrics.update({
         "eval/kl": statistics.fmean(seq_kl),
-        "eval/kl_target": cfg.kl.target,
         "eval/eos_rate_sft": statistics.fmean(eos["sft"]),
         "eval/eos_rate_policy": statistics.fmean(eos["policy"]),
         "eval/num_prompts": len(prompts),
-    }
+    })
     gold_sft = gold_pol = [None] * len(prompts)
     if judge is not None:
         gold_sft = [judge(p, r) for p, r in zip(prompts, sft_texts)]

@@ -14,6 +14,15 @@ from dataclasses import dataclass
 import torch
 
 
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """The (B, T) responses as text: their real tokens, without the eos and special tokens."""
+    texts = []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
+
+
 class PromptsAndResponses:
     """Whole sequences from the query_* and response_* fields of the dataclasses below."""
 

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,8 +29,8 @@ import torch
 
 from align.chat import render_prompt
 from align.config import config_to_dict
-from align.errors import TrainingDiverged, UserError
 from align.precision import (
+    check_finite_gradient,
     checkpointing_active,
     enable_gradient_checkpointing,
     torch_dtype,
@@ -45,6 +44,8 @@ from align.run import (
 )
 from ppo import core
 from ppo.checkpoint import (
+    check_distributed_setup,
+    check_run_dir,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -53,9 +54,9 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples, row_padding_bounds, rows_padding_bounds
+from ppo.experience import Experience, Samples, decode_responses, row_padding_bounds, rows_padding_bounds
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
-from ppo.run_dir import CHECKPOINTS_DIR, METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
+from ppo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.sampling import sample_responses
 
 log = logging.getLogger("align")
@@ -104,7 +105,7 @@ class PPOTrainer:
         from ppo.tracking import check_tracker_available, make_tracker
 
         cfg = self.cfg
-        self._check_run_dir()
+        check_run_dir(cfg, self.run_dir, self.resume)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
@@ -112,7 +113,7 @@ class PPOTrainer:
         # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        self._check_distributed_setup()
+        check_distributed_setup(self.accelerator, cfg, self.resume)
         self.is_main = self.accelerator.is_main_process
         dtype = torch_dtype(cfg.dtype)
         reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
@@ -178,29 +179,6 @@ class PPOTrainer:
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
 
-    def _check_distributed_setup(self) -> None:
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed steps the optimiser inside backward and shards the optimiser state.
-            if self.cfg.gradient_accumulation_steps != 1:
-                raise UserError("under DeepSpeed set gradient_accumulation_steps=1 (use num_mini_batches for memory)")
-            if self.cfg.save_every or self.resume:
-                raise UserError("checkpoints and --resume are not supported under DeepSpeed ZeRO yet; "
-                                "set save_every=0 (or use DDP)")
-
-    def _check_run_dir(self) -> None:
-        cfg = self.cfg
-        if self.resume:
-            if latest_checkpoint(self.run_dir) is None:
-                raise UserError(f"{self.run_dir}: no checkpoint to resume from (checkpoints/iter-* not found)")
-            return
-        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not cfg.overwrite:
-            raise UserError(f"output_dir {self.run_dir} is not empty: resume it with `align ppo --resume "
-                            f"{self.run_dir}`, choose another output_dir, or set overwrite=true")
-        if cfg.overwrite and self.run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
-            shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-
     # ------------------------------------------------------------------------------------ train
 
     def train(self) -> dict[str, Any]:
@@ -259,7 +237,9 @@ class PPOTrainer:
         if cfg.has_value_model:
             self.gae_advantages(exp)
         else:
-            exp.advantages = core.broadcast_to_tokens(self.group_advantages(exp.rewards.sum(-1)), exp.response_mask)
+            advantages = (core.rloo_advantages if cfg.method == "rloo" else core.grpo_advantages)(
+                exp.rewards.sum(-1), cfg.samples_per_prompt)
+            exp.advantages = core.broadcast_to_tokens(advantages, exp.response_mask)
 
         # 5) Optimise: num_ppo_epochs passes of the clipped surrogate (+ the clipped value loss, or
         #    GRPO's KL term) over shuffled minibatches (one optimiser step each, gradients
@@ -301,14 +281,6 @@ class PPOTrainer:
         exp.advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask)
-
-    def group_advantages(self, sequence_rewards: torch.Tensor) -> torch.Tensor:
-        """(B,) advantages of the critic-free methods from (B,) sequence rewards, in groups of
-        samples_per_prompt consecutive rows (one prompt each)."""
-        k = self.cfg.samples_per_prompt
-        if self.cfg.method == "rloo":
-            return core.rloo_advantages(sequence_rewards, k)
-        return core.grpo_advantages(sequence_rewards, k)
 
     # ------------------------------------------------------------------------------------ phases
 
@@ -395,11 +367,7 @@ class PPOTrainer:
         return exp, self.decode(samples.response_ids, samples.response_mask)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        texts = []
-        for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
-            kept = [t for t, m in zip(ids, mask) if m and t != self.tokenizer.eos_token_id]
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
-        return texts
+        return decode_responses(self.tokenizer, response_ids, response_mask)
 
     def optimize(self, exp: Experience) -> dict[str, float]:
         cfg = self.cfg
@@ -431,8 +399,9 @@ class PPOTrainer:
                             sums[k] = sums[k] + v if k in sums else v
                 n_minibatches += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                if grad_norm is not None:
-                    self.check_finite(grad_norm, f"epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}")
+                if grad_norm is not None:  # a NaN weight would only surface iterations later, while sampling
+                    check_finite_gradient(grad_norm, f"iteration {self.iteration + 1}, epoch {epoch + 1}, "
+                                                     f"minibatch {mb_start // cfg.mini_batch_size + 1}")
                 grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                                   dtype=torch.float32, device=self.device))
                 self.optimizer.step()
@@ -440,15 +409,6 @@ class PPOTrainer:
         names = list(sums)
         values = torch.stack([sums[k].float() / n_minibatches for k in names] + [torch.stack(grad_norms).mean()])
         return dict(zip([*names, "train/grad_norm"], values.tolist()))
-
-    def check_finite(self, grad_norm: torch.Tensor | float, where: str) -> None:
-        """Stop before a NaN or infinite gradient reaches the weights (a NaN weight would otherwise
-        surface iterations later, as non-finite logits while sampling). One read-back per
-        optimiser step."""
-        if not torch.isfinite(torch.as_tensor(grad_norm)).item():
-            raise TrainingDiverged(f"iteration {self.iteration + 1}, {where}: the gradient norm is {float(grad_norm)} "
-                                   "(a non-finite loss or gradient); the update was not applied. Lower learning_rate "
-                                   "or check the reward model's scores")
 
     def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
@@ -502,8 +462,11 @@ class PPOTrainer:
             summary["world_size"] = self.accelerator.num_processes
             if self.eval_prompts:
                 t = time.perf_counter()
-                eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge)
+                eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,
+                                                 seed=self.cfg.seed, kl_estimator=self.cfg.kl.estimator,
+                                                 reward_model=self.reward_model)
                 summary.update(eval_metrics)
+                summary["eval/kl_target"] = self.cfg.kl.target
                 summary["timing/eval_s"] = time.perf_counter() - t
                 with (self.run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as f:
                     for sample in samples:

@@ -229,8 +229,6 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     dataset then puts in `continuation_ids` (`RankingDataset(encoder=True)`), in the same slices
     (HH-RLHF dialogues under MiniLM's tokenizer: median 120 tokens, a tenth over 297).
     """
-    from transformers import DynamicCache
-
     lengths = batch.continuation_mask.sum(dim=1)  # (N,)
     order, slices = length_slices(lengths, buckets)
     rewards = []
@@ -240,17 +238,16 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
             rewards.append(forward_rewards(model, batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]))
         return torch.cat(rewards)[torch.argsort(order)]
 
-    from align.modeling import position_ids_from_mask
+    from align.modeling import position_ids_from_mask, prompt_cache_rows
 
     prompt_positions = position_ids_from_mask(batch.prompt_mask)
     prompt_cache = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=prompt_positions,
                          use_cache=True).past_key_values
-    layers = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # each (U, heads, Q, head_dim)
     prompt_lengths = batch.prompt_mask.sum(dim=1)  # (U,) real prompt tokens
     for idx in slices:
         width = int(lengths[idx].max())
         rows = batch.prompt_index[idx]  # (n,) each continuation's prompt
-        cache = DynamicCache([(k[rows], v[rows]) for k, v in layers])
+        cache = prompt_cache_rows(prompt_cache, rows)
         ids, mask = batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]
         positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)  # after the prompt
         rewards.append(model(input_ids=ids, attention_mask=torch.cat([batch.prompt_mask[rows], mask], dim=1),

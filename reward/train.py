@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from align.precision import (
     torch_dtype,
     upcast_trainable,
 )
+from align.run import peak_memory_mb
 from reward.config import RewardConfig
 from reward.data import (
     RankingBatch,
@@ -62,11 +62,6 @@ from reward.model import (
     score_texts,
 )
 from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def whole_sequences(batch: RankingBatch, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("annotation", "reward", "ppo")
+STAGES = ("annotation", "reward", "ppo", "dpo")
 LAYERS = ("align", *STAGES)
 
 

@@ -33,6 +33,8 @@ def _register_stages() -> None:
     # its commands; each of these modules imports only typer and the standard library.
     from align.commands.sources import register_ranking_sources
     from annotation.cli import app as annotate_app
+    from dpo.cli import dpo_command
+    from dpo.config import DPOConfig
     from ppo.cli import ppo_command
     from ppo.config import PPOConfig
     from reward.cli import app as reward_app
@@ -40,8 +42,11 @@ def _register_stages() -> None:
     register_ranking_sources()  # reward training reads annotation projects (data.format=annotation)
     app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.")
     app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.")
-    app.command("ppo", help="Align an SFT checkpoint with PPO on LoRA adapters against a reward model.",
-                epilog=config_keys_help(PPOConfig))(ppo_command)
+    app.command("ppo", help="Align an SFT checkpoint with PPO (or RLOO, GRPO: `method=`) on LoRA adapters "
+                "against a reward model.", epilog=config_keys_help(PPOConfig))(ppo_command)
+    app.command("dpo", help="Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model "
+                "(K-wise, ties kept) or on the pairs cut from them, on LoRA adapters.",
+                epilog=config_keys_help(DPOConfig))(dpo_command)
 
 
 @app.command("init-demo-model")

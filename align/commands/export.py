@@ -1,4 +1,4 @@
-"""`align export`: a PPO run's policy (or a reward model run) as an ordinary checkpoint.
+"""`align export`: a policy run's policy (PPO, RLOO, GRPO or DPO) or a reward model run as an ordinary checkpoint.
 
 * `--merge` (default): the LoRA adapter is merged into the base and saved as safetensors
   with the tokenizer, chat template and generation config, loadable by
@@ -28,13 +28,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("align")
 
+POLICY_KINDS = ("ppo", "dpo")  # runs whose RUN/policy is a LoRA adapter on the SFT checkpoint
+
 def run_kind(run: Path) -> str:
-    """'ppo' for a PPO run (RUN/policy is an adapter), 'reward' for a reward-model run."""
+    """'ppo' for a run of `align ppo` (RUN/policy is an adapter), 'dpo' for one of `align dpo` (the
+    same layout), 'reward' for a reward-model run."""
+    from dpo.run_dir import is_dpo_run
     from ppo.run_dir import POLICY_DIR, is_ppo_run
     from reward.run_dir import MODEL_DIR, NORMALIZATION_FILE, is_reward_model
 
     if is_ppo_run(run):
-        return "ppo"
+        return "dpo" if is_dpo_run(run) else "ppo"
     if is_reward_model(run):
         return "reward"
     if not run.exists():
@@ -50,12 +54,12 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
-        if kind == "ppo":
+        if kind in POLICY_KINDS:
             _export_policy(run, tmp, merge)
         else:
             _export_reward(run, tmp, merge)
         (tmp / "README.md").write_text(model_card(run, kind, merge), encoding="utf-8")
-    log.info("exported the %s of %s (%s) to %s", "policy" if kind == "ppo" else "reward model", run,
+    log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
              "merged" if merge else "adapter only", out)
     return out
 
@@ -134,10 +138,11 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
     from ppo.run_dir import PPORun
     from reward.run_dir import RewardRun, is_reward_model
 
-    if kind == "ppo":
-        ppo = PPORun(run)
+    if kind in POLICY_KINDS:
+        ppo = PPORun(run)  # a DPO run has the same layout
         config, summary = ppo.config(), ppo.summary()
         base = ppo.adapter_config().get("base_model_name_or_path", config.get("policy_model", "?"))
+        method = "dpo" if kind == "dpo" else config.get("method", "ppo")
     else:
         reward = RewardRun.open(run)
         config, summary = reward.config(), reward.summary()
@@ -145,10 +150,10 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
     lines = [
         "---",
         "library_name: " + ("transformers" if merge else "peft"),
-        "tags: [align, rlhf, " + ("ppo]" if kind == "ppo" else "reward-model]"),
+        "tags: [align, rlhf, " + (f"{method}]" if kind in POLICY_KINDS else "reward-model]"),
         "---",
         "",
-        f"# {'Aligned policy' if kind == 'ppo' else 'Reward model'} exported by align",
+        f"# {'Aligned policy' if kind in POLICY_KINDS else 'Reward model'} exported by align",
         "",
         f"- base checkpoint: `{base}`",
         f"- format: {'merged weights (safetensors)' if merge else 'PEFT adapter on the base above'}",
@@ -160,13 +165,26 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         lines += ["## Reward model", ""]
         lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
         kl = config.get("kl", {})
-        lines += ["", "## PPO settings", ""]
-        for key in ("num_iterations", "batch_size", "response_length", "learning_rate", "num_ppo_epochs",
-                    "num_mini_batches", "clip_coef", "vf_coef", "gamma", "gae_lambda", "seed"):
+        lines += ["", f"## {method.upper()} settings", ""]
+        for key in ("method", "samples_per_prompt", "num_iterations", "batch_size", "response_length", "learning_rate",
+                    "num_ppo_epochs", "num_mini_batches", "clip_coef", "vf_coef", "gamma", "gae_lambda", "seed"):
             if key in config:
                 lines.append(f"- {key}: {_fmt(config[key])}")
         if kl:
             lines.append("- KL penalty: " + ", ".join(f"{k}={_fmt(v)}" for k, v in kl.items()))
+    if kind == "dpo":
+        data = config.get("data", {})
+        lines += ["## Rankings", "", f"- data: {data.get('format', '?')} ({data.get('path') or data.get('project') or ''})"]
+        for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
+                           ("eval/label_source", "held-out labels from"),
+                           ("eval/accuracy", "held-out pairwise accuracy of the implicit reward")]:
+            if key in summary:
+                lines.append(f"- {label}: {_fmt(summary[key])}")
+        lines += ["", "## DPO settings", ""]
+        for key in ("loss", "beta", "learning_rate", "epochs", "batch_size", "seed"):
+            if key in config:
+                lines.append(f"- {key}: {_fmt(config[key])}")
+    if kind in POLICY_KINDS:
         lora = config.get("lora", {})
         if lora:
             lines.append("- LoRA: " + ", ".join(f"{k}={_fmt(v)}" for k, v in lora.items()))
@@ -180,10 +198,10 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
     else:
         lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]
-    if kind == "ppo" and merge:
+    if kind in POLICY_KINDS and merge:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)"]
-    elif kind == "ppo":
+    elif kind in POLICY_KINDS:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                   f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base)!r}), DIR)"]
     else:

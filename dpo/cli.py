@@ -1,0 +1,21 @@
+"""`align dpo`. Only typer and the standard library at module level."""
+
+from __future__ import annotations
+
+import typer
+
+from align.cli_common import ConfigOpt, OverridesArg
+
+
+def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+    """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
+    from align.config import load_config
+    from dpo.config import DPOConfig
+    from dpo.train import run_dpo
+
+    cfg = load_config(DPOConfig, config, list(overrides or []))
+    summary = run_dpo(cfg, echo=typer.echo)
+    typer.echo(f"run directory: {cfg.output_dir}")
+    for key in ("eval/accuracy", "eval/kl", "eval/gold_gain_in_sft_std"):
+        if key in summary:
+            typer.echo(f"{key:28s} {summary[key]:.4f}")

@@ -1,0 +1,92 @@
+"""`DPOConfig`: every setting of `align dpo`, typed and documented.
+
+Load with `align.config.load_config(DPOConfig, yaml_path, ["beta=0.2", ...])`. The data section is
+the reward stage's (`reward.config.DataSection`): the same sources and the same prompt-level
+held-out split, so a DPO run and a reward model trained on one file hold out the same prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from align.config import LoraOptions, option
+from reward.config import DataSection
+
+
+@dataclass
+class DPOConfig:
+    """`align dpo`: align an SFT checkpoint on a new LoRA adapter directly on the rankings."""
+
+    # --- models ------------------------------------------------------------------------------
+    policy_model: str = option(
+        "demo",
+        help="SFT checkpoint: 'demo', 'demo:tiny', 'demo:small' (the embedded demo model) or a local directory. "
+        "A directory holding a LoRA adapter is merged into its base first. The reference is the same base "
+        "with the adapter disabled, as in `align ppo`.",
+    )
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        help="Storage dtype of the policy's weights; the LoRA adapter and its AdamW state stay fp32.",
+    )
+    max_length: int = option(256, help="Tokens per prompt + response; longer texts lose their start.", ge=8)
+    lora: LoraOptions = option(default_factory=LoraOptions, help="The policy's LoRA adapter.")
+
+    # --- data --------------------------------------------------------------------------------
+    data: DataSection = option(default_factory=DataSection, help="Where the rankings come from and the split.")
+
+    # --- loss --------------------------------------------------------------------------------
+    loss: Literal["kwise", "pairwise"] = option(
+        "kwise",
+        help="kwise: each ranking is one observation under the Plackett-Luce model (Rafailov et al. 2023, "
+        "appendix A.3), ties by Efron's approximation, each response forwarded once per step; for K = 2 this is "
+        "DPO's loss. pairwise: every ordered pair the rankings imply becomes its own shuffled K = 2 example, as "
+        "TRL and OpenRLHF train (for comparison; C(K,2) forwards of each response per epoch instead of one).",
+    )
+    beta: float = option(
+        0.1,
+        help="beta of the implicit reward beta * (log pi - log pi_ref): the strength of the KL regularisation "
+        "towards the reference. Smaller beta lets the policy move further from the SFT model.",
+        gt=0,
+    )
+
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = option(1e-3, help="Peak learning rate (AdamW) of the adapter.", gt=0)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0)
+    epochs: int = option(1, help="Passes over the training rankings.", ge=1)
+    max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
+    batch_size: int = option(16, help="Rankings (pairs with loss=pairwise) per optimizer step.", ge=1)
+    warmup_ratio: float = option(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
+    length_buckets: int = option(
+        4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
+    )
+    logprob_chunk_tokens: int = option(
+        4096, help="Log-probs are computed from the hidden states this many tokens at a time (no whole "
+        "(tokens, vocabulary) fp32 logits tensor). 0: all at once.", ge=0)
+    log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+
+    # --- evaluation --------------------------------------------------------------------------
+    eval_prompts: str = option(
+        "synthetic", help="Held-out prompts the SFT model and the policy answer at the end: 'synthetic' (the "
+        "synthetic task's held-out split, scored by its gold judge too) or a .jsonl/.txt file, as in `align ppo`.")
+    num_eval_prompts: int = option(128, help="Held-out prompts sampled at the end (0 skips the sampling).", ge=0)
+    temperature: float = option(0.7, help="Sampling temperature of the held-out samples (and of their KL).", gt=0)
+    response_length: int = option(48, help="Maximum new tokens of a held-out sample.", ge=1)
+    max_prompt_length: int = option(128, help="Held-out prompts longer than this (in tokens) lose their start.", ge=1)
+    eval_batch_size: int = option(64, help="Prompts (or responses) per batch when evaluating.", ge=1)
+
+    # --- run ---------------------------------------------------------------------------------
+    output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy).")
+    overwrite: bool = option(False, help="Replace RUN/policy if output_dir already holds a trained policy.")
+    seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.")
+    num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
+    progress: bool = option(True, help="Show a progress bar with the loss.")
+
+    def __post_init__(self) -> None:
+        from pathlib import Path
+
+        from align.config import check
+
+        check(self.eval_prompts == "synthetic" or Path(self.eval_prompts).is_file(),
+              f"eval_prompts: file not found: {self.eval_prompts}")

@@ -1,0 +1,113 @@
+"""Rankings in, DPO batches out.
+
+The rankings, their sources and the prompt-level split are the reward stage's
+(`reward.data.load_reward_data`), and so is the tokenization: one `RankingItem` per ranking, its
+K responses continuing one shared encoding of the prompt (`RankingCollator`). A `RankingBatch`
+flattens the batch's responses; `DPOBatch` adds where each ranking's responses sit in it, their
+ranks, and their cached reference log-probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from align.errors import UserError
+from align.formats import Ranking
+from reward.data import RankingBatch, RankingCollator, RankingDataset
+
+
+@dataclass
+class LeftOut:
+    """Rankings DPO cannot learn from, counted for the one line that reports them."""
+
+    single_response: int = 0  # fewer than 2 responses: nothing to compare
+    all_tied: int = 0  # every response in one tie: no preference stated
+    no_shared_prompt: int = 0  # the prompt is cut by truncation (or tokenized across its boundary)
+
+    def __str__(self) -> str:
+        parts = [f"{n} {what}" for n, what in ((self.single_response, "with a single response"),
+                                                (self.all_tied, "with every response tied (no preference)"),
+                                                (self.no_shared_prompt, "whose prompt + response exceeds max_length"))
+                 if n]
+        return ", ".join(parts)
+
+    def __bool__(self) -> bool:
+        return bool(self.single_response or self.all_tied or self.no_shared_prompt)
+
+
+def usable_rankings(rankings: Sequence[Ranking]) -> tuple[list[Ranking], LeftOut]:
+    """The rankings that state a preference; the others counted by reason."""
+    kept, left_out = [], LeftOut()
+    for r in rankings:
+        if len(r.responses) < 2:
+            left_out.single_response += 1
+        elif len(set(r.ranks)) < 2:
+            left_out.all_tied += 1
+        else:
+            kept.append(r)
+    return kept, left_out
+
+
+class DPODataset:
+    """Rankings tokenized once, with the reference log-probabilities filled in by the trainer.
+
+    Only rankings whose responses all continue the rendered prompt are kept: the log-probability
+    of a response is read over its own tokens, so they must be told apart from the prompt's."""
+
+    def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int):
+        tokenized = RankingDataset(rankings, tokenizer, max_length)
+        keep = [i for i, item in enumerate(tokenized.items) if item.prompt_len]
+        self.rankings = [tokenized.rankings[i] for i in keep]
+        self.items = [tokenized.items[i] for i in keep]
+        self.left_out = LeftOut(no_shared_prompt=len(tokenized.items) - len(keep))
+        self.reference_logps: list[torch.Tensor | None] = [None] * len(self.items)  # (K,) each, once computed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class DPOBatch:
+    """G rankings of up to K responses each; their N responses flattened into one `RankingBatch`."""
+
+    responses: RankingBatch  # the N responses, each prompt encoded once
+    response_index: torch.Tensor  # (G, K) index into the N responses; -1 pads a ranking of fewer than K
+    ranks: torch.Tensor  # (G, K) 0 = best, equal ranks tie; padding holds 0 and is masked by `valid`
+    reference_logps: torch.Tensor | None  # (N,) log pi_ref(response | prompt), None before they are cached
+
+    @property
+    def valid(self) -> torch.Tensor:  # (G, K) real responses
+        return self.response_index >= 0
+
+    def per_ranking(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) one value per response -> (G, K) laid out by ranking (0 at padding)."""
+        return torch.where(self.valid, values[self.response_index.clamp(min=0)], 0.0)
+
+    def to(self, device: torch.device | str) -> DPOBatch:
+        return DPOBatch(self.responses.to(device), self.response_index.to(device), self.ranks.to(device),
+                        None if self.reference_logps is None else self.reference_logps.to(device))
+
+
+def collate(dataset: DPODataset, indices: Sequence[int], pad_token_id: int) -> DPOBatch:
+    """The rankings `indices` of `dataset` as one batch."""
+    items = [dataset.items[i] for i in indices]
+    width = max(len(item.responses) for item in items)
+    response_index = torch.full((len(items), width), -1, dtype=torch.long)
+    ranks = torch.zeros((len(items), width), dtype=torch.long)
+    offset = 0
+    for g, i in enumerate(indices):
+        k = len(dataset.items[i].responses)
+        response_index[g, :k] = torch.arange(offset, offset + k)
+        ranks[g, :k] = torch.tensor(dataset.rankings[i].ranks)
+        offset += k
+    cached = [dataset.reference_logps[i] for i in indices]
+    reference = torch.cat(cached) if all(c is not None for c in cached) else None
+    return DPOBatch(RankingCollator(pad_token_id)(items), response_index, ranks, reference)
+
+
+def check_usable(train: Sequence[Ranking], left_out: LeftOut, where: str) -> None:
+    if not train:
+        raise UserError(f"no ranking states a preference in {where}" + (f" ({left_out})" if left_out else ""))

@@ -1,0 +1,28 @@
+"""The layout of a DPO run directory, as `align dpo` writes it.
+
+    RUN/config.yaml      the resolved DPOConfig
+    RUN/metrics.jsonl    one line per `log_every` steps (train/...)
+    RUN/summary.json     held-out ranking accuracy of the implicit reward (eval/accuracy ...), and the
+                         held-out samples' KL and gold gain (eval/kl, eval/gold_* ...)
+    RUN/samples.jsonl    held-out prompts with SFT and policy responses
+    RUN/policy/          the LoRA adapter + tokenizer (base = absolute SFT path): the layout of a PPO
+                         run's policy, so `align export` reads both the same way
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
+
+
+def is_dpo_run(path: str | Path) -> bool:
+    stage = Path(path) / STAGE_FILE
+    return stage.is_file() and stage.read_text(encoding="utf-8").strip() == "dpo"

@@ -1,0 +1,296 @@
+"""The DPO recipe: `run_dpo(cfg) -> summary`.
+
+`DPOTrainer.setup()` loads the rankings (the reward stage's sources and prompt-level split), the
+policy (SFT + a new LoRA adapter) and caches the reference log-probabilities; `train()` runs the
+epochs; `step()` is one optimizer step and follows Rafailov et al. 2023 (appendix A.3 for rankings):
+
+    1) log pi(y|x) of every response of the batch's rankings, each prompt encoded once
+    2) implicit rewards beta * (log pi - log pi_ref), log pi_ref cached before training
+    3) Plackett-Luce negative log-likelihood of each ranking (Efron's ties), mean over rankings
+    4) AdamW step on the adapter
+
+`finish()` saves the adapter as RUN/policy, reports the implicit reward's held-out ranking accuracy
+the way the reward stage reports its model's (`reward.evaluate.ranking_metrics`), and samples the
+SFT model and the policy on held-out prompts (`ppo.evaluation.evaluate`: KL, gold judge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import config_to_dict
+from align.errors import UserError
+from align.precision import check_finite_gradient
+from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
+from dpo.config import DPOConfig
+from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
+from dpo.losses import implicit_rewards, plackett_luce_nll
+from dpo.model import response_logprobs
+from dpo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
+
+log = logging.getLogger("align")
+
+
+def run_dpo(cfg: DPOConfig, *, echo: Any = None) -> dict[str, Any]:
+    """Align cfg.policy_model on the rankings; returns the summary (also RUN/summary.json)."""
+    trainer = DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)))
+    trainer.setup()
+    trainer.train()
+    return trainer.finish()
+
+
+class DPOTrainer:
+    def __init__(self, cfg: DPOConfig, *, echo: Any = print):
+        self.cfg = cfg
+        self.echo = echo
+        self.out = Path(cfg.output_dir)
+        self.step_count = 0
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+        from align.precision import torch_dtype
+        from ppo.model import ActorCritic, Reference, build_policy
+        from reward.data import expand_to_pairs, load_reward_data
+        from reward.model import prepare_tokenizer
+
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        if (self.out / POLICY_DIR).exists() and not cfg.overwrite:
+            raise UserError(f"{self.out / POLICY_DIR} already exists; choose another output_dir or set overwrite=true")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1:
+            raise UserError("align dpo runs in one process for now; launch it without accelerate's several processes")
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.seed)
+
+        self.sft_path = resolve_model_path(cfg.policy_model).resolve()
+        self.tokenizer = load_tokenizer(self.sft_path)
+        prepare_tokenizer(self.tokenizer)  # right padding, left truncation: a long text keeps its response
+        data = load_reward_data(cfg.data)  # rankings that state no preference come back set aside
+        train, left_out = usable_rankings(data.train + data.without_preference)
+        check_usable(train, left_out, "the training split")
+        self.eval_rankings, _ = usable_rankings(data.eval)
+        self.data_source = data.source
+        self.num_train_rankings = len(train)
+        if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
+            train = expand_to_pairs(train, cfg.seed)
+        self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
+        self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length)
+        left_out.no_shared_prompt = self.train_set.left_out.no_shared_prompt
+        if left_out:
+            self.echo(f"dpo: left out {left_out} of the training rankings")
+        check_usable(self.train_set.rankings, left_out, "the training split")
+
+        base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
+        self.policy = build_policy(base, cfg.lora).to(self.device)  # the adapter is fp32 on a bf16 base (peft)
+        self.policy.eval()  # dropout off: the implicit reward is a function of the weights alone
+        # the same module serves the held-out sampling (no value model) and its reference log-probs
+        self.sampler_model = ActorCritic(self.policy, value_head=False)
+        self.reference = Reference(self.sampler_model)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.batches = self.plan_batches()
+        total, warmup = len(self.batches), int(cfg.warmup_ratio * len(self.batches))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        self.optimizer = optimizer
+
+        t = time.perf_counter()
+        self.cache_reference_logps(self.train_set)
+        self.cache_reference_logps(self.eval_set)
+        self.reference_seconds = time.perf_counter() - t
+        prepare_run_dir(self.out, cfg)
+        (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
+        self.metrics = MetricsWriter(self.out / METRICS_FILE)
+        self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
+                  f"{len(self.eval_set)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
+
+    def plan_batches(self) -> list[list[int]]:
+        """Batches of example indices: a seeded shuffle per epoch, then `batch_size` at a time."""
+        cfg, n = self.cfg, len(self.train_set)
+        epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps * cfg.batch_size / n) + 1
+        batches = []
+        for epoch in range(epochs):
+            order = list(range(n))
+            random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
+            batches += [order[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+        return batches[: cfg.max_steps] if cfg.max_steps is not None else batches
+
+    @torch.no_grad()
+    def cache_reference_logps(self, dataset: DPODataset) -> None:
+        """log pi_ref of every response, once: the reference never changes, so each step forwards
+        the policy alone (half the forward passes of recomputing it)."""
+        with self.policy.disable_adapter():
+            for start in range(0, len(dataset), self.cfg.eval_batch_size):
+                indices = list(range(start, min(start + self.cfg.eval_batch_size, len(dataset))))
+                batch = collate(dataset, indices, self.tokenizer.pad_token_id).to(self.device)
+                logps = response_logprobs(self.policy, batch.responses, self.cfg.length_buckets,
+                                          self.cfg.logprob_chunk_tokens).float().cpu()
+                for i, row in zip(indices, logps.split([len(dataset.items[i].responses) for i in indices])):
+                    dataset.reference_logps[i] = row
+
+    # ------------------------------------------------------------------------------------ train
+
+    def step(self, batch: DPOBatch) -> dict[str, float]:
+        cfg = self.cfg
+        # 1) log pi(y|x) of every response in the batch, each prompt encoded once
+        policy_logps = response_logprobs(self.policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens)
+        # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
+        rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
+        # 3) Plackett-Luce negative log-likelihood of each ranking, mean over rankings
+        loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean()
+        # 4) one AdamW step on the adapter; a non-finite gradient is never applied
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            pairs = ranking_pairs(batch)
+            margins = rewards[pairs[0], pairs[1]] - rewards[pairs[0], pairs[2]]
+        return {"train/loss": loss.item(), "train/accuracy": (margins > 0).float().mean().item(),
+                "train/reward_margin": margins.mean().item(), "train/grad_norm": float(grad_norm),
+                "train/logps_policy_minus_ref": (rewards.sum() / cfg.beta / batch.valid.sum()).item()}
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.policy.train()
+        t_start = time.perf_counter()
+        window: list[dict[str, float]] = []
+        bar = tqdm(self.batches, desc="dpo", unit="step", disable=not cfg.progress)
+        for indices in bar:
+            batch = collate(self.train_set, indices, self.tokenizer.pad_token_id).to(self.device)
+            window.append(self.step(batch))
+            self.step_count += 1
+            if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
+                row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                row.update({"step": self.step_count, "train/lr": self.scheduler.get_last_lr()[0],
+                            "timing/elapsed_s": time.perf_counter() - t_start})
+                self.metrics.write(row)
+                self.last_train = row
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+                window = []
+        self.policy.eval()
+        self.train_seconds = time.perf_counter() - t_start
+
+    # ------------------------------------------------------------------------------------ outputs
+
+    @torch.no_grad()
+    def implicit_reward_table(self, dataset: DPODataset) -> dict[tuple[str, str], float]:
+        """The implicit reward of every held-out (prompt, response), keyed as `reward.evaluate` reads it."""
+        from reward.evaluate import text_key
+
+        table = {}
+        for start in range(0, len(dataset), self.cfg.eval_batch_size):
+            indices = list(range(start, min(start + self.cfg.eval_batch_size, len(dataset))))
+            batch = collate(dataset, indices, self.tokenizer.pad_token_id).to(self.device)
+            logps = response_logprobs(self.policy, batch.responses, self.cfg.length_buckets,
+                                      self.cfg.logprob_chunk_tokens).float()
+            rewards = implicit_rewards(logps, batch.reference_logps, self.cfg.beta).tolist()
+            keys = [text_key(dataset.rankings[i].prompt, resp) for i in indices for resp in dataset.rankings[i].responses]
+            table.update(zip(keys, rewards))
+        return table
+
+    def finish(self) -> dict[str, Any]:
+        from ppo.data import gold_judge, load_prompts
+        from ppo.evaluation import evaluate
+        from reward.evaluate import format_table, ranking_metrics
+
+        cfg = self.cfg
+        self.save_policy()
+        summary: dict[str, Any] = {}
+        t = time.perf_counter()
+        if len(self.eval_set):
+            summary.update(ranking_metrics(self.eval_set.rankings, self.implicit_reward_table(self.eval_set), "eval/"))
+        summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
+        if cfg.num_eval_prompts:
+            prompts = load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")[: cfg.num_eval_prompts]
+            eval_metrics, samples = evaluate(self, prompts, gold_judge(cfg.eval_prompts),
+                                             batch_size=cfg.eval_batch_size, seed=cfg.seed)
+            summary.update(eval_metrics)
+            with (self.out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
+                for sample in samples:
+                    f.write(json.dumps(sample) + "\n")
+        summary.update({
+            "train/loss_final": self.last_train["train/loss"],
+            "train/steps": self.step_count,
+            "train/rankings": self.num_train_rankings,
+            "train/examples": len(self.train_set),
+            "timing/reference_s": self.reference_seconds,
+            "timing/train_s": self.train_seconds,
+            "timing/eval_s": time.perf_counter() - t,
+            "timing/total_s": time.perf_counter() - self.t0,
+            "memory/peak_rss_mb": peak_memory_mb(),
+            **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+        })
+        write_json_atomic(self.out / SUMMARY_FILE, summary)
+        self.metrics.close()
+        self.echo(format_table(summary))
+        self.accelerator.end_training()
+        return summary
+
+    def save_policy(self) -> None:
+        self.policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
+        with atomic_directory(self.out / POLICY_DIR, overwrite=True) as tmp:
+            self.policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        (self.out / "data.json").write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
+                                                       indent=2, default=str), encoding="utf-8")
+
+    # -------------------------------------------------------------- what ppo.evaluation needs
+
+    @torch.no_grad()
+    def generate(self, prompts: list, adapter: bool = True):
+        """One response per prompt from the policy (or, `adapter=False`, the SFT model) with its log-probs."""
+        import contextlib
+
+        from align.chat import render_prompt
+        from ppo import core
+        from ppo.experience import Samples
+        from ppo.sampling import sample_responses
+
+        tok, cfg = self.tokenizer, self.cfg
+        tok.padding_side, tok.truncation_side = "left", "left"
+        enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                  add_special_tokens=False, truncation=True, max_length=cfg.max_prompt_length)
+        query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        with contextlib.nullcontext() if adapter else self.sampler_model.adapter_disabled():
+            response, logprobs, _ = sample_responses(
+                self.sampler_model, query_ids, query_mask, max_new_tokens=cfg.response_length,
+                temperature=cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        tok.padding_side = "right"
+        response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        return Samples(query_ids, query_mask, response_ids, response_mask, logprobs * response_mask, None)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        from ppo.experience import decode_responses
+
+        return decode_responses(self.tokenizer, response_ids, response_mask)
+
+    @torch.no_grad()
+    def reference_logprobs(self, samples) -> torch.Tensor:
+        return self.reference.logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
+                                       samples.response_ids, self.cfg.temperature, self.cfg.logprob_chunk_tokens)
+
+
+def ranking_pairs(batch: DPOBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ranking, winner, loser) indices of every ordered pair the batch's rankings state."""
+    better = (batch.ranks.unsqueeze(2) < batch.ranks.unsqueeze(1)) & batch.valid.unsqueeze(2) & batch.valid.unsqueeze(1)
+    return better.nonzero(as_tuple=True)

@@ -1,0 +1,130 @@
+"""`align dpo` on a tiny random model: the adapter learns the rankings, the base stays frozen, the
+run directory exports like a PPO run, and bad rankings are reported in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import load_config
+from align.errors import ConfigError
+from align.formats import Ranking, write_kwise
+from dpo.config import DPOConfig
+from dpo.data import collate
+from dpo.losses import implicit_rewards, plackett_luce_nll
+from dpo.model import response_logprobs
+from dpo.train import DPOTrainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@torch.no_grad()
+def mean_train_nll(trainer: DPOTrainer) -> float:
+    """The Plackett-Luce NLL of every training ranking under the current policy, averaged."""
+    data = trainer.train_set
+    batch = collate(data, range(len(data)), trainer.tokenizer.pad_token_id)
+    logps = response_logprobs(trainer.policy, batch.responses, 1)
+    rewards = batch.per_ranking(implicit_rewards(logps, batch.reference_logps, trainer.cfg.beta))
+    return plackett_luce_nll(rewards, batch.ranks, batch.valid).mean().item()
+
+
+@pytest.mark.parametrize("loss", ["kwise", "pairwise"])
+def test_training_raises_the_likelihood_of_the_rankings_and_moves_only_the_adapter(small_dpo_run, loss):
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, f"loss={loss}", "epochs=4",
+                                                       "num_eval_prompts=0"]), echo=lambda _: None)
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    assert all(("lora_" in n) == p.requires_grad for n, p in trainer.policy.named_parameters())
+    nll_before = mean_train_nll(trainer)
+    trainer.train()
+    nll_after = mean_train_nll(trainer)
+    assert nll_after < nll_before - 0.05, (nll_before, nll_after)  # policy = reference at the start
+    changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    with trainer.policy.disable_adapter():  # the reference is untouched: its log-probs are still the cached ones
+        batch = collate(trainer.train_set, range(4), trainer.tokenizer.pad_token_id)
+        # (sums over ~100 tokens of a random model, ~1e3: float rounding of another padding layout)
+        torch.testing.assert_close(response_logprobs(trainer.policy, batch.responses, 1), batch.reference_logps,
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_responses_sharing_a_prompt_get_the_log_probs_of_their_whole_sequences(small_dpo_run):
+    trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
+    trainer.setup()
+    batch = collate(trainer.train_set, range(3), trainer.tokenizer.pad_token_id)
+    shared = response_logprobs(trainer.policy, batch.responses, 2)
+    # the plain computation: each whole sequence through the model, log-softmax of the logits
+    for n, sequence in enumerate(batch.responses.full_sequences()):
+        prompt_len = int(batch.responses.prompt_mask[batch.responses.prompt_index[n]].sum())
+        ids = torch.tensor([sequence])
+        logits = trainer.policy(input_ids=ids).logits[0, prompt_len - 1: -1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, prompt_len:, None]).sum()
+        torch.testing.assert_close(shared[n], expected, atol=1e-4, rtol=1e-5)
+
+
+def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_dpo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from align.commands.export import export_run
+    from dpo.train import run_dpo
+
+    summary = run_dpo(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
+    run = tmp_path / "run"
+    assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["eval/num_pairs"] > 0
+    assert summary["eval/label_source"] == "gold" and "eval/gold_gain_in_sft_std" in summary and "eval/kl" in summary
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 8
+    out = export_run(run, tmp_path / "export")
+    assert AutoModelForCausalLM.from_pretrained(out, local_files_only=True) is not None
+    card = (out / "README.md").read_text()
+    assert "DPO" in card and "beta" in card
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", "dpo", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, tmp_path):
+    good = [Ranking(prompt=f"question {i}?", responses=[f"answer {i}", f"reply {i}", f"no {i}"], ranks=[0, 1, 2])
+            for i in range(12)]
+    bad = [Ranking(prompt="single?", responses=["only one"], ranks=[0]),
+           Ranking(prompt="tied?", responses=["a", "b", "c"], ranks=[1, 1, 1])]
+    path = tmp_path / "rankings.jsonl"
+    write_kwise(good + bad, path)
+    overrides = [o for o in small_dpo_run if not o.startswith("data.")]
+    result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", "data.eval_fraction=0.2", "num_eval_prompts=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("dpo: left out")]
+    assert len(lines) == 1
+    # the split may hold a bad ranking out; whichever land in training are named
+    assert "with a single response" in lines[0] or "tied" in lines[0]
+
+    write_kwise(bad, path)
+    result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", "data.eval_fraction=0.5", "overwrite=true")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: after the split: 0 training and 0 held-out rankings with pairs")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, expected", [("loss=listwise", "loss"), ("beta=0", "beta: must be > 0"),
+                                                ("bta=0.1", "did you mean 'beta'")])
+def test_bad_settings_are_refused_with_the_key_named(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(DPOConfig, None, [override])
+
+
+def test_help_documents_every_key():
+    result = subprocess.run([sys.executable, "-m", "align", "dpo", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0
+    from align.config import describe
+
+    for key, *_ in describe(DPOConfig):
+        assert key in result.stdout, key
+    assert json.dumps  # the help names the loss and beta keys with their documentation
+    assert "Plackett-Luce" in result.stdout
