@@ -61,7 +61,8 @@ class DPOTrainer:
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
-        from ppo.model import ActorCritic, Reference, build_policy
+        from ppo.evaluation import PolicySampler
+        from ppo.model import build_policy
         from reward.data import expand_to_pairs, load_reward_data
         from reward.model import prepare_tokenizer
 
@@ -98,9 +99,10 @@ class DPOTrainer:
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
         self.policy = build_policy(base, cfg.lora).to(self.device)  # the adapter is fp32 on a bf16 base (peft)
         self.policy.eval()  # dropout off: the implicit reward is a function of the weights alone
-        # the same module serves the held-out sampling (no value model) and its reference log-probs
-        self.sampler_model = ActorCritic(self.policy, value_head=False)
-        self.reference = Reference(self.sampler_model)
+        # the held-out samples, their log-probs and the reference's (ppo.evaluation)
+        self.sampler = PolicySampler(self.policy, self.tokenizer, temperature=cfg.temperature,
+                                     response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
+                                     chunk_tokens=cfg.logprob_chunk_tokens)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.batches = self.plan_batches()
@@ -222,7 +224,7 @@ class DPOTrainer:
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
         if cfg.num_eval_prompts:
             prompts = load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")[: cfg.num_eval_prompts]
-            eval_metrics, samples = evaluate(self, prompts, gold_judge(cfg.eval_prompts),
+            eval_metrics, samples = evaluate(self.sampler, prompts, gold_judge(cfg.eval_prompts),
                                              batch_size=cfg.eval_batch_size, seed=cfg.seed)
             summary.update(eval_metrics)
             with (self.out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
@@ -253,42 +255,6 @@ class DPOTrainer:
             self.tokenizer.save_pretrained(tmp)
         (self.out / "data.json").write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
-
-    # -------------------------------------------------------------- what ppo.evaluation needs
-
-    @torch.no_grad()
-    def generate(self, prompts: list, adapter: bool = True):
-        """One response per prompt from the policy (or, `adapter=False`, the SFT model) with its log-probs."""
-        import contextlib
-
-        from align.chat import render_prompt
-        from ppo import core
-        from ppo.experience import Samples
-        from ppo.sampling import sample_responses
-
-        tok, cfg = self.tokenizer, self.cfg
-        tok.padding_side, tok.truncation_side = "left", "left"
-        enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
-                  add_special_tokens=False, truncation=True, max_length=cfg.max_prompt_length)
-        query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        with contextlib.nullcontext() if adapter else self.sampler_model.adapter_disabled():
-            response, logprobs, _ = sample_responses(
-                self.sampler_model, query_ids, query_mask, max_new_tokens=cfg.response_length,
-                temperature=cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        tok.padding_side = "right"
-        response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-        return Samples(query_ids, query_mask, response_ids, response_mask, logprobs * response_mask, None)
-
-    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        from ppo.experience import decode_responses
-
-        return decode_responses(self.tokenizer, response_ids, response_mask)
-
-    @torch.no_grad()
-    def reference_logprobs(self, samples) -> torch.Tensor:
-        return self.reference.logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
-                                       samples.response_ids, self.cfg.temperature, self.cfg.logprob_chunk_tokens)
-
 
 def ranking_pairs(batch: DPOBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ranking, winner, loser) indices of every ordered pair the batch's rankings state."""

@@ -24,8 +24,8 @@ EVAL_SEED_OFFSET = 10_007
 Judge = Callable[[Any, str], float]  # (prompt, response) -> score
 
 
-class PolicySampler(Protocol):
-    """What the evaluation needs of a trained policy (`PPOTrainer`, `dpo.train.DPOTrainer`)."""
+class Sampler(Protocol):
+    """What the evaluation needs of a trained policy (`PPOTrainer`, `PolicySampler`)."""
 
     tokenizer: Any
 
@@ -37,7 +37,7 @@ class PolicySampler(Protocol):
 
 
 @torch.no_grad()
-def evaluate(trainer: PolicySampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
+def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
              kl_estimator: str = "k1", reward_model: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics and per-prompt samples of a trained policy on `prompts`, `batch_size` at a time."""
     sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
@@ -93,3 +93,54 @@ def gold_metrics(gold_sft: list[float], gold_pol: list[float]) -> dict[str, floa
         (metrics["eval/gold_policy"] - metrics["eval/gold_sft"]) / metrics["eval/gold_sft_std"]
         if metrics["eval/gold_sft_std"] > 0 else 0.0)
     return metrics
+
+
+class PolicySampler:
+    """A LoRA policy (a PeftModel on the SFT checkpoint) as `evaluate` reads it: samples from the
+    policy or, adapter disabled, the SFT model, through PPO's rollout engine (`ppo.sampling`),
+    with the log-probs of both. For runs without PPO's trainer: DPO, and adapters trained elsewhere."""
+
+    def __init__(self, policy: Any, tokenizer: Any, *, temperature: float, response_length: int,
+                 max_prompt_length: int, chunk_tokens: int = 0):
+        from ppo.model import ActorCritic, Reference
+
+        self.model = ActorCritic(policy, value_head=False)
+        self.reference = Reference(self.model)
+        self.tokenizer = tokenizer
+        self.temperature, self.response_length = temperature, response_length
+        self.max_prompt_length, self.chunk_tokens = max_prompt_length, chunk_tokens
+
+    @torch.no_grad()
+    def generate(self, prompts: list, adapter: bool = True) -> Any:
+        import contextlib
+
+        from align.chat import render_prompt
+        from ppo.experience import Samples
+        from ppo.sampling import sample_responses
+
+        tok = self.tokenizer
+        padding_side, truncation_side = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # prompts end where the responses start
+        try:
+            enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=False, truncation=True, max_length=self.max_prompt_length)
+        finally:
+            tok.padding_side, tok.truncation_side = padding_side, truncation_side
+        device = next(self.model.parameters()).device
+        query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        with contextlib.nullcontext() if adapter else self.model.adapter_disabled():
+            response, logprobs, _ = sample_responses(
+                self.model, query_ids, query_mask, max_new_tokens=self.response_length, temperature=self.temperature,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        return Samples(query_ids, query_mask, response_ids, response_mask, logprobs * response_mask, None)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        from ppo.experience import decode_responses
+
+        return decode_responses(self.tokenizer, response_ids, response_mask)
+
+    @torch.no_grad()
+    def reference_logprobs(self, samples: Any) -> torch.Tensor:
+        return self.reference.logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
+                                       samples.response_ids, self.temperature, self.chunk_tokens)
