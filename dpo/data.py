@@ -64,6 +64,7 @@ class DPODataset:
         self.items = [tokenized.items[i] for i in keep]
         self.left_out = LeftOut(no_shared_prompt=len(tokenized.items) - len(keep))
         self.reference_logps: list[torch.Tensor | None] = [None] * len(self.items)  # (K,) each, once computed
+        self.pad_token_id = tokenizer.pad_token_id
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,7 +92,7 @@ class DPOBatch:
                         None if self.reference_logps is None else self.reference_logps.to(device))
 
 
-def collate(dataset: DPODataset, indices: Sequence[int], pad_token_id: int) -> DPOBatch:
+def collate(dataset: DPODataset, indices: Sequence[int]) -> DPOBatch:
     """The rankings `indices` of `dataset` as one batch."""
     items = [dataset.items[i] for i in indices]
     width = max(len(item.responses) for item in items)
@@ -105,7 +106,7 @@ def collate(dataset: DPODataset, indices: Sequence[int], pad_token_id: int) -> D
         offset += k
     cached = [dataset.reference_logps[i] for i in indices]
     reference = torch.cat(cached) if all(c is not None for c in cached) else None
-    return DPOBatch(RankingCollator(pad_token_id)(items), response_index, ranks, reference)
+    return DPOBatch(RankingCollator(dataset.pad_token_id)(items), response_index, ranks, reference)
 
 
 def check_usable(train: Sequence[Ranking], left_out: LeftOut, where: str) -> None:

@@ -90,7 +90,6 @@ class DPOTrainer:
         if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
             train = expand_to_pairs(train, cfg.seed)
         self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
-        self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length)
         left_out.no_shared_prompt = self.train_set.left_out.no_shared_prompt
         if left_out:
             self.echo(f"dpo: left out {left_out} of the training rankings")
@@ -112,14 +111,13 @@ class DPOTrainer:
         self.optimizer = optimizer
 
         t = time.perf_counter()
-        self.cache_reference_logps(self.train_set)
-        self.cache_reference_logps(self.eval_set)
+        cache_reference_logps(self.policy, self.train_set, cfg, self.device)
         self.reference_seconds = time.perf_counter() - t
         prepare_run_dir(self.out, cfg)
         (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.metrics = MetricsWriter(self.out / METRICS_FILE)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
-                  f"{len(self.eval_set)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
+                  f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
     def plan_batches(self) -> list[list[int]]:
         """Batches of example indices: a seeded shuffle per epoch, then `batch_size` at a time."""
@@ -131,19 +129,6 @@ class DPOTrainer:
             random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
             batches += [order[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
         return batches[: cfg.max_steps] if cfg.max_steps is not None else batches
-
-    @torch.no_grad()
-    def cache_reference_logps(self, dataset: DPODataset) -> None:
-        """log pi_ref of every response, once: the reference never changes, so each step forwards
-        the policy alone (half the forward passes of recomputing it)."""
-        with self.policy.disable_adapter():
-            for start in range(0, len(dataset), self.cfg.eval_batch_size):
-                indices = list(range(start, min(start + self.cfg.eval_batch_size, len(dataset))))
-                batch = collate(dataset, indices, self.tokenizer.pad_token_id).to(self.device)
-                logps = response_logprobs(self.policy, batch.responses, self.cfg.length_buckets,
-                                          self.cfg.logprob_chunk_tokens).float().cpu()
-                for i, row in zip(indices, logps.split([len(dataset.items[i].responses) for i in indices])):
-                    dataset.reference_logps[i] = row
 
     # ------------------------------------------------------------------------------------ train
 
@@ -178,7 +163,7 @@ class DPOTrainer:
         window: list[dict[str, float]] = []
         bar = tqdm(self.batches, desc="dpo", unit="step", disable=not cfg.progress)
         for indices in bar:
-            batch = collate(self.train_set, indices, self.tokenizer.pad_token_id).to(self.device)
+            batch = collate(self.train_set, indices).to(self.device)
             window.append(self.step(batch))
             self.step_count += 1
             if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
@@ -194,33 +179,16 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------ outputs
 
-    @torch.no_grad()
-    def implicit_reward_table(self, dataset: DPODataset) -> dict[tuple[str, str], float]:
-        """The implicit reward of every held-out (prompt, response), keyed as `reward.evaluate` reads it."""
-        from reward.evaluate import text_key
-
-        table = {}
-        for start in range(0, len(dataset), self.cfg.eval_batch_size):
-            indices = list(range(start, min(start + self.cfg.eval_batch_size, len(dataset))))
-            batch = collate(dataset, indices, self.tokenizer.pad_token_id).to(self.device)
-            logps = response_logprobs(self.policy, batch.responses, self.cfg.length_buckets,
-                                      self.cfg.logprob_chunk_tokens).float()
-            rewards = implicit_rewards(logps, batch.reference_logps, self.cfg.beta).tolist()
-            keys = [text_key(dataset.rankings[i].prompt, resp) for i in indices for resp in dataset.rankings[i].responses]
-            table.update(zip(keys, rewards))
-        return table
-
     def finish(self) -> dict[str, Any]:
         from ppo.data import gold_judge, load_prompts
         from ppo.evaluation import evaluate
-        from reward.evaluate import format_table, ranking_metrics
+        from reward.evaluate import format_table
 
         cfg = self.cfg
         self.save_policy()
         summary: dict[str, Any] = {}
         t = time.perf_counter()
-        if len(self.eval_set):
-            summary.update(ranking_metrics(self.eval_set.rankings, self.implicit_reward_table(self.eval_set), "eval/"))
+        summary.update(held_out_ranking_metrics(self.policy, self.tokenizer, self.eval_rankings, cfg, self.device))
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
         if cfg.num_eval_prompts:
             prompts = load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")[: cfg.num_eval_prompts]
@@ -255,6 +223,41 @@ class DPOTrainer:
             self.tokenizer.save_pretrained(tmp)
         (self.out / "data.json").write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
+
+@torch.no_grad()
+def cache_reference_logps(policy: Any, dataset: DPODataset, cfg: DPOConfig, device: torch.device) -> None:
+    """log pi_ref of every response, once (the adapter disabled): the reference never changes, so
+    each step forwards the policy alone (half the forward passes of recomputing it)."""
+    with policy.disable_adapter():
+        for start in range(0, len(dataset), cfg.eval_batch_size):
+            indices = list(range(start, min(start + cfg.eval_batch_size, len(dataset))))
+            batch = collate(dataset, indices).to(device)
+            logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens)
+            for i, row in zip(indices, logps.float().cpu().split([len(dataset.items[i].responses) for i in indices])):
+                dataset.reference_logps[i] = row
+
+
+@torch.no_grad()
+def held_out_ranking_metrics(policy: Any, tokenizer: Any, rankings: list, cfg: DPOConfig,
+                             device: torch.device) -> dict[str, Any]:
+    """How well the implicit reward beta * (log pi - log pi_ref) of a LoRA policy orders held-out
+    rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...)."""
+    from reward.evaluate import ranking_metrics, text_key
+
+    dataset = DPODataset(rankings, tokenizer, cfg.max_length)
+    if not len(dataset):
+        return {}
+    cache_reference_logps(policy, dataset, cfg, device)
+    table = {}
+    for start in range(0, len(dataset), cfg.eval_batch_size):
+        indices = list(range(start, min(start + cfg.eval_batch_size, len(dataset))))
+        batch = collate(dataset, indices).to(device)
+        logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens).float()
+        rewards = implicit_rewards(logps, batch.reference_logps, cfg.beta).tolist()
+        keys = [text_key(dataset.rankings[i].prompt, resp) for i in indices for resp in dataset.rankings[i].responses]
+        table.update(zip(keys, rewards))
+    return ranking_metrics(dataset.rankings, table, "eval/")
+
 
 def ranking_pairs(batch: DPOBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ranking, winner, loser) indices of every ordered pair the batch's rankings state."""

@@ -11,7 +11,10 @@
     7. before / after     SFT vs exported model on held-out prompts, scored by the reward
                           model and by the synthetic task's gold judge; OUT/report.md
 
-Every stage writes its own run directory under OUT, with its resolved config.
+`method=rloo|grpo` runs the critic-free methods of the PPO stage in step 5 (configs/demo/rloo.yaml,
+grpo.yaml); `method=dpo` replaces steps 4-5 by `align dpo` on the rankings themselves
+(configs/demo/dpo.yaml), with no reward model. Every stage writes its own run directory under OUT,
+with its resolved config.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.config import check, load_config, option, save_config
 from align.errors import UserError
@@ -38,7 +41,12 @@ PROJECT = "demo"
 
 @dataclass
 class DemoConfig:
-    """`align demo` settings. Keys prefixed `reward.` / `ppo.` override those stages' configs."""
+    """`align demo` settings. Keys prefixed `reward.` / `ppo.` / `dpo.` override those stages' configs."""
+
+    method: Literal["ppo", "rloo", "grpo", "dpo"] = option(
+        "ppo", help="The road from the rankings to the policy. ppo: a reward model, then PPO with a value head. "
+        "rloo / grpo: the same reward model, then a critic-free method of the PPO stage (4 samples per prompt, no "
+        "value model). dpo: no reward model; K-wise DPO (Plackett-Luce) on the rankings themselves.")
 
     model: str = option("demo:tiny", help="SFT checkpoint: demo:tiny, demo:small or a local directory.")
     num_prompts: int = option(
@@ -54,25 +62,36 @@ class DemoConfig:
     num_eval_prompts: int = option(128, help="Held-out prompts for the before/after comparison.", ge=4)
     reward_config: str = option(str(CONFIGS / "reward.yaml"), help="Reward-model config the demo starts from.",
                                 must_exist=True)
-    ppo_config: str = option(str(CONFIGS / "ppo.yaml"), help="PPO config the demo starts from.", must_exist=True)
+    ppo_config: str | None = option(
+        None, help="PPO-stage config the demo starts from (method ppo, rloo or grpo); null: configs/demo/METHOD.yaml.")
+    dpo_config: str = option(str(CONFIGS / "dpo.yaml"), help="DPO config the demo starts from (method=dpo).",
+                             must_exist=True)
     seed: int = option(0, help="Seed for prompts, sampling and annotators.")
 
     def __post_init__(self) -> None:
         check(self.annotators_per_prompt <= self.num_annotators,
               f"annotators_per_prompt ({self.annotators_per_prompt}) exceeds num_annotators ({self.num_annotators})")
+        check(self.ppo_config is None or Path(self.ppo_config).is_file(), f"ppo_config: file not found: {self.ppo_config}")
+
+    @property
+    def policy_config(self) -> str:
+        """The config of the stage that trains the policy."""
+        if self.method == "dpo":
+            return self.dpo_config
+        return self.ppo_config or str(CONFIGS / f"{self.method}.yaml")
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(demo, reward, ppo) overrides: `reward.x=1` goes to the reward config as `x=1`."""
-    demo, reward, ppo = [], [], []
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(demo, reward, ppo, dpo) overrides: `reward.x=1` goes to the reward config as `x=1`."""
+    demo, reward, ppo, dpo = [], [], [], []
+    stages = {"reward.": reward, "ppo.": ppo, "dpo.": dpo}
     for item in overrides:
-        if item.startswith("reward."):
-            reward.append(item.removeprefix("reward."))
-        elif item.startswith("ppo."):
-            ppo.append(item.removeprefix("ppo."))
-        else:
+        prefix = next((p for p in stages if item.startswith(p)), None)
+        if prefix is None:
             demo.append(item)
-    return demo, reward, ppo
+        else:
+            stages[prefix].append(item.removeprefix(prefix))
+    return demo, reward, ppo, dpo
 
 
 class Stages:
@@ -96,12 +115,14 @@ class Stages:
 
 def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve: bool = False,
              resume_from_db: bool = False, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
+    from dpo.config import DPOConfig
     from ppo.config import PPOConfig
     from reward.config import RewardConfig
 
     check(not (serve and resume_from_db), "--serve and --continue exclude each other")
-    demo_over, reward_over, ppo_over = split_overrides(overrides)
+    demo_over, reward_over, ppo_over, dpo_over = split_overrides(overrides)
     cfg = load_config(DemoConfig, config_path, demo_over)
+    with_reward_model = cfg.method != "dpo"
     out = Path(out).resolve()
     db_url = f"sqlite:///{out / 'annotation.db'}"
     if resume_from_db and not (out / "annotation.db").exists():
@@ -111,14 +132,20 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
     reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
     # Validate every stage's config before spending minutes on the first one (the
-    # rankings file the reward stage reads does not exist yet, so its data keys wait).
-    load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
-    ppo_cfg = load_config(PPOConfig, cfg.ppo_config, [
-        f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}", "overwrite=true", *ppo_over])
+    # rankings file the reward and DPO stages read does not exist yet, so their data keys wait).
+    if with_reward_model:
+        load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
+        policy_cfg = load_config(PPOConfig, cfg.policy_config, [
+            f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}",
+            "overwrite=true", *ppo_over])
+    else:
+        dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
+        dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
+        policy_cfg = load_config(DPOConfig, cfg.policy_config, [*dpo_base, *dpo_over])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    stages = Stages(3 if serve else 7)
+    stages = Stages(3 if serve else 7 if with_reward_model else 6)
     t0 = time.perf_counter()
     if not resume_from_db:
         stages.start("sft", f"SFT model: {cfg.model}")
@@ -142,30 +169,39 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     rankings = export_rankings(db_url, rankings_path)
     print(f"    {len(rankings)} rankings exported to {rankings_path}")
 
-    from ppo.trainer import run_ppo
-    from reward.train import train_reward_model
+    reward_summary: dict[str, Any] = {}
+    if with_reward_model:
+        from ppo.trainer import run_ppo
+        from reward.train import train_reward_model
 
-    stages.start("reward", f"reward model on {len(rankings)} K-wise rankings -> {out / 'reward'}")
-    reward_cfg = load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_data, *reward_over])
-    reward_summary = train_reward_model(reward_cfg)
+        stages.start("reward", f"reward model on {len(rankings)} K-wise rankings -> {out / 'reward'}")
+        reward_cfg = load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_data, *reward_over])
+        reward_summary = train_reward_model(reward_cfg)
+        stages.start("ppo", f"{policy_cfg.method.upper()} on LoRA against the reward model -> {out / 'ppo'}")
+        policy_summary, policy_run = run_ppo(policy_cfg), out / "ppo"
+    else:
+        from dpo.train import run_dpo
 
-    stages.start("ppo", f"PPO on LoRA against the reward model -> {out / 'ppo'}")
-    ppo_summary = run_ppo(ppo_cfg)
+        stages.start("dpo", f"K-wise DPO on LoRA on the {len(rankings)} rankings -> {out / 'dpo'}")
+        policy_summary = run_dpo(load_config(DPOConfig, cfg.policy_config, [*dpo_base, *dpo_data, *dpo_over]))
+        policy_run = out / "dpo"
 
     stages.start("export", f"export the aligned policy (merged) -> {out / 'export'}")
     from align.commands.export import export_run
 
-    export_run(out / "ppo", out / "export", merge=True, force=True)
+    export_run(policy_run, out / "export", merge=True, force=True)
 
     stages.start("compare", f"SFT vs exported model on {cfg.num_eval_prompts} held-out prompts")
-    # sampled as PPO's own evaluation samples (its temperature and response length), so the
-    # exported model is judged on the distribution PPO optimised
-    comparison = compare_models(cfg, out, temperature=ppo_cfg.temperature, max_new_tokens=ppo_cfg.response_length)
+    # sampled as the policy stage's own evaluation samples (its temperature and response length),
+    # so the exported model is judged on the distribution the stage optimised
+    comparison = compare_models(cfg, out, temperature=policy_cfg.temperature,
+                                max_new_tokens=policy_cfg.response_length, with_reward_model=with_reward_model)
     stages.stop()
 
-    summary = {k: v for k, v in ppo_summary.items() if k.startswith("eval/")}
+    summary = {k: v for k, v in policy_summary.items() if k.startswith("eval/")}
     summary.update(comparison["metrics"])
     summary.update({
+        "demo/method": cfg.method,
         "reward/eval_accuracy": reward_summary.get("eval/accuracy"),
         "reward/eval_num_pairs": reward_summary.get("eval/num_pairs"),
         "data/rankings": len(rankings),
@@ -276,8 +312,10 @@ responses in a tie; mark "all bad" when none is acceptable.
 # --------------------------------------------------------------------------- comparison
 
 
-def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_tokens: int) -> dict[str, Any]:
-    """Sample SFT and exported model (plain transformers) on held-out prompts; score both."""
+def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_tokens: int,
+                   with_reward_model: bool = True) -> dict[str, Any]:
+    """Sample SFT and exported model (plain transformers) on held-out prompts; score both with the
+    gold judge, and with the reward model where the road trained one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.generation import generate_responses
@@ -294,19 +332,20 @@ def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_to
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed + 1, batch_size=64)
     before = [s[0] for s in generate_responses(sft, sft_tok, prompts, **kwargs)]
     after = [s[0] for s in generate_responses(exported, exp_tok, prompts, **kwargs)]
-    rm = load_reward_model(out / "reward")
-    reward_before, reward_after = rm.score(prompts, before).tolist(), rm.score(prompts, after).tolist()
+    metrics: dict[str, Any] = {}
+    if with_reward_model:
+        rm = load_reward_model(out / "reward")
+        metrics["demo/reward_sft"] = statistics.fmean(rm.score(prompts, before).tolist())
+        metrics["demo/reward_export"] = statistics.fmean(rm.score(prompts, after).tolist())
     gold_before = [gold_score(p, r) for p, r in zip(prompts, before)]
     gold_after = [gold_score(p, r) for p, r in zip(prompts, after)]
-    metrics = {
-        "demo/reward_sft": statistics.fmean(reward_before),
-        "demo/reward_export": statistics.fmean(reward_after),
+    metrics.update({
         "demo/gold_sft": statistics.fmean(gold_before),
         "demo/gold_export": statistics.fmean(gold_after),
         "demo/gold_sft_std": statistics.pstdev(gold_before),
         "demo/num_eval_prompts": len(prompts),
         "demo/temperature": temperature,
-    }
+    })
     samples = [dict(prompt=p, sft=a, aligned=b, gold_sft=ga, gold_aligned=gb)
                for p, a, b, ga, gb in zip(prompts, before, after, gold_before, gold_after)]
     with (out / "comparison.jsonl").open("w", encoding="utf-8") as f:

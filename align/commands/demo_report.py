@@ -18,17 +18,30 @@ def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
         value = summary.get(key)
         return "n/a" if value is None else f"{value:+.3f}"
 
-    rows = [("reward-model score (normalised)", f("demo/reward_sft"), f("demo/reward_export")),
-            ("gold judge score", f("demo/gold_sft"), f("demo/gold_export")),
-            ("KL to the reference (per sequence)", "+0.000", f("eval/kl"))]
+    rows = [("reward-model score (normalised)", f("demo/reward_sft"), f("demo/reward_export"))] * has_reward_model(summary)
+    rows += [("gold judge score", f("demo/gold_sft"), f("demo/gold_export")),
+             ("KL to the reference (per sequence)", "+0.000", f("eval/kl"))]
     print("\n" + f"{'held-out prompts':<36} {'SFT':>10} {'aligned':>10}")
     for name, a, b in rows:
         print(f"{name:<36} {a:>10} {b:>10}")
-    print(f"(temperature {summary.get('demo/temperature')}; gold std of SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}; reward-model held-out accuracy: "
-          f"{summary.get('reward/eval_accuracy') or 0:.3f})")
+    print(f"(method {summary.get('demo/method', 'ppo')}; temperature {summary.get('demo/temperature')}; gold std of SFT "
+          f"samples: {summary.get('demo/gold_sft_std', 0):.3f}; {accuracy_note(summary)})")
     for row in samples[:3]:
         print(f"\nprompt : {row['prompt']}\nSFT    : {row['sft']}  [gold {row['gold_sft']:+.2f}]\n"
               f"aligned: {row['aligned']}  [gold {row['gold_aligned']:+.2f}]")
+
+
+def has_reward_model(summary: dict[str, Any]) -> bool:
+    return "demo/reward_sft" in summary
+
+
+def accuracy_note(summary: dict[str, Any]) -> str:
+    """The held-out pairwise accuracy of what learned the rankings: the reward model, or DPO's implicit reward."""
+    if has_reward_model(summary):
+        return (f"reward-model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
+                f"on {summary.get('reward/eval_num_pairs')} pairs")
+    return (f"held-out pairwise accuracy of DPO's implicit reward: {summary.get('eval/accuracy') or 0:.3f} "
+            f"on {summary.get('eval/num_pairs')} pairs")
 
 
 # --------------------------------------------------------------------------- report
@@ -36,15 +49,15 @@ def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
 
 def write_report(out: Path, cfg: Any, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     plots = ppo_plots(out) + gold_plot(out, samples)
-    lines = ["# align demo report", "", f"Run directory: `{out}`", "",
-             "| held-out prompts | SFT | aligned |", "|---|---|---|",
-             f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | {summary.get('demo/reward_export', 0):.3f} |",
+    reward_row = [f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | "
+                  f"{summary.get('demo/reward_export', 0):.3f} |"] * has_reward_model(summary)
+    lines = ["# align demo report", "", f"Run directory: `{out}` (method {summary.get('demo/method', 'ppo')})", "",
+             "| held-out prompts | SFT | aligned |", "|---|---|---|", *reward_row,
              f"| gold judge score | {summary.get('demo/gold_sft', 0):.3f} | {summary.get('demo/gold_export', 0):.3f} |",
              f"| KL to the reference | 0 | {summary.get('eval/kl', 0):.3f} |", "",
-             f"Both models sampled at temperature {summary.get('demo/temperature')}, as in the PPO run's evaluation. "
+             f"Both models sampled at temperature {summary.get('demo/temperature')}, as in the policy run's evaluation. "
              f"Gold score std of the SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}. "
-             f"Reward model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
-             f"on {summary.get('reward/eval_num_pairs')} pairs.", ""]
+             f"{accuracy_note(summary).capitalize()}.", ""]
     for title, name in plots:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["## Samples", "", "| prompt | SFT | aligned |", "|---|---|---|"]

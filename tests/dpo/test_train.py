@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def mean_train_nll(trainer: DPOTrainer) -> float:
     """The Plackett-Luce NLL of every training ranking under the current policy, averaged."""
     data = trainer.train_set
-    batch = collate(data, range(len(data)), trainer.tokenizer.pad_token_id)
+    batch = collate(data, range(len(data)))
     logps = response_logprobs(trainer.policy, batch.responses, 1)
     rewards = batch.per_ranking(implicit_rewards(logps, batch.reference_logps, trainer.cfg.beta))
     return plackett_luce_nll(rewards, batch.ranks, batch.valid).mean().item()
@@ -47,7 +47,7 @@ def test_training_raises_the_likelihood_of_the_rankings_and_moves_only_the_adapt
     changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     with trainer.policy.disable_adapter():  # the reference is untouched: its log-probs are still the cached ones
-        batch = collate(trainer.train_set, range(4), trainer.tokenizer.pad_token_id)
+        batch = collate(trainer.train_set, range(4))
         # (sums over ~100 tokens of a random model, ~1e3: float rounding of another padding layout)
         torch.testing.assert_close(response_logprobs(trainer.policy, batch.responses, 1), batch.reference_logps,
                                    atol=1e-4, rtol=1e-5)
@@ -56,7 +56,7 @@ def test_training_raises_the_likelihood_of_the_rankings_and_moves_only_the_adapt
 def test_responses_sharing_a_prompt_get_the_log_probs_of_their_whole_sequences(small_dpo_run):
     trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
     trainer.setup()
-    batch = collate(trainer.train_set, range(3), trainer.tokenizer.pad_token_id)
+    batch = collate(trainer.train_set, range(3))
     shared = response_logprobs(trainer.policy, batch.responses, 2)
     # the plain computation: each whole sequence through the model, log-softmax of the logits
     for n, sequence in enumerate(batch.responses.full_sequences()):
