@@ -4,6 +4,7 @@ as `generate` does; the sampler's log-probs and values are those of a full forwa
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,12 +93,12 @@ def test_bf16_rollouts_keep_the_adapter_apart_and_recompute_old_logprobs(small_r
 class _Decoder:
     """A decoder whose logits favour eos more at each step; NaN logits from `nan_at` on."""
 
-    config = None
+    config = SimpleNamespace(num_hidden_layers=0)  # a cache with no layers: this decoder keeps no keys
 
     def __init__(self, vocab: int = 5, eos: int = 4, nan_at: int | None = None):
         self.vocab, self.eos, self.nan_at, self.steps = vocab, eos, nan_at, 0
 
-    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+    def decode_step(self, input_ids, attention_mask, position_ids, cache):
         logits = torch.zeros(input_ids.shape[0], self.vocab)
         logits[:, self.eos] = self.steps * 0.7
         if self.nan_at is not None and self.steps >= self.nan_at:
@@ -106,21 +107,18 @@ class _Decoder:
         return logits, None
 
 
-def _sample(decoder, sync_every, monkeypatch):
-    import transformers
-
-    monkeypatch.setattr(transformers, "StaticCache", lambda **kwargs: None)
+def _sample(decoder, sync_every):
     ids = torch.tensor([[1, 2, 3], [0, 2, 1], [3, 3, 3]])
     torch.manual_seed(0)
     return sample_responses(decoder, ids, torch.ones_like(ids), max_new_tokens=24, temperature=1.0,
                             eos_token_id=4, pad_token_id=0, sync_every=sync_every)
 
 
-def test_checking_for_the_end_every_8_steps_samples_the_same_responses(monkeypatch):
+def test_checking_for_the_end_every_8_steps_samples_the_same_responses():
     # On a GPU the loop asks the device whether every row has ended only every 8 steps; the rows
     # that ended in between get pad, so the responses and log-probs are those of checking every step.
-    every_step = _sample(_Decoder(), 1, monkeypatch)
-    every_8 = _sample(_Decoder(), 8, monkeypatch)
+    every_step = _sample(_Decoder(), 1)
+    every_8 = _sample(_Decoder(), 8)
     assert (every_step[0] == 4).any(-1).all()  # every row ended before 24 tokens
     torch.testing.assert_close(every_8[0], every_step[0], rtol=0, atol=0)
     torch.testing.assert_close(every_8[1], every_step[1], rtol=0, atol=0)
@@ -133,32 +131,32 @@ class _RecordingDecoder(_Decoder):
         super().__init__()
         self.seen = []
 
-    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+    def decode_step(self, input_ids, attention_mask, position_ids, cache):
         if self.steps > 0:
-            self.seen.append(([t.data_ptr() for t in (input_ids, attention_mask, position_ids, cache_position)],
+            self.seen.append(([t.data_ptr() for t in (input_ids, attention_mask, position_ids, cache.write_position)],
                               input_ids[:, 0].tolist(), attention_mask.sum(-1).tolist(), position_ids[:, 0].tolist(),
-                              cache_position.tolist()))
-        return super().decode_step(input_ids, attention_mask, position_ids, cache, cache_position)
+                              cache.write_position.item()))
+        return super().decode_step(input_ids, attention_mask, position_ids, cache)
 
 
-def test_the_decoding_step_reads_the_same_buffers_at_every_step(monkeypatch):
+def test_the_decoding_step_reads_the_same_buffers_at_every_step():
     # A CUDA graph replays fixed addresses: the loop must update its inputs in place, and they
     # must still say what each step needs (the token just sampled, the next position and slot).
     decoder = _RecordingDecoder()
-    response, _, _ = _sample(decoder, 8, monkeypatch)
+    response, _, _ = _sample(decoder, 8)
     assert len(decoder.seen) >= 3
     addresses = {tuple(seen[0]) for seen in decoder.seen}
     assert len(addresses) == 1
     for step, (_, fed, attended, positions, slot) in enumerate(decoder.seen):
         assert fed == response[:, step].tolist()  # the token sampled at the step before (pad once ended)
         assert attended == [3 + step + 1] * 3  # the prompt and every token fed so far
-        assert positions == [3 + step] * 3 and slot == [3 + step]
+        assert positions == [3 + step] * 3 and slot == 3 + step
 
 
-def test_non_finite_logits_raise_at_the_next_check(monkeypatch):
+def test_non_finite_logits_raise_at_the_next_check():
     for sync_every in (1, 8):
         with pytest.raises(FloatingPointError):
-            _sample(_Decoder(nan_at=3), sync_every, monkeypatch)
+            _sample(_Decoder(nan_at=3), sync_every)
 
 
 def test_bf16_rollouts_sampled_with_the_merged_adapter_keep_ratio_one_and_the_base(small_run):
