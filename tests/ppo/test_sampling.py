@@ -1,5 +1,7 @@
 """Rollout sampling: exact categorical draws; the KV-cache loop continues left-padded prompts
-as `generate` does; the sampler's log-probs and values are those of a full forward."""
+as `generate` does; the sampler's tokens, log-probs and values are those of the eager full forward
+(fp32 and bf16, trained adapter and value head, left padding, rows that end early); its buffers
+are kept across rollouts."""
 
 from __future__ import annotations
 
@@ -216,21 +218,17 @@ class _LoggingDecoder:
         return torch.zeros(2, 5), None
 
 
-def test_the_graphed_decoding_step_runs_each_step_exactly_once(monkeypatch):
-    # transformers' StaticCache counts its writes on the device: a warm-up step beside the real ones
-    # would shift every later write. The first step runs eagerly (the warm-up), the second is
-    # captured (which executes nothing) and replayed, and every later step is one replay.
+def test_the_graphed_decoding_step_is_captured_once_and_replayed_at_every_later_call(monkeypatch):
+    # The first step runs eagerly (the warm-up), the second is captured (which executes nothing) and
+    # replayed, and every later step, in this rollout or the next, is one replay of the same buffers.
     from ppo.sampling import CUDAGraphStep
 
     events = []
     step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events)))
-    inputs = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 1), None,
-              torch.zeros(1, dtype=torch.long))
-    for _ in range(4):
+    inputs = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 1), object())
+    for _ in range(6):
         step(*inputs)
-    assert events == ["eager", "captured", "replay", "replay", "replay"]
-    executed = [e for e in events if e in ("eager", "replay")]
-    assert len(executed) == 4
+    assert events == ["eager", "captured", "replay", "replay", "replay", "replay", "replay"]
     with pytest.raises(ValueError, match="same tensors"):  # a replay reads the captured addresses only
         step(inputs[0].clone(), *inputs[1:])
 
@@ -245,3 +243,110 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch,
         step(*inputs)
     assert events == ["eager", "captured", "eager", "eager"]  # the failed capture's step runs eagerly
     assert "could not be captured as a CUDA graph" in caplog.text
+
+
+# --- the cached decoding step against the eager full forward (tests/ppo/decoding.py) ------------------
+
+# What the sampler's log-probs and values may differ from the training forward's by: float rounding in
+# fp32; in bf16 the cached step's smaller matmuls round differently (measured on the CPU: 1e-3 and 2e-3),
+# while a write one slot off moves them by 0.04 and 0.14 (test_the_exactness_check_catches_...).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _trained_trainer(model_path, tmp_path, dtype: str) -> PPOTrainer:
+    from tests.ppo.decoding import train_a_little
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [f"policy_model={model_path}", f"output_dir={tmp_path}",
+                                                         "reward_model=unused", f"dtype={dtype}"]), reward_model=object())
+    trainer.setup()
+    train_a_little(trainer.model)
+    return trainer
+
+
+def _discrepancy(trainer, **kwargs):
+    from tests.ppo.decoding import decoding_discrepancy, early_eos, left_padded_prompts
+
+    ids, mask = left_padded_prompts(trainer.tokenizer)
+    eos = early_eos(trainer.model, ids, mask, seed=0, steps=12, temperature=1.0)
+    return decoding_discrepancy(trainer.model, ids, mask, eos=eos, pad=trainer.tokenizer.pad_token_id, seed=0,
+                                steps=12, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_decoding_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, dtype):
+    # The production path: a trained adapter (not merged), the value head, left-padded prompts of
+    # different lengths, one row ending at its third token while the others run on.
+    found = _discrepancy(_trained_trainer(tiny_random_model, tmp_path, dtype))
+    assert found.rows_ended_early >= 1 and found.rows_ran_on >= 1
+    assert found.same_tokens
+    assert found.logprobs <= TOLERANCE[dtype] and found.values <= TOLERANCE[dtype], found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_exactness_check_catches_an_off_by_one_write_position(tiny_random_model, tmp_path, dtype, monkeypatch):
+    # The failure the cache of our own rules out (a write counter one step ahead of the mask): the
+    # check above must see it at its tolerance.
+    from ppo.kv_cache import RolloutKVCache
+
+    seek = RolloutKVCache.seek
+    monkeypatch.setattr(RolloutKVCache, "seek", lambda cache, slot: seek(cache, slot + 1))
+    found = _discrepancy(_trained_trainer(tiny_random_model, tmp_path, dtype))
+    assert not found.same_tokens
+    assert found.logprobs > TOLERANCE[dtype] and found.values > TOLERANCE[dtype], found
+
+
+class _TwiceDecoder:
+    """Runs every decoding step twice, as a warm-up beside a captured step would."""
+
+    def __init__(self, decoder):
+        self.decoder, self.config = decoder, decoder.config
+
+    def decode_step(self, *inputs):
+        self.decoder.decode_step(*inputs)
+        return self.decoder.decode_step(*inputs)
+
+
+def test_running_a_decoding_step_twice_changes_nothing(tiny_random_model, tmp_path):
+    # Positions are explicit: a repeated step rewrites the same cache slots with the same keys and values
+    # (with transformers' StaticCache its counter moved on and every later write landed one slot late).
+    from tests.ppo.decoding import left_padded_prompts
+
+    trainer = _trained_trainer(tiny_random_model, tmp_path, "float32")
+    ids, mask = left_padded_prompts(trainer.tokenizer)
+    runs = []
+    for decoder in (trainer.model, _TwiceDecoder(trainer.model)):
+        torch.manual_seed(0)
+        runs.append(sample_responses(decoder, ids, mask, max_new_tokens=10, temperature=1.0, eos_token_id=-1,
+                                     pad_token_id=0))
+    for once, twice in zip(*runs):
+        assert torch.equal(once, twice)
+
+
+def test_the_pool_keeps_one_set_of_buffers_per_shape_and_weights_and_a_rollout_reads_nothing_of_the_last(
+        tiny_random_model, tmp_path):
+    from ppo.sampling import DecodeBufferPool
+    from tests.ppo.decoding import left_padded_prompts
+
+    trainer = _trained_trainer(tiny_random_model, tmp_path, "float32")
+    model, pad = trainer.model, trainer.tokenizer.pad_token_id
+    ids, mask = left_padded_prompts(trainer.tokenizer)
+    other_ids, other_mask = ids.flip(0)[:, 4:], mask.flip(0)[:, 4:]  # other rows, a shorter prompt, the same bucket
+
+    def sample(pool, ids, mask, weights="policy"):
+        torch.manual_seed(0)
+        return sample_responses(model, ids, mask, max_new_tokens=10, temperature=1.0, eos_token_id=-1,
+                                pad_token_id=pad, pool=pool, weights=weights)
+
+    pool = DecodeBufferPool(capacity=2)
+    sample(pool, ids, mask)
+    (first,) = pool.sets.values()
+    keys = first.cache.layers[0].keys.data_ptr()
+    again = sample(pool, other_ids, other_mask)
+    assert list(pool.sets.values()) == [first] and first.cache.layers[0].keys.data_ptr() == keys
+    fresh = sample(DecodeBufferPool(), other_ids, other_mask)
+    for reused, new in zip(again, fresh):
+        assert torch.equal(reused, new)
+    sample(pool, ids, mask, weights="sft")  # a graph replays the kernels it captured: a set per weights
+    assert len(pool.sets) == 2 and first in pool.sets.values()
+    sample(pool, ids[:2], mask[:2])  # a third shape: the least recently used set goes
+    assert len(pool.sets) == 2 and first not in pool.sets.values()
