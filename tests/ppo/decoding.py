@@ -100,3 +100,25 @@ def decoding_discrepancy(actor_critic, ids, mask, *, eos: int, pad: int, seed: i
         rows_ended_early=int((first_end < steps - 1).sum()),
         rows_ran_on=int((first_end > first_end.min()).sum()),
     )
+
+
+def trained_trainer(model_path, out, dtype: str = "float32", *overrides: str):
+    """A PPOTrainer set up on `model_path` (no reward model) whose adapter and value head `train_a_little`."""
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [f"policy_model={model_path}", f"output_dir={out}",
+                                                         "reward_model=unused", f"dtype={dtype}", *overrides]),
+                         reward_model=object())
+    trainer.setup()
+    train_a_little(trainer.model)
+    return trainer
+
+
+def discrepancy_on_prompts(trainer, steps: int = 12, device: str | torch.device = "cpu", **kwargs) -> Discrepancy:
+    """`decoding_discrepancy` on four left-padded chat prompts, the first row ending at its third token."""
+    ids, mask = left_padded_prompts(trainer.tokenizer, device=device)
+    eos = early_eos(trainer.model, ids, mask, seed=0, steps=steps, temperature=1.0)
+    return decoding_discrepancy(trainer.model, ids, mask, eos=eos, pad=trainer.tokenizer.pad_token_id, seed=0,
+                                steps=steps, **kwargs)

@@ -15,6 +15,7 @@ from align.config import load_config
 from ppo.config import PPOConfig
 from ppo.sampling import sample_responses, sample_tokens
 from ppo.trainer import PPOTrainer
+from tests.ppo.decoding import discrepancy_on_prompts, left_padded_prompts, trained_trainer
 
 
 def test_sample_tokens_draws_each_token_with_its_probability():
@@ -253,30 +254,11 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch,
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
-def _trained_trainer(model_path, tmp_path, dtype: str) -> PPOTrainer:
-    from tests.ppo.decoding import train_a_little
-
-    trainer = PPOTrainer(load_config(PPOConfig, None, [f"policy_model={model_path}", f"output_dir={tmp_path}",
-                                                         "reward_model=unused", f"dtype={dtype}"]), reward_model=object())
-    trainer.setup()
-    train_a_little(trainer.model)
-    return trainer
-
-
-def _discrepancy(trainer, **kwargs):
-    from tests.ppo.decoding import decoding_discrepancy, early_eos, left_padded_prompts
-
-    ids, mask = left_padded_prompts(trainer.tokenizer)
-    eos = early_eos(trainer.model, ids, mask, seed=0, steps=12, temperature=1.0)
-    return decoding_discrepancy(trainer.model, ids, mask, eos=eos, pad=trainer.tokenizer.pad_token_id, seed=0,
-                                steps=12, **kwargs)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cached_decoding_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, dtype):
     # The production path: a trained adapter (not merged), the value head, left-padded prompts of
     # different lengths, one row ending at its third token while the others run on.
-    found = _discrepancy(_trained_trainer(tiny_random_model, tmp_path, dtype))
+    found = discrepancy_on_prompts(trained_trainer(tiny_random_model, tmp_path, dtype))
     assert found.rows_ended_early >= 1 and found.rows_ran_on >= 1
     assert found.same_tokens
     assert found.logprobs <= TOLERANCE[dtype] and found.values <= TOLERANCE[dtype], found
@@ -290,7 +272,7 @@ def test_the_exactness_check_catches_an_off_by_one_write_position(tiny_random_mo
 
     seek = RolloutKVCache.seek
     monkeypatch.setattr(RolloutKVCache, "seek", lambda cache, slot: seek(cache, slot + 1))
-    found = _discrepancy(_trained_trainer(tiny_random_model, tmp_path, dtype))
+    found = discrepancy_on_prompts(trained_trainer(tiny_random_model, tmp_path, dtype))
     assert not found.same_tokens
     assert found.logprobs > TOLERANCE[dtype] and found.values > TOLERANCE[dtype], found
 
@@ -309,9 +291,7 @@ class _TwiceDecoder:
 def test_running_a_decoding_step_twice_changes_nothing(tiny_random_model, tmp_path):
     # Positions are explicit: a repeated step rewrites the same cache slots with the same keys and values
     # (with transformers' StaticCache its counter moved on and every later write landed one slot late).
-    from tests.ppo.decoding import left_padded_prompts
-
-    trainer = _trained_trainer(tiny_random_model, tmp_path, "float32")
+    trainer = trained_trainer(tiny_random_model, tmp_path, "float32")
     ids, mask = left_padded_prompts(trainer.tokenizer)
     runs = []
     for decoder in (trainer.model, _TwiceDecoder(trainer.model)):
@@ -325,9 +305,7 @@ def test_running_a_decoding_step_twice_changes_nothing(tiny_random_model, tmp_pa
 def test_the_pool_keeps_one_set_of_buffers_per_shape_and_weights_and_a_rollout_reads_nothing_of_the_last(
         tiny_random_model, tmp_path):
     from ppo.sampling import DecodeBufferPool
-    from tests.ppo.decoding import left_padded_prompts
-
-    trainer = _trained_trainer(tiny_random_model, tmp_path, "float32")
+    trainer = trained_trainer(tiny_random_model, tmp_path, "float32")
     model, pad = trainer.model, trainer.tokenizer.pad_token_id
     ids, mask = left_padded_prompts(trainer.tokenizer)
     other_ids, other_mask = ids.flip(0)[:, 4:], mask.flip(0)[:, 4:]  # other rows, a shorter prompt, the same bucket
