@@ -15,7 +15,7 @@ from align.config import load_config
 from ppo.config import PPOConfig
 from ppo.sampling import sample_responses, sample_tokens
 from ppo.trainer import PPOTrainer
-from tests.ppo.decoding import discrepancy_on_prompts, left_padded_prompts, trained_trainer
+from tests.ppo.decoding import TOLERANCE, discrepancy_on_prompts, left_padded_prompts, trained_trainer
 
 
 def test_sample_tokens_draws_each_token_with_its_probability():
@@ -247,12 +247,6 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch,
 
 
 # --- the cached decoding step against the eager full forward (tests/ppo/decoding.py) ------------------
-
-# What the sampler's log-probs and values may differ from the training forward's by: float rounding in
-# fp32; in bf16 the cached step's smaller matmuls round differently (measured on the CPU: 1e-3 and 2e-3),
-# while a write one slot off moves them by 0.04 and 0.14 (test_the_exactness_check_catches_...).
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
-
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cached_decoding_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, dtype):
