@@ -68,3 +68,17 @@ def test_the_trunk_takes_the_cache_under_the_name_cache_argument_gives(tiny_mode
     # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)
     trunk = tiny_model.model
     assert cache_argument(trunk) in inspect.signature(trunk.forward).parameters
+
+
+def test_the_installed_transformers_is_in_the_range_pyproject_pins():
+    # The cache relies on transformers' cache and mask code as these tests find it; a version outside the
+    # range they ran on must be tested (and the range widened) before it is trusted.
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "transformers"]
+    assert pin.specifier.contains(transformers.__version__), (transformers.__version__, str(pin.specifier))
