@@ -322,3 +322,18 @@ def test_the_pool_keeps_one_set_of_buffers_per_shape_and_weights_and_a_rollout_r
     assert len(pool.sets) == 2 and first in pool.sets.values()
     sample(pool, ids[:2], mask[:2])  # a third shape: the least recently used set goes
     assert len(pool.sets) == 2 and first not in pool.sets.values()
+
+
+@pytest.mark.parametrize("dtype,policy_weights", [("float32", "merged"), ("bfloat16", "adapter")])
+def test_the_trainer_samples_the_policy_and_the_sft_model_with_buffers_of_their_own(tiny_random_model, tmp_path, dtype,
+                                                                                     policy_weights):
+    # A captured step replays the kernels of the call it captured (with or without the adapter's, merged or
+    # not): the SFT model sampled for evaluation must not replay the policy's graph, nor the reverse.
+    from align.synthetic import make_prompts
+
+    trainer = trained_trainer(tiny_random_model, tmp_path, dtype, "response_length=4")
+    prompts = make_prompts(4, seed=2)
+    trainer.generate(prompts)
+    trainer.generate(prompts, adapter=False)
+    trainer.generate(prompts)
+    assert sorted(key[1] for key in trainer.decode_pool.sets) == sorted([policy_weights, "sft"])
