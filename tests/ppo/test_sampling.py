@@ -299,6 +299,7 @@ def test_running_a_decoding_step_twice_changes_nothing(tiny_random_model, tmp_pa
 def test_the_pool_keeps_one_set_of_buffers_per_shape_and_weights_and_a_rollout_reads_nothing_of_the_last(
         tiny_random_model, tmp_path):
     from ppo.sampling import DecodeBufferPool
+
     trainer = trained_trainer(tiny_random_model, tmp_path, "float32")
     model, pad = trainer.model, trainer.tokenizer.pad_token_id
     ids, mask = left_padded_prompts(trainer.tokenizer)
