@@ -88,7 +88,7 @@ class PPOTrainer:
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
-        self.decode_pool = DecodeBufferPool(cuda_graph=cfg.cuda_graphs)  # decoding buffers and graphs, kept
+        self.decode_pool = DecodeBufferPool(cuda_graph=cfg.cuda_graphs)  # the rollouts' decoding buffers and graphs
 
     # ------------------------------------------------------------------------------------ setup
 
