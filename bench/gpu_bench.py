@@ -369,6 +369,18 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
     return "\n".join(lines)
 
 
+def library_versions() -> dict[str, str]:
+    """The versions the README's table must state beside the card (the rollout's KV cache relies on
+    transformers' cache and mask code within the range pyproject pins)."""
+    import importlib.metadata
+
+    import torch
+
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "accelerate")}
+    versions["cuda"] = torch.version.cuda or "-"
+    return versions
+
+
 def device_peak_tflops() -> tuple[str, float | None]:
     import torch
 
@@ -498,8 +510,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{prompt_tokens:.0f} tokens; peak {peak or '-'} TFLOP/s\n{text}")
     for run, why in failed.items():
         print(f"{run}: FAILED, {why}")
+    versions = library_versions()
+    print(", ".join(f"{k} {v}" for k, v in versions.items()))
     out = {"settings": settings, "model": info, "reward": reward, "runs": results, "failed": failed, "device": name,
-           "table": text}
+           "versions": versions, "table": text}
     (work / "results.json").write_text(json.dumps(out, indent=2))
     if failed:
         raise SystemExit(1)

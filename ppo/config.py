@@ -114,11 +114,13 @@ class PPOConfig:
     )
     cuda_graphs: bool = option(
         False,
-        help="On a GPU, capture the rollout's decoding step as a CUDA graph once per rollout and replay it (a "
-        "decoding step is hundreds of small kernels whose launches cost more than their work: on one H200 at the "
-        "Qwen2.5-0.5B shape, sampling 64 x 128 tokens took 1.35 s instead of 7.27 s). Off by default while one "
-        "GPU test (a tiny bf16 model, value head, gradient checkpointing) still sees non-finite logits with it. "
-        "No effect on the CPU.",
+        help="On a GPU, capture the rollout's decoding step as a CUDA graph and replay it (a decoding step is "
+        "hundreds of small kernels whose launches cost more than their work: on one H200 at the Qwen2.5-0.5B shape, "
+        "sampling 64 x 128 tokens took 1.35 s instead of 7.27 s, measured before the graph was kept across rollouts). "
+        "The step runs on align's own KV cache, written at explicit positions (ppo.kv_cache); a graph is captured "
+        "once per batch size, cache length (rounded up to 64) and weights (adapter, merged, SFT) and replayed in "
+        "every later rollout. Off by default until the GPU tests and benchmark have run on this path (one bf16 GPU "
+        "test saw non-finite logits with the earlier, per-rollout graphs). No effect on the CPU.",
     )
     logprob_chunk_tokens: int = option(
         4096,

@@ -61,12 +61,15 @@ class ActorCritic(nn.Module):
     values come back as None."""
 
     def __init__(self, policy: nn.Module, critic: Critic | None = None, value_head: bool = True):
+        from ppo.kv_cache import cache_argument
+
         super().__init__()
         self.policy = policy  # a PeftModel
         base = policy.get_base_model()
         self.trunk = _trunk(base)
         self.lm_head = base.get_output_embeddings()
         self.critic = critic
+        self.cache_argument = cache_argument(self.trunk)  # the trunk's name for a KV cache
         if critic is None and value_head:
             self.value_head = nn.Linear(base.config.hidden_size, 1, dtype=torch.float32)
             nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious advantages
@@ -112,11 +115,12 @@ class ActorCritic(nn.Module):
         return self.policy.get_base_model().config
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               cache: Any, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One sampling step (ppo.sampling): logits (B, V) and V(s) (B,) at the last position,
-        continuing `cache`; no values here with a separate critic (it reads whole sequences)."""
+                    cache: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sampling step (ppo.sampling): logits (B, V) and V(s) (B,) at the last position, writing
+        the step's keys and values into `cache` (a ppo.kv_cache.RolloutKVCache) where it says; no values
+        here with a separate critic (it reads whole sequences)."""
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, cache_position=cache_position).last_hidden_state
+                            use_cache=True, **{self.cache_argument: cache}).last_hidden_state
         hidden = hidden[:, -1]  # (B, H)
         values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         return self.lm_head(hidden), values

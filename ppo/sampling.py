@@ -4,17 +4,21 @@ token comes with log pi(a_t|s_t) of the distribution it was drawn from and V(s_t
 PPO needs, for each response token, the behaviour policy's log-probability and the value of
 the state (steps 1 and 4 of the iteration). The decoding loop computes both anyway, so they
 are kept rather than recomputed by a second full forward of every sequence (a quarter of a
-demo iteration). They agree with the full forward to float rounding (test: 1e-5 in fp32).
+demo iteration). They agree with the full forward to float rounding (tests/ppo/test_sampling.py:
+1e-5 in fp32, and within bf16 rounding in bf16, trained adapter, value head, eos and left padding).
 
-The loop is lean where `model.generate` is general: a static KV cache allocated once (a
-dynamic cache re-copies every layer's keys and values at each step), position ids that skip
-the left padding, and inverse-CDF sampling (`sample_tokens`). Pure sampling at a temperature,
-as PPO's log-probs require (no top-k, no top-p).
+The loop is lean where `model.generate` is general: a KV cache of our own allocated once
+(ppo.kv_cache; a dynamic cache re-copies every layer's keys and values at each step), position ids
+that skip the left padding, and inverse-CDF sampling (`sample_tokens`). Pure sampling at a
+temperature, as PPO's log-probs require (no top-k, no top-p).
 
 On a GPU one decoding step of a real model is hundreds of small kernels, and launching them
 from Python takes longer than running them. The step's inputs therefore live in fixed buffers
-that the loop updates in place, so that `CUDAGraphStep` can capture the step once per rollout
-as a CUDA graph and replay it (gpt-fast's static cache + captured decode step, without compiling).
+(`DecodeBuffers`) that the loop updates in place, so that `CUDAGraphStep` can capture the step as
+a CUDA graph and replay it: gpt-fast's static KV cache and captured decode step, without compiling
+(https://github.com/pytorch-labs/gpt-fast). The buffers and the graph are kept across rollouts
+(`DecodeBufferPool`), one set per batch size and cache length (rounded up to `CACHE_SLOTS_STEP`),
+so a run captures each shape once.
 """
 
 from __future__ import annotations
@@ -32,13 +36,19 @@ NON_FINITE = "the policy produced non-finite logits while sampling"
 log = logging.getLogger("align")
 
 
+CACHE_SLOTS_STEP = 64  # cache lengths are rounded up to a multiple: a graph serves prompts of nearby lengths
+
+
 class Decoder(Protocol):
-    """One decoding step: logits (B, V) and values (B,) (None without a value head) at the last position."""
+    """One decoding step: logits (B, V) and values (B,) (None without a value head) at the last position.
+
+    `cache` is a ppo.kv_cache.RolloutKVCache whose `write_position` says where the step's tokens go;
+    `config.num_hidden_layers` is how many attention layers it holds."""
 
     config: object
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               cache: object, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+                    cache: object) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +71,16 @@ def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool =
 
 class CUDAGraphStep:
     """A decoder's `decode_step`, run eagerly at its first call, captured as one CUDA graph at its
-    second and replayed after.
+    second and replayed at every later call, across rollouts.
 
-    Every call must pass the same tensors (the sampling loop's buffers, updated in place) and the
-    same cache: a graph replays fixed addresses. The outputs are the graph's own buffers, valid
-    until the next call. Each step must run exactly once: transformers' StaticCache counts the
-    tokens it has stored in a device tensor, so an extra warm-up step would shift every later write
-    (and run past the cache's end). The eager first step is the warm-up (cuBLAS and allocator set-up
-    stay out of the capture), and a capture runs nothing until it is replayed. If the step cannot be
-    captured (an op that reads a device value on the host, say), it runs eagerly from then on, with
-    a warning.
+    Every call must pass the same tensors (a `DecodeBuffers`' buffers, updated in place) and the same
+    cache: a graph replays fixed addresses. The outputs are the graph's own buffers, valid until the
+    next call. The eager first call is the warm-up (cuBLAS and allocator set-up stay out of the
+    capture); since the cache writes where its `write_position` says, running a step twice rewrites
+    the same slots, and the warm-up needs no bookkeeping. Capturing synchronises the device and
+    empties PyTorch's caching allocator (`torch.cuda.graph`), one more reason to capture once per
+    shape rather than once per rollout. If the step cannot be captured (an op that reads a device
+    value on the host, say), it runs eagerly from then on, with a warning.
     """
 
     def __init__(self, decoder: Decoder):
@@ -107,6 +117,74 @@ class CUDAGraphStep:
         return outputs
 
 
+def cache_slots(prompt_length: int, max_new_tokens: int) -> int:
+    """The cache length for a prompt and its response, rounded up to a multiple of CACHE_SLOTS_STEP.
+    The slots past the response are never written and always masked."""
+    return -(-(prompt_length + max_new_tokens) // CACHE_SLOTS_STEP) * CACHE_SLOTS_STEP
+
+
+class DecodeBuffers:
+    """What a decoding step reads, allocated once for a batch size and cache length: the KV cache,
+    the attention mask over its slots, the token fed back and its position id. A rollout fills them
+    in place (`start`, then `advance` once per token), so that a captured step can replay them.
+
+    The cache's slots: the left-padded prompt at 0..Q-1, the t-th sampled token at Q + t; a slot is
+    switched on in the mask once it holds a token."""
+
+    def __init__(self, decoder: Decoder, batch: int, length: int, device: torch.device, cuda_graph: bool):
+        from ppo.kv_cache import RolloutKVCache
+
+        self.decoder = decoder
+        self.cache = RolloutKVCache(decoder.config.num_hidden_layers, length, device)
+        self.mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        graphed = cuda_graph and torch.device(device).type == "cuda"
+        self.step = CUDAGraphStep(decoder) if graphed else decoder.decode_step
+
+    def start(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the (B, Q) prompts (eagerly: their length varies) into the cleared cache: the logits and
+        values at their last position."""
+        prompt_len = query_ids.shape[1]
+        self.cache.reset()
+        self.mask.zero_()
+        self.mask[:, :prompt_len] = query_mask
+        positions = position_ids_from_mask(query_mask)  # (B, Q) the first real token is position 0
+        self.position.copy_(positions[:, -1:])  # left padding: the last column is real in every row
+        return self.decoder.decode_step(query_ids, self.mask[:, :prompt_len], positions, self.cache)
+
+    def advance(self, token: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed back the (B,) tokens just sampled, written at cache `slot`: the next logits and values."""
+        self.mask[:, slot] = 1
+        self.position += 1
+        self.token.copy_(token[:, None])
+        self.cache.seek(slot)
+        return self.step(self.token, self.mask, self.position, self.cache)
+
+
+class DecodeBufferPool:
+    """Decode buffers (and on a GPU their captured graphs) kept across rollouts: one set per decoder,
+    weights, batch size and cache length; beyond `capacity` sets the least recently used goes.
+
+    `weights` names what the decoder's Python does around its parameters (the policy with its adapter,
+    with the adapter merged, the SFT model with the adapter disabled): a graph replays the kernels of
+    the call it captured, so each of these needs its own. The parameters' values may change between
+    rollouts (the optimiser and merging write them in place, where the graph reads them)."""
+
+    def __init__(self, cuda_graph: bool = False, capacity: int = 4):
+        self.cuda_graph = cuda_graph
+        self.capacity = capacity
+        self.sets: dict[tuple, DecodeBuffers] = {}
+
+    def get(self, decoder: Decoder, weights: str, batch: int, length: int, device: torch.device) -> DecodeBuffers:
+        key = (id(decoder), weights, batch, length, str(device))  # a set keeps its decoder alive: the id stays its own
+        buffers = self.sets.pop(key, None) or DecodeBuffers(decoder, batch, length, device, self.cuda_graph)
+        self.sets[key] = buffers  # the most recently used last
+        while len(self.sets) > self.capacity:
+            del self.sets[next(iter(self.sets))]
+        return buffers
+
+
 @torch.no_grad()
 def sample_responses(
     decoder: Decoder,
@@ -118,7 +196,8 @@ def sample_responses(
     eos_token_id: int,
     pad_token_id: int,
     sync_every: int | None = None,
-    cuda_graph: bool = False,
+    pool: DecodeBufferPool | None = None,
+    weights: str = "policy",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Continue (B, Q) left-padded prompts by up to `max_new_tokens` sampled tokens.
 
@@ -126,27 +205,18 @@ def sample_responses(
     sampled tokens at `temperature` (0 after eos), and values (B, N) V(s_t) of the state each
     token was drawn in (None when the decoder has no value head). Decoding stops once every
     row has ended (noticed within `sync_every` steps; None: 1 on the CPU, 8 on a GPU).
-    `cuda_graph`: replay the decoding step as a CUDA graph (`CUDAGraphStep`; a GPU only).
+    `pool` keeps the step's buffers across calls, and its CUDA graphs with `cuda_graph=True` on a GPU,
+    under the name `weights` (see DecodeBufferPool); None: buffers for this call only, no graph.
     """
-    from transformers import StaticCache
-
     batch, prompt_len = query_ids.shape
     device = query_ids.device
-    cache = StaticCache(config=decoder.config, max_cache_len=prompt_len + max_new_tokens)
-    # (B, Q + N): the cache's slots; a generated position is switched on once it holds a token
-    mask = torch.cat([query_mask, query_mask.new_zeros(batch, max_new_tokens)], dim=1)
-    positions = position_ids_from_mask(query_mask)  # (B, Q) the first real token is position 0
+    pool = DecodeBufferPool() if pool is None else pool
+    buffers = pool.get(decoder, weights, batch, cache_slots(prompt_len, max_new_tokens), device)
     response = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
     values = torch.zeros(batch, max_new_tokens, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits, value = decoder.decode_step(query_ids, mask[:, :prompt_len], positions, cache,
-                                        torch.arange(prompt_len, device=device))
-    # the decoding step's inputs, updated in place (fixed addresses for a CUDA graph)
-    step_ids = response[:, :1].clone()  # (B, 1) the token fed back
-    position = positions[:, -1:].clone()  # (B, 1) left padding: the last column is real in every row
-    slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache position written
-    decode_step = CUDAGraphStep(decoder) if cuda_graph and device.type == "cuda" else decoder.decode_step
+    logits, value = buffers.start(query_ids, query_mask)
     # Reading a device value on the host waits for every queued kernel, and a decode step on a GPU is
     # launch-bound (small kernels): there the host asks whether all rows have ended (and whether the
     # logits were finite) every `sync_every` steps, so it can queue the next steps meanwhile. The rows
@@ -165,9 +235,5 @@ def sample_responses(
             raise FloatingPointError(NON_FINITE)
         if last or (check and bool(done.all())):
             break
-        mask[:, prompt_len + step] = 1
-        position += 1
-        step_ids.copy_(response[:, step, None])
-        slot.fill_(prompt_len + step)
-        logits, value = decode_step(step_ids, mask, position, cache, slot)
+        logits, value = buffers.advance(response[:, step], prompt_len + step)
     return response, logprobs, (values if value is not None else None)

@@ -57,7 +57,7 @@ from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, row_padding_bounds, rows_padding_bounds
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
-from ppo.sampling import sample_responses
+from ppo.sampling import DecodeBufferPool, sample_responses
 
 log = logging.getLogger("align")
 
@@ -93,6 +93,7 @@ class PPOTrainer:
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
+        self.decode_pool = DecodeBufferPool(cuda_graph=cfg.cuda_graphs)  # the rollouts' decoding buffers and graphs
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -292,23 +293,25 @@ class PPOTrainer:
         enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        with self.sampling_weights(adapter):
+        weights, weights_context = self.sampling_weights(adapter)
+        with weights_context:
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
                 temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                cuda_graph=self.cfg.cuda_graphs)
+                pool=self.decode_pool, weights=weights)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
         return Samples(query_ids, query_mask, response_ids, response_mask, logprobs, values)
 
-    def sampling_weights(self, adapter: bool) -> contextlib.AbstractContextManager:
-        """The SFT model (adapter off) or the policy. In fp32 the policy's LoRA update is merged
-        into the base for sampling (one matmul per layer instead of three); in bf16 a young
-        adapter's small update would round away in the merged weights, so it stays separate
-        unless `sample_merged` asks for it (see PPOConfig.sample_merged)."""
+    def sampling_weights(self, adapter: bool) -> tuple[str, contextlib.AbstractContextManager]:
+        """The SFT model (adapter off) or the policy, with its name in the decode buffer pool (a
+        captured decoding step replays the kernels of the weights it was captured with). In fp32 the
+        policy's LoRA update is merged into the base for sampling (one matmul per layer instead of
+        three); in bf16 a young adapter's small update would round away in the merged weights, so it
+        stays separate unless `sample_merged` asks for it (see PPOConfig.sample_merged)."""
         if not adapter:
-            return self.model.adapter_disabled()
+            return "sft", self.model.adapter_disabled()
         merge = self.sampler_is_exact if self.cfg.sample_merged is None else self.cfg.sample_merged
-        return self.model.adapter_merged() if merge else contextlib.nullcontext()
+        return ("merged", self.model.adapter_merged()) if merge else ("adapter", contextlib.nullcontext())
 
     @property
     def sampler_is_exact(self) -> bool:

@@ -39,6 +39,7 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
     assert exit_info.value.code == 1
     out = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert out["model"]["vocab"] > 256 and out["reward"]["steps"] == 2
+    assert set(out["versions"]) == {"torch", "transformers", "peft", "accelerate", "cuda"}
     assert set(out["runs"]) == {"align (value head)", "align (merged sampling)", "align (CUDA-graph decode)",
                                 "align (profiled)"}
     assert set(out["failed"]) == {"align (critic)"}

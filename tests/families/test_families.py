@@ -1,6 +1,7 @@
 """Every causal-LM family through every stage with the default settings (LoRA on `all-linear`):
 reward training with adapters on every linear layer of every block, train_layers, a saved reward
-model that loads back, one PPO iteration in both value modes, and the export of the policy."""
+model that loads back, one PPO iteration in both value modes, the export of the policy, and the
+rollout's cached decoding against the full forward."""
 
 from __future__ import annotations
 
@@ -160,6 +161,17 @@ def test_ppo_one_iteration_with_default_lora_and_export(family, value_model, fam
     ids = AutoTokenizer.from_pretrained(exported)("hello there", return_tensors="pt")["input_ids"]
     assert plain.config.model_type == AutoModelForCausalLM.from_pretrained(policy).config.model_type
     assert torch.isfinite(plain(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cached_decoding_samples_what_the_full_forward_samples(family, family_model, tmp_path):
+    # Each family's attention and mask code meets the rollout's own KV cache (ppo.kv_cache): some pass the
+    # cache extra arguments and some none (GPT-NeoX), GPT-2 and OPT learn their position embeddings.
+    from tests.ppo.decoding import discrepancy_on_prompts, trained_trainer
+
+    found = discrepancy_on_prompts(trained_trainer(family_model(family), tmp_path, "float32", "num_threads=1"))
+    assert found.same_tokens and found.rows_ended_early >= 1
+    assert found.logprobs <= 1e-5 and found.values <= 1e-5, found
 
 
 def test_own_chat_template_is_used_and_a_checkpoint_without_one_gets_the_hh_dialogue(family_model):

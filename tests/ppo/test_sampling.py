@@ -1,9 +1,12 @@
 """Rollout sampling: exact categorical draws; the KV-cache loop continues left-padded prompts
-as `generate` does; the sampler's log-probs and values are those of a full forward."""
+as `generate` does; the sampler's tokens, log-probs and values are those of the eager full forward
+(fp32 and bf16, trained adapter and value head, left padding, rows that end early); its buffers
+are kept across rollouts."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from align.config import load_config
 from ppo.config import PPOConfig
 from ppo.sampling import sample_responses, sample_tokens
 from ppo.trainer import PPOTrainer
+from tests.ppo.decoding import TOLERANCE, discrepancy_on_prompts, left_padded_prompts, trained_trainer
 
 
 def test_sample_tokens_draws_each_token_with_its_probability():
@@ -92,12 +96,12 @@ def test_bf16_rollouts_keep_the_adapter_apart_and_recompute_old_logprobs(small_r
 class _Decoder:
     """A decoder whose logits favour eos more at each step; NaN logits from `nan_at` on."""
 
-    config = None
+    config = SimpleNamespace(num_hidden_layers=0)  # a cache with no layers: this decoder keeps no keys
 
     def __init__(self, vocab: int = 5, eos: int = 4, nan_at: int | None = None):
         self.vocab, self.eos, self.nan_at, self.steps = vocab, eos, nan_at, 0
 
-    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+    def decode_step(self, input_ids, attention_mask, position_ids, cache):
         logits = torch.zeros(input_ids.shape[0], self.vocab)
         logits[:, self.eos] = self.steps * 0.7
         if self.nan_at is not None and self.steps >= self.nan_at:
@@ -106,21 +110,18 @@ class _Decoder:
         return logits, None
 
 
-def _sample(decoder, sync_every, monkeypatch):
-    import transformers
-
-    monkeypatch.setattr(transformers, "StaticCache", lambda **kwargs: None)
+def _sample(decoder, sync_every):
     ids = torch.tensor([[1, 2, 3], [0, 2, 1], [3, 3, 3]])
     torch.manual_seed(0)
     return sample_responses(decoder, ids, torch.ones_like(ids), max_new_tokens=24, temperature=1.0,
                             eos_token_id=4, pad_token_id=0, sync_every=sync_every)
 
 
-def test_checking_for_the_end_every_8_steps_samples_the_same_responses(monkeypatch):
+def test_checking_for_the_end_every_8_steps_samples_the_same_responses():
     # On a GPU the loop asks the device whether every row has ended only every 8 steps; the rows
     # that ended in between get pad, so the responses and log-probs are those of checking every step.
-    every_step = _sample(_Decoder(), 1, monkeypatch)
-    every_8 = _sample(_Decoder(), 8, monkeypatch)
+    every_step = _sample(_Decoder(), 1)
+    every_8 = _sample(_Decoder(), 8)
     assert (every_step[0] == 4).any(-1).all()  # every row ended before 24 tokens
     torch.testing.assert_close(every_8[0], every_step[0], rtol=0, atol=0)
     torch.testing.assert_close(every_8[1], every_step[1], rtol=0, atol=0)
@@ -133,32 +134,32 @@ class _RecordingDecoder(_Decoder):
         super().__init__()
         self.seen = []
 
-    def decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
+    def decode_step(self, input_ids, attention_mask, position_ids, cache):
         if self.steps > 0:
-            self.seen.append(([t.data_ptr() for t in (input_ids, attention_mask, position_ids, cache_position)],
+            self.seen.append(([t.data_ptr() for t in (input_ids, attention_mask, position_ids, cache.write_position)],
                               input_ids[:, 0].tolist(), attention_mask.sum(-1).tolist(), position_ids[:, 0].tolist(),
-                              cache_position.tolist()))
-        return super().decode_step(input_ids, attention_mask, position_ids, cache, cache_position)
+                              cache.write_position.item()))
+        return super().decode_step(input_ids, attention_mask, position_ids, cache)
 
 
-def test_the_decoding_step_reads_the_same_buffers_at_every_step(monkeypatch):
+def test_the_decoding_step_reads_the_same_buffers_at_every_step():
     # A CUDA graph replays fixed addresses: the loop must update its inputs in place, and they
     # must still say what each step needs (the token just sampled, the next position and slot).
     decoder = _RecordingDecoder()
-    response, _, _ = _sample(decoder, 8, monkeypatch)
+    response, _, _ = _sample(decoder, 8)
     assert len(decoder.seen) >= 3
     addresses = {tuple(seen[0]) for seen in decoder.seen}
     assert len(addresses) == 1
     for step, (_, fed, attended, positions, slot) in enumerate(decoder.seen):
         assert fed == response[:, step].tolist()  # the token sampled at the step before (pad once ended)
         assert attended == [3 + step + 1] * 3  # the prompt and every token fed so far
-        assert positions == [3 + step] * 3 and slot == [3 + step]
+        assert positions == [3 + step] * 3 and slot == 3 + step
 
 
-def test_non_finite_logits_raise_at_the_next_check(monkeypatch):
+def test_non_finite_logits_raise_at_the_next_check():
     for sync_every in (1, 8):
         with pytest.raises(FloatingPointError):
-            _sample(_Decoder(nan_at=3), sync_every, monkeypatch)
+            _sample(_Decoder(nan_at=3), sync_every)
 
 
 def test_bf16_rollouts_sampled_with_the_merged_adapter_keep_ratio_one_and_the_base(small_run):
@@ -218,21 +219,17 @@ class _LoggingDecoder:
         return torch.zeros(2, 5), None
 
 
-def test_the_graphed_decoding_step_runs_each_step_exactly_once(monkeypatch):
-    # transformers' StaticCache counts its writes on the device: a warm-up step beside the real ones
-    # would shift every later write. The first step runs eagerly (the warm-up), the second is
-    # captured (which executes nothing) and replayed, and every later step is one replay.
+def test_the_graphed_decoding_step_is_captured_once_and_replayed_at_every_later_call(monkeypatch):
+    # The first step runs eagerly (the warm-up), the second is captured (which executes nothing) and
+    # replayed, and every later step, in this rollout or the next, is one replay of the same buffers.
     from ppo.sampling import CUDAGraphStep
 
     events = []
     step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events)))
-    inputs = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 1), None,
-              torch.zeros(1, dtype=torch.long))
-    for _ in range(4):
+    inputs = (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.zeros(2, 1), object())
+    for _ in range(6):
         step(*inputs)
-    assert events == ["eager", "captured", "replay", "replay", "replay"]
-    executed = [e for e in events if e in ("eager", "replay")]
-    assert len(executed) == 4
+    assert events == ["eager", "captured", "replay", "replay", "replay", "replay", "replay"]
     with pytest.raises(ValueError, match="same tensors"):  # a replay reads the captured addresses only
         step(inputs[0].clone(), *inputs[1:])
 
@@ -247,3 +244,97 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch,
         step(*inputs)
     assert events == ["eager", "captured", "eager", "eager"]  # the failed capture's step runs eagerly
     assert "could not be captured as a CUDA graph" in caplog.text
+
+
+# --- the cached decoding step against the eager full forward (tests/ppo/decoding.py) ------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_decoding_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, dtype):
+    # The production path: a trained adapter (not merged), the value head, left-padded prompts of
+    # different lengths, one row ending at its third token while the others run on.
+    found = discrepancy_on_prompts(trained_trainer(tiny_random_model, tmp_path, dtype))
+    assert found.rows_ended_early >= 1 and found.rows_ran_on >= 1
+    assert found.same_tokens
+    assert found.logprobs <= TOLERANCE[dtype] and found.values <= TOLERANCE[dtype], found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_exactness_check_catches_an_off_by_one_write_position(tiny_random_model, tmp_path, dtype, monkeypatch):
+    # The failure the cache of our own rules out (a write counter one step ahead of the mask): the
+    # check above must see it at its tolerance.
+    from ppo.kv_cache import RolloutKVCache
+
+    seek = RolloutKVCache.seek
+    monkeypatch.setattr(RolloutKVCache, "seek", lambda cache, slot: seek(cache, slot + 1))
+    found = discrepancy_on_prompts(trained_trainer(tiny_random_model, tmp_path, dtype))
+    assert not found.same_tokens
+    assert found.logprobs > TOLERANCE[dtype] and found.values > TOLERANCE[dtype], found
+
+
+class _TwiceDecoder:
+    """Runs every decoding step twice, as a warm-up beside a captured step would."""
+
+    def __init__(self, decoder):
+        self.decoder, self.config = decoder, decoder.config
+
+    def decode_step(self, *inputs):
+        self.decoder.decode_step(*inputs)
+        return self.decoder.decode_step(*inputs)
+
+
+def test_running_a_decoding_step_twice_changes_nothing(tiny_random_model, tmp_path):
+    # Positions are explicit: a repeated step rewrites the same cache slots with the same keys and values
+    # (with transformers' StaticCache its counter moved on and every later write landed one slot late).
+    trainer = trained_trainer(tiny_random_model, tmp_path, "float32")
+    ids, mask = left_padded_prompts(trainer.tokenizer)
+    runs = []
+    for decoder in (trainer.model, _TwiceDecoder(trainer.model)):
+        torch.manual_seed(0)
+        runs.append(sample_responses(decoder, ids, mask, max_new_tokens=10, temperature=1.0, eos_token_id=-1,
+                                     pad_token_id=0))
+    for once, twice in zip(*runs):
+        assert torch.equal(once, twice)
+
+
+def test_the_pool_keeps_one_set_of_buffers_per_shape_and_weights_and_a_rollout_reads_nothing_of_the_last(
+        tiny_random_model, tmp_path):
+    from ppo.sampling import DecodeBufferPool
+
+    trainer = trained_trainer(tiny_random_model, tmp_path, "float32")
+    model, pad = trainer.model, trainer.tokenizer.pad_token_id
+    ids, mask = left_padded_prompts(trainer.tokenizer)
+    other_ids, other_mask = ids.flip(0)[:, 4:], mask.flip(0)[:, 4:]  # other rows, a shorter prompt, the same bucket
+
+    def sample(pool, ids, mask, weights="policy"):
+        torch.manual_seed(0)
+        return sample_responses(model, ids, mask, max_new_tokens=10, temperature=1.0, eos_token_id=-1,
+                                pad_token_id=pad, pool=pool, weights=weights)
+
+    pool = DecodeBufferPool(capacity=2)
+    sample(pool, ids, mask)
+    (first,) = pool.sets.values()
+    keys = first.cache.layers[0].keys.data_ptr()
+    again = sample(pool, other_ids, other_mask)
+    assert list(pool.sets.values()) == [first] and first.cache.layers[0].keys.data_ptr() == keys
+    fresh = sample(DecodeBufferPool(), other_ids, other_mask)
+    for reused, new in zip(again, fresh):
+        assert torch.equal(reused, new)
+    sample(pool, ids, mask, weights="sft")  # a graph replays the kernels it captured: a set per weights
+    assert len(pool.sets) == 2 and first in pool.sets.values()
+    sample(pool, ids[:2], mask[:2])  # a third shape: the least recently used set goes
+    assert len(pool.sets) == 2 and first not in pool.sets.values()
+
+
+@pytest.mark.parametrize("dtype,policy_weights", [("float32", "merged"), ("bfloat16", "adapter")])
+def test_the_trainer_samples_the_policy_and_the_sft_model_with_buffers_of_their_own(tiny_random_model, tmp_path, dtype,
+                                                                                     policy_weights):
+    # A captured step replays the kernels of the call it captured (with or without the adapter's, merged or
+    # not): the SFT model sampled for evaluation must not replay the policy's graph, nor the reverse.
+    from align.synthetic import make_prompts
+
+    trainer = trained_trainer(tiny_random_model, tmp_path, dtype, "response_length=4")
+    prompts = make_prompts(4, seed=2)
+    trainer.generate(prompts)
+    trainer.generate(prompts, adapter=False)
+    trainer.generate(prompts)
+    assert sorted(key[1] for key in trainer.decode_pool.sets) == sorted([policy_weights, "sft"])
