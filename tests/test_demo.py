@@ -13,8 +13,8 @@ from align.config import ConfigError
 
 
 def test_overrides_are_routed_to_their_stage():
-    demo, reward, ppo = split_overrides(["k=3", "reward.train.learning_rate=0.1", "ppo.kl.coef=0.2"])
-    assert (demo, reward, ppo) == (["k=3"], ["train.learning_rate=0.1"], ["kl.coef=0.2"])
+    demo, reward, ppo, dpo = split_overrides(["k=3", "reward.train.learning_rate=0.1", "ppo.kl.coef=0.2", "dpo.beta=0.2"])
+    assert (demo, reward, ppo, dpo) == (["k=3"], ["train.learning_rate=0.1"], ["kl.coef=0.2"], ["beta=0.2"])
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,9 @@ def test_overrides_are_routed_to_their_stage():
         (["reward.train.learnin_rate=0.1"], "did you mean 'train.learning_rate'"),
         (["ppo.kl_coeff=0.1"], "for PPOConfig"),
         (["annotators_per_prompt=5", "num_annotators=2"], "exceeds num_annotators"),
+        (["method=reinforce"], "method"),
+        (["method=dpo", "dpo.bta=0.1"], "did you mean 'beta'"),
+        (["method=grpo", "ppo.samples_per_prompt=1"], "needs samples_per_prompt >= 2"),
     ],
 )
 def test_bad_overrides_stop_before_any_work(tmp_path, overrides, message):
@@ -63,6 +66,23 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
         assert f"]({png})" in report
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"| gold judge score | {on_disk['demo/gold_sft']:.3f} | {on_disk['demo/gold_export']:.3f} |" in report
+
+
+@pytest.mark.slow
+def test_demo_takes_the_dpo_road_without_a_reward_model(tiny_random_model, tmp_path):
+    out = tmp_path / "demo"
+    summary = run_demo(out, config_path=None, overrides=[
+        f"model={tiny_random_model}", "method=dpo", "num_prompts=24", "k=3", "num_eval_prompts=6",
+        "max_new_tokens=10", "dpo.batch_size=8", "dpo.num_eval_prompts=6", "dpo.response_length=10",
+        "dpo.data.eval_fraction=0.25",
+    ])
+    assert not (out / "reward").exists() and (out / "dpo" / "policy" / "adapter_config.json").exists()
+    assert (out / "export" / "model.safetensors").exists() and "DPO settings" in (out / "export" / "README.md").read_text()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["demo/method"] == "dpo" and "demo/reward_sft" not in on_disk
+    assert on_disk["eval/num_pairs"] > 0 and on_disk["demo/gold_export"] == pytest.approx(summary["demo/gold_export"])
+    report = (out / "report.md").read_text()
+    assert "reward-model score" not in report and "implicit reward" in report
 
 
 def test_continue_without_a_database_is_a_user_error(tmp_path):

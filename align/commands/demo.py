@@ -141,7 +141,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     else:
         dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
         dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
-        policy_cfg = load_config(DPOConfig, cfg.policy_config, [*dpo_base, *dpo_over])
+        policy_cfg = load_config(DPOConfig, cfg.policy_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
