@@ -11,19 +11,7 @@ from align.errors import ConfigError
 from ppo import core
 from ppo.config import PPOConfig
 from ppo.trainer import PPOTrainer, run_ppo
-from tests.ppo.test_learning import HashScorer
-
-
-def record_optimize(trainer):
-    seen = {}
-    optimize = trainer.optimize
-
-    def recording(exp):
-        seen["exp"] = exp
-        return optimize(exp)
-
-    trainer.optimize = recording
-    return seen
+from tests.ppo.test_learning import HashScorer, record_optimize
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])

@@ -18,19 +18,25 @@ class HashScorer:
         return torch.tensor([1.0 if hashlib.sha256(r.encode()).digest()[0] % 2 else -1.0 for r in responses])
 
 
+def record_optimize(trainer: PPOTrainer) -> dict:
+    """After `trainer.step()`, the returned dict's "exp" is the Experience that step optimised on."""
+    seen = {}
+    optimize = trainer.optimize
+
+    def recording(exp):
+        seen["exp"] = exp
+        return optimize(exp)
+
+    trainer.optimize = recording
+    return seen
+
+
 def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small_run):
     overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
     overrides += ["batch_size=32", "learning_rate=1e-2", "value_lr_scale=1", "kl.coef=0.0", "missing_eos_penalty=null"]
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
-    seen = {}
-    optimize = trainer.optimize
-
-    def recording_optimize(exp):
-        seen["exp"] = exp
-        return optimize(exp)
-
-    trainer.optimize = recording_optimize
+    seen = record_optimize(trainer)
     metrics = trainer.step()
     exp = seen["exp"]
     assert abs(metrics["objective/kl"]) < 1e-3  # the rollout policy is the SFT model (LoRA B starts at 0)
