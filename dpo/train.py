@@ -158,7 +158,6 @@ class DPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.policy.train()
         t_start = time.perf_counter()
         window: list[dict[str, float]] = []
         bar = tqdm(self.batches, desc="dpo", unit="step", disable=not cfg.progress)
@@ -174,7 +173,6 @@ class DPOTrainer:
                 self.last_train = row
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}")
                 window = []
-        self.policy.eval()
         self.train_seconds = time.perf_counter() - t_start
 
     # ------------------------------------------------------------------------------------ outputs
