@@ -252,6 +252,32 @@ def resolve_lora_targets(model: Any, target_modules: list[str], *, layers: list[
     return targets
 
 
+def portable_lora_targets(model: Any, targets: list[str]) -> dict[str, Any]:
+    """LoraConfig arguments that adapt exactly `targets` (qualified names from `resolve_lora_targets`)
+    in the form other engines read: short module names (`q_proj`, ...) and, when only some blocks
+    are adapted, `layers_to_transform` with `layers_pattern`. Serving engines that load LoRA
+    adapters by module name (vLLM, TGI, llama.cpp's converter) reject fully qualified paths.
+    The short form is used only where PEFT's suffix rule then selects the same layers and nothing
+    else (a vision tower's `q_proj` would break that); otherwise the qualified names stay."""
+    prefix, blocks = find_blocks(model)
+    start = prefix + "."
+
+    def block_index(name: str) -> int | None:  # the block a module sits in; None outside the blocks
+        number = name[len(start):].split(".", 1)[0] if name.startswith(start) else ""
+        return int(number) if number.isdigit() else None
+
+    short = sorted({leaf(t) for t in targets})
+    layers = sorted({block_index(t) for t in targets})
+    # what PEFT's suffix rule selects with the short names, in those blocks (and anywhere outside them)
+    selected = {name for name, module in model.named_modules() if name and _is_linear(module)
+                and any(matches(name, s) for s in short) and block_index(name) in (*layers, None)}
+    if selected != set(targets):
+        return {"target_modules": list(targets)}
+    if len(layers) == len(blocks):
+        return {"target_modules": short}
+    return {"target_modules": short, "layers_to_transform": layers, "layers_pattern": leaf(prefix)}
+
+
 def lora_summary(targets: list[str]) -> str:
     """'LoRA on q_proj, k_proj, ... (14 layers)': what the run log says was adapted."""
     names = list(dict.fromkeys(leaf(t) for t in targets))
