@@ -9,7 +9,8 @@ Ziegler et al. 2019 / InstructGPT:
 
 The critic-free methods (`method=rloo|grpo`) run the same iteration with k samples per prompt;
 steps 3-4 become one reward per sequence and a baseline from the prompt's other samples
-(`group_advantages`), and step 5 has no value loss (GRPO adds its KL term there instead).
+(`core.rloo_advantages`, `core.grpo_advantages`), and step 5 has no value loss (GRPO adds its
+KL term there instead).
 
 The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint and the final
 held-out evaluation is ppo.evaluation.
@@ -227,7 +228,8 @@ class PPOTrainer:
         t2 = time.perf_counter()
 
         # 3) Per-token rewards: -beta * KL(pi_old || pi_ref) estimate at every token, plus the
-        #    score at the last real token (Ziegler et al. 2019 eq. 2).
+        #    score at the last real token (Ziegler et al. 2019 eq. 2); the score alone where the
+        #    KL goes into the loss instead (GRPO).
         beta = self.kl_ctl.value
         exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator) * exp.response_mask
         kl_in_reward = 0.0 if cfg.kl_in_loss else beta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 
 from align.config import load_config
@@ -91,3 +92,21 @@ def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run):
     assert whole.keys() == accumulated.keys() and any("lora_" in n for n in whole)
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+class NaNScorer:
+    """A reward model gone wrong: every score NaN."""
+
+    def score(self, prompts, responses, batch_size=64):
+        return torch.full((len(responses),), float("nan"))
+
+
+def test_a_non_finite_gradient_stops_the_run_before_it_is_applied(small_run):
+    from align.errors import TrainingDiverged
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, small_run), reward_model=NaNScorer())
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"iteration 1, epoch 1, minibatch 1: the gradient norm is nan"):
+        trainer.step()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
