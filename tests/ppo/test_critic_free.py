@@ -71,6 +71,10 @@ def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_pa
     assert (run / "policy" / "adapter_config.json").exists()
     assert not (run / "value_head.safetensors").exists()
     assert summary["iteration"] == 2 and "eval/kl" in summary
+    from align.commands.export import export_run
+
+    out = export_run(run, tmp_path / "export")
+    assert (out / "model.safetensors").exists() and "## GRPO settings" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("overrides, message", [
