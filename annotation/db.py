@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
@@ -17,7 +18,7 @@ from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def default_db_url() -> str:
@@ -213,31 +214,47 @@ class WalCheckpointer:
             self._thread.join(5)
 
 
+# PostgreSQL advisory lock key (any constant: advisory locks are per database) that
+# serializes `migrate` across processes, as the writer lock does on SQLite.
+_MIGRATION_LOCK_KEY = 0x616C69676E  # "align"
+
+
 def migrate(engine: Engine) -> None:
     """Create the schema, or bring an older one up to SCHEMA_VERSION.
 
     Migrations are plain functions keyed by the version they produce; version 1 is the
-    initial schema. A database newer than this code is refused rather than touched."""
+    initial schema. A database newer than this code is refused rather than touched.
+
+    Processes that start at the same moment (server workers, a CLI import) migrate one
+    after the other: everything, create_all included, runs in one transaction that first
+    takes the database's migration lock (SQLite: BEGIN IMMEDIATE under the writer lock;
+    PostgreSQL: a transaction-level advisory lock, DDL being transactional there). The
+    second process then reads the version the first committed and has nothing to do, so
+    no error needs to be swallowed; any error is the migration's own and is raised."""
     try:
-        Base.metadata.create_all(engine)
-    except Exception as exc:
-        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc}") from None
-    with Session(engine) as db:
+        db = Session(engine)
+        if on_postgresql(db):
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        else:
+            db.connection()  # BEGIN IMMEDIATE: the writer lock until the commit below
+    except OperationalError as exc:  # no server, a file that cannot be opened
+        db.close()
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+    with db:
+        Base.metadata.create_all(db.connection())
         row = db.get(Meta, "schema_version")
         current = int(row.value) if row else 0
         if current > SCHEMA_VERSION:
             raise UserError(f"database schema v{current} is newer than this align (v{SCHEMA_VERSION}); upgrade align")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS.get(version, lambda _db: None)(db)
-        if current != SCHEMA_VERSION:
-            if row is None:
-                db.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            else:
-                row.value = str(SCHEMA_VERSION)
-            try:
-                db.commit()
-            except Exception:  # another process migrated at the same moment
-                db.rollback()
+        # Each migration checks what it changes, so on a new database (current 0, the
+        # current schema from create_all) they change nothing.
+        for version in range(max(current, 1) + 1, SCHEMA_VERSION + 1):  # v1: create_all
+            MIGRATIONS[version](db)
+        if row is None:
+            db.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif current != SCHEMA_VERSION:
+            row.value = str(SCHEMA_VERSION)
+        db.commit()
 
 
 def _v2(db: Session) -> None:
@@ -265,7 +282,30 @@ def _v3(db: Session) -> None:
     conn.execute(text("CREATE INDEX ix_prompts_queue ON prompts (project_id, done_count, slots_taken, id)"))
 
 
-MIGRATIONS: dict = {2: _v2, 3: _v3}  # {version: fn(session)}; v1 = create_all above
+def _v4(db: Session) -> None:
+    """One live lease per annotator and project (the partial unique index
+    ux_assignments_live). Two tabs could hold two before it; the later of such leases are
+    expired and their slots given back, as a lease that ran out would be, so that the
+    index can be built."""
+    from sqlalchemy import and_, exists, update
+    from sqlalchemy.orm import aliased
+
+    from annotation.models import Assignment, Prompt
+
+    earlier = aliased(Assignment)
+    duplicates = db.execute(select(Assignment.id, Assignment.prompt_id).where(
+        Assignment.status == "leased",
+        exists().where(and_(earlier.user_id == Assignment.user_id, earlier.project_id == Assignment.project_id,
+                            earlier.status == "leased", earlier.id < Assignment.id)))).all()
+    for lease in duplicates:
+        db.execute(update(Assignment).where(Assignment.id == lease.id).values(status="expired"))
+        db.execute(update(Prompt).where(Prompt.id == lease.prompt_id).values(slots_taken=Prompt.slots_taken - 1))
+    db.connection().execute(text("DROP INDEX IF EXISTS ux_assignments_live"))
+    live = next(i for i in Assignment.__table__.indexes if i.name == "ux_assignments_live")
+    live.create(db.connection())
+
+
+MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
 
 _mappers_configured = False
@@ -149,6 +149,10 @@ class Assignment(Base):
         UniqueConstraint("prompt_id", "user_id"),  # nobody ranks the same prompt twice
         Index("ix_assignments_lease", "project_id", "status", "leased_until"),
         Index("ix_assignments_user", "user_id", "project_id", "status"),
+        # One live lease per annotator and project, whatever the tabs: two next-task
+        # requests that both read "no live lease" cannot both insert one (schema v4).
+        Index("ux_assignments_live", "user_id", "project_id", unique=True,
+              sqlite_where=text("status = 'leased'"), postgresql_where=text("status = 'leased'")),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation.models import Project, Prompt, RankingRow, User
@@ -106,6 +107,7 @@ ORDER BY p.done_count, p.slots_taken, p.id
 LIMIT {limit}"""
 
 
+_LIVE_LEASE = Sql(_LIVE_LEASE_SQL)
 _QUEUE_SQL = _queue_sql()
 _QUEUE = Sql(_QUEUE_SQL)
 # A next-task request on SQLite (and on PostgreSQL when the statement below could not
@@ -232,7 +234,9 @@ def release_expired_leases(db: Session, project: Project, now: float | None = No
 
 
 class LeasedElsewhere(Exception):
-    """The annotator leased this prompt from another tab a moment ago."""
+    """The annotator leased a prompt of this project from another tab a moment ago: the
+    one this claim reached, or another (the unique index ux_assignments_live refused a
+    second live lease)."""
 
 
 _STALE_LEASES = Sql("SELECT proj.id, EXISTS (SELECT 1 FROM assignments a WHERE a.project_id = proj.id "
@@ -291,7 +295,10 @@ def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int],
             continue
         rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
         order = lease_order(user.id, pid, [cid for _content, cid, _text in rows])
-        aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
+        try:
+            aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
+        except IntegrityError:  # a live lease of another prompt, taken since the queue was read
+            raise LeasedElsewhere from None
         if aid is None:
             raise LeasedElsewhere  # rolls back the slot taken above
         return _leased_task(project, pid, rows[0][0], {cid: text for _content, cid, text in rows}, aid, order, until)
@@ -304,9 +311,12 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
     until = now + project.lease_seconds
     with autocommit(db) as tx:
         for pid in prompt_ids:
-            aid, free, order, content, candidates, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
-                tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
-                order_key=f"{user.id}:{pid}:", until=until, now=now)
+            try:
+                aid, free, order, content, candidates, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
+                    tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
+                    order_key=f"{user.id}:{pid}:", until=until, now=now)
+            except IntegrityError:  # a live lease of another prompt (ux_assignments_live)
+                raise LeasedElsewhere from None
             if aid is not None:
                 return _leased_task(project, pid, content, dict(candidates), aid, order, until)
             if free:
@@ -317,7 +327,8 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
 def claim_first_free(db: Session, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
     """Lease the first of `prompt_ids` that still has a free slot (None if none has), in one
     atomic step. Raises LeasedElsewhere, changing nothing, if the annotator holds the
-    prompt it reaches already (the same annotator in two tabs at once)."""
+    prompt it reaches already, or a live lease of another prompt in the project (the same
+    annotator in two tabs at once)."""
     if on_postgresql(db):
         return _claim_in_one_statement(db, user, project, prompt_ids, now)
     with transaction(db, write=True, durable=False) as tx:
@@ -356,8 +367,12 @@ def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, projec
     being written)."""
     if isinstance(caller, User):
         require_annotator(caller)  # (a user by id is not checked for being active by the statement)
-    with autocommit(db) as tx:
-        row = _NEXT_TASK_IN_ONE_STATEMENT.first(tx, caller, now, name=project_name)
+    try:
+        with autocommit(db) as tx:
+            row = _NEXT_TASK_IN_ONE_STATEMENT.first(tx, caller, now, name=project_name)
+    except IntegrityError:  # another tab of the caller leased at the same moment: show theirs
+        user = as_user(db, caller)
+        return _next_task(db, user, project_for(db, user, project_name), now)
     if row is None:
         raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
     user = caller if isinstance(caller, User) else User.transient(id=row[0], username=row[1], role=row[2], active=True)
@@ -369,6 +384,14 @@ def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, projec
     if live is None and queued == 0:
         return None
     return _next_task(db, user, project, now, first_attempt=0 if live is not None else 1)
+
+
+def _live_task(db: Session, user: User, project: Project) -> Task | None:
+    """The annotator's live lease in the project, read afresh, as a Task; None if none."""
+    with transaction(db, write=False) as tx:
+        live_id = _LIVE_LEASE.scalar(tx, user=user.id, project=project.id)
+        a = None if live_id is None else read_assignment(tx, live_id)
+    return None if a is None else task_of(db, a, project, db.get(Prompt, a.prompt_id))
 
 
 def _next_task(db: Session, user: User, project: Project, now: float, first_attempt: int = 0) -> Task | None:
@@ -391,6 +414,11 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
         try:
             task = claim_first_free(db, user, project, spread_order(user.id, attempt, ids[:SPREAD]), now)
         except LeasedElsewhere:
+            # Another tab of this annotator leased since the snapshot above: that lease is
+            # the one to show, not a second one (which ux_assignments_live would refuse).
+            live = _live_task(db, user, project)
+            if live is not None:
+                return live
             continue
         if task is not None:
             return task

@@ -77,10 +77,10 @@ def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
     return groups
 
 
+# From 'leased', or from 'expired' once `_lease_again` took a slot back for it.
 _COMPLETE = Sql("UPDATE assignments SET status = 'done', completed_at = :now "
-                 "WHERE id = :id AND user_id = :user AND status = 'leased'")
+                 "WHERE id = :id AND user_id = :user AND status = :status")
 _PER_PROMPT = Sql("SELECT annotators_per_prompt FROM projects WHERE id = :project")
-_LEASE_AGAIN = Sql("UPDATE assignments SET status = 'leased' WHERE id = :id AND status = 'expired'")
 _COUNT_DONE = Sql("UPDATE prompts SET done_count = done_count + 1 WHERE id = :prompt")
 _INSERT_RANKING = Sql("""
 INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", all_bad, skipped,
@@ -225,7 +225,8 @@ def submit_ranking(
         with transaction(db, write=True) as tx:
             if not lease_live:
                 _lease_again(tx, a)
-            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id) != 1:
+            status = "leased" if lease_live else "expired"
+            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id, status=status) != 1:
                 raise submitted_already
             _COUNT_DONE.rowcount(tx, prompt=a.prompt_id)
             ranking_id = _INSERT_RANKING.scalar(
@@ -262,13 +263,14 @@ def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: 
 
 
 def _lease_again(tx: Transaction, a: AssignmentRow) -> None:
-    """The lease ran out: the ranking still counts if a slot is free (or still ours)."""
+    """The lease ran out: the ranking still counts if a slot is free (or still ours). The
+    assignment stays 'expired' until the completion that follows marks it done: made
+    'leased' again it would be a second live lease where the annotator has leased another
+    prompt since (ux_assignments_live)."""
     if a.status == "leased":
         expire_lease(tx, a.id, a.prompt_id)
     if not take_slot(tx, a.prompt_id, _PER_PROMPT.scalar(tx, project=a.project_id)):
         raise Conflict(f"the lease on task {a.id} expired and the prompt has all its annotators")
-    if _LEASE_AGAIN.rowcount(tx, id=a.id) != 1:
-        raise Conflict(f"task {a.id} changed while submitting; reload it")
 
 
 @unit_of_work
