@@ -104,6 +104,21 @@ def create_user(
             typer.echo(services.issue_api_token(s, user))
 
 
+@app.command("set-password")
+def set_password(
+    username: Annotated[str, typer.Argument(help="User name.")],
+    db: DbOpt = None,
+) -> None:
+    """Give an account a new password (from $ALIGN_USER_PASSWORD or asked, hidden); for an
+    account asked to change one made under an older rule, or one whose owner forgot it."""
+    from annotation import services
+
+    password = _password("ALIGN_USER_PASSWORD", "New password")
+    with _sessionmaker(db)() as s:
+        services.set_password(s, services.get_user(s, username), password)
+    typer.echo(f"password of {username!r} changed")
+
+
 @app.command("invite")
 def invite(
     db: DbOpt = None,

@@ -18,7 +18,7 @@ from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def default_db_url() -> str:
@@ -305,7 +305,17 @@ def _v4(db: Session) -> None:
     live.create(db.connection())
 
 
-MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4}  # {version: fn(session)}; v1 = create_all above
+def _v5(db: Session) -> None:
+    """users.password_change_required: set at sign-in when the password used no longer
+    meets the rules (15 characters and a blocklist since v5; 8 before)."""
+    from sqlalchemy import inspect
+
+    conn = db.connection()
+    if "password_change_required" not in {c["name"] for c in inspect(conn).get_columns("users")}:
+        conn.execute(text("ALTER TABLE users ADD COLUMN password_change_required BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
+MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4, 5: _v5}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

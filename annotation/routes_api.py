@@ -20,6 +20,7 @@ from annotation.schemas import (
     InviteCreate,
     InvitePublic,
     MemberCreate,
+    PasswordChange,
     ProjectCreate,
     ProjectPublic,
     PromptsCreate,
@@ -59,7 +60,8 @@ def _project_public(db, p) -> ProjectPublic:
 
 
 def _user_public(u) -> UserPublic:
-    return UserPublic(id=u.id, username=u.username, role=u.role, active=u.active)
+    return UserPublic(id=u.id, username=u.username, role=u.role, active=u.active,
+                      password_change_required=u.password_change_required)
 
 
 def _task_public(t: services.Task) -> TaskPublic:
@@ -131,7 +133,8 @@ def create_token(body: TokenCreate, request: Request, db: SessionDep):
     if user is None:
         raise HTTPException(401, "wrong username or password")
     token = services.issue_api_token(db, user, request.app.state.settings.api_token_ttl_s)
-    return TokenPublic(token=token, username=user.username, role=user.role)
+    return TokenPublic(token=token, username=user.username, role=user.role,
+                       password_change_required=user.password_change_required)
 
 
 @router.delete("/tokens/current", status_code=204)
@@ -147,6 +150,17 @@ def revoke_token(request: Request, db: SessionDep, _user: CurrentUser):
 @router.get("/me", response_model=UserPublic)
 def me(user: CurrentUser):
     return _user_public(user)
+
+
+@router.put("/me/password", status_code=204,
+            responses={403: {"description": "the current password is wrong"}, 429: {"description": "too many failures"}})
+def change_password(body: PasswordChange, request: Request, db: SessionDep, user: CurrentUser):
+    """Choose a new password (at least 15 characters, not a known-compromised one); the
+    current one is checked as a sign-in is."""
+    settings = request.app.state.settings
+    services.change_password(db, user, body.current_password, body.new_password, client_id(request),
+                             max_failures=settings.login_max_failures, window_s=settings.login_window_s)
+    return Response(status_code=204)
 
 
 @router.get("/users", response_model=list[UserPublic])

@@ -27,6 +27,8 @@ class TokenPublic(BaseModel):
     token: str
     username: str
     role: str
+    password_change_required: bool = Field(
+        default=False, description="the password used no longer meets the rules: choose a new one (PUT /api/me/password)")
 
 
 class UserCreate(_Strict):
@@ -40,6 +42,13 @@ class UserPublic(BaseModel):
     username: str
     role: str
     active: bool = True
+    password_change_required: bool = Field(
+        default=False, description="the password last used no longer meets the rules: choose a new one (PUT /api/me/password)")
+
+
+class PasswordChange(_Strict):
+    current_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024)
 
 
 class MemberCreate(_Strict):

@@ -16,10 +16,13 @@ from annotation.models import Base
 # index existed).
 _QUEUE_V1 = ["project_id", "done_count", "slots_taken"]
 _QUEUE_NOW = ["project_id", "done_count", "slots_taken", "id"]
+_V4_USERS = {"users": {"password_change_required"}}
 SCHEMAS = {
-    1: ({"api_tokens": {"expires_at"}, "invites": {"project_id"}}, {"login_failures", "project_members"}, _QUEUE_V1, False),
-    2: ({}, set(), _QUEUE_V1, False),
-    3: ({}, set(), _QUEUE_NOW, False),
+    1: ({"api_tokens": {"expires_at"}, "invites": {"project_id"}, **_V4_USERS}, {"login_failures", "project_members"},
+        _QUEUE_V1, False),
+    2: (_V4_USERS, set(), _QUEUE_V1, False),
+    3: (_V4_USERS, set(), _QUEUE_NOW, False),
+    4: (_V4_USERS, set(), _QUEUE_NOW, True),
 }
 
 
@@ -43,7 +46,7 @@ def metadata_at(version: int) -> MetaData:
                 continue
             if index.name == "ix_prompts_queue":
                 names = queue_columns
-            Index(index.name, *[t.c[n] for n in names], unique=index.unique)
+            Index(index.name, *[t.c[n] for n in names], unique=index.unique, **index.dialect_kwargs)
     return md
 
 
@@ -66,11 +69,11 @@ def _fill(engine, version: int, created: float) -> None:
         for pid in (1, 2, 3):
             sql("INSERT INTO prompts (id, project_id, source_id, content, n_candidates, slots_taken, done_count, created_at) "
                 "VALUES (:id, 1, :s, '\"q\"', 2, :slots, :done, :t)", id=pid, s=f"s{pid}", t=created,
-                slots=1, done=1 if pid == 1 else 0)
+                slots=1 if pid < 3 or version < 4 else 0, done=1 if pid == 1 else 0)
             for pos in (0, 1):
                 sql("INSERT INTO candidates (id, prompt_id, position, text, model, sampling, source_id) "
                     "VALUES (:id, :p, :pos, :txt, 'm', '{}', NULL)", id=2 * pid + pos - 1, p=pid, pos=pos, txt=f"c{pid}{pos}")
-        statuses = {1: "done", 2: "leased", 3: "leased"}
+        statuses = {1: "done", 2: "leased", 3: "leased" if version < 4 else "skipped"}
         for pid, status in statuses.items():
             sql("INSERT INTO assignments (id, project_id, prompt_id, user_id, status, candidate_order, leased_until, "
                 "created_at, completed_at) VALUES (:id, 1, :p, 1, :st, :o, :until, :t, NULL)",
@@ -99,6 +102,7 @@ def test_an_earlier_database_with_data_migrates_to_current_schema(db_url, versio
     insp = inspect(engine)
     assert "expires_at" in {c["name"] for c in insp.get_columns("api_tokens")}
     assert "project_id" in {c["name"] for c in insp.get_columns("invites")}
+    assert "password_change_required" in {c["name"] for c in insp.get_columns("users")}
     assert {"login_failures", "project_members"} <= set(insp.get_table_names())
     indexes = {i["name"]: i for i in insp.get_indexes("prompts") + insp.get_indexes("assignments")}
     assert indexes["ix_prompts_queue"]["column_names"] == _QUEUE_NOW
@@ -113,9 +117,12 @@ def test_an_earlier_database_with_data_migrates_to_current_schema(db_url, versio
         project = services.get_project(db, "old")
         (ranking,) = services.export_rankings(db, project)
         assert ranking.ranks == [1, 0] and ranking.meta["rationale"] == "why"  # the stored ranking, as it was
-        # The second of the two live leases is expired and its slot given back (v4).
-        assert {a.id: a.status for a in db.query(Assignment)} == {1: "done", 2: "leased", 3: "expired"}
+        # The second of two live leases (which only a database before v4 can hold) is
+        # expired and its slot given back.
+        two_live = version < 4
+        assert {a.id: a.status for a in db.query(Assignment)} == {1: "done", 2: "leased", 3: "expired" if two_live else "skipped"}
         assert {p.id: p.slots_taken for p in db.query(Prompt)} == {1: 1, 2: 1, 3: 0}
+        assert services.get_user(db, "old").password_change_required is False  # until the next sign-in
         user = services.get_user(db, "old")
         assert services.next_task(db, user, project).assignment_id == 2  # the live lease, shown again
     migrate(engine)  # a second start changes nothing
