@@ -142,6 +142,16 @@ def prompts_without_candidates(db: Session, project: Project) -> list[Prompt]:
     return list(db.scalars(select(Prompt).where(Prompt.project_id == project.id, Prompt.n_candidates == 0).order_by(Prompt.id)))
 
 
+def _check_ranks(ranks: Any, n: int, sid: str) -> list[int]:
+    """An imported ranking's ranks: one integer per response, 0 (best) to n - 1; equal
+    ranks are ties."""
+    if not isinstance(ranks, list) or len(ranks) != n:
+        raise Invalid(f"ranking {sid!r}: ranks must be a list of {n} integers, one per response")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for r in ranks):
+        raise Invalid(f"ranking {sid!r}: ranks must be integers from 0 (best) to {n - 1}, got {ranks!r:.200}")
+    return ranks
+
+
 def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
     if name not in cache:
         user = db.scalar(select(User).where(User.username == name))
@@ -174,6 +184,7 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
         if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
             raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
                           f"at most K={project.k}")
+        ranks = _check_ranks(r.ranks, len(r.responses), sid)
         meta = r.meta or {}
         all_bad = meta.get("all_bad", False)
         if not isinstance(all_bad, bool):
@@ -191,7 +202,7 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
         db.add(
             RankingRow(
                 project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
-                order=ranks_to_order(ids, r.ranks), all_bad=all_bad, skipped=False,
+                order=ranks_to_order(ids, ranks), all_bad=all_bad, skipped=False,
                 rationale=rationale, time_spent_ms=None, created_at=now,
             )
         )

@@ -48,7 +48,10 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'b.db'}"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "chosen": "a"}\n')
+    bad_ranks = tmp_path / "bad_ranks.jsonl"
+    bad_ranks.write_text('{"prompt": "x", "prompt_id": "r1", "responses": ["a", "b"], "ranks": ["a", 0]}\n')
     cases = [
+        (["annotate", "import", str(bad_ranks), "--db", db, "-p", "t", "-f", "kwise"], "ranking 'r1': ranks must be integers"),
         (["annotate", "import", str(tmp_path / "none.jsonl"), "--db", db, "-p", "t", "-f", "trl"], "file not found"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "trl"], "bad.jsonl:1"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "csv"], "unknown import format"),
@@ -57,7 +60,7 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
     ]
     for argv, msg in cases:
         code, text = run(argv, capsys)
-        assert code == 2 and msg in text and "Traceback" not in text, (argv, text)
+        assert code == 2 and msg in text and "Traceback" not in text and len(text.strip().splitlines()) == 1, (argv, text)
 
 
 def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch):
