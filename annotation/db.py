@@ -18,7 +18,7 @@ from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def default_db_url() -> str:
@@ -315,7 +315,18 @@ def _v5(db: Session) -> None:
         conn.execute(text("ALTER TABLE users ADD COLUMN password_change_required BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
-MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4, 5: _v5}  # {version: fn(session)}; v1 = create_all above
+def _v6(db: Session) -> None:
+    """Top-m rankings: projects.rank_top (None: rank every candidate) and rankings.below
+    (None: a full ranking). Existing rows are full rankings of full-ranking projects."""
+    from sqlalchemy import inspect
+
+    conn = db.connection()
+    for table, column, sql_type in (("projects", "rank_top", "INTEGER"), ("rankings", "below", "JSON")):
+        if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -102,6 +102,10 @@ class Project(Base):
     annotators_per_prompt: Mapped[int] = mapped_column(Integer)
     lease_seconds: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    # Schema v6, top-m rankings: annotators put only the best `rank_top` (m) candidates in
+    # order and leave the rest an unordered group below them (they may order more). None:
+    # every candidate is ranked.
+    rank_top: Mapped[int | None] = mapped_column(Integer)
 
 
 class ProjectMember(Base):
@@ -181,6 +185,9 @@ class RankingRow(Base):
     assignment_id: Mapped[int | None] = mapped_column(ForeignKey("assignments.id"))  # None for imported data
     revision: Mapped[int] = mapped_column(Integer)
     order: Mapped[Any] = mapped_column(JSON)  # [[best ids...], [next ids...], ...]; ids in one group are tied
+    # Schema v6: a top-m ranking's ids left unordered below `order`, as sent; None (SQL
+    # NULL) when `order` ranks every candidate.
+    below: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     skip_reason: Mapped[str | None] = mapped_column(Text)

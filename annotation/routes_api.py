@@ -55,7 +55,7 @@ def sign_in(request: Request, db, username: str, password: str):
 def _project_public(db, p) -> ProjectPublic:
     return ProjectPublic(
         name=p.name, guidelines=p.guidelines, k=p.k, annotators_per_prompt=p.annotators_per_prompt,
-        lease_seconds=p.lease_seconds, progress=services.project_progress(db, p),
+        lease_seconds=p.lease_seconds, rank_top=p.rank_top, progress=services.project_progress(db, p),
     )
 
 
@@ -68,13 +68,14 @@ def _task_public(t: services.Task) -> TaskPublic:
     return TaskPublic(
         id=t.assignment_id, project=t.project, prompt=t.prompt,
         candidates=[{"id": c.id, "text": c.text} for c in t.candidates],
-        status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order,
+        status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order, below=t.below,
+        rank_top=t.rank_top,
     )
 
 
 def _ranking_public(r) -> RankingPublic:
     return RankingPublic(
-        id=r.id, task_id=r.assignment_id, revision=r.revision, order=r.order, all_bad=r.all_bad,
+        id=r.id, task_id=r.assignment_id, revision=r.revision, order=r.order, below=r.below, all_bad=r.all_bad,
         skipped=r.skipped, skip_reason=r.skip_reason, created_at=r.created_at,
     )
 
@@ -103,7 +104,7 @@ def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
 @router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
 async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
     """Submit the ranking of a leased task (409 if it was submitted already)."""
-    row = services.submit_ranking(db, caller, task_id, body.order, all_bad=body.all_bad,
+    row = services.submit_ranking(db, caller, task_id, body.order, below=body.below, all_bad=body.all_bad,
                                   rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # on the loop: see next_task
     return _ranking_public(row)
 
@@ -111,7 +112,7 @@ async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, c
 @router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
 def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
     """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
-    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+    row = services.revise_ranking(db, user, task_id, body.order, below=body.below, all_bad=body.all_bad,
                                   rationale=body.rationale, time_spent_ms=body.time_spent_ms)
     return _ranking_public(row)
 
@@ -203,7 +204,7 @@ def list_projects(db: SessionDep, user: CurrentUser):
 @router.post("/projects", response_model=ProjectPublic, status_code=201)
 def create_project(body: ProjectCreate, db: SessionDep, _admin: AdminUser):
     p = services.create_project(db, body.name, k=body.k, annotators_per_prompt=body.annotators_per_prompt,
-                                guidelines=body.guidelines, lease_seconds=body.lease_seconds)
+                                guidelines=body.guidelines, lease_seconds=body.lease_seconds, rank_top=body.rank_top)
     return _project_public(db, p)
 
 

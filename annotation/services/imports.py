@@ -185,6 +185,7 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
             raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
                           f"at most K={project.k}")
         ranks = _check_ranks(r.ranks, len(r.responses), sid)
+        ranked = r.ranked  # a top-m ranking (checked by Ranking): the unranked have rank m
         meta = r.meta or {}
         all_bad = meta.get("all_bad", False)
         if not isinstance(all_bad, bool):
@@ -199,10 +200,16 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
         annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
         user = _source_user(db, annotator, users)
         ids = [c.id for c in prompt.candidates]
+        if ranked is None:
+            order, below = ranks_to_order(ids, ranks), None
+        else:  # stored as the page stores one: the ranked groups, and the rest below
+            top = [(cid, rank) for cid, rank in zip(ids, ranks) if rank < ranked]
+            order = ranks_to_order([cid for cid, _ in top], [rank for _, rank in top])
+            below = [cid for cid, rank in zip(ids, ranks) if rank == ranked]
         db.add(
             RankingRow(
                 project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
-                order=ranks_to_order(ids, ranks), all_bad=all_bad, skipped=False,
+                order=order, below=below, all_bad=all_bad, skipped=False,
                 rationale=rationale, time_spent_ms=None, created_at=now,
             )
         )

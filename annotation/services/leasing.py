@@ -25,7 +25,7 @@ from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Unauthorized
-from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, visible_project
+from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
 from annotation.services.users import INVALID_TOKEN, BearerToken, CallerStatement, as_user, require_annotator
 
 STALE_CHECK_S = 2.0
@@ -54,6 +54,8 @@ class Task:
     guidelines: str = ""
     revision: int = 0  # latest stored revision (0 = not ranked yet)
     order: list[list[int]] | None = None  # latest stored order, if ranked
+    below: list[int] | None = None  # latest stored unordered rest, if it was a top-m ranking
+    rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
 
 
 class AssignmentRow(NamedTuple):
@@ -86,6 +88,7 @@ def task_of(db: Session, a: AssignmentRow, project: Project, prompt: Prompt) -> 
         candidates=[TaskCandidate(cid, by_id[cid].text) for cid in a.candidate_order if cid in by_id],
         status=a.status, leased_until=a.leased_until, guidelines=project.guidelines,
         revision=latest.revision if latest else 0, order=latest.order if latest and not latest.skipped else None,
+        below=latest.below if latest and not latest.skipped else None, rank_top=project.rank_top,
     )
 
 
@@ -283,7 +286,7 @@ def _leased_task(project: Project, prompt_id: int, content: Any, text_of: dict[i
     return Task(
         assignment_id=assignment_id, project=project.name, prompt_id=prompt_id, prompt=content,
         candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
-        status="leased", leased_until=until, guidelines=project.guidelines,
+        status="leased", leased_until=until, guidelines=project.guidelines, rank_top=project.rank_top,
     )
 
 
@@ -376,9 +379,10 @@ def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, projec
     if row is None:
         raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
     user = caller if isinstance(caller, User) else User.transient(id=row[0], username=row[1], role=row[2], active=True)
-    project = visible_project(user, project_name, row[3:11] if row[3] is not None else None)
+    end = 3 + len(VisibleProjectRow._fields)  # the statement's columns: caller, project, the rest
+    project = visible_project(user, project_name, row[3:end] if row[3] is not None else None)
     require_annotator(user)
-    live, queued, lease, prompt_id, order, until, content, candidates, _synchronous_commit = row[11:]
+    live, queued, lease, prompt_id, order, until, content, candidates, _synchronous_commit = row[end:]
     if lease is not None:
         return _leased_task(project, prompt_id, content, dict(candidates), lease, order, until)
     if live is None and queued == 0:

@@ -16,13 +16,15 @@ from annotation.models import Base
 # index existed).
 _QUEUE_V1 = ["project_id", "done_count", "slots_taken"]
 _QUEUE_NOW = ["project_id", "done_count", "slots_taken", "id"]
-_V4_USERS = {"users": {"password_change_required"}}
+_V5 = {"projects": {"rank_top"}, "rankings": {"below"}}  # top-m, v6
+_V4 = {"users": {"password_change_required"}, **_V5}  # v5
 SCHEMAS = {
-    1: ({"api_tokens": {"expires_at"}, "invites": {"project_id"}, **_V4_USERS}, {"login_failures", "project_members"},
+    1: ({"api_tokens": {"expires_at"}, "invites": {"project_id"}, **_V4}, {"login_failures", "project_members"},
         _QUEUE_V1, False),
-    2: (_V4_USERS, set(), _QUEUE_V1, False),
-    3: (_V4_USERS, set(), _QUEUE_NOW, False),
-    4: (_V4_USERS, set(), _QUEUE_NOW, True),
+    2: (_V4, set(), _QUEUE_V1, False),
+    3: (_V4, set(), _QUEUE_NOW, False),
+    4: (_V4, set(), _QUEUE_NOW, True),
+    5: (_V5, set(), _QUEUE_NOW, True),
 }
 
 
@@ -103,6 +105,8 @@ def test_an_earlier_database_with_data_migrates_to_current_schema(db_url, versio
     assert "expires_at" in {c["name"] for c in insp.get_columns("api_tokens")}
     assert "project_id" in {c["name"] for c in insp.get_columns("invites")}
     assert "password_change_required" in {c["name"] for c in insp.get_columns("users")}
+    assert "rank_top" in {c["name"] for c in insp.get_columns("projects")}
+    assert "below" in {c["name"] for c in insp.get_columns("rankings")}
     assert {"login_failures", "project_members"} <= set(insp.get_table_names())
     indexes = {i["name"]: i for i in insp.get_indexes("prompts") + insp.get_indexes("assignments")}
     assert indexes["ix_prompts_queue"]["column_names"] == _QUEUE_NOW
@@ -117,6 +121,7 @@ def test_an_earlier_database_with_data_migrates_to_current_schema(db_url, versio
         project = services.get_project(db, "old")
         (ranking,) = services.export_rankings(db, project)
         assert ranking.ranks == [1, 0] and ranking.meta["rationale"] == "why"  # the stored ranking, as it was
+        assert ranking.ranked is None and project.rank_top is None  # a full ranking, of a full-ranking project
         # The second of two live leases (which only a database before v4 can hold) is
         # expired and its slot given back.
         two_live = version < 4
