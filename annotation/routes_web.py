@@ -111,7 +111,9 @@ def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser)
         raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
     messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
+    ranked = services.ranked_prefix(task.order, task.below) if task.order else None
     return page(request, "task.html", user=user, task=task, project=p, messages=messages, shown=shown_order(task),
+                ranked=ranked,
                 progress=services.project_progress(db, p), mine=services.user_progress(db, user, p),
                 lease_left_s=max(0, int(task.leased_until - time.time())))
 
