@@ -11,10 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
-from annotation.db import WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
+from annotation.db import DatabaseBusy, WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.settings import Settings
@@ -114,7 +115,8 @@ def load_or_create_secret(sessionmaker) -> str:
 
 def create_app(settings: Settings) -> FastAPI:
     sqlite = settings.db_url.startswith("sqlite")
-    engine = make_engine(settings.db_url, background_checkpoints=sqlite)
+    engine = make_engine(settings.db_url, background_checkpoints=sqlite, pool_timeout_s=settings.pool_timeout_s,
+                         lock_timeout_s=settings.lock_timeout_s)
     migrate(engine)
     sm = make_sessionmaker(engine)
 
@@ -157,6 +159,20 @@ def create_app(settings: Settings) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
+
+    def _busy(detail: str, retry_after: int) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
+
+    # A bounded wait ran out: the server is saturated for the moment. 503 with Retry-After
+    # tells the client (and the page's script) to try again, where it used to hang.
+    @app.exception_handler(DatabaseBusy)
+    async def _database_busy(request: Request, exc: DatabaseBusy):
+        return _busy(str(exc), max(exc.retry_after, settings.retry_after_s))
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout):
+        return _busy(f"the server is busy (no database connection free within {settings.pool_timeout_s:g} s); "
+                     "try again in a moment", settings.retry_after_s)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):

@@ -6,6 +6,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, select, text
@@ -21,6 +22,31 @@ DEFAULT_DB_FILE = "align-annotation.db"
 SCHEMA_VERSION = 6
 
 
+class DatabaseBusy(UserError):
+    """A bounded wait for the database ran out (its writer lock, or a pooled connection):
+    the server answers 503 with Retry-After, the CLI one line."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _flock_within(fd: int, deadline: float) -> bool:
+    """Take an exclusive flock on `fd` by `deadline` (time.monotonic()); False if another
+    process still holds it then. A blocking flock cannot be given a timeout, so it is
+    tried without blocking, with short sleeps between tries (1 ms, growing to 5 ms)."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.005)
+
+
 def default_db_url() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
 
@@ -31,12 +57,18 @@ def _sqlite_file(url: str) -> str | None:
     return None if not path or path == ":memory:" else path
 
 
-def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
+def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_s: float = 30.0,
+                lock_timeout_s: float = 60.0) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
     power cut; only a transaction begun as not durable, a lease's, commits with NORMAL) and
     BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
     failing when a read transaction upgrades to a write. With `background_checkpoints`
-    its connections leave WAL checkpoints to a `WalCheckpointer` (the server's)."""
+    its connections leave WAL checkpoints to a `WalCheckpointer` (the server's).
+
+    Every wait is bounded: for a pooled connection `pool_timeout_s` (SQLAlchemy's
+    TimeoutError after it), for SQLite's writer lock `lock_timeout_s` (DatabaseBusy). The
+    server sets both short and answers 503 when they run out; the CLI keeps the long
+    defaults (an import may wait for a busy server)."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
@@ -53,14 +85,18 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
 
             class WriterLock:
                 def acquire(self, timeout: float) -> bool:
+                    deadline = time.monotonic() + timeout
                     if not thread_lock.acquire(timeout=timeout):
                         return False
                     if lock_fd is not None:
                         try:
-                            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                            taken = _flock_within(lock_fd, deadline)
                         except BaseException:
                             thread_lock.release()
                             raise
+                        if not taken:
+                            thread_lock.release()
+                            return False
                     return True
 
                 def release(self) -> None:
@@ -84,8 +120,9 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                         self.execute(f"PRAGMA synchronous={synchronous}")
                         self.synchronous = synchronous
                     if write and not self.holds_lock:
-                        if not writer_lock.acquire(timeout=60):
-                            raise UserError("database busy for 60 s; try again")
+                        if not writer_lock.acquire(timeout=lock_timeout_s):
+                            raise DatabaseBusy(f"the database is busy (its writer lock was held for {lock_timeout_s:g} s); "
+                                               "try again in a moment")
                         self.holds_lock = True
                     try:
                         self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -119,6 +156,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30, "factory": LockingConnection},
                 pool_size=48, max_overflow=16,  # >= the threadpool: no connection churn
+                pool_timeout=pool_timeout_s,
             )
 
             @event.listens_for(engine, "connect")
@@ -131,7 +169,8 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                 if background_checkpoints:
                     cur.execute("PRAGMA wal_autocheckpoint=0")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
+                # Writers queue on the writer lock above; SQLite's own wait is bounded alike.
+                cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
                 cur.close()
 
             @event.listens_for(engine, "begin")
@@ -140,7 +179,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            engine = create_engine(url, pool_size=20, max_overflow=20)
+            engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=pool_timeout_s)
             _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {url!r}: {exc}") from None

@@ -85,11 +85,11 @@ def _ranking_public(r) -> RankingPublic:
 
 
 @router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
-async def next_task(name: ProjectName, db: SessionDep, caller: Caller):
+def next_task(name: ProjectName, db: SessionDep, caller: Caller):
     """Lease the next task in the project (or get back your current one). 204 when none is left."""
-    # Every ranking makes this request and the next, so both run on the event loop: their
-    # statements are a few indexed ones on the DBAPI connection (annotation.raw_sql), well
-    # under a millisecond, and a trip through the threadpool would cost more than they do.
+    # A plain function, run in the threadpool like every route that uses the database: its
+    # statements are short, but a commit waits for the disk and a busy database for its
+    # writer lock, and neither may hold up the event loop and every other request with it.
     task = services.next_task_in(db, caller, name)
     if task is None:
         return Response(status_code=204)
@@ -102,10 +102,10 @@ def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
 
 
 @router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
+def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
     """Submit the ranking of a leased task (409 if it was submitted already)."""
     row = services.submit_ranking(db, caller, task_id, body.order, below=body.below, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # on the loop: see next_task
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # threadpool: see next_task
     return _ranking_public(row)
 
 

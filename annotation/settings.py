@@ -20,3 +20,8 @@ class Settings:
     login_max_failures: int = 5
     login_window_s: float = 300.0
     secure_cookies: bool = False  # set the Secure flag (serve behind HTTPS)
+    # Bounded waits (annotation.db.make_engine): past them a request is answered 503 with
+    # Retry-After instead of hanging; the client tries again a moment later.
+    pool_timeout_s: float = 2.0  # for a pooled database connection
+    lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
+    retry_after_s: int = 1

@@ -65,6 +65,7 @@ from annotation.services.reports import (
 )
 from annotation.services.users import (
     BearerToken,
+    SessionCookie,
     accept_invite,
     as_user,
     authenticate,
@@ -86,6 +87,7 @@ from annotation.services.users import (
 
 __all__ = [
     "BearerToken",
+    "SessionCookie",
     "Conflict",
     "EXPORT_FORMATS",
     "Forbidden",

@@ -23,10 +23,18 @@ from sqlalchemy.orm import Session
 
 from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
-from annotation.services._tx import unit_of_work
+from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
-from annotation.services.users import INVALID_TOKEN, BearerToken, CallerStatement, as_user, require_annotator
+from annotation.services.users import (
+    INVALID_TOKEN,
+    BearerToken,
+    CallerStatement,
+    SessionCookie,
+    as_user,
+    require_annotator,
+    signed_in,
+)
 
 STALE_CHECK_S = 2.0
 _last_stale_check: dict[tuple[str, str], float] = {}  # (database, project name) -> when
@@ -77,8 +85,11 @@ def read_assignment(tx: Transaction, assignment_id: int) -> AssignmentRow | None
     return None if row is None else AssignmentRow(*row)
 
 
-def task_of(db: Session, a: AssignmentRow, project: Project, prompt: Prompt) -> Task:
-    """The Task view of an existing assignment, with its latest stored ranking."""
+@read_only
+def task_of(db: Session, a: AssignmentRow, project: Project) -> Task:
+    """The Task view of an existing assignment, with its latest stored ranking. Read in a
+    snapshot: on SQLite an ORM transaction would otherwise take the writer lock."""
+    prompt = db.get(Prompt, a.prompt_id)
     by_id = {c.id: c for c in prompt.candidates}
     latest = db.scalar(
         select(RankingRow).where(RankingRow.assignment_id == a.id).order_by(RankingRow.revision.desc()).limit(1)
@@ -352,11 +363,14 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
 
 
 @unit_of_work
-def next_task_in(db: Session, caller: User | BearerToken, project_name: str, now: float | None = None) -> Task | None:
+def next_task_in(db: Session, caller: User | BearerToken | SessionCookie, project_name: str,
+                 now: float | None = None) -> Task | None:
     """`next_task` in the project named `project_name`, as the caller may see it (NotFound
-    if they may not): what a next-task request runs. The caller is a user, or an API token
-    (Unauthorized if it does not authenticate). On PostgreSQL it is one statement."""
+    if they may not): what a next-task request runs. The caller is a user, an API token or
+    a session cookie (Unauthorized if it does not authenticate). On PostgreSQL it is one
+    statement."""
     now = time.time() if now is None else now
+    caller = signed_in(db, caller)
     _release_stale_leases(db, project_name, now)
     if on_postgresql(db):
         return _next_task_in_one_round_trip(db, caller, project_name, now)
@@ -395,7 +409,7 @@ def _live_task(db: Session, user: User, project: Project) -> Task | None:
     with transaction(db, write=False) as tx:
         live_id = _LIVE_LEASE.scalar(tx, user=user.id, project=project.id)
         a = None if live_id is None else read_assignment(tx, live_id)
-    return None if a is None else task_of(db, a, project, db.get(Prompt, a.prompt_id))
+    return None if a is None else task_of(db, a, project)
 
 
 def _next_task(db: Session, user: User, project: Project, now: float, first_attempt: int = 0) -> Task | None:
@@ -408,7 +422,7 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
         a = read_assignment(tx, rows[0][1]) if rows and rows[0][0] == 0 else None
         ids = [pid for kind, pid, _done, _taken in rows if kind == 1]
     if a is not None:
-        return task_of(db, a, project, db.get(Prompt, a.prompt_id))
+        return task_of(db, a, project)
     for attempt in range(first_attempt, first_attempt + 5):
         if attempt > first_attempt:
             with transaction(db, write=False) as tx:  # a fresh snapshot

@@ -15,7 +15,7 @@ from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
-from annotation.services.users import BearerToken, CallerStatement, as_user, require_annotator
+from annotation.services.users import BearerToken, CallerStatement, SessionCookie, as_user, require_annotator, signed_in
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
@@ -185,7 +185,7 @@ def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRo
 @read_only
 def get_task(db: Session, user: User, assignment_id: int) -> Task:
     a = _own_assignment(db, user, assignment_id)
-    return task_of(db, a, db.get(Project, a.project_id), db.get(Prompt, a.prompt_id))
+    return task_of(db, a, db.get(Project, a.project_id))
 
 
 def check_text(value: Any, what: str, limit: int) -> str:
@@ -220,7 +220,7 @@ def _clean_time(time_spent_ms: Any) -> int | None:
 @unit_of_work
 def submit_ranking(
     db: Session,
-    caller: User | BearerToken,
+    caller: User | BearerToken | SessionCookie,
     assignment_id: int,
     order: Any,
     *,
@@ -234,8 +234,10 @@ def submit_ranking(
     candidate ids best first; ids in one group are tied. In a top-m project `below` may list
     the candidates left unranked under them (see `validate_ranking`). A task already ranked
     is refused (409): corrections go through `revise_ranking`, which appends a revision. The
-    caller is a user, or an API token (Unauthorized if it does not authenticate)."""
+    caller is a user, an API token or a session cookie (Unauthorized if it does not
+    authenticate)."""
     now = time.time() if now is None else now
+    caller = signed_in(db, caller)
     if on_postgresql(db) and not below:  # (a top-m ranking needs the project's m: the careful path reads it)
         stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now)
         if stored is not None:

@@ -237,6 +237,25 @@ class BearerToken(NamedTuple):
         return {"token_hash": security.hash_token(self.token), "now": now}
 
 
+class SessionCookie(NamedTuple):
+    """A browser session cookie as a request presented it, not checked yet: the web layer
+    hands it on so that the lookup runs with the rest of the request's database work, off
+    the event loop (`signed_in`)."""
+
+    token: str
+
+
+def signed_in(db: Session, caller: User | BearerToken | SessionCookie) -> User | BearerToken:
+    """The caller of a hot request as its service takes it: a session cookie becomes its
+    User (Unauthorized if it does not sign one in); a user or an API token stay as they are."""
+    if not isinstance(caller, SessionCookie):
+        return caller
+    user = user_for_session(db, caller.token)
+    if user is None:
+        raise Unauthorized("sign in first (session cookie or 'Authorization: Bearer <token>')")
+    return user
+
+
 # The caller of a hot statement (id, username, role), as a subquery: a user by id (whom
 # the service has checked with `require_annotator`), or the user a valid API token
 # authenticates, with the checks of `_user_for` (known token, active user, not expired).
