@@ -69,6 +69,47 @@ def test_an_exhausted_pool_is_a_fast_503_with_retry_after(make_env):
     assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200  # served again
 
 
+def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch):
+    """An import through the API is stored in chunks, each its own transaction: after its
+    first chunk an annotator leases and submits a task (from another thread) before the
+    import goes on. Were the import one transaction, the lease would wait for the writer
+    lock (SQLite) until the import ended, and with a 1 s limit be a 503."""
+    import json
+
+    from annotation.services import imports
+
+    env, _app = make_env(lock_timeout_s=1, max_body_bytes=1 << 20)
+    env.project(n_prompts=1, k=2)
+    token = env.annotator("ann")
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 20)
+    commit = imports._commit_chunk
+    during: list[tuple[int, int]] = []
+    chunks = [0]
+
+    def commit_then_an_annotator_ranks(db):
+        commit(db)
+        chunks[0] += 1
+        if chunks[0] == 1:
+            def rank() -> None:
+                task = env.client.post("/api/projects/p/next", headers=env.headers(token))
+                ranked = env.client.post(f"/api/tasks/{task.json()['id']}/ranking", headers=env.headers(token),
+                                         json={"order": [[c["id"]] for c in task.json()["candidates"]]})
+                during.append((task.status_code, ranked.status_code))
+
+            annotator = threading.Thread(target=rank)
+            annotator.start()
+            annotator.join(30)
+
+    monkeypatch.setattr(imports, "_commit_chunk", commit_then_an_annotator_ranks)
+    body = "".join(json.dumps({"prompt": f"imported {i}?", "id": f"i{i}", "candidates": ["a", "b"]}) + "\n"
+                   for i in range(100))
+    r = env.client.post("/api/projects/p/import?format=prompts", content=body.encode(),
+                        headers={**env.headers(env.admin_token), "content-type": "application/x-ndjson"})
+    assert r.status_code == 201 and r.json()["prompts_added"] == 100, r.text
+    assert chunks[0] == 5 and during == [(200, 201)]  # ranked after the first of five chunks
+    assert env.counts()["rankings"] == 1
+
+
 def _writer_lock_held_elsewhere(db_url: str):
     """Another process's write transaction (its own engine: the SQLite writer lock's flock),
     open until the returned connection is rolled back."""
