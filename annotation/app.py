@@ -99,6 +99,34 @@ class LimitsAndHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+class Admission:
+    """Pure ASGI middleware: a worker serves at most `max_in_flight` requests at once and
+    answers the next ones 503 with Retry-After straight away, without the database. A
+    saturated server then tells clients to come back in a moment, where it would queue
+    them without bound and answer each later and later. One counter per worker process,
+    changed only on its event loop."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.settings.max_in_flight:
+            body = json.dumps({"detail": "the server is busy; try again in a moment"}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(self.settings.retry_after_s).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def load_or_create_secret(sessionmaker) -> str:
     """The CSRF/signing secret: generated on first start, stored in the database, reused."""
     with sessionmaker() as db:
@@ -190,6 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SessionPerRequest, sessionmaker=sm)
     app.add_middleware(LimitsAndHeaders, settings=settings)
+    app.add_middleware(Admission, settings=settings)  # outermost: a refusal costs nothing else
     return app
 
 

@@ -22,6 +22,9 @@ class Settings:
     secure_cookies: bool = False  # set the Secure flag (serve behind HTTPS)
     # Bounded waits (annotation.db.make_engine): past them a request is answered 503 with
     # Retry-After instead of hanging; the client tries again a moment later.
-    pool_timeout_s: float = 2.0  # for a pooled database connection
+    pool_timeout_s: float = 1.0  # for a pooled database connection
     lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
     retry_after_s: int = 1
+    # Requests one worker process takes on at once (its threadpool runs 40); past that it
+    # answers 503 at once rather than queue them behind work it cannot start.
+    max_in_flight: int = 128

@@ -151,12 +151,21 @@
   document.addEventListener("pointercancel", endDrag);
 
   // --- submit, skip, next task
-  function api(method, url, body) {
+  // A 503 is a busy server that stored nothing: the request is sent again after the
+  // Retry-After it names, a few times, before the annotator is told.
+  function api(method, url, body, triesLeft) {
+    if (triesLeft === undefined) triesLeft = 3;
     return fetch(url, {
       method: method,
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body)
+    }).then(function (resp) {
+      if (resp.status !== 503 || triesLeft <= 0) return resp;
+      var wait = Math.min(10, parseInt(resp.headers.get("Retry-After"), 10) || 1);
+      say("The server is busy; trying again in " + wait + " s…");
+      return new Promise(function (done) { window.setTimeout(done, wait * 1000); })
+        .then(function () { return api(method, url, body, triesLeft - 1); });
     });
   }
   function detail(resp) {

@@ -110,6 +110,41 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
     assert env.counts()["rankings"] == 1
 
 
+def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
+    """With as many requests in flight as it takes on, a worker answers the next one 503 with
+    Retry-After straight away; the ones in flight finish normally."""
+    from annotation import services
+
+    env, _app = make_env(max_in_flight=2)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    release, entered = threading.Event(), threading.Semaphore(0)
+    next_task_in = services.next_task_in
+
+    def slow_next_task_in(*args, **kwargs):
+        entered.release()
+        release.wait(30)
+        return next_task_in(*args, **kwargs)
+
+    monkeypatch.setattr(services, "next_task_in", slow_next_task_in)
+    statuses: list[int] = []
+    busy = [threading.Thread(target=lambda: statuses.append(
+        env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code)) for _ in range(2)]
+    try:
+        for t in busy:
+            t.start()
+        assert all(entered.acquire(timeout=30) for _ in busy)  # both in flight, parked in slow_next_task_in
+        r = env.client.get("/api/me", headers=env.headers(token))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert statuses == []  # the two in flight are still waiting
+    finally:
+        release.set()
+        for t in busy:
+            t.join(30)
+    assert sorted(statuses) == [200, 200]  # the same live lease, shown to both
+    assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200
+
+
 def _writer_lock_held_elsewhere(db_url: str):
     """Another process's write transaction (its own engine: the SQLite writer lock's flock),
     open until the returned connection is rolled back."""
