@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        checkpointer = WalCheckpointer(settings.db_url).start() if sqlite else None
+        checkpointer = WalCheckpointer(settings.db_url, wal_limit_bytes=settings.wal_limit_bytes).start() if sqlite else None
         try:
             yield
         finally:

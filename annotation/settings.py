@@ -28,3 +28,4 @@ class Settings:
     # Requests one worker process takes on at once (its threadpool runs 40); past that it
     # answers 503 at once rather than queue them behind work it cannot start.
     max_in_flight: int = 128
+    wal_limit_bytes: int = 16 << 20  # SQLite: past this the WAL is checkpointed with TRUNCATE
