@@ -26,10 +26,15 @@ IMPORT_FORMATS = ("oasst", "hh", "trl", "prompts", "kwise")
 MAX_TEXT = 100_000  # characters in one prompt or candidate
 # Records stored per transaction. A whole file is checked before anything is stored; it is
 # then stored a chunk at a time, each chunk committed, so that an import of 100,000 prompts
-# holds SQLite's writer lock for a chunk (tens of milliseconds) at a time, not for seconds,
-# and annotators keep leasing and submitting in between. An import cut short (a crash, a
-# kill) keeps the chunks it committed; importing the file again adds the rest.
-IMPORT_CHUNK = 500
+# holds SQLite's writer lock for a chunk (about 30 ms of 100 prompts of K = 4) at a time, not
+# for seconds, and annotators keep leasing and submitting in between. An import cut short (a
+# crash, a kill) keeps the chunks it committed; importing the file again adds the rest.
+IMPORT_CHUNK = 100
+# After each chunk the import waits this long before it asks for the writer lock again:
+# without it the importing thread takes the lock back the moment it let go, ahead of the
+# requests waiting for it (threads on an unfair lock, other workers polling its flock),
+# and they starve for the whole import.
+IMPORT_PAUSE_S = 0.01
 
 
 @dataclass
@@ -105,8 +110,14 @@ def _chunks(items: list, size: int = 0) -> Iterable[list]:
 
 def _new_in_chunk(db: Session, project: Project, sids: list[str], report: ImportReport) -> set[str]:
     """The ids of a chunk that are not in the project yet (nor earlier in the chunk), read
-    in the chunk's own transaction; the others are counted as duplicates."""
+    in a snapshot before the chunk's write (no writer lock while its rows are built; an
+    import adding the same ids meanwhile makes the commit a Conflict); the others are
+    counted as duplicates."""
+    from annotation.db import begin_read_only
+
+    begin_read_only(db)
     present = _existing_source_ids(db, project, sids)
+    db.commit()  # ends the snapshot (a rollback would expire the project read before it)
     new: set[str] = set()
     for sid in sids:
         if sid in present or sid in new:
@@ -117,13 +128,15 @@ def _new_in_chunk(db: Session, project: Project, sids: list[str], report: Import
 
 
 def _commit_chunk(db: Session) -> None:
-    """Commit one chunk of an import: releases SQLite's writer lock until the next."""
+    """Commit one chunk of an import, which lets SQLite's writer lock go, and give the
+    requests waiting for it their turn (IMPORT_PAUSE_S)."""
     try:
         db.commit()
     except IntegrityError:  # the same prompt ids added by another import at this moment
         db.rollback()
         raise Conflict("another import added some of these prompts at the same moment; import the file again "
                        "to add the rest (nothing is added twice)") from None
+    time.sleep(IMPORT_PAUSE_S)
 
 
 @unit_of_work
