@@ -4,10 +4,9 @@ annotation.app."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Annotated, Literal
 
+import anyio.to_process
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
@@ -261,17 +260,12 @@ async def import_file(
     body = await request.body()
     if body[:2] == b"\x1f\x8b":
         raise HTTPException(415, "the body is gzip-compressed; send the JSONL file uncompressed")
-    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        try:
-            report = await run_in_threadpool(services.import_file, db, name, format, tmp)
-        except services.ServiceError as exc:
-            raise type(exc)(str(exc).replace(tmp, "body")) from None
-        return ImportPublic(**vars(report))
-    finally:
-        os.unlink(tmp)
+    settings = request.app.state.settings
+    if settings.imports_in_subprocess:
+        report = await anyio.to_process.run_sync(services.import_body_at, settings.db_url, name, format, body)
+    else:
+        report = await run_in_threadpool(services.import_body, db, name, format, body)
+    return ImportPublic(**vars(report))
 
 
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)

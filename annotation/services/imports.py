@@ -17,7 +17,7 @@ from align.formats import PromptRecord, Ranking
 from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid
+from annotation.services.errors import Conflict, Invalid, ServiceError
 from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
 from annotation.services.rankings import check_text, clean_optional_text, ranks_to_order
 from annotation.services.users import _new_user
@@ -321,6 +321,40 @@ def read_records(fmt: str, path: Any) -> list:
     if not records:
         raise Invalid(f"{path}: no records (the file is empty); nothing imported")
     return records
+
+
+def import_body(db: Session, project_name: str, fmt: str, body: bytes) -> ImportReport:
+    """`import_file` of a file sent as a request body (`POST /api/projects/{p}/import`);
+    messages name it "body"."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        try:
+            return import_file(db, project_name, fmt, tmp)
+        except ServiceError as exc:
+            raise type(exc)(str(exc).replace(tmp, "body")) from None
+    finally:
+        os.unlink(tmp)
+
+
+_sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
+
+
+def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> ImportReport:
+    """`import_body` on the database at `db_url`, for a process of its own: the server runs
+    its imports so (`anyio.to_process`), because reading and checking a large file is
+    seconds of Python that, in a worker, would hold the GIL against the requests it serves.
+    The engine, kept for the next import, waits for the writer lock as long as the CLI."""
+    from annotation.db import make_engine, make_sessionmaker
+
+    if db_url not in _sessionmakers:
+        _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))
+    with _sessionmakers[db_url]() as db:
+        return import_body(db, project_name, fmt, body)
 
 
 @unit_of_work

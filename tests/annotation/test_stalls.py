@@ -78,7 +78,7 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
 
     from annotation.services import imports
 
-    env, _app = make_env(lock_timeout_s=1, max_body_bytes=1 << 20)
+    env, _app = make_env(lock_timeout_s=1, max_body_bytes=1 << 20, imports_in_subprocess=False)  # in the process, to watch it
     env.project(n_prompts=1, k=2)
     token = env.annotator("ann")
     monkeypatch.setattr(imports, "IMPORT_CHUNK", 20)
