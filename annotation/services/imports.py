@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,22 +108,24 @@ def _chunks(items: list, size: int = 0) -> Iterable[list]:
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
-def _new_in_chunk(db: Session, project: Project, sids: list[str], report: ImportReport) -> set[str]:
-    """The ids of a chunk that are not in the project yet (nor earlier in the chunk), read
-    in a snapshot before the chunk's write (no writer lock while its rows are built; an
-    import adding the same ids meanwhile makes the commit a Conflict); the others are
-    counted as duplicates."""
+def _new_in_chunk(db: Session, project: Project, chunk: list, source_id: Callable[[Any], str],
+                  report: ImportReport) -> list:
+    """The records of a chunk whose prompt id is not in the project yet, nor earlier in the
+    file, read in a snapshot before the chunk's write (no writer lock while its rows are
+    built; an import adding the same ids meanwhile makes the commit a Conflict); the others
+    are counted as duplicates."""
     from annotation.db import begin_read_only
 
     begin_read_only(db)
-    present = _existing_source_ids(db, project, sids)
+    present = _existing_source_ids(db, project, [source_id(r) for r in chunk])
     db.commit()  # ends the snapshot (a rollback would expire the project read before it)
-    new: set[str] = set()
-    for sid in sids:
-        if sid in present or sid in new:
+    new = []
+    for record in chunk:
+        if source_id(record) in present:
             report.duplicates_skipped += 1
         else:
-            new.add(sid)
+            present.add(source_id(record))
+            new.append(record)
     return new
 
 
@@ -160,12 +162,10 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
         keyed.append((sid, content, [_checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
     for chunk in _chunks(keyed):
-        new = _new_in_chunk(db, project, [sid for sid, _, _ in chunk], report)
-        for sid, content, candidates in chunk:
-            if sid in new:
-                db.add(_new_prompt(project, sid, content, candidates, now))
-                report.prompts_added += 1
-                report.candidates_added += len(candidates)
+        for sid, content, candidates in _new_in_chunk(db, project, chunk, lambda record: record[0], report):
+            db.add(_new_prompt(project, sid, content, candidates, now))
+            report.prompts_added += 1
+            report.candidates_added += len(candidates)
         _commit_chunk(db)
     if report.prompts_added:
         refresh_planner_statistics(db)
@@ -262,10 +262,7 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     checked = [_check_ranking(r, i, project, source) for i, r in enumerate(rankings)]
     users: dict[str, User] = {}
     for chunk in _chunks(checked):
-        new = _new_in_chunk(db, project, [r.source_id for r in chunk], report)
-        for r in chunk:
-            if r.source_id not in new:
-                continue
+        for r in _new_in_chunk(db, project, chunk, lambda record: record.source_id, report):
             prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
             for c, cid in zip(prompt.candidates, r.candidate_ids):
                 c.source_id = cid
