@@ -86,8 +86,8 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
     during: list[tuple[int, int]] = []
     chunks = [0]
 
-    def commit_then_an_annotator_ranks(db):
-        commit(db)
+    def commit_then_an_annotator_ranks(db, started):
+        commit(db, started)
         chunks[0] += 1
         if chunks[0] == 1:
             def rank() -> None:
