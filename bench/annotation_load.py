@@ -275,7 +275,8 @@ def main() -> None:
         await asyncio.sleep(args.kill_at)
         server.kill9()
         killed = time.time()
-        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {len(stats['acked'])} acknowledged in this phase so far")
+        so_far = len(stats["acked"]) + len(stats.get("during_import", {}).get("acked", []))
+        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {so_far} acknowledged in this phase so far")
         await asyncio.get_running_loop().run_in_executor(None, server.start)
         kill_info["restart_s"] = time.time() - killed
         print(f"server restarted in {kill_info['restart_s']:.1f} s")
