@@ -25,10 +25,21 @@ class Ranking:
     annotator: str | None = None
     prompt_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # anything else the source carried
+    # A top-m ranking: only the best `ranked` (m) responses were put in order, the others
+    # form an unordered group below them and all have rank m, so they tie with each other
+    # and lose to every ranked one ([0, 2, 1, 2] is a top-2 of 4). None: a full ranking.
+    ranked: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.responses) != len(self.ranks):
             raise ValueError(f"{len(self.responses)} responses but {len(self.ranks)} ranks")
+        if self.ranked is not None:
+            m, k = self.ranked, len(self.ranks)
+            if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m < k:
+                raise ValueError(f"ranked must be an integer from 1 to {k - 1} (the ranked prefix of {k}), got {m!r}")
+            if sum(r < m for r in self.ranks) != m or any(r > m for r in self.ranks):
+                raise ValueError(f"a top-{m} ranking has {m} ranks below {m} and the others equal to {m}, "
+                                 f"got {self.ranks}")
 
     def ordered_pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) index pairs implied by the ranking; a tie implies no pair."""
@@ -39,16 +50,14 @@ class Ranking:
 def write_kwise(rankings: list[Ranking], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rankings:
-            row = asdict(r)
-            row.update(row.pop("meta"))
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(kwise_row(r), ensure_ascii=False) + "\n")
 
 
 def read_kwise(path: str | Path) -> list[Ranking]:
     out = []
     for lineno, row in jsonl_rows(path):
         try:
-            known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id") if k in row}
+            known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id", "ranked") if k in row}
             out.append(Ranking(**known, meta=row))
         except (AttributeError, TypeError, ValueError) as exc:
             raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
@@ -335,6 +344,10 @@ def write_hh(rankings: list[Ranking], path: str | Path) -> int:
 
 
 def kwise_row(r: Ranking) -> dict[str, Any]:
+    """One kwise JSONL line: the fields, `meta` spread out, and `ranked` only for a top-m
+    ranking (absent: a full one, as files written before it existed)."""
     row = asdict(r)
+    if row["ranked"] is None:
+        del row["ranked"]
     row.update(row.pop("meta"))
     return row

@@ -11,10 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
-from annotation.db import WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
+from annotation.db import DatabaseBusy, WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.settings import Settings
@@ -98,6 +99,34 @@ class LimitsAndHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+class Admission:
+    """Pure ASGI middleware: a worker serves at most `max_in_flight` requests at once and
+    answers the next ones 503 with Retry-After straight away, without the database. A
+    saturated server then tells clients to come back in a moment, where it would queue
+    them without bound and answer each later and later. One counter per worker process,
+    changed only on its event loop."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.settings.max_in_flight:
+            body = json.dumps({"detail": "the server is busy; try again in a moment"}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(self.settings.retry_after_s).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def load_or_create_secret(sessionmaker) -> str:
     """The CSRF/signing secret: generated on first start, stored in the database, reused."""
     with sessionmaker() as db:
@@ -114,13 +143,14 @@ def load_or_create_secret(sessionmaker) -> str:
 
 def create_app(settings: Settings) -> FastAPI:
     sqlite = settings.db_url.startswith("sqlite")
-    engine = make_engine(settings.db_url, background_checkpoints=sqlite)
+    engine = make_engine(settings.db_url, background_checkpoints=sqlite, pool_timeout_s=settings.pool_timeout_s,
+                         lock_timeout_s=settings.lock_timeout_s)
     migrate(engine)
     sm = make_sessionmaker(engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        checkpointer = WalCheckpointer(settings.db_url).start() if sqlite else None
+        checkpointer = WalCheckpointer(settings.db_url, wal_limit_bytes=settings.wal_limit_bytes).start() if sqlite else None
         try:
             yield
         finally:
@@ -158,6 +188,20 @@ def create_app(settings: Settings) -> FastAPI:
             problems.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
 
+    def _busy(detail: str, retry_after: int) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
+
+    # A bounded wait ran out: the server is saturated for the moment. 503 with Retry-After
+    # tells the client (and the page's script) to try again, where it used to hang.
+    @app.exception_handler(DatabaseBusy)
+    async def _database_busy(request: Request, exc: DatabaseBusy):
+        return _busy(str(exc), max(exc.retry_after, settings.retry_after_s))
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout):
+        return _busy(f"the server is busy (no database connection free within {settings.pool_timeout_s:g} s); "
+                     "try again in a moment", settings.retry_after_s)
+
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):
         # Last line of defence: input the schemas let through but the database cannot hold.
@@ -174,6 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SessionPerRequest, sessionmaker=sm)
     app.add_middleware(LimitsAndHeaders, settings=settings)
+    app.add_middleware(Admission, settings=settings)  # outermost: a refusal costs nothing else
     return app
 
 

@@ -104,6 +104,21 @@ def create_user(
             typer.echo(services.issue_api_token(s, user))
 
 
+@app.command("set-password")
+def set_password(
+    username: Annotated[str, typer.Argument(help="User name.")],
+    db: DbOpt = None,
+) -> None:
+    """Give an account a new password (from $ALIGN_USER_PASSWORD or asked, hidden); for an
+    account asked to change one made under an older rule, or one whose owner forgot it."""
+    from annotation import services
+
+    password = _password("ALIGN_USER_PASSWORD", "New password")
+    with _sessionmaker(db)() as s:
+        services.set_password(s, services.get_user(s, username), password)
+    typer.echo(f"password of {username!r} changed")
+
+
 @app.command("invite")
 def invite(
     db: DbOpt = None,
@@ -139,6 +154,9 @@ def create_project(
     annotators: Annotated[int, typer.Option(help="Distinct annotators per prompt.", min=1, max=100)] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown file with the annotation guidelines.")] = None,
     lease_seconds: Annotated[int, typer.Option(help="How long an opened task is held for its annotator.", min=10)] = 900,
+    rank_top: Annotated[int | None, typer.Option(
+        help="Top-m: annotators rank only the best M candidates (1 <= M < K); the rest stay unordered below.",
+        min=1, max=15)] = None,
 ) -> None:
     """Create an empty project."""
     from annotation import services
@@ -154,7 +172,8 @@ def create_project(
         except OSError as exc:
             raise UserError(f"{guidelines}: cannot be read ({exc.strerror or exc})") from None
     with _sessionmaker(db)() as s:
-        services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text, lease_seconds=lease_seconds)
+        services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text,
+                                lease_seconds=lease_seconds, rank_top=rank_top)
     typer.echo(f"project {name!r} created")
 
 

@@ -6,10 +6,12 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
@@ -17,7 +19,32 @@ from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 6
+
+
+class DatabaseBusy(UserError):
+    """A bounded wait for the database ran out (its writer lock, or a pooled connection):
+    the server answers 503 with Retry-After, the CLI one line."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _flock_within(fd: int, deadline: float) -> bool:
+    """Take an exclusive flock on `fd` by `deadline` (time.monotonic()); False if another
+    process still holds it then. A blocking flock cannot be given a timeout, so it is
+    tried without blocking, with short sleeps between tries (0.5 ms, growing to 2 ms)."""
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.002)
 
 
 def default_db_url() -> str:
@@ -30,12 +57,18 @@ def _sqlite_file(url: str) -> str | None:
     return None if not path or path == ":memory:" else path
 
 
-def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
+def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_s: float = 30.0,
+                lock_timeout_s: float = 60.0) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
     power cut; only a transaction begun as not durable, a lease's, commits with NORMAL) and
     BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
     failing when a read transaction upgrades to a write. With `background_checkpoints`
-    its connections leave WAL checkpoints to a `WalCheckpointer` (the server's)."""
+    its connections leave WAL checkpoints to a `WalCheckpointer` (the server's).
+
+    Every wait is bounded: for a pooled connection `pool_timeout_s` (SQLAlchemy's
+    TimeoutError after it), for SQLite's writer lock `lock_timeout_s` (DatabaseBusy). The
+    server sets both short and answers 503 when they run out; the CLI keeps the long
+    defaults (an import may wait for a busy server)."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
@@ -52,14 +85,18 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
 
             class WriterLock:
                 def acquire(self, timeout: float) -> bool:
+                    deadline = time.monotonic() + timeout
                     if not thread_lock.acquire(timeout=timeout):
                         return False
                     if lock_fd is not None:
                         try:
-                            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                            taken = _flock_within(lock_fd, deadline)
                         except BaseException:
                             thread_lock.release()
                             raise
+                        if not taken:
+                            thread_lock.release()
+                            return False
                     return True
 
                 def release(self) -> None:
@@ -83,8 +120,9 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                         self.execute(f"PRAGMA synchronous={synchronous}")
                         self.synchronous = synchronous
                     if write and not self.holds_lock:
-                        if not writer_lock.acquire(timeout=60):
-                            raise UserError("database busy for 60 s; try again")
+                        if not writer_lock.acquire(timeout=lock_timeout_s):
+                            raise DatabaseBusy(f"the database is busy (its writer lock was held for {lock_timeout_s:g} s); "
+                                               "try again in a moment")
                         self.holds_lock = True
                     try:
                         self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -118,6 +156,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30, "factory": LockingConnection},
                 pool_size=48, max_overflow=16,  # >= the threadpool: no connection churn
+                pool_timeout=pool_timeout_s,
             )
 
             @event.listens_for(engine, "connect")
@@ -130,7 +169,8 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                 if background_checkpoints:
                     cur.execute("PRAGMA wal_autocheckpoint=0")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
+                # Writers queue on the writer lock above; SQLite's own wait is bounded alike.
+                cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
                 cur.close()
 
             @event.listens_for(engine, "begin")
@@ -139,7 +179,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            engine = create_engine(url, pool_size=20, max_overflow=20)
+            engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=pool_timeout_s)
             _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {url!r}: {exc}") from None
@@ -178,17 +218,28 @@ def _ping_after_idle(engine: Engine) -> None:
 
 
 class WalCheckpointer:
-    """Checkpoints a SQLite WAL from a thread of its own, every `interval_s`.
+    """Checkpoints a SQLite WAL from a thread of its own, every `interval_s`, and keeps the
+    WAL file under `wal_limit_bytes`.
 
     By default the connection whose commit fills the WAL past 1,000 pages copies them
     into the database file and fsyncs it, inside that request: at 100 rankings/s that put
     the open-loop p99 of next-task at 290 ms; checkpointing here, 28 ms. A PASSIVE
-    checkpoint waits for no reader or writer, and sqlite3 releases the GIL while it runs."""
+    checkpoint waits for no reader or writer, and sqlite3 releases the GIL while it runs.
 
-    def __init__(self, url: str, interval_s: float = 0.5):
+    PASSIVE alone does not bound the WAL: under sustained load some reader is always on an
+    older snapshot, the WAL is never started over, and the file grows. When it is past the
+    limit, a TRUNCATE checkpoint follows: it waits for the readers of older snapshots to
+    finish (new writers wait meanwhile, so that wait is bounded by `busy_timeout_s`), copies
+    every frame, and cuts the file to zero. If readers are still there at the end of the
+    wait it gives up and the next round tries again."""
+
+    def __init__(self, url: str, interval_s: float = 0.5, wal_limit_bytes: int = 16 << 20,
+                 busy_timeout_s: float = 0.1):
         self.path, self.interval_s = _sqlite_file(url), interval_s
+        self.wal_limit_bytes, self.busy_timeout_s = wal_limit_bytes, busy_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
 
     def start(self) -> WalCheckpointer:
         if self.path is not None:
@@ -196,16 +247,38 @@ class WalCheckpointer:
             self._thread.start()
         return self
 
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:  # no WAL file (yet)
+            return 0
+
+    def checkpoint(self) -> str:
+        """One round: "PASSIVE", or "TRUNCATE" when the WAL was past its limit and was cut,
+        or "BUSY" when it was past its limit and readers kept it from being cut."""
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        if self.wal_bytes() <= self.wal_limit_bytes:
+            return "PASSIVE"
+        busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return "BUSY" if busy else "TRUNCATE"
+
     def _run(self) -> None:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         try:
             while not self._stop.wait(self.interval_s):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoint()
                 except sqlite3.Error:  # busy or gone: the next round tries again, or stop() ends it
                     pass
         finally:
-            conn.close()
+            self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -213,31 +286,47 @@ class WalCheckpointer:
             self._thread.join(5)
 
 
+# PostgreSQL advisory lock key (any constant: advisory locks are per database) that
+# serializes `migrate` across processes, as the writer lock does on SQLite.
+_MIGRATION_LOCK_KEY = 0x616C69676E  # "align"
+
+
 def migrate(engine: Engine) -> None:
     """Create the schema, or bring an older one up to SCHEMA_VERSION.
 
     Migrations are plain functions keyed by the version they produce; version 1 is the
-    initial schema. A database newer than this code is refused rather than touched."""
+    initial schema. A database newer than this code is refused rather than touched.
+
+    Processes that start at the same moment (server workers, a CLI import) migrate one
+    after the other: everything, create_all included, runs in one transaction that first
+    takes the database's migration lock (SQLite: BEGIN IMMEDIATE under the writer lock;
+    PostgreSQL: a transaction-level advisory lock, DDL being transactional there). The
+    second process then reads the version the first committed and has nothing to do, so
+    no error needs to be swallowed; any error is the migration's own and is raised."""
     try:
-        Base.metadata.create_all(engine)
-    except Exception as exc:
-        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc}") from None
-    with Session(engine) as db:
+        db = Session(engine)
+        if on_postgresql(db):
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        else:
+            db.connection()  # BEGIN IMMEDIATE: the writer lock until the commit below
+    except OperationalError as exc:  # no server, a file that cannot be opened
+        db.close()
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+    with db:
+        Base.metadata.create_all(db.connection())
         row = db.get(Meta, "schema_version")
         current = int(row.value) if row else 0
         if current > SCHEMA_VERSION:
             raise UserError(f"database schema v{current} is newer than this align (v{SCHEMA_VERSION}); upgrade align")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS.get(version, lambda _db: None)(db)
-        if current != SCHEMA_VERSION:
-            if row is None:
-                db.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            else:
-                row.value = str(SCHEMA_VERSION)
-            try:
-                db.commit()
-            except Exception:  # another process migrated at the same moment
-                db.rollback()
+        # Each migration checks what it changes, so on a new database (current 0, the
+        # current schema from create_all) they change nothing.
+        for version in range(max(current, 1) + 1, SCHEMA_VERSION + 1):  # v1: create_all
+            MIGRATIONS[version](db)
+        if row is None:
+            db.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif current != SCHEMA_VERSION:
+            row.value = str(SCHEMA_VERSION)
+        db.commit()
 
 
 def _v2(db: Session) -> None:
@@ -265,7 +354,51 @@ def _v3(db: Session) -> None:
     conn.execute(text("CREATE INDEX ix_prompts_queue ON prompts (project_id, done_count, slots_taken, id)"))
 
 
-MIGRATIONS: dict = {2: _v2, 3: _v3}  # {version: fn(session)}; v1 = create_all above
+def _v4(db: Session) -> None:
+    """One live lease per annotator and project (the partial unique index
+    ux_assignments_live). Two tabs could hold two before it; the later of such leases are
+    expired and their slots given back, as a lease that ran out would be, so that the
+    index can be built."""
+    from sqlalchemy import and_, exists, update
+    from sqlalchemy.orm import aliased
+
+    from annotation.models import Assignment, Prompt
+
+    earlier = aliased(Assignment)
+    duplicates = db.execute(select(Assignment.id, Assignment.prompt_id).where(
+        Assignment.status == "leased",
+        exists().where(and_(earlier.user_id == Assignment.user_id, earlier.project_id == Assignment.project_id,
+                            earlier.status == "leased", earlier.id < Assignment.id)))).all()
+    for lease in duplicates:
+        db.execute(update(Assignment).where(Assignment.id == lease.id).values(status="expired"))
+        db.execute(update(Prompt).where(Prompt.id == lease.prompt_id).values(slots_taken=Prompt.slots_taken - 1))
+    db.connection().execute(text("DROP INDEX IF EXISTS ux_assignments_live"))
+    live = next(i for i in Assignment.__table__.indexes if i.name == "ux_assignments_live")
+    live.create(db.connection())
+
+
+def _v5(db: Session) -> None:
+    """users.password_change_required: set at sign-in when the password used no longer
+    meets the rules (15 characters and a blocklist since v5; 8 before)."""
+    from sqlalchemy import inspect
+
+    conn = db.connection()
+    if "password_change_required" not in {c["name"] for c in inspect(conn).get_columns("users")}:
+        conn.execute(text("ALTER TABLE users ADD COLUMN password_change_required BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
+def _v6(db: Session) -> None:
+    """Top-m rankings: projects.rank_top (None: rank every candidate) and rankings.below
+    (None: a full ranking). Existing rows are full rankings of full-ranking projects."""
+    from sqlalchemy import inspect
+
+    conn = db.connection()
+    for table, column, sql_type in (("projects", "rank_top", "INTEGER"), ("rankings", "below", "JSON")):
+        if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+MIGRATIONS: dict = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}  # {version: fn(session)}; v1 = create_all above
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

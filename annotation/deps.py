@@ -90,42 +90,51 @@ async def csrf_guard(request: Request) -> None:
         await check_csrf(request)
 
 
-# The three user dependencies each take only the request (the session is the one
-# SessionPerRequest opened): FastAPI resolves every Depends node of a route on every
-# request, and a chain of four cost about 0.1 ms more than one.
+# The user dependencies look the user up in the database, so they are plain functions,
+# which FastAPI runs in its threadpool: nothing waits on the event loop for a pooled
+# connection or a lock (each wait is bounded, and past it the request is a 503). The CSRF
+# check before them reads at most the form and stays on the loop.
+CsrfGuarded = Annotated[None, Depends(csrf_guard)]
+SIGN_IN_FIRST = "sign in first (session cookie or 'Authorization: Bearer <token>')"
 
 
-async def optional_user(request: Request) -> User | None:
-    # On the event loop on purpose: the lookup is one indexed read in a snapshot that
-    # takes no lock (SQLite WAL reader, PostgreSQL MVCC), well under a millisecond, while
-    # a trip through the threadpool costs more than the query and every request makes it.
-    await csrf_guard(request)
+def optional_user(request: Request, _csrf: CsrfGuarded) -> User | None:
     user, _kind = _lookup_user(request, request.scope["align.db"])
     return user
 
 
-async def current_user(request: Request) -> User:
-    user = await optional_user(request)
+def _required(user: User | None) -> User:
     if user is None:
-        raise HTTPException(401, "sign in first (session cookie or 'Authorization: Bearer <token>')", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, SIGN_IN_FIRST, headers={"WWW-Authenticate": "Bearer"})
     return user
 
 
-async def admin_user(request: Request) -> User:
-    user = await current_user(request)
+def current_user(request: Request, _csrf: CsrfGuarded) -> User:
+    return _required(optional_user(request, None))
+
+
+def admin_user(request: Request, _csrf: CsrfGuarded) -> User:
+    user = _required(optional_user(request, None))
     if user.role != "admin":
         raise HTTPException(403, "admins only")
     return user
 
 
-async def caller(request: Request) -> User | services.BearerToken:
-    """`current_user` for the two requests of every ranking: an API token is passed on
-    unchecked, for the service to check in the statement that does the work (on
-    PostgreSQL a round trip less each; `services.BearerToken`)."""
-    return _bearer_token(request) or await current_user(request)
+async def caller(request: Request, _csrf: CsrfGuarded) -> services.BearerToken | services.SessionCookie:
+    """The credentials of the two requests of every ranking, not checked yet and read
+    without the database: the service checks them with the rest of its work, in the
+    threadpool (an API token in the statement that does the work, on PostgreSQL a round
+    trip less each; `services.BearerToken`, `services.SessionCookie`)."""
+    token = _bearer_token(request)
+    if token is not None:
+        return token
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        raise HTTPException(401, SIGN_IN_FIRST, headers={"WWW-Authenticate": "Bearer"})
+    return services.SessionCookie(cookie)
 
 
 OptionalUser = Annotated[User | None, Depends(optional_user)]
 CurrentUser = Annotated[User, Depends(current_user)]
 AdminUser = Annotated[User, Depends(admin_user)]
-Caller = Annotated[User | services.BearerToken, Depends(caller)]
+Caller = Annotated[services.BearerToken | services.SessionCookie, Depends(caller)]

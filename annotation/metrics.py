@@ -1,7 +1,10 @@
 """Inter-annotator agreement on rankings (the admin dashboard). Pure functions, no database.
 
 Input everywhere: {item: {annotator: ranks}} where ranks[i] is the rank (0 = best, equal =
-tie) of candidate i of that item.
+tie) of candidate i of that item, or a `TopRanks` for a top-m ranking: its unranked
+candidates share rank m, and the order between two of them is not stated (not a tie):
+comparisons leave such pairs out. Krippendorff's alpha, which compares rank values, takes
+them as tied at rank m.
 """
 
 from __future__ import annotations
@@ -10,12 +13,37 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import combinations
+from typing import NamedTuple
 
-RanksByItem = Mapping[Hashable, Mapping[str, Sequence[float]]]
+
+class TopRanks(NamedTuple):
+    """A top-m ranking: ranks as `align.formats.Ranking` has them (the unranked share rank
+    `ranked`, m)."""
+
+    ranks: Sequence[float]
+    ranked: int
+
+
+Ranks = Sequence[float] | TopRanks
+RanksByItem = Mapping[Hashable, Mapping[str, Ranks]]
 
 
 def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
+
+
+def _ranks(r: Ranks) -> Sequence[float]:
+    return r.ranks if isinstance(r, TopRanks) else r
+
+
+def _stated(r: Ranks, i: int, j: int) -> int | None:
+    """How the ranking orders candidates i and j: -1 (i better), 1 (j better), 0 (a tie),
+    or None when it does not say (both unranked in a top-m ranking)."""
+    if isinstance(r, TopRanks):
+        if r.ranks[i] >= r.ranked and r.ranks[j] >= r.ranked:
+            return None
+        r = r.ranks
+    return _sign(r[i] - r[j])
 
 
 def pairwise_agreement(data: RanksByItem) -> tuple[float | None, int]:
@@ -25,20 +53,23 @@ def pairwise_agreement(data: RanksByItem) -> tuple[float | None, int]:
     for ranks_by in data.values():
         for a, b in combinations(sorted(ranks_by), 2):
             ra, rb = ranks_by[a], ranks_by[b]
-            for i, j in combinations(range(len(ra)), 2):
-                sa, sb = _sign(ra[i] - ra[j]), _sign(rb[i] - rb[j])
+            for i, j in combinations(range(len(_ranks(ra))), 2):
+                sa, sb = _stated(ra, i, j), _stated(rb, i, j)
                 if sa and sb:
                     total += 1
                     agree += sa == sb
     return (agree / total if total else None), total
 
 
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b (ties in either ranking handled); None when either is all ties."""
-    n = len(x)
+def kendall_tau_b(x: Ranks, y: Ranks) -> float | None:
+    """Kendall's tau-b (ties in either ranking handled; pairs a top-m ranking leaves
+    unordered are left out); None when either is all ties."""
+    n = len(_ranks(x))
     conc = disc = tie_x = tie_y = 0
     for i, j in combinations(range(n), 2):
-        sx, sy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
+        sx, sy = _stated(x, i, j), _stated(y, i, j)
+        if sx is None or sy is None:
+            continue
         if sx == 0 and sy == 0:
             continue
         if sx == 0:
@@ -53,6 +84,12 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
     return (conc - disc) / denom if denom else None
 
 
+def _consensus(ranks_by: Mapping[str, Ranks], name: str) -> list[float]:
+    """The mean rank each candidate got from the item's annotators other than `name`."""
+    others = [_ranks(r) for o, r in ranks_by.items() if o != name]
+    return [sum(r[i] for r in others) / len(others) for i in range(len(_ranks(ranks_by[name])))]
+
+
 def per_item_tau(data: RanksByItem) -> dict[Hashable, float]:
     """Mean over annotators of tau-b between their ranks and the leave-one-out consensus
     (mean rank given by the item's other annotators), for items with >= 2 annotators."""
@@ -63,8 +100,7 @@ def per_item_tau(data: RanksByItem) -> dict[Hashable, float]:
             continue
         taus = []
         for name in names:
-            others = [ranks_by[o] for o in names if o != name]
-            consensus = [sum(r[i] for r in others) / len(others) for i in range(len(ranks_by[name]))]
+            consensus = _consensus(ranks_by, name)
             tau = kendall_tau_b(ranks_by[name], consensus)
             if tau is not None:
                 taus.append(tau)
@@ -82,8 +118,7 @@ def per_annotator_tau(data: RanksByItem) -> dict[str, tuple[float, int]]:
         if len(names) < 2:
             continue
         for name in names:
-            others = [ranks_by[o] for o in names if o != name]
-            consensus = [sum(r[i] for r in others) / len(others) for i in range(len(ranks_by[name]))]
+            consensus = _consensus(ranks_by, name)
             tau = kendall_tau_b(ranks_by[name], consensus)
             if tau is not None:
                 sums.setdefault(name, []).append(tau)
@@ -126,9 +161,9 @@ def alpha_for_rankings(data: RanksByItem) -> float | None:
     coders = sorted({a for ranks_by in data.values() for a in ranks_by})
     units = []
     for ranks_by in data.values():
-        k = len(next(iter(ranks_by.values()))) if ranks_by else 0
+        k = len(_ranks(next(iter(ranks_by.values())))) if ranks_by else 0
         for i in range(k):
-            units.append([ranks_by[c][i] if c in ranks_by else None for c in coders])
+            units.append([_ranks(ranks_by[c])[i] if c in ranks_by else None for c in coders])
     return krippendorff_alpha_ordinal(units)
 
 

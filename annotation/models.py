@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
 
 _mappers_configured = False
@@ -46,6 +46,10 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))  # admin | annotator | source (imported data)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # Schema v5: the password last used to sign in no longer meets the rules (it was chosen
+    # under an older one); set and cleared at each sign-in, cleared by a new password. The
+    # pages and /api/me ask for a new one while it is set.
+    password_change_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ApiToken(Base):
@@ -98,6 +102,10 @@ class Project(Base):
     annotators_per_prompt: Mapped[int] = mapped_column(Integer)
     lease_seconds: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    # Schema v6, top-m rankings: annotators put only the best `rank_top` (m) candidates in
+    # order and leave the rest an unordered group below them (they may order more). None:
+    # every candidate is ranked.
+    rank_top: Mapped[int | None] = mapped_column(Integer)
 
 
 class ProjectMember(Base):
@@ -149,6 +157,10 @@ class Assignment(Base):
         UniqueConstraint("prompt_id", "user_id"),  # nobody ranks the same prompt twice
         Index("ix_assignments_lease", "project_id", "status", "leased_until"),
         Index("ix_assignments_user", "user_id", "project_id", "status"),
+        # One live lease per annotator and project, whatever the tabs: two next-task
+        # requests that both read "no live lease" cannot both insert one (schema v4).
+        Index("ux_assignments_live", "user_id", "project_id", unique=True,
+              sqlite_where=text("status = 'leased'"), postgresql_where=text("status = 'leased'")),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
@@ -173,6 +185,9 @@ class RankingRow(Base):
     assignment_id: Mapped[int | None] = mapped_column(ForeignKey("assignments.id"))  # None for imported data
     revision: Mapped[int] = mapped_column(Integer)
     order: Mapped[Any] = mapped_column(JSON)  # [[best ids...], [next ids...], ...]; ids in one group are tied
+    # Schema v6: a top-m ranking's ids left unordered below `order`, as sent; None (SQL
+    # NULL) when `order` ranks every candidate.
+    below: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     skip_reason: Mapped[str | None] = mapped_column(Text)

@@ -1,21 +1,37 @@
-"""Password and username rules in the spirit of NIST SP 800-63B section 5.1.1.2:
-at least 8 characters (Unicode code points after NFKC normalisation), no composition rules,
-refused when found in a list of commonly used passwords, when repetitive or sequential, or
-when it is the username. Usernames are ASCII letters, digits and `._-` (the PRECIS
-IdentifierClass restricted to ASCII, RFC 8264) and must not look like another user's name
-(a "skeleton" in the sense of Unicode TS #39: case, 0/o, 1/l/i, rn/m and separators folded)."""
+"""Password and username rules after NIST SP 800-63B-4 section 3.1.1.2, for accounts whose
+password is their only factor: at least 15 characters (Unicode code points after NFKC
+normalisation), no composition rules, and refused when it is on a blocklist of
+known-compromised passwords (the 30,000 most frequent ones in leaked password sets, as
+zxcvbn ships them, so the list is maintained with that package rather than by hand), when
+repetitive or sequential, or when it contains the username. Accounts made under an older
+rule keep working; `needs_change` tells the sign-in that the one just used no longer
+passes, and the pages ask for a new one.
+
+Usernames are ASCII letters, digits and `._-` (the PRECIS IdentifierClass restricted to
+ASCII, RFC 8264) and must not look like another user's name (a "skeleton" in the sense of
+Unicode TS #39: case, 0/o, 1/l/i, rn/m and separators folded)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
-from annotation.common_passwords import COMMON_PASSWORDS
-
-MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_LENGTH = 15
 MAX_PASSWORD_LENGTH = 1024
+POLICY = (f"at least {MIN_PASSWORD_LENGTH} characters, not a known-compromised or common password "
+          "(a few unrelated words work well)")
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm", "1qaz2wsx3edc")
+
+
+@functools.cache
+def blocklist() -> frozenset[str]:
+    """Known-compromised passwords, lower case: zxcvbn's list of the most frequent passwords
+    in leaked sets. Read once, on first use (about 0.1 s)."""
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    return frozenset(FREQUENCY_LISTS["passwords"])
 
 
 def password_problem(password: str, username: str | None = None) -> str | None:
@@ -24,15 +40,18 @@ def password_problem(password: str, username: str | None = None) -> str | None:
         return "password must be text"
     pw = unicodedata.normalize("NFKC", password)
     if len(pw) < MIN_PASSWORD_LENGTH:
-        return f"password must be at least {MIN_PASSWORD_LENGTH} characters"
+        return f"password must be at least {MIN_PASSWORD_LENGTH} characters (a few unrelated words work well)"
     if len(pw) > MAX_PASSWORD_LENGTH:
         return f"password must be at most {MAX_PASSWORD_LENGTH} characters"
     if not pw.strip():
         return "password must not be only spaces"
     folded = pw.casefold()
     squeezed = "".join(folded.split())
-    if folded in COMMON_PASSWORDS or squeezed in COMMON_PASSWORDS or folded.rstrip("0123456789!.?") in COMMON_PASSWORDS:
-        return "password is on a list of commonly used passwords; choose another (a few unrelated words work well)"
+    listed = blocklist()
+    # Also the forms people make of a listed password to pass a length rule: spaces taken
+    # out, digits or punctuation added at the end.
+    if any(form in listed for form in (folded, squeezed, folded.rstrip("0123456789!.?"), squeezed.rstrip("0123456789!.?"))):
+        return "password is on a list of known-compromised passwords; choose another (a few unrelated words work well)"
     if len(set(squeezed)) <= 2:
         return "password repeats one or two characters; choose another"
     if any(squeezed in seq or squeezed in seq[::-1] for seq in _SEQUENCES):
@@ -42,12 +61,16 @@ def password_problem(password: str, username: str | None = None) -> str | None:
     return None
 
 
+def needs_change(password: str, username: str) -> bool:
+    """Whether a password that just signed its user in falls short of the current rules
+    (it was chosen under an older one)."""
+    return password_problem(password, username) is not None
+
+
 def username_problem(username: str) -> str | None:
     if not isinstance(username, str) or not USERNAME_RE.match(username):
         return "username must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
     return None
-
-
 
 
 def skeleton(username: str) -> str:

@@ -147,8 +147,9 @@ def autocommit(db: Session) -> Iterator[Transaction]:
 class Sql:
     """One statement with named parameters written `:name` (the style sqlite3 takes;
     rewritten to psycopg's `%(name)s` once). Parameters listed in `json_params` are stored
-    as JSON text, and result columns listed (by position) in `json_columns` are decoded
-    from it on SQLite; PostgreSQL's driver decodes JSON columns itself."""
+    as JSON text (None stays SQL NULL), and result columns listed (by position) in
+    `json_columns` are decoded from it on SQLite; PostgreSQL's driver decodes JSON columns
+    itself."""
 
     def __init__(self, sql: str, *, json_params: Iterable[str] = (), json_columns: Iterable[int] = ()):
         self.sqlite = sql
@@ -158,7 +159,8 @@ class Sql:
 
     def _run(self, tx: Transaction, params: dict[str, Any]):
         for name in self.json_params:
-            params[name] = json.dumps(params[name])
+            if params[name] is not None:
+                params[name] = json.dumps(params[name])
         sql = self.sqlite if tx.sqlite else self.postgresql
         cursor = tx.connection.cursor()
         try:

@@ -4,10 +4,9 @@ annotation.app."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Annotated, Literal
 
+import anyio.to_process
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +19,7 @@ from annotation.schemas import (
     InviteCreate,
     InvitePublic,
     MemberCreate,
+    PasswordChange,
     ProjectCreate,
     ProjectPublic,
     PromptsCreate,
@@ -54,25 +54,27 @@ def sign_in(request: Request, db, username: str, password: str):
 def _project_public(db, p) -> ProjectPublic:
     return ProjectPublic(
         name=p.name, guidelines=p.guidelines, k=p.k, annotators_per_prompt=p.annotators_per_prompt,
-        lease_seconds=p.lease_seconds, progress=services.project_progress(db, p),
+        lease_seconds=p.lease_seconds, rank_top=p.rank_top, progress=services.project_progress(db, p),
     )
 
 
 def _user_public(u) -> UserPublic:
-    return UserPublic(id=u.id, username=u.username, role=u.role, active=u.active)
+    return UserPublic(id=u.id, username=u.username, role=u.role, active=u.active,
+                      password_change_required=u.password_change_required)
 
 
 def _task_public(t: services.Task) -> TaskPublic:
     return TaskPublic(
         id=t.assignment_id, project=t.project, prompt=t.prompt,
         candidates=[{"id": c.id, "text": c.text} for c in t.candidates],
-        status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order,
+        status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order, below=t.below,
+        rank_top=t.rank_top,
     )
 
 
 def _ranking_public(r) -> RankingPublic:
     return RankingPublic(
-        id=r.id, task_id=r.assignment_id, revision=r.revision, order=r.order, all_bad=r.all_bad,
+        id=r.id, task_id=r.assignment_id, revision=r.revision, order=r.order, below=r.below, all_bad=r.all_bad,
         skipped=r.skipped, skip_reason=r.skip_reason, created_at=r.created_at,
     )
 
@@ -82,11 +84,11 @@ def _ranking_public(r) -> RankingPublic:
 
 
 @router.post("/projects/{name}/next", response_model=TaskPublic, responses={204: {"description": "no task left for you"}})
-async def next_task(name: ProjectName, db: SessionDep, caller: Caller):
+def next_task(name: ProjectName, db: SessionDep, caller: Caller):
     """Lease the next task in the project (or get back your current one). 204 when none is left."""
-    # Every ranking makes this request and the next, so both run on the event loop: their
-    # statements are a few indexed ones on the DBAPI connection (annotation.raw_sql), well
-    # under a millisecond, and a trip through the threadpool would cost more than they do.
+    # A plain function, run in the threadpool like every route that uses the database: its
+    # statements are short, but a commit waits for the disk and a busy database for its
+    # writer lock, and neither may hold up the event loop and every other request with it.
     task = services.next_task_in(db, caller, name)
     if task is None:
         return Response(status_code=204)
@@ -99,17 +101,17 @@ def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
 
 
 @router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
-async def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
+def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
     """Submit the ranking of a leased task (409 if it was submitted already)."""
-    row = services.submit_ranking(db, caller, task_id, body.order, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # on the loop: see next_task
+    row = services.submit_ranking(db, caller, task_id, body.order, below=body.below, all_bad=body.all_bad,
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # threadpool: see next_task
     return _ranking_public(row)
 
 
 @router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
 def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
     """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
-    row = services.revise_ranking(db, user, task_id, body.order, all_bad=body.all_bad,
+    row = services.revise_ranking(db, user, task_id, body.order, below=body.below, all_bad=body.all_bad,
                                   rationale=body.rationale, time_spent_ms=body.time_spent_ms)
     return _ranking_public(row)
 
@@ -131,7 +133,8 @@ def create_token(body: TokenCreate, request: Request, db: SessionDep):
     if user is None:
         raise HTTPException(401, "wrong username or password")
     token = services.issue_api_token(db, user, request.app.state.settings.api_token_ttl_s)
-    return TokenPublic(token=token, username=user.username, role=user.role)
+    return TokenPublic(token=token, username=user.username, role=user.role,
+                       password_change_required=user.password_change_required)
 
 
 @router.delete("/tokens/current", status_code=204)
@@ -147,6 +150,17 @@ def revoke_token(request: Request, db: SessionDep, _user: CurrentUser):
 @router.get("/me", response_model=UserPublic)
 def me(user: CurrentUser):
     return _user_public(user)
+
+
+@router.put("/me/password", status_code=204,
+            responses={403: {"description": "the current password is wrong"}, 429: {"description": "too many failures"}})
+def change_password(body: PasswordChange, request: Request, db: SessionDep, user: CurrentUser):
+    """Choose a new password (at least 15 characters, not a known-compromised one); the
+    current one is checked as a sign-in is."""
+    settings = request.app.state.settings
+    services.change_password(db, user, body.current_password, body.new_password, client_id(request),
+                             max_failures=settings.login_max_failures, window_s=settings.login_window_s)
+    return Response(status_code=204)
 
 
 @router.get("/users", response_model=list[UserPublic])
@@ -189,7 +203,7 @@ def list_projects(db: SessionDep, user: CurrentUser):
 @router.post("/projects", response_model=ProjectPublic, status_code=201)
 def create_project(body: ProjectCreate, db: SessionDep, _admin: AdminUser):
     p = services.create_project(db, body.name, k=body.k, annotators_per_prompt=body.annotators_per_prompt,
-                                guidelines=body.guidelines, lease_seconds=body.lease_seconds)
+                                guidelines=body.guidelines, lease_seconds=body.lease_seconds, rank_top=body.rank_top)
     return _project_public(db, p)
 
 
@@ -246,17 +260,12 @@ async def import_file(
     body = await request.body()
     if body[:2] == b"\x1f\x8b":
         raise HTTPException(415, "the body is gzip-compressed; send the JSONL file uncompressed")
-    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        try:
-            report = await run_in_threadpool(services.import_file, db, name, format, tmp)
-        except services.ServiceError as exc:
-            raise type(exc)(str(exc).replace(tmp, "body")) from None
-        return ImportPublic(**vars(report))
-    finally:
-        os.unlink(tmp)
+    settings = request.app.state.settings
+    if settings.imports_in_subprocess:
+        report = await anyio.to_process.run_sync(services.import_body_at, settings.db_url, name, format, body)
+    else:
+        report = await run_in_threadpool(services.import_body, db, name, format, body)
+    return ImportPublic(**vars(report))
 
 
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)

@@ -12,15 +12,17 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from annotation import security, services
+from annotation import passwords, security, services
 from annotation.deps import CSRF_COOKIE, SESSION_COOKIE, AdminUser, CurrentUser, OptionalUser, SessionDep, check_csrf, csrf_for
 from annotation.render import markdown
-from annotation.routes_api import sign_in
+from annotation.routes_api import client_id, sign_in
 from annotation.status import http_status
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 templates.env.filters["markdown"] = markdown
 templates.env.globals["csrf_for"] = csrf_for
+templates.env.globals["password_policy"] = passwords.POLICY
+templates.env.globals["min_password_length"] = passwords.MIN_PASSWORD_LENGTH
 
 router = APIRouter(include_in_schema=False)
 CsrfChecked = Annotated[None, Depends(check_csrf)]
@@ -109,7 +111,9 @@ def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser)
         raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
     messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
+    ranked = services.ranked_prefix(task.order, task.below) if task.order else None
     return page(request, "task.html", user=user, task=task, project=p, messages=messages, shown=shown_order(task),
+                ranked=ranked,
                 progress=services.project_progress(db, p), mine=services.user_progress(db, user, p),
                 lease_left_s=max(0, int(task.leased_until - time.time())))
 
@@ -123,6 +127,24 @@ def shown_order(task: services.Task) -> list[tuple[services.TaskCandidate, bool]
     out = [(by_id[cid], i > 0) for group in task.order for i, cid in enumerate(group) if cid in by_id]
     listed = {c.id for c, _ in out}
     return out + [(c, False) for c in task.candidates if c.id not in listed]
+
+
+@router.get("/account/password", response_class=HTMLResponse)
+def password_page(request: Request, user: CurrentUser):
+    return page(request, "password.html", user=user, error=None)
+
+
+@router.post("/account/password", response_class=HTMLResponse)
+def password_change(request: Request, db: SessionDep, user: CurrentUser, _csrf: CsrfChecked,
+                    current_password: Annotated[str, Form(max_length=1024)],
+                    new_password: Annotated[str, Form(max_length=1024)]):
+    settings = request.app.state.settings
+    try:
+        services.change_password(db, user, current_password, new_password, client_id(request),
+                                 max_failures=settings.login_max_failures, window_s=settings.login_window_s)
+    except services.ServiceError as exc:
+        return page(request, "password.html", status_code=http_status(exc), user=user, error=str(exc))
+    return RedirectResponse("/", status_code=303)
 
 
 @router.get("/invite/{token}", response_class=HTMLResponse)

@@ -27,6 +27,8 @@ class TokenPublic(BaseModel):
     token: str
     username: str
     role: str
+    password_change_required: bool = Field(
+        default=False, description="the password used no longer meets the rules: choose a new one (PUT /api/me/password)")
 
 
 class UserCreate(_Strict):
@@ -40,6 +42,13 @@ class UserPublic(BaseModel):
     username: str
     role: str
     active: bool = True
+    password_change_required: bool = Field(
+        default=False, description="the password last used no longer meets the rules: choose a new one (PUT /api/me/password)")
+
+
+class PasswordChange(_Strict):
+    current_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024)
 
 
 class MemberCreate(_Strict):
@@ -61,6 +70,9 @@ class ProjectCreate(_Strict):
     k: int = Field(default=4, ge=2, le=16, description="candidates per prompt")
     annotators_per_prompt: int = Field(default=1, ge=1, le=100)
     lease_seconds: int = Field(default=900, ge=10, le=7 * 86400)
+    rank_top: int | None = Field(default=None, ge=1, le=15, description=(
+        "top-m: annotators rank only the best m candidates (1 <= m < k) and leave the rest unordered below; "
+        "omit to rank every candidate"))
 
 
 class ProjectPublic(BaseModel):
@@ -69,6 +81,7 @@ class ProjectPublic(BaseModel):
     k: int
     annotators_per_prompt: int
     lease_seconds: int
+    rank_top: int | None = None
     progress: dict[str, int]
 
 
@@ -115,6 +128,8 @@ class TaskPublic(BaseModel):
     leased_until: float
     revision: int
     order: list[list[int]] | None = None
+    below: list[int] | None = None  # the stored ranking's unordered rest, if it was a top-m one
+    rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
 
 
 class RankingCreate(_Strict):
@@ -127,6 +142,11 @@ class RankingCreate(_Strict):
         description="groups of candidate ids, best first; ids in one group are tied, e.g. [[3], [1, 2], [4]]",
         max_length=16,
     )
+    below: Annotated[list[Any] | None, WithJsonSchema({
+        "type": "array", "maxItems": 16, "items": {"type": "integer"},
+    })] = Field(default=None, max_length=16, description=(
+        "top-m projects: the candidate ids left unranked, an unordered group below those in order "
+        "(order then ranks at least the project's rank_top); omit for a full ranking"))
     all_bad: bool = False
     rationale: str | None = Field(default=None, max_length=2000)
     time_spent_ms: int | None = Field(default=None, ge=0, le=7 * 86400 * 1000)
@@ -141,6 +161,7 @@ class RankingPublic(BaseModel):
     task_id: int | None
     revision: int
     order: list[list[int]] | None
+    below: list[int] | None = None
     all_bad: bool
     skipped: bool
     skip_reason: str | None

@@ -20,3 +20,15 @@ class Settings:
     login_max_failures: int = 5
     login_window_s: float = 300.0
     secure_cookies: bool = False  # set the Secure flag (serve behind HTTPS)
+    # Bounded waits (annotation.db.make_engine): past them a request is answered 503 with
+    # Retry-After instead of hanging; the client tries again a moment later.
+    pool_timeout_s: float = 1.0  # for a pooled database connection
+    lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
+    retry_after_s: int = 1
+    # Requests one worker process takes on at once (its threadpool runs 40); past that it
+    # answers 503 at once rather than queue them behind work it cannot start.
+    max_in_flight: int = 128
+    wal_limit_bytes: int = 16 << 20  # SQLite: past this the WAL is checkpointed with TRUNCATE
+    # Imports through the API run in a process of their own (services.import_body_at), off
+    # the worker's GIL; False runs them in the worker's threadpool (tests that watch them).
+    imports_in_subprocess: bool = True

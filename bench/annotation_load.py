@@ -8,6 +8,10 @@ Two phases against a real `align annotate serve` process on 127.0.0.1, each D se
   all, whatever the server does; latency is measured from the scheduled start (so a server
   that falls behind shows it, no coordinated omission).
 
+* import: the open loop again while an admin imports --import-prompts prompts (K
+  candidates each, one JSONL body) into another project through the API; next/submit
+  latencies are reported apart for rankings started during the import and after it.
+
 A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s and
 p50/p99 of next-task and submit per phase, then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
@@ -18,6 +22,7 @@ failed; exit 1) or INCOMPLETE (the prompts ran out before a phase ended; exit 2)
 
     python bench/annotation_load.py --clients 50 --duration 30 --rate 200
     python bench/annotation_load.py --phases open --duration 60 --kill-at 30
+    python bench/annotation_load.py --phases import --import-prompts 100000 --duration 60 --kill-at 10
     python bench/annotation_load.py --db postgresql+psycopg://... (a fresh database)
 """
 
@@ -132,10 +137,11 @@ async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, 
     c.close()
 
 
-async def open_client(token: str, url_ref: dict, duration: float, rate: float, stats: dict, rng: random.Random) -> None:
+async def open_client(token: str, url_ref: dict, duration: float, rate: float, stats_for, rng: random.Random) -> None:
     """Rankings start at Poisson arrivals of `rate` per second; one at a time per annotator
     (a person holds one task), so a late start waits for the previous one and counts it.
-    Arrivals still waiting when the phase ends are counted as not started."""
+    Arrivals still waiting when the phase ends are counted as not started. `stats_for()`
+    is the stats dict a ranking starting now counts in."""
     c = Connection(url_ref["url"], token)
     t_perf, t_end = time.perf_counter(), time.perf_counter() + duration
     next_at = t_perf + rng.expovariate(rate)
@@ -145,9 +151,10 @@ async def open_client(token: str, url_ref: dict, duration: float, rate: float, s
             await asyncio.sleep(delay)
         elif time.perf_counter() > t_end + 5:  # the server fell behind: the backlog is not served
             while next_at < t_end:
-                stats["not_started"] += 1
+                stats_for()["not_started"] += 1
                 next_at += rng.expovariate(rate)
             break
+        stats = stats_for()
         stats["scheduled"] += 1
         if await one_ranking(c, stats, rng, next_at) == "exhausted":
             break
@@ -184,6 +191,30 @@ def oversized_bodies(base: str, token: str) -> list[tuple[str, int, float]]:
     return out
 
 
+def import_body(n: int, k: int) -> bytes:
+    """A prompts JSONL file of `n` prompts with `k` candidates each, as an admin uploads it."""
+    import json
+
+    return "".join(json.dumps({"prompt": f"Imported question {i}: what would you answer?", "id": f"imp{i}",
+                               "candidates": [f"imported answer {j} to question {i}" for j in range(k)]}) + "\n"
+                   for i in range(n)).encode()
+
+
+def run_import(base: str, token: str, body: bytes, window: dict) -> None:
+    """POST the import (into project "bulk"), recording when it ran and how it ended."""
+    import httpx
+
+    window["start"] = time.time()
+    try:
+        r = httpx.post(f"{base}/api/projects/bulk/import?format=prompts", content=body, timeout=600,
+                       headers={"Authorization": f"Bearer {token}", "content-type": "application/x-ndjson"})
+        window["status"] = r.status_code
+        window["added"] = r.json().get("prompts_added") if r.status_code == 201 else r.text[:200]
+    except httpx.HTTPError as exc:  # the server was killed during it (--kill-at)
+        window["status"], window["added"] = "cut off", str(exc)[:200]
+    window["end"] = time.time()
+
+
 def new_stats() -> dict:
     return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0,
             "ran_dry": 0}
@@ -196,6 +227,7 @@ CLOSED_LOOP_CEILING = 1500
 
 
 def prompts_needed(phases: list[str], duration: float, warmup: float, rate: float, annotators_per_prompt: int) -> int:
+    # (an import phase offers `rate`, as the open loop does)
     rankings = CLOSED_LOOP_CEILING * warmup + sum(CLOSED_LOOP_CEILING * duration if p == "closed" else rate * duration
                                                   for p in phases)
     return -(-int(rankings) // annotators_per_prompt)
@@ -205,7 +237,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=50, help="annotators (closed and open loop)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per phase")
-    ap.add_argument("--phases", default="closed,open", help="closed, open or closed,open")
+    ap.add_argument("--phases", default="closed,open", help="closed, open, import, in any order, comma-separated")
+    ap.add_argument("--import-prompts", type=int, default=100_000, help="import phase: prompts the admin imports")
     ap.add_argument("--rate", type=float, default=200.0, help="open loop: rankings/s started in all")
     ap.add_argument("--prompts", type=int, default=None,
                     help=f"prompts to seed (default: enough for {CLOSED_LOOP_CEILING} rankings/s in closed loop)")
@@ -218,8 +251,8 @@ def main() -> None:
                     help="SIGKILL the server this many seconds into the last phase, then restart it")
     args = ap.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if not phases or any(p not in ("closed", "open") for p in phases):
-        ap.error("--phases takes closed, open or closed,open")
+    if not phases or any(p not in ("closed", "open", "import") for p in phases):
+        ap.error("--phases takes closed, open and import, comma-separated")
 
     if args.prompts is None:
         args.prompts = prompts_needed(phases, args.duration, args.warmup, args.rate, args.annotators_per_prompt)
@@ -242,10 +275,19 @@ def main() -> None:
         await asyncio.sleep(args.kill_at)
         server.kill9()
         killed = time.time()
-        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {len(stats['acked'])} acknowledged in this phase so far")
+        so_far = len(stats["acked"]) + len(stats.get("during_import", {}).get("acked", []))
+        print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {so_far} acknowledged in this phase so far")
         await asyncio.get_running_loop().run_in_executor(None, server.start)
         kill_info["restart_s"] = time.time() - killed
         print(f"server restarted in {kill_info['restart_s']:.1f} s")
+
+    window: dict = {}  # the import phase's import: start, end, status, added
+
+    def stats_now(stats: dict) -> dict:
+        """The import phase counts rankings started while the import runs apart."""
+        if "end" in window or "start" not in window:
+            return stats
+        return stats.setdefault("during_import", new_stats())
 
     async def phase(kind: str, stats: dict, kill: bool, duration: float | None = None):
         rngs = {u: random.Random(f"{kind}:{u}") for u in users}
@@ -254,7 +296,12 @@ def main() -> None:
             jobs = [closed_client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in users]
         else:
             per_client = args.rate / len(users)
-            jobs = [open_client(tokens[u], url_ref, args.duration, per_client, stats, rngs[u]) for u in users]
+            jobs = [open_client(tokens[u], url_ref, args.duration, per_client, lambda: stats_now(stats), rngs[u])
+                    for u in users]
+        if kind == "import":
+            body = import_body(args.import_prompts, args.k)
+            jobs.append(asyncio.get_running_loop().run_in_executor(
+                None, run_import, url_ref["url"], tokens["admin"], body, window))
         if kill:
             jobs.append(killer(stats))
         await asyncio.gather(*jobs)
@@ -283,7 +330,21 @@ def main() -> None:
     with sm() as db:
         rows = {r.id: r for r in db.query(RankingRow).all()}
     sm.kw["bind"].dispose()
-    acked = warmup["acked"] + [a for _k, st, _e in results for a in st["acked"]]
+    # The import phase's rankings started during the import are rows of their own.
+    rows_of_table: list[tuple[str, str, dict, float]] = []  # (phase, row label, stats, seconds)
+    for kind, st, elapsed in results:
+        if kind == "closed":
+            rows_of_table.append((kind, "closed loop", st, elapsed))
+            continue
+        offered = f"open loop, {args.rate:g}/s offered"
+        if kind == "import":
+            during = st.pop("during_import", new_stats())
+            took = window.get("end", time.time()) - window.get("start", time.time())
+            rows_of_table.append((kind, f"{offered}, during the import of {args.import_prompts} prompts", during, took))
+            rows_of_table.append((kind, f"{offered}, after the import", st, max(elapsed - took, 1e-9)))
+        else:
+            rows_of_table.append((kind, offered, st, elapsed))
+    acked = warmup["acked"] + [a for _kind, _label, st, _e in rows_of_table for a in st["acked"]]
     missing = [a for a in acked if a[0] not in rows]
     wrong = [a for a in acked if a[0] in rows and (rows[a[0]].order != a[2] or rows[a[0]].assignment_id != a[1])]
     dup_ack = len(acked) - len({a[0] for a in acked})
@@ -297,9 +358,9 @@ def main() -> None:
     print()
     print("| phase | duration | rankings/s | next p50 / p99 ms | submit p50 / p99 ms | errors |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for kind, st, elapsed in results:
-        label = "closed loop" if kind == "closed" else (
-            f"open loop, {args.rate:g}/s offered ({st['scheduled']} started, {st['not_started']} not started: server behind)")
+    for _kind, label, st, elapsed in rows_of_table:
+        if not label.startswith("closed"):
+            label += f" ({st['scheduled']} started, {st['not_started']} not started: server behind)"
         if st["ran_dry"]:
             label += ", cut short: no prompt left"
         print(f"| {label} | {elapsed:.1f} s | {len(st['acked']) / elapsed:.1f} | "
@@ -310,6 +371,9 @@ def main() -> None:
     print("| --- | --- |")
     for label, status, ms in probes:
         print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
+    if "start" in window:
+        print(f"| import of {args.import_prompts} prompts (K={args.k}) through the API | {window.get('status')}: "
+              f"{window.get('added')} added in {window.get('end', float('nan')) - window['start']:.1f} s |")
     if args.kill_at is not None:
         print(f"| kill -9 at / restart took | {args.kill_at:.0f} s / {kill_info.get('restart_s', float('nan')):.1f} s |")
         print(f"| stored but never acknowledged (reply lost in the kill) | {sum(not r.skipped for r in rows.values()) - len(acked)} |")
@@ -319,7 +383,8 @@ def main() -> None:
     print(f"| duplicated rankings (same annotator+prompt, or id acked twice) | {sum(c - 1 for c in per_pair.values()) + dup_ack} |")
     print(f"| prompts over their annotator count | {over} |")
     ok = not missing and not wrong and not dup_ack and all(c == 1 for c in per_pair.values()) and not over
-    dry = (["warm-up"] if warmup["ran_dry"] else []) + [kind for kind, st, _e in results if st["ran_dry"]]
+    dry = (["warm-up"] if warmup["ran_dry"] else []) + list(dict.fromkeys(
+        kind for kind, _label, st, _e in rows_of_table if st["ran_dry"]))
     if dry:
         print(f"\nThe prompts ran out in the {', '.join(dry)} phase: its figures cover less than the phase "
               f"it was asked for. Seed more than {args.prompts} with --prompts.")

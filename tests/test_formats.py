@@ -118,3 +118,33 @@ def test_kwise_round_trip_keeps_ties_and_meta(tmp_path):
     formats.write_kwise([r], f)
     (back,) = formats.read_kwise(f)
     assert back == r
+    assert "ranked" not in json.loads(f.read_text())  # a full ranking's line is as before
+
+
+def test_top_m_ranking_round_trips_with_its_ranked_prefix(tmp_path):
+    """A top-2 of 4: the unranked share rank 2; the kwise line carries "ranked": 2, and
+    pairs exist only where an order was stated (none between the two unranked)."""
+    r = Ranking("q", ["a", "b", "c", "d"], [0, 2, 1, 2], "ann", "p1", {"revision": 1}, ranked=2)
+    f = tmp_path / "k.jsonl"
+    formats.write_kwise([r], f)
+    assert json.loads(f.read_text())["ranked"] == 2
+    (back,) = formats.read_kwise(f)
+    assert back == r and back.ranked == 2
+    assert sorted(r.ordered_pairs()) == [(0, 1), (0, 2), (0, 3), (2, 1), (2, 3)]
+    rows = formats.pairs_from_rankings([r])
+    assert sorted((p["chosen"], p["rejected"]) for p in rows) == [("a", "b"), ("a", "c"), ("a", "d"), ("c", "b"), ("c", "d")]
+
+
+@pytest.mark.parametrize("ranks,ranked", [
+    ([0, 1, 2, 2], 3),  # three ranked need three ranks below 3
+    ([0, 2, 1, 3], 2),  # an unranked response ranks m, not more
+    ([0, 1, 1, 1], 0),  # at least one ranked
+    ([0, 1, 2, 3], 4),  # m = K is a full ranking: None
+    ([0, 1, 2, 2], True),
+])
+def test_inconsistent_top_m_rankings_are_refused(tmp_path, ranks, ranked):
+    with pytest.raises(ValueError):
+        Ranking("q", ["a", "b", "c", "d"], ranks, ranked=ranked)
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "q", "responses": ["a", "b", "c", "d"], "ranks": ranks, "ranked": ranked}])
+    with pytest.raises(UserError, match="k.jsonl:1"):
+        formats.read_kwise(f)

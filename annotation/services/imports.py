@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from align.errors import UserError
@@ -16,13 +17,29 @@ from align.formats import PromptRecord, Ranking
 from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid
+from annotation.services.errors import Conflict, Invalid, ServiceError
 from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
 from annotation.services.rankings import check_text, clean_optional_text, ranks_to_order
 from annotation.services.users import _new_user
 
 IMPORT_FORMATS = ("oasst", "hh", "trl", "prompts", "kwise")
 MAX_TEXT = 100_000  # characters in one prompt or candidate
+# Records stored per transaction. A whole file is checked before anything is stored; it is
+# then stored a chunk at a time, each chunk committed, so that an import of 100,000 prompts
+# holds SQLite's writer lock for a chunk (about 30 ms of 100 prompts of K = 4) at a time, not
+# for seconds, and annotators keep leasing and submitting in between. An import cut short (a
+# crash, a kill) keeps the chunks it committed; importing the file again adds the rest.
+IMPORT_CHUNK = 100
+# After each chunk the import waits before it asks for the writer lock again, as long as
+# its commit took (it holds the lock about that long) and at least IMPORT_PAUSE_S: without
+# a pause the importing thread takes the lock back the moment it let go, ahead of the
+# requests waiting for it (threads on an unfair lock, other workers polling its flock), and
+# they starve for the whole import; with a fixed 10 ms one the import still held the lock
+# three quarters of the time, and 200 rankings/s (400 short writes) fell behind.
+IMPORT_PAUSE_S = 0.01
+# The server's import process runs at this niceness: on a busy machine the workers that
+# serve the annotators get the CPU first, and the import takes longer.
+IMPORT_NICENESS = 10
 
 
 @dataclass
@@ -67,18 +84,36 @@ def _existing_source_ids(db: Session, project: Project, ids: Iterable[str]) -> s
     return found
 
 
+def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any, list[CandidateIn]]], now: float) -> None:
+    """Insert checked prompts and their candidates as two multi-row INSERTs (SQLAlchemy's
+    bulk INSERT ... RETURNING): a chunk holds SQLite's writer lock a fraction of the time
+    the ORM's unit of work takes for the same rows, one object at a time."""
+    from sqlalchemy import insert
+
+    prompt_ids = dict(db.execute(insert(Prompt).returning(Prompt.source_id, Prompt.id), [
+        {"project_id": project.id, "source_id": sid, "content": content, "n_candidates": len(candidates),
+         "slots_taken": 0, "done_count": 0, "created_at": now}
+        for sid, content, candidates in records]).all())
+    rows = [{"prompt_id": prompt_ids[sid], "position": i, "text": c.text, "model": c.model, "sampling": c.sampling,
+             "source_id": None}
+            for sid, _content, candidates in records for i, c in enumerate(candidates)]
+    if rows:
+        db.execute(insert(Candidate), rows)
+
+
+def _checked_candidate(c: CandidateIn, i: int, source_id: str) -> CandidateIn:
+    return CandidateIn(_check_text(c.text, f"candidate {i} of prompt {source_id!r}"), _check_id(c.model, "candidate model"),
+                       _sampling(c.sampling))
+
+
 def _new_prompt(project: Project, source_id: str, content: Any, cands: list[CandidateIn], now: float) -> Prompt:
-    if len(cands) > MAX_CANDIDATES:
-        raise Invalid(f"prompt {source_id!r} has {len(cands)} candidates; at most {MAX_CANDIDATES}")
+    """A prompt row with its candidates, all checked already."""
     prompt = Prompt(
         project_id=project.id, source_id=source_id, content=content, n_candidates=len(cands),
         slots_taken=0, done_count=0, created_at=now,
     )
-    prompt.candidates = [
-        Candidate(position=i, text=_check_text(c.text, f"candidate {i} of prompt {source_id!r}"),
-                  model=_check_id(c.model, "candidate model"), sampling=_sampling(c.sampling), source_id=None)
-        for i, c in enumerate(cands)
-    ]
+    prompt.candidates = [Candidate(position=i, text=c.text, model=c.model, sampling=c.sampling, source_id=None)
+                         for i, c in enumerate(cands)]
     return prompt
 
 
@@ -90,11 +125,52 @@ def _sampling(value: Any) -> dict:
     return dict(value)
 
 
+def _chunks(items: list, size: int = 0) -> Iterable[list]:
+    size = size or IMPORT_CHUNK
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def _new_in_chunk(db: Session, project: Project, chunk: list, source_id: Callable[[Any], str],
+                  report: ImportReport) -> list:
+    """The records of a chunk whose prompt id is not in the project yet, nor earlier in the
+    file, read in a snapshot before the chunk's write (no writer lock while its rows are
+    built; an import adding the same ids meanwhile makes the commit a Conflict); the others
+    are counted as duplicates."""
+    from annotation.db import begin_read_only
+
+    begin_read_only(db)
+    present = _existing_source_ids(db, project, [source_id(r) for r in chunk])
+    db.commit()  # ends the snapshot (a rollback would expire the project read before it)
+    new = []
+    for record in chunk:
+        if source_id(record) in present:
+            report.duplicates_skipped += 1
+        else:
+            present.add(source_id(record))
+            new.append(record)
+    return new
+
+
+def _commit_chunk(db: Session, started: float) -> None:
+    """Commit one chunk of an import, which lets SQLite's writer lock go, and give the
+    requests waiting for it their turn: at least as long as the import held it (since
+    `started`, time.monotonic() before the chunk's first write)."""
+    try:
+        db.commit()
+    except IntegrityError:  # the same prompt ids added by another import at this moment
+        db.rollback()
+        raise Conflict("another import added some of these prompts at the same moment; import the file again "
+                       "to add the rest (nothing is added twice)") from None
+    if IMPORT_PAUSE_S:
+        time.sleep(max(IMPORT_PAUSE_S, time.monotonic() - started))
+
+
 @unit_of_work
 def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> ImportReport:
     """Add prompts, each with no candidates (to generate later) or exactly the project's K.
     Prompts whose id is already in the project are skipped, so importing the same file
-    twice adds nothing. All or nothing: one bad record and none is added."""
+    twice adds nothing. Every record is checked before any is stored (one bad record and
+    none is added); they are then stored IMPORT_CHUNK at a time."""
     report = ImportReport()
     now = time.time()
     from align.formats import content_id
@@ -106,17 +182,17 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
         if rec.candidates and len(rec.candidates) != project.k:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; project {project.name!r} ranks "
                           f"K={project.k} (send exactly {project.k}, or none to generate them later)")
-        keyed.append((sid, content, rec))
-    seen = _existing_source_ids(db, project, [s for s, _, _ in keyed])
-    for sid, content, rec in keyed:
-        if sid in seen:
-            report.duplicates_skipped += 1
-            continue
-        seen.add(sid)
-        db.add(_new_prompt(project, sid, content, rec.candidates, now))
-        report.prompts_added += 1
-        report.candidates_added += len(rec.candidates)
-    db.commit()
+        if len(rec.candidates) > MAX_CANDIDATES:
+            raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
+        keyed.append((sid, content, [_checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
+    for chunk in _chunks(keyed):
+        new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
+        started = time.monotonic()
+        if new:
+            _insert_prompts(db, project, new, now)
+        report.prompts_added += len(new)
+        report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
+        _commit_chunk(db, started)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report
@@ -142,6 +218,16 @@ def prompts_without_candidates(db: Session, project: Project) -> list[Prompt]:
     return list(db.scalars(select(Prompt).where(Prompt.project_id == project.id, Prompt.n_candidates == 0).order_by(Prompt.id)))
 
 
+def _check_ranks(ranks: Any, n: int, sid: str) -> list[int]:
+    """An imported ranking's ranks: one integer per response, 0 (best) to n - 1; equal
+    ranks are ties."""
+    if not isinstance(ranks, list) or len(ranks) != n:
+        raise Invalid(f"ranking {sid!r}: ranks must be a list of {n} integers, one per response")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for r in ranks):
+        raise Invalid(f"ranking {sid!r}: ranks must be integers from 0 (best) to {n - 1}, got {ranks!r:.200}")
+    return ranks
+
+
 def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
     if name not in cache:
         user = db.scalar(select(User).where(User.username == name))
@@ -151,54 +237,85 @@ def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
     return cache[name]
 
 
+@dataclass
+class _CheckedRanking:
+    """An imported ranking, checked: what `import_rankings` stores for it."""
+
+    source_id: str
+    content: Any
+    responses: list[CandidateIn]
+    ranks: list[int]
+    ranked: int | None  # a top-m ranking: the unranked have rank m
+    annotator: str
+    all_bad: bool
+    rationale: str | None
+    candidate_ids: list[str | None]
+
+
+def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _CheckedRanking:
+    from align.formats import content_id
+
+    content = _check_prompt(r.prompt, f"ranking {i + 1} prompt")
+    sid = _check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
+    if len(r.responses) < 2:
+        raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
+    if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
+        raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
+                      f"at most K={project.k}")
+    responses = [_checked_candidate(CandidateIn(t), j, sid) for j, t in enumerate(r.responses)]
+    ranks = _check_ranks(r.ranks, len(r.responses), sid)
+    meta = r.meta or {}
+    all_bad = meta.get("all_bad", False)
+    if not isinstance(all_bad, bool):
+        raise Invalid(f"ranking {sid!r}: all_bad must be true or false")
+    rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
+    ids = list(meta.get("candidate_ids") or [])[: len(responses)]
+    candidate_ids = [None if cid is None else _check_id(str(cid), "candidate id") for cid in ids]
+    annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
+    if len(annotator) > 64:
+        raise Invalid(f"ranking {sid!r}: annotator name must be 1-64 characters")
+    return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator, all_bad, rationale, candidate_ids)
+
+
 @unit_of_work
 def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
     """Store existing preference data: each Ranking becomes a prompt with its candidates and
-    one ranking row by the (non-login) user named after its annotator or the source.
-    All or nothing."""
+    one ranking row by the (non-login) user named after its annotator or the source. Every
+    ranking is checked before any is stored (one bad ranking and none is added); they are
+    then stored IMPORT_CHUNK at a time."""
     report = ImportReport()
     now = time.time()
-    from align.formats import content_id
-
+    checked = [_check_ranking(r, i, project, source) for i, r in enumerate(rankings)]
     users: dict[str, User] = {}
-    seen = _existing_source_ids(db, project, [r.prompt_id for r in rankings if isinstance(r.prompt_id, str)])
-    for i, r in enumerate(rankings):
-        content = _check_prompt(r.prompt, f"ranking {i + 1} prompt")
-        sid = _check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
-        if sid in seen:
-            report.duplicates_skipped += 1
-            continue
-        seen.add(sid)
-        if len(r.responses) < 2:
-            raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
-        if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
-            raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
-                          f"at most K={project.k}")
-        meta = r.meta or {}
-        all_bad = meta.get("all_bad", False)
-        if not isinstance(all_bad, bool):
-            raise Invalid(f"ranking {sid!r}: all_bad must be true or false")
-        rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
-        prompt = _new_prompt(project, sid, content, [CandidateIn(t) for t in r.responses], now)
-        for c, cid in zip(prompt.candidates, meta.get("candidate_ids") or []):
-            c.source_id = None if cid is None else _check_id(str(cid), "candidate id")
-        prompt.slots_taken = prompt.done_count = 1
-        db.add(prompt)
-        db.flush()
-        annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
-        user = _source_user(db, annotator, users)
-        ids = [c.id for c in prompt.candidates]
-        db.add(
-            RankingRow(
-                project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
-                order=ranks_to_order(ids, r.ranks), all_bad=all_bad, skipped=False,
-                rationale=rationale, time_spent_ms=None, created_at=now,
+    for chunk in _chunks(checked):
+        new = _new_in_chunk(db, project, chunk, lambda record: record.source_id, report)
+        started = time.monotonic()
+        for r in new:
+            prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
+            for c, cid in zip(prompt.candidates, r.candidate_ids):
+                c.source_id = cid
+            prompt.slots_taken = prompt.done_count = 1
+            db.add(prompt)
+            db.flush()
+            user = _source_user(db, r.annotator, users)
+            ids = [c.id for c in prompt.candidates]
+            if r.ranked is None:
+                order, below = ranks_to_order(ids, r.ranks), None
+            else:  # stored as the page stores one: the ranked groups, and the rest below
+                top = [(cid, rank) for cid, rank in zip(ids, r.ranks) if rank < r.ranked]
+                order = ranks_to_order([cid for cid, _ in top], [rank for _, rank in top])
+                below = [cid for cid, rank in zip(ids, r.ranks) if rank == r.ranked]
+            db.add(
+                RankingRow(
+                    project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
+                    order=order, below=below, all_bad=r.all_bad, skipped=False,
+                    rationale=r.rationale, time_spent_ms=None, created_at=now,
+                )
             )
-        )
-        report.prompts_added += 1
-        report.candidates_added += len(ids)
-        report.rankings_added += 1
-    db.commit()
+            report.prompts_added += 1
+            report.candidates_added += len(ids)
+            report.rankings_added += 1
+        _commit_chunk(db, started)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report
@@ -231,6 +348,43 @@ def read_records(fmt: str, path: Any) -> list:
     return records
 
 
+def import_body(db: Session, project_name: str, fmt: str, body: bytes) -> ImportReport:
+    """`import_file` of a file sent as a request body (`POST /api/projects/{p}/import`);
+    messages name it "body"."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        try:
+            return import_file(db, project_name, fmt, tmp)
+        except ServiceError as exc:
+            raise type(exc)(str(exc).replace(tmp, "body")) from None
+    finally:
+        os.unlink(tmp)
+
+
+_sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
+
+
+def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> ImportReport:
+    """`import_body` on the database at `db_url`, for a process of its own: the server runs
+    its imports so (`anyio.to_process`), because reading and checking a large file is
+    seconds of Python that, in a worker, would hold the GIL against the requests it serves.
+    The engine, kept for the next import, waits for the writer lock as long as the CLI."""
+    import os
+
+    from annotation.db import make_engine, make_sessionmaker
+
+    if db_url not in _sessionmakers:
+        os.nice(IMPORT_NICENESS)  # once: this process runs imports only
+        _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))
+    with _sessionmakers[db_url]() as db:
+        return import_body(db, project_name, fmt, body)
+
+
 @unit_of_work
 def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
     """`align annotate import`: read FILE in `fmt` into the project (created if missing).
@@ -250,8 +404,10 @@ def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_k
             return add_prompts(db, project, records)
         return import_rankings(db, project, records, source=fmt)
     except BaseException:
-        if not existed:  # the import added nothing (all or nothing): leave no empty project behind
-            db.rollback()
+        db.rollback()
+        # A file refused whole added nothing: leave no empty project behind. (One cut
+        # short after some chunks keeps them, and its project.)
+        if not existed and db.scalar(select(Prompt.id).where(Prompt.project_id == project.id).limit(1)) is None:
             db.execute(Project.__table__.delete().where(Project.id == project.id))
             db.commit()
         raise

@@ -18,14 +18,23 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
-from annotation.services._tx import unit_of_work
+from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Unauthorized
-from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, project_for, visible_project
-from annotation.services.users import INVALID_TOKEN, BearerToken, CallerStatement, as_user, require_annotator
+from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
+from annotation.services.users import (
+    INVALID_TOKEN,
+    BearerToken,
+    CallerStatement,
+    SessionCookie,
+    as_user,
+    require_annotator,
+    signed_in,
+)
 
 STALE_CHECK_S = 2.0
 _last_stale_check: dict[tuple[str, str], float] = {}  # (database, project name) -> when
@@ -53,6 +62,8 @@ class Task:
     guidelines: str = ""
     revision: int = 0  # latest stored revision (0 = not ranked yet)
     order: list[list[int]] | None = None  # latest stored order, if ranked
+    below: list[int] | None = None  # latest stored unordered rest, if it was a top-m ranking
+    rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
 
 
 class AssignmentRow(NamedTuple):
@@ -74,8 +85,11 @@ def read_assignment(tx: Transaction, assignment_id: int) -> AssignmentRow | None
     return None if row is None else AssignmentRow(*row)
 
 
-def task_of(db: Session, a: AssignmentRow, project: Project, prompt: Prompt) -> Task:
-    """The Task view of an existing assignment, with its latest stored ranking."""
+@read_only
+def task_of(db: Session, a: AssignmentRow, project: Project) -> Task:
+    """The Task view of an existing assignment, with its latest stored ranking. Read in a
+    snapshot: on SQLite an ORM transaction would otherwise take the writer lock."""
+    prompt = db.get(Prompt, a.prompt_id)
     by_id = {c.id: c for c in prompt.candidates}
     latest = db.scalar(
         select(RankingRow).where(RankingRow.assignment_id == a.id).order_by(RankingRow.revision.desc()).limit(1)
@@ -85,6 +99,7 @@ def task_of(db: Session, a: AssignmentRow, project: Project, prompt: Prompt) -> 
         candidates=[TaskCandidate(cid, by_id[cid].text) for cid in a.candidate_order if cid in by_id],
         status=a.status, leased_until=a.leased_until, guidelines=project.guidelines,
         revision=latest.revision if latest else 0, order=latest.order if latest and not latest.skipped else None,
+        below=latest.below if latest and not latest.skipped else None, rank_top=project.rank_top,
     )
 
 
@@ -106,6 +121,7 @@ ORDER BY p.done_count, p.slots_taken, p.id
 LIMIT {limit}"""
 
 
+_LIVE_LEASE = Sql(_LIVE_LEASE_SQL)
 _QUEUE_SQL = _queue_sql()
 _QUEUE = Sql(_QUEUE_SQL)
 # A next-task request on SQLite (and on PostgreSQL when the statement below could not
@@ -232,7 +248,9 @@ def release_expired_leases(db: Session, project: Project, now: float | None = No
 
 
 class LeasedElsewhere(Exception):
-    """The annotator leased this prompt from another tab a moment ago."""
+    """The annotator leased a prompt of this project from another tab a moment ago: the
+    one this claim reached, or another (the unique index ux_assignments_live refused a
+    second live lease)."""
 
 
 _STALE_LEASES = Sql("SELECT proj.id, EXISTS (SELECT 1 FROM assignments a WHERE a.project_id = proj.id "
@@ -279,7 +297,7 @@ def _leased_task(project: Project, prompt_id: int, content: Any, text_of: dict[i
     return Task(
         assignment_id=assignment_id, project=project.name, prompt_id=prompt_id, prompt=content,
         candidates=[TaskCandidate(cid, text_of[cid]) for cid in order],
-        status="leased", leased_until=until, guidelines=project.guidelines,
+        status="leased", leased_until=until, guidelines=project.guidelines, rank_top=project.rank_top,
     )
 
 
@@ -291,7 +309,10 @@ def _claim(tx: Transaction, user: User, project: Project, prompt_ids: list[int],
             continue
         rows = _CONTENT.all(tx, prompt=pid)  # never changes once leasable
         order = lease_order(user.id, pid, [cid for _content, cid, _text in rows])
-        aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
+        try:
+            aid = _LEASE.scalar(tx, project=project.id, prompt=pid, user=user.id, order=order, until=until, now=now)
+        except IntegrityError:  # a live lease of another prompt, taken since the queue was read
+            raise LeasedElsewhere from None
         if aid is None:
             raise LeasedElsewhere  # rolls back the slot taken above
         return _leased_task(project, pid, rows[0][0], {cid: text for _content, cid, text in rows}, aid, order, until)
@@ -304,9 +325,12 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
     until = now + project.lease_seconds
     with autocommit(db) as tx:
         for pid in prompt_ids:
-            aid, free, order, content, candidates, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
-                tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
-                order_key=f"{user.id}:{pid}:", until=until, now=now)
+            try:
+                aid, free, order, content, candidates, _synchronous_commit = _CLAIM_IN_ONE_STATEMENT.first(
+                    tx, project=project.id, prompt=pid, user=user.id, per_prompt=project.annotators_per_prompt,
+                    order_key=f"{user.id}:{pid}:", until=until, now=now)
+            except IntegrityError:  # a live lease of another prompt (ux_assignments_live)
+                raise LeasedElsewhere from None
             if aid is not None:
                 return _leased_task(project, pid, content, dict(candidates), aid, order, until)
             if free:
@@ -317,7 +341,8 @@ def _claim_in_one_statement(db: Session, user: User, project: Project, prompt_id
 def claim_first_free(db: Session, user: User, project: Project, prompt_ids: list[int], now: float) -> Task | None:
     """Lease the first of `prompt_ids` that still has a free slot (None if none has), in one
     atomic step. Raises LeasedElsewhere, changing nothing, if the annotator holds the
-    prompt it reaches already (the same annotator in two tabs at once)."""
+    prompt it reaches already, or a live lease of another prompt in the project (the same
+    annotator in two tabs at once)."""
     if on_postgresql(db):
         return _claim_in_one_statement(db, user, project, prompt_ids, now)
     with transaction(db, write=True, durable=False) as tx:
@@ -338,11 +363,14 @@ def next_task(db: Session, user: User, project: Project, now: float | None = Non
 
 
 @unit_of_work
-def next_task_in(db: Session, caller: User | BearerToken, project_name: str, now: float | None = None) -> Task | None:
+def next_task_in(db: Session, caller: User | BearerToken | SessionCookie, project_name: str,
+                 now: float | None = None) -> Task | None:
     """`next_task` in the project named `project_name`, as the caller may see it (NotFound
-    if they may not): what a next-task request runs. The caller is a user, or an API token
-    (Unauthorized if it does not authenticate). On PostgreSQL it is one statement."""
+    if they may not): what a next-task request runs. The caller is a user, an API token or
+    a session cookie (Unauthorized if it does not authenticate). On PostgreSQL it is one
+    statement."""
     now = time.time() if now is None else now
+    caller = signed_in(db, caller)
     _release_stale_leases(db, project_name, now)
     if on_postgresql(db):
         return _next_task_in_one_round_trip(db, caller, project_name, now)
@@ -356,19 +384,32 @@ def _next_task_in_one_round_trip(db: Session, caller: User | BearerToken, projec
     being written)."""
     if isinstance(caller, User):
         require_annotator(caller)  # (a user by id is not checked for being active by the statement)
-    with autocommit(db) as tx:
-        row = _NEXT_TASK_IN_ONE_STATEMENT.first(tx, caller, now, name=project_name)
+    try:
+        with autocommit(db) as tx:
+            row = _NEXT_TASK_IN_ONE_STATEMENT.first(tx, caller, now, name=project_name)
+    except IntegrityError:  # another tab of the caller leased at the same moment: show theirs
+        user = as_user(db, caller)
+        return _next_task(db, user, project_for(db, user, project_name), now)
     if row is None:
         raise Unauthorized(INVALID_TOKEN)  # (a User always has a row: a user by id)
     user = caller if isinstance(caller, User) else User.transient(id=row[0], username=row[1], role=row[2], active=True)
-    project = visible_project(user, project_name, row[3:11] if row[3] is not None else None)
+    end = 3 + len(VisibleProjectRow._fields)  # the statement's columns: caller, project, the rest
+    project = visible_project(user, project_name, row[3:end] if row[3] is not None else None)
     require_annotator(user)
-    live, queued, lease, prompt_id, order, until, content, candidates, _synchronous_commit = row[11:]
+    live, queued, lease, prompt_id, order, until, content, candidates, _synchronous_commit = row[end:]
     if lease is not None:
         return _leased_task(project, prompt_id, content, dict(candidates), lease, order, until)
     if live is None and queued == 0:
         return None
     return _next_task(db, user, project, now, first_attempt=0 if live is not None else 1)
+
+
+def _live_task(db: Session, user: User, project: Project) -> Task | None:
+    """The annotator's live lease in the project, read afresh, as a Task; None if none."""
+    with transaction(db, write=False) as tx:
+        live_id = _LIVE_LEASE.scalar(tx, user=user.id, project=project.id)
+        a = None if live_id is None else read_assignment(tx, live_id)
+    return None if a is None else task_of(db, a, project)
 
 
 def _next_task(db: Session, user: User, project: Project, now: float, first_attempt: int = 0) -> Task | None:
@@ -381,7 +422,7 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
         a = read_assignment(tx, rows[0][1]) if rows and rows[0][0] == 0 else None
         ids = [pid for kind, pid, _done, _taken in rows if kind == 1]
     if a is not None:
-        return task_of(db, a, project, db.get(Prompt, a.prompt_id))
+        return task_of(db, a, project)
     for attempt in range(first_attempt, first_attempt + 5):
         if attempt > first_attempt:
             with transaction(db, write=False) as tx:  # a fresh snapshot
@@ -391,6 +432,11 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
         try:
             task = claim_first_free(db, user, project, spread_order(user.id, attempt, ids[:SPREAD]), now)
         except LeasedElsewhere:
+            # Another tab of this annotator leased since the snapshot above: that lease is
+            # the one to show, not a second one (which ux_assignments_live would refuse).
+            live = _live_task(db, user, project)
+            if live is not None:
+                return live
             continue
         if task is not None:
             return task

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
@@ -35,10 +35,16 @@ def create_project(
     annotators_per_prompt: int = 1,
     guidelines: str = "",
     lease_seconds: int = 900,
+    rank_top: int | None = None,
 ) -> Project:
+    """A project whose prompts get `k` candidates each, ranked by `annotators_per_prompt`
+    annotators; with `rank_top` (m, 1 <= m < k) they rank only the best m (top-m)."""
     name = check_project_name(name)
-    for what, value, lo, hi in (("k", k, 2, MAX_CANDIDATES), ("annotators_per_prompt", annotators_per_prompt, 1, 100),
-                                ("lease_seconds", lease_seconds, 10, 7 * 86400)):
+    checks = [("k", k, 2, MAX_CANDIDATES), ("annotators_per_prompt", annotators_per_prompt, 1, 100),
+              ("lease_seconds", lease_seconds, 10, 7 * 86400)]
+    if rank_top is not None:
+        checks.append(("rank_top", rank_top, 1, k - 1 if isinstance(k, int) else 1))
+    for what, value, lo, hi in checks:
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise Invalid(f"{what} must be an integer between {lo} and {hi}, got {value!r}")
     if not isinstance(guidelines, str) or len(guidelines) > 100_000 or "\x00" in guidelines:
@@ -47,7 +53,7 @@ def create_project(
         raise Conflict(f"project {name!r} already exists")
     project = Project(
         name=name, guidelines=guidelines or "", k=k, annotators_per_prompt=annotators_per_prompt,
-        lease_seconds=lease_seconds, created_at=time.time(),
+        lease_seconds=lease_seconds, created_at=time.time(), rank_top=rank_top,
     )
     return insert_unique(db, project, f"project {name!r} already exists")
 
@@ -60,9 +66,22 @@ def get_project(db: Session, name: str) -> Project:
     return project
 
 
-# A project as a user may see it: its columns, then `member` (NULL unless they are one).
-VISIBLE_PROJECT_COLUMNS = ("proj.id, proj.name, proj.guidelines, proj.k, proj.annotators_per_prompt, "
-                           "proj.lease_seconds, proj.created_at, m.user_id AS member")
+class VisibleProjectRow(NamedTuple):
+    """A project as a user may see it: its columns, then `member` (None unless they are one)."""
+
+    id: int
+    name: str
+    guidelines: str
+    k: int
+    annotators_per_prompt: int
+    lease_seconds: int
+    created_at: float
+    rank_top: int | None
+    member: int | None
+
+
+VISIBLE_PROJECT_COLUMNS = ", ".join(
+    "m.user_id AS member" if f == "member" else f"proj.{f}" for f in VisibleProjectRow._fields)
 VISIBLE_PROJECT_FROM = "projects proj LEFT JOIN project_members m ON m.project_id = proj.id AND m.user_id = :user"
 _PROJECT_FOR = Sql(f"SELECT {VISIBLE_PROJECT_COLUMNS} FROM {VISIBLE_PROJECT_FROM} WHERE proj.name = :name")
 
@@ -72,11 +91,12 @@ def visible_project(user: User, name: str, row: tuple | None) -> Project:
     name), as `user` may see it: admins see every project, others only those they are
     members of (anything else is reported as not found, so names do not leak). It comes
     back as a plain (transient) Project to read from."""
-    if row is None or (row[7] is None and user.role != "admin"):
+    visible = None if row is None else VisibleProjectRow(*row)
+    if visible is None or (visible.member is None and user.role != "admin"):
         raise NotFound(f"no project {name!r}")
-    pid, name, guidelines, k, per_prompt, lease_seconds, created_at = row[:7]
-    return Project.transient(id=pid, name=name, guidelines=guidelines, k=k, annotators_per_prompt=per_prompt,
-                             lease_seconds=lease_seconds, created_at=created_at)
+    columns = visible._asdict()
+    del columns["member"]
+    return Project.transient(**columns)
 
 
 def project_for(db: Session, user: User, name: str) -> Project:

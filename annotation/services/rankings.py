@@ -15,7 +15,7 @@ from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
-from annotation.services.users import BearerToken, CallerStatement, as_user, require_annotator
+from annotation.services.users import BearerToken, CallerStatement, SessionCookie, as_user, require_annotator, signed_in
 
 MAX_REASON = 2_000
 MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
@@ -29,10 +29,19 @@ def ranks_to_order(candidate_ids: list[int], ranks: list[int]) -> list[list[int]
     return [groups[r] for r in sorted(groups)]
 
 
-def order_to_ranks(candidate_ids: list[int], order: list[list[int]]) -> list[int]:
-    """Inverse of ranks_to_order with dense ranks: rank = index of the tie group."""
+def order_to_ranks(candidate_ids: list[int], order: list[list[int]], below: list[int] | None = None) -> list[int]:
+    """Inverse of ranks_to_order with dense ranks: rank = index of the tie group. The ids
+    of a top-m ranking's unordered rest (`below`) all get rank m, the number ranked, as
+    `align.formats.Ranking` has them."""
     rank_of = {cid: g for g, group in enumerate(order) for cid in group}
+    ranked = len(rank_of)
+    rank_of.update((cid, ranked) for cid in below or ())
     return [rank_of[cid] for cid in candidate_ids]
+
+
+def ranked_prefix(order: list[list[int]], below: list[int] | None) -> int | None:
+    """m of a stored top-m ranking (how many candidates its order ranks); None for a full one."""
+    return sum(len(group) for group in order) if below else None
 
 
 def _order_groups(order: Any, k: int) -> tuple[list[list[int]], set[int]]:
@@ -67,26 +76,51 @@ def validate_order(order: Any, candidate_ids: list[int]) -> list[list[int]]:
     """The order must be a list of non-empty groups of candidate ids that together hold each
     of the task's candidates exactly once. Raises Invalid saying what is wrong. Linear in
     the input, and it stops reading once more ids than the task's K were sent."""
-    groups, seen = _order_groups(order, len(candidate_ids))
-    unknown = sorted(seen - set(candidate_ids))
+    return validate_ranking(order, None, candidate_ids, None)[0]
+
+
+def validate_ranking(order: Any, below: Any, candidate_ids: list[int],
+                     rank_top: int | None) -> tuple[list[list[int]], list[int] | None]:
+    """A full ranking (`below` None or empty: `order` holds every candidate), or, in a
+    project that ranks the best `rank_top` (m), a top-m one: `order` ranks at least m of
+    the candidates and `below` lists the rest, unordered. Returns (order's groups, below or
+    None). Raises Invalid saying what is wrong."""
+    if below is not None and not isinstance(below, list):
+        raise Invalid("below must be a list of candidate ids (the unranked rest of a top-m ranking)")
+    below = below or None
+    if below is not None and rank_top is None:
+        raise Invalid("this project ranks every candidate; send them all in order (no below)")
+    sent = order if below is None or not isinstance(order, list) else [*order, below]
+    groups, seen = _order_groups(sent, len(candidate_ids))  # below too: ids that repeat, or are not ints
+    if below is not None:
+        groups.pop()
+        seen.difference_update(below)
+        if not groups:
+            raise Invalid(f"order must rank at least the best {rank_top} candidates; the rest go below")
+    unknown = sorted((seen | set(below or ())) - set(candidate_ids))
     if unknown:
         raise Invalid(f"candidate ids not in this task: {unknown}")
-    missing = sorted(set(candidate_ids) - seen)
+    missing = sorted(set(candidate_ids) - seen - set(below or ()))
     if missing:
-        raise Invalid(f"order leaves out candidate ids {missing}; rank every candidate (ties allowed)")
-    return groups
+        raise Invalid(f"order leaves out candidate ids {missing}; rank every candidate (ties allowed)"
+                      if rank_top is None else
+                      f"candidate ids {missing} are neither ranked nor below; list the unranked ones in below")
+    if below is not None and len(seen) < rank_top:
+        raise Invalid(f"rank at least the best {rank_top} candidates (ranked {len(seen)}); the rest go below")
+    return groups, below
 
 
+# From 'leased', or from 'expired' once `_lease_again` took a slot back for it.
 _COMPLETE = Sql("UPDATE assignments SET status = 'done', completed_at = :now "
-                 "WHERE id = :id AND user_id = :user AND status = 'leased'")
+                 "WHERE id = :id AND user_id = :user AND status = :status")
 _PER_PROMPT = Sql("SELECT annotators_per_prompt FROM projects WHERE id = :project")
-_LEASE_AGAIN = Sql("UPDATE assignments SET status = 'leased' WHERE id = :id AND status = 'expired'")
+_RANK_TOP = Sql("SELECT rank_top FROM projects WHERE id = :project")
 _COUNT_DONE = Sql("UPDATE prompts SET done_count = done_count + 1 WHERE id = :prompt")
 _INSERT_RANKING = Sql("""
-INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", all_bad, skipped,
+INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
                       skip_reason, rationale, time_spent_ms, created_at)
-VALUES (:project, :prompt, :user, :assignment, 1, :order, :all_bad, false, NULL, :rationale, :time_spent_ms, :now)
-RETURNING id""", json_params=["order"])
+VALUES (:project, :prompt, :user, :assignment, 1, :order, :below, :all_bad, false, NULL, :rationale, :time_spent_ms, :now)
+RETURNING id""", json_params=["order", "below"])
 
 
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
@@ -105,31 +139,32 @@ WITH done AS (
         = CAST(:ids AS jsonb)
   RETURNING id, project_id, prompt_id, user_id),
 counted AS (UPDATE prompts SET done_count = done_count + 1 WHERE id IN (SELECT prompt_id FROM done))
-INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", all_bad, skipped,
+INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
                       skip_reason, rationale, time_spent_ms, created_at)
-SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), :all_bad, false, NULL,
+SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), CAST(:below AS json), :all_bad, false, NULL,
        CAST(:rationale AS text), CAST(:time_spent_ms AS integer), :now FROM done
-RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids"])
+RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids", "below"])
 
 
 _SUBMIT_IN_ONE_STATEMENT = CallerStatement(_submit_in_one_statement)
 
 
 def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_id: int, order: list[list[int]],
-                            ids: set[int], all_bad: bool, rationale: str | None, time_spent_ms: int | None,
-                            now: float) -> RankingRow | None:
+                            below: list[int] | None, ids: set[int], all_bad: bool, rationale: str | None,
+                            time_spent_ms: int | None, now: float) -> RankingRow | None:
     """PostgreSQL: store the first ranking of the caller's live lease `assignment_id`, whose
     candidates must be `ids`, in one statement. None, changing nothing, when it is not so
     (or the caller's token does not authenticate)."""
     with autocommit(db) as tx:
         row = _SUBMIT_IN_ONE_STATEMENT.first(tx, caller, now, id=assignment_id, ids=sorted(ids), order=order,
-                                             all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms)
+                                             below=below, all_bad=all_bad, rationale=rationale,
+                                             time_spent_ms=time_spent_ms)
     if row is None:
         return None
     ranking_id, project_id, prompt_id, user_id = row
     return RankingRow.transient(
         id=ranking_id, project_id=project_id, prompt_id=prompt_id, user_id=user_id, assignment_id=assignment_id,
-        revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
+        revision=1, order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
         time_spent_ms=time_spent_ms, created_at=now)
 
 
@@ -150,7 +185,7 @@ def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRo
 @read_only
 def get_task(db: Session, user: User, assignment_id: int) -> Task:
     a = _own_assignment(db, user, assignment_id)
-    return task_of(db, a, db.get(Project, a.project_id), db.get(Prompt, a.prompt_id))
+    return task_of(db, a, db.get(Project, a.project_id))
 
 
 def check_text(value: Any, what: str, limit: int) -> str:
@@ -185,27 +220,31 @@ def _clean_time(time_spent_ms: Any) -> int | None:
 @unit_of_work
 def submit_ranking(
     db: Session,
-    caller: User | BearerToken,
+    caller: User | BearerToken | SessionCookie,
     assignment_id: int,
     order: Any,
     *,
+    below: list[int] | None = None,
     all_bad: bool = False,
     rationale: str | None = None,
     time_spent_ms: int | None = None,
     now: float | None = None,
 ) -> RankingRow:
     """Store the first ranking of a leased task (revision 1). `order` lists groups of
-    candidate ids best first; ids in one group are tied. A task already ranked is refused
-    (409): corrections go through `revise_ranking`, which appends a revision. The caller is
-    a user, or an API token (Unauthorized if it does not authenticate)."""
+    candidate ids best first; ids in one group are tied. In a top-m project `below` may list
+    the candidates left unranked under them (see `validate_ranking`). A task already ranked
+    is refused (409): corrections go through `revise_ranking`, which appends a revision. The
+    caller is a user, an API token or a session cookie (Unauthorized if it does not
+    authenticate)."""
     now = time.time() if now is None else now
-    if on_postgresql(db):
+    caller = signed_in(db, caller)
+    if on_postgresql(db) and not below:  # (a top-m ranking needs the project's m: the careful path reads it)
         stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now)
         if stored is not None:
             return stored
     user = as_user(db, caller)
     a = _own_assignment(db, user, assignment_id)
-    order = validate_order(order, list(a.candidate_order))
+    order, below = _checked_ranking(db, a, order, below)
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
     all_bad = _clean_bool(all_bad, "all_bad")
@@ -217,25 +256,26 @@ def submit_ranking(
     lease_live = a.status == "leased" and a.leased_until >= now
     try:
         if lease_live and on_postgresql(db):
-            stored = _store_in_one_statement(db, user, a.id, order, set(a.candidate_order), all_bad, rationale,
-                                             time_spent_ms, now)
+            stored = _store_in_one_statement(db, user, a.id, order, below, set(a.candidate_order), all_bad,
+                                             rationale, time_spent_ms, now)
             if stored is None:
                 raise submitted_already
             return stored
         with transaction(db, write=True) as tx:
             if not lease_live:
                 _lease_again(tx, a)
-            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id) != 1:
+            status = "leased" if lease_live else "expired"
+            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id, status=status) != 1:
                 raise submitted_already
             _COUNT_DONE.rowcount(tx, prompt=a.prompt_id)
             ranking_id = _INSERT_RANKING.scalar(
                 tx, project=a.project_id, prompt=a.prompt_id, user=user.id, assignment=a.id, order=order,
-                all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
+                below=below, all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
     except IntegrityError:
         raise submitted_already from None
     return RankingRow.transient(
         id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id,
-        revision=1, order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
+        revision=1, order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
         time_spent_ms=time_spent_ms, created_at=now)
 
 
@@ -256,19 +296,31 @@ def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: 
     except (Forbidden, Invalid):
         return None
     try:
-        return _store_in_one_statement(db, caller, assignment_id, groups, ids, all_bad, rationale, time_spent_ms, now)
+        return _store_in_one_statement(db, caller, assignment_id, groups, None, ids, all_bad, rationale,
+                                       time_spent_ms, now)
     except IntegrityError:  # a ranking of this task is stored already: the careful path says so
         return None
 
 
+def _checked_ranking(db: Session, a: AssignmentRow, order: Any,
+                     below: Any) -> tuple[list[list[int]], list[int] | None]:
+    """`validate_ranking` for the task `a`; the project's m is read only for a top-m ranking."""
+    rank_top = None
+    if below:
+        with transaction(db, write=False) as tx:
+            rank_top = _RANK_TOP.scalar(tx, project=a.project_id)
+    return validate_ranking(order, below, list(a.candidate_order), rank_top)
+
+
 def _lease_again(tx: Transaction, a: AssignmentRow) -> None:
-    """The lease ran out: the ranking still counts if a slot is free (or still ours)."""
+    """The lease ran out: the ranking still counts if a slot is free (or still ours). The
+    assignment stays 'expired' until the completion that follows marks it done: made
+    'leased' again it would be a second live lease where the annotator has leased another
+    prompt since (ux_assignments_live)."""
     if a.status == "leased":
         expire_lease(tx, a.id, a.prompt_id)
     if not take_slot(tx, a.prompt_id, _PER_PROMPT.scalar(tx, project=a.project_id)):
         raise Conflict(f"the lease on task {a.id} expired and the prompt has all its annotators")
-    if _LEASE_AGAIN.rowcount(tx, id=a.id) != 1:
-        raise Conflict(f"task {a.id} changed while submitting; reload it")
 
 
 @unit_of_work
@@ -278,13 +330,14 @@ def revise_ranking(
     assignment_id: int,
     order: Any,
     *,
+    below: list[int] | None = None,
     all_bad: bool = False,
     rationale: str | None = None,
     time_spent_ms: int | None = None,
 ) -> RankingRow:
     """Correct a ranking: a new row with revision + 1; earlier revisions stay as they were."""
     a = _own_assignment(db, user, assignment_id)
-    order = validate_order(order, list(a.candidate_order))
+    order, below = _checked_ranking(db, a, order, below)
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
     all_bad = _clean_bool(all_bad, "all_bad")
@@ -294,7 +347,7 @@ def revise_ranking(
         last = db.scalar(select(func.max(RankingRow.revision)).where(RankingRow.assignment_id == a.id)) or 0
         row = RankingRow(
             project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id, revision=last + 1,
-            order=order, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
+            order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
             time_spent_ms=time_spent_ms, created_at=time.time(),
         )
         db.add(row)

@@ -11,7 +11,7 @@ from align.formats import Ranking
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
-from annotation.services.rankings import order_to_ranks
+from annotation.services.rankings import order_to_ranks, ranked_prefix
 
 EXPORT_FORMATS = ("kwise", "pairs", "hh")
 
@@ -52,9 +52,10 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
             Ranking(
                 prompt=prompt.content,
                 responses=[c.text for c in cands],
-                ranks=order_to_ranks(ids, row.order),
+                ranks=order_to_ranks(ids, row.order, row.below),
                 annotator=user.username,
                 prompt_id=prompt.source_id,
+                ranked=ranked_prefix(row.order, row.below),
                 meta={
                     "all_bad": row.all_bad,
                     "candidate_ids": [c.source_id or str(c.id) for c in cands],
@@ -108,7 +109,7 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
     rows = latest_rankings(db, project, include_skipped=True)
     firsts = sorted(row.created_at for row, _u, _p in rows if not row.skipped)
     per_user: dict[str, dict[str, Any]] = {}
-    by_prompt: dict[int, dict[str, list[int]]] = {}
+    by_prompt: dict[int, dict[str, metrics.Ranks]] = {}
     flagged: dict[int, dict[str, Any]] = {}
     prompts: dict[int, Prompt] = {}
     for row, user, prompt in rows:
@@ -125,7 +126,9 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
             u["all_bad"] += 1
             flagged.setdefault(prompt.id, {"prompt_id": prompt.source_id, "reasons": []})["reasons"].append(f"all bad ({user.username})")
         ids = [c.id for c in prompt.candidates]
-        by_prompt.setdefault(prompt.id, {})[user.username] = order_to_ranks(ids, row.order)
+        ranks = order_to_ranks(ids, row.order, row.below)
+        m = ranked_prefix(row.order, row.below)
+        by_prompt.setdefault(prompt.id, {})[user.username] = ranks if m is None else metrics.TopRanks(ranks, m)
     for pid, tau in metrics.per_item_tau(by_prompt).items():
         if tau < 0:
             flagged.setdefault(pid, {"prompt_id": prompts[pid].source_id, "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
@@ -180,6 +183,7 @@ def prompt_detail(db: Session, project: Project, source_id: str) -> dict[str, An
         rankings.append({
             "username": user.username, "revision": row.revision, "skipped": row.skipped, "skip_reason": row.skip_reason,
             "all_bad": row.all_bad, "rationale": row.rationale,
-            "ranks": None if row.skipped or not row.order else order_to_ranks(ids, row.order),
+            "ranks": None if row.skipped or not row.order else order_to_ranks(ids, row.order, row.below),
+            "ranked": None if row.skipped or not row.order else ranked_prefix(row.order, row.below),
         })
     return {"prompt": prompt, "candidates": prompt.candidates, "rankings": rankings}

@@ -62,11 +62,27 @@ def create_user(db: Session, username: str, password: str | None = None, role: s
 
 @unit_of_work
 def set_password(db: Session, user: User, password: str) -> None:
+    """A new password for `user` (it must pass `passwords.password_problem`); the request
+    to change it, if one was set, is cleared."""
     problem = passwords.password_problem(password, user.username)
     if problem:
         raise Invalid(problem)
-    db.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password)))
+    db.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password),
+                                                             password_change_required=False))
     db.commit()
+
+
+def change_password(db: Session, user: User, current_password: str, new_password: str, client: str, *,
+                    max_failures: int = 5, window_s: float = 300.0) -> None:
+    """A signed-in user replaces their password: the new one must pass the rules (Invalid,
+    nothing changed) and the current one is checked as a sign-in is, throttle included
+    (Forbidden when it is wrong), so a stolen session cannot take the account over."""
+    problem = passwords.password_problem(new_password, user.username)
+    if problem:
+        raise Invalid(problem)
+    if sign_in(db, user.username, current_password, client, max_failures=max_failures, window_s=window_s) is None:
+        raise Forbidden("the current password is wrong")
+    set_password(db, user, new_password)
 
 
 @read_only
@@ -88,7 +104,15 @@ def authenticate(db: Session, username: str, password: str) -> User | None:
     user = db.scalar(select(User).where(User.username == username))
     db.commit()  # no transaction held during the deliberately slow hash
     ok = security.verify_password(user.password_hash if user else None, password)
-    return user if ok and user is not None and user.active and user.role != "source" else None
+    if not (ok and user is not None and user.active and user.role != "source"):
+        return None
+    # Only at a sign-in is the password in hand: an account made under an older rule is
+    # asked for a new one from now on (and no longer once it has one).
+    outdated = passwords.needs_change(password, user.username)
+    if user.password_change_required != outdated:
+        db.execute(update(User).where(User.id == user.id).values(password_change_required=outdated))
+        user.password_change_required = outdated
+    return user
 
 
 def _throttle_keys(username: str, client: str, max_failures: int) -> list[tuple[str, int]]:
@@ -180,10 +204,10 @@ def revoke_api_token(db: Session, token: str) -> bool:
 # Every request authenticates, so the lookups are one indexed read each, in a snapshot
 # that takes no lock. The user comes back as a plain (transient) User: the caller reads
 # its id, username, role and active flag and never writes through it.
-_USER_FOR_TOKEN = Sql("SELECT u.id, u.username, u.role, u.active, t.expires_at FROM api_tokens t "
-                      "JOIN users u ON u.id = t.user_id WHERE t.token_hash = :hash")
-_USER_FOR_SESSION = Sql("SELECT u.id, u.username, u.role, u.active, s.expires_at FROM web_sessions s "
-                        "JOIN users u ON u.id = s.user_id WHERE s.token_hash = :hash")
+_USER_FOR_TOKEN = Sql("SELECT u.id, u.username, u.role, u.active, u.password_change_required, t.expires_at "
+                      "FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = :hash")
+_USER_FOR_SESSION = Sql("SELECT u.id, u.username, u.role, u.active, u.password_change_required, s.expires_at "
+                        "FROM web_sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = :hash")
 
 
 def _user_for(db: Session, query: Sql, token: str) -> User | None:
@@ -191,10 +215,11 @@ def _user_for(db: Session, query: Sql, token: str) -> User | None:
         row = query.first(tx, hash=security.hash_token(token))
     if row is None:
         return None
-    user_id, username, role, active, expires_at = row
+    user_id, username, role, active, password_change_required, expires_at = row
     if not active or (expires_at is not None and expires_at < time.time()):
         return None
-    return User.transient(id=user_id, username=username, role=role, active=bool(active))
+    return User.transient(id=user_id, username=username, role=role, active=bool(active),
+                          password_change_required=bool(password_change_required))
 
 
 def user_for_token(db: Session, token: str) -> User | None:
@@ -210,6 +235,25 @@ class BearerToken(NamedTuple):
 
     def params(self, now: float) -> dict:
         return {"token_hash": security.hash_token(self.token), "now": now}
+
+
+class SessionCookie(NamedTuple):
+    """A browser session cookie as a request presented it, not checked yet: the web layer
+    hands it on so that the lookup runs with the rest of the request's database work, off
+    the event loop (`signed_in`)."""
+
+    token: str
+
+
+def signed_in(db: Session, caller: User | BearerToken | SessionCookie) -> User | BearerToken:
+    """The caller of a hot request as its service takes it: a session cookie becomes its
+    User (Unauthorized if it does not sign one in); a user or an API token stay as they are."""
+    if not isinstance(caller, SessionCookie):
+        return caller
+    user = user_for_session(db, caller.token)
+    if user is None:
+        raise Unauthorized("sign in first (session cookie or 'Authorization: Bearer <token>')")
+    return user
 
 
 # The caller of a hot statement (id, username, role), as a subquery: a user by id (whom

@@ -1,5 +1,7 @@
 // Ranking widget for the task page. No inline script: the CSP forbids it.
 // The list order is the ranking, best first; data-tie="1" on a card ties it with the card above.
+// In a top-m project (data-rank-top) only the first `ranked` cards are ranked: a divider
+// follows them and the cards below it are sent as `below`, the unordered rest.
 (function () {
   "use strict";
   var task = document.getElementById("task");
@@ -12,6 +14,9 @@
   var started = Date.now();
   var changed = false;
   var busy = false;
+  var divider = document.getElementById("below-divider");
+  // How many cards the ranking orders: the project's m, or as many as a stored ranking did.
+  var ranked = divider ? (parseInt(task.dataset.ranked, 10) || parseInt(task.dataset.rankTop, 10)) : Infinity;
 
   function cards() { return Array.prototype.slice.call(list.querySelectorAll("li.cand")); }
   function say(text, isError) {
@@ -20,17 +25,24 @@
     m.className = isError ? "error" : "";
   }
 
+  function isBelow(card) { return cards().indexOf(card) >= ranked; }
+
   function relabel() {
     var rank = 0;
-    cards().forEach(function (c, i) {
-      if (i === 0) c.dataset.tie = "0";
+    var all = cards();
+    all.forEach(function (c, i) {
+      var below = i >= ranked;
+      if (i === 0 || below) c.dataset.tie = "0";  // nothing ties across the line or below it
       if (i > 0 && c.dataset.tie !== "1") rank++;
       var tied = c.dataset.tie === "1";
-      c.querySelector(".rank-label").textContent = "#" + (rank + 1) + (rank === 0 ? " best" : "");
+      c.classList.toggle("below", below);
+      c.querySelector(".rank-label").textContent = below ? "–" : "#" + (rank + 1) + (rank === 0 ? " best" : "");
       c.querySelector(".tie-label").hidden = !tied;
       c.classList.toggle("tied", tied);
-      c.setAttribute("aria-label", "Response at rank " + (rank + 1) + (tied ? ", tied with the one above" : ""));
+      c.setAttribute("aria-label", below ? "Unranked response, below the line"
+                                         : "Response at rank " + (rank + 1) + (tied ? ", tied with the one above" : ""));
     });
+    if (divider) list.insertBefore(divider, all[ranked] || null);
   }
 
   function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); }
@@ -56,6 +68,7 @@
 
   function toggleTie(card) {
     if (!card.previousElementSibling) { say("The first response has nothing above it to tie with.", true); return; }
+    if (isBelow(card)) { say("Responses below the line are not ranked; move it above the line to rank it.", true); return; }
     card.dataset.tie = card.dataset.tie === "1" ? "0" : "1";
     markChanged();
     say(card.dataset.tie === "1" ? "Tied with the response above." : "Tie removed.");
@@ -63,12 +76,17 @@
 
   function order() {
     var groups = [];
-    cards().forEach(function (c) {
+    cards().slice(0, ranked).forEach(function (c) {
       var id = parseInt(c.dataset.id, 10);
       if (c.dataset.tie === "1" && groups.length) groups[groups.length - 1].push(id);
       else groups.push([id]);
     });
     return groups;
+  }
+
+  function below() {
+    var rest = cards().slice(ranked).map(function (c) { return parseInt(c.dataset.id, 10); });
+    return rest.length ? rest : null;
   }
 
   // --- buttons
@@ -114,7 +132,9 @@
       if (y < r.top + r.height / 2) { before = c; return true; }
       return false;
     });
-    if (before !== dragging.nextElementSibling || (!before && list.lastElementChild !== dragging)) {
+    var all = cards();
+    var now = all[all.indexOf(dragging) + 1] || null;  // the card after it (the divider is not one)
+    if (before !== now) {
       list.insertBefore(dragging, before);
       markChanged();
     }
@@ -131,12 +151,21 @@
   document.addEventListener("pointercancel", endDrag);
 
   // --- submit, skip, next task
-  function api(method, url, body) {
+  // A 503 is a busy server that stored nothing: the request is sent again after the
+  // Retry-After it names, a few times, before the annotator is told.
+  function api(method, url, body, triesLeft) {
+    if (triesLeft === undefined) triesLeft = 3;
     return fetch(url, {
       method: method,
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body)
+    }).then(function (resp) {
+      if (resp.status !== 503 || triesLeft <= 0) return resp;
+      var wait = Math.min(10, parseInt(resp.headers.get("Retry-After"), 10) || 1);
+      say("The server is busy; trying again in " + wait + " s…");
+      return new Promise(function (done) { window.setTimeout(done, wait * 1000); })
+        .then(function () { return api(method, url, body, triesLeft - 1); });
     });
   }
   function detail(resp) {
@@ -162,6 +191,7 @@
     say("Saving…");
     var body = {
       order: order(),
+      below: below(),
       all_bad: document.getElementById("all-bad").checked,
       rationale: document.getElementById("rationale").value || null,
       time_spent_ms: Date.now() - started

@@ -322,7 +322,10 @@ def test_admin_dashboard_page_and_invite_flow(env):
     form = c.get(path)
     assert form.status_code == 200
     short = c.post(path, data={"username": "newbie", "password": "short", "csrf_token": _csrf(form.text)})
-    assert short.status_code == 422 and "at least 8" in short.text
+    assert short.status_code == 422 and "at least 15 characters" in short.text
+    assert 'minlength="15"' in form.text  # the page says so before sending
+    listed = c.post(path, data={"username": "newbie", "password": "password1234567", "csrf_token": _csrf(form.text)})
+    assert listed.status_code == 422 and "known-compromised" in listed.text
     made = c.post(path, data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(form.text)})
     assert made.status_code == 200 and "Account created" in made.text
     assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 404

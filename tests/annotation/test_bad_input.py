@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
+
 
 def _task(env):
     env.project(n_prompts=2, k=3)
@@ -129,3 +131,19 @@ def test_imported_rankings_are_held_to_the_projects_k(env):
     assert env.counts() == before
     r = env.client.post("/api/projects/p/import?format=kwise", headers=h, content=(kwise(2, "a") + "\n" + kwise(3, "c") + "\n").encode())
     assert r.status_code == 201 and r.json()["rankings_added"] == 2
+
+
+@pytest.mark.parametrize("ranks", [["a", 0], [0.5, 1], [True, False], [-1, 0], [0, 2], None, [[0], 1], [0], "01"])
+def test_imported_ranks_must_be_ranks_of_their_responses(env, ranks):
+    """Ranks are integers from 0 to n - 1, one per response: anything else is a 422 naming
+    the ranking, and nothing of the file is stored."""
+    import json
+
+    h = {**env.headers(env.admin_token), "content-type": "application/x-ndjson"}
+    env.project(n_prompts=1, k=3)
+    before = env.counts()
+    good = json.dumps({"prompt": "fine", "prompt_id": "fine", "responses": ["a", "b"], "ranks": [1, 0]})
+    bad = json.dumps({"prompt": "q", "prompt_id": "bad", "responses": ["a", "b"], "ranks": ranks})
+    r = env.client.post("/api/projects/p/import?format=kwise", headers=h, content=f"{good}\n{bad}\n".encode())
+    assert r.status_code == 422 and ("'bad'" in r.text or ":2:" in r.text), r.text
+    assert env.counts() == before

@@ -41,6 +41,11 @@ def server(tmp_path_factory):
         odd = services.create_project(db, "a#b?c %2F", k=2)
         services.add_prompts(db, odd, [PromptRecord("Which is better?", "o0", [Candidate("this"), Candidate("that")])])
         services.add_member(db, odd, services.get_user(db, "frank"))
+        top = services.create_project(db, "topm", k=4, rank_top=2)
+        services.add_prompts(db, top, [PromptRecord(f"Top question {i}?", f"t{i}", [Candidate(f"top answer {j}") for j in range(4)])
+                                       for i in range(3)])
+        for name in ("gina", "hank"):
+            services.add_member(db, top, services.create_user(db, name, PASSWORD))
         crowd_project(db)
     sm.kw["bind"].dispose()
     srv = ServerProcess(db_url, tmp / "server.log").start()
@@ -250,6 +255,62 @@ def test_skip_with_reason(page, server):
     page.click("#skip")
     page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
     assert stored(server, task_id) == [(None, False, True)]
+
+
+def stored_top(server, task_id: int) -> list[tuple]:
+    """(order, below) of each stored revision of the task."""
+    from annotation.db import open_db
+    from annotation.models import RankingRow
+
+    sm = open_db(server.db_url)
+    with sm() as db:
+        out = [(r.order, r.below) for r in db.query(RankingRow).filter_by(assignment_id=task_id).order_by(RankingRow.revision)]
+    sm.kw["bind"].dispose()
+    return out
+
+
+def page_items(page) -> list[str]:
+    """The list as shown: candidate ids, and "|" where the below line is."""
+    return [li.get_attribute("data-id") or "|" for li in page.locator("#ranking > li").all()]
+
+
+def test_top_m_drag_a_response_from_below_into_the_ranking(page, server):
+    login(page, server, "gina")
+    task_id = start(page, "topm")
+    ids = [g[0] for g in dom_order(page)]
+    assert page_items(page) == [str(ids[0]), str(ids[1]), "|", str(ids[2]), str(ids[3])]  # the best 2, then the line
+    assert "Rank the best 2" in page.locator("#rank-legend").inner_text()
+    # drag the last response (below the line) to the top: it is ranked first, the second ranked one drops below
+    page.locator("#ranking li.cand").nth(3).locator(".handle").drag_to(
+        page.locator("#ranking li.cand").nth(0), target_position={"x": 20, "y": 5})
+    assert page_items(page) == [str(ids[3]), str(ids[0]), "|", str(ids[1]), str(ids[2])]
+    assert page.locator("#ranking li.cand").nth(2).locator(".rank-label").inner_text() == "–"
+    shot(page, "08-top-m-drag")
+    submit_and_wait_next(page, task_id)
+    assert stored_top(server, task_id) == [([[ids[3]], [ids[0]]], [ids[1], ids[2]])]
+    assert page.dialogs == []
+
+
+def test_top_m_keyboard_only(page, server):
+    login(page, server, "hank")
+    task_id = start(page, "topm")
+    i0, i1, i2, i3 = [g[0] for g in dom_order(page)]
+    page.keyboard.press("4")  # the focused first card to the bottom: below the line
+    assert page_items(page) == [str(i1), str(i2), "|", str(i3), str(i0)]
+    page.keyboard.press("t")  # below the line nothing ties
+    assert "not ranked" in page.locator("#message").inner_text()
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")  # back above the line, second
+    page.keyboard.press("t")  # tied with the first
+    assert page_items(page) == [str(i1), str(i0), "|", str(i2), str(i3)]
+    assert dom_order(page)[0] == [i1, i0]
+    shot(page, "09-top-m-keyboard")
+    page.keyboard.press("Enter")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored_top(server, task_id) == [([[i1, i0]], [i2, i3])]
+    # the stored ranking shows again with its line where it was
+    page.goto(f"{server.url}/tasks/{task_id}")
+    assert page_items(page)[:3] == [str(i1), str(i0), "|"]
 
 
 def test_admin_dashboard(page, server):

@@ -48,7 +48,10 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'b.db'}"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "chosen": "a"}\n')
+    bad_ranks = tmp_path / "bad_ranks.jsonl"
+    bad_ranks.write_text('{"prompt": "x", "prompt_id": "r1", "responses": ["a", "b"], "ranks": ["a", 0]}\n')
     cases = [
+        (["annotate", "import", str(bad_ranks), "--db", db, "-p", "t", "-f", "kwise"], "ranking 'r1': ranks must be integers"),
         (["annotate", "import", str(tmp_path / "none.jsonl"), "--db", db, "-p", "t", "-f", "trl"], "file not found"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "trl"], "bad.jsonl:1"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "csv"], "unknown import format"),
@@ -57,7 +60,7 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
     ]
     for argv, msg in cases:
         code, text = run(argv, capsys)
-        assert code == 2 and msg in text and "Traceback" not in text, (argv, text)
+        assert code == 2 and msg in text and "Traceback" not in text and len(text.strip().splitlines()) == 1, (argv, text)
 
 
 def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch):
@@ -65,14 +68,21 @@ def test_accounts_need_a_password_and_tokens_work(tmp_path, capsys, monkeypatch)
     monkeypatch.delenv("ALIGN_ADMIN_PASSWORD", raising=False)
     code, text = run(["annotate", "create-admin", "root", "--db", db], capsys)
     assert code == 2 and "ALIGN_ADMIN_PASSWORD" in text  # no default credentials, no tty here
-    monkeypatch.setenv("ALIGN_ADMIN_PASSWORD", "short")
-    code, text = run(["annotate", "create-admin", "root", "--db", db], capsys)
-    assert code == 2 and "at least 8" in text
+    for weak, message in (("short", "at least 15 characters"), ("a 14-char pass", "at least 15 characters"),
+                          ("password1234567", "known-compromised")):
+        monkeypatch.setenv("ALIGN_ADMIN_PASSWORD", weak)
+        code, text = run(["annotate", "create-admin", "root", "--db", db], capsys)
+        assert code == 2 and message in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
     monkeypatch.setenv("ALIGN_ADMIN_PASSWORD", "a long admin password")
     assert "created" in ok(["annotate", "create-admin", "root", "--db", db], capsys)
     monkeypatch.setenv("ALIGN_USER_PASSWORD", "annotator password")
     token = ok(["annotate", "create-user", "ann", "--token", "--db", db], capsys).strip().splitlines()[-1]
     assert token.startswith("aln_")
+    monkeypatch.setenv("ALIGN_USER_PASSWORD", "too short")
+    code, text = run(["annotate", "set-password", "ann", "--db", db], capsys)
+    assert code == 2 and "at least 15 characters" in text
+    monkeypatch.setenv("ALIGN_USER_PASSWORD", "a new annotator password")
+    assert "changed" in ok(["annotate", "set-password", "ann", "--db", db], capsys)
     link = ok(["annotate", "invite", "--db", db], capsys).strip()
     assert "/invite/" in link
     from annotation import services

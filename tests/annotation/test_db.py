@@ -41,17 +41,11 @@ def test_wal_is_checkpointed_in_the_background(tmp_path):
     committed pages stay in the WAL until it copies them into the database file."""
     import time
 
-    from sqlalchemy import text
-
     from annotation.db import WalCheckpointer, make_engine
 
     url = f"sqlite:///{tmp_path / 'wal.db'}"
     engine = make_engine(url, background_checkpoints=True)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE t (x TEXT)"))
-    for _ in range(20):  # 2,000 pages of commits: past SQLite's own checkpoint threshold of 1,000
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 1000} for _ in range(400)])
+    _fill_wal(engine, 20)  # 2,000 pages of commits: past SQLite's own checkpoint threshold of 1,000
     db_file = tmp_path / "wal.db"
     before = db_file.stat().st_size
     assert before < 100_000  # the precondition: the rows are still only in the WAL
@@ -64,6 +58,45 @@ def test_wal_is_checkpointed_in_the_background(tmp_path):
         checkpointer.stop()
     assert db_file.stat().st_size >= 5_000_000  # 8,000 rows of 1 kB copied into the database file
     engine.dispose()
+
+
+def _fill_wal(engine, batches: int) -> None:
+    """About 400 kB of commits per batch, left in the WAL (the engine checkpoints nothing)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS t (x TEXT)"))
+    for _ in range(batches):
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 1000} for _ in range(400)])
+
+
+def test_a_wal_past_its_limit_is_cut_even_while_readers_come_and_go(tmp_path):
+    """PASSIVE checkpoints copy pages but never start the WAL over while a reader is on an
+    older snapshot, so under load it grows; past the limit the checkpointer cuts it
+    (TRUNCATE). A reader that stays keeps it from doing so: that round gives up at once
+    rather than stall the writers, and a later one cuts it."""
+    from annotation.db import WalCheckpointer, make_engine
+
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    engine = make_engine(url, background_checkpoints=True)
+    _fill_wal(engine, 10)
+    checkpointer = WalCheckpointer(url, wal_limit_bytes=1 << 20)
+    try:
+        assert checkpointer.wal_bytes() > 2 << 20  # the precondition: a WAL past the limit
+        reader = engine.raw_connection()  # a reader on the current snapshot, left open
+        reader.dbapi_connection.begin(write=False)
+        reader.dbapi_connection.execute("SELECT count(*) FROM t").fetchall()
+        _fill_wal(engine, 2)  # ... while writers go on
+        assert checkpointer.checkpoint() == "BUSY" and checkpointer.wal_bytes() > 1 << 20
+        reader.rollback()
+        reader.close()
+        assert checkpointer.checkpoint() == "TRUNCATE" and checkpointer.wal_bytes() == 0
+        _fill_wal(engine, 1)  # under the limit: PASSIVE only, the file is left as it is
+        assert checkpointer.checkpoint() == "PASSIVE" and 0 < checkpointer.wal_bytes() < 1 << 20
+    finally:
+        checkpointer.close()
+        engine.dispose()
 
 
 @pytest.mark.skipif(not PG_URL, reason="ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")

@@ -51,3 +51,23 @@ def test_tau_vs_leave_one_out_consensus():
     assert metrics.per_item_tau(data)["p"] == -1.0
     report = metrics.agreement_report({**data, "single": {"a": [0, 1]}})
     assert report["items_with_2plus_annotators"] == 1
+
+
+def test_a_top_m_ranking_states_nothing_about_its_unranked():
+    """Two annotators rank a top-2 of 4 the same way and leave c and d unordered; a third
+    ranks all four with d over c. The unranked pair counts neither as agreement nor as
+    disagreement; what the top-2 rankings state does."""
+    top = metrics.TopRanks([0, 1, 2, 2], 2)
+    full = [0, 1, 3, 2]
+    data = {"p": {"a": top, "b": top, "c": full}}
+    agreement, n = metrics.pairwise_agreement(data)
+    # a-b: 5 stated pairs each (not c-d); a-c and b-c: the same 5. All agree.
+    assert (agreement, n) == (1.0, 15)
+    # Taken as a tie at rank 2 instead, c-d would be left out too (a tie states no preference),
+    # but tau-b would count it against the full ranking; left out, tau is 1 for the top ranks.
+    assert metrics.kendall_tau_b(top, full) == pytest.approx(1.0)
+    assert metrics.kendall_tau_b([0, 1, 2, 2], full) < 1.0
+    disagree = {"p": {"a": metrics.TopRanks([1, 0, 2, 2], 2), "c": full}}
+    assert metrics.pairwise_agreement(disagree) == (4 / 5, 5)  # only a-vs-b is reversed
+    report = metrics.agreement_report(data)
+    assert report["pairwise_agreement"] == 1.0 and report["kendall_tau_vs_consensus"] is not None

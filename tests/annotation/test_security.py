@@ -101,8 +101,11 @@ def test_sign_in_from_another_client_is_not_blocked_and_success_resets(env):
 
 
 @pytest.mark.parametrize("password,word", [
-    ("12345678", "common"), ("password", "common"), ("        ", "spaces"), ("Password1", "common"),
-    ("aaaaaaaaaa", "repeats"), ("abcdefghij", "sequence"), ("short", "at least 8"), ("my carol key", "username"),
+    ("12345678", "at least 15"), ("a 9-char!", "at least 15"), ("fourteen chars", "at least 15"),
+    ("short", "at least 15"), ("               ", "spaces"),
+    ("password1234567", "known-compromised"), ("1qaz2wsx3edc4rfv", "known-compromised"),
+    ("Q1W2E3R4T5Y6U7I8", "known-compromised"), ("iloveyou12345678!", "known-compromised"),
+    ("aaaaaaaaaaaaaaaa", "repeats"), ("abcdefghijklmnopq", "sequence"), ("my carol key for the lab", "username"),
 ])
 def test_weak_passwords_refused(env, password, word):
     before = _count_users(env)
@@ -229,3 +232,57 @@ def test_the_ranking_requests_refuse_tokens_that_do_not_authenticate(env):
     before = env.counts()  # the deactivation gave the lease back
     refused(tok, 401, "invalid API token")
     assert env.counts() == before
+
+
+def _account_with_an_old_password(env, username: str, old: str) -> None:
+    """An account whose password was chosen under the old rule (8 characters, a hand-kept
+    list), stored as that align stored it."""
+    from sqlalchemy import update
+
+    from annotation import security, services
+    from annotation.models import User
+
+    with env.db() as db:
+        services.create_user(db, username, "a placeholder pass phrase", "annotator")
+        db.execute(update(User).where(User.username == username).values(password_hash=security.hash_password(old)))
+        db.commit()
+
+
+def test_an_account_with_an_old_password_keeps_working_and_is_asked_to_change_it(env):
+    from tests.annotation.test_api import _csrf
+
+    old, new = "oldpass9!", "a brand new pass phrase"
+    _account_with_an_old_password(env, "olduser", old)
+    r = env.client.post("/api/tokens", json={"username": "olduser", "password": old})
+    assert r.status_code == 201 and r.json()["password_change_required"] is True  # signed in, and told
+    token = r.json()["token"]
+    assert env.client.get("/api/me", headers=env.headers(token)).json()["password_change_required"] is True
+
+    # The page says so after a browser sign-in.
+    c = env.client
+    c.post("/login", data={"username": "olduser", "password": old, "csrf_token": _csrf(c.get("/").text)})
+    home = c.get("/")
+    assert 'id="password-notice"' in home.text and "no longer meets" in home.text and "at least 15" in home.text
+
+    # Refused changes change nothing: a weak new password, a wrong current one.
+    weak = c.put("/api/me/password", headers=env.headers(token), json={"current_password": old, "new_password": "short"})
+    assert weak.status_code == 422 and "at least 15" in weak.json()["detail"]
+    wrong = c.put("/api/me/password", headers=env.headers(token),
+                  json={"current_password": "not the password", "new_password": new})
+    assert wrong.status_code == 403 and "current password" in wrong.json()["detail"]
+    assert env.client.post("/api/tokens", json={"username": "olduser", "password": old}).status_code == 201
+
+    # The page's form changes it; the notice goes, the old password no longer signs in.
+    form = c.get("/account/password")
+    assert form.status_code == 200 and 'minlength="15"' in form.text
+    done = c.post("/account/password", data={"current_password": old, "new_password": new, "csrf_token": _csrf(form.text)})
+    assert done.status_code == 200 and 'id="password-notice"' not in done.text  # followed to the home page
+    assert env.client.get("/api/me", headers=env.headers(token)).json()["password_change_required"] is False
+    assert env.client.post("/api/tokens", json={"username": "olduser", "password": old}).status_code == 401
+    again = env.client.post("/api/tokens", json={"username": "olduser", "password": new})
+    assert again.status_code == 201 and again.json()["password_change_required"] is False
+
+
+def test_the_password_form_needs_the_csrf_token_and_a_session(env):
+    r = env.client.post("/account/password", data={"current_password": PASSWORD, "new_password": "a brand new pass phrase"})
+    assert r.status_code in (401, 403)

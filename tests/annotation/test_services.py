@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from align.formats import Candidate, PromptRecord
+from align.formats import Candidate, PromptRecord, Ranking
 from annotation import services
 
 
@@ -206,3 +206,24 @@ def test_schema_version_recorded_and_newer_schema_refused(tmp_path):
     sm.kw["bind"].dispose()
     with pytest.raises(UserError, match="newer than this align"):
         migrate(make_engine(url))
+
+
+def test_ids_repeated_in_a_file_are_added_once_within_and_across_chunks(db_url, monkeypatch):
+    """An import is stored a chunk at a time: a prompt id that comes again later in the file,
+    in the same chunk or a later one, counts as a duplicate and is stored once."""
+    from annotation.db import open_db
+    from annotation.services import imports
+
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    sm = open_db(db_url)
+    with sm() as db:
+        p = services.create_project(db, "dup", k=2)
+        ids = ["a", "a", "b", "c", "b", "a", "d"]  # chunks: [a a] [b c] [b a] [d]
+        report = services.add_prompts(db, p, [PromptRecord(f"q {i}", i, [Candidate("x"), Candidate("y")]) for i in ids])
+        assert (report.prompts_added, report.duplicates_skipped) == (4, 3)
+        ranked = [Ranking(f"r {i}", ["x", "y"], [0, 1], prompt_id=f"r{i}") for i in ids]
+        report = services.import_rankings(db, p, ranked, source="file")
+        assert (report.prompts_added, report.rankings_added, report.duplicates_skipped) == (4, 4, 3)
+        assert len(services.export_rankings(db, p)) == 4
+    sm.kw["bind"].dispose()

@@ -1,0 +1,201 @@
+"""A saturated server answers 503 with Retry-After instead of hanging, and one request that
+waits for the database does not hold up the others (no database work on the event loop)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.annotation.conftest import PASSWORD
+
+
+@pytest.fixture
+def make_env(db_url):
+    """An app like the `env` fixture's, with settings of the test's own."""
+    from fastapi.testclient import TestClient
+
+    from annotation import services
+    from annotation.app import create_app
+    from annotation.settings import Settings
+    from tests.annotation.conftest import Env
+
+    made = []
+
+    def make(**settings):
+        app = create_app(Settings(db_url=db_url, **settings))
+        with app.state.sessionmaker() as db:
+            admin = services.create_user(db, "admin", PASSWORD, "admin")
+            token = services.issue_api_token(db, admin)
+        client = TestClient(app, base_url="http://127.0.0.1")
+        client.__enter__()
+        made.append((client, app))
+        return Env(client, app.state.sessionmaker, token), app
+
+    yield make
+    for client, app in made:
+        client.__exit__(None, None, None)
+        app.state.engine.dispose()
+
+
+def _hold_every_pooled_connection(engine) -> list:
+    """Check out connections until the pool has none left (its timeout is short here)."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    held = []
+    while True:
+        try:
+            held.append(engine.raw_connection())
+        except PoolTimeout:
+            return held
+
+
+def test_an_exhausted_pool_is_a_fast_503_with_retry_after(make_env):
+    env, app = make_env(pool_timeout_s=0.2)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    held = _hold_every_pooled_connection(app.state.engine)
+    try:
+        started = time.monotonic()
+        for method, path in (("POST", "/api/projects/p/next"), ("GET", "/api/me"), ("GET", "/api/projects")):
+            r = env.client.request(method, path, headers=env.headers(token))
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", (path, r.status_code, r.text)
+            assert "busy" in r.json()["detail"]
+        assert time.monotonic() - started < 15  # answered, not hung for the pool's former 30 s each
+    finally:
+        for conn in held:
+            conn.close()
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200  # served again
+
+
+def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch):
+    """An import through the API is stored in chunks, each its own transaction: after its
+    first chunk an annotator leases and submits a task (from another thread) before the
+    import goes on. Were the import one transaction, the lease would wait for the writer
+    lock (SQLite) until the import ended, and with a 1 s limit be a 503."""
+    import json
+
+    from annotation.services import imports
+
+    env, _app = make_env(lock_timeout_s=1, max_body_bytes=1 << 20, imports_in_subprocess=False)  # in the process, to watch it
+    env.project(n_prompts=1, k=2)
+    token = env.annotator("ann")
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 20)
+    commit = imports._commit_chunk
+    during: list[tuple[int, int]] = []
+    chunks = [0]
+
+    def commit_then_an_annotator_ranks(db, started):
+        commit(db, started)
+        chunks[0] += 1
+        if chunks[0] == 1:
+            def rank() -> None:
+                task = env.client.post("/api/projects/p/next", headers=env.headers(token))
+                ranked = env.client.post(f"/api/tasks/{task.json()['id']}/ranking", headers=env.headers(token),
+                                         json={"order": [[c["id"]] for c in task.json()["candidates"]]})
+                during.append((task.status_code, ranked.status_code))
+
+            annotator = threading.Thread(target=rank)
+            annotator.start()
+            annotator.join(30)
+
+    monkeypatch.setattr(imports, "_commit_chunk", commit_then_an_annotator_ranks)
+    body = "".join(json.dumps({"prompt": f"imported {i}?", "id": f"i{i}", "candidates": ["a", "b"]}) + "\n"
+                   for i in range(100))
+    r = env.client.post("/api/projects/p/import?format=prompts", content=body.encode(),
+                        headers={**env.headers(env.admin_token), "content-type": "application/x-ndjson"})
+    assert r.status_code == 201 and r.json()["prompts_added"] == 100, r.text
+    assert chunks[0] == 5 and during == [(200, 201)]  # ranked after the first of five chunks
+    assert env.counts()["rankings"] == 1
+
+
+def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
+    """With as many requests in flight as it takes on, a worker answers the next one 503 with
+    Retry-After straight away; the ones in flight finish normally."""
+    from annotation import services
+
+    env, _app = make_env(max_in_flight=2)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    release, entered = threading.Event(), threading.Semaphore(0)
+    next_task_in = services.next_task_in
+
+    def slow_next_task_in(*args, **kwargs):
+        entered.release()
+        release.wait(30)
+        return next_task_in(*args, **kwargs)
+
+    monkeypatch.setattr(services, "next_task_in", slow_next_task_in)
+    statuses: list[int] = []
+    busy = [threading.Thread(target=lambda: statuses.append(
+        env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code)) for _ in range(2)]
+    try:
+        for t in busy:
+            t.start()
+        assert all(entered.acquire(timeout=30) for _ in busy)  # both in flight, parked in slow_next_task_in
+        r = env.client.get("/api/me", headers=env.headers(token))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert statuses == []  # the two in flight are still waiting
+    finally:
+        release.set()
+        for t in busy:
+            t.join(30)
+    assert sorted(statuses) == [200, 200]  # the same live lease, shown to both
+    assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200
+
+
+def _writer_lock_held_elsewhere(db_url: str):
+    """Another process's write transaction (its own engine: the SQLite writer lock's flock),
+    open until the returned connection is rolled back."""
+    from annotation.db import make_engine
+
+    other = make_engine(db_url)
+    conn = other.raw_connection()
+    conn.dbapi_connection.begin(write=True)
+    return other, conn
+
+
+def test_a_writer_lock_held_too_long_is_a_bounded_503(make_env, db_url):
+    if not db_url.startswith("sqlite"):
+        pytest.skip("the writer lock is SQLite's")
+    env, _app = make_env(lock_timeout_s=0.3)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    other, conn = _writer_lock_held_elsewhere(db_url)
+    try:
+        r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"], r.text
+    finally:
+        conn.rollback()
+        conn.close()
+        other.dispose()
+    assert env.counts()["slots"] == 0  # nothing was leased
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
+
+
+def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env, db_url):
+    """A next-task request waits for the writer lock another process holds; meanwhile the
+    same server answers other requests. (When the hot routes ran on the event loop, the
+    waiting request held up every other until the lock was let go.)"""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("the writer lock is SQLite's")
+    env, _app = make_env(lock_timeout_s=30)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    other, conn = _writer_lock_held_elsewhere(db_url)
+    waiting: list = []
+    asking = threading.Thread(target=lambda: waiting.append(
+        env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code))
+    try:
+        asking.start()
+        time.sleep(0.3)  # let it reach the lock (if it has not, /api/me below proves nothing either way)
+        me = env.client.get("/api/me", headers=env.headers(token))
+        assert me.status_code == 200 and me.json()["username"] == "ann"
+        assert asking.is_alive() and waiting == []  # still waiting for the lock: /api/me was served meanwhile
+    finally:
+        conn.rollback()
+        conn.close()
+        other.dispose()
+    asking.join(30)
+    assert waiting == [200]
