@@ -94,3 +94,15 @@ def test_gradient_raises_the_better_response_and_is_finite_with_ties_and_padding
     assert torch.isfinite(grad).all()
     assert grad[0, 0] < grad[0, 1] < grad[0, 2]  # descending the loss raises r_0 most, r_2 least
     close(grad[1], [0.0, 0.0, 0.0])  # an all-tied ranking pulls on nothing
+
+
+def test_a_top_m_ranking_contributes_its_ranked_prefix_and_nothing_about_the_rest():
+    from align.formats import Ranking
+
+    # top-2 of 4 from the annotation app: response 0 first, 2 second, 1 and 3 unranked below them
+    ranking = Ranking(prompt="p", responses=["a", "b", "c", "d"], ranks=[0, 2, 1, 2], ranked=2)
+    r = [1.0, 0.3, -0.5, 2.0]
+    # P = e^1 / (e^1 + e^0.3 + e^-0.5 + e^2) * e^-0.5 / (e^0.3 + e^-0.5 + e^2); the unranked pair adds nothing
+    expected = -((1.0 - lse(1.0, 0.3, -0.5, 2.0)) + (-0.5 - lse(0.3, -0.5, 2.0)))
+    close(nll(r, ranking.ranks), expected)
+    close(nll([1.0, 2.0, -0.5, 0.3], ranking.ranks), expected)  # swapping the unranked responses changes nothing
