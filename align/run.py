@@ -23,7 +23,14 @@ from align.config import save_config
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process, in MiB: Linux's VmHWM (the high-water mark of this
+    program's own address space). ru_maxrss is the fallback elsewhere; on Linux it also counts the
+    resident memory of the parent this process was forked from, kept across exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

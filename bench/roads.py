@@ -80,16 +80,15 @@ def plan(args: argparse.Namespace, rankings: Path, reward: Path) -> list[dict]:
             runs.append({"row": f"align {method.upper()}", "seed": seed, "beta": None, "cmd": [
                 *align, "ppo", "--config", str(CONFIGS / f"{method}.yaml"), f"reward_model={reward}", "save_every=0",
                 *common]})
-        betas = args.betas if seed == args.seeds[0] else [None]
-        for beta in betas:
-            over = [] if beta is None else [f"beta={beta}"]
+        for beta in args.betas if seed == args.seeds[0] else [config_beta()]:
+            over = [f"beta={beta}"]
             dpo = [*align, "dpo", "--config", str(CONFIGS / "dpo.yaml"), f"data.path={rankings}", *common, *over]
             runs.append({"row": "align DPO, K-wise", "seed": seed, "beta": beta, "cmd": dpo})
             runs.append({"row": "align DPO, pairwise", "seed": seed, "beta": beta, "cmd": [*dpo, "loss=pairwise",
                                                                                           "epochs=1"]})
             runs.append({"row": "TRL DPOTrainer, pairwise", "seed": seed, "beta": beta, "cmd": [
                 sys.executable, __file__, "--trl", "dpo", "--rankings", str(rankings), "--seed", str(seed),
-                *(["--beta", str(beta)] if beta is not None else [])]})
+                "--beta", str(beta)]})
         runs.append({"row": "TRL GRPOTrainer", "seed": seed, "beta": None, "cmd": [
             sys.executable, __file__, "--trl", "grpo", "--reward", str(reward), "--seed", str(seed)]})
     for i, run in enumerate(runs):
@@ -98,8 +97,16 @@ def plan(args: argparse.Namespace, rankings: Path, reward: Path) -> list[dict]:
     return runs
 
 
+def config_beta() -> float:
+    """configs/demo/dpo.yaml's beta: what the seeds after the first run."""
+    import yaml
+
+    return float(yaml.safe_load((CONFIGS / "dpo.yaml").read_text())["beta"])
+
+
 def execute(runs: list[dict], jobs: int) -> None:
-    """Run the commands `jobs` at a time; each run's wall time and max RSS come from its own process."""
+    """Run the commands `jobs` at a time, each in its own process; wall time measured here, peak
+    memory by the run itself (`memory/peak_rss_mb`, the high-water mark of its own address space)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     pending, active = list(runs), {}
     while pending or active:
@@ -109,14 +116,15 @@ def execute(runs: list[dict], jobs: int) -> None:
             log = open(Path(run["dir"]).with_suffix(".log"), "w")  # noqa: SIM115 (closed when the run ends)
             proc = subprocess.Popen(run["cmd"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             active[proc.pid] = (run, proc, log, time.perf_counter())
-        pid, status, usage = os.wait4(-1, 0)
+        pid, status = os.wait()
         if pid not in active:
             continue
         run, proc, log, start = active.pop(pid)
         log.close()
-        run.update(wall_s=time.perf_counter() - start, peak_mb=usage.ru_maxrss / 1024, status=status)
+        run.update(wall_s=time.perf_counter() - start, status=status)
         summary = Path(run["dir"]) / "summary.json"
         run["summary"] = json.loads(summary.read_text()) if status == 0 and summary.exists() else {}
+        run["peak_mb"] = run["summary"].get("memory/peak_rss_mb")
         print(f"  {run['row']:<26} seed {run['seed']} beta {run['beta']}: "
               f"{'ok' if run['summary'] else 'FAILED, see ' + str(Path(run['dir']).with_suffix('.log'))} "
               f"in {run['wall_s']:.0f} s", flush=True)
@@ -140,7 +148,7 @@ def table(runs: list[dict]) -> str:
     for run in runs:
         groups.setdefault((run["row"], run["beta"]), []).append(run)
     lines = ["| method | beta | seeds | gold gain (SFT std) | KL per sequence | held-out acc. | train s | wall s | "
-             "it/s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "it/s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (row, beta), group in groups.items():
         ok = [r for r in group if r["summary"]]
         if not ok:
@@ -156,7 +164,7 @@ def table(runs: list[dict]) -> str:
             f"| {row}", beta and f"{beta}" or "-", f"{len(ok)}", col("eval/gold_gain_in_sft_std"), col("eval/kl"),
             col("eval/accuracy"), f"{statistics.fmean(r['summary']['timing/train_s'] for r in ok):.0f}",
             f"{statistics.fmean(r['wall_s'] for r in ok):.0f}", f"{statistics.fmean(its):.3f}" if its else "-",
-            f"{statistics.fmean(r['peak_mb'] for r in ok):.0f} |"]))
+            f"{max(r['peak_mb'] or 0 for r in ok):.0f} |"]))
     return "\n".join(lines)
 
 
@@ -271,9 +279,11 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.2],
                         help="DPO betas swept on the first seed (the others run configs/demo/dpo.yaml's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/runs.json again, run nothing")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-roads")
     parser.add_argument("--only", nargs="+", help="run only the rows whose label starts with one of these")
     parser.add_argument("--trl", choices=["dpo", "grpo"], help=argparse.SUPPRESS)  # one TRL run, in this process
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the data, in this process
     parser.add_argument("--rankings", help=argparse.SUPPRESS)
     parser.add_argument("--reward", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -291,13 +301,19 @@ def main() -> None:
         write_json_atomic(Path(args.output_dir) / "summary.json", {**summary, "memory/peak_rss_mb": peak_memory_mb()})
         return
 
-    import torch
-    import transformers
-    import trl
-
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"{os.cpu_count()} CPUs; {args.jobs} runs at a time", flush=True)
-    rankings, reward = prepare_data(args.out)
+    if args.table:
+        print(table(json.loads((args.out / "runs.json").read_text())))
+        return
+    if args.prepare:
+        prepare_data(args.out)
+        return
+    # This process stays small (no torch): the runs are its children, whatever it holds they would count.
+    versions = subprocess.run([sys.executable, "-c", "import torch, transformers, trl; print(f'torch "
+                               "{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"],
+                              capture_output=True, text=True).stdout.strip()
+    print(f"{versions}; {os.cpu_count()} CPUs; {args.jobs} runs at a time", flush=True)
+    subprocess.run([sys.executable, __file__, "--prepare", "--out", str(args.out)], check=True)
+    rankings, reward = args.out / "data" / "rankings.kwise.jsonl", args.out / "data" / "reward"
     runs = plan(args, rankings, reward)
     if args.only:
         runs = [r for r in runs if r["row"].startswith(tuple(args.only))]

@@ -39,6 +39,7 @@ from align.precision import (
 from align.run import (
     MetricsWriter,
     atomic_directory,
+    peak_memory_mb,
     prepare_run_dir,
     read_metrics,
     write_json_atomic,
@@ -465,6 +466,7 @@ class PPOTrainer:
             summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
             summary["timing/train_s"] = seconds
             summary["world_size"] = self.accelerator.num_processes
+            summary["memory/peak_rss_mb"] = peak_memory_mb()  # of training: the evaluation below samples only
             if self.eval_prompts:
                 t = time.perf_counter()
                 eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,
