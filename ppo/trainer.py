@@ -7,10 +7,9 @@ Ziegler et al. 2019 / InstructGPT:
 
     1) rollout   2) score   3) KL-penalised rewards   4) GAE + whitening   5) PPO epochs
 
-The critic-free methods (`method=rloo|grpo`) run the same iteration with k samples per prompt;
-steps 3-4 become one reward per sequence and a baseline from the prompt's other samples
-(`core.rloo_advantages`, `core.grpo_advantages`), and step 5 has no value loss (GRPO adds its
-KL term there instead).
+The critic-free methods (`method=rloo|grpo`) run it with k samples per prompt: steps 3-4 give one
+reward per sequence and a baseline from the prompt's other samples (`core.rloo_advantages`,
+`core.grpo_advantages`); step 5 has no value loss (GRPO adds its KL term there instead).
 
 The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint and the final
 held-out evaluation is ppo.evaluation.
@@ -228,9 +227,8 @@ class PPOTrainer:
         exp.scores = scores
         t2 = time.perf_counter()
 
-        # 3) Per-token rewards: -beta * KL(pi_old || pi_ref) estimate at every token, plus the
-        #    score at the last real token (Ziegler et al. 2019 eq. 2); the score alone where the
-        #    KL goes into the loss instead (GRPO).
+        # 3) Per-token rewards: -beta * KL(pi_old || pi_ref) estimate at every token, plus the score
+        #    at the last real token (Ziegler et al. 2019 eq. 2); GRPO's KL goes in the loss instead.
         beta = self.kl_ctl.value
         exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator) * exp.response_mask
         kl_in_reward = 0.0 if cfg.kl_in_loss else beta
