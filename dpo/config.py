@@ -74,7 +74,7 @@ class DPOConfig:
     temperature: float = option(0.7, help="Sampling temperature of the held-out samples (and of their KL).", gt=0)
     response_length: int = option(48, help="Maximum new tokens of a held-out sample.", ge=1)
     max_prompt_length: int = option(128, help="Held-out prompts longer than this (in tokens) lose their start.", ge=1)
-    eval_batch_size: int = option(64, help="Prompts (or responses) per batch when evaluating.", ge=1)
+    eval_batch_size: int = option(64, help="Held-out prompts sampled per batch at the end.", ge=1)
 
     # --- run ---------------------------------------------------------------------------------
     output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy).")

@@ -225,10 +225,11 @@ class DPOTrainer:
 @torch.no_grad()
 def cache_reference_logps(policy: Any, dataset: DPODataset, cfg: DPOConfig, device: torch.device) -> None:
     """log pi_ref of every response, once (the adapter disabled): the reference never changes, so
-    each step forwards the policy alone (half the forward passes of recomputing it)."""
+    each step forwards the policy alone (half the forward passes of recomputing it). In training
+    batches: what fits a training step fits its forward alone."""
     with policy.disable_adapter():
-        for start in range(0, len(dataset), cfg.eval_batch_size):
-            indices = list(range(start, min(start + cfg.eval_batch_size, len(dataset))))
+        for start in range(0, len(dataset), cfg.batch_size):
+            indices = list(range(start, min(start + cfg.batch_size, len(dataset))))
             batch = collate(dataset, indices).to(device)
             logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens)
             for i, row in zip(indices, logps.float().cpu().split([len(dataset.items[i].responses) for i in indices])):
@@ -247,8 +248,8 @@ def held_out_ranking_metrics(policy: Any, tokenizer: Any, rankings: list, cfg: D
         return {}
     cache_reference_logps(policy, dataset, cfg, device)
     table = {}
-    for start in range(0, len(dataset), cfg.eval_batch_size):
-        indices = list(range(start, min(start + cfg.eval_batch_size, len(dataset))))
+    for start in range(0, len(dataset), cfg.batch_size):
+        indices = list(range(start, min(start + cfg.batch_size, len(dataset))))
         batch = collate(dataset, indices).to(device)
         logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens).float()
         rewards = implicit_rewards(logps, batch.reference_logps, cfg.beta).tolist()
