@@ -3,6 +3,7 @@ waits for the database does not hold up the others (no database work on the even
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -145,15 +146,21 @@ def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
     assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200
 
 
+@contextlib.contextmanager
 def _writer_lock_held_elsewhere(db_url: str):
     """Another process's write transaction (its own engine: the SQLite writer lock's flock),
-    open until the returned connection is rolled back."""
+    open until the block ends."""
     from annotation.db import make_engine
 
     other = make_engine(db_url)
     conn = other.raw_connection()
     conn.dbapi_connection.begin(write=True)
-    return other, conn
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+        other.dispose()
 
 
 def test_a_writer_lock_held_too_long_is_a_bounded_503(make_env, db_url):
@@ -162,14 +169,9 @@ def test_a_writer_lock_held_too_long_is_a_bounded_503(make_env, db_url):
     env, _app = make_env(lock_timeout_s=0.3)
     env.project(n_prompts=2, k=2)
     token = env.annotator("ann")
-    other, conn = _writer_lock_held_elsewhere(db_url)
-    try:
+    with _writer_lock_held_elsewhere(db_url):
         r = env.client.post("/api/projects/p/next", headers=env.headers(token))
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"], r.text
-    finally:
-        conn.rollback()
-        conn.close()
-        other.dispose()
     assert env.counts()["slots"] == 0  # nothing was leased
     assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
 
@@ -183,19 +185,14 @@ def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env,
     env, _app = make_env(lock_timeout_s=30)
     env.project(n_prompts=2, k=2)
     token = env.annotator("ann")
-    other, conn = _writer_lock_held_elsewhere(db_url)
     waiting: list = []
     asking = threading.Thread(target=lambda: waiting.append(
         env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code))
-    try:
+    with _writer_lock_held_elsewhere(db_url):
         asking.start()
         time.sleep(0.3)  # let it reach the lock (if it has not, /api/me below proves nothing either way)
         me = env.client.get("/api/me", headers=env.headers(token))
         assert me.status_code == 200 and me.json()["username"] == "ann"
         assert asking.is_alive() and waiting == []  # still waiting for the lock: /api/me was served meanwhile
-    finally:
-        conn.rollback()
-        conn.close()
-        other.dispose()
     asking.join(30)
     assert waiting == [200]
