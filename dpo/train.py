@@ -83,8 +83,7 @@ class DPOTrainer:
         prepare_tokenizer(self.tokenizer)  # right padding, left truncation: a long text keeps its response
         data = load_reward_data(cfg.data)  # rankings that state no preference come back set aside
         train, left_out = usable_rankings(data.train + data.without_preference)
-        check_usable(train, left_out, "the training split")
-        self.eval_rankings, _ = usable_rankings(data.eval)
+        self.eval_rankings = data.eval  # with a preference each (load_reward_data)
         self.data_source = data.source
         self.num_train_rankings = len(train)
         if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
