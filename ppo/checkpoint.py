@@ -1,8 +1,13 @@
-"""PPO checkpoints: everything a resumed run needs to continue bit for bit, written atomically.
+"""PPO checkpoints: everything a resumed run needs to continue bit for bit, written atomically,
+and the final policy the run leaves.
 
     RUN/checkpoints/iter-NNNNNN/  trainable.safetensors  optimizer.pt  scheduler.pt
                                   rng_states.pt (every process)  trainer_state.json
                                   (iteration, data position, KL controller, world size)
+
+Under FSDP2 each rank holds a shard of the trained parameters and of their optimiser state, so
+`trainable.safetensors` and `optimizer.pt` give way to `sharded/`, torch's distributed checkpoint
+that every rank writes its part of (align.distributed.save_sharded).
 
 The functions read and write the state of a set-up `ppo.trainer.PPOTrainer`.
 """
@@ -22,10 +27,11 @@ import torch
 
 from align.errors import UserError
 from align.run import atomic_directory, write_json_atomic
-from ppo.run_dir import CHECKPOINTS_DIR
+from ppo.run_dir import CHECKPOINTS_DIR, POLICY_DIR, VALUE_HEAD_FILE
 
 log = logging.getLogger("align")
 
+SHARDED_DIR = "sharded"  # a checkpoint's trained weights and optimiser state under FSDP2
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -46,11 +52,23 @@ def save_checkpoint(trainer: Any) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     rng_all = gather_object([rng])  # one per process, in rank order
+    target = trainer.run_dir / CHECKPOINTS_DIR / f"iter-{trainer.iteration:06d}"
+    if trainer.fsdp:  # every rank writes its shards first, into a directory only the main rank renames
+        from align.distributed import save_sharded
+
+        sharded = target.with_name(f".{target.name}.sharded")
+        if trainer.is_main:
+            shutil.rmtree(sharded, ignore_errors=True)  # left by a run killed while writing
+        trainer.accelerator.wait_for_everyone()
+        save_sharded(trainer.model, trainer.optimizer, sharded)
+        trainer.accelerator.wait_for_everyone()
     if trainer.is_main:
-        target = trainer.run_dir / CHECKPOINTS_DIR / f"iter-{trainer.iteration:06d}"
         with atomic_directory(target, overwrite=True) as tmp:
-            save_file(trainable_state(trainer.model), str(tmp / "trainable.safetensors"))
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            if trainer.fsdp:
+                os.replace(sharded, tmp / SHARDED_DIR)
+            else:
+                save_file(trainable_state(trainer.model), str(tmp / "trainable.safetensors"))
+                torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_all, tmp / "rng_states.pt")
             write_json_atomic(tmp / "trainer_state.json", {
@@ -72,12 +90,20 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     if state["world_size"] != processes:
         raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
                         f"number (got {processes})")
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(trainer.model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if (path / SHARDED_DIR).is_dir() != bool(trainer.fsdp):
+        raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
+                        "sharding; resume it under the same accelerate config")
+    if trainer.fsdp:
+        from align.distributed import load_sharded
+
+        load_sharded(trainer.model, trainer.optimizer, path / SHARDED_DIR)
+    else:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(trainer.model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
@@ -123,14 +149,50 @@ def check_run_dir(cfg: Any, run_dir: Path, resume: bool) -> None:
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
 
 
-def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool) -> None:
-    """What DeepSpeed ZeRO cannot do here: it steps the optimiser inside backward and shards the
-    optimiser state, which the checkpoints do not gather."""
+def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool, fsdp: Any = None) -> None:
+    """What sharding cannot do here. FSDP2: the graphed decoding step replays kernels on one
+    rank's full weights, and a separate reference checkpoint would be a whole unsharded copy per
+    rank. DeepSpeed ZeRO steps the optimiser inside backward and shards the optimiser state, which
+    the checkpoints do not gather."""
     from accelerate.utils import DistributedType
 
+    if fsdp is not None:
+        if cfg.cuda_graphs:
+            raise UserError("cuda_graphs=true does not run under FSDP sharding; set cuda_graphs=false")
+        if cfg.ref_model is not None:
+            raise UserError("ref_model is not sharded under FSDP; leave it unset (the reference is the policy "
+                            "with its adapter disabled)")
+        if cfg.sample_merged:
+            raise UserError("sample_merged=true does not run under FSDP sharding (each rank holds a slice of "
+                            "the weights); leave it unset")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if cfg.gradient_accumulation_steps != 1:
             raise UserError("under DeepSpeed set gradient_accumulation_steps=1 (use num_mini_batches for memory)")
         if cfg.save_every or resume:
             raise UserError("checkpoints and --resume are not supported under DeepSpeed ZeRO yet; "
                             "set save_every=0 (or use DDP)")
+
+
+def save_final_policy(trainer: Any, trained: dict[str, torch.Tensor] | None = None) -> None:
+    """RUN/policy (the LoRA adapter, as peft writes it, + tokenizer) and RUN/value_head.safetensors
+    (main process). `trained`: the trained parameters gathered in full (align.distributed
+    .full_trainable_state) when the module itself holds only this rank's shards."""
+    from safetensors.torch import save_file
+
+    policy = trainer.model.policy
+    policy.peft_config["default"].base_model_name_or_path = str(trainer.sft_path)
+    adapter = None if trained is None else {k.removeprefix("policy."): v for k, v in trained.items()
+                                             if k.startswith("policy.")}
+    with atomic_directory(trainer.run_dir / POLICY_DIR, overwrite=True) as tmp:
+        policy.save_pretrained(tmp, state_dict=adapter)
+        trainer.tokenizer.save_pretrained(tmp)
+    if trainer.model.value_module is None:  # RLOO, GRPO: no value model to keep
+        return
+    if trained is None:
+        values = trainer.model.value_state_dict()
+    else:  # the critic's frozen buffers, if any, are not in `trained`; its parameters all train
+        prefix = "critic." if trainer.model.critic is not None else "value_head."
+        values = {k.removeprefix(prefix): v.contiguous() for k, v in trained.items() if k.startswith(prefix)}
+    tmp_file = trainer.run_dir / f".{VALUE_HEAD_FILE}.tmp"
+    save_file(values, str(tmp_file))
+    os.replace(tmp_file, trainer.run_dir / VALUE_HEAD_FILE)

@@ -66,8 +66,6 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy  # a PeftModel
         base = policy.get_base_model()
-        self.trunk = _trunk(base)
-        self.lm_head = base.get_output_embeddings()
         self.critic = critic
         self.cache_argument = cache_argument(self.trunk)  # the trunk's name for a KV cache
         if critic is None and value_head:
@@ -76,6 +74,17 @@ class ActorCritic(nn.Module):
             nn.init.zeros_(self.value_head.bias)
         else:
             self.value_head = None
+
+    # The policy's trunk and head, reached through it rather than registered a second time: a
+    # module registered under two names appears twice in state dicts (sharded checkpoints included).
+    @property
+    def trunk(self) -> nn.Module:
+        """The transformer without its head."""
+        return _trunk(self.policy.get_base_model())
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.policy.get_base_model().get_output_embeddings()
 
     def _response_hidden(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

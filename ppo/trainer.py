@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ import torch
 
 from align.chat import render_prompt
 from align.config import config_to_dict
+from align.distributed import clip_grad_norm, fsdp_plugin, full_trainable_state, gathered, shard
 from align.precision import (
     check_finite_gradient,
     checkpointing_active,
@@ -37,7 +37,6 @@ from align.precision import (
 )
 from align.run import (
     MetricsWriter,
-    atomic_directory,
     peak_memory_mb,
     prepare_run_dir,
     read_metrics,
@@ -50,6 +49,7 @@ from ppo.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_final_policy,
     truncate_metrics,
 )
 from ppo.config import PPOConfig
@@ -57,7 +57,7 @@ from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, row_padding_bounds, rows_padding_bounds
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
-from ppo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
+from ppo.run_dir import METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
 from ppo.sampling import DecodeBufferPool, sample_responses
 
 log = logging.getLogger("align")
@@ -115,7 +115,8 @@ class PPOTrainer:
         # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        check_distributed_setup(self.accelerator, cfg, self.resume)
+        self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
+        check_distributed_setup(self.accelerator, cfg, self.resume, self.fsdp)
         self.is_main = self.accelerator.is_main_process
         dtype = torch_dtype(cfg.dtype)
         reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
@@ -146,6 +147,8 @@ class PPOTrainer:
             separate_ref = load_causal_lm(resolve_model_path(cfg.ref_model), dtype=dtype, tokenizer=self.tokenizer)
             separate_ref.to(self.device).eval().requires_grad_(False)
         self.reference = Reference(self.model, separate_ref)
+        if self.fsdp:
+            shard(self.model, self.fsdp, forward_methods=("policy_logprobs", "decode_step", "critic_values"))
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         value_params = {id(p) for p in self.model.value_parameters()}
@@ -158,7 +161,8 @@ class PPOTrainer:
         # which would step it once per process.
         self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.total_optimizer_steps)
-        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
+                                          else self.accelerator.prepare(self.model, optimizer))
         self.trainable = trainable
 
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
@@ -295,7 +299,7 @@ class PPOTrainer:
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         weights, weights_context = self.sampling_weights(adapter)
-        with weights_context:
+        with weights_context, gathered(self.model, self.fsdp is None or self.fsdp.reshard_after_forward):
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
                 temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -311,7 +315,8 @@ class PPOTrainer:
         stays separate unless `sample_merged` asks for it (see PPOConfig.sample_merged)."""
         if not adapter:
             return "sft", self.model.adapter_disabled()
-        merge = self.sampler_is_exact if self.cfg.sample_merged is None else self.cfg.sample_merged
+        # (sharded weights are not merged: each rank holds a slice of the base and of the adapter)
+        merge = self.sampler_is_exact and not self.fsdp if self.cfg.sample_merged is None else self.cfg.sample_merged
         return ("merged", self.model.adapter_merged()) if merge else ("adapter", contextlib.nullcontext())
 
     @property
@@ -402,7 +407,8 @@ class PPOTrainer:
                         for k, v in self.micro_step(micro, weight).items():
                             sums[k] = sums[k] + v if k in sums else v
                 n_minibatches += 1
-                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                grad_norm = (clip_grad_norm(self.trainable, cfg.max_grad_norm) if self.fsdp
+                             else self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
                 if grad_norm is not None:  # a NaN weight would only surface iterations later, while sampling
                     check_finite_gradient(grad_norm, f"iteration {self.iteration + 1}, epoch {epoch + 1}, "
                                                      f"minibatch {mb_start // cfg.mini_batch_size + 1}")
@@ -452,48 +458,38 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------ outputs
 
     def finish(self, last: dict[str, float], seconds: float) -> dict[str, Any]:
-        """Final policy, value head, evaluation, plots and summary (main process)."""
+        """Final policy, value head, evaluation, plots and summary (main process; under FSDP every
+        rank takes part in gathering the weights and in the evaluation's forwards)."""
         self.accelerator.wait_for_everyone()
+        trained = full_trainable_state(self.model) if self.fsdp else None
         summary: dict[str, Any] = {}
         if self.is_main:
-            from ppo.plots import plot_curves
-
-            self.save_policy()
+            save_final_policy(self, trained)
             rows = read_metrics(self.run_dir / METRICS_FILE)
             final = rows[-1] if rows else last
             summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
             summary["timing/train_s"] = seconds
             summary["world_size"] = self.accelerator.num_processes
             summary["memory/peak_rss_mb"] = peak_memory_mb()  # of training: the evaluation below samples only
-            if self.eval_prompts:
-                t = time.perf_counter()
-                eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,
-                                                 seed=self.cfg.seed, kl_estimator=self.cfg.kl.estimator,
-                                                 reward_model=self.reward_model)
-                summary.update(eval_metrics)
-                summary["eval/kl_target"] = self.cfg.kl.target
-                summary["timing/eval_s"] = time.perf_counter() - t
+        if self.eval_prompts and (self.is_main or self.fsdp):
+            t = time.perf_counter()
+            eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,
+                                             seed=self.cfg.seed, kl_estimator=self.cfg.kl.estimator,
+                                             reward_model=self.reward_model)
+            summary.update(eval_metrics)
+            summary["eval/kl_target"] = self.cfg.kl.target
+            summary["timing/eval_s"] = time.perf_counter() - t
+            if self.is_main:
                 with (self.run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as f:
                     for sample in samples:
                         f.write(json.dumps(sample) + "\n")
+        if self.is_main:
+            from ppo.plots import plot_curves
+
             plot_curves(rows, self.run_dir, self.cfg.kl.target)
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
             self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, self.iteration)
             self.tracker.close()
             self.metrics_writer.close()
         self.accelerator.wait_for_everyone()
-        return summary
-
-    def save_policy(self) -> None:
-        from safetensors.torch import save_file
-
-        policy = self.model.policy
-        policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
-        with atomic_directory(self.run_dir / POLICY_DIR, overwrite=True) as tmp:
-            policy.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        if self.model.value_module is None:  # RLOO, GRPO: no value model to keep
-            return
-        tmp_file = self.run_dir / f".{VALUE_HEAD_FILE}.tmp"
-        save_file(self.model.value_state_dict(), str(tmp_file))
-        os.replace(tmp_file, self.run_dir / VALUE_HEAD_FILE)
+        return summary if self.is_main else {}

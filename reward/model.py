@@ -294,11 +294,13 @@ def fit_normalization(raw: torch.Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------- saving and loading
 
 
-def save_reward_model(model: nn.Module, tokenizer, out: Path, *, gain: float, bias: float, info: dict[str, Any]) -> Path:
-    """Write the checkpoint (full model or PEFT adapter + head), tokenizer, normalisation and provenance."""
+def save_reward_model(model: nn.Module, tokenizer, out: Path, *, gain: float, bias: float, info: dict[str, Any],
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the checkpoint (full model or PEFT adapter + head), tokenizer, normalisation and provenance.
+    `state_dict`: the weights to write when the module holds only this rank's shards (FSDP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     (out / NORMALIZATION_FILE).write_text(json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n", encoding="utf-8")
     (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

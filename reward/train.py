@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
+from align.distributed import clip_grad_norm, fsdp_plugin, shard
 from align.errors import UserError
 from align.precision import (
     autocast,
@@ -96,6 +97,7 @@ class RewardTrainer:
             torch.set_num_threads(cfg.train.num_threads)
         # cpu=True is what makes accelerate pick gloo (MULTI_CPU) when launched with several processes
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -128,6 +130,8 @@ class RewardTrainer:
         upcast_trainable(model)  # bf16 storage: what is trained (and its AdamW state) stays fp32
         self.checkpointed = enable_gradient_checkpointing(model) if cfg.train.gradient_checkpointing else []
         model.train()
+        if self.fsdp:
+            shard(model, self.fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         self.global_batches = self.plan_batches()
@@ -137,7 +141,7 @@ class RewardTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         self.device = self.accelerator.device
         self.params = params
         if self.is_main:
@@ -183,9 +187,11 @@ class RewardTrainer:
     def step(self, batch: RankingBatch) -> dict[str, float]:
         cfg = self.cfg.train
         # 2. one forward pass over every response of every ranking in the batch (each prompt once;
-        #    whole sequences under gradient checkpointing, which drops the prompts' cache)
+        #    whole sequences under gradient checkpointing, which drops the prompts' cache, and under
+        #    FSDP, whose backward re-gathers a layer's weights for the gradients that reach it through
+        #    its outputs, not through the keys and values a later forward read from the cache)
         with autocast(self.device, self.dtype):
-            if self.checkpointed:
+            if self.checkpointed or self.fsdp:
                 ids, mask = whole_sequences(batch, self.collate.pad_token_id)
                 rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
             else:
@@ -199,7 +205,8 @@ class RewardTrainer:
             if batch.mismatch_winners.numel() else rewards.new_zeros(())
         loss = loss + cfg.mismatch_coef * mismatch
         self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
+                     else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,29 +282,38 @@ class RewardTrainer:
         return gain, bias, len(responses)
 
     def finish(self) -> dict[str, Any]:
+        """Normalise, evaluate on the held-out rankings and save (main process; under FSDP every rank
+        takes part in the forwards and in gathering the weights)."""
+        from align.distributed import full_state
         from align.run import atomic_directory, write_json_atomic
 
         cfg = self.cfg
         self.accelerator.wait_for_everyone()
         summary: dict[str, Any] = {}
+        if not (self.is_main or self.fsdp):
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+            return summary
+        model = self.model if self.fsdp else self.accelerator.unwrap_model(self.model)
+        model.eval()
+        t = time.perf_counter()
+        gain, bias, n_norm = self.normalization(model)
+        normalize_s = time.perf_counter() - t
+        t = time.perf_counter()
+        annotator_labels = self.data.eval_annotator or []
+        # each held-out response forwarded once, whichever label sets it appears in
+        with autocast(self.device, self.dtype):
+            rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
+                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size,
+                                   gain=gain, bias=bias)
+        eval_s = time.perf_counter() - t
+        # under FSDP the main rank writes the weights gathered in full (an adapter: the trained ones only)
+        state = full_state(model, trained_only=cfg.lora.enabled) if self.fsdp else None
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.model)
-            model.eval()
-            t = time.perf_counter()
-            gain, bias, n_norm = self.normalization(model)
-            normalize_s = time.perf_counter() - t
-            t = time.perf_counter()
-            annotator_labels = self.data.eval_annotator or []
-            # each held-out response forwarded once, whichever label sets it appears in
-            with autocast(self.device, self.dtype):
-                rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
-                                       max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size,
-                                       gain=gain, bias=bias)
             summary.update(ranking_metrics(self.data.eval, rewards, "eval/"))
             summary["eval/label_source"] = self.data.eval_label
             if annotator_labels:
                 summary.update(ranking_metrics(annotator_labels, rewards, "eval_annotators/"))
-            eval_s = time.perf_counter() - t
             summary.update({
                 "train/loss_final": self.last_train["train/loss"],
                 "train/steps": self.total_steps,
@@ -318,7 +334,7 @@ class RewardTrainer:
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}
             with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite) as tmp:
-                save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info)
+                save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info, state_dict=state)
             summary["timing/total_s"] = time.perf_counter() - self.t0
             summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
             write_json_atomic(self.out / SUMMARY_FILE, summary)

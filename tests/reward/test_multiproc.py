@@ -8,31 +8,56 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.ppo.test_multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+ARGS = ["model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30", "train.batch_size=16",
+        "train.learning_rate=3e-3", "eval.normalize_prompts=8", "eval.normalize_max_new_tokens=16", "train.num_threads=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+LAUNCHERS = {  # --multi_gpu without --cpu: with no GPU, two CPU processes on gloo
+    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"],
+    "fsdp2": ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml")],
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reward-single") / "run"
+    single = subprocess.run([sys.executable, "-m", "align", "reward", "train", f"output_dir={out}",
+                             f"model.name_or_path={tiny_random_model}", *ARGS],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return out
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_two_cpu_ranks_match_single_process(tiny_random_model, tmp_path):
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_process_run, tmp_path):
+    from safetensors.torch import load_file
+
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    args = [f"model.name_or_path={tiny_random_model}", "model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30",
-            "train.batch_size=16", "train.learning_rate=3e-3", "eval.normalize_prompts=8", "eval.normalize_max_new_tokens=16",
-            "train.num_threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "align", "reward", "train", f"output_dir={tmp_path / 'multi'}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        [accelerate, "launch", *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", "reward",
+         "train", f"output_dir={tmp_path / 'multi'}", f"model.name_or_path={tiny_random_model}", *ARGS],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "align", "reward", "train", f"output_dir={tmp_path / 'single'}", *args],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert single.returncode == 0, single.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
-    s = json.loads((tmp_path / "single" / "summary.json").read_text())
+    s = json.loads((single_process_run / "summary.json").read_text())
     assert m["train/num_processes"] == 2 and s["train/num_processes"] == 1
     assert m["train/forward_passes"] == s["train/forward_passes"]  # every response once, across both ranks
     assert m["train/steps"] == s["train/steps"]
-    # same global batches, gradients averaged by DDP: the same model up to float reduction order
+    # same global batches, gradients averaged over the ranks: the same model up to float reduction order
     assert abs(m["eval/accuracy"] - s["eval/accuracy"]) <= 0.02
     assert abs(m["eval/loss"] - s["eval/loss"]) <= 0.02
+    # the checkpoint written from the ranks' shards (FSDP2: gathered on the main rank) is the one-rank model's
+    multi_weights, single_weights = (load_file(str(d / "model" / "model.safetensors"))  # full fine-tuning
+                                     for d in (tmp_path / "multi", single_process_run))
+    assert multi_weights.keys() == single_weights.keys() and multi_weights
+    for name, value in single_weights.items():
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)

@@ -1,0 +1,184 @@
+"""Sharded data parallelism (FSDP2, torch's `fully_shard`) for the training stages.
+
+`accelerate launch --config_file configs/accelerate/fsdp2_*.yaml` names FSDP version 2 and its
+settings (reshard after forward, which layer classes make a unit, CPU offload, mixed precision);
+the stages read them from accelerate's `FullyShardedDataParallelPlugin` and apply `fully_shard`
+here themselves rather than through `Accelerator.prepare`, for two reasons:
+
+* accelerate selects FSDP only on accelerators: launched on CPU ranks (gloo, which has the
+  reduce-scatter FSDP2 needs) it sets up plain multi-CPU data parallelism, so the same stage
+  would shard on GPUs and replicate on the CPU ranks its tests run on;
+* the units are the decoder layers of every transformer inside the stage's module (the policy's
+  and a separate critic's), found from each one's `_no_split_modules`; accelerate looks only at
+  the outer module, which for PPO is align's own `ActorCritic`.
+
+Each rank then holds 1/N of every parameter, frozen base weights in their own dtype (bf16 on
+GPUs) and the trained ones (LoRA, value head) with their AdamW state in fp32; a unit's full
+weights exist only while it runs. Checkpoints are sharded (torch's distributed checkpoint, each
+rank writes its part); the adapter a run exports is gathered to the main rank in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import UserError
+
+
+def fsdp_plugin() -> Any | None:
+    """accelerate's FSDP plugin when `accelerate launch` was given an FSDP config, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError(f"the accelerate config asks for FSDP version {plugin.fsdp_version}; align shards with "
+                        "FSDP2: set `fsdp_version: 2` under fsdp_config (configs/accelerate/fsdp2_*.yaml)")
+    if plugin.activation_checkpointing:
+        raise UserError("fsdp_activation_checkpointing: use the stage's own `gradient_checkpointing` key instead "
+                        "(align checkpoints the decoder layers itself)")
+    return plugin
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def layer_classes(model: nn.Module, names: Iterable[str] | None = None) -> tuple[type, ...]:
+    """The classes whose instances become FSDP units: `names` (the config's
+    `fsdp_transformer_layer_cls_to_wrap`) or every submodule's `_no_split_modules` (the decoder layer
+    of each transformers model inside `model`)."""
+    wanted = set(names or ())
+    if not wanted:
+        for module in model.modules():
+            wanted.update(getattr(module, "_no_split_modules", None) or ())
+    found = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    if not found:
+        raise UserError(f"FSDP: no layer of classes {sorted(wanted) or '(none named)'} in the model; set "
+                        "fsdp_transformer_layer_cls_to_wrap in the accelerate config to its decoder layer class")
+    return tuple(found)
+
+
+def shard(model: nn.Module, plugin: Any, *, forward_methods: Iterable[str] = ()) -> nn.Module:
+    """`fully_shard` each decoder layer, then the rest (embeddings, heads) as the root unit, in
+    place. `forward_methods`: the module's methods besides `forward` that run its layers (their
+    calls gather and free parameters like a forward does)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    kwargs = {"mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+              "offload_policy": plugin.cpu_offload}
+    classes = layer_classes(model, plugin.transformer_cls_names_to_wrap)
+    for module in reversed(list(model.modules())):  # bottom-up: inner units first
+        if isinstance(module, classes):
+            fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
+    # The root holds what is used at both ends of a forward (embeddings, final norm, heads): kept
+    # gathered from forward to backward, as torch's own default for the root does.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
+    """Every unit's full parameters for the duration of the block: token-by-token sampling then
+    gathers each layer once per rollout instead of once per generated token (on two CPU ranks the
+    rollout of the demo ran 1.8x faster gathered; see the README's scaling section). Memory: the
+    whole model per rank while the block runs. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if is_sharded(m)]
+    layers = [m for m in units if m is not model]
+    for unit in layers:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in layers:
+            unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
+
+
+def local_numel(params: Iterable[torch.Tensor]) -> int:
+    """Elements this rank stores: a sharded parameter's local shard, a plain one whole."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm over sharded parameters (each rank holds part of every gradient),
+    then every gradient scaled to at most `max_norm`, as torch.nn.utils.clip_grad_norm_ does."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the partial norms of the shards, reduced over the ranks
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def trained_only(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` cut to the parameters that train, by their `named_parameters()` names: a state dict
+    also lists a tied weight under its second name (lm_head.weight beside embed_tokens.weight),
+    which torch's `ignore_frozen_params` lets through."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters in full, on the CPU, on the main rank (empty on the others); every
+    rank must call it. Names as `model.named_parameters()` gives them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return trained_only(model, get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
+
+
+def full_state(model: nn.Module, *, trained_only: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict (or, `trained_only`, the trained parameters) gathered in full on the main
+    rank's CPU (empty on the others); every rank must call it."""
+    if trained_only:
+        return full_trainable_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The trained parameters and the optimiser state, each rank writing its own shards into
+    `directory` (torch.distributed.checkpoint); every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": trained_only(model, model_state), "optimizer": optim_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Restore what `save_sharded` wrote, each rank reading the shards it holds (the same number of
+    ranks, checked by the caller)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": trained_only(model, model_state), "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))

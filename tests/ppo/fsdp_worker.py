@@ -1,0 +1,74 @@
+"""Launched by test_fsdp.py (under `accelerate launch` with an FSDP2 config, or alone as the one-rank
+reference): one PPO optimiser step on a fixed global batch, each rank taking its contiguous share
+of the rows. Writes OUT/step.safetensors (the trained parameters after the step, gathered in full
+by the main rank), OUT/before.safetensors (before it) and OUT/rank{R}.json (how many elements of the
+frozen and trained parameters this rank stores, against the totals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from align.config import load_config
+from align.distributed import full_trainable_state, local_numel
+from ppo.checkpoint import trainable_state
+from ppo.config import PPOConfig
+from ppo.experience import Experience
+from ppo.trainer import PPOTrainer
+
+GLOBAL_BATCH, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 6, 5
+
+
+def fixed_batch(trainer: PPOTrainer) -> Experience:
+    """The same rows on every rank and in the one-rank run: random tokens without padding (every
+    row has as many response tokens, so each rank's token mean weighs the same), pi_old = the
+    current policy (ratio 1 at the step), fixed advantages and returns."""
+    g = torch.Generator().manual_seed(1234)
+    tok = trainer.tokenizer
+    low = max(tok.all_special_ids) + 1  # ordinary tokens only: no row ends early or holds padding
+    query = torch.randint(low, len(tok), (GLOBAL_BATCH, PROMPT_TOKENS), generator=g)
+    response = torch.randint(low, len(tok), (GLOBAL_BATCH, RESPONSE_TOKENS), generator=g)
+    ones_q, ones_r = torch.ones_like(query), torch.ones_like(response)
+    exp = Experience(query_ids=query, query_mask=ones_q, response_ids=response, response_mask=ones_r,
+                     logprobs=torch.zeros(response.shape), ref_logprobs=torch.zeros(response.shape),
+                     values=torch.zeros(response.shape), scores=torch.zeros(GLOBAL_BATCH))
+    exp.logprobs, values = trainer.policy_logprobs_and_values(exp)
+    exp.ref_logprobs = trainer.reference_logprobs(exp)
+    exp.values = values
+    exp.advantages = torch.randn(response.shape, generator=g)
+    exp.returns = torch.randn(response.shape, generator=g)
+    return exp
+
+
+def main(out: Path, overrides: list[str]) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    share = GLOBAL_BATCH // world  # the config's batch is per process
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*overrides, f"batch_size={share}", "num_ppo_epochs=1",
+                                                       "num_mini_batches=1", "gradient_accumulation_steps=1"]))
+    trainer.setup()
+    rank = trainer.accelerator.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    before = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)
+    before = {k: v.clone() for k, v in before.items()}  # the one-rank state is the live parameters' storage
+    exp = fixed_batch(trainer)
+    trainer.optimize(exp.select(slice(rank * share, (rank + 1) * share)))
+    after = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)
+    if trainer.is_main:
+        save_file({k: v.contiguous() for k, v in before.items()}, str(out / "before.safetensors"))
+        save_file({k: v.contiguous() for k, v in after.items()}, str(out / "step.safetensors"))
+    frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "world": world, "sharded": bool(trainer.fsdp),
+        "frozen_local": local_numel(frozen), "frozen_total": sum(p.numel() for p in frozen),
+        "trained_local": local_numel(trained), "trained_total": sum(p.numel() for p in trained)}))
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

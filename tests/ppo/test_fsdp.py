@@ -1,0 +1,106 @@
+"""PPO sharded with FSDP2 on two CPU ranks (gloo), launched through `accelerate launch` with the
+shipped configs/accelerate/fsdp2_cpu.yaml: one optimiser step equals one rank's, each rank stores
+half the frozen weights, two "machines" meet on localhost, a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ppo.test_multiproc import REPO, free_port
+
+FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml"
+WORKER = REPO / "tests" / "ppo" / "fsdp_worker.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+
+def accelerate_launch(*args: str, machines: int = 1, rank: int = 0, port: int | None = None) -> list[str]:
+    """The command line of `accelerate launch` with the FSDP2 config: 2 processes in all, on one
+    machine or on `machines` machines (this one playing machine `rank`, rank 0 at 127.0.0.1)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+           "--main_process_port", str(port or free_port())]
+    if machines > 1:
+        cmd += ["--num_machines", str(machines), "--num_processes", "2", "--machine_rank", str(rank),
+                "--main_process_ip", "127.0.0.1"]
+    return [*cmd, *args]
+
+
+def run(cmd: list[str], timeout: int = 300) -> None:
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_one_step_on_two_machines_matches_one_rank(ppo_policy_path, random_reward_model, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = [f"policy_model={ppo_policy_path}", f"reward_model={random_reward_model}", "num_prompts=16",
+                 "num_eval_prompts=0", "response_length=5", "learning_rate=1e-2", "progress=false", "seed=3"]
+    # one process, unsharded: the reference step on the whole batch
+    run([sys.executable, str(WORKER), str(tmp_path / "one"), *overrides, f"output_dir={tmp_path / 'run-one'}"])
+    # two "machines" of one process each rendezvous on localhost (accelerate's multi-node path)
+    port = free_port()
+    machines = [subprocess.Popen(accelerate_launch(str(WORKER), str(tmp_path / "two"), *overrides,
+                                                   f"output_dir={tmp_path / 'run-two'}", machines=2, rank=r, port=port),
+                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for r in (0, 1)]
+    for machine in machines:
+        out, _ = machine.communicate(timeout=300)
+        assert machine.returncode == 0, out[-4000:]
+
+    one_before, one = load_file(str(tmp_path / "one" / "before.safetensors")), load_file(str(tmp_path / "one" / "step.safetensors"))
+    two_before, two = load_file(str(tmp_path / "two" / "before.safetensors")), load_file(str(tmp_path / "two" / "step.safetensors"))
+    assert one.keys() == two.keys() and any(".lora_B." in k for k in one)
+    for name in one:  # the same start, a real update, and the same update up to float rounding
+        assert torch.equal(one_before[name], two_before[name]), name
+    update = max((one[k] - one_before[k]).abs().max().item() for k in one)
+    assert update > 1e-3
+    for name in one:  # tolerance: 1e-4 of the step's largest change (gloo sums the halves in another order)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4 * update, msg=name)
+
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["sharded"] for r in ranks)
+    total = ranks[0]["frozen_total"]
+    assert sum(r["frozen_local"] for r in ranks) == total  # every frozen element on exactly one rank
+    for r in ranks:
+        assert abs(r["frozen_local"] - total / 2) <= 0.02 * total, r  # about half each
+        assert r["trained_local"] < r["trained_total"]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+
+
+def test_killed_run_resumes_exactly(small_run, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = [o for o in small_run if not o.startswith(("output_dir=", "num_iterations=", "save_every="))]
+    overrides += ["num_iterations=6", "save_every=2", "num_eval_prompts=0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(accelerate_launch("-m", "align", "ppo", *overrides, f"output_dir={straight}"))
+
+    proc = subprocess.Popen(accelerate_launch("-m", "align", "ppo", *overrides, f"output_dir={killed}"),
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "iter-000002").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+
+    run(accelerate_launch("-m", "align", "ppo", "--resume", str(killed)))
+    assert metric_rows(killed) == metric_rows(straight)
+    a, b = (load_file(str(d / "policy" / "adapter_model.safetensors")) for d in (straight, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
