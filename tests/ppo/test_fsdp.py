@@ -104,3 +104,14 @@ def test_killed_run_resumes_exactly(small_run, tmp_path):
     assert metric_rows(killed) == metric_rows(straight)
     a, b = (load_file(str(d / "policy" / "adapter_model.safetensors")) for d in (straight, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in a.items())  # it trained
+
+    # the adapter gathered from the shards exports as one ordinary checkpoint that generates as the policy does
+    from transformers import AutoModelForCausalLM
+
+    from align.commands.export import export_run
+    from tests.test_export import greedy, trained_policy
+
+    policy, tokenizer = trained_policy(killed)
+    exported = AutoModelForCausalLM.from_pretrained(export_run(killed, tmp_path / "export"), local_files_only=True)
+    assert greedy(exported, tokenizer) == greedy(policy, tokenizer)
