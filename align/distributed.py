@@ -92,9 +92,9 @@ def shard(model: nn.Module, plugin: Any, *, forward_methods: Iterable[str] = ())
 @contextlib.contextmanager
 def gathered(model: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
     """Every unit's full parameters for the duration of the block: token-by-token sampling then
-    gathers each layer once per rollout instead of once per generated token (on two CPU ranks the
-    rollout of the demo ran 1.8x faster gathered; see the README's scaling section). Memory: the
-    whole model per rank while the block runs. A no-op for an unsharded model."""
+    gathers each layer once per rollout instead of once per generated token (PPOConfig.sample_gathered
+    has the measured difference). Memory: the whole model per rank while the block runs. A no-op for
+    an unsharded model."""
     if not is_sharded(model):
         yield
         return

@@ -122,6 +122,13 @@ class PPOConfig:
         "every later rollout. Off by default until the GPU tests and benchmark have run on this path (one bf16 GPU "
         "test saw non-finite logits with the earlier, per-rollout graphs). No effect on the CPU.",
     )
+    sample_gathered: bool = option(
+        True,
+        help="Under FSDP sharding: gather every layer's full weights once per rollout and keep them while it "
+        "samples, instead of gathering each layer again for every generated token (on two CPU ranks the demo's "
+        "rollout took 0.99 s instead of 1.70 s; bench/scaling.py). Each process then holds the whole policy while "
+        "it samples: set false where that does not fit (70B on 80 GB cards). No effect without FSDP.",
+    )
     logprob_chunk_tokens: int = option(
         4096,
         help="Log-probs and entropy are computed from the last hidden states this many response tokens at a time, "

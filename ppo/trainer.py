@@ -299,7 +299,8 @@ class PPOTrainer:
                   add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         weights, weights_context = self.sampling_weights(adapter)
-        with weights_context, gathered(self.model, self.fsdp is None or self.fsdp.reshard_after_forward):
+        gather = self.fsdp is not None and self.cfg.sample_gathered  # the whole policy on each rank while it samples
+        with weights_context, gathered(self.model, self.fsdp.reshard_after_forward) if gather else contextlib.nullcontext():
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
                 temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
