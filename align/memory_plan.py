@@ -126,7 +126,7 @@ def load_shape(spec: str) -> ModelShape:
         raise UserError(f"{path}: not a readable JSON config ({err})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a config object")
-    return shape_from_config(config.get("text_config", config), name=str(spec))
+    return shape_from_config(config.get("text_config", config), name=path.parent.name or str(spec))  # the checkpoint's
 
 
 # ----------------------------------------------------------------------------------- parameters

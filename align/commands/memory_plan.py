@@ -16,20 +16,23 @@ STAGE_HELP = ("reward (reward model training), ppo (value head on the policy tru
               "(value_model=reward_model: a full fp32 critic), rloo, grpo (no value model), dpo. Repeat for several.")
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:8.2f}"
+UNITS = {"GiB": 2**30, "MiB": 2**20}
 
 
-def breakdown(plan, card_gib: float) -> str:
+def size(n: int, unit: str) -> str:
+    return f"{n / UNITS[unit]:8.2f}"
+
+
+def breakdown(plan, card_gib: float, unit: str = "GiB") -> str:
     """The plan of one setting, a term a line, then the total per device and whether it fits."""
     s = plan.settings
     per = f" per rank of {s.fsdp_ranks} (FSDP2)" if s.fsdp_ranks > 1 else ""
     lines = [f"{plan.shape.name}: {plan.parameters / 1e9:.3f}B parameters, {plan.trainable / 1e6:.2f}M trained; "
              f"stage {s.stage}, {s.dtype}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}{per}",
-             f"{'term':52s} {'phase':14s} {'GiB':>8s}"]
-    lines += [f"{t.name:52s} {t.phase:14s} {gib(t.bytes)}" for t in plan.terms]
+             f"{'term':52s} {'phase':14s} {unit:>8s}"]
+    lines += [f"{t.name:52s} {t.phase:14s} {size(t.bytes, unit)}" for t in plan.terms]
     verdict = "fits" if plan.total <= card_gib * 2**30 else "does NOT fit"
-    lines.append(f"{'total: held + the ' + str(plan.peak_phase) + ' phase':52s} {'':14s} {gib(plan.total)}"
+    lines.append(f"{'total: held + the ' + str(plan.peak_phase) + ' phase':52s} {'':14s} {size(plan.total, unit)}"
                  f"   ({verdict} a {card_gib:g} GiB device)")
     return "\n".join(lines)
 
@@ -39,14 +42,14 @@ def summary_header() -> str:
             f"{'KV':>8s} {'activ.':>8s} {'logits':>8s} {'total':>8s}  fits")
 
 
-def summary_row(plan, card_gib: float) -> str:
+def summary_row(plan, card_gib: float, unit: str = "GiB") -> str:
     """One line: the main terms in GiB (critic: its fp32 state plus its autocast copies and activations)."""
     critic = sum(t.bytes for t in plan.terms if t.name.startswith("critic"))
     fits = "yes" if plan.total <= card_gib * 2**30 else "no"
-    return (f"{plan.shape.name:15s} {plan.settings.stage:10s} {'on' if plan.settings.gradient_checkpointing else 'off':4s} "
-            f"{gib(plan.term('base weights (frozen)'))} {gib(sum(t.bytes for t in plan.terms if 'AdamW' in t.name and not t.name.startswith('critic')))} "
-            f"{gib(plan.term('reward model'))} {gib(critic)} {gib(plan.term('KV cache (kept between rollouts)'))} "
-            f"{gib(plan.term('activations'))} {gib(plan.term('log-prob logits'))} {gib(plan.total)}  {fits}")
+    return (f"{plan.shape.name[:15]:15s} {plan.settings.stage:10s} {'on' if plan.settings.gradient_checkpointing else 'off':4s} "
+            f"{size(plan.term('base weights (frozen)'), unit)} {size(sum(t.bytes for t in plan.terms if 'AdamW' in t.name and not t.name.startswith('critic')), unit)} "
+            f"{size(plan.term('reward model'), unit)} {size(critic, unit)} {size(plan.term('KV cache (kept between rollouts)'), unit)} "
+            f"{size(plan.term('activations'), unit)} {size(plan.term('log-prob logits'), unit)} {size(plan.total, unit)}  {fits}")
 
 
 def memory_plan_command(
@@ -75,12 +78,15 @@ def memory_plan_command(
     summon_for_generation: Annotated[bool, typer.Option(help="FSDP2: sample with the whole policy gathered.")] = False,
     logprob_chunk_tokens: Annotated[int, typer.Option(help="Positions per fp32 logits chunk (0: all at once).")] = 4096,
     card_gib: Annotated[float, typer.Option(help="Device memory to compare the total with, GiB.")] = 80.0,
+    unit: Annotated[str, typer.Option(help="Unit of the tables: GiB or MiB.")] = "GiB",
 ) -> None:
     """Print the memory plan (bytes per device, computed from the code's dtype choices, not measured)."""
     from align.memory_plan import PlanSettings, load_shape, plan
 
     if checkpointing not in ("off", "on", "both"):
         raise UserError(f"--checkpointing must be off, on or both, got {checkpointing!r}")
+    if unit not in UNITS:
+        raise UserError(f"--unit must be GiB or MiB, got {unit!r}")
     if card_gib <= 0:
         raise UserError(f"--card-gib must be positive, got {card_gib}")
     shapes = [load_shape(m) for m in models]
@@ -101,11 +107,11 @@ def memory_plan_command(
                     summon_for_generation=summon_for_generation)
                 plans.append(plan(shape, settings, rshape))
     if len(plans) == 1:
-        typer.echo(breakdown(plans[0], card_gib))
+        typer.echo(breakdown(plans[0], card_gib, unit))
         return
-    typer.echo(f"GiB per device{f' (per rank of {fsdp_ranks}, FSDP2)' if fsdp_ranks > 1 else ''}; {dtype}, LoRA "
+    typer.echo(f"{unit} per device{f' (per rank of {fsdp_ranks}, FSDP2)' if fsdp_ranks > 1 else ''}; {dtype}, LoRA "
                f"r={lora_rank} {lora_targets}; prompt {prompt_length} + response {response_length} tokens, micro-batch "
                f"{micro_batch}, rollout batch {rollout_batch}; fits: total <= {card_gib:g} GiB")
     typer.echo(summary_header())
     for p in plans:
-        typer.echo(summary_row(p, card_gib))
+        typer.echo(summary_row(p, card_gib, unit))
