@@ -11,7 +11,8 @@ Every term follows the dtype choices the code makes:
   (`ppo.model.build_critic`) and run under bf16 autocast, which caches a bf16 copy of its weights;
 * the reward model PPO scores with is a merged sequence classifier in `reward_dtype`;
 * the rollout's KV cache (`ppo.kv_cache`) holds rollout batch x layers x 2 x kv heads x head dim x
-  cache slots (prompt + response rounded up to 64, `ppo.sampling.cache_slots`) in the model dtype, and
+  cache slots (prompt + response rounded up to 64 by `ppo.sampling.cache_slots`, which the command
+  passes in as `kv_cache_slots`: align's ground imports no stage) in the model dtype, and
   stays allocated through the optimisation (`ppo.sampling.DecodeBufferPool` keeps it for the next rollout);
 * log-probs come from (chunk, vocabulary) fp32 logits, `logprob_chunk_tokens` positions at a time.
 
@@ -236,11 +237,8 @@ def logits_inference_bytes(tokens: int, vocab: int, chunk_tokens: int, stream_by
     return chunk * vocab * (stream_bytes + 2 * FP32)
 
 
-def kv_cache_bytes(shape: ModelShape, batch: int, prompt_length: int, response_length: int, stream_bytes: int) -> int:
+def kv_cache_bytes(shape: ModelShape, batch: int, slots: int, stream_bytes: int) -> int:
     """The rollout's KV cache: batch x layers x 2 x kv heads x head dim x cache slots, in the model dtype."""
-    from ppo.sampling import cache_slots  # torch at its top: imported only when a plan is computed
-
-    slots = cache_slots(prompt_length, response_length)
     return batch * shape.num_layers * 2 * shape.kv_dim * slots * stream_bytes
 
 
@@ -277,6 +275,7 @@ class PlanSettings:
     prefetch_blocks: int = 1  # FSDP2: blocks gathered ahead of the one computing
     logprob_chunk_tokens: int = 4096
     summon_for_generation: bool = False  # FSDP2: sample with the whole policy gathered (else block by block)
+    kv_cache_slots: int | None = None  # the rollout cache's length (ppo.sampling.cache_slots); None: prompt + response
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -397,7 +396,7 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
         if rw == 2:
             add("critic bf16 weight copies (autocast)", "training",
                 2 * (rparams - embedding_parameters(rshape)) // n)
-    add("KV cache (kept between rollouts)", "held", kv_cache_bytes(shape, s.rollout_batch, Q, T, w))
+    add("KV cache (kept between rollouts)", "held", kv_cache_bytes(shape, s.rollout_batch, s.kv_cache_slots or Q + T, w))
     tokens, scored = s.micro_batch * (Q + T), s.micro_batch * T
     act = stack_activation_bytes(shape, tokens, per_block, w, s.gradient_checkpointing) + scored * shape.hidden_size * (
         w + (FP32 if value_head else 0))  # the response states (contiguous copy) and the value head's fp32 input

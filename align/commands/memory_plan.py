@@ -82,6 +82,7 @@ def memory_plan_command(
 ) -> None:
     """Print the memory plan (bytes per device, computed from the code's dtype choices, not measured)."""
     from align.memory_plan import PlanSettings, load_shape, plan
+    from ppo.sampling import cache_slots  # the rollout cache's length, as the sampler rounds it
 
     if checkpointing not in ("off", "on", "both"):
         raise UserError(f"--checkpointing must be off, on or both, got {checkpointing!r}")
@@ -104,7 +105,8 @@ def memory_plan_command(
                     micro_batch=micro_batch, forward_batch=forward_batch, rollout_batch=rollout_batch,
                     responses_per_prompt=responses_per_prompt, gradient_checkpointing=ckpt, fsdp_ranks=fsdp_ranks,
                     prefetch_blocks=prefetch_blocks, logprob_chunk_tokens=logprob_chunk_tokens,
-                    summon_for_generation=summon_for_generation)
+                    summon_for_generation=summon_for_generation,
+                    kv_cache_slots=cache_slots(prompt_length, response_length) if min(prompt_length, response_length) >= 1 else None)
                 plans.append(plan(shape, settings, rshape))
     if len(plans) == 1:
         typer.echo(breakdown(plans[0], card_gib, unit))
