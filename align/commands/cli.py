@@ -31,6 +31,7 @@ app = typer.Typer(
 def _register_stages() -> None:
     # Imported here, not above, so a stage's CLI module stays the only place that knows
     # its commands; each of these modules imports only typer and the standard library.
+    from align.commands.memory_plan import memory_plan_command
     from align.commands.sources import register_ranking_sources
     from annotation.cli import app as annotate_app
     from dpo.cli import dpo_command
@@ -47,6 +48,7 @@ def _register_stages() -> None:
     app.command("dpo", help="Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model "
                 "(K-wise, ties kept) or on the pairs cut from them, on LoRA adapters.",
                 epilog=config_keys_help(DPOConfig))(dpo_command)
+    app.command("memory-plan")(memory_plan_command)  # the memory plan of a stage for a model shape
 
 
 @app.command("init-demo-model")
