@@ -21,10 +21,12 @@ et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", se
 Llama/Qwen block with SwiGLU, grouped-query attention through a fused SDPA kernel (no s x s matrix, one
 fp32 log-sum-exp per head) and LoRA on a frozen base. See `block_activation_bytes`.
 
-FSDP2 terms follow the plan of the scaling issue: frozen weights sharded in the model dtype, trained
-parameters and their optimiser state sharded in fp32, one transformer block (plus `prefetch` more)
-gathered at a time, the embedding and output layer gathered as their own units. The stages run DDP
-(a full replica per process) until that lands: with `fsdp_ranks=1` the plan is a single device.
+FSDP2 terms follow align.distributed: frozen weights sharded in the model dtype, trained parameters
+and their optimiser state sharded in fp32, one decoder block (plus `prefetch` more) gathered at a
+time, and the root unit (embedding, final norm, output layer, value head) gathered from a forward to
+its backward; PPO's reward model is sharded too, and so is the SFT model the reward stage's
+normalisation samples. `align dpo` runs in one process: its rows are one device whatever `fsdp_ranks`.
+With `fsdp_ranks=1` the plan is a single device (or a DDP replica).
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ class PlanSettings:
     fsdp_ranks: int = 1
     prefetch_blocks: int = 1  # FSDP2: blocks gathered ahead of the one computing
     logprob_chunk_tokens: int = 4096
-    summon_for_generation: bool = False  # FSDP2: sample with the whole policy gathered (else block by block)
+    sample_gathered: bool = True  # FSDP2: sample with the whole policy gathered (PPOConfig.sample_gathered)
     kv_cache_slots: int | None = None  # the rollout cache's length (ppo.sampling.cache_slots); None: prompt + response
 
     def __post_init__(self) -> None:
@@ -292,6 +294,8 @@ class PlanSettings:
                                 f"{0 if f.name in ('logprob_chunk_tokens', 'prefetch_blocks') else 1}, got {value}")
         if self.stage == "dpo" and self.gradient_checkpointing:
             raise UserError("align dpo has no gradient_checkpointing option; plan it without")
+        if self.stage == "dpo" and self.fsdp_ranks > 1:
+            raise UserError("align dpo runs in one process (not sharded yet); plan it with fsdp-ranks 1")
         lora_targets(self.lora_targets)
 
 
@@ -366,7 +370,7 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
         if not s.gradient_checkpointing:  # each continuation's copy of its prompt's keys and values
             add("prompt KV copies", "training", s.micro_batch * K * Q * rshape.num_layers * 2 * rshape.kv_dim * w)
         # the normalisation samples the SFT model (loaded beside the reward model and its optimiser)
-        add("SFT model for the normalisation", "normalisation", causal_lm_parameters(shape) * w)
+        add("SFT model for the normalisation", "normalisation", causal_lm_parameters(shape) * w // n)
         return Plan(shape, s, params, trainable, tuple(terms))
 
     params = causal_lm_parameters(shape)
@@ -410,7 +414,7 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
     sampling = forward_working_bytes(shape, s.rollout_batch * Q, w) \
         + s.rollout_batch * shape.vocab_size * (w + 3 * FP32)  # prefill's block, the step's logits, softmax, cdf
     add("prefill + sampling logits", "rollout", sampling)
-    if n > 1 and s.summon_for_generation:
+    if n > 1 and s.sample_gathered:
         add("whole policy summoned for sampling", "rollout", params * w * (n - 1) // n)
     rows = s.forward_batch or s.micro_batch
     add("no-grad forwards (pi_old, pi_ref, scores)", "forwards", max(

@@ -149,6 +149,8 @@ class PPOTrainer:
         self.reference = Reference(self.model, separate_ref)
         if self.fsdp:
             shard(self.model, self.fsdp, forward_methods=("policy_logprobs", "decode_step", "critic_values"))
+            if isinstance(getattr(self.reward_model, "model", None), torch.nn.Module):  # a reward.model.RewardModel
+                shard(self.reward_model.model, self.fsdp)  # every rank scores as many batches: one collective each
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         value_params = {id(p) for p in self.model.value_parameters()}

@@ -270,6 +270,8 @@ class RewardTrainer:
         policy_tokenizer = load_tokenizer(policy_path) if ecfg.normalize_policy else self.tokenizer
         # (a tokenizer's added <pad> needs its row)
         sft = load_causal_lm(policy_path, dtype=self.dtype, tokenizer=policy_tokenizer).to(self.device)
+        if self.fsdp:  # every rank samples the same prompts with the same seed: the same responses
+            shard(sft.requires_grad_(False), self.fsdp)
         samples = generate_responses(sft, policy_tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
                                      seed=self.cfg.train.seed)
         del sft

@@ -75,7 +75,8 @@ def memory_plan_command(
     checkpointing: Annotated[str, typer.Option(help="Gradient checkpointing: off, on or both.")] = "off",
     fsdp_ranks: Annotated[int, typer.Option(help="FSDP2 ranks sharing the weights and optimiser state (1: one device).")] = 1,
     prefetch_blocks: Annotated[int, typer.Option(help="FSDP2: blocks gathered ahead of the one computing.")] = 1,
-    summon_for_generation: Annotated[bool, typer.Option(help="FSDP2: sample with the whole policy gathered.")] = False,
+    sample_gathered: Annotated[bool, typer.Option(help="FSDP2: sample with the whole policy gathered on each rank, "
+                                                  "as `align ppo` does by default (sample_gathered).")] = True,
     logprob_chunk_tokens: Annotated[int, typer.Option(help="Positions per fp32 logits chunk (0: all at once).")] = 4096,
     card_gib: Annotated[float, typer.Option(help="Device memory to compare the total with, GiB.")] = 80.0,
     unit: Annotated[str, typer.Option(help="Unit of the tables: GiB or MiB.")] = "GiB",
@@ -96,8 +97,8 @@ def memory_plan_command(
     for shape in shapes:
         for st in stage or ["ppo"]:
             for ckpt in {"off": [False], "on": [True], "both": [False, True]}[checkpointing]:
-                if st == "dpo" and ckpt and checkpointing == "both":
-                    continue  # DPO has no checkpointing: its one line is the unchecked one
+                if st == "dpo" and ((ckpt and checkpointing == "both") or fsdp_ranks > 1 and len(stage or []) > 1):
+                    continue  # DPO has no checkpointing and is not sharded: its one line is one device, unchecked
                 settings = PlanSettings(
                     stage=st, dtype=dtype, reward_dtype=reward_dtype, lora_rank=lora_rank,
                     lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
@@ -105,7 +106,7 @@ def memory_plan_command(
                     micro_batch=micro_batch, forward_batch=forward_batch, rollout_batch=rollout_batch,
                     responses_per_prompt=responses_per_prompt, gradient_checkpointing=ckpt, fsdp_ranks=fsdp_ranks,
                     prefetch_blocks=prefetch_blocks, logprob_chunk_tokens=logprob_chunk_tokens,
-                    summon_for_generation=summon_for_generation,
+                    sample_gathered=sample_gathered,
                     kv_cache_slots=cache_slots(prompt_length, response_length) if min(prompt_length, response_length) >= 1 else None)
                 plans.append(plan(shape, settings, rshape))
     if len(plans) == 1:
