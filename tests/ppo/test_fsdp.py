@@ -1,5 +1,5 @@
 """PPO sharded with FSDP2 on two CPU ranks (gloo), launched through `accelerate launch` with the
-shipped configs/accelerate/fsdp2_cpu.yaml: one optimiser step equals one rank's, each rank stores
+shipped configs/accelerate/fsdp2_cpu.yaml and fsdp2_multinode.yaml: one optimiser step equals one rank's, each rank stores
 half the frozen weights, two "machines" meet on localhost, a killed run resumes exactly."""
 
 from __future__ import annotations
@@ -18,21 +18,22 @@ import torch
 from tests.ppo.test_multiproc import REPO, free_port
 
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml"
+MULTINODE_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_multinode.yaml"
 WORKER = REPO / "tests" / "ppo" / "fsdp_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
-def accelerate_launch(*args: str, machines: int = 1, rank: int = 0, port: int | None = None) -> list[str]:
-    """The command line of `accelerate launch` with the FSDP2 config: 2 processes in all, on one
-    machine or on `machines` machines (this one playing machine `rank`, rank 0 at 127.0.0.1)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-           "--main_process_port", str(port or free_port())]
-    if machines > 1:
-        cmd += ["--num_machines", str(machines), "--num_processes", "2", "--machine_rank", str(rank),
-                "--main_process_ip", "127.0.0.1"]
-    return [*cmd, *args]
+def accelerate_launch(*args: str, machine: int | None = None, port: int | None = None) -> list[str]:
+    """The command line of `accelerate launch` with a shipped FSDP2 config: fsdp2_cpu.yaml (2 processes
+    on this machine) or, given `machine`, fsdp2_multinode.yaml as that machine of 2 (one process each,
+    machine 0 at 127.0.0.1)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port or free_port())]
+    if machine is None:
+        return [*cmd, "--config_file", str(FSDP_CONFIG), *args]
+    return [*cmd, "--config_file", str(MULTINODE_CONFIG), "--num_processes", "2", "--machine_rank", str(machine),
+            "--main_process_ip", "127.0.0.1", *args]
 
 
 def run(cmd: list[str], timeout: int = 300) -> None:
@@ -50,7 +51,7 @@ def test_one_step_on_two_machines_matches_one_rank(ppo_policy_path, random_rewar
     # two "machines" of one process each rendezvous on localhost (accelerate's multi-node path)
     port = free_port()
     machines = [subprocess.Popen(accelerate_launch(str(WORKER), str(tmp_path / "two"), *overrides,
-                                                   f"output_dir={tmp_path / 'run-two'}", machines=2, rank=r, port=port),
+                                                   f"output_dir={tmp_path / 'run-two'}", machine=r, port=port),
                                  cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for r in (0, 1)]
     for machine in machines:
