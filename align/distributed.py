@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def shard(model: nn.Module, plugin: Any, *, forward_methods: Iterable[str] = ())
     fully_shard(model, reshard_after_forward=False, **kwargs)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
+    # Log-probs come back as (B, T) views of flat (B * T) results; FSDP2 warns that an in-place op on
+    # such a view would skip its backward hook. The stages never modify a forward's outputs in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 

@@ -204,7 +204,8 @@ def sample_responses(
     Returns response_ids (B, N) with pad after each row's first eos, logprobs (B, N) of the
     sampled tokens at `temperature` (0 after eos), and values (B, N) V(s_t) of the state each
     token was drawn in (None when the decoder has no value head). Decoding stops once every
-    row has ended (noticed within `sync_every` steps; None: 1 on the CPU, 8 on a GPU).
+    row has ended (noticed within `sync_every` steps; None: 1 on the CPU, 8 on a GPU;
+    `max_new_tokens`: never early, as ranks that gather sharded weights at each step need).
     `pool` keeps the step's buffers across calls, and its CUDA graphs with `cuda_graph=True` on a GPU,
     under the name `weights` (see DecodeBufferPool); None: buffers for this call only, no graph.
     """

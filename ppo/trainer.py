@@ -302,11 +302,13 @@ class PPOTrainer:
         query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         weights, weights_context = self.sampling_weights(adapter)
         gather = self.fsdp is not None and self.cfg.sample_gathered  # the whole policy on each rank while it samples
+        # gathering layer by layer, every step is a collective: no rank may stop before the others
+        lockstep = self.fsdp is not None and not gather
         with weights_context, gathered(self.model, self.fsdp.reshard_after_forward) if gather else contextlib.nullcontext():
             response, logprobs, values = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.cfg.response_length,
                 temperature=self.cfg.temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                pool=self.decode_pool, weights=weights)
+                pool=self.decode_pool, weights=weights, sync_every=self.cfg.response_length if lockstep else None)
         response_ids, response_mask = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
         return Samples(query_ids, query_mask, response_ids, response_mask, logprobs, values)
 
