@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--reward-steps", type=int, help="stop the reward runs after this many steps (a quick try)")
     parser.add_argument("--data", type=Path, help="a bench/roads.py output folder whose data/ to reuse")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/runs.json again, run nothing")
+    parser.add_argument("--only", nargs="+", help="run only the rows whose mode starts with one of these, replacing "
+                        "them in OUT/runs.json")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads((args.out / "runs.json").read_text())))
@@ -114,8 +116,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs; one run at a time, one thread per process", flush=True)
     runs = plan(args, rankings, reward)
+    if args.only:
+        runs = [r for r in runs if r["mode"].startswith(tuple(args.only))]
     for run in runs:
         execute(run)
+    if args.only and (args.out / "runs.json").exists():  # the other rows as they were
+        done = {(r["stage"], r["mode"]): r for r in runs}
+        runs = [done.pop((r["stage"], r["mode"]), r) for r in json.loads((args.out / "runs.json").read_text())]
+        runs += list(done.values())
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     print("\n" + table(runs))
 
