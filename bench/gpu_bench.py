@@ -180,6 +180,21 @@ def profiled(run, out: Path):
     return result
 
 
+def fsdp_environment(config: Path) -> dict[str, str]:
+    """The variables `accelerate launch` sets from an FSDP config's fsdp_config (FSDP_VERSION, ...)."""
+    import yaml
+
+    settings = yaml.safe_load(config.read_text())["fsdp_config"]
+    import socket
+
+    with socket.socket() as s:  # a process group of one, as `accelerate launch --num_processes 1` would start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"ACCELERATE_USE_FSDP": "true", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            **{k.upper(): str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}}
+
+
 def align_worker(job: dict) -> dict:
     from align.config import load_config
     from align.run import read_metrics
@@ -201,6 +216,8 @@ def align_worker(job: dict) -> dict:
         *(["sample_merged=true"] if job.get("sample_merged") else []),
         *(["cuda_graphs=true"] if job.get("cuda_graphs") else []),
     ])
+    if job.get("fsdp"):  # what `accelerate launch --config_file configs/accelerate/fsdp2_gpu.yaml` passes on
+        os.environ.update(fsdp_environment(REPO / "configs" / "accelerate" / "fsdp2_gpu.yaml"))
     if job.get("profile"):
         summary = profiled(lambda: run_ppo(cfg), Path(job["out"]) / "profile.txt")
     else:
@@ -415,6 +432,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also run the value-head side under torch.profiler: its operator table is written to "
                         "WORK/SHAPE/profile/profile.txt (that run's timings carry the profiler's overhead)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="also run the value-head side under FSDP2 in one process (configs/accelerate/fsdp2_gpu.yaml's "
+                        "settings): its time and peak memory against plain one-GPU training")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -488,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                            "rendered_prompts": rendered}))
     variants = [(args.sample_merged, "align (merged sampling)", "sample_merged", "merged"),
                 (args.cuda_graphs, "align (CUDA-graph decode)", "cuda_graphs", "graphs"),
-                (args.profile, "align (profiled)", "profile", "profile")]  # each on the value-head side
+                (args.profile, "align (profiled)", "profile", "profile"),
+                (args.fsdp, "align (FSDP2, 1 process)", "fsdp", "fsdp")]  # each on the value-head side
     runs += [(name, sys.executable, "align", {**align_job, "value_model": "policy_trunk", key: True, "out": str(work / out)})
              for wanted, name, key, out in variants if wanted]
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
