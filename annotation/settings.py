@@ -29,6 +29,6 @@ class Settings:
     # answers 503 at once rather than queue them behind work it cannot start.
     max_in_flight: int = 128
     wal_limit_bytes: int = 16 << 20  # SQLite: past this the WAL is checkpointed with TRUNCATE
-    # Imports through the API run in a process of their own (services.import_body_at), off
+    # Imports through the API run in a process of their own (annotation.import_process), off
     # the worker's GIL; False runs them in the worker's threadpool (tests that watch them).
     imports_in_subprocess: bool = True

@@ -39,9 +39,6 @@ IMPORT_CHUNK = 100
 # they starve for the whole import; with a fixed 10 ms one the import still held the lock
 # three quarters of the time, and 200 rankings/s (400 short writes) fell behind.
 IMPORT_PAUSE_S = 0.01
-# The server's import process runs at this niceness: on a busy machine the workers that
-# serve the annotators get the CPU first, and the import takes longer.
-IMPORT_NICENESS = 10
 
 
 @dataclass
@@ -384,25 +381,6 @@ def import_body(db: Session, project_name: str, fmt: str, body: bytes) -> Import
             raise type(exc)(str(exc).replace(tmp, "body")) from None
     finally:
         os.unlink(tmp)
-
-
-_sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
-
-
-def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> ImportReport:
-    """`import_body` on the database at `db_url`, for a process of its own: the server runs
-    its imports so (`anyio.to_process`), because reading and checking a large file is
-    seconds of Python that, in a worker, would hold the GIL against the requests it serves.
-    The engine, kept for the next import, waits for the writer lock as long as the CLI."""
-    import os
-
-    from annotation.db import make_engine, make_sessionmaker
-
-    if db_url not in _sessionmakers:
-        os.nice(IMPORT_NICENESS)  # once: this process runs imports only
-        _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))
-    with _sessionmakers[db_url]() as db:
-        return import_body(db, project_name, fmt, body)
 
 
 @unit_of_work

@@ -256,3 +256,45 @@ def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env,
         assert asking.is_alive() and waiting == []  # still waiting for the lock: /api/me was served meanwhile
     asking.join(30)
     assert waiting == [200]
+
+
+def test_the_import_process_lowers_its_priority_before_it_loads_the_app(tmp_path):
+    """In a fresh interpreter, as the server's import process: unpickling the import
+    function loads nothing of the app, the app's libraries are first loaded at the lowered
+    priority, and a second import (to another database) lowers it no further."""
+    import json
+    import subprocess
+    import sys
+
+    from annotation.db import open_db
+    from annotation.devserver import REPO
+
+    for name in ("a.db", "b.db"):  # as the server's, migrated
+        open_db(f"sqlite:///{tmp_path / name}").kw["bind"].dispose()
+    body = json.dumps({"prompt": "imported?", "id": "i0", "candidates": ["a", "b"]}) + "\n"
+    script = f"""
+import json, os, pickle, sys
+loaded_at = []
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqlalchemy":
+            loaded_at.append(os.nice(0))
+
+sys.meta_path.insert(0, Watch())
+started_at = os.nice(0)
+from annotation import import_process
+run = pickle.loads(pickle.dumps(import_process.import_body_at))
+assert "annotation.services" not in sys.modules and not loaded_at, sorted(sys.modules)
+for name in ("a.db", "b.db"):
+    report = run("sqlite:///" + os.path.join({str(tmp_path)!r}, name), "p", "prompts", {body.encode()!r})
+    assert report.prompts_added == 1, report
+print(json.dumps({{"started": started_at, "sqlalchemy loaded": loaded_at, "after": os.nice(0)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    from annotation.import_process import IMPORT_NICENESS
+
+    lowered = seen["started"] + IMPORT_NICENESS
+    assert seen["sqlalchemy loaded"] == [lowered] and seen["after"] == lowered, seen
