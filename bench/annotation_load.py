@@ -20,8 +20,8 @@ Two phases against a real `align annotate serve` process on 127.0.0.1, each D se
 On SQLite the WAL file's size is sampled through every phase (its largest and its size at
 the phase's end): `--phases open --duration 600` is the sustained check of the WAL bound.
 
-A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s and
-p50/p99 of next-task and submit per phase, then checks the database:
+A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s,
+p50/p99 of next-task and submit, and the CPU other jobs took, per phase; then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
 its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
 open-loop phase (or the only phase run), restarted on the same database, and the clients
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import sys
@@ -250,6 +251,30 @@ def run_import(base: str, token: str, body: bytes, window: dict) -> None:
     window["end"] = time.time()
 
 
+def cpu_seconds(server_pgid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine (all cores), and by this benchmark's own
+    processes: itself, the server's process group (its workers and import process) and
+    PostgreSQL's processes. Their difference over a phase is what other jobs on the machine
+    took meanwhile (processes that ended during it, as in a kill, count as other). Linux."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    own = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if int(pid) == os.getpid() or int(rest[2]) == server_pgid or name.startswith("postgres"):
+            own += int(rest[11]) + int(rest[12])  # utime + stime
+    return (sum(fields) - fields[3] - fields[4]) / tick, own / tick  # all but idle and iowait
+
+
 def new_stats() -> dict:
     return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0,
             "ran_dry": 0}
@@ -306,6 +331,11 @@ def main() -> None:
     print(f"seeded {args.prompts} prompts x {args.k} candidates, {len(users)} annotators in {time.time() - t0:.1f} s "
           f"({db_url.split('@')[-1]}); load average before: {os.getloadavg()[0]:.1f}")
 
+    # Leave what the seeding loaded (the app, SQLAlchemy) out of this process's collections:
+    # a full collection of it stops every client for about 35 ms, which would be counted as
+    # the server's latency.
+    gc.collect()
+    gc.freeze()
     server = ServerProcess(db_url, tmp / "server.log", workers=args.workers).start()
     url_ref = {"url": server.url}
     probes = oversized_bodies(server.url, tokens["admin"])
@@ -364,9 +394,11 @@ def main() -> None:
             print(f"warm-up: {len(warmup['acked'])} rankings in {args.warmup:g} s (not in the table; checked below)")
         for i, kind in enumerate(phases):
             stats = new_stats()
-            start = time.time()
+            start, cpu_before = time.time(), cpu_seconds(server.proc.pid)
             run_async(phase(kind, stats, args.kill_at is not None and i == len(phases) - 1))
             results.append((kind, stats, time.time() - start))
+            (busy, own), (busy_before, own_before) = cpu_seconds(server.proc.pid), cpu_before
+            stats["other_cores"] = (busy - busy_before - (own - own_before)) / results[-1][2]
             print(f"{kind} loop done: {len(stats['acked'])} rankings in {results[-1][2]:.1f} s")
     finally:
         server.stop()
@@ -425,6 +457,7 @@ def main() -> None:
     for label, status, ms in probes:
         print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
     for kind, st, _elapsed in results:
+        print(f"| CPU used by other jobs on the machine during the {kind} phase | {st['other_cores']:.2f} cores |")
         if "wal_end" in st:
             print(f"| SQLite WAL file in the {kind} phase: largest (sampled every 0.2 s) / at its end | "
                   f"{st.get('wal_max', 0) / 2**20:.1f} / {st['wal_end'] / 2**20:.1f} MiB |")
