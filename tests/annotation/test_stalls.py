@@ -4,6 +4,7 @@ waits for the database does not hold up the others (no database work on the even
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -298,3 +299,29 @@ print(json.dumps({{"started": started_at, "sqlalchemy loaded": loaded_at, "after
 
     lowered = seen["started"] + IMPORT_NICENESS
     assert seen["sqlalchemy loaded"] == [lowered] and seen["after"] == lowered, seen
+
+
+def test_a_served_worker_leaves_its_startup_objects_out_of_garbage_collections(tmp_path):
+    """A worker process of `align annotate serve` (in a fresh interpreter): the objects
+    built at its start, the app's routes included, are no longer walked by the collector,
+    whose full collections would otherwise stop the worker as long as they take."""
+    import json
+    import subprocess
+    import sys
+
+    from annotation.app import SETTINGS_ENV
+    from annotation.devserver import REPO
+
+    script = """
+import gc, json
+from annotation.app import app_from_environment
+app = app_from_environment()
+tracked = {id(o) for o in gc.get_objects()}
+print(json.dumps({"frozen": gc.get_freeze_count(), "routes tracked": id(app.router.routes) in tracked}))
+"""
+    settings = json.dumps({"db_url": f"sqlite:///{tmp_path / 'w.db'}"})
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, SETTINGS_ENV: settings})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["frozen"] > 10_000 and not seen["routes tracked"], seen
