@@ -207,6 +207,26 @@ def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
     assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200
 
 
+def test_a_next_task_that_loses_every_race_is_busy_not_done(make_env, db_url, monkeypatch):
+    """When another annotator takes every prompt offered first, at each try (forced here:
+    each claim finds no free slot), next-task answers 503 with Retry-After, not 204
+    "nothing left": prompts are left, and the annotator must not be told they are done.
+    Nothing is leased; asked again, it leases one."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL claims in its one statement, and falls back to this same loop")
+    from annotation.services import leasing
+
+    env, _app = make_env()
+    env.project(n_prompts=3, k=2)
+    token = env.annotator("ann")
+    monkeypatch.setattr(leasing, "claim_first_free", lambda *args: None)
+    r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "try again" in r.json()["detail"], r.text
+    assert env.counts()["slots"] == 0
+    monkeypatch.undo()
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
+
+
 @contextlib.contextmanager
 def _writer_lock_held_elsewhere(db_url: str):
     """Another process's write transaction (its own engine: the SQLite writer lock's flock),
