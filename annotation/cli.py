@@ -54,7 +54,7 @@ def serve(
 
     import uvicorn
 
-    from annotation.app import SETTINGS_ENV, create_app
+    from annotation.app import SETTINGS_ENV, served_app
     from annotation.db import default_db_url, make_engine, migrate
     from annotation.settings import Settings
 
@@ -62,7 +62,7 @@ def serve(
     typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
                + (f" with {workers} workers" if workers > 1 else ""), err=True)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(served_app(settings), host=host, port=port, log_level=log_level, access_log=False)
         return
     engine = make_engine(settings.db_url)
     migrate(engine)  # once, before the workers start (they would race to create the schema)

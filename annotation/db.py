@@ -179,7 +179,11 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=pool_timeout_s)
+            # At most 30 connections per process: a server of 3 workers stays under
+            # PostgreSQL's default max_connections (100, 3 of them kept for superusers),
+            # where it refuses the next connection and the request was a 500; past 30 a
+            # request waits pool_timeout_s for one and is a 503.
+            engine = create_engine(url, pool_size=20, max_overflow=10, pool_timeout=pool_timeout_s)
             _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {url!r}: {exc}") from None

@@ -73,9 +73,11 @@ class ServerProcess:
 
 
 def seed_database(db_url: str, *, n_prompts: int, k: int, annotators_per_prompt: int, users: list[str],
-                  xss: bool = False, lease_seconds: int = 900, password: str = PASSWORD) -> dict[str, str]:
+                  xss: bool = False, lease_seconds: int = 900, password: str = PASSWORD,
+                  token_only_users: list[str] = ()) -> dict[str, str]:
     """Create project 'load' with prompts and candidates, an admin and annotators (members
-    of the project); return {user: API token}."""
+    of the project); return {user: API token}. `token_only_users` are annotators with no
+    password (API tokens only), so that hundreds seed in a moment (no password hashing)."""
     from align.formats import Candidate, PromptRecord
     from annotation import services
     from annotation.db import open_db
@@ -97,8 +99,8 @@ def seed_database(db_url: str, *, n_prompts: int, k: int, annotators_per_prompt:
         services.add_prompts(db, p, recs)
         admin = services.create_user(db, "admin", password, "admin")
         tokens["admin"] = services.issue_api_token(db, admin)
-        for name in users:
-            user = services.create_user(db, name, password)
+        for name, secret in [(u, password) for u in users] + [(u, None) for u in token_only_users]:
+            user = services.create_user(db, name, secret)
             services.add_member(db, p, user)
             tokens[name] = services.issue_api_token(db, user)
     sm.kw["bind"].dispose()

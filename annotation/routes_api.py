@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from annotation import services
 from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep
+from annotation.import_process import import_body_at
 from annotation.schemas import (
     MAX_DB_INT,
     ImportPublic,
@@ -262,7 +263,7 @@ async def import_file(
         raise HTTPException(415, "the body is gzip-compressed; send the JSONL file uncompressed")
     settings = request.app.state.settings
     if settings.imports_in_subprocess:
-        report = await anyio.to_process.run_sync(services.import_body_at, settings.db_url, name, format, body)
+        report = await anyio.to_process.run_sync(import_body_at, settings.db_url, name, format, body)
     else:
         report = await run_in_threadpool(services.import_body, db, name, format, body)
     return ImportPublic(**vars(report))

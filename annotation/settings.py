@@ -26,9 +26,11 @@ class Settings:
     lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
     retry_after_s: int = 1
     # Requests one worker process takes on at once (its threadpool runs 40); past that it
-    # answers 503 at once rather than queue them behind work it cannot start.
-    max_in_flight: int = 128
+    # answers 503 at once rather than queue them behind work it cannot start. A request
+    # taken on waits for those ahead of it, so this bounds how long it waits (Little's
+    # law: about max_in_flight / the worker's requests per second).
+    max_in_flight: int = 64
     wal_limit_bytes: int = 16 << 20  # SQLite: past this the WAL is checkpointed with TRUNCATE
-    # Imports through the API run in a process of their own (services.import_body_at), off
+    # Imports through the API run in a process of their own (annotation.import_process), off
     # the worker's GIL; False runs them in the worker's threadpool (tests that watch them).
     imports_in_subprocess: bool = True

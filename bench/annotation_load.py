@@ -11,9 +11,17 @@ Two phases against a real `align annotate serve` process on 127.0.0.1, each D se
 * import: the open loop again while an admin imports --import-prompts prompts (K
   candidates each, one JSONL body) into another project through the API; next/submit
   latencies are reported apart for rankings started during the import and after it.
+* overload: --overload-connections more annotators, each on a connection of its own, in
+  closed loop with no pause, far more requests at once than the server takes on (its
+  max_in_flight per worker, its threads and connection pool): they must be answered 503
+  with Retry-After, which the clients honour as the ranking page does, not queued into
+  stalls. Reports the 503s and the slowest answer of any kind.
 
-A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s and
-p50/p99 of next-task and submit per phase, then checks the database:
+On SQLite the WAL file's size is sampled through every phase (its largest and its size at
+the phase's end): `--phases open --duration 600` is the sustained check of the WAL bound.
+
+A warm-up of closed loop comes first (--warmup, not in the table). Prints rankings/s,
+p50/p99 of next-task and submit, and the CPU other jobs took, per phase; then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
 its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
 open-loop phase (or the only phase run), restarted on the same database, and the clients
@@ -23,6 +31,7 @@ failed; exit 1) or INCOMPLETE (the prompts ran out before a phase ended; exit 2)
     python bench/annotation_load.py --clients 50 --duration 30 --rate 200
     python bench/annotation_load.py --phases open --duration 60 --kill-at 30
     python bench/annotation_load.py --phases import --import-prompts 100000 --duration 60 --kill-at 10
+    python bench/annotation_load.py --phases overload --duration 20 --warmup 0
     python bench/annotation_load.py --db postgresql+psycopg://... (a fresh database)
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import sys
@@ -54,6 +64,7 @@ class Connection:
         host, _, port = url.removeprefix("http://").partition(":")
         self.host, self.port, self.token = host, int(port), token
         self.reader = self.writer = None
+        self.retry_after = 0.0  # the last response's Retry-After, in seconds
 
     async def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         import json
@@ -67,11 +78,13 @@ class Connection:
             self.writer.write(head + data)
             lines = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
             status = int(lines[0].split()[1])
-            length = 0
+            length, self.retry_after = 0, 0.0
             for line in lines[1:]:
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
+                elif name.strip().lower() == b"retry-after":
+                    self.retry_after = float(value)
             payload = await self.reader.readexactly(length) if length else b""
         except (OSError, IndexError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             self.close()
@@ -102,7 +115,7 @@ def _order(task: dict, rng: random.Random) -> list:
 
 async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: float) -> str:
     """next + submit; latencies from `t_start` (the scheduled start in the open loop).
-    Returns 'ok', 'exhausted' or 'error'."""
+    Returns 'ok', 'exhausted', 'busy' (a 503) or 'error'."""
     try:
         status, task = await c.request("POST", "/api/projects/load/next")
         stats["next_ms"].append((time.perf_counter() - t_start) * 1000)
@@ -111,7 +124,7 @@ async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: f
             return "exhausted"
         if status != 200:
             stats["errors"][f"next {status}"] += 1
-            return "error"
+            return "busy" if status == 503 else "error"
         order = _order(task, rng)
         t0 = time.perf_counter()
         status, ranking = await c.request("POST", f"/api/tasks/{task['id']}/ranking", {"order": order, "time_spent_ms": 1000})
@@ -120,7 +133,7 @@ async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: f
             stats["acked"].append((ranking["id"], task["id"], order, time.time()))
             return "ok"
         stats["errors"][f"submit {status}"] += 1
-        return "error"
+        return "busy" if status == 503 else "error"
     except ConnectionError:
         stats["errors"]["connection (server down)"] += 1
         return "error"
@@ -132,9 +145,32 @@ async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, 
         res = await one_ranking(c, stats, rng, time.perf_counter())
         if res == "exhausted":
             break
-        if res == "error":
+        if res in ("error", "busy"):
             await asyncio.sleep(0.1)
     c.close()
+
+
+async def overload_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random) -> None:
+    """Closed loop with no pause; after a 503 it waits the answer's Retry-After, as the
+    ranking page does (a client that does not would only spin)."""
+    c = Connection(url_ref["url"], token)
+    while time.time() < stop_at:
+        res = await one_ranking(c, stats, rng, time.perf_counter())
+        if res == "exhausted":
+            break
+        if res in ("error", "busy"):
+            await asyncio.sleep(c.retry_after or 0.1)
+    c.close()
+
+
+async def watch_wal(path: str, stats: dict) -> None:
+    """Sample the size of SQLite's WAL file every 0.2 s into stats["wal_max"]."""
+    while True:
+        try:
+            stats["wal_max"] = max(stats.get("wal_max", 0), os.path.getsize(path))
+        except OSError:  # no WAL file at this moment
+            pass
+        await asyncio.sleep(0.2)
 
 
 async def open_client(token: str, url_ref: dict, duration: float, rate: float, stats_for, rng: random.Random) -> None:
@@ -215,6 +251,30 @@ def run_import(base: str, token: str, body: bytes, window: dict) -> None:
     window["end"] = time.time()
 
 
+def cpu_seconds(server_pgid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine (all cores), and by this benchmark's own
+    processes: itself, the server's process group (its workers and import process) and
+    PostgreSQL's processes. Their difference over a phase is what other jobs on the machine
+    took meanwhile (processes that ended during it, as in a kill, count as other). Linux."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    own = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if int(pid) == os.getpid() or int(rest[2]) == server_pgid or name.startswith("postgres"):
+            own += int(rest[11]) + int(rest[12])  # utime + stime
+    return (sum(fields) - fields[3] - fields[4]) / tick, own / tick  # all but idle and iowait
+
+
 def new_stats() -> dict:
     return {"next_ms": [], "submit_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0,
             "ran_dry": 0}
@@ -228,8 +288,8 @@ CLOSED_LOOP_CEILING = 1500
 
 def prompts_needed(phases: list[str], duration: float, warmup: float, rate: float, annotators_per_prompt: int) -> int:
     # (an import phase offers `rate`, as the open loop does)
-    rankings = CLOSED_LOOP_CEILING * warmup + sum(CLOSED_LOOP_CEILING * duration if p == "closed" else rate * duration
-                                                  for p in phases)
+    rankings = CLOSED_LOOP_CEILING * warmup + sum(CLOSED_LOOP_CEILING * duration if p in ("closed", "overload")
+                                                  else rate * duration for p in phases)
     return -(-int(rankings) // annotators_per_prompt)
 
 
@@ -237,8 +297,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=50, help="annotators (closed and open loop)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per phase")
-    ap.add_argument("--phases", default="closed,open", help="closed, open, import, in any order, comma-separated")
+    ap.add_argument("--phases", default="closed,open",
+                    help="closed, open, import, overload, in any order, comma-separated")
     ap.add_argument("--import-prompts", type=int, default=100_000, help="import phase: prompts the admin imports")
+    ap.add_argument("--overload-connections", type=int, default=600,
+                    help="overload phase: annotators (one connection each) besides --clients")
     ap.add_argument("--rate", type=float, default=200.0, help="open loop: rankings/s started in all")
     ap.add_argument("--prompts", type=int, default=None,
                     help=f"prompts to seed (default: enough for {CLOSED_LOOP_CEILING} rankings/s in closed loop)")
@@ -251,8 +314,8 @@ def main() -> None:
                     help="SIGKILL the server this many seconds into the last phase, then restart it")
     args = ap.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if not phases or any(p not in ("closed", "open", "import") for p in phases):
-        ap.error("--phases takes closed, open and import, comma-separated")
+    if not phases or any(p not in ("closed", "open", "import", "overload") for p in phases):
+        ap.error("--phases takes closed, open, import and overload, comma-separated")
 
     if args.prompts is None:
         args.prompts = prompts_needed(phases, args.duration, args.warmup, args.rate, args.annotators_per_prompt)
@@ -260,11 +323,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="align-load-"))
     db_url = args.db or f"sqlite:///{tmp / 'load.db'}"
     users = [f"ann{i:03d}" for i in range(args.clients)]
+    crowd = [f"ovl{i:04d}" for i in range(args.overload_connections)] if "overload" in phases else []
+    wal_path = db_url.split(":///", 1)[1] + "-wal" if db_url.startswith("sqlite:///") else None
     t0 = time.time()
-    tokens = seed_database(db_url, n_prompts=args.prompts, k=args.k, annotators_per_prompt=args.annotators_per_prompt, users=users)
+    tokens = seed_database(db_url, n_prompts=args.prompts, k=args.k, annotators_per_prompt=args.annotators_per_prompt,
+                           users=users, token_only_users=crowd)
     print(f"seeded {args.prompts} prompts x {args.k} candidates, {len(users)} annotators in {time.time() - t0:.1f} s "
           f"({db_url.split('@')[-1]}); load average before: {os.getloadavg()[0]:.1f}")
 
+    # Leave what the seeding loaded (the app, SQLAlchemy) out of this process's collections:
+    # a full collection of it stops every client for about 35 ms, which would be counted as
+    # the server's latency.
+    gc.collect()
+    gc.freeze()
     server = ServerProcess(db_url, tmp / "server.log", workers=args.workers).start()
     url_ref = {"url": server.url}
     probes = oversized_bodies(server.url, tokens["admin"])
@@ -291,9 +362,11 @@ def main() -> None:
 
     async def phase(kind: str, stats: dict, kill: bool, duration: float | None = None):
         rngs = {u: random.Random(f"{kind}:{u}") for u in users}
-        if kind == "closed":
+        if kind in ("closed", "overload"):
             stop_at = time.time() + (duration or args.duration)
-            jobs = [closed_client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in users]
+            client, who = (closed_client, users) if kind == "closed" else (overload_client, users + crowd)
+            rngs.update({u: random.Random(f"{kind}:{u}") for u in crowd})
+            jobs = [client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in who]
         else:
             per_client = args.rate / len(users)
             jobs = [open_client(tokens[u], url_ref, args.duration, per_client, lambda: stats_now(stats), rngs[u])
@@ -304,7 +377,13 @@ def main() -> None:
                 None, run_import, url_ref["url"], tokens["admin"], body, window))
         if kill:
             jobs.append(killer(stats))
-        await asyncio.gather(*jobs)
+        watcher = asyncio.create_task(watch_wal(wal_path, stats)) if wal_path else None
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                stats["wal_end"] = os.path.getsize(wal_path) if os.path.exists(wal_path) else 0
 
     warmup = new_stats()
     try:
@@ -315,9 +394,11 @@ def main() -> None:
             print(f"warm-up: {len(warmup['acked'])} rankings in {args.warmup:g} s (not in the table; checked below)")
         for i, kind in enumerate(phases):
             stats = new_stats()
-            start = time.time()
+            start, cpu_before = time.time(), cpu_seconds(server.proc.pid)
             run_async(phase(kind, stats, args.kill_at is not None and i == len(phases) - 1))
             results.append((kind, stats, time.time() - start))
+            (busy, own), (busy_before, own_before) = cpu_seconds(server.proc.pid), cpu_before
+            stats["other_cores"] = (busy - busy_before - (own - own_before)) / results[-1][2]
             print(f"{kind} loop done: {len(stats['acked'])} rankings in {results[-1][2]:.1f} s")
     finally:
         server.stop()
@@ -335,6 +416,10 @@ def main() -> None:
     for kind, st, elapsed in results:
         if kind == "closed":
             rows_of_table.append((kind, "closed loop", st, elapsed))
+            continue
+        if kind == "overload":
+            rows_of_table.append((kind, f"overload: {len(users) + len(crowd)} annotators in closed loop, each on a "
+                                        "connection of its own, Retry-After honoured", st, elapsed))
             continue
         offered = f"open loop, {args.rate:g}/s offered"
         if kind == "import":
@@ -358,8 +443,8 @@ def main() -> None:
     print()
     print("| phase | duration | rankings/s | next p50 / p99 ms | submit p50 / p99 ms | errors |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for _kind, label, st, elapsed in rows_of_table:
-        if not label.startswith("closed"):
+    for kind, label, st, elapsed in rows_of_table:
+        if kind not in ("closed", "overload"):
             label += f" ({st['scheduled']} started, {st['not_started']} not started: server behind)"
         if st["ran_dry"]:
             label += ", cut short: no prompt left"
@@ -371,6 +456,17 @@ def main() -> None:
     print("| --- | --- |")
     for label, status, ms in probes:
         print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
+    for kind, st, _elapsed in results:
+        print(f"| CPU used by other jobs on the machine during the {kind} phase | {st['other_cores']:.2f} cores |")
+        if "wal_end" in st:
+            print(f"| SQLite WAL file in the {kind} phase: largest (sampled every 0.2 s) / at its end | "
+                  f"{st.get('wal_max', 0) / 2**20:.1f} / {st['wal_end'] / 2**20:.1f} MiB |")
+        if kind == "overload":
+            answers = st["next_ms"] + st["submit_ms"]
+            print(f"| overload: requests answered / 503 with Retry-After among them | {len(answers)} / "
+                  f"{st['errors']['next 503'] + st['errors']['submit 503']} |")
+            print(f"| overload: slowest answer (any status) / p99 | {max(answers, default=float('nan')):.0f} / "
+                  f"{pct(answers, 99):.0f} ms |")
     if "start" in window:
         print(f"| import of {args.import_prompts} prompts (K={args.k}) through the API | {window.get('status')}: "
               f"{window.get('added')} added in {window.get('end', float('nan')) - window['start']:.1f} s |")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +39,6 @@ IMPORT_CHUNK = 100
 # they starve for the whole import; with a fixed 10 ms one the import still held the lock
 # three quarters of the time, and 200 rankings/s (400 short writes) fell behind.
 IMPORT_PAUSE_S = 0.01
-# The server's import process runs at this niceness: on a busy machine the workers that
-# serve the annotators get the CPU first, and the import takes longer.
-IMPORT_NICENESS = 10
 
 
 @dataclass
@@ -151,16 +150,30 @@ def _new_in_chunk(db: Session, project: Project, chunk: list, source_id: Callabl
     return new
 
 
-def _commit_chunk(db: Session, started: float) -> None:
-    """Commit one chunk of an import, which lets SQLite's writer lock go, and give the
-    requests waiting for it their turn: at least as long as the import held it (since
-    `started`, time.monotonic() before the chunk's first write)."""
+@contextmanager
+def _chunk_transaction(db: Session) -> Iterator[None]:
+    """One chunk of an import: the block writes it, then it is committed, which lets
+    SQLite's writer lock go, and the requests waiting for that lock get their turn: the
+    import pauses at least as long as it held the lock.
+
+    Python's cyclic garbage collector does not run between the chunk's first write and
+    its commit. A full collection walks every object of the process, and an import
+    process holds the whole checked file: at 100,000 prompts one takes 0.4 s, and one
+    that fell inside a chunk kept every ranking waiting for the writer lock that long.
+    Paused here, it runs after the commit, on the import's own time."""
+    started = time.monotonic()
+    collecting = gc.isenabled()
+    gc.disable()
     try:
+        yield
         db.commit()
     except IntegrityError:  # the same prompt ids added by another import at this moment
         db.rollback()
         raise Conflict("another import added some of these prompts at the same moment; import the file again "
                        "to add the rest (nothing is added twice)") from None
+    finally:
+        if collecting:
+            gc.enable()
     if IMPORT_PAUSE_S:
         time.sleep(max(IMPORT_PAUSE_S, time.monotonic() - started))
 
@@ -187,12 +200,11 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
         keyed.append((sid, content, [_checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
     for chunk in _chunks(keyed):
         new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
-        started = time.monotonic()
-        if new:
-            _insert_prompts(db, project, new, now)
+        with _chunk_transaction(db):
+            if new:
+                _insert_prompts(db, project, new, now)
         report.prompts_added += len(new)
         report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
-        _commit_chunk(db, started)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report
@@ -277,6 +289,32 @@ def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _Checke
     return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator, all_bad, rationale, candidate_ids)
 
 
+def _store_ranking(db: Session, project: Project, r: _CheckedRanking, users: dict[str, User], now: float) -> None:
+    """An imported ranking as a prompt with its candidates and one ranking row by the
+    (non-login) user named after its annotator."""
+    prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
+    for c, cid in zip(prompt.candidates, r.candidate_ids):
+        c.source_id = cid
+    prompt.slots_taken = prompt.done_count = 1
+    db.add(prompt)
+    db.flush()
+    user = _source_user(db, r.annotator, users)
+    ids = [c.id for c in prompt.candidates]
+    if r.ranked is None:
+        order, below = ranks_to_order(ids, r.ranks), None
+    else:  # stored as the page stores one: the ranked groups, and the rest below
+        top = [(cid, rank) for cid, rank in zip(ids, r.ranks) if rank < r.ranked]
+        order = ranks_to_order([cid for cid, _ in top], [rank for _, rank in top])
+        below = [cid for cid, rank in zip(ids, r.ranks) if rank == r.ranked]
+    db.add(
+        RankingRow(
+            project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
+            order=order, below=below, all_bad=r.all_bad, skipped=False,
+            rationale=r.rationale, time_spent_ms=None, created_at=now,
+        )
+    )
+
+
 @unit_of_work
 def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
     """Store existing preference data: each Ranking becomes a prompt with its candidates and
@@ -289,33 +327,12 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     users: dict[str, User] = {}
     for chunk in _chunks(checked):
         new = _new_in_chunk(db, project, chunk, lambda record: record.source_id, report)
-        started = time.monotonic()
-        for r in new:
-            prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
-            for c, cid in zip(prompt.candidates, r.candidate_ids):
-                c.source_id = cid
-            prompt.slots_taken = prompt.done_count = 1
-            db.add(prompt)
-            db.flush()
-            user = _source_user(db, r.annotator, users)
-            ids = [c.id for c in prompt.candidates]
-            if r.ranked is None:
-                order, below = ranks_to_order(ids, r.ranks), None
-            else:  # stored as the page stores one: the ranked groups, and the rest below
-                top = [(cid, rank) for cid, rank in zip(ids, r.ranks) if rank < r.ranked]
-                order = ranks_to_order([cid for cid, _ in top], [rank for _, rank in top])
-                below = [cid for cid, rank in zip(ids, r.ranks) if rank == r.ranked]
-            db.add(
-                RankingRow(
-                    project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
-                    order=order, below=below, all_bad=r.all_bad, skipped=False,
-                    rationale=r.rationale, time_spent_ms=None, created_at=now,
-                )
-            )
-            report.prompts_added += 1
-            report.candidates_added += len(ids)
-            report.rankings_added += 1
-        _commit_chunk(db, started)
+        with _chunk_transaction(db):
+            for r in new:
+                _store_ranking(db, project, r, users, now)
+        report.prompts_added += len(new)
+        report.candidates_added += sum(len(r.responses) for r in new)
+        report.rankings_added += len(new)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report
@@ -364,25 +381,6 @@ def import_body(db: Session, project_name: str, fmt: str, body: bytes) -> Import
             raise type(exc)(str(exc).replace(tmp, "body")) from None
     finally:
         os.unlink(tmp)
-
-
-_sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
-
-
-def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> ImportReport:
-    """`import_body` on the database at `db_url`, for a process of its own: the server runs
-    its imports so (`anyio.to_process`), because reading and checking a large file is
-    seconds of Python that, in a worker, would hold the GIL against the requests it serves.
-    The engine, kept for the next import, waits for the writer lock as long as the CLI."""
-    import os
-
-    from annotation.db import make_engine, make_sessionmaker
-
-    if db_url not in _sessionmakers:
-        os.nice(IMPORT_NICENESS)  # once: this process runs imports only
-        _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))
-    with _sessionmakers[db_url]() as db:
-        return import_body(db, project_name, fmt, body)
 
 
 @unit_of_work

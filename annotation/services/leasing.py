@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from annotation.db import DatabaseBusy
 from annotation.models import Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
@@ -440,4 +441,7 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
             continue
         if task is not None:
             return task
-    return None
+    # Prompts were left at every try, and others took each one first: the queue is
+    # contended, not empty. "Nothing left" would tell the annotator they are done; busy
+    # (503, Retry-After) has them ask again in a moment.
+    raise DatabaseBusy("every task offered was taken by another annotator first; try again in a moment")

@@ -1,13 +1,16 @@
 """bench/annotation_load.py: its client counts a response that is not JSON (a plain-text 500)
-as an error status instead of ending the run with a traceback, and a run whose prompts ran
-out before a phase ended says so instead of passing."""
+as an error status instead of ending the run with a traceback, a run whose prompts ran
+out before a phase ended says so instead of passing, and the overload phase's clients wait
+out a 503's Retry-After."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import random
 import subprocess
 import sys
+import time
 
 from annotation.devserver import REPO
 
@@ -64,3 +67,38 @@ def test_the_default_seed_covers_a_fast_closed_loop_and_the_open_phase():
     # 10 s warm-up + 30 s closed at the ceiling + 30 s open at 200/s, 3 annotators a prompt
     assert bench.prompts_needed(["closed", "open"], 30, 10, 200, 3) == (1500 * 40 + 200 * 30) // 3
     assert bench.prompts_needed(["open"], 60, 0, 100, 4) == 1500
+
+
+def test_an_overload_client_waits_the_retry_after_of_a_503():
+    """The overload phase's clients honour Retry-After as the ranking page does: against a
+    server that answers every request 503 with Retry-After: 30, a client with a phase of a
+    moment sends one request, counts it as a 503 and sends nothing more."""
+    bench = load_bench()
+    requests = []
+
+    async def serve(reader, writer):
+        while True:
+            try:
+                requests.append(await reader.readuntil(b"\r\n\r\n"))
+            except asyncio.IncompleteReadError:
+                return
+            body = b'{"detail": "the server is busy; try again in a moment"}'
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 30\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        stats = bench.new_stats()
+        client = bench.overload_client("token", {"url": f"http://127.0.0.1:{port}"}, time.time() + 0.5, stats,
+                                       random.Random(0))
+        try:
+            await asyncio.wait_for(client, timeout=1.5)  # waiting out the Retry-After, past its phase's end
+        except asyncio.TimeoutError:
+            pass
+        server.close()
+        return stats
+
+    stats = asyncio.run(main())
+    assert len(requests) == 1 and dict(stats["errors"]) == {"next 503": 1} and stats["acked"] == []

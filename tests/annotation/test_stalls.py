@@ -4,6 +4,7 @@ waits for the database does not hold up the others (no database work on the even
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -83,12 +84,14 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
     env.project(n_prompts=1, k=2)
     token = env.annotator("ann")
     monkeypatch.setattr(imports, "IMPORT_CHUNK", 20)
-    commit = imports._commit_chunk
+    chunk_transaction = imports._chunk_transaction
     during: list[tuple[int, int]] = []
     chunks = [0]
 
-    def commit_then_an_annotator_ranks(db, started):
-        commit(db, started)
+    @contextlib.contextmanager
+    def chunk_then_an_annotator_ranks(db):
+        with chunk_transaction(db):
+            yield
         chunks[0] += 1
         if chunks[0] == 1:
             def rank() -> None:
@@ -101,7 +104,7 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
             annotator.start()
             annotator.join(30)
 
-    monkeypatch.setattr(imports, "_commit_chunk", commit_then_an_annotator_ranks)
+    monkeypatch.setattr(imports, "_chunk_transaction", chunk_then_an_annotator_ranks)
     body = "".join(json.dumps({"prompt": f"imported {i}?", "id": f"i{i}", "candidates": ["a", "b"]}) + "\n"
                    for i in range(100))
     r = env.client.post("/api/projects/p/import?format=prompts", content=body.encode(),
@@ -109,6 +112,64 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
     assert r.status_code == 201 and r.json()["prompts_added"] == 100, r.text
     assert chunks[0] == 5 and during == [(200, 201)]  # ranked after the first of five chunks
     assert env.counts()["rankings"] == 1
+
+
+@pytest.mark.parametrize("kind", ["prompts", "rankings"])
+def test_no_garbage_collection_while_an_import_chunk_holds_the_writer_lock(tmp_path, monkeypatch, kind):
+    """Python's collector does not run while an import holds SQLite's writer lock: a full
+    collection in a process holding a large checked file takes as long as the file is big
+    (0.4 s at 100,000 prompts), and every ranking would wait for it. With the collector set
+    to run every few allocations, it runs during the import, between chunks, and never while
+    the lock is held (probed from the collector's own callback, on the lock's flock)."""
+    import fcntl
+    import gc
+    import os
+
+    from align.formats import Candidate, PromptRecord, Ranking
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.services import imports
+
+    path = tmp_path / "gc.db"
+    sm = open_db(f"sqlite:///{path}")
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 10)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    probe = os.open(f"{path}.writer-lock", os.O_RDWR)
+    collections = {"lock free": 0, "lock held": 0}
+
+    def probe_the_lock(phase, _info):
+        if phase != "start":
+            return
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            collections["lock held"] += 1
+        else:
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            collections["lock free"] += 1
+
+    thresholds = gc.get_threshold()
+    try:
+        with sm() as db:
+            project = services.create_project(db, "p", k=2)
+            gc.callbacks.append(probe_the_lock)
+            gc.set_threshold(5)
+            if kind == "prompts":
+                report = services.add_prompts(db, project, [
+                    PromptRecord(f"prompt {i}?", f"q{i}", [Candidate("a"), Candidate("b")]) for i in range(35)])
+            else:
+                report = services.import_rankings(db, project, [
+                    Ranking(f"prompt {i}?", ["a", "b"], [1, 0], annotator="src", prompt_id=f"q{i}") for i in range(35)],
+                    source="kwise")
+    finally:
+        gc.set_threshold(*thresholds)
+        if probe_the_lock in gc.callbacks:
+            gc.callbacks.remove(probe_the_lock)
+        os.close(probe)
+        sm.kw["bind"].dispose()
+    assert report.prompts_added == 35  # in 4 chunks
+    assert collections["lock free"] > 0  # the collector ran during the import...
+    assert collections["lock held"] == 0  # ...and never inside a chunk
 
 
 def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
@@ -144,6 +205,26 @@ def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
             t.join(30)
     assert sorted(statuses) == [200, 200]  # the same live lease, shown to both
     assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200
+
+
+def test_a_next_task_that_loses_every_race_is_busy_not_done(make_env, db_url, monkeypatch):
+    """When another annotator takes every prompt offered first, at each try (forced here:
+    each claim finds no free slot), next-task answers 503 with Retry-After, not 204
+    "nothing left": prompts are left, and the annotator must not be told they are done.
+    Nothing is leased; asked again, it leases one."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL claims in its one statement, and falls back to this same loop")
+    from annotation.services import leasing
+
+    env, _app = make_env()
+    env.project(n_prompts=3, k=2)
+    token = env.annotator("ann")
+    monkeypatch.setattr(leasing, "claim_first_free", lambda *args: None)
+    r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "try again" in r.json()["detail"], r.text
+    assert env.counts()["slots"] == 0
+    monkeypatch.undo()
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
 
 
 @contextlib.contextmanager
@@ -196,3 +277,71 @@ def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env,
         assert asking.is_alive() and waiting == []  # still waiting for the lock: /api/me was served meanwhile
     asking.join(30)
     assert waiting == [200]
+
+
+def test_the_import_process_lowers_its_priority_before_it_loads_the_app(tmp_path):
+    """In a fresh interpreter, as the server's import process: unpickling the import
+    function loads nothing of the app, the app's libraries are first loaded at the lowered
+    priority, and a second import (to another database) lowers it no further."""
+    import json
+    import subprocess
+    import sys
+
+    from annotation.db import open_db
+    from annotation.devserver import REPO
+
+    for name in ("a.db", "b.db"):  # as the server's, migrated
+        open_db(f"sqlite:///{tmp_path / name}").kw["bind"].dispose()
+    body = json.dumps({"prompt": "imported?", "id": "i0", "candidates": ["a", "b"]}) + "\n"
+    script = f"""
+import json, os, pickle, sys
+loaded_at = []
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqlalchemy":
+            loaded_at.append(os.nice(0))
+
+sys.meta_path.insert(0, Watch())
+started_at = os.nice(0)
+from annotation import import_process
+run = pickle.loads(pickle.dumps(import_process.import_body_at))
+assert "annotation.services" not in sys.modules and not loaded_at, sorted(sys.modules)
+for name in ("a.db", "b.db"):
+    report = run("sqlite:///" + os.path.join({str(tmp_path)!r}, name), "p", "prompts", {body.encode()!r})
+    assert report.prompts_added == 1, report
+print(json.dumps({{"started": started_at, "sqlalchemy loaded": loaded_at, "after": os.nice(0)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    from annotation.import_process import IMPORT_NICENESS
+
+    lowered = seen["started"] + IMPORT_NICENESS
+    assert seen["sqlalchemy loaded"] == [lowered] and seen["after"] == lowered, seen
+
+
+def test_a_served_worker_leaves_its_startup_objects_out_of_garbage_collections(tmp_path):
+    """A worker process of `align annotate serve` (in a fresh interpreter): the objects
+    built at its start, the app's routes included, are no longer walked by the collector,
+    whose full collections would otherwise stop the worker as long as they take."""
+    import json
+    import subprocess
+    import sys
+
+    from annotation.app import SETTINGS_ENV
+    from annotation.devserver import REPO
+
+    script = """
+import gc, json
+from annotation.app import app_from_environment
+app = app_from_environment()
+tracked = {id(o) for o in gc.get_objects()}
+print(json.dumps({"frozen": gc.get_freeze_count(), "routes tracked": id(app.router.routes) in tracked}))
+"""
+    settings = json.dumps({"db_url": f"sqlite:///{tmp_path / 'w.db'}"})
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, SETTINGS_ENV: settings})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["frozen"] > 10_000 and not seen["routes tracked"], seen
