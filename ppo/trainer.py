@@ -57,6 +57,7 @@ from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, row_padding_bounds, rows_padding_bounds
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
+from ppo.optimise import keep_freed_memory
 from ppo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, SUMMARY_FILE, VALUE_HEAD_FILE
 from ppo.sampling import DecodeBufferPool, sample_responses
 
@@ -375,6 +376,7 @@ class PPOTrainer:
 
     def optimize(self, exp: Experience) -> dict[str, float]:
         cfg = self.cfg
+        keep_freed_memory()  # once: each micro-batch reuses the previous one's freed activations
         # What batching needs (each row's response length and padding bounds) is read back to the
         # host once here, and the statistics stay on the device until the end: the micro-step loop
         # never waits for the device, so on a GPU the host queues the next kernels while it computes.
@@ -447,7 +449,6 @@ class PPOTrainer:
             self.accelerator.backward(loss * weight)
         stats["loss/total"] = loss
         return {k: v.detach() * weight for k, v in stats.items()}
-
 
     # ------------------------------------------------------------------------------------ outputs
 
