@@ -13,8 +13,9 @@ those rankings (configs/demo/reward.yaml). Then, for every seed:
 * TRL's `DPOTrainer` on the same pairs, with the same LoRA, beta, learning rate, schedule, batch,
   epochs and length limit (TRL's own defaults otherwise: the reference recomputed every step);
 * TRL's `GRPOTrainer` with the same reward model (missing-eos penalty included), prompts, 64
-  completions per generation round in groups of 4, minibatches of 16, 4 passes per round,
-  clip, fixed KL coefficient, learning rate, response length and temperature as grpo.yaml.
+  completions per generation round in groups of 4, minibatches of 16 (accumulated over grpo.yaml's
+  micro-batches of 8), 4 passes per round, clip, fixed KL coefficient, learning rate, response
+  length and temperature as grpo.yaml.
 
 Each run is a fresh process (2 at a time on 2 cores, one thread each). Each is scored by the same
 evaluation code (`ppo.evaluation.evaluate`): 128 held-out synthetic prompts sampled from the SFT
@@ -238,7 +239,8 @@ def trl_grpo(args: argparse.Namespace) -> dict:
 
     trl_args = GRPOConfig(
         output_dir=args.output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
-        per_device_train_batch_size=cfg.mini_batch_size, generation_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        generation_batch_size=cfg.batch_size,
         num_generations=cfg.samples_per_prompt, num_iterations=cfg.num_ppo_epochs,
         max_steps=cfg.num_iterations * cfg.num_ppo_epochs * cfg.num_mini_batches,
         max_completion_length=cfg.response_length, temperature=cfg.temperature, top_p=1.0, beta=cfg.kl.coef,

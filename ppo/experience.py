@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+Rows = TypeVar("Rows", bound="PromptsAndResponses")
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -24,7 +27,7 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 
 class PromptsAndResponses:
-    """Whole sequences from the query_* and response_* fields of the dataclasses below."""
+    """Whole sequences from the query_* and response_* fields of the dataclasses below, and their rows."""
 
     query_ids: torch.Tensor
     query_mask: torch.Tensor
@@ -42,6 +45,53 @@ class PromptsAndResponses:
     @property
     def context_length(self) -> int:  # Q
         return self.query_ids.shape[1]
+
+    def select(self: Rows, rows: torch.Tensor | slice) -> Rows:
+        """The episodes `rows` (a minibatch), every tensor field sliced along B."""
+        return type(self)(
+            **{
+                f.name: (None if (v := getattr(self, f.name)) is None else v[rows])
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def trim_padding(self: Rows, bounds: tuple[int, int] | None = None) -> Rows:
+        """The same episodes without the columns that are padding in every row: left padding of
+        the prompts and the tail after the longest response. A minibatch of short responses then
+        costs what its tokens cost; causal attention and mask-derived position ids make the
+        result the same (the dropped columns only ever held masked-out padding).
+
+        `bounds` = (first prompt column kept, response columns kept) when the caller knows them on
+        the host (`rows_padding_bounds`), so that trimming reads nothing back from the device."""
+        if bounds is None:
+            bounds = rows_padding_bounds(*row_padding_bounds(self.query_mask, self.response_mask),
+                                         range(len(self.query_mask)))
+        first, last = bounds
+        return type(self)(
+            **{
+                f.name: (None if (v := getattr(self, f.name)) is None
+                         else v[:, first:] if f.name.startswith("query_")
+                         else v[:, :last] if v.dim() == 2 else v)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def right_padded(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences with all their padding at the right: (B, width) each row's prompt followed by
+        its response, their attention mask, and (B,) the column where each row's response starts (its
+        prompt's length). `width` must hold the longest prompt + response of the rows (None: Q + T).
+
+        Left-padded prompts before right-padded responses put each row's real tokens in the middle, so
+        the batch is as wide as its longest prompt plus its longest response; with the padding moved to
+        the right it is as wide as its longest row. Causal attention and mask-derived position ids give
+        every real token the same state either way (tests/ppo/test_optimise.py)."""
+        full = self.query_ids.shape[1] + self.response_ids.shape[1]
+        prompt_lengths = self.query_mask.sum(-1)
+        columns = torch.arange(full if width is None else width, device=prompt_lengths.device)
+        columns = columns + (self.context_length - prompt_lengths)[:, None]  # skip each row's left padding
+        inside = columns < full
+        columns = columns.clamp(max=full - 1)
+        return self.input_ids.gather(1, columns), self.attention_mask.gather(1, columns) * inside, prompt_lengths
 
 
 @dataclass
@@ -73,37 +123,6 @@ class Experience(PromptsAndResponses):
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
-
-    def select(self, rows: torch.Tensor | slice) -> Experience:
-        """The episodes `rows` (a minibatch), every tensor field sliced along B."""
-        return Experience(
-            **{
-                f.name: (None if (v := getattr(self, f.name)) is None else v[rows])
-                for f in dataclasses.fields(self)
-            }
-        )
-
-    def trim_padding(self, bounds: tuple[int, int] | None = None) -> Experience:
-        """The same episodes without the columns that are padding in every row: left padding of
-        the prompts and the tail after the longest response. A minibatch of short responses then
-        costs what its tokens cost; causal attention and mask-derived position ids make the
-        result the same (the dropped columns only ever held masked-out padding).
-
-        `bounds` = (first prompt column kept, response columns kept) when the caller knows them on
-        the host (`rows_padding_bounds`), so that trimming reads nothing back from the device."""
-        if bounds is None:
-            bounds = rows_padding_bounds(*row_padding_bounds(self.query_mask, self.response_mask),
-                                         range(len(self.query_mask)))
-        first, last = bounds
-        return Experience(
-            **{
-                f.name: (None if (v := getattr(self, f.name)) is None
-                         else v[:, first:] if f.name.startswith("query_")
-                         else v[:, :last] if v.dim() == 2 else v)
-                for f in dataclasses.fields(self)
-            }
-        )
-
 
 def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
     """Per row, read back to the host once: the first real prompt column (0 for an empty prompt,

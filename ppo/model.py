@@ -31,6 +31,18 @@ def _trunk(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def states_before_tokens(hidden: torch.Tensor, response_start: int | torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, H) states -> (B, length, H) the state before each of the `length` response tokens, which
+    start at column `response_start` of every row (left-padded prompts), or of each row ((B,) tensor:
+    right-padded sequences, `PromptsAndResponses.right_padded`). Contiguous, so that the heads run as
+    one matmul (a strided slice that requires grad makes torch.matmul fall back to a slower bmm)."""
+    if isinstance(response_start, int):
+        return hidden[:, response_start - 1 : response_start - 1 + length].contiguous()
+    columns = response_start[:, None] - 1 + torch.arange(length, device=hidden.device)
+    columns = columns.clamp(0, hidden.shape[1] - 1)  # past a row's end: padding, masked by the caller
+    return hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 class Critic(nn.Module):
     """A separate value model: a sequence-classification reward model read at every token.
 
@@ -45,13 +57,14 @@ class Critic(nn.Module):
         self.head = head
         self.compute_dtype = compute_dtype
 
-    def forward(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, position_ids, response_start: int | torch.Tensor,
+                length: int) -> torch.Tensor:
         from align.precision import autocast
 
         with autocast(input_ids.device, self.compute_dtype):
             hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False).last_hidden_state
-            return self.head(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+            return self.head(states_before_tokens(hidden, response_start, length)).squeeze(-1).float()
 
 
 class ActorCritic(nn.Module):
@@ -86,34 +99,35 @@ class ActorCritic(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.policy.get_base_model().get_output_embeddings()
 
-    def _response_hidden(self, input_ids, attention_mask, position_ids, context_length: int) -> torch.Tensor:
+    def _response_hidden(self, input_ids, attention_mask, position_ids, response_start: int | torch.Tensor,
+                         length: int) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).last_hidden_state
-        # the state before each response token; contiguous, so the heads run as one matmul (a
-        # strided slice that requires grad makes torch.matmul fall back to a slower bmm)
-        return hidden[:, context_length - 1 : -1].contiguous()
+        return states_before_tokens(hidden, response_start, length)
 
-    def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                        tokens: torch.Tensor, temperature: float, chunk_tokens: int = 0) -> torch.Tensor:
+    def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        response_start: int | torch.Tensor, tokens: torch.Tensor, temperature: float,
+                        chunk_tokens: int = 0) -> torch.Tensor:
         """(B, T) log pi(token) of the response tokens only (no value computation)."""
         position_ids = position_ids_from_mask(attention_mask)
-        hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
+        hidden = self._response_hidden(input_ids, attention_mask, position_ids, response_start, tokens.shape[1])
         return core.logprobs_from_hidden(hidden, self.lm_head, tokens, temperature, chunk_tokens)[0]
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int, tokens: torch.Tensor,
-        temperature: float, chunk_tokens: int = 0, with_entropy: bool = False,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | torch.Tensor,
+        tokens: torch.Tensor, temperature: float, chunk_tokens: int = 0, with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(B, Q + T) sequences whose last T are the response `tokens` -> log pi(token) (B, T), the
-        entropy (B, T) when asked (else None) and the values (B, T) of the states before the tokens
-        (None without a value model).
+        """(B, L) sequences holding the (B, T) response `tokens` from column `response_start` (an int:
+        the same for every row, Q of left-padded prompts; a (B,) tensor: each row's, right-padded
+        sequences) -> log pi(token) (B, T), the entropy (B, T) when asked (else None) and the values
+        (B, T) of the states before the tokens (None without a value model).
         The logits exist a chunk of `chunk_tokens` positions at a time (core.logprobs_from_hidden)."""
         position_ids = position_ids_from_mask(attention_mask)
-        hidden = self._response_hidden(input_ids, attention_mask, position_ids, context_length)
+        hidden = self._response_hidden(input_ids, attention_mask, position_ids, response_start, tokens.shape[1])
         logprobs, entropy = core.logprobs_from_hidden(hidden, self.lm_head, tokens, temperature, chunk_tokens,
                                                       with_entropy)
         if self.critic is not None:
-            values = self.critic(input_ids, attention_mask, position_ids, context_length)
+            values = self.critic(input_ids, attention_mask, position_ids, response_start, tokens.shape[1])
         else:
             values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         return logprobs, entropy, values
@@ -137,7 +151,8 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
         """(B, T) the separate critic's V_old(s_t) for the response tokens' states (rollout, no graph)."""
-        return self.critic(input_ids, attention_mask, position_ids_from_mask(attention_mask), context_length)
+        return self.critic(input_ids, attention_mask, position_ids_from_mask(attention_mask), context_length,
+                           input_ids.shape[1] - context_length)
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -188,18 +203,19 @@ class Reference:
         self.separate_model = separate_model
 
     @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | torch.Tensor,
                  tokens: torch.Tensor, temperature: float, chunk_tokens: int = 0) -> torch.Tensor:
-        """(B, T) log pi_ref(token) of the response tokens."""
+        """(B, T) log pi_ref(token) of the response tokens (`response_start` as in ActorCritic.forward)."""
         if self.separate_model is None:
             with self.actor_critic.adapter_disabled():
-                return self.actor_critic.policy_logprobs(input_ids, attention_mask, context_length, tokens,
+                return self.actor_critic.policy_logprobs(input_ids, attention_mask, response_start, tokens,
                                                          temperature, chunk_tokens)
         position_ids = position_ids_from_mask(attention_mask)
         hidden = _trunk(self.separate_model)(input_ids=input_ids, attention_mask=attention_mask,
                                              position_ids=position_ids, use_cache=False).last_hidden_state
-        return core.logprobs_from_hidden(hidden[:, context_length - 1 : -1], self.separate_model.get_output_embeddings(),
-                                         tokens, temperature, chunk_tokens)[0]
+        return core.logprobs_from_hidden(states_before_tokens(hidden, response_start, tokens.shape[1]),
+                                         self.separate_model.get_output_embeddings(), tokens, temperature,
+                                         chunk_tokens)[0]
 
 
 def build_policy(base: nn.Module, lora: Any) -> nn.Module:

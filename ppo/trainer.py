@@ -11,8 +11,8 @@ The critic-free methods (`method=rloo|grpo`) run it with k samples per prompt: s
 reward per sequence and a baseline from the prompt's other samples (`core.rloo_advantages`,
 `core.grpo_advantages`); step 5 has no value loss (GRPO adds its KL term there instead).
 
-The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint and the final
-held-out evaluation is ppo.evaluation.
+Step 5 is ppo.optimise. The run directory's layout is ppo.run_dir; checkpoints are ppo.checkpoint
+and the final held-out evaluation is ppo.evaluation.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,13 +29,8 @@ import torch
 
 from align.chat import render_prompt
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, full_trainable_state, gathered, shard
-from align.precision import (
-    check_finite_gradient,
-    checkpointing_active,
-    enable_gradient_checkpointing,
-    torch_dtype,
-)
+from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
+from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
     MetricsWriter,
     peak_memory_mb,
@@ -55,8 +51,9 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples, decode_responses, row_padding_bounds, rows_padding_bounds
+from ppo.experience import Experience, Samples, decode_responses
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
+from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
 from ppo.sampling import DecodeBufferPool, sample_responses
 
@@ -342,28 +339,43 @@ class PPOTrainer:
                                                               samples.context_length)
         return samples.logprobs, samples.values
 
+    def length_groups(self, seqs: Samples | Experience) -> Iterator[tuple[torch.Tensor, Samples | Experience,
+                                                                            tuple[torch.Tensor, ...]]]:
+        """`seqs`' rows in groups of mini_batch_size rows of similar length (ppo.optimise): each group's
+        row index, its rows trimmed to their longest response, and their right-padded sequences."""
+        prompt_lengths, lengths = torch.stack([seqs.query_mask.sum(-1), seqs.response_mask.sum(-1)]).tolist()
+        for plan in length_grouped_micro_batches(list(range(len(lengths))), prompt_lengths, lengths,
+                                                 self.cfg.mini_batch_size):
+            rows = torch.tensor(plan.rows).to(self.device)
+            group = seqs.select(rows).trim_padding((0, plan.response_width))
+            yield rows, group, group.right_padded(plan.width)
+
     @torch.no_grad()
     def policy_logprobs_and_values(self, seqs: Samples | Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) log pi(a_t|s_t) and V(s_t) (None without a value model) of the current policy by
-        full forwards, a minibatch at a time."""
+        full forwards, a minibatch of similar lengths at a time; 0 after each response's end."""
         cfg = self.cfg
-        logprobs, values = [], []
-        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(cfg.mini_batch_size):
-            logp, _, value = self.model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length,
-                                        seqs.response_ids[rows], cfg.temperature, cfg.logprob_chunk_tokens)
-            logprobs.append(logp)
-            values.append(None if value is None else value.float())
-        return torch.cat(logprobs), (None if values[0] is None else torch.cat(values))
+        logprobs = torch.zeros(seqs.response_ids.shape, device=self.device)
+        values = None if self.model.value_module is None else torch.zeros_like(logprobs)
+        for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
+            logp, _, value = self.model(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
+                                        cfg.logprob_chunk_tokens)
+            logprobs[rows, : logp.shape[1]] = logp * group.response_mask
+            if values is not None:
+                values[rows, : value.shape[1]] = value.float() * group.response_mask
+        return logprobs, values
 
     @torch.no_grad()
     def reference_logprobs(self, seqs: Samples | Experience) -> torch.Tensor:
-        """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, a minibatch at a time."""
+        """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, a minibatch of similar lengths at a
+        time; 0 after each response's end."""
         cfg = self.cfg
-        out = []
-        for rows in torch.arange(len(seqs.input_ids), device=self.device).split(cfg.mini_batch_size):
-            out.append(self.reference.logprobs(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.context_length,
-                                               seqs.response_ids[rows], cfg.temperature, cfg.logprob_chunk_tokens))
-        return torch.cat(out)
+        out = torch.zeros(seqs.response_ids.shape, device=self.device)
+        for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
+            logp = self.reference.logprobs(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
+                                           cfg.logprob_chunk_tokens)
+            out[rows, : logp.shape[1]] = logp * group.response_mask
+        return out
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
         start = time.perf_counter()
@@ -384,81 +396,12 @@ class PPOTrainer:
         return decode_responses(self.tokenizer, response_ids, response_mask)
 
     def optimize(self, exp: Experience) -> dict[str, float]:
-        cfg = self.cfg
-        # What batching needs (each row's response length and padding bounds) is read back to the
-        # host once here, and the statistics stay on the device until the end: the micro-step loop
-        # never waits for the device, so on a GPU the host queues the next kernels while it computes.
-        lengths = exp.response_mask.sum(-1).tolist()
-        first, last = row_padding_bounds(exp.query_mask, exp.response_mask)
-        sums: dict[str, torch.Tensor] = {}
-        n_minibatches, grad_norms = 0, []
-        for epoch in range(cfg.num_ppo_epochs):
-            order = torch.randperm(len(exp), device="cpu")
-            for mb_start in range(0, len(exp), cfg.mini_batch_size):
-                # The loss is a token mean over this process's minibatch (each micro-batch weighted
-                # by its share of the tokens), so grouping rows of similar length into micro-batches
-                # changes no gradient, only how much padding is forwarded.
-                mb_rows = sorted(order[mb_start: mb_start + cfg.mini_batch_size].tolist(), key=lengths.__getitem__)
-                mb_tokens = max(sum(lengths[i] for i in mb_rows), 1)
-                mb_index = torch.tensor(mb_rows).to(self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                    rows = slice(micro_start, micro_start + cfg.micro_batch_size)
-                    micro = exp.select(mb_index[rows]).trim_padding(rows_padding_bounds(first, last, mb_rows[rows]))
-                    weight = micro.response_mask.sum() / mb_tokens
-                    is_last = micro_start + cfg.micro_batch_size >= len(mb_rows)
-                    # DDP all-reduces gradients only on the last micro-batch of the minibatch.
-                    with contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.ddp_model):
-                        for k, v in self.micro_step(micro, weight).items():
-                            sums[k] = sums[k] + v if k in sums else v
-                n_minibatches += 1
-                grad_norm = (clip_grad_norm(self.trainable, cfg.max_grad_norm) if self.fsdp
-                             else self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
-                if grad_norm is not None:  # a NaN weight would only surface iterations later, while sampling
-                    check_finite_gradient(grad_norm, f"iteration {self.iteration + 1}, epoch {epoch + 1}, "
-                                                     f"minibatch {mb_start // cfg.mini_batch_size + 1}")
-                grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
-                                                  dtype=torch.float32, device=self.device))
-                self.optimizer.step()
-                self.scheduler.step()
-        names = list(sums)
-        values = torch.stack([sums[k].float() / n_minibatches for k in names] + [torch.stack(grad_norms).mean()])
-        return dict(zip([*names, "train/grad_norm"], values.tolist()))
+        """Step 5: num_ppo_epochs passes over shuffled minibatches, one optimiser step each (ppo.optimise)."""
+        return optimise(self, exp)
 
-    def micro_step(self, mb: Experience, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; `weight` = its share of the minibatch's response
-        tokens. Returns its statistics as device scalars, weighted the same way (they sum to the
-        minibatch's)."""
-        cfg = self.cfg
-        with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
-        # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward
-        with checkpointing_active(self.checkpointed):
-            mb_logprobs, mb_entropy, mb_values = self.ddp_model(
-                mb.input_ids, mb.attention_mask, mb.context_length, mb.response_ids, cfg.temperature,
-                cfg.logprob_chunk_tokens, with_entropy=with_entropy)
-            pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                 cfg.clip_coef)
-            loss = pg_loss
-            stats = {"policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"],
-                     "policy/approxkl": pg_stats["approxkl"]}
-            if mb_values is not None:  # PPO: the clipped value loss
-                vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask,
-                                                    cfg.cliprange_value)
-                loss = loss + cfg.vf_coef * vf_loss
-                stats.update({"val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
-                              "val/values": core.masked_mean(mb_values.detach(), mb.response_mask)})
-            if cfg.kl_in_loss:  # GRPO: beta * KL(pi || pi_ref), k3 from the current policy (Shao et al. 2024, eq. 4)
-                kl_loss = core.masked_mean(core.kl_penalty(mb_logprobs, mb.ref_logprobs, "k3"), mb.response_mask)
-                loss = loss + self.kl_ctl.value * kl_loss
-                stats["policy/kl_loss"] = kl_loss
-            if with_entropy:
-                entropy = core.masked_mean(mb_entropy, mb.response_mask)
-                loss = loss - cfg.ent_coef * entropy
-                stats["policy/entropy"] = entropy
-            self.accelerator.backward(loss * weight)
-        stats["loss/total"] = loss
-        return {k: v.detach() * weight for k, v in stats.items()}
-
+    def micro_step(self, mb: Experience, weight: torch.Tensor, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch (ppo.optimise.micro_step)."""
+        return micro_step(self, mb, weight, width)
 
     # ------------------------------------------------------------------------------------ outputs
 

@@ -1,0 +1,132 @@
+"""The optimisation phase's memory reuse (ppo.optimise)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# A child process frees 128 MiB of 1 MiB blocks and allocates them again, 10 times; it prints the
+# page faults of rounds 2-10 (the first round faults its pages in either way).
+CHURN = """
+import json, resource, sys, torch
+from ppo.optimise import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(2**18) for _ in range(128)]
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": sum(faults[1:])}))
+"""
+
+
+def churn(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
+    default, kept = churn("default"), churn("keep")
+    assert kept["kept"] is True
+    # by default part of it goes back to the kernel each round: over 10 page faults per block
+    assert default["faults"] > 9 * 128 * 10, default
+    assert kept["faults"] < default["faults"] / 10, (kept, default)
+
+
+def test_length_grouped_micro_batches_put_rows_of_similar_length_together():
+    from ppo.optimise import MicroBatch, length_grouped_micro_batches
+
+    prompt_lengths = [5, 2, 9, 3, 4, 7]
+    response_lengths = [1, 8, 6, 2, 0, 3]  # rows 0..5 are 6, 10, 15, 5, 4, 10 tokens long
+    batches = length_grouped_micro_batches([0, 1, 2, 3, 4, 5], prompt_lengths, response_lengths, 4)
+    assert batches == [MicroBatch([4, 3, 0, 1], width=10, response_width=8), MicroBatch([5, 2], 15, 6)]
+    # a micro-batch whose rows have no response token still keeps one response column
+    assert length_grouped_micro_batches([4], prompt_lengths, response_lengths, 4) == [MicroBatch([4], 4, 1)]
+
+
+@pytest.mark.parametrize("value_model", ["policy_trunk", "reward_model"])
+def test_right_padded_sequences_give_the_same_logprobs_values_and_gradients(small_run, value_model):
+    # The training forward reads each micro-batch with its padding moved to the right and trimmed to
+    # its longest row; log-probs, values and every trainable parameter's gradient must be those of the
+    # left-padded, untrimmed batch.
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, "response_length=12",
+                                                       f"value_model={value_model}"]))
+    trainer.setup()
+    torch.manual_seed(0)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    with torch.no_grad():  # a trained adapter (B = 0 at the start would leave A without a gradient)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    prompts = ["Tell me about tea.", "Hi", "Can you explain the moon to me in simple words, please?", "Why?"]
+    exp, _ = trainer.rollout(prompts)
+    exp.response_mask[:, 9:] = 0  # responses of 9, 3, 1 and 9 tokens: the longest prompt's is short
+    exp.response_mask[1, 3:] = 0
+    exp.response_mask[2, 1:] = 0
+    prompt_lengths = exp.query_mask.sum(-1)
+    assert len(set(prompt_lengths.tolist())) == 4  # every row its own left padding
+    width = int((prompt_lengths + exp.response_mask.sum(-1)).max())
+    assert width < exp.context_length + 9  # the longest row is shorter than longest prompt + response
+    mask = exp.response_mask.bool()
+
+    def forward(input_ids, attention_mask, response_start):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        logp, _, values = trainer.model(input_ids, attention_mask, response_start, exp.response_ids[:, :9], 1.0)
+        ((logp * mask[:, :9]).sum() + (values * mask[:, :9]).sum()).backward()
+        return logp.detach()[mask[:, :9]], values.detach()[mask[:, :9]], [p.grad.clone() for p in params]
+
+    trimmed = exp.trim_padding((0, 9))
+    right = forward(*trimmed.right_padded(width))
+    left = forward(exp.input_ids[:, : exp.context_length + 9], exp.attention_mask[:, : exp.context_length + 9],
+                   exp.context_length)
+    ids, attention, start = trimmed.right_padded(width)
+    assert ids.shape == (4, width) and torch.equal(start, prompt_lengths)
+    assert torch.equal(attention.sum(-1), prompt_lengths + exp.response_mask.sum(-1))  # real tokens first
+    assert all(attention[i, : int(attention[i].sum())].all() for i in range(4))
+    torch.testing.assert_close(right[0], left[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(right[1], left[1], rtol=0, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in left[2])
+    for a, b in zip(right[2], left[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_passes_in_length_groups_keep_each_row_its_own_logprobs(small_run):
+    # The rollout's reference (and recomputed policy) log-probs run in groups of similar length, each
+    # right-padded and trimmed; every row must get back the log-probs of its own tokens, 0 past its end.
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, "batch_size=8", "num_mini_batches=2",
+                                                       "response_length=12"]))
+    trainer.setup()
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name or name.startswith("value_head."):
+                p.normal_(std=0.05)
+    samples = trainer.generate(trainer.sampler.next_batch())
+    lengths = torch.tensor([12, 1, 5, 12, 3, 9, 2, 7])  # not in order: the groups regroup the rows
+    samples.response_mask = (torch.arange(12) < lengths[:, None]).long()
+    mask = samples.response_mask.bool()
+    with torch.no_grad():
+        whole = trainer.reference.logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
+                                           samples.response_ids, trainer.cfg.temperature)
+        policy, _, values = trainer.model(samples.input_ids, samples.attention_mask, samples.context_length,
+                                          samples.response_ids, trainer.cfg.temperature)
+    grouped = trainer.reference_logprobs(samples)
+    torch.testing.assert_close(grouped[mask], whole[mask], rtol=0, atol=1e-5)
+    assert (grouped[~mask] == 0).all()
+    grouped_policy, grouped_values = trainer.policy_logprobs_and_values(samples)
+    torch.testing.assert_close(grouped_policy[mask], policy[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped_values[mask], values[mask], rtol=0, atol=1e-5)
+    assert not torch.allclose(grouped[mask], grouped_policy[mask], atol=1e-3)  # the adapter is in play
