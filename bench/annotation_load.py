@@ -139,27 +139,18 @@ async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: f
         return "error"
 
 
-async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random) -> None:
+async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random,
+                        honour_retry_after: bool = False) -> None:
+    """Rankings back to back until `stop_at`; after an error or a 503 a pause of 0.1 s, or with
+    `honour_retry_after` the answer's Retry-After, as the ranking page does (the overload phase:
+    a client that does not would only spin)."""
     c = Connection(url_ref["url"], token)
     while time.time() < stop_at:
         res = await one_ranking(c, stats, rng, time.perf_counter())
         if res == "exhausted":
             break
         if res in ("error", "busy"):
-            await asyncio.sleep(0.1)
-    c.close()
-
-
-async def overload_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random) -> None:
-    """Closed loop with no pause; after a 503 it waits the answer's Retry-After, as the
-    ranking page does (a client that does not would only spin)."""
-    c = Connection(url_ref["url"], token)
-    while time.time() < stop_at:
-        res = await one_ranking(c, stats, rng, time.perf_counter())
-        if res == "exhausted":
-            break
-        if res in ("error", "busy"):
-            await asyncio.sleep(c.retry_after or 0.1)
+            await asyncio.sleep((c.retry_after if honour_retry_after else None) or 0.1)
     c.close()
 
 
@@ -364,9 +355,10 @@ def main() -> None:
         rngs = {u: random.Random(f"{kind}:{u}") for u in users}
         if kind in ("closed", "overload"):
             stop_at = time.time() + (duration or args.duration)
-            client, who = (closed_client, users) if kind == "closed" else (overload_client, users + crowd)
+            who = users if kind == "closed" else users + crowd
             rngs.update({u: random.Random(f"{kind}:{u}") for u in crowd})
-            jobs = [client(tokens[u], url_ref, stop_at, stats, rngs[u]) for u in who]
+            jobs = [closed_client(tokens[u], url_ref, stop_at, stats, rngs[u], honour_retry_after=kind == "overload")
+                    for u in who]
         else:
             per_client = args.rate / len(users)
             jobs = [open_client(tokens[u], url_ref, args.duration, per_client, lambda: stats_now(stats), rngs[u])

@@ -91,8 +91,8 @@ def test_an_overload_client_waits_the_retry_after_of_a_503():
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         stats = bench.new_stats()
-        client = bench.overload_client("token", {"url": f"http://127.0.0.1:{port}"}, time.time() + 0.5, stats,
-                                       random.Random(0))
+        client = bench.closed_client("token", {"url": f"http://127.0.0.1:{port}"}, time.time() + 0.5, stats,
+                                     random.Random(0), honour_retry_after=True)
         try:
             await asyncio.wait_for(client, timeout=1.5)  # waiting out the Retry-After, past its phase's end
         except asyncio.TimeoutError:
