@@ -4,7 +4,8 @@
     python bench/gpu_bench.py --shape 1.5b     # Qwen2.5-1.5B body: does reward training + PPO fit?
     python bench/gpu_bench.py --response-length 256 --no-trl    # critic mode at 256 new tokens
     python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
-    python bench/gpu_bench.py --cuda-graphs     # + align with the decoding step replayed as a CUDA graph
+    python bench/gpu_bench.py --eager reward_model   # + the critic side decoding eagerly, layers not compiled
+    python bench/gpu_bench.py --uncompiled      # + the value-head side with torch_compile=false
     python bench/gpu_bench.py --no-trl --profile   # + a profiled run: where an iteration's time goes
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
@@ -32,6 +33,8 @@ forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N
 the optimisation's real FLOPs are nearer 4 N), N = parameters without the input embedding, per model
 that runs; attention's own FLOPs are left out (small at these lengths). The same count divides both
 trainers' times, since they do the same work. Peak FLOP/s from the device name (--peak-tflops to set).
+`MFU roll` and `MFU opt` divide the rollout's forwards (sampling, pi_old, pi_ref, a critic's values) by
+the rollout's seconds and the PPO epochs' 6 N per token by the optimisation's.
 """
 
 from __future__ import annotations
@@ -175,8 +178,11 @@ def profiled(run, out: Path):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         result = run()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    out.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)]
+    if cuda:  # the host's side too: launches and synchronisations show there, not in the kernels' times
+        tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=60))
+    out.write_text("\n\n".join(tables))
     return result
 
 
@@ -213,8 +219,7 @@ def align_worker(job: dict) -> dict:
         "lora.r=16", "lora.alpha=32", f"lora.target_modules={SEVEN}", f"dtype={s['dtype']}",
         f"gradient_checkpointing={s['gradient_checkpointing']}", "save_every=0", "progress=false",
         f"seed={s['seed']}", *([f"num_threads={s['threads']}"] if s["threads"] else []),
-        *(["sample_merged=true"] if job.get("sample_merged") else []),
-        *(["cuda_graphs=true"] if job.get("cuda_graphs") else []),
+        *job.get("overrides", []),
     ])
     if job.get("fsdp"):  # what `accelerate launch --config_file configs/accelerate/fsdp2_gpu.yaml` passes on
         os.environ.update(fsdp_environment(REPO / "configs" / "accelerate" / "fsdp2_gpu.yaml"))
@@ -336,21 +341,26 @@ def trl_packages(target: Path) -> dict:
 # ============================================================================ 6. the table
 
 
-def flops_per_iteration(info: dict, settings: dict, prompt_tokens: float, response_tokens: float,
-                        critic: bool) -> float:
-    """Model FLOPs of one PPO iteration (see the module docstring)."""
+def phase_flops(info: dict, settings: dict, prompt_tokens: float, response_tokens: float,
+                critic: bool) -> dict[str, float]:
+    """Model FLOPs of one PPO iteration's rollout, score and optimise phases (see the module docstring)."""
     n = info["non_embedding"] + info["vocab"] * SHAPES_HIDDEN[settings["shape"]]  # trunk + tied lm_head matmul
     seq = prompt_tokens + response_tokens
     b = settings["batch_size"]
-    forward_only = b * (response_tokens + prompt_tokens)  # sampling: the prompt once, then each new token
-    forward_only += 2 * b * seq  # pi_old (bf16: recomputed by the training forward) and pi_ref
-    forward_only += b * seq  # reward scoring
-    flops = 2 * n * forward_only
     trained = settings["epochs"] * b * seq
-    flops += 6 * n * trained
+    # sampling (the prompt once, then each new token), pi_old (bf16: recomputed by the training forward), pi_ref
+    phases = {"rollout": 2 * n * (b * (response_tokens + prompt_tokens) + 2 * b * seq),
+              "score": 2 * n * b * seq, "optimise": 6 * n * trained}
     if critic:  # the critic's forward in the rollout and its training
-        flops += 2 * info["non_embedding"] * b * seq + 6 * info["non_embedding"] * trained
-    return flops
+        phases["rollout"] += 2 * info["non_embedding"] * b * seq
+        phases["optimise"] += 6 * info["non_embedding"] * trained
+    return phases
+
+
+def flops_per_iteration(info: dict, settings: dict, prompt_tokens: float, response_tokens: float,
+                        critic: bool) -> float:
+    """Model FLOPs of one PPO iteration (see the module docstring)."""
+    return sum(phase_flops(info, settings, prompt_tokens, response_tokens, critic).values())
 
 
 SHAPES_HIDDEN = {k: v["hidden_size"] for k, v in SHAPES.items()}
@@ -362,8 +372,8 @@ def mean_after_first(values: list[float]) -> float:
 
 
 def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_tflops: float | None) -> str:
-    head = (f"{'run':24s} {'s/iter':>7s} {'rollout':>8s} {'sample':>7s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
-            f"{'peak GiB':>9s} {'MFU':>6s}")
+    head = (f"{'run':28s} {'s/iter':>7s} {'rollout':>8s} {'sample':>7s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
+            f"{'peak GiB':>9s} {'MFU':>6s} {'MFU roll':>8s} {'MFU opt':>8s}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         its = r["iterations"]
@@ -378,11 +388,18 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
                          for x in results.values() if "response/length" in x["iterations"][0]), settings["response_length"])
         tok_s = (f"{settings['batch_size'] * resp / mean_after_first([i['timing/rollout_s'] for i in its]):.0f}"
                  if "timing/rollout_s" in its[0] else "-")
-        flops = flops_per_iteration(info, settings, prompt_tokens, resp, critic="critic" in name or "TRL" in name)
-        mfu = f"{100 * flops / (sec * peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
-        lines.append(f"{name:24s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/sample_s'):>7s} "
+        phases = phase_flops(info, settings, prompt_tokens, resp, critic="critic" in name or "TRL" in name)
+
+        def mfu(flops: float, key: str | None = None, its=its, sec=sec) -> str:
+            if not peak_tflops or (key is not None and key not in its[0]):
+                return "-"
+            seconds = sec if key is None else mean_after_first([i[key] for i in its])
+            return f"{100 * flops / (seconds * peak_tflops * 1e12):.1f}%"
+
+        lines.append(f"{name:28s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/sample_s'):>7s} "
                      f"{split('timing/score_s'):>6s} "
-                     f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu:>6s}")
+                     f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu(sum(phases.values())):>6s} "
+                     f"{mfu(phases['rollout'], 'timing/rollout_s'):>8s} {mfu(phases['optimise'], 'timing/optimize_s'):>8s}")
     return "\n".join(lines)
 
 
@@ -427,8 +444,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--value-models", default="policy_trunk,reward_model")
     parser.add_argument("--sample-merged", action="store_true",
                         help="also run the value-head side with sample_merged=true (bf16 rollouts with the adapter merged)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also run the value-head side with cuda_graphs=true (the decoding step replayed as a CUDA graph)")
+    parser.add_argument("--eager", default="", metavar="VALUE_MODELS",
+                        help="also run these sides (policy_trunk,reward_model) as before the GPU defaults: decoding "
+                        "eagerly (cuda_graphs=false), layers not compiled (torch_compile=false)")
+    parser.add_argument("--uncompiled", action="store_true",
+                        help="also run the value-head side with torch_compile=false (decoding still graphed)")
     parser.add_argument("--profile", action="store_true",
                         help="also run the value-head side under torch.profiler: its operator table is written to "
                         "WORK/SHAPE/profile/profile.txt (that run's timings carry the profiler's overhead)")
@@ -506,12 +526,16 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append((f"TRL {TRL_VERSION}", python, "trl", {**base, **paths, "out": str(work / "trl"),
                                                            "reward_model_dir": reward["model_dir"],
                                                            "rendered_prompts": rendered}))
-    variants = [(args.sample_merged, "align (merged sampling)", "sample_merged", "merged"),
-                (args.cuda_graphs, "align (CUDA-graph decode)", "cuda_graphs", "graphs"),
-                (args.profile, "align (profiled)", "profile", "profile"),
-                (args.fsdp, "align (FSDP2, 1 process)", "fsdp", "fsdp")]  # each on the value-head side
-    runs += [(name, sys.executable, "align", {**align_job, "value_model": "policy_trunk", key: True, "out": str(work / out)})
-             for wanted, name, key, out in variants if wanted]
+    eager = ["cuda_graphs=false", "torch_compile=false"]
+    variants = [(f"{names[v][:-1]}, eager)", v, {"overrides": eager}, f"{v}-eager")
+                for v in args.eager.split(",") if v]  # then the value-head side's
+    variants += [(name, "policy_trunk", job, out) for wanted, name, job, out in [
+        (args.fsdp, "align (FSDP2, 1 process)", {"fsdp": True}, "fsdp"),
+        (args.uncompiled, "align (not compiled)", {"overrides": ["torch_compile=false"]}, "uncompiled"),
+        (args.sample_merged, "align (merged sampling)", {"overrides": ["sample_merged=true"]}, "merged"),
+        (args.profile, "align (profiled)", {"profile": True}, "profile")] if wanted]
+    runs += [(name, sys.executable, "align", {**align_job, "value_model": value_model, **job, "out": str(work / out)})
+             for name, value_model, job, out in variants]
     name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
     peak = args.peak_tflops or peak
     results, failed = {}, {}

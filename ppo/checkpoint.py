@@ -158,7 +158,9 @@ def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool, fsdp: Any 
 
     if fsdp is not None:
         if cfg.cuda_graphs:
-            raise UserError("cuda_graphs=true does not run under FSDP sharding; set cuda_graphs=false")
+            raise UserError("cuda_graphs=true does not run under FSDP sharding; leave it unset")
+        if cfg.torch_compile:
+            raise UserError("torch_compile=true is not supported under FSDP sharding yet; leave it unset")
         if cfg.ref_model is not None:
             raise UserError("ref_model is not sharded under FSDP; leave it unset (the reference is the policy "
                             "with its adapter disabled)")

@@ -112,15 +112,24 @@ class PPOConfig:
         "young adapter's update partly rounds away); pi_old is recomputed by the training forward either way, "
         "so PPO's first ratio stays exactly 1, as with vLLM-sampled rollouts. The base is restored bit for bit.",
     )
-    cuda_graphs: bool = option(
-        False,
+    cuda_graphs: bool | None = option(
+        None,
         help="On a GPU, capture the rollout's decoding step as a CUDA graph and replay it (a decoding step is "
         "hundreds of small kernels whose launches cost more than their work: on one H200 at the Qwen2.5-0.5B shape, "
-        "sampling 64 x 128 tokens took 1.35 s instead of 7.27 s, measured before the graph was kept across rollouts). "
-        "The step runs on align's own KV cache, written at explicit positions (ppo.kv_cache); a graph is captured "
-        "once per batch size, cache length (rounded up to 64) and weights (adapter, merged, SFT) and replayed in "
-        "every later rollout. Off by default until the GPU tests and benchmark have run on this path (one bf16 GPU "
-        "test saw non-finite logits with the earlier, per-rollout graphs). No effect on the CPU.",
+        "sampling 64 x 128 tokens took 1.20 s instead of 6.35 s). The step runs on align's own KV cache, written at "
+        "explicit positions (ppo.kv_cache); a graph is captured once per batch size, cache length (rounded up to 64) "
+        "and weights (adapter, merged, SFT) and replayed in every later rollout. null: on with one CUDA device per "
+        "process, off under FSDP sharding (which gathers weights inside the step). No effect on the CPU.",
+    )
+    torch_compile: bool | None = option(
+        None,
+        help="Compile each decoder layer (torch.compile, inductor; align.compilation) for the training forward "
+        "and backward and the pi_old forward that PPO's first ratio is taken against: fewer, fused kernels where "
+        "a GPU is launch-bound. One layer's graphs are compiled once for all layers, at the first iteration; "
+        "decoding and the reference forward stay eager. null: on with one CUDA device per process, off on the "
+        "CPU (where the first iteration's compiling outweighs the gain on small models), under FSDP and with "
+        "gradient_checkpointing (transformers checkpoints inside the layer's forward, which the compiled graph "
+        "would have to hold).",
     )
     sample_gathered: bool = option(
         True,
@@ -223,6 +232,8 @@ class PPOConfig:
                   f"comes from the other samples of the same prompt), got {self.samples_per_prompt}")
             check(self.value_model == "policy_trunk", f"method={self.method} trains no value model; "
                   "drop value_model=reward_model (or use method=ppo)")
+        check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "
+              "gradient_checkpointing=true yet (the checkpoint sits inside the compiled layer); set one of them false")
         check(
             self.batch_size % self.samples_per_prompt == 0,
             f"batch_size ({self.batch_size}) must be divisible by samples_per_prompt ({self.samples_per_prompt})",

@@ -130,8 +130,9 @@ def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor,
     cfg = trainer.cfg
     with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
     input_ids, attention_mask, response_start = mb.right_padded(width)
-    # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward
-    with checkpointing_active(trainer.checkpointed):
+    # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward;
+    # compiled layers (torch_compile) run their compiled forward and backward, the recomputation included
+    with checkpointing_active(trainer.checkpointed), trainer.compiler.active():
         mb_logprobs, mb_entropy, mb_values = trainer.ddp_model(
             input_ids, attention_mask, response_start, mb.response_ids, cfg.temperature,
             cfg.logprob_chunk_tokens, with_entropy=with_entropy)

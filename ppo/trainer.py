@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from align.chat import render_prompt
+from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
 from align.precision import enable_gradient_checkpointing, torch_dtype
@@ -91,7 +92,6 @@ class PPOTrainer:
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
-        self.decode_pool = DecodeBufferPool(cuda_graph=cfg.cuda_graphs)  # the rollouts' decoding buffers and graphs
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -144,6 +144,12 @@ class PPOTrainer:
             separate_ref = load_causal_lm(resolve_model_path(cfg.ref_model), dtype=dtype, tokenizer=self.tokenizer)
             separate_ref.to(self.device).eval().requires_grad_(False)
         self.reference = Reference(self.model, separate_ref)
+        # One CUDA device per process: the decoding step replayed as a CUDA graph, the layers compiled
+        # for the training forward (both launch-bound there; neither applies to sharded weights).
+        one_gpu = self.device.type == "cuda" and not self.fsdp
+        self.decode_pool = DecodeBufferPool(cuda_graph=one_gpu if cfg.cuda_graphs is None else cfg.cuda_graphs)
+        compiled = one_gpu and not cfg.gradient_checkpointing if cfg.torch_compile is None else cfg.torch_compile
+        self.compiler = LayerCompiler(decoder_layers(self.model) if compiled else ())
         if self.fsdp:
             shard(self.model, self.fsdp, forward_methods=("policy_logprobs", "decode_step", "critic_values"))
             if isinstance(getattr(self.reward_model, "model", None), torch.nn.Module):  # a reward.model.RewardModel
@@ -358,8 +364,9 @@ class PPOTrainer:
         logprobs = torch.zeros(seqs.response_ids.shape, device=self.device)
         values = None if self.model.value_module is None else torch.zeros_like(logprobs)
         for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
-            logp, _, value = self.model(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
-                                        cfg.logprob_chunk_tokens)
+            with self.compiler.active():  # the layers the training forward runs: PPO's first ratio is 1
+                logp, _, value = self.model(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
+                                            cfg.logprob_chunk_tokens)
             logprobs[rows, : logp.shape[1]] = logp * group.response_mask
             if values is not None:
                 values[rows, : value.shape[1]] = value.float() * group.response_mask

@@ -64,15 +64,18 @@ def test_attention_is_sdpa_or_flash_by_default_on_the_gpu(tiny_random_model):
     assert model.config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
-@pytest.mark.parametrize("value_model,response_length,cuda_graphs", [
-    ("policy_trunk", 32, False), ("policy_trunk", 32, True), ("reward_model", 128, True), ("reward_model", 256, False)])
+@pytest.mark.parametrize("value_model,response_length,cuda_graphs,checkpointing", [
+    ("policy_trunk", 32, False, True), ("policy_trunk", 32, True, True), ("policy_trunk", 32, None, False),
+    ("reward_model", 128, True, True), ("reward_model", 128, None, False), ("reward_model", 256, False, True)])
 def test_ppo_runs_on_the_gpu_in_bf16(tiny_random_model, random_reward_model, tmp_path, value_model, response_length,
-                                     cuda_graphs):
+                                     cuda_graphs, checkpointing):
+    # None: the GPU defaults (the decoding step graphed, the layers compiled for training)
     from ppo.trainer import run_ppo
 
     cfg = _ppo_cfg(tiny_random_model, random_reward_model, tmp_path / "run", "dtype=bfloat16",
-                   f"value_model={value_model}", f"response_length={response_length}", "gradient_checkpointing=true",
-                   "logprob_chunk_tokens=64", f"cuda_graphs={str(cuda_graphs).lower()}")
+                   f"value_model={value_model}", f"response_length={response_length}",
+                   f"gradient_checkpointing={str(checkpointing).lower()}", "logprob_chunk_tokens=64",
+                   *([f"cuda_graphs={str(cuda_graphs).lower()}"] if cuda_graphs is not None else []))
     summary = run_ppo(cfg)
     assert summary["iteration"] == 2 and torch.isfinite(torch.tensor(summary["objective/kl"]))
     assert (tmp_path / "run" / "checkpoints").is_dir() and (tmp_path / "run" / "policy").is_dir()
@@ -123,3 +126,17 @@ def test_the_cuda_graph_decoding_step_samples_what_the_eager_full_forward_sample
     assert torch.equal(graphed[0], eager[0])
     torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-5)
     torch.testing.assert_close(graphed[2], eager[2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol,grad_rel", [("float32", 1e-4, 1e-5, 1e-3), ("bfloat16", 2e-2, 1e-3, 3e-2)])
+def test_compiled_training_step_matches_the_eager_one_on_the_gpu(tiny_random_model, random_reward_model, tmp_path,
+                                                                 dtype, rtol, atol, grad_rel):
+    # the GPU defaults compile the layers with inductor's Triton kernels; tests/ppo checks the CPU's C++ ones
+    from tests.ppo.test_compilation import check_compiled_step_matches_eager, trainer_with_trained_adapter
+
+    trainer = trainer_with_trained_adapter([
+        f"policy_model={tiny_random_model}", f"reward_model={random_reward_model}", f"output_dir={tmp_path / 'run'}",
+        "num_prompts=32", "num_eval_prompts=0", "batch_size=8", "num_mini_batches=2", "gradient_accumulation_steps=2",
+        "num_ppo_epochs=1", "save_every=0", "progress=false", f"dtype={dtype}"])
+    assert trainer.compiler.enabled and trainer.decode_pool.cuda_graph  # the defaults on one GPU
+    check_compiled_step_matches_eager(trainer, rtol=rtol, atol=atol, grad_rel=grad_rel)
