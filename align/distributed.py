@@ -49,6 +49,14 @@ def fsdp_plugin() -> Any | None:
     return plugin
 
 
+def rank_slice(items: list, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous part of `items` split over `world` ranks (sizes differ by at most one):
+    how a global batch is split, so that gradients averaged over the ranks are the global batch's."""
+    per, extra = divmod(len(items), world)
+    start = rank * per + min(rank, extra)
+    return items[start : start + per + (1 if rank < extra else 0)]
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

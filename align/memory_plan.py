@@ -25,7 +25,7 @@ FSDP2 terms follow align.distributed: frozen weights sharded in the model dtype,
 and their optimiser state sharded in fp32, one decoder block (plus `prefetch` more) gathered at a
 time, and the root unit (embedding, final norm, output layer, value head) gathered from a forward to
 its backward; PPO's reward model is sharded too, and so is the SFT model the reward stage's
-normalisation samples. `align dpo` runs in one process: its rows are one device whatever `fsdp_ranks`.
+normalisation samples; `align dpo` under FSDP2 reads each response whole after its prompt.
 With `fsdp_ranks=1` the plan is a single device (or a DDP replica).
 """
 
@@ -294,8 +294,6 @@ class PlanSettings:
                                 f"{0 if f.name in ('logprob_chunk_tokens', 'prefetch_blocks') else 1}, got {value}")
         if self.stage == "dpo" and self.gradient_checkpointing:
             raise UserError("align dpo has no gradient_checkpointing option; plan it without")
-        if self.stage == "dpo" and self.fsdp_ranks > 1:
-            raise UserError("align dpo runs in one process (not sharded yet); plan it with fsdp-ranks 1")
         lora_targets(self.lora_targets)
 
 
@@ -384,10 +382,15 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
             ((1 + s.prefetch_blocks) * block_parameters(shape) + embedding_parameters(shape)) * w)
     per_block = block_activation_bytes(shape, stream_bytes=w, input_copy_bytes=FP32 if w != FP32 else None, trained=targets,
                                        lora_rank=s.lora_rank)
-    if s.stage == "dpo":  # each ranking's prompt once, its K responses continuing the prompt's cache
-        tokens, scored = s.micro_batch * (Q + K * T), s.micro_batch * K * T
-        add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, False)
-            + s.micro_batch * K * Q * shape.num_layers * 2 * shape.kv_dim * w)
+    if s.stage == "dpo":
+        scored = s.micro_batch * K * T
+        if n > 1:  # FSDP2: each response read whole after its prompt (dpo.model.PolicyLogprobs)
+            tokens = s.micro_batch * K * (Q + T)
+            add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, False))
+        else:  # each ranking's prompt once, its K responses continuing the prompt's cache
+            tokens = s.micro_batch * (Q + K * T)
+            add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, False)
+                + s.micro_batch * K * Q * shape.num_layers * 2 * shape.kv_dim * w)
         add("log-prob logits", "training", logits_training_bytes(scored, shape.vocab_size, s.logprob_chunk_tokens))
         add("reference forward (cached log-probs)", "reference", forward_working_bytes(shape, tokens, w)
             + logits_inference_bytes(scored, shape.vocab_size, s.logprob_chunk_tokens, w))

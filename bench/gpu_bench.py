@@ -6,6 +6,7 @@
     python bench/gpu_bench.py --sample-merged   # + align sampling bf16 rollouts with the adapter merged
     python bench/gpu_bench.py --eager reward_model   # + the critic side decoding eagerly, layers not compiled
     python bench/gpu_bench.py --uncompiled      # + the value-head side with torch_compile=false
+    python bench/gpu_bench.py --roads           # + RLOO and GRPO, the critic-free methods
     python bench/gpu_bench.py --no-trl --profile   # + a profiled run: where an iteration's time goes
     python bench/gpu_bench.py --shape tiny --device cpu --no-trl  # what tests/test_gpu_bench.py runs
 
@@ -447,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eager", default="", metavar="VALUE_MODELS",
                         help="also run these sides (policy_trunk,reward_model) as before the GPU defaults: decoding "
                         "eagerly (cuda_graphs=false), layers not compiled (torch_compile=false)")
+    parser.add_argument("--roads", action="store_true",
+                        help="also run RLOO and GRPO (method=rloo|grpo, 4 samples per prompt: 16 prompts x 4 = the same "
+                        "episodes per iteration)")
     parser.add_argument("--uncompiled", action="store_true",
                         help="also run the value-head side with torch_compile=false (decoding still graphed)")
     parser.add_argument("--profile", action="store_true",
@@ -455,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fsdp", action="store_true",
                         help="also run the value-head side under FSDP2 in one process (configs/accelerate/fsdp2_gpu.yaml's "
                         "settings): its time and peak memory against plain one-GPU training")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the model and reward model an earlier run built in the same --work (same shape)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -493,8 +499,12 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
 
     t = time.perf_counter()
-    model_dir = work / "model"
-    info = build_model(model_dir, args.shape, args.data, device, args.seed)
+    model_dir, info_file = work / "model", work / "model-info.json"
+    if args.reuse and info_file.exists():  # an earlier run's model, same shape and seed
+        info = json.loads(info_file.read_text())
+    else:
+        info = build_model(model_dir, args.shape, args.data, device, args.seed)
+        info_file.write_text(json.dumps(info))
     timings["build_s"] = time.perf_counter() - t
     print(f"[{args.shape}] {info['parameters'] / 1e6:.0f}M parameters, {info['vocab']} tokens "
           f"({timings['build_s']:.0f} s to build)", flush=True)
@@ -510,9 +520,11 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_tokens = sum(min(128, len(tokenizer(r, add_special_tokens=False)["input_ids"])) for r in rendered) / len(rendered)
 
     base = {"settings": settings, "model": str(model_dir)}
-    reward = run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
-                                                   "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
-                        work / "reward", env_extra)
+    reward_result = work / "reward" / "reward-result.json"
+    reward = (json.loads(reward_result.read_text()) if args.reuse and reward_result.exists() else
+              run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
+                                                    "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
+                         work / "reward", env_extra))
     print(f"reward model: {reward['steps']} steps in {reward['train_s']:.1f} s "
           f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB", flush=True)
 
@@ -531,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for v in args.eager.split(",") if v]  # then the value-head side's
     variants += [(name, "policy_trunk", job, out) for wanted, name, job, out in [
         (args.fsdp, "align (FSDP2, 1 process)", {"fsdp": True}, "fsdp"),
+        (args.roads, "align RLOO", {"overrides": ["method=rloo", "samples_per_prompt=4"]}, "rloo"),
+        (args.roads, "align GRPO", {"overrides": ["method=grpo", "samples_per_prompt=4"]}, "grpo"),
         (args.uncompiled, "align (not compiled)", {"overrides": ["torch_compile=false"]}, "uncompiled"),
         (args.sample_merged, "align (merged sampling)", {"overrides": ["sample_merged=true"]}, "merged"),
         (args.profile, "align (profiled)", {"profile": True}, "profile")] if wanted]

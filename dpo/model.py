@@ -1,5 +1,5 @@
 """Log-probabilities of whole responses under the policy (or, adapter disabled, the reference),
-each prompt encoded once per batch.
+each prompt encoded once per batch; `PolicyLogprobs` is the module DDP and FSDP2 wrap.
 
 A ranking's K responses share their prompt, and causal attention makes the prompt's keys and
 values the same whatever follows, so the batch's distinct prompts go through the model once and
@@ -46,3 +46,39 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
         logp, _ = core.logprobs_from_hidden(before, head, ids, 1.0, chunk_tokens)
         out.append((logp * mask).sum(-1))
     return torch.cat(out)[torch.argsort(order)]  # back in input order
+
+
+def response_logprobs_whole(model: nn.Module, batch: RankingBatch, pad_token_id: int, chunk_tokens: int = 0) -> torch.Tensor:
+    """(N,) the same sums as `response_logprobs`, each response read whole after its prompt (one
+    right-padded pass over prompt + response): what sharded training runs, since FSDP2's backward
+    re-gathers a layer for the gradients reaching it through its outputs, not through the keys and
+    values a later forward read from a prompt's cache."""
+    from align.modeling import position_ids_from_mask
+    from ppo.model import states_before_tokens
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trunk, head = getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+    ids, mask = batch.whole_sequences(pad_token_id)
+    hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False).last_hidden_state
+    starts = batch.prompt_mask.sum(dim=1)[batch.prompt_index]  # (N,) each response's first column
+    tokens, token_mask = batch.continuation_ids, batch.continuation_mask
+    logp, _ = core.logprobs_from_hidden(states_before_tokens(hidden, starts, tokens.shape[1]), head, tokens, 1.0,
+                                        chunk_tokens)
+    return (logp * token_mask).sum(-1)
+
+
+class PolicyLogprobs(nn.Module):
+    """The policy as one module whose forward gives (N,) response log-probabilities: DDP's gradient
+    hooks and FSDP2's weight gathering run around a module's forward. `whole`: read each response
+    whole after its prompt (under FSDP2) instead of continuing the prompt's cache."""
+
+    def __init__(self, policy: nn.Module, *, buckets: int, chunk_tokens: int, pad_token_id: int, whole: bool = False):
+        super().__init__()
+        self.policy = policy  # a PeftModel
+        self.buckets, self.chunk_tokens, self.pad_token_id, self.whole = buckets, chunk_tokens, pad_token_id, whole
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        if self.whole:
+            return response_logprobs_whole(self.policy, batch, self.pad_token_id, self.chunk_tokens)
+        return response_logprobs(self.policy, batch, self.buckets, self.chunk_tokens)

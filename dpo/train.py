@@ -12,10 +12,16 @@ epochs; `step()` is one optimizer step and follows Rafailov et al. 2023 (appendi
 `finish()` saves the adapter as RUN/policy, reports the implicit reward's held-out ranking accuracy
 the way the reward stage reports its model's (`reward.evaluate.ranking_metrics`), and samples the
 SFT model and the policy on held-out prompts (`ppo.evaluation.evaluate`: KL, gold judge).
+
+Several processes (`accelerate launch`, DDP or an FSDP2 config, as for the other stages): each
+global batch is split over the ranks and their gradients averaged; the log-probabilities of the
+reference and of the held-out rankings are computed in parts, one per rank, and gathered; under
+FSDP2 each response is read whole after its prompt (`dpo.model.PolicyLogprobs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,13 +33,14 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
+from align.distributed import clip_grad_norm, fsdp_plugin, full_trainable_state, gathered, rank_slice, shard
 from align.errors import UserError
 from align.precision import check_finite_gradient
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
 from dpo.config import DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
-from dpo.model import response_logprobs
+from dpo.model import PolicyLogprobs
 from dpo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
 
 log = logging.getLogger("align")
@@ -53,6 +60,7 @@ class DPOTrainer:
         self.echo = echo
         self.out = Path(cfg.output_dir)
         self.step_count = 0
+        self.responses_forwarded = 0  # by this rank's training steps
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -73,8 +81,9 @@ class DPOTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes > 1:
-            raise UserError("align dpo runs in one process for now; launch it without accelerate's several processes")
+        self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         torch.manual_seed(cfg.seed)
 
@@ -90,7 +99,7 @@ class DPOTrainer:
             train = expand_to_pairs(train, cfg.seed)
         self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
         left_out.no_shared_prompt = self.train_set.left_out.no_shared_prompt
-        if left_out:
+        if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
 
@@ -101,17 +110,25 @@ class DPOTrainer:
         self.sampler = PolicySampler(self.policy, self.tokenizer, temperature=cfg.temperature,
                                      response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
                                      chunk_tokens=cfg.logprob_chunk_tokens)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        # the module DDP wraps and FSDP2 shards (each decoder layer a unit, the rest the root)
+        self.module = PolicyLogprobs(self.policy, buckets=cfg.length_buckets, chunk_tokens=cfg.logprob_chunk_tokens,
+                                     pad_token_id=self.tokenizer.pad_token_id, whole=self.fsdp is not None)
+        if self.fsdp:
+            shard(self.module, self.fsdp)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.batches = self.plan_batches()
         total, warmup = len(self.batches), int(cfg.warmup_ratio * len(self.batches))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-        self.optimizer = optimizer
+        self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
+                                      else self.accelerator.prepare(self.module, optimizer))
 
         t = time.perf_counter()
-        cache_reference_logps(self.policy, self.train_set, cfg, self.device)
+        cache_reference_logps(self.module, self.train_set, cfg, self.accelerator)
         self.reference_seconds = time.perf_counter() - t
+        if not self.is_main:
+            return
         prepare_run_dir(self.out, cfg)
         (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.metrics = MetricsWriter(self.out / METRICS_FILE)
@@ -119,29 +136,36 @@ class DPOTrainer:
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
     def plan_batches(self) -> list[list[int]]:
-        """Batches of example indices: a seeded shuffle per epoch, then `batch_size` at a time."""
+        """Global batches of example indices: a seeded shuffle per epoch, then `batch_size` at a time
+        (a last batch smaller than the number of processes is dropped: every rank needs an example)."""
         cfg, n = self.cfg, len(self.train_set)
         epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps * cfg.batch_size / n) + 1
         batches = []
         for epoch in range(epochs):
             order = list(range(n))
             random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
-            batches += [order[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
-        return batches[: cfg.max_steps] if cfg.max_steps is not None else batches
+            batches += [b for s in range(0, n, cfg.batch_size) if len(b := order[s: s + cfg.batch_size]) >= self.world]
+        batches = batches[: cfg.max_steps] if cfg.max_steps is not None else batches
+        if not batches:
+            raise UserError(f"no training steps: {n} training examples are too few for {self.world} processes")
+        return batches
 
     # ------------------------------------------------------------------------------------ train
 
     def step(self, batch: DPOBatch) -> dict[str, float]:
         cfg = self.cfg
-        # 1) log pi(y|x) of every response in the batch, each prompt encoded once
-        policy_logps = response_logprobs(self.policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens)
+        # 1) log pi(y|x) of every response in this rank's part of the batch, each prompt encoded once
+        policy_logps = self.model(batch.responses)
+        self.responses_forwarded += batch.responses.num_responses
         # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
         rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
         # 3) Plackett-Luce negative log-likelihood of each ranking, mean over rankings
         loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean()
-        # 4) one AdamW step on the adapter; a non-finite gradient is never applied
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        # 4) one AdamW step on the adapter (gradients averaged over the ranks); a non-finite gradient
+        #    is never applied
+        self.accelerator.backward(loss)
+        grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
+                     else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
         self.optimizer.step()
         self.scheduler.step()
@@ -159,85 +183,124 @@ class DPOTrainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         window: list[dict[str, float]] = []
-        bar = tqdm(self.batches, desc="dpo", unit="step", disable=not cfg.progress)
+        bar = tqdm(self.batches, desc="dpo", unit="step", disable=not (cfg.progress and self.is_main))
         for indices in bar:
-            batch = collate(self.train_set, indices).to(self.device)
+            batch = collate(self.train_set, rank_slice(indices, self.rank, self.world)).to(self.device)
             window.append(self.step(batch))
             self.step_count += 1
             if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
-                row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                keys = list(window[0])
+                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
+                row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
+                window = []
+                if not self.is_main:
+                    continue
                 row.update({"step": self.step_count, "train/lr": self.scheduler.get_last_lr()[0],
                             "timing/elapsed_s": time.perf_counter() - t_start})
                 self.metrics.write(row)
                 self.last_train = row
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}")
-                window = []
         self.train_seconds = time.perf_counter() - t_start
+        forwarded = torch.tensor(self.responses_forwarded, device=self.device)
+        self.responses_forwarded_total = int(self.accelerator.reduce(forwarded, "sum").item())  # every rank
 
     # ------------------------------------------------------------------------------------ outputs
 
     def finish(self) -> dict[str, Any]:
+        """Save, evaluate and summarise (the main process writes; every rank takes part in gathering
+        the adapter and in the held-out forwards, and under FSDP2 in the sampling too)."""
         from ppo.data import gold_judge, load_prompts
         from ppo.evaluation import evaluate
         from reward.evaluate import format_table
 
         cfg = self.cfg
-        self.save_policy()
+        self.accelerator.wait_for_everyone()
+        trained = full_trainable_state(self.module) if self.fsdp else None
+        if self.is_main:
+            self.save_policy(trained)
         summary: dict[str, Any] = {}
         t = time.perf_counter()
-        summary.update(held_out_ranking_metrics(self.policy, self.tokenizer, self.eval_rankings, cfg, self.device))
+        summary.update(held_out_ranking_metrics(self.module, self.tokenizer, self.eval_rankings, cfg, self.accelerator))
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
-        if cfg.num_eval_prompts:
+        if cfg.num_eval_prompts and (self.is_main or self.fsdp):
             prompts = load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")[: cfg.num_eval_prompts]
-            eval_metrics, samples = evaluate(self.sampler, prompts, gold_judge(cfg.eval_prompts),
-                                             batch_size=cfg.eval_batch_size, seed=cfg.seed)
+            with gathered(self.module):  # under FSDP2 every rank samples the same prompts with the whole policy
+                eval_metrics, samples = evaluate(self.sampler, prompts, gold_judge(cfg.eval_prompts),
+                                                 batch_size=cfg.eval_batch_size, seed=cfg.seed)
             summary.update(eval_metrics)
-            with (self.out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample) + "\n")
-        summary.update({
-            "train/loss_final": self.last_train["train/loss"],
-            "train/steps": self.step_count,
-            "train/rankings": self.num_train_rankings,
-            "train/examples": len(self.train_set),
-            "timing/reference_s": self.reference_seconds,
-            "timing/train_s": self.train_seconds,
-            "timing/eval_s": time.perf_counter() - t,
-            "timing/total_s": time.perf_counter() - self.t0,
-            "memory/peak_rss_mb": peak_memory_mb(),
-            **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
-        })
-        write_json_atomic(self.out / SUMMARY_FILE, summary)
-        self.metrics.close()
-        self.echo(format_table(summary))
+            if self.is_main:
+                with (self.out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
+                    for sample in samples:
+                        f.write(json.dumps(sample) + "\n")
+        if self.is_main:
+            summary.update({
+                "train/loss_final": self.last_train["train/loss"],
+                "train/steps": self.step_count,
+                "train/rankings": self.num_train_rankings,
+                "train/examples": len(self.train_set),
+                "train/num_processes": self.world,
+                "train/responses_forwarded": self.responses_forwarded_total,  # over all ranks
+                "timing/reference_s": self.reference_seconds,
+                "timing/train_s": self.train_seconds,
+                "timing/eval_s": time.perf_counter() - t,
+                "timing/total_s": time.perf_counter() - self.t0,
+                "memory/peak_rss_mb": peak_memory_mb(),
+                **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+            })
+            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            self.metrics.close()
+            self.echo(format_table(summary))
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        return summary
+        return summary if self.is_main else {}
 
-    def save_policy(self) -> None:
+    def save_policy(self, trained: dict[str, torch.Tensor] | None = None) -> None:
+        """RUN/policy: the adapter as peft writes it (`trained`: its weights gathered in full from the
+        ranks' shards under FSDP2) and the tokenizer."""
         self.policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
+        adapter = None if trained is None else {k.removeprefix("policy."): v for k, v in trained.items()}
         with atomic_directory(self.out / POLICY_DIR, overwrite=True) as tmp:
-            self.policy.save_pretrained(tmp)
+            self.policy.save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
         (self.out / "data.json").write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
 
+
 @torch.no_grad()
-def cache_reference_logps(policy: Any, dataset: DPODataset, cfg: DPOConfig, device: torch.device) -> None:
+def dataset_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOConfig, accelerator: Any,
+                  adapter: bool = True) -> dict[int, torch.Tensor]:
+    """Example index -> (K,) log-probabilities of its responses under the policy (or, `adapter`
+    false, the reference), in batches of `batch_size` examples dealt out over the ranks and gathered
+    on every rank. Every rank runs as many forwards (a rank short of batches repeats one and drops
+    its result), since under FSDP2 each forward gathers weights from all of them."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    chunks = [list(range(s, min(s + cfg.batch_size, len(dataset)))) for s in range(0, len(dataset), cfg.batch_size)]
+    mine = chunks[rank::world]
+    found: dict[int, torch.Tensor] = {}
+    with contextlib.nullcontext() if adapter else module.policy.disable_adapter():
+        for r in range(math.ceil(len(chunks) / world)):
+            indices = mine[r] if r < len(mine) else chunks[0]
+            logps = module(collate(dataset, indices).responses.to(accelerator.device)).float().cpu()
+            if r < len(mine):
+                found.update(zip(indices, logps.split([len(dataset.items[i].responses) for i in indices])))
+    if world > 1:
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, found)
+        found = {i: row for part in parts for i, row in part.items()}
+    return found
+
+
+def cache_reference_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOConfig, accelerator: Any) -> None:
     """log pi_ref of every response, once (the adapter disabled): the reference never changes, so
     each step forwards the policy alone (half the forward passes of recomputing it). In training
     batches: what fits a training step fits its forward alone."""
-    with policy.disable_adapter():
-        for start in range(0, len(dataset), cfg.batch_size):
-            indices = list(range(start, min(start + cfg.batch_size, len(dataset))))
-            batch = collate(dataset, indices).to(device)
-            logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens)
-            for i, row in zip(indices, logps.float().cpu().split([len(dataset.items[i].responses) for i in indices])):
-                dataset.reference_logps[i] = row
+    for i, row in dataset_logps(module, dataset, cfg, accelerator, adapter=False).items():
+        dataset.reference_logps[i] = row
 
 
 @torch.no_grad()
-def held_out_ranking_metrics(policy: Any, tokenizer: Any, rankings: list, cfg: DPOConfig,
-                             device: torch.device) -> dict[str, Any]:
+def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: list, cfg: DPOConfig,
+                             accelerator: Any) -> dict[str, Any]:
     """How well the implicit reward beta * (log pi - log pi_ref) of a LoRA policy orders held-out
     rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...)."""
     from reward.evaluate import ranking_metrics, text_key
@@ -245,15 +308,12 @@ def held_out_ranking_metrics(policy: Any, tokenizer: Any, rankings: list, cfg: D
     dataset = DPODataset(rankings, tokenizer, cfg.max_length)
     if not len(dataset):
         return {}
-    cache_reference_logps(policy, dataset, cfg, device)
+    cache_reference_logps(module, dataset, cfg, accelerator)
+    policy = dataset_logps(module, dataset, cfg, accelerator)
     table = {}
-    for start in range(0, len(dataset), cfg.batch_size):
-        indices = list(range(start, min(start + cfg.batch_size, len(dataset))))
-        batch = collate(dataset, indices).to(device)
-        logps = response_logprobs(policy, batch.responses, cfg.length_buckets, cfg.logprob_chunk_tokens).float()
-        rewards = implicit_rewards(logps, batch.reference_logps, cfg.beta).tolist()
-        keys = [text_key(dataset.rankings[i].prompt, resp) for i in indices for resp in dataset.rankings[i].responses]
-        table.update(zip(keys, rewards))
+    for i, ranking in enumerate(dataset.rankings):
+        rewards = implicit_rewards(policy[i], dataset.reference_logps[i], cfg.beta).tolist()
+        table.update(zip([text_key(ranking.prompt, resp) for resp in ranking.responses], rewards))
     return ranking_metrics(dataset.rankings, table, "eval/")
 
 

@@ -224,6 +224,19 @@ class RankingBatch:
         return [prompts[int(u)] + ids[mask.bool()].tolist()
                 for u, ids, mask in zip(self.prompt_index, self.continuation_ids, self.continuation_mask)]
 
+    def whole_sequences(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L) right-padded ids and mask of the N sequences, each prompt joined to its continuation,
+        on the batch's device."""
+        seqs = self.full_sequences()
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        device = self.continuation_ids.device
+        return ids.to(device), mask.to(device)
+
     def to(self, device: torch.device | str) -> RankingBatch:
         return RankingBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 

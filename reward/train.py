@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, shard
+from align.distributed import clip_grad_norm, fsdp_plugin, rank_slice, shard
 from align.errors import UserError
 from align.precision import (
     autocast,
@@ -63,19 +63,6 @@ from reward.model import (
     score_texts,
 )
 from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
-
-
-def whole_sequences(batch: RankingBatch, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, L) right-padded ids and mask of the batch's sequences, each prompt joined to its continuation."""
-    seqs = batch.full_sequences()
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    device = batch.continuation_ids.device
-    return ids.to(device), mask.to(device)
 
 
 class RewardTrainer:
@@ -177,9 +164,7 @@ class RewardTrainer:
     def local_batch(self, global_batch: list[int]) -> RankingBatch:
         """This rank's contiguous slice of the global batch (sizes differ by at most one), collated on
         the CPU and moved to the model's device here, the one place a training batch changes device."""
-        per, extra = divmod(len(global_batch), self.world)
-        start = self.rank * per + min(self.rank, extra)
-        mine = global_batch[start : start + per + (1 if self.rank < extra else 0)]
+        mine = rank_slice(global_batch, self.rank, self.world)
         return self.collate([self.train_set[i] for i in mine]).to(self.device)
 
     # ----------------------------------------------------------------------- training
@@ -192,7 +177,7 @@ class RewardTrainer:
         #    its outputs, not through the keys and values a later forward read from the cache)
         with autocast(self.device, self.dtype):
             if self.checkpointed or self.fsdp:
-                ids, mask = whole_sequences(batch, self.collate.pad_token_id)
+                ids, mask = batch.whole_sequences(self.collate.pad_token_id)
                 rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
             else:
                 rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets).float()  # (N,)

@@ -127,6 +127,22 @@ def test_fsdp_halves_the_sharded_terms_and_checkpointing_lowers_activations():
         assert on.total < off.total
 
 
+def test_sharded_dpo_reads_each_response_whole():
+    # one process reads each ranking's prompt once and continues it K times; FSDP2 reads each response
+    # whole after its prompt (dpo.model.PolicyLogprobs): 4 rankings of 4 responses cost what 16 of one do
+    shape = PRESETS["llama-3.1-8b"]
+
+    def activations(ranks: int, rankings: int, k: int) -> int:
+        return plan(shape, PlanSettings(stage="dpo", fsdp_ranks=ranks, micro_batch=rankings,
+                                        responses_per_prompt=k)).term("activations")
+
+    assert activations(8, 4, 4) == activations(8, 16, 1)
+    assert activations(1, 4, 4) < activations(1, 16, 1)
+    one, eight = (plan(shape, PlanSettings(stage="dpo", fsdp_ranks=n)) for n in (1, 8))
+    assert eight.term("base weights (frozen)") == one.term("base weights (frozen)") // 8
+    assert eight.term("FSDP gathered blocks + embedding") > 0
+
+
 def test_a_critic_holds_a_trained_copy_of_the_reward_model():
     shape = PRESETS["qwen2.5-1.5b"]
     head, critic = (plan(shape, PlanSettings(stage=s)) for s in ("ppo", "ppo-critic"))

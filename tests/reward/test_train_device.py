@@ -6,7 +6,7 @@ import torch
 
 from align.precision import enable_gradient_checkpointing
 from reward.data import RankingBatch
-from reward.train import RewardTrainer, whole_sequences
+from reward.train import RewardTrainer
 
 
 def _trainer(cfg) -> RewardTrainer:
@@ -72,7 +72,7 @@ def test_gradient_checkpointing_gives_the_shared_prompt_rewards_and_gradient(qui
     shared, g_shared = rewards_and_grads(lambda: forward_rewards_shared_prompts(model, batch, 2))
     layers = enable_gradient_checkpointing(model)
     assert layers
-    ids, mask = whole_sequences(batch, trainer.collate.pad_token_id)
+    ids, mask = batch.whole_sequences(trainer.collate.pad_token_id)
     whole, g_whole = rewards_and_grads(lambda: forward_rewards(model, ids, mask))
     torch.testing.assert_close(whole, shared, rtol=0, atol=1e-9)
     assert g_whole.keys() == g_shared.keys()

@@ -1,0 +1,70 @@
+"""`align dpo` on two CPU ranks through accelerate (gloo; DDP and FSDP2) trains the adapter one
+process trains, and evaluates the same held-out rankings."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ppo.test_multiproc import free_port
+from tests.reward.test_multiproc import LAUNCHERS
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def dpo_args(tiny_random_model, out: Path) -> list[str]:
+    # batches of 8 rankings split 4 + 4: the mean of the ranks' gradients is the batch's
+    return [f"policy_model={tiny_random_model}", f"output_dir={out}", "data.num_rankings=64",
+            "data.num_eval_rankings=16", "data.k=3", "batch_size=8", "epochs=1", "learning_rate=5e-3",
+            "num_eval_prompts=4", "response_length=8", "progress=false", "seed=1", "num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dpo-single") / "run"
+    single = subprocess.run([sys.executable, "-m", "align", "dpo", *dpo_args(tiny_random_model, out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return out
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model, single_process_run, tmp_path):
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    multi = subprocess.run(
+        [accelerate, "launch", *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", "dpo",
+         *dpo_args(tiny_random_model, tmp_path / "multi")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    m = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    s = json.loads((single_process_run / "summary.json").read_text())
+    assert (m["train/num_processes"], s["train/num_processes"]) == (2, 1)
+    assert m["train/steps"] == s["train/steps"] > 1 and m["train/examples"] == s["train/examples"]
+    assert m["train/responses_forwarded"] == s["train/responses_forwarded"]  # each rank half of every batch
+    # the held-out rankings, computed half on each rank and gathered: the same rankings, the same verdicts
+    assert m["eval/num_rankings"] == s["eval/num_rankings"] > 0 and m["eval/num_pairs"] == s["eval/num_pairs"]
+    assert abs(m["eval/accuracy"] - s["eval/accuracy"]) <= 0.02
+    assert abs(m["eval/loss"] - s["eval/loss"]) <= 0.02
+    assert m["eval/num_prompts"] == s["eval/num_prompts"] == 4  # held-out samples (FSDP2: every rank, gathered)
+    # the adapter written by the main rank (FSDP2: gathered from the shards) is the one-process adapter, up
+    # to float rounding (FSDP2 reads whole sequences where one process continues each prompt's cache)
+    multi_weights, single_weights = (load_file(str(d / "policy" / "adapter_model.safetensors"))
+                                     for d in (tmp_path / "multi", single_process_run))
+    assert multi_weights.keys() == single_weights.keys() and multi_weights
+    moved = 0.0
+    for name, value in single_weights.items():
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)
+        moved = max(moved, value.abs().max().item() if "lora_B" in name else 0.0)
+    assert moved > 1e-2  # lora_B starts at 0: the adapters moved 100x the tolerance
+    assert PeftConfig.from_pretrained(tmp_path / "multi" / "policy").base_model_name_or_path == str(tiny_random_model)
