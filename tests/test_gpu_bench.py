@@ -36,20 +36,21 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
                     "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
                     "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
                     "--threads", "1", "--sample-merged", "--eager", "policy_trunk", "--uncompiled", "--profile",
-                    "--fsdp"])
+                    "--fsdp", "--roads"])
     assert exit_info.value.code == 1
     out = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert out["model"]["vocab"] > 256 and out["reward"]["steps"] == 2
     assert set(out["versions"]) == {"torch", "transformers", "peft", "accelerate", "cuda"}
     assert set(out["runs"]) == {"align (value head)", "align (value head, eager)", "align (merged sampling)",
-                                "align (not compiled)", "align (profiled)", "align (FSDP2, 1 process)"}
+                                "align (not compiled)", "align (profiled)", "align (FSDP2, 1 process)",
+                                "align RLOO", "align GRPO"}
     assert set(out["failed"]) == {"align (critic)"}
     for run in out["runs"].values():
         assert len(run["iterations"]) == 2
         for i in run["iterations"]:
             assert 0 < i["timing/sample_s"] <= i["timing/rollout_s"] < i["timing/iteration_s"]
     lines = out["table"].splitlines()
-    assert lines[0].split()[:4] == ["run", "s/iter", "rollout", "sample"] and len(lines) == 8
+    assert lines[0].split()[:4] == ["run", "s/iter", "rollout", "sample"] and len(lines) == 10
     profile = (tmp_path / "tiny" / "profile" / "profile.txt").read_text()
     assert "aten::" in profile and "Self CPU" in profile
 
