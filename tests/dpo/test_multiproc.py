@@ -2,20 +2,12 @@
 process trains, and evaluates the same held-out rankings."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ppo.test_multiproc import free_port
-from tests.reward.test_multiproc import LAUNCHERS
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from tests.launch import LAUNCHERS, run_align
 
 
 def dpo_args(tiny_random_model, out: Path) -> list[str]:
@@ -28,8 +20,7 @@ def dpo_args(tiny_random_model, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dpo-single") / "run"
-    single = subprocess.run([sys.executable, "-m", "align", "dpo", *dpo_args(tiny_random_model, out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    single = run_align("dpo", *dpo_args(tiny_random_model, out))
     assert single.returncode == 0, single.stderr[-3000:]
     return out
 
@@ -41,11 +32,7 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     from peft import PeftConfig
     from safetensors.torch import load_file
 
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    multi = subprocess.run(
-        [accelerate, "launch", *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", "dpo",
-         *dpo_args(tiny_random_model, tmp_path / "multi")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())

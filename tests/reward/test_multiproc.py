@@ -1,36 +1,21 @@
 """Two CPU ranks through accelerate (gloo) train the same model as one process, within noise."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ppo.test_multiproc import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.launch import LAUNCHERS, run_align
 
 ARGS = ["model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30", "train.batch_size=16",
         "train.learning_rate=3e-3", "eval.normalize_prompts=8", "eval.normalize_max_new_tokens=16", "train.num_threads=1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-LAUNCHERS = {  # --multi_gpu without --cpu: with no GPU, two CPU processes on gloo
-    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"],
-    "fsdp2": ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml")],
-}
 
 
 @pytest.fixture(scope="module")
 def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reward-single") / "run"
-    single = subprocess.run([sys.executable, "-m", "align", "reward", "train", f"output_dir={out}",
-                             f"model.name_or_path={tiny_random_model}", *ARGS],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    single = run_align("reward", "train", f"output_dir={out}", f"model.name_or_path={tiny_random_model}", *ARGS)
     assert single.returncode == 0, single.stderr[-3000:]
     return out
 
@@ -41,11 +26,8 @@ def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
 def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_process_run, tmp_path):
     from safetensors.torch import load_file
 
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    multi = subprocess.run(
-        [accelerate, "launch", *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", "reward",
-         "train", f"output_dir={tmp_path / 'multi'}", f"model.name_or_path={tiny_random_model}", *ARGS],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    multi = run_align("reward", "train", f"output_dir={tmp_path / 'multi'}", f"model.name_or_path={tiny_random_model}",
+                      *ARGS, launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())
