@@ -126,8 +126,9 @@ class PPOConfig:
         help="Compile each decoder layer (torch.compile, inductor; align.compilation) for the training forward "
         "and backward and the pi_old forward that PPO's first ratio is taken against: fewer, fused kernels where "
         "a GPU is launch-bound. One layer's graphs are compiled once for all layers, at the first iteration; "
-        "decoding and the reference forward stay eager. null: on with one CUDA device per process, off on the "
-        "CPU (where the first iteration's compiling outweighs the gain on small models), under FSDP and with "
+        "decoding and the reference forward stay eager (on one H200 at the Qwen2.5-0.5B shape: the optimisation "
+        "phase 2.98 -> 1.93 s, peak memory 9.3 -> 7.5 GiB). null: on with one CUDA device per process, off on the "
+        "CPU (compiling took ~35 s on 2 cores for a tiny model; no CPU speed-up is measured), under FSDP and with "
         "gradient_checkpointing (transformers checkpoints inside the layer's forward, which the compiled graph "
         "would have to hold).",
     )
