@@ -49,6 +49,29 @@ def fsdp_plugin() -> Any | None:
     return plugin
 
 
+def global_batches(n: int, batch_size: int, *, epochs: int, max_steps: int | None, seed: int, world: int,
+                   what: str = "examples") -> list[list[int]]:
+    """Global batches of the indices 0..n-1: a seeded shuffle per epoch, then `batch_size` at a time;
+    `max_steps` (when set) takes as many epochs as it needs and cuts there. A batch smaller than the
+    number of processes `world` is dropped (every rank needs at least one element)."""
+    import math
+    import random
+
+    if max_steps is not None:
+        epochs = math.ceil(max_steps * batch_size / n) + 1
+    batches = []
+    for epoch in range(epochs):
+        order = list(range(n))
+        random.Random(f"shuffle:{seed}:{epoch}").shuffle(order)
+        starts = range(0, n, batch_size)
+        batches += [order[s: s + batch_size] for s in starts if len(order[s: s + batch_size]) >= world]
+    batches = batches[:max_steps] if max_steps is not None else batches
+    if not batches:
+        raise UserError(f"no training steps: {n} training {what} are too few for batch_size {batch_size} on "
+                        f"{world} process(es)")
+    return batches
+
+
 def rank_slice(items: list, rank: int, world: int) -> list:
     """Rank `rank`'s contiguous part of `items` split over `world` ranks (sizes differ by at most one):
     how a global batch is split, so that gradients averaged over the ranks are the global batch's."""

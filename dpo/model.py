@@ -17,6 +17,12 @@ from ppo import core
 from reward.data import RankingBatch
 
 
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A causal LM's (a PeftModel's or its base's) transformer without its head, and the head."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
 def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk_tokens: int = 0) -> torch.Tensor:
     """(N,) sum of log pi(token) over each response's tokens (its eos included), at temperature 1.
 
@@ -25,8 +31,7 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
     from align.modeling import position_ids_from_mask, prompt_cache_rows
     from reward.model import length_slices
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk, head = getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+    trunk, head = trunk_and_head(model)
     prompt = trunk(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                    position_ids=position_ids_from_mask(batch.prompt_mask), use_cache=True)
     prompt_last = prompt.last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token here
@@ -56,8 +61,7 @@ def response_logprobs_whole(model: nn.Module, batch: RankingBatch, pad_token_id:
     from align.modeling import position_ids_from_mask
     from ppo.model import states_before_tokens
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk, head = getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+    trunk, head = trunk_and_head(model)
     ids, mask = batch.whole_sequences(pad_token_id)
     hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                    use_cache=False).last_hidden_state

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,15 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, full_trainable_state, gathered, rank_slice, shard
+from align.distributed import (
+    clip_grad_norm,
+    fsdp_plugin,
+    full_trainable_state,
+    gathered,
+    global_batches,
+    rank_slice,
+    shard,
+)
 from align.errors import UserError
 from align.precision import check_finite_gradient
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
@@ -136,19 +143,10 @@ class DPOTrainer:
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
     def plan_batches(self) -> list[list[int]]:
-        """Global batches of example indices: a seeded shuffle per epoch, then `batch_size` at a time
-        (a last batch smaller than the number of processes is dropped: every rank needs an example)."""
-        cfg, n = self.cfg, len(self.train_set)
-        epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps * cfg.batch_size / n) + 1
-        batches = []
-        for epoch in range(epochs):
-            order = list(range(n))
-            random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
-            batches += [b for s in range(0, n, cfg.batch_size) if len(b := order[s: s + cfg.batch_size]) >= self.world]
-        batches = batches[: cfg.max_steps] if cfg.max_steps is not None else batches
-        if not batches:
-            raise UserError(f"no training steps: {n} training examples are too few for {self.world} processes")
-        return batches
+        """Global batches of example indices (align.distributed.global_batches)."""
+        cfg = self.cfg
+        return global_batches(len(self.train_set), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                              seed=cfg.seed, world=self.world)
 
     # ------------------------------------------------------------------------------------ train
 

@@ -148,7 +148,7 @@ class PPOTrainer:
         # for the training forward (both launch-bound there; neither applies to sharded weights).
         one_gpu = self.device.type == "cuda" and not self.fsdp
         self.decode_pool = DecodeBufferPool(cuda_graph=one_gpu if cfg.cuda_graphs is None else cfg.cuda_graphs)
-        compiled = one_gpu and not cfg.gradient_checkpointing if cfg.torch_compile is None else cfg.torch_compile
+        compiled = (one_gpu and not cfg.gradient_checkpointing) if cfg.torch_compile is None else cfg.torch_compile
         self.compiler = LayerCompiler(decoder_layers(self.model) if compiled else ())
         if self.fsdp:
             shard(self.model, self.fsdp, forward_methods=("policy_logprobs", "decode_step", "critic_values"))

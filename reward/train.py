@@ -19,7 +19,6 @@ single-process training.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, rank_slice, shard
+from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_slice, shard
 from align.errors import UserError
 from align.precision import (
     autocast,
@@ -144,22 +143,10 @@ class RewardTrainer:
             )
 
     def plan_batches(self) -> list[list[int]]:
-        """Global batches of ranking indices: a seeded shuffle per epoch, then `batch_size` at a time."""
+        """Global batches of ranking indices (align.distributed.global_batches)."""
         cfg = self.cfg.train
-        n = len(self.train_set)
-        batches: list[list[int]] = []
-        for epoch in range(cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps * cfg.batch_size / n) + 1):
-            order = list(range(n))
-            random.Random(f"shuffle:{cfg.seed}:{epoch}").shuffle(order)
-            for start in range(0, n, cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                if len(batch) >= self.world:  # every rank needs at least one ranking
-                    batches.append(batch)
-        if cfg.max_steps is not None:
-            batches = batches[: cfg.max_steps]
-        if not batches:
-            raise UserError("no training steps: too few training rankings for the batch size and processes")
-        return batches
+        return global_batches(len(self.train_set), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                              seed=cfg.seed, world=self.world, what="rankings")
 
     def local_batch(self, global_batch: list[int]) -> RankingBatch:
         """This rank's contiguous slice of the global batch (sizes differ by at most one), collated on

@@ -1,0 +1,32 @@
+"""How a stage's data is dealt into global batches and split over the ranks (align.distributed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from align.distributed import global_batches, rank_slice
+from align.errors import UserError
+
+
+def test_global_batches_shuffle_each_epoch_and_drop_a_batch_too_small_for_the_ranks():
+    batches = global_batches(7, 3, epochs=2, max_steps=None, seed=0, world=2)
+    # per epoch 3 + 3 + 1: the batch of one is dropped with two ranks
+    assert [len(b) for b in batches] == [3, 3, 3, 3]
+    first, second = (sorted(sum(batches[i:i + 2], [])) for i in (0, 2))
+    assert len(set(first)) == len(first) == 6 and len(set(second)) == 6  # no index twice in an epoch
+    assert batches[:2] != batches[2:]  # another order in the second epoch
+    assert global_batches(7, 3, epochs=2, max_steps=None, seed=0, world=1)[2] == [i for i in range(7)
+                                                                                  if i not in first]
+    assert global_batches(7, 3, epochs=2, max_steps=None, seed=0, world=2) == batches  # seeded
+    assert len(global_batches(7, 3, epochs=1, max_steps=5, seed=0, world=1)) == 5  # as many epochs as it needs
+
+
+def test_no_batch_for_every_rank_is_a_clear_error():
+    with pytest.raises(UserError, match="no training steps: 1 training rankings are too few"):
+        global_batches(1, 4, epochs=3, max_steps=None, seed=0, world=2, what="rankings")
+
+
+def test_rank_slices_cover_the_batch_once_in_order():
+    batch = [10, 11, 12, 13, 14]
+    parts = [rank_slice(batch, r, 3) for r in range(3)]
+    assert parts == [[10, 11], [12, 13], [14]]
