@@ -2,4 +2,8 @@
 
 from align.commands.cli import main
 
-main()
+# Guarded: a child process that re-runs the parent's main module under another name (the
+# annotation server's import process, started through anyio.to_process, does) must not run
+# the CLI again.
+if __name__ == "__main__":
+    main()

@@ -321,6 +321,38 @@ print(json.dumps({{"started": started_at, "sqlalchemy loaded": loaded_at, "after
     assert seen["sqlalchemy loaded"] == [lowered] and seen["after"] == lowered, seen
 
 
+def test_an_api_import_through_a_served_process_stores_the_file(tmp_path):
+    """`python -m align annotate serve` (one process, so the CLI module is the server's
+    main module) takes an import through the API: the import process it starts must not
+    run the CLI again as it loads the parent's main module."""
+    import json
+
+    import httpx
+
+    from tests.annotation.conftest import ServerProcess, seed_database
+
+    db_url = f"sqlite:///{tmp_path / 'served.db'}"
+    tokens = seed_database(db_url, n_prompts=1, k=2, annotators_per_prompt=1, users=["ann"])
+    body = "".join(json.dumps({"prompt": f"imported {i}?", "id": f"i{i}", "candidates": ["a", "b"]}) + "\n"
+                   for i in range(3))
+    server = ServerProcess(db_url, tmp_path / "server.log").start()
+    try:
+        r = httpx.post(f"{server.url}/api/projects/bulk/import?format=prompts", content=body.encode(), timeout=60,
+                       headers={"Authorization": f"Bearer {tokens['admin']}"})
+    finally:
+        server.stop()
+    assert r.status_code == 201, (r.status_code, r.text, (tmp_path / "server.log").read_text()[-2000:])
+    assert r.json()["prompts_added"] == 3
+    from annotation.db import open_db
+    from annotation.models import Project, Prompt
+
+    sm = open_db(db_url)
+    with sm() as db:
+        project = db.query(Project).filter_by(name="bulk").one()
+        assert sorted(p.source_id for p in db.query(Prompt).filter_by(project_id=project.id)) == ["i0", "i1", "i2"]
+    sm.kw["bind"].dispose()
+
+
 def test_a_served_worker_leaves_its_startup_objects_out_of_garbage_collections(tmp_path):
     """A worker process of `align annotate serve` (in a fresh interpreter): the objects
     built at its start, the app's routes included, are no longer walked by the collector,
