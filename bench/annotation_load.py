@@ -100,6 +100,15 @@ class Connection:
         self.reader = self.writer = None
 
 
+# --timeline: (wall-clock start, next ms, submit ms or None, outcome) of every ranking.
+TIMELINE: list[tuple[float, float, float | None, str]] | None = None
+
+
+def _timeline(t_start: float, next_ms: float, submit_ms: float | None, outcome: str) -> None:
+    if TIMELINE is not None:
+        TIMELINE.append((time.time() - (time.perf_counter() - t_start), next_ms, submit_ms, outcome))
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -118,17 +127,20 @@ async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: f
     Returns 'ok', 'exhausted', 'busy' (a 503) or 'error'."""
     try:
         status, task = await c.request("POST", "/api/projects/load/next")
-        stats["next_ms"].append((time.perf_counter() - t_start) * 1000)
+        next_ms = (time.perf_counter() - t_start) * 1000
+        stats["next_ms"].append(next_ms)
         if status == 204:
             stats["ran_dry"] += 1
             return "exhausted"
         if status != 200:
             stats["errors"][f"next {status}"] += 1
+            _timeline(t_start, next_ms, None, f"next {status}")
             return "busy" if status == 503 else "error"
         order = _order(task, rng)
         t0 = time.perf_counter()
         status, ranking = await c.request("POST", f"/api/tasks/{task['id']}/ranking", {"order": order, "time_spent_ms": 1000})
         stats["submit_ms"].append((time.perf_counter() - t0) * 1000)
+        _timeline(t_start, next_ms, stats["submit_ms"][-1], "ok" if status == 201 else f"submit {status}")
         if status == 201:
             stats["acked"].append((ranking["id"], task["id"], order, time.time()))
             return "ok"
@@ -303,7 +315,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds of closed loop before the measured phases")
     ap.add_argument("--kill-at", type=float, default=None,
                     help="SIGKILL the server this many seconds into the last phase, then restart it")
+    ap.add_argument("--timeline", type=Path, default=None,
+                    help="write every ranking's start time (Unix s), next and submit latency (ms) and outcome to "
+                         "this CSV file, and the import's start and end as comment lines: to line up with "
+                         "the database's own log")
     args = ap.parse_args()
+    global TIMELINE
+    TIMELINE = [] if args.timeline else None
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or any(p not in ("closed", "open", "import", "overload") for p in phases):
         ap.error("--phases takes closed, open, import and overload, comma-separated")
@@ -429,6 +447,11 @@ def main() -> None:
     per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1 and not r.skipped)
     over = sum(1 for c in per_prompt.values() if c > args.annotators_per_prompt)
 
+    if args.timeline:
+        with open(args.timeline, "w") as f:
+            f.write("".join(f"# import {key} {window[key]:.3f}\n" for key in ("start", "end") if key in window))
+            f.write("start_s,next_ms,submit_ms,outcome\n")
+            f.writelines(f"{t:.3f},{n:.1f},{'' if s is None else f'{s:.1f}'},{o}\n" for t, n, s, o in sorted(TIMELINE))
     print()
     print(f"database: {db_url.split(':')[0].split('+')[0]}; server workers: {args.workers}; {os.cpu_count()} CPU cores; "
           f"load average after: {os.getloadavg()[0]:.1f}; {args.clients} annotators")
