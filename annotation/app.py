@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
-from annotation.db import DatabaseBusy, WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate
+from annotation.db import DatabaseBusy, WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate, open_connections
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.settings import Settings
@@ -144,6 +144,7 @@ def load_or_create_secret(sessionmaker) -> str:
 def create_app(settings: Settings) -> FastAPI:
     sqlite = settings.db_url.startswith("sqlite")
     engine = make_engine(settings.db_url, background_checkpoints=sqlite, pool_timeout_s=settings.pool_timeout_s,
+                         pool_size=settings.db_connections,
                          lock_timeout_s=settings.lock_timeout_s)
     migrate(engine)
     sm = make_sessionmaker(engine)
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         checkpointer = WalCheckpointer(settings.db_url, wal_limit_bytes=settings.wal_limit_bytes).start() if sqlite else None
+        open_connections(engine)
         try:
             yield
         finally:

@@ -58,7 +58,7 @@ def _sqlite_file(url: str) -> str | None:
 
 
 def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_s: float = 30.0,
-                lock_timeout_s: float = 60.0) -> Engine:
+                lock_timeout_s: float = 60.0, pool_size: int = 16) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
     power cut; only a transaction begun as not durable, a lease's, commits with NORMAL) and
     BEGIN IMMEDIATE, so concurrent writers queue on busy_timeout instead of
@@ -68,7 +68,8 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
     Every wait is bounded: for a pooled connection `pool_timeout_s` (SQLAlchemy's
     TimeoutError after it), for SQLite's writer lock `lock_timeout_s` (DatabaseBusy). The
     server sets both short and answers 503 when they run out; the CLI keeps the long
-    defaults (an import may wait for a busy server)."""
+    defaults (an import may wait for a busy server). On PostgreSQL the pool keeps at most
+    `pool_size` server connections."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
@@ -179,11 +180,14 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            # At most 30 connections per process: a server of 3 workers stays under
-            # PostgreSQL's default max_connections (100, 3 of them kept for superusers),
-            # where it refuses the next connection and the request was a 500; past 30 a
-            # request waits pool_timeout_s for one and is a 503.
-            engine = create_engine(url, pool_size=20, max_overflow=10, pool_timeout=pool_timeout_s)
+            # At most pool_size connections per process: the server's workers together
+            # stay under PostgreSQL's max_connections, past which it refuses the next
+            # connection and the request was a 500; past them a request waits
+            # pool_timeout_s for one and is a 503. No overflow: SQLAlchemy closes an
+            # overflow connection as soon as it is given back, so a burst past the pool
+            # opened and closed server connections at its height (each new one costs the
+            # server a process and cold caches, tens of ms of CPU), which made it worse.
+            engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s)
             _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {url!r}: {exc}") from None
@@ -191,6 +195,23 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
 
 
 PING_AFTER_IDLE_S = 1.0
+
+
+def open_connections(engine: Engine) -> None:
+    """Open every connection of the pool now and leave them in it (PostgreSQL; on SQLite a
+    connection costs nothing to open). The server does this before it takes requests.
+    Opened on demand, they were opened when load rose: twenty-odd in the first second of
+    annotators, a dozen more in a burst, each a new server process with cold caches,
+    while next-task waited up to 0.8 s."""
+    if engine.dialect.name != "postgresql":
+        return
+    held = []
+    try:
+        for _ in range(engine.pool.size()):
+            held.append(engine.raw_connection())
+    finally:
+        for connection in held:
+            connection.close()
 
 
 def _ping_after_idle(engine: Engine) -> None:
@@ -425,7 +446,9 @@ def refresh_planner_statistics(db: Session) -> None:
     PostgreSQL CPU per ranking until autovacuum looked again). SQLite: nothing (its queue
     read does not use them)."""
     if on_postgresql(db):
-        db.execute(text("ANALYZE prompts, candidates"))
+        # Only the columns the queue read and the candidate lookups filter on: a fraction
+        # of the time ANALYZE takes on every column (the prompt text is the widest).
+        db.execute(text("ANALYZE prompts (project_id, done_count, slots_taken), candidates (prompt_id)"))
         db.commit()
 
 

@@ -23,6 +23,10 @@ class Settings:
     # Bounded waits (annotation.db.make_engine): past them a request is answered 503 with
     # Retry-After instead of hanging; the client tries again a moment later.
     pool_timeout_s: float = 1.0  # for a pooled database connection
+    # PostgreSQL: server connections per worker process, all opened as it starts and kept
+    # (annotation.db.open_connections); a request past them waits pool_timeout_s for one.
+    # 3 workers x 16 stay well under PostgreSQL's default max_connections (100).
+    db_connections: int = 16
     lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
     retry_after_s: int = 1
     # Requests one worker process takes on at once (its threadpool runs 40); past that it

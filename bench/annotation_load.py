@@ -8,9 +8,10 @@ Two phases against a real `align annotate serve` process on 127.0.0.1, each D se
   all, whatever the server does; latency is measured from the scheduled start (so a server
   that falls behind shows it, no coordinated omission).
 
-* import: the open loop again while an admin imports --import-prompts prompts (K
-  candidates each, one JSONL body) into another project through the API; next/submit
-  latencies are reported apart for rankings started during the import and after it.
+* import: the open loop again; --import-after seconds into it an admin imports
+  --import-prompts prompts (K candidates each, one JSONL body) into another project
+  through the API; next/submit latencies are reported apart for rankings started before
+  the import, during it and after it.
 * overload: --overload-connections more annotators, each on a connection of its own, in
   closed loop with no pause, far more requests at once than the server takes on (its
   max_in_flight per worker, its threads and connection pool): they must be answered 503
@@ -239,10 +240,12 @@ def import_body(n: int, k: int) -> bytes:
                    for i in range(n)).encode()
 
 
-def run_import(base: str, token: str, body: bytes, window: dict) -> None:
-    """POST the import (into project "bulk"), recording when it ran and how it ended."""
+def run_import(base: str, token: str, body: bytes, window: dict, after_s: float) -> None:
+    """POST the import (into project "bulk") `after_s` seconds from now, recording when it
+    ran and how it ended."""
     import httpx
 
+    time.sleep(after_s)
     window["start"] = time.time()
     try:
         r = httpx.post(f"{base}/api/projects/bulk/import?format=prompts", content=body, timeout=600,
@@ -303,6 +306,9 @@ def main() -> None:
     ap.add_argument("--phases", default="closed,open",
                     help="closed, open, import, overload, in any order, comma-separated")
     ap.add_argument("--import-prompts", type=int, default=100_000, help="import phase: prompts the admin imports")
+    ap.add_argument("--import-after", type=float, default=5.0,
+                    help="import phase: seconds of open loop before the admin posts the import (an import into a "
+                         "server that is serving, its connections open)")
     ap.add_argument("--overload-connections", type=int, default=600,
                     help="overload phase: annotators (one connection each) besides --clients")
     ap.add_argument("--rate", type=float, default=200.0, help="open loop: rankings/s started in all")
@@ -364,8 +370,11 @@ def main() -> None:
     window: dict = {}  # the import phase's import: start, end, status, added
 
     def stats_now(stats: dict) -> dict:
-        """The import phase counts rankings started while the import runs apart."""
-        if "end" in window or "start" not in window:
+        """The import phase counts rankings started before the import, while it runs and
+        after it apart (the last in `stats` itself)."""
+        if "start" not in window:
+            return stats.setdefault("before_import", new_stats())
+        if "end" in window:
             return stats
         return stats.setdefault("during_import", new_stats())
 
@@ -384,7 +393,7 @@ def main() -> None:
         if kind == "import":
             body = import_body(args.import_prompts, args.k)
             jobs.append(asyncio.get_running_loop().run_in_executor(
-                None, run_import, url_ref["url"], tokens["admin"], body, window))
+                None, run_import, url_ref["url"], tokens["admin"], body, window, args.import_after))
         if kill:
             jobs.append(killer(stats))
         watcher = asyncio.create_task(watch_wal(wal_path, stats)) if wal_path else None
@@ -433,10 +442,13 @@ def main() -> None:
             continue
         offered = f"open loop, {args.rate:g}/s offered"
         if kind == "import":
-            during = st.pop("during_import", new_stats())
+            before, during = st.pop("before_import", new_stats()), st.pop("during_import", new_stats())
             took = window.get("end", time.time()) - window.get("start", time.time())
+            if args.import_after > 0:
+                rows_of_table.append((kind, f"{offered}, before the import", before, args.import_after))
             rows_of_table.append((kind, f"{offered}, during the import of {args.import_prompts} prompts", during, took))
-            rows_of_table.append((kind, f"{offered}, after the import", st, max(elapsed - took, 1e-9)))
+            rows_of_table.append((kind, f"{offered}, after the import", st,
+                                  max(elapsed - took - args.import_after, 1e-9)))
         else:
             rows_of_table.append((kind, offered, st, elapsed))
     acked = warmup["acked"] + [a for _kind, _label, st, _e in rows_of_table for a in st["acked"]]

@@ -71,6 +71,30 @@ def test_an_exhausted_pool_is_a_fast_503_with_retry_after(make_env):
     assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200  # served again
 
 
+def test_the_server_opens_its_database_connections_before_it_serves(make_env, db_url):
+    """PostgreSQL: every pooled connection is open once the app has started, and a burst
+    of annotators opens no new server connection (a new one is a server process with cold
+    caches, the last thing a loaded server needs)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a SQLite connection costs nothing to open; the server opens them on demand")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import event
+
+    env, app = make_env(db_connections=4)
+    pool = app.state.engine.pool
+    assert pool.checkedin() == 4 and pool.overflow() == 0  # all 4 made, none past them
+    env.project(n_prompts=40, k=2)
+    tokens = [env.annotator(f"ann{i}") for i in range(12)]
+    opened = []
+    event.listen(app.state.engine, "connect", lambda *_: opened.append(1))
+    with ThreadPoolExecutor(12) as burst:
+        answers = list(burst.map(lambda t: env.client.post("/api/projects/p/next", headers=env.headers(t)).status_code,
+                                 tokens * 3))
+    assert answers.count(200) > 0 and set(answers) <= {200, 503}, answers
+    assert not opened, f"{len(opened)} server connections opened during the burst"
+
+
 def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch):
     """An import through the API is stored in chunks, each its own transaction: after its
     first chunk an annotator leases and submits a task (from another thread) before the
