@@ -388,8 +388,8 @@ def main() -> None:
                     for u in who]
         else:
             per_client = args.rate / len(users)
-            jobs = [open_client(tokens[u], url_ref, args.duration, per_client, lambda: stats_now(stats), rngs[u])
-                    for u in users]
+            stats_for = (lambda: stats_now(stats)) if kind == "import" else (lambda: stats)
+            jobs = [open_client(tokens[u], url_ref, args.duration, per_client, stats_for, rngs[u]) for u in users]
         if kind == "import":
             body = import_body(args.import_prompts, args.k)
             jobs.append(asyncio.get_running_loop().run_in_executor(
