@@ -27,7 +27,7 @@ class Settings:
     # (annotation.db.open_connections); a request past them waits pool_timeout_s for one.
     # 3 workers x 30 stay under PostgreSQL's default max_connections (100). Fewer make
     # requests wait for a connection under overload (16: slowest answer 2.9-3.0 s against
-    # 1.4-2.0 s at 30, 650 annotators, 2 cores).
+    # 1.5-1.6 s at 30, 650 annotators, 2 cores).
     db_connections: int = 30
     lock_timeout_s: float = 5.0  # for SQLite's writer lock (an import holds it a chunk at a time)
     retry_after_s: int = 1

@@ -361,7 +361,7 @@ def main() -> None:
         await asyncio.sleep(args.kill_at)
         server.kill9()
         killed = time.time()
-        so_far = len(stats["acked"]) + len(stats.get("during_import", {}).get("acked", []))
+        so_far = len(stats["acked"]) + sum(len(stats.get(part, {}).get("acked", [])) for part in ("before_import", "during_import"))
         print(f"kill -9 server (pid {server.proc.pid}) at t={args.kill_at:.0f}s; {so_far} acknowledged in this phase so far")
         await asyncio.get_running_loop().run_in_executor(None, server.start)
         kill_info["restart_s"] = time.time() - killed
@@ -444,8 +444,8 @@ def main() -> None:
         if kind == "import":
             before, during = st.pop("before_import", new_stats()), st.pop("during_import", new_stats())
             took = window.get("end", time.time()) - window.get("start", time.time())
-            if args.import_after > 0:
-                rows_of_table.append((kind, f"{offered}, before the import", before, args.import_after))
+            if args.import_after > 0 or before["scheduled"]:  # (with no lead-in, those started as it was posted)
+                rows_of_table.append((kind, f"{offered}, before the import", before, max(args.import_after, 1e-9)))
             rows_of_table.append((kind, f"{offered}, during the import of {args.import_prompts} prompts", during, took))
             rows_of_table.append((kind, f"{offered}, after the import", st,
                                   max(elapsed - took - args.import_after, 1e-9)))
