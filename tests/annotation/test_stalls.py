@@ -195,6 +195,48 @@ def test_no_garbage_collection_while_an_import_chunk_holds_the_writer_lock(tmp_p
     assert collections["lock free"] > 0  # the collector ran during the import...
     assert collections["lock held"] == 0  # ...and never inside a chunk
 
+@pytest.mark.parametrize("good", [True, False], ids=["stored", "refused"])
+def test_an_import_file_runs_without_the_garbage_collector_and_turns_it_back_on(tmp_path, monkeypatch, good):
+    """While a file is read, checked and stored (the API's import and the CLI's) the cyclic
+    collector is off: it would walk the file's records again and again as they pile up.
+    It is on again afterwards, whether the file was stored or refused."""
+    import gc
+
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.services import imports
+
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 10)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    collector_on = []  # whether the collector was on, at each read and each chunk stored
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            collector_on.append(gc.isenabled())
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(imports, "read_records", watched(imports.read_records))
+    monkeypatch.setattr(imports, "_insert_prompts", watched(imports._insert_prompts))
+    lines = [f'{{"prompt": "question {i}?", "id": "q{i}", "candidates": ["a", "b"]}}' for i in range(35)]
+    if not good:
+        lines.append('{"prompt": "last?", "candidates": ["a", "b", "c"]}')  # K differs: nothing is stored
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    sm = open_db(f"sqlite:///{tmp_path / 'gc.db'}")
+    assert gc.isenabled()
+    try:
+        with sm() as db:
+            if good:
+                assert services.import_file(db, "p", "prompts", path).prompts_added == 35
+            else:
+                with pytest.raises(services.Invalid, match="different numbers of candidates"):
+                    services.import_file(db, "p", "prompts", path)
+    finally:
+        sm.kw["bind"].dispose()
+    assert collector_on == [False] * (5 if good else 1)  # the read, and each of 4 chunks stored
+    assert gc.isenabled()
+
 
 def test_a_saturated_worker_answers_503_at_once(make_env, monkeypatch):
     """With as many requests in flight as it takes on, a worker answers the next one 503 with
