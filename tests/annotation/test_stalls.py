@@ -195,6 +195,19 @@ def test_no_garbage_collection_while_an_import_chunk_holds_the_writer_lock(tmp_p
     assert collections["lock free"] > 0  # the collector ran during the import...
     assert collections["lock held"] == 0  # ...and never inside a chunk
 
+def test_an_import_pauses_after_a_chunk_as_long_as_it_held_the_lock_and_longer_on_a_busy_machine():
+    """pause_after_chunk(held, worked, cpu), with the 10 ms floor and the 8x cap."""
+    from annotation.services.imports import IMPORT_MAX_BACKOFF, IMPORT_PAUSE_S, pause_after_chunk
+
+    assert (IMPORT_PAUSE_S, IMPORT_MAX_BACKOFF) == (0.01, 8.0)
+    assert pause_after_chunk(0.030, 0.020, 0.020) == pytest.approx(0.030)  # idle: as long as it held the lock
+    assert pause_after_chunk(0.004, 0.003, 0.003) == pytest.approx(0.010)  # a short chunk: the floor
+    assert pause_after_chunk(0.050, 0.040, 0.010) == pytest.approx(0.200)  # a quarter of the CPU it wanted: 4x
+    assert pause_after_chunk(0.050, 1.000, 0.010) == pytest.approx(0.400)  # 100x slower: capped at 8x
+    assert pause_after_chunk(0.050, 0.040, 0.000) == pytest.approx(0.400)  # no CPU at all: 8x
+    assert pause_after_chunk(0.030, 0.020, 0.025) == pytest.approx(0.030)  # clock noise never shortens it
+
+
 @pytest.mark.parametrize("good", [True, False], ids=["stored", "refused"])
 def test_an_import_file_runs_without_the_garbage_collector_and_turns_it_back_on(tmp_path, monkeypatch, good):
     """While a file is read, checked and stored (the API's import and the CLI's) the cyclic
