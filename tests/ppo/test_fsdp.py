@@ -116,3 +116,25 @@ def test_killed_run_resumes_exactly(small_run, tmp_path):
     policy, tokenizer = trained_policy(killed)
     exported = AutoModelForCausalLM.from_pretrained(export_run(killed, tmp_path / "export"), local_files_only=True)
     assert greedy(exported, tokenizer) == greedy(policy, tokenizer)
+
+
+def test_ranks_sampling_layer_by_layer_step_together_when_one_ranks_rows_end_first(ppo_policy_path, random_reward_model,
+                                                                                    tmp_path):
+    """sample_gathered=false: every decoding step is a collective, so a rank whose rows have all ended
+    keeps stepping with the other (if it stopped, the other rank's next gather would wait for it
+    forever: the launch's timeout). Rank 0's rows end at their first token, rank 1's run the whole
+    length, and each rank's rollout is what it sampled before the end tokens changed."""
+    overrides = [f"policy_model={ppo_policy_path}", f"reward_model={random_reward_model}", "num_prompts=16",
+                 "num_eval_prompts=0", "response_length=6", "progress=false", "seed=3",
+                 f"output_dir={tmp_path / 'run'}"]
+    run(accelerate_launch(str(REPO / "tests" / "ppo" / "fsdp_sampling_worker.py"), str(tmp_path / "out"), *overrides),
+        timeout=240)
+    ended, ran = (json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1))
+    # rank 0: the token each row began with is now its end token: one token per row, then padding
+    assert all(row[0] == ended["end"] for row in ended["first"])
+    assert ended["second_mask"] == [[1] + [0] * 5] * 2
+    assert all(row[1:] == [ended["pad"]] * 5 for row in ended["second"])
+    # rank 1: the whole length, the same tokens as its first rollout as far as that one went
+    assert ran["second_mask"] == [[1] * 6] * 2
+    for first, mask, second in zip(ran["first"], ran["first_mask"], ran["second"]):
+        assert second[: sum(mask)] == first[: sum(mask)]
