@@ -88,9 +88,10 @@ def _existing_source_ids(db: Session, project: Project, ids: Iterable[str]) -> s
 
 
 def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any, list[CandidateIn]]], now: float) -> None:
-    """Insert checked prompts and their candidates as two multi-row INSERTs (SQLAlchemy's
-    bulk INSERT ... RETURNING): a chunk holds SQLite's writer lock a fraction of the time
-    the ORM's unit of work takes for the same rows, one object at a time."""
+    """Insert checked prompts and their candidates as two multi-row INSERTs on the tables
+    (SQLAlchemy Core's INSERT ... RETURNING): a chunk holds SQLite's writer lock a fraction
+    of the time the ORM's unit of work takes for the same rows, one object at a time (and
+    the ORM's bulk path over the same rows added a tenth to the import's CPU)."""
     from sqlalchemy import insert
 
     prompt_ids = dict(db.execute(insert(Prompt.__table__).returning(Prompt.__table__.c.source_id, Prompt.__table__.c.id), [
@@ -201,8 +202,8 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     commit included), of which `worked_s` writing its rows, which took `cpu_s` of the
     import thread's CPU time.
 
-    On SQLite (the database runs in the import's thread) on an idle machine writing is CPU-bound (`worked_s` about `cpu_s`) and the import
-    pauses as long as it held the lock. When `worked_s` is several times `cpu_s`, the
+    On SQLite the database runs in the import's thread: on an idle machine writing is
+    CPU-bound (`worked_s` about `cpu_s`) and the import pauses as long as it held the lock. When `worked_s` is several times `cpu_s`, the
     import was kept off the CPU (by the server's workers, which outrank its niceness; by a
     CPU quota on the machine, which niceness does not help against, so that every core
     second the import takes is one the workers lack), or waited for the writer lock
