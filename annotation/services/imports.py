@@ -94,7 +94,8 @@ def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any,
     the ORM's bulk path over the same rows added a tenth to the import's CPU)."""
     from sqlalchemy import insert
 
-    prompt_ids = dict(db.execute(insert(Prompt.__table__).returning(Prompt.__table__.c.source_id, Prompt.__table__.c.id), [
+    prompts = Prompt.__table__
+    prompt_ids = dict(db.execute(insert(prompts).returning(prompts.c.source_id, prompts.c.id), [
         {"project_id": project.id, "source_id": sid, "content": content, "n_candidates": len(candidates),
          "slots_taken": 0, "done_count": 0, "created_at": now}
         for sid, content, candidates in records]).all())
@@ -203,12 +204,12 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     import thread's CPU time.
 
     On SQLite the database runs in the import's thread: on an idle machine writing is
-    CPU-bound (`worked_s` about `cpu_s`) and the import pauses as long as it held the lock. When `worked_s` is several times `cpu_s`, the
-    import was kept off the CPU (by the server's workers, which outrank its niceness; by a
-    CPU quota on the machine, which niceness does not help against, so that every core
-    second the import takes is one the workers lack), or waited for the writer lock
-    behind them: the machine is busy, and the import pauses that many times longer, up
-    to IMPORT_MAX_BACKOFF. With the whole server held to 1.2 cores (a CPU quota), 200
+    CPU-bound (`worked_s` about `cpu_s`) and the import pauses as long as it held the
+    lock. When `worked_s` is several times `cpu_s`, the import was kept off the CPU (by
+    the server's workers, which outrank its niceness; by a CPU quota on the machine,
+    which niceness does not help against, so that every core second the import takes is
+    one the workers lack), or waited for the writer lock behind them: the machine is
+    busy, and the import pauses that many times longer, up to IMPORT_MAX_BACKOFF. With the whole server held to 1.2 cores (a CPU quota), 200
     rankings/s and an import of 100,000 prompts, the p99 of next and submit while the
     chunks were stored was 0.8-4.6 s in three runs without this backoff, 0.09-1.8 s in
     four with it."""
