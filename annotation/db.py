@@ -47,6 +47,29 @@ def _flock_within(fd: int, deadline: float) -> bool:
             pause = min(pause * 2, 0.002)
 
 
+def _use_wal(cursor: sqlite3.Cursor, timeout_s: float) -> None:
+    """Put the database in WAL mode (a no-op once it is), retrying for up to `timeout_s`
+    while another connection holds the lock the switch needs.
+
+    The switch reads the file under a shared lock and then upgrades it; when another
+    connection is upgrading at the same moment (processes opening a new database at once:
+    server workers, a CLI import), SQLite answers "database is locked" at once instead
+    of calling the busy handler, which could deadlock there (sqlite3_busy_handler's
+    documentation). Having failed, this connection holds no lock, so the other one
+    finishes and the next try finds WAL already set."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
 def default_db_url() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
 
@@ -165,7 +188,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
                 dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (SQLAlchemy pysqlite recipe)
                 cur = dbapi_conn.cursor()
                 if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
-                    cur.execute("PRAGMA journal_mode=WAL")
+                    _use_wal(cur, lock_timeout_s)
                 cur.execute("PRAGMA synchronous=FULL")
                 if background_checkpoints:
                     cur.execute("PRAGMA wal_autocheckpoint=0")
