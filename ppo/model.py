@@ -74,7 +74,7 @@ class ActorCritic(nn.Module):
     values come back as None."""
 
     def __init__(self, policy: nn.Module, critic: Critic | None = None, value_head: bool = True):
-        from ppo.kv_cache import cache_argument
+        from align.modeling import cache_argument
 
         super().__init__()
         self.policy = policy  # a PeftModel

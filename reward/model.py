@@ -238,11 +238,12 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
             rewards.append(forward_rewards(model, batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]))
         return torch.cat(rewards)[torch.argsort(order)]
 
-    from align.modeling import position_ids_from_mask, prompt_cache_rows
+    from align.modeling import cache_argument, position_ids_from_mask, prompt_cache_rows, returned_cache
 
     prompt_positions = position_ids_from_mask(batch.prompt_mask)
-    prompt_cache = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=prompt_positions,
-                         use_cache=True).past_key_values
+    prompt_cache = returned_cache(model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                                        position_ids=prompt_positions, use_cache=True))
+    cache_name = cache_argument(model)
     prompt_lengths = batch.prompt_mask.sum(dim=1)  # (U,) real prompt tokens
     for idx in slices:
         width = int(lengths[idx].max())
@@ -251,7 +252,7 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
         ids, mask = batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]
         positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)  # after the prompt
         rewards.append(model(input_ids=ids, attention_mask=torch.cat([batch.prompt_mask[rows], mask], dim=1),
-                             position_ids=positions, past_key_values=cache, use_cache=True).logits.squeeze(-1))
+                             position_ids=positions, use_cache=True, **{cache_name: cache}).logits.squeeze(-1))
     return torch.cat(rewards)[torch.argsort(order)]  # (N,) back in input order
 
 

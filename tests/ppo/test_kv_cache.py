@@ -10,7 +10,8 @@ import inspect
 import pytest
 import torch
 
-from ppo.kv_cache import RolloutKVCache, cache_argument
+from align.modeling import cache_argument
+from ppo.kv_cache import RolloutKVCache
 
 
 def test_a_write_lands_at_the_write_position_and_a_repeat_rewrites_the_same_slots():
@@ -64,10 +65,20 @@ def test_the_mask_code_puts_the_queries_at_the_write_position_and_builds_the_ste
     assert mask is not None and torch.equal(mask[:, 0, 0], (torch.arange(8) <= 3).expand(2, 8))
 
 
-def test_the_trunk_takes_the_cache_under_the_name_cache_argument_gives(tiny_model):
+def test_the_trunk_takes_the_cache_under_the_name_cache_argument_gives(tiny_random_model):
     # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)
-    trunk = tiny_model.model
-    assert cache_argument(trunk) in inspect.signature(trunk.forward).parameters
+    from peft import LoraConfig, get_peft_model
+
+    from align.modeling import load_causal_lm
+
+    model = load_causal_lm(tiny_random_model)
+    trunk = model.model
+    name = cache_argument(trunk)
+    assert name in inspect.signature(trunk.forward).parameters
+    # a peft model's forward takes **kwargs only: the name is its base model's
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "cache" not in inspect.signature(wrapped.forward).parameters
+    assert cache_argument(wrapped) == name
 
 
 def test_the_installed_transformers_is_in_the_range_pyproject_pins():
