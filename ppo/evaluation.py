@@ -114,20 +114,11 @@ class PolicySampler:
     def generate(self, prompts: list, adapter: bool = True) -> Any:
         import contextlib
 
-        from align.chat import render_prompt
-        from ppo.experience import Samples
+        from ppo.experience import Samples, encode_prompts
         from ppo.sampling import sample_responses
 
         tok = self.tokenizer
-        padding_side, truncation_side = tok.padding_side, tok.truncation_side
-        tok.padding_side = tok.truncation_side = "left"  # prompts end where the responses start
-        try:
-            enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
-                      add_special_tokens=False, truncation=True, max_length=self.max_prompt_length)
-        finally:
-            tok.padding_side, tok.truncation_side = padding_side, truncation_side
-        device = next(self.model.parameters()).device
-        query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        query_ids, query_mask = encode_prompts(tok, prompts, self.max_prompt_length, next(self.model.parameters()).device)
         with contextlib.nullcontext() if adapter else self.model.adapter_disabled():
             response, logprobs, _ = sample_responses(
                 self.model, query_ids, query_mask, max_new_tokens=self.response_length, temperature=self.temperature,

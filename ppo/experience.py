@@ -17,6 +17,21 @@ import torch
 Rows = TypeVar("Rows", bound="PromptsAndResponses")
 
 
+def encode_prompts(tokenizer, prompts: list, max_length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids and mask of the prompts in the chat template, padded and cut on the left (a
+    long prompt keeps its end), so every row ends where its response will start."""
+    from align.chat import render_prompt
+
+    padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                        add_special_tokens=False, truncation=True, max_length=max_length)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
     """The (B, T) responses as text: their real tokens, without the eos and special tokens."""
     texts = []

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 import torch
 
-from align.chat import render_prompt
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
@@ -52,7 +51,7 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples, decode_responses
+from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
@@ -300,9 +299,7 @@ class PPOTrainer:
         """Sample one response per prompt from the policy (or, `adapter=False`, the SFT model),
         with the sampler's log pi(a_t|s_t) and V(s_t) for every response token."""
         tok = self.tokenizer
-        enc = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
-                  add_special_tokens=False, truncation=True, max_length=self.cfg.max_prompt_length)
-        query_ids, query_mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        query_ids, query_mask = encode_prompts(tok, prompts, self.cfg.max_prompt_length, self.device)
         weights, weights_context = self.sampling_weights(adapter)
         gather = self.fsdp is not None and self.cfg.sample_gathered  # the whole policy on each rank while it samples
         # gathering layer by layer, every step is a collective: no rank may stop before the others

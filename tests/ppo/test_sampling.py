@@ -1,7 +1,7 @@
-"""Rollout sampling: exact categorical draws; the KV-cache loop continues left-padded prompts
-as `generate` does; the sampler's tokens, log-probs and values are those of the eager full forward
-(fp32 and bf16, trained adapter and value head, left padding, rows that end early); its buffers
-are kept across rollouts."""
+"""Rollout sampling: exact categorical draws; prompts padded and cut on the left; the KV-cache
+loop continues left-padded prompts as `generate` does; the sampler's tokens, log-probs and values
+are those of the eager full forward (fp32 and bf16, trained adapter and value head, left padding,
+rows that end early); its buffers are kept across rollouts."""
 
 from __future__ import annotations
 
@@ -30,6 +30,24 @@ def test_sample_tokens_draws_each_token_with_its_probability():
     # temperature 2: logits / 2 -> exp = (1, 0, sqrt 3) -> p0 = 1 / (1 + sqrt 3) = 0.366
     tokens, _ = sample_tokens(logits, temperature=2.0)
     assert abs(torch.bincount(tokens, minlength=3)[0].item() / 20_000 - 1 / (1 + math.sqrt(3))) < 0.015
+
+
+def test_prompts_are_padded_and_cut_on_the_left_and_the_tokenizer_is_left_as_it_was(tiny_random_model):
+    from align.chat import render_prompt
+    from align.modeling import load_tokenizer
+    from ppo.experience import encode_prompts
+
+    tok = load_tokenizer(tiny_random_model)
+    tok.padding_side = tok.truncation_side = "right"
+    prompts = ["Hi.", "Tell me about rivers. " * 20]
+    whole = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len(whole[0]) < 16 < len(whole[1])  # one short prompt, one over the limit
+    ids, mask = encode_prompts(tok, prompts, max_length=16, device="cpu")
+    assert ids.shape == mask.shape == (2, 16)
+    short = len(whole[0])
+    assert mask[0].tolist() == [0] * (16 - short) + [1] * short and ids[0, -short:].tolist() == whole[0]
+    assert mask[1].all() and ids[1].tolist() == whole[1][-16:]  # the end kept: the response follows it
+    assert (tok.padding_side, tok.truncation_side) == ("right", "right")
 
 
 def test_sampler_continues_left_padded_prompts_like_generate(demo_model, tmp_path):
