@@ -25,7 +25,8 @@ FSDP2 terms follow align.distributed: frozen weights sharded in the model dtype,
 and their optimiser state sharded in fp32, one decoder block (plus `prefetch` more) gathered at a
 time, and the root unit (embedding, final norm, output layer, value head) gathered from a forward to
 its backward; PPO's reward model is sharded too, and so is the SFT model the reward stage's
-normalisation samples; `align dpo` under FSDP2 reads each response whole after its prompt.
+normalisation samples; `align dpo` under FSDP2 (or gradient checkpointing) reads each response whole
+after its prompt.
 With `fsdp_ranks=1` the plan is a single device (or a DDP replica).
 """
 
@@ -292,8 +293,6 @@ class PlanSettings:
                     "logprob_chunk_tokens", "prefetch_blocks") else 1):
                 raise UserError(f"{f.name.replace('_', '-')} must be at least "
                                 f"{0 if f.name in ('logprob_chunk_tokens', 'prefetch_blocks') else 1}, got {value}")
-        if self.stage == "dpo" and self.gradient_checkpointing:
-            raise UserError("align dpo has no gradient_checkpointing option; plan it without")
         lora_targets(self.lora_targets)
 
 
@@ -384,9 +383,9 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
                                        lora_rank=s.lora_rank)
     if s.stage == "dpo":
         scored = s.micro_batch * K * T
-        if n > 1:  # FSDP2: each response read whole after its prompt (dpo.model.PolicyLogprobs)
+        if n > 1 or s.gradient_checkpointing:  # each response read whole after its prompt (dpo.model.PolicyLogprobs)
             tokens = s.micro_batch * K * (Q + T)
-            add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, False))
+            add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, s.gradient_checkpointing))
         else:  # each ranking's prompt once, its K responses continuing the prompt's cache
             tokens = s.micro_batch * (Q + K * T)
             add("activations", "training", stack_activation_bytes(shape, tokens, per_block, w, False)

@@ -64,6 +64,12 @@ class DPOConfig:
     logprob_chunk_tokens: int = option(
         4096, help="Log-probs are computed from the hidden states this many tokens at a time (no whole "
         "(tokens, vocabulary) fp32 logits tensor). 0: all at once.", ge=0)
+    gradient_checkpointing: bool = option(
+        False,
+        help="Recompute each layer's activations in the backward instead of keeping them (about a third more "
+        "compute, activation memory of one layer). Continuing a prompt's cache needs its keys, which "
+        "checkpointing drops, so each response is then forwarded whole with its prompt.",
+    )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
 
     # --- evaluation --------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def response_logprobs_whole(model: nn.Module, batch: RankingBatch, pad_token_id:
 class PolicyLogprobs(nn.Module):
     """The policy as one module whose forward gives (N,) response log-probabilities: DDP's gradient
     hooks and FSDP2's weight gathering run around a module's forward. `whole`: read each response
-    whole after its prompt (under FSDP2) instead of continuing the prompt's cache."""
+    whole after its prompt (under FSDP2 or gradient checkpointing) instead of continuing the prompt's cache."""
 
     def __init__(self, policy: nn.Module, *, buckets: int, chunk_tokens: int, pad_token_id: int, whole: bool = False):
         super().__init__()

@@ -16,7 +16,8 @@ SFT model and the policy on held-out prompts (`ppo.evaluation.evaluate`: KL, gol
 Several processes (`accelerate launch`, DDP or an FSDP2 config, as for the other stages): each
 global batch is split over the ranks and their gradients averaged; the log-probabilities of the
 reference and of the held-out rankings are computed in parts, one per rank, and gathered; under
-FSDP2 each response is read whole after its prompt (`dpo.model.PolicyLogprobs`).
+FSDP2 each response is read whole after its prompt (`dpo.model.PolicyLogprobs`), as under
+`gradient_checkpointing`, which drops the prompts' cached keys and values.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from align.distributed import (
     shard,
 )
 from align.errors import UserError
-from align.precision import check_finite_gradient
+from align.precision import check_finite_gradient, checkpointing_active, enable_gradient_checkpointing
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
 from dpo.config import DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
@@ -113,13 +114,17 @@ class DPOTrainer:
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
         self.policy = build_policy(base, cfg.lora).to(self.device)  # the adapter is fp32 on a bf16 base (peft)
         self.policy.eval()  # dropout off: the implicit reward is a function of the weights alone
+        # the layers that recompute their activations in the training backward (align.precision)
+        self.checkpointed = enable_gradient_checkpointing(base) if cfg.gradient_checkpointing else []
         # the held-out samples, their log-probs and the reference's (ppo.evaluation)
         self.sampler = PolicySampler(self.policy, self.tokenizer, temperature=cfg.temperature,
                                      response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
                                      chunk_tokens=cfg.logprob_chunk_tokens)
-        # the module DDP wraps and FSDP2 shards (each decoder layer a unit, the rest the root)
+        # the module DDP wraps and FSDP2 shards (each decoder layer a unit, the rest the root); responses
+        # read whole after their prompts where no prompt cache can be continued (dpo.model.PolicyLogprobs)
         self.module = PolicyLogprobs(self.policy, buckets=cfg.length_buckets, chunk_tokens=cfg.logprob_chunk_tokens,
-                                     pad_token_id=self.tokenizer.pad_token_id, whole=self.fsdp is not None)
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     whole=self.fsdp is not None or bool(self.checkpointed))
         if self.fsdp:
             shard(self.module, self.fsdp)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -152,16 +157,19 @@ class DPOTrainer:
 
     def step(self, batch: DPOBatch) -> dict[str, float]:
         cfg = self.cfg
-        # 1) log pi(y|x) of every response in this rank's part of the batch, each prompt encoded once
-        policy_logps = self.model(batch.responses)
-        self.responses_forwarded += batch.responses.num_responses
-        # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
-        rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
-        # 3) Plackett-Luce negative log-likelihood of each ranking, mean over rankings
-        loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean()
-        # 4) one AdamW step on the adapter (gradients averaged over the ranks); a non-finite gradient
-        #    is never applied
-        self.accelerator.backward(loss)
+        # (checkpointed layers keep only their inputs and recompute in the backward)
+        with checkpointing_active(self.checkpointed):
+            # 1) log pi(y|x) of every response in this rank's part of the batch, each prompt encoded once
+            #    (or, sharded or checkpointed, each response read whole after its prompt)
+            policy_logps = self.model(batch.responses)
+            self.responses_forwarded += batch.responses.num_responses
+            # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
+            rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
+            # 3) Plackett-Luce negative log-likelihood of each ranking, mean over rankings
+            loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean()
+            # 4) one AdamW step on the adapter (gradients averaged over the ranks); a non-finite gradient
+            #    is never applied
+            self.accelerator.backward(loss)
         grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         check_finite_gradient(grad_norm, f"step {self.step_count + 1}")

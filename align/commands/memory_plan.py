@@ -97,8 +97,6 @@ def memory_plan_command(
     for shape in shapes:
         for st in stage or ["ppo"]:
             for ckpt in {"off": [False], "on": [True], "both": [False, True]}[checkpointing]:
-                if st == "dpo" and ckpt and checkpointing == "both":
-                    continue  # DPO has no checkpointing: its one line is the unchecked one
                 settings = PlanSettings(
                     stage=st, dtype=dtype, reward_dtype=reward_dtype, lora_rank=lora_rank,
                     lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),

@@ -1,5 +1,6 @@
-"""`align dpo` on a tiny random model: the adapter learns the rankings, the base stays frozen, the
-run directory exports like a PPO run, and bad rankings are reported in one line."""
+"""`align dpo` on a tiny random model: the adapter learns the rankings, the base stays frozen,
+gradient checkpointing takes the same step while keeping less, the run directory exports like a PPO
+run, and bad rankings are reported in one line."""
 
 from __future__ import annotations
 
@@ -65,6 +66,59 @@ def test_responses_sharing_a_prompt_get_the_log_probs_of_their_whole_sequences(s
         logits = trainer.policy(input_ids=ids).logits[0, prompt_len - 1: -1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, prompt_len:, None]).sum()
         torch.testing.assert_close(shared[n], expected, atol=1e-4, rtol=1e-5)
+
+
+def saved_for_backward_bytes(step) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward while `step()` runs (the
+    layers' recomputed ones under gradient checkpointing go through torch's own hooks, not these)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def first_step(overrides: list[str]) -> dict:
+    """One training step of a fresh run: its metrics, the adapter's gradients, how many times each
+    decoder layer's attention ran, and the bytes kept for the backward."""
+    from align.modeling import find_blocks
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*overrides, "num_eval_prompts=0"]), echo=lambda _: None)
+    trainer.setup()
+    _, layers = find_blocks(trainer.policy.get_base_model())
+    calls = []  # the layer's first part: transformers recomputes inside the layer, not around it
+    for layer in layers:
+        next(layer.children()).register_forward_hook(lambda *_: calls.append(1))
+    grads, apply = {}, trainer.optimizer.step
+
+    def step_keeping_the_gradients(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.requires_grad})
+        return apply(*args, **kwargs)
+
+    trainer.optimizer.step = step_keeping_the_gradients
+    batch = collate(trainer.train_set, trainer.batches[0]).to(trainer.device)
+    metrics = {}
+    saved = saved_for_backward_bytes(lambda: metrics.update(trainer.step(batch)))
+    return {"metrics": metrics, "grads": grads, "calls_per_layer": len(calls) / len(layers), "saved": saved,
+            "length_buckets": trainer.cfg.length_buckets}
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_takes_the_same_step(small_dpo_run):
+    plain = first_step([*small_dpo_run, "gradient_checkpointing=false"])
+    ckpt = first_step([*small_dpo_run, "gradient_checkpointing=true"])
+    # one forward per length slice and one for the prompts; whole sequences in one forward, run again in the backward
+    assert (plain["calls_per_layer"], ckpt["calls_per_layer"]) == (plain["length_buckets"] + 1, 2)
+    assert ckpt["saved"] < plain["saved"] / 2, (ckpt["saved"], plain["saved"])
+    # the same step: the loss and the adapter's gradients (each response read whole instead of after
+    # its prompt's cache: float rounding of another layout apart)
+    assert ckpt["metrics"]["train/loss"] == pytest.approx(plain["metrics"]["train/loss"], rel=1e-5)
+    assert plain["grads"].keys() == ckpt["grads"].keys() and any(g.abs().sum() > 0 for g in plain["grads"].values())
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(ckpt["grads"][name], grad, atol=1e-5, rtol=1e-4)
 
 
 def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_dpo_run, tmp_path):
