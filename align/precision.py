@@ -58,8 +58,15 @@ def enable_gradient_checkpointing(model: Any) -> list[Any]:
 
     transformers checkpoints a layer only while `layer.training` is set; PPO keeps its model in eval
     mode (dropout off, so rollout and training log-probs agree), so `checkpointing_active` flips only
-    those layers' own flag around a training forward, never their dropout submodules."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    those layers' own flag around a training forward, never their dropout submodules.
+
+    transformers 5.25 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+    (the old name warns, and goes in v6); the installed version's name is used."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
