@@ -80,6 +80,18 @@ def rank_slice(items: list, rank: int, world: int) -> list:
     return items[start : start + per + (1 if rank < extra else 0)]
 
 
+def rank_micro_batches(items: list, rank: int, world: int, size: int | None) -> list[list]:
+    """Rank `rank`'s part of a global batch (`rank_slice`) in micro-batches of at most `size` items
+    (None: all in one), as many on every rank, since under FSDP2 each forward gathers weights from
+    all of them: the count is the largest part's, and a part one item short of it may end with an
+    empty micro-batch (only with `size` 1), which the caller runs with no weight."""
+    import math
+
+    part = rank_slice(items, rank, world)
+    count = 1 if size is None else math.ceil(math.ceil(len(items) / world) / size)
+    return [rank_slice(part, i, count) for i in range(count)]
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -55,7 +55,13 @@ class DPOConfig:
     weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0)
     epochs: int = option(1, help="Passes over the training rankings.", ge=1)
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
-    batch_size: int = option(16, help="Rankings (pairs with loss=pairwise) per optimizer step.", ge=1)
+    batch_size: int = option(16, help="Rankings (pairs with loss=pairwise) per optimizer step, over all processes.",
+                             ge=1)
+    micro_batch_size: int | None = option(
+        None, help="Rankings (pairs) per forward and backward on each process: the step's gradients are "
+        "accumulated over its micro-batches and equal one pass over the whole batch (the loss is a mean over its "
+        "rankings). Also the size of the no-grad forwards (reference, held-out). None: a process's whole share "
+        "of the batch at once.", ge=1)
     warmup_ratio: float = option(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     length_buckets: int = option(

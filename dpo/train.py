@@ -9,6 +9,9 @@ epochs; `step()` is one optimizer step and follows Rafailov et al. 2023 (appendi
     3) Plackett-Luce negative log-likelihood of each ranking (Efron's ties), mean over rankings
     4) AdamW step on the adapter
 
+1-3 run once per micro-batch (`micro_batch_size` rankings) and their gradients add up to the whole
+batch's.
+
 `finish()` saves the adapter as RUN/policy, reports the implicit reward's held-out ranking accuracy
 the way the reward stage reports its model's (`reward.evaluate.ranking_metrics`), and samples the
 SFT model and the policy on held-out prompts (`ppo.evaluation.evaluate`: KL, gold judge).
@@ -39,7 +42,7 @@ from align.distributed import (
     full_trainable_state,
     gathered,
     global_batches,
-    rank_slice,
+    rank_micro_batches,
     shard,
 )
 from align.errors import UserError
@@ -155,21 +158,37 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------ train
 
-    def step(self, batch: DPOBatch) -> dict[str, float]:
+    def step(self, micro_batches: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over this rank's part of a global batch, given as micro-batches of
+        example indices (`align.distributed.rank_micro_batches`)."""
         cfg = self.cfg
+        examples = sum(len(m) for m in micro_batches)  # this rank's part of the batch
+        loss_sum, seen = torch.zeros((), device=self.device), []
         # (checkpointed layers keep only their inputs and recompute in the backward)
         with checkpointing_active(self.checkpointed):
-            # 1) log pi(y|x) of every response in this rank's part of the batch, each prompt encoded once
-            #    (or, sharded or checkpointed, each response read whole after its prompt)
-            policy_logps = self.model(batch.responses)
-            self.responses_forwarded += batch.responses.num_responses
-            # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
-            rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
-            # 3) Plackett-Luce negative log-likelihood of each ranking, mean over rankings
-            loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean()
-            # 4) one AdamW step on the adapter (gradients averaged over the ranks); a non-finite gradient
-            #    is never applied
-            self.accelerator.backward(loss)
+            for n, indices in enumerate(micro_batches):
+                # an empty micro-batch forwards an example with no weight: under FSDP2 every rank runs
+                # every forward
+                batch = collate(self.train_set, indices or micro_batches[0][:1]).to(self.device)
+                weight = len(indices) / examples
+                # DDP averages the gradients over the ranks on the last micro-batch only
+                last = n == len(micro_batches) - 1
+                with contextlib.nullcontext() if last or self.fsdp else self.accelerator.no_sync(self.model):
+                    # 1) log pi(y|x) of every response in the micro-batch, each prompt encoded once
+                    #    (or, sharded or checkpointed, each response read whole after its prompt)
+                    policy_logps = self.model(batch.responses)
+                    # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
+                    rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
+                    # 3) Plackett-Luce negative log-likelihood of each ranking, mean over the rank's rankings
+                    #    (the micro-batch's share of it)
+                    loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean() * weight
+                    self.accelerator.backward(loss)
+                if indices:
+                    self.responses_forwarded += batch.responses.num_responses
+                    loss_sum += loss.detach()
+                    seen.append((batch, rewards.detach()))
+        # 4) one AdamW step on the adapter with the accumulated gradients; a non-finite gradient is
+        #    never applied
         grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
@@ -177,11 +196,15 @@ class DPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            pairs = ranking_pairs(batch)
-            margins = rewards[pairs[0], pairs[1]] - rewards[pairs[0], pairs[2]]
-        return {"train/loss": loss.item(), "train/accuracy": (margins > 0).float().mean().item(),
-                "train/reward_margin": margins.mean().item(), "train/grad_norm": float(grad_norm),
-                "train/logps_policy_minus_ref": (rewards.sum() / cfg.beta / batch.valid.sum()).item()}
+            margins = []
+            for batch, rewards in seen:
+                pairs = ranking_pairs(batch)
+                margins.append(rewards[pairs[0], pairs[1]] - rewards[pairs[0], pairs[2]])
+            margin = torch.cat(margins)
+            logps_moved = sum(r.sum() for _, r in seen) / cfg.beta / sum(b.valid.sum() for b, _ in seen)
+        return {"train/loss": loss_sum.item(), "train/accuracy": (margin > 0).float().mean().item(),
+                "train/reward_margin": margin.mean().item(), "train/grad_norm": float(grad_norm),
+                "train/logps_policy_minus_ref": logps_moved.item()}
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -191,8 +214,7 @@ class DPOTrainer:
         window: list[dict[str, float]] = []
         bar = tqdm(self.batches, desc="dpo", unit="step", disable=not (cfg.progress and self.is_main))
         for indices in bar:
-            batch = collate(self.train_set, rank_slice(indices, self.rank, self.world)).to(self.device)
-            window.append(self.step(batch))
+            window.append(self.step(rank_micro_batches(indices, self.rank, self.world, cfg.micro_batch_size)))
             self.step_count += 1
             if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
                 keys = list(window[0])
@@ -276,11 +298,13 @@ class DPOTrainer:
 def dataset_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOConfig, accelerator: Any,
                   adapter: bool = True) -> dict[int, torch.Tensor]:
     """Example index -> (K,) log-probabilities of its responses under the policy (or, `adapter`
-    false, the reference), in batches of `batch_size` examples dealt out over the ranks and gathered
+    false, the reference), in batches of `micro_batch_size` (else `batch_size`) examples dealt out over
+    the ranks and gathered
     on every rank. Every rank runs as many forwards (a rank short of batches repeats one and drops
     its result), since under FSDP2 each forward gathers weights from all of them."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    chunks = [list(range(s, min(s + cfg.batch_size, len(dataset)))) for s in range(0, len(dataset), cfg.batch_size)]
+    size = cfg.micro_batch_size or cfg.batch_size
+    chunks = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]
     mine = chunks[rank::world]
     found: dict[int, torch.Tensor] = {}
     with contextlib.nullcontext() if adapter else module.policy.disable_adapter():

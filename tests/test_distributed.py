@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from align.distributed import global_batches, rank_slice
+from align.distributed import global_batches, rank_micro_batches, rank_slice
 from align.errors import UserError
 
 
@@ -30,3 +30,14 @@ def test_rank_slices_cover_the_batch_once_in_order():
     batch = [10, 11, 12, 13, 14]
     parts = [rank_slice(batch, r, 3) for r in range(3)]
     assert parts == [[10, 11], [12, 13], [14]]
+
+
+def test_micro_batches_split_each_rank_part_as_many_times_on_every_rank():
+    batch = list(range(9))  # rank 0 holds 0-4, rank 1 holds 5-8
+    assert rank_micro_batches(batch, 0, 1, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # ceil(9 / 4) = 3, even sizes
+    assert [rank_micro_batches(batch, r, 2, None) for r in (0, 1)] == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8]]]
+    # size 2: three micro-batches on each rank, the largest part's count
+    assert [rank_micro_batches(batch, r, 2, 2) for r in (0, 1)] == [[[0, 1], [2, 3], [4]], [[5, 6], [7], [8]]]
+    # size 1: the rank one short ends with an empty micro-batch, so that both run five forwards
+    assert [rank_micro_batches(batch, r, 2, 1) for r in (0, 1)] == [[[0], [1], [2], [3], [4]],
+                                                                    [[5], [6], [7], [8], []]]

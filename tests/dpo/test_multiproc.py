@@ -1,5 +1,6 @@
-"""`align dpo` on two CPU ranks through accelerate (gloo; DDP and FSDP2) trains the adapter one
-process trains, and evaluates the same held-out rankings."""
+"""`align dpo` on two CPU ranks through accelerate (gloo; DDP and FSDP2), each accumulating its half
+of a batch over micro-batches, trains the adapter one process trains in whole batches, and
+evaluates the same held-out rankings."""
 
 import json
 from pathlib import Path
@@ -32,7 +33,8 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     from peft import PeftConfig
     from safetensors.torch import load_file
 
-    multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), launcher=launcher)
+    # micro_batch_size=3: each rank's 4 rankings in two micro-batches of 2 (DDP averages the gradients on the second)
+    multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), "micro_batch_size=3", launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())

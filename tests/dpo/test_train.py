@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,13 +83,17 @@ def saved_for_backward_bytes(step) -> int:
     return sum(seen.values())
 
 
-def first_step(overrides: list[str]) -> dict:
-    """One training step of a fresh run: its metrics, the adapter's gradients, how many times each
-    decoder layer's attention ran, and the bytes kept for the backward."""
+def first_step(overrides: list[str], micro_batches: Any = None) -> dict:
+    """The first training step of a fresh run: its metrics, the adapter's gradients, the policy's
+    forwards, how many times each decoder layer's attention ran, and the bytes kept for the
+    backward. `micro_batches(trainer)`: the step's micro-batches (default: the rank's, as `train` makes them)."""
+    from align.distributed import rank_micro_batches
     from align.modeling import find_blocks
 
     trainer = DPOTrainer(load_config(DPOConfig, None, [*overrides, "num_eval_prompts=0"]), echo=lambda _: None)
     trainer.setup()
+    forwards = []
+    trainer.module.register_forward_hook(lambda *_: forwards.append(1))
     _, layers = find_blocks(trainer.policy.get_base_model())
     calls = []  # the layer's first part: transformers recomputes inside the layer, not around it
     for layer in layers:
@@ -100,11 +105,21 @@ def first_step(overrides: list[str]) -> dict:
         return apply(*args, **kwargs)
 
     trainer.optimizer.step = step_keeping_the_gradients
-    batch = collate(trainer.train_set, trainer.batches[0]).to(trainer.device)
+    parts = (micro_batches(trainer) if micro_batches else
+             rank_micro_batches(trainer.batches[0], 0, 1, trainer.cfg.micro_batch_size))
     metrics = {}
-    saved = saved_for_backward_bytes(lambda: metrics.update(trainer.step(batch)))
-    return {"metrics": metrics, "grads": grads, "calls_per_layer": len(calls) / len(layers), "saved": saved,
-            "length_buckets": trainer.cfg.length_buckets}
+    saved = saved_for_backward_bytes(lambda: metrics.update(trainer.step(parts)))
+    return {"metrics": metrics, "grads": grads, "forwards": len(forwards), "calls_per_layer": len(calls) / len(layers),
+            "saved": saved, "length_buckets": trainer.cfg.length_buckets,
+            "responses_forwarded": trainer.responses_forwarded}
+
+
+def assert_same_step(a: dict, b: dict) -> None:
+    """The same loss and adapter gradients, to float rounding (another layout of the same sums)."""
+    assert a["metrics"]["train/loss"] == pytest.approx(b["metrics"]["train/loss"], rel=1e-5)
+    assert a["grads"].keys() == b["grads"].keys() and any(g.abs().sum() > 0 for g in a["grads"].values())
+    for name, grad in a["grads"].items():
+        torch.testing.assert_close(b["grads"][name], grad, atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_checkpointing_recomputes_every_layer_and_takes_the_same_step(small_dpo_run):
@@ -113,12 +128,19 @@ def test_gradient_checkpointing_recomputes_every_layer_and_takes_the_same_step(s
     # one forward per length slice and one for the prompts; whole sequences in one forward, run again in the backward
     assert (plain["calls_per_layer"], ckpt["calls_per_layer"]) == (plain["length_buckets"] + 1, 2)
     assert ckpt["saved"] < plain["saved"] / 2, (ckpt["saved"], plain["saved"])
-    # the same step: the loss and the adapter's gradients (each response read whole instead of after
-    # its prompt's cache: float rounding of another layout apart)
-    assert ckpt["metrics"]["train/loss"] == pytest.approx(plain["metrics"]["train/loss"], rel=1e-5)
-    assert plain["grads"].keys() == ckpt["grads"].keys() and any(g.abs().sum() > 0 for g in plain["grads"].values())
-    for name, grad in plain["grads"].items():
-        torch.testing.assert_close(ckpt["grads"][name], grad, atol=1e-5, rtol=1e-4)
+    assert_same_step(plain, ckpt)  # each response read whole instead of after its prompt's cache
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(small_dpo_run):
+    whole = first_step(small_dpo_run)  # batches of 8 rankings
+    micro = first_step([*small_dpo_run, "micro_batch_size=3"])
+    assert (whole["forwards"], micro["forwards"]) == (1, 3)  # 3 + 3 + 2 rankings
+    assert micro["responses_forwarded"] == whole["responses_forwarded"]
+    assert_same_step(whole, micro)
+    # an empty micro-batch (a rank one ranking short of the others under FSDP2) runs a forward with no weight
+    padded = first_step(small_dpo_run, lambda trainer: [trainer.batches[0], []])
+    assert padded["forwards"] == 2 and padded["responses_forwarded"] == whole["responses_forwarded"]
+    assert_same_step(whole, padded)
 
 
 def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_dpo_run, tmp_path):
