@@ -298,10 +298,10 @@ class DPOTrainer:
 def dataset_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOConfig, accelerator: Any,
                   adapter: bool = True) -> dict[int, torch.Tensor]:
     """Example index -> (K,) log-probabilities of its responses under the policy (or, `adapter`
-    false, the reference), in batches of `micro_batch_size` (else `batch_size`) examples dealt out over
-    the ranks and gathered
-    on every rank. Every rank runs as many forwards (a rank short of batches repeats one and drops
-    its result), since under FSDP2 each forward gathers weights from all of them."""
+    false, the reference), in batches of `micro_batch_size` (else `batch_size`) examples dealt out
+    over the ranks and gathered on every rank. Every rank runs as many forwards (a rank short of
+    batches repeats one and drops its result), since under FSDP2 each forward gathers weights from
+    all of them."""
     world, rank = accelerator.num_processes, accelerator.process_index
     size = cfg.micro_batch_size or cfg.batch_size
     chunks = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]

@@ -57,3 +57,18 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
         moved = max(moved, value.abs().max().item() if "lora_B" in name else 0.0)
     assert moved > 1e-2  # lora_B starts at 0: the adapters moved 100x the tolerance
     assert PeftConfig.from_pretrained(tmp_path / "multi" / "policy").base_model_name_or_path == str(tiny_random_model)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_sharded_ranks_with_unequal_parts_run_as_many_checkpointed_forwards(tiny_random_model, tmp_path):
+    # batches of 7 split 4 + 3 in micro-batches of 1: the second rank runs a fourth forward with no
+    # weight (under FSDP2 each forward gathers the weights from both ranks; one forward short, the
+    # other rank would wait for it until the timeout)
+    out = tmp_path / "run"
+    run = run_align("dpo", *dpo_args(tiny_random_model, out), "batch_size=7", "micro_batch_size=1",
+                    "gradient_checkpointing=true", "num_eval_prompts=0", launcher="fsdp2", timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train/num_processes"] == 2 and summary["train/steps"] == 64 // 7
+    assert summary["train/responses_forwarded"] == 64 // 7 * 7 * 3  # the fillers are not counted
