@@ -80,15 +80,13 @@ def rank_slice(items: list, rank: int, world: int) -> list:
     return items[start : start + per + (1 if rank < extra else 0)]
 
 
-def rank_micro_batches(items: list, rank: int, world: int, size: int | None) -> list[list]:
-    """Rank `rank`'s part of a global batch (`rank_slice`) in micro-batches of at most `size` items
-    (None: all in one), as many on every rank, since under FSDP2 each forward gathers weights from
-    all of them: the count is the largest part's, and a part one item short of it may end with an
-    empty micro-batch (only with `size` 1), which the caller runs with no weight."""
-    import math
-
+def rank_micro_batches(items: list, rank: int, world: int, steps: int) -> list[list]:
+    """Rank `rank`'s part of a global batch (`rank_slice`) in `steps` micro-batches of sizes that
+    differ by at most one (gradient accumulation). Every rank gets as many, since under FSDP2 each
+    forward gathers weights from all of them: fewer where the smallest part has fewer items than
+    `steps` (an epoch's last, short batch), never an empty one."""
     part = rank_slice(items, rank, world)
-    count = 1 if size is None else math.ceil(math.ceil(len(items) / world) / size)
+    count = min(steps, len(items) // world)
     return [rank_slice(part, i, count) for i in range(count)]
 
 

@@ -57,11 +57,11 @@ class DPOConfig:
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
     batch_size: int = option(16, help="Rankings (pairs with loss=pairwise) per optimizer step, over all processes.",
                              ge=1)
-    micro_batch_size: int | None = option(
-        None, help="Rankings (pairs) per forward and backward on each process: the step's gradients are "
-        "accumulated over its micro-batches and equal one pass over the whole batch (the loss is a mean over its "
-        "rankings). Also the size of the no-grad forwards (reference, held-out). None: a process's whole share "
-        "of the batch at once.", ge=1)
+    gradient_accumulation_steps: int = option(
+        1, help="Micro-batches per optimizer step (memory only): each process forwards and backpropagates its "
+        "share of the batch in this many parts and adds up their gradients, which equal one pass over the whole "
+        "batch (the loss is a mean over its rankings). The no-grad forwards (reference, held-out) take "
+        "batch_size / gradient_accumulation_steps rankings at a time.", ge=1)
     warmup_ratio: float = option(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     length_buckets: int = option(
@@ -102,3 +102,6 @@ class DPOConfig:
 
         check(self.eval_prompts == "synthetic" or Path(self.eval_prompts).is_file(),
               f"eval_prompts: file not found: {self.eval_prompts}")
+        check(self.gradient_accumulation_steps <= self.batch_size,
+              f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) is more micro-batches than a step "
+              f"has rankings (batch_size {self.batch_size})")

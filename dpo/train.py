@@ -9,8 +9,8 @@ epochs; `step()` is one optimizer step and follows Rafailov et al. 2023 (appendi
     3) Plackett-Luce negative log-likelihood of each ranking (Efron's ties), mean over rankings
     4) AdamW step on the adapter
 
-1-3 run once per micro-batch (`micro_batch_size` rankings) and their gradients add up to the whole
-batch's.
+1-3 run once per micro-batch (`gradient_accumulation_steps` of them) and their gradients add up to
+the whole batch's.
 
 `finish()` saves the adapter as RUN/policy, reports the implicit reward's held-out ranking accuracy
 the way the reward stage reports its model's (`reward.evaluate.ranking_metrics`), and samples the
@@ -167,10 +167,7 @@ class DPOTrainer:
         # (checkpointed layers keep only their inputs and recompute in the backward)
         with checkpointing_active(self.checkpointed):
             for n, indices in enumerate(micro_batches):
-                # an empty micro-batch forwards an example with no weight: under FSDP2 every rank runs
-                # every forward
-                batch = collate(self.train_set, indices or micro_batches[0][:1]).to(self.device)
-                weight = len(indices) / examples
+                batch = collate(self.train_set, indices).to(self.device)
                 # DDP averages the gradients over the ranks on the last micro-batch only
                 last = n == len(micro_batches) - 1
                 with contextlib.nullcontext() if last or self.fsdp else self.accelerator.no_sync(self.model):
@@ -181,12 +178,11 @@ class DPOTrainer:
                     rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
                     # 3) Plackett-Luce negative log-likelihood of each ranking, mean over the rank's rankings
                     #    (the micro-batch's share of it)
-                    loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).mean() * weight
+                    loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).sum() / examples
                     self.accelerator.backward(loss)
-                if indices:
-                    self.responses_forwarded += batch.responses.num_responses
-                    loss_sum += loss.detach()
-                    seen.append((batch, rewards.detach()))
+                self.responses_forwarded += batch.responses.num_responses
+                loss_sum += loss.detach()
+                seen.append((batch, rewards.detach()))
         # 4) one AdamW step on the adapter with the accumulated gradients; a non-finite gradient is
         #    never applied
         grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
@@ -214,7 +210,7 @@ class DPOTrainer:
         window: list[dict[str, float]] = []
         bar = tqdm(self.batches, desc="dpo", unit="step", disable=not (cfg.progress and self.is_main))
         for indices in bar:
-            window.append(self.step(rank_micro_batches(indices, self.rank, self.world, cfg.micro_batch_size)))
+            window.append(self.step(rank_micro_batches(indices, self.rank, self.world, cfg.gradient_accumulation_steps)))
             self.step_count += 1
             if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
                 keys = list(window[0])
@@ -298,12 +294,12 @@ class DPOTrainer:
 def dataset_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOConfig, accelerator: Any,
                   adapter: bool = True) -> dict[int, torch.Tensor]:
     """Example index -> (K,) log-probabilities of its responses under the policy (or, `adapter`
-    false, the reference), in batches of `micro_batch_size` (else `batch_size`) examples dealt out
+    false, the reference), in batches of batch_size / gradient_accumulation_steps examples dealt out
     over the ranks and gathered on every rank. Every rank runs as many forwards (a rank short of
     batches repeats one and drops its result), since under FSDP2 each forward gathers weights from
     all of them."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    size = cfg.micro_batch_size or cfg.batch_size
+    size = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
     chunks = [list(range(s, min(s + size, len(dataset)))) for s in range(0, len(dataset), size)]
     mine = chunks[rank::world]
     found: dict[int, torch.Tensor] = {}

@@ -33,11 +33,10 @@ def test_rank_slices_cover_the_batch_once_in_order():
 
 
 def test_micro_batches_split_each_rank_part_as_many_times_on_every_rank():
-    batch = list(range(9))  # rank 0 holds 0-4, rank 1 holds 5-8
-    assert rank_micro_batches(batch, 0, 1, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # ceil(9 / 4) = 3, even sizes
-    assert [rank_micro_batches(batch, r, 2, None) for r in (0, 1)] == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8]]]
-    # size 2: three micro-batches on each rank, the largest part's count
-    assert [rank_micro_batches(batch, r, 2, 2) for r in (0, 1)] == [[[0, 1], [2, 3], [4]], [[5, 6], [7], [8]]]
-    # size 1: the rank one short ends with an empty micro-batch, so that both run five forwards
-    assert [rank_micro_batches(batch, r, 2, 1) for r in (0, 1)] == [[[0], [1], [2], [3], [4]],
-                                                                    [[5], [6], [7], [8], []]]
+    batch = list(range(9))  # over 2 ranks: rank 0 holds 0-4, rank 1 holds 5-8
+    assert rank_micro_batches(batch, 0, 1, 4) == [[0, 1, 2], [3, 4], [5, 6], [7, 8]]  # sizes differ by one at most
+    assert [rank_micro_batches(batch, r, 2, 1) for r in (0, 1)] == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8]]]
+    assert [rank_micro_batches(batch, r, 2, 2) for r in (0, 1)] == [[[0, 1, 2], [3, 4]], [[5, 6], [7, 8]]]
+    # 5 steps: the smaller part has 4 items, so 4 micro-batches on each rank, none empty
+    assert [rank_micro_batches(batch, r, 2, 5) for r in (0, 1)] == [[[0, 1], [2], [3], [4]],
+                                                                    [[5], [6], [7], [8]]]

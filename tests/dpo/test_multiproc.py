@@ -1,6 +1,6 @@
 """`align dpo` on two CPU ranks through accelerate (gloo; DDP and FSDP2), each accumulating its half
 of a batch over micro-batches, trains the adapter one process trains in whole batches, and
-evaluates the same held-out rankings."""
+evaluates the same held-out rankings; ranks with parts of unequal size run as many forwards."""
 
 import json
 from pathlib import Path
@@ -33,8 +33,9 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     from peft import PeftConfig
     from safetensors.torch import load_file
 
-    # micro_batch_size=3: each rank's 4 rankings in two micro-batches of 2 (DDP averages the gradients on the second)
-    multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), "micro_batch_size=3", launcher=launcher)
+    # each rank's 4 rankings in two micro-batches of 2 (DDP averages the gradients on the second)
+    multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), "gradient_accumulation_steps=2",
+                      launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())
@@ -62,13 +63,12 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_sharded_ranks_with_unequal_parts_run_as_many_checkpointed_forwards(tiny_random_model, tmp_path):
-    # batches of 7 split 4 + 3 in micro-batches of 1: the second rank runs a fourth forward with no
-    # weight (under FSDP2 each forward gathers the weights from both ranks; one forward short, the
-    # other rank would wait for it until the timeout)
+    # batches of 7 split 4 + 3, 4 steps asked: both ranks run 3 micro-batches (under FSDP2 each forward
+    # gathers the weights from both ranks; a rank running a fourth would wait for the other until the timeout)
     out = tmp_path / "run"
-    run = run_align("dpo", *dpo_args(tiny_random_model, out), "batch_size=7", "micro_batch_size=1",
+    run = run_align("dpo", *dpo_args(tiny_random_model, out), "batch_size=7", "gradient_accumulation_steps=4",
                     "gradient_checkpointing=true", "num_eval_prompts=0", launcher="fsdp2", timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train/num_processes"] == 2 and summary["train/steps"] == 64 // 7
-    assert summary["train/responses_forwarded"] == 64 // 7 * 7 * 3  # the fillers are not counted
+    assert summary["train/responses_forwarded"] == 64 // 7 * 7 * 3

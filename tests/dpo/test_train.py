@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -83,10 +82,10 @@ def saved_for_backward_bytes(step) -> int:
     return sum(seen.values())
 
 
-def first_step(overrides: list[str], micro_batches: Any = None) -> dict:
+def first_step(overrides: list[str]) -> dict:
     """The first training step of a fresh run: its metrics, the adapter's gradients, the policy's
     forwards, how many times each decoder layer's attention ran, and the bytes kept for the
-    backward. `micro_batches(trainer)`: the step's micro-batches (default: the rank's, as `train` makes them)."""
+    backward."""
     from align.distributed import rank_micro_batches
     from align.modeling import find_blocks
 
@@ -105,8 +104,7 @@ def first_step(overrides: list[str], micro_batches: Any = None) -> dict:
         return apply(*args, **kwargs)
 
     trainer.optimizer.step = step_keeping_the_gradients
-    parts = (micro_batches(trainer) if micro_batches else
-             rank_micro_batches(trainer.batches[0], 0, 1, trainer.cfg.micro_batch_size))
+    parts = rank_micro_batches(trainer.batches[0], 0, 1, trainer.cfg.gradient_accumulation_steps)  # as `train` does
     metrics = {}
     saved = saved_for_backward_bytes(lambda: metrics.update(trainer.step(parts)))
     return {"metrics": metrics, "grads": grads, "forwards": len(forwards), "calls_per_layer": len(calls) / len(layers),
@@ -133,14 +131,10 @@ def test_gradient_checkpointing_recomputes_every_layer_and_takes_the_same_step(s
 
 def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(small_dpo_run):
     whole = first_step(small_dpo_run)  # batches of 8 rankings
-    micro = first_step([*small_dpo_run, "micro_batch_size=3"])
+    micro = first_step([*small_dpo_run, "gradient_accumulation_steps=3"])
     assert (whole["forwards"], micro["forwards"]) == (1, 3)  # 3 + 3 + 2 rankings
     assert micro["responses_forwarded"] == whole["responses_forwarded"]
     assert_same_step(whole, micro)
-    # an empty micro-batch (a rank one ranking short of the others under FSDP2) runs a forward with no weight
-    padded = first_step(small_dpo_run, lambda trainer: [trainer.batches[0], []])
-    assert padded["forwards"] == 2 and padded["responses_forwarded"] == whole["responses_forwarded"]
-    assert_same_step(whole, padded)
 
 
 def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_dpo_run, tmp_path):
@@ -188,7 +182,9 @@ def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, t
 
 
 @pytest.mark.parametrize("override, expected", [("loss=listwise", "loss"), ("beta=0", "beta: must be > 0"),
-                                                ("bta=0.1", "did you mean 'beta'")])
+                                                ("bta=0.1", "did you mean 'beta'"),
+                                                ("gradient_accumulation_steps=17", r"gradient_accumulation_steps \(17\) "
+                                                 r"is more micro-batches than a step has rankings \(batch_size 16\)")])
 def test_bad_settings_are_refused_with_the_key_named(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(DPOConfig, None, [override])
