@@ -107,3 +107,26 @@ def test_stage_config_refuses_a_missing_file(stage, tmp_path):
 def test_missing_data_file_is_refused(tmp_path):
     out = run_align("reward", "train", "data.format=kwise", f"data.path={tmp_path / 'none.jsonl'}")
     assert out.returncode == 2 and "data.path: file not found" in out.stderr
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_of_a_multi_process_run_exits_with_its_code_and_output_without_finalization(world_size):
+    # a rank (WORLD_SIZE > 1) leaves without the interpreter's finalization, where a process group
+    # kept alive by DDP/FSDP2 modules can abort it; its output and exit code are the command's
+    import os
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('FINALIZED'))\n"
+            "from align.commands.cli import main\n"
+            "main(sys.argv[1:])\n")
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    done = subprocess.run([sys.executable, "-c", code, "memory-plan", "Qwen2.5-0.5B"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "total: held + the training phase" in done.stdout  # the last line, flushed
+    assert ("FINALIZED" in done.stdout) == (world_size == "1")
+    mistake = subprocess.run([sys.executable, "-c", code, "dpo", "bta=1"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert mistake.returncode == 2
+    assert mistake.stderr.strip() == "error: unknown config key 'bta' for DPOConfig; did you mean 'beta'?"
+    assert ("FINALIZED" in mistake.stdout) == (world_size == "1")

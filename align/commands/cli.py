@@ -8,10 +8,11 @@ the commands, never at module level, so `align --help` answers at once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -121,7 +122,31 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="align")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        exit_process(exc.exit_code)
+    except SystemExit as exc:
+        exit_process(exc.code)
+    exit_process(0)
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+    """Exit with `code`, read as `sys.exit` reads it.
+
+    A rank of a multi-process run (`accelerate launch`: WORLD_SIZE > 1) leaves without the
+    interpreter's finalization. DDP and FSDP2 modules keep the process group alive past
+    `destroy_process_group`; torn down with the interpreter, its gloo threads can abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded, and the launcher then reports it failed (pytorch/pytorch#179291; about one run in
+    thirty of two FSDP2 ranks on a busy 2-core machine). Everything a run writes is closed by
+    then; standard streams and logging are flushed here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

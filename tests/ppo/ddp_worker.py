@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from align.commands.cli import exit_process
 from align.config import load_config
 from ppo.config import PPOConfig
 from ppo.trainer import PPOTrainer
@@ -30,3 +31,4 @@ def main(overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # as `align` does: without the interpreter's finalization (see exit_process)

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from align.commands.cli import exit_process
 from align.config import load_config
 from ppo.config import PPOConfig
 from ppo.trainer import PPOTrainer
@@ -43,3 +44,4 @@ def main(out: Path, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    exit_process(0)  # as `align` does: without the interpreter's finalization (see exit_process)

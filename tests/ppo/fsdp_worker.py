@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from align.commands.cli import exit_process
 from align.config import load_config
 from align.distributed import full_trainable_state, local_numel
 from ppo.checkpoint import trainable_state
@@ -72,3 +73,4 @@ def main(out: Path, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    exit_process(0)  # as `align` does: without the interpreter's finalization (see exit_process)
