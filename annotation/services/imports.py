@@ -209,10 +209,10 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     the server's workers, which outrank its niceness; by a CPU quota on the machine,
     which niceness does not help against, so that every core second the import takes is
     one the workers lack), or waited for the writer lock behind them: the machine is
-    busy, and the import pauses that many times longer, up to IMPORT_MAX_BACKOFF. With the whole server held to 1.2 cores (a CPU quota), 200
-    rankings/s and an import of 100,000 prompts, the p99 of next and submit while the
-    chunks were stored was 0.8-4.6 s in three runs without this backoff, 0.09-1.8 s in
-    four with it."""
+    busy, and the import pauses that many times longer, up to IMPORT_MAX_BACKOFF. With the
+    whole server held to 1.2 cores (a CPU quota), 200 rankings/s and an import of 100,000
+    prompts, the p99 of next and submit while the chunks were stored was 0.8-4.6 s in
+    three runs without this backoff, 0.09-1.8 s in four with it."""
     slowdown = worked_s / cpu_s if cpu_s > 0 else IMPORT_MAX_BACKOFF
     return max(IMPORT_PAUSE_S, held_s) * min(IMPORT_MAX_BACKOFF, max(1.0, slowdown))
 

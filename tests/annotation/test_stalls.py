@@ -195,6 +195,7 @@ def test_no_garbage_collection_while_an_import_chunk_holds_the_writer_lock(tmp_p
     assert collections["lock free"] > 0  # the collector ran during the import...
     assert collections["lock held"] == 0  # ...and never inside a chunk
 
+
 def test_an_import_pauses_after_a_chunk_as_long_as_it_held_the_lock_and_longer_on_a_busy_machine():
     """pause_after_chunk(held, worked, cpu), with the 10 ms floor and the 8x cap."""
     from annotation.services.imports import IMPORT_MAX_BACKOFF, IMPORT_PAUSE_S, pause_after_chunk
