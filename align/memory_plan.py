@@ -268,7 +268,7 @@ class PlanSettings:
     reward_lora: bool = True  # reward stage: LoRA (lora.enabled) or full fine-tuning
     prompt_length: int = 512  # prompt tokens (max_prompt_length)
     response_length: int = 512  # response tokens (response_length)
-    micro_batch: int = 4  # PPO: sequences per training forward; DPO: rankings per forward; reward: per step
+    micro_batch: int = 4  # PPO: sequences per training forward; DPO, reward: rankings per training forward
     forward_batch: int | None = None  # PPO: rows per no-grad forward (the minibatch); None: micro_batch
     rollout_batch: int = 64  # PPO: episodes sampled per rollout on each rank (batch_size)
     responses_per_prompt: int = 4  # reward, DPO: responses per ranking (K)

@@ -101,6 +101,11 @@ class TrainSection:
     epochs: int = option(1, help="Passes over the training rankings (InstructGPT: 1; more overfits).", ge=1)
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides epochs).", ge=1)
     batch_size: int = option(32, help="Rankings per optimizer step, over all processes.", ge=1)
+    gradient_accumulation_steps: int = option(
+        1, help="Micro-batches per optimizer step (memory only): each process forwards and backpropagates its "
+        "share of the batch in this many parts and adds up their gradients, which equal one pass over the whole "
+        "share (every term of the loss is a mean over the share, and the mismatched-prompt pairs are drawn over "
+        "all of it).", ge=1)
     warmup_ratio: float = option(0.05, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
@@ -127,6 +132,11 @@ class TrainSection:
     )
     seed: int = option(0, help="Seed of the shuffle and of the head initialisation.")
     num_threads: int | None = option(None, help="torch CPU threads per process (default: torch's choice).", ge=1)
+
+    def __post_init__(self) -> None:
+        check(self.gradient_accumulation_steps <= self.batch_size,
+              f"train.gradient_accumulation_steps ({self.gradient_accumulation_steps}) is more micro-batches than a "
+              f"step has rankings (train.batch_size {self.batch_size})")
 
 
 @dataclass

@@ -285,7 +285,8 @@ class RankingCollator:
 
     `mismatch=True` adds, after all the rankings' responses, each ranking's top response under
     the next ranking's prompt (`mismatch_partners`): one extra forward per ranking whose prompt
-    is already in the batch. Such a sequence longer than `max_length` is left out.
+    is already in the batch. Such a sequence longer than `max_length` is left out. A micro-batch
+    takes its rankings' partners from the whole batch they were cut from (`partners`).
     """
 
     def __init__(self, pad_token_id: int, *, mismatch: bool = False, max_length: int | None = None):
@@ -293,7 +294,19 @@ class RankingCollator:
         self.mismatch = mismatch
         self.max_length = max_length
 
-    def __call__(self, items: Sequence[RankingItem]) -> RankingBatch:
+    def partners(self, items: Sequence[RankingItem]) -> list[RankingItem | None]:
+        """For each ranking, the one whose prompt its top response is shown under (None: no
+        mismatched pair; all None with `mismatch=False`)."""
+        found: list[RankingItem | None] = [None] * len(items)
+        for g, h in mismatch_partners([item.prompt for item in items]) if self.mismatch else []:
+            found[g] = items[h]
+        return found
+
+    def __call__(self, items: Sequence[RankingItem],
+                 partners: Sequence[RankingItem | None] | None = None) -> RankingBatch:
+        """The batch of `items`; `partners` (`self.partners` of a larger batch the items are a part
+        of) pairs them as that batch would, default: among themselves."""
+        partners = self.partners(items) if partners is None else partners
         prompts, continuations, winners, losers, groups, offsets = [], [], [], [], [], []
         for g, item in enumerate(items):
             offsets.append(len(continuations))
@@ -305,13 +318,15 @@ class RankingCollator:
                 losers.append(offsets[g] + l)
                 groups.append(g)
         mismatch_winners, mismatch_losers = [], []
-        for g, h in mismatch_partners([item.prompt for item in items]) if self.mismatch else []:
+        for g, partner in enumerate(partners):
+            if partner is None:
+                continue
             response = items[g].responses[items[g].top][items[g].prompt_len :]
-            if self.max_length is not None and len(items[h].prompt) + len(response) > self.max_length:
+            if self.max_length is not None and len(partner.prompt) + len(response) > self.max_length:
                 continue
             mismatch_winners.append(offsets[g] + items[g].top)
             mismatch_losers.append(len(continuations))
-            prompts.append(items[h].prompt)
+            prompts.append(partner.prompt)
             continuations.append(response)
         distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt once
         prompt_index = [distinct.setdefault(p, len(distinct)) for p in prompts]

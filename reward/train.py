@@ -7,6 +7,8 @@ appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
     2. all responses of the batch go through the model once each, their prompts once per batch;
     3. the loss averages -log sigmoid(r_w - r_l) over the C(K,2) ordered pairs of each
        ranking, then over rankings (+ optional margin and reward-centering term);
+       2-3 run once per micro-batch (`train.gradient_accumulation_steps` of them) and their
+       gradients add up to the whole batch's;
     4. one epoch by default (more overfits, as InstructGPT reports);
     5. afterwards the reward is normalised on the SFT model's own samples (mean 0, std 1),
        evaluated on held-out PROMPTS, and saved with the data and config that made it.
@@ -19,6 +21,7 @@ single-process training.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_slice, shard
+from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_micro_batches, shard
 from align.errors import UserError
 from align.precision import (
     autocast,
@@ -148,50 +151,79 @@ class RewardTrainer:
         return global_batches(len(self.train_set), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
                               seed=cfg.seed, world=self.world, what="rankings")
 
-    def local_batch(self, global_batch: list[int]) -> RankingBatch:
-        """This rank's contiguous slice of the global batch (sizes differ by at most one), collated on
-        the CPU and moved to the model's device here, the one place a training batch changes device."""
-        mine = rank_slice(global_batch, self.rank, self.world)
-        return self.collate([self.train_set[i] for i in mine]).to(self.device)
+    def local_batches(self, global_batch: list[int]) -> list[RankingBatch]:
+        """This rank's contiguous slice of the global batch (sizes differ by at most one) in
+        `gradient_accumulation_steps` micro-batches (`rank_micro_batches`), collated on the CPU and
+        moved to the model's device here, the one place a training batch changes device. The
+        mismatched-prompt pairs are drawn over the whole slice, as one batch would draw them."""
+        parts = rank_micro_batches(global_batch, self.rank, self.world, self.cfg.train.gradient_accumulation_steps)
+        items = [self.train_set[i] for part in parts for i in part]
+        partners = self.collate.partners(items)
+        batches, start = [], 0
+        for part in parts:
+            end = start + len(part)
+            batches.append(self.collate(items[start:end], partners[start:end]).to(self.device))
+            start = end
+        return batches
 
     # ----------------------------------------------------------------------- training
 
-    def step(self, batch: RankingBatch) -> dict[str, float]:
+    def step(self, batches: list[RankingBatch]) -> dict[str, float]:
+        """One optimizer step over this rank's share of a global batch, given as micro-batches
+        (`local_batches`); each term of the loss is the micro-batch's share of the mean over the
+        whole share, so the accumulated gradient is the one of a single pass over it."""
         cfg = self.cfg.train
-        # 2. one forward pass over every response of every ranking in the batch (each prompt once;
-        #    whole sequences under gradient checkpointing, which drops the prompts' cache, and under
-        #    FSDP, whose backward re-gathers a layer's weights for the gradients that reach it through
-        #    its outputs, not through the keys and values a later forward read from the cache)
-        with autocast(self.device, self.dtype):
-            if self.checkpointed or self.fsdp:
-                ids, mask = batch.whole_sequences(self.collate.pad_token_id)
-                rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
-            else:
-                rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets).float()  # (N,)
-        # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over rankings
-        loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups, cfg.margin)
-        if cfg.center_coef > 0:
-            loss = loss + reward_centering_loss(rewards, cfg.center_coef)
-        # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under the next ranking's
-        mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).mean() \
-            if batch.mismatch_winners.numel() else rewards.new_zeros(())
-        loss = loss + cfg.mismatch_coef * mismatch
-        self.accelerator.backward(loss)
+        rankings = sum(b.num_groups for b in batches)
+        responses = sum(b.num_responses for b in batches)
+        mismatched = sum(b.mismatch_winners.numel() for b in batches)
+        loss_sum, mismatch_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        seen: list[tuple[RankingBatch, torch.Tensor]] = []
+        for n, batch in enumerate(batches):
+            # DDP averages the gradients over the ranks on the last micro-batch only
+            last = n == len(batches) - 1
+            with contextlib.nullcontext() if last or self.fsdp else self.accelerator.no_sync(self.model):
+                # 2. one forward pass over every response of every ranking in the batch (each prompt once;
+                #    whole sequences under gradient checkpointing, which drops the prompts' cache, and under
+                #    FSDP, whose backward re-gathers a layer's weights for the gradients that reach it through
+                #    its outputs, not through the keys and values a later forward read from the cache)
+                with autocast(self.device, self.dtype):
+                    if self.checkpointed or self.fsdp:
+                        ids, mask = batch.whole_sequences(self.collate.pad_token_id)
+                        rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
+                    else:
+                        rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets).float()  # (N,)
+                # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over
+                #    rankings (this micro-batch's share of it)
+                loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups,
+                                          cfg.margin) * batch.num_groups / rankings
+                if cfg.center_coef > 0:
+                    loss = loss + reward_centering_loss(rewards, cfg.center_coef) * batch.num_responses / responses
+                # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under
+                #     another ranking's
+                mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).sum() \
+                    / max(mismatched, 1)
+                loss = loss + cfg.mismatch_coef * mismatch
+                self.accelerator.backward(loss)
+            self.forward_passes += batch.num_responses
+            loss_sum += loss.detach()
+            mismatch_sum += mismatch.detach()
+            seen.append((batch, rewards.detach()))
         grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.forward_passes += batch.num_responses
-        r = rewards.detach()
+        r = torch.cat([rewards for _, rewards in seen])
+        r_w = torch.cat([rewards[batch.winners] for batch, rewards in seen])
+        r_l = torch.cat([rewards[batch.losers] for batch, rewards in seen])
         return {
-            "train/loss": loss.item(),
-            "train/accuracy": pair_accuracy(r[batch.winners], r[batch.losers]).mean().item(),
-            "train/margin": (r[batch.winners] - r[batch.losers]).mean().item(),
+            "train/loss": loss_sum.item(),
+            "train/accuracy": pair_accuracy(r_w, r_l).mean().item(),
+            "train/margin": (r_w - r_l).mean().item(),
             "train/reward_mean": r.mean().item(),
             "train/reward_std": r.std().item() if r.numel() > 1 else 0.0,
             "train/grad_norm": float(grad_norm),
-            "train/mismatch_loss": mismatch.item(),
+            "train/mismatch_loss": mismatch_sum.item(),
         }
 
     def train(self) -> None:
@@ -201,7 +233,7 @@ class RewardTrainer:
         # 1./4. one pass (by default) over the rankings, each global batch split across ranks
         for step, global_batch in enumerate(self.global_batches, 1):
             t = time.perf_counter()
-            window.append(self.step(self.local_batch(global_batch)))
+            window.append(self.step(self.local_batches(global_batch)))
             if step % cfg.log_every == 0 or step == self.total_steps:
                 keys = list(window[0])
                 local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys])

@@ -66,9 +66,9 @@ def memory_plan_command(
                                                        "instead of LoRA.")] = False,
     prompt_length: Annotated[int, typer.Option(help="Prompt tokens.")] = 512,
     response_length: Annotated[int, typer.Option(help="Response tokens.")] = 512,
-    micro_batch: Annotated[int, typer.Option(help="PPO/RLOO/GRPO: sequences per training forward; DPO: rankings "
-                                             "per training forward (batch_size / gradient_accumulation_steps "
-                                             "on one device); reward: rankings per step on each device.")] = 4,
+    micro_batch: Annotated[int, typer.Option(help="PPO/RLOO/GRPO: sequences per training forward; DPO, reward: "
+                                             "rankings per training forward (batch_size / "
+                                             "gradient_accumulation_steps on one device).")] = 4,
     forward_batch: Annotated[int | None, typer.Option(help="PPO: rows per no-grad forward (its minibatch); "
                                                       "default --micro-batch.")] = None,
     rollout_batch: Annotated[int, typer.Option(help="PPO/RLOO/GRPO: responses sampled per rollout per device.")] = 64,

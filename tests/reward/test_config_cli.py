@@ -25,6 +25,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         ("train.learning_rate=-0.1", "train.learning_rate: must be > 0"),
         ("data.format=kwise", "data.path is required"),
         ("data.agreement=0.3", "data.agreement: must be > 0.5"),
+        ("train.gradient_accumulation_steps=33", "train.gradient_accumulation_steps (33) is more micro-batches than "
+                                                 "a step has rankings (train.batch_size 32)"),
     ],
 )
 def test_bad_config_values_are_refused_with_the_key_named(override, expected):

@@ -1,4 +1,5 @@
-"""Two CPU ranks through accelerate (gloo) train the same model as one process, within noise."""
+"""Two CPU ranks through accelerate (gloo), accumulating micro-batches, train the same model as one process
+without them, within noise."""
 
 import json
 from pathlib import Path
@@ -26,8 +27,9 @@ def single_process_run(tiny_random_model, tmp_path_factory) -> Path:
 def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_process_run, tmp_path):
     from safetensors.torch import load_file
 
+    # each rank's 8 rankings a step in 2 micro-batches (DDP: gradients averaged over the ranks on the second)
     multi = run_align("reward", "train", f"output_dir={tmp_path / 'multi'}", f"model.name_or_path={tiny_random_model}",
-                      *ARGS, launcher=launcher)
+                      *ARGS, "train.gradient_accumulation_steps=2", launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())

@@ -1,7 +1,9 @@
-"""Reward training off the fp32-on-the-CPU path: batch placement, bf16 storage, gradient checkpointing."""
+"""Reward training off the fp32-on-the-CPU path: batch placement, bf16 storage, gradient checkpointing and
+accumulation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from align.precision import enable_gradient_checkpointing
@@ -29,7 +31,7 @@ def test_every_training_batch_moves_to_the_model_device(quick_config, monkeypatc
     monkeypatch.setattr(RankingBatch, "to", recording_to)
     trainer = _trainer(quick_config("train.max_steps=2", "eval.normalize=false"))
     real_step = trainer.step
-    monkeypatch.setattr(trainer, "step", lambda batch: stepped.append(id(batch)) or real_step(batch))
+    monkeypatch.setattr(trainer, "step", lambda batches: stepped.extend(map(id, batches)) or real_step(batches))
     trainer.train()
     assert len(stepped) == 2
     assert {i for _, i in moved} >= set(stepped)
@@ -60,7 +62,7 @@ def test_gradient_checkpointing_gives_the_shared_prompt_rewards_and_gradient(qui
     cfg = quick_config("train.max_steps=1", "eval.normalize=false")
     trainer = _trainer(cfg)
     model = trainer.accelerator.unwrap_model(trainer.model).double()
-    batch = trainer.local_batch(trainer.global_batches[0])
+    (batch,) = trainer.local_batches(trainer.global_batches[0])
     assert batch.prompt_ids.shape[0] < batch.num_responses  # prompts really are shared in this batch
 
     def rewards_and_grads(fn):
@@ -78,3 +80,36 @@ def test_gradient_checkpointing_gives_the_shared_prompt_rewards_and_gradient(qui
     assert g_whole.keys() == g_shared.keys()
     for name in g_shared:
         torch.testing.assert_close(g_whole[name], g_shared[name], rtol=0, atol=1e-6)
+
+
+def first_step(quick_config, *overrides: str) -> dict:
+    """The first optimizer step of a fresh run with every term of the loss on: its metrics, the
+    gradients it applies and the micro-batches it forwards."""
+    trainer = _trainer(quick_config("train.max_steps=1", "eval.normalize=false", "train.mismatch_coef=1.0",
+                                    "train.center_coef=0.1", "model.max_length=512", *overrides))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    grads, apply = {}, trainer.optimizer.step
+
+    def step_keeping_the_gradients(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        return apply(*args, **kwargs)
+
+    trainer.optimizer.step = step_keeping_the_gradients
+    batches = trainer.local_batches(trainer.global_batches[0])
+    return {"metrics": trainer.step(batches), "grads": grads, "batches": batches}
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(quick_config):
+    whole = first_step(quick_config)  # one batch of 16 rankings
+    micro = first_step(quick_config, "train.gradient_accumulation_steps=3")
+    assert [b.num_groups for b in whole["batches"]] == [16]
+    assert [b.num_groups for b in micro["batches"]] == [6, 5, 5]
+    # the same sequences, mismatched-prompt pairs included: partners drawn over the whole batch
+    sequences = [sorted(s for b in run["batches"] for s in b.full_sequences()) for run in (whole, micro)]
+    assert sequences[0] == sequences[1]
+    assert sum(b.mismatch_winners.numel() for b in micro["batches"]) == 16
+    for key in ("train/loss", "train/mismatch_loss", "train/accuracy", "train/reward_std"):
+        assert micro["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
+    assert whole["grads"].keys() == micro["grads"].keys() and any(g.abs().sum() > 0 for g in whole["grads"].values())
+    for name, grad in whole["grads"].items():
+        torch.testing.assert_close(micro["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
