@@ -1,9 +1,9 @@
-"""Typer argument types shared by the stage commands (`--config FILE key=value ...`)."""
+"""Typer argument types shared by the stage commands (`--config FILE key=value ...`, `--resume RUN`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,30 @@ OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Overrides as key=value or section.key=value, applied after the YAML file.", show_default=False),
 ]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint "
+                 "(its config.yaml is used; only settings that do not change the training may be overridden)."),
+]
+
+
+def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[str], allowed: set[str],
+                   stage: str) -> Any:
+    """The config of the run directory `run` resumes, from its own config.yaml; `overrides` may set
+    only the keys in `allowed` (none of which changes the training math)."""
+    from align.config import load_config
+    from align.errors import UserError
+
+    if config is not None:
+        raise UserError("--resume uses the run's own config.yaml; drop --config")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a {stage} run directory (no config.yaml)")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in allowed:
+            raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
+                            f"allowed: {', '.join(sorted(allowed))}")
+    return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])
 
 
 def config_keys_help(cls: type) -> str:

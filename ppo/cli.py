@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from align.cli_common import ConfigOpt, OverridesArg
-from align.errors import UserError
+from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
 
 # Settings that may change when a run is resumed: none of them changes the training math.
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints"}
 
-ResumeOpt = Annotated[
-    Path | None,
-    typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint "
-                 "(its config.yaml is used; only progress/report_to/... may be overridden)."),
-]
-
 
 def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint with PPO on LoRA adapters against a reward model."""
+    from align.cli_common import resumed_config
     from align.config import load_config
     from ppo.config import PPOConfig
 
     overrides = list(overrides or [])
-    if resume is None:
-        cfg = load_config(PPOConfig, config, overrides)
-    else:
-        if config is not None:
-            raise UserError("--resume uses the run's own config.yaml; drop --config")
-        if not (resume / "config.yaml").is_file():
-            raise UserError(f"{resume}: not a PPO run directory (no config.yaml)")
-        for item in overrides:
-            key = item.split("=", 1)[0].strip()
-            if key not in RESUME_OVERRIDABLE:
-                raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
-                                f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}")
-        cfg = load_config(PPOConfig, resume / "config.yaml", [*overrides, f"output_dir={resume}"])
+    cfg = (load_config(PPOConfig, config, overrides) if resume is None
+           else resumed_config(PPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "PPO"))
 
     from ppo.trainer import run_ppo
 

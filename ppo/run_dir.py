@@ -8,7 +8,7 @@
     RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
     RUN/value_head.safetensors   value head (or critic) weights
     RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
-                                 RNG states of every process, data position
+                                 RNG states of every process, data position (align.checkpoint)
 
 Export and the demo read PPO runs only through this module, so the names live here once.
 """
@@ -29,7 +29,6 @@ REWARD_PLOT = "reward.png"
 KL_PLOT = "kl.png"
 POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def is_ppo_run(path: str | Path) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from align.checkpoint import check_run_dir, latest_checkpoint, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
@@ -40,13 +41,11 @@ from align.run import (
 )
 from ppo import core
 from ppo.checkpoint import (
+    CHECKPOINT_PREFIX,
     check_distributed_setup,
-    check_run_dir,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     save_final_policy,
-    truncate_metrics,
 )
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_prompts
@@ -103,7 +102,8 @@ class PPOTrainer:
         from ppo.tracking import check_tracker_available, make_tracker
 
         cfg = self.cfg
-        check_run_dir(cfg, self.run_dir, self.resume)
+        check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
+                      command="align ppo")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
@@ -180,12 +180,12 @@ class PPOTrainer:
         # Each process samples different responses (per-rank seeds).
         set_seed(cfg.seed + rank)
         if self.resume:
-            load_checkpoint(self, latest_checkpoint(self.run_dir))
+            load_checkpoint(self, latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
         if self.is_main:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
             else:
-                truncate_metrics(self.run_dir / METRICS_FILE, self.iteration)
+                truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
 

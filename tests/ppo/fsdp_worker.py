@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from align.checkpoint import trainable_state
 from align.commands.cli import exit_process
 from align.config import load_config
 from align.distributed import full_trainable_state, local_numel
-from ppo.checkpoint import trainable_state
 from ppo.config import PPOConfig
 from ppo.experience import Experience
 from ppo.trainer import PPOTrainer

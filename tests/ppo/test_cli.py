@@ -56,7 +56,10 @@ def test_fresh_run_refuses_a_non_empty_output_dir(capsys, tmp_path, small_run):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
     code, err = run_cli(small_run, capsys)
-    assert code == 2 and "is not empty" in err and "--resume" in err
+    assert code == 2 and "is not empty" in err and "--resume" not in err  # nothing to resume from
+    (run / "checkpoints" / "iter-000001").mkdir(parents=True)
+    code, err = run_cli(small_run, capsys)
+    assert code == 2 and "is not empty" in err and f"align ppo --resume {run}" in err
     assert (run / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
 
 

@@ -1,0 +1,157 @@
+"""Training checkpoints, the same for every stage that writes them (`align ppo`, `align dpo`):
+everything a resumed run needs to continue bit for bit, written atomically.
+
+    RUN/checkpoints/<prefix>-NNNNNN/  trainable.safetensors  optimizer.pt  scheduler.pt
+                                      rng_states.pt (every process)  trainer_state.json
+                                      (the stage's position in its run, the world size)
+
+Under FSDP2 each rank holds a shard of the trained parameters and of their optimiser state, so
+`trainable.safetensors` and `optimizer.pt` give way to `sharded/`, torch's distributed checkpoint
+that every rank writes its part of (align.distributed.save_sharded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import UserError
+from align.run import atomic_directory, write_json_atomic
+
+CHECKPOINTS_DIR = "checkpoints"
+SHARDED_DIR = "sharded"  # a checkpoint's trained weights and optimiser state under FSDP2
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoints(run_dir: Path, prefix: str) -> list[Path]:
+    """RUN/checkpoints/<prefix>-NNNNNN, oldest first (a half-written one is hidden: align.run.atomic_directory)."""
+    directory = run_dir / CHECKPOINTS_DIR
+    return sorted(directory.glob(f"{prefix}-*")) if directory.is_dir() else []
+
+
+def latest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
+    found = checkpoints(run_dir, prefix)
+    return found[-1] if found else None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler: Any, sharded: bool, state: dict[str, Any],
+                        keep: int) -> None:
+    """Write RUN/checkpoints/`name` (the main process; every process takes part) with the stage's
+    `state` (its position: iteration or step, data order, controllers) and keep the newest `keep`
+    of the same prefix. `sharded`: the model is FSDP2-sharded, each rank writes its shards."""
+    import numpy as np
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng_all = gather_object([rng])  # one per process, in rank order
+    target = run_dir / CHECKPOINTS_DIR / name
+    is_main = accelerator.is_main_process
+    if sharded:  # every rank writes its shards first, into a directory only the main rank renames
+        from align.distributed import save_sharded
+
+        shards = target.with_name(f".{target.name}.sharded")
+        if is_main:
+            shutil.rmtree(shards, ignore_errors=True)  # left by a run killed while writing
+        accelerator.wait_for_everyone()
+        save_sharded(model, optimizer, shards)
+        accelerator.wait_for_everyone()
+    if is_main:
+        with atomic_directory(target, overwrite=True) as tmp:
+            if sharded:
+                os.replace(shards, tmp / SHARDED_DIR)
+            else:
+                save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_all, tmp / "rng_states.pt")
+            write_json_atomic(tmp / STATE_FILE, {**state, "world_size": accelerator.num_processes})
+        prefix = name.rsplit("-", 1)[0]
+        for old in checkpoints(run_dir, prefix)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, sharded: bool) -> dict[str, Any]:
+    """Restore the trained weights, the optimiser, the scheduler and this process's RNGs from a
+    checkpoint of `save_training_state`; returns the stage's state. The same number of processes
+    and the same sharding as the run that wrote it, or one line saying which differs."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    processes = accelerator.num_processes
+    if state["world_size"] != processes:
+        raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
+                        f"number (got {processes})")
+    if (path / SHARDED_DIR).is_dir() != sharded:
+        raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
+                        "sharding; resume it under the same accelerate config")
+    if sharded:
+        from align.distributed import load_sharded
+
+        load_sharded(model, optimizer, path / SHARDED_DIR)
+    else:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng_states.pt", weights_only=False)[accelerator.process_index]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
+    """On resume, drop the metric rows whose `key` (iteration, step) is past the checkpoint's `last`
+    (they will be written again); returns the rows kept."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if row.get(key, 0) <= last:
+            rows.append(row)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return rows
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str) -> None:
+    """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
+    run directory that holds anything unless `overwrite` (whose stale checkpoints are removed).
+    `command`: how the user resumes it (`align ppo`)."""
+    if resume:
+        if latest_checkpoint(run_dir, prefix) is None:
+            raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
+        raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
+                        "overwrite=true")
+    if overwrite and run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
