@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import typer
 
-from align.cli_common import ConfigOpt, OverridesArg
+from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
+
+# Settings that may change when a run is resumed: none of them changes the training math.
+RESUME_OVERRIDABLE = {"progress", "eval_batch_size", "keep_checkpoints", "save_every"}
 
 
-def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
+    from align.cli_common import resumed_config
     from align.config import load_config
     from dpo.config import DPOConfig
     from dpo.train import run_dpo
 
-    cfg = load_config(DPOConfig, config, list(overrides or []))
-    summary = run_dpo(cfg, echo=typer.echo)
+    overrides = list(overrides or [])
+    cfg = (load_config(DPOConfig, config, overrides) if resume is None
+           else resumed_config(DPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "DPO"))
+    summary = run_dpo(cfg, echo=typer.echo, resume=resume is not None)
     typer.echo(f"run directory: {cfg.output_dir}")
     for key in ("eval/accuracy", "eval/kl", "eval/gold_gain_in_sft_std"):
         if key in summary:

@@ -77,6 +77,10 @@ class DPOConfig:
         "checkpointing drops, so each response is then forwarded whole with its prompt.",
     )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+    save_every: int = option(
+        50, help="Checkpoint every N optimizer steps into RUN/checkpoints (the adapter, the optimiser and the "
+        "data position; `align dpo --resume RUN` continues from the latest); 0: only the final policy.", ge=0)
+    keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
 
     # --- evaluation --------------------------------------------------------------------------
     eval_prompts: str = option(

@@ -7,6 +7,8 @@
     RUN/samples.jsonl    held-out prompts with SFT and policy responses
     RUN/policy/          the LoRA adapter + tokenizer (base = absolute SFT path): the layout of a PPO
                          run's policy, so `align export` reads both the same way
+    RUN/checkpoints/step-NNNNNN/  the adapter, optimiser, scheduler and step (align.checkpoint), every
+                         `save_every` steps; `align dpo --resume RUN` continues from the latest
 """
 
 from __future__ import annotations

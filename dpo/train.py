@@ -12,6 +12,10 @@ epochs; `step()` is one optimizer step and follows Rafailov et al. 2023 (appendi
 1-3 run once per micro-batch (`gradient_accumulation_steps` of them) and their gradients add up to
 the whole batch's.
 
+Every `save_every` steps a checkpoint (align.checkpoint) holds what a resumed run needs to continue
+as if never stopped: the adapter, the optimiser and scheduler, the step (the batches are a function
+of the seed); the reference log-probabilities are computed again on resume.
+
 `finish()` saves the adapter as RUN/policy, reports the implicit reward's held-out ranking accuracy
 the way the reward stage reports its model's (`reward.evaluate.ranking_metrics`), and samples the
 SFT model and the policy on held-out prompts (`ppo.evaluation.evaluate`: KL, gold judge).
@@ -35,6 +39,13 @@ from typing import Any
 
 import torch
 
+from align.checkpoint import (
+    check_run_dir,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+    truncate_metrics,
+)
 from align.config import config_to_dict
 from align.distributed import (
     clip_grad_norm,
@@ -56,22 +67,26 @@ from dpo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMM
 
 log = logging.getLogger("align")
 
+CHECKPOINT_PREFIX = "step"
 
-def run_dpo(cfg: DPOConfig, *, echo: Any = None) -> dict[str, Any]:
-    """Align cfg.policy_model on the rankings; returns the summary (also RUN/summary.json)."""
-    trainer = DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)))
+
+def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Align cfg.policy_model on the rankings; returns the summary (also RUN/summary.json). `resume`:
+    continue the run in cfg.output_dir from its latest checkpoint."""
+    trainer = DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume)
     trainer.setup()
     trainer.train()
     return trainer.finish()
 
 
 class DPOTrainer:
-    def __init__(self, cfg: DPOConfig, *, echo: Any = print):
+    def __init__(self, cfg: DPOConfig, *, echo: Any = print, resume: bool = False):
         self.cfg = cfg
         self.echo = echo
+        self.resume = resume
         self.out = Path(cfg.output_dir)
         self.step_count = 0
-        self.responses_forwarded = 0  # by this rank's training steps
+        self.responses_forwarded = 0  # by this rank's training steps (on the main rank: and those before a resume)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -87,8 +102,8 @@ class DPOTrainer:
 
         cfg = self.cfg
         self.t0 = time.perf_counter()
-        if (self.out / POLICY_DIR).exists() and not cfg.overwrite:
-            raise UserError(f"{self.out / POLICY_DIR} already exists; choose another output_dir or set overwrite=true")
+        check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
+                      command="align dpo")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -139,14 +154,22 @@ class DPOTrainer:
         self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
                                       else self.accelerator.prepare(self.module, optimizer))
 
+        if self.resume:
+            self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
+
         t = time.perf_counter()
         cache_reference_logps(self.module, self.train_set, cfg, self.accelerator)
         self.reference_seconds = time.perf_counter() - t
         if not self.is_main:
             return
-        prepare_run_dir(self.out, cfg)
-        (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
-        self.metrics = MetricsWriter(self.out / METRICS_FILE)
+        if self.resume:  # the rows after the checkpoint are written again
+            kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
+            if kept:
+                self.last_train = kept[-1]
+        else:
+            prepare_run_dir(self.out, cfg)
+            (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
+        self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
@@ -208,25 +231,53 @@ class DPOTrainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         window: list[dict[str, float]] = []
-        bar = tqdm(self.batches, desc="dpo", unit="step", disable=not (cfg.progress and self.is_main))
+        bar = tqdm(self.batches[self.step_count:], initial=self.step_count, total=len(self.batches), desc="dpo",
+                   unit="step", disable=not (cfg.progress and self.is_main))
         for indices in bar:
             window.append(self.step(rank_micro_batches(indices, self.rank, self.world, cfg.gradient_accumulation_steps)))
             self.step_count += 1
-            if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches):
+            # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
+            checkpoint = bool(cfg.save_every) and self.step_count % cfg.save_every == 0
+            if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches) or checkpoint:
                 keys = list(window[0])
                 local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
                 row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
                 window = []
-                if not self.is_main:
-                    continue
-                row.update({"step": self.step_count, "train/lr": self.scheduler.get_last_lr()[0],
-                            "timing/elapsed_s": time.perf_counter() - t_start})
-                self.metrics.write(row)
-                self.last_train = row
-                bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+                if self.is_main:
+                    row.update({"step": self.step_count, "train/lr": self.scheduler.get_last_lr()[0],
+                                "timing/elapsed_s": time.perf_counter() - t_start})
+                    self.metrics.write(row)
+                    self.last_train = row
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+            if checkpoint:  # every rank takes part
+                self.save_checkpoint()
         self.train_seconds = time.perf_counter() - t_start
         forwarded = torch.tensor(self.responses_forwarded, device=self.device)
         self.responses_forwarded_total = int(self.accelerator.reduce(forwarded, "sum").item())  # every rank
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        """RUN/checkpoints/step-NNNNNN (align.checkpoint): the adapter, the optimiser, the scheduler
+        and the step; the batches are a function of the seed, so the step is the data position."""
+        forwarded = torch.tensor(self.responses_forwarded, device=self.device)
+        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
+                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            sharded=self.fsdp is not None, keep=self.cfg.keep_checkpoints,
+                            state={"step": self.step_count, "num_steps": len(self.batches),
+                                   "responses_forwarded": int(self.accelerator.reduce(forwarded, "sum").item())})
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, sharded=self.fsdp is not None)
+        if state["num_steps"] != len(self.batches):
+            raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans "
+                            f"{len(self.batches)}: the data changed since; start a new run")
+        self.step_count = state["step"]
+        # the count so far is the main rank's: the ranks' counts are summed at the end
+        self.responses_forwarded = state["responses_forwarded"] if self.is_main else 0
+        if self.is_main:
+            log.info("resumed %s at step %d", self.out, self.step_count)
 
     # ------------------------------------------------------------------------------------ outputs
 

@@ -1,8 +1,10 @@
 """`align dpo` on two CPU ranks through accelerate (gloo; DDP and FSDP2), each accumulating its half
 of a batch over micro-batches, trains the adapter one process trains in whole batches, and
-evaluates the same held-out rankings; ranks with parts of unequal size run as many forwards."""
+evaluates the same held-out rankings; ranks with parts of unequal size run as many forwards; a
+sharded run resumes from its sharded checkpoint to the adapter it ends with uninterrupted."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,41 @@ def test_sharded_ranks_with_unequal_parts_run_as_many_checkpointed_forwards(tiny
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train/num_processes"] == 2 and summary["train/steps"] == 64 // 7
     assert summary["train/responses_forwarded"] == 64 // 7 * 7 * 3
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_random_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.run import read_metrics
+
+    out = tmp_path / "run"
+    args = [*dpo_args(tiny_random_model, out), "gradient_accumulation_steps=2", "save_every=4", "num_eval_prompts=0"]
+    first = run_align("dpo", *args, launcher="fsdp2", timeout=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004", "step-000008"]
+    assert (checkpoints / "step-000004" / "sharded").is_dir()  # each rank wrote its shards
+    adapter = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    rows = [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in read_metrics(out / "metrics.jsonl")]
+    summary = json.loads((out / "summary.json").read_text())
+
+    # back to where the run stood after step 4: what it wrote later removed
+    shutil.rmtree(checkpoints / "step-000008")
+    shutil.rmtree(out / "policy")
+    (out / "summary.json").unlink()
+    resumed = run_align("dpo", "--resume", str(out), launcher="fsdp2", timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    assert again.keys() == adapter.keys() and adapter
+    for name, value in adapter.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=1e-6, msg=name)
+    rows_again = [{k: v for k, v in r.items() if not k.startswith("timing/")}
+                  for r in read_metrics(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows_again] == [r["step"] for r in rows] == [4, 8]
+    for row, want in zip(rows_again, rows):
+        assert row == pytest.approx(want, abs=1e-6)
+    summary_again = json.loads((out / "summary.json").read_text())
+    for key in ("eval/accuracy", "eval/loss", "train/responses_forwarded", "train/steps"):
+        assert summary_again[key] == pytest.approx(summary[key], abs=1e-6), key

@@ -89,7 +89,8 @@ def first_step(overrides: list[str]) -> dict:
     from align.distributed import rank_micro_batches
     from align.modeling import find_blocks
 
-    trainer = DPOTrainer(load_config(DPOConfig, None, [*overrides, "num_eval_prompts=0"]), echo=lambda _: None)
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*overrides, "num_eval_prompts=0", "overwrite=true"]),
+                         echo=lambda _: None)
     trainer.setup()
     forwards = []
     trainer.module.register_forward_hook(lambda *_: forwards.append(1))

@@ -1,0 +1,88 @@
+"""A DPO run stopped after a checkpoint and resumed ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_config
+from align.run import read_metrics
+from dpo.config import DPOConfig
+from dpo.train import DPOTrainer, run_dpo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Stopped(Exception):
+    """Stands for the kill: raised inside a training step, after the rows before it were written."""
+
+
+def overrides(small_dpo_run: list[str], out: Path) -> list[str]:
+    # a metrics row every 3 steps and at each checkpoint (every 4): rows at 3, 4, 6, 8, 9, 12
+    return [*small_dpo_run, f"output_dir={out}", "epochs=2", "save_every=4", "log_every=3", "keep_checkpoints=1"]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(small_dpo_run, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    summary = run_dpo(load_config(DPOConfig, None, overrides(small_dpo_run, straight)), echo=lambda _: None)
+    steps = summary["train/steps"]
+    assert steps >= 9
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, overrides(small_dpo_run, stopped)), echo=lambda _: None)
+    trainer.setup()
+    real_step = trainer.step
+
+    def step_then_stop(parts):
+        if trainer.step_count == 7:  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
+            raise Stopped
+        return real_step(parts)
+
+    trainer.step = step_then_stop
+    with pytest.raises(Stopped):
+        trainer.train()
+    trainer.metrics.close()
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
+    assert not (stopped / "policy").exists()
+
+    resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]  # step 6 written again, once
+    assert [r["step"] for r in rows][:5] == [3, 4, 6, 8, 9]
+    for row, want in zip(rows, expected):
+        assert row == pytest.approx(want, abs=1e-6), row["step"]
+    adapter, want = (load_file(str(run / "policy" / "adapter_model.safetensors")) for run in (stopped, straight))
+    assert adapter.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(adapter[name], value, rtol=0, atol=1e-6, msg=name)
+    for key in ("eval/accuracy", "eval/kl", "train/loss_final", "train/responses_forwarded"):
+        assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", "dpo", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("--resume", str(run))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {run}: not a DPO run directory (no config.yaml)"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps({"policy_model": small_dpo_run[0].split("=", 1)[1]}))
+    result = run_cli("--resume", str(run), "beta=0.5")
+    assert result.returncode == 2 and "'beta' cannot change on --resume" in result.stderr
+    result = run_cli("--resume", str(run))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {run}: no checkpoint to resume from (checkpoints/step-* not found)")
+    assert "Traceback" not in result.stderr
