@@ -86,7 +86,7 @@ class DPOTrainer:
         self.resume = resume
         self.out = Path(cfg.output_dir)
         self.step_count = 0
-        self.responses_forwarded = 0  # by this rank's training steps (on the main rank: and those before a resume)
+        self.responses_forwarded = 0  # by this rank's training steps
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -260,12 +260,12 @@ class DPOTrainer:
     def save_checkpoint(self) -> None:
         """RUN/checkpoints/step-NNNNNN (align.checkpoint): the adapter, the optimiser, the scheduler
         and the step; the batches are a function of the seed, so the step is the data position."""
-        forwarded = torch.tensor(self.responses_forwarded, device=self.device)
+        forwarded = self.accelerator.gather(torch.tensor([self.responses_forwarded], device=self.device)).tolist()
         save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.batches),
-                                   "responses_forwarded": int(self.accelerator.reduce(forwarded, "sum").item())})
+                                   "responses_forwarded": forwarded})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
@@ -274,8 +274,7 @@ class DPOTrainer:
             raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans "
                             f"{len(self.batches)}: the data changed since; start a new run")
         self.step_count = state["step"]
-        # the count so far is the main rank's: the ranks' counts are summed at the end
-        self.responses_forwarded = state["responses_forwarded"] if self.is_main else 0
+        self.responses_forwarded = state["responses_forwarded"][self.rank]
         if self.is_main:
             log.info("resumed %s at step %d", self.out, self.step_count)
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
+from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt, config_keys_help
 from align.errors import UserError
 
 app = typer.Typer(no_args_is_help=True)
@@ -20,15 +20,22 @@ def _train_epilog() -> str:
     return config_keys_help(RewardConfig)
 
 
+# Settings that may change when a run is resumed: none of them changes the training math.
+RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "eval.batch_size"}
+
+
 @app.command("train", epilog=_train_epilog())
-def train(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
+    from align.cli_common import resumed_config
     from align.config import load_config
     from reward.config import RewardConfig
     from reward.train import train_reward_model
 
-    cfg = load_config(RewardConfig, config, overrides or [])
-    train_reward_model(cfg)
+    overrides = list(overrides or [])
+    cfg = (load_config(RewardConfig, config, overrides) if resume is None
+           else resumed_config(RewardConfig, resume, config, overrides, RESUME_OVERRIDABLE, "reward"))
+    train_reward_model(cfg, resume=resume is not None)
 
 
 @app.command("score")

@@ -124,6 +124,11 @@ class TrainSection:
         4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
     )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+    save_every: int = option(
+        50, help="Checkpoint every N optimizer steps into RUN/checkpoints (what is trained, the optimiser and the "
+        "data position; `align reward train --resume RUN` continues from the latest); 0: only the final model.",
+        ge=0)
+    keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
     gradient_checkpointing: bool = option(
         False,
         help="Recompute each layer's activations in the backward instead of keeping them (about a third more "

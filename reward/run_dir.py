@@ -5,6 +5,8 @@
     RUN/summary.json       final metrics (eval/accuracy, eval/num_pairs, train/rankings, timing/...)
     RUN/model/             the reward model: checkpoint or PEFT adapter, tokenizer,
                            reward_normalization.json and reward_model_info.json
+    RUN/checkpoints/step-NNNNNN/  what is trained, optimiser, scheduler, RNGs and step (align.checkpoint),
+                           every `train.save_every` steps; `align reward train --resume RUN` continues
 
 Export, the demo and PPO read reward runs only through this module, so the names live here once.
 """

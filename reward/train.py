@@ -13,6 +13,9 @@ appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
     5. afterwards the reward is normalised on the SFT model's own samples (mean 0, std 1),
        evaluated on held-out PROMPTS, and saved with the data and config that made it.
 
+Every `train.save_every` steps a checkpoint (align.checkpoint) holds what a resumed run
+(`align reward train --resume RUN`) needs to continue as if never stopped.
+
 Multi-process: run under `accelerate launch --multi_gpu --num_processes 2 -m align reward train ...`
 (two CPU ranks with gloo). `train.batch_size` counts rankings per optimizer step over all
 processes; each rank takes its slice of the same global batch, so the gradient matches
@@ -29,6 +32,13 @@ from typing import Any
 
 import torch
 
+from align.checkpoint import (
+    check_run_dir,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+    truncate_metrics,
+)
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_micro_batches, shard
 from align.errors import UserError
@@ -66,11 +76,15 @@ from reward.model import (
 )
 from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
+CHECKPOINT_PREFIX = "step"
+
 
 class RewardTrainer:
-    def __init__(self, cfg: RewardConfig, *, echo: Any = print):
+    def __init__(self, cfg: RewardConfig, *, echo: Any = print, resume: bool = False):
         self.cfg = cfg
         self.echo = echo
+        self.resume = resume
+        self.step_count = 0
 
     # ----------------------------------------------------------------------- setup
 
@@ -91,8 +105,8 @@ class RewardTrainer:
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.out = Path(cfg.output_dir)
-        if (self.out / MODEL_DIR).exists() and not cfg.overwrite:
-            raise UserError(f"{self.out / 'model'} already exists; choose another output_dir or set overwrite=true")
+        check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
+                      command="align reward train")
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
 
@@ -133,11 +147,17 @@ class RewardTrainer:
         self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         self.device = self.accelerator.device
         self.params = params
+        self.forward_passes = 0  # by this rank's training steps
+        if self.resume:
+            self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
         if self.is_main:
-            prepare_run_dir(self.out, cfg)
-            self.metrics = MetricsWriter(self.out / METRICS_FILE)
-        self.forward_passes = 0
-        if self.is_main:
+            if self.resume:  # the rows after the checkpoint are written again
+                kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
+                if kept:
+                    self.last_train = kept[-1]
+            else:
+                prepare_run_dir(self.out, cfg)
+            self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
                 f"{len(self.data.eval)} held-out, {self.total_steps} steps on {self.world} process(es), "
@@ -231,25 +251,53 @@ class RewardTrainer:
         t_start, cpu_start = time.perf_counter(), time.process_time()
         window: list[dict[str, float]] = []
         # 1./4. one pass (by default) over the rankings, each global batch split across ranks
-        for step, global_batch in enumerate(self.global_batches, 1):
+        for global_batch in self.global_batches[self.step_count:]:
             t = time.perf_counter()
             window.append(self.step(self.local_batches(global_batch)))
-            if step % cfg.log_every == 0 or step == self.total_steps:
+            self.step_count += 1
+            step = self.step_count
+            # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
+            checkpoint = bool(cfg.save_every) and step % cfg.save_every == 0
+            if step % cfg.log_every == 0 or step == self.total_steps or checkpoint:
                 keys = list(window[0])
                 local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys])
                 means = self.accelerator.reduce(local, "mean")  # every rank takes part in the collective
                 window = []
-                if not self.is_main:
-                    continue
-                row = dict(zip(keys, means.tolist()))
-                row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
-                            "train/forward_passes": self.forward_passes * self.world,
-                            "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
-                self.metrics.write(row)
-                self.last_train = row
+                if self.is_main:
+                    row = dict(zip(keys, means.tolist()))
+                    row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
+                                "train/forward_passes": self.forward_passes * self.world,
+                                "timing/step_s": time.perf_counter() - t,
+                                "timing/elapsed_s": time.perf_counter() - t_start})
+                    self.metrics.write(row)
+                    self.last_train = row
+            if checkpoint:  # every rank takes part
+                self.save_checkpoint()
         self.train_seconds = time.perf_counter() - t_start
         self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
         self.forward_passes_total = int(self.accelerator.reduce(torch.tensor(self.forward_passes), "sum").item())
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        """RUN/checkpoints/step-NNNNNN (align.checkpoint): what is trained, AdamW, the scheduler, the
+        RNGs and the step; the batches are a function of the seed, so the step is the data position."""
+        passes = self.accelerator.gather(torch.tensor([self.forward_passes], device=self.device)).tolist()
+        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
+                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            sharded=self.fsdp is not None, keep=self.cfg.train.keep_checkpoints,
+                            state={"step": self.step_count, "num_steps": self.total_steps, "forward_passes": passes})
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, sharded=self.fsdp is not None)
+        if state["num_steps"] != self.total_steps:
+            raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans "
+                            f"{self.total_steps}: the data changed since; start a new run")
+        self.step_count = state["step"]
+        self.forward_passes = state["forward_passes"][self.rank]
+        if self.is_main:
+            self.echo(f"reward: resumed {self.out} at step {self.step_count}")
 
     # ----------------------------------------------------------------------- after training
 
@@ -339,7 +387,8 @@ class RewardTrainer:
             })
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}
-            with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite) as tmp:
+            # (a resumed run may have been stopped after writing it)
+            with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite or self.resume) as tmp:
                 save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info, state_dict=state)
             summary["timing/total_s"] = time.perf_counter() - self.t0
             summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
@@ -351,9 +400,10 @@ class RewardTrainer:
         return summary
 
 
-def train_reward_model(cfg: RewardConfig, *, echo: Any = None) -> dict[str, Any]:
-    """Train, normalise, evaluate and save a reward model; returns the summary (empty on non-main ranks)."""
-    trainer = RewardTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)))
+def train_reward_model(cfg: RewardConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Train, normalise, evaluate and save a reward model; returns the summary (empty on non-main ranks).
+    `resume`: continue the run in cfg.output_dir from its latest checkpoint."""
+    trainer = RewardTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume)
     trainer.setup()
     trainer.train()
     return trainer.finish()

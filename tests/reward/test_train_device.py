@@ -86,7 +86,7 @@ def first_step(quick_config, *overrides: str) -> dict:
     """The first optimizer step of a fresh run with every term of the loss on: its metrics, the
     gradients it applies and the micro-batches it forwards."""
     trainer = _trainer(quick_config("train.max_steps=1", "eval.normalize=false", "train.mismatch_coef=1.0",
-                                    "train.center_coef=0.1", "model.max_length=512", *overrides))
+                                    "train.center_coef=0.1", "model.max_length=512", "overwrite=true", *overrides))
     model = trainer.accelerator.unwrap_model(trainer.model)
     grads, apply = {}, trainer.optimizer.step
 

@@ -1,0 +1,74 @@
+"""A reward run stopped after a checkpoint and resumed ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_config
+from align.run import read_metrics
+from reward.config import RewardConfig
+from reward.train import RewardTrainer, train_reward_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Stopped(Exception):
+    """Stands for the kill: raised inside a training step, after the rows before it were written."""
+
+
+def resumable(quick_config, out: Path) -> RewardConfig:
+    # 8 steps; a metrics row every 3 steps and at each checkpoint (every 4): rows at 3, 4, 6, 8
+    return quick_config(f"output_dir={out}", "train.batch_size=8", "train.save_every=4", "train.log_every=3",
+                        "train.keep_checkpoints=1", "train.mismatch_coef=1.0", "eval.normalize=false")
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(quick_config, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    summary = train_reward_model(resumable(quick_config, straight), echo=lambda _: None)
+    assert summary["train/steps"] == 8
+
+    trainer = RewardTrainer(resumable(quick_config, stopped), echo=lambda _: None)
+    trainer.setup()
+    real_step = trainer.step
+
+    def step_then_stop(batches):
+        if trainer.step_count == 7:  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
+            raise Stopped
+        return real_step(batches)
+
+    trainer.step = step_then_stop
+    with pytest.raises(Stopped):
+        trainer.train()
+    trainer.metrics.close()
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
+
+    resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] == [3, 4, 6, 8]  # step 6 written again, once
+    for row, want in zip(rows, expected):
+        assert row == pytest.approx(want, abs=1e-6), row["step"]
+    weights, want = (load_file(str(run / "model" / "model.safetensors")) for run in (stopped, straight))  # full fine-tuning
+    assert weights.keys() == want.keys() and weights
+    for name, value in want.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    for key in ("eval/accuracy", "eval/loss", "train/loss_final", "train/forward_passes"):
+        assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
+
+
+def test_resume_mistakes_are_one_line(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "align", "reward", "train", "--resume", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {run}: not a reward run directory (no config.yaml)"
