@@ -111,9 +111,10 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng_states.pt", weights_only=False)[accelerator.process_index]
+        # read onto the CPU: saved from the main rank's device, each rank's optimiser moves it to its own
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng = torch.load(path / "rng_states.pt", map_location="cpu", weights_only=False)[accelerator.process_index]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -54,17 +54,19 @@ def global_batches(n: int, batch_size: int, *, epochs: int, max_steps: int | Non
     """Global batches of the indices 0..n-1: a seeded shuffle per epoch, then `batch_size` at a time;
     `max_steps` (when set) takes as many epochs as it needs and cuts there. A batch smaller than the
     number of processes `world` is dropped (every rank needs at least one element)."""
-    import math
+    import itertools
     import random
 
-    if max_steps is not None:
-        epochs = math.ceil(max_steps * batch_size / n) + 1
-    batches = []
-    for epoch in range(epochs):
+    batches: list[list[int]] = []
+    for epoch in itertools.count():
+        if epoch == epochs if max_steps is None else len(batches) >= max_steps:
+            break
         order = list(range(n))
         random.Random(f"shuffle:{seed}:{epoch}").shuffle(order)
-        starts = range(0, n, batch_size)
-        batches += [order[s: s + batch_size] for s in starts if len(order[s: s + batch_size]) >= world]
+        found = [order[s: s + batch_size] for s in range(0, n, batch_size) if len(order[s: s + batch_size]) >= world]
+        if not found:
+            break
+        batches += found
     batches = batches[:max_steps] if max_steps is not None else batches
     if not batches:
         raise UserError(f"no training steps: {n} training {what} are too few for batch_size {batch_size} on "

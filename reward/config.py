@@ -166,4 +166,5 @@ class RewardConfig:
     lora: RewardLoraOptions = option(default_factory=RewardLoraOptions, help="LoRA or full fine-tuning.")
     train: TrainSection = option(default_factory=TrainSection, help="Optimisation and loss.")
     eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
-    overwrite: bool = option(False, help="Replace RUN/model if output_dir already holds a trained model.")
+    overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run: its model and "
+                             "checkpoints are replaced).")

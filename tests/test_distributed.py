@@ -19,6 +19,8 @@ def test_global_batches_shuffle_each_epoch_and_drop_a_batch_too_small_for_the_ra
                                                                                   if i not in first]
     assert global_batches(7, 3, epochs=2, max_steps=None, seed=0, world=2) == batches  # seeded
     assert len(global_batches(7, 3, epochs=1, max_steps=5, seed=0, world=1)) == 5  # as many epochs as it needs
+    # each epoch of 3 on 2 ranks keeps one batch of 2 (the 1 left over is dropped): still the steps asked for
+    assert len(global_batches(3, 2, epochs=1, max_steps=20, seed=0, world=2)) == 20
 
 
 def test_no_batch_for_every_rank_is_a_clear_error():
