@@ -183,9 +183,12 @@ class DPOTrainer:
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, float]:
         """One optimizer step over this rank's part of a global batch, given as micro-batches of
-        example indices (`align.distributed.rank_micro_batches`)."""
+        example indices (`align.distributed.rank_micro_batches`). Each micro-batch's loss is its
+        share of the mean over the global batch, times the number of ranks, whose gradients DDP and
+        FSDP2 average: the step of one pass over the global batch, however it is split."""
         cfg = self.cfg
-        examples = sum(len(m) for m in micro_batches)  # this rank's part of the batch
+        local = torch.tensor(sum(len(m) for m in micro_batches), dtype=torch.float64, device=self.device)
+        examples = self.accelerator.reduce(local, "sum").item()  # in the global batch; every rank takes part
         loss_sum, seen = torch.zeros((), device=self.device), []
         # (checkpointed layers keep only their inputs and recompute in the backward)
         with checkpointing_active(self.checkpointed):
@@ -199,9 +202,9 @@ class DPOTrainer:
                     policy_logps = self.model(batch.responses)
                     # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
                     rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
-                    # 3) Plackett-Luce negative log-likelihood of each ranking, mean over the rank's rankings
-                    #    (the micro-batch's share of it)
-                    loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).sum() / examples
+                    # 3) Plackett-Luce negative log-likelihood of each ranking, mean over the batch's rankings
+                    #    (the micro-batch's share of it, times the ranks)
+                    loss = plackett_luce_nll(rewards, batch.ranks, batch.valid).sum() * self.world / examples
                     self.accelerator.backward(loss)
                 self.responses_forwarded += batch.responses.num_responses
                 loss_sum += loss.detach()

@@ -175,27 +175,26 @@ class RewardTrainer:
         """This rank's contiguous slice of the global batch (sizes differ by at most one) in
         `gradient_accumulation_steps` micro-batches (`rank_micro_batches`), collated on the CPU and
         moved to the model's device here, the one place a training batch changes device. The
-        mismatched-prompt pairs are drawn over the whole slice, as one batch would draw them."""
-        parts = rank_micro_batches(global_batch, self.rank, self.world, self.cfg.train.gradient_accumulation_steps)
-        items = [self.train_set[i] for part in parts for i in part]
+        mismatched-prompt pairs are drawn over the whole global batch, as one process draws them."""
+        items = [self.train_set[i] for i in global_batch]
         partners = self.collate.partners(items)
-        batches, start = [], 0
-        for part in parts:
-            end = start + len(part)
-            batches.append(self.collate(items[start:end], partners[start:end]).to(self.device))
-            start = end
-        return batches
+        parts = rank_micro_batches(list(range(len(items))), self.rank, self.world,
+                                   self.cfg.train.gradient_accumulation_steps)  # positions in the global batch
+        return [self.collate([items[i] for i in part], [partners[i] for i in part]).to(self.device) for part in parts]
 
     # ----------------------------------------------------------------------- training
 
     def step(self, batches: list[RankingBatch]) -> dict[str, float]:
         """One optimizer step over this rank's share of a global batch, given as micro-batches
-        (`local_batches`); each term of the loss is the micro-batch's share of the mean over the
-        whole share, so the accumulated gradient is the one of a single pass over it."""
+        (`local_batches`). Each term of the loss is the micro-batch's share of the mean over the
+        global batch, times the number of ranks, whose gradients DDP and FSDP2 average: the step is
+        the one of a single pass over the global batch, however it is split."""
         cfg = self.cfg.train
-        rankings = sum(b.num_groups for b in batches)
-        responses = sum(b.num_responses for b in batches)
-        mismatched = sum(b.mismatch_winners.numel() for b in batches)
+        local = [sum(b.num_groups for b in batches), sum(b.num_responses for b in batches),
+                 sum(b.mismatch_winners.numel() for b in batches)]
+        counts = torch.tensor(local, dtype=torch.float64, device=self.device)
+        rankings, responses, mismatched = self.accelerator.reduce(counts, "sum").tolist()  # every rank takes part
+        share = self.world  # DDP and FSDP2 divide the summed gradients by the number of ranks
         loss_sum, mismatch_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         seen: list[tuple[RankingBatch, torch.Tensor]] = []
         for n, batch in enumerate(batches):
@@ -215,13 +214,13 @@ class RewardTrainer:
                 # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over
                 #    rankings (this micro-batch's share of it)
                 loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups,
-                                          cfg.margin) * batch.num_groups / rankings
+                                          cfg.margin) * batch.num_groups * share / rankings
                 if cfg.center_coef > 0:
-                    loss = loss + reward_centering_loss(rewards, cfg.center_coef) * batch.num_responses / responses
+                    loss = loss + reward_centering_loss(rewards, cfg.center_coef) * batch.num_responses * share / responses
                 # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under
                 #     another ranking's
                 mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).sum() \
-                    / max(mismatched, 1)
+                    * share / max(mismatched, 1)
                 loss = loss + cfg.mismatch_coef * mismatch
                 self.accelerator.backward(loss)
             self.forward_passes += batch.num_responses
@@ -260,13 +259,14 @@ class RewardTrainer:
             checkpoint = bool(cfg.save_every) and step % cfg.save_every == 0
             if step % cfg.log_every == 0 or step == self.total_steps or checkpoint:
                 keys = list(window[0])
-                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys])
+                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
                 means = self.accelerator.reduce(local, "mean")  # every rank takes part in the collective
+                passes = self.accelerator.reduce(torch.tensor(self.forward_passes, device=self.device), "sum")
                 window = []
                 if self.is_main:
                     row = dict(zip(keys, means.tolist()))
                     row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
-                                "train/forward_passes": self.forward_passes * self.world,
+                                "train/forward_passes": int(passes.item()),
                                 "timing/step_s": time.perf_counter() - t,
                                 "timing/elapsed_s": time.perf_counter() - t_start})
                     self.metrics.write(row)
@@ -275,7 +275,8 @@ class RewardTrainer:
                 self.save_checkpoint()
         self.train_seconds = time.perf_counter() - t_start
         self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
-        self.forward_passes_total = int(self.accelerator.reduce(torch.tensor(self.forward_passes), "sum").item())
+        passes = torch.tensor(self.forward_passes, device=self.device)
+        self.forward_passes_total = int(self.accelerator.reduce(passes, "sum").item())
 
     # ----------------------------------------------------------------------- checkpoints
 

@@ -14,9 +14,10 @@ from tests.launch import LAUNCHERS, run_align
 
 
 def dpo_args(tiny_random_model, out: Path) -> list[str]:
-    # batches of 8 rankings split 4 + 4: the mean of the ranks' gradients is the batch's
-    return [f"policy_model={tiny_random_model}", f"output_dir={out}", "data.num_rankings=64",
-            "data.num_eval_rankings=16", "data.k=3", "batch_size=8", "epochs=1", "learning_rate=5e-3",
+    # 65 rankings: 9 batches of 7 split 4 + 3 and a last one of 2: the mean of the ranks' gradients is the
+    # batch's only if each rank weighs its part by the global batch's size
+    return [f"policy_model={tiny_random_model}", f"output_dir={out}", "data.num_rankings=65",
+            "data.num_eval_rankings=16", "data.k=3", "batch_size=7", "epochs=1", "learning_rate=5e-3",
             "num_eval_prompts=4", "response_length=8", "progress=false", "seed=1", "num_threads=1"]
 
 
@@ -35,7 +36,7 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     from peft import PeftConfig
     from safetensors.torch import load_file
 
-    # each rank's 4 rankings in two micro-batches of 2 (DDP averages the gradients on the second)
+    # each rank's 4 or 3 rankings in two micro-batches (DDP averages the gradients on the second)
     multi = run_align("dpo", *dpo_args(tiny_random_model, tmp_path / "multi"), "gradient_accumulation_steps=2",
                       launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
@@ -50,15 +51,19 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     assert abs(m["eval/loss"] - s["eval/loss"]) <= 0.02
     assert m["eval/num_prompts"] == s["eval/num_prompts"] == 4  # held-out samples (FSDP2: every rank, gathered)
     # the adapter written by the main rank (FSDP2: gathered from the shards) is the one-process adapter, up
-    # to float rounding (FSDP2 reads whole sequences where one process continues each prompt's cache)
+    # to float rounding. FSDP2 reads whole sequences where one process continues each prompt's cache, and
+    # AdamW, dividing by the root of the second moment, turns rounding in a near-zero gradient into a step of
+    # up to the learning rate: measured, 1 element of 17,408 off by 2.7e-4 (DDP: none past 2.6e-5), where
+    # ranks weighing their parts by their own size instead of the batch's are off by 3.2e-2.
+    atol = 1e-3 if launcher == "fsdp2" else 1e-4
     multi_weights, single_weights = (load_file(str(d / "policy" / "adapter_model.safetensors"))
                                      for d in (tmp_path / "multi", single_process_run))
     assert multi_weights.keys() == single_weights.keys() and multi_weights
     moved = 0.0
     for name, value in single_weights.items():
-        torch.testing.assert_close(multi_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-3, atol=atol, msg=name)
         moved = max(moved, value.abs().max().item() if "lora_B" in name else 0.0)
-    assert moved > 1e-2  # lora_B starts at 0: the adapters moved 100x the tolerance
+    assert moved > 1e-2  # lora_B starts at 0: the adapters moved 10-100x the tolerance
     assert PeftConfig.from_pretrained(tmp_path / "multi" / "policy").base_model_name_or_path == str(tiny_random_model)
 
 
@@ -72,8 +77,8 @@ def test_sharded_ranks_with_unequal_parts_run_as_many_checkpointed_forwards(tiny
                     "gradient_checkpointing=true", "num_eval_prompts=0", launcher="fsdp2", timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train/num_processes"] == 2 and summary["train/steps"] == 64 // 7
-    assert summary["train/responses_forwarded"] == 64 // 7 * 7 * 3
+    assert summary["train/num_processes"] == 2 and summary["train/steps"] == 10
+    assert summary["train/responses_forwarded"] == 65 * 3
 
 
 @pytest.mark.multiproc
@@ -106,7 +111,7 @@ def test_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_random
         torch.testing.assert_close(again[name], value, rtol=0, atol=1e-6, msg=name)
     rows_again = [{k: v for k, v in r.items() if not k.startswith("timing/")}
                   for r in read_metrics(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows_again] == [r["step"] for r in rows] == [4, 8]
+    assert [r["step"] for r in rows_again] == [r["step"] for r in rows] == [4, 8, 10]
     for row, want in zip(rows_again, rows):
         assert row == pytest.approx(want, abs=1e-6)
     summary_again = json.loads((out / "summary.json").read_text())
