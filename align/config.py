@@ -81,8 +81,28 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`lr=1e-5` -> ("lr", 1e-05). Values are read as YAML scalars/lists (`true`, `3`, `[1, 2]`)."""
+@dataclass(frozen=True)
+class OverrideValue:
+    """The value of a `key=value` override: as YAML reads it (`true`, `3`, `[1, 2]`), and the text as
+    typed, which a text field (a path, a name, a choice) takes as it is: in `output_dir=run #2` the `#`
+    starts no comment, `2024-12-05` is no date, `on` is no boolean."""
+
+    parsed: Any
+    text: str
+
+    def for_type(self, tp: Any) -> Any:
+        if self.parsed is None or isinstance(self.parsed, (list, dict)):
+            return self.parsed
+        if get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not _NoneType]
+            tp = args[0] if len(args) == 1 else None
+        if tp is str or tp is Path or (get_origin(tp) is Literal and self.text in get_args(tp)):
+            return self.text
+        return self.parsed
+
+
+def parse_override(text: str) -> tuple[str, OverrideValue]:
+    """`lr=1e-5` -> ("lr", OverrideValue(1e-05, "1e-5")): read as a YAML scalar or list, kept as typed too."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
@@ -93,7 +113,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal text, the field's type decides
-    return key, value
+    return key, OverrideValue(value, raw.strip())
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
@@ -101,6 +121,8 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
+        if isinstance(child, OverrideValue):  # a section given whole by an earlier override
+            child = node[part] = child.parsed
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
@@ -136,6 +158,8 @@ def _is_required(f: dataclasses.Field) -> bool:
 
 
 def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
+    if isinstance(value, OverrideValue):
+        value = value.for_type(tp)
     origin = get_origin(tp)
     if tp is Any:
         return value

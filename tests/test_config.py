@@ -45,6 +45,19 @@ def test_yaml_then_overrides_in_order(tmp_path):
     assert cfg.optim.warmup_steps == 0  # untouched default
 
 
+def test_a_text_field_takes_the_override_as_typed(tmp_path):
+    cfg = load_config(StageConfig, None, [f"model={tmp_path}/run #2", "estimator=k3", "kl_coef=1e-2", "layers=[4]"])
+    assert cfg.model == f"{tmp_path}/run #2"  # no YAML comment
+    assert cfg.kl_coef == pytest.approx(0.01) and cfg.layers == [4]  # numbers and lists still read as YAML
+    assert load_config(StageConfig, None, ["model=2024-12-05"]).model == "2024-12-05"  # no date
+    assert load_config(StageConfig, None, ["model=on"]).model == "on"  # no boolean
+    dated = tmp_path / "2024-12-05"
+    dated.write_text("x")
+    assert load_config(StageConfig, None, [f"data_path={dated}"]).data_path == str(dated)  # str | None
+    assert load_config(StageConfig, None, ["data_path=null"]).data_path is None
+    assert load_config(StageConfig, None, ["optim={lr: 0.5}", "optim.warmup_steps=3"]).optim == OptimConfig(0.5, 3)
+
+
 def test_defaults_without_a_file():
     cfg = load_config(StageConfig, None, [])
     assert cfg == StageConfig()
