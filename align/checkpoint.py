@@ -12,10 +12,12 @@ that every rank writes its part of (align.distributed.save_sharded).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,25 @@ def checkpoints(run_dir: Path, prefix: str) -> list[Path]:
 def latest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
     found = checkpoints(run_dir, prefix)
     return found[-1] if found else None
+
+
+def data_fingerprint(items: Iterable[Any]) -> str:
+    """sha256 of what a run trains on, in its order (each item's repr: token ids, pairs): a resumed
+    run checks that its data are the checkpoint's (a file exported again, a database that grew)."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(repr(item).encode())
+    return digest.hexdigest()
+
+
+def check_same_run(path: Path, state: dict[str, Any], *, num_steps: int, data: str) -> None:
+    """A checkpoint resumes only the run that wrote it: the same planned steps over the same data."""
+    if state.get("data") != data:
+        raise UserError(f"{path}: the training data differ from those the run was trained on (re-exported or "
+                        "changed since); restore them or start a new run")
+    if state["num_steps"] != num_steps:
+        raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans {num_steps}; "
+                        "start a new run")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

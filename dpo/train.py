@@ -30,6 +30,7 @@ FSDP2 each response is read whole after its prompt (`dpo.model.PolicyLogprobs`),
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ import torch
 
 from align.checkpoint import (
     check_run_dir,
+    check_same_run,
+    data_fingerprint,
     latest_checkpoint,
     load_training_state,
     save_training_state,
@@ -56,7 +59,6 @@ from align.distributed import (
     rank_micro_batches,
     shard,
 )
-from align.errors import UserError
 from align.precision import check_finite_gradient, checkpointing_active, enable_gradient_checkpointing
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
 from dpo.config import DPOConfig
@@ -260,6 +262,11 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """What this run trains on (align.checkpoint.data_fingerprint), computed once."""
+        return data_fingerprint(self.train_set.items)
+
     def save_checkpoint(self) -> None:
         """RUN/checkpoints/step-NNNNNN (align.checkpoint): the adapter, the optimiser, the scheduler
         and the step; the batches are a function of the seed, so the step is the data position."""
@@ -268,14 +275,12 @@ class DPOTrainer:
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.batches),
-                                   "responses_forwarded": forwarded})
+                                   "responses_forwarded": forwarded, "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, sharded=self.fsdp is not None)
-        if state["num_steps"] != len(self.batches):
-            raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans "
-                            f"{len(self.batches)}: the data changed since; start a new run")
+        check_same_run(path, state, num_steps=len(self.batches), data=self.data_digest)
         self.step_count = state["step"]
         self.responses_forwarded = state["responses_forwarded"][self.rank]
         if self.is_main:

@@ -25,6 +25,7 @@ single-process training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 
 from align.checkpoint import (
     check_run_dir,
+    check_same_run,
+    data_fingerprint,
     latest_checkpoint,
     load_training_state,
     save_training_state,
@@ -280,6 +283,11 @@ class RewardTrainer:
 
     # ----------------------------------------------------------------------- checkpoints
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """What this run trains on (align.checkpoint.data_fingerprint), computed once."""
+        return data_fingerprint(self.train_set.items)
+
     def save_checkpoint(self) -> None:
         """RUN/checkpoints/step-NNNNNN (align.checkpoint): what is trained, AdamW, the scheduler, the
         RNGs and the step; the batches are a function of the seed, so the step is the data position."""
@@ -287,14 +295,13 @@ class RewardTrainer:
         save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.cfg.train.keep_checkpoints,
-                            state={"step": self.step_count, "num_steps": self.total_steps, "forward_passes": passes})
+                            state={"step": self.step_count, "num_steps": self.total_steps, "forward_passes": passes,
+                                   "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, sharded=self.fsdp is not None)
-        if state["num_steps"] != self.total_steps:
-            raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans "
-                            f"{self.total_steps}: the data changed since; start a new run")
+        check_same_run(path, state, num_steps=self.total_steps, data=self.data_digest)
         self.step_count = state["step"]
         self.forward_passes = state["forward_passes"][self.rank]
         if self.is_main:

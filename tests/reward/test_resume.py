@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.config import load_config
+from align.errors import UserError
 from align.run import read_metrics
 from reward.config import RewardConfig
 from reward.train import RewardTrainer, train_reward_model
@@ -51,6 +52,12 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
         trainer.train()
     trainer.metrics.close()
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
+
+    # other rankings (another seed: the same number, the same steps) are refused before anything is written
+    with pytest.raises(UserError, match="the training data differ from those the run was trained on"):
+        train_reward_model(load_config(RewardConfig, stopped / "config.yaml", ["data.seed=5"]), echo=lambda _: None,
+                           resume=True)
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
 
     resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
