@@ -165,8 +165,11 @@ def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str) -> None:
     """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
-    run directory that holds anything unless `overwrite` (whose stale checkpoints are removed).
-    `command`: how the user resumes it (`align ppo`)."""
+    run directory that holds anything unless `overwrite` (`clear_checkpoints` removes the stale
+    checkpoints once the run has loaded everything it needs). `command`: how the user resumes it
+    (`align ppo`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir {run_dir} is a file, not a directory")
     if resume:
         if latest_checkpoint(run_dir, prefix) is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")
@@ -175,5 +178,11 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
-    if overwrite and run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def clear_checkpoints(run_dir: Path, prefix: str) -> None:
+    """A fresh run's start (main process): the checkpoints an earlier run left in its directory
+    (`overwrite=true`) go, and only those: RUN/checkpoints/<prefix>-* and their hidden temporaries."""
+    directory = run_dir / CHECKPOINTS_DIR
+    for path in [*checkpoints(run_dir, prefix), *(directory.glob(f".{prefix}-*") if directory.is_dir() else [])]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -43,6 +43,7 @@ import torch
 from align.checkpoint import (
     check_run_dir,
     check_same_run,
+    clear_checkpoints,
     data_fingerprint,
     latest_checkpoint,
     load_training_state,
@@ -170,6 +171,7 @@ class DPOTrainer:
                 self.last_train = kept[-1]
         else:
             prepare_run_dir(self.out, cfg)
+            clear_checkpoints(self.out, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
             (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "

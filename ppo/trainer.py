@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, truncate_metrics
+from align.checkpoint import check_run_dir, clear_checkpoints, latest_checkpoint, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
@@ -184,6 +184,7 @@ class PPOTrainer:
         if self.is_main:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
+                clear_checkpoints(self.run_dir, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
             else:
                 truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)

@@ -36,6 +36,7 @@ import torch
 from align.checkpoint import (
     check_run_dir,
     check_same_run,
+    clear_checkpoints,
     data_fingerprint,
     latest_checkpoint,
     load_training_state,
@@ -160,6 +161,7 @@ class RewardTrainer:
                     self.last_train = kept[-1]
             else:
                 prepare_run_dir(self.out, cfg)
+                clear_checkpoints(self.out, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
             self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "

@@ -87,6 +87,12 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
         export_run(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(UserError, match="neither a PPO run"):
         export_run(tmp_path / "taken", tmp_path / "out")
+    # --force never replaces the run itself, a directory holding it, or a part of it
+    before = sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*"))
+    for out in (tiny_ppo_run, tiny_ppo_run.parent, tiny_ppo_run / "policy"):
+        with pytest.raises(UserError, match="overlaps the run"):
+            export_run(tiny_ppo_run, out, force=True)
+    assert sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*")) == before
 
 
 def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):

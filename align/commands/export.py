@@ -50,6 +50,9 @@ def run_kind(run: Path) -> str:
 def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False) -> Path:
     run, out = Path(run), Path(out)
     kind = run_kind(run)
+    where, target = run.resolve(), out.resolve()
+    if target == where or target in where.parents or where in target.parents:  # --force would replace the run
+        raise UserError(f"--out {out} overlaps the run {run}: choose a directory outside it")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     _remove_stale_temporaries(out)

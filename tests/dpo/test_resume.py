@@ -86,3 +86,17 @@ def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {run}: no checkpoint to resume from (checkpoints/step-* not found)")
     assert "Traceback" not in result.stderr
+
+
+def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(small_dpo_run, tmp_path):
+    run = tmp_path / "run"
+    old = run / "checkpoints" / "step-000099"
+    old.mkdir(parents=True)
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    args = [o for o in small_dpo_run if not o.startswith("output_dir=")] + [f"output_dir={run}", "overwrite=true"]
+    bad = run_cli(*[o for o in args if not o.startswith("policy_model=")], f"policy_model={tmp_path / 'missing'}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert old.is_dir()  # a run that never started removes nothing
+    run_dpo(load_config(DPOConfig, None, [*args, "num_eval_prompts=0", "save_every=0"]), echo=lambda _: None)
+    assert not old.exists()  # a stale checkpoint would be taken for the latest on --resume
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine"  # not align's: kept
