@@ -51,12 +51,33 @@ def data_fingerprint(items: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-def check_same_run(path: Path, state: dict[str, Any], *, num_steps: int, data: str) -> None:
-    """A checkpoint resumes only the run that wrote it: the same planned steps over the same data."""
-    if state.get("data") != data:
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}: a config's settings by their dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any], may_change: set[str],
+                   data: str | None = None, num_steps: int | None = None) -> None:
+    """A checkpoint resumes only the run that wrote it: the same settings (but for `may_change`, which
+    leave the training as it is, and where the run lives), the same data and planned steps (where the
+    stage gives them)."""
+    saved, now = flat_config(state.get("config", {})), flat_config(config)
+    changed = [key for key in sorted(saved.keys() | now.keys())
+               if saved.get(key) != now.get(key) and key not in may_change | {"output_dir", "overwrite"}]
+    if changed:
+        key = changed[0]
+        raise UserError(f"{path}: {key} is {now.get(key)!r} where the run had {saved.get(key)!r}; it would change "
+                        "the run: set it back in its config.yaml or start a new run")
+    if data is not None and state.get("data") != data:
         raise UserError(f"{path}: the training data differ from those the run was trained on (re-exported or "
                         "changed since); restore them or start a new run")
-    if state["num_steps"] != num_steps:
+    if num_steps is not None and state.get("num_steps") != num_steps:
         raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans {num_steps}; "
                         "start a new run")
 

@@ -6,15 +6,12 @@ import typer
 
 from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
 
-# Settings that may change when a run is resumed: none of them changes the training math.
-RESUME_OVERRIDABLE = {"progress", "eval_batch_size", "keep_checkpoints", "save_every"}
-
 
 def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
     from align.cli_common import resumed_config
     from align.config import load_config
-    from dpo.config import DPOConfig
+    from dpo.config import RESUME_OVERRIDABLE, DPOConfig
     from dpo.train import run_dpo
 
     overrides = list(overrides or [])

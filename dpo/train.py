@@ -62,7 +62,7 @@ from align.distributed import (
 )
 from align.precision import check_finite_gradient, checkpointing_active, enable_gradient_checkpointing
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
-from dpo.config import DPOConfig
+from dpo.config import RESUME_OVERRIDABLE, DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
@@ -277,12 +277,14 @@ class DPOTrainer:
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.batches),
+                                   "config": config_to_dict(self.cfg),
                                    "responses_forwarded": forwarded, "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, sharded=self.fsdp is not None)
-        check_same_run(path, state, num_steps=len(self.batches), data=self.data_digest)
+        check_same_run(path, state, config=config_to_dict(self.cfg), may_change=RESUME_OVERRIDABLE,
+                       data=self.data_digest, num_steps=len(self.batches))
         self.step_count = state["step"]
         self.responses_forwarded = state["responses_forwarded"][self.rank]
         if self.is_main:

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import load_training_state, save_training_state
+from align.checkpoint import check_same_run, load_training_state, save_training_state
+from align.config import config_to_dict
 from align.errors import UserError
 from align.run import atomic_directory
+from ppo.config import RESUME_OVERRIDABLE
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE
 
 log = logging.getLogger("align")
@@ -31,7 +33,8 @@ def save_checkpoint(trainer: Any) -> None:
     save_training_state(trainer.run_dir, f"{CHECKPOINT_PREFIX}-{trainer.iteration:06d}",
                         accelerator=trainer.accelerator, model=trainer.model, optimizer=trainer.optimizer,
                         scheduler=trainer.scheduler, sharded=bool(trainer.fsdp), keep=trainer.cfg.keep_checkpoints,
-                        state={"iteration": trainer.iteration, "sampler": trainer.sampler.state_dict(),
+                        state={"iteration": trainer.iteration, "config": config_to_dict(trainer.cfg),
+                               "sampler": trainer.sampler.state_dict(),
                                "kl_controller": trainer.kl_ctl.state_dict()})
 
 
@@ -39,6 +42,7 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     """Restore weights, optimiser, scheduler, KL controller, data position and this process's RNGs."""
     state = load_training_state(path, accelerator=trainer.accelerator, model=trainer.model,
                                 optimizer=trainer.optimizer, scheduler=trainer.scheduler, sharded=bool(trainer.fsdp))
+    check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE)
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

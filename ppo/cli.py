@@ -6,15 +6,12 @@ import typer
 
 from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
 
-# Settings that may change when a run is resumed: none of them changes the training math.
-RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints"}
-
 
 def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint with PPO on LoRA adapters against a reward model."""
     from align.cli_common import resumed_config
     from align.config import load_config
-    from ppo.config import PPOConfig
+    from ppo.config import RESUME_OVERRIDABLE, PPOConfig
 
     overrides = list(overrides or [])
     cfg = (load_config(PPOConfig, config, overrides) if resume is None

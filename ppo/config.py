@@ -48,6 +48,10 @@ class KLOptions:
     )
 
 
+# Settings a resumed run may change (`align ppo --resume RUN key=value`): none changes the training math.
+RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints"}
+
+
 @dataclass
 class PPOConfig:
     """`align ppo`: align an SFT checkpoint on a new LoRA adapter against a reward model."""

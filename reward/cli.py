@@ -20,8 +20,6 @@ def _train_epilog() -> str:
     return config_keys_help(RewardConfig)
 
 
-# Settings that may change when a run is resumed: none of them changes the training math.
-RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "eval.batch_size"}
 
 
 @app.command("train", epilog=_train_epilog())
@@ -29,7 +27,7 @@ def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: Resu
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
     from align.cli_common import resumed_config
     from align.config import load_config
-    from reward.config import RewardConfig
+    from reward.config import RESUME_OVERRIDABLE, RewardConfig
     from reward.train import train_reward_model
 
     overrides = list(overrides or [])

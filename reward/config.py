@@ -158,6 +158,13 @@ class EvalSection:
     )
 
 
+# Settings a resumed run may change (`align reward train --resume RUN key=value`): none changes what is
+# trained (memory, threads, checkpoints, what happens after training).
+RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "train.gradient_accumulation_steps",
+                      "train.gradient_checkpointing", "train.num_threads", "eval.batch_size", "eval.normalize",
+                      "eval.normalize_prompts", "eval.normalize_max_new_tokens", "eval.normalize_policy"}
+
+
 @dataclass
 class RewardConfig:
     output_dir: str = option("runs/reward", help="Run directory: config.yaml, metrics.jsonl, summary.json, model/.")

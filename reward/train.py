@@ -53,7 +53,7 @@ from align.precision import (
     upcast_trainable,
 )
 from align.run import peak_memory_mb
-from reward.config import RewardConfig
+from reward.config import RESUME_OVERRIDABLE, RewardConfig
 from reward.data import (
     RankingBatch,
     RankingCollator,
@@ -298,12 +298,14 @@ class RewardTrainer:
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.cfg.train.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": self.total_steps, "forward_passes": passes,
+                                   "config": config_to_dict(self.cfg),
                                    "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, sharded=self.fsdp is not None)
-        check_same_run(path, state, num_steps=self.total_steps, data=self.data_digest)
+        check_same_run(path, state, config=config_to_dict(self.cfg), may_change=RESUME_OVERRIDABLE,
+                       data=self.data_digest, num_steps=self.total_steps)
         self.step_count = state["step"]
         self.forward_passes = state["forward_passes"][self.rank]
         if self.is_main:

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from align.config import load_config
 from align.errors import UserError
+from align.formats import write_kwise
 from align.run import read_metrics
+from align.synthetic import make_rankings
 from reward.config import RewardConfig
 from reward.train import RewardTrainer, train_reward_model
 
@@ -23,10 +25,16 @@ class Stopped(Exception):
     """Stands for the kill: raised inside a training step, after the rows before it were written."""
 
 
-def resumable(quick_config, out: Path) -> RewardConfig:
-    # 8 steps; a metrics row every 3 steps and at each checkpoint (every 4): rows at 3, 4, 6, 8
-    return quick_config(f"output_dir={out}", "train.batch_size=8", "train.save_every=4", "train.log_every=3",
-                        "train.keep_checkpoints=1", "train.mismatch_coef=1.0", "eval.normalize=false")
+def write_rankings(path: Path, seed: int) -> Path:
+    write_kwise(make_rankings(80, k=3, agreement=0.9, seed=seed), path)
+    return path
+
+
+def resumable(quick_config, out: Path, rankings: Path) -> RewardConfig:
+    # 64 training rankings, 8 steps; a metrics row every 3 steps and at each checkpoint (every 4): rows at 3, 4, 6, 8
+    return quick_config(f"output_dir={out}", "data.format=kwise", f"data.path={rankings}", "data.eval_fraction=0.2",
+                        "train.batch_size=8", "train.save_every=4", "train.log_every=3", "train.keep_checkpoints=1",
+                        "train.mismatch_coef=1.0", "eval.normalize=false")
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -35,10 +43,11 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(quick_config, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    summary = train_reward_model(resumable(quick_config, straight), echo=lambda _: None)
+    rankings = write_rankings(tmp_path / "rankings.jsonl", seed=1)
+    summary = train_reward_model(resumable(quick_config, straight, rankings), echo=lambda _: None)
     assert summary["train/steps"] == 8
 
-    trainer = RewardTrainer(resumable(quick_config, stopped), echo=lambda _: None)
+    trainer = RewardTrainer(resumable(quick_config, stopped, rankings), echo=lambda _: None)
     trainer.setup()
     real_step = trainer.step
 
@@ -54,13 +63,21 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
 
-    # other rankings (another seed: the same number, the same steps) are refused before anything is written
+    # refused before anything is written: a setting that changes the training, edited into config.yaml;
+    # the rankings file exported again with other rankings (the same number: the same steps)
+    with pytest.raises(UserError, match="train.learning_rate is 0.5 where the run had 0.001; it would change"):
+        train_reward_model(load_config(RewardConfig, stopped / "config.yaml", ["train.learning_rate=0.5"]),
+                           echo=lambda _: None, resume=True)
+    original = rankings.read_bytes()
+    write_rankings(rankings, seed=2)
     with pytest.raises(UserError, match="the training data differ from those the run was trained on"):
-        train_reward_model(load_config(RewardConfig, stopped / "config.yaml", ["data.seed=5"]), echo=lambda _: None,
-                           resume=True)
+        train_reward_model(load_config(RewardConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    rankings.write_bytes(original)
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
 
-    resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    # settings that leave the training as it is may change: memory, evaluation batch
+    resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml", [
+        "train.gradient_accumulation_steps=2", "eval.batch_size=7"]), echo=lambda _: None, resume=True)
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
     assert [r["step"] for r in rows] == [r["step"] for r in expected] == [3, 4, 6, 8]  # step 6 written again, once
     for row, want in zip(rows, expected):
