@@ -31,6 +31,16 @@ class Ranking:
     ranked: int | None = None
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.prompt, str) or (isinstance(self.prompt, list) and self.prompt and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in self.prompt))):
+            raise ValueError("the prompt must be a string or a non-empty list of messages with string 'role' and "
+                             f"'content', got {self.prompt!r:.80}")
+        if not isinstance(self.responses, list) or not all(isinstance(r, str) for r in self.responses):
+            raise ValueError(f"responses must be a list of strings, got {self.responses!r:.80}")
+        if not isinstance(self.ranks, list) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.ranks):
+            raise ValueError(f"ranks must be a list of integers >= 0 (0 = best), got {self.ranks!r:.80}")
         if len(self.responses) != len(self.ranks):
             raise ValueError(f"{len(self.responses)} responses but {len(self.ranks)} ranks")
         if self.ranked is not None:
@@ -101,17 +111,38 @@ def _open_text(path: Path):
 
 def jsonl_rows(path: str | Path):
     """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
+    import gzip
+    import zlib
+
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        raise UserError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{path}: damaged or truncated gzip file ({exc or type(exc).__name__})") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content, or one line naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
 
 
 def _check_messages(value: Any, where: str) -> Messages:
@@ -223,7 +254,7 @@ def read_hh(path: str | Path) -> list[Ranking]:
         where = f"{path}:{lineno}"
         try:
             chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: not an HH-RLHF row ({exc})") from None
         # The prompt is the longest shared prefix ending with a Human turn. In a handful of
         # real rows the transcripts diverge earlier (a turn glued into the assistant text);
@@ -276,7 +307,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
             raise UserError(f"{where}: not an OpenAssistant message tree (no 'prompt' message)")
         try:
             walk(root, [], where)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: malformed message tree ({exc})") from None
     return out
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
+from align.formats import read_text_file
 
 Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
 
@@ -21,10 +22,10 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
         return make_prompts(n, seed=seed, split=split)
     path = Path(spec)
     if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
     else:
         prompts, seen = [], set()
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_text_file(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -48,6 +48,7 @@ from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_
 from align.errors import UserError
 from align.precision import (
     autocast,
+    check_finite_gradient,
     enable_gradient_checkpointing,
     torch_dtype,
     upcast_trainable,
@@ -234,6 +235,7 @@ class RewardTrainer:
             seen.append((batch, rewards.detach()))
         grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")  # a NaN model is never trained on, nor saved
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -148,3 +148,40 @@ def test_inconsistent_top_m_rankings_are_refused(tmp_path, ranks, ranked):
     f = write_lines(tmp_path / "k.jsonl", [{"prompt": "q", "responses": ["a", "b", "c", "d"], "ranks": ranks, "ranked": ranked}])
     with pytest.raises(UserError, match="k.jsonl:1"):
         formats.read_kwise(f)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"prompt": 42, "responses": ["a", "b"], "ranks": [0, 1]}, "the prompt must be a string or a non-empty list"),
+    ({"prompt": [{"role": "user"}], "responses": ["a", "b"], "ranks": [0, 1]}, "string 'role' and 'content'"),
+    ({"prompt": "p", "responses": "abc", "ranks": [0, 1, 2]}, "responses must be a list of strings"),
+    ({"prompt": "p", "responses": [1, 2], "ranks": [0, 1]}, "responses must be a list of strings"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranks": ["x", "y"]}, "ranks must be a list of integers >= 0"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranks": [-5, 1.5]}, "ranks must be a list of integers >= 0"),
+])
+def test_kwise_values_of_the_wrong_kind_are_refused_with_the_line(tmp_path, row, expected):
+    path = write_lines(tmp_path / "r.jsonl", [{"prompt": "ok", "responses": ["a", "b"], "ranks": [0, 1]}, row])
+    with pytest.raises(UserError, match=rf"^{path}:2: not a kwise ranking line \(.*{expected}"):
+        formats.read_kwise(path)
+
+
+def test_unreadable_files_are_named_in_one_line(tmp_path):
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"prompt": "p"}\n\xff\xfe\x00\x81')
+    with pytest.raises(UserError, match=rf"^{binary}: not UTF-8 text"):
+        formats.read_kwise(binary)
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text("not gzip")
+    with pytest.raises(UserError, match=rf"^{fake}: damaged or truncated gzip file"):
+        formats.read_kwise(fake)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}\n' * 50)[:-20])
+    with pytest.raises(UserError, match=rf"^{cut}: damaged or truncated gzip file"):
+        formats.read_kwise(cut)
+    with pytest.raises(UserError, match=rf"^{tmp_path} is not a file"):
+        formats.read_kwise(tmp_path)
+    hh, oasst = write_lines(tmp_path / "hh.jsonl", [{"chosen": 5, "rejected": "x"}]), write_lines(
+        tmp_path / "oasst.jsonl", [{"prompt": {"text": "q", "role": "prompter", "replies": "nope"}}])
+    with pytest.raises(UserError, match=rf"^{hh}:1: not an HH-RLHF row"):
+        formats.read_hh(hh)
+    with pytest.raises(UserError, match=rf"^{oasst}:1: malformed message tree"):
+        formats.read_oasst(oasst)

@@ -51,7 +51,7 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
     bad_ranks = tmp_path / "bad_ranks.jsonl"
     bad_ranks.write_text('{"prompt": "x", "prompt_id": "r1", "responses": ["a", "b"], "ranks": ["a", 0]}\n')
     cases = [
-        (["annotate", "import", str(bad_ranks), "--db", db, "-p", "t", "-f", "kwise"], "ranking 'r1': ranks must be integers"),
+        (["annotate", "import", str(bad_ranks), "--db", db, "-p", "t", "-f", "kwise"], f"{bad_ranks}:1: not a kwise ranking line (ranks must be a list of integers >= 0"),
         (["annotate", "import", str(tmp_path / "none.jsonl"), "--db", db, "-p", "t", "-f", "trl"], "file not found"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "trl"], "bad.jsonl:1"),
         (["annotate", "import", str(bad), "--db", db, "-p", "t", "-f", "csv"], "unknown import format"),

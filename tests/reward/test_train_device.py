@@ -113,3 +113,13 @@ def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(quick_config):
     assert whole["grads"].keys() == micro["grads"].keys() and any(g.abs().sum() > 0 for g in whole["grads"].values())
     for name, grad in whole["grads"].items():
         torch.testing.assert_close(micro["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_diverging_run_stops_before_applying_a_non_finite_gradient(quick_config, tmp_path):
+    from align.errors import TrainingDiverged
+    from reward.train import train_reward_model
+
+    cfg = quick_config(f"output_dir={tmp_path / 'run'}", "train.learning_rate=inf", "eval.normalize=false")
+    with pytest.raises(TrainingDiverged, match=r"^step 2: the gradient norm is nan"):  # step 1 made the weights inf
+        train_reward_model(cfg, echo=lambda _: None)
+    assert not (tmp_path / "run" / "model").exists()
