@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,35 +128,55 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
 
 
 def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, sharded: bool) -> dict[str, Any]:
+                        scheduler: Any, sharded: bool,
+                        check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Restore the trained weights, the optimiser, the scheduler and this process's RNGs from a
     checkpoint of `save_training_state`; returns the stage's state. The same number of processes
-    and the same sharding as the run that wrote it, or one line saying which differs."""
+    and the same sharding as the run that wrote it, and whatever `check` asks of the stage's state
+    (`check_same_run`) before any tensor loads, or one line saying what differs; a checkpoint
+    missing a file or damaged is one line too."""
+    import pickle
+
     import numpy as np
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
+    def damaged(exc: BaseException) -> UserError:
+        return UserError(f"{path} is incomplete or damaged ({type(exc).__name__}: {str(exc)[:200]}); delete it to "
+                         "resume from the checkpoint before it, or start a new run")
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        written_by = state["world_size"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged(exc) from None
     processes = accelerator.num_processes
-    if state["world_size"] != processes:
-        raise UserError(f"{path} was written by {state['world_size']} processes; resume it with the same "
+    if written_by != processes:
+        raise UserError(f"{path} was written by {written_by} processes; resume it with the same "
                         f"number (got {processes})")
     if (path / SHARDED_DIR).is_dir() != sharded:
         raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
                         "sharding; resume it under the same accelerate config")
-    if sharded:
-        from align.distributed import load_sharded
+    if check is not None:
+        check(state)
+    try:
+        if sharded:
+            from align.distributed import load_sharded
 
-        load_sharded(model, optimizer, path / SHARDED_DIR)
-    else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        # read onto the CPU: saved from the main rank's device, each rank's optimiser moves it to its own
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    rng = torch.load(path / "rng_states.pt", map_location="cpu", weights_only=False)[accelerator.process_index]
+            load_sharded(model, optimizer, path / SHARDED_DIR)
+        else:
+            weights = load_file(str(path / "trainable.safetensors"))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            # read onto the CPU: saved from the main rank's device, each rank's optimiser moves it to its own
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        rng = torch.load(path / "rng_states.pt", map_location="cpu", weights_only=False)[accelerator.process_index]
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as exc:
+        raise damaged(exc) from None
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -98,6 +98,7 @@ class DPOTrainer:
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
+        from ppo.data import load_prompts
         from ppo.evaluation import PolicySampler
         from ppo.model import build_policy
         from reward.data import expand_to_pairs, load_reward_data
@@ -131,6 +132,9 @@ class DPOTrainer:
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
+        # read now, not after the training: the held-out prompts sampled at the end
+        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
+                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
 
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
         self.policy = build_policy(base, cfg.lora).to(self.device)  # the adapter is fp32 on a bf16 base (peft)
@@ -281,10 +285,12 @@ class DPOTrainer:
                                    "responses_forwarded": forwarded, "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, sharded=self.fsdp is not None)
-        check_same_run(path, state, config=config_to_dict(self.cfg), may_change=RESUME_OVERRIDABLE,
-                       data=self.data_digest, num_steps=len(self.batches))
+        state = load_training_state(
+            path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            sharded=self.fsdp is not None,
+            check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
+                                               may_change=RESUME_OVERRIDABLE, data=self.data_digest,
+                                               num_steps=len(self.batches)))
         self.step_count = state["step"]
         self.responses_forwarded = state["responses_forwarded"][self.rank]
         if self.is_main:
@@ -295,7 +301,7 @@ class DPOTrainer:
     def finish(self) -> dict[str, Any]:
         """Save, evaluate and summarise (the main process writes; every rank takes part in gathering
         the adapter and in the held-out forwards, and under FSDP2 in the sampling too)."""
-        from ppo.data import gold_judge, load_prompts
+        from ppo.data import gold_judge
         from ppo.evaluation import evaluate
         from reward.evaluate import format_table
 
@@ -309,7 +315,7 @@ class DPOTrainer:
         summary.update(held_out_ranking_metrics(self.module, self.tokenizer, self.eval_rankings, cfg, self.accelerator))
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
         if cfg.num_eval_prompts and (self.is_main or self.fsdp):
-            prompts = load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")[: cfg.num_eval_prompts]
+            prompts = self.eval_prompts
             with gathered(self.module):  # under FSDP2 every rank samples the same prompts with the whole policy
                 eval_metrics, samples = evaluate(self.sampler, prompts, gold_judge(cfg.eval_prompts),
                                                  batch_size=cfg.eval_batch_size, seed=cfg.seed)

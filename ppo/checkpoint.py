@@ -40,9 +40,10 @@ def save_checkpoint(trainer: Any) -> None:
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
     """Restore weights, optimiser, scheduler, KL controller, data position and this process's RNGs."""
-    state = load_training_state(path, accelerator=trainer.accelerator, model=trainer.model,
-                                optimizer=trainer.optimizer, scheduler=trainer.scheduler, sharded=bool(trainer.fsdp))
-    check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE)
+    state = load_training_state(
+        path, accelerator=trainer.accelerator, model=trainer.model, optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler, sharded=bool(trainer.fsdp),
+        check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

@@ -120,6 +120,9 @@ class RewardTrainer:
         if self.encoder and cfg.eval.normalize and cfg.eval.normalize_policy is None:
             raise UserError("an encoder reward model is normalised on a policy's samples: set eval.normalize_policy "
                             "(the SFT checkpoint PPO starts from) or eval.normalize=false")
+        # found now, not after the training (the normalisation's policy samples once the model is trained)
+        self.normalize_policy = (resolve_model_path(cfg.eval.normalize_policy)
+                                 if cfg.eval.normalize and cfg.eval.normalize_policy else None)
         self.tokenizer = load_tokenizer(self.base_path, encoder=self.encoder)
         prepare_tokenizer(self.tokenizer)
         self.data: RewardData = load_reward_data(cfg.data)
@@ -304,10 +307,12 @@ class RewardTrainer:
                                    "data": self.data_digest})
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_training_state(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, sharded=self.fsdp is not None)
-        check_same_run(path, state, config=config_to_dict(self.cfg), may_change=RESUME_OVERRIDABLE,
-                       data=self.data_digest, num_steps=self.total_steps)
+        state = load_training_state(
+            path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            sharded=self.fsdp is not None,
+            check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
+                                               may_change=RESUME_OVERRIDABLE, data=self.data_digest,
+                                               num_steps=self.total_steps))
         self.step_count = state["step"]
         self.forward_passes = state["forward_passes"][self.rank]
         if self.is_main:
@@ -321,7 +326,7 @@ class RewardTrainer:
         if not ecfg.normalize:
             return 1.0, 0.0, 0
         from align.generation import generate_responses
-        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+        from align.modeling import load_causal_lm, load_tokenizer
         from reward.model import render_texts
 
         prompts, seen = [], set()
@@ -332,8 +337,8 @@ class RewardTrainer:
                 prompts.append(r.prompt)
         random.Random(f"normalize:{self.cfg.train.seed}").shuffle(prompts)
         prompts = prompts[: ecfg.normalize_prompts]
-        policy_path = resolve_model_path(ecfg.normalize_policy) if ecfg.normalize_policy else self.base_path
-        policy_tokenizer = load_tokenizer(policy_path) if ecfg.normalize_policy else self.tokenizer
+        policy_path = self.normalize_policy or self.base_path
+        policy_tokenizer = load_tokenizer(policy_path) if self.normalize_policy else self.tokenizer
         # (a tokenizer's added <pad> needs its row)
         sft = load_causal_lm(policy_path, dtype=self.dtype, tokenizer=policy_tokenizer).to(self.device)
         if self.fsdp:  # every rank samples the same prompts with the same seed: the same responses

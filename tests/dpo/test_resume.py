@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.config import load_config
+from align.errors import UserError
 from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.train import DPOTrainer, run_dpo
@@ -54,6 +55,17 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
     assert not (stopped / "policy").exists()
+
+    # a damaged checkpoint, or one whose run had another adapter rank, is one line, and nothing is written
+    weights = stopped / "checkpoints" / "step-000004" / "trainable.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(kept[: len(kept) // 2])
+    with pytest.raises(UserError, match=r"step-000004 is incomplete or damaged \(SafetensorError"):
+        run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    weights.write_bytes(kept)
+    with pytest.raises(UserError, match="lora.r is 4 where the run had 16"):
+        run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["lora.r=4"]), echo=lambda _: None, resume=True)
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
 
     resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))

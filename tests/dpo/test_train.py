@@ -201,3 +201,15 @@ def test_help_documents_every_key():
         assert key in result.stdout, key
     assert json.dumps  # the help names the loss and beta keys with their documentation
     assert "Plackett-Luce" in result.stdout
+
+
+def test_held_out_prompts_are_read_before_the_training(small_dpo_run, tmp_path):
+    from align.errors import UserError
+    from dpo.train import run_dpo
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cfg = load_config(DPOConfig, None, [*small_dpo_run, f"eval_prompts={empty}", "num_eval_prompts=2"])
+    with pytest.raises(UserError, match=rf"^{empty}: no prompts found"):
+        run_dpo(cfg, echo=lambda _: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before a step was trained

@@ -123,3 +123,13 @@ def test_a_diverging_run_stops_before_applying_a_non_finite_gradient(quick_confi
     with pytest.raises(TrainingDiverged, match=r"^step 2: the gradient norm is nan"):  # step 1 made the weights inf
         train_reward_model(cfg, echo=lambda _: None)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_the_normalisation_policy_is_found_before_the_training(quick_config, tmp_path):
+    from align.errors import UserError
+    from reward.train import train_reward_model
+
+    cfg = quick_config(f"output_dir={tmp_path / 'run'}", f"eval.normalize_policy={tmp_path / 'missing'}")
+    with pytest.raises(UserError, match="missing"):
+        train_reward_model(cfg, echo=lambda _: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before a step was trained
