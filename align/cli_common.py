@@ -26,7 +26,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
     """The config of the run directory `run` resumes, from its own config.yaml; `overrides` may set
     only the keys in `allowed` (none of which changes the training math)."""
     from align.config import load_config
-    from align.errors import UserError
+    from align.errors import ConfigError, UserError
 
     if config is not None:
         raise UserError("--resume uses the run's own config.yaml; drop --config")
@@ -37,7 +37,10 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         if key not in allowed:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
-    return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])
+    try:
+        return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])
+    except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
+        raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
 
 
 def config_keys_help(cls: type) -> str:

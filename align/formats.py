@@ -154,6 +154,15 @@ def _check_messages(value: Any, where: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def check_prompt(value: Any, where: str) -> str | Messages:
+    """A prompt as the stages read it: text, or a non-empty list of chat messages."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise UserError(f"{where}: the prompt must be a string or a list of messages, got {value!r:.80}")
+    return _check_messages(value, where)
+
+
 def read_prompts(path: str | Path) -> list[PromptRecord]:
     """Prompts JSONL: each line a JSON string, or an object {"prompt": str | messages,
     "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}."""

@@ -46,6 +46,9 @@ def score(
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
 ) -> None:
     """Score prompt/response pairs in batches with a trained reward model."""
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        raise UserError(f"--output {output}: " + ("a directory, not a file" if output.is_dir()
+                                                  else f"its directory {output.parent} does not exist"))
     rows = read_score_input(input)
     from reward.model import load_reward_model
 
@@ -63,12 +66,13 @@ def score(
 
 
 def read_score_input(path: Path) -> list[dict]:
-    from align.formats import jsonl_rows
+    from align.formats import check_prompt, jsonl_rows
 
     rows = []
     for lineno, row in jsonl_rows(path):
         if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("response"), str):
             raise UserError(f"{path}:{lineno}: each line needs `prompt` and a string `response`")
+        check_prompt(row["prompt"], f"{path}:{lineno}")
         rows.append(row)
     return rows
 
@@ -89,8 +93,10 @@ def evaluate(
     from reward.evaluate import evaluate_rankings, format_table
     from reward.model import load_reward_model
 
-    rm = load_reward_model(model)
     rankings = with_pairs(read_source(format, data))
+    if not rankings:
+        raise UserError(f"{data}: no ranking states a preference (each is all ties or has one response)")
+    rm = load_reward_model(model)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
                                 gain=rm.gain, bias=rm.bias)
     typer.echo(format_table(metrics))

@@ -6,17 +6,34 @@ of annotation projects that goes through the app's own export code.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from align.errors import UserError
 from align.formats import Ranking
 
 
 def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
-    """The project's latest rankings, exactly as `align annotate export --format kwise` writes them."""
+    """The project's latest rankings, exactly as `align annotate export --format kwise` writes them.
+    Reading never creates a database: a SQLite file that is not there is a mistyped path."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DatabaseError
+
     from annotation.db import open_db
     from annotation.services import export_rankings, get_project
 
-    make_session = open_db(db_url)
-    with make_session() as db:
-        return list(export_rankings(db, get_project(db, project)))
+    try:
+        url = make_url(db_url)
+    except ArgumentError:
+        raise UserError(f"data.db_url: {db_url!r} is not a database URL (sqlite:///FILE, postgresql://...)") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        raise UserError(f"data.db_url: database not found: {url.database}")
+    try:
+        make_session = open_db(db_url)
+        with make_session() as db:
+            return list(export_rankings(db, get_project(db, project)))
+    except DatabaseError as exc:
+        raise UserError(f"data.db_url: cannot read {db_url} ({str(exc.orig or exc).splitlines()[0]})") from None
 
 
 def register_ranking_sources() -> None:

@@ -74,3 +74,26 @@ def test_real_config_with_synthetic_data_ignores_its_unused_path(tmp_path):
     assert cfg.data.format == "synthetic"
     with pytest.raises(ConfigError, match="data.path: file not found"):
         load_config(RewardConfig, real, ["data.format=oasst", f"data.path={tmp_path / 'absent.jsonl'}"])
+
+
+def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
+    def align(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "align", "reward", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    bad_prompt, ties = tmp_path / "bad.jsonl", tmp_path / "ties.jsonl"
+    bad_prompt.write_text('{"prompt": 5, "response": "x"}\n')
+    ties.write_text('{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 0]}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    missing = str(tmp_path / "no-model")  # never reached: each mistake is found first
+    for args, expected in [
+        (["score", "-m", missing, "-i", str(bad_prompt)], f"{bad_prompt}:1: the prompt must be a string"),
+        (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path)], f"--output {tmp_path}: a directory"),
+        (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path / "no" / "x.jsonl")],
+         f"--output {tmp_path / 'no' / 'x.jsonl'}: its directory {tmp_path / 'no'} does not exist"),
+        (["eval", "-m", missing, "-d", str(ties)], f"{ties}: no ranking states a preference"),
+    ]:
+        result = align(*args)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -1,6 +1,8 @@
 """Prompt-level split, the K-wise batch layout and the pairwise expansion."""
 
 
+import pytest
+
 from align.formats import Ranking
 from align.synthetic import make_rankings
 from reward.data import (
@@ -128,6 +130,22 @@ def test_annotation_project_is_read_through_the_app_export(tmp_path):
     assert as_tuples(data.train + data.eval) == as_tuples(exported)
     originals = {(r.prompt, tuple(r.responses), tuple(r.ranks)) for r in rankings}
     assert all((r.prompt, tuple(r.responses), tuple(r.ranks)) in originals for r in exported)
+
+
+def test_reading_an_annotation_database_never_creates_one(tmp_path):
+    from align.commands.sources import register_ranking_sources
+    from align.errors import UserError
+    from reward.config import DataSection
+
+    register_ranking_sources()
+    typo, garbage = tmp_path / "typo.db", tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    for url, expected in [(f"sqlite:///{typo}", f"database not found: {typo}"),
+                          (f"sqlite:///{garbage}", "file is not a database"),
+                          ("nonsense", "is not a database URL")]:
+        with pytest.raises(UserError, match=expected):
+            load_reward_data(DataSection(format="annotation", db_url=url, project="rm"))
+    assert not typo.exists() and garbage.read_bytes() == b"not a database" * 100
 
 
 def test_mismatch_pairs_show_each_top_response_under_the_next_rankings_prompt(tiny_random_model):
