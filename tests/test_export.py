@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,22 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
         with pytest.raises(UserError, match="overlaps the run"):
             export_run(tiny_ppo_run, out, force=True)
     assert sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*")) == before
+
+
+def test_a_run_missing_its_weights_or_with_damaged_json_is_refused(tiny_ppo_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    config = run / "policy" / "adapter_config.json"
+    config.write_text("{not json")
+    for merge in (True, False):
+        with pytest.raises(UserError, match=rf"^{config}: damaged \(not valid JSON\)"):
+            export_run(run, tmp_path / "out", merge=merge)
+    shutil.copy2(tiny_ppo_run / "policy" / "adapter_config.json", config)
+    (run / "policy" / "adapter_model.safetensors").unlink()
+    for merge in (True, False):
+        with pytest.raises(UserError, match="no model weights"):
+            export_run(run, tmp_path / "out", merge=merge)
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):

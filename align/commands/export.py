@@ -55,6 +55,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
         raise UserError(f"--out {out} overlaps the run {run}: choose a directory outside it")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _check_model_files(_source_dir(run, kind))
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
         if kind in POLICY_KINDS:
@@ -65,6 +66,28 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
     log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
              "merged" if merge else "adapter only", out)
     return out
+
+
+def _source_dir(run: Path, kind: str) -> Path:
+    """The directory an export reads: the policy's adapter, or the reward model."""
+    from ppo.run_dir import PPORun
+    from reward.run_dir import model_dir
+
+    return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+
+
+def _check_model_files(source: Path) -> None:
+    """Before anything is written: the weights are there and every JSON file reads, so a damaged
+    run is one line, never an export without weights."""
+    import json
+
+    if not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
+        raise UserError(f"{source}: no model weights (*.safetensors) to export; the run is incomplete or damaged")
+    for path in sorted(source.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: damaged (not valid JSON); the run cannot be exported") from None
 
 
 def _remove_stale_temporaries(out: Path) -> None:
