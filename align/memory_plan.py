@@ -91,9 +91,18 @@ PRESETS: dict[str, ModelShape] = {s.name.lower(): s for s in (
 
 def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     """A ModelShape from a transformers config dict (llama, qwen2, qwen3, mistral)."""
+    if not isinstance(config, dict):
+        raise UserError(f"{name}: the model's config is not an object of settings")
     family = config.get("model_type")
     if family not in FAMILIES:
         raise UserError(f"{name}: model_type {family!r} is not planned; the memory plan knows {', '.join(FAMILIES)}")
+    sizes = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size",
+             "num_key_value_heads", "head_dim")
+    for key in sizes:  # before any division: whole numbers from 1 to 2**31 (JSON also allows 1e300, -3, Infinity)
+        value = config.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 1 <= value <= 2**31 and float(value).is_integer()):
+            raise UserError(f"{name}: {key} must be a whole number from 1 to 2**31, got {value!r}")
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         shape = ModelShape(

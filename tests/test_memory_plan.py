@@ -178,12 +178,22 @@ def test_command_prints_the_breakdown_of_a_config(tmp_path):
     (["Qwen2.5-7B", "--micro-batch", "-3"], "micro-batch must be at least 1"),
     (["Qwen2.5-7B", "--checkpointing", "sometimes"], "--checkpointing must be off, on or both"),
     (["Qwen2.5-7B", "--stage", "sft"], "stage 'sft'"),
-    (["Qwen2.5-7B", "--card-gib", "0"], "--card-gib must be positive"),
+    (["Qwen2.5-7B", "--card-gib", "0"], "--card-gib must be a positive number"),
+    (["Qwen2.5-7B", "--card-gib", "nan"], "--card-gib must be a positive number"),
     (["BADJSON"], "not a readable JSON config"),
     (["BERT"], "model_type 'bert' is not planned"),
+    (["SIZE", "num_attention_heads", 0], "num_attention_heads must be a whole number from 1 to 2**31, got 0"),
+    (["SIZE", "num_key_value_heads", -2], "num_key_value_heads must be a whole number"),
+    (["SIZE", "hidden_size", 1e300], "hidden_size must be a whole number"),
+    (["SIZE", "text_config", "abc"], "the model's config is not an object of settings"),
 ])
 def test_command_refuses_bad_input_in_one_line(args, expected, tmp_path):
-    if args == ["BADJSON"]:
+    if args[0] == "SIZE":  # a valid llama config with one value spoilt
+        config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 200, "num_hidden_layers": 2,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 500, args[1]: args[2]}
+        (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        args = [str(tmp_path / "config.json")]
+    elif args == ["BADJSON"]:
         (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
         args = [str(tmp_path)]
     elif args == ["BERT"]:

@@ -90,8 +90,8 @@ def memory_plan_command(
         raise UserError(f"--checkpointing must be off, on or both, got {checkpointing!r}")
     if unit not in UNITS:
         raise UserError(f"--unit must be GiB or MiB, got {unit!r}")
-    if card_gib <= 0:
-        raise UserError(f"--card-gib must be positive, got {card_gib}")
+    if not 0 < card_gib < float("inf"):  # (nan compares false)
+        raise UserError(f"--card-gib must be a positive number, got {card_gib}")
     shapes = [load_shape(m) for m in models]
     rshape = load_shape(reward_model) if reward_model else None
     plans = []
