@@ -1,4 +1,5 @@
-"""Training checkpoints, the same for every stage that writes them (`align ppo`, `align dpo`):
+"""Training checkpoints, the same for every stage that writes them (`align ppo`, `align dpo`,
+`align reward train`):
 everything a resumed run needs to continue bit for bit, written atomically.
 
     RUN/checkpoints/<prefix>-NNNNNN/  trainable.safetensors  optimizer.pt  scheduler.pt
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,6 +27,8 @@ import torch
 
 from align.errors import UserError
 from align.run import atomic_directory, write_json_atomic
+
+log = logging.getLogger("align")
 
 CHECKPOINTS_DIR = "checkpoints"
 SHARDED_DIR = "sharded"  # a checkpoint's trained weights and optimiser state under FSDP2
@@ -67,14 +71,18 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
     """A checkpoint resumes only the run that wrote it: the same settings (but for `may_change`, which
     leave the training as it is, and where the run lives), the same data and planned steps (where the
     stage gives them)."""
-    saved, now = flat_config(state.get("config", {})), flat_config(config)
+    if "config" not in state:  # written before checkpoints held their run's config: nothing to compare
+        log.warning("%s holds no config to compare this run's with; resuming on the run's config.yaml", path)
+        saved = now = {}
+    else:
+        saved, now = flat_config(state["config"]), flat_config(config)
     changed = [key for key in sorted(saved.keys() | now.keys())
                if saved.get(key) != now.get(key) and key not in may_change | {"output_dir", "overwrite"}]
     if changed:
         key = changed[0]
         raise UserError(f"{path}: {key} is {now.get(key)!r} where the run had {saved.get(key)!r}; it would change "
                         "the run: set it back in its config.yaml or start a new run")
-    if data is not None and state.get("data") != data:
+    if data is not None and "data" in state and state["data"] != data:
         raise UserError(f"{path}: the training data differ from those the run was trained on (re-exported or "
                         "changed since); restore them or start a new run")
     if num_steps is not None and state.get("num_steps") != num_steps:
@@ -161,9 +169,14 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         check(state)
     try:
         if sharded:
+            from torch.distributed.checkpoint.api import CheckpointException
+
             from align.distributed import load_sharded
 
-            load_sharded(model, optimizer, path / SHARDED_DIR)
+            try:
+                load_sharded(model, optimizer, path / SHARDED_DIR)
+            except CheckpointException as exc:  # (a BaseException) every rank raises it, none waits
+                raise damaged(exc) from None
         else:
             weights = load_file(str(path / "trainable.safetensors"))
             params = dict(model.named_parameters())

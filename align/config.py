@@ -93,7 +93,8 @@ class OverrideValue:
     text: str
 
     def for_type(self, tp: Any) -> Any:
-        if self.parsed is None or isinstance(self.parsed, (list, dict)):
+        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
+        if quoted or self.parsed is None or isinstance(self.parsed, (list, dict)):  # 'x' "x": YAML unquotes
             return self.parsed
         if get_origin(tp) in (Union, types.UnionType):
             args = [a for a in get_args(tp) if a is not _NoneType]

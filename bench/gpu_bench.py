@@ -153,7 +153,7 @@ def reward_worker(job: dict) -> dict:
 
     s = job["settings"]
     cfg = load_config(RewardConfig, None, [
-        f"model.name_or_path={job['model']}", f"output_dir={job['out']}", "overwrite=true",
+        f"model.name_or_path={job['model']}", f"output_dir={job['out']}", "overwrite=true", "train.save_every=0",
         f"model.max_length={s['reward_max_length']}", f"model.dtype={s['dtype']}",
         f"model.attn_implementation={s['attn']}", "data.format=hh", f"data.path={job['hh']}",
         f"train.max_steps={s['reward_steps']}", f"train.batch_size={s['reward_batch_size']}",

@@ -35,7 +35,7 @@ def train(name: str, out: Path, data_dir: Path, reuse: bool, extra: list[str]) -
     from reward.train import train_reward_model
 
     cfg = load_config(RewardConfig, CONFIGS[name], [f"output_dir={out / name}", f"data.path={data_dir / DATA[name]}",
-                                                    "overwrite=true", *extra])
+                                                    "train.save_every=0", "overwrite=true", *extra])
     summary_path = out / name / "summary.json"
     if reuse and summary_path.exists():
         return cfg, json.loads(summary_path.read_text())

@@ -60,6 +60,7 @@ def align_config(args, out: Path):
         f"train.seed={args.seed}",
         f"train.length_buckets={args.length_buckets}",
         "eval.normalize=false",  # TRL has no normalisation step: compare training alone
+        "train.save_every=0",  # nor checkpoints (save_strategy="no")
     ])
 
 

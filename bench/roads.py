@@ -64,7 +64,7 @@ def prepare_data(out: Path) -> tuple[Path, Path]:
     export_rankings(db_url, rankings)
     train_reward_model(load_config(RewardConfig, CONFIGS / "reward.yaml", [
         f"output_dir={reward}", f"model.name_or_path={cfg.model}", "data.format=kwise", f"data.path={rankings}",
-        "overwrite=true"]))
+        "train.save_every=0", "overwrite=true"]))
     return rankings, reward
 
 
@@ -83,7 +83,8 @@ def plan(args: argparse.Namespace, rankings: Path, reward: Path) -> list[dict]:
                 *common]})
         for beta in args.betas if seed == args.seeds[0] else [config_beta()]:
             over = [f"beta={beta}"]
-            dpo = [*align, "dpo", "--config", str(CONFIGS / "dpo.yaml"), f"data.path={rankings}", *common, *over]
+            dpo = [*align, "dpo", "--config", str(CONFIGS / "dpo.yaml"), f"data.path={rankings}", "save_every=0",
+                   *common, *over]
             runs.append({"row": "align DPO, K-wise", "seed": seed, "beta": beta, "cmd": dpo})
             runs.append({"row": "align DPO, pairwise", "seed": seed, "beta": beta, "cmd": [*dpo, "loss=pairwise",
                                                                                           "epochs=1"]})

@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace, rankings: Path, reward: Path) -> list[dict]:
     for mode, prefix in MODES.items():
         runs.append({"stage": "reward", "mode": mode, "cmd": [
             *prefix, "reward", "train", "--config", str(DEMO / "reward.yaml"), "data.format=kwise",
-            f"data.path={rankings}", "train.epochs=1", "train.num_threads=1", "overwrite=true",
+            f"data.path={rankings}", "train.epochs=1", "train.num_threads=1", "train.save_every=0", "overwrite=true",
             *([f"train.max_steps={args.reward_steps}"] if args.reward_steps else [])]})
     ppo = ["ppo", "--config", str(DEMO / "ppo.yaml"), f"reward_model={reward}", f"num_iterations={args.iterations}",
            "num_eval_prompts=0", "save_every=0", "progress=false", "overwrite=true"]

@@ -14,7 +14,8 @@ from align.config import LoraOptions, option
 from reward.config import DataSection
 
 # Settings a resumed run may change (`align dpo --resume RUN key=value`): none changes what is trained
-# (memory, threads, checkpoints, progress, the held-out sampling after training).
+# (memory, threads, checkpoints, progress, the held-out sampling after training): the resumed run ends
+# as the uninterrupted one up to float rounding (another split of the same sums).
 RESUME_OVERRIDABLE = {"progress", "save_every", "keep_checkpoints", "gradient_accumulation_steps",
                       "gradient_checkpointing", "logprob_chunk_tokens", "num_threads", "eval_prompts",
                       "num_eval_prompts", "temperature", "response_length", "max_prompt_length", "eval_batch_size"}

@@ -104,8 +104,8 @@ class TrainSection:
     gradient_accumulation_steps: int = option(
         1, help="Micro-batches per optimizer step (memory only): each process forwards and backpropagates its "
         "share of the batch in this many parts and adds up their gradients, which equal one pass over the whole "
-        "share (every term of the loss is a mean over the share, and the mismatched-prompt pairs are drawn over "
-        "all of it).", ge=1)
+        "batch (every term of the loss is a mean over the global batch, and the mismatched-prompt pairs are drawn "
+        "over all of it).", ge=1)
     warmup_ratio: float = option(0.05, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
@@ -159,7 +159,8 @@ class EvalSection:
 
 
 # Settings a resumed run may change (`align reward train --resume RUN key=value`): none changes what is
-# trained (memory, threads, checkpoints, what happens after training).
+# trained (memory, threads, checkpoints, what happens after training): the resumed run ends as the
+# uninterrupted one up to float rounding (another split of the same sums).
 RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "train.gradient_accumulation_steps",
                       "train.gradient_checkpointing", "train.num_threads", "eval.batch_size", "eval.normalize",
                       "eval.normalize_prompts", "eval.normalize_max_new_tokens", "eval.normalize_policy"}

@@ -51,6 +51,8 @@ def test_a_text_field_takes_the_override_as_typed(tmp_path):
     assert cfg.kl_coef == pytest.approx(0.01) and cfg.layers == [4]  # numbers and lists still read as YAML
     assert load_config(StageConfig, None, ["model=2024-12-05"]).model == "2024-12-05"  # no date
     assert load_config(StageConfig, None, ["model=on"]).model == "on"  # no boolean
+    assert load_config(StageConfig, None, ["model='run #2'"]).model == "run #2"  # quotes are YAML's, as before
+    assert load_config(StageConfig, None, ['model=""']).model == ""
     dated = tmp_path / "2024-12-05"
     dated.write_text("x")
     assert load_config(StageConfig, None, [f"data_path={dated}"]).data_path == str(dated)  # str | None

@@ -1,0 +1,34 @@
+"""align.checkpoint's checks of a checkpoint against the run that resumes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align.checkpoint import check_same_run, data_fingerprint, flat_config
+from align.errors import UserError
+
+CONFIG = {"seed": 0, "train": {"learning_rate": 1e-3, "save_every": 50}, "output_dir": "runs/a"}
+
+
+def test_flat_config_names_settings_by_their_dotted_keys():
+    assert flat_config(CONFIG) == {"seed": 0, "train.learning_rate": 1e-3, "train.save_every": 50,
+                                   "output_dir": "runs/a"}
+
+
+def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():
+    state = {"config": CONFIG, "data": data_fingerprint([1, 2, 3]), "num_steps": 8}
+    path = Path("runs/a/checkpoints/step-000004")
+    moved = {**CONFIG, "output_dir": "runs/b", "train": {**CONFIG["train"], "save_every": 10}}
+    check_same_run(path, state, config=moved, may_change={"train.save_every"}, data=data_fingerprint([1, 2, 3]),
+                   num_steps=8)  # a copied run, a setting that may change
+    changed = {**CONFIG, "train": {**CONFIG["train"], "learning_rate": 0.5}}
+    with pytest.raises(UserError, match="train.learning_rate is 0.5 where the run had 0.001"):
+        check_same_run(path, state, config=changed, may_change=set())
+    with pytest.raises(UserError, match="the training data differ"):
+        check_same_run(path, state, config=CONFIG, may_change=set(), data=data_fingerprint([1, 3, 2]))
+    with pytest.raises(UserError, match="belongs to a run of 8 steps, this one plans 9"):
+        check_same_run(path, state, config=CONFIG, may_change=set(), num_steps=9)
+    # a checkpoint written before checkpoints held their config and data: resumed on the run's config.yaml
+    check_same_run(path, {"num_steps": 8}, config=changed, may_change=set(), data="x", num_steps=8)
