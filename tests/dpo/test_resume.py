@@ -16,21 +16,14 @@ from align.errors import UserError
 from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.train import DPOTrainer, run_dpo
+from tests.stopping import comparable, train_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Stopped(Exception):
-    """Stands for the kill: raised inside a training step, after the rows before it were written."""
 
 
 def overrides(small_dpo_run: list[str], out: Path) -> list[str]:
     # a metrics row every 3 steps and at each checkpoint (every 4): rows at 3, 4, 6, 8, 9, 12
     return [*small_dpo_run, f"output_dir={out}", "epochs=2", "save_every=4", "log_every=3", "keep_checkpoints=1"]
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
 
 
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(small_dpo_run, tmp_path):
@@ -41,17 +34,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
 
     trainer = DPOTrainer(load_config(DPOConfig, None, overrides(small_dpo_run, stopped)), echo=lambda _: None)
     trainer.setup()
-    real_step = trainer.step
-
-    def step_then_stop(parts):
-        if trainer.step_count == 7:  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
-            raise Stopped
-        return real_step(parts)
-
-    trainer.step = step_then_stop
-    with pytest.raises(Stopped):
-        trainer.train()
-    trainer.metrics.close()
+    train_until(trainer, 7)  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
     assert not (stopped / "policy").exists()

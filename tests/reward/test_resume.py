@@ -17,12 +17,9 @@ from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.config import RewardConfig
 from reward.train import RewardTrainer, train_reward_model
+from tests.stopping import comparable, train_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Stopped(Exception):
-    """Stands for the kill: raised inside a training step, after the rows before it were written."""
 
 
 def write_rankings(path: Path, seed: int) -> Path:
@@ -37,10 +34,6 @@ def resumable(quick_config, out: Path, rankings: Path) -> RewardConfig:
                         "train.mismatch_coef=1.0", "eval.normalize=false")
 
 
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
-
-
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(quick_config, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     rankings = write_rankings(tmp_path / "rankings.jsonl", seed=1)
@@ -49,17 +42,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
 
     trainer = RewardTrainer(resumable(quick_config, stopped, rankings), echo=lambda _: None)
     trainer.setup()
-    real_step = trainer.step
-
-    def step_then_stop(batches):
-        if trainer.step_count == 7:  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
-            raise Stopped
-        return real_step(batches)
-
-    trainer.step = step_then_stop
-    with pytest.raises(Stopped):
-        trainer.train()
-    trainer.metrics.close()
+    train_until(trainer, 7)  # steps 1-7 done, rows up to step 6 written, the last checkpoint at step 4
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000004"]  # the older one removed
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
 
