@@ -103,7 +103,7 @@ class DPOConfig:
     output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy).")
     overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run: its policy and "
                              "checkpoints are replaced).")
-    seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.")
+    seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")
 

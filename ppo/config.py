@@ -217,7 +217,7 @@ class PPOConfig:
     overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run).")
     save_every: int = option(10, help="Checkpoint every N iterations (0: only the final policy).", ge=0)
     keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
-    seed: int = option(0, help="Seed (process r uses seed + r for sampling).")
+    seed: int = option(0, help="Seed (process r uses seed + r for sampling).", ge=0, le=2**31 - 1)
     report_to: Literal["none", "tensorboard", "wandb"] = option(
         "none", help="Extra metrics sink besides metrics.jsonl (tensorboard / wandb must be installed)."
     )

@@ -64,7 +64,7 @@ class DataSection:
     )
     eval_fraction: float = option(0.1, help="Fraction of PROMPTS held out for evaluation (split by prompt, never by pair).", gt=0, lt=1)
     max_rankings: int | None = option(None, help="Use at most this many training rankings (after the split).", ge=1)
-    seed: int = option(0, help="Seed of the prompt-level split and of the synthetic data.")
+    seed: int = option(0, help="Seed of the prompt-level split and of the synthetic data.", ge=0, le=2**31 - 1)
     # synthetic task
     num_rankings: int = option(2000, help="synthetic: training rankings to draw.", ge=1)
     num_eval_rankings: int = option(300, help="synthetic: held-out rankings (on held-out prompts), scored against the gold judge.", ge=1)
@@ -135,7 +135,7 @@ class TrainSection:
         "compute, activation memory of one layer). The prompt-sharing forward needs the prompts' cached keys, "
         "which checkpointing drops, so each response is then forwarded whole with its prompt.",
     )
-    seed: int = option(0, help="Seed of the shuffle and of the head initialisation.")
+    seed: int = option(0, help="Seed of the shuffle and of the head initialisation.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads per process (default: torch's choice).", ge=1)
 
     def __post_init__(self) -> None:

@@ -66,7 +66,7 @@ class DemoConfig:
         None, help="PPO-stage config the demo starts from (method ppo, rloo or grpo); null: configs/demo/METHOD.yaml.")
     dpo_config: str = option(str(CONFIGS / "dpo.yaml"), help="DPO config the demo starts from (method=dpo).",
                              must_exist=True)
-    seed: int = option(0, help="Seed for prompts, sampling and annotators.")
+    seed: int = option(0, help="Seed for prompts, sampling and annotators.", ge=0, le=2**31 - 1)
 
     def __post_init__(self) -> None:
         check(self.annotators_per_prompt <= self.num_annotators,

@@ -25,6 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         ("train.learning_rate=-0.1", "train.learning_rate: must be > 0"),
         ("data.format=kwise", "data.path is required"),
         ("data.agreement=0.3", "data.agreement: must be > 0.5"),
+        ("train.seed=99999999999999999999", "train.seed: must be <= 2147483647"),  # not an overflow traceback
         ("train.gradient_accumulation_steps=33", "train.gradient_accumulation_steps (33) is more micro-batches than "
                                                  "a step has rankings (train.batch_size 32)"),
     ],
