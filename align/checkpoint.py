@@ -222,8 +222,11 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
     run directory that holds anything unless `overwrite` (`clear_checkpoints` removes the stale
     checkpoints once the run has loaded everything it needs). `command`: how the user resumes it
     (`align ppo`)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output_dir {run_dir} is a file, not a directory")
+    for path in (run_dir, *run_dir.parents):  # the nearest that exists must be a directory
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"output_dir {run_dir}: {path} is a file, not a directory")
+            break
     if resume:
         if latest_checkpoint(run_dir, prefix) is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")

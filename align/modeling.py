@@ -108,6 +108,19 @@ def adapter_base_path(path: str | Path) -> Path:
     return resolve_model_path(base)
 
 
+def check_model_files(directory: str | Path) -> None:
+    """A saved model's directory before it loads: its weights are there and every JSON file in it
+    reads, or one line saying what is missing or damaged (not a loader's traceback)."""
+    directory = Path(directory)
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise UserError(f"{directory}: no model weights (*.safetensors); the run is incomplete or damaged")
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: damaged (not valid JSON)") from None
+
+
 def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     """The checkpoint's tokenizer, with a pad token distinct from eos.
 

@@ -339,12 +339,13 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     `device` None: the GPU when there is one, else the CPU; `dtype`: the weights' dtype (bf16 for scoring)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.modeling import fit_embeddings, is_encoder
+    from align.modeling import check_model_files, fit_embeddings, is_encoder
     from align.precision import default_device
 
     device = default_device() if device is None else device
 
     model_dir = find_model_dir(path)
+    check_model_files(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftConfig, PeftModel

@@ -53,6 +53,7 @@ def test_a_text_field_takes_the_override_as_typed(tmp_path):
     assert load_config(StageConfig, None, ["model=on"]).model == "on"  # no boolean
     assert load_config(StageConfig, None, ["model='run #2'"]).model == "run #2"  # quotes are YAML's, as before
     assert load_config(StageConfig, None, ['model=""']).model == ""
+    assert load_config(StageConfig, None, ["model=runs/a: b"]).model == "runs/a: b"  # no mapping
     dated = tmp_path / "2024-12-05"
     dated.write_text("x")
     assert load_config(StageConfig, None, [f"data_path={dated}"]).data_path == str(dated)  # str | None

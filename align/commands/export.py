@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.errors import UserError
+from align.modeling import check_model_files
 from align.run import atomic_directory
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
         raise UserError(f"--out {out} overlaps the run {run}: choose a directory outside it")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    _check_model_files(_source_dir(run, kind))
+    check_model_files(_source_dir(run, kind))  # one line for a damaged run, never an export without weights
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
         if kind in POLICY_KINDS:
@@ -74,20 +75,6 @@ def _source_dir(run: Path, kind: str) -> Path:
     from reward.run_dir import model_dir
 
     return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
-
-
-def _check_model_files(source: Path) -> None:
-    """Before anything is written: the weights are there and every JSON file reads, so a damaged
-    run is one line, never an export without weights."""
-    import json
-
-    if not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
-        raise UserError(f"{source}: no model weights (*.safetensors) to export; the run is incomplete or damaged")
-    for path in sorted(source.glob("*.json")):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path}: damaged (not valid JSON); the run cannot be exported") from None
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -98,3 +98,14 @@ def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(
     run_dpo(load_config(DPOConfig, None, [*args, "num_eval_prompts=0", "save_every=0"]), echo=lambda _: None)
     assert not old.exists()  # a stale checkpoint would be taken for the latest on --resume
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine"  # not align's: kept
+
+
+def test_an_output_dir_at_or_below_a_file_is_refused(small_dpo_run, tmp_path):
+    from align.checkpoint import check_run_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for run in (afile, afile / "run"):
+        with pytest.raises(UserError, match=f"output_dir {run}: {afile} is a file, not a directory"):
+            check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align dpo")
+    assert afile.read_text() == "mine"

@@ -161,3 +161,21 @@ def test_shared_prompt_forward_equals_whole_sequences(tiny_random_model, lora, a
     assert whole_grads.keys() == shared_grads.keys() and whole_grads
     for name, expected in whole_grads.items():
         torch.testing.assert_close(shared_grads[name], expected, atol=1e-5, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_damaged_reward_model_is_one_line(random_reward_model, tmp_path):
+    import shutil
+
+    from align.errors import UserError
+    from reward.model import load_reward_model
+
+    broken = tmp_path / "model"
+    shutil.copytree(random_reward_model, broken)
+    (broken / "reward_normalization.json").write_text("{gain")
+    with pytest.raises(UserError, match="reward_normalization.json: damaged"):
+        load_reward_model(broken, device="cpu")
+    shutil.copy2(random_reward_model / "reward_normalization.json", broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(UserError, match="no model weights"):
+        load_reward_model(broken, device="cpu")
