@@ -2,7 +2,8 @@
 policy the run leaves.
 
     RUN/checkpoints/iter-NNNNNN/  align.checkpoint's files; trainer_state.json holds the
-                                  iteration, the data position and the KL controller
+                                  iteration, the data position, the KL controller and a
+                                  fingerprint of the training prompts
 
 The functions read and write the state of a set-up `ppo.trainer.PPOTrainer`.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_same_run, load_training_state, save_training_state
+from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
 from align.config import config_to_dict
 from align.errors import UserError
 from align.run import atomic_directory
@@ -35,6 +36,7 @@ def save_checkpoint(trainer: Any) -> None:
                         scheduler=trainer.scheduler, sharded=bool(trainer.fsdp), keep=trainer.cfg.keep_checkpoints,
                         state={"iteration": trainer.iteration, "config": config_to_dict(trainer.cfg),
                                "sampler": trainer.sampler.state_dict(),
+                               "data": data_fingerprint(trainer.sampler.prompts),
                                "kl_controller": trainer.kl_ctl.state_dict()})
 
 
@@ -43,7 +45,8 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     state = load_training_state(
         path, accelerator=trainer.accelerator, model=trainer.model, optimizer=trainer.optimizer,
         scheduler=trainer.scheduler, sharded=bool(trainer.fsdp),
-        check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE))
+        check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE,
+                                           data=data_fingerprint(trainer.sampler.prompts)))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from align.commands.cli import main
@@ -49,6 +51,26 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     code, err = run_cli(["--resume", str(tmp_path), "progress=false", *[o for o in small_run if o.startswith(
         ("policy_model", "reward_model"))]], capsys)
     assert code == 2
+
+
+def test_resume_refuses_training_prompts_that_changed(capsys, tmp_path, small_run):
+    from align.synthetic import make_prompts
+
+    def write_prompts(seed: int) -> None:
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in make_prompts(16, seed=seed, split="train")))
+
+    prompts, run = tmp_path / "prompts.jsonl", tmp_path / "run"
+    write_prompts(seed=0)
+    code, err = run_cli([*[o for o in small_run if not o.startswith(("num_iterations=", "save_every="))],
+                         f"prompts={prompts}", "num_iterations=1", "save_every=1"], capsys)
+    assert code == 0, err
+    assert (run / "checkpoints" / "iter-000001").is_dir()
+    rows = (run / "metrics.jsonl").read_text()
+
+    write_prompts(seed=1)  # the same number of other prompts: the sampler's position alone would not tell
+    code, err = run_cli(["--resume", str(run)], capsys)
+    assert code == 2 and "the training data differ from those the run was trained on" in err
+    assert (run / "metrics.jsonl").read_text() == rows
 
 
 def test_fresh_run_refuses_a_non_empty_output_dir(capsys, tmp_path, small_run):

@@ -13,17 +13,19 @@ from ppo.data import PromptSampler, load_prompts
 from ppo.experience import Experience
 
 
-def test_sampler_state_round_trip_continues_the_same_order():
+@pytest.mark.parametrize("saved_after", [2, 3, 6])  # in the first pass, the second, the fifth
+def test_sampler_state_round_trip_continues_the_same_order(saved_after):
     prompts = [f"p{i}" for i in range(10)]
     a = PromptSampler(prompts, batch_size=4, seed=7)
-    first = [a.next_batch() for _ in range(2)]
+    first = [a.next_batch() for _ in range(saved_after)]
     state = a.state_dict()
-    rest = [a.next_batch() for _ in range(3)]  # crosses an epoch boundary (10 prompts, 4 per batch)
+    rest = [a.next_batch() for _ in range(3)]  # crosses a pass boundary (10 prompts, 4 per batch)
     b = PromptSampler(prompts, batch_size=4, seed=7)
     b.load_state_dict(state)
     assert [b.next_batch() for _ in range(3)] == rest
-    # one pass sees every prompt once
-    assert sorted(sum(first, []) + rest[0][:2]) == sorted(prompts)
+    # one pass sees every prompt once, each pass in its own order
+    assert sorted(sum(first[:2], []) + (first + rest)[2][:2]) == sorted(prompts)
+    assert sum(first + rest, [])[:10] != sum(first + rest, [])[10:20]
 
 
 def test_ranks_take_disjoint_slices_of_the_global_batch():
