@@ -185,6 +185,7 @@ def trl_dpo(args: argparse.Namespace) -> dict:
     from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
     from dpo.config import DPOConfig
     from dpo.data import usable_rankings
+    from dpo.model import PolicyLogprobs
     from dpo.train import held_out_ranking_metrics
     from reward.data import expand_to_pairs, load_reward_data
 
@@ -209,7 +210,9 @@ def trl_dpo(args: argparse.Namespace) -> dict:
     trainer.train()
     train_s = time.perf_counter() - start
     policy = trainer.model.eval()
-    summary = held_out_ranking_metrics(policy, tokenizer, usable_rankings(data.eval)[0], cfg, policy.device)
+    module = PolicyLogprobs(policy, buckets=cfg.length_buckets, chunk_tokens=cfg.logprob_chunk_tokens,
+                            pad_token_id=tokenizer.pad_token_id)  # align's reading of a LoRA policy's log-probs
+    summary = held_out_ranking_metrics(module, tokenizer, usable_rankings(data.eval)[0], cfg, trainer.accelerator)
     return {**summary, **evaluate_policy(policy, tokenizer, args.seed), "timing/train_s": train_s,
             "train/examples": len(pairs)}
 
@@ -284,7 +287,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/runs.json again, run nothing")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-roads")
-    parser.add_argument("--only", nargs="+", help="run only the rows whose label starts with one of these")
+    parser.add_argument("--only", nargs="+", help="run only the rows whose label starts with one of these (they "
+                        "replace their earlier results in OUT/runs.json)")
     parser.add_argument("--trl", choices=["dpo", "grpo"], help=argparse.SUPPRESS)  # one TRL run, in this process
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the data, in this process
     parser.add_argument("--rankings", help=argparse.SUPPRESS)
@@ -323,6 +327,10 @@ def main() -> None:
     print(f"{len(runs)} runs on {rankings} ({sum(1 for _ in open(rankings))} rankings), reward model {reward}",
           flush=True)
     execute(runs, args.jobs)
+    if args.only and (args.out / "runs.json").exists():  # rows run again replace theirs, in place; the others stay
+        again = {(r["row"], r["seed"], r["beta"]): r for r in runs}
+        earlier = json.loads((args.out / "runs.json").read_text())
+        runs = [again.pop((r["row"], r["seed"], r["beta"]), r) for r in earlier] + list(again.values())
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     print("\n" + table(runs))
 
