@@ -1,6 +1,6 @@
 """The GPU benchmark's align side at a tiny shape on the CPU, so the script cannot rot unnoticed
 (tokenizer and Qwen2 build, reward training, both value modes and the variants, the table; a side
-that fails is reported without hiding the others' rows)."""
+that fails, TRL that cannot be installed included, is reported without hiding the others' rows))."""
 
 from __future__ import annotations
 
@@ -25,14 +25,21 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
     bench = load_bench()
     real_run_worker = bench.run_worker
 
+    rows_written = []
+
     def critic_breaks(python, kind, job, workdir, env_extra):
+        results = tmp_path / "tiny" / "results.json"
+        if kind == "align":
+            rows_written.append(set(json.loads(results.read_text())["runs"]) if results.exists() else None)
         if job.get("value_model") == "reward_model":
             raise RuntimeError("the align run failed (exit 1); planted")
         return real_run_worker(python, kind, job, workdir, env_extra)
 
     monkeypatch.setattr(bench, "run_worker", critic_breaks)
+    no_wheels = tmp_path / "wheels"  # TRL cannot be installed: pip may not try the index, the folder is empty
+    no_wheels.mkdir()
     with pytest.raises(SystemExit) as exit_info:  # a failed side: exit 1 after the others' figures
-        bench.main(["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data),
+        bench.main(["--shape", "tiny", "--device", "cpu", "--trl-wheels", str(no_wheels), "--data", str(shared_data),
                     "--work", str(tmp_path), "--iterations", "2", "--batch-size", "4", "--micro-batch-size", "2",
                     "--epochs", "1", "--response-length", "8", "--reward-steps", "2", "--reward-batch-size", "2",
                     "--threads", "1", "--sample-merged", "--eager", "policy_trunk", "--uncompiled", "--profile",
@@ -44,13 +51,19 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
     assert set(out["runs"]) == {"align (value head)", "align (value head, eager)", "align (merged sampling)",
                                 "align (not compiled)", "align (profiled)", "align (FSDP2, 1 process)",
                                 "align RLOO", "align GRPO"}
-    assert set(out["failed"]) == {"align (critic)"}
+    assert set(out["failed"]) == {"align (critic)", "TRL 1.12.0"}
+    assert out["failed"]["TRL 1.12.0"].startswith("pip could not install trl==1.12.0 (exit ")
+    assert not (tmp_path / "trl" / "trl" / "trl").exists()
+    # results.json is rewritten after every row: the second row's start finds the first's figures
+    assert rows_written[:2] == [None, {"align (value head)"}] and len(rows_written) == 9
+    assert out["peak_tflops"] is None and out["peak_source"] == "cpu: no MFU"
     for run in out["runs"].values():
         assert len(run["iterations"]) == 2
         for i in run["iterations"]:
             assert 0 < i["timing/sample_s"] <= i["timing/rollout_s"] < i["timing/iteration_s"]
     lines = out["table"].splitlines()
     assert lines[0].split()[:4] == ["run", "s/iter", "rollout", "sample"] and len(lines) == 10
+    assert "reserved" in lines[0] and all(run["reserved_gib"] is None for run in out["runs"].values())  # the CPU
     profile = (tmp_path / "tiny" / "profile" / "profile.txt").read_text()
     assert "aten::" in profile and "Self CPU" in profile
 
@@ -65,3 +78,15 @@ def test_mfu_flop_count_of_one_iteration():
     assert bench.flops_per_iteration(info, settings, 3, 5, critic=False) == 367_360
     # a critic adds its forward (2 x 1000 x 16) and its training (6 x 1000 x 16)
     assert bench.flops_per_iteration(info, settings, 3, 5, critic=True) == 367_360 + 128_000
+
+
+def test_peak_flops_are_told_apart_by_the_device_name():
+    bench = load_bench()
+    assert bench.peak_tflops_of("NVIDIA H100 80GB HBM3")[0] == 989.0  # SXM
+    assert bench.peak_tflops_of("NVIDIA H100 PCIe")[0] == 756.0
+    assert bench.peak_tflops_of("NVIDIA H100 NVL")[0] == 835.0
+    assert bench.peak_tflops_of("NVIDIA H200 NVL")[0] == 835.0
+    tflops, source = bench.peak_tflops_of("NVIDIA H200")
+    assert tflops == 989.0 and "H200" in source
+    assert bench.peak_tflops_of("Tesla T4") == (None, "unknown device: no MFU (--peak-tflops sets one)")
+
