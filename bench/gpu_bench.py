@@ -21,19 +21,22 @@ What it does, each heavy step in a fresh process (clean timings and peak memory)
    4 PPO epochs, one minibatch of 4 micro-batches of 16, bf16, LoRA r=16 on all seven projections,
    prompts from OpenAssistant's prompt lottery;
 5. TRL 1.12 `PPOTrainer` with the same settings, in its own packages (TRL 1.12 and `datasets`
-   installed with `pip --target` beside the running torch / transformers / peft / accelerate, or an
-   interpreter given with --trl-python);
+   installed with `pip --target` beside the running torch / transformers / peft / accelerate, from the
+   index or from --trl-wheels' folder, or an interpreter given with --trl-python; where they cannot be
+   installed, TRL's row is reported failed with pip's reason and align's rows still run);
 6. prints seconds per iteration (mean over the iterations after the first) with the rollout / score /
    optimise split and the sampling part of the rollout (align reports it; TRL does not), rollout
    tokens/s (generated tokens over the rollout phase, which includes the pi_old / pi_ref forwards),
-   peak GPU memory and an MFU estimate.
+   peak GPU memory (allocated, and reserved by PyTorch's caching allocator: what must fit the card)
+   and an MFU estimate. results.json is rewritten after every row.
 
 MFU = model FLOPs / (seconds x peak bf16 FLOP/s). Model FLOPs per iteration count 2 N per token for each
 forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N per token per PPO epoch
 (PaLM's convention, Chowdhery et al. 2022, appendix B; LoRA skips the frozen weights' gradients, so
 the optimisation's real FLOPs are nearer 4 N), N = parameters without the input embedding, per model
 that runs; attention's own FLOPs are left out (small at these lengths). The same count divides both
-trainers' times, since they do the same work. Peak FLOP/s from the device name (--peak-tflops to set).
+trainers' times, since they do the same work. Peak FLOP/s from the device name (PEAK_BF16_TFLOPS; the run
+prints which entry it assumed; --peak-tflops to set).
 `MFU roll` and `MFU opt` divide the rollout's forwards (sampling, pi_old, pi_ref, a critic's values) by
 the rollout's seconds and the PPO epochs' 6 N per token by the optimisation's.
 """
@@ -63,7 +66,10 @@ SHAPES = {
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "vocab": 32000},
 }
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense
+# dense bf16 TFLOP/s by a piece of the device name, the more specific pieces first (the datasheets:
+# H100 SXM and H200 SXM 989, H100 PCIe 756, H100 NVL and H200 NVL 835; their figures with sparsity halved)
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0)]
 
 
 # ============================================================================ 1-2. tokenizer and model
@@ -146,6 +152,14 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the CPU's max RSS
 
 
+def peak_reserved_gib() -> float | None:
+    """The caching allocator's peak reserve (what the GPU must hold: allocations plus the allocator's
+    cached and fragmented blocks), None on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 def reward_worker(job: dict) -> dict:
     from align.config import load_config
     from reward.config import RewardConfig
@@ -166,7 +180,7 @@ def reward_worker(job: dict) -> dict:
     summary = train_reward_model(cfg, echo=lambda text: None)
     return {"seconds": time.perf_counter() - start, "train_s": summary["timing/train_s"],
             "steps": summary["train/steps"], "eval_accuracy": summary["eval/accuracy"],
-            "peak_gib": peak_memory_gib(), "model_dir": summary["model_dir"]}
+            "peak_gib": peak_memory_gib(), "reserved_gib": peak_reserved_gib(), "model_dir": summary["model_dir"]}
 
 
 def profiled(run, out: Path):
@@ -232,7 +246,7 @@ def align_worker(job: dict) -> dict:
     return {
         "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/sample_s", "timing/score_s", "timing/optimize_s",
                                           "timing/iteration_s", "response/length")} for r in rows],
-        "peak_gib": peak_memory_gib(), "train_s": summary["timing/train_s"],
+        "peak_gib": peak_memory_gib(), "reserved_gib": peak_reserved_gib(), "train_s": summary["timing/train_s"],
     }
 
 
@@ -296,7 +310,8 @@ def trl_worker(job: dict) -> dict:
     trainer.train()
     total = time.perf_counter() - start
     times = [b - a for a, b in zip([start, *ends], ends)] if ends else [total / s["iterations"]] * s["iterations"]
-    return {"iterations": [{"timing/iteration_s": t} for t in times], "peak_gib": peak_memory_gib(), "train_s": total}
+    return {"iterations": [{"timing/iteration_s": t} for t in times], "peak_gib": peak_memory_gib(),
+            "reserved_gib": peak_reserved_gib(), "train_s": total}
 
 
 WORKERS = {"reward": reward_worker, "align": align_worker, "trl": trl_worker}
@@ -315,27 +330,45 @@ def run_worker(python: str, kind: str, job: dict, workdir: Path, env_extra: dict
     with log_file.open("w") as log:
         done = subprocess.run([python, __file__, "--worker", kind, str(job_file), str(result_file)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {kind} run failed (exit {done.returncode}); end of {log_file}:\n"
-                           f"{log_file.read_text()[-3000:]}")
+    if done.returncode != 0:  # the log's last line (an exception's message) labels the failed row
+        log_text = log_file.read_text()
+        last = next((line for line in reversed(log_text.splitlines()) if line.strip()), "no output")
+        raise RuntimeError(f"the {kind} run failed (exit {done.returncode}): {last}\nend of {log_file}:\n"
+                           f"{log_text[-3000:]}")
     return json.loads(result_file.read_text())
 
 
-def trl_packages(target: Path) -> dict:
+def pip_install(target: Path, packages: list[str], wheels: Path | None, deps: bool) -> None:
+    """`pip install --target target packages`, from the wheel folder `wheels` alone when given (a machine
+    without network: pip must not try the index); the reason in one line when pip fails."""
+    source = ["--no-index", "--find-links", str(wheels)] if wheels else []
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--no-cache-dir", "--target", str(target),
+               *source, *([] if deps else ["--no-deps"]), *packages]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise RuntimeError(f"pip could not install {' '.join(packages)} (exit {done.returncode}): "
+                           f"{lines[-1] if lines else 'no message'}")
+
+
+def trl_packages(target: Path, wheels: Path | None = None) -> dict:
     """TRL 1.12 (and `datasets` if missing) installed with `pip --target` beside the running packages:
     TRL goes first on the worker's path, anything else after the environment's own packages, so the
-    same torch / transformers / peft / accelerate run both trainers."""
+    same torch / transformers / peft / accelerate run both trainers. `wheels`: a folder holding the
+    TRL wheel and those of `datasets` and whatever of its dependencies the environment lacks (installed
+    as they are, without dependencies). Raises RuntimeError naming what pip could not install."""
     first, last = target / "trl", target / "deps"
     if not (first / "trl").is_dir():
         print(f"installing TRL {TRL_VERSION} into {first} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(first),
-                        f"trl=={TRL_VERSION}"], check=True)
+        pip_install(first, [f"trl=={TRL_VERSION}"], wheels, deps=False)
     try:
         import datasets  # noqa: F401
     except ImportError:
-        if not last.is_dir():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(last), "datasets"],
-                           check=True)
+        if not last.is_dir() and wheels:
+            pip_install(last, sorted(str(w) for w in wheels.glob("*.whl") if not w.name.startswith("trl-")), wheels,
+                        deps=False)
+        elif not last.is_dir():
+            pip_install(last, ["datasets"], None, deps=True)
     return {"trl_path_first": [str(first)], "trl_path_last": [str(last)]}
 
 
@@ -374,7 +407,7 @@ def mean_after_first(values: list[float]) -> float:
 
 def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_tflops: float | None) -> str:
     head = (f"{'run':28s} {'s/iter':>7s} {'rollout':>8s} {'sample':>7s} {'score':>6s} {'optimise':>9s} {'tok/s':>8s} "
-            f"{'peak GiB':>9s} {'MFU':>6s} {'MFU roll':>8s} {'MFU opt':>8s}")
+            f"{'peak GiB':>9s} {'reserved':>8s} {'MFU':>6s} {'MFU roll':>8s} {'MFU opt':>8s}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         its = r["iterations"]
@@ -397,9 +430,10 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
             seconds = sec if key is None else mean_after_first([i[key] for i in its])
             return f"{100 * flops / (seconds * peak_tflops * 1e12):.1f}%"
 
+        reserved = f"{r['reserved_gib']:.2f}" if r.get("reserved_gib") is not None else "-"
         lines.append(f"{name:28s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/sample_s'):>7s} "
-                     f"{split('timing/score_s'):>6s} "
-                     f"{split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} {mfu(sum(phases.values())):>6s} "
+                     f"{split('timing/score_s'):>6s} {split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} "
+                     f"{reserved:>8s} {mfu(sum(phases.values())):>6s} "
                      f"{mfu(phases['rollout'], 'timing/rollout_s'):>8s} {mfu(phases['optimise'], 'timing/optimize_s'):>8s}")
     return "\n".join(lines)
 
@@ -416,13 +450,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def device_peak_tflops() -> tuple[str, float | None]:
+def peak_tflops_of(device_name: str) -> tuple[float | None, str]:
+    """The dense bf16 peak assumed for a device name, and which entry of PEAK_BF16_TFLOPS gave it."""
+    for piece, tflops in PEAK_BF16_TFLOPS:
+        if piece in device_name:
+            return tflops, f"{piece}'s {tflops:g} TFLOP/s bf16 dense"
+    return None, "unknown device: no MFU (--peak-tflops sets one)"
+
+
+def device_peak_tflops() -> tuple[str, float | None, str]:
     import torch
 
     if not torch.cuda.is_available():
-        return "cpu", None
+        return "cpu", None, "cpu: no MFU"
     name = torch.cuda.get_device_name(0)
-    return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return (name, *peak_tflops_of(name))
 
 
 # ============================================================================ main
@@ -463,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reuse the model and reward model an earlier run built in the same --work (same shape)")
     parser.add_argument("--no-trl", action="store_true", help="align only")
     parser.add_argument("--trl-python", help="an interpreter with TRL 1.12 and datasets (default: pip --target)")
+    parser.add_argument("--trl-wheels", type=Path, default=None, metavar="DIR",
+                        help="install TRL (and datasets with what it lacks) from the wheels in DIR, not from the index")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -525,19 +569,26 @@ def main(argv: list[str] | None = None) -> dict:
               run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
                                                     "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
                          work / "reward", env_extra))
+    reserved = f", reserved {reward['reserved_gib']:.2f} GiB" if reward.get("reserved_gib") is not None else ""
     print(f"reward model: {reward['steps']} steps in {reward['train_s']:.1f} s "
-          f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB", flush=True)
+          f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB{reserved}", flush=True)
 
     # (name, interpreter, worker, job): align's arrangements, then TRL, then the variants
     align_job = {**base, "reward": reward["model_dir"], "prompts": str(prompt_file)}
     names = {"policy_trunk": "align (value head)", "reward_model": "align (critic)"}
     runs = [(names[v], sys.executable, "align", {**align_job, "value_model": v, "out": str(work / v)})
             for v in args.value_models.split(",") if v]
+    results, failed = {}, {}
     if not args.no_trl:
-        python, paths = (args.trl_python, {}) if args.trl_python else (sys.executable, trl_packages(args.work / "trl"))
-        runs.append((f"TRL {TRL_VERSION}", python, "trl", {**base, **paths, "out": str(work / "trl"),
-                                                           "reward_model_dir": reward["model_dir"],
-                                                           "rendered_prompts": rendered}))
+        try:  # a machine without network or wheels: TRL's row fails, align's still run
+            paths = {} if args.trl_python else trl_packages(args.work / "trl", args.trl_wheels)
+        except RuntimeError as err:
+            print(err, flush=True)
+            failed[f"TRL {TRL_VERSION}"] = str(err)
+        else:
+            runs.append((f"TRL {TRL_VERSION}", args.trl_python or sys.executable, "trl",
+                         {**base, **paths, "out": str(work / "trl"), "reward_model_dir": reward["model_dir"],
+                          "rendered_prompts": rendered}))
     eager = ["cuda_graphs=false", "torch_compile=false"]
     variants = [(f"{names[v][:-1]}, eager)", v, {"overrides": eager}, f"{v}-eager")
                 for v in args.eager.split(",") if v]  # then the value-head side's
@@ -550,9 +601,19 @@ def main(argv: list[str] | None = None) -> dict:
         (args.profile, "align (profiled)", {"profile": True}, "profile")] if wanted]
     runs += [(name, sys.executable, "align", {**align_job, "value_model": value_model, **job, "out": str(work / out)})
              for name, value_model, job, out in variants]
-    name, peak = device_peak_tflops() if device == "cuda" else ("cpu", None)
-    peak = args.peak_tflops or peak
-    results, failed = {}, {}
+    name, peak, peak_source = device_peak_tflops() if device == "cuda" else ("cpu", None, "cpu: no MFU")
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}"
+    print(f"{name}: MFU against {peak_source}", flush=True)
+    versions = library_versions()
+
+    def write_results() -> dict:  # after every row: a run cut off by its deadline keeps the rows it finished
+        out = {"settings": settings, "model": info, "reward": reward, "runs": results, "failed": failed,
+               "device": name, "peak_tflops": peak, "peak_source": peak_source, "versions": versions,
+               "table": table(results, info, settings, prompt_tokens, peak)}
+        (work / "results.json").write_text(json.dumps(out, indent=2))
+        return out
+
     for run_name, python, kind, job in runs:
         print(f"running {run_name} ...", flush=True)
         try:
@@ -560,20 +621,17 @@ def main(argv: list[str] | None = None) -> dict:
         except RuntimeError as err:  # one side failing must not hide the others' figures
             print(err, flush=True)
             failed[run_name] = str(err).splitlines()[0]
-            continue
-        print(table({run_name: results[run_name]}, info, settings, prompt_tokens, peak), flush=True)
+        else:
+            print(table({run_name: results[run_name]}, info, settings, prompt_tokens, peak), flush=True)
+        write_results()
 
-    text = table(results, info, settings, prompt_tokens, peak)
+    out = write_results()
     print(f"\n{args.shape} shape ({info['parameters'] / 1e6:.0f}M), {name}, {settings['batch_size']} episodes x "
           f"{settings['response_length']} new tokens, {settings['epochs']} epochs, {dtype}, mean prompt "
-          f"{prompt_tokens:.0f} tokens; peak {peak or '-'} TFLOP/s\n{text}")
+          f"{prompt_tokens:.0f} tokens; MFU against {peak_source}\n{out['table']}")
     for run, why in failed.items():
         print(f"{run}: FAILED, {why}")
-    versions = library_versions()
     print(", ".join(f"{k} {v}" for k, v in versions.items()))
-    out = {"settings": settings, "model": info, "reward": reward, "runs": results, "failed": failed, "device": name,
-           "versions": versions, "table": text}
-    (work / "results.json").write_text(json.dumps(out, indent=2))
     if failed:
         raise SystemExit(1)
     return out

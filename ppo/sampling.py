@@ -23,7 +23,6 @@ so a run captures each shape once.
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 import torch
@@ -32,8 +31,6 @@ from align.modeling import position_ids_from_mask
 from ppo import core
 
 NON_FINITE = "the policy produced non-finite logits while sampling"
-
-log = logging.getLogger("align")
 
 
 CACHE_SLOTS_STEP = 64  # cache lengths are rounded up to a multiple: a graph serves prompts of nearby lengths
@@ -80,20 +77,22 @@ class CUDAGraphStep:
     the same slots, and the warm-up needs no bookkeeping. Capturing synchronises the device and
     empties PyTorch's caching allocator (`torch.cuda.graph`), one more reason to capture once per
     shape rather than once per rollout. If the step cannot be captured (an op that reads a device
-    value on the host, say), it runs eagerly from then on, with a warning.
+    value on the host, say), the run stops with an error that names `cuda_graphs=false`: a capture that
+    failed can leave its side stream current (`torch.cuda.graph`'s exit ends the capture before it
+    restores the stream, and ending an invalidated capture raises), so carrying on eagerly in the same
+    process would time, and compute, on a stream and memory pool in an unknown state.
     """
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager = False
         self.inputs: tuple = ()
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
 
     def __call__(self, *inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.calls += 1
-        if self.eager or self.calls == 1:
+        if self.calls == 1:
             return self.decoder.decode_step(*inputs)
         if self.graph is None:
             return self._capture(inputs)
@@ -108,10 +107,9 @@ class CUDAGraphStep:
             with torch.cuda.graph(graph):
                 outputs = self.decoder.decode_step(*inputs)
         except RuntimeError as err:
-            log.warning("the decoding step could not be captured as a CUDA graph, so it runs eagerly "
-                        "(slower on a GPU): %s", str(err).splitlines()[0])
-            self.eager = True
-            return self.decoder.decode_step(*inputs)
+            why = (str(err).splitlines() or [type(err).__name__])[0]
+            raise RuntimeError(f"the decoding step could not be captured as a CUDA graph ({why}); "
+                               "run with cuda_graphs=false to decode eagerly") from err
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
         graph.replay()
         return outputs

@@ -95,8 +95,7 @@ def test_ppo_resumes_on_the_gpu(tiny_random_model, random_reward_model, tmp_path
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_cuda_graph_decoding_step_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, caplog,
-                                                                                   dtype):
+def test_the_cuda_graph_decoding_step_samples_what_the_eager_full_forward_samples(tiny_random_model, tmp_path, dtype):
     # tests/ppo's exactness check (trained adapter and value head, left padding, a row ending early) with the
     # step captured as a CUDA graph, in two rollouts: the second replays the graph the first captured.
     from ppo.sampling import CUDAGraphStep, DecodeBufferPool, sample_responses
@@ -113,8 +112,7 @@ def test_the_cuda_graph_decoding_step_samples_what_the_eager_full_forward_sample
         (buffers,) = pool.sets.values()
         assert isinstance(buffers.step, CUDAGraphStep) and buffers.step.graph is not None
         graphs.append(buffers.step.graph)
-    assert graphs[0] is graphs[1]  # captured once, replayed across rollouts
-    assert "could not be captured" not in caplog.text
+    assert graphs[0] is graphs[1]  # captured once, replayed across rollouts (a failed capture raises)
     # the graph replays the eager step's kernels: with the same seed, the same tokens and log-probs
     ids, mask = left_padded_prompts(trainer.tokenizer, device="cuda")
     runs = []

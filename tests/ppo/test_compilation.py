@@ -57,8 +57,10 @@ def test_layer_compiler_runs_the_compiled_forward_only_while_active():
 
 def check_compiled_step_matches_eager(trainer, rtol: float, atol: float, grad_rel: float) -> None:
     """One micro-step through the compiled layers and one eager on the same batch: the same statistics
-    (within rtol, atol) and gradients (within grad_rel of each one's norm); the switch is on only for the training forward, and a rollout
-    (decoding, reference forward) compiles nothing. Also run by tests/cuda in bf16."""
+    (within rtol, atol) and gradients (within grad_rel of each one's norm); the switch is on only for the
+    training forward: decoding and the reference forward compile nothing, and pi_old's forward runs
+    compiled only where the sampler's log-probs are not exact (bf16: ppo.trainer recomputes them by the
+    training forward so that PPO's first ratio is 1). Also run by tests/cuda in bf16."""
     from align.compilation import LayerCompiler
 
     assert trainer.compiler.enabled and len(trainer.compiler.layers) == trainer.model.policy.config.num_hidden_layers
@@ -94,8 +96,15 @@ def check_compiled_step_matches_eager(trainer, rtol: float, atol: float, grad_re
         assert (a - b).norm() <= grad_rel * b.norm(), ((a - b).norm(), b.norm())
     graphs = _compiled_graphs()
     seen.clear()
-    trainer.rollout(["Another prompt", "And one more, a longer one than the first"])
+    samples = trainer.generate(["Another prompt", "And one more, a longer one than the first"])
+    trainer.reference_logprobs(samples)
     assert seen and not any(seen) and _compiled_graphs() == graphs
+    before = len(seen)
+    trainer.behaviour_logprobs_and_values(samples)
+    if trainer.sampler_is_exact:  # the sampler's own log-probs: no forward of the policy's layers
+        assert len(seen) == before and _compiled_graphs() == graphs
+    else:  # recomputed by the training forward, through the compiled layers
+        assert len(seen) > before and all(seen[before:])
 
 
 @pytest.mark.slow

@@ -252,16 +252,18 @@ def test_the_graphed_decoding_step_is_captured_once_and_replayed_at_every_later_
         step(inputs[0].clone(), *inputs[1:])
 
 
-def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch, caplog):
+def test_a_step_that_cannot_be_captured_stops_the_run_naming_the_setting_that_decodes_eagerly(monkeypatch):
+    # a failed capture can leave torch.cuda.graph's side stream current: no eager fallback in that state
     from ppo.sampling import CUDAGraphStep
 
     events = []
     step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events, fail_capture=True)))
     inputs = (torch.zeros(2, 1, dtype=torch.long),)
-    for _ in range(3):
+    step(*inputs)
+    with pytest.raises(RuntimeError, match=r"could not be captured as a CUDA graph \(operation not permitted "
+                                           r"when stream is capturing\); run with cuda_graphs=false"):
         step(*inputs)
-    assert events == ["eager", "captured", "eager", "eager"]  # the failed capture's step runs eagerly
-    assert "could not be captured as a CUDA graph" in caplog.text
+    assert events == ["eager", "captured"] and step.graph is None  # nothing ran eagerly after the failure
 
 
 # --- the cached decoding step against the eager full forward (tests/ppo/decoding.py) ------------------
