@@ -310,8 +310,8 @@ class LoraOptions:
     alpha: float = option(32.0, help="LoRA alpha (the update is scaled by alpha / r).", gt=0)
     dropout: float = option(
         0.0,
-        help="LoRA dropout. 0 keeps scoring deterministic and rollout and training log-probs identical "
-        "(dropout must be off in PPO).",
+        help="LoRA dropout, in the reward stage. PPO, RLOO, GRPO and DPO refuse any other value than 0: their "
+        "updates compare log-probs of the same policy computed at different times.",
         ge=0.0,
         lt=1.0,
     )

@@ -112,6 +112,8 @@ class DPOConfig:
 
         from align.config import check
 
+        check(self.lora.dropout == 0.0, f"lora.dropout={self.lora.dropout}: DPO runs without dropout (the policy's "
+              "log-probs are compared with the reference's, computed once without it); set lora.dropout=0")
         check(self.eval_prompts == "synthetic" or Path(self.eval_prompts).is_file(),
               f"eval_prompts: file not found: {self.eval_prompts}")
         check(self.gradient_accumulation_steps <= self.batch_size,

@@ -49,7 +49,9 @@ class KLOptions:
 
 
 # Settings a resumed run may change (`align ppo --resume RUN key=value`): none changes the training math.
-RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints"}
+RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints", "save_every",
+                      "num_threads", "gradient_accumulation_steps", "gradient_checkpointing", "logprob_chunk_tokens",
+                      "eval_prompts", "num_eval_prompts"}
 
 
 @dataclass
@@ -61,7 +63,9 @@ class PPOConfig:
         help="ppo: GAE advantages from a value model (value_model). rloo: REINFORCE Leave-One-Out, each sample's "
         "baseline the mean sequence reward of the other samples of its prompt (Ahmadian et al. 2024). grpo: the "
         "group's rewards standardised, (r - mean) / std, and the KL in the loss (Shao et al. 2024). rloo and grpo "
-        "need samples_per_prompt >= 2 and train no value model: less memory and compute per iteration.",
+        "need samples_per_prompt >= 2 and train no value model: less memory and compute per iteration. Every method's "
+        "loss is a mean over the minibatch's response tokens (Shao et al.'s eq. 3 averages each response first; "
+        "the token mean, as DAPO and TRL's default, keeps long responses from weighing less per token).",
     )
     samples_per_prompt: int = option(
         1,
@@ -77,7 +81,7 @@ class PPOConfig:
         "A directory holding a LoRA adapter is merged into its base first.",
     )
     reward_model: str = option(
-        "runs/demo-reward",
+        "runs/reward",
         help="Run directory (or its model/ subdirectory) written by `align reward train`.",
     )
     ref_model: str | None = option(
@@ -192,7 +196,7 @@ class PPOConfig:
         gt=0.0,
     )
     lr_scheduler: Literal["linear", "constant", "cosine"] = option(
-        "linear", help="Learning-rate schedule over all optimiser steps."
+        "linear", help="Learning-rate schedule over all optimiser steps, each after warmup_steps of linear warm-up."
     )
     warmup_steps: int = option(0, help="Linear warm-up optimiser steps.", ge=0)
     weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0.0)
@@ -237,6 +241,8 @@ class PPOConfig:
                   f"comes from the other samples of the same prompt), got {self.samples_per_prompt}")
             check(self.value_model == "policy_trunk", f"method={self.method} trains no value model; "
                   "drop value_model=reward_model (or use method=ppo)")
+        check(self.lora.dropout == 0.0, f"lora.dropout={self.lora.dropout}: PPO runs without dropout (the rollout's "
+              "and the update's log-probs must be those of the same policy); set lora.dropout=0")
         check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "
               "gradient_checkpointing=true yet (the checkpoint sits inside the compiled layer); set one of them false")
         check(

@@ -71,7 +71,7 @@ def init_demo_model(
 
 @app.command("export")
 def export(
-    run: Annotated[Path, typer.Argument(help="A run directory from `align ppo` or `align reward train`.")],
+    run: Annotated[Path, typer.Argument(help="A run directory from `align ppo`, `align dpo` or `align reward train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported model to.")],
     adapter: Annotated[
         bool, typer.Option("--adapter/--merge", help="Save only the PEFT adapter, or merge it into the base (default).")
@@ -88,8 +88,8 @@ def export(
 def _demo_epilog() -> str:
     from align.commands.demo import DemoConfig
 
-    return (config_keys_help(DemoConfig) + "\n\nKeys prefixed [bold]reward.[/bold] or [bold]ppo.[/bold] override "
-            "those stages' configs (listed by `align reward train --help` and `align ppo --help`).")
+    return (config_keys_help(DemoConfig) + "\n\nKeys prefixed [bold]reward.[/bold], [bold]ppo.[/bold] or [bold]dpo.[/bold] override "
+            "those stages' configs (listed by `align reward train --help`, `align ppo --help` and `align dpo --help`).")
 
 
 @app.command("demo", epilog=_demo_epilog())

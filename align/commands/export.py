@@ -215,8 +215,14 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)"]
     elif kind in POLICY_KINDS:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base)!r}), DIR)"]
+        # A base whose tokenizer had no pad token trained with a <pad> row added (align.modeling.fit_embeddings):
+        # the tokenizer saved here has it, so the base grows the same way before the adapter goes on.
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+                  f"base = AutoModelForCausalLM.from_pretrained({str(base)!r})",
+                  "if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # align added a <pad> token",
+                  "    base.resize_token_embeddings(len(tokenizer))",
+                  "model = PeftModel.from_pretrained(base, DIR)"]
     else:
         lines += ["from reward.model import load_reward_model", "rm = load_reward_model(DIR)  # normalised scores",
                   "rm.score(prompts, responses)"]

@@ -194,3 +194,38 @@ def test_a_head_is_not_a_lora_target(family_model):
     model = AutoModelForCausalLM.from_pretrained(family_model("llama"))
     with pytest.raises(UserError, match=r"\['lm_head'\] match no linear layer of the transformer blocks"):
         resolve_lora_targets(model, ["q_proj", "lm_head"])
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_dpo_trains_the_adapter_and_its_exported_adapter_loads_as_its_model_card_says(family, family_model, tmp_path):
+    # The adapter leaves without align: the model card's loading code on the plain base (grown by the <pad>
+    # row align added where the tokenizer had none: GPT-2) gives the logits align's own loading gives.
+    from align.commands.export import export_run
+    from align.modeling import load_causal_lm, load_tokenizer
+    from dpo.config import DPOConfig
+    from dpo.train import DPOTrainer
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, [
+        f"policy_model={family_model(family)}", f"output_dir={tmp_path / 'dpo'}", "data.num_rankings=8",
+        "data.num_eval_rankings=4", "data.k=3", "batch_size=4", "epochs=1", "learning_rate=1e-2",
+        "num_eval_prompts=0", "progress=false", "num_threads=1"]), echo=lambda _: None)
+    trainer.setup()
+    before = snapshot(trainer.policy)
+    trainer.train()
+    trainer.finish()
+    changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed), "DPO moved a base weight, or nothing"
+
+    out = export_run(tmp_path / "dpo", tmp_path / "adapter", merge=False)
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    scope = {"DIR": str(out)}
+    exec(code, scope)  # the card's own lines: plain transformers and peft
+    model, tokenizer = scope["model"].eval(), scope["tokenizer"]
+    batch = tokenizer(["hello there, how are you", "hi"], return_tensors="pt", padding=True)
+    ours = load_causal_lm(out, tokenizer=load_tokenizer(out)).eval()
+    with torch.no_grad():
+        theirs_logits, ours_logits = (m(**batch).logits for m in (model, ours))
+    real = batch["attention_mask"].bool()
+    vocab = min(theirs_logits.shape[-1], ours_logits.shape[-1])
+    torch.testing.assert_close(theirs_logits[real][:, :vocab], ours_logits[real][:, :vocab], atol=1e-4, rtol=1e-4)
