@@ -33,6 +33,26 @@ from torch import nn
 from align.errors import UserError
 
 
+def make_accelerator() -> Any:
+    """The stage's `Accelerator`. Without a GPU, accelerate sets up gloo data parallelism for
+    several launched processes only when told it runs on the CPU; on a GPU machine it picks NCCL
+    (or DeepSpeed from its config).
+
+    The stage's own `dtype` decides precision. accelerate's `mixed_precision` would run the
+    prepared module's forward under autocast but not the sampler's or the reference's, so PPO's
+    first ratio would not be 1 and DPO's implicit rewards would not start at 0; it is refused
+    (DeepSpeed, which takes its precision from its own config, aside)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.mixed_precision != "no" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError(f"the accelerate config sets mixed_precision: {accelerator.mixed_precision}; align's stages "
+                        "set their precision with their own dtype key (dtype: bfloat16): set mixed_precision: 'no' "
+                        "(or launch with --mixed_precision no)")
+    return accelerator
+
+
 def fsdp_plugin() -> Any | None:
     """accelerate's FSDP plugin when `accelerate launch` was given an FSDP config, else None."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":

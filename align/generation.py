@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from align.chat import render_prompt
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's generators seeded with `seed` inside, and as they were after: the CPU's and, where
+    there is one, the current GPU's (torch.manual_seed reseeds both; fork_rng restores only what it
+    is given). Seeded samples leave the caller's random state untouched."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def generate_responses(
@@ -40,8 +55,7 @@ def generate_responses(
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed), torch.no_grad():
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generating", unit="batch"):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)

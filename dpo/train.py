@@ -57,6 +57,7 @@ from align.distributed import (
     full_trainable_state,
     gathered,
     global_batches,
+    make_accelerator,
     rank_micro_batches,
     shard,
 )
@@ -94,7 +95,6 @@ class DPOTrainer:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from accelerate import Accelerator
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
@@ -110,7 +110,7 @@ class DPOTrainer:
                       command="align dpo")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process

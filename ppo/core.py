@@ -114,13 +114,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # ----------------------------------------------------------------------------- rewards
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"]) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi: (B, T), (B, T) -> (B, T).
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"],
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: (B, T), (B, T) -> (B, T), 0 where
+    `mask` (B, T) is 0.
 
     k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (Schulman 2020).
-    Both average to the true KL over samples; k3 is never negative.
+    Both average to the true KL over samples; k3 is never negative. Padding is cut before the
+    exponential: a pad token's log-prob of -100 under one model and 0 under the other would give
+    k3 = e^100 - 101, an inf that a later multiplication by the mask turns into NaN, gradient included.
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = log_ratio.masked_fill(mask == 0, 0.0)
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from align.generation import seeded
 from ppo import core
 
 EVAL_SEED_OFFSET = 10_007
@@ -35,6 +36,8 @@ class Sampler(Protocol):
 
     def reference_logprobs(self, seqs: Any) -> torch.Tensor: ...
 
+    def sampled_logprobs(self, samples: Any) -> torch.Tensor: ...  # log pi of samples, as the reference's are read
+
 
 @torch.no_grad()
 def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
@@ -44,8 +47,7 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s: s + batch_size]
         for which in ("sft", "policy"):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + EVAL_SEED_OFFSET + s)
+            with seeded(seed + EVAL_SEED_OFFSET + s):
                 samples = trainer.generate(batch, adapter=which == "policy")
             texts = trainer.decode(samples.response_ids, samples.response_mask)
             eos[which].extend((samples.response_ids == trainer.tokenizer.eos_token_id).any(-1).tolist())
@@ -53,8 +55,9 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
                 sft_texts.extend(texts)
                 continue
             pol_texts.extend(texts)
-            kl = core.kl_penalty(samples.logprobs, trainer.reference_logprobs(samples), kl_estimator)
-            seq_kl.extend((kl * samples.response_mask).sum(-1).tolist())
+            kl = core.kl_penalty(trainer.sampled_logprobs(samples), trainer.reference_logprobs(samples),
+                                 kl_estimator, samples.response_mask)
+            seq_kl.extend(kl.sum(-1).tolist())
     sft_rewards = pol_rewards = [None] * len(prompts)
     metrics: dict[str, float] = {}
     if reward_model is not None:
@@ -135,3 +138,13 @@ class PolicySampler:
     def reference_logprobs(self, samples: Any) -> torch.Tensor:
         return self.reference.logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
                                        samples.response_ids, self.temperature, self.chunk_tokens)
+
+    @torch.no_grad()
+    def sampled_logprobs(self, samples: Any) -> torch.Tensor:
+        """log pi of the sampled tokens as the reference's are computed (a full forward), so that their
+        difference is the adapter's alone: in fp32 the sampler's own (equal to rounding), in bf16
+        the cached decoding differs by more than the KL being measured early in training."""
+        if next(self.model.parameters()).dtype == torch.float32:
+            return samples.logprobs
+        return self.model.policy_logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
+                                          samples.response_ids, self.temperature, self.chunk_tokens) * samples.response_mask

@@ -94,9 +94,12 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
     n_minibatches, grad_norms = 0, []
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(len(exp), device="cpu")
-        for mb_start in range(0, len(exp), cfg.mini_batch_size):
+        starts = range(0, len(exp), cfg.mini_batch_size)
+        tokens = [max(sum(lengths[i] for i in order[s: s + cfg.mini_batch_size].tolist()), 1) for s in starts]
+        rank_scales = minibatch_rank_scales(trainer.accelerator, tokens, trainer.device)
+        for mb_index, mb_start in enumerate(starts):
             mb_rows = order[mb_start: mb_start + cfg.mini_batch_size].tolist()
-            mb_tokens = max(sum(lengths[i] for i in mb_rows), 1)
+            mb_tokens = tokens[mb_index]
             trainer.optimizer.zero_grad(set_to_none=True)
             micro_batches = length_grouped_micro_batches(mb_rows, prompt_lengths, lengths, cfg.micro_batch_size)
             for n, plan in enumerate(micro_batches):
@@ -105,7 +108,7 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
                 # DDP all-reduces gradients only on the last micro-batch of the minibatch.
                 last = n == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else trainer.accelerator.no_sync(trainer.ddp_model):
-                    for k, v in trainer.micro_step(micro, weight, plan.width).items():
+                    for k, v in trainer.micro_step(micro, weight, plan.width, rank_scales[mb_index]).items():
                         sums[k] = sums[k] + v if k in sums else v
             n_minibatches += 1
             grad_norm = (clip_grad_norm(trainer.trainable, cfg.max_grad_norm) if trainer.fsdp
@@ -122,11 +125,24 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
     return dict(zip([*names, "train/grad_norm"], values.tolist()))
 
 
-def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor,
-               width: int | None = None) -> dict[str, torch.Tensor]:
+def minibatch_rank_scales(accelerator: Any, tokens: list[int], device: torch.device) -> torch.Tensor | list[float]:
+    """(num_minibatches,) this process's response tokens in each minibatch of an epoch over their mean
+    over the processes: the factor that turns its token mean into its share of the token mean over
+    every process's minibatch, once DDP or FSDP2 average the gradients over the processes. Ranks
+    whose responses are longer weigh more, as each token does in one process. One all-reduce an
+    epoch; 1 in one process."""
+    if accelerator.num_processes == 1:
+        return [1.0] * len(tokens)
+    local = torch.tensor(tokens, dtype=torch.float64, device=device)
+    return (local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum")).float()
+
+
+def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor, width: int | None = None,
+               rank_scale: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch, its sequences right-padded to `width` columns (None:
-    untrimmed); `weight` = its share of the minibatch's response tokens. Returns its statistics as
-    device scalars, weighted the same way (they sum to the minibatch's)."""
+    untrimmed); `weight` = its share of this process's minibatch's response tokens, `rank_scale` that
+    minibatch's weight among the processes' (minibatch_rank_scales). Returns its statistics as device
+    scalars weighted by `weight` (they sum to this process's minibatch's)."""
     cfg = trainer.cfg
     with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
     input_ids, attention_mask, response_start = mb.right_padded(width)
@@ -148,13 +164,13 @@ def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor,
             stats.update({"val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
                           "val/values": core.masked_mean(mb_values.detach(), mb.response_mask)})
         if cfg.kl_in_loss:  # GRPO: beta * KL(pi || pi_ref), k3 from the current policy (Shao et al. 2024, eq. 4)
-            kl_loss = core.masked_mean(core.kl_penalty(mb_logprobs, mb.ref_logprobs, "k3"), mb.response_mask)
+            kl_loss = core.masked_mean(core.kl_penalty(mb_logprobs, mb.ref_logprobs, "k3", mb.response_mask), mb.response_mask)
             loss = loss + trainer.kl_ctl.value * kl_loss
             stats["policy/kl_loss"] = kl_loss
         if with_entropy:
             entropy = core.masked_mean(mb_entropy, mb.response_mask)
             loss = loss - cfg.ent_coef * entropy
             stats["policy/entropy"] = entropy
-        trainer.accelerator.backward(loss * weight)
+        trainer.accelerator.backward(loss * weight * rank_scale)
     stats["loss/total"] = loss
     return {k: v.detach() * weight for k, v in stats.items()}

@@ -1,7 +1,10 @@
 """Optional metric sinks besides metrics.jsonl: TensorBoard or Weights & Biases (`report_to`).
 
 Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
-only when asked for; a missing package is a one-line error before any training starts.
+only when asked for; a missing package is a one-line error before any training starts. A resumed
+run continues the same history: TensorBoard drops the events logged after the checkpoint (they are
+logged again, as metrics.jsonl's rows are), W&B continues the run it started (its id is kept in
+the run directory).
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ class NullTracker:
         pass
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
 class TensorBoardTracker(NullTracker):
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, resumed_at: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("report_to=tensorboard needs TensorBoard: pip install 'align[tensorboard]'") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: events at or after it, written before the run stopped, are dropped on reading
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=None if resumed_at is None else resumed_at + 1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -38,12 +45,16 @@ class TensorBoardTracker(NullTracker):
 
 
 class WandbTracker(NullTracker):
-    def __init__(self, project: str, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, project: str, run_dir: Path, config: dict[str, Any], resumed_at: int | None = None):
         try:
             import wandb
         except ImportError:
             raise UserError("report_to=wandb needs Weights & Biases: pip install 'align[wandb]'") from None
-        self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name)
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
+        self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name, id=run_id,
+                              resume="allow" if run_id else None)
+        id_file.write_text(self.run.id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -60,9 +71,11 @@ def check_tracker_available(report_to: str) -> None:
         raise UserError(f"report_to={report_to} needs {package}: pip install 'align[{package}]'")
 
 
-def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, Any]) -> NullTracker:
+def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, Any],
+                 resumed_at: int | None = None) -> NullTracker:
+    """`resumed_at`: the iteration of the checkpoint a resumed run continues from."""
     if report_to == "tensorboard":
-        return TensorBoardTracker(run_dir / "tensorboard")
+        return TensorBoardTracker(run_dir / "tensorboard", resumed_at)
     if report_to == "wandb":
-        return WandbTracker(project, run_dir, config)
+        return WandbTracker(project, run_dir, config, resumed_at)
     return NullTracker()

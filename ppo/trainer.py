@@ -30,7 +30,7 @@ import torch
 from align.checkpoint import check_run_dir, clear_checkpoints, latest_checkpoint, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
-from align.distributed import fsdp_plugin, full_trainable_state, gathered, shard
+from align.distributed import fsdp_plugin, full_trainable_state, gathered, make_accelerator, shard
 from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
     MetricsWriter,
@@ -94,7 +94,6 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
@@ -107,9 +106,7 @@ class PPOTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
-        # Without a GPU, accelerate sets up gloo DDP for several launched processes only when
-        # told it runs on the CPU; on a GPU machine it picks NCCL (or DeepSpeed from its config).
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.device = self.accelerator.device
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         check_distributed_setup(self.accelerator, cfg, self.resume, self.fsdp)
@@ -162,8 +159,9 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                       fused=self.device.type in ("cpu", "cuda"))
         # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
-        # which would step it once per process.
-        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+        # which would step it once per process. transformers' "constant" ignores the warm-up.
+        schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+        self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.total_optimizer_steps)
         self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
                                           else self.accelerator.prepare(self.model, optimizer))
@@ -188,7 +186,8 @@ class PPOTrainer:
             else:
                 truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
-            self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg))
+            self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg),
+                                        resumed_at=self.iteration if self.resume else None)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -239,7 +238,7 @@ class PPOTrainer:
         # 3) Per-token rewards: -beta * KL(pi_old || pi_ref) estimate at every token, plus the score
         #    at the last real token (Ziegler et al. 2019 eq. 2); GRPO's KL goes in the loss instead.
         beta = self.kl_ctl.value
-        exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator) * exp.response_mask
+        exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator, exp.response_mask)
         kl_in_reward = 0.0 if cfg.kl_in_loss else beta
         exp.rewards, non_score_reward = core.compute_rewards(exp.kl, exp.scores, kl_in_reward, exp.response_mask)
 
@@ -332,6 +331,12 @@ class PPOTrainer:
         return self.cfg.dtype == "float32"
 
     @torch.no_grad()
+    def sampled_logprobs(self, samples: Samples) -> torch.Tensor:
+        """log pi of the sampled tokens as the reference's are computed (ppo.evaluation): the sampler's
+        own where exact, else the training forward's."""
+        return samples.logprobs if self.sampler_is_exact else self.policy_logprobs_and_values(samples)[0]
+
+    @torch.no_grad()
     def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) log pi_old(a_t|s_t) and V_old(s_t) (None without a value model): the sampler's own
         where they are exact, else recomputed by the training forward; a separate critic always
@@ -404,9 +409,10 @@ class PPOTrainer:
         """Step 5: num_ppo_epochs passes over shuffled minibatches, one optimiser step each (ppo.optimise)."""
         return optimise(self, exp)
 
-    def micro_step(self, mb: Experience, weight: torch.Tensor, width: int | None = None) -> dict[str, torch.Tensor]:
+    def micro_step(self, mb: Experience, weight: torch.Tensor, width: int | None = None,
+                   rank_scale: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch (ppo.optimise.micro_step)."""
-        return micro_step(self, mb, weight, width)
+        return micro_step(self, mb, weight, width, rank_scale)
 
     # ------------------------------------------------------------------------------------ outputs
 

@@ -44,7 +44,14 @@ from align.checkpoint import (
     truncate_metrics,
 )
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, fsdp_plugin, global_batches, rank_micro_batches, shard
+from align.distributed import (
+    clip_grad_norm,
+    fsdp_plugin,
+    global_batches,
+    make_accelerator,
+    rank_micro_batches,
+    shard,
+)
 from align.errors import UserError
 from align.precision import (
     autocast,
@@ -94,7 +101,6 @@ class RewardTrainer:
     # ----------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        from accelerate import Accelerator
 
         from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
         from align.run import MetricsWriter, prepare_run_dir
@@ -103,8 +109,7 @@ class RewardTrainer:
         self.t0 = time.perf_counter()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        # cpu=True is what makes accelerate pick gloo (MULTI_CPU) when launched with several processes
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

@@ -62,6 +62,17 @@ def test_generation_returns_k_samples_per_prompt(tiny_random_model):
     assert out == again  # seeded
 
 
+def test_seeded_sampling_draws_the_same_and_leaves_the_callers_generator_alone(tiny_random_model):
+    tokenizer = load_tokenizer(tiny_random_model)
+    model = load_causal_lm(tiny_random_model, tokenizer=tokenizer)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = generate_responses(model, tokenizer, ["Hi", "Why?"], max_new_tokens=6, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(7)  # another caller's state: the same seed still draws the same samples
+    assert generate_responses(model, tokenizer, ["Hi", "Why?"], max_new_tokens=6, seed=3) == first
+
+
 def test_unknown_model_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="model not found"):
         resolve_model_path(tmp_path / "missing")

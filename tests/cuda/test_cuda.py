@@ -53,8 +53,10 @@ def test_generation_moves_the_model_to_the_gpu(tiny_random_model):
 
     tokenizer = load_tokenizer(tiny_random_model)
     model = load_causal_lm(tiny_random_model, tokenizer=tokenizer)
+    state = torch.cuda.get_rng_state()
     out = generate_responses(model, tokenizer, ["Hi", "Why?"], max_new_tokens=4)
     assert next(model.parameters()).device.type == "cuda" and len(out) == 2
+    assert torch.equal(torch.cuda.get_rng_state(), state)  # seeded sampling left the GPU's generator alone
 
 
 def test_attention_is_sdpa_or_flash_by_default_on_the_gpu(tiny_random_model):

@@ -1,5 +1,5 @@
-"""Launched by test_fsdp.py (under `accelerate launch` with an FSDP2 config, or alone as the one-rank
-reference): one PPO optimiser step on a fixed global batch, each rank taking its contiguous share
+"""Launched by test_fsdp.py (under `accelerate launch` with an FSDP2 or DDP config, or alone as the
+one-rank reference): one PPO optimiser step on a fixed global batch, each rank taking its contiguous share
 of the rows. Writes OUT/step.safetensors (the trained parameters after the step, gathered in full
 by the main rank), OUT/before.safetensors (before it) and OUT/rank{R}.json (how many elements of the
 frozen and trained parameters this rank stores, against the totals)."""
@@ -23,19 +23,24 @@ from ppo.experience import Experience
 from ppo.trainer import PPOTrainer
 
 GLOBAL_BATCH, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 6, 5
+# The first half of the rows (rank 0's share on two ranks) answers in 1-2 tokens, the second in 5: a
+# token weighs the same in the one-rank step only if each rank's loss is weighed by its token count.
+RESPONSE_LENGTHS = [1, 2, 1, 2, 5, 5, 5, 5]
 
 
 def fixed_batch(trainer: PPOTrainer) -> Experience:
-    """The same rows on every rank and in the one-rank run: random tokens without padding (every
-    row has as many response tokens, so each rank's token mean weighs the same), pi_old = the
-    current policy (ratio 1 at the step), fixed advantages and returns."""
+    """The same rows on every rank and in the one-rank run: random tokens, responses of
+    RESPONSE_LENGTHS tokens right-padded, pi_old = the current policy (ratio 1 at the step), fixed
+    advantages and returns."""
     g = torch.Generator().manual_seed(1234)
     tok = trainer.tokenizer
-    low = max(tok.all_special_ids) + 1  # ordinary tokens only: no row ends early or holds padding
+    low = max(tok.all_special_ids) + 1  # ordinary tokens only: no row holds padding but the responses'
     query = torch.randint(low, len(tok), (GLOBAL_BATCH, PROMPT_TOKENS), generator=g)
     response = torch.randint(low, len(tok), (GLOBAL_BATCH, RESPONSE_TOKENS), generator=g)
-    ones_q, ones_r = torch.ones_like(query), torch.ones_like(response)
-    exp = Experience(query_ids=query, query_mask=ones_q, response_ids=response, response_mask=ones_r,
+    ones_q = torch.ones_like(query)
+    mask_r = (torch.arange(RESPONSE_TOKENS) < torch.tensor(RESPONSE_LENGTHS)[:, None]).long()
+    response = response.masked_fill(mask_r == 0, tok.pad_token_id)
+    exp = Experience(query_ids=query, query_mask=ones_q, response_ids=response, response_mask=mask_r,
                      logprobs=torch.zeros(response.shape), ref_logprobs=torch.zeros(response.shape),
                      values=torch.zeros(response.shape), scores=torch.zeros(GLOBAL_BATCH))
     exp.logprobs, values = trainer.policy_logprobs_and_values(exp)

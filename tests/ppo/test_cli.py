@@ -89,3 +89,17 @@ def test_missing_reward_model_exits_2(capsys, tmp_path, small_run):
     args = [o for o in small_run if not o.startswith("reward_model=")] + [f"reward_model={tmp_path / 'nope'}"]
     code, err = run_cli(args, capsys)
     assert code == 2 and "nope" in err and len(err.splitlines()) == 1
+
+
+def test_accelerate_mixed_precision_is_refused_with_one_line(small_run, tmp_path):
+    # in a process of its own: accelerate keeps its state per process
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    done = subprocess.run([sys.executable, "-m", "align", "ppo", *small_run], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the accelerate config sets mixed_precision: bf16")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -76,6 +76,22 @@ def test_kl_penalty_k1_and_k3():
     assert (core.kl_penalty(logp, ref, "k3") >= 0).all()
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_penalty_is_zero_and_finite_on_padding_gradient_included(estimator):
+    # the third token is padding: log pi = -100 there (a pad token the policy never emits), the
+    # reference's log-prob was zeroed; unmasked, k3 = e^100 - 101 = inf and inf * 0 = NaN
+    logp = torch.tensor([[-1.0, -2.0, -100.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    kl = core.kl_penalty(logp, ref, estimator, mask)
+    expected = [[0.5, -1.0, 0.0]] if estimator == "k1" else [[math.exp(-0.5) - 0.5, math.e - 2, 0.0]]
+    close(kl, expected)
+    core.masked_mean(kl, mask).backward()
+    # d/dlogp of the mean over 2 tokens: k1 -> 1/2; k3 = e^{-x} - 1 + x -> (1 - e^{-x}) / 2; padding 0
+    want = [0.5, 0.5, 0.0] if estimator == "k1" else [(1 - math.exp(-0.5)) / 2, (1 - math.e) / 2, 0.0]
+    close(logp.grad, [want])
+
+
 def test_compute_rewards_puts_the_score_on_the_last_real_token():
     kl = torch.tensor([[0.5, -1.0, 0.7]])
     mask = torch.tensor([[1, 1, 0]])

@@ -99,3 +99,31 @@ def test_host_padding_bounds_of_any_rows_are_those_read_from_the_masks():
             expected = (real_prompt[0], real_response[-1] + 1 if real_response else 1)
             assert rows_padding_bounds(first, last, index) == expected
     assert rows_padding_bounds(first, last, [2]) == (3, 1)  # no response token: one column is kept
+
+
+def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path):
+    # the trackers' packages stand in: what align asks of them is what is checked
+    import sys
+    import types
+
+    from ppo.tracking import make_tracker
+
+    calls = []
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = lambda **kwargs: calls.append(("tensorboard", kwargs))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    make_tracker("tensorboard", tmp_path, "align", {})
+    make_tracker("tensorboard", tmp_path, "align", {}, resumed_at=4)
+    # iterations 5.. are logged again after the checkpoint at 4: what the stopped run wrote there goes
+    assert [kw["purge_step"] for _, kw in calls] == [None, 5]
+
+    wandb = types.ModuleType("wandb")
+    runs = iter(["first", "second"])
+    wandb.init = lambda **kwargs: calls.append(("wandb", kwargs)) or types.SimpleNamespace(id=kwargs["id"] or next(runs))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    make_tracker("wandb", tmp_path, "align", {})
+    make_tracker("wandb", tmp_path, "align", {}, resumed_at=4)  # the same W&B run continues
+    inits = [kw for name, kw in calls if name == "wandb"]
+    assert [(kw["id"], kw["resume"]) for kw in inits] == [(None, None), ("first", "allow")]
+    make_tracker("wandb", tmp_path, "align", {})  # a new run (overwrite=true) starts a new W&B run
+    assert (tmp_path / "wandb_run_id").read_text() == "second"

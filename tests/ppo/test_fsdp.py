@@ -1,6 +1,6 @@
 """PPO sharded with FSDP2 on two CPU ranks (gloo), launched through `accelerate launch` with the
-shipped configs/accelerate/fsdp2_cpu.yaml and fsdp2_multinode.yaml: one optimiser step equals one rank's, each rank stores
-half the frozen weights, two "machines" meet on localhost, a killed run resumes exactly."""
+shipped configs/accelerate/fsdp2_cpu.yaml and fsdp2_multinode.yaml: one optimiser step equals one rank's (under
+DDP too, ddp_cpu.yaml), with ranks whose responses differ in length; each rank stores half the frozen weights, two "machines" meet on localhost, a killed run resumes exactly."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from tests.ppo.test_multiproc import REPO, free_port
 
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml"
+DDP_CONFIG = REPO / "configs" / "accelerate" / "ddp_cpu.yaml"
 MULTINODE_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_multinode.yaml"
 WORKER = REPO / "tests" / "ppo" / "fsdp_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -41,11 +42,39 @@ def run(cmd: list[str], timeout: int = 300) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_one_step_on_two_machines_matches_one_rank(ppo_policy_path, random_reward_model, tmp_path):
+def step_overrides(ppo_policy_path: Path, random_reward_model: Path) -> list[str]:
+    return [f"policy_model={ppo_policy_path}", f"reward_model={random_reward_model}", "num_prompts=16",
+            "num_eval_prompts=0", "response_length=5", "learning_rate=1e-2", "progress=false", "seed=3"]
+
+
+def assert_same_step(one_dir: Path, two_dir: Path) -> None:
+    """The two-rank step (each rank half the rows, one with 1-2 response tokens a row, the other 5)
+    is the one-rank step on the whole batch."""
     from safetensors.torch import load_file
 
-    overrides = [f"policy_model={ppo_policy_path}", f"reward_model={random_reward_model}", "num_prompts=16",
-                 "num_eval_prompts=0", "response_length=5", "learning_rate=1e-2", "progress=false", "seed=3"]
+    one_before, one = load_file(str(one_dir / "before.safetensors")), load_file(str(one_dir / "step.safetensors"))
+    two_before, two = load_file(str(two_dir / "before.safetensors")), load_file(str(two_dir / "step.safetensors"))
+    assert one.keys() == two.keys() and any(".lora_B." in k for k in one)
+    for name in one:  # the same start, a real update, and the same update up to float rounding
+        assert torch.equal(one_before[name], two_before[name]), name
+    update = max((one[k] - one_before[k]).abs().max().item() for k in one)
+    assert update > 1e-3
+    for name in one:  # tolerance: 1e-4 of the step's largest change (gloo sums the halves in another order)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4 * update, msg=name)
+
+
+def test_one_ddp_step_on_two_ranks_matches_one_rank(ppo_policy_path, random_reward_model, tmp_path):
+    overrides = step_overrides(ppo_policy_path, random_reward_model)
+    run([sys.executable, str(WORKER), str(tmp_path / "one"), *overrides, f"output_dir={tmp_path / 'run-one'}"])
+    run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+         "--config_file", str(DDP_CONFIG), str(WORKER), str(tmp_path / "two"), *overrides,
+         f"output_dir={tmp_path / 'run-two'}"])
+    assert json.loads((tmp_path / "two" / "rank1.json").read_text())["world"] == 2
+    assert_same_step(tmp_path / "one", tmp_path / "two")
+
+
+def test_one_step_on_two_machines_matches_one_rank(ppo_policy_path, random_reward_model, tmp_path):
+    overrides = step_overrides(ppo_policy_path, random_reward_model)
     # one process, unsharded: the reference step on the whole batch
     run([sys.executable, str(WORKER), str(tmp_path / "one"), *overrides, f"output_dir={tmp_path / 'run-one'}"])
     # two "machines" of one process each rendezvous on localhost (accelerate's multi-node path)
@@ -58,15 +87,7 @@ def test_one_step_on_two_machines_matches_one_rank(ppo_policy_path, random_rewar
         out, _ = machine.communicate(timeout=300)
         assert machine.returncode == 0, out[-4000:]
 
-    one_before, one = load_file(str(tmp_path / "one" / "before.safetensors")), load_file(str(tmp_path / "one" / "step.safetensors"))
-    two_before, two = load_file(str(tmp_path / "two" / "before.safetensors")), load_file(str(tmp_path / "two" / "step.safetensors"))
-    assert one.keys() == two.keys() and any(".lora_B." in k for k in one)
-    for name in one:  # the same start, a real update, and the same update up to float rounding
-        assert torch.equal(one_before[name], two_before[name]), name
-    update = max((one[k] - one_before[k]).abs().max().item() for k in one)
-    assert update > 1e-3
-    for name in one:  # tolerance: 1e-4 of the step's largest change (gloo sums the halves in another order)
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4 * update, msg=name)
+    assert_same_step(tmp_path / "one", tmp_path / "two")
 
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["sharded"] for r in ranks)

@@ -130,3 +130,21 @@ def test_rollout_passes_in_length_groups_keep_each_row_its_own_logprobs(small_ru
     torch.testing.assert_close(grouped_policy[mask], policy[mask], rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped_values[mask], values[mask], rtol=0, atol=1e-5)
     assert not torch.allclose(grouped[mask], grouped_policy[mask], atol=1e-3)  # the adapter is in play
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimiser step is taken here
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_every_schedule_warms_up_over_warmup_steps(small_run, schedule):
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, f"lr_scheduler={schedule}", "warmup_steps=4",
+                                                       "learning_rate=1e-3"]))
+    trainer.setup()
+    rates = []
+    for _ in range(5):
+        rates.append(trainer.scheduler.get_last_lr()[0])
+        trainer.scheduler.step()
+    assert rates[:4] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4])  # transformers' "constant" would give 1e-3
+    assert rates[4] == pytest.approx(1e-3, rel=0.2)  # the peak, then the schedule's own decay

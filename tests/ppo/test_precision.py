@@ -73,3 +73,22 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradien
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(checkpointed, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_evaluation_measures_no_kl_before_the_adapter_moves(small_run, monkeypatch):
+    # lora_B = 0 after setup: the policy is the reference, so the KL evaluate reports must be 0 up to
+    # rounding. On a GPU the bf16 cached decoding's log-probs differ from a full forward's (other
+    # kernels for other shapes); on the CPU they agree, so the sampler here is made as inexact.
+    from ppo.evaluation import evaluate
+
+    trainer = _trainer([*small_run, "dtype=bfloat16", "num_eval_prompts=8", "response_length=12"])
+    sample = trainer.generate
+
+    def inexact(prompts, adapter=True):
+        samples = sample(prompts, adapter)
+        samples.logprobs = samples.logprobs + 0.01 * samples.response_mask
+        return samples
+
+    monkeypatch.setattr(trainer, "generate", inexact)
+    metrics, _ = evaluate(trainer, trainer.eval_prompts, batch_size=8, seed=0)
+    assert abs(metrics["eval/kl"]) < 1e-3, metrics["eval/kl"]
