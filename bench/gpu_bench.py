@@ -33,8 +33,9 @@ What it does, each heavy step in a fresh process (clean timings and peak memory)
 MFU = model FLOPs / (seconds x peak bf16 FLOP/s). Model FLOPs per iteration count 2 N per token for each
 forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N per token per PPO epoch
 (PaLM's convention, Chowdhery et al. 2022, appendix B; LoRA skips the frozen weights' gradients, so
-the optimisation's real FLOPs are nearer 4 N), N = parameters without the input embedding, per model
-that runs; attention's own FLOPs are left out (small at these lengths). The same count divides both
+the optimisation's real FLOPs are nearer 4 N), N = the trunk's parameters without the input embedding
+on every token, plus the output layer's on the response tokens only (the reward model has none), per
+model that runs; attention's own FLOPs are left out (small at these lengths). The same count divides both
 trainers' times, since they do the same work. Peak FLOP/s from the device name (PEAK_BF16_TFLOPS; the run
 prints which entry it assumed; --peak-tflops to set).
 `MFU roll` and `MFU opt` divide the rollout's forwards (sampling, pi_old, pi_ref, a critic's values) by
@@ -377,14 +378,18 @@ def trl_packages(target: Path, wheels: Path | None = None) -> dict:
 
 def phase_flops(info: dict, settings: dict, prompt_tokens: float, response_tokens: float,
                 critic: bool) -> dict[str, float]:
-    """Model FLOPs of one PPO iteration's rollout, score and optimise phases (see the module docstring)."""
-    n = info["non_embedding"] + info["vocab"] * SHAPES_HIDDEN[settings["shape"]]  # trunk + tied lm_head matmul
+    """Model FLOPs of one PPO iteration's rollout, score and optimise phases (see the module docstring).
+    The trunk runs on every token; the output layer (vocab x hidden, tied) only where a response
+    token's log-prob is read: align computes logits for the response positions alone, and the
+    reward model has a score head instead."""
+    trunk, head = info["non_embedding"], info["vocab"] * SHAPES_HIDDEN[settings["shape"]]
     seq = prompt_tokens + response_tokens
     b = settings["batch_size"]
     trained = settings["epochs"] * b * seq
     # sampling (the prompt once, then each new token), pi_old (bf16: recomputed by the training forward), pi_ref
-    phases = {"rollout": 2 * n * (b * (response_tokens + prompt_tokens) + 2 * b * seq),
-              "score": 2 * n * b * seq, "optimise": 6 * n * trained}
+    phases = {"rollout": 2 * trunk * 3 * b * seq + 2 * head * 3 * b * response_tokens,
+              "score": 2 * trunk * b * seq,
+              "optimise": 6 * (trunk * trained + head * settings["epochs"] * b * response_tokens)}
     if critic:  # the critic's forward in the rollout and its training
         phases["rollout"] += 2 * info["non_embedding"] * b * seq
         phases["optimise"] += 6 * info["non_embedding"] * trained

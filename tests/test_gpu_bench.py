@@ -70,15 +70,18 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
 
 
 def test_mfu_flop_count_of_one_iteration():
-    # N = non-embedding + vocab x hidden = 1000 + 10 x 64 = 1640; 2 episodes, prompt 3 + response 5 = 8
-    # forward-only tokens: sampling 2 x 8 + pi_old and pi_ref 2 x 2 x 8 + scoring 2 x 8 = 64 -> 2 N x 64
-    # trained: 1 epoch x 2 x 8 = 16 -> 6 N x 16; total 2 x 1640 x 64 + 6 x 1640 x 16 = 367,360
+    # trunk 1000 on every token, output layer 10 x 64 = 640 on response tokens; 2 episodes, prompt 3 +
+    # response 5 = 8 tokens. Rollout: sampling, pi_old, pi_ref: trunk 2 x 1000 x 3 x 16 = 96,000, head
+    # 2 x 640 x 3 x 10 = 38,400. Scoring: trunk only, 2 x 1000 x 16 = 32,000. One epoch: 6 x (1000 x 16
+    # + 640 x 10) = 134,400. Total 300,800.
     bench = load_bench()
     settings = {"shape": "tiny", "batch_size": 2, "epochs": 1}
     info = {"non_embedding": 1000, "vocab": 10}
-    assert bench.flops_per_iteration(info, settings, 3, 5, critic=False) == 367_360
+    phases = bench.phase_flops(info, settings, 3, 5, critic=False)
+    assert phases == {"rollout": 134_400, "score": 32_000, "optimise": 134_400}
+    assert bench.flops_per_iteration(info, settings, 3, 5, critic=False) == 300_800
     # a critic adds its forward (2 x 1000 x 16) and its training (6 x 1000 x 16)
-    assert bench.flops_per_iteration(info, settings, 3, 5, critic=True) == 367_360 + 128_000
+    assert bench.flops_per_iteration(info, settings, 3, 5, critic=True) == 300_800 + 128_000
 
 
 def test_peak_flops_are_told_apart_by_the_device_name():
