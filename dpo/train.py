@@ -95,7 +95,6 @@ class DPOTrainer:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
         from ppo.data import load_prompts

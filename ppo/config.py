@@ -51,7 +51,8 @@ class KLOptions:
 # Settings a resumed run may change (`align ppo --resume RUN key=value`): none changes the training math.
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints", "save_every",
                       "num_threads", "gradient_accumulation_steps", "gradient_checkpointing", "logprob_chunk_tokens",
-                      "eval_prompts", "num_eval_prompts"}
+                      "eval_prompts", "num_eval_prompts",
+                      "cuda_graphs"}  # a replayed decoding step runs the eager step's kernels (tests/cuda)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from align.errors import UserError
 from align.modeling import position_ids_from_mask
 from ppo import core
 
@@ -108,8 +109,9 @@ class CUDAGraphStep:
                 outputs = self.decoder.decode_step(*inputs)
         except RuntimeError as err:
             why = (str(err).splitlines() or [type(err).__name__])[0]
-            raise RuntimeError(f"the decoding step could not be captured as a CUDA graph ({why}); "
-                               "run with cuda_graphs=false to decode eagerly") from err
+            raise UserError(f"the decoding step could not be captured as a CUDA graph ({why}); set "
+                            "cuda_graphs=false to decode eagerly (`align ppo --resume RUN cuda_graphs=false` "
+                            "continues a run from its last checkpoint)") from err
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
         graph.replay()
         return outputs

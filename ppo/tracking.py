@@ -52,8 +52,11 @@ class WandbTracker(NullTracker):
             raise UserError("report_to=wandb needs Weights & Biases: pip install 'align[wandb]'") from None
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
-        self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name, id=run_id,
-                              resume="allow" if run_id else None)
+        if run_id is None:
+            self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name)
+        else:  # what --resume may change (RESUME_OVERRIDABLE) updates the run's config, not a conflict
+            self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
+            self.run.config.update(config, allow_val_change=True)
         id_file.write_text(self.run.id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -333,8 +333,17 @@ class PPOTrainer:
     @torch.no_grad()
     def sampled_logprobs(self, samples: Samples) -> torch.Tensor:
         """log pi of the sampled tokens as the reference's are computed (ppo.evaluation): the sampler's
-        own where exact, else the training forward's."""
-        return samples.logprobs if self.sampler_is_exact else self.policy_logprobs_and_values(samples)[0]
+        own where exact, else a full forward run as reference_logprobs runs it (eager, no value model),
+        so that their difference is the adapter's alone."""
+        if self.sampler_is_exact:
+            return samples.logprobs
+        cfg = self.cfg
+        out = torch.zeros(samples.response_ids.shape, device=self.device)
+        for rows, group, (input_ids, attention_mask, start) in self.length_groups(samples):
+            logp = self.model.policy_logprobs(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
+                                              cfg.logprob_chunk_tokens)
+            out[rows, : logp.shape[1]] = logp * group.response_mask
+        return out
 
     @torch.no_grad()
     def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -101,7 +101,6 @@ class RewardTrainer:
     # ----------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-
         from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
         from align.run import MetricsWriter, prepare_run_dir
 

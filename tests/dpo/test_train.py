@@ -185,7 +185,8 @@ def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, t
 @pytest.mark.parametrize("override, expected", [("loss=listwise", "loss"), ("beta=0", "beta: must be > 0"),
                                                 ("bta=0.1", "did you mean 'beta'"),
                                                 ("gradient_accumulation_steps=17", r"gradient_accumulation_steps \(17\) "
-                                                 r"is more micro-batches than a step has rankings \(batch_size 16\)")])
+                                                 r"is more micro-batches than a step has rankings \(batch_size 16\)"),
+                                                ("lora.dropout=0.1", "lora.dropout=0.1: DPO runs without dropout")])
 def test_bad_settings_are_refused_with_the_key_named(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(DPOConfig, None, [override])
@@ -213,3 +214,22 @@ def test_held_out_prompts_are_read_before_the_training(small_dpo_run, tmp_path):
     with pytest.raises(UserError, match=rf"^{empty}: no prompts found"):
         run_dpo(cfg, echo=lambda _: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before a step was trained
+
+
+def test_bf16_evaluation_measures_no_kl_before_the_adapter_moves(small_dpo_run, monkeypatch):
+    # the DPO path of ppo.evaluation (PolicySampler): as PPO's, an inexact bf16 sampler's log-probs are
+    # not what the KL compares with the reference (on the CPU they agree; the sampler is made inexact)
+    from ppo.evaluation import evaluate
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, "dtype=bfloat16"]), echo=lambda _: None)
+    trainer.setup()
+    sample = trainer.sampler.generate
+
+    def inexact(prompts, adapter=True):
+        samples = sample(prompts, adapter)
+        samples.logprobs = samples.logprobs + 0.01 * samples.response_mask
+        return samples
+
+    monkeypatch.setattr(trainer.sampler, "generate", inexact)
+    metrics, _ = evaluate(trainer.sampler, trainer.eval_prompts, batch_size=8, seed=0)
+    assert abs(metrics["eval/kl"]) < 1e-3, metrics["eval/kl"]

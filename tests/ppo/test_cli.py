@@ -27,6 +27,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["temperature=0"], "temperature: must be > 0.0"),
         (["prompts=/nonexistent/prompts.jsonl"], "prompts: file not found"),
         (["report_to=mlflow"], "report_to"),
+        (["lora.dropout=0.05"], "lora.dropout=0.05: PPO runs without dropout"),
     ],
 )
 def test_config_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):

@@ -119,11 +119,22 @@ def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path):
 
     wandb = types.ModuleType("wandb")
     runs = iter(["first", "second"])
-    wandb.init = lambda **kwargs: calls.append(("wandb", kwargs)) or types.SimpleNamespace(id=kwargs["id"] or next(runs))
+
+    class Config(dict):
+        def update(self, values, allow_val_change=False):
+            calls.append(("config", (values, allow_val_change)))
+
+    def init(**kwargs):
+        calls.append(("wandb", kwargs))
+        return types.SimpleNamespace(id=kwargs.get("id") or next(runs), config=Config())
+
+    wandb.init = init
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    make_tracker("wandb", tmp_path, "align", {})
-    make_tracker("wandb", tmp_path, "align", {}, resumed_at=4)  # the same W&B run continues
+    make_tracker("wandb", tmp_path, "align", {"num_threads": 1})
+    make_tracker("wandb", tmp_path, "align", {"num_threads": 2}, resumed_at=4)  # the same W&B run continues
     inits = [kw for name, kw in calls if name == "wandb"]
-    assert [(kw["id"], kw["resume"]) for kw in inits] == [(None, None), ("first", "allow")]
+    assert [(kw.get("id"), kw.get("resume")) for kw in inits] == [(None, None), ("first", "allow")]
+    # a setting --resume may change updates the continued run's config instead of conflicting with it
+    assert [args for name, args in calls if name == "config"] == [({"num_threads": 2}, True)]
     make_tracker("wandb", tmp_path, "align", {})  # a new run (overwrite=true) starts a new W&B run
     assert (tmp_path / "wandb_run_id").read_text() == "second"

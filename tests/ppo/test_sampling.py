@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from align.config import load_config
+from align.errors import UserError
 from ppo.config import PPOConfig
 from ppo.sampling import sample_responses, sample_tokens
 from ppo.trainer import PPOTrainer
@@ -260,8 +261,8 @@ def test_a_step_that_cannot_be_captured_stops_the_run_naming_the_setting_that_de
     step = CUDAGraphStep(_LoggingDecoder(events, _fake_cuda_graphs(monkeypatch, events, fail_capture=True)))
     inputs = (torch.zeros(2, 1, dtype=torch.long),)
     step(*inputs)
-    with pytest.raises(RuntimeError, match=r"could not be captured as a CUDA graph \(operation not permitted "
-                                           r"when stream is capturing\); run with cuda_graphs=false"):
+    with pytest.raises(UserError, match=r"could not be captured as a CUDA graph \(operation not permitted "
+                                           r"when stream is capturing\); set cuda_graphs=false .* --resume RUN cuda_graphs=false"):
         step(*inputs)
     assert events == ["eager", "captured"] and step.graph is None  # nothing ran eagerly after the failure
 
