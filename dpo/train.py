@@ -68,6 +68,7 @@ from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_ranking
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
 from dpo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
+from reward.losses import pair_accuracy
 
 log = logging.getLogger("align")
 
@@ -231,7 +232,8 @@ class DPOTrainer:
                 margins.append(rewards[pairs[0], pairs[1]] - rewards[pairs[0], pairs[2]])
             margin = torch.cat(margins)
             logps_moved = sum(r.sum() for _, r in seen) / cfg.beta / sum(b.valid.sum() for b, _ in seen)
-        return {"train/loss": loss_sum.item(), "train/accuracy": (margin > 0).float().mean().item(),
+        # a tie (the first step: the policy is the reference) counts one half, as in the held-out accuracy
+        return {"train/loss": loss_sum.item(), "train/accuracy": pair_accuracy(margin, torch.zeros_like(margin)).mean().item(),
                 "train/reward_margin": margin.mean().item(), "train/grad_norm": float(grad_norm),
                 "train/logps_policy_minus_ref": logps_moved.item()}
 

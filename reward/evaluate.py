@@ -5,7 +5,8 @@ Keys (all under the given prefix, `eval/` by default):
                                         imply (an exact reward tie counts one half)
     accuracy_k{K}, num_pairs_k{K}       the same for rankings of K responses
     mean_margin                         mean r_w - r_l over those pairs (normalised reward units)
-    loss                                InstructGPT K-wise loss on the held-out rankings
+    loss                                InstructGPT K-wise loss on the held-out rankings, of the raw rewards:
+                                        the scale the model trained at, comparable with train/loss
     cross_annotator_accuracy            where several annotators judged the same response pair: the model
                                         against each of those judgments ...
     annotator_agreement                 ... and the annotators against each other on the same pairs: the
@@ -49,8 +50,11 @@ def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: i
     return {k: gain * v + bias for k, v in zip(keys, raw.tolist())}
 
 
-def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float], prefix: str = "eval/") -> dict[str, Any]:
-    """Accuracy, by K, margin, loss and the cross-annotator figures, from precomputed rewards."""
+def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float], prefix: str = "eval/",
+                    margin_scale: float = 1.0) -> dict[str, Any]:
+    """Accuracy, by K, margin, loss and the cross-annotator figures, from precomputed rewards.
+    `margin_scale`: the normalisation's gain, applied to the reported margin only (accuracy does not
+    depend on it, the loss is the rewards' own)."""
     correct: list[float] = []
     margins: list[float] = []
     by_k: dict[int, list[float]] = defaultdict(list)
@@ -71,7 +75,7 @@ def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], 
         f"{prefix}accuracy": sum(correct) / max(1, len(correct)),
         f"{prefix}num_pairs": len(correct),
         f"{prefix}num_rankings": len(rankings),
-        f"{prefix}mean_margin": sum(margins) / max(1, len(margins)),
+        f"{prefix}mean_margin": margin_scale * sum(margins) / max(1, len(margins)),
     }
     if correct:
         out[f"{prefix}loss"] = kwise_ranking_loss(
@@ -151,8 +155,10 @@ def length_rewards(rankings: Sequence[Ranking]) -> dict[tuple[str, str], float]:
 
 def evaluate_rankings(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
                       gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/") -> dict[str, Any]:
-    rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size, gain=gain, bias=bias)
-    return ranking_metrics(rankings, rewards, prefix)
+    """Held-out metrics of a reward model: the loss of its raw rewards, the margin in normalised units
+    (`gain`; `bias` moves no margin)."""
+    rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size)
+    return ranking_metrics(rankings, rewards, prefix, margin_scale=gain)
 
 
 def format_table(summary: dict[str, Any]) -> str:

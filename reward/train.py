@@ -124,6 +124,9 @@ class RewardTrainer:
         if self.encoder and cfg.eval.normalize and cfg.eval.normalize_policy is None:
             raise UserError("an encoder reward model is normalised on a policy's samples: set eval.normalize_policy "
                             "(the SFT checkpoint PPO starts from) or eval.normalize=false")
+        if self.encoder and cfg.train.mismatch_coef > 0:  # an encoder reads each text whole: no prompt to swap
+            raise UserError("train.mismatch_coef needs a causal-LM reward model (the top response is scored under "
+                            "another ranking's prompt, which shares the prompt's encoding); set it to 0 for an encoder")
         # found now, not after the training (the normalisation's policy samples once the model is trained)
         self.normalize_policy = (resolve_model_path(cfg.eval.normalize_policy)
                                  if cfg.eval.normalize and cfg.eval.normalize_policy else None)
@@ -177,6 +180,9 @@ class RewardTrainer:
                 f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}"
                 f"{f' of the top {cfg.model.train_layers} layers' if cfg.model.train_layers else ''} on {self.base_path}"
             )
+            if self.data.without_preference:
+                self.echo(f"reward: left out {len(self.data.without_preference)} training rankings that state no "
+                          "preference (a single response, or every response tied)")
 
     def plan_batches(self) -> list[list[int]]:
         """Global batches of ranking indices (align.distributed.global_batches)."""
@@ -381,16 +387,15 @@ class RewardTrainer:
         # each held-out response forwarded once, whichever label sets it appears in
         with autocast(self.device, self.dtype):
             rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
-                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size,
-                                   gain=gain, bias=bias)
+                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size)
         eval_s = time.perf_counter() - t
         # under FSDP the main rank writes the weights gathered in full (an adapter: the trained ones only)
         state = full_state(model, trained_only=cfg.lora.enabled) if self.fsdp else None
         if self.is_main:
-            summary.update(ranking_metrics(self.data.eval, rewards, "eval/"))
+            summary.update(ranking_metrics(self.data.eval, rewards, "eval/", margin_scale=gain))
             summary["eval/label_source"] = self.data.eval_label
             if annotator_labels:
-                summary.update(ranking_metrics(annotator_labels, rewards, "eval_annotators/"))
+                summary.update(ranking_metrics(annotator_labels, rewards, "eval_annotators/", margin_scale=gain))
             summary.update({
                 "train/loss_final": self.last_train["train/loss"],
                 "train/steps": self.total_steps,

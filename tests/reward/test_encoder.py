@@ -66,6 +66,11 @@ def test_encoder_needs_a_policy_for_normalisation(tiny_bert, tmp_path):
     cfg = load_config(RewardConfig, None, [f"model.name_or_path={tiny_bert}", f"output_dir={tmp_path}"])
     with pytest.raises(UserError, match="eval.normalize_policy"):
         RewardTrainer(cfg, echo=lambda s: None).setup()
+    # the mismatched-prompt term would log 0 and do nothing: an encoder has no shared prompt to swap
+    cfg = load_config(RewardConfig, None, [f"model.name_or_path={tiny_bert}", f"output_dir={tmp_path}",
+                                           "eval.normalize=false", "train.mismatch_coef=1.0"])
+    with pytest.raises(UserError, match="train.mismatch_coef needs a causal-LM reward model"):
+        RewardTrainer(cfg, echo=lambda s: None).setup()
 
 
 @pytest.mark.parametrize("lora", [False, True])
