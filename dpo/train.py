@@ -397,7 +397,9 @@ def cache_reference_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOC
 def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: list, cfg: DPOConfig,
                              accelerator: Any) -> dict[str, Any]:
     """How well the implicit reward beta * (log pi - log pi_ref) of a LoRA policy orders held-out
-    rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...)."""
+    rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...; its
+    eval/loss is the pairwise InstructGPT loss), and eval/plackett_luce_nll: the mean over held-out
+    rankings of the loss K-wise DPO trains (the pairwise mode's too for K = 2 without ties)."""
     from reward.evaluate import ranking_metrics, text_key
 
     dataset = DPODataset(rankings, tokenizer, cfg.max_length)
@@ -405,11 +407,13 @@ def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: l
         return {}
     cache_reference_logps(module, dataset, cfg, accelerator)
     policy = dataset_logps(module, dataset, cfg, accelerator)
-    table = {}
+    table, nll = {}, []
     for i, ranking in enumerate(dataset.rankings):
-        rewards = implicit_rewards(policy[i], dataset.reference_logps[i], cfg.beta).tolist()
-        table.update(zip([text_key(ranking.prompt, resp) for resp in ranking.responses], rewards))
-    return ranking_metrics(dataset.rankings, table, "eval/")
+        rewards = implicit_rewards(policy[i], dataset.reference_logps[i], cfg.beta)
+        table.update(zip([text_key(ranking.prompt, resp) for resp in ranking.responses], rewards.tolist()))
+        ranks = torch.tensor([ranking.ranks])
+        nll.append(plackett_luce_nll(rewards[None], ranks, torch.ones_like(ranks, dtype=torch.bool)).item())
+    return {**ranking_metrics(dataset.rankings, table, "eval/"), "eval/plackett_luce_nll": sum(nll) / len(nll)}
 
 
 def ranking_pairs(batch: DPOBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ run, and bad rankings are reported in one line."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,20 @@ def test_bf16_evaluation_measures_no_kl_before_the_adapter_moves(small_dpo_run, 
     monkeypatch.setattr(trainer.sampler, "generate", inexact)
     metrics, _ = evaluate(trainer.sampler, trainer.eval_prompts, batch_size=8, seed=0)
     assert abs(metrics["eval/kl"]) < 1e-3, metrics["eval/kl"]
+
+
+def test_held_out_plackett_luce_nll_is_the_trained_loss(small_dpo_run):
+    # before training the policy is the reference: every implicit reward is 0, and each held-out
+    # ranking's Plackett-Luce NLL is that of equal rewards (log K! without ties), not the pairwise log 2
+    from dpo.losses import plackett_luce_nll
+    from dpo.train import held_out_ranking_metrics
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
+    trainer.setup()
+    rankings = trainer.eval_rankings
+    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
+    expected = [plackett_luce_nll(torch.zeros(1, len(r.ranks)), torch.tensor([r.ranks]),
+                                  torch.ones(1, len(r.ranks), dtype=torch.bool)).item() for r in rankings]
+    assert metrics["eval/plackett_luce_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-3)
+    assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-3)  # the pairwise loss, beside it
+    assert metrics["eval/plackett_luce_nll"] > metrics["eval/loss"] + 0.3  # K = 3: log 6 or log 3 against log 2
