@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -335,15 +335,7 @@ class PPOTrainer:
         """log pi of the sampled tokens as the reference's are computed (ppo.evaluation): the sampler's
         own where exact, else a full forward run as reference_logprobs runs it (eager, no value model),
         so that their difference is the adapter's alone."""
-        if self.sampler_is_exact:
-            return samples.logprobs
-        cfg = self.cfg
-        out = torch.zeros(samples.response_ids.shape, device=self.device)
-        for rows, group, (input_ids, attention_mask, start) in self.length_groups(samples):
-            logp = self.model.policy_logprobs(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
-                                              cfg.logprob_chunk_tokens)
-            out[rows, : logp.shape[1]] = logp * group.response_mask
-        return out
+        return samples.logprobs if self.sampler_is_exact else self.grouped_logprobs(samples, self.model.policy_logprobs)
 
     @torch.no_grad()
     def behaviour_logprobs_and_values(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -388,11 +380,17 @@ class PPOTrainer:
     def reference_logprobs(self, seqs: Samples | Experience) -> torch.Tensor:
         """(B, T) log pi_ref(a_t|s_t) at the sampling temperature, a minibatch of similar lengths at a
         time; 0 after each response's end."""
+        return self.grouped_logprobs(seqs, self.reference.logprobs)
+
+    def grouped_logprobs(self, seqs: Samples | Experience, logprobs_of: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """(B, T) `logprobs_of`(input_ids, attention_mask, response_start, tokens, temperature,
+        chunk_tokens) of the response tokens, a minibatch of similar lengths at a time; 0 after each
+        response's end."""
         cfg = self.cfg
         out = torch.zeros(seqs.response_ids.shape, device=self.device)
         for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
-            logp = self.reference.logprobs(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
-                                           cfg.logprob_chunk_tokens)
+            logp = logprobs_of(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
+                               cfg.logprob_chunk_tokens)
             out[rows, : logp.shape[1]] = logp * group.response_mask
         return out
 
