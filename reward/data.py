@@ -40,13 +40,14 @@ class RewardData:
 
 
 def prompt_key(ranking: Ranking) -> str:
-    """The identity of a prompt for the split. For a conversation it is its FIRST user turn:
-    deeper ranked groups of one OpenAssistant tree (or HH dialogues opening the same way)
-    share that opening, and must not be split across train and eval."""
+    """The identity of a prompt for the split: its FIRST user turn. Deeper ranked groups of one
+    OpenAssistant tree (or HH dialogues opening the same way) share that opening, and must not be
+    split across train and eval; a plain-text prompt is that turn, so a file holding one question
+    both as text and as a one-turn conversation keeps it on one side."""
     if isinstance(ranking.prompt, str):
-        return f"prompt:{ranking.prompt}"
-    first = next((m["content"] for m in ranking.prompt if m.get("role") == "user"), json.dumps(ranking.prompt))
-    return f"conversation:{first}"
+        return f"user:{ranking.prompt}"
+    first = next((m["content"] for m in ranking.prompt if m.get("role") == "user"), None)
+    return f"user:{first}" if first is not None else f"conversation:{json.dumps(ranking.prompt)}"
 
 
 def split_by_prompt(rankings: Sequence[Ranking], eval_fraction: float, seed: int) -> tuple[list[Ranking], list[Ranking]]:

@@ -50,6 +50,16 @@ def test_split_keeps_a_conversation_tree_together():
     assert len(held) == 18
 
 
+def test_a_question_as_text_and_as_a_one_turn_conversation_stays_on_one_side():
+    rankings = [Ranking(f"q{i}", ["x", "y"], [0, 1]) for i in range(20)]
+    rankings += [Ranking([{"role": "system", "content": "be brief"}, {"role": "user", "content": f"q{i}"}],
+                         ["z", "w"], [0, 1]) for i in range(20)]
+    train, held = split_by_prompt(rankings, 0.3, seed=3)
+    question = lambda r: r.prompt if isinstance(r.prompt, str) else r.prompt[1]["content"]  # noqa: E731
+    assert held and not {question(r) for r in train} & {question(r) for r in held}
+    assert len(held) == 12  # 6 questions, each in both forms
+
+
 def test_split_is_deterministic_for_a_seed():
     rankings = make_rankings(200, seed=2)
     a, b = split_by_prompt(rankings, 0.1, 5), split_by_prompt(rankings, 0.1, 5)
