@@ -210,7 +210,7 @@ class PPOConfig:
     gamma: float = option(1.0, help="Discount (method=ppo).", ge=0.0, le=1.0)
     gae_lambda: float = option(0.95, help="GAE lambda (method=ppo).", ge=0.0, le=1.0)
     whiten_advantages: bool = option(
-        True, help="Whiten advantages over the batch (masked mean/std); method=ppo (rloo and grpo have their own "
+        True, help="Whiten advantages over the global batch (masked mean/std over every process's responses); method=ppo (rloo and grpo have their own "
         "baselines, and GRPO its own normalisation).")
     whiten_rewards: bool = option(False, help="Whiten the per-token rewards before GAE (method=ppo).")
 

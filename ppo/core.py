@@ -102,9 +102,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries come back as 0.
+
+    `all_sum` sums a tensor over the processes: the mean and the unbiased variance are then those of
+    every process's entries together, so that several processes whiten their shares of a batch as
+    one process whitens the whole batch (OpenRLHF normalises advantages over the data-parallel
+    group the same way)."""
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        total, n = all_sum(torch.stack([(x * m).sum(), m.sum()]).double()).unbind()
+        mean = (total / n.clamp(min=1)).to(x.dtype)
+        squares = all_sum(((x - mean) ** 2 * m).sum().double().reshape(1))[0]
+        var = (squares / (n - 1).clamp(min=1)).to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -286,11 +286,13 @@ class PPOTrainer:
     def gae_advantages(self, exp: Experience) -> None:
         """PPO's step 4: advantages and value targets by GAE from the per-token rewards and V_old."""
         cfg = self.cfg
+        # whitened over the global batch, every process's responses together
+        all_sum = (lambda t: self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else None
         if cfg.whiten_rewards:
-            exp.rewards = core.masked_whiten(exp.rewards, exp.response_mask, shift_mean=False)
+            exp.rewards = core.masked_whiten(exp.rewards, exp.response_mask, shift_mean=False, all_sum=all_sum)
         exp.advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
-            exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask)
+            exp.advantages = core.masked_whiten(exp.advantages, exp.response_mask, all_sum=all_sum)
 
     # ------------------------------------------------------------------------------------ phases
 

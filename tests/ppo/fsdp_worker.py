@@ -30,8 +30,8 @@ RESPONSE_LENGTHS = [1, 2, 1, 2, 5, 5, 5, 5]
 
 def fixed_batch(trainer: PPOTrainer) -> Experience:
     """The same rows on every rank and in the one-rank run: random tokens, responses of
-    RESPONSE_LENGTHS tokens right-padded, pi_old = the current policy (ratio 1 at the step), fixed
-    advantages and returns."""
+    RESPONSE_LENGTHS tokens right-padded, pi_old and V_old = the current policy's (ratio 1 at the step),
+    fixed per-token rewards (the step's advantages and returns are computed from them)."""
     g = torch.Generator().manual_seed(1234)
     tok = trainer.tokenizer
     low = max(tok.all_special_ids) + 1  # ordinary tokens only: no row holds padding but the responses'
@@ -43,11 +43,13 @@ def fixed_batch(trainer: PPOTrainer) -> Experience:
     exp = Experience(query_ids=query, query_mask=ones_q, response_ids=response, response_mask=mask_r,
                      logprobs=torch.zeros(response.shape), ref_logprobs=torch.zeros(response.shape),
                      values=torch.zeros(response.shape), scores=torch.zeros(GLOBAL_BATCH))
-    exp.logprobs, values = trainer.policy_logprobs_and_values(exp)
+    exp.logprobs, exp.values = trainer.policy_logprobs_and_values(exp)
     exp.ref_logprobs = trainer.reference_logprobs(exp)
-    exp.values = values
-    exp.advantages = torch.randn(response.shape, generator=g)
-    exp.returns = torch.randn(response.shape, generator=g)
+    # per-token rewards whose scale and level differ between the halves, so that the advantages each rank
+    # whitens its own half to are not those whitened over the whole batch
+    exp.rewards = torch.randn(response.shape, generator=g) * torch.tensor([1.0] * 4 + [3.0] * 4)[:, None]
+    exp.rewards[GLOBAL_BATCH // 2:] += 2.0
+    exp.rewards *= mask_r
     return exp
 
 
@@ -62,7 +64,9 @@ def main(out: Path, overrides: list[str]) -> None:
     before = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)
     before = {k: v.clone() for k, v in before.items()}  # the one-rank state is the live parameters' storage
     exp = fixed_batch(trainer)
-    trainer.optimize(exp.select(slice(rank * share, (rank + 1) * share)))
+    mine = exp.select(slice(rank * share, (rank + 1) * share))
+    trainer.gae_advantages(mine)  # advantages whitened over the global batch, returns from this rank's rows
+    trainer.optimize(mine)
     after = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)
     if trainer.is_main:
         save_file({k: v.contiguous() for k, v in before.items()}, str(out / "before.safetensors"))

@@ -130,6 +130,17 @@ def test_masked_whiten():
     close(core.masked_whiten(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3), shift_mean=False), [1.0, 2.0, 3.0], tol=1e-4)
 
 
+def test_masked_whiten_over_processes():
+    # this process holds (1, 2, [pad]), another (3): together mean 2, unbiased var 1 -> (-1, 0, [0]) here
+    # (alone it would be (-1/sqrt2, 1/sqrt2, 0)). The other's part of each sum: its (sum, count) = (3, 1),
+    # then its squared distance from the mean, (3 - 2)^2 = 1.
+    others = iter([torch.tensor([3.0, 1.0]), torch.tensor([1.0])])
+    x, mask = torch.tensor([1.0, 2.0, 100.0]), torch.tensor([1, 1, 0])
+    close(core.masked_whiten(x, mask, all_sum=lambda t: t + next(others).to(t.dtype)), [-1.0, 0.0, 0.0], tol=1e-4)
+    # with no other process, the sums are this process's own
+    close(core.masked_whiten(x, mask, all_sum=lambda t: t), core.masked_whiten(x, mask), tol=1e-6)
+
+
 def test_policy_loss_clips_the_ratio():
     # ratio (1.5, 0.5, 1.0), advantages (1, 1, -1), eps 0.2:
     #   0: max(-1.5, -1.2) = -1.2 (clipped)   1: max(-0.5, -0.8) = -0.5   2: max(1, 1) = 1
