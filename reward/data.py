@@ -217,7 +217,13 @@ class RankingBatch:
 
     @property
     def num_responses(self) -> int:
+        """N sequences forwarded: the rankings' responses, then the mismatched-prompt copies."""
         return self.continuation_ids.shape[0]
+
+    @property
+    def num_ranked(self) -> int:
+        """The rankings' own responses: the first num_ranked of the N sequences."""
+        return self.num_responses - self.mismatch_losers.numel()
 
     def full_sequences(self) -> list[list[int]]:
         """The N sequences whole (prompt + continuation token ids), as the model reads them."""

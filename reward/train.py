@@ -209,7 +209,7 @@ class RewardTrainer:
         global batch, times the number of ranks, whose gradients DDP and FSDP2 average: the step is
         the one of a single pass over the global batch, however it is split."""
         cfg = self.cfg.train
-        local = [sum(b.num_groups for b in batches), sum(b.num_responses for b in batches),
+        local = [sum(b.num_groups for b in batches), sum(b.num_ranked for b in batches),
                  sum(b.mismatch_winners.numel() for b in batches)]
         counts = torch.tensor(local, dtype=torch.float64, device=self.device)
         rankings, responses, mismatched = self.accelerator.reduce(counts, "sum").tolist()  # every rank takes part
@@ -234,8 +234,9 @@ class RewardTrainer:
                 #    rankings (this micro-batch's share of it)
                 loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups,
                                           cfg.margin) * batch.num_groups * share / rankings
-                if cfg.center_coef > 0:
-                    loss = loss + reward_centering_loss(rewards, cfg.center_coef) * batch.num_responses * share / responses
+                if cfg.center_coef > 0:  # the ranked responses' rewards, not the mismatched copies'
+                    loss = loss + reward_centering_loss(rewards[:batch.num_ranked], cfg.center_coef) \
+                        * batch.num_ranked * share / responses
                 # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under
                 #     another ranking's
                 mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).sum() \
@@ -252,7 +253,7 @@ class RewardTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        r = torch.cat([rewards for _, rewards in seen])
+        r = torch.cat([rewards[:batch.num_ranked] for batch, rewards in seen])
         r_w = torch.cat([rewards[batch.winners] for batch, rewards in seen])
         r_l = torch.cat([rewards[batch.losers] for batch, rewards in seen])
         return {

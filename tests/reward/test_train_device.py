@@ -115,6 +115,23 @@ def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(quick_config):
         torch.testing.assert_close(micro["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_mismatched_prompt_copies_enter_only_the_mismatch_term(quick_config):
+    # A response under another ranking's prompt is no ranked response: the reward-centering term and
+    # the logged reward statistics are over the rankings' own responses. With the mismatch term's
+    # weight near 0, the copies are still forwarded but the step must be the one without them.
+    strong_centering = ("train.center_coef=10.0",)
+    without = first_step(quick_config, "train.mismatch_coef=0.0", *strong_centering)
+    tiny = first_step(quick_config, "train.mismatch_coef=1e-9", *strong_centering)
+    assert sum(b.mismatch_winners.numel() for b in without["batches"]) == 0
+    assert sum(b.mismatch_winners.numel() for b in tiny["batches"]) == 16  # the copies were forwarded
+    assert [b.num_ranked for b in tiny["batches"]] == [b.num_responses for b in without["batches"]]
+    for key in ("train/loss", "train/reward_mean", "train/reward_std"):
+        assert tiny["metrics"][key] == pytest.approx(without["metrics"][key], rel=1e-5), key
+    assert any(g.abs().sum() > 0 for g in without["grads"].values())
+    for name, grad in without["grads"].items():
+        torch.testing.assert_close(tiny["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_a_diverging_run_stops_before_applying_a_non_finite_gradient(quick_config, tmp_path):
     from align.errors import TrainingDiverged
     from reward.train import train_reward_model
