@@ -25,17 +25,20 @@ class LeftOut:
 
     single_response: int = 0  # fewer than 2 responses: nothing to compare
     all_tied: int = 0  # every response in one tie: no preference stated
-    no_shared_prompt: int = 0  # the prompt is cut by truncation (or tokenized across its boundary)
+    too_long: int = 0  # prompt + a response exceed max_length: truncation cuts the prompt
+    merged_at_boundary: int = 0  # the tokenizer joins the prompt's last characters to a response's first
 
     def __str__(self) -> str:
-        parts = [f"{n} {what}" for n, what in ((self.single_response, "with a single response"),
-                                                (self.all_tied, "with every response tied (no preference)"),
-                                                (self.no_shared_prompt, "whose prompt + response exceeds max_length"))
-                 if n]
+        parts = [f"{n} {what}" for n, what in (
+            (self.single_response, "with a single response"),
+            (self.all_tied, "with every response tied (no preference)"),
+            (self.too_long, "whose prompt + response exceeds max_length"),
+            (self.merged_at_boundary, "whose prompt and response the tokenizer merges into one token where they meet"))
+            if n]
         return ", ".join(parts)
 
     def __bool__(self) -> bool:
-        return bool(self.single_response or self.all_tied or self.no_shared_prompt)
+        return bool(self.single_response or self.all_tied or self.too_long or self.merged_at_boundary)
 
 
 def usable_rankings(rankings: Sequence[Ranking]) -> tuple[list[Ranking], LeftOut]:
@@ -62,7 +65,13 @@ class DPODataset:
         keep = [i for i, item in enumerate(tokenized.items) if item.prompt_len]
         self.rankings = [tokenized.rankings[i] for i in keep]
         self.items = [tokenized.items[i] for i in keep]
-        self.left_out = LeftOut(no_shared_prompt=len(tokenized.items) - len(keep))
+        self.left_out = LeftOut()
+        for item in tokenized.items:
+            if not item.prompt_len:  # a sequence at max_length was truncated (from the left: its prompt cut)
+                if any(len(s) >= max_length for s in item.responses):
+                    self.left_out.too_long += 1
+                else:
+                    self.left_out.merged_at_boundary += 1
         self.reference_logps: list[torch.Tensor | None] = [None] * len(self.items)  # (K,) each, once computed
         self.pad_token_id = tokenizer.pad_token_id
 

@@ -128,7 +128,8 @@ class DPOTrainer:
         if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
             train = expand_to_pairs(train, cfg.seed)
         self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
-        left_out.no_shared_prompt = self.train_set.left_out.no_shared_prompt
+        left_out.too_long = self.train_set.left_out.too_long
+        left_out.merged_at_boundary = self.train_set.left_out.merged_at_boundary
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
