@@ -47,6 +47,7 @@ def test_user_mistakes_exit_2_without_traceback(args, expected):
 STAGE_COMMANDS = {
     "reward": (["reward", "train"], "reward.config:RewardConfig", "train.learning_rate"),
     "ppo": (["ppo"], "ppo.config:PPOConfig", "learning_rate"),
+    "dpo": (["dpo"], "dpo.config:DPOConfig", "learning_rate"),
     "demo": (["demo", "--out", "/tmp/align-never-written"], "align.commands.demo:DemoConfig", "reward.train.learning_rate"),
 }
 

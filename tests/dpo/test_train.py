@@ -4,7 +4,6 @@ run, and bad rankings are reported in one line."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -40,6 +39,12 @@ def test_training_raises_the_likelihood_of_the_rankings_and_moves_only_the_adapt
     trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, f"loss={loss}", "epochs=4",
                                                        "num_eval_prompts=0"]), echo=lambda _: None)
     trainer.setup()
+    examples = trainer.train_set.rankings
+    if loss == "kwise":  # each ranking whole (data.k = 3)
+        assert len(examples) == trainer.num_train_rankings and {len(r.responses) for r in examples} == {3}
+    else:  # each ordered pair of a ranking its own K = 2 example: 2 or 3 from each ranking of 3 responses
+        assert {len(r.responses) for r in examples} == {2} and {tuple(r.ranks) for r in examples} == {(0, 1)}
+        assert 2 * trainer.num_train_rankings <= len(examples) <= 3 * trainer.num_train_rankings
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     assert all(("lora_" in n) == p.requires_grad for n, p in trainer.policy.named_parameters())
     nll_before = mean_train_nll(trainer)
@@ -193,18 +198,6 @@ def test_bad_settings_are_refused_with_the_key_named(override, expected):
         load_config(DPOConfig, None, [override])
 
 
-def test_help_documents_every_key():
-    result = subprocess.run([sys.executable, "-m", "align", "dpo", "--help"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0
-    from align.config import describe
-
-    for key, *_ in describe(DPOConfig):
-        assert key in result.stdout, key
-    assert json.dumps  # the help names the loss and beta keys with their documentation
-    assert "Plackett-Luce" in result.stdout
-
-
 def test_held_out_prompts_are_read_before_the_training(small_dpo_run, tmp_path):
     from align.errors import UserError
     from dpo.train import run_dpo
@@ -251,3 +244,40 @@ def test_held_out_plackett_luce_nll_is_the_trained_loss(small_dpo_run):
     assert metrics["eval/plackett_luce_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-3)
     assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-3)  # the pairwise loss, beside it
     assert metrics["eval/plackett_luce_nll"] > metrics["eval/loss"] + 0.3  # K = 3: log 6 or log 3 against log 2
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_held_out_metrics_score_the_implicit_reward_against_the_rankings(small_dpo_run, monkeypatch, reverse):
+    # A policy whose log-probs exceed the reference's by minus each response's rank: its implicit
+    # reward -beta * rank orders every held-out ranking as the annotators did (accuracy 1), or, against
+    # the reversed rankings, in the opposite order (accuracy 0); the NLL is that of those rewards.
+    import dpo.train
+    from dpo.train import held_out_ranking_metrics
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
+    trainer.setup()
+    real = dpo.train.dataset_logps
+
+    rankings = [r for r in trainer.eval_rankings if len(set(r.ranks)) == len(r.ranks)]  # no ties: every pair scored
+    assert len(rankings) >= 3
+    truth = list(rankings)
+    true_ranks = {(str(r.prompt), tuple(r.responses)): r.ranks for r in truth}
+
+    def ordered_policy(module, dataset, cfg, accelerator, adapter=True):
+        logps = real(module, dataset, cfg, accelerator, adapter=adapter)
+        if adapter:
+            logps = {i: dataset.reference_logps[i] - torch.tensor(
+                true_ranks[str(dataset.rankings[i].prompt), tuple(dataset.rankings[i].responses)], dtype=torch.float32)
+                for i in logps}
+        return logps
+
+    monkeypatch.setattr(dpo.train, "dataset_logps", ordered_policy)
+    if reverse:
+        rankings = [Ranking(prompt=r.prompt, responses=r.responses, ranks=[max(r.ranks) - x for x in r.ranks])
+                    for r in rankings]
+    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
+    assert metrics["eval/accuracy"] == (0.0 if reverse else 1.0)
+    beta = trainer.cfg.beta
+    expected = [plackett_luce_nll(-beta * torch.tensor([t.ranks], dtype=torch.float32), torch.tensor([r.ranks]),
+                                  torch.ones(1, len(r.ranks), dtype=torch.bool)).item() for t, r in zip(truth, rankings)]
+    assert metrics["eval/plackett_luce_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
