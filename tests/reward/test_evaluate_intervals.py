@@ -1,7 +1,8 @@
-"""Pair outcomes per ranking, the ranking-level bootstrap interval, the 'longer wins' baseline."""
+"""Pair outcomes per ranking, the ranking-level bootstrap interval, the 'longer wins' baseline, agreement
+between annotators and with the model on pairs several annotators judged."""
 
 from align.formats import Ranking
-from reward.evaluate import bootstrap_interval, length_rewards, pair_outcomes, text_key
+from reward.evaluate import bootstrap_interval, cross_annotator_metrics, length_rewards, pair_outcomes, text_key
 
 
 def test_pair_outcomes_per_ranking_with_ties_as_half():
@@ -28,3 +29,21 @@ def test_bootstrap_resamples_rankings_so_correlated_pairs_widen_the_interval():
     clustered = [[1.0] * 10] * 6 + [[0.0] * 10] * 4  # the same 100 pairs in 10 rankings of 10 pairs
     (lo_i, hi_i), (lo_c, hi_c) = bootstrap_interval(independent, seed=1), bootstrap_interval(clustered, seed=1)
     assert hi_c - lo_c > 2 * (hi_i - lo_i)
+
+
+def test_cross_annotator_agreement_with_ties_as_half():
+    # Two annotators rank the same 3 responses: ann1 a > b > c, ann2 b > a > c (they agree on 2 of 3 pairs).
+    # A third ranks a prompt nobody else saw (left out). The model: a 3, b 1, c 1 (b and c tied).
+    ranks = {"ann1": [0, 1, 2], "ann2": [1, 0, 2]}
+    rankings = [Ranking(prompt="p", responses=["a", "b", "c"], ranks=r, annotator=name) for name, r in ranks.items()]
+    rankings.append(Ranking(prompt="q", responses=["x", "y"], ranks=[0, 1], annotator="ann3"))
+    rewards = {text_key("p", "a"): 3.0, text_key("p", "b"): 1.0, text_key("p", "c"): 1.0,
+               text_key("q", "x"): 0.0, text_key("q", "y"): 1.0}
+    m = cross_annotator_metrics(rankings, rewards, "eval/")
+    assert m["eval/cross_annotator_num_pairs"] == 3
+    assert m["eval/annotator_agreement"] == 2 / 3
+    # model vs each vote: (a, b): a above b, right for ann1 (1), wrong for ann2 (0); (a, c): right twice
+    # (1, 1); (b, c): a tie, half for each (0.5, 0.5): 4 of 6
+    assert m["eval/cross_annotator_accuracy"] == 4 / 6
+    # a response ranked by one annotator only gives nothing to compare
+    assert cross_annotator_metrics(rankings[2:], rewards, "eval/") == {}

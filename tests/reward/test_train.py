@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from align.formats import write_kwise
+from align.formats import Ranking, write_kwise
 from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.data import load_reward_data
@@ -109,11 +109,23 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
 def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
     cfg = quick_config("data.num_rankings=32")
     train_reward_model(cfg, echo=lambda s: None)
-    path = tmp_path / "heldout.jsonl"
-    write_kwise(make_rankings(12, k=3, seed=4, split="heldout"), path)
-    result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
-                             "--data", str(path)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    table = dict(line.split() for line in result.stdout.splitlines())
-    assert 0.0 <= float(table["eval/accuracy"]) <= 1.0 and float(table["eval/accuracy_k3"]) == float(table["eval/accuracy"])
-    assert int(table["eval/num_rankings"]) == 12
+    # held-out rankings ordered by the trained model's own scores (accuracy 1), or the reverse (accuracy 0)
+    from reward.model import load_reward_model
+
+    rm = load_reward_model(cfg.output_dir, device="cpu")
+    rankings = make_rankings(12, k=3, seed=4, split="heldout")
+    for reverse, expected in ((False, 1.0), (True, 0.0)):
+        ordered = []
+        for r in rankings:
+            scores = rm.score([r.prompt] * len(r.responses), r.responses).tolist()
+            assert len(set(scores)) == len(scores)  # no tie to score as a half
+            by_score = sorted(range(len(scores)), key=lambda i: scores[i], reverse=not reverse)
+            ordered.append(Ranking(prompt=r.prompt, responses=r.responses, ranks=[by_score.index(i) for i in range(3)]))
+        path = tmp_path / "heldout.jsonl"
+        write_kwise(ordered, path)
+        result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
+                                 "--data", str(path)], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        table = dict(line.split() for line in result.stdout.splitlines())
+        assert float(table["eval/accuracy"]) == expected and float(table["eval/accuracy_k3"]) == expected
+        assert int(table["eval/num_rankings"]) == 12 and int(table["eval/num_pairs"]) == 36
