@@ -44,9 +44,10 @@ def test_one_iteration_raises_the_log_probability_of_responses_better_than_their
     assert delta[above].mean() > delta[below].mean() + 0.3, (delta[above].mean(), delta[below].mean())
 
 
-def test_grpo_puts_the_kl_in_the_loss_and_rloo_in_the_reward(small_run):
-    def first_iteration(method):
-        cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", "samples_per_prompt=2", "kl.coef=0.5",
+def test_the_kl_penalty_is_in_the_reward_for_ppo_and_rloo_and_in_the_loss_for_grpo(small_run):
+    def second_iteration(method):
+        samples = [] if method == "ppo" else ["samples_per_prompt=2"]
+        cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", *samples, "kl.coef=0.5",
                                             "kl.adaptive=false", "num_iterations=2", "overwrite=true"])
         trainer = PPOTrainer(cfg, reward_model=HashScorer())
         trainer.setup()
@@ -54,13 +55,14 @@ def test_grpo_puts_the_kl_in_the_loss_and_rloo_in_the_reward(small_run):
         seen = record_optimize(trainer)
         return trainer.step(), seen["exp"]
 
-    metrics, exp = first_iteration("grpo")
+    metrics, exp = second_iteration("grpo")
     assert metrics["policy/kl_loss"] > 0  # k3 of a policy that moved is positive
     torch.testing.assert_close(exp.rewards.sum(-1), exp.scores)  # the score alone
-    metrics, exp = first_iteration("rloo")
-    assert "policy/kl_loss" not in metrics
-    torch.testing.assert_close(exp.rewards.sum(-1), exp.scores - 0.5 * exp.kl.sum(-1))
-    assert exp.kl.abs().sum() > 0
+    for method in ("rloo", "ppo"):  # the score minus beta times the sequence's KL estimate (Ziegler et al. 2019)
+        metrics, exp = second_iteration(method)
+        assert "policy/kl_loss" not in metrics
+        torch.testing.assert_close(exp.rewards.sum(-1), exp.scores - 0.5 * exp.kl.sum(-1))
+        assert exp.kl.abs().sum() > 0, method
 
 
 def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_path):
