@@ -48,9 +48,17 @@ def test_reward_lora_defaults_cover_every_block_and_train(family, family_model, 
     assert all(torch.equal(before[n], after[n]) for n in base), "a base weight moved under LoRA"
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     summary = trainer.finish()  # normalisation samples the family's own causal LM
-    rm = load_reward_model(tmp_path / "run")
-    prompts, responses = ["what is a cat?", "and a dog?"], ["a small animal", "a larger one"]
-    assert torch.allclose(rm.score(prompts, responses), rm.score(prompts, responses))
+    # the saved model (adapter merged into the family's base) scores as the trained one did
+    from reward.model import render_texts, score_texts
+
+    rm = load_reward_model(tmp_path / "run", device="cpu")
+    prompts, responses = ["what is a cat?", "what is a cat?"], ["a small animal", "a larger one"]
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    expected = score_texts(trained, trainer.tokenizer, render_texts(trainer.tokenizer, prompts, responses),
+                           max_length=rm.max_length)
+    loaded = rm.score_raw(prompts, responses)
+    assert loaded[0] != loaded[1]
+    torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=1e-4)
     assert summary["reward/normalization_samples"] == 4
 
 
