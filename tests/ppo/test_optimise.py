@@ -34,8 +34,10 @@ def churn(mode: str) -> dict:
 def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
     default, kept = churn("default"), churn("keep")
     assert kept["kept"] is True
-    # by default part of it goes back to the kernel each round: over 10 page faults per block
-    assert default["faults"] > 9 * 128 * 10, default
+    # glibc's defaults give part of it back to the kernel each round: over 10 page faults per 1 MiB block
+    # (4 KiB pages). Where they do not (huge pages, another malloc tuning), there is nothing to reduce.
+    if default["faults"] <= 9 * 128 * 10:
+        pytest.skip(f"this machine's malloc faults freed blocks in {default['faults']} times, not churning")
     assert kept["faults"] < default["faults"] / 10, (kept, default)
 
 
