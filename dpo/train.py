@@ -101,7 +101,7 @@ class DPOTrainer:
         from ppo.data import load_prompts
         from ppo.evaluation import PolicySampler
         from ppo.model import build_policy
-        from reward.data import expand_to_pairs, load_reward_data
+        from reward.data import expand_to_pairs, load_reward_data, repeats_note
         from reward.model import prepare_tokenizer
 
         cfg = self.cfg
@@ -130,6 +130,8 @@ class DPOTrainer:
         self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
         left_out.too_long = self.train_set.left_out.too_long
         left_out.merged_at_boundary = self.train_set.left_out.merged_at_boundary
+        if data.with_repeats and self.is_main:
+            self.echo(f"dpo: {repeats_note(data.with_repeats)}")
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")

@@ -89,11 +89,11 @@ def evaluate(
         raise UserError(f"--format {format!r} is not one of kwise, trl, hh, oasst")
     if not data.is_file():
         raise UserError(f"data file not found: {data}")
-    from reward.data import read_source, with_pairs
+    from reward.data import merge_repeated_responses, read_source, with_pairs
     from reward.evaluate import evaluate_rankings, format_table
     from reward.model import load_reward_model
 
-    rankings = with_pairs(read_source(format, data))
+    rankings = with_pairs([merge_repeated_responses(r) for r in read_source(format, data)])
     if not rankings:
         raise UserError(f"{data}: no ranking states a preference (each is all ties or has one response)")
     rm = load_reward_model(model)

@@ -37,6 +37,7 @@ class RewardData:
     eval_annotator: list[Ranking] | None = None  # synthetic: the simulated annotators' labels on the same prompts
     without_preference: list[Ranking] = field(default_factory=list)  # training-side rankings left out: no pair
     source: dict[str, Any] = field(default_factory=dict)  # what data produced the model (recorded with it)
+    with_repeats: int = 0  # rankings that held one response text more than once (`merge_repeated_responses`)
 
 
 def prompt_key(ranking: Ranking) -> str:
@@ -61,6 +62,39 @@ def split_by_prompt(rankings: Sequence[Ranking], eval_fraction: float, seed: int
     train = [r for r in rankings if prompt_key(r) not in held_out]
     eval_ = [r for r in rankings if prompt_key(r) in held_out]
     return train, eval_
+
+
+def merge_repeated_responses(ranking: Ranking) -> Ranking:
+    """The ranking with each distinct response text once, at the best rank it was given.
+
+    Sampled candidates repeat (short answers, low temperatures), and an annotator who must order
+    every candidate may place two copies of one text apart. Kept apart, a copy above and a copy
+    below another response state both orders, and the pair of copies is one no model can get
+    right (the same text has the same reward): a tie scored as a half in every accuracy. The best
+    placement is kept, as the annotator's judgement of that text; the others are dropped, and the
+    ranks renumbered (each = how many kept responses rank strictly better, so a top-m ranking stays
+    one, of the kept ranked responses). `meta` is carried as it was."""
+    best: dict[str, int] = {}
+    for i, (text, rank) in enumerate(zip(ranking.responses, ranking.ranks)):
+        if text not in best or rank < ranking.ranks[best[text]]:
+            best[text] = i
+    if len(best) == len(ranking.responses):
+        return ranking
+    keep = sorted(best.values())
+    old = [ranking.ranks[i] for i in keep]
+    ranks = [sum(o < r for o in old) for r in old]
+    ranked = None
+    if ranking.ranked is not None:
+        ranked = sum(r < ranking.ranked for r in old)
+        ranked = ranked if ranked < len(keep) else None  # no unordered group left: a full ranking
+    return Ranking(prompt=ranking.prompt, responses=[ranking.responses[i] for i in keep], ranks=ranks,
+                   annotator=ranking.annotator, prompt_id=ranking.prompt_id, meta=ranking.meta, ranked=ranked)
+
+
+def repeats_note(with_repeats: int) -> str:
+    """What `load_reward_data` did with rankings that repeat a response, in words for the run's log."""
+    return (f"{with_repeats} ranking(s) list one response text more than once: each text is kept once, "
+            "at the best rank it was given")
 
 
 def with_pairs(rankings: Sequence[Ranking]) -> list[Ranking]:
@@ -119,8 +153,11 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         source.update(path=str(Path(cfg.path).resolve()), sha256=file_digest(cfg.path))
     if not rankings:
         raise UserError(f"no rankings found in {source.get('path') or cfg.project}")
+    merged = [merge_repeated_responses(r) for r in rankings]
+    with_repeats = sum(m is not r for m, r in zip(merged, rankings))
+    rankings = merged
     if cfg.eval_path is not None:
-        train, eval_ = rankings, read_source(cfg.format, cfg.eval_path)
+        train, eval_ = rankings, [merge_repeated_responses(r) for r in read_source(cfg.format, cfg.eval_path)]
         source.update(eval_path=str(Path(cfg.eval_path).resolve()), eval_sha256=file_digest(cfg.eval_path))
         overlap = {prompt_key(r) for r in train} & {prompt_key(r) for r in eval_}
         if overlap:  # the user's own split leaks prompts: refuse rather than report an inflated accuracy
@@ -136,7 +173,7 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need both > 0")
     source.update(train_rankings=len(train), eval_rankings=len(eval_))
     return RewardData(train=train, eval=eval_, eval_label="annotators", source=source,
-                      without_preference=without_preference)
+                      without_preference=without_preference, with_repeats=with_repeats)
 
 
 def _load_synthetic(cfg: Any) -> RewardData:

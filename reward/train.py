@@ -69,6 +69,7 @@ from reward.data import (
     RewardData,
     expand_to_pairs,
     load_reward_data,
+    repeats_note,
 )
 from reward.evaluate import format_table, ranking_metrics, reward_table
 from reward.losses import (
@@ -180,6 +181,8 @@ class RewardTrainer:
                 f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}"
                 f"{f' of the top {cfg.model.train_layers} layers' if cfg.model.train_layers else ''} on {self.base_path}"
             )
+            if self.data.with_repeats:
+                self.echo(f"reward: {repeats_note(self.data.with_repeats)}")
             if self.data.without_preference:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training rankings that state no "
                           "preference (a single response, or every response tied)")

@@ -1,4 +1,4 @@
-"""Prompt-level split, the K-wise batch layout and the pairwise expansion."""
+"""Prompt-level split, the K-wise batch layout, the pairwise expansion and repeated responses."""
 
 
 import pytest
@@ -10,6 +10,7 @@ from reward.data import (
     RankingDataset,
     expand_to_pairs,
     load_reward_data,
+    merge_repeated_responses,
     prompt_key,
     split_by_prompt,
     with_pairs,
@@ -199,3 +200,35 @@ def test_no_mismatch_pair_between_rankings_of_the_same_prompt_or_too_long(tiny_r
     batch = RankingCollator(tok.pad_token_id, mismatch=True, max_length=fits)(ds.items)
     assert batch.mismatch_winners.tolist() == [3]  # only ranking 1's top (response d) under the short prompt
     assert all(len(s) <= fits for s in batch.full_sequences())
+
+
+@pytest.mark.parametrize("responses, ranks, ranked, kept, new_ranks, new_ranked", [
+    (["a", "b", "a"], [0, 1, 2], None, ["a", "b"], [0, 1], None),  # the lower copy goes
+    (["b", "a", "c", "a"], [2, 0, 1, 3], None, ["b", "a", "c"], [2, 0, 1], None),  # order of the rest kept
+    (["a", "a", "b"], [0, 0, 1], None, ["a", "b"], [0, 1], None),  # tied copies: one
+    # top-2 of 4 (b and c unordered below): a's copies at ranks 0 and 1 -> a top-1 of 3, b and c tied below
+    (["a", "b", "a", "c"], [0, 2, 1, 2], 2, ["a", "b", "c"], [0, 1, 1], 1),
+    # top-2 of 3 whose one unordered response repeats a ranked one: a full ranking of 2
+    (["a", "b", "a"], [0, 1, 2], 2, ["a", "b"], [0, 1], None),
+])
+def test_a_repeated_response_is_kept_once_at_its_best_rank(responses, ranks, ranked, kept, new_ranks, new_ranked):
+    r = Ranking(prompt="p", responses=responses, ranks=ranks, ranked=ranked, annotator="ann", prompt_id="7")
+    merged = merge_repeated_responses(r)
+    assert (merged.responses, merged.ranks, merged.ranked) == (kept, new_ranks, new_ranked)
+    assert (merged.prompt, merged.annotator, merged.prompt_id) == ("p", "ann", "7")
+
+
+def test_rankings_without_repeats_are_read_unchanged_and_repeats_counted(tmp_path):
+    from align.formats import write_kwise
+    from reward.config import DataSection
+
+    plain = [Ranking(prompt=f"q{i}", responses=["x", "y", "z"], ranks=[0, 1, 2]) for i in range(8)]
+    assert all(merge_repeated_responses(r) is r for r in plain)
+    repeated = [Ranking(prompt=f"r{i}", responses=["same", "other", "same"], ranks=[0, 1, 2]) for i in range(4)]
+    path = tmp_path / "rankings.jsonl"
+    write_kwise(plain + repeated, path)
+    data = load_reward_data(DataSection(format="kwise", path=str(path), eval_fraction=0.25))
+    assert data.with_repeats == 4
+    every = data.train + data.eval
+    assert len(every) == 12 and all(len(set(r.responses)) == len(r.responses) for r in every)
+    assert sorted(len(r.responses) for r in every) == [2] * 4 + [3] * 8
