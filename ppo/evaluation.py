@@ -144,7 +144,9 @@ class PolicySampler:
         """log pi of the sampled tokens as the reference's are computed (a full forward), so that their
         difference is the adapter's alone: in fp32 the sampler's own (equal to rounding), in bf16
         the cached decoding differs by more than the KL being measured early in training."""
-        if next(self.model.parameters()).dtype == torch.float32:
+        from ppo.sampling import samples_exactly
+
+        if samples_exactly(self.model):
             return samples.logprobs
         return self.model.policy_logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
                                           samples.response_ids, self.temperature, self.chunk_tokens) * samples.response_mask

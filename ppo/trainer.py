@@ -18,6 +18,7 @@ and the final held-out evaluation is ppo.evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -54,7 +55,7 @@ from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
-from ppo.sampling import DecodeBufferPool, sample_responses
+from ppo.sampling import DecodeBufferPool, sample_responses, samples_exactly
 
 log = logging.getLogger("align")
 
@@ -326,11 +327,10 @@ class PPOTrainer:
         merge = self.sampler_is_exact and not self.fsdp if self.cfg.sample_merged is None else self.cfg.sample_merged
         return ("merged", self.model.adapter_merged()) if merge else ("adapter", contextlib.nullcontext())
 
-    @property
+    @functools.cached_property
     def sampler_is_exact(self) -> bool:
-        """Whether the sampler's log-probs and values equal the training forward's to rounding (fp32,
-        tested within 1e-5); in bf16 the cached decoding differs by more than PPO's first ratio allows."""
-        return self.cfg.dtype == "float32"
+        """Whether the sampler's log-probs and values equal the training forward's (`samples_exactly`)."""
+        return samples_exactly(self.model)
 
     @torch.no_grad()
     def sampled_logprobs(self, samples: Samples) -> torch.Tensor:
