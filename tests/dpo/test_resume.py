@@ -16,6 +16,7 @@ from align.errors import UserError
 from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.train import DPOTrainer, run_dpo
+from tests.resume_checks import assert_rows_kept, recording_steps
 from tests.stopping import comparable, train_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ def overrides(small_dpo_run: list[str], out: Path) -> list[str]:
     return [*small_dpo_run, f"output_dir={out}", "epochs=2", "save_every=4", "log_every=3", "keep_checkpoints=1"]
 
 
-def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(small_dpo_run, tmp_path):
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(small_dpo_run, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     summary = run_dpo(load_config(DPOConfig, None, overrides(small_dpo_run, straight)), echo=lambda _: None)
     steps = summary["train/steps"]
@@ -48,9 +49,17 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
     weights.write_bytes(kept)
     with pytest.raises(UserError, match="lora.r is 4 where the run had 16"):
         run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["lora.r=4"]), echo=lambda _: None, resume=True)
-    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
+    before = read_metrics(stopped / "metrics.jsonl")
+    assert [r["step"] for r in before] == [3, 4, 6]
 
+    # the resumed run trains the steps after the checkpoint, once each, and writes the rows from step 6 on
+    # (a run that trained again from step 0 ends with the same rows and weights)
+    taken: list[int] = []
+    monkeypatch.setattr(DPOTrainer, "step", recording_steps(DPOTrainer.step, "step_count", taken.append))
     resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    assert taken == list(range(5, steps + 1))
+    new = assert_rows_kept(before, read_metrics(stopped / "metrics.jsonl"), "step", 4)
+    assert new[0]["step"] == 6
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
     assert [r["step"] for r in rows] == [r["step"] for r in expected]  # step 6 written again, once
     assert [r["step"] for r in rows][:5] == [3, 4, 6, 8, 9]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,12 +14,30 @@ from pathlib import Path
 import pytest
 
 from align.run import read_metrics
+from tests.resume_checks import assert_rows_kept
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def align_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from align.commands.cli import main; main()", *args]
+
+
+def align_cmd_recording_iterations(record: Path, *args: str) -> list[str]:
+    """align_cmd, and the number of each PPO iteration the process performs is appended to `record`."""
+    program = ("import sys; from ppo.trainer import PPOTrainer; from tests.resume_checks import recording_steps; "
+               "record = open(sys.argv.pop(1), 'a'); PPOTrainer.step = recording_steps(PPOTrainer.step, 'iteration', "
+               "lambda n: print(n, file=record, flush=True)); from align.commands.cli import main; main()")
+    return [sys.executable, "-c", program, str(record), *args]
+
+
+def rows_left_by_kill(path: Path) -> list[dict]:
+    """The metrics rows a killed run left, but for a last line the kill cut short."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def run_env() -> dict[str, str]:
@@ -58,10 +77,18 @@ def test_sigkill_after_second_checkpoint_then_resume_matches_uninterrupted_run(s
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     assert second.exists() and not (killed / "summary.json").exists(), "the run was not interrupted mid-way"
+    before = rows_left_by_kill(killed / "metrics.jsonl")
+    assert [r["iteration"] for r in before][:4] == [1, 2, 3, 4]
 
-    resumed = subprocess.run(align_cmd("ppo", "--resume", str(killed)), env=run_env(), cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
+    # the resumed process performs iterations 5-10, once each, and writes their rows after the killed run's
+    # first four (a run that trained again from iteration 0 ends with the same rows, policy and summary)
+    record = tmp_path / "iterations.txt"
+    resumed = subprocess.run(align_cmd_recording_iterations(record, "ppo", "--resume", str(killed)), env=run_env(),
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert record.read_text().split() == [str(i) for i in range(5, 11)]
+    new = assert_rows_kept(before, read_metrics(killed / "metrics.jsonl"), "iteration", 4)
+    assert [r["iteration"] for r in new] == list(range(5, 11))
 
     assert_close_rows(comparable(read_metrics(killed / "metrics.jsonl")),
                       comparable(read_metrics(straight / "metrics.jsonl")))

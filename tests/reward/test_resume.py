@@ -17,6 +17,7 @@ from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.config import RewardConfig
 from reward.train import RewardTrainer, train_reward_model
+from tests.resume_checks import assert_rows_kept, recording_steps
 from tests.stopping import comparable, train_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def resumable(quick_config, out: Path, rankings: Path) -> RewardConfig:
                         "train.mismatch_coef=1.0", "eval.normalize=false")
 
 
-def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(quick_config, tmp_path):
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(quick_config, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     rankings = write_rankings(tmp_path / "rankings.jsonl", seed=1)
     summary = train_reward_model(resumable(quick_config, straight, rankings), echo=lambda _: None)
@@ -56,11 +57,19 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     with pytest.raises(UserError, match="the training data differ from those the run was trained on"):
         train_reward_model(load_config(RewardConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
     rankings.write_bytes(original)
-    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [3, 4, 6]
+    before = read_metrics(stopped / "metrics.jsonl")
+    assert [r["step"] for r in before] == [3, 4, 6]
 
-    # settings that leave the training as it is may change: memory, evaluation batch
+    # settings that leave the training as it is may change: memory, evaluation batch. The resumed run trains
+    # the steps after the checkpoint, once each, and writes the rows from step 6 on (a run that trained again
+    # from step 0 ends with the same rows and, but for rounding, the same weights)
+    taken: list[int] = []
+    monkeypatch.setattr(RewardTrainer, "step", recording_steps(RewardTrainer.step, "step_count", taken.append))
     resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml", [
         "train.gradient_accumulation_steps=2", "eval.batch_size=7"]), echo=lambda _: None, resume=True)
+    assert taken == [5, 6, 7, 8]
+    new = assert_rows_kept(before, read_metrics(stopped / "metrics.jsonl"), "step", 4)
+    assert new[0]["step"] == 6
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
     assert [r["step"] for r in rows] == [r["step"] for r in expected] == [3, 4, 6, 8]  # step 6 written again, once
     for row, want in zip(rows, expected):
