@@ -81,11 +81,11 @@ def resolve_model_path(spec: str | Path) -> Path:
     if text.startswith("package:"):
         return package_model_path(text.split(":", 1)[1])
     if text == "demo" or text.startswith("demo:"):
-        from align.demo_model import SIZES, ensure_demo_model
+        from align.demo_model import DEMO_SIZES, ensure_demo_model
 
         size = text.split(":", 1)[1] if ":" in text else "tiny"
-        if size not in SIZES or size == "test":
-            raise UserError(f"unknown demo model size {size!r}; choose tiny or small")
+        if size not in DEMO_SIZES:
+            raise UserError(f"unknown demo model size {size!r}; choose {' or '.join(DEMO_SIZES)}")
         return ensure_demo_model(size)
     path = Path(text).expanduser()
     if not path.is_dir():
