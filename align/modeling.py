@@ -133,8 +133,13 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    path = Path(path)
-    source = adapter_base_path(path) if is_adapter_dir(path) and not (path / "tokenizer_config.json").exists() else path
+    source, seen = Path(path), set()
+    # an adapter saved without a tokenizer uses its base's (itself maybe an adapter)
+    while is_adapter_dir(source) and not (source / "tokenizer_config.json").exists():
+        if source.resolve() in seen:
+            raise UserError(f"{source}: the adapters' base_model_name_or_path chain comes back to this adapter")
+        seen.add(source.resolve())
+        source = adapter_base_path(source)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if encoder:
         if tokenizer.pad_token is None:
@@ -149,29 +154,37 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
 
 
 def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -> Any:
-    """A causal LM from a local checkpoint; a LoRA adapter directory is merged into its base."""
+    """A causal LM from a local checkpoint; a LoRA adapter directory is merged into its base, and a
+    base that is itself an adapter directory (an adapter trained on an adapter) is merged first."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    dtype = dtype or torch.float32
-    path = Path(path)
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        base = adapter_base_path(path)
-        log.info("%s is a LoRA adapter on %s: merging it into the base before use", path, base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
-        _fit_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        _fit_embeddings(model, tokenizer)
+    model = _merged_checkpoint(Path(path), dtype or torch.float32, tokenizer, seen=())
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any, seen: tuple[Path, ...]) -> Any:
+    """The weights at `path` with every adapter level merged in, innermost base first. An adapter
+    folder never reaches `from_pretrained`: transformers' PEFT integration would load it onto its own
+    base there, and the adapter on top would then replace it rather than add to it."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_adapter_dir(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        _fit_embeddings(model, tokenizer)
+        return model
+    from peft import PeftModel
+
+    if path.resolve() in seen:
+        raise UserError(f"{path}: the adapters' base_model_name_or_path chain comes back to this adapter")
+    base = adapter_base_path(path)
+    log.info("%s is a LoRA adapter on %s: merging it into the base before use", path, base)
+    model = _merged_checkpoint(base, dtype, tokenizer, (*seen, path.resolve()))
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def _fit_embeddings(model: Any, tokenizer: Any) -> None:

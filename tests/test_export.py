@@ -189,3 +189,23 @@ def test_ppo_model_card_describes_its_reward_model(tiny_ppo_run, tmp_path):
     out = export_run(tiny_ppo_run, tmp_path / "policy", merge=False)
     card = (out / "README.md").read_text()
     assert "## Reward model" in card and "reward model: `" in card
+
+
+def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo_run, tiny_random_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import load_tokenizer
+    from tests.adapters import merged_by_hand, save_random_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    tokenizer = load_tokenizer(run / "policy")
+    first = save_random_adapter(tiny_random_model, tmp_path / "sft-adapter", tokenizer, seed=1)
+    config_path = run / "policy" / "adapter_config.json"  # the run's policy_model was that adapter
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(first)}))
+    out = export_run(run, tmp_path / "merged")
+    ids = tokenizer(["Tell me about tea."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)(ids).logits
+        expected = merged_by_hand(tiny_random_model, [first, run / "policy"], tokenizer)(ids).logits
+    torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-5)

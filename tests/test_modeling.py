@@ -1,0 +1,48 @@
+"""Loading checkpoints: adapters stacked on adapters merge level by level."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.errors import UserError
+from align.modeling import load_causal_lm, load_tokenizer
+from tests.adapters import merged_by_hand, save_random_adapter
+
+IDS = torch.tensor([[1, 5, 9, 12, 40, 7]])
+
+
+def test_an_adapter_on_an_adapter_is_merged_with_both(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    model = load_causal_lm(second, tokenizer=load_tokenizer(second))
+    assert not hasattr(model, "peft_config") and not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        got = model(IDS).logits
+        both = merged_by_hand(tiny_random_model, [first, second], tokenizer)(IDS).logits
+        second_only = merged_by_hand(tiny_random_model, [second], tokenizer)(IDS).logits
+    assert (both - second_only).abs().max() > 1e-2  # the first adapter matters to the result
+    torch.testing.assert_close(got, both, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_whose_bases_form_a_loop_are_refused(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    config = json.loads((first / "adapter_config.json").read_text())
+    (first / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(second)}))
+    with pytest.raises(UserError, match="comes back to this adapter"):
+        load_causal_lm(second, tokenizer=tokenizer)
+
+
+def test_an_adapter_saved_without_a_tokenizer_reads_the_first_one_down_its_bases(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    for level in (first, second):
+        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+            (level / name).unlink(missing_ok=True)
+    assert load_tokenizer(second).get_vocab() == tokenizer.get_vocab()
