@@ -174,7 +174,9 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any, seen: tuple[Path,
     from transformers import AutoModelForCausalLM
 
     if not is_adapter_dir(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
+        check_no_missing_weights(model, info["missing_keys"], path)
         _fit_embeddings(model, tokenizer)
         return model
     from peft import PeftModel
@@ -185,6 +187,23 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any, seen: tuple[Path,
     log.info("%s is a LoRA adapter on %s: merging it into the base before use", path, base)
     model = _merged_checkpoint(base, dtype, tokenizer, (*seen, path.resolve()))
     return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None:
+    """One line when the checkpoint lacks weights the causal LM needs (a reward model's checkpoint
+    has a score head and no lm_head): transformers would start them from random values, with only a
+    warning that align's quiet logging hides, and a policy would train with a random output layer.
+    An output layer tied to the input embeddings is not missing (`tie_word_embeddings`)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    output = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and output is not None:
+        heads = {f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False) if module is output}
+        missing = set(missing) - heads
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise UserError(f"{path}: not a causal LM checkpoint, it has no weights for {shown} "
+                        "(a reward model or an encoder?); give the SFT checkpoint instead")
 
 
 def _fit_embeddings(model: Any, tokenizer: Any) -> None:

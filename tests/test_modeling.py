@@ -46,3 +46,39 @@ def test_an_adapter_saved_without_a_tokenizer_reads_the_first_one_down_its_bases
         for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
             (level / name).unlink(missing_ok=True)
     assert load_tokenizer(second).get_vocab() == tokenizer.get_vocab()
+
+
+@pytest.fixture
+def untied_model(tiny_random_model, tmp_path):
+    """The tiny model with an output layer of its own (not tied to the embeddings), as most
+    checkpoints of 1B parameters and more are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_random_model)
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, config=config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "untied")
+    load_tokenizer(tiny_random_model).save_pretrained(tmp_path / "untied")
+    return tmp_path / "untied"
+
+
+def test_a_checkpoint_without_an_lm_head_is_refused_as_a_causal_lm(untied_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    reward = AutoModelForSequenceClassification.from_pretrained(untied_model, num_labels=1)
+    reward.save_pretrained(tmp_path / "reward")
+    with pytest.raises(UserError, match=r"reward.*not a causal LM checkpoint, it has no weights for lm_head\.weight"):
+        load_causal_lm(tmp_path / "reward")
+
+
+def test_tied_and_untied_causal_lms_load_with_their_own_output_layer(tiny_random_model, untied_model):
+    from safetensors.torch import load_file
+
+    untied = load_causal_lm(untied_model)
+    saved = load_file(untied_model / "model.safetensors")
+    assert torch.equal(untied.lm_head.weight, saved["lm_head.weight"])
+    tied = load_causal_lm(tiny_random_model)
+    assert "lm_head.weight" not in load_file(tiny_random_model / "model.safetensors")
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
