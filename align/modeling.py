@@ -108,6 +108,31 @@ def adapter_base_path(path: str | Path) -> Path:
     return resolve_model_path(base)
 
 
+def adapter_chain(path: str | Path) -> list[Path]:
+    """`path`, then the base of each adapter in turn, ending with the full checkpoint underneath
+    (a LoRA adapter may be trained on another adapter). A chain that loops is one line."""
+    chain = [Path(path)]
+    while is_adapter_dir(chain[-1]):
+        base = adapter_base_path(chain[-1])
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise UserError(f"{chain[-1]}: the adapters' base_model_name_or_path chain comes back to {base}")
+        chain.append(base)
+    return chain
+
+
+def checkpoint_dtype(path: str | Path) -> Any:
+    """The torch dtype the full checkpoint under `path` (an adapter's base, followed down) stores its
+    weights in, as its config names it (`dtype`; transformers reads an older `torch_dtype` into it);
+    None when it names none."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(adapter_chain(path)[-1], local_files_only=True).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def check_model_files(directory: str | Path) -> None:
     """A saved model's directory before it loads: its weights are there and every JSON file in it
     reads, or one line saying what is missing or damaged (not a loader's traceback)."""
@@ -133,13 +158,8 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    source, seen = Path(path), set()
     # an adapter saved without a tokenizer uses its base's (itself maybe an adapter)
-    while is_adapter_dir(source) and not (source / "tokenizer_config.json").exists():
-        if source.resolve() in seen:
-            raise UserError(f"{source}: the adapters' base_model_name_or_path chain comes back to this adapter")
-        seen.add(source.resolve())
-        source = adapter_base_path(source)
+    source = next(p for p in adapter_chain(path) if not is_adapter_dir(p) or (p / "tokenizer_config.json").exists())
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if encoder:
         if tokenizer.pad_token is None:
@@ -159,7 +179,7 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
     import torch
 
     quiet_transformers()
-    model = _merged_checkpoint(Path(path), dtype or torch.float32, tokenizer, seen=())
+    model = _merged_checkpoint(Path(path), dtype or torch.float32, tokenizer)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
@@ -167,26 +187,24 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
     return model
 
 
-def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any, seen: tuple[Path, ...]) -> Any:
+def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
     """The weights at `path` with every adapter level merged in, innermost base first. An adapter
     folder never reaches `from_pretrained`: transformers' PEFT integration would load it onto its own
     base there, and the adapter on top would then replace it rather than add to it."""
     from transformers import AutoModelForCausalLM
 
-    if not is_adapter_dir(path):
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                           output_loading_info=True)
-        check_no_missing_weights(model, info["missing_keys"], path)
-        _fit_embeddings(model, tokenizer)
-        return model
-    from peft import PeftModel
+    *adapters, checkpoint = adapter_chain(path)
+    model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
+                                                       output_loading_info=True)
+    check_no_missing_weights(model, info["missing_keys"], checkpoint)
+    _fit_embeddings(model, tokenizer)
+    if adapters:
+        from peft import PeftModel
 
-    if path.resolve() in seen:
-        raise UserError(f"{path}: the adapters' base_model_name_or_path chain comes back to this adapter")
-    base = adapter_base_path(path)
-    log.info("%s is a LoRA adapter on %s: merging it into the base before use", path, base)
-    model = _merged_checkpoint(base, dtype, tokenizer, (*seen, path.resolve()))
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+        for adapter in reversed(adapters):
+            log.info("%s is a LoRA adapter: merging it into its base before use", adapter)
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
 
 
 def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None:
