@@ -29,14 +29,23 @@ def save_random_adapter(base: Path, out: Path, tokenizer: Any, seed: int) -> Pat
     return out
 
 
-def merged_by_hand(checkpoint: Path, adapters: list[Path], tokenizer: Any) -> Any:
+def merged_by_hand(checkpoint: Path, adapters: list[Path], tokenizer: Any, dtype: Any = torch.float32) -> Any:
     """`checkpoint` with `adapters` merged in order, each through PeftModel: the expected model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval()
+
+
+def bf16_copy(checkpoint: Path, out: Path) -> Path:
+    """`checkpoint` saved again with bf16 weights (its config then says so), tokenizer included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    return out

@@ -209,3 +209,49 @@ def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo
         exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)(ids).logits
         expected = merged_by_hand(tiny_random_model, [first, run / "policy"], tokenizer)(ids).logits
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-5)
+
+
+def _rebase(run, tmp_path, adapter_dir, base):
+    """A copy of `run` whose adapter at `adapter_dir` (relative to the run) names `base`."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config_path = copy / adapter_dir / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(base)}))
+    return copy
+
+
+def test_a_merged_export_keeps_the_dtype_of_a_bf16_base(tiny_ppo_run, tiny_random_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import load_tokenizer
+    from tests.adapters import bf16_copy, merged_by_hand
+
+    base = bf16_copy(tiny_random_model, tmp_path / "bf16-base")
+    run = _rebase(tiny_ppo_run, tmp_path, "policy", base)
+    out = export_run(run, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    tokenizer = load_tokenizer(run / "policy")
+    ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    expected = merged_by_hand(base, [run / "policy"], tokenizer)  # the run's policy, in fp32
+    exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert exported.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**ids).logits.float(), expected(**ids).logits, atol=0.05, rtol=0.02)
+
+
+def test_a_merged_reward_export_keeps_the_dtype_of_a_bf16_base(tiny_reward_run, tiny_random_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from reward.model import load_reward_model
+    from tests.adapters import bf16_copy
+
+    run = _rebase(tiny_reward_run, tmp_path, "model", bf16_copy(tiny_random_model, tmp_path / "bf16-base"))
+    out = export_run(run, tmp_path / "rm")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    responses = ["Tea is a drink.", "Chess is a game.", "Bake it hot."]
+    expected = load_reward_model(run, device="cpu").score(PROMPTS, responses)
+    got = load_reward_model(out, device="cpu", dtype=torch.bfloat16).score(PROMPTS, responses)
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)

@@ -98,9 +98,18 @@ def _export_policy(run: Path, out: Path, merge: bool) -> None:
         _copy_files(policy, out)
         return
     tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged
-    model.save_pretrained(out, safe_serialization=True)
+    model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged in fp32
+    _in_base_dtype(model, policy).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _in_base_dtype(model: Any, adapter: Path) -> Any:
+    """The merged model cast to the dtype its base checkpoint stores (a bf16 base exports as bf16,
+    not at twice its size in fp32). The merge itself ran in fp32, so W + BA is rounded only once."""
+    from align.modeling import checkpoint_dtype
+
+    dtype = checkpoint_dtype(adapter)
+    return model.to(dtype) if dtype is not None else model
 
 
 def _export_reward(run: Path, out: Path, merge: bool) -> None:
@@ -112,8 +121,8 @@ def _export_reward(run: Path, out: Path, merge: bool) -> None:
         return
     from reward.model import load_reward_model
 
-    reward = load_reward_model(source, device="cpu")  # export needs no GPU memory
-    reward.model.save_pretrained(out, safe_serialization=True)
+    reward = load_reward_model(source, device="cpu")  # fp32, and no GPU memory needed
+    _in_base_dtype(reward.model, source).save_pretrained(out, safe_serialization=True)
     reward.tokenizer.save_pretrained(out)
     for name in (NORMALIZATION_FILE, INFO_FILE):  # the normalisation and the provenance travel along
         if (source / name).exists():
