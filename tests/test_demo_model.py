@@ -194,3 +194,25 @@ def test_only_the_sizes_the_help_names_are_built(no_sft, tmp_path):
     assert not (tmp_path / "t").exists()
     with pytest.raises(UserError, match="unknown demo model size 'test'"):
         resolve_model_path("demo:test")
+
+
+def test_sampling_ignores_the_checkpoints_generation_settings(tiny_random_model, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    prompts, kwargs = ["Tell me about tea.", "How does chess work?"], {"max_new_tokens": 12, "seed": 4,
+                                                                       "num_return_sequences": 3}
+    tokenizer = load_tokenizer(tiny_random_model)
+    plain = generate_responses(load_causal_lm(tiny_random_model, tokenizer=tokenizer), tokenizer, prompts, **kwargs)
+    shipped = tmp_path / "shipped"  # as Qwen2.5-Instruct ships repetition_penalty 1.1 (here far stronger)
+    shutil.copytree(tiny_random_model, shipped)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, do_sample=True, repetition_penalty=5.0, top_k=1,
+                     no_repeat_ngram_size=1, min_new_tokens=12).save_pretrained(shipped)
+    model = load_causal_lm(shipped, tokenizer=tokenizer)
+    assert model.generation_config.repetition_penalty == 5.0
+    greedy_like = model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=12)  # the settings act
+    assert len(set(greedy_like[0, -12:].tolist())) == 12  # no token repeats under no_repeat_ngram_size=1
+    assert generate_responses(model, tokenizer, prompts, **kwargs) == plain
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own settings are left as they were
