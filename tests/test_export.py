@@ -255,3 +255,19 @@ def test_a_merged_reward_export_keeps_the_dtype_of_a_bf16_base(tiny_reward_run, 
     expected = load_reward_model(run, device="cpu").score(PROMPTS, responses)
     got = load_reward_model(out, device="cpu", dtype=torch.bfloat16).score(PROMPTS, responses)
     torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize(("method", "in_loss"), [("ppo", False), ("rloo", False), ("grpo", True)])
+def test_the_model_card_lists_the_settings_the_method_used(tiny_ppo_run, tmp_path, method, in_loss):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["kl"]["in_loss"] is None  # "by method", as a config leaves it by default
+    config.update(method=method, samples_per_prompt=1 if method == "ppo" else 4)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    card = (export_run(run, tmp_path / "out", merge=False) / "README.md").read_text()
+    assert f"- method: {method}" in card and f"in_loss={in_loss}" in card
+    for key in ("vf_coef", "gamma", "gae_lambda"):  # the value model's settings, which only PPO has
+        assert (f"- {key}:" in card) == (method == "ppo"), key

@@ -156,6 +156,20 @@ def _reward_section(reward: RewardRun) -> list[str]:
     return lines
 
 
+def _typed_ppo_config(config: dict[str, Any]) -> Any:
+    """The run's saved config as a PPOConfig, for what it derives (has_value_model, kl_in_loss); None for
+    a config this version no longer reads. Its prompt files are not needed here and may have moved."""
+    from align.config import from_dict
+    from align.errors import ConfigError
+    from ppo.config import PPOConfig
+
+    try:
+        return from_dict(PPOConfig, {**config, "prompts": "synthetic", "eval_prompts": "synthetic"})
+    except ConfigError as exc:
+        log.warning("the model card lists the run's settings as saved: its config no longer reads (%s)", exc)
+        return None
+
+
 def model_card(run: Path, kind: str, merge: bool) -> str:
     from ppo.run_dir import PPORun
     from reward.run_dir import RewardRun, is_reward_model
@@ -186,11 +200,15 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
         lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
-        kl = config.get("kl", {})
+        typed = _typed_ppo_config(config)
+        kl = dict(config.get("kl", {}))
+        if typed is not None and kl:
+            kl["in_loss"] = typed.kl_in_loss  # null in the config means "by method"; the card says what ran
+        value_keys = ("vf_coef", "gamma", "gae_lambda")  # the value model's: PPO only
         lines += ["", f"## {method.upper()} settings", ""]
         for key in ("method", "samples_per_prompt", "num_iterations", "batch_size", "response_length", "learning_rate",
-                    "num_ppo_epochs", "num_mini_batches", "clip_coef", "vf_coef", "gamma", "gae_lambda", "seed"):
-            if key in config:
+                    "num_ppo_epochs", "num_mini_batches", "clip_coef", *value_keys, "seed"):
+            if key in config and not (key in value_keys and typed is not None and not typed.has_value_model):
                 lines.append(f"- {key}: {_fmt(config[key])}")
         if kl:
             lines.append("- KL penalty: " + ", ".join(f"{k}={_fmt(v)}" for k, v in kl.items()))
