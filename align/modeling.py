@@ -197,7 +197,7 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
     model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
                                                        output_loading_info=True)
     check_no_missing_weights(model, info["missing_keys"], checkpoint)
-    _fit_embeddings(model, tokenizer)
+    fit_embeddings(model, tokenizer)
     if adapters:
         from peft import PeftModel
 
@@ -224,10 +224,6 @@ def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None
                         "(a reward model or an encoder?); give the SFT checkpoint instead")
 
 
-def _fit_embeddings(model: Any, tokenizer: Any) -> None:
-    fit_embeddings(model, tokenizer)
-
-
 def fit_embeddings(model: Any, tokenizer: Any) -> None:
     """Grow the embeddings when the tokenizer has more tokens than the checkpoint (the `<pad>` that
     `load_tokenizer` adds to a pad-less tokenizer: GPT-2, Llama-3, Mistral base ship so); the new
@@ -242,9 +238,9 @@ def fit_embeddings(model: Any, tokenizer: Any) -> None:
 def is_encoder(config: Any) -> bool:
     """A bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT, ...) rather than a causal LM:
     the families transformers pairs with a masked-LM head (no causal-LM family has one)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING  # config class -> its masked-LM class
 
-    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING
 
 
 def checkpoint_is_encoder(path: str | Path) -> bool:

@@ -82,3 +82,12 @@ def test_tied_and_untied_causal_lms_load_with_their_own_output_layer(tiny_random
     tied = load_causal_lm(tiny_random_model)
     assert "lm_head.weight" not in load_file(tiny_random_model / "model.safetensors")
     assert tied.lm_head.weight is tied.get_input_embeddings().weight
+
+
+def test_encoders_are_told_from_causal_lms_by_their_config():
+    from transformers import BertConfig, DebertaV2Config, GPT2Config, LlamaConfig, ModernBertConfig, Qwen2Config, RobertaConfig
+
+    from align.modeling import is_encoder
+
+    assert all(is_encoder(c()) for c in (BertConfig, RobertaConfig, DebertaV2Config, ModernBertConfig))
+    assert not any(is_encoder(c()) for c in (LlamaConfig, GPT2Config, Qwen2Config))
