@@ -16,6 +16,7 @@ when complete, so a crash or a kill leaves no half export behind.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     check_model_files(_source_dir(run, kind))  # one line for a damaged run, never an export without weights
+    _prepare_output_folder(out)
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
         if kind in POLICY_KINDS:
@@ -75,6 +77,21 @@ def _source_dir(run: Path, kind: str) -> Path:
     from reward.run_dir import model_dir
 
     return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """The folder --out goes into, created if need be, or one line saying why it cannot be (a file in
+    the way, no permission), before any weights are loaded."""
+    parent = out.parent
+    first_existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
+    if first_existing is not None and not first_existing.is_dir():
+        raise UserError(f"--out {out}: {first_existing} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {parent} is not writable")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
