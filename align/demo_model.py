@@ -46,6 +46,7 @@ SIZES: dict[str, Size] = {
     "tiny": Size(1024, 128, 4, 4, 352, 450, 32, 3e-3),  # ~0.94M parameters
     "small": Size(2048, 256, 6, 4, 688, 600, 32, 1.5e-3),  # ~5.3M parameters
 }
+DEMO_SIZES = ("tiny", "small")  # what users build; `test` (random weights) is the tests' fixture
 
 
 def cache_dir() -> Path:
@@ -63,9 +64,9 @@ def is_complete(path: Path) -> bool:
 def ensure_demo_model(size: str = "tiny", seed: int = 0) -> Path:
     """The cached demo model, built (with a progress bar) on first use."""
     path = demo_model_dir(size, seed)
-    if not is_complete(path):
+    if not is_complete(path):  # align's own cache: an incomplete folder there is replaced
         log.info("building the %s demo model in %s (first use; cached afterwards)", size, path)
-        build_demo_model(path, size=size, seed=seed)
+        _build(path, SIZES[size], seed, progress=True)
     return path
 
 
@@ -220,18 +221,28 @@ def _save(model: Any, tokenizer: Any, out: Path) -> None:
 def build_demo_model(
     out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False, progress: bool = True
 ) -> Path:
-    """Build the demo SFT model into `out` (atomically: a crash leaves no half checkpoint)."""
-    import torch
-
+    """Build the demo SFT model into `out` (`align init-demo-model`): a complete checkpoint already
+    there is kept unless `force`; anything else already at `out` (a user's folder or file) is
+    refused unless `force`, before the build starts, so that nothing of the user's is replaced."""
     from align.errors import UserError
 
-    if size not in SIZES:
-        raise UserError(f"unknown demo model size {size!r}; choose one of {', '.join(SIZES)}")
+    if size not in DEMO_SIZES:
+        raise UserError(f"unknown demo model size {size!r}; choose {' or '.join(DEMO_SIZES)}")
     out = Path(out)
     if is_complete(out) and not force:
         log.info("%s already holds a checkpoint (use --force to rebuild)", out)
         return out
-    spec = SIZES[size]
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(f"{out} already exists and is not a demo checkpoint; choose another --out "
+                        "or pass --force to replace it")
+    return _build(out, SIZES[size], seed, progress=progress)
+
+
+def _build(out: Path, spec: Size, seed: int, progress: bool) -> Path:
+    """Train and save the model into `out` (atomically: a crash leaves no half checkpoint),
+    replacing whatever is there: the callers decided it may be replaced."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
@@ -239,16 +250,14 @@ def build_demo_model(
         model = init_model(tokenizer, spec, seed)
         if spec.sft_steps:
             supervised_finetune(model, tokenizer, spec, seed, progress=progress)
-        try:
-            with atomic_directory(out, overwrite=force or out.exists()) as tmp:
-                _save(model, tokenizer, tmp)
-        except FileExistsError:  # another process finished the same build first
-            pass
+        with atomic_directory(out, overwrite=True) as tmp:  # another process finishing first is replaced alike
+            _save(model, tokenizer, tmp)
     finally:
         torch.set_num_threads(threads)
     return out
 
 
 def build_random_model(out: str | Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny Llama + tokenizer in seconds: the fixture for fast tests."""
-    return build_demo_model(out, size="test", seed=seed, force=True, progress=False)
+    """A randomly initialised tiny Llama + tokenizer in seconds: the fixture for fast tests
+    (the `test` size, which `align init-demo-model` does not offer)."""
+    return _build(Path(out), SIZES["test"], seed, progress=False)

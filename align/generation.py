@@ -22,6 +22,24 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def only_these_settings(model: Any) -> Iterator[None]:
+    """`model.generate` reads no setting from the checkpoint's generation_config inside (restored after).
+    transformers fills every setting a caller's GenerationConfig leaves unset from the model's own
+    (repetition_penalty 1.1 from Qwen2.5-Instruct's, no_repeat_ngram_size, min_new_tokens, ...), so an
+    explicit GenerationConfig alone does not make sampling pure; with an empty default in place, what
+    the caller leaves unset takes the library's neutral values. A PEFT model generates through its base."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = own
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -39,11 +57,14 @@ def generate_responses(
     """`num_return_sequences` sampled responses per prompt (greedy when temperature is 0).
 
     Pure sampling (no top-k) by default, so that samples follow the model's distribution,
-    as PPO's rollouts and the SFT baseline they are compared with must.
+    as PPO's rollouts and the SFT baseline they are compared with must: the checkpoint's
+    generation_config (a repetition penalty, top-k, ...) is not applied, only the arguments here
+    and the tokenizer's bos, eos and pad (one eos, the one PPO's rollouts stop at).
     `device` None: the GPU when there is one (the model is moved there, in place), else where it is.
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers import GenerationConfig
 
     from align.precision import default_device
 
@@ -52,24 +73,25 @@ def generate_responses(
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     texts = [render_prompt(tokenizer, p) for p in prompts]
     sampling = temperature > 0
+    config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=0 if sampling else None,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+    )
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
-    with seeded(seed), torch.no_grad():
+    with seeded(seed), torch.no_grad(), only_these_settings(model):
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generating", unit="batch"):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
-            generated = model.generate(
-                **batch,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=0 if sampling else None,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            generated = model.generate(**batch, generation_config=config)
             decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for i in range(0, len(decoded), num_return_sequences):
                 out.append([d.strip() for d in decoded[i : i + num_return_sequences]])

@@ -81,11 +81,11 @@ def resolve_model_path(spec: str | Path) -> Path:
     if text.startswith("package:"):
         return package_model_path(text.split(":", 1)[1])
     if text == "demo" or text.startswith("demo:"):
-        from align.demo_model import SIZES, ensure_demo_model
+        from align.demo_model import DEMO_SIZES, ensure_demo_model
 
         size = text.split(":", 1)[1] if ":" in text else "tiny"
-        if size not in SIZES or size == "test":
-            raise UserError(f"unknown demo model size {size!r}; choose tiny or small")
+        if size not in DEMO_SIZES:
+            raise UserError(f"unknown demo model size {size!r}; choose {' or '.join(DEMO_SIZES)}")
         return ensure_demo_model(size)
     path = Path(text).expanduser()
     if not path.is_dir():
@@ -106,6 +106,31 @@ def adapter_base_path(path: str | Path) -> Path:
     if not base:
         raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
     return resolve_model_path(base)
+
+
+def adapter_chain(path: str | Path) -> list[Path]:
+    """`path`, then the base of each adapter in turn, ending with the full checkpoint underneath
+    (a LoRA adapter may be trained on another adapter). A chain that loops is one line."""
+    chain = [Path(path)]
+    while is_adapter_dir(chain[-1]):
+        base = adapter_base_path(chain[-1])
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise UserError(f"{chain[-1]}: the adapters' base_model_name_or_path chain comes back to {base}")
+        chain.append(base)
+    return chain
+
+
+def checkpoint_dtype(path: str | Path) -> Any:
+    """The torch dtype the full checkpoint under `path` (an adapter's base, followed down) stores its
+    weights in, as its config names it (`dtype`; transformers reads an older `torch_dtype` into it);
+    None when it names none."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(adapter_chain(path)[-1], local_files_only=True).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def check_model_files(directory: str | Path) -> None:
@@ -133,8 +158,8 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    path = Path(path)
-    source = adapter_base_path(path) if is_adapter_dir(path) and not (path / "tokenizer_config.json").exists() else path
+    # an adapter saved without a tokenizer uses its base's (itself maybe an adapter)
+    source = next(p for p in adapter_chain(path) if not is_adapter_dir(p) or (p / "tokenizer_config.json").exists())
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if encoder:
         if tokenizer.pad_token is None:
@@ -149,24 +174,12 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
 
 
 def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -> Any:
-    """A causal LM from a local checkpoint; a LoRA adapter directory is merged into its base."""
+    """A causal LM from a local checkpoint; a LoRA adapter directory is merged into its base, and a
+    base that is itself an adapter directory (an adapter trained on an adapter) is merged first."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    dtype = dtype or torch.float32
-    path = Path(path)
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        base = adapter_base_path(path)
-        log.info("%s is a LoRA adapter on %s: merging it into the base before use", path, base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
-        _fit_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        _fit_embeddings(model, tokenizer)
+    model = _merged_checkpoint(Path(path), dtype or torch.float32, tokenizer)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
@@ -174,8 +187,41 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
     return model
 
 
-def _fit_embeddings(model: Any, tokenizer: Any) -> None:
+def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
+    """The weights at `path` with every adapter level merged in, innermost base first. An adapter
+    folder never reaches `from_pretrained`: transformers' PEFT integration would load it onto its own
+    base there, and the adapter on top would then replace it rather than add to it."""
+    from transformers import AutoModelForCausalLM
+
+    *adapters, checkpoint = adapter_chain(path)
+    model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
+                                                       output_loading_info=True)
+    check_no_missing_weights(model, info["missing_keys"], checkpoint)
     fit_embeddings(model, tokenizer)
+    if adapters:
+        from peft import PeftModel
+
+        for adapter in reversed(adapters):
+            log.info("%s is a LoRA adapter: merging it into its base before use", adapter)
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None:
+    """One line when the checkpoint lacks weights the causal LM needs (a reward model's checkpoint
+    has a score head and no lm_head): transformers would start them from random values, with only a
+    warning that align's quiet logging hides, and a policy would train with a random output layer.
+    An output layer tied to the input embeddings is not missing (`tie_word_embeddings`)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    output = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and output is not None:
+        heads = {f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False) if module is output}
+        missing = set(missing) - heads
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise UserError(f"{path}: not a causal LM checkpoint, it has no weights for {shown} "
+                        "(a reward model or an encoder?); give the SFT checkpoint instead")
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> None:
@@ -192,9 +238,9 @@ def fit_embeddings(model: Any, tokenizer: Any) -> None:
 def is_encoder(config: Any) -> bool:
     """A bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT, ...) rather than a causal LM:
     the families transformers pairs with a masked-LM head (no causal-LM family has one)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING  # config class -> its masked-LM class
 
-    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING
 
 
 def checkpoint_is_encoder(path: str | Path) -> bool:

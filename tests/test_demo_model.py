@@ -146,3 +146,73 @@ def test_demo_model_is_built_once_into_the_cache(monkeypatch, tmp_path):
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_demo_model("test") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.fixture
+def no_sft(monkeypatch):
+    """The demo build without its minutes of SFT: a wrongful build is then quick to see."""
+    import align.demo_model as demo
+
+    monkeypatch.setattr(demo, "supervised_finetune", lambda *args, **kwargs: [])
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_an_existing_output_that_is_not_a_checkpoint_is_refused_without_force(no_sft, tmp_path, kind):
+    from align.demo_model import build_demo_model, is_complete
+
+    out = tmp_path / "keep"
+    if kind == "folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out.write_text("mine")
+    with pytest.raises(UserError, match=r"already exists and is not a demo checkpoint.*--force"):
+        build_demo_model(out, size="tiny", progress=False)
+    assert (out / "notes.txt" if kind == "folder" else out).read_text() == "mine"  # untouched
+    assert build_demo_model(out, size="tiny", force=True, progress=False) == out  # --force replaces it
+    assert is_complete(out) and not (out / "notes.txt").exists()
+
+
+def test_cli_refuses_an_existing_folder_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "align", "init-demo-model", "--size", "tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--force" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_only_the_sizes_the_help_names_are_built(no_sft, tmp_path):
+    from align.demo_model import build_demo_model
+
+    with pytest.raises(UserError, match="unknown demo model size 'test'; choose tiny or small"):
+        build_demo_model(tmp_path / "t", size="test", progress=False)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(UserError, match="unknown demo model size 'test'"):
+        resolve_model_path("demo:test")
+
+
+def test_sampling_ignores_the_checkpoints_generation_settings(tiny_random_model, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    prompts, kwargs = ["Tell me about tea.", "How does chess work?"], {"max_new_tokens": 12, "seed": 4,
+                                                                       "num_return_sequences": 3}
+    tokenizer = load_tokenizer(tiny_random_model)
+    plain = generate_responses(load_causal_lm(tiny_random_model, tokenizer=tokenizer), tokenizer, prompts, **kwargs)
+    shipped = tmp_path / "shipped"  # as Qwen2.5-Instruct ships repetition_penalty 1.1 (here far stronger)
+    shutil.copytree(tiny_random_model, shipped)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, do_sample=True, repetition_penalty=5.0, top_k=1,
+                     no_repeat_ngram_size=1, min_new_tokens=12).save_pretrained(shipped)
+    model = load_causal_lm(shipped, tokenizer=tokenizer)
+    assert model.generation_config.repetition_penalty == 5.0
+    greedy_like = model.generate(**tokenizer(["Hi"], return_tensors="pt"), max_new_tokens=12)  # the settings act
+    assert len(set(greedy_like[0, -12:].tolist())) == 12  # no token repeats under no_repeat_ngram_size=1
+    assert generate_responses(model, tokenizer, prompts, **kwargs) == plain
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own settings are left as they were

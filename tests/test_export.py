@@ -189,3 +189,97 @@ def test_ppo_model_card_describes_its_reward_model(tiny_ppo_run, tmp_path):
     out = export_run(tiny_ppo_run, tmp_path / "policy", merge=False)
     card = (out / "README.md").read_text()
     assert "## Reward model" in card and "reward model: `" in card
+
+
+def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo_run, tiny_random_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import load_tokenizer
+    from tests.adapters import merged_by_hand, save_random_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    tokenizer = load_tokenizer(run / "policy")
+    first = save_random_adapter(tiny_random_model, tmp_path / "sft-adapter", tokenizer, seed=1)
+    config_path = run / "policy" / "adapter_config.json"  # the run's policy_model was that adapter
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(first)}))
+    out = export_run(run, tmp_path / "merged")
+    ids = tokenizer(["Tell me about tea."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)(ids).logits
+        expected = merged_by_hand(tiny_random_model, [first, run / "policy"], tokenizer)(ids).logits
+    torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-5)
+
+
+def _rebase(run, tmp_path, adapter_dir, base):
+    """A copy of `run` whose adapter at `adapter_dir` (relative to the run) names `base`."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config_path = copy / adapter_dir / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(base)}))
+    return copy
+
+
+def test_a_merged_export_keeps_the_dtype_of_a_bf16_base(tiny_ppo_run, tiny_random_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import load_tokenizer
+    from tests.adapters import bf16_copy, merged_by_hand
+
+    base = bf16_copy(tiny_random_model, tmp_path / "bf16-base")
+    run = _rebase(tiny_ppo_run, tmp_path, "policy", base)
+    out = export_run(run, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    tokenizer = load_tokenizer(run / "policy")
+    ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    expected = merged_by_hand(base, [run / "policy"], tokenizer)  # the run's policy, in fp32
+    exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert exported.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**ids).logits.float(), expected(**ids).logits, atol=0.05, rtol=0.02)
+
+
+def test_a_merged_reward_export_keeps_the_dtype_of_a_bf16_base(tiny_reward_run, tiny_random_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from reward.model import load_reward_model
+    from tests.adapters import bf16_copy
+
+    run = _rebase(tiny_reward_run, tmp_path, "model", bf16_copy(tiny_random_model, tmp_path / "bf16-base"))
+    out = export_run(run, tmp_path / "rm")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    responses = ["Tea is a drink.", "Chess is a game.", "Bake it hot."]
+    expected = load_reward_model(run, device="cpu").score(PROMPTS, responses)
+    got = load_reward_model(out, device="cpu", dtype=torch.bfloat16).score(PROMPTS, responses)
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize(("method", "in_loss"), [("ppo", False), ("rloo", False), ("grpo", True)])
+def test_the_model_card_lists_the_settings_the_method_used(tiny_ppo_run, tmp_path, method, in_loss):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["kl"]["in_loss"] is None  # "by method", as a config leaves it by default
+    config.update(method=method, samples_per_prompt=1 if method == "ppo" else 4)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    card = (export_run(run, tmp_path / "out", merge=False) / "README.md").read_text()
+    assert f"- method: {method}" in card and f"in_loss={in_loss}" in card
+    for key in ("vf_coef", "gamma", "gae_lambda"):  # the value model's settings, which only PPO has
+        assert (f"- {key}:" in card) == (method == "ppo"), key
+
+
+@pytest.mark.parametrize("below", ["x", "x/y"])
+def test_an_output_below_a_file_is_one_line(tiny_ppo_run, tmp_path, below):
+    (tmp_path / "plainfile").write_text("mine")
+    out = tmp_path / "plainfile" / below
+    with pytest.raises(UserError, match=rf"--out {out}: {tmp_path / 'plainfile'} is a file, not a folder"):
+        export_run(tiny_ppo_run, out)
+    result = subprocess.run([sys.executable, "-m", "align", "export", str(tiny_ppo_run), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "plainfile").read_text() == "mine"

@@ -16,6 +16,7 @@ when complete, so a crash or a kill leaves no half export behind.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     check_model_files(_source_dir(run, kind))  # one line for a damaged run, never an export without weights
+    _prepare_output_folder(out)
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
         if kind in POLICY_KINDS:
@@ -75,6 +77,21 @@ def _source_dir(run: Path, kind: str) -> Path:
     from reward.run_dir import model_dir
 
     return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """The folder --out goes into, created if need be, or one line saying why it cannot be (a file in
+    the way, no permission), before any weights are loaded."""
+    parent = out.parent
+    first_existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
+    if first_existing is not None and not first_existing.is_dir():
+        raise UserError(f"--out {out}: {first_existing} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {parent} is not writable")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -98,9 +115,18 @@ def _export_policy(run: Path, out: Path, merge: bool) -> None:
         _copy_files(policy, out)
         return
     tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged
-    model.save_pretrained(out, safe_serialization=True)
+    model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged in fp32
+    _in_base_dtype(model, policy).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _in_base_dtype(model: Any, adapter: Path) -> Any:
+    """The merged model cast to the dtype its base checkpoint stores (a bf16 base exports as bf16,
+    not at twice its size in fp32). The merge itself ran in fp32, so W + BA is rounded only once."""
+    from align.modeling import checkpoint_dtype
+
+    dtype = checkpoint_dtype(adapter)
+    return model.to(dtype) if dtype is not None else model
 
 
 def _export_reward(run: Path, out: Path, merge: bool) -> None:
@@ -112,8 +138,8 @@ def _export_reward(run: Path, out: Path, merge: bool) -> None:
         return
     from reward.model import load_reward_model
 
-    reward = load_reward_model(source, device="cpu")  # export needs no GPU memory
-    reward.model.save_pretrained(out, safe_serialization=True)
+    reward = load_reward_model(source, device="cpu")  # fp32, and no GPU memory needed
+    _in_base_dtype(reward.model, source).save_pretrained(out, safe_serialization=True)
     reward.tokenizer.save_pretrained(out)
     for name in (NORMALIZATION_FILE, INFO_FILE):  # the normalisation and the provenance travel along
         if (source / name).exists():
@@ -147,6 +173,20 @@ def _reward_section(reward: RewardRun) -> list[str]:
     return lines
 
 
+def _typed_ppo_config(config: dict[str, Any]) -> Any:
+    """The run's saved config as a PPOConfig, for what it derives (has_value_model, kl_in_loss); None for
+    a config this version no longer reads. Its prompt files are not needed here and may have moved."""
+    from align.config import from_dict
+    from align.errors import ConfigError
+    from ppo.config import PPOConfig
+
+    try:
+        return from_dict(PPOConfig, {**config, "prompts": "synthetic", "eval_prompts": "synthetic"})
+    except ConfigError as exc:
+        log.warning("the model card lists the run's settings as saved: its config no longer reads (%s)", exc)
+        return None
+
+
 def model_card(run: Path, kind: str, merge: bool) -> str:
     from ppo.run_dir import PPORun
     from reward.run_dir import RewardRun, is_reward_model
@@ -177,11 +217,15 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
         lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
-        kl = config.get("kl", {})
+        typed = _typed_ppo_config(config)
+        kl = dict(config.get("kl", {}))
+        if typed is not None and kl:
+            kl["in_loss"] = typed.kl_in_loss  # null in the config means "by method"; the card says what ran
+        value_keys = ("vf_coef", "gamma", "gae_lambda")  # the value model's: PPO only
         lines += ["", f"## {method.upper()} settings", ""]
         for key in ("method", "samples_per_prompt", "num_iterations", "batch_size", "response_length", "learning_rate",
-                    "num_ppo_epochs", "num_mini_batches", "clip_coef", "vf_coef", "gamma", "gae_lambda", "seed"):
-            if key in config:
+                    "num_ppo_epochs", "num_mini_batches", "clip_coef", *value_keys, "seed"):
+            if key in config and not (key in value_keys and typed is not None and not typed.has_value_model):
                 lines.append(f"- {key}: {_fmt(config[key])}")
         if kl:
             lines.append("- KL penalty: " + ", ".join(f"{k}={_fmt(v)}" for k, v in kl.items()))

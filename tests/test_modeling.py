@@ -1,0 +1,93 @@
+"""Loading checkpoints: adapters stacked on adapters merge level by level."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.errors import UserError
+from align.modeling import load_causal_lm, load_tokenizer
+from tests.adapters import merged_by_hand, save_random_adapter
+
+IDS = torch.tensor([[1, 5, 9, 12, 40, 7]])
+
+
+def test_an_adapter_on_an_adapter_is_merged_with_both(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    model = load_causal_lm(second, tokenizer=load_tokenizer(second))
+    assert not hasattr(model, "peft_config") and not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        got = model(IDS).logits
+        both = merged_by_hand(tiny_random_model, [first, second], tokenizer)(IDS).logits
+        second_only = merged_by_hand(tiny_random_model, [second], tokenizer)(IDS).logits
+    assert (both - second_only).abs().max() > 1e-2  # the first adapter matters to the result
+    torch.testing.assert_close(got, both, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_whose_bases_form_a_loop_are_refused(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    config = json.loads((first / "adapter_config.json").read_text())
+    (first / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(second)}))
+    with pytest.raises(UserError, match="chain comes back to"):
+        load_causal_lm(second, tokenizer=tokenizer)
+
+
+def test_an_adapter_saved_without_a_tokenizer_reads_the_first_one_down_its_bases(tiny_random_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_random_model)
+    first = save_random_adapter(tiny_random_model, tmp_path / "a1", tokenizer, seed=1)
+    second = save_random_adapter(first, tmp_path / "a2", tokenizer, seed=2)
+    for level in (first, second):
+        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+            (level / name).unlink(missing_ok=True)
+    assert load_tokenizer(second).get_vocab() == tokenizer.get_vocab()
+
+
+@pytest.fixture
+def untied_model(tiny_random_model, tmp_path):
+    """The tiny model with an output layer of its own (not tied to the embeddings), as most
+    checkpoints of 1B parameters and more are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_random_model)
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_model, config=config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "untied")
+    load_tokenizer(tiny_random_model).save_pretrained(tmp_path / "untied")
+    return tmp_path / "untied"
+
+
+def test_a_checkpoint_without_an_lm_head_is_refused_as_a_causal_lm(untied_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    reward = AutoModelForSequenceClassification.from_pretrained(untied_model, num_labels=1)
+    reward.save_pretrained(tmp_path / "reward")
+    with pytest.raises(UserError, match=r"reward.*not a causal LM checkpoint, it has no weights for lm_head\.weight"):
+        load_causal_lm(tmp_path / "reward")
+
+
+def test_tied_and_untied_causal_lms_load_with_their_own_output_layer(tiny_random_model, untied_model):
+    from safetensors.torch import load_file
+
+    untied = load_causal_lm(untied_model)
+    saved = load_file(untied_model / "model.safetensors")
+    assert torch.equal(untied.lm_head.weight, saved["lm_head.weight"])
+    tied = load_causal_lm(tiny_random_model)
+    assert "lm_head.weight" not in load_file(tiny_random_model / "model.safetensors")
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+
+
+def test_encoders_are_told_from_causal_lms_by_their_config():
+    from transformers import BertConfig, DebertaV2Config, GPT2Config, LlamaConfig, ModernBertConfig, Qwen2Config, RobertaConfig
+
+    from align.modeling import is_encoder
+
+    assert all(is_encoder(c()) for c in (BertConfig, RobertaConfig, DebertaV2Config, ModernBertConfig))
+    assert not any(is_encoder(c()) for c in (LlamaConfig, GPT2Config, Qwen2Config))
