@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from align.config import ConfigError, check, describe, load_config, option, save_config
+from align.config import ConfigError, check, describe, load_config, option, read_yaml_mapping, save_config
 
 
 @dataclass
@@ -137,3 +137,24 @@ def test_the_shipped_real_model_configs_load(stage, tmp_path):
     path = Path(__file__).resolve().parents[1] / "configs" / "real" / f"{stage}.yaml"
     cfg = load_config(config_class, path, overrides)
     assert cfg.output_dir.startswith("runs/real/")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kl_coef: 0.1\nwhiten: true\nkl_coef: 0.2\n", "line 3, column 1): duplicate key 'kl_coef' (first on line 1)"),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "line 3, column 3): duplicate key 'lr' (first on line 2)"),
+        ("optim: {lr: 0.1, lr: 0.2}\n", "line 1, column 18): duplicate key 'lr' (first on line 1)"),
+    ],
+)
+def test_a_duplicate_key_in_yaml_is_refused_with_its_line(tmp_path, text, expected):
+    # PyYAML keeps the last value of a repeated key; the first one would be silently ignored
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, write(tmp_path, text), [])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    # `<<:` merges a mapping whose keys the explicit ones replace: no duplicate
+    path = write(tmp_path, "base: &b {lr: 0.1, warmup_steps: 2}\noptim:\n  <<: *b\n  lr: 0.5\n")
+    assert read_yaml_mapping(path)["optim"] == {"lr": 0.5, "warmup_steps": 2}
