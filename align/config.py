@@ -57,10 +57,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml_mapping(path)
+        dotted = _dotted_key(data, cls)
+        if dotted:
+            *sections, leaf = dotted.split(".")
+            nesting = ", then ".join([f"{sections[0]}:", *(f"{p}: indented below it" for p in [*sections[1:], leaf])])
+            raise ConfigError(f"{path}: {dotted!r}: dotted keys are for key=value overrides; in a YAML file write it "
+                              f"as a nested section ({nesting})")
     for override in overrides or []:
         key, value = parse_override(override)
         set_dotted(data, key, value, cls)
     return from_dict(cls, data)
+
+
+def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | None:
+    """The first key of a YAML mapping written with dots (`kl.coef: 0.1`) that names a nested key of
+    `cls`; an unknown one is left to `from_dict`, which suggests the nearest key."""
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        if "." in key and f"{prefix}{key}" in all_keys(cls, prefix):
+            return f"{prefix}{key}"
+        if key in hints and dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            found = _dotted_key(value, hints[key], f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -186,6 +208,9 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, Mapping) and not _takes_mapping(tp):  # `lr.x=1`, or `lr:` with keys below it
+        below = f", so '{key}.{next(iter(value))}' is no config key" if value else ""
+        raise ConfigError(f"{key} is not a section (it takes {_type_name(tp)}){below}")
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and _NoneType in args:
@@ -241,6 +266,11 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _takes_mapping(tp: Any) -> bool:
+    args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(a is Any or a is dict or get_origin(a) is dict or dataclasses.is_dataclass(a) for a in args)
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:

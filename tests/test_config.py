@@ -158,3 +158,33 @@ def test_yaml_merge_keys_still_override(tmp_path):
     # `<<:` merges a mapping whose keys the explicit ones replace: no duplicate
     path = write(tmp_path, "base: &b {lr: 0.1, warmup_steps: 2}\noptim:\n  <<: *b\n  lr: 0.5\n")
     assert read_yaml_mapping(path)["optim"] == {"lr": 0.5, "warmup_steps": 2}
+
+
+def test_a_dotted_key_in_yaml_is_refused_with_the_nested_form(tmp_path):
+    # a dotted key is the command line's way to name a nested key; YAML nests sections
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, write(tmp_path, "optim.lr: 0.1\n"), [])
+    assert str(info.value) == (f"{tmp_path / 'c.yaml'}: 'optim.lr': dotted keys are for key=value overrides; "
+                               "in a YAML file write it as a nested section (optim:, then lr: indented below it)")
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):  # an unknown dotted key stays unknown
+        load_config(StageConfig, write(tmp_path, "optim.lrr: 0.1\n"), [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["kl_coef.x=1"], "kl_coef is not a section (it takes float), so 'kl_coef.x' is no config key"),
+        (["optim.lr.a.b=1"], "optim.lr is not a section (it takes float), so 'optim.lr.a' is no config key"),
+        (["estimator.x=k1"], "estimator is not a section (it takes k1|k3), so 'estimator.x' is no config key"),
+        (["data_path.x=1"], "data_path is not a section (it takes str | null), so 'data_path.x' is no config key"),
+    ],
+)
+def test_a_dotted_key_under_a_leaf_says_it_is_not_a_section(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, None, overrides)
+    assert str(info.value) == expected  # no internal repr of the override
+
+
+def test_a_yaml_section_for_a_leaf_says_it_is_not_a_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kl_coef is not a section \(it takes float\), so 'kl_coef.x' is no config key$"):
+        load_config(StageConfig, write(tmp_path, "kl_coef:\n  x: 1\n"), [])
