@@ -55,7 +55,7 @@ def config_keys_help(cls: type) -> str:
 
     from align.config import describe
 
-    parts = ["[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value):"]
+    parts = ["[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value; a value beginning with ~/ is a path in your home directory):"]
     for key, type_name, default, help_text in describe(cls):
         parts.append(f"[bold]{escape(key)}[/bold] ({escape(type_name)}, default {escape(yaml.safe_dump(default, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip())}): {escape(help_text)}")
     return "\n\n".join(parts)

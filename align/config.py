@@ -7,13 +7,17 @@ list of `key=value` / `nested.key=value` overrides and refuses, with one line na
 key, anything it does not understand: an unknown key (with the closest valid key for a
 typo), a value of the wrong type, a value out of range, a file that does not exist.
 Nothing is silently rewritten: the resolved config is exactly what the user asked for,
-and `save_config` writes it into the run directory.
+and `save_config` writes it into the run directory. The one reading a shell would do is `~`:
+a text value that begins with `~/` is a path in the home directory and is expanded
+(in a quoted override or a YAML file no shell did it). Paths are plain `str` fields, so the rule
+is the value's, not the field's; no text field of align takes such a value with another meaning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -262,6 +266,8 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str or tp is Path:
+        if isinstance(value, str) and value.startswith("~/"):
+            return os.path.expanduser(value)  # every text field that takes a path; see the module's docstring
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")

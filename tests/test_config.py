@@ -188,3 +188,25 @@ def test_a_dotted_key_under_a_leaf_says_it_is_not_a_section(overrides, expected)
 def test_a_yaml_section_for_a_leaf_says_it_is_not_a_section(tmp_path):
     with pytest.raises(ConfigError, match=r"^kl_coef is not a section \(it takes float\), so 'kl_coef.x' is no config key$"):
         load_config(StageConfig, write(tmp_path, "kl_coef:\n  x: 1\n"), [])
+
+
+def test_a_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    # as a shell would: `data.path=~/k.jsonl` in quotes, or in a YAML file, reaches the loader unexpanded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "k.jsonl").write_text("")
+    cfg = load_config(StageConfig, write(tmp_path, "model: ~/models/sft\n"), ["data_path=~/k.jsonl"])
+    assert cfg.data_path == str(tmp_path / "k.jsonl") and cfg.model == str(tmp_path / "models" / "sft")
+    assert load_config(StageConfig, None, ["model=~sft/x"]).model == "~sft/x"  # only ~/ names the home
+    assert load_config(StageConfig, None, ["model=runs/~/x"]).model == "runs/~/x"
+
+
+def test_a_stage_reads_its_data_from_the_home_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dpo.config import DPOConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "k.jsonl").write_text("")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "dpo.yaml"
+    cfg = load_config(DPOConfig, demo, ["data.format=kwise", "data.path=~/k.jsonl", "output_dir=~/runs/dpo"])
+    assert cfg.data.path == str(tmp_path / "k.jsonl") and cfg.output_dir == str(tmp_path / "runs" / "dpo")
