@@ -37,10 +37,11 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         if key not in allowed:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
-    try:
-        return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])
+    try:  # the run's own config first: whether RUN is a run of this stage at all
+        load_config(cls, run / "config.yaml", [f"output_dir={run}"])
     except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
+    return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])  # a bad override, as itself
 
 
 def config_keys_help(cls: type) -> str:
