@@ -57,3 +57,39 @@ def test_another_stages_run_is_not_resumed(stage, tmp_path):
     out = run_align(*command, "--resume", str(tmp_path / "run"))
     name = {"reward": "reward", "ppo": "PPO", "dpo": "DPO"}[stage]
     assert one_line_error(out).startswith(f"error: {tmp_path / 'run'}: not a {name} run to resume: unknown config key")
+
+
+def test_a_run_directory_that_cannot_be_created_is_a_user_error(tmp_path):
+    from align.errors import UserError
+    from align.run import prepare_run_dir
+
+    (tmp_path / "plainfile").write_text("")
+    with pytest.raises(UserError) as info:
+        prepare_run_dir(tmp_path / "plainfile" / "run", object())
+    assert str(info.value) == (f"cannot create directory {tmp_path / 'plainfile' / 'run'}: "
+                               f"{tmp_path / 'plainfile'} is a file, not a directory")
+
+
+@pytest.mark.parametrize("where", ["plainfile", "plainfile/sub"])
+def test_demo_out_that_cannot_be_created_is_one_line(tmp_path, where):
+    (tmp_path / "plainfile").write_text("")
+    out = run_align("demo", "--out", str(tmp_path / where))
+    assert one_line_error(out) == (f"error: cannot create directory {tmp_path / where}: "
+                                   f"{tmp_path / 'plainfile'} is a file, not a directory")
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, tiny_random_model):
+    # a link to a disk that is not mounted: nothing is in the way until the run directory is created
+    (tmp_path / "runs").symlink_to(tmp_path / "unmounted")
+    run = tmp_path / "runs" / "run"
+    small = {"reward": [f"model.name_or_path={tiny_random_model}", "data.num_rankings=8", "data.num_eval_rankings=4",
+                        "train.batch_size=4"],
+             "dpo": [f"policy_model={tiny_random_model}", "data.num_rankings=8", "data.num_eval_rankings=4",
+                     "batch_size=4", "num_eval_prompts=0", "progress=false"]}[stage]
+    out = run_align(*STAGES[stage][0], f"output_dir={run}", *small)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    # the last line: the stage logs what it loaded before it creates the run directory
+    assert out.stderr.strip().splitlines()[-1] == (f"error: cannot create directory {run}: "
+                                                   f"{tmp_path / 'runs'} is a broken symbolic link")
+    assert not (tmp_path / "unmounted").exists()

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from align.config import check, load_config, option, save_config
 from align.errors import UserError
 from align.resources import configs_dir
-from align.run import write_json_atomic
+from align.run import make_directory, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -142,7 +142,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
         dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
         policy_cfg = load_config(DPOConfig, cfg.policy_config, [*dpo_base, "data.format=synthetic", *dpo_over])
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out)
     save_config(cfg, out / "config.yaml")
 
     stages = Stages(3 if serve else 7 if with_reward_model else 6)
