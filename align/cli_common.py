@@ -37,10 +37,11 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         if key not in allowed:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
-    try:
-        return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])
+    try:  # the run's own config first: whether RUN is a run of this stage at all
+        load_config(cls, run / "config.yaml", [f"output_dir={run}"])
     except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
+    return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])  # a bad override, as itself
 
 
 def config_keys_help(cls: type) -> str:
@@ -55,7 +56,7 @@ def config_keys_help(cls: type) -> str:
 
     from align.config import describe
 
-    parts = ["[bold]Config keys[/bold] (in the YAML file, or as key=value after it; nested keys with dots):"]
+    parts = ["[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value; a value beginning with ~/ is a path in your home directory):"]
     for key, type_name, default, help_text in describe(cls):
         parts.append(f"[bold]{escape(key)}[/bold] ({escape(type_name)}, default {escape(yaml.safe_dump(default, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip())}): {escape(help_text)}")
     return "\n\n".join(parts)

@@ -7,13 +7,17 @@ list of `key=value` / `nested.key=value` overrides and refuses, with one line na
 key, anything it does not understand: an unknown key (with the closest valid key for a
 typo), a value of the wrong type, a value out of range, a file that does not exist.
 Nothing is silently rewritten: the resolved config is exactly what the user asked for,
-and `save_config` writes it into the run directory.
+and `save_config` writes it into the run directory. The one reading a shell would do is `~`:
+a text value that begins with `~/` is a path in the home directory and is expanded
+(in a quoted override or a YAML file no shell did it). Paths are plain `str` fields, so the rule
+is the value's, not the field's; no text field of align takes such a value with another meaning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,10 +61,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml_mapping(path)
+        dotted = _dotted_key(data, cls)
+        if dotted:
+            *sections, leaf = dotted.split(".")
+            nesting = ", then ".join([f"{sections[0]}:", *(f"{p}: indented below it" for p in [*sections[1:], leaf])])
+            raise ConfigError(f"{path}: {dotted!r}: dotted keys are for key=value overrides; in a YAML file write it "
+                              f"as a nested section ({nesting})")
     for override in overrides or []:
         key, value = parse_override(override)
         set_dotted(data, key, value, cls)
     return from_dict(cls, data)
+
+
+def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | None:
+    """The first key of a YAML mapping written with dots (`kl.coef: 0.1`) that names a nested key of
+    `cls`; an unknown one is left to `from_dict`, which suggests the nearest key."""
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        if "." in key and f"{prefix}{key}" in all_keys(cls, prefix):
+            return f"{prefix}{key}"
+        if key in hints and dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            found = _dotted_key(value, hints[key], f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -68,7 +94,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as exc:
@@ -81,6 +107,26 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value, so the first would be silently ignored (the YAML spec requires unique keys)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[tuple[type, Any], int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # (a list or mapping as a key: PyYAML refuses it itself)
+            seen = (type(key), key)  # `1` and `true` are two keys
+            if seen in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[seen]})", key_node.start_mark)
+            first_line[seen] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -166,6 +212,9 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, Mapping) and not _takes_mapping(tp):  # `lr.x=1`, or `lr:` with keys below it
+        below = f", so '{key}.{next(iter(value))}' is no config key" if value else ""
+        raise ConfigError(f"{key} is not a section (it takes {_type_name(tp)}){below}")
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and _NoneType in args:
@@ -217,10 +266,17 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str or tp is Path:
+        if isinstance(value, str) and value.startswith("~/"):
+            return os.path.expanduser(value)  # every text field that takes a path; see the module's docstring
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _takes_mapping(tp: Any) -> bool:
+    args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(a is Any or a is dict or get_origin(a) is dict or dataclasses.is_dataclass(a) for a in args)
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
@@ -256,6 +312,10 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, root: type) -> str:
+    # a config class may name keys it lacks on purpose (`absent_keys`: a key of another stage -> why)
+    absent = getattr(root, "absent_keys", {}).get(key.rsplit(".", 1)[-1])
+    if absent:
+        return f"unknown config key {key!r} for {root.__name__}: {absent}"
     keys = all_keys(root)
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not match:  # a typo in the last part of a nested key, or a leaf named without its section

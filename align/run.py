@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import save_config
+from align.errors import UserError
 
 
 def peak_memory_mb() -> float:
@@ -36,10 +37,31 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def make_directory(path: str | Path) -> Path:
+    """`mkdir -p path`. The system's refusal (a file in the way, a broken link, no permission, a
+    read-only disk) is the user's to fix: one line naming the path and the reason, no traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create directory {path}: {_refusal(path, exc)}") from None
+    return path
+
+
+def _refusal(path: Path, exc: OSError) -> str:
+    """Why `path` cannot be created: the nearest part of it in the way, else the system's reason.
+    (os.path's tests answer False where Path's raise, as for a name too long.)"""
+    for part in (path, *path.parents):
+        if os.path.islink(part) and not os.path.exists(part):
+            return f"{part} is a broken symbolic link"
+        if os.path.exists(part):
+            return exc.strerror or str(exc) if os.path.isdir(part) else f"{part} is a file, not a directory"
+    return exc.strerror or str(exc)
+
+
 def prepare_run_dir(output_dir: str | Path, cfg: Any) -> Path:
     """Create the run directory and write the resolved config into it."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_directory(output_dir)
     save_config(cfg, out / "config.yaml")
     return out
 
@@ -122,8 +144,11 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     SIGKILL is hidden and never mistaken for the real thing.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    make_directory(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:  # no permission, a read-only or full disk
+        raise UserError(f"cannot create directory {target}: {exc.strerror or exc}") from None
     try:
         yield tmp
         if target.exists():

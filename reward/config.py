@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from align.config import LoraOptions, check, option
 
@@ -176,3 +176,9 @@ class RewardConfig:
     eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
     overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run: its model and "
                              "checkpoints are replaced).")
+
+    # keys of the other stages this one lacks, named as such instead of as a typo of a near key
+    absent_keys: ClassVar[dict[str, str]] = {
+        "progress": "the reward stage has no progress option: it shows no progress bar (metrics.jsonl gets a line "
+                    "every train.log_every steps)",
+    }

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from align.config import ConfigError, check, describe, load_config, option, save_config
+from align.config import ConfigError, check, describe, load_config, option, read_yaml_mapping, save_config
 
 
 @dataclass
@@ -137,3 +137,76 @@ def test_the_shipped_real_model_configs_load(stage, tmp_path):
     path = Path(__file__).resolve().parents[1] / "configs" / "real" / f"{stage}.yaml"
     cfg = load_config(config_class, path, overrides)
     assert cfg.output_dir.startswith("runs/real/")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kl_coef: 0.1\nwhiten: true\nkl_coef: 0.2\n", "line 3, column 1): duplicate key 'kl_coef' (first on line 1)"),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "line 3, column 3): duplicate key 'lr' (first on line 2)"),
+        ("optim: {lr: 0.1, lr: 0.2}\n", "line 1, column 18): duplicate key 'lr' (first on line 1)"),
+    ],
+)
+def test_a_duplicate_key_in_yaml_is_refused_with_its_line(tmp_path, text, expected):
+    # PyYAML keeps the last value of a repeated key; the first one would be silently ignored
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, write(tmp_path, text), [])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    # `<<:` merges a mapping whose keys the explicit ones replace: no duplicate
+    path = write(tmp_path, "base: &b {lr: 0.1, warmup_steps: 2}\noptim:\n  <<: *b\n  lr: 0.5\n")
+    assert read_yaml_mapping(path)["optim"] == {"lr": 0.5, "warmup_steps": 2}
+
+
+def test_a_dotted_key_in_yaml_is_refused_with_the_nested_form(tmp_path):
+    # a dotted key is the command line's way to name a nested key; YAML nests sections
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, write(tmp_path, "optim.lr: 0.1\n"), [])
+    assert str(info.value) == (f"{tmp_path / 'c.yaml'}: 'optim.lr': dotted keys are for key=value overrides; "
+                               "in a YAML file write it as a nested section (optim:, then lr: indented below it)")
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):  # an unknown dotted key stays unknown
+        load_config(StageConfig, write(tmp_path, "optim.lrr: 0.1\n"), [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["kl_coef.x=1"], "kl_coef is not a section (it takes float), so 'kl_coef.x' is no config key"),
+        (["optim.lr.a.b=1"], "optim.lr is not a section (it takes float), so 'optim.lr.a' is no config key"),
+        (["estimator.x=k1"], "estimator is not a section (it takes k1|k3), so 'estimator.x' is no config key"),
+        (["data_path.x=1"], "data_path is not a section (it takes str | null), so 'data_path.x' is no config key"),
+    ],
+)
+def test_a_dotted_key_under_a_leaf_says_it_is_not_a_section(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(StageConfig, None, overrides)
+    assert str(info.value) == expected  # no internal repr of the override
+
+
+def test_a_yaml_section_for_a_leaf_says_it_is_not_a_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kl_coef is not a section \(it takes float\), so 'kl_coef.x' is no config key$"):
+        load_config(StageConfig, write(tmp_path, "kl_coef:\n  x: 1\n"), [])
+
+
+def test_a_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    # as a shell would: `data.path=~/k.jsonl` in quotes, or in a YAML file, reaches the loader unexpanded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "k.jsonl").write_text("")
+    cfg = load_config(StageConfig, write(tmp_path, "model: ~/models/sft\n"), ["data_path=~/k.jsonl"])
+    assert cfg.data_path == str(tmp_path / "k.jsonl") and cfg.model == str(tmp_path / "models" / "sft")
+    assert load_config(StageConfig, None, ["model=~sft/x"]).model == "~sft/x"  # only ~/ names the home
+    assert load_config(StageConfig, None, ["model=runs/~/x"]).model == "runs/~/x"
+
+
+def test_a_stage_reads_its_data_from_the_home_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dpo.config import DPOConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "k.jsonl").write_text("")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "dpo.yaml"
+    cfg = load_config(DPOConfig, demo, ["data.format=kwise", "data.path=~/k.jsonl", "output_dir=~/runs/dpo"])
+    assert cfg.data.path == str(tmp_path / "k.jsonl") and cfg.output_dir == str(tmp_path / "runs" / "dpo")

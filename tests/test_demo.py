@@ -27,11 +27,24 @@ def test_overrides_are_routed_to_their_stage():
         (["method=reinforce"], "method"),
         (["method=dpo", "dpo.bta=0.1"], "did you mean 'beta'"),
         (["method=grpo", "ppo.samples_per_prompt=1"], "needs samples_per_prompt >= 2"),
+        # a stage the method does not run: its overrides are checked all the same, then refused
+        (["method=dpo", "ppo.bogus=1", "reward.bogus=2"], "unknown config key 'bogus' for RewardConfig"),
+        (["method=dpo", "ppo.bogus=1"], "unknown config key 'bogus' for PPOConfig"),
+        (["dpo.beta=banana"], "beta: expected a number, got 'banana'"),
+        (["method=rloo", "dpo.beta=-1"], "beta: must be > 0"),
+        (["method=dpo", "ppo.kl.coef=0.1"],
+         r"^'ppo.kl.coef' is not used: ppo.\* overrides need method=ppo/rloo/grpo; this demo runs dpo$"),
+        (["method=dpo", "reward.train.epochs=2"],
+         r"^'reward.train.epochs' is not used: reward.\* overrides need method=ppo/rloo/grpo \(the roads with a "
+         r"reward model\); this demo runs dpo$"),
+        (["dpo.beta=0.2"], r"^'dpo.beta' is not used: dpo.\* overrides need method=dpo; this demo runs ppo$"),
+        (["method=grpo", "dpo.beta=0.2"], r"dpo.\* overrides need method=dpo; this demo runs grpo$"),
     ],
 )
 def test_bad_overrides_stop_before_any_work(tmp_path, overrides, message):
+    # with no SFT model a refusal that came after the first stage had started would be another error
     with pytest.raises(ConfigError, match=message):
-        run_demo(tmp_path / "demo", config_path=None, overrides=overrides)
+        run_demo(tmp_path / "demo", config_path=None, overrides=[f"model={tmp_path / 'no-model'}", *overrides])
     assert not (tmp_path / "demo").exists()
 
 

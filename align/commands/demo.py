@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.config import check, load_config, option, save_config
-from align.errors import UserError
+from align.errors import ConfigError, UserError
 from align.resources import configs_dir
-from align.run import write_json_atomic
+from align.run import make_directory, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -41,12 +41,15 @@ PROJECT = "demo"
 
 @dataclass
 class DemoConfig:
-    """`align demo` settings. Keys prefixed `reward.` / `ppo.` / `dpo.` override those stages' configs."""
+    """`align demo` settings. Keys prefixed `reward.` / `ppo.` / `dpo.` override those stages' configs;
+    those of a stage the method does not run are checked against its config, then refused."""
 
     method: Literal["ppo", "rloo", "grpo", "dpo"] = option(
         "ppo", help="The road from the rankings to the policy. ppo: a reward model, then PPO with a value head. "
         "rloo / grpo: the same reward model, then a critic-free method of the PPO stage (4 samples per prompt, no "
-        "value model). dpo: no reward model; K-wise DPO (Plackett-Luce) on the rankings themselves.")
+        "value model). dpo: no reward model; K-wise DPO (Plackett-Luce) on the rankings themselves. Overrides of a "
+        "stage the method does not run (dpo.* with ppo, rloo or grpo; reward.* and ppo.* with dpo) are checked "
+        "against that stage's config like the others, then refused: the demo would not use them.")
 
     model: str = option("demo:tiny", help="SFT checkpoint: demo:tiny, demo:small or a local directory.")
     num_prompts: int = option(
@@ -74,11 +77,14 @@ class DemoConfig:
         check(self.ppo_config is None or Path(self.ppo_config).is_file(), f"ppo_config: file not found: {self.ppo_config}")
 
     @property
+    def ppo_stage_config(self) -> str:
+        """The config of the PPO stage (method ppo, rloo or grpo; configs/demo/ppo.yaml for method=dpo)."""
+        return self.ppo_config or str(CONFIGS / f"{'ppo' if self.method == 'dpo' else self.method}.yaml")
+
+    @property
     def policy_config(self) -> str:
         """The config of the stage that trains the policy."""
-        if self.method == "dpo":
-            return self.dpo_config
-        return self.ppo_config or str(CONFIGS / f"{self.method}.yaml")
+        return self.dpo_config if self.method == "dpo" else self.ppo_stage_config
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -92,6 +98,17 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[st
         else:
             stages[prefix].append(item.removeprefix(prefix))
     return demo, reward, ppo, dpo
+
+
+def refuse_unused_overrides(method: str, reward: list[str], ppo: list[str], dpo: list[str]) -> None:
+    """Overrides of a stage `method` does not run would be silently dropped: refuse the first."""
+    with_reward_model = "method=ppo/rloo/grpo (the roads with a reward model)"
+    unused = ([("reward.", reward, with_reward_model), ("ppo.", ppo, "method=ppo/rloo/grpo")] if method == "dpo"
+              else [("dpo.", dpo, "method=dpo")])
+    for prefix, items, needs in unused:
+        if items:
+            key = prefix + items[0].split("=", 1)[0].strip()
+            raise ConfigError(f"{key!r} is not used: {prefix}* overrides need {needs}; this demo runs {method}")
 
 
 class Stages:
@@ -131,18 +148,22 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     # The demo owns OUT: its stage runs are redone in place on a second `align demo`.
     reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
     reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
-    # Validate every stage's config before spending minutes on the first one (the
-    # rankings file the reward and DPO stages read does not exist yet, so their data keys wait).
-    if with_reward_model:
+    dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
+    dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
+    # Validate every stage's config before spending minutes on the first one (the rankings file
+    # the reward and DPO stages read does not exist yet, so their data keys wait); a stage the
+    # method does not run is validated too where it has overrides, which are then refused.
+    if with_reward_model or reward_over:
         load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
-        policy_cfg = load_config(PPOConfig, cfg.policy_config, [
+    if with_reward_model or ppo_over:
+        ppo_cfg = load_config(PPOConfig, cfg.ppo_stage_config, [
             f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}",
             "overwrite=true", *ppo_over])
-    else:
-        dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
-        dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
-        policy_cfg = load_config(DPOConfig, cfg.policy_config, [*dpo_base, "data.format=synthetic", *dpo_over])
-    out.mkdir(parents=True, exist_ok=True)
+    if not with_reward_model or dpo_over:
+        dpo_cfg = load_config(DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
+    refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
+    policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
+    make_directory(out)
     save_config(cfg, out / "config.yaml")
 
     stages = Stages(3 if serve else 7 if with_reward_model else 6)

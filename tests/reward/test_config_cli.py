@@ -98,3 +98,21 @@ def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
         result = align(*args)
         assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+NO_PROGRESS = ("the reward stage has no progress option: it shows no progress bar (metrics.jsonl gets a line "
+               "every train.log_every steps)")
+
+
+@pytest.mark.parametrize("key", ["train.progress", "progress", "eval.progress"])
+def test_progress_is_named_as_absent_not_as_a_typo(key):
+    # `align ppo` and `align dpo` have `progress`; the reward stage draws no bar to switch off
+    with pytest.raises(ConfigError) as info:
+        load_config(RewardConfig, None, [f"{key}=false"])
+    assert str(info.value) == f"unknown config key {key!r} for RewardConfig: {NO_PROGRESS}"
+
+
+def test_cli_progress_is_one_line(tmp_path):
+    result = run_cli("train.progress=false", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: unknown config key 'train.progress' for RewardConfig: {NO_PROGRESS}"

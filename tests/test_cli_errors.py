@@ -1,0 +1,95 @@
+"""User mistakes on the stage commands' edges (--resume, run directories, keys a stage lacks): one line
+naming the problem, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from align.config import load_config, save_config
+
+# (command, config class, a key --resume may change)
+STAGES = {
+    "reward": (["reward", "train"], "reward.config:RewardConfig", "train.num_threads"),
+    "ppo": (["ppo"], "ppo.config:PPOConfig", "num_threads"),
+    "dpo": (["dpo"], "dpo.config:DPOConfig", "num_threads"),
+}
+
+
+def run_align(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+def config_class(target: str) -> type:
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    return out.stderr.strip()
+
+
+def saved_run(stage: str, run) -> None:
+    cls = config_class(STAGES[stage][1])
+    save_config(load_config(cls, None, [f"output_dir={run}"]), run / "config.yaml")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_bad_override_on_resume_is_reported_as_itself(stage, tmp_path):
+    command, _, key = STAGES[stage]
+    saved_run(stage, tmp_path / "run")
+    out = run_align(*command, "--resume", str(tmp_path / "run"), f"{key}=0")
+    assert one_line_error(out) == f"error: {key}: must be >= 1, got 0"  # not "not a ... run to resume"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_another_stages_run_is_not_resumed(stage, tmp_path):
+    command, _, _ = STAGES[stage]
+    other = "dpo" if stage == "reward" else "reward"
+    saved_run(other, tmp_path / "run")
+    out = run_align(*command, "--resume", str(tmp_path / "run"))
+    name = {"reward": "reward", "ppo": "PPO", "dpo": "DPO"}[stage]
+    assert one_line_error(out).startswith(f"error: {tmp_path / 'run'}: not a {name} run to resume: unknown config key")
+
+
+def test_a_run_directory_that_cannot_be_created_is_a_user_error(tmp_path):
+    from align.errors import UserError
+    from align.run import prepare_run_dir
+
+    (tmp_path / "plainfile").write_text("")
+    with pytest.raises(UserError) as info:
+        prepare_run_dir(tmp_path / "plainfile" / "run", object())
+    assert str(info.value) == (f"cannot create directory {tmp_path / 'plainfile' / 'run'}: "
+                               f"{tmp_path / 'plainfile'} is a file, not a directory")
+
+
+@pytest.mark.parametrize("where", ["plainfile", "plainfile/sub"])
+def test_demo_out_that_cannot_be_created_is_one_line(tmp_path, where):
+    (tmp_path / "plainfile").write_text("")
+    out = run_align("demo", "--out", str(tmp_path / where))
+    assert one_line_error(out) == (f"error: cannot create directory {tmp_path / where}: "
+                                   f"{tmp_path / 'plainfile'} is a file, not a directory")
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, tiny_random_model):
+    # a link to a disk that is not mounted: nothing is in the way until the run directory is created
+    (tmp_path / "runs").symlink_to(tmp_path / "unmounted")
+    run = tmp_path / "runs" / "run"
+    small = {"reward": [f"model.name_or_path={tiny_random_model}", "data.num_rankings=8", "data.num_eval_rankings=4",
+                        "train.batch_size=4"],
+             "dpo": [f"policy_model={tiny_random_model}", "data.num_rankings=8", "data.num_eval_rankings=4",
+                     "batch_size=4", "num_eval_prompts=0", "progress=false"]}[stage]
+    out = run_align(*STAGES[stage][0], f"output_dir={run}", *small)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    # the last line: the stage logs what it loaded before it creates the run directory
+    assert out.stderr.strip().splitlines()[-1] == (f"error: cannot create directory {run}: "
+                                                   f"{tmp_path / 'runs'} is a broken symbolic link")
+    assert not (tmp_path / "unmounted").exists()
