@@ -223,7 +223,11 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
     checkpoints once the run has loaded everything it needs). `command`: how the user resumes it
     (`align ppo`)."""
     for path in (run_dir, *run_dir.parents):  # the nearest that exists must be a directory
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError as exc:  # a name longer than the file system allows, a path it cannot read
+            raise UserError(f"output_dir {run_dir}: {exc.strerror or exc}") from None
+        if exists:
             if not path.is_dir():
                 raise UserError(f"output_dir {run_dir}: {path} is a file, not a directory")
             break

@@ -93,3 +93,10 @@ def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, 
     assert out.stderr.strip().splitlines()[-1] == (f"error: cannot create directory {run}: "
                                                    f"{tmp_path / 'runs'} is a broken symbolic link")
     assert not (tmp_path / "unmounted").exists()
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_an_output_dir_name_longer_than_the_file_system_allows_is_one_line(stage, tmp_path):
+    run = tmp_path / ("r" * 300)  # NAME_MAX is 255 bytes on Linux file systems
+    out = run_align(*STAGES[stage][0], f"output_dir={run}")
+    assert one_line_error(out) == f"error: output_dir {run}: File name too long"
