@@ -157,7 +157,10 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file or a link was in the way
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, target)
     except BaseException:
