@@ -22,15 +22,15 @@ def test_overrides_are_routed_to_their_stage():
     [
         (["num_promps=5"], "did you mean 'num_prompts'"),
         (["reward.train.learnin_rate=0.1"], "did you mean 'train.learning_rate'"),
-        (["ppo.kl_coeff=0.1"], "for PPOConfig"),
+        (["ppo.kl_coeff=0.1"], r"^ppo stage \(ppo.KEY=VALUE\): unknown config key 'kl_coeff' for PPOConfig"),
         (["annotators_per_prompt=5", "num_annotators=2"], "exceeds num_annotators"),
         (["method=reinforce"], "method"),
         (["method=dpo", "dpo.bta=0.1"], "did you mean 'beta'"),
         (["method=grpo", "ppo.samples_per_prompt=1"], "needs samples_per_prompt >= 2"),
         # a stage the method does not run: its overrides are checked all the same, then refused
-        (["method=dpo", "ppo.bogus=1", "reward.bogus=2"], "unknown config key 'bogus' for RewardConfig"),
+        (["method=dpo", "ppo.bogus=1", "reward.bogus=2"], "^reward stage .*unknown config key 'bogus' for RewardConfig"),
         (["method=dpo", "ppo.bogus=1"], "unknown config key 'bogus' for PPOConfig"),
-        (["dpo.beta=banana"], "beta: expected a number, got 'banana'"),
+        (["dpo.beta=banana"], r"^dpo stage \(dpo.KEY=VALUE\): beta: expected a number, got 'banana'"),
         (["method=rloo", "dpo.beta=-1"], "beta: must be > 0"),
         (["method=dpo", "ppo.kl.coef=0.1"],
          r"^'ppo.kl.coef' is not used: ppo.\* overrides need method=ppo/rloo/grpo; this demo runs dpo$"),

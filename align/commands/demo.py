@@ -111,6 +111,15 @@ def refuse_unused_overrides(method: str, reward: list[str], ppo: list[str], dpo:
             raise ConfigError(f"{key!r} is not used: {prefix}* overrides need {needs}; this demo runs {method}")
 
 
+def stage_config(stage: str, cls: type, path: Path | None, overrides: list[str]) -> Any:
+    """A stage's config from its file and the `STAGE.`-prefixed overrides, its errors naming the stage
+    (the stage's own loader names keys without the demo's prefix)."""
+    try:
+        return load_config(cls, path, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{stage} stage ({stage}.KEY=VALUE): {exc}") from None
+
+
 class Stages:
     """Prints one numbered line per stage and records how long each took."""
 
@@ -154,13 +163,13 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     # the reward and DPO stages read does not exist yet, so their data keys wait); a stage the
     # method does not run is validated too where it has overrides, which are then refused.
     if with_reward_model or reward_over:
-        load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
+        stage_config("reward", RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
     if with_reward_model or ppo_over:
-        ppo_cfg = load_config(PPOConfig, cfg.ppo_stage_config, [
+        ppo_cfg = stage_config("ppo", PPOConfig, cfg.ppo_stage_config, [
             f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}",
             "overwrite=true", *ppo_over])
     if not with_reward_model or dpo_over:
-        dpo_cfg = load_config(DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
+        dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
     make_directory(out)
