@@ -199,16 +199,47 @@ def content_id(prefix: str, *parts: Any) -> str:
     return f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}"
 
 
-def _pair_ranking(prompt: str | Messages, chosen: str, rejected: str, prompt_id: str | None, source: str) -> Ranking:
+def _pair_ranking(prompt: str | Messages, chosen: str, rejected: str, prompt_id: str | None, source: str,
+                  annotator: str | None = None) -> Ranking:
     prompt_id = prompt_id or content_id(source, prompt, chosen, rejected)
-    return Ranking(prompt=prompt, responses=[chosen, rejected], ranks=[0, 1], annotator=source, prompt_id=prompt_id)
+    return Ranking(prompt=prompt, responses=[chosen, rejected], ranks=[0, 1], annotator=annotator or source,
+                   prompt_id=prompt_id)
+
+
+def _pair_prompt_ids(rows: list[tuple[str | None, Any, str, str]]) -> list[str | None]:
+    """The prompt id of each TRL row's pair. The pairs of one K-wise ranking, and the same
+    pair judged by several annotators, share their prompt id (`pairs_from_rankings`), but
+    each pair of responses is a prompt of its own in a K = 2 project: a prompt id given to
+    one pair only stays as it is; one shared by several pairs becomes `id#<hash of the
+    prompt and the unordered pair>` for each, so annotators who judged the same pair either
+    way rank one prompt."""
+    pairs: dict[str, set] = {}
+    for pid, prompt, chosen, rejected in rows:
+        if pid is not None:
+            pairs.setdefault(pid, set()).add(content_id("pair", prompt, sorted([chosen, rejected])))
+    out = []
+    for pid, prompt, chosen, rejected in rows:
+        if pid is not None and len(pairs[pid]) > 1:
+            pid = f"{pid[:230]}#{content_id('pair', prompt, sorted([chosen, rejected]))[5:]}"
+        out.append(pid)
+    return out
+
+
+def _optional_str(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{where}: '{key}' must be a string, got {value!r:.80}")
+    return str(value)
 
 
 def read_trl_pairs(path: str | Path) -> list[Ranking]:
     """TRL preference data: {"prompt", "chosen", "rejected"} as plain text, or conversational
     (prompt = messages, chosen/rejected = [assistant message]); the implicit-prompt form
-    (chosen/rejected are whole conversations sharing a prefix) is accepted too."""
-    out = []
+    (chosen/rejected are whole conversations sharing a prefix) is accepted too. A row's
+    "annotator" (as `pairs_from_rankings` writes it) is kept."""
+    rows, annotators = [], []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
@@ -229,9 +260,11 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
             if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
                 raise UserError(f"{where}: chosen/rejected must each be one assistant message after the prompt")
             chosen, rejected = chosen[0]["content"], rejected[0]["content"]
-        pid = row.get("id", row.get("prompt_id"))
-        out.append(_pair_ranking(prompt, chosen, rejected, None if pid is None else str(pid), "trl"))
-    return out
+        pid = _optional_str(row, "id", where) if "id" in row else _optional_str(row, "prompt_id", where)
+        rows.append((pid, prompt, chosen, rejected))
+        annotators.append(_optional_str(row, "annotator", where))
+    return [_pair_ranking(prompt, chosen, rejected, pid, "trl", annotator)
+            for (_, prompt, chosen, rejected), pid, annotator in zip(rows, _pair_prompt_ids(rows), annotators)]
 
 
 _HH_TURN = {"Human": "user", "Assistant": "assistant"}

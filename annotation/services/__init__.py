@@ -9,6 +9,7 @@ as one line.
     users     accounts, API tokens, browser sessions, invites, throttled sign-in
     projects  projects and their members
     imports   adding prompts and candidates, importing files
+    ranking_import  importing existing rankings (several per prompt)
     leasing   which prompt an annotator ranks next (tasks, leases, slots)
     rankings  submitting, revising and skipping rankings
     reports   exports, progress and the dashboard
@@ -24,7 +25,6 @@ from annotation.services.imports import (
     add_prompts,
     import_body,
     import_file,
-    import_rankings,
     prompts_without_candidates,
     read_records,
 )
@@ -41,6 +41,7 @@ from annotation.services.projects import (
     project_for,
     remove_member,
 )
+from annotation.services.ranking_import import import_rankings
 from annotation.services.rankings import (
     MAX_DB_INT,
     MAX_REASON,

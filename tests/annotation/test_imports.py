@@ -1,0 +1,82 @@
+"""Imports of existing rankings over the API: every ranking of a prompt is kept, imported
+annotators are not real accounts, and a refused import leaves the project as it was."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+
+def _rank_everything(env, tokens, project="p"):
+    """Each annotator ranks every prompt of the project: the candidates as shown, the first
+    best and the others tied below it."""
+    for token in tokens:
+        while (r := env.client.post(f"/api/projects/{project}/next", headers=env.headers(token))).status_code == 200:
+            ids = [c["id"] for c in r.json()["candidates"]]
+            r = env.client.post(f"/api/tasks/{r.json()['id']}/ranking", headers=env.headers(token),
+                                json={"order": [[ids[0]], ids[1:]], "all_bad": False})
+            assert r.status_code == 201, r.text
+
+
+def _import(env, project, fmt, body: str):
+    return env.client.post(f"/api/projects/{project}/import?format={fmt}", headers=env.headers(env.admin_token),
+                           content=body.encode())
+
+
+def _export(env, project, fmt="kwise") -> list[dict]:
+    r = env.client.get(f"/api/projects/{project}/export?format={fmt}", headers=env.headers(env.admin_token))
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def _ranking_view(rows):
+    return Counter((r["prompt_id"], r["annotator"], tuple(r["responses"]), tuple(r["ranks"]), tuple(r["models"]))
+                   for r in rows)
+
+
+def test_every_annotators_ranking_of_a_prompt_is_imported_and_a_second_import_adds_nothing(env):
+    """A kwise export has one line per annotator and prompt, all with the prompt's id; TRL
+    pairs of one ranking share it too. All of them are stored (they were cut to the first
+    line of each prompt), with the candidates' models, and importing a file again is a no-op."""
+    env.project(n_prompts=3, k=3, annotators=2)
+    _rank_everything(env, [env.annotator("alice"), env.annotator("bobby")])
+    kwise = _export(env, "p")
+    assert len(kwise) == 6 and len({r["prompt_id"] for r in kwise}) == 3
+    body = "".join(json.dumps(r) + "\n" for r in kwise)
+
+    r = _import(env, "q", "kwise", body)
+    assert r.status_code == 201 and r.json() == {"prompts_added": 3, "candidates_added": 9, "rankings_added": 6,
+                                                 "duplicates_skipped": 0}
+    assert _ranking_view(_export(env, "q")) == _ranking_view(kwise)
+    r = _import(env, "q", "kwise", body)
+    assert r.status_code == 201 and r.json() == {"prompts_added": 0, "candidates_added": 0, "rankings_added": 0,
+                                                 "duplicates_skipped": 6}
+    assert len(_export(env, "q")) == 6
+
+    pairs = _export(env, "p", "pairs")
+    assert len(pairs) == 12
+    body = "".join(json.dumps(r) + "\n" for r in pairs)
+    r = _import(env, "t", "trl", body)
+    assert r.status_code == 201 and r.json()["rankings_added"] == 12 and r.json()["duplicates_skipped"] == 0
+    view = Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], r["annotator"]) for r in pairs)
+    assert Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], r["annotator"])
+                   for r in _export(env, "t", "pairs")) == view
+    r = _import(env, "t", "trl", body)
+    assert r.status_code == 201 and r.json()["rankings_added"] == 0 and r.json()["duplicates_skipped"] == 12
+
+
+def test_a_changed_ranking_of_an_imported_prompt_is_a_new_revision_and_other_responses_are_refused(env):
+    line = {"prompt": "q?", "prompt_id": "q1", "responses": ["a", "b", "c"], "ranks": [0, 1, 2], "annotator": "ann"}
+    assert _import(env, "i", "kwise", json.dumps(line) + "\n").json()["rankings_added"] == 1
+    # the same ranking with the responses in another order: the same ranking
+    same = {**line, "responses": ["c", "a", "b"], "ranks": [2, 0, 1]}
+    assert _import(env, "i", "kwise", json.dumps(same) + "\n").json()["duplicates_skipped"] == 1
+    changed = {**line, "ranks": [2, 1, 0]}
+    r = _import(env, "i", "kwise", json.dumps(changed) + "\n")
+    assert r.status_code == 201 and r.json()["rankings_added"] == 1 and r.json()["prompts_added"] == 0
+    (row,) = _export(env, "i")
+    assert row["ranks"] == [2, 1, 0] and row["revision"] == 2
+    other = {**line, "responses": ["a", "b", "d"], "annotator": "else"}
+    r = _import(env, "i", "kwise", json.dumps(other) + "\n")
+    assert r.status_code == 422 and "'q1'" in r.json()["detail"] and "responses" in r.json()["detail"]
+    assert len(_export(env, "i")) == 1
