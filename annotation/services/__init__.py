@@ -83,6 +83,7 @@ from annotation.services.users import (
     set_active,
     set_password,
     sign_in,
+    source_username,
     user_for_session,
     user_for_token,
 )
@@ -152,6 +153,7 @@ __all__ = [
     "change_password",
     "set_password",
     "sign_in",
+    "source_username",
     "skip_task",
     "submit_ranking",
     "timeline",

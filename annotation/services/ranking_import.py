@@ -6,7 +6,7 @@ ranking of it, in the same file or a later one, is stored on that prompt, by its
 annotator. A ranking is a duplicate, and skipped, only when the same annotator's ranking
 of the same prompt with the same ranks is already there; a different ranking by the same
 annotator is a new revision (rankings are append-only). Imported annotators are accounts
-of role "source".
+of role "source" in a namespace of their own (`users.source_username`), never real users.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from annotation.services.imports import (
     _new_prompt,
 )
 from annotation.services.rankings import clean_optional_text, ranks_to_order
-from annotation.services.users import _new_user
+from annotation.services.users import SOURCE_PREFIX, _new_user, check_source_name, source_username
 
 _READ_BATCH = 500  # ids per IN (...) list of the reads before an import
 
@@ -103,10 +103,11 @@ def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _Checke
     rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
     candidate_ids = [_optional_id(cid, f"candidate id of ranking {sid!r}")
                      for cid in _optional_list(meta, "candidate_ids", len(r.responses), sid)]
-    annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
-    if len(annotator) > 64:
-        raise Invalid(f"ranking {sid!r}: annotator name must be 1-64 characters")
-    return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator, all_bad, rationale, candidate_ids)
+    annotator = source if r.annotator is None else r.annotator
+    problem = check_source_name(annotator)
+    if problem:  # checked here, stripped as stored: a name refused later would leave the chunks before it
+        raise Invalid(f"ranking {sid!r}: annotator {problem}")
+    return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator.strip(), all_bad, rationale, candidate_ids)
 
 
 Key = tuple[tuple[frozenset[int], ...], frozenset[int]]
@@ -202,11 +203,16 @@ def _read_existing(db: Session, project: Project,
 
 
 def _source_users(db: Session, names: list[str]) -> dict[str, int]:
-    """The accounts of these annotator names that exist (name -> user id)."""
+    """The source accounts of these annotator names that exist (name -> user id), never a
+    real user's; one made before source names had their prefix is found by its bare name."""
     found: dict[str, int] = {}
     for i in range(0, len(names), _READ_BATCH):
-        found.update((username, uid) for uid, username in db.execute(
-            select(User.id, User.username).where(User.username.in_(names[i : i + _READ_BATCH]))).all())
+        batch = names[i : i + _READ_BATCH]
+        wanted = {source_username(n): n for n in batch} | {n: n for n in batch}
+        for uid, username in db.execute(select(User.id, User.username).where(
+                User.role == "source", User.username.in_(list(wanted)))).all():
+            if username.startswith(SOURCE_PREFIX) or wanted[username] not in found:
+                found[wanted[username]] = uid
     return found
 
 
@@ -254,7 +260,7 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             report.prompts_added += 1
             report.candidates_added += len(r.responses)
         if r.annotator not in users:
-            users[r.annotator] = _new_user(db, r.annotator, None, role="source").id
+            users[r.annotator] = _new_user(db, source_username(r.annotator), None, role="source").id
         ids = slot.candidate_ids
         db.add(RankingRow(
             project_id=project.id, prompt_id=slot.prompt_id, user_id=users[r.annotator], assignment_id=None,

@@ -18,14 +18,39 @@ from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, T
 from annotation.settings import DEFAULT_API_TOKEN_TTL_S
 
 ROLES = ("admin", "annotator", "source")
+# Annotators named in imported files are accounts of role "source" whose username is the
+# name behind this prefix. ':' is never in a real username (`passwords.username_problem`),
+# so an imported name never maps to a real account (an admin's included) and never keeps
+# anyone from creating a real user of that name.
+SOURCE_PREFIX = "src:"
+MAX_SOURCE_NAME = 64 - len(SOURCE_PREFIX)
+
+
+def source_username(name: str) -> str:
+    """The username of the source account of an imported annotator name."""
+    return SOURCE_PREFIX + name
+
+
+def annotator_name(username: str) -> str:
+    """The name an export gives a ranking's annotator: a source account's imported name."""
+    return username[len(SOURCE_PREFIX):] if username.startswith(SOURCE_PREFIX) else username
+
+
+def check_source_name(name: Any) -> str | None:
+    """What is wrong with an imported annotator name (None: it is fine once stripped)."""
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_SOURCE_NAME:
+        return f"name must be 1-{MAX_SOURCE_NAME} characters, got {name!r:.80}"
+    if any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in name):
+        return f"name {name!r:.80} holds a control character or a lone surrogate"
+    return None
 
 
 def _new_user(db: Session, username: str, password: str | None, role: str) -> User:
     """Validate and insert (flush, no commit) a user."""
     username = (username or "").strip() if isinstance(username, str) else username
     if role == "source":  # imported data: the name comes from the file and never signs in
-        if not isinstance(username, str) or not username or len(username) > 64:
-            raise Invalid("source name must be 1-64 characters")
+        if not isinstance(username, str) or not username.startswith(SOURCE_PREFIX) or len(username) > 64:
+            raise Invalid(f"a source account's name is {SOURCE_PREFIX!r} and 1-{MAX_SOURCE_NAME} characters")
     else:
         problem = passwords.username_problem(username)
         if problem:
@@ -36,6 +61,8 @@ def _new_user(db: Session, username: str, password: str | None, role: str) -> Us
         problem = passwords.password_problem(password, username)
         if problem:
             raise Invalid(problem)
+    if role != "source":
+        _prefix_legacy_source(db, username)
     if db.scalar(select(User.id).where(User.username == username)) is not None:
         raise Conflict(f"user {username!r} already exists")
     if role != "source":
@@ -49,6 +76,15 @@ def _new_user(db: Session, username: str, password: str | None, role: str) -> Us
         role=role, active=True, created_at=time.time(),
     )
     return insert_unique(db, user, f"user {username!r} already exists", commit=False)
+
+
+def _prefix_legacy_source(db: Session, username: str) -> None:
+    """A source account made before SOURCE_PREFIX carries the bare imported name; a real
+    user of that name takes it, and the source account moves to its prefixed name."""
+    prefixed = source_username(username)
+    if len(prefixed) <= 64 and db.scalar(select(User.id).where(User.username == prefixed)) is None:
+        db.execute(update(User).where(User.username == username, User.role == "source").values(username=prefixed)
+                   .execution_options(synchronize_session=False))
 
 
 @unit_of_work

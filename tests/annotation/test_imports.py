@@ -80,3 +80,35 @@ def test_a_changed_ranking_of_an_imported_prompt_is_a_new_revision_and_other_res
     r = _import(env, "i", "kwise", json.dumps(other) + "\n")
     assert r.status_code == 422 and "'q1'" in r.json()["detail"] and "responses" in r.json()["detail"]
     assert len(_export(env, "i")) == 1
+
+
+def test_imported_annotators_are_never_real_accounts_and_never_block_one(env):
+    """A kwise line's "annotator" names a source account of its own: "admin" or an
+    existing annotator's name does not attribute the ranking to that account, and a real
+    user can still be created with a name an import used (also one stored, before the
+    prefix, under the bare name)."""
+    from sqlalchemy import func, select
+
+    from annotation.models import RankingRow, User
+
+    env.annotator("alice")
+    with env.db() as db:  # a source account as an older version stored it: the bare name
+        db.add(User(username="dave", password_hash=None, role="source", active=True, created_at=0.0))
+        db.commit()
+    lines = [{"prompt": f"q {name}", "responses": ["a", "b"], "ranks": [0, 1], "annotator": name}
+             for name in ("admin", "alice", "carol", "dave")]
+    body = "".join(json.dumps(line) + "\n" for line in lines)
+    assert _import(env, "i", "kwise", body).json()["rankings_added"] == 4
+    with env.db() as db:
+        for name in ("admin", "alice"):
+            real = db.scalar(select(User.id).where(User.username == name))
+            assert db.scalar(select(func.count()).select_from(RankingRow).where(RankingRow.user_id == real)) == 0
+    assert sorted(r["annotator"] for r in _export(env, "i")) == ["admin", "alice", "carol", "dave"]
+    h = env.headers(env.admin_token)
+    for name in ("carol", "dave"):
+        r = env.client.post("/api/users", headers=h, json={"username": name, "password": "a long enough passphrase 4711"})
+        assert r.status_code == 201, r.text
+    assert "src:carol" not in {u["username"] for u in env.client.get("/api/users", headers=h).json()}
+    r = _import(env, "i", "kwise", body)  # the same source accounts again: nothing new
+    assert r.json()["rankings_added"] == 0 and r.json()["duplicates_skipped"] == 4
+    assert sorted(r["annotator"] for r in _export(env, "i")) == ["admin", "alice", "carol", "dave"]

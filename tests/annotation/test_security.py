@@ -200,7 +200,7 @@ def test_the_ranking_requests_refuse_tokens_that_do_not_authenticate(env):
     with env.db() as db:
         hana = services.get_user(db, "hana")
         expired = services.issue_api_token(db, hana, ttl_s=-1)
-        source = services.create_user(db, "imported-rater", None, "source")
+        source = services.create_user(db, services.source_username("imported-rater"), None, "source")
         services.add_member(db, services.get_project(db, "p"), source)
         source_token = services.issue_api_token(db, source)
     revoked = env.client.post("/api/tokens", json={"username": "hana", "password": PASSWORD}).json()["token"]
