@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
-from align.formats import PromptRecord
+from align.formats import PromptRecord, check_json_value
 from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
@@ -126,7 +126,10 @@ def _sampling(value: Any) -> dict:
         return {}
     if not isinstance(value, dict):
         raise Invalid("candidate sampling must be an object")
-    return dict(value)
+    try:
+        return check_json_value(dict(value), "candidate sampling")
+    except UserError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def _chunks(items: list, size: int = 0) -> Iterable[list]:

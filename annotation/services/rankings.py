@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from align.formats import text_problem
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
@@ -189,13 +190,15 @@ def get_task(db: Session, user: User, assignment_id: int) -> Task:
 
 
 def check_text(value: Any, what: str, limit: int) -> str:
-    """A string the database can store: at most `limit` characters and no NUL."""
+    """A string the database can store: at most `limit` characters, no NUL and no lone
+    surrogate (`align.formats.text_problem`)."""
     if not isinstance(value, str):
         raise Invalid(f"{what} must be a string")
     if len(value) > limit:
         raise Invalid(f"{what} is longer than {limit} characters")
-    if "\x00" in value:
-        raise Invalid(f"{what} contains a NUL character")
+    problem = text_problem(value)
+    if problem:
+        raise Invalid(f"{what} {problem}")
     return value
 
 

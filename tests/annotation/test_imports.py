@@ -112,3 +112,35 @@ def test_imported_annotators_are_never_real_accounts_and_never_block_one(env):
     r = _import(env, "i", "kwise", body)  # the same source accounts again: nothing new
     assert r.json()["rankings_added"] == 0 and r.json()["duplicates_skipped"] == 4
     assert sorted(r["annotator"] for r in _export(env, "i")) == ["admin", "alice", "carol", "dave"]
+
+
+BAD_IMPORTS = [  # (format, line, words the answer must hold)
+    ("prompts", {"prompt": "x", "candidates": 5}, "'candidates' must be a list"),
+    ("prompts", {"prompt": "x", "candidates": "abcd"}, "'candidates' must be a list"),
+    ("prompts", {"prompt": "x", "candidates": [{"text": "a", "sampling": 5}, "b"]}, "'sampling' must be an object"),
+    ("prompts", {"prompt": "x", "candidates": [{"text": "a", "sampling": [[1, 2, 3]]}, "b"]}, "'sampling' must be"),
+    ("prompts", {"prompt": "x", "candidates": [{"text": "a", "model": 7}, "b"]}, "'model' must be a string"),
+    ("prompts", {"prompt": "x", "id": ["l"]}, "'id' must be a string"),
+    ("kwise", {"prompt": "x", "responses": ["a", "b"], "ranks": [0, 1], "candidate_ids": 5}, "'candidate_ids' must be a list"),
+    ("kwise", {"prompt": "x", "responses": ["a", "b"], "ranks": [0, 1], "models": "m"}, "'models' must be a list"),
+    ("kwise", {"prompt": "x", "responses": ["a", "b"], "ranks": [0, 1], "annotator": 12345}, "'annotator' must be a string"),
+    ("trl", {"prompt": "x", "chosen": "a", "rejected": "b", "prompt_id": ["l"]}, "'prompt_id' must be a string"),
+]
+
+
+def test_import_lines_of_the_wrong_types_are_a_422_naming_line_and_field_and_store_nothing(env):
+    """Each was a 500 (or, for "abcd", four one-letter candidates): now the answer names
+    body:line and the field, and neither the project nor anything in it is created."""
+    env.project(n_prompts=1, k=2)
+    before = env.counts()
+    for fmt, line, words in BAD_IMPORTS:
+        good = {"prompts": {"prompt": "fine", "candidates": ["a", "b"]},
+                "kwise": {"prompt": "fine", "responses": ["a", "b"], "ranks": [0, 1]},
+                "trl": {"prompt": "fine", "chosen": "a", "rejected": "b"}}[fmt]
+        for project in ("p", "new"):
+            r = _import(env, project, fmt, json.dumps(good) + "\n" + json.dumps(line) + "\n")
+            assert r.status_code == 422 and "body:2:" in r.json()["detail"] and words in r.json()["detail"], (line, r.text)
+            assert env.counts() == before
+    h = env.headers(env.admin_token)
+    assert env.client.get("/api/projects/new", headers=h).status_code == 404
+    assert env.client.get("/api/projects/p", headers=h).json()["progress"]["prompts"] == 1
