@@ -144,3 +144,40 @@ def test_import_lines_of_the_wrong_types_are_a_422_naming_line_and_field_and_sto
     h = env.headers(env.admin_token)
     assert env.client.get("/api/projects/new", headers=h).status_code == 404
     assert env.client.get("/api/projects/p", headers=h).json()["progress"]["prompts"] == 1
+
+
+def _every_row(env) -> dict:
+    from sqlalchemy import select
+
+    from annotation.models import Base
+
+    with env.db() as db:
+        return {t.name: sorted(map(repr, db.execute(select(t)).all())) for t in Base.metadata.sorted_tables}
+
+
+def _lines(n: int, fmt: str) -> list[str]:
+    if fmt == "kwise":
+        return [json.dumps({"prompt": f"q{i}", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "ann"}) for i in range(n)]
+    return [json.dumps({"prompt": f"q{i}", "id": f"id{i}", "candidates": ["a", "b"]}) for i in range(n)]
+
+
+REFUSED_LAST_LINES = [  # a last line that only the store (or the database) used to refuse
+    ("kwise", '{"prompt": "last", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "   "}'),
+    ("kwise", '{"prompt": "q0", "prompt_id": "kwise-other", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "\\ud800"}'),
+    ("prompts", '{"prompt": "last", "id": "last", "candidates": [{"text": "a", "sampling": {"t": NaN}}, "b"]}'),
+    ("prompts", '{"prompt": "last", "id": "last", "candidates": ["a \\ud800", "b"]}'),
+    ("prompts", '{"prompt": "last", "id": "last", "candidates": [{"text": "a", "sampling": {"t": 1e400}}, "b"]}'),
+]
+
+
+def test_a_refused_import_leaves_the_database_exactly_as_it_was(env):
+    """An import is all or nothing: 150 good lines (two chunks) and a bad last one are a
+    422, and no row anywhere changes (100 prompts and rankings were kept)."""
+    env.project(n_prompts=2, k=2)
+    _rank_everything(env, [env.annotator("alice")])
+    for fmt, last in REFUSED_LAST_LINES:
+        before = _every_row(env)
+        for project in ("p", "new"):
+            r = _import(env, project, fmt, "\n".join(_lines(150, fmt) + [last]) + "\n")
+            assert r.status_code == 422 and r.json()["detail"], (last, r.text)
+            assert _every_row(env) == before, last
