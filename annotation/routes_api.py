@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from annotation import services
-from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep
+from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
 from annotation.import_process import import_body_at
 from annotation.schemas import (
     MAX_DB_INT,
@@ -160,6 +160,7 @@ def change_password(body: PasswordChange, request: Request, db: SessionDep, user
     current one is checked as a sign-in is."""
     settings = request.app.state.settings
     services.change_password(db, user, body.current_password, body.new_password, client_id(request),
+                             keep=presented_credential(request),
                              max_failures=settings.login_max_failures, window_s=settings.login_window_s)
     return Response(status_code=204)
 

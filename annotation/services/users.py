@@ -97,28 +97,46 @@ def create_user(db: Session, username: str, password: str | None = None, role: s
 
 
 @unit_of_work
-def set_password(db: Session, user: User, password: str) -> None:
+def set_password(db: Session, user: User, password: str, *, keep: BearerToken | SessionCookie | None = None) -> None:
     """A new password for `user` (it must pass `passwords.password_problem`); the request
-    to change it, if one was set, is cleared."""
+    to change it, if one was set, is cleared. Every API token and browser session of the
+    account is revoked but `keep`, the credential the change was made with (none kept
+    when an admin or the CLI sets it), so whoever held the old password or a stolen
+    session is signed out."""
     problem = passwords.password_problem(password, user.username)
     if problem:
         raise Invalid(problem)
     db.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password),
                                                              password_change_required=False))
+    revoke_credentials(db, user.id, keep=keep)
     db.commit()
 
 
+def revoke_credentials(db: Session, user_id: int, *, keep: BearerToken | SessionCookie | None = None) -> None:
+    """Delete the user's API tokens and browser sessions (in the caller's transaction), but `keep`."""
+    tokens, sessions = delete(ApiToken).where(ApiToken.user_id == user_id), delete(WebSession).where(WebSession.user_id == user_id)
+    if isinstance(keep, BearerToken):
+        tokens = tokens.where(ApiToken.token_hash != security.hash_token(keep.token))
+    elif isinstance(keep, SessionCookie):
+        sessions = sessions.where(WebSession.token_hash != security.hash_token(keep.token))
+    db.execute(tokens)
+    db.execute(sessions)
+
+
 def change_password(db: Session, user: User, current_password: str, new_password: str, client: str, *,
-                    max_failures: int = 5, window_s: float = 300.0) -> None:
+                    keep: BearerToken | SessionCookie | None = None, max_failures: int = 5,
+                    window_s: float = 300.0) -> None:
     """A signed-in user replaces their password: the new one must pass the rules (Invalid,
     nothing changed) and the current one is checked as a sign-in is, throttle included
-    (Forbidden when it is wrong), so a stolen session cannot take the account over."""
+    (Forbidden when it is wrong), so a stolen session cannot take the account over; every
+    other session and API token of the account is revoked (`set_password`), so one stolen
+    before the change stops working."""
     problem = passwords.password_problem(new_password, user.username)
     if problem:
         raise Invalid(problem)
     if sign_in(db, user.username, current_password, client, max_failures=max_failures, window_s=window_s) is None:
         raise Forbidden("the current password is wrong")
-    set_password(db, user, new_password)
+    set_password(db, user, new_password, keep=keep)
 
 
 @read_only
@@ -356,8 +374,7 @@ def set_active(db: Session, username: str, active: bool, *, by: User | None = No
         raise Conflict("you cannot deactivate your own account")
     user.active = active
     if not active:
-        db.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
-        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        revoke_credentials(db, user.id)
         leased = db.execute(select(Assignment.id, Assignment.prompt_id).where(
             Assignment.user_id == user.id, Assignment.status == "leased")).all()
         for aid, pid in leased:
