@@ -241,6 +241,16 @@ def expire_lease(tx: Transaction, assignment_id: int, prompt_id: int) -> bool:
     return True
 
 
+_LIVE_LEASES_OF = Sql("SELECT id, prompt_id FROM assignments WHERE user_id = :user AND status = 'leased' "
+                      "AND (CAST(:project AS integer) IS NULL OR project_id = CAST(:project AS integer))")
+
+
+def release_live_leases(tx: Transaction, user_id: int, project_id: int | None = None) -> int:
+    """Expire the user's live leases (in `project_id`, or everywhere) and give their slots
+    back at once, for an annotator who may no longer rank them; how many there were."""
+    return sum(expire_lease(tx, aid, pid) for aid, pid in _LIVE_LEASES_OF.all(tx, user=user_id, project=project_id))
+
+
 def release_expired_leases(db: Session, project: Project, now: float | None = None) -> int:
     """Give back the slots of leases that ran out (commits); how many there were."""
     now = time.time() if now is None else now

@@ -127,8 +127,9 @@ RETURNING id""", json_params=["order", "below"])
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
 # by itself), instead of a read of the task, BEGIN, three statements and COMMIT. The lease
 # is marked done only if it is the caller's (a user by id, or a token's holder: see
-# `users.VALID_TOKEN_HOLDER`) and they may annotate, it is still live, and its candidates
-# are the ids ranked (`ids`, sorted); the count and the ranking follow only from that row.
+# `users.VALID_TOKEN_HOLDER`) and they may annotate (a member of the project, or an
+# admin), it is still live, and its candidates are the ids ranked (`ids`, sorted); the
+# count and the ranking follow only from that row.
 # Parameters that may be NULL carry their type: an untyped one would be taken as text.
 def _submit_in_one_statement(caller_sql: str) -> Sql:
     return Sql(f"""
@@ -136,6 +137,9 @@ WITH done AS (
   UPDATE assignments SET status = 'done', completed_at = :now
   WHERE id = :id AND user_id = (SELECT id FROM ({caller_sql}) caller WHERE role <> 'source')
     AND status = 'leased' AND leased_until >= :now
+    AND (EXISTS (SELECT 1 FROM project_members m WHERE m.project_id = assignments.project_id
+                 AND m.user_id = assignments.user_id)
+         OR EXISTS (SELECT 1 FROM users u WHERE u.id = assignments.user_id AND u.role = 'admin'))
     AND (SELECT jsonb_agg(c ORDER BY c) FROM jsonb_array_elements(CAST(candidate_order AS jsonb)) c)
         = CAST(:ids AS jsonb)
   RETURNING id, project_id, prompt_id, user_id),
@@ -169,6 +173,9 @@ def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_
         time_spent_ms=time_spent_ms, created_at=now)
 
 
+_IS_MEMBER = Sql("SELECT 1 FROM project_members WHERE project_id = :project AND user_id = :user")
+
+
 def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRow:
     """The assignment, if it is `user`'s."""
     if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 1 <= assignment_id <= MAX_DB_INT:
@@ -180,6 +187,11 @@ def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRo
         raise NotFound(f"no task {assignment_id}")
     if a.user_id != user.id:
         raise Forbidden(f"task {assignment_id} belongs to another annotator")
+    if user.role != "admin":
+        with transaction(db, write=False) as tx:
+            member = _IS_MEMBER.first(tx, project=a.project_id, user=user.id) is not None
+        if not member:
+            raise Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
     return a
 
 

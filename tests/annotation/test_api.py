@@ -366,3 +366,31 @@ def test_a_task_request_takes_one_pooled_connection_and_gives_it_back(env):
     assert len(checkouts) == 1 and engine.pool.checkedout() == 0
     r = env.client.post(f"/api/tasks/{task['id']}/ranking", json={"order": order}, headers=env.headers(token))
     assert r.status_code == 409 and engine.pool.checkedout() == 0
+
+
+def test_a_removed_member_loses_their_tasks_and_their_lease_frees_its_slot_at_once(env):
+    """After DELETE /api/projects/p/members/alice, alice can no longer read, submit, revise
+    or skip her tasks in p (on PostgreSQL the submission's one-statement path too), and
+    the prompt she had leased goes to another annotator at once."""
+    env.project(n_prompts=2, k=2, annotators=1)
+    alice = env.annotator("alice")
+    bob = env.annotator("bobby")
+    done = _next(env, alice).json()
+    ids = [c["id"] for c in done["candidates"]]
+    assert env.client.post(f"/api/tasks/{done['id']}/ranking", headers=env.headers(alice), json={"order": ids}).status_code == 201
+    leased = _next(env, alice).json()
+    assert _next(env, bob).status_code == 204  # both prompts are taken
+    before = env.counts()
+    r = env.client.delete("/api/projects/p/members/alice", headers=env.headers(env.admin_token))
+    assert r.status_code == 204
+    h = env.headers(alice)
+    lids = [c["id"] for c in leased["candidates"]]
+    for r in (env.client.get(f"/api/tasks/{leased['id']}", headers=h),
+              env.client.get(f"/api/tasks/{done['id']}", headers=h),
+              env.client.post(f"/api/tasks/{leased['id']}/ranking", headers=h, json={"order": lids}),
+              env.client.put(f"/api/tasks/{done['id']}/ranking", headers=h, json={"order": ids[::-1]}),
+              env.client.post(f"/api/tasks/{leased['id']}/skip", headers=h, json={"reason": "gone"})):
+        assert r.status_code == 403 and "member" in r.json()["detail"], r.text
+    assert env.counts() == {**before, "slots": before["slots"] - 1}  # her lease's slot is free
+    task = _next(env, bob)
+    assert task.status_code == 200 and task.json()["prompt"] == leased["prompt"]
