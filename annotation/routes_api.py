@@ -69,7 +69,7 @@ def _task_public(t: services.Task) -> TaskPublic:
         id=t.assignment_id, project=t.project, prompt=t.prompt,
         candidates=[{"id": c.id, "text": c.text} for c in t.candidates],
         status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order, below=t.below,
-        rank_top=t.rank_top,
+        rank_top=t.rank_top, all_bad=t.all_bad, rationale=t.rationale,
     )
 
 

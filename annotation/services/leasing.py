@@ -65,6 +65,8 @@ class Task:
     order: list[list[int]] | None = None  # latest stored order, if ranked
     below: list[int] | None = None  # latest stored unordered rest, if it was a top-m ranking
     rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
+    all_bad: bool = False  # the latest stored ranking's flag and rationale, so a revision starts from them
+    rationale: str | None = None
 
 
 class AssignmentRow(NamedTuple):
@@ -101,6 +103,8 @@ def task_of(db: Session, a: AssignmentRow, project: Project) -> Task:
         status=a.status, leased_until=a.leased_until, guidelines=project.guidelines,
         revision=latest.revision if latest else 0, order=latest.order if latest and not latest.skipped else None,
         below=latest.below if latest and not latest.skipped else None, rank_top=project.rank_top,
+        all_bad=bool(latest and not latest.skipped and latest.all_bad),
+        rationale=latest.rationale if latest and not latest.skipped else None,
     )
 
 

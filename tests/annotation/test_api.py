@@ -394,3 +394,27 @@ def test_a_removed_member_loses_their_tasks_and_their_lease_frees_its_slot_at_on
     assert env.counts() == {**before, "slots": before["slots"] - 1}  # her lease's slot is free
     task = _next(env, bob)
     assert task.status_code == 200 and task.json()["prompt"] == leased["prompt"]
+
+
+def test_a_ranked_task_shows_its_all_bad_and_rationale_so_a_revision_keeps_them(env):
+    """The task (API and page) carries the stored ranking's all_bad and rationale; the page
+    pre-set neither, so revising from it reset both."""
+    import html
+    import re
+
+    env.project(n_prompts=1, k=3)
+    tok = env.annotator("alice")
+    task = _next(env, tok).json()
+    assert (task["all_bad"], task["rationale"]) == (False, None)
+    ids = [c["id"] for c in task["candidates"]]
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(tok),
+                        json={"order": ids, "all_bad": True, "rationale": "all <wrong> & off-topic"})
+    assert r.status_code == 201
+    shown = env.client.get(f"/api/tasks/{task['id']}", headers=env.headers(tok)).json()
+    assert (shown["all_bad"], shown["rationale"]) == (True, "all <wrong> & off-topic")
+    c = env.client
+    c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
+    page = c.get(f"/tasks/{task['id']}").text
+    assert re.search(r'<input type="checkbox" id="all-bad" checked>', page)
+    textarea = re.search(r'<textarea id="rationale"[^>]*>([^<]*)</textarea>', page).group(1)
+    assert html.unescape(textarea) == "all <wrong> & off-topic"
