@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation import passwords, security
-from annotation.models import ApiToken, Assignment, Invite, LoginFailures, Project, ProjectMember, Prompt, User, WebSession
+from annotation.models import ApiToken, Invite, LoginFailures, Project, ProjectMember, User, WebSession
 from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled, Unauthorized
@@ -375,13 +375,12 @@ def set_active(db: Session, username: str, active: bool, *, by: User | None = No
     user.active = active
     if not active:
         revoke_credentials(db, user.id)
-        leased = db.execute(select(Assignment.id, Assignment.prompt_id).where(
-            Assignment.user_id == user.id, Assignment.status == "leased")).all()
-        for aid, pid in leased:
-            res = db.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "leased").values(status="expired"))
-            if res.rowcount == 1:
-                db.execute(update(Prompt).where(Prompt.id == pid).values(slots_taken=Prompt.slots_taken - 1))
     db.commit()
+    if not active:  # after the commit: the account can no longer use them
+        from annotation.services.leasing import release_live_leases
+
+        with transaction(db, write=True) as tx:
+            release_live_leases(tx, user.id)
     return user
 
 
