@@ -13,6 +13,7 @@ from annotation.models import Project, ProjectMember, User
 from annotation.raw_sql import Sql, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Invalid, NotFound
+from annotation.services.slots import release_live_leases
 
 MAX_CANDIDATES = 16
 
@@ -150,8 +151,6 @@ def remove_member(db: Session, project: Project, user: User) -> bool:
     """`user` leaves `project` (False if they were not a member): their tasks in it can no
     longer be read, submitted, revised or skipped, and their live lease there is expired in
     the same transaction, so its slot goes to another annotator at once."""
-    from annotation.services.leasing import release_live_leases
-
     with transaction(db, write=True) as tx:
         removed = _REMOVE_MEMBER.rowcount(tx, project=project.id, user=user.id) == 1
         release_live_leases(tx, user.id, project.id)

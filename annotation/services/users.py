@@ -15,6 +15,7 @@ from annotation.models import ApiToken, Invite, LoginFailures, Project, ProjectM
 from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled, Unauthorized
+from annotation.services.slots import release_live_leases
 from annotation.settings import DEFAULT_API_TOKEN_TTL_S
 
 ROLES = ("admin", "annotator", "source")
@@ -377,8 +378,6 @@ def set_active(db: Session, username: str, active: bool, *, by: User | None = No
         revoke_credentials(db, user.id)
     db.commit()
     if not active:  # after the commit: the account can no longer use them
-        from annotation.services.leasing import release_live_leases
-
         with transaction(db, write=True) as tx:
             release_live_leases(tx, user.id)
     return user
