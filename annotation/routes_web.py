@@ -116,7 +116,7 @@ def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
     try:
-        task = services.get_task(db, user, task_id)
+        task = services.get_task(db, user, task_id, members_only=True)
     except services.ServiceError as exc:
         raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
