@@ -10,6 +10,7 @@ as one line.
     projects  projects and their members
     imports   adding prompts and candidates, importing files
     ranking_import  importing existing rankings (several per prompt)
+    import_files  reading a file and importing it as prompts or rankings
     leasing   which prompt an annotator ranks next (tasks, leases, slots)
     rankings  submitting, revising and skipping rankings
     reports   exports, progress and the dashboard
@@ -17,14 +18,13 @@ as one line.
 
 from align.errors import UserError
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled, Unauthorized
+from annotation.services.import_files import import_body, import_file
 from annotation.services.imports import (
     IMPORT_FORMATS,
     MAX_TEXT,
     ImportReport,
     add_candidates,
     add_prompts,
-    import_body,
-    import_file,
     prompts_without_candidates,
     read_records,
 )
