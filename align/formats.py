@@ -8,6 +8,8 @@ per ranking); pairwise formats (TRL, HH-RLHF) are rankings with K = 2.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,30 @@ def read_kwise(path: str | Path) -> list[Ranking]:
     for lineno, row in jsonl_rows(path):
         try:
             known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id", "ranked") if k in row}
+            _check_kwise_fields(known, row)
             out.append(Ranking(**known, meta=row))
         except (AttributeError, TypeError, ValueError) as exc:
             raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
     return out
+
+
+# The kwise fields beside the ranking itself (`kwise_row` writes them), by the types they
+# must have when present: per-response lists, a flag, texts.
+_KWISE_FIELDS = {"annotator": (str,), "prompt_id": (str, int), "candidate_ids": (list,), "models": (list,),
+                 "all_bad": (bool,), "rationale": (str,)}
+
+
+def _check_kwise_fields(known: dict[str, Any], meta: dict[str, Any]) -> None:
+    for key, types in _KWISE_FIELDS.items():
+        value = known.get(key, meta.get(key))
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = " or ".join({"str": "a string", "int": "an integer", "list": "a list", "bool": "true or false"}[t.__name__]
+                                for t in types)
+            raise ValueError(f"'{key}' must be {names}, got {value!r:.80}")
+    for key in ("candidate_ids", "models"):
+        if any(not (v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)))
+               for v in meta.get(key) or []):
+            raise ValueError(f"every entry of '{key}' must be a string or null, got {meta[key]!r:.80}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,17 +200,59 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             prompt = _check_messages(prompt, where)
         elif not prompt.strip():
             raise UserError(f"{where}: empty prompt")
-        cands = []
-        for c in row.get("candidates") or []:
-            if isinstance(c, str):
-                cands.append(Candidate(c))
-            elif isinstance(c, dict) and isinstance(c.get("text"), str):
-                cands.append(Candidate(c["text"], c.get("model"), dict(c.get("sampling") or {})))
-            else:
-                raise UserError(f"{where}: a candidate must be a string or an object with 'text'")
-        pid = row.get("id", row.get("prompt_id"))
-        out.append(PromptRecord(prompt, None if pid is None else str(pid), cands))
+        candidates = row.get("candidates")
+        if candidates is not None and not isinstance(candidates, list):
+            raise UserError(f"{where}: 'candidates' must be a list of strings or {{text, model, sampling}} objects, "
+                            f"got {candidates!r:.80}")
+        cands = [_prompt_candidate(c, f"{where}: candidate {i + 1}") for i, c in enumerate(candidates or [])]
+        pid = _optional_str(row, "id", where) if "id" in row else _optional_str(row, "prompt_id", where)
+        out.append(PromptRecord(prompt, pid, cands))
     return out
+
+
+def _prompt_candidate(c: Any, where: str) -> Candidate:
+    if isinstance(c, str):
+        return Candidate(c)
+    if not (isinstance(c, dict) and isinstance(c.get("text"), str)):
+        raise UserError(f"{where}: a candidate must be a string or an object with a string 'text', got {c!r:.80}")
+    model, sampling = c.get("model"), c.get("sampling")
+    if model is not None and not isinstance(model, str):
+        raise UserError(f"{where}: 'model' must be a string, got {model!r:.80}")
+    if sampling is not None and not isinstance(sampling, dict):
+        raise UserError(f"{where}: 'sampling' must be an object (temperature, top_p, ...), got {sampling!r:.80}")
+    return Candidate(c["text"], model, check_json_value(dict(sampling or {}), f"{where}: 'sampling'"))
+
+
+def check_json_value(value: Any, where: str, depth: int = 0) -> Any:
+    """`value` (parsed JSON) if a database can hold it: finite numbers (Python's JSON reads
+    NaN and Infinity, which are not JSON and PostgreSQL refuses), strings without NUL or
+    lone surrogates, nested at most 32 deep."""
+    if depth > 32:
+        raise UserError(f"{where}: nested more than 32 deep")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: {value} is not a finite number")
+    if isinstance(value, str) and text_problem(value):
+        raise UserError(f"{where}: {text_problem(value)}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_json_value(k, where, depth + 1)
+            check_json_value(v, where, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_json_value(v, where, depth + 1)
+    return value
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why a database cannot store `text` (a NUL, or a lone surrogate, which is not UTF-8),
+    or None."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    return "contains a NUL character" if found.group() == "\x00" else "contains a lone surrogate (not UTF-8 text)"
 
 
 def content_id(prefix: str, *parts: Any) -> str:
@@ -199,16 +263,47 @@ def content_id(prefix: str, *parts: Any) -> str:
     return f"{prefix}-{hashlib.sha1(blob).hexdigest()[:16]}"
 
 
-def _pair_ranking(prompt: str | Messages, chosen: str, rejected: str, prompt_id: str | None, source: str) -> Ranking:
+def _pair_ranking(prompt: str | Messages, chosen: str, rejected: str, prompt_id: str | None, source: str,
+                  annotator: str | None = None) -> Ranking:
     prompt_id = prompt_id or content_id(source, prompt, chosen, rejected)
-    return Ranking(prompt=prompt, responses=[chosen, rejected], ranks=[0, 1], annotator=source, prompt_id=prompt_id)
+    return Ranking(prompt=prompt, responses=[chosen, rejected], ranks=[0, 1], annotator=annotator or source,
+                   prompt_id=prompt_id)
+
+
+def _pair_prompt_ids(rows: list[tuple[str | None, Any, str, str]]) -> list[str | None]:
+    """The prompt id of each TRL row's pair. The pairs of one K-wise ranking, and the same
+    pair judged by several annotators, share their prompt id (`pairs_from_rankings`), but
+    each pair of responses is a prompt of its own in a K = 2 project: a prompt id given to
+    one pair only stays as it is; one shared by several pairs becomes `id#<hash of the
+    prompt and the unordered pair>` for each, so annotators who judged the same pair either
+    way rank one prompt."""
+    pairs: dict[str, set] = {}
+    for pid, prompt, chosen, rejected in rows:
+        if pid is not None:
+            pairs.setdefault(pid, set()).add(content_id("pair", prompt, sorted([chosen, rejected])))
+    out = []
+    for pid, prompt, chosen, rejected in rows:
+        if pid is not None and len(pairs[pid]) > 1:
+            pid = f"{pid[:230]}#{content_id('pair', prompt, sorted([chosen, rejected]))[5:]}"
+        out.append(pid)
+    return out
+
+
+def _optional_str(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{where}: '{key}' must be a string, got {value!r:.80}")
+    return str(value)
 
 
 def read_trl_pairs(path: str | Path) -> list[Ranking]:
     """TRL preference data: {"prompt", "chosen", "rejected"} as plain text, or conversational
     (prompt = messages, chosen/rejected = [assistant message]); the implicit-prompt form
-    (chosen/rejected are whole conversations sharing a prefix) is accepted too."""
-    out = []
+    (chosen/rejected are whole conversations sharing a prefix) is accepted too. A row's
+    "annotator" (as `pairs_from_rankings` writes it) is kept."""
+    rows, annotators = [], []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
@@ -229,9 +324,11 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
             if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
                 raise UserError(f"{where}: chosen/rejected must each be one assistant message after the prompt")
             chosen, rejected = chosen[0]["content"], rejected[0]["content"]
-        pid = row.get("id", row.get("prompt_id"))
-        out.append(_pair_ranking(prompt, chosen, rejected, None if pid is None else str(pid), "trl"))
-    return out
+        pid = _optional_str(row, "id", where) if "id" in row else _optional_str(row, "prompt_id", where)
+        rows.append((pid, prompt, chosen, rejected))
+        annotators.append(_optional_str(row, "annotator", where))
+    return [_pair_ranking(prompt, chosen, rejected, pid, "trl", annotator)
+            for (_, prompt, chosen, rejected), pid, annotator in zip(rows, _pair_prompt_ids(rows), annotators)]
 
 
 _HH_TURN = {"Human": "user", "Assistant": "assistant"}

@@ -184,11 +184,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {err.get('msg')}")
-        return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": jsonable(exc.errors())}, status_code=422)
+        # The request's own values (pydantic's `input`, `ctx`) are not echoed: NaN, Infinity or
+        # a lone surrogate in them cannot be written as JSON, and the answer was a 500.
+        errors = [{"type": str(err.get("type")), "loc": [p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ())],
+                   "msg": printable(str(err.get("msg")))} for err in exc.errors()]
+        problems = [f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors]
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": errors}, status_code=422)
 
     def _busy(detail: str, retry_after: int) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
@@ -249,10 +250,7 @@ def app_from_environment() -> FastAPI:
     return served_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
-def jsonable(errors):
-    from fastapi.encoders import jsonable_encoder
-
-    try:
-        return jsonable_encoder(errors)
-    except Exception:
-        return []
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate (which JSON allows as an escape, and
+    Python's JSON reads) becomes its escape sequence."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

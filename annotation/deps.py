@@ -71,6 +71,15 @@ def _bearer_token(request: Request) -> services.BearerToken | None:
     return services.BearerToken(auth[7:].strip()) if auth.lower().startswith("bearer ") else None
 
 
+def presented_credential(request: Request) -> services.BearerToken | services.SessionCookie | None:
+    """The API token or session cookie the request was made with, not checked yet."""
+    token = _bearer_token(request)
+    if token is not None:
+        return token
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return services.SessionCookie(cookie) if cookie else None
+
+
 def _lookup_user(request: Request, db: Session) -> tuple[User | None, str]:
     token = _bearer_token(request)
     if token is not None:
@@ -125,13 +134,10 @@ async def caller(request: Request, _csrf: CsrfGuarded) -> services.BearerToken |
     without the database: the service checks them with the rest of its work, in the
     threadpool (an API token in the statement that does the work, on PostgreSQL a round
     trip less each; `services.BearerToken`, `services.SessionCookie`)."""
-    token = _bearer_token(request)
-    if token is not None:
-        return token
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
+    credential = presented_credential(request)
+    if credential is None:
         raise HTTPException(401, SIGN_IN_FIRST, headers={"WWW-Authenticate": "Bearer"})
-    return services.SessionCookie(cookie)
+    return credential
 
 
 OptionalUser = Annotated[User | None, Depends(optional_user)]

@@ -25,7 +25,7 @@ def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> Any
     if not _sessionmakers:
         os.nice(IMPORT_NICENESS)
     from annotation.db import make_engine, make_sessionmaker
-    from annotation.services.imports import import_body
+    from annotation.services.import_files import import_body
 
     if db_url not in _sessionmakers:
         _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))

@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from annotation import services
-from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep
+from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
 from annotation.import_process import import_body_at
 from annotation.schemas import (
     MAX_DB_INT,
@@ -69,7 +69,7 @@ def _task_public(t: services.Task) -> TaskPublic:
         id=t.assignment_id, project=t.project, prompt=t.prompt,
         candidates=[{"id": c.id, "text": c.text} for c in t.candidates],
         status=t.status, leased_until=t.leased_until, revision=t.revision, order=t.order, below=t.below,
-        rank_top=t.rank_top,
+        rank_top=t.rank_top, all_bad=t.all_bad, rationale=t.rationale,
     )
 
 
@@ -98,14 +98,15 @@ def next_task(name: ProjectName, db: SessionDep, caller: Caller):
 
 @router.get("/tasks/{task_id}", response_model=TaskPublic)
 def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
-    return _task_public(services.get_task(db, user, task_id))
+    return _task_public(services.get_task(db, user, task_id, members_only=True))
 
 
 @router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
 def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
     """Submit the ranking of a leased task (409 if it was submitted already)."""
     row = services.submit_ranking(db, caller, task_id, body.order, below=body.below, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)  # threadpool: see next_task
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms,
+                                  members_only=True)  # threadpool: see next_task
     return _ranking_public(row)
 
 
@@ -113,13 +114,13 @@ def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller:
 def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
     """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
     row = services.revise_ranking(db, user, task_id, body.order, below=body.below, all_bad=body.all_bad,
-                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms)
+                                  rationale=body.rationale, time_spent_ms=body.time_spent_ms, members_only=True)
     return _ranking_public(row)
 
 
 @router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
 def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
-    return _ranking_public(services.skip_task(db, user, task_id, body.reason))
+    return _ranking_public(services.skip_task(db, user, task_id, body.reason, members_only=True))
 
 
 # --------------------------------------------------------------------------- tokens and users
@@ -160,6 +161,7 @@ def change_password(body: PasswordChange, request: Request, db: SessionDep, user
     current one is checked as a sign-in is."""
     settings = request.app.state.settings
     services.change_password(db, user, body.current_password, body.new_password, client_id(request),
+                             keep=presented_credential(request),
                              max_failures=settings.login_max_failures, window_s=settings.login_window_s)
     return Response(status_code=204)
 

@@ -13,7 +13,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from annotation import passwords, security, services
-from annotation.deps import CSRF_COOKIE, SESSION_COOKIE, AdminUser, CurrentUser, OptionalUser, SessionDep, check_csrf, csrf_for
+from annotation.deps import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    AdminUser,
+    CurrentUser,
+    OptionalUser,
+    SessionDep,
+    check_csrf,
+    csrf_for,
+    presented_credential,
+)
 from annotation.render import markdown
 from annotation.routes_api import client_id, sign_in
 from annotation.status import http_status
@@ -106,7 +116,7 @@ def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
     try:
-        task = services.get_task(db, user, task_id)
+        task = services.get_task(db, user, task_id, members_only=True)
     except services.ServiceError as exc:
         raise HTTPException(http_status(exc), str(exc)) from None
     p = services.get_project(db, task.project)
@@ -141,6 +151,7 @@ def password_change(request: Request, db: SessionDep, user: CurrentUser, _csrf: 
     settings = request.app.state.settings
     try:
         services.change_password(db, user, current_password, new_password, client_id(request),
+                                 keep=presented_credential(request),
                                  max_failures=settings.login_max_failures, window_s=settings.login_window_s)
     except services.ServiceError as exc:
         return page(request, "password.html", status_code=http_status(exc), user=user, error=str(exc))

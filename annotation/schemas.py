@@ -130,6 +130,8 @@ class TaskPublic(BaseModel):
     order: list[list[int]] | None = None
     below: list[int] | None = None  # the stored ranking's unordered rest, if it was a top-m one
     rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
+    all_bad: bool = False  # of the stored ranking, if ranked
+    rationale: str | None = None  # of the stored ranking, if ranked
 
 
 class RankingCreate(_Strict):

@@ -185,3 +185,33 @@ def test_unreadable_files_are_named_in_one_line(tmp_path):
         formats.read_hh(hh)
     with pytest.raises(UserError, match=rf"^{oasst}:1: malformed message tree"):
         formats.read_oasst(oasst)
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"prompt": "x", "candidates": 5}, "'candidates'"),
+    ({"prompt": "x", "candidates": "abcd"}, "'candidates'"),
+    ({"prompt": "x", "candidates": [{"text": "a", "sampling": 5}]}, "'sampling'"),
+    ({"prompt": "x", "candidates": [{"text": "a", "sampling": {"t": float("nan")}}]}, "not a finite number"),
+    ({"prompt": "x", "candidates": [{"text": "a", "sampling": {"s": "\ud800"}}]}, "lone surrogate"),
+])
+def test_prompts_of_the_wrong_types_name_file_line_and_field(tmp_path, row, field):
+    f = tmp_path / "p.jsonl"
+    f.write_text('"fine"\n' + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=rf"p.jsonl:2: .*{field}"):
+        formats.read_prompts(f)
+
+
+def test_kwise_fields_of_the_wrong_types_name_file_line_and_field(tmp_path):
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "x", "responses": ["a", "b"], "ranks": [0, 1], "candidate_ids": 5}])
+    with pytest.raises(UserError, match=r"k.jsonl:1: .*'candidate_ids' must be a list"):
+        formats.read_kwise(f)
+
+
+def test_trl_pairs_sharing_a_prompt_id_are_one_prompt_per_pair_and_keep_their_annotator(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "prompt_id": "q1", "annotator": "ann"},
+            {"prompt": "q", "chosen": "b", "rejected": "a", "prompt_id": "q1", "annotator": "bob"},
+            {"prompt": "q", "chosen": "a", "rejected": "c", "prompt_id": "q1"},
+            {"prompt": "z", "chosen": "a", "rejected": "c", "prompt_id": "z1"}]
+    ab, ba, ac, z = formats.read_trl_pairs(write_lines(tmp_path / "t.jsonl", rows))
+    assert ab.prompt_id == ba.prompt_id != ac.prompt_id and ab.prompt_id.startswith("q1#")
+    assert z.prompt_id == "z1" and (ab.annotator, ba.annotator, ac.annotator) == ("ann", "bob", "trl")

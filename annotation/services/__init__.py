@@ -9,6 +9,8 @@ as one line.
     users     accounts, API tokens, browser sessions, invites, throttled sign-in
     projects  projects and their members
     imports   adding prompts and candidates, importing files
+    ranking_import  importing existing rankings (several per prompt)
+    import_files  reading a file and importing it as prompts or rankings
     leasing   which prompt an annotator ranks next (tasks, leases, slots)
     rankings  submitting, revising and skipping rankings
     reports   exports, progress and the dashboard
@@ -16,15 +18,13 @@ as one line.
 
 from align.errors import UserError
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled, Unauthorized
+from annotation.services.import_files import import_body, import_file
 from annotation.services.imports import (
     IMPORT_FORMATS,
     MAX_TEXT,
     ImportReport,
     add_candidates,
     add_prompts,
-    import_body,
-    import_file,
-    import_rankings,
     prompts_without_candidates,
     read_records,
 )
@@ -41,6 +41,7 @@ from annotation.services.projects import (
     project_for,
     remove_member,
 )
+from annotation.services.ranking_import import import_rankings
 from annotation.services.rankings import (
     MAX_DB_INT,
     MAX_REASON,
@@ -82,6 +83,7 @@ from annotation.services.users import (
     set_active,
     set_password,
     sign_in,
+    source_username,
     user_for_session,
     user_for_token,
 )
@@ -151,6 +153,7 @@ __all__ = [
     "change_password",
     "set_password",
     "sign_in",
+    "source_username",
     "skip_task",
     "submit_ranking",
     "timeline",

@@ -15,15 +15,14 @@ from sqlalchemy.orm import Session
 
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
-from align.formats import PromptRecord, Ranking
+from align.formats import PromptRecord, check_json_value
 from annotation.db import refresh_planner_statistics
-from annotation.models import Candidate, Project, Prompt, RankingRow, User
+from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid, ServiceError
-from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
-from annotation.services.rankings import check_text, clean_optional_text, ranks_to_order
-from annotation.services.users import _new_user
+from annotation.services.errors import Conflict, Invalid
+from annotation.services.projects import MAX_CANDIDATES
+from annotation.services.rankings import check_text
 
 IMPORT_FORMATS = ("oasst", "hh", "trl", "prompts", "kwise")
 MAX_TEXT = 100_000  # characters in one prompt or candidate
@@ -127,7 +126,10 @@ def _sampling(value: Any) -> dict:
         return {}
     if not isinstance(value, dict):
         raise Invalid("candidate sampling must be an object")
-    return dict(value)
+    try:
+        return check_json_value(dict(value), "candidate sampling")
+    except UserError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def _chunks(items: list, size: int = 0) -> Iterable[list]:
@@ -269,114 +271,6 @@ def prompts_without_candidates(db: Session, project: Project) -> list[Prompt]:
     return list(db.scalars(select(Prompt).where(Prompt.project_id == project.id, Prompt.n_candidates == 0).order_by(Prompt.id)))
 
 
-def _check_ranks(ranks: Any, n: int, sid: str) -> list[int]:
-    """An imported ranking's ranks: one integer per response, 0 (best) to n - 1; equal
-    ranks are ties."""
-    if not isinstance(ranks, list) or len(ranks) != n:
-        raise Invalid(f"ranking {sid!r}: ranks must be a list of {n} integers, one per response")
-    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for r in ranks):
-        raise Invalid(f"ranking {sid!r}: ranks must be integers from 0 (best) to {n - 1}, got {ranks!r:.200}")
-    return ranks
-
-
-def _source_user(db: Session, name: str, cache: dict[str, User]) -> User:
-    if name not in cache:
-        user = db.scalar(select(User).where(User.username == name))
-        if user is None:
-            user = _new_user(db, name, None, role="source")
-        cache[name] = user
-    return cache[name]
-
-
-@dataclass
-class _CheckedRanking:
-    """An imported ranking, checked: what `import_rankings` stores for it."""
-
-    source_id: str
-    content: Any
-    responses: list[CandidateIn]
-    ranks: list[int]
-    ranked: int | None  # a top-m ranking: the unranked have rank m
-    annotator: str
-    all_bad: bool
-    rationale: str | None
-    candidate_ids: list[str | None]
-
-
-def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _CheckedRanking:
-    from align.formats import content_id
-
-    content = _check_prompt(r.prompt, f"ranking {i + 1} prompt")
-    sid = _check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
-    if len(r.responses) < 2:
-        raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
-    if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
-        raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
-                      f"at most K={project.k}")
-    responses = [_checked_candidate(CandidateIn(t), j, sid) for j, t in enumerate(r.responses)]
-    ranks = _check_ranks(r.ranks, len(r.responses), sid)
-    meta = r.meta or {}
-    all_bad = meta.get("all_bad", False)
-    if not isinstance(all_bad, bool):
-        raise Invalid(f"ranking {sid!r}: all_bad must be true or false")
-    rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
-    ids = list(meta.get("candidate_ids") or [])[: len(responses)]
-    candidate_ids = [None if cid is None else _check_id(str(cid), "candidate id") for cid in ids]
-    annotator = r.annotator if isinstance(r.annotator, str) and r.annotator else source
-    if len(annotator) > 64:
-        raise Invalid(f"ranking {sid!r}: annotator name must be 1-64 characters")
-    return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator, all_bad, rationale, candidate_ids)
-
-
-def _store_ranking(db: Session, project: Project, r: _CheckedRanking, users: dict[str, User], now: float) -> None:
-    """An imported ranking as a prompt with its candidates and one ranking row by the
-    (non-login) user named after its annotator."""
-    prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
-    for c, cid in zip(prompt.candidates, r.candidate_ids):
-        c.source_id = cid
-    prompt.slots_taken = prompt.done_count = 1
-    db.add(prompt)
-    db.flush()
-    user = _source_user(db, r.annotator, users)
-    ids = [c.id for c in prompt.candidates]
-    if r.ranked is None:
-        order, below = ranks_to_order(ids, r.ranks), None
-    else:  # stored as the page stores one: the ranked groups, and the rest below
-        top = [(cid, rank) for cid, rank in zip(ids, r.ranks) if rank < r.ranked]
-        order = ranks_to_order([cid for cid, _ in top], [rank for _, rank in top])
-        below = [cid for cid, rank in zip(ids, r.ranks) if rank == r.ranked]
-    db.add(
-        RankingRow(
-            project_id=project.id, prompt_id=prompt.id, user_id=user.id, assignment_id=None, revision=1,
-            order=order, below=below, all_bad=r.all_bad, skipped=False,
-            rationale=r.rationale, time_spent_ms=None, created_at=now,
-        )
-    )
-
-
-@unit_of_work
-def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
-    """Store existing preference data: each Ranking becomes a prompt with its candidates and
-    one ranking row by the (non-login) user named after its annotator or the source. Every
-    ranking is checked before any is stored (one bad ranking and none is added); they are
-    then stored IMPORT_CHUNK at a time."""
-    report = ImportReport()
-    now = time.time()
-    checked = [_check_ranking(r, i, project, source) for i, r in enumerate(rankings)]
-    users: dict[str, User] = {}
-    for chunk in _chunks(checked):
-        new = _new_in_chunk(db, project, chunk, lambda record: record.source_id, report)
-        with _chunk_transaction(db):
-            for r in new:
-                _store_ranking(db, project, r, users, now)
-        report.prompts_added += len(new)
-        report.candidates_added += sum(len(r.responses) for r in new)
-        report.rankings_added += len(new)
-    if report.prompts_added:
-        refresh_planner_statistics(db)
-    return report
-
-
 def read_records(fmt: str, path: Any) -> list:
     """Read FILE in `fmt`; every problem (missing, not UTF-8, damaged gzip, bad line, no
     records) becomes one Invalid naming it."""
@@ -402,54 +296,3 @@ def read_records(fmt: str, path: Any) -> list:
     if not records:
         raise Invalid(f"{path}: no records (the file is empty); nothing imported")
     return records
-
-
-def import_body(db: Session, project_name: str, fmt: str, body: bytes) -> ImportReport:
-    """`import_file` of a file sent as a request body (`POST /api/projects/{p}/import`);
-    messages name it "body"."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        try:
-            return import_file(db, project_name, fmt, tmp)
-        except ServiceError as exc:
-            raise type(exc)(str(exc).replace(tmp, "body")) from None
-    finally:
-        os.unlink(tmp)
-
-
-@unit_of_work
-def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
-    """`align annotate import`: read FILE in `fmt` into the project (created if missing).
-    The file is read and checked before anything is created."""
-    with cyclic_gc_paused():
-        return _import_file(db, project_name, fmt, path, **project_kwargs)
-
-
-def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
-    records = read_records(fmt, path)
-    if fmt == "prompts":
-        ks = {len(r.candidates) for r in records if r.candidates}
-        if len(ks) > 1:
-            raise Invalid(f"{path}: prompts have different numbers of candidates {sorted(ks)}; a project ranks one K")
-        project_kwargs.setdefault("k", ks.pop() if ks else 4)
-    else:
-        project_kwargs.setdefault("k", min(MAX_CANDIDATES, max(2, max(len(r.responses) for r in records))))
-    existed = db.scalar(select(Project.id).where(Project.name == project_name)) is not None
-    project = get_or_create_project(db, project_name, **project_kwargs)
-    try:
-        if fmt == "prompts":
-            return add_prompts(db, project, records)
-        return import_rankings(db, project, records, source=fmt)
-    except BaseException:
-        db.rollback()
-        # A file refused whole added nothing: leave no empty project behind. (One cut
-        # short after some chunks keeps them, and its project.)
-        if not existed and db.scalar(select(Prompt.id).where(Prompt.project_id == project.id).limit(1)) is None:
-            db.execute(Project.__table__.delete().where(Project.id == project.id))
-            db.commit()
-        raise

@@ -27,6 +27,7 @@ from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, tran
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
+from annotation.services.slots import expire_lease
 from annotation.services.users import (
     INVALID_TOKEN,
     BearerToken,
@@ -65,6 +66,8 @@ class Task:
     order: list[list[int]] | None = None  # latest stored order, if ranked
     below: list[int] | None = None  # latest stored unordered rest, if it was a top-m ranking
     rank_top: int | None = None  # the project ranks only the best m (None: every candidate)
+    all_bad: bool = False  # the latest stored ranking's flag and rationale, so a revision starts from them
+    rationale: str | None = None
 
 
 class AssignmentRow(NamedTuple):
@@ -101,6 +104,8 @@ def task_of(db: Session, a: AssignmentRow, project: Project) -> Task:
         status=a.status, leased_until=a.leased_until, guidelines=project.guidelines,
         revision=latest.revision if latest else 0, order=latest.order if latest and not latest.skipped else None,
         below=latest.below if latest and not latest.skipped else None, rank_top=project.rank_top,
+        all_bad=bool(latest and not latest.skipped and latest.all_bad),
+        rationale=latest.rationale if latest and not latest.skipped else None,
     )
 
 
@@ -183,8 +188,6 @@ FROM caller LEFT JOIN proj ON true LEFT JOIN lease ON true LEFT JOIN prompts p O
 
 _NEXT_TASK_IN_ONE_STATEMENT = CallerStatement(_next_task_in_one_statement)
 _TAKE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken + 1 WHERE id = :prompt AND slots_taken < :per_prompt")
-_EXPIRE = Sql("UPDATE assignments SET status = 'expired' WHERE id = :id AND status = 'leased'")
-_FREE_SLOT = Sql("UPDATE prompts SET slots_taken = slots_taken - 1 WHERE id = :prompt")
 _EXPIRED_LEASES = Sql("SELECT id, prompt_id FROM assignments WHERE project_id = :project AND status = 'leased' "
                       "AND leased_until < :now LIMIT 200")
 _CONTENT = Sql("SELECT p.content, c.id, c.text FROM prompts p JOIN candidates c ON c.prompt_id = p.id "
@@ -231,14 +234,6 @@ def take_slot(tx: Transaction, prompt_id: int, annotators_per_prompt: int) -> bo
     """Claim one of the prompt's annotator slots; False when they are all taken. The
     conditional UPDATE is what keeps two annotators from taking the last slot at once."""
     return _TAKE_SLOT.rowcount(tx, prompt=prompt_id, per_prompt=annotators_per_prompt) == 1
-
-
-def expire_lease(tx: Transaction, assignment_id: int, prompt_id: int) -> bool:
-    """Mark a live lease expired and give its slot back; False if it was not live."""
-    if _EXPIRE.rowcount(tx, id=assignment_id) != 1:
-        return False
-    _FREE_SLOT.rowcount(tx, prompt=prompt_id)
-    return True
 
 
 def release_expired_leases(db: Session, project: Project, now: float | None = None) -> int:

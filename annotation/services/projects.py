@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -13,6 +13,7 @@ from annotation.models import Project, ProjectMember, User
 from annotation.raw_sql import Sql, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Invalid, NotFound
+from annotation.services.slots import release_live_leases
 
 MAX_CANDIDATES = 16
 
@@ -142,11 +143,18 @@ def add_member(db: Session, project: Project, user: User) -> bool:
     return True
 
 
+_REMOVE_MEMBER = Sql("DELETE FROM project_members WHERE project_id = :project AND user_id = :user")
+
+
 @unit_of_work
 def remove_member(db: Session, project: Project, user: User) -> bool:
-    res = db.execute(delete(ProjectMember).where(ProjectMember.project_id == project.id, ProjectMember.user_id == user.id))
-    db.commit()
-    return res.rowcount == 1
+    """`user` leaves `project` (False if they were not a member): their tasks in it can no
+    longer be read, submitted, revised or skipped, and their live lease there is expired in
+    the same transaction, so its slot goes to another annotator at once."""
+    with transaction(db, write=True) as tx:
+        removed = _REMOVE_MEMBER.rowcount(tx, project=project.id, user=user.id) == 1
+        release_live_leases(tx, user.id, project.id)
+    return removed
 
 
 @read_only

@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from align.formats import text_problem
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
@@ -126,8 +127,9 @@ RETURNING id""", json_params=["order", "below"])
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
 # by itself), instead of a read of the task, BEGIN, three statements and COMMIT. The lease
 # is marked done only if it is the caller's (a user by id, or a token's holder: see
-# `users.VALID_TOKEN_HOLDER`) and they may annotate, it is still live, and its candidates
-# are the ids ranked (`ids`, sorted); the count and the ranking follow only from that row.
+# `users.VALID_TOKEN_HOLDER`) and they may annotate (a member of the project, or an
+# admin), it is still live, and its candidates are the ids ranked (`ids`, sorted); the
+# count and the ranking follow only from that row.
 # Parameters that may be NULL carry their type: an untyped one would be taken as text.
 def _submit_in_one_statement(caller_sql: str) -> Sql:
     return Sql(f"""
@@ -135,6 +137,9 @@ WITH done AS (
   UPDATE assignments SET status = 'done', completed_at = :now
   WHERE id = :id AND user_id = (SELECT id FROM ({caller_sql}) caller WHERE role <> 'source')
     AND status = 'leased' AND leased_until >= :now
+    AND (NOT CAST(:members_only AS boolean) OR EXISTS (SELECT 1 FROM project_members m WHERE m.project_id = assignments.project_id
+                 AND m.user_id = assignments.user_id)
+         OR EXISTS (SELECT 1 FROM users u WHERE u.id = assignments.user_id AND u.role = 'admin'))
     AND (SELECT jsonb_agg(c ORDER BY c) FROM jsonb_array_elements(CAST(candidate_order AS jsonb)) c)
         = CAST(:ids AS jsonb)
   RETURNING id, project_id, prompt_id, user_id),
@@ -151,14 +156,14 @@ _SUBMIT_IN_ONE_STATEMENT = CallerStatement(_submit_in_one_statement)
 
 def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_id: int, order: list[list[int]],
                             below: list[int] | None, ids: set[int], all_bad: bool, rationale: str | None,
-                            time_spent_ms: int | None, now: float) -> RankingRow | None:
+                            time_spent_ms: int | None, now: float, members_only: bool) -> RankingRow | None:
     """PostgreSQL: store the first ranking of the caller's live lease `assignment_id`, whose
     candidates must be `ids`, in one statement. None, changing nothing, when it is not so
     (or the caller's token does not authenticate)."""
     with autocommit(db) as tx:
         row = _SUBMIT_IN_ONE_STATEMENT.first(tx, caller, now, id=assignment_id, ids=sorted(ids), order=order,
                                              below=below, all_bad=all_bad, rationale=rationale,
-                                             time_spent_ms=time_spent_ms)
+                                             time_spent_ms=time_spent_ms, members_only=members_only)
     if row is None:
         return None
     ranking_id, project_id, prompt_id, user_id = row
@@ -168,8 +173,13 @@ def _store_in_one_statement(db: Session, caller: User | BearerToken, assignment_
         time_spent_ms=time_spent_ms, created_at=now)
 
 
-def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRow:
-    """The assignment, if it is `user`'s."""
+_IS_MEMBER = Sql("SELECT 1 FROM project_members WHERE project_id = :project AND user_id = :user")
+
+
+def _own_assignment(db: Session, user: User, assignment_id: int, members_only: bool) -> AssignmentRow:
+    """The assignment, if it is `user`'s, and with `members_only` (a request's caller), if
+    they are a member of its project or an admin. In-process callers (the demo's simulated
+    annotators) lease with `next_task` and need no membership, as there."""
     if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 1 <= assignment_id <= MAX_DB_INT:
         raise NotFound(f"no task {assignment_id}")
     require_annotator(user)
@@ -179,23 +189,30 @@ def _own_assignment(db: Session, user: User, assignment_id: int) -> AssignmentRo
         raise NotFound(f"no task {assignment_id}")
     if a.user_id != user.id:
         raise Forbidden(f"task {assignment_id} belongs to another annotator")
+    if members_only and user.role != "admin":
+        with transaction(db, write=False) as tx:
+            member = _IS_MEMBER.first(tx, project=a.project_id, user=user.id) is not None
+        if not member:
+            raise Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
     return a
 
 
 @read_only
-def get_task(db: Session, user: User, assignment_id: int) -> Task:
-    a = _own_assignment(db, user, assignment_id)
+def get_task(db: Session, user: User, assignment_id: int, *, members_only: bool = False) -> Task:
+    a = _own_assignment(db, user, assignment_id, members_only)
     return task_of(db, a, db.get(Project, a.project_id))
 
 
 def check_text(value: Any, what: str, limit: int) -> str:
-    """A string the database can store: at most `limit` characters and no NUL."""
+    """A string the database can store: at most `limit` characters, no NUL and no lone
+    surrogate (`align.formats.text_problem`)."""
     if not isinstance(value, str):
         raise Invalid(f"{what} must be a string")
     if len(value) > limit:
         raise Invalid(f"{what} is longer than {limit} characters")
-    if "\x00" in value:
-        raise Invalid(f"{what} contains a NUL character")
+    problem = text_problem(value)
+    if problem:
+        raise Invalid(f"{what} {problem}")
     return value
 
 
@@ -229,6 +246,7 @@ def submit_ranking(
     rationale: str | None = None,
     time_spent_ms: int | None = None,
     now: float | None = None,
+    members_only: bool = False,
 ) -> RankingRow:
     """Store the first ranking of a leased task (revision 1). `order` lists groups of
     candidate ids best first; ids in one group are tied. In a top-m project `below` may list
@@ -239,11 +257,12 @@ def submit_ranking(
     now = time.time() if now is None else now
     caller = signed_in(db, caller)
     if on_postgresql(db) and not below:  # (a top-m ranking needs the project's m: the careful path reads it)
-        stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now)
+        stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now,
+                                     members_only)
         if stored is not None:
             return stored
     user = as_user(db, caller)
-    a = _own_assignment(db, user, assignment_id)
+    a = _own_assignment(db, user, assignment_id, members_only)
     order, below = _checked_ranking(db, a, order, below)
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
@@ -257,7 +276,7 @@ def submit_ranking(
     try:
         if lease_live and on_postgresql(db):
             stored = _store_in_one_statement(db, user, a.id, order, below, set(a.candidate_order), all_bad,
-                                             rationale, time_spent_ms, now)
+                                             rationale, time_spent_ms, now, members_only)
             if stored is None:
                 raise submitted_already
             return stored
@@ -280,7 +299,7 @@ def submit_ranking(
 
 
 def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: Any, order: Any, all_bad: Any,
-                        rationale: Any, time_spent_ms: Any, now: float) -> RankingRow | None:
+                        rationale: Any, time_spent_ms: Any, now: float, members_only: bool) -> RankingRow | None:
     """PostgreSQL, the usual submission (well-formed, the annotator's live lease): stored
     with no read of the task before it. None, changing nothing, for anything else; the
     careful path then reads the task and says what is wrong, in its own order of checks."""
@@ -297,7 +316,7 @@ def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: 
         return None
     try:
         return _store_in_one_statement(db, caller, assignment_id, groups, None, ids, all_bad, rationale,
-                                       time_spent_ms, now)
+                                       time_spent_ms, now, members_only)
     except IntegrityError:  # a ranking of this task is stored already: the careful path says so
         return None
 
@@ -334,9 +353,10 @@ def revise_ranking(
     all_bad: bool = False,
     rationale: str | None = None,
     time_spent_ms: int | None = None,
+    members_only: bool = False,
 ) -> RankingRow:
     """Correct a ranking: a new row with revision + 1; earlier revisions stay as they were."""
-    a = _own_assignment(db, user, assignment_id)
+    a = _own_assignment(db, user, assignment_id, members_only)
     order, below = _checked_ranking(db, a, order, below)
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
@@ -360,10 +380,10 @@ def revise_ranking(
 
 
 @unit_of_work
-def skip_task(db: Session, user: User, assignment_id: int, reason: str) -> RankingRow:
+def skip_task(db: Session, user: User, assignment_id: int, reason: str, *, members_only: bool = False) -> RankingRow:
     """Skip a leased task with a reason: recorded as a skipped ranking row; the slot goes
     back to the pool for another annotator, and this annotator will not get it again."""
-    a = _own_assignment(db, user, assignment_id)
+    a = _own_assignment(db, user, assignment_id, members_only)
     reason = clean_optional_text(reason, "reason")
     if not reason or not reason.strip():
         raise Invalid("a skip needs a reason")

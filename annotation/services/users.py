@@ -11,21 +11,47 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation import passwords, security
-from annotation.models import ApiToken, Assignment, Invite, LoginFailures, Project, ProjectMember, Prompt, User, WebSession
+from annotation.models import ApiToken, Invite, LoginFailures, Project, ProjectMember, User, WebSession
 from annotation.raw_sql import Sql, Transaction, transaction
 from annotation.services._tx import insert_unique, read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Throttled, Unauthorized
+from annotation.services.slots import release_live_leases
 from annotation.settings import DEFAULT_API_TOKEN_TTL_S
 
 ROLES = ("admin", "annotator", "source")
+# Annotators named in imported files are accounts of role "source" whose username is the
+# name behind this prefix. ':' is never in a real username (`passwords.username_problem`),
+# so an imported name never maps to a real account (an admin's included) and never keeps
+# anyone from creating a real user of that name.
+SOURCE_PREFIX = "src:"
+MAX_SOURCE_NAME = 64 - len(SOURCE_PREFIX)
+
+
+def source_username(name: str) -> str:
+    """The username of the source account of an imported annotator name."""
+    return SOURCE_PREFIX + name
+
+
+def annotator_name(username: str) -> str:
+    """The name an export gives a ranking's annotator: a source account's imported name."""
+    return username[len(SOURCE_PREFIX):] if username.startswith(SOURCE_PREFIX) else username
+
+
+def check_source_name(name: Any) -> str | None:
+    """What is wrong with an imported annotator name (None: it is fine once stripped)."""
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_SOURCE_NAME:
+        return f"name must be 1-{MAX_SOURCE_NAME} characters, got {name!r:.80}"
+    if any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in name):
+        return f"name {name!r:.80} holds a control character or a lone surrogate"
+    return None
 
 
 def _new_user(db: Session, username: str, password: str | None, role: str) -> User:
     """Validate and insert (flush, no commit) a user."""
     username = (username or "").strip() if isinstance(username, str) else username
     if role == "source":  # imported data: the name comes from the file and never signs in
-        if not isinstance(username, str) or not username or len(username) > 64:
-            raise Invalid("source name must be 1-64 characters")
+        if not isinstance(username, str) or not username.startswith(SOURCE_PREFIX) or len(username) > 64:
+            raise Invalid(f"a source account's name is {SOURCE_PREFIX!r} and 1-{MAX_SOURCE_NAME} characters")
     else:
         problem = passwords.username_problem(username)
         if problem:
@@ -36,6 +62,8 @@ def _new_user(db: Session, username: str, password: str | None, role: str) -> Us
         problem = passwords.password_problem(password, username)
         if problem:
             raise Invalid(problem)
+    if role != "source":
+        _prefix_legacy_source(db, username)
     if db.scalar(select(User.id).where(User.username == username)) is not None:
         raise Conflict(f"user {username!r} already exists")
     if role != "source":
@@ -51,6 +79,15 @@ def _new_user(db: Session, username: str, password: str | None, role: str) -> Us
     return insert_unique(db, user, f"user {username!r} already exists", commit=False)
 
 
+def _prefix_legacy_source(db: Session, username: str) -> None:
+    """A source account made before SOURCE_PREFIX carries the bare imported name; a real
+    user of that name takes it, and the source account moves to its prefixed name."""
+    prefixed = source_username(username)
+    if len(prefixed) <= 64 and db.scalar(select(User.id).where(User.username == prefixed)) is None:
+        db.execute(update(User).where(User.username == username, User.role == "source").values(username=prefixed)
+                   .execution_options(synchronize_session=False))
+
+
 @unit_of_work
 def create_user(db: Session, username: str, password: str | None = None, role: str = "annotator") -> User:
     """Create a user; `password=None` makes an account that cannot sign in (simulated
@@ -61,28 +98,46 @@ def create_user(db: Session, username: str, password: str | None = None, role: s
 
 
 @unit_of_work
-def set_password(db: Session, user: User, password: str) -> None:
+def set_password(db: Session, user: User, password: str, *, keep: BearerToken | SessionCookie | None = None) -> None:
     """A new password for `user` (it must pass `passwords.password_problem`); the request
-    to change it, if one was set, is cleared."""
+    to change it, if one was set, is cleared. Every API token and browser session of the
+    account is revoked but `keep`, the credential the change was made with (none kept
+    when an admin or the CLI sets it), so whoever held the old password or a stolen
+    session is signed out."""
     problem = passwords.password_problem(password, user.username)
     if problem:
         raise Invalid(problem)
     db.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password),
                                                              password_change_required=False))
+    revoke_credentials(db, user.id, keep=keep)
     db.commit()
 
 
+def revoke_credentials(db: Session, user_id: int, *, keep: BearerToken | SessionCookie | None = None) -> None:
+    """Delete the user's API tokens and browser sessions (in the caller's transaction), but `keep`."""
+    tokens, sessions = delete(ApiToken).where(ApiToken.user_id == user_id), delete(WebSession).where(WebSession.user_id == user_id)
+    if isinstance(keep, BearerToken):
+        tokens = tokens.where(ApiToken.token_hash != security.hash_token(keep.token))
+    elif isinstance(keep, SessionCookie):
+        sessions = sessions.where(WebSession.token_hash != security.hash_token(keep.token))
+    db.execute(tokens)
+    db.execute(sessions)
+
+
 def change_password(db: Session, user: User, current_password: str, new_password: str, client: str, *,
-                    max_failures: int = 5, window_s: float = 300.0) -> None:
+                    keep: BearerToken | SessionCookie | None = None, max_failures: int = 5,
+                    window_s: float = 300.0) -> None:
     """A signed-in user replaces their password: the new one must pass the rules (Invalid,
     nothing changed) and the current one is checked as a sign-in is, throttle included
-    (Forbidden when it is wrong), so a stolen session cannot take the account over."""
+    (Forbidden when it is wrong), so a stolen session cannot take the account over; every
+    other session and API token of the account is revoked (`set_password`), so one stolen
+    before the change stops working."""
     problem = passwords.password_problem(new_password, user.username)
     if problem:
         raise Invalid(problem)
     if sign_in(db, user.username, current_password, client, max_failures=max_failures, window_s=window_s) is None:
         raise Forbidden("the current password is wrong")
-    set_password(db, user, new_password)
+    set_password(db, user, new_password, keep=keep)
 
 
 @read_only
@@ -320,15 +375,11 @@ def set_active(db: Session, username: str, active: bool, *, by: User | None = No
         raise Conflict("you cannot deactivate your own account")
     user.active = active
     if not active:
-        db.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
-        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
-        leased = db.execute(select(Assignment.id, Assignment.prompt_id).where(
-            Assignment.user_id == user.id, Assignment.status == "leased")).all()
-        for aid, pid in leased:
-            res = db.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "leased").values(status="expired"))
-            if res.rowcount == 1:
-                db.execute(update(Prompt).where(Prompt.id == pid).values(slots_taken=Prompt.slots_taken - 1))
+        revoke_credentials(db, user.id)
     db.commit()
+    if not active:  # after the commit: the account can no longer use them
+        with transaction(db, write=True) as tx:
+            release_live_leases(tx, user.id)
     return user
 
 

@@ -366,3 +366,55 @@ def test_a_task_request_takes_one_pooled_connection_and_gives_it_back(env):
     assert len(checkouts) == 1 and engine.pool.checkedout() == 0
     r = env.client.post(f"/api/tasks/{task['id']}/ranking", json={"order": order}, headers=env.headers(token))
     assert r.status_code == 409 and engine.pool.checkedout() == 0
+
+
+def test_a_removed_member_loses_their_tasks_and_their_lease_frees_its_slot_at_once(env):
+    """After DELETE /api/projects/p/members/alice, alice can no longer read, submit, revise
+    or skip her tasks in p (on PostgreSQL the submission's one-statement path too), and
+    the prompt she had leased goes to another annotator at once."""
+    env.project(n_prompts=2, k=2, annotators=1)
+    alice = env.annotator("alice")
+    bob = env.annotator("bobby")
+    done = _next(env, alice).json()
+    ids = [c["id"] for c in done["candidates"]]
+    assert env.client.post(f"/api/tasks/{done['id']}/ranking", headers=env.headers(alice), json={"order": ids}).status_code == 201
+    leased = _next(env, alice).json()
+    assert _next(env, bob).status_code == 204  # both prompts are taken
+    before = env.counts()
+    r = env.client.delete("/api/projects/p/members/alice", headers=env.headers(env.admin_token))
+    assert r.status_code == 204
+    h = env.headers(alice)
+    lids = [c["id"] for c in leased["candidates"]]
+    for r in (env.client.get(f"/api/tasks/{leased['id']}", headers=h),
+              env.client.get(f"/api/tasks/{done['id']}", headers=h),
+              env.client.post(f"/api/tasks/{leased['id']}/ranking", headers=h, json={"order": lids}),
+              env.client.put(f"/api/tasks/{done['id']}/ranking", headers=h, json={"order": ids[::-1]}),
+              env.client.post(f"/api/tasks/{leased['id']}/skip", headers=h, json={"reason": "gone"})):
+        assert r.status_code == 403 and "member" in r.json()["detail"], r.text
+    assert env.counts() == {**before, "slots": before["slots"] - 1}  # her lease's slot is free
+    task = _next(env, bob)
+    assert task.status_code == 200 and task.json()["prompt"] == leased["prompt"]
+
+
+def test_a_ranked_task_shows_its_all_bad_and_rationale_so_a_revision_keeps_them(env):
+    """The task (API and page) carries the stored ranking's all_bad and rationale; the page
+    pre-set neither, so revising from it reset both."""
+    import html
+    import re
+
+    env.project(n_prompts=1, k=3)
+    tok = env.annotator("alice")
+    task = _next(env, tok).json()
+    assert (task["all_bad"], task["rationale"]) == (False, None)
+    ids = [c["id"] for c in task["candidates"]]
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(tok),
+                        json={"order": ids, "all_bad": True, "rationale": "all <wrong> & off-topic"})
+    assert r.status_code == 201
+    shown = env.client.get(f"/api/tasks/{task['id']}", headers=env.headers(tok)).json()
+    assert (shown["all_bad"], shown["rationale"]) == (True, "all <wrong> & off-topic")
+    c = env.client
+    c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
+    page = c.get(f"/tasks/{task['id']}").text
+    assert re.search(r'<input type="checkbox" id="all-bad" checked>', page)
+    textarea = re.search(r'<textarea id="rationale"[^>]*>([^<]*)</textarea>', page).group(1)
+    assert html.unescape(textarea) == "all <wrong> & off-topic"

@@ -147,3 +147,32 @@ def test_imported_ranks_must_be_ranks_of_their_responses(env, ranks):
     r = env.client.post("/api/projects/p/import?format=kwise", headers=h, content=f"{good}\n{bad}\n".encode())
     assert r.status_code == 422 and ("'bad'" in r.text or ":2:" in r.text), r.text
     assert env.counts() == before
+
+
+def test_non_finite_numbers_and_lone_surrogates_in_a_body_are_a_422_and_store_nothing(env):
+    """Python's JSON reads NaN, Infinity, 1e400 (inf) and "\\ud800" (a lone surrogate); the
+    422 answer echoed them back and could not be written: a 500. Each is a 422 now."""
+    env.project(n_prompts=3, k=3)
+    tok = env.annotator("nina")
+    task = env.client.post("/api/projects/p/next", headers=env.headers(tok)).json()
+    ids = [c["id"] for c in task["candidates"]]
+    h = {**env.headers(tok), "content-type": "application/json"}
+    admin = {**env.headers(env.admin_token), "content-type": "application/json"}
+    before = env.counts()
+    prompts = env.client.get("/api/projects/p", headers=env.headers(env.admin_token)).json()["progress"]["prompts"]
+    ranking = f"/api/tasks/{task['id']}/ranking"
+    order = f'{{"order": {ids}, '
+    for url, headers, body in [
+        (ranking, h, order + '"time_spent_ms": NaN}'),
+        (ranking, h, order + '"time_spent_ms": Infinity}'),
+        (ranking, h, order + '"time_spent_ms": 1e400}'),
+        (ranking, h, order + '"rationale": "\\ud800"}'),
+        (ranking, h, order + '"\\ud800": 1}'),
+        (f"/api/tasks/{task['id']}/skip", h, '{"reason": "\\udfff"}'),
+        ("/api/projects/p/prompts", admin, '{"prompts": [{"prompt": "\\ud800 hi"}]}'),
+        ("/api/projects/p/prompts", admin, '{"prompts": [{"prompt": "hi", "candidates": [NaN, "b", "c"]}]}'),
+    ]:
+        r = env.client.post(url, headers=headers, content=body.encode())
+        assert r.status_code == 422 and r.json()["detail"], (body, r.status_code, r.text)
+        assert env.counts() == before
+    assert env.client.get("/api/projects/p", headers=env.headers(env.admin_token)).json()["progress"]["prompts"] == prompts

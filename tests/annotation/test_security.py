@@ -200,7 +200,7 @@ def test_the_ranking_requests_refuse_tokens_that_do_not_authenticate(env):
     with env.db() as db:
         hana = services.get_user(db, "hana")
         expired = services.issue_api_token(db, hana, ttl_s=-1)
-        source = services.create_user(db, "imported-rater", None, "source")
+        source = services.create_user(db, services.source_username("imported-rater"), None, "source")
         services.add_member(db, services.get_project(db, "p"), source)
         source_token = services.issue_api_token(db, source)
     revoked = env.client.post("/api/tokens", json={"username": "hana", "password": PASSWORD}).json()["token"]
@@ -277,7 +277,8 @@ def test_an_account_with_an_old_password_keeps_working_and_is_asked_to_change_it
     assert form.status_code == 200 and 'minlength="15"' in form.text
     done = c.post("/account/password", data={"current_password": old, "new_password": new, "csrf_token": _csrf(form.text)})
     assert done.status_code == 200 and 'id="password-notice"' not in done.text  # followed to the home page
-    assert env.client.get("/api/me", headers=env.headers(token)).json()["password_change_required"] is False
+    assert c.get("/api/me").json()["password_change_required"] is False  # the session that changed it stays
+    assert env.client.get("/api/me", headers=env.headers(token)).status_code == 401  # other credentials are revoked
     assert env.client.post("/api/tokens", json={"username": "olduser", "password": old}).status_code == 401
     again = env.client.post("/api/tokens", json={"username": "olduser", "password": new})
     assert again.status_code == 201 and again.json()["password_change_required"] is False
@@ -286,3 +287,41 @@ def test_an_account_with_an_old_password_keeps_working_and_is_asked_to_change_it
 def test_the_password_form_needs_the_csrf_token_and_a_session(env):
     r = env.client.post("/account/password", data={"current_password": PASSWORD, "new_password": "a brand new pass phrase"})
     assert r.status_code in (401, 403)
+
+
+def _signed_in(env, password):
+    """A browser of its own (a cookie jar) signed in as alice."""
+    from fastapi.testclient import TestClient
+
+    from tests.annotation.test_api import _csrf
+
+    c = TestClient(env.client.app, base_url="http://127.0.0.1")
+    r = c.post("/login", data={"username": "alice", "password": password, "csrf_token": _csrf(c.get("/").text)},
+               follow_redirects=False)
+    assert r.status_code == 303
+    return c
+
+
+def test_a_password_change_signs_out_every_other_session_and_token(env):
+    """Whoever held the old password, or a stolen session or token, is signed out by a
+    change of the password; the credential that made the change keeps working."""
+    from tests.annotation.test_api import _csrf
+
+    changer = env.annotator("alice")
+    other = env.client.post("/api/tokens", json={"username": "alice", "password": PASSWORD}).json()["token"]
+    tab, stolen = _signed_in(env, PASSWORD), _signed_in(env, PASSWORD)
+    new = "an entirely different passphrase 4711"
+    r = env.client.put("/api/me/password", headers=env.headers(changer), json={"current_password": PASSWORD, "new_password": new})
+    assert r.status_code == 204
+    assert env.client.get("/api/me", headers=env.headers(changer)).status_code == 200
+    assert env.client.get("/api/me", headers=env.headers(other)).status_code == 401
+    assert tab.get("/api/me").status_code == 401 and stolen.get("/api/me").status_code == 401
+
+    # From the browser's form: that session stays, the others (and every token) go.
+    tab, stolen = _signed_in(env, new), _signed_in(env, new)
+    form = tab.get("/account/password")
+    done = tab.post("/account/password", data={"current_password": new, "new_password": "yet another long passphrase 90",
+                                                "csrf_token": _csrf(form.text)})
+    assert done.status_code == 200
+    assert tab.get("/api/me").status_code == 200 and stolen.get("/api/me").status_code == 401
+    assert env.client.get("/api/me", headers=env.headers(changer)).status_code == 401
