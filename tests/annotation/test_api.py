@@ -100,6 +100,24 @@ def test_distinct_annotators_per_prompt_and_least_annotated_first(env):
     assert _next(env, toks[2]).status_code == 204  # both prompts have their 2 annotators
 
 
+def test_a_new_annotator_gets_a_prompt_fewer_have_ranked(env):
+    # Concurrent annotators are spread over the SPREAD least-annotated prompts: with more than SPREAD
+    # prompts that nobody has ranked, every new annotator's first task is one of them.
+    from annotation.services.leasing import SPREAD
+
+    env.project(n_prompts=2 * SPREAD + 4, k=2, annotators=3)
+    first = env.annotator("first")
+    ranked = set()
+    for _ in range(SPREAD + 2):  # leaves SPREAD + 2 prompts at 0 rankings, the others at 1
+        t = _next(env, first).json()
+        ranked.add(t["prompt"])
+        ids = [c["id"] for c in t["candidates"]]
+        assert env.client.post(f"/api/tasks/{t['id']}/ranking", headers=env.headers(first), json={"order": ids}).status_code == 201
+    assert len(ranked) == SPREAD + 2
+    for i in range(4):
+        assert _next(env, env.annotator(f"new{i}")).json()["prompt"] not in ranked
+
+
 def test_open_lease_is_returned_again_and_blocks_the_slot(env):
     env.project(n_prompts=2, k=2, annotators=1)
     t1, t2, t3 = env.annotator("a1"), env.annotator("a2"), env.annotator("a3")
@@ -273,13 +291,13 @@ def test_projects_prompts_and_import_over_api(env):
     r = env.client.post("/api/projects/api/prompts", headers=h,
                         json={"prompts": [{"prompt": "hi", "candidates": ["a", {"text": "b", "model": "m"}]}, {"prompt": "later"}]})
     assert r.status_code == 201 and r.json()["prompts_added"] == 2
-    trl = b'{"prompt": "p?", "chosen": "good", "rejected": "bad"}\n'
+    trl = b'{"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": "q7"}\n'
     r = env.client.post("/api/projects/t/import?format=trl", headers=h, content=trl)
     assert r.status_code == 201 and r.json()["rankings_added"] == 1
     bad = env.client.post("/api/projects/t/import?format=trl", headers=h, content=b'{"prompt": "p"}\n')
     assert bad.status_code == 422 and bad.json()["detail"].startswith("body:1:") and "chosen" in bad.json()["detail"]
     pairs = env.client.get("/api/projects/t/export?format=pairs", headers=h).text
-    assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": json.loads(pairs)["prompt_id"], "annotator": "trl"}
+    assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": "q7", "annotator": "trl"}
     projects = env.client.get("/api/projects", headers=env.headers(env.annotator("ann"))).json()
     assert {p["name"] for p in projects} == {"api", "t"}
     assert next(p for p in projects if p["name"] == "api")["progress"]["rankable_prompts"] == 1
