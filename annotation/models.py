@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
 
 _mappers_configured = False
@@ -25,7 +25,7 @@ class Base(DeclarativeBase):
         if not _mappers_configured:  # what the constructor would do first: every model is below
             configure_mappers()
             _mappers_configured = True
-        instance = cls._sa_class_manager.new_instance()
+        instance = inspect(cls).class_manager.new_instance()  # the mapper's, as the constructor uses
         instance.__dict__.update(columns)
         return instance
 

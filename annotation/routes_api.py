@@ -142,10 +142,10 @@ def create_token(body: TokenCreate, request: Request, db: SessionDep):
 @router.delete("/tokens/current", status_code=204)
 def revoke_token(request: Request, db: SessionDep, _user: CurrentUser):
     """Sign out a script: revoke the API token this request was sent with."""
-    auth = request.headers.get("authorization", "")
-    if not auth.lower().startswith("bearer "):
+    credential = presented_credential(request)
+    if not isinstance(credential, services.BearerToken):
         raise HTTPException(400, "send the token to revoke as 'Authorization: Bearer <token>'")
-    services.revoke_api_token(db, auth[7:].strip())
+    services.revoke_api_token(db, credential.token)
     return Response(status_code=204)
 
 

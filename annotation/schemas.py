@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-MAX_DB_INT = 2**31 - 1
+from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
+
 # Ids as the database stores them: a larger number could never name a row.
 DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT, strict=True)]
 Text = Annotated[str, Field(max_length=100_000)]
@@ -151,7 +152,7 @@ class RankingCreate(_Strict):
         "(order then ranks at least the project's rank_top); omit for a full ranking"))
     all_bad: bool = False
     rationale: str | None = Field(default=None, max_length=2000)
-    time_spent_ms: int | None = Field(default=None, ge=0, le=7 * 86400 * 1000)
+    time_spent_ms: int | None = Field(default=None, ge=0, le=MAX_TIME_SPENT_MS)
 
 
 class SkipCreate(_Strict):

@@ -43,7 +43,6 @@ from annotation.services.projects import (
 )
 from annotation.services.ranking_import import import_rankings
 from annotation.services.rankings import (
-    MAX_DB_INT,
     MAX_REASON,
     get_task,
     order_to_ranks,
@@ -98,7 +97,6 @@ __all__ = [
     "ImportReport",
     "Invalid",
     "MAX_CANDIDATES",
-    "MAX_DB_INT",
     "MAX_REASON",
     "MAX_TEXT",
     "NotFound",

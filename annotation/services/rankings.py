@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from align.formats import text_problem
+from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
@@ -19,7 +20,6 @@ from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.users import BearerToken, CallerStatement, SessionCookie, as_user, require_annotator, signed_in
 
 MAX_REASON = 2_000
-MAX_DB_INT = 2**31 - 1  # INTEGER columns on PostgreSQL (and what ids are checked against everywhere)
 
 
 def ranks_to_order(candidate_ids: list[int], ranks: list[int]) -> list[list[int]]:
@@ -229,7 +229,7 @@ def _clean_bool(value: Any, what: str) -> bool:
 def _clean_time(time_spent_ms: Any) -> int | None:
     if time_spent_ms is None:
         return None
-    if not isinstance(time_spent_ms, int) or isinstance(time_spent_ms, bool) or not 0 <= time_spent_ms <= 7 * 86400 * 1000:
+    if not isinstance(time_spent_ms, int) or isinstance(time_spent_ms, bool) or not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise Invalid("time_spent_ms must be a non-negative integer number of milliseconds")
     return time_spent_ms
 
