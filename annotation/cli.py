@@ -206,6 +206,8 @@ def export(
     project: ProjectOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
     format: Annotated[str, typer.Option("--format", "-f", help="kwise | pairs (TRL) | hh")] = "kwise",
+    all_revisions: Annotated[bool, typer.Option("--all-revisions", help="Every stored revision of every ranking "
+                                                "(kwise only), not only the latest.")] = False,
     db: DbOpt = None,
 ) -> None:
     """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
@@ -218,7 +220,7 @@ def export(
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
-        rows = services.export_rows(s, services.get_project(s, project), format)
+        rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:

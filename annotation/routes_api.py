@@ -272,11 +272,13 @@ async def import_file(
 
 
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)
-def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise"):
-    """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh."""
+def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise",
+           all_revisions: bool = False):
+    """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh;
+    `all_revisions=true` (kwise): every stored revision, not only the latest."""
     import json
 
-    rows = services.export_rows(db, services.get_project(db, name), format)
+    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions)
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return PlainTextResponse(body, media_type="application/x-ndjson")
 

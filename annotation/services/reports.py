@@ -71,12 +71,18 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
 
 
 @read_only
-def export_rows(db: Session, project: Project, fmt: str) -> list[dict[str, Any]]:
+def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool = False) -> list[dict[str, Any]]:
+    """The project's rankings as rows of `fmt`: the latest revision of each annotator's ranking of
+    each prompt, or with `all_revisions` (kwise only: an audit of every correction, each row with
+    its `revision`) every ranking stored."""
     from align import formats
 
     if fmt not in EXPORT_FORMATS:
         raise Invalid(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    rankings = export_rankings(db, project)
+    if all_revisions and fmt != "kwise":
+        raise Invalid("every revision is exported in the kwise format only (its rows carry the revision); "
+                      f"{fmt} rows from revised rankings would count one annotator's judgement twice")
+    rankings = export_rankings(db, project, all_revisions=all_revisions)
     if fmt == "kwise":
         return [formats.kwise_row(r) for r in rankings]
     if fmt == "pairs":

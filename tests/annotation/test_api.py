@@ -80,8 +80,16 @@ def test_revision_keeps_raw_rankings(env):
     with env.db() as db:
         rows = db.query(RankingRow).order_by(RankingRow.revision).all()
         assert [(r.revision, r.order, r.all_bad) for r in rows] == [(1, [[a], [b]], False), (2, [[b], [a]], True)]
-    row = json.loads(env.client.get("/api/projects/p/export", headers=env.headers(env.admin_token)).text)
+    admin = env.headers(env.admin_token)
+    row = json.loads(env.client.get("/api/projects/p/export", headers=admin).text)
     assert row["revision"] == 2 and row["all_bad"] is True
+    # the audit export: every revision, in order, each as it was submitted
+    every = env.client.get("/api/projects/p/export?all_revisions=true", headers=admin).text.splitlines()
+    texts = {c["id"]: c["text"] for c in task["candidates"]}
+    assert [(r["revision"], r["all_bad"], r["responses"][r["ranks"].index(0)]) for r in map(json.loads, every)] == [
+        (1, False, texts[a]), (2, True, texts[b])]
+    refused = env.client.get("/api/projects/p/export?format=pairs&all_revisions=true", headers=admin)
+    assert refused.status_code == 422 and "kwise format only" in refused.json()["detail"]
 
 
 def test_distinct_annotators_per_prompt_and_least_annotated_first(env):

@@ -42,6 +42,11 @@ def test_import_export_round_trip_and_reimport(tmp_path, capsys):
     assert {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs} == {("2+2?", "4", "5"), ("capital of France?", "Paris", "Lyon")}
     hh = json.loads((tmp_path / "hh.jsonl").read_text().splitlines()[0])
     assert hh["chosen"].startswith("\n\nHuman: ") and "\n\nAssistant: " in hh["chosen"]
+    out = tmp_path / "every.jsonl"  # every revision: of these imported rankings, one each
+    assert "2 kwise" in ok(["annotate", "export", "--db", db, "-p", "t", "--all-revisions", "-o", str(out)], capsys)
+    assert read_kwise(out) == read_kwise(tmp_path / "kwise.jsonl")
+    code, text = run(["annotate", "export", "--db", db, "-p", "t", "-f", "pairs", "--all-revisions", "-o", str(out)], capsys)
+    assert code == 2 and "kwise format only" in text and len(text.strip().splitlines()) == 1
 
 
 def test_user_mistakes_exit_2_without_traceback(tmp_path, capsys):
