@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,16 @@ class Ranking:
 
     def ordered_pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) index pairs implied by the ranking; a tie implies no pair."""
-        k = len(self.ranks)
-        return [(w, l) for w in range(k) for l in range(k) if self.ranks[w] < self.ranks[l]]
+        return ordered_pairs(self.ranks)
+
+
+def ordered_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """(winner, loser) index pairs implied by one ranking (rank 0 = best); a tie gives none.
+
+    ranks [0, 2, 1] -> response 0 beats 1 and 2, response 2 beats 1: [(0, 1), (0, 2), (2, 1)].
+    """
+    k = len(ranks)
+    return [(w, l) for w in range(k) for l in range(k) if ranks[w] < ranks[l]]
 
 
 def write_kwise(rankings: list[Ranking], path: str | Path) -> None:

@@ -57,8 +57,9 @@ def fit_linear_oracle(train_rankings) -> tuple[Scorer, dict[str, float]]:
     """K-wise loss (InstructGPT) on the gold features of the training rankings' responses."""
     import torch
 
+    from align.formats import ordered_pairs
     from align.synthetic import GOLD_WEIGHTS, gold_features
-    from reward.losses import kwise_ranking_loss, ordered_pairs
+    from reward.losses import kwise_ranking_loss
 
     names = list(GOLD_WEIGHTS)
     rows, winners, losers, groups = [], [], [], []

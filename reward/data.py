@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.formats import Ranking
-from reward.losses import ordered_pairs
+from align.formats import Ranking, ordered_pairs
 from reward.sources import read_annotation_project
 
 # --------------------------------------------------------------------------- loading

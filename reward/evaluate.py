@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from align.formats import Ranking
-from reward.losses import kwise_ranking_loss, ordered_pairs, pair_accuracy
+from align.formats import Ranking, ordered_pairs
+from reward.losses import kwise_ranking_loss, pair_accuracy
 
 
 def text_key(prompt: Any, response: str) -> tuple[str, str]:

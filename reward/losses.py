@@ -16,19 +16,8 @@ is one batch element (each response forwarded once). Ties imply no pair. We add 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
-
-
-def ordered_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
-    """(winner, loser) index pairs implied by one ranking (rank 0 = best); a tie gives none.
-
-    ranks [0, 2, 1] -> response 0 beats 1 and 2, response 2 beats 1: [(0, 1), (0, 2), (2, 1)].
-    """
-    k = len(ranks)
-    return [(w, l) for w in range(k) for l in range(k) if ranks[w] < ranks[l]]
 
 
 def pairwise_loss(r_w: torch.Tensor, r_l: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from reward.losses import kwise_ranking_loss, ordered_pairs, pair_accuracy, pairwise_loss, reward_centering_loss
+from align.formats import ordered_pairs
+from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
 
 
 def nll(x: float) -> float:
