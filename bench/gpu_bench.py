@@ -140,6 +140,9 @@ def build_model(out: Path, shape: str, data: Path, device: str, seed: int) -> di
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
+    del model
+    if device != "cpu":  # the workers that follow measure a card this process holds no cached blocks of
+        torch.cuda.empty_cache()
     return {"parameters": params, "non_embedding": params - embed, "vocab": len(tokenizer)}
 
 

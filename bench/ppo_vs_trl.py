@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -66,7 +65,13 @@ def bench_settings(args: argparse.Namespace) -> dict:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This worker's own peak resident memory (align.run.peak_memory_mb: VmHWM; ru_maxrss would count
+    the parent's too). TRL's worker imports this one module of the checkout, nothing that trains."""
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+    from align.run import peak_memory_mb
+
+    return peak_memory_mb()
 
 
 def align_worker(job: dict) -> dict:

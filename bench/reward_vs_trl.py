@@ -30,7 +30,9 @@ sys.path.insert(0, str(REPO))
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from align.run import peak_memory_mb  # VmHWM: this process's own peak (ru_maxrss counts the parent's)
+
+    return peak_memory_mb()
 
 
 def cpu_seconds() -> float:

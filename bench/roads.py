@@ -135,36 +135,46 @@ def execute(runs: list[dict], jobs: int) -> None:
 # ============================================================================ the table
 
 
-def mean_spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+def mean_spread(values: list[float | None], *, signed: bool = False) -> str:
+    """Mean ± sample standard deviation of the values present; a run that lacks one is named."""
+    present = [v for v in values if v is not None]
+    if not present:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:+.2f}"
-    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
+    sign = "+" if signed else ""
+    text = (f"{present[0]:{sign}.2f}" if len(present) == 1
+            else f"{statistics.fmean(present):{sign}.2f} ± {statistics.stdev(present):.2f}")
+    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)} runs)"
+
+
+def training_seconds(summary: dict) -> float:
+    """The training's time, as TRL's trainers time theirs: align's DPO times its one pass of reference
+    log-probs apart (`timing/reference_s`), TRL's DPOTrainer runs the reference inside every step."""
+    return summary["timing/train_s"] + summary.get("timing/reference_s", 0.0)
 
 
 def table(runs: list[dict]) -> str:
-    """Mean ± standard deviation over seeds per (row, beta); the config's beta for a DPO row is '-'."""
+    """Mean ± sample standard deviation over the seeds that ran per (row, beta) ('2 of 3' where a run
+    failed); the config's beta for a DPO row is '-'. Peak memory: the largest over the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["row"], run["beta"]), []).append(run)
     lines = ["| method | beta | seeds | gold gain (SFT std) | KL per sequence | held-out acc. | train s | wall s | "
-             "it/s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "iterations/s | peak MiB (max) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (row, beta), group in groups.items():
         ok = [r for r in group if r["summary"]]
         if not ok:
             lines.append(f"| {row} | {beta or '-'} | 0 of {len(group)} | failed | | | | | | |")
             continue
 
-        def col(key, fmt=mean_spread, rows=ok):
-            return fmt([r["summary"].get(key) for r in rows])
+        def col(key, rows=ok, **kw):
+            return mean_spread([r["summary"].get(key) for r in rows], **kw)
 
         iters = [r["summary"].get("iteration") for r in ok]
         its = [n / r["summary"]["timing/train_s"] for n, r in zip(iters, ok) if n]
         lines.append(" | ".join([
-            f"| {row}", beta and f"{beta}" or "-", f"{len(ok)}", col("eval/gold_gain_in_sft_std"), col("eval/kl"),
-            col("eval/accuracy"), f"{statistics.fmean(r['summary']['timing/train_s'] for r in ok):.0f}",
+            f"| {row}", beta and f"{beta}" or "-", f"{len(ok)}" + (f" of {len(group)}" if len(ok) < len(group) else ""),
+            col("eval/gold_gain_in_sft_std", signed=True), col("eval/kl"), col("eval/accuracy"),
+            f"{statistics.fmean(training_seconds(r['summary']) for r in ok):.0f}",
             f"{statistics.fmean(r['wall_s'] for r in ok):.0f}", f"{statistics.fmean(its):.3f}" if its else "-",
             f"{max(r['peak_mb'] or 0 for r in ok):.0f} |"]))
     return "\n".join(lines)
@@ -253,11 +263,14 @@ def trl_grpo(args: argparse.Namespace) -> dict:
     trainer = GRPOTrainer(model=load_causal_lm(sft, tokenizer=tokenizer), reward_funcs=reward, args=trl_args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in raw_prompt]),
                           processing_class=tokenizer, peft_config=lora_config(cfg.lora, LoraConfig))
+    from align.run import peak_memory_mb
+
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
+    peak = peak_memory_mb()  # where align's online stages read theirs: after training, before the evaluation
     return {**evaluate_policy(trainer.model.eval(), tokenizer, args.seed), "timing/train_s": train_s,
-            "iteration": cfg.num_iterations}
+            "iteration": cfg.num_iterations, "memory/peak_rss_mb": peak}
 
 
 def lora_config(lora, lora_class):
@@ -305,7 +318,8 @@ def main() -> None:
         summary = (trl_dpo if args.trl == "dpo" else trl_grpo)(args)
         from align.run import peak_memory_mb, write_json_atomic
 
-        write_json_atomic(Path(args.output_dir) / "summary.json", {**summary, "memory/peak_rss_mb": peak_memory_mb()})
+        # (DPO's peak at the end, after the evaluation, as align's DPO stage reads its own)
+        write_json_atomic(Path(args.output_dir) / "summary.json", {"memory/peak_rss_mb": peak_memory_mb(), **summary})
         return
 
     if args.table:
