@@ -36,9 +36,11 @@ forward-only pass (sampling, pi_old and pi_ref forwards, reward scoring) and 6 N
 the optimisation's real FLOPs are nearer 4 N), N = the trunk's parameters without the input embedding
 on every token, plus the output layer's on the response tokens only (the reward model has none), per
 model that runs; attention's own FLOPs are left out (small at these lengths). The same count, the iteration's useful
-work, divides both trainers' times (TRL also computes logits at the prompt positions, work the count
-does not credit, so its MFU reads low by that much). Peak FLOP/s from the device name (PEAK_BF16_TFLOPS; the run
-prints which entry it assumed; --peak-tflops to set).
+work, divides both trainers' times. It is not each trainer's own work: TRL also computes logits at the
+prompt positions, which the count does not credit (its MFU reads low by that much), and TRL 1.12 reads
+pi_old from the sampler's logits where align (in bf16) runs a pi_old forward, which the count credits
+to both (TRL's MFU reads high by one policy forward). Peak FLOP/s from the device name (PEAK_BF16_TFLOPS;
+the run prints which entry it assumed; --peak-tflops to set).
 `MFU roll` and `MFU opt` divide the rollout's forwards (sampling, pi_old, pi_ref, a critic's values) by
 the rollout's seconds and the PPO epochs' 6 N per token by the optimisation's.
 """
