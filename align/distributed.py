@@ -53,6 +53,21 @@ def make_accelerator() -> Any:
     return accelerator
 
 
+_KEPT_UNTIL_EXIT: list[Any] = []
+
+
+def keep_until_exit(*objects: Any) -> None:
+    """Hold a multi-process run's wrapped model (DDP or FSDP2) for the rest of the process.
+
+    Freed when the stage that made it returns, a DDP module's reducer destroys its gloo process
+    group while holding the GIL, and a gloo thread that waits for the GIL deadlocks it
+    (pytorch/pytorch#56297, #75097): the run has finished and written everything, but the rank
+    never exits. `align.commands.cli.exit_process` leaves a multi-process run without the
+    interpreter's finalization, so what is kept here is never destroyed. One process: nothing kept."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        _KEPT_UNTIL_EXIT.extend(objects)
+
+
 def fsdp_plugin() -> Any | None:
     """accelerate's FSDP plugin when `accelerate launch` was given an FSDP config, else None."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":

@@ -57,6 +57,7 @@ from align.distributed import (
     full_trainable_state,
     gathered,
     global_batches,
+    keep_until_exit,
     make_accelerator,
     rank_micro_batches,
     shard,
@@ -163,6 +164,7 @@ class DPOTrainer:
             optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
         self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
                                       else self.accelerator.prepare(self.module, optimizer))
+        keep_until_exit(self.model)
 
         if self.resume:
             self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))

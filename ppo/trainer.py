@@ -31,7 +31,7 @@ import torch
 from align.checkpoint import check_run_dir, clear_checkpoints, latest_checkpoint, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
-from align.distributed import fsdp_plugin, full_trainable_state, gathered, make_accelerator, shard
+from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
 from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
     MetricsWriter,
@@ -166,6 +166,7 @@ class PPOTrainer:
                                        num_training_steps=cfg.total_optimizer_steps)
         self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
                                           else self.accelerator.prepare(self.model, optimizer))
+        keep_until_exit(self.ddp_model)
         self.trainable = trainable
 
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive

@@ -48,6 +48,7 @@ from align.distributed import (
     clip_grad_norm,
     fsdp_plugin,
     global_batches,
+    keep_until_exit,
     make_accelerator,
     rank_micro_batches,
     shard,
@@ -161,6 +162,7 @@ class RewardTrainer:
             optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))
         )
         self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
+        keep_until_exit(self.model)
         self.device = self.accelerator.device
         self.params = params
         self.forward_passes = 0  # by this rank's training steps

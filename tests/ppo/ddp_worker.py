@@ -1,5 +1,6 @@
 """Launched by test_multiproc.py under `accelerate launch`: a PPO run, then every process
-writes its own copy of the trainable weights (and its last rollout) for the test to compare."""
+writes its own copy of the trainable weights (and its last rollout) for the test to compare, and,
+once the trainer is gone, whether its DDP module is still alive (kept until the process exits)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ppo.config import PPOConfig
 from ppo.trainer import PPOTrainer
 
 
-def main(overrides: list[str]) -> None:
+def main(overrides: list[str]) -> tuple[Path, int]:
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides))
     trainer.setup()
     rank = trainer.accelerator.process_index
@@ -27,8 +28,18 @@ def main(overrides: list[str]) -> None:
     save_file({n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad},
               str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"first_prompts": prompts}))
+    return out, rank
+
+
+def ddp_modules_alive() -> int:
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    out, rank = main(sys.argv[1:])
+    (out / f"rank{rank}_after.json").write_text(json.dumps({"ddp_modules_alive": ddp_modules_alive()}))
     exit_process(0)  # as `align` does: without the interpreter's finalization (see exit_process)

@@ -51,6 +51,9 @@ def test_two_cpu_ranks_finish_with_identical_parameters(small_run, tmp_path):
     prompts0 = json.loads((run / "per_rank" / "rank0.json").read_text())["first_prompts"]
     prompts1 = json.loads((run / "per_rank" / "rank1.json").read_text())["first_prompts"]
     assert prompts0 != prompts1
+    # the DDP module outlives the trainer: freed, its reducer could deadlock the rank's exit in gloo's teardown
+    for rank in (0, 1):
+        assert json.loads((run / "per_rank" / f"rank{rank}_after.json").read_text())["ddp_modules_alive"] == 1
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["episodes"] == 3 * 8 * 2
