@@ -56,7 +56,9 @@ def _check_text(text: Any, what: str) -> str:
     return check_text(text, what, MAX_TEXT)
 
 
-def _check_prompt(content: Any, what: str) -> Any:
+def checked_prompt(content: Any, what: str) -> Any:
+    """A prompt as the database stores it: non-empty text or {role, content} messages, each
+    text within MAX_TEXT; `what` names it in the 422."""
     if isinstance(content, str):
         if not content.strip():
             raise Invalid(f"{what} is empty")
@@ -68,7 +70,8 @@ def _check_prompt(content: Any, what: str) -> Any:
     raise Invalid(f"{what} must be text or a list of {{role, content}} messages")
 
 
-def _check_id(value: Any, what: str) -> str | None:
+def check_id(value: Any, what: str) -> str | None:
+    """An optional source id or model name: 1-255 characters, no NUL (the column's bound)."""
     if value is None:
         return None
     if not isinstance(value, str) or not value or len(value) > 255 or "\x00" in value:
@@ -105,12 +108,13 @@ def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any,
         db.execute(insert(Candidate.__table__), rows)
 
 
-def _checked_candidate(c: CandidateIn, i: int, source_id: str) -> CandidateIn:
-    return CandidateIn(_check_text(c.text, f"candidate {i} of prompt {source_id!r}"), _check_id(c.model, "candidate model"),
+def checked_candidate(c: CandidateIn, i: int, source_id: str) -> CandidateIn:
+    """Candidate `i` of prompt `source_id`, its text, model and sampling settings checked."""
+    return CandidateIn(_check_text(c.text, f"candidate {i} of prompt {source_id!r}"), check_id(c.model, "candidate model"),
                        _sampling(c.sampling))
 
 
-def _new_prompt(project: Project, source_id: str, content: Any, cands: list[CandidateIn], now: float) -> Prompt:
+def new_prompt(project: Project, source_id: str, content: Any, cands: list[CandidateIn], now: float) -> Prompt:
     """A prompt row with its candidates, all checked already."""
     prompt = Prompt(
         project_id=project.id, source_id=source_id, content=content, n_candidates=len(cands),
@@ -132,7 +136,8 @@ def _sampling(value: Any) -> dict:
         raise Invalid(str(exc)) from None
 
 
-def _chunks(items: list, size: int = 0) -> Iterable[list]:
+def chunks(items: list, size: int = 0) -> Iterable[list]:
+    """`items` in runs of `size` (IMPORT_CHUNK by default), one transaction each."""
     size = size or IMPORT_CHUNK
     return (items[i : i + size] for i in range(0, len(items), size))
 
@@ -179,7 +184,7 @@ def cyclic_gc_paused() -> Iterator[None]:
 
 
 @contextmanager
-def _chunk_transaction(db: Session) -> Iterator[None]:
+def chunk_transaction(db: Session) -> Iterator[None]:
     """One chunk of an import: the block writes it, then it is committed, which lets
     SQLite's writer lock go, and the requests waiting for that lock get their turn: the
     import pauses at least as long as it held the lock. No garbage collection runs
@@ -231,17 +236,17 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
 
     keyed = []
     for i, rec in enumerate(records):
-        content = _check_prompt(rec.prompt, f"prompt {i + 1}")
-        sid = _check_id(rec.prompt_id, f"id of prompt {i + 1}") or content_id("p", content)
+        content = checked_prompt(rec.prompt, f"prompt {i + 1}")
+        sid = check_id(rec.prompt_id, f"id of prompt {i + 1}") or content_id("p", content)
         if rec.candidates and len(rec.candidates) != project.k:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; project {project.name!r} ranks "
                           f"K={project.k} (send exactly {project.k}, or none to generate them later)")
         if len(rec.candidates) > MAX_CANDIDATES:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
-        keyed.append((sid, content, [_checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
-    for chunk in _chunks(keyed):
+        keyed.append((sid, content, [checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
+    for chunk in chunks(keyed):
         new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
-        with _chunk_transaction(db):
+        with chunk_transaction(db):
             if new:
                 _insert_prompts(db, project, new, now)
         report.prompts_added += len(new)

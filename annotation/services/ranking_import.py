@@ -26,15 +26,15 @@ from annotation.services._tx import unit_of_work
 from annotation.services.errors import Invalid
 from annotation.services.imports import (
     ImportReport,
-    _check_id,
-    _check_prompt,
-    _checked_candidate,
-    _chunk_transaction,
-    _chunks,
-    _new_prompt,
+    check_id,
+    checked_candidate,
+    checked_prompt,
+    chunk_transaction,
+    chunks,
+    new_prompt,
 )
 from annotation.services.rankings import clean_optional_text, ranks_to_order
-from annotation.services.users import SOURCE_PREFIX, _new_user, check_source_name, source_username
+from annotation.services.users import SOURCE_PREFIX, check_source_name, new_user, source_username
 
 _READ_BATCH = 500  # ids per IN (...) list of the reads before an import
 
@@ -64,7 +64,7 @@ def _optional_id(value: Any, what: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise Invalid(f"{what} must be a string, got {value!r:.80}")
-    return _check_id(str(value), what)
+    return check_id(str(value), what)
 
 
 @dataclass
@@ -85,8 +85,8 @@ class _CheckedRanking:
 def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _CheckedRanking:
     from align.formats import content_id
 
-    content = _check_prompt(r.prompt, f"ranking {i + 1} prompt")
-    sid = _check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
+    content = checked_prompt(r.prompt, f"ranking {i + 1} prompt")
+    sid = check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
     if len(r.responses) < 2:
         raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
     if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
@@ -94,7 +94,7 @@ def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _Checke
                       f"at most K={project.k}")
     meta = r.meta or {}
     models = _optional_list(meta, "models", len(r.responses), sid)
-    responses = [_checked_candidate(CandidateIn(t, _optional_id(m, f"model of ranking {sid!r}")), j, sid)
+    responses = [checked_candidate(CandidateIn(t, _optional_id(m, f"model of ranking {sid!r}")), j, sid)
                  for j, (t, m) in enumerate(zip(r.responses, models))]
     ranks = _check_ranks(r.ranks, len(r.responses), sid)
     all_bad = meta.get("all_bad", False)
@@ -251,7 +251,7 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
     for p in chunk:
         r, slot = p.ranking, p.slot
         if slot.prompt_id is None:
-            prompt = _new_prompt(project, r.source_id, r.content, r.responses, now)
+            prompt = new_prompt(project, r.source_id, r.content, r.responses, now)
             for c, cid in zip(prompt.candidates, r.candidate_ids):
                 c.source_id = cid
             db.add(prompt)
@@ -260,7 +260,7 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             report.prompts_added += 1
             report.candidates_added += len(r.responses)
         if r.annotator not in users:
-            users[r.annotator] = _new_user(db, source_username(r.annotator), None, role="source").id
+            users[r.annotator] = new_user(db, source_username(r.annotator), None, role="source").id
         ids = slot.candidate_ids
         db.add(RankingRow(
             project_id=project.id, prompt_id=slot.prompt_id, user_id=users[r.annotator], assignment_id=None,
@@ -287,8 +287,8 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     checked = [_check_ranking(r, i, project, source) for i, r in enumerate(rankings)]
     slots, users = _read_existing(db, project, checked)
     planned = _plan(checked, slots, project, report)
-    for chunk in _chunks(planned):
-        with _chunk_transaction(db):
+    for chunk in chunks(planned):
+        with chunk_transaction(db):
             _store(db, project, chunk, users, now, report)
     if report.prompts_added:
         refresh_planner_statistics(db)

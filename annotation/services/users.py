@@ -46,7 +46,7 @@ def check_source_name(name: Any) -> str | None:
     return None
 
 
-def _new_user(db: Session, username: str, password: str | None, role: str) -> User:
+def new_user(db: Session, username: str, password: str | None, role: str) -> User:
     """Validate and insert (flush, no commit) a user."""
     username = (username or "").strip() if isinstance(username, str) else username
     if role == "source":  # imported data: the name comes from the file and never signs in
@@ -92,7 +92,7 @@ def _prefix_legacy_source(db: Session, username: str) -> None:
 def create_user(db: Session, username: str, password: str | None = None, role: str = "annotator") -> User:
     """Create a user; `password=None` makes an account that cannot sign in (simulated
     annotators, imported sources). A password must pass `passwords.password_problem`."""
-    user = _new_user(db, username, password, role)
+    user = new_user(db, username, password, role)
     db.commit()
     return user
 
@@ -405,7 +405,7 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
     inv = db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
     if inv is None or inv.used_by is not None or inv.expires_at < time.time():
         raise NotFound("this invite link is unknown, used or expired")
-    user = _new_user(db, username, password, inv.role)
+    user = new_user(db, username, password, inv.role)
     claimed = db.execute(update(Invite).where(Invite.id == inv.id, Invite.used_by.is_(None)).values(used_by=user.id))
     if claimed.rowcount != 1:
         db.rollback()

@@ -107,13 +107,13 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
     env.project(n_prompts=1, k=2)
     token = env.annotator("ann")
     monkeypatch.setattr(imports, "IMPORT_CHUNK", 20)
-    chunk_transaction = imports._chunk_transaction
+    real_chunk_transaction = imports.chunk_transaction
     during: list[tuple[int, int]] = []
     chunks = [0]
 
     @contextlib.contextmanager
     def chunk_then_an_annotator_ranks(db):
-        with chunk_transaction(db):
+        with real_chunk_transaction(db):
             yield
         chunks[0] += 1
         if chunks[0] == 1:
@@ -127,7 +127,7 @@ def test_annotators_keep_ranking_while_a_large_import_runs(make_env, monkeypatch
             annotator.start()
             annotator.join(30)
 
-    monkeypatch.setattr(imports, "_chunk_transaction", chunk_then_an_annotator_ranks)
+    monkeypatch.setattr(imports, "chunk_transaction", chunk_then_an_annotator_ranks)
     body = "".join(json.dumps({"prompt": f"imported {i}?", "id": f"i{i}", "candidates": ["a", "b"]}) + "\n"
                    for i in range(100))
     r = env.client.post("/api/projects/p/import?format=prompts", content=body.encode(),
