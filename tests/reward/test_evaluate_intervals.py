@@ -2,7 +2,14 @@
 between annotators and with the model on pairs several annotators judged."""
 
 from align.formats import Ranking
-from reward.evaluate import bootstrap_interval, cross_annotator_metrics, length_rewards, pair_outcomes, text_key
+from reward.evaluate import (
+    bootstrap_interval,
+    cross_annotator_metrics,
+    length_rewards,
+    outcomes_by_prompt,
+    pair_outcomes,
+    text_key,
+)
 
 
 def test_pair_outcomes_per_ranking_with_ties_as_half():
@@ -29,6 +36,19 @@ def test_bootstrap_resamples_rankings_so_correlated_pairs_widen_the_interval():
     clustered = [[1.0] * 10] * 6 + [[0.0] * 10] * 4  # the same 100 pairs in 10 rankings of 10 pairs
     (lo_i, hi_i), (lo_c, hi_c) = bootstrap_interval(independent, seed=1), bootstrap_interval(clustered, seed=1)
     assert hi_c - lo_c > 2 * (hi_i - lo_i)
+
+
+def test_outcomes_are_pooled_per_held_out_prompt_as_the_split_draws_it():
+    # Two ranked groups of one conversation tree (same first user turn, deeper turns differ), one
+    # ranking of the same question as plain text, and another question: two prompts, as prompt_key splits.
+    tree_root = [{"role": "user", "content": "q1"}]
+    deeper = tree_root + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "more?"}]
+    rankings = [Ranking(prompt=tree_root, responses=["x", "y"], ranks=[0, 1]),
+                Ranking(prompt="q2", responses=["x", "y"], ranks=[0, 1]),
+                Ranking(prompt=deeper, responses=["x", "y", "z"], ranks=[0, 1, 2]),
+                Ranking(prompt="q1", responses=["x", "y"], ranks=[1, 0])]
+    outcomes = [[1.0], [0.0], [1.0, 0.5, 0.0], [0.5]]
+    assert outcomes_by_prompt(rankings, outcomes) == [[1.0, 1.0, 0.5, 0.0, 0.5], [0.0]]
 
 
 def test_cross_annotator_agreement_with_ties_as_half():
