@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 from collections.abc import Mapping
@@ -257,14 +258,19 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting of align means "without bound" by inf, and NaN is none
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str or tp is Path:
         if isinstance(value, str) and value.startswith("~/"):
             return os.path.expanduser(value)  # every text field that takes a path; see the module's docstring

@@ -140,6 +140,16 @@ def _open_text(path: Path):
     return path.open("r", encoding="utf-8")
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json module reads NaN and Infinity, which JSON does not have: the data is refused here
+    # rather than carried into files other readers cannot parse
+    raise _NotJson(f"{name} is not a JSON value")
+
+
 def jsonl_rows(path: str | Path):
     """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
     import gzip
@@ -154,9 +164,11 @@ def jsonl_rows(path: str | Path):
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line)
+                    yield lineno, json.loads(line, parse_constant=_refuse_constant)
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                except _NotJson as exc:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:

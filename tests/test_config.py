@@ -74,6 +74,9 @@ def test_defaults_without_a_file():
         (["lr=0.1"], "did you mean 'optim.lr'?"),  # a leaf named without its section
         (["optim.lr=-0.001"], "optim.lr: must be > 0, got -0.001"),
         (["kl_coef=abc"], "kl_coef: expected a number, got 'abc'"),
+        (["kl_coef=inf"], "kl_coef: expected a finite number, got 'inf'"),  # no bound check lets it through
+        (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),  # YAML's spelling
+        (["kl_coef=nan"], "kl_coef: expected a finite number, got 'nan'"),
         (["optim.warmup_steps=1.5"], "optim.warmup_steps: expected an integer"),
         (["whiten=maybe"], "whiten: expected true or false"),
         (["estimator=k2"], "estimator: 'k2' is not one of 'k1', 'k3'"),

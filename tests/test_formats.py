@@ -50,6 +50,16 @@ def test_trl_errors_name_the_line(tmp_path):
         formats.read_trl_pairs(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_line_with_a_constant_json_does_not_have_is_refused(tmp_path, constant):
+    # Python's json reads NaN and Infinity; a file holding them is not JSON, and a stage writing such a
+    # row back (align reward score) would write a file other readers refuse
+    f = tmp_path / "scores.jsonl"
+    f.write_text('{"prompt": "x", "response": "a"}\n{"prompt": "x", "response": "b", "x": ' + constant + "}\n")
+    with pytest.raises(UserError, match=rf"^{f}:2: not valid JSON \({constant} is not a JSON value\)$"):
+        list(formats.jsonl_rows(f))
+
+
 def test_hh_round_trip_and_gzip(tmp_path):
     rows = [
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Why did the chicken...",
@@ -191,7 +201,7 @@ def test_unreadable_files_are_named_in_one_line(tmp_path):
     ({"prompt": "x", "candidates": 5}, "'candidates'"),
     ({"prompt": "x", "candidates": "abcd"}, "'candidates'"),
     ({"prompt": "x", "candidates": [{"text": "a", "sampling": 5}]}, "'sampling'"),
-    ({"prompt": "x", "candidates": [{"text": "a", "sampling": {"t": float("nan")}}]}, "not a finite number"),
+    ({"prompt": "x", "candidates": [{"text": "a", "sampling": {"t": float("nan")}}]}, "NaN is not a JSON value"),
     ({"prompt": "x", "candidates": [{"text": "a", "sampling": {"s": "\ud800"}}]}, "lone surrogate"),
 ])
 def test_prompts_of_the_wrong_types_name_file_line_and_field(tmp_path, row, field):

@@ -142,7 +142,7 @@ def _projects(db_file) -> list:
     ("bad.jsonl", b'{"prompt": \n', "not valid JSON"),
     ("candidates.jsonl", b'{"prompt": "x", "candidates": 5}\n', "'candidates' must be a list"),
     ("sampling.jsonl", b'{"prompt": "x", "candidates": [{"text": "a", "sampling": 5}, "b"]}\n', ":1: candidate 1: 'sampling'"),
-    ("nan.jsonl", b'{"prompt": "x", "candidates": [{"text": "a", "sampling": {"t": NaN}}, "b"]}\n', "not a finite number"),
+    ("nan.jsonl", b'{"prompt": "x", "candidates": [{"text": "a", "sampling": {"t": NaN}}, "b"]}\n', "NaN is not a JSON value"),
 ])
 def test_unreadable_import_files_exit_2_with_one_line_and_create_nothing(tmp_path, capsys, name, content, word):
     import gzip
