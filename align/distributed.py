@@ -202,6 +202,14 @@ def local_numel(params: Iterable[torch.Tensor]) -> int:
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
 
 
+def global_sums(accelerator: Any, *sums: torch.Tensor | float) -> list[float]:
+    """Each of this rank's `sums` added over every rank (float64; every rank must call): the
+    statistics of a global batch are ratios of such sums, never means of the ranks' own means,
+    which weigh a rank's part equally whatever its size."""
+    local = torch.stack([torch.as_tensor(s, dtype=torch.float64).to(accelerator.device).reshape(()) for s in sums])
+    return accelerator.reduce(local, "sum").tolist()
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The global gradient norm over sharded parameters (each rank holds part of every gradient),
     then every gradient scaled to at most `max_norm`, as torch.nn.utils.clip_grad_norm_ does."""

@@ -36,7 +36,9 @@ class DPOConfig:
         "float32",
         help="Storage dtype of the policy's weights; the LoRA adapter and its AdamW state stay fp32.",
     )
-    max_length: int = option(256, help="Tokens per prompt + response; longer texts lose their start.", ge=8)
+    max_length: int = option(
+        256, help="Tokens per prompt + response: a ranking with a response that does not fit after its whole prompt "
+        "is left out (one line counts them, for the training and the held-out rankings).", ge=8)
     lora: LoraOptions = option(default_factory=LoraOptions, help="The policy's LoRA adapter.")
 
     # --- data --------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from align.distributed import (
     full_trainable_state,
     gathered,
     global_batches,
+    global_sums,
     keep_until_exit,
     make_accelerator,
     rank_micro_batches,
@@ -136,6 +137,10 @@ class DPOTrainer:
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
+        held_out_left_out = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length).left_out
+        if held_out_left_out and self.is_main:
+            self.echo(f"dpo: left out {held_out_left_out} of the {len(self.eval_rankings)} held-out rankings "
+                      "(the held-out accuracy is over the others)")
         # read now, not after the training: the held-out prompts sampled at the end
         self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
                              [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
@@ -228,6 +233,7 @@ class DPOTrainer:
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
         self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -236,11 +242,13 @@ class DPOTrainer:
                 pairs = ranking_pairs(batch)
                 margins.append(rewards[pairs[0], pairs[1]] - rewards[pairs[0], pairs[2]])
             margin = torch.cat(margins)
-            logps_moved = sum(r.sum() for _, r in seen) / cfg.beta / sum(b.valid.sum() for b, _ in seen)
-        # a tie (the first step: the policy is the reference) counts one half, as in the held-out accuracy
-        return {"train/loss": loss_sum.item(), "train/accuracy": pair_accuracy(margin, torch.zeros_like(margin)).mean().item(),
-                "train/reward_margin": margin.mean().item(), "train/grad_norm": float(grad_norm),
-                "train/logps_policy_minus_ref": logps_moved.item()}
+            # the global batch's statistics, from sums over the ranks (every rank takes part); a tie (the
+            # first step: the policy is the reference) counts one half, as in the held-out accuracy
+            right, margin_sum, pairs, moved, responses = global_sums(
+                self.accelerator, pair_accuracy(margin, torch.zeros_like(margin)).sum(), margin.sum(), margin.numel(),
+                sum(r.sum() for _, r in seen) / cfg.beta, sum(b.valid.sum() for b, _ in seen))
+        return {"train/loss": loss_sum.item(), "train/accuracy": right / pairs, "train/reward_margin": margin_sum / pairs,
+                "train/grad_norm": float(grad_norm), "train/logps_policy_minus_ref": moved / responses}
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -261,7 +269,7 @@ class DPOTrainer:
                 row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
                 window = []
                 if self.is_main:
-                    row.update({"step": self.step_count, "train/lr": self.scheduler.get_last_lr()[0],
+                    row.update({"step": self.step_count, "train/lr": self.lr,
                                 "timing/elapsed_s": time.perf_counter() - t_start})
                     self.metrics.write(row)
                     self.last_train = row
@@ -404,12 +412,14 @@ def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: l
     """How well the implicit reward beta * (log pi - log pi_ref) of a LoRA policy orders held-out
     rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...; its
     eval/loss is the pairwise InstructGPT loss), and eval/plackett_luce_nll: the mean over held-out
-    rankings of the loss K-wise DPO trains (the pairwise mode's too for K = 2 without ties)."""
+    rankings of the loss K-wise DPO trains (the pairwise mode's too for K = 2 without ties), over the
+    rankings that fit max_length; eval/rankings_left_out counts the others."""
     from reward.evaluate import ranking_metrics, text_key
 
     dataset = DPODataset(rankings, tokenizer, cfg.max_length)
+    left_out = {"eval/rankings_left_out": len(rankings) - len(dataset)}  # too long for max_length (DPODataset)
     if not len(dataset):
-        return {}
+        return left_out
     cache_reference_logps(module, dataset, cfg, accelerator)
     policy = dataset_logps(module, dataset, cfg, accelerator)
     table, nll = {}, []
@@ -418,7 +428,8 @@ def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: l
         table.update(zip([text_key(ranking.prompt, resp) for resp in ranking.responses], rewards.tolist()))
         ranks = torch.tensor([ranking.ranks])
         nll.append(plackett_luce_nll(rewards[None], ranks, torch.ones_like(ranks, dtype=torch.bool)).item())
-    return {**ranking_metrics(dataset.rankings, table, "eval/"), "eval/plackett_luce_nll": sum(nll) / len(nll)}
+    return {**ranking_metrics(dataset.rankings, table, "eval/"), "eval/plackett_luce_nll": sum(nll) / len(nll),
+            **left_out}
 
 
 def ranking_pairs(batch: DPOBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

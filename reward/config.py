@@ -109,7 +109,9 @@ class TrainSection:
     warmup_ratio: float = option(0.05, help="Fraction of steps with linear warm-up, then linear decay to 0.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", gt=0)
     margin: float = option(0.0, help="Margin in -log sigmoid(r_w - r_l - margin).", ge=0)
-    center_coef: float = option(0.0, help="Reward-centering coefficient (Eisenstein et al. 2023): + coef * mean(r^2).", ge=0)
+    center_coef: float = option(
+        0.0, help="Reward-centering coefficient (Eisenstein et al. 2023, eq. 2): + coef * (r_w + r_l)^2, averaged over "
+        "each ranking's pairs as the ranking loss is; pulls a prompt's rewards to sum to zero.", ge=0)
     mismatch_coef: float = option(
         0.0,
         help="Weight of the mismatched-prompt pairs: each ranking's top response must score higher under its own "

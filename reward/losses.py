@@ -9,9 +9,10 @@ is one batch element (each response forwarded once). Ties imply no pair. We add 
 
 - `margin`: -log sigmoid(r_w - r_l - margin) asks the winner to beat the loser by a margin
   (as in Llama 2's reward model, here a constant);
-- `center_coef`: the reward-centering term of Eisenstein et al. 2023 ("Helping or Herding?"),
-  center_coef * mean(r^2), which keeps rewards near zero (the pairwise loss only sees
-  differences, so their absolute level is otherwise free to drift).
+- `center_coef`: the reward-centering term of Eisenstein et al. 2023 ("Helping or Herding?",
+  eq. 2), center_coef * (r_w + r_l)^2 per pair, averaged as the ranking loss averages its pairs:
+  it pulls each prompt's rewards to sum to zero (the pairwise loss only sees differences, so
+  their level is otherwise free to drift) without shrinking the margins between them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import torch.nn.functional as F
 def pairwise_loss(r_w: torch.Tensor, r_l: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """(P,) -log sigmoid(r_w - r_l - margin), one value per ordered pair."""
     return -F.logsigmoid(r_w - r_l - margin)
+
+
+def per_ranking_mean(per_pair: torch.Tensor, pair_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G,) the mean of `per_pair` (P,) over each ranking's pairs (`pair_group`: 0..G-1 per pair)."""
+    zeros = torch.zeros(num_groups, dtype=per_pair.dtype, device=per_pair.device)
+    return zeros.index_add(0, pair_group, per_pair) / zeros.index_add(0, pair_group, torch.ones_like(per_pair))
 
 
 def kwise_ranking_loss(
@@ -39,16 +46,16 @@ def kwise_ranking_loss(
     whatever its K, instead of letting a K=9 ranking (36 pairs) outweigh a K=2 one (1 pair).
     """
     per_pair = pairwise_loss(rewards[winners], rewards[losers], margin)  # (P,)
-    sums = torch.zeros(num_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(0, pair_group, per_pair)
-    counts = torch.zeros(num_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
-        0, pair_group, torch.ones_like(per_pair)
-    )
-    return (sums / counts).mean()
+    return per_ranking_mean(per_pair, pair_group, num_groups).mean()
 
 
-def reward_centering_loss(rewards: torch.Tensor, center_coef: float) -> torch.Tensor:
-    """Eisenstein et al. 2023: center_coef * mean(r^2) over all responses in the batch."""
-    return center_coef * rewards.pow(2).mean()
+def reward_centering_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, pair_group: torch.Tensor,
+                          num_groups: int, center_coef: float) -> torch.Tensor:
+    """Eisenstein et al. 2023, eq. 2: center_coef * (r_w + r_l)^2 for each pair, averaged like
+    `kwise_ranking_loss` (over each ranking's pairs, then over rankings); for K = 2 it is TRL's
+    `center_rewards_coefficient` term."""
+    per_pair = (rewards[winners] + rewards[losers]).pow(2)  # (P,)
+    return center_coef * per_ranking_mean(per_pair, pair_group, num_groups).mean()
 
 
 def pair_accuracy(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:

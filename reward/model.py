@@ -177,10 +177,23 @@ def configure_padding(model: nn.Module, tokenizer) -> None:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Reward modelling with dropout makes r(x, y) noisy (N implementation details: dropout off)."""
+    """Reward modelling with dropout makes r(x, y) noisy (N implementation details: dropout off).
+
+    The model trains in train mode (gradient checkpointing needs it), so every form of dropout is
+    set to 0: the `nn.Dropout` modules, and the rates attention layers keep as plain numbers and apply
+    in train mode (Llama, Qwen2, Mistral, Gemma, ModernBERT: `self.attention_dropout`, read from the
+    config), with the config's own rates for anything that reads them later."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}
+    for config in configs.values():
+        for name, value in list(vars(config).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
 
 
 # --------------------------------------------------------------------------- forward

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from align.distributed import (
     clip_grad_norm,
     fsdp_plugin,
     global_batches,
+    global_sums,
     keep_until_exit,
     make_accelerator,
     rank_micro_batches,
@@ -219,7 +221,7 @@ class RewardTrainer:
         counts = torch.tensor(local, dtype=torch.float64, device=self.device)
         rankings, responses, mismatched = self.accelerator.reduce(counts, "sum").tolist()  # every rank takes part
         share = self.world  # DDP and FSDP2 divide the summed gradients by the number of ranks
-        loss_sum, mismatch_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        loss_sum, ranking_sum, mismatch_sum = (torch.zeros((), device=self.device) for _ in range(3))
         seen: list[tuple[RankingBatch, torch.Tensor]] = []
         for n, batch in enumerate(batches):
             # DDP averages the gradients over the ranks on the last micro-batch only
@@ -239,9 +241,11 @@ class RewardTrainer:
                 #    rankings (this micro-batch's share of it)
                 loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups,
                                           cfg.margin) * batch.num_groups * share / rankings
-                if cfg.center_coef > 0:  # the ranked responses' rewards, not the mismatched copies'
-                    loss = loss + reward_centering_loss(rewards[:batch.num_ranked], cfg.center_coef) \
-                        * batch.num_ranked * share / responses
+                ranking_sum += loss.detach()
+                if cfg.center_coef > 0:  # over the rankings' own pairs, not the mismatched copies
+                    loss = loss + reward_centering_loss(rewards, batch.winners, batch.losers, batch.pair_group,
+                                                        batch.num_groups, cfg.center_coef) \
+                        * batch.num_groups * share / rankings
                 # 3b. mismatched-prompt pairs: a top response scores higher under its own prompt than under
                 #     another ranking's
                 mismatch = pairwise_loss(rewards[batch.mismatch_winners], rewards[batch.mismatch_losers]).sum() \
@@ -256,17 +260,23 @@ class RewardTrainer:
                      else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
         check_finite_gradient(grad_norm, f"step {self.step_count + 1}")  # a NaN model is never trained on, nor saved
         self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         r = torch.cat([rewards[:batch.num_ranked] for batch, rewards in seen])
         r_w = torch.cat([rewards[batch.winners] for batch, rewards in seen])
         r_l = torch.cat([rewards[batch.losers] for batch, rewards in seen])
+        # the global batch's statistics, from sums over the ranks (every rank takes part)
+        right, margin, pairs, r_sum, r_squares, n = global_sums(
+            self.accelerator, pair_accuracy(r_w, r_l).sum(), (r_w - r_l).sum(), r_w.numel(), r.sum(), r.pow(2).sum(),
+            r.numel())
         return {
             "train/loss": loss_sum.item(),
-            "train/accuracy": pair_accuracy(r_w, r_l).mean().item(),
-            "train/margin": (r_w - r_l).mean().item(),
-            "train/reward_mean": r.mean().item(),
-            "train/reward_std": r.std().item() if r.numel() > 1 else 0.0,
+            "train/ranking_loss": ranking_sum.item(),  # the InstructGPT term alone, as eval/loss is
+            "train/accuracy": right / pairs,
+            "train/margin": margin / pairs,
+            "train/reward_mean": r_sum / n,
+            "train/reward_std": math.sqrt(max(r_squares - r_sum ** 2 / n, 0.0) / (n - 1)) if n > 1 else 0.0,
             "train/grad_norm": float(grad_norm),
             "train/mismatch_loss": mismatch_sum.item(),
         }
@@ -291,7 +301,7 @@ class RewardTrainer:
                 window = []
                 if self.is_main:
                     row = dict(zip(keys, means.tolist()))
-                    row.update({"step": step, "train/lr": self.scheduler.get_last_lr()[0],
+                    row.update({"step": step, "train/lr": self.lr,
                                 "train/forward_passes": int(passes.item()),
                                 "timing/step_s": time.perf_counter() - t,
                                 "timing/elapsed_s": time.perf_counter() - t_start})

@@ -142,6 +142,24 @@ def test_the_shipped_real_model_configs_load(stage, tmp_path):
     assert cfg.output_dir.startswith("runs/real/")
 
 
+@pytest.mark.parametrize("config_set", ["demo", "real"])
+def test_the_shipped_dpo_configs_hold_out_the_prompts_the_reward_configs_do(config_set, tmp_path):
+    # the two roads' held-out accuracies compare only on the same held-out prompts: the same data
+    # section's split (fraction, seed, held-out file) in the reward and DPO configs of one set
+    from pathlib import Path
+
+    from dpo.config import DPOConfig
+    from reward.config import RewardConfig
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / config_set
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("")
+    split = ("eval_fraction", "seed", "eval_path")
+    reward = load_config(RewardConfig, folder / "reward.yaml", [f"data.path={rankings}"]).data
+    dpo = load_config(DPOConfig, folder / "dpo.yaml", [f"data.path={rankings}", f"eval_prompts={rankings}"]).data
+    assert [getattr(dpo, k) for k in split] == [getattr(reward, k) for k in split]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.run import read_metrics
 from tests.launch import LAUNCHERS, run_align
 
 
@@ -18,7 +19,7 @@ def dpo_args(tiny_random_model, out: Path) -> list[str]:
     # batch's only if each rank weighs its part by the global batch's size
     return [f"policy_model={tiny_random_model}", f"output_dir={out}", "data.num_rankings=65",
             "data.num_eval_rankings=16", "data.k=3", "batch_size=7", "epochs=1", "learning_rate=5e-3",
-            "num_eval_prompts=4", "response_length=8", "progress=false", "seed=1", "num_threads=1"]
+            "num_eval_prompts=4", "response_length=8", "progress=false", "seed=1", "num_threads=1", "log_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,18 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
     assert abs(m["eval/accuracy"] - s["eval/accuracy"]) <= 0.02
     assert abs(m["eval/loss"] - s["eval/loss"]) <= 0.02
     assert m["eval/num_prompts"] == s["eval/num_prompts"] == 4  # held-out samples (FSDP2: every rank, gathered)
+    # the logged statistics are the global batch's (sums over the ranks), not the mean of the ranks' 4 and 3
+    # rankings: margins up to float rounding; accuracy from step 2 (at step 1 the policy is the reference
+    # and every margin is rounding), up to one of a batch's 21 pairs decided by rounding
+    for multi_row, single_row in zip(read_metrics(tmp_path / "multi" / "metrics.jsonl"),
+                                     read_metrics(single_process_run / "metrics.jsonl"), strict=True):
+        where = f"step {single_row['step']}"
+        assert multi_row["train/lr"] == single_row["train/lr"], where
+        assert multi_row["train/reward_margin"] == pytest.approx(single_row["train/reward_margin"], abs=1e-4), where
+        assert multi_row["train/logps_policy_minus_ref"] == pytest.approx(single_row["train/logps_policy_minus_ref"],
+                                                                          abs=1e-3), where
+        if single_row["step"] > 1:
+            assert multi_row["train/accuracy"] == pytest.approx(single_row["train/accuracy"], abs=0.05), where
     # the adapter written by the main rank (FSDP2: gathered from the shards) is the one-process adapter, up
     # to float rounding. FSDP2 reads whole sequences where one process continues each prompt's cache, and
     # AdamW, dividing by the root of the second moment, turns rounding in a near-zero gradient into a step of

@@ -15,6 +15,7 @@ import torch
 from align.config import load_config
 from align.errors import ConfigError
 from align.formats import Ranking, write_kwise
+from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.data import collate
 from dpo.losses import implicit_rewards, plackett_luce_nll
@@ -281,3 +282,28 @@ def test_held_out_metrics_score_the_implicit_reward_against_the_rankings(small_d
     expected = [plackett_luce_nll(-beta * torch.tensor([t.ranks], dtype=torch.float32), torch.tensor([r.ranks]),
                                   torch.ones(1, len(r.ranks), dtype=torch.bool)).item() for t, r in zip(truth, rankings)]
     assert metrics["eval/plackett_luce_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+
+
+def test_held_out_rankings_too_long_for_max_length_are_counted_not_silently_dropped(small_dpo_run):
+    # one held-out ranking whose response cannot follow its whole prompt within max_length: the held-out
+    # metrics are over the others, and the summary says how many were left out
+    from dpo.train import held_out_ranking_metrics
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
+    trainer.setup()
+    fitting = trainer.eval_rankings[:4]
+    long = Ranking(prompt=fitting[0].prompt, responses=["word " * trainer.cfg.max_length, "short"], ranks=[0, 1])
+    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, [*fitting, long], trainer.cfg,
+                                       trainer.accelerator)
+    assert metrics["eval/rankings_left_out"] == 1
+    assert metrics["eval/num_rankings"] == len(fitting)
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_took(small_dpo_run):
+    # no warm-up, linear decay to 0 over 4 steps: the steps take lr * 1, 3/4, 2/4, 1/4
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, "warmup_ratio=0.0", "max_steps=4",
+                                                       "log_every=1", "num_eval_prompts=0"]), echo=lambda _: None)
+    trainer.setup()
+    trainer.train()
+    assert [r["train/lr"] for r in read_metrics(trainer.out / "metrics.jsonl")] == pytest.approx(
+        [5e-3, 3.75e-3, 2.5e-3, 1.25e-3])

@@ -50,9 +50,16 @@ def test_margin_shifts_the_difference():
     assert pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(0.313262, abs=1e-6)
 
 
-def test_reward_centering_term():
-    # r = [1, -2, 3]: mean r^2 = (1 + 4 + 9) / 3 = 14/3; coef 0.01 -> 0.046667
-    assert reward_centering_loss(torch.tensor([1.0, -2.0, 3.0]), 0.01).item() == pytest.approx(0.01 * 14 / 3)
+def test_reward_centering_term_is_eisenstein_per_pair_averaged_per_ranking():
+    # ranking 0: rewards [1, -2, 3] ranked in that order, pairs (0,1) (0,2) (1,2): (r_w + r_l)^2 = 1, 16, 1,
+    # mean 6; ranking 1: rewards [0.5, -0.5], one pair summing to 0. Mean over rankings 3; coef 0.01 -> 0.03.
+    rewards = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.5])
+    winners, losers, group = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4]), torch.tensor([0, 0, 0, 1])
+    assert reward_centering_loss(rewards, winners, losers, group, 2, 0.01).item() == pytest.approx(0.03)
+    # K = 2 pairs: TRL's center_rewards_coefficient * mean((r_chosen + r_rejected)^2); a margin costs nothing
+    pairs = torch.tensor([2.0, -2.0, 5.0, -4.0])
+    two = reward_centering_loss(pairs, torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([0, 1]), 2, 0.5)
+    assert two.item() == pytest.approx(0.5 * (0.0 + 1.0) / 2)
 
 
 def test_gradient_pushes_winner_up_and_loser_down():

@@ -185,3 +185,21 @@ def test_a_damaged_reward_model_is_one_line(random_reward_model, tmp_path):
         weights.unlink()
     with pytest.raises(UserError, match="no model weights"):
         load_reward_model(broken, device="cpu")
+
+
+def test_dropout_is_off_in_train_mode_including_the_attention_rate_kept_as_a_number():
+    # Llama (as Qwen2, Mistral, Gemma) keeps attention dropout as a float it applies in train mode,
+    # not as an nn.Dropout: a reward model trained in train mode must give one reward per text
+    from transformers import LlamaConfig, LlamaModel
+
+    from reward.model import disable_dropout
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, attention_dropout=0.5, attn_implementation="eager")
+    model = LlamaModel(config).train()
+    ids = torch.randint(0, 64, (2, 12))
+    assert not torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)  # the precondition
+    disable_dropout(model)
+    torch.testing.assert_close(model(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0)
+    assert model.config.attention_dropout == 0.0

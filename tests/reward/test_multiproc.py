@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.run import read_metrics
 from tests.launch import LAUNCHERS, run_align
 
 # batches of 15 rankings split 8 + 7 and a last one of 6 (3 + 3), every term of the loss on: the ranks'
 # averaged gradients are the one-process gradients only if each rank weighs its part by the global counts
 ARGS = ["model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30", "train.batch_size=15",
         "train.mismatch_coef=1.0", "train.center_coef=0.1", "train.learning_rate=3e-3", "eval.normalize_prompts=8",
-        "eval.normalize_max_new_tokens=16", "train.num_threads=1"]
+        "eval.normalize_max_new_tokens=16", "train.num_threads=1", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,11 @@ def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_
     # same global batches, gradients averaged over the ranks: the same model up to float reduction order
     assert abs(m["eval/accuracy"] - s["eval/accuracy"]) <= 0.02
     assert abs(m["eval/loss"] - s["eval/loss"]) <= 0.02
+    # the logged statistics are the global batch's (sums over the ranks), not the mean of the ranks' 8 and 7
+    for multi_row, single_row in zip(read_metrics(tmp_path / "multi" / "metrics.jsonl"),
+                                     read_metrics(single_process_run / "metrics.jsonl"), strict=True):
+        for key in ("train/accuracy", "train/margin", "train/reward_mean", "train/reward_std", "train/lr"):
+            assert multi_row[key] == pytest.approx(single_row[key], rel=1e-3, abs=1e-5), (key, multi_row["step"])
     # the checkpoint written from the ranks' shards (FSDP2: gathered on the main rank) is the one-rank model's
     multi_weights, single_weights = (load_file(str(d / "model" / "model.safetensors"))  # full fine-tuning
                                      for d in (tmp_path / "multi", single_process_run))

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from align.formats import Ranking, write_kwise
 from align.run import read_metrics
 from align.synthetic import make_rankings
@@ -72,6 +74,9 @@ def test_mismatch_pairs_add_one_forward_per_ranking_and_their_loss(quick_config,
     # which starts near log 2 (a random head cannot tell the prompts apart)
     assert 0.5 < with_mismatch["train/mismatch_loss"] < 1.0
     assert abs(with_mismatch["train/loss"] - plain["train/loss"] - 2.0 * with_mismatch["train/mismatch_loss"]) < 1e-4
+    # train/ranking_loss is the InstructGPT term alone (what eval/loss measures on held-out rankings)
+    assert plain["train/ranking_loss"] == pytest.approx(plain["train/loss"], abs=1e-6)
+    assert with_mismatch["train/ranking_loss"] == pytest.approx(plain["train/loss"], abs=1e-4)
 
 
 def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
@@ -129,3 +134,13 @@ def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
         table = dict(line.split() for line in result.stdout.splitlines())
         assert float(table["eval/accuracy"]) == expected and float(table["eval/accuracy_k3"]) == expected
         assert int(table["eval/num_rankings"]) == 12 and int(table["eval/num_pairs"]) == 36
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_took(quick_config, tmp_path):
+    # no warm-up, linear decay to 0 over 4 steps: the steps take lr * 1, 3/4, 2/4, 1/4 (the rate after
+    # a step is the next step's)
+    cfg = quick_config(f"output_dir={tmp_path / 'lr'}", "train.warmup_ratio=0.0", "train.max_steps=4",
+                       "train.learning_rate=1e-3")
+    train_reward_model(cfg, echo=lambda s: None)
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert [r["train/lr"] for r in rows] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
