@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from align.formats import read_text_file
+from align.formats import check_prompt, read_text_file
 
 Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
 
@@ -32,6 +32,7 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
                 prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{number}: expected a JSON object with a 'prompt' field") from None
+            prompt = check_prompt(prompt, f"{path}:{number}")  # text or chat messages, before any model loads
             key = json.dumps(prompt, sort_keys=True)
             if key not in seen:
                 seen.add(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -47,6 +48,22 @@ def test_load_prompts_from_jsonl_and_txt(tmp_path):
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):
         load_prompts(str(bad), 0, 0, "train")
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    (5, "the prompt must be a string or a list of messages, got 5"),
+    (None, "the prompt must be a string or a list of messages, got None"),
+    ({"role": "user"}, "the prompt must be a string or a list of messages"),
+    ([{"role": "user"}], "every message needs string 'role' and 'content'"),
+    ([], "expected a non-empty list of messages"),
+])
+def test_a_prompt_that_is_neither_text_nor_messages_is_refused_naming_its_line(tmp_path, prompt, expected):
+    # refused as the file is read (before any model loads; for eval_prompts, before the training),
+    # not as a traceback where the chat template meets it
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(UserError, match=rf"^{f}:2: " + re.escape(expected)):
+        load_prompts(str(f), 0, 0, "train")
 
 
 def test_experience_select_slices_every_field():
