@@ -242,7 +242,7 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         exp.kl = core.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl.estimator, exp.response_mask)
         kl_in_reward = 0.0 if cfg.kl_in_loss else beta
-        exp.rewards, non_score_reward = core.compute_rewards(exp.kl, exp.scores, kl_in_reward, exp.response_mask)
+        exp.rewards, _ = core.compute_rewards(exp.kl, exp.scores, kl_in_reward, exp.response_mask)
 
         # 4) Advantages: GAE (gamma, lambda) over the response tokens, then whitened (PPO); or
         #    each sequence's total reward against its prompt's other samples (RLOO, GRPO).
@@ -260,13 +260,15 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         # The KL the controller sees (and the one logged) is the penalised quantity, summed
-        # per sequence and averaged over the global batch.
+        # per sequence and averaged over the global batch. What the objective pays for it,
+        # -beta * KL, is the same whether it is paid in the reward (PPO, RLOO) or in the loss (GRPO).
         seq_kl = exp.kl.sum(-1)
+        non_score_reward = -beta * seq_kl
         stats = {
             "objective/kl": seq_kl.mean(),
             "objective/scores": exp.scores.mean(),
-            "objective/non_score_reward": non_score_reward.sum(-1).mean(),
-            "objective/rlhf_reward": (exp.scores + non_score_reward.sum(-1)).mean(),
+            "objective/non_score_reward": non_score_reward.mean(),
+            "objective/rlhf_reward": (exp.scores + non_score_reward).mean(),
             "objective/entropy": (-exp.logprobs * exp.response_mask).sum(-1).mean(),
             "response/length": exp.response_mask.sum(-1).float().mean(),
             "response/eos_rate": has_eos.float().mean(),

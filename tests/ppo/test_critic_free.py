@@ -65,6 +65,23 @@ def test_the_kl_penalty_is_in_the_reward_for_ppo_and_rloo_and_in_the_loss_for_gr
         assert exp.kl.abs().sum() > 0, method
 
 
+@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
+def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_is_paid(small_run, method):
+    # GRPO pays beta * KL in the loss, PPO and RLOO in the reward: objective/non_score_reward is -beta * KL
+    # and objective/rlhf_reward the score plus it, for every method
+    samples = [] if method == "ppo" else ["samples_per_prompt=2"]
+    cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", *samples, "kl.coef=0.5", "kl.adaptive=false",
+                                        "num_iterations=2", "overwrite=true"])
+    trainer = PPOTrainer(cfg, reward_model=HashScorer())
+    trainer.setup()
+    trainer.step()
+    metrics = trainer.step()  # the policy moved: a KL to pay
+    assert abs(metrics["objective/kl"]) > 1e-4  # (k1 of one batch may be negative)
+    assert metrics["objective/non_score_reward"] == pytest.approx(-0.5 * metrics["objective/kl"], rel=1e-5)
+    assert metrics["objective/rlhf_reward"] == pytest.approx(
+        metrics["objective/scores"] + metrics["objective/non_score_reward"], rel=1e-5, abs=1e-6)
+
+
 def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_path):
     cfg = load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2", "num_iterations=2",
                                         "save_every=1"])
