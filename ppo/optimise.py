@@ -142,7 +142,9 @@ def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor, width: int | 
     """Forward and backward of one micro-batch, its sequences right-padded to `width` columns (None:
     untrimmed); `weight` = its share of this process's minibatch's response tokens, `rank_scale` that
     minibatch's weight among the processes' (minibatch_rank_scales). Returns its statistics as device
-    scalars weighted by `weight` (they sum to this process's minibatch's)."""
+    scalars weighted by `weight` and `rank_scale`: summed over the micro-batches and averaged over the
+    processes, they are the token means of the whole minibatch, the loss that was optimised (a plain
+    mean of the processes' own token means would weigh a process's short responses as its long)."""
     cfg = trainer.cfg
     with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
     input_ids, attention_mask, response_start = mb.right_padded(width)
@@ -173,4 +175,4 @@ def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor, width: int | 
             stats["policy/entropy"] = entropy
         trainer.accelerator.backward(loss * weight * rank_scale)
     stats["loss/total"] = loss
-    return {k: v.detach() * weight for k, v in stats.items()}
+    return {k: v.detach() * weight * rank_scale for k, v in stats.items()}

@@ -1,8 +1,9 @@
 """Launched by test_fsdp.py (under `accelerate launch` with an FSDP2 or DDP config, or alone as the
 one-rank reference): one PPO optimiser step on a fixed global batch, each rank taking its contiguous share
 of the rows. Writes OUT/step.safetensors (the trained parameters after the step, gathered in full
-by the main rank), OUT/before.safetensors (before it) and OUT/rank{R}.json (how many elements of the
-frozen and trained parameters this rank stores, against the totals)."""
+by the main rank), OUT/before.safetensors (before it), OUT/stats.json (the step's statistics as the
+trainer logs them) and OUT/rank{R}.json (how many elements of the frozen and trained parameters this
+rank stores, against the totals)."""
 
 from __future__ import annotations
 
@@ -66,9 +67,12 @@ def main(out: Path, overrides: list[str]) -> None:
     exp = fixed_batch(trainer)
     mine = exp.select(slice(rank * share, (rank + 1) * share))
     trainer.gae_advantages(mine)  # advantages whitened over the global batch, returns from this rank's rows
-    trainer.optimize(mine)
+    stats = trainer.optimize(mine)
+    names = sorted(stats)  # averaged over the ranks as PPOTrainer.step logs them
+    logged = trainer.accelerator.reduce(torch.tensor([stats[k] for k in names], device=trainer.device), "mean")
     after = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)
     if trainer.is_main:
+        (out / "stats.json").write_text(json.dumps(dict(zip(names, logged.tolist()))))
         save_file({k: v.contiguous() for k, v in before.items()}, str(out / "before.safetensors"))
         save_file({k: v.contiguous() for k, v in after.items()}, str(out / "step.safetensors"))
     frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
