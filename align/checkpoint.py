@@ -219,9 +219,9 @@ def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str) -> None:
     """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
-    run directory that holds anything unless `overwrite` (`clear_checkpoints` removes the stale
-    checkpoints once the run has loaded everything it needs). `command`: how the user resumes it
-    (`align ppo`)."""
+    run directory that holds anything unless `overwrite` (`clear_earlier_run` removes the earlier
+    run's checkpoints and outputs once this one has loaded everything it needs). `command`: how the
+    user resumes it (`align ppo`)."""
     for path in (run_dir, *run_dir.parents):  # the nearest that exists must be a directory
         try:
             exists = path.exists()
@@ -241,9 +241,17 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
                         "overwrite=true")
 
 
-def clear_checkpoints(run_dir: Path, prefix: str) -> None:
-    """A fresh run's start (main process): the checkpoints an earlier run left in its directory
-    (`overwrite=true`) go, and only those: RUN/checkpoints/<prefix>-* and their hidden temporaries."""
+def clear_earlier_run(run_dir: Path, prefix: str, outputs: Iterable[str]) -> None:
+    """A fresh run's start (main process), once it has loaded everything it needs: what an earlier
+    run of the stage left in its directory (`overwrite=true`) goes, and only that: RUN/checkpoints/
+    <prefix>-* with their hidden temporaries, and the stage's `outputs` (names in RUN), so no summary,
+    samples or value head of the earlier run passes for this one's. Other files are left alone."""
     directory = run_dir / CHECKPOINTS_DIR
     for path in [*checkpoints(run_dir, prefix), *(directory.glob(f".{prefix}-*") if directory.is_dir() else [])]:
         shutil.rmtree(path, ignore_errors=True)
+    for name in outputs:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)

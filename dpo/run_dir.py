@@ -21,6 +21,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
+# what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
+# directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR)
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
 

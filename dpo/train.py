@@ -43,7 +43,7 @@ import torch
 from align.checkpoint import (
     check_run_dir,
     check_same_run,
-    clear_checkpoints,
+    clear_earlier_run,
     data_fingerprint,
     latest_checkpoint,
     load_training_state,
@@ -63,13 +63,14 @@ from align.distributed import (
     rank_micro_batches,
     shard,
 )
+from align.errors import UserError
 from align.precision import check_finite_gradient, checkpointing_active, enable_gradient_checkpointing
 from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
 from dpo.config import RESUME_OVERRIDABLE, DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
-from dpo.run_dir import METRICS_FILE, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
+from dpo.run_dir import METRICS_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
 from reward.losses import pair_accuracy
 
 log = logging.getLogger("align")
@@ -115,6 +116,8 @@ class DPOTrainer:
         self.accelerator = make_accelerator()
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if cfg.batch_size < self.world:  # every process needs a ranking of each step; said before anything loads
+            raise UserError(f"batch_size={cfg.batch_size} is smaller than the {self.world} processes")
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         torch.manual_seed(cfg.seed)
@@ -185,7 +188,7 @@ class DPOTrainer:
                 self.last_train = kept[-1]
         else:
             prepare_run_dir(self.out, cfg)
-            clear_checkpoints(self.out, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
+            clear_earlier_run(self.out, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
             (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "

@@ -119,7 +119,9 @@ class PPOConfig:
         "null: in float32 only, where the merged weights give the policy's log-probs to rounding. In bfloat16 "
         "the merged weights round W + BA to bf16, so the samples come from the policy up to that rounding (a "
         "young adapter's update partly rounds away); pi_old is recomputed by the training forward either way, "
-        "so PPO's first ratio stays exactly 1, as with vLLM-sampled rollouts. The base is restored bit for bit.",
+        "as with vLLM-sampled rollouts, so PPO's first ratio is 1 up to the training forward's own rounding (in "
+        "float32 about 1e-6 in log; in bfloat16 about 1e-3, where minibatches padded to other widths round "
+        "otherwise). The base is restored bit for bit.",
     )
     cuda_graphs: bool | None = option(
         None,

@@ -29,6 +29,10 @@ REWARD_PLOT = "reward.png"
 KL_PLOT = "kl.png"
 POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
+TENSORBOARD_DIR = "tensorboard"  # report_to=tensorboard
+# what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
+# directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, REWARD_PLOT, KL_PLOT, POLICY_DIR, VALUE_HEAD_FILE, TENSORBOARD_DIR)
 
 
 def is_ppo_run(path: str | Path) -> bool:

@@ -78,7 +78,9 @@ def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, 
                  resumed_at: int | None = None) -> NullTracker:
     """`resumed_at`: the iteration of the checkpoint a resumed run continues from."""
     if report_to == "tensorboard":
-        return TensorBoardTracker(run_dir / "tensorboard", resumed_at)
+        from ppo.run_dir import TENSORBOARD_DIR
+
+        return TensorBoardTracker(run_dir / TENSORBOARD_DIR, resumed_at)
     if report_to == "wandb":
         return WandbTracker(project, run_dir, config, resumed_at)
     return NullTracker()

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, clear_checkpoints, latest_checkpoint, truncate_metrics
+from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
@@ -54,7 +54,7 @@ from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
-from ppo.run_dir import METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
+from ppo.run_dir import METRICS_FILE, OUTPUTS, SAMPLES_FILE, SUMMARY_FILE
 from ppo.sampling import DecodeBufferPool, sample_responses, samples_exactly
 
 log = logging.getLogger("align")
@@ -184,7 +184,7 @@ class PPOTrainer:
         if self.is_main:
             if not self.resume:
                 prepare_run_dir(self.run_dir, cfg)
-                clear_checkpoints(self.run_dir, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
+                clear_earlier_run(self.run_dir, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
             else:
                 truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
@@ -256,6 +256,7 @@ class PPOTrainer:
         # 5) Optimise: num_ppo_epochs passes of the clipped surrogate (+ the clipped value loss, or
         #    GRPO's KL term) over shuffled minibatches (one optimiser step each, gradients
         #    accumulated over micro-batches).
+        lr = self.scheduler.get_last_lr()[0]  # the rate of this iteration's first optimiser step
         train_stats = self.optimize(exp)
         t3 = time.perf_counter()
 
@@ -281,7 +282,7 @@ class PPOTrainer:
                    "episodes": (self.iteration + 1) * cfg.batch_size * self.accelerator.num_processes}
         metrics.update({k: float(v) for k, v in zip(names, reduced.tolist())})
         metrics["objective/kl_coef"] = beta
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/lr"] = lr
         self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
         metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
                         "timing/optimize_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
@@ -373,7 +374,7 @@ class PPOTrainer:
         logprobs = torch.zeros(seqs.response_ids.shape, device=self.device)
         values = None if self.model.value_module is None else torch.zeros_like(logprobs)
         for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
-            with self.compiler.active():  # the layers the training forward runs: PPO's first ratio is 1
+            with self.compiler.active():  # the layers the training forward runs: the first ratio is 1 to rounding
                 logp, _, value = self.model(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
                                             cfg.logprob_chunk_tokens)
             logprobs[rows, : logp.shape[1]] = logp * group.response_mask

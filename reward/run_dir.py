@@ -26,6 +26,9 @@ SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
+# what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
+# directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
+OUTPUTS = (SUMMARY_FILE, MODEL_DIR)
 
 
 def model_dir(path: str | Path) -> Path:

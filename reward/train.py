@@ -37,7 +37,7 @@ import torch
 from align.checkpoint import (
     check_run_dir,
     check_same_run,
-    clear_checkpoints,
+    clear_earlier_run,
     data_fingerprint,
     latest_checkpoint,
     load_training_state,
@@ -90,7 +90,7 @@ from reward.model import (
     save_reward_model,
     score_texts,
 )
-from reward.run_dir import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
+from reward.run_dir import METRICS_FILE, MODEL_DIR, OUTPUTS, SUMMARY_FILE
 
 CHECKPOINT_PREFIX = "step"
 
@@ -177,7 +177,7 @@ class RewardTrainer:
                     self.last_train = kept[-1]
             else:
                 prepare_run_dir(self.out, cfg)
-                clear_checkpoints(self.out, CHECKPOINT_PREFIX)  # an earlier run's, now this one has loaded
+                clear_earlier_run(self.out, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
             self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "

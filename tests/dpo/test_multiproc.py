@@ -4,6 +4,7 @@ evaluates the same held-out rankings; ranks with parts of unequal size run as ma
 sharded run resumes from its sharded checkpoint to the adapter it ends with uninterrupted."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,17 @@ def test_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_random
     summary_again = json.loads((out / "summary.json").read_text())
     for key in ("eval/accuracy", "eval/loss", "train/responses_forwarded", "train/steps"):
         assert summary_again[key] == pytest.approx(summary[key], abs=1e-6), key
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_a_batch_smaller_than_the_processes_is_one_line_before_anything_loads(stage, tiny_random_model, tmp_path):
+    args = (["dpo", *dpo_args(tiny_random_model, tmp_path / "run"), "batch_size=1"] if stage == "dpo" else
+            ["reward", "train", f"model.name_or_path={tiny_random_model}", f"output_dir={tmp_path / 'run'}",
+             "train.batch_size=1"])
+    run = run_align(*args, launcher="ddp", timeout=120)
+    # each rank says it in one line and exits (torchrun then reports the failed children its own way)
+    assert run.returncode != 0
+    assert run.stderr.count("batch_size=1 is smaller than the 2 processes") == 2
+    assert not re.search(r'File "[^"]*/(align|dpo|reward)/', run.stderr)  # no traceback of align's own
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,8 @@ iteration moves probability towards the responses the reward model prefers."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -74,7 +76,8 @@ def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_
                                         "num_iterations=2", "overwrite=true"])
     trainer = PPOTrainer(cfg, reward_model=HashScorer())
     trainer.setup()
-    trainer.step()
+    first = trainer.step()
+    assert first["train/lr"] == cfg.learning_rate  # linear decay, no warm-up: the first step's rate is the peak
     metrics = trainer.step()  # the policy moved: a KL to pay
     assert abs(metrics["objective/kl"]) > 1e-4  # (k1 of one batch may be negative)
     assert metrics["objective/non_score_reward"] == pytest.approx(-0.5 * metrics["objective/kl"], rel=1e-5)
@@ -94,6 +97,23 @@ def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_pa
 
     out = export_run(run, tmp_path / "export")
     assert (out / "model.safetensors").exists() and "## GRPO settings" in (out / "README.md").read_text()
+
+
+def test_overwriting_an_earlier_run_removes_its_outputs_and_keeps_other_files(small_run, tmp_path):
+    # a PPO run's value head, samples and summary left in the directory would pass for this critic-free
+    # run's, which writes none of them (no evaluation asked); a file of the user's stays
+    run = tmp_path / "run"
+    (run / "policy").mkdir(parents=True)
+    for name in ("value_head.safetensors", "samples.jsonl", "summary.json", "reward.png", "notes.txt"):
+        (run / name).write_text("an earlier run's")
+    cfg = load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2", "num_iterations=1",
+                                        "num_eval_prompts=0", "overwrite=true"])
+    run_ppo(cfg, reward_model=HashScorer())
+    assert not (run / "value_head.safetensors").exists() and not (run / "samples.jsonl").exists()
+    assert (run / "policy" / "adapter_config.json").exists()
+    assert "eval/kl" not in json.loads((run / "summary.json").read_text())
+    assert (run / "reward.png").read_bytes() != b"an earlier run's"
+    assert (run / "notes.txt").read_text() == "an earlier run's"
 
 
 @pytest.mark.parametrize("overrides, message", [
