@@ -187,6 +187,9 @@ class RewardTrainer:
             )
             if self.data.with_repeats:
                 self.echo(f"reward: {repeats_note(self.data.with_repeats)}")
+            if self.train_set.truncated:
+                self.echo(f"reward: {self.train_set.truncated} of {len(self.train_set)} training rankings hold a text "
+                          f"cut to model.max_length={cfg.model.max_length} tokens (its prompt's start goes first)")
             if self.data.without_preference:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training rankings that state no "
                           "preference (a single response, or every response tied)")

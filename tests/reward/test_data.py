@@ -118,6 +118,9 @@ def test_too_long_texts_keep_the_response_end_and_eos(tiny_random_model):
     long_ids, short_ids = ds[0].responses
     assert len(long_ids) == 12 and long_ids[-1] == tok.eos_token_id
     assert tok.decode(long_ids[:-1]).strip().endswith("response")
+    # counted for the stage's one line: rankings holding a cut text
+    fits = Ranking("hi", ["a", "b"], [0, 1])
+    assert ds.truncated == 1 and RankingDataset([fits, fits], tok, max_length=64).truncated == 0
 
 
 def test_annotation_project_is_read_through_the_app_export(tmp_path):
