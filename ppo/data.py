@@ -14,8 +14,10 @@ Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
 
 
 def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
-    """'synthetic' -> align.synthetic prompts of `split`; a .jsonl file -> its 'prompt' fields
-    (duplicates dropped, order kept); a .txt file -> one prompt per non-empty line."""
+    """'synthetic' -> align.synthetic prompts of `split`; a .jsonl file -> its lines' prompts, each
+    line a JSON string or an object with a 'prompt' field (text or chat messages), the prompts file
+    `align annotate import` reads (duplicates dropped, order kept); a .txt file -> one prompt per
+    non-empty line."""
     if spec == "synthetic":
         from align.synthetic import make_prompts
 
@@ -29,9 +31,10 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
             if not line.strip():
                 continue
             try:
-                prompt = json.loads(line)["prompt"]
+                row = json.loads(line)
+                prompt = row if isinstance(row, str) else row["prompt"]  # as `align annotate import --format prompts`
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{number}: expected a JSON object with a 'prompt' field") from None
+                raise UserError(f"{path}:{number}: expected a JSON string or an object with a 'prompt' field") from None
             prompt = check_prompt(prompt, f"{path}:{number}")  # text or chat messages, before any model loads
             key = json.dumps(prompt, sort_keys=True)
             if key not in seen:

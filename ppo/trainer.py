@@ -121,7 +121,11 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(self.sft_path)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
-        if self.reward_model is None:  # first: a wrong path fails before any model is loaded
+        # the prompt files before any model: a bad line is said before minutes of loading
+        train_prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train")
+        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
+                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
+        if self.reward_model is None:  # then the reward model: a wrong path fails before the policy loads
             from reward.model import load_reward_model
 
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
@@ -172,10 +176,7 @@ class PPOTrainer:
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else core.FixedKLController(cfg.kl.coef))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.sampler = PromptSampler(load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train"),
-                                     cfg.prompts_per_iteration, cfg.seed, rank, world)
-        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
-                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
+        self.sampler = PromptSampler(train_prompts, cfg.prompts_per_iteration, cfg.seed, rank, world)
 
         # Each process samples different responses (per-rank seeds).
         set_seed(cfg.seed + rank)

@@ -39,8 +39,9 @@ def test_ranks_take_disjoint_slices_of_the_global_batch():
 def test_load_prompts_from_jsonl_and_txt(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a", "responses": []}) + "\n" + json.dumps({"prompt": "a"}) + "\n"
-                     + json.dumps({"prompt": [{"role": "user", "content": "b"}]}) + "\n")
-    assert load_prompts(str(jsonl), 0, 0, "train") == ["a", [{"role": "user", "content": "b"}]]
+                     + json.dumps({"prompt": [{"role": "user", "content": "b"}]}) + "\n" + json.dumps("c") + "\n")
+    # a line that is a JSON string is a prompt, as in the prompts file `align annotate import` reads
+    assert load_prompts(str(jsonl), 0, 0, "train") == ["a", [{"role": "user", "content": "b"}], "c"]
     txt = tmp_path / "p.txt"
     txt.write_text("one\n\ntwo\n")
     assert load_prompts(str(txt), 0, 0, "train") == ["one", "two"]
@@ -155,3 +156,23 @@ def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path):
     assert [args for name, args in calls if name == "config"] == [({"num_threads": 2}, True)]
     make_tracker("wandb", tmp_path, "align", {})  # a new run (overwrite=true) starts a new W&B run
     assert (tmp_path / "wandb_run_id").read_text() == "second"
+
+
+@pytest.mark.parametrize("which", ["prompts", "eval_prompts"])
+def test_a_bad_prompts_file_is_refused_before_any_model_loads(small_run, tmp_path, monkeypatch, which):
+    import align.modeling
+    import reward.model
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the prompts were read")
+
+    monkeypatch.setattr(align.modeling, "load_causal_lm", no_model)
+    monkeypatch.setattr(reward.model, "load_reward_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": None}) + "\n")
+    cfg = load_config(PPOConfig, None, [*small_run, f"{which}={bad}"])
+    with pytest.raises(UserError, match=rf"^{bad}:1: the prompt must be"):
+        PPOTrainer(cfg).setup()
