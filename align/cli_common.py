@@ -40,8 +40,27 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
     try:  # the run's own config first: whether RUN is a run of this stage at all
         load_config(cls, run / "config.yaml", [f"output_dir={run}"])
     except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
+        foreign = foreign_keys(cls, run / "config.yaml")
+        if foreign:  # another stage's run: its keys say so, where a "did you mean" would mislead
+            raise ConfigError(f"{run}: not a {stage} run to resume (its config.yaml has keys a {stage} run does "
+                              f"not: {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})") from None
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
     return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])  # a bad override, as itself
+
+
+def foreign_keys(cls: type, path: Path) -> list[str]:
+    """The top-level keys of the YAML mapping at `path` that the config class `cls` has no field for."""
+    import dataclasses
+
+    from align.config import read_yaml_mapping
+    from align.errors import ConfigError
+
+    try:
+        mapping = read_yaml_mapping(path)
+    except ConfigError:
+        return []
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return [key for key in mapping if key not in fields]
 
 
 def config_keys_help(cls: type) -> str:

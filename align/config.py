@@ -92,6 +92,8 @@ def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | N
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -38,6 +38,8 @@ def model_dir(path: str | Path) -> Path:
         return path / MODEL_DIR
     if (path / NORMALIZATION_FILE).exists():
         return path
+    if not path.exists():
+        raise UserError(f"reward model not found: {path}")
     raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / MODEL_DIR})")
 
 

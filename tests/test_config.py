@@ -97,6 +97,8 @@ def test_bad_values_are_refused_with_one_line(overrides, expected):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(StageConfig, tmp_path / "nope.yaml", [])
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a directory, not a file$"):
+        load_config(StageConfig, tmp_path, [])  # a config folder given for its file
     with pytest.raises(ConfigError, match=r"invalid YAML \(line 2"):
         load_config(StageConfig, write(tmp_path, "kl_coef: 0.1\n  bad: [\n"), [])
     with pytest.raises(ConfigError, match="top level must be a mapping"):

@@ -91,7 +91,8 @@ def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path):
         f"error: {run}: no checkpoint to resume from (checkpoints/step-* not found)")
     (run / "config.yaml").write_text("model: {name_or_path: demo}\n")  # a reward run's
     result = run_cli("--resume", str(run))
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {run}: not a DPO run to resume: unknown")
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: {run}: not a DPO run to resume (its config.yaml has keys a DPO run does not: model)")
     assert "Traceback" not in result.stderr
 
 

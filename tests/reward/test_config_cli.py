@@ -94,6 +94,8 @@ def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
         (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path / "no" / "x.jsonl")],
          f"--output {tmp_path / 'no' / 'x.jsonl'}: its directory {tmp_path / 'no'} does not exist"),
         (["eval", "-m", missing, "-d", str(ties)], f"{ties}: no ranking states a preference"),
+        (["score", "-m", missing, "-i", str(good)], f"reward model not found: {missing}"),  # said as such
+        (["score", "-m", str(tmp_path), "-i", str(good)], f"{tmp_path} is not a reward model"),
     ]:
         result = align(*args)
         assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
