@@ -352,9 +352,11 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     `device` None: the GPU when there is one, else the CPU; `dtype`: the weights' dtype (bf16 for scoring)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from align.hf import quiet_transformers
     from align.modeling import check_model_files, fit_embeddings, is_encoder
     from align.precision import default_device
 
+    quiet_transformers()  # no loading bars or notices on a command's output, as where the stages load models
     device = default_device() if device is None else device
 
     model_dir = find_model_dir(path)

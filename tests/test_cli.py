@@ -131,3 +131,23 @@ def test_a_rank_of_a_multi_process_run_exits_with_its_code_and_output_without_fi
     assert mistake.returncode == 2
     assert mistake.stderr.strip() == "error: unknown config key 'bta' for DPOConfig; did you mean 'beta'?"
     assert ("FINALIZED" in mistake.stdout) == (world_size == "1")
+
+
+def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, capsys):
+    # typer turns Ctrl-C into a silent exit 130: the user is told, with the way back into a run
+    import typer
+
+    import align.commands.cli as cli
+
+    interrupted = typer.Typer()
+
+    @interrupted.command()
+    def stage() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.setattr(cli, "_register_stages", lambda: None)
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted (a training stage continues from its latest checkpoint")

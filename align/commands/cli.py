@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
     except SystemExit as exc:
+        if exc.code == 130:  # typer's exit for Ctrl-C, silent until now
+            typer.echo("interrupted (a training stage continues from its latest checkpoint: the same command "
+                       "with --resume RUN)", err=True)
         exit_process(exc.code)
     exit_process(0)
 

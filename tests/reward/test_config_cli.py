@@ -1,5 +1,6 @@
 """User mistakes in `align reward train` give one line naming the problem and exit code 2."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,15 @@ def test_cli_progress_is_one_line(tmp_path):
     result = run_cli("train.progress=false", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: unknown config key 'train.progress' for RewardConfig: {NO_PROGRESS}"
+
+
+def test_score_writes_the_scores_and_nothing_else(random_reward_model, tmp_path):
+    # stdout holds one JSON line per input line; stderr no loading bar or library notice
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n{"prompt": "p", "response": "y"}\n')
+    result = subprocess.run([sys.executable, "-m", "align", "reward", "score", "-m", str(random_reward_model),
+                             "-i", str(good)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [sorted(json.loads(line)) for line in result.stdout.splitlines()] == [
+        ["prompt", "response", "reward", "reward_raw"]] * 2
+    assert result.stderr == ""
