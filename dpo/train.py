@@ -141,6 +141,9 @@ class DPOTrainer:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
         held_out_left_out = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length).left_out
+        if data.held_out_without_preference and self.is_main:
+            self.echo(f"dpo: left out {data.held_out_without_preference} held-out rankings that state no preference "
+                      "(a single response, or every response tied)")
         if held_out_left_out and self.is_main:
             self.echo(f"dpo: left out {held_out_left_out} of the {len(self.eval_rankings)} held-out rankings "
                       "(the held-out accuracy is over the others)")

@@ -35,6 +35,7 @@ class RewardData:
     eval_label: str  # where the held-out labels come from: "gold" (synthetic judge) or "annotators"
     eval_annotator: list[Ranking] | None = None  # synthetic: the simulated annotators' labels on the same prompts
     without_preference: list[Ranking] = field(default_factory=list)  # training-side rankings left out: no pair
+    held_out_without_preference: int = 0  # held-out rankings left out: no pair to score
     source: dict[str, Any] = field(default_factory=dict)  # what data produced the model (recorded with it)
     with_repeats: int = 0  # rankings that held one response text more than once (`merge_repeated_responses`)
 
@@ -165,6 +166,7 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         train, eval_ = split_by_prompt(rankings, cfg.eval_fraction, cfg.seed)
         source.update(split="prompt", eval_fraction=cfg.eval_fraction, split_seed=cfg.seed)
     without_preference = [r for r in train if not ordered_pairs(r.ranks)]
+    held_out_without_preference = sum(not ordered_pairs(r.ranks) for r in eval_)
     train, eval_ = with_pairs(train), with_pairs(eval_)
     if cfg.max_rankings is not None:
         train = train[: cfg.max_rankings]
@@ -172,7 +174,8 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need both > 0")
     source.update(train_rankings=len(train), eval_rankings=len(eval_))
     return RewardData(train=train, eval=eval_, eval_label="annotators", source=source,
-                      without_preference=without_preference, with_repeats=with_repeats)
+                      without_preference=without_preference, held_out_without_preference=held_out_without_preference,
+                      with_repeats=with_repeats)
 
 
 def _load_synthetic(cfg: Any) -> RewardData:

@@ -190,9 +190,10 @@ class RewardTrainer:
             if self.train_set.truncated:
                 self.echo(f"reward: {self.train_set.truncated} of {len(self.train_set)} training rankings hold a text "
                           f"cut to model.max_length={cfg.model.max_length} tokens (its prompt's start goes first)")
-            if self.data.without_preference:
-                self.echo(f"reward: left out {len(self.data.without_preference)} training rankings that state no "
-                          "preference (a single response, or every response tied)")
+            if self.data.without_preference or self.data.held_out_without_preference:
+                self.echo(f"reward: left out {len(self.data.without_preference)} training and "
+                          f"{self.data.held_out_without_preference} held-out rankings that state no preference "
+                          "(a single response, or every response tied)")
 
     def plan_batches(self) -> list[list[int]]:
         """Global batches of ranking indices (align.distributed.global_batches)."""

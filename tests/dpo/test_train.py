@@ -172,15 +172,18 @@ def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, t
             for i in range(12)]
     bad = [Ranking(prompt="single?", responses=["only one"], ranks=[0]),
            Ranking(prompt="tied?", responses=["a", "b", "c"], ranks=[1, 1, 1])]
-    path = tmp_path / "rankings.jsonl"
-    write_kwise(good + bad, path)
+    path, held_out = tmp_path / "rankings.jsonl", tmp_path / "held_out.jsonl"
+    write_kwise(good[:9] + bad, path)
+    write_kwise([*good[9:], Ranking(prompt="held-out tie?", responses=["x", "y"], ranks=[0, 0])], held_out)
     overrides = [o for o in small_dpo_run if not o.startswith("data.")]
-    result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", "data.eval_fraction=0.2", "num_eval_prompts=0")
+    result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", f"data.eval_path={held_out}",
+                     "num_eval_prompts=0")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("dpo: left out")]
-    assert len(lines) == 1
-    # the split may hold a bad ranking out; whichever land in training are named
-    assert "with a single response" in lines[0] or "tied" in lines[0]
+    assert lines == ["dpo: left out 1 with a single response, 1 with every response tied (no preference) of the "
+                     "training rankings",
+                     "dpo: left out 1 held-out rankings that state no preference (a single response, or every "
+                     "response tied)"]
 
     write_kwise(bad, path)
     result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", "data.eval_fraction=0.5", "overwrite=true")

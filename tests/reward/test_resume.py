@@ -90,15 +90,17 @@ def test_resume_mistakes_are_one_line(tmp_path):
     assert result.stderr.strip() == f"error: {run}: not a reward run directory (no config.yaml)"
 
 
-def test_training_rankings_without_preference_are_counted_in_one_line(quick_config, tmp_path):
+def test_rankings_without_preference_are_counted_in_one_line(quick_config, tmp_path):
     from align.formats import Ranking
 
     train, held_out = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
-    write_kwise(make_rankings(16, k=3, seed=5, split="heldout"), held_out)
+    write_kwise([*make_rankings(16, k=3, seed=5, split="heldout"), Ranking("held-out tie?", ["x", "y"], [0, 0])],
+                held_out)
     write_kwise([*make_rankings(16, k=3, seed=4), Ranking("just one?", ["only"], [0]),
                  Ranking("all the same?", ["a", "b", "c"], [1, 1, 1])], train)
     lines: list[str] = []
     RewardTrainer(quick_config(f"output_dir={tmp_path / 'run'}", "data.format=kwise", f"data.path={train}",
                                f"data.eval_path={held_out}"), echo=lines.append).setup()
     assert [line for line in lines if "left out" in line] == [
-        "reward: left out 2 training rankings that state no preference (a single response, or every response tied)"]
+        "reward: left out 2 training and 1 held-out rankings that state no preference (a single response, or "
+        "every response tied)"]
