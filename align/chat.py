@@ -31,17 +31,28 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """The text a model continues to answer `prompt`: the checkpoint's own chat template (from its
     tokenizer_config.json / chat_template.jinja) with the generation prompt.
 
-    Fallback, for a checkpoint without a template (a base model such as GPT-2, Pythia, OPT, or an
-    encoder such as BERT): the plain dialogue of the HH-RLHF transcripts (Bai et al. 2022),
-    "\n\nHuman: {user}\n\nAssistant:" per turn (other roles by name, e.g. "System:"), and
-    `render_example` ends the response with the eos token (an encoder has none: its [SEP] ends it).
+    Fallback, for a checkpoint without a template (a base model such as Llama, Mistral, GPT-2, Pythia,
+    OPT, or an encoder such as BERT): the plain dialogue of the HH-RLHF transcripts (Bai et al. 2022),
+    "\n\nHuman: {user}\n\nAssistant:" per turn (other roles by name, e.g. "System:"), after the
+    tokenizer's bos token where its own encoding starts with one (Llama and Mistral base: a template
+    writes {{ bos_token }} itself, and every caller tokenizes the rendered text without special tokens).
     """
     messages = as_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     _note_fallback(tokenizer)
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else m['role'].title()}: {m['content']}" for m in messages)
-    return f"{turns}\n\nAssistant:"
+    return f"{_own_bos(tokenizer)}{turns}\n\nAssistant:"
+
+
+def _own_bos(tokenizer: Any) -> str:
+    """The bos token's text if the tokenizer's own encoding puts it first and nothing after the text
+    (a decoder's bos; an encoder's [CLS] ... [SEP] it adds itself), else ''."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return ""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer.bos_token if tokenizer("a")["input_ids"] == [bos_id, *plain] else ""
 
 
 def _note_fallback(tokenizer: Any) -> None:
@@ -59,5 +70,17 @@ _FALLBACK_NOTED: set[str] = set()
 
 
 def render_example(tokenizer: Any, prompt: str | list[dict[str, str]], response: str) -> str:
-    """Prompt, response and end-of-sequence token: what SFT trains on and the reward model reads."""
-    return render_prompt(tokenizer, prompt) + response + (tokenizer.eos_token or "")
+    """Prompt, response and end-of-sequence token: what SFT trains on and the reward model reads.
+
+    In the plain-dialogue fallback the response follows "Assistant:" after a space, as in the HH-RLHF
+    transcripts, where the space belongs to the response: a base model continuing "Assistant:" samples
+    a space-led token, and the reward model and DPO read the response as the policy writes it. An
+    encoder whose eos is its separator (RoBERTa's </s>, DeBERTa's [SEP]) gets no eos text: its own
+    [SEP] ends the sequence."""
+    text = render_prompt(tokenizer, prompt)
+    if not getattr(tokenizer, "chat_template", None) and response and not response[0].isspace():
+        text += " "
+    eos = tokenizer.eos_token or ""
+    if eos and eos == getattr(tokenizer, "sep_token", None):
+        eos = ""
+    return text + response + eos

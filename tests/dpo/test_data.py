@@ -7,7 +7,7 @@ from dpo.data import DPODataset
 
 
 class MergingTokenizer:
-    """A character tokenizer (id = code point) that, like a BPE with the merge (":", "!"), turns ":!"
+    """A character tokenizer (id = code point) that, like a BPE with the merge (":", " !"), turns ": !"
     into one token, and truncates from the left as DPO's tokenizer does."""
 
     chat_template = None
@@ -18,8 +18,8 @@ class MergingTokenizer:
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
         for ch in text:
-            if ids and ids[-1] == ord(":") and ch == "!":
-                ids[-1] = self.MERGED
+            if ids[-2:] == [ord(":"), ord(" ")] and ch == "!":
+                ids[-2:] = [self.MERGED]
             else:
                 ids.append(ord(ch))
         return ids
@@ -35,7 +35,8 @@ class MergingTokenizer:
 def test_rankings_left_out_are_counted_by_their_reason():
     tok = MergingTokenizer()
     ok = Ranking(prompt="q?", responses=["yes", "no"], ranks=[0, 1])
-    # the rendered prompt ends in "Assistant:": a response starting with "!" is merged into its last token
+    # the rendered prompt ends in "Assistant:", the response follows after a space: one starting with "!" is
+    # merged into the prompt's last token
     merged = Ranking(prompt="q?", responses=["!wow", "no"], ranks=[0, 1])
     long = Ranking(prompt="q?", responses=["y" * 100, "no"], ranks=[0, 1])
     dataset = DPODataset([ok, merged, long], tok, max_length=64)

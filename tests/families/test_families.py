@@ -190,7 +190,7 @@ def test_own_chat_template_is_used_and_a_checkpoint_without_one_gets_the_hh_dial
     assert render_example(with_template, "hi", "hello") == "<s><|user|>\nhi\n<|assistant|>\nhello</s>"
     without = load_tokenizer(family_model("gpt2"))  # a base checkpoint: no template
     assert render_example(without, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-                          "hello") == "\n\nSystem: be brief\n\nHuman: hi\n\nAssistant:hello</s>"
+                          "hello") == "\n\nSystem: be brief\n\nHuman: hi\n\nAssistant: hello</s>"
 
 
 def test_a_head_is_not_a_lora_target(family_model):

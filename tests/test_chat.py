@@ -1,0 +1,65 @@
+"""The plain-dialogue rendering of a checkpoint without a chat template: the bos its tokenizer puts
+first, the space that begins the response, and no second end token for an encoder."""
+
+from __future__ import annotations
+
+import pytest
+
+from align.chat import render_example, render_prompt
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """The demo tokenizer as a base checkpoint ships it: no chat template."""
+    from align.demo_model import build_tokenizer
+
+    tokenizer = build_tokenizer(384, 0)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def adds_bos(tokenizer):
+    """The tokenizer made to put its bos first in its own encoding, as Llama and Mistral base do."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    return tokenizer
+
+
+def test_the_bos_a_base_tokenizer_puts_first_begins_the_rendered_prompt(base_tokenizer):
+    import copy
+
+    assert not render_prompt(base_tokenizer, "hi").startswith(base_tokenizer.bos_token)  # its encoding has none
+    llama_like = adds_bos(copy.deepcopy(base_tokenizer))
+    assert llama_like("hi")["input_ids"][0] == llama_like.bos_token_id  # the precondition
+    text = render_prompt(llama_like, "hi")
+    assert text == f"{llama_like.bos_token}\n\nHuman: hi\n\nAssistant:"
+    # every stage tokenizes the rendered text without special tokens: the bos is there once
+    ids = llama_like(render_example(llama_like, "hi", "hello"), add_special_tokens=False)["input_ids"]
+    assert ids[0] == llama_like.bos_token_id and ids.count(llama_like.bos_token_id) == 1
+
+
+def test_the_response_follows_assistant_after_a_space_and_the_prompt_stays_a_prefix(base_tokenizer):
+    # as in HH-RLHF's "\n\nAssistant: text", where a base model samples the space-led token
+    from reward.data import shared_prompt_len
+
+    example = render_example(base_tokenizer, "hi", "hello there")
+    assert example == f"\n\nHuman: hi\n\nAssistant: hello there{base_tokenizer.eos_token}"
+    assert render_example(base_tokenizer, "hi", " spaced") == f"\n\nHuman: hi\n\nAssistant: spaced{base_tokenizer.eos_token}"
+    prompt = base_tokenizer(render_prompt(base_tokenizer, "hi"), add_special_tokens=False)["input_ids"]
+    full = base_tokenizer(example, add_special_tokens=False)["input_ids"]
+    assert shared_prompt_len(prompt, [full]) == len(prompt)
+    response = base_tokenizer.decode(full[len(prompt):], skip_special_tokens=True)
+    assert response == " hello there"  # what the policy writes after "Assistant:"
+
+
+def test_an_encoder_whose_eos_is_its_separator_gets_one_end_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.families.builders import build_tiny_bert
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_bert(tmp_path / "deberta", family="deberta-v2"))
+    tokenizer.eos_token = tokenizer.sep_token  # as DeBERTa-v2 ships it (RoBERTa: </s>, its separator too)
+    ids = tokenizer(render_example(tokenizer, "hi", "fine thanks"))["input_ids"]
+    assert ids[-1] == tokenizer.sep_token_id and ids[-2] != tokenizer.sep_token_id
