@@ -110,7 +110,8 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
             num_layers=int(config["num_hidden_layers"]), num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads), vocab_size=int(config["vocab_size"]),
-            tie_embeddings=bool(config.get("tie_word_embeddings", family != "llama" and family != "mistral")),
+            # absent from config.json: transformers' default, untied for all four families
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
             o_bias=family != "qwen2" and bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=family == "qwen3")
@@ -161,6 +162,13 @@ def block_parameters(shape: ModelShape) -> int:
 
 def embedding_parameters(shape: ModelShape) -> int:
     return shape.vocab_size * shape.hidden_size
+
+
+def fsdp_gathered_parameters(shape: ModelShape, prefetch: int, head: int) -> int:
+    """FSDP2 as align.distributed.shard wraps a model: the decoder block computing and `prefetch` more
+    gathered, and the root unit (embedding, final norm and the `head` parameters of the output layer,
+    value head or score head), gathered whole from a forward to its backward."""
+    return (1 + prefetch) * block_parameters(shape) + embedding_parameters(shape) + shape.hidden_size + head
 
 
 def causal_lm_parameters(shape: ModelShape) -> int:
@@ -366,6 +374,9 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
         if not full:
             add("base weights (frozen)", "held", params * w // n)
         add("trained parameters + grads + AdamW (fp32)", "held", trained_state(trainable, n))
+        if n > 1:  # FSDP2 shards the reward model as the policy (reward/train.py): its gathered units
+            add("FSDP gathered blocks + root unit", "held",
+                fsdp_gathered_parameters(rshape, s.prefetch_blocks, rshape.hidden_size) * (FP32 if full else w))
         autocast = w == 2
         if full and autocast:  # the bf16 copies autocast makes of the fp32 weights, kept for the backward
             add("bf16 weight copies (autocast)", "training", 2 * (params - embedding_parameters(rshape)) // n)
@@ -385,9 +396,9 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
     add("base weights (frozen)", "held", params * w // n)
     add("LoRA" + (" + value head" if value_head else "") + ": weights + grads + AdamW (fp32)", "held",
         trained_state(trainable, n))
-    if n > 1:  # FSDP2: the blocks being gathered, and the embedding / output layer as their own unit
-        add("FSDP gathered blocks + embedding", "held",
-            ((1 + s.prefetch_blocks) * block_parameters(shape) + embedding_parameters(shape)) * w)
+    if n > 1:  # FSDP2: the blocks being gathered, and the root unit (an untied output layer included)
+        head = (0 if shape.tie_embeddings else embedding_parameters(shape)) + value_head
+        add("FSDP gathered blocks + root unit", "held", fsdp_gathered_parameters(shape, s.prefetch_blocks, head) * w)
     per_block = block_activation_bytes(shape, stream_bytes=w, input_copy_bytes=FP32 if w != FP32 else None, trained=targets,
                                        lora_rank=s.lora_rank)
     if s.stage == "dpo":

@@ -52,7 +52,8 @@ class KLOptions:
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints", "save_every",
                       "num_threads", "gradient_accumulation_steps", "gradient_checkpointing", "logprob_chunk_tokens",
                       "eval_prompts", "num_eval_prompts",
-                      "cuda_graphs"}  # a replayed decoding step runs the eager step's kernels (tests/cuda)
+                      "cuda_graphs",  # a replayed decoding step runs the eager step's kernels (tests/cuda)
+                      "sample_gathered"}  # FSDP2: when the same weights are gathered (the fix when a rollout runs out)
 
 
 @dataclass

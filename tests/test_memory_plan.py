@@ -16,7 +16,9 @@ from align.memory_plan import (
     PRESETS,
     PlanSettings,
     block_activation_bytes,
+    block_parameters,
     causal_lm_parameters,
+    embedding_parameters,
     load_shape,
     lora_parameters,
     plan,
@@ -119,12 +121,36 @@ def test_fsdp_halves_the_sharded_terms_and_checkpointing_lowers_activations():
     one, two = (plan(shape, PlanSettings(stage="ppo", fsdp_ranks=n)) for n in (1, 2))
     assert two.term("base weights (frozen)") == one.term("base weights (frozen)") // 2
     assert two.term("reward model") == one.term("reward model") // 2
-    assert two.term("FSDP gathered blocks + embedding") > 0 == one.term("FSDP gathered blocks + embedding")
+    assert two.term("FSDP gathered blocks + root unit") > 0 == one.term("FSDP gathered blocks + root unit")
     for stage in ("ppo", "ppo-critic", "rloo", "reward", "dpo"):
         off = plan(shape, PlanSettings(stage=stage))
         on = plan(shape, dataclasses.replace(off.settings, gradient_checkpointing=True))
         assert on.term("activations") < off.term("activations")
         assert on.total < off.total
+
+
+def test_fsdp_gathers_the_root_unit_with_an_untied_output_layer_and_the_reward_model_too():
+    # align.distributed.shard: 1 + prefetch blocks, and the root unit of embedding, final norm and the output
+    # layer (untied in Llama-3.1, tied in Qwen2.5-0.5B) with the value head; the reward model is sharded alike
+    for name, untied in (("llama-3.1-8b", True), ("qwen2.5-0.5b", False)):
+        shape = PRESETS[name]
+        assert shape.tie_embeddings is not untied
+        root = embedding_parameters(shape) * (2 if untied else 1) + shape.hidden_size + (shape.hidden_size + 1)
+        expected = (2 * block_parameters(shape) + root) * 2  # bf16
+        assert plan(shape, PlanSettings(stage="ppo", fsdp_ranks=2)).term("FSDP gathered blocks + root unit") == expected
+    shape = PRESETS["llama-3.1-8b"]
+    reward = plan(shape, PlanSettings(stage="reward", fsdp_ranks=8)).term("FSDP gathered blocks + root unit")
+    assert reward == (2 * block_parameters(shape) + embedding_parameters(shape) + 2 * shape.hidden_size) * 2
+
+
+def test_a_config_without_tie_word_embeddings_is_untied_as_transformers_reads_it(tmp_path):
+    config = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 2,
+              "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    shape = load_shape(str(path))
+    assert not shape.tie_embeddings
+    assert causal_lm_parameters(shape) == 2 * embedding_parameters(shape) + 2 * block_parameters(shape) + 896
 
 
 def test_sharded_dpo_reads_each_response_whole():
@@ -140,7 +166,7 @@ def test_sharded_dpo_reads_each_response_whole():
     assert activations(1, 4, 4) < activations(1, 16, 1)
     one, eight = (plan(shape, PlanSettings(stage="dpo", fsdp_ranks=n)) for n in (1, 8))
     assert eight.term("base weights (frozen)") == one.term("base weights (frozen)") // 8
-    assert eight.term("FSDP gathered blocks + embedding") > 0
+    assert eight.term("FSDP gathered blocks + root unit") > 0
 
 
 def test_a_critic_holds_a_trained_copy_of_the_reward_model():

@@ -45,6 +45,14 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     (tmp_path / "config.yaml").write_text("seed: 1\n")
     code, err = run_cli(["--resume", str(tmp_path), "learning_rate=1.0"], capsys)
     assert code == 2 and "'learning_rate' cannot change on --resume" in err
+    # memory-only settings may change: the documented fix for a sharded rollout that runs out of memory
+    from align.cli_common import resumed_config
+    from ppo.config import RESUME_OVERRIDABLE, PPOConfig
+
+    (tmp_path / "config.yaml").write_text("")
+    assert not resumed_config(PPOConfig, tmp_path, None, ["sample_gathered=false", "gradient_checkpointing=true"],
+                              RESUME_OVERRIDABLE, "PPO").sample_gathered
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
 
     code, err = run_cli(["--resume", str(tmp_path), "--config", str(tmp_path / "config.yaml")], capsys)
     assert code == 2 and "drop --config" in err
