@@ -240,15 +240,24 @@ def generate(
     k: Annotated[int | None, typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, above 0 (the K candidates are sampled).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: above 0, at most 1 (1: the whole vocabulary).")] = 1.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
 ) -> None:
     """Sample K candidates for every prompt of the project that has none yet."""
+    import math
+
     from annotation import services
     from annotation.generate import generate_candidates
 
+    # K different candidates need sampling: temperature 0 (greedy) failed inside transformers
+    # after the model loaded, and top_p 0 kept one token, so that the K candidates were the same
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature must be a finite number above 0 (the K candidates of a prompt are sampled), "
+                        f"got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be above 0 and at most 1 (the K candidates of a prompt are sampled), got {top_p}")
     with _sessionmaker(db)() as s:
         pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -123,6 +123,31 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
 
 
+@pytest.mark.parametrize("option,value,word", [
+    ("--temperature", "0", "--temperature must be a finite number above 0"),
+    ("--temperature", "-1", "--temperature must be a finite number above 0"),
+    ("--temperature", "inf", "--temperature must be a finite number above 0"),
+    ("--temperature", "nan", "--temperature must be a finite number above 0"),
+    ("--top-p", "0", "--top-p must be above 0 and at most 1"),
+    ("--top-p", "1.5", "--top-p must be above 0 and at most 1"),
+    ("--seed", str(2**64), "--seed"),
+])
+def test_generate_refuses_settings_that_do_not_sample_before_the_model_loads(tmp_path, capsys, option, value, word):
+    """K candidates per prompt are sampled: temperature 0 was accepted and failed inside
+    transformers ('Greedy methods ... num_return_sequences'), top_p 0 gave K equal
+    candidates, a seed beyond 64 bits overflowed in torch; each is one line, exit 2,
+    before the model (here a path that is not there) is looked at."""
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("how are you") + "\n")
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "2"], capsys)
+    code, text = run(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tmp_path / "no-model"),
+                      option, value], capsys)
+    assert code == 2 and word in text and "Traceback" not in text, text
+    if option != "--seed":  # typer's own range message for an integer option
+        assert len(text.strip().splitlines()) == 1, text
+
+
 def _projects(db_file) -> list:
     import sqlite3
 
