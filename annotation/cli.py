@@ -208,6 +208,7 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="kwise | pairs (TRL) | hh")] = "kwise",
     all_revisions: Annotated[bool, typer.Option("--all-revisions", help="Every stored revision of every ranking "
                                                 "(kwise only), not only the latest.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
     db: DbOpt = None,
 ) -> None:
     """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
@@ -221,6 +222,8 @@ def export(
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
         rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions)
+    if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     tmp = out.with_name(out.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:

@@ -203,6 +203,23 @@ def test_export_into_missing_folder_or_onto_folder_exit_2(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "missing").exists()
 
 
+def test_export_refuses_an_existing_out_without_force(tmp_path, capsys):
+    """`align export` refuses an existing --out without --force, and so does this: a run
+    trained on the file fingerprints it and could not resume after a silent replacement."""
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    out = tmp_path / "rankings.jsonl"
+    out.write_text("trained on\n")
+    code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out)], capsys)
+    assert code == 2 and f"{out} already exists" in text and "--force" in text, text
+    assert len(text.strip().splitlines()) == 1 and "Traceback" not in text
+    assert out.read_text() == "trained on\n" and not list(tmp_path.glob("*.tmp"))
+    assert "1 kwise rows written" in ok(["annotate", "export", "--db", db, "-p", "t", "-o", str(out), "--force"], capsys)
+    assert [r.responses for r in read_kwise(out)] == [["4", "5"]] and not list(tmp_path.glob("*.tmp"))
+
+
 def test_cli_invite_for_a_project_makes_a_member(tmp_path, capsys):
     from annotation import services
     from annotation.db import open_db
