@@ -183,6 +183,25 @@ def test_unreadable_import_files_exit_2_with_one_line_and_create_nothing(tmp_pat
     assert _projects(db_file) == []
 
 
+def test_a_refused_ranking_is_named_by_its_place_in_the_file_not_by_a_hash(tmp_path, capsys):
+    """A kwise ranking of one response said "ranking 'kwise-2e638b8418008696' has fewer than
+    2 responses", a content hash the file does not hold: it is named by its place in the
+    file, with the file's prompt id when it gave one, and nothing is created."""
+    db_file = tmp_path / "r.db"
+    src = tmp_path / "k.jsonl"
+    good = {"prompt": "fine", "responses": ["a", "b"], "ranks": [0, 1]}
+    for bad, message in (({"prompt": "q", "responses": ["a"], "ranks": [0]}, f"ranking 2 of {src} has fewer than 2 responses"),
+                         ({"prompt": "q", "prompt_id": "q7", "responses": ["a"], "ranks": [0]},
+                          f"ranking 2 of {src} (prompt_id 'q7') has fewer than 2 responses"),
+                         ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "  "},
+                          f"ranking 2 of {src}: annotator")):
+        src.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        code, text = run(["annotate", "import", str(src), "--db", f"sqlite:///{db_file}", "-p", "x", "-f", "kwise"], capsys)
+        assert code == 2 and message in text and "kwise-" not in text and "Traceback" not in text, text
+        assert len(text.strip().splitlines()) == 1, text
+        assert _projects(db_file) == []
+
+
 def test_guidelines_not_utf8_exit_2(tmp_path, capsys):
     g = tmp_path / "g.md"
     g.write_bytes("Rank \xe9".encode("latin-1"))
