@@ -163,6 +163,8 @@ def create_project(
 
     text = ""
     if guidelines is not None:
+        if guidelines.is_dir():
+            raise UserError(f"--guidelines {guidelines} is a directory, not a file")
         if not guidelines.is_file():
             raise UserError(f"guidelines file not found: {guidelines}")
         try:
@@ -188,10 +190,12 @@ def import_(
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
+    from align.formats import input_file_problem
     from annotation import services
 
-    if not file.is_file():
-        raise UserError(f"file not found: {file}")
+    problem = input_file_problem(file)
+    if problem:
+        raise UserError(problem)
     extra = {"annotators_per_prompt": annotators} if annotators else {}
     if k is not None:
         extra["k"] = k

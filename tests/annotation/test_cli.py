@@ -202,6 +202,21 @@ def test_a_refused_ranking_is_named_by_its_place_in_the_file_not_by_a_hash(tmp_p
         assert _projects(db_file) == []
 
 
+def test_a_directory_given_as_a_file_is_named_so(tmp_path, capsys, monkeypatch):
+    """`align annotate import . ...` said "file not found: ."; a directory is named as one, in
+    the words the other commands use, and nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    db_file = tmp_path / "d.db"
+    for argv, message in ((["annotate", "import", ".", "-p", "p", "-f", "prompts"], ". is a directory, not a file"),
+                          (["annotate", "import", "folder", "-p", "p", "-f", "kwise"], "folder is a directory, not a file"),
+                          (["annotate", "create-project", "p", "--guidelines", "folder"],
+                           "--guidelines folder is a directory, not a file")):
+        code, text = run([*argv, "--db", f"sqlite:///{db_file}"], capsys)
+        assert code == 2 and text.strip() == f"error: {message}", text
+        assert _projects(db_file) == []
+
+
 def test_guidelines_not_utf8_exit_2(tmp_path, capsys):
     g = tmp_path / "g.md"
     g.write_bytes("Rank \xe9".encode("latin-1"))
