@@ -150,14 +150,26 @@ def _refuse_constant(name: str) -> None:
     raise _NotJson(f"{name} is not a JSON value")
 
 
+def input_file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an input file, in the words every command uses ("file not
+    found: X", "X is a directory, not a file"); None when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"{path} is a directory, not a file"
+    return f"file not found: {path}" if not path.exists() else f"{path} is not a file"
+
+
 def jsonl_rows(path: str | Path):
     """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
     import gzip
     import zlib
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    problem = input_file_problem(path)
+    if problem:
+        raise UserError(problem)
     try:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):

@@ -163,6 +163,8 @@ def create_project(
 
     text = ""
     if guidelines is not None:
+        if guidelines.is_dir():
+            raise UserError(f"--guidelines {guidelines} is a directory, not a file")
         if not guidelines.is_file():
             raise UserError(f"guidelines file not found: {guidelines}")
         try:
@@ -188,10 +190,12 @@ def import_(
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
+    from align.formats import input_file_problem
     from annotation import services
 
-    if not file.is_file():
-        raise UserError(f"file not found: {file}")
+    problem = input_file_problem(file)
+    if problem:
+        raise UserError(problem)
     extra = {"annotators_per_prompt": annotators} if annotators else {}
     if k is not None:
         extra["k"] = k
@@ -208,6 +212,7 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="kwise | pairs (TRL) | hh")] = "kwise",
     all_revisions: Annotated[bool, typer.Option("--all-revisions", help="Every stored revision of every ranking "
                                                 "(kwise only), not only the latest.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
     db: DbOpt = None,
 ) -> None:
     """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
@@ -221,6 +226,8 @@ def export(
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
         rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions)
+    if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     tmp = out.with_name(out.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
@@ -240,15 +247,24 @@ def generate(
     k: Annotated[int | None, typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, above 0 (the K candidates are sampled).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: above 0, at most 1 (1: the whole vocabulary).")] = 1.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
 ) -> None:
     """Sample K candidates for every prompt of the project that has none yet."""
+    import math
+
     from annotation import services
     from annotation.generate import generate_candidates
 
+    # K different candidates need sampling: temperature 0 (greedy) failed inside transformers
+    # after the model loaded, and top_p 0 kept one token, so that the K candidates were the same
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature must be a finite number above 0 (the K candidates of a prompt are sampled), "
+                        f"got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be above 0 and at most 1 (the K candidates of a prompt are sampled), got {top_p}")
     with _sessionmaker(db)() as s:
         pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,

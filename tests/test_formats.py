@@ -187,7 +187,7 @@ def test_unreadable_files_are_named_in_one_line(tmp_path):
     cut.write_bytes(gzip.compress(b'{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}\n' * 50)[:-20])
     with pytest.raises(UserError, match=rf"^{cut}: damaged or truncated gzip file"):
         formats.read_kwise(cut)
-    with pytest.raises(UserError, match=rf"^{tmp_path} is not a file"):
+    with pytest.raises(UserError, match=rf"^{tmp_path} is a directory, not a file$"):
         formats.read_kwise(tmp_path)
     hh, oasst = write_lines(tmp_path / "hh.jsonl", [{"chosen": 5, "rejected": "x"}]), write_lines(
         tmp_path / "oasst.jsonl", [{"prompt": {"text": "q", "role": "prompter", "replies": "nope"}}])

@@ -57,7 +57,7 @@ def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_
     try:
         if fmt == "prompts":
             return imports.add_prompts(db, project, records)
-        return import_rankings(db, project, records, source=fmt)
+        return import_rankings(db, project, records, source=fmt, origin=str(path))
     except BaseException:
         db.rollback()
         # A file refused whole added nothing: leave no empty project behind. (One cut

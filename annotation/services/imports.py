@@ -108,9 +108,10 @@ def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any,
         db.execute(insert(Candidate.__table__), rows)
 
 
-def checked_candidate(c: CandidateIn, i: int, source_id: str) -> CandidateIn:
-    """Candidate `i` of prompt `source_id`, its text, model and sampling settings checked."""
-    return CandidateIn(_check_text(c.text, f"candidate {i} of prompt {source_id!r}"), check_id(c.model, "candidate model"),
+def checked_candidate(c: CandidateIn, i: int, owner: str) -> CandidateIn:
+    """Candidate `i` of `owner` (a prompt or ranking, as the 422 names it: "prompt 'p1'"),
+    its text, model and sampling settings checked."""
+    return CandidateIn(_check_text(c.text, f"candidate {i} of {owner}"), check_id(c.model, "candidate model"),
                        _sampling(c.sampling))
 
 
@@ -243,7 +244,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
                           f"K={project.k} (send exactly {project.k}, or none to generate them later)")
         if len(rec.candidates) > MAX_CANDIDATES:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
-        keyed.append((sid, content, [checked_candidate(c, i, sid) for i, c in enumerate(rec.candidates)]))
+        keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
     for chunk in chunks(keyed):
         new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
         with chunk_transaction(db):

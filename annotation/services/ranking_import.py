@@ -39,23 +39,23 @@ from annotation.services.users import SOURCE_PREFIX, check_source_name, new_user
 _READ_BATCH = 500  # ids per IN (...) list of the reads before an import
 
 
-def _check_ranks(ranks: Any, n: int, sid: str) -> list[int]:
+def _check_ranks(ranks: Any, n: int, where: str) -> list[int]:
     """An imported ranking's ranks: one integer per response, 0 (best) to n - 1; equal
     ranks are ties."""
     if not isinstance(ranks, list) or len(ranks) != n:
-        raise Invalid(f"ranking {sid!r}: ranks must be a list of {n} integers, one per response")
+        raise Invalid(f"{where}: ranks must be a list of {n} integers, one per response")
     if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for r in ranks):
-        raise Invalid(f"ranking {sid!r}: ranks must be integers from 0 (best) to {n - 1}, got {ranks!r:.200}")
+        raise Invalid(f"{where}: ranks must be integers from 0 (best) to {n - 1}, got {ranks!r:.200}")
     return ranks
 
 
-def _optional_list(meta: dict, key: str, n: int, sid: str) -> list:
+def _optional_list(meta: dict, key: str, n: int, where: str) -> list:
     """A per-response list in a ranking's meta (`candidate_ids`, `models`): absent or a list."""
     value = meta.get(key)
     if value is None:
         return [None] * n
     if not isinstance(value, list):
-        raise Invalid(f"ranking {sid!r}: {key} must be a list with one entry per response, got {value!r:.80}")
+        raise Invalid(f"{where}: {key} must be a list with one entry per response, got {value!r:.80}")
     return (value + [None] * n)[:n]
 
 
@@ -72,6 +72,7 @@ class _CheckedRanking:
     """An imported ranking, checked: what `import_rankings` stores for it."""
 
     source_id: str
+    where: str  # how an error names it: "ranking 7 of FILE", and the file's prompt id if it gave one
     content: Any
     responses: list[CandidateIn]
     ranks: list[int]
@@ -82,32 +83,40 @@ class _CheckedRanking:
     candidate_ids: list[str | None]
 
 
-def _check_ranking(r: Ranking, i: int, project: Project, source: str) -> _CheckedRanking:
+def _check_ranking(r: Ranking, i: int, project: Project, source: str, origin: str | None) -> _CheckedRanking:
+    """Ranking `i` (from 0) of the file `origin` checked. Errors name it by its place in the
+    file ("ranking 7 of FILE"; the readers keep no line numbers), with the file's prompt id
+    when it gave one; never by the content hash a prompt without an id is stored under."""
     from align.formats import content_id
 
-    content = checked_prompt(r.prompt, f"ranking {i + 1} prompt")
-    sid = check_id(r.prompt_id, f"prompt_id of ranking {i + 1}") or content_id(source, content, r.responses)
+    where = f"ranking {i + 1}" + ("" if origin is None else f" of {origin}")
+    given = check_id(r.prompt_id, f"prompt_id of {where}")
+    if given is not None:
+        where += f" (prompt_id {given!r})"
+    content = checked_prompt(r.prompt, f"the prompt of {where}")
+    sid = given or content_id(source, content, r.responses)
     if len(r.responses) < 2:
-        raise Invalid(f"ranking {sid!r} has fewer than 2 responses")
+        raise Invalid(f"{where} has fewer than 2 responses")
     if len(r.responses) > project.k:  # fewer is real data (OpenAssistant trees vary); more cannot be shown
-        raise Invalid(f"ranking {sid!r} has {len(r.responses)} responses; project {project.name!r} ranks "
+        raise Invalid(f"{where} has {len(r.responses)} responses; project {project.name!r} ranks "
                       f"at most K={project.k}")
     meta = r.meta or {}
-    models = _optional_list(meta, "models", len(r.responses), sid)
-    responses = [checked_candidate(CandidateIn(t, _optional_id(m, f"model of ranking {sid!r}")), j, sid)
+    models = _optional_list(meta, "models", len(r.responses), where)
+    responses = [checked_candidate(CandidateIn(t, _optional_id(m, f"model of {where}")), j, where)
                  for j, (t, m) in enumerate(zip(r.responses, models))]
-    ranks = _check_ranks(r.ranks, len(r.responses), sid)
+    ranks = _check_ranks(r.ranks, len(r.responses), where)
     all_bad = meta.get("all_bad", False)
     if not isinstance(all_bad, bool):
-        raise Invalid(f"ranking {sid!r}: all_bad must be true or false")
-    rationale = clean_optional_text(meta.get("rationale"), f"rationale of ranking {sid!r}")
-    candidate_ids = [_optional_id(cid, f"candidate id of ranking {sid!r}")
-                     for cid in _optional_list(meta, "candidate_ids", len(r.responses), sid)]
+        raise Invalid(f"{where}: all_bad must be true or false")
+    rationale = clean_optional_text(meta.get("rationale"), f"rationale of {where}")
+    candidate_ids = [_optional_id(cid, f"candidate id of {where}")
+                     for cid in _optional_list(meta, "candidate_ids", len(r.responses), where)]
     annotator = source if r.annotator is None else r.annotator
     problem = check_source_name(annotator)
     if problem:  # checked here, stripped as stored: a name refused later would leave the chunks before it
-        raise Invalid(f"ranking {sid!r}: annotator {problem}")
-    return _CheckedRanking(sid, content, responses, ranks, r.ranked, annotator.strip(), all_bad, rationale, candidate_ids)
+        raise Invalid(f"{where}: annotator {problem}")
+    return _CheckedRanking(sid, where, content, responses, ranks, r.ranked, annotator.strip(), all_bad, rationale,
+                           candidate_ids)
 
 
 Key = tuple[tuple[frozenset[int], ...], frozenset[int]]
@@ -222,16 +231,16 @@ def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], project
     (one that a file line names differently from the project or an earlier line is
     refused) and the duplicates are counted."""
     planned = []
-    for i, r in enumerate(checked):
+    for r in checked:
         slot = slots.get(r.source_id)
         if slot is None:
             slot = slots[r.source_id] = _PromptSlot(r.content, [c.text for c in r.responses])
         if slot.content != r.content:
-            raise Invalid(f"ranking {i + 1}: prompt id {r.source_id!r} already names another prompt in project "
+            raise Invalid(f"{r.where}: prompt id {r.source_id!r} already names another prompt in project "
                           f"{project.name!r} or in this file")
         positions = _positions([c.text for c in r.responses], slot.texts)
         if positions is None:
-            raise Invalid(f"ranking {i + 1}: prompt {r.source_id!r} has other responses in project {project.name!r} "
+            raise Invalid(f"{r.where}: prompt {r.source_id!r} has other responses in project {project.name!r} "
                           f"or earlier in this file; a prompt id's rankings must rank the same responses")
         order, below = _order_of(r, positions)
         key = _key(order, below)
@@ -278,13 +287,15 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
 
 
 @unit_of_work
-def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str) -> ImportReport:
+def import_rankings(db: Session, project: Project, rankings: list[Ranking], source: str,
+                    origin: str | None = None) -> ImportReport:
     """Store existing preference data (see the module's docstring). Every ranking is
     checked, and matched to the prompts already in the project, before any is stored (one
-    bad ranking and none is added); they are then stored IMPORT_CHUNK at a time."""
+    bad ranking and none is added); they are then stored IMPORT_CHUNK at a time. `origin`:
+    the file they were read from, which errors name ("ranking 7 of FILE")."""
     report = ImportReport()
     now = time.time()
-    checked = [_check_ranking(r, i, project, source) for i, r in enumerate(rankings)]
+    checked = [_check_ranking(r, i, project, source, origin) for i, r in enumerate(rankings)]
     slots, users = _read_existing(db, project, checked)
     planned = _plan(checked, slots, project, report)
     for chunk in chunks(planned):

@@ -123,6 +123,31 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
 
 
+@pytest.mark.parametrize("option,value,word", [
+    ("--temperature", "0", "--temperature must be a finite number above 0"),
+    ("--temperature", "-1", "--temperature must be a finite number above 0"),
+    ("--temperature", "inf", "--temperature must be a finite number above 0"),
+    ("--temperature", "nan", "--temperature must be a finite number above 0"),
+    ("--top-p", "0", "--top-p must be above 0 and at most 1"),
+    ("--top-p", "1.5", "--top-p must be above 0 and at most 1"),
+    ("--seed", str(2**64), "--seed"),
+])
+def test_generate_refuses_settings_that_do_not_sample_before_the_model_loads(tmp_path, capsys, option, value, word):
+    """K candidates per prompt are sampled: temperature 0 was accepted and failed inside
+    transformers ('Greedy methods ... num_return_sequences'), top_p 0 gave K equal
+    candidates, a seed beyond 64 bits overflowed in torch; each is one line, exit 2,
+    before the model (here a path that is not there) is looked at."""
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("how are you") + "\n")
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "2"], capsys)
+    code, text = run(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tmp_path / "no-model"),
+                      option, value], capsys)
+    assert code == 2 and word in text and "Traceback" not in text, text
+    if option != "--seed":  # typer's own range message for an integer option
+        assert len(text.strip().splitlines()) == 1, text
+
+
 def _projects(db_file) -> list:
     import sqlite3
 
@@ -158,6 +183,40 @@ def test_unreadable_import_files_exit_2_with_one_line_and_create_nothing(tmp_pat
     assert _projects(db_file) == []
 
 
+def test_a_refused_ranking_is_named_by_its_place_in_the_file_not_by_a_hash(tmp_path, capsys):
+    """A kwise ranking of one response said "ranking 'kwise-2e638b8418008696' has fewer than
+    2 responses", a content hash the file does not hold: it is named by its place in the
+    file, with the file's prompt id when it gave one, and nothing is created."""
+    db_file = tmp_path / "r.db"
+    src = tmp_path / "k.jsonl"
+    good = {"prompt": "fine", "responses": ["a", "b"], "ranks": [0, 1]}
+    for bad, message in (({"prompt": "q", "responses": ["a"], "ranks": [0]}, f"ranking 2 of {src} has fewer than 2 responses"),
+                         ({"prompt": "q", "prompt_id": "q7", "responses": ["a"], "ranks": [0]},
+                          f"ranking 2 of {src} (prompt_id 'q7') has fewer than 2 responses"),
+                         ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "  "},
+                          f"ranking 2 of {src}: annotator")):
+        src.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        code, text = run(["annotate", "import", str(src), "--db", f"sqlite:///{db_file}", "-p", "x", "-f", "kwise"], capsys)
+        assert code == 2 and message in text and "kwise-" not in text and "Traceback" not in text, text
+        assert len(text.strip().splitlines()) == 1, text
+        assert _projects(db_file) == []
+
+
+def test_a_directory_given_as_a_file_is_named_so(tmp_path, capsys, monkeypatch):
+    """`align annotate import . ...` said "file not found: ."; a directory is named as one, in
+    the words the other commands use, and nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    db_file = tmp_path / "d.db"
+    for argv, message in ((["annotate", "import", ".", "-p", "p", "-f", "prompts"], ". is a directory, not a file"),
+                          (["annotate", "import", "folder", "-p", "p", "-f", "kwise"], "folder is a directory, not a file"),
+                          (["annotate", "create-project", "p", "--guidelines", "folder"],
+                           "--guidelines folder is a directory, not a file")):
+        code, text = run([*argv, "--db", f"sqlite:///{db_file}"], capsys)
+        assert code == 2 and text.strip() == f"error: {message}", text
+        assert _projects(db_file) == []
+
+
 def test_guidelines_not_utf8_exit_2(tmp_path, capsys):
     g = tmp_path / "g.md"
     g.write_bytes("Rank \xe9".encode("latin-1"))
@@ -176,6 +235,23 @@ def test_export_into_missing_folder_or_onto_folder_exit_2(tmp_path, capsys):
         code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out)], capsys)
         assert code == 2 and word in text and len(text.strip().splitlines()) == 1, text
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "missing").exists()
+
+
+def test_export_refuses_an_existing_out_without_force(tmp_path, capsys):
+    """`align export` refuses an existing --out without --force, and so does this: a run
+    trained on the file fingerprints it and could not resume after a silent replacement."""
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    out = tmp_path / "rankings.jsonl"
+    out.write_text("trained on\n")
+    code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out)], capsys)
+    assert code == 2 and f"{out} already exists" in text and "--force" in text, text
+    assert len(text.strip().splitlines()) == 1 and "Traceback" not in text
+    assert out.read_text() == "trained on\n" and not list(tmp_path.glob("*.tmp"))
+    assert "1 kwise rows written" in ok(["annotate", "export", "--db", db, "-p", "t", "-o", str(out), "--force"], capsys)
+    assert [r.responses for r in read_kwise(out)] == [["4", "5"]] and not list(tmp_path.glob("*.tmp"))
 
 
 def test_cli_invite_for_a_project_makes_a_member(tmp_path, capsys):

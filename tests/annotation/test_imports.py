@@ -82,6 +82,25 @@ def test_a_changed_ranking_of_an_imported_prompt_is_a_new_revision_and_other_res
     assert len(_export(env, "i")) == 1
 
 
+def test_a_refused_ranking_of_a_body_is_a_422_naming_its_place_and_stores_nothing(env):
+    """A ranking of one response is named by its place in the body, not by the content hash
+    it would be stored under, and the body changes nothing (the project it would create
+    included)."""
+    env.project(n_prompts=1, k=3)
+    before = env.counts()
+    good = {"prompt": "fine", "responses": ["a", "b"], "ranks": [0, 1]}
+    lone = {"prompt": "q", "responses": ["a"], "ranks": [0]}
+    for project in ("p", "new"):
+        r = _import(env, project, "kwise", json.dumps(good) + "\n" + json.dumps(lone) + "\n")
+        assert r.status_code == 422 and r.json()["detail"] == "ranking 2 of body has fewer than 2 responses", r.text
+        assert env.counts() == before
+    r = _import(env, "p", "kwise", json.dumps(good) + "\n" + json.dumps({**good, "responses": list("abcd"),
+                                                                          "ranks": [0, 1, 2, 3], "prompt_id": "x4"}))
+    assert r.status_code == 422 and r.json()["detail"].startswith("ranking 2 of body (prompt_id 'x4') has 4 responses")
+    assert env.counts() == before
+    assert env.client.get("/api/projects/new", headers=env.headers(env.admin_token)).status_code == 404
+
+
 def test_imported_annotators_are_never_real_accounts_and_never_block_one(env):
     """A kwise line's "annotator" names a source account of its own: "admin" or an
     existing annotator's name does not attribute the ranking to that account, and a real
