@@ -186,6 +186,14 @@ def test_cli_refuses_an_existing_folder_in_one_line(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_built_model_is_readable_as_a_plain_mkdir_and_open_would_leave_it(tmp_path, umask):
+    from tests.conftest import modes
+
+    umask(0o022)
+    found = modes(build_random_model(tmp_path / "model"))
+    assert "model.safetensors" in found and found == {name: 0o755 if name == "." else 0o644 for name in found}
+
+
 def test_only_the_sizes_the_help_names_are_built(no_sft, tmp_path):
     from align.demo_model import build_demo_model
 
