@@ -102,14 +102,20 @@ def demo(
         bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app.")
     ] = False,
     continue_: Annotated[
-        bool, typer.Option("--continue", help="Pick up from the rankings people made after --serve.")
+        bool, typer.Option("--continue", help="Pick up from the rankings in --out's annotation database (those people "
+                           "made after --serve, or an earlier demo's): train, export and compare again.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Start over: first remove the earlier demo in --out (its report, export, summary, "
+                           "stage runs and annotation database with its rankings). Without --force or --continue "
+                           "an --out holding an earlier demo is refused.")
     ] = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Run the whole pipeline on the embedded demo model, end to end."""
     from align.commands.demo import run_demo
 
-    run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_)
+    run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
