@@ -6,11 +6,13 @@ mixes good and bad responses (`align.synthetic`), so its samples span the gold j
 range and leave room for the reward model and PPO to improve. The result is a standard
 Hugging Face checkpoint (`config.json`, `model.safetensors`, `tokenizer.json`,
 `generation_config.json`) that `AutoModelForCausalLM` / `AutoTokenizer` load offline.
-Deterministic for a seed on a given machine.
+Deterministic for a seed on a given machine. `align_demo_model.json` beside the weights records
+the size, seed and recipe it was built with.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +28,7 @@ log = logging.getLogger("align")
 
 # Bump when the recipe changes, so stale cached models are rebuilt.
 RECIPE_VERSION = 2
+RECORD_FILE = "align_demo_model.json"  # {"size", "seed", "recipe_version"}: what a built checkpoint is
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -61,12 +64,22 @@ def is_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+def built_as(path: Path) -> tuple[str, int] | None:
+    """The (size, seed) a demo checkpoint records it was built with; None when it records none (a
+    checkpoint built before the record was written, or not by align)."""
+    try:
+        record = json.loads((path / RECORD_FILE).read_text(encoding="utf-8"))
+        return str(record["size"]), int(record["seed"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def ensure_demo_model(size: str = "tiny", seed: int = 0) -> Path:
     """The cached demo model, built (with a progress bar) on first use."""
     path = demo_model_dir(size, seed)
     if not is_complete(path):  # align's own cache: an incomplete folder there is replaced
         log.info("building the %s demo model in %s (first use; cached afterwards)", size, path)
-        _build(path, SIZES[size], seed, progress=True)
+        _build(path, size, seed, progress=True)
     return path
 
 
@@ -198,7 +211,7 @@ def supervised_finetune(model: Any, tokenizer: Any, size: Size, seed: int, progr
     return losses
 
 
-def _save(model: Any, tokenizer: Any, out: Path) -> None:
+def _save(model: Any, tokenizer: Any, out: Path, size: str, seed: int) -> None:
     from transformers import GenerationConfig
 
     from align.hf import quiet_transformers
@@ -216,33 +229,46 @@ def _save(model: Any, tokenizer: Any, out: Path) -> None:
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    record = {"size": size, "seed": seed, "recipe_version": RECIPE_VERSION}
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def build_demo_model(
     out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False, progress: bool = True
 ) -> Path:
-    """Build the demo SFT model into `out` (`align init-demo-model`): a complete checkpoint already
-    there is kept unless `force`; anything else already at `out` (a user's folder or file) is
-    refused unless `force`, before the build starts, so that nothing of the user's is replaced."""
+    """Build the demo SFT model into `out` (`align init-demo-model`): a complete checkpoint of this size
+    and seed already there is kept unless `force`; one of another size or seed, or one that records
+    neither (the cache folder's name records them for it), and anything else already at `out` (a
+    user's folder or file) are refused unless `force`, before the build starts, so that nothing of
+    the user's is replaced and no other model is passed off as the one asked for."""
     from align.errors import UserError
 
     if size not in DEMO_SIZES:
         raise UserError(f"unknown demo model size {size!r}; choose {' or '.join(DEMO_SIZES)}")
     out = Path(out)
     if is_complete(out) and not force:
-        log.info("%s already holds a checkpoint (use --force to rebuild)", out)
-        return out
+        held = built_as(out)
+        if held is None and out.resolve() == demo_model_dir(size, seed).resolve():
+            held = (size, seed)  # align's cache, keyed by size and seed (and recipe)
+        if held == (size, seed):
+            log.info("%s already holds the %s demo model of seed %d (use --force to rebuild)", out, size, seed)
+            return out
+        what = (f"the {held[0]} demo model of seed {held[1]}" if held is not None
+                else f"a checkpoint with no record of its demo size and seed ({RECORD_FILE})")
+        raise UserError(f"{out} holds {what}, not the {size} one of seed {seed} asked for; choose another --out "
+                        "or pass --force to rebuild it")
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} already exists and is not a demo checkpoint; choose another --out "
                         "or pass --force to replace it")
-    return _build(out, SIZES[size], seed, progress=progress)
+    return _build(out, size, seed, progress=progress)
 
 
-def _build(out: Path, spec: Size, seed: int, progress: bool) -> Path:
+def _build(out: Path, size: str, seed: int, progress: bool) -> Path:
     """Train and save the model into `out` (atomically: a crash leaves no half checkpoint),
     replacing whatever is there: the callers decided it may be replaced."""
     import torch
 
+    spec = SIZES[size]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
@@ -251,7 +277,7 @@ def _build(out: Path, spec: Size, seed: int, progress: bool) -> Path:
         if spec.sft_steps:
             supervised_finetune(model, tokenizer, spec, seed, progress=progress)
         with atomic_directory(out, overwrite=True) as tmp:  # another process finishing first is replaced alike
-            _save(model, tokenizer, tmp)
+            _save(model, tokenizer, tmp, size, seed)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -260,4 +286,4 @@ def _build(out: Path, spec: Size, seed: int, progress: bool) -> Path:
 def build_random_model(out: str | Path, seed: int = 0) -> Path:
     """A randomly initialised tiny Llama + tokenizer in seconds: the fixture for fast tests
     (the `test` size, which `align init-demo-model` does not offer)."""
-    return _build(Path(out), SIZES["test"], seed, progress=False)
+    return _build(Path(out), "test", seed, progress=False)

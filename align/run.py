@@ -116,8 +116,45 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status);
+    elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_ordinary_modes(root: str | Path) -> None:
+    """The modes a plain mkdir and open would have given `root` and what is in it: 0777 for folders
+    (and files with an execute bit), 0666 for other files, less the umask. Temporaries made with
+    tempfile (mkdtemp, mkstemp, and safetensors' own) are owner-only: 0700 and 0600, which would leave
+    an export or a checkpoint unreadable by another account (a server's). Links are left alone."""
+    umask = process_umask()
+    root = Path(root)
+
+    def chmod(path: Path, executable: bool) -> None:
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+    if root.is_symlink():
+        return
+    if not root.is_dir():
+        chmod(root, bool(root.stat().st_mode & 0o111))
+        return
+    chmod(root, True)
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            item = Path(folder, name)
+            if not item.is_symlink():
+                chmod(item, item.is_dir() or bool(item.stat().st_mode & 0o111))
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename over `path`."""
+    """Write JSON to a temporary file beside `path`, fsync it, then rename over `path` (with the mode
+    a plain open would have given it, not the temporary's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -127,6 +164,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        give_ordinary_modes(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -141,7 +179,8 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
 
     A crash or kill inside the block leaves `target` untouched (no half-written output):
     the temporary `.target.tmp-*` directory is removed on an exception, and one left by a
-    SIGKILL is hidden and never mistaken for the real thing.
+    SIGKILL is hidden and never mistaken for the real thing. `target` and what is in it get the
+    modes a plain mkdir and open would have given them (give_ordinary_modes), not mkdtemp's 0700.
     """
     target = Path(target)
     make_directory(target.parent)
@@ -151,6 +190,7 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         raise UserError(f"cannot create directory {target}: {exc.strerror or exc}") from None
     try:
         yield tmp
+        give_ordinary_modes(tmp)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")

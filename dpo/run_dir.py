@@ -5,6 +5,7 @@
     RUN/summary.json     held-out ranking accuracy of the implicit reward (eval/accuracy ...), and the
                          held-out samples' KL and gold gain (eval/kl, eval/gold_* ...)
     RUN/samples.jsonl    held-out prompts with SFT and policy responses
+    RUN/data.json        the rankings trained on (format, absolute path, sha256, split) and the config
     RUN/policy/          the LoRA adapter + tokenizer (base = absolute SFT path): the layout of a PPO
                          run's policy, so `align export` reads both the same way
     RUN/checkpoints/step-NNNNNN/  the adapter, optimiser, scheduler and step (align.checkpoint), every
@@ -20,12 +21,13 @@ from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DATA_FILE = "data.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
 OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR)
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
+__all__ = ["CONFIG_FILE", "DATA_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
 
 
 def is_dpo_run(path: str | Path) -> bool:

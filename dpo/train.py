@@ -70,7 +70,7 @@ from dpo.config import RESUME_OVERRIDABLE, DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
-from dpo.run_dir import METRICS_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
+from dpo.run_dir import DATA_FILE, METRICS_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
 from reward.losses import pair_accuracy
 
 log = logging.getLogger("align")
@@ -374,7 +374,7 @@ class DPOTrainer:
         with atomic_directory(self.out / POLICY_DIR, overwrite=True) as tmp:
             self.policy.save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
-        (self.out / "data.json").write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
+        (self.out / DATA_FILE).write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
 
 

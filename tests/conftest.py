@@ -39,6 +39,19 @@ def demo_model() -> Path:
     return ensure_demo_model("tiny")
 
 
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (returns a setter; the old umask comes back after)."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """The permission bits of `root` ('.') and of everything below it, by relative path."""
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

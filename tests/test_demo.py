@@ -10,6 +10,7 @@ import pytest
 
 from align.commands.demo import run_demo, split_overrides
 from align.config import ConfigError
+from align.errors import UserError
 
 
 def test_overrides_are_routed_to_their_stage():
@@ -79,6 +80,10 @@ def test_demo_runs_every_stage_and_writes_its_report(tiny_random_model, tmp_path
         assert f"]({png})" in report
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"| gold judge score | {on_disk['demo/gold_sft']:.3f} | {on_disk['demo/gold_export']:.3f} |" in report
+    # a second demo into the same folder is refused before it touches anything
+    with pytest.raises(UserError, match="holds an earlier demo .*--continue.*--force"):
+        run_demo(out, config_path=None, overrides=[f"model={tiny_random_model}"])
+    assert (out / "report.md").read_text() == report
 
 
 @pytest.mark.slow
@@ -102,3 +107,60 @@ def test_continue_without_a_database_is_a_user_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "align", "demo", "--continue", "--out", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nothing to continue" in result.stderr and "Traceback" not in result.stderr
+
+
+def earlier_demo(out, *, rankings_db: bool = False):
+    """A folder as a finished demo leaves it (the files' contents do not matter here), and a file of the user's."""
+    out.mkdir()
+    for name in ("report.md", "summary.json", "comparison.jsonl", "rankings.kwise.jsonl", "config.yaml"):
+        (out / name).write_text("earlier\n")
+    for folder in ("export", "reward", "ppo"):
+        (out / folder).mkdir()
+        (out / folder / "model.safetensors").write_text("earlier")
+    (out / "notes.txt").write_text("mine")
+    if rankings_db:  # the demo project, with no rankings yet
+        from annotation import services
+        from annotation.db import open_db
+
+        with open_db(f"sqlite:///{out / 'annotation.db'}")() as db:
+            services.create_project(db, "demo", k=3, annotators_per_prompt=1)
+    else:
+        (out / "annotation.db").write_text("")
+
+
+def test_an_earlier_demo_is_refused_in_one_line_without_continue_or_force(tmp_path):
+    # it was redone in place, and a re-run stopped half-way left the earlier report and export behind
+    out = tmp_path / "demo"
+    earlier_demo(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), f"model={tmp_path / 'no-model'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out} holds an earlier demo (report.md, summary.json, export, comparison.jsonl, ...): pass --continue "
+        "to train again from its rankings, or --force to start over (removes it), or choose another --out"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), "--continue", "--force"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --force and --continue exclude each other: --force starts over, --continue keeps the rankings"]
+
+
+def test_force_removes_the_earlier_demo_before_any_stage_runs(tmp_path):
+    out = tmp_path / "demo"
+    earlier_demo(out)
+    # the first stage fails (no such model): what it started from is an empty demo folder
+    with pytest.raises(UserError, match="no-model"):
+        run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]  # the new config, the user's file
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_continue_removes_the_earlier_results_and_keeps_the_rankings(tmp_path):
+    out = tmp_path / "demo"
+    earlier_demo(out, rankings_db=True)
+    with pytest.raises(UserError, match="no rankings in .* yet"):  # stopped where the stages would start
+        run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], resume_from_db=True)
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"report.md", "summary.json", "export", "comparison.jsonl"}
+    assert {"annotation.db", "notes.txt", "reward", "ppo"} <= left

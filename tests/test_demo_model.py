@@ -173,6 +173,56 @@ def test_an_existing_output_that_is_not_a_checkpoint_is_refused_without_force(no
     assert is_complete(out) and not (out / "notes.txt").exists()
 
 
+def test_a_checkpoint_of_another_size_or_seed_is_refused_without_force(no_sft, tmp_path):
+    # it was kept with "already holds a checkpoint", and the CLI then said the model asked for was ready
+    import subprocess
+    import sys
+
+    from align.demo_model import build_demo_model
+
+    out = tmp_path / "model"
+    build_demo_model(out, size="tiny", seed=0, progress=False)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert build_demo_model(out, size="tiny", seed=0, progress=False) == out  # the same one: reused
+    for size, seed in [("small", 7), ("small", 0), ("tiny", 7)]:
+        with pytest.raises(UserError, match=rf"^{out} holds the tiny demo model of seed 0, not the {size} one of "
+                                            rf"seed {seed} asked for; choose another --out or pass --force"):
+            build_demo_model(out, size=size, seed=seed, progress=False)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    result = subprocess.run([sys.executable, "-m", "align", "init-demo-model", "--out", str(out), "--size", "small",
+                             "--seed", "7"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "ready" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out} holds the tiny demo model of seed 0, not the small one of seed 7 asked for; choose another "
+        "--out or pass --force to rebuild it"]
+    assert build_demo_model(out, size="small", seed=7, force=True, progress=False) == out  # --force rebuilds
+    from align.demo_model import RECORD_FILE, built_as
+
+    assert built_as(out) == ("small", 7)
+    (out / RECORD_FILE).unlink()  # a checkpoint that does not say what it is
+    with pytest.raises(UserError, match=rf"^{out} holds a checkpoint with no record of its demo size and seed"):
+        build_demo_model(out, size="small", seed=7, progress=False)
+
+
+def test_the_cache_folder_is_reused_for_its_own_size_and_seed(monkeypatch, tmp_path, tiny_random_model):
+    # a cached model built before the record was written: its folder's name says what it is
+    import shutil
+    import subprocess
+    import sys
+
+    from align.demo_model import RECORD_FILE, demo_model_dir
+
+    monkeypatch.setenv("ALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    cached = demo_model_dir("tiny", 0)
+    shutil.copytree(tiny_random_model, cached)
+    (cached / RECORD_FILE).unlink()
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    result = subprocess.run([sys.executable, "-m", "align", "init-demo-model"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == f"demo model (tiny) ready at {cached}", result.stderr
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_cli_refuses_an_existing_folder_in_one_line(tmp_path):
     import subprocess
     import sys
@@ -184,6 +234,14 @@ def test_cli_refuses_an_existing_folder_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--force" in result.stderr and "Traceback" not in result.stderr
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_built_model_is_readable_as_a_plain_mkdir_and_open_would_leave_it(tmp_path, umask):
+    from tests.conftest import modes
+
+    umask(0o022)
+    found = modes(build_random_model(tmp_path / "model"))
+    assert "model.safetensors" in found and found == {name: 0o755 if name == "." else 0o644 for name in found}
 
 
 def test_only_the_sizes_the_help_names_are_built(no_sft, tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from align.commands.export import export_run
 from align.errors import UserError
+from tests.conftest import modes
 
 PROMPTS = ["Tell me about tea.", "How does chess work?", "Give me a quick tip about bread."]
 
@@ -183,6 +184,16 @@ def test_reward_export_keeps_scores_and_provenance(tiny_reward_run, tiny_random_
     assert f"held-out pairwise accuracy: {original.summary()['eval/accuracy']:.4g}" in card
     assert f"training rankings: {original.summary()['train/rankings']}" in card
     assert "data: synthetic" in card
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_an_export_is_readable_as_a_plain_mkdir_and_open_would_leave_it(tiny_ppo_run, tmp_path, umask, merge):
+    # it was 0700 (mkdtemp) with a 0600 model.safetensors: a serving account could not read it
+    umask(0o022)
+    out = export_run(tiny_ppo_run, tmp_path / "export", merge=merge)
+    found = modes(out)
+    assert ("model.safetensors" if merge else "adapter_model.safetensors") in found and "README.md" in found
+    assert found == {name: 0o755 if name == "." else 0o644 for name in found}
 
 
 def test_ppo_model_card_describes_its_reward_model(tiny_ppo_run, tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from align.run import atomic_directory
+from align.run import atomic_directory, write_json_atomic
+from tests.conftest import modes
 
 
 @pytest.mark.parametrize("in_the_way", ["folder", "file", "link"])
@@ -34,3 +37,21 @@ def test_a_failed_block_leaves_the_output_as_it_was(tmp_path):
         (tmp / "new.txt").write_text("new")
         raise RuntimeError("killed half-way")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_get_the_modes_of_a_plain_mkdir_and_open(tmp_path, umask, mask):
+    # mkdtemp and mkstemp make owner-only temporaries (0700, 0600): an export renamed from one was
+    # unreadable by a serving account. What comes out is what mkdir and open give under the umask.
+    umask(mask)
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "model.safetensors").write_bytes(b"x")
+        (tmp / "model.safetensors").chmod(0o600)  # as safetensors writes it
+        (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+        (tmp / "sub" / "run.sh").chmod(0o700)
+    write_json_atomic(tmp_path / "out" / "summary.json", {"a": 1})
+    folder, file, executable = 0o777 & ~mask, 0o666 & ~mask, 0o777 & ~mask
+    assert modes(tmp_path / "out") == {".": folder, "model.safetensors": file, "sub": folder,
+                                       "sub/run.sh": executable, "summary.json": file}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"a": 1}

@@ -59,7 +59,9 @@ def init_demo_model(
     ] = None,
     size: Annotated[str, typer.Option(help="tiny (about 1M parameters) or small (about 5M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for data, tokenizer and weights.")] = 0,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint is already there.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Rebuild even if a checkpoint is already there (one of another size or seed is refused without it).")
+    ] = False,
 ) -> None:
     """Build the embedded demo SFT model: local BPE tokenizer, small Llama, short SFT."""
     from align.demo_model import build_demo_model, demo_model_dir
@@ -100,14 +102,20 @@ def demo(
         bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app.")
     ] = False,
     continue_: Annotated[
-        bool, typer.Option("--continue", help="Pick up from the rankings people made after --serve.")
+        bool, typer.Option("--continue", help="Pick up from the rankings in --out's annotation database (those people "
+                           "made after --serve, or an earlier demo's): train, export and compare again.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Start over: first remove the earlier demo in --out (its report, export, summary, "
+                           "stage runs and annotation database with its rankings). Without --force or --continue "
+                           "an --out holding an earlier demo is refused.")
     ] = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Run the whole pipeline on the embedded demo model, end to end."""
     from align.commands.demo import run_demo
 
-    run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_)
+    run_demo(out, config_path=config, overrides=overrides or [], serve=serve, resume_from_db=continue_, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,11 @@
 grpo.yaml); `method=dpo` replaces steps 4-5 by `align dpo` on the rankings themselves
 (configs/demo/dpo.yaml), with no reward model. Every stage writes its own run directory under OUT,
 with its resolved config.
+
+An OUT holding an earlier demo is refused unless the user says what to do with it: `--continue`
+trains, exports and compares again from the rankings in its annotation database, `--force` starts
+over. Either first removes the earlier demo's report, export and summary (and `--force` the rest
+of it), so that a re-run interrupted half-way leaves no report describing another policy.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,6 +43,12 @@ log = logging.getLogger("align")
 
 CONFIGS = configs_dir() / "demo"
 PROJECT = "demo"
+DATABASE = "annotation.db"
+# What a demo writes into OUT. The results of its last stages first: a re-run removes them before
+# anything else, so none survives to describe a policy whose run is being redone.
+RESULTS = ("report.md", "summary.json", "export", "comparison.jsonl", "gold_scores.png")
+DEMO_FILES = (*RESULTS, "reward", "ppo", "dpo", "rankings.kwise.jsonl", "config.yaml", DATABASE,
+              *(DATABASE + tail for tail in ("-wal", "-shm", "-journal", ".writer-lock")))
 
 
 @dataclass
@@ -139,13 +151,34 @@ class Stages:
             self._name = None
 
 
+def earlier_demo(out: Path) -> list[str]:
+    """What an earlier demo left in `out` (DEMO_FILES' names, in that order); [] for a fresh folder."""
+    return [name for name in DEMO_FILES if (out / name).exists() or (out / name).is_symlink()]
+
+
+def remove_earlier_demo(out: Path, names: list[str]) -> None:
+    """Remove `names` from `out`, in DEMO_FILES' order (the results first)."""
+    for name in names:
+        path = out / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot remove the earlier demo's {path}: {exc.strerror or exc}") from None
+
+
 def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve: bool = False,
-             resume_from_db: bool = False, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
+             resume_from_db: bool = False, force: bool = False, host: str = "127.0.0.1",
+             port: int = 8000) -> dict[str, Any]:
     from dpo.config import DPOConfig
     from ppo.config import PPOConfig
     from reward.config import RewardConfig
 
     check(not (serve and resume_from_db), "--serve and --continue exclude each other")
+    check(not (force and resume_from_db), "--force and --continue exclude each other: --force starts over, "
+                                          "--continue keeps the rankings")
     demo_over, reward_over, ppo_over, dpo_over = split_overrides(overrides)
     cfg = load_config(DemoConfig, config_path, demo_over)
     with_reward_model = cfg.method != "dpo"
@@ -154,7 +187,8 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     if resume_from_db and not (out / "annotation.db").exists():
         raise UserError(f"nothing to continue: {out / 'annotation.db'} does not exist (run `align demo --serve` first)")
     rankings_path = out / "rankings.kwise.jsonl"
-    # The demo owns OUT: its stage runs are redone in place on a second `align demo`.
+    # An earlier demo in OUT was refused below unless --continue or --force: the stages' runs are then
+    # redone in place.
     reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
     reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
     dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
@@ -172,6 +206,15 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
+    earlier = earlier_demo(out)
+    if earlier and not (force or resume_from_db):
+        shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise UserError(f"{out} holds an earlier demo ({shown}): pass --continue to train again from its rankings, "
+                        "or --force to start over (removes it), or choose another --out")
+    if force:
+        remove_earlier_demo(out, earlier)
+    elif resume_from_db:  # the rankings stay; what the stages after them made goes first
+        remove_earlier_demo(out, [name for name in earlier if name in RESULTS])
     make_directory(out)
     save_config(cfg, out / "config.yaml")
 

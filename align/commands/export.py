@@ -155,15 +155,22 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    """The rankings a run trained on, as the run recorded them when it read them (its path absolute,
+    with the file's sha256; a stage's config holds the path as it was given, maybe relative)."""
+    if not data:
+        return []
+    source = data.get("path") or data.get("project") or data.get("format")
+    lines = [f"- data: {data.get('format', '?')} ({source})"]
+    if data.get("sha256"):
+        lines.append(f"- data sha256: {data['sha256']}")
+    return lines
+
+
 def _reward_section(reward: RewardRun) -> list[str]:
     """What the reward model was trained on and how well it ranks held-out data (from its own run)."""
     summary, data = reward.summary(), reward.info().get("data") or reward.config().get("data", {})
-    lines = [f"- reward model: `{reward.path.resolve()}`"]
-    if data:
-        source = data.get("path") or data.get("project") or data.get("format")
-        lines.append(f"- data: {data.get('format', '?')} ({source})")
-        if data.get("sha256"):
-            lines.append(f"- data sha256: {data['sha256']}")
+    lines = [f"- reward model: `{reward.path.resolve()}`", *_data_lines(data)]
     for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
                        ("eval/label_source", "held-out labels from"), ("eval/num_pairs", "held-out pairs"),
                        ("eval/accuracy", "held-out pairwise accuracy"),
@@ -230,17 +237,24 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         if kl:
             lines.append("- KL penalty: " + ", ".join(f"{k}={_fmt(v)}" for k, v in kl.items()))
     if kind == "dpo":
-        data = config.get("data", {})
-        lines += ["## Rankings", "", f"- data: {data.get('format', '?')} ({data.get('path') or data.get('project') or ''})"]
+        from align.run import read_mapping
+        from dpo.run_dir import DATA_FILE
+
+        data = read_mapping(run / DATA_FILE).get("data") or config.get("data", {})
+        lines += ["## Rankings", "", *_data_lines(data)]
         for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
                            ("eval/label_source", "held-out labels from"),
                            ("eval/accuracy", "held-out pairwise accuracy of the implicit reward")]:
             if key in summary:
                 lines.append(f"- {label}: {_fmt(summary[key])}")
         lines += ["", "## DPO settings", ""]
-        for key in ("loss", "beta", "learning_rate", "epochs", "batch_size", "seed"):
+        # what ran: max_steps, when set, stops the run whatever epochs says
+        length = "epochs" if config.get("max_steps") is None else "max_steps"
+        for key in ("loss", "beta", "learning_rate", length, "batch_size", "seed"):
             if key in config:
                 lines.append(f"- {key}: {_fmt(config[key])}")
+        if "train/steps" in summary:
+            lines.append(f"- optimizer steps taken: {_fmt(summary['train/steps'])}")
     if kind in POLICY_KINDS:
         lora = config.get("lora", {})
         if lora:

@@ -162,6 +162,24 @@ def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_
     assert "DPO" in card and "beta" in card
 
 
+def test_the_model_card_states_the_steps_that_ran_and_the_data_path_resolved(small_dpo_run, tmp_path, monkeypatch):
+    # it said "epochs: 2" for a run that max_steps stopped at 3, and "data: kwise (rankings.kwise.jsonl)"
+    from align.commands.export import export_run
+    from align.synthetic import make_rankings
+    from dpo.train import run_dpo
+
+    monkeypatch.chdir(tmp_path)
+    write_kwise(make_rankings(40, k=3, seed=1), tmp_path / "rankings.kwise.jsonl")
+    overrides = [o for o in small_dpo_run if not o.startswith(("data.", "epochs="))]
+    summary = run_dpo(load_config(DPOConfig, None, [
+        *overrides, "data.format=kwise", "data.path=rankings.kwise.jsonl", "data.eval_fraction=0.2", "epochs=2",
+        "max_steps=3", "num_eval_prompts=0"]), echo=lambda _: None)
+    assert summary["train/steps"] == 3
+    card = (export_run(tmp_path / "run", tmp_path / "export", merge=False) / "README.md").read_text()
+    assert "- max_steps: 3\n" in card and "- optimizer steps taken: 3\n" in card and "epochs" not in card
+    assert f"- data: kwise ({tmp_path / 'rankings.kwise.jsonl'})\n- data sha256: " in card
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "align", "dpo", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
