@@ -55,6 +55,27 @@ def _own_bos(tokenizer: Any) -> str:
     return tokenizer.bos_token if tokenizer("a")["input_ids"] == [bos_id, *plain] else ""
 
 
+_MARK = "ALIGN_RESPONSE_MARK"
+
+
+def template_turn_end(tokenizer: Any) -> str | None:
+    """The special token the checkpoint's chat template closes an assistant turn with (Gemma's
+    <end_of_turn>, Phi-3's <|end|>, Qwen's <|im_end|>, Llama 3's <|eot_id|>, or the eos itself); None
+    without a template, or where the template closes the turn with no special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation tells us nothing
+        return None
+    after = text[text.rfind(_MARK) + len(_MARK):] if _MARK in text else ""
+    ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after.strip() else []
+    if not ids or ids[0] not in set(tokenizer.all_special_ids):
+        return None
+    return tokenizer.convert_ids_to_tokens(ids[0])
+
+
 def _note_fallback(tokenizer: Any) -> None:
     """Say once per tokenizer that the plain-dialogue fallback is in use."""
     import logging

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from align.chat import template_turn_end
 from align.errors import UserError
 from align.hf import quiet_transformers
 
@@ -154,6 +155,8 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     (see "The N implementation details of RLHF with PPO", Huang et al. 2023).
     `encoder=True` (a BERT-like reward model): no eos is needed, the text ends with the
     tokenizer's own [SEP] and the head reads its [CLS] token; its own pad is kept.
+    Where the chat template ends an assistant turn with a special token other than eos (Gemma-it's
+    <end_of_turn>, Phi-3's <|end|>), that token becomes the eos: the end of a response everywhere.
     """
     from transformers import AutoTokenizer
 
@@ -167,6 +170,14 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
         return tokenizer
     if tokenizer.eos_token is None:
         raise UserError(f"{source}: the tokenizer has no eos token")
+    turn_end = template_turn_end(tokenizer)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        # A response ends where the chat template ends an assistant turn: sampling stops there, and the
+        # reward model, DPO and SFT data read it there (Gemma-it's <end_of_turn>, Phi-3's <|end|>, a Qwen
+        # base's <|im_end|>); with the tokenizer's own eos, sampling ran past the end of the turn.
+        log.info("%s: responses end with %s, where the chat template ends an assistant turn (the tokenizer's "
+                 "eos is %s)", source, turn_end, tokenizer.eos_token)
+        tokenizer.eos_token = turn_end
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
         log.info("added a <pad> token distinct from eos to the tokenizer of %s", source)

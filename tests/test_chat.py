@@ -63,3 +63,28 @@ def test_an_encoder_whose_eos_is_its_separator_gets_one_end_token(tmp_path):
     tokenizer.eos_token = tokenizer.sep_token  # as DeBERTa-v2 ships it (RoBERTa: </s>, its separator too)
     ids = tokenizer(render_example(tokenizer, "hi", "fine thanks"))["input_ids"]
     assert ids[-1] == tokenizer.sep_token_id and ids[-2] != tokenizer.sep_token_id
+
+
+GEMMA_LIKE_TEMPLATE = (  # Gemma-it's shape: turns closed by <end_of_turn>, the tokenizer's eos another token
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_response_ends_where_the_chat_template_ends_an_assistant_turn(tmp_path):
+    # sampling stops at the tokenizer's eos, and the reward model and DPO read the response up to it:
+    # for a template whose turns end with another special token, that token is the response's end
+    from align.demo_model import build_tokenizer
+    from align.modeling import load_tokenizer
+
+    tokenizer = build_tokenizer(384, 0)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_LIKE_TEMPLATE
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.eos_token == "<end_of_turn>" and loaded.eos_token_id == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert render_example(loaded, "hi", "hello").endswith("<start_of_turn>model\nhello<end_of_turn>")
+    assert loaded.pad_token_id not in (None, loaded.eos_token_id)
+    # a template closing the turn with the eos itself (the demo's) leaves the eos as it is
+    plain = build_tokenizer(384, 0)
+    plain.save_pretrained(tmp_path / "plain")
+    assert load_tokenizer(tmp_path / "plain").eos_token == plain.eos_token
