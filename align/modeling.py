@@ -101,12 +101,21 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base_path(path: str | Path) -> Path:
-    """The base checkpoint a PEFT adapter directory was trained on."""
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    """The base checkpoint a PEFT adapter directory was trained on. A relative base path is read
+    from the adapter's own folder where it names a checkpoint there (an adapter moved with its base),
+    else from the working directory as PEFT reads it; a base found nowhere is named with the file."""
+    config_file = Path(path) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
-    return resolve_model_path(base)
+    beside = Path(path) / Path(base).expanduser()
+    if not Path(base).expanduser().is_absolute() and beside.is_dir() and base != "demo" and not base.startswith("demo:"):
+        return resolve_model_path(str(beside))
+    try:
+        return resolve_model_path(base)
+    except UserError as exc:
+        raise UserError(f"{config_file}: base_model_name_or_path: {exc}") from None
 
 
 def adapter_chain(path: str | Path) -> list[Path]:

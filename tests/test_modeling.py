@@ -91,3 +91,25 @@ def test_encoders_are_told_from_causal_lms_by_their_config():
 
     assert all(is_encoder(c()) for c in (BertConfig, RobertaConfig, DebertaV2Config, ModernBertConfig))
     assert not any(is_encoder(c()) for c in (LlamaConfig, GPT2Config, Qwen2Config))
+
+
+def test_an_adapters_relative_base_is_found_beside_it_whatever_the_working_directory(tiny_random_model, tmp_path,
+                                                                                     monkeypatch):
+    # an adapter moved with its base ("../base" in adapter_config.json) loads from any folder; a base found
+    # nowhere is named with the adapter_config.json it came from
+    import shutil
+
+    from align.modeling import adapter_base_path
+
+    tokenizer = load_tokenizer(tiny_random_model)
+    shutil.copytree(tiny_random_model, tmp_path / "moved" / "base")
+    adapter = save_random_adapter(tmp_path / "moved" / "base", tmp_path / "moved" / "adapter", tokenizer, seed=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "../base"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert adapter_base_path(adapter).resolve() == (tmp_path / "moved" / "base").resolve()
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "../nowhere"}))
+    with pytest.raises(UserError, match=rf"^{adapter / 'adapter_config.json'}: base_model_name_or_path: model not found"):
+        adapter_base_path(adapter)
