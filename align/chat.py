@@ -105,3 +105,18 @@ def render_example(tokenizer: Any, prompt: str | list[dict[str, str]], response:
     if eos and eos == getattr(tokenizer, "sep_token", None):
         eos = ""
     return text + response + eos
+
+
+def encode_rendered(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Rendered texts (their special tokens written in by the template or `render_prompt`) as token
+    ids, each cut to `max_length` from the left, so a long text keeps its end, where its response is;
+    a bos the text begins with stays first (cut away with the start, the model read a sequence with
+    no bos, unlike anything it was trained on)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        if len(ids) > max_length:
+            ids = [ids[0], *ids[len(ids) - max_length + 1:]] if bos is not None and ids[0] == bos and max_length > 1 \
+                else ids[len(ids) - max_length:]
+        out.append(ids)
+    return out

@@ -19,17 +19,19 @@ Rows = TypeVar("Rows", bound="PromptsAndResponses")
 
 def encode_prompts(tokenizer, prompts: list, max_length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) ids and mask of the prompts in the chat template, padded and cut on the left (a
-    long prompt keeps its end), so every row ends where its response will start."""
-    from align.chat import render_prompt
+    long prompt keeps its end and its bos: align.chat.encode_rendered), so every row ends where its
+    response will start."""
+    from align.chat import encode_rendered, render_prompt
 
-    padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    try:
-        enc = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                        add_special_tokens=False, truncation=True, max_length=max_length)
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    rows = encode_rendered(tokenizer, [render_prompt(tokenizer, p) for p in prompts], max_length)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

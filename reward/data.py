@@ -303,11 +303,12 @@ class RankingDataset(torch.utils.data.Dataset):
     token of the prompt depends on the response), so each sequence is forwarded whole."""
 
     def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, *, encoder: bool = False):
-        from align.chat import render_example, render_prompt
+        from align.chat import encode_rendered, render_example, render_prompt
 
         self.rankings = list(rankings)
         texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
-        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=encoder)["input_ids"]
+        ids = (tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"] if encoder
+               else encode_rendered(tokenizer, texts, max_length))  # a causal LM's text keeps its bos
         prompt_ids = [[] for _ in self.rankings] if encoder else tokenizer(
             [render_prompt(tokenizer, r.prompt) for r in self.rankings], add_special_tokens=False)["input_ids"]
         self.items: list[RankingItem] = []

@@ -201,10 +201,20 @@ def disable_dropout(model: nn.Module) -> None:
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, *, encoder: bool = False) -> dict[str, torch.Tensor]:
     """Tokenize rendered prompt+response texts, right-padded. A causal LM's text already holds its
-    special tokens (the chat template's bos, the eos); an encoder's get its own ([CLS] ... [SEP])."""
-    return tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, add_special_tokens=encoder, return_tensors="pt"
-    )
+    special tokens (the chat template's bos, the eos; cut from the left, it keeps its bos:
+    align.chat.encode_rendered); an encoder's get its own ([CLS] ... [SEP])."""
+    if encoder:
+        return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    from align.chat import encode_rendered
+
+    rows = encode_rendered(tokenizer, list(texts), max_length)
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def model_is_encoder(model: nn.Module) -> bool:

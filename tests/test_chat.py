@@ -88,3 +88,27 @@ def test_a_response_ends_where_the_chat_template_ends_an_assistant_turn(tmp_path
     plain = build_tokenizer(384, 0)
     plain.save_pretrained(tmp_path / "plain")
     assert load_tokenizer(tmp_path / "plain").eos_token == plain.eos_token
+
+
+def test_a_text_cut_from_the_left_keeps_its_end_and_its_bos():
+    # the demo template begins with the bos: a prompt longer than the limit loses its start, not the bos
+    import torch
+
+    from align.chat import encode_rendered
+    from align.demo_model import build_tokenizer
+    from ppo.experience import encode_prompts
+    from reward.model import encode
+
+    tokenizer = build_tokenizer(384, 0)
+    long, short = "tell me about tea " * 40, "hi"
+    whole = tokenizer(render_prompt(tokenizer, long), add_special_tokens=False)["input_ids"]
+    assert len(whole) > 32 and whole[0] == tokenizer.bos_token_id  # the precondition
+    cut = encode_rendered(tokenizer, [render_prompt(tokenizer, long)], 32)[0]
+    assert cut == [tokenizer.bos_token_id, *whole[-31:]]
+    ids, mask = encode_prompts(tokenizer, [long, short], 32, "cpu")  # left-padded for the rollout
+    assert ids.shape == (2, 32) and ids[0].tolist() == cut and mask[0].all()
+    short_ids = tokenizer(render_prompt(tokenizer, short), add_special_tokens=False)["input_ids"]
+    assert ids[1, -len(short_ids):].tolist() == short_ids and mask[1].sum() == len(short_ids)
+    scored = encode(tokenizer, [render_example(tokenizer, long, "yes")], 32)  # the reward model's input
+    assert scored["input_ids"][0, 0] == tokenizer.bos_token_id and torch.equal(scored["attention_mask"][0],
+                                                                                torch.ones(32, dtype=torch.long))
