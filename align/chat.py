@@ -71,7 +71,9 @@ def template_turn_end(tokenizer: Any) -> str | None:
         return None
     after = text[text.rfind(_MARK) + len(_MARK):] if _MARK in text else ""
     ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after.strip() else []
-    if not ids or ids[0] not in set(tokenizer.all_special_ids):
+    # special: a named one (eos, ...), or an added token flagged special (Llama 3's <|eot_id|> is only that)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
         return None
     return tokenizer.convert_ids_to_tokens(ids[0])
 

@@ -204,6 +204,12 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+            # the response's end (load_tokenizer: the chat template's turn end) stops `generate` too,
+            # beside the checkpoint's own eos ids, in what is saved from this model (an export)
+            own = model.generation_config.eos_token_id
+            own = [] if own is None else [own] if isinstance(own, int) else list(own)
+            if tokenizer.eos_token_id not in own:
+                model.generation_config.eos_token_id = [tokenizer.eos_token_id, *own]
     return model
 
 

@@ -373,11 +373,15 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     check_model_files(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        base = PeftConfig.from_pretrained(model_dir).base_model_name_or_path
-        if not Path(base).exists():
-            raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint {base}, which is missing")
+        from align.modeling import adapter_base_path
+
+        try:  # beside the adapter where its path is relative and a checkpoint is there, as the policy's
+            base = adapter_base_path(model_dir)
+        except UserError as exc:
+            raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint, which is missing ({exc})") \
+                from None
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         if not is_encoder(model.config):
             fit_embeddings(model, tokenizer)  # the <pad> added in training

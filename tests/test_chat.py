@@ -84,6 +84,14 @@ def test_a_response_ends_where_the_chat_template_ends_an_assistant_turn(tmp_path
     assert loaded.eos_token == "<end_of_turn>" and loaded.eos_token_id == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert render_example(loaded, "hi", "hello").endswith("<start_of_turn>model\nhello<end_of_turn>")
     assert loaded.pad_token_id not in (None, loaded.eos_token_id)
+    # a turn end that is only an added token flagged special, as Llama 3 ships <|eot_id|>
+    from tokenizers import AddedToken
+
+    llama3 = build_tokenizer(384, 0)
+    llama3.add_tokens([AddedToken("<|eot_id|>", special=True)])
+    llama3.chat_template = GEMMA_LIKE_TEMPLATE.replace("<end_of_turn>", "<|eot_id|>")
+    llama3.save_pretrained(tmp_path / "llama3")
+    assert load_tokenizer(tmp_path / "llama3").eos_token == "<|eot_id|>"
     # a template closing the turn with the eos itself (the demo's) leaves the eos as it is
     plain = build_tokenizer(384, 0)
     plain.save_pretrained(tmp_path / "plain")
@@ -112,3 +120,24 @@ def test_a_text_cut_from_the_left_keeps_its_end_and_its_bos():
     scored = encode(tokenizer, [render_example(tokenizer, long, "yes")], 32)  # the reward model's input
     assert scored["input_ids"][0, 0] == tokenizer.bos_token_id and torch.equal(scored["attention_mask"][0],
                                                                                 torch.ones(32, dtype=torch.long))
+
+
+def test_a_model_loaded_with_such_a_tokenizer_stops_generating_at_the_turn_end(tmp_path):
+    # what an export saves from it: generation_config stops at the turn end and at the checkpoint's own eos
+    import transformers
+
+    from align.demo_model import build_tokenizer
+    from align.modeling import load_causal_lm, load_tokenizer
+
+    tokenizer = build_tokenizer(384, 0)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_LIKE_TEMPLATE
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    model = load_causal_lm(tmp_path, tokenizer=loaded)
+    assert model.generation_config.eos_token_id == [loaded.eos_token_id, tokenizer.eos_token_id]
+    assert loaded.eos_token_id != tokenizer.eos_token_id  # the precondition: the turn end is another token

@@ -47,7 +47,8 @@ def test_prompts_are_padded_and_cut_on_the_left_and_the_tokenizer_is_left_as_it_
     assert ids.shape == mask.shape == (2, 16)
     short = len(whole[0])
     assert mask[0].tolist() == [0] * (16 - short) + [1] * short and ids[0, -short:].tolist() == whole[0]
-    assert mask[1].all() and ids[1].tolist() == whole[1][-16:]  # the end kept: the response follows it
+    # the end kept (the response follows it), and the bos the template begins with
+    assert whole[1][0] == tok.bos_token_id and mask[1].all() and ids[1].tolist() == [whole[1][0], *whole[1][-15:]]
     assert (tok.padding_side, tok.truncation_side) == ("right", "right")
 
 

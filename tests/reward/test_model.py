@@ -203,3 +203,28 @@ def test_dropout_is_off_in_train_mode_including_the_attention_rate_kept_as_a_num
     disable_dropout(model)
     torch.testing.assert_close(model(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0)
     assert model.config.attention_dropout == 0.0
+
+
+def test_a_lora_reward_model_moved_with_its_base_loads_from_any_working_directory(quick_config, tmp_path,
+                                                                                 tiny_random_model, monkeypatch):
+    # its adapter_config.json names the base relative to the adapter ("../base"), as the policy's may
+    import shutil
+
+    from align.errors import UserError
+    from reward.model import load_reward_model
+
+    cfg = quick_config(f"output_dir={tmp_path / 'run'}", "lora.enabled=true", "lora.r=4", "train.max_steps=1",
+                       "eval.normalize=false")
+    train_reward_model(cfg, echo=lambda s: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_random_model, moved / "base")
+    shutil.copytree(tmp_path / "run" / "model", moved / "reward")
+    config_file = moved / "reward" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "../base"}))
+    monkeypatch.chdir(tmp_path)  # where "../base" names nothing
+    scores = load_reward_model(moved / "reward").score(["hi"], ["hello"])
+    assert scores.shape == (1,)
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "../nowhere"}))
+    with pytest.raises(UserError, match="needs its base checkpoint, which is missing"):
+        load_reward_model(moved / "reward")
