@@ -217,7 +217,8 @@ def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
     return rows
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str) -> None:
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str,
+                  config_class: type | None = None) -> None:
     """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
     run directory that holds anything unless `overwrite` (`clear_earlier_run` removes the earlier
     run's checkpoints and outputs once this one has loaded everything it needs). `command`: how the
@@ -239,6 +240,14 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
+    if overwrite and config_class is not None and (run_dir / "config.yaml").is_file():
+        from align.config import foreign_keys
+
+        foreign = foreign_keys(config_class, run_dir / "config.yaml")
+        if foreign:  # another stage's outputs would stay beside this run's and be read as its own
+            raise UserError(f"output_dir {run_dir} holds another stage's run (its config.yaml has "
+                            f"{', '.join(foreign[:5])}): overwrite=true replaces an earlier `{command}` run only; "
+                            "choose another output_dir")
 
 
 def clear_earlier_run(run_dir: Path, prefix: str, outputs: Iterable[str]) -> None:

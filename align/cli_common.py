@@ -25,7 +25,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
                    stage: str) -> Any:
     """The config of the run directory `run` resumes, from its own config.yaml; `overrides` may set
     only the keys in `allowed` (none of which changes the training math)."""
-    from align.config import load_config
+    from align.config import foreign_keys, load_config
     from align.errors import ConfigError, UserError
 
     if config is not None:
@@ -46,21 +46,6 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
                               f"not: {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})") from None
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
     return load_config(cls, run / "config.yaml", [*overrides, f"output_dir={run}"])  # a bad override, as itself
-
-
-def foreign_keys(cls: type, path: Path) -> list[str]:
-    """The top-level keys of the YAML mapping at `path` that the config class `cls` has no field for."""
-    import dataclasses
-
-    from align.config import read_yaml_mapping
-    from align.errors import ConfigError
-
-    try:
-        mapping = read_yaml_mapping(path)
-    except ConfigError:
-        return []
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return [key for key in mapping if key not in fields]
 
 
 def config_keys_help(cls: type) -> str:

@@ -90,6 +90,17 @@ def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | N
     return None
 
 
+def foreign_keys(cls: type, path: str | Path) -> list[str]:
+    """The top-level keys of the YAML mapping at `path` that the config class `cls` has no field for,
+    and no close spelling of one either (a typo is not another stage's key): [] if it cannot be read."""
+    try:
+        mapping = read_yaml_mapping(path)
+    except ConfigError:
+        return []
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return [key for key in mapping if key not in fields and not difflib.get_close_matches(str(key), fields, n=1)]
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

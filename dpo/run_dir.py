@@ -25,7 +25,7 @@ DATA_FILE = "data.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE)
 
 __all__ = ["CONFIG_FILE", "DATA_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
 

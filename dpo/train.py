@@ -110,7 +110,7 @@ class DPOTrainer:
         cfg = self.cfg
         self.t0 = time.perf_counter()
         check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align dpo")
+                      command="align dpo", config_class=type(cfg))
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = make_accelerator()

@@ -103,7 +103,7 @@ class PPOTrainer:
 
         cfg = self.cfg
         check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align ppo")
+                      command="align ppo", config_class=type(cfg))
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after

@@ -119,7 +119,7 @@ class RewardTrainer:
         self.is_main = self.accelerator.is_main_process
         self.out = Path(cfg.output_dir)
         check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align reward train")
+                      command="align reward train", config_class=type(cfg))
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
 

@@ -62,6 +62,21 @@ def test_another_stages_run_is_not_resumed(stage, tmp_path):
                               f"{name} run does not: ") and "did you mean" not in message
 
 
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_overwrite_replaces_only_a_run_of_the_same_stage(stage, tmp_path):
+    # another stage's outputs (a DPO run's stage.txt, a PPO run's value head) would stay beside this run's
+    # and be read as its own: overwrite=true refuses the folder before anything loads, and leaves it as it was
+    command, _, _ = STAGES[stage]
+    other = "dpo" if stage != "dpo" else "ppo"
+    saved_run(other, tmp_path / "run")
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    out = run_align(*command, f"output_dir={tmp_path / 'run'}", "overwrite=true")
+    message = one_line_error(out)
+    assert message.startswith(f"error: output_dir {tmp_path / 'run'} holds another stage's run (its config.yaml has ")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
 def test_a_run_directory_that_cannot_be_created_is_a_user_error(tmp_path):
     from align.errors import UserError
     from align.run import prepare_run_dir
