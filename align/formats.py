@@ -228,10 +228,8 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             row = {"prompt": row}
         if not isinstance(row, dict) or "prompt" not in row:
             raise UserError(f"{where}: expected a JSON string or an object with a 'prompt' field")
-        prompt = row["prompt"]
-        if not isinstance(prompt, str):
-            prompt = _check_messages(prompt, where)
-        elif not prompt.strip():
+        prompt = check_prompt(row["prompt"], where)
+        if isinstance(prompt, str) and not prompt.strip():
             raise UserError(f"{where}: empty prompt")
         candidates = row.get("candidates")
         if candidates is not None and not isinstance(candidates, list):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from align.formats import check_prompt, read_text_file
+from align.formats import read_prompts, read_text_file
 
 Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
 
@@ -25,21 +25,13 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
     path = Path(spec)
     if path.suffix == ".txt":
         prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
-    else:
+    else:  # the prompts file `align annotate import --format prompts` reads, read by the same reader
         prompts, seen = [], set()
-        for number, line in enumerate(read_text_file(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = row if isinstance(row, str) else row["prompt"]  # as `align annotate import --format prompts`
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{number}: expected a JSON string or an object with a 'prompt' field") from None
-            prompt = check_prompt(prompt, f"{path}:{number}")  # text or chat messages, before any model loads
-            key = json.dumps(prompt, sort_keys=True)
+        for record in read_prompts(path):
+            key = json.dumps(record.prompt, sort_keys=True)
             if key not in seen:
                 seen.add(key)
-                prompts.append(prompt)
+                prompts.append(record.prompt)
     if not prompts:
         raise UserError(f"{path}: no prompts found")
     return prompts

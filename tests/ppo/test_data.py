@@ -57,6 +57,8 @@ def test_load_prompts_from_jsonl_and_txt(tmp_path):
     ({"role": "user"}, "the prompt must be a string or a list of messages"),
     ([{"role": "user"}], "every message needs string 'role' and 'content'"),
     ([], "expected a non-empty list of messages"),
+    ("", "empty prompt"),  # as align annotate import reads the same file
+    (float("nan"), "not valid JSON (NaN is not a JSON value)"),
 ])
 def test_a_prompt_that_is_neither_text_nor_messages_is_refused_naming_its_line(tmp_path, prompt, expected):
     # refused as the file is read (before any model loads; for eval_prompts, before the training),
