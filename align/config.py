@@ -90,6 +90,16 @@ def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | N
     return None
 
 
+def check_input_file(value: str | Path, key: str) -> None:
+    """`value` of the config key `key` must be a readable file: else one line saying what it is instead
+    (not found, a directory: align.formats.input_file_problem's words)."""
+    from align.formats import input_file_problem
+
+    problem = input_file_problem(value)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
 def foreign_keys(cls: type, path: str | Path) -> list[str]:
     """The top-level keys of the YAML mapping at `path` that the config class `cls` has no field for,
     and no close spelling of one either (a typo is not another stage's key): [] if it cannot be read."""
@@ -103,10 +113,10 @@ def foreign_keys(cls: type, path: str | Path) -> list[str]:
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory, not a file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        from align.formats import input_file_problem
+
+        raise ConfigError(f"config {input_file_problem(path)}")  # "config file not found: X", "config X is a directory ..."
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
@@ -308,8 +318,8 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
         if meta.get("lt") is not None and not value < meta["lt"]:
             raise ConfigError(f"{key}: must be < {meta['lt']}, got {value}")
-    if meta.get("must_exist") and value is not None and not Path(value).exists():
-        raise ConfigError(f"{key}: file not found: {value}")
+    if meta.get("must_exist") and value is not None:
+        check_input_file(value, key)
 
 
 # --------------------------------------------------------------------------- introspection

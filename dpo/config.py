@@ -110,14 +110,13 @@ class DPOConfig:
     progress: bool = option(True, help="Show a progress bar with the loss.")
 
     def __post_init__(self) -> None:
-        from pathlib import Path
 
-        from align.config import check
+        from align.config import check, check_input_file
 
         check(self.lora.dropout == 0.0, f"lora.dropout={self.lora.dropout}: DPO runs without dropout (the policy's "
               "log-probs are compared with the reference's, computed once without it); set lora.dropout=0")
-        check(self.eval_prompts == "synthetic" or Path(self.eval_prompts).is_file(),
-              f"eval_prompts: file not found: {self.eval_prompts}")
+        if self.eval_prompts != "synthetic":
+            check_input_file(self.eval_prompts, "eval_prompts")
         check(self.gradient_accumulation_steps <= self.batch_size,
               f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) is more micro-batches than a step "
               f"has rankings (batch_size {self.batch_size})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from align.config import LoraOptions, check, option
+from align.config import LoraOptions, check, check_input_file, option
 
 
 @dataclass
@@ -265,7 +265,8 @@ class PPOConfig:
         )
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
-            check(value == "synthetic" or Path(value).is_file(), f"{key}: file not found: {value}")
+            if value != "synthetic":
+                check_input_file(value, key)
             check(
                 value == "synthetic" or Path(value).suffix in (".jsonl", ".txt"),
                 f"{key}: expected 'synthetic', a .jsonl or a .txt file, got {value}",

@@ -87,8 +87,10 @@ def evaluate(
     """Pairwise accuracy (overall, by K, cross-annotator) of a trained reward model on a rankings file."""
     if format not in ("kwise", "trl", "hh", "oasst"):
         raise UserError(f"--format {format!r} is not one of kwise, trl, hh, oasst")
-    if not data.is_file():
-        raise UserError(f"data file not found: {data}")
+    from align.formats import input_file_problem
+
+    if input_file_problem(data):
+        raise UserError(f"--data {input_file_problem(data)}")
     from reward.data import merge_repeated_responses, read_source, with_pairs
     from reward.evaluate import evaluate_rankings, format_table
     from reward.model import load_reward_model

@@ -6,10 +6,9 @@ Load with `align.config.load_config(RewardConfig, yaml_path, ["train.learning_ra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
-from align.config import LoraOptions, check, option
+from align.config import LoraOptions, check, check_input_file, option
 
 
 @dataclass
@@ -79,7 +78,8 @@ class DataSection:
         if self.format in ("kwise", "trl", "hh", "oasst"):  # a path the format does not read is not validated
             check(self.path is not None, f"data.path is required for data.format={self.format}")
             for key, value in (("data.path", self.path), ("data.eval_path", self.eval_path)):
-                check(value is None or Path(value).exists(), f"{key}: file not found: {value}")
+                if value is not None:
+                    check_input_file(value, key)
         if self.format == "annotation":
             check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
 

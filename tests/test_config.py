@@ -81,6 +81,7 @@ def test_defaults_without_a_file():
         (["whiten=maybe"], "whiten: expected true or false"),
         (["estimator=k2"], "estimator: 'k2' is not one of 'k1', 'k3'"),
         (["data_path=/no/such/file.jsonl"], "data_path: file not found: /no/such/file.jsonl"),
+        (["data_path=/"], "data_path: / is a directory, not a file"),
         (["optim=3"], "optim: expected a section"),
         (["kl_coef"], "override 'kl_coef' is not of the form key=value"),
         (["optim.warmup_steps=5000"], "optim.warmup_steps must be below 1000"),
@@ -97,7 +98,7 @@ def test_bad_values_are_refused_with_one_line(overrides, expected):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(StageConfig, tmp_path / "nope.yaml", [])
-    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a directory, not a file$"):
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path} is a directory, not a file$"):
         load_config(StageConfig, tmp_path, [])  # a config folder given for its file
     with pytest.raises(ConfigError, match=r"invalid YAML \(line 2"):
         load_config(StageConfig, write(tmp_path, "kl_coef: 0.1\n  bad: [\n"), [])

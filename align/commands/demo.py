@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import check, load_config, option, save_config
+from align.config import check, check_input_file, load_config, option, save_config
 from align.errors import ConfigError, UserError
 from align.resources import configs_dir
 from align.run import make_directory, write_json_atomic
@@ -86,7 +86,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         check(self.annotators_per_prompt <= self.num_annotators,
               f"annotators_per_prompt ({self.annotators_per_prompt}) exceeds num_annotators ({self.num_annotators})")
-        check(self.ppo_config is None or Path(self.ppo_config).is_file(), f"ppo_config: file not found: {self.ppo_config}")
+        if self.ppo_config is not None:
+            check_input_file(self.ppo_config, "ppo_config")
 
     @property
     def ppo_stage_config(self) -> str:

@@ -26,6 +26,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["gae_lambda=1.5"], "gae_lambda: must be <= 1.0"),
         (["temperature=0"], "temperature: must be > 0.0"),
         (["prompts=/nonexistent/prompts.jsonl"], "prompts: file not found"),
+        (["eval_prompts=/"], "eval_prompts: / is a directory, not a file"),
         (["report_to=mlflow"], "report_to"),
         (["lora.dropout=0.05"], "lora.dropout=0.05: PPO runs without dropout"),
     ],
