@@ -91,7 +91,7 @@ def run_trl(args) -> dict:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from align.chat import render_example
+    from align.chat import encode_rendered, render_example
     from align.modeling import load_tokenizer, resolve_model_path
     from reward.data import expand_to_pairs, load_reward_data
     from reward.evaluate import evaluate_rankings
@@ -103,9 +103,8 @@ def run_trl(args) -> dict:
     data = load_reward_data(cfg.data)
     pairs = expand_to_pairs(data.train, args.seed)  # TRL/OpenRLHF-style: every pair its own example
 
-    def ids(prompt, response):  # the very same token ids align trains on
-        text = render_example(tokenizer, prompt, response)
-        return tokenizer(text, truncation=True, max_length=args.max_length, add_special_tokens=False)["input_ids"]
+    def ids(prompt, response):  # the very same token ids align trains on (cut on the left, the bos kept)
+        return encode_rendered(tokenizer, [render_example(tokenizer, prompt, response)], args.max_length)[0]
 
     dataset = Dataset.from_list([{"chosen_ids": ids(p.prompt, p.responses[0]), "rejected_ids": ids(p.prompt, p.responses[1])}
                                  for p in pairs])

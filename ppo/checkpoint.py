@@ -20,7 +20,7 @@ import torch
 from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
 from align.config import config_to_dict
 from align.errors import UserError
-from align.run import atomic_directory
+from align.run import atomic_directory, give_ordinary_modes
 from ppo.config import RESUME_OVERRIDABLE
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE
 
@@ -102,4 +102,5 @@ def save_final_policy(trainer: Any, trained: dict[str, torch.Tensor] | None = No
         values = {k.removeprefix(prefix): v.contiguous() for k, v in trained.items() if k.startswith(prefix)}
     tmp_file = trainer.run_dir / f".{VALUE_HEAD_FILE}.tmp"
     save_file(values, str(tmp_file))
+    give_ordinary_modes(tmp_file)  # safetensors writes 0600
     os.replace(tmp_file, trainer.run_dir / VALUE_HEAD_FILE)

@@ -319,7 +319,7 @@ class RankingDataset(torch.utils.data.Dataset):
             self.items.append(RankingItem(sequences, ordered_pairs(r.ranks), top=top_response(r.ranks),
                                           prompt_len=shared_prompt_len(prompt, sequences)))
             pos += k
-        # rankings with a text cut to max_length (from the left: the prompt's start goes first)
+        # rankings with a text at max_length: cut to it (from the left: the prompt's start first), or exactly that long
         self.truncated = sum(any(len(s) >= max_length for s in item.responses) for item in self.items)
 
     def __len__(self) -> int:

@@ -189,7 +189,8 @@ class RewardTrainer:
                 self.echo(f"reward: {repeats_note(self.data.with_repeats)}")
             if self.train_set.truncated:
                 self.echo(f"reward: {self.train_set.truncated} of {len(self.train_set)} training rankings hold a text "
-                          f"cut to model.max_length={cfg.model.max_length} tokens (its prompt's start goes first)")
+                          f"of model.max_length={cfg.model.max_length} tokens (a longer one is cut to it, its prompt's "
+                          "start first)")
             if self.data.without_preference or self.data.held_out_without_preference:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training and "
                           f"{self.data.held_out_without_preference} held-out rankings that state no preference "

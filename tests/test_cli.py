@@ -150,4 +150,10 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     with pytest.raises(SystemExit) as info:
         cli.main([])
     assert info.value.code == 130
-    assert capsys.readouterr().err.startswith("interrupted (a training stage continues from its latest checkpoint")
+    assert capsys.readouterr().err == "interrupted\n"
+    # how each interrupted command carries on, where it can
+    assert cli._continue_hint(["ppo", "--config", "c.yaml"]) == (
+        " (the run continues from its latest checkpoint: align ppo --resume RUN)")
+    assert cli._continue_hint(["reward", "train", "x=1"]).endswith("align reward train --resume RUN)")
+    assert "--continue" in cli._continue_hint(["demo", "--out", "d"])
+    assert cli._continue_hint(["export", "run", "--out", "x"]) == ""

@@ -133,10 +133,20 @@ def main(argv: list[str] | None = None) -> None:
         exit_process(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # typer's exit for Ctrl-C, silent until now
-            typer.echo("interrupted (a training stage continues from its latest checkpoint: the same command "
-                       "with --resume RUN)", err=True)
+            typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv)}", err=True)
         exit_process(exc.code)
     exit_process(0)
+
+
+def _continue_hint(args: list[str]) -> str:
+    """How an interrupted command carries on, for the training stages and the demo."""
+    words = [a for a in args if not a.startswith("-")][:2]
+    if words[:1] in (["ppo"], ["dpo"]) or words == ["reward", "train"]:
+        return (" (the run continues from its latest checkpoint: align " + " ".join(words[:2] if words[0] == "reward"
+                else words[:1]) + " --resume RUN)")
+    if words[:1] == ["demo"]:
+        return " (align demo --continue trains again from the rankings; --force starts over)"
+    return ""
 
 
 def exit_process(code: int | str | None) -> NoReturn:

@@ -125,3 +125,15 @@ def test_overwriting_an_earlier_run_removes_its_outputs_and_keeps_other_files(sm
 def test_bad_method_settings_are_one_clear_line(small_run, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PPOConfig, None, [*small_run, *overrides])
+
+
+def test_a_ppo_run_writes_its_outputs_readable_as_a_plain_open_would(small_run, tmp_path, umask):
+    # the value head is written by safetensors (0600) beside the policy: both readable by a serving account
+    from tests.conftest import modes
+
+    umask(0o022)
+    cfg = load_config(PPOConfig, None, [*small_run, "num_iterations=1", "num_eval_prompts=0", "overwrite=true"])
+    run_ppo(cfg, reward_model=HashScorer())
+    run = tmp_path / "run"
+    assert (run / "value_head.safetensors").stat().st_mode & 0o777 == 0o644
+    assert set(modes(run / "policy").values()) <= {0o755, 0o644}
