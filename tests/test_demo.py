@@ -164,3 +164,30 @@ def test_continue_removes_the_earlier_results_and_keeps_the_rankings(tmp_path):
     left = {p.name for p in out.iterdir()}
     assert not left & {"report.md", "summary.json", "export", "comparison.jsonl"}
     assert {"annotation.db", "notes.txt", "reward", "ppo"} <= left
+
+
+@pytest.mark.parametrize("method", ["dpo", "ppo", "grpo"])
+def test_the_report_shows_the_ppo_curves_only_of_a_run_that_ran_the_ppo_stage(tmp_path, method):
+    # `align demo` then `align demo --continue method=dpo`: OUT/ppo still holds the first run's curves,
+    # which the DPO run's report embedded as its own
+    from align.commands.demo import DemoConfig
+    from align.commands.demo_report import write_report
+
+    out = tmp_path / "demo"
+    (out / "ppo").mkdir(parents=True)
+    for name in ("reward.png", "kl.png"):  # the earlier PPO run's plots
+        (out / "ppo" / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    summary = {"demo/method": method, "demo/gold_sft": 0.1, "demo/gold_export": 0.4, "demo/gold_sft_std": 0.5,
+               "demo/temperature": 0.9, "eval/kl": 1.0, "eval/accuracy": 0.6, "eval/num_pairs": 10}
+    if method != "dpo":
+        summary.update({"demo/reward_sft": 0.0, "demo/reward_export": 1.0, "reward/eval_accuracy": 0.7,
+                        "reward/eval_num_pairs": 12})
+    samples = [dict(prompt=f"p{i}", sft="a", aligned="b", gold_sft=0.1 * i, gold_aligned=0.2 * i) for i in range(4)]
+    write_report(out, DemoConfig(method=method), summary, samples)
+    report = (out / "report.md").read_text()
+    assert "](gold_scores.png)" in report
+    if method == "dpo":
+        assert "ppo/" not in report and "PPO" not in report and "reward-model" not in report
+        assert "implicit reward" in report
+    else:
+        assert "](ppo/reward.png)" in report and "](ppo/kl.png)" in report and "reward-model score" in report
