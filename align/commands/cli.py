@@ -100,7 +100,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the whole pipeline.")] = Path("runs/demo"),
     config: ConfigOpt = None,
     serve: Annotated[
-        bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app.")
+        bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app; on an "
+                           "earlier demo's --out, serve its database again (it adds what it lacks, removes nothing).")
     ] = False,
     continue_: Annotated[
         bool, typer.Option("--continue", help="Pick up from the rankings in --out's annotation database (those people "
@@ -108,8 +109,8 @@ def demo(
     ] = False,
     force: Annotated[
         bool, typer.Option(help="Start over: first remove the earlier demo in --out (its report, export, summary, "
-                           "stage runs and annotation database with its rankings). Without --force or --continue "
-                           "an --out holding an earlier demo is refused.")
+                           "stage runs and annotation database with its rankings, those people made included). "
+                           "Without --force, --continue or --serve an --out holding an earlier demo is refused.")
     ] = False,
     overrides: OverridesArg = None,
 ) -> None:
