@@ -64,13 +64,15 @@ def is_complete(path: Path) -> bool:
     return all((path / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def built_as(path: Path) -> tuple[str, int] | None:
-    """The (size, seed) a demo checkpoint records it was built with; None when it records none (a
-    checkpoint built before the record was written, or not by align)."""
+def built_as(path: Path) -> tuple[str, int, int | None] | None:
+    """The (size, seed, recipe_version) a demo checkpoint records it was built with (the version None
+    where the record gives none); None when it records no size and seed (a checkpoint built before
+    the record was written, or not by align)."""
     try:
         record = json.loads((path / RECORD_FILE).read_text(encoding="utf-8"))
-        return str(record["size"]), int(record["seed"])
-    except (OSError, ValueError, TypeError, KeyError):
+        version = record.get("recipe_version")
+        return str(record["size"]), int(record["seed"]), None if version is None else int(version)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
@@ -236,11 +238,12 @@ def _save(model: Any, tokenizer: Any, out: Path, size: str, seed: int) -> None:
 def build_demo_model(
     out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False, progress: bool = True
 ) -> Path:
-    """Build the demo SFT model into `out` (`align init-demo-model`): a complete checkpoint of this size
-    and seed already there is kept unless `force`; one of another size or seed, or one that records
-    neither (the cache folder's name records them for it), and anything else already at `out` (a
-    user's folder or file) are refused unless `force`, before the build starts, so that nothing of
-    the user's is replaced and no other model is passed off as the one asked for."""
+    """Build the demo SFT model into `out` (`align init-demo-model`): a complete checkpoint of this size,
+    seed and recipe version already there is kept unless `force`; one of another size, seed or recipe
+    version (an older recipe's model is another model), or one that records none of them (the cache
+    folder's name records them for it), and anything else already at `out` (a user's folder or file)
+    are refused unless `force`, before the build starts, so that nothing of the user's is replaced
+    and no other model is passed off as the one asked for."""
     from align.errors import UserError
 
     if size not in DEMO_SIZES:
@@ -249,10 +252,17 @@ def build_demo_model(
     if is_complete(out) and not force:
         held = built_as(out)
         if held is None and out.resolve() == demo_model_dir(size, seed).resolve():
-            held = (size, seed)  # align's cache, keyed by size and seed (and recipe)
-        if held == (size, seed):
+            held = (size, seed, RECIPE_VERSION)  # align's cache, keyed by size, seed and recipe version
+        if held == (size, seed, RECIPE_VERSION):
             log.info("%s already holds the %s demo model of seed %d (use --force to rebuild)", out, size, seed)
             return out
+        if held is not None and held[:2] == (size, seed):  # the model asked for, by another recipe
+            version = held[2]
+            which = "a newer" if version is not None and version > RECIPE_VERSION else "an older"
+            named = "its record names no version" if version is None else f"version {version}"
+            raise UserError(f"{out} holds the {size} demo model of seed {seed} built by {which} recipe ({named}; "
+                            f"this align builds version {RECIPE_VERSION}); choose another --out or pass --force "
+                            "to rebuild it")
         what = (f"the {held[0]} demo model of seed {held[1]}" if held is not None
                 else f"a checkpoint with no record of its demo size and seed ({RECORD_FILE})")
         raise UserError(f"{out} holds {what}, not the {size} one of seed {seed} asked for; choose another --out "

@@ -138,12 +138,63 @@ def test_an_earlier_demo_is_refused_in_one_line_without_continue_or_force(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {out} holds an earlier demo (report.md, summary.json, export, comparison.jsonl, ...): pass --continue "
-        "to train again from its rankings, or --force to start over (removes it), or choose another --out"]
+        "to train again from its rankings, or --force to start over (deletes it, annotation.db and its rankings "
+        "included), or choose another --out"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), "--continue", "--force"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --force and --continue exclude each other: --force starts over, --continue keeps the rankings"]
+
+
+def test_serve_serves_an_earlier_demos_database_again_and_removes_nothing(tiny_random_model, tmp_path, monkeypatch):
+    # after a first --serve, a second was refused as an earlier demo, --serve --continue excluded each other,
+    # and the one way out offered, --force, deleted the rankings people had made
+    import annotation.cli
+    from annotation import services
+    from annotation.db import open_db
+
+    served = []
+    monkeypatch.setattr(annotation.cli, "serve", lambda **kwargs: served.append(kwargs["db"]))
+    out = tmp_path / "demo"
+    overrides = [f"model={tiny_random_model}", "num_prompts=8", "k=3", "max_new_tokens=4"]
+    assert run_demo(out, config_path=None, overrides=overrides, serve=True) == {}
+    sessions = open_db(f"sqlite:///{out / 'annotation.db'}")
+
+    def held():
+        from sqlalchemy import select
+
+        from annotation.models import Candidate, Prompt
+
+        with sessions() as db:
+            project = services.get_project(db, "demo")
+            rankings = services.export_rankings(db, project)
+            candidates = db.execute(select(Prompt.source_id, Candidate.position, Candidate.text).join(
+                Candidate, Candidate.prompt_id == Prompt.id).order_by(Candidate.id)).all()
+            return project.k, candidates, [(r.prompt, r.responses, r.ranks, r.annotator) for r in rankings]
+
+    with sessions() as db:  # a person ranks one prompt's candidates in the app
+        person = services.create_user(db, "alice", None, "annotator")
+        task = services.next_task(db, person, services.get_project(db, "demo"))
+        order = services.ranks_to_order([c.id for c in task.candidates], [2, 1, 3])
+        services.submit_ranking(db, person, task.assignment_id, order, time_spent_ms=0)
+    ranked = held()
+    assert len(ranked[1]) == 8 * 3 and [row[3] for row in ranked[2]] == ["alice"]
+    (out / "notes.txt").write_text("mine")
+    (out / "report.md").write_text("earlier")  # as a demo that went on to train would have left it
+    before = {p.name for p in out.iterdir()}
+    assert run_demo(out, config_path=None, overrides=overrides, serve=True) == {}  # served again
+    assert served == [f"sqlite:///{out / 'annotation.db'}"] * 2
+    assert held() == ranked  # the person's ranking, and no prompt or candidate twice
+    assert before <= {p.name for p in out.iterdir()}
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.md").read_text() == "earlier"
+    # a full demo there is still refused, saying that --force would delete the rankings
+    with pytest.raises(UserError, match=r"holds an earlier demo \(report.md, config.yaml, annotation.db[^)]*\): pass "
+                                        r"--continue .* "
+                                        r"or --force to start over \(deletes it, annotation.db and its rankings "
+                                        r"included\), or choose another --out$"):
+        run_demo(out, config_path=None, overrides=overrides)
+    assert held() == ranked
 
 
 def test_force_removes_the_earlier_demo_before_any_stage_runs(tmp_path):
@@ -164,3 +215,30 @@ def test_continue_removes_the_earlier_results_and_keeps_the_rankings(tmp_path):
     left = {p.name for p in out.iterdir()}
     assert not left & {"report.md", "summary.json", "export", "comparison.jsonl"}
     assert {"annotation.db", "notes.txt", "reward", "ppo"} <= left
+
+
+@pytest.mark.parametrize("method", ["dpo", "ppo", "grpo"])
+def test_the_report_shows_the_ppo_curves_only_of_a_run_that_ran_the_ppo_stage(tmp_path, method):
+    # `align demo` then `align demo --continue method=dpo`: OUT/ppo still holds the first run's curves,
+    # which the DPO run's report embedded as its own
+    from align.commands.demo import DemoConfig
+    from align.commands.demo_report import write_report
+
+    out = tmp_path / "demo"
+    (out / "ppo").mkdir(parents=True)
+    for name in ("reward.png", "kl.png"):  # the earlier PPO run's plots
+        (out / "ppo" / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    summary = {"demo/method": method, "demo/gold_sft": 0.1, "demo/gold_export": 0.4, "demo/gold_sft_std": 0.5,
+               "demo/temperature": 0.9, "eval/kl": 1.0, "eval/accuracy": 0.6, "eval/num_pairs": 10}
+    if method != "dpo":
+        summary.update({"demo/reward_sft": 0.0, "demo/reward_export": 1.0, "reward/eval_accuracy": 0.7,
+                        "reward/eval_num_pairs": 12})
+    samples = [dict(prompt=f"p{i}", sft="a", aligned="b", gold_sft=0.1 * i, gold_aligned=0.2 * i) for i in range(4)]
+    write_report(out, DemoConfig(method=method), summary, samples)
+    report = (out / "report.md").read_text()
+    assert "](gold_scores.png)" in report
+    if method == "dpo":
+        assert "ppo/" not in report and "PPO" not in report and "reward-model" not in report
+        assert "implicit reward" in report
+    else:
+        assert "](ppo/reward.png)" in report and "](ppo/kl.png)" in report and "reward-model score" in report

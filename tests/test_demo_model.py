@@ -196,12 +196,52 @@ def test_a_checkpoint_of_another_size_or_seed_is_refused_without_force(no_sft, t
         f"error: {out} holds the tiny demo model of seed 0, not the small one of seed 7 asked for; choose another "
         "--out or pass --force to rebuild it"]
     assert build_demo_model(out, size="small", seed=7, force=True, progress=False) == out  # --force rebuilds
-    from align.demo_model import RECORD_FILE, built_as
+    from align.demo_model import RECIPE_VERSION, RECORD_FILE, built_as
 
-    assert built_as(out) == ("small", 7)
+    assert built_as(out) == ("small", 7, RECIPE_VERSION)
     (out / RECORD_FILE).unlink()  # a checkpoint that does not say what it is
     with pytest.raises(UserError, match=rf"^{out} holds a checkpoint with no record of its demo size and seed"):
         build_demo_model(out, size="small", seed=7, progress=False)
+
+
+def test_a_checkpoint_of_an_older_recipe_is_refused_without_force(no_sft, tmp_path, monkeypatch):
+    # it was kept as "the tiny demo model of seed 0": built_as compared size and seed only
+    import json
+    import subprocess
+    import sys
+
+    from align.demo_model import RECIPE_VERSION, RECORD_FILE, build_demo_model, built_as, demo_model_dir
+
+    out = tmp_path / "model"
+    build_demo_model(out, size="tiny", seed=0, progress=False)
+    record = json.loads((out / RECORD_FILE).read_text())
+    (out / RECORD_FILE).write_text(json.dumps({**record, "recipe_version": RECIPE_VERSION - 1}))
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    refusal = (f"{out} holds the tiny demo model of seed 0 built by an older recipe (version {RECIPE_VERSION - 1}; "
+               f"this align builds version {RECIPE_VERSION}); choose another --out or pass --force to rebuild it")
+    with pytest.raises(UserError, match=f"^{re.escape(refusal)}$"):
+        build_demo_model(out, size="tiny", seed=0, progress=False)
+    assert built_as(out) == ("tiny", 0, RECIPE_VERSION - 1)
+    result = subprocess.run([sys.executable, "-m", "align", "init-demo-model", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "ready" not in result.stdout
+    assert result.stderr.strip().splitlines() == [f"error: {refusal}"]
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # untouched
+    (out / RECORD_FILE).write_text(json.dumps({"size": "tiny", "seed": 0}))  # a record that names no version
+    with pytest.raises(UserError, match=r"built by an older recipe \(its record names no version; this align builds"):
+        build_demo_model(out, size="tiny", seed=0, progress=False)
+    assert build_demo_model(out, size="tiny", seed=0, force=True, progress=False) == out  # --force rebuilds
+    assert built_as(out) == ("tiny", 0, RECIPE_VERSION)
+    assert build_demo_model(out, size="tiny", seed=0, progress=False) == out  # and it is then kept
+    # align's cache folder, keyed by the recipe version, is kept with or without a record
+    monkeypatch.setenv("ALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    cached = build_demo_model(demo_model_dir("tiny", 0), size="tiny", seed=0, progress=False)
+    assert cached.name.endswith(f"-v{RECIPE_VERSION}") and built_as(cached) == ("tiny", 0, RECIPE_VERSION)
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert build_demo_model(cached, size="tiny", seed=0, progress=False) == cached
+    (cached / RECORD_FILE).unlink()
+    assert build_demo_model(cached, size="tiny", seed=0, progress=False) == cached
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_the_cache_folder_is_reused_for_its_own_size_and_seed(monkeypatch, tmp_path, tiny_random_model):

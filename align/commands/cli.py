@@ -60,7 +60,8 @@ def init_demo_model(
     size: Annotated[str, typer.Option(help="tiny (about 1M parameters) or small (about 5M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for data, tokenizer and weights.")] = 0,
     force: Annotated[bool, typer.Option(
-        help="Rebuild even if a checkpoint is already there (one of another size or seed is refused without it).")
+        help="Rebuild even if a checkpoint is already there (one of another size or seed, or built by an older "
+             "recipe, is refused without it).")
     ] = False,
 ) -> None:
     """Build the embedded demo SFT model: local BPE tokenizer, small Llama, short SFT."""
@@ -99,7 +100,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the whole pipeline.")] = Path("runs/demo"),
     config: ConfigOpt = None,
     serve: Annotated[
-        bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app.")
+        bool, typer.Option("--serve", help="Stop after generating candidates and serve the annotation app; on an "
+                           "earlier demo's --out, serve its database again (it adds what it lacks, removes nothing).")
     ] = False,
     continue_: Annotated[
         bool, typer.Option("--continue", help="Pick up from the rankings in --out's annotation database (those people "
@@ -107,8 +109,8 @@ def demo(
     ] = False,
     force: Annotated[
         bool, typer.Option(help="Start over: first remove the earlier demo in --out (its report, export, summary, "
-                           "stage runs and annotation database with its rankings). Without --force or --continue "
-                           "an --out holding an earlier demo is refused.")
+                           "stage runs and annotation database with its rankings, those people made included). "
+                           "Without --force, --continue or --serve an --out holding an earlier demo is refused.")
     ] = False,
     overrides: OverridesArg = None,
 ) -> None:

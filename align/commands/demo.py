@@ -19,7 +19,9 @@ with its resolved config.
 An OUT holding an earlier demo is refused unless the user says what to do with it: `--continue`
 trains, exports and compares again from the rankings in its annotation database, `--force` starts
 over. Either first removes the earlier demo's report, export and summary (and `--force` the rest
-of it), so that a re-run interrupted half-way leaves no report describing another policy.
+of it, the rankings people made included), so that a re-run interrupted half-way leaves no report
+describing another policy. `--serve` on an earlier demo serves its database again and removes
+nothing.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     if resume_from_db and not (out / "annotation.db").exists():
         raise UserError(f"nothing to continue: {out / 'annotation.db'} does not exist (run `align demo --serve` first)")
     rankings_path = out / "rankings.kwise.jsonl"
-    # An earlier demo in OUT was refused below unless --continue or --force: the stages' runs are then
-    # redone in place.
+    # An earlier demo in OUT is refused below unless --continue, --force or --serve: the stages' runs
+    # are then redone in place (--serve runs none of them).
     reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
     reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
     dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
@@ -208,10 +210,13 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
     earlier = earlier_demo(out)
-    if earlier and not (force or resume_from_db):
+    # --serve on an earlier demo serves its database again: it adds the prompts and candidates it lacks
+    # (the import adds nothing twice) and removes nothing, the rankings people made least of all
+    if earlier and not (force or resume_from_db or serve):
         shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        deletes = f"deletes it, {DATABASE} and its rankings included" if DATABASE in earlier else "deletes it"
         raise UserError(f"{out} holds an earlier demo ({shown}): pass --continue to train again from its rankings, "
-                        "or --force to start over (removes it), or choose another --out")
+                        f"or --force to start over ({deletes}), or choose another --out")
     if force:
         remove_earlier_demo(out, earlier)
     elif resume_from_db:  # the rankings stay; what the stages after them made goes first

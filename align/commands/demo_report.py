@@ -2,7 +2,9 @@
 
 One baseline throughout: the table, the text and the gold-score plot all come from the same
 comparison of the SFT and the exported model on the same held-out prompts, sampled alike.
-The reward and KL curves are the PPO run's own plots, linked, not redrawn.
+The reward and KL curves are the PPO stage's own plots, linked, not redrawn, where this run's
+method ran that stage: after `--continue method=dpo` OUT/ppo still holds an earlier run's plots,
+which describe another policy. The report describes only the run that wrote it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import Any
+
+PPO_STAGE_METHODS = ("ppo", "rloo", "grpo")  # the demo's methods that run the PPO stage (OUT/ppo)
 
 
 def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
@@ -48,7 +52,7 @@ def accuracy_note(summary: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, cfg: Any, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-    plots = ppo_plots(out) + gold_plot(out, samples)
+    plots = (ppo_plots(out) if cfg.method in PPO_STAGE_METHODS else []) + gold_plot(out, samples)
     reward_row = [f"| reward-model score | {summary.get('demo/reward_sft', 0):.3f} | "
                   f"{summary.get('demo/reward_export', 0):.3f} |"] * has_reward_model(summary)
     lines = ["# align demo report", "", f"Run directory: `{out}` (method {summary.get('demo/method', 'ppo')})", "",
