@@ -236,18 +236,18 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         if latest_checkpoint(run_dir, prefix) is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")
         return
+    if config_class is not None and (run_dir / "config.yaml").is_file():
+        from align.config import foreign_keys
+
+        foreign = foreign_keys(config_class, run_dir / "config.yaml")
+        if foreign:  # neither resumed nor replaced: its outputs would stay beside this run's and be read as its own
+            raise UserError(f"output_dir {run_dir} holds another stage's run (its config.yaml has "
+                            f"{', '.join(foreign[:5])}): overwrite=true replaces an earlier `{command}` run only; "
+                            "choose another output_dir")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
-    if overwrite and config_class is not None and (run_dir / "config.yaml").is_file():
-        from align.config import foreign_keys
-
-        foreign = foreign_keys(config_class, run_dir / "config.yaml")
-        if foreign:  # another stage's outputs would stay beside this run's and be read as its own
-            raise UserError(f"output_dir {run_dir} holds another stage's run (its config.yaml has "
-                            f"{', '.join(foreign[:5])}): overwrite=true replaces an earlier `{command}` run only; "
-                            "choose another output_dir")
 
 
 def clear_earlier_run(run_dir: Path, prefix: str, outputs: Iterable[str]) -> None:

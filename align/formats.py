@@ -218,9 +218,10 @@ def check_prompt(value: Any, where: str) -> str | Messages:
     return _check_messages(value, where)
 
 
-def read_prompts(path: str | Path) -> list[PromptRecord]:
+def read_prompts(path: str | Path, *, prompts_only: bool = False) -> list[PromptRecord]:
     """Prompts JSONL: each line a JSON string, or an object {"prompt": str | messages,
-    "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}."""
+    "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}. `prompts_only`: the
+    prompts alone (a stage's prompts file), the other fields neither read nor checked."""
     out = []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
@@ -231,6 +232,9 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
         prompt = check_prompt(row["prompt"], where)
         if isinstance(prompt, str) and not prompt.strip():
             raise UserError(f"{where}: empty prompt")
+        if prompts_only:
+            out.append(PromptRecord(prompt))
+            continue
         candidates = row.get("candidates")
         if candidates is not None and not isinstance(candidates, list):
             raise UserError(f"{where}: 'candidates' must be a list of strings or {{text, model, sampling}} objects, "

@@ -103,8 +103,9 @@ class DPOConfig:
 
     # --- run ---------------------------------------------------------------------------------
     output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy).")
-    overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run: its policy and "
-                             "checkpoints are replaced).")
+    overwrite: bool = option(
+        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
+        "are removed once the new run has loaded (other files stay; another stage's run is refused).")
     seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")

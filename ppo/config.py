@@ -16,7 +16,6 @@ fixed or driven towards a target KL by the adaptive controller of Ziegler et al.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from align.config import LoraOptions, check, check_input_file, option
@@ -222,7 +221,9 @@ class PPOConfig:
 
     # --- run ---------------------------------------------------------------------------------
     output_dir: str = option("runs/ppo", help="Run directory (config, metrics, checkpoints, plots, policy).")
-    overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run).")
+    overwrite: bool = option(
+        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
+        "are removed once the new run has loaded (other files stay; another stage's run is refused).")
     save_every: int = option(10, help="Checkpoint every N iterations (0: only the final policy).", ge=0)
     keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
     seed: int = option(0, help="Seed (process r uses seed + r for sampling).", ge=0, le=2**31 - 1)
@@ -268,8 +269,8 @@ class PPOConfig:
             if value != "synthetic":
                 check_input_file(value, key)
             check(
-                value == "synthetic" or Path(value).suffix in (".jsonl", ".txt"),
-                f"{key}: expected 'synthetic', a .jsonl or a .txt file, got {value}",
+                value == "synthetic" or value.endswith((".jsonl", ".jsonl.gz", ".txt")),
+                f"{key}: expected 'synthetic', a .jsonl (.jsonl.gz) or a .txt file, got {value}",
             )
 
     @property

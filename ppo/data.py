@@ -27,7 +27,7 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
         prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
     else:  # the prompts file `align annotate import --format prompts` reads, read by the same reader
         prompts, seen = [], set()
-        for record in read_prompts(path):
+        for record in read_prompts(path, prompts_only=True):  # its other fields are the annotation app's
             key = json.dumps(record.prompt, sort_keys=True)
             if key not in seen:
                 seen.add(key)

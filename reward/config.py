@@ -176,8 +176,9 @@ class RewardConfig:
     lora: RewardLoraOptions = option(default_factory=RewardLoraOptions, help="LoRA or full fine-tuning.")
     train: TrainSection = option(default_factory=TrainSection, help="Optimisation and loss.")
     eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
-    overwrite: bool = option(False, help="Allow writing into a non-empty output_dir (a fresh run: its model and "
-                             "checkpoints are replaced).")
+    overwrite: bool = option(
+        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
+        "are removed once the new run has loaded (other files stay; another stage's run is refused).")
 
     # keys of the other stages this one lacks, named as such instead of as a typo of a near key
     absent_keys: ClassVar[dict[str, str]] = {

@@ -380,8 +380,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
         try:  # beside the adapter where its path is relative and a checkpoint is there, as the policy's
             base = adapter_base_path(model_dir)
         except UserError as exc:
-            raise UserError(f"the reward adapter at {model_dir} needs its base checkpoint, which is missing ({exc})") \
-                from None
+            raise UserError(f"the reward adapter at {model_dir}: its base checkpoint cannot be loaded ({exc})") from None
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         if not is_encoder(model.config):
             fit_embeddings(model, tokenizer)  # the <pad> added in training

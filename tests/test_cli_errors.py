@@ -71,10 +71,11 @@ def test_overwrite_replaces_only_a_run_of_the_same_stage(stage, tmp_path):
     saved_run(other, tmp_path / "run")
     (tmp_path / "run" / "summary.json").write_text("{}")
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
-    out = run_align(*command, f"output_dir={tmp_path / 'run'}", "overwrite=true")
-    message = one_line_error(out)
-    assert message.startswith(f"error: output_dir {tmp_path / 'run'} holds another stage's run (its config.yaml has ")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    for overwrite in ("overwrite=true", "overwrite=false"):  # neither offers a way it would then refuse
+        message = one_line_error(run_align(*command, f"output_dir={tmp_path / 'run'}", overwrite))
+        assert message.startswith(f"error: output_dir {tmp_path / 'run'} holds another stage's run (its config.yaml "
+                                  "has ") and message.endswith("choose another output_dir")
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
 def test_a_run_directory_that_cannot_be_created_is_a_user_error(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from align.commands.demo import run_demo, split_overrides
 from align.config import ConfigError
@@ -195,6 +196,11 @@ def test_serve_serves_an_earlier_demos_database_again_and_removes_nothing(tiny_r
                                         r"included\), or choose another --out$"):
         run_demo(out, config_path=None, overrides=overrides)
     assert held() == ranked
+    # serving again with another K is refused in the demo's own terms, and config.yaml keeps the settings
+    # the database holds
+    with pytest.raises(UserError, match=r"ranks k=3 candidates per prompt; k=4 differs"):
+        run_demo(out, config_path=None, overrides=[*overrides[:2], "k=4", *overrides[3:]], serve=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["k"] == 3 and held() == ranked
 
 
 def test_force_removes_the_earlier_demo_before_any_stage_runs(tmp_path):

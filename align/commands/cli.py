@@ -147,6 +147,8 @@ def _continue_hint(args: list[str]) -> str:
         return (" (the run continues from its latest checkpoint: align " + " ".join(words[:2] if words[0] == "reward"
                 else words[:1]) + " --resume RUN)")
     if words[:1] == ["demo"]:
+        if "--serve" in args:
+            return " (align demo --serve serves it again, adding what it lacks)"
         return " (align demo --continue trains again from the rankings; --force starts over)"
     return ""
 

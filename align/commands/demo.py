@@ -222,7 +222,8 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     elif resume_from_db:  # the rankings stay; what the stages after them made goes first
         remove_earlier_demo(out, [name for name in earlier if name in RESULTS])
     make_directory(out)
-    save_config(cfg, out / "config.yaml")
+    if not serve:  # --serve writes it once the project took these settings (below)
+        save_config(cfg, out / "config.yaml")
 
     stages = Stages(3 if serve else 7 if with_reward_model else 6)
     t0 = time.perf_counter()
@@ -236,6 +237,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
                                    f"{cfg.num_prompts} prompts x {cfg.k} candidates")
         sessions = fill_project(db_url, cfg)
         if serve:
+            save_config(cfg, out / "config.yaml")
             stages.stop()
             serve_for_people(db_url, out, host, port)
             return {}
@@ -310,6 +312,9 @@ def fill_project(db_url: str, cfg: DemoConfig):
     with sessions() as db:
         project = services.get_or_create_project(db, PROJECT, k=cfg.k, annotators_per_prompt=cfg.annotators_per_prompt,
                                                  guidelines=GUIDELINES)
+        if project.k != cfg.k:  # an earlier demo's project (--serve again): its K is the database's
+            raise UserError(f"the demo's annotation project ranks k={project.k} candidates per prompt; k={cfg.k} "
+                            "differs (keep k, or start over with --force)")
         prompts = make_prompts(cfg.num_prompts, seed=cfg.seed, split="train")
         services.add_prompts(db, project, [PromptRecord(p, f"synthetic-{i}") for i, p in enumerate(prompts)])
         filled = generate_candidates(db, PROJECT, cfg.model, k=cfg.k, max_new_tokens=cfg.max_new_tokens,

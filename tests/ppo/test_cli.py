@@ -113,3 +113,17 @@ def test_accelerate_mixed_precision_is_refused_with_one_line(small_run, tmp_path
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: the accelerate config sets mixed_precision: bf16")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_gzipped_prompts_file_is_taken(tmp_path):
+    import gzip
+
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.data import load_prompts
+
+    path = tmp_path / "prompts.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('"q0"\n{"prompt": "q1"}\n')
+    cfg = load_config(PPOConfig, None, [f"prompts={path}", f"eval_prompts={path}"])
+    assert load_prompts(cfg.prompts, 0, 0, "train") == ["q0", "q1"]

@@ -40,8 +40,11 @@ def test_load_prompts_from_jsonl_and_txt(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a", "responses": []}) + "\n" + json.dumps({"prompt": "a"}) + "\n"
                      + json.dumps({"prompt": [{"role": "user", "content": "b"}]}) + "\n" + json.dumps("c") + "\n")
-    # a line that is a JSON string is a prompt, as in the prompts file `align annotate import` reads
+    # a line that is a JSON string is a prompt, as in the prompts file `align annotate import` reads; the
+    # fields only the annotation app reads (id, candidates) are neither read nor checked
     assert load_prompts(str(jsonl), 0, 0, "train") == ["a", [{"role": "user", "content": "b"}], "c"]
+    jsonl.write_text(json.dumps({"prompt": "d", "id": 1.5, "candidates": [{"response": "x"}]}) + "\n")
+    assert load_prompts(str(jsonl), 0, 0, "train") == ["d"]
     txt = tmp_path / "p.txt"
     txt.write_text("one\n\ntwo\n")
     assert load_prompts(str(txt), 0, 0, "train") == ["one", "two"]
