@@ -92,8 +92,8 @@ def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | N
 
 def check_input_file(value: str | Path, key: str) -> None:
     """`value` of the config key `key` must be a readable file: else one line saying what it is instead
-    (not found, a directory: align.formats.input_file_problem's words)."""
-    from align.formats import input_file_problem
+    (not found, a directory: align.files.input_file_problem's words)."""
+    from align.files import input_file_problem
 
     problem = input_file_problem(value)
     if problem:
@@ -114,7 +114,7 @@ def foreign_keys(cls: type, path: str | Path) -> list[str]:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        from align.formats import input_file_problem
+        from align.files import input_file_problem
 
         raise ConfigError(f"config {input_file_problem(path)}")  # "config file not found: X", "config X is a directory ..."
     try:

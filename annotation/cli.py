@@ -190,7 +190,7 @@ def import_(
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
     Re-importing a file adds nothing twice."""
-    from align.formats import input_file_problem
+    from align.files import input_file_problem
     from annotation import services
 
     problem = input_file_problem(file)

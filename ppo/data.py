@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from align.formats import read_prompts, read_text_file
+from align.files import read_text_file
+from align.formats import read_prompts
 
 Prompt = Any  # str, or chat messages [{"role", "content"}, ...]
 

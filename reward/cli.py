@@ -66,7 +66,8 @@ def score(
 
 
 def read_score_input(path: Path) -> list[dict]:
-    from align.formats import check_prompt, jsonl_rows
+    from align.files import jsonl_rows
+    from align.formats import check_prompt
 
     rows = []
     for lineno, row in jsonl_rows(path):
@@ -87,7 +88,7 @@ def evaluate(
     """Pairwise accuracy (overall, by K, cross-annotator) of a trained reward model on a rankings file."""
     if format not in ("kwise", "trl", "hh", "oasst"):
         raise UserError(f"--format {format!r} is not one of kwise, trl, hh, oasst")
-    from align.formats import input_file_problem
+    from align.files import input_file_problem
 
     if input_file_problem(data):
         raise UserError(f"--data {input_file_problem(data)}")

@@ -10,6 +10,7 @@ import pytest
 
 from align import formats
 from align.errors import UserError
+from align.files import jsonl_rows
 from align.formats import Ranking
 
 
@@ -57,7 +58,7 @@ def test_a_line_with_a_constant_json_does_not_have_is_refused(tmp_path, constant
     f = tmp_path / "scores.jsonl"
     f.write_text('{"prompt": "x", "response": "a"}\n{"prompt": "x", "response": "b", "x": ' + constant + "}\n")
     with pytest.raises(UserError, match=rf"^{f}:2: not valid JSON \({constant} is not a JSON value\)$"):
-        list(formats.jsonl_rows(f))
+        list(jsonl_rows(f))
 
 
 def test_hh_round_trip_and_gzip(tmp_path):

@@ -1,0 +1,78 @@
+"""Reading a user's input files: one line naming the file and what is wrong with it (not found, a
+folder, not UTF-8, not JSON, a damaged gzip), never a traceback. The data formats built on these
+readers are align.formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from align.errors import UserError
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open("r", encoding="utf-8")
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json module reads NaN and Infinity, which JSON does not have: the data is refused here
+    # rather than carried into files other readers cannot parse
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def input_file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an input file, in the words every command uses ("file not
+    found: X", "X is a directory, not a file"); None when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"{path} is a directory, not a file"
+    return f"file not found: {path}" if not path.exists() else f"{path} is not a file"
+
+
+def jsonl_rows(path: str | Path):
+    """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
+    import gzip
+    import zlib
+
+    path = Path(path)
+    problem = input_file_problem(path)
+    if problem:
+        raise UserError(problem)
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line, parse_constant=_refuse_constant)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                except _NotJson as exc:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{path}: damaged or truncated gzip file ({exc or type(exc).__name__})") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content, or one line naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
