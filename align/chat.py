@@ -6,6 +6,8 @@ annotation app's generator all see exactly the same formatting.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 # The demo tokenizer's template. A real checkpoint brings its own (tokenizer_config.json).
@@ -47,12 +49,20 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
 
 def _own_bos(tokenizer: Any) -> str:
     """The bos token's text if the tokenizer's own encoding puts it first and nothing after the text
-    (a decoder's bos; an encoder's [CLS] ... [SEP] it adds itself), else ''."""
+    (a decoder's bos; an encoder's [CLS] ... [SEP] it adds itself), else ''. Worked out once per
+    tokenizer and bos (every prompt of a dataset is rendered through here)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return ""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return tokenizer.bos_token if tokenizer("a")["input_ids"] == [bos_id, *plain] else ""
+    known = _OWN_BOS.get(tokenizer)
+    if known is None or known[0] != bos_id:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        known = (bos_id, tokenizer.bos_token if tokenizer("a")["input_ids"] == [bos_id, *plain] else "")
+        _OWN_BOS[tokenizer] = known
+    return known[1]
+
+
+_OWN_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _MARK = "ALIGN_RESPONSE_MARK"
@@ -122,3 +132,19 @@ def encode_rendered(tokenizer: Any, texts: list[str], max_length: int) -> list[l
                 else ids[len(ids) - max_length:]
         out.append(ids)
     return out
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[Any, Any]:
+    """(ids, mask) long tensors of shape (len(rows), longest row, at least 1), each row padded on the
+    left (a prompt the response continues) or on the right (a whole sequence)."""
+    import torch
+
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask

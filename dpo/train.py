@@ -140,7 +140,8 @@ class DPOTrainer:
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
-        held_out_left_out = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length).left_out
+        self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length)  # scored at the end
+        held_out_left_out = self.eval_set.left_out
         if data.held_out_without_preference and self.is_main:
             self.echo(f"dpo: left out {data.held_out_without_preference} held-out rankings that state no preference "
                       "(a single response, or every response tied)")
@@ -332,7 +333,8 @@ class DPOTrainer:
             self.save_policy(trained)
         summary: dict[str, Any] = {}
         t = time.perf_counter()
-        summary.update(held_out_ranking_metrics(self.module, self.tokenizer, self.eval_rankings, cfg, self.accelerator))
+        summary.update(held_out_ranking_metrics(self.module, self.tokenizer, self.eval_rankings, cfg, self.accelerator,
+                                                dataset=self.eval_set))
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
         if cfg.num_eval_prompts and (self.is_main or self.fsdp):
             prompts = self.eval_prompts
@@ -414,15 +416,16 @@ def cache_reference_logps(module: PolicyLogprobs, dataset: DPODataset, cfg: DPOC
 
 @torch.no_grad()
 def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: list, cfg: DPOConfig,
-                             accelerator: Any) -> dict[str, Any]:
+                             accelerator: Any, dataset: DPODataset | None = None) -> dict[str, Any]:
     """How well the implicit reward beta * (log pi - log pi_ref) of a LoRA policy orders held-out
     rankings, in the reward stage's terms (`reward.evaluate.ranking_metrics`: eval/accuracy ...; its
     eval/loss is the pairwise InstructGPT loss), and eval/plackett_luce_nll: the mean over held-out
     rankings of the loss K-wise DPO trains (the pairwise mode's too for K = 2 without ties), over the
-    rankings that fit max_length; eval/rankings_left_out counts the others."""
+    rankings that fit max_length; eval/rankings_left_out counts the others. `dataset`: `rankings`
+    already tokenized (DPODataset), where the caller has it."""
     from reward.evaluate import ranking_metrics, text_key
 
-    dataset = DPODataset(rankings, tokenizer, cfg.max_length)
+    dataset = DPODataset(rankings, tokenizer, cfg.max_length) if dataset is None else dataset
     left_out = {"eval/rankings_left_out": len(rankings) - len(dataset)}  # too long for max_length (DPODataset)
     if not len(dataset):
         return left_out

@@ -21,16 +21,10 @@ def encode_prompts(tokenizer, prompts: list, max_length: int, device: torch.devi
     """(B, P) ids and mask of the prompts in the chat template, padded and cut on the left (a
     long prompt keeps its end and its bos: align.chat.encode_rendered), so every row ends where its
     response will start."""
-    from align.chat import encode_rendered, render_prompt
+    from align.chat import encode_rendered, pad_rows, render_prompt
 
     rows = encode_rendered(tokenizer, [render_prompt(tokenizer, p) for p in prompts], max_length)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id, left=True)
     return ids.to(device), mask.to(device)
 
 

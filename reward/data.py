@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from align.chat import pad_rows
 from align.errors import UserError
 from align.formats import Ranking, ordered_pairs
 from reward.sources import read_annotation_project
@@ -273,13 +274,7 @@ class RankingBatch:
     def whole_sequences(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, L) right-padded ids and mask of the N sequences, each prompt joined to its continuation,
         on the batch's device."""
-        seqs = self.full_sequences()
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_rows(self.full_sequences(), pad_token_id, left=False)
         device = self.continuation_ids.device
         return ids.to(device), mask.to(device)
 
@@ -379,8 +374,8 @@ class RankingCollator:
             continuations.append(response)
         distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt once
         prompt_index = [distinct.setdefault(p, len(distinct)) for p in prompts]
-        prompt_ids, prompt_mask = self.pad(list(distinct), left=True)
-        continuation_ids, continuation_mask = self.pad(continuations, left=False)
+        prompt_ids, prompt_mask = pad_rows(list(distinct), self.pad_token_id, left=True)
+        continuation_ids, continuation_mask = pad_rows(continuations, self.pad_token_id, left=False)
         return RankingBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -394,15 +389,3 @@ class RankingCollator:
             mismatch_winners=torch.tensor(mismatch_winners, dtype=torch.long),
             mismatch_losers=torch.tensor(mismatch_losers, dtype=torch.long),
         )
-
-    def pad(self, seqs: Sequence[Sequence[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) of shape (len(seqs), longest), padded on the left or the right."""
-        width = max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                cols = slice(width - len(s), width) if left else slice(0, len(s))
-                ids[i, cols] = torch.tensor(s, dtype=torch.long)
-                mask[i, cols] = 1
-        return ids, mask

@@ -205,15 +205,9 @@ def encode(tokenizer, texts: Sequence[str], max_length: int, *, encoder: bool = 
     align.chat.encode_rendered); an encoder's get its own ([CLS] ... [SEP])."""
     if encoder:
         return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    from align.chat import encode_rendered
+    from align.chat import encode_rendered, pad_rows
 
-    rows = encode_rendered(tokenizer, list(texts), max_length)
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    ids, mask = pad_rows(encode_rendered(tokenizer, list(texts), max_length), tokenizer.pad_token_id, left=False)
     return {"input_ids": ids, "attention_mask": mask}
 
 

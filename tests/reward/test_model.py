@@ -152,7 +152,7 @@ def test_shared_prompt_forward_equals_whole_sequences(tiny_random_model, lora, a
     batch = collate([*dataset.items, truncated[0]])
     assert batch.mismatch_losers.numel() == len(rankings)  # all but the truncated one
     assert batch.prompt_ids.shape[0] < batch.num_responses  # prompts are shared
-    input_ids, attention_mask = collate.pad(batch.full_sequences(), left=False)
+    input_ids, attention_mask = batch.whole_sequences(tok.pad_token_id)
     assert batch.continuation_ids.shape[1] < input_ids.shape[1]
 
     def rewards_and_grads(forward):
