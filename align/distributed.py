@@ -171,6 +171,15 @@ def shard(model: nn.Module, plugin: Any, *, forward_methods: Iterable[str] = ())
     return model
 
 
+def release_gathered(model: nn.Module) -> None:
+    """Free a sharded model's root unit after forwards without gradients. FSDP2 keeps the root unit
+    (embeddings, final norm, heads) gathered from a forward until its backward; a model that only
+    scores (PPO's reward model) never runs one, and would hold its root unit whole all run. A no-op
+    for an unsharded model."""
+    if is_sharded(model):
+        model.reshard()
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
     """Every unit's full parameters for the duration of the block: token-by-token sampling then

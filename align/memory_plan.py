@@ -23,9 +23,9 @@ fp32 log-sum-exp per head) and LoRA on a frozen base. See `block_activation_byte
 
 FSDP2 terms follow align.distributed: frozen weights sharded in the model dtype, trained parameters
 and their optimiser state sharded in fp32, one decoder block (plus `prefetch` more) gathered at a
-time, and the root unit (embedding, final norm, output layer, value head) gathered from a forward to
-its backward; PPO's reward model is sharded too, and so is the SFT model the reward stage's
-normalisation samples; `align dpo` under FSDP2 (or gradient checkpointing) reads each response whole
+time, and the root unit (embedding, final norm, output layer, value head; a critic's in fp32) gathered
+from a forward to its backward; PPO's reward model is sharded too (its root unit gathered while it
+scores), and so is the SFT model the reward stage's normalisation samples; `align dpo` under FSDP2 (or gradient checkpointing) reads each response whole
 after its prompt.
 With `fsdp_ranks=1` the plan is a single device (or a DDP replica).
 """
@@ -289,7 +289,6 @@ class PlanSettings:
     forward_batch: int | None = None  # PPO: rows per no-grad forward (the minibatch); None: micro_batch
     rollout_batch: int = 64  # PPO: episodes sampled per rollout on each rank (batch_size)
     responses_per_prompt: int = 4  # reward, DPO: responses per ranking (K)
-    score_batch: int = 64  # PPO: responses per reward-model scoring forward
     gradient_checkpointing: bool = False
     fsdp_ranks: int = 1
     prefetch_blocks: int = 1  # FSDP2: blocks gathered ahead of the one computing
@@ -398,7 +397,10 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
         trained_state(trainable, n))
     if n > 1:  # FSDP2: the blocks being gathered, and the root unit (an untied output layer included)
         head = (0 if shape.tie_embeddings else embedding_parameters(shape)) + value_head
-        add("FSDP gathered blocks + root unit", "held", fsdp_gathered_parameters(shape, s.prefetch_blocks, head) * w)
+        gathered = fsdp_gathered_parameters(shape, s.prefetch_blocks, head) * w
+        if s.stage == "ppo-critic":  # the critic's embedding, norm and score head join the policy's root unit, in fp32
+            gathered += (embedding_parameters(rshape) + 2 * rshape.hidden_size) * FP32
+        add("FSDP gathered blocks + root unit", "held", gathered)
     per_block = block_activation_bytes(shape, stream_bytes=w, input_copy_bytes=FP32 if w != FP32 else None, trained=targets,
                                        lora_rank=s.lora_rank)
     if s.stage == "dpo":
@@ -429,6 +431,9 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
     add("activations", "training", act)
     add("log-prob logits", "training", logits_training_bytes(scored, shape.vocab_size, s.logprob_chunk_tokens))
     if s.stage == "ppo-critic":
+        if n > 1:  # its fp32 blocks gathered while it computes, in place of the policy's (counted as held)
+            add("critic's gathered blocks beyond the policy's", "training", (1 + s.prefetch_blocks) * max(
+                0, block_parameters(rshape) * FP32 - block_parameters(shape) * w))
         critic_block = block_activation_bytes(rshape, stream_bytes=rw, input_copy_bytes=2 if rw == 2 else None,
                                               trained=LINEARS, lora_rank=0)
         add("critic activations", "training",
@@ -439,8 +444,11 @@ def plan(shape: ModelShape, settings: PlanSettings, reward_shape: ModelShape | N
     if n > 1 and s.sample_gathered:
         add("whole policy summoned for sampling", "rollout", params * w * (n - 1) // n)
     rows = s.forward_batch or s.micro_batch
-    add("no-grad forwards (pi_old, pi_ref, scores)", "forwards", max(
+    # the sharded reward model gathers its blocks and root unit while it scores (freed after:
+    # align.distributed.release_gathered)
+    reward_gathered = fsdp_gathered_parameters(rshape, s.prefetch_blocks, rshape.hidden_size) * rw if n > 1 else 0
+    add("no-grad forwards (pi_old, pi_ref, scores)", "forwards", max(  # the reward model scores `rows` at a time too
         forward_working_bytes(shape, rows * (Q + T), w)
         + logits_inference_bytes(rows * T, shape.vocab_size, s.logprob_chunk_tokens, w),
-        forward_working_bytes(rshape, s.score_batch * (Q + T), rw)))
+        forward_working_bytes(rshape, rows * (Q + T), rw) + reward_gathered))
     return Plan(shape, s, params, trainable, tuple(terms))

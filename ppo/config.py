@@ -187,7 +187,8 @@ class PPOConfig:
 
     # --- PPO optimisation --------------------------------------------------------------------
     num_ppo_epochs: int = option(4, help="Passes over each rollout batch.", ge=1)
-    num_mini_batches: int = option(4, help="Minibatches per epoch; one optimiser step each.", ge=1)
+    num_mini_batches: int = option(4, help="Minibatches per epoch; one optimiser step each. The no-grad "
+                                  "forwards (pi_old, pi_ref, the reward model's scores) read a minibatch at a time.", ge=1)
     gradient_accumulation_steps: int = option(1, help="Micro-batches per minibatch (memory only).", ge=1)
     learning_rate: float = option(3e-4, help="AdamW learning rate for adapter and value head.", gt=0.0)
     value_lr_scale: float = option(

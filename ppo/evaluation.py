@@ -61,8 +61,8 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
     sft_rewards = pol_rewards = [None] * len(prompts)
     metrics: dict[str, float] = {}
     if reward_model is not None:
-        sft_rewards = reward_model.score(prompts, sft_texts).float().tolist()
-        pol_rewards = reward_model.score(prompts, pol_texts).float().tolist()
+        sft_rewards = reward_model.score(prompts, sft_texts, batch_size).float().tolist()
+        pol_rewards = reward_model.score(prompts, pol_texts, batch_size).float().tolist()
         metrics.update({"eval/reward_sft": statistics.fmean(sft_rewards),
                         "eval/reward_policy": statistics.fmean(pol_rewards)})
     metrics.update({

@@ -231,7 +231,8 @@ class PPOTrainer:
 
         # 2) Score: the reward model's normalised score of (prompt, response); a response
         #    that never emits eos loses `missing_eos_penalty` (Huang et al. 2024).
-        scores = self.reward_model.score(prompts, texts).to(self.device, torch.float32)
+        #    (a minibatch of rows a forward, as the policy's no-grad forwards: the memory plan's "forwards")
+        scores = self.reward_model.score(prompts, texts, cfg.mini_batch_size).to(self.device, torch.float32)
         has_eos = (exp.response_ids == self.tokenizer.eos_token_id).any(-1)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()

@@ -285,6 +285,8 @@ def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str]) ->
 def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 64) -> torch.Tensor:
     """(N,) raw rewards of rendered texts, in batches, model in eval mode. Sorting by length
     first keeps padding (and time) low; the result is in the input order."""
+    from align.distributed import release_gathered
+
     was_training = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -295,6 +297,7 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length
         idx = order[start : start + batch_size]
         enc = encode(tokenizer, [texts[i] for i in idx], max_length, encoder=encoder)
         out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+    release_gathered(model)  # a sharded reward model would keep its root unit gathered until a backward
     model.train(was_training)
     return out
 

@@ -19,6 +19,7 @@ from align.memory_plan import (
     block_parameters,
     causal_lm_parameters,
     embedding_parameters,
+    forward_working_bytes,
     load_shape,
     lora_parameters,
     plan,
@@ -141,6 +142,22 @@ def test_fsdp_gathers_the_root_unit_with_an_untied_output_layer_and_the_reward_m
     shape = PRESETS["llama-3.1-8b"]
     reward = plan(shape, PlanSettings(stage="reward", fsdp_ranks=8)).term("FSDP gathered blocks + root unit")
     assert reward == (2 * block_parameters(shape) + embedding_parameters(shape) + 2 * shape.hidden_size) * 2
+
+
+def test_fsdp_counts_a_critics_root_unit_and_the_reward_models_gathered_units_while_it_scores():
+    # the critic is sharded inside the policy's module: its embedding, norm and score head (fp32, trained
+    # whole) join the policy's root unit; the reward model gathers its units only while it scores
+    shape = PRESETS["llama-3.1-8b"]
+    head, critic = (plan(shape, PlanSettings(stage=s, fsdp_ranks=8)) for s in ("ppo", "ppo-critic"))
+    value_head = shape.hidden_size + 1
+    assert (critic.term("FSDP gathered blocks + root unit") - head.term("FSDP gathered blocks + root unit")
+            == (embedding_parameters(shape) + 2 * shape.hidden_size) * 4 - value_head * 2)
+    assert critic.term("critic's gathered blocks beyond the policy's") == 2 * block_parameters(shape) * (4 - 2)
+    # the reward model scores a minibatch (4 rows of 512 + 512 tokens) at a time, as the policy's forwards
+    # do; small log-prob chunks make its forward the larger of the no-grad forwards
+    eight = plan(shape, PlanSettings(stage="ppo", fsdp_ranks=8, logprob_chunk_tokens=64))
+    scoring = (2 * block_parameters(shape) + embedding_parameters(shape) + 2 * shape.hidden_size) * 2
+    assert eight.phase_bytes("forwards") == forward_working_bytes(shape, 4 * 1024, 2) + scoring
 
 
 def test_a_config_without_tie_word_embeddings_is_untied_as_transformers_reads_it(tmp_path):

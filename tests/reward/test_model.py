@@ -228,3 +228,30 @@ def test_a_lora_reward_model_moved_with_its_base_loads_from_any_working_director
     config_file.write_text(json.dumps({**config, "base_model_name_or_path": "../nowhere"}))
     with pytest.raises(UserError, match="its base checkpoint cannot be loaded .*model not found"):
         load_reward_model(moved / "reward")
+
+
+def test_a_sharded_reward_model_frees_its_root_unit_after_scoring(random_reward_model, tmp_path):
+    # FSDP2 keeps a root unit gathered from its forward until the backward; a reward model that only
+    # scores never runs one, and PPO's would hold its embedding whole all run (one gloo rank here: a
+    # gathered parameter is a plain tensor, a sharded one a DTensor)
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from align.distributed import shard
+    from reward.model import load_reward_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        scorer = load_reward_model(random_reward_model)
+        plugin = SimpleNamespace(mixed_precision_policy=None, cpu_offload=None, transformer_cls_names_to_wrap=None,
+                                 reshard_after_forward=True)
+        shard(scorer.model, plugin)
+        embedding = scorer.model.get_input_embeddings()
+        assert isinstance(embedding.weight, DTensor)
+        scores = scorer.score(["a prompt", "another"], ["one answer", "two"])
+        assert scores.shape == (2,) and torch.isfinite(scores).all()
+        assert isinstance(embedding.weight, DTensor)
+    finally:
+        dist.destroy_process_group()
