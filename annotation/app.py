@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
 
     # A bounded wait ran out: the server is saturated for the moment. 503 with Retry-After
-    # tells the client (and the page's script) to try again, where it used to hang.
+    # tells the client (and the page's script) to try again rather than wait.
     @app.exception_handler(DatabaseBusy)
     async def _database_busy(request: Request, exc: DatabaseBusy):
         return _busy(str(exc), max(exc.retry_after, settings.retry_after_s))

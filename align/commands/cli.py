@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
     except SystemExit as exc:
-        if exc.code == 130:  # typer's exit for Ctrl-C, silent until now
+        if exc.code == 130:  # typer's exit for Ctrl-C, which it leaves silent
             typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv)}", err=True)
         exit_process(exc.code)
     exit_process(0)

@@ -180,7 +180,7 @@ def _lines(n: int, fmt: str) -> list[str]:
     return [json.dumps({"prompt": f"q{i}", "id": f"id{i}", "candidates": ["a", "b"]}) for i in range(n)]
 
 
-REFUSED_LAST_LINES = [  # a last line that only the store (or the database) used to refuse
+REFUSED_LAST_LINES = [  # a last line that only the store (or the database) would refuse
     ("kwise", '{"prompt": "last", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "   "}'),
     ("kwise", '{"prompt": "q0", "prompt_id": "kwise-other", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "\\ud800"}'),
     ("prompts", '{"prompt": "last", "id": "last", "candidates": [{"text": "a", "sampling": {"t": NaN}}, "b"]}'),
