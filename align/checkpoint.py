@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.run import atomic_directory, write_json_atomic
+from align.run import CONFIG_FILE, atomic_directory, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -236,10 +236,10 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         if latest_checkpoint(run_dir, prefix) is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")
         return
-    if config_class is not None and (run_dir / "config.yaml").is_file():
+    if config_class is not None and (run_dir / CONFIG_FILE).is_file():
         from align.config import foreign_keys
 
-        foreign = foreign_keys(config_class, run_dir / "config.yaml")
+        foreign = foreign_keys(config_class, run_dir / CONFIG_FILE)
         if foreign:  # neither resumed nor replaced: its outputs would stay beside this run's and be read as its own
             raise UserError(f"output_dir {run_dir} holds another stage's run (its config.yaml has "
                             f"{', '.join(foreign[:5])}): overwrite=true replaces an earlier `{command}` run only; "

@@ -38,7 +38,6 @@ from pathlib import Path
 
 from align.errors import UserError
 
-GIB = 2**30
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

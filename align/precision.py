@@ -10,8 +10,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-DTYPES = ("float32", "bfloat16")
-
 
 def default_device() -> Any:
     """The first CUDA device when there is one, else the CPU."""

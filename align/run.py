@@ -22,6 +22,10 @@ from typing import Any
 from align.config import save_config
 from align.errors import UserError
 
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process, in MiB: Linux's VmHWM (the high-water mark of this
@@ -62,7 +66,7 @@ def _refusal(path: Path, exc: OSError) -> str:
 def prepare_run_dir(output_dir: str | Path, cfg: Any) -> Path:
     """Create the run directory and write the resolved config into it."""
     out = make_directory(output_dir)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / CONFIG_FILE)
     return out
 
 

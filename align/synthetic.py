@@ -204,7 +204,6 @@ POLITE_MARKERS = ("happy to help", "great question", "good question", "of course
 RUDE_MARKERS = ("ugh", "silly question", "obviously", "whatever", "do i have to", "keep up", "not hard",
                 "look it up yourself")
 CLOSER_MARKERS = tuple(c.lower().rstrip("!.") for c in POLITE_CLOSERS + NEUTRAL_CLOSERS)
-FILLER_MARKERS = ("anyway", "by the way", "also, i was", "a lot more to say", "it is what it is")
 
 
 # --------------------------------------------------------------------------- prompts

@@ -251,7 +251,7 @@ def align_worker(job: dict) -> dict:
         summary = run_ppo(cfg)
     rows = read_metrics(Path(job["out"]) / "metrics.jsonl")
     return {
-        "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/sample_s", "timing/score_s", "timing/optimize_s",
+        "iterations": [{k: r[k] for k in ("timing/rollout_s", "timing/sample_s", "timing/score_s", "timing/optimise_s",
                                           "timing/iteration_s", "response/length")} for r in rows],
         "peak_gib": peak_memory_gib(), "reserved_gib": peak_reserved_gib(), "train_s": summary["timing/train_s"],
     }
@@ -443,9 +443,9 @@ def table(results: dict, info: dict, settings: dict, prompt_tokens: float, peak_
 
         reserved = f"{r['reserved_gib']:.2f}" if r.get("reserved_gib") is not None else "-"
         lines.append(f"{name:28s} {sec:7.2f} {split('timing/rollout_s'):>8s} {split('timing/sample_s'):>7s} "
-                     f"{split('timing/score_s'):>6s} {split('timing/optimize_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} "
+                     f"{split('timing/score_s'):>6s} {split('timing/optimise_s'):>9s} {tok_s:>8s} {r['peak_gib']:9.2f} "
                      f"{reserved:>8s} {mfu(sum(phases.values())):>6s} "
-                     f"{mfu(phases['rollout'], 'timing/rollout_s'):>8s} {mfu(phases['optimise'], 'timing/optimize_s'):>8s}")
+                     f"{mfu(phases['rollout'], 'timing/rollout_s'):>8s} {mfu(phases['optimise'], 'timing/optimise_s'):>8s}")
     return "\n".join(lines)
 
 

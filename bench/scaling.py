@@ -88,7 +88,7 @@ def row(run: dict) -> str:
         return statistics.fmean(r[key] for r in rows) if rows else float("nan")
 
     return (f"| ppo | {run['mode']} | {s['timing/train_s']:.0f} | {rate:.1f} episodes/s ({world} x "
-            f"{batch / world:.0f} per iteration) | {mean('timing/rollout_s'):.2f} | {mean('timing/optimize_s'):.2f} | "
+            f"{batch / world:.0f} per iteration) | {mean('timing/rollout_s'):.2f} | {mean('timing/optimise_s'):.2f} | "
             f"{s['memory/peak_rss_mb']:.0f} |")
 
 

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align.run import METRICS_FILE, SUMMARY_FILE
 from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 DATA_FILE = "data.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
 OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE)
 
-__all__ = ["CONFIG_FILE", "DATA_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
+__all__ = ["DATA_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
 
 
 def is_dpo_run(path: str | Path) -> bool:

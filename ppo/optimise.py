@@ -137,7 +137,7 @@ def minibatch_rank_scales(accelerator: Any, tokens: list[int], device: torch.dev
     return (local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum")).float()
 
 
-def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor, width: int | None = None,
+def micro_step(trainer: Any, micro: Experience, weight: torch.Tensor, width: int | None = None,
                rank_scale: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch, its sequences right-padded to `width` columns (None:
     untrimmed); `weight` = its share of this process's minibatch's response tokens, `rank_scale` that
@@ -147,30 +147,30 @@ def micro_step(trainer: Any, mb: Experience, weight: torch.Tensor, width: int | 
     mean of the processes' own token means would weigh a process's short responses as its long)."""
     cfg = trainer.cfg
     with_entropy = cfg.ent_coef > 0  # else no (chunk, vocabulary) entropy product in the backward
-    input_ids, attention_mask, response_start = mb.right_padded(width)
+    input_ids, attention_mask, response_start = micro.right_padded(width)
     # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward;
     # compiled layers (torch_compile) run their compiled forward and backward, the recomputation included
     with checkpointing_active(trainer.checkpointed), trainer.compiler.active():
-        mb_logprobs, mb_entropy, mb_values = trainer.ddp_model(
-            input_ids, attention_mask, response_start, mb.response_ids, cfg.temperature,
+        new_logprobs, new_entropy, new_values = trainer.ddp_model(
+            input_ids, attention_mask, response_start, micro.response_ids, cfg.temperature,
             cfg.logprob_chunk_tokens, with_entropy=with_entropy)
-        pg_loss, pg_stats = core.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+        pg_loss, pg_stats = core.policy_loss(new_logprobs, micro.logprobs, micro.advantages, micro.response_mask,
                                              cfg.clip_coef)
         loss = pg_loss
         stats = {"policy/loss": pg_loss, "policy/clipfrac": pg_stats["clipfrac"],
                  "policy/approxkl": pg_stats["approxkl"]}
-        if mb_values is not None:  # PPO: the clipped value loss
-            vf_loss, vf_stats = core.value_loss(mb_values, mb.values, mb.returns, mb.response_mask,
+        if new_values is not None:  # PPO: the clipped value loss
+            vf_loss, vf_stats = core.value_loss(new_values, micro.values, micro.returns, micro.response_mask,
                                                 cfg.cliprange_value)
             loss = loss + cfg.vf_coef * vf_loss
             stats.update({"val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
-                          "val/values": core.masked_mean(mb_values.detach(), mb.response_mask)})
+                          "val/values": core.masked_mean(new_values.detach(), micro.response_mask)})
         if cfg.kl_in_loss:  # GRPO: beta * KL(pi || pi_ref), k3 from the current policy (Shao et al. 2024, eq. 4)
-            kl_loss = core.masked_mean(core.kl_penalty(mb_logprobs, mb.ref_logprobs, "k3", mb.response_mask), mb.response_mask)
+            kl_loss = core.masked_mean(core.kl_penalty(new_logprobs, micro.ref_logprobs, "k3", micro.response_mask), micro.response_mask)
             loss = loss + trainer.kl_ctl.value * kl_loss
             stats["policy/kl_loss"] = kl_loss
         if with_entropy:
-            entropy = core.masked_mean(mb_entropy, mb.response_mask)
+            entropy = core.masked_mean(new_entropy, micro.response_mask)
             loss = loss - cfg.ent_coef * entropy
             stats["policy/entropy"] = entropy
         trainer.accelerator.backward(loss * weight * rank_scale)

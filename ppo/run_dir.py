@@ -19,11 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.run import read_mapping, read_metrics
+from align.run import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_mapping, read_metrics
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 SAMPLES_FILE = "samples.jsonl"
 REWARD_PLOT = "reward.png"
 KL_PLOT = "kl.png"

@@ -259,7 +259,7 @@ class PPOTrainer:
         #    GRPO's KL term) over shuffled minibatches (one optimiser step each, gradients
         #    accumulated over micro-batches).
         lr = self.scheduler.get_last_lr()[0]  # the rate of this iteration's first optimiser step
-        train_stats = self.optimize(exp)
+        train_stats = self.optimise(exp)
         t3 = time.perf_counter()
 
         # The KL the controller sees (and the one logged) is the penalised quantity, summed
@@ -287,7 +287,7 @@ class PPOTrainer:
         metrics["train/lr"] = lr
         self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
         metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
-                        "timing/optimize_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
+                        "timing/optimise_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
         return metrics
 
     def gae_advantages(self, exp: Experience) -> None:
@@ -420,14 +420,14 @@ class PPOTrainer:
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return decode_responses(self.tokenizer, response_ids, response_mask)
 
-    def optimize(self, exp: Experience) -> dict[str, float]:
+    def optimise(self, exp: Experience) -> dict[str, float]:
         """Step 5: num_ppo_epochs passes over shuffled minibatches, one optimiser step each (ppo.optimise)."""
         return optimise(self, exp)
 
-    def micro_step(self, mb: Experience, weight: torch.Tensor, width: int | None = None,
+    def micro_step(self, micro: Experience, weight: torch.Tensor, width: int | None = None,
                    rank_scale: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch (ppo.optimise.micro_step)."""
-        return micro_step(self, mb, weight, width, rank_scale)
+        return micro_step(self, micro, weight, width, rank_scale)
 
     # ------------------------------------------------------------------------------------ outputs
 

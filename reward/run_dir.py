@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from align.run import read_mapping
+from align.run import CONFIG_FILE, SUMMARY_FILE, read_mapping
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary

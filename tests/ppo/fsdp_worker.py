@@ -67,7 +67,7 @@ def main(out: Path, overrides: list[str]) -> None:
     exp = fixed_batch(trainer)
     mine = exp.select(slice(rank * share, (rank + 1) * share))
     trainer.gae_advantages(mine)  # advantages whitened over the global batch, returns from this rank's rows
-    stats = trainer.optimize(mine)
+    stats = trainer.optimise(mine)
     names = sorted(stats)  # averaged over the ranks as PPOTrainer.step logs them
     logged = trainer.accelerator.reduce(torch.tensor([stats[k] for k in names], device=trainer.device), "mean")
     after = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)

@@ -13,7 +13,7 @@ from align.errors import ConfigError
 from ppo import core
 from ppo.config import PPOConfig
 from ppo.trainer import PPOTrainer, run_ppo
-from tests.ppo.test_learning import HashScorer, record_optimize
+from tests.ppo.test_learning import HashScorer, record_optimise
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
@@ -25,7 +25,7 @@ def test_one_iteration_raises_the_log_probability_of_responses_better_than_their
     trainer.setup()
     assert trainer.model.value_head is None and trainer.model.critic is None
     assert not list(trainer.model.value_parameters())
-    seen = record_optimize(trainer)
+    seen = record_optimise(trainer)
     metrics = trainer.step()
     exp = seen["exp"]
     assert exp.values is None and exp.returns is None
@@ -54,7 +54,7 @@ def test_the_kl_penalty_is_in_the_reward_for_ppo_and_rloo_and_in_the_loss_for_gr
         trainer = PPOTrainer(cfg, reward_model=HashScorer())
         trainer.setup()
         trainer.step()  # the adapter moves: the second rollout's policy differs from the reference
-        seen = record_optimize(trainer)
+        seen = record_optimise(trainer)
         return trainer.step(), seen["exp"]
 
     metrics, exp = second_iteration("grpo")

@@ -19,16 +19,16 @@ class HashScorer:
         return torch.tensor([1.0 if hashlib.sha256(r.encode()).digest()[0] % 2 else -1.0 for r in responses])
 
 
-def record_optimize(trainer: PPOTrainer) -> dict:
+def record_optimise(trainer: PPOTrainer) -> dict:
     """After `trainer.step()`, the returned dict's "exp" is the Experience that step optimised on."""
     seen = {}
-    optimize = trainer.optimize
+    optimise = trainer.optimise
 
     def recording(exp):
         seen["exp"] = exp
-        return optimize(exp)
+        return optimise(exp)
 
-    trainer.optimize = recording
+    trainer.optimise = recording
     return seen
 
 
@@ -37,7 +37,7 @@ def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small
     overrides += ["batch_size=32", "learning_rate=1e-2", "value_lr_scale=1", "kl.coef=0.0", "missing_eos_penalty=null"]
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
-    seen = record_optimize(trainer)
+    seen = record_optimise(trainer)
     metrics = trainer.step()
     exp = seen["exp"]
     assert abs(metrics["objective/kl"]) < 1e-3  # the rollout policy is the SFT model (LoRA B starts at 0)
@@ -66,8 +66,8 @@ def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run):
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
     captured = {}
-    optimize = trainer.optimize
-    trainer.optimize = lambda exp: captured.setdefault("exp", exp) and {}
+    optimise = trainer.optimise
+    trainer.optimise = lambda exp: captured.setdefault("exp", exp) and {}
     trainer.step()  # rollout, scores, KL rewards and advantages of a real iteration
     exp = captured["exp"]
     width = 8
@@ -87,7 +87,7 @@ def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run):
 
         trainer.optimizer.step = recording_step
         torch.manual_seed(0)  # the same minibatch order
-        optimize(exp)
+        optimise(exp)
     whole, accumulated = grads[1], grads[4]
     assert whole.keys() == accumulated.keys() and any("lora_" in n for n in whole)
     for name in whole:

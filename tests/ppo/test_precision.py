@@ -47,7 +47,7 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradien
 
     trainer = _trainer([*small_run, f"value_model={value_model}", "num_iterations=1", "num_eval_prompts=0"])
     captured = {}
-    monkeypatch.setattr(trainer, "optimize", lambda exp: captured.setdefault("exp", exp) and {})
+    monkeypatch.setattr(trainer, "optimise", lambda exp: captured.setdefault("exp", exp) and {})
     trainer.step()  # rollout, score, rewards, advantages: the experience one micro-step trains on
     mb = captured["exp"].select(slice(0, 4)).trim_padding()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
