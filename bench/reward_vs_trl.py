@@ -77,7 +77,7 @@ def run_align(args) -> dict:
     return {
         "wall_s": summary["timing/train_s"],
         "cpu_s": summary["timing/train_cpu_s"],
-        "forward_passes": summary["train/forward_passes"],
+        "forward_passes": summary["train/responses_forwarded"],
         "steps": summary["train/steps"],
         "peak_rss_mb": peak_rss_mb(),
         "accuracy": summary["eval/accuracy"],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from align.run import METRICS_FILE, SUMMARY_FILE
+from align.run import SUMMARY_FILE
 from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
 
 DATA_FILE = "data.json"
@@ -25,7 +25,7 @@ STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same la
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
 OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE)
 
-__all__ = ["DATA_FILE", "METRICS_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "SUMMARY_FILE", "is_dpo_run"]
+__all__ = ["DATA_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "is_dpo_run"]
 
 
 def is_dpo_run(path: str | Path) -> bool:

@@ -30,7 +30,6 @@ FSDP2 each response is read whole after its prompt (`dpo.model.PolicyLogprobs`),
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -40,23 +39,12 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import (
-    check_run_dir,
-    check_same_run,
-    clear_earlier_run,
-    data_fingerprint,
-    latest_checkpoint,
-    load_training_state,
-    save_training_state,
-    truncate_metrics,
-)
+from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
-    clip_grad_norm,
     fsdp_plugin,
     full_trainable_state,
     gathered,
-    global_batches,
     global_sums,
     keep_until_exit,
     make_accelerator,
@@ -64,18 +52,26 @@ from align.distributed import (
     shard,
 )
 from align.errors import UserError
-from align.precision import check_finite_gradient, checkpointing_active, enable_gradient_checkpointing
-from align.run import MetricsWriter, atomic_directory, peak_memory_mb, prepare_run_dir, write_json_atomic
+from align.precision import checkpointing_active, enable_gradient_checkpointing
+from align.run import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsWriter,
+    atomic_directory,
+    peak_memory_mb,
+    prepare_run_dir,
+    write_json_atomic,
+)
+from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from dpo.config import RESUME_OVERRIDABLE, DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
-from dpo.run_dir import DATA_FILE, METRICS_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE, SUMMARY_FILE
+from dpo.run_dir import DATA_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE
 from reward.losses import pair_accuracy
 
 log = logging.getLogger("align")
 
-CHECKPOINT_PREFIX = "step"
 
 
 def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
@@ -87,14 +83,16 @@ def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[s
     return trainer.finish()
 
 
-class DPOTrainer:
+class DPOTrainer(StepLoop):
+    stage = "dpo"
+    resume_overridable = RESUME_OVERRIDABLE
+
     def __init__(self, cfg: DPOConfig, *, echo: Any = print, resume: bool = False):
         self.cfg = cfg
         self.echo = echo
         self.resume = resume
         self.out = Path(cfg.output_dir)
         self.step_count = 0
-        self.responses_forwarded = 0  # by this rank's training steps
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -170,10 +168,10 @@ class DPOTrainer:
             shard(self.module, self.fsdp)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.batches = self.plan_batches()
-        total, warmup = len(self.batches), int(cfg.warmup_ratio * len(self.batches))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        self.loop_cfg = cfg
+        self.global_batches = self.plan_batches()
+        total = len(self.global_batches)
+        self.scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
         self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
                                       else self.accelerator.prepare(self.module, optimizer))
         keep_until_exit(self.model)
@@ -198,11 +196,10 @@ class DPOTrainer:
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
-    def plan_batches(self) -> list[list[int]]:
-        """Global batches of example indices (align.distributed.global_batches)."""
-        cfg = self.cfg
-        return global_batches(len(self.train_set), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
-                              seed=cfg.seed, world=self.world)
+    def local_batches(self, global_batch: list[int]) -> list[list[int]]:
+        """This rank's part of a global batch in gradient_accumulation_steps micro-batches of example
+        indices (align.distributed.rank_micro_batches)."""
+        return rank_micro_batches(global_batch, self.rank, self.world, self.cfg.gradient_accumulation_steps)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -236,13 +233,7 @@ class DPOTrainer:
                 seen.append((batch, rewards.detach()))
         # 4) one AdamW step on the adapter with the accumulated gradients; a non-finite gradient is
         #    never applied
-        grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
-                     else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
-        self.optimizer.step()
-        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.optimizer_step(cfg.max_grad_norm)
         with torch.no_grad():
             margins = []
             for batch, rewards in seen:
@@ -256,66 +247,6 @@ class DPOTrainer:
                 sum(r.sum() for _, r in seen) / cfg.beta, sum(b.valid.sum() for b, _ in seen))
         return {"train/loss": loss_sum.item(), "train/accuracy": right / pairs, "train/reward_margin": margin_sum / pairs,
                 "train/grad_norm": float(grad_norm), "train/logps_policy_minus_ref": moved / responses}
-
-    def train(self) -> None:
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        t_start = time.perf_counter()
-        window: list[dict[str, float]] = []
-        bar = tqdm(self.batches[self.step_count:], initial=self.step_count, total=len(self.batches), desc="dpo",
-                   unit="step", disable=not (cfg.progress and self.is_main))
-        for indices in bar:
-            window.append(self.step(rank_micro_batches(indices, self.rank, self.world, cfg.gradient_accumulation_steps)))
-            self.step_count += 1
-            # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
-            checkpoint = bool(cfg.save_every) and self.step_count % cfg.save_every == 0
-            if self.step_count % cfg.log_every == 0 or self.step_count == len(self.batches) or checkpoint:
-                keys = list(window[0])
-                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
-                row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
-                window = []
-                if self.is_main:
-                    row.update({"step": self.step_count, "train/lr": self.lr,
-                                "timing/elapsed_s": time.perf_counter() - t_start})
-                    self.metrics.write(row)
-                    self.last_train = row
-                    bar.set_postfix(loss=f"{row['train/loss']:.3f}")
-            if checkpoint:  # every rank takes part
-                self.save_checkpoint()
-        self.train_seconds = time.perf_counter() - t_start
-        forwarded = torch.tensor(self.responses_forwarded, device=self.device)
-        self.responses_forwarded_total = int(self.accelerator.reduce(forwarded, "sum").item())  # every rank
-
-    # ------------------------------------------------------------------------------------ checkpoints
-
-    @functools.cached_property
-    def data_digest(self) -> str:
-        """What this run trains on (align.checkpoint.data_fingerprint), computed once."""
-        return data_fingerprint(self.train_set.items)
-
-    def save_checkpoint(self) -> None:
-        """RUN/checkpoints/step-NNNNNN (align.checkpoint): the adapter, the optimiser, the scheduler
-        and the step; the batches are a function of the seed, so the step is the data position."""
-        forwarded = self.accelerator.gather(torch.tensor([self.responses_forwarded], device=self.device)).tolist()
-        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
-                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                            sharded=self.fsdp is not None, keep=self.cfg.keep_checkpoints,
-                            state={"step": self.step_count, "num_steps": len(self.batches),
-                                   "config": config_to_dict(self.cfg),
-                                   "responses_forwarded": forwarded, "data": self.data_digest})
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = load_training_state(
-            path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            sharded=self.fsdp is not None,
-            check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
-                                               may_change=RESUME_OVERRIDABLE, data=self.data_digest,
-                                               num_steps=len(self.batches)))
-        self.step_count = state["step"]
-        self.responses_forwarded = state["responses_forwarded"][self.rank]
-        if self.is_main:
-            log.info("resumed %s at step %d", self.out, self.step_count)
 
     # ------------------------------------------------------------------------------------ outputs
 

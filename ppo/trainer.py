@@ -34,6 +34,8 @@ from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
 from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
+    METRICS_FILE,
+    SUMMARY_FILE,
     MetricsWriter,
     peak_memory_mb,
     prepare_run_dir,
@@ -54,7 +56,7 @@ from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
-from ppo.run_dir import METRICS_FILE, OUTPUTS, SAMPLES_FILE, SUMMARY_FILE
+from ppo.run_dir import OUTPUTS, SAMPLES_FILE
 from ppo.sampling import DecodeBufferPool, sample_responses, samples_exactly
 
 log = logging.getLogger("align")

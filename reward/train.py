@@ -1,7 +1,8 @@
 """Reward model training recipe: `train_reward_model(cfg) -> summary`.
 
 The loop follows InstructGPT's reward model training (Ouyang et al. 2022, section 3.5 and
-appendix C.2), with the numbered steps in `RewardTrainer.train`/`step`:
+appendix C.2), with the numbered steps in `RewardTrainer.step` and the loop over batches
+(align.training.StepLoop, shared with `align dpo`):
 
     1. each batch element is one ranking (an annotator's order of K responses to a prompt);
     2. all responses of the batch go through the model once each, their prompts once per batch;
@@ -25,7 +26,6 @@ single-process training.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
 import time
@@ -34,21 +34,10 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import (
-    check_run_dir,
-    check_same_run,
-    clear_earlier_run,
-    data_fingerprint,
-    latest_checkpoint,
-    load_training_state,
-    save_training_state,
-    truncate_metrics,
-)
+from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
-    clip_grad_norm,
     fsdp_plugin,
-    global_batches,
     global_sums,
     keep_until_exit,
     make_accelerator,
@@ -58,12 +47,12 @@ from align.distributed import (
 from align.errors import UserError
 from align.precision import (
     autocast,
-    check_finite_gradient,
     enable_gradient_checkpointing,
     torch_dtype,
     upcast_trainable,
 )
-from align.run import peak_memory_mb
+from align.run import METRICS_FILE, SUMMARY_FILE, peak_memory_mb
+from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from reward.config import RESUME_OVERRIDABLE, RewardConfig
 from reward.data import (
     RankingBatch,
@@ -90,12 +79,14 @@ from reward.model import (
     save_reward_model,
     score_texts,
 )
-from reward.run_dir import METRICS_FILE, MODEL_DIR, OUTPUTS, SUMMARY_FILE
-
-CHECKPOINT_PREFIX = "step"
+from reward.run_dir import MODEL_DIR, OUTPUTS
 
 
-class RewardTrainer:
+class RewardTrainer(StepLoop):
+    stage = "reward"
+    resume_overridable = RESUME_OVERRIDABLE
+    batch_items = "rankings"
+
     def __init__(self, cfg: RewardConfig, *, echo: Any = print, resume: bool = False):
         self.cfg = cfg
         self.echo = echo
@@ -156,18 +147,14 @@ class RewardTrainer:
             shard(model, self.fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        self.loop_cfg = cfg.train
         self.global_batches = self.plan_batches()
         self.total_steps = len(self.global_batches)
-        warmup = int(cfg.train.warmup_ratio * self.total_steps)
-        # stepped by hand, once per optimizer step (accelerate's wrapper would step it once per process)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))
-        )
+        self.scheduler = linear_schedule(optimizer, self.total_steps, cfg.train.warmup_ratio)
         self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         keep_until_exit(self.model)
         self.device = self.accelerator.device
         self.params = params
-        self.forward_passes = 0  # by this rank's training steps
         if self.resume:
             self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
         if self.is_main:
@@ -195,12 +182,6 @@ class RewardTrainer:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training and "
                           f"{self.data.held_out_without_preference} held-out rankings that state no preference "
                           "(a single response, or every response tied)")
-
-    def plan_batches(self) -> list[list[int]]:
-        """Global batches of ranking indices (align.distributed.global_batches)."""
-        cfg = self.cfg.train
-        return global_batches(len(self.train_set), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
-                              seed=cfg.seed, world=self.world, what="rankings")
 
     def local_batches(self, global_batch: list[int]) -> list[RankingBatch]:
         """This rank's contiguous slice of the global batch (sizes differ by at most one) in
@@ -257,17 +238,11 @@ class RewardTrainer:
                     * share / max(mismatched, 1)
                 loss = loss + cfg.mismatch_coef * mismatch
                 self.accelerator.backward(loss)
-            self.forward_passes += batch.num_responses
+            self.responses_forwarded += batch.num_responses
             loss_sum += loss.detach()
             mismatch_sum += mismatch.detach()
             seen.append((batch, rewards.detach()))
-        grad_norm = (clip_grad_norm(self.params, cfg.max_grad_norm) if self.fsdp
-                     else self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")  # a NaN model is never trained on, nor saved
-        self.optimizer.step()
-        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.optimizer_step(cfg.max_grad_norm)
         r = torch.cat([rewards[:batch.num_ranked] for batch, rewards in seen])
         r_w = torch.cat([rewards[batch.winners] for batch, rewards in seen])
         r_l = torch.cat([rewards[batch.losers] for batch, rewards in seen])
@@ -279,75 +254,12 @@ class RewardTrainer:
             "train/loss": loss_sum.item(),
             "train/ranking_loss": ranking_sum.item(),  # the InstructGPT term alone, as eval/loss is
             "train/accuracy": right / pairs,
-            "train/margin": margin / pairs,
+            "train/reward_margin": margin / pairs,
             "train/reward_mean": r_sum / n,
             "train/reward_std": math.sqrt(max(r_squares - r_sum ** 2 / n, 0.0) / (n - 1)) if n > 1 else 0.0,
             "train/grad_norm": float(grad_norm),
             "train/mismatch_loss": mismatch_sum.item(),
         }
-
-    def train(self) -> None:
-        cfg = self.cfg.train
-        t_start, cpu_start = time.perf_counter(), time.process_time()
-        window: list[dict[str, float]] = []
-        # 1./4. one pass (by default) over the rankings, each global batch split across ranks
-        for global_batch in self.global_batches[self.step_count:]:
-            t = time.perf_counter()
-            window.append(self.step(self.local_batches(global_batch)))
-            self.step_count += 1
-            step = self.step_count
-            # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
-            checkpoint = bool(cfg.save_every) and step % cfg.save_every == 0
-            if step % cfg.log_every == 0 or step == self.total_steps or checkpoint:
-                keys = list(window[0])
-                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
-                means = self.accelerator.reduce(local, "mean")  # every rank takes part in the collective
-                passes = self.accelerator.reduce(torch.tensor(self.forward_passes, device=self.device), "sum")
-                window = []
-                if self.is_main:
-                    row = dict(zip(keys, means.tolist()))
-                    row.update({"step": step, "train/lr": self.lr,
-                                "train/forward_passes": int(passes.item()),
-                                "timing/step_s": time.perf_counter() - t,
-                                "timing/elapsed_s": time.perf_counter() - t_start})
-                    self.metrics.write(row)
-                    self.last_train = row
-            if checkpoint:  # every rank takes part
-                self.save_checkpoint()
-        self.train_seconds = time.perf_counter() - t_start
-        self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
-        passes = torch.tensor(self.forward_passes, device=self.device)
-        self.forward_passes_total = int(self.accelerator.reduce(passes, "sum").item())
-
-    # ----------------------------------------------------------------------- checkpoints
-
-    @functools.cached_property
-    def data_digest(self) -> str:
-        """What this run trains on (align.checkpoint.data_fingerprint), computed once."""
-        return data_fingerprint(self.train_set.items)
-
-    def save_checkpoint(self) -> None:
-        """RUN/checkpoints/step-NNNNNN (align.checkpoint): what is trained, AdamW, the scheduler, the
-        RNGs and the step; the batches are a function of the seed, so the step is the data position."""
-        passes = self.accelerator.gather(torch.tensor([self.forward_passes], device=self.device)).tolist()
-        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
-                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                            sharded=self.fsdp is not None, keep=self.cfg.train.keep_checkpoints,
-                            state={"step": self.step_count, "num_steps": self.total_steps, "forward_passes": passes,
-                                   "config": config_to_dict(self.cfg),
-                                   "data": self.data_digest})
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = load_training_state(
-            path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            sharded=self.fsdp is not None,
-            check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
-                                               may_change=RESUME_OVERRIDABLE, data=self.data_digest,
-                                               num_steps=self.total_steps))
-        self.step_count = state["step"]
-        self.forward_passes = state["forward_passes"][self.rank]
-        if self.is_main:
-            self.echo(f"reward: resumed {self.out} at step {self.step_count}")
 
     # ----------------------------------------------------------------------- after training
 
@@ -422,7 +334,7 @@ class RewardTrainer:
                 "train/steps": self.total_steps,
                 "train/rankings": len(self.data.train),
                 "train/batch_elements": len(self.train_set),
-                "train/forward_passes": self.forward_passes_total,
+                "train/responses_forwarded": self.responses_forwarded_total,
                 "train/num_processes": self.world,
                 "reward/gain": gain,
                 "reward/bias": bias,

@@ -93,7 +93,6 @@ def first_step(overrides: list[str]) -> dict:
     """The first training step of a fresh run: its metrics, the adapter's gradients, the policy's
     forwards, how many times each decoder layer's attention ran, and the bytes kept for the
     backward."""
-    from align.distributed import rank_micro_batches
     from align.modeling import find_blocks
 
     trainer = DPOTrainer(load_config(DPOConfig, None, [*overrides, "num_eval_prompts=0", "overwrite=true"]),
@@ -112,7 +111,7 @@ def first_step(overrides: list[str]) -> dict:
         return apply(*args, **kwargs)
 
     trainer.optimizer.step = step_keeping_the_gradients
-    parts = rank_micro_batches(trainer.batches[0], 0, 1, trainer.cfg.gradient_accumulation_steps)  # as `train` does
+    parts = trainer.local_batches(trainer.global_batches[0])  # as `train` does
     metrics = {}
     saved = saved_for_backward_bytes(lambda: metrics.update(trainer.step(parts)))
     return {"metrics": metrics, "grads": grads, "forwards": len(forwards), "calls_per_layer": len(calls) / len(layers),

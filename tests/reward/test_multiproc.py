@@ -38,7 +38,7 @@ def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())
     assert m["train/num_processes"] == 2 and s["train/num_processes"] == 1
-    assert m["train/forward_passes"] == s["train/forward_passes"]  # every response once, across both ranks
+    assert m["train/responses_forwarded"] == s["train/responses_forwarded"]  # every response once, across both ranks
     assert m["train/steps"] == s["train/steps"]
     # same global batches, gradients averaged over the ranks: the same model up to float reduction order
     assert abs(m["eval/accuracy"] - s["eval/accuracy"]) <= 0.02
@@ -46,7 +46,7 @@ def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_
     # the logged statistics are the global batch's (sums over the ranks), not the mean of the ranks' 8 and 7
     for multi_row, single_row in zip(read_metrics(tmp_path / "multi" / "metrics.jsonl"),
                                      read_metrics(single_process_run / "metrics.jsonl"), strict=True):
-        for key in ("train/accuracy", "train/margin", "train/reward_mean", "train/reward_std", "train/lr"):
+        for key in ("train/accuracy", "train/reward_margin", "train/reward_mean", "train/reward_std", "train/lr"):
             assert multi_row[key] == pytest.approx(single_row[key], rel=1e-3, abs=1e-5), (key, multi_row["step"])
     # the checkpoint written from the ranks' shards (FSDP2: gathered on the main rank) is the one-rank model's
     multi_weights, single_weights = (load_file(str(d / "model" / "model.safetensors"))  # full fine-tuning

@@ -39,7 +39,7 @@ def test_oasst_training_run_reports_accuracy_by_k(quick_config):
     summary = train_reward_model(cfg, echo=lambda s: None)
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["eval/num_pairs"] > 0
     assert sum(v for k, v in summary.items() if k.startswith("eval/num_pairs_k")) == summary["eval/num_pairs"]
-    assert summary["train/forward_passes"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train[:64])
+    assert summary["train/responses_forwarded"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train[:64])
 
 
 def minilm():
@@ -64,4 +64,4 @@ def test_minilm_encoder_trains_kwise_on_real_data(name, tmp_path):
         "train.max_steps=2", "train.batch_size=8", "model.max_length=64"])
     summary = train_reward_model(cfg, echo=lambda s: None)
     assert summary["eval/num_pairs"] > 100 and 0.0 <= summary["eval/accuracy"] <= 1.0
-    assert summary["train/forward_passes"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train)
+    assert summary["train/responses_forwarded"] == sum(len(r.responses) for r in load_reward_data(cfg.data).train)

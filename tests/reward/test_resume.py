@@ -78,7 +78,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     assert weights.keys() == want.keys() and weights
     for name, value in want.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
-    for key in ("eval/accuracy", "eval/loss", "train/loss_final", "train/forward_passes"):
+    for key in ("eval/accuracy", "eval/loss", "train/loss_final", "train/responses_forwarded"):
         assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
 
 

@@ -39,7 +39,7 @@ def test_training_raises_heldout_accuracy_above_chance(quick_config):
     assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] + 0.05
     assert (run / "config.yaml").exists() and (run / "model" / "reward_normalization.json").exists()
     # each response forwarded once: K = 4 per ranking
-    assert summary["train/forward_passes"] == 4 * summary["train/rankings"]
+    assert summary["train/responses_forwarded"] == 4 * summary["train/rankings"]
 
 
 def test_kwise_file_with_mixed_k_and_several_annotators(tmp_path, quick_config):
@@ -68,8 +68,8 @@ def test_mismatch_pairs_add_one_forward_per_ranking_and_their_loss(quick_config,
 
     plain_summary, plain = first_step(0.0, "plain")
     summary, with_mismatch = first_step(2.0, "mismatch")
-    assert plain_summary["train/forward_passes"] == 4 * plain_summary["train/rankings"]
-    assert summary["train/forward_passes"] == 5 * summary["train/rankings"]  # one extra per ranking
+    assert plain_summary["train/responses_forwarded"] == 4 * plain_summary["train/rankings"]
+    assert summary["train/responses_forwarded"] == 5 * summary["train/rankings"]  # one extra per ranking
     # step 1 sees the same weights and rankings: the loss grows by exactly coef * the mismatch term,
     # which starts near log 2 (a random head cannot tell the prompts apart)
     assert 0.5 < with_mismatch["train/mismatch_loss"] < 1.0
@@ -83,7 +83,7 @@ def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
     summary = train_reward_model(quick_config("train.loss=pairwise", "data.num_rankings=32", "train.batch_size=48"),
                                  echo=lambda s: None)
     assert summary["train/batch_elements"] == 6 * 32  # C(4, 2) pairs per ranking
-    assert summary["train/forward_passes"] == 3 * 4 * 32
+    assert summary["train/responses_forwarded"] == 3 * 4 * 32
 
 
 def test_score_cli_writes_rewards(quick_config, tmp_path):

@@ -1,0 +1,144 @@
+"""The step loop of the offline stages (`align reward train`, `align dpo`).
+
+Both train on examples known before training starts: global batches planned up front from the seed
+(align.distributed.global_batches), each step one optimiser step over a global batch that the ranks
+split, metrics rows averaged over a window of steps and over the ranks, a checkpoint every
+`save_every` steps that closes the window, so a resumed run writes the rows of an uninterrupted one.
+
+A stage's trainer subclasses `StepLoop`, defines `local_batches` and `step` (its own forward and
+backward, counting `responses_forwarded`) and sets in its setup the attributes listed on the class.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
+from align.config import config_to_dict
+from align.distributed import clip_grad_norm, global_batches
+from align.precision import check_finite_gradient
+
+CHECKPOINT_PREFIX = "step"  # RUN/checkpoints/step-NNNNNN
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
+    """Linear warmup over the first `warmup_ratio` of the steps, then linear decay to 0. Stepped by
+    hand, once per optimiser step (accelerate's wrapper would step it once per process)."""
+    warmup = int(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+
+
+class StepLoop:
+    """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
+    part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints and,
+    where the stage has one, progress), `accelerator`, `device`, `rank`, `world`, `is_main`, `fsdp`
+    (the FSDP plugin or None), `out`, `metrics` (main process), `model`, `optimizer`, `scheduler`,
+    `params` (what is trained), `train_set` (its `items` fingerprint the data), `global_batches`,
+    `echo`."""
+
+    stage: str  # "reward", "dpo": the prefix of the stage's lines
+    resume_overridable: frozenset[str] | set[str]  # config keys a resumed run may change
+    batch_items = "examples"  # what a global batch holds, for the message when there are too few
+
+    step_count: int = 0
+    responses_forwarded: int = 0  # by this rank's training steps
+
+    def local_batches(self, global_batch: list[int]) -> Any:
+        """This rank's part of a global batch, in micro-batches, as `step` takes it."""
+        raise NotImplementedError
+
+    def step(self, local: Any) -> dict[str, float]:
+        """One optimiser step (ending in `optimizer_step`); its metrics."""
+        raise NotImplementedError
+
+    def plan_batches(self) -> list[list[int]]:
+        """Global batches of example indices (align.distributed.global_batches)."""
+        c = self.loop_cfg
+        return global_batches(len(self.train_set), c.batch_size, epochs=c.epochs, max_steps=c.max_steps, seed=c.seed,
+                              world=self.world, what=self.batch_items)
+
+    def optimizer_step(self, max_grad_norm: float) -> float:
+        """Clip the accumulated gradients, refuse a non-finite norm (a NaN model is never trained on,
+        nor saved), step AdamW and the schedule; the gradient norm before clipping."""
+        grad_norm = (clip_grad_norm(self.params, max_grad_norm) if self.fsdp
+                     else self.accelerator.clip_grad_norm_(self.params, max_grad_norm))
+        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
+        self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.loop_cfg
+        total = len(self.global_batches)
+        t_start, cpu_start = time.perf_counter(), time.process_time()
+        window: list[dict[str, float]] = []
+        bar = tqdm(self.global_batches[self.step_count:], initial=self.step_count, total=total, desc=self.stage,
+                   unit="step", disable=not (getattr(c, "progress", False) and self.is_main))
+        for global_batch in bar:
+            t = time.perf_counter()
+            window.append(self.step(self.local_batches(global_batch)))
+            self.step_count += 1
+            # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
+            checkpoint = bool(c.save_every) and self.step_count % c.save_every == 0
+            if self.step_count % c.log_every == 0 or self.step_count == total or checkpoint:
+                keys = list(window[0])
+                local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
+                row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
+                forwarded = self.forwarded_over_ranks()
+                window = []
+                if self.is_main:
+                    row.update({"step": self.step_count, "train/lr": self.lr, "train/responses_forwarded": forwarded,
+                                "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
+                    self.metrics.write(row)
+                    self.last_train = row
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+            if checkpoint:  # every rank takes part
+                self.save_checkpoint()
+        self.train_seconds = time.perf_counter() - t_start
+        self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
+        self.responses_forwarded_total = self.forwarded_over_ranks()
+
+    def forwarded_over_ranks(self) -> int:
+        """Responses forwarded in training by all ranks (a collective: every rank calls it)."""
+        return int(self.accelerator.reduce(torch.tensor(self.responses_forwarded, device=self.device), "sum").item())
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """What this run trains on (align.checkpoint.data_fingerprint), computed once."""
+        return data_fingerprint(self.train_set.items)
+
+    def save_checkpoint(self) -> None:
+        """RUN/checkpoints/step-NNNNNN (align.checkpoint): what is trained, AdamW, the schedule, the
+        RNGs and the step; the batches are a function of the seed, so the step is the data position."""
+        forwarded = self.accelerator.gather(torch.tensor([self.responses_forwarded], device=self.device)).tolist()
+        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
+                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            sharded=self.fsdp is not None, keep=self.loop_cfg.keep_checkpoints,
+                            state={"step": self.step_count, "num_steps": len(self.global_batches),
+                                   "config": config_to_dict(self.cfg), "responses_forwarded": forwarded,
+                                   "data": self.data_digest})
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_training_state(
+            path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            sharded=self.fsdp is not None,
+            check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
+                                               may_change=self.resume_overridable, data=self.data_digest,
+                                               num_steps=len(self.global_batches)))
+        self.step_count = state["step"]
+        # (the reward stage's earlier checkpoints name the count forward_passes)
+        self.responses_forwarded = state.get("responses_forwarded", state.get("forward_passes"))[self.rank]
+        if self.is_main:
+            self.echo(f"{self.stage}: resumed {self.out} at step {self.step_count}")
