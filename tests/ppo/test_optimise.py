@@ -1,4 +1,4 @@
-"""The optimisation phase's memory reuse (ppo.optimise)."""
+"""The optimisation phase's memory reuse (align.host_memory, called by ppo.optimise)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 # page faults of rounds 2-10 (the first round faults its pages in either way).
 CHURN = """
 import json, resource, sys, torch
-from ppo.optimise import keep_freed_memory
+from align.host_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(10):
