@@ -49,6 +49,7 @@ class LayerCompiler:
             # One layer's code is compiled per grad mode, autocast state (a bf16 critic), first layer or not
             # (its input carries no gradient) and attention mask or none: PPO with a critic reaches dynamo's
             # default of 8 graphs per function, past which calls silently run eager (torchtune raises it too).
+            # torch has no public setting for it (torch.compiler.config holds none): dynamo's config it is.
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))

@@ -82,7 +82,7 @@ def check_compiled_step_matches_eager(trainer, rtol: float, atol: float, grad_re
             trainer.compiler = switch
         return stats, [p.grad.clone() for p in params]
 
-    torch._dynamo.reset()  # compile here, not from an earlier case's cache
+    torch.compiler.reset()  # compile here, not from an earlier case's cache
     torch._dynamo.utils.counters.clear()
     compiled_stats, compiled_grads = step(True)
     assert _compiled_graphs() > 0 and seen and all(seen)
