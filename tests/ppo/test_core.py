@@ -120,6 +120,26 @@ def test_gae_full_and_masked():
     close(adv, [[0.25, 0.5, 1.0]])
 
 
+def test_gather_logprobs_takes_each_positions_token():
+    logp = torch.tensor([[[-0.1, -2.0, -3.0], [-1.0, -0.5, -2.5], [-4.0, -0.2, -1.5]]])  # (1, 3 positions, V=3)
+    torch.testing.assert_close(core.gather_logprobs(logp, torch.tensor([[0, 2, 1]])), torch.tensor([[-0.1, -2.5, -0.2]]))
+
+
+def test_masked_mean_and_unbiased_var_ignore_masked_entries():
+    x, mask = torch.tensor([1.0, 2.0, 6.0, 100.0]), torch.tensor([1, 1, 1, 0])
+    # the masked entries 1, 2, 6: mean 3, squared deviations 4 + 1 + 9 = 14 over n - 1 = 2
+    torch.testing.assert_close(core.masked_mean(x, mask), torch.tensor(3.0))
+    torch.testing.assert_close(core.masked_var(x, mask), torch.tensor(7.0))
+    rows = torch.tensor([[1.0, 3.0, 50.0], [4.0, 0.0, 0.0]])
+    torch.testing.assert_close(core.masked_mean(rows, torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1), torch.tensor([2.0, 4.0]))
+
+
+def test_broadcast_to_tokens_gives_each_real_token_its_sequences_value():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    expected = torch.tensor([[0.5, 0.5, 0.0], [-2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(core.broadcast_to_tokens(torch.tensor([0.5, -2.0, 1.0]), mask), expected)
+
+
 def test_masked_whiten():
     # (1, 2, 3): mean 2, unbiased var 1 -> (-1, 0, 1)
     close(core.masked_whiten(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3)), [-1.0, 0.0, 1.0], tol=1e-4)

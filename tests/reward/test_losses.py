@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.formats import ordered_pairs
-from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, reward_centering_loss
+from reward.losses import kwise_ranking_loss, pair_accuracy, pairwise_loss, per_ranking_mean, reward_centering_loss
 
 
 def nll(x: float) -> float:
@@ -18,6 +18,13 @@ def test_ordered_pairs_follow_ranks_and_ties_imply_none():
     assert ordered_pairs([0, 2, 1]) == [(0, 1), (0, 2), (2, 1)]
     assert ordered_pairs([1, 0, 1]) == [(1, 0), (1, 2)]  # responses 0 and 2 tie: no pair between them
     assert ordered_pairs([0, 0, 0]) == []
+
+
+def test_per_ranking_mean_averages_each_rankings_pairs():
+    # pairs 0-2 from ranking 0 (mean of 1, 2, 6 = 3), pair 3 from ranking 1, pairs 4-5 from ranking 2
+    per_pair = torch.tensor([1.0, 2.0, 6.0, -4.0, 0.5, 1.5])
+    means = per_ranking_mean(per_pair, torch.tensor([0, 0, 0, 1, 2, 2]), 3)
+    torch.testing.assert_close(means, torch.tensor([3.0, -4.0, 1.0]))
 
 
 def test_kwise_loss_one_ranking_of_three():
