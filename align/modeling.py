@@ -62,6 +62,47 @@ def model_trunk(model: Any) -> Any:
     return getattr(model, model.base_model_prefix)
 
 
+class OutputHead:
+    """A causal LM's output layer and what its forward then does to the logits: Gemma 2 and 3's soft
+    cap, cap * tanh(logits / cap) (`final_logit_softcapping`), Granite's division by `logits_scaling`,
+    Cohere's multiplication by `logit_scale`. Every stage computes logits from the trunk's states (a
+    chunk of positions at a time), through this, so that it samples and trains the checkpoint's own
+    distribution; `check_output_head` holds it to the model's forward when the model loads. A plain
+    callable, not a module: the output layer stays registered once, in the model."""
+
+    def __init__(self, model: Any):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.linear = model.get_output_embeddings()
+        self.scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None) or None
+
+    def __call__(self, hidden: Any) -> Any:
+        import torch
+
+        logits = self.linear(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def check_output_head(model: Any, path: str | Path) -> None:
+    """One line when the model's forward does something to its logits after the output layer that
+    `OutputHead` does not reproduce: align would sample and train another distribution than the
+    checkpoint's. Two tokens through the model, checked once as it loads."""
+    import torch
+
+    ids = torch.tensor([[1, 2]]).clamp(max=model.get_input_embeddings().num_embeddings - 1)
+    with torch.no_grad():
+        whole = model(input_ids=ids, use_cache=False).logits.float()
+        ours = OutputHead(model)(model_trunk(model)(input_ids=ids, use_cache=False).last_hidden_state).float()
+    gap = (whole - ours).abs().max().item()
+    if not gap <= 1e-3 * max(1.0, whole.abs().max().item()):
+        raise UserError(f"{path}: the {model.config.model_type} model changes its logits after the output layer in a "
+                        f"way align does not reproduce (they differ by {gap:.3g}); this family cannot be trained here")
+
+
 def length_slices(lengths: Any, buckets: int) -> tuple[Any, list[Any]]:
     """(order, slices): the indices sorted by length, cut into `buckets` slices (1 when there are
     fewer than 2 per slice); each slice is then run cut to its own longest sequence."""
@@ -249,6 +290,7 @@ def load_causal_lm(path: str | Path, dtype: Any = None, tokenizer: Any = None) -
 
     quiet_transformers()
     model = _merged_checkpoint(Path(path), dtype or torch.float32, tokenizer)
+    check_output_head(model, path)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from align.modeling import model_trunk
+from align.modeling import OutputHead, model_trunk
 from ppo import core
 from reward.data import RankingBatch
 
 
-def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """A causal LM's (a PeftModel's or its base's) transformer without its head, and the head."""
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, OutputHead]:
+    """A causal LM's (a PeftModel's or its base's) transformer without its head, and the head
+    (align.modeling.OutputHead: the family's own change to the logits included)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return model_trunk(lm), lm.get_output_embeddings()
+    return model_trunk(lm), OutputHead(lm)
 
 
 def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk_tokens: int = 0) -> torch.Tensor:

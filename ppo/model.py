@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from align.modeling import model_trunk, position_ids_from_mask
+from align.modeling import OutputHead, model_trunk, position_ids_from_mask
 from ppo import core
 
 log = logging.getLogger("align")
@@ -91,8 +91,9 @@ class ActorCritic(nn.Module):
         return model_trunk(self.policy.get_base_model())
 
     @property
-    def lm_head(self) -> nn.Module:
-        return self.policy.get_base_model().get_output_embeddings()
+    def lm_head(self) -> OutputHead:
+        """The output layer and the family's own change to the logits after it (Gemma 2's soft cap...)."""
+        return OutputHead(self.policy.get_base_model())
 
     def _response_hidden(self, input_ids, attention_mask, position_ids, response_start: int | torch.Tensor,
                          length: int) -> torch.Tensor:
@@ -207,10 +208,9 @@ class Reference:
                                                          temperature, chunk_tokens)
         position_ids = position_ids_from_mask(attention_mask)
         hidden = model_trunk(self.separate_model)(input_ids=input_ids, attention_mask=attention_mask,
-                                             position_ids=position_ids, use_cache=False).last_hidden_state
+                                                  position_ids=position_ids, use_cache=False).last_hidden_state
         return core.logprobs_from_hidden(states_before_tokens(hidden, response_start, tokens.shape[1]),
-                                         self.separate_model.get_output_embeddings(), tokens, temperature,
-                                         chunk_tokens)[0]
+                                         OutputHead(self.separate_model), tokens, temperature, chunk_tokens)[0]
 
 
 def build_policy(base: nn.Module, lora: Any) -> nn.Module:

@@ -1,0 +1,63 @@
+"""Families whose forward changes the logits after the output layer (Gemma 2's soft cap, Granite's
+and Cohere's scaling): every stage reads logits from the trunk's states through
+align.modeling.OutputHead, which must give the checkpoint's own."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.families.builders import build_family_model
+
+# family -> (config class, its sizes and the setting that changes the logits, as the published checkpoints ship it)
+TRANSFORMING = {
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 30.0}),
+    "granite": ("GraniteConfig", {"logits_scaling": 8.0}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.0625}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSFORMING))
+def transforming_model(request, tmp_path_factory):
+    from tests.families import builders
+
+    builders.FAMILIES.setdefault(request.param, TRANSFORMING[request.param])
+    return request.param, build_family_model(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def test_ppo_and_dpo_read_the_logits_of_the_checkpoints_forward(transforming_model):
+    from align.modeling import load_causal_lm
+    from dpo.model import trunk_and_head
+    from ppo.model import ActorCritic
+
+    family, path = transforming_model
+    model = load_causal_lm(path)  # its check passes: OutputHead reproduces the forward
+    with torch.no_grad():  # logits of tens, as a trained model's, where the soft cap bites
+        model.get_output_embeddings().weight.mul_(400.0)
+    ids = torch.randint(5, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids).logits[:, 2:-1].float(), -1).gather(-1, ids[:, 3:, None])[..., 0]
+        body, head = trunk_and_head(model)
+        plain = torch.log_softmax(model.get_output_embeddings()(body(input_ids=ids).last_hidden_state)[:, 2:-1], -1)
+        assert (plain.gather(-1, ids[:, 3:, None])[..., 0] - expected).abs().max() > 1e-2  # the transform matters
+        dpo_logits = head(body(input_ids=ids).last_hidden_state)[:, 2:-1]
+        torch.testing.assert_close(torch.log_softmax(dpo_logits, -1).gather(-1, ids[:, 3:, None])[..., 0], expected)
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        ppo = ActorCritic(policy, value_head=False).policy_logprobs(ids, mask, 3, ids[:, 3:], 1.0)
+    torch.testing.assert_close(ppo, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_that_changes_its_logits_in_an_unknown_way_is_refused(tiny_random_model):
+    from align.errors import UserError
+    from align.modeling import check_output_head, load_causal_lm
+
+    model = load_causal_lm(tiny_random_model)
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: SimpleNamespace(logits=forward(*args, **kwargs).logits * 2.0)
+    with pytest.raises(UserError, match="changes its logits after the output layer"):
+        check_output_head(model, tiny_random_model)
