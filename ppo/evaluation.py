@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from align.errors import TrainingDiverged
 from align.generation import seeded
 from ppo import core
 
@@ -48,7 +49,10 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
         batch = prompts[s: s + batch_size]
         for which in ("sft", "policy"):
             with seeded(seed + EVAL_SEED_OFFSET + s):
-                samples = trainer.generate(batch, adapter=which == "policy")
+                try:
+                    samples = trainer.generate(batch, adapter=which == "policy")
+                except TrainingDiverged as err:
+                    raise TrainingDiverged(f"evaluation after training ({which} samples): {err}") from None
             texts = trainer.decode(samples.response_ids, samples.response_mask)
             eos[which].extend((samples.response_ids == trainer.tokenizer.eos_token_id).any(-1).tolist())
             if which == "sft":

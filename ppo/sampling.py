@@ -27,11 +27,12 @@ from typing import Protocol
 
 import torch
 
-from align.errors import UserError
+from align.errors import TrainingDiverged, UserError
 from align.modeling import position_ids_from_mask
 from ppo import core
 
-NON_FINITE = "the policy produced non-finite logits while sampling"
+NON_FINITE = ("the policy produced non-finite logits while sampling (its weights or activations overflowed); "
+              "lower the learning rate, or check the data and scores")
 
 
 CACHE_SLOTS_STEP = 64  # cache lengths are rounded up to a multiple: a graph serves prompts of nearby lengths
@@ -60,7 +61,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool =
     logp = core.log_softmax(logits, temperature)  # (B, V)
     cdf = logp.exp().cumsum(-1)  # (B, V)
     if check_finite and not torch.isfinite(cdf[:, -1]).all():  # multinomial would raise too
-        raise FloatingPointError(NON_FINITE)
+        raise TrainingDiverged(NON_FINITE)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
     # the first index whose cdf exceeds u: token i owns [cdf[i-1], cdf[i]), empty when p_i = 0
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
@@ -240,7 +241,7 @@ def sample_responses(
         done |= token == eos_token_id
         last, check = step == max_new_tokens - 1, (step + 1) % sync_every == 0
         if sync_every > 1 and (last or check) and not torch.isfinite(logprobs[:, : step + 1]).all():
-            raise FloatingPointError(NON_FINITE)
+            raise TrainingDiverged(NON_FINITE)
         if last or (check and bool(done.all())):
             break
         logits, value = buffers.advance(response[:, step], prompt_len + step)

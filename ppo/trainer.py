@@ -32,6 +32,7 @@ from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
+from align.errors import TrainingDiverged
 from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
     METRICS_FILE,
@@ -228,7 +229,10 @@ class PPOTrainer:
 
         # 1) Rollout: sample responses from pi_old (left-padded prompts, KV cache) and record
         #    log pi_old, log pi_ref and V_old for every response token, dropout off.
-        exp, texts = self.rollout(prompts)
+        try:
+            exp, texts = self.rollout(prompts)
+        except TrainingDiverged as err:  # the last update overflowed the policy: say when
+            raise TrainingDiverged(f"iteration {self.iteration + 1}: {err}") from None
         t1 = time.perf_counter()
 
         # 2) Score: the reward model's normalised score of (prompt, response); a response

@@ -110,3 +110,18 @@ def test_a_non_finite_gradient_stops_the_run_before_it_is_applied(small_run):
     with pytest.raises(TrainingDiverged, match=r"iteration 1, epoch 1, minibatch 1: the gradient norm is nan"):
         trainer.step()
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_a_policy_that_overflowed_stops_the_rollout_naming_the_iteration(small_run):
+    # an update that left the weights finite but the logits not (a learning rate far too high): the
+    # next rollout stops with the iteration and the hint, as the gradient guard does (exit 3, no traceback)
+    from align.errors import TrainingDiverged
+
+    trainer = PPOTrainer(load_config(PPOConfig, None, small_run), reward_model=NaNScorer())
+    trainer.setup()
+    trainer.iteration = 4
+    with torch.no_grad():
+        trainer.model.lm_head.linear.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"^iteration 5: the policy produced non-finite logits while sampling .*"
+                                               r"lower the learning rate"):
+        trainer.step()

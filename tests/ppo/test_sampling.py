@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align.config import load_config
-from align.errors import UserError
+from align.errors import TrainingDiverged, UserError
 from ppo.config import PPOConfig
 from ppo.sampling import sample_responses, sample_tokens
 from ppo.trainer import PPOTrainer
@@ -178,7 +178,7 @@ def test_the_decoding_step_reads_the_same_buffers_at_every_step():
 
 def test_non_finite_logits_raise_at_the_next_check():
     for sync_every in (1, 8):
-        with pytest.raises(FloatingPointError):
+        with pytest.raises(TrainingDiverged, match="non-finite logits while sampling"):
             _sample(_Decoder(nan_at=3), sync_every)
 
 
