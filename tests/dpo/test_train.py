@@ -61,6 +61,22 @@ def test_training_raises_the_likelihood_of_the_rankings_and_moves_only_the_adapt
                                    atol=1e-4, rtol=1e-5)
 
 
+def test_a_non_finite_gradient_stops_the_run_before_it_is_applied(small_dpo_run):
+    from align.errors import TrainingDiverged
+
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, "num_eval_prompts=0"]), echo=lambda _: None)
+    trainer.setup()
+    lora_a = next(p for n, p in trainer.policy.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        lora_a[0, 0] = float("nan")  # every response's log-prob, the loss and the gradient become NaN
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"^step 1: the gradient norm is nan .*the update was not applied"):
+        trainer.train()
+    after = dict(trainer.policy.named_parameters())  # unchanged, the one NaN included
+    assert all(torch.equal(after[n].nan_to_num(), p.nan_to_num()) for n, p in before.items())
+    assert trainer.step_count == 0
+
+
 def test_responses_sharing_a_prompt_get_the_log_probs_of_their_whole_sequences(small_dpo_run):
     trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
     trainer.setup()
