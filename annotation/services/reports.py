@@ -12,7 +12,6 @@ from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
 from annotation.services.rankings import order_to_ranks, ranked_prefix
-from annotation.services.users import annotator_name
 
 EXPORT_FORMATS = ("kwise", "pairs", "hh")
 
@@ -54,7 +53,7 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
                 prompt=prompt.content,
                 responses=[c.text for c in cands],
                 ranks=order_to_ranks(ids, row.order, row.below),
-                annotator=annotator_name(user.username),
+                annotator=user.username,  # an imported annotator as `src:<name>`: never taken for a user
                 prompt_id=prompt.source_id,
                 ranked=ranked_prefix(row.order, row.below),
                 meta={
