@@ -275,12 +275,17 @@ async def import_file(
 def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise",
            all_revisions: bool = False):
     """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh;
-    `all_revisions=true` (kwise): every stored revision, not only the latest."""
+    `all_revisions=true` (kwise): every stored revision, not only the latest. An hh export
+    leaves out prompts a transcript cannot hold as they are (system messages, turn markers in
+    a text), and the header X-Align-Left-Out says how many and why."""
     import json
 
-    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions)
+    notes: list[str] = []
+    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions, notes=notes)
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return PlainTextResponse(body, media_type="application/x-ndjson")
+    # what the format left out, where a JSONL body has no room for it (ASCII, as a header must be)
+    headers = {"X-Align-Left-Out": notes[0].encode("ascii", "backslashreplace").decode()} if notes else None
+    return PlainTextResponse(body, media_type="application/x-ndjson", headers=headers)
 
 
 @router.get("/projects/{name}/dashboard")

@@ -121,3 +121,38 @@ def test_a_revision_number_that_names_another_ranking_is_refused_and_stores_noth
     r = _import(env, "v", "kwise", _body([{**B, "revision": "2"}]))
     assert r.status_code == 422 and "revision" in r.json()["detail"], r.text
     assert env.counts() == before
+
+
+def test_pairs_and_hh_exports_keep_a_repeated_response_once_at_its_best_rank(env):
+    """Two copies of one text ranked first and last gave a row with chosen == rejected and
+    two rows that contradict each other; the training stages keep the text once, at the
+    best rank it was given, and so do these exports."""
+    h = env.headers(env.admin_token)
+    assert env.client.post("/api/projects", headers=h, json={"name": "rep", "k": 3}).status_code == 201
+    r = env.client.post("/api/projects/rep/prompts", headers=h,
+                        json={"prompts": [{"id": "q", "prompt": "say it", "candidates": ["same", "other", "same"]}]})
+    assert r.status_code == 201, r.text
+    token = env.annotator("ann")
+    task = env.client.post("/api/projects/rep/next", headers=env.headers(token)).json()
+    text = {c["id"]: c["text"] for c in task["candidates"]}
+    same = [i for i in text if text[i] == "same"]
+    (other,) = [i for i in text if text[i] == "other"]
+    r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(token),
+                        json={"order": [[same[0]], [other], [same[1]]]})
+    assert r.status_code == 201, r.text
+    pairs = _export(env, "rep", "pairs")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("same", "other")]
+    hh = _export(env, "rep", "hh")
+    assert [(p["chosen"][-4:], p["rejected"][-5:]) for p in hh] == [("same", "other")]
+
+
+def test_the_hh_export_says_how_many_rankings_it_left_out_and_why(env):
+    system = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+              "responses": ["Hello.", "Go away."], "ranks": [0, 1], "annotator": "v"}
+    plain = {**system, "prompt": "Hi?"}
+    assert _added(_import(env, "hh", "kwise", _body([system, plain]))) == 2
+    r = env.client.get("/api/projects/hh/export?format=hh", headers=env.headers(env.admin_token))
+    assert r.status_code == 200 and len(r.text.splitlines()) == 1
+    assert r.headers["x-align-left-out"].startswith("1 of 2 rankings left out of the hh export (1 with a system")
+    r = env.client.get("/api/projects/hh/export?format=pairs", headers=env.headers(env.admin_token))
+    assert r.status_code == 200 and len(r.text.splitlines()) == 2 and "x-align-left-out" not in r.headers
