@@ -225,6 +225,25 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     return max(IMPORT_PAUSE_S, held_s) * min(IMPORT_MAX_BACKOFF, max(1.0, slowdown))
 
 
+def _refuse_reused_ids(db: Session, project: Project, keyed: list[tuple[str, Any, list]]) -> None:
+    """A prompt id that the project, or an earlier record, gives another prompt is refused
+    before anything is stored (as the rankings import refuses it): kept as "already
+    present", the file's prompt was silently dropped."""
+    from annotation.db import begin_read_only
+
+    content_of: dict[str, Any] = {}
+    begin_read_only(db)
+    ids = list(dict.fromkeys(sid for sid, _content, _cands in keyed))
+    for i in range(0, len(ids), 500):
+        content_of.update(db.execute(select(Prompt.source_id, Prompt.content).where(
+            Prompt.project_id == project.id, Prompt.source_id.in_(ids[i : i + 500]))).all())
+    db.commit()  # ends the snapshot (a rollback would expire the project read before it)
+    for sid, content, _candidates in keyed:
+        if content_of.setdefault(sid, content) != content:
+            raise Invalid(f"prompt id {sid!r} already names another prompt in project {project.name!r} or in this "
+                          "file; give this prompt another id")
+
+
 @unit_of_work
 def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> ImportReport:
     """Add prompts, each with no candidates (to generate later) or exactly the project's K.
@@ -245,6 +264,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
         if len(rec.candidates) > MAX_CANDIDATES:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
         keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
+    _refuse_reused_ids(db, project, keyed)
     for chunk in chunks(keyed):
         new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
         with chunk_transaction(db):

@@ -203,3 +203,18 @@ def test_a_refused_import_leaves_the_database_exactly_as_it_was(env):
             r = _import(env, project, fmt, "\n".join(_lines(150, fmt) + [last]) + "\n")
             assert r.status_code == 422 and r.json()["detail"], (last, r.text)
             assert _every_row(env) == before, last
+
+
+def test_a_prompts_import_naming_a_stored_prompt_id_for_another_prompt_is_refused_and_stores_nothing(env):
+    """It was counted "already present" and the old prompt silently kept, where the rankings
+    import refuses the same file; now both refuse it."""
+    env.project(n_prompts=1, k=2)  # prompt id q0: "prompt 0?"
+    before = _every_row(env)
+    new = json.dumps({"prompt": "new one", "id": "fresh", "candidates": ["a", "b"]})
+    for changed in ({"prompt": "another prompt", "id": "q0", "candidates": ["a", "b"]},
+                    {"prompt": "another prompt", "id": "fresh", "candidates": ["a", "b"]}):
+        r = _import(env, "p", "prompts", new + "\n" + json.dumps(changed) + "\n")
+        assert r.status_code == 422 and "already names another prompt" in r.json()["detail"], r.text
+        assert _every_row(env) == before
+    r = _import(env, "p", "prompts", json.dumps({"prompt": "prompt 0?", "id": "q0"}) + "\n")
+    assert r.status_code == 201 and r.json()["duplicates_skipped"] == 1
