@@ -218,3 +218,16 @@ def test_a_prompts_import_naming_a_stored_prompt_id_for_another_prompt_is_refuse
         assert _every_row(env) == before
     r = _import(env, "p", "prompts", json.dumps({"prompt": "prompt 0?", "id": "q0"}) + "\n")
     assert r.status_code == 201 and r.json()["duplicates_skipped"] == 1
+
+
+def test_an_imported_annotator_cannot_be_made_a_member_of_a_project(env):
+    """`src:` accounts hold imported rankings and never sign in: adding one as a member was
+    a 201, where activating it is a 404."""
+    env.project(n_prompts=1, k=2)
+    line = {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "x1"}
+    assert _import(env, "p", "kwise", json.dumps(line) + "\n").status_code == 201
+    h = env.headers(env.admin_token)
+    before = env.client.get("/api/projects/p/members", headers=h).json()
+    r = env.client.post("/api/projects/p/members", headers=h, json={"username": "src:x1"})
+    assert r.status_code == 404 and r.json()["detail"] == "no user 'src:x1'", r.text
+    assert env.client.get("/api/projects/p/members", headers=h).json() == before
