@@ -31,6 +31,10 @@ class Invalid(ServiceError):
     """The input itself is wrong (type, range, length, content)."""
 
 
+class StorageFull(ServiceError):
+    """The database's disk is full: nothing of the request was stored (HTTP 507)."""
+
+
 class Throttled(ServiceError):
     """Too many failed attempts; `retry_after` seconds until the next is allowed."""
 

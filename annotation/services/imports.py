@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
 from align.formats import PromptRecord, check_json_value
-from annotation.db import refresh_planner_statistics
+from annotation.db import disk_full, refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid
+from annotation.services.errors import Conflict, Invalid, StorageFull
 from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.rankings import check_text
 
@@ -206,6 +206,22 @@ def chunk_transaction(db: Session) -> Iterator[None]:
         time.sleep(pause_after_chunk(time.monotonic() - started, worked, cpu))
 
 
+@contextmanager
+def stopped_by_full_disk(db: Session, report: ImportReport) -> Iterator[None]:
+    """The chunks of an import: a full disk stops it with one line saying what it stored
+    (the chunks committed stay, as an import cut short keeps them) and that importing the
+    file again adds the rest."""
+    try:
+        yield
+    except OperationalError as exc:
+        if not disk_full(exc):
+            raise
+        db.rollback()
+        raise StorageFull(f"the database's disk is full: this import stored {report.prompts_added} prompts and "
+                          f"{report.rankings_added} rankings before it stopped; free space and import the file "
+                          "again to add the rest (nothing is added twice)") from None
+
+
 def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     """Seconds an import waits after a chunk that held the writer lock `held_s` (its
     commit included), of which `worked_s` writing its rows, which took `cpu_s` of the
@@ -265,13 +281,14 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
         keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
     _refuse_reused_ids(db, project, keyed)
-    for chunk in chunks(keyed):
-        new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
-        with chunk_transaction(db):
-            if new:
-                _insert_prompts(db, project, new, now)
-        report.prompts_added += len(new)
-        report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
+    with stopped_by_full_disk(db, report):
+        for chunk in chunks(keyed):
+            new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
+            with chunk_transaction(db):
+                if new:
+                    _insert_prompts(db, project, new, now)
+            report.prompts_added += len(new)
+            report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report

@@ -37,6 +37,7 @@ from annotation.services.imports import (
     chunk_transaction,
     chunks,
     new_prompt,
+    stopped_by_full_disk,
 )
 from annotation.services.ranking_history import History, RevisionConflict, ranking_key
 from annotation.services.rankings import clean_optional_text, ranks_to_order
@@ -361,9 +362,10 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     checked = [_check_ranking(r, i, project, source, origin) for i, r in enumerate(rankings)]
     slots, users, stored_as = _read_existing(db, project, checked)
     planned = _plan(checked, slots, stored_as, project, report)
-    for chunk in chunks(planned):
-        with chunk_transaction(db):
-            _store(db, project, chunk, users, stored_as, now, report)
+    with stopped_by_full_disk(db, report):
+        for chunk in chunks(planned):
+            with chunk_transaction(db):
+                _store(db, project, chunk, users, stored_as, now, report)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report
