@@ -130,10 +130,7 @@ def is_member(db: Session, project: Project, user: User) -> bool:
 
 @unit_of_work
 def add_member(db: Session, project: Project, user: User) -> bool:
-    """Make `user` a member of `project` (True if they were not one already). An imported
-    annotator's source account is no user to add (it never signs in): 404, as elsewhere."""
-    if user.role == "source":
-        raise NotFound(f"no user {user.username!r}")
+    """Make `user` a member of `project` (True if they were not one already)."""
     if db.scalar(select(ProjectMember.user_id).where(
             ProjectMember.project_id == project.id, ProjectMember.user_id == user.id)) is not None:
         return False
