@@ -18,7 +18,6 @@ from annotation import security, services
 from annotation.db import (
     DatabaseBusy,
     WalCheckpointer,
-    disk_full,
     get_meta,
     make_engine,
     make_sessionmaker,
@@ -27,6 +26,7 @@ from annotation.db import (
 )
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
+from annotation.services.errors import disk_full
 from annotation.settings import Settings
 from annotation.status import http_status
 

@@ -31,13 +31,6 @@ class DatabaseBusy(UserError):
         self.retry_after = retry_after
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether a database error says its disk is full (SQLite: "database or disk is full";
-    PostgreSQL: "No space left on device")."""
-    text = str(exc)
-    return "disk is full" in text or "No space left on device" in text
-
-
 def _flock_within(fd: int, deadline: float) -> bool:
     """Take an exclusive flock on `fd` by `deadline` (time.monotonic()); False if another
     process still holds it then. A blocking flock cannot be given a timeout, so it is

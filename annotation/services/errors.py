@@ -41,3 +41,10 @@ class Throttled(ServiceError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a database error says its disk is full (SQLite: "database or disk is full";
+    PostgreSQL: "No space left on device")."""
+    text = str(exc)
+    return "disk is full" in text or "No space left on device" in text

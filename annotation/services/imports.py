@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
 from align.formats import PromptRecord, check_json_value
-from annotation.db import disk_full, refresh_planner_statistics
+from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid, StorageFull
+from annotation.services.errors import Conflict, Invalid, StorageFull, disk_full
 from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.rankings import check_text
 
