@@ -416,10 +416,42 @@ def pairs_from_rankings(rankings: list[Ranking], conversational: bool | None = N
     return rows
 
 
+_HH_TURN_MARK = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_problem(r: Ranking) -> str | None:
+    """Why an HH transcript cannot hold this ranking's prompt as it is (None: it can). A
+    transcript has Human and Assistant turns only, split at "\\n\\nHuman:" and
+    "\\n\\nAssistant:", and a reader takes the prompt to end at the last Human turn."""
+    messages = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+    if any(m["role"] not in ("user", "assistant") for m in messages):
+        return "a system message (or a role other than user and assistant), which would read back as a Human turn"
+    if any(_HH_TURN_MARK.search(m["content"]) for m in messages):
+        return "'\\n\\nHuman:' or '\\n\\nAssistant:' in the prompt, which would read back as more turns"
+    if messages[-1]["role"] != "user":
+        return "a prompt ending with an assistant turn, which would read back as part of the responses"
+    return None
+
+
+def hh_left_out(rankings: list[Ranking]) -> str | None:
+    """One line saying how many rankings `hh_from_rankings` leaves out, and why (None: none)."""
+    reasons: dict[str, int] = {}
+    for r in rankings:
+        if (problem := hh_problem(r)) is not None:
+            reasons[problem] = reasons.get(problem, 0) + 1
+    if not reasons:
+        return None
+    why = "; ".join(f"{n} with {problem}" for problem, n in reasons.items())
+    return (f"{sum(reasons.values())} of {len(rankings)} rankings left out of the hh export ({why}); "
+            "export kwise or pairs to keep them")
+
+
 def hh_from_rankings(rankings: list[Ranking]) -> list[dict[str, str]]:
-    """HH-RLHF rows: whole transcripts, one per (winner, loser) pair."""
+    """HH-RLHF rows: whole transcripts, one per (winner, loser) pair. A ranking whose prompt
+    a transcript cannot hold as it is (`hh_problem`) is left out, never changed; `hh_left_out`
+    says how many and why."""
     rows = []
-    for r, chosen, rejected in _pair_rows(rankings):
+    for r, chosen, rejected in _pair_rows([r for r in rankings if hh_problem(r) is None]):
         prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
         rows.append(
             {

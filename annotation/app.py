@@ -10,14 +10,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from annotation import security, services
-from annotation.db import DatabaseBusy, WalCheckpointer, get_meta, make_engine, make_sessionmaker, migrate, open_connections
+from annotation.db import (
+    DatabaseBusy,
+    WalCheckpointer,
+    get_meta,
+    make_engine,
+    make_sessionmaker,
+    migrate,
+    open_connections,
+)
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
+from annotation.services.errors import disk_full
 from annotation.settings import Settings
 from annotation.status import http_status
 
@@ -204,6 +213,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def _pool_timeout(request: Request, exc: PoolTimeout):
         return _busy(f"the server is busy (no database connection free within {settings.pool_timeout_s:g} s); "
                      "try again in a moment", settings.retry_after_s)
+
+    # The database's disk is full: the write was rolled back. 507 Insufficient Storage, with
+    # a detail an admin can act on, where it was a bare 500.
+    @app.exception_handler(OperationalError)
+    async def _operational_error(request: Request, exc: OperationalError):
+        if not disk_full(exc):
+            raise exc
+        return JSONResponse({"detail": "the database's disk is full; nothing of this request was stored (free space "
+                                       "on the database's disk, then try again)"}, status_code=507)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):

@@ -225,7 +225,9 @@ def export(
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     with _sessionmaker(db)() as s:
-        rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions)
+        notes: list[str] = []
+        rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions,
+                                    notes=notes)
     if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     tmp = out.with_name(out.name + ".tmp")
@@ -238,6 +240,8 @@ def export(
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{len(rows)} {format} rows written to {out}")
+    for note in notes:  # what the format could not hold (hh: system messages, turn markers in a prompt)
+        typer.echo(note, err=True)
 
 
 @app.command("generate")

@@ -10,6 +10,7 @@ import anyio.to_process
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from annotation import services
 from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
@@ -224,6 +225,8 @@ def list_members(name: ProjectName, db: SessionDep, _admin: AdminUser):
 def add_member(name: ProjectName, body: MemberCreate, db: SessionDep, _admin: AdminUser):
     """Let an annotator see and rank this project."""
     user = services.get_user(db, body.username)
+    if user.role == "source":  # an imported annotator's account never signs in: no user to add, as for /activate
+        raise HTTPException(404, f"no user {body.username!r}")
     services.add_member(db, services.get_project(db, name), user)
     return _user_public(user)
 
@@ -260,7 +263,10 @@ async def import_file(
     missing). All or nothing: a bad line and nothing is stored."""
     if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
         raise HTTPException(415, "send the file uncompressed (no Content-Encoding)")
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # the client left mid-upload: nothing was read whole, nothing is stored
+        return Response(status_code=400)
     if body[:2] == b"\x1f\x8b":
         raise HTTPException(415, "the body is gzip-compressed; send the JSONL file uncompressed")
     settings = request.app.state.settings
@@ -275,12 +281,17 @@ async def import_file(
 def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise",
            all_revisions: bool = False):
     """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh;
-    `all_revisions=true` (kwise): every stored revision, not only the latest."""
+    `all_revisions=true` (kwise): every stored revision, not only the latest. An hh export
+    leaves out prompts a transcript cannot hold as they are (system messages, turn markers in
+    a text), and the header X-Align-Left-Out says how many and why."""
     import json
 
-    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions)
+    notes: list[str] = []
+    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions, notes=notes)
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return PlainTextResponse(body, media_type="application/x-ndjson")
+    # what the format left out, where a JSONL body has no room for it (ASCII, as a header must be)
+    headers = {"X-Align-Left-Out": notes[0].encode("ascii", "backslashreplace").decode()} if notes else None
+    return PlainTextResponse(body, media_type="application/x-ndjson", headers=headers)
 
 
 @router.get("/projects/{name}/dashboard")

@@ -12,6 +12,7 @@ HTTP_STATUS = {
     services.Conflict: 409,
     services.Invalid: 422,
     services.Throttled: 429,
+    services.StorageFull: 507,
 }
 
 

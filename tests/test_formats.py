@@ -77,6 +77,26 @@ def test_hh_round_trip_and_gzip(tmp_path):
     assert formats.write_hh([r], out) == 1 and json.loads(out.read_text()) == rows[0]
 
 
+def test_the_hh_export_leaves_out_prompts_it_cannot_hold_and_says_how_many_and_why(tmp_path):
+    """A system message read back as a Human turn, and a prompt holding "\\n\\nHuman:" read
+    back as more turns: the export changed them without a word. Now they are left out, and
+    counted; every row it writes reads back as the ranking it came from."""
+    plain = Ranking("Hi?", ["Hello!", "Go away."], [0, 1], prompt_id="ok")
+    system = Ranking([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+                     ["Hello!", "No."], [0, 1], prompt_id="sys")
+    turns = Ranking("Say\n\nHuman: hi\n\nAssistant: to me", ["hi", "no"], [0, 1], prompt_id="turns")
+    rankings = [plain, system, turns]
+    rows = formats.hh_from_rankings(rankings)
+    out = tmp_path / "hh.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (back,) = formats.read_hh(out)
+    assert (back.prompt, back.responses) == ([{"role": "user", "content": "Hi?"}], plain.responses)
+    note = formats.hh_left_out(rankings)
+    assert note.startswith("2 of 3 rankings left out of the hh export") and "1 with a system message" in note
+    assert "1 with" in note.split("system message", 1)[1] and "kwise or pairs" in note
+    assert formats.hh_left_out([plain]) is None
+
+
 def test_oasst_tree_groups_ranked_siblings(tmp_path):
     tree = {"message_tree_id": "t", "prompt": {"message_id": "m0", "role": "prompter", "text": "Q?", "replies": [
         {"message_id": "a1", "role": "assistant", "text": "A1", "rank": 1, "replies": [

@@ -17,7 +17,7 @@ as one line.
 """
 
 from align.errors import UserError
-from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, Throttled, Unauthorized
+from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError, StorageFull, Throttled, Unauthorized
 from annotation.services.import_files import import_body, import_file
 from annotation.services.imports import (
     IMPORT_FORMATS,
@@ -104,6 +104,7 @@ __all__ = [
     "Unauthorized",
     "Task",
     "TaskCandidate",
+    "StorageFull",
     "Throttled",
     "UserError",
     "accept_invite",

@@ -31,9 +31,20 @@ class Invalid(ServiceError):
     """The input itself is wrong (type, range, length, content)."""
 
 
+class StorageFull(ServiceError):
+    """The database's disk is full: nothing of the request was stored (HTTP 507)."""
+
+
 class Throttled(ServiceError):
     """Too many failed attempts; `retry_after` seconds until the next is allowed."""
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a database error says its disk is full (SQLite: "database or disk is full";
+    PostgreSQL: "No space left on device")."""
+    text = str(exc)
+    return "disk is full" in text or "No space left on device" in text

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from align.errors import UserError
@@ -20,7 +20,7 @@ from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Conflict, Invalid
+from annotation.services.errors import Conflict, Invalid, StorageFull, disk_full
 from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.rankings import check_text
 
@@ -206,6 +206,22 @@ def chunk_transaction(db: Session) -> Iterator[None]:
         time.sleep(pause_after_chunk(time.monotonic() - started, worked, cpu))
 
 
+@contextmanager
+def stopped_by_full_disk(db: Session, report: ImportReport) -> Iterator[None]:
+    """The chunks of an import: a full disk stops it with one line saying what it stored
+    (the chunks committed stay, as an import cut short keeps them) and that importing the
+    file again adds the rest."""
+    try:
+        yield
+    except OperationalError as exc:
+        if not disk_full(exc):
+            raise
+        db.rollback()
+        raise StorageFull(f"the database's disk is full: this import stored {report.prompts_added} prompts and "
+                          f"{report.rankings_added} rankings before it stopped; free space and import the file "
+                          "again to add the rest (nothing is added twice)") from None
+
+
 def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     """Seconds an import waits after a chunk that held the writer lock `held_s` (its
     commit included), of which `worked_s` writing its rows, which took `cpu_s` of the
@@ -223,6 +239,25 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     three runs without this backoff, 0.09-1.8 s in four with it."""
     slowdown = worked_s / cpu_s if cpu_s > 0 else IMPORT_MAX_BACKOFF
     return max(IMPORT_PAUSE_S, held_s) * min(IMPORT_MAX_BACKOFF, max(1.0, slowdown))
+
+
+def _refuse_reused_ids(db: Session, project: Project, keyed: list[tuple[str, Any, list]]) -> None:
+    """A prompt id that the project, or an earlier record, gives another prompt is refused
+    before anything is stored (as the rankings import refuses it): kept as "already
+    present", the file's prompt was silently dropped."""
+    from annotation.db import begin_read_only
+
+    content_of: dict[str, Any] = {}
+    begin_read_only(db)
+    ids = list(dict.fromkeys(sid for sid, _content, _cands in keyed))
+    for i in range(0, len(ids), 500):
+        content_of.update(db.execute(select(Prompt.source_id, Prompt.content).where(
+            Prompt.project_id == project.id, Prompt.source_id.in_(ids[i : i + 500]))).all())
+    db.commit()  # ends the snapshot (a rollback would expire the project read before it)
+    for sid, content, _candidates in keyed:
+        if content_of.setdefault(sid, content) != content:
+            raise Invalid(f"prompt id {sid!r} already names another prompt in project {project.name!r} or in this "
+                          "file; give this prompt another id")
 
 
 @unit_of_work
@@ -245,13 +280,15 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
         if len(rec.candidates) > MAX_CANDIDATES:
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
         keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
-    for chunk in chunks(keyed):
-        new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
-        with chunk_transaction(db):
-            if new:
-                _insert_prompts(db, project, new, now)
-        report.prompts_added += len(new)
-        report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
+    _refuse_reused_ids(db, project, keyed)
+    with stopped_by_full_disk(db, report):
+        for chunk in chunks(keyed):
+            new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
+            with chunk_transaction(db):
+                if new:
+                    _insert_prompts(db, project, new, now)
+            report.prompts_added += len(new)
+            report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report

@@ -3,10 +3,14 @@
 A prompt is identified by its source id (the file's prompt id, or a content hash): the
 first ranking of a prompt creates it with its responses as candidates, and every further
 ranking of it, in the same file or a later one, is stored on that prompt, by its own
-annotator. A ranking is a duplicate, and skipped, only when the same annotator's ranking
-of the same prompt with the same ranks is already there; a different ranking by the same
-annotator is a new revision (rankings are append-only). Imported annotators are accounts
-of role "source" in a namespace of their own (`users.source_username`), never real users.
+annotator. Imported annotators are accounts of role "source" in a namespace of their own
+(`users.source_username`: a line's annotator N is stored as `src:N`), never real users;
+exports name every account as it is, so a real user "ann1" and an imported "ann1"
+(`src:ann1`) stay two annotators through an export and an import. A line is a duplicate,
+and skipped, when the account it names (a real user of an export of this project, or an
+imported annotator exported as `src:N`) or the source account it would be stored under
+holds that ranking already (`ranking_history`); otherwise it is a new revision (rankings
+are append-only).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sqlalchemy.orm import Session
 from align.formats import Candidate as CandidateIn
 from align.formats import Ranking
 from annotation.db import begin_read_only, refresh_planner_statistics
+from annotation.limits import MAX_DB_INT
 from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Invalid
@@ -32,7 +37,9 @@ from annotation.services.imports import (
     chunk_transaction,
     chunks,
     new_prompt,
+    stopped_by_full_disk,
 )
+from annotation.services.ranking_history import History, RevisionConflict, ranking_key
 from annotation.services.rankings import clean_optional_text, ranks_to_order
 from annotation.services.users import SOURCE_PREFIX, check_source_name, new_user, source_username
 
@@ -81,6 +88,14 @@ class _CheckedRanking:
     all_bad: bool
     rationale: str | None
     candidate_ids: list[str | None]
+    revision: int | None  # the file's revision number of this ranking (kwise exports carry it)
+
+
+def _revision(meta: dict, where: str) -> int | None:
+    value = meta.get("revision")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DB_INT):
+        raise Invalid(f"{where}: revision must be a whole number from 1, got {value!r:.80}")
+    return value
 
 
 def _check_ranking(r: Ranking, i: int, project: Project, source: str, origin: str | None) -> _CheckedRanking:
@@ -116,16 +131,7 @@ def _check_ranking(r: Ranking, i: int, project: Project, source: str, origin: st
     if problem:  # checked here, stripped as stored: a name refused later would leave the chunks before it
         raise Invalid(f"{where}: annotator {problem}")
     return _CheckedRanking(sid, where, content, responses, ranks, r.ranked, annotator.strip(), all_bad, rationale,
-                           candidate_ids)
-
-
-Key = tuple[tuple[frozenset[int], ...], frozenset[int]]
-
-
-def _key(order: list[list[int]], below: list[int] | None) -> Key:
-    """What makes two rankings of a prompt the same: the tie groups in order, and the
-    unordered rest of a top-m ranking (candidate positions or ids alike)."""
-    return tuple(frozenset(g) for g in order), frozenset(below or ())
+                           candidate_ids, _revision(meta, where))
 
 
 @dataclass
@@ -137,8 +143,10 @@ class _PromptSlot:
     texts: list[str]
     prompt_id: int | None = None
     candidate_ids: list[int] = field(default_factory=list)  # by position
-    keys: dict[str, set[Key]] = field(default_factory=dict)  # annotator -> rankings stored or planned
-    revisions: dict[str, int] = field(default_factory=dict)  # annotator -> highest revision
+    histories: dict[str, History] = field(default_factory=dict)  # account's username -> its rankings of it
+
+    def history(self, username: str) -> History:
+        return self.histories.setdefault(username, History())
 
 
 @dataclass
@@ -148,6 +156,7 @@ class _Planned:
     order: list[list[int]]  # candidate positions
     below: list[int] | None
     revision: int
+    first: bool  # the account's first ranking of the prompt: a slot taken, and done
 
 
 def _positions(responses: list[str], texts: list[str]) -> list[int] | None:
@@ -175,9 +184,11 @@ def _order_of(r: _CheckedRanking, positions: list[int]) -> tuple[list[list[int]]
 
 
 def _read_existing(db: Session, project: Project,
-                   checked: list[_CheckedRanking]) -> tuple[dict[str, _PromptSlot], dict[str, int]]:
+                   checked: list[_CheckedRanking]) -> tuple[dict[str, _PromptSlot], dict[str, int], dict[str, str]]:
     """The project's prompts that the file names, with their candidates and the rankings
-    of the file's annotators on them, read in one snapshot (no writer lock)."""
+    of the accounts the file's lines name or would be stored under, read in one snapshot
+    (no writer lock). Also: those accounts (username -> user id) and the account each
+    annotator name is stored under (`_accounts`)."""
     sids = list(dict.fromkeys(r.source_id for r in checked))
     names = list(dict.fromkeys(r.annotator for r in checked))
     begin_read_only(db)
@@ -193,69 +204,121 @@ def _read_existing(db: Session, project: Project,
                 Candidate.prompt_id.in_(ids[i : i + _READ_BATCH])).order_by(Candidate.prompt_id, Candidate.position)):
             by_id[pid].texts.append(text)
             by_id[pid].candidate_ids.append(cid)
-    users = _source_users(db, names)
-    name_of = {uid: name for name, uid in users.items()}
-    if by_id and name_of:
-        for i in range(0, len(ids), _READ_BATCH):
-            for pid, uid, revision, order, below in db.execute(
-                    select(RankingRow.prompt_id, RankingRow.user_id, RankingRow.revision, RankingRow.order,
-                           RankingRow.below).where(RankingRow.prompt_id.in_(ids[i : i + _READ_BATCH]),
-                                                   RankingRow.user_id.in_(list(name_of)))):
-                slot, name = by_id[pid], name_of[uid]
-                position = {cid: p for p, cid in enumerate(slot.candidate_ids)}
-                slot.revisions[name] = max(slot.revisions.get(name, 0), revision)
-                if order is not None:  # a skip holds no ranking
-                    slot.keys.setdefault(name, set()).add(_key(
-                        [[position.get(c, -1) for c in g] for g in order], [position.get(c, -1) for c in below or ()]))
+    accounts, stored_as = _accounts(db, names)
+    if by_id and accounts:
+        _read_histories(db, by_id, {uid: name for name, uid in accounts.items()})
     db.commit()  # ends the snapshot (a rollback would expire the project read before it)
-    return slots, users
+    return slots, accounts, stored_as
 
 
-def _source_users(db: Session, names: list[str]) -> dict[str, int]:
-    """The source accounts of these annotator names that exist (name -> user id), never a
-    real user's; one made before source names had their prefix is found by its bare name."""
-    found: dict[str, int] = {}
+def _read_histories(db: Session, by_id: dict[int, _PromptSlot], username_of: dict[int, str]) -> None:
+    """Every ranking and skip of these accounts on these prompts, into the prompts' histories."""
+    ids = list(by_id)
+    for i in range(0, len(ids), _READ_BATCH):
+        for pid, uid, revision, order, below, all_bad, rationale in db.execute(
+                select(RankingRow.prompt_id, RankingRow.user_id, RankingRow.revision, RankingRow.order,
+                       RankingRow.below, RankingRow.all_bad, RankingRow.rationale).where(
+                    RankingRow.prompt_id.in_(ids[i : i + _READ_BATCH]), RankingRow.user_id.in_(list(username_of)))):
+            slot = by_id[pid]
+            position = {cid: p for p, cid in enumerate(slot.candidate_ids)}
+            key = None if order is None else ranking_key(  # a skip holds no ranking
+                [[position.get(c, -1) for c in g] for g in order], [position.get(c, -1) for c in below or ()],
+                all_bad, rationale)
+            slot.history(username_of[uid]).revisions[revision] = key
+
+
+def _accounts(db: Session, names: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """The accounts that exist (username -> user id) of the file's annotator names, as
+    named (a real user, or an exported source account `src:N`) and as their lines would
+    be stored (`src:N`); and for each name the username it is stored under: `src:N`, or
+    a source account that an older version made under the bare name."""
+    found: dict[str, tuple[int, str]] = {}
     for i in range(0, len(names), _READ_BATCH):
         batch = names[i : i + _READ_BATCH]
-        wanted = {source_username(n): n for n in batch} | {n: n for n in batch}
-        for uid, username in db.execute(select(User.id, User.username).where(
-                User.role == "source", User.username.in_(list(wanted)))).all():
-            if username.startswith(SOURCE_PREFIX) or wanted[username] not in found:
-                found[wanted[username]] = uid
-    return found
+        wanted = [source_username(n) for n in batch] + batch
+        for uid, username, role in db.execute(select(User.id, User.username, User.role).where(
+                User.username.in_(wanted))).all():
+            found[username] = (uid, role)
+    stored_as = {}
+    for name in names:
+        legacy = (name in found and found[name][1] == "source" and not name.startswith(SOURCE_PREFIX)
+                  and source_username(name) not in found)
+        stored_as[name] = name if legacy else source_username(name)
+    return {username: uid for username, (uid, _role) in found.items()}, stored_as
 
 
-def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], project: Project,
-          report: ImportReport) -> list[_Planned]:
+@dataclass
+class _Line:
+    """A checked ranking matched to its prompt."""
+
+    ranking: _CheckedRanking
+    slot: _PromptSlot
+    order: list[list[int]]  # candidate positions
+    below: list[int] | None
+    key: Any
+
+
+def _match(r: _CheckedRanking, slots: dict[str, _PromptSlot], project: Project) -> _Line:
+    """The ranking matched to its prompt; one that a file line names differently from the
+    project or an earlier line is refused."""
+    slot = slots.get(r.source_id)
+    if slot is None:
+        slot = slots[r.source_id] = _PromptSlot(r.content, [c.text for c in r.responses])
+    if slot.content != r.content:
+        raise Invalid(f"{r.where}: prompt id {r.source_id!r} already names another prompt in project "
+                      f"{project.name!r} or in this file")
+    positions = _positions([c.text for c in r.responses], slot.texts)
+    if positions is None:
+        raise Invalid(f"{r.where}: prompt {r.source_id!r} has other responses in project {project.name!r} "
+                      f"or earlier in this file; a prompt id's rankings must rank the same responses")
+    order, below = _order_of(r, positions)
+    return _Line(r, slot, order, below, ranking_key(order, below, r.all_bad, r.rationale))
+
+
+def _sent_again(lines: list[_Line], stored_as: dict[str, str]) -> set[tuple[int, str]]:
+    """The (prompt, account) groups whose lines without a revision number are, in the
+    file's order, the last rankings the account holds: the same file imported again."""
+    groups: dict[tuple[int, str], list] = {}
+    for line in lines:
+        if line.ranking.revision is None:
+            groups.setdefault((id(line.slot), stored_as[line.ranking.annotator]), []).append(line)
+    return {group for group, members in groups.items()
+            if members[0].slot.history(group[1]).ends_with([m.key for m in members])}
+
+
+def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], stored_as: dict[str, str],
+          project: Project, report: ImportReport) -> list[_Planned]:
     """What to store, decided before anything is: every ranking is matched to its prompt
-    (one that a file line names differently from the project or an earlier line is
-    refused) and the duplicates are counted."""
-    planned = []
-    for r in checked:
-        slot = slots.get(r.source_id)
-        if slot is None:
-            slot = slots[r.source_id] = _PromptSlot(r.content, [c.text for c in r.responses])
-        if slot.content != r.content:
-            raise Invalid(f"{r.where}: prompt id {r.source_id!r} already names another prompt in project "
-                          f"{project.name!r} or in this file")
-        positions = _positions([c.text for c in r.responses], slot.texts)
-        if positions is None:
-            raise Invalid(f"{r.where}: prompt {r.source_id!r} has other responses in project {project.name!r} "
-                          f"or earlier in this file; a prompt id's rankings must rank the same responses")
-        order, below = _order_of(r, positions)
-        key = _key(order, below)
-        seen = slot.keys.setdefault(r.annotator, set())
-        if key in seen:
+    and the duplicates are counted (`ranking_history`)."""
+    lines = []
+    for line in (_match(r, slots, project) for r in checked):
+        # the account the line names: a ranking this project exported, read back
+        if line.slot.history(line.ranking.annotator).holds(line.key, line.ranking.revision):
             report.duplicates_skipped += 1
-            continue
-        seen.add(key)
-        slot.revisions[r.annotator] = revision = slot.revisions.get(r.annotator, 0) + 1
-        planned.append(_Planned(slot, r, order, below, revision))
+        else:
+            lines.append(line)
+    sent_again = _sent_again(lines, stored_as)
+    planned = []
+    for line in lines:
+        r, username = line.ranking, stored_as[line.ranking.annotator]
+        history = line.slot.history(username)
+        first = not history.revisions
+        try:
+            revision = None if (id(line.slot), username) in sent_again and r.revision is None else \
+                history.place(line.key, r.revision)
+        except RevisionConflict:
+            raise Invalid(f"{r.where}: annotator {r.annotator!r} has another ranking of this prompt as revision "
+                          f"{r.revision} in project {project.name!r}; the file's revisions are another history "
+                          "(import it into another project, or leave its revision numbers out)") from None
+        if revision is None:
+            report.duplicates_skipped += 1
+        else:
+            planned.append(_Planned(line.slot, r, line.order, line.below, revision, first))
     return planned
 
 
-def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str, int], now: float,
-           report: ImportReport) -> None:
+def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str, int], stored_as: dict[str, str],
+           now: float, report: ImportReport) -> None:
     new_annotators: dict[int, int] = {}
     for p in chunk:
         r, slot = p.ranking, p.slot
@@ -268,16 +331,17 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             slot.prompt_id, slot.candidate_ids = prompt.id, [c.id for c in prompt.candidates]
             report.prompts_added += 1
             report.candidates_added += len(r.responses)
-        if r.annotator not in users:
-            users[r.annotator] = new_user(db, source_username(r.annotator), None, role="source").id
+        username = stored_as[r.annotator]
+        if username not in users:
+            users[username] = new_user(db, username, None, role="source").id
         ids = slot.candidate_ids
         db.add(RankingRow(
-            project_id=project.id, prompt_id=slot.prompt_id, user_id=users[r.annotator], assignment_id=None,
+            project_id=project.id, prompt_id=slot.prompt_id, user_id=users[username], assignment_id=None,
             revision=p.revision, order=[[ids[pos] for pos in g] for g in p.order],
             below=None if p.below is None else [ids[pos] for pos in p.below], all_bad=r.all_bad, skipped=False,
             rationale=r.rationale, time_spent_ms=None, created_at=now,
         ))
-        if p.revision == 1:  # one more annotator has ranked the prompt: a slot taken, and done
+        if p.first:  # one more annotator has ranked the prompt: a slot taken, and done
             new_annotators[slot.prompt_id] = new_annotators.get(slot.prompt_id, 0) + 1
         report.rankings_added += 1
     db.flush()
@@ -296,11 +360,12 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     report = ImportReport()
     now = time.time()
     checked = [_check_ranking(r, i, project, source, origin) for i, r in enumerate(rankings)]
-    slots, users = _read_existing(db, project, checked)
-    planned = _plan(checked, slots, project, report)
-    for chunk in chunks(planned):
-        with chunk_transaction(db):
-            _store(db, project, chunk, users, now, report)
+    slots, users, stored_as = _read_existing(db, project, checked)
+    planned = _plan(checked, slots, stored_as, project, report)
+    with stopped_by_full_disk(db, report):
+        for chunk in chunks(planned):
+            with chunk_transaction(db):
+                _store(db, project, chunk, users, stored_as, now, report)
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report

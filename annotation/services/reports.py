@@ -12,7 +12,6 @@ from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
 from annotation.services.rankings import order_to_ranks, ranked_prefix
-from annotation.services.users import annotator_name
 
 EXPORT_FORMATS = ("kwise", "pairs", "hh")
 
@@ -54,7 +53,7 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
                 prompt=prompt.content,
                 responses=[c.text for c in cands],
                 ranks=order_to_ranks(ids, row.order, row.below),
-                annotator=annotator_name(user.username),
+                annotator=user.username,  # an imported annotator as `src:<name>`: never taken for a user
                 prompt_id=prompt.source_id,
                 ranked=ranked_prefix(row.order, row.below),
                 meta={
@@ -71,10 +70,12 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
 
 
 @read_only
-def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool = False) -> list[dict[str, Any]]:
+def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool = False,
+                notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The project's rankings as rows of `fmt`: the latest revision of each annotator's ranking of
     each prompt, or with `all_revisions` (kwise only: an audit of every correction, each row with
-    its `revision`) every ranking stored."""
+    its `revision`) every ranking stored. `notes` gets a line for what the format had to leave
+    out (hh: prompts a transcript cannot hold as they are)."""
     from align import formats
 
     if fmt not in EXPORT_FORMATS:
@@ -85,8 +86,18 @@ def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool 
     rankings = export_rankings(db, project, all_revisions=all_revisions)
     if fmt == "kwise":
         return [formats.kwise_row(r) for r in rankings]
+    # A text listed twice in one ranking is kept once, at the best rank it was given, as the
+    # training stages read rankings: two copies ranked apart gave a row with chosen ==
+    # rejected and two rows contradicting each other. (Imported here, where pairs are made:
+    # the reward stage owns it, and align's formats import no stage.)
+    from reward.data import merge_repeated_responses
+
+    rankings = [merge_repeated_responses(r) for r in rankings]
     if fmt == "pairs":
         return formats.pairs_from_rankings(rankings)
+    left_out = formats.hh_left_out(rankings)
+    if left_out and notes is not None:
+        notes.append(left_out)
     return formats.hh_from_rankings(rankings)
 
 

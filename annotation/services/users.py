@@ -32,11 +32,6 @@ def source_username(name: str) -> str:
     return SOURCE_PREFIX + name
 
 
-def annotator_name(username: str) -> str:
-    """The name an export gives a ranking's annotator: a source account's imported name."""
-    return username[len(SOURCE_PREFIX):] if username.startswith(SOURCE_PREFIX) else username
-
-
 def check_source_name(name: Any) -> str | None:
     """What is wrong with an imported annotator name (None: it is fine once stripped)."""
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_SOURCE_NAME:

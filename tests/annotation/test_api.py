@@ -305,7 +305,7 @@ def test_projects_prompts_and_import_over_api(env):
     bad = env.client.post("/api/projects/t/import?format=trl", headers=h, content=b'{"prompt": "p"}\n')
     assert bad.status_code == 422 and bad.json()["detail"].startswith("body:1:") and "chosen" in bad.json()["detail"]
     pairs = env.client.get("/api/projects/t/export?format=pairs", headers=h).text
-    assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": "q7", "annotator": "trl"}
+    assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": "q7", "annotator": "src:trl"}
     projects = env.client.get("/api/projects", headers=env.headers(env.annotator("ann"))).json()
     assert {p["name"] for p in projects} == {"api", "t"}
     assert next(p for p in projects if p["name"] == "api")["progress"]["rankable_prompts"] == 1

@@ -37,7 +37,7 @@ def test_import_export_round_trip_and_reimport(tmp_path, capsys):
         assert "2 " + fmt in ok(["annotate", "export", "--db", db, "-p", "t", "-f", fmt, "-o", str(out)], capsys)
     k = read_kwise(tmp_path / "kwise.jsonl")
     assert sorted((r.prompt, r.responses, r.ranks, r.annotator) for r in k) == [
-        ("2+2?", ["4", "5"], [0, 1], "trl"), ("capital of France?", ["Paris", "Lyon"], [0, 1], "trl")]
+        ("2+2?", ["4", "5"], [0, 1], "src:trl"), ("capital of France?", ["Paris", "Lyon"], [0, 1], "src:trl")]
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs} == {("2+2?", "4", "5"), ("capital of France?", "Paris", "Lyon")}
     hh = json.loads((tmp_path / "hh.jsonl").read_text().splitlines()[0])

@@ -29,15 +29,18 @@ def _export(env, project, fmt="kwise") -> list[dict]:
     return [json.loads(line) for line in r.text.splitlines()]
 
 
-def _ranking_view(rows):
-    return Counter((r["prompt_id"], r["annotator"], tuple(r["responses"]), tuple(r["ranks"]), tuple(r["models"]))
-                   for r in rows)
+def _ranking_view(rows, imported=False):
+    """The rankings of an export; `imported`: as another project that imported them holds
+    them (the annotators as source accounts `src:<name>`)."""
+    return Counter((r["prompt_id"], "src:" * imported + r["annotator"], tuple(r["responses"]), tuple(r["ranks"]),
+                    tuple(r["models"])) for r in rows)
 
 
 def test_every_annotators_ranking_of_a_prompt_is_imported_and_a_second_import_adds_nothing(env):
     """A kwise export has one line per annotator and prompt, all with the prompt's id; TRL
     pairs of one ranking share it too. All of them are stored (they were cut to the first
-    line of each prompt), with the candidates' models, and importing a file again is a no-op."""
+    line of each prompt), with the candidates' models, and importing a file again is a no-op.
+    The users' rankings are stored under source accounts of their names, and exported so."""
     env.project(n_prompts=3, k=3, annotators=2)
     _rank_everything(env, [env.annotator("alice"), env.annotator("bobby")])
     kwise = _export(env, "p")
@@ -47,7 +50,7 @@ def test_every_annotators_ranking_of_a_prompt_is_imported_and_a_second_import_ad
     r = _import(env, "q", "kwise", body)
     assert r.status_code == 201 and r.json() == {"prompts_added": 3, "candidates_added": 9, "rankings_added": 6,
                                                  "duplicates_skipped": 0}
-    assert _ranking_view(_export(env, "q")) == _ranking_view(kwise)
+    assert _ranking_view(_export(env, "q")) == _ranking_view(kwise, imported=True)
     r = _import(env, "q", "kwise", body)
     assert r.status_code == 201 and r.json() == {"prompts_added": 0, "candidates_added": 0, "rankings_added": 0,
                                                  "duplicates_skipped": 6}
@@ -58,7 +61,7 @@ def test_every_annotators_ranking_of_a_prompt_is_imported_and_a_second_import_ad
     body = "".join(json.dumps(r) + "\n" for r in pairs)
     r = _import(env, "t", "trl", body)
     assert r.status_code == 201 and r.json()["rankings_added"] == 12 and r.json()["duplicates_skipped"] == 0
-    view = Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], r["annotator"]) for r in pairs)
+    view = Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], "src:" + r["annotator"]) for r in pairs)
     assert Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], r["annotator"])
                    for r in _export(env, "t", "pairs")) == view
     r = _import(env, "t", "trl", body)
@@ -122,7 +125,7 @@ def test_imported_annotators_are_never_real_accounts_and_never_block_one(env):
         for name in ("admin", "alice"):
             real = db.scalar(select(User.id).where(User.username == name))
             assert db.scalar(select(func.count()).select_from(RankingRow).where(RankingRow.user_id == real)) == 0
-    assert sorted(r["annotator"] for r in _export(env, "i")) == ["admin", "alice", "carol", "dave"]
+    assert sorted(r["annotator"] for r in _export(env, "i")) == ["dave", "src:admin", "src:alice", "src:carol"]
     h = env.headers(env.admin_token)
     for name in ("carol", "dave"):
         r = env.client.post("/api/users", headers=h, json={"username": name, "password": "a long enough passphrase 4711"})
@@ -130,7 +133,7 @@ def test_imported_annotators_are_never_real_accounts_and_never_block_one(env):
     assert "src:carol" not in {u["username"] for u in env.client.get("/api/users", headers=h).json()}
     r = _import(env, "i", "kwise", body)  # the same source accounts again: nothing new
     assert r.json()["rankings_added"] == 0 and r.json()["duplicates_skipped"] == 4
-    assert sorted(r["annotator"] for r in _export(env, "i")) == ["admin", "alice", "carol", "dave"]
+    assert sorted(r["annotator"] for r in _export(env, "i")) == ["src:admin", "src:alice", "src:carol", "src:dave"]
 
 
 BAD_IMPORTS = [  # (format, line, words the answer must hold)
@@ -200,3 +203,31 @@ def test_a_refused_import_leaves_the_database_exactly_as_it_was(env):
             r = _import(env, project, fmt, "\n".join(_lines(150, fmt) + [last]) + "\n")
             assert r.status_code == 422 and r.json()["detail"], (last, r.text)
             assert _every_row(env) == before, last
+
+
+def test_a_prompts_import_naming_a_stored_prompt_id_for_another_prompt_is_refused_and_stores_nothing(env):
+    """It was counted "already present" and the old prompt silently kept, where the rankings
+    import refuses the same file; now both refuse it."""
+    env.project(n_prompts=1, k=2)  # prompt id q0: "prompt 0?"
+    before = _every_row(env)
+    new = json.dumps({"prompt": "new one", "id": "fresh", "candidates": ["a", "b"]})
+    for changed in ({"prompt": "another prompt", "id": "q0", "candidates": ["a", "b"]},
+                    {"prompt": "another prompt", "id": "fresh", "candidates": ["a", "b"]}):
+        r = _import(env, "p", "prompts", new + "\n" + json.dumps(changed) + "\n")
+        assert r.status_code == 422 and "already names another prompt" in r.json()["detail"], r.text
+        assert _every_row(env) == before
+    r = _import(env, "p", "prompts", json.dumps({"prompt": "prompt 0?", "id": "q0"}) + "\n")
+    assert r.status_code == 201 and r.json()["duplicates_skipped"] == 1
+
+
+def test_an_imported_annotator_cannot_be_made_a_member_of_a_project(env):
+    """`src:` accounts hold imported rankings and never sign in: adding one as a member was
+    a 201, where activating it is a 404."""
+    env.project(n_prompts=1, k=2)
+    line = {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "x1"}
+    assert _import(env, "p", "kwise", json.dumps(line) + "\n").status_code == 201
+    h = env.headers(env.admin_token)
+    before = env.client.get("/api/projects/p/members", headers=h).json()
+    r = env.client.post("/api/projects/p/members", headers=h, json={"username": "src:x1"})
+    assert r.status_code == 404 and r.json()["detail"] == "no user 'src:x1'", r.text
+    assert env.client.get("/api/projects/p/members", headers=h).json() == before

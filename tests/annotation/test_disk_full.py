@@ -1,0 +1,56 @@
+"""A full disk: a clear answer (HTTP 507, the CLI one line), and an import says what it stored."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+
+def _disk_full_after(monkeypatch, commits: int) -> None:
+    """Session.commit works `commits` times, then fails as SQLite does on a full disk."""
+    real, done = Session.commit, [0]
+
+    def commit(self):
+        done[0] += 1
+        if done[0] > commits:
+            raise OperationalError("COMMIT", {}, Exception("database or disk is full"))
+        return real(self)
+
+    monkeypatch.setattr(Session, "commit", commit)
+
+
+def test_an_import_cut_short_by_a_full_disk_says_what_it_stored_and_that_again_adds_the_rest(env, monkeypatch):
+    from align.formats import PromptRecord
+    from annotation import services
+    from annotation.services import imports
+
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    records = [PromptRecord(f"q{i}", f"id{i}") for i in range(5)]
+    with env.db() as db:
+        project = services.create_project(db, "full", k=2)
+        _disk_full_after(monkeypatch, 3)  # the snapshot's end, chunk 1, the next snapshot's end
+        with pytest.raises(services.ServiceError) as refused:
+            services.add_prompts(db, project, records)
+        monkeypatch.undo()
+        assert "disk is full" in str(refused.value) and "2 prompts" in str(refused.value)
+        assert "again" in str(refused.value) and "\n" not in str(refused.value)
+    with env.db() as db:
+        project = services.get_project(db, "full")
+        r = services.add_prompts(db, project, records)
+        assert (r.prompts_added, r.duplicates_skipped) == (3, 2)
+
+
+def test_next_task_on_a_full_disk_is_a_507_with_a_detail(env, monkeypatch):
+    env.project(n_prompts=1, k=2)
+    token = env.annotator("ann")
+    from annotation import services
+
+    def next_task(*_args, **_kwargs):
+        raise OperationalError("UPDATE prompts", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(services, "next_task_in", next_task)
+    r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+    monkeypatch.undo()
+    assert r.status_code == 507 and "disk is full" in r.json()["detail"], r.text
