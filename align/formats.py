@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,31 @@ def ordered_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
     return [(w, l) for w in range(k) for l in range(k) if ranks[w] < ranks[l]]
 
 
-def write_kwise(rankings: list[Ranking], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for r in rankings:
-            f.write(json.dumps(kwise_row(r), ensure_ascii=False) + "\n")
+def merge_repeated_responses(ranking: Ranking) -> Ranking:
+    """The ranking with each distinct response text once, at the best rank it was given.
+
+    Sampled candidates repeat (short answers, low temperatures), and an annotator who must order
+    every candidate may place two copies of one text apart. Kept apart, a copy above and a copy
+    below another response state both orders, and the pair of copies is one no model can get
+    right (the same text has the same reward): a tie scored as a half in every accuracy. The best
+    placement is kept, as the annotator's judgement of that text; the others are dropped, and the
+    ranks renumbered (each = how many kept responses rank strictly better, so a top-m ranking stays
+    one, of the kept ranked responses). `meta` is carried as it was."""
+    best: dict[str, int] = {}
+    for i, (text, rank) in enumerate(zip(ranking.responses, ranking.ranks)):
+        if text not in best or rank < ranking.ranks[best[text]]:
+            best[text] = i
+    if len(best) == len(ranking.responses):
+        return ranking
+    keep = sorted(best.values())
+    old = [ranking.ranks[i] for i in keep]
+    ranks = [sum(o < r for o in old) for r in old]
+    ranked = None
+    if ranking.ranked is not None:
+        ranked = sum(r < ranking.ranked for r in old)
+        ranked = ranked if ranked < len(keep) else None  # no unordered group left: a full ranking
+    return Ranking(prompt=ranking.prompt, responses=[ranking.responses[i] for i in keep], ranks=ranks,
+                   annotator=ranking.annotator, prompt_id=ranking.prompt_id, meta=ranking.meta, ranked=ranked)
 
 
 def read_kwise(path: str | Path) -> list[Ranking]:
@@ -384,107 +405,3 @@ def read_oasst(path: str | Path) -> list[Ranking]:
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: malformed message tree ({exc})") from None
     return out
-
-
-def _pair_rows(rankings: list[Ranking]):
-    for r in rankings:
-        for w, l in r.ordered_pairs():
-            yield r, r.responses[w], r.responses[l]
-
-
-def pairs_from_rankings(rankings: list[Ranking], conversational: bool | None = None) -> list[dict[str, Any]]:
-    """TRL preference rows, one per (winner, loser) pair a ranking implies (ties give none).
-    Chat prompts give the conversational form unless `conversational=False`."""
-    rows = []
-    for r, chosen, rejected in _pair_rows(rankings):
-        conv = isinstance(r.prompt, list) if conversational is None else conversational
-        if conv:
-            prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
-            row = {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        else:
-            prompt = r.prompt if isinstance(r.prompt, str) else format_hh_transcript(r.prompt) + "\n\nAssistant:"
-            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if r.prompt_id is not None:
-            row["prompt_id"] = r.prompt_id
-        if r.annotator is not None:
-            row["annotator"] = r.annotator
-        rows.append(row)
-    return rows
-
-
-_HH_TURN_MARK = re.compile(r"\n\n(Human|Assistant):")
-
-
-def hh_problem(r: Ranking) -> str | None:
-    """Why an HH transcript cannot hold this ranking's prompt as it is (None: it can). A
-    transcript has Human and Assistant turns only, split at "\\n\\nHuman:" and
-    "\\n\\nAssistant:", and a reader takes the prompt to end at the last Human turn."""
-    messages = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
-    if any(m["role"] not in ("user", "assistant") for m in messages):
-        return "a system message (or a role other than user and assistant), which would read back as a Human turn"
-    if any(_HH_TURN_MARK.search(m["content"]) for m in messages):
-        return "'\\n\\nHuman:' or '\\n\\nAssistant:' in the prompt, which would read back as more turns"
-    if messages[-1]["role"] != "user":
-        return "a prompt ending with an assistant turn, which would read back as part of the responses"
-    return None
-
-
-def hh_left_out(rankings: list[Ranking]) -> str | None:
-    """One line saying how many rankings `hh_from_rankings` leaves out, and why (None: none)."""
-    reasons: dict[str, int] = {}
-    for r in rankings:
-        if (problem := hh_problem(r)) is not None:
-            reasons[problem] = reasons.get(problem, 0) + 1
-    if not reasons:
-        return None
-    why = "; ".join(f"{n} with {problem}" for problem, n in reasons.items())
-    return (f"{sum(reasons.values())} of {len(rankings)} rankings left out of the hh export ({why}); "
-            "export kwise or pairs to keep them")
-
-
-def hh_from_rankings(rankings: list[Ranking]) -> list[dict[str, str]]:
-    """HH-RLHF rows: whole transcripts, one per (winner, loser) pair. A ranking whose prompt
-    a transcript cannot hold as it is (`hh_problem`) is left out, never changed; `hh_left_out`
-    says how many and why."""
-    rows = []
-    for r, chosen, rejected in _pair_rows([r for r in rankings if hh_problem(r) is None]):
-        prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
-        rows.append(
-            {
-                "chosen": format_hh_transcript(prompt + [{"role": "assistant", "content": chosen}]),
-                "rejected": format_hh_transcript(prompt + [{"role": "assistant", "content": rejected}]),
-            }
-        )
-    return rows
-
-
-def _write_jsonl(rows, path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_pairs(rankings: list[Ranking], path: str | Path, conversational: bool | None = None) -> int:
-    rows = pairs_from_rankings(rankings, conversational)
-    _write_jsonl(rows, path)
-    return len(rows)
-
-
-def write_hh(rankings: list[Ranking], path: str | Path) -> int:
-    rows = hh_from_rankings(rankings)
-    _write_jsonl(rows, path)
-    return len(rows)
-
-
-def kwise_row(r: Ranking) -> dict[str, Any]:
-    """One kwise JSONL line: the fields, `meta` spread out, and `ranked` only for a top-m
-    ranking (absent: a full one, as files written before it existed)."""
-    row = asdict(r)
-    if row["ranked"] is None:
-        del row["ranked"]
-    row.update(row.pop("meta"))
-    return row

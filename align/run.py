@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +159,22 @@ def give_ordinary_modes(root: str | Path) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to a temporary file beside `path`, fsync it, then rename over `path` (with the mode
     a plain open would have given it, not the temporary's 0600)."""
+    return _write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, default=_jsonable) + "\n"))
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
+    """Write one JSON object per line (non-ASCII text as it is), atomically as `write_json_atomic`."""
+    return _write_atomic(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n"
+                                                      for row in rows))
+
+
+def _write_atomic(path: str | Path, write: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         give_ordinary_modes(tmp)

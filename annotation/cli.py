@@ -216,7 +216,6 @@ def export(
     db: DbOpt = None,
 ) -> None:
     """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
-    import json
 
     from annotation import services
 
@@ -230,14 +229,11 @@ def export(
                                     notes=notes)
     if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    tmp = out.with_name(out.name + ".tmp")
+    from align.run import write_jsonl_atomic
+
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(out)
+        write_jsonl_atomic(out, rows)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{len(rows)} {format} rows written to {out}")
     for note in notes:  # what the format could not hold (hh: system messages, turn markers in a prompt)

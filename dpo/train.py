@@ -61,6 +61,7 @@ from align.run import (
     peak_memory_mb,
     prepare_run_dir,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from dpo.config import RESUME_OVERRIDABLE, DPOConfig
@@ -274,9 +275,7 @@ class DPOTrainer(StepLoop):
                                                  batch_size=cfg.eval_batch_size, seed=cfg.seed)
             summary.update(eval_metrics)
             if self.is_main:
-                with (self.out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
-                    for sample in samples:
-                        f.write(json.dumps(sample) + "\n")
+                write_jsonl_atomic(self.out / SAMPLES_FILE, samples)
         if self.is_main:
             summary.update({
                 "train/loss_final": self.last_train["train/loss"],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from align.run import (
     prepare_run_dir,
     read_metrics,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from ppo import core
 from ppo.checkpoint import (
@@ -460,9 +460,7 @@ class PPOTrainer:
             summary["eval/kl_target"] = self.cfg.kl.target
             summary["timing/eval_s"] = time.perf_counter() - t
             if self.is_main:
-                with (self.run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as f:
-                    for sample in samples:
-                        f.write(json.dumps(sample) + "\n")
+                write_jsonl_atomic(self.run_dir / SAMPLES_FILE, samples)
         if self.is_main:
             from ppo.plots import plot_curves
 

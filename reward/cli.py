@@ -92,7 +92,8 @@ def evaluate(
 
     if input_file_problem(data):
         raise UserError(f"--data {input_file_problem(data)}")
-    from reward.data import merge_repeated_responses, read_source, with_pairs
+    from align.formats import merge_repeated_responses
+    from reward.data import read_source, with_pairs
     from reward.evaluate import evaluate_rankings, format_table
     from reward.model import load_reward_model
 

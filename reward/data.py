@@ -23,7 +23,7 @@ import torch
 
 from align.chat import pad_rows
 from align.errors import UserError
-from align.formats import Ranking, ordered_pairs
+from align.formats import Ranking, merge_repeated_responses, ordered_pairs
 from reward.sources import read_annotation_project
 
 # --------------------------------------------------------------------------- loading
@@ -63,33 +63,6 @@ def split_by_prompt(rankings: Sequence[Ranking], eval_fraction: float, seed: int
     train = [r for r in rankings if prompt_key(r) not in held_out]
     eval_ = [r for r in rankings if prompt_key(r) in held_out]
     return train, eval_
-
-
-def merge_repeated_responses(ranking: Ranking) -> Ranking:
-    """The ranking with each distinct response text once, at the best rank it was given.
-
-    Sampled candidates repeat (short answers, low temperatures), and an annotator who must order
-    every candidate may place two copies of one text apart. Kept apart, a copy above and a copy
-    below another response state both orders, and the pair of copies is one no model can get
-    right (the same text has the same reward): a tie scored as a half in every accuracy. The best
-    placement is kept, as the annotator's judgement of that text; the others are dropped, and the
-    ranks renumbered (each = how many kept responses rank strictly better, so a top-m ranking stays
-    one, of the kept ranked responses). `meta` is carried as it was."""
-    best: dict[str, int] = {}
-    for i, (text, rank) in enumerate(zip(ranking.responses, ranking.ranks)):
-        if text not in best or rank < ranking.ranks[best[text]]:
-            best[text] = i
-    if len(best) == len(ranking.responses):
-        return ranking
-    keep = sorted(best.values())
-    old = [ranking.ranks[i] for i in keep]
-    ranks = [sum(o < r for o in old) for r in old]
-    ranked = None
-    if ranking.ranked is not None:
-        ranked = sum(r < ranking.ranked for r in old)
-        ranked = ranked if ranked < len(keep) else None  # no unordered group left: a full ranking
-    return Ranking(prompt=ranking.prompt, responses=[ranking.responses[i] for i in keep], ranks=ranks,
-                   annotator=ranking.annotator, prompt_id=ranking.prompt_id, meta=ranking.meta, ranked=ranked)
 
 
 def repeats_note(with_repeats: int) -> str:

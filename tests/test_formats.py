@@ -1,4 +1,4 @@
-"""Readers and writers of preference data (align.formats): TRL pairs, HH-RLHF, OpenAssistant
+"""Readers and writers of preference data (align.formats, align.exports): TRL pairs, HH-RLHF, OpenAssistant
 trees, prompts JSONL, kwise."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from align import formats
+from align import exports, formats
 from align.errors import UserError
 from align.files import jsonl_rows
 from align.formats import Ranking
+from align.run import write_jsonl_atomic
 
 
 def write_lines(path, rows):
@@ -72,9 +73,10 @@ def test_hh_round_trip_and_gzip(tmp_path):
     (r,) = formats.read_hh(f)
     assert r.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"}]
     assert r.responses == ["Why did the chicken...", "No."] and r.ranks == [0, 1]
-    assert formats.hh_from_rankings([r]) == rows  # byte-exact transcripts back
+    assert exports.hh_from_rankings([r]) == rows  # byte-exact transcripts back
     out = tmp_path / "out.jsonl"
-    assert formats.write_hh([r], out) == 1 and json.loads(out.read_text()) == rows[0]
+    write_jsonl_atomic(out, exports.hh_from_rankings([r]))
+    assert json.loads(out.read_text()) == rows[0]
 
 
 def test_the_hh_export_leaves_out_prompts_it_cannot_hold_and_says_how_many_and_why(tmp_path):
@@ -86,15 +88,15 @@ def test_the_hh_export_leaves_out_prompts_it_cannot_hold_and_says_how_many_and_w
                      ["Hello!", "No."], [0, 1], prompt_id="sys")
     turns = Ranking("Say\n\nHuman: hi\n\nAssistant: to me", ["hi", "no"], [0, 1], prompt_id="turns")
     rankings = [plain, system, turns]
-    rows = formats.hh_from_rankings(rankings)
+    rows = exports.hh_from_rankings(rankings)
     out = tmp_path / "hh.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (back,) = formats.read_hh(out)
     assert (back.prompt, back.responses) == ([{"role": "user", "content": "Hi?"}], plain.responses)
-    note = formats.hh_left_out(rankings)
+    note = exports.hh_left_out(rankings)
     assert note.startswith("2 of 3 rankings left out of the hh export") and "1 with a system message" in note
     assert "1 with" in note.split("system message", 1)[1] and "kwise or pairs" in note
-    assert formats.hh_left_out([plain]) is None
+    assert exports.hh_left_out([plain]) is None
 
 
 def test_oasst_tree_groups_ranked_siblings(tmp_path):
@@ -131,14 +133,14 @@ def test_prompts_with_and_without_candidates(tmp_path):
 def test_pairs_writer_plain_and_conversational(tmp_path):
     chat = [{"role": "user", "content": "hi"}]
     rankings = [Ranking("p", ["x", "y", "z"], [0, 1, 1], "ann", "id1"), Ranking(chat, ["u", "v"], [1, 0], "ann", "id2")]
-    rows = formats.pairs_from_rankings(rankings)
+    rows = exports.pairs_from_rankings(rankings)
     assert [(r["chosen"], r["rejected"]) for r in rows[:2]] == [("x", "y"), ("x", "z")]
     assert rows[2] == {"prompt": chat, "chosen": [{"role": "assistant", "content": "v"}],
                        "rejected": [{"role": "assistant", "content": "u"}], "prompt_id": "id2", "annotator": "ann"}
-    plain = formats.pairs_from_rankings(rankings[1:], conversational=False)
+    plain = exports.pairs_from_rankings(rankings[1:], conversational=False)
     assert plain[0]["prompt"] == "\n\nHuman: hi\n\nAssistant:" and plain[0]["chosen"] == "v"
     out = tmp_path / "pairs.jsonl"
-    assert formats.write_pairs(rankings, out) == 3
+    write_jsonl_atomic(out, exports.pairs_from_rankings(rankings))
     back = formats.read_trl_pairs(out)  # what we write, TRL readers (and we) read back
     assert [(r.prompt, r.responses) for r in back] == [("p", ["x", "y"]), ("p", ["x", "z"]), (chat, ["v", "u"])]
 
@@ -146,7 +148,7 @@ def test_pairs_writer_plain_and_conversational(tmp_path):
 def test_kwise_round_trip_keeps_ties_and_meta(tmp_path):
     r = Ranking([{"role": "user", "content": "q"}], ["a", "b", "c"], [0, 0, 1], "ann", "p1", {"all_bad": True, "revision": 2})
     f = tmp_path / "k.jsonl"
-    formats.write_kwise([r], f)
+    exports.write_kwise([r], f)
     (back,) = formats.read_kwise(f)
     assert back == r
     assert "ranked" not in json.loads(f.read_text())  # a full ranking's line is as before
@@ -157,12 +159,12 @@ def test_top_m_ranking_round_trips_with_its_ranked_prefix(tmp_path):
     pairs exist only where an order was stated (none between the two unranked)."""
     r = Ranking("q", ["a", "b", "c", "d"], [0, 2, 1, 2], "ann", "p1", {"revision": 1}, ranked=2)
     f = tmp_path / "k.jsonl"
-    formats.write_kwise([r], f)
+    exports.write_kwise([r], f)
     assert json.loads(f.read_text())["ranked"] == 2
     (back,) = formats.read_kwise(f)
     assert back == r and back.ranked == 2
     assert sorted(r.ordered_pairs()) == [(0, 1), (0, 2), (0, 3), (2, 1), (2, 3)]
-    rows = formats.pairs_from_rankings([r])
+    rows = exports.pairs_from_rankings([r])
     assert sorted((p["chosen"], p["rejected"]) for p in rows) == [("a", "b"), ("a", "c"), ("a", "d"), ("c", "b"), ("c", "d")]
 
 

@@ -26,7 +26,6 @@ nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
@@ -39,7 +38,7 @@ from typing import Any, Literal
 from align.config import check, check_input_file, load_config, option, save_config
 from align.errors import ConfigError, UserError
 from align.resources import configs_dir
-from align.run import make_directory, write_json_atomic
+from align.run import make_directory, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger("align")
 
@@ -356,7 +355,7 @@ def simulate_annotators(sessions, cfg: DemoConfig) -> dict[str, int]:
 
 
 def export_rankings(db_url: str, path: Path) -> list:
-    from align.formats import write_kwise
+    from align.exports import write_kwise
     from annotation import services
     from annotation.db import open_db
 
@@ -432,7 +431,5 @@ def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_to
     })
     samples = [dict(prompt=p, sft=a, aligned=b, gold_sft=ga, gold_aligned=gb)
                for p, a, b, ga, gb in zip(prompts, before, after, gold_before, gold_after)]
-    with (out / "comparison.jsonl").open("w", encoding="utf-8") as f:
-        for row in samples:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl_atomic(out / "comparison.jsonl", samples)
     return {"metrics": metrics, "samples": samples}

@@ -76,7 +76,7 @@ def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool 
     each prompt, or with `all_revisions` (kwise only: an audit of every correction, each row with
     its `revision`) every ranking stored. `notes` gets a line for what the format had to leave
     out (hh: prompts a transcript cannot hold as they are)."""
-    from align import formats
+    from align import exports
 
     if fmt not in EXPORT_FORMATS:
         raise Invalid(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -85,20 +85,13 @@ def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool 
                       f"{fmt} rows from revised rankings would count one annotator's judgement twice")
     rankings = export_rankings(db, project, all_revisions=all_revisions)
     if fmt == "kwise":
-        return [formats.kwise_row(r) for r in rankings]
-    # A text listed twice in one ranking is kept once, at the best rank it was given, as the
-    # training stages read rankings: two copies ranked apart gave a row with chosen ==
-    # rejected and two rows contradicting each other. (Imported here, where pairs are made:
-    # the reward stage owns it, and align's formats import no stage.)
-    from reward.data import merge_repeated_responses
-
-    rankings = [merge_repeated_responses(r) for r in rankings]
+        return [exports.kwise_row(r) for r in rankings]
     if fmt == "pairs":
-        return formats.pairs_from_rankings(rankings)
-    left_out = formats.hh_left_out(rankings)
+        return exports.pairs_from_rankings(rankings)
+    left_out = exports.hh_left_out(rankings)
     if left_out and notes is not None:
         notes.append(left_out)
-    return formats.hh_from_rankings(rankings)
+    return exports.hh_from_rankings(rankings)
 
 
 @read_only

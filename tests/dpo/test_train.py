@@ -14,7 +14,8 @@ import torch
 
 from align.config import load_config
 from align.errors import ConfigError
-from align.formats import Ranking, write_kwise
+from align.exports import write_kwise
+from align.formats import Ranking
 from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.data import collate

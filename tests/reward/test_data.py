@@ -3,14 +3,13 @@
 
 import pytest
 
-from align.formats import Ranking
+from align.formats import Ranking, merge_repeated_responses
 from align.synthetic import make_rankings
 from reward.data import (
     RankingCollator,
     RankingDataset,
     expand_to_pairs,
     load_reward_data,
-    merge_repeated_responses,
     prompt_key,
     split_by_prompt,
     with_pairs,
@@ -224,7 +223,7 @@ def test_a_repeated_response_is_kept_once_at_its_best_rank(responses, ranks, ran
 
 
 def test_rankings_without_repeats_are_read_unchanged_and_repeats_counted(tmp_path):
-    from align.formats import write_kwise
+    from align.exports import write_kwise
     from reward.config import DataSection
 
     plain = [Ranking(prompt=f"q{i}", responses=["x", "y", "z"], ranks=[0, 1, 2]) for i in range(8)]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from align.config import load_config
 from align.errors import UserError
-from align.formats import write_kwise
+from align.exports import write_kwise
 from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.config import RewardConfig

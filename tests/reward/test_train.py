@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from align.formats import Ranking, write_kwise
+from align.exports import write_kwise
+from align.formats import Ranking
 from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.data import load_reward_data
