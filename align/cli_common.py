@@ -24,8 +24,8 @@ ResumeOpt = Annotated[
 def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[str], allowed: set[str],
                    stage: str) -> Any:
     """The config of the run directory `run` resumes, from its own config.yaml; `overrides` may set
-    only the keys in `allowed` (none of which changes the training math)."""
-    from align.config import foreign_keys, load_config
+    only the keys in `allowed` (none of which changes the training math), or restate a value the run has."""
+    from align.config import config_to_dict, foreign_keys, load_config
     from align.errors import ConfigError, UserError
     from align.run import CONFIG_FILE
 
@@ -33,19 +33,19 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise UserError("--resume uses the run's own config.yaml; drop --config")
     if not (run / CONFIG_FILE).is_file():
         raise UserError(f"{run}: not a {stage} run directory (no config.yaml)")
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key not in allowed:
-            raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
-                            f"allowed: {', '.join(sorted(allowed))}")
     try:  # the run's own config first: whether RUN is a run of this stage at all
-        load_config(cls, run / CONFIG_FILE, [f"output_dir={run}"])
+        own = config_to_dict(load_config(cls, run / CONFIG_FILE, [f"output_dir={run}"]))
     except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
         foreign = foreign_keys(cls, run / CONFIG_FILE)
         if foreign:  # another stage's run: its keys say so, where a "did you mean" would mislead
             raise ConfigError(f"{run}: not a {stage} run to resume (its config.yaml has keys a {stage} run does "
                               f"not: {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})") from None
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in allowed and config_to_dict(load_config(cls, run / CONFIG_FILE, [item, f"output_dir={run}"])) != own:
+            raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
+                            f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself
 
 

@@ -48,8 +48,13 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     assert code == 2 and "'learning_rate' cannot change on --resume" in err
     # memory-only settings may change: the documented fix for a sharded rollout that runs out of memory
     from align.cli_common import resumed_config
+    from align.errors import UserError
     from ppo.config import RESUME_OVERRIDABLE, PPOConfig
 
+    # restating the run's own value changes nothing: accepted (seed is the run's 1)
+    assert resumed_config(PPOConfig, tmp_path, None, ["seed=1"], RESUME_OVERRIDABLE, "PPO").seed == 1
+    with pytest.raises(UserError, match="'seed' cannot change on --resume"):
+        resumed_config(PPOConfig, tmp_path, None, ["seed=2"], RESUME_OVERRIDABLE, "PPO")
     (tmp_path / "config.yaml").write_text("")
     assert not resumed_config(PPOConfig, tmp_path, None, ["sample_gathered=false", "gradient_checkpointing=true"],
                               RESUME_OVERRIDABLE, "PPO").sample_gathered
