@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.run import CONFIG_FILE, atomic_directory, write_json_atomic
+from align.run import CONFIG_FILE, atomic_directory, prepare_run_dir, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -248,6 +248,20 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
+
+
+def start_run_dir(run_dir: Path, cfg: Any, prefix: str, outputs: Iterable[str], *, resume: bool) -> None:
+    """The run directory as the run starts writing to it (main process), once it has loaded all it
+    needs: config.yaml holds the resolved config, a resumed run's too (with the settings a resume
+    may change: the config exactly as used); a resumed run drops the hidden temporaries of a save
+    that was cut short; a fresh run clears what an earlier run left (`clear_earlier_run`)."""
+    prepare_run_dir(run_dir, cfg)
+    if resume:
+        directory = run_dir / CHECKPOINTS_DIR
+        for path in directory.glob(f".{prefix}-*") if directory.is_dir() else []:
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        clear_earlier_run(run_dir, prefix, outputs)
 
 
 def clear_earlier_run(run_dir: Path, prefix: str, outputs: Iterable[str]) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -59,7 +59,6 @@ from align.run import (
     MetricsWriter,
     atomic_directory,
     peak_memory_mb,
-    prepare_run_dir,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -189,10 +188,8 @@ class DPOTrainer(StepLoop):
             kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
             if kept:
                 self.last_train = kept[-1]
-        else:
-            prepare_run_dir(self.out, cfg)
-            clear_earlier_run(self.out, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
-            (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
+        start_run_dir(self.out, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
+        (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
@@ -38,7 +38,6 @@ from align.run import (
     SUMMARY_FILE,
     MetricsWriter,
     peak_memory_mb,
-    prepare_run_dir,
     read_metrics,
     write_json_atomic,
     write_jsonl_atomic,
@@ -186,11 +185,9 @@ class PPOTrainer:
         if self.resume:
             load_checkpoint(self, latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
         if self.is_main:
-            if not self.resume:
-                prepare_run_dir(self.run_dir, cfg)
-                clear_earlier_run(self.run_dir, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
-            else:
+            if self.resume:  # the rows after the checkpoint are written again
                 truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
+            start_run_dir(self.run_dir, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
             self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
             self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg),
                                         resumed_at=self.iteration if self.resume else None)

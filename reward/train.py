@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, clear_earlier_run, latest_checkpoint, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -97,7 +97,7 @@ class RewardTrainer(StepLoop):
 
     def setup(self) -> None:
         from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
-        from align.run import MetricsWriter, prepare_run_dir
+        from align.run import MetricsWriter
 
         cfg = self.cfg
         self.t0 = time.perf_counter()
@@ -162,9 +162,7 @@ class RewardTrainer(StepLoop):
                 kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
                 if kept:
                     self.last_train = kept[-1]
-            else:
-                prepare_run_dir(self.out, cfg)
-                clear_earlier_run(self.out, CHECKPOINT_PREFIX, OUTPUTS)  # an earlier run's, now this one has loaded
+            start_run_dir(self.out, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
             self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
