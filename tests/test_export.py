@@ -186,6 +186,16 @@ def test_reward_export_keeps_scores_and_provenance(tiny_reward_run, tiny_random_
     assert "data: synthetic" in card
 
 
+def test_a_fully_fine_tuned_reward_model_exported_with_adapter_says_it_is_whole(random_reward_model, tmp_path):
+    # --adapter asks for the adapter; a fully fine-tuned reward model has none and is copied whole: its card
+    # says what the folder holds, not "PEFT adapter"
+    out = export_run(random_reward_model, tmp_path / "rm", merge=False)
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "full weights of a fully fine-tuned model" in card
+    assert "peft" not in card.lower()
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_an_export_is_readable_as_a_plain_mkdir_and_open_would_leave_it(tiny_ppo_run, tmp_path, umask, merge):
     # it was 0700 (mkdtemp) with a 0600 model.safetensors: a serving account could not read it

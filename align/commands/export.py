@@ -65,9 +65,11 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
             _export_policy(run, tmp, merge)
         else:
             _export_reward(run, tmp, merge)
-        (tmp / "README.md").write_text(model_card(run, kind, merge), encoding="utf-8")
+        # what was written: a fully fine-tuned reward model is whole whichever was asked
+        form = "adapter" if (tmp / "adapter_config.json").exists() else "merged" if merge else "full"
+        (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
     log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
-             "merged" if merge else "adapter only", out)
+             FORMS[form], out)
     return out
 
 
@@ -194,7 +196,12 @@ def _typed_ppo_config(config: dict[str, Any]) -> Any:
         return None
 
 
-def model_card(run: Path, kind: str, merge: bool) -> str:
+FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights (safetensors)",
+         "full": "full weights of a fully fine-tuned model (safetensors)"}
+
+
+def model_card(run: Path, kind: str, form: str) -> str:
+    """The exported folder's README.md; `form`: what it holds (a key of FORMS)."""
     from ppo.run_dir import PPORun
     from reward.run_dir import RewardRun, is_reward_model
 
@@ -209,14 +216,14 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
         base = reward.base_model() or "?"
     lines = [
         "---",
-        "library_name: " + ("transformers" if merge else "peft"),
+        "library_name: " + ("peft" if form == "adapter" else "transformers"),
         "tags: [align, rlhf, " + (f"{method}]" if kind in POLICY_KINDS else "reward-model]"),
         "---",
         "",
         f"# {'Aligned policy' if kind in POLICY_KINDS else 'Reward model'} exported by align",
         "",
         f"- base checkpoint: `{base}`",
-        f"- format: {'merged weights (safetensors)' if merge else 'PEFT adapter on the base above'}",
+        f"- format: {FORMS[form]}",
         f"- source run: `{run.resolve()}`",
         "",
     ]
@@ -269,7 +276,7 @@ def model_card(run: Path, kind: str, merge: bool) -> str:
     else:
         lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]
-    if kind in POLICY_KINDS and merge:
+    if kind in POLICY_KINDS and form == "merged":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)"]
     elif kind in POLICY_KINDS:
