@@ -41,6 +41,34 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class TrainingClock:
+    """A run's training time (wall and CPU seconds) and peak memory over all its processes: a resumed
+    run starts from what its checkpoint recorded (`state`, `load_state_dict`), so that its summary
+    gives the whole run's figures, not the last process's. The time of steps trained after the last
+    checkpoint by a process that was stopped is not counted: those steps ran again."""
+
+    def __init__(self) -> None:
+        self.before = {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss_mb": 0.0}
+        self.start()
+
+    def start(self) -> None:
+        import time
+
+        self.wall_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def state_dict(self) -> dict[str, float]:
+        """The run's figures so far (CPU time: all threads of this process)."""
+        import time
+
+        return {"seconds": self.before["seconds"] + time.perf_counter() - self.wall_start,
+                "cpu_seconds": self.before["cpu_seconds"] + time.process_time() - self.cpu_start,
+                "peak_rss_mb": max(self.before["peak_rss_mb"], peak_memory_mb())}
+
+    def load_state_dict(self, state: Mapping[str, float] | None) -> None:
+        """A checkpoint's figures (none in one written before they were recorded: from 0)."""
+        self.before.update(state or {})
+
+
 def make_directory(path: str | Path) -> Path:
     """`mkdir -p path`. The system's refusal (a file in the way, a broken link, no permission, a
     read-only disk) is the user's to fix: one line naming the path and the reason, no traceback."""

@@ -22,6 +22,7 @@ from align.checkpoint import check_same_run, data_fingerprint, load_training_sta
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
 from align.precision import check_finite_gradient
+from align.run import TrainingClock
 
 CHECKPOINT_PREFIX = "step"  # RUN/checkpoints/step-NNNNNN
 
@@ -48,6 +49,10 @@ class StepLoop:
 
     step_count: int = 0
     responses_forwarded: int = 0  # by this rank's training steps
+
+    @functools.cached_property
+    def clock(self) -> TrainingClock:
+        return TrainingClock()
 
     def local_batches(self, global_batch: list[int]) -> Any:
         """This rank's part of a global batch, in micro-batches, as `step` takes it."""
@@ -80,7 +85,8 @@ class StepLoop:
 
         c = self.loop_cfg
         total = len(self.global_batches)
-        t_start, cpu_start = time.perf_counter(), time.process_time()
+        t_start = time.perf_counter()
+        self.clock.start()
         window: list[dict[str, float]] = []
         bar = tqdm(self.global_batches[self.step_count:], initial=self.step_count, total=total, desc=self.stage,
                    unit="step", disable=not (getattr(c, "progress", False) and self.is_main))
@@ -104,8 +110,7 @@ class StepLoop:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}")
             if checkpoint:  # every rank takes part
                 self.save_checkpoint()
-        self.train_seconds = time.perf_counter() - t_start
-        self.train_cpu_seconds = time.process_time() - cpu_start  # all threads of this process
+        self.training = self.clock.state_dict()  # the whole run's, a resumed one's included
         self.responses_forwarded_total = self.forwarded_over_ranks()
 
     def forwarded_over_ranks(self) -> int:
@@ -128,7 +133,7 @@ class StepLoop:
                             sharded=self.fsdp is not None, keep=self.loop_cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.global_batches),
                                    "config": config_to_dict(self.cfg), "responses_forwarded": forwarded,
-                                   "data": self.data_digest})
+                                   "data": self.data_digest, "clock": self.clock.state_dict()})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(
@@ -138,6 +143,7 @@ class StepLoop:
                                                may_change=self.resume_overridable, data=self.data_digest,
                                                num_steps=len(self.global_batches)))
         self.step_count = state["step"]
+        self.clock.load_state_dict(state.get("clock"))
         # (the reward stage's earlier checkpoints name the count forward_passes)
         self.responses_forwarded = state.get("responses_forwarded", state.get("forward_passes"))[self.rank]
         if self.is_main:

@@ -282,10 +282,10 @@ class DPOTrainer(StepLoop):
                 "train/num_processes": self.world,
                 "train/responses_forwarded": self.responses_forwarded_total,  # over all ranks
                 "timing/reference_s": self.reference_seconds,
-                "timing/train_s": self.train_seconds,
+                "timing/train_s": self.training["seconds"],
                 "timing/eval_s": time.perf_counter() - t,
                 "timing/total_s": time.perf_counter() - self.t0,
-                "memory/peak_rss_mb": peak_memory_mb(),
+                "memory/peak_rss_mb": max(self.training["peak_rss_mb"], peak_memory_mb()),
                 **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             })
             write_json_atomic(self.out / SUMMARY_FILE, summary)

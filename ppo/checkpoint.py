@@ -37,7 +37,7 @@ def save_checkpoint(trainer: Any) -> None:
                         state={"iteration": trainer.iteration, "config": config_to_dict(trainer.cfg),
                                "sampler": trainer.sampler.state_dict(),
                                "data": data_fingerprint(trainer.sampler.prompts),
-                               "kl_controller": trainer.kl_ctl.state_dict()})
+                               "kl_controller": trainer.kl_ctl.state_dict(), "clock": trainer.clock.state_dict()})
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
@@ -50,6 +50,7 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]
+    trainer.clock.load_state_dict(state.get("clock"))
     if trainer.is_main:
         log.info("resumed %s at iteration %d", trainer.run_dir, trainer.iteration)
 

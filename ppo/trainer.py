@@ -37,6 +37,7 @@ from align.run import (
     METRICS_FILE,
     SUMMARY_FILE,
     MetricsWriter,
+    TrainingClock,
     peak_memory_mb,
     read_metrics,
     write_json_atomic,
@@ -93,6 +94,7 @@ class PPOTrainer:
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
+        self.clock = TrainingClock()  # the run's training time and peak memory, carried through checkpoints
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -198,7 +200,7 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        start = time.perf_counter()
+        self.clock.start()
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, desc="ppo", unit="it",
                    disable=not (self.is_main and cfg.progress))
         last: dict[str, float] = {}
@@ -213,7 +215,7 @@ class PPOTrainer:
             if cfg.save_every and self.iteration % cfg.save_every == 0:
                 save_checkpoint(self)
         bar.close()
-        summary = self.finish(last, time.perf_counter() - start)
+        summary = self.finish(last, self.clock.state_dict())
         self.accelerator.end_training()
         return summary
 
@@ -434,9 +436,10 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------ outputs
 
-    def finish(self, last: dict[str, float], seconds: float) -> dict[str, Any]:
+    def finish(self, last: dict[str, float], training: dict[str, float]) -> dict[str, Any]:
         """Final policy, value head, evaluation, plots and summary (main process; under FSDP every
-        rank takes part in gathering the weights and in the evaluation's forwards)."""
+        rank takes part in gathering the weights and in the evaluation's forwards). `training`: the
+        run's training time and peak memory (TrainingClock), a resumed run's whole."""
         self.accelerator.wait_for_everyone()
         trained = full_trainable_state(self.model) if self.fsdp else None
         summary: dict[str, Any] = {}
@@ -445,9 +448,10 @@ class PPOTrainer:
             rows = read_metrics(self.run_dir / METRICS_FILE)
             final = rows[-1] if rows else last
             summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
-            summary["timing/train_s"] = seconds
+            summary["timing/train_s"] = training["seconds"]
             summary["world_size"] = self.accelerator.num_processes
-            summary["memory/peak_rss_mb"] = peak_memory_mb()  # of training: the evaluation below samples only
+            # of training: the evaluation below samples only
+            summary["memory/peak_rss_mb"] = max(training["peak_rss_mb"], peak_memory_mb())
         if self.eval_prompts and (self.is_main or self.fsdp):
             t = time.perf_counter()
             eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,

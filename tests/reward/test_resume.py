@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     # settings that leave the training as it is may change: memory, evaluation batch. The resumed run trains
     # the steps after the checkpoint, once each, and writes the rows from step 6 on (a run that trained again
     # from step 0 ends with the same rows and, but for rounding, the same weights)
+    # the training time and peak memory of steps 1-4 travel in the checkpoint: the summary is the whole run's
+    clock = json.loads((stopped / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["clock"]
+    assert clock["seconds"] > 0 and clock["peak_rss_mb"] > 0
     taken: list[int] = []
     monkeypatch.setattr(RewardTrainer, "step", recording_steps(RewardTrainer.step, "step_count", taken.append))
     resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml", [
@@ -80,6 +84,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
     for key in ("eval/accuracy", "eval/loss", "train/loss_final", "train/responses_forwarded"):
         assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
+    assert resumed["timing/train_s"] > clock["seconds"] and resumed["timing/train_cpu_s"] > clock["cpu_seconds"]
+    assert resumed["memory/peak_rss_mb"] >= clock["peak_rss_mb"]
 
 
 def test_resume_mistakes_are_one_line(tmp_path):
