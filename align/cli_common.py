@@ -49,7 +49,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself
 
 
-def config_keys_help(cls: type) -> str:
+def config_keys_help(cls: type, intro: str | None = None) -> str:
     """Every key of a stage config with its type, default and help, for the command's `--help`.
 
     Built from the config dataclass itself (`align.config.describe`), so the listing cannot
@@ -61,7 +61,7 @@ def config_keys_help(cls: type) -> str:
 
     from align.config import describe
 
-    parts = ["[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value; a value beginning with ~/ is a path in your home directory):"]
+    parts = [intro or "[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value; a value beginning with ~/ is a path in your home directory):"]
     for key, type_name, default, help_text in describe(cls):
         parts.append(f"[bold]{escape(key)}[/bold] ({escape(type_name)}, default {escape(yaml.safe_dump(default, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip())}): {escape(help_text)}")
     return "\n\n".join(parts)

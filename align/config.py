@@ -57,11 +57,13 @@ def option(
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from an optional YAML file, then apply `key=value` overrides in order."""
-    data: dict[str, Any] = {}
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Mapping[str, Any] | None = None) -> T:
+    """Build `cls` from `base` (values a command sets from its own options), an optional YAML file over
+    it, then `key=value` overrides in order."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = read_yaml_mapping(path)
+        data.update(read_yaml_mapping(path))
         dotted = _dotted_key(data, cls)
         if dotted:
             *sections, leaf = dotted.split(".")

@@ -38,12 +38,22 @@ def _password(env_var: str, prompt: str) -> str:
     return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
 
 
-@app.command("serve")
+def _settings_help() -> str:
+    from align.cli_common import config_keys_help
+    from annotation.settings import Settings
+
+    return config_keys_help(Settings, "[bold]Settings[/bold] (as key=value after the options; the options above set "
+                                      "the ones they name):")
+
+
+@app.command("serve", epilog=_settings_help())
 def serve(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value (listed below).",
+                                                          show_default=False)] = None,
     db: DbOpt = None,
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to serve a team).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
-    max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: 64 MiB).", min=1)] = 1024,
+    max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: the max_import_bytes setting).", min=1)] = 1024,
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     workers: Annotated[int, typer.Option(help="Worker processes: about one per core (SQLite too: writers queue on a lock, readers do not); the load figures in annotation/README.md use 3 on 2 cores, the database on the same machine.", min=1, max=64)] = 1,
@@ -54,11 +64,14 @@ def serve(
 
     import uvicorn
 
+    from align.config import load_config
     from annotation.app import SETTINGS_ENV, served_app
     from annotation.db import default_db_url, make_engine, migrate
     from annotation.settings import Settings
 
-    settings = Settings(db_url=db or default_db_url(), max_body_bytes=max_body_kb * 1024, secure_cookies=secure_cookies)
+    settings = load_config(Settings, None, overrides, base={"db_url": db or default_db_url(),
+                                                            "max_body_bytes": max_body_kb * 1024,
+                                                            "secure_cookies": secure_cookies})
     typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
                + (f" with {workers} workers" if workers > 1 else ""), err=True)
     if workers == 1:

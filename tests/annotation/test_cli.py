@@ -266,3 +266,20 @@ def test_cli_invite_for_a_project_makes_a_member(tmp_path, capsys):
     with open_db(db)() as s:
         user = services.accept_invite(s, link.rsplit("/", 1)[1], "new-annotator", "a quiet harbour at dusk")
         assert services.is_member(s, services.get_project(s, "team"), user)
+
+
+def test_serve_takes_every_setting_as_key_value_and_refuses_an_unknown_one(tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    ok(["annotate", "serve", "--db", db, "--max-body-kb", "8", "session_ttl_s=60", "login_max_failures=3"], capsys)
+    settings = served["app"].state.settings
+    assert (settings.db_url, settings.max_body_bytes, settings.session_ttl_s, settings.login_max_failures) == (
+        db, 8 * 1024, 60.0, 3)
+    served.clear()
+    for argv, expected in ((["session_ttl=60"], "unknown config key 'session_ttl'"),
+                           (["session_ttl_s=0"], "session_ttl_s"), (["max_in_flight=many"], "max_in_flight")):
+        code, out = run(["annotate", "serve", "--db", db, *argv], capsys)
+        assert code == 2 and expected in out and len(out.strip().splitlines()) == 1 and not served
