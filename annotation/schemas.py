@@ -6,10 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
+from annotation.limits import MAX_TIME_SPENT_MS
 
-# Ids as the database stores them: a larger number could never name a row.
-DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT, strict=True)]
 Text = Annotated[str, Field(max_length=100_000)]
 
 
