@@ -231,3 +231,20 @@ def test_an_imported_annotator_cannot_be_made_a_member_of_a_project(env):
     r = env.client.post("/api/projects/p/members", headers=h, json={"username": "src:x1"})
     assert r.status_code == 404 and r.json()["detail"] == "no user 'src:x1'", r.text
     assert env.client.get("/api/projects/p/members", headers=h).json() == before
+
+
+def test_a_client_that_leaves_mid_upload_gets_a_quiet_400_and_nothing_is_imported():
+    # starlette raises ClientDisconnect from request.body(); unhandled, it logged "Exception in ASGI application"
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import ClientDisconnect
+
+    from annotation.routes_api import import_file
+
+    async def body():
+        raise ClientDisconnect()
+
+    request = SimpleNamespace(headers={}, body=body, app=None)  # no app: nothing past the body may run
+    response = asyncio.run(import_file("p", request, db=None, _admin=None, format="kwise"))
+    assert response.status_code == 400
