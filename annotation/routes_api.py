@@ -15,8 +15,8 @@ from starlette.requests import ClientDisconnect
 from annotation import services
 from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
 from annotation.import_process import import_body_at
+from annotation.limits import MAX_DB_INT
 from annotation.schemas import (
-    MAX_DB_INT,
     ImportPublic,
     InviteCreate,
     InvitePublic,
