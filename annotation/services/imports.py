@@ -207,18 +207,24 @@ def chunk_transaction(db: Session) -> Iterator[None]:
 
 
 @contextmanager
-def stopped_by_full_disk(db: Session, report: ImportReport) -> Iterator[None]:
-    """The chunks of an import: a full disk stops it with one line saying what it stored
-    (the chunks committed stay, as an import cut short keeps them) and that importing the
-    file again adds the rest."""
+def stopped_by_full_disk(db: Session, report: ImportReport) -> Iterator[Callable[[], None]]:
+    """The chunks of an import, each followed by a call of the function this yields (its
+    counts are then stored): a full disk stops it with one line saying what it stored (the
+    chunks committed stay, as an import cut short keeps them) and that importing the file
+    again adds the rest."""
+    stored = {"prompts": 0, "rankings": 0}
+
+    def committed() -> None:
+        stored.update(prompts=report.prompts_added, rankings=report.rankings_added)
+
     try:
-        yield
+        yield committed
     except OperationalError as exc:
         if not disk_full(exc):
             raise
         db.rollback()
-        raise StorageFull(f"the database's disk is full: this import stored {report.prompts_added} prompts and "
-                          f"{report.rankings_added} rankings before it stopped; free space and import the file "
+        raise StorageFull(f"the database's disk is full: this import stored {stored['prompts']} prompts and "
+                          f"{stored['rankings']} rankings before it stopped; free space and import the file "
                           "again to add the rest (nothing is added twice)") from None
 
 
@@ -281,7 +287,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
             raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
         keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
     _refuse_reused_ids(db, project, keyed)
-    with stopped_by_full_disk(db, report):
+    with stopped_by_full_disk(db, report) as committed:
         for chunk in chunks(keyed):
             new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
             with chunk_transaction(db):
@@ -289,6 +295,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> I
                     _insert_prompts(db, project, new, now)
             report.prompts_added += len(new)
             report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
+            committed()
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report

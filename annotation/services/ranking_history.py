@@ -1,12 +1,14 @@
 """Which lines of an imported rankings file a project holds already.
 
 One account's rankings of one prompt are a history of revisions (`History`). A line of a
-file that carries its revision number (every kwise export does) is stored already when the
-account holds that revision with the same ranking; a line without one is stored already
-when it equals the account's latest ranking, or when the file's lines for that account and
-prompt are the last of its history (the same file sent again). A ranking is its tie groups
-in order, the unordered rest of a top-m ranking, its all_bad flag and its rationale: the
-same order with a new rationale is a new revision, so the file's last line is the latest.
+file that carries its revision number (every kwise export does) is held already when the
+account holds that revision with the same ranking. A line without one is held already when
+the account held the same ranking before this import began, at any revision, or when it repeats
+the latest: importing a file again (or one that grew, or one an import cut short) adds only
+what is new, and lines of one file are placed in their order (A, B, A: three revisions, the
+last A the latest; A, A: one). A
+ranking is its tie groups in order, the unordered rest of a top-m ranking, its all_bad flag
+and its rationale: the same order with a new rationale is a new revision.
 """
 
 from __future__ import annotations
@@ -28,24 +30,19 @@ class RevisionConflict(Exception):
 
 @dataclass
 class History:
-    """One account's rankings of one prompt, stored or planned: revision -> ranking (None:
-    a skip, which holds no ranking)."""
+    """One account's rankings of one prompt: revision -> ranking (None: a skip, which holds
+    no ranking), those stored before this import and those it places (`placed`)."""
 
     revisions: dict[int, Key | None] = field(default_factory=dict)
-
-    def latest(self) -> Key | None:
-        return self.revisions[max(self.revisions)] if self.revisions else None
+    placed: set[int] = field(default_factory=set)
 
     def holds(self, key: Key, revision: int | None) -> bool:
-        """Whether this ranking is stored: as that revision, or (no revision) as the latest."""
+        """Whether this ranking is held: as that revision, or (no revision) at any revision
+        stored before this import, or as the latest (a line repeated in the file)."""
         if revision is not None:
             return self.revisions.get(revision) == key
-        return self.latest() == key
-
-    def ends_with(self, keys: list[Key]) -> bool:
-        """Whether these rankings, in this order, are the last of the history."""
-        rankings = [k for _, k in sorted(self.revisions.items()) if k is not None]
-        return 0 < len(keys) <= len(rankings) and rankings[len(rankings) - len(keys):] == keys
+        latest = self.revisions[max(self.revisions)] if self.revisions else None
+        return key == latest or any(k == key for rev, k in self.revisions.items() if rev not in self.placed)
 
     def place(self, key: Key, revision: int | None) -> int | None:
         """The revision a line is stored as (and is planned under), or None when it is a
@@ -59,4 +56,5 @@ class History:
         elif revision in self.revisions:
             raise RevisionConflict(revision)
         self.revisions[revision] = key
+        self.placed.add(revision)
         return revision

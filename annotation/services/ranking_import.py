@@ -235,7 +235,8 @@ def _accounts(db: Session, names: list[str]) -> tuple[dict[str, int], dict[str, 
     found: dict[str, tuple[int, str]] = {}
     for i in range(0, len(names), _READ_BATCH):
         batch = names[i : i + _READ_BATCH]
-        wanted = [source_username(n) for n in batch] + batch
+        # as stored, as named, and the user an exported source account src:N was made for
+        wanted = [source_username(n) for n in batch] + batch + [n.removeprefix(SOURCE_PREFIX) for n in batch]
         for uid, username, role in db.execute(select(User.id, User.username, User.role).where(
                 User.username.in_(wanted))).all():
             found[username] = (uid, role)
@@ -275,37 +276,31 @@ def _match(r: _CheckedRanking, slots: dict[str, _PromptSlot], project: Project) 
     return _Line(r, slot, order, below, ranking_key(order, below, r.all_bad, r.rationale))
 
 
-def _sent_again(lines: list[_Line], stored_as: dict[str, str]) -> set[tuple[int, str]]:
-    """The (prompt, account) groups whose lines without a revision number are, in the
-    file's order, the last rankings the account holds: the same file imported again."""
-    groups: dict[tuple[int, str], list] = {}
-    for line in lines:
-        if line.ranking.revision is None:
-            groups.setdefault((id(line.slot), stored_as[line.ranking.annotator]), []).append(line)
-    return {group for group, members in groups.items()
-            if members[0].slot.history(group[1]).ends_with([m.key for m in members])}
-
-
 def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], stored_as: dict[str, str],
           project: Project, report: ImportReport) -> list[_Planned]:
     """What to store, decided before anything is: every ranking is matched to its prompt
     and the duplicates are counted (`ranking_history`)."""
     lines = []
     for line in (_match(r, slots, project) for r in checked):
-        # the account the line names: a ranking this project exported, read back
-        if line.slot.history(line.ranking.annotator).holds(line.key, line.ranking.revision):
+        # the account the line names (a ranking this project exported, read back), or the user an
+        # exported source account was made for (src:N of a user N: a copy of N's rankings, back home)
+        name = line.ranking.annotator
+        named = (name, name.removeprefix(SOURCE_PREFIX)) if name.startswith(SOURCE_PREFIX) else (name,)
+        if any(line.slot.history(n).holds(line.key, line.ranking.revision) for n in named):
             report.duplicates_skipped += 1
         else:
             lines.append(line)
-    sent_again = _sent_again(lines, stored_as)
     planned = []
+    named_as: dict[str, str] = {}  # account -> the file's name for it
     for line in lines:
         r, username = line.ranking, stored_as[line.ranking.annotator]
+        if named_as.setdefault(username, r.annotator) != r.annotator:  # a user N and an imported src:N, elsewhere
+            raise Invalid(f"{r.where}: annotators {named_as[username]!r} and {r.annotator!r} would both be stored "
+                          f"as {username!r}, one annotator; rename one of them in the file")
         history = line.slot.history(username)
         first = not history.revisions
         try:
-            revision = None if (id(line.slot), username) in sent_again and r.revision is None else \
-                history.place(line.key, r.revision)
+            revision = history.place(line.key, r.revision)
         except RevisionConflict:
             raise Invalid(f"{r.where}: annotator {r.annotator!r} has another ranking of this prompt as revision "
                           f"{r.revision} in project {project.name!r}; the file's revisions are another history "
@@ -362,10 +357,11 @@ def import_rankings(db: Session, project: Project, rankings: list[Ranking], sour
     checked = [_check_ranking(r, i, project, source, origin) for i, r in enumerate(rankings)]
     slots, users, stored_as = _read_existing(db, project, checked)
     planned = _plan(checked, slots, stored_as, project, report)
-    with stopped_by_full_disk(db, report):
+    with stopped_by_full_disk(db, report) as committed:
         for chunk in chunks(planned):
             with chunk_transaction(db):
                 _store(db, project, chunk, users, stored_as, now, report)
+            committed()
     if report.prompts_added:
         refresh_planner_statistics(db)
     return report

@@ -28,14 +28,17 @@ MAX_SOURCE_NAME = 64 - len(SOURCE_PREFIX)
 
 
 def source_username(name: str) -> str:
-    """The username of the source account of an imported annotator name."""
-    return SOURCE_PREFIX + name
+    """The username of the source account of an imported annotator name: `src:N` for a name
+    N, and a name an export gave a source account (`src:N`) as it is, so that rankings copied
+    to another project and back keep one account."""
+    return name if name.startswith(SOURCE_PREFIX) else SOURCE_PREFIX + name
 
 
 def check_source_name(name: Any) -> str | None:
     """What is wrong with an imported annotator name (None: it is fine once stripped)."""
-    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_SOURCE_NAME:
-        return f"name must be 1-{MAX_SOURCE_NAME} characters, got {name!r:.80}"
+    bare = name.strip().removeprefix(SOURCE_PREFIX) if isinstance(name, str) else ""
+    if not bare or len(bare) > MAX_SOURCE_NAME:
+        return f"name must be 1-{MAX_SOURCE_NAME} characters (after {SOURCE_PREFIX!r}), got {name!r:.80}"
     if any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in name):
         return f"name {name!r:.80} holds a control character or a lone surrogate"
     return None

@@ -54,3 +54,25 @@ def test_next_task_on_a_full_disk_is_a_507_with_a_detail(env, monkeypatch):
     r = env.client.post("/api/projects/p/next", headers=env.headers(token))
     monkeypatch.undo()
     assert r.status_code == 507 and "disk is full" in r.json()["detail"], r.text
+
+
+def test_a_rankings_import_cut_short_counts_only_what_was_stored_and_again_adds_the_rest(env, monkeypatch):
+    from align.formats import Ranking
+    from annotation import services
+    from annotation.services import imports
+
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    rankings = [Ranking(prompt="q?", responses=["a", "b", "c"], ranks=ranks, annotator="vendor1", prompt_id="q1")
+                for ranks in ([0, 1, 2], [2, 1, 0], [1, 0, 2])]
+    with env.db() as db:
+        project = services.create_project(db, "full", k=3)
+        _disk_full_after(monkeypatch, 2)  # the snapshot's end, chunk 1; chunk 2's commit fails
+        with pytest.raises(services.ServiceError) as refused:
+            services.import_rankings(db, project, rankings, "file")
+        monkeypatch.undo()
+    stored = env.counts()["rankings"]
+    assert stored == 2 and f"{stored} rankings before it stopped" in str(refused.value)
+    with env.db() as db:  # the same file again: the third ranking only, the latest as in the file
+        r = services.import_rankings(db, services.get_project(db, "full"), rankings, "file")
+    assert (r.rankings_added, r.duplicates_skipped) == (1, 2) and env.counts()["rankings"] == 3

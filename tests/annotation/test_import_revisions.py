@@ -45,9 +45,35 @@ def test_a_delivery_of_a_then_b_then_a_ends_with_the_last_a_and_adds_nothing_whe
     r = _import(env, "v", "kwise", _body([A, B, A_AGAIN]))
     assert _added(r) == 0 and r.json()["duplicates_skipped"] == 3
     assert _export(env, "v") == [row]
-    # a later delivery: its first line equal to the latest is not stored again, a change is
-    assert _added(_import(env, "v", "kwise", _body([A_AGAIN, B]))) == 1
-    assert _export(env, "v")[0]["ranks"] == [2, 1, 0]
+    # a later delivery adds what the project did not hold before it: a ranking held at any revision
+    # is not stored again (a file without revision numbers cannot make an earlier one the latest)
+    C = {**A, "ranks": [1, 0, 2], "rationale": "third thoughts"}
+    assert _added(_import(env, "v", "kwise", _body([A_AGAIN, B, C]))) == 1
+    assert _export(env, "v")[0]["ranks"] == [1, 0, 2]
+
+
+def test_files_imported_again_grown_or_after_a_cut_add_only_what_is_new(env):
+    """Re-importing adds nothing twice: every night's deliveries again, a file that grew (the
+    rankings an import cut short stored), one line at a time."""
+    C = {**A, "ranks": [1, 0, 2], "rationale": "third thoughts"}
+    for _night in range(3):
+        assert _added(_import(env, "v", "kwise", _body([A]))) in (0, 1)
+        assert _added(_import(env, "v", "kwise", _body([B]))) in (0, 1)
+    assert len(_export(env, "v", "kwise&all_revisions=true")) == 2
+    assert _added(_import(env, "v", "kwise", _body([A, B, C]))) == 1
+    assert [r["ranks"] for r in _export(env, "v", "kwise&all_revisions=true")] == [[0, 1, 2], [2, 1, 0], [1, 0, 2]]
+
+
+def test_rankings_copied_to_another_project_and_back_add_nothing_and_keep_one_account(env):
+    assert _added(_import(env, "a", "kwise", _body([A]))) == 1
+    assert _added(_import(env, "b", "kwise", _body(_export(env, "a")))) == 1
+    assert [r["annotator"] for r in _export(env, "b")] == ["src:vendor1"]  # not src:src:vendor1
+    r = _import(env, "a", "kwise", _body(_export(env, "b")))
+    assert _added(r) == 0 and r.json()["duplicates_skipped"] == 1
+    assert [r["annotator"] for r in _export(env, "a")] == ["src:vendor1"]
+    long_name = {**A, "prompt_id": "q2", "annotator": "v" * 60}  # 64 characters once exported as src:...
+    assert _added(_import(env, "a", "kwise", _body([long_name]))) == 1
+    assert _added(_import(env, "c", "kwise", _body(_export(env, "a")))) == 2
 
 
 def _ranked_and_revised_twice(env):
@@ -90,9 +116,10 @@ def test_a_projects_own_exports_imported_into_it_add_nothing(env):
     assert [r["annotator"] for r in _export(env, "p")] == ["alice"]
 
 
-def test_a_real_user_and_an_imported_annotator_of_the_same_name_stay_apart_through_export_and_import(env):
+def test_a_real_user_and_an_imported_annotator_of_the_same_name_are_never_merged(env):
     """An imported "ann1" and the user ann1 were both exported as "ann1", and importing the
-    export merged them into one account: one of the two rankings became an old revision."""
+    export merged them into one account: one of the two rankings became an old revision. Now
+    the export tells them apart, and a project elsewhere refuses to merge them."""
     env.project(n_prompts=1, k=3)
     _rank_everything(env, [env.annotator("ann1")])
     (mine,) = _export(env, "p")
@@ -101,12 +128,16 @@ def test_a_real_user_and_an_imported_annotator_of_the_same_name_stay_apart_throu
     assert _added(_import(env, "p", "kwise", _body([theirs]))) == 1
     exported = _export(env, "p")
     assert sorted(r["annotator"] for r in exported) == ["ann1", "src:ann1"]
-    assert _added(_import(env, "copy", "kwise", _body(exported))) == 2
-    copied = _export(env, "copy")
-    assert len({r["annotator"] for r in copied}) == 2
-    assert sorted((tuple(r["ranks"]), r["rationale"]) for r in copied) == sorted(
-        (tuple(r["ranks"]), r["rationale"]) for r in exported)
     assert _added(_import(env, "p", "kwise", _body(exported))) == 0
+    # elsewhere both would be the one account src:ann1: refused, nothing stored, until one is renamed
+    before = env.counts()
+    r = _import(env, "copy", "kwise", _body(exported))
+    assert r.status_code == 422 and "'ann1' and 'src:ann1' would both be stored as 'src:ann1'" in r.json()["detail"]
+    assert env.counts() == before
+    renamed = [{**row, "annotator": "ann1-of-p"} if row["annotator"] == "ann1" else row for row in exported]
+    assert _added(_import(env, "copy", "kwise", _body(renamed))) == 2
+    copied = _export(env, "copy")
+    assert sorted(r["annotator"] for r in copied) == ["src:ann1", "src:ann1-of-p"]
     assert _added(_import(env, "copy", "kwise", _body(copied))) == 0
 
 
