@@ -433,11 +433,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML; loading it back gives an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML; loading it back gives an equal config."""
+    """Write the resolved config as YAML (`config_yaml`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    path.write_text(config_yaml(cfg), encoding="utf-8")
     return path
 
 
@@ -451,6 +456,7 @@ __all__ = [
     "option",
     "load_config",
     "from_dict",
+    "config_yaml",
     "save_config",
     "config_to_dict",
     "describe",

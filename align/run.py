@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from align.config import save_config
+from align.config import config_yaml
 from align.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -94,7 +94,7 @@ def _refusal(path: Path, exc: OSError) -> str:
 def prepare_run_dir(output_dir: str | Path, cfg: Any) -> Path:
     """Create the run directory and write the resolved config into it."""
     out = make_directory(output_dir)
-    save_config(cfg, out / CONFIG_FILE)
+    _write_atomic(out / CONFIG_FILE, lambda f: f.write(config_yaml(cfg)))  # a resume rewrites it: never half-written
     return out
 
 

@@ -55,3 +55,23 @@ def test_outputs_get_the_modes_of_a_plain_mkdir_and_open(tmp_path, umask, mask):
     assert modes(tmp_path / "out") == {".": folder, "model.safetensors": file, "sub": folder,
                                        "sub/run.sh": executable, "summary.json": file}
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"a": 1}
+
+
+def test_a_resume_that_cannot_finish_writing_config_yaml_leaves_the_runs_own(tmp_path, monkeypatch):
+    # a resume rewrites config.yaml (with the settings it changed); a full disk or a kill mid-write must not
+    # leave it cut short, where it would still load, with defaults for the keys cut away
+    from align import run
+    from align.config import load_config
+    from dpo.config import DPOConfig
+
+    cfg = load_config(DPOConfig, None, [f"output_dir={tmp_path}", "epochs=3"])
+    run.prepare_run_dir(tmp_path, cfg)
+    before = (tmp_path / "config.yaml").read_text()
+
+    def half_written(_cfg):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(run, "config_yaml", half_written)
+    with pytest.raises(OSError):
+        run.prepare_run_dir(tmp_path, cfg)
+    assert (tmp_path / "config.yaml").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
