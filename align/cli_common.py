@@ -43,7 +43,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key not in allowed and config_to_dict(load_config(cls, run / CONFIG_FILE, [item, f"output_dir={run}"])) != own:
+        if key not in allowed and config_to_dict(load_config(cls, run / CONFIG_FILE, [f"output_dir={run}", item])) != own:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself

@@ -73,7 +73,10 @@ class OutputHead:
     def __init__(self, model: Any):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.linear = model.get_output_embeddings()
-        self.scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
+        # logit_scale is Cohere's setting by that name; MPT's config has one its forward never applies
+        cohere = getattr(config, "model_type", "") in ("cohere", "cohere2")
+        self.scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (
+            (getattr(config, "logit_scale", None) or 1.0) if cohere else 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
 
     def __call__(self, hidden: Any) -> Any:

@@ -52,6 +52,16 @@ def test_ppo_and_dpo_read_the_logits_of_the_checkpoints_forward(transforming_mod
     torch.testing.assert_close(ppo, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_setting_of_that_name_that_the_forward_ignores_is_ignored_too(tmp_path):
+    # MPT's config has a logit_scale (a number or a string) that MptForCausalLM never applies
+    from align.modeling import OutputHead, load_causal_lm
+    from tests.families import builders
+
+    builders.FAMILIES.setdefault("mpt", ("MptConfig", {"logit_scale": 0.5, "expansion_ratio": 2}))
+    model = load_causal_lm(build_family_model("mpt", tmp_path / "mpt"))  # the check at load passes
+    assert OutputHead(model).scale == 1.0
+
+
 def test_a_forward_that_changes_its_logits_in_an_unknown_way_is_refused(tiny_random_model):
     from align.errors import UserError
     from align.modeling import check_output_head, load_causal_lm

@@ -55,6 +55,9 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     assert resumed_config(PPOConfig, tmp_path, None, ["seed=1"], RESUME_OVERRIDABLE, "PPO").seed == 1
     with pytest.raises(UserError, match="'seed' cannot change on --resume"):
         resumed_config(PPOConfig, tmp_path, None, ["seed=2"], RESUME_OVERRIDABLE, "PPO")
+    with pytest.raises(UserError, match="'output_dir' cannot change on --resume"):  # not ignored either
+        resumed_config(PPOConfig, tmp_path, None, [f"output_dir={tmp_path / 'elsewhere'}"], RESUME_OVERRIDABLE, "PPO")
+    assert resumed_config(PPOConfig, tmp_path, None, [f"output_dir={tmp_path}"], RESUME_OVERRIDABLE, "PPO")
     (tmp_path / "config.yaml").write_text("")
     assert not resumed_config(PPOConfig, tmp_path, None, ["sample_gathered=false", "gradient_checkpointing=true"],
                               RESUME_OVERRIDABLE, "PPO").sample_gathered
