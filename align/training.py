@@ -39,7 +39,8 @@ class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
     part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints and,
     where the stage has one, progress), `accelerator`, `device`, `rank`, `world`, `is_main`, `fsdp`
-    (the FSDP plugin or None), `out`, `metrics` (main process), `model`, `optimizer`, `scheduler`,
+    (the FSDP plugin or None), `out`, `t0` (when the process began), `metrics` (main process), `model`,
+    `optimizer`, `scheduler`,
     `params` (what is trained), `train_set` (its `items` fingerprint the data), `global_batches`,
     `echo`."""
 
@@ -112,6 +113,11 @@ class StepLoop:
                 self.save_checkpoint()
         self.training = self.clock.state_dict()  # the whole run's, a resumed one's included
         self.responses_forwarded_total = self.forwarded_over_ranks()
+
+    def total_seconds(self) -> float:
+        """The run's wall time: this process's since `t0`, plus the training an earlier process of a
+        resumed run did (as `timing/train_s` counts it), so the parts of the summary's time add up."""
+        return self.clock.before["seconds"] + time.perf_counter() - self.t0
 
     def forwarded_over_ranks(self) -> int:
         """Responses forwarded in training by all ranks (a collective: every rank calls it)."""

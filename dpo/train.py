@@ -284,7 +284,7 @@ class DPOTrainer(StepLoop):
                 "timing/reference_s": self.reference_seconds,
                 "timing/train_s": self.training["seconds"],
                 "timing/eval_s": time.perf_counter() - t,
-                "timing/total_s": time.perf_counter() - self.t0,
+                "timing/total_s": self.total_seconds(),
                 "memory/peak_rss_mb": max(self.training["peak_rss_mb"], peak_memory_mb()),
                 **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             })

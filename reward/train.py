@@ -349,7 +349,7 @@ class RewardTrainer(StepLoop):
             # (a resumed run may have been stopped after writing it)
             with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite or self.resume) as tmp:
                 save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info, state_dict=state)
-            summary["timing/total_s"] = time.perf_counter() - self.t0
+            summary["timing/total_s"] = self.total_seconds()
             summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
             write_json_atomic(self.out / SUMMARY_FILE, summary)
             self.metrics.close()

@@ -65,8 +65,13 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     # the steps after the checkpoint, once each, and writes the rows from step 6 on (a run that trained again
     # from step 0 ends with the same rows and, but for rounding, the same weights)
     # the training time and peak memory of steps 1-4 travel in the checkpoint: the summary is the whole run's
-    clock = json.loads((stopped / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["clock"]
-    assert clock["seconds"] > 0 and clock["peak_rss_mb"] > 0
+    # (made a day here, so that the resumed process's own time could never reach it)
+    state_file = stopped / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["clock"]["seconds"] > 0 and state["clock"]["peak_rss_mb"] > 0
+    state["clock"].update(seconds=86400.0, cpu_seconds=86400.0, peak_rss_mb=1e6)
+    state_file.write_text(json.dumps(state))
+    clock = state["clock"]
     taken: list[int] = []
     monkeypatch.setattr(RewardTrainer, "step", recording_steps(RewardTrainer.step, "step_count", taken.append))
     resumed = train_reward_model(load_config(RewardConfig, stopped / "config.yaml", [
@@ -85,7 +90,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     for key in ("eval/accuracy", "eval/loss", "train/loss_final", "train/responses_forwarded"):
         assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
     assert resumed["timing/train_s"] > clock["seconds"] and resumed["timing/train_cpu_s"] > clock["cpu_seconds"]
-    assert resumed["memory/peak_rss_mb"] >= clock["peak_rss_mb"]
+    assert resumed["memory/peak_rss_mb"] == clock["peak_rss_mb"]
+    assert resumed["timing/total_s"] > resumed["timing/train_s"]  # the parts add up
 
 
 def test_resume_mistakes_are_one_line(tmp_path):
