@@ -31,8 +31,8 @@ from align.errors import TrainingDiverged, UserError
 from align.modeling import position_ids_from_mask
 from ppo import core
 
-NON_FINITE = ("the policy produced non-finite logits while sampling (its weights or activations overflowed); "
-              "lower the learning rate, or check the data and scores")
+NON_FINITE_LOGITS = "the policy produced non-finite logits while sampling"
+NON_FINITE = f"{NON_FINITE_LOGITS} (its weights or activations overflowed); lower the learning rate, or check the data and scores"
 
 
 CACHE_SLOTS_STEP = 64  # cache lengths are rounded up to a multiple: a graph serves prompts of nearby lengths

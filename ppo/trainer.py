@@ -58,7 +58,7 @@ from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import OUTPUTS, SAMPLES_FILE
-from ppo.sampling import DecodeBufferPool, sample_responses, samples_exactly
+from ppo.sampling import NON_FINITE_LOGITS, DecodeBufferPool, sample_responses, samples_exactly
 
 log = logging.getLogger("align")
 
@@ -231,6 +231,10 @@ class PPOTrainer:
         try:
             exp, texts = self.rollout(prompts)
         except TrainingDiverged as err:  # the last update overflowed the policy: say when
+            if self.iteration == 0:  # no update yet: the checkpoint itself
+                raise TrainingDiverged(f"iteration 1: {NON_FINITE_LOGITS} before any update: the SFT checkpoint "
+                                       f"itself overflows in dtype={self.cfg.dtype} (try float32, or check the "
+                                       "checkpoint)") from None
             raise TrainingDiverged(f"iteration {self.iteration + 1}: {err}") from None
         t1 = time.perf_counter()
 

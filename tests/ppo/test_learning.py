@@ -125,3 +125,7 @@ def test_a_policy_that_overflowed_stops_the_rollout_naming_the_iteration(small_r
     with pytest.raises(TrainingDiverged, match=r"^iteration 5: the policy produced non-finite logits while sampling .*"
                                                r"lower the learning rate"):
         trainer.step()
+    trainer.iteration = 0  # before any update, the learning rate is not the cause: the checkpoint is
+    with pytest.raises(TrainingDiverged, match=r"^iteration 1: .*non-finite logits while sampling before any update: "
+                                               r"the SFT checkpoint itself"):
+        trainer.step()
