@@ -25,7 +25,7 @@ A warm-up of closed loop comes first (--warmup, not in the table). Prints rankin
 p50/p99 of next-task (tasks handed out) and submit (rankings stored), and the CPU other jobs took, per phase; then checks the database:
 every acknowledged (2xx) ranking present with its exact order, none twice, no prompt over
 its annotator count. With --kill-at T the server is killed with SIGKILL T seconds into the
-open-loop phase (or the only phase run), restarted on the same database, and the clients
+last phase run (the open loop by default), restarted on the same database, and the clients
 carry on; the same checks then prove durability. The last line says PASS, FAIL (a check
 failed; exit 1) or INCOMPLETE (the prompts ran out before a phase ended; exit 2).
 

@@ -9,7 +9,7 @@ comparisons, Ouyang et al. 2022); with the training wall time, the CPU time
 of the run (all threads; on 2 dedicated cores the wall time is about half of it) and the load average
 (on a shared machine the wall time says more about the neighbours than about align).
 
-    python bench/reward_real.py                      # trains both (about 15 + 5 min on 2 free cores)
+    python bench/reward_real.py                      # trains both (about 4 + 2 min on 2 cores, README's run)
     python bench/reward_real.py --data hh --reuse    # re-evaluate a finished run in --out
 """
 

@@ -50,7 +50,8 @@ class DPOConfig:
         help="kwise: each ranking is one observation under the Plackett-Luce model (Rafailov et al. 2023, "
         "appendix A.3), ties by Efron's approximation, each response forwarded once per step; for K = 2 this is "
         "DPO's loss. pairwise: every ordered pair the rankings imply becomes its own shuffled K = 2 example, as "
-        "TRL and OpenRLHF train (for comparison; C(K,2) forwards of each response per epoch instead of one).",
+        "TRL and OpenRLHF train (for comparison; each response is in K-1 of the C(K,2) pairs, so it is forwarded "
+        "K-1 times per epoch instead of once).",
     )
     beta: float = option(
         0.1,

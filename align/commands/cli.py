@@ -77,7 +77,8 @@ def export(
     run: Annotated[Path, typer.Argument(help="A run directory from `align ppo`, `align dpo` or `align reward train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported model to.")],
     adapter: Annotated[
-        bool, typer.Option("--adapter/--merge", help="Save only the PEFT adapter, or merge it into the base (default).")
+        bool, typer.Option("--adapter/--merge", help="Save only the PEFT adapter, or merge it into the base (default). A fully fine-tuned "
+                                                 "reward model has no adapter: it is saved whole either way.")
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
 ) -> None:

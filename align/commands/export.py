@@ -5,10 +5,12 @@
   `AutoModelForCausalLM.from_pretrained` and so by inference servers that read Hugging
   Face checkpoints.
 * `--adapter`: only the PEFT adapter (+ tokenizer), loadable with
-  `PeftModel.from_pretrained(base, DIR)`; its `base_model_name_or_path` names the base.
+  `PeftModel.from_pretrained(base, DIR)`; its `base_model_name_or_path` names the base. A fully
+  fine-tuned reward model has no adapter and is copied whole either way.
 
-Either way DIR/README.md is a model card recording the base checkpoint, the data, the
-reward model's accuracy, the PPO settings and the final KL and reward/gold gains. The
+Either way DIR/README.md is a model card saying what the folder holds and recording the base
+checkpoint, the data, the stage's settings (the reward model and PPO/RLOO/GRPO settings, or DPO's
+rankings and settings) and the held-out results (accuracy, KL, reward and gold gains). The
 export is written into a hidden temporary directory beside DIR and renamed into place only
 when complete, so a crash or a kill leaves no half export behind.
 """
