@@ -101,6 +101,10 @@ def read_kwise(path: str | Path) -> list[Ranking]:
     for lineno, row in jsonl_rows(path):
         try:
             known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id", "ranked") if k in row}
+            missing = [k for k in ("prompt", "responses", "ranks") if k not in known]
+            if missing:  # another format's line (a TRL pair, an HH transcript): say which fields a kwise line needs
+                raise ValueError(f"no {', '.join(repr(k) for k in missing)}; a kwise line holds prompt, responses "
+                                 f"and ranks, this one {', '.join(repr(k) for k in [*known, *row]) or 'nothing'}")
             _check_kwise_fields(known, row)
             out.append(Ranking(**known, meta=row))
         except (AttributeError, TypeError, ValueError) as exc:

@@ -190,6 +190,8 @@ def test_inconsistent_top_m_rankings_are_refused(tmp_path, ranks, ranked):
     ({"prompt": "p", "responses": [1, 2], "ranks": [0, 1]}, "responses must be a list of strings"),
     ({"prompt": "p", "responses": ["a", "b"], "ranks": ["x", "y"]}, "ranks must be a list of integers >= 0"),
     ({"prompt": "p", "responses": ["a", "b"], "ranks": [-5, 1.5]}, "ranks must be a list of integers >= 0"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b"},  # another format's line: the fields it lacks, in words
+     "no 'responses', 'ranks'; a kwise line holds prompt, responses and ranks, this one 'prompt', 'chosen', 'rejected'"),
 ])
 def test_kwise_values_of_the_wrong_kind_are_refused_with_the_line(tmp_path, row, expected):
     path = write_lines(tmp_path / "r.jsonl", [{"prompt": "ok", "responses": ["a", "b"], "ranks": [0, 1]}, row])
