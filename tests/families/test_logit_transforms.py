@@ -62,6 +62,28 @@ def test_a_setting_of_that_name_that_the_forward_ignores_is_ignored_too(tmp_path
     assert OutputHead(model).scale == 1.0
 
 
+def test_every_family_loaded_without_the_check_is_one_its_forward_is_checked_against_here(tmp_path):
+    # align.modeling.OUTPUT_HEAD_TESTED skips the check at load: each family in it must pass it here
+    import transformers
+
+    from align.modeling import OUTPUT_HEAD_TESTED, check_output_head
+    from tests.families import builders
+
+    extra = {"mpt": ("MptConfig", {"logit_scale": 0.5, "expansion_ratio": 2})}
+    families = {**builders.FAMILIES, **TRANSFORMING, **extra}
+    by_type = {getattr(transformers, cls).model_type: name for name, (cls, _) in families.items()}
+    assert OUTPUT_HEAD_TESTED <= by_type.keys(), OUTPUT_HEAD_TESTED - by_type.keys()
+    for model_type in sorted(OUTPUT_HEAD_TESTED):
+        name = by_type[model_type]
+        builders.FAMILIES.setdefault(name, families[name])
+        path = build_family_model(name, tmp_path / name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        if name in TRANSFORMING:  # logits of tens, where a soft cap bites
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(400.0)
+        check_output_head(model, path)
+
+
 def test_a_forward_that_changes_its_logits_in_an_unknown_way_is_refused(tiny_random_model):
     from align.errors import UserError
     from align.modeling import check_output_head, load_causal_lm
