@@ -33,8 +33,12 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise UserError("--resume uses the run's own config.yaml; drop --config")
     if not (run / CONFIG_FILE).is_file():
         raise UserError(f"{run}: not a {stage} run directory (no config.yaml)")
+    def settings(*items: str) -> dict:  # output_dir as the directory it names (runs/x/, ./runs/x: the same)
+        values = config_to_dict(load_config(cls, run / CONFIG_FILE, [f"output_dir={run}", *items]))
+        return {**values, "output_dir": Path(values["output_dir"]).expanduser().resolve()}
+
     try:  # the run's own config first: whether RUN is a run of this stage at all
-        own = config_to_dict(load_config(cls, run / CONFIG_FILE, [f"output_dir={run}"]))
+        own = settings()
     except ConfigError as exc:  # another stage's run, or a config.yaml edited into something else
         foreign = foreign_keys(cls, run / CONFIG_FILE)
         if foreign:  # another stage's run: its keys say so, where a "did you mean" would mislead
@@ -43,7 +47,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key not in allowed and config_to_dict(load_config(cls, run / CONFIG_FILE, [f"output_dir={run}", item])) != own:
+        if key not in allowed and settings(item) != own:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself

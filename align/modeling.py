@@ -73,8 +73,9 @@ class OutputHead:
     def __init__(self, model: Any):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.linear = model.get_output_embeddings()
-        # logit_scale is Cohere's setting by that name; MPT's config has one its forward never applies
-        cohere = getattr(config, "model_type", "") in ("cohere", "cohere2")
+        # logit_scale is the Cohere families' setting (cohere, cohere2, cohere2_moe, ...); MPT's config has one
+        # its forward never applies
+        cohere = str(getattr(config, "model_type", "")).startswith("cohere")
         self.scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (
             (getattr(config, "logit_scale", None) or 1.0) if cohere else 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None

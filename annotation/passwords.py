@@ -21,7 +21,9 @@ MIN_PASSWORD_LENGTH = 15
 MAX_PASSWORD_LENGTH = 1024
 POLICY = (f"at least {MIN_PASSWORD_LENGTH} characters, not a known-compromised or common password "
           "(a few unrelated words work well)")
-USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# 1-60 characters: exported and imported elsewhere, a user's rankings go to the account src:<name>
+# (annotation.services.users), which must fit the 64 characters a username column holds
+USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
 _SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm", "1qaz2wsx3edc")
 
 
@@ -69,7 +71,7 @@ def needs_change(password: str, username: str) -> bool:
 
 def username_problem(username: str) -> str | None:
     if not isinstance(username, str) or not USERNAME_RE.match(username):
-        return "username must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+        return "username must be 1-60 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
     return None
 
 

@@ -232,9 +232,9 @@ class PPOTrainer:
             exp, texts = self.rollout(prompts)
         except TrainingDiverged as err:  # the last update overflowed the policy: say when
             if self.iteration == 0:  # no update yet: the checkpoint itself
-                raise TrainingDiverged(f"iteration 1: {NON_FINITE_LOGITS} before any update: the SFT checkpoint "
-                                       f"itself overflows in dtype={self.cfg.dtype} (try float32, or check the "
-                                       "checkpoint)") from None
+                hint = "its weights hold NaN or inf?" if self.cfg.dtype == "float32" else "try dtype=float32"
+                raise TrainingDiverged(f"iteration 1: {NON_FINITE_LOGITS} before any update: the SFT checkpoint itself "
+                                       f"gives them in dtype={self.cfg.dtype} ({hint})") from None
             raise TrainingDiverged(f"iteration {self.iteration + 1}: {err}") from None
         t1 = time.perf_counter()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from align.chat import pad_rows
 from align.errors import UserError
 from align.formats import Ranking, merge_repeated_responses, ordered_pairs
 from reward.sources import read_annotation_project
+
+log = logging.getLogger("align")
 
 # --------------------------------------------------------------------------- loading
 
@@ -106,11 +109,33 @@ def file_digest(path: str | Path) -> str:
 
 
 def read_source(fmt: str, path: str | Path) -> list[Ranking]:
-    """Read one file of the given format into rankings (readers live in align.formats)."""
+    """Read one file of the given format into rankings (readers live in align.formats); of a kwise
+    file with revision numbers (an --all-revisions export), each annotator's latest ranking of each
+    prompt (`latest_revisions`)."""
     from align import formats
 
     readers = {"kwise": formats.read_kwise, "trl": formats.read_trl_pairs, "hh": formats.read_hh, "oasst": formats.read_oasst}
-    return list(readers[fmt](path))
+    rankings = list(readers[fmt](path))
+    return latest_revisions(rankings, path) if fmt == "kwise" else rankings
+
+
+def latest_revisions(rankings: list[Ranking], path: str | Path) -> list[Ranking]:
+    """The rankings less those a later revision of the same annotator's ranking of the same prompt
+    replaced: an annotator's corrections are one judgement, the last, as the annotation app's own
+    export gives it (trained on, every revision would count it again, contradictions included)."""
+    def key(r: Ranking) -> tuple:
+        return r.annotator, r.prompt_id if r.prompt_id is not None else json.dumps(r.prompt, sort_keys=True)
+
+    latest: dict[tuple, int] = {}
+    for r in rankings:
+        revision = (r.meta or {}).get("revision")
+        if isinstance(revision, int) and revision > latest.get(key(r), 0):
+            latest[key(r)] = revision
+    kept = [r for r in rankings if (r.meta or {}).get("revision") in (None, latest.get(key(r)))]
+    if len(kept) < len(rankings):
+        log.warning("%s: %d earlier revision(s) of rankings left out: each annotator's latest ranking of a prompt "
+                    "is trained on", path, len(rankings) - len(kept))
+    return kept
 
 
 def load_reward_data(data_cfg: Any) -> RewardData:

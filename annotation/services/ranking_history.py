@@ -2,13 +2,14 @@
 
 One account's rankings of one prompt are a history of revisions (`History`). A line of a
 file that carries its revision number (every kwise export does) is held already when the
-account holds that revision with the same ranking. A line without one is held already when
-the account held the same ranking before this import began, at any revision, or when it repeats
-the latest: importing a file again (or one that grew, or one an import cut short) adds only
-what is new, and lines of one file are placed in their order (A, B, A: three revisions, the
-last A the latest; A, A: one). A
-ranking is its tie groups in order, the unordered rest of a top-m ranking, its all_bad flag
-and its rationale: the same order with a new rationale is a new revision.
+account holds that revision with the same ranking. The lines without one, for an account and
+a prompt, are read in the file's order against the rankings the account held before the
+import: as long as each is found later in that history than the one before it, they are held
+(the same file again, one that grew, one an import cut short, an older delivery sent again);
+from the first that is not, every line is a new revision, unless it repeats the latest (A, A:
+one). So A, B, A in one file is three revisions, the last A the latest, and importing it again
+after a cut at A, B adds the last A. A ranking is its tie groups in order, the unordered rest of
+a top-m ranking, its all_bad flag and its rationale.
 """
 
 from __future__ import annotations
@@ -31,30 +32,39 @@ class RevisionConflict(Exception):
 @dataclass
 class History:
     """One account's rankings of one prompt: revision -> ranking (None: a skip, which holds
-    no ranking), those stored before this import and those it places (`placed`)."""
+    no ranking), those stored before this import and those it places."""
 
     revisions: dict[int, Key | None] = field(default_factory=dict)
-    placed: set[int] = field(default_factory=set)
+    earlier: list[Key] | None = None  # the rankings held before the import, in order, not yet read past
+    diverged: bool = False  # a line without a revision number was not found in them: the rest are new
 
-    def holds(self, key: Key, revision: int | None) -> bool:
-        """Whether this ranking is held: as that revision, or (no revision) at any revision
-        stored before this import, or as the latest (a line repeated in the file)."""
-        if revision is not None:
-            return self.revisions.get(revision) == key
-        latest = self.revisions[max(self.revisions)] if self.revisions else None
-        return key == latest or any(k == key for rev, k in self.revisions.items() if rev not in self.placed)
+    def holds(self, key: Key, revision: int) -> bool:
+        """Whether the account holds this ranking as that revision."""
+        return self.revisions.get(revision) == key
+
+    def follows(self, key: Key) -> bool:
+        """Whether a line without a revision number is held: found in the rankings held before the
+        import, after the one the previous such line was found at (which it then moves past)."""
+        if self.diverged:
+            return False
+        if self.earlier is None:
+            self.earlier = [k for _, k in sorted(self.revisions.items()) if k is not None]
+        if key in self.earlier:
+            del self.earlier[: self.earlier.index(key) + 1]
+            return True
+        return False
 
     def place(self, key: Key, revision: int | None) -> int | None:
-        """The revision a line is stored as (and is planned under), or None when it is a
-        duplicate. A file's own revision number is kept, so that the file's lines are
-        recognised when it is imported again; one the account holds as another ranking
-        raises RevisionConflict."""
-        if self.holds(key, revision):
-            return None
+        """The revision a line is stored as, or None when it repeats the latest (a line without a
+        revision number). A file's own revision number is kept, so that the file's lines are
+        recognised when it is imported again; one the account holds as another ranking raises
+        RevisionConflict."""
         if revision is None:
+            self.diverged = True
+            if self.revisions and self.revisions[max(self.revisions)] == key:
+                return None
             revision = max(self.revisions, default=0) + 1
         elif revision in self.revisions:
             raise RevisionConflict(revision)
         self.revisions[revision] = key
-        self.placed.add(revision)
         return revision

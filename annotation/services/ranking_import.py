@@ -28,7 +28,7 @@ from annotation.db import begin_read_only, refresh_planner_statistics
 from annotation.limits import MAX_DB_INT
 from annotation.models import Candidate, Project, Prompt, RankingRow, User
 from annotation.services._tx import unit_of_work
-from annotation.services.errors import Invalid
+from annotation.services.errors import Conflict, Invalid
 from annotation.services.imports import (
     ImportReport,
     check_id,
@@ -280,20 +280,18 @@ def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], stored_
           project: Project, report: ImportReport) -> list[_Planned]:
     """What to store, decided before anything is: every ranking is matched to its prompt
     and the duplicates are counted (`ranking_history`)."""
-    lines = []
-    for line in (_match(r, slots, project) for r in checked):
-        # the account the line names (a ranking this project exported, read back), or the user an
-        # exported source account was made for (src:N of a user N: a copy of N's rankings, back home)
-        name = line.ranking.annotator
-        named = (name, name.removeprefix(SOURCE_PREFIX)) if name.startswith(SOURCE_PREFIX) else (name,)
-        if any(line.slot.history(n).holds(line.key, line.ranking.revision) for n in named):
-            report.duplicates_skipped += 1
-        else:
-            lines.append(line)
     planned = []
     named_as: dict[str, str] = {}  # account -> the file's name for it
-    for line in lines:
+    for line in (_match(r, slots, project) for r in checked):
         r, username = line.ranking, stored_as[line.ranking.annotator]
+        # held by the account it is stored under, the account the line names (a ranking this project
+        # exported, read back), or the user an exported source account was made for (src:N of a user
+        # N: a copy of N's rankings, back home)
+        held_by = dict.fromkeys((username, r.annotator, r.annotator.removeprefix(SOURCE_PREFIX)))
+        if any(line.slot.history(n).holds(line.key, r.revision) if r.revision is not None
+               else line.slot.history(n).follows(line.key) for n in held_by):
+            report.duplicates_skipped += 1
+            continue
         if named_as.setdefault(username, r.annotator) != r.annotator:  # a user N and an imported src:N, elsewhere
             raise Invalid(f"{r.where}: annotators {named_as[username]!r} and {r.annotator!r} would both be stored "
                           f"as {username!r}, one annotator; rename one of them in the file")
@@ -328,7 +326,11 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             report.candidates_added += len(r.responses)
         username = stored_as[r.annotator]
         if username not in users:
-            users[username] = new_user(db, username, None, role="source").id
+            try:
+                users[username] = new_user(db, username, None, role="source").id
+            except Conflict:  # the same new annotator, made by another import at this moment
+                raise Conflict(f"another import added annotator {username!r} at the same moment; import the file "
+                               "again to add the rest (nothing is added twice)") from None
         ids = slot.candidate_ids
         db.add(RankingRow(
             project_id=project.id, prompt_id=slot.prompt_id, user_id=users[username], assignment_id=None,

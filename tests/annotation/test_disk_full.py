@@ -76,3 +76,26 @@ def test_a_rankings_import_cut_short_counts_only_what_was_stored_and_again_adds_
     with env.db() as db:  # the same file again: the third ranking only, the latest as in the file
         r = services.import_rankings(db, services.get_project(db, "full"), rankings, "file")
     assert (r.rankings_added, r.duplicates_skipped) == (1, 2) and env.counts()["rankings"] == 3
+
+
+def test_a_file_cut_short_at_a_then_b_ends_with_its_last_a_when_imported_again(env, monkeypatch):
+    # A, B, A cut after A, B: importing it again must add the last A, as an uncut import ends with it
+    from align.formats import Ranking
+    from annotation import services
+    from annotation.services import imports
+
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
+    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
+    rankings = [Ranking(prompt="q?", responses=["a", "b", "c"], ranks=ranks, annotator="vendor1", prompt_id="q1")
+                for ranks in ([0, 1, 2], [2, 1, 0], [0, 1, 2])]
+    with env.db() as db:
+        project = services.create_project(db, "cut", k=3)
+        _disk_full_after(monkeypatch, 2)
+        with pytest.raises(services.ServiceError):
+            services.import_rankings(db, project, rankings, "file")
+        monkeypatch.undo()
+    with env.db() as db:
+        r = services.import_rankings(db, services.get_project(db, "cut"), rankings, "file")
+        assert (r.rankings_added, r.duplicates_skipped) == (1, 2)
+        (latest,) = services.export_rankings(db, services.get_project(db, "cut"))
+    assert latest.ranks == [0, 1, 2]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.annotation.test_imports import _export, _import, _rank_everything
 
 
@@ -45,11 +47,12 @@ def test_a_delivery_of_a_then_b_then_a_ends_with_the_last_a_and_adds_nothing_whe
     r = _import(env, "v", "kwise", _body([A, B, A_AGAIN]))
     assert _added(r) == 0 and r.json()["duplicates_skipped"] == 3
     assert _export(env, "v") == [row]
-    # a later delivery adds what the project did not hold before it: a ranking held at any revision
-    # is not stored again (a file without revision numbers cannot make an earlier one the latest)
+    # a later delivery: its lines found in order in what the project held are held (A_AGAIN, the
+    # latest); from the first that is not (B, after A_AGAIN), each is a new revision, in the file's order
     C = {**A, "ranks": [1, 0, 2], "rationale": "third thoughts"}
-    assert _added(_import(env, "v", "kwise", _body([A_AGAIN, B, C]))) == 1
-    assert _export(env, "v")[0]["ranks"] == [1, 0, 2]
+    assert _added(_import(env, "v", "kwise", _body([A_AGAIN, B, C]))) == 2
+    assert [r["ranks"] for r in _export(env, "v", "kwise&all_revisions=true")] == [
+        [0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0], [1, 0, 2]]
 
 
 def test_files_imported_again_grown_or_after_a_cut_add_only_what_is_new(env):
@@ -62,6 +65,9 @@ def test_files_imported_again_grown_or_after_a_cut_add_only_what_is_new(env):
     assert len(_export(env, "v", "kwise&all_revisions=true")) == 2
     assert _added(_import(env, "v", "kwise", _body([A, B, C]))) == 1
     assert [r["ranks"] for r in _export(env, "v", "kwise&all_revisions=true")] == [[0, 1, 2], [2, 1, 0], [1, 0, 2]]
+    # a file that grew by a ranking held earlier (A again, after C): the new line is the latest
+    assert _added(_import(env, "v", "kwise", _body([A, B, C, A]))) == 1
+    assert _export(env, "v")[0]["ranks"] == [0, 1, 2]
 
 
 def test_rankings_copied_to_another_project_and_back_add_nothing_and_keep_one_account(env):
@@ -187,3 +193,35 @@ def test_the_hh_export_says_how_many_rankings_it_left_out_and_why(env):
     assert r.headers["x-align-left-out"].startswith("1 of 2 rankings left out of the hh export (1 with a system")
     r = env.client.get("/api/projects/hh/export?format=pairs", headers=env.headers(env.admin_token))
     assert r.status_code == 200 and len(r.text.splitlines()) == 2 and "x-align-left-out" not in r.headers
+
+
+def test_a_user_of_the_longest_name_has_an_export_another_project_imports(env):
+    # usernames are at most 60 characters, so src:<name> fits the 64 a username holds: a 64-character user's
+    # export could be imported nowhere (not even back)
+    from annotation import services
+
+    env.project(n_prompts=1, k=3)
+    with env.db() as db, pytest.raises(services.ServiceError, match="1-60 characters"):
+        services.create_user(db, "u" * 61, "correct horse battery staple")
+    _rank_everything(env, [env.annotator("u" * 60)])
+    exported = _export(env, "p")
+    assert [r["annotator"] for r in exported] == ["u" * 60]
+    assert _added(_import(env, "p", "kwise", _body(exported))) == 0
+    assert _added(_import(env, "copy", "kwise", _body(exported))) == 1
+    assert [r["annotator"] for r in _export(env, "copy")] == ["src:" + "u" * 60]
+
+
+def test_an_annotator_made_by_another_import_at_the_same_moment_is_a_conflict_that_says_import_again(env, monkeypatch):
+    from annotation import services
+    from annotation.services import ranking_import
+
+    def raced(*_args, **_kwargs):  # the other import committed src:vendor1 between this one's read and its write
+        raise services.Conflict("user 'src:vendor1' already exists")
+
+    from align.formats import Ranking
+
+    monkeypatch.setattr(ranking_import, "new_user", raced)
+    line = Ranking(prompt="q?", responses=["a", "b", "c"], ranks=[0, 1, 2], annotator="vendor1", prompt_id="q1")
+    with env.db() as db, pytest.raises(services.Conflict, match="another import added annotator 'src:vendor1' at the "
+                                                                "same moment; import the file again"):
+        services.import_rankings(db, services.create_project(db, "v", k=3), [line], "file")

@@ -57,7 +57,8 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
         resumed_config(PPOConfig, tmp_path, None, ["seed=2"], RESUME_OVERRIDABLE, "PPO")
     with pytest.raises(UserError, match="'output_dir' cannot change on --resume"):  # not ignored either
         resumed_config(PPOConfig, tmp_path, None, [f"output_dir={tmp_path / 'elsewhere'}"], RESUME_OVERRIDABLE, "PPO")
-    assert resumed_config(PPOConfig, tmp_path, None, [f"output_dir={tmp_path}"], RESUME_OVERRIDABLE, "PPO")
+    for same in (f"output_dir={tmp_path}", f"output_dir={tmp_path}/", f"output_dir={tmp_path}/../{tmp_path.name}"):
+        assert resumed_config(PPOConfig, tmp_path, None, [same], RESUME_OVERRIDABLE, "PPO")
     (tmp_path / "config.yaml").write_text("")
     assert not resumed_config(PPOConfig, tmp_path, None, ["sample_gathered=false", "gradient_checkpointing=true"],
                               RESUME_OVERRIDABLE, "PPO").sample_gathered

@@ -1,5 +1,6 @@
 """Prompt-level split, the K-wise batch layout, the pairwise expansion and repeated responses."""
 
+import json
 
 import pytest
 
@@ -236,3 +237,18 @@ def test_rankings_without_repeats_are_read_unchanged_and_repeats_counted(tmp_pat
     every = data.train + data.eval
     assert len(every) == 12 and all(len(set(r.responses)) == len(r.responses) for r in every)
     assert sorted(len(r.responses) for r in every) == [2] * 4 + [3] * 8
+
+
+def test_an_all_revisions_export_trains_on_each_annotators_latest_ranking(tmp_path, caplog):
+    # the annotation app's --all-revisions kwise export: alice revised her ranking of q1 twice; bob ranked once
+    from reward.data import read_source
+
+    rows = [{"prompt": "q?", "prompt_id": "q1", "responses": ["a", "b", "c"], "ranks": ranks, "annotator": who,
+             "revision": rev} for who, ranks, rev in (("alice", [0, 1, 2], 1), ("alice", [2, 1, 0], 2),
+                                                      ("bob", [1, 0, 2], 1), ("alice", [0, 2, 1], 3))]
+    path = tmp_path / "audit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="align"):
+        kept = read_source("kwise", path)
+    assert sorted((r.annotator, r.ranks) for r in kept) == [("alice", [0, 2, 1]), ("bob", [1, 0, 2])]
+    assert "2 earlier revision(s)" in caplog.text
