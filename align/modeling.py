@@ -137,10 +137,15 @@ def forward_shared_prompts(model: Any, prompt_ids: Any, prompt_mask: Any, prompt
     (its continuations' rows in the prompt batch, their ids and mask cut to the slice's width, the
     slice's output)."""
     import torch
+    from transformers import DynamicCache
 
+    # A plain cache keeps every prompt position: the one a model makes itself keeps only the last window's
+    # keys in a sliding-window layer (Gemma 2/3), which the continuations' masks, covering the whole prompt,
+    # would not fit. The sliding window is still applied, by the masks.
+    cache_name = cache_argument(model)
     prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                       use_cache=True)
-    cache, cache_name = returned_cache(prompt_out), cache_argument(model)
+                       use_cache=True, **{cache_name: DynamicCache()})
+    cache = returned_cache(prompt_out)
     prompt_lengths = prompt_mask.sum(dim=1)  # (U,) real prompt tokens
     lengths = continuation_mask.sum(dim=1)
     order, slices = length_slices(lengths, buckets)
