@@ -151,6 +151,10 @@ class DPOTrainer(StepLoop):
                              [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
 
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
+        if self.eval_prompts:  # sampled after training, by the online methods' sampler
+            from ppo.sampling import check_decodable
+
+            check_decodable(base.config, self.sft_path)
         self.policy = build_policy(base, cfg.lora).to(self.device)  # the adapter is fp32 on a bf16 base (peft)
         self.policy.eval()  # dropout off: the implicit reward is a function of the weights alone
         # the layers that recompute their activations in the training backward (align.precision)

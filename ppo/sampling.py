@@ -23,7 +23,7 @@ so a run captures each shape once.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -48,6 +48,17 @@ class Decoder(Protocol):
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                     cache: object) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+def check_decodable(config: Any, path: Any) -> None:
+    """One line for a family the rollout engine cannot decode: BLOOM and Falcon with ALiBi build their
+    position bias from the attention mask's length, where the engine's fixed cache is longer (MPT's
+    ALiBi, built from the cache, decodes)."""
+    kind = getattr(config, "model_type", "")
+    if kind == "bloom" or (kind == "falcon" and getattr(config, "alibi", False)):
+        raise UserError(f"{path}: align's sampler cannot decode a {kind} model (ALiBi positions): PPO, RLOO and "
+                        "GRPO sample with it, and so does DPO's held-out evaluation (`align dpo num_eval_prompts=0` "
+                        "trains this model without it)")
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

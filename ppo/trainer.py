@@ -58,7 +58,7 @@ from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import OUTPUTS, SAMPLES_FILE
-from ppo.sampling import NON_FINITE_LOGITS, DecodeBufferPool, sample_responses, samples_exactly
+from ppo.sampling import NON_FINITE_LOGITS, DecodeBufferPool, check_decodable, sample_responses, samples_exactly
 
 log = logging.getLogger("align")
 
@@ -134,6 +134,7 @@ class PPOTrainer:
 
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
+        check_decodable(base.config, self.sft_path)
         critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
                                reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32

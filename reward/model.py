@@ -87,7 +87,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     """AutoModelForSequenceClassification(num_labels=1) on `base_path`, in `dtype`, dropout off.
 
     `lora`: a RewardLoraOptions with `enabled=True` wraps the model in PEFT adapters on the linear
-    layers `align.modeling.resolve_lora_targets` picks (checked to reach every trained block), the
+    layers `align.lora.resolve_lora_targets` picks (checked to reach every trained block), the
     head in modules_to_save (trained in full and saved with the adapter); otherwise full fine-tuning.
     `train_layers`: only the top N transformer blocks (+ final norm, head) are trained, whatever the
     family calls them (`align.modeling.find_blocks`).
@@ -99,7 +99,8 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from align.modeling import find_blocks, fit_embeddings, is_encoder, lora_summary, resolve_lora_targets
+    from align.lora import check_adapted, lora_summary, resolve_lora_targets
+    from align.modeling import find_blocks, fit_embeddings, is_encoder
 
     base_path = Path(base_path)
     if (base_path / "adapter_config.json").exists():
@@ -112,6 +113,13 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
         model = AutoModelForSequenceClassification.from_pretrained(
             base_path, num_labels=1, dtype=dtype,
             attn_implementation=None if attn_implementation == "auto" else attn_implementation)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UserError(f"{base_path}: transformers has no sequence-classification head for its model type "
+                        f"{json.loads((base_path / 'config.json').read_text()).get('model_type')!r}, so it cannot be a "
+                        "reward model; train the reward model on a checkpoint of another family (PPO and DPO take "
+                        "this one as the policy)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not is_encoder(model.config):
@@ -137,6 +145,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
             modules_to_save=head_modules(model),
         )
         model = get_peft_model(model, peft_config)
+        check_adapted(model, targets)
     elif top is not None:
         freeze_below(model, top[0])
     if freeze_embeddings:
@@ -151,7 +160,8 @@ def freeze_below(model: nn.Module, first_trained: int) -> None:
     `*embed*` (BERT's `embeddings` also holds a LayerNorm, which would pull the gradient through
     all the blocks). Blocks are found by `find_blocks` (`model.layers`, `transformer.h`,
     `gpt_neox.layers`, `model.decoder.layers`, `bert.encoder.layer`, ...)."""
-    from align.modeling import find_blocks, leaf
+    from align.lora import leaf
+    from align.modeling import find_blocks
 
     _, blocks = find_blocks(model)
     embedding = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) or "embed" in leaf(name)]

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from align.modeling import load_causal_lm, load_tokenizer, portable_lora_targets, resolve_lora_targets
+from align.lora import portable_lora_targets, resolve_lora_targets
+from align.modeling import load_causal_lm, load_tokenizer
 
 
 def test_a_policy_adapter_is_saved_with_short_target_names_and_reloads_identically(tiny_random_model, tmp_path):

@@ -30,7 +30,7 @@ def snapshot(model):
 def test_reward_lora_defaults_cover_every_block_and_train(family, family_model, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from align.modeling import block_linear_layers
+    from align.lora import block_linear_layers
     from reward.model import load_reward_model
     from reward.train import RewardTrainer
 
@@ -112,7 +112,7 @@ def test_a_list_matching_only_part_of_the_layers_is_an_error(family, targets, fa
     from transformers import AutoModelForCausalLM
 
     from align.errors import UserError
-    from align.modeling import resolve_lora_targets
+    from align.lora import resolve_lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(family_model(family))
     with pytest.raises(UserError, match="match no linear layer"):
@@ -123,7 +123,7 @@ def test_a_list_leaving_blocks_bare_is_an_error(family_model):
     from transformers import AutoModelForCausalLM
 
     from align.errors import UserError
-    from align.modeling import resolve_lora_targets
+    from align.lora import resolve_lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(family_model("llama"))
     with pytest.raises(UserError, match=r"leave blocks \[0\] without an adapter"):
@@ -134,7 +134,7 @@ def test_a_list_leaving_blocks_bare_is_an_error(family_model):
 def test_moe_routed_experts_are_reported(family_model, caplog):
     from transformers import AutoModelForCausalLM
 
-    from align.modeling import resolve_lora_targets, routed_expert_parameters
+    from align.lora import resolve_lora_targets, routed_expert_parameters
 
     model = AutoModelForCausalLM.from_pretrained(family_model("qwen3_moe"))
     assert routed_expert_parameters(model) == [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1)
@@ -197,7 +197,7 @@ def test_a_head_is_not_a_lora_target(family_model):
     from transformers import AutoModelForCausalLM
 
     from align.errors import UserError
-    from align.modeling import resolve_lora_targets
+    from align.lora import resolve_lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(family_model("llama"))
     with pytest.raises(UserError, match=r"\['lm_head'\] match no linear layer of the transformer blocks"):

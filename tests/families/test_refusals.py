@@ -1,0 +1,58 @@
+"""Families align cannot train some way are refused in one line, never trained wrong: a MoE whose MLP
+targets PEFT moves to its experts, a family without a sequence-classification head as a reward model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.families.builders import build_family_model
+
+DEEPSEEK_V3 = ("DeepseekV3Config", {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                    "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                                    "moe_intermediate_size": 32, "n_shared_experts": 1, "head_dim": 8})
+
+
+def test_a_moe_whose_mlp_targets_peft_moves_to_its_experts_is_refused_naming_the_layers(tmp_path):
+    # peft maps gate/up/down_proj of DeepSeek-V3 to its routed experts' parameters: the dense first layer's
+    # MLP and the shared experts would train without an adapter, and PPO would stop on the experts
+    from align.config import LoraOptions
+    from align.errors import UserError
+    from align.modeling import load_causal_lm
+    from ppo.model import build_policy
+    from tests.families import builders
+
+    builders.FAMILIES.setdefault("deepseek_v3", DEEPSEEK_V3)
+    base = load_causal_lm(build_family_model("deepseek_v3", tmp_path / "ds"))
+    with pytest.raises(UserError, match=r"PEFT put no adapter on \d+ of the \d+ layers .*deepseek_v3.*mlp"):
+        build_policy(base, LoraOptions())
+    attention = LoraOptions(target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    policy = build_policy(load_causal_lm(tmp_path / "ds"), attention)  # what it does adapt is taken
+    assert any("lora_A" in name for name, _ in policy.named_parameters())
+
+
+def test_a_family_without_a_sequence_classification_head_is_refused_as_a_reward_model(tmp_path):
+    from align.errors import UserError
+    from align.modeling import load_tokenizer
+    from reward.model import build_reward_model
+    from tests.families import builders
+
+    builders.FAMILIES.setdefault("granite", ("GraniteConfig", {"logits_scaling": 8.0}))
+    path = build_family_model("granite", tmp_path / "granite")
+    with pytest.raises(UserError, match="no sequence-classification head for its model type 'granite'"):
+        build_reward_model(path, load_tokenizer(path))
+
+
+@pytest.mark.parametrize("family, config", [("bloom", {"model_type": "bloom"}),
+                                            ("falcon", {"model_type": "falcon", "alibi": True})])
+def test_a_family_the_sampler_cannot_decode_is_refused_before_training(family, config):
+    # BLOOM and ALiBi Falcon read their position bias off the mask's length: every rollout stopped in transformers
+    from types import SimpleNamespace
+
+    from align.errors import UserError
+    from ppo.sampling import check_decodable
+
+    with pytest.raises(UserError, match=f"cannot decode a {family} model .*num_eval_prompts=0"):
+        check_decodable(SimpleNamespace(**config), "ckpt")
+    check_decodable(SimpleNamespace(model_type="falcon", alibi=False), "ckpt")  # rotary Falcon decodes
+    check_decodable(SimpleNamespace(model_type="mpt"), "ckpt")  # MPT's ALiBi is built from the cache
