@@ -106,6 +106,20 @@ def portable_lora_targets(model: Any, targets: list[str]) -> dict[str, Any]:
     return {"target_modules": short, "layers_to_transform": layers, "layers_pattern": leaf(prefix)}
 
 
+def with_adapter(model: Any, config: Any, targets: list[str]) -> Any:
+    """`model` with a fresh PEFT LoRA adapter of `config` on `targets`, checked (`check_adapted`). A
+    target PEFT refuses for the family (a Mamba mixer's projections) is one line, not its traceback."""
+    from peft import get_peft_model
+
+    try:
+        adapted = get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"LoRA: PEFT refused the targets chosen for this {model.config.model_type} model ({exc}); "
+                        "name others (lora.target_modules)") from None
+    check_adapted(adapted, targets)
+    return adapted
+
+
 def check_adapted(peft_model: Any, targets: list[str]) -> None:
     """One line when PEFT did not put an adapter on every layer align chose: peft converts the MLP
     targets of some MoE families (DeepSeek-V2/V3, GLM-4-MoE, ...) into parameters of the routed

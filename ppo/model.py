@@ -215,20 +215,18 @@ class Reference:
 
 def build_policy(base: nn.Module, lora: Any) -> nn.Module:
     """SFT weights frozen, a fresh LoRA adapter trainable (peft)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     for p in base.parameters():
         p.requires_grad_(False)
-    from align.lora import check_adapted, lora_summary, portable_lora_targets, resolve_lora_targets
+    from align.lora import lora_summary, portable_lora_targets, resolve_lora_targets, with_adapter
 
     target = resolve_lora_targets(base, list(lora.target_modules))  # every block covered, or a UserError
     log.info("policy: LoRA on %s", lora_summary(target))
     # short module names in adapter_config.json, as serving engines that load adapters by name expect
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                         bias="none", **portable_lora_targets(base, target))
-    policy = get_peft_model(base, config)
-    check_adapted(policy, target)
-    return policy
+    return with_adapter(base, config, target)
 
 
 def build_critic(reward_model: Any, policy_tokenizer: Any, policy_vocab_rows: int,

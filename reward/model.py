@@ -99,7 +99,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from align.lora import check_adapted, lora_summary, resolve_lora_targets
+    from align.lora import lora_summary, resolve_lora_targets, with_adapter
     from align.modeling import find_blocks, fit_embeddings, is_encoder
 
     base_path = Path(base_path)
@@ -132,7 +132,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
         raise UserError(f"model.train_layers={train_layers} but the model has only {num_layers} layers")
     top = list(range(num_layers - train_layers, num_layers)) if train_layers else None
     if lora is not None and lora.enabled:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType
 
         targets = resolve_lora_targets(model, list(lora.target_modules), layers=top)
         log.info("reward model: LoRA on %s", lora_summary(targets))
@@ -144,8 +144,7 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
             target_modules=targets,  # qualified names, so exactly the checked layers
             modules_to_save=head_modules(model),
         )
-        model = get_peft_model(model, peft_config)
-        check_adapted(model, targets)
+        model = with_adapter(model, peft_config, targets)
     elif top is not None:
         freeze_below(model, top[0])
     if freeze_embeddings:

@@ -56,3 +56,20 @@ def test_a_family_the_sampler_cannot_decode_is_refused_before_training(family, c
         check_decodable(SimpleNamespace(**config), "ckpt")
     check_decodable(SimpleNamespace(model_type="falcon", alibi=False), "ckpt")  # rotary Falcon decodes
     check_decodable(SimpleNamespace(model_type="mpt"), "ckpt")  # MPT's ALiBi is built from the cache
+
+
+def test_targets_peft_refuses_for_the_family_are_one_line(tiny_random_model, monkeypatch):
+    # falcon_h1's Mamba mixers: peft refuses their in/out projections with a ValueError
+    import peft
+
+    from align.config import LoraOptions
+    from align.errors import UserError
+    from align.modeling import load_causal_lm
+    from ppo.model import build_policy
+
+    def refuses(*_args, **_kwargs):
+        raise ValueError("Module 'out_proj' is incompatible with Mamba-based models")
+
+    monkeypatch.setattr(peft, "get_peft_model", refuses)
+    with pytest.raises(UserError, match="PEFT refused the targets chosen for this llama model .*out_proj"):
+        build_policy(load_causal_lm(tiny_random_model), LoraOptions())
