@@ -56,7 +56,10 @@ def test_next_task_on_a_full_disk_is_a_507_with_a_detail(env, monkeypatch):
     assert r.status_code == 507 and "disk is full" in r.json()["detail"], r.text
 
 
-def test_a_rankings_import_cut_short_counts_only_what_was_stored_and_again_adds_the_rest(env, monkeypatch):
+def _cut_then_again(env, monkeypatch, orders: list[list[int]]):
+    """One annotator's rankings of one prompt imported with a full disk after the first chunk of two
+    (the snapshot's end, chunk 1; chunk 2's commit fails), then the same file again: (the refusal's
+    message, the rankings stored after the cut, the second import's report, the latest ranking)."""
     from align.formats import Ranking
     from annotation import services
     from annotation.services import imports
@@ -64,38 +67,28 @@ def test_a_rankings_import_cut_short_counts_only_what_was_stored_and_again_adds_
     monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
     monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
     rankings = [Ranking(prompt="q?", responses=["a", "b", "c"], ranks=ranks, annotator="vendor1", prompt_id="q1")
-                for ranks in ([0, 1, 2], [2, 1, 0], [1, 0, 2])]
+                for ranks in orders]
     with env.db() as db:
-        project = services.create_project(db, "full", k=3)
-        _disk_full_after(monkeypatch, 2)  # the snapshot's end, chunk 1; chunk 2's commit fails
+        project = services.create_project(db, "cut", k=3)
+        _disk_full_after(monkeypatch, 2)
         with pytest.raises(services.ServiceError) as refused:
             services.import_rankings(db, project, rankings, "file")
         monkeypatch.undo()
     stored = env.counts()["rankings"]
-    assert stored == 2 and f"{stored} rankings before it stopped" in str(refused.value)
-    with env.db() as db:  # the same file again: the third ranking only, the latest as in the file
-        r = services.import_rankings(db, services.get_project(db, "full"), rankings, "file")
-    assert (r.rankings_added, r.duplicates_skipped) == (1, 2) and env.counts()["rankings"] == 3
+    with env.db() as db:
+        again = services.import_rankings(db, services.get_project(db, "cut"), rankings, "file")
+        (latest,) = services.export_rankings(db, services.get_project(db, "cut"))
+    return str(refused.value), stored, again, latest
+
+
+def test_a_rankings_import_cut_short_counts_only_what_was_stored_and_again_adds_the_rest(env, monkeypatch):
+    message, stored, again, latest = _cut_then_again(env, monkeypatch, [[0, 1, 2], [2, 1, 0], [1, 0, 2]])
+    assert stored == 2 and f"{stored} rankings before it stopped" in message
+    assert (again.rankings_added, again.duplicates_skipped) == (1, 2) and env.counts()["rankings"] == 3
+    assert latest.ranks == [1, 0, 2]
 
 
 def test_a_file_cut_short_at_a_then_b_ends_with_its_last_a_when_imported_again(env, monkeypatch):
     # A, B, A cut after A, B: importing it again must add the last A, as an uncut import ends with it
-    from align.formats import Ranking
-    from annotation import services
-    from annotation.services import imports
-
-    monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
-    monkeypatch.setattr(imports, "IMPORT_PAUSE_S", 0)
-    rankings = [Ranking(prompt="q?", responses=["a", "b", "c"], ranks=ranks, annotator="vendor1", prompt_id="q1")
-                for ranks in ([0, 1, 2], [2, 1, 0], [0, 1, 2])]
-    with env.db() as db:
-        project = services.create_project(db, "cut", k=3)
-        _disk_full_after(monkeypatch, 2)
-        with pytest.raises(services.ServiceError):
-            services.import_rankings(db, project, rankings, "file")
-        monkeypatch.undo()
-    with env.db() as db:
-        r = services.import_rankings(db, services.get_project(db, "cut"), rankings, "file")
-        assert (r.rankings_added, r.duplicates_skipped) == (1, 2)
-        (latest,) = services.export_rankings(db, services.get_project(db, "cut"))
-    assert latest.ranks == [0, 1, 2]
+    _, _, again, latest = _cut_then_again(env, monkeypatch, [[0, 1, 2], [2, 1, 0], [0, 1, 2]])
+    assert (again.rankings_added, again.duplicates_skipped) == (1, 2) and latest.ranks == [0, 1, 2]
