@@ -13,9 +13,12 @@ from align.modeling import find_blocks
 log = logging.getLogger("align")
 
 def _is_linear(module: Any) -> bool:
+    """A linear layer LoRA can wrap: nn.Linear's own forward (a subclass with a forward of its own,
+    as Phi-3.5-MoE's router returning the chosen experts, is not one), or GPT-2's transposed Conv1D."""
     from torch import nn
 
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward) or \
+        type(module).__name__ == "Conv1D"
 
 
 def block_linear_layers(model: Any) -> list[list[str]]:

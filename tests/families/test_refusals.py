@@ -73,3 +73,23 @@ def test_targets_peft_refuses_for_the_family_are_one_line(tiny_random_model, mon
     monkeypatch.setattr(peft, "get_peft_model", refuses)
     with pytest.raises(UserError, match="PEFT refused the targets chosen for this llama model .*out_proj"):
         build_policy(load_causal_lm(tiny_random_model), LoraOptions())
+
+
+def test_a_router_built_on_nn_linear_is_not_a_linear_layer_to_adapt(tmp_path):
+    # Phi-3.5-MoE's router subclasses nn.Linear and returns (weights, experts): an adapter around it made
+    # every stage stop inside peft
+    import torch
+
+    from align.config import LoraOptions
+    from align.lora import resolve_lora_targets
+    from align.modeling import load_causal_lm
+    from ppo.model import build_policy
+    from tests.families import builders
+
+    builders.FAMILIES.setdefault("phimoe", ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}))
+    base = load_causal_lm(build_family_model("phimoe", tmp_path / "phimoe"))
+    targets = resolve_lora_targets(base, ["all-linear"])
+    assert not any(t.endswith("router") for t in targets) and any(t.endswith("q_proj") for t in targets)
+    policy = build_policy(base, LoraOptions())
+    with torch.no_grad():
+        assert torch.isfinite(policy(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
