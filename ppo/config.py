@@ -43,7 +43,8 @@ class KLOptions:
         help="Where the KL term goes. false: into the reward, -beta * KL at every token (PPO, Ziegler et al. "
         "2019) or summed over the sequence (RLOO, Ahmadian et al. 2024); true: beta * KL(pi || pi_ref) averaged "
         "over the tokens is added to the loss, estimated with k3 from the current policy (GRPO, Shao et al. 2024, "
-        "eq. 3-4), and the reward is the score alone. null: true for method=grpo, false otherwise.",
+        "eq. 3-4), and the reward is the score alone. Averaged over tokens in the loss, summed over the sequence in the reward: "
+        "the same coef holds the policy less tightly in the loss. null: true for method=grpo, false otherwise.",
     )
 
 

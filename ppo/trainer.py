@@ -273,8 +273,10 @@ class PPOTrainer:
         t3 = time.perf_counter()
 
         # The KL the controller sees (and the one logged) is the penalised quantity, summed
-        # per sequence and averaged over the global batch. What the objective pays for it,
-        # -beta * KL, is the same whether it is paid in the reward (PPO, RLOO) or in the loss (GRPO).
+        # per sequence and averaged over the global batch. objective/rlhf_reward is the KL-regularised
+        # objective, score - beta * KL (Ziegler et al. 2019, eq. 2): the yardstick every method is read
+        # by. PPO and RLOO pay exactly that in their reward; GRPO's loss pays beta times the token mean
+        # of k3 instead (policy/kl_loss), a per-token average rather than a per-sequence sum.
         seq_kl = exp.kl.sum(-1)
         non_score_reward = -beta * seq_kl
         stats = {

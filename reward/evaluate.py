@@ -5,9 +5,10 @@ Keys (all under the given prefix, `eval/` by default):
                                         imply (an exact reward tie counts one half)
     accuracy_k{K}, num_pairs_k{K}       the same for rankings of K responses
     mean_margin                         mean r_w - r_l over those pairs (normalised reward units)
-    loss                                InstructGPT K-wise loss on the held-out rankings, of the raw rewards:
-                                        the scale the model trained at, comparable with train/ranking_loss
-                                        (train/loss adds the centering and mismatched-prompt terms)
+    loss                                InstructGPT K-wise loss on the held-out rankings, of the raw rewards
+                                        (the scale the model trained at) and at margin 0: comparable with
+                                        train/ranking_loss where train.margin is 0, the default (train/loss
+                                        adds the centering and mismatched-prompt terms)
     cross_annotator_accuracy            where several annotators judged the same response pair: the model
                                         against each of those judgments ...
     annotator_agreement                 ... and the annotators against each other on the same pairs: the

@@ -69,8 +69,8 @@ def test_the_kl_penalty_is_in_the_reward_for_ppo_and_rloo_and_in_the_loss_for_gr
 
 @pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
 def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_is_paid(small_run, method):
-    # GRPO pays beta * KL in the loss, PPO and RLOO in the reward: objective/non_score_reward is -beta * KL
-    # and objective/rlhf_reward the score plus it, for every method
+    # objective/non_score_reward is -beta * KL and objective/rlhf_reward the score plus it, for every
+    # method: the KL-regularised objective, whether the KL is paid in the reward (PPO, RLOO) or the loss (GRPO)
     samples = [] if method == "ppo" else ["samples_per_prompt=2"]
     cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", *samples, "kl.coef=0.5", "kl.adaptive=false",
                                         "num_iterations=2", "overwrite=true"])
