@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 
 import pytest
 
@@ -336,21 +335,33 @@ def test_a_writer_lock_held_too_long_is_a_bounded_503(make_env, db_url):
     assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
 
 
-def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env, db_url):
+def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env, db_url, monkeypatch):
     """A next-task request waits for the writer lock another process holds; meanwhile the
     same server answers other requests. (When the hot routes ran on the event loop, the
     waiting request held up every other until the lock was let go.)"""
     if not db_url.startswith("sqlite"):
         pytest.skip("the writer lock is SQLite's")
+    from annotation import db as annotation_db
+
     env, _app = make_env(lock_timeout_s=30)
     env.project(n_prompts=2, k=2)
     token = env.annotator("ann")
     waiting: list = []
+    at_the_lock, armed = threading.Event(), threading.Event()
+    take_lock = annotation_db._flock_within
+
+    def tell_when_waiting(fd, deadline):
+        if armed.is_set():
+            at_the_lock.set()
+        return take_lock(fd, deadline)
+
+    monkeypatch.setattr(annotation_db, "_flock_within", tell_when_waiting)
     asking = threading.Thread(target=lambda: waiting.append(
         env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code))
     with _writer_lock_held_elsewhere(db_url):
+        armed.set()
         asking.start()
-        time.sleep(0.3)  # let it reach the lock (if it has not, /api/me below proves nothing either way)
+        assert at_the_lock.wait(30), "the next-task request never reached the writer lock"
         me = env.client.get("/api/me", headers=env.headers(token))
         assert me.status_code == 200 and me.json()["username"] == "ann"
         assert asking.is_alive() and waiting == []  # still waiting for the lock: /api/me was served meanwhile
@@ -396,6 +407,8 @@ print(json.dumps({{"started": started_at, "sqlalchemy loaded": loaded_at, "after
     seen = json.loads(out.stdout)
     from annotation.import_process import IMPORT_NICENESS
 
+    if seen["started"] + IMPORT_NICENESS > 19:  # the kernel's cap: nothing to lower it to
+        pytest.skip(f"the tests run at niceness {seen['started']}: the import process cannot go {IMPORT_NICENESS} lower")
     lowered = seen["started"] + IMPORT_NICENESS
     assert seen["sqlalchemy loaded"] == [lowered] and seen["after"] == lowered, seen
 

@@ -3,6 +3,9 @@ the eager ones, and nothing but the training forwards runs compiled."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -108,6 +111,8 @@ def check_compiled_step_matches_eager(trainer, rtol: float, atol: float, grad_re
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="inductor on the CPU builds C++ kernels: no C++ compiler here ($CXX or g++)")
 def test_compiled_training_step_gives_the_eager_gradients_and_decoding_stays_eager(small_run):
     # inductor on the CPU: the code path a GPU takes, with C++ kernels where a GPU has Triton's
     trainer = trainer_with_trained_adapter(small_run, "torch_compile=true")
