@@ -14,7 +14,9 @@ MAX_EXAMPLES = 25
 
 def _app():
     """The app on a fresh SQLite file with an admin and a small project (built at collection,
-    since the schema's operations parametrize the test)."""
+    since the schema's operations parametrize the test), removed as the tests' process ends."""
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -24,7 +26,9 @@ def _app():
     from annotation.settings import Settings
     from tests.annotation.conftest import PASSWORD
 
-    app = create_app(Settings(db_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='align-fuzz-')) / 'fuzz.db'}"))
+    folder = Path(tempfile.mkdtemp(prefix="align-fuzz-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    app = create_app(Settings(db_url=f"sqlite:///{folder / 'fuzz.db'}"))
     with app.state.sessionmaker() as db:
         admin = services.create_user(db, "admin", PASSWORD, "admin")
         app.state.fuzz_token = services.issue_api_token(db, admin, ttl_s=3600)
