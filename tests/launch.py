@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.ppo.test_multiproc import free_port
+from annotation.devserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# `accelerate launch` of the interpreter running the tests, not whichever `accelerate` is first on PATH
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LAUNCHERS = {  # --multi_gpu without --cpu: with no GPU, two CPU processes on gloo
     "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -24,6 +25,5 @@ def run_align(*args: str, launcher: str | None = None, timeout: int = 300) -> su
     if launcher is None:
         cmd = [sys.executable, "-m", "align", *args]
     else:
-        accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-        cmd = [accelerate, "launch", *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", *args]
+        cmd = [*ACCELERATE_LAUNCH, *LAUNCHERS[launcher], "--main_process_port", str(free_port()), "-m", "align", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ppo.test_multiproc import REPO, free_port
+from tests.launch import ACCELERATE_LAUNCH, REPO, free_port
 
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml"
 DDP_CONFIG = REPO / "configs" / "accelerate" / "ddp_cpu.yaml"
@@ -30,7 +30,7 @@ def accelerate_launch(*args: str, machine: int | None = None, port: int | None =
     """The command line of `accelerate launch` with a shipped FSDP2 config: fsdp2_cpu.yaml (2 processes
     on this machine) or, given `machine`, fsdp2_multinode.yaml as that machine of 2 (one process each,
     machine 0 at 127.0.0.1)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port or free_port())]
+    cmd = [*ACCELERATE_LAUNCH, "--main_process_port", str(port or free_port())]
     if machine is None:
         return [*cmd, "--config_file", str(FSDP_CONFIG), *args]
     return [*cmd, "--config_file", str(MULTINODE_CONFIG), "--num_processes", "2", "--machine_rank", str(machine),
@@ -72,7 +72,7 @@ def assert_same_step(one_dir: Path, two_dir: Path) -> None:
 def test_one_ddp_step_on_two_ranks_matches_one_rank(ppo_policy_path, random_reward_model, tmp_path):
     overrides = step_overrides(ppo_policy_path, random_reward_model)
     run([sys.executable, str(WORKER), str(tmp_path / "one"), *overrides, f"output_dir={tmp_path / 'run-one'}"])
-    run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+    run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()),
          "--config_file", str(DDP_CONFIG), str(WORKER), str(tmp_path / "two"), *overrides,
          f"output_dir={tmp_path / 'run-two'}"])
     assert json.loads((tmp_path / "two" / "rank1.json").read_text())["world"] == 2

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.launch import ACCELERATE_LAUNCH, REPO, free_port
 
 
 @pytest.mark.multiproc
@@ -27,13 +17,11 @@ def free_port() -> int:
 def test_two_cpu_ranks_finish_with_identical_parameters(small_run, tmp_path):
     from safetensors.torch import load_file
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    assert accelerate, "accelerate CLI not found"
     run = tmp_path / "run"
     overrides = [o for o in small_run if not o.startswith("output_dir=")] + [f"output_dir={run}", "save_every=2"]
     # --multi_gpu without --cpu: with no GPU this starts two CPU processes on gloo
     # (`--cpu --num_processes 2` would silently start one).
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "tests" / "ppo" / "ddp_worker.py"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
