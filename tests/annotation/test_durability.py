@@ -28,7 +28,7 @@ def test_acknowledged_rankings_survive_kill_9(tmp_path):
     server = ServerProcess(db_url, tmp_path / "server.log").start()
     acked: list[tuple[int, list]] = []
     lock = threading.Lock()
-    give_up = time.time() + 60.0
+    give_up = time.time() + 60.0  # for each phase: up to the kill, and after the restart
 
     def annotator(name):
         rng = random.Random(name)
@@ -58,6 +58,7 @@ def test_acknowledged_rankings_survive_kill_9(tmp_path):
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
         server.start()
+        give_up = time.time() + 60.0
         for t in threads:
             t.join(60)
     finally:
