@@ -66,6 +66,10 @@ def config_keys_help(cls: type, intro: str | None = None) -> str:
     from align.config import describe
 
     parts = [intro or "[bold]Config keys[/bold] (in the YAML file, nested keys under their section; or as key=value after it, nested keys with dots: section.key=value; a value beginning with ~/ is a path in your home directory):"]
+    aliases: dict[str, list[str]] = {}
+    for alias, key in getattr(cls, "key_aliases", {}).items():
+        aliases.setdefault(key, []).append(alias)
     for key, type_name, default, help_text in describe(cls):
-        parts.append(f"[bold]{escape(key)}[/bold] ({escape(type_name)}, default {escape(yaml.safe_dump(default, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip())}): {escape(help_text)}")
+        also = f" Also read as: {', '.join(aliases[key])}." if key in aliases else ""
+        parts.append(f"[bold]{escape(key)}[/bold] ({escape(type_name)}, default {escape(yaml.safe_dump(default, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip())}): {escape(help_text + also)}")
     return "\n\n".join(parts)

@@ -7,7 +7,9 @@ list of `key=value` / `nested.key=value` overrides and refuses, with one line na
 key, anything it does not understand: an unknown key (with the closest valid key for a
 typo), a value of the wrong type, a value out of range, a file that does not exist.
 Nothing is silently rewritten: the resolved config is exactly what the user asked for,
-and `save_config` writes it into the run directory. The one reading a shell would do is `~`:
+and `save_config` writes it into the run directory. A config class may accept a key under another
+name (`key_aliases`: a former name, or the one TRL gives it); the value goes to the key, with a
+warning naming both, and the run directory records the key's own name. The one reading a shell would do is `~`:
 a text value that begins with `~/` is a path in the home directory and is expanded
 (in a quoted override or a YAML file no shell did it). Paths are plain `str` fields, so the rule
 is the value's, not the field's; no text field of align takes such a value with another meaning.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -31,6 +34,7 @@ from align.errors import ConfigError
 
 T = TypeVar("T")
 _NoneType = type(None)
+log = logging.getLogger("align")
 
 
 def option(
@@ -70,10 +74,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             nesting = ", then ".join([f"{sections[0]}:", *(f"{p}: indented below it" for p in [*sections[1:], leaf])])
             raise ConfigError(f"{path}: {dotted!r}: dotted keys are for key=value overrides; in a YAML file write it "
                               f"as a nested section ({nesting})")
+        _move_aliased_values(data, cls, str(path))
     for override in overrides or []:
         key, value = parse_override(override)
-        set_dotted(data, key, value, cls)
+        set_dotted(data, _key_of_alias(key, cls), value, cls)
     return from_dict(cls, data)
+
+
+def _key_of_alias(name: str, cls: type) -> str:
+    """The key `name` stands for: itself, or the key it is another name of (with a warning)."""
+    key = getattr(cls, "key_aliases", {}).get(name)
+    if key is None:
+        return name
+    log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
+    return key
+
+
+def _move_aliased_values(data: dict[str, Any], cls: type, source: str) -> None:
+    """Move values a YAML mapping gives under another name of a key (`key_aliases`) to the key; the
+    same setting given under both names is refused."""
+    def holder(key: str) -> dict[str, Any] | None:  # the mapping that holds `key`'s leaf, if any
+        node: Any = data
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) and key.rsplit(".", 1)[-1] in node else None
+
+    for alias in getattr(cls, "key_aliases", {}):
+        if (node := holder(alias)) is not None:
+            value, key = node.pop(alias.rsplit(".", 1)[-1]), _key_of_alias(alias, cls)
+            if holder(key) is not None:
+                raise ConfigError(f"{source}: {alias!r} and {key!r} are one setting; give {key!r} only")
+            set_dotted(data, key, value, cls)
 
 
 def _dotted_key(data: Mapping[str, Any], cls: type, prefix: str = "") -> str | None:
@@ -109,7 +140,7 @@ def foreign_keys(cls: type, path: str | Path) -> list[str]:
         mapping = read_yaml_mapping(path)
     except ConfigError:
         return []
-    fields = [f.name for f in dataclasses.fields(cls)]
+    fields = [f.name for f in dataclasses.fields(cls)] + [a.split(".")[0] for a in getattr(cls, "key_aliases", {})]
     return [key for key in mapping if key not in fields and not difflib.get_close_matches(str(key), fields, n=1)]
 
 

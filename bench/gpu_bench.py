@@ -180,7 +180,7 @@ def reward_worker(job: dict) -> dict:
         f"train.max_steps={s['reward_steps']}", f"train.batch_size={s['reward_batch_size']}",
         "train.learning_rate=1e-5", f"train.gradient_checkpointing={s['gradient_checkpointing']}",
         "train.log_every=10", f"eval.normalize_prompts={s['normalize_prompts']}",
-        f"eval.normalize_max_new_tokens={s['response_length']}", f"eval.batch_size={s['batch_size']}",
+        f"eval.normalize_response_length={s['response_length']}", f"eval.batch_size={s['batch_size']}",
         *([f"train.num_threads={s['threads']}"] if s["threads"] else []),
     ])
     start = time.perf_counter()

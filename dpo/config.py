@@ -8,7 +8,7 @@ held-out split, so a DPO run and a reward model trained on one file hold out the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from align.config import LoraOptions, option
 from reward.config import DataSection
@@ -110,6 +110,10 @@ class DPOConfig:
     seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")
+
+    # other names of keys: former ones (an earlier run's config.yaml resumes with them), HF generate's
+    key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",
+                                             "max_new_tokens": "response_length"}
 
     def __post_init__(self) -> None:
 

@@ -16,7 +16,7 @@ fixed or driven towards a target KL by the adaptive controller of Ziegler et al.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from align.config import LoraOptions, check, check_input_file, option
 
@@ -241,6 +241,9 @@ class PPOConfig:
         "fastest on 1 thread per process; use several processes (accelerate launch) to use more cores.",
         ge=1,
     )
+
+    # other names of keys: TRL's PPOConfig's, HF generate's
+    key_aliases: ClassVar[dict[str, str]] = {"cliprange": "clip_coef", "max_new_tokens": "response_length"}
 
     def __post_init__(self) -> None:
         if self.method != "ppo":

@@ -69,7 +69,7 @@ class DataSection:
     num_eval_rankings: int = option(300, help="synthetic: held-out rankings (on held-out prompts), scored against the gold judge.", ge=1)
     k: int = option(4, help="synthetic: responses per ranking (K).", ge=2)
     agreement: float = option(0.73, help="synthetic: inter-annotator pairwise agreement of the simulated annotators.", gt=0.5, le=1.0)
-    annotators: int = option(1, help="synthetic: annotators ranking each prompt (>1 gives the agreement ceiling).", ge=1)
+    annotators_per_prompt: int = option(1, help="synthetic: annotators ranking each prompt (>1 gives the agreement ceiling).", ge=1)
     # annotation project
     db_url: str | None = option(None, help="annotation: database URL of the annotation app (sqlite:///... or postgresql://...).")
     project: str | None = option(None, help="annotation: project name to read rankings from.")
@@ -151,7 +151,7 @@ class EvalSection:
     batch_size: int = option(64, help="Responses per forward pass when evaluating and scoring.", ge=1)
     normalize: bool = option(True, help="Fit gain/bias so rewards of the SFT model's own samples have mean 0, std 1.")
     normalize_prompts: int = option(128, help="Prompts (from the training split) the SFT model answers for the normalisation.", ge=2)
-    normalize_max_new_tokens: int = option(48, help="Length of the SFT samples used for the normalisation.", ge=1)
+    normalize_response_length: int = option(48, help="Length of the SFT samples used for the normalisation.", ge=1)
     normalize_policy: str | None = option(
         None,
         help="The policy whose samples the normalisation is fitted on (`demo`, `demo:small` or a local causal-LM "
@@ -165,7 +165,7 @@ class EvalSection:
 # uninterrupted one up to float rounding (another split of the same sums).
 RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "train.gradient_accumulation_steps",
                       "train.gradient_checkpointing", "train.num_threads", "eval.batch_size", "eval.normalize",
-                      "eval.normalize_prompts", "eval.normalize_max_new_tokens", "eval.normalize_policy"}
+                      "eval.normalize_prompts", "eval.normalize_response_length", "eval.normalize_policy"}
 
 
 @dataclass
@@ -180,6 +180,9 @@ class RewardConfig:
         False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
         "are removed once the new run has loaded (other files stay; another stage's run is refused).")
 
+    # former names of keys (an earlier run's config.yaml resumes with them)
+    key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",
+                                             "eval.normalize_max_new_tokens": "eval.normalize_response_length"}
     # keys of the other stages this one lacks, named as such instead of as a typo of a near key
     absent_keys: ClassVar[dict[str, str]] = {
         "progress": "the reward stage has no progress option: it shows no progress bar (metrics.jsonl gets a line "

@@ -183,9 +183,9 @@ def _load_synthetic(cfg: Any) -> RewardData:
     from align.synthetic import make_rankings
 
     train = with_pairs(make_rankings(cfg.num_rankings, k=cfg.k, agreement=cfg.agreement, seed=cfg.seed,
-                                     split="train", annotators=cfg.annotators))
+                                     split="train", annotators=cfg.annotators_per_prompt))
     held_out = make_rankings(cfg.num_eval_rankings, k=cfg.k, agreement=cfg.agreement, seed=cfg.seed + 1,
-                             split="heldout", annotators=cfg.annotators)
+                             split="heldout", annotators=cfg.annotators_per_prompt)
     gold, seen = [], set()
     for r in held_out:  # one gold ranking per distinct (prompt, responses), however many annotators
         key = (r.prompt, tuple(r.responses))
@@ -196,7 +196,7 @@ def _load_synthetic(cfg: Any) -> RewardData:
     if cfg.max_rankings is not None:
         train = train[: cfg.max_rankings]
     source = {"format": "synthetic", "num_rankings": cfg.num_rankings, "k": cfg.k, "agreement": cfg.agreement,
-              "annotators": cfg.annotators, "seed": cfg.seed, "train_rankings": len(train),
+              "annotators_per_prompt": cfg.annotators_per_prompt, "seed": cfg.seed, "train_rankings": len(train),
               "eval_rankings": len(gold), "split": "synthetic train/heldout prompt pools"}
     return RewardData(train=train, eval=with_pairs(gold), eval_label="gold", eval_annotator=with_pairs(held_out),
                       source=source)

@@ -284,7 +284,7 @@ class RewardTrainer(StepLoop):
         sft = load_causal_lm(policy_path, dtype=self.dtype, tokenizer=policy_tokenizer).to(self.device)
         if self.fsdp:  # every rank samples the same prompts with the same seed: the same responses
             shard(sft.requires_grad_(False), self.fsdp)
-        samples = generate_responses(sft, policy_tokenizer, prompts, max_new_tokens=ecfg.normalize_max_new_tokens,
+        samples = generate_responses(sft, policy_tokenizer, prompts, max_new_tokens=ecfg.normalize_response_length,
                                      seed=self.cfg.train.seed)
         del sft
         prepare_tokenizer(self.tokenizer)  # generation switched it to left padding

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
-from align.config import ConfigError, check, describe, load_config, option, read_yaml_mapping, save_config
+from align.config import ConfigError, all_keys, check, describe, load_config, option, read_yaml_mapping, save_config
 
 
 @dataclass
@@ -109,6 +109,46 @@ def test_missing_and_malformed_files(tmp_path):
 def test_unknown_key_in_yaml_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'estimator'"):
         load_config(StageConfig, write(tmp_path, "estimater: k3\n"), [])
+
+
+@dataclass
+class RenamedConfig(StageConfig):
+    key_aliases: ClassVar[dict[str, str]] = {"beta": "kl_coef", "optim.learning_rate": "optim.lr"}
+
+
+def test_a_key_given_under_another_name_sets_the_key_and_says_so(tmp_path, caplog):
+    old_run = write(tmp_path, "beta: 0.3\noptim:\n  learning_rate: 0.002\n  warmup_steps: 5\n")
+    with caplog.at_level("WARNING", logger="align"):
+        cfg = load_config(RenamedConfig, old_run, [])
+    assert cfg.kl_coef == 0.3 and cfg.optim.lr == 0.002 and cfg.optim.warmup_steps == 5
+    assert "'beta' is read as 'kl_coef'" in caplog.text and "'optim.learning_rate' is read as 'optim.lr'" in caplog.text
+    # an override under either name wins over the file's value
+    assert load_config(RenamedConfig, old_run, ["optim.learning_rate=1e-4"]).optim.lr == 1e-4
+    assert load_config(RenamedConfig, old_run, ["kl_coef=0.5"]).kl_coef == 0.5
+    # the run directory records the key's own name, and loads back equal
+    saved = read_yaml_mapping(save_config(cfg, tmp_path / "run" / "config.yaml"))
+    assert saved["kl_coef"] == 0.3 and "beta" not in saved and saved["optim"]["lr"] == 0.002
+    # one setting under both names in one file is refused, naming both
+    with pytest.raises(ConfigError, match="'beta' and 'kl_coef' are one setting; give 'kl_coef' only"):
+        load_config(RenamedConfig, write(tmp_path, "beta: 0.3\nkl_coef: 0.1\n"), [])
+    # a class without aliases still refuses the name
+    with pytest.raises(ConfigError, match="unknown config key 'beta'"):
+        load_config(StageConfig, None, ["beta=0.3"])
+
+
+def test_the_stages_former_key_names_are_read_as_their_keys():
+    from align.commands.demo import DemoConfig
+    from dpo.config import DPOConfig
+    from ppo.config import PPOConfig
+    from reward.config import RewardConfig
+
+    assert load_config(RewardConfig, None, ["eval.normalize_max_new_tokens=7", "data.annotators=2"]).eval.normalize_response_length == 7
+    assert load_config(DPOConfig, None, ["data.annotators=2", "max_new_tokens=9"]).data.annotators_per_prompt == 2
+    ppo = load_config(PPOConfig, None, ["cliprange=0.1", "max_new_tokens=9"])
+    assert ppo.clip_coef == 0.1 and ppo.response_length == 9
+    assert load_config(DemoConfig, None, ["max_new_tokens=16"]).response_length == 16
+    for cls in (RewardConfig, DPOConfig, PPOConfig, DemoConfig):  # every alias names a key of its class
+        assert set(cls.key_aliases.values()) <= set(all_keys(cls)), cls
 
 
 def test_saved_config_loads_back_equal(tmp_path):

@@ -158,7 +158,7 @@ def tiny_reward_run(tiny_random_model, tmp_path_factory):
     cfg = load_config(RewardConfig, None, [
         f"model.name_or_path={tiny_random_model}", f"output_dir={run}", "model.max_length=160",
         "data.num_rankings=32", "data.num_eval_rankings=12", "train.batch_size=16", "train.max_steps=2",
-        "eval.normalize_prompts=4", "eval.normalize_max_new_tokens=8", "train.num_threads=1",
+        "eval.normalize_prompts=4", "eval.normalize_response_length=8", "train.num_threads=1",
         "lora.enabled=true", "lora.r=4",
     ])
     train_reward_model(cfg, echo=lambda text: None)

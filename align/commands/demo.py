@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from align.config import check, check_input_file, load_config, option, save_config
 from align.errors import ConfigError, UserError
@@ -74,7 +74,7 @@ class DemoConfig:
     annotators_per_prompt: int = option(1, help="Distinct annotators who rank each prompt.", ge=1)
     agreement: float = option(0.73, help="Pairwise agreement between two simulated annotators "
                                          "(InstructGPT measured 72.6%).", gt=0.5, le=1.0)
-    max_new_tokens: int = option(48, help="Length limit of sampled candidates, in tokens.", ge=4)
+    response_length: int = option(48, help="Length limit of sampled candidates, in tokens.", ge=4)
     num_eval_prompts: int = option(128, help="Held-out prompts for the before/after comparison.", ge=4)
     reward_config: str = option(str(CONFIGS / "reward.yaml"), help="Reward-model config the demo starts from.",
                                 must_exist=True)
@@ -83,6 +83,9 @@ class DemoConfig:
     dpo_config: str = option(str(CONFIGS / "dpo.yaml"), help="DPO config the demo starts from (method=dpo).",
                              must_exist=True)
     seed: int = option(0, help="Seed for prompts, sampling and annotators.", ge=0, le=2**31 - 1)
+
+    # a former name of a key (an earlier demo folder's config resumes with it)
+    key_aliases: ClassVar[dict[str, str]] = {"max_new_tokens": "response_length"}
 
     def __post_init__(self) -> None:
         check(self.annotators_per_prompt <= self.num_annotators,
@@ -316,7 +319,7 @@ def fill_project(db_url: str, cfg: DemoConfig):
                             "differs (keep k, or start over with --force)")
         prompts = make_prompts(cfg.num_prompts, seed=cfg.seed, split="train")
         services.add_prompts(db, project, [PromptRecord(p, f"synthetic-{i}") for i, p in enumerate(prompts)])
-        filled = generate_candidates(db, PROJECT, cfg.model, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+        filled = generate_candidates(db, PROJECT, cfg.model, k=cfg.k, max_new_tokens=cfg.response_length,
                                      seed=cfg.seed, progress=True)
     print(f"    {filled} prompts got {cfg.k} candidates each")
     return sessions

@@ -31,7 +31,7 @@ def test_reward_training_runs_on_the_gpu_in_bf16(tiny_random_model, tmp_path):
     cfg = load_config(RewardConfig, None, [
         f"model.name_or_path={tiny_random_model}", f"output_dir={tmp_path / 'rm'}", "model.dtype=bfloat16",
         "data.num_rankings=64", "data.num_eval_rankings=16", "train.batch_size=16", "eval.normalize_prompts=8",
-        "eval.normalize_max_new_tokens=8", "train.gradient_checkpointing=true"])
+        "eval.normalize_response_length=8", "train.gradient_checkpointing=true"])
     summary = train_reward_model(cfg, echo=lambda s: None)
     assert summary["memory/peak_gpu_mb"] > 0 and summary["eval/accuracy"] == summary["eval/accuracy"]
 

@@ -19,7 +19,7 @@ def reward_config(model, out, *overrides):
     return load_config(RewardConfig, None, [
         f"model.name_or_path={model}", f"output_dir={out}", "model.max_length=96", "data.num_rankings=16",
         "data.num_eval_rankings=8", "train.batch_size=8", "train.max_steps=2", "train.learning_rate=1e-2",
-        "eval.normalize_prompts=4", "eval.normalize_max_new_tokens=8", "train.num_threads=1", *overrides])
+        "eval.normalize_prompts=4", "eval.normalize_response_length=8", "train.num_threads=1", *overrides])
 
 
 def snapshot(model):

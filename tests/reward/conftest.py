@@ -21,7 +21,7 @@ def quick_config(tiny_random_model, tmp_path):
             "data.num_eval_rankings=24",
             "train.batch_size=16",
             "eval.normalize_prompts=8",
-            "eval.normalize_max_new_tokens=16",
+            "eval.normalize_response_length=16",
             "train.log_every=1",
             "train.num_threads=1",
         ]

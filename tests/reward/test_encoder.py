@@ -22,7 +22,7 @@ def bert_config(bert, policy, out, *overrides):
     return load_config(RewardConfig, None, [
         f"model.name_or_path={bert}", f"output_dir={out}", "model.max_length=64", "data.num_rankings=32",
         "data.num_eval_rankings=8", "train.batch_size=8", "train.learning_rate=1e-3", "train.num_threads=1",
-        f"eval.normalize_policy={policy}", "eval.normalize_prompts=4", "eval.normalize_max_new_tokens=8", *overrides])
+        f"eval.normalize_policy={policy}", "eval.normalize_prompts=4", "eval.normalize_response_length=8", *overrides])
 
 
 def test_encoder_text_has_cls_and_sep_and_keeps_the_end(tiny_bert):

@@ -14,7 +14,7 @@ from tests.launch import LAUNCHERS, run_align
 # averaged gradients are the one-process gradients only if each rank weighs its part by the global counts
 ARGS = ["model.max_length=160", "data.num_rankings=96", "data.num_eval_rankings=30", "train.batch_size=15",
         "train.mismatch_coef=1.0", "train.center_coef=0.1", "train.learning_rate=3e-3", "eval.normalize_prompts=8",
-        "eval.normalize_max_new_tokens=16", "train.num_threads=1", "train.log_every=1"]
+        "eval.normalize_response_length=16", "train.num_threads=1", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
