@@ -164,7 +164,8 @@ def create_project(
     name: Annotated[str, typer.Argument(help="Project name.")],
     db: DbOpt = None,
     k: Annotated[int, typer.Option(help="Candidates per prompt.", min=2, max=16)] = 4,
-    annotators: Annotated[int, typer.Option(help="Distinct annotators per prompt.", min=1, max=100)] = 1,
+    annotators_per_prompt: Annotated[int, typer.Option("--annotators-per-prompt", "--annotators",
+                                                       help="Distinct annotators per prompt.", min=1, max=100)] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown file with the annotation guidelines.")] = None,
     lease_seconds: Annotated[int, typer.Option(help="How long an opened task is held for its annotator.", min=10)] = 900,
     rank_top: Annotated[int | None, typer.Option(
@@ -187,7 +188,7 @@ def create_project(
         except OSError as exc:
             raise UserError(f"{guidelines}: cannot be read ({exc.strerror or exc})") from None
     with _sessionmaker(db)() as s:
-        services.create_project(s, name, k=k, annotators_per_prompt=annotators, guidelines=text,
+        services.create_project(s, name, k=k, annotators_per_prompt=annotators_per_prompt, guidelines=text,
                                 lease_seconds=lease_seconds, rank_top=rank_top)
     typer.echo(f"project {name!r} created")
 
@@ -198,7 +199,8 @@ def import_(
     project: ProjectOpt,
     format: Annotated[str, typer.Option("--format", "-f", help="oasst | hh | trl | prompts (with or without candidates) | kwise")],
     db: DbOpt = None,
-    annotators: Annotated[int | None, typer.Option(help="Annotators per prompt, if the project is created.", min=1)] = None,
+    annotators_per_prompt: Annotated[int | None, typer.Option(
+        "--annotators-per-prompt", "--annotators", help="Annotators per prompt, if the project is created.", min=1)] = None,
     k: Annotated[int | None, typer.Option(help="Candidates per prompt, if the project is created (default: from the file, else 4).", min=2, max=16)] = None,
 ) -> None:
     """Import prompts or existing preference data into a project (created if missing).
@@ -209,7 +211,7 @@ def import_(
     problem = input_file_problem(file)
     if problem:
         raise UserError(problem)
-    extra = {"annotators_per_prompt": annotators} if annotators else {}
+    extra = {"annotators_per_prompt": annotators_per_prompt} if annotators_per_prompt else {}
     if k is not None:
         extra["k"] = k
     with _sessionmaker(db)() as s:
@@ -222,13 +224,13 @@ def import_(
 def export(
     project: ProjectOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="kwise | pairs (TRL) | hh")] = "kwise",
+    format: Annotated[str, typer.Option("--format", "-f", help="kwise | trl (chosen/rejected pairs; also read as pairs) | hh")] = "kwise",
     all_revisions: Annotated[bool, typer.Option("--all-revisions", help="Every stored revision of every ranking "
                                                 "(kwise only), not only the latest.")] = False,
     force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
     db: DbOpt = None,
 ) -> None:
-    """Export rankings: kwise (one line per annotator and prompt, ties kept), pairs, hh."""
+    """Export rankings: kwise (one line per annotator and prompt, ties kept), trl (pairs), hh."""
 
     from annotation import services
 
@@ -259,7 +261,8 @@ def generate(
     model: Annotated[str, typer.Option(help="SFT checkpoint directory, or demo | demo:tiny | demo:small.")] = "demo",
     k: Annotated[int | None, typer.Option(help="Candidates to sample per prompt (default: the project's K).", min=2, max=16)] = None,
     db: DbOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    response_length: Annotated[int, typer.Option("--response-length", "--max-new-tokens",
+                                                 help="Length limit of each candidate, in tokens.", min=1)] = 48,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, above 0 (the K candidates are sampled).")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: above 0, at most 1 (1: the whole vocabulary).")] = 1.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -280,6 +283,6 @@ def generate(
         raise UserError(f"--top-p must be above 0 and at most 1 (the K candidates of a prompt are sampled), got {top_p}")
     with _sessionmaker(db)() as s:
         pk = services.get_project(s, project).k
-        n = generate_candidates(s, project, model, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+        n = generate_candidates(s, project, model, k=k, max_new_tokens=response_length, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=True)
     typer.echo(f"{project}: {pk} candidates generated for {n} prompts")

@@ -40,15 +40,16 @@ def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: Resu
 def score(
     model: Annotated[Path, typer.Option("--model", "-m", help="Reward run directory (RUN) or RUN/model.")],
     input: Annotated[Path, typer.Option("--input", "-i", help="JSONL with `prompt` (text or messages) and `response` per line.")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
+    out: Annotated[
+        Path | None, typer.Option("--out", "--output", "-o",
+                                  help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
 ) -> None:
     """Score prompt/response pairs in batches with a trained reward model."""
-    if output is not None and (output.is_dir() or not output.parent.is_dir()):
-        raise UserError(f"--output {output}: " + ("a directory, not a file" if output.is_dir()
-                                                  else f"its directory {output.parent} does not exist"))
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: " + ("a directory, not a file" if out.is_dir()
+                                          else f"its directory {out.parent} does not exist"))
     rows = read_score_input(input)
     from reward.model import load_reward_model
 
@@ -58,11 +59,11 @@ def score(
     for row, value in zip(rows, raw.tolist()):
         lines.append(json.dumps({**row, "reward": rm.gain * value + rm.bias, "reward_raw": value}, ensure_ascii=False))
     text = "\n".join(lines) + ("\n" if lines else "")
-    if output is None:
+    if out is None:
         typer.echo(text, nl=False)
     else:
-        output.write_text(text, encoding="utf-8")
-        typer.echo(f"scored {len(rows)} responses -> {output}", err=True)
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"scored {len(rows)} responses -> {out}", err=True)
 
 
 def read_score_input(path: Path) -> list[dict]:

@@ -32,20 +32,20 @@ def test_import_export_round_trip_and_reimport(tmp_path, capsys):
                    + json.dumps({"prompt": "capital of France?", "chosen": "Paris", "rejected": "Lyon"}) + "\n")
     assert "2 rankings imported" in ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
     assert "2 already present" in ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
-    for fmt in ("kwise", "pairs", "hh"):
-        out = tmp_path / f"{fmt}.jsonl"
+    for fmt in ("kwise", "trl", "hh"):
+        out = tmp_path / f"out-{fmt}.jsonl"
         assert "2 " + fmt in ok(["annotate", "export", "--db", db, "-p", "t", "-f", fmt, "-o", str(out)], capsys)
-    k = read_kwise(tmp_path / "kwise.jsonl")
+    k = read_kwise(tmp_path / "out-kwise.jsonl")
     assert sorted((r.prompt, r.responses, r.ranks, r.annotator) for r in k) == [
         ("2+2?", ["4", "5"], [0, 1], "src:trl"), ("capital of France?", ["Paris", "Lyon"], [0, 1], "src:trl")]
-    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "out-trl.jsonl").read_text().splitlines()]
     assert {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs} == {("2+2?", "4", "5"), ("capital of France?", "Paris", "Lyon")}
-    hh = json.loads((tmp_path / "hh.jsonl").read_text().splitlines()[0])
+    hh = json.loads((tmp_path / "out-hh.jsonl").read_text().splitlines()[0])
     assert hh["chosen"].startswith("\n\nHuman: ") and "\n\nAssistant: " in hh["chosen"]
     out = tmp_path / "every.jsonl"  # every revision: of these imported rankings, one each
     assert "2 kwise" in ok(["annotate", "export", "--db", db, "-p", "t", "--all-revisions", "-o", str(out)], capsys)
-    assert read_kwise(out) == read_kwise(tmp_path / "kwise.jsonl")
-    code, text = run(["annotate", "export", "--db", db, "-p", "t", "-f", "pairs", "--all-revisions", "-o", str(out)], capsys)
+    assert read_kwise(out) == read_kwise(tmp_path / "out-kwise.jsonl")
+    code, text = run(["annotate", "export", "--db", db, "-p", "t", "-f", "trl", "--all-revisions", "-o", str(out)], capsys)
     assert code == 2 and "kwise format only" in text and len(text.strip().splitlines()) == 1
 
 
@@ -107,7 +107,7 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "tell me a joke", "what is tea"]) + "\n")
     ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "3"], capsys)
     out = ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3",
-              "--max-new-tokens", "8"], capsys)
+              "--response-length", "8"], capsys)
     assert "3 candidates generated for 3 prompts" in out
     from annotation import services
     from annotation.db import open_db

@@ -91,9 +91,9 @@ def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
     missing = str(tmp_path / "no-model")  # never reached: each mistake is found first
     for args, expected in [
         (["score", "-m", missing, "-i", str(bad_prompt)], f"{bad_prompt}:1: the prompt must be a string"),
-        (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path)], f"--output {tmp_path}: a directory"),
+        (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path)], f"--out {tmp_path}: a directory"),
         (["score", "-m", missing, "-i", str(good), "-o", str(tmp_path / "no" / "x.jsonl")],
-         f"--output {tmp_path / 'no' / 'x.jsonl'}: its directory {tmp_path / 'no'} does not exist"),
+         f"--out {tmp_path / 'no' / 'x.jsonl'}: its directory {tmp_path / 'no'} does not exist"),
         (["eval", "-m", missing, "-d", str(ties)], f"{ties}: no ranking states a preference"),
         (["score", "-m", missing, "-i", str(good)], f"reward model not found: {missing}"),  # said as such
         (["score", "-m", str(tmp_path), "-i", str(good)], f"{tmp_path} is not a reward model"),

@@ -95,7 +95,7 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = subprocess.run([sys.executable, "-m", "align", "reward", "score", "--model", cfg.output_dir,
-                             "--input", str(inp), "--output", str(out)], cwd=REPO, capture_output=True, text=True)
+                             "--input", str(inp), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["id"] for s in scored] == [1, 2]
