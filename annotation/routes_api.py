@@ -278,9 +278,10 @@ async def import_file(
 
 
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)
-def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "pairs", "hh"] = "kwise",
+def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "trl", "pairs", "hh"] = "kwise",
            all_revisions: bool = False):
-    """The project's rankings as JSONL: kwise (one line per annotator and prompt), pairs (TRL), hh;
+    """The project's rankings as JSONL: kwise (one line per annotator and prompt), trl (chosen/rejected
+    pairs; `pairs` is its former name), hh;
     `all_revisions=true` (kwise): every stored revision, not only the latest. An hh export
     leaves out prompts a transcript cannot hold as they are (system messages, turn markers in
     a text), and the header X-Align-Left-Out says how many and why."""

@@ -13,7 +13,8 @@ from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
 from annotation.services.rankings import order_to_ranks, ranked_prefix
 
-EXPORT_FORMATS = ("kwise", "pairs", "hh")
+EXPORT_FORMATS = ("kwise", "trl", "hh")  # trl: the pair format TRL reads, and the import and training stages
+EXPORT_FORMAT_ALIASES = {"pairs": "trl"}  # its former name
 
 
 @read_only
@@ -78,6 +79,7 @@ def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool 
     out (hh: prompts a transcript cannot hold as they are)."""
     from align import exports
 
+    fmt = EXPORT_FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in EXPORT_FORMATS:
         raise Invalid(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if all_revisions and fmt != "kwise":
@@ -86,7 +88,7 @@ def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool 
     rankings = export_rankings(db, project, all_revisions=all_revisions)
     if fmt == "kwise":
         return [exports.kwise_row(r) for r in rankings]
-    if fmt == "pairs":
+    if fmt == "trl":
         return exports.pairs_from_rankings(rankings)
     left_out = exports.hh_left_out(rankings)
     if left_out and notes is not None:

@@ -59,7 +59,7 @@ def test_rank_with_tie_stores_exact_order_and_exports(env):
     expected = {text_of[ids[2]]: 0, text_of[ids[0]]: 1, text_of[ids[1]]: 1}
     assert dict(zip(row["responses"], row["ranks"])) == expected
     assert row["annotator"] == "ann" and row["prompt_id"] == "q0" and row["rationale"] == "clear"
-    pairs = env.client.get("/api/projects/p/export?format=pairs", headers=env.headers(env.admin_token)).text.splitlines()
+    pairs = env.client.get("/api/projects/p/export?format=trl", headers=env.headers(env.admin_token)).text.splitlines()
     assert len(pairs) == 2  # the tie implies no pair
     assert {json.loads(p)["chosen"] for p in pairs} == {text_of[ids[2]]}
 
@@ -88,7 +88,7 @@ def test_revision_keeps_raw_rankings(env):
     texts = {c["id"]: c["text"] for c in task["candidates"]}
     assert [(r["revision"], r["all_bad"], r["responses"][r["ranks"].index(0)]) for r in map(json.loads, every)] == [
         (1, False, texts[a]), (2, True, texts[b])]
-    refused = env.client.get("/api/projects/p/export?format=pairs&all_revisions=true", headers=admin)
+    refused = env.client.get("/api/projects/p/export?format=trl&all_revisions=true", headers=admin)
     assert refused.status_code == 422 and "kwise format only" in refused.json()["detail"]
 
 
@@ -304,7 +304,8 @@ def test_projects_prompts_and_import_over_api(env):
     assert r.status_code == 201 and r.json()["rankings_added"] == 1
     bad = env.client.post("/api/projects/t/import?format=trl", headers=h, content=b'{"prompt": "p"}\n')
     assert bad.status_code == 422 and bad.json()["detail"].startswith("body:1:") and "chosen" in bad.json()["detail"]
-    pairs = env.client.get("/api/projects/t/export?format=pairs", headers=h).text
+    pairs = env.client.get("/api/projects/t/export?format=trl", headers=h).text
+    assert env.client.get("/api/projects/t/export?format=pairs", headers=h).text == pairs  # its former name
     assert json.loads(pairs) == {"prompt": "p?", "chosen": "good", "rejected": "bad", "prompt_id": "q7", "annotator": "src:trl"}
     projects = env.client.get("/api/projects", headers=env.headers(env.annotator("ann"))).json()
     assert {p["name"] for p in projects} == {"api", "t"}

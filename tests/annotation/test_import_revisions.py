@@ -177,7 +177,7 @@ def test_pairs_and_hh_exports_keep_a_repeated_response_once_at_its_best_rank(env
     r = env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(token),
                         json={"order": [[same[0]], [other], [same[1]]]})
     assert r.status_code == 201, r.text
-    pairs = _export(env, "rep", "pairs")
+    pairs = _export(env, "rep", "trl")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("same", "other")]
     hh = _export(env, "rep", "hh")
     assert [(p["chosen"][-4:], p["rejected"][-5:]) for p in hh] == [("same", "other")]
@@ -191,7 +191,7 @@ def test_the_hh_export_says_how_many_rankings_it_left_out_and_why(env):
     r = env.client.get("/api/projects/hh/export?format=hh", headers=env.headers(env.admin_token))
     assert r.status_code == 200 and len(r.text.splitlines()) == 1
     assert r.headers["x-align-left-out"].startswith("1 of 2 rankings left out of the hh export (1 with a system")
-    r = env.client.get("/api/projects/hh/export?format=pairs", headers=env.headers(env.admin_token))
+    r = env.client.get("/api/projects/hh/export?format=trl", headers=env.headers(env.admin_token))
     assert r.status_code == 200 and len(r.text.splitlines()) == 2 and "x-align-left-out" not in r.headers
 
 

@@ -56,14 +56,14 @@ def test_every_annotators_ranking_of_a_prompt_is_imported_and_a_second_import_ad
                                                  "duplicates_skipped": 6}
     assert len(_export(env, "q")) == 6
 
-    pairs = _export(env, "p", "pairs")
+    pairs = _export(env, "p", "trl")
     assert len(pairs) == 12
     body = "".join(json.dumps(r) + "\n" for r in pairs)
     r = _import(env, "t", "trl", body)
     assert r.status_code == 201 and r.json()["rankings_added"] == 12 and r.json()["duplicates_skipped"] == 0
     view = Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], "src:" + r["annotator"]) for r in pairs)
     assert Counter((json.dumps(r["prompt"]), r["chosen"], r["rejected"], r["annotator"])
-                   for r in _export(env, "t", "pairs")) == view
+                   for r in _export(env, "t", "trl")) == view
     r = _import(env, "t", "trl", body)
     assert r.status_code == 201 and r.json()["rankings_added"] == 0 and r.json()["duplicates_skipped"] == 12
 

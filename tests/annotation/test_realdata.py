@@ -27,7 +27,7 @@ def test_oasst_import_export_matches_source(shared_data, tmp_path, capsys):
 
     cli("annotate", "import", str(src), "--db", db, "-p", "oasst", "-f", "oasst")
     cli("annotate", "export", "--db", db, "-p", "oasst", "-f", "kwise", "-o", str(tmp_path / "k.jsonl"))
-    cli("annotate", "export", "--db", db, "-p", "oasst", "-f", "pairs", "-o", str(tmp_path / "p.jsonl"))
+    cli("annotate", "export", "--db", db, "-p", "oasst", "-f", "trl", "-o", str(tmp_path / "p.jsonl"))
     source = {r.prompt_id: r for r in read_oasst(src)}
     exported = read_kwise(tmp_path / "k.jsonl")
     assert len(source) == 212 and len(exported) == 212

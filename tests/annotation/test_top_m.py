@@ -46,7 +46,7 @@ def test_a_top_m_ranking_is_stored_as_sent_and_exported_marked(env):
     admin = env.headers(env.admin_token)
     (kwise,) = [json.loads(line) for line in env.client.get("/api/projects/top/export?format=kwise", headers=admin).text.splitlines()]
     assert kwise["ranked"] == 2 and kwise["ranks"] == [1, 2, 0, 2]  # answers 0..3: c first, a second
-    pairs = [json.loads(line) for line in env.client.get("/api/projects/top/export?format=pairs", headers=admin).text.splitlines()]
+    pairs = [json.loads(line) for line in env.client.get("/api/projects/top/export?format=trl", headers=admin).text.splitlines()]
     stated = {("answer 2", "answer 0"), ("answer 2", "answer 1"), ("answer 2", "answer 3"),
               ("answer 0", "answer 1"), ("answer 0", "answer 3")}
     assert len(pairs) == 5 and {(p["chosen"], p["rejected"]) for p in pairs} == stated
