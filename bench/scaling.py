@@ -81,7 +81,7 @@ def row(run: dict) -> str:
         rate = s["train/rankings"] / s["timing/train_s"]
         return (f"| reward | {run['mode']} | {s['timing/train_s']:.0f} | {rate:.1f} rankings/s | - | - | "
                 f"{s['memory/peak_rss_mb']:.0f} |")
-    world, batch = s["world_size"], rows[0]["episodes"] / rows[0]["iteration"] if rows else 0
+    world, batch = s["train/num_processes"], rows[0]["episodes"] / rows[0]["iteration"] if rows else 0
     rate = s["iteration"] * batch / s["timing/train_s"]
 
     def mean(key):

@@ -274,7 +274,7 @@ class FixedKLController:
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def update(self, current_kl: float, n_episodes: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, float]:
@@ -286,16 +286,16 @@ class FixedKLController:
 
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, section 2.2: e = clip(KL / target - 1, -0.2, 0.2),
-    beta <- beta * (1 + e * n_steps / horizon), n_steps = episodes in the batch."""
+    beta <- beta * (1 + e * n_episodes / horizon), n_episodes the episodes of the batch."""
 
     def __init__(self, kl_coef: float, target: float, horizon: int):
         super().__init__(kl_coef)
         self.target = float(target)
         self.horizon = int(horizon)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def update(self, current_kl: float, n_episodes: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= 1.0 + proportional_error * n_episodes / self.horizon
 
 
 # ----------------------------------------------------------------------------- responses

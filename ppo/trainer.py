@@ -456,7 +456,7 @@ class PPOTrainer:
             final = rows[-1] if rows else last
             summary = {k: v for k, v in final.items() if not k.startswith("timing/")}
             summary["timing/train_s"] = training["seconds"]
-            summary["world_size"] = self.accelerator.num_processes
+            summary["train/num_processes"] = self.accelerator.num_processes
             # of training: the evaluation below samples only
             summary["memory/peak_rss_mb"] = max(training["peak_rss_mb"], peak_memory_mb())
         if self.eval_prompts and (self.is_main or self.fsdp):

@@ -4,7 +4,7 @@ Keys (all under the given prefix, `eval/` by default):
     accuracy, num_pairs, num_rankings   pairwise accuracy over every ordered pair the held-out rankings
                                         imply (an exact reward tie counts one half)
     accuracy_k{K}, num_pairs_k{K}       the same for rankings of K responses
-    mean_margin                         mean r_w - r_l over those pairs (normalised reward units)
+    reward_margin                       mean r_w - r_l over those pairs (normalised reward units)
     loss                                InstructGPT K-wise loss on the held-out rankings, of the raw rewards
                                         (the scale the model trained at) and at margin 0: comparable with
                                         train/ranking_loss where train.margin is 0, the default (train/loss
@@ -77,7 +77,7 @@ def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], 
         f"{prefix}accuracy": sum(correct) / max(1, len(correct)),
         f"{prefix}num_pairs": len(correct),
         f"{prefix}num_rankings": len(rankings),
-        f"{prefix}mean_margin": margin_scale * sum(margins) / max(1, len(margins)),
+        f"{prefix}reward_margin": margin_scale * sum(margins) / max(1, len(margins)),
     }
     if correct:
         out[f"{prefix}loss"] = kwise_ranking_loss(

@@ -199,10 +199,10 @@ def test_value_loss_clips_around_rollout_values():
 def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
     ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=100)
     # KL 9: error 9/6 - 1 = 0.5 clipped to 0.2 -> 0.1 * (1 + 0.2 * 10 / 100) = 0.102
-    ctl.update(9.0, n_steps=10)
+    ctl.update(9.0, n_episodes=10)
     assert ctl.value == pytest.approx(0.102)
     # KL 5.4: error -0.1 -> 0.102 * (1 - 0.1 * 0.1) = 0.10098
-    ctl.update(5.4, n_steps=10)
+    ctl.update(5.4, n_episodes=10)
     assert ctl.value == pytest.approx(0.10098)
     other = core.AdaptiveKLController(0.5, target=6.0, horizon=100)
     other.load_state_dict(ctl.state_dict())

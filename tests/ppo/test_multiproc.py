@@ -44,6 +44,6 @@ def test_two_cpu_ranks_finish_with_identical_parameters(small_run, tmp_path):
         assert json.loads((run / "per_rank" / f"rank{rank}_after.json").read_text())["ddp_modules_alive"] == 1
 
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["episodes"] == 3 * 8 * 2
+    assert summary["train/num_processes"] == 2 and summary["episodes"] == 3 * 8 * 2
     assert (run / "checkpoints" / "iter-000002" / "rng_states.pt").exists()
     assert len(torch.load(run / "checkpoints" / "iter-000002" / "rng_states.pt", weights_only=False)) == 2

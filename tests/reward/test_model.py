@@ -105,7 +105,7 @@ def test_save_load_round_trip_scores_identically_and_normalised(quick_config, lo
     assert abs(rm.gain - 1) > 0.05  # the precondition: the normalisation rescales
     assert metrics["eval/loss"] == pytest.approx(raw_metrics["eval/loss"], abs=1e-6)
     assert summary["eval/loss"] == pytest.approx(raw_metrics["eval/loss"], abs=1e-5)
-    assert metrics["eval/mean_margin"] == pytest.approx(rm.gain * raw_metrics["eval/mean_margin"], rel=1e-5)
+    assert metrics["eval/reward_margin"] == pytest.approx(rm.gain * raw_metrics["eval/reward_margin"], rel=1e-5)
 
 
 def test_train_layers_freezes_everything_below_the_top_layers(quick_config):
