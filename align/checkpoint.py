@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,16 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any], may_change: set[str],
-                   data: str | None = None, num_steps: int | None = None) -> None:
+                   data: str | None = None, num_steps: int | None = None, aliases: Mapping[str, str] | None = None) -> None:
     """A checkpoint resumes only the run that wrote it: the same settings (but for `may_change`, which
     leave the training as it is, and where the run lives), the same data and planned steps (where the
-    stage gives them)."""
+    stage gives them). `aliases`: the config class's former key names, which a checkpoint may hold."""
     if "config" not in state:  # written before checkpoints held their run's config: nothing to compare
         log.warning("%s holds no config to compare this run's with; resuming on the run's config.yaml", path)
         saved = now = {}
     else:
-        saved, now = flat_config(state["config"]), flat_config(config)
+        saved = {(aliases or {}).get(key, key): value for key, value in flat_config(state["config"]).items()}
+        now = flat_config(config)
     changed = [key for key in sorted(saved.keys() | now.keys())
                if saved.get(key) != now.get(key) and key not in may_change | {"output_dir", "overwrite"}]
     if changed:

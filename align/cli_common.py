@@ -47,6 +47,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        key = getattr(cls, "key_aliases", {}).get(key, key)
         if key not in allowed and settings(item) != own:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")

@@ -147,7 +147,8 @@ class StepLoop:
             sharded=self.fsdp is not None,
             check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
                                                may_change=self.resume_overridable, data=self.data_digest,
-                                               num_steps=len(self.global_batches)))
+                                               num_steps=len(self.global_batches),
+                                               aliases=getattr(type(self.cfg), "key_aliases", None)))
         self.step_count = state["step"]
         self.clock.load_state_dict(state.get("clock"))
         # (the reward stage's earlier checkpoints name the count forward_passes)

@@ -46,7 +46,8 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         path, accelerator=trainer.accelerator, model=trainer.model, optimizer=trainer.optimizer,
         scheduler=trainer.scheduler, sharded=bool(trainer.fsdp),
         check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE,
-                                           data=data_fingerprint(trainer.sampler.prompts)))
+                                           data=data_fingerprint(trainer.sampler.prompts),
+                                           aliases=getattr(type(trainer.cfg), "key_aliases", None)))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

@@ -274,3 +274,13 @@ def test_a_stage_reads_its_data_from_the_home_directory(tmp_path, monkeypatch):
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "dpo.yaml"
     cfg = load_config(DPOConfig, demo, ["data.format=kwise", "data.path=~/k.jsonl", "output_dir=~/runs/dpo"])
     assert cfg.data.path == str(tmp_path / "k.jsonl") and cfg.output_dir == str(tmp_path / "runs" / "dpo")
+
+
+def test_a_resumed_run_may_change_a_setting_given_under_its_former_name(tmp_path):
+    from align.cli_common import resumed_config
+    from reward.config import RESUME_OVERRIDABLE, RewardConfig
+
+    run = tmp_path / "run"
+    save_config(load_config(RewardConfig, None, [f"output_dir={run}"]), run / "config.yaml")
+    cfg = resumed_config(RewardConfig, run, None, ["eval.normalize_max_new_tokens=16"], RESUME_OVERRIDABLE, "reward")
+    assert cfg.eval.normalize_response_length == 16

@@ -59,12 +59,16 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
     leftover = stopped / "checkpoints" / ".step-000006.tmp-cut"
     leftover.mkdir()
     (leftover / "trainable.safetensors").write_bytes(b"partial")
+    # (and written when data.annotators_per_prompt was data.annotators: the run resumes on the former name)
+    for written in (stopped / "config.yaml", stopped / "checkpoints" / "step-000004" / "trainer_state.json"):
+        written.write_text(written.read_text().replace("annotators_per_prompt", "annotators"))
     taken: list[int] = []
     monkeypatch.setattr(DPOTrainer, "step", recording_steps(DPOTrainer.step, "step_count", taken.append))
     resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["keep_checkpoints=3"]), echo=lambda _: None,
                       resume=True)
     assert taken == list(range(5, steps + 1))
     assert load_config(DPOConfig, stopped / "config.yaml").keep_checkpoints == 3 and not leftover.exists()
+    assert "annotators_per_prompt:" in (stopped / "config.yaml").read_text()  # recorded under the key's own name
     new = assert_rows_kept(before, read_metrics(stopped / "metrics.jsonl"), "step", 4)
     assert new[0]["step"] == 6
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
