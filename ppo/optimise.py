@@ -141,5 +141,5 @@ def micro_step(trainer: Any, micro: Experience, weight: torch.Tensor, width: int
             loss = loss - cfg.ent_coef * entropy
             stats["policy/entropy"] = entropy
         trainer.accelerator.backward(loss * weight * rank_scale)
-    stats["loss/total"] = loss
+    stats["train/loss"] = loss
     return {k: v.detach() * weight * rank_scale for k, v in stats.items()}
