@@ -6,6 +6,7 @@ downloads anything (`local_files_only=True`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -211,7 +212,10 @@ def adapter_base_path(path: str | Path) -> Path:
     from the adapter's own folder where it names a checkpoint there (an adapter moved with its base),
     else from the working directory as PEFT reads it; a base found nowhere is named with the file."""
     config_file = Path(path) / "adapter_config.json"
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{config_file}: damaged (not valid JSON)") from None
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
@@ -249,17 +253,48 @@ def checkpoint_dtype(path: str | Path) -> Any:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def check_model_files(directory: str | Path) -> None:
-    """A saved model's directory before it loads: its weights are there and every JSON file in it
-    reads, or one line saying what is missing or damaged (not a loader's traceback)."""
+def check_model_files(directory: str | Path, *, weights: bool = True) -> None:
+    """A saved model's directory before it loads: its weights are there (unless `weights` is False: a
+    tokenizer's folder) and every JSON file in it reads, or one line saying what is missing or damaged
+    (not a loader's traceback)."""
     directory = Path(directory)
-    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
-        raise UserError(f"{directory}: no model weights (*.safetensors); the run is incomplete or damaged")
+    if weights and not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise UserError(f"{directory}: no model weights (*.safetensors); the checkpoint is incomplete or damaged")
     for path in sorted(directory.glob("*.json")):
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{path}: damaged (not valid JSON)") from None
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[None]:
+    """What a loader raises on a damaged checkpoint, as one line naming it: a truncated or overwritten
+    weights file (safetensors' header check), a file transformers cannot read."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise UserError(f"{path}: damaged or truncated weights ({exc})") from None
+    except OSError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"{path}: cannot be loaded ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+
+
+def check_not_a_reward_model(chain: list[Path]) -> None:
+    """One line where a policy's checkpoint is a reward model (a sequence-classification model, or a
+    LoRA adapter of one): loaded as a causal LM, its tied output layer would serve as the policy's, and
+    the policy and reference would start from the reward model's weights, not the SFT's."""
+    for folder in chain:
+        for name, field in (("adapter_config.json", "task_type"), ("config.json", "architectures")):
+            file = folder / name
+            value = json.loads(file.read_text(encoding="utf-8")).get(field) if file.is_file() else None
+            kinds = value if isinstance(value, list) else [value]
+            if any(isinstance(k, str) and (k == "SEQ_CLS" or k.endswith("ForSequenceClassification")) for k in kinds):
+                raise UserError(f"{folder}: a reward model (sequence classification), not a causal LM; give the "
+                                "SFT checkpoint instead")
 
 
 def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
@@ -278,7 +313,9 @@ def load_tokenizer(path: str | Path, *, encoder: bool = False) -> Any:
     quiet_transformers()
     # an adapter saved without a tokenizer uses its base's (itself maybe an adapter)
     source = next(p for p in adapter_chain(path) if not is_adapter_dir(p) or (p / "tokenizer_config.json").exists())
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    check_model_files(source, weights=False)
+    with reading_checkpoint(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if encoder:
         if tokenizer.pad_token is None:
             raise UserError(f"{source}: the encoder's tokenizer has no pad token")
@@ -327,9 +364,14 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
     base there, and the adapter on top would then replace it rather than add to it."""
     from transformers import AutoModelForCausalLM
 
-    *adapters, checkpoint = adapter_chain(path)
-    model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
-                                                       output_loading_info=True)
+    chain = adapter_chain(path)
+    for folder in chain:
+        check_model_files(folder)
+    check_not_a_reward_model(chain)
+    *adapters, checkpoint = chain
+    with reading_checkpoint(checkpoint):
+        model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
     check_no_missing_weights(model, info["missing_keys"], checkpoint)
     fit_embeddings(model, tokenizer)
     if adapters:
@@ -337,7 +379,8 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
 
         for adapter in reversed(adapters):
             log.info("%s is a LoRA adapter: merging it into its base before use", adapter)
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            with reading_checkpoint(adapter):
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model
 
 

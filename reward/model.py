@@ -100,19 +100,21 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     from transformers.utils import logging as hf_logging
 
     from align.lora import lora_summary, resolve_lora_targets, with_adapter
-    from align.modeling import find_blocks, fit_embeddings, is_encoder
+    from align.modeling import check_model_files, find_blocks, fit_embeddings, is_encoder, reading_checkpoint
 
     base_path = Path(base_path)
     if (base_path / "adapter_config.json").exists():
         raise UserError(
             f"{base_path} is a LoRA adapter; merge it first (`align export {base_path} --out DIR`) and train on DIR"
         )
+    check_model_files(base_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=1, dtype=dtype,
-            attn_implementation=None if attn_implementation == "auto" else attn_implementation)
+        with reading_checkpoint(base_path):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base_path, num_labels=1, dtype=dtype,
+                attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     except ValueError as exc:
         if "Unrecognized configuration class" not in str(exc):
             raise
@@ -350,7 +352,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from align.hf import quiet_transformers
-    from align.modeling import check_model_files, fit_embeddings, is_encoder
+    from align.modeling import check_model_files, fit_embeddings, is_encoder, reading_checkpoint
     from align.precision import default_device
 
     quiet_transformers()  # no loading bars or notices on a command's output, as where the stages load models
@@ -358,7 +360,8 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
 
     model_dir = find_model_dir(path)
     check_model_files(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with reading_checkpoint(model_dir):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -368,13 +371,17 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
             base = adapter_base_path(model_dir)
         except UserError as exc:
             raise UserError(f"the reward adapter at {model_dir}: its base checkpoint cannot be loaded ({exc})") from None
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+        check_model_files(base)
+        with reading_checkpoint(base):
+            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         if not is_encoder(model.config):
             fit_embeddings(model, tokenizer)  # the <pad> added in training
         model.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+        with reading_checkpoint(model_dir):
+            model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+        with reading_checkpoint(model_dir):
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
     configure_padding(model, tokenizer)
     model.to(device).eval()
     norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))

@@ -69,6 +69,9 @@ def test_a_checkpoint_without_an_lm_head_is_refused_as_a_causal_lm(untied_model,
 
     reward = AutoModelForSequenceClassification.from_pretrained(untied_model, num_labels=1)
     reward.save_pretrained(tmp_path / "reward")
+    config = json.loads((tmp_path / "reward" / "config.json").read_text())
+    del config["architectures"]  # nothing but its weights says what it is
+    (tmp_path / "reward" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"reward.*not a causal LM checkpoint, it has no weights for lm_head\.weight"):
         load_causal_lm(tmp_path / "reward")
 
@@ -113,3 +116,42 @@ def test_an_adapters_relative_base_is_found_beside_it_whatever_the_working_direc
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "../nowhere"}))
     with pytest.raises(UserError, match=rf"^{adapter / 'adapter_config.json'}: base_model_name_or_path: model not found"):
         adapter_base_path(adapter)
+
+
+def test_a_reward_model_given_as_the_policy_is_refused(tiny_random_model, random_reward_model, tmp_path):
+    # tied embeddings: no weight is missing, the reward model would load as a causal LM of its own weights
+    with pytest.raises(UserError, match=r"a reward model \(sequence classification\), not a causal LM; give the SFT"):
+        load_causal_lm(random_reward_model)
+    adapter = save_random_adapter(tiny_random_model, tmp_path / "reward-lora", load_tokenizer(tiny_random_model), seed=0)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    with pytest.raises(UserError, match=r"reward-lora: a reward model"):
+        load_causal_lm(adapter)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no weights", "broken config", "broken tokenizer"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_random_model, tmp_path, damage):
+    import shutil
+
+    from reward.model import build_reward_model
+
+    copy = tmp_path / "sft"
+    shutil.copytree(tiny_random_model, copy)
+    weights = copy / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:5000])
+        expected = r"sft: damaged or truncated weights \("
+    elif damage == "no weights":
+        weights.unlink()
+        expected = r"sft: no model weights"
+    else:
+        broken = copy / ("config.json" if damage == "broken config" else "tokenizer.json")
+        broken.write_text(broken.read_text()[:50])
+        expected = rf"{broken.name}: damaged \(not valid JSON\)"
+    with pytest.raises(UserError, match=expected):
+        load_causal_lm(copy, tokenizer=load_tokenizer(tiny_random_model))
+    with pytest.raises(UserError, match=expected):
+        build_reward_model(copy, load_tokenizer(tiny_random_model))
+    if damage == "broken tokenizer":
+        with pytest.raises(UserError, match=expected):
+            load_tokenizer(copy)

@@ -255,3 +255,16 @@ def test_a_sharded_reward_model_frees_its_root_unit_after_scoring(random_reward_
         assert isinstance(embedding.weight, DTensor)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_reward_model_with_damaged_weights_is_one_line_naming_it(random_reward_model, tmp_path):
+    import shutil
+
+    from align.errors import UserError
+    from reward.model import load_reward_model
+
+    copy = shutil.copytree(random_reward_model, tmp_path / "model")
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match=rf"{copy}: damaged or truncated weights \("):
+        load_reward_model(copy)
