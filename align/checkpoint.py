@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.run import CONFIG_FILE, atomic_directory, prepare_run_dir, write_json_atomic
+from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, prepare_run_dir, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -219,11 +219,13 @@ def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str,
-                  config_class: type | None = None) -> None:
+                  config_class: type | None = None, outputs: Iterable[str] = (),
+                  inputs: Mapping[str, str | None] | None = None) -> None:
     """Before anything loads: a resumed run has a checkpoint; a fresh run does not write into a
     run directory that holds anything unless `overwrite` (`clear_earlier_run` removes the earlier
-    run's checkpoints and outputs once this one has loaded everything it needs). `command`: how the
-    user resumes it (`align ppo`)."""
+    run's checkpoints and `outputs` once this one has loaded everything it needs), and then reads
+    none of its `inputs` (config key -> path: a policy, a data file) from what it replaces.
+    `command`: how the user resumes it (`align ppo`)."""
     for path in (run_dir, *run_dir.parents):  # the nearest that exists must be a directory
         try:
             exists = path.exists()
@@ -249,6 +251,13 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         resumable = f"resume it with `{command} --resume {run_dir}`, " if latest_checkpoint(run_dir, prefix) else ""
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
+    replaced = [run_dir / name for name in (CONFIG_FILE, METRICS_FILE, *outputs)] + checkpoints(run_dir, prefix)
+    for key, value in (inputs or {}).items():
+        path = Path(value).expanduser().resolve() if value else None
+        hit = next((r for r in replaced if path is not None and path.is_relative_to(r.resolve())), None)
+        if hit is not None:
+            raise UserError(f"{key} {value} is the earlier run's {hit.relative_to(run_dir)}, which overwrite=true "
+                            f"replaces in output_dir {run_dir}: copy it elsewhere first, or choose another output_dir")
 
 
 def start_run_dir(run_dir: Path, cfg: Any, prefix: str, outputs: Iterable[str], *, resume: bool) -> None:

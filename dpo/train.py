@@ -108,7 +108,9 @@ class DPOTrainer(StepLoop):
         cfg = self.cfg
         self.t0 = time.perf_counter()
         check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align dpo", config_class=type(cfg))
+                      command="align dpo", config_class=type(cfg), outputs=OUTPUTS,
+                      inputs={"policy_model": cfg.policy_model, "data.path": cfg.data.path,
+                              "data.eval_path": cfg.data.eval_path, "eval_prompts": cfg.eval_prompts})
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = make_accelerator()

@@ -107,7 +107,9 @@ class PPOTrainer:
 
         cfg = self.cfg
         check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align ppo", config_class=type(cfg))
+                      command="align ppo", config_class=type(cfg), outputs=OUTPUTS,
+                      inputs={"policy_model": cfg.policy_model, "reward_model": cfg.reward_model,
+                              "ref_model": cfg.ref_model, "prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts})
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after

@@ -110,7 +110,9 @@ class RewardTrainer(StepLoop):
         self.is_main = self.accelerator.is_main_process
         self.out = Path(cfg.output_dir)
         check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
-                      command="align reward train", config_class=type(cfg))
+                      command="align reward train", config_class=type(cfg), outputs=OUTPUTS,
+                      inputs={"model.name_or_path": cfg.model.name_or_path, "data.path": cfg.data.path,
+                              "data.eval_path": cfg.data.eval_path, "eval.normalize_policy": cfg.eval.normalize_policy})
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
 

@@ -121,6 +121,22 @@ def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine"  # not align's: kept
 
 
+def test_overwrite_refuses_to_read_what_it_would_replace(small_dpo_run, tmp_path):
+    # continuing from a run's own policy into the same output_dir, or training on its metrics, would
+    # delete the input as the run starts
+    run = tmp_path / "run"
+    args = [o for o in small_dpo_run if not o.startswith("output_dir=")] + [f"output_dir={run}", "overwrite=true"]
+    (run / "policy").mkdir(parents=True)
+    (run / "policy" / "adapter_model.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text("{}\n")
+    for override, key, name in [(f"policy_model={run / 'policy'}", "policy_model", "policy"),
+                                (f"data.path={run / 'metrics.jsonl'}", "data.path", "metrics.jsonl")]:
+        with pytest.raises(UserError, match=rf"{key} {run / name} is the earlier run's {name}, which overwrite=true "
+                                            "replaces"):
+            run_dpo(load_config(DPOConfig, None, [*args, override]), echo=lambda _: None)
+    assert (run / "policy" / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
 def test_an_output_dir_at_or_below_a_file_is_refused(small_dpo_run, tmp_path):
     from align.checkpoint import check_run_dir
 
