@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, prepare_run_dir, write_json_atomic
+from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, make_directory, prepare_run_dir, write_json_atomic
 
 log = logging.getLogger("align")
 
@@ -218,6 +218,41 @@ def truncate_metrics(path: Path, key: str, last: int) -> list[dict[str, Any]]:
     return rows
 
 
+_HELD: dict[Path, int] = {}  # run directories this process holds, with the descriptor holding each
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Hold `run_dir` (an existing directory) for this run (the main process; a run of this process
+    holds it again): a second run into it at the same time, whose config, metrics and checkpoints would
+    mix with this one's, is refused. An advisory lock on the directory itself (flock(2)), let go by
+    `release_run_dir` or as the process ends; where the file system has none (some network mounts),
+    nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    if int(os.environ.get("RANK", "0")) != 0 or run_dir.resolve() in _HELD:
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"output_dir {run_dir} is in use by a run that has not ended: wait for it, or choose "
+                        "another output_dir") from None
+    except OSError:
+        os.close(fd)
+        return
+    _HELD[run_dir.resolve()] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Let go of a run directory `hold_run_dir` holds (the run has ended, or stopped)."""
+    fd = _HELD.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, command: str,
                   config_class: type | None = None, outputs: Iterable[str] = (),
                   inputs: Mapping[str, str | None] | None = None) -> None:
@@ -235,6 +270,8 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
             if not path.is_dir():
                 raise UserError(f"output_dir {run_dir}: {path} is a file, not a directory")
             break
+    if run_dir.is_dir():  # else held as start_run_dir creates it (a run refused before then leaves no folder)
+        hold_run_dir(run_dir)
     if resume:
         if latest_checkpoint(run_dir, prefix) is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINTS_DIR}/{prefix}-* not found)")
@@ -265,6 +302,7 @@ def start_run_dir(run_dir: Path, cfg: Any, prefix: str, outputs: Iterable[str], 
     needs: config.yaml holds the resolved config, a resumed run's too (with the settings a resume
     may change: the config exactly as used); a resumed run drops the hidden temporaries of a save
     that was cut short; a fresh run clears what an earlier run left (`clear_earlier_run`)."""
+    hold_run_dir(make_directory(run_dir))
     prepare_run_dir(run_dir, cfg)
     if resume:
         directory = run_dir / CHECKPOINTS_DIR

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -78,9 +78,12 @@ def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[s
     """Align cfg.policy_model on the rankings; returns the summary (also RUN/summary.json). `resume`:
     continue the run in cfg.output_dir from its latest checkpoint."""
     trainer = DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume)
-    trainer.setup()
-    trainer.train()
-    return trainer.finish()
+    try:
+        trainer.setup()
+        trainer.train()
+        return trainer.finish()
+    finally:
+        release_run_dir(trainer.out)
 
 
 class DPOTrainer(StepLoop):

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir, truncate_metrics
 from align.compilation import LayerCompiler, decoder_layers
 from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
@@ -80,8 +80,11 @@ def run_ppo(cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool 
     """
     trainer = PPOTrainer(cfg, reward_model=reward_model, resume=resume,
                          judge=judge if judge is not None else gold_judge(cfg.eval_prompts))
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        release_run_dir(trainer.run_dir)
 
 
 class PPOTrainer:

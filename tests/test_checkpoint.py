@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,36 @@ def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():
         check_same_run(path, state, config=CONFIG, may_change=set(), num_steps=9)
     # a checkpoint written before checkpoints held their config and data: resumed on the run's config.yaml
     check_same_run(path, {"num_steps": 8}, config=changed, may_change=set(), data="x", num_steps=8)
+
+
+HOLDER = """
+import pathlib, sys
+from align.checkpoint import hold_run_dir
+hold_run_dir(pathlib.Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock(2)")
+def test_a_run_directory_another_run_is_using_is_refused_until_that_run_ends(tmp_path):
+    from align.checkpoint import check_run_dir, release_run_dir, start_run_dir
+    from dpo.config import DPOConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        for start in (lambda: check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align dpo"),
+                      lambda: start_run_dir(run, DPOConfig(), "step", (), resume=False)):
+            with pytest.raises(UserError, match=f"output_dir {run} is in use by a run that has not ended"):
+                start()
+        assert list(run.iterdir()) == []  # nothing written
+    finally:
+        other.stdin.close()
+        other.wait(30)
+    check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align dpo")  # that run has ended
+    start_run_dir(run, DPOConfig(), "step", (), resume=False)  # this process holds it already: the same run
+    release_run_dir(run)
