@@ -55,14 +55,16 @@ def score(
 
     rm = load_reward_model(model)
     raw = rm.score_raw([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
-    lines = []
-    for row, value in zip(rows, raw.tolist()):
-        lines.append(json.dumps({**row, "reward": rm.gain * value + rm.bias, "reward_raw": value}, ensure_ascii=False))
-    text = "\n".join(lines) + ("\n" if lines else "")
+    scored = [{**row, "reward": rm.gain * value + rm.bias, "reward_raw": value} for row, value in zip(rows, raw.tolist())]
     if out is None:
-        typer.echo(text, nl=False)
+        typer.echo("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored), nl=False)
     else:
-        out.write_text(text, encoding="utf-8")
+        from align.run import write_jsonl_atomic
+
+        try:  # never a half-written file where an earlier one was
+            write_jsonl_atomic(out, scored)
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
         typer.echo(f"scored {len(rows)} responses -> {out}", err=True)
 
 

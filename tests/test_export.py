@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -304,3 +305,53 @@ def test_an_output_below_a_file_is_one_line(tiny_ppo_run, tmp_path, below):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "plainfile").read_text() == "mine"
+
+
+def _weights(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.suffix == ".safetensors"}
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_force_never_replaces_the_base_the_run_was_trained_on(tiny_ppo_run, tmp_path, merge):
+    # the base is itself an earlier export (a policy trained on from there): --force over it replaced the
+    # SFT weights with the merged policy, or with an adapter whose base was then itself
+    base = export_run(tiny_ppo_run, tmp_path / "pol_copy")
+    run = _rebase(tiny_ppo_run, tmp_path, "policy", base)
+    before = _weights(base)
+    assert before
+    for out in (base, base / "inside"):
+        with pytest.raises(UserError, match="^" + re.escape(f"--out {out} overlaps {base}, a checkpoint the export reads")):
+            export_run(run, out, merge=merge, force=True)
+    assert _weights(base) == before and not (base / "inside").exists()
+    assert not (base / "adapter_config.json").exists()
+
+
+def test_force_never_replaces_a_folder_that_is_not_an_earlier_export(tiny_ppo_run, tmp_path):
+    data = tmp_path / "data3"
+    data.mkdir()
+    for i in range(9):
+        (data / f"part{i}.jsonl").write_text(f'{{"prompt": "p{i}", "response": "r"}}\n')
+    kept = {p.name: p.read_text() for p in data.iterdir()}
+    expected = f"--out {data} is not an earlier export"
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        export_run(tiny_ppo_run, data, force=True)
+    result = subprocess.run([sys.executable, "-m", "align", "export", str(tiny_ppo_run), "--out", str(data), "--force"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_text() for p in data.iterdir()} == kept
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(UserError, match="is not an earlier export"):
+        export_run(tiny_ppo_run, tmp_path / "a-file", force=True)
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_force_replaces_an_earlier_export_or_an_empty_folder(tiny_ppo_run, tmp_path):
+    out = export_run(tiny_ppo_run, tmp_path / "export", merge=False)
+    assert (out / "adapter_config.json").exists()
+    export_run(tiny_ppo_run, out, force=True)  # the adapter export becomes a merged one
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert "format: merged weights" in (out / "README.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert (export_run(tiny_ppo_run, tmp_path / "empty", merge=False, force=True) / "adapter_config.json").exists()
+    assert not list(tmp_path.glob(".*.old-*")) and not list(tmp_path.glob(".*.tmp-*"))

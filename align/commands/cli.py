@@ -80,7 +80,8 @@ def export(
         bool, typer.Option("--adapter/--merge", help="Save only the PEFT adapter, or merge it into the base (default). A fully fine-tuned "
                                                  "reward model has no adapter: it is saved whole either way.")
     ] = False,
-    force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier export (or is empty); any other "
+                                             "folder, and a checkpoint the export reads, is refused.")] = False,
 ) -> None:
     """Export an aligned policy (or a reward model) as an ordinary Hugging Face checkpoint."""
     from align.commands.export import export_run

@@ -12,11 +12,14 @@ Either way DIR/README.md is a model card saying what the folder holds and record
 checkpoint, the data, the stage's settings (the reward model and PPO/RLOO/GRPO settings, or DPO's
 rankings and settings) and the held-out results (accuracy, KL, reward and gold gains). The
 export is written into a hidden temporary directory beside DIR and renamed into place only
-when complete, so a crash or a kill leaves no half export behind.
+when complete, so a crash or a kill leaves no half export behind. `--force` replaces only an
+earlier export (a folder holding such a model card) or an empty folder, and never a checkpoint the
+export reads (the run, the bases down its adapter chain, a PPO run's reward model).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -54,12 +57,20 @@ def run_kind(run: Path) -> str:
 def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False) -> Path:
     run, out = Path(run), Path(out)
     kind = run_kind(run)
-    where, target = run.resolve(), out.resolve()
-    if target == where or target in where.parents or where in target.parents:  # --force would replace the run
+    if _overlaps(out, run):  # --force would replace the run
         raise UserError(f"--out {out} overlaps the run {run}: choose a directory outside it")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    check_model_files(_source_dir(run, kind))  # one line for a damaged run, never an export without weights
+    source = _source_dir(run, kind)
+    check_model_files(source)  # one line for a damaged run, never an export without weights
+    for checkpoint in _checkpoints_read(run, kind, source):
+        if _overlaps(out, checkpoint):  # --force would replace a base the export itself stands on
+            raise UserError(f"--out {out} overlaps {checkpoint}, a checkpoint the export reads: "
+                            "choose a directory outside it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not _replaceable(out):
+            raise UserError(f"--out {out} is not an earlier export (no model card written by align export) "
+                            "and will not be replaced: choose another --out")
     _prepare_output_folder(out)
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
@@ -81,6 +92,65 @@ def _source_dir(run: Path, kind: str) -> Path:
     from reward.run_dir import model_dir
 
     return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+
+
+def _overlaps(out: Path, other: Path) -> bool:
+    """`out` is `other`, holds it, or lies inside it (links followed)."""
+    target, other = out.resolve(), other.resolve()
+    return target == other or target in other.parents or other in target.parents
+
+
+def _checkpoints_read(run: Path, kind: str, source: Path) -> list[Path]:
+    """Every checkpoint outside the run that the export loads weights, a tokenizer or a model card's
+    figures from: each base down the adapter chain, as loading follows it, and a PPO run's reward model.
+    A base that cannot be found ends the chain and is named as the adapter names it (an adapter export
+    never loads it, and an --out there would make the adapter its own base)."""
+    from align.modeling import adapter_base_path, is_adapter_dir
+
+    found, level = [], source
+    while is_adapter_dir(level):
+        try:
+            name = str(json.loads((level / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+        except (OSError, ValueError):
+            break
+        if not name or name == "demo" or name.startswith(("demo:", "package:")):
+            break  # align's own cache or an installed package: never built here just to be compared
+        try:
+            base = adapter_base_path(level)
+        except (UserError, OSError, ValueError):
+            found.append(Path(name).expanduser())
+            break
+        if any(base.resolve() == p.resolve() for p in (source, *found)):
+            break  # a chain that loops: loading it says so in one line
+        found.append(base)
+        level = base
+    if kind == "ppo":
+        from ppo.run_dir import PPORun
+        from reward.run_dir import is_reward_model
+
+        reward = PPORun(run).config().get("reward_model")
+        if reward and is_reward_model(str(reward)):
+            found.append(Path(str(reward)))
+    return found
+
+
+def _replaceable(out: Path) -> bool:
+    """What --force may replace: an earlier export (a checkpoint whose model card says align exported it)
+    or an empty folder; never another folder, or a file that happens to be in the way."""
+    if not out.is_dir():
+        return False
+    try:
+        if not any(out.iterdir()):
+            return True
+    except OSError:
+        return False
+    card = out / "README.md"
+    if not card.is_file() or not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
+        return False
+    try:
+        return any(line in CARD_TITLES for line in card.read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _prepare_output_folder(out: Path) -> None:
@@ -198,6 +268,8 @@ def _typed_ppo_config(config: dict[str, Any]) -> Any:
         return None
 
 
+# an export's model card has one of these lines: what tells an earlier export that --force may replace
+CARD_TITLES = ("# Aligned policy exported by align", "# Reward model exported by align")
 FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights (safetensors)",
          "full": "full weights of a fully fine-tuned model (safetensors)"}
 
@@ -222,7 +294,7 @@ def model_card(run: Path, kind: str, form: str) -> str:
         "tags: [align, rlhf, " + (f"{method}]" if kind in POLICY_KINDS else "reward-model]"),
         "---",
         "",
-        f"# {'Aligned policy' if kind in POLICY_KINDS else 'Reward model'} exported by align",
+        CARD_TITLES[0] if kind in POLICY_KINDS else CARD_TITLES[1],
         "",
         f"- base checkpoint: `{base}`",
         f"- format: {FORMS[form]}",

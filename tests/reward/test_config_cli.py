@@ -1,6 +1,9 @@
 """User mistakes in `align reward train` give one line naming the problem and exit code 2."""
 
+import errno
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +134,65 @@ def test_score_writes_the_scores_and_nothing_else(random_reward_model, tmp_path)
     assert [sorted(json.loads(line)) for line in result.stdout.splitlines()] == [
         ["prompt", "response", "reward", "reward_raw"]] * 2
     assert result.stderr == ""
+
+
+def _writes_fail(monkeypatch, folder, code):
+    """Creating or writing a file in `folder` fails with `code` (as root, chmod would not stop it)."""
+    def refuse(path):
+        if Path(os.fsdecode(path)).parent == folder:
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    real_open, real_io_open = os.open, io.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def io_open(file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and set(mode) & set("wax+"):
+            refuse(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", io_open)
+
+
+def _score(capsys, *args):
+    from align.commands.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["reward", "score", *args])
+    out = capsys.readouterr()
+    return exc.value.code, out.err
+
+
+def test_score_to_a_folder_it_cannot_write_is_one_line(random_reward_model, tmp_path, monkeypatch, capsys):
+    good, folder = tmp_path / "in.jsonl", tmp_path / "read-only"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    folder.mkdir()
+    _writes_fail(monkeypatch, folder, errno.EROFS)
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(folder / "scores.jsonl"))
+    assert code == 2 and err == f"error: cannot write {folder / 'scores.jsonl'}: Read-only file system\n"
+    assert list(folder.iterdir()) == []
+
+
+def test_score_that_fails_while_writing_leaves_the_earlier_file_whole(random_reward_model, tmp_path, monkeypatch,
+                                                                    capsys):
+    good, out = tmp_path / "in.jsonl", tmp_path / "scores.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    out.write_text("earlier scores\n")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    assert code == 2 and err == f"error: cannot write {out}: No space left on device\n"
+    assert out.read_text() == "earlier scores\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl",
+                                                                                                  "scores.jsonl"]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    assert code in (0, None) and err == f"scored 1 responses -> {out}\n"
+    assert sorted(json.loads(out.read_text())) == ["prompt", "response", "reward", "reward_raw"]
