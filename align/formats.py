@@ -99,6 +99,8 @@ def merge_repeated_responses(ranking: Ranking) -> Ranking:
 def read_kwise(path: str | Path) -> list[Ranking]:
     out = []
     for lineno, row in jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        _json_object(row, where)
         try:
             known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id", "ranked") if k in row}
             missing = [k for k in ("prompt", "responses", "ranks") if k not in known]
@@ -108,7 +110,7 @@ def read_kwise(path: str | Path) -> list[Ranking]:
             _check_kwise_fields(known, row)
             out.append(Ranking(**known, meta=row))
         except (AttributeError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
+            raise UserError(f"{where}: not a kwise ranking line ({exc})") from None
     return out
 
 
@@ -248,6 +250,14 @@ def text_problem(text: str) -> str | None:
     return "contains a NUL character" if found.group() == "\x00" else "contains a lone surrogate (not UTF-8 text)"
 
 
+def _json_object(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        kind = ("null" if row is None else "true" if row is True else "false" if row is False
+                else {str: "a string", list: "a list"}.get(type(row), "a number"))
+        raise UserError(f"{where}: expected a JSON object, got {kind}")
+    return row
+
+
 def content_id(prefix: str, *parts: Any) -> str:
     """A stable id from content, so re-importing a file finds the rows it already holds."""
     import hashlib
@@ -299,7 +309,7 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
     rows, annotators = [], []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
-        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        if "chosen" not in _json_object(row, where) or "rejected" not in row:
             raise UserError(f"{where}: a TRL preference row needs 'chosen' and 'rejected'")
         chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
         if isinstance(chosen, str) and isinstance(rejected, str):
@@ -351,6 +361,7 @@ def read_hh(path: str | Path) -> list[Ranking]:
     out = []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
+        _json_object(row, where)
         try:
             chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -401,7 +412,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
 
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
-        root = row.get("prompt") if isinstance(row, dict) else None
+        root = _json_object(row, where).get("prompt")
         if not isinstance(root, dict) or "text" not in root:
             raise UserError(f"{where}: not an OpenAssistant message tree (no 'prompt' message)")
         try:

@@ -250,3 +250,27 @@ def test_trl_pairs_sharing_a_prompt_id_are_one_prompt_per_pair_and_keep_their_an
     ab, ba, ac, z = formats.read_trl_pairs(write_lines(tmp_path / "t.jsonl", rows))
     assert ab.prompt_id == ba.prompt_id != ac.prompt_id and ab.prompt_id.startswith("q1#")
     assert z.prompt_id == "z1" and (ab.annotator, ba.annotator, ac.annotator) == ("ann", "bob", "trl")
+
+
+def _oasst_tree(question="Q?", first="A1", second="A2", ranks=(0, 1)):
+    return {"prompt": {"message_id": "m0", "role": "prompter", "text": question, "replies": [
+        {"message_id": "a1", "role": "assistant", "text": first, "rank": ranks[0], "replies": []},
+        {"message_id": "a2", "role": "assistant", "text": second, "rank": ranks[1], "replies": []}]}}
+
+
+@pytest.mark.parametrize("line,kind", [('["hi"]', "a list"), ('["prompt", "responses", "ranks"]', "a list"),
+                                       ('["chosen", "rejected"]', "a list"), ("5", "a number"), ("2.5", "a number"),
+                                       ('"hi"', "a string"), ("null", "null"), ("true", "true")])
+@pytest.mark.parametrize("reader", [formats.read_kwise, formats.read_trl_pairs, formats.read_hh, formats.read_oasst])
+def test_a_line_that_is_not_a_json_object_is_named_as_such(tmp_path, reader, line, kind):
+    """A kwise line ["hi"] was "not a kwise ranking line (no 'prompt', ...; this one 'hi')", the
+    list's items given as its fields; an HH line was "not an HH-RLHF row (list indices must be
+    integers...)"."""
+    good = {formats.read_kwise: {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1]},
+            formats.read_trl_pairs: {"prompt": "q", "chosen": "a", "rejected": "b"},
+            formats.read_hh: {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            formats.read_oasst: _oasst_tree()}[reader]
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=rf"^{f}:2: expected a JSON object, got {kind}$"):
+        reader(f)
