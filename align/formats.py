@@ -47,6 +47,8 @@ class Ranking:
             raise ValueError(f"ranks must be a list of integers >= 0 (0 = best), got {self.ranks!r:.80}")
         if len(self.responses) != len(self.ranks):
             raise ValueError(f"{len(self.responses)} responses but {len(self.ranks)} ranks")
+        if any(r >= len(self.ranks) for r in self.ranks):  # a place among the K responses, ties sharing one
+            raise ValueError(f"ranks must be integers from 0 (best) to {len(self.ranks) - 1}, got {self.ranks!r:.80}")
         if self.ranked is not None:
             m, k = self.ranked, len(self.ranks)
             if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m < k:
@@ -385,6 +387,15 @@ def read_hh(path: str | Path) -> list[Ranking]:
     return out
 
 
+def _places(ranks: list[int]) -> list[int]:
+    """OASST's sibling ranks as places among the ranked replies kept: a deleted or unranked
+    sibling leaves a gap ([0, 2] of two), and a rank is below K. Negative ranks are left for
+    `Ranking` to refuse."""
+    if any(r < 0 for r in ranks):
+        return ranks
+    return [sum(o < r for o in ranks) for r in ranks]
+
+
 def read_oasst(path: str | Path) -> list[Ranking]:
     """OpenAssistant export trees: every set of >= 2 sibling assistant replies carrying a
     human `rank` becomes one Ranking whose prompt is the conversation up to their parent.
@@ -401,7 +412,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
                 Ranking(
                     prompt=convo,
                     responses=[r["text"] for r in ranked],
-                    ranks=[int(r["rank"]) for r in ranked],
+                    ranks=_places([int(r["rank"]) for r in ranked]),
                     annotator="oasst",
                     prompt_id=str(node.get("message_id", f"{where}#{len(out)}")),
                     meta={"candidate_ids": [r.get("message_id") for r in ranked]},

@@ -258,6 +258,38 @@ def _oasst_tree(question="Q?", first="A1", second="A2", ranks=(0, 1)):
         {"message_id": "a2", "role": "assistant", "text": second, "rank": ranks[1], "replies": []}]}}
 
 
+@pytest.mark.parametrize("ranks", [[0, 2], [0, 10**30], [5, 5]])
+def test_a_rank_is_a_place_among_the_k_responses(tmp_path, ranks):
+    """Ranks are 0 (best) to K - 1, ties sharing one: a rank of 10**30 was read by the reward
+    stage and stopped DPO's collate with an OverflowError (torch.tensor of the ranks)."""
+    with pytest.raises(ValueError, match="from 0 .best. to 1"):
+        Ranking("q", ["a", "b"], ranks)
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "ok", "responses": ["a", "b"], "ranks": [0, 1]},
+                                          {"prompt": "q", "responses": ["a", "b"], "ranks": ranks}])
+    with pytest.raises(UserError, match=rf"^{f}:2: not a kwise ranking line \(ranks must be integers from 0 \(best\) to 1, "):
+        formats.read_kwise(f)
+
+
+@pytest.mark.parametrize("ranks,ranked", [([0, 1, 1], None), ([0, 0, 2], None), ([1, 0, 1], None), ([2, 1, 0], None),
+                                          ([0, 0, 0], None), ([0, 2, 1, 2], 2), ([0, 1, 1, 1], 1)])
+def test_every_documented_ranking_is_read(tmp_path, ranks, ranked):
+    # ties share a rank (dense or competition ranking), and a top-m ranking's unordered rest has rank m
+    row = {"prompt": "q", "responses": list("abcd"[:len(ranks)]), "ranks": ranks} | ({"ranked": ranked} if ranked else {})
+    (r,) = formats.read_kwise(write_lines(tmp_path / "k.jsonl", [row]))
+    assert (r.ranks, r.ranked) == (ranks, ranked)
+
+
+def test_oasst_ranks_left_with_a_gap_by_a_deleted_sibling_are_read_as_places(tmp_path):
+    tree = _oasst_tree(ranks=(2, 0))
+    tree["prompt"]["replies"].append({"message_id": "a3", "role": "assistant", "text": "A3", "rank": 1, "deleted": True})
+    huge = _oasst_tree(ranks=(10**30, 3))
+    (gap,), (big,) = (formats.read_oasst(write_lines(tmp_path / f"{i}.jsonl", [t])) for i, t in enumerate([tree, huge]))
+    assert (gap.responses, gap.ranks) == (["A1", "A2"], [1, 0])
+    assert big.ranks == [1, 0]
+    with pytest.raises(UserError, match="malformed message tree.*>= 0"):
+        formats.read_oasst(write_lines(tmp_path / "neg.jsonl", [_oasst_tree(ranks=(-1, 0))]))
+
+
 @pytest.mark.parametrize("line,kind", [('["hi"]', "a list"), ('["prompt", "responses", "ranks"]', "a list"),
                                        ('["chosen", "rejected"]', "a list"), ("5", "a number"), ("2.5", "a number"),
                                        ('"hi"', "a string"), ("null", "null"), ("true", "true")])
