@@ -258,6 +258,59 @@ def _oasst_tree(question="Q?", first="A1", second="A2", ranks=(0, 1)):
         {"message_id": "a2", "role": "assistant", "text": second, "rank": ranks[1], "replies": []}]}}
 
 
+def _read_score_input(path):
+    from reward.cli import read_score_input
+
+    return read_score_input(path)
+
+
+BAD = "hi \ud800"  # valid JSON ("\ud800"), but no UTF-8 text: the tokenizer stopped on it with a TypeError
+USER = [{"role": "user", "content": "q"}]
+SURROGATES = [
+    (formats.read_kwise, {"prompt": BAD, "responses": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
+    (formats.read_kwise, {"prompt": [{"role": "user", "content": BAD}], "responses": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
+    (formats.read_kwise, {"prompt": "q", "responses": ["a", BAD], "ranks": [0, 1]}, "'responses'"),
+    (formats.read_kwise, {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": BAD}, "'annotator'"),
+    (formats.read_trl_pairs, {"prompt": BAD, "chosen": "a", "rejected": "b"}, "'prompt'"),
+    (formats.read_trl_pairs, {"prompt": "q", "chosen": BAD, "rejected": "b"}, "'chosen'"),
+    (formats.read_trl_pairs, {"prompt": USER, "chosen": [{"role": "assistant", "content": "a"}],
+                              "rejected": [{"role": "assistant", "content": BAD}]}, "'rejected'"),
+    (formats.read_hh, {"chosen": f"\n\nHuman: {BAD}\n\nAssistant: a", "rejected": f"\n\nHuman: {BAD}\n\nAssistant: b"},
+     "'chosen'"),
+    (formats.read_hh, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": f"\n\nHuman: q\n\nAssistant: {BAD}"},
+     "'rejected'"),
+    (formats.read_oasst, _oasst_tree(question=BAD), "message 'm0'"),
+    (formats.read_oasst, _oasst_tree(second=BAD), "message 'a2'"),
+    (formats.read_prompts, {"prompt": BAD}, "the prompt"),
+    (formats.read_prompts, {"prompt": "q", "candidates": ["a", BAD]}, "'candidates'"),
+    (_read_score_input, {"prompt": [{"role": "user", "content": BAD}], "response": "a"}, "the prompt"),
+    (_read_score_input, {"prompt": "q", "response": BAD}, "'response'"),
+    (_read_score_input, {"prompt": "q", "response": "a", "id": BAD}, "'id'"),  # written back beside its reward
+]
+
+
+@pytest.mark.parametrize("reader,row,field", SURROGATES)
+def test_a_lone_surrogate_in_a_text_a_reader_takes_is_refused_with_file_and_line(tmp_path, reader, row, field):
+    """A prompt "hi\\ud800" is valid JSON and read as a str, which the tokenizer refused with a
+    traceback in reward train, dpo, reward eval and reward score; every reader now names the
+    line, in the words the annotation app's store uses."""
+    good = {k: v.replace(BAD, "hi") if isinstance(v, str) else json.loads(json.dumps(v).replace("\\ud800", ""))
+            for k, v in row.items()}
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    assert "\\ud800" in f.read_text()
+    with pytest.raises(UserError, match=rf"^{f}:2: {field} contains a lone surrogate \(not UTF-8 text\)$"):
+        reader(f)
+    f.write_text(json.dumps(good) + "\n")
+    assert len(reader(f)) == 1
+
+
+def test_a_nul_in_a_text_is_read_for_training(tmp_path):
+    # the annotation app's database refuses it (text_problem); a tokenizer reads it as any character
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "q\x00", "responses": ["a\x00", "b"], "ranks": [0, 1]}])
+    assert formats.read_kwise(f)[0].responses == ["a\x00", "b"]
+
+
 @pytest.mark.parametrize("ranks", [[0, 2], [0, 10**30], [5, 5]])
 def test_a_rank_is_a_place_among_the_k_responses(tmp_path, ranks):
     """Ranks are 0 (best) to K - 1, ties sharing one: a rank of 10**30 was read by the reward
