@@ -47,6 +47,8 @@ class Ranking:
             raise ValueError(f"ranks must be a list of integers >= 0 (0 = best), got {self.ranks!r:.80}")
         if len(self.responses) != len(self.ranks):
             raise ValueError(f"{len(self.responses)} responses but {len(self.ranks)} ranks")
+        if any(r >= len(self.ranks) for r in self.ranks):  # a place among the K responses, ties sharing one
+            raise ValueError(f"ranks must be integers from 0 (best) to {len(self.ranks) - 1}, got {self.ranks!r:.80}")
         if self.ranked is not None:
             m, k = self.ranked, len(self.ranks)
             if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m < k:
@@ -99,6 +101,8 @@ def merge_repeated_responses(ranking: Ranking) -> Ranking:
 def read_kwise(path: str | Path) -> list[Ranking]:
     out = []
     for lineno, row in jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        line = dict(_json_object(row, where))  # as read: `row` gives the ranking's fields to `known`
         try:
             known = {k: row.pop(k) for k in ("prompt", "responses", "ranks", "annotator", "prompt_id", "ranked") if k in row}
             missing = [k for k in ("prompt", "responses", "ranks") if k not in known]
@@ -106,9 +110,11 @@ def read_kwise(path: str | Path) -> list[Ranking]:
                 raise ValueError(f"no {', '.join(repr(k) for k in missing)}; a kwise line holds prompt, responses "
                                  f"and ranks, this one {', '.join(repr(k) for k in [*known, *row]) or 'nothing'}")
             _check_kwise_fields(known, row)
-            out.append(Ranking(**known, meta=row))
+            ranking = Ranking(**known, meta=row)
         except (AttributeError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}:{lineno}: not a kwise ranking line ({exc})") from None
+            raise UserError(f"{where}: not a kwise ranking line ({exc})") from None
+        refuse_lone_surrogates(line, where)
+        out.append(ranking)
     return out
 
 
@@ -169,11 +175,12 @@ def _check_messages(value: Any, where: str) -> Messages:
 
 def check_prompt(value: Any, where: str) -> str | Messages:
     """A prompt as the stages read it: text, or a non-empty list of chat messages."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
+    if not isinstance(value, (str, list)):
         raise UserError(f"{where}: the prompt must be a string or a list of messages, got {value!r:.80}")
-    return _check_messages(value, where)
+    prompt = value if isinstance(value, str) else _check_messages(value, where)
+    if has_lone_surrogate(prompt):
+        raise UserError(f"{where}: the prompt {LONE_SURROGATE}")
+    return prompt
 
 
 def read_prompts(path: str | Path, *, prompts_only: bool = False) -> list[PromptRecord]:
@@ -193,6 +200,7 @@ def read_prompts(path: str | Path, *, prompts_only: bool = False) -> list[Prompt
         if prompts_only:
             out.append(PromptRecord(prompt))
             continue
+        refuse_lone_surrogates(row, where)
         candidates = row.get("candidates")
         if candidates is not None and not isinstance(candidates, list):
             raise UserError(f"{where}: 'candidates' must be a list of strings or {{text, model, sampling}} objects, "
@@ -237,6 +245,8 @@ def check_json_value(value: Any, where: str, depth: int = 0) -> Any:
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = "contains a lone surrogate (not UTF-8 text)"
 
 
 def text_problem(text: str) -> str | None:
@@ -245,7 +255,44 @@ def text_problem(text: str) -> str | None:
     found = _UNSTORABLE.search(text)
     if found is None:
         return None
-    return "contains a NUL character" if found.group() == "\x00" else "contains a lone surrogate (not UTF-8 text)"
+    return "contains a NUL character" if found.group() == "\x00" else LONE_SURROGATE
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` (parsed JSON, keys included) holds a lone surrogate: JSON's
+    "\\ud800" reads as one, and a tokenizer, or writing it back as UTF-8, stops on it. NUL is
+    text to both, so only a database refuses it (`text_problem`)."""
+    stack = [value]
+    while stack:  # a loop, not recursion: json.loads reads lists nested deeper than the frames left here
+        v = stack.pop()
+        if isinstance(v, str):
+            if _LONE_SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def refuse_lone_surrogates(row: dict, where: str) -> dict:
+    """`row` (a JSONL line's object), or a UserError naming `where` and the field holding a
+    lone surrogate."""
+    for key, value in row.items():
+        if has_lone_surrogate(key):
+            raise UserError(f"{where}: a field name {LONE_SURROGATE}")
+        if has_lone_surrogate(value):
+            raise UserError(f"{where}: {key!r} {LONE_SURROGATE}")
+    return row
+
+
+def _json_object(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        kind = ("null" if row is None else "true" if row is True else "false" if row is False
+                else {str: "a string", list: "a list"}.get(type(row), "a number"))
+        raise UserError(f"{where}: expected a JSON object, got {kind}")
+    return row
 
 
 def content_id(prefix: str, *parts: Any) -> str:
@@ -299,8 +346,9 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
     rows, annotators = [], []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
-        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        if "chosen" not in _json_object(row, where) or "rejected" not in row:
             raise UserError(f"{where}: a TRL preference row needs 'chosen' and 'rejected'")
+        refuse_lone_surrogates(row, where)
         chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
         if isinstance(chosen, str) and isinstance(rejected, str):
             if not isinstance(prompt, str):
@@ -351,10 +399,12 @@ def read_hh(path: str | Path) -> list[Ranking]:
     out = []
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
+        _json_object(row, where)
         try:
             chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: not an HH-RLHF row ({exc})") from None
+        refuse_lone_surrogates(row, where)
         # The prompt is the longest shared prefix ending with a Human turn. In a handful of
         # real rows the transcripts diverge earlier (a turn glued into the assistant text);
         # then each response is the whole rest of its transcript, as TRL's HH script does.
@@ -374,6 +424,15 @@ def read_hh(path: str | Path) -> list[Ranking]:
     return out
 
 
+def _places(ranks: list[int]) -> list[int]:
+    """OASST's sibling ranks as places among the ranked replies kept: a deleted or unranked
+    sibling leaves a gap ([0, 2] of two), and a rank is below K. Negative ranks are left for
+    `Ranking` to refuse."""
+    if any(r < 0 for r in ranks):
+        return ranks
+    return [sum(o < r for o in ranks) for r in ranks]
+
+
 def read_oasst(path: str | Path) -> list[Ranking]:
     """OpenAssistant export trees: every set of >= 2 sibling assistant replies carrying a
     human `rank` becomes one Ranking whose prompt is the conversation up to their parent.
@@ -382,6 +441,9 @@ def read_oasst(path: str | Path) -> list[Ranking]:
 
     def walk(node: dict, history: Messages, where: str) -> None:
         role = {"prompter": "user", "assistant": "assistant"}.get(node.get("role"), node.get("role"))
+        if has_lone_surrogate([role, node["text"]]):
+            mid = node.get("message_id")
+            raise UserError(f"{where}: {f'message {mid!r:.80}' if isinstance(mid, str) else 'a message'} {LONE_SURROGATE}")
         convo = history + [{"role": role, "content": node["text"]}]
         replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
         ranked = [r for r in replies if r.get("rank") is not None]
@@ -390,7 +452,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
                 Ranking(
                     prompt=convo,
                     responses=[r["text"] for r in ranked],
-                    ranks=[int(r["rank"]) for r in ranked],
+                    ranks=_places([int(r["rank"]) for r in ranked]),
                     annotator="oasst",
                     prompt_id=str(node.get("message_id", f"{where}#{len(out)}")),
                     meta={"candidate_ids": [r.get("message_id") for r in ranked]},
@@ -401,7 +463,7 @@ def read_oasst(path: str | Path) -> list[Ranking]:
 
     for lineno, row in jsonl_rows(path):
         where = f"{path}:{lineno}"
-        root = row.get("prompt") if isinstance(row, dict) else None
+        root = _json_object(row, where).get("prompt")
         if not isinstance(root, dict) or "text" not in root:
             raise UserError(f"{where}: not an OpenAssistant message tree (no 'prompt' message)")
         try:

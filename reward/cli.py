@@ -70,14 +70,15 @@ def score(
 
 def read_score_input(path: Path) -> list[dict]:
     from align.files import jsonl_rows
-    from align.formats import check_prompt
+    from align.formats import check_prompt, refuse_lone_surrogates
 
     rows = []
     for lineno, row in jsonl_rows(path):
         if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("response"), str):
             raise UserError(f"{path}:{lineno}: each line needs `prompt` and a string `response`")
         check_prompt(row["prompt"], f"{path}:{lineno}")
-        rows.append(row)
+        # every field is written back beside the reward, and UTF-8 cannot hold a lone surrogate
+        rows.append(refuse_lone_surrogates(row, f"{path}:{lineno}"))
     return rows
 
 

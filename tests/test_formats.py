@@ -250,3 +250,112 @@ def test_trl_pairs_sharing_a_prompt_id_are_one_prompt_per_pair_and_keep_their_an
     ab, ba, ac, z = formats.read_trl_pairs(write_lines(tmp_path / "t.jsonl", rows))
     assert ab.prompt_id == ba.prompt_id != ac.prompt_id and ab.prompt_id.startswith("q1#")
     assert z.prompt_id == "z1" and (ab.annotator, ba.annotator, ac.annotator) == ("ann", "bob", "trl")
+
+
+def _oasst_tree(question="Q?", first="A1", second="A2", ranks=(0, 1)):
+    return {"prompt": {"message_id": "m0", "role": "prompter", "text": question, "replies": [
+        {"message_id": "a1", "role": "assistant", "text": first, "rank": ranks[0], "replies": []},
+        {"message_id": "a2", "role": "assistant", "text": second, "rank": ranks[1], "replies": []}]}}
+
+
+def _read_score_input(path):
+    from reward.cli import read_score_input
+
+    return read_score_input(path)
+
+
+BAD = "hi \ud800"  # valid JSON ("\ud800"), but no UTF-8 text: the tokenizer stopped on it with a TypeError
+USER = [{"role": "user", "content": "q"}]
+SURROGATES = [
+    (formats.read_kwise, {"prompt": BAD, "responses": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
+    (formats.read_kwise, {"prompt": [{"role": "user", "content": BAD}], "responses": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
+    (formats.read_kwise, {"prompt": "q", "responses": ["a", BAD], "ranks": [0, 1]}, "'responses'"),
+    (formats.read_kwise, {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1], "annotator": BAD}, "'annotator'"),
+    (formats.read_trl_pairs, {"prompt": BAD, "chosen": "a", "rejected": "b"}, "'prompt'"),
+    (formats.read_trl_pairs, {"prompt": "q", "chosen": BAD, "rejected": "b"}, "'chosen'"),
+    (formats.read_trl_pairs, {"prompt": USER, "chosen": [{"role": "assistant", "content": "a"}],
+                              "rejected": [{"role": "assistant", "content": BAD}]}, "'rejected'"),
+    (formats.read_hh, {"chosen": f"\n\nHuman: {BAD}\n\nAssistant: a", "rejected": f"\n\nHuman: {BAD}\n\nAssistant: b"},
+     "'chosen'"),
+    (formats.read_hh, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": f"\n\nHuman: q\n\nAssistant: {BAD}"},
+     "'rejected'"),
+    (formats.read_oasst, _oasst_tree(question=BAD), "message 'm0'"),
+    (formats.read_oasst, _oasst_tree(second=BAD), "message 'a2'"),
+    (formats.read_prompts, {"prompt": BAD}, "the prompt"),
+    (formats.read_prompts, {"prompt": "q", "candidates": ["a", BAD]}, "'candidates'"),
+    (_read_score_input, {"prompt": [{"role": "user", "content": BAD}], "response": "a"}, "the prompt"),
+    (_read_score_input, {"prompt": "q", "response": BAD}, "'response'"),
+    (_read_score_input, {"prompt": "q", "response": "a", "id": BAD}, "'id'"),  # written back beside its reward
+]
+
+
+@pytest.mark.parametrize("reader,row,field", SURROGATES)
+def test_a_lone_surrogate_in_a_text_a_reader_takes_is_refused_with_file_and_line(tmp_path, reader, row, field):
+    """A prompt "hi\\ud800" is valid JSON and read as a str, which the tokenizer refused with a
+    traceback in reward train, dpo, reward eval and reward score; every reader now names the
+    line, in the words the annotation app's store uses."""
+    good = {k: v.replace(BAD, "hi") if isinstance(v, str) else json.loads(json.dumps(v).replace("\\ud800", ""))
+            for k, v in row.items()}
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    assert "\\ud800" in f.read_text()
+    with pytest.raises(UserError, match=rf"^{f}:2: {field} contains a lone surrogate \(not UTF-8 text\)$"):
+        reader(f)
+    f.write_text(json.dumps(good) + "\n")
+    assert len(reader(f)) == 1
+
+
+def test_a_nul_in_a_text_is_read_for_training(tmp_path):
+    # the annotation app's database refuses it (text_problem); a tokenizer reads it as any character
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "q\x00", "responses": ["a\x00", "b"], "ranks": [0, 1]}])
+    assert formats.read_kwise(f)[0].responses == ["a\x00", "b"]
+
+
+@pytest.mark.parametrize("ranks", [[0, 2], [0, 10**30], [5, 5]])
+def test_a_rank_is_a_place_among_the_k_responses(tmp_path, ranks):
+    """Ranks are 0 (best) to K - 1, ties sharing one: a rank of 10**30 was read by the reward
+    stage and stopped DPO's collate with an OverflowError (torch.tensor of the ranks)."""
+    with pytest.raises(ValueError, match="from 0 .best. to 1"):
+        Ranking("q", ["a", "b"], ranks)
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "ok", "responses": ["a", "b"], "ranks": [0, 1]},
+                                          {"prompt": "q", "responses": ["a", "b"], "ranks": ranks}])
+    with pytest.raises(UserError, match=rf"^{f}:2: not a kwise ranking line \(ranks must be integers from 0 \(best\) to 1, "):
+        formats.read_kwise(f)
+
+
+@pytest.mark.parametrize("ranks,ranked", [([0, 1, 1], None), ([0, 0, 2], None), ([1, 0, 1], None), ([2, 1, 0], None),
+                                          ([0, 0, 0], None), ([0, 2, 1, 2], 2), ([0, 1, 1, 1], 1)])
+def test_every_documented_ranking_is_read(tmp_path, ranks, ranked):
+    # ties share a rank (dense or competition ranking), and a top-m ranking's unordered rest has rank m
+    row = {"prompt": "q", "responses": list("abcd"[:len(ranks)]), "ranks": ranks} | ({"ranked": ranked} if ranked else {})
+    (r,) = formats.read_kwise(write_lines(tmp_path / "k.jsonl", [row]))
+    assert (r.ranks, r.ranked) == (ranks, ranked)
+
+
+def test_oasst_ranks_left_with_a_gap_by_a_deleted_sibling_are_read_as_places(tmp_path):
+    tree = _oasst_tree(ranks=(2, 0))
+    tree["prompt"]["replies"].append({"message_id": "a3", "role": "assistant", "text": "A3", "rank": 1, "deleted": True})
+    huge = _oasst_tree(ranks=(10**30, 3))
+    (gap,), (big,) = (formats.read_oasst(write_lines(tmp_path / f"{i}.jsonl", [t])) for i, t in enumerate([tree, huge]))
+    assert (gap.responses, gap.ranks) == (["A1", "A2"], [1, 0])
+    assert big.ranks == [1, 0]
+    with pytest.raises(UserError, match="malformed message tree.*>= 0"):
+        formats.read_oasst(write_lines(tmp_path / "neg.jsonl", [_oasst_tree(ranks=(-1, 0))]))
+
+
+@pytest.mark.parametrize("line,kind", [('["hi"]', "a list"), ('["prompt", "responses", "ranks"]', "a list"),
+                                       ('["chosen", "rejected"]', "a list"), ("5", "a number"), ("2.5", "a number"),
+                                       ('"hi"', "a string"), ("null", "null"), ("true", "true")])
+@pytest.mark.parametrize("reader", [formats.read_kwise, formats.read_trl_pairs, formats.read_hh, formats.read_oasst])
+def test_a_line_that_is_not_a_json_object_is_named_as_such(tmp_path, reader, line, kind):
+    """A kwise line ["hi"] was "not a kwise ranking line (no 'prompt', ...; this one 'hi')", the
+    list's items given as its fields; an HH line was "not an HH-RLHF row (list indices must be
+    integers...)"."""
+    good = {formats.read_kwise: {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1]},
+            formats.read_trl_pairs: {"prompt": "q", "chosen": "a", "rejected": "b"},
+            formats.read_hh: {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            formats.read_oasst: _oasst_tree()}[reader]
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=rf"^{f}:2: expected a JSON object, got {kind}$"):
+        reader(f)
