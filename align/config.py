@@ -6,13 +6,12 @@ of TRL's config dataclasses. `load_config` builds such a dataclass from a YAML f
 list of `key=value` / `nested.key=value` overrides and refuses, with one line naming the
 key, anything it does not understand: an unknown key (with the closest valid key for a
 typo), a value of the wrong type, a value out of range, a file that does not exist.
-Nothing is silently rewritten: the resolved config is exactly what the user asked for,
-and `save_config` writes it into the run directory. A config class may accept a key under another
-name (`key_aliases`: a former name, or the one TRL gives it); the value goes to the key, with a
-warning naming both, and the run directory records the key's own name. The one reading a shell would do is `~`:
-a text value that begins with `~/` is a path in the home directory and is expanded
-(in a quoted override or a YAML file no shell did it). Paths are plain `str` fields, so the rule
-is the value's, not the field's; no text field of align takes such a value with another meaning.
+Nothing is silently rewritten: the resolved config is exactly what the user asked for, and
+`save_config` writes it into the run directory. A key given under another name (`key_aliases`: a
+former name, TRL's) goes to the key with a warning naming both. The one reading a shell would do is
+`~`: a text value that begins with `~/` is a path in the home directory and is expanded (in a quoted
+override or a YAML file no shell did it). Paths are plain `str` fields, so the rule is the value's,
+not the field's; no text field of align takes such a value with another meaning.
 """
 
 from __future__ import annotations
@@ -74,6 +73,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             nesting = ", then ".join([f"{sections[0]}:", *(f"{p}: indented below it" for p in [*sections[1:], leaf])])
             raise ConfigError(f"{path}: {dotted!r}: dotted keys are for key=value overrides; in a YAML file write it "
                               f"as a nested section ({nesting})")
+        foreign = foreign_keys(cls, path)
+        if len(foreign) >= 2:  # another stage's config: no "did you mean" for one of its keys
+            raise ConfigError(f"{path}: not a config of this command ({cls.__name__}): it sets "
+                              f"{', '.join(map(repr, foreign[:5]))}, which it has no keys for (another stage's config?)")
         _move_aliased_values(data, cls, str(path))
     for override in overrides or []:
         key, value = parse_override(override)
@@ -83,10 +86,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def _key_of_alias(name: str, cls: type) -> str:
     """The key `name` stands for: itself, or the key it is another name of (with a warning)."""
-    key = getattr(cls, "key_aliases", {}).get(name)
-    if key is None:
-        return name
-    log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
+    key = getattr(cls, "key_aliases", {}).get(name, name)
+    if key != name:
+        log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
     return key
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from align.config import ConfigError, all_keys, check, describe, load_config, option, read_yaml_mapping, save_config
+from align.config import ConfigError, all_keys, check, describe, foreign_keys, load_config, option, read_yaml_mapping, save_config
 
 
 @dataclass
@@ -284,3 +284,18 @@ def test_a_resumed_run_may_change_a_setting_given_under_its_former_name(tmp_path
     save_config(load_config(RewardConfig, None, [f"output_dir={run}"]), run / "config.yaml")
     cfg = resumed_config(RewardConfig, run, None, ["eval.normalize_max_new_tokens=16"], RESUME_OVERRIDABLE, "reward")
     assert cfg.eval.normalize_response_length == 16
+
+
+@pytest.mark.parametrize("stage, other", [("ppo", "reward"), ("dpo", "ppo"), ("reward", "dpo")])
+def test_another_stages_config_file_is_named_as_such(stage, other):
+    # not a "did you mean" for the first of its keys: a reward config given to PPO drew "did you mean 'ref_model'?"
+    from align.resources import configs_dir
+    from dpo.config import DPOConfig
+    from ppo.config import PPOConfig
+    from reward.config import RewardConfig
+
+    cls = {"ppo": PPOConfig, "dpo": DPOConfig, "reward": RewardConfig}[stage]
+    path = configs_dir() / "demo" / f"{other}.yaml"
+    with pytest.raises(ConfigError, match=rf"{path}: not a config of this command \({cls.__name__}\): it sets '"):
+        load_config(cls, path, [])
+    assert foreign_keys(cls, configs_dir() / "demo" / f"{stage}.yaml") == []  # its own has none
