@@ -155,6 +155,8 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     assert cli._continue_hint(["ppo", "--config", "c.yaml"]) == (
         " (the run continues from its latest checkpoint: align ppo --resume RUN)")
     assert cli._continue_hint(["reward", "train", "x=1"]).endswith("align reward train --resume RUN)")
+    assert cli._continue_hint(["dpo", "output_dir=runs/my run"]).endswith("align dpo --resume 'runs/my run')")
+    assert cli._continue_hint(["ppo", "--resume", "runs/a", "save_every=5"]).endswith("align ppo --resume runs/a)")
     assert "--continue" in cli._continue_hint(["demo", "--out", "d"])
     assert "--serve serves it again" in cli._continue_hint(["demo", "--serve", "--out", "d"])
     assert cli._continue_hint(["export", "run", "--out", "x"]) == ""

@@ -88,7 +88,7 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"  # nothing touched
     with pytest.raises(UserError, match="run directory not found"):
         export_run(tmp_path / "nope", tmp_path / "out")
-    with pytest.raises(UserError, match="neither a PPO run"):
+    with pytest.raises(UserError, match="neither a PPO or DPO run"):
         export_run(tmp_path / "taken", tmp_path / "out")
     # --force never replaces the run itself, a directory holding it, or a part of it
     before = sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -146,8 +147,11 @@ def _continue_hint(args: list[str]) -> str:
     """How an interrupted command carries on, for the training stages and the demo."""
     words = [a for a in args if not a.startswith("-")][:2]
     if words[:1] in (["ppo"], ["dpo"]) or words == ["reward", "train"]:
+        # the run's folder where the command line names it (--resume RUN, output_dir=RUN)
+        named = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--resume"]
+        named += [a.split("=", 1)[1] for a in args if a.startswith("output_dir=")]
         return (" (the run continues from its latest checkpoint: align " + " ".join(words[:2] if words[0] == "reward"
-                else words[:1]) + " --resume RUN)")
+                else words[:1]) + f" --resume {shlex.quote(named[-1]) if named else 'RUN'})")
     if words[:1] == ["demo"]:
         if "--serve" in args:
             return " (align demo --serve serves it again, adding what it lacks)"

@@ -50,7 +50,7 @@ def run_kind(run: Path) -> str:
         return "reward"
     if not run.exists():
         raise UserError(f"run directory not found: {run}")
-    raise UserError(f"{run} is neither a PPO run (no {POLICY_DIR}/adapter_config.json) nor a reward run "
+    raise UserError(f"{run} is neither a PPO or DPO run (no {POLICY_DIR}/adapter_config.json) nor a reward run "
                     f"(no {MODEL_DIR}/{NORMALIZATION_FILE}); is the run finished?")
 
 
