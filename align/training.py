@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
+from align.checkpoint import check_same_run, data_fingerprint, load_training_state, release_run_dir, save_training_state
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
 from align.precision import check_finite_gradient
@@ -54,6 +54,16 @@ class StepLoop:
     @functools.cached_property
     def clock(self) -> TrainingClock:
         return TrainingClock()
+
+    def run(self) -> dict[str, Any]:
+        """setup, train, finish: the run from start to summary (empty on other ranks); its folder is
+        let go however the run ends (align.checkpoint.hold_run_dir)."""
+        try:
+            self.setup()
+            self.train()
+            return self.finish()
+        finally:
+            release_run_dir(Path(self.cfg.output_dir))
 
     def local_batches(self, global_batch: list[int]) -> Any:
         """This rank's part of a global batch, in micro-batches, as `step` takes it."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -77,13 +77,7 @@ log = logging.getLogger("align")
 def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
     """Align cfg.policy_model on the rankings; returns the summary (also RUN/summary.json). `resume`:
     continue the run in cfg.output_dir from its latest checkpoint."""
-    trainer = DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume)
-    try:
-        trainer.setup()
-        trainer.train()
-        return trainer.finish()
-    finally:
-        release_run_dir(trainer.out)
+    return DPOTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume).run()
 
 
 class DPOTrainer(StepLoop):

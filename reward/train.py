@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -364,10 +364,4 @@ class RewardTrainer(StepLoop):
 def train_reward_model(cfg: RewardConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
     """Train, normalise, evaluate and save a reward model; returns the summary (empty on non-main ranks).
     `resume`: continue the run in cfg.output_dir from its latest checkpoint."""
-    trainer = RewardTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume)
-    try:
-        trainer.setup()
-        trainer.train()
-        return trainer.finish()
-    finally:
-        release_run_dir(trainer.out)
+    return RewardTrainer(cfg, echo=echo or (lambda text: print(text, flush=True)), resume=resume).run()
