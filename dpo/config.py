@@ -103,10 +103,11 @@ class DPOConfig:
     eval_batch_size: int = option(64, help="Held-out prompts sampled per batch at the end.", ge=1)
 
     # --- run ---------------------------------------------------------------------------------
-    output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy).")
+    output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy); one run at a time.")
     overwrite: bool = option(
         False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
-        "are removed once the new run has loaded (other files stay; another stage's run is refused).")
+        "are removed once the new run has loaded (other files stay; another stage's run, and a run reading a model or "
+        "file from what would be removed, are refused).")
     seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")

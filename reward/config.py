@@ -170,7 +170,7 @@ RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "train.gradi
 
 @dataclass
 class RewardConfig:
-    output_dir: str = option("runs/reward", help="Run directory: config.yaml, metrics.jsonl, summary.json, model/.")
+    output_dir: str = option("runs/reward", help="Run directory: config.yaml, metrics.jsonl, summary.json, model/; one run at a time.")
     model: ModelSection = option(default_factory=ModelSection, help="The SFT checkpoint and tokenization.")
     data: DataSection = option(default_factory=DataSection, help="Where the rankings come from and the split.")
     lora: RewardLoraOptions = option(default_factory=RewardLoraOptions, help="LoRA or full fine-tuning.")
@@ -178,7 +178,8 @@ class RewardConfig:
     eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
     overwrite: bool = option(
         False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
-        "are removed once the new run has loaded (other files stay; another stage's run is refused).")
+        "are removed once the new run has loaded (other files stay; another stage's run, and a run reading a model or "
+        "file from what would be removed, are refused).")
 
     # former names of keys (an earlier run's config.yaml resumes with them)
     key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",
