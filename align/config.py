@@ -66,14 +66,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     it, then `key=value` overrides in order."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data.update(read_yaml_mapping(path))
+        data.update(mapping := read_yaml_mapping(path))
         dotted = _dotted_key(data, cls)
         if dotted:
             *sections, leaf = dotted.split(".")
             nesting = ", then ".join([f"{sections[0]}:", *(f"{p}: indented below it" for p in [*sections[1:], leaf])])
             raise ConfigError(f"{path}: {dotted!r}: dotted keys are for key=value overrides; in a YAML file write it "
                               f"as a nested section ({nesting})")
-        foreign = foreign_keys(cls, path)
+        foreign = foreign_keys(cls, mapping)
         if len(foreign) >= 2:  # another stage's config: no "did you mean" for one of its keys
             raise ConfigError(f"{path}: not a config of this command ({cls.__name__}): it sets "
                               f"{', '.join(map(repr, foreign[:5]))}, which it has no keys for (another stage's config?)")
@@ -135,11 +135,11 @@ def check_input_file(value: str | Path, key: str) -> None:
         raise ConfigError(f"{key}: {problem}")
 
 
-def foreign_keys(cls: type, path: str | Path) -> list[str]:
-    """The top-level keys of the YAML mapping at `path` that the config class `cls` has no field for,
-    and no close spelling of one either (a typo is not another stage's key): [] if it cannot be read."""
+def foreign_keys(cls: type, source: str | Path | Mapping[str, Any]) -> list[str]:
+    """Top-level keys of the YAML mapping at `source` (or of the mapping) that the config class `cls` has
+    no field for, and no close spelling of one (a typo is not another stage's key); [] if it cannot be read."""
     try:
-        mapping = read_yaml_mapping(path)
+        mapping = source if isinstance(source, Mapping) else read_yaml_mapping(source)
     except ConfigError:
         return []
     fields = [f.name for f in dataclasses.fields(cls)] + [a.split(".")[0] for a in getattr(cls, "key_aliases", {})]

@@ -277,9 +277,7 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
         yield
     except SafetensorError as exc:
         raise UserError(f"{path}: damaged or truncated weights ({exc})") from None
-    except OSError as exc:
-        if isinstance(exc, UserError):
-            raise
+    except OSError as exc:  # transformers: a missing weights file, a config it cannot read
         raise UserError(f"{path}: cannot be loaded ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
 
 
