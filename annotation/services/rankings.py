@@ -5,18 +5,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from align.formats import text_problem
 from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
-from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.models import Project, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
+from annotation.services.slots import free_slot
 from annotation.services.users import BearerToken, CallerStatement, SessionCookie, as_user, require_annotator, signed_in
 
 MAX_REASON = 2_000
@@ -379,6 +380,14 @@ def revise_ranking(
     raise Conflict(f"task {assignment_id} is being revised concurrently; try again")
 
 
+_SKIP = Sql("UPDATE assignments SET status = 'skipped', completed_at = :now WHERE id = :id AND status = :status")
+_INSERT_SKIP = Sql("""
+INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
+                      skip_reason, rationale, time_spent_ms, created_at)
+VALUES (:project, :prompt, :user, :assignment, 1, 'null', NULL, false, true, :reason, NULL, NULL, :now)
+RETURNING id""")  # a skip's order is JSON null, as the ORM writes None to the NOT NULL column
+
+
 @unit_of_work
 def skip_task(db: Session, user: User, assignment_id: int, reason: str, *, members_only: bool = False) -> RankingRow:
     """Skip a leased task with a reason: recorded as a skipped ranking row; the slot goes
@@ -389,19 +398,15 @@ def skip_task(db: Session, user: User, assignment_id: int, reason: str, *, membe
         raise Invalid("a skip needs a reason")
     if a.status not in ("leased", "expired"):
         raise Conflict(f"task {assignment_id} is already {a.status}")
-    was_leased = a.status == "leased"
-    res = db.execute(
-        update(Assignment).where(Assignment.id == a.id, Assignment.status == a.status).values(status="skipped", completed_at=time.time())
-    )
-    if res.rowcount != 1:
-        db.rollback()
-        raise Conflict(f"task {assignment_id} changed while skipping; reload it")
-    if was_leased:
-        db.execute(update(Prompt).where(Prompt.id == a.prompt_id).values(slots_taken=Prompt.slots_taken - 1))
-    row = RankingRow(
-        project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id, revision=1, order=None,
-        all_bad=False, skipped=True, skip_reason=reason.strip(), rationale=None, time_spent_ms=None, created_at=time.time(),
-    )
-    db.add(row)
-    db.commit()
-    return row
+    now = time.time()
+    with transaction(db, write=True) as tx:
+        if _SKIP.rowcount(tx, id=a.id, status=a.status, now=now) != 1:
+            raise Conflict(f"task {assignment_id} changed while skipping; reload it")
+        if a.status == "leased":  # an expired lease's slot went back when it expired
+            free_slot(tx, a.prompt_id)
+        ranking_id = _INSERT_SKIP.scalar(tx, project=a.project_id, prompt=a.prompt_id, user=user.id,
+                                         assignment=a.id, reason=reason.strip(), now=now)
+    return RankingRow.transient(
+        id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id, revision=1,
+        order=None, below=None, all_bad=False, skipped=True, skip_reason=reason.strip(), rationale=None,
+        time_spent_ms=None, created_at=now)

@@ -1,5 +1,5 @@
-"""Giving a lease's slot back: the one place a live lease is expired and its prompt's
-slot freed, for leases that ran out, annotators deactivated or removed from a project."""
+"""Giving a lease's slot back: the one place a prompt's slot is freed, for leases that ran
+out, annotators deactivated or removed from a project, and tasks skipped."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ _LIVE_LEASES_OF = Sql("SELECT id, prompt_id FROM assignments WHERE user_id = :us
                       "AND (CAST(:project AS integer) IS NULL OR project_id = CAST(:project AS integer))")
 
 
+def free_slot(tx: Transaction, prompt_id: int) -> None:
+    """Give one of the prompt's annotator slots back, for a lease that has just ended
+    without a ranking (expired, or skipped while live)."""
+    _FREE_SLOT.rowcount(tx, prompt=prompt_id)
+
+
 def expire_lease(tx: Transaction, assignment_id: int, prompt_id: int) -> bool:
     """Mark a live lease expired and give its slot back; False if it was not live."""
     if _EXPIRE.rowcount(tx, id=assignment_id) != 1:
         return False
-    _FREE_SLOT.rowcount(tx, prompt=prompt_id)
+    free_slot(tx, prompt_id)
     return True
 
 
