@@ -7,6 +7,7 @@ per ranking); pairwise formats (TRL, HH-RLHF) are rankings with K = 2.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -183,6 +184,25 @@ def check_prompt(value: Any, where: str) -> str | Messages:
     return prompt
 
 
+_PROMPT_FIELDS = ("prompt", "id", "prompt_id", "candidates")
+# A field that only another import format has: such a line read as prompts would lose its
+# responses and their ranking, so it is refused with the format it looks like.
+_FIELD_OF_FORMAT = {"responses": "kwise", "ranks": "kwise", "chosen": "trl or hh", "rejected": "trl or hh"}
+
+
+def _check_prompt_fields(row: dict, where: str) -> None:
+    """Refuse a line of another format, or a misspelt field (`candidate`), which would
+    otherwise import as a prompt with no candidates. Other fields (a source's own
+    metadata) are left unread."""
+    for key in row:
+        if key in _FIELD_OF_FORMAT:
+            raise UserError(f"{where}: {key!r} is a field of {_FIELD_OF_FORMAT[key]} data, not of prompts; "
+                            f"import the file as {_FIELD_OF_FORMAT[key]}")
+        close = difflib.get_close_matches(key, _PROMPT_FIELDS, n=1, cutoff=0.8) if key not in _PROMPT_FIELDS else []
+        if close:
+            raise UserError(f"{where}: unknown field {key!r}; did you mean {close[0]!r}?")
+
+
 def read_prompts(path: str | Path, *, prompts_only: bool = False) -> list[PromptRecord]:
     """Prompts JSONL: each line a JSON string, or an object {"prompt": str | messages,
     "id"?: str, "candidates"?: [str | {"text", "model"?, "sampling"?}]}. `prompts_only`: the
@@ -192,6 +212,8 @@ def read_prompts(path: str | Path, *, prompts_only: bool = False) -> list[Prompt
         where = f"{path}:{lineno}"
         if isinstance(row, str):
             row = {"prompt": row}
+        if isinstance(row, dict) and not prompts_only:
+            _check_prompt_fields(row, where)
         if not isinstance(row, dict) or "prompt" not in row:
             raise UserError(f"{where}: expected a JSON string or an object with a 'prompt' field")
         prompt = check_prompt(row["prompt"], where)

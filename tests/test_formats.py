@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -128,6 +129,22 @@ def test_prompts_with_and_without_candidates(tmp_path):
     assert [x.text for x in c.candidates] == ["a", "b"] and c.candidates[1].model == "m" and c.candidates[1].sampling == {"t": 1}
     with pytest.raises(UserError, match=r":1: empty prompt"):
         formats.read_prompts(write_lines(tmp_path / "e.jsonl", [{"prompt": "  "}]))
+
+
+def test_a_line_of_another_format_or_a_misspelt_field_is_not_read_as_a_prompt_without_candidates(tmp_path):
+    kwise = {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1]}
+    for row, message in [(kwise, "'responses' is a field of kwise data, not of prompts; import the file as kwise"),
+                         ({"prompt": "q", "chosen": "a", "rejected": "b"}, "'chosen' is a field of trl or hh data"),
+                         ({"chosen": "a", "rejected": "b"}, "'chosen' is a field of trl or hh data"),
+                         ({"prompt": "q", "candidate": ["a", "b"]}, "unknown field 'candidate'; did you mean 'candidates'"),
+                         ({"prompt": "q", "promptid": "7"}, "unknown field 'promptid'; did you mean 'prompt_id'")]:
+        f = write_lines(tmp_path / "p.jsonl", [{"prompt": "fine"}, row])
+        with pytest.raises(UserError, match=rf"p.jsonl:2: {re.escape(message)}"):
+            formats.read_prompts(f)
+    # A source's own metadata is left unread, and a stage reading the prompts alone takes any line with one.
+    f = write_lines(tmp_path / "m.jsonl", [{"prompt": "q", "candidates": ["a", "b"], "category": "math", "source": "x"}])
+    assert [c.text for c in formats.read_prompts(f)[0].candidates] == ["a", "b"]
+    assert formats.read_prompts(write_lines(tmp_path / "k.jsonl", [kwise]), prompts_only=True)[0].prompt == "q"
 
 
 def test_pairs_writer_plain_and_conversational(tmp_path):
