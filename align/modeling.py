@@ -207,33 +207,56 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def adapter_base_path(path: str | Path) -> Path:
-    """The base checkpoint a PEFT adapter directory was trained on. A relative base path is read
-    from the adapter's own folder where it names a checkpoint there (an adapter moved with its base),
-    else from the working directory as PEFT reads it; a base found nowhere is named with the file."""
+def adapter_base_name(path: str | Path) -> str | None:
+    """The base_model_name_or_path a PEFT adapter directory names, as written (None if none)."""
     config_file = Path(path) / "adapter_config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{config_file}: damaged (not valid JSON)") from None
-    base = config.get("base_model_name_or_path")
+    return config.get("base_model_name_or_path") or None
+
+
+def _builds(spec: str) -> bool:
+    """A model spec that `resolve_model_path` builds or finds in an installed package."""
+    return spec == "demo" or spec.startswith(("demo:", "package:"))
+
+
+def adapter_base_path(path: str | Path) -> Path:
+    """The base checkpoint a PEFT adapter directory was trained on. A relative base path is read
+    from the adapter's own folder where it names a checkpoint there (an adapter moved with its base),
+    else from the working directory as PEFT reads it; a base found nowhere is named with the file."""
+    base = adapter_base_name(path)
     if not base:
         raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
     beside = Path(path) / Path(base).expanduser()
-    if not Path(base).expanduser().is_absolute() and beside.is_dir() and base != "demo" and not base.startswith("demo:"):
+    if not Path(base).expanduser().is_absolute() and beside.is_dir() and not _builds(base):
         return resolve_model_path(str(beside))
     try:
         return resolve_model_path(base)
     except UserError as exc:
-        raise UserError(f"{config_file}: base_model_name_or_path: {exc}") from None
+        raise UserError(f"{Path(path) / 'adapter_config.json'}: base_model_name_or_path: {exc}") from None
 
 
-def adapter_chain(path: str | Path) -> list[Path]:
+def adapter_chain(path: str | Path, *, find_only: bool = False) -> list[Path]:
     """`path`, then the base of each adapter in turn, ending with the full checkpoint underneath
-    (a LoRA adapter may be trained on another adapter). A chain that loops is one line."""
+    (a LoRA adapter may be trained on another adapter). A chain that loops is one line.
+    `find_only`: what a load would read, with nothing built or refused (to check another path
+    against it): the chain stops before align's cached demo model or an installed package, and
+    ends at a base it cannot find, named as its adapter names it."""
     chain = [Path(path)]
     while is_adapter_dir(chain[-1]):
-        base = adapter_base_path(chain[-1])
+        if find_only:
+            name = adapter_base_name(chain[-1])
+            if not name or _builds(name):
+                break
+            try:
+                base = adapter_base_path(chain[-1])
+            except UserError:
+                chain.append(Path(name).expanduser())
+                break
+        else:
+            base = adapter_base_path(chain[-1])
         if base.resolve() in {p.resolve() for p in chain}:
             raise UserError(f"{chain[-1]}: the adapters' base_model_name_or_path chain comes back to {base}")
         chain.append(base)

@@ -19,7 +19,6 @@ export reads (the run, the bases down its adapter chain, a PPO run's reward mode
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -102,28 +101,12 @@ def _overlaps(out: Path, other: Path) -> bool:
 
 def _checkpoints_read(run: Path, kind: str, source: Path) -> list[Path]:
     """Every checkpoint outside the run that the export loads weights, a tokenizer or a model card's
-    figures from: each base down the adapter chain, as loading follows it, and a PPO run's reward model.
-    A base that cannot be found ends the chain and is named as the adapter names it (an adapter export
-    never loads it, and an --out there would make the adapter its own base)."""
-    from align.modeling import adapter_base_path, is_adapter_dir
+    figures from: each base down the adapter chain, as loading follows it (a base that cannot be
+    found is named as the adapter names it: an adapter export never loads it, and an --out there
+    would make the adapter its own base), and a PPO run's reward model."""
+    from align.modeling import adapter_chain
 
-    found, level = [], source
-    while is_adapter_dir(level):
-        try:
-            name = str(json.loads((level / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
-        except (OSError, ValueError):
-            break
-        if not name or name == "demo" or name.startswith(("demo:", "package:")):
-            break  # align's own cache or an installed package: never built here just to be compared
-        try:
-            base = adapter_base_path(level)
-        except (UserError, OSError, ValueError):
-            found.append(Path(name).expanduser())
-            break
-        if any(base.resolve() == p.resolve() for p in (source, *found)):
-            break  # a chain that loops: loading it says so in one line
-        found.append(base)
-        level = base
+    found = adapter_chain(source, find_only=True)[1:]
     if kind == "ppo":
         from ppo.run_dir import PPORun
         from reward.run_dir import is_reward_model
