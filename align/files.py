@@ -14,8 +14,8 @@ def _open_text(path: Path):
     if path.suffix == ".gz":
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
 
 
 class _NotJson(ValueError):

@@ -216,6 +216,17 @@ def test_kwise_values_of_the_wrong_kind_are_refused_with_the_line(tmp_path, row,
         formats.read_kwise(path)
 
 
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_read_as_data(tmp_path):
+    rows = [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 0]}]
+    plain = write_lines(tmp_path / "plain.jsonl", rows)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    packed = tmp_path / "marked.jsonl.gz"
+    packed.write_bytes(gzip.compress(marked.read_bytes()))
+    assert formats.read_kwise(marked) == formats.read_kwise(packed) == formats.read_kwise(plain)
+    assert formats.read_kwise(marked)[0].prompt == "p"
+
+
 def test_unreadable_files_are_named_in_one_line(tmp_path):
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b'{"prompt": "p"}\n\xff\xfe\x00\x81')
