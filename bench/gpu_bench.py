@@ -123,6 +123,13 @@ def build_tokenizer(data: Path, vocab_size: int):
     return fast
 
 
+def reused_as_built(built: object, wanted: object, what: str, record: Path) -> None:
+    """--reuse takes an earlier run's model or reward model only where it was built as this run asks."""
+    if built != wanted:
+        raise SystemExit(f"--reuse: the {what} in {record.parent} was built with {built}, this run asks for "
+                         f"{wanted}; leave out --reuse (or match those settings)")
+
+
 def build_model(out: Path, shape: str, data: Path, device: str, seed: int) -> dict:
     """Tokenizer + random-init Qwen2 saved at `out` (bf16 on a GPU, fp32 on the CPU); returns its sizes."""
     import torch
@@ -555,11 +562,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.perf_counter()
     model_dir, info_file = work / "model", work / "model-info.json"
-    if args.reuse and info_file.exists():  # an earlier run's model, same shape and seed
+    if args.reuse and info_file.exists():  # an earlier run's model, same shape (the folder) and seed
         info = json.loads(info_file.read_text())
+        reused_as_built(info.get("seed"), args.seed, "model", info_file)
     else:
         info = build_model(model_dir, args.shape, args.data, device, args.seed)
-        info_file.write_text(json.dumps(info))
+        info_file.write_text(json.dumps({**info, "seed": args.seed}))
     timings["build_s"] = time.perf_counter() - t
     print(f"[{args.shape}] {info['parameters'] / 1e6:.0f}M parameters, {info['vocab']} tokens "
           f"({timings['build_s']:.0f} s to build)", flush=True)
@@ -576,10 +584,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = {"settings": settings, "model": str(model_dir)}
     reward_result = work / "reward" / "reward-result.json"
-    reward = (json.loads(reward_result.read_text()) if args.reuse and reward_result.exists() else
-              run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
-                                                    "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
-                         work / "reward", env_extra))
+    reward_job = {key: settings[key] for key in ("seed", "reward_steps", "reward_batch_size", "reward_max_length",
+                                                "gradient_checkpointing")}
+    if args.reuse and reward_result.exists():
+        reward = json.loads(reward_result.read_text())
+        reused_as_built(reward.get("job"), reward_job, "reward model", reward_result)
+    else:
+        reward = run_worker(sys.executable, "reward", {**base, "out": str(work / "reward"),
+                                                      "hh": str(args.data / "hh-rlhf" / "harmless-base-test.jsonl.gz")},
+                            work / "reward", env_extra)
+        reward_result.write_text(json.dumps({**reward, "job": reward_job}))
     reserved = f", reserved {reward['reserved_gib']:.2f} GiB" if reward.get("reserved_gib") is not None else ""
     print(f"reward model: {reward['steps']} steps in {reward['train_s']:.1f} s "
           f"({reward['train_s'] / reward['steps']:.2f} s/step), peak {reward['peak_gib']:.2f} GiB{reserved}", flush=True)

@@ -1,4 +1,4 @@
-"""`align ppo` against TRL 1.12's experimental PPOTrainer, same everything, side by side.
+"""`align ppo` against TRL 1.12's experimental PPOTrainer, same task and budget, side by side.
 
 TRL removed its PPO trainer in 1.13; 1.12 is the last release that has it
 (`trl.experimental.ppo`). This script installs TRL 1.12 into a separate virtual environment
@@ -15,6 +15,11 @@ differs), then runs both trainers in fresh processes on:
   loss is the token mean over the minibatch, TRL's the mean of the micro-batches' means),
   learning rate (constant), response length, temperature, fixed KL coefficient, missing-eos penalty,
 * fp32 on the CPU for both (TRL defaults to bf16 autocast and gradient checkpointing: both off).
+
+Left at each trainer's own defaults, as a user gets them (printed with the settings): align's value
+head or critic learns at `value_lr_scale` (10) times the learning rate, gradients are clipped at a
+norm of 1.0 and AdamW's epsilon is 1e-5; TRL 1.12 trains policy and value at one rate, clips
+nothing and uses epsilon 1e-8. `--value-lr-scale 1` gives align TRL's single rate.
 
 Then it samples held-out prompts from the SFT model and from each trained adapter with one
 shared evaluation function and prints seconds per iteration, episodes per second, peak
@@ -59,6 +64,16 @@ def bench_settings(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "value_lr_scale": args.value_lr_scale,  # align only: TRL trains policy and value with one rate
     }
+
+
+def align_defaults_unmatched(settings: dict) -> dict:
+    """What align trains with that TRL has no counterpart for, as the run resolves it."""
+    from ppo.config import PPOConfig
+
+    defaults = PPOConfig()
+    scale = settings["value_lr_scale"] if settings["value_lr_scale"] is not None else defaults.value_lr_scale
+    return {"align value_lr_scale": scale, "align max_grad_norm": defaults.max_grad_norm,
+            "align adam_eps": defaults.adam_eps}
 
 
 # ============================================================================ workers
@@ -341,7 +356,8 @@ def report(results: dict, evals: dict, settings: dict) -> None:
         a, t = results[name], results["trl"]
         speedup = (a["episodes"] / a["train_seconds"]) / (t["episodes"] / t["train_seconds"])
         print(f"\n{name} / TRL episodes per second: {speedup:.2f}x; peak memory {a['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
-    print(f"SFT held-out: RM {evals['sft']['reward']:+.3f}, gold {evals['sft']['gold']:+.3f}; settings {settings}")
+    print(f"SFT held-out: RM {evals['sft']['reward']:+.3f}, gold {evals['sft']['gold']:+.3f}; settings {settings}; "
+          f"not matched (align's own defaults): {align_defaults_unmatched(settings)}")
 
 
 if __name__ == "__main__":

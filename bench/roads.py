@@ -9,7 +9,7 @@ those rankings (configs/demo/reward.yaml). Then, for every seed:
 
 * `align ppo` with configs/demo/ppo.yaml, rloo.yaml and grpo.yaml against that reward model;
 * `align dpo` with configs/demo/dpo.yaml, loss kwise and pairwise (the C(K,2) pairs cut from the
-  same rankings, one epoch), for each beta of `--betas` (seed 0; the other seeds run the config's beta);
+  same rankings, one epoch), for each beta of `--betas` (on the first of `--seeds`; the other seeds run the config's beta);
 * TRL's `DPOTrainer` on the same pairs, with the same LoRA, beta, learning rate, schedule, batch,
   epochs and length limit (TRL's own defaults otherwise: the reference recomputed every step);
 * TRL's `GRPOTrainer` with the same reward model (missing-eos penalty included), prompts, 64

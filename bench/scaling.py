@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = REPO / "configs" / "accelerate"
 DEMO = REPO / "configs" / "demo"
@@ -78,7 +80,11 @@ def row(run: dict) -> str:
     if not s:
         return f"| {run['stage']} | {run['mode']} | failed | | | | |"
     if run["stage"] == "reward":
-        rate = s["train/rankings"] / s["timing/train_s"]
+        # rankings trained: every step's batch (over all processes), the split once per epoch at most;
+        # with --reward-steps the run stops before its epochs end
+        cfg = yaml.safe_load((Path(run["dir"]) / "config.yaml").read_text())["train"]
+        trained = min(s["train/steps"] * cfg["batch_size"], s["train/rankings"] * cfg["epochs"])
+        rate = trained / s["timing/train_s"]
         return (f"| reward | {run['mode']} | {s['timing/train_s']:.0f} | {rate:.1f} rankings/s | - | - | "
                 f"{s['memory/peak_rss_mb']:.0f} |")
     world, batch = s["train/num_processes"], rows[0]["episodes"] / rows[0]["iteration"] if rows else 0
@@ -93,7 +99,7 @@ def row(run: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    return "\n".join(["| stage | processes | train s | throughput | rollout s/it | optimise s/it | peak MB (main) |",
+    return "\n".join(["| stage | processes | train s | throughput | rollout s/it | optimise s/it | peak MiB (main) |",
                       "|---|---|---|---|---|---|---|", *map(row, runs)])
 
 

@@ -67,6 +67,13 @@ def test_gpu_bench_align_side_runs_at_a_tiny_shape_on_the_cpu(shared_data, tmp_p
     assert "reserved" in lines[0] and all(run["reserved_gib"] is None for run in out["runs"].values())  # the CPU
     profile = (tmp_path / "tiny" / "profile" / "profile.txt").read_text()
     assert "aten::" in profile and "Self CPU" in profile
+    # --reuse takes the model and the reward model only as this run would build them
+    common = ["--shape", "tiny", "--device", "cpu", "--no-trl", "--data", str(shared_data), "--work", str(tmp_path),
+              "--reuse", "--value-models", ""]
+    with pytest.raises(SystemExit, match=r"--reuse: the model in .* was built with 0, this run asks for 1"):
+        bench.main([*common, "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"--reuse: the reward model in .*'reward_steps': 2.*'reward_steps': 3"):
+        bench.main([*common, "--reward-steps", "3", "--reward-batch-size", "2", "--threads", "1"])
 
 
 def test_mfu_flop_count_of_one_iteration():
