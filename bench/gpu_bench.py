@@ -51,7 +51,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -163,7 +162,11 @@ def peak_memory_gib() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the CPU's max RSS
+    if str(REPO) not in sys.path:  # TRL's worker imports this one module of the checkout, nothing that trains
+        sys.path.append(str(REPO))
+    from align.run import peak_memory_mb  # VmHWM: ru_maxrss would count the parent's memory too
+
+    return peak_memory_mb() / 1024
 
 
 def peak_reserved_gib() -> float | None:
