@@ -24,7 +24,8 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
     tmp = tmp_path_factory.mktemp("browser")
     db_url = f"sqlite:///{tmp / 'browser.db'}"
-    seed_database(db_url, n_prompts=20, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave", "erin", "frank"])
+    seed_database(db_url, n_prompts=40, k=4, annotators_per_prompt=1,
+                  users=["alice", "bob", "carol", "dave", "erin", "frank", *RECOVERY_USERS])
     from align.formats import Candidate, PromptRecord
     from annotation import services
     from annotation.db import open_db
@@ -51,6 +52,11 @@ def server(tmp_path_factory):
     srv = ServerProcess(db_url, tmp / "server.log").start()
     yield srv
     srv.stop()
+
+
+# Annotators of the tests of failures on the way (network, session, a second tab): one each,
+# so that each test starts on a task of its own.
+RECOVERY_USERS = ["nora", "oscar", "paula", "quinn", "ruth", "tess"]
 
 
 def crowd_project(db) -> None:
@@ -406,3 +412,17 @@ def test_dashboard_charts_paged_flagged_and_prompt_page(page, server):
     heads = page.locator("#prompt-rankings tr").first.locator("th").all_inner_texts()
     assert len(heads) == 1 + 3 and all(h.startswith("sim-") for h in heads[1:])
     shot(page, "09-flagged-prompt")
+
+
+def test_back_button_shows_the_stored_ranking(page, server):
+    login(page, server, "paula")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    submit_and_wait_next(page, task_id)
+    page.go_back()  # the page comes from the server again, not from the browser's cache
+    page.wait_for_url(f"**/tasks/{task_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert page.locator("#task").get_attribute("data-status") == "done"  # not the page as it was, leased
+    assert page.locator("#stored-notice").is_visible()
+    assert dom_order(page) == expected
