@@ -48,6 +48,7 @@ def server(tmp_path_factory):
         for name in ("gina", "hank"):
             services.add_member(db, top, services.create_user(db, name, PASSWORD))
         crowd_project(db)
+        rtl_project(db)
     sm.kw["bind"].dispose()
     srv = ServerProcess(db_url, tmp / "server.log").start()
     yield srv
@@ -57,6 +58,26 @@ def server(tmp_path_factory):
 # Annotators of the tests of failures on the way (network, session, a second tab): one each,
 # so that each test starts on a task of its own.
 RECOVERY_USERS = ["nora", "oscar", "paula", "quinn", "ruth", "tess"]
+RTL_PROMPT = "Which city is the capital of France?\n\nما هي عاصمة فرنسا؟ أجب بجملة واحدة."
+RTL_ANSWER = "عاصمة فرنسا هي باريس."
+
+
+def rtl_project(db) -> None:
+    """Project "rtl": Arabic text in the prompt (after an English paragraph), the guidelines,
+    a candidate and a rationale, next to English ones; one prompt, ranked once already."""
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    p = services.create_project(db, "rtl", k=3, annotators_per_prompt=2, guidelines="رتّب الإجابات من الأفضل إلى الأسوأ.")
+    services.add_prompts(db, p, [PromptRecord(RTL_PROMPT, "r0", [
+        Candidate(RTL_ANSWER), Candidate("Paris is the capital of France."),
+        Candidate("The answer is باريس, in Arabic.")])])
+    services.add_member(db, p, services.create_user(db, "uma", PASSWORD))
+    sim = services.create_user(db, "sim-rtl", None)
+    services.add_member(db, p, sim)
+    task = services.next_task(db, sim, p)
+    services.submit_ranking(db, sim, task.assignment_id, [[c.id] for c in task.candidates],
+                            rationale="الإجابة الأولى أوضح.")
 
 
 def crowd_project(db) -> None:
@@ -426,3 +447,48 @@ def test_back_button_shows_the_stored_ranking(page, server):
     assert page.locator("#task").get_attribute("data-status") == "done"  # not the page as it was, leased
     assert page.locator("#stored-notice").is_visible()
     assert dom_order(page) == expected
+
+
+# Where a paragraph's text sits in its box, and whether its last character (a full stop)
+# shows left of its first: so for a right-to-left paragraph, its full stop at its left end.
+SIDES_JS = """el => {
+  const cs = getComputedStyle(el), box = el.getBoundingClientRect();
+  const all = document.createRange(); all.selectNodeContents(el);
+  const text = all.getBoundingClientRect();
+  const node = Array.from(el.childNodes).find(n => n.nodeType === 3);
+  const at = i => { const r = document.createRange(); r.setStart(node, i); r.setEnd(node, i + 1); return r.getBoundingClientRect().left; };
+  return {left: text.left - box.left - parseFloat(cs.paddingLeft), right: box.right - parseFloat(cs.paddingRight) - text.right,
+          lastLeftOfFirst: at(node.length - 1) < at(0)};
+}"""
+
+
+def is_rtl(locator) -> bool:
+    s = locator.evaluate(SIDES_JS)
+    if s["right"] < 2 and s["left"] > 20 and s["lastLeftOfFirst"]:
+        return True
+    assert s["left"] < 2 and s["right"] > 20 and not s["lastLeftOfFirst"], s
+    return False
+
+
+def test_right_to_left_text(page, server):
+    login(page, server, "uma")
+    start(page, "rtl")
+    prompt = page.locator(".prompt .md p")
+    assert not is_rtl(prompt.nth(0)) and is_rtl(prompt.nth(1))  # English, then Arabic, in one prompt
+    page.click("details.guidelines summary")
+    assert is_rtl(page.locator(".guidelines .md p"))
+    assert is_rtl(page.locator("#ranking li.cand", has_text=RTL_ANSWER).locator(".cand-body p"))
+    assert not is_rtl(page.locator("#ranking li.cand", has_text="Paris is the capital").locator(".cand-body p"))
+    page.fill("#rationale", "الثانية أوضح")
+    assert page.locator("#rationale").evaluate("el => el.matches(':dir(rtl)')")
+    page.fill("#rationale", "the second is clearer")
+    assert page.locator("#rationale").evaluate("el => el.matches(':dir(ltr)')")
+    shot(page, "10-right-to-left")
+    # the admin's page of the prompt: the prompt, the Arabic candidate and the rationale
+    page.click("text=Sign out")
+    login(page, server, "admin")
+    page.goto(f"{server.url}/admin/projects/rtl/prompts/r0")
+    page.wait_for_selector("#prompt-rankings")
+    assert is_rtl(page.locator(".msg .md p").nth(1))
+    assert is_rtl(page.locator("td.cand-cell", has_text=RTL_ANSWER).locator("p"))
+    assert is_rtl(page.locator("#prompt-rankings td.notes p"))
