@@ -49,6 +49,7 @@ def server(tmp_path_factory):
             services.add_member(db, top, services.create_user(db, name, PASSWORD))
         crowd_project(db)
         rtl_project(db)
+        wide_project(db)
     sm.kw["bind"].dispose()
     srv = ServerProcess(db_url, tmp / "server.log").start()
     yield srv
@@ -78,6 +79,27 @@ def rtl_project(db) -> None:
     task = services.next_task(db, sim, p)
     services.submit_ranking(db, sim, task.assignment_id, [[c.id] for c in task.candidates],
                             rationale="الإجابة الأولى أوضح.")
+
+
+WIDE_ID = "helpful-base/train/0001234#9f86d081884c7d65"
+
+
+def wide_project(db) -> None:
+    """Project "wide": a prompt with a long id, a long line of code and a long link, ranked by
+    annotators with long names: what makes its page wider than a phone's screen."""
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    p = services.create_project(db, "wide", k=2, annotators_per_prompt=3)
+    services.add_prompts(db, p, [PromptRecord("Print a long line.", WIDE_ID, [
+        Candidate("```python\nprint('a long line of code that does not wrap, however narrow the screen')\n```"),
+        Candidate("See https://example.org/a/very/long/address/with/no/spaces/in/it/at/all for more.")])])
+    for name in ("sim-annotator-number-one", "sim-annotator-number-two", "sim-annotator-number-three"):
+        user = services.create_user(db, name, None)
+        services.add_member(db, p, user)
+        task = services.next_task(db, user, p)
+        services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates],
+                                rationale="the first one shows the code, the second only links to it")
 
 
 def crowd_project(db) -> None:
@@ -492,3 +514,17 @@ def test_right_to_left_text(page, server):
     assert is_rtl(page.locator(".msg .md p").nth(1))
     assert is_rtl(page.locator("td.cand-cell", has_text=RTL_ANSWER).locator("p"))
     assert is_rtl(page.locator("#prompt-rankings td.notes p"))
+
+
+def test_prompt_page_fits_a_390px_screen(browser, server):
+    from urllib.parse import quote
+
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    login(page, server, "admin")
+    for path in ("crowd/prompts/c000", "rtl/prompts/r0", "wide/prompts/" + quote(WIDE_ID, safe="/")):
+        page.goto(f"{server.url}/admin/projects/{path}")
+        page.wait_for_selector("#prompt-rankings")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, path  # no sideways scrolling
+    shot(page, "11-prompt-page-390")
+    ctx.close()
