@@ -457,6 +457,62 @@ def test_dashboard_charts_paged_flagged_and_prompt_page(page, server):
     shot(page, "09-flagged-prompt")
 
 
+# --------------------------------------------------------------------------- failures on the way
+# What an annotator meets when the network, the session or a second tab gets in the way: the
+# page says what happened in plain words and offers a way on; a saved ranking is never
+# reported as not saved, and an unsaved one is never lost.
+
+
+def wait_for_error(page) -> str:
+    """The message the page shows once an action failed."""
+    page.wait_for_selector("#message.error", timeout=10_000)
+    return page.locator("#message").inner_text()
+
+
+def test_next_task_fails_after_the_ranking_is_saved(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "nora")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    page.route("**/api/projects/*/next", lambda r: r.fulfill(status=500, content_type="application/json",
+                                                              body='{"detail": "internal error"}'))
+    page.click("#submit")
+    text = wait_for_error(page)
+    assert "saved" in text and "not saved" not in text.lower(), text
+    assert stored(server, task_id) == [(expected, False, False)]
+    assert page.locator("#next-task").is_visible()
+    # the network fails too: still saved, and the way on stays
+    page.unroute("**/api/projects/*/next")
+    page.route("**/api/projects/*/next", lambda r: r.abort())
+    page.click("#next-task")
+    expect(page.locator("#message")).to_contain_text("network")
+    assert "not saved" not in page.locator("#message").inner_text().lower()
+    page.unroute("**/api/projects/*/next")
+    page.click("#next-task")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert "/tasks/" in page.url
+    assert stored(server, task_id) == [(expected, False, False)]  # stored once, nothing refused
+
+
+def test_skip_network_error_can_be_tried_again(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "oscar")
+    task_id = start(page)
+    page.route("**/api/tasks/*/skip", lambda r: r.abort())
+    page.click("details.skip summary")
+    page.fill("#skip-reason", "not in my language")
+    page.click("#skip")
+    expect(page.locator("#message")).to_have_text("Network error: not skipped. Try again.")
+    assert stored(server, task_id) == []
+    page.unroute("**/api/tasks/*/skip")
+    page.click("#skip")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(None, False, True)]
+
+
 def test_back_button_shows_the_stored_ranking(page, server):
     login(page, server, "paula")
     task_id = start(page)
@@ -469,6 +525,66 @@ def test_back_button_shows_the_stored_ranking(page, server):
     assert page.locator("#task").get_attribute("data-status") == "done"  # not the page as it was, leased
     assert page.locator("#stored-notice").is_visible()
     assert dom_order(page) == expected
+
+
+def test_two_tabs_on_one_task(page, server):
+    login(page, server, "quinn")
+    task_id = start(page)
+    other = page.context.new_page()
+    other.goto(f"{server.url}/tasks/{task_id}")
+    other.wait_for_selector("#ranking li.cand")
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    submit_and_wait_next(page, task_id)
+    other.locator("#ranking li.cand").nth(3).locator("button.mv-up").click()
+    other.click("#submit")
+    text = wait_for_error(other)
+    assert "already ranked" in text and "PUT" not in text and "revision" not in text, text
+    assert other.locator("#next-task").is_visible()
+    other.click("#reload-task")  # shows the ranking the first tab stored
+    other.wait_for_selector("#stored-notice")
+    assert dom_order(other) == expected
+    assert stored(server, task_id) == [(expected, False, False)]
+
+
+def end_web_sessions(server, username: str) -> None:
+    """What a session's expiry does on the server: the browser's cookie signs nobody in any more."""
+    from sqlalchemy import delete
+
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.models import WebSession
+
+    sm = open_db(server.db_url)
+    with sm() as db:
+        db.execute(delete(WebSession).where(WebSession.user_id == services.get_user(db, username).id))
+        db.commit()
+    sm.kw["bind"].dispose()
+
+
+def test_session_ends_mid_ranking(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "ruth")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    end_web_sessions(server, "ruth")
+    page.click("#submit")
+    expect(page.locator("#message")).to_have_text(
+        "Your session has ended: sign in again (in another tab); your ranking is kept on this page.")
+    assert stored(server, task_id) == [] and dom_order(page) == expected
+    with page.context.expect_page() as opened:  # sign in again in the tab the page's link opens
+        page.click("#sign-in")
+    other = opened.value
+    other.fill("input[name=username]", "ruth")
+    other.fill("input[name=password]", PASSWORD)
+    other.click("button[type=submit]")
+    other.wait_for_selector("text=Projects")
+    other.close()
+    page.click("#submit")  # the page's CSRF token belonged to the old session: it takes the new one
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, False, False)]
 
 
 # Where a paragraph's text sits in its box, and whether its last character (a full stop)
