@@ -2,7 +2,9 @@
 // The list order is the ranking, best first; data-tie="1" on a card ties it with the card above.
 // In a top-m project (data-rank-top) only the first `ranked` cards are ranked: a divider
 // follows them and the cards below it are sent as `below`, the unordered rest.
-// A failed request says in plain words what was and was not stored, and offers a way on.
+// A ranking in progress is kept as a draft in sessionStorage, so a reload or a visit elsewhere
+// in the same tab does not lose it; a failed request says in plain words what was and was not
+// stored, and offers a way on.
 (function () {
   "use strict";
   var task = document.getElementById("task");
@@ -48,7 +50,50 @@
     if (divider) list.insertBefore(divider, all[ranked] || null);
   }
 
-  function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); }
+  function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); keepDraft(); }
+
+  // --- the draft: order, ties, "all bad" and rationale, per task, for this tab only.
+  // It belongs to the page as the server showed it: the task open for its first ranking (its
+  // lease live or lapsed, which can still be submitted) or one revision of a ranked task. A
+  // draft of another stage (the task was ranked meanwhile, in another tab) or of other
+  // candidates is dropped, never applied.
+  var draftKey = "align-draft:" + taskId;
+  var stage = revising ? "revision " + task.dataset.revision
+                       : (status === "leased" || status === "expired") ? "open" : status;
+  function cardIds() { return cards().map(function (c) { return c.dataset.id; }); }
+  function keepDraft() {
+    if (stored) return;
+    try {
+      window.sessionStorage.setItem(draftKey, JSON.stringify({
+        task: taskId, stage: stage, list: cardIds(),
+        ties: cards().filter(function (c) { return c.dataset.tie === "1"; }).map(function (c) { return c.dataset.id; }),
+        changed: changed, allBad: document.getElementById("all-bad").checked,
+        rationale: document.getElementById("rationale").value, spentMs: Date.now() - started
+      }));
+    } catch (e) { /* storage full or turned off: the page works on, without a draft */ }
+  }
+  function dropDraft() {
+    try { window.sessionStorage.removeItem(draftKey); } catch (e) { /* nothing kept */ }
+  }
+  function restoreDraft() {
+    var d = null;
+    try { d = JSON.parse(window.sessionStorage.getItem(draftKey)); } catch (e) { d = null; }
+    if (!d) return;
+    var byId = {};
+    cards().forEach(function (c) { byId[c.dataset.id] = c; });
+    var fits = d.task === taskId && d.stage === stage && Array.isArray(d.list) && Array.isArray(d.ties) &&
+               d.list.slice().sort().join(",") === Object.keys(byId).sort().join(",");
+    if (!fits) { dropDraft(); return; }
+    d.list.forEach(function (id) {
+      byId[id].dataset.tie = d.ties.indexOf(id) >= 0 ? "1" : "0";
+      list.appendChild(byId[id]);  // relabel() puts the top-m line back after the ranked cards
+    });
+    document.getElementById("all-bad").checked = d.allBad === true;
+    document.getElementById("rationale").value = typeof d.rationale === "string" ? d.rationale : "";
+    changed = d.changed === true;
+    if (typeof d.spentMs === "number" && d.spentMs > 0) started = Date.now() - d.spentMs;
+    say("Your ranking in progress was restored; it is not submitted yet.");
+  }
 
   // Moving a card breaks the ties it took part in, so a tie always means what it shows.
   function breakTiesAround(card) {
@@ -149,6 +194,7 @@
     dragging.focus();
     dragging = null;
     relabel();
+    keepDraft();
   }
   document.addEventListener("pointerup", endDrag);
   document.addEventListener("pointercancel", endDrag);
@@ -217,6 +263,7 @@
   // Stored: the page only leads on from here; submitting or skipping again would be refused.
   function isStored(what) {
     stored = what;
+    dropDraft();
     ["submit", "confirm-yes", "skip"].forEach(function (id) {
       var el = document.getElementById(id);
       if (el) el.disabled = true;
@@ -307,6 +354,8 @@
     goNext();
   });
   document.getElementById("reload-task").addEventListener("click", function () { window.location.reload(); });
+  document.getElementById("all-bad").addEventListener("change", keepDraft);
+  document.getElementById("rationale").addEventListener("input", keepDraft);
 
   var skip = document.getElementById("skip");
   if (skip) skip.addEventListener("click", function () {
@@ -337,7 +386,7 @@
   });
 
   // A page restored from the browser's back-forward cache shows the task as it was when it
-  // was left, perhaps ranked since: it is loaded again.
+  // was left, perhaps ranked since: it is loaded again (the draft, if any, comes back with it).
   window.addEventListener("pageshow", function (ev) { if (ev.persisted) window.location.reload(); });
 
   // --- lease countdown: how long this task stays held for this annotator
@@ -355,6 +404,7 @@
     tick();
   }
 
+  restoreDraft();
   relabel();
   var first = cards()[0];
   if (first) first.focus({ preventScroll: true });

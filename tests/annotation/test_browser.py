@@ -587,6 +587,47 @@ def test_session_ends_mid_ranking(page, server):
     assert stored(server, task_id) == [(expected, False, False)]
 
 
+def test_draft_survives_a_reload(page, server):
+    login(page, server, "tess")
+    task_id = start(page)
+    shuffle = dom_order(page)
+    page.locator("#ranking li.cand").nth(2).locator("button.mv-up").click()
+    page.locator("#ranking li.cand").nth(3).locator("button.tie").click()
+    page.check("#all-bad")
+    page.fill("#rationale", "the second is clearer")
+    expected = dom_order(page)
+    assert expected != shuffle
+    page.reload()
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == expected
+    assert page.locator("#all-bad").is_checked() and page.input_value("#rationale") == "the second is clearer"
+    assert "restored" in page.locator("#message").inner_text()
+    page.click("#submit")  # the order was changed before the reload: no confirmation to ask
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, True, False)]
+    assert page.evaluate("sessionStorage.length") == 0  # a saved ranking leaves no draft
+    # a draft is never applied to another task (here the first, ranked meanwhile) ...
+    next_id = int(page.url.rsplit("/", 1)[1])
+    next_shuffle = dom_order(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    key = f"align-draft:{next_id}"
+    draft = page.evaluate("k => sessionStorage.getItem(k)", key)
+    assert draft
+    page.evaluate("([k, v]) => sessionStorage.setItem(k, v)", [f"align-draft:{task_id}", draft])
+    page.goto(f"{server.url}/tasks/{task_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == expected and page.input_value("#rationale") == "the second is clearer"
+    assert "restored" not in page.locator("#message").inner_text()
+    # ... nor to its own task where the candidates are not the page's
+    page.evaluate("k => { const d = JSON.parse(sessionStorage.getItem(k)); d.list[0] = '999999'; "
+                  "sessionStorage.setItem(k, JSON.stringify(d)); }", key)
+    page.goto(f"{server.url}/tasks/{next_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == next_shuffle
+    assert "restored" not in page.locator("#message").inner_text()
+    assert page.evaluate("sessionStorage.length") == 0  # both dropped
+
+
 # Where a paragraph's text sits in its box, and whether its last character (a full stop)
 # shows left of its first: so for a right-to-left paragraph, its full stop at its left end.
 SIDES_JS = """el => {
