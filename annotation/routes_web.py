@@ -45,6 +45,9 @@ def page(request: Request, name: str, status_code: int = 200, **ctx) -> HTMLResp
         new_cookie = security.new_token()
         request.state.csrf_binding = new_cookie
     resp = templates.TemplateResponse(request, name, {"request": request, **ctx}, status_code=status_code)
+    # A page shows the data as it is now (a task's status, its ranking, progress): kept in the
+    # browser's cache, Back would show a task already ranked as still open to rank.
+    resp.headers["Cache-Control"] = "no-store"
     if new_cookie:
         resp.set_cookie(CSRF_COOKIE, new_cookie, httponly=True, samesite="strict",
                         secure=request.app.state.settings.secure_cookies, path="/")

@@ -2,6 +2,9 @@
 // The list order is the ranking, best first; data-tie="1" on a card ties it with the card above.
 // In a top-m project (data-rank-top) only the first `ranked` cards are ranked: a divider
 // follows them and the cards below it are sent as `below`, the unordered rest.
+// A ranking in progress is kept as a draft in sessionStorage, so a reload or a visit elsewhere
+// in the same tab does not lose it; a failed request says in plain words what was and was not
+// stored, and offers a way on.
 (function () {
   "use strict";
   var task = document.getElementById("task");
@@ -10,10 +13,12 @@
   var csrf = document.querySelector('meta[name="csrf-token"]').content;
   var taskId = task.dataset.taskId;
   var project = task.dataset.project;
-  var revising = task.dataset.status === "done";
+  var status = task.dataset.status;
+  var revising = status === "done";
   var started = Date.now();
-  var changed = false;
+  var changed = false;  // the order was changed (an unchanged one is confirmed before it is sent)
   var busy = false;
+  var stored = null;  // "ranked" or "skipped" once the server has it: all that is left is the next task
   var divider = document.getElementById("below-divider");
   // How many cards the ranking orders: the project's m, or as many as a stored ranking did.
   var ranked = divider ? (parseInt(task.dataset.ranked, 10) || parseInt(task.dataset.rankTop, 10)) : Infinity;
@@ -45,7 +50,50 @@
     if (divider) list.insertBefore(divider, all[ranked] || null);
   }
 
-  function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); }
+  function markChanged() { changed = true; document.getElementById("confirm").hidden = true; relabel(); keepDraft(); }
+
+  // --- the draft: order, ties, "all bad" and rationale, per task, for this tab only.
+  // It belongs to the page as the server showed it: the task open for its first ranking (its
+  // lease live or lapsed, which can still be submitted) or one revision of a ranked task. A
+  // draft of another stage (the task was ranked meanwhile, in another tab) or of other
+  // candidates is dropped, never applied.
+  var draftKey = "align-draft:" + taskId;
+  var stage = revising ? "revision " + task.dataset.revision
+                       : (status === "leased" || status === "expired") ? "open" : status;
+  function cardIds() { return cards().map(function (c) { return c.dataset.id; }); }
+  function keepDraft() {
+    if (stored) return;
+    try {
+      window.sessionStorage.setItem(draftKey, JSON.stringify({
+        task: taskId, stage: stage, list: cardIds(),
+        ties: cards().filter(function (c) { return c.dataset.tie === "1"; }).map(function (c) { return c.dataset.id; }),
+        changed: changed, allBad: document.getElementById("all-bad").checked,
+        rationale: document.getElementById("rationale").value, spentMs: Date.now() - started
+      }));
+    } catch (e) { /* storage full or turned off: the page works on, without a draft */ }
+  }
+  function dropDraft() {
+    try { window.sessionStorage.removeItem(draftKey); } catch (e) { /* nothing kept */ }
+  }
+  function restoreDraft() {
+    var d = null;
+    try { d = JSON.parse(window.sessionStorage.getItem(draftKey)); } catch (e) { d = null; }
+    if (!d) return;
+    var byId = {};
+    cards().forEach(function (c) { byId[c.dataset.id] = c; });
+    var fits = d.task === taskId && d.stage === stage && Array.isArray(d.list) && Array.isArray(d.ties) &&
+               d.list.slice().sort().join(",") === Object.keys(byId).sort().join(",");
+    if (!fits) { dropDraft(); return; }
+    d.list.forEach(function (id) {
+      byId[id].dataset.tie = d.ties.indexOf(id) >= 0 ? "1" : "0";
+      list.appendChild(byId[id]);  // relabel() puts the top-m line back after the ranked cards
+    });
+    document.getElementById("all-bad").checked = d.allBad === true;
+    document.getElementById("rationale").value = typeof d.rationale === "string" ? d.rationale : "";
+    changed = d.changed === true;
+    if (typeof d.spentMs === "number" && d.spentMs > 0) started = Date.now() - d.spentMs;
+    say("Your ranking in progress was restored; it is not submitted yet.");
+  }
 
   // Moving a card breaks the ties it took part in, so a tie always means what it shows.
   function breakTiesAround(card) {
@@ -146,6 +194,7 @@
     dragging.focus();
     dragging = null;
     relabel();
+    keepDraft();
   }
   document.addEventListener("pointerup", endDrag);
   document.addEventListener("pointercancel", endDrag);
@@ -153,7 +202,11 @@
   // --- submit, skip, next task
   // A 503 is a busy server that stored nothing: the request is sent again after the
   // Retry-After it names, a few times, before the annotator is told.
-  function api(method, url, body, triesLeft) {
+  // A 403 may be a CSRF token of an earlier session: after signing in again (in another tab)
+  // the page's token no longer matches. The request is sent once more with the current token,
+  // read from this task's page (same origin: no other site can read it); a 403 for any other
+  // reason comes back as it was, the token being the same.
+  function api(method, url, body, triesLeft, renewed) {
     if (triesLeft === undefined) triesLeft = 3;
     return fetch(url, {
       method: method,
@@ -161,26 +214,104 @@
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body)
     }).then(function (resp) {
+      if (resp.status === 403 && !renewed) {
+        return currentToken().then(function (token) {
+          if (!token || token === csrf) return resp;
+          useToken(token);
+          return api(method, url, body, triesLeft, true);
+        });
+      }
       if (resp.status !== 503 || triesLeft <= 0) return resp;
       var wait = Math.min(10, parseInt(resp.headers.get("Retry-After"), 10) || 1);
       say("The server is busy; trying again in " + wait + " s…");
       return new Promise(function (done) { window.setTimeout(done, wait * 1000); })
-        .then(function () { return api(method, url, body, triesLeft - 1); });
+        .then(function () { return api(method, url, body, triesLeft - 1, renewed); });
     });
+  }
+  function currentToken() {
+    return fetch("/tasks/" + encodeURIComponent(taskId), {
+      credentials: "same-origin", cache: "no-store", headers: { "Accept": "text/html" }
+    }).then(function (resp) { return resp.ok ? resp.text() : ""; }).then(function (html) {
+      var meta = html && new DOMParser().parseFromString(html, "text/html").querySelector('meta[name="csrf-token"]');
+      return meta ? meta.content : "";
+    }).catch(function () { return ""; });
+  }
+  function useToken(token) {
+    csrf = token;  // and the page's forms (Sign out) send it too
+    Array.prototype.forEach.call(document.querySelectorAll('input[name="csrf_token"]'), function (i) { i.value = token; });
   }
   function detail(resp) {
     return resp.json().then(function (j) { return j.detail || resp.statusText; }, function () { return resp.statusText; });
   }
-  function goNext() {
-    return api("POST", "/api/projects/" + encodeURIComponent(project) + "/next").then(function (resp) {
-      if (resp.status === 204) { window.location.assign("/projects/" + encodeURIComponent(project) + "/done"); return; }
-      if (!resp.ok) return detail(resp).then(function (d) { say(d, true); busy = false; });
-      return resp.json().then(function (t) { window.location.assign("/tasks/" + t.id); });
+
+  // The ways on after a failure, under the message: the next task, this page again (with what
+  // the server has now), a tab to sign in again.
+  function offer(which, reloadLabel) {
+    var first = null;
+    ["next-task", "reload-task", "sign-in"].forEach(function (id) {
+      var el = document.getElementById(id);
+      el.hidden = which.indexOf(id) < 0;
+      if (!el.hidden && !first) first = el;
+    });
+    if (reloadLabel) document.getElementById("reload-task").textContent = reloadLabel;
+    document.getElementById("way-on").hidden = !first;
+    if (first) first.focus();
+  }
+
+  var SESSION_ENDED = "Your session has ended: sign in again (in another tab); your ranking is kept on this page.";
+
+  // Stored: the page only leads on from here; submitting or skipping again would be refused.
+  function isStored(what) {
+    stored = what;
+    dropDraft();
+    ["submit", "confirm-yes", "skip"].forEach(function (id) {
+      var el = document.getElementById(id);
+      if (el) el.disabled = true;
     });
   }
 
+  function goNext() {
+    busy = true;
+    return api("POST", "/api/projects/" + encodeURIComponent(project) + "/next").then(function (resp) {
+      if (resp.status === 204) { window.location.assign("/projects/" + encodeURIComponent(project) + "/done"); return; }
+      if (resp.ok) return resp.json().then(function (t) { window.location.assign("/tasks/" + t.id); });
+      return detail(resp).then(function (d) {
+        if (resp.status === 401) nextFailed("your session has ended: sign in again in another tab", ["next-task", "sign-in"]);
+        else nextFailed(d, ["next-task"]);
+      });
+    }).catch(function () { nextFailed("network error", ["next-task"]); });
+  }
+  function nextFailed(why, ways) {
+    var done = stored === "ranked" ? "Your ranking was saved, but the next task did not open"
+             : stored === "skipped" ? "Skipped, but the next task did not open" : "The next task did not open";
+    say(done + " (" + why + "). Try again:", true);
+    offer(ways);
+    busy = false;
+  }
+
+  function notSaved(code, d) {
+    if (code === 401) {
+      say(SESSION_ENDED, true);
+      offer(["sign-in"]);
+    } else if (code === 409 && /already ranked|submitted already/.test(d)) {
+      say("Not saved: this task was already ranked, in another tab or earlier.", true);
+      offer(["reload-task", "next-task"], "Show the stored ranking");
+    } else if (code === 409 && /already skipped/.test(d)) {
+      say("Not saved: this task was skipped, in another tab or earlier.", true);
+      offer(["next-task"]);
+    } else if (code === 409 && /expired/.test(d)) {
+      say("Not saved: your time on this task ran out, and other annotators have ranked it since.", true);
+      offer(["next-task"]);
+    } else if (code === 403 && /CSRF/.test(d)) {
+      say("Not saved: this page is out of date. Reload it (your ranking is kept) and submit again.", true);
+      offer(["reload-task"], "Reload this page");
+    } else {
+      say("Not saved: " + d, true);
+    }
+  }
+
   function submit(confirmed) {
-    if (busy) return;
+    if (busy || stored) return;
     if (!changed && !confirmed) {
       document.getElementById("confirm").hidden = false;
       document.getElementById("confirm-yes").focus();
@@ -188,6 +319,7 @@
     }
     busy = true;
     document.getElementById("confirm").hidden = true;
+    offer([]);
     say("Saving…");
     var body = {
       order: order(),
@@ -196,11 +328,16 @@
       rationale: document.getElementById("rationale").value || null,
       time_spent_ms: Date.now() - started
     };
+    // Only a failure of this request means "not saved"; once it is stored, what fails after
+    // (opening the next task) says so and never asks to send the ranking again.
     api(revising ? "PUT" : "POST", "/api/tasks/" + taskId + "/ranking", body).then(function (resp) {
-      if (!resp.ok) return detail(resp).then(function (d) { say("Not saved: " + d, true); busy = false; });
-      say("Saved.");
-      return goNext();
-    }).catch(function () { say("Network error: not saved. Try again.", true); busy = false; });
+      if (resp.ok) {
+        isStored("ranked");
+        say("Saved.");
+        return goNext();
+      }
+      return detail(resp).then(function (d) { notSaved(resp.status, d); busy = false; });
+    }, function () { say("Network error: not saved. Try again.", true); busy = false; });
   }
 
   document.getElementById("submit").addEventListener("click", function () { submit(false); });
@@ -210,17 +347,47 @@
     var first = cards()[0];
     if (first) first.focus();
   });
+  document.getElementById("next-task").addEventListener("click", function () {
+    if (busy) return;
+    offer([]);
+    say("Opening the next task…");
+    goNext();
+  });
+  document.getElementById("reload-task").addEventListener("click", function () { window.location.reload(); });
+  document.getElementById("all-bad").addEventListener("change", keepDraft);
+  document.getElementById("rationale").addEventListener("input", keepDraft);
+
   var skip = document.getElementById("skip");
   if (skip) skip.addEventListener("click", function () {
+    if (busy || stored) return;
     var reason = document.getElementById("skip-reason").value.trim();
     if (!reason) { say("Give a reason to skip.", true); return; }
-    if (busy) return;
     busy = true;
+    offer([]);
+    say("Skipping…");
     api("POST", "/api/tasks/" + taskId + "/skip", { reason: reason }).then(function (resp) {
-      if (!resp.ok) return detail(resp).then(function (d) { say("Not skipped: " + d, true); busy = false; });
-      return goNext();
-    });
+      if (resp.ok) {
+        isStored("skipped");
+        return goNext();
+      }
+      return detail(resp).then(function (d) {
+        if (resp.status === 401) {
+          say("Your session has ended: sign in again (in another tab), then skip again.", true);
+          offer(["sign-in"]);
+        } else if (resp.status === 409) {
+          say("Not skipped: this task was already ranked or skipped, in another tab or earlier.", true);
+          offer(["reload-task", "next-task"], "Show the task as it is now");
+        } else {
+          say("Not skipped: " + d, true);
+        }
+        busy = false;
+      });
+    }, function () { say("Network error: not skipped. Try again.", true); busy = false; });
   });
+
+  // A page restored from the browser's back-forward cache shows the task as it was when it
+  // was left, perhaps ranked since: it is loaded again (the draft, if any, comes back with it).
+  window.addEventListener("pageshow", function (ev) { if (ev.persisted) window.location.reload(); });
 
   // --- lease countdown: how long this task stays held for this annotator
   var lease = document.getElementById("lease");
@@ -237,6 +404,7 @@
     tick();
   }
 
+  restoreDraft();
   relabel();
   var first = cards()[0];
   if (first) first.focus({ preventScroll: true });

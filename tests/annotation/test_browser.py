@@ -24,7 +24,8 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) not installed")
     tmp = tmp_path_factory.mktemp("browser")
     db_url = f"sqlite:///{tmp / 'browser.db'}"
-    seed_database(db_url, n_prompts=20, k=4, annotators_per_prompt=1, users=["alice", "bob", "carol", "dave", "erin", "frank"])
+    seed_database(db_url, n_prompts=40, k=4, annotators_per_prompt=1,
+                  users=["alice", "bob", "carol", "dave", "erin", "frank", *RECOVERY_USERS])
     from align.formats import Candidate, PromptRecord
     from annotation import services
     from annotation.db import open_db
@@ -47,10 +48,58 @@ def server(tmp_path_factory):
         for name in ("gina", "hank"):
             services.add_member(db, top, services.create_user(db, name, PASSWORD))
         crowd_project(db)
+        rtl_project(db)
+        wide_project(db)
     sm.kw["bind"].dispose()
     srv = ServerProcess(db_url, tmp / "server.log").start()
     yield srv
     srv.stop()
+
+
+# Annotators of the tests of failures on the way (network, session, a second tab): one each,
+# so that each test starts on a task of its own.
+RECOVERY_USERS = ["nora", "oscar", "paula", "quinn", "ruth", "tess"]
+RTL_PROMPT = "Which city is the capital of France?\n\nما هي عاصمة فرنسا؟ أجب بجملة واحدة."
+RTL_ANSWER = "عاصمة فرنسا هي باريس."
+
+
+def rtl_project(db) -> None:
+    """Project "rtl": Arabic text in the prompt (after an English paragraph), the guidelines,
+    a candidate and a rationale, next to English ones; one prompt, ranked once already."""
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    p = services.create_project(db, "rtl", k=3, annotators_per_prompt=2, guidelines="رتّب الإجابات من الأفضل إلى الأسوأ.")
+    services.add_prompts(db, p, [PromptRecord(RTL_PROMPT, "r0", [
+        Candidate(RTL_ANSWER), Candidate("Paris is the capital of France."),
+        Candidate("The answer is باريس, in Arabic.")])])
+    services.add_member(db, p, services.create_user(db, "uma", PASSWORD))
+    sim = services.create_user(db, "sim-rtl", None)
+    services.add_member(db, p, sim)
+    task = services.next_task(db, sim, p)
+    services.submit_ranking(db, sim, task.assignment_id, [[c.id] for c in task.candidates],
+                            rationale="الإجابة الأولى أوضح.")
+
+
+WIDE_ID = "helpful-base/train/0001234#9f86d081884c7d65"
+
+
+def wide_project(db) -> None:
+    """Project "wide": a prompt with a long id, a long line of code and a long link, ranked by
+    annotators with long names: what makes its page wider than a phone's screen."""
+    from align.formats import Candidate, PromptRecord
+    from annotation import services
+
+    p = services.create_project(db, "wide", k=2, annotators_per_prompt=3)
+    services.add_prompts(db, p, [PromptRecord("Print a long line.", WIDE_ID, [
+        Candidate("```python\nprint('a long line of code that does not wrap, however narrow the screen')\n```"),
+        Candidate("See https://example.org/a/very/long/address/with/no/spaces/in/it/at/all for more.")])])
+    for name in ("sim-annotator-number-one", "sim-annotator-number-two", "sim-annotator-number-three"):
+        user = services.create_user(db, name, None)
+        services.add_member(db, p, user)
+        task = services.next_task(db, user, p)
+        services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates],
+                                rationale="the first one shows the code, the second only links to it")
 
 
 def crowd_project(db) -> None:
@@ -406,3 +455,233 @@ def test_dashboard_charts_paged_flagged_and_prompt_page(page, server):
     heads = page.locator("#prompt-rankings tr").first.locator("th").all_inner_texts()
     assert len(heads) == 1 + 3 and all(h.startswith("sim-") for h in heads[1:])
     shot(page, "09-flagged-prompt")
+
+
+# --------------------------------------------------------------------------- failures on the way
+# What an annotator meets when the network, the session or a second tab gets in the way: the
+# page says what happened in plain words and offers a way on; a saved ranking is never
+# reported as not saved, and an unsaved one is never lost.
+
+
+def wait_for_error(page) -> str:
+    """The message the page shows once an action failed."""
+    page.wait_for_selector("#message.error", timeout=10_000)
+    return page.locator("#message").inner_text()
+
+
+def test_next_task_fails_after_the_ranking_is_saved(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "nora")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    page.route("**/api/projects/*/next", lambda r: r.fulfill(status=500, content_type="application/json",
+                                                              body='{"detail": "internal error"}'))
+    page.click("#submit")
+    text = wait_for_error(page)
+    assert "saved" in text and "not saved" not in text.lower(), text
+    assert stored(server, task_id) == [(expected, False, False)]
+    assert page.locator("#next-task").is_visible()
+    # the network fails too: still saved, and the way on stays
+    page.unroute("**/api/projects/*/next")
+    page.route("**/api/projects/*/next", lambda r: r.abort())
+    page.click("#next-task")
+    expect(page.locator("#message")).to_contain_text("network")
+    assert "not saved" not in page.locator("#message").inner_text().lower()
+    page.unroute("**/api/projects/*/next")
+    page.click("#next-task")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert "/tasks/" in page.url
+    assert stored(server, task_id) == [(expected, False, False)]  # stored once, nothing refused
+
+
+def test_skip_network_error_can_be_tried_again(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "oscar")
+    task_id = start(page)
+    page.route("**/api/tasks/*/skip", lambda r: r.abort())
+    page.click("details.skip summary")
+    page.fill("#skip-reason", "not in my language")
+    page.click("#skip")
+    expect(page.locator("#message")).to_have_text("Network error: not skipped. Try again.")
+    assert stored(server, task_id) == []
+    page.unroute("**/api/tasks/*/skip")
+    page.click("#skip")
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(None, False, True)]
+
+
+def test_back_button_shows_the_stored_ranking(page, server):
+    login(page, server, "paula")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    submit_and_wait_next(page, task_id)
+    page.go_back()  # the page comes from the server again, not from the browser's cache
+    page.wait_for_url(f"**/tasks/{task_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert page.locator("#task").get_attribute("data-status") == "done"  # not the page as it was, leased
+    assert page.locator("#stored-notice").is_visible()
+    assert dom_order(page) == expected
+
+
+def test_two_tabs_on_one_task(page, server):
+    login(page, server, "quinn")
+    task_id = start(page)
+    other = page.context.new_page()
+    other.goto(f"{server.url}/tasks/{task_id}")
+    other.wait_for_selector("#ranking li.cand")
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    submit_and_wait_next(page, task_id)
+    other.locator("#ranking li.cand").nth(3).locator("button.mv-up").click()
+    other.click("#submit")
+    text = wait_for_error(other)
+    assert "already ranked" in text and "PUT" not in text and "revision" not in text, text
+    assert other.locator("#next-task").is_visible()
+    other.click("#reload-task")  # shows the ranking the first tab stored
+    other.wait_for_selector("#stored-notice")
+    assert dom_order(other) == expected
+    assert stored(server, task_id) == [(expected, False, False)]
+
+
+def end_web_sessions(server, username: str) -> None:
+    """What a session's expiry does on the server: the browser's cookie signs nobody in any more."""
+    from sqlalchemy import delete
+
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.models import WebSession
+
+    sm = open_db(server.db_url)
+    with sm() as db:
+        db.execute(delete(WebSession).where(WebSession.user_id == services.get_user(db, username).id))
+        db.commit()
+    sm.kw["bind"].dispose()
+
+
+def test_session_ends_mid_ranking(page, server):
+    from playwright.sync_api import expect
+
+    login(page, server, "ruth")
+    task_id = start(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    expected = dom_order(page)
+    end_web_sessions(server, "ruth")
+    page.click("#submit")
+    expect(page.locator("#message")).to_have_text(
+        "Your session has ended: sign in again (in another tab); your ranking is kept on this page.")
+    assert stored(server, task_id) == [] and dom_order(page) == expected
+    with page.context.expect_page() as opened:  # sign in again in the tab the page's link opens
+        page.click("#sign-in")
+    other = opened.value
+    other.fill("input[name=username]", "ruth")
+    other.fill("input[name=password]", PASSWORD)
+    other.click("button[type=submit]")
+    other.wait_for_selector("text=Projects")
+    other.close()
+    page.click("#submit")  # the page's CSRF token belonged to the old session: it takes the new one
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, False, False)]
+
+
+def test_draft_survives_a_reload(page, server):
+    login(page, server, "tess")
+    task_id = start(page)
+    shuffle = dom_order(page)
+    page.locator("#ranking li.cand").nth(2).locator("button.mv-up").click()
+    page.locator("#ranking li.cand").nth(3).locator("button.tie").click()
+    page.check("#all-bad")
+    page.fill("#rationale", "the second is clearer")
+    expected = dom_order(page)
+    assert expected != shuffle
+    page.reload()
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == expected
+    assert page.locator("#all-bad").is_checked() and page.input_value("#rationale") == "the second is clearer"
+    assert "restored" in page.locator("#message").inner_text()
+    page.click("#submit")  # the order was changed before the reload: no confirmation to ask
+    page.wait_for_url(lambda url: not url.endswith(f"/tasks/{task_id}"), timeout=10_000)
+    assert stored(server, task_id) == [(expected, True, False)]
+    assert page.evaluate("sessionStorage.length") == 0  # a saved ranking leaves no draft
+    # a draft is never applied to another task (here the first, ranked meanwhile) ...
+    next_id = int(page.url.rsplit("/", 1)[1])
+    next_shuffle = dom_order(page)
+    page.locator("#ranking li.cand").nth(1).locator("button.mv-up").click()
+    key = f"align-draft:{next_id}"
+    draft = page.evaluate("k => sessionStorage.getItem(k)", key)
+    assert draft
+    page.evaluate("([k, v]) => sessionStorage.setItem(k, v)", [f"align-draft:{task_id}", draft])
+    page.goto(f"{server.url}/tasks/{task_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == expected and page.input_value("#rationale") == "the second is clearer"
+    assert "restored" not in page.locator("#message").inner_text()
+    # ... nor to its own task where the candidates are not the page's
+    page.evaluate("k => { const d = JSON.parse(sessionStorage.getItem(k)); d.list[0] = '999999'; "
+                  "sessionStorage.setItem(k, JSON.stringify(d)); }", key)
+    page.goto(f"{server.url}/tasks/{next_id}")
+    page.wait_for_selector("#ranking li.cand")
+    assert dom_order(page) == next_shuffle
+    assert "restored" not in page.locator("#message").inner_text()
+    assert page.evaluate("sessionStorage.length") == 0  # both dropped
+
+
+# Where a paragraph's text sits in its box, and whether its last character (a full stop)
+# shows left of its first: so for a right-to-left paragraph, its full stop at its left end.
+SIDES_JS = """el => {
+  const cs = getComputedStyle(el), box = el.getBoundingClientRect();
+  const all = document.createRange(); all.selectNodeContents(el);
+  const text = all.getBoundingClientRect();
+  const node = Array.from(el.childNodes).find(n => n.nodeType === 3);
+  const at = i => { const r = document.createRange(); r.setStart(node, i); r.setEnd(node, i + 1); return r.getBoundingClientRect().left; };
+  return {left: text.left - box.left - parseFloat(cs.paddingLeft), right: box.right - parseFloat(cs.paddingRight) - text.right,
+          lastLeftOfFirst: at(node.length - 1) < at(0)};
+}"""
+
+
+def is_rtl(locator) -> bool:
+    s = locator.evaluate(SIDES_JS)
+    if s["right"] < 2 and s["left"] > 20 and s["lastLeftOfFirst"]:
+        return True
+    assert s["left"] < 2 and s["right"] > 20 and not s["lastLeftOfFirst"], s
+    return False
+
+
+def test_right_to_left_text(page, server):
+    login(page, server, "uma")
+    start(page, "rtl")
+    prompt = page.locator(".prompt .md p")
+    assert not is_rtl(prompt.nth(0)) and is_rtl(prompt.nth(1))  # English, then Arabic, in one prompt
+    page.click("details.guidelines summary")
+    assert is_rtl(page.locator(".guidelines .md p"))
+    assert is_rtl(page.locator("#ranking li.cand", has_text=RTL_ANSWER).locator(".cand-body p"))
+    assert not is_rtl(page.locator("#ranking li.cand", has_text="Paris is the capital").locator(".cand-body p"))
+    page.fill("#rationale", "الثانية أوضح")
+    assert page.locator("#rationale").evaluate("el => el.matches(':dir(rtl)')")
+    page.fill("#rationale", "the second is clearer")
+    assert page.locator("#rationale").evaluate("el => el.matches(':dir(ltr)')")
+    shot(page, "10-right-to-left")
+    # the admin's page of the prompt: the prompt, the Arabic candidate and the rationale
+    page.click("text=Sign out")
+    login(page, server, "admin")
+    page.goto(f"{server.url}/admin/projects/rtl/prompts/r0")
+    page.wait_for_selector("#prompt-rankings")
+    assert is_rtl(page.locator(".msg .md p").nth(1))
+    assert is_rtl(page.locator("td.cand-cell", has_text=RTL_ANSWER).locator("p"))
+    assert is_rtl(page.locator("#prompt-rankings td.notes p"))
+
+
+def test_prompt_page_fits_a_390px_screen(browser, server):
+    from urllib.parse import quote
+
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    login(page, server, "admin")
+    for path in ("crowd/prompts/c000", "rtl/prompts/r0", "wide/prompts/" + quote(WIDE_ID, safe="/")):
+        page.goto(f"{server.url}/admin/projects/{path}")
+        page.wait_for_selector("#prompt-rankings")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, path  # no sideways scrolling
+    shot(page, "11-prompt-page-390")
+    ctx.close()
