@@ -104,12 +104,16 @@ def user_progress(db: Session, user: User, project: Project) -> dict[str, int]:
 
 @read_only
 def project_progress(db: Session, project: Project) -> dict[str, int]:
-    n_prompts, done, rankable = db.execute(
-        select(func.count(Prompt.id), func.coalesce(func.sum(Prompt.done_count), 0), func.count(Prompt.id).filter(Prompt.n_candidates >= 2))
+    """Prompts, rankings stored against the target, and `in_progress`: the tasks annotators hold
+    now (a slot is taken from lease to ranking), whose prompts come back if a lease runs out."""
+    n_prompts, done, taken, rankable = db.execute(
+        select(func.count(Prompt.id), func.coalesce(func.sum(Prompt.done_count), 0),
+               func.coalesce(func.sum(Prompt.slots_taken), 0), func.count(Prompt.id).filter(Prompt.n_candidates >= 2))
         .where(Prompt.project_id == project.id)
     ).one()
     target = int(rankable) * project.annotators_per_prompt
-    return {"prompts": int(n_prompts), "rankable_prompts": int(rankable), "rankings": int(done), "target": target}
+    return {"prompts": int(n_prompts), "rankable_prompts": int(rankable), "rankings": int(done), "target": target,
+            "in_progress": int(taken) - int(done)}
 
 
 @read_only
