@@ -20,10 +20,21 @@ import typer
 from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
 from align.errors import UserError
 
+COMMAND_ORDER = ("annotate", "reward", "ppo", "dpo", "export", "demo", "memory-plan", "init-demo-model")
+
+
+class _PipelineOrder(typer.core.TyperGroup):
+    """--help lists the commands in the pipeline's order (Typer's documented way to order them)."""
+
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda name: COMMAND_ORDER.index(name) if name in COMMAND_ORDER else 99)
+
+
 app = typer.Typer(
     name="align",
-    help="RLHF pipeline: rank responses in a browser, train a K-wise reward model, "
-    "align an SFT checkpoint with PPO on LoRA adapters, export the result.",
+    cls=_PipelineOrder,
+    help="RLHF pipeline: rank responses in a browser, then align an SFT checkpoint on LoRA adapters from the "
+    "rankings (a K-wise reward model and PPO, RLOO or GRPO; or DPO on the rankings themselves) and export it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,17 +54,21 @@ def _register_stages() -> None:
     from reward.cli import app as reward_app
 
     register_ranking_sources()  # reward training reads annotation projects (data.format=annotation)
-    app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.")
-    app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.")
-    app.command("ppo", help="Align an SFT checkpoint with PPO (or RLOO, GRPO: `method=`) on LoRA adapters "
+    # the pipeline's stages in --help, then the tools around them
+    stage, tool = {"rich_help_panel": "Stages"}, {"rich_help_panel": "Tools"}
+    app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.", **stage)
+    app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.", **stage)
+    app.command("ppo", **stage, help="Align an SFT checkpoint with PPO (or RLOO, GRPO: `method=`) on LoRA adapters "
                 "against a reward model.", epilog=config_keys_help(PPOConfig))(ppo_command)
-    app.command("dpo", help="Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model "
+    app.command("dpo", **stage, help="Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model "
                 "(K-wise, ties kept) or on the pairs cut from them, on LoRA adapters.",
                 epilog=config_keys_help(DPOConfig))(dpo_command)
-    app.command("memory-plan")(memory_plan_command)  # the memory plan of a stage for a model shape
+    app.command("export", **stage)(export)
+    app.command("demo", epilog=_demo_epilog(), **tool)(demo)
+    app.command("memory-plan", **tool)(memory_plan_command)  # the memory plan of a stage for a model shape
+    app.command("init-demo-model", **tool)(init_demo_model)
 
 
-@app.command("init-demo-model")
 def init_demo_model(
     out: Annotated[
         Path | None, typer.Option(help="Directory to write the checkpoint to (default: the align cache).")
@@ -73,7 +88,6 @@ def init_demo_model(
     typer.echo(f"demo model ({size}) ready at {path}")
 
 
-@app.command("export")
 def export(
     run: Annotated[Path, typer.Argument(help="A run directory from `align ppo`, `align dpo` or `align reward train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported model to.")],
@@ -98,7 +112,6 @@ def _demo_epilog() -> str:
             "those stages' configs (listed by `align reward train --help`, `align ppo --help` and `align dpo --help`).")
 
 
-@app.command("demo", epilog=_demo_epilog())
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the whole pipeline.")] = Path("runs/demo"),
     config: ConfigOpt = None,
