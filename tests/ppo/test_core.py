@@ -186,6 +186,18 @@ def test_policy_loss_gradient_is_zero_once_clipped():
     close(new.grad, [[0.0, -0.5 / 3, 1 / 3]])
 
 
+def test_policy_loss_clips_a_falling_ratio_of_a_bad_token_too():
+    # ratio 0.5 on both, advantages (-1, +1), eps 0.2: the trust region holds on both sides
+    #   0: max(0.5, 0.8) = 0.8 (clipped at 1 - eps: no gradient)   1: max(-0.5, -0.8) = -0.5
+    # loss = (0.8 - 0.5) / 2 = 0.15; clipfrac 1/2; d/dlogp at 1: -A r / 2 = -0.25
+    new = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_()
+    loss, stats = core.policy_loss(new, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), 0.2)
+    close(loss, 0.15)
+    close(stats["clipfrac"], 0.5)
+    loss.backward()
+    close(new.grad, [[0.0, -0.25]])
+
+
 def test_value_loss_clips_around_rollout_values():
     # old 0, new (0.5, -0.1, 0.3), returns (1, 0, -1), clip 0.2 -> clipped values (0.2, -0.1, 0.2)
     #   0: max((0.5-1)^2 = 0.25, (0.2-1)^2 = 0.64) = 0.64 (clipped)  1: 0.01  2: max(1.69, 1.44) = 1.69
@@ -194,6 +206,10 @@ def test_value_loss_clips_around_rollout_values():
                                   torch.tensor([[1.0, 0.0, -1.0]]), torch.ones(1, 3), 0.2)
     close(loss, 0.39)
     close(stats["clipfrac"], 1 / 3)
+    # new 0.6 for return 1 is clipped too: (0.2-1)^2 = 0.64 > 0.16; position 2 still not -> 2/3
+    _, stats = core.value_loss(torch.tensor([[0.5, 0.6, 0.3]]), torch.zeros(1, 3),
+                               torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), 0.2)
+    close(stats["clipfrac"], 2 / 3)
 
 
 def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
@@ -204,6 +220,9 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
     # KL 5.4: error -0.1 -> 0.102 * (1 - 0.1 * 0.1) = 0.10098
     ctl.update(5.4, n_episodes=10)
     assert ctl.value == pytest.approx(0.10098)
+    # KL 0: error -1 clipped to -0.2 -> 0.10098 * (1 - 0.2 * 0.1) = 0.0989604
+    ctl.update(0.0, n_episodes=10)
+    assert ctl.value == pytest.approx(0.0989604)
     other = core.AdaptiveKLController(0.5, target=6.0, horizon=100)
     other.load_state_dict(ctl.state_dict())
     assert other.value == ctl.value
