@@ -1,6 +1,7 @@
 """Prompt-level split, the K-wise batch layout, the pairwise expansion and repeated responses."""
 
 import json
+import os
 
 import pytest
 
@@ -65,6 +66,33 @@ def test_split_is_deterministic_for_a_seed():
     rankings = make_rankings(200, seed=2)
     a, b = split_by_prompt(rankings, 0.1, 5), split_by_prompt(rankings, 0.1, 5)
     assert [r.prompt for r in a[1]] == [r.prompt for r in b[1]]
+
+
+def test_the_split_is_the_same_in_every_process_for_a_seed():
+    """Python salts string hashes per process: a split that followed a set's order would hold out
+    other prompts on another rank, or after a resume."""
+    import subprocess
+    import sys
+
+    code = ("from align.synthetic import make_rankings\nfrom reward.data import split_by_prompt\n"
+            "print([r.prompt for r in split_by_prompt(make_rankings(60, seed=2), 0.2, 5)[1]])")
+    held_out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": str(salt)}).stdout for salt in (1, 2, 3)}
+    assert len(held_out) == 1 and held_out != {"[]\n"}
+
+
+def test_held_out_rankings_without_a_pair_are_left_out_and_counted(tmp_path):
+    from align.exports import write_kwise
+    from reward.config import DataSection
+
+    ranked = [Ranking(prompt=f"q{i}", responses=["x", "y"], ranks=[0, 1]) for i in range(20)]
+    tied = [Ranking(prompt=f"t{i}", responses=["x", "y"], ranks=[0, 0]) for i in range(20)]
+    path = tmp_path / "rankings.jsonl"
+    write_kwise(ranked + tied, path)
+    data = load_reward_data(DataSection(format="kwise", path=str(path), eval_fraction=0.5))
+    held_out_tied = [r for r in split_by_prompt(ranked + tied, 0.5, DataSection().seed)[1] if r.prompt.startswith("t")]
+    assert held_out_tied and data.held_out_without_preference == len(held_out_tied)
+    assert data.eval and all(r.ranks != [0, 0] for r in data.eval + data.train)
 
 
 def test_rankings_without_pairs_are_dropped():
