@@ -39,6 +39,11 @@ def test_trl_plain_conversational_and_implicit(tmp_path):
     assert (c.prompt, c.responses) == (user, ["hello", "no"])
     assert a.prompt_id != b.prompt_id  # content ids, stable across re-reads
     assert formats.read_trl_pairs(f)[0].prompt_id == a.prompt_id
+    # two whole conversations that are the same: the last message is still each one's response
+    conversation = user + [{"role": "assistant", "content": "hello"}]
+    same = write_lines(tmp_path / "same.jsonl", [{"chosen": conversation, "rejected": conversation}])
+    (d,) = formats.read_trl_pairs(same)
+    assert (d.prompt, d.responses) == (user, ["hello", "hello"])
 
 
 def test_trl_errors_name_the_line(tmp_path):
@@ -78,6 +83,17 @@ def test_hh_round_trip_and_gzip(tmp_path):
     out = tmp_path / "out.jsonl"
     write_jsonl_atomic(out, exports.hh_from_rankings([r]))
     assert json.loads(out.read_text()) == rows[0]
+
+
+def test_hh_transcripts_that_part_at_a_human_turn_keep_the_turns_before_it_as_the_prompt(tmp_path):
+    """The prompt ends with a Human turn: transcripts that part at the annotator's next question
+    share the first exchange's question, and each response is the rest of its transcript."""
+    f = write_lines(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Knock knock.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye.\n\nAssistant: Bye!"}])
+    (r,) = formats.read_hh(f)
+    assert r.prompt == [{"role": "user", "content": "Hi"}]
+    assert r.responses == ["Hello!\n\nHuman: Joke?\n\nAssistant: Knock knock.", "Hello!\n\nHuman: Bye.\n\nAssistant: Bye!"]
 
 
 def test_the_hh_export_leaves_out_prompts_it_cannot_hold_and_says_how_many_and_why(tmp_path):
