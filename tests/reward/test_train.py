@@ -80,6 +80,47 @@ def test_mismatch_pairs_add_one_forward_per_ranking_and_their_loss(quick_config,
     assert with_mismatch["train/ranking_loss"] == pytest.approx(plain["train/loss"], abs=1e-4)
 
 
+def test_a_step_logs_the_loss_terms_and_statistics_of_its_own_rewards(quick_config, monkeypatch):
+    """Step 1's metrics recomputed from the rewards its forward gave: the centering and mismatch
+    terms in the loss, each with its sign (a top response scores higher under its own prompt than
+    under another's), the winners' margin over the losers, and the rewards' mean and spread over
+    the rankings' own responses, not their mismatched copies."""
+    import torch
+
+    import reward.train as train_module
+    from reward.losses import kwise_ranking_loss, pairwise_loss, reward_centering_loss
+
+    seen = []
+    forward = train_module.forward_rewards_shared_prompts
+
+    def recording(model, batch, buckets):
+        rewards = forward(model, batch, buckets)
+        if torch.is_grad_enabled():  # training, not evaluation
+            seen.append((batch, rewards.detach().float()))
+        return rewards
+
+    monkeypatch.setattr(train_module, "forward_rewards_shared_prompts", recording)
+    cfg = quick_config("train.max_steps=1", "train.center_coef=0.1", "train.mismatch_coef=2.0",
+                       "model.max_length=512", "eval.normalize=false")
+    train_reward_model(cfg, echo=lambda s: None)
+    step = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")[0]
+    (batch, r), = seen  # one micro-batch of 16 rankings
+    w, lo = batch.winners, batch.losers
+    ranking = kwise_ranking_loss(r, w, lo, batch.pair_group, batch.num_groups, 0.0).item()
+    center = reward_centering_loss(r, w, lo, batch.pair_group, batch.num_groups, 0.1).item()
+    mismatch = pairwise_loss(r[batch.mismatch_winners], r[batch.mismatch_losers]).mean().item()
+    reversed_mismatch = pairwise_loss(r[batch.mismatch_losers], r[batch.mismatch_winners]).mean().item()
+    own = r[:batch.num_ranked]
+    assert center > 1e-3 and abs(mismatch - reversed_mismatch) > 1e-3 and abs((r[w] - r[lo]).mean()) > 1e-3
+    assert abs(own.mean() - r.mean()) > 1e-4  # the mismatched copies would move the mean
+    assert step["train/ranking_loss"] == pytest.approx(ranking, rel=1e-4)
+    assert step["train/mismatch_loss"] == pytest.approx(mismatch, rel=1e-4)
+    assert step["train/loss"] == pytest.approx(ranking + center + 2.0 * mismatch, rel=1e-4)
+    assert step["train/reward_margin"] == pytest.approx((r[w] - r[lo]).mean().item(), rel=1e-4, abs=1e-6)
+    assert step["train/reward_mean"] == pytest.approx(own.mean().item(), rel=1e-4, abs=1e-6)
+    assert step["train/reward_std"] == pytest.approx(own.std().item(), rel=1e-4)
+
+
 def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
     summary = train_reward_model(quick_config("train.loss=pairwise", "data.num_rankings=32", "train.batch_size=48"),
                                  echo=lambda s: None)
