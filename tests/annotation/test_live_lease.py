@@ -128,3 +128,25 @@ def test_a_lease_that_ran_out_can_be_submitted_while_another_is_held(db_url):
         assert db.get(Assignment, old.assignment_id).status == "done"
     assert _live_leases_and_slots(sm, user.id, p.id) == (1, 2)  # the new lease, and the ranked prompt's slot
     sm.kw["bind"].dispose()
+
+
+@pytest.mark.parametrize("released", [True, False], ids=["expired", "lapsed"])
+def test_skipping_a_lease_that_ran_out_gives_its_slot_back_once(db_url, released):
+    """A lease marked expired gave its slot back then; skipping it later frees nothing more, or the
+    prompt would take one annotator too many. A lease that lapsed unmarked still holds its slot, and
+    the skip gives it back."""
+    sm = open_db(db_url)
+    with sm() as db:
+        p = _project(db, f"skip{released}", 1, n_prompts=1)
+        user = services.create_user(db, "skipper", None, "annotator")
+        other = services.create_user(db, "next", None, "annotator")
+        task = services.next_task(db, user, p, now=time.time() - 10 * p.lease_seconds)  # ran out long ago
+        if released:
+            assert services.release_expired_leases(db, p) == 1
+        services.skip_task(db, user, task.assignment_id, "not my language")
+        slots = db.scalar(select(Prompt.slots_taken).where(Prompt.id == task.prompt_id))
+        assert slots == 0
+        taken = services.next_task(db, other, p)  # the one slot is free again: another annotator gets it
+        assert taken is not None and taken.prompt_id == task.prompt_id
+        assert db.scalar(select(Prompt.slots_taken).where(Prompt.id == task.prompt_id)) == 1
+    sm.kw["bind"].dispose()

@@ -45,6 +45,22 @@ def test_simulated_team_fills_every_slot_reproducibly(db_url):
         assert run_team(other)[0] == log
 
 
+def test_progress_counts_toward_a_target_only_the_prompts_that_can_be_ranked(db_url):
+    """A prompt whose candidates are still to be generated is never leased: a target counting it
+    could never be reached."""
+    from annotation.db import open_db
+
+    sm = open_db(db_url)
+    log, _ = run_team(sm, n_prompts=3)
+    with sm() as db:
+        p = services.get_project(db, "demo")
+        services.add_prompts(db, p, [PromptRecord("no answers yet", "later")])
+        progress = services.project_progress(db, p)
+    assert progress == {"prompts": 4, "rankable_prompts": 3, "rankings": 6, "target": 6, "in_progress": 0}
+    assert len(log) == progress["target"]  # the team finished: every slot of every rankable prompt
+    sm.kw["bind"].dispose()
+
+
 def test_each_annotator_sees_their_own_reproducible_order_and_it_is_stored(db_url):
     """The order a task shows its candidates in is a shuffle keyed by annotator and prompt
     (sorted by md5 of "user:prompt:candidate": the same on SQLite and PostgreSQL, whose

@@ -52,6 +52,23 @@ def test_a_top_m_ranking_is_stored_as_sent_and_exported_marked(env):
     assert len(pairs) == 5 and {(p["chosen"], p["rejected"]) for p in pairs} == stated
 
 
+def test_a_tie_among_the_best_m_puts_the_rest_below_every_ranked_one(env):
+    """[[a, c]] ties the two best: the rest rank below both (rank 2, the number ranked), not below
+    the first group only, and the export reads back."""
+    tok, task_id, (a, b, c, d) = _top2_task(env)
+    r = env.client.post(f"/api/tasks/{task_id}/ranking", headers=env.headers(tok),
+                        json={"order": [[a, c]], "below": [b, d]})
+    assert r.status_code == 201, r.text
+    admin = env.headers(env.admin_token)
+    export = env.client.get("/api/projects/top/export?format=kwise", headers=admin)
+    assert export.status_code == 200, export.text
+    (kwise,) = [json.loads(line) for line in export.text.splitlines()]
+    assert kwise["ranked"] == 2 and kwise["ranks"] == [0, 2, 0, 2]
+    pairs = [json.loads(line) for line in env.client.get("/api/projects/top/export?format=trl", headers=admin).text.splitlines()]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("answer 0", "answer 1"), ("answer 0", "answer 3"), ("answer 2", "answer 1"), ("answer 2", "answer 3")}
+
+
 def test_a_full_ranking_is_also_taken_in_a_top_m_project_and_revisions_keep_below(env):
     tok, task_id, (a, b, c, d) = _top2_task(env)
     r = env.client.post(f"/api/tasks/{task_id}/ranking", headers=env.headers(tok), json={"order": [[a], [b], [c], [d]]})
