@@ -106,6 +106,51 @@ def saved_for_backward_bytes(step) -> int:
     return sum(seen.values())
 
 
+def test_a_step_logs_the_margin_accuracy_and_movement_of_its_own_implicit_rewards(small_dpo_run, tmp_path,
+                                                                                 monkeypatch):
+    """A step's statistics recomputed from the implicit rewards it trained on, with a policy away from
+    the reference: the mean margin of the better response over the worse in every stated pair (a tie
+    states none), the share of those pairs ordered right, and log pi - log pi_ref per response."""
+    import dpo.train as dpo_train
+    from align.synthetic import make_rankings
+
+    seen = []
+    nll = dpo_train.plackett_luce_nll
+
+    def recording(rewards, ranks, valid):
+        seen.append((rewards.detach().clone(), ranks.clone(), valid.clone()))
+        return nll(rewards, ranks, valid)
+
+    monkeypatch.setattr(dpo_train, "plackett_luce_nll", recording)
+    rankings = make_rankings(40, k=3, seed=1)
+    for ranking in rankings[::2]:  # every other ranking ties its two worst responses
+        ranking.ranks = [min(rank, 1) for rank in ranking.ranks]
+    write_kwise(rankings, tmp_path / "tied.jsonl")
+    trainer = DPOTrainer(load_config(DPOConfig, None, [*small_dpo_run, "num_eval_prompts=0", "overwrite=true",
+                                                       "beta=0.5", "data.format=kwise",
+                                                       f"data.path={tmp_path / 'tied.jsonl'}"]), echo=lambda _: None)
+    trainer.setup()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0, where every implicit reward is 0
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    metrics = trainer.step(trainer.local_batches(trainer.global_batches[0]))
+    margins, moved, responses, tied = [], 0.0, 0, 0
+    for rewards, ranks, valid in seen:
+        for r in range(len(ranks)):
+            k = [i for i in range(ranks.shape[1]) if valid[r, i]]
+            tied += len({int(ranks[r, i]) for i in k}) < len(k)
+            margins += [float(rewards[r, i] - rewards[r, j]) for i in k for j in k if ranks[r, i] < ranks[r, j]]
+            moved += float(sum(rewards[r, i] for i in k)) / 0.5
+            responses += len(k)
+    assert tied and any(m < 0 for m in margins) and any(m > 0 for m in margins)  # the checks below can fail
+    assert abs(sum(margins)) > 1e-3 and abs(moved) > 1e-3
+    assert metrics["train/reward_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4)
+    assert metrics["train/accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    assert metrics["train/logps_policy_minus_ref"] == pytest.approx(moved / responses, rel=1e-4)
+
+
 def first_step(overrides: list[str]) -> dict:
     """The first training step of a fresh run: its metrics, the adapter's gradients, the policy's
     forwards, how many times each decoder layer's attention ran, and the bytes kept for the
