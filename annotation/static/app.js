@@ -342,10 +342,15 @@
 
   document.getElementById("submit").addEventListener("click", function () { submit(false); });
   document.getElementById("confirm-yes").addEventListener("click", function () { submit(true); });
-  document.getElementById("confirm-no").addEventListener("click", function () {
+  function keepRanking() {
     document.getElementById("confirm").hidden = true;
     var first = cards()[0];
     if (first) first.focus();
+  }
+  document.getElementById("confirm-no").addEventListener("click", keepRanking);
+  // Escape answers "Keep ranking", as it closes a dialog
+  document.getElementById("confirm").addEventListener("keydown", function (ev) {
+    if (ev.key === "Escape") { ev.preventDefault(); keepRanking(); }
   });
   document.getElementById("next-task").addEventListener("click", function () {
     if (busy) return;

@@ -253,6 +253,11 @@ def test_unchanged_order_asks_for_confirmation(page, server):
     shown = dom_order(page)
     page.click("#submit")
     assert page.locator("#confirm").is_visible()
+    page.keyboard.press("Escape")  # as "Keep ranking": the question closes, nothing is sent
+    assert not page.locator("#confirm").is_visible()
+    assert page.evaluate("document.activeElement.classList.contains('cand')")
+    page.click("#submit")
+    assert page.locator("#confirm").is_visible()
     assert stored(server, task_id) == []  # nothing sent yet
     page.check("#all-bad")
     page.click("#confirm-yes")
