@@ -286,7 +286,7 @@ class PlanSettings:
     response_length: int = 512  # response tokens (response_length)
     micro_batch: int = 4  # PPO: sequences per training forward; DPO, reward: rankings per training forward
     forward_batch: int | None = None  # PPO: rows per no-grad forward (the minibatch); None: micro_batch
-    rollout_batch: int = 64  # PPO: episodes sampled per rollout on each rank (batch_size)
+    rollout_batch: int = 64  # PPO: episodes sampled per rollout on each rank (batch_size / processes)
     responses_per_prompt: int = 4  # reward, DPO: responses per ranking (K)
     gradient_checkpointing: bool = False
     fsdp_ranks: int = 1

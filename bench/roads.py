@@ -253,7 +253,8 @@ def trl_grpo(args: argparse.Namespace) -> dict:
 
     trl_args = GRPOConfig(
         output_dir=args.output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
-        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=cfg.batch_shape(1).micro_batch,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         generation_batch_size=cfg.batch_size,
         num_generations=cfg.samples_per_prompt, num_iterations=cfg.num_ppo_epochs,
         max_steps=cfg.num_iterations * cfg.num_ppo_epochs * cfg.num_mini_batches,

@@ -7,7 +7,7 @@ the processes exchange weighs.
 * reward: configs/demo/reward.yaml on the demo's 800 rankings (the data bench/roads.py builds),
   one epoch; the global batch of 16 rankings is split across the processes;
 * ppo: configs/demo/ppo.yaml against that reward model, `--iterations` iterations, no held-out
-  evaluation; the batch of 64 episodes is per process, so two processes do twice the episodes;
+  evaluation; the batch of 64 episodes is split across the processes, as the reward stage's is;
 * ppo, FSDP2 with `sample_gathered=false`: each layer's weights gathered for every decoding step
   instead of once per rollout, what gathering once saves.
 

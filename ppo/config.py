@@ -21,6 +21,16 @@ from typing import ClassVar, Literal
 from align.config import LoraOptions, check, check_input_file, option
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """One process's share of an iteration's batch_size episodes (PPOConfig.batch_shape)."""
+
+    episodes: int  # responses this process samples per iteration: batch_size / processes
+    prompts: int  # prompts it draws: episodes / samples_per_prompt
+    mini_batch: int  # its rows in each optimiser step (and in each no-grad forward): episodes / num_mini_batches
+    micro_batch: int  # its rows in each forward and backward: mini_batch / gradient_accumulation_steps
+
+
 @dataclass
 class KLOptions:
     """The KL penalty -beta * KL(pi || pi_ref) added to every token's reward (Ziegler et al. 2019, eq. 2)."""
@@ -175,8 +185,9 @@ class PPOConfig:
     # --- rollout -----------------------------------------------------------------------------
     num_iterations: int = option(40, help="PPO iterations (rollout + optimisation rounds).", ge=1)
     batch_size: int = option(
-        64, help="Episodes (sampled responses) per iteration on each process: batch_size / samples_per_prompt "
-        "prompts, each answered samples_per_prompt times.", ge=1)
+        64, help="Episodes (sampled responses) per iteration over all processes: batch_size / samples_per_prompt "
+        "prompts, each answered samples_per_prompt times; each of N processes samples batch_size / N of them "
+        "(as the reward and DPO stages' batch_size counts a step's rankings over all processes).", ge=1)
     response_length: int = option(24, help="Maximum new tokens per response.", ge=1)
     temperature: float = option(
         0.7, help="Sampling temperature; training log-probs use the same temperature.", gt=0.0
@@ -256,20 +267,7 @@ class PPOConfig:
               "and the update's log-probs must be those of the same policy); set lora.dropout=0")
         check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "
               "gradient_checkpointing=true yet (the checkpoint sits inside the compiled layer); set one of them false")
-        check(
-            self.batch_size % self.samples_per_prompt == 0,
-            f"batch_size ({self.batch_size}) must be divisible by samples_per_prompt ({self.samples_per_prompt})",
-        )
-        check(
-            self.batch_size % self.num_mini_batches == 0,
-            f"batch_size ({self.batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches})",
-        )
-        mini = self.batch_size // self.num_mini_batches
-        check(
-            mini % self.gradient_accumulation_steps == 0,
-            f"the minibatch size batch_size/num_mini_batches ({mini}) must be divisible by "
-            f"gradient_accumulation_steps ({self.gradient_accumulation_steps})",
-        )
+        self.batch_shape(1)  # one process: said when the config is read
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
             if value != "synthetic":
@@ -289,17 +287,24 @@ class PPOConfig:
         """kl.in_loss resolved: GRPO puts the KL in the loss, PPO and RLOO in the reward."""
         return self.method == "grpo" if self.kl.in_loss is None else self.kl.in_loss
 
-    @property
-    def prompts_per_iteration(self) -> int:
-        return self.batch_size // self.samples_per_prompt
-
-    @property
-    def mini_batch_size(self) -> int:
-        return self.batch_size // self.num_mini_batches
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.mini_batch_size // self.gradient_accumulation_steps
+    def batch_shape(self, num_processes: int) -> BatchShape:
+        """One process's share of an iteration when `num_processes` share batch_size; a share the
+        cuts do not divide is a UserError naming it. Each prompt's samples stay on one process, where
+        the critic-free baselines read them together."""
+        where = "" if num_processes == 1 else f" on each of the {num_processes} processes"
+        check(self.batch_size % num_processes == 0,
+              f"batch_size ({self.batch_size}) must be divisible by the number of processes ({num_processes})")
+        episodes = self.batch_size // num_processes
+        name = "batch_size" if num_processes == 1 else f"batch_size / {num_processes} processes"
+        check(episodes % self.samples_per_prompt == 0,
+              f"{name} ({episodes}) must be divisible by samples_per_prompt ({self.samples_per_prompt})")
+        check(episodes % self.num_mini_batches == 0,
+              f"{name} ({episodes}) must be divisible by num_mini_batches ({self.num_mini_batches})")
+        mini = episodes // self.num_mini_batches
+        check(mini % self.gradient_accumulation_steps == 0,
+              f"the minibatch size{where}, {name} / num_mini_batches ({mini}), must be divisible by "
+              f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        return BatchShape(episodes, episodes // self.samples_per_prompt, mini, mini // self.gradient_accumulation_steps)
 
     @property
     def total_optimizer_steps(self) -> int:

@@ -51,7 +51,7 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
     """PPO's step 5 for `trainer` (a set-up ppo.trainer.PPOTrainer): num_ppo_epochs passes of the loss
     over shuffled minibatches, one optimiser step each, gradients accumulated over micro-batches of
     similar length. Returns the mean statistics over the minibatches."""
-    cfg = trainer.cfg
+    cfg, mini_batch = trainer.cfg, trainer.batch.mini_batch
     keep_freed_memory()  # once: each micro-batch reuses the previous one's freed activations
     # What batching needs (each row's prompt and response length) is read back to the host once
     # here, and the statistics stay on the device until the end: the micro-step loop never waits
@@ -61,14 +61,14 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
     n_minibatches, grad_norms = 0, []
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(len(exp), device="cpu")
-        starts = range(0, len(exp), cfg.mini_batch_size)
-        tokens = [max(sum(lengths[i] for i in order[s: s + cfg.mini_batch_size].tolist()), 1) for s in starts]
+        starts = range(0, len(exp), mini_batch)
+        tokens = [max(sum(lengths[i] for i in order[s: s + mini_batch].tolist()), 1) for s in starts]
         rank_scales = minibatch_rank_scales(trainer.accelerator, tokens, trainer.device)
         for mb_index, mb_start in enumerate(starts):
-            mb_rows = order[mb_start: mb_start + cfg.mini_batch_size].tolist()
+            mb_rows = order[mb_start: mb_start + mini_batch].tolist()
             mb_tokens = tokens[mb_index]
             trainer.optimizer.zero_grad(set_to_none=True)
-            micro_batches = length_grouped_micro_batches(mb_rows, prompt_lengths, lengths, cfg.micro_batch_size)
+            micro_batches = length_grouped_micro_batches(mb_rows, prompt_lengths, lengths, trainer.batch.micro_batch)
             for n, plan in enumerate(micro_batches):
                 micro = exp.select(torch.tensor(plan.rows).to(trainer.device)).trim_padding((0, plan.response_width))
                 weight = micro.response_mask.sum() / mb_tokens
@@ -82,7 +82,7 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
                          else trainer.accelerator.clip_grad_norm_(trainer.trainable, cfg.max_grad_norm))
             if grad_norm is not None:  # a NaN weight would only surface iterations later, while sampling
                 check_finite_gradient(grad_norm, f"iteration {trainer.iteration + 1}, epoch {epoch + 1}, "
-                                                 f"minibatch {mb_start // cfg.mini_batch_size + 1}")
+                                                 f"minibatch {mb_start // mini_batch + 1}")
             grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                               dtype=torch.float32, device=trainer.device))
             trainer.optimizer.step()

@@ -120,6 +120,7 @@ class PPOTrainer:
         self.device = self.accelerator.device
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         check_distributed_setup(self.accelerator, cfg, self.resume, self.fsdp)
+        self.batch = cfg.batch_shape(self.accelerator.num_processes)  # this process's share of batch_size
         self.is_main = self.accelerator.is_main_process
         dtype = torch_dtype(cfg.dtype)
         reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
@@ -186,7 +187,7 @@ class PPOTrainer:
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else core.FixedKLController(cfg.kl.coef))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.sampler = PromptSampler(train_prompts, cfg.prompts_per_iteration, cfg.seed, rank, world)
+        self.sampler = PromptSampler(train_prompts, self.batch.prompts, cfg.seed, rank, world)
 
         # Each process samples different responses (per-rank seeds).
         set_seed(cfg.seed + rank)
@@ -247,7 +248,7 @@ class PPOTrainer:
         # 2) Score: the reward model's normalised score of (prompt, response); a response
         #    that never emits eos loses `missing_eos_penalty` (Huang et al. 2024).
         #    (a minibatch of rows a forward, as the policy's no-grad forwards: the memory plan's "forwards")
-        scores = self.reward_model.score(prompts, texts, cfg.mini_batch_size).to(self.device, torch.float32)
+        scores = self.reward_model.score(prompts, texts, self.batch.mini_batch).to(self.device, torch.float32)
         has_eos = (exp.response_ids == self.tokenizer.eos_token_id).any(-1)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
@@ -297,12 +298,11 @@ class PPOTrainer:
         names = list(stats)
         reduced = self.accelerator.reduce(torch.stack([torch.as_tensor(stats[k], dtype=torch.float32,
                                                                        device=self.device) for k in names]), "mean")
-        metrics = {"iteration": self.iteration + 1,
-                   "episodes": (self.iteration + 1) * cfg.batch_size * self.accelerator.num_processes}
+        metrics = {"iteration": self.iteration + 1, "episodes": (self.iteration + 1) * cfg.batch_size}
         metrics.update({k: float(v) for k, v in zip(names, reduced.tolist())})
         metrics["objective/kl_coef"] = beta
         metrics["train/lr"] = lr
-        self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
+        self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
                         "timing/optimise_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
         return metrics
@@ -376,11 +376,12 @@ class PPOTrainer:
 
     def length_groups(self, seqs: Samples | Experience) -> Iterator[tuple[torch.Tensor, Samples | Experience,
                                                                             tuple[torch.Tensor, ...]]]:
-        """`seqs`' rows in groups of mini_batch_size rows of similar length (ppo.optimise): each group's
-        row index, its rows trimmed to their longest response, and their right-padded sequences."""
+        """`seqs`' rows in groups of a minibatch's size (self.batch.mini_batch) and similar length
+        (ppo.optimise): each group's row index, its rows trimmed to their longest response, and their
+        right-padded sequences."""
         prompt_lengths, lengths = torch.stack([seqs.query_mask.sum(-1), seqs.response_mask.sum(-1)]).tolist()
         for plan in length_grouped_micro_batches(list(range(len(lengths))), prompt_lengths, lengths,
-                                                 self.cfg.mini_batch_size):
+                                                 self.batch.mini_batch):
             rows = torch.tensor(plan.rows).to(self.device)
             group = seqs.select(rows).trim_padding((0, plan.response_width))
             yield rows, group, group.right_padded(plan.width)

@@ -71,7 +71,7 @@ def memory_plan_command(
                                              "gradient_accumulation_steps on one device).")] = 4,
     forward_batch: Annotated[int | None, typer.Option(help="PPO: rows per no-grad forward (its minibatch); "
                                                       "default --micro-batch.")] = None,
-    rollout_batch: Annotated[int, typer.Option(help="PPO/RLOO/GRPO: responses sampled per rollout per device.")] = 64,
+    rollout_batch: Annotated[int, typer.Option(help="PPO/RLOO/GRPO: responses sampled per rollout per device (batch_size / processes).")] = 64,
     responses_per_prompt: Annotated[int, typer.Option(help="Reward, DPO: responses per ranking (K).")] = 4,
     checkpointing: Annotated[str, typer.Option(help="Gradient checkpointing: off, on or both.")] = "off",
     fsdp_ranks: Annotated[int, typer.Option(help="FSDP2 ranks sharing the weights and optimiser state (1: one device).")] = 1,

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from align.commands.cli import exit_process
 from align.config import load_config
 from ppo.config import PPOConfig
+from ppo.data import PromptSampler
 from ppo.trainer import PPOTrainer
 
 
@@ -22,12 +23,15 @@ def main(overrides: list[str]) -> tuple[Path, int]:
     rank = trainer.accelerator.process_index
     prompts = trainer.sampler.next_batch()  # what this rank would see next: ranks must differ
     trainer.sampler.load_state_dict({"epoch": 0, "position": 0})
+    cfg = trainer.cfg  # what one process would draw with the same config: the ranks' shares together
+    one_process = PromptSampler(trainer.sampler.prompts, cfg.batch_size // cfg.samples_per_prompt, cfg.seed).next_batch()
     trainer.train()
     out = Path(trainer.cfg.output_dir) / "per_rank"
     out.mkdir(exist_ok=True)
     save_file({n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad},
               str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"first_prompts": prompts}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"first_prompts": prompts, "one_process_prompts": one_process,
+                                                          "episodes": trainer.batch.episodes}))
     return out, rank
 
 

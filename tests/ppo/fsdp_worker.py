@@ -56,10 +56,11 @@ def fixed_batch(trainer: PPOTrainer) -> Experience:
 
 def main(out: Path, overrides: list[str]) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    share = GLOBAL_BATCH // world  # the config's batch is per process
-    trainer = PPOTrainer(load_config(PPOConfig, None, [*overrides, f"batch_size={share}", "num_ppo_epochs=1",
+    share = GLOBAL_BATCH // world  # batch_size counts every process's episodes; each takes its share
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*overrides, f"batch_size={GLOBAL_BATCH}", "num_ppo_epochs=1",
                                                        "num_mini_batches=1", "gradient_accumulation_steps=1"]))
     trainer.setup()
+    assert trainer.batch.episodes == share
     rank = trainer.accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
     before = full_trainable_state(trainer.model) if trainer.fsdp else trainable_state(trainer.model)

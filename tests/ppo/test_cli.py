@@ -39,6 +39,23 @@ def test_config_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_batch_size_is_shared_among_the_processes():
+    """batch_size counts every process's episodes; each prompt's samples stay on one process."""
+    from align.errors import UserError
+    from ppo.config import BatchShape, PPOConfig
+
+    cfg = PPOConfig(method="rloo", batch_size=64, samples_per_prompt=4, num_mini_batches=2,
+                    gradient_accumulation_steps=2)
+    assert cfg.batch_shape(1) == BatchShape(episodes=64, prompts=16, mini_batch=32, micro_batch=16)
+    assert cfg.batch_shape(4) == BatchShape(episodes=16, prompts=4, mini_batch=8, micro_batch=4)
+    with pytest.raises(UserError, match=r"batch_size \(64\) must be divisible by the number of processes \(3\)"):
+        cfg.batch_shape(3)
+    with pytest.raises(UserError, match=r"batch_size / 32 processes \(2\) must be divisible by samples_per_prompt"):
+        cfg.batch_shape(32)  # a prompt's 4 samples would straddle two processes
+    with pytest.raises(UserError, match=r"each of the 32 processes, batch_size / 32 processes / num_mini_batches \(1\)"):
+        PPOConfig(batch_size=64, num_mini_batches=2, gradient_accumulation_steps=2).batch_shape(32)
+
+
 def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     code, err = run_cli(["--resume", str(tmp_path)], capsys)
     assert code == 2 and "no config.yaml" in err and len(err.splitlines()) == 1

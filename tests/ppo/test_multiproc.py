@@ -35,15 +35,16 @@ def test_two_cpu_ranks_finish_with_identical_parameters(small_run, tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
     assert any(rank0[n].abs().sum() > 0 for n in rank0 if n.startswith("value_head.")), "nothing was trained"
 
-    # Each rank rolled out its own slice of the global batch.
-    prompts0 = json.loads((run / "per_rank" / "rank0.json").read_text())["first_prompts"]
-    prompts1 = json.loads((run / "per_rank" / "rank1.json").read_text())["first_prompts"]
-    assert prompts0 != prompts1
+    # batch_size counts both ranks' episodes: each rolled out its half of what one process would draw.
+    info0, info1 = (json.loads((run / "per_rank" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert info0["episodes"] == info1["episodes"] == 8 // 2
+    assert info0["first_prompts"] != info1["first_prompts"]
+    assert info0["first_prompts"] + info1["first_prompts"] == info0["one_process_prompts"]
     # the DDP module outlives the trainer: freed, its reducer could deadlock the rank's exit in gloo's teardown
     for rank in (0, 1):
         assert json.loads((run / "per_rank" / f"rank{rank}_after.json").read_text())["ddp_modules_alive"] == 1
 
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["train/num_processes"] == 2 and summary["episodes"] == 3 * 8 * 2
+    assert summary["train/num_processes"] == 2 and summary["episodes"] == 3 * 8
     assert (run / "checkpoints" / "iter-000002" / "rng_states.pt").exists()
     assert len(torch.load(run / "checkpoints" / "iter-000002" / "rng_states.pt", weights_only=False)) == 2
