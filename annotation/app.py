@@ -189,7 +189,8 @@ def create_app(settings: Settings) -> FastAPI:
             headers = {"Retry-After": str(exc.retry_after)}
         elif isinstance(exc, services.Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
+        body = {"detail": str(exc)} if exc.code is None else {"detail": str(exc), "code": exc.code}
+        return JSONResponse(body, status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -15,6 +15,16 @@ CSRF_COOKIE = "align_csrf"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
+class CsrfRejected(HTTPException):
+    """403 for a state change without the page's CSRF token; `code` as a ServiceError's (the page
+    answers it by reloading)."""
+
+    code = "csrf_token"
+
+    def __init__(self):
+        super().__init__(403, "missing or wrong CSRF token; reload the page and try again")
+
+
 class SessionPerRequest:
     """Pure ASGI middleware: every HTTP request gets its database Session (`SessionDep`),
     closed once the request is done, response sent. A dependency with `yield` would do the
@@ -62,7 +72,7 @@ async def check_csrf(request: Request) -> None:
     ):
         presented = (await request.form()).get("csrf_token")
     if not security.csrf_ok(request.app.state.secret, csrf_binding(request), presented):
-        raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
+        raise CsrfRejected()
 
 
 def _bearer_token(request: Request) -> services.BearerToken | None:

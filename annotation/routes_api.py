@@ -102,7 +102,10 @@ def get_task(task_id: TaskId, db: SessionDep, user: CurrentUser):
     return _task_public(services.get_task(db, user, task_id, members_only=True))
 
 
-@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+# The refusals a client answers in its own way carry a "code" beside "detail" (ServiceError.code).
+@router.post("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201, responses={
+    409: {"description": 'the task is already ranked or skipped ("code": "already_ranked", "already_skipped"), or '
+                         'its lease expired and the prompt has all its annotators ("code": "lease_expired")'}})
 def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller: Caller):
     """Submit the ranking of a leased task (409 if it was submitted already)."""
     row = services.submit_ranking(db, caller, task_id, body.order, below=body.below, all_bad=body.all_bad,
@@ -119,7 +122,8 @@ def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: C
     return _ranking_public(row)
 
 
-@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201)
+@router.post("/tasks/{task_id}/skip", response_model=RankingPublic, status_code=201, responses={
+    409: {"description": 'the task is already ranked or skipped ("code": "already_ranked", "already_skipped")'}})
 def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
     return _ranking_public(services.skip_task(db, user, task_id, body.reason, members_only=True))
 

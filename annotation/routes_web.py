@@ -59,7 +59,9 @@ async def html_error_handler(request: Request, exc):
     detail = getattr(exc, "detail", "error")
     headers = getattr(exc, "headers", None)
     if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        code = getattr(exc, "code", None)  # deps.CsrfRejected's
+        return JSONResponse({"detail": detail} if code is None else {"detail": detail, "code": code},
+                            status_code=status, headers=headers)
     if status == 401:
         return RedirectResponse("/", status_code=303)
     return page(request, "error.html", status_code=status, status=status, detail=detail, user=None)

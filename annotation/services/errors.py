@@ -8,7 +8,14 @@ from align.errors import UserError
 
 
 class ServiceError(UserError):
-    """Base of every error a service function raises on purpose."""
+    """Base of every error a service function raises on purpose. `code` names, in a word a client
+    can branch on, the few conditions a client answers in its own way (the JSON API's "code"
+    field: the annotator's page says what happened and offers the way on without reading the
+    wording of the message, which may change)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class NotFound(ServiceError):

@@ -269,10 +269,11 @@ def submit_ranking(
     time_spent_ms = _clean_time(time_spent_ms)
     all_bad = _clean_bool(all_bad, "all_bad")
     if a.status in ("done", "skipped"):
-        raise Conflict(f"task {assignment_id} is already {'ranked' if a.status == 'done' else 'skipped'}; "
-                       "send a revision (PUT) to correct a ranking")
+        what = "ranked" if a.status == "done" else "skipped"
+        raise Conflict(f"task {assignment_id} is already {what}; send a revision (PUT) to correct a ranking",
+                       code=f"already_{what}")
     # The conditional updates below re-check everything they rely on from the read above.
-    submitted_already = Conflict(f"task {assignment_id} was submitted already")
+    submitted_already = Conflict(f"task {assignment_id} was submitted already", code="already_ranked")
     lease_live = a.status == "leased" and a.leased_until >= now
     try:
         if lease_live and on_postgresql(db):
@@ -340,7 +341,7 @@ def _lease_again(tx: Transaction, a: AssignmentRow) -> None:
     if a.status == "leased":
         expire_lease(tx, a.id, a.prompt_id)
     if not take_slot(tx, a.prompt_id, _PER_PROMPT.scalar(tx, project=a.project_id)):
-        raise Conflict(f"the lease on task {a.id} expired and the prompt has all its annotators")
+        raise Conflict(f"the lease on task {a.id} expired and the prompt has all its annotators", code="lease_expired")
 
 
 @unit_of_work
@@ -397,7 +398,8 @@ def skip_task(db: Session, user: User, assignment_id: int, reason: str, *, membe
     if not reason or not reason.strip():
         raise Invalid("a skip needs a reason")
     if a.status not in ("leased", "expired"):
-        raise Conflict(f"task {assignment_id} is already {a.status}")
+        what = "ranked" if a.status == "done" else "skipped"
+        raise Conflict(f"task {assignment_id} is already {what}", code=f"already_{what}")
     now = time.time()
     with transaction(db, write=True) as tx:
         if _SKIP.rowcount(tx, id=a.id, status=a.status, now=now) != 1:

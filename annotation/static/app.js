@@ -240,8 +240,12 @@
     csrf = token;  // and the page's forms (Sign out) send it too
     Array.prototype.forEach.call(document.querySelectorAll('input[name="csrf_token"]'), function (i) { i.value = token; });
   }
-  function detail(resp) {
-    return resp.json().then(function (j) { return j.detail || resp.statusText; }, function () { return resp.statusText; });
+  // A refused request's answer: the server's words, and the code of the few refusals the page
+  // answers in its own way ("code" in the JSON: already_ranked, already_skipped, lease_expired,
+  // csrf_token), so that no message's wording is read.
+  function refusal(resp) {
+    return resp.json().then(function (j) { return { text: j.detail || resp.statusText, code: j.code || null }; },
+                            function () { return { text: resp.statusText, code: null }; });
   }
 
   // The ways on after a failure, under the message: the next task, this page again (with what
@@ -275,9 +279,9 @@
     return api("POST", "/api/projects/" + encodeURIComponent(project) + "/next").then(function (resp) {
       if (resp.status === 204) { window.location.assign("/projects/" + encodeURIComponent(project) + "/done"); return; }
       if (resp.ok) return resp.json().then(function (t) { window.location.assign("/tasks/" + t.id); });
-      return detail(resp).then(function (d) {
+      return refusal(resp).then(function (why) {
         if (resp.status === 401) nextFailed("your session has ended: sign in again in another tab", ["next-task", "sign-in"]);
-        else nextFailed(d, ["next-task"]);
+        else nextFailed(why.text, ["next-task"]);
       });
     }).catch(function () { nextFailed("network error", ["next-task"]); });
   }
@@ -289,24 +293,24 @@
     busy = false;
   }
 
-  function notSaved(code, d) {
-    if (code === 401) {
+  function notSaved(status, why) {
+    if (status === 401) {
       say(SESSION_ENDED, true);
       offer(["sign-in"]);
-    } else if (code === 409 && /already ranked|submitted already/.test(d)) {
+    } else if (why.code === "already_ranked") {
       say("Not saved: this task was already ranked, in another tab or earlier.", true);
       offer(["reload-task", "next-task"], "Show the stored ranking");
-    } else if (code === 409 && /already skipped/.test(d)) {
+    } else if (why.code === "already_skipped") {
       say("Not saved: this task was skipped, in another tab or earlier.", true);
       offer(["next-task"]);
-    } else if (code === 409 && /expired/.test(d)) {
+    } else if (why.code === "lease_expired") {
       say("Not saved: your time on this task ran out, and other annotators have ranked it since.", true);
       offer(["next-task"]);
-    } else if (code === 403 && /CSRF/.test(d)) {
+    } else if (why.code === "csrf_token") {
       say("Not saved: this page is out of date. Reload it (your ranking is kept) and submit again.", true);
       offer(["reload-task"], "Reload this page");
     } else {
-      say("Not saved: " + d, true);
+      say("Not saved: " + why.text, true);
     }
   }
 
@@ -336,7 +340,7 @@
         say("Saved.");
         return goNext();
       }
-      return detail(resp).then(function (d) { notSaved(resp.status, d); busy = false; });
+      return refusal(resp).then(function (why) { notSaved(resp.status, why); busy = false; });
     }, function () { say("Network error: not saved. Try again.", true); busy = false; });
   }
 
@@ -375,7 +379,7 @@
         isStored("skipped");
         return goNext();
       }
-      return detail(resp).then(function (d) {
+      return refusal(resp).then(function (why) {
         if (resp.status === 401) {
           say("Your session has ended: sign in again (in another tab), then skip again.", true);
           offer(["sign-in"]);
@@ -383,7 +387,7 @@
           say("Not skipped: this task was already ranked or skipped, in another tab or earlier.", true);
           offer(["reload-task", "next-task"], "Show the task as it is now");
         } else {
-          say("Not skipped: " + d, true);
+          say("Not skipped: " + why.text, true);
         }
         busy = false;
       });

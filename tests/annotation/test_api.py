@@ -158,6 +158,58 @@ def test_expired_lease_frees_the_slot(env):
             assert "expired" in str(exc)
 
 
+def test_refusals_a_client_answers_carry_a_code_and_change_nothing(env):
+    """409s and the CSRF 403 name their condition in "code" (the ranking page branches on it, not
+    on the wording); other refusals carry none."""
+    import time
+
+    from annotation import services
+    from annotation.models import User
+
+    env.project(n_prompts=2, k=2, annotators=1)
+    env.project("late", n_prompts=1, k=2, annotators=1, lease_seconds=10)
+    tok = env.annotator("ann")
+    ranked = _next(env, tok).json()
+    url = f"/api/tasks/{ranked['id']}"
+    order = [[c["id"]] for c in ranked["candidates"]]
+    assert env.client.post(f"{url}/ranking", headers=env.headers(tok), json={"order": order}).status_code == 201
+    skipped = _next(env, tok).json()
+    assert env.client.post(f"/api/tasks/{skipped['id']}/skip", headers=env.headers(tok),
+                           json={"reason": "unclear"}).status_code == 201
+    before = env.counts()
+    for path, body, code in [(f"{url}/ranking", {"order": order}, "already_ranked"),
+                             (f"{url}/skip", {"reason": "again"}, "already_ranked"),
+                             (f"/api/tasks/{skipped['id']}/ranking",
+                              {"order": [[c["id"]] for c in skipped["candidates"]]}, "already_skipped"),
+                             (f"/api/tasks/{skipped['id']}/skip", {"reason": "again"}, "already_skipped")]:
+        r = env.client.post(path, headers=env.headers(tok), json=body)
+        assert (r.status_code, r.json().get("code")) == (409, code), (path, r.text)
+    assert env.counts() == before
+
+    env.annotator("other")
+    with env.db() as db:  # ann's lease on the one prompt of "late" runs out and "other" ranks it
+        p = services.get_project(db, "late")
+        ann, other = (db.query(User).filter_by(username=n).one() for n in ("ann", "other"))
+        late = services.next_task(db, ann, p)
+        taken = services.next_task(db, other, p, now=time.time() + 11)
+        assert taken.prompt_id == late.prompt_id
+        services.submit_ranking(db, other, taken.assignment_id, [[c.id] for c in taken.candidates])
+    before = env.counts()
+    r = env.client.post(f"/api/tasks/{late.assignment_id}/ranking", headers=env.headers(tok),
+                        json={"order": [[c.id] for c in late.candidates]})
+    assert (r.status_code, r.json().get("code")) == (409, "lease_expired") and env.counts() == before
+    r = env.client.post("/api/projects", headers=env.headers(env.admin_token), json={"name": "p"})
+    assert r.status_code == 409 and "code" not in r.json()  # a conflict no client answers on its own
+
+    c = env.client  # a signed-in browser without the page's token
+    c.cookies.clear()
+    csrf = c.get("/").text.split('name="csrf_token" value="')[1].split('"')[0]
+    assert c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": csrf},
+                  follow_redirects=False).status_code == 303
+    r = c.post("/api/projects/p/next")
+    assert (r.status_code, r.json().get("code")) == (403, "csrf_token") and env.counts() == before
+
+
 def test_skip_with_reason_releases_slot(env):
     env.project(n_prompts=1, k=2, annotators=1)
     t1, t2 = env.annotator("a1"), env.annotator("a2")
