@@ -178,6 +178,18 @@ def test_pairs_writer_plain_and_conversational(tmp_path):
     assert [(r.prompt, r.responses) for r in back] == [("p", ["x", "y"]), ("p", ["x", "z"]), (chat, ["v", "u"])]
 
 
+def test_pair_exports_take_a_repeated_text_once_at_its_best_rank():
+    """Two models gave the same answer, ranked apart: the TRL and HH exports hold it once, at its
+    best rank, as the training stages read it (no pair of a text with itself, none contradicting
+    another); prompt_id and annotator are written only where the ranking knows them."""
+    r = Ranking("q", ["a", "b", "a"], [0, 1, 2], prompt_id="p1")
+    assert exports.pairs_from_rankings([r]) == [{"prompt": "q", "chosen": "a", "rejected": "b", "prompt_id": "p1"}]
+    assert exports.hh_from_rankings([r]) == [{"chosen": "\n\nHuman: q\n\nAssistant: a",
+                                              "rejected": "\n\nHuman: q\n\nAssistant: b"}]
+    anonymous = Ranking("q", ["a", "b"], [0, 1], annotator="ann")
+    assert exports.pairs_from_rankings([anonymous]) == [{"prompt": "q", "chosen": "a", "rejected": "b", "annotator": "ann"}]
+
+
 def test_kwise_round_trip_keeps_ties_and_meta(tmp_path):
     r = Ranking([{"role": "user", "content": "q"}], ["a", "b", "c"], [0, 0, 1], "ann", "p1", {"all_bad": True, "revision": 2})
     f = tmp_path / "k.jsonl"

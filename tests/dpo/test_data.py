@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from align.formats import Ranking
 from dpo.data import DPODataset
 
@@ -48,3 +50,14 @@ def test_rankings_left_out_are_counted_by_their_reason():
     # with room for every text, only the merge is left out
     roomy = DPODataset([ok, merged, long], tok, max_length=1000)
     assert roomy.rankings == [ok, long] and str(roomy.left_out).startswith("1 whose prompt and response")
+
+
+def test_a_batch_lays_values_out_by_ranking_with_zero_at_padding():
+    """A K=3 and a K=2 ranking in one batch: the second's missing third response holds 0, so a sum
+    over the (G, K) layout (the logged movement from the reference) counts real responses only."""
+    from dpo.data import DPOBatch
+
+    batch = DPOBatch(responses=None, response_index=torch.tensor([[0, 1, 2], [3, 4, -1]]),
+                     ranks=torch.tensor([[0, 1, 2], [1, 0, 0]]), reference_logps=None)
+    assert batch.valid.tolist() == [[True, True, True], [True, True, False]]
+    assert batch.per_ranking(torch.arange(5.0) + 1).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]

@@ -1,0 +1,64 @@
+"""align.training: the offline stages' learning-rate schedule and the metrics rows of their step loop."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from align.training import StepLoop, linear_schedule
+
+
+def test_linear_schedule_warms_up_from_the_first_step_then_decays_to_zero():
+    """10 steps, warmup_ratio 0.2: 2 warm-up steps at 1/2 and 2/2 of the peak (the first step
+    already learns), then (10 - s) / 8 of it down to 1/8 at the last step."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = linear_schedule(optimizer, total_steps=10, warmup_ratio=0.2)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, row):
+        self.rows.append(row)
+
+
+class _Loop(StepLoop):
+    """The step loop alone, in one process: step n reports train/loss = n."""
+
+    stage = "test"
+
+    def __init__(self, steps: int, log_every: int, save_every: int):
+        self.loop_cfg = SimpleNamespace(log_every=log_every, save_every=save_every, progress=False)
+        self.global_batches = [[n] for n in range(1, steps + 1)]
+        self.accelerator = SimpleNamespace(reduce=lambda t, _op: t)  # one process: the mean over ranks is its own
+        self.device, self.is_main, self.metrics, self.lr = torch.device("cpu"), True, _Rows(), 0.1
+        self.saved_at = []
+
+    def local_batches(self, global_batch):
+        return global_batch
+
+    def step(self, local):
+        return {"train/loss": float(local[0])}
+
+    def save_checkpoint(self):
+        self.saved_at.append(self.step_count)
+
+
+@pytest.mark.parametrize(("log_every", "save_every", "expected"), [
+    (3, 0, {3: (1 + 2 + 3) / 3, 5: (4 + 5) / 2}),  # the last row: the 2 steps since the last one
+    (3, 2, {2: 1.5, 3: 3.0, 4: 4.0, 5: 5.0}),  # a checkpoint closes the window early
+])
+def test_each_metrics_row_is_the_mean_of_the_steps_since_the_last_row(log_every, save_every, expected):
+    loop = _Loop(steps=5, log_every=log_every, save_every=save_every)
+    loop.train()
+    assert {row["step"]: row["train/loss"] for row in loop.metrics.rows} == pytest.approx(expected)
+    assert loop.saved_at == ([2, 4] if save_every else [])
