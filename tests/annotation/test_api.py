@@ -90,6 +90,13 @@ def test_revision_keeps_raw_rankings(env):
         (1, False, texts[a]), (2, True, texts[b])]
     refused = env.client.get("/api/projects/p/export?format=trl&all_revisions=true", headers=admin)
     assert refused.status_code == 422 and "kwise format only" in refused.json()["detail"]
+    from annotation import services
+
+    with env.db() as db:  # the admin's view of the prompt shows the revised ranking, not the first
+        detail = services.prompt_detail(db, services.get_project(db, "p"), "q0")
+    (shown,) = detail["rankings"]
+    revised_ranks = [0 if c.id == b else 1 for c in detail["candidates"]]  # b best, in the source's order
+    assert (shown["revision"], shown["all_bad"], shown["ranks"]) == (2, True, revised_ranks)
 
 
 def test_distinct_annotators_per_prompt_and_least_annotated_first(env):

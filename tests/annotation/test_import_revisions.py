@@ -38,6 +38,18 @@ B = {**A, "ranks": [2, 1, 0], "rationale": "changed"}
 A_AGAIN = {**A, "all_bad": True, "rationale": "back to the first order, all bad"}
 
 
+def test_lines_without_revision_numbers_are_held_only_in_the_order_of_the_history():
+    """Held A, B; a file of A, A, B: the first A is held, the second is not found after it, so it
+    and every line after it are new revisions (A as 3, B as 4)."""
+    from annotation.services.ranking_history import History, ranking_key
+
+    a, b = ranking_key([[1], [2]], None, False, None), ranking_key([[2], [1]], None, False, None)
+    history = History(revisions={1: a, 2: b})
+    assert history.follows(a) is True
+    assert history.follows(a) is False and history.place(a, None) == 3
+    assert history.follows(b) is False and history.place(b, None) == 4
+
+
 def test_a_delivery_of_a_then_b_then_a_ends_with_the_last_a_and_adds_nothing_when_sent_again(env):
     """The same order coming back later is a new revision (it was skipped as seen before,
     so B stayed the latest and the final all_bad and rationale were lost)."""
