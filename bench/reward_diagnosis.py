@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     from reward.model import load_reward_model
 
     rm = load_reward_model(args.model)
-    table = reward_table(rm.model, rm.tokenizer, data.eval, max_length=rm.max_length, batch_size=64, gain=1.0, bias=0.0)
+    table = reward_table(rm.model, rm.tokenizer, data.eval, max_length=rm.max_length, batch_size=64)
     model = lambda p, s: table[text_key(p, s)]  # noqa: E731
     print(f"{'reward model ' + args.model:48s} {overall(model):8.4f}\n")
 

@@ -37,9 +37,10 @@ def text_key(prompt: Any, response: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
-                 gain: float = 1.0, bias: float = 0.0) -> dict[tuple[str, str], float]:
-    """Reward of every distinct (prompt, response) in the rankings, each forwarded once."""
+def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int,
+                 batch_size: int) -> dict[tuple[str, str], float]:
+    """Raw reward (before any normalisation) of every distinct (prompt, response) in the rankings,
+    each forwarded once."""
     from reward.model import render_texts, score_texts
 
     unique: dict[tuple[str, str], tuple[Any, str]] = {}
@@ -49,7 +50,7 @@ def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: i
     keys = list(unique)
     texts = render_texts(tokenizer, [unique[k][0] for k in keys], [unique[k][1] for k in keys])
     raw = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
-    return {k: gain * v + bias for k, v in zip(keys, raw.tolist())}
+    return dict(zip(keys, raw.tolist()))
 
 
 def ranking_metrics(rankings: Sequence[Ranking], rewards: dict[tuple[str, str], float], prefix: str = "eval/",
