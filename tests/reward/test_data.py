@@ -280,3 +280,36 @@ def test_an_all_revisions_export_trains_on_each_annotators_latest_ranking(tmp_pa
         kept = read_source("kwise", path)
     assert sorted((r.annotator, r.ranks) for r in kept) == [("alice", [0, 2, 1]), ("bob", [1, 0, 2])]
     assert "2 earlier revision(s)" in caplog.text
+
+
+def test_synthetic_held_out_labels_are_the_gold_judges_one_per_distinct_ranking():
+    # noisy annotators, three per prompt: their rankings of a held-out prompt disagree with the gold
+    # judge and with each other, and the held-out accuracy must be against the gold order, once per prompt
+    from reward.config import DataSection
+    from reward.data import gold_ranks
+
+    data = load_reward_data(DataSection(format="synthetic", num_rankings=12, num_eval_rankings=30, k=4,
+                                        agreement=0.6, annotators_per_prompt=3))
+    key = lambda r: (r.prompt, tuple(r.responses))  # noqa: E731
+    annotated = data.eval_annotator
+    assert annotated and len({key(r) for r in annotated}) < len(annotated)  # the precondition: several per prompt
+    assert any(r.ranks != gold_ranks(r.prompt, r.responses) for r in annotated)  # ... that disagree with gold
+    assert data.eval_label == "gold" and data.eval
+    assert all(r.annotator == "gold" and r.ranks == gold_ranks(r.prompt, r.responses) for r in data.eval)
+    assert len({key(r) for r in data.eval}) == len(data.eval)
+    assert {key(r) for r in data.eval} <= {key(r) for r in annotated}
+
+
+def test_a_separate_eval_file_is_read_with_repeated_responses_kept_once(tmp_path):
+    from align.exports import write_kwise
+    from reward.config import DataSection
+
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_kwise([Ranking(prompt=f"train {i}", responses=["x", "y"], ranks=[0, 1]) for i in range(4)], train_path)
+    write_kwise([Ranking(prompt="held out", responses=["a", "b", "a"], ranks=[0, 1, 2]),
+                 Ranking(prompt="held out too", responses=["c", "d"], ranks=[1, 0])], eval_path)
+    data = load_reward_data(DataSection(format="kwise", path=str(train_path), eval_path=str(eval_path)))
+    by_prompt = {r.prompt: r for r in data.eval}
+    assert set(by_prompt) == {"held out", "held out too"} and len(data.train) == 4
+    assert (by_prompt["held out"].responses, by_prompt["held out"].ranks) == (["a", "b"], [0, 1])
+    assert (by_prompt["held out too"].responses, by_prompt["held out too"].ranks) == (["c", "d"], [1, 0])

@@ -128,3 +128,19 @@ def test_other_encoder_families_train_and_load_back(family, tmp_path):
     trainer.finish()
     rm = load_reward_model(tmp_path / "rm")
     assert rm.model.config.model_type == family and torch.isfinite(rm.score(["hi"], ["hello"])).all()
+
+
+def test_encoder_scores_a_text_the_same_alone_and_batched_with_a_longer_one(tiny_bert):
+    # the head reads [CLS] at the first position and BERT's positions count from the first column:
+    # the shorter text must be padded on the right
+    from align.modeling import load_tokenizer
+    from reward.model import build_reward_model, score_texts
+
+    tokenizer = load_tokenizer(tiny_bert, encoder=True)
+    model = build_reward_model(tiny_bert, tokenizer, seed=0)
+    texts = ["a cat", "what is a cat? it is a small animal that many people keep at home as a pet, and it purrs"]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths[1] > lengths[0] + 10  # the precondition: the short text is mostly padding in the batch
+    batched = score_texts(model, tokenizer, texts, max_length=64)
+    alone = torch.cat([score_texts(model, tokenizer, [t], max_length=64) for t in texts])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)

@@ -1,6 +1,10 @@
 """Pair outcomes per ranking, the ranking-level bootstrap interval, the 'longer wins' baseline, agreement
 between annotators and with the model on pairs several annotators judged."""
 
+import math
+
+import pytest
+
 from align.formats import Ranking
 from reward.evaluate import (
     bootstrap_interval,
@@ -8,6 +12,7 @@ from reward.evaluate import (
     length_rewards,
     outcomes_by_prompt,
     pair_outcomes,
+    ranking_metrics,
     text_key,
 )
 
@@ -67,3 +72,27 @@ def test_cross_annotator_agreement_with_ties_as_half():
     assert m["eval/cross_annotator_accuracy"] == 4 / 6
     # a response ranked by one annotator only gives nothing to compare
     assert cross_annotator_metrics(rankings[2:], rewards, "eval/") == {}
+
+
+def test_ranking_metrics_margin_is_winner_minus_loser_scaled_by_the_gain():
+    # one ranking, a over b; rewards a 2.0, b 0.5: margin 2.0 - 0.5 = 1.5, the pair right
+    r = Ranking(prompt="q", responses=["a", "b"], ranks=[0, 1])
+    rewards = {text_key("q", "a"): 2.0, text_key("q", "b"): 0.5}
+    m = ranking_metrics([r], rewards)
+    assert m["eval/accuracy"] == 1.0 and m["eval/num_pairs"] == 1
+    assert m["eval/reward_margin"] == pytest.approx(1.5)
+    assert m["eval/loss"] == pytest.approx(math.log(1 + math.exp(-1.5)))  # -log sigmoid(1.5)
+    assert ranking_metrics([r], rewards, margin_scale=2.0)["eval/reward_margin"] == pytest.approx(3.0)
+    # the same ranking read the other way round: the margin changes sign, the accuracy drops to 0
+    flipped = ranking_metrics([Ranking(prompt="q", responses=["a", "b"], ranks=[1, 0])], rewards)
+    assert flipped["eval/reward_margin"] == pytest.approx(-1.5) and flipped["eval/accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bootstrap_statistic_pools_the_pairs_of_the_drawn_groups(seed):
+    # groups A = [1, 1, 1] and B = [0]; a resample of two groups is AA (1/4 of draws), AB or BA (1/2), BB (1/4).
+    # Pooled pair accuracy: AA 6/6 = 1, AB 3/4 = 0.75, BB 0/2 = 0, so the median draw is 0.75; a mean of the
+    # groups' means would give AB (1 + 0) / 2 = 0.5. At level 0 both ends of the interval are the median.
+    assert bootstrap_interval([[1.0, 1.0, 1.0], [0.0]], level=0.0, seed=seed) == (0.75, 0.75)
+    # and the 95% interval spans the extreme draws
+    assert bootstrap_interval([[1.0, 1.0, 1.0], [0.0]], seed=seed) == (0.0, 1.0)

@@ -268,3 +268,57 @@ def test_a_reward_model_with_damaged_weights_is_one_line_naming_it(random_reward
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(UserError, match=rf"{copy}: damaged or truncated weights \("):
         load_reward_model(copy)
+
+
+def test_fit_normalization_gives_mean_0_and_std_1():
+    from reward.model import fit_normalization
+
+    # raw 1, 2, 3, 10: mean 4, squared deviations 9 + 4 + 1 + 36 = 50, sample std (n - 1, torch's
+    # default) sqrt(50 / 3): gain sqrt(3 / 50), bias -4 * gain
+    raw = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    gain, bias = fit_normalization(raw)
+    assert gain == pytest.approx((3 / 50) ** 0.5) and bias == pytest.approx(-4 * (3 / 50) ** 0.5)
+    z = gain * raw + bias
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-6) and z.std().item() == pytest.approx(1.0, rel=1e-6)
+    # no spread: nothing to scale (gain 1), only shifted to 0
+    gain, bias = fit_normalization(torch.full((3,), 5.0))
+    assert gain == 1.0 and bias == -5.0
+    assert torch.equal(gain * torch.full((3,), 5.0) + bias, torch.zeros(3))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_a_reward_is_the_same_alone_and_batched_with_longer_texts(family, tmp_path):
+    # GPT-2 learns absolute positions counted from the first column: padding on the left would move a short
+    # text's tokens (Llama's rotary positions are relative, OPT counts its positions from the attention mask)
+    from align.modeling import load_tokenizer
+    from reward.model import build_reward_model, encode, forward_rewards
+    from tests.families.builders import build_family_model
+
+    path = build_family_model(family, tmp_path / family)
+    tok = load_tokenizer(path)
+    model = build_reward_model(path, tok, seed=0).eval()
+    texts = ["<|user|>\nhi\n<|assistant|>\nhello</s>",
+             "<|user|>\na much longer prompt than the first one\n<|assistant|>\na much longer reply with many words</s>"]
+    short, long = (len(encode(tok, [t], 64)["input_ids"][0]) for t in texts)
+    assert long > short + 8  # the short text is padded in the batch
+    with torch.no_grad():
+        alone = torch.cat([forward_rewards(model, **encode(tok, [t], 64)) for t in texts])
+        batched = forward_rewards(model, **encode(tok, texts, 64))
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_a_saved_reward_model_keeps_its_max_length(quick_config, tmp_path):
+    from reward.model import encode, forward_rewards, load_reward_model, render_texts
+
+    cfg = quick_config(f"output_dir={tmp_path / 'short'}", "model.max_length=48", "train.max_steps=1",
+                       "eval.normalize=false", "data.num_rankings=16", "data.num_eval_rankings=8")
+    train_reward_model(cfg, echo=lambda s: None)
+    rm = load_reward_model(tmp_path / "short", device="cpu")
+    assert rm.max_length == 48
+    # it scores a longer text as it trained on it: cut to its last 48 tokens
+    prompt, response = "a long prompt " * 30, "the reply"
+    text = render_texts(rm.tokenizer, [prompt], [response])
+    assert len(rm.tokenizer(text[0], add_special_tokens=False)["input_ids"]) > 60
+    with torch.no_grad():
+        cut = forward_rewards(rm.model, **encode(rm.tokenizer, text, 48))
+    torch.testing.assert_close(rm.score_raw([prompt], [response]), cut, atol=1e-5, rtol=0)
