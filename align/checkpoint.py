@@ -86,7 +86,7 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
     if data is not None and "data" in state and state["data"] != data:
         raise UserError(f"{path}: the training data differ from those the run was trained on (re-exported or "
                         "changed since); restore them or start a new run")
-    if num_steps is not None and state.get("num_steps") != num_steps:
+    if num_steps is not None and "num_steps" in state and state["num_steps"] != num_steps:  # (older: not kept)
         raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans {num_steps}; "
                         "start a new run")
 

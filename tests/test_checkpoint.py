@@ -34,6 +34,20 @@ def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():
         check_same_run(path, state, config=CONFIG, may_change=set(), num_steps=9)
     # a checkpoint written before checkpoints held their config and data: resumed on the run's config.yaml
     check_same_run(path, {"num_steps": 8}, config=changed, may_change=set(), data="x", num_steps=8)
+    check_same_run(path, {"config": CONFIG}, config=CONFIG, may_change=set(), num_steps=8)  # nor its steps
+    # a key that may change is named in full: another section's key of the same name may not
+    other = {**CONFIG, "eval": {"save_every": 1}}
+    with pytest.raises(UserError, match="eval.save_every is 2 where the run had 1"):
+        check_same_run(path, {"config": other}, config={**other, "eval": {"save_every": 2}},
+                       may_change={"train.save_every"})
+
+
+def test_a_checkpoint_holding_a_former_key_name_resumes_under_the_new_one():
+    path = Path("runs/a/checkpoints/step-000004")
+    state = {"config": {"eval": {"old": 16}}}
+    check_same_run(path, state, config={"eval": {"new": 16}}, may_change=set(), aliases={"eval.old": "eval.new"})
+    with pytest.raises(UserError, match="eval.new is 32 where the run had 16"):
+        check_same_run(path, state, config={"eval": {"new": 32}}, may_change=set(), aliases={"eval.old": "eval.new"})
 
 
 HOLDER = """

@@ -20,6 +20,7 @@ class OptimConfig:
 class StageConfig:
     model: str = option("demo", help="Model checkpoint.")
     kl_coef: float = option(0.05, help="KL penalty coefficient.", ge=0)
+    clip: float = option(0.2, help="Clip range.", ge=0, lt=1)
     estimator: Literal["k1", "k3"] = option("k1", help="KL estimator.")
     whiten: bool = option(True, help="Whiten advantages.")
     data_path: str | None = option(None, help="Data file.", must_exist=True)
@@ -64,6 +65,7 @@ def test_a_text_field_takes_the_override_as_typed(tmp_path):
 def test_defaults_without_a_file():
     cfg = load_config(StageConfig, None, [])
     assert cfg == StageConfig()
+    assert load_config(StageConfig, None, ["clip=0", "optim.lr=1e-12"]).clip == 0  # and just inside is in
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,10 @@ def test_defaults_without_a_file():
         (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),  # YAML's spelling
         (["kl_coef=nan"], "kl_coef: expected a finite number, got 'nan'"),
         (["optim.warmup_steps=1.5"], "optim.warmup_steps: expected an integer"),
+        (["optim.warmup_steps=true"], "optim.warmup_steps: expected an integer"),  # YAML's true is no 1
+        (["optim.lr=true"], "optim.lr: expected a number"),
+        (["optim.lr=0"], "optim.lr: must be > 0, got 0"),  # the bounds themselves are outside
+        (["clip=1"], "clip: must be < 1, got 1"),
         (["whiten=maybe"], "whiten: expected true or false"),
         (["estimator=k2"], "estimator: 'k2' is not one of 'k1', 'k3'"),
         (["data_path=/no/such/file.jsonl"], "data_path: file not found: /no/such/file.jsonl"),
