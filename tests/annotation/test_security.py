@@ -325,3 +325,190 @@ def test_a_password_change_signs_out_every_other_session_and_token(env):
     assert done.status_code == 200
     assert tab.get("/api/me").status_code == 200 and stolen.get("/api/me").status_code == 401
     assert env.client.get("/api/me", headers=env.headers(changer)).status_code == 401
+
+
+def _rows(env, model) -> list:
+    from sqlalchemy import select
+
+    with env.db() as db:
+        return list(db.scalars(select(model)))
+
+
+def test_a_passwordless_account_signs_in_with_no_password(env):
+    from annotation import services
+
+    with env.db() as db:
+        services.create_user(db, "simulated-0", None, "annotator")
+        for i, guess in enumerate(["", "anything at all, really", PASSWORD]):
+            assert services.sign_in(db, "simulated-0", guess, f"10.0.3.{i}") is None
+    r = env.client.post("/api/tokens", json={"username": "simulated-0", "password": "anything at all, really"})
+    assert r.status_code == 401, r.text
+
+
+def test_another_member_does_not_let_an_outsider_see_a_project(env):
+    """A project with a member: someone else, not a member, neither sees nor leases from it."""
+    from annotation import services
+
+    env.project("p", n_prompts=2, k=2)
+    member = env.annotator("ann")
+    outsider = env.annotator("olga", member_of_all=False)
+    h = env.headers(outsider)
+    before = env.counts()
+    assert env.client.get("/api/projects", headers=h).json() == []
+    assert env.client.get("/api/projects/p", headers=h).status_code == 404
+    r = env.client.post("/api/projects/p/next", headers=h)
+    assert r.status_code == 404 and "no project" in r.json()["detail"], r.text
+    assert env.counts() == before
+    with env.db() as db:
+        olga = services.get_user(db, "olga")
+        assert services.list_projects(db, olga) == []
+        assert [p.name for p in services.list_projects(db, services.get_user(db, "ann"))] == ["p"]
+        with pytest.raises(services.NotFound):
+            services.next_task_in(db, olga, "p")
+    assert env.counts() == before
+    assert env.client.post("/api/projects/p/next", headers=env.headers(member)).status_code == 200
+
+
+def test_an_expired_invite_makes_no_account(env):
+    from annotation import services
+    from annotation.models import Invite
+
+    with env.db() as db:
+        token = services.create_invite(db, "annotator", ttl_s=-1)
+    before = _count_users(env)
+    with env.db() as db:
+        with pytest.raises(services.NotFound, match="expired"):
+            services.accept_invite(db, token, "latecomer", "tandem bicycle lantern")
+    assert _count_users(env) == before
+    assert [inv.used_by for inv in _rows(env, Invite)] == [None]
+
+
+def test_tokens_sessions_and_invites_are_stored_only_as_their_sha256(env):
+    import hashlib
+
+    from annotation import services
+    from annotation.models import ApiToken, Invite, WebSession
+
+    with env.db() as db:
+        user = services.create_user(db, "stella", PASSWORD)
+        api = services.issue_api_token(db, user)
+        web = services.open_web_session(db, user)
+        invite = services.create_invite(db, "annotator")
+    signed = env.client.post("/api/tokens", json={"username": "stella", "password": PASSWORD}).json()["token"]
+    sha = {t: hashlib.sha256(t.encode()).hexdigest() for t in (api, web, invite, signed)}
+    stored = {m: [r.token_hash for r in _rows(env, m)] for m in (ApiToken, WebSession, Invite)}
+    assert sha[api] in stored[ApiToken] and sha[signed] in stored[ApiToken]
+    assert stored[WebSession] == [sha[web]] and stored[Invite] == [sha[invite]]
+    every = [h for hashes in stored.values() for h in hashes]
+    assert not set(sha) & set(every)
+    assert all(len(h) == 64 and set(h) <= set("0123456789abcdef") for h in every)
+    assert env.client.get("/api/me", headers=env.headers(api)).json()["username"] == "stella"
+
+
+def test_an_account_is_throttled_after_100_failures_from_many_clients(env):
+    """Wrong guesses at one account from 100 clients (each under its own limits) use up the
+    account's limit: a new client is refused too, even with the right password."""
+    from annotation import services
+    from annotation.services import users
+
+    with env.db() as db:
+        for i in range(100):
+            users.reserve_sign_in(db, "admin", f"10.1.{i // 250}.{i % 250}")  # an attempt, not given back
+        with pytest.raises(services.Throttled):
+            users.reserve_sign_in(db, "admin", "10.2.0.1")
+        with pytest.raises(services.Throttled):
+            services.sign_in(db, "admin", PASSWORD, "10.2.0.2")
+
+
+def test_a_correct_sign_in_gives_back_one_attempt_of_the_client_not_all(env):
+    """The client-wide limit is 4 x 5 = 20 wrong sign-ins. 19 spread over accounts (at most
+    4 each), then a correct sign-in of another account (its reserved attempt given back):
+    the client has one attempt left, not twenty."""
+    from annotation import services
+    from annotation.services import users
+
+    client = "10.3.0.1"
+    with env.db() as db:
+        for i in range(19):
+            users.reserve_sign_in(db, f"ghost{i // 4}", client)  # wrong sign-ins, never given back
+        assert services.sign_in(db, "admin", PASSWORD, client) is not None
+        users.reserve_sign_in(db, "ghost9", client)
+        with pytest.raises(services.Throttled):
+            users.reserve_sign_in(db, "ghost10", client)
+        with pytest.raises(services.Throttled):
+            services.sign_in(db, "admin", PASSWORD, client)
+        assert services.sign_in(db, "admin", PASSWORD, "10.3.0.2") is not None  # another client is not held
+
+
+def test_deactivating_revokes_tokens_and_sessions_for_good(env):
+    from annotation import services
+    from annotation.models import ApiToken, WebSession
+
+    old = env.annotator("dora")
+    with env.db() as db:
+        services.open_web_session(db, services.get_user(db, "dora"))
+    signed = env.client.post("/api/tokens", json={"username": "dora", "password": PASSWORD}).json()["token"]
+    admin = env.headers(env.admin_token)
+    assert env.client.post("/api/users/dora/deactivate", headers=admin).status_code == 200
+    with env.db() as db:
+        dora = services.get_user(db, "dora")
+    assert [r for r in _rows(env, ApiToken) if r.user_id == dora.id] == []
+    assert [r for r in _rows(env, WebSession) if r.user_id == dora.id] == []
+    r = env.client.post("/api/users/dora/activate", headers=admin)
+    assert r.status_code == 200 and r.json()["active"] is True
+    for token in (old, signed):
+        assert env.client.get("/api/me", headers=env.headers(token)).status_code == 401
+    fresh = env.client.post("/api/tokens", json={"username": "dora", "password": PASSWORD}).json()["token"]
+    assert env.client.get("/api/me", headers=env.headers(fresh)).status_code == 200
+
+
+def test_a_signed_in_browser_without_its_csrf_cookie_still_needs_the_csrf_token(env):
+    """The CSRF check follows the session cookie, not the pre-login cookie: a browser that
+    lost (or never sent) align_csrf is still refused without the token."""
+    from fastapi.testclient import TestClient
+
+    from tests.annotation.test_api import _csrf
+
+    env.project(n_prompts=2, k=2)
+    env.annotator("alice")
+    c = TestClient(env.client.app, base_url="http://127.0.0.1")
+    r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)},
+               follow_redirects=False)
+    assert r.status_code == 303 and c.cookies.get("align_session")
+    c.cookies.delete("align_csrf")
+    assert c.cookies.get("align_csrf") is None and c.get("/api/me").status_code == 200
+    before = env.counts()
+    r = c.post("/api/projects/p/next")
+    assert r.status_code == 403 and r.json()["code"] == "csrf_token", r.text
+    assert env.counts() == before
+
+
+def test_a_deactivated_user_cannot_lease_in_process(env):
+    from annotation import services
+
+    env.project(n_prompts=2, k=2)
+    env.annotator("dora")
+    assert env.client.post("/api/users/dora/deactivate", headers=env.headers(env.admin_token)).status_code == 200
+    before = env.counts()
+    with env.db() as db:
+        dora, project = services.get_user(db, "dora"), services.get_project(db, "p")
+        assert dora.active is False
+        with pytest.raises(services.Forbidden, match="deactivated"):
+            services.next_task(db, dora, project)
+        with pytest.raises(services.Forbidden, match="deactivated"):
+            services.next_task_in(db, dora, "p")
+    assert env.counts() == before
+
+
+def test_unknown_roles_are_refused(env):
+    from annotation import services
+    from annotation.models import Invite
+
+    before = _count_users(env)
+    with env.db() as db:
+        with pytest.raises(services.Invalid, match="unknown role"):
+            services.create_user(db, "zed", PASSWORD, "root")
+        for role in ("source", "root"):
+            with pytest.raises(services.Invalid, match="unknown role"):
+                services.create_invite(db, role)
+    assert _count_users(env) == before and _rows(env, Invite) == []
