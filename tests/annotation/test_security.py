@@ -334,7 +334,7 @@ def _rows(env, model) -> list:
         return list(db.scalars(select(model)))
 
 
-def test_a_passwordless_account_signs_in_with_no_password(env):
+def test_a_passwordless_account_cannot_sign_in(env):
     from annotation import services
 
     with env.db() as db:
