@@ -28,7 +28,7 @@ from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.services.errors import disk_full
 from annotation.settings import Settings
-from annotation.status import http_status
+from annotation.status import error_body, http_status
 
 HERE = Path(__file__).resolve().parent
 
@@ -189,8 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
             headers = {"Retry-After": str(exc.retry_after)}
         elif isinstance(exc, services.Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
-        body = {"detail": str(exc)} if exc.code is None else {"detail": str(exc), "code": exc.code}
-        return JSONResponse(body, status_code=http_status(exc), headers=headers)
+        return JSONResponse(error_body(str(exc), exc.code), status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

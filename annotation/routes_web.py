@@ -26,7 +26,7 @@ from annotation.deps import (
 )
 from annotation.render import markdown
 from annotation.routes_api import client_id, sign_in
-from annotation.status import http_status
+from annotation.status import error_body, http_status
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 templates.env.filters["markdown"] = markdown
@@ -59,9 +59,7 @@ async def html_error_handler(request: Request, exc):
     detail = getattr(exc, "detail", "error")
     headers = getattr(exc, "headers", None)
     if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
-        code = getattr(exc, "code", None)  # deps.CsrfRejected's
-        return JSONResponse({"detail": detail} if code is None else {"detail": detail, "code": code},
-                            status_code=status, headers=headers)
+        return JSONResponse(error_body(detail, getattr(exc, "code", None)), status_code=status, headers=headers)
     if status == 401:
         return RedirectResponse("/", status_code=303)
     return page(request, "error.html", status_code=status, status=status, detail=detail, user=None)

@@ -1,6 +1,9 @@
-"""The HTTP status each domain error of the service layer is answered with (API and pages alike)."""
+"""The HTTP status each domain error of the service layer is answered with (API and pages alike),
+and the JSON body of a refusal."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from annotation import services
 
@@ -21,3 +24,9 @@ def http_status(exc: Exception) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 400
+
+
+def error_body(detail: Any, code: str | None) -> dict[str, Any]:
+    """A refusal's JSON: its words, and the code of the few a client answers in its own way
+    (ServiceError.code, deps.CsrfRejected.code)."""
+    return {"detail": detail} if code is None else {"detail": detail, "code": code}
