@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
-from align.errors import UserError
+from align.errors import ConfigError, UserError
 
 COMMAND_ORDER = ("annotate", "reward", "ppo", "dpo", "export", "demo", "memory-plan", "init-demo-model")
 
@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
         app(args=argv, prog_name="align")
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # A config's error is the same in every process of a launch (`accelerate launch`): one line per
+        # machine, from its first process. Other errors can be one process's own, so each says its own.
+        if not (isinstance(exc, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # typer's exit for Ctrl-C, which it leaves silent
