@@ -376,10 +376,6 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, root: type) -> str:
-    # a config class may name keys it lacks on purpose (`absent_keys`: a key of another stage -> why)
-    absent = getattr(root, "absent_keys", {}).get(key.rsplit(".", 1)[-1])
-    if absent:
-        return f"unknown config key {key!r} for {root.__name__}: {absent}"
     keys = all_keys(root)
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not match:  # a typo in the last part of a nested key, or a leaf named without its section

@@ -4,6 +4,7 @@ Both train on examples known before training starts: global batches planned up f
 (align.distributed.global_batches), each step one optimiser step over a global batch that the ranks
 split, metrics rows averaged over a window of steps and over the ranks, a checkpoint every
 `save_every` steps that closes the window, so a resumed run writes the rows of an uninterrupted one.
+The rows go to RUN/metrics.jsonl and to the `report_to` sink (align.tracking).
 
 A stage's trainer subclasses `StepLoop`, defines `local_batches` and `step` (its own forward and
 backward, counting `responses_forwarded`) and sets in its setup the attributes listed on the class.
@@ -18,11 +19,19 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_same_run, data_fingerprint, load_training_state, release_run_dir, save_training_state
+from align.checkpoint import (
+    check_same_run,
+    data_fingerprint,
+    load_training_state,
+    release_run_dir,
+    save_training_state,
+    start_run_dir,
+    truncate_metrics,
+)
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
 from align.precision import check_finite_gradient
-from align.run import TrainingClock
+from align.run import METRICS_FILE, MetricsWriter, TrainingClock
 
 CHECKPOINT_PREFIX = "step"  # RUN/checkpoints/step-NNNNNN
 
@@ -37,12 +46,12 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 
 class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
-    part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints and,
-    where the stage has one, progress), `accelerator`, `device`, `rank`, `world`, `is_main`, `fsdp`
-    (the FSDP plugin or None), `out`, `t0` (when the process began), `metrics` (main process), `model`,
-    `optimizer`, `scheduler`,
-    `params` (what is trained), `train_set` (its `items` fingerprint the data), `global_batches`,
-    `echo`."""
+    part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints,
+    report_to, wandb_project and, where the stage has one, progress), `accelerator`, `device`, `rank`,
+    `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`,
+    `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
+    data), `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
+    with `close_logs`."""
 
     stage: str  # "reward", "dpo": the prefix of the stage's lines
     resume_overridable: frozenset[str] | set[str]  # config keys a resumed run may change
@@ -117,12 +126,33 @@ class StepLoop:
                     row.update({"step": self.step_count, "train/lr": self.lr, "train/responses_forwarded": forwarded,
                                 "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
                     self.metrics.write(row)
+                    self.tracker.log(row, self.step_count)
                     self.last_train = row
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}")
             if checkpoint:  # every rank takes part
                 self.save_checkpoint()
         self.training = self.clock.state_dict()  # the whole run's, a resumed one's included
         self.responses_forwarded_total = self.forwarded_over_ranks()
+
+    def open_logs(self, outputs: tuple[str, ...]) -> None:
+        """Main process: the run directory started, or continued (the rows after the checkpoint are
+        written again), its metrics.jsonl and the `report_to` sink opened."""
+        from align.tracking import make_tracker
+
+        if self.resume:
+            kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
+            if kept:
+                self.last_train = kept[-1]
+        start_run_dir(self.out, self.cfg, CHECKPOINT_PREFIX, outputs, resume=self.resume)
+        self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
+        self.tracker = make_tracker(self.loop_cfg.report_to, self.out, self.loop_cfg.wandb_project,
+                                    config_to_dict(self.cfg), resumed_at=self.step_count if self.resume else None)
+
+    def close_logs(self, summary: dict[str, Any]) -> None:
+        """Main process: the summary's held-out metrics to the sink, at the last step; both closed."""
+        self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval")}, self.step_count)
+        self.tracker.close()
+        self.metrics.close()
 
     def total_seconds(self) -> float:
         """The run's wall time: this process's since `t0`, plus the training an earlier process of a

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from align.config import LoraOptions, option
+from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 from reward.config import DataSection
 
 # Settings a resumed run may change (`align dpo --resume RUN key=value`): none changes what is trained
-# (memory, threads, checkpoints, progress, the held-out sampling after training): the resumed run ends
-# as the uninterrupted one up to float rounding (another split of the same sums).
-RESUME_OVERRIDABLE = {"progress", "save_every", "keep_checkpoints", "gradient_accumulation_steps",
+# (memory, threads, checkpoints, progress and metric sinks, the held-out sampling after training): the
+# resumed run ends as the uninterrupted one up to float rounding (another split of the same sums).
+RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "save_every", "keep_checkpoints",
+                      "gradient_accumulation_steps",
                       "gradient_checkpointing", "logprob_chunk_tokens", "num_threads", "eval_prompts",
                       "num_eval_prompts", "temperature", "response_length", "max_prompt_length", "eval_batch_size"}
 
@@ -111,6 +113,8 @@ class DPOConfig:
     seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")
+    report_to: ReportTo = option("none", help=REPORT_TO_HELP)
+    wandb_project: str = option("align", help=WANDB_PROJECT_HELP)
 
     # other names of keys: former ones (an earlier run's config.yaml resumes with them), HF generate's
     key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",

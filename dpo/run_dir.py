@@ -8,6 +8,7 @@
     RUN/data.json        the rankings trained on (format, absolute path, sha256, split) and the config
     RUN/policy/          the LoRA adapter + tokenizer (base = absolute SFT path): the layout of a PPO
                          run's policy, so `align export` reads both the same way
+    RUN/tensorboard/     report_to=tensorboard's events (align.tracking)
     RUN/checkpoints/step-NNNNNN/  the adapter, optimiser, scheduler and step (align.checkpoint), every
                          `save_every` steps; `align dpo --resume RUN` continues from the latest
 """
@@ -17,13 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.run import SUMMARY_FILE
+from align.tracking import TENSORBOARD_DIR
 from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
 
 DATA_FILE = "data.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE, TENSORBOARD_DIR)
 
 __all__ = ["DATA_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "is_dpo_run"]
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -54,9 +54,7 @@ from align.distributed import (
 from align.errors import UserError
 from align.precision import checkpointing_active, enable_gradient_checkpointing
 from align.run import (
-    METRICS_FILE,
     SUMMARY_FILE,
-    MetricsWriter,
     atomic_directory,
     peak_memory_mb,
     write_json_atomic,
@@ -96,6 +94,7 @@ class DPOTrainer(StepLoop):
     def setup(self) -> None:
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
+        from align.tracking import check_tracker_available
         from ppo.data import load_prompts
         from ppo.evaluation import PolicySampler
         from ppo.model import build_policy
@@ -110,6 +109,7 @@ class DPOTrainer(StepLoop):
                               "data.eval_path": cfg.data.eval_path, "eval_prompts": cfg.eval_prompts})
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator()
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -187,13 +187,8 @@ class DPOTrainer(StepLoop):
         self.reference_seconds = time.perf_counter() - t
         if not self.is_main:
             return
-        if self.resume:  # the rows after the checkpoint are written again
-            kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
-            if kept:
-                self.last_train = kept[-1]
-        start_run_dir(self.out, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
+        self.open_logs(OUTPUTS)
         (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
-        self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
                   f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
@@ -292,7 +287,7 @@ class DPOTrainer(StepLoop):
                 **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             })
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-            self.metrics.close()
+            self.close_logs(summary)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

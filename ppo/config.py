@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from align.config import LoraOptions, check, check_input_file, option
+from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 
 
 @dataclass(frozen=True)
@@ -241,10 +242,8 @@ class PPOConfig:
     save_every: int = option(10, help="Checkpoint every N iterations (0: only the final policy).", ge=0)
     keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
     seed: int = option(0, help="Seed (process r uses seed + r for sampling).", ge=0, le=2**31 - 1)
-    report_to: Literal["none", "tensorboard", "wandb"] = option(
-        "none", help="Extra metrics sink besides metrics.jsonl (tensorboard / wandb must be installed)."
-    )
-    wandb_project: str = option("align", help="Weights & Biases project (report_to=wandb).")
+    report_to: ReportTo = option("none", help=REPORT_TO_HELP)
+    wandb_project: str = option("align", help=WANDB_PROJECT_HELP)
     progress: bool = option(True, help="Show a progress bar with reward and KL.")
     eval_batch_size: int = option(64, help="Prompts per generation batch during evaluation.", ge=1)
     num_threads: int | None = option(

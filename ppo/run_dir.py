@@ -5,6 +5,7 @@
     RUN/summary.json             final metrics and the held-out evaluation (eval/...)
     RUN/samples.jsonl            held-out prompts with SFT and policy responses, rewards, KL
     RUN/reward.png, RUN/kl.png   reward and KL curves
+    RUN/tensorboard/             report_to=tensorboard's events (align.tracking)
     RUN/policy/                  final LoRA adapter + tokenizer (base = absolute SFT path)
     RUN/value_head.safetensors   value head (or critic) weights
     RUN/checkpoints/iter-NNNNNN/ trainable weights, optimiser, scheduler, KL controller,
@@ -20,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from align.run import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_mapping, read_metrics
+from align.tracking import TENSORBOARD_DIR
 
 SAMPLES_FILE = "samples.jsonl"
 REWARD_PLOT = "reward.png"
 KL_PLOT = "kl.png"
 POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
-TENSORBOARD_DIR = "tensorboard"  # report_to=tensorboard
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
 OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, REWARD_PLOT, KL_PLOT, POLICY_DIR, VALUE_HEAD_FILE, TENSORBOARD_DIR)

@@ -106,7 +106,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
-        from ppo.tracking import check_tracker_available, make_tracker
+        from align.tracking import check_tracker_available, make_tracker
 
         cfg = self.cfg
         check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from align.config import LoraOptions, check, check_input_file, option
+from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 
 
 @dataclass
@@ -126,6 +127,9 @@ class TrainSection:
         4, help="Run each batch's responses in this many length-sorted slices (less padding; still one pass each).", ge=1
     )
     log_every: int = option(10, help="Write a metrics.jsonl line every this many steps.", ge=1)
+    progress: bool = option(True, help="Show a progress bar with the loss.")
+    report_to: ReportTo = option("none", help=REPORT_TO_HELP)
+    wandb_project: str = option("align", help=WANDB_PROJECT_HELP)
     save_every: int = option(
         50, help="Checkpoint every N optimizer steps into RUN/checkpoints (what is trained, the optimiser and the "
         "data position; `align reward train --resume RUN` continues from the latest); 0: only the final model.",
@@ -161,11 +165,12 @@ class EvalSection:
 
 
 # Settings a resumed run may change (`align reward train --resume RUN key=value`): none changes what is
-# trained (memory, threads, checkpoints, what happens after training): the resumed run ends as the
-# uninterrupted one up to float rounding (another split of the same sums).
+# trained (memory, threads, checkpoints, progress and metric sinks, what happens after training): the
+# resumed run ends as the uninterrupted one up to float rounding (another split of the same sums).
 RESUME_OVERRIDABLE = {"train.save_every", "train.keep_checkpoints", "train.gradient_accumulation_steps",
-                      "train.gradient_checkpointing", "train.num_threads", "eval.batch_size", "eval.normalize",
-                      "eval.normalize_prompts", "eval.normalize_response_length", "eval.normalize_policy"}
+                      "train.gradient_checkpointing", "train.num_threads", "train.progress", "train.report_to",
+                      "train.wandb_project", "eval.batch_size", "eval.normalize", "eval.normalize_prompts",
+                      "eval.normalize_response_length", "eval.normalize_policy"}
 
 
 @dataclass
@@ -184,8 +189,3 @@ class RewardConfig:
     # former names of keys (an earlier run's config.yaml resumes with them)
     key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",
                                              "eval.normalize_max_new_tokens": "eval.normalize_response_length"}
-    # keys of the other stages this one lacks, named as such instead of as a typo of a near key
-    absent_keys: ClassVar[dict[str, str]] = {
-        "progress": "the reward stage has no progress option: it shows no progress bar (metrics.jsonl gets a line "
-                    "every train.log_every steps)",
-    }

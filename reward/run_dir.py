@@ -5,6 +5,7 @@
     RUN/summary.json       final metrics (eval/accuracy, eval/num_pairs, train/rankings, timing/...)
     RUN/model/             the reward model: checkpoint or PEFT adapter, tokenizer,
                            reward_normalization.json and reward_model_info.json
+    RUN/tensorboard/       report_to=tensorboard's events (align.tracking)
     RUN/checkpoints/step-NNNNNN/  what is trained, optimiser, scheduler, RNGs and step (align.checkpoint),
                            every `train.save_every` steps; `align reward train --resume RUN` continues
 
@@ -19,13 +20,14 @@ from typing import Any
 
 from align.errors import UserError
 from align.run import CONFIG_FILE, SUMMARY_FILE, read_mapping
+from align.tracking import TENSORBOARD_DIR
 
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, MODEL_DIR)
+OUTPUTS = (SUMMARY_FILE, MODEL_DIR, TENSORBOARD_DIR)
 
 
 def model_dir(path: str | Path) -> Path:

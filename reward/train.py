@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -51,7 +51,7 @@ from align.precision import (
     torch_dtype,
     upcast_trainable,
 )
-from align.run import METRICS_FILE, SUMMARY_FILE, peak_memory_mb
+from align.run import SUMMARY_FILE, peak_memory_mb
 from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from reward.config import RESUME_OVERRIDABLE, RewardConfig
 from reward.data import (
@@ -97,12 +97,13 @@ class RewardTrainer(StepLoop):
 
     def setup(self) -> None:
         from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
-        from align.run import MetricsWriter
+        from align.tracking import check_tracker_available
 
         cfg = self.cfg
         self.t0 = time.perf_counter()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        check_tracker_available(cfg.train.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator()
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world = self.accelerator.num_processes
@@ -160,12 +161,7 @@ class RewardTrainer(StepLoop):
         if self.resume:
             self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
         if self.is_main:
-            if self.resume:  # the rows after the checkpoint are written again
-                kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
-                if kept:
-                    self.last_train = kept[-1]
-            start_run_dir(self.out, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
-            self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
+            self.open_logs(OUTPUTS)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
                 f"{len(self.data.eval)} held-out, {self.total_steps} steps on {self.world} process(es), "
@@ -354,7 +350,7 @@ class RewardTrainer(StepLoop):
             summary["timing/total_s"] = self.total_seconds()
             summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-            self.metrics.close()
+            self.close_logs(summary)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

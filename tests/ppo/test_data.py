@@ -1,4 +1,4 @@
-"""Prompt sampling (resumable, per-rank slices), the Experience container, report_to errors."""
+"""Prompt sampling (resumable, per-rank slices), the Experience container, report_to's missing package."""
 
 from __future__ import annotations
 
@@ -84,14 +84,6 @@ def test_experience_select_slices_every_field():
     assert mb.input_ids[0].tolist() == [4, 5, 8, 9, 10, 11]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
-def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
-    from ppo.tracking import make_tracker
-
-    with pytest.raises(UserError, match="pip install 'align\\[tensorboard\\]'"):
-        make_tracker("tensorboard", tmp_path, "align", {})
-
-
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_report_to_wandb_without_the_package_fails_before_training(capsys, small_run, tmp_path):
     from align.commands.cli import main
@@ -122,45 +114,6 @@ def test_host_padding_bounds_of_any_rows_are_those_read_from_the_masks():
             expected = (real_prompt[0], real_response[-1] + 1 if real_response else 1)
             assert rows_padding_bounds(first, last, index) == expected
     assert rows_padding_bounds(first, last, [2]) == (3, 1)  # no response token: one column is kept
-
-
-def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path):
-    # the trackers' packages stand in: what align asks of them is what is checked
-    import sys
-    import types
-
-    from ppo.tracking import make_tracker
-
-    calls = []
-    tensorboard = types.ModuleType("torch.utils.tensorboard")
-    tensorboard.SummaryWriter = lambda **kwargs: calls.append(("tensorboard", kwargs))
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
-    make_tracker("tensorboard", tmp_path, "align", {})
-    make_tracker("tensorboard", tmp_path, "align", {}, resumed_at=4)
-    # iterations 5.. are logged again after the checkpoint at 4: what the stopped run wrote there goes
-    assert [kw["purge_step"] for _, kw in calls] == [None, 5]
-
-    wandb = types.ModuleType("wandb")
-    runs = iter(["first", "second"])
-
-    class Config(dict):
-        def update(self, values, allow_val_change=False):
-            calls.append(("config", (values, allow_val_change)))
-
-    def init(**kwargs):
-        calls.append(("wandb", kwargs))
-        return types.SimpleNamespace(id=kwargs.get("id") or next(runs), config=Config())
-
-    wandb.init = init
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    make_tracker("wandb", tmp_path, "align", {"num_threads": 1})
-    make_tracker("wandb", tmp_path, "align", {"num_threads": 2}, resumed_at=4)  # the same W&B run continues
-    inits = [kw for name, kw in calls if name == "wandb"]
-    assert [(kw.get("id"), kw.get("resume")) for kw in inits] == [(None, None), ("first", "allow")]
-    # a setting --resume may change updates the continued run's config instead of conflicting with it
-    assert [args for name, args in calls if name == "config"] == [({"num_threads": 2}, True)]
-    make_tracker("wandb", tmp_path, "align", {})  # a new run (overwrite=true) starts a new W&B run
-    assert (tmp_path / "wandb_run_id").read_text() == "second"
 
 
 @pytest.mark.parametrize("which", ["prompts", "eval_prompts"])

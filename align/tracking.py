@@ -1,4 +1,7 @@
-"""Optional metric sinks besides metrics.jsonl: TensorBoard or Weights & Biases (`report_to`).
+"""Optional metric sinks besides metrics.jsonl: TensorBoard or Weights & Biases (`report_to`), for
+every training stage (`align reward train`, `align ppo`, `align dpo`): the rows metrics.jsonl gets,
+at the stage's step (a PPO iteration, an optimiser step of the offline stages), then the summary's
+held-out `eval/` metrics at the last step.
 
 Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
 only when asked for; a missing package is a one-line error before any training starts. A resumed
@@ -10,9 +13,16 @@ the run directory).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.errors import UserError
+
+ReportTo = Literal["none", "tensorboard", "wandb"]
+REPORT_TO_HELP = ("Extra metrics sink besides metrics.jsonl: tensorboard (RUN/tensorboard) or wandb (tensorboard / "
+                  "wandb must be installed: pip install 'align[tensorboard]' or 'align[wandb]').")
+WANDB_PROJECT_HELP = "Weights & Biases project (report_to=wandb); the W&B run is named after the run directory."
+TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: a fresh run into an earlier run's directory removes it
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 
 
 class NullTracker:
@@ -21,9 +31,6 @@ class NullTracker:
 
     def close(self) -> None:
         pass
-
-
-WANDB_ID_FILE = "wandb_run_id"
 
 
 class TensorBoardTracker(NullTracker):
@@ -78,8 +85,6 @@ def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, 
                  resumed_at: int | None = None) -> NullTracker:
     """`resumed_at`: the iteration of the checkpoint a resumed run continues from."""
     if report_to == "tensorboard":
-        from ppo.run_dir import TENSORBOARD_DIR
-
         return TensorBoardTracker(run_dir / TENSORBOARD_DIR, resumed_at)
     if report_to == "wandb":
         return WandbTracker(project, run_dir, config, resumed_at)

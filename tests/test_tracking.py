@@ -1,0 +1,188 @@
+"""`report_to`: every training stage sends its metrics rows to TensorBoard or W&B too (align.tracking).
+
+The trackers' packages are optional and not installed here: stand-ins record what align asks of
+them, which is what is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+
+from align.config import load_config
+from align.errors import UserError
+from align.run import read_mapping, read_metrics
+from align.tracking import make_tracker
+
+
+class RecordingWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: keeps what each writer was given."""
+
+    writers: list[RecordingWriter] = []
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        RecordingWriter.writers.append(self)
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        self.scalars.append((key, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def tensorboard(monkeypatch) -> list[RecordingWriter]:
+    """A TensorBoard that is 'installed' and records: the writers the runs opened."""
+    RecordingWriter.writers = []
+    package = types.ModuleType("tensorboard")
+    package.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", package)
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    return RecordingWriter.writers
+
+
+def numeric(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def logged_at(writer: RecordingWriter, step: int) -> dict:
+    return {key: value for key, value, at in writer.scalars if at == step}
+
+
+def run_stage(stage: str, overrides: list[str]) -> dict:
+    if stage == "reward":
+        from reward.config import RewardConfig
+        from reward.train import train_reward_model
+
+        return train_reward_model(load_config(RewardConfig, None, overrides), echo=lambda _: None)
+    from dpo.config import DPOConfig
+    from dpo.train import run_dpo
+
+    return run_dpo(load_config(DPOConfig, None, overrides), echo=lambda _: None)
+
+
+@pytest.fixture
+def stage_run(request, tiny_random_model, tmp_path):
+    """(stage, overrides) of a seconds-long reward or DPO run with a metrics row every 2 steps."""
+    if request.param == "reward":
+        return "reward", [f"model.name_or_path={tiny_random_model}", f"output_dir={tmp_path / 'run'}",
+                          "model.max_length=160", "data.num_rankings=64", "data.num_eval_rankings=24",
+                          "train.batch_size=8", "eval.normalize=false", "train.log_every=2", "train.num_threads=1",
+                          "train.report_to=tensorboard"]
+    return "dpo", [f"policy_model={tiny_random_model}", f"output_dir={tmp_path / 'run'}", "data.num_rankings=48",
+                   "data.num_eval_rankings=16", "data.k=3", "batch_size=8", "epochs=1", "num_eval_prompts=4",
+                   "response_length=8", "progress=false", "log_every=2", "num_threads=1", "report_to=tensorboard"]
+
+
+@pytest.mark.parametrize("stage_run", ["reward", "dpo"], indirect=True)
+def test_an_offline_stage_sends_its_metrics_rows_and_held_out_results_to_the_tracker(stage_run, tensorboard,
+                                                                                   tmp_path):
+    stage, overrides = stage_run
+    summary = run_stage(stage, overrides)
+    [writer] = tensorboard
+    assert writer.log_dir == str(tmp_path / "run" / "tensorboard") and writer.purge_step is None
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    steps = [row["step"] for row in rows]
+    assert len(steps) >= 3 and steps[:2] == [2, 4]
+    last = steps[-1]
+    # every row as metrics.jsonl has it, at its step; the held-out results join the last step's
+    for row in rows[:-1]:
+        assert logged_at(writer, row["step"]) == numeric(row)
+    held_out = {k: v for k, v in numeric(summary).items() if k.startswith("eval")}
+    assert "eval/accuracy" in held_out
+    assert logged_at(writer, last) == {**numeric(rows[-1]), **held_out}
+    assert {step for _, _, step in writer.scalars} == set(steps) and writer.closed
+
+
+@pytest.mark.parametrize("stage_run", ["dpo"], indirect=True)  # the step loop the reward stage shares
+def test_a_resumed_offline_run_drops_the_tracker_events_after_its_checkpoint(stage_run, tensorboard, tmp_path):
+    from dpo.config import DPOConfig
+    from dpo.train import DPOTrainer, run_dpo
+    from tests.stopping import train_until
+
+    out = tmp_path / "run"
+    overrides = [*stage_run[1], "epochs=2", "save_every=3"]
+    trainer = DPOTrainer(load_config(DPOConfig, None, overrides), echo=lambda _: None)
+    trainer.setup()
+    train_until(trainer, 5)  # rows at 2, 3 (the checkpoint's), 4; stopped in step 6
+    first = tensorboard[0]
+    assert sorted({step for _, _, step in first.scalars}) == [2, 3, 4]
+
+    run_dpo(load_config(DPOConfig, out / "config.yaml"), echo=lambda _: None, resume=True)
+    second = tensorboard[1]
+    # TensorBoard drops the stopped run's events from step 4 on: they are logged again, as in metrics.jsonl
+    assert second.purge_step == 4
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows][:3] == [2, 3, 4]
+    assert sorted({step for _, _, step in second.scalars}) == [r["step"] for r in rows if r["step"] > 3]
+    assert read_mapping(out / "config.yaml")["report_to"] == "tensorboard"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+@pytest.mark.parametrize("stage_run", ["reward", "dpo"], indirect=True)
+def test_report_to_wandb_without_the_package_fails_before_the_stage_loads(stage_run, capsys, tmp_path):
+    from align.commands.cli import main
+
+    stage, overrides = stage_run
+    key = "train.report_to" if stage == "reward" else "report_to"
+    with pytest.raises(SystemExit) as exc:
+        main([*(["reward", "train"] if stage == "reward" else ["dpo"]), *overrides, f"{key}=wandb"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == ["error: report_to=wandb needs wandb: pip install 'align[wandb]'"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage_run", ["reward", "dpo"], indirect=True)
+def test_an_unknown_sink_is_refused_with_the_key_named(stage_run, capsys, tmp_path):
+    from align.commands.cli import main
+
+    stage, overrides = stage_run
+    key = "train.report_to" if stage == "reward" else "report_to"
+    with pytest.raises(SystemExit) as exc:
+        main([*(["reward", "train"] if stage == "reward" else ["dpo"]), *overrides, f"{key}=mlflow"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and key in err and "mlflow" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="pip install 'align\\[tensorboard\\]'"):
+        make_tracker("tensorboard", tmp_path, "align", {})
+
+
+def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path, tensorboard):
+    make_tracker("tensorboard", tmp_path, "align", {})
+    make_tracker("tensorboard", tmp_path, "align", {}, resumed_at=4)
+    # iterations 5.. are logged again after the checkpoint at 4: what the stopped run wrote there goes
+    assert [writer.purge_step for writer in tensorboard] == [None, 5]
+
+    calls = []
+    wandb = types.ModuleType("wandb")
+    runs = iter(["first", "second"])
+
+    class Config(dict):
+        def update(self, values, allow_val_change=False):
+            calls.append(("config", (values, allow_val_change)))
+
+    def init(**kwargs):
+        calls.append(("wandb", kwargs))
+        return types.SimpleNamespace(id=kwargs.get("id") or next(runs), config=Config())
+
+    wandb.init = init
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    make_tracker("wandb", tmp_path, "align", {"num_threads": 1})
+    make_tracker("wandb", tmp_path, "align", {"num_threads": 2}, resumed_at=4)  # the same W&B run continues
+    inits = [kw for name, kw in calls if name == "wandb"]
+    assert [(kw.get("id"), kw.get("resume")) for kw in inits] == [(None, None), ("first", "allow")]
+    # a setting --resume may change updates the continued run's config instead of conflicting with it
+    assert [args for name, args in calls if name == "config"] == [({"num_threads": 2}, True)]
+    make_tracker("wandb", tmp_path, "align", {})  # a new run (overwrite=true) starts a new W&B run
+    assert (tmp_path / "wandb_run_id").read_text() == "second"
