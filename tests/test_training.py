@@ -24,11 +24,16 @@ def test_linear_schedule_warms_up_from_the_first_step_then_decays_to_zero():
 
 
 class _Rows:
+    """metrics.jsonl (write) and the report_to sink (log) in one: the rows each was given."""
+
     def __init__(self):
-        self.rows = []
+        self.rows, self.logged = [], []
 
     def write(self, row):
         self.rows.append(row)
+
+    def log(self, row, step):
+        self.logged.append((step, row))
 
 
 class _Loop(StepLoop):
@@ -40,7 +45,8 @@ class _Loop(StepLoop):
         self.loop_cfg = SimpleNamespace(log_every=log_every, save_every=save_every, progress=False)
         self.global_batches = [[n] for n in range(1, steps + 1)]
         self.accelerator = SimpleNamespace(reduce=lambda t, _op: t)  # one process: the mean over ranks is its own
-        self.device, self.is_main, self.metrics, self.lr = torch.device("cpu"), True, _Rows(), 0.1
+        self.device, self.is_main, self.lr = torch.device("cpu"), True, 0.1
+        self.metrics = self.tracker = _Rows()
         self.saved_at = []
 
     def local_batches(self, global_batch):
@@ -61,4 +67,5 @@ def test_each_metrics_row_is_the_mean_of_the_steps_since_the_last_row(log_every,
     loop = _Loop(steps=5, log_every=log_every, save_every=save_every)
     loop.train()
     assert {row["step"]: row["train/loss"] for row in loop.metrics.rows} == pytest.approx(expected)
+    assert loop.tracker.logged == [(row["step"], row) for row in loop.metrics.rows]  # the same rows, at their steps
     assert loop.saved_at == ([2, 4] if save_every else [])
