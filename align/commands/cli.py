@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from align.cli_common import ConfigOpt, OverridesArg, config_keys_help
-from align.errors import ConfigError, UserError
+from align.errors import UserError
 
 COMMAND_ORDER = ("annotate", "reward", "ppo", "dpo", "export", "demo", "memory-plan", "init-demo-model")
 
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
         app(args=argv, prog_name="align")
     except UserError as exc:
-        # A config's error is the same in every process of a launch (`accelerate launch`): one line per
-        # machine, from its first process. Other errors can be one process's own, so each says its own.
-        if not (isinstance(exc, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+        if _first_to_say(str(exc)):
             typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
     except SystemExit as exc:
@@ -157,6 +155,32 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv)}", err=True)
         exit_process(exc.code)
     exit_process(0)
+
+
+def _first_to_say(message: str) -> bool:
+    """Whether this process says a user error, or another process of the same launch on this machine
+    has said the same words. Under `accelerate launch` every process meets a config's mistake: one
+    line per machine is enough, and it must not be left to one chosen process, which the launcher
+    may stop (SIGTERM) as soon as another has exited. So the first process to claim the words says
+    them, at once: its claim is an empty file named after the launcher (its pid and start time, from
+    /proc, so no later launch matches it) and the words; the others, finding it, exit without a word.
+    Outside a launch, without /proc (not Linux) or where the file cannot be made: it says them."""
+    if "LOCAL_RANK" not in os.environ:
+        return True
+    import hashlib
+    import tempfile
+
+    try:
+        launcher_started = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        said = Path(tempfile.gettempdir()) / "align-said"
+        said.mkdir(exist_ok=True)
+        key = hashlib.sha256(f"{os.getppid()}\0{launcher_started}\0{message}".encode()).hexdigest()[:40]
+        os.close(os.open(said / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except (OSError, IndexError):
+        return True
+    return True
 
 
 def _continue_hint(args: list[str]) -> str:
