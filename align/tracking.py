@@ -6,8 +6,9 @@ held-out `eval/` metrics at the last step.
 Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
 only when asked for; a missing package is a one-line error before any training starts. A resumed
 run continues the same history: TensorBoard drops the events logged after the checkpoint (they are
-logged again, as metrics.jsonl's rows are), W&B continues the run it started (its id is kept in
-the run directory).
+logged again, as metrics.jsonl's rows are); W&B continues the run it started (its id is kept in
+the run directory) and keeps the values first logged at a step, so the steps after the checkpoint
+show the stopped run's values there (the resumed run's are the same up to float rounding).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO_HELP = ("Extra metrics sink besides metrics.jsonl: tensorboard (RUN/tensorboard) or wandb (tensorboard / "
                   "wandb must be installed: pip install 'align[tensorboard]' or 'align[wandb]').")
 WANDB_PROJECT_HELP = "Weights & Biases project (report_to=wandb); the W&B run is named after the run directory."
-TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: a fresh run into an earlier run's directory removes it
+TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
+# a fresh run into an earlier run's directory (overwrite=true) removes them, so it neither shows the
+# earlier events nor continues the earlier W&B run when resumed (W&B's own RUN/wandb, which may hold
+# a run logged offline and not yet synced, stays)
+TRACKER_OUTPUTS = (TENSORBOARD_DIR, WANDB_ID_FILE)
 
 
 class NullTracker:
@@ -59,11 +64,15 @@ class WandbTracker(NullTracker):
             raise UserError("report_to=wandb needs Weights & Biases: pip install 'align[wandb]'") from None
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
-        if run_id is None:
-            self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name)
-        else:  # what --resume may change (RESUME_OVERRIDABLE) updates the run's config, not a conflict
-            self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
-            self.run.config.update(config, allow_val_change=True)
+        try:
+            if run_id is None:
+                self.run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name)
+            else:  # what --resume may change (RESUME_OVERRIDABLE) updates the run's config, not a conflict
+                self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
+                self.run.config.update(config, allow_val_change=True)
+        except Exception as exc:  # no API key, no network (wandb's own error types vary by version)
+            raise UserError(f"report_to=wandb: W&B could not start the run ({type(exc).__name__}: {exc}); "
+                            "log in (wandb login), set WANDB_MODE=offline, or choose another report_to") from None
         id_file.write_text(self.run.id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -47,7 +47,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
     part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints,
-    report_to, wandb_project and, where the stage has one, progress), `accelerator`, `device`, `rank`,
+    progress, report_to, wandb_project), `accelerator`, `device`, `rank`,
     `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`,
     `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
     data), `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
@@ -109,7 +109,7 @@ class StepLoop:
         self.clock.start()
         window: list[dict[str, float]] = []
         bar = tqdm(self.global_batches[self.step_count:], initial=self.step_count, total=total, desc=self.stage,
-                   unit="step", disable=not (getattr(c, "progress", False) and self.is_main))
+                   unit="step", disable=not (c.progress and self.is_main))
         for global_batch in bar:
             t = time.perf_counter()
             window.append(self.step(self.local_batches(global_batch)))

@@ -20,14 +20,14 @@ from typing import Any
 
 from align.errors import UserError
 from align.run import CONFIG_FILE, SUMMARY_FILE, read_mapping
-from align.tracking import TENSORBOARD_DIR
+from align.tracking import TRACKER_OUTPUTS
 
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, MODEL_DIR, TENSORBOARD_DIR)
+OUTPUTS = (SUMMARY_FILE, MODEL_DIR, *TRACKER_OUTPUTS)
 
 
 def model_dir(path: str | Path) -> Path:

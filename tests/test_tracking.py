@@ -152,6 +152,35 @@ def test_an_unknown_sink_is_refused_with_the_key_named(stage_run, capsys, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("run_dir_module", ["reward.run_dir", "ppo.run_dir", "dpo.run_dir"])
+def test_a_fresh_run_over_an_earlier_one_neither_shows_its_events_nor_continues_its_wandb_run(run_dir_module,
+                                                                                            tmp_path):
+    import importlib
+
+    from align.checkpoint import clear_earlier_run
+
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"earlier")
+    (tmp_path / "wandb_run_id").write_text("earlier-experiment")
+    (tmp_path / "wandb").mkdir()  # W&B's own store (an offline run may wait there to be synced): kept
+    clear_earlier_run(tmp_path, "step", importlib.import_module(run_dir_module).OUTPUTS)  # overwrite=true
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wandb"]
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line_naming_the_way_out(monkeypatch, tmp_path):
+    wandb = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    wandb.init = init
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with pytest.raises(UserError) as info:
+        make_tracker("wandb", tmp_path, "align", {})
+    assert str(info.value) == ("report_to=wandb: W&B could not start the run (RuntimeError: api_key not configured "
+                               "(no-tty)); log in (wandb login), set WANDB_MODE=offline, or choose another report_to")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
 def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="pip install 'align\\[tensorboard\\]'"):
