@@ -127,9 +127,14 @@ def test_a_resumed_offline_run_drops_the_tracker_events_after_its_checkpoint(sta
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 @pytest.mark.parametrize("stage_run", ["reward", "dpo"], indirect=True)
-def test_report_to_wandb_without_the_package_fails_before_the_stage_loads(stage_run, capsys, tmp_path):
+def test_report_to_wandb_without_the_package_fails_before_the_stage_loads(stage_run, capsys, tmp_path, monkeypatch):
+    import align.modeling
     from align.commands.cli import main
 
+    def load_tokenizer(*args, **kwargs):
+        raise AssertionError("the stage began loading before it checked report_to's package")
+
+    monkeypatch.setattr(align.modeling, "load_tokenizer", load_tokenizer)
     stage, overrides = stage_run
     key = "train.report_to" if stage == "reward" else "report_to"
     with pytest.raises(SystemExit) as exc:
