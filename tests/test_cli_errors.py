@@ -144,6 +144,19 @@ def test_a_user_error_is_said_by_the_first_process_of_a_launch_to_meet_it(monkey
     assert said("export", str(other), "--out", str(tmp_path / "out")) == [f"error: run directory not found: {other}"]
 
 
+def test_the_process_that_meets_an_error_first_says_it_whatever_its_rank(tmp_path):
+    # the launcher may stop the other processes as soon as this one exits: it cannot leave the line
+    # to another rank. Two processes of one parent (this test, standing in for the launcher), the
+    # second started once the first has exited: the first says it, the second finds it said.
+    import os
+
+    words = ("ppo", f"output_dir={tmp_path / 'run'}", f"kl_coeff_{tmp_path.name}=0.1")  # words of this test alone
+    first = run_align(*words, env={**os.environ, "LOCAL_RANK": "1"})
+    assert first.returncode == 2 and first.stderr.startswith(f"error: unknown config key 'kl_coeff_{tmp_path.name}'")
+    second = run_align(*words, env={**os.environ, "LOCAL_RANK": "0"})
+    assert second.returncode == 2 and second.stderr == ""
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("when", ["loading the config", "splitting the batch"])
 def test_a_config_error_under_accelerate_launch_is_one_line(tmp_path, when):
