@@ -1,7 +1,7 @@
 """Optional metric sinks besides metrics.jsonl: TensorBoard or Weights & Biases (`report_to`), for
 every training stage (`align reward train`, `align ppo`, `align dpo`): the rows metrics.jsonl gets,
 at the stage's step (a PPO iteration, an optimiser step of the offline stages), then the summary's
-held-out `eval/` metrics at the last step.
+held-out `eval` metrics at the last step. `RunLog` keeps metrics.jsonl and the sink together.
 
 Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
 only when asked for; a missing package is a one-line error before any training starts. A resumed
@@ -34,8 +34,8 @@ class NullTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run stopped on an error (W&B marks the run failed)."""
 
 
 class TensorBoardTracker(NullTracker):
@@ -52,8 +52,8 @@ class TensorBoardTracker(NullTracker):
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, failed: bool = False) -> None:
+        self.writer.close()  # writes out the queued events
 
 
 class WandbTracker(NullTracker):
@@ -78,8 +78,8 @@ class WandbTracker(NullTracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def check_tracker_available(report_to: str) -> None:
@@ -98,3 +98,46 @@ def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, 
     if report_to == "wandb":
         return WandbTracker(project, run_dir, config, resumed_at)
     return NullTracker()
+
+
+class RunLog:
+    """A run's metric rows, in RUN/metrics.jsonl and the `report_to` sink together (main process).
+
+    Opened as the run starts writing to its directory (align.checkpoint.start_run_dir): a resumed
+    run first drops the rows after its checkpoint (`resumed_at`, the value of `step_key` there),
+    which it writes again, and keeps the earlier ones (`kept`). `close` sends the summary's held-out
+    metrics (its `eval` keys) to the sink at the last step and closes both; a run that stops on an
+    error closes them with `close(failed=True)`, so the sink writes out what it had queued."""
+
+    def __init__(self, run_dir: Path, cfg: Any, *, prefix: str, outputs: tuple[str, ...], step_key: str,
+                 report_to: str, wandb_project: str, resumed_at: int | None):
+        from align.checkpoint import start_run_dir, truncate_metrics
+        from align.config import config_to_dict
+        from align.run import METRICS_FILE, MetricsWriter
+
+        resumed = resumed_at is not None
+        self.kept = truncate_metrics(run_dir / METRICS_FILE, step_key, resumed_at) if resumed else []
+        start_run_dir(run_dir, cfg, prefix, outputs, resume=resumed)
+        self.metrics = MetricsWriter(run_dir / METRICS_FILE, append=resumed)
+        try:
+            self.tracker = make_tracker(report_to, run_dir, wandb_project, config_to_dict(cfg), resumed_at=resumed_at)
+        except BaseException:
+            self.metrics.close()
+            raise
+        self.closed = False
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.metrics.write(row)
+        self.tracker.log(row, step)
+
+    def close(self, summary: dict[str, Any] | None = None, step: int | None = None, *, failed: bool = False) -> None:
+        """Once; `summary` and `step`: the run's summary and last step, when it ended."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if summary is not None and step is not None:
+                self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval")}, step)
+            self.tracker.close(failed=failed)
+        finally:
+            self.metrics.close()

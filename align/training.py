@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,13 +25,14 @@ from align.checkpoint import (
     load_training_state,
     release_run_dir,
     save_training_state,
-    start_run_dir,
-    truncate_metrics,
 )
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
 from align.precision import check_finite_gradient
-from align.run import METRICS_FILE, MetricsWriter, TrainingClock
+from align.run import TrainingClock
+
+if TYPE_CHECKING:
+    from align.tracking import RunLog
 
 CHECKPOINT_PREFIX = "step"  # RUN/checkpoints/step-NNNNNN
 
@@ -51,7 +52,7 @@ class StepLoop:
     `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`,
     `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
     data), `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
-    with `close_logs`."""
+    with `run_log.close(summary, step_count)`."""
 
     stage: str  # "reward", "dpo": the prefix of the stage's lines
     resume_overridable: frozenset[str] | set[str]  # config keys a resumed run may change
@@ -59,6 +60,7 @@ class StepLoop:
 
     step_count: int = 0
     responses_forwarded: int = 0  # by this rank's training steps
+    run_log: RunLog | None = None  # the main process's, once `open_logs` has opened it
 
     @functools.cached_property
     def clock(self) -> TrainingClock:
@@ -71,6 +73,10 @@ class StepLoop:
             self.setup()
             self.train()
             return self.finish()
+        except BaseException:
+            if self.run_log is not None:
+                self.run_log.close(failed=True)
+            raise
         finally:
             release_run_dir(Path(self.cfg.output_dir))
 
@@ -125,8 +131,7 @@ class StepLoop:
                 if self.is_main:
                     row.update({"step": self.step_count, "train/lr": self.lr, "train/responses_forwarded": forwarded,
                                 "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
-                    self.metrics.write(row)
-                    self.tracker.log(row, self.step_count)
+                    self.run_log.log(row, self.step_count)
                     self.last_train = row
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}")
             if checkpoint:  # every rank takes part
@@ -135,24 +140,15 @@ class StepLoop:
         self.responses_forwarded_total = self.forwarded_over_ranks()
 
     def open_logs(self, outputs: tuple[str, ...]) -> None:
-        """Main process: the run directory started, or continued (the rows after the checkpoint are
-        written again), its metrics.jsonl and the `report_to` sink opened."""
-        from align.tracking import make_tracker
+        """Main process: the run directory started, or continued, and its metrics rows opened
+        (align.tracking.RunLog: RUN/metrics.jsonl and the `report_to` sink)."""
+        from align.tracking import RunLog
 
-        if self.resume:
-            kept = truncate_metrics(self.out / METRICS_FILE, "step", self.step_count)
-            if kept:
-                self.last_train = kept[-1]
-        start_run_dir(self.out, self.cfg, CHECKPOINT_PREFIX, outputs, resume=self.resume)
-        self.metrics = MetricsWriter(self.out / METRICS_FILE, append=self.resume)
-        self.tracker = make_tracker(self.loop_cfg.report_to, self.out, self.loop_cfg.wandb_project,
-                                    config_to_dict(self.cfg), resumed_at=self.step_count if self.resume else None)
-
-    def close_logs(self, summary: dict[str, Any]) -> None:
-        """Main process: the summary's held-out metrics to the sink, at the last step; both closed."""
-        self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval")}, self.step_count)
-        self.tracker.close()
-        self.metrics.close()
+        self.run_log = RunLog(self.out, self.cfg, prefix=CHECKPOINT_PREFIX, outputs=outputs, step_key="step",
+                              report_to=self.loop_cfg.report_to, wandb_project=self.loop_cfg.wandb_project,
+                              resumed_at=self.step_count if self.resume else None)
+        if self.run_log.kept:
+            self.last_train = self.run_log.kept[-1]
 
     def total_seconds(self) -> float:
         """The run's wall time: this process's since `t0`, plus the training an earlier process of a

@@ -287,7 +287,7 @@ class DPOTrainer(StepLoop):
                 **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             })
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-            self.close_logs(summary)
+            self.run_log.close(summary, self.step_count)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

@@ -23,20 +23,18 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir, truncate_metrics
+from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir
 from align.compilation import LayerCompiler, decoder_layers
-from align.config import config_to_dict
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
 from align.errors import TrainingDiverged
 from align.precision import enable_gradient_checkpointing, torch_dtype
 from align.run import (
     METRICS_FILE,
     SUMMARY_FILE,
-    MetricsWriter,
     TrainingClock,
     peak_memory_mb,
     read_metrics,
@@ -59,6 +57,9 @@ from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import OUTPUTS, SAMPLES_FILE
 from ppo.sampling import NON_FINITE_LOGITS, DecodeBufferPool, check_decodable, sample_responses, samples_exactly
+
+if TYPE_CHECKING:
+    from align.tracking import RunLog
 
 log = logging.getLogger("align")
 
@@ -83,6 +84,10 @@ def run_ppo(cfg: PPOConfig, *, reward_model: Scorer | None = None, resume: bool 
     try:
         trainer.setup()
         return trainer.train()
+    except BaseException:
+        if trainer.run_log is not None:
+            trainer.run_log.close(failed=True)
+        raise
     finally:
         release_run_dir(trainer.run_dir)
 
@@ -98,6 +103,7 @@ class PPOTrainer:
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
         self.clock = TrainingClock()  # the run's training time and peak memory, carried through checkpoints
+        self.run_log: RunLog | None = None  # the main process's metrics rows (align.tracking), once set up
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -106,7 +112,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
-        from align.tracking import check_tracker_available, make_tracker
+        from align.tracking import RunLog, check_tracker_available
 
         cfg = self.cfg
         check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
@@ -193,13 +199,10 @@ class PPOTrainer:
         set_seed(cfg.seed + rank)
         if self.resume:
             load_checkpoint(self, latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
-        if self.is_main:
-            if self.resume:  # the rows after the checkpoint are written again
-                truncate_metrics(self.run_dir / METRICS_FILE, "iteration", self.iteration)
-            start_run_dir(self.run_dir, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
-            self.metrics_writer = MetricsWriter(self.run_dir / METRICS_FILE, append=self.resume)
-            self.tracker = make_tracker(cfg.report_to, self.run_dir, cfg.wandb_project, config_to_dict(cfg),
-                                        resumed_at=self.iteration if self.resume else None)
+        if self.is_main:  # the run directory started or continued, its metrics rows opened
+            self.run_log = RunLog(self.run_dir, cfg, prefix=CHECKPOINT_PREFIX, outputs=OUTPUTS, step_key="iteration",
+                                  report_to=cfg.report_to, wandb_project=cfg.wandb_project,
+                                  resumed_at=self.iteration if self.resume else None)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -215,8 +218,7 @@ class PPOTrainer:
             last = self.step()
             self.iteration += 1
             if self.is_main:
-                self.metrics_writer.write(last)
-                self.tracker.log(last, self.iteration)
+                self.run_log.log(last, self.iteration)
             bar.set_postfix(reward=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
             bar.update(1)
             if cfg.save_every and self.iteration % cfg.save_every == 0:
@@ -480,8 +482,6 @@ class PPOTrainer:
 
             plot_curves(rows, self.run_dir, self.cfg.kl.target)
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-            self.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, self.iteration)
-            self.tracker.close()
-            self.metrics_writer.close()
+            self.run_log.close(summary, self.iteration)
         self.accelerator.wait_for_everyone()
         return summary if self.is_main else {}

@@ -350,7 +350,7 @@ class RewardTrainer(StepLoop):
             summary["timing/total_s"] = self.total_seconds()
             summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-            self.close_logs(summary)
+            self.run_log.close(summary, self.step_count)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

@@ -24,7 +24,7 @@ def train_until(trainer: Any, steps: int) -> None:
     trainer.step = step_then_stop
     with pytest.raises(Stopped):
         trainer.train()
-    trainer.metrics.close()
+    trainer.run_log.close(failed=True)  # as the stage does on an error
 
 
 def comparable(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ import pytest
 from align.config import load_config
 from align.errors import UserError
 from align.run import read_mapping, read_metrics
-from align.tracking import make_tracker
+from align.tracking import RunLog, make_tracker
 
 
 class RecordingWriter:
@@ -71,14 +71,17 @@ def run_stage(stage: str, overrides: list[str]) -> dict:
 @pytest.fixture
 def stage_run(request, tiny_random_model, tmp_path):
     """(stage, overrides) of a seconds-long reward or DPO run with a metrics row every 2 steps."""
-    if request.param == "reward":
-        return "reward", [f"model.name_or_path={tiny_random_model}", f"output_dir={tmp_path / 'run'}",
-                          "model.max_length=160", "data.num_rankings=64", "data.num_eval_rankings=24",
-                          "train.batch_size=8", "eval.normalize=false", "train.log_every=2", "train.num_threads=1",
-                          "train.report_to=tensorboard"]
-    return "dpo", [f"policy_model={tiny_random_model}", f"output_dir={tmp_path / 'run'}", "data.num_rankings=48",
-                   "data.num_eval_rankings=16", "data.k=3", "batch_size=8", "epochs=1", "num_eval_prompts=4",
-                   "response_length=8", "progress=false", "log_every=2", "num_threads=1", "report_to=tensorboard"]
+    return request.param, stage_overrides(request.param, tiny_random_model, tmp_path / "run")
+
+
+def stage_overrides(stage: str, model, out) -> list[str]:
+    if stage == "reward":
+        return [f"model.name_or_path={model}", f"output_dir={out}", "model.max_length=160", "data.num_rankings=64",
+                "data.num_eval_rankings=24", "train.batch_size=8", "eval.normalize=false", "train.log_every=2",
+                "train.num_threads=1", "train.report_to=tensorboard"]
+    return [f"policy_model={model}", f"output_dir={out}", "data.num_rankings=48", "data.num_eval_rankings=16",
+            "data.k=3", "batch_size=8", "epochs=1", "num_eval_prompts=4", "response_length=8", "progress=false",
+            "log_every=2", "num_threads=1", "report_to=tensorboard"]
 
 
 @pytest.mark.parametrize("stage_run", ["reward", "dpo"], indirect=True)
@@ -99,6 +102,90 @@ def test_an_offline_stage_sends_its_metrics_rows_and_held_out_results_to_the_tra
     assert "eval/accuracy" in held_out
     assert logged_at(writer, last) == {**numeric(rows[-1]), **held_out}
     assert {step for _, _, step in writer.scalars} == set(steps) and writer.closed
+
+
+def test_a_run_log_writes_each_row_to_metrics_jsonl_and_the_sink_and_closes_once(tmp_path, tensorboard):
+    from dpo.config import DPOConfig
+
+    def open_log(resumed_at):
+        return RunLog(tmp_path / "run", load_config(DPOConfig, None, []), prefix="step", outputs=(), step_key="step",
+                      report_to="tensorboard", wandb_project="align", resumed_at=resumed_at)
+
+    log = open_log(None)
+    rows = [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25}]
+    for row in rows:
+        log.log(row, row["step"])
+    summary = {"train/loss": 0.25, "eval/accuracy": 0.75, "eval_annotators/ann-1/accuracy": 1.0, "model_dir": "RUN"}
+    log.close(summary, 2)
+    log.close(failed=True)  # a second close (the stage's error path after its finish) does nothing
+    [writer] = tensorboard
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == rows
+    # the rows at their steps, then the summary's held-out keys (every `eval` one) at the last step
+    assert writer.scalars == [("step", 1, 1), ("train/loss", 0.5, 1), ("step", 2, 2), ("train/loss", 0.25, 2),
+                              ("eval/accuracy", 0.75, 2), ("eval_annotators/ann-1/accuracy", 1.0, 2)]
+    assert writer.closed
+
+    resumed = open_log(1)  # from a checkpoint at step 1: step 2's row is written again
+    assert resumed.kept == rows[:1] and read_metrics(tmp_path / "run" / "metrics.jsonl") == rows[:1]
+    assert tensorboard[1].purge_step == 2
+    resumed.close(failed=True)
+
+
+def test_a_run_log_closed_on_an_error_marks_the_wandb_run_failed(monkeypatch, tmp_path):
+    from dpo.config import DPOConfig
+
+    finished = []
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: types.SimpleNamespace(id="run-1", log=lambda *a, **k: None,
+                                                        finish=lambda exit_code=None: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    for failed in (False, True):
+        RunLog(tmp_path / f"run-{failed}", load_config(DPOConfig, None, []), prefix="step", outputs=(),
+               step_key="step", report_to="wandb", wandb_project="align", resumed_at=None).close(failed=failed)
+    assert finished == [0, 1]
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "ppo"])
+def test_a_stage_that_stops_on_an_error_still_closes_its_sink(stage, monkeypatch, tensorboard, tiny_random_model,
+                                                             random_reward_model, tmp_path):
+    """TensorBoard writes out its queued events on close: a run that fails keeps what it logged."""
+    if stage == "ppo":
+        from ppo.config import PPOConfig
+        from ppo.trainer import PPOTrainer, run_ppo
+
+        trainer_class, counter = PPOTrainer, "iteration"
+        overrides = [f"policy_model={tiny_random_model}", f"reward_model={random_reward_model}",
+                     f"output_dir={tmp_path / 'run'}", "num_prompts=32", "num_eval_prompts=4", "num_iterations=4",
+                     "batch_size=8", "num_mini_batches=2", "num_ppo_epochs=1", "response_length=8", "save_every=0",
+                     "progress=false", "report_to=tensorboard"]
+
+        def start():
+            run_ppo(load_config(PPOConfig, None, overrides))
+    else:
+        if stage == "reward":
+            from reward.train import RewardTrainer as trainer_class
+        else:
+            from dpo.train import DPOTrainer as trainer_class
+        counter = "step_count"
+        overrides = stage_overrides(stage, tiny_random_model, tmp_path / "run")
+
+        def start():
+            run_stage(stage, overrides)
+
+    real_step = trainer_class.step
+
+    def step_then_fail(self, *args):
+        if getattr(self, counter) == 2:
+            raise RuntimeError("the disk is full")
+        return real_step(self, *args)
+
+    monkeypatch.setattr(trainer_class, "step", step_then_fail)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        start()
+    [writer] = tensorboard
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows and writer.closed  # the rows before the error were logged, and written out
+    assert {step for _, _, step in writer.scalars} == {row["iteration" if stage == "ppo" else "step"] for row in rows}
 
 
 @pytest.mark.parametrize("stage_run", ["dpo"], indirect=True)  # the step loop the reward stage shares

@@ -24,13 +24,10 @@ def test_linear_schedule_warms_up_from_the_first_step_then_decays_to_zero():
 
 
 class _Rows:
-    """metrics.jsonl (write) and the report_to sink (log) in one: the rows each was given."""
+    """The run's metrics rows (align.tracking.RunLog): each row logged, with its step."""
 
     def __init__(self):
-        self.rows, self.logged = [], []
-
-    def write(self, row):
-        self.rows.append(row)
+        self.logged = []
 
     def log(self, row, step):
         self.logged.append((step, row))
@@ -46,7 +43,7 @@ class _Loop(StepLoop):
         self.global_batches = [[n] for n in range(1, steps + 1)]
         self.accelerator = SimpleNamespace(reduce=lambda t, _op: t)  # one process: the mean over ranks is its own
         self.device, self.is_main, self.lr = torch.device("cpu"), True, 0.1
-        self.metrics = self.tracker = _Rows()
+        self.run_log = _Rows()
         self.saved_at = []
 
     def local_batches(self, global_batch):
@@ -66,6 +63,6 @@ class _Loop(StepLoop):
 def test_each_metrics_row_is_the_mean_of_the_steps_since_the_last_row(log_every, save_every, expected):
     loop = _Loop(steps=5, log_every=log_every, save_every=save_every)
     loop.train()
-    assert {row["step"]: row["train/loss"] for row in loop.metrics.rows} == pytest.approx(expected)
-    assert loop.tracker.logged == [(row["step"], row) for row in loop.metrics.rows]  # the same rows, at their steps
+    assert {row["step"]: row["train/loss"] for _, row in loop.run_log.logged} == pytest.approx(expected)
+    assert all(step == row["step"] for step, row in loop.run_log.logged)  # each row at its step
     assert loop.saved_at == ([2, 4] if save_every else [])
