@@ -144,6 +144,31 @@ def test_a_user_error_is_said_by_the_first_process_of_a_launch_to_meet_it(monkey
     assert said("export", str(other), "--out", str(tmp_path / "out")) == [f"error: run directory not found: {other}"]
 
 
+def test_the_claims_of_launches_that_have_ended_are_removed(monkeypatch, capsys, tmp_path):
+    import os
+    import subprocess
+    import tempfile
+
+    from align.commands.cli import _process_start, main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own claims
+    said = tmp_path / "align-said"
+    said.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a launcher that has ended: its pid names no process now
+    live = f"{os.getpid()}-{_process_start(os.getpid())}-a1b2"  # a launcher still running (this test)
+    for name in (f"{ended.pid}-12345-c3d4", "0a5661603ed2d346e9e41c48008db9ad4f403adc", live):
+        (said / name).touch()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.startswith("error: run directory not found")
+    claims = sorted(p.name for p in said.iterdir())
+    launcher = f"{os.getppid()}-{_process_start(os.getppid())}-"
+    # the ended launcher's claim and an older align's unnamed one went; the running one's stayed
+    assert len(claims) == 2 and live in claims and any(c.startswith(launcher) for c in claims if c != live)
+
+
 def test_the_process_that_meets_an_error_first_says_it_whatever_its_rank(tmp_path):
     # the launcher may stop the other processes as soon as this one exits: it cannot leave the line
     # to another rank. Two processes of one parent (this test, standing in for the launcher), the

@@ -164,6 +164,7 @@ def _first_to_say(message: str) -> bool:
     may stop (SIGTERM) as soon as another has exited. So the first process to claim the words says
     them, at once: its claim is an empty file named after the launcher (its pid and start time, from
     /proc, so no later launch matches it) and the words; the others, finding it, exit without a word.
+    The claims of launchers that have ended go as a new one is made.
     Outside a launch, without /proc (not Linux) or where the file cannot be made: it says them."""
     if "LOCAL_RANK" not in os.environ:
         return True
@@ -171,16 +172,31 @@ def _first_to_say(message: str) -> bool:
     import tempfile
 
     try:
-        launcher_started = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        started = _process_start(os.getppid())
+        if started is None:  # no /proc
+            return True
+        launcher = f"{os.getppid()}-{started}"
         said = Path(tempfile.gettempdir()) / "align-said"
         said.mkdir(exist_ok=True)
-        key = hashlib.sha256(f"{os.getppid()}\0{launcher_started}\0{message}".encode()).hexdigest()[:40]
-        os.close(os.open(said / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        for claim in said.iterdir():
+            pid = claim.name.partition("-")[0]
+            if not (pid.isdigit() and claim.name.startswith(f"{pid}-{_process_start(int(pid))}-")):
+                claim.unlink(missing_ok=True)  # its launcher has ended (or the pid is another process's now)
+        key = hashlib.sha256(f"{launcher}\0{message}".encode()).hexdigest()[:40]
+        os.close(os.open(said / f"{launcher}-{key}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
     except (OSError, IndexError):
         return True
     return True
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's 22nd field); None once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
 
 
 def _continue_hint(args: list[str]) -> str:
