@@ -110,21 +110,29 @@ def test_continue_without_a_database_is_a_user_error(tmp_path):
     assert result.returncode == 2 and "nothing to continue" in result.stderr and "Traceback" not in result.stderr
 
 
-def earlier_demo(out, *, rankings_db: bool = False):
-    """A folder as a finished demo leaves it (the files' contents do not matter here), and a file of the user's."""
+def earlier_demo(out, *, rankings_db: bool = False, ranked: bool = False):
+    """A folder as a finished demo leaves it (the files' contents do not matter here, but for its
+    config.yaml, a demo's), and a file of the user's. `ranked`: the database's demo project holds a ranking."""
+    from align.commands.demo import DemoConfig
+    from align.config import save_config
+
     out.mkdir()
-    for name in ("report.md", "summary.json", "comparison.jsonl", "rankings.kwise.jsonl", "config.yaml"):
+    for name in ("report.md", "summary.json", "comparison.jsonl", "rankings.kwise.jsonl"):
         (out / name).write_text("earlier\n")
+    save_config(DemoConfig(), out / "config.yaml")
     for folder in ("export", "reward", "ppo"):
         (out / folder).mkdir()
         (out / folder / "model.safetensors").write_text("earlier")
     (out / "notes.txt").write_text("mine")
-    if rankings_db:  # the demo project, with no rankings yet
+    if rankings_db or ranked:  # the demo project, with no rankings yet unless `ranked`
+        from align.formats import Ranking
         from annotation import services
         from annotation.db import open_db
 
         with open_db(f"sqlite:///{out / 'annotation.db'}")() as db:
-            services.create_project(db, "demo", k=3, annotators_per_prompt=1)
+            project = services.create_project(db, "demo", k=3, annotators_per_prompt=1)
+            if ranked:
+                services.import_rankings(db, project, [Ranking("p", ["a", "b", "c"], [1, 0, 2], "ann")], "kwise")
     else:
         (out / "annotation.db").write_text("")
 
@@ -215,12 +223,48 @@ def test_force_removes_the_earlier_demo_before_any_stage_runs(tmp_path):
 
 def test_continue_removes_the_earlier_results_and_keeps_the_rankings(tmp_path):
     out = tmp_path / "demo"
-    earlier_demo(out, rankings_db=True)
-    with pytest.raises(UserError, match="no rankings in .* yet"):  # stopped where the stages would start
+    earlier_demo(out, ranked=True)
+    with pytest.raises(UserError, match="no-model"):  # stopped where the stages start
         run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], resume_from_db=True)
     left = {p.name for p in out.iterdir()}
     assert not left & {"report.md", "summary.json", "export", "comparison.jsonl"}
     assert {"annotation.db", "notes.txt", "reward", "ppo"} <= left
+    assert json.loads((out / "rankings.kwise.jsonl").read_text())["ranks"] == [1, 0, 2]
+
+
+def test_a_refused_continue_changes_nothing(tmp_path):
+    # a database without rankings: the earlier report, export and summary were deleted before the refusal
+    out = tmp_path / "demo"
+    earlier_demo(out, rankings_db=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith("annotation.db")}
+    with pytest.raises(UserError, match="no rankings in .* yet"):
+        run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], resume_from_db=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith("annotation.db")} == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_that_only_shares_names_with_a_demo_is_not_deleted(tmp_path, force):
+    # --force deleted a user's `export` folder beside a config.yaml of another tool
+    out = tmp_path / "mine"
+    (out / "export").mkdir(parents=True)
+    (out / "export" / "README.md").write_text("my exported model")
+    (out / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(UserError) as info:
+        run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], force=force)
+    assert str(info.value) == (f"{out} holds export, config.yaml, and no demo's config.yaml: it is not an earlier "
+                               "demo's folder, and the demo would write over them; choose another --out")
+    assert sorted(p.name for p in out.rglob("*")) == ["README.md", "config.yaml", "export"]
+    assert (out / "config.yaml").read_text() == "x: 1\n"
+
+
+def test_force_does_not_delete_a_database_alone(tmp_path):
+    # what an interrupted --serve leaves, or the user's own database: --serve and --continue keep it
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "annotation.db").write_bytes(b"the user's")
+    with pytest.raises(UserError, match="--force deletes an earlier demo only"):
+        run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], force=True)
+    assert (out / "annotation.db").read_bytes() == b"the user's"
 
 
 @pytest.mark.parametrize("method", ["dpo", "ppo", "grpo"])

@@ -161,6 +161,45 @@ def earlier_demo(out: Path) -> list[str]:
     return [name for name in DEMO_FILES if (out / name).exists() or (out / name).is_symlink()]
 
 
+def holds_demo_config(out: Path) -> bool:
+    """Whether `out`'s config.yaml is a demo's: a folder whose names merely match (an `export` of the
+    user's, another tool's config.yaml) is not an earlier demo, and nothing in it is the demo's to delete."""
+    from align.config import ConfigError, foreign_keys, read_yaml_mapping
+
+    try:
+        mapping = read_yaml_mapping(out / "config.yaml")
+    except ConfigError:
+        return False
+    return bool(mapping) and not foreign_keys(DemoConfig, mapping)
+
+
+def check_earlier_demo(out: Path, *, force: bool, resume_from_db: bool, serve: bool) -> list[str]:
+    """The earlier demo in `out` that this run may redo (its names, as `earlier_demo`), or a refusal:
+    without --continue, --force or --serve; where the names are not a demo's (no demo config.yaml);
+    and --force where only a database is there (as an interrupted --serve leaves it: --serve and
+    --continue keep it, and it may be the user's own)."""
+    earlier = earlier_demo(out)
+    if not earlier:
+        return []
+    shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+    ours = holds_demo_config(out)
+    database_only = all(name.startswith(DATABASE) for name in earlier)
+    if not (ours or database_only):
+        raise UserError(f"{out} holds {shown}, and no demo's config.yaml: it is not an earlier demo's folder, and "
+                        "the demo would write over them; choose another --out")
+    if force and not ours:
+        raise UserError(f"{out} holds {shown} and no demo's config.yaml: --force deletes an earlier demo only; "
+                        "remove it yourself, or choose another --out")
+    # --serve on an earlier demo serves its database again: it adds the prompts and candidates it lacks
+    # (the import adds nothing twice) and removes nothing, the rankings people made least of all
+    if not (force or resume_from_db or serve):
+        deletes = f"deletes it, {DATABASE} and its rankings included" if DATABASE in earlier else "deletes it"
+        start_over = f", or --force to start over ({deletes})" if ours else ""
+        raise UserError(f"{out} holds an earlier demo ({shown}): pass --continue to train again from its rankings"
+                        f"{start_over}, or choose another --out")
+    return earlier
+
+
 def remove_earlier_demo(out: Path, names: list[str]) -> None:
     """Remove `names` from `out`, in DEMO_FILES' order (the results first)."""
     for name in names:
@@ -211,14 +250,9 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
-    earlier = earlier_demo(out)
-    # --serve on an earlier demo serves its database again: it adds the prompts and candidates it lacks
-    # (the import adds nothing twice) and removes nothing, the rankings people made least of all
-    if earlier and not (force or resume_from_db or serve):
-        shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-        deletes = f"deletes it, {DATABASE} and its rankings included" if DATABASE in earlier else "deletes it"
-        raise UserError(f"{out} holds an earlier demo ({shown}): pass --continue to train again from its rankings, "
-                        f"or --force to start over ({deletes}), or choose another --out")
+    earlier = check_earlier_demo(out, force=force, resume_from_db=resume_from_db, serve=serve)
+    # --continue reads the rankings before anything goes: a database it cannot train from changes nothing
+    rankings = export_rankings(db_url, rankings_path) if resume_from_db else None
     if force:
         remove_earlier_demo(out, earlier)
     elif resume_from_db:  # the rankings stay; what the stages after them made goes first
@@ -247,9 +281,9 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
                                  f"(agreement {cfg.agreement:.0%})")
         counts = simulate_annotators(sessions, cfg)
         print(f"    {counts['rankings']} rankings stored")
+        rankings = export_rankings(db_url, rankings_path)
     else:
         stages.index = 3
-    rankings = export_rankings(db_url, rankings_path)
     print(f"    {len(rankings)} rankings exported to {rankings_path}")
 
     reward_summary: dict[str, Any] = {}
