@@ -289,6 +289,12 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
         raise UserError(f"output_dir {run_dir} is not empty: {resumable}choose another output_dir, or set "
                         "overwrite=true")
     replaced = [run_dir / name for name in (CONFIG_FILE, METRICS_FILE, *outputs)] + checkpoints(run_dir, prefix)
+    if overwrite and not (run_dir / CONFIG_FILE).is_file():  # no earlier run: what has a run's names is not a run's
+        found = [p.name for p in replaced if p.exists() or p.is_symlink()]
+        if found:
+            raise UserError(f"output_dir {run_dir} holds {', '.join(found[:5])} but no run's {CONFIG_FILE}: "
+                            f"overwrite=true replaces an earlier `{command}` run only, and would delete them; "
+                            "choose another output_dir")
     for key, value in (inputs or {}).items():
         path = Path(value).expanduser().resolve() if value else None
         hit = next((r for r in replaced if path is not None and path.is_relative_to(r.resolve())), None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from align.config import LoraOptions, option
+from align.config import OVERWRITE_HELP, LoraOptions, option
 from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 from reward.config import DataSection
 
@@ -107,9 +107,7 @@ class DPOConfig:
     # --- run ---------------------------------------------------------------------------------
     output_dir: str = option("runs/dpo", help="Run directory (config, metrics, summary, samples, policy); one run at a time.")
     overwrite: bool = option(
-        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
-        "are removed once the new run has loaded (other files stay; another stage's run, and a run reading a model or "
-        "file from what would be removed, are refused).")
+        False, help=OVERWRITE_HELP)
     seed: int = option(0, help="Seed of the shuffle, the adapter's initialisation and the held-out samples.", ge=0, le=2**31 - 1)
     num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice).", ge=1)
     progress: bool = option(True, help="Show a progress bar with the loss.")

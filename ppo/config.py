@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from align.config import LoraOptions, check, check_input_file, option
+from align.config import OVERWRITE_HELP, LoraOptions, check, check_input_file, option
 from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 
 
@@ -236,9 +236,7 @@ class PPOConfig:
     # --- run ---------------------------------------------------------------------------------
     output_dir: str = option("runs/ppo", help="Run directory (config, metrics, checkpoints, plots, policy); one run at a time.")
     overwrite: bool = option(
-        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
-        "are removed once the new run has loaded (other files stay; another stage's run, and a run reading a model or "
-        "file from what would be removed, are refused).")
+        False, help=OVERWRITE_HELP)
     save_every: int = option(10, help="Checkpoint every N iterations (0: only the final policy).", ge=0)
     keep_checkpoints: int = option(2, help="Most recent checkpoints kept on disk.", ge=1)
     seed: int = option(0, help="Seed (process r uses seed + r for sampling).", ge=0, le=2**31 - 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from align.config import LoraOptions, check, check_input_file, option
+from align.config import OVERWRITE_HELP, LoraOptions, check, check_input_file, option
 from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 
 
@@ -182,9 +182,7 @@ class RewardConfig:
     train: TrainSection = option(default_factory=TrainSection, help="Optimisation and loss.")
     eval: EvalSection = option(default_factory=EvalSection, help="Evaluation and reward normalisation.")
     overwrite: bool = option(
-        False, help="Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs "
-        "are removed once the new run has loaded (other files stay; another stage's run, and a run reading a model or "
-        "file from what would be removed, are refused).")
+        False, help=OVERWRITE_HELP)
 
     # former names of keys (an earlier run's config.yaml resumes with them)
     key_aliases: ClassVar[dict[str, str]] = {"data.annotators": "data.annotators_per_prompt",

@@ -81,3 +81,29 @@ def test_a_run_directory_another_run_is_using_is_refused_until_that_run_ends(tmp
     check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align dpo")  # that run has ended
     start_run_dir(run, DPOConfig(), "step", (), resume=False)  # this process holds it already: the same run
     release_run_dir(run)
+
+
+def test_overwrite_refuses_a_folder_that_holds_a_runs_names_but_no_run(tmp_path):
+    # a user's `model/` and `summary.json` beside no config.yaml: overwrite=true deleted them by name
+    from align.checkpoint import check_run_dir, release_run_dir
+
+    run = tmp_path / "proj"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "summary.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(UserError) as info:
+        check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align reward train",
+                      outputs=("model", "summary.json"))
+    assert str(info.value) == (f"output_dir {run} holds model, summary.json but no run's config.yaml: overwrite=true "
+                               "replaces an earlier `align reward train` run only, and would delete them; choose "
+                               "another output_dir")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    (run / "summary.json").unlink()
+    (run / "model" / "config.json").unlink()
+    (run / "model").rmdir()
+    # other files only: nothing a run would delete, so the run may go in beside them
+    check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align reward train",
+                  outputs=("model", "summary.json"))
+    release_run_dir(run)

@@ -112,6 +112,7 @@ def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(
     old = run / "checkpoints" / "step-000099"
     old.mkdir(parents=True)
     (run / "checkpoints" / "notes.txt").write_text("mine")
+    (run / "config.yaml").write_text("seed: 1\n")  # the earlier run's (every run writes its config first)
     args = [o for o in small_dpo_run if not o.startswith("output_dir=")] + [f"output_dir={run}", "overwrite=true"]
     bad = run_cli(*[o for o in args if not o.startswith("policy_model=")], f"policy_model={tmp_path / 'missing'}")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -129,6 +130,7 @@ def test_overwrite_refuses_to_read_what_it_would_replace(small_dpo_run, tmp_path
     (run / "policy").mkdir(parents=True)
     (run / "policy" / "adapter_model.safetensors").write_bytes(b"weights")
     (run / "metrics.jsonl").write_text("{}\n")
+    (run / "config.yaml").write_text("seed: 1\n")
     for override, key, name in [(f"policy_model={run / 'policy'}", "policy_model", "policy"),
                                 (f"data.path={run / 'metrics.jsonl'}", "data.path", "metrics.jsonl")]:
         with pytest.raises(UserError, match=rf"{key} {run / name} is the earlier run's {name}, which overwrite=true "

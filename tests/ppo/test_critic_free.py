@@ -106,6 +106,7 @@ def test_overwriting_an_earlier_run_removes_its_outputs_and_keeps_other_files(sm
     (run / "policy").mkdir(parents=True)
     for name in ("value_head.safetensors", "samples.jsonl", "summary.json", "reward.png", "notes.txt"):
         (run / name).write_text("an earlier run's")
+    (run / "config.yaml").write_text("seed: 1\n")  # (every run writes its config first)
     cfg = load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2", "num_iterations=1",
                                         "num_eval_prompts=0", "overwrite=true"])
     run_ppo(cfg, reward_model=HashScorer())
