@@ -97,7 +97,8 @@ class DPOConfig:
     # --- evaluation --------------------------------------------------------------------------
     eval_prompts: str = option(
         "synthetic", help="Held-out prompts the SFT model and the policy answer at the end: 'synthetic' (the "
-        "synthetic task's held-out split, scored by its gold judge too) or a .jsonl/.txt file, as in `align ppo`.")
+        "synthetic task's held-out split, scored by its gold judge too) or a .jsonl/.txt file, as in `align ppo` (one that "
+        "shares prompts with the training rankings is refused).")
     num_eval_prompts: int = option(128, help="Held-out prompts sampled at the end (0 skips the sampling).", ge=0)
     temperature: float = option(0.7, help="Sampling temperature of the held-out samples (and of their KL).", gt=0)
     response_length: int = option(48, help="Maximum new tokens of a held-out sample.", ge=1)

@@ -95,7 +95,7 @@ class DPOTrainer(StepLoop):
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
         from align.tracking import check_tracker_available
-        from ppo.data import load_prompts
+        from ppo.data import check_held_out, is_synthetic, load_prompts
         from ppo.evaluation import PolicySampler
         from ppo.model import build_policy
         from reward.data import expand_to_pairs, load_reward_data, repeats_note
@@ -148,6 +148,8 @@ class DPOTrainer(StepLoop):
         # read now, not after the training: the held-out prompts sampled at the end
         self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
                              [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
+        if not is_synthetic(cfg.eval_prompts):  # (the synthetic task's splits are disjoint)
+            check_held_out(self.eval_prompts, [r.prompt for r in train], "eval_prompts", "the training rankings")
 
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
         if self.eval_prompts:  # sampled after training, by the online methods' sampler

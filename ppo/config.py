@@ -179,8 +179,8 @@ class PPOConfig:
     )
     num_prompts: int = option(1024, help="Number of synthetic training prompts (prompts='synthetic').", ge=1)
     eval_prompts: str = option(
-        "synthetic", help="Held-out prompts for the final evaluation: 'synthetic' (held-out split) or a file."
-    )
+        "synthetic", help="Held-out prompts for the final evaluation: 'synthetic' (held-out split) or a file "
+        "(one that shares prompts with `prompts` is refused).")
     num_eval_prompts: int = option(128, help="Held-out prompts evaluated at the end (0 skips evaluation).", ge=0)
 
     # --- rollout -----------------------------------------------------------------------------

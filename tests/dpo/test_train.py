@@ -293,6 +293,24 @@ def test_held_out_prompts_are_read_before_the_training(small_dpo_run, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before a step was trained
 
 
+def test_held_out_prompts_from_the_training_rankings_are_refused(small_dpo_run, tmp_path):
+    from align.errors import UserError
+    from align.exports import write_kwise
+    from align.formats import Ranking
+    from dpo.train import run_dpo
+
+    rankings = tmp_path / "rankings.jsonl"
+    write_kwise([Ranking(f"question {i}", ["a", "b", "c"], [0, 1, 2], "ann") for i in range(20)], rankings)
+    held_out = tmp_path / "held_out.txt"  # every ranked question: 4 are held out, 16 trained on
+    held_out.write_text("".join(f"question {i}\n" for i in range(20)))
+    cfg = load_config(DPOConfig, None, [*small_dpo_run, "data.format=kwise", f"data.path={rankings}",
+                                        "data.eval_fraction=0.2", f"eval_prompts={held_out}", "num_eval_prompts=20"])
+    with pytest.raises(UserError, match=r"^16 of the 20 held-out prompts \(eval_prompts\) are also training prompts "
+                                        r"\(the training rankings\)"):
+        run_dpo(cfg, echo=lambda _: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_bf16_evaluation_measures_no_kl_before_the_adapter_moves(small_dpo_run, monkeypatch):
     # the DPO path of ppo.evaluation (PolicySampler): as PPO's, an inexact bf16 sampler's log-probs are
     # not what the KL compares with the reference (on the CPU they agree; the sampler is made inexact)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.errors import UserError
-from ppo.data import PromptSampler, load_prompts
+from ppo.data import PromptSampler, check_held_out, load_prompts
 from ppo.experience import Experience
 
 
@@ -134,3 +134,39 @@ def test_a_bad_prompts_file_is_refused_before_any_model_loads(small_run, tmp_pat
     cfg = load_config(PPOConfig, None, [*small_run, f"{which}={bad}"])
     with pytest.raises(UserError, match=rf"^{bad}:1: the prompt must be"):
         PPOTrainer(cfg).setup()
+
+
+def test_held_out_prompts_that_are_training_prompts_are_counted_and_refused():
+    chat = [{"role": "user", "content": "b"}]
+    check_held_out(["x", [{"role": "user", "content": "y"}]], ["a", chat, "c"], "eval_prompts", "prompts")  # none shared
+    with pytest.raises(UserError) as info:  # "b" as text is another prompt than "b" as a conversation
+        check_held_out(["a", [{"content": "b", "role": "user"}], "b"], ["a", chat, "c"], "eval_prompts", "prompts")
+    assert str(info.value) == ("2 of the 3 held-out prompts (eval_prompts) are also training prompts (prompts): the "
+                               "held-out results would measure the training prompts; give eval_prompts prompts that "
+                               "are not in prompts")
+
+
+def test_ppo_refuses_held_out_prompts_from_its_training_prompts_before_any_model_loads(small_run, tmp_path,
+                                                                                      monkeypatch):
+    # eval_prompts = prompts ran, and its summary's held-out gains were measured on the training prompts
+    import align.modeling
+    import reward.model
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import PPOTrainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(align.modeling, "load_causal_lm", no_model)
+    monkeypatch.setattr(reward.model, "load_reward_model", no_model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"question {i}\n" for i in range(16)))
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("question 3\nanother question\n")
+    for eval_prompts in (prompts, held_out):
+        cfg = load_config(PPOConfig, None, [*small_run, f"prompts={prompts}", f"eval_prompts={eval_prompts}",
+                                            "num_eval_prompts=2"])
+        with pytest.raises(UserError, match=r"^\d of the 2 held-out prompts \(eval_prompts\) are also training"):
+            PPOTrainer(cfg).setup()
+    assert not (tmp_path / "run").exists()
