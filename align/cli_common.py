@@ -44,7 +44,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         if foreign:  # another stage's run: its keys say so, where a "did you mean" would mislead
             raise ConfigError(f"{run}: not a {stage} run to resume (its config.yaml has keys a {stage} run does "
                               f"not: {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})") from None
-        raise ConfigError(f"{run}: not a {stage} run to resume: {exc}") from None
+        raise ConfigError(f"{run}: cannot resume: its config.yaml: {exc}{_relative_path_hint(run, str(exc))}") from None
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         key = getattr(cls, "key_aliases", {}).get(key, key)
@@ -52,6 +52,28 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself
+
+
+def _relative_path_hint(run: Path, problem: str) -> str:
+    """Where the problem is a file the run's config names by a relative path: such a path is read
+    from the current folder, so a run started elsewhere is resumed from the folder it started in."""
+    from align.config import ConfigError, read_yaml_mapping
+    from align.run import CONFIG_FILE
+
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    try:
+        values = strings(read_yaml_mapping(run / CONFIG_FILE))
+    except ConfigError:
+        return ""
+    for value in values:
+        if f"not found: {value}" in problem and not Path(value).is_absolute() and not value.startswith("~"):
+            return (f" ({value} is relative to the folder the run was started in: resume from that folder, or "
+                    "put the file back)")
+    return ""
 
 
 def config_keys_help(cls: type, intro: str | None = None) -> str:

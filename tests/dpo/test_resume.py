@@ -107,6 +107,28 @@ def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_run_resumed_from_another_folder_is_told_where_its_relative_paths_are_read(tmp_path, monkeypatch, capsys):
+    # it was told that the folder was "not a DPO run to resume"
+    from align.commands.cli import main
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "kw.jsonl").write_text("{}\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  format: kwise\n  path: d/kw.jsonl\n")  # as started from tmp_path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit) as exc:
+        main(["dpo", "--resume", str(run)])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: {run}: cannot resume: its config.yaml: data.path: file not found: d/kw.jsonl (d/kw.jsonl is "
+        "relative to the folder the run was started in: resume from that folder, or put the file back)")
+    monkeypatch.chdir(tmp_path)  # from there, it is read
+    with pytest.raises(SystemExit):
+        main(["dpo", "--resume", str(run)])
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
 def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(small_dpo_run, tmp_path):
     run = tmp_path / "run"
     old = run / "checkpoints" / "step-000099"
