@@ -22,10 +22,11 @@ DbOpt = Annotated[
 ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name.")]
 
 
-def _sessionmaker(db: str | None):
+def _sessionmaker(db: str | None, *, create: bool = True):
+    """The database of --db; `create` False for commands that only read it (a mistyped path is refused)."""
     from annotation.db import open_db
 
-    return open_db(db)
+    return open_db(db, create=create)
 
 
 def _password(env_var: str, prompt: str) -> str:
@@ -127,7 +128,7 @@ def set_password(
     from annotation import services
 
     password = _password("ALIGN_USER_PASSWORD", "New password")
-    with _sessionmaker(db)() as s:
+    with _sessionmaker(db, create=False)() as s:  # a new database has no user to change
         services.set_password(s, services.get_user(s, username), password)
     typer.echo(f"password of {username!r} changed")
 
@@ -155,7 +156,7 @@ def token(username: Annotated[str, typer.Argument(help="Existing user.")], db: D
     """Print a new API token for a user (send as 'Authorization: Bearer TOKEN')."""
     from annotation import services
 
-    with _sessionmaker(db)() as s:
+    with _sessionmaker(db, create=False)() as s:  # a new database has no user
         typer.echo(services.issue_api_token(s, services.get_user(s, username)))
 
 
@@ -238,7 +239,14 @@ def export(
         raise UserError(f"--out {out} is a folder; give a file name (e.g. {out / (project + '.jsonl')})")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    with _sessionmaker(db)() as s:
+    from annotation.db import default_db_url
+    from annotation.db_url import sqlite_files
+
+    database_files = sqlite_files(db or default_db_url())
+    if out.resolve() in database_files:  # --force would replace the database
+        raise UserError(f"--out {out} is a file of the database the export reads ({database_files[0]}); "
+                        "choose another --out")
+    with _sessionmaker(db, create=False)() as s:
         notes: list[str] = []
         rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions,
                                     notes=notes)

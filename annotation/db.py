@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
+from annotation.db_url import masked, sqlite_file
 from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
 
@@ -74,12 +75,6 @@ def default_db_url() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
 
 
-def _sqlite_file(url: str) -> str | None:
-    """The database file of a sqlite:/// URL (None for in-memory databases)."""
-    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
-    return None if not path or path == ":memory:" else path
-
-
 def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_s: float = 30.0,
                 lock_timeout_s: float = 60.0, pool_size: int = 16) -> Engine:
     """An engine for `url`. SQLite gets WAL + synchronous=FULL (a 2xx'd commit survives a
@@ -102,18 +97,22 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
             # SQLite's busy handler, whose sleeps (up to 100 ms each, unfair) gave multi-second
             # p99 latencies under load. Across processes (server workers, CLI imports) the
             # holder of that lock also takes an flock on "<db>.writer-lock", which the kernel
-            # queues, so workers of one server do not spin in busy_timeout either.
+            # queues, so workers of one server do not spin in busy_timeout either. Made at the first write
+            # (SQLite has opened the file), never deleted: who holds a deleted one locks another file.
             thread_lock = threading.Lock()
-            lock_path = _sqlite_file(url)
-            lock_fd = os.open(lock_path + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
+            lock_path = sqlite_file(url)
+            lock_fd: int | None = None
 
             class WriterLock:
                 def acquire(self, timeout: float) -> bool:
+                    nonlocal lock_fd
                     deadline = time.monotonic() + timeout
                     if not thread_lock.acquire(timeout=timeout):
                         return False
-                    if lock_fd is not None:
+                    if lock_path is not None:
                         try:
+                            if lock_fd is None:
+                                lock_fd = os.open(lock_path + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
                             taken = _flock_within(lock_fd, deadline)
                         except BaseException:
                             thread_lock.release()
@@ -219,7 +218,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
                                    pool_use_lifo=True)
             _ping_after_idle(engine)
     except Exception as exc:  # bad URL, missing driver
-        raise UserError(f"cannot use database {url!r}: {exc}") from None
+        raise UserError(f"cannot use database {masked(url)!r}: {exc}") from None
     return engine
 
 
@@ -289,7 +288,7 @@ class WalCheckpointer:
 
     def __init__(self, url: str, interval_s: float = 0.5, wal_limit_bytes: int = 16 << 20,
                  busy_timeout_s: float = 0.1):
-        self.path, self.interval_s = _sqlite_file(url), interval_s
+        self.path, self.interval_s = sqlite_file(url), interval_s
         self.wal_limit_bytes, self.busy_timeout_s = wal_limit_bytes, busy_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -363,9 +362,10 @@ def migrate(engine: Engine) -> None:
             db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         else:
             db.connection()  # BEGIN IMMEDIATE: the writer lock until the commit below
-    except OperationalError as exc:  # no server, a file that cannot be opened
+    except (DatabaseError, OSError) as exc:  # no server; a file that cannot be opened, is no database; no writer lock
         db.close()
-        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {reason}") from None
     with db:
         Base.metadata.create_all(db.connection())
         row = db.get(Meta, "schema_version")
@@ -459,8 +459,13 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def open_db(url: str | None) -> sessionmaker[Session]:
-    engine = make_engine(url or default_db_url())
+def open_db(url: str | None, *, create: bool = True) -> sessionmaker[Session]:
+    """The database at `url`, migrated; without `create` a missing SQLite file is refused (a mistyped --db)."""
+    url = url or default_db_url()
+    path = sqlite_file(url)
+    if not create and path is not None and not os.path.exists(path):
+        raise UserError(f"database not found: {path} (check --db)")
+    engine = make_engine(url)
     migrate(engine)
     return make_sessionmaker(engine)
 

@@ -283,3 +283,75 @@ def test_serve_takes_every_setting_as_key_value_and_refuses_an_unknown_one(tmp_p
                            (["session_ttl_s=0"], "session_ttl_s"), (["max_in_flight=many"], "max_in_flight")):
         code, out = run(["annotate", "serve", "--db", db, *argv], capsys)
         assert code == 2 and expected in out and len(out.strip().splitlines()) == 1 and not served
+
+
+def _one_line_refusal(code, text, word):
+    assert code == 2 and word in text and "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+
+
+def test_export_never_writes_over_the_database_it_reads(tmp_path, capsys, monkeypatch):
+    """--force replaces an earlier export, never the database itself or a file SQLite keeps beside it
+    (named as it is, relative to the working directory, or through a link)."""
+    db_file = tmp_path / "a.db"
+    db = f"sqlite:///{db_file}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.db").symlink_to(db_file)
+    for out in (str(db_file), "a.db", "link.db", "a.db-wal", "a.db.writer-lock"):
+        code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", out, "--force"], capsys)
+        _one_line_refusal(code, text, "is a file of the database the export reads")
+    assert db_file.read_bytes().startswith(b"SQLite format 3\0") and (tmp_path / "a.db.writer-lock").stat().st_size == 0
+    assert _projects(db_file) == ["t"] and not list(tmp_path.glob("*.tmp"))
+    assert "1 kwise rows written" in ok(["annotate", "export", "--db", "sqlite:///a.db", "-p", "t", "-o", "x.jsonl"], capsys)
+
+
+def test_a_file_that_is_no_database_is_one_line_and_left_as_it_was(tmp_path, capsys):
+    """Nothing is made beside it either: not its writer lock (which is only ever made, never deleted)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("these are notes, not a database\n")
+    for argv in (["import", str(prompts), "-p", "x", "-f", "prompts"], ["export", "-p", "x", "-o", str(tmp_path / "o.jsonl")]):
+        code, text = run(["annotate", *argv, "--db", f"sqlite:///{not_a_db}"], capsys)
+        _one_line_refusal(code, text, f"cannot open database sqlite:///{not_a_db}: file is not a database")
+    assert not_a_db.read_text() == "these are notes, not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "prompts.jsonl"]
+
+
+def test_commands_that_only_read_refuse_a_database_that_is_not_there(tmp_path, capsys, monkeypatch):
+    """A mistyped --db is named, not made into an empty database ("no project 'x'" followed);
+    import still creates a new one."""
+    monkeypatch.setenv("ALIGN_USER_PASSWORD", "a quiet harbour at dusk")
+    typo = tmp_path / "anotation.db"
+    for argv in (["export", "-p", "x", "-o", str(tmp_path / "o.jsonl")], ["token", "ann"], ["set-password", "ann"]):
+        code, text = run(["annotate", *argv, "--db", f"sqlite:///{typo}"], capsys)
+        _one_line_refusal(code, text, f"database not found: {typo}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)  # the default database, align-annotation.db here, is not there either
+    _one_line_refusal(*run(["annotate", "export", "-p", "x", "-o", "o.jsonl"], capsys), "database not found")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    assert "1 prompts" in ok(["annotate", "import", str(prompts), "--db", f"sqlite:///{typo}", "-p", "x", "-f", "prompts"], capsys)
+    assert _projects(typo) == ["x"]
+
+
+@pytest.mark.parametrize("url", ["mysql+nosuchdriver://ann:s3cret@127.0.0.1/x",  # SQLAlchemy parses it
+                                 "postgresql+psycopg://ann:s3cret@127.0.0.1:port/x"])  # it does not
+def test_database_messages_never_show_the_password(tmp_path, capsys, url):
+    code, text = run(["annotate", "export", "--db", url, "-p", "x", "-o", str(tmp_path / "o.jsonl")], capsys)
+    _one_line_refusal(code, text, "cannot use database")
+    assert "s3cret" not in text and "ann:***@127.0.0.1" in text, text
+
+
+def test_an_openassistant_tree_without_ranked_replies_says_so(tmp_path, capsys):
+    """Not "the file is empty": the tree was read, and read_oasst keeps only ranked sibling replies."""
+    db_file = tmp_path / "o.db"
+    tree = {"prompt": {"message_id": "m1", "role": "prompter", "text": "hi", "replies": [
+        {"message_id": "m2", "role": "assistant", "text": "hello", "rank": None, "replies": []}]}}
+    path = tmp_path / "oasst.jsonl"
+    path.write_text(json.dumps(tree) + "\n")
+    code, text = run(["annotate", "import", str(path), "--db", f"sqlite:///{db_file}", "-p", "x", "-f", "oasst"], capsys)
+    _one_line_refusal(code, text, f"{path}: no ranked replies: its message tree has no two sibling assistant replies")
+    assert "empty" not in text and _projects(db_file) == []
