@@ -6,9 +6,12 @@ annotation app's generator all see exactly the same formatting.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from align.errors import UserError
 
 # The demo tokenizer's template. A real checkpoint brings its own (tokenizer_config.json).
 DEMO_CHAT_TEMPLATE = (
@@ -23,10 +26,69 @@ DEMO_CHAT_TEMPLATE = (
 )
 
 
+# The roles a message may have: the ones every chat template renders (the demo's, Llama's, Qwen's,
+# ...). Another role would be left out by some templates without a word, its text lost ("human" in
+# the demo's), and a tool message is half a conversation here: only a message's role and content
+# are kept, never the assistant's tool calls it answers.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def messages_problem(messages: Any, *, prompt: bool = True) -> str | None:
+    """Why `messages` are not chat messages the stages render as they were meant (None: they are).
+
+    A prompt's last message is the user's: every stage renders a prompt with the template's
+    generation prompt, so the responses are a new assistant turn answering that last message. After
+    an assistant message they would be a second assistant turn in a row, not the continuation of it
+    that the data may mean (TRL's reading), and after a system message alone an answer to no
+    question; templates that check the turns (Llama 2's, Mistral's) refuse both, the others render
+    them and a model would learn to speak twice or to answer nothing."""
+    if not isinstance(messages, list) or not messages:
+        return "expected a non-empty list of messages"
+    for i, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return "every message needs string 'role' and 'content'"
+        if m["role"] not in CHAT_ROLES:
+            return f"message {i} has the role {m['role']!r:.40}; a message's role is system, user or assistant"
+    last = messages[-1]["role"]
+    if prompt and last != "user":
+        return (f"the prompt ends with a{'n' if last == 'assistant' else ''} {last} message, not with the user's turn "
+                "the responses answer" + ("; to have them continue an assistant's words, put those at the start of "
+                                          "each response" if last == "assistant" else ""))
+    return None
+
+
 def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+class ChatTemplateError(UserError):
+    """A checkpoint's chat template that raises on a prompt, in its own words (Mistral's and Llama 2's
+    refuse a system message: "Conversation roles must alternate ...")."""
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as exc:  # the template's raise_exception(...), or a template that is broken
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ChatTemplateError(f"the chat template of {name} cannot render this prompt "
+                                f"({exc.message or type(exc).__name__})") from None
+
+
+@contextlib.contextmanager
+def naming_prompt(where: str | None) -> Iterator[None]:
+    """A chat template's refusal of a prompt with where the prompt was read (FILE:LINE) in front,
+    where that is known."""
+    try:
+        yield
+    except ChatTemplateError as exc:
+        if where is None:
+            raise
+        raise ChatTemplateError(f"{where}: {exc}") from None
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
@@ -41,7 +103,7 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """
     messages = as_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _apply_template(tokenizer, messages, add_generation_prompt=True)
     _note_fallback(tokenizer)
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else m['role'].title()}: {m['content']}" for m in messages)
     return f"{_own_bos(tokenizer)}{turns}\n\nAssistant:"

@@ -59,10 +59,16 @@ def jsonl_rows(path: str | Path):
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 except _NotJson as exc:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+                except ValueError:  # Python's limit on an integer's digits (4300), not JSON's
+                    raise UserError(f"{path}:{lineno}: not valid JSON (a number too long to read)") from None
+                except RecursionError:
+                    raise UserError(f"{path}:{lineno}: not valid JSON (nested too deep to read)") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise UserError(f"{path}: damaged or truncated gzip file ({exc or type(exc).__name__})") from None
+    except OSError as exc:  # no permission to read it, or the disk's own error
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def read_text_file(path: str | Path) -> str:
@@ -76,3 +82,5 @@ def read_text_file(path: str | Path) -> str:
         raise UserError(f"{path} is a directory, not a file") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
+    except OSError as exc:  # no permission to read it, or the disk's own error
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None

@@ -14,8 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from align.chat import messages_problem
 from align.errors import UserError
 from align.files import jsonl_rows
 
@@ -34,8 +35,15 @@ class Ranking:
     # form an unordered group below them and all have rank m, so they tie with each other
     # and lose to every ranked one ([0, 2, 1, 2] is a top-2 of 4). None: a full ranking.
     ranked: int | None = None
+    # where a reader found it ("FILE:LINE"), for a message about it later; not data (no field: no export writes it)
+    where: ClassVar[str | None] = None
+
+    def found_at(self, where: str | None) -> Ranking:
+        self.where = where
+        return self
 
     def __post_init__(self) -> None:
+        # the shape only (file readers apply `messages_problem`): a database's older rankings still export
         if not (isinstance(self.prompt, str) or (isinstance(self.prompt, list) and self.prompt and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in self.prompt))):
@@ -95,8 +103,9 @@ def merge_repeated_responses(ranking: Ranking) -> Ranking:
     if ranking.ranked is not None:
         ranked = sum(r < ranking.ranked for r in old)
         ranked = ranked if ranked < len(keep) else None  # no unordered group left: a full ranking
-    return Ranking(prompt=ranking.prompt, responses=[ranking.responses[i] for i in keep], ranks=ranks,
-                   annotator=ranking.annotator, prompt_id=ranking.prompt_id, meta=ranking.meta, ranked=ranked)
+    merged = Ranking(prompt=ranking.prompt, responses=[ranking.responses[i] for i in keep], ranks=ranks,
+                     annotator=ranking.annotator, prompt_id=ranking.prompt_id, meta=ranking.meta, ranked=ranked)
+    return merged.found_at(ranking.where)
 
 
 def read_kwise(path: str | Path) -> list[Ranking]:
@@ -112,10 +121,12 @@ def read_kwise(path: str | Path) -> list[Ranking]:
                                  f"and ranks, this one {', '.join(repr(k) for k in [*known, *row]) or 'nothing'}")
             _check_kwise_fields(known, row)
             ranking = Ranking(**known, meta=row)
+            if isinstance(ranking.prompt, list) and (problem := messages_problem(ranking.prompt)):
+                raise ValueError(problem)
         except (AttributeError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: not a kwise ranking line ({exc})") from None
         refuse_lone_surrogates(line, where)
-        out.append(ranking)
+        out.append(ranking.found_at(where))
     return out
 
 
@@ -136,6 +147,9 @@ def _check_kwise_fields(known: dict[str, Any], meta: dict[str, Any]) -> None:
         if any(not (v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)))
                for v in meta.get(key) or []):
             raise ValueError(f"every entry of '{key}' must be a string or null, got {meta[key]!r:.80}")
+    revision = meta.get("revision")  # an --all-revisions export's: the annotation app's import reads it as this
+    if revision is not None and (not isinstance(revision, int) or isinstance(revision, bool) or revision < 1):
+        raise ValueError(f"revision must be a whole number from 1, got {revision!r:.80}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,12 +179,10 @@ class PromptRecord:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def _check_messages(value: Any, where: str) -> Messages:
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: expected a non-empty list of messages")
-    for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise UserError(f"{where}: every message needs string 'role' and 'content'")
+def _check_messages(value: Any, where: str, *, prompt: bool = True) -> Messages:
+    problem = messages_problem(value, prompt=prompt)
+    if problem:
+        raise UserError(f"{where}: {problem}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -376,8 +388,8 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
             if not isinstance(prompt, str):
                 raise UserError(f"{where}: plain-text chosen/rejected need a string 'prompt'")
         else:
-            chosen = _check_messages(chosen, where + " chosen")
-            rejected = _check_messages(rejected, where + " rejected")
+            chosen = _check_messages(chosen, where + " chosen", prompt=False)
+            rejected = _check_messages(rejected, where + " rejected", prompt=False)
             if prompt is None:  # implicit prompt: the shared prefix of both conversations
                 n = 0
                 while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -389,9 +401,9 @@ def read_trl_pairs(path: str | Path) -> list[Ranking]:
             chosen, rejected = chosen[0]["content"], rejected[0]["content"]
         pid = _optional_str(row, "id", where) if "id" in row else _optional_str(row, "prompt_id", where)
         rows.append((pid, prompt, chosen, rejected))
-        annotators.append(_optional_str(row, "annotator", where))
-    return [_pair_ranking(prompt, chosen, rejected, pid, "trl", annotator)
-            for (_, prompt, chosen, rejected), pid, annotator in zip(rows, _pair_prompt_ids(rows), annotators)]
+        annotators.append((_optional_str(row, "annotator", where), where))
+    return [_pair_ranking(prompt, chosen, rejected, pid, "trl", annotator).found_at(where)
+            for (_, prompt, chosen, rejected), pid, (annotator, where) in zip(rows, _pair_prompt_ids(rows), annotators)]
 
 
 _HH_TURN = {"Human": "user", "Assistant": "assistant"}
@@ -399,8 +411,6 @@ _HH_TURN = {"Human": "user", "Assistant": "assistant"}
 
 def parse_hh_transcript(text: str) -> Messages:
     """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages."""
-    import re
-
     parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
     if parts[0].strip():
         raise ValueError("transcript does not start with 'Human:'")
@@ -442,7 +452,7 @@ def read_hh(path: str | Path) -> list[Ranking]:
             raise UserError(f"{where}: no Assistant turn after the shared prompt")
         resp_c = format_hh_transcript(rest_c)[len("\n\nAssistant: "):]
         resp_r = format_hh_transcript(rest_r)[len("\n\nAssistant: "):]
-        out.append(_pair_ranking(prompt, resp_c, resp_r, None, "hh"))
+        out.append(_pair_ranking(prompt, resp_c, resp_r, None, "hh").found_at(where))
     return out
 
 
@@ -470,16 +480,11 @@ def read_oasst(path: str | Path) -> list[Ranking]:
         replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
         ranked = [r for r in replies if r.get("rank") is not None]
         if len(ranked) >= 2 and role == "user":
-            out.append(
-                Ranking(
-                    prompt=convo,
-                    responses=[r["text"] for r in ranked],
-                    ranks=_places([int(r["rank"]) for r in ranked]),
-                    annotator="oasst",
-                    prompt_id=str(node.get("message_id", f"{where}#{len(out)}")),
-                    meta={"candidate_ids": [r.get("message_id") for r in ranked]},
-                )
-            )
+            ranking = Ranking(prompt=convo, responses=[r["text"] for r in ranked],
+                              ranks=_places([int(r["rank"]) for r in ranked]), annotator="oasst",
+                              prompt_id=str(node.get("message_id", f"{where}#{len(out)}")),
+                              meta={"candidate_ids": [r.get("message_id") for r in ranked]})
+            out.append(ranking.found_at(where))
         for r in replies:
             walk(r, convo, where)
 

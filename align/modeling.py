@@ -270,7 +270,9 @@ def checkpoint_dtype(path: str | Path) -> Any:
     import torch
     from transformers import AutoConfig
 
-    dtype = AutoConfig.from_pretrained(adapter_chain(path)[-1], local_files_only=True).dtype
+    checkpoint = adapter_chain(path)[-1]
+    with reading_checkpoint(checkpoint):
+        dtype = AutoConfig.from_pretrained(checkpoint, local_files_only=True).dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
@@ -285,15 +287,23 @@ def check_model_files(directory: str | Path, *, weights: bool = True) -> None:
         raise UserError(f"{directory}: no model weights (*.safetensors); the checkpoint is incomplete or damaged")
     for path in sorted(directory.glob("*.json")):
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            content = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{path}: damaged (not valid JSON)") from None
+        if path.name in _OBJECT_FILES and not isinstance(content, dict):
+            raise UserError(f"{path}: damaged (not a JSON object)")
+
+
+# The files of a saved model or tokenizer that transformers and PEFT read as JSON objects.
+_OBJECT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "adapter_config.json", "preprocessor_config.json"}
 
 
 @contextlib.contextmanager
 def reading_checkpoint(path: str | Path) -> Iterator[None]:
     """What a loader raises on a damaged checkpoint, as one line naming it: a truncated or overwritten
-    weights file (safetensors' header check), a file transformers cannot read."""
+    weights file (safetensors' header check), a file transformers cannot read. Only the load itself
+    goes in here: a ValueError or KeyError is transformers' word on the checkpoint's files."""
     from safetensors import SafetensorError
 
     try:
@@ -302,6 +312,23 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
         raise UserError(f"{path}: damaged or truncated weights ({exc})") from None
     except OSError as exc:  # transformers: a missing weights file, a config it cannot read
         raise UserError(f"{path}: cannot be loaded ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    except KeyError as exc:  # a file without a section transformers needs (a tokenizer.json without 'added_tokens')
+        raise UserError(f"{path}: cannot be loaded (its files lack {exc}; the checkpoint is damaged or not one "
+                        "transformers can read)") from None
+    except ValueError as exc:  # a config.json without a model_type or with an unknown one, no tokenizer file
+        text = _sentences(str(exc))
+        if "tokenizer" in text and not (Path(path) / "tokenizer.json").is_file():
+            text = f"no tokenizer.json: {text}"
+        raise UserError(f"{path}: cannot be loaded ({text})") from None
+
+
+def _sentences(text: str, limit: int = 400) -> str:
+    """`text` on one line, cut after its last whole sentence within `limit` characters."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut + 1] if cut > 0 else text[:limit] + "..."
 
 
 def check_not_a_reward_model(chain: list[Path]) -> None:
@@ -446,7 +473,10 @@ def checkpoint_is_encoder(path: str | Path) -> bool:
     from transformers import AutoConfig
 
     path = Path(path)
-    return (path / "config.json").exists() and is_encoder(AutoConfig.from_pretrained(path, local_files_only=True))
+    if not (path / "config.json").exists():
+        return False
+    with reading_checkpoint(path):
+        return is_encoder(AutoConfig.from_pretrained(path, local_files_only=True))
 
 
 def find_blocks(model: Any) -> tuple[str, Any]:

@@ -83,7 +83,7 @@ def expand_to_pairs(rankings: Sequence[Ranking], seed: int) -> list[Ranking]:
     """Pairwise expansion (TRL, OpenRLHF, ...): one K = 2 ranking per ordered pair, shuffled apart."""
     pairs = [
         Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
-                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta)
+                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta).found_at(r.where)
         for r in rankings
         for w, l in ordered_pairs(r.ranks)
     ]
@@ -296,14 +296,18 @@ class RankingDataset(torch.utils.data.Dataset):
     token of the prompt depends on the response), so each sequence is forwarded whole."""
 
     def __init__(self, rankings: Sequence[Ranking], tokenizer, max_length: int, *, encoder: bool = False):
-        from align.chat import encode_rendered, render_example, render_prompt
+        from align.chat import encode_rendered, naming_prompt, render_example, render_prompt
 
         self.rankings = list(rankings)
-        texts = [render_example(tokenizer, r.prompt, resp) for r in self.rankings for resp in r.responses]
+        texts, prompts = [], []
+        for r in self.rankings:  # a chat template that refuses a prompt: the line of the file it came from
+            with naming_prompt(r.where or (f"the prompt {r.prompt_id!r:.80}" if r.prompt_id is not None else None)):
+                if not encoder:  # (an encoder reads the whole text only)
+                    prompts.append(render_prompt(tokenizer, r.prompt))
+                texts.extend(render_example(tokenizer, r.prompt, resp) for resp in r.responses)
         ids = (tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"] if encoder
                else encode_rendered(tokenizer, texts, max_length))  # a causal LM's text keeps its bos
-        prompt_ids = [[] for _ in self.rankings] if encoder else tokenizer(
-            [render_prompt(tokenizer, r.prompt) for r in self.rankings], add_special_tokens=False)["input_ids"]
+        prompt_ids = [[] for _ in self.rankings] if encoder else tokenizer(prompts, add_special_tokens=False)["input_ids"]
         self.items: list[RankingItem] = []
         pos = 0
         for r, prompt in zip(self.rankings, prompt_ids):

@@ -141,3 +141,37 @@ def test_a_model_loaded_with_such_a_tokenizer_stops_generating_at_the_turn_end(t
     model = load_causal_lm(tmp_path, tokenizer=loaded)
     assert model.generation_config.eos_token_id == [loaded.eos_token_id, tokenizer.eos_token_id]
     assert loaded.eos_token_id != tokenizer.eos_token_id  # the precondition: the turn end is another token
+
+
+MISTRAL_TEMPLATE = (  # Mistral-7B-Instruct-v0.1's: no system role, and the turns must alternate
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+
+
+def test_a_chat_template_that_refuses_a_prompt_is_one_line_naming_it_the_file_and_the_line(base_tokenizer, tmp_path):
+    import copy
+    import json
+
+    from align.errors import UserError
+    from align.formats import merge_repeated_responses, read_kwise
+    from reward.data import RankingDataset, expand_to_pairs
+
+    tokenizer = copy.deepcopy(base_tokenizer)
+    tokenizer.chat_template, tokenizer.name_or_path = MISTRAL_TEMPLATE, "ckpt/mistral"
+    user = [{"role": "user", "content": "q?"}]
+    rows = [{"prompt": user, "responses": ["a", "b"], "ranks": [0, 1]},
+            {"prompt": [{"role": "system", "content": "be nice"}, *user], "responses": ["a", "b", "a"], "ranks": [0, 1, 2]}]
+    data = tmp_path / "k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rankings = read_kwise(data)
+    assert len(RankingDataset(rankings[:1], tokenizer, 64)) == 1  # the template renders the other prompt
+    expected = (rf"^{data}:2: the chat template of ckpt/mistral cannot render this prompt \(Conversation roles must "
+                r"alternate user/assistant/user/assistant/...\)$")
+    # as read, and as reward training and DPO pass the rankings on (repeats merged, pairs expanded)
+    for given in (rankings, [merge_repeated_responses(r) for r in rankings], expand_to_pairs(rankings, 0)):
+        with pytest.raises(UserError, match=expected):
+            RankingDataset(given, tokenizer, 64)
+    with pytest.raises(UserError, match=r"^the chat template of ckpt/mistral cannot render this prompt \(Conversation"):
+        render_prompt(tokenizer, rows[1]["prompt"])  # a caller that knows no line: the rest of the line

@@ -415,3 +415,78 @@ def test_a_line_that_is_not_a_json_object_is_named_as_such(tmp_path, reader, lin
     f.write_text(json.dumps(good) + "\n" + line + "\n")
     with pytest.raises(UserError, match=rf"^{f}:2: expected a JSON object, got {kind}$"):
         reader(f)
+
+
+ROLE_READERS = [  # (reader, a line holding `prompt`)
+    (formats.read_kwise, lambda prompt: {"prompt": prompt, "responses": ["a", "b"], "ranks": [0, 1]}),
+    (formats.read_trl_pairs, lambda prompt: {"prompt": prompt, "chosen": [{"role": "assistant", "content": "a"}],
+                                             "rejected": [{"role": "assistant", "content": "b"}]}),
+    (formats.read_prompts, lambda prompt: {"prompt": prompt}),
+]
+
+
+@pytest.mark.parametrize("reader,line", ROLE_READERS)
+@pytest.mark.parametrize("role", ["human", "tool", "User"])
+def test_a_message_of_a_role_no_template_renders_alike_is_refused_with_file_line_and_role(tmp_path, reader, line, role):
+    # the demo template renders system, user and assistant only: a "human" prompt was read as no text at all
+    good = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q?"}]
+    f = write_lines(tmp_path / "roles.jsonl", [line(good), line([{"role": role, "content": "How do I bake bread?"}])])
+    with pytest.raises(UserError, match=rf"^{f}:2[: ].*message 1 has the role '{role}'; a message's role is system, "
+                                        r"user or assistant"):
+        reader(f)
+    assert len(reader(write_lines(tmp_path / "good.jsonl", [line(good)]))) == 1
+
+
+@pytest.mark.parametrize("reader,line", ROLE_READERS)
+@pytest.mark.parametrize("prompt,last", [
+    ([{"role": "user", "content": "q?"}, {"role": "assistant", "content": "Sure:"}], "an assistant"),
+    ([{"role": "system", "content": "be brief"}], "a system"),
+])
+def test_a_prompt_that_does_not_end_with_the_users_turn_is_refused(tmp_path, reader, line, prompt, last):
+    # the responses are rendered as a new assistant turn: after an assistant message a second one in a row,
+    # after a system message alone an answer to no question
+    f = write_lines(tmp_path / "p.jsonl", [line(prompt)])
+    with pytest.raises(UserError, match=rf"^{f}:1[: ].*the prompt ends with {last} message, not with the user's turn"):
+        reader(f)
+
+
+@pytest.mark.parametrize("revision", ["1", 0, -1, 1.0, True])
+def test_a_revision_that_is_not_a_whole_number_from_1_is_refused_as_the_annotation_import_refuses_it(tmp_path, revision):
+    # read as it was, a revision "1" beside a revision 1 of the same prompt was left out as an earlier one
+    row = {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "ann"}
+    f = write_lines(tmp_path / "k.jsonl", [{**row, "revision": 1}, {**row, "prompt": "q", "revision": revision}])
+    with pytest.raises(UserError, match=rf"^{f}:2: .*revision must be a whole number from 1, got {re.escape(repr(revision))}"):
+        formats.read_kwise(f)
+    assert [r.meta["revision"] for r in formats.read_kwise(write_lines(tmp_path / "ok.jsonl", [{**row, "revision": 3}]))] == [3]
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"prompt": "p", "responses": ["a", "b"], "ranks": [0, ' + "9" * 5000 + "]}", "a number too long to read"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deep to read"),
+])
+def test_a_line_python_cannot_read_as_json_is_named_like_any_line_that_is_not_json(tmp_path, line, problem):
+    f = tmp_path / "k.jsonl"
+    f.write_text('{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}\n' + line + "\n")
+    for reader in (formats.read_kwise, lambda path: list(jsonl_rows(path))):
+        with pytest.raises(UserError, match=rf"^{f}:2: not valid JSON \({problem}\)$"):
+            reader(f)
+
+
+def test_a_file_without_permission_to_read_it_is_one_line(tmp_path, monkeypatch):
+    # as root chmod does not stop a read: the open is made to fail as it does for another user
+    from pathlib import Path
+
+    from align.files import read_text_file
+
+    f = write_lines(tmp_path / "k.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}])
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(UserError, match=rf"^{f}: cannot be read \(Permission denied\)$"):
+        formats.read_kwise(f)
+    with pytest.raises(UserError, match=rf"^{f}: cannot be read \(Permission denied\)$"):
+        read_text_file(f)
+    monkeypatch.undo()
+    assert len(formats.read_kwise(f)) == 1

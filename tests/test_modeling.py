@@ -155,3 +155,38 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_random_model, tmp_path,
     if damage == "broken tokenizer":
         with pytest.raises(UserError, match=expected):
             load_tokenizer(copy)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("no tokenizer.json", r"sft: cannot be loaded \(no tokenizer.json: Couldn't instantiate the backend tokenizer"),
+    ("a tokenizer.json of its version alone", r"sft: cannot be loaded \(its files lack 'added_tokens'"),
+    ("an empty config", r"sft: cannot be loaded \(Unrecognized model in .*Should have a `model_type` key"),
+    ("an unknown model type", r"sft: cannot be loaded \(The checkpoint you are trying to load has model type "
+                              r"`nosuchmodel` but Transformers does not recognize this architecture\."),
+    ("a config that is a list", r"sft/config.json: damaged \(not a JSON object\)$"),
+])
+def test_a_checkpoint_transformers_cannot_read_is_one_line_saying_what_is_wrong(tiny_random_model, tmp_path, damage,
+                                                                                expected):
+    import shutil
+
+    from reward.model import build_reward_model
+
+    copy = tmp_path / "sft"
+    shutil.copytree(tiny_random_model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    if damage == "no tokenizer.json":
+        (copy / "tokenizer.json").unlink()
+    elif damage == "a tokenizer.json of its version alone":
+        (copy / "tokenizer.json").write_text('{"version": "1.0"}')
+    else:
+        damaged = {"an empty config": {}, "an unknown model type": {**config, "model_type": "nosuchmodel"},
+                   "a config that is a list": [1, 2]}[damage]
+        (copy / "config.json").write_text(json.dumps(damaged))
+    files = {p.name: p.read_bytes() for p in copy.iterdir()}
+    loads = [load_tokenizer] if "tokenizer" in damage else [
+        lambda path: load_causal_lm(path, tokenizer=load_tokenizer(tiny_random_model)),
+        lambda path: build_reward_model(path, load_tokenizer(tiny_random_model))]
+    for load in loads:
+        with pytest.raises(UserError, match=expected):
+            load(copy)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == files  # read, never changed

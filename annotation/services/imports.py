@@ -66,6 +66,11 @@ def checked_prompt(content: Any, what: str) -> Any:
     if isinstance(content, list) and content and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in content
     ):
+        from align.chat import messages_problem
+
+        problem = messages_problem(content)  # the roles a template renders, ending with the user's turn
+        if problem:
+            raise Invalid(f"{what}: {problem}")
         return [{"role": _check_text(m["role"], what), "content": _check_text(m["content"], what)} for m in content]
     raise Invalid(f"{what} must be text or a list of {{role, content}} messages")
 

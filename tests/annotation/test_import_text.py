@@ -37,3 +37,17 @@ def test_an_import_of_a_line_training_refuses_is_a_422_naming_the_line_and_store
         assert r.status_code == 422 and "body:2: " in r.json()["detail"] and words in r.json()["detail"], r.text
         assert env.counts() == before
     assert env.client.get("/api/projects/new", headers=env.headers(env.admin_token)).status_code == 404
+
+
+def test_a_prompt_a_template_would_not_render_as_meant_is_refused_and_an_older_one_still_exports():
+    from align.formats import Ranking
+    from annotation.services.imports import Invalid, checked_prompt
+
+    assert checked_prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "q?"}], "prompt 1")
+    for messages, problem in [([{"role": "human", "content": "q?"}], "message 1 has the role 'human'"),
+                              ([{"role": "user", "content": "q?"}, {"role": "assistant", "content": "Sure:"}],
+                               "the prompt ends with an assistant message")]:
+        with pytest.raises(Invalid, match=rf"^prompt 1: {problem}"):
+            checked_prompt(messages, "prompt 1")
+        # a database may hold such a prompt from before: its rankings are still rankings, and export
+        assert Ranking(messages, ["a", "b"], [0, 1]).prompt == messages

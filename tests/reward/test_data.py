@@ -282,6 +282,23 @@ def test_an_all_revisions_export_trains_on_each_annotators_latest_ranking(tmp_pa
     assert "2 earlier revision(s)" in caplog.text
 
 
+@pytest.mark.parametrize("revision", ["1", 0])
+def test_a_revision_that_is_not_a_whole_number_from_1_stops_the_read_rather_than_leave_rankings_out(tmp_path, caplog,
+                                                                                                   revision):
+    # a revision "1" beside revision 1 read as an earlier revision, and a revision 0 as earlier than any
+    from align.errors import UserError
+    from reward.data import read_source
+
+    rows = [{"prompt": f"p{i}", "responses": ["a", "b"], "ranks": [0, 1], "annotator": "ann",
+             "revision": 1 if i < 3 else revision} for i in range(6)]
+    path = tmp_path / "revs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="align"), pytest.raises(
+            UserError, match=rf"^{path}:4: .*revision must be a whole number from 1, got {revision!r}"):
+        read_source("kwise", path)
+    assert "left out" not in caplog.text
+
+
 def test_synthetic_held_out_labels_are_the_gold_judges_one_per_distinct_ranking():
     # noisy annotators, three per prompt: their rankings of a held-out prompt disagree with the gold
     # judge and with each other, and the held-out accuracy must be against the gold order, once per prompt
