@@ -45,11 +45,12 @@ def score(
                                   help="Write JSONL here (default: stdout); each input line + `reward`, `reward_raw`.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
+    force: Annotated[bool, typer.Option(help="Replace --out if it already exists (never the --input file or a "
+                                             "file of the reward model).")] = False,
 ) -> None:
     """Score prompt/response pairs in batches with a trained reward model."""
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise UserError(f"--out {out}: " + ("a directory, not a file" if out.is_dir()
-                                          else f"its directory {out.parent} does not exist"))
+    if out is not None:
+        check_score_out(out, input, model, force)
     rows = read_score_input(input)
     from reward.model import load_reward_model
 
@@ -68,9 +69,31 @@ def score(
         typer.echo(f"scored {len(rows)} responses -> {out}", err=True)
 
 
+def check_score_out(out: Path, input: Path, model: Path, force: bool) -> None:
+    """--out before anything is read or written: a new file, or with --force one to replace, but never
+    the input or a file of a checkpoint the scores come from (a model's config.json overwritten with
+    scores would be a model lost)."""
+    from align.modeling import adapter_chain
+    from reward.run_dir import model_dir
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: " + ("a directory, not a file" if out.is_dir()
+                                          else f"its directory {out.parent} does not exist"))
+    if out.exists() and input.is_file() and out.samefile(input):
+        raise UserError(f"--out {out} is the --input file: choose another --out")
+    target = out.resolve()
+    for checkpoint in adapter_chain(model_dir(model), find_only=True):  # the model, and an adapter's bases
+        if checkpoint.resolve() in target.parents:
+            raise UserError(f"--out {out} is inside {checkpoint}, a checkpoint the scores are read from: "
+                            "choose another --out")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+
+
 def read_score_input(path: Path) -> list[dict]:
     from align.files import jsonl_rows
-    from align.formats import check_prompt, refuse_lone_surrogates
+    from align.formats import check_prompt
+    from align.text_checks import refuse_lone_surrogates
 
     rows = []
     for lineno, row in jsonl_rows(path):
@@ -101,10 +124,24 @@ def evaluate(
     from reward.evaluate import evaluate_rankings, format_table
     from reward.model import load_reward_model
 
-    rankings = with_pairs([merge_repeated_responses(r) for r in read_source(format, data)])
+    read = read_source(format, data)
+    if not read:
+        raise UserError(no_rankings_problem(data, format))
+    rankings = with_pairs([merge_repeated_responses(r) for r in read])
     if not rankings:
         raise UserError(f"{data}: no ranking states a preference (each is all ties or has one response)")
     rm = load_reward_model(model)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
                                 gain=rm.gain, bias=rm.bias)
     typer.echo(format_table(metrics))
+
+
+def no_rankings_problem(data: Path, format: str) -> str:
+    """Why a rankings file gave no ranking at all, in words true of it (a reader says what it found otherwise:
+    an OpenAssistant file without ranked replies)."""
+    from align.files import jsonl_rows
+
+    rows = jsonl_rows(data)
+    empty = next(rows, None) is None
+    rows.close()
+    return f"{data} is empty: no rankings to evaluate on" if empty else f"{data}: no rankings in it"

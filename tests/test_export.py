@@ -187,14 +187,35 @@ def test_reward_export_keeps_scores_and_provenance(tiny_reward_run, tiny_random_
     assert "data: synthetic" in card
 
 
-def test_a_fully_fine_tuned_reward_model_exported_with_adapter_says_it_is_whole(random_reward_model, tmp_path):
-    # --adapter asks for the adapter; a fully fine-tuned reward model has none and is copied whole: its card
-    # says what the folder holds, not "PEFT adapter"
-    out = export_run(random_reward_model, tmp_path / "rm", merge=False)
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_a_fully_fine_tuned_reward_model_export_says_it_is_whole_and_nothing_merged(random_reward_model, tmp_path,
+                                                                                   merge):
+    # a fully fine-tuned reward model has no adapter and is copied whole whichever was asked: its card says
+    # what the folder holds, neither "PEFT adapter" nor "merged"
+    out = export_run(random_reward_model, tmp_path / "rm", merge=merge)
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card and "full weights of a fully fine-tuned model" in card
+    assert "no adapter merged" in card and "merged weights" not in card
     assert "peft" not in card.lower()
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+@pytest.mark.parametrize("size", ["half", "empty"])
+def test_truncated_weights_are_refused_before_anything_is_written(tiny_ppo_run, random_reward_model, tmp_path,
+                                                                  merge, size):
+    # an adapter export and a fully fine-tuned reward model copy the weights without loading them
+    policy_run = shutil.copytree(tiny_ppo_run, tmp_path / "run")
+    reward_model = shutil.copytree(random_reward_model, tmp_path / "rm")
+    for weights in (policy_run / "policy" / "adapter_model.safetensors", reward_model / "model.safetensors"):
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2 if size == "half" else 0)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for source, weights in [(policy_run, policy_run / "policy" / "adapter_model.safetensors"),
+                            (reward_model, reward_model / "model.safetensors")]:
+        with pytest.raises(UserError, match=rf"^{re.escape(str(weights))}: damaged or truncated weights \("):
+            export_run(source, tmp_path / "out" / "export", merge=merge)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no temporary
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -60,6 +60,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
         raise UserError(f"--out {out} overlaps the run {run}: choose a directory outside it")
     source = _source_dir(run, kind)
     check_model_files(source)  # one line for a damaged run, never an export without weights
+    _check_weights_whole(source)  # an export that copies them would pass a truncated file on
     for checkpoint in _checkpoints_read(run, kind, source):
         if _overlaps(out, checkpoint):  # --force would replace a base the export itself stands on
             raise UserError(f"--out {out} overlaps {checkpoint}, a checkpoint the export reads: "
@@ -77,8 +78,9 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
             _export_policy(run, tmp, merge)
         else:
             _export_reward(run, tmp, merge)
-        # what was written: a fully fine-tuned reward model is whole whichever was asked
-        form = "adapter" if (tmp / "adapter_config.json").exists() else "merged" if merge else "full"
+        # what was written: a fully fine-tuned reward model is whole whichever was asked, and nothing merged
+        form = ("adapter" if (tmp / "adapter_config.json").exists()
+                else "merged" if (source / "adapter_config.json").exists() else "full")
         (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
     log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
              FORMS[form], out)
@@ -91,6 +93,19 @@ def _source_dir(run: Path, kind: str) -> Path:
     from reward.run_dir import model_dir
 
     return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+
+
+def _check_weights_whole(directory: Path) -> None:
+    """Each safetensors file in `directory` whole, or one line naming the damaged one, before anything is
+    written: an adapter, and a fully fine-tuned reward model, are copied without being loaded. Opening a
+    file reads only its header, which must account for every byte of it (a cut or padded file fails)."""
+    from safetensors import safe_open
+
+    from align.modeling import reading_checkpoint
+
+    for path in sorted(directory.glob("*.safetensors")):
+        with reading_checkpoint(path), safe_open(str(path), framework="numpy"):
+            pass
 
 
 def _overlaps(out: Path, other: Path) -> bool:
@@ -254,7 +269,7 @@ def _typed_ppo_config(config: dict[str, Any]) -> Any:
 # an export's model card has one of these lines: what tells an earlier export that --force may replace
 CARD_TITLES = ("# Aligned policy exported by align", "# Reward model exported by align")
 FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights (safetensors)",
-         "full": "full weights of a fully fine-tuned model (safetensors)"}
+         "full": "full weights of a fully fine-tuned model (safetensors), as trained: no adapter merged"}
 
 
 def model_card(run: Path, kind: str, form: str) -> str:

@@ -19,21 +19,25 @@ def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
     from sqlalchemy.exc import ArgumentError, DatabaseError
 
     from annotation.db import open_db
+    from annotation.db_url import masked
     from annotation.services import export_rankings, get_project
 
     try:
         url = make_url(db_url)
     except ArgumentError:
-        raise UserError(f"data.db_url: {db_url!r} is not a database URL (sqlite:///FILE, postgresql://...)") from None
+        raise UserError(f"data.db_url: {masked(db_url)!r} is not a database URL (sqlite:///FILE, postgresql://...)") from None
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
             and not Path(url.database).is_file():
         raise UserError(f"data.db_url: database not found: {url.database}")
     try:
         make_session = open_db(db_url)
+    except UserError as exc:  # no server, a file that is no database: said of the key that named it
+        raise UserError(f"data.db_url: {exc}") from None
+    try:
         with make_session() as db:
             return list(export_rankings(db, get_project(db, project)))
     except DatabaseError as exc:
-        raise UserError(f"data.db_url: cannot read {db_url} ({str(exc.orig or exc).splitlines()[0]})") from None
+        raise UserError(f"data.db_url: cannot read {masked(db_url)} ({str(exc.orig or exc).splitlines()[0]})") from None
 
 
 def register_ranking_sources() -> None:

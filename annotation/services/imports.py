@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from align.errors import UserError
 from align.formats import Candidate as CandidateIn
-from align.formats import PromptRecord, check_json_value
+from align.formats import PromptRecord
+from align.text_checks import check_json_value
 from annotation.db import refresh_planner_statistics
 from annotation.models import Candidate, Project, Prompt
 from annotation.raw_sql import on_postgresql
@@ -333,7 +334,6 @@ def read_records(fmt: str, path: Any) -> list:
     import zlib
 
     from align import formats
-    from align.files import jsonl_rows
 
     if fmt not in IMPORT_FORMATS:
         raise Invalid(f"unknown import format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
@@ -350,10 +350,5 @@ def read_records(fmt: str, path: Any) -> list:
     except (OSError, RecursionError) as exc:
         raise Invalid(f"{path}: cannot be read ({exc})") from None
     if not records:
-        trees = sum(1 for _ in jsonl_rows(path)) if fmt == "oasst" else 0
-        if trees:  # read_oasst keeps only sibling replies an annotator ranked
-            held = "its message tree has no" if trees == 1 else f"none of its {trees} message trees has"
-            raise Invalid(f"{path}: no ranked replies: {held} two sibling assistant replies that both carry a rank "
-                          "(a reply whose rank is null is left out); nothing imported")
         raise Invalid(f"{path}: no records (the file is empty); nothing imported")
     return records

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from align.formats import text_problem
+from align.text_checks import text_problem
 from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
 from annotation.models import Project, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
@@ -206,7 +206,7 @@ def get_task(db: Session, user: User, assignment_id: int, *, members_only: bool 
 
 def check_text(value: Any, what: str, limit: int) -> str:
     """A string the database can store: at most `limit` characters, no NUL and no lone
-    surrogate (`align.formats.text_problem`)."""
+    surrogate (`align.text_checks.text_problem`)."""
     if not isinstance(value, str):
         raise Invalid(f"{what} must be a string")
     if len(value) > limit:

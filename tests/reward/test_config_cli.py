@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,11 +190,72 @@ def test_score_that_fails_while_writing_leaves_the_earlier_file_whole(random_rew
 
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", disk_full)
-    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out), "--force")
     assert code == 2 and err == f"error: cannot write {out}: No space left on device\n"
     assert out.read_text() == "earlier scores\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl",
                                                                                                   "scores.jsonl"]
     monkeypatch.setattr(os, "fsync", real_fsync)
-    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out), "--force")
     assert code in (0, None) and err == f"scored 1 responses -> {out}\n"
     assert sorted(json.loads(out.read_text())) == ["prompt", "response", "reward", "reward_raw"]
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_score_replaces_an_existing_out_only_with_force(random_reward_model, tmp_path, capsys):
+    good, out = tmp_path / "in.jsonl", tmp_path / "scores.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    out.write_text("earlier scores\n")
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    assert code == 2 and err == f"error: {out} already exists; choose another --out or pass --force to replace it\n"
+    assert _contents(tmp_path) == {"in.jsonl": good.read_bytes(), "scores.jsonl": b"earlier scores\n"}
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out), "--force")
+    assert code in (0, None) and sorted(json.loads(out.read_text())) == ["prompt", "response", "reward", "reward_raw"]
+
+
+def test_score_never_writes_over_its_input_or_into_the_model_even_with_force(random_reward_model, tmp_path,
+                                                                              capsys):
+    run = tmp_path / "run"
+    model = shutil.copytree(random_reward_model, run / "model")
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(model / "config.json")
+    before = _contents(tmp_path)
+    for model_arg in (run, model):
+        for out, expected in [
+            (good, f"--out {good} is the --input file"),
+            (model / "config.json", f"--out {model / 'config.json'} is inside {model}, a checkpoint the scores"),
+            (model / "scores.jsonl", f"--out {model / 'scores.jsonl'} is inside {model}, a checkpoint the scores"),
+            (link, f"--out {link} is inside {model}, a checkpoint the scores"),
+        ]:
+            for force in ([], ["--force"]):
+                code, err = _score(capsys, "-m", str(model_arg), "-i", str(good), "-o", str(out), *force)
+                assert code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, (out, err)
+    assert _contents(tmp_path) == before and link.is_symlink()
+
+
+def _eval(capsys, *args):
+    from align.commands.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["reward", "eval", *args])
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_eval_says_why_a_file_gave_no_rankings(tmp_path, capsys):
+    empty, blank, unranked = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "oasst.jsonl"
+    empty.write_text("")
+    blank.write_text("\n\n")
+    unranked.write_text(json.dumps({"prompt": {"message_id": "m1", "role": "prompter", "text": "hi", "replies": [
+        {"message_id": "m2", "role": "assistant", "text": "hello", "rank": None, "replies": []}]}}) + "\n")
+    missing = str(tmp_path / "no-model")  # never reached: the data is refused first
+    cases = [(empty, fmt, f"{empty} is empty: no rankings to evaluate on") for fmt in ("kwise", "trl", "hh", "oasst")]
+    cases += [(blank, "trl", f"{blank} is empty: no rankings to evaluate on"),
+              (unranked, "oasst", f"{unranked}: no ranked replies: its message tree has no two sibling assistant "
+                                  "replies that both carry a rank (a reply whose rank is null is left out)")]
+    for data, fmt, expected in cases:
+        code, err = _eval(capsys, "-m", missing, "-d", str(data), "-f", fmt)
+        assert code == 2 and err == f"error: {expected}\n", (data, fmt, err)

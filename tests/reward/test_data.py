@@ -330,3 +330,16 @@ def test_a_separate_eval_file_is_read_with_repeated_responses_kept_once(tmp_path
     assert set(by_prompt) == {"held out", "held out too"} and len(data.train) == 4
     assert (by_prompt["held out"].responses, by_prompt["held out"].ranks) == (["a", "b"], [0, 1])
     assert (by_prompt["held out too"].responses, by_prompt["held out too"].ranks) == (["c", "d"], [1, 0])
+
+
+def test_an_annotation_database_that_cannot_be_opened_is_said_of_its_key_without_the_password():
+    from align.commands.sources import register_ranking_sources
+    from align.errors import UserError
+    from reward.config import DataSection
+
+    register_ranking_sources()
+    for url in ("postgresql+psycopg://u:s3cret@127.0.0.1:1/x", "postgresql+nosuchdriver://u:s3cret@127.0.0.1/x"):
+        with pytest.raises(UserError) as info:
+            load_reward_data(DataSection(format="annotation", db_url=url, project="rm"))
+        assert str(info.value).startswith("data.db_url: ") and "u:***@" in str(info.value), str(info.value)
+        assert "s3cret" not in str(info.value)
