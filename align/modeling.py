@@ -28,10 +28,15 @@ def position_ids_from_mask(attention_mask: Any) -> Any:
 def prompt_cache_rows(cache: Any, rows: Any) -> Any:
     """A new cache holding the rows `rows` (a (n,) index) of a prompt batch's KV cache: each
     continuation reads its own prompt's keys and values. Built through `DynamicCache`'s public
-    constructor from per-layer (keys, values) pairs."""
+    constructor from per-layer (keys, values) pairs.
+
+    Rows repeat (a prompt's K responses), so the backward adds several gradients into one row: on the
+    CPU, indexing's backward adds them in the order its threads arrive (a run is not reproducible),
+    index_select's in index order; on CUDA the reverse holds (torch.use_deterministic_algorithms)."""
     from transformers import DynamicCache
 
-    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
+    pick = (lambda t: t.index_select(0, rows)) if rows.device.type == "cpu" else (lambda t: t[rows])
+    return DynamicCache([(pick(layer.keys), pick(layer.values)) for layer in cache.layers])
 
 
 def cache_argument(model: Any) -> str:

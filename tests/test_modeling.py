@@ -190,3 +190,25 @@ def test_a_checkpoint_transformers_cannot_read_is_one_line_saying_what_is_wrong(
         with pytest.raises(UserError, match=expected):
             load(copy)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == files  # read, never changed
+
+
+def test_the_backward_through_a_prompts_repeated_cache_rows_is_the_same_every_time():
+    # each prompt's K responses read its cache rows: on the CPU the gradients added into one row came
+    # in the order the threads arrived, so no two runs of a reward or DPO stage were alike
+    import torch
+    from transformers import DynamicCache
+
+    from align.modeling import prompt_cache_rows
+
+    torch.set_num_threads(2)  # (the suite's fixture restores the count)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(16, 4, 23, 32, generator=generator)  # the demo's shape: 47k elements a layer
+    rows = torch.arange(4).repeat(5)[torch.randperm(20, generator=generator)]  # each row read 5 times, apart
+    weights = torch.randn(20, 4, 23, 32, generator=generator)
+    grads = set()
+    for _ in range(100):
+        leaf = keys.clone().requires_grad_()
+        cache = prompt_cache_rows(DynamicCache([(leaf, leaf * 1.0)]), rows)
+        (cache.layers[0].keys * weights).sum().backward()
+        grads.add(leaf.grad.numpy().tobytes())
+    assert len(grads) == 1
