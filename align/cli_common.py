@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,7 +71,8 @@ def _relative_path_hint(run: Path, problem: str) -> str:
     except ConfigError:
         return ""
     for value in values:
-        if f"not found: {value}" in problem and not Path(value).is_absolute() and not value.startswith("~"):
+        named = re.search(rf"not found: {re.escape(value)}(?:$|[\s,;)])", problem)  # the whole path, not a prefix
+        if named and not Path(value).is_absolute() and not value.startswith("~"):
             return (f" ({value} is relative to the folder the run was started in: resume from that folder, or "
                     "put the file back)")
     return ""

@@ -57,13 +57,6 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-# the `overwrite` key of every training stage (align.checkpoint.check_run_dir)
-OVERWRITE_HELP = (
-    "Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs are "
-    "removed once the new run has loaded (other files stay; another stage's run, a folder holding files of a run's "
-    "names but no run's config.yaml, and a run reading a model or file from what would be removed, are refused).")
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -500,5 +493,4 @@ __all__ = [
     "check",
     "ConfigError",
     "LoraOptions",
-    "OVERWRITE_HELP",
 ]

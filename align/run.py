@@ -25,6 +25,11 @@ from align.errors import UserError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+# the `overwrite` key of every training stage (align.checkpoint.check_run_dir)
+OVERWRITE_HELP = (
+    "Start a fresh run in an output_dir that holds an earlier run of this stage: its checkpoints and outputs are "
+    "removed once the new run has loaded (other files stay; another stage's run, a folder holding files of a run's "
+    "names but no run's config.yaml, and a run reading a model or file from what would be removed, are refused).")
 
 
 def peak_memory_mb() -> float:

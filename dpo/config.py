@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from align.config import OVERWRITE_HELP, LoraOptions, option
+from align.config import LoraOptions, option
+from align.run import OVERWRITE_HELP
 from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 from reward.config import DataSection
 

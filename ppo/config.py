@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from align.config import OVERWRITE_HELP, LoraOptions, check, check_input_file, option
+from align.config import LoraOptions, check, check_input_file, option
+from align.run import OVERWRITE_HELP
 from align.tracking import REPORT_TO_HELP, WANDB_PROJECT_HELP, ReportTo
 
 

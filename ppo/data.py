@@ -41,8 +41,13 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
 def check_held_out(held_out: list[Prompt], training: list[Prompt], held_out_key: str, training_key: str) -> None:
     """Refuse held-out prompts that are also training prompts: the results sampled on them would
     measure the training prompts and pass for held-out ones (the reward stage refuses such a split too)."""
-    trained = {json.dumps(p, sort_keys=True) for p in training}
-    shared = sum(json.dumps(p, sort_keys=True) in trained for p in held_out)
+    from align.chat import as_messages
+
+    def key(prompt: Prompt) -> str:  # a text and the one user turn holding it are one prompt to the model
+        return json.dumps(as_messages(prompt), sort_keys=True)
+
+    trained = {key(p) for p in training}
+    shared = sum(key(p) in trained for p in held_out)
     if shared:
         raise UserError(f"{shared} of the {len(held_out)} held-out prompts ({held_out_key}) are also training "
                         f"prompts ({training_key}): the held-out results would measure the training prompts; "

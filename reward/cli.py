@@ -86,6 +86,8 @@ def check_score_out(out: Path, input: Path, model: Path, force: bool) -> None:
         if checkpoint.resolve() in target.parents:
             raise UserError(f"--out {out} is inside {checkpoint}, a checkpoint the scores are read from: "
                             "choose another --out")
+    if model.resolve() in target.parents:  # a reward run's folder: its config, metrics and summary
+        raise UserError(f"--out {out} is inside the run {model} the scores are read from: choose another --out")
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
 

@@ -110,18 +110,19 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     check_model_files(base_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
-    try:
+    try:  # (inside reading_checkpoint, which says any other ValueError of a load as one line)
         with reading_checkpoint(base_path):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                base_path, num_labels=1, dtype=dtype,
-                attn_implementation=None if attn_implementation == "auto" else attn_implementation)
-    except ValueError as exc:
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        raise UserError(f"{base_path}: transformers has no sequence-classification head for its model type "
-                        f"{json.loads((base_path / 'config.json').read_text()).get('model_type')!r}, so it cannot be a "
-                        "reward model; train the reward model on a checkpoint of another family (PPO and DPO take "
-                        "this one as the policy)") from None
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    base_path, num_labels=1, dtype=dtype,
+                    attn_implementation=None if attn_implementation == "auto" else attn_implementation)
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc):
+                    raise
+                model_type = json.loads((base_path / "config.json").read_text()).get("model_type")
+                raise UserError(f"{base_path}: transformers has no sequence-classification head for its model type "
+                                f"{model_type!r}, so it cannot be a reward model; train the reward model on a "
+                                "checkpoint of another family (PPO and DPO take this one as the policy)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not is_encoder(model.config):

@@ -242,19 +242,20 @@ def test_a_refused_continue_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith("annotation.db")} == before
 
 
+@pytest.mark.parametrize("config", ["x: 1\n", "model: gpt2\nseed: 1\n"])  # keys of another tool, some a demo's too
 @pytest.mark.parametrize("force", [False, True])
-def test_a_folder_that_only_shares_names_with_a_demo_is_not_deleted(tmp_path, force):
+def test_a_folder_that_only_shares_names_with_a_demo_is_not_deleted(tmp_path, force, config):
     # --force deleted a user's `export` folder beside a config.yaml of another tool
     out = tmp_path / "mine"
     (out / "export").mkdir(parents=True)
     (out / "export" / "README.md").write_text("my exported model")
-    (out / "config.yaml").write_text("x: 1\n")
+    (out / "config.yaml").write_text(config)
     with pytest.raises(UserError) as info:
         run_demo(out, config_path=None, overrides=[f"model={tmp_path / 'no-model'}"], force=force)
     assert str(info.value) == (f"{out} holds export, config.yaml, and no demo's config.yaml: it is not an earlier "
                                "demo's folder, and the demo would write over them; choose another --out")
     assert sorted(p.name for p in out.rglob("*")) == ["README.md", "config.yaml", "export"]
-    assert (out / "config.yaml").read_text() == "x: 1\n"
+    assert (out / "config.yaml").read_text() == config
 
 
 def test_force_does_not_delete_a_database_alone(tmp_path):

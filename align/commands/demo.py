@@ -31,7 +31,7 @@ import secrets
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +39,7 @@ from align.config import check, check_input_file, load_config, option, save_conf
 from align.errors import ConfigError, UserError
 from align.resources import configs_dir
 from align.run import make_directory, write_json_atomic, write_jsonl_atomic
+from annotation.db_url import SQLITE_COMPANIONS
 
 log = logging.getLogger("align")
 
@@ -49,7 +50,7 @@ DATABASE = "annotation.db"
 # anything else, so none survives to describe a policy whose run is being redone.
 RESULTS = ("report.md", "summary.json", "export", "comparison.jsonl", "gold_scores.png")
 DEMO_FILES = (*RESULTS, "reward", "ppo", "dpo", "rankings.kwise.jsonl", "config.yaml", DATABASE,
-              *(DATABASE + tail for tail in ("-wal", "-shm", "-journal", ".writer-lock")))
+              *(DATABASE + tail for tail in SQLITE_COMPANIONS))
 
 
 @dataclass
@@ -164,13 +165,16 @@ def earlier_demo(out: Path) -> list[str]:
 def holds_demo_config(out: Path) -> bool:
     """Whether `out`'s config.yaml is a demo's: a folder whose names merely match (an `export` of the
     user's, another tool's config.yaml) is not an earlier demo, and nothing in it is the demo's to delete."""
-    from align.config import ConfigError, foreign_keys, read_yaml_mapping
+    from align.config import read_yaml_mapping
 
     try:
         mapping = read_yaml_mapping(out / "config.yaml")
     except ConfigError:
         return False
-    return bool(mapping) and not foreign_keys(DemoConfig, mapping)
+    # a demo writes every key (the earliest demos had these four already); another file with a key or two of
+    # the same names (`model`, `seed`) is not one
+    return (set(mapping) <= {f.name for f in fields(DemoConfig)}
+            and {"num_prompts", "k", "num_annotators", "agreement"} <= set(mapping))
 
 
 def check_earlier_demo(out: Path, *, force: bool, resume_from_db: bool, serve: bool) -> list[str]:

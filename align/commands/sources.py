@@ -18,6 +18,7 @@ def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, DatabaseError
 
+    from align.chat import messages_problem
     from annotation.db import open_db
     from annotation.db_url import masked
     from annotation.services import export_rankings, get_project
@@ -35,9 +36,14 @@ def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
         raise UserError(f"data.db_url: {exc}") from None
     try:
         with make_session() as db:
-            return list(export_rankings(db, get_project(db, project)))
+            rankings = list(export_rankings(db, get_project(db, project)))
     except DatabaseError as exc:
         raise UserError(f"data.db_url: cannot read {masked(db_url)} ({str(exc.orig or exc).splitlines()[0]})") from None
+    for ranking in rankings:  # a database may hold prompts from before the readers' rules: held to them, as a file is
+        problem = isinstance(ranking.prompt, list) and messages_problem(ranking.prompt)
+        if problem:
+            raise UserError(f"data.db_url: project {project!r}, prompt {ranking.prompt_id!r}: {problem}")
+    return rankings
 
 
 def register_ranking_sources() -> None:

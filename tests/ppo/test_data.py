@@ -139,8 +139,8 @@ def test_a_bad_prompts_file_is_refused_before_any_model_loads(small_run, tmp_pat
 def test_held_out_prompts_that_are_training_prompts_are_counted_and_refused():
     chat = [{"role": "user", "content": "b"}]
     check_held_out(["x", [{"role": "user", "content": "y"}]], ["a", chat, "c"], "eval_prompts", "prompts")  # none shared
-    with pytest.raises(UserError) as info:  # "b" as text is another prompt than "b" as a conversation
-        check_held_out(["a", [{"content": "b", "role": "user"}], "b"], ["a", chat, "c"], "eval_prompts", "prompts")
+    with pytest.raises(UserError) as info:  # "c" as text is the one user turn [{"user", "c"}]: the same input
+        check_held_out([[{"content": "c", "role": "user"}], "b", "d"], ["a", chat, "c"], "eval_prompts", "prompts")
     assert str(info.value) == ("2 of the 3 held-out prompts (eval_prompts) are also training prompts (prompts): the "
                                "held-out results would measure the training prompts; give eval_prompts prompts that "
                                "are not in prompts")

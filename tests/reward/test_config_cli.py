@@ -234,6 +234,11 @@ def test_score_never_writes_over_its_input_or_into_the_model_even_with_force(ran
             for force in ([], ["--force"]):
                 code, err = _score(capsys, "-m", str(model_arg), "-i", str(good), "-o", str(out), *force)
                 assert code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, (out, err)
+    (run / "summary.json").write_text("{}")  # the run's record, beside its model
+    before = _contents(tmp_path)
+    code, err = _score(capsys, "-m", str(run), "-i", str(good), "-o", str(run / "summary.json"), "--force")
+    assert code == 2 and err == f"error: --out {run / 'summary.json'} is inside the run {run} the scores are read " \
+                               "from: choose another --out\n"
     assert _contents(tmp_path) == before and link.is_symlink()
 
 

@@ -343,3 +343,26 @@ def test_an_annotation_database_that_cannot_be_opened_is_said_of_its_key_without
             load_reward_data(DataSection(format="annotation", db_url=url, project="rm"))
         assert str(info.value).startswith("data.db_url: ") and "u:***@" in str(info.value), str(info.value)
         assert "s3cret" not in str(info.value)
+
+
+def test_a_databases_prompt_from_before_the_readers_rules_is_held_to_them_and_still_exports(tmp_path, monkeypatch):
+    # a prompt ending with an assistant turn, imported before the readers refused it: a file of it is refused,
+    # so training on it straight from the database is too, and the export still writes it (nothing lost)
+    import align.chat
+    from align.commands.sources import register_ranking_sources
+    from align.errors import UserError
+    from annotation.db import open_db
+    from annotation.services import create_project, export_rankings, get_project, import_rankings
+    from reward.config import DataSection
+
+    url = f"sqlite:///{tmp_path / 'ann.db'}"
+    make_session = open_db(url)
+    older = [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "Sure:"}]
+    with monkeypatch.context() as patch, make_session() as db:  # the import as it was: no rule on the turns
+        patch.setattr(align.chat, "messages_problem", lambda messages, prompt=True: None)
+        import_rankings(db, create_project(db, "rm", k=2), [Ranking(older, ["a", "b"], [0, 1], "ann", "p1")], "kwise")
+    with make_session() as db:
+        assert [r.prompt for r in export_rankings(db, get_project(db, "rm"))] == [older]
+    register_ranking_sources()
+    with pytest.raises(UserError, match=r"^data.db_url: project 'rm', prompt 'p1': the prompt ends with an assistant"):
+        load_reward_data(DataSection(format="annotation", db_url=url, project="rm"))
