@@ -145,7 +145,7 @@ def invite(
     """Print a one-use invite link (7 days) with which a person picks their own password."""
     from annotation import services
 
-    with _sessionmaker(db)() as s:
+    with _sessionmaker(db, create=project is None)() as s:  # (a first admin's invite may start a database)
         target = services.get_project(s, project) if project is not None else None
         token = services.create_invite(s, "admin" if admin else "annotator", project=target)
     typer.echo(f"{base_url.rstrip('/')}/invite/{token}")
@@ -289,7 +289,7 @@ def generate(
                         f"got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be above 0 and at most 1 (the K candidates of a prompt are sampled), got {top_p}")
-    with _sessionmaker(db)() as s:
+    with _sessionmaker(db, create=False)() as s:  # its project is there already
         pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=response_length, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=True)

@@ -325,7 +325,8 @@ def test_commands_that_only_read_refuse_a_database_that_is_not_there(tmp_path, c
     import still creates a new one."""
     monkeypatch.setenv("ALIGN_USER_PASSWORD", "a quiet harbour at dusk")
     typo = tmp_path / "anotation.db"
-    for argv in (["export", "-p", "x", "-o", str(tmp_path / "o.jsonl")], ["token", "ann"], ["set-password", "ann"]):
+    for argv in (["export", "-p", "x", "-o", str(tmp_path / "o.jsonl")], ["token", "ann"], ["set-password", "ann"],
+                 ["generate", "-p", "x"], ["invite", "-p", "x"]):  # (these two need the project there)
         code, text = run(["annotate", *argv, "--db", f"sqlite:///{typo}"], capsys)
         _one_line_refusal(code, text, f"database not found: {typo}")
     assert list(tmp_path.iterdir()) == []
