@@ -162,3 +162,15 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     assert "--continue" in cli._continue_hint(["demo", "--out", "d"])
     assert "--serve serves it again" in cli._continue_hint(["demo", "--serve", "--out", "d"])
     assert cli._continue_hint(["export", "run", "--out", "x"]) == ""
+
+
+def test_the_commands_are_registered_once_however_often_main_runs(capsys):
+    # each in-process call added every command again, and typer built every copy on each later call
+    from align.commands import cli
+
+    for _ in range(3):
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+    commands = [c.name for c in cli.app.registered_commands]
+    assert len(commands) == len(set(commands)) and {"ppo", "dpo", "export", "demo"} <= set(commands)
+    assert sorted(g.name for g in cli.app.registered_groups) == ["annotate", "reward"]

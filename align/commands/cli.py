@@ -44,6 +44,10 @@ app = typer.Typer(
 def _register_stages() -> None:
     # Imported here, not above, so a stage's CLI module stays the only place that knows
     # its commands; each of these modules imports only typer and the standard library.
+    # Once per process: `main` called again (in process, as the tests do) would add every
+    # command again, and typer builds each copy on every later call.
+    if app.registered_commands:
+        return
     from align.commands.memory_plan import memory_plan_command
     from align.commands.sources import register_ranking_sources
     from annotation.cli import app as annotate_app
