@@ -5,8 +5,10 @@ held-out `eval` metrics at the last step. `RunLog` keeps metrics.jsonl and the s
 
 Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
 only when asked for; a missing package is a one-line error before any training starts. A resumed
-run continues the same history: TensorBoard drops the events logged after the checkpoint (they are
-logged again, as metrics.jsonl's rows are); W&B continues the run it started (its id is kept in
+run continues the same history: TensorBoard drops the events logged at and after the checkpoint's
+step (those after it are logged again, as metrics.jsonl's rows are; the checkpoint step's rows are sent
+again from metrics.jsonl, so held-out results logged there when the run ended are not shown twice when a
+finished run is resumed); W&B continues the run it started (its id is kept in
 the run directory) and keeps the values first logged at a step, so the steps after the checkpoint
 show the stopped run's values there (the resumed run's are the same up to float rounding).
 """
@@ -34,6 +36,9 @@ class NullTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def restore(self, rows: list[dict[str, Any]], step: int) -> None:
+        """A resumed run's metrics.jsonl rows at its checkpoint's `step`, for a sink that dropped them."""
+
     def close(self, failed: bool = False) -> None:
         """`failed`: the run stopped on an error (W&B marks the run failed)."""
 
@@ -44,13 +49,18 @@ class TensorBoardTracker(NullTracker):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("report_to=tensorboard needs TensorBoard: pip install 'align[tensorboard]'") from None
-        # purge_step: events at or after it, written before the run stopped, are dropped on reading
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=None if resumed_at is None else resumed_at + 1)
+        # purge_step: events at or after it, written before the run stopped, are dropped on reading;
+        # from the checkpoint's step, whose own rows `restore` writes again
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
+
+    def restore(self, rows: list[dict[str, Any]], step: int) -> None:
+        for row in rows:
+            self.log(row, step)
 
     def close(self, failed: bool = False) -> None:
         self.writer.close()  # writes out the queued events
@@ -105,7 +115,8 @@ class RunLog:
 
     Opened as the run starts writing to its directory (align.checkpoint.start_run_dir): a resumed
     run first drops the rows after its checkpoint (`resumed_at`, the value of `step_key` there),
-    which it writes again, and keeps the earlier ones (`kept`). `close` sends the summary's held-out
+    which it writes again, and keeps the earlier ones (`kept`; the sink gets the checkpoint step's
+    again where it dropped them). `close` sends the summary's held-out
     metrics (its `eval` keys) to the sink at the last step and closes both; a run that stops on an
     error closes them with `close(failed=True)`, so the sink writes out what it had queued."""
 
@@ -121,6 +132,8 @@ class RunLog:
         self.metrics = MetricsWriter(run_dir / METRICS_FILE, append=resumed)
         try:
             self.tracker = make_tracker(report_to, run_dir, wandb_project, config_to_dict(cfg), resumed_at=resumed_at)
+            if resumed:
+                self.tracker.restore([row for row in self.kept if row.get(step_key) == resumed_at], resumed_at)
         except BaseException:
             self.metrics.close()
             raise

@@ -20,16 +20,23 @@ from align.tracking import RunLog, make_tracker
 
 
 class RecordingWriter:
-    """Stands in for torch.utils.tensorboard.SummaryWriter: keeps what each writer was given."""
+    """Stands in for torch.utils.tensorboard.SummaryWriter: keeps what each writer was given, and what
+    TensorBoard shows of a log directory (`shown`): a writer's `purge_step` hides the events the
+    earlier writers logged at or after it, as TensorBoard does on reading."""
 
     writers: list[RecordingWriter] = []
+    shown: dict[str, list[tuple[str, float, int]]] = {}
 
     def __init__(self, log_dir: str, purge_step: int | None = None):
         self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
         RecordingWriter.writers.append(self)
+        events = RecordingWriter.shown.setdefault(log_dir, [])
+        if purge_step is not None:
+            events[:] = [event for event in events if event[2] < purge_step]
 
     def add_scalar(self, key: str, value: float, step: int) -> None:
         self.scalars.append((key, value, step))
+        RecordingWriter.shown[self.log_dir].append((key, value, step))
 
     def close(self) -> None:
         self.closed = True
@@ -38,7 +45,7 @@ class RecordingWriter:
 @pytest.fixture
 def tensorboard(monkeypatch) -> list[RecordingWriter]:
     """A TensorBoard that is 'installed' and records: the writers the runs opened."""
-    RecordingWriter.writers = []
+    RecordingWriter.writers, RecordingWriter.shown = [], {}
     package = types.ModuleType("tensorboard")
     package.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
     monkeypatch.setitem(sys.modules, "tensorboard", package)
@@ -127,7 +134,9 @@ def test_a_run_log_writes_each_row_to_metrics_jsonl_and_the_sink_and_closes_once
 
     resumed = open_log(1)  # from a checkpoint at step 1: step 2's row is written again
     assert resumed.kept == rows[:1] and read_metrics(tmp_path / "run" / "metrics.jsonl") == rows[:1]
-    assert tensorboard[1].purge_step == 2
+    # the sink drops what was logged from the checkpoint's step on and gets that step's row again
+    assert tensorboard[1].purge_step == 1 and tensorboard[1].scalars == [("step", 1, 1), ("train/loss", 0.5, 1)]
+    assert RecordingWriter.shown[writer.log_dir] == tensorboard[1].scalars
     resumed.close(failed=True)
 
 
@@ -204,12 +213,39 @@ def test_a_resumed_offline_run_drops_the_tracker_events_after_its_checkpoint(sta
 
     run_dpo(load_config(DPOConfig, out / "config.yaml"), echo=lambda _: None, resume=True)
     second = tensorboard[1]
-    # TensorBoard drops the stopped run's events from step 4 on: they are logged again, as in metrics.jsonl
-    assert second.purge_step == 4
+    # TensorBoard drops the stopped run's events from the checkpoint's step 3 on; step 3's row is sent
+    # again from metrics.jsonl and the later ones are logged again, as in metrics.jsonl
+    assert second.purge_step == 3
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows][:3] == [2, 3, 4]
-    assert sorted({step for _, _, step in second.scalars}) == [r["step"] for r in rows if r["step"] > 3]
+    assert sorted({step for _, _, step in second.scalars}) == [r["step"] for r in rows if r["step"] >= 3]
+    assert shown_once_as_in(out, rows)
     assert read_mapping(out / "config.yaml")["report_to"] == "tensorboard"
+
+
+def shown_once_as_in(out, rows: list[dict]) -> bool:
+    """TensorBoard shows each metric once at each step, the rows of metrics.jsonl among them."""
+    shown = RecordingWriter.shown[str(out / "tensorboard")]
+    at = [(key, step) for key, _, step in shown]
+    return len(at) == len(set(at)) and all(logged == numeric(row) for row in rows
+                                           if (logged := {k: v for k, v, step in shown if step == row["step"]
+                                                          and not k.startswith("eval")}))
+
+
+@pytest.mark.parametrize("stage_run", ["dpo"], indirect=True)
+def test_a_finished_run_resumed_shows_its_held_out_results_once(stage_run, tensorboard, tmp_path):
+    from dpo.config import DPOConfig
+    from dpo.train import run_dpo
+
+    out = tmp_path / "run"
+    summary = run_dpo(load_config(DPOConfig, None, [*stage_run[1], "save_every=3"]), echo=lambda _: None)
+    last = summary["train/steps"]
+    run_dpo(load_config(DPOConfig, out / "config.yaml"), echo=lambda _: None, resume=True)  # evaluates again
+    assert len(tensorboard) == 2 and tensorboard[1].purge_step == last
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["step"] == last and shown_once_as_in(out, rows)
+    held_out = {key for key, _, step in RecordingWriter.shown[str(out / "tensorboard")] if key.startswith("eval")}
+    assert "eval/accuracy" in held_out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
@@ -282,8 +318,8 @@ def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path):
 def test_a_resumed_run_continues_its_tracker_history(monkeypatch, tmp_path, tensorboard):
     make_tracker("tensorboard", tmp_path, "align", {})
     make_tracker("tensorboard", tmp_path, "align", {}, resumed_at=4)
-    # iterations 5.. are logged again after the checkpoint at 4: what the stopped run wrote there goes
-    assert [writer.purge_step for writer in tensorboard] == [None, 5]
+    # from the checkpoint at iteration 4 on, what the stopped run wrote goes (4's rows are sent again)
+    assert [writer.purge_step for writer in tensorboard] == [None, 4]
 
     calls = []
     wandb = types.ModuleType("wandb")
