@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from align.modeling import OutputHead, model_trunk
+from align.forward import OutputHead, model_trunk
 from ppo import core
 from reward.data import RankingBatch
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, OutputHead]:
     """A causal LM's (a PeftModel's or its base's) transformer without its head, and the head
-    (align.modeling.OutputHead: the family's own change to the logits included)."""
+    (align.forward.OutputHead: the family's own change to the logits included)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return model_trunk(lm), OutputHead(lm)
 
@@ -30,7 +30,7 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
 
     `model` is a causal LM (a PeftModel or its base). Every response must continue a shared prompt
     (`RankingItem.prompt_len > 0`, as `dpo.data.DPODataset` ensures)."""
-    from align.modeling import forward_shared_prompts
+    from align.forward import forward_shared_prompts
 
     body, head = trunk_and_head(model)
     prompt, order, continued = forward_shared_prompts(body, batch.prompt_ids, batch.prompt_mask, batch.prompt_index,
@@ -49,7 +49,7 @@ def response_logprobs_whole(model: nn.Module, batch: RankingBatch, pad_token_id:
     right-padded pass over prompt + response): what sharded training runs, since FSDP2's backward
     re-gathers a layer for the gradients reaching it through its outputs, not through the keys and
     values a later forward read from a prompt's cache."""
-    from align.modeling import position_ids_from_mask
+    from align.forward import position_ids_from_mask
     from ppo.model import states_before_tokens
 
     trunk, head = trunk_and_head(model)

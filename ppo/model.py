@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from align.modeling import OutputHead, model_trunk, position_ids_from_mask
+from align.forward import OutputHead, model_trunk, position_ids_from_mask
 from ppo import core
 
 log = logging.getLogger("align")
@@ -69,7 +69,7 @@ class ActorCritic(nn.Module):
     values come back as None."""
 
     def __init__(self, policy: nn.Module, critic: Critic | None = None, value_head: bool = True):
-        from align.modeling import cache_argument
+        from align.forward import cache_argument
 
         super().__init__()
         self.policy = policy  # a PeftModel

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from align.errors import TrainingDiverged, UserError
-from align.modeling import position_ids_from_mask
+from align.forward import position_ids_from_mask
 from ppo import core
 
 NON_FINITE_LOGITS = "the policy produced non-finite logits while sampling"

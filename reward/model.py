@@ -250,7 +250,7 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     dataset then puts in `continuation_ids` (`RankingDataset(encoder=True)`), in the same slices
     (HH-RLHF dialogues under MiniLM's tokenizer: median 120 tokens, a tenth over 297).
     """
-    from align.modeling import forward_shared_prompts, length_slices
+    from align.forward import forward_shared_prompts, length_slices
 
     if model_is_encoder(model):
         lengths = batch.continuation_mask.sum(dim=1)  # (N,)

@@ -198,7 +198,7 @@ def test_the_backward_through_a_prompts_repeated_cache_rows_is_the_same_every_ti
     import torch
     from transformers import DynamicCache
 
-    from align.modeling import prompt_cache_rows
+    from align.forward import prompt_cache_rows
 
     torch.set_num_threads(2)  # (the suite's fixture restores the count)
     generator = torch.Generator().manual_seed(0)

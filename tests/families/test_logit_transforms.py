@@ -1,6 +1,6 @@
 """Families whose forward changes the logits after the output layer (Gemma 2's soft cap, Granite's
 and Cohere's scaling): every stage reads logits from the trunk's states through
-align.modeling.OutputHead, which must give the checkpoint's own."""
+align.forward.OutputHead, which must give the checkpoint's own."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_ppo_and_dpo_read_the_logits_of_the_checkpoints_forward(transforming_mod
 
 def test_a_setting_of_that_name_that_the_forward_ignores_is_ignored_too(tmp_path):
     # MPT's config has a logit_scale (a number or a string) that MptForCausalLM never applies
-    from align.modeling import OutputHead, load_causal_lm
+    from align.forward import OutputHead
+    from align.modeling import load_causal_lm
     from tests.families import builders
 
     builders.FAMILIES.setdefault("mpt", ("MptConfig", {"logit_scale": 0.5, "expansion_ratio": 2}))
@@ -63,10 +64,10 @@ def test_a_setting_of_that_name_that_the_forward_ignores_is_ignored_too(tmp_path
 
 
 def test_every_family_loaded_without_the_check_is_one_its_forward_is_checked_against_here(tmp_path):
-    # align.modeling.OUTPUT_HEAD_TESTED skips the check at load: each family in it must pass it here
+    # align.forward.OUTPUT_HEAD_TESTED skips the check at load: each family in it must pass it here
     import transformers
 
-    from align.modeling import OUTPUT_HEAD_TESTED, check_output_head
+    from align.forward import OUTPUT_HEAD_TESTED, check_output_head
     from tests.families import builders
 
     extra = {"mpt": ("MptConfig", {"logit_scale": 0.5, "expansion_ratio": 2})}
@@ -86,7 +87,8 @@ def test_every_family_loaded_without_the_check_is_one_its_forward_is_checked_aga
 
 def test_a_forward_that_changes_its_logits_in_an_unknown_way_is_refused(tiny_random_model):
     from align.errors import UserError
-    from align.modeling import check_output_head, load_causal_lm
+    from align.forward import check_output_head
+    from align.modeling import load_causal_lm
 
     model = load_causal_lm(tiny_random_model)
     forward = model.forward

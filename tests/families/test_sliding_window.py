@@ -17,7 +17,7 @@ WINDOWED = {"gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 4}),
 def test_shared_prompt_continuations_past_the_window_match_the_whole_sequence(family, tmp_path):
     import transformers
 
-    from align.modeling import forward_shared_prompts, model_trunk
+    from align.forward import forward_shared_prompts, model_trunk
     from tests.families import builders
 
     builders.FAMILIES.setdefault(f"{family}-windowed", WINDOWED[family])

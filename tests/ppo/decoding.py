@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.modeling import position_ids_from_mask
+from align.forward import position_ids_from_mask
 from ppo.sampling import sample_responses
 
 # What the sampler's log-probs and values may differ from the training forward's by: float rounding in

@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from align.modeling import cache_argument
+from align.forward import cache_argument
 from ppo.kv_cache import RolloutKVCache
 
 
