@@ -113,22 +113,21 @@ def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, 
 class RunLog:
     """A run's metric rows, in RUN/metrics.jsonl and the `report_to` sink together (main process).
 
-    Opened as the run starts writing to its directory (align.checkpoint.start_run_dir): a resumed
+    Opened once the run directory is started or continued (align.checkpoint.start_run_dir): a resumed
     run first drops the rows after its checkpoint (`resumed_at`, the value of `step_key` there),
     which it writes again, and keeps the earlier ones (`kept`; the sink gets the checkpoint step's
     again where it dropped them). `close` sends the summary's held-out
     metrics (its `eval` keys) to the sink at the last step and closes both; a run that stops on an
     error closes them with `close(failed=True)`, so the sink writes out what it had queued."""
 
-    def __init__(self, run_dir: Path, cfg: Any, *, prefix: str, outputs: tuple[str, ...], step_key: str,
-                 report_to: str, wandb_project: str, resumed_at: int | None):
-        from align.checkpoint import start_run_dir, truncate_metrics
+    def __init__(self, run_dir: Path, cfg: Any, *, step_key: str, report_to: str, wandb_project: str,
+                 resumed_at: int | None):
+        from align.checkpoint import truncate_metrics
         from align.config import config_to_dict
         from align.run import METRICS_FILE, MetricsWriter
 
         resumed = resumed_at is not None
         self.kept = truncate_metrics(run_dir / METRICS_FILE, step_key, resumed_at) if resumed else []
-        start_run_dir(run_dir, cfg, prefix, outputs, resume=resumed)
         self.metrics = MetricsWriter(run_dir / METRICS_FILE, append=resumed)
         try:
             self.tracker = make_tracker(report_to, run_dir, wandb_project, config_to_dict(cfg), resumed_at=resumed_at)

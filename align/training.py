@@ -25,6 +25,7 @@ from align.checkpoint import (
     load_training_state,
     release_run_dir,
     save_training_state,
+    start_run_dir,
 )
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
@@ -144,8 +145,8 @@ class StepLoop:
         (align.tracking.RunLog: RUN/metrics.jsonl and the `report_to` sink)."""
         from align.tracking import RunLog
 
-        self.run_log = RunLog(self.out, self.cfg, prefix=CHECKPOINT_PREFIX, outputs=outputs, step_key="step",
-                              report_to=self.loop_cfg.report_to, wandb_project=self.loop_cfg.wandb_project,
+        start_run_dir(self.out, self.cfg, CHECKPOINT_PREFIX, outputs, resume=self.resume)
+        self.run_log = RunLog(self.out, self.cfg, step_key="step", report_to=self.loop_cfg.report_to, wandb_project=self.loop_cfg.wandb_project,
                               resumed_at=self.step_count if self.resume else None)
         if self.run_log.kept:
             self.last_train = self.run_log.kept[-1]

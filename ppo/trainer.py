@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir
+from align.checkpoint import check_run_dir, latest_checkpoint, release_run_dir, start_run_dir
 from align.compilation import LayerCompiler, decoder_layers
 from align.distributed import fsdp_plugin, full_trainable_state, gathered, keep_until_exit, make_accelerator, shard
 from align.errors import TrainingDiverged
@@ -202,8 +202,8 @@ class PPOTrainer:
         if self.resume:
             load_checkpoint(self, latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
         if self.is_main:  # the run directory started or continued, its metrics rows opened
-            self.run_log = RunLog(self.run_dir, cfg, prefix=CHECKPOINT_PREFIX, outputs=OUTPUTS, step_key="iteration",
-                                  report_to=cfg.report_to, wandb_project=cfg.wandb_project,
+            start_run_dir(self.run_dir, cfg, CHECKPOINT_PREFIX, OUTPUTS, resume=self.resume)
+            self.run_log = RunLog(self.run_dir, cfg, step_key="iteration", report_to=cfg.report_to, wandb_project=cfg.wandb_project,
                                   resumed_at=self.iteration if self.resume else None)
 
     # ------------------------------------------------------------------------------------ train

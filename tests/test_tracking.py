@@ -115,8 +115,9 @@ def test_a_run_log_writes_each_row_to_metrics_jsonl_and_the_sink_and_closes_once
     from dpo.config import DPOConfig
 
     def open_log(resumed_at):
-        return RunLog(tmp_path / "run", load_config(DPOConfig, None, []), prefix="step", outputs=(), step_key="step",
-                      report_to="tensorboard", wandb_project="align", resumed_at=resumed_at)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        return RunLog(tmp_path / "run", load_config(DPOConfig, None, []), step_key="step", report_to="tensorboard",
+                      wandb_project="align", resumed_at=resumed_at)
 
     log = open_log(None)
     rows = [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25}]
@@ -149,8 +150,9 @@ def test_a_run_log_closed_on_an_error_marks_the_wandb_run_failed(monkeypatch, tm
                                                         finish=lambda exit_code=None: finished.append(exit_code))
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     for failed in (False, True):
-        RunLog(tmp_path / f"run-{failed}", load_config(DPOConfig, None, []), prefix="step", outputs=(),
-               step_key="step", report_to="wandb", wandb_project="align", resumed_at=None).close(failed=failed)
+        (tmp_path / f"run-{failed}").mkdir()
+        RunLog(tmp_path / f"run-{failed}", load_config(DPOConfig, None, []), step_key="step", report_to="wandb",
+               wandb_project="align", resumed_at=None).close(failed=failed)
     assert finished == [0, 1]
 
 
