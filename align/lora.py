@@ -5,6 +5,7 @@ form serving engines load (`portable_lora_targets`), and held to what PEFT then 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
@@ -140,3 +141,17 @@ def lora_summary(targets: list[str]) -> str:
     """'LoRA on q_proj, k_proj, ... (14 layers)': what the run log says was adapted."""
     names = list(dict.fromkeys(leaf(t) for t in targets))
     return f"{', '.join(names)} ({len(targets)} layers)"
+
+
+def save_policy_adapter(policy: Any, tokenizer: Any, base_path: str | Path, out: Path,
+                        state: dict[str, Any] | None = None) -> None:
+    """`out` (RUN/policy): a policy's LoRA adapter as peft writes it, naming `base_path` (the SFT
+    checkpoint) as its base, so `align export` and serving engines find it, and the tokenizer;
+    written whole or not at all. `state`: the adapter's weights gathered in full from the ranks'
+    shards (FSDP2), keyed as `policy`'s own state dict; None: `policy` holds them."""
+    from align.run import atomic_directory
+
+    policy.peft_config["default"].base_model_name_or_path = str(base_path)
+    with atomic_directory(out, overwrite=True) as tmp:
+        policy.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)

@@ -52,10 +52,10 @@ from align.distributed import (
     shard,
 )
 from align.errors import UserError
+from align.lora import save_policy_adapter
 from align.precision import checkpointing_active, enable_gradient_checkpointing
 from align.run import (
     SUMMARY_FILE,
-    atomic_directory,
     peak_memory_mb,
     write_json_atomic,
     write_jsonl_atomic,
@@ -95,7 +95,7 @@ class DPOTrainer(StepLoop):
         from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
         from align.tracking import check_tracker_available
-        from ppo.data import check_held_out, is_synthetic, load_prompts
+        from ppo.data import load_eval_prompts
         from ppo.evaluation import PolicySampler
         from ppo.model import build_policy
         from reward.data import expand_to_pairs, load_reward_data, repeats_note
@@ -146,10 +146,8 @@ class DPOTrainer(StepLoop):
             self.echo(f"dpo: left out {held_out_left_out} of the {len(self.eval_rankings)} held-out rankings "
                       "(the held-out accuracy is over the others)")
         # read now, not after the training: the held-out prompts sampled at the end
-        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
-                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
-        if not is_synthetic(cfg.eval_prompts):  # (the synthetic task's splits are disjoint)
-            check_held_out(self.eval_prompts, [r.prompt for r in train], "eval_prompts", "the training rankings")
+        self.eval_prompts = load_eval_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1,
+                                              [r.prompt for r in train], "the training rankings")
 
         base = load_causal_lm(self.sft_path, dtype=torch_dtype(cfg.dtype), tokenizer=self.tokenizer)
         if self.eval_prompts:  # sampled after training, by the online methods' sampler
@@ -298,11 +296,8 @@ class DPOTrainer(StepLoop):
     def save_policy(self, trained: dict[str, torch.Tensor] | None = None) -> None:
         """RUN/policy: the adapter as peft writes it (`trained`: its weights gathered in full from the
         ranks' shards under FSDP2) and the tokenizer."""
-        self.policy.peft_config["default"].base_model_name_or_path = str(self.sft_path)
         adapter = None if trained is None else {k.removeprefix("policy."): v for k, v in trained.items()}
-        with atomic_directory(self.out / POLICY_DIR, overwrite=True) as tmp:
-            self.policy.save_pretrained(tmp, state_dict=adapter)
-            self.tokenizer.save_pretrained(tmp)
+        save_policy_adapter(self.policy, self.tokenizer, self.sft_path, self.out / POLICY_DIR, adapter)
         (self.out / DATA_FILE).write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
 

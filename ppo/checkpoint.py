@@ -20,7 +20,8 @@ import torch
 from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
 from align.config import config_to_dict
 from align.errors import UserError
-from align.run import atomic_directory, give_ordinary_modes
+from align.lora import save_policy_adapter
+from align.run import give_ordinary_modes
 from ppo.config import RESUME_OVERRIDABLE
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE
 
@@ -88,13 +89,10 @@ def save_final_policy(trainer: Any, trained: dict[str, torch.Tensor] | None = No
     .full_trainable_state) when the module itself holds only this rank's shards."""
     from safetensors.torch import save_file
 
-    policy = trainer.model.policy
-    policy.peft_config["default"].base_model_name_or_path = str(trainer.sft_path)
     adapter = None if trained is None else {k.removeprefix("policy."): v for k, v in trained.items()
                                              if k.startswith("policy.")}
-    with atomic_directory(trainer.run_dir / POLICY_DIR, overwrite=True) as tmp:
-        policy.save_pretrained(tmp, state_dict=adapter)
-        trainer.tokenizer.save_pretrained(tmp)
+    save_policy_adapter(trainer.model.policy, trainer.tokenizer, trainer.sft_path, trainer.run_dir / POLICY_DIR,
+                        adapter)
     if trainer.model.value_module is None:  # RLOO, GRPO: no value model to keep
         return
     if trained is None:

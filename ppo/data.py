@@ -38,6 +38,16 @@ def load_prompts(spec: str, n: int, seed: int, split: str) -> list[Prompt]:
     return prompts
 
 
+def load_eval_prompts(spec: str, n: int, seed: int, training: list[Prompt], training_key: str) -> list[Prompt]:
+    """The `n` held-out prompts a run samples to report its held-out results (`eval_prompts`, read
+    as `load_prompts` reads a prompts file; its held-out split for 'synthetic'), refused where they are
+    also training prompts (`check_held_out`; the synthetic task's splits are disjoint)."""
+    prompts = load_prompts(spec, n, seed, "heldout")[:n] if n else []
+    if not is_synthetic(spec):
+        check_held_out(prompts, training, "eval_prompts", training_key)
+    return prompts
+
+
 def check_held_out(held_out: list[Prompt], training: list[Prompt], held_out_key: str, training_key: str) -> None:
     """Refuse held-out prompts that are also training prompts: the results sampled on them would
     measure the training prompts and pass for held-out ones (the reward stage refuses such a split too)."""

@@ -50,7 +50,7 @@ from ppo.checkpoint import (
     save_final_policy,
 )
 from ppo.config import PPOConfig
-from ppo.data import PromptSampler, check_held_out, gold_judge, is_synthetic, load_prompts
+from ppo.data import PromptSampler, gold_judge, load_eval_prompts, load_prompts
 from ppo.evaluation import Judge, evaluate
 from ppo.experience import Experience, Samples, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
@@ -139,10 +139,8 @@ class PPOTrainer:
         self.tokenizer.truncation_side = "left"
         # the prompt files before any model: a bad line is said before minutes of loading
         train_prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train")
-        self.eval_prompts = (load_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, "heldout")
-                             [: cfg.num_eval_prompts] if cfg.num_eval_prompts else [])
-        if not is_synthetic(cfg.eval_prompts):  # (the synthetic task's splits are disjoint)
-            check_held_out(self.eval_prompts, train_prompts, "eval_prompts", "prompts")
+        self.eval_prompts = load_eval_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, train_prompts,
+                                              "prompts")
         if self.reward_model is None:  # then the reward model: a wrong path fails before the policy loads
             from reward.model import load_reward_model
 
