@@ -3,7 +3,7 @@ every training stage (`align reward train`, `align ppo`, `align dpo`): the rows 
 at the stage's step (a PPO iteration, an optimiser step of the offline stages), then the summary's
 held-out `eval` metrics at the last step. `RunLog` keeps metrics.jsonl and the sink together.
 
-Both are optional extras (`pip install 'align[tensorboard]'` / `'align[wandb]'`), imported
+Both are optional (`pip install tensorboard` / `wandb`, or the checkout's extras `".[tensorboard]"`), imported
 only when asked for; a missing package is a one-line error before any training starts. A resumed
 run continues the same history: TensorBoard drops the events logged at and after the checkpoint's
 step (those after it are logged again, as metrics.jsonl's rows are; the checkpoint step's rows are sent
@@ -22,7 +22,7 @@ from align.errors import UserError
 
 ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO_HELP = ("Extra metrics sink besides metrics.jsonl: tensorboard (RUN/tensorboard) or wandb (tensorboard / "
-                  "wandb must be installed: pip install 'align[tensorboard]' or 'align[wandb]').")
+                  "wandb must be installed: pip install tensorboard, or wandb).")
 WANDB_PROJECT_HELP = "Weights & Biases project (report_to=wandb); the W&B run is named after the run directory."
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
@@ -48,7 +48,7 @@ class TensorBoardTracker(NullTracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("report_to=tensorboard needs TensorBoard: pip install 'align[tensorboard]'") from None
+            raise UserError("report_to=tensorboard needs TensorBoard: pip install tensorboard") from None
         # purge_step: events at or after it, written before the run stopped, are dropped on reading;
         # from the checkpoint's step, whose own rows `restore` writes again
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at)
@@ -71,7 +71,7 @@ class WandbTracker(NullTracker):
         try:
             import wandb
         except ImportError:
-            raise UserError("report_to=wandb needs Weights & Biases: pip install 'align[wandb]'") from None
+            raise UserError("report_to=wandb needs Weights & Biases: pip install wandb") from None
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
         try:
@@ -97,7 +97,7 @@ def check_tracker_available(report_to: str) -> None:
 
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
     if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"report_to={report_to} needs {package}: pip install 'align[{package}]'")
+        raise UserError(f"report_to={report_to} needs {package}: pip install {package}")
 
 
 def make_tracker(report_to: str, run_dir: Path, project: str, config: dict[str, Any],

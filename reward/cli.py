@@ -136,6 +136,33 @@ def evaluate(
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
                                 gain=rm.gain, bias=rm.bias)
     typer.echo(format_table(metrics))
+    trained_on = training_prompts(rm.path)
+    if trained_on:
+        from reward.data import prompt_key
+
+        seen = sum(prompt_key(r) in trained_on for r in rankings)
+        if seen:
+            typer.echo(f"note: {seen} of the {len(rankings)} rankings are of prompts the model was trained on, so "
+                       "this accuracy is not a held-out one (the run's own is in its summary.json)")
+
+
+def training_prompts(model_dir: Path) -> set[str]:
+    """The prompts (`reward.data.prompt_key`) a reward model was trained on, read again from the data
+    its run recorded (RUN/model/reward_model_info.json); empty where that data is no longer at hand."""
+    import json
+
+    from align.config import from_dict
+    from align.errors import UserError
+    from reward.config import RewardConfig
+    from reward.data import load_reward_data, prompt_key
+    from reward.run_dir import INFO_FILE
+
+    try:
+        info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
+        cfg = from_dict(RewardConfig, info["config"])
+        return {prompt_key(r) for r in load_reward_data(cfg.data).train}
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # moved, changed, or an older model's record
+        return set()
 
 
 def no_rankings_problem(data: Path, format: str) -> str:

@@ -173,9 +173,20 @@ def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
         result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
                                  "--data", str(path)], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        table = dict(line.split() for line in result.stdout.splitlines())
+        table = dict(line.split() for line in result.stdout.splitlines())  # (no note: all held out)
         assert float(table["eval/accuracy"]) == expected and float(table["eval/accuracy_k3"]) == expected
         assert int(table["eval/num_rankings"]) == 12 and int(table["eval/num_pairs"]) == 36
+
+    # rankings of prompts the model was trained on: the accuracy is said not to be a held-out one
+    from reward.data import load_reward_data
+
+    trained = load_reward_data(cfg.data).train[:5]
+    write_kwise([*trained, *rankings[:7]], tmp_path / "mixed.jsonl")
+    result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
+                             "--data", str(tmp_path / "mixed.jsonl")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == ("note: 5 of the 12 rankings are of prompts the model was trained on, so "
+                                              "this accuracy is not a held-out one (the run's own is in its summary.json)")
 
 
 def test_the_logged_learning_rate_is_the_one_each_step_took(quick_config, tmp_path):
