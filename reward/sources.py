@@ -1,8 +1,7 @@
 """Ranking sources that live in another stage: the annotation app's projects.
 
-The annotation app is another stage, so the command layer above both
-(`align.commands.sources`) registers its reader here and the reward stage imports no other
-stage. Kept free of torch so the `align` command can register at start-up.
+The training stages do not import the annotation app, so the command layer above both
+(`align.commands.sources`) registers its reader here. Kept free of torch so the `align` command can register at start-up.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Sources of rankings that cross stages: the annotation app's database read by reward training.
 
-The stages do not import each other; this module, above both, hands the reward stage a reader
-of annotation projects that goes through the app's own export code.
+The training stages do not import the annotation app (they build on each other: DPO samples and
+evaluates with PPO's policy pieces); this module, above both, hands the reward stage a reader of
+annotation projects that goes through the app's own export code.
 """
 
 from __future__ import annotations
