@@ -63,6 +63,13 @@ def test_the_ground_of_align_imports_no_stage():
             assert not above, f"{module} (ground) imports {above}"
 
 
+def test_no_training_stage_imports_the_annotation_app():
+    for module, deps in _graph().items():
+        if module.split(".")[0] in ("reward", "ppo", "dpo"):
+            app = sorted(d for d in deps if d.split(".")[0] == "annotation")
+            assert not app, f"{module} imports the annotation app: {app}"
+
+
 def test_no_import_cycle_and_nothing_imports_the_tests():
     graph = _graph()
     for module, path in _modules().items():
