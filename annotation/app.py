@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -28,7 +30,7 @@ from annotation.deps import SessionPerRequest
 from annotation.models import Meta
 from annotation.services.errors import disk_full
 from annotation.settings import Settings
-from annotation.status import error_body, http_status
+from annotation.status import http_status
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,16 +49,17 @@ SECURITY_HEADERS = [
 
 class LimitsAndHeaders:
     """Pure ASGI middleware: refuse bodies over the limit with 413 (by Content-Length, or by
-    counting a chunked body before the app sees it) and add the security headers."""
+    counting a chunked body before the app sees it) and add the security headers. Only the
+    paths of `import_routes` (the import routes' own patterns) take an import's size."""
 
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings: Settings, import_routes: Sequence[re.Pattern]):
+        self.app, self.settings, self.import_routes = app, settings, tuple(import_routes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path.endswith("/import"):
+        if any(route.match(path) for route in self.import_routes):
             limit = self.settings.max_import_bytes
         elif path.startswith("/api/tasks/"):  # a ranking is a few hundred bytes; refuse the rest unread
             limit = min(self.settings.max_body_bytes, self.settings.max_task_body_bytes)
@@ -108,6 +111,19 @@ class LimitsAndHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+BUSY = "the server is busy; try again in a moment"
+# Written out, not rendered: a refusal at the door costs nothing else (no template, no database).
+BUSY_PAGE = (b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>503 busy</title></head>'
+             b'<body><h1>503</h1><p>The server is busy; try again in a moment.</p><p><a href="/">Back to projects</a></p>'
+             b'</body></html>')
+
+
+def _browser_page(scope) -> bool:
+    """A request for a page (not /api) from a browser that asked for HTML (`routes_web.wants_page`)."""
+    accept = dict(scope.get("headers") or []).get(b"accept", b"")
+    return not scope.get("path", "").startswith("/api") and b"text/html" in accept
+
+
 class Admission:
     """Pure ASGI middleware: a worker serves at most `max_in_flight` requests at once and
     answers the next ones 503 with Retry-After straight away, without the database. A
@@ -123,9 +139,11 @@ class Admission:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.settings.max_in_flight:
-            body = json.dumps({"detail": "the server is busy; try again in a moment"}).encode()
+            page = _browser_page(scope)
+            body = BUSY_PAGE if page else json.dumps({"detail": BUSY}).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"content-type", b"text/html; charset=utf-8" if page else b"application/json"),
+                (b"content-length", str(len(body)).encode()),
                 (b"retry-after", str(self.settings.retry_after_s).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
@@ -182,6 +200,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessionmaker = sm
     app.state.secret = load_or_create_secret(sm)
 
+    from annotation.routes_api import router as api_router
+    from annotation.routes_web import error_response, html_error_handler, wants_page
+    from annotation.routes_web import router as web_router
+
+    # Every refusal below is the JSON an API client reads, or, for a browser's page, the error
+    # page with the same status (`routes_web.error_response`).
     @app.exception_handler(services.ServiceError)
     async def _service_error(request: Request, exc: services.ServiceError):
         headers = None
@@ -189,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
             headers = {"Retry-After": str(exc.retry_after)}
         elif isinstance(exc, services.Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(error_body(str(exc), exc.code), status_code=http_status(exc), headers=headers)
+        return error_response(request, http_status(exc), str(exc), exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -198,20 +222,22 @@ def create_app(settings: Settings) -> FastAPI:
         errors = [{"type": str(err.get("type")), "loc": [p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ())],
                    "msg": printable(str(err.get("msg")))} for err in exc.errors()]
         problems = [f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors]
+        if wants_page(request):
+            return error_response(request, 422, "; ".join(problems) or "invalid request")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": errors}, status_code=422)
 
-    def _busy(detail: str, retry_after: int) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after)})
+    def _busy(request: Request, detail: str, retry_after: int) -> Response:
+        return error_response(request, 503, detail, headers={"Retry-After": str(retry_after)})
 
     # A bounded wait ran out: the server is saturated for the moment. 503 with Retry-After
     # tells the client (and the page's script) to try again rather than wait.
     @app.exception_handler(DatabaseBusy)
     async def _database_busy(request: Request, exc: DatabaseBusy):
-        return _busy(str(exc), max(exc.retry_after, settings.retry_after_s))
+        return _busy(request, str(exc), max(exc.retry_after, settings.retry_after_s))
 
     @app.exception_handler(PoolTimeout)
     async def _pool_timeout(request: Request, exc: PoolTimeout):
-        return _busy(f"the server is busy (no database connection free within {settings.pool_timeout_s:g} s); "
+        return _busy(request, f"the server is busy (no database connection free within {settings.pool_timeout_s:g} s); "
                      "try again in a moment", settings.retry_after_s)
 
     # The database's disk is full: the write was rolled back. 507 Insufficient Storage, with
@@ -220,25 +246,22 @@ def create_app(settings: Settings) -> FastAPI:
     async def _operational_error(request: Request, exc: OperationalError):
         if not disk_full(exc):
             raise exc
-        return JSONResponse({"detail": "the database's disk is full; nothing of this request was stored (free space "
-                                       "on the database's disk, then try again)"}, status_code=507)
+        return error_response(request, 507, "the database's disk is full; nothing of this request was stored (free "
+                                            "space on the database's disk, then try again)")
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):
         # Last line of defence: input the schemas let through but the database cannot hold.
-        return JSONResponse({"detail": "a value in the request cannot be stored (NUL character or number out of range)"},
-                            status_code=422)
-
-    from annotation.routes_api import router as api_router
-    from annotation.routes_web import html_error_handler
-    from annotation.routes_web import router as web_router
+        return error_response(request, 422,
+                              "a value in the request cannot be stored (NUL character or number out of range)")
 
     app.add_exception_handler(StarletteHTTPException, html_error_handler)
     app.include_router(api_router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SessionPerRequest, sessionmaker=sm)
-    app.add_middleware(LimitsAndHeaders, settings=settings)
+    app.add_middleware(LimitsAndHeaders, settings=settings,
+                       import_routes=[r.path_regex for r in api_router.routes if r.name == "import_file"])
     app.add_middleware(Admission, settings=settings)  # outermost: a refusal costs nothing else
     return app
 

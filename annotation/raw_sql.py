@@ -18,8 +18,10 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
+from sqlalchemy import Table
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -142,6 +144,34 @@ def autocommit(db: Session) -> Iterator[Transaction]:
         if not connection.autocommit:  # left on for the next block; off again when given back
             connection.autocommit = True
         yield Transaction(connection, dialect)
+
+
+class Insert(NamedTuple):
+    """The two halves of a hand-written INSERT: `into` ("INSERT INTO t (a, b)") and `values`,
+    the matching expressions ("x, y"), to follow as "VALUES (...)" or "SELECT ... FROM"."""
+
+    into: str
+    values: str
+
+
+_QUOTE = DefaultDialect().identifier_preparer.quote  # "order" is reserved; SQLite and PostgreSQL quote alike
+
+
+def insert_into(table: Table, **values: str) -> Insert:
+    """An INSERT into `table` that names every column of its model but the generated id,
+    in the model's order, each with its SQL expression from `values`. The model is the one
+    definition of the table: these statements are built from it at import, and a column
+    added to the model that a statement gives no value for (or a value for a column it
+    does not have) is an error there, not a NULL the hot path writes where the ORM would
+    write the model's default."""
+    columns = [c.name for c in table.columns if c is not table.autoincrement_column]
+    missing = [name for name in columns if name not in values]
+    unknown = sorted(set(values) - set(columns))
+    if missing or unknown:
+        raise ValueError(f"an INSERT into {table.name} must give every column of the model a value: "
+                         f"missing {missing}, not in the model {unknown}")
+    return Insert(f"INSERT INTO {table.name} ({', '.join(_QUOTE(name) for name in columns)})",
+                  ", ".join(values[name] for name in columns))
 
 
 class Sql:

@@ -114,7 +114,9 @@ def submit_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, caller:
     return _ranking_public(row)
 
 
-@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201)
+@router.put("/tasks/{task_id}/ranking", response_model=RankingPublic, status_code=201, responses={
+    409: {"description": 'the task has no ranking yet (submit it first), or it was skipped ("code": "already_skipped": '
+                         'a skipped task cannot be ranked)'}})
 def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: CurrentUser):
     """Correct a submitted ranking: stored as a new revision; earlier ones are kept."""
     row = services.revise_ranking(db, user, task_id, body.order, below=body.below, all_bad=body.all_bad,

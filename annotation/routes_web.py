@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -54,15 +54,27 @@ def page(request: Request, name: str, status_code: int = 200, **ctx) -> HTMLResp
     return resp
 
 
-async def html_error_handler(request: Request, exc):
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", "error")
-    headers = getattr(exc, "headers", None)
-    if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
-        return JSONResponse(error_body(detail, getattr(exc, "code", None)), status_code=status, headers=headers)
+def wants_page(request: Request) -> bool:
+    """A request for a page (not /api) from a browser that asked for HTML."""
+    return not request.url.path.startswith("/api") and "text/html" in request.headers.get("accept", "")
+
+
+def error_response(request: Request, status: int, detail, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    """A refusal: for a browser's page the error page (sign-in for 401), with the same
+    status and headers (Retry-After); for anything else its JSON (`status.error_body`)."""
+    if not wants_page(request):
+        return JSONResponse(error_body(detail, code), status_code=status, headers=headers)
     if status == 401:
         return RedirectResponse("/", status_code=303)
-    return page(request, "error.html", status_code=status, status=status, detail=detail, user=None)
+    resp = page(request, "error.html", status_code=status, status=status, detail=detail, user=None)
+    resp.headers.update(headers or {})
+    return resp
+
+
+async def html_error_handler(request: Request, exc):
+    return error_response(request, getattr(exc, "status_code", 500), getattr(exc, "detail", "error"),
+                          getattr(exc, "code", None), getattr(exc, "headers", None))
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -118,10 +130,7 @@ def done(name: str, request: Request, db: SessionDep, user: CurrentUser):
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(task_id: int, request: Request, db: SessionDep, user: CurrentUser):
-    try:
-        task = services.get_task(db, user, task_id, members_only=True)
-    except services.ServiceError as exc:
-        raise HTTPException(http_status(exc), str(exc)) from None
+    task = services.get_task(db, user, task_id, members_only=True)
     p = services.get_project(db, task.project)
     messages = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
     ranked = services.ranked_prefix(task.order, task.below) if task.order else None
@@ -208,10 +217,7 @@ def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUse
 @router.get("/admin/projects/{name}/prompts/{source_id:path}", response_class=HTMLResponse)
 def prompt_page(name: str, source_id: str, request: Request, db: SessionDep, user: AdminUser):
     p = services.get_project(db, name)
-    try:
-        detail = services.prompt_detail(db, p, source_id)
-    except services.ServiceError as exc:
-        raise HTTPException(http_status(exc), str(exc)) from None
+    detail = services.prompt_detail(db, p, source_id)
     content = detail["prompt"].content
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
     return page(request, "prompt.html", user=user, project=p, messages=messages, **detail)

@@ -22,8 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from annotation.db import DatabaseBusy
-from annotation.models import Project, Prompt, RankingRow, User
-from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
+from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.raw_sql import Insert, Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
@@ -128,6 +128,8 @@ LIMIT {limit}"""
 
 
 _LIVE_LEASE = Sql(_LIVE_LEASE_SQL)
+
+
 _QUEUE_SQL = _queue_sql()
 _QUEUE = Sql(_QUEUE_SQL)
 # A next-task request on SQLite (and on PostgreSQL when the statement below could not
@@ -138,6 +140,11 @@ SELECT 0 AS kind, id, 0 AS done_count, 0 AS slots_taken FROM ({_LIVE_LEASE_SQL})
 UNION ALL
 SELECT 1, id, done_count, slots_taken FROM ({_QUEUE_SQL}) queue
 ORDER BY kind, done_count, slots_taken, id""")
+
+
+def _insert_lease(**values: str) -> Insert:
+    """An INSERT of a new lease into assignments, built from its model (`raw_sql.insert_into`)."""
+    return insert_into(Assignment.__table__, status="'leased'", created_at=":now", completed_at="NULL", **values)
 
 
 # PostgreSQL: a whole next-task request in one statement, run in autocommit: a round trip
@@ -151,6 +158,12 @@ ORDER BY kind, done_count, slots_taken, id""")
 # row. The lease and the slot follow as in `_CLAIM_IN_ONE_STATEMENT`. What comes back:
 # the caller, the project (VISIBLE_PROJECT_COLUMNS), the live lease's id, how many prompts
 # the head held, and the new lease with its prompt and candidates.
+_INSERT_PICKED = _insert_lease(
+    project_id="can.id", prompt_id="pick.id", user_id="can.user_id", leased_until=":now + can.lease_seconds",
+    candidate_order="(SELECT json_agg(c.id ORDER BY md5(can.user_id || ':' || pick.id || ':' || c.id), c.id) "
+                    "FROM candidates c WHERE c.prompt_id = pick.id)")
+
+
 def _next_task_in_one_statement(caller_sql: str) -> Sql:
     queue_head = _queue_sql("can.id", "can.annotators_per_prompt", "can.user_id", limit=SPREAD)
     return Sql(f"""
@@ -169,11 +182,8 @@ pick AS (SELECT p.id FROM prompts p, can
          ORDER BY md5(can.user_id || ':0:' || p.id), p.id
          LIMIT 1 FOR UPDATE OF p SKIP LOCKED),
 lease AS (
-  INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
-  SELECT can.id, pick.id, can.user_id, 'leased',
-         (SELECT json_agg(c.id ORDER BY md5(can.user_id || ':' || pick.id || ':' || c.id), c.id)
-          FROM candidates c WHERE c.prompt_id = pick.id),
-         :now + can.lease_seconds, :now FROM pick, can
+  {_INSERT_PICKED.into}
+  SELECT {_INSERT_PICKED.values} FROM pick, can
   ON CONFLICT (prompt_id, user_id) DO UPDATE
     SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
     WHERE assignments.status = 'expired'
@@ -195,12 +205,12 @@ _CONTENT = Sql("SELECT p.content, c.id, c.text FROM prompts p JOIN candidates c 
 # A new lease, or the annotator's own expired lease of this prompt taken up again. Nothing
 # comes back when they hold it live already (the same annotator in two tabs at once).
 _LEASE = Sql("""
-INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
-VALUES (:project, :prompt, :user, 'leased', :order, :until, :now)
+{0.into} VALUES ({0.values})
 ON CONFLICT (prompt_id, user_id) DO UPDATE
   SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
   WHERE assignments.status = 'expired'
-RETURNING id""", json_params=["order"])
+RETURNING id""".format(_insert_lease(project_id=":project", prompt_id=":prompt", user_id=":user",
+                                      candidate_order=":order", leased_until=":until")), json_params=["order"])
 
 
 # PostgreSQL: the claim in one statement, run in autocommit (atomic by itself), instead of
@@ -212,13 +222,15 @@ RETURNING id""", json_params=["order"])
 # prompt already", and the prompt and its candidates come back only with a lease. The
 # set_config makes this one commit not wait for the disk (transaction-local, as SET LOCAL;
 # see `raw_sql.transaction` on why a lease may commit that way).
-_CLAIM_IN_ONE_STATEMENT = Sql("""
+_INSERT_FREE = _insert_lease(
+    project_id=":project", prompt_id="id", user_id=":user", leased_until=":until",
+    candidate_order="(SELECT json_agg(c.id ORDER BY md5(CAST(:order_key AS text) || c.id), c.id) "
+                    "FROM candidates c WHERE c.prompt_id = slot.id)")
+_CLAIM_IN_ONE_STATEMENT = Sql(f"""
 WITH slot AS (SELECT id FROM prompts WHERE id = :prompt AND slots_taken < :per_prompt FOR UPDATE),
 lease AS (
-  INSERT INTO assignments (project_id, prompt_id, user_id, status, candidate_order, leased_until, created_at)
-  SELECT :project, id, :user, 'leased',
-         (SELECT json_agg(c.id ORDER BY md5(CAST(:order_key AS text) || c.id), c.id) FROM candidates c WHERE c.prompt_id = slot.id),
-         :until, :now FROM slot
+  {_INSERT_FREE.into}
+  SELECT {_INSERT_FREE.values} FROM slot
   ON CONFLICT (prompt_id, user_id) DO UPDATE
     SET status = 'leased', leased_until = excluded.leased_until, candidate_order = excluded.candidate_order
     WHERE assignments.status = 'expired'

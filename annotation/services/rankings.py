@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from align.text_checks import text_problem
 from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
 from annotation.models import Project, RankingRow, User
-from annotation.raw_sql import Sql, Transaction, autocommit, on_postgresql, transaction
+from annotation.raw_sql import Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
 from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
@@ -118,11 +118,13 @@ _COMPLETE = Sql("UPDATE assignments SET status = 'done', completed_at = :now "
 _PER_PROMPT = Sql("SELECT annotators_per_prompt FROM projects WHERE id = :project")
 _RANK_TOP = Sql("SELECT rank_top FROM projects WHERE id = :project")
 _COUNT_DONE = Sql("UPDATE prompts SET done_count = done_count + 1 WHERE id = :prompt")
-_INSERT_RANKING = Sql("""
-INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
-                      skip_reason, rationale, time_spent_ms, created_at)
-VALUES (:project, :prompt, :user, :assignment, 1, :order, :below, :all_bad, false, NULL, :rationale, :time_spent_ms, :now)
-RETURNING id""", json_params=["order", "below"])
+# The INSERTs into rankings are built from its model (`raw_sql.insert_into`), so that none
+# of them can leave out a column the model has. What every first ranking of a task stores:
+_FIRST_RANKING = dict(revision="1", all_bad=":all_bad", skipped="false", skip_reason="NULL")
+_INSERT_RANKING = Sql("{0.into} VALUES ({0.values}) RETURNING id".format(insert_into(
+    RankingRow.__table__, project_id=":project", prompt_id=":prompt", user_id=":user", assignment_id=":assignment",
+    order=":order", below=":below", rationale=":rationale", time_spent_ms=":time_spent_ms", created_at=":now",
+    **_FIRST_RANKING)), json_params=["order", "below"])
 
 
 # PostgreSQL: storing a ranking of a live lease in one statement, run in autocommit (atomic
@@ -132,6 +134,12 @@ RETURNING id""", json_params=["order", "below"])
 # admin), it is still live, and its candidates are the ids ranked (`ids`, sorted); the
 # count and the ranking follow only from that row.
 # Parameters that may be NULL carry their type: an untyped one would be taken as text.
+_INSERT_DONE = insert_into(
+    RankingRow.__table__, project_id="project_id", prompt_id="prompt_id", user_id="user_id", assignment_id="id",
+    order="CAST(:order AS json)", below="CAST(:below AS json)", rationale="CAST(:rationale AS text)",
+    time_spent_ms="CAST(:time_spent_ms AS integer)", created_at=":now", **_FIRST_RANKING)
+
+
 def _submit_in_one_statement(caller_sql: str) -> Sql:
     return Sql(f"""
 WITH done AS (
@@ -145,10 +153,8 @@ WITH done AS (
         = CAST(:ids AS jsonb)
   RETURNING id, project_id, prompt_id, user_id),
 counted AS (UPDATE prompts SET done_count = done_count + 1 WHERE id IN (SELECT prompt_id FROM done))
-INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
-                      skip_reason, rationale, time_spent_ms, created_at)
-SELECT project_id, prompt_id, user_id, id, 1, CAST(:order AS json), CAST(:below AS json), :all_bad, false, NULL,
-       CAST(:rationale AS text), CAST(:time_spent_ms AS integer), :now FROM done
+{_INSERT_DONE.into}
+SELECT {_INSERT_DONE.values} FROM done
 RETURNING id, project_id, prompt_id, user_id""", json_params=["order", "ids", "below"])
 
 
@@ -268,10 +274,11 @@ def submit_ranking(
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
     all_bad = _clean_bool(all_bad, "all_bad")
-    if a.status in ("done", "skipped"):
-        what = "ranked" if a.status == "done" else "skipped"
-        raise Conflict(f"task {assignment_id} is already {what}; send a revision (PUT) to correct a ranking",
-                       code=f"already_{what}")
+    if a.status == "skipped":
+        raise _skipped(assignment_id)
+    if a.status == "done":
+        raise Conflict(f"task {assignment_id} is already ranked; send a revision (PUT) to correct it",
+                       code="already_ranked")
     # The conditional updates below re-check everything they rely on from the read above.
     submitted_already = Conflict(f"task {assignment_id} was submitted already", code="already_ranked")
     lease_live = a.status == "leased" and a.leased_until >= now
@@ -298,6 +305,13 @@ def submit_ranking(
         id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id,
         revision=1, order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
         time_spent_ms=time_spent_ms, created_at=now)
+
+
+def _skipped(assignment_id: int) -> Conflict:
+    """A skip is final for the annotator who skipped: its slot went back to the pool (another
+    annotator may hold it now) and the prompt is never offered to them again, so neither a
+    first ranking nor a revision may follow it."""
+    return Conflict(f"task {assignment_id} was skipped, and a skipped task cannot be ranked", code="already_skipped")
 
 
 def _store_at_first_try(db: Session, caller: User | BearerToken, assignment_id: Any, order: Any, all_bad: Any,
@@ -363,6 +377,8 @@ def revise_ranking(
     rationale = clean_optional_text(rationale, "rationale")
     time_spent_ms = _clean_time(time_spent_ms)
     all_bad = _clean_bool(all_bad, "all_bad")
+    if a.status == "skipped":
+        raise _skipped(assignment_id)
     if a.status != "done":
         raise Conflict(f"task {assignment_id} has no ranking to revise yet (status {a.status}); submit it first (POST)")
     for _ in range(3):
@@ -382,11 +398,11 @@ def revise_ranking(
 
 
 _SKIP = Sql("UPDATE assignments SET status = 'skipped', completed_at = :now WHERE id = :id AND status = :status")
-_INSERT_SKIP = Sql("""
-INSERT INTO rankings (project_id, prompt_id, user_id, assignment_id, revision, "order", below, all_bad, skipped,
-                      skip_reason, rationale, time_spent_ms, created_at)
-VALUES (:project, :prompt, :user, :assignment, 1, 'null', NULL, false, true, :reason, NULL, NULL, :now)
-RETURNING id""")  # a skip's order is JSON null, as the ORM writes None to the NOT NULL column
+# A skip's order is JSON null, as the ORM writes None to the NOT NULL column.
+_INSERT_SKIP = Sql("{0.into} VALUES ({0.values}) RETURNING id".format(insert_into(
+    RankingRow.__table__, project_id=":project", prompt_id=":prompt", user_id=":user", assignment_id=":assignment",
+    revision="1", order="'null'", below="NULL", all_bad="false", skipped="true", skip_reason=":reason",
+    rationale="NULL", time_spent_ms="NULL", created_at=":now")))
 
 
 @unit_of_work

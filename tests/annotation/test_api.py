@@ -165,6 +165,28 @@ def test_expired_lease_frees_the_slot(env):
             assert "expired" in str(exc)
 
 
+def test_a_skipped_task_is_final_and_both_ways_of_ranking_it_say_so(env):
+    """A skip gives the slot back and the prompt is never offered to its annotator again, so
+    a ranking of it may follow neither as a first ranking (POST) nor as a revision (PUT):
+    both refuse with the same code, and neither sends the annotator to the other."""
+    env.project(n_prompts=2, k=2, annotators=1)
+    tok = env.annotator("ann")
+    task = _next(env, tok).json()
+    url = f"/api/tasks/{task['id']}"
+    assert env.client.post(f"{url}/skip", headers=env.headers(tok), json={"reason": "unsure"}).status_code == 201
+    before = env.counts()
+    order = {"order": [[c["id"]] for c in task["candidates"]]}
+    for method in ("post", "put"):
+        r = getattr(env.client, method)(f"{url}/ranking", headers=env.headers(tok), json=order)
+        assert (r.status_code, r.json().get("code")) == (409, "already_skipped"), (method, r.text)
+        assert "skipped" in r.json()["detail"] and "PUT" not in r.json()["detail"] and "POST" not in r.json()["detail"]
+    assert env.counts() == before
+    leased = _next(env, tok).json()  # a leased task: a revision has nothing to revise yet
+    r = env.client.put(f"/api/tasks/{leased['id']}/ranking", headers=env.headers(tok),
+                       json={"order": [[c["id"]] for c in leased["candidates"]]})
+    assert r.status_code == 409 and "submit it first (POST)" in r.json()["detail"]
+
+
 def test_refusals_a_client_answers_carry_a_code_and_change_nothing(env):
     """409s and the CSRF 403 name their condition in "code" (the ranking page branches on it, not
     on the wording); other refusals carry none."""
@@ -265,6 +287,17 @@ def test_oversized_body_refused(env):
     assert r.status_code == 413 and "too large" in r.json()["detail"]
     assert env.counts() == before
 
+
+def test_only_the_import_route_takes_an_import_sized_body(env):
+    """The import limit is the import route's: a form that happens to end in /import (the
+    invite page of a token 'import', unauthenticated) is refused at the general limit unread."""
+    body = b"x" * (100 * 1024)  # over the app's 64 KiB, far under the import limit
+    for path in ("/invite/import", "/invite/abc", "/api/projects/p/import/x", "/api/projects/import"):
+        r = env.client.post(path, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 413 and "too large" in r.json()["detail"], (path, r.status_code, r.text[:200])
+    r = env.client.post("/api/projects/p/import?format=prompts", headers=env.headers(env.admin_token),
+                        content=b"".join(b'{"prompt": "%d %s"}\n' % (i, b"x" * 40_000) for i in range(3)))
+    assert r.status_code == 201, r.text
 
 def test_other_users_task_and_admin_routes_forbidden(env):
     env.project(n_prompts=2, k=2, annotators=2)

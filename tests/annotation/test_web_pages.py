@@ -57,3 +57,47 @@ def test_the_done_page_says_when_tasks_held_by_others_may_come_back(env):
     assert "being ranked" not in finished.text and "Try again" not in finished.text
     assert other.get("/api/projects/p").json()["progress"] == {"prompts": 1, "rankable_prompts": 1, "rankings": 1,
                                                               "target": 1, "in_progress": 0}
+
+
+def test_a_page_that_cannot_be_shown_is_the_error_page_not_json(env, monkeypatch):
+    """A project the annotator is no member of, or that does not exist, and a busy database:
+    the browser gets the error page with the status the API answers with, never raw JSON."""
+    from annotation import services
+    from annotation.db import DatabaseBusy
+
+    env.project("A", n_prompts=1, k=2)
+    env.annotator("ann")
+    env.team.clear()
+    env.project("B", n_prompts=1, k=2)  # ann is no member of B
+    c, csrf = _signed_in(env, "ann")
+    html = {"Accept": "text/html"}
+    for answer in (c.get("/projects/B/done", headers=html), c.get("/projects/nope/done", headers=html),
+                   c.post("/projects/B/start", headers=html, data={"csrf_token": csrf}, follow_redirects=False)):
+        assert answer.status_code == 404 and answer.headers["content-type"].startswith("text/html"), answer.text
+        assert "no project" in answer.text and "<h1>404</h1>" in answer.text
+    assert c.get("/api/projects/B").json() == {"detail": "no project 'B'"}  # the API still answers JSON
+
+    def busy(*_args, **_kwargs):
+        raise DatabaseBusy("every task offered was taken by another annotator first; try again in a moment")
+
+    monkeypatch.setattr(services, "next_task_in", busy)
+    answer = c.post("/projects/A/start", headers=html, data={"csrf_token": csrf}, follow_redirects=False)
+    assert answer.status_code == 503 and answer.headers["content-type"].startswith("text/html")
+    assert "retry-after" in answer.headers and "try again in a moment" in answer.text
+
+
+def test_a_full_server_answers_a_page_with_html_and_the_api_with_json(tmp_path):
+    """Admission's 503 (more requests at once than a worker takes on) is read by people too."""
+    from fastapi.testclient import TestClient
+
+    from annotation.app import create_app
+    from annotation.settings import Settings
+
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'busy.db'}", max_in_flight=0))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        page = c.get("/", headers={"Accept": "text/html"})
+        api = c.get("/api/me", headers={"Accept": "text/html"})
+    assert (page.status_code, api.status_code) == (503, 503) and page.headers["retry-after"] == "1"
+    assert page.headers["content-type"].startswith("text/html") and "busy" in page.text
+    assert api.json() == {"detail": "the server is busy; try again in a moment"}
+    app.state.engine.dispose()
