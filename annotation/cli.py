@@ -39,6 +39,22 @@ def _password(env_var: str, prompt: str) -> str:
     return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
 
 
+def _proxy_addresses(value: str) -> str:
+    """--forwarded-allow-ips, each entry an address or network as uvicorn reads it (or `*`):
+    uvicorn takes anything else for a name no TCP client has, and trusts nobody by it."""
+    import ipaddress
+
+    for entry in (e.strip() for e in value.split(",")):
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry) if "/" in entry else ipaddress.ip_address(entry)
+        except ValueError as exc:
+            raise UserError(f"--forwarded-allow-ips: {entry!r} is not an IP address or network ({exc}); e.g. "
+                            "10.0.0.5 or 10.0.0.0/24, comma-separated") from None
+    return value
+
+
 def _settings_help() -> str:
     from align.cli_common import config_keys_help
     from annotation.settings import Settings
@@ -58,6 +74,14 @@ def serve(
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     workers: Annotated[int, typer.Option(help="Worker processes: about one per core (SQLite too: writers queue on a lock, readers do not); the load figures in annotation/README.md use 3 on 2 cores, the database on the same machine.", min=1, max=64)] = 1,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Behind a reverse proxy: the proxy's addresses (comma-separated; networks such as 10.0.0.0/8 too), "
+             "whose X-Forwarded-For header then names each client. Sign-in limits count failures per client "
+             "address too, 4 x login_max_failures (20) in login_window_s (5 minutes) for all accounts together: "
+             "behind a proxy that is not trusted every request comes from its address, and 20 mistyped "
+             "passwords lock the whole team out, admins included. Trust only your proxy (a trusted address "
+             "can claim to be any client). Default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1.",
+        show_default=False)] = None,
 ) -> None:
     """Serve the annotation web app (schema created or migrated on start)."""
     import dataclasses
@@ -73,17 +97,20 @@ def serve(
     settings = load_config(Settings, None, overrides, base={"db_url": db or default_db_url(),
                                                             "max_body_bytes": max_body_kb * 1024,
                                                             "secure_cookies": secure_cookies})
+    # uvicorn takes a client's address from X-Forwarded-For only from these (its own default without it)
+    proxies = {} if forwarded_allow_ips is None else {"proxy_headers": True,
+                                                      "forwarded_allow_ips": _proxy_addresses(forwarded_allow_ips)}
     typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
                + (f" with {workers} workers" if workers > 1 else ""), err=True)
     if workers == 1:
-        uvicorn.run(served_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(served_app(settings), host=host, port=port, log_level=log_level, access_log=False, **proxies)
         return
     engine = make_engine(settings.db_url)
     migrate(engine)  # once, before the workers start (they would race to create the schema)
     engine.dispose()
     os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
     uvicorn.run("annotation.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                log_level=log_level, access_log=False)
+                log_level=log_level, access_log=False, **proxies)
 
 
 @app.command("create-admin")
@@ -126,11 +153,17 @@ def set_password(
     """Give an account a new password (from $ALIGN_USER_PASSWORD or asked, hidden); for an
     account asked to change one made under an older rule, or one whose owner forgot it."""
     from annotation import services
+    from annotation.services.users import imported_annotator_problem
 
-    password = _password("ALIGN_USER_PASSWORD", "New password")
     with _sessionmaker(db, create=False)() as s:  # a new database has no user to change
-        services.set_password(s, services.get_user(s, username), password)
-    typer.echo(f"password of {username!r} changed")
+        user = services.get_user(s, username)
+        problem = imported_annotator_problem(user, "password")
+        if problem:  # said before a password is asked for
+            raise UserError(problem)
+        password = _password("ALIGN_USER_PASSWORD", "New password")
+        services.set_password(s, user, password)
+    typer.echo(f"password of {username!r} changed" + ("" if user.active else
+               "; the account is deactivated: it signs in once an admin reactivates it"))
 
 
 @app.command("invite")
@@ -153,11 +186,17 @@ def invite(
 
 @app.command("token")
 def token(username: Annotated[str, typer.Argument(help="Existing user.")], db: DbOpt = None) -> None:
-    """Print a new API token for a user (send as 'Authorization: Bearer TOKEN')."""
+    """Print a new API token for a user (send as 'Authorization: Bearer TOKEN'); not for a
+    deactivated account, nor an imported annotator's."""
     from annotation import services
+    from annotation.services.users import token_problem
 
     with _sessionmaker(db, create=False)() as s:  # a new database has no user
-        typer.echo(services.issue_api_token(s, services.get_user(s, username)))
+        user = services.get_user(s, username)
+        problem = token_problem(user)
+        if problem:
+            raise UserError(problem)
+        typer.echo(services.issue_api_token(s, user))
 
 
 @app.command("create-project")
@@ -289,8 +328,11 @@ def generate(
                         f"got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be above 0 and at most 1 (the K candidates of a prompt are sampled), got {top_p}")
+    notes: list[str] = []
     with _sessionmaker(db, create=False)() as s:  # its project is there already
         pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=response_length, temperature=temperature,
-                                top_p=top_p, batch_size=batch_size, seed=seed, progress=True)
+                                top_p=top_p, batch_size=batch_size, seed=seed, progress=True, notes=notes)
     typer.echo(f"{project}: {pk} candidates generated for {n} prompts")
+    for note in notes:
+        typer.echo(note, err=True)

@@ -10,9 +10,12 @@ from annotation import services
 def generate_candidates(
     db: Session, project_name: str, model_spec: str = "demo", *, k: int | None = None, max_new_tokens: int = 48,
     temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = False,
+    notes: list[str] | None = None,
 ) -> int:
     """Sample K responses (the project's K; `k`, if given, must equal it) for each prompt
-    without candidates; returns how many prompts were filled."""
+    without candidates; returns how many prompts were filled. The prompts are read once,
+    before sampling (minutes): one that got candidates meanwhile (another generate run, an
+    import) keeps them, and `notes` gets a line saying how many did."""
     from align.generation import generate_responses
     from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -32,6 +35,14 @@ def generate_candidates(
         model, tokenizer, [p.content for p in todo], num_return_sequences=k, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, progress=progress,
     )
+    filled = taken = 0
     for prompt, texts in zip(todo, outs):
-        services.add_candidates(db, prompt, list(texts), model=str(model_spec), sampling=sampling)
-    return len(todo)
+        try:
+            services.add_candidates(db, prompt, list(texts), model=str(model_spec), sampling=sampling)
+            filled += 1
+        except services.Conflict:
+            taken += 1
+    if taken and notes is not None:
+        notes.append(f"{taken} prompt{'s' * (taken != 1)} of {project_name!r} got candidates from another generate run "
+                     "or an import while these were sampled; they keep those")
+    return filled

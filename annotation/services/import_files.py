@@ -3,6 +3,8 @@ and stored as prompts (`imports.add_prompts`) or rankings (`ranking_import`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -45,18 +47,16 @@ def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_k
 
 def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
     records = imports.read_records(fmt, path)
+    where = _place_in(path)  # (prompts: the rankings import names its records itself)
     if fmt == "prompts":
-        ks = {len(r.candidates) for r in records if r.candidates}
-        if len(ks) > 1:
-            raise Invalid(f"{path}: prompts have different numbers of candidates {sorted(ks)}; a project ranks one K")
-        project_kwargs.setdefault("k", ks.pop() if ks else 4)
+        project_kwargs.setdefault("k", _file_k(records, where) or 4)
     else:
         project_kwargs.setdefault("k", min(MAX_CANDIDATES, max(2, max(len(r.responses) for r in records))))
     existed = db.scalar(select(Project.id).where(Project.name == project_name)) is not None
     project = get_or_create_project(db, project_name, **project_kwargs)
     try:
         if fmt == "prompts":
-            return imports.add_prompts(db, project, records)
+            return imports.add_prompts(db, project, records, where)
         return import_rankings(db, project, records, source=fmt, origin=str(path))
     except BaseException:
         db.rollback()
@@ -66,3 +66,48 @@ def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_
             db.execute(Project.__table__.delete().where(Project.id == project.id))
             db.commit()
         raise
+
+
+def _place_in(path: Any) -> Callable[[int], str]:
+    """Names record i of a JSONL file as its reader's messages do, "FILE:LINE" (record i is
+    the file's i-th line that is not blank). The line numbers are read only when a message
+    needs one: a file that is stored whole never pays for them."""
+    lines: list[int] = []
+
+    def where(i: int) -> str:
+        if not lines:
+            lines.extend(_record_lines(Path(path)))
+        return f"{path}:{lines[i]}" if i < len(lines) else f"{path}: record {i + 1}"  # (a file changed since read)
+
+    return where
+
+
+def _record_lines(path: Path) -> list[int]:
+    """The numbers of the lines `align.files.jsonl_rows` reads a record from (the same
+    decoding and line ends: it skipped the blank ones)."""
+    import gzip
+
+    opened = gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else path.open(encoding="utf-8-sig")
+    with opened as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _file_k(records: list, where: Callable[[int], str]) -> int | None:
+    """The number of candidates the prompts of a file bring, which a project it creates
+    ranks (None: they bring none), or the first record that makes it no K: a count no
+    project ranks, or another than an earlier record's."""
+    first = None
+    for i, r in enumerate(records):
+        n = len(r.candidates)
+        if not n:
+            continue
+        problem = imports.candidate_count_problem(n, None)
+        if problem:
+            raise Invalid(f"{where(i)}: {imports.prompt_subject(r.prompt_id)} {problem}")
+        if first is None:
+            first = i
+        elif n != len(records[first].candidates):
+            raise Invalid(f"{where(i)}: {imports.prompt_subject(r.prompt_id)} has {n} candidates, where "
+                          f"{where(first)} has {len(records[first].candidates)}; prompts have different numbers of "
+                          "candidates but a project ranks one K")
+    return None if first is None else len(records[first].candidates)

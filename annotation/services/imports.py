@@ -6,8 +6,8 @@ import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -85,16 +85,6 @@ def check_id(value: Any, what: str) -> str | None:
     return value
 
 
-def _existing_source_ids(db: Session, project: Project, ids: Iterable[str]) -> set[str]:
-    ids = list(ids)
-    found: set[str] = set()
-    for i in range(0, len(ids), 500):
-        found.update(
-            db.scalars(select(Prompt.source_id).where(Prompt.project_id == project.id, Prompt.source_id.in_(ids[i : i + 500])))
-        )
-    return found
-
-
 def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any, list[CandidateIn]]], now: float) -> None:
     """Insert checked prompts and their candidates as two multi-row INSERTs on the tables
     (SQLAlchemy Core's INSERT ... RETURNING): a chunk holds SQLite's writer lock a fraction
@@ -107,9 +97,16 @@ def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any,
         {"project_id": project.id, "source_id": sid, "content": content, "n_candidates": len(candidates),
          "slots_taken": 0, "done_count": 0, "created_at": now}
         for sid, content, candidates in records]).all())
-    rows = [{"prompt_id": prompt_ids[sid], "position": i, "text": c.text, "model": c.model, "sampling": c.sampling,
+    _insert_candidates(db, [(prompt_ids[sid], candidates) for sid, _content, candidates in records])
+
+
+def _insert_candidates(db: Session, candidates_of: list[tuple[int, list[CandidateIn]]]) -> None:
+    """The candidates of prompts (row id, its candidates in order) as one multi-row INSERT."""
+    from sqlalchemy import insert
+
+    rows = [{"prompt_id": prompt_id, "position": i, "text": c.text, "model": c.model, "sampling": c.sampling,
              "source_id": None}
-            for sid, _content, candidates in records for i, c in enumerate(candidates)]
+            for prompt_id, candidates in candidates_of for i, c in enumerate(candidates)]
     if rows:
         db.execute(insert(Candidate.__table__), rows)
 
@@ -149,25 +146,123 @@ def chunks(items: list, size: int = 0) -> Iterable[list]:
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
-def _new_in_chunk(db: Session, project: Project, chunk: list, source_id: Callable[[Any], str],
-                  report: ImportReport) -> list:
-    """The records of a chunk whose prompt id is not in the project yet, nor earlier in the
-    file, read in a snapshot before the chunk's write (no writer lock while its rows are
-    built; an import adding the same ids meanwhile makes the commit a Conflict); the others
-    are counted as duplicates."""
+class _Checked(NamedTuple):
+    """A prompt record checked for storing: `i` its place (named by add_prompts' `where`),
+    `given_id` the id the record gave (None: known by its content hash, `sid`)."""
+
+    i: int
+    sid: str
+    given_id: str | None
+    content: Any
+    candidates: list[CandidateIn]
+
+
+@dataclass
+class _Held:
+    """A prompt id as an import finds it: in the project (`prompt_id`) or earlier in the
+    file (`new`: its place among the prompts the plan inserts), with its content, number
+    of candidates and (read only where a record brings candidates to compare) their texts."""
+
+    content: Any
+    n: int
+    texts: list[str]
+    prompt_id: int | None = None
+    new: int | None = None
+
+
+@dataclass
+class _Plan:
+    """What a run of records stores: new prompts (with their candidates, or none) and
+    candidates for stored prompts that had none; the rest is counted as duplicates."""
+
+    new: list[tuple[str, Any, list[CandidateIn]]] = field(default_factory=list)
+    attach: list[tuple[int, str, list[CandidateIn]]] = field(default_factory=list)  # prompt row id, its id, candidates
+    duplicates: int = 0
+
+
+def prompt_subject(given_id: Any) -> str:
+    """How a message names a record's prompt: by the id the record gave, else "the prompt"
+    (its content hash is no name the user knows)."""
+    return f"prompt {given_id!r}" if isinstance(given_id, str) else "the prompt"
+
+
+def candidate_count_problem(n: int, project: Project | None) -> str | None:
+    """What is wrong with a prompt record's number of candidates `n` (none is fine: they are
+    generated later), for `project` (None: one the file's K would create)."""
+    if n and not 2 <= n <= MAX_CANDIDATES:
+        return (f"has {n} candidate{'s' * (n != 1)}; a prompt is ranked among 2 to {MAX_CANDIDATES} candidates "
+                "(give 2 or more, or none to generate them later)")
+    if n and project is not None and n != project.k:
+        return (f"has {n} candidates; project {project.name!r} ranks K={project.k} (send exactly {project.k}, "
+                "or none to generate them later)")
+    return None
+
+
+def _read_held(db: Session, project: Project, records: list[_Checked]) -> dict[str, _Held]:
+    """The project's prompts that `records` name, in one snapshot (no writer lock); the
+    candidate texts of those that have candidates where a record brings some."""
     from annotation.db import begin_read_only
 
+    sids = list(dict.fromkeys(r.sid for r in records))
+    bringing = {r.sid for r in records if r.candidates}
+    held: dict[str, _Held] = {}
     begin_read_only(db)
-    present = _existing_source_ids(db, project, [source_id(r) for r in chunk])
+    for i in range(0, len(sids), 500):
+        for pid, sid, content, n in db.execute(select(Prompt.id, Prompt.source_id, Prompt.content, Prompt.n_candidates)
+                                               .where(Prompt.project_id == project.id,
+                                                      Prompt.source_id.in_(sids[i : i + 500]))):
+            held[sid] = _Held(content, n, [], pid)
+    compared = {h.prompt_id: h for sid, h in held.items() if h.n and sid in bringing}
+    ids = list(compared)
+    for i in range(0, len(ids), 500):
+        for pid, text in db.execute(select(Candidate.prompt_id, Candidate.text).where(
+                Candidate.prompt_id.in_(ids[i : i + 500])).order_by(Candidate.prompt_id, Candidate.position)):
+            compared[pid].texts.append(text)
     db.commit()  # ends the snapshot (a rollback would expire the project read before it)
-    new = []
-    for record in chunk:
-        if source_id(record) in present:
-            report.duplicates_skipped += 1
+    return held
+
+
+def _plan(records: list[_Checked], held: dict[str, _Held], project: Project, where: Callable[[int], str]) -> _Plan:
+    """What `records` store, given the prompts `held` (updated as the records are planned).
+    A prompt id seen before is a duplicate, unless the record brings candidates for a
+    prompt without any: they are attached. A prompt id that names other content, or other
+    candidates than its prompt has, is refused (kept as "already present", the record's
+    prompt or candidates were silently dropped)."""
+    plan = _Plan()
+    for r in records:
+        texts = [c.text for c in r.candidates]
+        h = held.get(r.sid)
+        if h is None:
+            held[r.sid] = _Held(r.content, len(texts), texts, new=len(plan.new))
+            plan.new.append((r.sid, r.content, r.candidates))
+        elif h.content != r.content:
+            raise Invalid(f"{where(r.i)}: prompt id {r.sid!r} already names another prompt in project "
+                          f"{project.name!r} or earlier in this import; give this prompt another id")
+        elif not texts or sorted(texts) == sorted(h.texts):  # the same candidates, in any order
+            plan.duplicates += 1
+        elif h.n:
+            raise Invalid(f"{where(r.i)}: {prompt_subject(r.given_id)} already has other candidates in project "
+                          f"{project.name!r} or earlier in this import; a prompt's candidates are never replaced "
+                          "(give these to a prompt of another id)")
         else:
-            present.add(source_id(record))
-            new.append(record)
-    return new
+            h.n, h.texts = len(texts), texts
+            if h.new is not None:  # a prompt earlier in this file without candidates: stored with these
+                plan.new[h.new] = (r.sid, r.content, r.candidates)
+            else:
+                plan.attach.append((h.prompt_id, r.sid, r.candidates))
+    return plan
+
+
+def _attach_candidates(db: Session, attach: list[tuple[int, str, list[CandidateIn]]]) -> None:
+    """Give stored prompts without candidates these. A prompt that got candidates since
+    the chunk was read (another import, `align annotate generate`) is a Conflict."""
+    for prompt_id, sid, candidates in attach:
+        taken = db.execute(Prompt.__table__.update().where(Prompt.id == prompt_id, Prompt.n_candidates == 0)
+                           .values(n_candidates=len(candidates)))
+        if taken.rowcount != 1:
+            raise Conflict(f"prompt {sid!r} got candidates from another import or generate run at the same moment; "
+                           "import the file again to add the rest (nothing is added twice)")
+    _insert_candidates(db, [(prompt_id, candidates) for prompt_id, _sid, candidates in attach])
 
 
 @contextmanager
@@ -253,73 +348,82 @@ def pause_after_chunk(held_s: float, worked_s: float, cpu_s: float) -> float:
     return max(IMPORT_PAUSE_S, held_s) * min(IMPORT_MAX_BACKOFF, max(1.0, slowdown))
 
 
-def _refuse_reused_ids(db: Session, project: Project, keyed: list[tuple[str, Any, list]]) -> None:
-    """A prompt id that the project, or an earlier record, gives another prompt is refused
-    before anything is stored (as the rankings import refuses it): kept as "already
-    present", the file's prompt was silently dropped."""
-    from annotation.db import begin_read_only
+def _checked_records(project: Project, records: list[PromptRecord], where: Callable[[int], str]) -> list[_Checked]:
+    """Every record checked as a fresh import checks it, or the first problem as one Invalid
+    that begins with the record's place (`where`)."""
+    checked = []
+    for i, rec in enumerate(records):
+        try:
+            checked.append(_checked_record(i, rec, project))
+        except Invalid as exc:
+            raise Invalid(f"{where(i)}: {exc}") from None
+    return checked
 
-    content_of: dict[str, Any] = {}
-    begin_read_only(db)
-    ids = list(dict.fromkeys(sid for sid, _content, _cands in keyed))
-    for i in range(0, len(ids), 500):
-        content_of.update(db.execute(select(Prompt.source_id, Prompt.content).where(
-            Prompt.project_id == project.id, Prompt.source_id.in_(ids[i : i + 500]))).all())
-    db.commit()  # ends the snapshot (a rollback would expire the project read before it)
-    for sid, content, _candidates in keyed:
-        if content_of.setdefault(sid, content) != content:
-            raise Invalid(f"prompt id {sid!r} already names another prompt in project {project.name!r} or in this "
-                          "file; give this prompt another id")
+
+def _checked_record(i: int, rec: PromptRecord, project: Project) -> _Checked:
+    from align.formats import content_id
+
+    given = check_id(rec.prompt_id, "the prompt's id")
+    subject = prompt_subject(given)
+    content = checked_prompt(rec.prompt, subject)
+    problem = candidate_count_problem(len(rec.candidates), project)
+    if problem:
+        raise Invalid(f"{subject} {problem}")
+    candidates = [checked_candidate(c, j + 1, subject) for j, c in enumerate(rec.candidates)]
+    return _Checked(i, given or content_id("p", content), given, content, candidates)
+
+
+def _item_of_request(i: int) -> str:
+    return f"item {i + 1} of the request"
 
 
 @unit_of_work
-def add_prompts(db: Session, project: Project, records: list[PromptRecord]) -> ImportReport:
+def add_prompts(db: Session, project: Project, records: list[PromptRecord],
+                where: Callable[[int], str] = _item_of_request) -> ImportReport:
     """Add prompts, each with no candidates (to generate later) or exactly the project's K.
-    Prompts whose id is already in the project are skipped, so importing the same file
-    twice adds nothing. Every record is checked before any is stored (one bad record and
-    none is added); they are then stored IMPORT_CHUNK at a time."""
+    A prompt already in the project (its id, else its content) is a duplicate, skipped, so
+    importing the same file twice adds nothing; but candidates for one that has none are
+    attached, and other candidates for one that has some are refused. Every record is
+    checked before any is stored (one bad record and none is added; `where(i)` names record
+    i in the message: "FILE:LINE"); they are then stored IMPORT_CHUNK at a time, each chunk
+    planned (`_plan`) on what the project holds when it is stored."""
     report = ImportReport()
     now = time.time()
-    from align.formats import content_id
-
-    keyed = []
-    for i, rec in enumerate(records):
-        content = checked_prompt(rec.prompt, f"prompt {i + 1}")
-        sid = check_id(rec.prompt_id, f"id of prompt {i + 1}") or content_id("p", content)
-        if rec.candidates and len(rec.candidates) != project.k:
-            raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; project {project.name!r} ranks "
-                          f"K={project.k} (send exactly {project.k}, or none to generate them later)")
-        if len(rec.candidates) > MAX_CANDIDATES:
-            raise Invalid(f"prompt {sid!r} has {len(rec.candidates)} candidates; at most {MAX_CANDIDATES}")
-        keyed.append((sid, content, [checked_candidate(c, i, f"prompt {sid!r}") for i, c in enumerate(rec.candidates)]))
-    _refuse_reused_ids(db, project, keyed)
+    checked = _checked_records(project, records, where)
+    _plan(checked, _read_held(db, project, checked), project, where)  # refuses before anything is stored
     with stopped_by_full_disk(db, report) as committed:
-        for chunk in chunks(keyed):
-            new = _new_in_chunk(db, project, chunk, lambda record: record[0], report)
+        for chunk in chunks(checked):
+            plan = _plan(chunk, _read_held(db, project, chunk), project, where)
             with chunk_transaction(db):
-                if new:
-                    _insert_prompts(db, project, new, now)
-            report.prompts_added += len(new)
-            report.candidates_added += sum(len(candidates) for _sid, _content, candidates in new)
+                if plan.new:
+                    _insert_prompts(db, project, plan.new, now)
+                if plan.attach:
+                    _attach_candidates(db, plan.attach)
+            report.prompts_added += len(plan.new)
+            report.candidates_added += sum(len(candidates) for *_ids, candidates in plan.new + plan.attach)
+            report.duplicates_skipped += plan.duplicates
             committed()
-    if report.prompts_added:
+    if report.prompts_added or report.candidates_added:
         refresh_planner_statistics(db)
     return report
 
 
 @unit_of_work
 def add_candidates(db: Session, prompt: Prompt, texts: list[str], model: str | None = None, sampling: dict | None = None) -> None:
-    """Attach generated candidates to a prompt that has none yet (`align annotate generate`)."""
-    if prompt.n_candidates:
-        raise Conflict(f"prompt {prompt.source_id!r} already has candidates")
+    """Attach generated candidates to a prompt that has none yet (`align annotate generate`).
+    A prompt that has some, also one that got them since `prompt` was read (another
+    generate run or an import at the same moment), is a Conflict and keeps them."""
     k = db.scalar(select(Project.k).where(Project.id == prompt.project_id))
     if len(texts) != k:
         raise Invalid(f"need exactly K={k} candidates for prompt {prompt.source_id!r}, got {len(texts)}")
-    for i, t in enumerate(texts):
-        db.add(Candidate(prompt_id=prompt.id, position=i, text=_check_text(t, "candidate"), model=model, sampling=dict(sampling or {})))
-    db.execute(Prompt.__table__.update().where(Prompt.id == prompt.id).values(n_candidates=len(texts)))
-    prompt.n_candidates = len(texts)
+    candidates = [CandidateIn(_check_text(t, "candidate"), model, dict(sampling or {})) for t in texts]
+    taken = db.execute(Prompt.__table__.update().where(Prompt.id == prompt.id, Prompt.n_candidates == 0)
+                       .values(n_candidates=len(texts)))
+    if taken.rowcount != 1:  # the count is taken in the same statement that checks it: one writer wins
+        raise Conflict(f"prompt {prompt.source_id!r} already has candidates")
+    _insert_candidates(db, [(prompt.id, candidates)])
     db.commit()
+    prompt.n_candidates = len(texts)
 
 
 @unit_of_work

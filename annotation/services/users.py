@@ -102,6 +102,9 @@ def set_password(db: Session, user: User, password: str, *, keep: BearerToken | 
     account is revoked but `keep`, the credential the change was made with (none kept
     when an admin or the CLI sets it), so whoever held the old password or a stolen
     session is signed out."""
+    problem = imported_annotator_problem(user, "password")
+    if problem:
+        raise Forbidden(problem)
     problem = passwords.password_problem(password, user.username)
     if problem:
         raise Invalid(problem)
@@ -169,8 +172,19 @@ def authenticate(db: Session, username: str, password: str) -> User | None:
 
 
 def _throttle_keys(username: str, client: str, max_failures: int) -> list[tuple[str, int]]:
+    """The counts a sign-in is checked against, each with its limit: the user from this
+    client address, every user from it (guesses spread over many accounts), and the user
+    from anywhere. Behind a reverse proxy the server does not trust (`serve
+    --forwarded-allow-ips`), the address is the proxy's and the whole team shares one count."""
     name = (username or "").casefold()[:64]
     return sorted([(f"u:{name}|c:{client}", max_failures), (f"c:{client}", 4 * max_failures), (f"u:{name}", 100)])
+
+
+def _throttled_message(key: str, wait: int) -> str:
+    if key.startswith("c:"):
+        return (f"too many failed sign-ins from this network address (a limit per address, all accounts "
+                f"together); try again in {wait} s")
+    return f"too many failed sign-ins; try again in {wait} s"
 
 
 @unit_of_work
@@ -202,7 +216,7 @@ def reserve_sign_in(db: Session, username: str, client: str, *, max_failures: in
             start = db.scalar(select(LoginFailures.window_start).where(LoginFailures.key == key)) or now
             db.rollback()
             wait = max(1, int(start + window_s - now) + 1)
-            raise Throttled(f"too many failed sign-ins; try again in {wait} s", wait)
+            raise Throttled(_throttled_message(key, wait), wait)
     db.commit()
 
 
@@ -235,6 +249,27 @@ def sign_in(db: Session, username: str, password: str, client: str, *, max_failu
     if user is not None:
         sign_in_succeeded(db, username, client, max_failures=max_failures)
     return user
+
+
+def imported_annotator_problem(user: User, credential: str) -> str | None:
+    """Why `user` gets no `credential` ("password", "token"), if it is an imported
+    annotator's account: it holds rankings read from a file, and nobody signs in as it."""
+    if user.role != "source":
+        return None
+    return (f"{user.username!r} is an imported annotator (named in an imported ranking file), not an account anyone "
+            f"signs in with: it gets no {credential}")
+
+
+def token_problem(user: User) -> str | None:
+    """Why a token issued to `user` would let nobody in (None: it would work): an imported
+    annotator's account, or a deactivated one, whose token every request refuses
+    (`_user_for`, VALID_TOKEN_HOLDER)."""
+    if user.role == "source":
+        return imported_annotator_problem(user, "token")
+    if not user.active:
+        return (f"{user.username!r} is deactivated: every request would refuse its token; reactivate it first "
+                f"(POST /api/users/{user.username}/activate)")
+    return None
 
 
 @unit_of_work

@@ -123,6 +123,42 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
 
 
+def test_generate_leaves_prompts_that_another_run_filled_meanwhile_as_they_are(tmp_path, capsys, tiny_random_model,
+                                                                               monkeypatch):
+    """Two generate runs at once on one project: the one that stored second exited 1 with an
+    IntegrityError traceback (UNIQUE candidates.prompt_id, position). Its prompts are read
+    once, before sampling; those the other run filled meanwhile keep its candidates, and a
+    line says how many."""
+    import align.generation
+    from annotation import services
+    from annotation.db import open_db
+    from annotation.models import Prompt
+
+    db = f"sqlite:///{tmp_path / 'race.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "tell me a joke", "what is tea"]) + "\n")
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "2"], capsys)
+    sample = align.generation.generate_responses
+
+    def sampled_while_another_run_stored(*args, **kwargs):
+        outs = sample(*args, **kwargs)
+        with open_db(db)() as s:
+            for prompt in services.prompts_without_candidates(s, services.get_project(s, "gen"))[:2]:
+                services.add_candidates(s, prompt, ["other a", "other b"], model="other run")
+        return outs
+
+    monkeypatch.setattr(align.generation, "generate_responses", sampled_while_another_run_stored)
+    with pytest.raises(SystemExit) as exc:
+        main(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--response-length", "4"])
+    out = capsys.readouterr()
+    assert exc.value.code in (0, None), out
+    assert out.out == "gen: 2 candidates generated for 1 prompts\n" and "Traceback" not in out.err, out
+    assert "2 prompts of 'gen' got candidates from another generate run or an import" in out.err, out.err
+    with open_db(db)() as s:
+        models = sorted(c.model for p in s.query(Prompt).all() for c in p.candidates)
+    assert models == sorted(["other run"] * 4 + [str(tiny_random_model)] * 2)
+
+
 @pytest.mark.parametrize("option,value,word", [
     ("--temperature", "0", "--temperature must be a finite number above 0"),
     ("--temperature", "-1", "--temperature must be a finite number above 0"),
