@@ -23,6 +23,7 @@ from align.checkpoint import (
     check_same_run,
     data_fingerprint,
     load_training_state,
+    model_fingerprints,
     release_run_dir,
     save_training_state,
     start_run_dir,
@@ -52,7 +53,8 @@ class StepLoop:
     progress, report_to, wandb_project), `accelerator`, `device`, `rank`,
     `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`,
     `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
-    data), `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
+    data), `model_paths` (config key -> the model directory it named, fingerprinted likewise),
+    `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
     with `run_log.close(summary, step_count)`."""
 
     stage: str  # "reward", "dpo": the prefix of the stage's lines
@@ -176,7 +178,8 @@ class StepLoop:
                             sharded=self.fsdp is not None, keep=self.loop_cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.global_batches),
                                    "config": config_to_dict(self.cfg), "responses_forwarded": forwarded,
-                                   "data": self.data_digest, "clock": self.clock.state_dict()})
+                                   "data": self.data_digest, "models": model_fingerprints(self.model_paths),
+                                   "clock": self.clock.state_dict()})
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_training_state(
@@ -185,7 +188,8 @@ class StepLoop:
             check=lambda state: check_same_run(path, state, config=config_to_dict(self.cfg),
                                                may_change=self.resume_overridable, data=self.data_digest,
                                                num_steps=len(self.global_batches),
-                                               aliases=getattr(type(self.cfg), "key_aliases", None)))
+                                               aliases=getattr(type(self.cfg), "key_aliases", None),
+                                               models=model_fingerprints(self.model_paths)))
         self.step_count = state["step"]
         self.clock.load_state_dict(state.get("clock"))
         # (the reward stage's earlier checkpoints name the count forward_passes)

@@ -120,6 +120,7 @@ class DPOTrainer(StepLoop):
         torch.manual_seed(cfg.seed)
 
         self.sft_path = resolve_model_path(cfg.policy_model).resolve()
+        self.model_paths = {"policy_model": self.sft_path}
         self.tokenizer = load_tokenizer(self.sft_path)
         prepare_tokenizer(self.tokenizer)  # right padding, left truncation: a long text keeps its response
         data = load_reward_data(cfg.data)  # rankings that state no preference come back set aside

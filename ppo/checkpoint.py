@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_same_run, data_fingerprint, load_training_state, save_training_state
+from align.checkpoint import (
+    check_same_run,
+    data_fingerprint,
+    load_training_state,
+    model_fingerprints,
+    save_training_state,
+)
 from align.config import config_to_dict
 from align.errors import UserError
 from align.lora import save_policy_adapter
@@ -38,7 +44,14 @@ def save_checkpoint(trainer: Any) -> None:
                         state={"iteration": trainer.iteration, "config": config_to_dict(trainer.cfg),
                                "sampler": trainer.sampler.state_dict(),
                                "data": data_fingerprint(trainer.sampler.prompts),
+                               "models": model_fingerprints(model_paths(trainer)),
                                "kl_controller": trainer.kl_ctl.state_dict(), "clock": trainer.clock.state_dict()})
+
+
+def model_paths(trainer: Any) -> dict[str, Path | None]:
+    """The models a run reads, by the config key naming them: a resumed run holds them to the
+    checkpoint's (a reward model handed in without a directory is not checked)."""
+    return {"policy_model": trainer.sft_path, "reward_model": getattr(trainer.reward_model, "path", None)}
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
@@ -48,7 +61,8 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         scheduler=trainer.scheduler, sharded=bool(trainer.fsdp),
         check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE,
                                            data=data_fingerprint(trainer.sampler.prompts),
-                                           aliases=getattr(type(trainer.cfg), "key_aliases", None)))
+                                           aliases=getattr(type(trainer.cfg), "key_aliases", None),
+                                           models=model_fingerprints(model_paths(trainer))))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

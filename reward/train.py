@@ -118,6 +118,7 @@ class RewardTrainer(StepLoop):
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
 
         self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
+        self.model_paths = {"model.name_or_path": self.base_path}
         self.encoder = checkpoint_is_encoder(self.base_path)  # BERT-like: its own tokens, no shared prompt
         if self.encoder and cfg.eval.normalize and cfg.eval.normalize_policy is None:
             raise UserError("an encoder reward model is normalised on a policy's samples: set eval.normalize_policy "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from align.checkpoint import check_same_run, data_fingerprint, flat_config
+from align.checkpoint import check_same_run, data_fingerprint, flat_config, model_fingerprint
 from align.errors import UserError
 
 CONFIG = {"seed": 0, "train": {"learning_rate": 1e-3, "save_every": 50}, "output_dir": "runs/a"}
@@ -40,6 +40,43 @@ def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():
     with pytest.raises(UserError, match="eval.save_every is 2 where the run had 1"):
         check_same_run(path, {"config": other}, config={**other, "eval": {"save_every": 2}},
                        may_change={"train.save_every"})
+
+
+def test_a_models_fingerprint_follows_its_weights_configs_and_adapter_bases_not_its_place(tmp_path):
+    import json
+    import shutil
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir(), adapter.mkdir()
+    weights = bytes(range(256)) * (3 * 2**12)  # 3 MiB: read at its first and last MiB
+    (base / "model.safetensors").write_bytes(weights)
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    first = model_fingerprint(adapter)
+
+    (adapter / "README.md").write_text("notes")  # not a model file
+    shutil.copytree(adapter, tmp_path / "moved")
+    assert model_fingerprint(adapter) == model_fingerprint(tmp_path / "moved") == first
+    for change in (weights[:-1] + b"x", b"x" + weights[1:]):  # its last MiB, its first
+        (base / "model.safetensors").write_bytes(change)
+        assert model_fingerprint(adapter) != first  # the base the adapter names changed
+    (base / "model.safetensors").write_bytes(weights)
+    assert model_fingerprint(adapter) == first
+    (base / "config.json").write_text('{"model_type": "qwen2"}')
+    assert model_fingerprint(adapter) != first
+
+
+def test_a_run_resumes_only_with_the_models_it_was_trained_with():
+    path = Path("runs/a/checkpoints/step-000004")
+    state = {"config": {**CONFIG, "policy_model": "sft"}, "models": {"policy_model": "aa"}}
+    check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": "aa"})
+    with pytest.raises(UserError, match=r"the model policy_model names \(sft\) is not the one the run was trained with"):
+        check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": "bb"})
+    # a checkpoint written before checkpoints held their models' fingerprints, a model it did not hold
+    check_same_run(path, {"config": state["config"]}, config=state["config"], may_change=set(),
+                   models={"policy_model": "bb"})
+    check_same_run(path, state, config=state["config"], may_change=set(), models={"reward_model": "cc"})
 
 
 def test_a_checkpoint_holding_a_former_key_name_resumes_under_the_new_one():

@@ -109,6 +109,25 @@ def test_resume_refuses_training_prompts_that_changed(capsys, tmp_path, small_ru
     assert (run / "metrics.jsonl").read_text() == rows
 
 
+def test_resume_refuses_a_reward_model_trained_again_in_its_folder(capsys, tmp_path, small_run):
+    import shutil
+
+    [given] = [o.split("=", 1)[1] for o in small_run if o.startswith("reward_model=")]
+    reward, run = tmp_path / "reward", tmp_path / "run"
+    shutil.copytree(given, reward)
+    code, err = run_cli([*[o for o in small_run if not o.startswith(("num_iterations=", "save_every=", "reward_model="))],
+                         f"reward_model={reward}", "num_iterations=1", "save_every=1"], capsys)
+    assert code == 0, err
+    rows = (run / "metrics.jsonl").read_text()
+
+    # the same folder, another model: a training run writes new weights and normalisation into it
+    [norm] = reward.rglob("reward_normalization.json")
+    norm.write_text(json.dumps({"gain": 2.0, "bias": -1.0}))
+    code, err = run_cli(["--resume", str(run)], capsys)
+    assert code == 2 and "the model reward_model names" in err and "its files changed since" in err
+    assert (run / "metrics.jsonl").read_text() == rows
+
+
 def test_fresh_run_refuses_a_non_empty_output_dir(capsys, tmp_path, small_run):
     run = tmp_path / "run"
     run.mkdir()
