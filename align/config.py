@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from align.errors import ConfigError
+from align.overrides import OverrideValue, apply_overrides, key_of_alias, set_dotted
 
 T = TypeVar("T")
 _NoneType = type(None)
@@ -78,18 +79,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: not a config of this command ({cls.__name__}): it sets "
                               f"{', '.join(map(repr, foreign[:5]))}, which it has no keys for (another stage's config?)")
         _move_aliased_values(data, cls, str(path))
-    for override in overrides or []:
-        key, value = parse_override(override)
-        set_dotted(data, _key_of_alias(key, cls), value, cls)
+    apply_overrides(data, overrides or [], cls)
     return from_dict(cls, data)
-
-
-def _key_of_alias(name: str, cls: type) -> str:
-    """The key `name` stands for: itself, or the key it is another name of (with a warning)."""
-    key = getattr(cls, "key_aliases", {}).get(name, name)
-    if key != name:
-        log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
-    return key
 
 
 def _move_aliased_values(data: dict[str, Any], cls: type, source: str) -> None:
@@ -103,7 +94,7 @@ def _move_aliased_values(data: dict[str, Any], cls: type, source: str) -> None:
 
     for alias in getattr(cls, "key_aliases", {}):
         if (node := holder(alias)) is not None:
-            value, key = node.pop(alias.rsplit(".", 1)[-1]), _key_of_alias(alias, cls)
+            value, key = node.pop(alias.rsplit(".", 1)[-1]), key_of_alias(alias, cls)
             if holder(key) is not None:
                 raise ConfigError(f"{source}: {alias!r} and {key!r} are one setting; give {key!r} only")
             set_dotted(data, key, value, cls)
@@ -186,57 +177,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (first on line {first_line[seen]})", key_node.start_mark)
             first_line[seen] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
-
-
-@dataclass(frozen=True)
-class OverrideValue:
-    """The value of a `key=value` override: as YAML reads it (`true`, `3`, `[1, 2]`), and the text as
-    typed, which a text field (a path, a name, a choice) takes as it is: in `output_dir=run #2` the `#`
-    starts no comment, `2024-12-05` is no date, `on` is no boolean."""
-
-    parsed: Any
-    text: str
-
-    def for_type(self, tp: Any) -> Any:
-        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
-        if quoted or self.parsed is None:  # 'x' "x": YAML unquotes; empty or null: None
-            return self.parsed
-        if get_origin(tp) in (Union, types.UnionType):
-            args = [a for a in get_args(tp) if a is not _NoneType]
-            tp = args[0] if len(args) == 1 else None
-        if tp is str or tp is Path or (get_origin(tp) is Literal and self.text in get_args(tp)):
-            return self.text  # `a: b` and `[x]` are text too
-        return self.parsed
-
-
-def parse_override(text: str) -> tuple[str, OverrideValue]:
-    """`lr=1e-5` -> ("lr", OverrideValue(1e-05, "1e-5")): read as a YAML scalar or list, kept as typed too."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the literal text, the field's type decides
-    return key, OverrideValue(value, raw.strip())
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, OverrideValue):  # a section given whole by an earlier override
-            child = node[part] = child.parsed
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "", _root: type | None = None) -> T:

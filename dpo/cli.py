@@ -11,10 +11,12 @@ def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
     """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
     from align.cli_common import resumed_config
     from align.config import load_config
+    from align.overrides import check_given_once
     from dpo.config import RESUME_OVERRIDABLE, DPOConfig
     from dpo.train import run_dpo
 
     overrides = list(overrides or [])
+    check_given_once(overrides, DPOConfig)
     cfg = (load_config(DPOConfig, config, overrides) if resume is None
            else resumed_config(DPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "DPO"))
     summary = run_dpo(cfg, echo=typer.echo, resume=resume is not None)

@@ -27,10 +27,12 @@ def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: Resu
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
     from align.cli_common import resumed_config
     from align.config import load_config
+    from align.overrides import check_given_once
     from reward.config import RESUME_OVERRIDABLE, RewardConfig
     from reward.train import train_reward_model
 
     overrides = list(overrides or [])
+    check_given_once(overrides, RewardConfig)
     cfg = (load_config(RewardConfig, config, overrides) if resume is None
            else resumed_config(RewardConfig, resume, config, overrides, RESUME_OVERRIDABLE, "reward"))
     train_reward_model(cfg, resume=resume is not None)

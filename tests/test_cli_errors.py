@@ -201,3 +201,31 @@ def test_a_config_error_under_accelerate_launch_is_one_line(tmp_path, when):
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert errors == [expected], out.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_setting_given_twice_on_the_command_line_is_refused(stage):
+    command, _cls, key = STAGES[stage]
+    section, _, leaf = key.rpartition(".")
+    again = f"{section}={{{leaf}: 2}}" if section else f"{key}=2"  # dotted, then in its section's mapping
+    out = run_align(*command, f"{key}=1", again)
+    assert one_line_error(out) == f"error: {key!r} is given twice ('{key}=1', then {again!r}); give it once"
+
+
+def test_the_demo_refuses_a_stage_setting_given_twice(tmp_path):
+    out = run_align("demo", "--out", str(tmp_path / "demo"), "ppo.seed=1", "ppo.seed=2")
+    assert one_line_error(out) == ("error: ppo stage (ppo.KEY=VALUE): 'seed' is given twice ('seed=1', then "
+                                   "'seed=2'); give it once")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_section_given_as_a_mapping_keeps_the_config_files_other_keys():
+    from align.resources import configs_dir
+    from ppo.config import PPOConfig
+
+    path = configs_dir() / "demo" / "ppo.yaml"
+    whole = load_config(PPOConfig, path)
+    cfg = load_config(PPOConfig, path, ["kl={coef: 0.3}", "lora={r: 4}"])
+    assert cfg.kl.coef == 0.3 and cfg.lora.r == 4
+    assert (cfg.kl.horizon, cfg.kl.target, cfg.lora.alpha, cfg.lora.target_modules) == (
+        whole.kl.horizon, whole.kl.target, whole.lora.alpha, whole.lora.target_modules)

@@ -112,6 +112,38 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(StageConfig, write(tmp_path, "- 1\n- 2\n"), [])
 
 
+def test_a_mapping_for_a_section_sets_its_keys_and_keeps_the_others(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.001\n  warmup_steps: 5\n")
+    assert load_config(StageConfig, path, ["optim={lr: 0.5}"]).optim == OptimConfig(0.5, 5)  # the YAML's warm-up kept
+    assert load_config(StageConfig, path, ["optim.warmup_steps=7", "optim={lr: 0.5}"]).optim == OptimConfig(0.5, 7)
+    assert load_config(StageConfig, path, ["optim={}"]).optim == OptimConfig(0.001, 5)
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        load_config(StageConfig, path, ["optim={lrr: 0.5}"])
+    assert load_config(RenamedConfig, path, ["optim={learning_rate: 0.5}"]).optim == OptimConfig(0.5, 5)  # an alias
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["kl_coef=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('kl_coef=0.1', then 'kl_coef=0.2'); give it once"),
+        (["optim.lr=0.1", "optim={lr: 0.2}"], "'optim.lr' is given twice ('optim.lr=0.1', then 'optim={lr: 0.2}')"),
+        (["beta=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('beta=0.1', then 'kl_coef=0.2')"),  # two names
+        (["whiten=true", "whiten=true"], "'whiten' is given twice ('whiten=true', then 'whiten=true')"),
+    ],
+)
+def test_a_setting_the_user_gives_twice_is_refused(overrides, expected):
+    from align.overrides import check_given_once
+
+    with pytest.raises(ConfigError) as info:
+        check_given_once(overrides, RenamedConfig)
+    assert str(info.value).startswith(expected)
+    check_given_once(["kl_coef=0.1", "optim.lr=0.2", "optim={warmup_steps: 3}"], RenamedConfig)
+
+
+def test_of_a_command_s_own_settings_and_the_user_s_the_last_wins():
+    assert load_config(RenamedConfig, None, ["beta=0.1", "kl_coef=0.2"]).kl_coef == 0.2
+
+
 def test_unknown_key_in_yaml_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'estimator'"):
         load_config(StageConfig, write(tmp_path, "estimater: k3\n"), [])

@@ -1,0 +1,125 @@
+"""`key=value` overrides of a stage config, applied in order over its YAML: each value read as
+YAML reads it and kept as typed (a text field takes the text), a dotted key into its section, a
+mapping given for a section merged into it key by key (`kl={coef: 0.3}` keeps the YAML's other
+`kl` keys); the user's overrides give each setting once (`check_given_once`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from align.errors import ConfigError
+
+_NoneType = type(None)
+log = logging.getLogger("align")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> None:
+    """Set each `key=value` of `overrides` into `data` (the YAML's mapping), in order: a later one
+    wins (a command puts its own settings before the user's, or after those it fixes)."""
+    for override in overrides:
+        key, value = parse_override(override)
+        for leaf, leaf_value in _settings(key, value, cls, lambda name: key_of_alias(name, cls)):
+            set_dotted(data, leaf, leaf_value, cls)
+
+
+def check_given_once(overrides: list[str], cls: type) -> None:
+    """The user's overrides give each setting once: `seed=1 seed=2`, a key under two of its names, or
+    a key both dotted and in its section's mapping, is one line naming both (not the last taken)."""
+    given: dict[str, str] = {}  # each setting (its dotted key) -> the override that gave it
+    for override in overrides:
+        key, value = parse_override(override)
+        for leaf, _value in _settings(key, value, cls, lambda name: getattr(cls, "key_aliases", {}).get(name, name)):
+            if leaf in given:
+                raise ConfigError(f"{leaf!r} is given twice ({given[leaf]!r}, then {override!r}); give it once")
+            given[leaf] = override
+
+
+def _settings(key: str, value: OverrideValue, cls: type, rename: Callable[[str], str]) -> list[tuple[str, Any]]:
+    """The settings an override gives, by their keys (`rename`: a former name to the key): itself, or
+    where its value is a mapping for a section of `cls`, each key of it (the section's others stay)."""
+    key = rename(key)
+    if _section_type(key, cls) is None or not isinstance(value.parsed, dict):
+        return [(key, value)]
+    out: list[tuple[str, Any]] = []
+    for name, inner in value.parsed.items():
+        out.extend(_settings(f"{key}.{name}", OverrideValue(inner, yaml.safe_dump(inner).strip()), cls, rename)
+                   if isinstance(inner, dict) else [(rename(f"{key}.{name}"), inner)])
+    return out
+
+
+def _section_type(key: str, cls: type) -> type | None:
+    """The dataclass of the section `key` names in `cls`, or None where it names no section."""
+    tp: Any = cls
+    for part in key.split("."):
+        hints = get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def key_of_alias(name: str, cls: type) -> str:
+    """The key `name` stands for: itself, or the key it is another name of (with a warning)."""
+    key = getattr(cls, "key_aliases", {}).get(name, name)
+    if key != name:
+        log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
+    return key
+
+
+@dataclass(frozen=True)
+class OverrideValue:
+    """The value of a `key=value` override: as YAML reads it (`true`, `3`, `[1, 2]`), and the text as
+    typed, which a text field (a path, a name, a choice) takes as it is: in `output_dir=run #2` the `#`
+    starts no comment, `2024-12-05` is no date, `on` is no boolean."""
+
+    parsed: Any
+    text: str
+
+    def for_type(self, tp: Any) -> Any:
+        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
+        if quoted or self.parsed is None:  # 'x' "x": YAML unquotes; empty or null: None
+            return self.parsed
+        if get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not _NoneType]
+            tp = args[0] if len(args) == 1 else None
+        if tp is str or tp is Path or (get_origin(tp) is Literal and self.text in get_args(tp)):
+            return self.text  # `a: b` and `[x]` are text too
+        return self.parsed
+
+
+def parse_override(text: str) -> tuple[str, OverrideValue]:
+    """`lr=1e-5` -> ("lr", OverrideValue(1e-05, "1e-5")): read as a YAML scalar or list, kept as typed too."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal text, the field's type decides
+    return key, OverrideValue(value, raw.strip())
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, OverrideValue):  # a section given whole by an earlier override
+            child = node[part] = child.parsed
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
