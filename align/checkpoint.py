@@ -342,15 +342,21 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
 def start_run_dir(run_dir: Path, cfg: Any, prefix: str, outputs: Iterable[str], *, resume: bool) -> None:
     """The run directory as the run starts writing to it (main process), once it has loaded all it
     needs: config.yaml holds the resolved config, a resumed run's too (with the settings a resume
-    may change: the config exactly as used); a resumed run drops the hidden temporaries of a save
-    that was cut short; a fresh run clears what an earlier run left (`clear_earlier_run`)."""
+    may change: the config exactly as used); the hidden temporaries of a save that was cut short (a
+    checkpoint's, an output's: align.run.atomic_directory, write_json_atomic) go; a fresh run clears
+    what an earlier run left (`clear_earlier_run`)."""
     hold_run_dir(make_directory(run_dir))
     prepare_run_dir(run_dir, cfg)
-    if resume:
-        directory = run_dir / CHECKPOINTS_DIR
-        for path in directory.glob(f".{prefix}-*") if directory.is_dir() else []:
+    outputs = tuple(outputs)
+    directory = run_dir / CHECKPOINTS_DIR
+    cut_short = [*(directory.glob(f".{prefix}-*") if directory.is_dir() else []),
+                 *(path for name in (*outputs, CONFIG_FILE, METRICS_FILE) for path in run_dir.glob(f".{name}.*"))]
+    for path in cut_short:
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-    else:
+        else:
+            path.unlink(missing_ok=True)
+    if not resume:
         clear_earlier_run(run_dir, prefix, outputs)
 
 

@@ -144,3 +144,24 @@ def test_overwrite_refuses_a_folder_that_holds_a_runs_names_but_no_run(tmp_path)
     check_run_dir(run, resume=False, overwrite=True, prefix="step", command="align reward train",
                   outputs=("model", "summary.json"))
     release_run_dir(run)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_run_starting_drops_what_a_save_cut_short_left(tmp_path, resume):
+    from align.checkpoint import release_run_dir, start_run_dir
+    from align.config import load_config
+    from dpo.config import DPOConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-000004.tmp-k9").mkdir(parents=True)  # killed in a checkpoint's save
+    (run / "checkpoints" / "step-000002").mkdir()
+    (run / ".policy.tmp-x1").mkdir()  # killed in the final policy's save
+    (run / ".policy.tmp-x1" / "adapter_model.safetensors").write_bytes(b"half")
+    (run / ".summary.json.a8f").write_text("{")  # in write_json_atomic's
+    (run / "policy").mkdir()
+    (run / ".notes").write_text("the user's")  # hidden, but no temporary of the run's
+    start_run_dir(run, load_config(DPOConfig, None, []), "step", ("policy", "summary.json"), resume=resume)
+    release_run_dir(run)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    kept = ["checkpoints/step-000002", "policy"] if resume else []
+    assert left == sorted([".notes", "checkpoints", "config.yaml", *kept])

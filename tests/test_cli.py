@@ -135,7 +135,7 @@ def test_a_rank_of_a_multi_process_run_exits_with_its_code_and_output_without_fi
     assert ("FINALIZED" in mistake.stdout) == (world_size == "1")
 
 
-def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, capsys):
+def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, capsys, tmp_path):
     # typer turns Ctrl-C into a silent exit 130: the user is told, with the way back into a run
     import typer
 
@@ -153,12 +153,23 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
         cli.main([])
     assert info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
-    # how each interrupted command carries on, where it can
+    # how each interrupted command carries on, as far as its run got
     assert cli._continue_hint(["ppo", "--config", "c.yaml"]) == (
-        " (the run continues from its latest checkpoint: align ppo --resume RUN)")
-    assert cli._continue_hint(["reward", "train", "x=1"]).endswith("align reward train --resume RUN)")
-    assert cli._continue_hint(["dpo", "output_dir=runs/my run"]).endswith("align dpo --resume 'runs/my run')")
-    assert cli._continue_hint(["ppo", "--resume", "runs/a", "save_every=5"]).endswith("align ppo --resume runs/a)")
+        " (a run continues from its latest checkpoint: align ppo --resume RUN, RUN its output_dir)")
+    assert cli._continue_hint(["reward", "train", "x=1"]).endswith("align reward train --resume RUN, RUN its output_dir)")
+    run = tmp_path / "my run"
+    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith("before it began writing its run folder: run the "
+                                                                      "command again)")
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".step-000002.tmp").mkdir()  # a save cut short
+    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith("before its first checkpoint: run the command "
+                                                                      "again, with overwrite=true)")
+    (run / "checkpoints" / "step-000002").mkdir()
+    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith(f"align dpo --resume '{run}')")
+    assert cli._continue_hint(["ppo", "--resume", str(run), "save_every=5"]).endswith(f"align ppo --resume '{run}')")
+    assert cli._continue_hint(["ppo", f"--resume={run}"]).endswith(f"align ppo --resume '{run}')")
     assert "--continue" in cli._continue_hint(["demo", "--out", "d"])
     assert "--serve serves it again" in cli._continue_hint(["demo", "--serve", "--out", "d"])
     assert cli._continue_hint(["export", "run", "--out", "x"]) == ""

@@ -207,11 +207,19 @@ def _continue_hint(args: list[str]) -> str:
     """How an interrupted command carries on, for the training stages and the demo."""
     words = [a for a in args if not a.startswith("-")][:2]
     if words[:1] in (["ppo"], ["dpo"]) or words == ["reward", "train"]:
-        # the run's folder where the command line names it (--resume RUN, output_dir=RUN)
+        command = "align " + " ".join(words[:2] if words[0] == "reward" else words[:1])
+        # the run's folder where the command line names it (--resume RUN, --resume=RUN, output_dir=RUN)
         named = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--resume"]
-        named += [a.split("=", 1)[1] for a in args if a.startswith("output_dir=")]
-        return (" (the run continues from its latest checkpoint: align " + " ".join(words[:2] if words[0] == "reward"
-                else words[:1]) + f" --resume {shlex.quote(named[-1]) if named else 'RUN'})")
+        named += [a.split("=", 1)[1] for a in args if a.startswith(("--resume=", "output_dir="))]
+        if not named:
+            return f" (a run continues from its latest checkpoint: {command} --resume RUN, RUN its output_dir)"
+        run = Path(named[-1]).expanduser()
+        checkpoints = run / "checkpoints"
+        if checkpoints.is_dir() and any(not c.name.startswith(".") for c in checkpoints.iterdir()):
+            return f" (the run continues from its latest checkpoint: {command} --resume {shlex.quote(named[-1])})"
+        if (run / "config.yaml").is_file():
+            return " (it stopped before its first checkpoint: run the command again, with overwrite=true)"
+        return " (it stopped before it began writing its run folder: run the command again)"
     if words[:1] == ["demo"]:
         if "--serve" in args:
             return " (align demo --serve serves it again, adding what it lacks)"
