@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +55,21 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself
+
+
+@contextlib.contextmanager
+def resume_hints(run: Path | None) -> Iterator[None]:
+    """Around a resumed run (`run`: its directory; None: a fresh run, left alone): a file its config
+    names by a relative path and that is not found says where such a path is read from."""
+    from align.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        hint = _relative_path_hint(run, str(exc)) if run is not None else ""
+        if not hint:
+            raise
+        raise UserError(f"{exc}{hint}") from None
 
 
 def _relative_path_hint(run: Path, problem: str) -> str:

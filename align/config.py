@@ -9,7 +9,7 @@ typo), a value of the wrong type, a value out of range, a file that does not exi
 Nothing is silently rewritten: the resolved config is exactly what the user asked for, and
 `save_config` writes it into the run directory. A key given under another name (`key_aliases`: a
 former name, TRL's) goes to the key with a warning naming both. The one reading a shell would do is
-`~`: a text value that begins with `~/` is a path in the home directory and is expanded (in a quoted
+`~`: a text value that is `~` or begins with `~/` is a path in the home directory and is expanded (in a quoted
 override or a YAML file no shell did it). Paths are plain `str` fields, so the rule is the value's,
 not the field's; no text field of align takes such a value with another meaning.
 """
@@ -270,7 +270,7 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is str or tp is Path:
-        if isinstance(value, str) and value.startswith("~/"):
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
             return os.path.expanduser(value)  # every text field that takes a path; see the module's docstring
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

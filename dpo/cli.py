@@ -9,7 +9,7 @@ from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
 
 def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
-    from align.cli_common import resumed_config
+    from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
     from align.overrides import check_given_once
     from dpo.config import RESUME_OVERRIDABLE, DPOConfig
@@ -19,7 +19,8 @@ def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
     check_given_once(overrides, DPOConfig)
     cfg = (load_config(DPOConfig, config, overrides) if resume is None
            else resumed_config(DPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "DPO"))
-    summary = run_dpo(cfg, echo=typer.echo, resume=resume is not None)
+    with resume_hints(resume):
+        summary = run_dpo(cfg, echo=typer.echo, resume=resume is not None)
     typer.echo(f"run directory: {cfg.output_dir}")
     for key in ("eval/accuracy", "eval/kl", "eval/gold_gain_in_sft_std"):
         if key in summary:

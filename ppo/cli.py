@@ -9,7 +9,7 @@ from align.cli_common import ConfigOpt, OverridesArg, ResumeOpt
 
 def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Align an SFT checkpoint with PPO on LoRA adapters against a reward model."""
-    from align.cli_common import resumed_config
+    from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
     from align.overrides import check_given_once
     from ppo.config import RESUME_OVERRIDABLE, PPOConfig
@@ -21,7 +21,8 @@ def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
 
     from ppo.trainer import run_ppo
 
-    summary = run_ppo(cfg, resume=resume is not None)
+    with resume_hints(resume):
+        summary = run_ppo(cfg, resume=resume is not None)
     if summary:
         shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "objective/"))}
         for key, value in shown.items():

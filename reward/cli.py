@@ -25,7 +25,7 @@ def _train_epilog() -> str:
 @app.command("train", epilog=_train_epilog())
 def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: ResumeOpt = None) -> None:
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
-    from align.cli_common import resumed_config
+    from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
     from align.overrides import check_given_once
     from reward.config import RESUME_OVERRIDABLE, RewardConfig
@@ -35,7 +35,8 @@ def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: Resu
     check_given_once(overrides, RewardConfig)
     cfg = (load_config(RewardConfig, config, overrides) if resume is None
            else resumed_config(RewardConfig, resume, config, overrides, RESUME_OVERRIDABLE, "reward"))
-    train_reward_model(cfg, resume=resume is not None)
+    with resume_hints(resume):
+        train_reward_model(cfg, resume=resume is not None)
 
 
 @app.command("score")

@@ -128,6 +128,25 @@ def test_resume_refuses_a_reward_model_trained_again_in_its_folder(capsys, tmp_p
     assert (run / "metrics.jsonl").read_text() == rows
 
 
+def test_a_run_resumed_from_another_folder_is_told_where_its_relative_reward_model_is_read(capsys, tmp_path,
+                                                                                           small_run, monkeypatch):
+    import shutil
+
+    [given] = [o.split("=", 1)[1] for o in small_run if o.startswith("reward_model=")]
+    shutil.copytree(given, tmp_path / "rw")
+    monkeypatch.chdir(tmp_path)  # started here, with the reward model named relative to it
+    run = tmp_path / "run"
+    code, err = run_cli([*[o for o in small_run if not o.startswith(("num_iterations=", "save_every=", "reward_model="))],
+                         "reward_model=rw", "num_iterations=1", "save_every=1"], capsys)
+    assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, err = run_cli(["--resume", str(run)], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "not found: rw (rw is relative to the folder the run was started in: resume from that folder, or put the "
+        "file back)")
+
+
 def test_fresh_run_refuses_a_non_empty_output_dir(capsys, tmp_path, small_run):
     run = tmp_path / "run"
     run.mkdir()
