@@ -234,6 +234,24 @@ def test_ppo_model_card_describes_its_reward_model(tiny_ppo_run, tmp_path):
     assert "## Reward model" in card and "reward model: `" in card
 
 
+def test_the_model_card_says_what_it_cannot_know_rather_than_guess(tiny_ppo_run, tmp_path, monkeypatch):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    # stopped in its final evaluation: no held-out results to show
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval/")}))
+    # its reward model named relative to the folder it started in, which the export is not run from
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "reward_model": "rw"}))
+    (tmp_path / "rw").mkdir()  # another folder of that name where the export runs
+    monkeypatch.chdir(tmp_path)
+    card = (export_run(run, tmp_path / "policy", merge=False) / "README.md").read_text()
+    assert "No held-out results: the run's summary holds none" in card and "| metric |" not in card
+    assert "- `rw` (as the run's config names it: relative to the folder the run started in)" in card
+
+
 def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo_run, tiny_random_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -302,7 +302,10 @@ def model_card(run: Path, kind: str, form: str) -> str:
     if kind == "ppo":
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
-        lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
+        if not reward_path.is_absolute():  # read from the folder the run started in, which the export may not be in
+            lines.append(f"- `{reward_path}` (as the run's config names it: relative to the folder the run started in)")
+        else:
+            lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
         typed = _typed_ppo_config(config)
         kl = dict(config.get("kl", {}))
         if typed is not None and kl:
@@ -345,6 +348,9 @@ def model_card(run: Path, kind: str, form: str) -> str:
                 lines.append(f"| {name} | {_fmt(summary.get(a))} | {_fmt(summary.get(b))} |")
         if "eval/kl" in summary:
             lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
+        if not any(key.startswith("eval/") for key in summary):
+            lines[-2:] = ["No held-out results: the run's summary holds none (its final evaluation did not finish, "
+                          "or it sampled no held-out prompts)."]
     else:
         lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]
