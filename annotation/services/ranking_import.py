@@ -144,6 +144,9 @@ class _PromptSlot:
     prompt_id: int | None = None
     candidate_ids: list[int] = field(default_factory=list)  # by position
     histories: dict[str, History] = field(default_factory=dict)  # account's username -> its rankings of it
+    # in the project without candidates (imported as a prompt, not generated yet): the first ranking's
+    # responses become its candidates, stored with that ranking
+    attach: bool = False
 
     def history(self, username: str) -> History:
         return self.histories.setdefault(username, History())
@@ -268,6 +271,8 @@ def _match(r: _CheckedRanking, slots: dict[str, _PromptSlot], project: Project) 
     if slot.content != r.content:
         raise Invalid(f"{r.where}: prompt id {r.source_id!r} already names another prompt in project "
                       f"{project.name!r} or in this file")
+    if slot.prompt_id is not None and not slot.texts:
+        slot.texts, slot.attach = [c.text for c in r.responses], True
     positions = _positions([c.text for c in r.responses], slot.texts)
     if positions is None:
         raise Invalid(f"{r.where}: prompt {r.source_id!r} has other responses in project {project.name!r} "
@@ -324,6 +329,9 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             slot.prompt_id, slot.candidate_ids = prompt.id, [c.id for c in prompt.candidates]
             report.prompts_added += 1
             report.candidates_added += len(r.responses)
+        elif slot.attach:
+            _attach_responses(db, slot, r)
+            report.candidates_added += len(r.responses)
         username = stored_as[r.annotator]
         if username not in users:
             try:
@@ -345,6 +353,22 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
     for prompt_id, n in new_annotators.items():
         db.execute(update(Prompt).where(Prompt.id == prompt_id).values(
             slots_taken=Prompt.slots_taken + n, done_count=Prompt.done_count + n))
+
+
+def _attach_responses(db: Session, slot: _PromptSlot, r: _CheckedRanking) -> None:
+    """The ranking's responses as the candidates of its prompt, in the project without any until
+    now. A prompt that got candidates since the file was read (`align annotate generate`, another
+    import) is a Conflict: the ranking may rank other texts than the prompt's."""
+    claimed = db.execute(update(Prompt).where(Prompt.id == slot.prompt_id, Prompt.n_candidates == 0)
+                         .values(n_candidates=len(r.responses)))
+    if claimed.rowcount != 1:
+        raise Conflict(f"{r.where}: its prompt got candidates from another import or generate run at the same "
+                       "moment; import the file again to add the rest (nothing is added twice)")
+    rows = [Candidate(prompt_id=slot.prompt_id, position=i, text=c.text, model=c.model, sampling=c.sampling,
+                      source_id=cid) for i, (c, cid) in enumerate(zip(r.responses, r.candidate_ids))]
+    db.add_all(rows)
+    db.flush()
+    slot.candidate_ids, slot.attach = [c.id for c in rows], False
 
 
 @unit_of_work

@@ -179,3 +179,35 @@ def test_an_import_body_names_its_line(env):
                         content=b'\n{"id": "q1", "prompt": "x", "candidates": ["a", "b"]}\n'
                                 b'{"id": "q2", "prompt": "y", "candidates": ["a", "b\\u0000"]}\n')
     assert r.status_code == 422 and r.json()["detail"].startswith("body:3: candidate 2 of prompt 'q2' contains a NUL"), r.text
+
+
+def test_rankings_of_a_prompt_imported_without_candidates_bring_them(tmp_path, capsys):
+    """A prompts file first, then the rankings made elsewhere of those prompts: they were refused as
+    "has other responses" (the prompt had none)."""
+    import sqlite3
+
+    db_file = tmp_path / "r.db"
+    db = f"sqlite:///{db_file}"
+    assert _run(["annotate", "import", "--db", db, "-p", "R", "-f", "prompts", "--k", "3",
+                 _write(tmp_path / "prompts.jsonl", {"id": "q1", "prompt": "Name a colour."})], capsys)[0] == 0
+    ranking = {"prompt_id": "q1", "prompt": "Name a colour.", "responses": ["red", "blue", "cat"], "ranks": [1, 0, 2],
+               "annotator": "ann-1", "candidate_ids": ["c-red", "c-blue", "c-cat"]}
+    again = {**ranking, "annotator": "ann-2", "responses": ["cat", "red", "blue"], "ranks": [2, 0, 1],
+             "candidate_ids": ["c-cat", "c-red", "c-blue"]}
+    rankings = _write(tmp_path / "rankings.jsonl", ranking, again)
+    code, text = _run(["annotate", "import", "--db", db, "-p", "R", "-f", "kwise", rankings], capsys)
+    assert (code, text) == (0, "R: 0 prompts, 3 candidates, 2 rankings imported; 0 already present\n")
+    assert _candidates_of(db_file, "q1") == ["red", "blue", "cat"]
+    with sqlite3.connect(db_file) as con:
+        assert con.execute("select n_candidates, slots_taken, done_count from prompts").fetchall() == [(3, 2, 2)]
+        assert con.execute("select source_id from candidates order by position").fetchall() == [
+            ("c-red",), ("c-blue",), ("c-cat",)]
+    # exported as imported: each annotator's order of the same three texts
+    out = tmp_path / "out.jsonl"
+    assert _run(["annotate", "export", "--db", db, "-p", "R", "--format", "kwise", "-o", str(out)], capsys)[0] == 0
+    exported = {r["annotator"].removeprefix("src:"): r for r in map(json.loads, out.read_text().splitlines())}
+    for sent in (ranking, again):
+        got = exported[sent["annotator"]]
+        assert dict(zip(got["responses"], got["ranks"])) == dict(zip(sent["responses"], sent["ranks"]))
+    assert _run(["annotate", "import", "--db", db, "-p", "R", "-f", "kwise", rankings], capsys) == (
+        0, "R: 0 prompts, 0 candidates, 0 rankings imported; 2 already present\n")
