@@ -46,6 +46,7 @@ def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_k
 
 
 def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
+    asked = dict(project_kwargs)  # the project settings the import was given (for a project it creates)
     records = imports.read_records(fmt, path)
     where = _place_in(path)  # (prompts: the rankings import names its records itself)
     if fmt == "prompts":
@@ -54,6 +55,11 @@ def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_
         project_kwargs.setdefault("k", min(MAX_CANDIDATES, max(2, max(len(r.responses) for r in records))))
     existed = db.scalar(select(Project.id).where(Project.name == project_name)) is not None
     project = get_or_create_project(db, project_name, **project_kwargs)
+    if existed:  # set where a project is created: another value for an existing one would be ignored
+        for key, value in asked.items():
+            if getattr(project, key) != value:
+                raise Invalid(f"project {project_name!r} exists with {key}={getattr(project, key)}, not {value}: "
+                              f"{key} is set when an import creates a project (leave it out, or import into a new one)")
     try:
         if fmt == "prompts":
             return imports.add_prompts(db, project, records, where)

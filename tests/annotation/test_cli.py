@@ -392,3 +392,24 @@ def test_an_openassistant_tree_without_ranked_replies_says_so(tmp_path, capsys):
     code, text = run(["annotate", "import", str(path), "--db", f"sqlite:///{db_file}", "-p", "x", "-f", "oasst"], capsys)
     _one_line_refusal(code, text, f"{path}: no ranked replies: its message tree has no two sibling assistant replies")
     assert "empty" not in text and _projects(db_file) == []
+
+
+def test_import_refuses_project_settings_an_existing_project_would_ignore(tmp_path, capsys):
+    import sqlite3
+
+    db_file = tmp_path / "a.db"
+    db = f"sqlite:///{db_file}"
+    first, second = tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
+    first.write_text(json.dumps({"id": "a", "prompt": "one"}) + "\n")
+    second.write_text(json.dumps({"id": "b", "prompt": "two"}) + "\n")
+    ok(["annotate", "import", str(first), "--db", db, "-p", "P", "-f", "prompts", "--k", "4", "--annotators", "2"], capsys)
+    code, text = run(["annotate", "import", str(second), "--db", db, "-p", "P", "-f", "prompts", "--k", "3"], capsys)
+    assert code == 2 and text.strip() == ("error: project 'P' exists with k=4, not 3: k is set when an import creates a "
+                                          "project (leave it out, or import into a new one)")
+    code, text = run(["annotate", "import", str(second), "--db", db, "-p", "P", "-f", "prompts", "--annotators", "5"],
+                     capsys)
+    assert code == 2 and "exists with annotators_per_prompt=2, not 5" in text
+    with sqlite3.connect(db_file) as con:
+        assert con.execute("select source_id from prompts").fetchall() == [("a",)]  # nothing of the refused imports
+    assert "1 prompts" in ok(["annotate", "import", str(second), "--db", db, "-p", "P", "-f", "prompts", "--k", "4"],
+                             capsys)  # the project's own value is no conflict
