@@ -85,13 +85,13 @@ class OverrideValue:
 
     def for_type(self, tp: Any) -> Any:
         quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
+        if self.text == "~" and (tp is str or tp is Path):  # a text that cannot be null: the home directory
+            return self.text
+        if quoted or self.parsed is None:  # 'x' "x": YAML unquotes; empty or null (~ of `str | None`): None
+            return self.parsed
         if get_origin(tp) in (Union, types.UnionType):
             args = [a for a in get_args(tp) if a is not _NoneType]
             tp = args[0] if len(args) == 1 else None
-        if self.text == "~" and (tp is str or tp is Path):  # the home directory, not YAML's null
-            return self.text
-        if quoted or self.parsed is None:  # 'x' "x": YAML unquotes; empty or null: None
-            return self.parsed
         if tp is str or tp is Path or (get_origin(tp) is Literal and self.text in get_args(tp)):
             return self.text  # `a: b` and `[x]` are text too
         return self.parsed

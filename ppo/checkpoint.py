@@ -27,6 +27,7 @@ from align.checkpoint import (
 from align.config import config_to_dict
 from align.errors import UserError
 from align.lora import save_policy_adapter
+from align.modeling import resolve_model_path
 from align.run import give_ordinary_modes
 from ppo.config import RESUME_OVERRIDABLE
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE
@@ -51,7 +52,9 @@ def save_checkpoint(trainer: Any) -> None:
 def model_paths(trainer: Any) -> dict[str, Path | None]:
     """The models a run reads, by the config key naming them: a resumed run holds them to the
     checkpoint's (a reward model handed in without a directory is not checked)."""
-    return {"policy_model": trainer.sft_path, "reward_model": getattr(trainer.reward_model, "path", None)}
+    ref = trainer.cfg.ref_model
+    return {"policy_model": trainer.sft_path, "reward_model": getattr(trainer.reward_model, "path", None),
+            "ref_model": None if ref is None else resolve_model_path(ref)}
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:

@@ -154,25 +154,34 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     assert info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
     # how each interrupted command carries on, as far as its run got
-    assert cli._continue_hint(["ppo", "--config", "c.yaml"]) == (
+    import os
+    import time
+
+    began = time.time()
+    hint = lambda *args: cli._continue_hint(list(args), began)  # noqa: E731
+    assert hint("ppo", "--config", "c.yaml") == (
         " (a run continues from its latest checkpoint: align ppo --resume RUN, RUN its output_dir)")
-    assert cli._continue_hint(["reward", "train", "x=1"]).endswith("align reward train --resume RUN, RUN its output_dir)")
+    assert hint("reward", "train", "x=1").endswith("align reward train --resume RUN, RUN its output_dir)")
     run = tmp_path / "my run"
-    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith("before it began writing its run folder: run the "
-                                                                      "command again)")
+    assert hint("dpo", f"output_dir={run}").endswith("before it began writing its run folder: run the command again)")
     run.mkdir()
     (run / "config.yaml").write_text("seed: 0\n")
     (run / "checkpoints").mkdir()
-    (run / "checkpoints" / ".step-000002.tmp").mkdir()  # a save cut short
-    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith("before its first checkpoint: run the command "
-                                                                      "again, with overwrite=true)")
+    (run / "checkpoints" / ".step-000002.tmp-k9").mkdir()  # a save cut short
+    assert hint("dpo", f"output_dir={run}").endswith("before its first checkpoint: run the command again, with "
+                                                     "overwrite=true)")
     (run / "checkpoints" / "step-000002").mkdir()
-    assert cli._continue_hint(["dpo", f"output_dir={run}"]).endswith(f"align dpo --resume '{run}')")
-    assert cli._continue_hint(["ppo", "--resume", str(run), "save_every=5"]).endswith(f"align ppo --resume '{run}')")
-    assert cli._continue_hint(["ppo", f"--resume={run}"]).endswith(f"align ppo --resume '{run}')")
-    assert "--continue" in cli._continue_hint(["demo", "--out", "d"])
-    assert "--serve serves it again" in cli._continue_hint(["demo", "--serve", "--out", "d"])
-    assert cli._continue_hint(["export", "run", "--out", "x"]) == ""
+    assert hint("dpo", f"output_dir={run}").endswith(f"align dpo --resume '{run}')")
+    assert hint("ppo", "--resume", str(run), "save_every=5").endswith(f"align ppo --resume '{run}')")
+    assert hint("ppo", f"--resume={run}").endswith(f"align ppo --resume '{run}')")
+    # an earlier run's folder (overwrite=true): stopped before this run replaced it, its checkpoints are not this run's
+    os.utime(run / "config.yaml", (began - 60, began - 60))
+    assert hint("dpo", f"output_dir={run}", "overwrite=true").endswith("before it began writing its run folder: run "
+                                                                       "the command again)")
+    assert hint("dpo", f"--resume={run}").endswith(f"align dpo --resume '{run}')")  # resumed: the run's own
+    assert "--continue" in hint("demo", "--out", "d")
+    assert "--serve serves it again" in hint("demo", "--serve", "--out", "d")
+    assert hint("export", "run", "--out", "x") == ""
 
 
 def test_the_commands_are_registered_once_however_often_main_runs(capsys):

@@ -298,7 +298,8 @@ def test_a_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "k.jsonl").write_text("")
     cfg = load_config(StageConfig, write(tmp_path, "model: ~/models/sft\n"), ["data_path=~/k.jsonl"])
     assert cfg.data_path == str(tmp_path / "k.jsonl") and cfg.model == str(tmp_path / "models" / "sft")
-    assert load_config(StageConfig, None, ["model=~"]).model == str(tmp_path)  # not YAML's null
+    assert load_config(StageConfig, None, ["model=~"]).model == str(tmp_path)  # a text that cannot be null
+    assert load_config(StageConfig, None, ["data_path=~"]).data_path is None  # YAML's null, as in a file
     assert load_config(StageConfig, None, ["model=~sft/x"]).model == "~sft/x"  # only ~ and ~/ name the home
     assert load_config(StageConfig, None, ["model=runs/~/x"]).model == "runs/~/x"
 

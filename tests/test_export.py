@@ -248,8 +248,12 @@ def test_the_model_card_says_what_it_cannot_know_rather_than_guess(tiny_ppo_run,
     (tmp_path / "rw").mkdir()  # another folder of that name where the export runs
     monkeypatch.chdir(tmp_path)
     card = (export_run(run, tmp_path / "policy", merge=False) / "README.md").read_text()
-    assert "No held-out results: the run's summary holds none" in card and "| metric |" not in card
+    assert "No held-out samples: the run's summary has none" in card and "| metric |" not in card
     assert "- `rw` (as the run's config names it: relative to the folder the run started in)" in card
+    # a reward model found there from this folder: its section, with where it was read from
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "reward_model": os.path.relpath(config["reward_model"])}))
+    card = (export_run(run, tmp_path / "policy2", merge=False) / "README.md").read_text()
+    assert "reward model: `" in card and "relative to the folder the run started in; read here from the folder" in card
 
 
 def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo_run, tiny_random_model, tmp_path):

@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register_stages()
+    started = time.time()
     try:
         # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
         app(args=argv, prog_name="align")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_process(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # typer's exit for Ctrl-C, which it leaves silent
-            typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv)}", err=True)
+            typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv, started)}", err=True)
         exit_process(exc.code)
     exit_process(0)
 
@@ -203,8 +205,9 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _continue_hint(args: list[str]) -> str:
-    """How an interrupted command carries on, for the training stages and the demo."""
+def _continue_hint(args: list[str], started: float) -> str:
+    """How an interrupted command carries on, for the training stages and the demo (`started`: when
+    the command began; a run folder whose config.yaml is older holds an earlier run's checkpoints)."""
     words = [a for a in args if not a.startswith("-")][:2]
     if words[:1] in (["ppo"], ["dpo"]) or words == ["reward", "train"]:
         command = "align " + " ".join(words[:2] if words[0] == "reward" else words[:1])
@@ -214,12 +217,14 @@ def _continue_hint(args: list[str]) -> str:
         if not named:
             return f" (a run continues from its latest checkpoint: {command} --resume RUN, RUN its output_dir)"
         run = Path(named[-1]).expanduser()
+        resumed = any(a == "--resume" or a.startswith("--resume=") for a in args)
+        config = run / "config.yaml"
+        if not config.is_file() or (not resumed and config.stat().st_mtime < started):  # an earlier run's folder
+            return " (it stopped before it began writing its run folder: run the command again)"
         checkpoints = run / "checkpoints"
         if checkpoints.is_dir() and any(not c.name.startswith(".") for c in checkpoints.iterdir()):
             return f" (the run continues from its latest checkpoint: {command} --resume {shlex.quote(named[-1])})"
-        if (run / "config.yaml").is_file():
-            return " (it stopped before its first checkpoint: run the command again, with overwrite=true)"
-        return " (it stopped before it began writing its run folder: run the command again)"
+        return " (it stopped before its first checkpoint: run the command again, with overwrite=true)"
     if words[:1] == ["demo"]:
         if "--serve" in args:
             return " (align demo --serve serves it again, adding what it lacks)"

@@ -302,10 +302,15 @@ def model_card(run: Path, kind: str, form: str) -> str:
     if kind == "ppo":
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
-        if not reward_path.is_absolute():  # read from the folder the run started in, which the export may not be in
-            lines.append(f"- `{reward_path}` (as the run's config names it: relative to the folder the run started in)")
+        if is_reward_model(reward_path):
+            lines += _reward_section(RewardRun.open(reward_path))
+            if not reward_path.is_absolute():  # the run read it from the folder it started in, maybe not this one
+                lines.append(f"- (the run's config names it `{reward_path}`, relative to the folder the run started "
+                             "in; read here from the folder of this export)")
         else:
-            lines += _reward_section(RewardRun.open(reward_path)) if is_reward_model(reward_path) else [f"- `{reward_path}`"]
+            lines.append(f"- `{reward_path}`" + ("" if reward_path.is_absolute() else
+                                                 " (as the run's config names it: relative to the folder the run "
+                                                 "started in)"))
         typed = _typed_ppo_config(config)
         kl = dict(config.get("kl", {}))
         if typed is not None and kl:
@@ -341,16 +346,18 @@ def model_card(run: Path, kind: str, form: str) -> str:
         lora = config.get("lora", {})
         if lora:
             lines.append("- LoRA: " + ", ".join(f"{k}={_fmt(v)}" for k, v in lora.items()))
-        lines += ["", "## Results on held-out prompts", "", "| metric | SFT | aligned |", "|---|---|---|"]
-        for name, a, b in [("reward-model score", "eval/reward_sft", "eval/reward_policy"),
-                           ("gold judge score", "eval/gold_sft", "eval/gold_policy")]:
-            if a in summary or b in summary:
-                lines.append(f"| {name} | {_fmt(summary.get(a))} | {_fmt(summary.get(b))} |")
-        if "eval/kl" in summary:
-            lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
-        if not any(key.startswith("eval/") for key in summary):
-            lines[-2:] = ["No held-out results: the run's summary holds none (its final evaluation did not finish, "
-                          "or it sampled no held-out prompts)."]
+        rows = [(name, a, b) for name, a, b in [("reward-model score", "eval/reward_sft", "eval/reward_policy"),
+                                                ("gold judge score", "eval/gold_sft", "eval/gold_policy")]
+                if a in summary or b in summary]
+        lines += ["", "## Results on held-out prompts", ""]
+        if rows or "eval/kl" in summary:
+            lines += ["| metric | SFT | aligned |", "|---|---|---|"]
+            lines += [f"| {name} | {_fmt(summary.get(a))} | {_fmt(summary.get(b))} |" for name, a, b in rows]
+            if "eval/kl" in summary:
+                lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
+        else:
+            lines.append("No held-out samples: the run's summary has none (it sampled no held-out prompts, or its "
+                         "final evaluation did not finish).")
     else:
         lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]

@@ -128,6 +128,20 @@ def test_resume_refuses_a_reward_model_trained_again_in_its_folder(capsys, tmp_p
     assert (run / "metrics.jsonl").read_text() == rows
 
 
+def test_a_resume_holds_every_model_the_run_reads_to_the_checkpoint_s(tmp_path, tiny_random_model):
+    from types import SimpleNamespace
+
+    from ppo.checkpoint import model_paths
+
+    reward = SimpleNamespace(path=tmp_path / "rw")
+    trainer = SimpleNamespace(cfg=SimpleNamespace(ref_model=str(tiny_random_model)), sft_path=tmp_path / "sft",
+                              reward_model=reward)
+    assert model_paths(trainer) == {"policy_model": tmp_path / "sft", "reward_model": tmp_path / "rw",
+                                    "ref_model": tiny_random_model}
+    trainer.cfg.ref_model, trainer.reward_model = None, object()  # the policy's own base; a model handed in
+    assert model_paths(trainer) == {"policy_model": tmp_path / "sft", "reward_model": None, "ref_model": None}
+
+
 def test_a_run_resumed_from_another_folder_is_told_where_its_relative_reward_model_is_read(capsys, tmp_path,
                                                                                            small_run, monkeypatch):
     import shutil
