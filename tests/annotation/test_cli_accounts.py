@@ -6,19 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from align.commands.cli import main
 from annotation.devserver import PASSWORD
-
-
-def _run(argv, capsys) -> tuple[int, str]:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    else:
-        code = 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
+from tests.annotation.cli_runs import run_cli as _run
 
 
 @pytest.fixture

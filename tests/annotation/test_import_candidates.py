@@ -8,18 +8,7 @@ import json
 
 import pytest
 
-from align.commands.cli import main
-
-
-def _run(argv, capsys) -> tuple[int, str]:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    else:
-        code = 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
+from tests.annotation.cli_runs import run_cli as _run
 
 
 def _write(path, *lines) -> str:
