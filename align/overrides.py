@@ -31,15 +31,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> No
 
 
 def check_given_once(overrides: list[str], cls: type) -> None:
-    """The user's overrides give each setting once: `seed=1 seed=2`, a key under two of its names, or
-    a key both dotted and in its section's mapping, is one line naming both (not the last taken)."""
-    given: dict[str, str] = {}  # each setting (its dotted key) -> the override that gave it
+    """The user's overrides give each setting one value: `seed=1 seed=2`, a key under two of its
+    names, or a key both dotted and in its section's mapping, with two values, is one line naming
+    both (not the last taken)."""
+    given: dict[str, tuple[str, Any]] = {}  # each setting (its dotted key) -> the override giving it, its value
     for override in overrides:
         key, value = parse_override(override)
-        for leaf, _value in _settings(key, value, cls, lambda name: getattr(cls, "key_aliases", {}).get(name, name)):
-            if leaf in given:
-                raise ConfigError(f"{leaf!r} is given twice ({given[leaf]!r}, then {override!r}); give it once")
-            given[leaf] = override
+        for leaf, leaf_value in _settings(key, value, cls, lambda name: getattr(cls, "key_aliases", {}).get(name, name)):
+            plain = leaf_value.parsed if isinstance(leaf_value, OverrideValue) else leaf_value
+            first = given.setdefault(leaf, (override, plain))
+            if first[1] != plain:
+                raise ConfigError(f"{leaf!r} is given twice ({first[0]!r}, then {override!r}); give it once")
 
 
 def _settings(key: str, value: OverrideValue, cls: type, rename: Callable[[str], str]) -> list[tuple[str, Any]]:

@@ -128,7 +128,7 @@ def test_a_mapping_for_a_section_sets_its_keys_and_keeps_the_others(tmp_path):
         (["kl_coef=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('kl_coef=0.1', then 'kl_coef=0.2'); give it once"),
         (["optim.lr=0.1", "optim={lr: 0.2}"], "'optim.lr' is given twice ('optim.lr=0.1', then 'optim={lr: 0.2}')"),
         (["beta=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('beta=0.1', then 'kl_coef=0.2')"),  # two names
-        (["whiten=true", "whiten=true"], "'whiten' is given twice ('whiten=true', then 'whiten=true')"),
+        (["whiten=true", "whiten=false"], "'whiten' is given twice ('whiten=true', then 'whiten=false')"),
     ],
 )
 def test_a_setting_the_user_gives_twice_is_refused(overrides, expected):
@@ -138,6 +138,7 @@ def test_a_setting_the_user_gives_twice_is_refused(overrides, expected):
         check_given_once(overrides, RenamedConfig)
     assert str(info.value).startswith(expected)
     check_given_once(["kl_coef=0.1", "optim.lr=0.2", "optim={warmup_steps: 3}"], RenamedConfig)
+    check_given_once(["kl_coef=0.1", "beta=0.1", "optim={lr: 0.2}"], RenamedConfig)  # the same value again
 
 
 def test_of_a_command_s_own_settings_and_the_user_s_the_last_wins():
