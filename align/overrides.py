@@ -1,7 +1,7 @@
 """`key=value` overrides of a stage config, applied in order over its YAML: each value read as
 YAML reads it and kept as typed (a text field takes the text), a dotted key into its section, a
 mapping given for a section merged into it key by key (`kl={coef: 0.3}` keeps the YAML's other
-`kl` keys); the user's overrides give each setting once (`check_given_once`)."""
+`kl` keys); a setting the user gives two values takes the last, with a warning (`warn_given_twice`)."""
 
 from __future__ import annotations
 
@@ -30,18 +30,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> No
             set_dotted(data, leaf, leaf_value, cls)
 
 
-def check_given_once(overrides: list[str], cls: type) -> None:
-    """The user's overrides give each setting one value: `seed=1 seed=2`, a key under two of its
-    names, or a key both dotted and in its section's mapping, with two values, is one line naming
-    both (not the last taken)."""
+def warn_given_twice(overrides: list[str], cls: type) -> None:
+    """A setting the user's overrides give two values (`seed=1 seed=2`, a key under two of its names,
+    or dotted and in its section's mapping) takes the last, as scripts that append overrides expect,
+    and a warning names both, so that neither passes unseen."""
     given: dict[str, tuple[str, Any]] = {}  # each setting (its dotted key) -> the override giving it, its value
     for override in overrides:
         key, value = parse_override(override)
         for leaf, leaf_value in _settings(key, value, cls, lambda name: getattr(cls, "key_aliases", {}).get(name, name)):
             plain = leaf_value.parsed if isinstance(leaf_value, OverrideValue) else leaf_value
-            first = given.setdefault(leaf, (override, plain))
-            if first[1] != plain:
-                raise ConfigError(f"{leaf!r} is given twice ({first[0]!r}, then {override!r}); give it once")
+            if leaf in given and given[leaf][1] != plain:
+                log.warning("config key %r is given twice (%r, then %r): the last is taken", leaf, given[leaf][0],
+                            override)
+            given[leaf] = (override, plain)
 
 
 def _settings(key: str, value: OverrideValue, cls: type, rename: Callable[[str], str]) -> list[tuple[str, Any]]:

@@ -11,12 +11,12 @@ def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
     """Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model, on LoRA."""
     from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
-    from align.overrides import check_given_once
+    from align.overrides import warn_given_twice
     from dpo.config import RESUME_OVERRIDABLE, DPOConfig
     from dpo.train import run_dpo
 
     overrides = list(overrides or [])
-    check_given_once(overrides, DPOConfig)
+    warn_given_twice(overrides, DPOConfig)
     cfg = (load_config(DPOConfig, config, overrides) if resume is None
            else resumed_config(DPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "DPO"))
     with resume_hints(resume):

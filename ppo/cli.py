@@ -11,11 +11,11 @@ def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
     """Align an SFT checkpoint with PPO on LoRA adapters against a reward model."""
     from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
-    from align.overrides import check_given_once
+    from align.overrides import warn_given_twice
     from ppo.config import RESUME_OVERRIDABLE, PPOConfig
 
     overrides = list(overrides or [])
-    check_given_once(overrides, PPOConfig)
+    warn_given_twice(overrides, PPOConfig)
     cfg = (load_config(PPOConfig, config, overrides) if resume is None
            else resumed_config(PPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "PPO"))
 

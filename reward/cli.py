@@ -27,12 +27,12 @@ def train(config: ConfigOpt = None, overrides: OverridesArg = None, resume: Resu
     """Train a reward model on K-wise rankings (InstructGPT loss); writes RUN/{config.yaml,metrics.jsonl,summary.json,model/}."""
     from align.cli_common import resume_hints, resumed_config
     from align.config import load_config
-    from align.overrides import check_given_once
+    from align.overrides import warn_given_twice
     from reward.config import RESUME_OVERRIDABLE, RewardConfig
     from reward.train import train_reward_model
 
     overrides = list(overrides or [])
-    check_given_once(overrides, RewardConfig)
+    warn_given_twice(overrides, RewardConfig)
     cfg = (load_config(RewardConfig, config, overrides) if resume is None
            else resumed_config(RewardConfig, resume, config, overrides, RESUME_OVERRIDABLE, "reward"))
     with resume_hints(resume):

@@ -125,20 +125,24 @@ def test_a_mapping_for_a_section_sets_its_keys_and_keeps_the_others(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["kl_coef=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('kl_coef=0.1', then 'kl_coef=0.2'); give it once"),
+        (["kl_coef=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('kl_coef=0.1', then 'kl_coef=0.2'): the last is taken"),
         (["optim.lr=0.1", "optim={lr: 0.2}"], "'optim.lr' is given twice ('optim.lr=0.1', then 'optim={lr: 0.2}')"),
         (["beta=0.1", "kl_coef=0.2"], "'kl_coef' is given twice ('beta=0.1', then 'kl_coef=0.2')"),  # two names
         (["whiten=true", "whiten=false"], "'whiten' is given twice ('whiten=true', then 'whiten=false')"),
     ],
 )
-def test_a_setting_the_user_gives_twice_is_refused(overrides, expected):
-    from align.overrides import check_given_once
+def test_a_setting_the_user_gives_two_values_takes_the_last_and_says_so(overrides, expected, caplog):
+    from align.overrides import warn_given_twice
 
-    with pytest.raises(ConfigError) as info:
-        check_given_once(overrides, RenamedConfig)
-    assert str(info.value).startswith(expected)
-    check_given_once(["kl_coef=0.1", "optim.lr=0.2", "optim={warmup_steps: 3}"], RenamedConfig)
-    check_given_once(["kl_coef=0.1", "beta=0.1", "optim={lr: 0.2}"], RenamedConfig)  # the same value again
+    with caplog.at_level("WARNING", logger="align"):
+        warn_given_twice(overrides, RenamedConfig)
+    assert caplog.text.count("given twice") == 1 and f"config key {expected}" in caplog.text
+    last = load_config(RenamedConfig, None, overrides)
+    assert (last.kl_coef, last.optim.lr, last.whiten) in {(0.2, 1e-5, True), (0.05, 0.2, True), (0.05, 1e-5, False)}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="align"):  # one value, or the same one again: nothing to say
+        warn_given_twice(["kl_coef=0.1", "optim.lr=0.2", "optim={warmup_steps: 3}", "kl_coef=0.1"], RenamedConfig)
+    assert "given twice" not in caplog.text
 
 
 def test_of_a_command_s_own_settings_and_the_user_s_the_last_wins():

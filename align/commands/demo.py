@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 
 from align.config import check, check_input_file, load_config, option, save_config
 from align.errors import ConfigError, UserError
-from align.overrides import check_given_once
+from align.overrides import warn_given_twice
 from align.resources import configs_dir
 from align.run import make_directory, write_json_atomic, write_jsonl_atomic
 from annotation.db_url import SQLITE_COMPANIONS
@@ -229,13 +229,9 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     check(not (force and resume_from_db), "--force and --continue exclude each other: --force starts over, "
                                           "--continue keeps the rankings")
     demo_over, reward_over, ppo_over, dpo_over = split_overrides(overrides)
-    check_given_once(demo_over, DemoConfig)
-    for stage, cls, given in (("reward", RewardConfig, reward_over), ("ppo", PPOConfig, ppo_over),
-                              ("dpo", DPOConfig, dpo_over)):
-        try:
-            check_given_once(given, cls)
-        except ConfigError as exc:
-            raise ConfigError(f"{stage} stage ({stage}.KEY=VALUE): {exc}") from None
+    for given, cls in ((demo_over, DemoConfig), (reward_over, RewardConfig), (ppo_over, PPOConfig),
+                       (dpo_over, DPOConfig)):
+        warn_given_twice(given, cls)
     cfg = load_config(DemoConfig, config_path, demo_over)
     with_reward_model = cfg.method != "dpo"
     out = Path(out).resolve()
