@@ -43,9 +43,15 @@ def make_accelerator() -> Any:
     first ratio would not be 1 and DPO's implicit rewards would not start at 0; it is refused
     (DeepSpeed, which takes its precision from its own config, aside)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # A stage may forward the prepared module several times before its backward (the reward stage: the
+    # prompts, then each length slice of the responses), and ranks whose parts differ in size may cut
+    # them into different numbers of slices. DDP broadcasts the module's buffers in every forward, a
+    # collective, so unequal counts left the ranks waiting on each other for ever; no align model has a
+    # buffer that training changes (no batch norm), so there is nothing to broadcast.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     if accelerator.mixed_precision != "no" and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise UserError(f"the accelerate config sets mixed_precision: {accelerator.mixed_precision}; align's stages "
                         "set their precision with their own dtype key (dtype: bfloat16): set mixed_precision: 'no' "

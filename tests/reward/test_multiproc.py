@@ -54,3 +54,17 @@ def test_two_cpu_ranks_match_single_process(launcher, tiny_random_model, single_
     assert multi_weights.keys() == single_weights.keys() and multi_weights
     for name, value in single_weights.items():
         torch.testing.assert_close(multi_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.multiproc
+def test_ranks_whose_parts_cut_into_unequal_length_slices_finish(tiny_random_model, tmp_path):
+    # the last batch of 3 split 2 + 1: with the mismatch term each ranking is K+1 = 5 responses, so one rank
+    # cuts its 10 into 4 length slices and the other reads its 5 whole, forwarding the DDP module 5 times
+    # against 2; a collective in each forward (DDP's buffer broadcast) left both ranks waiting for ever
+    out = tmp_path / "run"
+    run = run_align("reward", "train", f"output_dir={out}", f"model.name_or_path={tiny_random_model}",
+                    "model.max_length=160", "data.num_rankings=19", "data.num_eval_rankings=8", "data.k=4",
+                    "train.batch_size=8", "train.length_buckets=4", "train.mismatch_coef=1.0", "train.num_threads=1",
+                    "eval.normalize=false", launcher="ddp", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["train/steps"] == 3
