@@ -172,6 +172,19 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
     accelerator.wait_for_everyone()
 
 
+def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
+    """One line for a checkpoint that cannot be read, naming what failed: a sharded load's
+    CheckpointException (torch.distributed.checkpoint) carries each rank's own error, its own
+    words a traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        exc = cause[0] if isinstance(cause, tuple) else cause
+    words = " ".join(str(exc).split())[:200]
+    return UserError(f"{path} is incomplete or damaged ({type(exc).__name__}: {words}); delete it to resume from "
+                     "the checkpoint before it, or start a new run")
+
+
 def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: Any, sharded: bool,
                         check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -187,8 +200,7 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
     from safetensors.torch import load_file
 
     def damaged(exc: BaseException) -> UserError:
-        return UserError(f"{path} is incomplete or damaged ({type(exc).__name__}: {str(exc)[:200]}); delete it to "
-                         "resume from the checkpoint before it, or start a new run")
+        return damaged_checkpoint(path, exc)
 
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

@@ -165,3 +165,20 @@ def test_a_run_starting_drops_what_a_save_cut_short_left(tmp_path, resume):
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     kept = ["checkpoints/step-000002", "policy"] if resume else []
     assert left == sorted([".notes", "checkpoints", "config.yaml", *kept])
+
+
+def test_a_sharded_checkpoint_that_cannot_be_read_is_one_line_naming_the_ranks_error():
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from align.checkpoint import damaged_checkpoint
+
+    missing = FileNotFoundError(2, "No such file or directory")
+    missing.filename = "run/checkpoints/iter-000006/sharded/__1_0.distcp"
+    exc = CheckpointException("CheckpointException ranks:dict_keys([0, 1])", {
+        0: (missing, traceback.StackSummary.from_list([])), 1: (missing, traceback.StackSummary.from_list([]))})
+    message = str(damaged_checkpoint(Path("run/checkpoints/iter-000006"), exc))
+    assert "\n" not in message and message.startswith("run/checkpoints/iter-000006 is incomplete or damaged "
+                                                      "(FileNotFoundError: [Errno 2] No such file or directory: ")
+    assert "__1_0.distcp" in message and "Traceback" not in message
