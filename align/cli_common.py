@@ -30,6 +30,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
     only the keys in `allowed` (none of which changes the training math), or restate a value the run has."""
     from align.config import config_to_dict, foreign_keys, load_config
     from align.errors import ConfigError, UserError
+    from align.overrides import canonical_key
     from align.run import CONFIG_FILE
 
     if config is not None:
@@ -50,7 +51,7 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
         raise ConfigError(f"{run}: cannot resume: its config.yaml: {exc}{_relative_path_hint(run, str(exc))}") from None
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        key = getattr(cls, "key_aliases", {}).get(key, key)
+        key = canonical_key(key, cls)
         if key not in allowed and settings(item) != own:
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")

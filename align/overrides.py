@@ -37,7 +37,7 @@ def warn_given_twice(overrides: list[str], cls: type) -> None:
     given: dict[str, tuple[str, Any]] = {}  # each setting (its dotted key) -> the override giving it, its value
     for override in overrides:
         key, value = parse_override(override)
-        for leaf, leaf_value in _settings(key, value, cls, lambda name: getattr(cls, "key_aliases", {}).get(name, name)):
+        for leaf, leaf_value in _settings(key, value, cls, lambda name: canonical_key(name, cls)):
             plain = leaf_value.parsed if isinstance(leaf_value, OverrideValue) else leaf_value
             if leaf in given and given[leaf][1] != plain:
                 log.warning("config key %r is given twice (%r, then %r): the last is taken", leaf, given[leaf][0],
@@ -71,10 +71,15 @@ def _section_type(key: str, cls: type) -> type | None:
 
 def key_of_alias(name: str, cls: type) -> str:
     """The key `name` stands for: itself, or the key it is another name of (with a warning)."""
-    key = getattr(cls, "key_aliases", {}).get(name, name)
+    key = canonical_key(name, cls)
     if key != name:
         log.warning("config key %r is read as %r, its name in %s", name, key, cls.__name__)
     return key
+
+
+def canonical_key(name: str, cls: type) -> str:
+    """The key `name` stands for in `cls`, without a word (`key_of_alias` says it)."""
+    return getattr(cls, "key_aliases", {}).get(name, name)
 
 
 @dataclass(frozen=True)
