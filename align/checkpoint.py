@@ -172,6 +172,10 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
     accelerator.wait_for_everyone()
 
 
+def _processes(count: int) -> str:
+    return f"{count} process{'' if count == 1 else 'es'}"
+
+
 def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
     """One line for a checkpoint that cannot be read, naming what failed: a sharded load's
     CheckpointException (torch.distributed.checkpoint) carries each rank's own error, its own
@@ -209,8 +213,8 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         raise damaged(exc) from None
     processes = accelerator.num_processes
     if written_by != processes:
-        raise UserError(f"{path} was written by {written_by} processes; resume it with the same "
-                        f"number (got {processes})")
+        raise UserError(f"{path} was written by {_processes(written_by)}; resume it with the same "
+                        f"number (this run has {_processes(processes)})")
     if (path / SHARDED_DIR).is_dir() != sharded:
         raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
                         "sharding; resume it under the same accelerate config")

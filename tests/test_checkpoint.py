@@ -182,3 +182,23 @@ def test_a_sharded_checkpoint_that_cannot_be_read_is_one_line_naming_the_ranks_e
     assert "\n" not in message and message.startswith("run/checkpoints/iter-000006 is incomplete or damaged "
                                                       "(FileNotFoundError: [Errno 2] No such file or directory: ")
     assert "__1_0.distcp" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize(("written_by", "resumed_by", "said"), [
+    (2, 1, "written by 2 processes; resume it with the same number (this run has 1 process)"),
+    (1, 2, "written by 1 process; resume it with the same number (this run has 2 processes)")])
+def test_a_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(tmp_path, written_by, resumed_by, said):
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from align.checkpoint import STATE_FILE, load_training_state
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"world_size": written_by}), encoding="utf-8")
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(UserError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        load_training_state(tmp_path, accelerator=SimpleNamespace(num_processes=resumed_by), model=model,
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None, sharded=False)
+    assert torch.equal(model.weight, before)
