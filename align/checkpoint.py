@@ -55,35 +55,6 @@ def data_fingerprint(items: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")  # weights, configs, tokenizers
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """sha256 of a checkpoint's contents, read cheaply: the weight, config and tokenizer files of its
-    directory and of the bases its adapters name (align.modeling.adapter_chain), each by its name,
-    size and first and last MiB. A resumed run checks that its models are the checkpoint's: a
-    reward model trained again into the same folder, an SFT checkpoint rebuilt in place."""
-    from align.modeling import adapter_chain
-
-    digest = hashlib.sha256()
-    for directory in adapter_chain(path, find_only=True):
-        files = sorted(directory.iterdir()) if directory.is_dir() else []
-        for file in (f for f in files if f.suffix in MODEL_FILE_SUFFIXES and f.is_file()):
-            size = file.stat().st_size
-            digest.update(f"{file.name}\0{size}\0".encode())
-            with file.open("rb") as handle:
-                digest.update(handle.read(2**20))
-                if size > 2**21:
-                    handle.seek(size - 2**20)
-                digest.update(handle.read())
-    return digest.hexdigest()
-
-
-def model_fingerprints(paths: Mapping[str, Path | None]) -> dict[str, str]:
-    """{config key: model_fingerprint} of a run's models (a key whose model has no path: left out)."""
-    return {key: model_fingerprint(path) for key, path in paths.items() if path is not None}
-
-
 def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"seed": 0}} -> {"train.seed": 0}: a config's settings by their dotted keys."""
     flat: dict[str, Any] = {}
@@ -99,7 +70,7 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
                    data: str | None = None, num_steps: int | None = None, aliases: Mapping[str, str] | None = None,
                    models: Mapping[str, str] | None = None) -> None:
     """A checkpoint resumes only the run that wrote it: the same settings (but for `may_change`, which
-    leave the training as it is, and where the run lives), the same data, models (`model_fingerprints`)
+    leave the training as it is, and where the run lives), the same data, models (`align.provenance.model_fingerprints`)
     and planned steps (where the stage gives them). `aliases`: the config class's former key names,
     which a checkpoint may hold."""
     if "config" not in state:  # written before checkpoints held their run's config: nothing to compare

@@ -148,9 +148,15 @@ def save_policy_adapter(policy: Any, tokenizer: Any, base_path: str | Path, out:
     """`out` (RUN/policy): a policy's LoRA adapter as peft writes it, naming `base_path` (the SFT
     checkpoint) as its base, so `align export` and serving engines find it, and the tokenizer;
     written whole or not at all. `state`: the adapter's weights gathered in full from the ranks'
-    shards (FSDP2), keyed as `policy`'s own state dict; None: `policy` holds them."""
+    shards (FSDP2), keyed as `policy`'s own state dict; None: `policy` holds them.
+    Beside it, RUN/trained_on.json records the model chain under the adapter (`policy_model`:
+    align.checkpoint.write_models_record), so that an export onto a base rebuilt in place since is
+    refused. It is written first: an adapter is never there with an earlier run's record beside it;
+    and not in RUN/policy, whose files an adapter export ships."""
+    from align.provenance import MODELS_RECORD_FILE, write_models_record
     from align.run import atomic_directory
 
+    write_models_record(out.parent / MODELS_RECORD_FILE, {"policy_model": Path(base_path)})
     policy.peft_config["default"].base_model_name_or_path = str(base_path)
     with atomic_directory(out, overwrite=True) as tmp:
         policy.save_pretrained(tmp, state_dict=state)

@@ -23,7 +23,6 @@ from align.checkpoint import (
     check_same_run,
     data_fingerprint,
     load_training_state,
-    model_fingerprints,
     release_run_dir,
     save_training_state,
     start_run_dir,
@@ -31,6 +30,7 @@ from align.checkpoint import (
 from align.config import config_to_dict
 from align.distributed import clip_grad_norm, global_batches
 from align.precision import check_finite_gradient
+from align.provenance import model_fingerprints
 from align.run import TrainingClock
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align.provenance import MODELS_RECORD_FILE
 from align.run import SUMMARY_FILE
 from align.tracking import TRACKER_OUTPUTS
 from ppo.run_dir import POLICY_DIR, SAMPLES_FILE
@@ -25,7 +26,7 @@ DATA_FILE = "data.json"
 STAGE_FILE = "stage.txt"  # "dpo": tells a DPO run from a PPO run of the same layout
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE, *TRACKER_OUTPUTS)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, POLICY_DIR, DATA_FILE, MODELS_RECORD_FILE, *TRACKER_OUTPUTS)
 
 __all__ = ["DATA_FILE", "POLICY_DIR", "SAMPLES_FILE", "STAGE_FILE", "is_dpo_run"]
 

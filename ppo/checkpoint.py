@@ -21,13 +21,13 @@ from align.checkpoint import (
     check_same_run,
     data_fingerprint,
     load_training_state,
-    model_fingerprints,
     save_training_state,
 )
 from align.config import config_to_dict
 from align.errors import UserError
 from align.lora import save_policy_adapter
 from align.modeling import resolve_model_path
+from align.provenance import model_fingerprints
 from align.run import give_ordinary_modes
 from ppo.config import RESUME_OVERRIDABLE
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.provenance import MODELS_RECORD_FILE
 from align.run import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_mapping, read_metrics
 from align.tracking import TRACKER_OUTPUTS
 
@@ -30,7 +31,8 @@ POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
-OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, REWARD_PLOT, KL_PLOT, POLICY_DIR, VALUE_HEAD_FILE, *TRACKER_OUTPUTS)
+OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, REWARD_PLOT, KL_PLOT, POLICY_DIR, VALUE_HEAD_FILE, MODELS_RECORD_FILE,
+           *TRACKER_OUTPUTS)
 
 
 def is_ppo_run(path: str | Path) -> bool:

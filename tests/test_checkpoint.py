@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from align.checkpoint import check_same_run, data_fingerprint, flat_config, model_fingerprint
+from align.checkpoint import check_same_run, data_fingerprint, flat_config
 from align.errors import UserError
+from align.provenance import model_fingerprint
 
 CONFIG = {"seed": 0, "train": {"learning_rate": 1e-3, "save_every": 50}, "output_dir": "runs/a"}
 

@@ -262,12 +262,9 @@ def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo
     from align.modeling import load_tokenizer
     from tests.adapters import merged_by_hand, save_random_adapter
 
-    run = tmp_path / "run"
-    shutil.copytree(tiny_ppo_run, run)
-    tokenizer = load_tokenizer(run / "policy")
+    tokenizer = load_tokenizer(tiny_ppo_run / "policy")
     first = save_random_adapter(tiny_random_model, tmp_path / "sft-adapter", tokenizer, seed=1)
-    config_path = run / "policy" / "adapter_config.json"  # the run's policy_model was that adapter
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(first)}))
+    run = _rebase(tiny_ppo_run, tmp_path, "policy", first)  # the run's policy_model was that adapter
     out = export_run(run, tmp_path / "merged")
     ids = tokenizer(["Tell me about tea."], return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -277,11 +274,16 @@ def test_a_policy_trained_on_an_adapter_exports_with_every_level_merged(tiny_ppo
 
 
 def _rebase(run, tmp_path, adapter_dir, base):
-    """A copy of `run` whose adapter at `adapter_dir` (relative to the run) names `base`."""
+    """A copy of `run` whose adapter at `adapter_dir` (relative to the run) names `base`; a policy's record
+    of the model it was trained on says `base` too, as the run's own would have."""
+    from align.provenance import MODELS_RECORD_FILE, write_models_record
+
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     config_path = copy / adapter_dir / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(base)}))
+    if adapter_dir == "policy" and (copy / MODELS_RECORD_FILE).exists():
+        write_models_record(copy / MODELS_RECORD_FILE, {"policy_model": base})
     return copy
 
 

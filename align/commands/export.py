@@ -6,7 +6,9 @@
   Face checkpoints.
 * `--adapter`: only the PEFT adapter (+ tokenizer), loadable with
   `PeftModel.from_pretrained(base, DIR)`; its `base_model_name_or_path` names the base. A fully
-  fine-tuned reward model has no adapter and is copied whole either way.
+  fine-tuned reward model has no adapter and is copied whole either way. A policy trained on an SFT
+  model that is itself a LoRA adapter applies on that SFT model merged: the card's loading code merges
+  each adapter of the chain in before this one goes on, and a line says so.
 
 Either way DIR/README.md is a model card saying what the folder holds and recording the base
 checkpoint, the data, the stage's settings (the reward model and PPO/RLOO/GRPO settings, or DPO's
@@ -14,7 +16,9 @@ rankings and settings) and the held-out results (accuracy, KL, reward and gold g
 export is written into a hidden temporary directory beside DIR and renamed into place only
 when complete, so a crash or a kill leaves no half export behind. `--force` replaces only an
 earlier export (a folder holding such a model card) or an empty folder, and never a checkpoint the
-export reads (the run, the bases down its adapter chain, a PPO run's reward model).
+export reads (the run, the bases down its adapter chain, a PPO run's reward model). A policy run records
+the model chain it was trained on (RUN/trained_on.json); a base rebuilt in place since is refused in one
+line naming it and the files that changed (a run finished before runs kept the record: not checked).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
     source = _source_dir(run, kind)
     check_model_files(source)  # one line for a damaged run, never an export without weights
     _check_weights_whole(source)  # an export that copies them would pass a truncated file on
+    if kind in POLICY_KINDS:
+        _check_trained_on(run, source)
     for checkpoint in _checkpoints_read(run, kind, source):
         if _overlaps(out, checkpoint):  # --force would replace a base the export itself stands on
             raise UserError(f"--out {out} overlaps {checkpoint}, a checkpoint the export reads: "
@@ -106,6 +112,64 @@ def _check_weights_whole(directory: Path) -> None:
     for path in sorted(directory.glob("*.safetensors")):
         with reading_checkpoint(path), safe_open(str(path), framework="numpy"):
             pass
+
+
+def _check_trained_on(run: Path, policy: Path) -> None:
+    """The SFT checkpoint the policy's adapter names (its adapter chain followed) holds what the run was
+    trained on, as RUN/trained_on.json records it (align.lora.save_policy_adapter), or one line naming it
+    and what changed: a base rebuilt in place since (another seed, another family of the same shapes)
+    would take the adapter without a word. A run finished before runs kept the record: not checked."""
+    from align.modeling import adapter_chain
+    from align.provenance import MODELS_RECORD_FILE, check_models_record
+
+    base = adapter_chain(policy, find_only=True)[1:2]  # none where the adapter names no base
+    check_models_record(run / MODELS_RECORD_FILE, {"policy_model": base[0]} if base else {},
+                        purpose="export the run")
+
+
+def _policy_bases(policy: Path) -> list[Path]:
+    """What the policy's adapter stands on, as loading follows it: the SFT checkpoint it names, then,
+    where that is itself a LoRA adapter (align merges the chain before training its own adapter), each
+    base in turn down to the full checkpoint, that last. Nothing is loaded or built: a base not found
+    here, or one align builds ('demo'), ends the list as its adapter names it."""
+    from align.modeling import adapter_base_name, adapter_chain, is_adapter_dir
+
+    chain = adapter_chain(policy, find_only=True)
+    if len(chain) > 1 and is_adapter_dir(chain[-1]) and adapter_base_name(chain[-1]):
+        chain.append(Path(str(adapter_base_name(chain[-1]))))
+    return [path.resolve() if path.is_dir() else path for path in chain[1:]]
+
+
+def _saved_vocab_rows(bases: list[Path]) -> list[int | None]:
+    """For each LoRA adapter of an SFT chain (`_policy_bases`), innermost first: the rows of the token
+    embeddings or output layer it saved whole (an SFT that added chat tokens: PEFT's save_embedding_layers,
+    modules_to_save), which its base must grow to before it loads; None where it saved none, or where the
+    checkpoint is not here to name those layers. Read from the files' headers, and the layers' names from
+    the architecture built on the meta device: no weights are loaded."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapters = list(reversed(bases[:-1]))
+    if not adapters:
+        return []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bases[-1], local_files_only=True))
+    except (OSError, ValueError):  # the checkpoint is not here (an adapter export does not need it)
+        return [None] * len(adapters)
+    layers = {model.get_input_embeddings(), model.get_output_embeddings()}
+    keys = {f"base_model.model.{name}{part}.weight" for name, module in model.named_modules() if module in layers
+            for part in ("", ".modules_to_save")}
+    found: list[int | None] = []
+    for adapter in adapters:
+        weights = adapter / "adapter_model.safetensors"
+        rows = []
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as f:
+                rows = [f.get_slice(key).get_shape()[0] for key in keys & set(f.keys())]
+        found.append(max(rows) if rows else None)
+    return found
 
 
 def _overlaps(out: Path, other: Path) -> bool:
@@ -185,6 +249,9 @@ def _export_policy(run: Path, out: Path, merge: bool) -> None:
     policy = PPORun(run).policy_dir
     if not merge:
         _copy_files(policy, out)
+        bases = _policy_bases(policy)
+        if len(bases) > 1:
+            log.warning("%s", _sft_adapter_note(bases))
         return
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged in fp32
@@ -272,6 +339,16 @@ FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights 
          "full": "full weights of a fully fine-tuned model (safetensors), as trained: no adapter merged"}
 
 
+def _sft_adapter_note(bases: list[Path]) -> str:
+    """One line for an adapter trained on an SFT model that is itself a LoRA adapter (`bases`: its chain,
+    `_policy_bases`): the adapter applies on the merged SFT model, not on the checkpoint underneath."""
+    merged = " and ".join(f"`{adapter}`" for adapter in reversed(bases[:-1]))
+    return (f"this adapter applies on the merged SFT model: `{bases[-1]}` with the LoRA adapter{'s' * (len(bases) > 2)} "
+            f"{merged} merged in, not on `{bases[-1]}` alone; a serving engine that loads LoRA adapters onto a base "
+            "checkpoint needs that merged SFT model as its base (merge the SFT adapter into it first), or takes "
+            "the aligned model whole (`align export RUN --out DIR --merge`)")
+
+
 def model_card(run: Path, kind: str, form: str) -> str:
     """The exported folder's README.md; `form`: what it holds (a key of FORMS)."""
     from ppo.run_dir import PPORun
@@ -281,10 +358,11 @@ def model_card(run: Path, kind: str, form: str) -> str:
         ppo = PPORun(run)  # a DPO run has the same layout
         config, summary = ppo.config(), ppo.summary()
         base = ppo.adapter_config().get("base_model_name_or_path", config.get("policy_model", "?"))
+        bases = _policy_bases(ppo.policy_dir)
         method = "dpo" if kind == "dpo" else config.get("method", "ppo")
     else:
         reward = RewardRun.open(run)
-        config, summary = reward.config(), reward.summary()
+        config, summary, bases = reward.config(), reward.summary(), []
         base = reward.base_model() or "?"
     lines = [
         "---",
@@ -299,6 +377,8 @@ def model_card(run: Path, kind: str, form: str) -> str:
         f"- source run: `{run.resolve()}`",
         "",
     ]
+    if kind in POLICY_KINDS and form == "adapter" and len(bases) > 1:  # the SFT checkpoint is itself an adapter
+        lines[-1:-1] = ["- " + _sft_adapter_note(bases)]
     if kind == "ppo":
         reward_path = Path(str(config.get("reward_model", "")))
         lines += ["## Reward model", ""]
@@ -367,10 +447,20 @@ def model_card(run: Path, kind: str, form: str) -> str:
     elif kind in POLICY_KINDS:
         # A base whose tokenizer had no pad token trained with a <pad> row added (align.modeling.fit_embeddings):
         # the tokenizer saved here has it, so the base grows the same way before the adapter goes on.
+        # An SFT model that is itself a LoRA adapter is built as align trained on it: each adapter down its
+        # chain merged in, innermost first. Loaded by name instead, transformers would attach the SFT
+        # adapter unmerged and PEFT's put this one on the same layers in its place.
+        checkpoint = bases[-1] if len(bases) > 1 else base
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-                  f"base = AutoModelForCausalLM.from_pretrained({str(base)!r})",
-                  "if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # align added a <pad> token",
+                  f"base = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r})"]
+        if len(bases) > 1:
+            lines.append("# the SFT model this adapter was trained on: its LoRA adapters merged in, innermost first")
+        for adapter, rows in zip(reversed(bases[:-1]), _saved_vocab_rows(bases), strict=True):
+            if rows is not None:  # PEFT loads an embedding saved whole only onto one of its size
+                lines.append(f"base.resize_token_embeddings({rows})  # the tokens its SFT added, saved with the adapter")
+            lines.append(f"base = PeftModel.from_pretrained(base, {str(adapter)!r}).merge_and_unload()")
+        lines += ["if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # align added a <pad> token",
                   "    base.resize_token_embeddings(len(tokenizer))",
                   "model = PeftModel.from_pretrained(base, DIR)"]
     else:
