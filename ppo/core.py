@@ -127,15 +127,29 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 # ----------------------------------------------------------------------------- rewards
 
 
+# k3's bounds, verl's (`kl_penalty`, low_var_kl, in verl/trainer/ppo/core_algos.py): the log-ratio is
+# clamped to +-20 before the exponential, the estimate to at most 10 nats a token. k3 grows as
+# e^{-log ratio}, and a low sampling temperature scales the log-ratios up (the logits of both models are
+# divided by it): at temperature 0.05 the demo's GRPO KL loss was 1.4e7 in its first iteration, its
+# gradient norm 3e8. A k3 under 10 (log pi - log pi_ref between -2.6 and 11) is unchanged; past it the
+# token's estimate is 10 and its gradient 0, as in verl (OpenRLHF's compute_approx_kl, in the versions
+# with its clamp, bounds every estimate to +-10 likewise).
+K3_LOG_RATIO_BOUND = 20.0
+K3_BOUND = 10.0
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"],
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi: (B, T), (B, T) -> (B, T), 0 where
     `mask` (B, T) is 0.
 
-    k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (Schulman 2020).
-    Both average to the true KL over samples; k3 is never negative. Padding is cut before the
-    exponential: a pad token's log-prob of -100 under one model and 0 under the other would give
-    k3 = e^100 - 101, an inf that a later multiplication by the mask turns into NaN, gradient included.
+    k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (Schulman 2020), at most
+    K3_BOUND (above). Both average to the true KL over samples (k3 within its bound); k3 is never
+    negative. Padding is cut before the exponential: a pad token's log-prob of -100 under one model and
+    0 under the other would give k3 = e^100 - 101, an inf that a later multiplication by the mask turns
+    into NaN, gradient included.
+    The bound holds wherever k3 is used: GRPO's KL loss, the per-token penalty in the reward (PPO, RLOO
+    with kl.estimator=k3) and the evaluation's KL.
     """
     log_ratio = logprobs - ref_logprobs
     if mask is not None:
@@ -143,7 +157,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Li
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        # clamped first, so that the exponential stays finite: an inf there would meet the outer clamp's
+        # zero gradient as inf * 0 = NaN
+        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        return (torch.expm1(-log_ratio) + log_ratio).clamp(max=K3_BOUND)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 

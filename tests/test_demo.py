@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from align.commands.demo import run_demo, split_overrides
+from align.commands.demo import CONFIGS, run_demo, split_overrides
 from align.config import ConfigError
 from align.errors import UserError
 
@@ -41,6 +41,23 @@ def test_overrides_are_routed_to_their_stage():
          r"reward model\); this demo runs dpo$"),
         (["dpo.beta=0.2"], r"^'dpo.beta' is not used: dpo.\* overrides need method=dpo; this demo runs ppo$"),
         (["method=grpo", "dpo.beta=0.2"], r"dpo.\* overrides need method=dpo; this demo runs grpo$"),
+        # a key the demo sets for a stage it runs: DPO trained on another file, announced as the demo's rankings;
+        # GRPO's summary said method grpo of a PPO run
+        (["method=dpo", "dpo.data.path=other.jsonl"],
+         r"^dpo.data.path is set by the demo's rankings \(.*/demo/rankings.kwise.jsonl\), not by a dpo.\* override$"),
+        (["method=dpo", "dpo.data={format: trl, eval_fraction: 0.2}"], r"^dpo.data.format is set by the demo's rankings"),
+        (["reward.data.path=/nonexist.jsonl"], r"^reward.data.path is set by the demo's rankings"),
+        (["method=grpo", "ppo.method=ppo"], r"^ppo.method is set by the demo's `method` \(grpo\), not by a ppo.\* override$"),
+        (["ppo.policy_model=other"], r"^ppo.policy_model is set by the demo's `model` \(.*no-model\)"),
+        (["reward.model={name_or_path: other}"], r"^reward.model.name_or_path is set by the demo's `model`"),
+        (["ppo.reward_model=other"], r"^ppo.reward_model is set by the demo's reward model \(.*/demo/reward\)"),
+        (["method=rloo", "ppo.output_dir=elsewhere"], r"^ppo.output_dir is set by the demo's --out \(.*/demo/ppo\)"),
+        (["method=dpo", "dpo.overwrite=false"], r"^dpo.overwrite is set by the demo's --continue / --force"),
+        # a PPO-stage config of another method, and a held-out file that is not there (it failed at stage 4 of 6)
+        (["method=grpo", f"ppo_config={CONFIGS / 'ppo.yaml'}"], r"ppo.yaml has method: ppo; the demo runs method=grpo$"),
+        (["method=dpo", "dpo.data.eval_path=/nonexist.jsonl"],
+         r"^dpo stage \(dpo.KEY=VALUE\): data.eval_path: file not found: /nonexist.jsonl$"),
+        (["reward.data.eval_path=/nonexist.jsonl"], r"^reward stage \(reward.KEY=VALUE\): data.eval_path: file not found"),
     ],
 )
 def test_bad_overrides_stop_before_any_work(tmp_path, overrides, message):
@@ -102,6 +119,27 @@ def test_demo_takes_the_dpo_road_without_a_reward_model(tiny_random_model, tmp_p
     assert on_disk["eval/num_pairs"] > 0 and on_disk["demo/gold_export"] == pytest.approx(summary["demo/gold_export"])
     report = (out / "report.md").read_text()
     assert "reward-model score" not in report and "implicit reward" in report
+
+
+def test_an_override_of_what_the_demo_sets_is_refused_in_one_line(tmp_path):
+    # `align demo method=dpo dpo.data.path=other.jsonl` trained DPO on that file "on the 120 rankings"
+    out = tmp_path / "d"
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), "method=dpo",
+                             "dpo.data.path=other.jsonl"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: dpo.data.path is set by the demo's rankings ({out / 'rankings.kwise.jsonl'}), not by a dpo.* override"]
+    assert not out.exists()
+
+
+def test_only_the_keys_the_demo_sets_are_refused(tmp_path):
+    # the stages' other settings are overrides as before, a section's mapping included
+    from align.commands.demo import DemoConfig, refuse_demo_settings
+
+    cfg = DemoConfig(method="grpo")
+    refuse_demo_settings(cfg, tmp_path, {"reward": ["data.eval_fraction=0.2", "train={epochs: 1}"],
+                                         "ppo": ["kl.coef=0.2", "temperature=0.5"]})
+    with pytest.raises(ConfigError, match=r"^ppo.method is set by the demo's `method` \(grpo\)"):
+        refuse_demo_settings(cfg, tmp_path, {"ppo": ["kl.coef=0.2", "method=ppo"]})
 
 
 def test_continue_without_a_database_is_a_user_error(tmp_path):

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 
 from align.config import check, check_input_file, load_config, option, save_config
 from align.errors import ConfigError, UserError
-from align.overrides import warn_given_twice
+from align.overrides import parse_override, warn_given_twice
 from align.resources import configs_dir
 from align.run import make_directory, write_json_atomic, write_jsonl_atomic
 from annotation.db_url import SQLITE_COMPANIONS
@@ -130,11 +130,30 @@ def refuse_unused_overrides(method: str, reward: list[str], ppo: list[str], dpo:
             raise ConfigError(f"{key!r} is not used: {prefix}* overrides need {needs}; this demo runs {method}")
 
 
+def refuse_demo_settings(cfg: DemoConfig, out: Path, stages: dict[str, list[str]]) -> None:
+    """The demo sets the models, data, method and run folders of the stages it runs (`stages`: their overrides):
+    an override of one would train what the demo does not say it trains. Refuse it, naming the demo's setting."""
+    model, method, rankings = f"`model` ({cfg.model})", f"`method` ({cfg.method})", f"rankings ({out / 'rankings.kwise.jsonl'})"
+    own = {"reward": {"model.name_or_path": model, "data.format": rankings, "data.path": rankings},
+           "dpo": {"policy_model": model, "data.format": rankings, "data.path": rankings},
+           "ppo": {"policy_model": model, "method": method, "reward_model": f"reward model ({out / 'reward'})"}}
+    for stage, overrides in stages.items():
+        governed = {**own[stage], "output_dir": f"--out ({out / stage})", "overwrite": "--continue / --force"}
+        for key, value in map(parse_override, overrides):  # a section's mapping (`data={path: x}`) sets each key
+            for leaf in [f"{key}.{name}" for name in value.parsed] if isinstance(value.parsed, dict) else [key]:
+                if leaf in governed:
+                    raise ConfigError(f"{stage}.{leaf} is set by the demo's {governed[leaf]}, not by a {stage}.* override")
+
+
 def stage_config(stage: str, cls: type, path: Path | None, overrides: list[str]) -> Any:
     """A stage's config from its file and the `STAGE.`-prefixed overrides, its errors naming the stage
-    (the stage's own loader names keys without the demo's prefix)."""
+    (the stage's own loader names keys without the demo's prefix). A held-out file (data.eval_path) is
+    checked too: unlike the demo's rankings, it is there already."""
     try:
-        return load_config(cls, path, overrides)
+        stage_cfg = load_config(cls, path, overrides)
+        if getattr(getattr(stage_cfg, "data", None), "eval_path", None) is not None:
+            check_input_file(stage_cfg.data.eval_path, "data.eval_path")
+        return stage_cfg
     except ConfigError as exc:
         raise ConfigError(f"{stage} stage ({stage}.KEY=VALUE): {exc}") from None
 
@@ -242,12 +261,11 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     # An earlier demo in OUT is refused below unless --continue, --force or --serve: the stages' runs
     # are then redone in place (--serve runs none of them).
     reward_base = [f"output_dir={out / 'reward'}", f"model.name_or_path={cfg.model}", "overwrite=true"]
-    reward_data = ["data.format=kwise", f"data.path={rankings_path}"]
+    rankings_data = ["data.format=kwise", f"data.path={rankings_path}"]
     dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
-    dpo_data = ["data.format=kwise", f"data.path={rankings_path}"]
-    # Validate every stage's config before spending minutes on the first one (the rankings file
-    # the reward and DPO stages read does not exist yet, so their data keys wait); a stage the
-    # method does not run is validated too where it has overrides, which are then refused.
+    refuse_demo_settings(cfg, out, {"reward": reward_over, "ppo": ppo_over} if with_reward_model else {"dpo": dpo_over})
+    # Validate every stage's config before spending minutes on the first one (their data keys wait for the rankings
+    # file); a stage the method does not run is validated too where it has overrides, which are then refused.
     if with_reward_model or reward_over:
         stage_config("reward", RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
     if with_reward_model or ppo_over:
@@ -257,6 +275,8 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     if not with_reward_model or dpo_over:
         dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
+    if with_reward_model and ppo_cfg.method != cfg.method:  # it would run under the demo's name
+        raise ConfigError(f"ppo_config {cfg.ppo_stage_config} has method: {ppo_cfg.method}; the demo runs method={cfg.method}")
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
     earlier = check_earlier_demo(out, force=force, resume_from_db=resume_from_db, serve=serve)
     # --continue reads the rankings before anything goes: a database it cannot train from changes nothing
@@ -300,7 +320,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         from reward.train import train_reward_model
 
         stages.start("reward", f"reward model on {len(rankings)} K-wise rankings -> {out / 'reward'}")
-        reward_cfg = load_config(RewardConfig, cfg.reward_config, [*reward_base, *reward_data, *reward_over])
+        reward_cfg = load_config(RewardConfig, cfg.reward_config, [*reward_base, *rankings_data, *reward_over])
         reward_summary = train_reward_model(reward_cfg)
         stages.start("ppo", f"{policy_cfg.method.upper()} on LoRA against the reward model -> {out / 'ppo'}")
         policy_summary, policy_run = run_ppo(policy_cfg), out / "ppo"
@@ -308,7 +328,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         from dpo.train import run_dpo
 
         stages.start("dpo", f"K-wise DPO on LoRA on the {len(rankings)} rankings -> {out / 'dpo'}")
-        policy_summary = run_dpo(load_config(DPOConfig, cfg.policy_config, [*dpo_base, *dpo_data, *dpo_over]))
+        policy_summary = run_dpo(load_config(DPOConfig, cfg.policy_config, [*dpo_base, *rankings_data, *dpo_over]))
         policy_run = out / "dpo"
 
     stages.start("export", f"export the aligned policy (merged) -> {out / 'export'}")

@@ -76,6 +76,23 @@ def test_kl_penalty_k1_and_k3():
     assert (core.kl_penalty(logp, ref, "k3") >= 0).all()
 
 
+def test_k3_is_bounded_as_verl_bounds_it_and_unchanged_within_the_bound():
+    # at sampling temperature 0.05 GRPO's k3 loss was 1.4e7 and its gradient norm 3e8
+    # log pi - log pi_ref = (-2, -1000, 30):
+    #   -2:    k3 = e^2 - 1 - 2 = 4.389056 < 10, unchanged; d/dlogp = 1 - e^{-x} = 1 - e^2 = -6.389056
+    #   -1000: k3 = e^1000 - 1001 = inf unbounded (and a NaN gradient); bounded: 10, gradient 0
+    #   30:    k3 = e^-30 - 1 + 30 = 29.0 unbounded; bounded: 10, gradient 0
+    logp = torch.tensor([[-3.0, -1000.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, 0.0, -30.5]])
+    kl = core.kl_penalty(logp, ref, "k3")
+    close(kl, [[math.e ** 2 - 3, 10.0, 10.0]])
+    assert core.K3_BOUND == 10.0
+    kl.mean().backward()
+    close(logp.grad, [[(1 - math.e ** 2) / 3, 0.0, 0.0]])
+    # k1 is linear in the log-ratio: no bound
+    close(core.kl_penalty(logp.detach(), ref, "k1"), [[-2.0, -1000.0, 30.0]])
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_penalty_is_zero_and_finite_on_padding_gradient_included(estimator):
     # the third token is padding: log pi = -100 there (a pad token the policy never emits), the
