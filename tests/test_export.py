@@ -53,6 +53,7 @@ def test_adapter_changed_the_policy(tiny_ppo_run, tiny_random_model):
 
 
 def test_merged_export_generates_exactly_what_the_policy_did(tiny_ppo_run, tmp_path):
+    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     policy, tokenizer = trained_policy(tiny_ppo_run)
@@ -65,6 +66,11 @@ def test_merged_export_generates_exactly_what_the_policy_did(tiny_ppo_run, tmp_p
     assert greedy(model, exported_tokenizer) == expected
     card = (out / "README.md").read_text()
     assert "base checkpoint" in card and "PPO settings" in card and "gold judge score" in card
+    # the policy was trained on its samples at the run's temperature: generate() samples at it by default
+    temperature = yaml.safe_load((tiny_ppo_run / "config.yaml").read_text())["temperature"]
+    assert temperature != 1.0
+    assert (model.generation_config.do_sample, model.generation_config.temperature) == (True, temperature)
+    assert f"Trained on its samples at temperature {temperature}" in card
 
 
 def test_adapter_export_loads_through_peft(tiny_ppo_run, tmp_path):
@@ -121,8 +127,8 @@ def test_killed_export_leaves_no_output_directory(tiny_ppo_run, tmp_path):
         "import sys, time\n"
         "import align.commands.export as e\n"
         "original = e._export_policy\n"
-        "def slow(run, out, merge):\n"
-        "    original(run, out, merge)\n"
+        "def slow(*args):\n"
+        "    original(*args)\n"
         "    print('WRITTEN', flush=True)\n"
         "    time.sleep(60)\n"
         "e._export_policy = slow\n"
