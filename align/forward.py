@@ -155,7 +155,10 @@ def forward_shared_prompts(model: Any, prompt_ids: Any, prompt_mask: Any, prompt
         for idx in slices:
             width, rows = int(lengths[idx].max()), prompt_index[idx]
             ids, mask = continuation_ids[idx, :width], continuation_mask[idx, :width]
-            positions = prompt_lengths[rows, None] + torch.arange(width, device=ids.device)  # after the prompt
+            # after the prompt; a row's right padding stays at its last position: run on past it, the padding
+            # of a long prompt's row in the slice of a longer response would index past a table of learned
+            # positions (GPT-2, OPT) that every sequence fits
+            positions = prompt_lengths[rows, None] + position_ids_from_mask(mask)
             yield rows, ids, mask, model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], dim=1),
                                          position_ids=positions, use_cache=True,
                                          **{cache_name: prompt_cache_rows(cache, rows)})

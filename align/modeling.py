@@ -279,15 +279,42 @@ def _merged_checkpoint(path: Path, dtype: Any, tokenizer: Any) -> Any:
         model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True,
                                                            output_loading_info=True)
     check_no_missing_weights(model, info["missing_keys"], checkpoint)
-    fit_embeddings(model, tokenizer)
     if adapters:
         from peft import PeftModel
 
         for adapter in reversed(adapters):
             log.info("%s is a LoRA adapter: merging it into its base before use", adapter)
             with reading_checkpoint(adapter):
+                # an adapter that saved its embeddings whole (chat tokens added in the SFT, as TRL's
+                # setup_chat_format does) loads onto a base of its own vocabulary's size, not the tokenizer's
+                rows = adapter_vocab_size(model, adapter)
+                if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+                    model.resize_token_embeddings(rows)
                 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    fit_embeddings(model, tokenizer)  # then the <pad> load_tokenizer added, after the adapters' own tokens
     return model
+
+
+def adapter_vocab_size(model: Any, adapter: str | Path) -> int | None:
+    """The rows of the token embeddings (or output layer) a PEFT adapter saved whole, as
+    `save_embedding_layers` or `modules_to_save` write them; None where it saved none (LoRA alone)."""
+    import torch
+
+    prefixes = [f"base_model.model.{name}" for name, module in model.named_modules()
+                if module is model.get_input_embeddings() or module is model.get_output_embeddings()]
+    keys = {f"{prefix}{part}.weight" for prefix in prefixes for part in ("", ".modules_to_save")}
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            rows = [f.get_slice(key).get_shape()[0] for key in keys & set(f.keys())]
+    elif (Path(adapter) / "adapter_model.bin").is_file():
+        state = torch.load(Path(adapter) / "adapter_model.bin", map_location="meta", weights_only=True)
+        rows = [state[key].shape[0] for key in keys & set(state)]
+    else:
+        return None
+    return max(rows) if rows else None
 
 
 def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None:
@@ -316,6 +343,71 @@ def fit_embeddings(model: Any, tokenizer: Any) -> None:
 
 
 # --------------------------------------------------------------------------- architecture
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens a loaded model (or a config's model) reads in one sequence where a table of learned
+    absolute positions bounds it: GPT-2's `wpe`, OPT's `embed_positions` (its ids offset by 2), BERT's
+    `position_embeddings` (RoBERTa's start after its padding_idx: 514 rows hold 512 tokens). A longer
+    sequence indexes past the table: an IndexError, or BERT's position buffers failing to expand.
+
+    None where nothing bounds it. Rotary positions (Llama, Qwen, Mistral, NeoX, ModernBERT), ALiBi and
+    relative ones (DeBERTa-v3) are computed from the index, not looked up: past the config's
+    max_position_embeddings (the context trained at, or a default a fine-tune never changed, or a length
+    rope_scaling already extends) nothing fails, and a longer model.max_length is the user's own choice
+    of context, as before: capping them at that number would cut texts that train today."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        try:
+            model = _skeleton(model)
+        except ValueError:  # a config transformers builds no model of: the load that follows says so in one line
+            return None
+    model = getattr(model, "module", model)  # DDP
+    tokens = model.get_input_embeddings()
+    owner = next((m for m in model.modules() if any(child is tokens for child in m.children())), None)
+    limits = [table.num_embeddings - _first_position(table) for name, table in (owner.named_children() if owner else ())
+              if isinstance(table, nn.Embedding) and table is not tokens and ("position" in name or name == "wpe")]
+    return min(limits) if limits else None
+
+
+def _first_position(table: Any) -> int:
+    """The row a position table reads for the first token: OPT's `offset`, RoBERTa's padding_idx + 1."""
+    if getattr(table, "offset", None) is not None:
+        return int(table.offset)
+    return table.padding_idx + 1 if table.padding_idx is not None else 0
+
+
+def _skeleton(config: Any) -> Any:
+    """The trunk a config describes, on the meta device: its modules, no weights allocated."""
+    import torch
+    from transformers import AutoModel
+
+    quiet_transformers()
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+def fit_max_length(max_length: int, model: Any, setting: str) -> int:
+    """`max_length` cut to the `position_limit` of `model` (a loaded model, a config, or a checkpoint
+    directory: its config, an adapter's base followed down), with one line saying so where it cuts:
+    before any sequence is tokenized, so training and scoring never reach past the position table."""
+    name = model
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
+
+        checkpoint = adapter_chain(model)[-1]
+        with reading_checkpoint(checkpoint):
+            model = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    else:
+        config = getattr(getattr(model, "module", model), "config", model)
+        name = getattr(config, "name_or_path", "") or type(config).__name__.removesuffix("Config")
+    limit = position_limit(model)
+    if limit is None or max_length <= limit:
+        return max_length
+    log.info("%s=%d is past the %d positions %s reads (learned absolute positions): sequences are cut to %d "
+             "tokens", setting, max_length, limit, name, limit)
+    return limit
 
 
 def is_encoder(config: Any) -> bool:

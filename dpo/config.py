@@ -41,7 +41,8 @@ class DPOConfig:
     )
     max_length: int = option(
         256, help="Tokens per prompt + response: a ranking with a response that does not fit after its whole prompt "
-        "is left out (one line counts them, for the training and the held-out rankings).", ge=8)
+        "is left out (one line counts them, for the training and the held-out rankings). A policy with learned "
+        "absolute positions (GPT-2, OPT) is read up to its own limit.", ge=8)
     lora: LoraOptions = option(default_factory=LoraOptions, help="The policy's LoRA adapter.")
 
     # --- data --------------------------------------------------------------------------------

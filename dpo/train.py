@@ -92,7 +92,7 @@ class DPOTrainer(StepLoop):
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+        from align.modeling import fit_max_length, load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
         from align.tracking import check_tracker_available
         from ppo.data import load_eval_prompts
@@ -123,6 +123,8 @@ class DPOTrainer(StepLoop):
         self.model_paths = {"policy_model": self.sft_path}
         self.tokenizer = load_tokenizer(self.sft_path)
         prepare_tokenizer(self.tokenizer)  # right padding, left truncation: a long text keeps its response
+        # what the policy can read: GPT-2 and OPT stop at their table of learned positions (align.modeling)
+        self.max_length = fit_max_length(cfg.max_length, self.sft_path, "max_length")
         data = load_reward_data(cfg.data)  # rankings that state no preference come back set aside
         train, left_out = usable_rankings(data.train + data.without_preference)
         self.eval_rankings = data.eval  # with a preference each (load_reward_data)
@@ -130,7 +132,7 @@ class DPOTrainer(StepLoop):
         self.num_train_rankings = len(train)
         if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
             train = expand_to_pairs(train, cfg.seed)
-        self.train_set = DPODataset(train, self.tokenizer, cfg.max_length)
+        self.train_set = DPODataset(train, self.tokenizer, self.max_length)
         left_out.too_long = self.train_set.left_out.too_long
         left_out.merged_at_boundary = self.train_set.left_out.merged_at_boundary
         if data.with_repeats and self.is_main:
@@ -138,7 +140,7 @@ class DPOTrainer(StepLoop):
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
-        self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, cfg.max_length)  # scored at the end
+        self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, self.max_length)  # scored at the end
         held_out_left_out = self.eval_set.left_out
         if data.held_out_without_preference and self.is_main:
             self.echo(f"dpo: left out {data.held_out_without_preference} held-out rankings that state no preference "
@@ -348,7 +350,10 @@ def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: l
     already tokenized (DPODataset), where the caller has it."""
     from reward.evaluate import ranking_metrics, text_key
 
-    dataset = DPODataset(rankings, tokenizer, cfg.max_length) if dataset is None else dataset
+    if dataset is None:
+        from align.modeling import fit_max_length
+
+        dataset = DPODataset(rankings, tokenizer, fit_max_length(cfg.max_length, module.policy, "max_length"))
     left_out = {"eval/rankings_left_out": len(rankings) - len(dataset)}  # too long for max_length (DPODataset)
     if not len(dataset):
         return left_out

@@ -41,7 +41,8 @@ class ModelSection:
         help="Attention kernel: auto = transformers' default (sdpa); eager (plain matmuls) is faster for tiny models "
         "on a CPU (demo model: a training step 7% faster), sdpa for real models.",
     )
-    max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation).", ge=8)
+    max_length: int = option(256, help="Tokens per prompt+response; longer texts lose their start (left truncation). A model with "
+                            "learned absolute positions (BERT, RoBERTa, GPT-2, OPT) is read up to its own limit.", ge=8)
     dtype: Literal["float32", "bfloat16"] = option(
         "float32",
         help="Storage dtype of the weights. bfloat16 halves the frozen weights and runs the forward under bf16 "

@@ -100,13 +100,23 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     from transformers.utils import logging as hf_logging
 
     from align.lora import lora_summary, resolve_lora_targets, with_adapter
-    from align.modeling import check_model_files, find_blocks, fit_embeddings, is_encoder, reading_checkpoint
+    from align.modeling import (
+        adapter_base_name,
+        check_model_files,
+        find_blocks,
+        fit_embeddings,
+        is_encoder,
+        reading_checkpoint,
+    )
 
     base_path = Path(base_path)
-    if (base_path / "adapter_config.json").exists():
-        raise UserError(
-            f"{base_path} is a LoRA adapter; merge it first (`align export {base_path} --out DIR`) and train on DIR"
-        )
+    if (base_path / "adapter_config.json").exists():  # (`align export` takes align's runs, not an adapter folder)
+        merge = (f"from peft import AutoPeftModelForCausalLM as M; from transformers import AutoTokenizer as T; "
+                 f"M.from_pretrained('{base_path}').merge_and_unload().save_pretrained('DIR'); "
+                 f"T.from_pretrained('{base_path}').save_pretrained('DIR')")
+        raise UserError(f"{base_path} is a LoRA adapter, not a checkpoint: give its base ({adapter_base_name(base_path)}) "
+                        f"as model.name_or_path, or merge the adapter into a checkpoint DIR and give that: "
+                        f'python -c "{merge}"')
     check_model_files(base_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
@@ -353,7 +363,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from align.hf import quiet_transformers
-    from align.modeling import check_model_files, fit_embeddings, is_encoder, reading_checkpoint
+    from align.modeling import check_model_files, fit_embeddings, fit_max_length, is_encoder, reading_checkpoint
     from align.precision import default_device
 
     quiet_transformers()  # no loading bars or notices on a command's output, as where the stages load models
@@ -389,5 +399,6 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     info_path = model_dir / INFO_FILE
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))
+    max_length = fit_max_length(max_length, model, f"{model_dir}: model.max_length")  # as in its training
     return RewardModel(model=model, tokenizer=tokenizer, gain=float(norm["gain"]), bias=float(norm["bias"]),
                        max_length=max_length, path=model_dir)

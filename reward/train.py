@@ -96,7 +96,7 @@ class RewardTrainer(StepLoop):
     # ----------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        from align.modeling import checkpoint_is_encoder, load_tokenizer, resolve_model_path
+        from align.modeling import checkpoint_is_encoder, fit_max_length, load_tokenizer, resolve_model_path
         from align.tracking import check_tracker_available
 
         cfg = self.cfg
@@ -131,13 +131,15 @@ class RewardTrainer(StepLoop):
                                  if cfg.eval.normalize and cfg.eval.normalize_policy else None)
         self.tokenizer = load_tokenizer(self.base_path, encoder=self.encoder)
         prepare_tokenizer(self.tokenizer)
+        # what the model can read: GPT-2, OPT, BERT stop at their table of learned positions (align.modeling)
+        self.max_length = fit_max_length(cfg.model.max_length, self.base_path, "model.max_length")
         self.data: RewardData = load_reward_data(cfg.data)
         train_rankings = self.data.train
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
             train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
-        self.train_set = RankingDataset(train_rankings, self.tokenizer, cfg.model.max_length, encoder=self.encoder)
+        self.train_set = RankingDataset(train_rankings, self.tokenizer, self.max_length, encoder=self.encoder)
         self.collate = RankingCollator(self.tokenizer.pad_token_id, mismatch=cfg.train.mismatch_coef > 0,
-                                       max_length=cfg.model.max_length)
+                                       max_length=self.max_length)
 
         torch.manual_seed(cfg.train.seed)  # same head / adapter init on every rank
         self.dtype = torch_dtype(cfg.model.dtype)
@@ -172,9 +174,9 @@ class RewardTrainer(StepLoop):
             if self.data.with_repeats:
                 self.echo(f"reward: {repeats_note(self.data.with_repeats)}")
             if self.train_set.truncated:
+                bound = "model.max_length" if self.max_length == cfg.model.max_length else "the model's positions"
                 self.echo(f"reward: {self.train_set.truncated} of {len(self.train_set)} training rankings hold a text "
-                          f"of model.max_length={cfg.model.max_length} tokens (a longer one is cut to it, its prompt's "
-                          "start first)")
+                          f"of {self.max_length} tokens ({bound}; a longer one is cut to it, its prompt's start first)")
             if self.data.without_preference or self.data.held_out_without_preference:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training and "
                           f"{self.data.held_out_without_preference} held-out rankings that state no preference "
@@ -290,7 +292,7 @@ class RewardTrainer(StepLoop):
         responses = [s[0] for s in samples]
         with autocast(self.device, self.dtype):
             raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
-                              max_length=self.cfg.model.max_length, batch_size=ecfg.batch_size)
+                              max_length=self.max_length, batch_size=ecfg.batch_size)
         gain, bias = fit_normalization(raw)
         return gain, bias, len(responses)
 
@@ -317,7 +319,7 @@ class RewardTrainer(StepLoop):
         # each held-out response forwarded once, whichever label sets it appears in
         with autocast(self.device, self.dtype):
             rewards = reward_table(model, self.tokenizer, self.data.eval + annotator_labels,
-                                   max_length=cfg.model.max_length, batch_size=cfg.eval.batch_size)
+                                   max_length=self.max_length, batch_size=cfg.eval.batch_size)
         eval_s = time.perf_counter() - t
         # under FSDP the main rank writes the weights gathered in full (an adapter: the trained ones only)
         state = full_state(model, trained_only=cfg.lora.enabled) if self.fsdp else None

@@ -212,3 +212,46 @@ def test_the_backward_through_a_prompts_repeated_cache_rows_is_the_same_every_ti
         (cache.layers[0].keys * weights).sum().backward()
         grads.add(leaf.grad.numpy().tobytes())
     assert len(grads) == 1
+
+
+def sft_adapter_with_chat_tokens(tmp_path):
+    """What TRL's setup_chat_format leaves: a LoRA adapter on a base whose tokenizer has no pad token, with
+    two chat tokens added and the resized embeddings and output layer saved whole in the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.families.builders import build_family_model
+
+    base = build_family_model("llama", tmp_path / "base", pad=False, chat_template=False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the chat tokens' rows as an SFT would have trained them
+        model.get_input_embeddings().weight[-2:].normal_(0, 1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "sft", save_embedding_layers=True)
+    tokenizer.save_pretrained(tmp_path / "sft")
+    return base, tmp_path / "sft", len(tokenizer)
+
+
+def test_an_adapter_that_grew_the_embeddings_loads_on_a_padless_base_then_gets_its_pad(tmp_path):
+    # load_tokenizer adds <pad>: the base was grown to len(tokenizer) before the adapter, whose saved
+    # embeddings are one row short of it, loaded (a size-mismatch traceback)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, chat_vocab = sft_adapter_with_chat_tokens(tmp_path)
+    tokenizer = load_tokenizer(adapter)
+    assert len(tokenizer) == chat_vocab + 1 and tokenizer.pad_token_id == chat_vocab  # the added <pad>
+    model = load_causal_lm(adapter, tokenizer=tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    expected = AutoModelForCausalLM.from_pretrained(base)
+    expected.resize_token_embeddings(chat_vocab)
+    expected = PeftModel.from_pretrained(expected, adapter).merge_and_unload().eval()
+    ids = torch.tensor([[1, 5, 9, chat_vocab - 2, 40, chat_vocab - 1]])  # the chat tokens' trained rows read
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :chat_vocab], expected(ids).logits, atol=1e-5, rtol=1e-5)

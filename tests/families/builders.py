@@ -16,7 +16,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
     "phi3": ("Phi3Config", {}),
-    "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN, "n_positions": 512}),
+    "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN}),
     "gpt_neox": ("GPTNeoXConfig", {}),
     "opt": ("OPTConfig", {"ffn_dim": FFN, "word_embed_proj_dim": HIDDEN, "do_layer_norm_before": True}),
     "olmo": ("OlmoConfig", {}),
@@ -31,9 +31,10 @@ COMMON = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_hea
 
 
 def build_family_model(family: str, out: str | Path, *, pad: bool = True, chat_template: bool = True,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, positions: int = 512) -> Path:
     """A random-init `family` causal LM with the demo tokenizer. `pad=False`: a tokenizer with no pad
-    token (as GPT-2, Llama-3 and Mistral base ship); `chat_template=False`: none (a base model)."""
+    token (as GPT-2, Llama-3 and Mistral base ship); `chat_template=False`: none (a base model);
+    `positions`: its max_position_embeddings (GPT-2's n_positions)."""
     import torch
     import transformers
 
@@ -46,7 +47,8 @@ def build_family_model(family: str, out: str | Path, *, pad: bool = True, chat_t
     if not chat_template:
         tokenizer.chat_template = None
     config_class = getattr(transformers, class_name)
-    kwargs = {**COMMON, **extra} if family != "gpt2" else dict(extra)
+    kwargs = {**COMMON, **extra, "max_position_embeddings": positions} if family != "gpt2" \
+        else {**extra, "n_positions": positions}
     config = config_class(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, **kwargs)
     config.pad_token_id = tokenizer.pad_token_id  # some families default to an id of their own vocabulary
@@ -66,10 +68,10 @@ ENCODERS = {"bert": "BertConfig", "roberta": "RobertaConfig", "deberta-v2": "Deb
             "modernbert": "ModernBertConfig"}
 
 
-def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert") -> Path:
+def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert", positions: int = 520) -> Path:
     """A random-init 2-layer encoder (`family`: bert, roberta, deberta-v2, modernbert) with a WordPiece
     tokenizer ([CLS]/[SEP]/[PAD], no eos, no chat template), saved as a bare encoder, as
-    all-MiniLM-L6-v2 ships (the classification head is new)."""
+    all-MiniLM-L6-v2 ships (the classification head is new). `positions`: its max_position_embeddings."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -91,7 +93,7 @@ def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert") -> Pat
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
     config = getattr(transformers, ENCODERS[family])(
         vocab_size=len(fast), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, max_position_embeddings=520, pad_token_id=fast.pad_token_id,
+        intermediate_size=FFN, max_position_embeddings=positions, pad_token_id=fast.pad_token_id,
         bos_token_id=fast.cls_token_id, eos_token_id=fast.sep_token_id, cls_token_id=fast.cls_token_id,
         sep_token_id=fast.sep_token_id)
     torch.manual_seed(seed)

@@ -322,3 +322,27 @@ def test_a_saved_reward_model_keeps_its_max_length(quick_config, tmp_path):
     with torch.no_grad():
         cut = forward_rewards(rm.model, **encode(rm.tokenizer, text, 48))
     torch.testing.assert_close(rm.score_raw([prompt], [response]), cut, atol=1e-5, rtol=0)
+
+
+def test_a_lora_adapter_as_the_reward_base_is_refused_with_a_merge_that_works(tiny_random_model, tmp_path):
+    # the hint named `align export ADAPTER`, which exports align's runs only; the one it gives now runs
+    import re
+    import subprocess
+    import sys
+
+    from align.errors import UserError
+    from align.modeling import load_causal_lm, load_tokenizer
+    from reward.model import build_reward_model
+    from tests.adapters import save_random_adapter
+
+    adapter = save_random_adapter(tiny_random_model, tmp_path / "sft", load_tokenizer(tiny_random_model), seed=1)
+    with pytest.raises(UserError, match=rf"sft is a LoRA adapter, not a checkpoint: give its base \({tiny_random_model}\)"
+                       ) as refused:
+        build_reward_model(adapter, load_tokenizer(adapter))
+    merge = re.search(r'python -c "(.*)"$', str(refused.value)).group(1).replace("DIR", str(tmp_path / "merged"))
+    subprocess.run([sys.executable, "-c", merge], check=True, capture_output=True)
+    merged = tmp_path / "merged"
+    build_reward_model(merged, load_tokenizer(merged))
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(merged)(ids).logits, load_causal_lm(adapter)(ids).logits)
