@@ -230,7 +230,7 @@ def test_command_prints_the_breakdown_of_a_config(tmp_path):
     (["SIZE", "hidden_size", 1e300], "hidden_size must be a whole number"),
     (["SIZE", "text_config", "abc"], "the model's config is not an object of settings"),
 ])
-def test_command_refuses_bad_input_in_one_line(args, expected, tmp_path):
+def test_command_refuses_bad_input_in_one_line(args, expected, tmp_path, capsys):
     if args[0] == "SIZE":  # a valid llama config with one value spoilt
         config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 200, "num_hidden_layers": 2,
                   "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 500, args[1]: args[2]}
@@ -242,7 +242,18 @@ def test_command_refuses_bad_input_in_one_line(args, expected, tmp_path):
     elif args == ["BERT"]:
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}), encoding="utf-8")
         args = [str(tmp_path / "config.json")]
-    out = run_align(*args)
-    assert out.returncode == 2
-    assert expected in out.stderr
+    # in this process, through the command's own entry point (a process of its own: the test above and below)
+    from align.commands.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory-plan", *map(str, args)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_process_refusing_bad_input_prints_one_line():
+    out = run_align("Qwen2.5-7B", "--micro-batch", "-3")
+    assert out.returncode == 2 and "micro-batch must be at least 1" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
