@@ -39,7 +39,9 @@ def model_dir(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise UserError(f"reward model not found: {path}")
-    raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / MODEL_DIR})")
+    hint = ("; a reward model trained elsewhere is not read yet: align's carry the normalisation of their scores "
+            "that `align reward train` writes" if (path / "config.json").is_file() else "")
+    raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / MODEL_DIR}){hint}")
 
 
 def is_reward_model(path: str | Path) -> bool:

@@ -264,3 +264,13 @@ def test_eval_says_why_a_file_gave_no_rankings(tmp_path, capsys):
     for data, fmt, expected in cases:
         code, err = _eval(capsys, "-m", missing, "-d", str(data), "-f", fmt)
         assert code == 2 and err == f"error: {expected}\n", (data, fmt, err)
+
+
+def test_a_checkpoint_that_is_no_align_reward_model_is_told_why(tmp_path):
+    from align.errors import UserError
+    from reward.run_dir import model_dir
+
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}', encoding="utf-8")
+    with pytest.raises(UserError, match="a reward model trained elsewhere is not read yet") as refused:
+        model_dir(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path} is not a reward model (no reward_normalization.json")
