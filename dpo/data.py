@@ -79,6 +79,16 @@ class DPODataset:
         return len(self.items)
 
 
+def held_out_left_out_line(dataset: DPODataset, num_held_out: int) -> str:
+    """The run's line on the `num_held_out` held-out rankings `dataset` left out: what the held-out
+    accuracy is over, or, none left, that there is none (the summary has no eval/accuracy)."""
+    line = f"dpo: left out {dataset.left_out} of the {num_held_out} held-out rankings"
+    if len(dataset):
+        return f"{line} (the held-out accuracy is over the others)"
+    why = "fits max_length" if not dataset.left_out.merged_at_boundary else "is left to score"
+    return f"{line}: no held-out ranking {why}: no held-out accuracy"
+
+
 @dataclass
 class DPOBatch:
     """G rankings of up to K responses each; their N responses flattened into one `RankingBatch`."""

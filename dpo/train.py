@@ -62,7 +62,7 @@ from align.run import (
 )
 from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from dpo.config import RESUME_OVERRIDABLE, DPOConfig
-from dpo.data import DPOBatch, DPODataset, check_usable, collate, usable_rankings
+from dpo.data import DPOBatch, DPODataset, check_usable, collate, held_out_left_out_line, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
 from dpo.run_dir import DATA_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE
@@ -129,25 +129,26 @@ class DPOTrainer(StepLoop):
         train, left_out = usable_rankings(data.train + data.without_preference)
         self.eval_rankings = data.eval  # with a preference each (load_reward_data)
         self.data_source = data.source
-        self.num_train_rankings = len(train)
+        # max_length leaves out whole rankings, in the pairwise mode too (all pairs of one with a response
+        # that does not fit), so both modes train on the same rankings and count them alike
+        fitting = DPODataset(train, self.tokenizer, self.max_length)
+        left_out.too_long, left_out.merged_at_boundary = fitting.left_out.too_long, fitting.left_out.merged_at_boundary
+        self.num_train_rankings = len(fitting)  # trained on; the ones max_length left out are counted apart
+        self.train_rankings_left_out = fitting.left_out.too_long + fitting.left_out.merged_at_boundary
+        self.train_set = fitting
         if cfg.loss == "pairwise":  # comparison mode: every ordered pair its own K = 2 example
-            train = expand_to_pairs(train, cfg.seed)
-        self.train_set = DPODataset(train, self.tokenizer, self.max_length)
-        left_out.too_long = self.train_set.left_out.too_long
-        left_out.merged_at_boundary = self.train_set.left_out.merged_at_boundary
+            self.train_set = DPODataset(expand_to_pairs(fitting.rankings, cfg.seed), self.tokenizer, self.max_length)
         if data.with_repeats and self.is_main:
             self.echo(f"dpo: {repeats_note(data.with_repeats)}")
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
         check_usable(self.train_set.rankings, left_out, "the training split")
         self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, self.max_length)  # scored at the end
-        held_out_left_out = self.eval_set.left_out
         if data.held_out_without_preference and self.is_main:
             self.echo(f"dpo: left out {data.held_out_without_preference} held-out rankings that state no preference "
                       "(a single response, or every response tied)")
-        if held_out_left_out and self.is_main:
-            self.echo(f"dpo: left out {held_out_left_out} of the {len(self.eval_rankings)} held-out rankings "
-                      "(the held-out accuracy is over the others)")
+        if self.eval_set.left_out and self.is_main:
+            self.echo(held_out_left_out_line(self.eval_set, len(self.eval_rankings)))
         # read now, not after the training: the held-out prompts sampled at the end
         self.eval_prompts = load_eval_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1,
                                               [r.prompt for r in train], "the training rankings")
@@ -193,7 +194,7 @@ class DPOTrainer(StepLoop):
         self.open_logs(OUTPUTS)
         (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
-                  f"{len(self.eval_rankings)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
+                  f"{len(self.eval_set)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
     def local_batches(self, global_batch: list[int]) -> list[list[int]]:
         """This rank's part of a global batch in gradient_accumulation_steps micro-batches of example
@@ -279,6 +280,7 @@ class DPOTrainer(StepLoop):
                 "train/loss_final": self.last_train["train/loss"],
                 "train/steps": self.step_count,
                 "train/rankings": self.num_train_rankings,
+                "train/rankings_left_out": self.train_rankings_left_out,  # too long for max_length (DPODataset)
                 "train/examples": len(self.train_set),
                 "train/num_processes": self.world,
                 "train/responses_forwarded": self.responses_forwarded_total,  # over all ranks
@@ -355,8 +357,8 @@ def held_out_ranking_metrics(module: PolicyLogprobs, tokenizer: Any, rankings: l
 
         dataset = DPODataset(rankings, tokenizer, fit_max_length(cfg.max_length, module.policy, "max_length"))
     left_out = {"eval/rankings_left_out": len(rankings) - len(dataset)}  # too long for max_length (DPODataset)
-    if not len(dataset):
-        return left_out
+    if not len(dataset):  # none to score: no accuracy, and the summary says it was over no ranking
+        return {"eval/num_rankings": 0, **left_out}
     cache_reference_logps(module, dataset, cfg, accelerator)
     policy = dataset_logps(module, dataset, cfg, accelerator)
     table, nll = {}, []

@@ -79,16 +79,26 @@ def with_pairs(rankings: Sequence[Ranking]) -> list[Ranking]:
     return [r for r in rankings if ordered_pairs(r.ranks)]
 
 
-def expand_to_pairs(rankings: Sequence[Ranking], seed: int) -> list[Ranking]:
-    """Pairwise expansion (TRL, OpenRLHF, ...): one K = 2 ranking per ordered pair, shuffled apart."""
-    pairs = [
-        Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
-                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta).found_at(r.where)
-        for r in rankings
-        for w, l in ordered_pairs(r.ranks)
-    ]
+def shuffled_pairs(rankings: Sequence[Ranking], seed: int) -> list[tuple[int, int, int]]:
+    """(ranking, winner, loser) indices of every ordered pair the rankings imply, shuffled apart."""
+    pairs = [(g, w, l) for g, r in enumerate(rankings) for w, l in ordered_pairs(r.ranks)]
     random.Random(f"pairs:{seed}").shuffle(pairs)
     return pairs
+
+
+def expand_to_pairs(rankings: Sequence[Ranking], seed: int) -> list[Ranking]:
+    """Pairwise expansion (TRL, OpenRLHF, ...): one K = 2 ranking per ordered pair, shuffled apart."""
+    return [
+        Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
+                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta).found_at(r.where)
+        for r, w, l in ((rankings[g], w, l) for g, w, l in shuffled_pairs(rankings, seed))
+    ]
+
+
+def pair_origins(rankings: Sequence[Ranking], seed: int) -> list[int]:
+    """Index in `rankings` of the ranking each pair of `expand_to_pairs(rankings, seed)` comes from:
+    what a count over the pairs is in rankings."""
+    return [g for g, _, _ in shuffled_pairs(rankings, seed)]
 
 
 def gold_ranks(prompt: str, responses: Sequence[str]) -> list[int]:
@@ -317,7 +327,8 @@ class RankingDataset(torch.utils.data.Dataset):
                                           prompt_len=shared_prompt_len(prompt, sequences)))
             pos += k
         # rankings with a text at max_length: cut to it (from the left: the prompt's start first), or exactly that long
-        self.truncated = sum(any(len(s) >= max_length for s in item.responses) for item in self.items)
+        self.at_max_length = [any(len(s) >= max_length for s in item.responses) for item in self.items]
+        self.truncated = sum(self.at_max_length)
 
     def __len__(self) -> int:
         return len(self.items)

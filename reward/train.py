@@ -61,6 +61,7 @@ from reward.data import (
     RewardData,
     expand_to_pairs,
     load_reward_data,
+    pair_origins,
     repeats_note,
 )
 from reward.evaluate import format_table, ranking_metrics, reward_table
@@ -175,12 +176,22 @@ class RewardTrainer(StepLoop):
                 self.echo(f"reward: {repeats_note(self.data.with_repeats)}")
             if self.train_set.truncated:
                 bound = "model.max_length" if self.max_length == cfg.model.max_length else "the model's positions"
-                self.echo(f"reward: {self.train_set.truncated} of {len(self.train_set)} training rankings hold a text "
-                          f"of {self.max_length} tokens ({bound}; a longer one is cut to it, its prompt's start first)")
+                self.echo(f"reward: {self.truncated_count()} hold a text of {self.max_length} tokens ({bound}; a longer "
+                          "one is cut to it, its prompt's start first)")
             if self.data.without_preference or self.data.held_out_without_preference:
                 self.echo(f"reward: left out {len(self.data.without_preference)} training and "
                           f"{self.data.held_out_without_preference} held-out rankings that state no preference "
                           "(a single response, or every response tied)")
+
+    def truncated_count(self) -> str:
+        """How many training rankings hold a text at max_length, "N of M training rankings"; in the
+        pairwise mode in rankings too (each of its batch elements a pair), with the pairs after."""
+        if self.cfg.train.loss != "pairwise":
+            return f"{self.train_set.truncated} of {len(self.train_set)} training rankings"
+        origins = pair_origins(self.data.train, self.cfg.train.seed)  # train_set's pairs in order
+        rankings = {origins[i] for i, cut in enumerate(self.train_set.at_max_length) if cut}
+        return (f"{len(rankings)} of {len(self.data.train)} training rankings ({self.train_set.truncated} of "
+                f"{len(self.train_set)} pairs)")
 
     def local_batches(self, global_batch: list[int]) -> list[RankingBatch]:
         """This rank's contiguous slice of the global batch (sizes differ by at most one) in

@@ -181,11 +181,18 @@ def model_card(run: Path, kind: str, form: str) -> str:
 
         data = read_mapping(run / DATA_FILE).get("data") or config.get("data", {})
         lines += ["## Rankings", "", *_data_lines(data)]
-        for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
+        # the rankings trained on and scored; those max_length left out apart (never trained on nor scored)
+        too_long = "a response does not follow its whole prompt within max_length"
+        for key, label in [("train/rankings", "training rankings"),
+                           ("train/rankings_left_out", f"training rankings left out ({too_long})"),
+                           ("eval/num_rankings", "held-out rankings"),
+                           ("eval/rankings_left_out", f"held-out rankings left out ({too_long})"),
                            ("eval/label_source", "held-out labels from"),
                            ("eval/accuracy", "held-out pairwise accuracy of the implicit reward")]:
-            if key in summary:
+            if key in summary and not (key.endswith("_left_out") and not summary[key]):
                 lines.append(f"- {label}: {_fmt(summary[key])}")
+        if summary.get("eval/num_rankings") == 0:
+            lines.append("- held-out pairwise accuracy of the implicit reward: none, no held-out ranking fits max_length")
         lines += ["", "## DPO settings", ""]
         # what ran: max_steps, when set, stops the run whatever epochs says
         length = "epochs" if config.get("max_steps") is None else "max_steps"
