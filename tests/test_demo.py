@@ -53,8 +53,9 @@ def test_overrides_are_routed_to_their_stage():
         (["ppo.reward_model=other"], r"^ppo.reward_model is set by the demo's reward model \(.*/demo/reward\)"),
         (["method=rloo", "ppo.output_dir=elsewhere"], r"^ppo.output_dir is set by the demo's --out \(.*/demo/ppo\)"),
         (["method=dpo", "dpo.overwrite=false"], r"^dpo.overwrite is set by the demo's --continue / --force"),
-        # a PPO-stage config of another method, and a held-out file that is not there (it failed at stage 4 of 6)
-        (["method=grpo", f"ppo_config={CONFIGS / 'ppo.yaml'}"], r"ppo.yaml has method: ppo; the demo runs method=grpo$"),
+        # the demo's method runs on another method's PPO-stage config (ppo.yaml's one sample per prompt is too
+        # few for GRPO), and a held-out file that is not there (it failed at stage 4 of 6)
+        (["method=grpo", f"ppo_config={CONFIGS / 'ppo.yaml'}"], "needs samples_per_prompt >= 2"),
         (["method=dpo", "dpo.data.eval_path=/nonexist.jsonl"],
          r"^dpo stage \(dpo.KEY=VALUE\): data.eval_path: file not found: /nonexist.jsonl$"),
         (["reward.data.eval_path=/nonexist.jsonl"], r"^reward stage \(reward.KEY=VALUE\): data.eval_path: file not found"),

@@ -271,12 +271,10 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     if with_reward_model or ppo_over:
         ppo_cfg = stage_config("ppo", PPOConfig, cfg.ppo_stage_config, [
             f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}",
-            "overwrite=true", *ppo_over])
+            "overwrite=true", *([f"method={cfg.method}"] if with_reward_model else []), *ppo_over])
     if not with_reward_model or dpo_over:
         dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
-    if with_reward_model and ppo_cfg.method != cfg.method:  # it would run under the demo's name
-        raise ConfigError(f"ppo_config {cfg.ppo_stage_config} has method: {ppo_cfg.method}; the demo runs method={cfg.method}")
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
     earlier = check_earlier_demo(out, force=force, resume_from_db=resume_from_db, serve=serve)
     # --continue reads the rankings before anything goes: a database it cannot train from changes nothing
