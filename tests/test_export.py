@@ -406,3 +406,19 @@ def test_force_replaces_an_earlier_export_or_an_empty_folder(tiny_ppo_run, tmp_p
     (tmp_path / "empty").mkdir()
     assert (export_run(tiny_ppo_run, tmp_path / "empty", merge=False, force=True) / "adapter_config.json").exists()
     assert not list(tmp_path.glob(".*.old-*")) and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_the_export_samples_as_the_run_did_not_with_the_bases_filters(tmp_path):
+    # a base that samples with top-p, top-k and a repetition penalty (as instruct checkpoints ship): the
+    # exported policy samples at the run's temperature alone, as PPO trained it, its other settings kept
+    from transformers import GenerationConfig
+
+    from align.commands.export import _sample_as_trained
+
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.1, eos_token_id=[7, 9],
+                     max_new_tokens=512).save_pretrained(tmp_path)
+    _sample_as_trained(tmp_path, model=None, temperature=0.7)
+    config = GenerationConfig.from_pretrained(tmp_path)
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p, config.repetition_penalty) == (
+        True, 0.7, 0, 1.0, 1.0)
+    assert config.eos_token_id == [7, 9] and config.max_new_tokens == 512

@@ -216,15 +216,18 @@ def _export_policy(run: Path, out: Path, merge: bool, kind: str) -> None:
 
 def _sample_as_trained(out: Path, model: Any, temperature: float) -> None:
     """PPO, RLOO and GRPO optimise the policy's samples at the run's temperature (their log-probs are
-    the logits over it): the exported generation_config.json samples at it too (`generate()`, and
-    inference servers that take their defaults from it), not at the base's setting."""
+    the logits over it, no top-k or top-p: ppo.sampling): the exported generation_config.json samples
+    so too (`generate()`, and inference servers that take their defaults from it), not with the base's
+    filters (a base's top_p 0.9, transformers' own top_k 50 where the file names none, a repetition
+    penalty) that would sample another policy. Its other settings (end-of-sequence ids, lengths) stay."""
     from transformers import GenerationConfig
 
     try:
         config = GenerationConfig.from_pretrained(out)
     except OSError:  # the base had none
         config = GenerationConfig.from_model_config(model.config)
-    config.do_sample, config.temperature = True, temperature
+    config.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                  repetition_penalty=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, no_repeat_ngram_size=0)
     config.save_pretrained(out)
 
 

@@ -222,7 +222,8 @@ def model_card(run: Path, kind: str, form: str) -> str:
         if kind == "ppo" and "temperature" in config:
             # the objective was the reward of samples at this temperature: another one samples another policy
             lines += ["", f"Trained on its samples at temperature {_fmt(config['temperature'])}: sample at it too"
-                      + (" (generation_config.json sets do_sample and temperature)." if form == "merged" else ".")]
+                      + (", no top-k or top-p (generation_config.json sets them)." if form == "merged"
+                         else ", no top-k or top-p.")]
     else:
         lines += ["## Evaluation", ""] + _reward_section(reward)
     lines += ["", "Loading:", "", "```python"]
