@@ -107,16 +107,32 @@ def check_models_record(path: Path, models: Mapping[str, Path], *, purpose: str)
             log.warning("%s: %s %s is not found here: not checked against the one the run was trained on",
                         path.parent, key, model)
             continue
-        if model_fingerprint(model) == entry["fingerprint"]:
+        recorded_chain = entry.get("chain") or []
+        if ([level["files"] for level in _weights_and_configs(recorded_chain)]  # by content, not by place
+                == [level["files"] for level in _weights_and_configs(now)] if recorded_chain
+                else model_fingerprint(model) == entry["fingerprint"]):
             continue
         trained_on = str(entry.get("path", model))
-        changes = _changes(entry.get("chain") or [], now)
+        changes = _changes(_weights_and_configs(recorded_chain), _weights_and_configs(now))
         if Path(trained_on).resolve() == Path(model).resolve():
             what = f"its {key} {trained_on} changed since the run was trained on it ({changes}; rebuilt or trained again in place?)"
         else:  # moved, or named anew: the same files would do, these are others
             what = f"its {key} is now {model}, which is not the {trained_on} the run was trained on ({changes})"
         raise UserError(f"{path.parent}: {what}, and the run's adapter would go onto other weights: restore that "
                         f"checkpoint or train the run again (or delete {path} to {purpose} anyway)")
+
+
+def _is_weights_or_config(name: str) -> bool:
+    """A file that decides what an adapter goes onto: the weights and the architecture. A generation
+    config, a tokenizer (the run saved its own) or a trainer's notes beside them may change freely."""
+    return (name.endswith(".safetensors") or name in ("config.json", "adapter_config.json")
+            or (name.startswith(("pytorch_model", "adapter_model")) and name.endswith(".bin")))
+
+
+def _weights_and_configs(chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A `model_file_digests` chain narrowed to its `_is_weights_or_config` files."""
+    return [{"path": level.get("path"), "files": {name: digest for name, digest in level.get("files", {}).items()
+                                                  if _is_weights_or_config(name)}} for level in chain]
 
 
 def _changes(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:

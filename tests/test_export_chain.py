@@ -113,6 +113,21 @@ def _run_on_own_base(tiny_ppo_run, tiny_random_model, tmp_path, *, sft_adapter=F
     return run, base, named
 
 
+def test_a_base_whose_weights_and_config_are_unchanged_exports(tiny_ppo_run, tiny_random_model, tmp_path):
+    # its generation config edited, a trainer's notes and a tokenizer file added: the adapter goes onto the same
+    # weights (a refusal here blocked every run trained on a base whose generation_config.json was tuned)
+    run, base, _ = _run_on_own_base(tiny_ppo_run, tiny_random_model, tmp_path)
+    generation = base / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "top_p": 0.9, "max_new_tokens": 256}))
+    (base / "trainer_state.json").write_text("{}")
+    (base / "added_tokens.json").write_text("{}")
+    assert export_run(run, tmp_path / "out").is_dir()
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    with pytest.raises(UserError, match=r"\(config\.json changed; rebuilt or trained again in place\?\)"):
+        export_run(run, tmp_path / "again")
+
+
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
 def test_an_export_onto_a_base_rebuilt_in_place_is_refused_in_one_line(tiny_ppo_run, tiny_random_model, tmp_path,
                                                                        merge, capsys):
