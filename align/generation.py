@@ -66,6 +66,7 @@ def generate_responses(
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
+    from align.modeling import fit_prompt_length
     from align.precision import default_device
 
     model.to(default_device() if device is None else device)
@@ -84,13 +85,16 @@ def generate_responses(
         max_new_tokens=max_new_tokens,
         num_return_sequences=num_return_sequences,
     )
+    room = fit_prompt_length(None, max_new_tokens, model, "max_new_tokens")  # None: no position table bounds it
+    if room is not None:
+        tokenizer.truncation_side = "left"  # the end of a conversation is what the response continues
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
     with seeded(seed), torch.no_grad(), only_these_settings(model):
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generating", unit="batch"):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+                              add_special_tokens=False, truncation=room is not None, max_length=room).to(model.device)
             generated = model.generate(**batch, generation_config=config)
             decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for i in range(0, len(decoded), num_return_sequences):

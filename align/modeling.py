@@ -410,6 +410,23 @@ def fit_max_length(max_length: int, model: Any, setting: str) -> int:
     return limit
 
 
+def fit_prompt_length(max_prompt_length: int | None, new_tokens: int, model: Any, setting: str) -> int | None:
+    """The prompt tokens a sampler keeps (left truncation) before `new_tokens` on `model`: `max_prompt_length`
+    (None: all), cut where a `position_limit` leaves less room, with one line saying so. One line of refusal
+    where the new tokens alone fill the positions: a prompt of any length would index past the table."""
+    limit = position_limit(model)
+    if limit is None or (max_prompt_length is not None and max_prompt_length + new_tokens <= limit):
+        return max_prompt_length
+    if new_tokens >= limit:
+        raise UserError(f"{setting}={new_tokens} leaves no room for a prompt in the {limit} positions the model "
+                        "reads (learned absolute positions): give fewer new tokens")
+    if max_prompt_length is not None:
+        log.info("%s=%d with max_prompt_length=%d is past the %d positions the model reads (learned absolute "
+                 "positions): prompts are cut to their last %d tokens", setting, new_tokens, max_prompt_length,
+                 limit, limit - new_tokens)
+    return limit - new_tokens
+
+
 def is_encoder(config: Any) -> bool:
     """A bidirectional encoder (BERT, RoBERTa, DeBERTa-v2, ModernBERT, ...) rather than a causal LM:
     the families transformers pairs with a masked-LM head (no causal-LM family has one)."""

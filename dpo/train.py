@@ -92,7 +92,7 @@ class DPOTrainer(StepLoop):
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from align.modeling import fit_max_length, load_causal_lm, load_tokenizer, resolve_model_path
+        from align.modeling import fit_max_length, fit_prompt_length, load_causal_lm, load_tokenizer, resolve_model_path
         from align.precision import torch_dtype
         from align.tracking import check_tracker_available
         from ppo.data import load_eval_prompts
@@ -164,7 +164,9 @@ class DPOTrainer(StepLoop):
         self.checkpointed = enable_gradient_checkpointing(base) if cfg.gradient_checkpointing else []
         # the held-out samples, their log-probs and the reference's (ppo.evaluation)
         self.sampler = PolicySampler(self.policy, self.tokenizer, temperature=cfg.temperature,
-                                     response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
+                                     response_length=cfg.response_length,
+                                     max_prompt_length=fit_prompt_length(cfg.max_prompt_length, cfg.response_length,
+                                                                         base, "response_length"),
                                      chunk_tokens=cfg.logprob_chunk_tokens)
         # the module DDP wraps and FSDP2 shards (each decoder layer a unit, the rest the root); responses
         # read whole after their prompts where no prompt cache can be continued (dpo.model.PolicyLogprobs)

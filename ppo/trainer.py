@@ -111,7 +111,7 @@ class PPOTrainer:
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
-        from align.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+        from align.modeling import fit_prompt_length, load_causal_lm, load_tokenizer, resolve_model_path
         from align.tracking import RunLog, check_tracker_available
 
         cfg = self.cfg
@@ -147,6 +147,8 @@ class PPOTrainer:
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
         check_decodable(base.config, self.sft_path)
+        # a policy with learned absolute positions (GPT-2, OPT) holds prompt and response in its table
+        self.max_prompt_length = fit_prompt_length(cfg.max_prompt_length, cfg.response_length, base, "response_length")
         critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
                                reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
@@ -327,7 +329,7 @@ class PPOTrainer:
         """Sample one response per prompt from the policy (or, `adapter=False`, the SFT model),
         with the sampler's log pi(a_t|s_t) and V(s_t) for every response token."""
         tok = self.tokenizer
-        query_ids, query_mask = encode_prompts(tok, prompts, self.cfg.max_prompt_length, self.device)
+        query_ids, query_mask = encode_prompts(tok, prompts, self.max_prompt_length, self.device)
         weights, weights_context = self.sampling_weights(adapter)
         gather = self.fsdp is not None and self.cfg.sample_gathered  # the whole policy on each rank while it samples
         # gathering layer by layer, every step is a collective: no rank may stop before the others

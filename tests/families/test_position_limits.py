@@ -159,3 +159,26 @@ def test_prompts_shared_in_a_slice_wider_than_the_positions_score_as_whole_seque
                      for w in (False, True))
     with torch.no_grad():
         torch.testing.assert_close(shared(batch), whole(batch))
+
+
+def test_ppo_on_a_gpt2_policy_keeps_prompt_and_response_within_its_positions(gpt2_64, tmp_path, caplog):
+    # prompts of about 90 tokens and 24 new ones: the prompts keep their last 40 (an IndexError mid-rollout
+    # before); 64 new tokens leave no room for any prompt: one line before anything samples
+    from align.errors import UserError
+    from ppo.config import PPOConfig
+    from ppo.trainer import run_ppo
+
+    reward_run(gpt2_64, tmp_path, "eval.normalize=false")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me {i} {words(80, i)}"}) + "\n" for i in range(8)))
+    settings = [f"policy_model={gpt2_64}", f"reward_model={tmp_path / 'run'}", f"prompts={prompts}",
+                f"output_dir={tmp_path / 'ppo'}", "batch_size=4", "num_mini_batches=1", "num_iterations=1",
+                "num_eval_prompts=0", "save_every=0", "progress=false", "num_threads=1"]
+    with caplog.at_level("INFO", logger="align"):
+        run_ppo(load_config(PPOConfig, None, [*settings, "response_length=24"]))
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["response/length"] > 0
+    assert "response_length=24 with max_prompt_length=128 is past the 64 positions" in caplog.text
+    assert "prompts are cut to their last 40 tokens" in caplog.text
+    with pytest.raises(UserError, match=r"^response_length=64 leaves no room for a prompt in the 64 positions"):
+        run_ppo(load_config(PPOConfig, None, [*settings, "response_length=64", "overwrite=true"]))
