@@ -139,7 +139,7 @@ K3_BOUND = 10.0
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Literal["k1", "k3"],
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, *, bounded: bool = True) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi: (B, T), (B, T) -> (B, T), 0 where
     `mask` (B, T) is 0.
 
@@ -148,8 +148,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Li
     negative. Padding is cut before the exponential: a pad token's log-prob of -100 under one model and
     0 under the other would give k3 = e^100 - 101, an inf that a later multiplication by the mask turns
     into NaN, gradient included.
-    The bound holds wherever k3 is used: GRPO's KL loss, the per-token penalty in the reward (PPO, RLOO
-    with kl.estimator=k3) and the evaluation's KL.
+    The bound holds where k3 trains: GRPO's KL loss and the per-token penalty in the reward (PPO, RLOO
+    with kl.estimator=k3). `bounded=False`: k3 as it is, for a measurement (the evaluation's KL), which
+    a bound would read low.
     """
     log_ratio = logprobs - ref_logprobs
     if mask is not None:
@@ -159,6 +160,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Li
     if estimator == "k3":
         # clamped first, so that the exponential stays finite: an inf there would meet the outer clamp's
         # zero gradient as inf * 0 = NaN
+        if not bounded:
+            return torch.expm1(-log_ratio) + log_ratio
         log_ratio = log_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
         return (torch.expm1(-log_ratio) + log_ratio).clamp(max=K3_BOUND)
     raise ValueError(f"unknown KL estimator {estimator!r}")

@@ -60,7 +60,7 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
                 continue
             pol_texts.extend(texts)
             kl = core.kl_penalty(trainer.sampled_logprobs(samples), trainer.reference_logprobs(samples),
-                                 kl_estimator, samples.response_mask)
+                                 kl_estimator, samples.response_mask, bounded=False)  # measured, not trained
             seq_kl.extend(kl.sum(-1).tolist())
     sft_rewards = pol_rewards = [None] * len(prompts)
     metrics: dict[str, float] = {}

@@ -91,6 +91,10 @@ def test_k3_is_bounded_as_verl_bounds_it_and_unchanged_within_the_bound():
     close(logp.grad, [[(1 - math.e ** 2) / 3, 0.0, 0.0]])
     # k1 is linear in the log-ratio: no bound
     close(core.kl_penalty(logp.detach(), ref, "k1"), [[-2.0, -1000.0, 30.0]])
+    # measured (the evaluation's KL), k3 is not bounded: the bound would read it low
+    measured = core.kl_penalty(logp.detach(), ref, "k3", bounded=False)
+    close(measured[:, [0, 2]], [[math.e ** 2 - 3, math.exp(-30) + 29]])
+    assert measured[0, 1] == math.inf
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
