@@ -30,13 +30,14 @@ def policy_bases(policy: Path) -> list[Path]:
 
 def _saved_vocab_rows(bases: list[Path]) -> list[int | None]:
     """For each LoRA adapter of an SFT chain (`policy_bases`), innermost first: the rows of the token
-    embeddings or output layer it saved whole (an SFT that added chat tokens: PEFT's save_embedding_layers,
-    modules_to_save), which its base must grow to before it loads; None where it saved none, or where the
-    checkpoint is not here to name those layers. Read from the files' headers, and the layers' names from
-    the architecture built on the meta device: no weights are loaded."""
+    embeddings or output layer it saved whole (an SFT that added chat tokens: align.modeling.adapter_vocab_size),
+    which its base must grow to before it loads; None where it saved none, or where the checkpoint is not
+    here to name those layers. The layers' names come from the architecture built on the meta device: no
+    weights are loaded."""
     import torch
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align.modeling import adapter_vocab_size
 
     adapters = list(reversed(bases[:-1]))
     if not adapters:
@@ -46,18 +47,7 @@ def _saved_vocab_rows(bases: list[Path]) -> list[int | None]:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bases[-1], local_files_only=True))
     except (OSError, ValueError):  # the checkpoint is not here (an adapter export does not need it)
         return [None] * len(adapters)
-    layers = {model.get_input_embeddings(), model.get_output_embeddings()}
-    keys = {f"base_model.model.{name}{part}.weight" for name, module in model.named_modules() if module in layers
-            for part in ("", ".modules_to_save")}
-    found: list[int | None] = []
-    for adapter in adapters:
-        weights = adapter / "adapter_model.safetensors"
-        rows = []
-        if weights.is_file():
-            with safe_open(str(weights), framework="pt") as f:
-                rows = [f.get_slice(key).get_shape()[0] for key in keys & set(f.keys())]
-        found.append(max(rows) if rows else None)
-    return found
+    return [adapter_vocab_size(model, adapter) for adapter in adapters]
 
 
 def _fmt(value: Any) -> str:
