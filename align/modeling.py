@@ -360,7 +360,7 @@ def position_limit(model: Any) -> int | None:
 
     if not isinstance(model, nn.Module):
         try:
-            model = _skeleton(model)
+            model = meta_model(model)
         except ValueError:  # a config transformers builds no model of: the load that follows says so in one line
             return None
     model = getattr(model, "module", model)  # DDP
@@ -378,14 +378,15 @@ def _first_position(table: Any) -> int:
     return table.padding_idx + 1 if table.padding_idx is not None else 0
 
 
-def _skeleton(config: Any) -> Any:
-    """The trunk a config describes, on the meta device: its modules, no weights allocated."""
+def meta_model(config: Any, *, causal_lm: bool = False) -> Any:
+    """The model a config describes (its trunk, or `causal_lm` with its output layer) on the meta device:
+    its modules and their shapes, no weights allocated."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     quiet_transformers()
     with torch.device("meta"):
-        return AutoModel.from_config(config)
+        return (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config)
 
 
 def fit_max_length(max_length: int, model: Any, setting: str) -> int:

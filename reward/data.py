@@ -88,11 +88,11 @@ def shuffled_pairs(rankings: Sequence[Ranking], seed: int) -> list[tuple[int, in
 
 def expand_to_pairs(rankings: Sequence[Ranking], seed: int) -> list[Ranking]:
     """Pairwise expansion (TRL, OpenRLHF, ...): one K = 2 ranking per ordered pair, shuffled apart."""
-    return [
-        Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
-                annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta).found_at(r.where)
-        for r, w, l in ((rankings[g], w, l) for g, w, l in shuffled_pairs(rankings, seed))
-    ]
+    def pair(r: Ranking, w: int, l: int) -> Ranking:  # noqa: E741 (winner, loser)
+        return Ranking(prompt=r.prompt, responses=[r.responses[w], r.responses[l]], ranks=[0, 1],
+                       annotator=r.annotator, prompt_id=r.prompt_id, meta=r.meta).found_at(r.where)
+
+    return [pair(rankings[g], w, l) for g, w, l in shuffled_pairs(rankings, seed)]
 
 
 def pair_origins(rankings: Sequence[Ranking], seed: int) -> list[int]:

@@ -34,17 +34,15 @@ def _saved_vocab_rows(bases: list[Path]) -> list[int | None]:
     which its base must grow to before it loads; None where it saved none, or where the checkpoint is not
     here to name those layers. The layers' names come from the architecture built on the meta device: no
     weights are loaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from align.modeling import adapter_vocab_size
+    from align.modeling import adapter_vocab_size, meta_model
 
     adapters = list(reversed(bases[:-1]))
     if not adapters:
         return []
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bases[-1], local_files_only=True))
+        model = meta_model(AutoConfig.from_pretrained(bases[-1], local_files_only=True), causal_lm=True)
     except (OSError, ValueError):  # the checkpoint is not here (an adapter export does not need it)
         return [None] * len(adapters)
     return [adapter_vocab_size(model, adapter) for adapter in adapters]
