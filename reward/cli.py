@@ -149,6 +149,36 @@ def evaluate(
                        "this accuracy is not a held-out one (the run's own is in its summary.json)")
 
 
+@app.command("import")
+def import_model(
+    source: Annotated[Path, typer.Argument(help="A sequence-classification checkpoint with one output (a reward model "
+                                                "trained elsewhere: TRL, OpenRLHF, the Hub).", show_default=False)],
+    policy: Annotated[str, typer.Option("--policy", "-p", help="The SFT checkpoint PPO, RLOO or GRPO will start from "
+                                                              "(`demo` for the demo model): the rewards of its samples "
+                                                              "are normalised to mean 0, std 1.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Rankings: their prompts are what the policy answers, "
+                                                            "and the model's pairwise accuracy is measured on them.")],
+    out: Annotated[Path, typer.Option("--out", "--output", "-o", help="The reward model directory to write.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="kwise, trl, hh or oasst.")] = "kwise",
+    prompts: Annotated[int, typer.Option(help="Prompts the policy answers for the normalisation.", min=2)] = 128,
+    response_length: Annotated[int, typer.Option(help="Tokens per sampled answer.", min=1)] = 48,
+    max_length: Annotated[int, typer.Option(help="Tokens per prompt+response the model reads; longer texts lose their "
+                                                 "start. Cut to the model's position table where it has one.",
+                                            min=8)] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt choice and the sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
+    force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
+) -> None:
+    """Import a reward model trained elsewhere: normalise it on the policy's samples, measure it on rankings."""
+    if format not in ("kwise", "trl", "hh", "oasst"):
+        raise UserError(f"--format {format!r} is not one of kwise, trl, hh, oasst")
+    from reward.external import import_reward_model
+
+    import_reward_model(source, policy=policy, data=data, format=format, out=out, prompts=prompts,
+                        response_length=response_length, max_length=max_length, seed=seed, batch_size=batch_size,
+                        force=force, echo=typer.echo)
+
+
 def training_prompts(model_dir: Path) -> set[str]:
     """The prompts (`reward.data.prompt_key`) a reward model was trained on, read again from the data
     its run recorded (RUN/model/reward_model_info.json); empty where that data is no longer at hand."""
@@ -158,10 +188,12 @@ def training_prompts(model_dir: Path) -> set[str]:
     from align.errors import UserError
     from reward.config import RewardConfig
     from reward.data import load_reward_data, prompt_key
-    from reward.run_dir import INFO_FILE
+    from reward.run_dir import IMPORTED_FROM, INFO_FILE
 
     try:
         info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
+        if IMPORTED_FROM in info:  # trained elsewhere, on data align never saw
+            return set()
         cfg = from_dict(RewardConfig, info["config"])
         return {prompt_key(r) for r in load_reward_data(cfg.data).train}
     except (OSError, ValueError, KeyError, TypeError, UserError):  # moved, changed, or an older model's record

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,12 +112,9 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
 
     base_path = Path(base_path)
     if (base_path / "adapter_config.json").exists():  # (`align export` takes align's runs, not an adapter folder)
-        merge = (f"from peft import AutoPeftModelForCausalLM as M; from transformers import AutoTokenizer as T; "
-                 f"M.from_pretrained('{base_path}').merge_and_unload().save_pretrained('DIR'); "
-                 f"T.from_pretrained('{base_path}').save_pretrained('DIR')")
         raise UserError(f"{base_path} is a LoRA adapter, not a checkpoint: give its base ({adapter_base_name(base_path)}) "
                         f"as model.name_or_path, or merge the adapter into a checkpoint DIR and give that: "
-                        f'python -c "{merge}"')
+                        f'python -c "{merge_adapter_command(base_path, "AutoPeftModelForCausalLM")}"')
     check_model_files(base_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected: we initialise it below
@@ -163,6 +161,14 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     if freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return model
+
+
+def merge_adapter_command(adapter: Path, peft_class: str) -> str:
+    """A Python one-liner that merges the LoRA adapter at `adapter` into its base and saves the result,
+    tokenizer included, as a checkpoint DIR (`peft_class`: the AutoPeftModel class of its task)."""
+    return (f"from peft import {peft_class} as M; from transformers import AutoTokenizer as T; "
+            f"M.from_pretrained('{adapter}').merge_and_unload().save_pretrained('DIR'); "
+            f"T.from_pretrained('{adapter}').save_pretrained('DIR')")
 
 
 def freeze_below(model: nn.Module, first_trained: int) -> None:
@@ -313,6 +319,34 @@ def fit_normalization(raw: torch.Tensor) -> tuple[float, float]:
     mean, std = raw.mean().item(), raw.std().item()
     gain = 1.0 / std if std > 1e-8 else 1.0
     return gain, -mean * gain
+
+
+def normalization_prompts(rankings: Sequence[Any], count: int, seed: int) -> list[Any]:
+    """`count` distinct prompts of `rankings` (in a seeded random order) for the SFT model to answer."""
+    prompts, seen = [], set()
+    for r in rankings:
+        key = str(r.prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(r.prompt)
+    random.Random(f"normalize:{seed}").shuffle(prompts)
+    return prompts[:count]
+
+
+def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *,
+                             max_length: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                             ) -> tuple[float, float, torch.Tensor]:
+    """gain, bias making the rewards of the SFT model's own `responses` to `prompts` mean 0, std 1, and
+    those raw rewards (N,): PPO's rewards then start centred and on one scale whatever scale the model
+    learned (or was given elsewhere), so a KL coefficient means the same for every reward model."""
+    from align.precision import autocast
+
+    prepare_tokenizer(tokenizer)  # generation switched a shared tokenizer to left padding
+    with autocast(next(model.parameters()).device, dtype):
+        raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses),
+                          max_length=max_length, batch_size=batch_size)
+    gain, bias = fit_normalization(raw)
+    return gain, bias, raw
 
 
 # --------------------------------------------------------------------------- saving and loading

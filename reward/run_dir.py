@@ -25,6 +25,7 @@ from align.tracking import TRACKER_OUTPUTS
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
+IMPORTED_FROM = "imported_from"  # the key of INFO_FILE that marks a model trained elsewhere (`align reward import`)
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
 OUTPUTS = (SUMMARY_FILE, MODEL_DIR, *TRACKER_OUTPUTS)
@@ -39,8 +40,8 @@ def model_dir(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise UserError(f"reward model not found: {path}")
-    hint = ("; a reward model trained elsewhere is not read yet: align's carry the normalisation of their scores "
-            "that `align reward train` writes" if (path / "config.json").is_file() else "")
+    hint = (f"; a reward model trained elsewhere is read once imported: align reward import {path} --policy SFT "
+            "--data RANKINGS --out DIR" if (path / "config.json").is_file() else "")
     raise UserError(f"{path} is not a reward model (no {NORMALIZATION_FILE} in it or in {path / MODEL_DIR}){hint}")
 
 

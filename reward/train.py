@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -73,12 +72,12 @@ from reward.losses import (
 )
 from reward.model import (
     build_reward_model,
-    fit_normalization,
     forward_rewards,
     forward_rewards_shared_prompts,
+    normalization_on_samples,
+    normalization_prompts,
     prepare_tokenizer,
     save_reward_model,
-    score_texts,
 )
 from reward.run_dir import MODEL_DIR, OUTPUTS
 
@@ -280,16 +279,8 @@ class RewardTrainer(StepLoop):
             return 1.0, 0.0, 0
         from align.generation import generate_responses
         from align.modeling import load_causal_lm, load_tokenizer
-        from reward.model import render_texts
 
-        prompts, seen = [], set()
-        for r in self.data.train:
-            key = str(r.prompt)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(r.prompt)
-        random.Random(f"normalize:{self.cfg.train.seed}").shuffle(prompts)
-        prompts = prompts[: ecfg.normalize_prompts]
+        prompts = normalization_prompts(self.data.train, ecfg.normalize_prompts, self.cfg.train.seed)
         policy_path = self.normalize_policy or self.base_path
         policy_tokenizer = load_tokenizer(policy_path) if self.normalize_policy else self.tokenizer
         # (a tokenizer's added <pad> needs its row)
@@ -299,13 +290,10 @@ class RewardTrainer(StepLoop):
         samples = generate_responses(sft, policy_tokenizer, prompts, max_new_tokens=ecfg.normalize_response_length,
                                      seed=self.cfg.train.seed)
         del sft
-        prepare_tokenizer(self.tokenizer)  # generation switched it to left padding
-        responses = [s[0] for s in samples]
-        with autocast(self.device, self.dtype):
-            raw = score_texts(model, self.tokenizer, render_texts(self.tokenizer, prompts, responses),
-                              max_length=self.max_length, batch_size=ecfg.batch_size)
-        gain, bias = fit_normalization(raw)
-        return gain, bias, len(responses)
+        gain, bias, raw = normalization_on_samples(model, self.tokenizer, prompts, [s[0] for s in samples],
+                                                   max_length=self.max_length, batch_size=ecfg.batch_size,
+                                                   dtype=self.dtype)
+        return gain, bias, len(raw)
 
     def finish(self) -> dict[str, Any]:
         """Normalise, evaluate on the held-out rankings and save (main process; under FSDP every rank

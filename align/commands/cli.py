@@ -62,7 +62,7 @@ def _register_stages() -> None:
     # the pipeline's stages in --help, then the tools around them
     stage, tool = {"rich_help_panel": "Stages"}, {"rich_help_panel": "Tools"}
     app.add_typer(annotate_app, name="annotate", help="Annotation web app: serve, import, generate, export.", **stage)
-    app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score.", **stage)
+    app.add_typer(reward_app, name="reward", help="Reward model: train on K-wise rankings, evaluate, score; import one trained elsewhere.", **stage)
     app.command("ppo", **stage, help="Align an SFT checkpoint with PPO (or RLOO, GRPO: `method=`) on LoRA adapters "
                 "against a reward model.", epilog=config_keys_help(PPOConfig))(ppo_command)
     app.command("dpo", **stage, help="Align an SFT checkpoint on the rankings directly: DPO under the Plackett-Luce model "

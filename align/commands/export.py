@@ -83,7 +83,8 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
             _export_reward(run, tmp, merge)
         # what was written: a fully fine-tuned reward model is whole whichever was asked, and nothing merged
         form = ("adapter" if (tmp / "adapter_config.json").exists()
-                else "merged" if (source / "adapter_config.json").exists() else "full")
+                else "merged" if (source / "adapter_config.json").exists()
+                else "imported" if kind not in POLICY_KINDS and _imported(source) else "full")
         (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
     log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
              FORMS[form], out)
@@ -238,6 +239,14 @@ def _in_base_dtype(model: Any, adapter: Path) -> Any:
 
     dtype = checkpoint_dtype(adapter)
     return model.to(dtype) if dtype is not None else model
+
+
+def _imported(reward_model: Path) -> bool:
+    """A reward model `align reward import` wrote (trained elsewhere), not one align trained."""
+    from align.run import read_mapping
+    from reward.run_dir import IMPORTED_FROM, INFO_FILE
+
+    return IMPORTED_FROM in read_mapping(reward_model / INFO_FILE)
 
 
 def _export_reward(run: Path, out: Path, merge: bool) -> None:

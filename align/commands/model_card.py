@@ -68,12 +68,22 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 
 def _reward_section(reward: RewardRun) -> list[str]:
     """What the reward model was trained on and how well it ranks held-out data (from its own run)."""
+    from reward.run_dir import IMPORTED_FROM
+
     summary, data = reward.summary(), reward.info().get("data") or reward.config().get("data", {})
     lines = [f"- reward model: `{reward.path.resolve()}`", *_data_lines(data)]
-    for key, label in [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
-                       ("eval/label_source", "held-out labels from"), ("eval/num_pairs", "held-out pairs"),
-                       ("eval/accuracy", "held-out pairwise accuracy"),
-                       ("eval_annotators/accuracy", "held-out accuracy against the annotators")]:
+    labels = [("train/rankings", "training rankings"), ("eval/num_rankings", "held-out rankings"),
+              ("eval/label_source", "held-out labels from"), ("eval/num_pairs", "held-out pairs"),
+              ("eval/accuracy", "held-out pairwise accuracy"),
+              ("eval_annotators/accuracy", "held-out accuracy against the annotators")]
+    imported = reward.info().get(IMPORTED_FROM)
+    if imported:  # trained elsewhere, on data align does not know: its rankings are not known to be held out
+        policy = reward.config().get("eval", {}).get("normalize_policy", "?")
+        lines.insert(1, f"- trained elsewhere (`{imported}`), imported by align: rewards normalised on samples "
+                        f"of `{policy}`")
+        labels = [("eval/num_rankings", "rankings scored at import"), ("eval/num_pairs", "pairs scored at import"),
+                  ("eval/accuracy", "pairwise accuracy on them (the model may have been trained on them elsewhere)")]
+    for key, label in labels:
         if key in summary:
             lines.append(f"- {label}: {_fmt(summary[key])}")
     return lines
@@ -96,7 +106,9 @@ def _typed_ppo_config(config: dict[str, Any]) -> Any:
 # an export's model card has one of these lines: what tells an earlier export that --force may replace
 CARD_TITLES = ("# Aligned policy exported by align", "# Reward model exported by align")
 FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights (safetensors)",
-         "full": "full weights of a fully fine-tuned model (safetensors), as trained: no adapter merged"}
+         "full": "full weights of a fully fine-tuned model (safetensors), as trained: no adapter merged",
+         "imported": "the base checkpoint's weights (safetensors), trained elsewhere and imported by `align reward "
+                     "import`: unchanged but for a <pad> token where it had none"}
 
 
 def sft_adapter_note(bases: list[Path]) -> str:

@@ -271,6 +271,6 @@ def test_a_checkpoint_that_is_no_align_reward_model_is_told_why(tmp_path):
     from reward.run_dir import model_dir
 
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}', encoding="utf-8")
-    with pytest.raises(UserError, match="a reward model trained elsewhere is not read yet") as refused:
+    with pytest.raises(UserError, match=f"read once imported: align reward import {tmp_path} --policy SFT") as refused:
         model_dir(tmp_path)
     assert str(refused.value).startswith(f"{tmp_path} is not a reward model (no reward_normalization.json")

@@ -1,0 +1,182 @@
+"""A reward model trained elsewhere, made one that align's stages read: `align reward import`.
+
+A sequence-classification checkpoint with one output (TRL's RewardTrainer, OpenRLHF, a reward model
+from the Hub) scores on whatever scale its training left it. align's stages read normalised rewards:
+gain * raw + bias, of mean 0 and std 1 on the SFT model's own samples (`reward/model.py`), so that a
+KL coefficient means the same whichever reward model PPO, RLOO or GRPO is given. Import fits that
+normalisation on samples of the policy the run will start from, measures the model's pairwise
+accuracy on the rankings given (those the stages will train on, or held-out ones), and writes a
+reward model directory that `align ppo reward_model=DIR`, `align reward score|eval` and
+`align export` read like one `align reward train` wrote:
+
+    DIR/config.json + weights      the checkpoint, unchanged but for a <pad> token distinct from eos
+                                   where it had none (a causal LM's head reads the last token that
+                                   is not padding, so pad == eos would read the token before the eos)
+    DIR/tokenizer files            its tokenizer (with that <pad>)
+    DIR/reward_normalization.json  {"gain", "bias"}
+    DIR/reward_model_info.json     imported_from, the normalisation's policy and data, the summary
+
+The model reads each conversation as align renders it for every reward model: the checkpoint's own
+chat template, then the response and its end-of-turn token (`align.chat.render_example`), the
+form TRL's reward trainer and most published reward models are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from align.errors import UserError
+from reward.run_dir import IMPORTED_FROM
+
+log = logging.getLogger("align")
+
+
+def check_source(path: Path) -> dict[str, Any]:
+    """The checkpoint to import, before anything loads: a sequence-classification model with one output,
+    or one line saying what it is instead. Returns its config.json as a mapping."""
+    from align.modeling import check_model_files
+    from reward.model import merge_adapter_command
+    from reward.run_dir import is_reward_model
+
+    if not path.exists():
+        raise UserError(f"reward model to import not found: {path}")
+    if is_reward_model(path):
+        raise UserError(f"{path} is already a reward model align reads: give it as it is (reward_model={path})")
+    if (path / "adapter_config.json").is_file():
+        raise UserError(f"{path} is a LoRA adapter: merge it into its base first, into a checkpoint DIR, and import "
+                        f'that: python -c "{merge_adapter_command(path, "AutoPeftModelForSequenceClassification")}"')
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model checkpoint (no config.json)")
+    check_model_files(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if not any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        raise UserError(f"{path} has no reward head (architectures: {', '.join(map(str, architectures)) or 'none'}): "
+                        "a reward model to import is a sequence-classification checkpoint with one output; to train one "
+                        "on your rankings, use `align reward train`")
+    outputs = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if outputs != 1:
+        raise UserError(f"{path} has {outputs} outputs (id2label): align reads one score per response, so a "
+                        "classifier or a multi-objective reward model needs its scores combined into one first")
+    return config
+
+
+def check_out(out: Path, source: Path, force: bool) -> None:
+    """Where the imported model goes: a new directory (with --force, one to replace), never the source
+    or a directory that holds it; --force replaces only a reward model (an earlier import)."""
+    from reward.run_dir import is_reward_model
+
+    target, source = out.resolve(), source.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise UserError(f"--out {out} overlaps the checkpoint being imported ({source}): choose another --out")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not (is_reward_model(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise UserError(f"--out {out} is not a reward model (nor an empty directory) and will not be replaced: "
+                        "choose another --out")
+
+
+def import_reward_model(source: Path, *, policy: str, data: Path, format: str, out: Path, prompts: int = 128,
+                        response_length: int = 48, max_length: int = 1024, seed: int = 0, batch_size: int = 64,
+                        force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Import `source` into `out` (see the module docstring); returns the summary it records."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from align.files import input_file_problem
+    from align.formats import merge_repeated_responses
+    from align.generation import generate_responses
+    from align.hf import quiet_transformers
+    from align.modeling import (
+        checkpoint_is_encoder,
+        fit_embeddings,
+        fit_max_length,
+        load_causal_lm,
+        load_tokenizer,
+        reading_checkpoint,
+        resolve_model_path,
+    )
+    from align.precision import default_device
+    from align.run import atomic_directory
+    from reward.data import file_digest, read_source, with_pairs
+    from reward.evaluate import evaluate_rankings
+    from reward.model import configure_padding, normalization_on_samples, normalization_prompts, save_reward_model
+
+    t0 = time.perf_counter()
+    config = check_source(source)
+    check_out(out, source, force)
+    problem = input_file_problem(data)
+    if problem:
+        raise UserError(f"--data {problem}")
+    policy_path = resolve_model_path(policy)
+    rankings = [merge_repeated_responses(r) for r in read_source(format, data)]
+    if not rankings:
+        raise UserError(f"{data}: no rankings in it")
+    scored = with_pairs(rankings)
+
+    quiet_transformers()
+    device = default_device()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as the stages score: bf16 on a GPU
+    encoder = checkpoint_is_encoder(source)
+    tokenizer = load_tokenizer(source, encoder=encoder)
+    with reading_checkpoint(source):
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, local_files_only=True)
+    if not encoder:
+        fit_embeddings(model, tokenizer)  # a <pad> load_tokenizer added
+    configure_padding(model, tokenizer)
+    model.to(device).eval()
+    max_length = fit_max_length(max_length, model, "--max-length")
+
+    # 1. the policy answers prompts of the rankings, as `align reward train` normalises on the SFT model
+    chosen = normalization_prompts(rankings, prompts, seed)
+    policy_tokenizer = load_tokenizer(policy_path)
+    sft = load_causal_lm(policy_path, dtype=dtype, tokenizer=policy_tokenizer).to(device)
+    samples = generate_responses(sft, policy_tokenizer, chosen, max_new_tokens=response_length, seed=seed)
+    del sft
+    # 2. gain and bias that put those answers' rewards at mean 0, std 1
+    gain, bias, raw = normalization_on_samples(model, tokenizer, chosen, [s[0] for s in samples],
+                                               max_length=max_length, batch_size=batch_size, dtype=dtype)
+    # 3. the pairwise accuracy on the rankings given (the model may have been trained on them elsewhere)
+    summary: dict[str, Any] = {
+        "reward/gain": gain, "reward/bias": bias, "reward/normalization_samples": len(raw),
+        "reward/raw_mean": raw.mean().item(), "reward/raw_std": raw.std().item(),
+    }
+    if scored:
+        summary.update(evaluate_rankings(model, tokenizer, scored, max_length=max_length, batch_size=batch_size,
+                                         gain=gain, bias=bias))
+    summary["timing/total_s"] = time.perf_counter() - t0
+    info = {
+        IMPORTED_FROM: str(source.resolve()),
+        "base_model": str(source.resolve()),
+        "data": {"format": format, "path": str(data.resolve()), "sha256": file_digest(data)},
+        "config": {"model": {"max_length": max_length},  # under the names `align reward train` records
+                   "eval": {"normalize_policy": str(policy_path), "normalize_prompts": prompts,
+                            "normalize_response_length": response_length, "batch_size": batch_size},
+                   "train": {"seed": seed}},
+        "summary": summary,
+    }
+    model.to(_stored_dtype(config, torch))  # the checkpoint as it came, not an fp32 copy of a bf16 one
+    with atomic_directory(out, overwrite=force) as tmp:
+        save_reward_model(model, tokenizer, tmp, gain=gain, bias=bias, info=info)
+    echo(_report(summary, len(scored), out))
+    return summary
+
+
+def _stored_dtype(config: dict[str, Any], torch: Any) -> Any:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
+
+
+def _report(summary: dict[str, Any], pairs_rankings: int, out: Path) -> str:
+    from reward.evaluate import format_table
+
+    lines = [format_table(summary)]
+    if not pairs_rankings:
+        lines.append("no ranking in --data states a preference (all tied or one response): no accuracy measured")
+    lines.append(f"imported reward model -> {out} (give it as reward_model={out})")
+    return "\n".join(lines)

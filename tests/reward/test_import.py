@@ -1,0 +1,162 @@
+"""`align reward import`: a reward model trained elsewhere (a plain sequence-classification checkpoint,
+as TRL's reward trainer saves one) becomes one that align's stages read, normalised on the policy's samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SAMPLES = dict(prompts=6, response_length=6, seed=3)
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from align.commands.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["reward", "import", *map(str, args)])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def outside_model(tiny_random_model, tmp_path_factory) -> Path:
+    """A reward model as another trainer leaves it: a one-output head, no align files, pad == eos."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("outside") / "rm"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model)
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1)
+    with torch.no_grad():  # a head that tells responses apart (the checkpoint's fresh one is near zero)
+        model.score.weight.normal_(0.0, 1.0)
+    model.config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rankings_file(tmp_path_factory) -> Path:
+    from align.exports import write_kwise
+    from align.synthetic import make_rankings
+
+    path = tmp_path_factory.mktemp("rankings") / "rankings.jsonl"
+    write_kwise(make_rankings(10, k=3, seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(outside_model, tiny_random_model, rankings_file, tmp_path_factory) -> tuple[Path, dict]:
+    from reward.external import import_reward_model
+
+    out = tmp_path_factory.mktemp("imported") / "rm"
+    summary = import_reward_model(outside_model, policy=str(tiny_random_model), data=rankings_file, format="kwise",
+                                  out=out, batch_size=4, echo=lambda _: None, **SAMPLES)
+    return out, summary
+
+
+def test_the_imported_model_scores_the_policys_samples_at_mean_0_std_1(imported, tiny_random_model, rankings_file):
+    from align.generation import generate_responses
+    from align.modeling import load_causal_lm, load_tokenizer
+    from reward.data import read_source
+    from reward.model import load_reward_model, normalization_prompts
+
+    out, summary = imported
+    rm = load_reward_model(out, device="cpu")
+    prompts = normalization_prompts(read_source("kwise", rankings_file), SAMPLES["prompts"], SAMPLES["seed"])
+    tokenizer = load_tokenizer(tiny_random_model)
+    samples = generate_responses(load_causal_lm(tiny_random_model, tokenizer=tokenizer), tokenizer, prompts,
+                                 max_new_tokens=SAMPLES["response_length"], seed=SAMPLES["seed"])
+    raw = rm.score_raw(prompts, [s[0] for s in samples])
+    assert raw.std().item() > 1e-3  # the precondition: the samples' raw rewards differ
+    assert raw.mean().item() == pytest.approx(summary["reward/raw_mean"], abs=1e-5)  # the samples it was fitted on
+    rewards = rm.score(prompts, [s[0] for s in samples])
+    assert rewards.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert rewards.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert summary["reward/normalization_samples"] == SAMPLES["prompts"]
+
+
+def test_the_checkpoint_is_kept_as_it_came_with_a_pad_distinct_from_eos(imported, outside_model):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    out, _ = imported
+    before, after = load_file(outside_model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    for name, tensor in before.items():  # every weight as it came (an embedding grows where <pad> is new)
+        assert after[name][: tensor.shape[0]].equal(tensor), name
+        assert after[name].shape[1:] == tensor.shape[1:] and after[name].shape[0] in (tensor.shape[0], len(tokenizer))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
+
+
+def test_the_accuracy_is_measured_on_every_pair_of_the_rankings(imported, rankings_file):
+    from align.formats import ordered_pairs
+    from reward.data import read_source
+
+    _, summary = imported
+    rankings = read_source("kwise", rankings_file)
+    assert summary["eval/num_rankings"] == sum(bool(ordered_pairs(r.ranks)) for r in rankings)
+    assert summary["eval/num_pairs"] == sum(len(ordered_pairs(r.ranks)) for r in rankings)
+    assert 0.0 <= summary["eval/accuracy"] <= 1.0
+
+
+def test_an_exported_imported_model_says_it_was_trained_elsewhere(imported, outside_model, tmp_path):
+    from align.commands.export import export_run
+
+    out, _ = imported
+    card = (export_run(out, tmp_path / "export") / "README.md").read_text(encoding="utf-8")
+    assert f"trained elsewhere (`{outside_model.resolve()}`)" in card
+    assert "held-out" not in card  # align does not know what the model was trained on
+
+
+def test_what_is_not_a_reward_head_is_refused_in_one_line(tiny_random_model, random_reward_model, outside_model,
+                                                          rankings_file, tmp_path, capsys):
+    two_outputs = tmp_path / "classifier"
+    two_outputs.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (two_outputs / name).write_bytes((outside_model / name).read_bytes())
+    config = json.loads((outside_model / "config.json").read_text())
+    (two_outputs / "config.json").write_text(json.dumps({**config, "id2label": {"0": "bad", "1": "good"}}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cases = [
+        (tiny_random_model, f"{tiny_random_model} has no reward head (architectures: LlamaForCausalLM)"),
+        (two_outputs, f"{two_outputs} has 2 outputs (id2label)"),
+        (random_reward_model, f"{random_reward_model} is already a reward model align reads"),
+        (adapter, f"{adapter} is a LoRA adapter: merge it into its base first"),
+        (tmp_path / "missing", f"reward model to import not found: {tmp_path / 'missing'}"),
+    ]
+    for source, expected in cases:
+        code, _, err = _cli(capsys, source, "--policy", tiny_random_model, "--data", rankings_file,
+                            "--out", tmp_path / "out")
+        assert code == 2 and err.startswith(f"error: {expected}"), (source, err)
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_an_existing_out_is_never_lost(outside_model, tiny_random_model, rankings_file, tmp_path, capsys):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    common = ("--policy", tiny_random_model, "--data", rankings_file)
+    for args, expected in [(("--out", kept), f"{kept} already exists; choose another --out or pass --force"),
+                           (("--out", kept, "--force"), f"--out {kept} is not a reward model"),
+                           (("--out", outside_model, "--force"), f"--out {outside_model} overlaps the checkpoint")]:
+        code, _, err = _cli(capsys, outside_model, *common, *args)
+        assert code == 2 and err.startswith(f"error: {expected}"), err
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+    assert not any(outside_model.glob("reward_*.json"))
+
+
+def test_an_outside_checkpoint_given_as_a_reward_model_points_to_import(outside_model):
+    from align.errors import UserError
+    from reward.run_dir import model_dir
+
+    with pytest.raises(UserError, match=f"align reward import {outside_model} --policy SFT --data RANKINGS"):
+        model_dir(outside_model)
