@@ -46,129 +46,15 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from annotation.devserver import ServerProcess, run_async, run_script, seed_database  # noqa: E402
-
-
-class Connection:
-    """One annotator's keep-alive HTTP/1.1 connection: a minimal client, so that on a
-    small machine the load generator leaves the CPU to the server it measures (httpx
-    spends about 3 ms of CPU per request; this about 0.2 ms). Reconnects after the server
-    went away; a request that was cut off raises ConnectionError."""
-
-    def __init__(self, url: str, token: str):
-        host, _, port = url.removeprefix("http://").partition(":")
-        self.host, self.port, self.token = host, int(port), token
-        self.reader = self.writer = None
-        self.retry_after = 0.0  # the last response's Retry-After, in seconds
-
-    async def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
-        import json
-
-        data = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\nauthorization: Bearer {self.token}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n").encode()
-        try:
-            if self.writer is None:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            self.writer.write(head + data)
-            lines = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
-            status = int(lines[0].split()[1])
-            length, self.retry_after = 0, 0.0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-                elif name.strip().lower() == b"retry-after":
-                    self.retry_after = float(value)
-            payload = await self.reader.readexactly(length) if length else b""
-        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            self.close()
-            raise ConnectionError(str(exc)) from None
-        try:
-            return status, (json.loads(payload) if payload else None)
-        except ValueError:  # not JSON (a plain-text 500, say): the caller counts the status as an error
-            return status, payload.decode(errors="replace")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-# --timeline: (wall-clock start, next ms, submit ms or None, outcome) of every ranking.
-TIMELINE: list[tuple[float, float, float | None, str]] | None = None
-
-
-def _timeline(t_start: float, next_ms: float, submit_ms: float | None, outcome: str) -> None:
-    if TIMELINE is not None:
-        TIMELINE.append((time.time() - (time.perf_counter() - t_start), next_ms, submit_ms, outcome))
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100.0 * (len(values) - 1))))]
-
-
-def _order(task: dict, rng: random.Random) -> list:
-    ids = [x["id"] for x in task["candidates"]]
-    rng.shuffle(ids)
-    return [[ids[0], ids[1]]] + [[i] for i in ids[2:]] if rng.random() < 0.2 else [[i] for i in ids]
-
-
-async def one_ranking(c: Connection, stats: dict, rng: random.Random, t_start: float) -> str:
-    """next + submit; latencies from `t_start` (the scheduled start in the open loop).
-    Returns 'ok', 'exhausted', 'busy' (a 503) or 'error'."""
-    try:
-        status, task = await c.request("POST", "/api/projects/load/next")
-        next_ms = (time.perf_counter() - t_start) * 1000
-        stats["answer_ms"].append(next_ms)
-        if status == 200:  # the latency columns are of tasks handed out; a quick 503 or 204 would flatter them
-            stats["next_ms"].append(next_ms)
-        if status == 204:
-            stats["ran_dry"] += 1
-            return "exhausted"
-        if status != 200:
-            stats["errors"][f"next {status}"] += 1
-            _timeline(t_start, next_ms, None, f"next {status}")
-            return "busy" if status == 503 else "error"
-        order = _order(task, rng)
-        t0 = time.perf_counter()
-        status, ranking = await c.request("POST", f"/api/tasks/{task['id']}/ranking", {"order": order, "time_spent_ms": 1000})
-        submit_ms = (time.perf_counter() - t0) * 1000
-        stats["answer_ms"].append(submit_ms)
-        _timeline(t_start, next_ms, submit_ms, "ok" if status == 201 else f"submit {status}")
-        if status == 201:
-            stats["submit_ms"].append(submit_ms)
-            stats["acked"].append((ranking["id"], task["id"], order, time.time()))
-            return "ok"
-        stats["errors"][f"submit {status}"] += 1
-        return "busy" if status == 503 else "error"
-    except ConnectionError:
-        stats["errors"]["connection (server down)"] += 1
-        return "error"
-
-
-async def closed_client(token: str, url_ref: dict, stop_at: float, stats: dict, rng: random.Random,
-                        honour_retry_after: bool = False) -> None:
-    """Rankings back to back until `stop_at`; after an error or a 503 a pause of 0.1 s, or with
-    `honour_retry_after` the answer's Retry-After, as the ranking page does (the overload phase:
-    a client that does not would only spin)."""
-    c = Connection(url_ref["url"], token)
-    while time.time() < stop_at:
-        res = await one_ranking(c, stats, rng, time.perf_counter())
-        if res == "exhausted":
-            break
-        if res in ("error", "busy"):
-            await asyncio.sleep((c.retry_after if honour_retry_after else None) or 0.1)
-    c.close()
+from bench import annotation_client  # noqa: E402
+from bench.annotation_client import closed_client, import_body, new_stats, open_client, oversized_bodies, run_import  # noqa: E402
+from bench.annotation_report import report  # noqa: E402
 
 
 async def watch_wal(path: str, stats: dict) -> None:
@@ -179,86 +65,6 @@ async def watch_wal(path: str, stats: dict) -> None:
         except OSError:  # no WAL file at this moment
             pass
         await asyncio.sleep(0.2)
-
-
-async def open_client(token: str, url_ref: dict, duration: float, rate: float, stats_for, rng: random.Random) -> None:
-    """Rankings start at Poisson arrivals of `rate` per second; one at a time per annotator
-    (a person holds one task), so a late start waits for the previous one and counts it.
-    Arrivals still waiting when the phase ends are counted as not started. `stats_for()`
-    is the stats dict a ranking starting now counts in."""
-    c = Connection(url_ref["url"], token)
-    t_perf, t_end = time.perf_counter(), time.perf_counter() + duration
-    next_at = t_perf + rng.expovariate(rate)
-    while next_at < t_end:
-        delay = next_at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif time.perf_counter() > t_end + 5:  # the server fell behind: the backlog is not served
-            while next_at < t_end:
-                stats_for()["not_started"] += 1
-                next_at += rng.expovariate(rate)
-            break
-        stats = stats_for()
-        stats["scheduled"] += 1
-        if await one_ranking(c, stats, rng, next_at) == "exhausted":
-            break
-        next_at += rng.expovariate(rate)
-    c.close()
-
-
-def oversized_bodies(base: str, token: str) -> list[tuple[str, int, float]]:
-    """Time the refusal of ranking bodies built to burn server CPU: 1 MiB of ids, and just
-    under the 32 KiB task-body limit (thousands of ids for a K=4 task). Median of 5 each."""
-    import json
-
-    import httpx
-
-    out = []
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        task = c.post(base + "/api/projects/load/next").json()
-        ids = [x["id"] for x in task["candidates"]]
-        url = f"{base}/api/tasks/{task['id']}/ranking"
-        huge = json.dumps({"order": [list(range(1, 150_000))]}).encode()
-        n = 1
-        while len(json.dumps({"order": [ids * n]})) < 30_000:
-            n *= 2
-        near = json.dumps({"order": [ids * (n // 2)]}).encode()
-        for label, body in ((f"1 MiB ranking body ({len(huge)} bytes)", huge), (f"{len(near)}-byte body, {len(ids) * (n // 2)} ids", near)):
-            times, status = [], 0
-            for _ in range(5):
-                t0 = time.perf_counter()
-                r = c.post(url, content=body, headers={"content-type": "application/json"})
-                times.append((time.perf_counter() - t0) * 1000)
-                status = r.status_code
-            out.append((label, status, sorted(times)[2]))
-        c.post(f"{base}/api/tasks/{task['id']}/skip", json={"reason": "benchmark probe"})
-    return out
-
-
-def import_body(n: int, k: int) -> bytes:
-    """A prompts JSONL file of `n` prompts with `k` candidates each, as an admin uploads it."""
-    import json
-
-    return "".join(json.dumps({"prompt": f"Imported question {i}: what would you answer?", "id": f"imp{i}",
-                               "candidates": [f"imported answer {j} to question {i}" for j in range(k)]}) + "\n"
-                   for i in range(n)).encode()
-
-
-def run_import(base: str, token: str, body: bytes, window: dict, after_s: float) -> None:
-    """POST the import (into project "bulk") `after_s` seconds from now, recording when it
-    ran and how it ended."""
-    import httpx
-
-    time.sleep(after_s)
-    window["start"] = time.time()
-    try:
-        r = httpx.post(f"{base}/api/projects/bulk/import?format=prompts", content=body, timeout=600,
-                       headers={"Authorization": f"Bearer {token}", "content-type": "application/x-ndjson"})
-        window["status"] = r.status_code
-        window["added"] = r.json().get("prompts_added") if r.status_code == 201 else r.text[:200]
-    except httpx.HTTPError as exc:  # the server was killed during it (--kill-at)
-        window["status"], window["added"] = "cut off", str(exc)[:200]
-    window["end"] = time.time()
 
 
 def cpu_seconds(server_pgid: int) -> tuple[float, float]:
@@ -283,11 +89,6 @@ def cpu_seconds(server_pgid: int) -> tuple[float, float]:
         if int(pid) == os.getpid() or int(rest[2]) == server_pgid or name.startswith("postgres"):
             own += int(rest[11]) + int(rest[12])  # utime + stime
     return (sum(fields) - fields[3] - fields[4]) / tick, own / tick  # all but idle and iowait
-
-
-def new_stats() -> dict:
-    return {"next_ms": [], "submit_ms": [], "answer_ms": [], "acked": [], "errors": Counter(), "scheduled": 0, "not_started": 0,
-            "ran_dry": 0}
 
 
 # Prompts seeded when --prompts is not given: enough for every annotator slot a run can fill
@@ -330,8 +131,7 @@ def main() -> None:
                          "this CSV file, and the import's start and end as comment lines: to line up with "
                          "the database's own log")
     args = ap.parse_args()
-    global TIMELINE
-    TIMELINE = [] if args.timeline else None
+    annotation_client.TIMELINE = [] if args.timeline else None
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or any(p not in ("closed", "open", "import", "overload") for p in phases):
         ap.error("--phases takes closed, open, import and overload, comma-separated")
@@ -426,98 +226,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    # ---- verify against the database
-    from annotation.db import open_db
-    from annotation.models import RankingRow
-
-    sm = open_db(db_url)
-    with sm() as db:
-        rows = {r.id: r for r in db.query(RankingRow).all()}
-    sm.kw["bind"].dispose()
-    # The import phase's rankings started during the import are rows of their own.
-    rows_of_table: list[tuple[str, str, dict, float]] = []  # (phase, row label, stats, seconds)
-    for kind, st, elapsed in results:
-        if kind == "closed":
-            rows_of_table.append((kind, "closed loop", st, elapsed))
-            continue
-        if kind == "overload":
-            rows_of_table.append((kind, f"overload: {len(users) + len(crowd)} annotators in closed loop, each on a "
-                                        "connection of its own, Retry-After honoured", st, elapsed))
-            continue
-        offered = f"open loop, {args.rate:g}/s offered"
-        if kind == "import":
-            before, during = st.pop("before_import", new_stats()), st.pop("during_import", new_stats())
-            took = window.get("end", time.time()) - window.get("start", time.time())
-            if args.import_after > 0 or before["scheduled"]:  # (with no lead-in, those started as it was posted)
-                rows_of_table.append((kind, f"{offered}, before the import", before, max(args.import_after, 1e-9)))
-            rows_of_table.append((kind, f"{offered}, during the import of {args.import_prompts} prompts", during, took))
-            rows_of_table.append((kind, f"{offered}, after the import", st,
-                                  max(elapsed - took - args.import_after, 1e-9)))
-        else:
-            rows_of_table.append((kind, offered, st, elapsed))
-    acked = warmup["acked"] + [a for _kind, _label, st, _e in rows_of_table for a in st["acked"]]
-    missing = [a for a in acked if a[0] not in rows]
-    wrong = [a for a in acked if a[0] in rows and (rows[a[0]].order != a[2] or rows[a[0]].assignment_id != a[1])]
-    dup_ack = len(acked) - len({a[0] for a in acked})
-    per_pair = Counter((r.prompt_id, r.user_id) for r in rows.values() if r.revision == 1)
-    per_prompt = Counter(r.prompt_id for r in rows.values() if r.revision == 1 and not r.skipped)
-    over = sum(1 for c in per_prompt.values() if c > args.annotators_per_prompt)
-
-    if args.timeline:
-        with open(args.timeline, "w") as f:
-            f.write("".join(f"# import {key} {window[key]:.3f}\n" for key in ("start", "end") if key in window))
-            f.write("start_s,next_ms,submit_ms,outcome\n")
-            f.writelines(f"{t:.3f},{n:.1f},{'' if s is None else f'{s:.1f}'},{o}\n" for t, n, s, o in sorted(TIMELINE))
-    print()
-    print(f"database: {db_url.split(':')[0].split('+')[0]}; server workers: {args.workers}; {os.cpu_count()} CPU cores; "
-          f"load average after: {os.getloadavg()[0]:.1f}; {args.clients} annotators")
-    print()
-    print("| phase | duration | rankings/s | next p50 / p99 ms | submit p50 / p99 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for kind, label, st, elapsed in rows_of_table:
-        if kind not in ("closed", "overload"):
-            label += f" ({st['scheduled']} started, {st['not_started']} not started: server behind)"
-        if st["ran_dry"]:
-            label += ", cut short: no prompt left"
-        print(f"| {label} | {elapsed:.1f} s | {len(st['acked']) / elapsed:.1f} | "
-              f"{pct(st['next_ms'], 50):.1f} / {pct(st['next_ms'], 99):.1f} | "
-              f"{pct(st['submit_ms'], 50):.1f} / {pct(st['submit_ms'], 99):.1f} | {dict(st['errors']) or 'none'} |")
-    print()
-    print("| check | value |")
-    print("| --- | --- |")
-    for label, status, ms in probes:
-        print(f"| {label}: refused with | {status} in {ms:.1f} ms (median of 5) |")
-    for kind, st, _elapsed in results:
-        print(f"| CPU used by other jobs on the machine during the {kind} phase | {st['other_cores']:.2f} cores |")
-        if "wal_end" in st:
-            print(f"| SQLite WAL file in the {kind} phase: largest (sampled every 0.2 s) / at its end | "
-                  f"{st.get('wal_max', 0) / 2**20:.1f} / {st['wal_end'] / 2**20:.1f} MiB |")
-        if kind == "overload":
-            answers = st["answer_ms"]
-            print(f"| overload: requests answered / 503 with Retry-After among them | {len(answers)} / "
-                  f"{st['errors']['next 503'] + st['errors']['submit 503']} |")
-            print(f"| overload: slowest answer (any status) / p99 | {max(answers, default=float('nan')):.0f} / "
-                  f"{pct(answers, 99):.0f} ms |")
-    if "start" in window:
-        print(f"| import of {args.import_prompts} prompts (K={args.k}) through the API | {window.get('status')}: "
-              f"{window.get('added')} added in {window.get('end', float('nan')) - window['start']:.1f} s |")
-    if args.kill_at is not None:
-        print(f"| kill -9 at / restart took | {args.kill_at:.0f} s / {kill_info.get('restart_s', float('nan')):.1f} s |")
-        print(f"| stored but never acknowledged (reply lost in the kill) | {sum(not r.skipped for r in rows.values()) - len(acked)} |")
-    print(f"| acknowledged rankings | {len(acked)} |")
-    print(f"| acknowledged rankings missing from DB | {len(missing)} |")
-    print(f"| acknowledged rankings stored differently | {len(wrong)} |")
-    print(f"| duplicated rankings (same annotator+prompt, or id acked twice) | {sum(c - 1 for c in per_pair.values()) + dup_ack} |")
-    print(f"| prompts over their annotator count | {over} |")
-    ok = not missing and not wrong and not dup_ack and all(c == 1 for c in per_pair.values()) and not over
-    dry = (["warm-up"] if warmup["ran_dry"] else []) + list(dict.fromkeys(
-        kind for kind, _label, st, _e in rows_of_table if st["ran_dry"]))
-    if dry:
-        print(f"\nThe prompts ran out in the {', '.join(dry)} phase: its figures cover less than the phase "
-              f"it was asked for. Seed more than {args.prompts} with --prompts.")
-    verdict = "FAIL" if not ok else "INCOMPLETE" if dry else "PASS"
-    print(f"\nRESULT: {verdict} (database at {db_url.split('@')[-1]})")
-    sys.exit({"PASS": 0, "FAIL": 1, "INCOMPLETE": 2}[verdict])
+    report(args, db_url, len(users) + len(crowd), warmup, results, window, probes, kill_info)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_mfu_flop_count_of_one_iteration():
     # response 5 = 8 tokens. Rollout: sampling, pi_old, pi_ref: trunk 2 x 1000 x 3 x 16 = 96,000, head
     # 2 x 640 x 3 x 10 = 38,400. Scoring: trunk only, 2 x 1000 x 16 = 32,000. One epoch: 6 x (1000 x 16
     # + 640 x 10) = 134,400. Total 300,800.
-    bench = load_bench()
+    from bench import gpu_report as bench
     settings = {"shape": "tiny", "batch_size": 2, "epochs": 1}
     info = {"non_embedding": 1000, "vocab": 10}
     phases = bench.phase_flops(info, settings, 3, 5, critic=False)
@@ -95,7 +95,7 @@ def test_mfu_flop_count_of_one_iteration():
 
 
 def test_peak_flops_are_told_apart_by_the_device_name():
-    bench = load_bench()
+    from bench import gpu_report as bench
     assert bench.peak_tflops_of("NVIDIA H100 80GB HBM3")[0] == 989.0  # SXM
     assert bench.peak_tflops_of("NVIDIA H100 PCIe")[0] == 756.0
     assert bench.peak_tflops_of("NVIDIA H100 NVL")[0] == 835.0

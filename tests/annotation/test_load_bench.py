@@ -25,7 +25,7 @@ def load_bench():
 
 
 def test_a_plain_text_error_page_is_returned_as_its_status():
-    bench = load_bench()
+    from bench import annotation_client as bench
 
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
