@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from align.distributed import processes_text
 from align.errors import UserError
 from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, make_directory, prepare_run_dir, write_json_atomic
 
@@ -143,9 +144,6 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
     accelerator.wait_for_everyone()
 
 
-def _processes(count: int) -> str:
-    return f"{count} process{'' if count == 1 else 'es'}"
-
 
 def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
     """One line for a checkpoint that cannot be read, naming what failed: a sharded load's
@@ -184,8 +182,8 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         raise damaged(exc) from None
     processes = accelerator.num_processes
     if written_by != processes:
-        raise UserError(f"{path} was written by {_processes(written_by)}; resume it with the same "
-                        f"number (this run has {_processes(processes)})")
+        raise UserError(f"{path} was written by {processes_text(written_by)}; resume it with the same "
+                        f"number (this run has {processes_text(processes)})")
     if (path / SHARDED_DIR).is_dir() != sharded:
         raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
                         "sharding; resume it under the same accelerate config")

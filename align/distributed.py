@@ -111,8 +111,13 @@ def global_batches(n: int, batch_size: int, *, epochs: int, max_steps: int | Non
     batches = batches[:max_steps] if max_steps is not None else batches
     if not batches:
         raise UserError(f"no training steps: {n} training {what} are too few for batch_size {batch_size} on "
-                        f"{world} process(es)")
+                        f"{processes_text(world)}")
     return batches
+
+
+def processes_text(count: int) -> str:
+    """"1 process", "2 processes": how many processes a run has, in messages."""
+    return f"{count} process{'' if count == 1 else 'es'}"
 
 
 def rank_slice(items: list, rank: int, world: int) -> list:

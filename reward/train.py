@@ -40,6 +40,7 @@ from align.distributed import (
     global_sums,
     keep_until_exit,
     make_accelerator,
+    processes_text,
     rank_micro_batches,
     shard,
 )
@@ -167,7 +168,7 @@ class RewardTrainer(StepLoop):
             self.open_logs(OUTPUTS)
             self.echo(
                 f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
-                f"{len(self.data.eval)} held-out, {self.total_steps} steps on {self.world} process(es), "
+                f"{len(self.data.eval)} held-out, {self.total_steps} steps on {processes_text(self.world)}, "
                 f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}"
                 f"{f' of the top {cfg.model.train_layers} layers' if cfg.model.train_layers else ''} on {self.base_path}"
             )
