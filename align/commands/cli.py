@@ -143,7 +143,7 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     # Deprecation notices from libraries are for align's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -161,6 +161,17 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv, started)}", err=True)
         exit_process(exc.code)
     exit_process(0)
+
+
+def configure_logging() -> None:
+    """Progress lines from the first process of a launch only: the others, which run the same steps,
+    log warnings and errors alone, marked with their rank (as transformers' Trainer does with its
+    `log_level_replica`), so that a two-process run does not say everything twice."""
+    rank = os.environ.get("RANK", "0")
+    if rank in ("", "0"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s")
 
 
 def _first_to_say(message: str) -> bool:
