@@ -181,6 +181,16 @@ def render_example(tokenizer: Any, prompt: str | list[dict[str, str]], response:
     return text + response + eos
 
 
+def render_conversation(tokenizer: Any, prompt: str | list[dict[str, str]], response: str) -> str:
+    """The whole conversation, the response as its last assistant turn, as the checkpoint's chat template
+    writes it: how TRL's reward trainer renders conversational data, and how published reward models
+    are read (a template may write more after the end of the turn, a newline, where the score is read).
+    Without a template, `render_example`: TRL's standard-text form, prompt, response and eos."""
+    if not getattr(tokenizer, "chat_template", None):
+        return render_example(tokenizer, prompt, response)
+    return _apply_template(tokenizer, [*as_messages(prompt), {"role": "assistant", "content": response}])
+
+
 def encode_rendered(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
     """Rendered texts (their special tokens written in by the template or `render_prompt`) as token
     ids, each cut to `max_length` from the left, so a long text keeps its end, where its response is;

@@ -75,7 +75,7 @@ def adapter_base_name(path: str | Path) -> str | None:
     return config.get("base_model_name_or_path") or None
 
 
-def _builds(spec: str) -> bool:
+def builds_model(spec: str) -> bool:
     """A model spec that `resolve_model_path` builds or finds in an installed package."""
     return spec == "demo" or spec.startswith(("demo:", "package:"))
 
@@ -88,7 +88,7 @@ def adapter_base_path(path: str | Path) -> Path:
     if not base:
         raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
     beside = Path(path) / Path(base).expanduser()
-    if not Path(base).expanduser().is_absolute() and beside.is_dir() and not _builds(base):
+    if not Path(base).expanduser().is_absolute() and beside.is_dir() and not builds_model(base):
         return resolve_model_path(str(beside))
     try:
         return resolve_model_path(base)
@@ -106,7 +106,7 @@ def adapter_chain(path: str | Path, *, find_only: bool = False) -> list[Path]:
     while is_adapter_dir(chain[-1]):
         if find_only:
             name = adapter_base_name(chain[-1])
-            if not name or _builds(name):
+            if not name or builds_model(name):
                 break
             try:
                 base = adapter_base_path(chain[-1])
@@ -173,6 +173,11 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
     except KeyError as exc:  # a file without a section transformers needs (a tokenizer.json without 'added_tokens')
         raise UserError(f"{path}: cannot be loaded (its files lack {exc}; the checkpoint is damaged or not one "
                         "transformers can read)") from None
+    except RuntimeError as exc:  # weights of other shapes than config.json says (an edited or swapped config)
+        if "size mismatch" not in str(exc) and "mismatched_sizes" not in str(exc):
+            raise
+        raise UserError(f"{path}: cannot be loaded (its weights do not match its config.json: "
+                        f"{_sentences(str(exc), 300)})") from None
     except ValueError as exc:  # a config.json without a model_type or with an unknown one, no tokenizer file
         text = _sentences(str(exc))
         if "tokenizer" in text and not (Path(path) / "tokenizer.json").is_file():

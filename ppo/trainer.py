@@ -143,8 +143,11 @@ class PPOTrainer:
                                               "prompts")
         if self.reward_model is None:  # then the reward model: a wrong path fails before the policy loads
             from reward.model import load_reward_model
+            from reward.run_dir import normalised_elsewhere
 
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
+            if note := normalised_elsewhere(cfg.reward_model, self.sft_path):
+                log.warning("%s", note)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
         check_decodable(base.config, self.sft_path)
         # a policy with learned absolute positions (GPT-2, OPT) holds prompt and response in its table

@@ -137,7 +137,7 @@ def evaluate(
         raise UserError(f"{data}: no ranking states a preference (each is all ties or has one response)")
     rm = load_reward_model(model)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
-                                gain=rm.gain, bias=rm.bias)
+                                gain=rm.gain, bias=rm.bias, rendering=rm.rendering)
     typer.echo(format_table(metrics))
     trained_on = training_prompts(rm.path)
     if trained_on:

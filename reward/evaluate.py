@@ -29,6 +29,7 @@ import torch
 
 from align.formats import Ranking, ordered_pairs
 from reward.losses import kwise_ranking_loss, pair_accuracy
+from reward.run_dir import ALIGN
 
 
 def text_key(prompt: Any, response: str) -> tuple[str, str]:
@@ -37,10 +38,10 @@ def text_key(prompt: Any, response: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int,
-                 batch_size: int) -> dict[tuple[str, str], float]:
+def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
+                 rendering: str = ALIGN) -> dict[tuple[str, str], float]:
     """Raw reward (before any normalisation) of every distinct (prompt, response) in the rankings,
-    each forwarded once."""
+    each forwarded once (read as `rendering` says: `reward.model.render_texts`)."""
     from reward.model import render_texts, score_texts
 
     unique: dict[tuple[str, str], tuple[Any, str]] = {}
@@ -48,7 +49,7 @@ def reward_table(model, tokenizer, rankings: Sequence[Ranking], *, max_length: i
         for resp in r.responses:
             unique.setdefault(text_key(r.prompt, resp), (r.prompt, resp))
     keys = list(unique)
-    texts = render_texts(tokenizer, [unique[k][0] for k in keys], [unique[k][1] for k in keys])
+    texts = render_texts(tokenizer, [unique[k][0] for k in keys], [unique[k][1] for k in keys], rendering)
     raw = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
     return dict(zip(keys, raw.tolist()))
 
@@ -172,10 +173,12 @@ def length_rewards(rankings: Sequence[Ranking]) -> dict[tuple[str, str], float]:
 
 
 def evaluate_rankings(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
-                      gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/") -> dict[str, Any]:
+                      gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/", rendering: str = ALIGN,
+                      ) -> dict[str, Any]:
     """Held-out metrics of a reward model: the loss of its raw rewards, the margin in normalised units
     (`gain`; `bias` moves no margin)."""
-    rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size)
+    rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size,
+                           rendering=rendering)
     return ranking_metrics(rankings, rewards, prefix, margin_scale=gain)
 
 

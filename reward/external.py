@@ -9,16 +9,16 @@ accuracy on the rankings given (those the stages will train on, or held-out ones
 reward model directory that `align ppo reward_model=DIR`, `align reward score|eval` and
 `align export` read like one `align reward train` wrote:
 
-    DIR/config.json + weights      the checkpoint, unchanged but for a <pad> token distinct from eos
-                                   where it had none (a causal LM's head reads the last token that
-                                   is not padding, so pad == eos would read the token before the eos)
-    DIR/tokenizer files            its tokenizer (with that <pad>)
+    DIR/config.json + weights      the checkpoint as it came, in its own dtype; a tokenizer without
+                                   a pad token gets <pad> (and its embedding row)
+    DIR/tokenizer files            its tokenizer
     DIR/reward_normalization.json  {"gain", "bias"}
-    DIR/reward_model_info.json     imported_from, the normalisation's policy and data, the summary
+    DIR/reward_model_info.json     imported_from, rendering, the normalisation's policy and data, the summary
 
-The model reads each conversation as align renders it for every reward model: the checkpoint's own
-chat template, then the response and its end-of-turn token (`align.chat.render_example`), the
-form TRL's reward trainer and most published reward models are trained on.
+It is read as it was trained, not as align's own reward models are: the whole conversation through
+its chat template (`align.chat.render_conversation`, TRL's reward trainer's form; a template may
+write a newline after the end of the turn, and the score is read there), and with its own padding:
+where pad == eos the head reads the last token that is not eos, as it did in training.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def check_source(path: Path) -> dict[str, Any]:
     if is_reward_model(path):
         raise UserError(f"{path} is already a reward model align reads: give it as it is (reward_model={path})")
     if (path / "adapter_config.json").is_file():
+        command = merge_adapter_command(path, "AutoPeftModelForSequenceClassification", "num_labels=1")
         raise UserError(f"{path} is a LoRA adapter: merge it into its base first, into a checkpoint DIR, and import "
-                        f'that: python -c "{merge_adapter_command(path, "AutoPeftModelForSequenceClassification")}"')
+                        f'that: python -c "{command}"')
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model checkpoint (no config.json)")
     check_model_files(path)
@@ -67,18 +68,22 @@ def check_source(path: Path) -> dict[str, Any]:
 
 
 def check_out(out: Path, source: Path, force: bool) -> None:
-    """Where the imported model goes: a new directory (with --force, one to replace), never the source
-    or a directory that holds it; --force replaces only a reward model (an earlier import)."""
-    from reward.run_dir import is_reward_model
+    """Where the imported model goes, before anything loads: a new directory in a folder that can be
+    made, never the source or a directory that holds it; --force replaces only an earlier import (or
+    an empty directory), never a trained reward run, an export or anything else."""
+    from align.run import make_directory, read_mapping
+    from reward.run_dir import INFO_FILE
 
     target, source = out.resolve(), source.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise UserError(f"--out {out} overlaps the checkpoint being imported ({source}): choose another --out")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if out.exists() and not (is_reward_model(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise UserError(f"--out {out} is not a reward model (nor an empty directory) and will not be replaced: "
+    earlier_import = out.is_dir() and IMPORTED_FROM in read_mapping(out / INFO_FILE)
+    if out.exists() and not (earlier_import or (out.is_dir() and not any(out.iterdir()))):
+        raise UserError(f"--out {out} is not an earlier `align reward import` and will not be replaced: "
                         "choose another --out")
+    make_directory(out.parent)
 
 
 def import_reward_model(source: Path, *, policy: str, data: Path, format: str, out: Path, prompts: int = 128,
@@ -86,14 +91,13 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
                         force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Import `source` into `out` (see the module docstring); returns the summary it records."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from align.files import input_file_problem
     from align.formats import merge_repeated_responses
     from align.generation import generate_responses
     from align.hf import quiet_transformers
     from align.modeling import (
-        checkpoint_is_encoder,
         fit_embeddings,
         fit_max_length,
         load_causal_lm,
@@ -101,11 +105,12 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
         reading_checkpoint,
         resolve_model_path,
     )
-    from align.precision import default_device
+    from align.precision import autocast, default_device
     from align.run import atomic_directory
     from reward.data import file_digest, read_source, with_pairs
     from reward.evaluate import evaluate_rankings
     from reward.model import configure_padding, normalization_on_samples, normalization_prompts, save_reward_model
+    from reward.run_dir import CONVERSATION
 
     t0 = time.perf_counter()
     config = check_source(source)
@@ -113,45 +118,61 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     problem = input_file_problem(data)
     if problem:
         raise UserError(f"--data {problem}")
-    policy_path = resolve_model_path(policy)
+    policy_path = resolve_model_path(policy).resolve()
     rankings = [merge_repeated_responses(r) for r in read_source(format, data)]
     if not rankings:
         raise UserError(f"{data}: no rankings in it")
     scored = with_pairs(rankings)
+    chosen = normalization_prompts(rankings, prompts, seed)
+    if len(chosen) < 2:  # one sample has no spread to scale
+        raise UserError(f"{data}: {len(chosen)} distinct prompt; the normalisation needs the policy's answers to at "
+                        "least 2")
+    if len(chosen) < prompts:
+        log.info("%s holds %d distinct prompts: the policy answers each of them once (--prompts %d)", data,
+                 len(chosen), prompts)
 
     quiet_transformers()
     device = default_device()
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as the stages score: bf16 on a GPU
-    encoder = checkpoint_is_encoder(source)
-    tokenizer = load_tokenizer(source, encoder=encoder)
+    stored = _stored_dtype(config, torch)
+    # scored in bf16 on a GPU, as the stages score; the weights stay in the checkpoint's own dtype,
+    # but for a half-precision checkpoint on the CPU, read in fp32 and written back exactly
+    load_dtype = torch.float32 if device.type == "cpu" else stored
     with reading_checkpoint(source):
-        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, local_files_only=True)
-    if not encoder:
-        fit_embeddings(model, tokenizer)  # a <pad> load_tokenizer added
-    configure_padding(model, tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=load_dtype, local_files_only=True)
+    if tokenizer.pad_token is None:  # batches need one; a new token never occurs in text, so reads are unchanged
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        fit_embeddings(model, tokenizer)
+    configure_padding(model, tokenizer, CONVERSATION)
     model.to(device).eval()
     max_length = fit_max_length(max_length, model, "--max-length")
+    score_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    echo(f"reading each (prompt, response) as {source} was trained: " + (
+        "the whole conversation through its chat template" if getattr(tokenizer, "chat_template", None) else
+        "no chat template, so the prompt as HH-RLHF dialogue, then the response and eos"))
 
     # 1. the policy answers prompts of the rankings, as `align reward train` normalises on the SFT model
-    chosen = normalization_prompts(rankings, prompts, seed)
     policy_tokenizer = load_tokenizer(policy_path)
-    sft = load_causal_lm(policy_path, dtype=dtype, tokenizer=policy_tokenizer).to(device)
+    sft = load_causal_lm(policy_path, dtype=score_dtype, tokenizer=policy_tokenizer).to(device)
     samples = generate_responses(sft, policy_tokenizer, chosen, max_new_tokens=response_length, seed=seed)
     del sft
     # 2. gain and bias that put those answers' rewards at mean 0, std 1
     gain, bias, raw = normalization_on_samples(model, tokenizer, chosen, [s[0] for s in samples],
-                                               max_length=max_length, batch_size=batch_size, dtype=dtype)
+                                               max_length=max_length, batch_size=batch_size, dtype=score_dtype,
+                                               rendering=CONVERSATION)
     # 3. the pairwise accuracy on the rankings given (the model may have been trained on them elsewhere)
     summary: dict[str, Any] = {
         "reward/gain": gain, "reward/bias": bias, "reward/normalization_samples": len(raw),
         "reward/raw_mean": raw.mean().item(), "reward/raw_std": raw.std().item(),
     }
     if scored:
-        summary.update(evaluate_rankings(model, tokenizer, scored, max_length=max_length, batch_size=batch_size,
-                                         gain=gain, bias=bias))
+        with autocast(device, score_dtype):
+            summary.update(evaluate_rankings(model, tokenizer, scored, max_length=max_length, batch_size=batch_size,
+                                             gain=gain, bias=bias, rendering=CONVERSATION))
     summary["timing/total_s"] = time.perf_counter() - t0
     info = {
         IMPORTED_FROM: str(source.resolve()),
+        "rendering": CONVERSATION,
         "base_model": str(source.resolve()),
         "data": {"format": format, "path": str(data.resolve()), "sha256": file_digest(data)},
         "config": {"model": {"max_length": max_length},  # under the names `align reward train` records
@@ -160,7 +181,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
                    "train": {"seed": seed}},
         "summary": summary,
     }
-    model.to(_stored_dtype(config, torch))  # the checkpoint as it came, not an fp32 copy of a bf16 one
+    model.to(stored)  # the checkpoint as it came, not an fp32 copy of a bf16 one
     with atomic_directory(out, overwrite=force) as tmp:
         save_reward_model(model, tokenizer, tmp, gain=gain, bias=bias, info=info)
     echo(_report(summary, len(scored), out))

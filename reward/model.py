@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from reward.run_dir import INFO_FILE, NORMALIZATION_FILE
+from reward.run_dir import ALIGN, CONVERSATION, INFO_FILE, NORMALIZATION_FILE
 from reward.run_dir import model_dir as find_model_dir
 
 log = logging.getLogger("align")
@@ -163,12 +163,14 @@ def build_reward_model(base_path: str | Path, tokenizer, *, lora: Any | None = N
     return model
 
 
-def merge_adapter_command(adapter: Path, peft_class: str) -> str:
+def merge_adapter_command(adapter: Path, peft_class: str, options: str = "") -> str:
     """A Python one-liner that merges the LoRA adapter at `adapter` into its base and saves the result,
-    tokenizer included, as a checkpoint DIR (`peft_class`: the AutoPeftModel class of its task)."""
+    tokenizer included, as a checkpoint DIR (`peft_class`: the AutoPeftModel class of its task;
+    `options`: keyword arguments of its loading, "num_labels=1" for a reward head)."""
+    path = repr(str(adapter))
     return (f"from peft import {peft_class} as M; from transformers import AutoTokenizer as T; "
-            f"M.from_pretrained('{adapter}').merge_and_unload().save_pretrained('DIR'); "
-            f"T.from_pretrained('{adapter}').save_pretrained('DIR')")
+            f"M.from_pretrained({path}{', ' + options if options else ''}).merge_and_unload().save_pretrained('DIR'); "
+            f"T.from_pretrained({path}).save_pretrained('DIR')")
 
 
 def freeze_below(model: nn.Module, first_trained: int) -> None:
@@ -187,20 +189,22 @@ def freeze_below(model: nn.Module, first_trained: int) -> None:
         module.requires_grad_(False)
 
 
-def prepare_tokenizer(tokenizer) -> None:
+def prepare_tokenizer(tokenizer, rendering: str = ALIGN) -> None:
     """Right padding, and left truncation so a too-long text keeps the response's end and its eos
     (the token the reward is read at) rather than the start of the prompt. An encoder's own
-    [CLS] and [SEP] are added after truncation, so they stay."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    [CLS] and [SEP] are added after truncation, so they stay. A model trained elsewhere
+    (`rendering` CONVERSATION) keeps the padding it was trained with, pad == eos included."""
+    if tokenizer.pad_token_id is None or (rendering == ALIGN and tokenizer.pad_token_id == tokenizer.eos_token_id):
         raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "left"
 
 
-def configure_padding(model: nn.Module, tokenizer) -> None:
+def configure_padding(model: nn.Module, tokenizer, rendering: str = ALIGN) -> None:
     """The head reads the rightmost token that is not padding, so pad must differ from eos:
-    with pad == eos the eos that ends every response would be taken for padding."""
-    prepare_tokenizer(tokenizer)
+    with pad == eos the eos that ends every response would be taken for padding (a model trained
+    elsewhere that way is read that way: `prepare_tokenizer`)."""
+    prepare_tokenizer(tokenizer, rendering)
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
@@ -282,12 +286,16 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     return torch.cat(rewards)[torch.argsort(order)]  # (N,) back in input order
 
 
-def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str]) -> list[str]:
-    from align.chat import render_example
+def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str], rendering: str = ALIGN) -> list[str]:
+    """The texts a reward model reads: ALIGN, prompt with the generation prompt, response and eos
+    (`align.chat.render_example`: what align's reward models train on); CONVERSATION, the whole
+    conversation through the chat template (`align.chat.render_conversation`: a model trained elsewhere)."""
+    from align.chat import render_conversation, render_example
 
     if len(prompts) != len(responses):
         raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
-    return [render_example(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    render = render_conversation if rendering == CONVERSATION else render_example
+    return [render(tokenizer, p, r) for p, r in zip(prompts, responses)]
 
 
 @torch.no_grad()
@@ -335,15 +343,15 @@ def normalization_prompts(rankings: Sequence[Any], count: int, seed: int) -> lis
 
 def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *,
                              max_length: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                             ) -> tuple[float, float, torch.Tensor]:
+                             rendering: str = ALIGN) -> tuple[float, float, torch.Tensor]:
     """gain, bias making the rewards of the SFT model's own `responses` to `prompts` mean 0, std 1, and
     those raw rewards (N,): PPO's rewards then start centred and on one scale whatever scale the model
     learned (or was given elsewhere), so a KL coefficient means the same for every reward model."""
     from align.precision import autocast
 
-    prepare_tokenizer(tokenizer)  # generation switched a shared tokenizer to left padding
+    prepare_tokenizer(tokenizer, rendering)  # generation switched a shared tokenizer to left padding
     with autocast(next(model.parameters()).device, dtype):
-        raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses),
+        raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses, rendering),
                           max_length=max_length, batch_size=batch_size)
     gain, bias = fit_normalization(raw)
     return gain, bias, raw
@@ -375,10 +383,11 @@ class RewardModel:
     bias: float
     max_length: int = 512
     path: Path | None = None
+    rendering: str = ALIGN  # how it reads a (prompt, response): `render_texts`
 
     def score_raw(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """(N,) un-normalised rewards r(x, y)."""
-        texts = render_texts(self.tokenizer, prompts, responses)
+        texts = render_texts(self.tokenizer, prompts, responses, self.rendering)
         return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size)
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -427,12 +436,13 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     else:
         with reading_checkpoint(model_dir):
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
-    configure_padding(model, tokenizer)
-    model.to(device).eval()
-    norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))
     info_path = model_dir / INFO_FILE
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    rendering = info.get("rendering", ALIGN)
+    configure_padding(model, tokenizer, rendering)
+    model.to(device).eval()
+    norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))
     max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))
     max_length = fit_max_length(max_length, model, f"{model_dir}: model.max_length")  # as in its training
     return RewardModel(model=model, tokenizer=tokenizer, gain=float(norm["gain"]), bias=float(norm["bias"]),
-                       max_length=max_length, path=model_dir)
+                       max_length=max_length, path=model_dir, rendering=rendering)

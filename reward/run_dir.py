@@ -25,6 +25,9 @@ from align.tracking import TRACKER_OUTPUTS
 MODEL_DIR = "model"
 NORMALIZATION_FILE = "reward_normalization.json"  # {"gain", "bias"}: reward = gain * raw + bias
 INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base model, summary
+# how a reward model reads a (prompt, response), as INFO_FILE's "rendering" records it (reward.model.render_texts)
+ALIGN = "align"  # the prompt with its generation prompt, the response, eos: align's own reward models
+CONVERSATION = "conversation"  # the whole conversation through the chat template: one trained elsewhere
 IMPORTED_FROM = "imported_from"  # the key of INFO_FILE that marks a model trained elsewhere (`align reward import`)
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)
@@ -79,3 +82,28 @@ class RewardRun:
 
     def base_model(self) -> str | None:
         return self.info().get("base_model") or self.config().get("model", {}).get("name_or_path")
+
+    def normalization_policy(self) -> str | None:
+        """The policy whose samples its rewards were normalised on (mean 0, std 1) as recorded: the
+        SFT checkpoint named at import or in eval.normalize_policy, else its own base; None where
+        they were not normalised."""
+        evaluation = self.config().get("eval", {})
+        if evaluation.get("normalize") is False:
+            return None
+        return evaluation.get("normalize_policy") or self.base_model()
+
+
+def normalised_elsewhere(reward_model: str | Path, policy: Path) -> str | None:
+    """One line where the reward model's normalisation was fitted on another policy's samples than
+    `policy`'s (the SFT checkpoint a run starts from): its rewards then do not start at mean 0, std 1,
+    and a KL coefficient weighs them otherwise. None where they match or the record cannot tell (a
+    built demo model, a relative path recorded elsewhere)."""
+    from align.modeling import builds_model
+
+    recorded = RewardRun.open(reward_model).normalization_policy()
+    if recorded is None or builds_model(recorded) or not Path(recorded).is_absolute() or not Path(recorded).exists():
+        return None
+    if Path(recorded).resolve() == Path(policy).resolve():
+        return None
+    return (f"the reward model {reward_model} was normalised on samples of {recorded}, not of this run's policy "
+            f"{policy}: its rewards do not start at mean 0, std 1 (import or train it again with this policy)")

@@ -80,19 +80,64 @@ def test_the_imported_model_scores_the_policys_samples_at_mean_0_std_1(imported,
     assert summary["reward/normalization_samples"] == SAMPLES["prompts"]
 
 
-def test_the_checkpoint_is_kept_as_it_came_with_a_pad_distinct_from_eos(imported, outside_model):
+def test_the_checkpoint_is_kept_as_it_came_its_padding_included(imported, outside_model):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     out, _ = imported
     before, after = load_file(outside_model / "model.safetensors"), load_file(out / "model.safetensors")
-    assert before.keys() == after.keys()
+    assert before.keys() == after.keys() and all(after[name].equal(before[name]) for name in before)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    for name, tensor in before.items():  # every weight as it came (an embedding grows where <pad> is new)
-        assert after[name][: tensor.shape[0]].equal(tensor), name
-        assert after[name].shape[1:] == tensor.shape[1:] and after[name].shape[0] in (tensor.shape[0], len(tokenizer))
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # trained so, read so
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.eos_token_id
+
+
+def test_each_response_is_read_where_the_model_was_trained_to_read_it(imported, outside_model, rankings_file):
+    """As TRL's reward trainer feeds a conversational pair: the whole conversation through the chat
+    template, read by the checkpoint's own head one sequence at a time (no padding at all)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reward.data import read_source
+    from reward.model import load_reward_model
+
+    out, _ = imported
+    tokenizer = AutoTokenizer.from_pretrained(outside_model)
+    model = AutoModelForSequenceClassification.from_pretrained(outside_model).eval()
+    assert tokenizer.chat_template and tokenizer.pad_token_id == tokenizer.eos_token_id  # the precondition
+    ranking = read_source("kwise", rankings_file)[0]
+    expected = []
+    for response in ranking.responses:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": ranking.prompt},
+                                             {"role": "assistant", "content": response}], return_dict=True,
+                                            return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected.append(model(input_ids=ids).logits[0, 0].item())
+    assert len({len(r) for r in ranking.responses}) > 1  # one batch, padded: the reads must not move
+    got = load_reward_model(out, device="cpu").score_raw([ranking.prompt] * len(ranking.responses), ranking.responses)
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_tokenizer_without_pad_gets_one(outside_model, tiny_random_model, rankings_file, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from reward.external import import_reward_model
+
+    source = tmp_path / "no-pad"
+    shutil.copytree(outside_model, source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    assert AutoTokenizer.from_pretrained(source).pad_token is None  # the precondition
+    import_reward_model(source, policy=str(tiny_random_model), data=rankings_file, format="kwise", out=tmp_path / "rm",
+                        prompts=2, response_length=2, echo=lambda _: None)
+    imported = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert imported.pad_token is not None and imported.pad_token_id != imported.eos_token_id
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"] == imported.pad_token_id
 
 
 def test_the_accuracy_is_measured_on_every_pair_of_the_rankings(imported, rankings_file):
@@ -123,6 +168,11 @@ def test_what_is_not_a_reward_head_is_refused_in_one_line(tiny_random_model, ran
         (two_outputs / name).write_bytes((outside_model / name).read_bytes())
     config = json.loads((outside_model / "config.json").read_text())
     (two_outputs / "config.json").write_text(json.dumps({**config, "id2label": {"0": "bad", "1": "good"}}))
+    mismatched = tmp_path / "mismatched"  # a config.json edited after the weights were saved
+    mismatched.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (mismatched / name).write_bytes((outside_model / name).read_bytes())
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
@@ -130,28 +180,65 @@ def test_what_is_not_a_reward_head_is_refused_in_one_line(tiny_random_model, ran
         (tiny_random_model, f"{tiny_random_model} has no reward head (architectures: LlamaForCausalLM)"),
         (two_outputs, f"{two_outputs} has 2 outputs (id2label)"),
         (random_reward_model, f"{random_reward_model} is already a reward model align reads"),
+        (mismatched, f"{mismatched}: cannot be loaded (its weights do not match its config.json"),
         (adapter, f"{adapter} is a LoRA adapter: merge it into its base first"),
+        (adapter, f"from_pretrained('{adapter}', num_labels=1).merge_and_unload()"),
         (tmp_path / "missing", f"reward model to import not found: {tmp_path / 'missing'}"),
     ]
     for source, expected in cases:
         code, _, err = _cli(capsys, source, "--policy", tiny_random_model, "--data", rankings_file,
                             "--out", tmp_path / "out")
-        assert code == 2 and err.startswith(f"error: {expected}"), (source, err)
+        assert code == 2 and err.startswith("error: ") and expected in err, (source, err)
         assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def test_an_existing_out_is_never_lost(outside_model, tiny_random_model, rankings_file, tmp_path, capsys):
-    kept = tmp_path / "kept"
+def test_an_existing_out_is_never_lost(outside_model, tiny_random_model, random_reward_model, rankings_file,
+                                      tmp_path, capsys):
+    import shutil
+
+    def contents(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    kept, trained = tmp_path / "kept", tmp_path / "trained-reward-model"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
+    shutil.copytree(random_reward_model, trained)  # align's own reward model: --force must not take it
+    before = {path: contents(path) for path in (kept, trained)}
     common = ("--policy", tiny_random_model, "--data", rankings_file)
+    not_import = "is not an earlier `align reward import` and will not be replaced"
     for args, expected in [(("--out", kept), f"{kept} already exists; choose another --out or pass --force"),
-                           (("--out", kept, "--force"), f"--out {kept} is not a reward model"),
+                           (("--out", kept, "--force"), f"--out {kept} {not_import}"),
+                           (("--out", trained, "--force"), f"--out {trained} {not_import}"),
                            (("--out", outside_model, "--force"), f"--out {outside_model} overlaps the checkpoint")]:
         code, _, err = _cli(capsys, outside_model, *common, *args)
         assert code == 2 and err.startswith(f"error: {expected}"), err
-    assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+    assert {path: contents(path) for path in (kept, trained)} == before and before[kept] == {"notes.txt": b"mine"}
     assert not any(outside_model.glob("reward_*.json"))
+
+
+def test_an_earlier_import_is_replaced_with_force(imported, outside_model, tiny_random_model, rankings_file, tmp_path):
+    import shutil
+
+    from reward.external import import_reward_model
+
+    again = tmp_path / "again"
+    shutil.copytree(imported[0], again)
+    summary = import_reward_model(outside_model, policy=str(tiny_random_model), data=rankings_file, format="kwise",
+                                  out=again, force=True, prompts=3, response_length=2, echo=lambda _: None)
+    assert summary["reward/normalization_samples"] == 3
+    assert json.loads((again / "reward_model_info.json").read_text())["summary"]["reward/normalization_samples"] == 3
+
+
+def test_rankings_of_one_prompt_cannot_normalise(outside_model, tiny_random_model, tmp_path, capsys):
+    from align.exports import write_kwise
+    from align.formats import Ranking
+
+    one = tmp_path / "one.jsonl"
+    write_kwise([Ranking(prompt="hi", responses=["a", "b"], ranks=[0, 1])] * 2, one)
+    code, _, err = _cli(capsys, outside_model, "--policy", tiny_random_model, "--data", one, "--out", tmp_path / "o")
+    assert code == 2 and err == f"error: {one}: 1 distinct prompt; the normalisation needs the policy's answers to " \
+                                "at least 2\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_outside_checkpoint_given_as_a_reward_model_points_to_import(outside_model):
@@ -160,3 +247,12 @@ def test_an_outside_checkpoint_given_as_a_reward_model_points_to_import(outside_
 
     with pytest.raises(UserError, match=f"align reward import {outside_model} --policy SFT --data RANKINGS"):
         model_dir(outside_model)
+
+
+def test_a_run_on_another_policy_than_the_normalisations_is_told(imported, tiny_random_model, outside_model):
+    from reward.run_dir import normalised_elsewhere
+
+    out, _ = imported
+    assert normalised_elsewhere(out, tiny_random_model) is None
+    note = normalised_elsewhere(out, outside_model)  # any other checkpoint
+    assert note and f"normalised on samples of {tiny_random_model.resolve()}, not of this run's policy" in note
