@@ -36,12 +36,19 @@ def generate_candidates(
         temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, progress=progress,
     )
     filled = taken = 0
+    with_nul = sum("\x00" in text for texts in outs for text in texts)
     for prompt, texts in zip(todo, outs):
+        # a byte-level tokenizer can sample the NUL byte (Llama's <0x00>), which no database text holds:
+        # it shows as U+FFFD, as any byte a text cannot carry, rather than stop the project's generation
+        texts = [text.replace("\x00", "\ufffd") for text in texts]
         try:
-            services.add_candidates(db, prompt, list(texts), model=str(model_spec), sampling=sampling)
+            services.add_candidates(db, prompt, texts, model=str(model_spec), sampling=sampling)
             filled += 1
         except services.Conflict:
             taken += 1
+    if with_nul and notes is not None:
+        notes.append(f"{with_nul} candidate{'s' * (with_nul != 1)} of {project_name!r} held a NUL character, stored as "
+                     "U+FFFD (the replacement character)")
     if taken and notes is not None:
         notes.append(f"{taken} prompt{'s' * (taken != 1)} of {project_name!r} got candidates from another generate run "
                      "or an import while these were sampled; they keep those")

@@ -159,6 +159,30 @@ def test_generate_leaves_prompts_that_another_run_filled_meanwhile_as_they_are(t
     assert models == sorted(["other run"] * 4 + [str(tiny_random_model)] * 2)
 
 
+def test_a_sampled_nul_character_is_stored_as_the_replacement_character(tmp_path, capsys, tiny_random_model,
+                                                                         monkeypatch):
+    """A byte-level tokenizer can sample <0x00>: the candidate is kept with U+FFFD in its place (no
+    database text holds NUL), where the whole generate run stopped, and stopped again on every rerun."""
+    import align.generation
+    from annotation.db import open_db
+    from annotation.models import Prompt
+
+    db = f"sqlite:///{tmp_path / 'nul.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in ["how are you", "what is tea"]) + "\n")
+    ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "2"], capsys)
+    monkeypatch.setattr(align.generation, "generate_responses",
+                        lambda model, tokenizer, prompts, **_: [["fine\x00 thanks", "good"], ["green", "black\x00"]])
+    with pytest.raises(SystemExit) as exc:
+        main(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model)])
+    out = capsys.readouterr()
+    assert exc.value.code in (0, None) and out.out == "gen: 2 candidates generated for 2 prompts\n", out
+    assert "2 candidates of 'gen' held a NUL character, stored as U+FFFD" in out.err
+    with open_db(db)() as s:
+        texts = sorted(c.text for p in s.query(Prompt).all() for c in p.candidates)
+    assert texts == sorted(["fine\ufffd thanks", "good", "green", "black\ufffd"])
+
+
 @pytest.mark.parametrize("option,value,word", [
     ("--temperature", "0", "--temperature must be a finite number above 0"),
     ("--temperature", "-1", "--temperature must be a finite number above 0"),
