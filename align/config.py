@@ -67,6 +67,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     it, then `key=value` overrides in order."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
+        path = locate_config(path)
         data.update(mapping := read_yaml_mapping(path))
         dotted = _dotted_key(data, cls)
         if dotted:
@@ -81,6 +82,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         _move_aliased_values(data, cls, str(path))
     apply_overrides(data, overrides or [], cls)
     return from_dict(cls, data)
+
+
+def locate_config(path: str | Path) -> Path:
+    """`path`; or, where no such file is here and it names one of the configs align ships as the README
+    writes them (`configs/real/ppo.yaml`, from a folder other than a checkout), that one, with a line
+    saying so. A file of that name in the folder always comes first."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or len(path.parts) < 2 or path.parts[0] != "configs":
+        return path
+    from align.resources import configs_dir
+
+    shipped = configs_dir().joinpath(*path.parts[1:])
+    if not shipped.is_file():
+        return path
+    log.info("%s is not in this folder: reading the config align ships, %s", path, shipped)
+    return shipped
 
 
 def _move_aliased_values(data: dict[str, Any], cls: type, source: str) -> None:

@@ -259,8 +259,10 @@ class PPOConfig:
         if self.method != "ppo":
             check(self.samples_per_prompt >= 2, f"method={self.method} needs samples_per_prompt >= 2 (its baseline "
                   f"comes from the other samples of the same prompt), got {self.samples_per_prompt}")
-            check(self.value_model == "policy_trunk", f"method={self.method} trains no value model; "
-                  "drop value_model=reward_model (or use method=ppo)")
+            check(self.value_model == "policy_trunk", f"method={self.method} trains no value model, so "
+                  f"value_model={self.value_model} (from the config file or an override) does not apply: set "
+                  f"value_model=policy_trunk, start from configs/real/{self.method}.yaml or configs/demo/"
+                  f"{self.method}.yaml, or use method=ppo")
         check(self.lora.dropout == 0.0, f"lora.dropout={self.lora.dropout}: PPO runs without dropout (the rollout's "
               "and the update's log-probs must be those of the same policy); set lora.dropout=0")
         check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "

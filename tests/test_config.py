@@ -206,7 +206,7 @@ def test_every_field_is_documented():
     assert all(r[3] for r in rows)
 
 
-@pytest.mark.parametrize("stage", ["reward", "ppo", "dpo"])
+@pytest.mark.parametrize("stage", ["reward", "ppo", "rloo", "grpo", "dpo"])
 def test_the_shipped_real_model_configs_load(stage, tmp_path):
     # every key of configs/real/*.yaml is one its stage knows; only the files a user points them at
     # are stood in for here
@@ -221,11 +221,31 @@ def test_the_shipped_real_model_configs_load(stage, tmp_path):
     prompts.write_text("")
     stand_ins = {"reward": (RewardConfig, [f"data.path={rankings}"]),
                  "ppo": (PPOConfig, [f"prompts={prompts}", f"eval_prompts={prompts}"]),
+                 "rloo": (PPOConfig, [f"prompts={prompts}", f"eval_prompts={prompts}"]),
+                 "grpo": (PPOConfig, [f"prompts={prompts}", f"eval_prompts={prompts}"]),
                  "dpo": (DPOConfig, [f"data.path={rankings}", f"eval_prompts={prompts}"])}
     config_class, overrides = stand_ins[stage]
     path = Path(__file__).resolve().parents[1] / "configs" / "real" / f"{stage}.yaml"
     cfg = load_config(config_class, path, overrides)
-    assert cfg.output_dir.startswith("runs/real/")
+    assert cfg.output_dir == f"runs/real/{stage}"
+    if config_class is PPOConfig:
+        assert cfg.method == stage
+
+
+def test_a_shipped_config_is_found_from_any_folder_as_the_readme_names_it(tmp_path, monkeypatch):
+    from align.errors import ConfigError
+    from ppo.config import PPOConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("")
+    stand_ins = ["prompts=prompts.jsonl", "eval_prompts=prompts.jsonl"]
+    assert load_config(PPOConfig, "configs/real/grpo.yaml", stand_ins).method == "grpo"  # none here: align's own
+    with pytest.raises(ConfigError, match="config file not found: configs/real/nope.yaml"):
+        load_config(PPOConfig, "configs/real/nope.yaml", stand_ins)
+    mine = tmp_path / "configs" / "real" / "grpo.yaml"  # a file of that name here comes first
+    mine.parent.mkdir(parents=True)
+    mine.write_text("method: rloo\nsamples_per_prompt: 2\n")
+    assert load_config(PPOConfig, "configs/real/grpo.yaml", stand_ins).method == "rloo"
 
 
 @pytest.mark.parametrize("config_set", ["demo", "real"])

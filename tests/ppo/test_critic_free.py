@@ -119,7 +119,8 @@ def test_overwriting_an_earlier_run_removes_its_outputs_and_keeps_other_files(sm
 
 @pytest.mark.parametrize("overrides, message", [
     (["method=rloo"], "samples_per_prompt >= 2"),
-    (["method=grpo", "samples_per_prompt=2", "value_model=reward_model"], "trains no value model"),
+    (["method=grpo", "samples_per_prompt=2", "value_model=reward_model"], "trains no value model, so "
+     "value_model=reward_model .* does not apply: set value_model=policy_trunk, start from configs/real/grpo.yaml"),
     (["samples_per_prompt=3"], "divisible by samples_per_prompt"),
     (["method=reinforce"], "method"),
 ])
