@@ -139,8 +139,10 @@ def evaluate(
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
                                 gain=rm.gain, bias=rm.bias, rendering=rm.rendering)
     typer.echo(format_table(metrics))
-    trained_on = training_prompts(rm.path)
-    if trained_on:
+    trained_on, unknown = training_prompts(rm.path)
+    if trained_on is None:
+        typer.echo(f"note: {unknown}")
+    else:
         from reward.data import prompt_key
 
         seen = sum(prompt_key(r) in trained_on for r in rankings)
@@ -179,25 +181,46 @@ def import_model(
                         force=force, echo=typer.echo)
 
 
-def training_prompts(model_dir: Path) -> set[str]:
+def training_prompts(model_dir: Path) -> tuple[set[str] | None, str]:
     """The prompts (`reward.data.prompt_key`) a reward model was trained on, read again from the data
-    its run recorded (RUN/model/reward_model_info.json); empty where that data is no longer at hand."""
+    its run recorded (RUN/model/reward_model_info.json), and ""; or None and why they cannot be told:
+    trained elsewhere, a record without its data, or a rankings file changed since (a re-export after
+    more rankings moves the prompt-level split) or gone."""
     import json
 
     from align.config import from_dict
     from align.errors import UserError
     from reward.config import RewardConfig
-    from reward.data import load_reward_data, prompt_key
+    from reward.data import file_digest, load_reward_data, prompt_key
     from reward.run_dir import IMPORTED_FROM, INFO_FILE
 
+    unknown = "so whether these rankings are among those it was trained on cannot be told"
     try:
         info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
-        if IMPORTED_FROM in info:  # trained elsewhere, on data align never saw
-            return set()
-        cfg = from_dict(RewardConfig, info["config"])
-        return {prompt_key(r) for r in load_reward_data(cfg.data).train}
-    except (OSError, ValueError, KeyError, TypeError, UserError):  # moved, changed, or an older model's record
-        return set()
+        config, data = info["config"], info["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{model_dir} records no training data, {unknown}"
+    if IMPORTED_FROM in info:
+        return None, f"a reward model trained elsewhere ({info[IMPORTED_FROM]}), {unknown}"
+    files = {"path": data.get("sha256"), "eval_path": data.get("eval_sha256")}
+    for key, digest in files.items():
+        if data.get(key) is None:
+            continue
+        try:
+            same = file_digest(data[key]) == digest
+        except OSError:
+            same = False
+        if not same:
+            return None, (f"the rankings it was trained on ({data[key]}) have changed since or are gone, {unknown}; "
+                          "its run's own held-out accuracy is in its summary.json")
+    if data.get("format") == "annotation":
+        return None, (f"it was trained on an annotation project, whose rankings may have grown since, {unknown}; "
+                      "its run's own held-out accuracy is in its summary.json")
+    try:  # the recorded files, whatever folder this runs in
+        sections = {**config, "data": {**config.get("data", {}), **{k: data[k] for k in files if data.get(k)}}}
+        return {prompt_key(r) for r in load_reward_data(from_dict(RewardConfig, sections).data).train}, ""
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # an older model's record
+        return None, f"its record of the training data no longer reads, {unknown}"
 
 
 def no_rankings_problem(data: Path, format: str) -> str:

@@ -274,3 +274,39 @@ def test_a_checkpoint_that_is_no_align_reward_model_is_told_why(tmp_path):
     with pytest.raises(UserError, match=f"read once imported: align reward import {tmp_path} --policy SFT") as refused:
         model_dir(tmp_path)
     assert str(refused.value).startswith(f"{tmp_path} is not a reward model (no reward_normalization.json")
+
+
+def test_eval_tells_the_training_prompts_only_from_the_data_the_run_read(tmp_path, monkeypatch):
+    """`reward eval` says which rankings were trained on from the run's recorded data: from any folder,
+    and, where that file changed since (a re-export moves the split) or is gone, that it cannot tell."""
+    from align.config import config_to_dict, load_config
+    from align.exports import write_kwise
+    from align.synthetic import make_rankings
+    from reward.cli import training_prompts
+    from reward.config import RewardConfig
+    from reward.data import load_reward_data, prompt_key
+    from reward.run_dir import INFO_FILE
+
+    monkeypatch.chdir(tmp_path)
+    write_kwise(make_rankings(40, k=3, seed=2), tmp_path / "rankings.jsonl")
+    cfg = load_config(RewardConfig, None, ["data.format=kwise", "data.path=rankings.jsonl"])  # relative, as typed
+    data = load_reward_data(cfg.data)
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / INFO_FILE).write_text(json.dumps({"config": config_to_dict(cfg), "data": data.source}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    prompts, why = training_prompts(model)
+    assert prompts == {prompt_key(r) for r in data.train} and why == ""
+
+    with (tmp_path / "rankings.jsonl").open("a") as f:  # more rankings exported since: the split would move
+        f.write(json.dumps({"prompt": "a new question", "responses": ["a", "b"], "ranks": [0, 1]}) + "\n")
+    prompts, why = training_prompts(model)
+    assert prompts is None and why.startswith(f"the rankings it was trained on ({tmp_path / 'rankings.jsonl'}) have "
+                                              "changed since or are gone, so whether these rankings are among")
+    (tmp_path / "rankings.jsonl").unlink()
+    assert training_prompts(model)[0] is None
+    (model / INFO_FILE).write_text(json.dumps({"imported_from": "/models/rm", "config": {}, "data": {}}))
+    assert training_prompts(model) == (None, "a reward model trained elsewhere (/models/rm), so whether these "
+                                             "rankings are among those it was trained on cannot be told")
