@@ -106,8 +106,7 @@ def export(
     """Export an aligned policy (or a reward model) as an ordinary Hugging Face checkpoint."""
     from align.commands.export import export_run
 
-    path = export_run(run, out, merge=not adapter, force=force)
-    typer.echo(f"exported to {path}")
+    export_run(run, out, merge=not adapter, force=force)  # (it says what it wrote where, in one line)
 
 
 def _demo_epilog() -> str:

@@ -86,8 +86,8 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
                 else "merged" if (source / "adapter_config.json").exists()
                 else "imported" if kind not in POLICY_KINDS and _imported(source) else "full")
         (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
-    log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run,
-             FORMS[form], out)
+    what = "PEFT adapter on its base checkpoint" if form == "adapter" else FORMS[form]  # (the card names the base above)
+    log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run, what, out)
     return out
 
 
