@@ -185,7 +185,8 @@ def render_conversation(tokenizer: Any, prompt: str | list[dict[str, str]], resp
     """The whole conversation, the response as its last assistant turn, as the checkpoint's chat template
     writes it: how TRL's reward trainer renders conversational data, and how published reward models
     are read (a template may write more after the end of the turn, a newline, where the score is read).
-    Without a template, `render_example`: TRL's standard-text form, prompt, response and eos."""
+    Without a template, `render_example`: the prompt as HH-RLHF dialogue, the response and eos (TRL's
+    standard-text form where its prompts were written so)."""
     if not getattr(tokenizer, "chat_template", None):
         return render_example(tokenizer, prompt, response)
     return _apply_template(tokenizer, [*as_messages(prompt), {"role": "assistant", "content": response}])

@@ -35,15 +35,15 @@ def generate_candidates(
         model, tokenizer, [p.content for p in todo], num_return_sequences=k, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, progress=progress,
     )
-    filled = taken = 0
-    with_nul = sum("\x00" in text for texts in outs for text in texts)
-    for prompt, texts in zip(todo, outs):
+    filled = taken = with_nul = 0
+    for prompt, sampled in zip(todo, outs):
         # a byte-level tokenizer can sample the NUL byte (Llama's <0x00>), which no database text holds:
         # it shows as U+FFFD, as any byte a text cannot carry, rather than stop the project's generation
-        texts = [text.replace("\x00", "\ufffd") for text in texts]
+        texts = [text.replace("\x00", "\ufffd") for text in sampled]
         try:
             services.add_candidates(db, prompt, texts, model=str(model_spec), sampling=sampling)
             filled += 1
+            with_nul += sum("\x00" in text for text in sampled)
         except services.Conflict:
             taken += 1
     if with_nul and notes is not None:

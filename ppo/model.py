@@ -229,6 +229,14 @@ def build_policy(base: nn.Module, lora: Any) -> nn.Module:
     return with_adapter(base, config, target)
 
 
+def _vocabulary(tokenizer: Any) -> dict[str, int]:
+    """The tokens and ids two tokenizers must share for the critic to read the policy's ids, less the
+    `<pad>` that `align.modeling.load_tokenizer` adds to a tokenizer without a distinct pad: a reward
+    model trained elsewhere keeps its own padding (`reward.external`), the policy gets that one, and
+    the critic's table grows to the policy's rows either way."""
+    return {token: i for token, i in tokenizer.get_vocab().items() if token != "<pad>"}
+
+
 def build_critic(reward_model: Any, policy_tokenizer: Any, policy_vocab_rows: int,
                  compute_dtype: torch.dtype = torch.float32) -> Critic:
     """A trainable copy of the reward model as the value model (InstructGPT); its weights in fp32
@@ -243,8 +251,9 @@ def build_critic(reward_model: Any, policy_tokenizer: Any, policy_vocab_rows: in
     assert on a GPU. The scorer never sees such ids (it re-tokenizes decoded text, specials skipped)."""
     from align.precision import upcast_trainable
 
-    if reward_model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-        raise UserError("value_model=reward_model needs the reward model to share the policy's tokenizer")
+    if _vocabulary(reward_model.tokenizer) != _vocabulary(policy_tokenizer):
+        raise UserError("value_model=reward_model needs the reward model to share the policy's tokenizer; with "
+                        "another, use value_model=policy_trunk")
     model = copy.deepcopy(reward_model.model)
     if model.get_input_embeddings().num_embeddings < policy_vocab_rows:
         model.resize_token_embeddings(policy_vocab_rows)

@@ -146,7 +146,7 @@ class PPOTrainer:
             from reward.run_dir import normalised_elsewhere
 
             self.reward_model = load_reward_model(cfg.reward_model, device=self.device, dtype=reward_dtype)
-            if note := normalised_elsewhere(cfg.reward_model, self.sft_path):
+            if self.is_main and (note := normalised_elsewhere(cfg.reward_model, self.sft_path)):
                 log.warning("%s", note)
         base = load_causal_lm(self.sft_path, dtype=dtype, tokenizer=self.tokenizer)
         check_decodable(base.config, self.sft_path)

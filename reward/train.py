@@ -293,7 +293,7 @@ class RewardTrainer(StepLoop):
         del sft
         gain, bias, raw = normalization_on_samples(model, self.tokenizer, prompts, [s[0] for s in samples],
                                                    max_length=self.max_length, batch_size=ecfg.batch_size,
-                                                   dtype=self.dtype)
+                                                   dtype=self.dtype, device=self.device)
         return gain, bias, len(raw)
 
     def finish(self) -> dict[str, Any]:

@@ -194,3 +194,19 @@ def test_the_commands_are_registered_once_however_often_main_runs(capsys):
     commands = [c.name for c in cli.app.registered_commands]
     assert len(commands) == len(set(commands)) and {"ppo", "dpo", "export", "demo"} <= set(commands)
     assert sorted(g.name for g in cli.app.registered_groups) == ["annotate", "reward"]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "progress\nwarning\n"),
+    ({"RANK": "1"}, "progress\nwarning\n"),  # RANK alone (a job's pod, a wrapper script): one process, all lines
+    ({"RANK": "1", "LOCAL_RANK": "1"}, "[rank 1] warning\n"),  # a launch's second process: warnings alone
+    ({"RANK": "0", "LOCAL_RANK": "0"}, "progress\nwarning\n"),
+])
+def test_progress_lines_come_from_the_first_process_of_a_launch(env, expected):
+    import os
+
+    code = ("import logging; from align.commands.cli import configure_logging; configure_logging(); "
+            "log = logging.getLogger('align'); log.info('progress'); log.warning('warning')")
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == expected, done.stderr

@@ -422,3 +422,14 @@ def test_the_export_samples_as_the_run_did_not_with_the_bases_filters(tmp_path):
     assert (config.do_sample, config.temperature, config.top_k, config.top_p, config.repetition_penalty) == (
         True, 0.7, 0, 1.0, 1.0)
     assert config.eos_token_id == [7, 9] and config.max_new_tokens == 512
+
+
+def test_the_export_command_says_what_it_wrote_on_stdout(tiny_ppo_run, tmp_path, capsys):
+    from align.commands.cli import main
+
+    out = tmp_path / "adapter"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tiny_ppo_run), "--out", str(out), "--adapter"])
+    said = capsys.readouterr()
+    assert exc.value.code in (0, None) and (out / "adapter_config.json").exists()
+    assert said.out == f"exported the policy of {tiny_ppo_run} to {out}: PEFT adapter on its base checkpoint\n"

@@ -106,7 +106,7 @@ def export(
     """Export an aligned policy (or a reward model) as an ordinary Hugging Face checkpoint."""
     from align.commands.export import export_run
 
-    export_run(run, out, merge=not adapter, force=force)  # (it says what it wrote where, in one line)
+    export_run(run, out, merge=not adapter, force=force, echo=typer.echo)
 
 
 def _demo_epilog() -> str:
@@ -166,7 +166,7 @@ def configure_logging() -> None:
     """Progress lines from the first process of a launch only: the others, which run the same steps,
     log warnings and errors alone, marked with their rank (as transformers' Trainer does with its
     `log_level_replica`), so that a two-process run does not say everything twice."""
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"  # a launch sets both
     if rank in ("", "0"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def run_kind(run: Path) -> str:
                     f"(no {MODEL_DIR}/{NORMALIZATION_FILE}); is the run finished?")
 
 
-def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False) -> Path:
+def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False,
+               echo: Callable[[str], None] | None = None) -> Path:
     run, out = Path(run), Path(out)
     kind = run_kind(run)
     if _overlaps(out, run):  # --force would replace the run
@@ -87,7 +89,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
                 else "imported" if kind not in POLICY_KINDS and _imported(source) else "full")
         (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
     what = "PEFT adapter on its base checkpoint" if form == "adapter" else FORMS[form]  # (the card names the base above)
-    log.info("exported the %s of %s (%s) to %s", "policy" if kind in POLICY_KINDS else "reward model", run, what, out)
+    (echo or log.info)(f"exported the {'policy' if kind in POLICY_KINDS else 'reward model'} of {run} to {out}: {what}")
     return out
 
 

@@ -107,8 +107,8 @@ def _typed_ppo_config(config: dict[str, Any]) -> Any:
 CARD_TITLES = ("# Aligned policy exported by align", "# Reward model exported by align")
 FORMS = {"adapter": "PEFT adapter on the base above", "merged": "merged weights (safetensors)",
          "full": "full weights of a fully fine-tuned model (safetensors), as trained: no adapter merged",
-         "imported": "the base checkpoint's weights (safetensors), trained elsewhere and imported by `align reward "
-                     "import`: unchanged but for a <pad> token where it had none"}
+         "imported": "a reward model trained elsewhere, imported by `align reward import`: its checkpoint as it came "
+                     "in safetensors, a <pad> token added where its tokenizer had no pad token"}
 
 
 def sft_adapter_note(bases: list[Path]) -> str:

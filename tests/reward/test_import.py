@@ -256,3 +256,44 @@ def test_a_run_on_another_policy_than_the_normalisations_is_told(imported, tiny_
     assert normalised_elsewhere(out, tiny_random_model) is None
     note = normalised_elsewhere(out, outside_model)  # any other checkpoint
     assert note and f"normalised on samples of {tiny_random_model.resolve()}, not of this run's policy" in note
+
+
+def test_an_imported_model_can_be_the_critic_of_a_policy_without_a_pad_token(tmp_path):
+    """A Llama-3-style SFT tokenizer has no pad token (align adds <pad> to the policy's); the reward
+    model TRL trained from it pads with eos and is imported so. value_model=reward_model still builds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from align.exports import write_kwise
+    from align.modeling import load_tokenizer
+    from align.synthetic import make_rankings
+    from ppo.model import build_critic
+    from reward.external import import_reward_model
+    from reward.model import load_reward_model
+
+    rankings = make_rankings(12, k=3, seed=1)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    bpe.train_from_iterator([r.prompt + " " + " ".join(r.responses) for r in rankings], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    tokenizer.pad_token = tokenizer.eos_token  # TRL's reward trainer: pad = eos
+    LlamaForSequenceClassification(LlamaConfig(**{**config.to_dict(), "num_labels": 1, "pad_token_id": 2,
+                                                  "architectures": ["LlamaForSequenceClassification"]})
+                                   ).save_pretrained(tmp_path / "outside")
+    tokenizer.save_pretrained(tmp_path / "outside")
+    write_kwise(rankings, tmp_path / "rankings.jsonl")
+    import_reward_model(tmp_path / "outside", policy=str(tmp_path / "sft"), data=tmp_path / "rankings.jsonl",
+                        format="kwise", out=tmp_path / "rm", prompts=4, response_length=4, echo=lambda _: None)
+    reward_model, policy_tokenizer = load_reward_model(tmp_path / "rm", device="cpu"), load_tokenizer(tmp_path / "sft")
+    assert "<pad>" in policy_tokenizer.get_vocab() and "<pad>" not in reward_model.tokenizer.get_vocab()
+    critic = build_critic(reward_model, policy_tokenizer, len(policy_tokenizer))
+    assert critic.trunk.get_input_embeddings().num_embeddings == len(policy_tokenizer)  # the <pad> row, grown
