@@ -31,17 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from reward.run_dir import IMPORTED_FROM
+from reward.run_dir import CONVERSATION, IMPORTED_FROM, INFO_FILE, is_reward_model
 
 log = logging.getLogger("align")
 
 
-def check_source(path: Path) -> dict[str, Any]:
+def check_source(path: Path) -> None:
     """The checkpoint to import, before anything loads: a sequence-classification model with one output,
-    or one line saying what it is instead. Returns its config.json as a mapping."""
+    or one line saying what it is instead."""
     from align.modeling import check_model_files
     from reward.model import merge_adapter_command
-    from reward.run_dir import is_reward_model
 
     if not path.exists():
         raise UserError(f"reward model to import not found: {path}")
@@ -64,7 +63,6 @@ def check_source(path: Path) -> dict[str, Any]:
     if outputs != 1:
         raise UserError(f"{path} has {outputs} outputs (id2label): align reads one score per response, so a "
                         "classifier or a multi-objective reward model needs its scores combined into one first")
-    return config
 
 
 def check_out(out: Path, source: Path, force: bool) -> None:
@@ -72,7 +70,6 @@ def check_out(out: Path, source: Path, force: bool) -> None:
     made, never the source or a directory that holds it; --force replaces only an earlier import (or
     an empty directory), never a trained reward run, an export or anything else."""
     from align.run import make_directory, read_mapping
-    from reward.run_dir import INFO_FILE
 
     target, source = out.resolve(), source.resolve()
     if target == source or target in source.parents or source in target.parents:
@@ -98,6 +95,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     from align.generation import generate_responses
     from align.hf import quiet_transformers
     from align.modeling import (
+        checkpoint_dtype,
         fit_embeddings,
         fit_max_length,
         load_causal_lm,
@@ -110,10 +108,9 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     from reward.data import file_digest, read_source, with_pairs
     from reward.evaluate import evaluate_rankings
     from reward.model import configure_padding, normalization_on_samples, normalization_prompts, save_reward_model
-    from reward.run_dir import CONVERSATION
 
     t0 = time.perf_counter()
-    config = check_source(source)
+    check_source(source)
     check_out(out, source, force)
     problem = input_file_problem(data)
     if problem:
@@ -133,7 +130,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
 
     quiet_transformers()
     device = default_device()
-    stored = _stored_dtype(config, torch)
+    stored = checkpoint_dtype(source) or torch.float32
     # scored in bf16 on a GPU, as the stages score; the weights stay in the checkpoint's own dtype,
     # but for a half-precision checkpoint on the CPU, read in fp32 and written back exactly
     load_dtype = torch.float32 if device.type == "cpu" else stored
@@ -158,8 +155,8 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     del sft
     # 2. gain and bias that put those answers' rewards at mean 0, std 1
     gain, bias, raw = normalization_on_samples(model, tokenizer, chosen, [s[0] for s in samples],
-                                               max_length=max_length, batch_size=batch_size, dtype=score_dtype,
-                                               rendering=CONVERSATION)
+                                               max_length=max_length, batch_size=batch_size, device=device,
+                                               dtype=score_dtype, rendering=CONVERSATION)
     # 3. the pairwise accuracy on the rankings given (the model may have been trained on them elsewhere)
     summary: dict[str, Any] = {
         "reward/gain": gain, "reward/bias": bias, "reward/normalization_samples": len(raw),
@@ -188,16 +185,11 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     return summary
 
 
-def _stored_dtype(config: dict[str, Any], torch: Any) -> Any:
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
-
-
-def _report(summary: dict[str, Any], pairs_rankings: int, out: Path) -> str:
+def _report(summary: dict[str, Any], scored_rankings: int, out: Path) -> str:
     from reward.evaluate import format_table
 
     lines = [format_table(summary)]
-    if not pairs_rankings:
+    if not scored_rankings:
         lines.append("no ranking in --data states a preference (all tied or one response): no accuracy measured")
     lines.append(f"imported reward model -> {out} (give it as reward_model={out})")
     return "\n".join(lines)

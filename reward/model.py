@@ -342,15 +342,15 @@ def normalization_prompts(rankings: Sequence[Any], count: int, seed: int) -> lis
 
 
 def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any], responses: Sequence[str], *,
-                             max_length: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                             rendering: str = ALIGN, device: Any = None) -> tuple[float, float, torch.Tensor]:
+                             max_length: int, batch_size: int, device: Any, dtype: torch.dtype = torch.float32,
+                             rendering: str = ALIGN) -> tuple[float, float, torch.Tensor]:
     """gain, bias making the rewards of the SFT model's own `responses` to `prompts` mean 0, std 1, and
     those raw rewards (N,): PPO's rewards then start centred and on one scale whatever scale the model
     learned (or was given elsewhere), so a KL coefficient means the same for every reward model."""
     from align.precision import autocast
 
     prepare_tokenizer(tokenizer, rendering)  # generation switched a shared tokenizer to left padding
-    with autocast(device or next(model.parameters()).device, dtype):  # (a sharded model's parameters may sit on the CPU)
+    with autocast(device, dtype):
         raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses, rendering),
                           max_length=max_length, batch_size=batch_size)
     gain, bias = fit_normalization(raw)

@@ -245,10 +245,9 @@ def _in_base_dtype(model: Any, adapter: Path) -> Any:
 
 def _imported(reward_model: Path) -> bool:
     """A reward model `align reward import` wrote (trained elsewhere), not one align trained."""
-    from align.run import read_mapping
-    from reward.run_dir import IMPORTED_FROM, INFO_FILE
+    from reward.run_dir import IMPORTED_FROM, RewardRun
 
-    return IMPORTED_FROM in read_mapping(reward_model / INFO_FILE)
+    return IMPORTED_FROM in RewardRun(reward_model).info()
 
 
 def _export_reward(run: Path, out: Path, merge: bool) -> None:
