@@ -192,6 +192,16 @@ def render_conversation(tokenizer: Any, prompt: str | list[dict[str, str]], resp
     return _apply_template(tokenizer, [*as_messages(prompt), {"role": "assistant", "content": response}])
 
 
+def render_question(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
+    """The first text of a (question, answer) text pair, as encoder reward models trained on pairs read
+    it (OpenAssistant's DeBERTa and ELECTRA ones: tokenizer(question, answer)): a one-turn prompt's
+    text as it is; a conversation's turns joined by the tokenizer's separator token, as Open-Assistant's
+    ranking datasets join a conversation's history to its last question."""
+    messages = as_messages(prompt)
+    sep = getattr(tokenizer, "sep_token", None)
+    return (f" {sep} " if sep else "\n\n").join(m["content"] for m in messages)
+
+
 def encode_rendered(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
     """Rendered texts (their special tokens written in by the template or `render_prompt`) as token
     ids, each cut to `max_length` from the left, so a long text keeps its end, where its response is;

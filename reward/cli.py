@@ -170,6 +170,11 @@ def import_model(
     seed: Annotated[int, typer.Option(help="Seed of the prompt choice and the sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
     force: Annotated[bool, typer.Option(help="Replace --out if it already exists.")] = False,
+    rendering: Annotated[str, typer.Option(help="How the model was trained to read a (prompt, response): "
+                                                "`conversation`, the whole conversation through its chat template "
+                                                "(TRL's reward trainer; without a template, HH-RLHF dialogue); "
+                                                "`text_pair`, an encoder's [CLS] question [SEP] response [SEP] "
+                                                "(OpenAssistant's DeBERTa and ELECTRA reward models).")] = "conversation",
 ) -> None:
     """Import a reward model trained elsewhere: normalise it on the policy's samples, measure it on rankings."""
     if format not in ("kwise", "trl", "hh", "oasst"):
@@ -178,7 +183,7 @@ def import_model(
 
     import_reward_model(source, policy=policy, data=data, format=format, out=out, prompts=prompts,
                         response_length=response_length, max_length=max_length, seed=seed, batch_size=batch_size,
-                        force=force, echo=typer.echo)
+                        force=force, rendering=rendering, echo=typer.echo)
 
 
 def training_prompts(model_dir: Path) -> tuple[set[str] | None, str]:

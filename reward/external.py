@@ -15,10 +15,12 @@ reward model directory that `align ppo reward_model=DIR`, `align reward score|ev
     DIR/reward_normalization.json  {"gain", "bias"}
     DIR/reward_model_info.json     imported_from, rendering, the normalisation's policy and data, the summary
 
-It is read as it was trained, not as align's own reward models are: the whole conversation through
-its chat template (`align.chat.render_conversation`, TRL's reward trainer's form; a template may
-write a newline after the end of the turn, and the score is read there), and with its own padding:
-where pad == eos the head reads the last token that is not eos, as it did in training.
+It is read as it was trained, not as align's own reward models are (`rendering`): by default the
+whole conversation through its chat template (`align.chat.render_conversation`, TRL's reward
+trainer's form; a template may write a newline after the end of the turn, and the score is read
+there), and with its own padding: where pad == eos the head reads the last token that is not eos,
+as it did in training. An encoder trained on (question, answer) text pairs (OpenAssistant's DeBERTa
+and ELECTRA reward models: tokenizer(question, answer)) is read as such pairs: TEXT_PAIR.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
-from reward.run_dir import CONVERSATION, IMPORTED_FROM, INFO_FILE, is_reward_model
+from reward.run_dir import CONVERSATION, IMPORT_RENDERINGS, IMPORTED_FROM, INFO_FILE, TEXT_PAIR, is_reward_model
 
 log = logging.getLogger("align")
 
@@ -65,6 +67,29 @@ def check_source(path: Path) -> None:
                         "classifier or a multi-objective reward model needs its scores combined into one first")
 
 
+def check_rendering(source: Path, rendering: str) -> None:
+    """`rendering` is one the import offers, and a text pair is read by an encoder (a causal LM's reward
+    is read at the end of one text, so a pair would only be two texts run together)."""
+    from align.modeling import checkpoint_is_encoder
+
+    if rendering not in IMPORT_RENDERINGS:
+        raise UserError(f"--rendering {rendering!r} is not one of {', '.join(IMPORT_RENDERINGS)}")
+    if rendering == TEXT_PAIR and not checkpoint_is_encoder(source):
+        raise UserError(f"--rendering {TEXT_PAIR} is for an encoder (BERT, DeBERTa, ELECTRA, ...) trained on (question, "
+                        f"answer) pairs; {source} is a causal LM: leave --rendering out, to read the conversation")
+
+
+def _reading(tokenizer, rendering: str) -> str:
+    """How each (prompt, response) is read, in words, for the command's first line."""
+    if rendering == TEXT_PAIR:
+        sep = tokenizer.sep_token or "its separator"
+        return (f"the prompt and the response as a text pair ({tokenizer.cls_token or ''} question {sep} response "
+                f"{sep}; a conversation's turns joined by {sep})")
+    if getattr(tokenizer, "chat_template", None):
+        return "the whole conversation through its chat template"
+    return "no chat template, so the prompt as HH-RLHF dialogue, then the response and eos"
+
+
 def check_out(out: Path, source: Path, force: bool) -> None:
     """Where the imported model goes, before anything loads: a new directory in a folder that can be
     made, never the source or a directory that holds it; --force replaces only an earlier import (or
@@ -85,7 +110,8 @@ def check_out(out: Path, source: Path, force: bool) -> None:
 
 def import_reward_model(source: Path, *, policy: str, data: Path, format: str, out: Path, prompts: int = 128,
                         response_length: int = 48, max_length: int = 1024, seed: int = 0, batch_size: int = 64,
-                        force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+                        force: bool = False, rendering: str = CONVERSATION,
+                        echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Import `source` into `out` (see the module docstring); returns the summary it records."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -111,6 +137,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
 
     t0 = time.perf_counter()
     check_source(source)
+    check_rendering(source, rendering)
     check_out(out, source, force)
     problem = input_file_problem(data)
     if problem:
@@ -140,13 +167,11 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     if tokenizer.pad_token is None:  # batches need one; a new token never occurs in text, so reads are unchanged
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
         fit_embeddings(model, tokenizer)
-    configure_padding(model, tokenizer, CONVERSATION)
+    configure_padding(model, tokenizer, rendering)
     model.to(device).eval()
     max_length = fit_max_length(max_length, model, "--max-length")
     score_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    echo(f"reading each (prompt, response) as {source} was trained: " + (
-        "the whole conversation through its chat template" if getattr(tokenizer, "chat_template", None) else
-        "no chat template, so the prompt as HH-RLHF dialogue, then the response and eos"))
+    echo(f"reading each (prompt, response) as {source} was trained: " + _reading(tokenizer, rendering))
 
     # 1. the policy answers prompts of the rankings, as `align reward train` normalises on the SFT model
     policy_tokenizer = load_tokenizer(policy_path)
@@ -156,7 +181,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     # 2. gain and bias that put those answers' rewards at mean 0, std 1
     gain, bias, raw = normalization_on_samples(model, tokenizer, chosen, [s[0] for s in samples],
                                                max_length=max_length, batch_size=batch_size, device=device,
-                                               dtype=score_dtype, rendering=CONVERSATION)
+                                               dtype=score_dtype, rendering=rendering)
     # 3. the pairwise accuracy on the rankings given (the model may have been trained on them elsewhere)
     summary: dict[str, Any] = {
         "reward/gain": gain, "reward/bias": bias, "reward/normalization_samples": len(raw),
@@ -165,11 +190,11 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     if scored:
         with autocast(device, score_dtype):
             summary.update(evaluate_rankings(model, tokenizer, scored, max_length=max_length, batch_size=batch_size,
-                                             gain=gain, bias=bias, rendering=CONVERSATION))
+                                             gain=gain, bias=bias, rendering=rendering))
     summary["timing/total_s"] = time.perf_counter() - t0
     info = {
         IMPORTED_FROM: str(source.resolve()),
-        "rendering": CONVERSATION,
+        "rendering": rendering,
         "base_model": str(source.resolve()),
         "data": {"format": format, "path": str(data.resolve()), "sha256": file_digest(data)},
         "config": {"model": {"max_length": max_length},  # under the names `align reward train` records

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from reward.run_dir import ALIGN, CONVERSATION, INFO_FILE, NORMALIZATION_FILE
+from reward.run_dir import ALIGN, CONVERSATION, IMPORT_RENDERINGS, INFO_FILE, NORMALIZATION_FILE, TEXT_PAIR
 from reward.run_dir import model_dir as find_model_dir
 
 log = logging.getLogger("align")
@@ -231,10 +231,15 @@ def disable_dropout(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int, *, encoder: bool = False) -> dict[str, torch.Tensor]:
+def encode(tokenizer, texts: Sequence[Rendered], max_length: int, *, encoder: bool = False) -> dict[str, torch.Tensor]:
     """Tokenize rendered prompt+response texts, right-padded. A causal LM's text already holds its
     special tokens (the chat template's bos, the eos; cut from the left, it keeps its bos:
-    align.chat.encode_rendered); an encoder's get its own ([CLS] ... [SEP])."""
+    align.chat.encode_rendered); an encoder's get its own ([CLS] ... [SEP]); (question, answer) text
+    pairs, `[CLS] question [SEP] answer [SEP]` with the token types the tokenizer gives them (a pair too
+    long loses tokens from the start of the longer text)."""
+    if texts and isinstance(texts[0], tuple):
+        return tokenizer([q for q, _ in texts], [a for _, a in texts], padding=True, truncation="longest_first",
+                         max_length=max_length, return_tensors="pt")
     if encoder:
         return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     from align.chat import encode_rendered, pad_rows
@@ -250,9 +255,12 @@ def model_is_encoder(model: nn.Module) -> bool:
     return is_encoder(getattr(model, "module", model).config)
 
 
-def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, T) token ids -> (N,) raw reward at each sequence's last real token."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, T) token ids -> (N,) raw reward at each sequence's last real token (an encoder's: at its
+    [CLS]). `token_type_ids`: a text pair's segments, for an encoder that reads them (BERT, ELECTRA)."""
+    types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **types).logits.squeeze(-1)
 
 
 def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -> torch.Tensor:
@@ -286,34 +294,46 @@ def forward_rewards_shared_prompts(model: nn.Module, batch: Any, buckets: int) -
     return torch.cat(rewards)[torch.argsort(order)]  # (N,) back in input order
 
 
-def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str], rendering: str = ALIGN) -> list[str]:
-    """The texts a reward model reads: ALIGN, prompt with the generation prompt, response and eos
+Rendered = str | tuple[str, str]  # what a reward model reads of a (prompt, response): one text, or a text pair
+
+
+def render_texts(tokenizer, prompts: Sequence[Any], responses: Sequence[str], rendering: str = ALIGN) -> list[Rendered]:
+    """What a reward model reads: ALIGN, prompt with the generation prompt, response and eos
     (`align.chat.render_example`: what align's reward models train on); CONVERSATION, the whole
-    conversation through the chat template (`align.chat.render_conversation`: a model trained elsewhere)."""
-    from align.chat import render_conversation, render_example
+    conversation through the chat template (`align.chat.render_conversation`: a model trained
+    elsewhere); TEXT_PAIR, (question, response) text pairs (`align.chat.render_question`: an encoder
+    trained on pairs, as OpenAssistant's reward models are)."""
+    from align.chat import render_conversation, render_example, render_question
 
     if len(prompts) != len(responses):
         raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if rendering == TEXT_PAIR:
+        return [(render_question(tokenizer, p), r) for p, r in zip(prompts, responses)]
     render = render_conversation if rendering == CONVERSATION else render_example
     return [render(tokenizer, p, r) for p, r in zip(prompts, responses)]
 
 
 @torch.no_grad()
-def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 64) -> torch.Tensor:
+def score_texts(model: nn.Module, tokenizer, texts: Sequence[Rendered], *, max_length: int,
+                batch_size: int = 64) -> torch.Tensor:
     """(N,) raw rewards of rendered texts, in batches, model in eval mode. Sorting by length
     first keeps padding (and time) low; the result is in the input order."""
     from align.distributed import release_gathered
 
     was_training = model.training
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lengths = [len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
     out = torch.empty(len(texts))
     device = next(model.parameters()).device
     encoder = model_is_encoder(model)
+    # a text pair's second segment, for a model with segment embeddings (BERT, ELECTRA; not RoBERTa or DeBERTa-v3)
+    segments = getattr(getattr(model, "module", model).config, "type_vocab_size", 0) > 1
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = encode(tokenizer, [texts[i] for i in idx], max_length, encoder=encoder)
-        out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+        types = enc["token_type_ids"].to(device) if segments and "token_type_ids" in enc else None
+        out[idx] = forward_rewards(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), types).float().cpu()
     release_gathered(model)  # a sharded reward model would keep its root unit gathered until a backward
     model.train(was_training)
     return out
@@ -439,6 +459,9 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     info_path = model_dir / INFO_FILE
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     rendering = info.get("rendering", ALIGN)
+    if rendering not in (ALIGN, *IMPORT_RENDERINGS):  # a hand-edited file, or one from a later align
+        raise UserError(f"{info_path}: its rendering {rendering!r} is not one this align reads "
+                        f"({', '.join((ALIGN, *IMPORT_RENDERINGS))})")
     configure_padding(model, tokenizer, rendering)
     model.to(device).eval()
     norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))

@@ -28,6 +28,8 @@ INFO_FILE = "reward_model_info.json"  # provenance: config, data source, base mo
 # how a reward model reads a (prompt, response), as INFO_FILE's "rendering" records it (reward.model.render_texts)
 ALIGN = "align"  # the prompt with its generation prompt, the response, eos: align's own reward models
 CONVERSATION = "conversation"  # the whole conversation through the chat template: one trained elsewhere
+TEXT_PAIR = "text_pair"  # the prompt and the response as a text pair, tokenizer(question, answer): an encoder trained so
+IMPORT_RENDERINGS = (CONVERSATION, TEXT_PAIR)  # the readings `align reward import --rendering` offers
 IMPORTED_FROM = "imported_from"  # the key of INFO_FILE that marks a model trained elsewhere (`align reward import`)
 # what a run writes besides its config, metrics and checkpoints: a fresh run into an earlier run's
 # directory (overwrite=true) removes them first (align.checkpoint.clear_earlier_run)

@@ -175,3 +175,17 @@ def test_a_chat_template_that_refuses_a_prompt_is_one_line_naming_it_the_file_an
             RankingDataset(given, tokenizer, 64)
     with pytest.raises(UserError, match=r"^the chat template of ckpt/mistral cannot render this prompt \(Conversation"):
         render_prompt(tokenizer, rows[1]["prompt"])  # a caller that knows no line: the rest of the line
+
+
+def test_a_text_pairs_question_is_the_prompt_with_its_turns_joined_by_the_separator():
+    from types import SimpleNamespace
+
+    from align.chat import render_question
+
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"}, {"role": "user", "content": "a cat?"}]
+    encoder = SimpleNamespace(sep_token="[SEP]")
+    assert render_question(encoder, "what is a cat?") == "what is a cat?"
+    assert render_question(encoder, conversation[-1:]) == "a cat?"
+    assert render_question(encoder, conversation) == "be brief [SEP] hi [SEP] hello [SEP] a cat?"
+    assert render_question(SimpleNamespace(sep_token=None), conversation[1:]) == "hi\n\nhello\n\na cat?"

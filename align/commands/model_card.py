@@ -80,7 +80,8 @@ def _reward_section(reward: RewardRun) -> list[str]:
     if imported:  # trained elsewhere, on data align does not know: its rankings are not known to be held out
         policy = reward.config().get("eval", {}).get("normalize_policy", "?")
         lines.insert(1, f"- trained elsewhere (`{imported}`), imported by align: rewards normalised on samples "
-                        f"of `{policy}`")
+                        f"of `{policy}`; read as it was trained, `rendering: {reward.info().get('rendering')}` "
+                        "(`align reward import --help`)")
         labels = [("eval/num_rankings", "rankings scored at import"), ("eval/num_pairs", "pairs scored at import"),
                   ("eval/accuracy", "pairwise accuracy on them (the model may have been trained on them elsewhere)")]
     for key, label in labels:

@@ -87,10 +87,13 @@ def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert", positi
     tok.train_from_iterator(tokenizer_corpus(seed, n=1000),
                             trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=special, show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # BERT's: the second text is segment 1
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+                                   model_input_names=(["input_ids", "token_type_ids", "attention_mask"]  # as BERT's and
+                                                      if family in ("bert", "deberta-v2")  # DeBERTa's own tokenizers
+                                                      else ["input_ids", "attention_mask"]))
     config = getattr(transformers, ENCODERS[family])(
         vocab_size=len(fast), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=FFN, max_position_embeddings=positions, pad_token_id=fast.pad_token_id,

@@ -156,7 +156,7 @@ def test_an_exported_imported_model_says_it_was_trained_elsewhere(imported, outs
 
     out, _ = imported
     card = (export_run(out, tmp_path / "export") / "README.md").read_text(encoding="utf-8")
-    assert f"trained elsewhere (`{outside_model.resolve()}`)" in card
+    assert f"trained elsewhere (`{outside_model.resolve()}`)" in card and "`rendering: conversation`" in card
     assert "held-out" not in card  # align does not know what the model was trained on
 
 
