@@ -65,11 +65,11 @@ def build_family_model(family: str, out: str | Path, *, pad: bool = True, chat_t
 
 
 ENCODERS = {"bert": "BertConfig", "roberta": "RobertaConfig", "deberta-v2": "DebertaV2Config",
-            "modernbert": "ModernBertConfig"}
+            "modernbert": "ModernBertConfig", "electra": "ElectraConfig"}
 
 
 def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert", positions: int = 520) -> Path:
-    """A random-init 2-layer encoder (`family`: bert, roberta, deberta-v2, modernbert) with a WordPiece
+    """A random-init 2-layer encoder (`family`: bert, roberta, deberta-v2, modernbert, electra) with a WordPiece
     tokenizer ([CLS]/[SEP]/[PAD], no eos, no chat template), saved as a bare encoder, as
     all-MiniLM-L6-v2 ships (the classification head is new). `positions`: its max_position_embeddings."""
     import torch
@@ -91,8 +91,8 @@ def build_tiny_bert(out: str | Path, seed: int = 0, family: str = "bert", positi
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
-                                   model_input_names=(["input_ids", "token_type_ids", "attention_mask"]  # as BERT's and
-                                                      if family in ("bert", "deberta-v2")  # DeBERTa's own tokenizers
+                                   model_input_names=(["input_ids", "token_type_ids", "attention_mask"]  # as these
+                                                      if family in ("bert", "deberta-v2", "electra")  # families' own
                                                       else ["input_ids", "attention_mask"]))
     config = getattr(transformers, ENCODERS[family])(
         vocab_size=len(fast), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,

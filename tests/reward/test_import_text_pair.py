@@ -63,10 +63,10 @@ def direct_scores(source: Path, questions: list[str], answers: list[str], *, wit
     return scores
 
 
-@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+@pytest.mark.parametrize("family", ["bert", "deberta-v2", "electra"])
 def test_a_pair_trained_encoder_is_read_as_its_pairs(family, tiny_random_model, rankings_file, tmp_path):
-    """BERT reads the answer as segment 1; DeBERTa-v2 (as DeBERTa-v3 ships: no segment embeddings)
-    reads the pair's tokens alone. Either way, scores equal the direct reading, in one padded batch."""
+    """BERT and ELECTRA read the answer as segment 1; DeBERTa-v2 (as DeBERTa-v3 ships: no segment
+    embeddings) reads the pair's tokens alone. Either way, scores equal the direct reading, in one padded batch."""
     from align.commands.export import export_run
     from reward.external import import_reward_model
     from reward.model import load_reward_model
@@ -83,7 +83,7 @@ def test_a_pair_trained_encoder_is_read_as_its_pairs(family, tiny_random_model, 
 
     questions = ["what is a cat?", "hello there [SEP] hi! [SEP] and a dog?"]  # a conversation's turns by [SEP]
     expected = direct_scores(source, questions, RESPONSES)
-    if family == "bert":  # the precondition: the segments change the scores, so they must be passed
+    if family != "deberta-v2":  # the precondition: the segments change the scores, so they must be passed
         assert direct_scores(source, questions, RESPONSES, with_types=False) != pytest.approx(expected, abs=1e-3)
     got = load_reward_model(tmp_path / "rm", device="cpu").score_raw(PROMPTS, RESPONSES)
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
