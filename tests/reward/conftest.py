@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from align.config import load_config
@@ -28,3 +30,14 @@ def quick_config(tiny_random_model, tmp_path):
         return load_config(RewardConfig, None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def rankings_file(tmp_path_factory) -> Path:
+    """10 synthetic rankings of 3 responses (the reward models to import are measured on them)."""
+    from align.exports import write_kwise
+    from align.synthetic import make_rankings
+
+    path = tmp_path_factory.mktemp("rankings") / "rankings.jsonl"
+    write_kwise(make_rankings(10, k=3, seed=1), path)
+    return path

@@ -39,15 +39,6 @@ def outside_model(tiny_random_model, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def rankings_file(tmp_path_factory) -> Path:
-    from align.exports import write_kwise
-    from align.synthetic import make_rankings
-
-    path = tmp_path_factory.mktemp("rankings") / "rankings.jsonl"
-    write_kwise(make_rankings(10, k=3, seed=1), path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def imported(outside_model, tiny_random_model, rankings_file, tmp_path_factory) -> tuple[Path, dict]:

@@ -36,15 +36,6 @@ def pair_encoder(family: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def rankings_file(tmp_path_factory) -> Path:
-    from align.exports import write_kwise
-    from align.synthetic import make_rankings
-
-    path = tmp_path_factory.mktemp("rankings") / "rankings.jsonl"
-    write_kwise(make_rankings(10, k=3, seed=1), path)
-    return path
-
 
 def direct_scores(source: Path, questions: list[str], answers: list[str], *, with_types: bool = True) -> list[float]:
     """The model card's reading, one pair at a time: model(**tokenizer(question, answer))."""
