@@ -204,6 +204,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "", _root: t
     for key, value in data.items():
         full = f"{_prefix}{key}"
         if key not in known:
+            while isinstance(value, Mapping) and len(value) == 1:  # `train.report_to` where the key is `report_to`
+                (inner, value), = value.items()
+                full = f"{full}.{inner}"
             raise ConfigError(_unknown_key_message(full, root))
         f = known[key]
         value = _coerce(value, hints[key], full, root)

@@ -74,6 +74,8 @@ def test_defaults_without_a_file():
         (["kl_coeff=0.1"], "unknown config key 'kl_coeff' for StageConfig; did you mean 'kl_coef'?"),
         (["optim.lrr=0.1"], "did you mean 'optim.lr'?"),
         (["lr=0.1"], "did you mean 'optim.lr'?"),  # a leaf named without its section
+        (["train.kl_coef=0.1"], "unknown config key 'train.kl_coef' for StageConfig; did you mean 'kl_coef'?"),  # a
+        # leaf under a section this config does not have (another stage nests it)
         (["optim.lr=-0.001"], "optim.lr: must be > 0, got -0.001"),
         (["kl_coef=abc"], "kl_coef: expected a number, got 'abc'"),
         (["kl_coef=inf"], "kl_coef: expected a finite number, got 'inf'"),  # no bound check lets it through
