@@ -7,11 +7,15 @@ import sys
 
 import pytest
 
+from tests.cli_in_process import run_align_in_process
+
 STAGES = ["annotate", "reward", "ppo", "dpo", "export", "demo", "memory-plan", "init-demo-model"]  # --help's order
 
 
-def run_align(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run_align(capsys):
+    """`align ARGS` in this process (tests.cli_in_process): the mistakes below are about words and exit codes."""
+    return lambda *args: run_align_in_process(capsys, *args)
 
 
 def test_help_lists_every_stage_without_importing_torch():
@@ -38,7 +42,7 @@ def test_help_lists_every_stage_without_importing_torch():
         (["no-such-stage"], "No such command"),
     ],
 )
-def test_user_mistakes_exit_2_without_traceback(args, expected):
+def test_user_mistakes_exit_2_without_traceback(args, expected, run_align):
     out = run_align(*args)
     assert out.returncode == 2
     assert expected in out.stderr
@@ -82,7 +86,7 @@ def test_stage_help_lists_every_config_key_with_its_help(stage):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
-def test_stage_config_typo_suggests_the_key(stage):
+def test_stage_config_typo_suggests_the_key(stage, run_align):
     command, target, _ = STAGE_COMMANDS[stage]
     key = next(k for k in _leaf_keys(target) if len(k.rsplit(".", 1)[-1]) > 4)
     out = run_align(*command, f"{key}x=1")
@@ -92,7 +96,7 @@ def test_stage_config_typo_suggests_the_key(stage):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
-def test_stage_config_refuses_a_negative_learning_rate(stage):
+def test_stage_config_refuses_a_negative_learning_rate(stage, run_align):
     command, _, lr_key = STAGE_COMMANDS[stage]
     out = run_align(*command, f"{lr_key}=-0.001")
     assert out.returncode == 2, out.stderr
@@ -101,13 +105,13 @@ def test_stage_config_refuses_a_negative_learning_rate(stage):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
-def test_stage_config_refuses_a_missing_file(stage, tmp_path):
+def test_stage_config_refuses_a_missing_file(stage, tmp_path, run_align):
     command, _, _ = STAGE_COMMANDS[stage]
     out = run_align(*command, "--config", str(tmp_path / "missing.yaml"))
     assert out.returncode == 2 and "config file not found" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_missing_data_file_is_refused(tmp_path):
+def test_missing_data_file_is_refused(tmp_path, run_align):
     out = run_align("reward", "train", "data.format=kwise", f"data.path={tmp_path / 'none.jsonl'}")
     assert out.returncode == 2 and "data.path: file not found" in out.stderr
 

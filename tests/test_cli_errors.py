@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from align.config import load_config, save_config
+from tests.cli_in_process import run_align_in_process
 
 # (command, config class, a key --resume may change)
 STAGES = {
@@ -19,8 +20,15 @@ STAGES = {
 
 
 def run_align(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """In a process of its own: for the test whose processes are what it is about."""
     return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=300,
                           **kwargs)
+
+
+@pytest.fixture
+def align(capsys):
+    """`align ARGS` in this process (tests.cli_in_process): the tests below are about its words and exit code."""
+    return lambda *args: run_align_in_process(capsys, *args)
 
 
 def config_class(target: str) -> type:
@@ -42,19 +50,19 @@ def saved_run(stage: str, run) -> None:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_a_bad_override_on_resume_is_reported_as_itself(stage, tmp_path):
+def test_a_bad_override_on_resume_is_reported_as_itself(stage, tmp_path, align):
     command, _, key = STAGES[stage]
     saved_run(stage, tmp_path / "run")
-    out = run_align(*command, "--resume", str(tmp_path / "run"), f"{key}=0")
+    out = align(*command, "--resume", str(tmp_path / "run"), f"{key}=0")
     assert one_line_error(out) == f"error: {key}: must be >= 1, got 0"  # not "not a ... run to resume"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_another_stages_run_is_not_resumed(stage, tmp_path):
+def test_another_stages_run_is_not_resumed(stage, tmp_path, align):
     command, _, _ = STAGES[stage]
     other = "dpo" if stage == "reward" else "reward"
     saved_run(other, tmp_path / "run")
-    out = run_align(*command, "--resume", str(tmp_path / "run"))
+    out = align(*command, "--resume", str(tmp_path / "run"))
     name = {"reward": "reward", "ppo": "PPO", "dpo": "DPO"}[stage]
     # the other stage's keys are named, with no "did you mean" one of this stage's
     message = one_line_error(out)
@@ -63,7 +71,7 @@ def test_another_stages_run_is_not_resumed(stage, tmp_path):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_overwrite_replaces_only_a_run_of_the_same_stage(stage, tmp_path):
+def test_overwrite_replaces_only_a_run_of_the_same_stage(stage, tmp_path, align):
     # another stage's outputs (a DPO run's stage.txt, a PPO run's value head) would stay beside this run's
     # and be read as its own: overwrite=true refuses the folder before anything loads, and leaves it as it was
     command, _, _ = STAGES[stage]
@@ -72,7 +80,7 @@ def test_overwrite_replaces_only_a_run_of_the_same_stage(stage, tmp_path):
     (tmp_path / "run" / "summary.json").write_text("{}")
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
     for overwrite in ("overwrite=true", "overwrite=false"):  # neither offers a way it would then refuse
-        message = one_line_error(run_align(*command, f"output_dir={tmp_path / 'run'}", overwrite))
+        message = one_line_error(align(*command, f"output_dir={tmp_path / 'run'}", overwrite))
         assert message.startswith(f"error: output_dir {tmp_path / 'run'} holds another stage's run (its config.yaml "
                                   "has ") and message.endswith("choose another output_dir")
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
@@ -90,15 +98,15 @@ def test_a_run_directory_that_cannot_be_created_is_a_user_error(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["plainfile", "plainfile/sub"])
-def test_demo_out_that_cannot_be_created_is_one_line(tmp_path, where):
+def test_demo_out_that_cannot_be_created_is_one_line(tmp_path, where, align):
     (tmp_path / "plainfile").write_text("")
-    out = run_align("demo", "--out", str(tmp_path / where))
+    out = align("demo", "--out", str(tmp_path / where))
     assert one_line_error(out) == (f"error: cannot create directory {tmp_path / where}: "
                                    f"{tmp_path / 'plainfile'} is a file, not a directory")
 
 
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
-def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, tiny_random_model):
+def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, tiny_random_model, align):
     # a link to a disk that is not mounted: nothing is in the way until the run directory is created
     (tmp_path / "runs").symlink_to(tmp_path / "unmounted")
     run = tmp_path / "runs" / "run"
@@ -106,7 +114,7 @@ def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, 
                         "train.batch_size=4"],
              "dpo": [f"policy_model={tiny_random_model}", "data.num_rankings=8", "data.num_eval_rankings=4",
                      "batch_size=4", "num_eval_prompts=0", "progress=false"]}[stage]
-    out = run_align(*STAGES[stage][0], f"output_dir={run}", *small)
+    out = align(*STAGES[stage][0], f"output_dir={run}", *small)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     # the last line: the stage logs what it loaded before it creates the run directory
     assert out.stderr.strip().splitlines()[-1] == (f"error: cannot create directory {run}: "
@@ -115,9 +123,9 @@ def test_a_stage_output_dir_that_cannot_be_created_is_one_line(stage, tmp_path, 
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_an_output_dir_name_longer_than_the_file_system_allows_is_one_line(stage, tmp_path):
+def test_an_output_dir_name_longer_than_the_file_system_allows_is_one_line(stage, tmp_path, align):
     run = tmp_path / ("r" * 300)  # NAME_MAX is 255 bytes on Linux file systems
-    out = run_align(*STAGES[stage][0], f"output_dir={run}")
+    out = align(*STAGES[stage][0], f"output_dir={run}")
     assert one_line_error(out) == f"error: output_dir {run}: File name too long"
 
 
@@ -204,17 +212,17 @@ def test_a_config_error_under_accelerate_launch_is_one_line(tmp_path, when):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_a_setting_given_two_values_on_the_command_line_is_said(stage, tmp_path):
+def test_a_setting_given_two_values_on_the_command_line_is_said(stage, tmp_path, align):
     command, _cls, key = STAGES[stage]
     section, _, leaf = key.rpartition(".")
     again = f"{section}={{{leaf}: 2}}" if section else f"{key}=2"  # dotted, then in its section's mapping
-    out = run_align(*command, f"{key}=1", again, "--config", str(tmp_path / "missing.yaml"))  # then stops
+    out = align(*command, f"{key}=1", again, "--config", str(tmp_path / "missing.yaml"))  # then stops
     assert out.returncode == 2
     assert f"config key {key!r} is given twice ('{key}=1', then {again!r}): the last is taken" in out.stderr
 
 
-def test_the_demo_says_a_stage_setting_given_two_values(tmp_path):
-    out = run_align("demo", "--out", str(tmp_path / "demo"), "ppo.seed=1", "ppo.seed=2", f"model={tmp_path / 'none'}")
+def test_the_demo_says_a_stage_setting_given_two_values(tmp_path, align):
+    out = align("demo", "--out", str(tmp_path / "demo"), "ppo.seed=1", "ppo.seed=2", f"model={tmp_path / 'none'}")
     assert out.returncode == 2 and "config key 'seed' is given twice ('seed=1', then 'seed=2')" in out.stderr
 
 

@@ -25,6 +25,20 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _cheap_password_hashing(monkeypatch):
+    """argon2id (salted, verified for real) at its smallest cost in this process. The production cost
+    (the library's defaults: 3 passes over 64 MiB) is about 0.2 s a hash on a 2-core machine, and these
+    tests hash and verify a password for every user and sign-in they make; none of them is about that
+    cost, and a hash records its own parameters, so hashes made either way verify either way. A server
+    process a test starts hashes at the production cost."""
+    from argon2 import PasswordHasher
+
+    from annotation import security
+
+    monkeypatch.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":

@@ -512,3 +512,17 @@ def test_unknown_roles_are_refused(env):
             with pytest.raises(services.Invalid, match="unknown role"):
                 services.create_invite(db, role)
     assert _count_users(env) == before and _rows(env, Invite) == []
+
+
+def test_stored_passwords_are_hashed_at_production_cost_outside_the_tests(monkeypatch):
+    """The tests hash at argon2id's smallest cost (conftest); the server's own hasher is argon2id at no
+    less than the library's defaults (RFC 9106's second recommended option: 3 passes over 64 MiB)."""
+    from argon2 import Type, extract_parameters
+
+    from annotation.security import hash_password, verify_password
+
+    monkeypatch.undo()  # the server's own hasher
+    stored = hash_password("correct horse battery staple")
+    params = extract_parameters(stored)
+    assert params.type is Type.ID and params.time_cost >= 3 and params.memory_cost >= 64 * 1024
+    assert verify_password(stored, "correct horse battery staple") and not verify_password(stored, "wrong")

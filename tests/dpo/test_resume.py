@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,9 @@ from align.errors import UserError
 from align.run import read_metrics
 from dpo.config import DPOConfig
 from dpo.train import DPOTrainer, run_dpo
+from tests.cli_in_process import run_align_in_process
 from tests.resume_checks import assert_rows_kept, recording_steps
 from tests.stopping import comparable, train_until
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def overrides(small_dpo_run: list[str], out: Path) -> list[str]:
@@ -84,12 +81,13 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
         assert resumed[key] == pytest.approx(summary[key], abs=1e-6), key
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align", "dpo", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+@pytest.fixture
+def run_cli(capsys):
+    """`align dpo ARGS` in this process (tests.cli_in_process): what these tests read is its words and exit code."""
+    return lambda *args: run_align_in_process(capsys, "dpo", *args)
 
 
-def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path):
+def test_resume_mistakes_are_one_line(small_dpo_run, tmp_path, run_cli):
     run = tmp_path / "run"
     result = run_cli("--resume", str(run))
     assert result.returncode == 2 and result.stderr.strip() == f"error: {run}: not a DPO run directory (no config.yaml)"
@@ -129,7 +127,7 @@ def test_a_run_resumed_from_another_folder_is_told_where_its_relative_paths_are_
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(small_dpo_run, tmp_path):
+def test_overwrite_removes_the_old_checkpoints_only_once_the_new_run_has_loaded(small_dpo_run, tmp_path, run_cli):
     run = tmp_path / "run"
     old = run / "checkpoints" / "step-000099"
     old.mkdir(parents=True)

@@ -5,9 +5,6 @@ run, and bad rankings are reported in one line."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +19,7 @@ from dpo.data import collate
 from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import response_logprobs
 from dpo.train import DPOTrainer
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_in_process import run_align_in_process
 
 
 @torch.no_grad()
@@ -241,12 +237,13 @@ def test_the_model_card_states_the_steps_that_ran_and_the_data_path_resolved(sma
     assert f"- data: kwise ({tmp_path / 'rankings.kwise.jsonl'})\n- data sha256: " in card
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align", "dpo", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def run_cli(capsys):
+    """`align dpo ARGS` in this process (tests.cli_in_process): what these tests read is its words and exit code."""
+    return lambda *args: run_align_in_process(capsys, "dpo", *args)
 
 
-def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, tmp_path):
+def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, tmp_path, run_cli):
     good = [Ranking(prompt=f"question {i}?", responses=[f"answer {i}", f"reply {i}", f"no {i}"], ranks=[0, 1, 2])
             for i in range(12)]
     bad = [Ranking(prompt="single?", responses=["only one"], ranks=[0]),

@@ -14,13 +14,15 @@ import pytest
 from align.config import load_config
 from align.errors import ConfigError
 from reward.config import RewardConfig
+from tests.cli_in_process import run_align_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align", "reward", "train", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def run_cli(capsys):
+    """`align reward train ARGS` in this process (tests.cli_in_process): these mistakes are words and exit codes."""
+    return lambda *args: run_align_in_process(capsys, "reward", "train", *args)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +42,7 @@ def test_bad_config_values_are_refused_with_the_key_named(override, expected):
         load_config(RewardConfig, None, [override])
 
 
-def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+def test_cli_missing_data_file_is_one_line_exit_2(tmp_path, run_cli):
     result = run_cli("data.format=kwise", f"data.path={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: data.path: file not found: {tmp_path / 'missing.jsonl'}"
@@ -48,13 +50,13 @@ def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_typo_suggests_the_key(tmp_path):
+def test_cli_typo_suggests_the_key(tmp_path, run_cli):
     result = run_cli("train.bach_size=8", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: unknown config key 'train.bach_size' for RewardConfig; did you mean 'train.batch_size'?"]
 
 
-def test_cli_negative_lr(tmp_path):
+def test_cli_negative_lr(tmp_path, run_cli):
     result = run_cli("train.learning_rate=-1e-4", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: train.learning_rate: must be > 0, got -0.0001"
@@ -82,10 +84,9 @@ def test_real_config_with_synthetic_data_ignores_its_unused_path(tmp_path):
         load_config(RewardConfig, real, ["data.format=oasst", f"data.path={tmp_path / 'absent.jsonl'}"])
 
 
-def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
+def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path, capsys):
     def align(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "align", "reward", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+        return run_align_in_process(capsys, "reward", *args)
 
     bad_prompt, ties = tmp_path / "bad.jsonl", tmp_path / "ties.jsonl"
     bad_prompt.write_text('{"prompt": 5, "response": "x"}\n')
@@ -107,7 +108,7 @@ def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_progress_is_a_key_of_the_train_section(tmp_path):
+def test_progress_is_a_key_of_the_train_section(tmp_path, run_cli):
     # `align ppo` and `align dpo` have a top-level `progress`; here it sits with the other loop settings
     result = run_cli("progress=false", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and result.stderr.strip() == (

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +16,9 @@ from align.run import read_metrics
 from align.synthetic import make_rankings
 from reward.config import RewardConfig
 from reward.train import RewardTrainer, train_reward_model
+from tests.cli_in_process import run_align_in_process
 from tests.resume_checks import assert_rows_kept, recording_steps
 from tests.stopping import comparable, train_until
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write_rankings(path: Path, seed: int) -> Path:
@@ -94,10 +91,9 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     assert resumed["timing/total_s"] > resumed["timing/train_s"]  # the parts add up
 
 
-def test_resume_mistakes_are_one_line(tmp_path):
+def test_resume_mistakes_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "align", "reward", "train", "--resume", str(run)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = run_align_in_process(capsys, "reward", "train", "--resume", str(run))  # its words and exit code
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {run}: not a reward run directory (no config.yaml)"
 

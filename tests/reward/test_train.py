@@ -1,8 +1,6 @@
 """End-to-end runs on the synthetic task with a tiny random model (seconds each)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ from reward.data import load_reward_data
 from reward.evaluate import evaluate_rankings
 from reward.model import build_reward_model
 from reward.train import train_reward_model
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_in_process import run_align_in_process
 
 
 def test_training_raises_heldout_accuracy_above_chance(quick_config):
@@ -128,15 +125,15 @@ def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
     assert summary["train/responses_forwarded"] == 3 * 4 * 32
 
 
-def test_score_cli_writes_rewards(quick_config, tmp_path):
+def test_score_cli_writes_rewards(quick_config, tmp_path, capsys):
     cfg = quick_config("data.num_rankings=32")
     train_reward_model(cfg, echo=lambda s: None)
     rows = [{"prompt": "How do I water a cactus?", "response": "Water it rarely.", "id": 1},
             {"prompt": [{"role": "user", "content": "Hi"}], "response": "Hello! How can I help?", "id": 2}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "-m", "align", "reward", "score", "--model", cfg.output_dir,
-                             "--input", str(inp), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    result = run_align_in_process(capsys, "reward", "score", "--model", cfg.output_dir, "--input", str(inp),
+                                  "--out", str(out))
     assert result.returncode == 0, result.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["id"] for s in scored] == [1, 2]
@@ -148,12 +145,11 @@ def test_score_cli_writes_rewards(quick_config, tmp_path):
     assert all(abs(s["reward"] - (rm.gain * s["reward_raw"] + rm.bias)) < 1e-6 for s in scored)
     # a bad input line is one clear error
     inp.write_text('{"prompt": "x"}\n')
-    bad = subprocess.run([sys.executable, "-m", "align", "reward", "score", "--model", cfg.output_dir,
-                          "--input", str(inp)], cwd=REPO, capture_output=True, text=True)
+    bad = run_align_in_process(capsys, "reward", "score", "--model", cfg.output_dir, "--input", str(inp))
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {inp}:1: each line needs `prompt` and a string `response`"
 
 
-def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
+def test_eval_cli_prints_accuracy_table(quick_config, tmp_path, capsys):
     cfg = quick_config("data.num_rankings=32")
     train_reward_model(cfg, echo=lambda s: None)
     # held-out rankings ordered by the trained model's own scores (accuracy 1), or the reverse (accuracy 0)
@@ -170,8 +166,7 @@ def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
             ordered.append(Ranking(prompt=r.prompt, responses=r.responses, ranks=[by_score.index(i) for i in range(3)]))
         path = tmp_path / "heldout.jsonl"
         write_kwise(ordered, path)
-        result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
-                                 "--data", str(path)], cwd=REPO, capture_output=True, text=True)
+        result = run_align_in_process(capsys, "reward", "eval", "--model", cfg.output_dir, "--data", str(path))
         assert result.returncode == 0, result.stderr
         table = dict(line.split() for line in result.stdout.splitlines())  # (no note: all held out)
         assert float(table["eval/accuracy"]) == expected and float(table["eval/accuracy_k3"]) == expected
@@ -182,8 +177,8 @@ def test_eval_cli_prints_accuracy_table(quick_config, tmp_path):
 
     trained = load_reward_data(cfg.data).train[:5]
     write_kwise([*trained, *rankings[:7]], tmp_path / "mixed.jsonl")
-    result = subprocess.run([sys.executable, "-m", "align", "reward", "eval", "--model", cfg.output_dir,
-                             "--data", str(tmp_path / "mixed.jsonl")], cwd=REPO, capture_output=True, text=True)
+    result = run_align_in_process(capsys, "reward", "eval", "--model", cfg.output_dir, "--data",
+                                  str(tmp_path / "mixed.jsonl"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == ("note: 5 of the 12 rankings are of prompts the model was trained on, so "
                                               "this accuracy is not a held-out one (the run's own is in its summary.json)")
