@@ -109,7 +109,6 @@ class PPOTrainer:
 
     def setup(self) -> None:
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         from align.modeling import fit_prompt_length, load_causal_lm, load_tokenizer, resolve_model_path
         from align.tracking import RunLog, check_tracker_available
@@ -188,6 +187,8 @@ class PPOTrainer:
         # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
         # which would step it once per process. transformers' "constant" ignores the warm-up.
         schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+        from transformers import get_scheduler  # seconds of imports: after the checks that may refuse the run
+
         self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.total_optimizer_steps)
         self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
