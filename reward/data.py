@@ -180,7 +180,11 @@ def load_reward_data(data_cfg: Any) -> RewardData:
     if cfg.max_rankings is not None:
         train = train[: cfg.max_rankings]
     if not train or not eval_:
-        raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need both > 0")
+        unranked = len(without_preference) + held_out_without_preference
+        why = (f" ({unranked} of the {len(rankings)} rankings state no preference: a single response, or every "
+               "response tied)") if unranked else ""
+        raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need "
+                        f"both > 0{why}")
     source.update(train_rankings=len(train), eval_rankings=len(eval_))
     return RewardData(train=train, eval=eval_, eval_label="annotators", source=source,
                       without_preference=without_preference, held_out_without_preference=held_out_without_preference,

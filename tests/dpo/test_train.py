@@ -264,7 +264,9 @@ def test_rankings_without_a_preference_are_left_out_in_one_line(small_dpo_run, t
     write_kwise(bad, path)
     result = run_cli(*overrides, "data.format=kwise", f"data.path={path}", "data.eval_fraction=0.5", "overwrite=true")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: after the split: 0 training and 0 held-out rankings with pairs")
+    assert result.stderr.strip() == ("error: after the split: 0 training and 0 held-out rankings with pairs; need both "
+                                     "> 0 (2 of the 2 rankings state no preference: a single response, or every "
+                                     "response tied)")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
