@@ -213,14 +213,14 @@ def _export_policy(run: Path, out: Path, merge: bool, kind: str) -> None:
     model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged in fp32
     _in_base_dtype(model, policy).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    if kind == "ppo":
-        _sample_as_trained(out, model, float(ppo_run.config().get("temperature", 1.0)))
+    _sample_as_trained(out, model, float(ppo_run.config().get("temperature", 1.0)))
 
 
 def _sample_as_trained(out: Path, model: Any, temperature: float) -> None:
     """PPO, RLOO and GRPO optimise the policy's samples at the run's temperature (their log-probs are
-    the logits over it, no top-k or top-p: ppo.sampling): the exported generation_config.json samples
-    so too (`generate()`, and inference servers that take their defaults from it), not with the base's
+    the logits over it, no top-k or top-p: ppo.sampling), and a DPO run's held-out figures are of
+    samples drawn so at its `temperature`: the exported generation_config.json samples so too
+    (`generate()`, and inference servers that take their defaults from it), not with the base's
     filters (a base's top_p 0.9, transformers' own top_k 50 where the file names none, a repetition
     penalty) that would sample another policy. Its other settings (end-of-sequence ids, lengths) stay."""
     from transformers import GenerationConfig

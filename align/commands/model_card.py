@@ -216,7 +216,9 @@ def model_card(run: Path, kind: str, form: str) -> str:
             if "eval/kl" in summary:
                 lines.append(f"| KL to the reference (per sequence) | 0 | {_fmt(summary['eval/kl'])} |")
             if "temperature" in config:
-                lines += ["", f"Held-out responses sampled at temperature {_fmt(config['temperature'])}."]
+                lines += ["", f"Held-out responses sampled at temperature {_fmt(config['temperature'])}"
+                          + (", no top-k or top-p, as generation_config.json samples." if kind == "dpo" and form == "merged"
+                             else ".")]
         else:
             lines.append("No held-out samples: the run's summary has none (it sampled no held-out prompts, or its "
                          "final evaluation did not finish).")

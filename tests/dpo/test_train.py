@@ -214,9 +214,15 @@ def test_run_reports_held_out_accuracy_and_exports_an_ordinary_checkpoint(small_
     assert summary["eval/label_source"] == "gold" and "eval/gold_gain_in_sft_std" in summary and "eval/kl" in summary
     assert len((run / "samples.jsonl").read_text().splitlines()) == 8
     out = export_run(run, tmp_path / "export")
-    assert AutoModelForCausalLM.from_pretrained(out, local_files_only=True) is not None
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     card = (out / "README.md").read_text()
     assert "DPO" in card and "beta" in card
+    # generate() samples as the held-out figures were measured: at the run's temperature, nothing filtered
+    temperature = load_config(DPOConfig, None, small_dpo_run).temperature
+    assert temperature != 1.0
+    config = model.generation_config
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, temperature, 0, 1.0)
+    assert f"Held-out responses sampled at temperature {temperature}, no top-k or top-p, as generation_config" in card
 
 
 def test_the_model_card_states_the_steps_that_ran_and_the_data_path_resolved(small_dpo_run, tmp_path, monkeypatch):
