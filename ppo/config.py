@@ -61,6 +61,9 @@ class KLOptions:
 
 
 # Settings a resumed run may change (`align ppo --resume RUN key=value`): none changes the training math.
+# what only method=ppo reads: the value model's loss, clip and learning rate, GAE and the whitening around it
+VALUE_MODEL_KEYS = ("vf_coef", "cliprange_value", "value_lr_scale", "gamma", "gae_lambda", "whiten_advantages",
+                    "whiten_rewards")
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints", "save_every",
                       "num_threads", "gradient_accumulation_steps", "gradient_checkpointing", "logprob_chunk_tokens",
                       "eval_prompts", "num_eval_prompts",
@@ -210,7 +213,7 @@ class PPOConfig:
         help="The value head (or critic) learns at value_lr_scale * learning_rate. A zero-initialised head needs "
         "about a hundred Adam steps at the adapter's rate to reach the scale of the returns, and until then the "
         "advantages are little more than whitened returns. OpenRLHF's PPO scripts likewise train the critic "
-        "~18x faster than the actor (9e-6 vs 5e-7). 1 = one rate for both.",
+        "~18x faster than the actor (9e-6 vs 5e-7). 1 = one rate for both. method=ppo.",
         gt=0.0,
     )
     lr_scheduler: Literal["linear", "constant", "cosine"] = option(
@@ -221,7 +224,7 @@ class PPOConfig:
     adam_eps: float = option(1e-5, help="AdamW epsilon (1e-5 as in cleanrl / OpenAI baselines).", gt=0.0)
     max_grad_norm: float = option(1.0, help="Global gradient-norm clip.", gt=0.0)
     clip_coef: float = option(0.2, help="PPO policy ratio clip epsilon.", gt=0.0)
-    cliprange_value: float = option(0.2, help="Value clip around the rollout values.", gt=0.0)
+    cliprange_value: float = option(0.2, help="Value clip around the rollout values (method=ppo).", gt=0.0)
     vf_coef: float = option(0.1, help="Weight of the value loss (method=ppo).", ge=0.0)
     ent_coef: float = option(0.0, help="Entropy bonus weight (0 as in InstructGPT).", ge=0.0)
     gamma: float = option(1.0, help="Discount (method=ppo).", ge=0.0, le=1.0)
@@ -281,6 +284,15 @@ class PPOConfig:
     def has_value_model(self) -> bool:
         """Whether this run trains a value head or critic (PPO) or none (the critic-free methods)."""
         return self.method == "ppo"
+
+    def unused_settings(self) -> list[str]:
+        """The value model's and GAE's settings (VALUE_MODEL_KEYS) given values other than their defaults
+        under a critic-free method, which reads none of them: `key=value` each, said when the run starts."""
+        if self.has_value_model:
+            return []
+        defaults = PPOConfig()
+        return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key in VALUE_MODEL_KEYS
+                if (value := getattr(self, key)) != getattr(defaults, key)]
 
     @property
     def kl_in_loss(self) -> bool:

@@ -127,6 +127,9 @@ class PPOTrainer:
         check_distributed_setup(self.accelerator, cfg, self.resume, self.fsdp)
         self.batch = cfg.batch_shape(self.accelerator.num_processes)  # this process's share of batch_size
         self.is_main = self.accelerator.is_main_process
+        if self.is_main and (unused := cfg.unused_settings()):
+            log.warning("%s: method=ppo's settings, which method=%s (no value model, no GAE) does not read",
+                        ", ".join(unused), cfg.method)
         dtype = torch_dtype(cfg.dtype)
         reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
 

@@ -117,6 +117,20 @@ def test_overwriting_an_earlier_run_removes_its_outputs_and_keeps_other_files(sm
     assert (run / "notes.txt").read_text() == "an earlier run's"
 
 
+def test_settings_only_ppo_reads_are_said_to_be_unused_by_a_critic_free_run(small_run, tmp_path, caplog):
+    value_model_settings = ["vf_coef=0.5", "gae_lambda=0.5", "whiten_advantages=false"]
+    cfg = load_config(PPOConfig, None, [*small_run, "method=rloo", "samples_per_prompt=2", "num_iterations=1",
+                                        "num_eval_prompts=0", *value_model_settings])
+    with caplog.at_level("WARNING", logger="align"):
+        run_ppo(cfg, reward_model=HashScorer())
+    assert [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()] == [
+        "vf_coef=0.5, gae_lambda=0.5, whiten_advantages=false: method=ppo's settings, which method=rloo (no value "
+        "model, no GAE) does not read"]
+    assert load_config(PPOConfig, None, [*small_run, *value_model_settings]).unused_settings() == []  # PPO reads them
+    assert load_config(PPOConfig, "configs/demo/ppo.yaml", ["method=rloo", "samples_per_prompt=4"]).unused_settings() \
+        == []  # PPO's config with its defaults spelled out, run as RLOO: nothing to say
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["method=rloo"], "samples_per_prompt >= 2"),
     (["method=grpo", "samples_per_prompt=2", "value_model=reward_model"], "trains no value model, so "
