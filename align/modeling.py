@@ -57,7 +57,10 @@ def resolve_model_path(spec: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"model not found: {text} (expected a local checkpoint directory, or 'demo')")
     if not (path / "config.json").exists() and not is_adapter_dir(path):
-        raise UserError(f"{text} is not a model checkpoint (no config.json or adapter_config.json)")
+        inside = [path / name for name in ("policy", "export") if is_adapter_dir(path / name)
+                  or (path / name / "config.json").exists()]  # an align run's aligned policy, a demo's export
+        hint = f"; the one in it is {inside[0]}" if inside else ""
+        raise UserError(f"{text} is not a model checkpoint (no config.json or adapter_config.json){hint}")
     return path
 
 

@@ -96,6 +96,25 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
         export_run(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(UserError, match="neither a PPO or DPO run"):
         export_run(tmp_path / "taken", tmp_path / "out")
+
+
+def test_a_folder_of_runs_points_to_them_and_a_run_given_as_a_model_to_its_policy(tiny_ppo_run, tmp_path):
+    from align.modeling import resolve_model_path
+
+    demo = tmp_path / "demo"  # as `align demo` leaves one: stage runs, and its policy exported already
+    demo.mkdir()
+    (demo / "ppo").symlink_to(tiny_ppo_run, target_is_directory=True)
+    (demo / "export").mkdir()
+    (demo / "export" / "README.md").write_text("# Aligned policy exported by align\n")
+    with pytest.raises(UserError) as refused:
+        export_run(demo, tmp_path / "out")
+    assert str(refused.value) == (f"{demo} is not a run but holds 1: export one of {demo / 'ppo'}; its policy is "
+                                  f"exported already, in {demo / 'export'}")
+    with pytest.raises(UserError) as refused:  # policy_model=RUN: the aligned policy is RUN/policy
+        resolve_model_path(tiny_ppo_run)
+    assert str(refused.value).endswith(f"is not a model checkpoint (no config.json or adapter_config.json); the one "
+                                       f"in it is {tiny_ppo_run / 'policy'}")
+    assert not (tmp_path / "out").exists()
     # --force never replaces the run itself, a directory holding it, or a part of it
     before = sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*"))
     for out in (tiny_ppo_run, tiny_ppo_run.parent, tiny_ppo_run / "policy"):

@@ -51,6 +51,10 @@ def run_kind(run: Path) -> str:
         return "reward"
     if not run.exists():
         raise UserError(f"run directory not found: {run}")
+    runs = [child for child in sorted(run.iterdir()) if child.is_dir() and (is_ppo_run(child) or is_reward_model(child))]
+    if runs:  # a folder of runs, as `align demo` leaves one (with its policy exported already, in export/)
+        exported = f"; its policy is exported already, in {run / 'export'}" if (run / "export" / "README.md").is_file() else ""
+        raise UserError(f"{run} is not a run but holds {len(runs)}: export one of {', '.join(map(str, runs))}{exported}")
     raise UserError(f"{run} is neither a PPO or DPO run (no {POLICY_DIR}/adapter_config.json) nor a reward run "
                     f"(no {MODEL_DIR}/{NORMALIZATION_FILE}); is the run finished?")
 
