@@ -374,6 +374,11 @@ def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any]
         raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses, rendering),
                           max_length=max_length, batch_size=batch_size)
     gain, bias = fit_normalization(raw)
+    mean, std = raw.mean().item(), raw.std().item()
+    if std < 1e-3 * max(1.0, abs(mean)):  # at the rounding of a bf16 score: PPO would chase float noise
+        log.warning("the reward model scores the policy's %d samples all but alike (raw mean %.4g, std %.3g): "
+                    "what tells them apart is rounding noise, which PPO, RLOO or GRPO would follow; is its reward "
+                    "head trained?", len(raw), mean, std)
     return gain, bias, raw
 
 

@@ -109,6 +109,30 @@ def test_each_response_is_read_where_the_model_was_trained_to_read_it(imported, 
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_reward_head_that_scores_every_sample_alike_is_warned_of(outside_model, tiny_random_model, rankings_file,
+                                                                    tmp_path, caplog):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from reward.external import import_reward_model
+
+    untrained = tmp_path / "untrained"  # a head scaled to nothing: the scores differ by rounding alone
+    model = AutoModelForSequenceClassification.from_pretrained(outside_model)
+    with torch.no_grad():
+        model.score.weight.mul_(1e-9)
+    model.save_pretrained(untrained)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (untrained / name).write_bytes((outside_model / name).read_bytes())
+    warned = lambda: [r.getMessage() for r in caplog.records if "all but alike" in r.getMessage()]  # noqa: E731
+    with caplog.at_level("WARNING", logger="align"):
+        import_reward_model(untrained, policy=str(tiny_random_model), data=rankings_file, format="kwise",
+                            out=tmp_path / "rm", batch_size=4, echo=lambda _: None, **SAMPLES)
+        assert len(warned()) == 1 and "samples all but alike (raw mean" in warned()[0]
+        import_reward_model(outside_model, policy=str(tiny_random_model), data=rankings_file, format="kwise",
+                            out=tmp_path / "rm2", batch_size=4, echo=lambda _: None, **SAMPLES)
+        assert len(warned()) == 1  # the trained-like head: nothing said
+
+
 def test_a_tokenizer_without_pad_gets_one(outside_model, tiny_random_model, rankings_file, tmp_path):
     import shutil
 
