@@ -188,6 +188,37 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     assert hint("export", "run", "--out", "x") == ""
 
 
+def test_a_stage_stopped_by_sigterm_says_how_it_continues_and_dies_of_the_signal(tmp_path):
+    # a scheduler's preemption: one line with the way back in, then the signal's own exit status
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "iter-000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    script = f"""
+import time, typer
+import align.commands.cli as cli
+app = typer.Typer()
+@app.command(context_settings={{"allow_extra_args": True, "ignore_unknown_options": True}})
+def ppo() -> None:
+    open({str(tmp_path / 'ready')!r}, 'w').close()
+    time.sleep(60)
+cli.app, cli._register_stages = app, lambda: None
+cli.main(["ppo", "--resume", {str(run)!r}])
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGTERM
+    assert err == f"terminated (the run continues from its latest checkpoint: align ppo --resume {run})\n"
+
+
 def test_the_commands_are_registered_once_however_often_main_runs(capsys):
     # each in-process call added every command again, and typer built every copy on each later call
     from align.commands import cli

@@ -7,12 +7,14 @@ the commands, never at module level, so `align --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -148,16 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register_stages()
     started = time.time()
+    args = sys.argv[1:] if argv is None else argv
     try:
-        # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
-        app(args=argv, prog_name="align")
+        with _said_on_sigterm(args, started):
+            # Standalone mode: typer reports usage errors itself (exit 2) and handles Ctrl-C.
+            app(args=argv, prog_name="align")
     except UserError as exc:
         if _first_to_say(str(exc)):
             typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # typer's exit for Ctrl-C, which it leaves silent
-            typer.echo(f"interrupted{_continue_hint(sys.argv[1:] if argv is None else argv, started)}", err=True)
+            typer.echo(f"interrupted{_continue_hint(args, started)}", err=True)
         exit_process(exc.code)
     exit_process(0)
 
@@ -213,6 +217,36 @@ def _process_start(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except FileNotFoundError:
         return None
+
+
+@contextlib.contextmanager
+def _said_on_sigterm(args: list[str], started: float) -> Iterator[None]:
+    """A training stage or the demo stopped by SIGTERM (a scheduler's preemption, `kill`) says so, with how
+    it carries on (`_continue_hint`), then dies of the signal as it would have: no cleanup runs that the
+    default action would skip, and the exit status is still the signal's. Not in a launch's ranks (the
+    launcher stops the others when one fails, and says why), nor where a server answers SIGTERM itself."""
+    import signal
+
+    words = [a for a in args if not a.startswith("-")][:2]
+    stage = words[:1] in (["ppo"], ["dpo"], ["demo"]) or words == ["reward", "train"]
+    import threading
+
+    if (not stage or "--serve" in args or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+            or threading.current_thread() is not threading.main_thread()):  # (where signal handlers can be set)
+        yield
+        return
+
+    def say_and_die(signum: int, frame: object) -> None:
+        sys.stderr.write(f"terminated{_continue_hint(args, started)}\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, say_and_die)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _continue_hint(args: list[str], started: float) -> str:
