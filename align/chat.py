@@ -106,10 +106,10 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
         return _apply_template(tokenizer, messages, add_generation_prompt=True)
     _note_fallback(tokenizer)
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else m['role'].title()}: {m['content']}" for m in messages)
-    return f"{_own_bos(tokenizer)}{turns}\n\nAssistant:"
+    return f"{leading_bos(tokenizer)}{turns}\n\nAssistant:"
 
 
-def _own_bos(tokenizer: Any) -> str:
+def leading_bos(tokenizer: Any) -> str:
     """The bos token's text if the tokenizer's own encoding puts it first and nothing after the text
     (a decoder's bos; an encoder's [CLS] ... [SEP] it adds itself), else ''. Worked out once per
     tokenizer and bos (every prompt of a dataset is rendered through here)."""

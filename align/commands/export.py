@@ -91,7 +91,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
         form = ("adapter" if (tmp / "adapter_config.json").exists()
                 else "merged" if (source / "adapter_config.json").exists()
                 else "imported" if kind not in POLICY_KINDS and _imported(source) else "full")
-        (tmp / "README.md").write_text(model_card(run, kind, form), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(run, kind, form, tmp), encoding="utf-8")
     what = "PEFT adapter on its base checkpoint" if form == "adapter" else FORMS[form]  # (the card names the base above)
     (echo or log.info)(f"exported the {'policy' if kind in POLICY_KINDS else 'reward model'} of {run} to {out}: {what}")
     return out

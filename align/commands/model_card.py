@@ -122,8 +122,9 @@ def sft_adapter_note(bases: list[Path]) -> str:
             "the aligned model whole (`align export RUN --out DIR --merge`)")
 
 
-def model_card(run: Path, kind: str, form: str) -> str:
-    """The exported folder's README.md; `form`: what it holds (a key of FORMS)."""
+def model_card(run: Path, kind: str, form: str, folder: Path | None = None) -> str:
+    """The exported folder's README.md; `form`: what it holds (a key of FORMS); `folder`: where the export
+    was written (a reward model's card shows how plain transformers scores with it, `reward_recipe`)."""
     from ppo.run_dir import PPORun
     from reward.run_dir import RewardRun, is_reward_model
 
@@ -252,6 +253,14 @@ def model_card(run: Path, kind: str, form: str) -> str:
         lines += ["if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # align added a <pad> token",
                   "    base.resize_token_embeddings(len(tokenizer))",
                   "model = PeftModel.from_pretrained(base, DIR)"]
+    elif form != "adapter" and folder is not None:  # an ordinary checkpoint: transformers alone reads it
+        from align.commands.reward_recipe import reward_recipe
+        from reward.run_dir import ALIGN
+
+        rendering = RewardRun.open(run).info().get("rendering", ALIGN)
+        lines += [*reward_recipe(folder, rendering), "",
+                  "# with align installed, the same scores in batches: reward.model.load_reward_model(DIR).score("
+                  "prompts, responses)"]
     else:
         lines += ["from reward.model import load_reward_model", "rm = load_reward_model(DIR)  # normalised scores",
                   "rm.score(prompts, responses)"]
