@@ -174,6 +174,7 @@ def load_reward_data(data_cfg: Any) -> RewardData:
     else:
         train, eval_ = split_by_prompt(rankings, cfg.eval_fraction, cfg.seed)
         source.update(split="prompt", eval_fraction=cfg.eval_fraction, split_seed=cfg.seed)
+    given = len(train) + len(eval_)
     without_preference = [r for r in train if not ordered_pairs(r.ranks)]
     held_out_without_preference = sum(not ordered_pairs(r.ranks) for r in eval_)
     train, eval_ = with_pairs(train), with_pairs(eval_)
@@ -181,7 +182,7 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         train = train[: cfg.max_rankings]
     if not train or not eval_:
         unranked = len(without_preference) + held_out_without_preference
-        why = (f" ({unranked} of the {len(rankings)} rankings state no preference: a single response, or every "
+        why = (f" ({unranked} of the {given} rankings state no preference: a single response, or every "
                "response tied)") if unranked else ""
         raise UserError(f"after the split: {len(train)} training and {len(eval_)} held-out rankings with pairs; need "
                         f"both > 0{why}")

@@ -197,7 +197,9 @@ def prepare_tokenizer(tokenizer, rendering: str = ALIGN) -> None:
     if tokenizer.pad_token_id is None or (rendering == ALIGN and tokenizer.pad_token_id == tokenizer.eos_token_id):
         raise UserError("the tokenizer's pad token must exist and differ from eos (use align.modeling.load_tokenizer)")
     tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"
+    # a text pair is cut as those models were trained, tokenizer(question, answer, truncation=True): from the
+    # end of the longer text (Open-Assistant's reward trainer)
+    tokenizer.truncation_side = "right" if rendering == TEXT_PAIR else "left"
 
 
 def configure_padding(model: nn.Module, tokenizer, rendering: str = ALIGN) -> None:
@@ -236,7 +238,7 @@ def encode(tokenizer, texts: Sequence[Rendered], max_length: int, *, encoder: bo
     special tokens (the chat template's bos, the eos; cut from the left, it keeps its bos:
     align.chat.encode_rendered); an encoder's get its own ([CLS] ... [SEP]); (question, answer) text
     pairs, `[CLS] question [SEP] answer [SEP]` with the token types the tokenizer gives them (a pair too
-    long loses tokens from the start of the longer text)."""
+    long loses tokens from the longer text, on the side `prepare_tokenizer` sets)."""
     if texts and isinstance(texts[0], tuple):
         return tokenizer([q for q, _ in texts], [a for _, a in texts], padding=True, truncation="longest_first",
                          max_length=max_length, return_tensors="pt")
@@ -375,7 +377,7 @@ def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any]
                           max_length=max_length, batch_size=batch_size)
     gain, bias = fit_normalization(raw)
     mean, std = raw.mean().item(), raw.std().item()
-    if std < 1e-3 * max(1.0, abs(mean)):  # at the rounding of a bf16 score: PPO would chase float noise
+    if std < 1e-3 * max(1.0, abs(mean)):  # a head that barely depends on the text: PPO would chase its noise
         log.warning("the reward model scores the policy's %d samples all but alike (raw mean %.4g, std %.3g): "
                     "what tells them apart is rounding noise, which PPO, RLOO or GRPO would follow; is its reward "
                     "head trained?", len(raw), mean, std)

@@ -96,6 +96,14 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
         export_run(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(UserError, match="neither a PPO or DPO run"):
         export_run(tmp_path / "taken", tmp_path / "out")
+    with pytest.raises(UserError, match="neither a PPO or DPO run"):  # a file, not a folder
+        export_run(tmp_path / "taken" / "keep.txt", tmp_path / "out")
+    # --force never replaces the run itself, a directory holding it, or a part of it
+    before = sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*"))
+    for out in (tiny_ppo_run, tiny_ppo_run.parent, tiny_ppo_run / "policy"):
+        with pytest.raises(UserError, match="overlaps the run"):
+            export_run(tiny_ppo_run, out, force=True)
+    assert sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*")) == before
 
 
 def test_a_folder_of_runs_points_to_them_and_a_run_given_as_a_model_to_its_policy(tiny_ppo_run, tmp_path):
@@ -115,12 +123,6 @@ def test_a_folder_of_runs_points_to_them_and_a_run_given_as_a_model_to_its_polic
     assert str(refused.value).endswith(f"is not a model checkpoint (no config.json or adapter_config.json); the one "
                                        f"in it is {tiny_ppo_run / 'policy'}")
     assert not (tmp_path / "out").exists()
-    # --force never replaces the run itself, a directory holding it, or a part of it
-    before = sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*"))
-    for out in (tiny_ppo_run, tiny_ppo_run.parent, tiny_ppo_run / "policy"):
-        with pytest.raises(UserError, match="overlaps the run"):
-            export_run(tiny_ppo_run, out, force=True)
-    assert sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*")) == before
 
 
 def test_a_run_missing_its_weights_or_with_damaged_json_is_refused(tiny_ppo_run, tmp_path):

@@ -51,7 +51,11 @@ def run_kind(run: Path) -> str:
         return "reward"
     if not run.exists():
         raise UserError(f"run directory not found: {run}")
-    runs = [child for child in sorted(run.iterdir()) if child.is_dir() and (is_ppo_run(child) or is_reward_model(child))]
+    try:
+        children = sorted(run.iterdir()) if run.is_dir() else []
+    except OSError:  # a folder this user may not list: said as any other folder that is no run
+        children = []
+    runs = [child for child in children if child.is_dir() and (is_ppo_run(child) or is_reward_model(child))]
     if runs:  # a folder of runs, as `align demo` leaves one (with its policy exported already, in export/)
         exported = f"; its policy is exported already, in {run / 'export'}" if (run / "export" / "README.md").is_file() else ""
         raise UserError(f"{run} is not a run but holds {len(runs)}: export one of {', '.join(map(str, runs))}{exported}")

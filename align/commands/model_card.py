@@ -257,8 +257,9 @@ def model_card(run: Path, kind: str, form: str, folder: Path | None = None) -> s
         from align.commands.reward_recipe import reward_recipe
         from reward.run_dir import ALIGN
 
-        rendering = RewardRun.open(run).info().get("rendering", ALIGN)
-        lines += [*reward_recipe(folder, rendering), "",
+        info = RewardRun.open(run).info()
+        max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))  # as load_reward_model reads
+        lines += [*reward_recipe(folder, info.get("rendering", ALIGN), max_length), "",
                   "# with align installed, the same scores in batches: reward.model.load_reward_model(DIR).score("
                   "prompts, responses)"]
     else:

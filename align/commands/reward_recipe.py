@@ -15,23 +15,27 @@ from pathlib import Path
 MESSAGES = "    messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)"
 
 
-def reward_recipe(folder: Path, rendering: str) -> list[str]:
+def reward_recipe(folder: Path, rendering: str, max_length: int) -> list[str]:
     """Python lines (DIR: the exported folder) defining `reward(prompt, response) -> float`, the normalised
-    reward of one response, for the checkpoint written to `folder` read as `rendering` says."""
-    from transformers import AutoTokenizer
+    reward of one response, for the checkpoint written to `folder` read as `rendering` says, in fp32 as
+    align scores (a bf16 checkpoint loads as bf16 otherwise); `max_length`: the tokens align reads."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from align.chat import leading_bos
-    from align.modeling import checkpoint_is_encoder
+    from align.modeling import checkpoint_is_encoder, position_limit
     from reward.run_dir import CONVERSATION, TEXT_PAIR
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    limit = position_limit(AutoConfig.from_pretrained(folder, local_files_only=True))
+    max_length = min(max_length, limit) if limit else max_length  # as load_reward_model cuts it (fit_max_length)
     encoder, template = checkpoint_is_encoder(folder), bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token or ""
     if encoder and eos == getattr(tokenizer, "sep_token", None):
         eos = ""  # its own [SEP] ends the text (align.chat.render_example)
     lines = ["import json",
+             "import torch",
              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-             "model = AutoModelForSequenceClassification.from_pretrained(DIR).eval()",
+             "model = AutoModelForSequenceClassification.from_pretrained(DIR, dtype=torch.float32).eval()",
              "tokenizer = AutoTokenizer.from_pretrained(DIR)",
              "norm = json.load(open(f'{DIR}/reward_normalization.json'))  # mean 0, std 1 on the SFT model's samples",
              "",
@@ -41,7 +45,8 @@ def reward_recipe(folder: Path, rendering: str) -> list[str]:
         sep = tokenizer.sep_token
         joiner = f" {sep} " if sep else "\n\n"
         lines += [f"    question = {joiner!r}.join(m['content'] for m in messages)",
-                  "    inputs = tokenizer(question, response, return_tensors='pt')"]
+                  f"    inputs = tokenizer(question, response, truncation=True, max_length={max_length}, "
+                  "return_tensors='pt')"]
     elif template:
         lines += ["    text = tokenizer.apply_chat_template(messages + [{'role': 'assistant', 'content': response}], "
                   "tokenize=False)" if rendering == CONVERSATION else
@@ -54,6 +59,7 @@ def reward_recipe(folder: Path, rendering: str) -> list[str]:
                   "    space = ' ' if response and not response[0].isspace() else ''",
                   f"    text = {leading_bos(tokenizer)!r} + turns + '\\n\\nAssistant:' + space + response + {eos!r}",
                   f"    inputs = tokenizer(text, add_special_tokens={encoder}, return_tensors='pt')"]
-    lines += ["    # (a text longer than the run's model.max_length: align reads its last max_length tokens)",
-              "    return norm['gain'] * model(**inputs).logits[0, 0].item() + norm['bias']"]
+    if rendering != TEXT_PAIR:
+        lines.append(f"    # (a text over {max_length} tokens: align cuts it from the left, keeping its special tokens)")
+    lines += ["    return norm['gain'] * model(**inputs).logits[0, 0].item() + norm['bias']"]
     return lines

@@ -59,7 +59,8 @@ def test_an_align_reward_model_reads_as_the_card_says(random_reward_model, tmp_p
     assert card_scores(export) == align_scores(export)
 
 
-def test_an_encoder_reward_model_reads_as_the_card_says(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_encoder_reward_model_reads_as_the_card_says(tmp_path, dtype):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -72,6 +73,7 @@ def test_an_encoder_reward_model_reads_as_the_card_says(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     configure_padding(model, tokenizer)
+    model.to(getattr(torch, dtype))  # as a bf16 base's is saved: the card's code still scores in fp32, as align does
     run = save_reward_model(model, tokenizer, tmp_path / "rm", gain=2.0, bias=0.5, info={})
     export = exported(run, tmp_path / "export")
     assert card_scores(export) == align_scores(export)

@@ -332,6 +332,19 @@ def test_a_separate_eval_file_is_read_with_repeated_responses_kept_once(tmp_path
     assert (by_prompt["held out too"].responses, by_prompt["held out too"].ranks) == (["c", "d"], [1, 0])
 
 
+def test_a_held_out_file_of_rankings_without_a_preference_is_counted_with_the_training_files(tmp_path):
+    from align.errors import UserError
+    from align.exports import write_kwise
+    from reward.config import DataSection
+
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_kwise([Ranking(prompt=f"train {i}", responses=["x", "y"], ranks=[0, 1]) for i in range(2)], train_path)
+    write_kwise([Ranking(prompt=f"tied {i}", responses=["a", "b"], ranks=[0, 0]) for i in range(5)], eval_path)
+    with pytest.raises(UserError, match=r"2 training and 0 held-out rankings with pairs; need both > 0 \(5 of the 7 "
+                                        r"rankings state no preference"):
+        load_reward_data(DataSection(format="kwise", path=str(train_path), eval_path=str(eval_path)))
+
+
 def test_an_annotation_database_that_cannot_be_opened_is_said_of_its_key_without_the_password():
     from align.commands.sources import register_ranking_sources
     from align.errors import UserError

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 PROMPTS = ["what is a cat?", [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"},
-                              {"role": "user", "content": "and a dog?"}]]
-RESPONSES = ["a small animal that purrs", "a larger pet that barks loudly"]
+                              {"role": "user", "content": "and a dog?"}], "and a long answer?"]
+RESPONSES = ["a small animal that purrs", "a larger pet that barks loudly",
+             "it starts well " + "and goes on " * 20 + "and ends badly"]  # past MAX_LENGTH: cut as trained
+MAX_LENGTH = 32
 
 
 def pair_encoder(family: str, out: Path) -> Path:
@@ -46,7 +48,7 @@ def direct_scores(source: Path, questions: list[str], answers: list[str], *, wit
     model = AutoModelForSequenceClassification.from_pretrained(source).eval()
     scores = []
     for q, a in zip(questions, answers):
-        enc = tokenizer(q, a, return_tensors="pt")
+        enc = tokenizer(q, a, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
         if not with_types:
             enc.pop("token_type_ids", None)
         with torch.no_grad():
@@ -67,12 +69,13 @@ def test_a_pair_trained_encoder_is_read_as_its_pairs(family, tiny_random_model, 
     lines: list[str] = []
     summary = import_reward_model(source, policy=str(tiny_random_model), data=rankings_file, format="kwise",
                                   out=tmp_path / "rm", prompts=4, response_length=4, batch_size=4,
-                                  rendering=TEXT_PAIR, echo=lines.append)
+                                  max_length=MAX_LENGTH, rendering=TEXT_PAIR, echo=lines.append)
     assert "as a text pair ([CLS] question [SEP] response [SEP]" in lines[0]
     assert json.loads((tmp_path / "rm" / "reward_model_info.json").read_text())["rendering"] == TEXT_PAIR
     assert 0.0 <= summary["eval/accuracy"] <= 1.0
 
-    questions = ["what is a cat?", "hello there [SEP] hi! [SEP] and a dog?"]  # a conversation's turns by [SEP]
+    questions = ["what is a cat?", "hello there [SEP] hi! [SEP] and a dog?",  # a conversation's turns by [SEP]
+                 "and a long answer?"]
     expected = direct_scores(source, questions, RESPONSES)
     if family != "deberta-v2":  # the precondition: the segments change the scores, so they must be passed
         assert direct_scores(source, questions, RESPONSES, with_types=False) != pytest.approx(expected, abs=1e-3)
