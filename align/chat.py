@@ -175,10 +175,14 @@ def render_example(tokenizer: Any, prompt: str | list[dict[str, str]], response:
     text = render_prompt(tokenizer, prompt)
     if not getattr(tokenizer, "chat_template", None) and response and not response[0].isspace():
         text += " "
+    return text + response + response_end(tokenizer)
+
+
+def response_end(tokenizer: Any) -> str:
+    """The text `render_example` ends a response with: the eos token, or nothing where the eos is the
+    separator an encoder adds itself."""
     eos = tokenizer.eos_token or ""
-    if eos and eos == getattr(tokenizer, "sep_token", None):
-        eos = ""
-    return text + response + eos
+    return "" if eos and eos == getattr(tokenizer, "sep_token", None) else eos
 
 
 def render_conversation(tokenizer: Any, prompt: str | list[dict[str, str]], response: str) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from align.errors import UserError
-from reward.run_dir import ALIGN, CONVERSATION, IMPORT_RENDERINGS, INFO_FILE, NORMALIZATION_FILE, TEXT_PAIR
+from reward.run_dir import ALIGN, CONVERSATION, IMPORT_RENDERINGS, INFO_FILE, NORMALIZATION_FILE, TEXT_PAIR, recorded_max_length
 from reward.run_dir import model_dir as find_model_dir
 
 log = logging.getLogger("align")
@@ -472,7 +472,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     configure_padding(model, tokenizer, rendering)
     model.to(device).eval()
     norm = json.loads((model_dir / NORMALIZATION_FILE).read_text(encoding="utf-8"))
-    max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))
+    max_length = recorded_max_length(info)
     max_length = fit_max_length(max_length, model, f"{model_dir}: model.max_length")  # as in its training
     return RewardModel(model=model, tokenizer=tokenizer, gain=float(norm["gain"]), bias=float(norm["bias"]),
                        max_length=max_length, path=model_dir, rendering=rendering)

@@ -36,6 +36,11 @@ IMPORTED_FROM = "imported_from"  # the key of INFO_FILE that marks a model train
 OUTPUTS = (SUMMARY_FILE, MODEL_DIR, *TRACKER_OUTPUTS)
 
 
+def recorded_max_length(info: dict) -> int:
+    """The tokens a reward model reads, as INFO_FILE records them (512 where it does not)."""
+    return int(info.get("config", {}).get("model", {}).get("max_length", 512))
+
+
 def model_dir(path: str | Path) -> Path:
     """RUN or RUN/model (or an exported reward model) -> the directory that holds the model."""
     path = Path(path)

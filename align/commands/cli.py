@@ -226,11 +226,9 @@ def _said_on_sigterm(args: list[str], started: float) -> Iterator[None]:
     default action would skip, and the exit status is still the signal's. Not in a launch's ranks (the
     launcher stops the others when one fails, and says why), nor where a server answers SIGTERM itself."""
     import signal
-
-    words = [a for a in args if not a.startswith("-")][:2]
-    stage = words[:1] in (["ppo"], ["dpo"], ["demo"]) or words == ["reward", "train"]
     import threading
 
+    stage = _stage_command(args) is not None or _command_words(args)[:1] == ["demo"]
     if (not stage or "--serve" in args or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
             or threading.current_thread() is not threading.main_thread()):  # (where signal handlers can be set)
         yield
@@ -249,12 +247,24 @@ def _said_on_sigterm(args: list[str], started: float) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _command_words(args: list[str]) -> list[str]:
+    """The command's first two words (`reward train`), its options left out."""
+    return [a for a in args if not a.startswith("-")][:2]
+
+
+def _stage_command(args: list[str]) -> str | None:
+    """`align ppo`, `align dpo` or `align reward train` where `args` run that training stage, else None."""
+    words = _command_words(args)
+    if words[:1] in (["ppo"], ["dpo"]):
+        return f"align {words[0]}"
+    return "align reward train" if words == ["reward", "train"] else None
+
+
 def _continue_hint(args: list[str], started: float) -> str:
     """How an interrupted command carries on, for the training stages and the demo (`started`: when
     the command began; a run folder whose config.yaml is older holds an earlier run's checkpoints)."""
-    words = [a for a in args if not a.startswith("-")][:2]
-    if words[:1] in (["ppo"], ["dpo"]) or words == ["reward", "train"]:
-        command = "align " + " ".join(words[:2] if words[0] == "reward" else words[:1])
+    command = _stage_command(args)
+    if command is not None:
         # the run's folder where the command line names it (--resume RUN, --resume=RUN, output_dir=RUN)
         named = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--resume"]
         named += [a.split("=", 1)[1] for a in args if a.startswith(("--resume=", "output_dir="))]
@@ -269,7 +279,7 @@ def _continue_hint(args: list[str], started: float) -> str:
         if checkpoints.is_dir() and any(not c.name.startswith(".") for c in checkpoints.iterdir()):
             return f" (the run continues from its latest checkpoint: {command} --resume {shlex.quote(named[-1])})"
         return " (it stopped before its first checkpoint: run the command again, with overwrite=true)"
-    if words[:1] == ["demo"]:
+    if _command_words(args)[:1] == ["demo"]:
         if "--serve" in args:
             return " (align demo --serve serves it again, adding what it lacks)"
         return " (align demo --continue trains again from the rankings; --force starts over)"

@@ -255,11 +255,10 @@ def model_card(run: Path, kind: str, form: str, folder: Path | None = None) -> s
                   "model = PeftModel.from_pretrained(base, DIR)"]
     elif form != "adapter" and folder is not None:  # an ordinary checkpoint: transformers alone reads it
         from align.commands.reward_recipe import reward_recipe
-        from reward.run_dir import ALIGN
+        from reward.run_dir import ALIGN, recorded_max_length
 
         info = RewardRun.open(run).info()
-        max_length = int(info.get("config", {}).get("model", {}).get("max_length", 512))  # as load_reward_model reads
-        lines += [*reward_recipe(folder, info.get("rendering", ALIGN), max_length), "",
+        lines += [*reward_recipe(folder, info.get("rendering", ALIGN), recorded_max_length(info)), "",
                   "# with align installed, the same scores in batches: reward.model.load_reward_model(DIR).score("
                   "prompts, responses)"]
     else:

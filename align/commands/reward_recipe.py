@@ -19,19 +19,16 @@ def reward_recipe(folder: Path, rendering: str, max_length: int) -> list[str]:
     """Python lines (DIR: the exported folder) defining `reward(prompt, response) -> float`, the normalised
     reward of one response, for the checkpoint written to `folder` read as `rendering` says, in fp32 as
     align scores (a bf16 checkpoint loads as bf16 otherwise); `max_length`: the tokens align reads."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from align.chat import leading_bos
-    from align.modeling import checkpoint_is_encoder, position_limit
+    from align.chat import leading_bos, response_end
+    from align.modeling import checkpoint_is_encoder, fit_max_length
     from reward.run_dir import CONVERSATION, TEXT_PAIR
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    limit = position_limit(AutoConfig.from_pretrained(folder, local_files_only=True))
-    max_length = min(max_length, limit) if limit else max_length  # as load_reward_model cuts it (fit_max_length)
+    max_length = fit_max_length(max_length, folder, "model.max_length")  # as load_reward_model cuts it
     encoder, template = checkpoint_is_encoder(folder), bool(getattr(tokenizer, "chat_template", None))
-    eos = tokenizer.eos_token or ""
-    if encoder and eos == getattr(tokenizer, "sep_token", None):
-        eos = ""  # its own [SEP] ends the text (align.chat.render_example)
+    eos = response_end(tokenizer)
     lines = ["import json",
              "import torch",
              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
