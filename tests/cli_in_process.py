@@ -10,6 +10,7 @@ pytest the root logger already has pytest's handlers, so its basicConfig adds no
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from align.commands.cli import main
 
 def run_align_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
     """(returncode, stdout, stderr) of `align ARGS`, as subprocess.run(..., capture_output=True, text=True) gives."""
+    gc.collect()  # an earlier test's garbage warns now (an unclosed file's ResourceWarning), not on this stderr
     capsys.readouterr()  # only this command's words
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)  # pytest's captured stderr, as configure_logging's would be
