@@ -27,6 +27,7 @@ import torch
 
 from align.distributed import processes_text
 from align.errors import UserError
+from align.provenance import matches_fingerprint
 from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, make_directory, prepare_run_dir, write_json_atomic
 
 log = logging.getLogger("align")
@@ -69,10 +70,11 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any], may_change: set[str],
                    data: str | None = None, num_steps: int | None = None, aliases: Mapping[str, str] | None = None,
-                   models: Mapping[str, str] | None = None) -> None:
+                   models: Mapping[str, Path | None] | None = None) -> None:
     """A checkpoint resumes only the run that wrote it: the same settings (but for `may_change`, which
     leave the training as it is, and where the run lives), the same data, models (`align.provenance.model_fingerprints`)
-    and planned steps (where the stage gives them). `aliases`: the config class's former key names,
+    and planned steps (where the stage gives them). `models`: config key -> the model directory the run
+    reads now (None: not checked), held to the checkpoint's fingerprints. `aliases`: the config class's former key names,
     which a checkpoint may hold."""
     if "config" not in state:  # written before checkpoints held their run's config: nothing to compare
         log.warning("%s holds no config to compare this run's with; resuming on the run's config.yaml", path)
@@ -90,8 +92,8 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
         raise UserError(f"{path}: the training data differ from those the run was trained on (re-exported or "
                         "changed since); restore them or start a new run")
     saved_models = state.get("models", {})  # (older checkpoints: not kept)
-    for key, digest in (models or {}).items():
-        if key in saved_models and saved_models[key] != digest:
+    for key, model in (models or {}).items():
+        if key in saved_models and model is not None and not matches_fingerprint(model, saved_models[key]):
             raise UserError(f"{path}: the model {key} names ({now.get(key, '')}) is not the one the run was trained "
                             "with: its files changed since (trained again, rebuilt); restore it or start a new run")
     if num_steps is not None and "num_steps" in state and state["num_steps"] != num_steps:  # (older: not kept)

@@ -17,27 +17,38 @@ from align.run import write_json_atomic
 
 log = logging.getLogger("align")
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")  # weights, configs, tokenizers
+# weights, configs, tokenizers and their chat templates (transformers 5 keeps a template in chat_template.jinja,
+# no longer inside tokenizer_config.json: an edited template changes what the policy is prompted with)
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt", ".jinja")
+FINGERPRINT_FORMAT = "2:"  # how a fingerprint begins that reads chat templates; an older one is a bare digest
 
 
-def model_fingerprint(path: str | Path) -> str:
+def model_fingerprint(path: str | Path, *, templates: bool = True) -> str:
     """sha256 of a checkpoint's contents, read cheaply: the weight, config and tokenizer files of its
     directory and of the bases its adapters name (align.modeling.adapter_chain), each by its name,
     size and first and last MiB. A resumed run checks that its models are the checkpoint's: a
-    reward model trained again into the same folder, an SFT checkpoint rebuilt in place."""
+    reward model trained again into the same folder, an SFT checkpoint rebuilt in place, a chat
+    template edited. `templates=False`: read as fingerprints were before they read chat templates."""
     from align.modeling import adapter_chain
 
     digest = hashlib.sha256()
     for directory in adapter_chain(path, find_only=True):
-        for file in _model_files(directory):
+        for file in _model_files(directory, templates=templates):
             _digest_file(digest, file)
-    return digest.hexdigest()
+    return FINGERPRINT_FORMAT + digest.hexdigest() if templates else digest.hexdigest()
 
 
-def _model_files(directory: Path) -> list[Path]:
+def matches_fingerprint(path: str | Path, fingerprint: str) -> bool:
+    """Whether the checkpoint at `path` is the one `fingerprint` was taken of, read as it was read then:
+    a checkpoint or record written before fingerprints read chat templates still resumes or exports."""
+    return model_fingerprint(path, templates=fingerprint.startswith(FINGERPRINT_FORMAT)) == fingerprint
+
+
+def _model_files(directory: Path, *, templates: bool = True) -> list[Path]:
     """The files of `directory` that `model_fingerprint` reads, by name."""
     files = sorted(directory.iterdir()) if directory.is_dir() else []
-    return [f for f in files if f.suffix in MODEL_FILE_SUFFIXES and f.is_file()]
+    suffixes = MODEL_FILE_SUFFIXES if templates else tuple(s for s in MODEL_FILE_SUFFIXES if s != ".jinja")
+    return [f for f in files if f.suffix in suffixes and f.is_file()]
 
 
 def _digest_file(digest: Any, file: Path) -> None:
@@ -110,7 +121,7 @@ def check_models_record(path: Path, models: Mapping[str, Path], *, purpose: str)
         recorded_chain = entry.get("chain") or []
         if ([level["files"] for level in _weights_and_configs(recorded_chain)]  # by content, not by place
                 == [level["files"] for level in _weights_and_configs(now)] if recorded_chain
-                else model_fingerprint(model) == entry["fingerprint"]):
+                else matches_fingerprint(model, entry["fingerprint"])):
             continue
         trained_on = str(entry.get("path", model))
         changes = _changes(_weights_and_configs(recorded_chain), _weights_and_configs(now))

@@ -189,7 +189,7 @@ class StepLoop:
                                                may_change=self.resume_overridable, data=self.data_digest,
                                                num_steps=len(self.global_batches),
                                                aliases=getattr(type(self.cfg), "key_aliases", None),
-                                               models=model_fingerprints(self.model_paths)))
+                                               models=self.model_paths))
         self.step_count = state["step"]
         self.clock.load_state_dict(state.get("clock"))
         # (the reward stage's earlier checkpoints name the count forward_passes)

@@ -65,7 +65,7 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         check=lambda state: check_same_run(path, state, config=config_to_dict(trainer.cfg), may_change=RESUME_OVERRIDABLE,
                                            data=data_fingerprint(trainer.sampler.prompts),
                                            aliases=getattr(type(trainer.cfg), "key_aliases", None),
-                                           models=model_fingerprints(model_paths(trainer))))
+                                           models=model_paths(trainer)))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.iteration = state["iteration"]

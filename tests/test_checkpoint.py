@@ -68,16 +68,42 @@ def test_a_models_fingerprint_follows_its_weights_configs_and_adapter_bases_not_
     assert model_fingerprint(adapter) != first
 
 
-def test_a_run_resumes_only_with_the_models_it_was_trained_with():
+def _tiny_checkpoint(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    return folder
+
+
+def test_a_run_resumes_only_with_the_models_it_was_trained_with(tmp_path):
+    sft = _tiny_checkpoint(tmp_path / "sft")
     path = Path("runs/a/checkpoints/step-000004")
-    state = {"config": {**CONFIG, "policy_model": "sft"}, "models": {"policy_model": "aa"}}
-    check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": "aa"})
+    state = {"config": {**CONFIG, "policy_model": "sft"}, "models": {"policy_model": model_fingerprint(sft)}}
+    check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": sft})
+    (sft / "model.safetensors").write_bytes(b"other weights")
     with pytest.raises(UserError, match=r"the model policy_model names \(sft\) is not the one the run was trained with"):
-        check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": "bb"})
+        check_same_run(path, state, config=state["config"], may_change=set(), models={"policy_model": sft})
     # a checkpoint written before checkpoints held their models' fingerprints, a model it did not hold
     check_same_run(path, {"config": state["config"]}, config=state["config"], may_change=set(),
-                   models={"policy_model": "bb"})
-    check_same_run(path, state, config=state["config"], may_change=set(), models={"reward_model": "cc"})
+                   models={"policy_model": sft})
+    check_same_run(path, state, config=state["config"], may_change=set(), models={"reward_model": sft})
+
+
+def test_an_edited_chat_template_is_another_model_but_older_fingerprints_still_resume(tmp_path):
+    sft = _tiny_checkpoint(tmp_path / "sft")
+    path = Path("runs/a/checkpoints/iter-000004")
+    config = {**CONFIG, "policy_model": "sft"}
+    state = {"config": config, "models": {"policy_model": model_fingerprint(sft)}}
+    before_templates = {"config": config, "models": {"policy_model": model_fingerprint(sft, templates=False)}}
+    (sft / "chat_template.jinja").write_text("{{ messages[-1].content }}")
+    with pytest.raises(UserError, match="policy_model"):  # the policy would be prompted otherwise than it was
+        check_same_run(path, state, config=config, may_change=set(), models={"policy_model": sft})
+    # a checkpoint whose fingerprints did not read templates resumes on its weights and tokenizer as before
+    check_same_run(path, before_templates, config=config, may_change=set(), models={"policy_model": sft})
+    (sft / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(UserError, match="policy_model"):
+        check_same_run(path, before_templates, config=config, may_change=set(), models={"policy_model": sft})
 
 
 def test_a_checkpoint_holding_a_former_key_name_resumes_under_the_new_one():
