@@ -167,6 +167,8 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
     goes in here: a ValueError or KeyError is transformers' word on the checkpoint's files."""
     from safetensors import SafetensorError
 
+    if Path(path).is_dir():
+        check_no_own_code(Path(path))
     try:
         yield
     except SafetensorError as exc:
@@ -186,6 +188,32 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
         if "tokenizer" in text and not (Path(path) / "tokenizer.json").is_file():
             text = f"no tokenizer.json: {text}"
         raise UserError(f"{path}: cannot be loaded ({text})") from None
+
+
+def check_no_own_code(directory: Path) -> None:
+    """One line for a checkpoint whose architecture or tokenizer only the Python files in its folder
+    define (an `auto_map` in config.json or tokenizer_config.json naming a class transformers does not
+    ship), before transformers would stop to ask on the terminal whether to run them: align does not run
+    a checkpoint's own code (transformers' `trust_remote_code`). An `auto_map` beside an architecture
+    transformers ships (Phi-3's, older Qwen2's) is left to transformers, which loads its own."""
+    import transformers
+
+    for name, kind in (("config.json", "architecture"), ("tokenizer_config.json", "tokenizer")):
+        try:
+            content = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # no such file, or a damaged one: check_model_files and the loader say so
+        if not isinstance(content, dict) or not content.get("auto_map"):
+            continue
+        own = (content.get("model_type") not in transformers.CONFIG_MAPPING if kind == "architecture"
+               else not hasattr(transformers, str(content.get("tokenizer_class") or "")))
+        if own:
+            named = content.get("model_type") if kind == "architecture" else content.get("tokenizer_class")
+            files = sorted({f"{ref.split('.')[0]}.py" for refs in content["auto_map"].values()
+                            for ref in (refs if isinstance(refs, list) else [refs]) if isinstance(ref, str)})
+            raise UserError(f"{directory}: its {kind} ({named!r}) is defined only by the Python code in its folder "
+                            f"({', '.join(files)}), and align does not run a checkpoint's own code; use a checkpoint "
+                            f"of an architecture transformers {transformers.__version__} ships")
 
 
 def _sentences(text: str, limit: int = 400) -> str:

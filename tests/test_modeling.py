@@ -192,6 +192,51 @@ def test_a_checkpoint_transformers_cannot_read_is_one_line_saying_what_is_wrong(
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == files  # read, never changed
 
 
+def test_a_checkpoint_defined_by_its_own_code_is_one_line_and_never_a_question(tiny_random_model, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+    import sys
+
+    from reward.model import build_reward_model
+
+    class Terminal:  # transformers asks "Do you wish to run the custom code?" where stdin is a terminal
+        def isatty(self):
+            return True
+
+        def readline(self):
+            raise AssertionError("asked on the terminal")
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    custom, tokenizer_code = tmp_path / "custom", tmp_path / "tokenizer-code"
+    for folder in (custom, tokenizer_code):
+        shutil.copytree(tiny_random_model, folder)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({
+        **config, "model_type": "custom_llama", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                                                             "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    (custom / "configuration_custom.py").write_text("raise SystemExit('ran the checkpoint's code')\n")
+    tokenizer_config = json.loads((tokenizer_code / "tokenizer_config.json").read_text())
+    (tokenizer_code / "tokenizer_config.json").write_text(json.dumps({
+        **tokenizer_config, "tokenizer_class": "CustomTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}}))
+    architecture = (r"custom: its architecture \('custom_llama'\) is defined only by the Python code in its folder "
+                    r"\(configuration_custom.py, modeling_custom.py\), and align does not run a checkpoint's own code")
+    for load in (lambda path: load_causal_lm(path, tokenizer=load_tokenizer(tiny_random_model)),
+                 lambda path: build_reward_model(path, load_tokenizer(tiny_random_model))):
+        with pytest.raises(UserError, match=architecture):
+            load(custom)
+    with pytest.raises(UserError, match=r"tokenizer-code: its tokenizer \('CustomTokenizer'\) is defined only by "
+                                        r"the Python code in its folder \(tokenization_custom.py\)"):
+        load_tokenizer(tokenizer_code)
+    # an auto_map beside an architecture transformers ships (Phi-3's checkpoints keep one): its own classes load
+    native = tmp_path / "native"
+    shutil.copytree(tiny_random_model, native)
+    (native / "config.json").write_text(json.dumps({**json.loads((native / "config.json").read_text()),
+                                                    "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (native / "configuration_custom.py").write_text("raise SystemExit('ran the checkpoint's code')\n")
+    assert type(load_causal_lm(native, tokenizer=load_tokenizer(native))).__name__ == "LlamaForCausalLM"
+
+
 def test_the_backward_through_a_prompts_repeated_cache_rows_is_the_same_every_time():
     # each prompt's K responses read its cache rows: on the CPU the gradients added into one row came
     # in the order the threads arrived, so no two runs of a reward or DPO stage were alike
