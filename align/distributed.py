@@ -33,10 +33,10 @@ from torch import nn
 from align.errors import UserError
 
 
-def make_accelerator() -> Any:
-    """The stage's `Accelerator`. Without a GPU, accelerate sets up gloo data parallelism for
-    several launched processes only when told it runs on the CPU; on a GPU machine it picks NCCL
-    (or DeepSpeed from its config).
+def make_accelerator(stage: str) -> Any:
+    """The `Accelerator` of `stage` (its command: 'align ppo'). Without a GPU, accelerate sets up gloo
+    data parallelism for several launched processes only when told it runs on the CPU; on a GPU machine
+    it picks NCCL (or DeepSpeed from its config: experimental, PPO's alone, see `check_engine`).
 
     The stage's own `dtype` decides precision. accelerate's `mixed_precision` would run the
     prepared module's forward under autocast but not the sampler's or the reference's, so PPO's
@@ -56,7 +56,19 @@ def make_accelerator() -> Any:
         raise UserError(f"the accelerate config sets mixed_precision: {accelerator.mixed_precision}; align's stages "
                         "set their precision with their own dtype key (dtype: bfloat16): set mixed_precision: 'no' "
                         "(or launch with --mixed_precision no)")
+    check_engine(accelerator.distributed_type, stage)
     return accelerator
+
+
+def check_engine(distributed_type: Any, stage: str) -> None:
+    """DeepSpeed ZeRO is experimental and only PPO's (README: PPO's settings under it are checked as it
+    starts); the other stages' optimiser step reads the gradient norm, which DeepSpeed's clipping
+    does not return, and their checkpoints are not DeepSpeed's: one line, before any model loads."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.DEEPSPEED and stage != "align ppo":
+        raise UserError(f"the accelerate config uses DeepSpeed, which {stage} does not run under (it is experimental "
+                        "and align ppo's alone): launch it with a DDP or FSDP2 config (configs/accelerate/)")
 
 
 _KEPT_UNTIL_EXIT: list[Any] = []

@@ -72,7 +72,7 @@ class OutputHead:
     callable, not a module: the output layer stays registered once, in the model."""
 
     def __init__(self, model: Any):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = model.config.get_text_config()
         self.linear = model.get_output_embeddings()
         # logit_scale is the Cohere families' setting (cohere, cohere2, cohere2_moe, ...); MPT's config has one
         # its forward never applies

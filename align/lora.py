@@ -128,8 +128,10 @@ def check_adapted(peft_model: Any, targets: list[str]) -> None:
     """One line when PEFT did not put an adapter on every layer align chose: peft converts the MLP
     targets of some MoE families (DeepSeek-V2/V3, GLM-4-MoE, ...) into parameters of the routed
     experts, which would leave the dense and shared-expert MLPs unadapted without a word."""
+    from peft.tuners.lora import LoraLayer
+
     base = peft_model.get_base_model()
-    missed = [t for t in targets if not hasattr(base.get_submodule(t), "lora_A")]
+    missed = [t for t in targets if not isinstance(base.get_submodule(t), LoraLayer)]
     if missed:
         raise UserError(f"LoRA: PEFT put no adapter on {len(missed)} of the {len(targets)} layers chosen for this "
                         f"{base.config.model_type} model ({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}); "

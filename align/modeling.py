@@ -358,7 +358,7 @@ def check_no_missing_weights(model: Any, missing: Any, path: str | Path) -> None
     has a score head and no lm_head): transformers would start them from random values, with only a
     warning that align's quiet logging hides, and a policy would train with a random output layer.
     An output layer tied to the input embeddings is not missing (`tie_word_embeddings`)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     output = model.get_output_embeddings()
     if getattr(config, "tie_word_embeddings", False) and output is not None:
         heads = {f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False) if module is output}
@@ -490,7 +490,7 @@ def find_blocks(model: Any) -> tuple[str, Any]:
     hidden layer (an MoE block's expert list sits deeper)."""
     from torch import nn
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     n = getattr(config, "num_hidden_layers", None)
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0]

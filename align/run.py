@@ -46,6 +46,18 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_memory_metrics(training: Mapping[str, float]) -> dict[str, float]:
+    """A stage summary's memory figures: the peak resident memory of the run (`training`: its
+    TrainingClock's state, a resumed run's earlier processes included) and, on a GPU, this process's
+    peak of allocated GPU memory (PyTorch's caching allocator; not carried across a resume)."""
+    import torch
+
+    figures = {"memory/peak_rss_mb": max(training["peak_rss_mb"], peak_memory_mb())}
+    if torch.cuda.is_available():
+        figures["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return figures
+
+
 class TrainingClock:
     """A run's training time (wall and CPU seconds) and peak memory over all its processes: a resumed
     run starts from what its checkpoint recorded (`state`, `load_state_dict`), so that its summary

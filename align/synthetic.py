@@ -411,7 +411,7 @@ class SimulatedAnnotator:
         return [order.index(s) for s in noisy]
 
 
-def _pair_agreement(noise: float, diffs: list[float], seed: int = 0) -> float:
+def _pair_agreement(noise: float, diffs: list[float]) -> float:
     """P(two annotators with this noise order a pair the same way), averaged over gold diffs."""
     if noise == 0:
         return 1.0

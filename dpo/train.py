@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ from align.lora import save_policy_adapter
 from align.precision import checkpointing_active, enable_gradient_checkpointing
 from align.run import (
     SUMMARY_FILE,
-    peak_memory_mb,
+    peak_memory_metrics,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -67,9 +66,6 @@ from dpo.losses import implicit_rewards, plackett_luce_nll
 from dpo.model import PolicyLogprobs
 from dpo.run_dir import DATA_FILE, OUTPUTS, POLICY_DIR, SAMPLES_FILE, STAGE_FILE
 from reward.losses import pair_accuracy
-
-log = logging.getLogger("align")
-
 
 
 def run_dpo(cfg: DPOConfig, *, echo: Any = None, resume: bool = False) -> dict[str, Any]:
@@ -110,7 +106,7 @@ class DPOTrainer(StepLoop):
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator("align dpo")
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if cfg.batch_size < self.world:  # every process needs a ranking of each step; said before anything loads
@@ -290,8 +286,7 @@ class DPOTrainer(StepLoop):
                 "timing/train_s": self.training["seconds"],
                 "timing/eval_s": time.perf_counter() - t,
                 "timing/total_s": self.total_seconds(),
-                "memory/peak_rss_mb": max(self.training["peak_rss_mb"], peak_memory_mb()),
-                **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+                **peak_memory_metrics(self.training),
             })
             write_json_atomic(self.out / SUMMARY_FILE, summary)
             self.run_log.close(summary, self.step_count)

@@ -7,7 +7,6 @@ and trimmed to their longest row); between micro-batches the process reuses its 
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,6 @@ from align.precision import check_finite_gradient, checkpointing_active
 from ppo import core
 from ppo.experience import Experience
 
-log = logging.getLogger("align")
 
 @dataclass(frozen=True)
 class MicroBatch:

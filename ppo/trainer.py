@@ -36,7 +36,7 @@ from align.run import (
     METRICS_FILE,
     SUMMARY_FILE,
     TrainingClock,
-    peak_memory_mb,
+    peak_memory_metrics,
     read_metrics,
     write_json_atomic,
     write_jsonl_atomic,
@@ -121,7 +121,7 @@ class PPOTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator("align ppo")
         self.device = self.accelerator.device
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         check_distributed_setup(self.accelerator, cfg, self.resume, self.fsdp)
@@ -475,7 +475,7 @@ class PPOTrainer:
             summary["timing/train_s"] = training["seconds"]
             summary["train/num_processes"] = self.accelerator.num_processes
             # of training: the evaluation below samples only
-            summary["memory/peak_rss_mb"] = max(training["peak_rss_mb"], peak_memory_mb())
+            summary.update(peak_memory_metrics(training))
         if self.eval_prompts and (self.is_main or self.fsdp):
             t = time.perf_counter()
             eval_metrics, samples = evaluate(self, self.eval_prompts, self.judge, batch_size=self.cfg.eval_batch_size,

@@ -59,7 +59,8 @@ def score(
 
     rm = load_reward_model(model)
     raw = rm.score_raw([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
-    scored = [{**row, "reward": rm.gain * value + rm.bias, "reward_raw": value} for row, value in zip(rows, raw.tolist())]
+    scored = [{**row, "reward": reward, "reward_raw": value}
+              for row, reward, value in zip(rows, rm.normalize(raw).tolist(), raw.tolist())]
     if out is None:
         typer.echo("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored), nl=False)
     else:
@@ -131,13 +132,13 @@ def evaluate(
 
     read = read_source(format, data)
     if not read:
-        raise UserError(no_rankings_problem(data, format))
+        raise UserError(no_rankings_problem(data))
     rankings = with_pairs([merge_repeated_responses(r) for r in read])
     if not rankings:
         raise UserError(f"{data}: no ranking states a preference (each is all ties or has one response)")
     rm = load_reward_model(model)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, rankings, max_length=rm.max_length, batch_size=batch_size,
-                                gain=rm.gain, bias=rm.bias, rendering=rm.rendering)
+                                gain=rm.gain, rendering=rm.rendering)
     typer.echo(format_table(metrics))
     trained_on, unknown = training_prompts(rm.path)
     if trained_on is None:
@@ -228,7 +229,7 @@ def training_prompts(model_dir: Path) -> tuple[set[str] | None, str]:
         return None, f"its record of the training data no longer reads, {unknown}"
 
 
-def no_rankings_problem(data: Path, format: str) -> str:
+def no_rankings_problem(data: Path) -> str:
     """Why a rankings file gave no ranking at all, in words true of it (a reader says what it found otherwise:
     an OpenAssistant file without ranked replies)."""
     from align.files import jsonl_rows

@@ -173,10 +173,9 @@ def length_rewards(rankings: Sequence[Ranking]) -> dict[tuple[str, str], float]:
 
 
 def evaluate_rankings(model, tokenizer, rankings: Sequence[Ranking], *, max_length: int, batch_size: int,
-                      gain: float = 1.0, bias: float = 0.0, prefix: str = "eval/", rendering: str = ALIGN,
-                      ) -> dict[str, Any]:
+                      gain: float = 1.0, prefix: str = "eval/", rendering: str = ALIGN) -> dict[str, Any]:
     """Held-out metrics of a reward model: the loss of its raw rewards, the margin in normalised units
-    (`gain`; `bias` moves no margin)."""
+    (`gain`: the normalisation's scale; its shift moves no margin)."""
     rewards = reward_table(model, tokenizer, rankings, max_length=max_length, batch_size=batch_size,
                            rendering=rendering)
     return ranking_metrics(rankings, rewards, prefix, margin_scale=gain)

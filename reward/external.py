@@ -190,7 +190,7 @@ def import_reward_model(source: Path, *, policy: str, data: Path, format: str, o
     if scored:
         with autocast(device, score_dtype):
             summary.update(evaluate_rankings(model, tokenizer, scored, max_length=max_length, batch_size=batch_size,
-                                             gain=gain, bias=bias, rendering=rendering))
+                                             gain=gain, rendering=rendering))
     summary["timing/total_s"] = time.perf_counter() - t0
     info = {
         IMPORTED_FROM: str(source.resolve()),

@@ -419,7 +419,11 @@ class RewardModel:
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """(N,) normalised rewards gain * r(x, y) + bias (mean 0, std 1 on the SFT model's samples)."""
-        return self.gain * self.score_raw(prompts, responses, batch_size) + self.bias
+        return self.normalize(self.score_raw(prompts, responses, batch_size))
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw rewards (`score_raw`) as the stages read them: gain * raw + bias."""
+        return self.gain * raw + self.bias
 
     @property
     def device(self) -> torch.device:

@@ -51,7 +51,7 @@ from align.precision import (
     torch_dtype,
     upcast_trainable,
 )
-from align.run import SUMMARY_FILE, peak_memory_mb
+from align.run import SUMMARY_FILE, peak_memory_metrics
 from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
 from reward.config import RESUME_OVERRIDABLE, RewardConfig
 from reward.data import (
@@ -105,7 +105,7 @@ class RewardTrainer(StepLoop):
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         check_tracker_available(cfg.train.report_to)  # before minutes of loading, not after
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator("align reward train")
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -342,8 +342,7 @@ class RewardTrainer(StepLoop):
                 "timing/train_cpu_s": self.training["cpu_seconds"],
                 "timing/normalize_s": normalize_s,
                 "timing/eval_s": eval_s,
-                "memory/peak_rss_mb": max(self.training["peak_rss_mb"], peak_memory_mb()),
-                **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+                **peak_memory_metrics(self.training),
             })
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}

@@ -42,3 +42,16 @@ def test_micro_batches_split_each_rank_part_as_many_times_on_every_rank():
     # 5 steps: the smaller part has 4 items, so 4 micro-batches on each rank, none empty
     assert [rank_micro_batches(batch, r, 2, 5) for r in (0, 1)] == [[[0, 1], [2], [3], [4]],
                                                                     [[5], [6], [7], [8]]]
+
+
+def test_only_ppo_runs_under_deepspeed_and_the_other_stages_say_so_before_loading():
+    from accelerate.utils import DistributedType
+
+    from align.distributed import check_engine
+
+    for stage in ("align reward train", "align dpo"):
+        with pytest.raises(UserError, match=f"uses DeepSpeed, which {stage} does not run under .* DDP or FSDP2 config"):
+            check_engine(DistributedType.DEEPSPEED, stage)
+        check_engine(DistributedType.MULTI_GPU, stage)
+        check_engine(DistributedType.FSDP, stage)
+    check_engine(DistributedType.DEEPSPEED, "align ppo")  # experimental: its settings are checked as it starts

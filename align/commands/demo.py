@@ -26,7 +26,6 @@ nothing.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import shutil
 import statistics
@@ -41,8 +40,6 @@ from align.overrides import parse_override, warn_given_twice
 from align.resources import configs_dir
 from align.run import make_directory, write_json_atomic, write_jsonl_atomic
 from annotation.db_url import SQLITE_COMPANIONS
-
-log = logging.getLogger("align")
 
 CONFIGS = configs_dir() / "demo"
 PROJECT = "demo"

@@ -88,7 +88,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
     _remove_stale_temporaries(out)
     with atomic_directory(out, overwrite=force) as tmp:
         if kind in POLICY_KINDS:
-            _export_policy(run, tmp, merge, kind)
+            _export_policy(run, tmp, merge)
         else:
             _export_reward(run, tmp, merge)
         # what was written: a fully fine-tuned reward model is whole whichever was asked, and nothing merged
@@ -205,7 +205,7 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _export_policy(run: Path, out: Path, merge: bool, kind: str) -> None:
+def _export_policy(run: Path, out: Path, merge: bool) -> None:
     from align.modeling import load_causal_lm, load_tokenizer
     from ppo.run_dir import PPORun
 

@@ -98,7 +98,7 @@ def test_save_load_round_trip_scores_identically_and_normalised(quick_config, lo
 
     data = load_reward_data(cfg.data)
     metrics = evaluate_rankings(rm.model, rm.tokenizer, data.eval, max_length=cfg.model.max_length, batch_size=64,
-                                gain=rm.gain, bias=rm.bias)
+                                gain=rm.gain)
     assert metrics["eval/accuracy"] == pytest.approx(summary["eval/accuracy"], abs=1e-6)
     # the held-out loss is of the raw rewards, as the training loss is; the margin is normalised
     raw_metrics = evaluate_rankings(rm.model, rm.tokenizer, data.eval, max_length=cfg.model.max_length, batch_size=64)
