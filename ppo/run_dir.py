@@ -35,12 +35,15 @@ OUTPUTS = (SUMMARY_FILE, SAMPLES_FILE, REWARD_PLOT, KL_PLOT, POLICY_DIR, VALUE_H
            *TRACKER_OUTPUTS)
 
 
-def is_ppo_run(path: str | Path) -> bool:
+def is_policy_run(path: str | Path) -> bool:
+    """A finished run with a trained policy adapter: PPO, RLOO, GRPO or DPO (dpo.run_dir, of this layout)."""
     return (Path(path) / POLICY_DIR / "adapter_config.json").exists()
 
 
 @dataclass(frozen=True)
-class PPORun:
+class PolicyRun:
+    """A finished policy run's files (PPO, RLOO, GRPO or DPO: the same layout)."""
+
     path: Path
 
     @property

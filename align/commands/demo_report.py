@@ -76,10 +76,10 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], samples: list[dic
 
 def ppo_plots(out: Path) -> list[tuple[str, str]]:
     """The PPO run's reward and KL curves, as that run drew them (paths relative to the report)."""
-    from ppo.run_dir import PPORun
+    from ppo.run_dir import PolicyRun
 
     titles = {"reward.png": "Reward during PPO", "kl.png": "KL to the reference during PPO"}
-    return [(titles.get(p.name, p.stem), os.path.relpath(p, out)) for p in PPORun(out / "ppo").plots()]
+    return [(titles.get(p.name, p.stem), os.path.relpath(p, out)) for p in PolicyRun(out / "ppo").plots()]
 
 
 def gold_plot(out: Path, samples: list[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -42,10 +42,10 @@ def run_kind(run: Path) -> str:
     """'ppo' for a run of `align ppo` (RUN/policy is an adapter), 'dpo' for one of `align dpo` (the
     same layout), 'reward' for a reward-model run."""
     from dpo.run_dir import is_dpo_run
-    from ppo.run_dir import POLICY_DIR, is_ppo_run
+    from ppo.run_dir import POLICY_DIR, is_policy_run
     from reward.run_dir import MODEL_DIR, NORMALIZATION_FILE, is_reward_model
 
-    if is_ppo_run(run):
+    if is_policy_run(run):
         return "dpo" if is_dpo_run(run) else "ppo"
     if is_reward_model(run):
         return "reward"
@@ -55,7 +55,7 @@ def run_kind(run: Path) -> str:
         children = sorted(run.iterdir()) if run.is_dir() else []
     except OSError:  # a folder this user may not list: said as any other folder that is no run
         children = []
-    runs = [child for child in children if child.is_dir() and (is_ppo_run(child) or is_reward_model(child))]
+    runs = [child for child in children if child.is_dir() and (is_policy_run(child) or is_reward_model(child))]
     if runs:  # a folder of runs, as `align demo` leaves one (with its policy exported already, in export/)
         exported = f"; its policy is exported already, in {run / 'export'}" if (run / "export" / "README.md").is_file() else ""
         raise UserError(f"{run} is not a run but holds {len(runs)}: export one of {', '.join(map(str, runs))}{exported}")
@@ -103,10 +103,10 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: b
 
 def _source_dir(run: Path, kind: str) -> Path:
     """The directory an export reads: the policy's adapter, or the reward model."""
-    from ppo.run_dir import PPORun
+    from ppo.run_dir import PolicyRun
     from reward.run_dir import model_dir
 
-    return PPORun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
+    return PolicyRun(run).policy_dir if kind in POLICY_KINDS else model_dir(run)
 
 
 def _check_weights_whole(directory: Path) -> None:
@@ -150,10 +150,10 @@ def _checkpoints_read(run: Path, kind: str, source: Path) -> list[Path]:
 
     found = adapter_chain(source, find_only=True)[1:]
     if kind == "ppo":
-        from ppo.run_dir import PPORun
+        from ppo.run_dir import PolicyRun
         from reward.run_dir import is_reward_model
 
-        reward = PPORun(run).config().get("reward_model")
+        reward = PolicyRun(run).config().get("reward_model")
         if reward and is_reward_model(str(reward)):
             found.append(Path(str(reward)))
     return found
@@ -207,10 +207,10 @@ def _copy_files(src: Path, dst: Path) -> None:
 
 def _export_policy(run: Path, out: Path, merge: bool) -> None:
     from align.modeling import load_causal_lm, load_tokenizer
-    from ppo.run_dir import PPORun
+    from ppo.run_dir import PolicyRun
 
-    ppo_run = PPORun(run)  # a DPO run has the same layout
-    policy = ppo_run.policy_dir
+    policy_run = PolicyRun(run)
+    policy = policy_run.policy_dir
     if not merge:
         _copy_files(policy, out)
         bases = policy_bases(policy)
@@ -221,7 +221,7 @@ def _export_policy(run: Path, out: Path, merge: bool) -> None:
     model = load_causal_lm(policy, tokenizer=tokenizer)  # base + adapter, merged in fp32
     _in_base_dtype(model, policy).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _sample_as_trained(out, model, float(ppo_run.config().get("temperature", 1.0)))
+    _sample_as_trained(out, model, float(policy_run.config().get("temperature", 1.0)))
 
 
 def _sample_as_trained(out: Path, model: Any, temperature: float) -> None:

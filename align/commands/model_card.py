@@ -125,14 +125,14 @@ def sft_adapter_note(bases: list[Path]) -> str:
 def model_card(run: Path, kind: str, form: str, folder: Path | None = None) -> str:
     """The exported folder's README.md; `form`: what it holds (a key of FORMS); `folder`: where the export
     was written (a reward model's card shows how plain transformers scores with it, `reward_recipe`)."""
-    from ppo.run_dir import PPORun
+    from ppo.run_dir import PolicyRun
     from reward.run_dir import RewardRun, is_reward_model
 
     if kind in POLICY_KINDS:
-        ppo = PPORun(run)  # a DPO run has the same layout
-        config, summary = ppo.config(), ppo.summary()
-        base = ppo.adapter_config().get("base_model_name_or_path", config.get("policy_model", "?"))
-        bases = policy_bases(ppo.policy_dir)
+        policy_run = PolicyRun(run)
+        config, summary = policy_run.config(), policy_run.summary()
+        base = policy_run.adapter_config().get("base_model_name_or_path", config.get("policy_model", "?"))
+        bases = policy_bases(policy_run.policy_dir)
         method = "dpo" if kind == "dpo" else config.get("method", "ppo")
     else:
         reward = RewardRun.open(run)
