@@ -242,6 +242,27 @@ def global_sums(accelerator: Any, *sums: torch.Tensor | float) -> list[float]:
     return accelerator.reduce(local, "sum").tolist()
 
 
+def micro_batch_sync(accelerator: Any, model: nn.Module, *, last: bool, sharded: bool) -> Any:
+    """The context of one micro-batch's backward when gradients accumulate over several: under DDP
+    they are all-reduced on the last micro-batch only (accelerate's `no_sync` before it); under FSDP2
+    every micro-batch's are reduce-scattered, since a sharded module kept from syncing holds its
+    gradients unsharded until the last one, as much memory as unsharded training would need."""
+    return contextlib.nullcontext() if last or sharded else accelerator.no_sync(model)
+
+
+def clip_and_check_gradients(accelerator: Any, params: list[torch.Tensor], max_norm: float, *, sharded: bool,
+                             where: str) -> torch.Tensor | None:
+    """Clip the accumulated gradients of `params` to a global norm of `max_norm` (over the shards
+    under FSDP2) and stop the run, naming `where`, before a non-finite one is applied; the norm
+    before clipping, None where the engine clips on its own and gives none (DeepSpeed)."""
+    from align.precision import check_finite_gradient
+
+    grad_norm = clip_grad_norm(params, max_norm) if sharded else accelerator.clip_grad_norm_(params, max_norm)
+    if grad_norm is not None:  # a NaN weight would only surface later, as non-finite logits while sampling
+        check_finite_gradient(grad_norm, where)
+    return grad_norm
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The global gradient norm over sharded parameters (each rank holds part of every gradient),
     then every gradient scaled to at most `max_norm`, as torch.nn.utils.clip_grad_norm_ does."""

@@ -28,8 +28,7 @@ from align.checkpoint import (
     start_run_dir,
 )
 from align.config import config_to_dict
-from align.distributed import clip_grad_norm, global_batches
-from align.precision import check_finite_gradient
+from align.distributed import clip_and_check_gradients, global_batches
 from align.provenance import model_fingerprints
 from align.run import TrainingClock
 
@@ -100,14 +99,13 @@ class StepLoop:
     def optimizer_step(self, max_grad_norm: float) -> float:
         """Clip the accumulated gradients, refuse a non-finite norm (a NaN model is never trained on,
         nor saved), step AdamW and the schedule; the gradient norm before clipping."""
-        grad_norm = (clip_grad_norm(self.params, max_grad_norm) if self.fsdp
-                     else self.accelerator.clip_grad_norm_(self.params, max_grad_norm))
-        check_finite_gradient(grad_norm, f"step {self.step_count + 1}")
+        grad_norm = clip_and_check_gradients(self.accelerator, self.params, max_grad_norm, sharded=bool(self.fsdp),
+                                             where=f"step {self.step_count + 1}")
         self.optimizer.step()
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def train(self) -> None:
         from tqdm.auto import tqdm

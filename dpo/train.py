@@ -47,6 +47,7 @@ from align.distributed import (
     global_sums,
     keep_until_exit,
     make_accelerator,
+    micro_batch_sync,
     rank_micro_batches,
     shard,
 )
@@ -214,9 +215,8 @@ class DPOTrainer(StepLoop):
         with checkpointing_active(self.checkpointed):
             for n, indices in enumerate(micro_batches):
                 batch = collate(self.train_set, indices).to(self.device)
-                # DDP averages the gradients over the ranks on the last micro-batch only
                 last = n == len(micro_batches) - 1
-                with contextlib.nullcontext() if last or self.fsdp else self.accelerator.no_sync(self.model):
+                with micro_batch_sync(self.accelerator, self.model, last=last, sharded=bool(self.fsdp)):
                     # 1) log pi(y|x) of every response in the micro-batch, each prompt encoded once
                     #    (or, sharded or checkpointed, each response read whole after its prompt)
                     policy_logps = self.model(batch.responses)

@@ -6,15 +6,14 @@ and trimmed to their longest row); between micro-batches the process reuses its 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from align.distributed import clip_grad_norm
+from align.distributed import clip_and_check_gradients, micro_batch_sync
 from align.host_memory import keep_freed_memory
-from align.precision import check_finite_gradient, checkpointing_active
+from align.precision import checkpointing_active
 from ppo import core
 from ppo.experience import Experience
 
@@ -70,17 +69,14 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
             for n, plan in enumerate(micro_batches):
                 micro = exp.select(torch.tensor(plan.rows).to(trainer.device)).trim_padding((0, plan.response_width))
                 weight = micro.response_mask.sum() / mb_tokens
-                # DDP all-reduces gradients only on the last micro-batch of the minibatch.
                 last = n == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else trainer.accelerator.no_sync(trainer.ddp_model):
+                with micro_batch_sync(trainer.accelerator, trainer.ddp_model, last=last, sharded=bool(trainer.fsdp)):
                     for k, v in trainer.micro_step(micro, weight, plan.width, rank_scales[mb_index]).items():
                         sums[k] = sums[k] + v if k in sums else v
             n_minibatches += 1
-            grad_norm = (clip_grad_norm(trainer.trainable, cfg.max_grad_norm) if trainer.fsdp
-                         else trainer.accelerator.clip_grad_norm_(trainer.trainable, cfg.max_grad_norm))
-            if grad_norm is not None:  # a NaN weight would only surface iterations later, while sampling
-                check_finite_gradient(grad_norm, f"iteration {trainer.iteration + 1}, epoch {epoch + 1}, "
-                                                 f"minibatch {mb_start // mini_batch + 1}")
+            grad_norm = clip_and_check_gradients(
+                trainer.accelerator, trainer.trainable, cfg.max_grad_norm, sharded=bool(trainer.fsdp),
+                where=f"iteration {trainer.iteration + 1}, epoch {epoch + 1}, minibatch {mb_start // mini_batch + 1}")
             grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                               dtype=torch.float32, device=trainer.device))
             trainer.optimizer.step()

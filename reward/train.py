@@ -25,7 +25,6 @@ single-process training.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from align.distributed import (
     global_sums,
     keep_until_exit,
     make_accelerator,
+    micro_batch_sync,
     processes_text,
     rank_micro_batches,
     shard,
@@ -220,9 +220,8 @@ class RewardTrainer(StepLoop):
         loss_sum, ranking_sum, mismatch_sum = (torch.zeros((), device=self.device) for _ in range(3))
         seen: list[tuple[RankingBatch, torch.Tensor]] = []
         for n, batch in enumerate(batches):
-            # DDP averages the gradients over the ranks on the last micro-batch only
             last = n == len(batches) - 1
-            with contextlib.nullcontext() if last or self.fsdp else self.accelerator.no_sync(self.model):
+            with micro_batch_sync(self.accelerator, self.model, last=last, sharded=bool(self.fsdp)):
                 # 2. one forward pass over every response of every ranking in the batch (each prompt once;
                 #    whole sequences under gradient checkpointing, which drops the prompts' cache, and under
                 #    FSDP, whose backward re-gathers a layer's weights for the gradients that reach it through
