@@ -41,7 +41,7 @@ class Sampler(Protocol):
 
 
 @torch.no_grad()
-def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
+def evaluate(sampler: Sampler, prompts: list, judge: Judge | None = None, *, batch_size: int, seed: int,
              kl_estimator: str = "k1", reward_model: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics and per-prompt samples of a trained policy on `prompts`, `batch_size` at a time."""
     sft_texts, pol_texts, seq_kl, eos = [], [], [], {"sft": [], "policy": []}
@@ -50,16 +50,16 @@ def evaluate(trainer: Sampler, prompts: list, judge: Judge | None = None, *, bat
         for which in ("sft", "policy"):
             with seeded(seed + EVAL_SEED_OFFSET + s):
                 try:
-                    samples = trainer.generate(batch, adapter=which == "policy")
+                    samples = sampler.generate(batch, adapter=which == "policy")
                 except TrainingDiverged as err:
                     raise TrainingDiverged(f"evaluation after training ({which} samples): {err}") from None
-            texts = trainer.decode(samples.response_ids, samples.response_mask)
-            eos[which].extend((samples.response_ids == trainer.tokenizer.eos_token_id).any(-1).tolist())
+            texts = sampler.decode(samples.response_ids, samples.response_mask)
+            eos[which].extend((samples.response_ids == sampler.tokenizer.eos_token_id).any(-1).tolist())
             if which == "sft":
                 sft_texts.extend(texts)
                 continue
             pol_texts.extend(texts)
-            kl = core.kl_penalty(trainer.sampled_logprobs(samples), trainer.reference_logprobs(samples),
+            kl = core.kl_penalty(sampler.sampled_logprobs(samples), sampler.reference_logprobs(samples),
                                  kl_estimator, samples.response_mask, bounded=False)  # measured, not trained
             seq_kl.extend(kl.sum(-1).tolist())
     sft_rewards = pol_rewards = [None] * len(prompts)

@@ -25,7 +25,7 @@ import torch
 from align.chat import pad_rows
 from align.errors import UserError
 from align.formats import Ranking, merge_repeated_responses, ordered_pairs
-from reward.sources import read_annotation_project
+from reward.sources import read_project_rankings
 
 log = logging.getLogger("align")
 
@@ -155,7 +155,7 @@ def load_reward_data(data_cfg: Any) -> RewardData:
         return _load_synthetic(cfg)
     source: dict[str, Any] = {"format": cfg.format}
     if cfg.format == "annotation":
-        rankings = read_annotation_project(cfg.db_url, cfg.project)
+        rankings = read_project_rankings(cfg.db_url, cfg.project)
         source.update(db_url=cfg.db_url, project=cfg.project)
     else:
         rankings = read_source(cfg.format, cfg.path)

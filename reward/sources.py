@@ -15,7 +15,7 @@ from align.formats import Ranking
 PROJECT_READERS: dict[str, Callable[[str, str], list[Ranking]]] = {}
 
 
-def read_annotation_project(db_url: str, project: str) -> list[Ranking]:
+def read_project_rankings(db_url: str, project: str) -> list[Ranking]:
     """The project's latest rankings, read through the annotation app's own export code."""
     reader = PROJECT_READERS.get("annotation")
     if reader is None:
