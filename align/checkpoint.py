@@ -95,7 +95,8 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
     for key, model in (models or {}).items():
         if key in saved_models and model is not None and not matches_fingerprint(model, saved_models[key]):
             raise UserError(f"{path}: the model {key} names ({now.get(key, '')}) is not the one the run was trained "
-                            "with: its files changed since (trained again, rebuilt); restore it or start a new run")
+                            "with: its files changed since (trained again, rebuilt, its chat template edited); restore it or start a new "
+                            "run")
     if num_steps is not None and "num_steps" in state and state["num_steps"] != num_steps:  # (older: not kept)
         raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans {num_steps}; "
                         "start a new run")

@@ -191,11 +191,10 @@ def reading_checkpoint(path: str | Path) -> Iterator[None]:
 
 
 def check_no_own_code(directory: Path) -> None:
-    """One line for a checkpoint whose architecture or tokenizer only the Python files in its folder
-    define (an `auto_map` in config.json or tokenizer_config.json naming a class transformers does not
-    ship), before transformers would stop to ask on the terminal whether to run them: align does not run
-    a checkpoint's own code (transformers' `trust_remote_code`). An `auto_map` beside an architecture
-    transformers ships (Phi-3's, older Qwen2's) is left to transformers, which loads its own."""
+    """One line for a checkpoint whose architecture or tokenizer only Python code it names defines (an
+    `auto_map` in config.json or tokenizer_config.json for a class transformers does not ship), before
+    transformers would stop to ask whether to run it: align runs no checkpoint's own code (no
+    `trust_remote_code`). An `auto_map` beside a class transformers ships (Phi-3's) loads transformers' own."""
     import transformers
 
     for name, kind in (("config.json", "architecture"), ("tokenizer_config.json", "tokenizer")):
@@ -203,17 +202,19 @@ def check_no_own_code(directory: Path) -> None:
             content = json.loads((directory / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # no such file, or a damaged one: check_model_files and the loader say so
-        if not isinstance(content, dict) or not content.get("auto_map"):
-            continue
-        own = (content.get("model_type") not in transformers.CONFIG_MAPPING if kind == "architecture"
-               else not hasattr(transformers, str(content.get("tokenizer_class") or "")))
-        if own:
-            named = content.get("model_type") if kind == "architecture" else content.get("tokenizer_class")
-            files = sorted({f"{ref.split('.')[0]}.py" for refs in content["auto_map"].values()
-                            for ref in (refs if isinstance(refs, list) else [refs]) if isinstance(ref, str)})
-            raise UserError(f"{directory}: its {kind} ({named!r}) is defined only by the Python code in its folder "
-                            f"({', '.join(files)}), and align does not run a checkpoint's own code; use a checkpoint "
-                            f"of an architecture transformers {transformers.__version__} ships")
+        auto_map = content.get("auto_map") if isinstance(content, dict) else None
+        if kind == "tokenizer" and isinstance(auto_map, dict):  # transformers reads this entry alone
+            auto_map = auto_map.get("AutoTokenizer")
+        entries = auto_map.values() if isinstance(auto_map, dict) else [auto_map]  # a list: an older file's
+        refs = [r for e in entries for r in (e if isinstance(e, list) else [e]) if isinstance(r, str)]
+        named = content.get("model_type" if kind == "architecture" else "tokenizer_class")
+        ships = (named in transformers.CONFIG_MAPPING if kind == "architecture"
+                 else isinstance(named, str) and hasattr(transformers, named))
+        if refs and not ships:
+            files = sorted({f"{r.split('--')[-1].rsplit('.', 1)[0]}.py" for r in refs})  # 'org/Repo--x.Y': another's
+            raise UserError(f"{directory}: its {kind}{f' ({named!r})' if named else ''} is defined only by the Python "
+                            f"code it names ({', '.join(files)}), and align does not run a checkpoint's own code; use "
+                            f"a checkpoint of an architecture transformers {transformers.__version__} ships")
 
 
 def _sentences(text: str, limit: int = 400) -> str:

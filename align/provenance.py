@@ -41,6 +41,8 @@ def model_fingerprint(path: str | Path, *, templates: bool = True) -> str:
 def matches_fingerprint(path: str | Path, fingerprint: str) -> bool:
     """Whether the checkpoint at `path` is the one `fingerprint` was taken of, read as it was read then:
     a checkpoint or record written before fingerprints read chat templates still resumes or exports."""
+    if not isinstance(fingerprint, str):  # a damaged checkpoint's: not this model's
+        return False
     return model_fingerprint(path, templates=fingerprint.startswith(FINGERPRINT_FORMAT)) == fingerprint
 
 

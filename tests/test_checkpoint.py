@@ -88,6 +88,9 @@ def test_a_run_resumes_only_with_the_models_it_was_trained_with(tmp_path):
     check_same_run(path, {"config": state["config"]}, config=state["config"], may_change=set(),
                    models={"policy_model": sft})
     check_same_run(path, state, config=state["config"], may_change=set(), models={"reward_model": sft})
+    with pytest.raises(UserError, match="its chat template edited"):  # a damaged record is not this model's
+        check_same_run(path, {**state, "models": {"policy_model": 5}}, config=state["config"], may_change=set(),
+                       models={"policy_model": sft})
 
 
 def test_an_edited_chat_template_is_another_model_but_older_fingerprints_still_resume(tmp_path):

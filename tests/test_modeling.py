@@ -219,15 +219,26 @@ def test_a_checkpoint_defined_by_its_own_code_is_one_line_and_never_a_question(t
     (tokenizer_code / "tokenizer_config.json").write_text(json.dumps({
         **tokenizer_config, "tokenizer_class": "CustomTokenizer",
         "auto_map": {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}}))
-    architecture = (r"custom: its architecture \('custom_llama'\) is defined only by the Python code in its folder "
+    architecture = (r"custom: its architecture \('custom_llama'\) is defined only by the Python code it names "
                     r"\(configuration_custom.py, modeling_custom.py\), and align does not run a checkpoint's own code")
     for load in (lambda path: load_causal_lm(path, tokenizer=load_tokenizer(tiny_random_model)),
                  lambda path: build_reward_model(path, load_tokenizer(tiny_random_model))):
         with pytest.raises(UserError, match=architecture):
             load(custom)
     with pytest.raises(UserError, match=r"tokenizer-code: its tokenizer \('CustomTokenizer'\) is defined only by "
-                                        r"the Python code in its folder \(tokenization_custom.py\)"):
+                                        r"the Python code it names \(tokenization_custom.py\)"):
         load_tokenizer(tokenizer_code)
+    # an older tokenizer_config.json's auto_map is the list itself; without a class the code is still its own
+    without_class = {k: v for k, v in tokenizer_config.items() if k != "tokenizer_class"}
+    (tokenizer_code / "tokenizer_config.json").write_text(json.dumps({
+        **without_class, "auto_map": ["org/Repo--tokenization_other.OtherTokenizer", None]}))
+    with pytest.raises(UserError, match=r"tokenizer-code: its tokenizer is defined only by the Python code it names "
+                                        r"\(tokenization_other.py\)"):
+        load_tokenizer(tokenizer_code)
+    # transformers reads a tokenizer's AutoTokenizer entry alone: a processor's code is not the tokenizer's
+    (tokenizer_code / "tokenizer_config.json").write_text(json.dumps({
+        **without_class, "auto_map": {"AutoProcessor": "processing_custom.CustomProcessor"}}))
+    assert load_tokenizer(tokenizer_code).eos_token is not None
     # an auto_map beside an architecture transformers ships (Phi-3's checkpoints keep one): its own classes load
     native = tmp_path / "native"
     shutil.copytree(tiny_random_model, native)
