@@ -144,6 +144,7 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    _end_with_launcher()
     configure_logging()
     # Deprecation notices from libraries are for align's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -164,6 +165,25 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"interrupted{_continue_hint(args, started)}", err=True)
         exit_process(exc.code)
     exit_process(0)
+
+
+def _end_with_launcher() -> None:
+    """A launch's process ends when its launcher does, however that ends. torch's launcher starts each
+    rank in a session of its own, so a SIGKILL of the launcher, or of the process group it was started
+    in, left the ranks training on: holding their GPUs and the run's folder, whose --resume was refused
+    as in use, and finishing the run. On Linux the kernel kills a rank whose parent exits
+    (PR_SET_PDEATHSIG); elsewhere nothing changes."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher had ended before the request was made: init adopted this process
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def configure_logging() -> None:

@@ -124,11 +124,14 @@ def test_killed_run_resumes_exactly(small_run, tmp_path):
     while not (killed / "checkpoints" / "iter-000002").is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, mid-run: the ranks, in sessions of their own, die with it
     proc.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it was killed"
 
-    run(accelerate_launch("-m", "align", "ppo", "--resume", str(killed)))
+    resumed = subprocess.run(accelerate_launch("-m", "align", "ppo", "--resume", str(killed)), cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed {killed} at iteration 2" in resumed.stderr  # not a run its ranks went on to finish
     assert metric_rows(killed) == metric_rows(straight)
     a, b = (load_file(str(d / "policy" / "adapter_model.safetensors")) for d in (straight, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
