@@ -140,9 +140,9 @@ def check_adapted(peft_model: Any, targets: list[str]) -> None:
 
 
 def lora_summary(targets: list[str]) -> str:
-    """'LoRA on q_proj, k_proj, ... (14 layers)': what the run log says was adapted."""
+    """'LoRA on q_proj, k_proj, ... (14 linear layers)': what the run log says was adapted."""
     names = list(dict.fromkeys(leaf(t) for t in targets))
-    return f"{', '.join(names)} ({len(targets)} layers)"
+    return f"{', '.join(names)} ({len(targets)} linear layers)"
 
 
 def save_policy_adapter(policy: Any, tokenizer: Any, base_path: str | Path, out: Path,

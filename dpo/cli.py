@@ -21,6 +21,8 @@ def dpo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
            else resumed_config(DPOConfig, resume, config, overrides, RESUME_OVERRIDABLE, "DPO"))
     with resume_hints(resume):
         summary = run_dpo(cfg, echo=typer.echo, resume=resume is not None)
+    if not summary:  # a launch's other processes: the main one says it
+        return
     typer.echo(f"run directory: {cfg.output_dir}")
     for key in ("eval/accuracy", "eval/kl", "eval/gold_gain_in_sft_std"):
         if key in summary:

@@ -127,7 +127,7 @@ class DPOConfig:
 
         check(self.lora.dropout == 0.0, f"lora.dropout={self.lora.dropout}: DPO runs without dropout (the policy's "
               "log-probs are compared with the reference's, computed once without it); set lora.dropout=0")
-        if self.eval_prompts != "synthetic":
+        if self.eval_prompts != "synthetic" and self.num_eval_prompts:  # 0: nothing is read from it
             check_input_file(self.eval_prompts, "eval_prompts")
         check(self.gradient_accumulation_steps <= self.batch_size,
               f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) is more micro-batches than a step "

@@ -49,6 +49,7 @@ from align.distributed import (
     make_accelerator,
     micro_batch_sync,
     rank_micro_batches,
+    set_cpu_threads,
     shard,
 )
 from align.errors import UserError
@@ -104,8 +105,7 @@ class DPOTrainer(StepLoop):
                       command="align dpo", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"policy_model": cfg.policy_model, "data.path": cfg.data.path,
                               "data.eval_path": cfg.data.eval_path, "eval_prompts": cfg.eval_prompts})
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        set_cpu_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator("align dpo")
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)

@@ -273,7 +273,7 @@ class PPOConfig:
         self.batch_shape(1)  # one process: said when the config is read
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
-            if value != "synthetic":
+            if value != "synthetic" and (key == "prompts" or self.num_eval_prompts):  # 0: nothing is read from it
                 check_input_file(value, key)
             check(
                 value == "synthetic" or value.endswith((".jsonl", ".jsonl.gz", ".txt")),

@@ -110,6 +110,7 @@ class PPOTrainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        from align.distributed import set_cpu_threads
         from align.modeling import fit_prompt_length, load_causal_lm, load_tokenizer, resolve_model_path
         from align.tracking import RunLog, check_tracker_available
 
@@ -118,8 +119,7 @@ class PPOTrainer:
                       command="align ppo", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"policy_model": cfg.policy_model, "reward_model": cfg.reward_model,
                               "ref_model": cfg.ref_model, "prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts})
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        set_cpu_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator("align ppo")
         self.device = self.accelerator.device

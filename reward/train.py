@@ -42,6 +42,7 @@ from align.distributed import (
     micro_batch_sync,
     processes_text,
     rank_micro_batches,
+    set_cpu_threads,
     shard,
 )
 from align.errors import UserError
@@ -102,8 +103,7 @@ class RewardTrainer(StepLoop):
 
         cfg = self.cfg
         self.t0 = time.perf_counter()
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        set_cpu_threads(cfg.train.num_threads)
         check_tracker_available(cfg.train.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator("align reward train")
         self.fsdp = fsdp_plugin()  # sharded (FSDP2) when the accelerate config says so (align.distributed)

@@ -234,6 +234,20 @@ def test_the_shipped_real_model_configs_load(stage, tmp_path):
         assert cfg.method == stage
 
 
+@pytest.mark.parametrize("stage", ["ppo", "dpo"])
+def test_held_out_prompts_are_needed_only_where_the_run_samples_them(stage, tmp_path):
+    from dpo.config import DPOConfig
+    from ppo.config import PPOConfig
+
+    rankings, prompts, missing = tmp_path / "rankings.jsonl", tmp_path / "prompts.jsonl", tmp_path / "heldout.jsonl"
+    rankings.write_text("")
+    prompts.write_text("")
+    config_class, given = {"ppo": (PPOConfig, [f"prompts={prompts}"]), "dpo": (DPOConfig, [f"data.path={rankings}"])}[stage]
+    with pytest.raises(ConfigError, match=f"eval_prompts: file not found: {missing}"):
+        load_config(config_class, None, [*given, f"eval_prompts={missing}"])
+    assert load_config(config_class, None, [*given, f"eval_prompts={missing}", "num_eval_prompts=0"]).num_eval_prompts == 0
+
+
 def test_a_shipped_config_is_found_from_any_folder_as_the_readme_names_it(tmp_path, monkeypatch):
     from align.errors import ConfigError
     from ppo.config import PPOConfig

@@ -55,3 +55,25 @@ def test_only_ppo_runs_under_deepspeed_and_the_other_stages_say_so_before_loadin
         check_engine(DistributedType.MULTI_GPU, stage)
         check_engine(DistributedType.FSDP, stage)
     check_engine(DistributedType.DEEPSPEED, "align ppo")  # experimental: its settings are checked as it starts
+
+
+def test_a_launchs_processes_share_the_cores_out_rather_than_each_taking_num_threads(monkeypatch):
+    import os
+
+    import torch
+
+    from align.distributed import set_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_cpu_threads(2) == torch.get_num_threads() == 2  # 2 x 2 on 4 cores: as asked
+        assert set_cpu_threads(4) == torch.get_num_threads() == 2  # 2 x 4 on 4 cores: 2 each
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert set_cpu_threads(2) == torch.get_num_threads() == 1  # never none
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert set_cpu_threads(4) == torch.get_num_threads() == 4  # one process: as asked
+        assert set_cpu_threads(None) == 4  # torch's (or the launcher's) choice stands
+    finally:
+        torch.set_num_threads(before)

@@ -43,6 +43,7 @@ def test_two_cpu_ranks_train_the_one_process_adapter(launcher, tiny_random_model
                       launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert multi.stderr.count("policy: LoRA on") == 1  # progress lines come from the first process alone
+    assert multi.stdout.count("run directory:") == 1  # and the closing lines
     m = json.loads((tmp_path / "multi" / "summary.json").read_text())
     s = json.loads((single_process_run / "summary.json").read_text())
     assert (m["train/num_processes"], s["train/num_processes"]) == (2, 1)
