@@ -86,8 +86,8 @@ def set_cpu_threads(requested: int | None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = requested if requested * processes <= cores else max(1, cores // processes)
     if threads != requested and os.environ.get("LOCAL_RANK", "0") == "0":
-        log.info("num_threads=%d: %d threads for each of the %d processes on this machine's %d cores",
-                 requested, threads, processes, cores)
+        log.info("num_threads=%d for each of %d processes is more than this machine's %d cores: %d each",
+                 requested, processes, cores, threads)
     torch.set_num_threads(threads)
     return threads
 
