@@ -161,6 +161,26 @@ def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
                      "the checkpoint before it, or start a new run")
 
 
+def check_checkpoint_layout(path: Path | None, *, processes: int, sharded: bool, written_by: int | None = None) -> None:
+    """One line where checkpoint `path` was written by another number of processes (`written_by`: read
+    from it when not given) or with other sharding than this run has. A resumed stage asks as it starts,
+    before its models load (minutes at 8B), and again as it loads the checkpoint; no checkpoint, or one
+    whose state does not read, is left to that load to say."""
+    if path is None:
+        return
+    if written_by is None:
+        try:
+            written_by = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["world_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    if written_by != processes:
+        raise UserError(f"{path} was written by {processes_text(written_by)}; resume it with the same "
+                        f"number (this run has {processes_text(processes)})")
+    if (path / SHARDED_DIR).is_dir() != sharded:
+        raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
+                        "sharding; resume it under the same accelerate config")
+
+
 def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: Any, sharded: bool,
                         check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -183,13 +203,7 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         written_by = state["world_size"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise damaged(exc) from None
-    processes = accelerator.num_processes
-    if written_by != processes:
-        raise UserError(f"{path} was written by {processes_text(written_by)}; resume it with the same "
-                        f"number (this run has {processes_text(processes)})")
-    if (path / SHARDED_DIR).is_dir() != sharded:
-        raise UserError(f"{path} was written {'with' if (path / SHARDED_DIR).is_dir() else 'without'} FSDP "
-                        "sharding; resume it under the same accelerate config")
+    check_checkpoint_layout(path, processes=accelerator.num_processes, sharded=sharded, written_by=written_by)
     if check is not None:
         check(state)
     try:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint
+from align.checkpoint import check_checkpoint_layout, check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -113,6 +113,9 @@ class DPOTrainer(StepLoop):
         if cfg.batch_size < self.world:  # every process needs a ranking of each step; said before anything loads
             raise UserError(f"batch_size={cfg.batch_size} is smaller than the {self.world} processes")
         self.is_main = self.accelerator.is_main_process
+        if self.resume:  # said before the models load
+            check_checkpoint_layout(latest_checkpoint(self.out, CHECKPOINT_PREFIX), processes=self.world,
+                                    sharded=bool(self.fsdp))
         self.device = self.accelerator.device
         torch.manual_seed(cfg.seed)
 

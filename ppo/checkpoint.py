@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from align.checkpoint import (
+    check_checkpoint_layout,
     check_same_run,
     data_fingerprint,
+    latest_checkpoint,
     load_training_state,
     save_training_state,
 )
@@ -78,7 +80,7 @@ def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool, fsdp: Any 
     """What sharding cannot do here. FSDP2: the graphed decoding step replays kernels on one
     rank's full weights, and a separate reference checkpoint would be a whole unsharded copy per
     rank. DeepSpeed ZeRO steps the optimiser inside backward and shards the optimiser state, which
-    the checkpoints do not gather."""
+    the checkpoints do not gather. A resumed run's checkpoint must be of this layout."""
     from accelerate.utils import DistributedType
 
     if fsdp is not None:
@@ -98,6 +100,9 @@ def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool, fsdp: Any 
         if cfg.save_every or resume:
             raise UserError("checkpoints and --resume are not supported under DeepSpeed ZeRO yet; "
                             "set save_every=0 (or use DDP)")
+    if resume:  # a checkpoint of another number of processes or sharding: said before the models load
+        check_checkpoint_layout(latest_checkpoint(Path(cfg.output_dir), CHECKPOINT_PREFIX),
+                                processes=accelerator.num_processes, sharded=fsdp is not None)
 
 
 def save_final_policy(trainer: Any, trained: dict[str, torch.Tensor] | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from align.checkpoint import check_run_dir, latest_checkpoint
+from align.checkpoint import check_checkpoint_layout, check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
     fsdp_plugin,
@@ -117,6 +117,9 @@ class RewardTrainer(StepLoop):
                               "data.eval_path": cfg.data.eval_path, "eval.normalize_policy": cfg.eval.normalize_policy})
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
+        if self.resume:  # said before the models load
+            check_checkpoint_layout(latest_checkpoint(self.out, CHECKPOINT_PREFIX), processes=self.world,
+                                    sharded=bool(self.fsdp))
 
         self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
         self.model_paths = {"model.name_or_path": self.base_path}

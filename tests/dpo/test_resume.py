@@ -46,6 +46,15 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
     weights.write_bytes(kept)
     with pytest.raises(UserError, match="lora.r is 4 where the run had 16"):
         run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["lora.r=4"]), echo=lambda _: None, resume=True)
+    # a checkpoint of two processes is refused before the policy loads (minutes for a large model)
+    state_file = stopped / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = state_file.read_text()
+    state_file.write_text(json.dumps({**json.loads(state), "world_size": 2}))
+    with monkeypatch.context() as patched:
+        patched.setattr("align.modeling.load_causal_lm", lambda *a, **k: pytest.fail("the policy loaded"))
+        with pytest.raises(UserError, match=r"step-000004 was written by 2 processes; resume it with the same number"):
+            run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    state_file.write_text(state)
     before = read_metrics(stopped / "metrics.jsonl")
     assert [r["step"] for r in before] == [3, 4, 6]
 
