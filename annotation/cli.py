@@ -333,6 +333,7 @@ def generate(
         pk = services.get_project(s, project).k
         n = generate_candidates(s, project, model, k=k, max_new_tokens=response_length, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=True, notes=notes)
-    typer.echo(f"{project}: {pk} candidates generated for {n} prompts")
+    typer.echo(f"{project}: {pk * n} candidates generated ({pk} for each of {n} prompt{'s' if n != 1 else ''})" if n
+               else f"{project}: no prompt is without its {pk} candidates; nothing generated")
     for note in notes:
         typer.echo(note, err=True)

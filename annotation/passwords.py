@@ -3,9 +3,10 @@ password is their only factor: at least 15 characters (Unicode code points after
 normalisation), no composition rules, and refused when it is on a blocklist of
 known-compromised passwords (the 30,000 most frequent ones in leaked password sets, as
 zxcvbn ships them, so the list is maintained with that package rather than by hand), when
-repetitive or sequential, or when it contains the username. Accounts made under an older
-rule keep working; `needs_change` tells the sign-in that the one just used no longer
-passes, and the pages ask for a new one.
+it contains the username, or when zxcvbn's estimator finds it guessable in under a million
+tries (a word repeated, a keyboard row, a run of the alphabet: NIST's "repetitive or
+sequential"). Accounts made under an older rule keep working; `needs_change` tells the
+sign-in that the one just used no longer passes, and the pages ask for a new one.
 
 Usernames are ASCII letters, digits and `._-` (the PRECIS IdentifierClass restricted to
 ASCII, RFC 8264) and must not look like another user's name (a "skeleton" in the sense of
@@ -24,7 +25,6 @@ POLICY = (f"at least {MIN_PASSWORD_LENGTH} characters, not a known-compromised o
 # 1-60 characters: exported and imported elsewhere, a user's rankings go to the account src:<name>
 # (annotation.services.users), which must fit the 64 characters a username column holds
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
-_SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm", "1qaz2wsx3edc")
 
 
 @functools.cache
@@ -56,11 +56,25 @@ def password_problem(password: str, username: str | None = None) -> str | None:
         return "password is on a list of known-compromised passwords; choose another (a few unrelated words work well)"
     if len(set(squeezed)) <= 2:
         return "password repeats one or two characters; choose another"
-    if any(squeezed in seq or squeezed in seq[::-1] for seq in _SEQUENCES):
-        return "password is a keyboard or alphabet sequence; choose another"
     if username and (username.casefold() == squeezed or (len(username) >= 4 and username.casefold() in folded)):
         return "password must not contain the username"
+    if easy := easy_to_guess(pw):
+        return f"password is easy to guess ({easy}); choose another (a few unrelated words work well)"
     return None
+
+
+def easy_to_guess(password: str) -> str | None:
+    """What makes `password` guessable in under a million tries by zxcvbn's estimate (its score 0 or 1:
+    a word repeated, a keyboard row or a run of the alphabet, however long), or None. zxcvbn reads at
+    most 72 characters: a longer password is judged by its first 72."""
+    from zxcvbn import zxcvbn
+
+    estimate = zxcvbn(password[:72])
+    if estimate["score"] >= 2:
+        return None
+    patterns = {match["pattern"] for match in estimate["sequence"]}
+    return ("a repetition" if "repeat" in patterns else "a sequence or keyboard row" if patterns & {"sequence", "spatial"}
+            else "common words or a keyboard pattern")
 
 
 def needs_change(password: str, username: str) -> bool:

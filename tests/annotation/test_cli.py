@@ -108,7 +108,7 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
     ok(["annotate", "import", str(prompts), "--db", db, "-p", "gen", "-f", "prompts", "--k", "3"], capsys)
     out = ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3",
               "--response-length", "8"], capsys)
-    assert "3 candidates generated for 3 prompts" in out
+    assert "9 candidates generated (3 for each of 3 prompts)" in out
     from annotation import services
     from annotation.db import open_db
     from annotation.models import Prompt
@@ -120,7 +120,7 @@ def test_generate_fills_prompts_with_k_candidates(tmp_path, capsys, tiny_random_
         project = services.get_project(s, "gen")
         assert services.project_progress(s, project)["rankable_prompts"] == 3
     # a second run has nothing left to do
-    assert "for 0 prompts" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
+    assert "no prompt is without its 3 candidates; nothing generated" in ok(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--k", "3"], capsys)
 
 
 def test_generate_leaves_prompts_that_another_run_filled_meanwhile_as_they_are(tmp_path, capsys, tiny_random_model,
@@ -152,7 +152,7 @@ def test_generate_leaves_prompts_that_another_run_filled_meanwhile_as_they_are(t
         main(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model), "--response-length", "4"])
     out = capsys.readouterr()
     assert exc.value.code in (0, None), out
-    assert out.out == "gen: 2 candidates generated for 1 prompts\n" and "Traceback" not in out.err, out
+    assert out.out == "gen: 2 candidates generated (2 for each of 1 prompt)\n" and "Traceback" not in out.err, out
     assert "2 prompts of 'gen' got candidates from another generate run or an import" in out.err, out.err
     with open_db(db)() as s:
         models = sorted(c.model for p in s.query(Prompt).all() for c in p.candidates)
@@ -176,7 +176,7 @@ def test_a_sampled_nul_character_is_stored_as_the_replacement_character(tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["annotate", "generate", "--db", db, "-p", "gen", "--model", str(tiny_random_model)])
     out = capsys.readouterr()
-    assert exc.value.code in (0, None) and out.out == "gen: 2 candidates generated for 2 prompts\n", out
+    assert exc.value.code in (0, None) and out.out == "gen: 4 candidates generated (2 for each of 2 prompts)\n", out
     assert "2 candidates of 'gen' held a NUL character, stored as U+FFFD" in out.err
     with open_db(db)() as s:
         texts = sorted(c.text for p in s.query(Prompt).all() for c in p.candidates)

@@ -106,6 +106,10 @@ def test_sign_in_from_another_client_is_not_blocked_and_success_resets(env):
     ("password1234567", "known-compromised"), ("1qaz2wsx3edc4rfv", "known-compromised"),
     ("Q1W2E3R4T5Y6U7I8", "known-compromised"), ("iloveyou12345678!", "known-compromised"),
     ("aaaaaaaaaaaaaaaa", "repeats"), ("abcdefghijklmnopq", "sequence"), ("my carol key for the lab", "username"),
+    # repetitive or sequential however long: a word repeated, keyboard rows run on, digits counted on
+    ("qwertyuiopasdfg", "easy to guess"), ("zxcvbnmzxcvbnmz", "easy to guess (a repetition)"),
+    ("passwordpassword", "easy to guess (a repetition)"), ("iloveyouiloveyou", "easy to guess"),
+    ("0123456789012345", "easy to guess (a sequence"), ("abcabcabcabcabc", "easy to guess"),
 ])
 def test_weak_passwords_refused(env, password, word):
     before = _count_users(env)
