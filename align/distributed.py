@@ -82,7 +82,8 @@ def set_cpu_threads(requested: int | None) -> int:
     11 to 16 times slower than ranks of 1, their threads waiting on each other at every collective."""
     if requested is None:
         return torch.get_num_threads()
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = requested if requested * processes <= cores else max(1, cores // processes)
     if threads != requested and os.environ.get("LOCAL_RANK", "0") == "0":

@@ -45,6 +45,13 @@ def demo_model() -> Path:
     return ensure_demo_model("tiny")
 
 
+@pytest.fixture(autouse=True)
+def _pytest_outlives_its_parent(monkeypatch):
+    """A test that calls align's `main` in this process as a launch's rank (LOCAL_RANK set) must not
+    have the kernel kill pytest when pytest's parent exits (align.commands.cli._end_with_launcher)."""
+    monkeypatch.setattr("align.commands.cli._end_with_launcher", lambda: None)
+
+
 @pytest.fixture
 def umask():
     """Set the process umask for one test (returns a setter; the old umask comes back after)."""

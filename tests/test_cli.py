@@ -245,3 +245,35 @@ def test_progress_lines_come_from_the_first_process_of_a_launch(env, expected):
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == expected, done.stderr
+
+
+def test_a_launchs_rank_dies_with_its_launcher_but_not_of_a_launcher_that_is_process_1(monkeypatch):
+    # in a container that runs the launch as its command the launcher is process 1 (a rank that took that
+    # for "adopted by init" killed itself at start); a launcher gone before the request: the rank ends
+    import ctypes
+    import os
+    import signal
+
+    from align.commands import cli
+
+    monkeypatch.undo()  # the real _end_with_launcher (tests/conftest.py stands it in), on stand-in libc and kill
+
+    requested, killed = [], []
+
+    class Libc:
+        def prctl(self, option, sig):
+            requested.append((option, sig))
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Libc())
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for parents, dies in (([1, 1], False), ([4242, 4242], False), ([4242, 1], True), ([4242, 77], True)):
+        monkeypatch.setattr(os, "getppid", iter(parents).__next__)
+        requested.clear(), killed.clear()
+        cli._end_with_launcher()
+        assert requested == [(1, signal.SIGKILL)]  # PR_SET_PDEATHSIG
+        assert killed == ([(os.getpid(), signal.SIGKILL)] if dies else [])
+    monkeypatch.delenv("LOCAL_RANK")
+    requested.clear()
+    cli._end_with_launcher()
+    assert requested == []  # not a launch's rank: untouched

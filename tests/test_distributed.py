@@ -72,6 +72,8 @@ def test_a_launchs_processes_share_the_cores_out_rather_than_each_taking_num_thr
         assert set_cpu_threads(4) == torch.get_num_threads() == 2  # 2 x 4 on 4 cores: 2 each
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
         assert set_cpu_threads(2) == torch.get_num_threads() == 1  # never none
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
+        assert set_cpu_threads(4) == torch.get_num_threads() == 4  # not a count: one process
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
         assert set_cpu_threads(4) == torch.get_num_threads() == 4  # one process: as asked
         assert set_cpu_threads(None) == 4  # torch's (or the launcher's) choice stands

@@ -178,11 +178,12 @@ def _end_with_launcher() -> None:
     import ctypes
     import signal
 
+    launcher = os.getppid()  # (process 1 itself in a container that runs the launch as its command)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher had ended before the request was made: init adopted this process
+    if os.getppid() != launcher:  # the launcher ended before the request was made: another process adopted this one
         os.kill(os.getpid(), signal.SIGKILL)
 
 
