@@ -95,8 +95,8 @@ def check_same_run(path: Path, state: dict[str, Any], *, config: dict[str, Any],
     for key, model in (models or {}).items():
         if key in saved_models and model is not None and not matches_fingerprint(model, saved_models[key]):
             raise UserError(f"{path}: the model {key} names ({now.get(key, '')}) is not the one the run was trained "
-                            "with: its files changed since (trained again, rebuilt, its chat template edited); restore it or start a new "
-                            "run")
+                            "with: its files changed since (trained again, rebuilt, its chat template edited); restore "
+                            "it or start a new run")
     if num_steps is not None and "num_steps" in state and state["num_steps"] != num_steps:  # (older: not kept)
         raise UserError(f"{path} belongs to a run of {state['num_steps']} steps, this one plans {num_steps}; "
                         "start a new run")
@@ -161,18 +161,22 @@ def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
                      "the checkpoint before it, or start a new run")
 
 
-def check_checkpoint_layout(path: Path | None, *, processes: int, sharded: bool, written_by: int | None = None) -> None:
-    """One line where checkpoint `path` was written by another number of processes (`written_by`: read
-    from it when not given) or with other sharding than this run has. A resumed stage asks as it starts,
-    before its models load (minutes at 8B), and again as it loads the checkpoint; no checkpoint, or one
-    whose state does not read, is left to that load to say."""
+def check_checkpoint_layout(path: Path | None, *, processes: int, sharded: bool) -> None:
+    """One line where checkpoint `path` was written by another number of processes or with other
+    sharding than this run has. A resumed stage asks as it starts, before its models load (minutes at
+    8B), and again as it loads the checkpoint; no checkpoint, or one whose state does not read, is
+    left to that load to say."""
     if path is None:
         return
-    if written_by is None:
-        try:
-            written_by = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["world_size"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return
+    try:
+        written_by = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    _check_layout(path, written_by, processes=processes, sharded=sharded)
+
+
+def _check_layout(path: Path, written_by: int, *, processes: int, sharded: bool) -> None:
+    """`check_checkpoint_layout` on the process count `written_by` read from checkpoint `path`."""
     if written_by != processes:
         raise UserError(f"{path} was written by {processes_text(written_by)}; resume it with the same "
                         f"number (this run has {processes_text(processes)})")
@@ -203,7 +207,7 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         written_by = state["world_size"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise damaged(exc) from None
-    check_checkpoint_layout(path, processes=accelerator.num_processes, sharded=sharded, written_by=written_by)
+    _check_layout(path, written_by, processes=accelerator.num_processes, sharded=sharded)
     if check is not None:
         check(state)
     try:

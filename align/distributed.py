@@ -273,15 +273,16 @@ def micro_batch_sync(accelerator: Any, model: nn.Module, *, last: bool, sharded:
 
 
 def clip_and_check_gradients(accelerator: Any, params: list[torch.Tensor], max_norm: float, *, sharded: bool,
-                             where: str) -> torch.Tensor | None:
+                             where: str) -> torch.Tensor:
     """Clip the accumulated gradients of `params` to a global norm of `max_norm` (over the shards
     under FSDP2) and stop the run, naming `where`, before a non-finite one is applied; the norm
-    before clipping, None where the engine clips on its own and gives none (DeepSpeed)."""
+    before clipping, NaN where the engine clips on its own and gives none (DeepSpeed)."""
     from align.precision import check_finite_gradient
 
     grad_norm = clip_grad_norm(params, max_norm) if sharded else accelerator.clip_grad_norm_(params, max_norm)
-    if grad_norm is not None:  # a NaN weight would only surface later, as non-finite logits while sampling
-        check_finite_gradient(grad_norm, where)
+    if grad_norm is None:
+        return torch.tensor(float("nan"))
+    check_finite_gradient(grad_norm, where)  # a NaN weight would only surface later, as non-finite logits while sampling
     return grad_norm
 
 

@@ -105,7 +105,7 @@ class StepLoop:
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float("nan") if grad_norm is None else float(grad_norm)
+        return float(grad_norm)
 
     def train(self) -> None:
         from tqdm.auto import tqdm

@@ -77,8 +77,7 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
             grad_norm = clip_and_check_gradients(
                 trainer.accelerator, trainer.trainable, cfg.max_grad_norm, sharded=bool(trainer.fsdp),
                 where=f"iteration {trainer.iteration + 1}, epoch {epoch + 1}, minibatch {mb_start // mini_batch + 1}")
-            grad_norms.append(torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
-                                              dtype=torch.float32, device=trainer.device))
+            grad_norms.append(torch.as_tensor(grad_norm, dtype=torch.float32, device=trainer.device))
             trainer.optimizer.step()
             trainer.scheduler.step()
     names = list(sums)

@@ -170,7 +170,8 @@ def import_model(
                                             min=8)] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the prompt choice and the sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Responses per forward pass.", min=1)] = 64,
-    force: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier import or is empty (nothing else is replaced).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier import or is empty (nothing else "
+                                             "is replaced).")] = False,
     rendering: Annotated[str, typer.Option(help="How the model was trained to read a (prompt, response): "
                                                 "`conversation`, the whole conversation through its chat template "
                                                 "(TRL's reward trainer; without a template, HH-RLHF dialogue); "
