@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -181,21 +180,14 @@ def supervised_finetune(model: Any, tokenizer: Any, size: Size, seed: int, progr
     import torch
     from tqdm.auto import tqdm
 
+    from align.schedule import lr_schedule
     from align.synthetic import sft_examples
 
     torch.manual_seed(seed)
     examples = sft_examples(size.sft_steps * size.sft_batch_size // 2, seed=seed)
     batches = sft_batches(tokenizer, examples, size.sft_batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, size.sft_steps // 20)
-
-    def lr_lambda(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_frac = (step - warmup) / max(1, size.sft_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = lr_schedule(optimizer, size.sft_steps, max(1, size.sft_steps // 20), "cosine", floor=0.1)
     model.train()
     losses = []
     bar = tqdm(range(size.sft_steps), desc="SFT of the demo model", disable=not progress, unit="step")

@@ -38,14 +38,6 @@ if TYPE_CHECKING:
 CHECKPOINT_PREFIX = "step"  # RUN/checkpoints/step-NNNNNN
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
-    """Linear warmup over the first `warmup_ratio` of the steps, then linear decay to 0. Stepped by
-    hand, once per optimiser step (accelerate's wrapper would step it once per process)."""
-    warmup = int(warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-
-
 class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
     part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints,

@@ -61,7 +61,8 @@ from align.run import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
+from align.schedule import lr_schedule
+from align.training import CHECKPOINT_PREFIX, StepLoop
 from dpo.config import RESUME_OVERRIDABLE, DPOConfig
 from dpo.data import DPOBatch, DPODataset, check_usable, collate, held_out_left_out_line, usable_rankings
 from dpo.losses import implicit_rewards, plackett_luce_nll
@@ -180,7 +181,7 @@ class DPOTrainer(StepLoop):
         self.loop_cfg = cfg
         self.global_batches = self.plan_batches()
         total = len(self.global_batches)
-        self.scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
+        self.scheduler = lr_schedule(optimizer, total, int(cfg.warmup_ratio * total))
         self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
                                       else self.accelerator.prepare(self.module, optimizer))
         keep_until_exit(self.model)

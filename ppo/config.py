@@ -217,9 +217,12 @@ class PPOConfig:
         gt=0.0,
     )
     lr_scheduler: Literal["linear", "constant", "cosine"] = option(
-        "linear", help="Learning-rate schedule over all optimiser steps, each after warmup_steps of linear warm-up."
+        "linear", help="Learning-rate schedule after the warm-up: linear and cosine decay towards 0 over the "
+        "remaining optimiser steps, constant stays at learning_rate."
     )
-    warmup_steps: int = option(0, help="Linear warm-up optimiser steps.", ge=0)
+    warmup_steps: int = option(
+        0, help="Optimiser steps of linear warm-up: step s (from 0) runs at (s + 1) / warmup_steps of learning_rate, "
+        "so the first already learns (transformers' and TRL's warm-ups start at 0).", ge=0)
     weight_decay: float = option(0.0, help="AdamW weight decay.", ge=0.0)
     adam_eps: float = option(1e-5, help="AdamW epsilon (1e-5 as in cleanrl / OpenAI baselines).", gt=0.0)
     max_grad_norm: float = option(1.0, help="Global gradient-norm clip.", gt=0.0)
@@ -271,6 +274,10 @@ class PPOConfig:
         check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "
               "gradient_checkpointing=true yet (the checkpoint sits inside the compiled layer); set one of them false")
         self.batch_shape(1)  # one process: said when the config is read
+        check(self.warmup_steps < max(1, self.total_optimizer_steps),
+              f"warmup_steps ({self.warmup_steps}) must be below the run's optimiser steps, num_iterations x "
+              f"num_ppo_epochs x num_mini_batches = {self.total_optimizer_steps}, or the learning rate never "
+              "reaches its peak")
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
             if value != "synthetic" and (key == "prompts" or self.num_eval_prompts):  # 0: nothing is read from it

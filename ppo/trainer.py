@@ -41,6 +41,7 @@ from align.run import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from align.schedule import lr_schedule
 from ppo import core
 from ppo.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -187,13 +188,7 @@ class PPOTrainer:
         # fused: one kernel per step instead of ~8 per parameter tensor (CPU and CUDA, torch >= 2.4)
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                       fused=self.device.type in ("cpu", "cuda"))
-        # The scheduler is stepped by hand (once per optimiser step), not through accelerate,
-        # which would step it once per process. transformers' "constant" ignores the warm-up.
-        schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-        from transformers import get_scheduler  # seconds of imports: after the checks that may refuse the run
-
-        self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=cfg.total_optimizer_steps)
+        self.scheduler = lr_schedule(optimizer, cfg.total_optimizer_steps, cfg.warmup_steps, cfg.lr_scheduler)
         self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
                                           else self.accelerator.prepare(self.model, optimizer))
         keep_until_exit(self.ddp_model)

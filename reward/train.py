@@ -53,7 +53,8 @@ from align.precision import (
     upcast_trainable,
 )
 from align.run import SUMMARY_FILE, peak_memory_metrics
-from align.training import CHECKPOINT_PREFIX, StepLoop, linear_schedule
+from align.schedule import lr_schedule
+from align.training import CHECKPOINT_PREFIX, StepLoop
 from reward.config import RESUME_OVERRIDABLE, RewardConfig
 from reward.data import (
     RankingBatch,
@@ -160,7 +161,7 @@ class RewardTrainer(StepLoop):
         self.loop_cfg = cfg.train
         self.global_batches = self.plan_batches()
         self.total_steps = len(self.global_batches)
-        self.scheduler = linear_schedule(optimizer, self.total_steps, cfg.train.warmup_ratio)
+        self.scheduler = lr_schedule(optimizer, self.total_steps, int(cfg.train.warmup_ratio * self.total_steps))
         self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         keep_until_exit(self.model)
         self.device = self.accelerator.device

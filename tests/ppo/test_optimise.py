@@ -156,5 +156,17 @@ def test_every_schedule_warms_up_over_warmup_steps(small_run, schedule):
     for _ in range(5):
         rates.append(trainer.scheduler.get_last_lr()[0])
         trainer.scheduler.step()
-    assert rates[:4] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4])  # transformers' "constant" would give 1e-3
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # the first step already learns
     assert rates[4] == pytest.approx(1e-3, rel=0.2)  # the peak, then the schedule's own decay
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused(small_run):
+    from align.config import load_config
+    from align.errors import UserError
+    from ppo.config import PPOConfig
+
+    cfg = load_config(PPOConfig, None, small_run)
+    steps = cfg.total_optimizer_steps
+    assert load_config(PPOConfig, None, [*small_run, f"warmup_steps={steps - 1}"]).warmup_steps == steps - 1
+    with pytest.raises(UserError, match=rf"warmup_steps \({steps}\) must be below the run's optimiser steps.* = {steps}"):
+        load_config(PPOConfig, None, [*small_run, f"warmup_steps={steps}"])
