@@ -31,7 +31,7 @@ from align.lora import save_policy_adapter
 from align.modeling import resolve_model_path
 from align.provenance import model_fingerprints
 from align.run import give_ordinary_modes
-from ppo.config import RESUME_OVERRIDABLE
+from ppo.config import RESUME_OVERRIDABLE, PPOConfig
 from ppo.run_dir import POLICY_DIR, VALUE_HEAD_FILE
 
 log = logging.getLogger("align")
@@ -76,7 +76,7 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         log.info("resumed %s at iteration %d", trainer.run_dir, trainer.iteration)
 
 
-def check_distributed_setup(accelerator: Any, cfg: Any, resume: bool, fsdp: Any = None) -> None:
+def check_distributed_setup(accelerator: Any, cfg: PPOConfig, resume: bool, fsdp: Any = None) -> None:
     """What sharding cannot do here. FSDP2: the graphed decoding step replays kernels on one
     rank's full weights, and a separate reference checkpoint would be a whole unsharded copy per
     rank. DeepSpeed ZeRO steps the optimiser inside backward and shards the optimiser state, which
