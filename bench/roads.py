@@ -48,7 +48,8 @@ EVAL_PROMPTS = 128
 
 def prepare_data(out: Path) -> tuple[Path, Path]:
     """The demo's rankings and reward model, built once into OUT/data (reused when present)."""
-    from align.commands.demo import DemoConfig, export_rankings, fill_project, simulate_annotators
+    from align.commands.demo import DemoConfig
+    from align.commands.demo_annotation import export_rankings, fill_project, simulate_annotators
     from align.config import load_config
     from reward.config import RewardConfig
     from reward.train import train_reward_model
