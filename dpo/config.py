@@ -102,7 +102,8 @@ class DPOConfig:
         "synthetic task's held-out split, scored by its gold judge too) or a .jsonl/.txt file, as in `align ppo` (one that "
         "shares prompts with the training rankings is refused).")
     num_eval_prompts: int = option(128, help="Held-out prompts sampled at the end (0 skips the sampling).", ge=0)
-    temperature: float = option(0.7, help="Sampling temperature of the held-out samples (and of their KL).", gt=0)
+    temperature: float = option(0.7, help="Sampling temperature of the held-out samples (and of their KL); at least "
+                                "0.01, as PPO's.", ge=0.01)
     response_length: int = option(48, help="Maximum new tokens of a held-out sample.", ge=1)
     max_prompt_length: int = option(128, help="Held-out prompts longer than this (in tokens) lose their start.", ge=1)
     eval_batch_size: int = option(64, help="Held-out prompts sampled per batch at the end.", ge=1)

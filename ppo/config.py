@@ -195,8 +195,9 @@ class PPOConfig:
         "(as the reward and DPO stages' batch_size counts a step's rankings over all processes).", ge=1)
     response_length: int = option(24, help="Maximum new tokens per response.", ge=1)
     temperature: float = option(
-        0.7, help="Sampling temperature; training log-probs use the same temperature.", gt=0.0
-    )
+        0.7, help="Sampling temperature; training log-probs use the same temperature. At least 0.01: below it the "
+        "log-probs, logits / temperature, overflow or dwarf everything else (vLLM raises lower ones to 0.01 too).",
+        ge=0.01)
     missing_eos_penalty: float | None = option(
         1.0, help="Subtracted from the score of a response that never emits eos (null: no penalty).", ge=0.0
     )
@@ -274,6 +275,9 @@ class PPOConfig:
         check(not (self.torch_compile and self.gradient_checkpointing), "torch_compile=true does not run with "
               "gradient_checkpointing=true yet (the checkpoint sits inside the compiled layer); set one of them false")
         self.batch_shape(1)  # one process: said when the config is read
+        check(not (self.kl.adaptive and self.kl.coef == 0), "kl.coef=0 with kl.adaptive=true: the controller "
+              "multiplies beta, which would stay 0 (no KL penalty); set kl.coef > 0, its starting value, or "
+              "kl.adaptive=false for a run without a KL penalty")
         check(self.warmup_steps < max(1, self.total_optimizer_steps),
               f"warmup_steps ({self.warmup_steps}) must be below the run's optimiser steps, num_iterations x "
               f"num_ppo_epochs x num_mini_batches = {self.total_optimizer_steps}, or the learning rate never "

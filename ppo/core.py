@@ -241,6 +241,15 @@ def grpo_advantages(rewards: torch.Tensor, samples_per_prompt: int, eps: float =
     return ((grouped - mean) / (std + eps)).view(-1)
 
 
+def frac_zero_spread(rewards: torch.Tensor, samples_per_prompt: int, rtol: float = 1e-6) -> torch.Tensor:
+    """The fraction of the prompts whose k = samples_per_prompt samples (consecutive rows of (B,)
+    `rewards`) all scored alike, to `rtol` of their size: their advantages are 0 under both
+    baselines, so they teach the policy nothing (TRL's GRPO logs it as frac_reward_zero_std)."""
+    grouped = rewards.view(-1, samples_per_prompt)
+    spread = grouped.amax(-1) - grouped.amin(-1)
+    return (spread <= rtol * grouped.abs().amax(-1).clamp(min=1.0)).float().mean()
+
+
 def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) one value per sequence -> (B, T) that value at every real token, 0 where masked: the
     critic-free methods give every token of a response its sequence's advantage."""

@@ -103,6 +103,7 @@ class PPOTrainer:
         self.judge = judge  # an optional independent score of the held-out samples (ppo.evaluation)
         self.iteration = 0  # iterations completed
         self.sample_seconds = 0.0  # the last rollout's sampling time (timing/sample_s)
+        self.said_zero_spread = False  # the warning that every prompt's samples scored alike, once per run
         self.clock = TrainingClock()  # the run's training time and peak memory, carried through checkpoints
         self.run_log: RunLog | None = None  # the main process's metrics rows (align.tracking), once set up
 
@@ -273,8 +274,9 @@ class PPOTrainer:
         if cfg.has_value_model:
             self.gae_advantages(exp)
         else:
+            sequence_rewards = exp.rewards.sum(-1)
             advantages = (core.rloo_advantages if cfg.method == "rloo" else core.grpo_advantages)(
-                exp.rewards.sum(-1), cfg.samples_per_prompt)
+                sequence_rewards, cfg.samples_per_prompt)
             exp.advantages = core.broadcast_to_tokens(advantages, exp.response_mask)
 
         # 5) Optimise: num_ppo_epochs passes of the clipped surrogate (+ the clipped value loss, or
@@ -301,6 +303,8 @@ class PPOTrainer:
             "response/eos_rate": has_eos.float().mean(),
             **train_stats,
         }
+        if not cfg.has_value_model:
+            stats["objective/frac_reward_zero_std"] = core.frac_zero_spread(sequence_rewards, cfg.samples_per_prompt)
         names = list(stats)
         reduced = self.accelerator.reduce(torch.stack([torch.as_tensor(stats[k], dtype=torch.float32,
                                                                        device=self.device) for k in names]), "mean")
@@ -309,6 +313,11 @@ class PPOTrainer:
         metrics["objective/kl_coef"] = beta
         metrics["train/lr"] = lr
         self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
+        if metrics.get("objective/frac_reward_zero_std") == 1.0 and self.is_main and not self.said_zero_spread:
+            self.said_zero_spread = True
+            log.warning("iteration %d: each prompt's %d samples got one reward, so every advantage is 0 and the policy "
+                        "learns nothing (samples alike at this temperature, or a reward blind to their differences?); "
+                        "said once, objective/frac_reward_zero_std counts them", self.iteration + 1, cfg.samples_per_prompt)
         metrics.update({"timing/rollout_s": t1 - t0, "timing/sample_s": self.sample_seconds, "timing/score_s": t2 - t1,
                         "timing/optimise_s": t3 - t2, "timing/iteration_s": time.perf_counter() - t0})
         return metrics

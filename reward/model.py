@@ -346,7 +346,7 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[Rendered], *, max_l
 
 def fit_normalization(raw: torch.Tensor) -> tuple[float, float]:
     """gain, bias with gain * raw + bias of mean 0 and std 1 on `raw` (the SFT model's own samples)."""
-    mean, std = raw.mean().item(), raw.std().item()
+    mean, std = raw.mean().item(), raw.std().item() if raw.numel() > 1 else 0.0
     gain = 1.0 / std if std > 1e-8 else 1.0
     return gain, -mean * gain
 
@@ -376,7 +376,7 @@ def normalization_on_samples(model: nn.Module, tokenizer, prompts: Sequence[Any]
         raw = score_texts(model, tokenizer, render_texts(tokenizer, prompts, responses, rendering),
                           max_length=max_length, batch_size=batch_size)
     gain, bias = fit_normalization(raw)
-    mean, std = raw.mean().item(), raw.std().item()
+    mean, std = raw.mean().item(), raw.std().item() if raw.numel() > 1 else 0.0
     if std < 1e-3 * max(1.0, abs(mean)):  # a head that barely depends on the text: PPO would chase its noise
         log.warning("the reward model scores the policy's %d samples all but alike (raw mean %.4g, std %.3g): "
                     "what tells them apart is rounding noise, which PPO, RLOO or GRPO would follow; is its reward "

@@ -140,6 +140,11 @@ class RewardTrainer(StepLoop):
         self.max_length = fit_max_length(cfg.model.max_length, self.base_path, "model.max_length")
         self.data: RewardData = load_reward_data(cfg.data)
         train_rankings = self.data.train
+        if cfg.eval.normalize and len(distinct := normalization_prompts(train_rankings, 2, cfg.train.seed)) < 2:
+            # one sample has no spread to scale (as `align reward import` says of its file)
+            raise UserError(f"the training rankings hold {len(distinct)} distinct prompt: the normalisation "
+                            "(eval.normalize) scales the SFT model's answers to at least 2; add rankings of other "
+                            "prompts or set eval.normalize=false")
         if cfg.train.loss == "pairwise":  # comparison mode: every pair its own batch element
             train_rankings = expand_to_pairs(train_rankings, cfg.train.seed)
         self.train_set = RankingDataset(train_rankings, self.tokenizer, self.max_length, encoder=self.encoder)

@@ -21,7 +21,9 @@ from ppo.trainer import PPOTrainer
 
 
 def main(out: Path, overrides: list[str]) -> None:
-    trainer = PPOTrainer(load_config(PPOConfig, None, [*overrides, "temperature=1e-4", "sample_gathered=false"]))
+    cfg = load_config(PPOConfig, None, [*overrides, "sample_gathered=false"])
+    cfg.temperature = 1e-4  # greedy in effect (a run's config stops at 0.01): each rank's tokens known in advance
+    trainer = PPOTrainer(cfg)
     trainer.setup()
     assert trainer.fsdp is not None, "run under an FSDP2 accelerate config"
     tok, rank = trainer.tokenizer, trainer.accelerator.process_index

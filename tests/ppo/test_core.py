@@ -271,6 +271,12 @@ def test_rloo_baseline_leaves_exactly_one_out():
     close(raised[:3] - core.rloo_advantages(rewards, 3)[:3], [1.0, -0.5, -0.5])
 
 
+def test_frac_zero_spread_counts_the_prompts_whose_samples_all_scored_alike():
+    # groups (1, 1), (2, 2 + 1e-9) alike to rounding, (3, 4) apart; (1e6, 1e6 + 0.5) alike only in relative terms
+    close(core.frac_zero_spread(torch.tensor([1.0, 1.0, 2.0, 2.0 + 1e-9, 3.0, 4.0], dtype=torch.float64), 2), 2 / 3)
+    close(core.frac_zero_spread(torch.tensor([1e6, 1e6 + 0.5, 0.0, 0.5]), 2), 1 / 2)
+
+
 def test_grpo_normalises_within_each_group():
     # group (1, 2, 6): mean 3, unbiased std sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) = sqrt(7)
     # group (5, 5, 5): std 0 -> all advantages 0 (eps keeps the division finite)

@@ -20,7 +20,7 @@ from tests.ppo.test_learning import HashScorer, record_optimise
 def test_one_iteration_raises_the_log_probability_of_responses_better_than_their_siblings(small_run, method):
     overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
     overrides += [f"method={method}", "samples_per_prompt=4", "batch_size=32", "learning_rate=1e-2",
-                  "kl.coef=0.0", "missing_eos_penalty=null"]
+                  "kl.coef=0.0", "kl.adaptive=false", "missing_eos_penalty=null"]
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
     assert trainer.model.value_head is None and trainer.model.critic is None
@@ -129,6 +129,34 @@ def test_settings_only_ppo_reads_are_said_to_be_unused_by_a_critic_free_run(smal
     assert load_config(PPOConfig, None, [*small_run, *value_model_settings]).unused_settings() == []  # PPO reads them
     assert load_config(PPOConfig, "configs/demo/ppo.yaml", ["method=rloo", "samples_per_prompt=4"]).unused_settings() \
         == []  # PPO's config with its defaults spelled out, run as RLOO: nothing to say
+
+
+class ConstantScorer:
+    """0 for every response."""
+
+    def score(self, prompts, responses, batch_size=64):
+        return torch.zeros(len(responses))
+
+
+def test_prompts_whose_samples_all_scored_alike_are_counted_and_a_batch_of_only_those_is_said_once(small_run, caplog):
+    cfg = load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2", "num_iterations=2",
+                                        "num_eval_prompts=0"])
+    trainer = PPOTrainer(cfg, reward_model=ConstantScorer())
+    trainer.setup()
+    with caplog.at_level("WARNING", logger="align"):
+        metrics = [trainer.step() for _ in range(2)]
+    assert [m["objective/frac_reward_zero_std"] for m in metrics] == [1.0, 1.0]
+    assert all(m["policy/loss"] == 0 for m in metrics)  # every advantage 0, and no KL yet to pull on
+    said = [r.getMessage() for r in caplog.records if "got one reward" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("iteration 1: each prompt's 2 samples got one reward")
+
+    # otherwise the fraction of the batch's prompts, from the rewards the advantages are built from
+    trainer = PPOTrainer(load_config(PPOConfig, None, [*small_run, "method=grpo", "samples_per_prompt=2",
+                                                       "overwrite=true"]), reward_model=HashScorer())
+    trainer.setup()
+    seen = record_optimise(trainer)
+    metric = trainer.step()["objective/frac_reward_zero_std"]
+    assert metric == pytest.approx(core.frac_zero_spread(seen["exp"].scores, 2).item())
 
 
 @pytest.mark.parametrize("overrides, message", [

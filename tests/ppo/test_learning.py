@@ -34,7 +34,8 @@ def record_optimise(trainer: PPOTrainer) -> dict:
 
 def test_one_iteration_raises_the_log_probability_of_well_scored_responses(small_run):
     overrides = [o for o in small_run if not o.startswith(("batch_size=", "learning_rate="))]
-    overrides += ["batch_size=32", "learning_rate=1e-2", "value_lr_scale=1", "kl.coef=0.0", "missing_eos_penalty=null"]
+    overrides += ["batch_size=32", "learning_rate=1e-2", "value_lr_scale=1", "kl.coef=0.0", "kl.adaptive=false",
+                  "missing_eos_penalty=null"]
     trainer = PPOTrainer(load_config(PPOConfig, None, overrides), reward_model=HashScorer())
     trainer.setup()
     seen = record_optimise(trainer)

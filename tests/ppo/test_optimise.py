@@ -170,3 +170,14 @@ def test_a_warm_up_as_long_as_the_run_is_refused(small_run):
     assert load_config(PPOConfig, None, [*small_run, f"warmup_steps={steps - 1}"]).warmup_steps == steps - 1
     with pytest.raises(UserError, match=rf"warmup_steps \({steps}\) must be below the run's optimiser steps.* = {steps}"):
         load_config(PPOConfig, None, [*small_run, f"warmup_steps={steps}"])
+
+
+def test_an_adaptive_kl_coefficient_starting_at_zero_is_refused(small_run):
+    """The controller multiplies beta (Ziegler et al. 2019, 2.2): from 0 it never moves."""
+    from align.config import load_config
+    from align.errors import UserError
+    from ppo.config import PPOConfig
+
+    with pytest.raises(UserError, match="kl.coef=0 with kl.adaptive=true"):
+        load_config(PPOConfig, None, [*small_run, "kl.coef=0", "kl.adaptive=true"])
+    assert load_config(PPOConfig, None, [*small_run, "kl.coef=0", "kl.adaptive=false"]).kl.coef == 0

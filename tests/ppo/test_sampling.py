@@ -54,7 +54,7 @@ def test_prompts_are_padded_and_cut_on_the_left_and_the_tokenizer_is_left_as_it_
 
 def test_sampler_continues_left_padded_prompts_like_generate(demo_model, tmp_path):
     trainer = PPOTrainer(load_config(PPOConfig, None, [f"policy_model={demo_model}", f"output_dir={tmp_path}",
-                                                         "reward_model=unused", "temperature=1e-4"]),
+                                                         "reward_model=unused"]),
                          reward_model=object())
     trainer.setup()  # a fresh adapter (B = 0): the policy is the SFT model
     tok = trainer.tokenizer

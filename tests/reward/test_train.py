@@ -1,5 +1,6 @@
 """End-to-end runs on the synthetic task with a tiny random model (seconds each)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,3 +193,22 @@ def test_the_logged_learning_rate_is_the_one_each_step_took(quick_config, tmp_pa
     train_reward_model(cfg, echo=lambda s: None)
     rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
     assert [r["train/lr"] for r in rows] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_rankings_of_one_prompt_are_refused_before_training_when_normalised(tmp_path, quick_config):
+    """The normalisation scales the spread of the SFT model's answers: one prompt's answer has none
+    (its std is NaN), so the run stops before it trains rather than saving an unscaled model."""
+    from align.errors import UserError
+
+    rankings = make_rankings(40, k=3, agreement=0.8, seed=5)
+    same = [dataclasses.replace(r, prompt=rankings[0].prompt) for r in rankings]
+    write_kwise(same, tmp_path / "one_prompt.jsonl")
+    write_kwise([r for r in rankings[20:] if r.prompt != rankings[0].prompt], tmp_path / "held_out.jsonl")
+    data = ["data.format=kwise", f"data.path={tmp_path / 'one_prompt.jsonl'}",
+            f"data.eval_path={tmp_path / 'held_out.jsonl'}"]
+    with pytest.raises(UserError, match="hold 1 distinct prompt: the normalisation"):
+        train_reward_model(quick_config(*data), echo=lambda s: None)
+    assert not (tmp_path / "run" / "reward_head.pt").exists() and not list((tmp_path / "run").glob("checkpoints/*"))
+    summary = train_reward_model(quick_config(*data, "eval.normalize=false", "overwrite=true", "train.max_steps=1"),
+                                 echo=lambda s: None)
+    assert summary["reward/gain"] == 1.0
