@@ -28,7 +28,16 @@ import torch
 from align.distributed import processes_text
 from align.errors import UserError
 from align.provenance import matches_fingerprint
-from align.run import CONFIG_FILE, METRICS_FILE, atomic_directory, make_directory, prepare_run_dir, write_json_atomic
+from align.run import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    atomic_directory,
+    make_directory,
+    prepare_run_dir,
+    remove_hidden_first,
+    remove_path,
+    write_json_atomic,
+)
 
 log = logging.getLogger("align")
 
@@ -143,7 +152,7 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
             write_json_atomic(tmp / STATE_FILE, {**state, "world_size": accelerator.num_processes})
         prefix = name.rsplit("-", 1)[0]
         for old in checkpoints(run_dir, prefix)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_hidden_first(old)
     accelerator.wait_for_everyone()
 
 
@@ -313,6 +322,8 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, prefix: str, 
                 raise UserError(f"output_dir {run_dir}: {path} is a file, not a directory")
             break
     if run_dir.is_dir():  # else held as start_run_dir creates it (a run refused before then leaves no folder)
+        if not os.access(run_dir, os.W_OK | os.X_OK):  # said before anything loads, not at the first write
+            raise UserError(f"output_dir {run_dir}: the folder is not writable")
         hold_run_dir(run_dir)
     if resume:
         if latest_checkpoint(run_dir, prefix) is None:
@@ -358,10 +369,7 @@ def start_run_dir(run_dir: Path, cfg: Any, prefix: str, outputs: Iterable[str], 
     cut_short = [*(directory.glob(f".{prefix}-*") if directory.is_dir() else []),
                  *(path for name in (*outputs, CONFIG_FILE, METRICS_FILE) for path in run_dir.glob(f".{name}.*"))]
     for path in cut_short:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
     if not resume:
         clear_earlier_run(run_dir, prefix, outputs)
 
@@ -375,8 +383,4 @@ def clear_earlier_run(run_dir: Path, prefix: str, outputs: Iterable[str]) -> Non
     for path in [*checkpoints(run_dir, prefix), *(directory.glob(f".{prefix}-*") if directory.is_dir() else [])]:
         shutil.rmtree(path, ignore_errors=True)
     for name in outputs:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink(missing_ok=True)
+        remove_path(run_dir / name)

@@ -52,10 +52,21 @@ def resumed_config(cls: type, run: Path, config: Path | None, overrides: list[st
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         key = canonical_key(key, cls)
-        if key not in allowed and settings(item) != own:
+        if key not in allowed and not _restates(settings, item, own):
             raise UserError(f"{key!r} cannot change on --resume (it would change the run); "
                             f"allowed: {', '.join(sorted(allowed))}")
     return load_config(cls, run / CONFIG_FILE, [*overrides, f"output_dir={run}"])  # a bad override, as itself
+
+
+def _restates(settings: Any, item: str, own: dict) -> bool:
+    """Whether the override `item` gives the run's config a value it has. One that makes the config
+    invalid on its own (method=grpo without the samples_per_prompt it needs) changes it."""
+    from align.errors import UserError
+
+    try:
+        return settings(item) == own
+    except UserError:
+        return False
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ Every training stage writes the same layout, so tools (and `align export`) can r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -246,21 +247,48 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:  # no permission, a read-only or full disk
         raise UserError(f"cannot create directory {target}: {exc.strerror or exc}") from None
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         yield tmp
         give_ordinary_modes(tmp)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # a file or a link was in the way
-                old.unlink(missing_ok=True)
+            remove_path(old)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = not isinstance(exc, (OSError, KeyboardInterrupt)) and disk_all_but_full(tmp)
+        if (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
+            os.replace(old, target)  # stopped between the two renames: the earlier copy stays
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # torch's and safetensors' writers say it in their own words (torch: "unexpected pos")
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(target)) from exc
         raise
+
+
+def disk_all_but_full(path: Path) -> bool:
+    """Whether the file system holding `path` has less than 64 MiB left: where a write that failed
+    without an OSError most likely failed for want of space."""
+    try:
+        return shutil.disk_usage(path).free < 64 * 2**20
+    except OSError:
+        return False
+
+
+def remove_path(path: Path) -> None:
+    """Remove a directory tree, a file or a link, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_hidden_first(path: Path) -> None:
+    """Remove directory `path` after renaming it to a hidden name, so that a stop half-way leaves no
+    partial copy under its own name (a hidden one goes when the run next starts)."""
+    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)

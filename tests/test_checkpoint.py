@@ -177,6 +177,22 @@ def test_overwrite_refuses_a_folder_that_holds_a_runs_names_but_no_run(tmp_path)
 
 
 @pytest.mark.parametrize("resume", [True, False])
+def test_a_run_folder_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, monkeypatch, resume):
+    # a folder remounted read-only: a resume failed at its first write (config.yaml), models loaded
+    import os
+
+    from align import checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    access = os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False if Path(path) == run else access(path, mode))
+    with pytest.raises(UserError, match=f"^output_dir {run}: the folder is not writable$"):
+        checkpoint.check_run_dir(run, resume=resume, overwrite=True, prefix="step", command="align dpo")
+
+
+@pytest.mark.parametrize("resume", [True, False])
 def test_a_run_starting_drops_what_a_save_cut_short_left(tmp_path, resume):
     from align.checkpoint import release_run_dir, start_run_dir
     from align.config import load_config

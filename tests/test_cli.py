@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 
@@ -186,6 +187,28 @@ def test_ctrl_c_says_it_was_interrupted_and_how_a_run_continues(monkeypatch, cap
     assert "--continue" in hint("demo", "--out", "d")
     assert "--serve serves it again" in hint("demo", "--serve", "--out", "d")
     assert hint("export", "run", "--out", "x") == ""
+
+
+@pytest.mark.parametrize("error", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_with_the_way_back(monkeypatch, capsys, tmp_path, error):
+    import typer
+
+    import align.commands.cli as cli
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "iter-000004"
+    failing = typer.Typer()
+
+    @failing.command()
+    def ppo(overrides: list[str]) -> None:
+        raise OSError(*error, str(checkpoint))
+
+    monkeypatch.setattr(cli, "app", failing)
+    monkeypatch.setattr(cli, "_register_stages", lambda: None)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["ppo", f"output_dir={tmp_path / 'run'}"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (f"error: {error[1]} writing {checkpoint} (it stopped before it began writing "
+                                       "its run folder: run the command again)\n")
 
 
 def test_a_stage_stopped_by_sigterm_says_how_it_continues_and_dies_of_the_signal(tmp_path):

@@ -106,6 +106,24 @@ def test_existing_output_and_bad_runs_are_refused(tiny_ppo_run, tmp_path):
     assert sorted(str(p.relative_to(tiny_ppo_run)) for p in tiny_ppo_run.rglob("*")) == before
 
 
+@pytest.mark.parametrize(("checkpoint", "config", "command"), [
+    ("iter-000002", "seed: 0\n", "align ppo"),
+    ("step-000002", "train:\n  seed: 0\n", "align reward train"),
+    ("step-000002", "beta: 0.1\n", "align dpo"),
+])
+def test_an_unfinished_run_is_said_to_be_one_with_the_command_that_finishes_it(tmp_path, checkpoint, config, command):
+    run = tmp_path / "run"
+    (run / "checkpoints" / checkpoint).mkdir(parents=True)
+    (run / "checkpoints" / f".{checkpoint[:-1]}4.tmp-k9").mkdir()  # a save cut short: no checkpoint
+    (run / "config.yaml").write_text(config)
+    with pytest.raises(UserError, match=f"^{run} is an unfinished {command} run .*: finish it with `{command} "
+                                        f"--resume {run}`, then export it$"):
+        export_run(run, tmp_path / "out")
+    (run / "checkpoints" / checkpoint).rmdir()
+    with pytest.raises(UserError, match="neither a PPO or DPO run"):
+        export_run(run, tmp_path / "out")
+
+
 def test_a_folder_of_runs_points_to_them_and_a_run_given_as_a_model_to_its_policy(tiny_ppo_run, tmp_path):
     from align.modeling import resolve_model_path
 

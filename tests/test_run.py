@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,3 +76,57 @@ def test_a_resume_that_cannot_finish_writing_config_yaml_leaves_the_runs_own(tmp
     with pytest.raises(OSError):
         run.prepare_run_dir(tmp_path, cfg)
     assert (tmp_path / "config.yaml").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_stop_between_the_two_renames_of_a_replace_keeps_the_earlier_output(tmp_path, monkeypatch):
+    # the earlier output is moved aside, then the new one into its place: a Ctrl-C between the two
+    # left neither (the new one was removed, the earlier one never moved back)
+    import os
+
+    from align import run
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    replace = os.replace
+
+    def stopped_after_the_first(src, dst):
+        replace(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.os, "replace", stopped_after_the_first)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").read_text() == "old"
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so_whatever_the_library_calls_it(tmp_path, monkeypatch):
+    # torch.save on a full disk raises RuntimeError("[enforce fail at inline_container.cc] unexpected pos ...")
+    from align import run
+
+    target = tmp_path / "checkpoint"
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    with pytest.raises(OSError) as raised, atomic_directory(target):
+        raise RuntimeError("unexpected pos 615872 vs 615760")
+    assert raised.value.errno == run.errno.ENOSPC and raised.value.filename == str(target)
+    assert "unexpected pos" in raised.value.strerror and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**9))
+    with pytest.raises(RuntimeError), atomic_directory(target):  # with space left, the error is what it says
+        raise RuntimeError("a bug")
+
+
+def test_a_checkpoint_removed_half_way_is_left_under_a_hidden_name(tmp_path, monkeypatch):
+    from align import run
+
+    old = tmp_path / "iter-000002"
+    old.mkdir()
+    (old / "trainable.safetensors").write_text("x")
+
+    def stopped(path, ignore_errors=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run.remove_hidden_first(old)
+    assert [p.name.startswith(".iter-000002.old-") for p in tmp_path.iterdir()] == [True]

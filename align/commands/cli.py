@@ -8,6 +8,7 @@ the commands, never at module level, so `align --help` answers at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -160,6 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         if _first_to_say(str(exc)):
             typer.echo(f"error: {exc}", err=True)
         exit_process(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # the disk, not the run: what was saved before stays whole (align.run.atomic_directory)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        if _first_to_say(f"{exc.strerror}{where}"):
+            typer.echo(f"error: {exc.strerror}{where}{_continue_hint(args, started)}", err=True)
+        exit_process(1)
     except SystemExit as exc:
         if exc.code == 130:  # typer's exit for Ctrl-C, which it leaves silent
             typer.echo(f"interrupted{_continue_hint(args, started)}", err=True)

@@ -33,7 +33,7 @@ from typing import Any
 from align.commands.model_card import CARD_TITLES, FORMS, POLICY_KINDS, model_card, policy_bases, sft_adapter_note
 from align.errors import UserError
 from align.modeling import check_model_files
-from align.run import atomic_directory
+from align.run import atomic_directory, remove_path
 
 log = logging.getLogger("align")
 
@@ -59,8 +59,31 @@ def run_kind(run: Path) -> str:
     if runs:  # a folder of runs, as `align demo` leaves one (with its policy exported already, in export/)
         exported = f"; its policy is exported already, in {run / 'export'}" if (run / "export" / "README.md").is_file() else ""
         raise UserError(f"{run} is not a run but holds {len(runs)}: export one of {', '.join(map(str, runs))}{exported}")
+    unfinished = _unfinished_stage(run)
+    if unfinished:
+        raise UserError(f"{run} is an unfinished {unfinished} run (checkpoints, no final model yet): finish it with "
+                        f"`{unfinished} --resume {run}`, then export it")
     raise UserError(f"{run} is neither a PPO or DPO run (no {POLICY_DIR}/adapter_config.json) nor a reward run "
                     f"(no {MODEL_DIR}/{NORMALIZATION_FILE}); is the run finished?")
+
+
+def _unfinished_stage(run: Path) -> str | None:
+    """The command that wrote `run`, where it holds a config and checkpoints but no final model: PPO's
+    checkpoints are iterations, the reward stage's config has a `train` section, DPO's is flat."""
+    from align.checkpoint import CHECKPOINTS_DIR
+    from align.config import ConfigError, read_yaml_mapping
+    from align.run import CONFIG_FILE
+    from ppo.checkpoint import CHECKPOINT_PREFIX as PPO_PREFIX
+
+    saved = sorted(p.name for p in (run / CHECKPOINTS_DIR).glob("[!.]*-*")) if (run / CHECKPOINTS_DIR).is_dir() else []
+    if not saved or not (run / CONFIG_FILE).is_file():
+        return None
+    if saved[-1].startswith(f"{PPO_PREFIX}-"):
+        return "align ppo"
+    try:
+        return "align reward train" if "train" in read_yaml_mapping(run / CONFIG_FILE) else "align dpo"
+    except ConfigError:
+        return None
 
 
 def export_run(run: str | Path, out: str | Path, *, merge: bool = True, force: bool = False,
@@ -194,9 +217,10 @@ def _prepare_output_folder(out: Path) -> None:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Hidden temporaries that a killed export left beside `out` (never the real output)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Hidden temporaries that a killed export left beside `out` (never the real output): a new copy
+    being written, or an earlier one being removed (align.run.atomic_directory)."""
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        remove_path(stale)
 
 
 def _copy_files(src: Path, dst: Path) -> None:

@@ -72,6 +72,9 @@ def test_resume_errors_exit_2(capsys, tmp_path, small_run):
     assert resumed_config(PPOConfig, tmp_path, None, ["seed=1"], RESUME_OVERRIDABLE, "PPO").seed == 1
     with pytest.raises(UserError, match="'seed' cannot change on --resume"):
         resumed_config(PPOConfig, tmp_path, None, ["seed=2"], RESUME_OVERRIDABLE, "PPO")
+    # a change that needs two keys: the first named, not the config the first alone would make invalid
+    with pytest.raises(UserError, match="'method' cannot change on --resume"):
+        resumed_config(PPOConfig, tmp_path, None, ["method=grpo", "samples_per_prompt=4"], RESUME_OVERRIDABLE, "PPO")
     with pytest.raises(UserError, match="'output_dir' cannot change on --resume"):  # not ignored either
         resumed_config(PPOConfig, tmp_path, None, [f"output_dir={tmp_path / 'elsewhere'}"], RESUME_OVERRIDABLE, "PPO")
     for same in (f"output_dir={tmp_path}", f"output_dir={tmp_path}/", f"output_dir={tmp_path}/../{tmp_path.name}"):
