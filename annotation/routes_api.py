@@ -14,8 +14,8 @@ from starlette.requests import ClientDisconnect
 
 from annotation import services
 from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
-from annotation.import_process import import_body_at
 from annotation.limits import MAX_DB_INT
+from annotation.offload import dashboard_at, export_body_at, import_body_at
 from annotation.schemas import (
     ImportPublic,
     InviteCreate,
@@ -284,24 +284,23 @@ async def import_file(
 
 
 @router.get("/projects/{name}/export", response_class=PlainTextResponse)
-def export(name: ProjectName, db: SessionDep, _admin: AdminUser, format: Literal["kwise", "trl", "pairs", "hh"] = "kwise",
-           all_revisions: bool = False):
+async def export(name: ProjectName, request: Request, _admin: AdminUser,
+                 format: Literal["kwise", "trl", "pairs", "hh"] = "kwise", all_revisions: bool = False):
     """The project's rankings as JSONL: kwise (one line per annotator and prompt), trl (chosen/rejected
     pairs; `pairs` is its former name), hh;
     `all_revisions=true` (kwise): every stored revision, not only the latest. An hh export
     leaves out prompts a transcript cannot hold as they are (system messages, turn markers in
-    a text), and the header X-Align-Left-Out says how many and why."""
-    import json
-
-    notes: list[str] = []
-    rows = services.export_rows(db, services.get_project(db, name), format, all_revisions=all_revisions, notes=notes)
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    a text), and the header X-Align-Left-Out says how many and why. Built in a process of its
+    own (annotation.offload)."""
+    body, notes = await anyio.to_process.run_sync(export_body_at, request.app.state.settings.db_url, name, format,
+                                                  all_revisions)
     # what the format left out, where a JSONL body has no room for it (ASCII, as a header must be)
     headers = {"X-Align-Left-Out": notes[0].encode("ascii", "backslashreplace").decode()} if notes else None
     return PlainTextResponse(body, media_type="application/x-ndjson", headers=headers)
 
 
 @router.get("/projects/{name}/dashboard")
-def dashboard(name: ProjectName, db: SessionDep, _admin: AdminUser) -> dict:
-    """Progress, per-annotator counts and median time, agreement metrics, flagged items."""
-    return services.dashboard(db, services.get_project(db, name))
+async def dashboard(name: ProjectName, request: Request, _admin: AdminUser) -> dict:
+    """Progress, per-annotator counts and median time, agreement metrics, flagged items; computed in
+    a process of its own (annotation.offload)."""
+    return await anyio.to_process.run_sync(dashboard_at, request.app.state.settings.db_url, name)

@@ -50,4 +50,4 @@ class Settings:
                                   "truncated.", ge=1)
     # Off the worker's GIL; False runs them in the worker's threadpool (tests that watch them).
     imports_in_subprocess: bool = option(True, help="Run imports through the API in a process of their own "
-                                         "(annotation.import_process).")
+                                         "(annotation.offload), as exports and dashboards always are.")

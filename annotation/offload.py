@@ -1,0 +1,73 @@
+"""The process the server runs its heavy API requests in (`anyio.to_process`): imports, exports and
+dashboards. Reading and checking a large file, or building the rows of a large project, is seconds
+of Python and of garbage collection over a heap of millions of objects; in a worker it would hold
+the GIL against the requests it serves (an export of 100,000 rankings stalled annotators' pages for
+seconds at a time).
+
+Nothing heavy is imported at the top of this module. The process gets a function by unpickling
+it, which imports this module, and the first function it runs lowers the process's priority before
+it loads the app (about 0.5 s of CPU): on a busy machine all of the request's work, that included,
+then waits for the workers serving the annotators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The process runs at this niceness (set once: it runs these requests only).
+NICENESS = 10
+
+_sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
+_lowered = False  # the process's priority, once
+
+
+def _lower_priority() -> None:
+    """Once, as the process's first request starts, before it loads anything of the app."""
+    global _lowered
+    import os
+
+    if not _lowered:
+        os.nice(NICENESS)
+        _lowered = True
+
+
+def _session(db_url: str) -> Any:
+    """A session on the database at `db_url`; the engine, kept for the next request, waits for the
+    writer lock as long as the CLI."""
+    from annotation.db import make_engine, make_sessionmaker
+
+    if db_url not in _sessionmakers:
+        _sessionmakers[db_url] = make_sessionmaker(make_engine(db_url))
+    return _sessionmakers[db_url]()
+
+
+def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> Any:
+    """`services.import_body` on the database at `db_url`; returns its ImportReport."""
+    _lower_priority()
+    from annotation.services.import_files import import_body
+
+    with _session(db_url) as db:
+        return import_body(db, project_name, fmt, body)
+
+
+def export_body_at(db_url: str, project_name: str, fmt: str, all_revisions: bool) -> tuple[bytes, list[str]]:
+    """The project's export as a JSONL body (UTF-8), and the notes of what the format left out
+    (`services.export_rows`)."""
+    _lower_priority()
+    import json
+
+    from annotation import services
+
+    notes: list[str] = []
+    with _session(db_url) as db:
+        rows = services.export_rows(db, services.get_project(db, project_name), fmt, all_revisions=all_revisions,
+                                    notes=notes)
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(), notes
+
+
+def dashboard_at(db_url: str, project_name: str) -> dict[str, Any]:
+    """`services.dashboard` of the project on the database at `db_url`."""
+    _lower_priority()
+    from annotation import services
+
+    with _session(db_url) as db:
+        return services.dashboard(db, services.get_project(db, project_name))
