@@ -24,7 +24,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["batch_size=10", "num_mini_batches=4"], "must be divisible by num_mini_batches"),
         (["batch_size=8", "num_mini_batches=2", "gradient_accumulation_steps=3"], "gradient_accumulation_steps"),
         (["gae_lambda=1.5"], "gae_lambda: must be <= 1.0"),
-        (["temperature=0"], "temperature: must be > 0.0"),
+        (["temperature=0"], "temperature: must be >= 0.01"),
         (["prompts=/nonexistent/prompts.jsonl"], "prompts: file not found"),
         (["eval_prompts=/"], "eval_prompts: / is a directory, not a file"),
         (["report_to=mlflow"], "report_to"),
