@@ -247,7 +247,7 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:  # no permission, a read-only or full disk
         raise UserError(f"cannot create directory {target}: {exc.strerror or exc}") from None
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = set_aside_name(target)
     try:
         yield tmp
         give_ordinary_modes(tmp)
@@ -278,6 +278,12 @@ def disk_all_but_full(path: Path) -> bool:
         return False
 
 
+def set_aside_name(path: Path) -> Path:
+    """The hidden name `path` takes while it is replaced or removed: `.NAME.old-PID`, which a run's
+    start and an export clear where a stop left one."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
 def remove_path(path: Path) -> None:
     """Remove a directory tree, a file or a link, if there."""
     if path.is_dir() and not path.is_symlink():
@@ -289,6 +295,6 @@ def remove_path(path: Path) -> None:
 def remove_hidden_first(path: Path) -> None:
     """Remove directory `path` after renaming it to a hidden name, so that a stop half-way leaves no
     partial copy under its own name (a hidden one goes when the run next starts)."""
-    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    hidden = set_aside_name(path)
     os.replace(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)

@@ -70,16 +70,18 @@ def run_kind(run: Path) -> str:
 def _unfinished_stage(run: Path) -> str | None:
     """The command that wrote `run`, where it holds a config and checkpoints but no final model: PPO's
     checkpoints are iterations, the reward stage's config has a `train` section, DPO's is flat."""
-    from align.checkpoint import CHECKPOINTS_DIR
+    from align.checkpoint import latest_checkpoint
     from align.config import ConfigError, read_yaml_mapping
     from align.run import CONFIG_FILE
+    from align.training import CHECKPOINT_PREFIX as STEP_PREFIX
     from ppo.checkpoint import CHECKPOINT_PREFIX as PPO_PREFIX
 
-    saved = sorted(p.name for p in (run / CHECKPOINTS_DIR).glob("[!.]*-*")) if (run / CHECKPOINTS_DIR).is_dir() else []
-    if not saved or not (run / CONFIG_FILE).is_file():
+    if not (run / CONFIG_FILE).is_file():
         return None
-    if saved[-1].startswith(f"{PPO_PREFIX}-"):
+    if latest_checkpoint(run, PPO_PREFIX):
         return "align ppo"
+    if latest_checkpoint(run, STEP_PREFIX) is None:
+        return None
     try:
         return "align reward train" if "train" in read_yaml_mapping(run / CONFIG_FILE) else "align dpo"
     except ConfigError:
