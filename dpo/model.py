@@ -40,7 +40,7 @@ def response_logprobs(model: nn.Module, batch: RankingBatch, buckets: int, chunk
     for rows, ids, mask, continuation in continued:
         before = torch.cat([prompt_last[rows, None], continuation.last_hidden_state[:, :-1]], dim=1)  # state before each token
         logp, _ = core.logprobs_from_hidden(before, head, ids, 1.0, chunk_tokens)
-        out.append((logp * mask).sum(-1))
+        out.append(core.zero_masked(logp, mask).sum(-1))
     return torch.cat(out)[torch.argsort(order)]  # back in input order
 
 
@@ -60,7 +60,7 @@ def response_logprobs_whole(model: nn.Module, batch: RankingBatch, pad_token_id:
     tokens, token_mask = batch.continuation_ids, batch.continuation_mask
     logp, _ = core.logprobs_from_hidden(states_before_tokens(hidden, starts, tokens.shape[1]), head, tokens, 1.0,
                                         chunk_tokens)
-    return (logp * token_mask).sum(-1)
+    return core.zero_masked(logp, token_mask).sum(-1)
 
 
 class PolicyLogprobs(nn.Module):

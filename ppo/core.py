@@ -87,11 +87,19 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- masked statistics
 
 
+def zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x` where `mask` is 1, else 0. Selected, not multiplied by the mask: a padding token's log-prob
+    may be -inf, and -inf * 0 is NaN."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
+    """Mean of the entries where `mask` is 1; an inf or NaN at a masked-out entry does not reach it."""
+    kept = zero_masked(x, mask)
+    count = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return kept.sum() / count.sum().clamp(min=1)
+    return kept.sum(dim) / count.sum(dim).clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,14 +122,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
         mean, var = masked_mean(x, mask), masked_var(x, mask)
     else:
         m = mask.to(x.dtype)
-        total, n = all_sum(torch.stack([(x * m).sum(), m.sum()]).double()).unbind()
+        total, n = all_sum(torch.stack([zero_masked(x, mask).sum(), m.sum()]).double()).unbind()
         mean = (total / n.clamp(min=1)).to(x.dtype)
-        squares = all_sum(((x - mean) ** 2 * m).sum().double().reshape(1))[0]
+        squares = all_sum(zero_masked((x - mean) ** 2, mask).sum().double().reshape(1))[0]
         var = (squares / (n - 1).clamp(min=1)).to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask.to(x.dtype)
+    return zero_masked(whitened, mask)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -266,8 +274,10 @@ def policy_loss(
 
     L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). Also returns the clip
     fraction and approx KL(old || new) = mean((ratio - 1) - log ratio).
+    The log-ratio is 0 at masked-out positions before it is exponentiated: a padding token's
+    log-prob may be -inf, and inf - inf under exp would send NaN through backward.
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs).masked_fill(mask == 0, 0.0)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)

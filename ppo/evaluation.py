@@ -152,5 +152,6 @@ class PolicySampler:
 
         if samples_exactly(self.model):
             return samples.logprobs
-        return self.model.policy_logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
-                                          samples.response_ids, self.temperature, self.chunk_tokens) * samples.response_mask
+        logprobs = self.model.policy_logprobs(samples.input_ids, samples.attention_mask, samples.context_length,
+                                              samples.response_ids, self.temperature, self.chunk_tokens)
+        return core.zero_masked(logprobs, samples.response_mask)

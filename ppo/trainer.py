@@ -412,7 +412,7 @@ class PPOTrainer:
             with self.compiler.active():  # the layers the training forward runs: the first ratio is 1 to rounding
                 logp, _, value = self.model(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
                                             cfg.logprob_chunk_tokens)
-            logprobs[rows, : logp.shape[1]] = logp * group.response_mask
+            logprobs[rows, : logp.shape[1]] = core.zero_masked(logp, group.response_mask)
             if values is not None:
                 values[rows, : value.shape[1]] = value.float() * group.response_mask
         return logprobs, values
@@ -432,7 +432,7 @@ class PPOTrainer:
         for rows, group, (input_ids, attention_mask, start) in self.length_groups(seqs):
             logp = logprobs_of(input_ids, attention_mask, start, group.response_ids, cfg.temperature,
                                cfg.logprob_chunk_tokens)
-            out[rows, : logp.shape[1]] = logp * group.response_mask
+            out[rows, : logp.shape[1]] = core.zero_masked(logp, group.response_mask)
         return out
 
     def rollout(self, prompts: list) -> tuple[Experience, list[str]]:
@@ -443,11 +443,11 @@ class PPOTrainer:
         self.sample_seconds = time.perf_counter() - start
         logprobs, values = self.behaviour_logprobs_and_values(samples)
         ref_logprobs = self.reference_logprobs(samples)
-        mask_f = samples.response_mask.float()
+        mask = samples.response_mask
         exp = Experience(query_ids=samples.query_ids, query_mask=samples.query_mask, response_ids=samples.response_ids,
-                         response_mask=samples.response_mask, logprobs=logprobs * mask_f,
-                         ref_logprobs=ref_logprobs * mask_f, values=None if values is None else values * mask_f,
-                         scores=torch.zeros(len(prompts), device=self.device))
+                         response_mask=mask, logprobs=core.zero_masked(logprobs, mask),
+                         ref_logprobs=core.zero_masked(ref_logprobs, mask), scores=torch.zeros(len(prompts), device=self.device),
+                         values=None if values is None else core.zero_masked(values, mask))
         return exp, self.decode(samples.response_ids, samples.response_mask)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

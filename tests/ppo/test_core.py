@@ -155,6 +155,30 @@ def test_masked_mean_and_unbiased_var_ignore_masked_entries():
     torch.testing.assert_close(core.masked_mean(rows, torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1), torch.tensor([2.0, 4.0]))
 
 
+def test_an_inf_or_nan_at_a_masked_entry_does_not_reach_masked_statistics():
+    # a padding token's log-prob can be -inf; -inf * 0 would be NaN
+    x, mask = torch.tensor([1.0, 2.0, 6.0, -math.inf]), torch.tensor([1, 1, 1, 0])
+    torch.testing.assert_close(core.zero_masked(x, mask), torch.tensor([1.0, 2.0, 6.0, 0.0]))
+    torch.testing.assert_close(core.masked_mean(x, mask), torch.tensor(3.0))
+    torch.testing.assert_close(core.masked_var(x, mask), torch.tensor(7.0))
+    # whitened (1, 2, 6): mean 3, std sqrt(7); the padding entry comes back 0
+    close(core.masked_whiten(x, mask), [-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7), 0.0], tol=1e-4)
+    close(core.masked_whiten(x, mask, all_sum=lambda t: t), core.masked_whiten(x, mask), tol=1e-6)
+
+
+def test_policy_loss_and_its_gradient_stay_finite_with_a_minus_inf_log_prob_at_padding():
+    # position 2 is padding whose log-prob is -inf under both policies: inf - inf is NaN before masking.
+    # The real positions: ratio (1.5, 0.5), advantages (1, 1), eps 0.2 -> max(-1.5, -1.2) = -1.2 and
+    # max(-0.5, -0.8) = -0.5; loss -1.7 / 2; gradient -A r / 2 at position 1 = -0.25, 0 elsewhere
+    new = torch.tensor([[math.log(1.5), math.log(0.5), -math.inf]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, -math.inf]])
+    loss, stats = core.policy_loss(new, old, torch.ones(1, 3), torch.tensor([[1, 1, 0]]), 0.2)
+    loss.backward()
+    close(loss, -1.7 / 2)
+    close(stats["approxkl"], (0.5 - math.log(1.5) - 0.5 - math.log(0.5)) / 2)
+    close(new.grad, [[0.0, -0.25, 0.0]])
+
+
 def test_broadcast_to_tokens_gives_each_real_token_its_sequences_value():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
     expected = torch.tensor([[0.5, 0.5, 0.0], [-2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
