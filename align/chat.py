@@ -208,17 +208,20 @@ def render_question(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
 
 def encode_rendered(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
     """Rendered texts (their special tokens written in by the template or `render_prompt`) as token
-    ids, each cut to `max_length` from the left, so a long text keeps its end, where its response is;
+    ids, each cut to `max_length` by `keep_end`."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [keep_end(ids, max_length, bos) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def keep_end(ids: list[int], max_length: int, bos_token_id: int | None) -> list[int]:
+    """`ids` cut to `max_length` from the left, so a long text keeps its end, where its response is;
     a bos the text begins with stays first (cut away with the start, the model read a sequence with
     no bos, unlike anything it was trained on)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    out = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        if len(ids) > max_length:
-            ids = [ids[0], *ids[len(ids) - max_length + 1:]] if bos is not None and ids[0] == bos and max_length > 1 \
-                else ids[len(ids) - max_length:]
-        out.append(ids)
-    return out
+    if len(ids) <= max_length:
+        return ids
+    if bos_token_id is not None and ids[0] == bos_token_id and max_length > 1:
+        return [ids[0], *ids[len(ids) - max_length + 1:]]
+    return ids[len(ids) - max_length:]
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[Any, Any]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-from align.chat import render_prompt
+from align.chat import encode_rendered, keep_end, pad_rows, render_prompt
+
+log = logging.getLogger("align")
 
 
 @contextlib.contextmanager
@@ -71,7 +75,6 @@ def generate_responses(
 
     model.to(default_device() if device is None else device)
 
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     texts = [render_prompt(tokenizer, p) for p in prompts]
     sampling = temperature > 0
     config = GenerationConfig(
@@ -86,15 +89,20 @@ def generate_responses(
         num_return_sequences=num_return_sequences,
     )
     room = fit_prompt_length(None, max_new_tokens, model, "max_new_tokens")  # None: no position table bounds it
-    if room is not None:
-        tokenizer.truncation_side = "left"  # the end of a conversation is what the response continues
+    # encoded and cut as PPO encodes its prompts (the end kept, a bos first), left-padded: decoder-only
+    # generation continues from the right edge
+    rows = encode_rendered(tokenizer, texts, sys.maxsize)
+    if room is not None and (cut := sum(len(ids) > room for ids in rows)):
+        rows = [keep_end(ids, room, tokenizer.bos_token_id) for ids in rows]
+        log.warning("%d of %d prompts were cut to their last %d tokens: the model reads %d positions, %d of them "
+                    "for max_new_tokens", cut, len(rows), room, room + max_new_tokens, max_new_tokens)
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
     with seeded(seed), torch.no_grad(), only_these_settings(model):
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generating", unit="batch"):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False, truncation=room is not None, max_length=room).to(model.device)
+            ids, mask = pad_rows(rows[start : start + batch_size], tokenizer.pad_token_id, left=True)
+            batch = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
             generated = model.generate(**batch, generation_config=config)
             decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for i in range(0, len(decoded), num_return_sequences):

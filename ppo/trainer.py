@@ -53,7 +53,7 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_eval_prompts, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples, decode_responses, encode_prompts
+from ppo.experience import Experience, Samples, cut_prompts_note, decode_responses, encode_prompts
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import OUTPUTS, SAMPLES_FILE
@@ -140,7 +140,6 @@ class PPOTrainer:
         self.sft_path = resolve_model_path(cfg.policy_model).resolve()
         self.tokenizer = load_tokenizer(self.sft_path)
         self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
         # the prompt files before any model: a bad line is said before minutes of loading
         train_prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed, "train")
         self.eval_prompts = load_eval_prompts(cfg.eval_prompts, cfg.num_eval_prompts, cfg.seed + 1, train_prompts,
@@ -156,6 +155,8 @@ class PPOTrainer:
         check_decodable(base.config, self.sft_path)
         # a policy with learned absolute positions (GPT-2, OPT) holds prompt and response in its table
         self.max_prompt_length = fit_prompt_length(cfg.max_prompt_length, cfg.response_length, base, "response_length")
+        if self.is_main and (note := cut_prompts_note(self.tokenizer, train_prompts, self.eval_prompts, self.max_prompt_length)):
+            log.warning("%s", note)
         critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
                                reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32
@@ -182,7 +183,7 @@ class PPOTrainer:
             if isinstance(getattr(self.reward_model, "model", None), torch.nn.Module):  # a reward.model.RewardModel
                 shard(self.reward_model.model, self.fsdp)  # every rank scores as many batches: one collective each
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = trainable = [p for p in self.model.parameters() if p.requires_grad]
         value_params = {id(p) for p in self.model.value_parameters()}
         groups = [{"params": [p for p in trainable if id(p) not in value_params], "lr": cfg.learning_rate},
                   {"params": [p for p in trainable if id(p) in value_params], "lr": cfg.learning_rate * cfg.value_lr_scale}]
@@ -193,7 +194,6 @@ class PPOTrainer:
         self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
                                           else self.accelerator.prepare(self.model, optimizer))
         keep_until_exit(self.ddp_model)
-        self.trainable = trainable
 
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else core.FixedKLController(cfg.kl.coef))

@@ -182,3 +182,25 @@ def test_ppo_on_a_gpt2_policy_keeps_prompt_and_response_within_its_positions(gpt
     assert "prompts are cut to their last 40 tokens" in caplog.text
     with pytest.raises(UserError, match=r"^response_length=64 leaves no room for a prompt in the 64 positions"):
         run_ppo(load_config(PPOConfig, None, [*settings, "response_length=64", "overwrite=true"]))
+
+
+def test_generated_candidates_continue_a_cut_prompt_as_ppo_reads_it(tmp_path, caplog):
+    # GPT-2's 64 positions with 24 new tokens leave 40 for a prompt: the generator keeps the end and the
+    # template's bos, the tokens PPO's rollouts start from (it cut the bos away with the start before)
+    from align.chat import render_prompt
+    from align.generation import generate_responses
+    from align.modeling import load_causal_lm, load_tokenizer
+    from ppo.experience import encode_prompts
+
+    path = build_family_model("gpt2", tmp_path / "gpt2", positions=64)  # the demo template writes a bos
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer=tok)
+    prompts = ["hi", f"tell me {words(80)}"]
+    assert len(tok(render_prompt(tok, prompts[1]), add_special_tokens=False)["input_ids"]) > 40  # cut
+    fed, generate = [], model.generate
+    model.generate = lambda **kwargs: fed.append(kwargs["input_ids"]) or generate(**kwargs)
+    with caplog.at_level("WARNING", logger="align"):
+        generate_responses(model, tok, prompts, max_new_tokens=24, device="cpu")
+    ids, _ = encode_prompts(tok, prompts, 40, "cpu")
+    assert ids[1, 0] == tok.bos_token_id and torch.equal(fed[0], ids)
+    assert "1 of 2 prompts were cut to their last 40 tokens: the model reads 64 positions" in caplog.text

@@ -11,7 +11,7 @@ import torch
 
 from align.errors import UserError
 from ppo.data import PromptSampler, check_held_out, load_prompts
-from ppo.experience import Experience
+from ppo.experience import Experience, cut_prompts_note, encode_prompts
 
 
 @pytest.mark.parametrize("saved_after", [2, 3, 6])  # in the first pass, the second, the fifth
@@ -170,3 +170,42 @@ def test_ppo_refuses_held_out_prompts_from_its_training_prompts_before_any_model
         with pytest.raises(UserError, match=r"^\d of the 2 held-out prompts \(eval_prompts\) are also training"):
             PPOTrainer(cfg).setup()
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_longer_than_max_prompt_length_are_counted_and_the_policy_reads_their_end(tiny_random_model):
+    from align.chat import encode_rendered, render_prompt
+    from align.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_random_model)
+    short, long = "hi", "a much longer question " * 8
+
+    def tokens(prompt) -> list[int]:
+        return encode_rendered(tok, [render_prompt(tok, prompt)], 10**6)[0]
+
+    max_length = len(tokens(short)) + 2
+    assert len(tokens(long)) > max_length  # the precondition: one prompt fits, the other does not
+    note = cut_prompts_note(tok, [short, long, short], [long], max_length)
+    assert note.startswith(f"ppo: 1 of 3 training and 1 of 1 held-out prompts are longer than "
+                           f"max_prompt_length={max_length} tokens")
+    assert cut_prompts_note(tok, [short, long], [], max_length).startswith("ppo: 1 of 2 training prompts")
+    assert cut_prompts_note(tok, [short, short], [short], max_length) is None
+    # what the note says is what the policy reads: the long prompt's last tokens, the short one whole
+    ids, mask = encode_prompts(tok, [short, long], max_length, "cpu")
+    assert mask.sum(1).tolist() == [len(tokens(short)), max_length]
+    assert ids[1].tolist()[-(max_length - 1):] == tokens(long)[-(max_length - 1):]
+
+
+def test_a_run_says_how_many_of_its_prompts_the_policy_reads_cut(small_run, tmp_path, caplog):
+    from align.config import load_config
+    from ppo.config import PPOConfig
+    from ppo.trainer import run_ppo
+    from tests.ppo.test_learning import HashScorer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["hi"] * 6 + ["a much longer question " * 8] * 2) + "\n")
+    cfg = load_config(PPOConfig, None, [*small_run, f"prompts={prompts}", "num_prompts=8", "num_eval_prompts=0",
+                                        "num_iterations=1", "max_prompt_length=16"])
+    with caplog.at_level("WARNING", logger="align"):
+        run_ppo(cfg, reward_model=HashScorer())
+    assert [r.getMessage()[:74] for r in caplog.records if "max_prompt_length" in r.getMessage()] == [
+        "ppo: 2 of 8 training prompts are longer than max_prompt_length=16 tokens: "]
