@@ -110,16 +110,22 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
 
 
 def leading_bos(tokenizer: Any) -> str:
-    """The bos token's text if the tokenizer's own encoding puts it first and nothing after the text
-    (a decoder's bos; an encoder's [CLS] ... [SEP] it adds itself), else ''. Worked out once per
-    tokenizer and bos (every prompt of a dataset is rendered through here)."""
+    """The bos token's text if the tokenizer's own encoding puts it first, else ''. Its encoding may
+    end with the eos (a Llama tokenizer saved with add_eos_token=True, as LoRA recipes leave it), but
+    not with an encoder's separator: RoBERTa's <s> ... </s> and DeBERTa's [CLS] ... [SEP] are added by
+    the tokenizer itself, around the rendered text. Worked out once per tokenizer and bos (every
+    prompt of a dataset is rendered through here)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return ""
     known = _OWN_BOS.get(tokenizer)
     if known is None or known[0] != bos_id:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        known = (bos_id, tokenizer.bos_token if tokenizer("a")["input_ids"] == [bos_id, *plain] else "")
+        own = tokenizer("a")["input_ids"]
+        after = own[1 + len(plain):]
+        eos_id, sep_id = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "sep_token_id", None)
+        decoder_end = after == [] or (after == [eos_id] and eos_id != sep_id)
+        known = (bos_id, tokenizer.bos_token if own[:1 + len(plain)] == [bos_id, *plain] and decoder_end else "")
         _OWN_BOS[tokenizer] = known
     return known[1]
 

@@ -40,6 +40,24 @@ def test_the_bos_a_base_tokenizer_puts_first_begins_the_rendered_prompt(base_tok
     assert ids[0] == llama_like.bos_token_id and ids.count(llama_like.bos_token_id) == 1
 
 
+def test_a_base_tokenizer_that_also_ends_its_encoding_with_the_eos_keeps_the_bos(base_tokenizer):
+    # a Llama tokenizer saved with add_eos_token=True (LoRA SFT recipes leave it so): <s> $A </s>
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(base_tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A {tok.eos_token}",
+        special_tokens=[(tok.bos_token, tok.bos_token_id), (tok.eos_token, tok.eos_token_id)])
+    assert tok("hi")["input_ids"][::len(tok("hi")["input_ids"]) - 1] == [tok.bos_token_id, tok.eos_token_id]
+    assert render_prompt(tok, "hi") == f"{tok.bos_token}\n\nHuman: hi\n\nAssistant:"
+    # an encoder whose separator is its eos adds both ends itself: no bos written in
+    tok.sep_token = tok.eos_token
+    tok2 = copy.deepcopy(tok)
+    assert tok2.sep_token_id == tok2.eos_token_id and not render_prompt(tok2, "hi").startswith(tok2.bos_token)
+
+
 def test_the_response_follows_assistant_after_a_space_and_the_prompt_stays_a_prefix(base_tokenizer):
     # as in HH-RLHF's "\n\nAssistant: text", where a base model samples the space-led token
     from reward.data import shared_prompt_len
