@@ -173,15 +173,48 @@ _FALLBACK_NOTED: set[str] = set()
 def render_example(tokenizer: Any, prompt: str | list[dict[str, str]], response: str) -> str:
     """Prompt, response and end-of-sequence token: what SFT trains on and the reward model reads.
 
-    In the plain-dialogue fallback the response follows "Assistant:" after a space, as in the HH-RLHF
+    The response is written as the model writes its own turn after the prompt: where the chat template
+    puts whitespace between the generation prompt and an assistant's words, or between the words and
+    the turn's end (Llama 2's "[/INST] {content} </s>"), so does this (`template_turn_spaces`); without
+    it the reward model and DPO would read a first token the policy never samples ("A" for "▁A"). In the
+    plain-dialogue fallback the response follows "Assistant:" after a space, as in the HH-RLHF
     transcripts, where the space belongs to the response: a base model continuing "Assistant:" samples
-    a space-led token, and the reward model and DPO read the response as the policy writes it. An
-    encoder whose eos is its separator (RoBERTa's </s>, DeBERTa's [SEP]) gets no eos text: its own
-    [SEP] ends the sequence."""
+    a space-led token. A response that brings its own whitespace keeps it instead. An encoder whose eos
+    is its separator (RoBERTa's </s>, DeBERTa's [SEP]) gets no eos text: its own [SEP] ends the sequence."""
     text = render_prompt(tokenizer, prompt)
-    if not getattr(tokenizer, "chat_template", None) and response and not response[0].isspace():
-        text += " "
+    before, after = template_turn_spaces(tokenizer) if getattr(tokenizer, "chat_template", None) else (" ", "")
+    if response and not response[0].isspace():
+        text += before
+    if response and not response[-1].isspace():
+        response += after
     return text + response + response_end(tokenizer)
+
+
+def template_turn_spaces(tokenizer: Any) -> tuple[str, str]:
+    """The whitespace the chat template writes before an assistant's words (after the generation
+    prompt) and after them (before the turn's end): (" ", " ") for Llama 2's template, ("", "") for
+    ChatML's, Llama 3's, Gemma's, the demo's. Only whitespace is taken: a template that writes more
+    into a past assistant turn than the model is prompted with (Qwen3's empty <think> block) is the
+    model's to write."""
+    key = tokenizer.chat_template
+    known = _TURN_SPACES.get(tokenizer)
+    if known is None or known[0] != key:
+        spaces = ("", "")
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": _MARK}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this conversation tells us nothing
+            turn = prompt = ""
+        if turn.startswith(prompt) and _MARK in turn:
+            before, after = turn[len(prompt):turn.index(_MARK)], turn[turn.index(_MARK) + len(_MARK):]
+            trailing = after[:len(after) - len(after.lstrip(" "))]
+            spaces = (before if before.isspace() else "", trailing if after.strip() else "")
+        known = _TURN_SPACES[tokenizer] = (key, spaces)
+    return known[1]
+
+
+_TURN_SPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def response_end(tokenizer: Any) -> str:

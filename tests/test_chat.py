@@ -207,3 +207,37 @@ def test_a_text_pairs_question_is_the_prompt_with_its_turns_joined_by_the_separa
     assert render_question(encoder, conversation[-1:]) == "a cat?"
     assert render_question(encoder, conversation) == "be brief [SEP] hi [SEP] hello [SEP] a cat?"
     assert render_question(SimpleNamespace(sep_token=None), conversation[1:]) == "hi\n\nhello\n\na cat?"
+
+
+LLAMA2_LIKE_TEMPLATE = (  # Llama-2-chat's shape: whitespace around an assistant's words, inside its turn
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'].strip() }} [/INST]"
+    "{% else %} {{ m['content'].strip() }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_response_is_written_as_the_chat_template_writes_the_models_own_turn():
+    # the reward model and DPO read a response's tokens as the model writes them after the prompt: for
+    # Llama 2's template "[/INST] Apple ... </s>", not "[/INST]Apple ...</s>" (a first token it never samples)
+    from align.chat import render_conversation, template_turn_spaces
+    from align.demo_model import build_tokenizer
+    from align.formats import Ranking
+    from dpo.data import DPODataset
+
+    tok = build_tokenizer(384, 0)
+    tok.chat_template = LLAMA2_LIKE_TEMPLATE
+    assert template_turn_spaces(tok) == (" ", " ")
+    prompt, response = "Name a fruit.", "Apple is a fruit."
+    assert render_example(tok, prompt, response) == render_conversation(tok, prompt, response)
+    own_turn = tok(render_conversation(tok, prompt, response), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    assert own_turn[:len(prompt_ids)] == prompt_ids  # the precondition: the prompt is a prefix of the turn
+    item = DPODataset([Ranking(prompt, [response, "No."], [0, 1])], tok, 512).items[0]
+    assert item.responses[0][item.prompt_len:] == own_turn[len(prompt_ids):]  # the tokens DPO trains on
+    # templates that write the words straight after the generation prompt and close the turn at once
+    demo = build_tokenizer(384, 0)
+    assert template_turn_spaces(demo) == ("", "")
+    assert render_example(demo, prompt, response) == f"{render_prompt(demo, prompt)}{response}{demo.eos_token}"
+    # more than whitespace written into a past turn (Qwen3's empty thinking block) is the model's to write
+    demo.chat_template = demo.chat_template.replace("<|assistant|>\n{{ message['content'] }}",
+                                                    "<|assistant|>\n<think>\n\n</think>\n\n{{ message['content'] }}")
+    assert "<think>" in render_conversation(demo, prompt, response)  # the precondition
+    assert template_turn_spaces(demo) == ("", "")
