@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -85,30 +85,36 @@ def check_id(value: Any, what: str) -> str | None:
     return value
 
 
-def _insert_prompts(db: Session, project: Project, records: list[tuple[str, Any, list[CandidateIn]]], now: float) -> None:
-    """Insert checked prompts and their candidates as two multi-row INSERTs on the tables
-    (SQLAlchemy Core's INSERT ... RETURNING): a chunk holds SQLite's writer lock a fraction
-    of the time the ORM's unit of work takes for the same rows, one object at a time (and
-    the ORM's bulk path over the same rows added a tenth to the import's CPU)."""
-    from sqlalchemy import insert
-
+def insert_prompts(db: Session, project: Project, records: list[tuple[str, Any, list[CandidateIn]]], now: float,
+                   candidate_source_ids: list[list[str | None]] | None = None) -> tuple[dict[str, int], list[list[int]]]:
+    """Insert checked prompts (source id, content, candidates) and their candidates as two multi-row
+    INSERTs on the tables (SQLAlchemy Core's INSERT ... RETURNING): a chunk holds SQLite's writer lock
+    a fraction of the time the ORM's unit of work takes for the same rows, one object at a time (and
+    the ORM's bulk path over the same rows added a tenth to the import's CPU). Returns the prompts'
+    row ids by source id and each record's candidate row ids by position."""
     prompts = Prompt.__table__
     prompt_ids = dict(db.execute(insert(prompts).returning(prompts.c.source_id, prompts.c.id), [
         {"project_id": project.id, "source_id": sid, "content": content, "n_candidates": len(candidates),
          "slots_taken": 0, "done_count": 0, "created_at": now}
         for sid, content, candidates in records]).all())
-    _insert_candidates(db, [(prompt_ids[sid], candidates) for sid, _content, candidates in records])
+    candidate_ids = insert_candidates(db, [(prompt_ids[sid], candidates) for sid, _content, candidates in records],
+                                      candidate_source_ids)
+    return prompt_ids, candidate_ids
 
 
-def _insert_candidates(db: Session, candidates_of: list[tuple[int, list[CandidateIn]]]) -> None:
-    """The candidates of prompts (row id, its candidates in order) as one multi-row INSERT."""
-    from sqlalchemy import insert
-
+def insert_candidates(db: Session, candidates_of: list[tuple[int, list[CandidateIn]]],
+                      source_ids: list[list[str | None]] | None = None) -> list[list[int]]:
+    """The candidates of prompts (row id, its candidates in order; `source_ids`: each candidate's id
+    in the file it came from, else none) as one multi-row INSERT; their row ids, by prompt and position."""
+    candidates = Candidate.__table__
     rows = [{"prompt_id": prompt_id, "position": i, "text": c.text, "model": c.model, "sampling": c.sampling,
-             "source_id": None}
-            for prompt_id, candidates in candidates_of for i, c in enumerate(candidates)]
-    if rows:
-        db.execute(insert(Candidate.__table__), rows)
+             "source_id": None if source_ids is None else source_ids[k][i]}
+            for k, (prompt_id, cands) in enumerate(candidates_of) for i, c in enumerate(cands)]
+    if not rows:
+        return [[] for _ in candidates_of]
+    row_id = {(pid, pos): cid for pid, pos, cid in db.execute(
+        insert(candidates).returning(candidates.c.prompt_id, candidates.c.position, candidates.c.id), rows).all()}
+    return [[row_id[prompt_id, i] for i in range(len(cands))] for prompt_id, cands in candidates_of]
 
 
 def checked_candidate(c: CandidateIn, i: int, owner: str) -> CandidateIn:
@@ -116,17 +122,6 @@ def checked_candidate(c: CandidateIn, i: int, owner: str) -> CandidateIn:
     its text, model and sampling settings checked."""
     return CandidateIn(_check_text(c.text, f"candidate {i} of {owner}"), check_id(c.model, "candidate model"),
                        _sampling(c.sampling))
-
-
-def new_prompt(project: Project, source_id: str, content: Any, cands: list[CandidateIn], now: float) -> Prompt:
-    """A prompt row with its candidates, all checked already."""
-    prompt = Prompt(
-        project_id=project.id, source_id=source_id, content=content, n_candidates=len(cands),
-        slots_taken=0, done_count=0, created_at=now,
-    )
-    prompt.candidates = [Candidate(position=i, text=c.text, model=c.model, sampling=c.sampling, source_id=None)
-                         for i, c in enumerate(cands)]
-    return prompt
 
 
 def _sampling(value: Any) -> dict:
@@ -262,7 +257,7 @@ def _attach_candidates(db: Session, attach: list[tuple[int, str, list[CandidateI
         if taken.rowcount != 1:
             raise Conflict(f"prompt {sid!r} got candidates from another import or generate run at the same moment; "
                            "import the file again to add the rest (nothing is added twice)")
-    _insert_candidates(db, [(prompt_id, candidates) for prompt_id, _sid, candidates in attach])
+    insert_candidates(db, [(prompt_id, candidates) for prompt_id, _sid, candidates in attach])
 
 
 @contextmanager
@@ -396,7 +391,7 @@ def add_prompts(db: Session, project: Project, records: list[PromptRecord],
             plan = _plan(chunk, _read_held(db, project, chunk), project, where)
             with chunk_transaction(db):
                 if plan.new:
-                    _insert_prompts(db, project, plan.new, now)
+                    insert_prompts(db, project, plan.new, now)
                 if plan.attach:
                     _attach_candidates(db, plan.attach)
             report.prompts_added += len(plan.new)
@@ -421,7 +416,7 @@ def add_candidates(db: Session, prompt: Prompt, texts: list[str], model: str | N
                        .values(n_candidates=len(texts)))
     if taken.rowcount != 1:  # the count is taken in the same statement that checks it: one writer wins
         raise Conflict(f"prompt {prompt.source_id!r} already has candidates")
-    _insert_candidates(db, [(prompt.id, candidates)])
+    insert_candidates(db, [(prompt.id, candidates)])
     db.commit()
     prompt.n_candidates = len(texts)
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from align.formats import Candidate as CandidateIn
@@ -36,7 +36,8 @@ from annotation.services.imports import (
     checked_prompt,
     chunk_transaction,
     chunks,
-    new_prompt,
+    insert_candidates,
+    insert_prompts,
     stopped_by_full_disk,
 )
 from annotation.services.ranking_history import History, RevisionConflict, ranking_key
@@ -317,19 +318,14 @@ def _plan(checked: list[_CheckedRanking], slots: dict[str, _PromptSlot], stored_
 
 def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str, int], stored_as: dict[str, str],
            now: float, report: ImportReport) -> None:
-    new_annotators: dict[int, int] = {}
+    """A chunk's new prompts, their candidates and its rankings as a few multi-row INSERTs (SQLAlchemy
+    Core, as `imports.insert_prompts` stores prompts): the ORM's unit of work, a flush per new prompt
+    for its row id, held SQLite's writer lock ten times as long for the same rows."""
+    _insert_new_prompts(db, project, [p.ranking for p in chunk if p.slot.prompt_id is None], chunk, now, report)
+    rows, new_annotators = [], {}
     for p in chunk:
         r, slot = p.ranking, p.slot
-        if slot.prompt_id is None:
-            prompt = new_prompt(project, r.source_id, r.content, r.responses, now)
-            for c, cid in zip(prompt.candidates, r.candidate_ids):
-                c.source_id = cid
-            db.add(prompt)
-            db.flush()
-            slot.prompt_id, slot.candidate_ids = prompt.id, [c.id for c in prompt.candidates]
-            report.prompts_added += 1
-            report.candidates_added += len(r.responses)
-        elif slot.attach:
+        if slot.attach:
             _attach_responses(db, slot, r)
             report.candidates_added += len(r.responses)
         username = stored_as[r.annotator]
@@ -340,19 +336,40 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
                 raise Conflict(f"another import added annotator {username!r} at the same moment; import the file "
                                "again to add the rest (nothing is added twice)") from None
         ids = slot.candidate_ids
-        db.add(RankingRow(
-            project_id=project.id, prompt_id=slot.prompt_id, user_id=users[username], assignment_id=None,
-            revision=p.revision, order=[[ids[pos] for pos in g] for g in p.order],
-            below=None if p.below is None else [ids[pos] for pos in p.below], all_bad=r.all_bad, skipped=False,
-            rationale=r.rationale, time_spent_ms=None, created_at=now,
-        ))
+        rows.append({"project_id": project.id, "prompt_id": slot.prompt_id, "user_id": users[username],
+                     "assignment_id": None, "revision": p.revision, "order": [[ids[pos] for pos in g] for g in p.order],
+                     "below": None if p.below is None else [ids[pos] for pos in p.below], "all_bad": r.all_bad,
+                     "skipped": False, "rationale": r.rationale, "time_spent_ms": None, "created_at": now})
         if p.first:  # one more annotator has ranked the prompt: a slot taken, and done
             new_annotators[slot.prompt_id] = new_annotators.get(slot.prompt_id, 0) + 1
-        report.rankings_added += 1
-    db.flush()
-    for prompt_id, n in new_annotators.items():
-        db.execute(update(Prompt).where(Prompt.id == prompt_id).values(
-            slots_taken=Prompt.slots_taken + n, done_count=Prompt.done_count + n))
+    db.execute(insert(RankingRow.__table__), rows)
+    report.rankings_added += len(rows)
+    prompts = Prompt.__table__
+    if new_annotators:
+        db.execute(update(prompts).where(prompts.c.id == bindparam("pid")).values(
+            slots_taken=prompts.c.slots_taken + bindparam("n"), done_count=prompts.c.done_count + bindparam("n")),
+            [{"pid": pid, "n": n} for pid, n in new_annotators.items()])
+
+
+def _insert_new_prompts(db: Session, project: Project, first: list[_CheckedRanking], chunk: list[_Planned], now: float,
+                        report: ImportReport) -> None:
+    """The prompts that rankings of the chunk create (`first`: the rankings on prompts without a row
+    yet, in the chunk's order), with the responses of the first ranking of each as its candidates;
+    their row ids into their slots."""
+    by_id: dict[str, _CheckedRanking] = {}
+    for r in first:
+        by_id.setdefault(r.source_id, r)  # the first: its responses' order is the candidates'
+    new = list(by_id.values())
+    if not new:
+        return
+    prompt_ids, candidate_ids = insert_prompts(db, project, [(r.source_id, r.content, r.responses) for r in new], now,
+                                               [r.candidate_ids for r in new])
+    candidates_of = dict(zip((r.source_id for r in new), candidate_ids))
+    for p in chunk:
+        if p.slot.prompt_id is None:
+            p.slot.prompt_id, p.slot.candidate_ids = prompt_ids[p.ranking.source_id], candidates_of[p.ranking.source_id]
+    report.prompts_added += len(new)
+    report.candidates_added += sum(len(r.responses) for r in new)
 
 
 def _attach_responses(db: Session, slot: _PromptSlot, r: _CheckedRanking) -> None:
@@ -364,11 +381,8 @@ def _attach_responses(db: Session, slot: _PromptSlot, r: _CheckedRanking) -> Non
     if claimed.rowcount != 1:
         raise Conflict(f"{r.where}: its prompt got candidates from another import or generate run at the same "
                        "moment; import the file again to add the rest (nothing is added twice)")
-    rows = [Candidate(prompt_id=slot.prompt_id, position=i, text=c.text, model=c.model, sampling=c.sampling,
-                      source_id=cid) for i, (c, cid) in enumerate(zip(r.responses, r.candidate_ids))]
-    db.add_all(rows)
-    db.flush()
-    slot.candidate_ids, slot.attach = [c.id for c in rows], False
+    slot.candidate_ids = insert_candidates(db, [(slot.prompt_id, r.responses)], [r.candidate_ids])[0]
+    slot.attach = False
 
 
 @unit_of_work

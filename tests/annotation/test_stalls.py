@@ -229,7 +229,7 @@ def test_an_import_file_runs_without_the_garbage_collector_and_turns_it_back_on(
         return call
 
     monkeypatch.setattr(imports, "read_records", watched(imports.read_records))
-    monkeypatch.setattr(imports, "_insert_prompts", watched(imports._insert_prompts))
+    monkeypatch.setattr(imports, "insert_prompts", watched(imports.insert_prompts))
     lines = [f'{{"prompt": "question {i}?", "id": "q{i}", "candidates": ["a", "b"]}}' for i in range(35)]
     if not good:
         lines.append('{"prompt": "last?", "candidates": ["a", "b", "c"]}')  # K differs: nothing is stored
