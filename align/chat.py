@@ -263,6 +263,39 @@ def keep_end(ids: list[int], max_length: int, bos_token_id: int | None) -> list[
     return ids[len(ids) - max_length:]
 
 
+def special_token_text(tokenizer: Any, prompt: str | list[dict[str, str]], responses: Sequence[str] = ()) -> str | None:
+    """The first text of one of the tokenizer's special tokens (its eos, bos, pad, a template's turn
+    markers) that a prompt's messages or a response hold, or None. Every stage tokenizes the rendered
+    text with special tokens parsed, as the template's own markers must be, so the model reads such
+    text as the token itself: a response quoting "</s>" to a Llama model ends there, and a prompt
+    quoting "<|im_start|>assistant" opens a turn nobody wrote."""
+    pattern = _SPECIAL_TEXT.get(tokenizer)
+    if pattern is None:
+        import re
+
+        special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        words = sorted((t for t in special if t), key=len, reverse=True)
+        pattern = _SPECIAL_TEXT[tokenizer] = re.compile("|".join(map(re.escape, words))) if words else re.compile("(?!)")
+    for text in [m["content"] for m in as_messages(prompt)] + list(responses):
+        if found := pattern.search(text):
+            return found.group(0)
+    return None
+
+
+_SPECIAL_TEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def special_text_line(stage: str, tokenizer: Any, examples: Sequence[tuple[Any, Sequence[str]]], what: str) -> str | None:
+    """The run's line on the examples (a prompt and its responses each) whose text holds a special
+    token's text (`special_token_text`), or None where none does."""
+    found = [t for prompt, responses in examples if (t := special_token_text(tokenizer, prompt, responses))]
+    if not found:
+        return None
+    return (f"{stage}: {len(found)} of {len(examples)} {what} hold the text of one of the tokenizer's special tokens "
+            f"(first: {found[0]!r}), which the model reads as that token, not as characters; clean the data where it "
+            "was meant as text")
+
+
 def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[Any, Any]:
     """(ids, mask) long tensors of shape (len(rows), longest row, at least 1), each row padded on the
     left (a prompt the response continues) or on the right (a whole sequence)."""

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from align.chat import special_text_line
 from align.checkpoint import check_checkpoint_layout, check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
@@ -143,6 +144,9 @@ class DPOTrainer(StepLoop):
             self.echo(f"dpo: {repeats_note(data.with_repeats)}")
         if left_out and self.is_main:
             self.echo(f"dpo: left out {left_out} of the training rankings")
+        if self.is_main and (line := special_text_line("dpo", self.tokenizer, [(r.prompt, r.responses) for r in train],
+                                                        "training rankings")):
+            self.echo(line)
         check_usable(self.train_set.rankings, left_out, "the training split")
         self.eval_set = DPODataset(self.eval_rankings, self.tokenizer, self.max_length)  # scored at the end
         if data.held_out_without_preference and self.is_main:

@@ -28,11 +28,12 @@ def encode_prompts(tokenizer, prompts: list, max_length: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
-def cut_prompts_note(tokenizer, training: list, held_out: list, max_length: int) -> str | None:
-    """The run's line on the training and held-out prompts longer than `max_length` tokens, which
-    `encode_prompts` cuts, or None where none is: the policy reads a cut prompt's end, while the
-    reward model scores its response after the whole prompt, as the annotators read it."""
-    from align.chat import render_prompt
+def prompt_notes(tokenizer, training: list, held_out: list, max_length: int) -> list[str]:
+    """The run's lines on its training and held-out prompts: those longer than `max_length` tokens,
+    which `encode_prompts` cuts (the policy reads a cut prompt's end, while the reward model scores
+    its response after the whole prompt, as the annotators read it), and those holding a special
+    token's text (`align.chat.special_token_text`)."""
+    from align.chat import render_prompt, special_text_line
 
     counts = []
     for name, group in (("training", training), ("held-out", held_out)):
@@ -40,11 +41,11 @@ def cut_prompts_note(tokenizer, training: list, held_out: list, max_length: int)
                                                  add_special_tokens=False)["input_ids"]] if group else []
         if cut := sum(n > max_length for n in lengths):
             counts.append(f"{cut} of {len(group)} {name}")
-    if not counts:
-        return None
-    return (f"ppo: {' and '.join(counts)} prompts are longer than max_prompt_length={max_length} tokens: the policy "
-            f"reads their last {max_length} (a bos kept first) and the reward model scores its responses after the "
-            "whole prompt; raise max_prompt_length to keep them whole")
+    notes = [f"ppo: {' and '.join(counts)} prompts are longer than max_prompt_length={max_length} tokens: the policy "
+             f"reads their last {max_length} (a bos kept first) and the reward model scores its responses after the "
+             "whole prompt; raise max_prompt_length to keep them whole"] if counts else []
+    special = special_text_line("ppo", tokenizer, [(p, ()) for p in training + held_out], "training and held-out prompts")
+    return notes + ([special] if special else [])
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

@@ -53,7 +53,7 @@ from ppo.checkpoint import (
 from ppo.config import PPOConfig
 from ppo.data import PromptSampler, gold_judge, load_eval_prompts, load_prompts
 from ppo.evaluation import Judge, evaluate
-from ppo.experience import Experience, Samples, cut_prompts_note, decode_responses, encode_prompts
+from ppo.experience import Experience, Samples, decode_responses, encode_prompts, prompt_notes
 from ppo.model import ActorCritic, Reference, build_critic, build_policy
 from ppo.optimise import length_grouped_micro_batches, micro_step, optimise
 from ppo.run_dir import OUTPUTS, SAMPLES_FILE
@@ -132,8 +132,7 @@ class PPOTrainer:
         if self.is_main and (unused := cfg.unused_settings()):
             log.warning("%s: method=ppo's settings, which method=%s (no value model, no GAE) does not read",
                         ", ".join(unused), cfg.method)
-        dtype = torch_dtype(cfg.dtype)
-        reward_dtype = torch_dtype(cfg.reward_dtype or cfg.dtype)
+        dtype, reward_dtype = torch_dtype(cfg.dtype), torch_dtype(cfg.reward_dtype or cfg.dtype)
 
         # Identical initialisation on every process (DDP also broadcasts rank 0's weights).
         set_seed(cfg.seed)
@@ -155,8 +154,9 @@ class PPOTrainer:
         check_decodable(base.config, self.sft_path)
         # a policy with learned absolute positions (GPT-2, OPT) holds prompt and response in its table
         self.max_prompt_length = fit_prompt_length(cfg.max_prompt_length, cfg.response_length, base, "response_length")
-        if self.is_main and (note := cut_prompts_note(self.tokenizer, train_prompts, self.eval_prompts, self.max_prompt_length)):
-            log.warning("%s", note)
+        if self.is_main:  # prompts the policy reads cut, or holding a special token's text
+            for note in prompt_notes(self.tokenizer, train_prompts, self.eval_prompts, self.max_prompt_length):
+                log.warning("%s", note)
         critic = (build_critic(self.reward_model, self.tokenizer, base.get_input_embeddings().num_embeddings,
                                reward_dtype) if cfg.value_model == "reward_model" else None)
         # peft keeps the adapter in fp32 on a bf16 base (autocast_adapter_dtype), the value head is fp32

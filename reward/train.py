@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from align.chat import special_text_line
 from align.checkpoint import check_checkpoint_layout, check_run_dir, latest_checkpoint
 from align.config import config_to_dict
 from align.distributed import (
@@ -191,6 +192,9 @@ class RewardTrainer(StepLoop):
                 self.echo(f"reward: left out {len(self.data.without_preference)} training and "
                           f"{self.data.held_out_without_preference} held-out rankings that state no preference "
                           "(a single response, or every response tied)")
+            examples = [(r.prompt, r.responses) for r in self.data.train]
+            if line := special_text_line("reward", self.tokenizer, examples, "training rankings"):
+                self.echo(line)
 
     def truncated_count(self) -> str:
         """How many training rankings hold a text at max_length, "N of M training rankings"; in the

@@ -241,3 +241,22 @@ def test_a_response_is_written_as_the_chat_template_writes_the_models_own_turn()
                                                     "<|assistant|>\n<think>\n\n</think>\n\n{{ message['content'] }}")
     assert "<think>" in render_conversation(demo, prompt, response)  # the precondition
     assert template_turn_spaces(demo) == ("", "")
+
+
+def test_special_token_text_in_a_prompt_or_a_response_is_found_and_counted(base_tokenizer):
+    # the model would read it as the token itself: an eos inside an answer, a turn marker inside a question
+    from align.chat import special_text_line, special_token_text
+    from align.demo_model import build_tokenizer
+
+    tok = build_tokenizer(384, 0)
+    eos, user = tok.eos_token, "<|user|>"
+    ids = tok(f"strike <s>old{eos} text", add_special_tokens=False)["input_ids"]
+    assert tok.eos_token_id in ids and tok.bos_token_id in ids  # the precondition: parsed as the tokens
+    assert special_token_text(tok, "what is html?", ["use <s>old</s> to strike", "plain"]) == "<s>"
+    assert special_token_text(tok, [{"role": "user", "content": f"hi {user} again"}], []) == user
+    assert special_token_text(tok, "a < s > b", ["<b>bold</b>", "s>"]) is None  # near misses are text
+    examples = [("fine", ["a", "b"]), ("fine", ["a", f"ends{eos}early"]), (f"x{user}", ["a", "b"])]
+    line = special_text_line("dpo", tok, examples, "training rankings")
+    assert line.startswith(f"dpo: 2 of 3 training rankings hold the text of one of the tokenizer's special tokens "
+                           f"(first: {eos!r})")
+    assert special_text_line("dpo", tok, examples[:1], "training rankings") is None

@@ -124,3 +124,29 @@ def test_the_reward_stage_counts_rankings_holding_a_cut_text_in_rankings(tiny_ra
     said: list[str] = []
     RewardTrainer(cfg, echo=said.append).setup()
     assert [line.split(" (model.max_length")[0] for line in said if "hold a text" in line] == [expected]
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_training_rankings_holding_a_special_tokens_text_are_said_before_training(stage, tiny_random_model, tmp_path,
+                                                                                  small_dpo_run):
+    # the model reads "</s>" in a response as its eos: said in one line, counted over the training rankings
+    from align.modeling import load_tokenizer
+    from dpo.train import DPOTrainer
+    from reward.config import RewardConfig
+    from reward.train import RewardTrainer
+
+    eos = load_tokenizer(tiny_random_model).eos_token
+    train = fitting("t", 12)
+    train[5] = Ranking(prompt="how do I strike text?", responses=[f"write <del>old</del>, or {eos}", "no", "maybe"],
+                       ranks=[0, 1, 2])
+    data = write_split(tmp_path, train, fitting("h", 4))
+    said: list[str] = []
+    if stage == "reward":
+        RewardTrainer(load_config(RewardConfig, None, [f"model.name_or_path={tiny_random_model}", "train.num_threads=1",
+                                                       f"output_dir={tmp_path / 'run'}", *data]), echo=said.append).setup()
+    else:
+        base = [o for o in small_dpo_run if not o.startswith("data.")]
+        DPOTrainer(load_config(DPOConfig, None, [*base, *data, "num_eval_prompts=0"]), echo=said.append).setup()
+    [line] = [line for line in said if "special tokens" in line]
+    assert line.startswith(f"{stage}: 1 of 12 training rankings hold the text of one of the tokenizer's special tokens "
+                           f"(first: {eos!r}), which the model reads as that token")

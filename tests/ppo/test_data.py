@@ -11,7 +11,7 @@ import torch
 
 from align.errors import UserError
 from ppo.data import PromptSampler, check_held_out, load_prompts
-from ppo.experience import Experience, cut_prompts_note, encode_prompts
+from ppo.experience import Experience, encode_prompts, prompt_notes
 
 
 @pytest.mark.parametrize("saved_after", [2, 3, 6])  # in the first pass, the second, the fifth
@@ -184,11 +184,15 @@ def test_prompts_longer_than_max_prompt_length_are_counted_and_the_policy_reads_
 
     max_length = len(tokens(short)) + 2
     assert len(tokens(long)) > max_length  # the precondition: one prompt fits, the other does not
-    note = cut_prompts_note(tok, [short, long, short], [long], max_length)
+    [note] = prompt_notes(tok, [short, long, short], [long], max_length)
     assert note.startswith(f"ppo: 1 of 3 training and 1 of 1 held-out prompts are longer than "
                            f"max_prompt_length={max_length} tokens")
-    assert cut_prompts_note(tok, [short, long], [], max_length).startswith("ppo: 1 of 2 training prompts")
-    assert cut_prompts_note(tok, [short, short], [short], max_length) is None
+    assert prompt_notes(tok, [short, long], [], max_length)[0].startswith("ppo: 1 of 2 training prompts")
+    assert prompt_notes(tok, [short, short], [short], max_length) == []
+    # a prompt quoting a special token's text: the policy would read the token itself
+    [special] = prompt_notes(tok, [short, f"what does {tok.eos_token} mean?"], [short], 10**6)
+    assert special.startswith(f"ppo: 1 of 3 training and held-out prompts hold the text of one of the tokenizer's "
+                              f"special tokens (first: {tok.eos_token!r})")
     # what the note says is what the policy reads: the long prompt's last tokens, the short one whole
     ids, mask = encode_prompts(tok, [short, long], max_length, "cpu")
     assert mask.sum(1).tolist() == [len(tokens(short)), max_length]

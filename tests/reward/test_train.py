@@ -212,3 +212,4 @@ def test_rankings_of_one_prompt_are_refused_before_training_when_normalised(tmp_
     summary = train_reward_model(quick_config(*data, "eval.normalize=false", "overwrite=true", "train.max_steps=1"),
                                  echo=lambda s: None)
     assert summary["reward/gain"] == 1.0
+
