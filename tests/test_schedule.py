@@ -35,3 +35,10 @@ def test_after_one_warm_up_step_each_shape_decays_as_its_formula(shape, floor, e
 def test_without_warm_up_the_first_step_is_at_the_peak():
     assert [lr_factor(s, 4, 0) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [lr_factor(s, 4, 4, "constant") for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+@pytest.mark.parametrize(("shape", "floor"), [("linear", 0.0), ("cosine", 0.0), ("cosine", 0.1)])
+def test_steps_past_the_end_stay_at_the_floor(shape, floor):
+    # an optimiser step past total_steps (a run resumed for more steps than it planned) does not climb
+    # back up the cosine or go below the floor
+    assert [lr_factor(s, 5, 1, shape, floor) for s in (5, 6, 8, 9)] == pytest.approx([floor] * 4)

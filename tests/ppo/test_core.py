@@ -257,6 +257,29 @@ def test_value_loss_clips_around_rollout_values():
     close(stats["clipfrac"], 2 / 3)
 
 
+def test_the_clip_ranges_are_the_ones_given():
+    # policy: ratio (1.15, 1.15), advantages (1, 1): clipped at 1.1 with eps 0.1 (loss -1.1), not with 0.2 (-1.15)
+    new = torch.log(torch.tensor([[1.15, 1.15]]))
+    close(core.policy_loss(new, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.1)[0], -1.1)
+    close(core.policy_loss(new, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2)[0], -1.15)
+    # value: old 0, new 0.5, return 1: clipped to 0.3 with 0.3 (0.5 * 0.49), to 0.2 with 0.2 (0.5 * 0.64)
+    args = torch.tensor([[0.5]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1)
+    close(core.value_loss(*args, 0.3)[0], 0.245)
+    close(core.value_loss(*args, 0.2)[0], 0.32)
+
+
+def test_approx_kl_is_the_k3_estimate_of_kl_old_to_new():
+    # ratio 2 on one token: (r - 1) - ln r = 1 - ln 2 = 0.30685 (k3, never negative); -ln r alone (k1) is -0.693
+    _, stats = core.policy_loss(torch.log(torch.tensor([[2.0]])), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    close(stats["approxkl"], 1 - math.log(2))
+
+
+def test_whitening_values_that_are_all_equal_gives_zeros_not_nan():
+    # variance 0: the eps keeps 0 / sqrt(0 + eps) finite
+    close(core.masked_whiten(torch.full((3,), 2.5), torch.ones(3)), [0.0, 0.0, 0.0])
+    close(core.masked_whiten(torch.full((3,), 2.5), torch.ones(3), shift_mean=False), [2.5, 2.5, 2.5])
+
+
 def test_adaptive_kl_controller_moves_beta_towards_the_target_and_round_trips():
     ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=100)
     # KL 9: error 9/6 - 1 = 0.5 clipped to 0.2 -> 0.1 * (1 + 0.2 * 10 / 100) = 0.102

@@ -78,8 +78,12 @@ def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_
     trainer.setup()
     first = trainer.step()
     assert first["train/lr"] == cfg.learning_rate  # linear decay, no warm-up: the first step's rate is the peak
+    seen = record_optimise(trainer)
     metrics = trainer.step()  # the policy moved: a KL to pay
     assert abs(metrics["objective/kl"]) > 1e-4  # (k1 of one batch may be negative)
+    # the KL of a sequence is its tokens' summed, averaged over the batch's sequences
+    per_sequence = core.zero_masked(seen["exp"].kl, seen["exp"].response_mask).sum(-1)
+    assert metrics["objective/kl"] == pytest.approx(per_sequence.mean().item(), rel=1e-5)
     assert metrics["objective/non_score_reward"] == pytest.approx(-0.5 * metrics["objective/kl"], rel=1e-5)
     assert metrics["objective/rlhf_reward"] == pytest.approx(
         metrics["objective/scores"] + metrics["objective/non_score_reward"], rel=1e-5, abs=1e-6)

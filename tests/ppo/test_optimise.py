@@ -181,3 +181,58 @@ def test_an_adaptive_kl_coefficient_starting_at_zero_is_refused(small_run):
     with pytest.raises(UserError, match="kl.coef=0 with kl.adaptive=true"):
         load_config(PPOConfig, None, [*small_run, "kl.coef=0", "kl.adaptive=true"])
     assert load_config(PPOConfig, None, [*small_run, "kl.coef=0", "kl.adaptive=false"]).kl.coef == 0
+
+
+def test_a_minibatchs_gradient_over_its_micro_batches_is_that_of_its_loss_with_the_configured_coefficients(small_run):
+    # One minibatch of 4 rows in micro-batches of 2 rows with responses of different lengths: the
+    # accumulated gradient is that of the token-mean loss over the whole minibatch, with the
+    # configured clip ranges and value coefficient (each micro-batch weighted by its share of tokens)
+    from align.config import load_config
+    from ppo import core
+    from ppo.config import PPOConfig
+    from ppo.optimise import optimise
+    from ppo.trainer import PPOTrainer
+
+    cfg = load_config(PPOConfig, None, [*small_run, "batch_size=4", "num_mini_batches=1", "gradient_accumulation_steps=2",
+                                        "num_ppo_epochs=1", "clip_coef=0.1", "cliprange_value=0.05", "vf_coef=0.3",
+                                        "max_grad_norm=1e9", "response_length=10"])
+    trainer = PPOTrainer(cfg)
+    trainer.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter (B = 0 at the start would leave A without a gradient)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    exp, _ = trainer.rollout(["Tell me about tea.", "Hi", "Can you explain the moon?", "Why?"])
+    exp.response_mask[:] = 0
+    for row, n in enumerate([10, 2, 7, 1]):  # micro-batches of 12 and 8 tokens, whichever rows pair up
+        exp.response_mask[row, :n] = 1
+    mask = exp.response_mask
+    with torch.no_grad():
+        new_logprobs, _, new_values = trainer.model(exp.input_ids, exp.attention_mask, exp.context_length,
+                                                    exp.response_ids, cfg.temperature)
+    # ratios 1.16 and values 0.1 away from the rollout's: both clip ranges decide the gradient
+    exp.logprobs = core.zero_masked(new_logprobs - 0.15 * torch.sign(torch.randn_like(new_logprobs)), mask)
+    exp.values = core.zero_masked(new_values + 0.1 * torch.sign(torch.randn_like(new_values)), mask)
+    exp.advantages = core.zero_masked(torch.randn_like(new_values), mask)
+    exp.returns = core.zero_masked(torch.randn_like(new_values), mask)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    logprobs, _, values = trainer.model(exp.input_ids, exp.attention_mask, exp.context_length, exp.response_ids,
+                                        cfg.temperature)
+    pg_loss, pg_stats = core.policy_loss(logprobs, exp.logprobs, exp.advantages, mask, 0.1)
+    vf_loss, vf_stats = core.value_loss(values, exp.values, exp.returns, mask, 0.05)
+    (pg_loss + 0.3 * vf_loss).backward()
+    expected = [p.grad.clone() for p in params]
+    assert pg_stats["clipfrac"] > 0 and vf_stats["clipfrac"] > 0  # the precondition: clipping matters
+
+    accumulated = []
+    trainer.optimizer.step = lambda: accumulated.extend(p.grad.clone() for p in params)  # read, not applied
+    trainer.scheduler.step = lambda: None
+    metrics = optimise(trainer, exp)
+    assert len(accumulated) == len(params)
+    for got, want in zip(accumulated, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert metrics["policy/loss"] == pytest.approx(pg_loss.item(), rel=1e-4)
+    assert metrics["val/loss"] == pytest.approx(vf_loss.item(), rel=1e-4)

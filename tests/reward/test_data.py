@@ -68,6 +68,20 @@ def test_split_is_deterministic_for_a_seed():
     assert [r.prompt for r in a[1]] == [r.prompt for r in b[1]]
 
 
+def test_the_split_holds_out_the_rounded_fraction_of_prompts_keeps_one_for_training_and_follows_the_seed():
+    def prompts(n: int) -> list[Ranking]:
+        return [Ranking(prompt=f"q{i}", responses=["a", "b"], ranks=[0, 1]) for i in range(n)]
+
+    # 10 prompts at 0.25: 2.5 rounds to 2 held out (round half to even), 0.29: 2.9 to 3 (not cut down to 2)
+    assert [len(split_by_prompt(prompts(10), f, 0)[1]) for f in (0.25, 0.29, 0.05)] == [2, 3, 1]  # at least 1
+    # a fraction that would hold out every prompt still leaves one to train on
+    train, held = split_by_prompt(prompts(3), 0.9, 0)
+    assert (len(train), len(held)) == (1, 2)
+    # another seed, another held-out set (8 of the 45 ways to hold out 2 of 10 would do by chance)
+    held_sets = {frozenset(r.prompt for r in split_by_prompt(prompts(10), 0.2, seed)[1]) for seed in range(8)}
+    assert len(held_sets) > 1
+
+
 def test_the_split_is_the_same_in_every_process_for_a_seed():
     """Python salts string hashes per process: a split that followed a set's order would hold out
     other prompts on another rank, or after a resume."""
