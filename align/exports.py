@@ -74,10 +74,15 @@ def hh_left_out(rankings: list[Ranking]) -> str | None:
     for r in rankings:
         if (problem := hh_problem(r)) is not None:
             reasons[problem] = reasons.get(problem, 0) + 1
+    return hh_left_out_line(reasons, len(rankings))
+
+
+def hh_left_out_line(reasons: dict[str, int], total: int) -> str | None:
+    """`hh_left_out`'s line from the count of each `hh_problem` among `total` rankings."""
     if not reasons:
         return None
     why = "; ".join(f"{n} with {problem}" for problem, n in reasons.items())
-    return (f"{sum(reasons.values())} of {len(rankings)} rankings left out of the hh export ({why}); "
+    return (f"{sum(reasons.values())} of {total} rankings left out of the hh export ({why}); "
             "export kwise or pairs to keep them")
 
 

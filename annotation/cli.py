@@ -285,19 +285,16 @@ def export(
     if out.resolve() in database_files:  # --force would replace the database
         raise UserError(f"--out {out} is a file of the database the export reads ({database_files[0]}); "
                         "choose another --out")
-    with _sessionmaker(db, create=False)() as s:
-        notes: list[str] = []
-        rows = services.export_rows(s, services.get_project(s, project), format, all_revisions=all_revisions,
-                                    notes=notes)
+    services.export_format(format, all_revisions)  # a mistake in the request first
     if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    from align.run import write_jsonl_atomic
-
-    try:
-        write_jsonl_atomic(out, rows)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    typer.echo(f"{len(rows)} {format} rows written to {out}")
+    with _sessionmaker(db, create=False)() as s:
+        try:  # written as read: the rows of the whole project are never held at once
+            written, notes = services.write_export(s, services.get_project(s, project), format, out,
+                                                   all_revisions=all_revisions)
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    typer.echo(f"{written} {format} rows written to {out}")
     for note in notes:  # what the format could not hold (hh: system messages, turn markers in a prompt)
         typer.echo(note, err=True)
 

@@ -49,19 +49,14 @@ def import_body_at(db_url: str, project_name: str, fmt: str, body: bytes) -> Any
         return import_body(db, project_name, fmt, body)
 
 
-def export_body_at(db_url: str, project_name: str, fmt: str, all_revisions: bool) -> tuple[bytes, list[str]]:
-    """The project's export as a JSONL body (UTF-8), and the notes of what the format left out
-    (`services.export_rows`)."""
+def export_file_at(db_url: str, project_name: str, fmt: str, all_revisions: bool, out: str) -> list[str]:
+    """`services.write_export` of the project to the file `out`; returns the notes of what the format
+    left out."""
     _lower_priority()
-    import json
-
     from annotation import services
 
-    notes: list[str] = []
     with _session(db_url) as db:
-        rows = services.export_rows(db, services.get_project(db, project_name), fmt, all_revisions=all_revisions,
-                                    notes=notes)
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(), notes
+        return services.write_export(db, services.get_project(db, project_name), fmt, out, all_revisions=all_revisions)[1]
 
 
 def dashboard_at(db_url: str, project_name: str) -> dict[str, Any]:

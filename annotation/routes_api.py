@@ -4,18 +4,21 @@ annotation.app."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Annotated, Literal
 
 import anyio.to_process
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from annotation import services
 from annotation.deps import AdminUser, Caller, CurrentUser, SessionDep, presented_credential
 from annotation.limits import MAX_DB_INT
-from annotation.offload import dashboard_at, export_body_at, import_body_at
+from annotation.offload import dashboard_at, export_file_at, import_body_at
 from annotation.schemas import (
     ImportPublic,
     InviteCreate,
@@ -290,13 +293,23 @@ async def export(name: ProjectName, request: Request, _admin: AdminUser,
     pairs; `pairs` is its former name), hh;
     `all_revisions=true` (kwise): every stored revision, not only the latest. An hh export
     leaves out prompts a transcript cannot hold as they are (system messages, turn markers in
-    a text), and the header X-Align-Left-Out says how many and why. Built in a process of its
-    own (annotation.offload)."""
-    body, notes = await anyio.to_process.run_sync(export_body_at, request.app.state.settings.db_url, name, format,
-                                                  all_revisions)
+    a text), and the header X-Align-Left-Out says how many and why. Written to a temporary file
+    in a process of its own (annotation.offload) as it is read, then sent from the file: neither
+    process holds the project's rows at once."""
+    fd, path = tempfile.mkstemp(prefix="align-export-", suffix=".jsonl")
+    os.close(fd)
+    try:
+        notes = await anyio.to_process.run_sync(export_file_at, request.app.state.settings.db_url, name, format,
+                                                all_revisions, path)
+    except BaseException as exc:
+        os.unlink(path)
+        if isinstance(exc, OSError):
+            raise services.StorageFull(f"the export could not be written to the server's temporary folder "
+                                       f"({exc.strerror or exc}); free space there, then try again") from None
+        raise
     # what the format left out, where a JSONL body has no room for it (ASCII, as a header must be)
     headers = {"X-Align-Left-Out": notes[0].encode("ascii", "backslashreplace").decode()} if notes else None
-    return PlainTextResponse(body, media_type="application/x-ndjson", headers=headers)
+    return FileResponse(path, media_type="application/x-ndjson", headers=headers, background=BackgroundTask(os.unlink, path))
 
 
 @router.get("/projects/{name}/dashboard")

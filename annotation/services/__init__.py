@@ -56,6 +56,7 @@ from annotation.services.rankings import (
 from annotation.services.reports import (
     EXPORT_FORMATS,
     dashboard,
+    export_format,
     export_rankings,
     export_rows,
     latest_rankings,
@@ -63,6 +64,7 @@ from annotation.services.reports import (
     prompt_detail,
     timeline,
     user_progress,
+    write_export,
 )
 from annotation.services.users import (
     BearerToken,
@@ -118,6 +120,7 @@ __all__ = [
     "create_project",
     "create_user",
     "dashboard",
+    "export_format",
     "export_rankings",
     "export_rows",
     "get_or_create_project",
@@ -160,4 +163,5 @@ __all__ = [
     "user_for_token",
     "user_progress",
     "validate_order",
+    "write_export",
 ]

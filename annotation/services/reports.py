@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, select
@@ -41,21 +43,49 @@ def latest_rankings(db: Session, project: Project, *, include_skipped: bool = Fa
     return [r for r in rows if include_skipped or not r[0].skipped]
 
 
+_EXPORT_CHUNK = 500  # prompts read at a time: an export holds one chunk's rows, whatever the project's size
+
+
 @read_only
 def export_rankings(db: Session, project: Project, *, all_revisions: bool = False) -> list[Ranking]:
     """The project's rankings as `Ranking`s (latest revision per annotator and prompt unless
     `all_revisions`); responses in their original order, ranks 0 = best with ties."""
-    out = []
-    for row, user, prompt in latest_rankings(db, project, all_revisions=all_revisions):
-        cands = prompt.candidates
-        ids = [c.id for c in cands]
-        out.append(
-            Ranking(
-                prompt=prompt.content,
+    return list(_iter_rankings(db, project, all_revisions))
+
+
+def _iter_rankings(db: Session, project: Project, all_revisions: bool) -> Iterator[Ranking]:
+    """`export_rankings`' rankings, prompt by prompt (annotators by name, revisions in order), read
+    _EXPORT_CHUNK prompts at a time as plain rows: neither the rows of the whole project nor ORM
+    objects for them are held at once (a 100,000-ranking export held 1.5 GB)."""
+    from annotation.models import Candidate
+
+    prompt_ids = db.scalars(select(Prompt.id).where(Prompt.project_id == project.id).order_by(Prompt.id)).all()
+    for start in range(0, len(prompt_ids), _EXPORT_CHUNK):
+        chunk = prompt_ids[start : start + _EXPORT_CHUNK]
+        prompts = {pid: (content, sid) for pid, content, sid in db.execute(
+            select(Prompt.id, Prompt.content, Prompt.source_id).where(Prompt.id.in_(chunk)))}
+        candidates: dict[int, list[Any]] = {pid: [] for pid in chunk}
+        for c in db.execute(select(Candidate.prompt_id, Candidate.id, Candidate.text, Candidate.model, Candidate.source_id)
+                            .where(Candidate.prompt_id.in_(chunk)).order_by(Candidate.prompt_id, Candidate.position)):
+            candidates[c.prompt_id].append(c)
+        q = (select(RankingRow.prompt_id, RankingRow.order, RankingRow.below, RankingRow.all_bad, RankingRow.rationale,
+                    RankingRow.revision, RankingRow.time_spent_ms, User.username)
+             .join(User, User.id == RankingRow.user_id)
+             .where(RankingRow.prompt_id.in_(chunk), RankingRow.skipped.is_(False))
+             .order_by(RankingRow.prompt_id, User.username, RankingRow.revision))
+        if not all_revisions:  # the latest revision of each annotator's; a skip as the latest leaves none
+            latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
+                      .where(RankingRow.prompt_id.in_(chunk)).group_by(RankingRow.prompt_id, RankingRow.user_id).subquery())
+            q = q.join(latest, and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id,
+                                    latest.c.rev == RankingRow.revision))
+        for row in db.execute(q):
+            (content, source_id), cands = prompts[row.prompt_id], candidates[row.prompt_id]
+            yield Ranking(
+                prompt=content,
                 responses=[c.text for c in cands],
-                ranks=order_to_ranks(ids, row.order, row.below),
-                annotator=user.username,  # an imported annotator as `src:<name>`: never taken for a user
-                prompt_id=prompt.source_id,
+                ranks=order_to_ranks([c.id for c in cands], row.order, row.below),
+                annotator=row.username,  # an imported annotator as `src:<name>`: never taken for a user
+                prompt_id=source_id,
                 ranked=ranked_prefix(row.order, row.below),
                 meta={
                     "all_bad": row.all_bad,
@@ -66,34 +96,67 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
                     "time_spent_ms": row.time_spent_ms,
                 },
             )
-        )
-    return out
 
 
 @read_only
 def export_rows(db: Session, project: Project, fmt: str, *, all_revisions: bool = False,
                 notes: list[str] | None = None) -> list[dict[str, Any]]:
-    """The project's rankings as rows of `fmt`: the latest revision of each annotator's ranking of
-    each prompt, or with `all_revisions` (kwise only: an audit of every correction, each row with
-    its `revision`) every ranking stored. `notes` gets a line for what the format had to leave
-    out (hh: prompts a transcript cannot hold as they are)."""
-    from align import exports
+    """The project's rankings as rows of `fmt` (`write_export`'s rows, in a list)."""
+    return list(_export_rows(db, project, fmt, all_revisions, notes if notes is not None else []))
 
+
+@read_only
+def write_export(db: Session, project: Project, fmt: str, out: str | Path, *, all_revisions: bool = False) -> tuple[int, list[str]]:
+    """Write the project's rankings as JSONL rows of `fmt` to `out` (atomically: the whole file or none):
+    the latest revision of each annotator's ranking of each prompt, or with `all_revisions` (kwise
+    only: an audit of every correction, each row with its `revision`) every ranking stored. The rows
+    are written as they are read, from one snapshot. Returns the rows written and a line for what
+    the format had to leave out (hh: prompts a transcript cannot hold as they are)."""
+    from align.run import write_jsonl_atomic
+
+    notes: list[str] = []
+    written = 0
+
+    def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        nonlocal written
+        for row in rows:
+            written += 1
+            yield row
+
+    write_jsonl_atomic(out, counted(_export_rows(db, project, fmt, all_revisions, notes)))
+    return written, notes
+
+
+def export_format(fmt: str, all_revisions: bool) -> str:
+    """The export format `fmt` names (`pairs` is trl's former name); Invalid where there is none, or
+    where it cannot hold every revision."""
     fmt = EXPORT_FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in EXPORT_FORMATS:
         raise Invalid(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if all_revisions and fmt != "kwise":
         raise Invalid("every revision is exported in the kwise format only (its rows carry the revision); "
                       f"{fmt} rows from revised rankings would count one annotator's judgement twice")
-    rankings = export_rankings(db, project, all_revisions=all_revisions)
-    if fmt == "kwise":
-        return [exports.kwise_row(r) for r in rankings]
-    if fmt == "trl":
-        return exports.pairs_from_rankings(rankings)
-    left_out = exports.hh_left_out(rankings)
-    if left_out and notes is not None:
-        notes.append(left_out)
-    return exports.hh_from_rankings(rankings)
+    return fmt
+
+
+def _export_rows(db: Session, project: Project, fmt: str, all_revisions: bool, notes: list[str]) -> Iterator[dict[str, Any]]:
+    from align import exports
+
+    fmt = export_format(fmt, all_revisions)
+    reasons: dict[str, int] = {}  # hh: the rankings left out, by why
+    total = 0
+    for r in _iter_rankings(db, project, all_revisions):
+        total += 1
+        if fmt == "kwise":
+            yield exports.kwise_row(r)
+        elif fmt == "trl":
+            yield from exports.pairs_from_rankings([r])
+        elif (problem := exports.hh_problem(r)) is not None:
+            reasons[problem] = reasons.get(problem, 0) + 1
+        else:
+            yield from exports.hh_from_rankings([r])
+    if line := exports.hh_left_out_line(reasons, total):
+        notes.append(line)
 
 
 @read_only

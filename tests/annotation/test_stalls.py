@@ -476,6 +476,8 @@ def test_exports_and_dashboards_are_built_out_of_the_workers_process(make_env, m
     that, in a worker, held the GIL against the annotators' requests: both run in the offload
     process, and give there what the services give."""
     import json
+    import tempfile
+    from pathlib import Path
 
     import anyio.to_process
 
@@ -497,6 +499,7 @@ def test_exports_and_dashboards_are_built_out_of_the_workers_process(make_env, m
     assert env.client.post(f"/api/tasks/{task['id']}/ranking", headers=env.headers(token),
                            json={"order": [[ids[1]], [ids[0], ids[2]]]}).status_code == 201
     admin = env.headers(env.admin_token)
+    exports_before = set(Path(tempfile.gettempdir()).glob("align-export-*"))
     with env.db() as db:
         project = services.get_project(db, "p")
         expected = {fmt: services.export_rows(db, project, fmt) for fmt in ("kwise", "trl")}
@@ -506,4 +509,5 @@ def test_exports_and_dashboards_are_built_out_of_the_workers_process(make_env, m
         assert [json.loads(line) for line in body.splitlines()] == rows and rows
     assert env.client.get("/api/projects/p/dashboard", headers=admin).json() == json.loads(json.dumps(dashboard))
     assert env.client.get("/api/projects/nope/export", headers=admin).status_code == 404  # said from there too
-    assert offloaded == ["export_body_at", "export_body_at", "dashboard_at", "export_body_at"]
+    assert offloaded == ["export_file_at", "export_file_at", "dashboard_at", "export_file_at"]
+    assert set(Path(tempfile.gettempdir()).glob("align-export-*")) == exports_before  # each sent, then removed
