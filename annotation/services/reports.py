@@ -19,30 +19,6 @@ EXPORT_FORMATS = ("kwise", "trl", "hh")  # trl: the pair format TRL reads, and t
 EXPORT_FORMAT_ALIASES = {"pairs": "trl"}  # its former name
 
 
-@read_only
-def latest_rankings(db: Session, project: Project, *, include_skipped: bool = False, all_revisions: bool = False) -> list[tuple[RankingRow, User, Prompt]]:
-    q = (
-        select(RankingRow, User, Prompt)
-        .join(User, User.id == RankingRow.user_id)
-        .join(Prompt, Prompt.id == RankingRow.prompt_id)
-        .where(RankingRow.project_id == project.id)
-        .order_by(Prompt.id, User.username, RankingRow.revision)
-    )
-    if not all_revisions:
-        latest = (
-            select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
-            .where(RankingRow.project_id == project.id)
-            .group_by(RankingRow.prompt_id, RankingRow.user_id)
-            .subquery()
-        )
-        q = q.join(
-            latest,
-            and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id, latest.c.rev == RankingRow.revision),
-        )
-    rows = [tuple(r) for r in db.execute(q).all()]
-    return [r for r in rows if include_skipped or not r[0].skipped]
-
-
 _EXPORT_CHUNK = 500  # prompts read at a time: an export holds one chunk's rows, whatever the project's size
 
 
@@ -54,9 +30,33 @@ def export_rankings(db: Session, project: Project, *, all_revisions: bool = Fals
 
 
 def _iter_rankings(db: Session, project: Project, all_revisions: bool) -> Iterator[Ranking]:
-    """`export_rankings`' rankings, prompt by prompt (annotators by name, revisions in order), read
-    _EXPORT_CHUNK prompts at a time as plain rows: neither the rows of the whole project nor ORM
-    objects for them are held at once (a 100,000-ranking export held 1.5 GB)."""
+    """`export_rankings`' rankings, in `_ranking_rows`' order."""
+    for row, (content, source_id), cands in _ranking_rows(db, project, all_revisions=all_revisions):
+        yield Ranking(
+            prompt=content,
+            responses=[c.text for c in cands],
+            ranks=order_to_ranks([c.id for c in cands], row.order, row.below),
+            annotator=row.username,  # an imported annotator as `src:<name>`: never taken for a user
+            prompt_id=source_id,
+            ranked=ranked_prefix(row.order, row.below),
+            meta={
+                "all_bad": row.all_bad,
+                "candidate_ids": [c.source_id or str(c.id) for c in cands],
+                "models": [c.model for c in cands],
+                "rationale": row.rationale,
+                "revision": row.revision,
+                "time_spent_ms": row.time_spent_ms,
+            },
+        )
+
+
+def _ranking_rows(db: Session, project: Project, *, all_revisions: bool = False,
+                  include_skipped: bool = False) -> Iterator[tuple[Any, tuple[Any, str], list[Any]]]:
+    """Each annotator's latest ranking of each prompt (every revision with `all_revisions`; a skip as
+    the latest leaves none unless `include_skipped`), prompt by prompt, annotators by name, revisions
+    in order: (the ranking's row with its annotator's `username`, the prompt's (content, source id),
+    its candidates in order). Read _EXPORT_CHUNK prompts at a time as plain rows: neither the rows of
+    the whole project nor ORM objects for them are held at once (a 100,000-ranking export held 1.5 GB)."""
     from annotation.models import Candidate
 
     prompt_ids = db.scalars(select(Prompt.id).where(Prompt.project_id == project.id).order_by(Prompt.id)).all()
@@ -69,33 +69,20 @@ def _iter_rankings(db: Session, project: Project, all_revisions: bool) -> Iterat
                             .where(Candidate.prompt_id.in_(chunk)).order_by(Candidate.prompt_id, Candidate.position)):
             candidates[c.prompt_id].append(c)
         q = (select(RankingRow.prompt_id, RankingRow.order, RankingRow.below, RankingRow.all_bad, RankingRow.rationale,
-                    RankingRow.revision, RankingRow.time_spent_ms, User.username)
+                    RankingRow.revision, RankingRow.time_spent_ms, RankingRow.created_at, RankingRow.skipped,
+                    RankingRow.skip_reason, User.username)
              .join(User, User.id == RankingRow.user_id)
-             .where(RankingRow.prompt_id.in_(chunk), RankingRow.skipped.is_(False))
+             .where(RankingRow.prompt_id.in_(chunk))
              .order_by(RankingRow.prompt_id, User.username, RankingRow.revision))
-        if not all_revisions:  # the latest revision of each annotator's; a skip as the latest leaves none
+        if not include_skipped:
+            q = q.where(RankingRow.skipped.is_(False))
+        if not all_revisions:
             latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
                       .where(RankingRow.prompt_id.in_(chunk)).group_by(RankingRow.prompt_id, RankingRow.user_id).subquery())
             q = q.join(latest, and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id,
                                     latest.c.rev == RankingRow.revision))
         for row in db.execute(q):
-            (content, source_id), cands = prompts[row.prompt_id], candidates[row.prompt_id]
-            yield Ranking(
-                prompt=content,
-                responses=[c.text for c in cands],
-                ranks=order_to_ranks([c.id for c in cands], row.order, row.below),
-                annotator=row.username,  # an imported annotator as `src:<name>`: never taken for a user
-                prompt_id=source_id,
-                ranked=ranked_prefix(row.order, row.below),
-                meta={
-                    "all_bad": row.all_bad,
-                    "candidate_ids": [c.source_id or str(c.id) for c in cands],
-                    "models": [c.model for c in cands],
-                    "rationale": row.rationale,
-                    "revision": row.revision,
-                    "time_spent_ms": row.time_spent_ms,
-                },
-            )
+            yield row, prompts[row.prompt_id], candidates[row.prompt_id]
 
 
 @read_only
@@ -186,32 +173,33 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
 
     from annotation import metrics
 
-    rows = latest_rankings(db, project, include_skipped=True)
-    firsts = sorted(row.created_at for row, _u, _p in rows if not row.skipped)
+    firsts: list[float] = []
     per_user: dict[str, dict[str, Any]] = {}
     by_prompt: dict[int, dict[str, metrics.Ranks]] = {}
     flagged: dict[int, dict[str, Any]] = {}
-    prompts: dict[int, Prompt] = {}
-    for row, user, prompt in rows:
-        prompts[prompt.id] = prompt
-        u = per_user.setdefault(user.username, {"rankings": 0, "skips": 0, "all_bad": 0, "times": []})
+    source_ids: dict[int, str] = {}
+    for row, (_content, source_id), cands in _ranking_rows(db, project, include_skipped=True):
+        name, pid = row.username, row.prompt_id
+        source_ids[pid] = source_id
+        u = per_user.setdefault(name, {"rankings": 0, "skips": 0, "all_bad": 0, "times": []})
         if row.skipped:
             u["skips"] += 1
-            flagged.setdefault(prompt.id, {"prompt_id": prompt.source_id, "reasons": []})["reasons"].append(f"skipped by {user.username}: {row.skip_reason}")
+            flagged.setdefault(pid, {"prompt_id": source_id, "reasons": []})["reasons"].append(f"skipped by {name}: {row.skip_reason}")
             continue
+        firsts.append(row.created_at)
         u["rankings"] += 1
         if row.time_spent_ms is not None:
             u["times"].append(row.time_spent_ms)
         if row.all_bad:
             u["all_bad"] += 1
-            flagged.setdefault(prompt.id, {"prompt_id": prompt.source_id, "reasons": []})["reasons"].append(f"all bad ({user.username})")
-        ids = [c.id for c in prompt.candidates]
-        ranks = order_to_ranks(ids, row.order, row.below)
+            flagged.setdefault(pid, {"prompt_id": source_id, "reasons": []})["reasons"].append(f"all bad ({name})")
+        ranks = order_to_ranks([c.id for c in cands], row.order, row.below)
         m = ranked_prefix(row.order, row.below)
-        by_prompt.setdefault(prompt.id, {})[user.username] = ranks if m is None else metrics.TopRanks(ranks, m)
+        by_prompt.setdefault(pid, {})[name] = ranks if m is None else metrics.TopRanks(ranks, m)
+    firsts.sort()
     for pid, tau in metrics.per_item_tau(by_prompt).items():
         if tau < 0:
-            flagged.setdefault(pid, {"prompt_id": prompts[pid].source_id, "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
+            flagged.setdefault(pid, {"prompt_id": source_ids[pid], "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
     taus = metrics.per_annotator_tau(by_prompt)
     annotators = [
         {"username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
