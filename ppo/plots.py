@@ -20,8 +20,14 @@ def plot_curves(rows: list[dict[str, Any]], run_dir: Path, kl_target: float | No
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("objective/scores", "reward-model score"), ("objective/rlhf_reward", "score - beta * KL")):
-        ax.plot(x, [r.get(key) for r in rows], label=label)
+    # the reward model's score, then what the policy is paid: less the missing-eos penalty, less beta * KL
+    # too (rows written before objective/reward_model_score was logged leave its line out)
+    for key, label in (("objective/reward_model_score", "reward-model score"),
+                       ("objective/scores", "score - missing-eos penalty"),
+                       ("objective/rlhf_reward", "score - penalty - beta * KL")):
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            ax.plot(x, [float("nan") if v is None else v for v in values], label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward (normalised)")
     ax.set_title("PPO reward")

@@ -252,8 +252,8 @@ class PPOTrainer:
             raise TrainingDiverged(f"iteration {self.iteration + 1}: {err}") from None
         t1 = time.perf_counter()
 
-        # 2) Score: the reward model's normalised score of (prompt, response); a response
-        #    that never emits eos loses `missing_eos_penalty` (Huang et al. 2024).
+        # 2) Score: the reward model's normalised score of (prompt, response); a response that never
+        #    emits eos loses `missing_eos_penalty` (Huang et al. 2024): objective/scores is after it, as TRL's.
         #    (a minibatch of rows a forward, as the policy's no-grad forwards: the memory plan's "forwards")
         scores = self.reward_model.score(prompts, texts, self.batch.mini_batch).to(self.device, torch.float32)
         has_eos = (exp.response_ids == self.tokenizer.eos_token_id).any(-1)
@@ -296,6 +296,7 @@ class PPOTrainer:
         stats = {
             "objective/kl": seq_kl.mean(),
             "objective/scores": exp.scores.mean(),
+            "objective/reward_model_score": (exp.scores + (cfg.missing_eos_penalty or 0.0) * (~has_eos).float()).mean(),
             "objective/non_score_reward": non_score_reward.mean(),
             "objective/rlhf_reward": (exp.scores + non_score_reward).mean(),
             "objective/entropy": (-exp.logprobs * exp.response_mask).sum(-1).mean(),
@@ -310,8 +311,7 @@ class PPOTrainer:
                                                                        device=self.device) for k in names]), "mean")
         metrics = {"iteration": self.iteration + 1, "episodes": (self.iteration + 1) * cfg.batch_size}
         metrics.update({k: float(v) for k, v in zip(names, reduced.tolist())})
-        metrics["objective/kl_coef"] = beta
-        metrics["train/lr"] = lr
+        metrics.update({"objective/kl_coef": beta, "train/lr": lr})
         self.kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         if metrics.get("objective/frac_reward_zero_std") == 1.0 and self.is_main and not self.said_zero_spread:
             self.said_zero_spread = True

@@ -73,7 +73,7 @@ def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_
     # method: the KL-regularised objective, whether the KL is paid in the reward (PPO, RLOO) or the loss (GRPO)
     samples = [] if method == "ppo" else ["samples_per_prompt=2"]
     cfg = load_config(PPOConfig, None, [*small_run, f"method={method}", *samples, "kl.coef=0.5", "kl.adaptive=false",
-                                        "num_iterations=2", "overwrite=true"])
+                                        "num_iterations=2", "overwrite=true", "missing_eos_penalty=1.5"])
     trainer = PPOTrainer(cfg, reward_model=HashScorer())
     trainer.setup()
     first = trainer.step()
@@ -87,6 +87,10 @@ def test_the_logged_rlhf_reward_is_the_score_less_what_the_kl_costs_wherever_it_
     assert metrics["objective/non_score_reward"] == pytest.approx(-0.5 * metrics["objective/kl"], rel=1e-5)
     assert metrics["objective/rlhf_reward"] == pytest.approx(
         metrics["objective/scores"] + metrics["objective/non_score_reward"], rel=1e-5, abs=1e-6)
+    # objective/scores is after the missing-eos penalty; the reward model's own score is logged beside it
+    assert metrics["response/eos_rate"] < 1  # the precondition: 8 new tokens leave responses without an eos
+    assert metrics["objective/reward_model_score"] == pytest.approx(
+        metrics["objective/scores"] + 1.5 * (1 - metrics["response/eos_rate"]), rel=1e-5, abs=1e-6)
 
 
 def test_a_critic_free_run_writes_the_policy_and_no_value_head(small_run, tmp_path):
