@@ -104,13 +104,12 @@ class StepLoop:
 
         c = self.loop_cfg
         total = len(self.global_batches)
-        t_start = time.perf_counter()
         self.clock.start()
         window: list[dict[str, float]] = []
+        window_start = time.perf_counter()
         bar = tqdm(self.global_batches[self.step_count:], initial=self.step_count, total=total, desc=self.stage,
                    unit="step", disable=not (c.progress and self.is_main))
         for global_batch in bar:
-            t = time.perf_counter()
             window.append(self.step(self.local_batches(global_batch)))
             self.step_count += 1
             # a checkpoint closes the metrics window too, so a resumed run writes the rows of an uninterrupted one
@@ -120,10 +119,12 @@ class StepLoop:
                 local = torch.tensor([sum(m[k] for m in window) / len(window) for k in keys], device=self.device)
                 row = dict(zip(keys, self.accelerator.reduce(local, "mean").tolist()))  # every rank takes part
                 forwarded = self.forwarded_over_ranks()
-                window = []
+                # a mean over the window's steps, as the row's other figures; the run's training time so far,
+                # an earlier process's of a resumed run included
+                step_s, window, window_start = (time.perf_counter() - window_start) / len(window), [], time.perf_counter()
                 if self.is_main:
                     row.update({"step": self.step_count, "train/lr": self.lr, "train/responses_forwarded": forwarded,
-                                "timing/step_s": time.perf_counter() - t, "timing/elapsed_s": time.perf_counter() - t_start})
+                                "timing/step_s": step_s, "timing/elapsed_s": self.clock.state_dict()["seconds"]})
                     self.run_log.log(row, self.step_count)
                     self.last_train = row
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}")

@@ -11,6 +11,7 @@ The samples depend on the final weights only (a fixed seed per batch), not on th
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -73,7 +74,8 @@ def evaluate(sampler: Sampler, prompts: list, judge: Judge | None = None, *, bat
         "eval/kl": statistics.fmean(seq_kl),
         "eval/eos_rate_sft": statistics.fmean(eos["sft"]),
         "eval/eos_rate_policy": statistics.fmean(eos["policy"]),
-        "eval/num_prompts": len(prompts),
+        "eval/num_prompts": len(prompts),  # samples of each model: a small pool's prompts are drawn again
+        "eval/distinct_prompts": len({json.dumps(p, sort_keys=True) for p in prompts}),
     })
     gold_sft = gold_pol = [None] * len(prompts)
     if judge is not None:

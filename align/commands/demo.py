@@ -343,6 +343,7 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
         "demo/method": cfg.method,
         "reward/eval_accuracy": reward_summary.get("eval/accuracy"),
         "reward/eval_num_pairs": reward_summary.get("eval/num_pairs"),
+        "reward/eval_label_source": reward_summary.get("eval/label_source"),  # whose held-out labels it is scored on
         "data/rankings": len(rankings),
         **stages.seconds,
         "timing/total_s": round(time.perf_counter() - t0, 1),
@@ -389,7 +390,7 @@ def compare_models(cfg: DemoConfig, out: Path, *, temperature: float, max_new_to
     metrics.update({
         "demo/gold_sft": statistics.fmean(gold_before),
         "demo/gold_export": statistics.fmean(gold_after),
-        "demo/gold_sft_std": statistics.pstdev(gold_before),
+        "demo/gold_sft_std": statistics.stdev(gold_before),  # the sample std, as the policy stage's eval/gold_sft_std
         "demo/num_eval_prompts": len(prompts),
         "demo/temperature": temperature,
     })

@@ -27,7 +27,7 @@ class DemoAnnotation(Protocol):
     annotators_per_prompt: int
     response_length: int
     num_annotators: int
-    agreement: float  # the simulated annotators' pairwise agreement with the gold judge
+    agreement: float  # two simulated annotators' agreement on the pairs the gold judge does not tie (noise_for_agreement)
     seed: int
 
 

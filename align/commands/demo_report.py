@@ -1,8 +1,9 @@
 """The demo's before/after table and `OUT/report.md`.
 
-One baseline throughout: the table, the text and the gold-score plot all come from the same
-comparison of the SFT and the exported model on the same held-out prompts, sampled alike.
-The reward and KL curves are the PPO stage's own plots, linked, not redrawn, where this run's
+One baseline for the scores: the table's reward-model and gold rows, the text and the gold-score plot
+all come from the same comparison of the SFT and the exported model on the same held-out prompts,
+sampled alike. The KL row is the policy stage's own held-out evaluation (its prompts and samples:
+measuring a KL needs both models' log-probabilities of the samples), and says so. The reward and KL curves are the PPO stage's own plots, linked, not redrawn, where this run's
 method ran that stage: after `--continue method=dpo` OUT/ppo still holds an earlier run's plots,
 which describe another policy. The report describes only the run that wrote it.
 """
@@ -24,12 +25,12 @@ def print_table(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
 
     rows = [("reward-model score (normalised)", f("demo/reward_sft"), f("demo/reward_export"))] * has_reward_model(summary)
     rows += [("gold judge score", f("demo/gold_sft"), f("demo/gold_export")),
-             ("KL to the reference (per sequence)", "+0.000", f("eval/kl"))]
+             ("KL to the reference (per sequence)*", "+0.000", f("eval/kl"))]
     print("\n" + f"{'held-out prompts':<36} {'SFT':>10} {'aligned':>10}")
     for name, a, b in rows:
         print(f"{name:<36} {a:>10} {b:>10}")
     print(f"(method {summary.get('demo/method', 'ppo')}; temperature {summary.get('demo/temperature')}; gold std of SFT "
-          f"samples: {summary.get('demo/gold_sft_std', 0):.3f}; {accuracy_note(summary)})")
+          f"samples: {summary.get('demo/gold_sft_std', 0):.3f}; {accuracy_note(summary)})\n* {kl_note(summary)}")
     for row in samples[:3]:
         print(f"\nprompt : {row['prompt']}\nSFT    : {row['sft']}  [gold {row['gold_sft']:+.2f}]\n"
               f"aligned: {row['aligned']}  [gold {row['gold_aligned']:+.2f}]")
@@ -39,11 +40,18 @@ def has_reward_model(summary: dict[str, Any]) -> bool:
     return "demo/reward_sft" in summary
 
 
+def kl_note(summary: dict[str, Any]) -> str:
+    """Where the table's KL comes from: not the comparison its scores come from."""
+    return (f"KL from the policy stage's own held-out evaluation ({summary.get('eval/num_prompts')} samples), "
+            f"not from the {summary.get('demo/num_eval_prompts')} compared above")
+
+
 def accuracy_note(summary: dict[str, Any]) -> str:
     """The held-out pairwise accuracy of what learned the rankings: the reward model, or DPO's implicit reward."""
     if has_reward_model(summary):
-        return (f"reward-model held-out pairwise accuracy: {summary.get('reward/eval_accuracy') or 0:.3f} "
-                f"on {summary.get('reward/eval_num_pairs')} pairs")
+        labels = {"annotators": " against the simulated annotators' labels", "gold": " against the gold judge"}
+        return (f"reward-model held-out pairwise accuracy{labels.get(summary.get('reward/eval_label_source'), '')}: "
+                f"{summary.get('reward/eval_accuracy') or 0:.3f} on {summary.get('reward/eval_num_pairs')} pairs")
     return (f"held-out pairwise accuracy of DPO's implicit reward: {summary.get('eval/accuracy') or 0:.3f} "
             f"on {summary.get('eval/num_pairs')} pairs")
 
@@ -58,7 +66,8 @@ def write_report(out: Path, cfg: Any, summary: dict[str, Any], samples: list[dic
     lines = ["# align demo report", "", f"Run directory: `{out}` (method {summary.get('demo/method', 'ppo')})", "",
              "| held-out prompts | SFT | aligned |", "|---|---|---|", *reward_row,
              f"| gold judge score | {summary.get('demo/gold_sft', 0):.3f} | {summary.get('demo/gold_export', 0):.3f} |",
-             f"| KL to the reference | 0 | {summary.get('eval/kl', 0):.3f} |", "",
+             f"| KL to the reference* | 0 | {summary.get('eval/kl', 0):.3f} |", "",
+             f"\\* {kl_note(summary)}.", "",
              f"Both models sampled at temperature {summary.get('demo/temperature')}, as in the policy run's evaluation. "
              f"Gold score std of the SFT samples: {summary.get('demo/gold_sft_std', 0):.3f}. "
              f"{accuracy_note(summary).capitalize()}.", ""]

@@ -92,3 +92,14 @@ def test_bf16_evaluation_measures_no_kl_before_the_adapter_moves(small_run, monk
     monkeypatch.setattr(trainer, "generate", inexact)
     metrics, _ = evaluate(trainer, trainer.eval_prompts, batch_size=8, seed=0)
     assert abs(metrics["eval/kl"]) < 1e-3, metrics["eval/kl"]
+
+
+def test_evaluation_counts_its_samples_and_the_distinct_prompts_among_them(small_run):
+    # a small held-out pool is drawn again: 3 prompts, each sampled twice, are 6 samples of 3 prompts
+    from ppo.evaluation import evaluate
+
+    trainer = _trainer([*small_run, "response_length=4"])
+    prompts = ["Hi", [{"role": "user", "content": "Tell me a story."}], "Why?"] * 2
+    metrics, samples = evaluate(trainer, prompts, batch_size=8, seed=0)
+    assert (metrics["eval/num_prompts"], len(samples)) == (6, 6)
+    assert metrics["eval/distinct_prompts"] == 3

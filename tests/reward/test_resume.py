@@ -76,6 +76,9 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_model(qui
     assert taken == [5, 6, 7, 8]
     new = assert_rows_kept(before, read_metrics(stopped / "metrics.jsonl"), "step", 4)
     assert new[0]["step"] == 6
+    # the rows' elapsed time is the run's, the day of steps 1-4 included; a step's time is its window's mean
+    assert all(r["timing/elapsed_s"] > clock["seconds"] for r in new)
+    assert all(0 < r["timing/step_s"] < r["timing/elapsed_s"] - clock["seconds"] for r in new)
     rows, expected = (comparable(read_metrics(run / "metrics.jsonl")) for run in (stopped, straight))
     assert [r["step"] for r in rows] == [r["step"] for r in expected] == [3, 4, 6, 8]  # step 6 written again, once
     for row, want in zip(rows, expected):
