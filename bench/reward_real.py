@@ -4,8 +4,8 @@ with the K-wise loss by configs/real-data/{hh,oasst}.yaml on ../shared/data, eva
 Prints, per data set (and by K for OpenAssistant): held-out pairwise accuracy with a 95% bootstrap
 interval (whole held-out prompts resampled, as the split draws them: a ranking's C(K,2) pairs, and
 the ranked groups of one OpenAssistant tree, are not independent), next to chance,
-to "the longer response wins" and to InstructGPT's 6B reward model (72.4% pairwise accuracy on held-out labelers'
-comparisons, Ouyang et al. 2022); with the training wall time, the CPU time
+to "the longer response wins" and to InstructGPT's 6B reward model (72.4% pairwise accuracy on held-out
+comparisons of its training labelers, 69.6% on those of labelers it never saw; Ouyang et al. 2022); with the training wall time, the CPU time
 of the run (all threads; on 2 dedicated cores the wall time is about half of it) and the load average
 (on a shared machine the wall time says more about the neighbours than about align).
 

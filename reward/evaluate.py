@@ -13,7 +13,7 @@ Keys (all under the given prefix, `eval/` by default):
                                         against each of those judgments ...
     annotator_agreement                 ... and the annotators against each other on the same pairs: the
                                         ceiling a reward model can reach on these labels (InstructGPT's
-                                        held-out labelers agree with each other 72.6% of the time)
+                                        training labelers agree with each other 72.6% of the time)
     cross_annotator_num_pairs           response pairs judged by several annotators
 """
 
