@@ -103,3 +103,30 @@ def test_evaluation_counts_its_samples_and_the_distinct_prompts_among_them(small
     metrics, samples = evaluate(trainer, prompts, batch_size=8, seed=0)
     assert (metrics["eval/num_prompts"], len(samples)) == (6, 6)
     assert metrics["eval/distinct_prompts"] == 3
+
+
+def test_the_evaluations_kl_is_each_samples_summed_unbounded_estimate_averaged_over_samples(small_run, monkeypatch):
+    # log pi - log pi_ref = 12 at every real token: k3 = e^-12 - 1 + 12 = 11.0000061 a token, past the
+    # bound of 10 the training penalty takes (a measurement must not read low); a sample's KL is its
+    # tokens' summed, the evaluation's the mean over samples
+    import math
+
+    from ppo.evaluation import evaluate
+
+    trainer = _trainer([*small_run, "response_length=6"])
+    lengths = []
+    generate = trainer.generate
+
+    def recording(prompts, adapter=True):
+        samples = generate(prompts, adapter)
+        if adapter:
+            lengths.extend(samples.response_mask.sum(-1).tolist())
+        return samples
+
+    monkeypatch.setattr(trainer, "generate", recording)
+    monkeypatch.setattr(trainer, "reference_logprobs", lambda samples: torch.zeros(samples.response_ids.shape))
+    monkeypatch.setattr(trainer, "sampled_logprobs", lambda samples: torch.full(samples.response_ids.shape, 12.0))
+    metrics, _ = evaluate(trainer, ["Hi", "Why?", "Tell me a story.", "Ok"], batch_size=2, seed=0, kl_estimator="k3")
+    per_token = math.expm1(-12.0) + 12.0
+    assert len(lengths) == 4 and len(set(lengths)) > 1  # the precondition: samples of different lengths
+    assert metrics["eval/kl"] == pytest.approx(sum(per_token * n for n in lengths) / 4, rel=1e-5)
