@@ -201,7 +201,7 @@ class PPOConfig:
     missing_eos_penalty: float | None = option(
         1.0, help="Subtracted from the score of a response that never emits eos (null: no penalty).", ge=0.0
     )
-    max_prompt_length: int = option(128, help="Prompts longer than this (in tokens) are cut from the left.", ge=1)
+    max_prompt_length: int = option(128, help="Prompts longer than this (in tokens) are cut from the left, the bos kept; the run says how many.", ge=1)
 
     # --- PPO optimisation --------------------------------------------------------------------
     num_ppo_epochs: int = option(4, help="Passes over each rollout batch.", ge=1)
