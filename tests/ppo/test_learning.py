@@ -82,6 +82,8 @@ def test_minibatch_gradient_does_not_depend_on_its_micro_batches(small_run):
     grads: dict[str, dict[str, torch.Tensor]] = {}
     for accumulation in (1, 4):
         trainer.cfg.gradient_accumulation_steps = accumulation
+        trainer.batch = trainer.cfg.batch_shape(1)  # the micro-batch size the optimisation reads
+        assert trainer.batch.micro_batch == trainer.batch.mini_batch // accumulation
 
         def recording_step(*args, key=accumulation, **kwargs):  # record the first gradient; weights stay put
             grads[key] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

@@ -165,6 +165,26 @@ def test_a_response_without_eos_loses_the_missing_eos_penalty(small_run):
     torch.testing.assert_close(exp.scores, expected)
 
 
+def test_an_eos_in_the_last_column_ends_its_response_and_escapes_the_penalty(small_run):
+    # every response fills its 8 columns: the first ends with the eos in its last one, the second has none
+    scorer = RecordingScorer()
+    trainer = make_trainer(small_run, "missing_eos_penalty=0.75", scorer=scorer)
+    eos, generate = trainer.tokenizer.eos_token_id, trainer.generate
+
+    def full_rows(prompts, adapter=True):
+        samples = generate(prompts, adapter)
+        ids = samples.response_ids
+        ids[ids == eos] = eos + 1  # no eos anywhere ...
+        ids[0, -1] = eos  # ... but at the end of the first row
+        samples.response_mask[:] = 1
+        return samples
+
+    trainer.generate = full_rows
+    _, exp = one_step(trainer)
+    assert exp.response_mask[:2].all() and exp.response_ids[0, -1] == eos
+    torch.testing.assert_close(exp.scores[:2], scorer.last[:2] - torch.tensor([0.0, 0.75]))
+
+
 def test_the_learning_rate_decays_linearly_once_per_optimiser_step(small_run):
     # 3 iterations x 2 epochs x 2 minibatches = 12 optimiser steps, no warm-up: after an iteration's 4
     # the rate is (1 - 4/12) of its peak, the value head's value_lr_scale times higher

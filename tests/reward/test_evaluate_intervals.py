@@ -86,6 +86,9 @@ def test_ranking_metrics_margin_is_winner_minus_loser_scaled_by_the_gain():
     # the same ranking read the other way round: the margin changes sign, the accuracy drops to 0
     flipped = ranking_metrics([Ranking(prompt="q", responses=["a", "b"], ranks=[1, 0])], rewards)
     assert flipped["eval/reward_margin"] == pytest.approx(-1.5) and flipped["eval/accuracy"] == 0.0
+    # a model that scores both alike has no preference: half a pair, not a win (a constant head is at chance)
+    tied = ranking_metrics([r], {text_key("q", "a"): 1.0, text_key("q", "b"): 1.0})
+    assert tied["eval/accuracy"] == 0.5
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
