@@ -251,14 +251,17 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     try:
         yield tmp
         give_ordinary_modes(tmp)
+        sync_tree(tmp)  # on the disk before its name is: a power cut after the rename leaves it whole
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")
             os.replace(target, old)
             os.replace(tmp, target)
+            sync_directory(target.parent)
             remove_path(old)
         else:
             os.replace(tmp, target)
+            sync_directory(target.parent)
     except BaseException as exc:
         full = not isinstance(exc, (OSError, KeyboardInterrupt)) and disk_all_but_full(tmp)
         if (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
@@ -267,6 +270,35 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         if full:  # torch's and safetensors' writers say it in their own words (torch: "unexpected pos")
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(target)) from exc
         raise
+
+
+def sync_tree(root: Path) -> None:
+    """Flush every file under `root`, and then its directories' entries, to the disk (fsync). torch's
+    and safetensors' writers close their files without it, so a rename alone could publish a
+    checkpoint whose files a power cut leaves empty."""
+    for folder, _subfolders, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_directory(Path(folder))
+
+
+def sync_directory(path: Path) -> None:
+    """Flush a directory's entries (the names created or renamed in it) to the disk, where the file
+    system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a directory (some network ones)
+        pass
+    finally:
+        os.close(fd)
 
 
 def disk_all_but_full(path: Path) -> bool:

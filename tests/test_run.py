@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -130,3 +131,27 @@ def test_a_checkpoint_removed_half_way_is_left_under_a_hidden_name(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         run.remove_hidden_first(old)
     assert [p.name.startswith(".iter-000002.old-") for p in tmp_path.iterdir()] == [True]
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_an_output_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch, replacing):
+    # every file and folder of the output is flushed (fsync) before the rename that publishes it, and
+    # the rename itself after it: a power cut cannot leave a checkpoint of empty files under its name
+    import os
+
+    target = tmp_path / "out"
+    if replacing:
+        target.mkdir()
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or replace(a, b))
+    with atomic_directory(target, overwrite=True) as d:
+        (d / "model.safetensors").write_bytes(b"weights")
+        (d / "optimizer").mkdir()
+        (d / "optimizer" / "state.pt").write_bytes(b"state")
+    published = next(i for i, (kind, path) in enumerate(events) if kind == "rename" and path == str(target))
+    flushed = {Path(path).name for kind, path in events[:published] if kind == "fsync"}
+    assert {"model.safetensors", "state.pt", "optimizer"} <= flushed and any(n.startswith(".out.tmp-") for n in flushed)
+    assert ("fsync", str(tmp_path)) in events[published:]  # the new name itself
+    assert (target / "optimizer" / "state.pt").read_bytes() == b"state"
