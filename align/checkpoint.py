@@ -232,6 +232,9 @@ def load_training_state(path: Path, *, accelerator: Any, model: torch.nn.Module,
         else:
             weights = load_file(str(path / "trainable.safetensors"))
             params = dict(model.named_parameters())
+            # every trained tensor, or the run would go on from a fresh one without a word
+            if missing := [n for n, p in params.items() if p.requires_grad and n not in weights]:
+                raise ValueError(f"trainable.safetensors holds no {missing[0]!r} ({len(missing)} trained tensors missing)")
             with torch.no_grad():
                 for name, value in weights.items():
                     params[name].copy_(value)

@@ -43,6 +43,18 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
     weights.write_bytes(kept[: len(kept) // 2])
     with pytest.raises(UserError, match=r"step-000004 is incomplete or damaged \(SafetensorError"):
         run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
+    # a weights file that lost a trained tensor (rewritten without it): the run would go on from a fresh one
+    import re
+
+    from safetensors.torch import save_file
+
+    weights.write_bytes(kept)
+    tensors = load_file(str(weights))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+    with pytest.raises(UserError, match=rf"step-000004 is incomplete or damaged \(ValueError: trainable.safetensors holds no "
+                                        rf"'{re.escape(dropped)}' \(1 trained tensors missing\)"):
+        run_dpo(load_config(DPOConfig, stopped / "config.yaml"), echo=lambda _: None, resume=True)
     weights.write_bytes(kept)
     with pytest.raises(UserError, match="lora.r is 4 where the run had 16"):
         run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["lora.r=4"]), echo=lambda _: None, resume=True)
