@@ -243,3 +243,32 @@ def test_ids_repeated_in_a_file_are_added_once_within_and_across_chunks(db_url, 
         assert (report.prompts_added, report.rankings_added, report.duplicates_skipped) == (4, 4, 3)
         assert len(services.export_rankings(db, p)) == 4
     sm.kw["bind"].dispose()
+
+
+def test_an_export_read_in_chunks_is_of_one_moment(db_url, monkeypatch):
+    # the export reads 1 prompt at a time here; a ranking committed by another session while it reads
+    # (after its first prompt) is not in it, on SQLite and on PostgreSQL (REPEATABLE READ) alike
+    from annotation.db import open_db
+    from annotation.services import reports
+
+    sm = open_db(db_url)
+    run_team(sm, n_users=1, per_prompt=2, n_prompts=5)  # every prompt has one of its two rankings
+    monkeypatch.setattr(reports, "_EXPORT_CHUNK", 1)
+    rank = reports.order_to_ranks
+    written = []
+
+    def meanwhile(*args, **kwargs):
+        if not written:  # another annotator's ranking of the last prompt arrives while the export reads the first
+            with sm() as other:
+                late = Ranking(prompt="q4", responses=["r40", "r41", "r42"], ranks=[2, 1, 0], annotator="late",
+                               prompt_id="id4")
+                written.append(services.import_rankings(other, services.get_project(other, "demo"), [late], "test"))
+        return rank(*args, **kwargs)
+
+    monkeypatch.setattr(reports, "order_to_ranks", meanwhile)
+    with sm() as db:
+        exported = services.export_rankings(db, services.get_project(db, "demo"))
+    assert written[0].rankings_added == 1 and len(exported) == 5 and {r.annotator for r in exported} == {"sim0"}
+    with sm() as db:  # stored all the same: the next export has it
+        assert len(services.export_rankings(db, services.get_project(db, "demo"))) == 6
+    sm.kw["bind"].dispose()
