@@ -487,16 +487,12 @@ def refresh_planner_statistics(db: Session) -> None:
 
 
 def begin_read_only(db: Session) -> None:
-    """Start a read-only transaction: on SQLite a deferred BEGIN that takes no writer lock; on
-    PostgreSQL one at REPEATABLE READ, so that its reads see one snapshot as SQLite's do (an export
-    or dashboard read 500 prompts at a time is then of one moment; a read-only transaction at that
-    level never fails to serialise). Only for code that does not write before its next commit."""
+    """Start a read-only transaction, for code that does not write before its next commit: on SQLite a deferred
+    BEGIN that takes no writer lock; on PostgreSQL one snapshot too (REPEATABLE READ, which never fails a reader)."""
     if db.in_transaction():
         db.commit()
-    options: dict[str, object] = {"align_read_only": True}
-    if db.get_bind().dialect.name == "postgresql":
-        options["isolation_level"] = "REPEATABLE READ"
-    db.connection(execution_options=options)
+    snapshot = {"isolation_level": "REPEATABLE READ"} if on_postgresql(db) else {}
+    db.connection(execution_options={"align_read_only": True, **snapshot})
 
 
 def get_meta(db: Session, key: str) -> str | None:
