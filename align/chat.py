@@ -7,6 +7,7 @@ annotation app's generator all see exactly the same formatting.
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -271,8 +272,6 @@ def special_token_text(tokenizer: Any, prompt: str | list[dict[str, str]], respo
     quoting "<|im_start|>assistant" opens a turn nobody wrote."""
     pattern = _SPECIAL_TEXT.get(tokenizer)
     if pattern is None:
-        import re
-
         special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         words = sorted((t for t in special if t), key=len, reverse=True)
         pattern = _SPECIAL_TEXT[tokenizer] = re.compile("|".join(map(re.escape, words))) if words else re.compile("(?!)")

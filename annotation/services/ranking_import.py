@@ -321,7 +321,7 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
     """A chunk's new prompts, their candidates and its rankings as a few multi-row INSERTs (SQLAlchemy
     Core, as `imports.insert_prompts` stores prompts): the ORM's unit of work, a flush per new prompt
     for its row id, held SQLite's writer lock ten times as long for the same rows."""
-    _insert_new_prompts(db, project, [p.ranking for p in chunk if p.slot.prompt_id is None], chunk, now, report)
+    _insert_new_prompts(db, project, chunk, now, report)
     rows, new_annotators = [], {}
     for p in chunk:
         r, slot = p.ranking, p.slot
@@ -351,14 +351,13 @@ def _store(db: Session, project: Project, chunk: list[_Planned], users: dict[str
             [{"pid": pid, "n": n} for pid, n in new_annotators.items()])
 
 
-def _insert_new_prompts(db: Session, project: Project, first: list[_CheckedRanking], chunk: list[_Planned], now: float,
-                        report: ImportReport) -> None:
-    """The prompts that rankings of the chunk create (`first`: the rankings on prompts without a row
-    yet, in the chunk's order), with the responses of the first ranking of each as its candidates;
-    their row ids into their slots."""
+def _insert_new_prompts(db: Session, project: Project, chunk: list[_Planned], now: float, report: ImportReport) -> None:
+    """The prompts that rankings of the chunk create (those whose prompt has no row yet), with the
+    responses of the first ranking of each as its candidates; their row ids into their slots."""
     by_id: dict[str, _CheckedRanking] = {}
-    for r in first:
-        by_id.setdefault(r.source_id, r)  # the first: its responses' order is the candidates'
+    for p in chunk:
+        if p.slot.prompt_id is None:
+            by_id.setdefault(p.ranking.source_id, p.ranking)  # the first: its responses' order is the candidates'
     new = list(by_id.values())
     if not new:
         return
