@@ -42,7 +42,8 @@ class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
     part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints,
     progress, report_to, wandb_project), `accelerator`, `device`, `rank`,
-    `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`,
+    `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`
+    (the stage's module), `wrapped_model` (what the training step calls: it under DDP, itself under FSDP2),
     `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
     data), `model_paths` (config key -> the model directory it named, fingerprinted likewise),
     `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish

@@ -175,26 +175,26 @@ class DPOTrainer(StepLoop):
                                      chunk_tokens=cfg.logprob_chunk_tokens)
         # the module DDP wraps and FSDP2 shards (each decoder layer a unit, the rest the root); responses
         # read whole after their prompts where no prompt cache can be continued (dpo.model.PolicyLogprobs)
-        self.module = PolicyLogprobs(self.policy, buckets=cfg.length_buckets, chunk_tokens=cfg.logprob_chunk_tokens,
+        self.model = PolicyLogprobs(self.policy, buckets=cfg.length_buckets, chunk_tokens=cfg.logprob_chunk_tokens,
                                      pad_token_id=self.tokenizer.pad_token_id,
                                      whole=self.fsdp is not None or bool(self.checkpointed))
         if self.fsdp:
-            shard(self.module, self.fsdp)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+            shard(self.model, self.fsdp)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.loop_cfg = cfg
         self.global_batches = self.plan_batches()
         total = len(self.global_batches)
         self.scheduler = lr_schedule(optimizer, total, int(cfg.warmup_ratio * total))
-        self.model, self.optimizer = ((self.module, optimizer) if self.fsdp
-                                      else self.accelerator.prepare(self.module, optimizer))
-        keep_until_exit(self.model)
+        self.wrapped_model, self.optimizer = ((self.model, optimizer) if self.fsdp
+                                              else self.accelerator.prepare(self.model, optimizer))
+        keep_until_exit(self.wrapped_model)
 
         if self.resume:
             self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
 
         t = time.perf_counter()
-        cache_reference_logps(self.module, self.train_set, cfg, self.accelerator)
+        cache_reference_logps(self.model, self.train_set, cfg, self.accelerator)
         self.reference_seconds = time.perf_counter() - t
         if not self.is_main:
             return
@@ -224,10 +224,10 @@ class DPOTrainer(StepLoop):
             for n, indices in enumerate(micro_batches):
                 batch = collate(self.train_set, indices).to(self.device)
                 last = n == len(micro_batches) - 1
-                with micro_batch_sync(self.accelerator, self.model, last=last, sharded=bool(self.fsdp)):
+                with micro_batch_sync(self.accelerator, self.wrapped_model, last=last, sharded=bool(self.fsdp)):
                     # 1) log pi(y|x) of every response in the micro-batch, each prompt encoded once
                     #    (or, sharded or checkpointed, each response read whole after its prompt)
-                    policy_logps = self.model(batch.responses)
+                    policy_logps = self.wrapped_model(batch.responses)
                     # 2) implicit rewards beta * (log pi - log pi_ref), laid out (rankings, K)
                     rewards = batch.per_ranking(implicit_rewards(policy_logps.float(), batch.reference_logps, cfg.beta))
                     # 3) Plackett-Luce negative log-likelihood of each ranking, mean over the batch's rankings
@@ -265,17 +265,17 @@ class DPOTrainer(StepLoop):
 
         cfg = self.cfg
         self.accelerator.wait_for_everyone()
-        trained = full_trainable_state(self.module) if self.fsdp else None
+        trained = full_trainable_state(self.model) if self.fsdp else None
         if self.is_main:
             self.save_policy(trained)
         summary: dict[str, Any] = {}
         t = time.perf_counter()
-        summary.update(held_out_ranking_metrics(self.module, self.tokenizer, self.eval_rankings, cfg, self.accelerator,
+        summary.update(held_out_ranking_metrics(self.model, self.tokenizer, self.eval_rankings, cfg, self.accelerator,
                                                 dataset=self.eval_set))
         summary["eval/label_source"] = "gold" if cfg.data.format == "synthetic" else "annotators"
         if cfg.num_eval_prompts and (self.is_main or self.fsdp):
             prompts = self.eval_prompts
-            with gathered(self.module):  # under FSDP2 every rank samples the same prompts with the whole policy
+            with gathered(self.model):  # under FSDP2 every rank samples the same prompts with the whole policy
                 eval_metrics, samples = evaluate(self.sampler, prompts, gold_judge(cfg.eval_prompts),
                                                  batch_size=cfg.eval_batch_size, seed=cfg.seed)
             summary.update(eval_metrics)

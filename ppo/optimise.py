@@ -70,7 +70,7 @@ def optimise(trainer: Any, exp: Experience) -> dict[str, float]:
                 micro = exp.select(torch.tensor(plan.rows).to(trainer.device)).trim_padding((0, plan.response_width))
                 weight = micro.response_mask.sum() / mb_tokens
                 last = n == len(micro_batches) - 1
-                with micro_batch_sync(trainer.accelerator, trainer.ddp_model, last=last, sharded=bool(trainer.fsdp)):
+                with micro_batch_sync(trainer.accelerator, trainer.wrapped_model, last=last, sharded=bool(trainer.fsdp)):
                     for k, v in trainer.micro_step(micro, weight, plan.width, rank_scales[mb_index]).items():
                         sums[k] = sums[k] + v if k in sums else v
             n_minibatches += 1
@@ -111,7 +111,7 @@ def micro_step(trainer: Any, micro: Experience, weight: torch.Tensor, width: int
     # checkpointed layers (gradient_checkpointing) keep only their inputs and recompute in the backward;
     # compiled layers (torch_compile) run their compiled forward and backward, the recomputation included
     with checkpointing_active(trainer.checkpointed), trainer.compiler.active():
-        new_logprobs, new_entropy, new_values = trainer.ddp_model(
+        new_logprobs, new_entropy, new_values = trainer.wrapped_model(
             input_ids, attention_mask, response_start, micro.response_ids, cfg.temperature,
             cfg.logprob_chunk_tokens, with_entropy=with_entropy)
         pg_loss, pg_stats = core.policy_loss(new_logprobs, micro.logprobs, micro.advantages, micro.response_mask,

@@ -191,9 +191,9 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                       fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = lr_schedule(optimizer, cfg.total_optimizer_steps, cfg.warmup_steps, cfg.lr_scheduler)
-        self.ddp_model, self.optimizer = ((self.model, optimizer) if self.fsdp
-                                          else self.accelerator.prepare(self.model, optimizer))
-        keep_until_exit(self.ddp_model)
+        self.wrapped_model, self.optimizer = ((self.model, optimizer) if self.fsdp
+                                              else self.accelerator.prepare(self.model, optimizer))
+        keep_until_exit(self.wrapped_model)
 
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else core.FixedKLController(cfg.kl.coef))

@@ -168,8 +168,9 @@ class RewardTrainer(StepLoop):
         self.global_batches = self.plan_batches()
         self.total_steps = len(self.global_batches)
         self.scheduler = lr_schedule(optimizer, self.total_steps, int(cfg.train.warmup_ratio * self.total_steps))
-        self.model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
-        keep_until_exit(self.model)
+        self.model = model
+        self.wrapped_model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
+        keep_until_exit(self.wrapped_model)
         self.device = self.accelerator.device
         self.params = params
         if self.resume:
@@ -234,7 +235,7 @@ class RewardTrainer(StepLoop):
         seen: list[tuple[RankingBatch, torch.Tensor]] = []
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
-            with micro_batch_sync(self.accelerator, self.model, last=last, sharded=bool(self.fsdp)):
+            with micro_batch_sync(self.accelerator, self.wrapped_model, last=last, sharded=bool(self.fsdp)):
                 # 2. one forward pass over every response of every ranking in the batch (each prompt once;
                 #    whole sequences under gradient checkpointing, which drops the prompts' cache, and under
                 #    FSDP, whose backward re-gathers a layer's weights for the gradients that reach it through
@@ -242,9 +243,9 @@ class RewardTrainer(StepLoop):
                 with autocast(self.device, self.dtype):
                     if self.checkpointed or self.fsdp:
                         ids, mask = batch.whole_sequences(self.collate.pad_token_id)
-                        rewards = forward_rewards(self.model, ids, mask).float()  # (N,)
+                        rewards = forward_rewards(self.wrapped_model, ids, mask).float()  # (N,)
                     else:
-                        rewards = forward_rewards_shared_prompts(self.model, batch, cfg.length_buckets).float()  # (N,)
+                        rewards = forward_rewards_shared_prompts(self.wrapped_model, batch, cfg.length_buckets).float()  # (N,)
                 # 3. mean over each ranking's ordered pairs of -log sigmoid(r_w - r_l - margin), then over
                 #    rankings (this micro-batch's share of it)
                 loss = kwise_ranking_loss(rewards, batch.winners, batch.losers, batch.pair_group, batch.num_groups,
@@ -321,7 +322,7 @@ class RewardTrainer(StepLoop):
             self.accelerator.wait_for_everyone()
             self.accelerator.end_training()
             return summary
-        model = self.model if self.fsdp else self.accelerator.unwrap_model(self.model)
+        model = self.model
         model.eval()
         t = time.perf_counter()
         gain, bias, n_norm = self.normalization(model)

@@ -157,7 +157,7 @@ def first_step(overrides: list[str]) -> dict:
                          echo=lambda _: None)
     trainer.setup()
     forwards = []
-    trainer.module.register_forward_hook(lambda *_: forwards.append(1))
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
     _, layers = find_blocks(trainer.policy.get_base_model())
     calls = []  # the layer's first part: transformers recomputes inside the layer, not around it
     for layer in layers:
@@ -344,7 +344,7 @@ def test_held_out_plackett_luce_nll_is_the_trained_loss(small_dpo_run):
     trainer = DPOTrainer(load_config(DPOConfig, None, small_dpo_run), echo=lambda _: None)
     trainer.setup()
     rankings = trainer.eval_rankings
-    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
+    metrics = held_out_ranking_metrics(trainer.model, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
     expected = [plackett_luce_nll(torch.zeros(1, len(r.ranks)), torch.tensor([r.ranks]),
                                   torch.ones(1, len(r.ranks), dtype=torch.bool)).item() for r in rankings]
     assert metrics["eval/plackett_luce_nll"] == pytest.approx(sum(expected) / len(expected), abs=1e-3)
@@ -381,7 +381,7 @@ def test_held_out_metrics_score_the_implicit_reward_against_the_rankings(small_d
     if reverse:
         rankings = [Ranking(prompt=r.prompt, responses=r.responses, ranks=[max(r.ranks) - x for x in r.ranks])
                     for r in rankings]
-    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
+    metrics = held_out_ranking_metrics(trainer.model, trainer.tokenizer, rankings, trainer.cfg, trainer.accelerator)
     assert metrics["eval/accuracy"] == (0.0 if reverse else 1.0)
     beta = trainer.cfg.beta
     expected = [plackett_luce_nll(-beta * torch.tensor([t.ranks], dtype=torch.float32), torch.tensor([r.ranks]),
@@ -398,7 +398,7 @@ def test_held_out_rankings_too_long_for_max_length_are_counted_not_silently_drop
     trainer.setup()
     fitting = trainer.eval_rankings[:4]
     long = Ranking(prompt=fitting[0].prompt, responses=["word " * trainer.cfg.max_length, "short"], ranks=[0, 1])
-    metrics = held_out_ranking_metrics(trainer.module, trainer.tokenizer, [*fitting, long], trainer.cfg,
+    metrics = held_out_ranking_metrics(trainer.model, trainer.tokenizer, [*fitting, long], trainer.cfg,
                                        trainer.accelerator)
     assert metrics["eval/rankings_left_out"] == 1
     assert metrics["eval/num_rankings"] == len(fitting)

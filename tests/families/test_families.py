@@ -53,7 +53,7 @@ def test_reward_lora_defaults_cover_every_block_and_train(family, family_model, 
 
     rm = load_reward_model(tmp_path / "run", device="cpu")
     prompts, responses = ["what is a cat?", "what is a cat?"], ["a small animal", "a larger one"]
-    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    trained = trainer.model.eval()
     expected = score_texts(trained, trainer.tokenizer, render_texts(trainer.tokenizer, prompts, responses),
                            max_length=rm.max_length)
     loaded = rm.score_raw(prompts, responses)

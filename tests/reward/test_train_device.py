@@ -41,7 +41,7 @@ def test_every_training_batch_moves_to_the_model_device(quick_config, monkeypatc
 def test_bf16_storage_keeps_what_is_trained_in_fp32_and_trains_it(quick_config):
     trainer = _trainer(quick_config("model.dtype=bfloat16", "lora.enabled=true", "train.max_steps=2",
                                     "train.learning_rate=1e-2", "eval.normalize=false"))
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.model
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     assert trained and frozen
@@ -61,7 +61,7 @@ def test_gradient_checkpointing_gives_the_shared_prompt_rewards_and_gradient(qui
 
     cfg = quick_config("train.max_steps=1", "eval.normalize=false")
     trainer = _trainer(cfg)
-    model = trainer.accelerator.unwrap_model(trainer.model).double()
+    model = trainer.model.double()
     (batch,) = trainer.local_batches(trainer.global_batches[0])
     assert batch.prompt_ids.shape[0] < batch.num_responses  # prompts really are shared in this batch
 
@@ -87,7 +87,7 @@ def first_step(quick_config, *overrides: str) -> dict:
     gradients it applies and the micro-batches it forwards."""
     trainer = _trainer(quick_config("train.max_steps=1", "eval.normalize=false", "train.mismatch_coef=1.0",
                                     "train.center_coef=0.1", "model.max_length=512", "overwrite=true", *overrides))
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.model
     grads, apply = {}, trainer.optimizer.step
 
     def step_keeping_the_gradients(*args, **kwargs):
