@@ -27,4 +27,8 @@ def ppo_command(config: ConfigOpt = None, overrides: OverridesArg = None, resume
         shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "objective/"))}
         for key, value in shown.items():
             typer.echo(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+        from ppo.evaluation import kl_budget_note
+
+        if note := kl_budget_note(summary, cfg.kl.target, cfg.kl.adaptive, cfg.kl.coef):
+            typer.echo(note)
         typer.echo(f"run directory: {cfg.output_dir}")

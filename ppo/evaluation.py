@@ -104,6 +104,25 @@ def gold_metrics(gold_sft: list[float], gold_pol: list[float]) -> dict[str, floa
     return metrics
 
 
+
+KL_BUDGET_OVERRUN = 1.5  # a held-out KL this many times kl.target is said at the end of a run
+
+
+def kl_budget_note(summary: dict[str, Any], target: float, adaptive: bool, coef: float) -> str | None:
+    """One line when the held-out KL (eval/kl) passed KL_BUDGET_OVERRUN x the budget `target`, or
+    None. A run that drifts past its budget still exits 0 (its samples may be what the user wants),
+    so the line says it and what holds the KL: a fixed coefficient does not react to the KL, the
+    adaptive one (Ziegler et al. 2019, section 2.2) reacts over `kl.horizon` episodes."""
+    kl = summary.get("eval/kl")
+    if kl is None or kl <= KL_BUDGET_OVERRUN * target:
+        return None
+    holds = (f"the coefficient is fixed (kl.adaptive=false, kl.coef={coef:g}): raise kl.coef, set kl.adaptive=true "
+             "or stop earlier" if not adaptive else
+             f"the adaptive coefficient (now {summary.get('objective/kl_coef', coef):.3g}) did not bring it back: "
+             "a shorter kl.horizon reacts faster")
+    return (f"note: the policy's KL to the reference on the held-out prompts is {kl:.2f} nats per sequence, "
+            f"{kl / target:.1f}x the budget kl.target={target:g}; {holds}")
+
 class PolicySampler:
     """A LoRA policy (a PeftModel on the SFT checkpoint) as `evaluate` reads it: samples from the
     policy or, adapter disabled, the SFT model, through PPO's rollout engine (`ppo.sampling`),

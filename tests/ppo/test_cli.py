@@ -208,3 +208,20 @@ def test_a_gzipped_prompts_file_is_taken(tmp_path):
         f.write('"q0"\n{"prompt": "q1"}\n')
     cfg = load_config(PPOConfig, None, [f"prompts={path}", f"eval_prompts={path}"])
     assert load_prompts(cfg.prompts, 0, 0, "train") == ["q0", "q1"]
+
+
+def test_a_run_past_its_kl_budget_says_so_and_what_holds_the_kl(capsys, monkeypatch, small_run):
+    import ppo.trainer
+
+    monkeypatch.setattr(ppo.trainer, "run_ppo", lambda cfg, resume: {"eval/kl": 19.5, "objective/kl_coef": 0.87})
+
+    def printed(*overrides: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["ppo", *small_run, *overrides])
+        assert exc.value.code == 0  # the run's samples are still the user's to judge
+        return capsys.readouterr().out
+
+    assert ("is 19.50 nats per sequence, 3.2x the budget kl.target=6; the coefficient is fixed (kl.adaptive=false, "
+            "kl.coef=0.1)") in printed("kl.target=6", "kl.adaptive=false", "kl.coef=0.1")
+    assert "the adaptive coefficient (now 0.87) did not bring it back" in printed("kl.target=6")
+    assert "note:" not in printed("kl.target=13")  # 19.5 = 1.5 x 13: within the budget's margin
