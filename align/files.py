@@ -39,6 +39,19 @@ def input_file_problem(path: str | Path) -> str | None:
     return f"file not found: {path}" if not path.exists() else f"{path} is not a file"
 
 
+
+def check_output_file(out: Path, force: bool, option: str = "--out") -> None:
+    """`out` as a file a command writes whole (a temporary file renamed over it): a new path, or
+    with `force` a regular file to replace. A link, a device or a pipe is refused even with `force`:
+    the rename would put a plain file in its place (/dev/stdout, a link into another folder) and
+    nothing would reach what it named."""
+    if out.is_symlink():
+        raise UserError(f"{option} {out} is a symbolic link (to {out.resolve()}); give the file's own path")
+    if out.exists() and not out.is_file():
+        raise UserError(f"{option} {out} is not a regular file (a device, a pipe or a socket); give a file's path")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another {option} or pass --force to replace it")
+
 def jsonl_rows(path: str | Path):
     """Yield (lineno, parsed JSON) for each non-blank line; .gz files are read transparently."""
     import gzip

@@ -286,8 +286,9 @@ def export(
         raise UserError(f"--out {out} is a file of the database the export reads ({database_files[0]}); "
                         "choose another --out")
     services.export_format(format, all_revisions)  # a mistake in the request first
-    if out.exists() and not force:  # a run trained on it fingerprints it, and resumes only from the same file
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    from align.files import check_output_file
+
+    check_output_file(out, force)  # without --force: a run trained on it resumes only from the same file
     with _sessionmaker(db, create=False)() as s:
         try:  # written as read: the rows of the whole project are never held at once
             written, notes = services.write_export(s, services.get_project(s, project), format, out,

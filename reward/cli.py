@@ -77,6 +77,7 @@ def check_score_out(out: Path, input: Path, model: Path, force: bool) -> None:
     """--out before anything is read or written: a new file, or with --force one to replace, but never
     the input or a file of a checkpoint the scores come from (a model's config.json overwritten with
     scores would be a model lost)."""
+    from align.files import check_output_file
     from align.modeling import adapter_chain
     from reward.run_dir import model_dir
 
@@ -92,8 +93,7 @@ def check_score_out(out: Path, input: Path, model: Path, force: bool) -> None:
                             "choose another --out")
     if model.resolve() in target.parents:  # a reward run's folder: its config, metrics and summary
         raise UserError(f"--out {out} is inside the run {model} the scores are read from: choose another --out")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_output_file(out, force)
 
 
 def read_score_input(path: Path) -> list[dict]:

@@ -437,3 +437,22 @@ def test_import_refuses_project_settings_an_existing_project_would_ignore(tmp_pa
         assert con.execute("select source_id from prompts").fetchall() == [("a",)]  # nothing of the refused imports
     assert "1 prompts" in ok(["annotate", "import", str(second), "--db", db, "-p", "P", "-f", "prompts", "--k", "4"],
                              capsys)  # the project's own value is no conflict
+
+
+def test_export_never_puts_a_file_in_place_of_a_link_or_a_pipe_even_with_force(tmp_path, capsys):
+    import os
+
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    ok(["annotate", "import", str(src), "--db", db, "-p", "t", "-f", "trl"], capsys)
+    (tmp_path / "elsewhere").mkdir()
+    kept = tmp_path / "elsewhere" / "kept.jsonl"
+    kept.write_text("kept\n")
+    link, pipe = tmp_path / "link.jsonl", tmp_path / "pipe"
+    link.symlink_to(kept)
+    os.mkfifo(pipe)
+    for out, said in ((link, "is a symbolic link"), (pipe, "is not a regular file")):
+        code, text = run(["annotate", "export", "--db", db, "-p", "t", "-o", str(out), "--force"], capsys)
+        assert code == 2 and said in text and len(text.strip().splitlines()) == 1, text
+    assert link.is_symlink() and kept.read_text() == "kept\n" and not pipe.is_file()

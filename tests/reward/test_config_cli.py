@@ -311,3 +311,13 @@ def test_eval_tells_the_training_prompts_only_from_the_data_the_run_read(tmp_pat
     (model / INFO_FILE).write_text(json.dumps({"imported_from": "/models/rm", "config": {}, "data": {}}))
     assert training_prompts(model) == (None, "a reward model trained elsewhere (/models/rm), so whether these "
                                              "rankings are among those it was trained on cannot be told")
+
+
+def test_score_never_puts_a_file_in_place_of_a_link_even_with_force(random_reward_model, tmp_path, capsys):
+    good, kept, link = tmp_path / "in.jsonl", tmp_path / "kept.jsonl", tmp_path / "link.jsonl"
+    good.write_text('{"prompt": "p", "response": "x"}\n')
+    kept.write_text("kept\n")
+    link.symlink_to(kept)
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(link), "--force")
+    assert code == 2 and err == f"error: --out {link} is a symbolic link (to {kept}); give the file's own path\n"
+    assert link.is_symlink() and kept.read_text() == "kept\n"
