@@ -255,14 +255,32 @@ def build_demo_model(
             raise UserError(f"{out} holds the {size} demo model of seed {seed} built by {which} recipe ({named}; "
                             f"this align builds version {RECIPE_VERSION}); choose another --out or pass --force "
                             "to rebuild it")
-        what = (f"the {held[0]} demo model of seed {held[1]}" if held is not None
-                else f"a checkpoint with no record of its demo size and seed ({RECORD_FILE})")
-        raise UserError(f"{out} holds {what}, not the {size} one of seed {seed} asked for; choose another --out "
-                        "or pass --force to rebuild it")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(f"{out} already exists and is not a demo checkpoint; choose another --out "
-                        "or pass --force to replace it")
+        if held is None:  # maybe a demo model from before the record, maybe the user's own: never replaced
+            raise UserError(f"{out} holds a checkpoint with no record of its demo size and seed ({RECORD_FILE}) "
+                            "and will not be replaced, even with --force; choose another --out")
+        raise UserError(f"{out} holds the {held[0]} demo model of seed {held[1]}, not the {size} one of seed {seed} "
+                        "asked for; choose another --out or pass --force to rebuild it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists and is not a demo checkpoint; choose another --out "
+                            "or pass --force to replace it")
+        if not _replaceable(out):
+            raise UserError(f"--out {out} is neither a demo checkpoint nor an empty folder and will not be "
+                            "replaced, even with --force: choose another --out")
     return _build(out, size, seed, progress=progress)
+
+
+def _replaceable(out: Path) -> bool:
+    """What --force may replace: a demo checkpoint (it records its size and seed, or it is a folder
+    of align's cache) or an empty folder; never a user's folder or file, a link, or another model."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    try:
+        if not any(out.iterdir()):
+            return True
+    except OSError:
+        return False
+    return built_as(out) is not None or out.resolve().parent == cache_dir().resolve()
 
 
 def _build(out: Path, size: str, seed: int, progress: bool) -> Path:

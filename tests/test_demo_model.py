@@ -168,9 +168,14 @@ def test_an_existing_output_that_is_not_a_checkpoint_is_refused_without_force(no
         out.write_text("mine")
     with pytest.raises(UserError, match=r"already exists and is not a demo checkpoint.*--force"):
         build_demo_model(out, size="tiny", progress=False)
+    # nor with --force: `--out . --force` or `--out ~ --force` would have replaced a working folder or a home
+    with pytest.raises(UserError, match=r"is neither a demo checkpoint nor an empty folder and will not be replaced"):
+        build_demo_model(out, size="tiny", force=True, progress=False)
     assert (out / "notes.txt" if kind == "folder" else out).read_text() == "mine"  # untouched
-    assert build_demo_model(out, size="tiny", force=True, progress=False) == out  # --force replaces it
-    assert is_complete(out) and not (out / "notes.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_demo_model(empty, size="tiny", force=True, progress=False) == empty  # an empty folder is taken
+    assert is_complete(empty)
 
 
 def test_a_checkpoint_of_another_size_or_seed_is_refused_without_force(no_sft, tmp_path):
@@ -178,7 +183,7 @@ def test_a_checkpoint_of_another_size_or_seed_is_refused_without_force(no_sft, t
     import subprocess
     import sys
 
-    from align.demo_model import build_demo_model
+    from align.demo_model import build_demo_model, is_complete
 
     out = tmp_path / "model"
     build_demo_model(out, size="tiny", seed=0, progress=False)
@@ -200,8 +205,12 @@ def test_a_checkpoint_of_another_size_or_seed_is_refused_without_force(no_sft, t
 
     assert built_as(out) == ("small", 7, RECIPE_VERSION)
     (out / RECORD_FILE).unlink()  # a checkpoint that does not say what it is
-    with pytest.raises(UserError, match=rf"^{out} holds a checkpoint with no record of its demo size and seed"):
+    with pytest.raises(UserError, match=rf"^{out} holds a checkpoint with no record of its demo size and seed "
+                                        r".*will not be replaced, even with --force"):
         build_demo_model(out, size="small", seed=7, progress=False)
+    with pytest.raises(UserError, match=r"will not be replaced, even with --force"):  # perhaps a user's own model
+        build_demo_model(out, size="small", seed=7, force=True, progress=False)
+    assert is_complete(out)
 
 
 def test_a_checkpoint_of_an_older_recipe_is_refused_without_force(no_sft, tmp_path, monkeypatch):

@@ -84,8 +84,8 @@ def init_demo_model(
     size: Annotated[str, typer.Option(help="tiny (about 1M parameters) or small (about 5M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for data, tokenizer and weights.")] = 0,
     force: Annotated[bool, typer.Option(
-        help="Rebuild even if a checkpoint is already there (one of another size or seed, or built by an older "
-             "recipe, is refused without it).")
+        help="Rebuild even if a demo checkpoint is already there (one of another size or seed, or built by an "
+             "older recipe, is refused without it); anything else at --out but an empty folder is never replaced.")
     ] = False,
 ) -> None:
     """Build the embedded demo SFT model: local BPE tokenizer, small Llama, short SFT."""
