@@ -52,6 +52,9 @@ class ModelSection:
     )
 
 
+FILE_FORMATS = ("kwise", "trl", "hh", "oasst")  # the data formats read from data.path
+
+
 @dataclass
 class DataSection:
     format: Literal["synthetic", "kwise", "trl", "hh", "oasst", "annotation"] = option(
@@ -78,13 +81,22 @@ class DataSection:
     project: str | None = option(None, help="annotation: project name to read rankings from.")
 
     def __post_init__(self) -> None:
-        if self.format in ("kwise", "trl", "hh", "oasst"):  # a path the format does not read is not validated
+        if self.format in FILE_FORMATS:
             check(self.path is not None, f"data.path is required for data.format={self.format}")
             for key, value in (("data.path", self.path), ("data.eval_path", self.eval_path)):
                 if value is not None:
                     check_input_file(value, key)
         if self.format == "annotation":
             check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
+        # a source the format does not read would be ignored without a word: the run would train on another
+        unread = [key for key, value, readers in (("data.path", self.path, FILE_FORMATS),
+                                                  ("data.eval_path", self.eval_path, FILE_FORMATS),
+                                                  ("data.db_url", self.db_url, ("annotation",)),
+                                                  ("data.project", self.project, ("annotation",)))
+                  if value is not None and self.format not in readers]
+        check(not unread, f"{unread[0] if unread else ''} is set but data.format={self.format} does not read it: "
+              "set data.format to the source's format (kwise, trl, hh or oasst for a file; annotation for "
+              f"data.db_url and data.project), or {unread[0] if unread else ''}=null to leave it out")
 
 
 @dataclass

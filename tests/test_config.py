@@ -242,7 +242,7 @@ def test_held_out_prompts_are_needed_only_where_the_run_samples_them(stage, tmp_
     rankings, prompts, missing = tmp_path / "rankings.jsonl", tmp_path / "prompts.jsonl", tmp_path / "heldout.jsonl"
     rankings.write_text("")
     prompts.write_text("")
-    config_class, given = {"ppo": (PPOConfig, [f"prompts={prompts}"]), "dpo": (DPOConfig, [f"data.path={rankings}"])}[stage]
+    config_class, given = {"ppo": (PPOConfig, [f"prompts={prompts}"]), "dpo": (DPOConfig, ["data.format=kwise", f"data.path={rankings}"])}[stage]
     with pytest.raises(ConfigError, match=f"eval_prompts: file not found: {missing}"):
         load_config(config_class, None, [*given, f"eval_prompts={missing}"])
     assert load_config(config_class, None, [*given, f"eval_prompts={missing}", "num_eval_prompts=0"]).num_eval_prompts == 0
@@ -277,7 +277,7 @@ def test_the_shipped_dpo_configs_hold_out_the_prompts_the_reward_configs_do(conf
     rankings = tmp_path / "rankings.jsonl"
     rankings.write_text("")
     split = ("eval_fraction", "seed", "eval_path")
-    reward = load_config(RewardConfig, folder / "reward.yaml", [f"data.path={rankings}"]).data
+    reward = load_config(RewardConfig, folder / "reward.yaml", ["data.format=kwise", f"data.path={rankings}"]).data
     dpo = load_config(DPOConfig, folder / "dpo.yaml", [f"data.path={rankings}", f"eval_prompts={rankings}"]).data
     assert [getattr(dpo, k) for k in split] == [getattr(reward, k) for k in split]
 

@@ -172,11 +172,12 @@ def test_overwrite_refuses_to_read_what_it_would_replace(small_dpo_run, tmp_path
     (run / "policy" / "adapter_model.safetensors").write_bytes(b"weights")
     (run / "metrics.jsonl").write_text("{}\n")
     (run / "config.yaml").write_text("seed: 1\n")
-    for override, key, name in [(f"policy_model={run / 'policy'}", "policy_model", "policy"),
-                                (f"data.path={run / 'metrics.jsonl'}", "data.path", "metrics.jsonl")]:
+    for overrides, key, name in [([f"policy_model={run / 'policy'}"], "policy_model", "policy"),
+                                 (["data.format=kwise", f"data.path={run / 'metrics.jsonl'}"], "data.path",
+                                  "metrics.jsonl")]:
         with pytest.raises(UserError, match=rf"{key} {run / name} is the earlier run's {name}, which overwrite=true "
                                             "replaces"):
-            run_dpo(load_config(DPOConfig, None, [*args, override]), echo=lambda _: None)
+            run_dpo(load_config(DPOConfig, None, [*args, *overrides]), echo=lambda _: None)
     assert (run / "policy" / "adapter_model.safetensors").read_bytes() == b"weights"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from align.config import load_config
-from align.errors import ConfigError
+from align.errors import ConfigError, UserError
 from reward.config import RewardConfig
 from tests.cli_in_process import run_align_in_process
 
@@ -71,15 +71,25 @@ def test_config_yaml_files_load():
         assert cfg.train.loss == "kwise"
 
 
-def test_real_config_with_synthetic_data_ignores_its_unused_path(tmp_path):
+def test_a_data_source_the_format_does_not_read_is_refused_not_ignored(tmp_path):
+    # a data.path given without data.format trained on the synthetic task without a word
     from pathlib import Path
 
     from align.config import ConfigError, load_config
     from reward.config import RewardConfig
 
-    real = Path(__file__).resolve().parents[2] / "configs" / "real" / "reward.yaml"
-    cfg = load_config(RewardConfig, real, ["data.format=synthetic", f"data.path={tmp_path / 'absent.jsonl'}"])
-    assert cfg.data.format == "synthetic"
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text("")
+    with pytest.raises(ConfigError, match=r"^data.path is set but data.format=synthetic does not read it: set "
+                                          r"data.format to the source's format .* or data.path=null to leave it out"):
+        load_config(RewardConfig, None, [f"data.path={rankings}"])
+    with pytest.raises(ConfigError, match=r"^data.db_url is set but data.format=kwise does not read it"):
+        load_config(RewardConfig, None, ["data.format=kwise", f"data.path={rankings}", "data.db_url=sqlite:///a.db"])
+    real = Path(__file__).resolve().parents[2] / "configs" / "real" / "reward.yaml"  # format oasst and its path
+    with pytest.raises(ConfigError, match=r"^data.path is set but data.format=synthetic"):
+        load_config(RewardConfig, real, ["data.format=synthetic"])
+    cfg = load_config(RewardConfig, real, ["data.format=synthetic", "data.path=null"])
+    assert cfg.data.format == "synthetic" and cfg.data.path is None
     with pytest.raises(ConfigError, match="data.path: file not found"):
         load_config(RewardConfig, real, ["data.format=oasst", f"data.path={tmp_path / 'absent.jsonl'}"])
 
@@ -321,3 +331,19 @@ def test_score_never_puts_a_file_in_place_of_a_link_even_with_force(random_rewar
     code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(link), "--force")
     assert code == 2 and err == f"error: --out {link} is a symbolic link (to {kept}); give the file's own path\n"
     assert link.is_symlink() and kept.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("key", ["model.name_or_path", "eval.normalize_policy"])
+def test_a_reward_model_to_sample_the_normalisation_from_is_refused_before_training(quick_config, random_reward_model,
+                                                                                   tiny_random_model, key):
+    # it trained every step, then the normalisation refused to load it as a policy and the weights were lost
+    from reward.train import RewardTrainer
+
+    others = {"model.name_or_path": [], "eval.normalize_policy": [f"model.name_or_path={tiny_random_model}"]}[key]
+    cfg = quick_config(*others, f"{key}={random_reward_model}")
+    trainer = RewardTrainer(cfg)
+    with pytest.raises(UserError, match=rf"^{key} {random_reward_model.resolve()} is a reward model \(sequence "
+                                        r"classification\), not a causal LM, and the reward normalisation samples"):
+        trainer.setup()
+    assert trainer.step_count == 0 and not (Path(cfg.output_dir) / "metrics.jsonl").exists()
+    assert quick_config(f"model.name_or_path={random_reward_model}", "eval.normalize=false").eval.normalize is False
