@@ -86,6 +86,20 @@ from reward.model import (
 from reward.run_dir import MODEL_DIR, OUTPUTS
 
 
+def check_sampling_policy(path: Path, key: str) -> None:
+    """One line before training where the checkpoint the normalisation samples from (`key`) is a
+    reward model (sequence classification): loading it as a causal LM fails only after the training."""
+    from align.modeling import adapter_chain, check_not_a_reward_model
+
+    try:
+        check_not_a_reward_model(adapter_chain(path, find_only=True))
+    except UserError:
+        fix = ("set eval.normalize_policy to the SFT checkpoint PPO starts from, or eval.normalize=false"
+               if key == "model.name_or_path" else "give the SFT checkpoint PPO starts from")
+        raise UserError(f"{key} {path} is a reward model (sequence classification), not a causal LM, and the "
+                        f"reward normalisation samples from it as a policy: {fix}") from None
+
+
 class RewardTrainer(StepLoop):
     stage = "reward"
     resume_overridable = RESUME_OVERRIDABLE
@@ -135,6 +149,9 @@ class RewardTrainer(StepLoop):
         # found now, not after the training (the normalisation's policy samples once the model is trained)
         self.normalize_policy = (resolve_model_path(cfg.eval.normalize_policy)
                                  if cfg.eval.normalize and cfg.eval.normalize_policy else None)
+        if cfg.eval.normalize and not self.encoder:  # it samples from a causal LM: a reward model there fails late
+            check_sampling_policy(self.normalize_policy or self.base_path,
+                                  "eval.normalize_policy" if self.normalize_policy else "model.name_or_path")
         self.tokenizer = load_tokenizer(self.base_path, encoder=self.encoder)
         prepare_tokenizer(self.tokenizer)
         # what the model can read: GPT-2, OPT, BERT stop at their table of learned positions (align.modeling)
