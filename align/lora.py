@@ -115,6 +115,12 @@ def with_adapter(model: Any, config: Any, targets: list[str]) -> Any:
     target PEFT refuses for the family (a Mamba mixer's projections) is one line, not its traceback."""
     from peft import get_peft_model
 
+    # B A has rank at most min(in, out) of its layer: an r past that of every adapted layer only takes memory
+    # (lora.r=100000 took 24 GB); one past some layers' (GQA's narrow k/v projections) still serves the others
+    width, widest = max((min(model.get_submodule(t).weight.shape), t) for t in targets)
+    if config.r > width:
+        raise UserError(f"lora.r={config.r} is more than any adapted layer can use: a LoRA update's rank is at most "
+                        f"its layer's smaller dimension, {width} at the most here ({widest}); choose lora.r <= {width}")
     try:
         adapted = get_peft_model(model, config)
     except ValueError as exc:

@@ -93,3 +93,20 @@ def test_a_router_built_on_nn_linear_is_not_a_linear_layer_to_adapt(tmp_path):
     policy = build_policy(base, LoraOptions())
     with torch.no_grad():
         assert torch.isfinite(policy(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_a_lora_rank_wider_than_a_layer_is_refused_before_its_memory_is_taken(tiny_random_model):
+    # lora.r=100000 on a 1M-parameter model grew to 24 GB and was killed without a word
+    from align.config import LoraOptions
+    from align.errors import UserError
+    from align.modeling import load_causal_lm
+    from ppo.model import build_policy
+
+    base = load_causal_lm(tiny_random_model)
+    width = max(min(m.weight.shape) for name, m in base.named_modules() if name.endswith(("q_proj", "k_proj", "v_proj",
+                                                                                          "o_proj", "gate_proj",
+                                                                                          "up_proj", "down_proj")))
+    with pytest.raises(UserError, match=rf"^lora.r={width + 1} is more than any adapted layer can use: .*, {width} "
+                                        rf"at the most here \(model\.layers\.\d+\.\w+\.\w+\); choose lora.r <= {width}$"):
+        build_policy(base, LoraOptions(r=width + 1))
+    assert build_policy(load_causal_lm(tiny_random_model), LoraOptions(r=width)).peft_config["default"].r == width
