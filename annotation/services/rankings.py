@@ -14,7 +14,7 @@ from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
 from annotation.models import Project, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
-from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound
+from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.slots import free_slot
@@ -112,7 +112,7 @@ def validate_ranking(order: Any, below: Any, candidate_ids: list[int],
     return groups, below
 
 
-# From 'leased', or from 'expired' once `_lease_again` took a slot back for it.
+# From 'leased', or from 'expired' for a lease that ran out (`_complete`).
 _COMPLETE = Sql("UPDATE assignments SET status = 'done', completed_at = :now "
                  "WHERE id = :id AND user_id = :user AND status = :status")
 _PER_PROMPT = Sql("SELECT annotators_per_prompt FROM projects WHERE id = :project")
@@ -200,8 +200,12 @@ def _own_assignment(db: Session, user: User, assignment_id: int, members_only: b
         with transaction(db, write=False) as tx:
             member = _IS_MEMBER.first(tx, project=a.project_id, user=user.id) is not None
         if not member:
-            raise Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
+            raise _not_a_member(assignment_id)
     return a
+
+
+def _not_a_member(assignment_id: int) -> Forbidden:
+    return Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
 
 
 @read_only
@@ -262,7 +266,7 @@ def submit_ranking(
     caller is a user, an API token or a session cookie (Unauthorized if it does not
     authenticate)."""
     now = time.time() if now is None else now
-    caller = signed_in(db, caller)
+    presented, caller = caller, signed_in(db, caller)
     if on_postgresql(db) and not below:  # (a top-m ranking needs the project's m: the careful path reads it)
         stored = _store_at_first_try(db, caller, assignment_id, order, all_bad, rationale, time_spent_ms, now,
                                      members_only)
@@ -280,27 +284,30 @@ def submit_ranking(
         raise Conflict(f"task {assignment_id} is already ranked; send a revision (PUT) to correct it",
                        code="already_ranked")
     # The conditional updates below re-check everything they rely on from the read above.
-    submitted_already = Conflict(f"task {assignment_id} was submitted already", code="already_ranked")
-    lease_live = a.status == "leased" and a.leased_until >= now
+    tried_in_one_statement = False
     try:
-        if lease_live and on_postgresql(db):
+        if a.status == "leased" and a.leased_until >= now and on_postgresql(db):
             stored = _store_in_one_statement(db, user, a.id, order, below, set(a.candidate_order), all_bad,
                                              rationale, time_spent_ms, now, members_only)
-            if stored is None:
-                raise submitted_already
-            return stored
+            if stored is not None:
+                return stored
+            tried_in_one_statement = True
         with transaction(db, write=True) as tx:
-            if not lease_live:
-                _lease_again(tx, a)
-            status = "leased" if lease_live else "expired"
-            if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user.id, status=status) != 1:
-                raise submitted_already
+            if tried_in_one_statement or not _complete(tx, a, user.id, now):
+                # Nothing was stored: the task changed since it was read (ranked or skipped in
+                # another tab, its lease expired by another request's sweep, its annotator
+                # removed from the project or deactivated). What it is now decides the answer.
+                a = _task_now(tx, a, members_only)
+                if not _complete(tx, a, user.id, now):  # (PostgreSQL: changed again since)
+                    raise Conflict(f"task {assignment_id} changed while it was being submitted; reload it")
             _COUNT_DONE.rowcount(tx, prompt=a.prompt_id)
             ranking_id = _INSERT_RANKING.scalar(
                 tx, project=a.project_id, prompt=a.prompt_id, user=user.id, assignment=a.id, order=order,
                 below=below, all_bad=all_bad, rationale=rationale, time_spent_ms=time_spent_ms, now=now)
-    except IntegrityError:
-        raise submitted_already from None
+    except IntegrityError:  # a ranking of the task is stored already
+        raise Conflict(f"task {assignment_id} was submitted already", code="already_ranked") from None
+    except _Deactivated:
+        raise _refused_as_deactivated(db, presented, user) from None
     return RankingRow.transient(
         id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id,
         revision=1, order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
@@ -347,15 +354,61 @@ def _checked_ranking(db: Session, a: AssignmentRow, order: Any,
     return validate_ranking(order, below, list(a.candidate_order), rank_top)
 
 
-def _lease_again(tx: Transaction, a: AssignmentRow) -> None:
-    """The lease ran out: the ranking still counts if a slot is free (or still ours). The
-    assignment stays 'expired' until the completion that follows marks it done: made
-    'leased' again it would be a second live lease where the annotator has leased another
-    prompt since (ux_assignments_live)."""
-    if a.status == "leased":
+def _complete(tx: Transaction, a: AssignmentRow, user_id: int, now: float) -> bool:
+    """Mark the task done if it still is what `a` read: a live lease, or one that ran out,
+    whose ranking still counts if a slot is free (lease_expired if none is). False when it
+    is neither any more, having changed nothing but, maybe, marking a lease that ran out
+    expired (its slot given back), as a sweep would."""
+    live = a.status == "leased" and a.leased_until >= now
+    if a.status == "leased" and not live:
         expire_lease(tx, a.id, a.prompt_id)
-    if not take_slot(tx, a.prompt_id, _PER_PROMPT.scalar(tx, project=a.project_id)):
+    # The lease that ran out stays 'expired' until this marks it done: made 'leased' again
+    # it would be a second live lease where the annotator has leased another prompt since
+    # (ux_assignments_live).
+    if _COMPLETE.rowcount(tx, now=now, id=a.id, user=user_id, status="leased" if live else "expired") != 1:
+        return False
+    if not live and not take_slot(tx, a.prompt_id, _PER_PROMPT.scalar(tx, project=a.project_id)):
         raise Conflict(f"the lease on task {a.id} expired and the prompt has all its annotators", code="lease_expired")
+    return True
+
+
+# A task as it is now, with what decides whether its annotator may still rank it.
+_TASK_NOW = Sql("SELECT a.status, a.leased_until, u.active, u.role, "
+                "EXISTS (SELECT 1 FROM project_members m WHERE m.project_id = a.project_id AND m.user_id = a.user_id), "
+                "EXISTS (SELECT 1 FROM rankings r WHERE r.assignment_id = a.id AND NOT r.skipped) "
+                "FROM assignments a JOIN users u ON u.id = a.user_id WHERE a.id = :id")
+
+
+class _Deactivated(Exception):
+    """The annotator was deactivated while their ranking was being stored."""
+
+
+def _task_now(tx: Transaction, a: AssignmentRow, members_only: bool) -> AssignmentRow:
+    """The task `a` re-read where its completion changed nothing, when it may still be
+    completed (a lease, live or run out: a late ranking counts if a slot is free); else
+    raises what a request sent now would be answered, in the order its checks come."""
+    status, leased_until, active, role, member, ranked = _TASK_NOW.first(tx, id=a.id)
+    if not active:
+        raise _Deactivated
+    if members_only and role != "admin" and not member:
+        raise _not_a_member(a.id)
+    if status == "done" or ranked:
+        raise Conflict(f"task {a.id} was submitted already", code="already_ranked")
+    if status == "skipped":
+        raise _skipped(a.id)
+    return a._replace(status=status, leased_until=leased_until)
+
+
+def _refused_as_deactivated(db: Session, presented: User | BearerToken | SessionCookie, user: User) -> Exception:
+    """What any request of the deactivated account is answered: its token or session no
+    longer signs it in (deactivating revoked them: 401), and a user by id is refused as
+    `require_annotator` refuses it (403)."""
+    if not isinstance(presented, User):
+        try:
+            as_user(db, signed_in(db, presented))
+        except Unauthorized as refused:
+            return refused
+    return Forbidden("this account is deactivated")
 
 
 @unit_of_work
