@@ -181,7 +181,8 @@ class PPOConfig:
         help="Training prompts: 'synthetic' (align.synthetic task) or a .jsonl file with a 'prompt' field "
         "per line (a kwise export works) or a .txt file with one prompt per line.",
     )
-    num_prompts: int = option(1024, help="Number of synthetic training prompts (prompts='synthetic').", ge=1)
+    num_prompts: int = option(1024, help="Number of synthetic training prompts (prompts='synthetic'; the task's "
+                              "pool is cycled through, so past the pool they repeat).", ge=1, le=1_000_000)
     eval_prompts: str = option(
         "synthetic", help="Held-out prompts for the final evaluation: 'synthetic' (held-out split) or a file "
         "(one that shares prompts with `prompts` is refused).")

@@ -29,6 +29,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["eval_prompts=/"], "eval_prompts: / is a directory, not a file"),
         (["report_to=mlflow"], "report_to"),
         (["lora.dropout=0.05"], "lora.dropout=0.05: PPO runs without dropout"),
+        (["num_prompts=1000000000"], "num_prompts: must be <= 1000000"),  # it built the list until memory ran out
     ],
 )
 def test_config_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):
