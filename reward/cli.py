@@ -61,6 +61,9 @@ def score(
     raw = rm.score_raw([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
     scored = [{**row, "reward": reward, "reward_raw": value}
               for row, reward, value in zip(rows, rm.normalize(raw).tolist(), raw.tolist())]
+    if replaced := sum(1 for row in rows if "reward" in row or "reward_raw" in row):  # another model's scores, say
+        typer.echo(f"note: {replaced} of the {len(rows)} input lines held a `reward` or `reward_raw` of their own, "
+                   "replaced by this model's", err=True)
     if out is None:
         typer.echo("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored), nl=False)
     else:

@@ -347,3 +347,13 @@ def test_a_reward_model_to_sample_the_normalisation_from_is_refused_before_train
         trainer.setup()
     assert trainer.step_count == 0 and not (Path(cfg.output_dir) / "metrics.jsonl").exists()
     assert quick_config(f"model.name_or_path={random_reward_model}", "eval.normalize=false").eval.normalize is False
+
+
+def test_score_says_when_it_replaces_the_input_s_own_rewards(random_reward_model, tmp_path, capsys):
+    good, out = tmp_path / "in.jsonl", tmp_path / "scores.jsonl"
+    good.write_text('{"prompt": "p", "response": "x", "reward": 7.5}\n{"prompt": "p", "response": "y"}\n')
+    code, err = _score(capsys, "-m", str(random_reward_model), "-i", str(good), "-o", str(out))
+    assert code in (0, None) and err.splitlines() == [
+        "note: 1 of the 2 input lines held a `reward` or `reward_raw` of their own, replaced by this model's",
+        f"scored 2 responses -> {out}"]
+    assert [json.loads(line)["reward"] != 7.5 for line in out.read_text().splitlines()] == [True, True]
