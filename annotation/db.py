@@ -9,12 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
+from annotation.db_guard import refuse_foreign, refuse_foreign_sqlite_file
 from annotation.db_url import masked, sqlite_file
 from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
@@ -249,8 +250,6 @@ def _ping_after_idle(engine: Engine) -> None:
     each of the few short transactions a ranking makes. A dead one (the server
     restarted) is replaced before the request sees it (SQLAlchemy's pessimistic
     disconnect handling)."""
-    import time
-
     from sqlalchemy.exc import DisconnectionError
 
     @event.listens_for(engine, "checkin")
@@ -355,7 +354,10 @@ def migrate(engine: Engine) -> None:
     takes the database's migration lock (SQLite: BEGIN IMMEDIATE under the writer lock;
     PostgreSQL: a transaction-level advisory lock, DDL being transactional there). The
     second process then reads the version the first committed and has nothing to do, so
-    no error needs to be swallowed; any error is the migration's own and is raised."""
+    no error needs to be swallowed; any error is the migration's own and is raised.
+    Another application's database is refused before anything is written (annotation.db_guard)."""
+    path = sqlite_file(str(engine.url))  # (None: in memory, or a server)
+    refuse_foreign_sqlite_file(path)  # before align's first connection switches the file to WAL
     try:
         db = Session(engine)
         if on_postgresql(db):
@@ -367,6 +369,7 @@ def migrate(engine: Engine) -> None:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {reason}") from None
     with db:
+        refuse_foreign(db.connection(), path or engine.url.render_as_string(hide_password=True))  # (no race)
         Base.metadata.create_all(db.connection())
         row = db.get(Meta, "schema_version")
         current = int(row.value) if row else 0
@@ -401,8 +404,6 @@ def _v2(db: Session) -> None:
 
 def _v3(db: Session) -> None:
     """The leasing queue's index ends with the prompt id (ordered scan, no sort)."""
-    from sqlalchemy import text
-
     conn = db.connection()
     conn.execute(text("DROP INDEX IF EXISTS ix_prompts_queue"))
     conn.execute(text("CREATE INDEX ix_prompts_queue ON prompts (project_id, done_count, slots_taken, id)"))
@@ -434,8 +435,6 @@ def _v4(db: Session) -> None:
 def _v5(db: Session) -> None:
     """users.password_change_required: set at sign-in when the password used no longer
     meets the rules (15 characters and a blocklist since v5; 8 before)."""
-    from sqlalchemy import inspect
-
     conn = db.connection()
     if "password_change_required" not in {c["name"] for c in inspect(conn).get_columns("users")}:
         conn.execute(text("ALTER TABLE users ADD COLUMN password_change_required BOOLEAN NOT NULL DEFAULT FALSE"))
@@ -444,8 +443,6 @@ def _v5(db: Session) -> None:
 def _v6(db: Session) -> None:
     """Top-m rankings: projects.rank_top (None: rank every candidate) and rankings.below
     (None: a full ranking). Existing rows are full rankings of full-ranking projects."""
-    from sqlalchemy import inspect
-
     conn = db.connection()
     for table, column, sql_type in (("projects", "rank_top", "INTEGER"), ("rankings", "below", "JSON")):
         if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
