@@ -55,6 +55,32 @@ def _proxy_addresses(value: str) -> str:
     return value
 
 
+def _log_level(value: str) -> str:
+    """--log-level as uvicorn names it (its own refusal was a KeyError traceback)."""
+    from uvicorn.config import LOG_LEVELS
+
+    if value.lower() not in LOG_LEVELS:
+        raise UserError(f"--log-level {value!r} is not a log level; choose one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+def _check_host(host: str) -> None:
+    """--host must be an address of this machine (or a name for one), bound here on a port the
+    system picks, as the server binds it (every address the name resolves to): uvicorn said so
+    only after "Application startup complete", as a log line and exit 3."""
+    import socket
+
+    try:
+        for family, kind, proto, _name, address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
+                                                                       flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+    except (OSError, ValueError) as exc:  # (gaierror is an OSError; a NUL or bad IDNA name a ValueError)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"--host {host}: cannot listen on it ({reason}); give an address of this machine "
+                        "(127.0.0.1: this machine only, 0.0.0.0: every interface)") from None
+
+
 def _settings_help() -> str:
     from align.cli_common import config_keys_help
     from annotation.settings import Settings
@@ -72,7 +98,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     max_body_kb: Annotated[int, typer.Option(help="Request size limit in KiB (imports: the max_import_bytes setting).", min=1)] = 1024,
     secure_cookies: Annotated[bool, typer.Option(help="Mark cookies Secure (when served over HTTPS).")] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")] = "info",
     workers: Annotated[int, typer.Option(help="Worker processes: about one per core (SQLite too: writers queue on a lock, readers do not); the load figures in annotation/README.md use 3 on 2 cores, the database on the same machine.", min=1, max=64)] = 1,
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Behind a reverse proxy: the proxy's addresses (comma-separated; networks such as 10.0.0.0/8 too), "
@@ -100,14 +126,20 @@ def serve(
     # uvicorn takes a client's address from X-Forwarded-For only from these (its own default without it)
     proxies = {} if forwarded_allow_ips is None else {"proxy_headers": True,
                                                       "forwarded_allow_ips": _proxy_addresses(forwarded_allow_ips)}
+    log_level = _log_level(log_level)
+    _check_host(host)
+    # The database is opened (and refused, if it is not align's) before the server says it serves it
+    if workers == 1:
+        served = served_app(settings)
+    else:
+        engine = make_engine(settings.db_url)
+        migrate(engine)  # once, before the workers start (they would race to create the schema)
+        engine.dispose()
     typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
                + (f" with {workers} workers" if workers > 1 else ""), err=True)
     if workers == 1:
-        uvicorn.run(served_app(settings), host=host, port=port, log_level=log_level, access_log=False, **proxies)
+        uvicorn.run(served, host=host, port=port, log_level=log_level, access_log=False, **proxies)
         return
-    engine = make_engine(settings.db_url)
-    migrate(engine)  # once, before the workers start (they would race to create the schema)
-    engine.dispose()
     os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
     uvicorn.run("annotation.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
                 log_level=log_level, access_log=False, **proxies)
@@ -263,7 +295,7 @@ def import_(
 @app.command("export")
 def export(
     project: ProjectOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file (gzip-compressed if named .gz).")],
     format: Annotated[str, typer.Option("--format", "-f", help="kwise | trl (chosen/rejected pairs; also read as pairs) | hh")] = "kwise",
     all_revisions: Annotated[bool, typer.Option("--all-revisions", help="Every stored revision of every ranking "
                                                 "(kwise only), not only the latest.")] = False,
