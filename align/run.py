@@ -209,9 +209,22 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
-    """Write one JSON object per line (non-ASCII text as it is), atomically as `write_json_atomic`."""
-    return _write_atomic(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n"
-                                                      for row in rows))
+    """Write one JSON object per line (non-ASCII text as it is), atomically as `write_json_atomic`;
+    gzip-compressed where `path` is named .gz, as align.files.jsonl_rows reads it (plain text under
+    that name was read back as a damaged gzip)."""
+    lines = (json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n" for row in rows)
+    if Path(path).suffix != ".gz":
+        return _write_atomic(path, lambda f: f.writelines(lines))
+
+    def write_gzip(f: Any) -> None:  # mtime 0: the same rows make the same bytes
+        import gzip
+        import io
+
+        # closing the wrapper ends the gzip stream, not the temporary file, which is synced after this
+        with io.TextIOWrapper(gzip.GzipFile(fileobj=f.buffer, mode="wb", mtime=0), encoding="utf-8") as text:
+            text.writelines(lines)
+
+    return _write_atomic(path, write_gzip)
 
 
 def _write_atomic(path: str | Path, write: Any) -> Path:

@@ -97,8 +97,9 @@ def write_export(db: Session, project: Project, fmt: str, out: str | Path, *, al
     """Write the project's rankings as JSONL rows of `fmt` to `out` (atomically: the whole file or none):
     the latest revision of each annotator's ranking of each prompt, or with `all_revisions` (kwise
     only: an audit of every correction, each row with its `revision`) every ranking stored. The rows
-    are written as they are read, from one snapshot. Returns the rows written and a line for what
-    the format had to leave out (hh: prompts a transcript cannot hold as they are)."""
+    are written as they are read, from one snapshot; gzip-compressed when `out` is named .gz. Returns
+    the rows written and a line for what the format had to leave out (hh: prompts a transcript
+    cannot hold as they are)."""
     from align.run import write_jsonl_atomic
 
     notes: list[str] = []
