@@ -7,7 +7,13 @@ seconds at a time).
 Nothing heavy is imported at the top of this module. The process gets a function by unpickling
 it, which imports this module, and the first function it runs lowers the process's priority before
 it loads the app (about 0.5 s of CPU): on a busy machine all of the request's work, that included,
-then waits for the workers serving the annotators."""
+then waits for the workers serving the annotators.
+
+The process ends with the server: on Linux the kernel kills it when the server does (an import
+went on writing to the database for seconds after a SIGKILL of the server, orphaned; anyio
+notices a parent gone only when the request is over). What it had not committed, the database
+rolls back; what it had, an import's chunks, is whole. Elsewhere the process ends when it finishes
+its request and reads the closed pipe."""
 
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ from typing import Any
 NICENESS = 10
 
 _sessionmakers: dict[str, Any] = {}  # database URL -> sessionmaker, one engine per process
-_lowered = False  # the process's priority, once
+_lowered = False  # the process's priority, and its tie to the server, once
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _lower_priority() -> None:
@@ -26,8 +34,32 @@ def _lower_priority() -> None:
     import os
 
     if not _lowered:
+        end_with_parent()
         os.nice(NICENESS)
         _lowered = True
+
+
+def end_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux only; a no-op elsewhere):
+    strictly, when the parent's thread that started it ends, the server's event loop thread,
+    which lives as long as the server. SIGKILL is what anyio sends a process whose request was
+    cancelled too. A parent that died between its pid being read here and the signal being set
+    leaves another parent pid behind: then end now."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0
+    except (OSError, AttributeError):  # a libc without prctl (or none loadable): as elsewhere
+        return
+    if not failed and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _session(db_url: str) -> Any:
