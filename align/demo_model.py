@@ -273,14 +273,9 @@ def build_demo_model(
 def _replaceable(out: Path) -> bool:
     """What --force may replace: a demo checkpoint (it records its size and seed, or it is a folder
     of align's cache) or an empty folder; never a user's folder or file, a link, or another model."""
-    if out.is_symlink() or not out.is_dir():
-        return False
-    try:
-        if not any(out.iterdir()):
-            return True
-    except OSError:
-        return False
-    return built_as(out) is not None or out.resolve().parent == cache_dir().resolve()
+    from align.run import replaceable_folder
+
+    return replaceable_folder(out, lambda d: built_as(d) is not None or d.resolve().parent == cache_dir().resolve())
 
 
 def _build(out: Path, size: str, seed: int, progress: bool) -> Path:

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,17 @@ OVERWRITE_HELP = (
     "removed once the new run has loaded (other files stay; another stage's run, a folder holding files of a run's "
     "names but no run's config.yaml, and a run reading a model or file from what would be removed, are refused).")
 
+
+
+def replaceable_folder(out: Path, made_here: Callable[[Path], bool]) -> bool:
+    """Whether --force may replace `out`: an empty folder, or one `made_here` recognises as the
+    command's own earlier output; never a link, a file in the way, or anyone else's folder."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    try:
+        return not any(out.iterdir()) or made_here(out)
+    except OSError:
+        return False
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process, in MiB: Linux's VmHWM (the high-water mark of this

@@ -94,15 +94,14 @@ def check_out(out: Path, source: Path, force: bool) -> None:
     """Where the imported model goes, before anything loads: a new directory in a folder that can be
     made, never the source or a directory that holds it; --force replaces only an earlier import (or
     an empty directory), never a trained reward run, an export or anything else."""
-    from align.run import make_directory, read_mapping
+    from align.run import make_directory, read_mapping, replaceable_folder
 
     target, source = out.resolve(), source.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise UserError(f"--out {out} overlaps the checkpoint being imported ({source}): choose another --out")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
-    earlier_import = out.is_dir() and IMPORTED_FROM in read_mapping(out / INFO_FILE)
-    if out.exists() and not (earlier_import or (out.is_dir() and not any(out.iterdir()))):
+    if out.exists() and not replaceable_folder(out, lambda d: IMPORTED_FROM in read_mapping(d / INFO_FILE)):
         raise UserError(f"--out {out} is not an earlier `align reward import` and will not be replaced: "
                         "choose another --out")
     make_directory(out.parent)

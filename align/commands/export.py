@@ -187,13 +187,12 @@ def _checkpoints_read(run: Path, kind: str, source: Path) -> list[Path]:
 def _replaceable(out: Path) -> bool:
     """What --force may replace: an earlier export (a checkpoint whose model card says align exported it)
     or an empty folder; never another folder, or a file that happens to be in the way."""
-    if not out.is_dir():
-        return False
-    try:
-        if not any(out.iterdir()):
-            return True
-    except OSError:
-        return False
+    from align.run import replaceable_folder
+
+    return replaceable_folder(out, _earlier_export)
+
+
+def _earlier_export(out: Path) -> bool:
     card = out / "README.md"
     if not card.is_file() or not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
         return False
