@@ -200,8 +200,6 @@ _PROMPT_FIELDS = ("prompt", "id", "prompt_id", "candidates")
 # A field that only another import format has: such a line read as prompts would lose its
 # responses and their ranking, so it is refused with the format it looks like.
 _FIELD_OF_FORMAT = {"responses": "kwise", "ranks": "kwise", "chosen": "trl or hh", "rejected": "trl or hh"}
-# A single answer's usual names elsewhere (SFT data, scored samples): here its responses are `candidates`
-_RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 
 
 def _check_prompt_fields(row: dict, where: str) -> None:
@@ -212,9 +210,6 @@ def _check_prompt_fields(row: dict, where: str) -> None:
         if key in _FIELD_OF_FORMAT:
             raise UserError(f"{where}: {key!r} is a field of {_FIELD_OF_FORMAT[key]} data, not of prompts; "
                             f"import the file as {_FIELD_OF_FORMAT[key]}")
-        if key in _RESPONSE_FIELDS:
-            raise UserError(f"{where}: {key!r} is not a field of prompts: a prompt's responses to rank are its "
-                            "'candidates', a list of texts")
         close = difflib.get_close_matches(key, _PROMPT_FIELDS, n=1, cutoff=0.8) if key not in _PROMPT_FIELDS else []
         if close:
             raise UserError(f"{where}: unknown field {key!r}; did you mean {close[0]!r}?")

@@ -153,10 +153,7 @@ def test_a_line_of_another_format_or_a_misspelt_field_is_not_read_as_a_prompt_wi
                          ({"prompt": "q", "chosen": "a", "rejected": "b"}, "'chosen' is a field of trl or hh data"),
                          ({"chosen": "a", "rejected": "b"}, "'chosen' is a field of trl or hh data"),
                          ({"prompt": "q", "candidate": ["a", "b"]}, "unknown field 'candidate'; did you mean 'candidates'"),
-                         ({"prompt": "q", "promptid": "7"}, "unknown field 'promptid'; did you mean 'prompt_id'"),
-                         # SFT data's single answer imported as a prompt with no candidates
-                         ({"prompt": "q", "response": "a"}, "'response' is not a field of prompts: a prompt's "
-                                                            "responses to rank are its 'candidates', a list of texts")]:
+                         ({"prompt": "q", "promptid": "7"}, "unknown field 'promptid'; did you mean 'prompt_id'")]:
         f = write_lines(tmp_path / "p.jsonl", [{"prompt": "fine"}, row])
         with pytest.raises(UserError, match=rf"p.jsonl:2: {re.escape(message)}"):
             formats.read_prompts(f)
