@@ -107,6 +107,8 @@ class DPOTrainer(StepLoop):
                       command="align dpo", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"policy_model": cfg.policy_model, "data.path": cfg.data.path,
                               "data.eval_path": cfg.data.eval_path, "eval_prompts": cfg.eval_prompts})
+        if not self.resume:
+            cfg.data.check_sources_read()
         set_cpu_threads(cfg.num_threads)
         check_tracker_available(cfg.report_to)  # before minutes of loading, not after
         self.accelerator = make_accelerator("align dpo")

@@ -88,7 +88,12 @@ class DataSection:
                     check_input_file(value, key)
         if self.format == "annotation":
             check(self.db_url is not None and self.project is not None, "data.format=annotation needs data.db_url and data.project")
-        # a source the format does not read would be ignored without a word: the run would train on another
+
+    def check_sources_read(self) -> None:
+        """A source the format does not read (data.path with the default synthetic format) would be
+        ignored without a word, and the run would train on other data: refused for a new run. A run
+        resumed from its config.yaml is not (it trained on what its format read, and a saved
+        config is not edited)."""
         unread = [key for key, value, readers in (("data.path", self.path, FILE_FORMATS),
                                                   ("data.eval_path", self.eval_path, FILE_FORMATS),
                                                   ("data.db_url", self.db_url, ("annotation",)),

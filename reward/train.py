@@ -131,6 +131,8 @@ class RewardTrainer(StepLoop):
                       command="align reward train", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"model.name_or_path": cfg.model.name_or_path, "data.path": cfg.data.path,
                               "data.eval_path": cfg.data.eval_path, "eval.normalize_policy": cfg.eval.normalize_policy})
+        if not self.resume:
+            cfg.data.check_sources_read()
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
         if self.resume:  # said before the models load

@@ -260,18 +260,16 @@ def run_demo(out: Path, *, config_path: Path | None, overrides: list[str], serve
     rankings_data = ["data.format=kwise", f"data.path={rankings_path}"]
     dpo_base = [f"output_dir={out / 'dpo'}", f"policy_model={cfg.model}", "overwrite=true"]
     refuse_demo_settings(cfg, out, {"reward": reward_over, "ppo": ppo_over} if with_reward_model else {"dpo": dpo_over})
-    # Validate every stage's config before spending minutes on the first one; a stage the method does not run is
-    # validated too where it has overrides, which are then refused. The rankings file is not written yet: an
-    # existing file stands in for it (a config checks only that its data files exist).
-    stand_in = ["data.format=kwise", f"data.path={Path(__file__).resolve()}"]
+    # Validate every stage's config before spending minutes on the first one (their data keys wait for the rankings
+    # file); a stage the method does not run is validated too where it has overrides, which are then refused.
     if with_reward_model or reward_over:
-        stage_config("reward", RewardConfig, cfg.reward_config, [*reward_base, *stand_in, *reward_over])
+        stage_config("reward", RewardConfig, cfg.reward_config, [*reward_base, *reward_over])
     if with_reward_model or ppo_over:
         ppo_cfg = stage_config("ppo", PPOConfig, cfg.ppo_stage_config, [
             f"output_dir={out / 'ppo'}", f"policy_model={cfg.model}", f"reward_model={out / 'reward'}",
             "overwrite=true", *([f"method={cfg.method}"] if with_reward_model else []), *ppo_over])
     if not with_reward_model or dpo_over:
-        dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, *stand_in, *dpo_over])
+        dpo_cfg = stage_config("dpo", DPOConfig, cfg.dpo_config, [*dpo_base, "data.format=synthetic", *dpo_over])
     refuse_unused_overrides(cfg.method, reward_over, ppo_over, dpo_over)
     policy_cfg = ppo_cfg if with_reward_model else dpo_cfg
     earlier = check_earlier_demo(out, force=force, resume_from_db=resume_from_db, serve=serve)

@@ -412,3 +412,15 @@ def test_the_logged_learning_rate_is_the_one_each_step_took(small_dpo_run):
     trainer.train()
     assert [r["train/lr"] for r in read_metrics(trainer.out / "metrics.jsonl")] == pytest.approx(
         [5e-3, 3.75e-3, 2.5e-3, 1.25e-3])
+
+
+def test_a_new_run_refuses_a_rankings_file_its_data_format_does_not_read(small_dpo_run, tmp_path):
+    # data.path without data.format trained on the synthetic task's rankings without a word
+    from align.synthetic import make_rankings
+    from dpo.train import run_dpo
+
+    rankings = tmp_path / "rankings.jsonl"
+    write_kwise(make_rankings(8, k=3, seed=1), rankings)
+    with pytest.raises(ConfigError, match=r"^data.path is set but data.format=synthetic does not read it"):
+        run_dpo(load_config(DPOConfig, None, [*small_dpo_run, f"data.path={rankings}"]), echo=lambda _: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

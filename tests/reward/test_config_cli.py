@@ -71,7 +71,7 @@ def test_config_yaml_files_load():
         assert cfg.train.loss == "kwise"
 
 
-def test_a_data_source_the_format_does_not_read_is_refused_not_ignored(tmp_path):
+def test_a_data_source_the_format_does_not_read_is_refused_for_a_new_run_not_ignored(tmp_path, run_cli):
     # a data.path given without data.format trained on the synthetic task without a word
     from pathlib import Path
 
@@ -80,18 +80,20 @@ def test_a_data_source_the_format_does_not_read_is_refused_not_ignored(tmp_path)
 
     rankings = tmp_path / "rankings.jsonl"
     rankings.write_text("")
-    with pytest.raises(ConfigError, match=r"^data.path is set but data.format=synthetic does not read it: set "
-                                          r"data.format to the source's format .* or data.path=null to leave it out"):
-        load_config(RewardConfig, None, [f"data.path={rankings}"])
+    result = run_cli(f"data.path={rankings}", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: data.path is set but data.format=synthetic does not read it: set data.format to the source's format "
+        "(kwise, trl, hh or oasst for a file; annotation for data.db_url and data.project), or data.path=null to "
+        "leave it out") and not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match=r"^data.db_url is set but data.format=kwise does not read it"):
-        load_config(RewardConfig, None, ["data.format=kwise", f"data.path={rankings}", "data.db_url=sqlite:///a.db"])
+        load_config(RewardConfig, None, ["data.format=kwise", f"data.path={rankings}",
+                                         "data.db_url=sqlite:///a.db"]).data.check_sources_read()
     real = Path(__file__).resolve().parents[2] / "configs" / "real" / "reward.yaml"  # format oasst and its path
     with pytest.raises(ConfigError, match=r"^data.path is set but data.format=synthetic"):
-        load_config(RewardConfig, real, ["data.format=synthetic"])
-    cfg = load_config(RewardConfig, real, ["data.format=synthetic", "data.path=null"])
-    assert cfg.data.format == "synthetic" and cfg.data.path is None
-    with pytest.raises(ConfigError, match="data.path: file not found"):
-        load_config(RewardConfig, real, ["data.format=oasst", f"data.path={tmp_path / 'absent.jsonl'}"])
+        load_config(RewardConfig, real, ["data.format=synthetic"]).data.check_sources_read()
+    load_config(RewardConfig, real, ["data.format=synthetic", "data.path=null"]).data.check_sources_read()
+    # a stopped run's config.yaml that holds one still loads, to be resumed as it trained
+    assert load_config(RewardConfig, None, [f"data.path={rankings}"]).data.path == str(rankings)
 
 
 def test_score_and_eval_mistakes_are_refused_before_a_model_loads(tmp_path, capsys):
