@@ -293,6 +293,10 @@ def submit_ranking(
                 return stored
             tried_in_one_statement = True
         with transaction(db, write=True) as tx:
+            if not (a.status == "leased" and a.leased_until >= now):
+                # A lease that ran out: deactivating or removing its annotator expires it too, so
+                # the completion would match; whether they may still rank it is read now
+                a = _task_now(tx, a, members_only)
             if tried_in_one_statement or not _complete(tx, a, user.id, now):
                 # Nothing was stored: the task changed since it was read (ranked or skipped in
                 # another tab, its lease expired by another request's sweep, its annotator

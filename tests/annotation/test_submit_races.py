@@ -128,19 +128,30 @@ def test_a_task_skipped_in_another_tab_meanwhile_is_already_skipped(sm, monkeypa
     assert _state(sm, task.assignment_id) == {"status": "skipped", "rankings": 1, "done_count": 0, "slots_taken": 0}
 
 
-def test_an_annotator_deactivated_meanwhile_in_process_is_refused_as_deactivated(sm, monkeypatch):
+@pytest.mark.parametrize("late", [False, True])  # the lease live at the read, or run out (not swept yet)
+@pytest.mark.parametrize("meanwhile", ["removed", "deactivated"])
+def test_an_annotator_who_lost_access_meanwhile_in_process_is_refused(sm, monkeypatch, meanwhile, late):
+    # a run-out lease is expired by the removal or deactivation too, and the late completion
+    # matched it: the ranking was stored for an annotator who could no longer rank
     _project(sm)
+    t0 = time.time()
     with sm() as db:
         user = services.create_user(db, "ann", None, "annotator")
-        task = services.next_task(db, user, services.get_project(db, "races"))
+        project = services.get_project(db, "races")
+        services.add_member(db, project, user)
+        task = services.next_task(db, user, project, now=t0)
 
-        def deactivate():
+        def lose_access():
             with sm() as other:
-                services.set_active(other, "ann", False)
+                if meanwhile == "removed":
+                    services.remove_member(other, services.get_project(other, "races"), other.get(User, user.id))
+                else:
+                    services.set_active(other, "ann", False)
 
-        _between_read_and_write(monkeypatch, deactivate)
-        with pytest.raises(services.Forbidden, match="deactivated"):
-            services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates])
+        _between_read_and_write(monkeypatch, lose_access)
+        with pytest.raises(services.Forbidden, match="deactivated" if meanwhile == "deactivated" else "no longer a member"):
+            services.submit_ranking(db, user, task.assignment_id, [[c.id] for c in task.candidates],
+                                    now=t0 + LEASE_S + 1 if late else t0 + 1, members_only=True)
     assert _state(sm, task.assignment_id) == {"status": "expired", "rankings": 0, "done_count": 0, "slots_taken": 0}
 
 
