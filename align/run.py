@@ -36,8 +36,11 @@ OVERWRITE_HELP = (
 
 def replaceable_folder(out: Path, made_here: Callable[[Path], bool]) -> bool:
     """Whether --force may replace `out`: an empty folder, or one `made_here` recognises as the
-    command's own earlier output; never a link, a file in the way, or anyone else's folder."""
-    if out.is_symlink() or not out.is_dir():
+    command's own earlier output; never a file in the way, or anyone else's folder. A link is one
+    line of its own (the replacement would take the link's place, not its target's)."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {out.resolve()}); give the folder's own path")
+    if not out.is_dir():
         return False
     try:
         return not any(out.iterdir()) or made_here(out)

@@ -323,3 +323,15 @@ def test_sampling_ignores_the_checkpoints_generation_settings(tiny_random_model,
     assert len(set(greedy_like[0, -12:].tolist())) == 12  # no token repeats under no_repeat_ngram_size=1
     assert generate_responses(model, tokenizer, prompts, **kwargs) == plain
     assert model.generation_config.repetition_penalty == 5.0  # the model's own settings are left as they were
+
+
+def test_force_on_a_link_says_it_is_a_link(no_sft, tmp_path):
+    # the replacement would take the link's place: said as such, not as "not a demo checkpoint"
+    from align.demo_model import build_demo_model, built_as
+
+    target = build_demo_model(tmp_path / "model", size="tiny", seed=0, progress=False)
+    link = tmp_path / "latest"
+    link.symlink_to(target)
+    with pytest.raises(UserError, match=rf"^--out {link} is a symbolic link \(to {target}\); give the folder's own path"):
+        build_demo_model(link, size="small", seed=0, force=True, progress=False)
+    assert link.is_symlink() and built_as(target)[:2] == ("tiny", 0)
