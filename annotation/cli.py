@@ -70,15 +70,21 @@ def _check_host(host: str) -> None:
     only after "Application startup complete", as a log line and exit 3."""
     import socket
 
-    try:
+    failure: OSError | ValueError | None = None
+    try:  # one address that binds is enough: the server skips a family the kernel lacks (IPv6 off, ::1)
         for family, kind, proto, _name, address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
                                                                        flags=socket.AI_PASSIVE):
-            with socket.socket(family, kind, proto) as probe:
-                probe.bind(address)
+            try:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.bind(address)
+                return
+            except OSError as exc:
+                failure = failure or exc
     except (OSError, ValueError) as exc:  # (gaierror is an OSError; a NUL or bad IDNA name a ValueError)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise UserError(f"--host {host}: cannot listen on it ({reason}); give an address of this machine "
-                        "(127.0.0.1: this machine only, 0.0.0.0: every interface)") from None
+        failure = exc
+    reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else failure
+    raise UserError(f"--host {host}: cannot listen on it ({reason}); give an address of this machine "
+                    "(127.0.0.1: this machine only, 0.0.0.0: every interface)") from None
 
 
 def _settings_help() -> str:

