@@ -12,6 +12,8 @@ from align.errors import UserError
 
 MARKER_TABLE = "align_meta"  # annotation.models.Meta: the table every align database has had since v1
 _NAMED = 8  # foreign tables a message names (then "and N more")
+# a PostgreSQL extension's own table in every database it is installed in (PostGIS: the postgis images)
+EXTENSION_TABLES = frozenset({"spatial_ref_sys"})
 
 
 def foreign_tables(conn: Any) -> list[str]:
@@ -21,7 +23,7 @@ def foreign_tables(conn: Any) -> list[str]:
     from sqlalchemy import inspect
 
     names = inspect(conn).get_table_names()
-    return [] if MARKER_TABLE in names else sorted(names)
+    return [] if MARKER_TABLE in names else sorted(set(names) - EXTENSION_TABLES)
 
 
 def refuse_foreign(conn: Any, where: str) -> None:
