@@ -91,8 +91,9 @@ def check_sampling_policy(path: Path, key: str) -> None:
     reward model (sequence classification): loading it as a causal LM fails only after the training."""
     from align.modeling import adapter_chain, check_not_a_reward_model
 
+    chain = adapter_chain(path, find_only=True)  # (its own refusals, a loop of adapters, said as they are)
     try:
-        check_not_a_reward_model(adapter_chain(path, find_only=True))
+        check_not_a_reward_model(chain)
     except UserError:
         fix = ("set eval.normalize_policy to the SFT checkpoint PPO starts from, or eval.normalize=false"
                if key == "model.name_or_path" else "give the SFT checkpoint PPO starts from")
