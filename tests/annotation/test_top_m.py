@@ -134,3 +134,21 @@ def test_imported_top_m_rankings_are_stored_with_below_and_export_as_they_came(e
         assert len(row.order) == 2 and len(row.below) == 2
     (back,) = [json.loads(x) for x in env.client.get("/api/projects/imp/export?format=kwise", headers=env.headers(env.admin_token)).text.splitlines()]
     assert (back["ranks"], back["ranked"]) == ([1, 2, 0, 2], 2)
+
+
+def test_the_admin_s_prompt_page_shows_the_unranked_as_unranked_not_as_a_tie(env):
+    # the two left below the best 2 read "#3", as two responses tied for third would
+    import re
+
+    from tests.annotation.test_web_pages import _signed_in
+
+    tok, task_id, (a, b, c, d) = _top2_task(env)
+    r = env.client.post(f"/api/tasks/{task_id}/ranking", headers=env.headers(tok),
+                        json={"order": [[c], [a]], "below": [d, b]})
+    assert r.status_code == 201, r.text
+    admin, _csrf = _signed_in(env, "admin")
+    page = admin.get("/admin/projects/top/prompts/q0")
+    assert page.status_code == 200
+    rows = re.findall(r"<tr><td[^>]*>.*?answer (\d).*?</td>.*?<td class=\"rank-cell\">(.*?)</td>", page.text, re.S)
+    shown = {f"answer {j}": re.sub(r"<[^>]+>", "", cell) for j, cell in rows}
+    assert shown == {"answer 0": "#2", "answer 1": "unranked", "answer 2": "#1", "answer 3": "unranked"}, shown
