@@ -222,6 +222,8 @@ def create_app(settings: Settings) -> FastAPI:
         errors = [{"type": str(err.get("type")), "loc": [p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ())],
                    "msg": printable(str(err.get("msg")))} for err in exc.errors()]
         problems = [f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors]
+        if wants_page(request) and errors and all(err["loc"][:1] == ["path"] for err in errors):
+            return error_response(request, 404, f"no such page: {printable(request.url.path)}")  # /tasks/abc
         if wants_page(request):
             return error_response(request, 422, "; ".join(problems) or "invalid request")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request", "errors": errors}, status_code=422)

@@ -101,3 +101,14 @@ def test_a_full_server_answers_a_page_with_html_and_the_api_with_json(tmp_path):
     assert page.headers["content-type"].startswith("text/html") and "busy" in page.text
     assert api.json() == {"detail": "the server is busy; try again in a moment"}
     app.state.engine.dispose()
+
+
+def test_a_page_address_naming_nothing_is_not_found_not_a_validation_report(env):
+    # /tasks/abc answered 422 "path.task_id: Input should be a valid integer, unable to parse ..."
+    env.project(n_prompts=1, k=2)
+    env.annotator("ann")
+    c, _csrf = _signed_in(env, "ann")
+    page = c.get("/tasks/abc", headers={"Accept": "text/html"})
+    assert page.status_code == 404 and "no such page: /tasks/abc" in page.text and "valid integer" not in page.text
+    api = c.get("/api/tasks/abc")  # an API client still reads which parameter was wrong
+    assert api.status_code == 422 and "task_id" in api.json()["detail"]
