@@ -23,6 +23,7 @@ from annotation.schemas import (
     ImportPublic,
     InviteCreate,
     InvitePublic,
+    LeasePublic,
     MemberCreate,
     PasswordChange,
     ProjectCreate,
@@ -131,6 +132,16 @@ def revise_ranking(task_id: TaskId, body: RankingCreate, db: SessionDep, user: C
     409: {"description": 'the task is already ranked or skipped ("code": "already_ranked", "already_skipped")'}})
 def skip_task(task_id: TaskId, body: SkipCreate, db: SessionDep, user: CurrentUser):
     return _ranking_public(services.skip_task(db, user, task_id, body.reason, members_only=True))
+
+
+@router.post("/tasks/{task_id}/lease", response_model=LeasePublic, responses={
+    409: {"description": 'the task is already ranked or skipped ("code": "already_ranked", "already_skipped"), or '
+                         'its lease ran out, which is not renewed ("code": "lease_expired"; a ranking sent now still '
+                         'counts if the prompt has a free slot)'}})
+def renew_lease(task_id: TaskId, db: SessionDep, user: CurrentUser):
+    """Keep your live lease on a task while you work on it: it runs for the project's
+    lease_seconds from now. The ranking page sends this while its annotator is active."""
+    return LeasePublic(id=task_id, leased_until=services.renew_lease(db, user, task_id, members_only=True))
 
 
 # --------------------------------------------------------------------------- tokens and users

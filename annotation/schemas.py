@@ -157,6 +157,13 @@ class SkipCreate(_Strict):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+class LeasePublic(BaseModel):
+    """A renewed lease: when it now runs out (seconds since the epoch)."""
+
+    id: int
+    leased_until: float
+
+
 class RankingPublic(BaseModel):
     id: int
     task_id: int | None

@@ -28,7 +28,14 @@ from annotation.services.imports import (
     prompts_without_candidates,
     read_records,
 )
-from annotation.services.leasing import Task, TaskCandidate, next_task, next_task_in, release_expired_leases
+from annotation.services.leasing import (
+    Task,
+    TaskCandidate,
+    next_task,
+    next_task_in,
+    release_expired_leases,
+    renew_lease,
+)
 from annotation.services.projects import (
     MAX_CANDIDATES,
     add_member,
@@ -147,6 +154,7 @@ __all__ = [
     "read_records",
     "release_expired_leases",
     "remove_member",
+    "renew_lease",
     "revise_ranking",
     "revoke_api_token",
     "set_active",

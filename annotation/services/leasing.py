@@ -25,7 +25,7 @@ from annotation.db import DatabaseBusy
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Insert, Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
-from annotation.services.errors import Unauthorized
+from annotation.services.errors import Conflict, Forbidden, NotFound, Unauthorized
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
 from annotation.services.slots import expire_lease
 from annotation.services.users import (
@@ -452,3 +452,45 @@ def _next_task(db: Session, user: User, project: Project, now: float, first_atte
     # contended, not empty. "Nothing left" would tell the annotator they are done; busy
     # (503, Retry-After) has them ask again in a moment.
     raise DatabaseBusy("every task offered was taken by another annotator first; try again in a moment")
+
+
+# The caller's own live lease, held for the project's lease_seconds from now: one UPDATE.
+# A lease that ran out is not revived (its slot may be another annotator's already; a late
+# submission still counts if one is free), nor one of a project the caller left.
+_RENEW = Sql("""
+UPDATE assignments SET leased_until = :now + (SELECT lease_seconds FROM projects WHERE id = assignments.project_id)
+WHERE id = :id AND user_id = :user AND status = 'leased' AND leased_until >= :now
+  AND (NOT CAST(:members_only AS boolean) OR EXISTS (SELECT 1 FROM project_members m
+       WHERE m.project_id = assignments.project_id AND m.user_id = assignments.user_id))
+RETURNING leased_until""")
+_RENEW_REFUSED = Sql("SELECT a.user_id, a.status, EXISTS (SELECT 1 FROM project_members m WHERE "
+                     "m.project_id = a.project_id AND m.user_id = a.user_id) FROM assignments a WHERE a.id = :id")
+
+
+@unit_of_work
+def renew_lease(db: Session, user: User, assignment_id: int, *, members_only: bool = False,
+                now: float | None = None) -> float:
+    """Keep the caller's live lease on a task while they work on it: it then ends the
+    project's lease_seconds from now (returned). NotFound, Forbidden (another annotator's
+    task, a project they left) or Conflict (already_ranked, already_skipped, lease_expired)."""
+    now = time.time() if now is None else now
+    require_annotator(user)
+    members_only = members_only and user.role != "admin"
+    with transaction(db, write=True, durable=False) as tx:  # a lease, as lost as cheaply (raw_sql)
+        until = _RENEW.scalar(tx, id=assignment_id, user=user.id, now=now, members_only=members_only)
+    if until is not None:
+        return until
+    with transaction(db, write=False) as tx:
+        row = _RENEW_REFUSED.first(tx, id=assignment_id)
+    if row is None:
+        raise NotFound(f"no task {assignment_id}")
+    owner, status, member = row
+    if owner != user.id:
+        raise Forbidden(f"task {assignment_id} belongs to another annotator")
+    if members_only and not member:
+        raise Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
+    if status in ("done", "skipped"):
+        what = "ranked" if status == "done" else "skipped"
+        raise Conflict(f"task {assignment_id} is already {what}", code=f"already_{what}")
+    raise Conflict(f"the lease on task {assignment_id} ran out and is not renewed; a ranking sent now still "
+                   "counts if the prompt has a free slot", code="lease_expired")
