@@ -161,12 +161,15 @@
   });
 
   // --- drag and drop with pointer events (mouse, pen and touch alike)
+  // A press on the handle that never moves the card (a click) changes nothing: the ties the
+  // card takes part in break only once it leaves its place, and at the place it is dropped.
   var dragging = null;
+  var dragMoved = false;
   list.addEventListener("pointerdown", function (ev) {
     var handle = ev.target.closest(".handle");
     if (!handle || ev.button !== 0) return;
     dragging = handle.closest("li.cand");
-    breakTiesAround(dragging);
+    dragMoved = false;
     dragging.classList.add("dragging");
     ev.preventDefault();
   });
@@ -183,13 +186,15 @@
     var all = cards();
     var now = all[all.indexOf(dragging) + 1] || null;  // the card after it (the divider is not one)
     if (before !== now) {
+      if (!dragMoved) breakTiesAround(dragging);  // it leaves its place: untie it from its neighbours there
+      dragMoved = true;
       list.insertBefore(dragging, before);
       markChanged();
     }
   });
   function endDrag() {
     if (!dragging) return;
-    breakTiesAround(dragging);
+    if (dragMoved) breakTiesAround(dragging);
     dragging.classList.remove("dragging");
     dragging.focus();
     dragging = null;
@@ -402,15 +407,54 @@
   var lease = document.getElementById("lease");
   if (lease) {
     var until = Date.now() + parseInt(lease.dataset.secondsLeft, 10) * 1000;
+    keepLeaseAlive(parseInt(lease.dataset.leaseSeconds, 10) || 0, function (newUntil) {
+      if (newUntil !== undefined) until = newUntil;
+      return until;
+    });
     var tick = function () {
       var left = Math.max(0, Math.round((until - Date.now()) / 1000));
       var m = Math.floor(left / 60), s = left % 60;
       lease.textContent = left > 0 ? "held for you: " + m + ":" + (s < 10 ? "0" : "") + s
                                    : "lease expired: submit soon, another annotator may take this task";
       lease.classList.toggle("expiring", left < 60);
-      if (left > 0) window.setTimeout(tick, 1000);
+      window.setTimeout(tick, 1000);  // on at 0:00 too: a renewal answered just then moves it on
     };
     tick();
+  }
+
+  // --- lease keep-alive: while the annotator works on the task (any input within the last
+  // lease period), its lease is renewed every third of a lease period (at most once a minute
+  // where the lease is long enough to allow it; a short one is renewed before half of it is
+  // gone). An abandoned tab stops renewing, so its lease runs out and the prompt goes to
+  // another annotator. A lease that ran out is not renewed by the server: the countdown says
+  // so, and a ranking sent then still counts if the prompt has a free slot.
+  function keepLeaseAlive(leaseS, leaseUntil) {
+    if (!(leaseS > 0)) return;
+    var everyMs = 1000 * Math.max(leaseS / 3, Math.min(60, leaseS / 2));
+    var lastActive = Date.now();
+    var active = function () { lastActive = Date.now(); };
+    ["pointerdown", "keydown", "input", "wheel", "touchstart"].forEach(function (type) {
+      document.addEventListener(type, active, { passive: true, capture: true });
+    });
+    window.addEventListener("scroll", active, { passive: true });
+    var renew = function () {
+      if (stored || leaseUntil() <= Date.now()) return;  // saved, skipped or run out: nothing to hold
+      if (busy || Date.now() - lastActive >= leaseS * 1000) { window.setTimeout(renew, everyMs); return; }
+      var sent = Date.now();
+      // No retries of its own (a busy server's 503 waits for the next round) and no message:
+      // the annotator did not ask for it.
+      api("POST", "/api/tasks/" + taskId + "/lease", undefined, 0).then(function (resp) {
+        if (resp.ok) leaseUntil(sent + leaseS * 1000);  // the server's lease ends later than this
+        if (resp.status === 409) {
+          // Ran out: the countdown says so. Ranked or skipped in another tab: a submit says so.
+          return refusal(resp).then(function (why) { if (why.code === "lease_expired") leaseUntil(Date.now()); });
+        }
+        // A session that ended, a project left, a task gone: the submit tells the annotator.
+        if (resp.status === 401 || resp.status === 403 || resp.status === 404) return;
+        window.setTimeout(renew, everyMs);  // renewed, or a busy server: the next round
+      }, function () { window.setTimeout(renew, everyMs); });  // offline for now: the next round
+    };
+    window.setTimeout(renew, everyMs);
   }
 
   restoreDraft();

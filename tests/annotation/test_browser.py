@@ -690,3 +690,47 @@ def test_prompt_page_fits_a_390px_screen(browser, server):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, path  # no sideways scrolling
     shot(page, "11-prompt-page-390")
     ctx.close()
+
+
+def test_a_handle_click_keeps_ties_and_an_active_page_keeps_its_lease(page, server):
+    """A press on a card's handle that does not move it left its tie broken (a card shown
+    tied at #1 became #2, with no message). And the page renews its lease while the
+    annotator works (every lease_seconds / 3), but not for a tab left alone for a lease
+    period, whose lease then runs out. The page's clock is Playwright's, moved on by hand."""
+    from annotation.db import open_db
+    from annotation.models import Assignment
+
+    def leased_until(task_id: int) -> float:
+        sm = open_db(server.db_url)
+        with sm() as db:
+            until = db.get(Assignment, task_id).leased_until
+        sm.kw["bind"].dispose()
+        return until
+
+    page.clock.install()
+    login(page, server, "bob")
+    task_id = start(page)
+    page.focus("#ranking > li:nth-child(2)")
+    page.keyboard.press("t")
+    tied = dom_order(page)
+    assert len(tied[0]) == 2 and page.locator("#ranking li.cand").nth(1).locator(".rank-label").inner_text() == "#1 best"
+    page.locator("#ranking li.cand").nth(1).locator(".handle").click()  # pressed and let go, not moved
+    assert dom_order(page) == tied
+    assert page.locator("#ranking li.cand").nth(1).locator(".rank-label").inner_text() == "#1 best"
+    page.locator("#ranking li.cand").nth(1).locator(".handle").drag_to(
+        page.locator("#ranking li.cand").nth(3), target_position={"x": 20, "y": 60})  # a real move unties it
+    assert [len(g) for g in dom_order(page)] == [1, 1, 1, 1]
+
+    renewals: list[str] = []
+    page.on("request", lambda r: renewals.append(r.url) if r.url.endswith(f"/api/tasks/{task_id}/lease") else None)
+    before = leased_until(task_id)
+    with page.expect_response(lambda r: r.url.endswith("/lease")) as renewed:
+        page.clock.fast_forward("05:01")  # a third of the project's 900 s, the annotator active
+    assert renewed.value.status == 200 and leased_until(task_id) > before
+    page.clock.run_for(2000)
+    assert page.locator("#lease").inner_text() in ("held for you: 14:58", "held for you: 14:59")
+    with page.expect_response(lambda r: r.url.endswith("/lease")):
+        page.clock.fast_forward("05:00")  # 10 minutes since the last key: still active
+    page.clock.fast_forward("05:00")  # 15 minutes: the tab counts as left alone, nothing is sent
+    page.wait_for_timeout(500)
+    assert len(renewals) == 2
