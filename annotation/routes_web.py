@@ -77,15 +77,21 @@ async def html_error_handler(request: Request, exc):
                           getattr(exc, "code", None), getattr(exc, "headers", None))
 
 
+# What a form that redirects home says there (`/?done=KEY`): fixed words, never the query's text
+DONE_NOTICES = {"account": "Account created. Sign in.",
+                "password": "Password changed. Your other sessions and API tokens were signed out."}
+
+
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, db: SessionDep, user: OptionalUser):
+def home(request: Request, db: SessionDep, user: OptionalUser, done: str | None = None):
+    notice = DONE_NOTICES.get(done or "")
     if user is None:
-        return page(request, "login.html", user=None, error=None)
+        return page(request, "login.html", user=None, error=None, notice=notice)
     projects = [
         {"p": p, "progress": services.project_progress(db, p), "mine": services.user_progress(db, user, p)}
         for p in services.list_projects(db, user)
     ]
-    return page(request, "home.html", user=user, projects=projects)
+    return page(request, "home.html", user=user, projects=projects, notice=notice)
 
 
 @router.post("/login")
@@ -167,7 +173,7 @@ def password_change(request: Request, db: SessionDep, user: CurrentUser, _csrf: 
                                  max_failures=settings.login_max_failures, window_s=settings.login_window_s)
     except services.ServiceError as exc:
         return page(request, "password.html", status_code=http_status(exc), user=user, error=str(exc))
-    return RedirectResponse("/", status_code=303)
+    return RedirectResponse("/?done=password", status_code=303)
 
 
 @router.get("/invite/{token}", response_class=HTMLResponse)
@@ -182,7 +188,8 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
         services.accept_invite(db, token, username, password)
     except services.ServiceError as exc:
         return page(request, "invite.html", status_code=http_status(exc), user=None, token=token, error=str(exc))
-    return page(request, "login.html", user=None, error=None, notice="Account created. Sign in.")
+    # away from the invite's address: reloading it said the (used) link was unknown
+    return RedirectResponse("/?done=account", status_code=303)
 
 
 FLAGGED_PER_PAGE = 20

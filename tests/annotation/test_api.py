@@ -447,6 +447,7 @@ def test_admin_dashboard_page_and_invite_flow(env):
     assert listed.status_code == 422 and "known-compromised" in listed.text
     made = c.post(path, data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(form.text)})
     assert made.status_code == 200 and "Account created" in made.text
+    assert made.url.path == "/"  # redirected away from the invite: reloading it said the link was unknown
     assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 404
     # the new annotator signs in and cannot open the admin page
     c.post("/login", data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(c.get("/").text)})

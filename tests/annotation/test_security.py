@@ -281,6 +281,8 @@ def test_an_account_with_an_old_password_keeps_working_and_is_asked_to_change_it
     assert form.status_code == 200 and 'minlength="15"' in form.text
     done = c.post("/account/password", data={"current_password": old, "new_password": new, "csrf_token": _csrf(form.text)})
     assert done.status_code == 200 and 'id="password-notice"' not in done.text  # followed to the home page
+    assert "Password changed. Your other sessions and API tokens were signed out." in done.text  # it said nothing
+    assert 'href="/account/password"' in done.text  # the page is reachable when no change is required too
     assert c.get("/api/me").json()["password_change_required"] is False  # the session that changed it stays
     assert env.client.get("/api/me", headers=env.headers(token)).status_code == 401  # other credentials are revoked
     assert env.client.post("/api/tokens", json={"username": "olduser", "password": old}).status_code == 401
