@@ -65,9 +65,9 @@ def _log_level(value: str) -> str:
 
 
 def _check_host(host: str) -> None:
-    """--host must be an address of this machine (or a name for one), bound here on a port the
-    system picks, as the server binds it (every address the name resolves to): uvicorn said so
-    only after "Application startup complete", as a log line and exit 3."""
+    """--host must be an address of this machine (or a name for one): one of the addresses it
+    resolves to is bound here on a port the system picks, as the server would bind it. uvicorn
+    said so only after "Application startup complete", as a log line and exit 3."""
     import socket
 
     failure: OSError | ValueError | None = None

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from align.errors import UserError
+from annotation.models import Meta
 
-MARKER_TABLE = "align_meta"  # annotation.models.Meta: the table every align database has had since v1
+MARKER_TABLE = Meta.__tablename__  # the table every align database has had since v1
 _NAMED = 8  # foreign tables a message names (then "and N more")
 # a PostgreSQL extension's own table in every database it is installed in (PostGIS: the postgis images)
 EXTENSION_TABLES = frozenset({"spatial_ref_sys"})

@@ -50,6 +50,15 @@ class Throttled(ServiceError):
         self.retry_after = retry_after
 
 
+def not_a_member(task_id: int) -> Forbidden:
+    """A task of a project its annotator was removed from (members-only requests)."""
+    return Forbidden(f"task {task_id} is in a project you are no longer a member of")
+
+
+def another_annotators(task_id: int) -> Forbidden:
+    return Forbidden(f"task {task_id} belongs to another annotator")
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether a database error says its disk is full (SQLite: "database or disk is full";
     PostgreSQL: "No space left on device")."""

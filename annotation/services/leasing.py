@@ -25,7 +25,7 @@ from annotation.db import DatabaseBusy
 from annotation.models import Assignment, Project, Prompt, RankingRow, User
 from annotation.raw_sql import Insert, Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
-from annotation.services.errors import Conflict, Forbidden, NotFound, Unauthorized
+from annotation.services.errors import Conflict, NotFound, Unauthorized, another_annotators, not_a_member
 from annotation.services.projects import VISIBLE_PROJECT_COLUMNS, VisibleProjectRow, project_for, visible_project
 from annotation.services.slots import expire_lease
 from annotation.services.users import (
@@ -78,6 +78,9 @@ class AssignmentRow(NamedTuple):
     status: str
     candidate_order: list[int]
     leased_until: float
+
+    def live(self, now: float) -> bool:
+        return self.status == "leased" and self.leased_until >= now
 
 
 _ASSIGNMENT = Sql("SELECT id, user_id, project_id, prompt_id, status, candidate_order, leased_until "
@@ -486,9 +489,9 @@ def renew_lease(db: Session, user: User, assignment_id: int, *, members_only: bo
         raise NotFound(f"no task {assignment_id}")
     owner, status, member = row
     if owner != user.id:
-        raise Forbidden(f"task {assignment_id} belongs to another annotator")
+        raise another_annotators(assignment_id)
     if members_only and not member:
-        raise Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
+        raise not_a_member(assignment_id)
     if status in ("done", "skipped"):
         what = "ranked" if status == "done" else "skipped"
         raise Conflict(f"task {assignment_id} is already {what}", code=f"already_{what}")

@@ -14,7 +14,15 @@ from annotation.limits import MAX_DB_INT, MAX_TIME_SPENT_MS
 from annotation.models import Project, RankingRow, User
 from annotation.raw_sql import Sql, Transaction, autocommit, insert_into, on_postgresql, transaction
 from annotation.services._tx import read_only, unit_of_work
-from annotation.services.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from annotation.services.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+    another_annotators,
+    not_a_member,
+)
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
 from annotation.services.slots import free_slot
@@ -195,17 +203,13 @@ def _own_assignment(db: Session, user: User, assignment_id: int, members_only: b
     if a is None:
         raise NotFound(f"no task {assignment_id}")
     if a.user_id != user.id:
-        raise Forbidden(f"task {assignment_id} belongs to another annotator")
+        raise another_annotators(assignment_id)
     if members_only and user.role != "admin":
         with transaction(db, write=False) as tx:
             member = _IS_MEMBER.first(tx, project=a.project_id, user=user.id) is not None
         if not member:
-            raise _not_a_member(assignment_id)
+            raise not_a_member(assignment_id)
     return a
-
-
-def _not_a_member(assignment_id: int) -> Forbidden:
-    return Forbidden(f"task {assignment_id} is in a project you are no longer a member of")
 
 
 @read_only
@@ -286,14 +290,14 @@ def submit_ranking(
     # The conditional updates below re-check everything they rely on from the read above.
     tried_in_one_statement = False
     try:
-        if a.status == "leased" and a.leased_until >= now and on_postgresql(db):
+        if a.live(now) and on_postgresql(db):
             stored = _store_in_one_statement(db, user, a.id, order, below, set(a.candidate_order), all_bad,
                                              rationale, time_spent_ms, now, members_only)
             if stored is not None:
                 return stored
             tried_in_one_statement = True
         with transaction(db, write=True) as tx:
-            if not (a.status == "leased" and a.leased_until >= now):
+            if not a.live(now):
                 # A lease that ran out: deactivating or removing its annotator expires it too, so
                 # the completion would match; whether they may still rank it is read now
                 a = _task_now(tx, a, members_only)
@@ -363,7 +367,7 @@ def _complete(tx: Transaction, a: AssignmentRow, user_id: int, now: float) -> bo
     whose ranking still counts if a slot is free (lease_expired if none is). False when it
     is neither any more, having changed nothing but, maybe, marking a lease that ran out
     expired (its slot given back), as a sweep would."""
-    live = a.status == "leased" and a.leased_until >= now
+    live = a.live(now)
     if a.status == "leased" and not live:
         expire_lease(tx, a.id, a.prompt_id)
     # The lease that ran out stays 'expired' until this marks it done: made 'leased' again
@@ -395,7 +399,7 @@ def _task_now(tx: Transaction, a: AssignmentRow, members_only: bool) -> Assignme
     if not active:
         raise _Deactivated
     if members_only and role != "admin" and not member:
-        raise _not_a_member(a.id)
+        raise not_a_member(a.id)
     if status == "done" or ranked:
         raise Conflict(f"task {a.id} was submitted already", code="already_ranked")
     if status == "skipped":
