@@ -157,6 +157,15 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
 
 
 
+def resumed_line(stage: str, run_dir: Path, done: int, total: int, unit: str) -> str:
+    """What a resumed run says as it starts: where it continues, or that its training had finished
+    (a resume may change the evaluation's settings, so only the evaluation runs again)."""
+    where = f"{stage}: resumed {run_dir} at {unit} {done}"
+    if done < total:
+        return where
+    return f"{where} of {total}: its training had finished, so only the evaluation runs again"
+
+
 def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:
     """One line for a checkpoint that cannot be read, naming what failed: a sharded load's
     CheckpointException (torch.distributed.checkpoint) carries each rank's own error, its own

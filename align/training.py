@@ -24,6 +24,7 @@ from align.checkpoint import (
     data_fingerprint,
     load_training_state,
     release_run_dir,
+    resumed_line,
     save_training_state,
     start_run_dir,
 )
@@ -187,4 +188,4 @@ class StepLoop:
         # (the reward stage's earlier checkpoints name the count forward_passes)
         self.responses_forwarded = state.get("responses_forwarded", state.get("forward_passes"))[self.rank]
         if self.is_main:
-            self.echo(f"{self.stage}: resumed {self.out} at step {self.step_count}")
+            self.echo(resumed_line(self.stage, self.out, self.step_count, len(self.global_batches), "step"))

@@ -23,6 +23,7 @@ from align.checkpoint import (
     data_fingerprint,
     latest_checkpoint,
     load_training_state,
+    resumed_line,
     save_training_state,
 )
 from align.config import config_to_dict
@@ -73,7 +74,7 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     trainer.iteration = state["iteration"]
     trainer.clock.load_state_dict(state.get("clock"))
     if trainer.is_main:
-        log.info("resumed %s at iteration %d", trainer.run_dir, trainer.iteration)
+        log.info(resumed_line("ppo", trainer.run_dir, trainer.iteration, trainer.cfg.num_iterations, "iteration"))
 
 
 def check_distributed_setup(accelerator: Any, cfg: PPOConfig, resume: bool, fsdp: Any = None) -> None:

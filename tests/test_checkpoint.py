@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from align.checkpoint import check_same_run, data_fingerprint, flat_config
+from align.checkpoint import check_same_run, data_fingerprint, flat_config, resumed_line
 from align.errors import UserError
 from align.provenance import model_fingerprint
 
@@ -18,6 +18,13 @@ CONFIG = {"seed": 0, "train": {"learning_rate": 1e-3, "save_every": 50}, "output
 def test_flat_config_names_settings_by_their_dotted_keys():
     assert flat_config(CONFIG) == {"seed": 0, "train.learning_rate": 1e-3, "train.save_every": 50,
                                    "output_dir": "runs/a"}
+
+
+def test_a_resumed_run_says_where_it_continues_or_that_only_its_evaluation_runs_again():
+    run = Path("runs/a")
+    assert resumed_line("dpo", run, 4, 12, "step") == "dpo: resumed runs/a at step 4"
+    assert resumed_line("ppo", run, 80, 80, "iteration") == (
+        "ppo: resumed runs/a at iteration 80 of 80: its training had finished, so only the evaluation runs again")
 
 
 def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():

@@ -82,9 +82,11 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_result(sm
         written.write_text(written.read_text().replace("annotators_per_prompt", "annotators"))
     taken: list[int] = []
     monkeypatch.setattr(DPOTrainer, "step", recording_steps(DPOTrainer.step, "step_count", taken.append))
-    resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["keep_checkpoints=3"]), echo=lambda _: None,
+    said: list[str] = []
+    resumed = run_dpo(load_config(DPOConfig, stopped / "config.yaml", ["keep_checkpoints=3"]), echo=said.append,
                       resume=True)
     assert taken == list(range(5, steps + 1))
+    assert f"dpo: resumed {stopped} at step 4" in said
     assert load_config(DPOConfig, stopped / "config.yaml").keep_checkpoints == 3 and not leftover.exists()
     assert "annotators_per_prompt:" in (stopped / "config.yaml").read_text()  # recorded under the key's own name
     new = assert_rows_kept(before, read_metrics(stopped / "metrics.jsonl"), "step", 4)
