@@ -22,10 +22,25 @@ class _NotJson(ValueError):
     pass
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
 def _refuse_constant(name: str) -> None:
     # Python's json module reads NaN and Infinity, which JSON does not have: the data is refused here
     # rather than carried into files other readers cannot parse
     raise _NotJson(f"{name} is not a JSON value")
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Python's json module keeps the last of a repeated key without a word: a record with two
+    # "ranks" (a merge gone wrong) would train on one of them silently
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _RepeatedKey(f"the key {repeated!r} appears twice in one object; keep the one that is meant")
+    return record
 
 
 def input_file_problem(path: str | Path) -> str | None:
@@ -67,11 +82,13 @@ def jsonl_rows(path: str | Path):
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line, parse_constant=_refuse_constant)
+                    yield lineno, json.loads(line, parse_constant=_refuse_constant, object_pairs_hook=_refuse_repeated_keys)
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 except _NotJson as exc:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+                except _RepeatedKey as exc:
+                    raise UserError(f"{path}:{lineno}: {exc}") from None
                 except ValueError:  # Python's limit on an integer's digits (4300), not JSON's
                     raise UserError(f"{path}:{lineno}: not valid JSON (a number too long to read)") from None
                 except RecursionError:

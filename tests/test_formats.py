@@ -68,6 +68,18 @@ def test_a_line_with_a_constant_json_does_not_have_is_refused(tmp_path, constant
         list(jsonl_rows(f))
 
 
+def test_a_record_with_a_repeated_key_is_refused_naming_the_key(tmp_path):
+    # Python's json keeps the last of two values without a word; which ranking was meant is the user's call
+    f = tmp_path / "rankings.jsonl"
+    f.write_text('{"prompt": "x", "responses": ["a", "b"], "ranks": [0, 1]}\n'
+                 '{"prompt": "y", "responses": ["a", "b"], "ranks": [0, 1], "meta": {"ranks": 1}, "ranks": [1, 0]}\n')
+    with pytest.raises(UserError, match=rf"^{f}:2: the key 'ranks' appears twice in one object; keep the one that is meant$"):
+        list(jsonl_rows(f))
+    f.write_text('{"prompt": "y", "meta": {"a": 1, "a": 2}}\n')  # in a nested object too
+    with pytest.raises(UserError, match=rf"^{f}:1: the key 'a' appears twice"):
+        list(jsonl_rows(f))
+
+
 def test_hh_round_trip_and_gzip(tmp_path):
     rows = [
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Why did the chicken...",
