@@ -167,6 +167,31 @@ def project_progress(db: Session, project: Project) -> dict[str, int]:
             "in_progress": int(taken) - int(done)}
 
 
+def _latest_rankings(db: Session, project: Project) -> tuple[list[Any], dict[int, list[int]]]:
+    """What the dashboard reads: each annotator's latest ranking or skip of each prompt, as plain rows
+    with the prompt's source id, and the candidate ids of the prompts ranked, in order. No text: the
+    prompts' and candidates' texts are most of a project's bytes, and no figure needs them."""
+    from annotation.models import Candidate
+
+    latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
+              .where(RankingRow.project_id == project.id).group_by(RankingRow.prompt_id, RankingRow.user_id).subquery())
+    rows = db.execute(
+        select(RankingRow.prompt_id, RankingRow.order, RankingRow.below, RankingRow.all_bad, RankingRow.time_spent_ms,
+               RankingRow.created_at, RankingRow.skipped, RankingRow.skip_reason, User.username, Prompt.source_id)
+        .join(User, User.id == RankingRow.user_id).join(Prompt, Prompt.id == RankingRow.prompt_id)
+        .join(latest, and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id,
+                           latest.c.rev == RankingRow.revision))
+        .where(RankingRow.project_id == project.id)
+        .order_by(RankingRow.prompt_id, User.username)).all()
+    candidate_ids: dict[int, list[int]] = {}
+    ranked = select(RankingRow.prompt_id).where(RankingRow.project_id == project.id)
+    for prompt_id, candidate_id in db.execute(select(Candidate.prompt_id, Candidate.id)
+                                              .where(Candidate.prompt_id.in_(ranked))
+                                              .order_by(Candidate.prompt_id, Candidate.position)):
+        candidate_ids.setdefault(prompt_id, []).append(candidate_id)
+    return rows, candidate_ids
+
+
 @read_only
 def dashboard(db: Session, project: Project) -> dict[str, Any]:
     """Progress, per-annotator counts and median time, agreement metrics and flagged items."""
@@ -179,9 +204,10 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
     by_prompt: dict[int, dict[str, metrics.Ranks]] = {}
     flagged: dict[int, dict[str, Any]] = {}
     source_ids: dict[int, str] = {}
-    for row, (_content, source_id), cands in _ranking_rows(db, project, include_skipped=True):
+    rows, candidate_ids = _latest_rankings(db, project)
+    for row in rows:
         name, pid = row.username, row.prompt_id
-        source_ids[pid] = source_id
+        source_id = source_ids[pid] = row.source_id
         u = per_user.setdefault(name, {"rankings": 0, "skips": 0, "all_bad": 0, "times": []})
         if row.skipped:
             u["skips"] += 1
@@ -194,7 +220,7 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
         if row.all_bad:
             u["all_bad"] += 1
             flagged.setdefault(pid, {"prompt_id": source_id, "reasons": []})["reasons"].append(f"all bad ({name})")
-        ranks = order_to_ranks([c.id for c in cands], row.order, row.below)
+        ranks = order_to_ranks(candidate_ids[pid], row.order, row.below)
         m = ranked_prefix(row.order, row.below)
         by_prompt.setdefault(pid, {})[name] = ranks if m is None else metrics.TopRanks(ranks, m)
     firsts.sort()
