@@ -44,4 +44,6 @@ def csrf_token(secret: str, bound_to: str) -> str:
 def csrf_ok(secret: str, bound_to: str | None, presented: str | None) -> bool:
     if not bound_to or not presented:
         return False
-    return hmac.compare_digest(csrf_token(secret, bound_to), presented)
+    # as bytes: compare_digest refuses str with non-ASCII characters (TypeError), and a presented
+    # token is whatever the request carried
+    return hmac.compare_digest(csrf_token(secret, bound_to).encode(), presented.encode("utf-8", "surrogateescape"))

@@ -532,3 +532,24 @@ def test_stored_passwords_are_hashed_at_production_cost_outside_the_tests(monkey
     params = extract_parameters(stored)
     assert params.type is Type.ID and params.time_cost >= 3 and params.memory_cost >= 64 * 1024
     assert verify_password(stored, "correct horse battery staple") and not verify_password(stored, "wrong")
+
+
+def test_a_csrf_token_with_characters_no_token_has_is_refused_not_a_server_error(env):
+    """A presented token is whatever the request carried: one with a non-ASCII character (which
+    hmac.compare_digest refuses as text) is a wrong token, in a header or a form alike."""
+    from fastapi.testclient import TestClient
+
+    from tests.annotation.test_api import _csrf
+
+    env.project(n_prompts=2, k=2)
+    env.annotator("alice")
+    c = TestClient(env.client.app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": "\u00e9"}, follow_redirects=False)
+    assert r.status_code == 403 and not c.cookies.get("align_session")
+    r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)},
+               follow_redirects=False)
+    assert r.status_code == 303
+    before = env.counts()
+    r = c.post("/api/projects/p/next", headers={"X-CSRF-Token": "\u00e9".encode()})
+    assert r.status_code == 403 and r.json()["code"] == "csrf_token", r.text
+    assert env.counts() == before
