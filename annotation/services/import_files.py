@@ -15,7 +15,7 @@ from annotation.models import Project, Prompt
 from annotation.services._tx import unit_of_work
 from annotation.services.errors import Invalid, ServiceError
 from annotation.services.imports import ImportReport
-from annotation.services.projects import MAX_CANDIDATES, get_or_create_project
+from annotation.services.projects import MAX_CANDIDATES, check_project_name, get_or_create_project
 from annotation.services.ranking_import import import_rankings
 
 
@@ -46,6 +46,7 @@ def import_file(db: Session, project_name: str, fmt: str, path: Any, **project_k
 
 
 def _import_file(db: Session, project_name: str, fmt: str, path: Any, **project_kwargs: Any) -> ImportReport:
+    project_name = check_project_name(project_name)  # as a created project's name is stored
     asked = dict(project_kwargs)  # the project settings the import was given (for a project it creates)
     records = imports.read_records(fmt, path)
     where = _place_in(path)  # (prompts: the rankings import names its records itself)

@@ -24,6 +24,8 @@ def check_project_name(name: Any) -> str:
     name = name.strip()
     if not name or len(name) > 128 or "/" in name or any(not ch.isprintable() for ch in name):
         raise Invalid("project name must be 1-128 printable characters without '/'")
+    if name in (".", ".."):  # a client (browsers, curl, httpx) drops such a segment from an address
+        raise Invalid(f"project name cannot be {name!r}: addresses drop such a path segment")
     return name
 
 
@@ -109,6 +111,7 @@ def project_for(db: Session, user: User, name: str) -> Project:
 
 @unit_of_work
 def get_or_create_project(db: Session, name: str, **kwargs: Any) -> Project:
+    name = check_project_name(name)  # as create_project stores it: " x " finds the project "x"
     project = db.scalar(select(Project).where(Project.name == name))
     return project if project is not None else create_project(db, name, **kwargs)
 

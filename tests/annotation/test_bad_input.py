@@ -176,3 +176,24 @@ def test_non_finite_numbers_and_lone_surrogates_in_a_body_are_a_422_and_store_no
         assert r.status_code == 422 and r.json()["detail"], (body, r.status_code, r.text)
         assert env.counts() == before
     assert env.client.get("/api/projects/p", headers=env.headers(env.admin_token)).json()["progress"]["prompts"] == prompts
+
+
+def test_a_project_is_named_as_it_is_stored_and_dot_names_are_refused(env):
+    """A name is stored without its outer spaces: an import to " x " finds the project "x" it made
+    the first time, instead of answering that "x" exists. "." and ".." cannot be addressed (clients
+    drop such a path segment: /api/projects/./members is sent as /api/projects/members)."""
+    h = env.headers(env.admin_token)
+    body = b'{"prompt": "hi", "candidates": ["a", "b"]}\n'
+    first = env.client.post("/api/projects/%20x%20/import?format=prompts", headers=h, content=body)
+    assert first.status_code == 201 and first.json()["prompts_added"] == 1, first.text
+    again = env.client.post("/api/projects/%20x%20/import?format=prompts", headers=h, content=body)
+    assert again.status_code == 201 and again.json()["prompts_added"] == 0, again.text
+    assert [p["name"] for p in env.client.get("/api/projects", headers=h).json()] == ["x"]
+    before = env.counts()
+    for name in (".", ".."):
+        r = env.client.post("/api/projects", headers=h, json={"name": name, "k": 2})
+        assert r.status_code == 422 and "addresses drop such a path segment" in r.json()["detail"], r.text
+        r = env.client.post("/api/projects/%2E/import?format=prompts" if name == "." else
+                            "/api/projects/%2E%2E/import?format=prompts", headers=h, content=body)
+        assert r.status_code == 422 and "addresses drop such a path segment" in r.json()["detail"], r.text
+    assert env.counts() == before
