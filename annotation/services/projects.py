@@ -133,7 +133,10 @@ def is_member(db: Session, project: Project, user: User) -> bool:
 
 @unit_of_work
 def add_member(db: Session, project: Project, user: User) -> bool:
-    """Make `user` a member of `project` (True if they were not one already)."""
+    """Make `user` a member of `project` (True if they were not one already). An imported
+    annotator's account (role "source") never signs in: there is no such user to add."""
+    if user.role == "source":
+        raise NotFound(f"no user {user.username!r}")
     if db.scalar(select(ProjectMember.user_id).where(
             ProjectMember.project_id == project.id, ProjectMember.user_id == user.id)) is not None:
         return False
