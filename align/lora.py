@@ -158,7 +158,7 @@ def save_policy_adapter(policy: Any, tokenizer: Any, base_path: str | Path, out:
     written whole or not at all. `state`: the adapter's weights gathered in full from the ranks'
     shards (FSDP2), keyed as `policy`'s own state dict; None: `policy` holds them.
     Beside it, RUN/trained_on.json records the model chain under the adapter (`policy_model`:
-    align.checkpoint.write_models_record), so that an export onto a base rebuilt in place since is
+    align.provenance.write_models_record), so that an export onto a base rebuilt in place since is
     refused. It is written first: an adapter is never there with an earlier run's record beside it;
     and not in RUN/policy, whose files an adapter export ships."""
     from align.provenance import MODELS_RECORD_FILE, write_models_record

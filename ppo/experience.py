@@ -93,9 +93,9 @@ class PromptsAndResponses:
         result the same (the dropped columns only ever held masked-out padding).
 
         `bounds` = (first prompt column kept, response columns kept) when the caller knows them on
-        the host (`rows_padding_bounds`), so that trimming reads nothing back from the device."""
+        the host (`batch_trim_bounds`), so that trimming reads nothing back from the device."""
         if bounds is None:
-            bounds = rows_padding_bounds(*row_padding_bounds(self.query_mask, self.response_mask),
+            bounds = batch_trim_bounds(*per_row_padding(self.query_mask, self.response_mask),
                                          range(len(self.query_mask)))
         first, last = bounds
         return type(self)(
@@ -155,7 +155,7 @@ class Experience(PromptsAndResponses):
     def __len__(self) -> int:
         return self.query_ids.shape[0]
 
-def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+def per_row_padding(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
     """Per row, read back to the host once: the first real prompt column (0 for an empty prompt,
     which keeps every column) and one past the last real response column (0 for none)."""
     q, t = query_mask.shape[1], response_mask.shape[1]
@@ -166,8 +166,8 @@ def row_padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) ->
     return first.tolist(), last.tolist()
 
 
-def rows_padding_bounds(first: list[int], last: list[int], rows: Iterable[int]) -> tuple[int, int]:
-    """`trim_padding`'s bounds for `rows`, from `row_padding_bounds`' per-row lists: the first
+def batch_trim_bounds(first: list[int], last: list[int], rows: Iterable[int]) -> tuple[int, int]:
+    """`trim_padding`'s bounds for `rows`, from `per_row_padding`'s per-row lists: the first
     prompt column real in some row, and one past the last response column real in some row (at
     least 1)."""
     rows = list(rows)

@@ -100,11 +100,11 @@ def test_host_padding_bounds_of_any_rows_are_those_read_from_the_masks():
     # set of rows they must be the columns that are padding in none of those rows.
     import itertools
 
-    from ppo.experience import row_padding_bounds, rows_padding_bounds
+    from ppo.experience import batch_trim_bounds, per_row_padding
 
     query_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])  # prompts start at 2, 1, 3
     response_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])  # end at 2, 4, none
-    first, last = row_padding_bounds(query_mask, response_mask)
+    first, last = per_row_padding(query_mask, response_mask)
     assert (first, last) == ([2, 1, 3], [2, 4, 0])
     for n in (1, 2, 3):
         for rows in itertools.combinations(range(3), n):
@@ -112,8 +112,8 @@ def test_host_padding_bounds_of_any_rows_are_those_read_from_the_masks():
             real_prompt = [c for c in range(4) if query_mask[index, c].any()]
             real_response = [c for c in range(5) if response_mask[index, c].any()]
             expected = (real_prompt[0], real_response[-1] + 1 if real_response else 1)
-            assert rows_padding_bounds(first, last, index) == expected
-    assert rows_padding_bounds(first, last, [2]) == (3, 1)  # no response token: one column is kept
+            assert batch_trim_bounds(first, last, index) == expected
+    assert batch_trim_bounds(first, last, [2]) == (3, 1)  # no response token: one column is kept
 
 
 @pytest.mark.parametrize("which", ["prompts", "eval_prompts"])
