@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from align.chat import as_messages
 from align.formats import Ranking, format_hh_transcript, merge_repeated_responses
 from align.run import write_jsonl_atomic
 
@@ -34,7 +35,7 @@ def pairs_from_rankings(rankings: list[Ranking], conversational: bool | None = N
     for r, chosen, rejected in _pair_rows(rankings):
         conv = isinstance(r.prompt, list) if conversational is None else conversational
         if conv:
-            prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+            prompt = as_messages(r.prompt)
             row = {
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": chosen}],
@@ -58,7 +59,7 @@ def hh_problem(r: Ranking) -> str | None:
     """Why an HH transcript cannot hold this ranking's prompt as it is (None: it can). A
     transcript has Human and Assistant turns only, split at "\\n\\nHuman:" and
     "\\n\\nAssistant:", and a reader takes the prompt to end at the last Human turn."""
-    messages = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+    messages = as_messages(r.prompt)
     if any(m["role"] not in ("user", "assistant") for m in messages):
         return "a system message (or a role other than user and assistant), which would read back as a Human turn"
     if any(_HH_TURN_MARK.search(m["content"]) for m in messages):
@@ -92,7 +93,7 @@ def hh_from_rankings(rankings: list[Ranking]) -> list[dict[str, str]]:
     says how many and why."""
     rows = []
     for r, chosen, rejected in _pair_rows([r for r in rankings if hh_problem(r) is None]):
-        prompt = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+        prompt = as_messages(r.prompt)
         rows.append(
             {
                 "chosen": format_hh_transcript(prompt + [{"role": "assistant", "content": chosen}]),
