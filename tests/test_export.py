@@ -389,11 +389,11 @@ def test_the_model_card_lists_the_settings_the_method_used(tiny_ppo_run, tmp_pat
 def test_an_output_below_a_file_is_one_line(tiny_ppo_run, tmp_path, below):
     (tmp_path / "plainfile").write_text("mine")
     out = tmp_path / "plainfile" / below
-    with pytest.raises(UserError, match=rf"--out {out}: {tmp_path / 'plainfile'} is a file, not a folder"):
+    with pytest.raises(UserError, match=rf"--out {out}: cannot create directory .*: {tmp_path / 'plainfile'} is a file, not a directory"):
         export_run(tiny_ppo_run, out)
     result = subprocess.run([sys.executable, "-m", "align", "export", str(tiny_ppo_run), "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "plainfile").read_text() == "mine"
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from align.commands.model_card import CARD_TITLES, FORMS, POLICY_KINDS, model_card, policy_bases, sft_adapter_note
 from align.errors import UserError
 from align.modeling import check_model_files
-from align.run import atomic_directory, remove_path
+from align.run import atomic_directory, make_directory, remove_path
 
 log = logging.getLogger("align")
 
@@ -205,16 +205,12 @@ def _earlier_export(out: Path) -> bool:
 def _prepare_output_folder(out: Path) -> None:
     """The folder --out goes into, created if need be, or one line saying why it cannot be (a file in
     the way, no permission), before any weights are loaded."""
-    parent = out.parent
-    first_existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
-    if first_existing is not None and not first_existing.is_dir():
-        raise UserError(f"--out {out}: {first_existing} is a file, not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create the folder {parent} ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: the folder {parent} is not writable")
+        make_directory(out.parent)
+    except UserError as exc:
+        raise UserError(f"--out {out}: {exc}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {out.parent} is not writable")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
