@@ -6,10 +6,13 @@ Raw rankings are append-only: a correction is a new `rankings` row with revision
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; read by type checkers only
 
 _mappers_configured = False
 
