@@ -198,7 +198,7 @@ class RewardTrainer(StepLoop):
         if self.is_main:
             self.open_logs(OUTPUTS)
             self.echo(
-                f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} batch elements), "
+                f"reward: {len(self.data.train)} training rankings ({cfg.train.loss}, {len(self.train_set)} examples), "
                 f"{len(self.data.eval)} held-out, {self.total_steps} steps on {processes_text(self.world)}, "
                 f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'}"
                 f"{f' of the top {cfg.model.train_layers} layers' if cfg.model.train_layers else ''} on {self.base_path}"
@@ -219,7 +219,7 @@ class RewardTrainer(StepLoop):
 
     def truncated_count(self) -> str:
         """How many training rankings hold a text at max_length, "N of M training rankings"; in the
-        pairwise mode in rankings too (each of its batch elements a pair), with the pairs after."""
+        pairwise mode in rankings too (each of its examples a pair), with the pairs after."""
         if self.cfg.train.loss != "pairwise":
             return f"{self.train_set.truncated} of {len(self.train_set)} training rankings"
         origins = pair_origins(self.data.train, self.cfg.train.seed)  # train_set's pairs in order
@@ -365,7 +365,7 @@ class RewardTrainer(StepLoop):
                 "train/loss_final": self.last_train["train/loss"],
                 "train/steps": self.total_steps,
                 "train/rankings": len(self.data.train),
-                "train/batch_elements": len(self.train_set),
+                "train/examples": len(self.train_set),  # rankings, or pairs with loss=pairwise (as in DPO)
                 "train/responses_forwarded": self.responses_forwarded_total,
                 "train/num_processes": self.world,
                 "reward/gain": gain,

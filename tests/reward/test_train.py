@@ -122,7 +122,7 @@ def test_a_step_logs_the_loss_terms_and_statistics_of_its_own_rewards(quick_conf
 def test_pairwise_mode_forwards_each_response_k_minus_1_times(quick_config):
     summary = train_reward_model(quick_config("train.loss=pairwise", "data.num_rankings=32", "train.batch_size=48"),
                                  echo=lambda s: None)
-    assert summary["train/batch_elements"] == 6 * 32  # C(4, 2) pairs per ranking
+    assert summary["train/examples"] == 6 * 32  # C(4, 2) pairs per ranking
     assert summary["train/responses_forwarded"] == 3 * 4 * 32
 
 
