@@ -43,9 +43,9 @@ class StepLoop:
     """What the offline stages share. Set by the stage's setup: `cfg` (its config), `loop_cfg` (the
     part holding batch_size, epochs, max_steps, seed, log_every, save_every, keep_checkpoints,
     progress, report_to, wandb_project), `accelerator`, `device`, `rank`,
-    `world`, `is_main`, `fsdp` (the FSDP plugin or None), `out`, `t0` (when the process began), `model`
+    `world`, `is_main`, `fsdp` (the FSDP plugin or None), `run_dir`, `t0` (when the process began), `model`
     (the stage's module), `wrapped_model` (what the training step calls: it under DDP, itself under FSDP2),
-    `optimizer`, `scheduler`, `params` (what is trained), `train_set` (its `items` fingerprint the
+    `optimizer`, `scheduler`, `trainable` (the parameters trained), `train_set` (its `items` fingerprint the
     data), `model_paths` (config key -> the model directory it named, fingerprinted likewise),
     `global_batches`, `echo`; the main process ends its setup with `open_logs` and its finish
     with `run_log.close(summary, step_count)`."""
@@ -93,7 +93,7 @@ class StepLoop:
     def optimizer_step(self, max_grad_norm: float) -> float:
         """Clip the accumulated gradients, refuse a non-finite norm (a NaN model is never trained on,
         nor saved), step AdamW and the schedule; the gradient norm before clipping."""
-        grad_norm = clip_and_check_gradients(self.accelerator, self.params, max_grad_norm, sharded=bool(self.fsdp),
+        grad_norm = clip_and_check_gradients(self.accelerator, self.trainable, max_grad_norm, sharded=bool(self.fsdp),
                                              where=f"step {self.step_count + 1}")
         self.optimizer.step()
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step took
@@ -140,8 +140,8 @@ class StepLoop:
         (align.tracking.RunLog: RUN/metrics.jsonl and the `report_to` sink)."""
         from align.tracking import RunLog
 
-        start_run_dir(self.out, self.cfg, CHECKPOINT_PREFIX, outputs, resume=self.resume)
-        self.run_log = RunLog(self.out, self.cfg, step_key="step", report_to=self.loop_cfg.report_to, wandb_project=self.loop_cfg.wandb_project,
+        start_run_dir(self.run_dir, self.cfg, CHECKPOINT_PREFIX, outputs, resume=self.resume)
+        self.run_log = RunLog(self.run_dir, self.cfg, step_key="step", report_to=self.loop_cfg.report_to, wandb_project=self.loop_cfg.wandb_project,
                               resumed_at=self.step_count if self.resume else None)
         if self.run_log.kept:
             self.last_train = self.run_log.kept[-1]
@@ -166,7 +166,7 @@ class StepLoop:
         """RUN/checkpoints/step-NNNNNN (align.checkpoint): what is trained, AdamW, the schedule, the
         RNGs and the step; the batches are a function of the seed, so the step is the data position."""
         forwarded = self.accelerator.gather(torch.tensor([self.responses_forwarded], device=self.device)).tolist()
-        save_training_state(self.out, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
+        save_training_state(self.run_dir, f"{CHECKPOINT_PREFIX}-{self.step_count:06d}", accelerator=self.accelerator,
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             sharded=self.fsdp is not None, keep=self.loop_cfg.keep_checkpoints,
                             state={"step": self.step_count, "num_steps": len(self.global_batches),
@@ -188,4 +188,4 @@ class StepLoop:
         # (the reward stage's earlier checkpoints name the count forward_passes)
         self.responses_forwarded = state.get("responses_forwarded", state.get("forward_passes"))[self.rank]
         if self.is_main:
-            self.echo(resumed_line(self.stage, self.out, self.step_count, len(self.global_batches), "step"))
+            self.echo(resumed_line(self.stage, self.run_dir, self.step_count, len(self.global_batches), "step"))

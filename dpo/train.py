@@ -86,7 +86,7 @@ class DPOTrainer(StepLoop):
         self.cfg = cfg
         self.echo = echo
         self.resume = resume
-        self.out = Path(cfg.output_dir)
+        self.run_dir = Path(cfg.output_dir)
         self.step_count = 0
 
     # ------------------------------------------------------------------------------------ setup
@@ -103,7 +103,7 @@ class DPOTrainer(StepLoop):
 
         cfg = self.cfg
         self.t0 = time.perf_counter()
-        check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
+        check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
                       command="align dpo", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"policy_model": cfg.policy_model, "data.path": cfg.data.path,
                               "data.eval_path": cfg.data.eval_path, "eval_prompts": cfg.eval_prompts})
@@ -118,7 +118,7 @@ class DPOTrainer(StepLoop):
             raise UserError(f"batch_size={cfg.batch_size} is smaller than the {self.world} processes")
         self.is_main = self.accelerator.is_main_process
         if self.resume:  # said before the models load
-            check_checkpoint_layout(latest_checkpoint(self.out, CHECKPOINT_PREFIX), processes=self.world,
+            check_checkpoint_layout(latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX), processes=self.world,
                                     sharded=bool(self.fsdp))
         self.device = self.accelerator.device
         torch.manual_seed(cfg.seed)
@@ -182,8 +182,8 @@ class DPOTrainer(StepLoop):
                                      whole=self.fsdp is not None or bool(self.checkpointed))
         if self.fsdp:
             shard(self.model, self.fsdp)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.loop_cfg = cfg
         self.global_batches = self.plan_batches()
         total = len(self.global_batches)
@@ -193,7 +193,7 @@ class DPOTrainer(StepLoop):
         keep_until_exit(self.wrapped_model)
 
         if self.resume:
-            self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
+            self.load_checkpoint(latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
 
         t = time.perf_counter()
         cache_reference_logps(self.model, self.train_set, cfg, self.accelerator)
@@ -201,7 +201,7 @@ class DPOTrainer(StepLoop):
         if not self.is_main:
             return
         self.open_logs(OUTPUTS)
-        (self.out / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
+        (self.run_dir / STAGE_FILE).write_text("dpo\n", encoding="utf-8")
         self.echo(f"dpo: {self.num_train_rankings} training rankings ({cfg.loss}, {len(self.train_set)} examples), "
                   f"{len(self.eval_set)} held-out, {total} steps, beta {cfg.beta}, LoRA on {self.sft_path}")
 
@@ -282,7 +282,7 @@ class DPOTrainer(StepLoop):
                                                  batch_size=cfg.eval_batch_size, seed=cfg.seed)
             summary.update(eval_metrics)
             if self.is_main:
-                write_jsonl_atomic(self.out / SAMPLES_FILE, samples)
+                write_jsonl_atomic(self.run_dir / SAMPLES_FILE, samples)
         if self.is_main:
             summary.update({
                 "train/loss_final": self.last_train["train/loss"],
@@ -298,7 +298,7 @@ class DPOTrainer(StepLoop):
                 "timing/total_s": self.total_seconds(),
                 **peak_memory_metrics(self.training),
             })
-            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
             self.run_log.close(summary, self.step_count)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()
@@ -309,8 +309,8 @@ class DPOTrainer(StepLoop):
         """RUN/policy: the adapter as peft writes it (`trained`: its weights gathered in full from the
         ranks' shards under FSDP2) and the tokenizer."""
         adapter = None if trained is None else {k.removeprefix("policy."): v for k, v in trained.items()}
-        save_policy_adapter(self.policy, self.tokenizer, self.sft_path, self.out / POLICY_DIR, adapter)
-        (self.out / DATA_FILE).write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
+        save_policy_adapter(self.policy, self.tokenizer, self.sft_path, self.run_dir / POLICY_DIR, adapter)
+        (self.run_dir / DATA_FILE).write_text(json.dumps({"data": self.data_source, "config": config_to_dict(self.cfg)},
                                                        indent=2, default=str), encoding="utf-8")
 
 

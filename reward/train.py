@@ -127,8 +127,8 @@ class RewardTrainer(StepLoop):
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        self.out = Path(cfg.output_dir)
-        check_run_dir(self.out, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
+        self.run_dir = Path(cfg.output_dir)
+        check_run_dir(self.run_dir, resume=self.resume, overwrite=cfg.overwrite, prefix=CHECKPOINT_PREFIX,
                       command="align reward train", config_class=type(cfg), outputs=OUTPUTS,
                       inputs={"model.name_or_path": cfg.model.name_or_path, "data.path": cfg.data.path,
                               "data.eval_path": cfg.data.eval_path, "eval.normalize_policy": cfg.eval.normalize_policy})
@@ -137,7 +137,7 @@ class RewardTrainer(StepLoop):
         if cfg.train.batch_size < self.world:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the {self.world} processes")
         if self.resume:  # said before the models load
-            check_checkpoint_layout(latest_checkpoint(self.out, CHECKPOINT_PREFIX), processes=self.world,
+            check_checkpoint_layout(latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX), processes=self.world,
                                     sharded=bool(self.fsdp))
 
         self.base_path = resolve_model_path(cfg.model.name_or_path).resolve()
@@ -192,9 +192,9 @@ class RewardTrainer(StepLoop):
         self.wrapped_model, self.optimizer = (model, optimizer) if self.fsdp else self.accelerator.prepare(model, optimizer)
         keep_until_exit(self.wrapped_model)
         self.device = self.accelerator.device
-        self.params = params
+        self.trainable = params
         if self.resume:
-            self.load_checkpoint(latest_checkpoint(self.out, CHECKPOINT_PREFIX))
+            self.load_checkpoint(latest_checkpoint(self.run_dir, CHECKPOINT_PREFIX))
         if self.is_main:
             self.open_logs(OUTPUTS)
             self.echo(
@@ -380,11 +380,11 @@ class RewardTrainer(StepLoop):
             info = {"config": config_to_dict(cfg), "data": self.data.source, "base_model": str(self.base_path),
                     "summary": summary}
             # (a resumed run may have been stopped after writing it)
-            with atomic_directory(self.out / MODEL_DIR, overwrite=cfg.overwrite or self.resume) as tmp:
+            with atomic_directory(self.run_dir / MODEL_DIR, overwrite=cfg.overwrite or self.resume) as tmp:
                 save_reward_model(model, self.tokenizer, tmp, gain=gain, bias=bias, info=info, state_dict=state)
             summary["timing/total_s"] = self.total_seconds()
-            summary["model_dir"] = str((self.out / MODEL_DIR).resolve())
-            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            summary["model_dir"] = str((self.run_dir / MODEL_DIR).resolve())
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
             self.run_log.close(summary, self.step_count)
             self.echo(format_table(summary))
         self.accelerator.wait_for_everyone()

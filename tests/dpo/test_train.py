@@ -410,7 +410,7 @@ def test_the_logged_learning_rate_is_the_one_each_step_took(small_dpo_run):
                                                        "log_every=1", "num_eval_prompts=0"]), echo=lambda _: None)
     trainer.setup()
     trainer.train()
-    assert [r["train/lr"] for r in read_metrics(trainer.out / "metrics.jsonl")] == pytest.approx(
+    assert [r["train/lr"] for r in read_metrics(trainer.run_dir / "metrics.jsonl")] == pytest.approx(
         [5e-3, 3.75e-3, 2.5e-3, 1.25e-3])
 
 
