@@ -62,7 +62,7 @@ class KLOptions:
 
 # Settings a resumed run may change (`align ppo --resume RUN key=value`): none changes the training math.
 # what only method=ppo reads: the value model's loss, clip and learning rate, GAE and the whitening around it
-VALUE_MODEL_KEYS = ("vf_coef", "cliprange_value", "value_lr_scale", "gamma", "gae_lambda", "whiten_advantages",
+VALUE_MODEL_KEYS = ("vf_coef", "vf_clip_coef", "value_lr_scale", "gamma", "gae_lambda", "whiten_advantages",
                     "whiten_rewards")
 RESUME_OVERRIDABLE = {"progress", "report_to", "wandb_project", "eval_batch_size", "keep_checkpoints", "save_every",
                       "num_threads", "gradient_accumulation_steps", "gradient_checkpointing", "logprob_chunk_tokens",
@@ -229,7 +229,7 @@ class PPOConfig:
     adam_eps: float = option(1e-5, help="AdamW epsilon (1e-5 as in cleanrl / OpenAI baselines).", gt=0.0)
     max_grad_norm: float = option(1.0, help="Global gradient-norm clip.", gt=0.0)
     clip_coef: float = option(0.2, help="PPO policy ratio clip epsilon.", gt=0.0)
-    cliprange_value: float = option(0.2, help="Value clip around the rollout values (method=ppo).", gt=0.0)
+    vf_clip_coef: float = option(0.2, help="Value clip around the rollout values (method=ppo).", gt=0.0)
     vf_coef: float = option(0.1, help="Weight of the value loss (method=ppo).", ge=0.0)
     ent_coef: float = option(0.0, help="Entropy bonus weight (0 as in InstructGPT).", ge=0.0)
     gamma: float = option(1.0, help="Discount (method=ppo).", ge=0.0, le=1.0)
@@ -261,7 +261,8 @@ class PPOConfig:
     )
 
     # other names of keys: TRL's PPOConfig's, HF generate's
-    key_aliases: ClassVar[dict[str, str]] = {"cliprange": "clip_coef", "max_new_tokens": "response_length"}
+    key_aliases: ClassVar[dict[str, str]] = {"cliprange": "clip_coef", "cliprange_value": "vf_clip_coef",
+                                             "max_new_tokens": "response_length"}
 
     def __post_init__(self) -> None:
         if self.method != "ppo":

@@ -291,11 +291,11 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, vf_clip_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss 0.5 * mean(max((V - R)^2, (V_clipped - R)^2)), V_clipped within
-    +-cliprange_value of the rollout's values (Huang et al. 2024, detail 'value clipping')."""
-    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    +-vf_clip_coef of the rollout's values (Huang et al. 2024, detail 'value clipping')."""
+    clipped_values = old_values + (values - old_values).clamp(-vf_clip_coef, vf_clip_coef)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)

@@ -121,7 +121,7 @@ def micro_step(trainer: Any, micro: Experience, weight: torch.Tensor, width: int
                  "policy/approxkl": pg_stats["approxkl"]}
         if new_values is not None:  # PPO: the clipped value loss
             vf_loss, vf_stats = core.value_loss(new_values, micro.values, micro.returns, micro.response_mask,
-                                                cfg.cliprange_value)
+                                                cfg.vf_clip_coef)
             loss = loss + cfg.vf_coef * vf_loss
             stats.update({"val/loss": vf_loss, "val/clipfrac": vf_stats["clipfrac"],
                           "val/values": core.masked_mean(new_values.detach(), micro.response_mask)})

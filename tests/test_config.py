@@ -189,8 +189,8 @@ def test_the_stages_former_key_names_are_read_as_their_keys():
 
     assert load_config(RewardConfig, None, ["eval.normalize_max_new_tokens=7", "data.annotators=2"]).eval.normalize_response_length == 7
     assert load_config(DPOConfig, None, ["data.annotators=2", "max_new_tokens=9"]).data.annotators_per_prompt == 2
-    ppo = load_config(PPOConfig, None, ["cliprange=0.1", "max_new_tokens=9"])
-    assert ppo.clip_coef == 0.1 and ppo.response_length == 9
+    ppo = load_config(PPOConfig, None, ["cliprange=0.1", "cliprange_value=0.3", "max_new_tokens=9"])
+    assert ppo.clip_coef == 0.1 and ppo.vf_clip_coef == 0.3 and ppo.response_length == 9
     assert load_config(DemoConfig, None, ["max_new_tokens=16"]).response_length == 16
     for cls in (RewardConfig, DPOConfig, PPOConfig, DemoConfig):  # every alias names a key of its class
         assert set(cls.key_aliases.values()) <= set(all_keys(cls)), cls

@@ -194,7 +194,7 @@ def test_a_minibatchs_gradient_over_its_micro_batches_is_that_of_its_loss_with_t
     from ppo.trainer import PPOTrainer
 
     cfg = load_config(PPOConfig, None, [*small_run, "batch_size=4", "num_mini_batches=1", "gradient_accumulation_steps=2",
-                                        "num_ppo_epochs=1", "clip_coef=0.1", "cliprange_value=0.05", "vf_coef=0.3",
+                                        "num_ppo_epochs=1", "clip_coef=0.1", "vf_clip_coef=0.05", "vf_coef=0.3",
                                         "max_grad_norm=1e9", "response_length=10"])
     trainer = PPOTrainer(cfg)
     trainer.setup()
