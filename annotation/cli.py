@@ -135,10 +135,13 @@ def serve(
     log_level = _log_level(log_level)
     _check_host(host)
     # The database is opened (and refused, if it is not align's) before the server says it serves it
+    engine = make_engine(settings.db_url)
+    if engine.dialect.name == "postgresql":
+        _check_connections(engine, workers, settings.db_connections)
     if workers == 1:
+        engine.dispose()
         served = served_app(settings)
     else:
-        engine = make_engine(settings.db_url)
         migrate(engine)  # once, before the workers start (they would race to create the schema)
         engine.dispose()
     typer.echo(f"align annotate: serving {settings.db_url.split('@')[-1]} on http://{host}:{port}/"
@@ -149,6 +152,25 @@ def serve(
     os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
     uvicorn.run("annotation.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
                 log_level=log_level, access_log=False, **proxies)
+
+
+def _check_connections(engine, workers: int, db_connections: int) -> None:
+    """The connections the workers will open as they start, against what the server allows (one
+    line, exit 2, rather than workers dying one by one while the command exits 0)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from annotation.db_guard import connections_problem
+
+    try:
+        with engine.connect() as conn:
+            problem = connections_problem(conn, workers * db_connections,
+                                          f"{workers} worker{'s' if workers > 1 else ''} x db_connections={db_connections}")
+    except DBAPIError:
+        return  # no server, no such database: migrate says so in its words
+    finally:
+        engine.dispose()
+    if problem:
+        raise UserError(problem)
 
 
 @app.command("create-admin")

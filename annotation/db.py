@@ -15,7 +15,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from align.errors import UserError
-from annotation.db_guard import refuse_foreign, refuse_foreign_sqlite_file
+from annotation.db_guard import creating_tables, refuse_foreign, refuse_foreign_sqlite_file
 from annotation.db_url import masked, sqlite_file
 from annotation.models import Base, Meta
 from annotation.raw_sql import on_postgresql
@@ -368,8 +368,9 @@ def migrate(engine: Engine) -> None:
         db.close()
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {reason}") from None
-    with db:
-        refuse_foreign(db.connection(), path or engine.url.render_as_string(hide_password=True))  # (no race)
+    where = path or engine.url.render_as_string(hide_password=True)
+    with db, creating_tables(where):
+        refuse_foreign(db.connection(), where)  # (no race)
         Base.metadata.create_all(db.connection())
         row = db.get(Meta, "schema_version")
         current = int(row.value) if row else 0

@@ -1,11 +1,14 @@
-"""Another application's database is refused before align writes to it. align creates its
-tables in an empty database, and migrates one of its own (every schema version has its
-`align_meta` table); a --db that named another application's SQLite file had align's tables
-created beside that application's, and the command then failed on a table of the same name
-(`users`) with a traceback, or succeeded and wrote an account into it."""
+"""What a database must allow before align uses it, each refused in one line. Another
+application's database: align creates its tables in an empty database, and migrates one of its
+own (every schema version has its `align_meta` table); a --db that named another application's
+SQLite file had align's tables created beside that application's, and the command then failed on
+a table of the same name (`users`) with a traceback, or succeeded and wrote an account into it.
+On PostgreSQL, the right to create tables, and the server connections a team server keeps open."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from align.errors import UserError
@@ -63,3 +66,52 @@ def refuse_foreign_sqlite_file(path: str | None) -> None:
         pass
     finally:
         engine.dispose()
+
+
+@contextmanager
+def creating_tables(where: str) -> Iterator[None]:
+    """Around align's own DDL (migrate): PostgreSQL 15 and later let only a database's owner
+    create tables in its `public` schema, and a user without that right got a page of
+    traceback with the SQL in it."""
+    from sqlalchemy.exc import ProgrammingError
+
+    try:
+        yield
+    except ProgrammingError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        reason = str(exc.orig).splitlines()[0]
+        raise UserError(f"{where}: {reason}; align creates and migrates its own tables there: make the --db user "
+                        "the database's owner, or GRANT CREATE ON SCHEMA public to it") from None
+
+
+_CONNECTION_LIMITS = """
+SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int,
+       (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user),
+       (SELECT datconnlimit FROM pg_database WHERE datname = current_database()),
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND usename = current_user),
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = current_database())
+"""
+
+
+def connections_problem(conn: Any, needed: int, asked: str) -> str | None:
+    """Why a PostgreSQL server cannot give a team server the `needed` connections it opens as it
+    starts (`asked`: the settings that ask for them), or None. Each worker opens all its pool's
+    connections at once (annotation.db.open_connections); past the server's, role's or
+    database's limit the server refuses them, and the workers died with pages of tracebacks
+    while the command exited 0. `conn`'s own connection counts as in use: it closes before then."""
+    from sqlalchemy import text
+
+    server, role_limit, db_limit, in_use, role_use, db_use = conn.execute(text(_CONNECTION_LIMITS)).one()
+    limits = [(server, in_use, "the server's max_connections less its superuser_reserved_connections")]
+    if role_limit >= 0:
+        limits.append((role_limit, role_use, "the role's CONNECTION LIMIT"))
+    if db_limit >= 0:
+        limits.append((db_limit, db_use, "the database's CONNECTION LIMIT"))
+    for limit, used, what in limits:
+        free = limit - (used - 1)
+        if needed > free:
+            return (f"{asked} ask PostgreSQL for {needed} connections, and {what} leaves {free} ({limit}, "
+                    f"{used - 1} in use by others): lower --workers or db_connections, or raise the limit")
+    return None

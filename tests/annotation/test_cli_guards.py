@@ -247,3 +247,50 @@ def test_a_postgis_database_s_own_table_is_not_another_application_s(tmp_path):
         conn.execute(text("CREATE TABLE users (x)"))
         assert foreign_tables(conn) == ["users"]
     engine.dispose()
+
+
+def test_serve_refuses_more_postgresql_connections_than_the_server_allows(capsys, monkeypatch):
+    """Each worker opens all its db_connections as it starts: past what the server allows, the workers
+    died one by one with pages of tracebacks and the command exited 0. One line, exit 2, no server."""
+    from tests.annotation.conftest import PG_URL
+
+    if not PG_URL:
+        pytest.skip("ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+    import uvicorn
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL)
+    with engine.connect() as conn:
+        allowed = conn.execute(text("SELECT current_setting('max_connections')::int")).scalar_one()
+    engine.dispose()
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: served.append(a))
+    code, text_ = run_cli(["annotate", "serve", "--db", PG_URL, "--workers", "2", f"db_connections={allowed}"], capsys)
+    _one_line_refusal(code, text_, f"2 workers x db_connections={allowed} ask PostgreSQL for {2 * allowed} connections",
+                      "lower --workers or db_connections")
+    assert not served
+    code, _ = run_cli(["annotate", "serve", "--db", PG_URL, "db_connections=2"], capsys)
+    assert code == 0 and len(served) == 1
+
+
+def test_a_database_user_that_may_not_create_tables_is_told_what_to_grant(tmp_path):
+    """PostgreSQL 15 lets only a database's owner create tables in `public`: its refusal (SQLSTATE
+    42501) reached the user as a traceback with the SQL in it."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from align.errors import UserError
+    from annotation.db_guard import creating_tables
+
+    class Refusal(Exception):
+        sqlstate = "42501"
+
+        def __str__(self) -> str:
+            return "permission denied for schema public\nLINE 2: CREATE TABLE users"
+
+    with pytest.raises(UserError, match=r"^postgresql://u@h/db: permission denied for schema public; align creates "
+                                        r"and migrates its own tables there: make the --db user the database's owner"):
+        with creating_tables("postgresql://u@h/db"):
+            raise ProgrammingError("CREATE TABLE users (...)", {}, Refusal())
+    with pytest.raises(ProgrammingError):  # another refusal is not this one
+        with creating_tables("postgresql://u@h/db"):
+            raise ProgrammingError("SELECT", {}, Exception("syntax error"))
