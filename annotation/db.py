@@ -388,8 +388,8 @@ def migrate(engine: Engine) -> None:
 
 
 def _v2(db: Session) -> None:
-    """API tokens expire (expires_at); an invite may name the project its user joins.
-    New tables (login_failures, project_members) come from create_all above."""
+    """API tokens expire (expires_at); an invite may name its project; projects have members (v1 showed
+    every project to every annotator: each becomes a member of each). New tables: create_all above."""
     from sqlalchemy import inspect, text
 
     from annotation.settings import DEFAULT_API_TOKEN_TTL_S
@@ -401,6 +401,8 @@ def _v2(db: Session) -> None:
         conn.execute(text("UPDATE api_tokens SET expires_at = created_at + :ttl"), {"ttl": DEFAULT_API_TOKEN_TTL_S})
     if "project_id" not in columns["invites"]:
         conn.execute(text("ALTER TABLE invites ADD COLUMN project_id INTEGER REFERENCES projects(id)"))
+    conn.execute(text("INSERT INTO project_members (project_id, user_id, added_at) SELECT p.id, u.id, :now "
+                      "FROM projects p CROSS JOIN users u WHERE u.role = 'annotator'"), {"now": time.time()})
 
 
 def _v3(db: Session) -> None:
