@@ -18,6 +18,7 @@ from align.errors import UserError
 from annotation.db_guard import creating_tables, refuse_foreign, refuse_foreign_sqlite_file
 from annotation.db_url import masked, sqlite_file
 from annotation.models import Base, Meta
+from annotation.pg_engine import open_connections, postgresql_engine  # noqa: F401 (app.py, until moved)
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"
@@ -87,8 +88,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
     Every wait is bounded: for a pooled connection `pool_timeout_s` (SQLAlchemy's
     TimeoutError after it), for SQLite's writer lock `lock_timeout_s` (DatabaseBusy). The
     server sets both short and answers 503 when they run out; the CLI keeps the long
-    defaults (an import may wait for a busy server). On PostgreSQL the pool keeps at most
-    `pool_size` server connections."""
+    defaults (an import may wait for a busy server). PostgreSQL: annotation.pg_engine."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
@@ -203,70 +203,11 @@ def make_engine(url: str, *, background_checkpoints: bool = False, pool_timeout_
                 conn.connection.dbapi_connection.begin(write=not read_only)
 
         else:
-            # At most pool_size connections per process: the server's workers together
-            # stay under PostgreSQL's max_connections, past which it refuses the next
-            # connection and the request was a 500; past them a request waits
-            # pool_timeout_s for one and is a 503. No overflow: SQLAlchemy closes an
-            # overflow connection as soon as it is given back, so a burst past the pool
-            # opened and closed server connections at its height (each new one costs the
-            # server a process and cold caches, tens of ms of CPU), which made it worse.
-            # Last in, first out: at an even load the same few connections serve, and when
-            # an ANALYZE (autovacuum's, an import's) invalidates the cached plans, only
-            # those few plan the hot statements again at once, not every connection of
-            # every worker (after such an ANALYZE next-task's p99 over the next 2 s was
-            # 21-59 ms against 77-108 ms first in, first out, 200 rankings/s, 2 cores).
-            engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s,
-                                   pool_use_lifo=True)
-            _ping_after_idle(engine)
+            engine = postgresql_engine(url, pool_size=pool_size, pool_timeout_s=pool_timeout_s,
+                                       lock_timeout_s=lock_timeout_s)
     except Exception as exc:  # bad URL, missing driver
         raise UserError(f"cannot use database {masked(url)!r}: {exc}") from None
     return engine
-
-
-PING_AFTER_IDLE_S = 1.0
-
-
-def open_connections(engine: Engine) -> None:
-    """Open every connection of the pool now and leave them in it (PostgreSQL; on SQLite a
-    connection costs nothing to open). The server does this before it takes requests.
-    Opened on demand, they were opened when load rose: twenty-odd in the first second of
-    annotators, a dozen more in a burst, each a new server process with cold caches,
-    while next-task waited up to 0.8 s."""
-    if engine.dialect.name != "postgresql":
-        return
-    held = []
-    try:
-        for _ in range(engine.pool.size()):
-            held.append(engine.raw_connection())
-    finally:
-        for connection in held:
-            connection.close()
-
-
-def _ping_after_idle(engine: Engine) -> None:
-    """Check a pooled server connection before use only if it sat idle for a while
-    (HikariCP's aliveBypassWindowMs): a connection back from use a moment ago is alive,
-    and pinging it on every checkout, as pool_pre_ping does, would add a round trip to
-    each of the few short transactions a ranking makes. A dead one (the server
-    restarted) is replaced before the request sees it (SQLAlchemy's pessimistic
-    disconnect handling)."""
-    from sqlalchemy.exc import DisconnectionError
-
-    @event.listens_for(engine, "checkin")
-    def _returned(_dbapi_conn, record):
-        record.info["returned_at"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_conn, record, _proxy):
-        if time.monotonic() - record.info.get("returned_at", float("-inf")) < PING_AFTER_IDLE_S:
-            return
-        try:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("SELECT 1")
-            cursor.close()
-            dbapi_conn.rollback()
-        except engine.dialect.dbapi.Error as exc:
-            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
 class WalCheckpointer:

@@ -98,7 +98,7 @@ SELECT current_setting('max_connections')::int - current_setting('superuser_rese
 def connections_problem(conn: Any, needed: int, asked: str) -> str | None:
     """Why a PostgreSQL server cannot give a team server the `needed` connections it opens as it
     starts (`asked`: the settings that ask for them), or None. Each worker opens all its pool's
-    connections at once (annotation.db.open_connections); past the server's, role's or
+    connections at once (annotation.pg_engine.open_connections); past the server's, role's or
     database's limit the server refuses them, and the workers died with pages of tracebacks
     while the command exited 0. `conn`'s own connection counts as in use: it closes before then."""
     from sqlalchemy import text

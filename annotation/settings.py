@@ -38,7 +38,7 @@ class Settings:
     # requests wait for a connection under overload (16: slowest answer 2.9-3.0 s against
     # 1.5-1.6 s at 30, 650 annotators, 2 cores).
     db_connections: int = option(30, help="PostgreSQL: server connections per worker process, all opened as it "
-                                 "starts and kept (annotation.db.open_connections).", ge=1)
+                                 "starts and kept (annotation.pg_engine.open_connections).", ge=1)
     lock_timeout_s: float = option(5.0, help="SQLite: seconds a write waits for the writer lock (an import holds it "
                                    "a chunk at a time) before a 503.", gt=0)
     retry_after_s: int = option(1, help="The Retry-After a 503 answers with, in seconds.", ge=0)

@@ -15,12 +15,11 @@ from tests.annotation.conftest import PASSWORD, PG_URL, _reset_postgres
 def test_dead_pooled_connections_are_replaced(monkeypatch):
     from sqlalchemy import create_engine, text
 
-    from annotation import db as annotation_db
-    from annotation import services
+    from annotation import pg_engine, services
     from annotation.db import open_db
 
     _reset_postgres(PG_URL)
-    monkeypatch.setattr(annotation_db, "PING_AFTER_IDLE_S", 0.0)  # every checkout counts as idle
+    monkeypatch.setattr(pg_engine, "PING_AFTER_IDLE_S", 0.0)  # every checkout counts as idle
     sm = open_db(PG_URL)
     with sm() as db:
         services.create_user(db, "alive", PASSWORD)  # leaves connections in the pool
@@ -289,3 +288,29 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.skipif(not PG_URL, reason="ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+def test_a_postgresql_lock_wait_is_bounded_by_lock_timeout():
+    """A table locked by someone else (a DBA's LOCK TABLE, CREATE INDEX, VACUUM FULL) held every
+    request behind it as long as the lock lasted; the wait now ends after lock_timeout_s with
+    PostgreSQL's LockNotAvailable, which the server answers 503."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from annotation.db import make_engine, migrate
+
+    _reset_postgres(PG_URL)
+    engine = make_engine(PG_URL, lock_timeout_s=0.2, pool_size=2)
+    migrate(engine)
+    holder = create_engine(PG_URL)
+    with holder.begin() as locked:
+        locked.execute(text("LOCK TABLE assignments IN ACCESS EXCLUSIVE MODE"))
+        with engine.connect() as conn, pytest.raises(OperationalError) as refused:
+            conn.execute(text("SET statement_timeout = 5000"))  # without lock_timeout: 57014 after 5 s, not a hang
+            conn.execute(text("SELECT count(*) FROM assignments"))
+    assert getattr(refused.value.orig, "sqlstate", None) == "55P03"  # lock_not_available
+    with engine.connect() as conn:  # the lock gone, the same pooled connection reads
+        assert conn.execute(text("SELECT count(*) FROM assignments")).scalar() == 0
+    holder.dispose()
+    engine.dispose()
