@@ -39,8 +39,9 @@ class Settings:
     # 1.5-1.6 s at 30, 650 annotators, 2 cores).
     db_connections: int = option(30, help="PostgreSQL: server connections per worker process, all opened as it "
                                  "starts and kept (annotation.pg_engine.open_connections).", ge=1)
-    lock_timeout_s: float = option(5.0, help="SQLite: seconds a write waits for the writer lock (an import holds it "
-                                   "a chunk at a time) before a 503.", gt=0)
+    lock_timeout_s: float = option(5.0, help="Seconds a request waits for a lock before a 503: SQLite's writer lock "
+                                   "(an import holds it a chunk at a time), PostgreSQL's lock_timeout (a table "
+                                   "locked by LOCK TABLE, CREATE INDEX, VACUUM FULL).", gt=0)
     retry_after_s: int = option(1, help="The Retry-After a 503 answers with, in seconds.", ge=0)
     # A request taken on waits for those ahead of it, so this bounds how long it waits (Little's
     # law: about max_in_flight / the worker's requests per second).
