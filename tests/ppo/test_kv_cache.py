@@ -6,6 +6,7 @@ device, and the model takes the cache under the name `cache_argument` gives."""
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_the_installed_transformers_is_in_the_range_pyproject_pins():
     import transformers
     from packaging.requirements import Requirement
 
-    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")  # tomli: the dev extra, 3.10
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     (pin,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "transformers"]
     assert pin.specifier.contains(transformers.__version__), (transformers.__version__, str(pin.specifier))
