@@ -157,6 +157,28 @@ class SkipCreate(_Strict):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+class ValidationProblem(BaseModel):
+    """One way a request does not match its schema: pydantic's error without the values sent."""
+
+    type: str = Field(description="pydantic's error type, e.g. missing, int_type, string_too_long")
+    loc: list[str | int] = Field(description='where: "body", "query", "path" or "header", then the field')
+    msg: str
+
+
+class ErrorPublic(BaseModel):
+    """The body of every refusal, whatever its status (annotation.app's exception handlers)."""
+
+    detail: str = Field(description="what is wrong, in one line a person can act on")
+    code: Literal["already_ranked", "already_skipped", "lease_expired", "csrf_token"] | None = Field(
+        default=None, description=(
+            "present on the few refusals a client answers in its own way: already_ranked, already_skipped "
+            "(409: the task was ranked or skipped already), lease_expired (409: the lease ran out and the "
+            "prompt has all its annotators, or a lease that ran out is not renewed), csrf_token (403: a "
+            "browser request without the page's token; reload the page)"))
+    errors: list[ValidationProblem] | None = Field(
+        default=None, description="422 for a request that does not match its schema: each problem, as detail names them")
+
+
 class LeasePublic(BaseModel):
     """A renewed lease: when it now runs out (seconds since the epoch)."""
 

@@ -1,4 +1,5 @@
-"""Which lines of an imported rankings file a project holds already.
+"""Which lines of an imported rankings file a project holds already, and whether a revision
+sent through the API repeats the annotator's latest (`repeats`: then it stores nothing).
 
 One account's rankings of one prompt are a history of revisions (`History`). A line of a
 file that carries its revision number (every kwise export does) is held already when the
@@ -15,6 +16,12 @@ a top-m ranking, its all_bad flag and its rationale.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from annotation.models import RankingRow
 
 # (tie groups best first, the unordered rest of a top-m ranking, all_bad, rationale)
 Key = tuple[tuple[frozenset[int], ...], frozenset[int], bool, "str | None"]
@@ -23,6 +30,29 @@ Key = tuple[tuple[frozenset[int], ...], frozenset[int], bool, "str | None"]
 def ranking_key(order: list[list[int]], below: list[int] | None, all_bad: bool, rationale: str | None) -> Key:
     """What makes two rankings of a prompt the same (candidate positions or ids alike)."""
     return tuple(frozenset(g) for g in order), frozenset(below or ()), bool(all_bad), rationale or None
+
+
+class Revision(NamedTuple):
+    """What a revision request left: the annotator's latest ranking of the task, and whether
+    the request stored it (False: it was the same as the latest, which stays as it was)."""
+
+    row: RankingRow
+    stored: bool
+
+
+def latest_revision(db: Session, assignment_id: int) -> RankingRow | None:
+    """The task's latest ranking (its annotator's: a task is one annotator's lease of a prompt)."""
+    return db.scalar(select(RankingRow).where(RankingRow.assignment_id == assignment_id)
+                     .order_by(RankingRow.revision.desc()).limit(1))
+
+
+def repeats(latest: RankingRow | None, order: list[list[int]], below: list[int] | None, all_bad: bool,
+            rationale: str | None) -> bool:
+    """Whether a revision sent is the same ranking as the latest (`ranking_key`: the time spent
+    is not part of it, nor the order of ids within a tie): a request sent again, say by a
+    client that retried a PUT whose answer it did not get."""
+    return latest is not None and not latest.skipped and ranking_key(
+        latest.order, latest.below, latest.all_bad, latest.rationale) == ranking_key(order, below, all_bad, rationale)
 
 
 class RevisionConflict(Exception):

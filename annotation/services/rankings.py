@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +24,7 @@ from annotation.services.errors import (
 )
 from annotation.services.leasing import AssignmentRow, Task, expire_lease, read_assignment, take_slot, task_of
 from annotation.services.projects import MAX_CANDIDATES
+from annotation.services.ranking_history import Revision, latest_revision, repeats
 from annotation.services.slots import free_slot
 from annotation.services.users import BearerToken, CallerStatement, SessionCookie, as_user, require_annotator, signed_in
 
@@ -431,8 +431,9 @@ def revise_ranking(
     rationale: str | None = None,
     time_spent_ms: int | None = None,
     members_only: bool = False,
-) -> RankingRow:
-    """Correct a ranking: a new row with revision + 1; earlier revisions stay as they were."""
+) -> Revision:
+    """Correct a ranking: a new row with revision + 1; earlier revisions stay as they were. The
+    same ranking as the latest (a request sent again) stores nothing: Revision(latest, stored=False)."""
     a = _own_assignment(db, user, assignment_id, members_only)
     order, below = _checked_ranking(db, a, order, below)
     rationale = clean_optional_text(rationale, "rationale")
@@ -442,17 +443,20 @@ def revise_ranking(
         raise _skipped(assignment_id)
     if a.status != "done":
         raise Conflict(f"task {assignment_id} has no ranking to revise yet (status {a.status}); submit it first (POST)")
-    for _ in range(3):
-        last = db.scalar(select(func.max(RankingRow.revision)).where(RankingRow.assignment_id == a.id)) or 0
+    for _ in range(3):  # read again after a concurrent revision: it may be this one, sent twice at once
+        latest = latest_revision(db, a.id)
+        if repeats(latest, order, below, all_bad, rationale):
+            return Revision(latest, stored=False)
         row = RankingRow(
-            project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id, revision=last + 1,
+            project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id,
+            revision=(latest.revision if latest else 0) + 1,
             order=order, below=below, all_bad=all_bad, skipped=False, skip_reason=None, rationale=rationale,
             time_spent_ms=time_spent_ms, created_at=time.time(),
         )
         db.add(row)
         try:
             db.commit()
-            return row
+            return Revision(row, stored=True)
         except IntegrityError:  # two revisions at once: take the next number
             db.rollback()
     raise Conflict(f"task {assignment_id} is being revised concurrently; try again")
