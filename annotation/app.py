@@ -24,10 +24,10 @@ from annotation.db import (
     make_engine,
     make_sessionmaker,
     migrate,
-    open_connections,
 )
 from annotation.deps import SessionPerRequest
 from annotation.models import Meta
+from annotation.pg_engine import open_connections, unavailable
 from annotation.services.errors import disk_full
 from annotation.settings import Settings
 from annotation.status import http_status
@@ -243,13 +243,18 @@ def create_app(settings: Settings) -> FastAPI:
                      "try again in a moment", settings.retry_after_s)
 
     # The database's disk is full: the write was rolled back. 507 Insufficient Storage, with
-    # a detail an admin can act on, where it was a bare 500.
+    # a detail an admin can act on, where it was a bare 500. PostgreSQL restarting, a
+    # connection it dropped, a lock held past lock_timeout_s: 503, sent again after Retry-After
+    # (each was a bare 500, which also closed the client's keep-alive connection).
     @app.exception_handler(OperationalError)
     async def _operational_error(request: Request, exc: OperationalError):
-        if not disk_full(exc):
+        if disk_full(exc):
+            return error_response(request, 507, "the database's disk is full; nothing of this request was stored "
+                                                "(free space on the database's disk, then try again)")
+        reason = unavailable(exc)
+        if reason is None:
             raise exc
-        return error_response(request, 507, "the database's disk is full; nothing of this request was stored (free "
-                                            "space on the database's disk, then try again)")
+        return _busy(request, f"{reason}; try again in a moment", settings.retry_after_s)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):

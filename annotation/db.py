@@ -18,7 +18,7 @@ from align.errors import UserError
 from annotation.db_guard import creating_tables, refuse_foreign, refuse_foreign_sqlite_file
 from annotation.db_url import masked, sqlite_file
 from annotation.models import Base, Meta
-from annotation.pg_engine import open_connections, postgresql_engine  # noqa: F401 (app.py, until moved)
+from annotation.pg_engine import postgresql_engine
 from annotation.raw_sql import on_postgresql
 
 DEFAULT_DB_FILE = "align-annotation.db"

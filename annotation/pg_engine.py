@@ -84,3 +84,31 @@ def _ping_after_idle(engine: Engine) -> None:
             dbapi_conn.rollback()
         except engine.dialect.dbapi.Error as exc:
             raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+
+# SQLSTATE classes of a server that cannot answer for the moment: 08 connection exception, 57P
+# operator intervention (admin_shutdown, crash_shutdown, cannot_connect_now: a restart), 53300
+# too_many_connections; and 55P03 lock_not_available (lock_timeout ran out).
+_UNAVAILABLE_STATES = ("08", "57P", "53300")
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why PostgreSQL could not answer a request for the moment (a restart, a connection the server
+    dropped, no connection slot left, a lock held past lock_timeout), in words for a 503; None for
+    any other error. The client sends it again after Retry-After, as after any 503: a ranking's
+    submission is safe to repeat (a second one answers already_ranked, a revision repeated stores
+    nothing)."""
+    try:
+        import psycopg
+    except ImportError:  # SQLite only: the driver is not installed
+        return None
+
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, psycopg.OperationalError):
+        return None
+    state = orig.sqlstate or ""
+    if state == "55P03":
+        return "a lock held elsewhere (an import, a database administrator's command) outlasted lock_timeout_s"
+    if getattr(exc, "connection_invalidated", False) or not state or state.startswith(_UNAVAILABLE_STATES):
+        return "the database cannot be reached for the moment (restarting, or out of connections)"
+    return None

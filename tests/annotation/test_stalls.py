@@ -335,6 +335,50 @@ def test_a_writer_lock_held_too_long_is_a_bounded_503(make_env, db_url):
     assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
 
 
+def test_a_postgresql_lock_held_past_lock_timeout_is_a_bounded_503(make_env, db_url):
+    """A table locked elsewhere (a DBA's LOCK TABLE, CREATE INDEX, VACUUM FULL) held every request
+    behind it as long as the lock lasted."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's lock_timeout (SQLite's writer lock: the test above)")
+    from sqlalchemy import create_engine, text
+
+    env, _app = make_env(lock_timeout_s=0.3)
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    holder = create_engine(db_url)
+    with holder.begin() as conn:
+        conn.execute(text("LOCK TABLE prompts IN ACCESS EXCLUSIVE MODE"))
+        r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+    holder.dispose()
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "lock_timeout_s" in r.json()["detail"], r.text
+    assert env.counts()["slots"] == 0  # nothing was leased
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200
+
+
+def test_connections_postgresql_dropped_are_a_503_and_then_replaced(make_env, db_url):
+    """A server restart, or an administrator's pg_terminate_backend, under load: the pooled
+    connection used a moment ago is not pinged (annotation.pg_engine), and the request on it was a
+    bare 500, which also closed the client's keep-alive connection."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("server connections are PostgreSQL's")
+    from sqlalchemy import create_engine, text
+
+    env, _app = make_env()
+    env.project(n_prompts=2, k=2)
+    token = env.annotator("ann")
+    assert env.client.get("/api/me", headers=env.headers(token)).status_code == 200  # its connection: back just now
+    killer = create_engine(db_url)
+    with killer.begin() as conn:
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    killer.dispose()
+    assert killed >= 1
+    r = env.client.post("/api/projects/p/next", headers=env.headers(token))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "cannot be reached" in r.json()["detail"], r.text
+    assert env.counts()["slots"] == 0
+    assert env.client.post("/api/projects/p/next", headers=env.headers(token)).status_code == 200  # a new connection
+
+
 def test_other_requests_are_served_while_one_waits_for_the_writer_lock(make_env, db_url, monkeypatch):
     """A next-task request waits for the writer lock another process holds; meanwhile the
     same server answers other requests. (When the hot routes ran on the event loop, the
