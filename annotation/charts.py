@@ -1,5 +1,11 @@
 """Small server-rendered SVG charts for the dashboard: no script, no inline style (the CSP
-allows neither), only SVG presentation attributes, every label escaped."""
+allows neither), only SVG presentation attributes, every label escaped.
+
+The outer <svg> has no viewBox: its user unit is the CSS pixel, so a label's font size is
+what the reader sees at any width (a 640-unit viewBox drawn 340 px wide on a phone made 11
+units 6 px). Horizontal positions are percentages of the chart's width; the plot itself is
+an inner <svg> whose viewBox is stretched to its box (preserveAspectRatio="none"), its
+strokes kept at their width by vector-effect="non-scaling-stroke"."""
 
 from __future__ import annotations
 
@@ -8,7 +14,25 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-W, H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 48, 16, 12, 28
+FONT = 13  # CSS px: the page's small text (.kpis is .9rem of 15 px)
+H, PAD_T, PAD_B = 200, 22, 30  # the progress chart: height, room for a label above the plot and the times below
+PLOT_W = 1000  # the inner plot's viewBox width (stretched to the chart's width)
+_STROKE = 'vector-effect="non-scaling-stroke"'
+
+
+def time_labels(t0: float, t1: float) -> tuple[str, str]:
+    """Labels for the two ends of a time axis, in the server's local time zone (named at the
+    end): the date at the start, and at the end too when it falls on another day; seconds
+    where both ends fall within one minute, so the two labels never read the same."""
+    start, end = time.localtime(t0), time.localtime(t1)
+    same_day = time.strftime("%Y-%m-%d", start) == time.strftime("%Y-%m-%d", end)
+    clock = "%H:%M:%S" if time.strftime("%Y-%m-%d %H:%M", start) == time.strftime("%Y-%m-%d %H:%M", end) else "%H:%M"
+    return (time.strftime(f"%Y-%m-%d {clock}", start),
+            time.strftime(f"{clock} %Z" if same_day else f"%Y-%m-%d {clock} %Z", end))
+
+
+def _text(x: str, y: float, label: Any, anchor: str = "start", fill: str = "#667085") -> str:
+    return f'<text x="{x}" y="{y:.1f}" text-anchor="{anchor}" font-size="{FONT}" fill="{fill}">{escape(label)}</text>'
 
 
 def progress_line(points: list[dict[str, float]], target: int) -> Markup:
@@ -16,60 +40,64 @@ def progress_line(points: list[dict[str, float]], target: int) -> Markup:
     if not points:
         return Markup('<p class="muted">No rankings yet.</p>')
     t0, t1 = points[0]["t"], points[-1]["t"]
-    top = max(target, points[-1]["n"], 1)
+    now = points[-1]["n"]
+    top = max(target, now, 1)
     span = max(t1 - t0, 1e-9)
+    plot_h = H - PAD_T - PAD_B
 
-    def xy(t: float, n: float) -> tuple[float, float]:
-        return (PAD_L + (W - PAD_L - PAD_R) * (t - t0) / span, H - PAD_B - (H - PAD_T - PAD_B) * n / top)
+    def y(n: float) -> float:  # in the plot's units, which are CSS px vertically
+        return plot_h * (1 - n / top)
 
-    path = " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(xy(p["t"], p["n"]) for p in points))
-    _, ty = xy(t0, target)
-    fmt = "%H:%M" if span < 86400 else "%m-%d %H:%M"
+    path = " ".join(f"{'M' if i == 0 else 'L'}{PLOT_W * (p['t'] - t0) / span:.1f},{y(p['n']):.1f}" for i, p in enumerate(points))
+    ty, ey = PAD_T + y(target), PAD_T + y(now)
+    # The count at the line's end, under it (above it where that would reach the axis); the
+    # target's label at the other end of its line, so the two never meet.
+    count_y = ey + FONT + 3 if ey + FONT + 3 < H - PAD_B - 2 else ey - 6
+    first, last = time_labels(t0, t1)
     parts = [
-        f'<svg class="chart" id="progress-chart" viewBox="0 0 {W} {H}" role="img" '
-        f'aria-label="Rankings over time: {points[-1]["n"]} of {target}">',
-        f'<line x1="{PAD_L}" y1="{H - PAD_B}" x2="{W - PAD_R}" y2="{H - PAD_B}" stroke="#98a2b3"/>',
-        f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{H - PAD_B}" stroke="#98a2b3"/>',
-        f'<line x1="{PAD_L}" y1="{ty:.1f}" x2="{W - PAD_R}" y2="{ty:.1f}" stroke="#067647" stroke-dasharray="4 3"/>',
-        f'<text x="{W - PAD_R}" y="{ty - 4:.1f}" text-anchor="end" font-size="11" fill="#067647">target {target}</text>',
-        f'<path d="{path}" fill="none" stroke="#2454d6" stroke-width="2.5"/>',
-        f'<text x="{PAD_L - 6}" y="{H - PAD_B}" text-anchor="end" font-size="11" fill="#667085">0</text>',
-        f'<text x="{PAD_L - 6}" y="{PAD_T + 10}" text-anchor="end" font-size="11" fill="#667085">{top}</text>',
-        f'<text x="{PAD_L}" y="{H - 8}" font-size="11" fill="#667085">{escape(time.strftime(fmt, time.localtime(t0)))}</text>',
-        f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end" font-size="11" fill="#667085">'
-        f'{escape(time.strftime(fmt, time.localtime(t1)))}</text>',
+        f'<svg class="chart" id="progress-chart" width="100%" height="{H}" role="img" '
+        f'aria-label="Rankings over time: {now} of {target}, {escape(first)} to {escape(last)}">',
+        f'<svg x="0.5%" y="{PAD_T}" width="99%" height="{plot_h}" viewBox="0 0 {PLOT_W} {plot_h}" '
+        f'preserveAspectRatio="none" overflow="visible">',
+        f'<line x1="0" y1="{plot_h}" x2="{PLOT_W}" y2="{plot_h}" stroke="#98a2b3" {_STROKE}/>',
+        f'<line x1="0" y1="0" x2="0" y2="{plot_h}" stroke="#98a2b3" {_STROKE}/>',
+        f'<line x1="0" y1="{ty - PAD_T:.1f}" x2="{PLOT_W}" y2="{ty - PAD_T:.1f}" stroke="#067647" stroke-dasharray="4 3" {_STROKE}/>',
+        f'<path d="{path}" fill="none" stroke="#2454d6" stroke-width="2.5" {_STROKE}/>',
+        "</svg>",
+        _text("1.5%", ty - 5, f"target {target}", fill="#067647"),
+        _text("99%", count_y, f"{now}", "end", "#2454d6"),
+        _text("0", H - 8, first),
+        _text("100%", H - 8, last, "end"),
         "</svg>",
     ]
     return Markup("".join(parts))
 
 
 def agreement_bars(annotators: list[dict[str, Any]]) -> Markup:
-    """Per annotator: mean Kendall tau-b against the others' consensus, -1..1, a bar each."""
-    rows = [a for a in annotators if a.get("tau_vs_consensus") is not None]
+    """Per annotator: mean Kendall tau-b against each other annotator, -1..1, a bar each
+    under the annotator's name, the value at the right."""
+    rows = [a for a in annotators if a.get("tau_vs_others") is not None]
     if not rows:
         return Markup('<p class="muted">Agreement needs prompts ranked by two or more annotators.</p>')
-    rows.sort(key=lambda a: a["tau_vs_consensus"])
-    bar_h, label_w, width = 18, 120, W
-    height = PAD_T + bar_h * len(rows) + PAD_B
-    value_w = 44  # room for the number right of the bars
-    half = (width - label_w - PAD_R - value_w) / 2
-    zero = label_w + half
-    parts = [f'<svg class="chart" id="agreement-chart" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="Agreement with the consensus per annotator">']
+    rows.sort(key=lambda a: a["tau_vs_others"])
+    row_h, bar_top, bar_h = FONT + 23, FONT + 5, 12  # a row: the name's line, then its bar
+    height = 4 + row_h * len(rows) + PAD_B
+    parts = ['<svg class="chart" id="agreement-chart" width="100%" '
+             f'height="{height}" role="img" aria-label="Agreement with the others per annotator">']
     for i, a in enumerate(rows):
-        tau = max(-1.0, min(1.0, a["tau_vs_consensus"]))
-        y = PAD_T + i * bar_h
-        x, w = (zero, tau * half) if tau >= 0 else (zero + tau * half, -tau * half)
+        tau = max(-1.0, min(1.0, a["tau_vs_others"]))
+        y = 4 + i * row_h
+        x, w = (50.0, tau * 50) if tau >= 0 else (50 + tau * 50, -tau * 50)
         color = "#b42318" if tau < 0 else ("#f79009" if tau < 0.3 else "#2454d6")
-        parts.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11" fill="#1d2330">'
-                     f'{escape(a["username"])}</text>')
-        parts.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{max(w, 1):.1f}" height="{bar_h - 6}" fill="{color}">'
+        parts.append(_text("0", y + FONT, a["username"], fill="#1d2330"))
+        # The zero line across the bar only: a long name on a narrow screen runs past the middle.
+        parts.append(f'<line x1="50%" y1="{y + bar_top - 3}" x2="50%" y2="{y + bar_top + bar_h + 3}" stroke="#98a2b3"/>')
+        parts.append(f'<rect x="{x:.2f}%" y="{y + bar_top}" width="{max(w, 0.2):.2f}%" height="{bar_h}" fill="{color}">'
                      f'<title>{escape(a["username"])}: tau {tau:.2f} over {a.get("shared_items", 0)} shared prompts</title></rect>')
-        parts.append(f'<text x="{width - PAD_R}" y="{y + 13}" text-anchor="end" font-size="11" fill="#667085">{tau:+.2f}</text>')
-    axis_y = PAD_T + bar_h * len(rows)
-    parts += [f'<line x1="{zero:.1f}" y1="{PAD_T}" x2="{zero:.1f}" y2="{axis_y}" stroke="#98a2b3"/>',
-              f'<text x="{label_w}" y="{axis_y + 16}" font-size="11" fill="#667085">-1 disagrees</text>',
-              f'<text x="{zero:.1f}" y="{axis_y + 16}" text-anchor="middle" font-size="11" fill="#667085">0</text>',
-              f'<text x="{zero + half:.1f}" y="{axis_y + 16}" text-anchor="end" font-size="11" fill="#667085">agrees +1</text>',
+        parts.append(_text("100%", y + FONT, f"{tau:+.2f}", "end"))
+    axis_y = 4 + row_h * len(rows)
+    parts += [_text("0", axis_y + 18, "-1 disagrees"),
+              _text("50%", axis_y + 18, "0", "middle"),
+              _text("100%", axis_y + 18, "agrees +1", "end"),
               "</svg>"]
     return Markup("".join(parts))

@@ -4,7 +4,8 @@ Input everywhere: {item: {annotator: ranks}} where ranks[i] is the rank (0 = bes
 tie) of candidate i of that item, or a `TopRanks` for a top-m ranking: its unranked
 candidates share rank m, and the order between two of them is not stated (not a tie):
 comparisons leave such pairs out. Krippendorff's alpha, which compares rank values, takes
-them as tied at rank m.
+them as tied at rank m. `per_item_tau` and `per_annotator_tau` read the taus `pair_taus`
+computes once from such input.
 """
 
 from __future__ import annotations
@@ -84,44 +85,66 @@ def kendall_tau_b(x: Ranks, y: Ranks) -> float | None:
     return (conc - disc) / denom if denom else None
 
 
-def _consensus(ranks_by: Mapping[str, Ranks], name: str) -> list[float]:
-    """The mean rank each candidate got from the item's annotators other than `name`."""
-    others = [_ranks(r) for o, r in ranks_by.items() if o != name]
-    return [sum(r[i] for r in others) / len(others) for i in range(len(_ranks(ranks_by[name])))]
+def states_no_preference(r: Ranks) -> bool:
+    """True for a ranking that puts every candidate in one tie: it orders no pair, so no
+    Kendall tau with it is defined (0/0) and it counts in no agreement figure but alpha's."""
+    return len(set(_ranks(r))) <= 1
 
 
-def per_item_tau(data: RanksByItem) -> dict[Hashable, float]:
-    """Mean over annotators of tau-b between their ranks and the leave-one-out consensus
-    (mean rank given by the item's other annotators), for items with >= 2 annotators."""
+# Agreement on one prompt is measured between its annotators two at a time: the mean, over
+# the pairs of annotators, of Kendall's tau-b between their two rankings. With complete
+# untied rankings this mean is the coefficient of agreement of M. G. Kendall and B. Babington
+# Smith ("On the method of paired comparisons", Biometrika 31, 1940), for m annotators and k
+# candidates u = 2 * sum over i != j of C(n_ij, 2) / (C(m, 2) * C(k, 2)) - 1, where n_ij of the
+# annotators put candidate i over j: both count, over the candidate pairs, the pairs of
+# annotators who agree minus those who do not (tests/annotation/test_metrics.py works one out).
+# Tau-b carries it over to ties, and to top-m rankings by leaving out each candidate pair
+# either ranking does not order. Unlike tau against the mean rank of the other annotators
+# (the former figure) it needs no consensus: where the others split, two opposite rankings
+# averaged to a tie of every candidate, that tau was undefined and whoever agreed with one of
+# them got no credit; and a mean of ranks turns a top-m ranking's unordered pairs into ties.
+PairTaus = Mapping[Hashable, Mapping[tuple[str, str], float]]
+
+
+def pair_taus(data: RanksByItem) -> dict[Hashable, dict[tuple[str, str], float]]:
+    """{item: {(a, b): tau-b between the rankings of annotators a < b}} for every item with two
+    or more annotators; a pair whose tau is undefined (a ranking all ties, or no candidate pair
+    that both order) is left out, and so is an item with none defined."""
     out = {}
     for item, ranks_by in data.items():
-        names = sorted(ranks_by)
-        if len(names) < 2:
-            continue
-        taus = []
-        for name in names:
-            consensus = _consensus(ranks_by, name)
-            tau = kendall_tau_b(ranks_by[name], consensus)
+        taus = {}
+        for a, b in combinations(sorted(ranks_by), 2):
+            tau = kendall_tau_b(ranks_by[a], ranks_by[b])
             if tau is not None:
-                taus.append(tau)
+                taus[(a, b)] = tau
         if taus:
-            out[item] = sum(taus) / len(taus)
+            out[item] = taus
     return out
 
 
-def per_annotator_tau(data: RanksByItem) -> dict[str, tuple[float, int]]:
-    """{annotator: (mean tau-b against the leave-one-out consensus, items)} over the items
-    that annotator shares with at least one other; who ranks against the crowd stands out."""
+def per_item_tau(taus: PairTaus) -> dict[Hashable, float]:
+    """{item: mean tau-b over its pairs of annotators} (`pair_taus`' items): below 0, a pair
+    of its annotators orders more candidate pairs oppositely than alike, on average."""
+    return {item: sum(by_pair.values()) / len(by_pair) for item, by_pair in taus.items()}
+
+
+def annotator_taus(by_pair: Mapping[tuple[str, str], float]) -> dict[str, float]:
+    """One item's pairs' taus as {annotator: mean tau-b against each other annotator}."""
     sums: dict[str, list[float]] = {}
-    for ranks_by in data.values():
-        names = sorted(ranks_by)
-        if len(names) < 2:
-            continue
-        for name in names:
-            consensus = _consensus(ranks_by, name)
-            tau = kendall_tau_b(ranks_by[name], consensus)
-            if tau is not None:
-                sums.setdefault(name, []).append(tau)
+    for (a, b), tau in by_pair.items():
+        sums.setdefault(a, []).append(tau)
+        sums.setdefault(b, []).append(tau)
+    return {name: sum(v) / len(v) for name, v in sums.items()}
+
+
+def per_annotator_tau(taus: PairTaus) -> dict[str, tuple[float, int]]:
+    """{annotator: (mean over their items of their mean tau-b against each other annotator of
+    the item, items)}; the items are those where it is defined for them. Who ranks against
+    the others stands out; agreeing with one annotator and opposing another scores 0."""
+    sums: dict[str, list[float]] = {}
+    for by_pair in taus.values():
+        for name, tau in annotator_taus(by_pair).items():
+            sums.setdefault(name, []).append(tau)
     return {name: (sum(v) / len(v), len(v)) for name, v in sums.items()}
 
 
@@ -167,14 +190,17 @@ def alpha_for_rankings(data: RanksByItem) -> float | None:
     return krippendorff_alpha_ordinal(units)
 
 
-def agreement_report(data: RanksByItem) -> dict[str, float | int | None]:
+def agreement_report(data: RanksByItem, taus: PairTaus | None = None) -> dict[str, float | int | None]:
+    """The project's agreement figures; `taus`: `pair_taus(data)` where the caller has them."""
     multi = {item: r for item, r in data.items() if len(r) >= 2}
     agreement, n_pairs = pairwise_agreement(multi)
-    taus = per_item_tau(multi)
+    items = per_item_tau(pair_taus(multi) if taus is None else taus)
+    mean_tau = (sum(items.values()) / len(items)) if items else None
     return {
         "items_with_2plus_annotators": len(multi),
         "pairwise_agreement": agreement,
         "pairwise_comparisons": n_pairs,
-        "kendall_tau_vs_consensus": (sum(taus.values()) / len(taus)) if taus else None,
+        "kendall_tau_pairwise": mean_tau,  # mean over items of the mean tau-b over annotator pairs
+        "kendall_tau_vs_consensus": mean_tau,  # its former name, still read by the page and API clients
         "krippendorff_alpha_ordinal": alpha_for_rankings(multi),
     }

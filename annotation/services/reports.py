@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from align.formats import Ranking
-from annotation.models import Assignment, Project, Prompt, RankingRow, User
+from annotation.models import Assignment, Project, ProjectMember, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
 from annotation.services.rankings import order_to_ranks, ranked_prefix
@@ -169,15 +170,18 @@ def project_progress(db: Session, project: Project) -> dict[str, int]:
 
 def _latest_rankings(db: Session, project: Project) -> tuple[list[Any], dict[int, list[int]]]:
     """What the dashboard reads: each annotator's latest ranking or skip of each prompt, as plain rows
-    with the prompt's source id, and the candidate ids of the prompts ranked, in order. No text: the
-    prompts' and candidates' texts are most of a project's bytes, and no figure needs them."""
+    with the prompt's source id and `first_ranked`, when the annotator first ranked the prompt (their
+    earliest revision that is not a skip: a correction keeps it), and the candidate ids of the prompts
+    ranked, in order. No text: the prompts' and candidates' texts are most of a project's bytes, and
+    no figure needs them."""
     from annotation.models import Candidate
 
-    latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
+    latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"),
+                     func.min(case((RankingRow.skipped.is_(False), RankingRow.created_at))).label("first_ranked"))
               .where(RankingRow.project_id == project.id).group_by(RankingRow.prompt_id, RankingRow.user_id).subquery())
     rows = db.execute(
         select(RankingRow.prompt_id, RankingRow.order, RankingRow.below, RankingRow.all_bad, RankingRow.time_spent_ms,
-               RankingRow.created_at, RankingRow.skipped, RankingRow.skip_reason, User.username, Prompt.source_id)
+               latest.c.first_ranked, RankingRow.skipped, RankingRow.skip_reason, User.username, Prompt.source_id)
         .join(User, User.id == RankingRow.user_id).join(Prompt, Prompt.id == RankingRow.prompt_id)
         .join(latest, and_(latest.c.prompt_id == RankingRow.prompt_id, latest.c.user_id == RankingRow.user_id,
                            latest.c.rev == RankingRow.revision))
@@ -192,9 +196,66 @@ def _latest_rankings(db: Session, project: Project) -> tuple[list[Any], dict[int
     return rows, candidate_ids
 
 
+def _able_members(project: Project) -> Any:
+    """The ids of the project's members who may rank: active annotators or admins."""
+    return (select(ProjectMember.user_id).join(User, User.id == ProjectMember.user_id)
+            .where(ProjectMember.project_id == project.id, User.active.is_(True), User.role != "source"))
+
+
+def unreachable_prompts(db: Session, project: Project) -> int:
+    """Rankable prompts (2+ candidates) that can no longer get their `annotators_per_prompt`
+    rankings from the current members: done_count + M - F < N, where M is the number of active
+    members and F how many of them have ranked or skipped the prompt. The queue offers a prompt
+    to no one who has (a lease of theirs that ran out may be taken up again), so M - F members
+    are all who can still add a ranking, those holding a lease on it included. Rankings by
+    former members and imported ones count in done_count. Admins who are not members, who may
+    rank any project, are not counted: a prompt counted here needs a member added, a skip
+    undone or a lower target. One GROUP BY over the project's finished assignments; prompts
+    at their target, most of a finished project, are passed over on ix_prompts_queue."""
+    need = project.annotators_per_prompt
+    able = _able_members(project)
+    finished = (select(Assignment.prompt_id, func.count().label("n"))
+                .where(Assignment.project_id == project.id, Assignment.status.in_(("done", "skipped")),
+                       Assignment.user_id.in_(able))
+                .group_by(Assignment.prompt_id).subquery())
+    n_able = select(func.count()).select_from(able.subquery()).scalar_subquery()
+    return int(db.scalar(
+        select(func.count()).select_from(Prompt).outerjoin(finished, finished.c.prompt_id == Prompt.id)
+        .where(Prompt.project_id == project.id, Prompt.done_count < need, Prompt.n_candidates >= 2,
+               Prompt.done_count + n_able - func.coalesce(finished.c.n, 0) < need)) or 0)
+
+
+def live_leases(db: Session, project: Project, now: float) -> list[dict[str, Any]]:
+    """The leases held at `now`, soonest to run out first: who holds which prompt until when."""
+    return [{"username": username, "prompt_id": source_id, "leased_until": until}
+            for username, source_id, until in db.execute(
+                select(User.username, Prompt.source_id, Assignment.leased_until)
+                .join(User, User.id == Assignment.user_id).join(Prompt, Prompt.id == Assignment.prompt_id)
+                .where(Assignment.project_id == project.id, Assignment.status == "leased", Assignment.leased_until >= now)
+                .order_by(Assignment.leased_until, User.username))]
+
+
+def _disagreement(tau: float, by_pair: dict[tuple[str, str], float]) -> str:
+    """A flag's words for a prompt whose annotators disagree: the mean tau-b over its pairs of
+    annotators (`metrics.per_item_tau`), and who stands apart where one alone is farthest."""
+    from annotation import metrics
+
+    line = f"annotators disagree: mean pairwise tau-b {tau:+.2f} over {len(by_pair)} pair{'s' * (len(by_pair) > 1)}"
+    scores = sorted(metrics.annotator_taus(by_pair).items(), key=lambda kv: kv[1])
+    if len(scores) >= 3 and scores[0][1] < scores[1][1]:
+        line += f"; farthest from the others: {scores[0][0]} ({scores[0][1]:+.2f})"
+    return line
+
+
 @read_only
 def dashboard(db: Session, project: Project) -> dict[str, Any]:
-    """Progress, per-annotator counts and median time, agreement metrics and flagged items."""
+    """Progress, per-annotator counts and median time, agreement metrics and flagged items, and
+    what holds progress up. `timeline`: rankings over time, each at the time its annotator first
+    ranked the prompt. `annotators`: everyone with a ranking or skip, and every member (zeros
+    until they rank). Flagged: skips, all-bad rankings, rankings with every candidate tied
+    (they order no pair, so no tau is defined for them), and disagreement: a mean tau-b over the
+    prompt's pairs of annotators below 0 (`metrics.per_item_tau`). `unreachable_prompts`: see
+    `unreachable_prompts`; `active_members`: the members who may rank; `leases`: `live_leases`."""
     from statistics import median
 
     from annotation import metrics
@@ -204,43 +265,64 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
     by_prompt: dict[int, dict[str, metrics.Ranks]] = {}
     flagged: dict[int, dict[str, Any]] = {}
     source_ids: dict[int, str] = {}
+
+    def flag(pid: int, reason: str) -> None:
+        flagged.setdefault(pid, {"prompt_id": source_ids[pid], "reasons": []})["reasons"].append(reason)
+
+    def user(name: str) -> dict[str, Any]:
+        return per_user.setdefault(name, {"rankings": 0, "skips": 0, "all_bad": 0, "all_tied": 0, "times": []})
+
     rows, candidate_ids = _latest_rankings(db, project)
     for row in rows:
         name, pid = row.username, row.prompt_id
-        source_id = source_ids[pid] = row.source_id
-        u = per_user.setdefault(name, {"rankings": 0, "skips": 0, "all_bad": 0, "times": []})
+        source_ids[pid] = row.source_id
+        u = user(name)
         if row.skipped:
             u["skips"] += 1
-            flagged.setdefault(pid, {"prompt_id": source_id, "reasons": []})["reasons"].append(f"skipped by {name}: {row.skip_reason}")
+            flag(pid, f"skipped by {name}: {row.skip_reason}")
             continue
-        firsts.append(row.created_at)
+        firsts.append(row.first_ranked)
         u["rankings"] += 1
         if row.time_spent_ms is not None:
             u["times"].append(row.time_spent_ms)
         if row.all_bad:
             u["all_bad"] += 1
-            flagged.setdefault(pid, {"prompt_id": source_id, "reasons": []})["reasons"].append(f"all bad ({name})")
+            flag(pid, f"all bad ({name})")
         ranks = order_to_ranks(candidate_ids[pid], row.order, row.below)
         m = ranked_prefix(row.order, row.below)
-        by_prompt.setdefault(pid, {})[name] = ranks if m is None else metrics.TopRanks(ranks, m)
+        ranking = ranks if m is None else metrics.TopRanks(ranks, m)
+        if metrics.states_no_preference(ranking):
+            u["all_tied"] += 1
+            flag(pid, f"no preference: every candidate tied ({name})")
+        by_prompt.setdefault(pid, {})[name] = ranking
     firsts.sort()
-    for pid, tau in metrics.per_item_tau(by_prompt).items():
+    pair_taus = metrics.pair_taus(by_prompt)
+    for pid, tau in metrics.per_item_tau(pair_taus).items():
         if tau < 0:
-            flagged.setdefault(pid, {"prompt_id": source_ids[pid], "reasons": []})["reasons"].append(f"annotators disagree (mean tau {tau:.2f})")
-    taus = metrics.per_annotator_tau(by_prompt)
-    annotators = [
-        {"username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
-         "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None,
-         "tau_vs_consensus": taus[name][0] if name in taus else None, "shared_items": taus[name][1] if name in taus else 0}
-        for name, u in sorted(per_user.items())
-    ]
+            flag(pid, _disagreement(tau, pair_taus[pid]))
+    taus = metrics.per_annotator_tau(pair_taus)
+    member_names = db.scalars(select(User.username).join(ProjectMember, ProjectMember.user_id == User.id)
+                              .where(ProjectMember.project_id == project.id)).all()
+    for name in member_names:
+        user(name)
+    annotators = []
+    for name, u in sorted(per_user.items()):
+        tau, shared = taus.get(name, (None, 0))
+        annotators.append({
+            "username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
+            "all_tied": u["all_tied"], "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None,
+            "tau_vs_others": tau, "tau_vs_consensus": tau,  # the former name, still read by the page
+            "shared_items": shared})
     return {
         "project": project.name,
         "progress": project_progress(db, project),
         "timeline": timeline(firsts),
         "annotators": annotators,
-        "agreement": metrics.agreement_report(by_prompt),
+        "agreement": metrics.agreement_report(by_prompt, pair_taus),
         "flagged": sorted(flagged.values(), key=lambda f: (-len(f["reasons"]), f["prompt_id"])),
+        "unreachable_prompts": unreachable_prompts(db, project),
+        "active_members": int(db.scalar(select(func.count()).select_from(_able_members(project).subquery())) or 0),
+        "leases": live_leases(db, project, time.time()),
     }
 
 
