@@ -482,13 +482,17 @@ def skip_task(db: Session, user: User, assignment_id: int, reason: str, *, membe
         what = "ranked" if a.status == "done" else "skipped"
         raise Conflict(f"task {assignment_id} is already {what}", code=f"already_{what}")
     now = time.time()
-    with transaction(db, write=True) as tx:
-        if _SKIP.rowcount(tx, id=a.id, status=a.status, now=now) != 1:
-            raise Conflict(f"task {assignment_id} changed while skipping; reload it")
-        if a.status == "leased":  # an expired lease's slot went back when it expired
-            free_slot(tx, a.prompt_id)
-        ranking_id = _INSERT_SKIP.scalar(tx, project=a.project_id, prompt=a.prompt_id, user=user.id,
-                                         assignment=a.id, reason=reason.strip(), now=now)
+    try:
+        with transaction(db, write=True) as tx:
+            if _SKIP.rowcount(tx, id=a.id, status=a.status, now=now) != 1:
+                _task_now(tx, a, members_only)  # ranked or skipped meanwhile: said with its code
+                raise Conflict(f"task {assignment_id} changed while skipping; reload it")
+            if a.status == "leased":  # an expired lease's slot went back when it expired
+                free_slot(tx, a.prompt_id)
+            ranking_id = _INSERT_SKIP.scalar(tx, project=a.project_id, prompt=a.prompt_id, user=user.id,
+                                             assignment=a.id, reason=reason.strip(), now=now)
+    except _Deactivated:
+        raise _refused_as_deactivated(db, user, user) from None
     return RankingRow.transient(
         id=ranking_id, project_id=a.project_id, prompt_id=a.prompt_id, user_id=user.id, assignment_id=a.id, revision=1,
         order=None, below=None, all_bad=False, skipped=True, skip_reason=reason.strip(), rationale=None,

@@ -128,6 +128,29 @@ def test_a_task_skipped_in_another_tab_meanwhile_is_already_skipped(sm, monkeypa
     assert _state(sm, task.assignment_id) == {"status": "skipped", "rankings": 1, "done_count": 0, "slots_taken": 0}
 
 
+def test_a_skip_of_a_task_ranked_in_another_tab_meanwhile_is_already_ranked(sm, monkeypatch):
+    """The skip's side of the race: it read the lease live, the ranking was stored before its
+    write. Its answer says what is stored (it was a 409 without a code: "changed while skipping")."""
+    _project(sm)
+    with sm() as db:
+        user = services.create_user(db, "ann", None, "annotator")
+        task = services.next_task(db, user, services.get_project(db, "races"))
+        clean = rankings.clean_optional_text
+
+        def rank_then_clean(*args, **kwargs):  # after the skip read its task, before it writes
+            monkeypatch.setattr(rankings, "clean_optional_text", clean)
+            with sm() as other:
+                services.submit_ranking(other, other.get(User, user.id), task.assignment_id,
+                                        [[c.id] for c in task.candidates])
+            return clean(*args, **kwargs)
+
+        monkeypatch.setattr(rankings, "clean_optional_text", rank_then_clean)
+        with pytest.raises(services.Conflict) as refused:
+            services.skip_task(db, user, task.assignment_id, "unsure")
+    assert refused.value.code == "already_ranked"
+    assert _state(sm, task.assignment_id) == {"status": "done", "rankings": 1, "done_count": 1, "slots_taken": 1}
+
+
 @pytest.mark.parametrize("late", [False, True])  # the lease live at the read, or run out (not swept yet)
 @pytest.mark.parametrize("meanwhile", ["removed", "deactivated"])
 def test_an_annotator_who_lost_access_meanwhile_in_process_is_refused(sm, monkeypatch, meanwhile, late):
