@@ -200,6 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessionmaker = sm
     app.state.secret = load_or_create_secret(sm)
 
+    from annotation.routes_admin import router as admin_router
     from annotation.routes_api import router as api_router
     from annotation.routes_web import error_response, html_error_handler, wants_page
     from annotation.routes_web import router as web_router
@@ -265,6 +266,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, html_error_handler)
     app.include_router(api_router)
     app.include_router(web_router)
+    app.include_router(admin_router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SessionPerRequest, sessionmaker=sm)
     app.add_middleware(LimitsAndHeaders, settings=settings,

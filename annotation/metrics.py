@@ -201,6 +201,5 @@ def agreement_report(data: RanksByItem, taus: PairTaus | None = None) -> dict[st
         "pairwise_agreement": agreement,
         "pairwise_comparisons": n_pairs,
         "kendall_tau_pairwise": mean_tau,  # mean over items of the mean tau-b over annotator pairs
-        "kendall_tau_vs_consensus": mean_tau,  # its former name, still read by the page and API clients
         "krippendorff_alpha_ordinal": alpha_for_rankings(multi),
     }

@@ -307,10 +307,9 @@ def list_members(name: ProjectName, db: SessionDep, _admin: AdminUser):
              responses=refusals({**JSON_BODY, **ADMIN_WRITE, 404: "no such project or user"}))
 def add_member(name: ProjectName, body: MemberCreate, db: SessionDep, _admin: AdminUser):
     """Let an annotator see and rank this project."""
+    project = services.get_project(db, name)  # a missing project is named first
     user = services.get_user(db, body.username)
-    if user.role == "source":  # an imported annotator's account never signs in: no user to add, as for /activate
-        raise HTTPException(404, f"no user {body.username!r}")
-    services.add_member(db, services.get_project(db, name), user)
+    services.add_member(db, project, user)  # (an imported annotator's account: no such user)
     return _user_public(user)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -26,10 +26,12 @@ from annotation.deps import (
 )
 from annotation.render import markdown
 from annotation.routes_api import client_id, sign_in
+from annotation.services import users
 from annotation.status import error_body, http_status
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 templates.env.filters["markdown"] = markdown
+templates.env.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 templates.env.globals["csrf_for"] = csrf_for
 templates.env.globals["password_policy"] = passwords.POLICY
 templates.env.globals["min_password_length"] = passwords.MIN_PASSWORD_LENGTH
@@ -66,7 +68,7 @@ def error_response(request: Request, status: int, detail, code: str | None = Non
     if not wants_page(request):
         return JSONResponse(error_body(detail, code), status_code=status, headers=headers)
     if status == 401:
-        return RedirectResponse("/", status_code=303)
+        return RedirectResponse(sign_in_address(request), status_code=303)
     resp = page(request, "error.html", status_code=status, status=status, detail=detail, user=None)
     resp.headers.update(headers or {})
     return resp
@@ -80,15 +82,76 @@ async def html_error_handler(request: Request, exc):
 # What a form that redirects home says there (`/?done=KEY`): fixed words, never the query's text
 DONE_NOTICES = {"account": "Account created. Sign in.",
                 "password": "Password changed. Your other sessions and API tokens were signed out."}
+# Set at sign-in and cleared at sign-out, outliving the session: a browser that shows the sign-in
+# page with it was signed in and no longer is (its session expired, or was ended elsewhere), where
+# the session cookie itself is gone once its max-age is up. It holds nothing secret.
+SIGNED_IN_COOKIE = "align_signed_in"
+SIGNED_IN_MAX_AGE_S = 90 * 86400
+SESSION_ENDED = "Your session has expired: sign in again."
+NOT_SENT = "What you last sent was not carried out: send it again once signed in."
+
+
+def safe_next(value: str | None) -> str | None:
+    """`value` if it is a path on this site to go to after signing in, else None: one leading '/',
+    no scheme or host, and no backslash, space or control character (browsers read `/\\evil` and
+    `/<tab>/evil` as `//evil`, another host)."""
+    if not value or len(value) > 2000 or not value.startswith("/") or value.startswith("//"):
+        return None
+    if any(ch == "\\" or ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in value):
+        return None
+    parts = urlsplit(value)
+    return value if not (parts.scheme or parts.netloc) else None
+
+
+def _back_to(request: Request) -> str | None:
+    """The page to come back to after signing in: a page asked for (its address as sent, so that
+    an escaped '/', '?' or '#' in a project name stays escaped), or for a form sent (a POST, whose
+    address is no page) the page it was sent from, read from the Referer if that is this site."""
+    if request.method in ("GET", "HEAD"):
+        path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
+        return safe_next(path + ("?" + request.url.query if request.url.query else ""))
+    referer = urlsplit(request.headers.get("referer", ""))
+    here = urlsplit(str(request.base_url))
+    if (referer.scheme, referer.netloc) != (here.scheme, here.netloc):
+        return None
+    return safe_next((referer.path or "/") + ("?" + referer.query if referer.query else ""))
+
+
+def sign_in_address(request: Request) -> str:
+    """The sign-in page for a page or form refused for want of a session: `next` names the page
+    to come back to, and `unsent` says a form sent was not carried out."""
+    back, query = _back_to(request), []
+    if back and back != "/":
+        query.append("next=" + quote(back, safe="/"))
+    if request.method not in ("GET", "HEAD"):
+        query.append("unsent=1")
+    return "/?" + "&".join(query) if query else "/"
+
+
+def login_page(request: Request, status_code: int = 200, *, error: str | None = None, notice: str | None = None,
+               next_path: str | None = None, unsent: bool = False) -> HTMLResponse:
+    """The sign-in page; it says so when this browser's session ended (SIGNED_IN_COOKIE, or a
+    session cookie that signs nobody in) and when a form sent was refused for it."""
+    if notice is None and (request.cookies.get(SIGNED_IN_COOKIE) or request.cookies.get(SESSION_COOKIE)):
+        notice = SESSION_ENDED + (" " + NOT_SENT if unsent else "")
+    elif notice is None and unsent:
+        notice = "Sign in first. " + NOT_SENT
+    return page(request, "login.html", status_code=status_code, user=None, error=error, notice=notice,
+                next_path=next_path)
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, db: SessionDep, user: OptionalUser, done: str | None = None):
+def home(request: Request, db: SessionDep, user: OptionalUser, done: str | None = None,
+         next_path: Annotated[str | None, Query(alias="next")] = None, unsent: str | None = None):
     notice = DONE_NOTICES.get(done or "")
+    next_path = safe_next(next_path)
     if user is None:
-        return page(request, "login.html", user=None, error=None, notice=notice)
+        return login_page(request, notice=notice, next_path=next_path, unsent=unsent == "1")
+    if next_path and urlsplit(next_path).path != "/":  # signed in meanwhile (another tab): on to the page
+        return RedirectResponse(next_path, status_code=303)
     projects = [
-        {"p": p, "progress": services.project_progress(db, p), "mine": services.user_progress(db, user, p)}
+        {"p": p, "progress": services.project_progress(db, p), "mine": services.user_progress(db, user, p),
+         "member": user.role != "admin" or services.is_member(db, p, user)}
         for p in services.list_projects(db, user)
     ]
     return page(request, "home.html", user=user, projects=projects, notice=notice)
@@ -96,17 +159,22 @@ def home(request: Request, db: SessionDep, user: OptionalUser, done: str | None 
 
 @router.post("/login")
 def login(request: Request, db: SessionDep, _csrf: CsrfChecked,
-                username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
+          username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)],
+          next_path: Annotated[str, Form(alias="next", max_length=2000)] = ""):
+    next_path = safe_next(next_path)
     try:
         user = sign_in(request, db, username, password)
     except services.Throttled as exc:
-        return page(request, "login.html", status_code=429, user=None, error=str(exc))
+        return login_page(request, 429, error=str(exc), notice="", next_path=next_path)
     if user is None:
-        return page(request, "login.html", status_code=401, user=None, error="Wrong username or password.")
-    token = services.open_web_session(db, user, request.app.state.settings.session_ttl_s)
-    resp = RedirectResponse("/", status_code=303)
-    resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=request.app.state.settings.secure_cookies,
-                    max_age=int(request.app.state.settings.session_ttl_s), path="/")
+        return login_page(request, 401, error="Wrong username or password.", notice="", next_path=next_path)
+    settings = request.app.state.settings
+    token = services.open_web_session(db, user, settings.session_ttl_s)
+    resp = RedirectResponse(next_path or "/", status_code=303)
+    resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=settings.secure_cookies,
+                    max_age=int(settings.session_ttl_s), path="/")
+    resp.set_cookie(SIGNED_IN_COOKIE, "1", httponly=True, samesite="lax", secure=settings.secure_cookies,
+                    max_age=SIGNED_IN_MAX_AGE_S, path="/")
     return resp
 
 
@@ -116,6 +184,7 @@ def logout(request: Request, db: SessionDep, _csrf: CsrfChecked):
         services.close_web_session(db, request.cookies[SESSION_COOKIE])
     resp = RedirectResponse("/", status_code=303)
     resp.delete_cookie(SESSION_COOKIE, path="/")
+    resp.delete_cookie(SIGNED_IN_COOKIE, path="/")  # signed out on purpose: the sign-in page says nothing expired
     return resp
 
 
@@ -176,9 +245,28 @@ def password_change(request: Request, db: SessionDep, user: CurrentUser, _csrf: 
     return RedirectResponse("/?done=password", status_code=303)
 
 
+# Why an invite link makes no account, as its page says it at once (`users.invite_problem`): an
+# unknown link is not found; a used or expired one is gone for good (410), a new one is needed.
+INVITE_PROBLEMS = {
+    "unknown": (404, "This invite link is unknown: check that the whole link was copied, or ask for a new one."),
+    "used": (410, "This invite link has been used: each link makes one account. Ask for a new one, or sign in."),
+    "expired": (410, "This invite link has expired. Ask the admin who sent it for a new one."),
+}
+
+
+def _invite_page(request: Request, db, token: str, status_code: int = 200, error: str | None = None,
+                 username: str = "") -> HTMLResponse:
+    """The invite's page: the sign-up form while the invite is live, else only why it cannot be used."""
+    problem = users.invite_problem(users.find_invite(db, token))
+    if problem is not None:
+        status_code, error = INVITE_PROBLEMS[problem]
+    return page(request, "invite.html", status_code=status_code, user=None, token=token, error=error,
+                usable=problem is None, username=username)
+
+
 @router.get("/invite/{token}", response_class=HTMLResponse)
-def invite_page(token: str, request: Request):
-    return page(request, "invite.html", user=None, token=token, error=None)
+def invite_page(token: str, request: Request, db: SessionDep):
+    return _invite_page(request, db, token)
 
 
 @router.post("/invite/{token}")
@@ -186,8 +274,8 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
                         username: Annotated[str, Form(max_length=64)], password: Annotated[str, Form(max_length=1024)]):
     try:
         services.accept_invite(db, token, username, password)
-    except services.ServiceError as exc:
-        return page(request, "invite.html", status_code=http_status(exc), user=None, token=token, error=str(exc))
+    except services.ServiceError as exc:  # the name typed stays in the form; the password never comes back
+        return _invite_page(request, db, token, http_status(exc), str(exc), username)
     # away from the invite's address: reloading it said the (used) link was unknown
     return RedirectResponse("/?done=account", status_code=303)
 
@@ -195,7 +283,9 @@ def invite_accept(token: str, request: Request, db: SessionDep, _csrf: CsrfCheck
 FLAGGED_PER_PAGE = 20
 
 
-def _dashboard(request: Request, db, user, name: str, page_no: int, invite: str | None) -> HTMLResponse:
+@router.get("/admin/projects/{name}", response_class=HTMLResponse)
+def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser,
+                   page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1):
     from annotation import charts
 
     p = services.get_project(db, name)
@@ -203,22 +293,15 @@ def _dashboard(request: Request, db, user, name: str, page_no: int, invite: str 
     pages = max(1, -(-len(d["flagged"]) // FLAGGED_PER_PAGE))
     page_no = min(page_no, pages)
     flagged = d["flagged"][(page_no - 1) * FLAGGED_PER_PAGE: page_no * FLAGGED_PER_PAGE]
-    return page(request, "dashboard.html", user=user, project=p, d=d, invite=invite, flagged=flagged,
+    return page(request, "dashboard.html", user=user, project=p, d=d, flagged=flagged,
                 page_no=page_no, pages=pages, progress_chart=charts.progress_line(d["timeline"], d["progress"]["target"]),
-                agreement_chart=charts.agreement_bars(d["annotators"]), quote=quote)
+                agreement_chart=charts.agreement_bars(d["annotators"]), quote=quote, lease_end=_lease_end)
 
 
-@router.get("/admin/projects/{name}", response_class=HTMLResponse)
-def dashboard_page(name: str, request: Request, db: SessionDep, user: AdminUser,
-                   page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1):
-    return _dashboard(request, db, user, name, page_no, None)
-
-
-@router.post("/admin/projects/{name}/invite", response_class=HTMLResponse)
-def dashboard_invite(name: str, request: Request, db: SessionDep, user: AdminUser):
-    p = services.get_project(db, name)
-    link = str(request.base_url).rstrip("/") + "/invite/" + services.create_invite(db, "annotator", project=p)
-    return _dashboard(request, db, user, name, 1, link)
+def _lease_end(until: float) -> str:
+    """When a live lease ends, as an admin reads it at a glance: in how many minutes."""
+    minutes = max(0, round((until - time.time()) / 60))
+    return "in under a minute" if minutes == 0 else f"in {minutes} min"
 
 
 @router.get("/admin/projects/{name}/prompts/{source_id:path}", response_class=HTMLResponse)

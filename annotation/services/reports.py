@@ -311,7 +311,7 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
         annotators.append({
             "username": name, "rankings": u["rankings"], "skips": u["skips"], "all_bad": u["all_bad"],
             "all_tied": u["all_tied"], "median_time_s": (median(u["times"]) / 1000.0) if u["times"] else None,
-            "tau_vs_others": tau, "tau_vs_consensus": tau,  # the former name, still read by the page
+            "tau_vs_others": tau,
             "shared_items": shared})
     return {
         "project": project.name,

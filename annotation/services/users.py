@@ -436,7 +436,7 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
     if not isinstance(password, str):
         raise Invalid("a password is required")
     inv = db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
-    if inv is None or inv.used_by is not None or inv.expires_at < time.time():
+    if invite_problem(inv) is not None:
         raise NotFound("this invite link is unknown, used or expired")
     user = new_user(db, username, password, inv.role)
     claimed = db.execute(update(Invite).where(Invite.id == inv.id, Invite.used_by.is_(None)).values(used_by=user.id))
@@ -451,6 +451,37 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
         db.rollback()
         raise Conflict(f"user {username!r} already exists") from None
     return user
+
+
+@read_only
+def find_invite(db: Session, token: str) -> Invite | None:
+    """The invite of the link `token`, live or not; reading it uses nothing."""
+    return db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
+
+
+def invite_problem(inv: Invite | None) -> str | None:
+    """Why the invite `inv` makes no account ("unknown": no invite has its token, "used",
+    "expired"); None while it is live."""
+    if inv is None or inv.used_by is not None:
+        return "unknown" if inv is None else "used"
+    return "expired" if inv.expires_at < time.time() else None
+
+
+@read_only
+def live_invites(db: Session, project: Project) -> list[Invite]:
+    """The invites to `project` still open (neither used nor expired), newest first."""
+    return list(db.scalars(select(Invite).where(Invite.project_id == project.id, Invite.used_by.is_(None),
+                                                Invite.expires_at >= time.time()).order_by(Invite.id.desc())))
+
+
+@unit_of_work
+def revoke_invite(db: Session, project: Project, invite_id: int) -> bool:
+    """Delete an unused invite to `project` (False: none by that id): its link is then unknown.
+    An acceptance racing it claims nothing (`accept_invite`: "just used")."""
+    res = db.execute(delete(Invite).where(Invite.id == invite_id, Invite.project_id == project.id,
+                                          Invite.used_by.is_(None)))
+    db.commit()
+    return res.rowcount == 1
 
 
 def require_annotator(user: User) -> None:

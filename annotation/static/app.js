@@ -462,3 +462,28 @@
   var first = cards()[0];
   if (first) first.focus({ preventScroll: true });
 })();
+
+// Copy buttons (the People page's new invite link): button[data-copy] copies the value of the
+// read-only field it names. Where the clipboard API is missing or refused (plain http on
+// another host than localhost) the field's text is selected and copied the old way, or left
+// selected for Ctrl+C. The button is hidden until this script shows it.
+(function () {
+  "use strict";
+  Array.prototype.forEach.call(document.querySelectorAll("button[data-copy]"), function (button) {
+    var field = document.getElementById(button.dataset.copy);
+    var status = document.getElementById(button.dataset.copyStatus);
+    function say(text) { if (status) status.textContent = text; }
+    function selectAndCopy() {
+      field.focus();
+      field.select();
+      var copied = false;
+      try { copied = document.execCommand("copy"); } catch (e) { copied = false; }
+      say(copied ? "Copied." : "Selected: press Ctrl+C (⌘C on a Mac) to copy.");
+    }
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      if (!navigator.clipboard || !window.isSecureContext) { selectAndCopy(); return; }
+      navigator.clipboard.writeText(field.value).then(function () { say("Copied."); }, selectAndCopy);
+    });
+  });
+})();

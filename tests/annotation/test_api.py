@@ -415,7 +415,7 @@ def test_dashboard_agreement(env):
     d = env.client.get("/api/projects/p/dashboard", headers=env.headers(env.admin_token)).json()
     a = d["agreement"]
     assert a["items_with_2plus_annotators"] == 2 and a["pairwise_agreement"] == 1.0
-    assert a["kendall_tau_vs_consensus"] == 1.0 and a["krippendorff_alpha_ordinal"] == 1.0
+    assert a["kendall_tau_pairwise"] == 1.0 and a["krippendorff_alpha_ordinal"] == 1.0
     assert [u["rankings"] for u in d["annotators"]] == [2, 2] and d["annotators"][0]["median_time_s"] == 2.0
     html = env.client.get("/admin/projects/p")  # no cookie: redirected/refused
     assert html.status_code in (401, 303, 200) and "Krippendorff" not in html.text
@@ -434,7 +434,8 @@ def test_admin_dashboard_page_and_invite_flow(env):
     token = _csrf(page.text)
     assert c.post("/admin/projects/p/invite", data={}).status_code == 403  # CSRF needed
     r = c.post("/admin/projects/p/invite", data={"csrf_token": token})
-    link = r.text.split('<code id="invite-link">')[1].split("</code>")[0]
+    assert r.url.path == "/admin/projects/p/people"  # post/redirect/get: the People page shows the new link once
+    link = r.text.split('id="invite-link"')[1].split('value="')[1].split('"')[0]
     path = "/invite/" + link.rsplit("/invite/", 1)[1]
     c.post("/logout", data={"csrf_token": token})
     c.cookies.clear()
@@ -448,7 +449,7 @@ def test_admin_dashboard_page_and_invite_flow(env):
     made = c.post(path, data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(form.text)})
     assert made.status_code == 200 and "Account created" in made.text
     assert made.url.path == "/"  # redirected away from the invite: reloading it said the link was unknown
-    assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 404
+    assert c.post(path, data={"username": "other", "password": "other password", "csrf_token": _csrf(form.text)}).status_code == 410
     # the new annotator signs in and cannot open the admin page
     c.post("/login", data={"username": "newbie", "password": "a fresh key phrase", "csrf_token": _csrf(c.get("/").text)})
     assert "Start ranking" in c.get("/").text

@@ -385,9 +385,38 @@ def test_admin_dashboard(page, server):
     page.locator("li.card:has(h2:text-is('load')) a:has-text('Dashboard')").click()
     page.wait_for_selector("text=Krippendorff")
     assert page.locator("td", has_text="gwen").count() == 1
-    page.click("text=Create invite link")
-    assert "/invite/" in page.locator("#invite-link").inner_text()
     shot(page, "06-dashboard")
+    page.click("text=Create invite link")  # made, then shown on the People page (post/redirect/get)
+    page.wait_for_url("**/admin/projects/load/people#new-invite")
+    assert "/invite/" in page.locator("#invite-link").input_value()
+
+
+def test_new_invite_link_copies_and_fits_a_375px_screen(browser, server):
+    """The People page on a phone: the new invite link is in a read-only field the keyboard
+    reaches, Copy puts it on the clipboard, nothing widens the page, and a reload shows it no more."""
+    from playwright.sync_api import expect
+
+    ctx = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page = ctx.new_page()
+    login(page, server, "admin")
+    page.goto(server.url + "/admin/projects/load/people")
+    page.click("text=Create invite link")
+    page.wait_for_url("**/people#new-invite")
+    field = page.locator("#invite-link")
+    link = field.input_value()
+    assert "/invite/" in link and field.get_attribute("readonly") is not None
+    page.locator("text=← Dashboard").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "invite-link"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.click("button[data-copy]")
+    expect(page.locator("#copy-status")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == link
+    shot(page, "06b-people-375")
+    page.reload()
+    assert page.locator("#invite-link").count() == 0 and page.locator("#invite-list tr").count() >= 2
+    ctx.close()
 
 
 def test_finished_task_shows_its_stored_ranking_with_ties(page, server):

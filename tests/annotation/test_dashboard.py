@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 
 from annotation import services
 from annotation.models import Prompt, RankingRow
+from tests.annotation.conftest import PASSWORD
 
 
 def _lease(env, name: str, now: float | None = None):
@@ -38,6 +39,17 @@ def _dashboard(env) -> dict:
         return services.dashboard(db, services.get_project(db, "p"))
 
 
+def _admin_page(env) -> str:
+    """The project's dashboard page as the admin's browser gets it."""
+    from tests.annotation.test_api import _csrf
+
+    c = env.client
+    c.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": _csrf(c.get("/").text)})
+    r = c.get("/admin/projects/p")
+    assert r.status_code == 200, r.text
+    return r.text
+
+
 def _by_name(d: dict) -> dict:
     return {a["username"]: a for a in d["annotators"]}
 
@@ -58,7 +70,6 @@ def test_two_of_three_agreeing_is_not_a_total_disagreement(env):
     assert (by["ann1"]["tau_vs_others"], by["ann1"]["shared_items"]) == (0.0, 1)
     assert (by["ann2"]["tau_vs_others"], by["ann2"]["shared_items"]) == (0.0, 1)
     assert (by["ann3"]["tau_vs_others"], by["ann3"]["shared_items"]) == (-1.0, 1)
-    assert by["ann3"]["tau_vs_consensus"] == -1.0  # the former key, kept for the page
     assert d["agreement"]["kendall_tau_pairwise"] == pytest.approx(-1 / 3)
     (flag,) = d["flagged"]
     assert flag["reasons"] == ["annotators disagree: mean pairwise tau-b -0.33 over 3 pairs; "
@@ -135,6 +146,10 @@ def test_what_holds_progress_up(env):
     with env.db() as db:
         assert (lease["username"], lease["prompt_id"]) == ("ann2", db.get(Prompt, held.prompt_id).source_id)
     assert lease["leased_until"] == pytest.approx(held.leased_until) and lease["leased_until"] > time.time()
+    page = _admin_page(env)  # the page says it: the stuck prompt, who holds which lease
+    assert "1</strong>\n  prompt(s) can no longer reach 3 ranking(s)" in page and "3 active member(s)" in page
+    leases = page.split('id="leases"')[1].split("</details>")[0]
+    assert "ann2" in leases and "min" in leases and "ann1" not in leases
     by = _by_name(d)
     assert sorted(by) == ["ann1", "ann2", "ann3"]
     assert {k: by["ann3"][k] for k in ("rankings", "skips", "all_bad", "median_time_s", "tau_vs_others", "shared_items")} \
