@@ -243,7 +243,9 @@ def keys_user_client(username: str, client: str) -> str:
 
 def sign_in(db: Session, username: str, password: str, client: str, *, max_failures: int = 5,
             window_s: float = 300.0) -> User | None:
-    """Throttled password check: None for a wrong password, Throttled past the limits."""
+    """Throttled password check: None for a wrong password, Throttled past the limits. The name is
+    read as `new_user` stores it, without outer spaces (a pasted " ann1 " is ann1)."""
+    username = username.strip() if isinstance(username, str) else username
     reserve_sign_in(db, username, client, max_failures=max_failures, window_s=window_s)
     user = authenticate(db, username, password)
     if user is not None:

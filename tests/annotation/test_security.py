@@ -559,3 +559,15 @@ def test_a_csrf_token_with_characters_no_token_has_is_refused_not_a_server_error
     r = c.post("/api/projects/p/next", headers={"X-CSRF-Token": "\u00e9".encode()})
     assert r.status_code == 403 and r.json()["code"] == "csrf_token", r.text
     assert env.counts() == before
+
+
+def test_a_username_signs_in_as_it_was_stored_without_outer_spaces(env):
+    """An account made as " ann1 " is stored as ann1; signing in with the name as typed then
+    (or pasted with a space) was refused as a wrong password."""
+    h = env.headers(env.admin_token)
+    made = env.client.post("/api/users", headers=h, json={"username": " ann1 ", "password": PASSWORD})
+    assert made.status_code == 201 and made.json()["username"] == "ann1", made.text
+    for typed in (" ann1 ", "ann1", "ann1\t"):
+        r = env.client.post("/api/tokens", json={"username": typed, "password": PASSWORD})
+        assert r.status_code == 201, (typed, r.text)
+    assert env.client.post("/api/tokens", json={"username": " ann1 ", "password": "wrong" * 4}).status_code == 401
