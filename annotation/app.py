@@ -244,9 +244,9 @@ def create_app(settings: Settings) -> FastAPI:
                      "try again in a moment", settings.retry_after_s)
 
     # The database's disk is full: the write was rolled back. 507 Insufficient Storage, with
-    # a detail an admin can act on, where it was a bare 500. PostgreSQL restarting, a
-    # connection it dropped, a lock held past lock_timeout_s: 503, sent again after Retry-After
-    # (each was a bare 500, which also closed the client's keep-alive connection).
+    # a detail an admin can act on. PostgreSQL restarting, a connection it dropped, a lock held
+    # past lock_timeout_s: 503, which clients send again after Retry-After (a 500 would also
+    # close the client's keep-alive connection).
     @app.exception_handler(OperationalError)
     async def _operational_error(request: Request, exc: OperationalError):
         if disk_full(exc):

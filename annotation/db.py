@@ -302,6 +302,9 @@ def migrate(engine: Engine) -> None:
     try:
         db = Session(engine)
         if on_postgresql(db):
+            # a server's connections bound their lock waits (pg_engine); a start waits for another
+            # process's migration, however long it takes
+            db.execute(text("SET LOCAL lock_timeout = 0"))
             db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         else:
             db.connection()  # BEGIN IMMEDIATE: the writer lock until the commit below

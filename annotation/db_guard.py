@@ -1,8 +1,7 @@
 """What a database must allow before align uses it, each refused in one line. Another
 application's database: align creates its tables in an empty database, and migrates one of its
-own (every schema version has its `align_meta` table); a --db that named another application's
-SQLite file had align's tables created beside that application's, and the command then failed on
-a table of the same name (`users`) with a traceback, or succeeded and wrote an account into it.
+own (every schema version has its `align_meta` table); align's tables created beside another
+application's would fail on a table of the same name (`users`), or write an account into it.
 On PostgreSQL, the right to create tables, and the server connections a team server keeps open."""
 
 from __future__ import annotations
@@ -71,8 +70,8 @@ def refuse_foreign_sqlite_file(path: str | None) -> None:
 @contextmanager
 def creating_tables(where: str) -> Iterator[None]:
     """Around align's own DDL (migrate): PostgreSQL 15 and later let only a database's owner
-    create tables in its `public` schema, and a user without that right got a page of
-    traceback with the SQL in it."""
+    create tables in its `public` schema: a user without that right is told what to grant, in
+    one line rather than the driver's error with the SQL in it."""
     from sqlalchemy.exc import ProgrammingError
 
     try:
@@ -86,7 +85,8 @@ def creating_tables(where: str) -> Iterator[None]:
 
 
 _CONNECTION_LIMITS = """
-SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int,
+SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+       - coalesce(current_setting('reserved_connections', true)::int, 0),
        (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user),
        (SELECT datconnlimit FROM pg_database WHERE datname = current_database()),
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
@@ -99,12 +99,12 @@ def connections_problem(conn: Any, needed: int, asked: str) -> str | None:
     """Why a PostgreSQL server cannot give a team server the `needed` connections it opens as it
     starts (`asked`: the settings that ask for them), or None. Each worker opens all its pool's
     connections at once (annotation.pg_engine.open_connections); past the server's, role's or
-    database's limit the server refuses them, and the workers died with pages of tracebacks
-    while the command exited 0. `conn`'s own connection counts as in use: it closes before then."""
+    database's limit the server refuses them and the workers die one by one, each with its
+    traceback, while uvicorn exits 0. `conn`'s own connection counts as in use: it closes before then."""
     from sqlalchemy import text
 
     server, role_limit, db_limit, in_use, role_use, db_use = conn.execute(text(_CONNECTION_LIMITS)).one()
-    limits = [(server, in_use, "the server's max_connections less its superuser_reserved_connections")]
+    limits = [(server, in_use, "the server's max_connections less its reserved connections")]
     if role_limit >= 0:
         limits.append((role_limit, role_use, "the role's CONNECTION LIMIT"))
     if db_limit >= 0:

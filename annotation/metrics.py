@@ -99,10 +99,10 @@ def states_no_preference(r: Ranks) -> bool:
 # annotators put candidate i over j: both count, over the candidate pairs, the pairs of
 # annotators who agree minus those who do not (tests/annotation/test_metrics.py works one out).
 # Tau-b carries it over to ties, and to top-m rankings by leaving out each candidate pair
-# either ranking does not order. Unlike tau against the mean rank of the other annotators
-# (the former figure) it needs no consensus: where the others split, two opposite rankings
-# averaged to a tie of every candidate, that tau was undefined and whoever agreed with one of
-# them got no credit; and a mean of ranks turns a top-m ranking's unordered pairs into ties.
+# either ranking does not order. It needs no consensus, which tau against the mean rank of the
+# other annotators would: where the others split, two opposite rankings average to a tie of every
+# candidate, that tau is undefined and whoever agreed with one of them gets no credit; and a mean
+# of ranks turns a top-m ranking's unordered pairs into ties.
 PairTaus = Mapping[Hashable, Mapping[tuple[str, str], float]]
 
 

@@ -109,12 +109,21 @@ def _back_to(request: Request) -> str | None:
     address is no page) the page it was sent from, read from the Referer if that is this site."""
     if request.method in ("GET", "HEAD"):
         path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
-        return safe_next(path + ("?" + request.url.query if request.url.query else ""))
+        return safe_next(path + _without_notice(request.url.query))
     referer = urlsplit(request.headers.get("referer", ""))
     here = urlsplit(str(request.base_url))
     if (referer.scheme, referer.netloc) != (here.scheme, here.netloc):
         return None
-    return safe_next((referer.path or "/") + ("?" + referer.query if referer.query else ""))
+    return safe_next((referer.path or "/") + _without_notice(referer.query))
+
+
+def _without_notice(query: str) -> str:
+    """`?query` less its `done` notice: the page came back to after signing in must not say again
+    that something was done (a form refused meanwhile was not)."""
+    from urllib.parse import parse_qsl, urlencode
+
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "done"]
+    return "?" + urlencode(kept) if kept else ""
 
 
 def sign_in_address(request: Request) -> str:

@@ -314,3 +314,26 @@ def test_a_postgresql_lock_wait_is_bounded_by_lock_timeout():
         assert conn.execute(text("SELECT count(*) FROM assignments")).scalar() == 0
     holder.dispose()
     engine.dispose()
+
+
+@pytest.mark.skipif(not PG_URL, reason="ALIGN_TEST_DATABASE_URL not set (source .ci/services.sh to run on PostgreSQL)")
+def test_a_start_waits_for_another_process_migration_past_lock_timeout():
+    """The server's connections bound lock waits, but a worker starting while another process
+    migrates waits for it (and then finds nothing to do) instead of failing on lock_timeout."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from annotation.db import _MIGRATION_LOCK_KEY, make_engine, migrate
+
+    _reset_postgres(PG_URL)
+    holder = create_engine(PG_URL)
+    conn = holder.connect()
+    tx = conn.begin()
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})  # another's migration
+    threading.Timer(0.6, tx.commit).start()
+    engine = make_engine(PG_URL, lock_timeout_s=0.1, pool_size=2)
+    migrate(engine)
+    engine.dispose()
+    conn.close()
+    holder.dispose()

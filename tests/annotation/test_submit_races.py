@@ -130,7 +130,7 @@ def test_a_task_skipped_in_another_tab_meanwhile_is_already_skipped(sm, monkeypa
 
 def test_a_skip_of_a_task_ranked_in_another_tab_meanwhile_is_already_ranked(sm, monkeypatch):
     """The skip's side of the race: it read the lease live, the ranking was stored before its
-    write. Its answer says what is stored (it was a 409 without a code: "changed while skipping")."""
+    write. Its answer says what is stored, with the code a client acts on."""
     _project(sm)
     with sm() as db:
         user = services.create_user(db, "ann", None, "annotator")

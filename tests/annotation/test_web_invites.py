@@ -193,6 +193,16 @@ def test_after_a_session_expires_the_sign_in_page_says_so_and_returns_to_the_pag
     assert "Your session has expired" in login.text and "was not carried out" in login.text
     assert 'name="next" value="/admin/projects/p?page=1"' in login.text
 
+    # a form sent from a page that says what the last one did (?done=...): back to the page, not to
+    # its notice, which would claim the refused form was carried out
+    _end_sessions(env)
+    token = csrf(c.get("/admin/projects/p/people?done=member-added&x=1", headers=HTML, follow_redirects=True).text)
+    sent = c.post("/admin/projects/p/invite", data={"csrf_token": token}, follow_redirects=False,
+                  headers={**HTML, "Referer": "http://127.0.0.1/admin/projects/p/people?done=member-added&x=1"})
+    assert sent.headers["location"] == "/?next=/admin/projects/p/people%3Fx%3D1&unsent=1"
+    asked = c.get("/admin/projects/p/people?done=member-added", headers=HTML, follow_redirects=False)
+    assert asked.headers["location"] == "/?next=/admin/projects/p/people"
+
 
 def test_the_session_cookie_gone_with_its_max_age_is_an_expired_session_and_a_sign_out_is_not(env, admin):
     """The browser drops the session cookie when the session's time is up; the sign-in page
