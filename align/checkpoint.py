@@ -31,6 +31,7 @@ from align.provenance import matches_fingerprint
 from align.run import (
     CONFIG_FILE,
     METRICS_FILE,
+    SUMMARY_FILE,
     atomic_directory,
     make_directory,
     prepare_run_dir,
@@ -158,12 +159,16 @@ def save_training_state(run_dir: Path, name: str, *, accelerator: Any, model: to
 
 
 def resumed_line(stage: str, run_dir: Path, done: int, total: int, unit: str) -> str:
-    """What a resumed run says as it starts: where it continues, or that its training had finished
-    (a resume may change the evaluation's settings, so only the evaluation runs again)."""
+    """What a resumed run says as it starts: where it continues, and whether its training had
+    finished (its summary was written): then only the evaluation runs again (a resume may change
+    its settings), or, after a last checkpoint before the end, the steps after it are trained again."""
     where = f"{stage}: resumed {run_dir} at {unit} {done}"
-    if done < total:
-        return where
-    return f"{where} of {total}: its training had finished, so only the evaluation runs again"
+    if done >= total:
+        return f"{where} of {total}: its training had finished, so only the evaluation runs again"
+    if (run_dir / SUMMARY_FILE).exists():
+        return (f"{where} of {total}: its training had finished after its last checkpoint, so {unit}s "
+                f"{done + 1}-{total} are trained again (to the same result), then the evaluation runs")
+    return where
 
 
 def damaged_checkpoint(path: Path, exc: BaseException) -> UserError:

@@ -20,11 +20,16 @@ def test_flat_config_names_settings_by_their_dotted_keys():
                                    "output_dir": "runs/a"}
 
 
-def test_a_resumed_run_says_where_it_continues_or_that_only_its_evaluation_runs_again():
-    run = Path("runs/a")
-    assert resumed_line("dpo", run, 4, 12, "step") == "dpo: resumed runs/a at step 4"
+def test_a_resumed_run_says_where_it_continues_or_that_its_training_had_finished(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert resumed_line("dpo", run, 4, 12, "step") == f"dpo: resumed {run} at step 4"
     assert resumed_line("ppo", run, 80, 80, "iteration") == (
-        "ppo: resumed runs/a at iteration 80 of 80: its training had finished, so only the evaluation runs again")
+        f"ppo: resumed {run} at iteration 80 of 80: its training had finished, so only the evaluation runs again")
+    (run / "summary.json").write_text("{}")  # a run that finished after its last checkpoint
+    assert resumed_line("dpo", run, 8, 12, "step") == (
+        f"dpo: resumed {run} at step 8 of 12: its training had finished after its last checkpoint, so steps 9-12 "
+        "are trained again (to the same result), then the evaluation runs")
 
 
 def test_a_run_resumes_only_with_the_settings_and_data_it_was_trained_with():
