@@ -14,6 +14,7 @@ from align.formats import Ranking
 from annotation.models import Assignment, Project, ProjectMember, Prompt, RankingRow, User
 from annotation.services._tx import read_only
 from annotation.services.errors import Invalid
+from annotation.services.projects import members
 from annotation.services.rankings import order_to_ranks, ranked_prefix
 
 EXPORT_FORMATS = ("kwise", "trl", "hh")  # trl: the pair format TRL reads, and the import and training stages
@@ -51,10 +52,10 @@ def _iter_rankings(db: Session, project: Project, all_revisions: bool) -> Iterat
         )
 
 
-def _ranking_rows(db: Session, project: Project, *, all_revisions: bool = False,
-                  include_skipped: bool = False) -> Iterator[tuple[Any, tuple[Any, str], list[Any]]]:
+def _ranking_rows(db: Session, project: Project, *,
+                  all_revisions: bool = False) -> Iterator[tuple[Any, tuple[Any, str], list[Any]]]:
     """Each annotator's latest ranking of each prompt (every revision with `all_revisions`; a skip as
-    the latest leaves none unless `include_skipped`), prompt by prompt, annotators by name, revisions
+    the latest leaves none), prompt by prompt, annotators by name, revisions
     in order: (the ranking's row with its annotator's `username`, the prompt's (content, source id),
     its candidates in order). Read _EXPORT_CHUNK prompts at a time as plain rows: neither the rows of
     the whole project nor ORM objects for them are held at once (a 100,000-ranking export held 1.5 GB)."""
@@ -74,9 +75,8 @@ def _ranking_rows(db: Session, project: Project, *, all_revisions: bool = False,
                     RankingRow.skip_reason, User.username)
              .join(User, User.id == RankingRow.user_id)
              .where(RankingRow.prompt_id.in_(chunk))
+             .where(RankingRow.skipped.is_(False))
              .order_by(RankingRow.prompt_id, User.username, RankingRow.revision))
-        if not include_skipped:
-            q = q.where(RankingRow.skipped.is_(False))
         if not all_revisions:
             latest = (select(RankingRow.prompt_id, RankingRow.user_id, func.max(RankingRow.revision).label("rev"))
                       .where(RankingRow.prompt_id.in_(chunk)).group_by(RankingRow.prompt_id, RankingRow.user_id).subquery())
@@ -301,10 +301,8 @@ def dashboard(db: Session, project: Project) -> dict[str, Any]:
         if tau < 0:
             flag(pid, _disagreement(tau, pair_taus[pid]))
     taus = metrics.per_annotator_tau(pair_taus)
-    member_names = db.scalars(select(User.username).join(ProjectMember, ProjectMember.user_id == User.id)
-                              .where(ProjectMember.project_id == project.id)).all()
-    for name in member_names:
-        user(name)
+    for member in members(db, project):
+        user(member.username)
     annotators = []
     for name, u in sorted(per_user.items()):
         tau, shared = taus.get(name, (None, 0))

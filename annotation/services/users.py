@@ -437,7 +437,7 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
     transaction: of concurrent acceptances exactly one commits an account."""
     if not isinstance(password, str):
         raise Invalid("a password is required")
-    inv = db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
+    inv = _invite_of(db, token)
     if invite_problem(inv) is not None:
         raise NotFound("this invite link is unknown, used or expired")
     user = new_user(db, username, password, inv.role)
@@ -455,10 +455,14 @@ def accept_invite(db: Session, token: str, username: str, password: str) -> User
     return user
 
 
+def _invite_of(db: Session, token: str) -> Invite | None:
+    return db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
+
+
 @read_only
 def find_invite(db: Session, token: str) -> Invite | None:
     """The invite of the link `token`, live or not; reading it uses nothing."""
-    return db.scalar(select(Invite).where(Invite.token_hash == security.hash_token(token)))
+    return _invite_of(db, token)
 
 
 def invite_problem(inv: Invite | None) -> str | None:
